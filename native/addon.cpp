@@ -1,0 +1,448 @@
+// N-API surface of the engine. Heavy calls (loading tensors, append) run in AsyncWorkers off
+// the JavaScript thread and settle a Promise; errors carry a `code` that lib/errors.ts maps to
+// a typed error. Objects hold shared_ptrs, so dispose() during an in-flight call is safe: the
+// call finishes on the state it started with, and later calls are refused.
+#include <napi.h>
+
+#include <atomic>
+#include <memory>
+#include <thread>
+
+#include "engine/errors.h"
+#include "engine/model.h"
+
+using namespace lckv;
+
+namespace {
+
+Napi::Error makeError(Napi::Env env, const std::string& code, const std::string& msg) {
+  Napi::Error e = Napi::Error::New(env, msg);
+  e.Set("code", Napi::String::New(env, code));
+  return e;
+}
+
+[[noreturn]] void throwInvalid(Napi::Env env, const std::string& msg) {
+  throw makeError(env, kErrInvalidArgument, msg);
+}
+
+// An AsyncWorker that settles a Promise and keeps the engine's error code.
+class PromiseWorker : public Napi::AsyncWorker {
+ public:
+  explicit PromiseWorker(Napi::Env env) : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)) {}
+  Napi::Promise promise() { return deferred_.Promise(); }
+
+ protected:
+  // Runs fn, turning every exception into a stored error (never lets one escape a thread).
+  template <typename Fn>
+  void guard(Fn&& fn) {
+    try {
+      fn();
+    } catch (const EngineError& e) {
+      code_ = e.code;
+      SetError(e.what());
+    } catch (const std::bad_alloc&) {
+      code_ = kErrOutOfMemory;
+      SetError("out of memory");
+    } catch (const std::exception& e) {
+      code_ = "LCKV_INTERNAL";
+      SetError(e.what());
+    }
+  }
+  void OnError(const Napi::Error& e) override {
+    Napi::Error err = makeError(Env(), code_.empty() ? "LCKV_INTERNAL" : code_, e.Message());
+    deferred_.Reject(err.Value());
+  }
+  Napi::Promise::Deferred deferred_;
+  std::string code_;
+};
+
+// ---- argument helpers ------------------------------------------------------------------------
+
+int getInt(const Napi::Object& o, const char* key, bool required = true, int def = 0) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined()) {
+    if (required) throwInvalid(o.Env(), std::string("model description lacks '") + key + "'");
+    return def;
+  }
+  if (!v.IsNumber()) throwInvalid(o.Env(), std::string("'") + key + "' must be a number");
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (d != (double)(int64_t)d || d < -2147483648.0 || d > 2147483647.0)
+    throwInvalid(o.Env(), std::string("'") + key + "' must be a 32-bit integer");
+  return (int)d;
+}
+
+double getNum(const Napi::Object& o, const char* key, double def) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined()) return def;
+  if (!v.IsNumber()) throwInvalid(o.Env(), std::string("'") + key + "' must be a number");
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+bool getBool(const Napi::Object& o, const char* key, bool def) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined()) return def;
+  if (!v.IsBoolean()) throwInvalid(o.Env(), std::string("'") + key + "' must be a boolean");
+  return v.As<Napi::Boolean>().Value();
+}
+
+std::vector<double> getNumArray(const Napi::Object& o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsArray()) throwInvalid(o.Env(), std::string("'") + key + "' must be an array of numbers");
+  Napi::Array a = v.As<Napi::Array>();
+  std::vector<double> out(a.Length());
+  for (uint32_t i = 0; i < a.Length(); ++i) {
+    Napi::Value e = a.Get(i);
+    if (!e.IsNumber()) throwInvalid(o.Env(), std::string("'") + key + "' must be an array of numbers");
+    out[i] = e.As<Napi::Number>().DoubleValue();
+  }
+  return out;
+}
+
+std::vector<int> toInts(const std::vector<double>& d) { return std::vector<int>(d.begin(), d.end()); }
+
+ModelConfig parseConfig(const Napi::Object& o) {
+  ModelConfig c;
+  Napi::Value style = o.Get("style");
+  if (!style.IsString()) throwInvalid(o.Env(), "'style' must be \"llama\" or \"gpt2\"");
+  std::string s = style.As<Napi::String>();
+  if (s == "llama") c.style = BlockStyle::Llama;
+  else if (s == "gpt2") c.style = BlockStyle::Gpt2;
+  else throwInvalid(o.Env(), "'style' must be \"llama\" or \"gpt2\"");
+  c.numLayers = getInt(o, "numLayers");
+  c.hidden = getInt(o, "hidden");
+  c.numHeads = getInt(o, "numHeads");
+  c.numKvHeads = getInt(o, "numKvHeads");
+  c.headDim = getInt(o, "headDim");
+  c.intermediate = getInt(o, "intermediate");
+  c.vocab = getInt(o, "vocab");
+  c.maxPositions = getInt(o, "maxPositions", false, 0);
+  c.normEps = (float)getNum(o, "normEps", 1e-5);
+  c.tiedEmbeddings = getBool(o, "tiedEmbeddings", false);
+  c.attentionBias = getBool(o, "attentionBias", false);
+  c.mlpBias = getBool(o, "mlpBias", false);
+  if (c.style == BlockStyle::Llama) {
+    for (double f : getNumArray(o, "ropeInvFreq")) c.ropeInvFreq.push_back((float)f);
+    c.ropeAttentionScale = (float)getNum(o, "ropeAttentionScale", 1.0);
+  }
+  Napi::Value pv = o.Get("plan");
+  if (!pv.IsObject()) throwInvalid(o.Env(), "model description lacks 'plan'");
+  Napi::Object p = pv.As<Napi::Object>();
+  c.plan.target = toInts(getNumArray(p, "target"));
+  for (double d : getNumArray(p, "strict")) c.plan.strict.push_back(d != 0);
+  c.plan.window = toInts(getNumArray(p, "window"));
+  c.plan.kvLayers = toInts(getNumArray(p, "kvLayers"));
+  c.plan.kvSlot.assign((size_t)std::max(0, c.numLayers), -1);
+  for (size_t s2 = 0; s2 < c.plan.kvLayers.size(); ++s2) {
+    int l = c.plan.kvLayers[s2];
+    if (l < 0 || l >= c.numLayers) throwInvalid(o.Env(), "plan.kvLayers entry out of range");
+    c.plan.kvSlot[(size_t)l] = (int)s2;
+  }
+  c.plan.cyclicLow = getInt(p, "cyclicLow", false, -1);
+  c.plan.cyclicHigh = getInt(p, "cyclicHigh", false, -1);
+  return c;
+}
+
+// ---- Sequence --------------------------------------------------------------------------------
+
+struct SharedModel {
+  std::unique_ptr<Model> model;
+};
+
+struct SharedSequence {
+  std::shared_ptr<SharedModel> owner;
+  std::unique_ptr<SequenceState> state;
+  std::atomic<bool> busy{false};
+};
+
+class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
+ public:
+  static Napi::FunctionReference ctor;
+  static void Init(Napi::Env env) {
+    Napi::Function f = DefineClass(env, "NativeSequence",
+                                   {InstanceMethod("append", &SequenceWrap::Append),
+                                    InstanceMethod("truncate", &SequenceWrap::Truncate),
+                                    InstanceMethod("dispose", &SequenceWrap::Dispose),
+                                    InstanceAccessor("length", &SequenceWrap::Length, nullptr),
+                                    InstanceAccessor("kvBytes", &SequenceWrap::KvBytes, nullptr)});
+    ctor = Napi::Persistent(f);
+    ctor.SuppressDestruct();
+  }
+  explicit SequenceWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<SequenceWrap>(info) {}
+  std::shared_ptr<SharedSequence> seq;
+
+ private:
+  std::shared_ptr<SharedSequence> live(Napi::Env env) {
+    if (!seq) throw makeError(env, kErrDisposed, "the sequence has been disposed");
+    return seq;
+  }
+  Napi::Value Append(const Napi::CallbackInfo& info);
+  Napi::Value Truncate(const Napi::CallbackInfo& info) {
+    auto s = live(info.Env());
+    if (s->busy) throw makeError(info.Env(), kErrBusy, "the sequence is running a forward");
+    if (!info[0].IsNumber()) throwInvalid(info.Env(), "truncate(n) needs a number");
+    double n = info[0].As<Napi::Number>().DoubleValue();
+    if (n < 0 || n != (double)(int64_t)n || n > s->state->length())
+      throwInvalid(info.Env(), "truncate(n): n must be an integer in [0, " + std::to_string(s->state->length()) + "]");
+    s->state->tokens.resize((size_t)n);
+    return info.Env().Undefined();
+  }
+  Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    seq.reset();
+    return info.Env().Undefined();
+  }
+  Napi::Value Length(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), seq ? seq->state->length() : 0);
+  }
+  Napi::Value KvBytes(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), seq ? (double)seq->state->kv->bytes() : 0);
+  }
+};
+Napi::FunctionReference SequenceWrap::ctor;
+
+class AppendWorker : public PromiseWorker {
+ public:
+  AppendWorker(Napi::Env env, std::shared_ptr<SharedSequence> s, std::vector<int32_t> tokens, PrefillMode mode,
+               int passes, LogitsWanted logits, bool sample, SamplingParams sp)
+      : PromiseWorker(env), s_(std::move(s)), tokens_(std::move(tokens)), mode_(mode), passes_(passes),
+        logits_(logits), sample_(sample), sp_(sp) {}
+  void Execute() override {
+    guard([&] {
+      Model& m = *s_->owner->model;
+      std::lock_guard<std::mutex> lk(m.mutex());
+      res_ = m.append(*s_->state, tokens_, mode_, passes_, logits_, sample_ ? &sp_ : nullptr);
+    });
+    s_->busy = false;
+  }
+  void OnOK() override {
+    Napi::Env env = Env();
+    Napi::Object r = Napi::Object::New(env);
+    r.Set("passes", Napi::Number::New(env, res_.passes));
+    r.Set("length", Napi::Number::New(env, s_->state->length()));
+    if (!res_.logits.empty()) {
+      Napi::Float32Array a = Napi::Float32Array::New(env, res_.logits.size());
+      std::memcpy(a.Data(), res_.logits.data(), res_.logits.size() * sizeof(float));
+      r.Set("logits", a);
+    }
+    if (sample_) r.Set("token", Napi::Number::New(env, res_.sampled));
+    deferred_.Resolve(r);
+  }
+
+ private:
+  std::shared_ptr<SharedSequence> s_;
+  std::vector<int32_t> tokens_;
+  PrefillMode mode_;
+  int passes_;
+  LogitsWanted logits_;
+  bool sample_;
+  SamplingParams sp_;
+  AppendResult res_;
+};
+
+// append(tokens: Int32Array, opts: {mode, passes, logits: "none"|"last"|"all", sample?: {...}})
+Napi::Value SequenceWrap::Append(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto s = live(env);
+  if (!info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
+    throwInvalid(env, "append: tokens must be an Int32Array");
+  Napi::Int32Array t = info[0].As<Napi::Int32Array>();
+  std::vector<int32_t> tokens(t.Data(), t.Data() + t.ElementLength());
+  Napi::Object o = info[1].IsObject() ? info[1].As<Napi::Object>() : Napi::Object::New(env);
+  PrefillMode mode = PrefillMode::FixedPoint;
+  Napi::Value mv = o.Get("mode");
+  if (mv.IsString()) {
+    std::string m = mv.As<Napi::String>();
+    if (m == "fixed-point") mode = PrefillMode::FixedPoint;
+    else if (m == "sequential") mode = PrefillMode::Sequential;
+    else if (m == "iterative") mode = PrefillMode::Iterative;
+    else throwInvalid(env, "append: mode must be \"fixed-point\", \"sequential\" or \"iterative\"");
+  }
+  int passes = getInt(o, "passes", false, 1);
+  LogitsWanted lw = LogitsWanted::None;
+  Napi::Value lv = o.Get("logits");
+  if (lv.IsString()) {
+    std::string l = lv.As<Napi::String>();
+    if (l == "last") lw = LogitsWanted::Last;
+    else if (l == "all") lw = LogitsWanted::All;
+    else if (l != "none") throwInvalid(env, "append: logits must be \"none\", \"last\" or \"all\"");
+  }
+  bool sample = false;
+  SamplingParams sp;
+  Napi::Value sv = o.Get("sample");
+  if (sv.IsObject()) {
+    Napi::Object so = sv.As<Napi::Object>();
+    sample = true;
+    sp.temperature = (float)getNum(so, "temperature", 0);
+    sp.topK = getInt(so, "topK", false, 0);
+    sp.topP = (float)getNum(so, "topP", 1);
+    sp.minP = (float)getNum(so, "minP", 0);
+    sp.repetitionPenalty = (float)getNum(so, "repetitionPenalty", 1);
+    double seed = getNum(so, "seed", 0);
+    sp.seed = (uint64_t)(int64_t)seed;
+  }
+  bool expected = false;
+  if (!s->busy.compare_exchange_strong(expected, true))
+    throw makeError(env, kErrBusy, "the sequence is already running a forward; await the previous call");
+  auto* w = new AppendWorker(env, s, std::move(tokens), mode, passes, lw, sample, sp);
+  Napi::Promise p = w->promise();
+  w->Queue();
+  return p;
+}
+
+// ---- Model -----------------------------------------------------------------------------------
+
+class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
+ public:
+  static void Init(Napi::Env env, Napi::Object exports) {
+    Napi::Function f = DefineClass(env, "NativeModel",
+                                   {InstanceMethod("loadTensors", &ModelWrap::LoadTensors),
+                                    InstanceMethod("finalize", &ModelWrap::Finalize),
+                                    InstanceMethod("createSequence", &ModelWrap::CreateSequence),
+                                    InstanceMethod("dispose", &ModelWrap::Dispose),
+                                    InstanceAccessor("weightBytes", &ModelWrap::WeightBytes, nullptr),
+                                    InstanceAccessor("backend", &ModelWrap::BackendName, nullptr)});
+    exports.Set("NativeModel", f);
+  }
+
+  // new NativeModel(description, { backend: "cpu", threads })
+  explicit ModelWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ModelWrap>(info) {
+    Napi::Env env = info.Env();
+    if (!info[0].IsObject()) throwInvalid(env, "NativeModel needs a model description object");
+    ModelConfig cfg = parseConfig(info[0].As<Napi::Object>());
+    Napi::Object opts = info[1].IsObject() ? info[1].As<Napi::Object>() : Napi::Object::New(env);
+    std::string backend = "cpu";
+    if (opts.Get("backend").IsString()) backend = opts.Get("backend").As<Napi::String>();
+    if (backend != "cpu")
+      throw makeError(env, "LCKV_DEVICE_UNAVAILABLE", "backend '" + backend + "' is not built into this addon");
+    int threads = getInt(opts, "threads", false, 0);
+    if (threads <= 0) threads = (int)std::max(1u, std::thread::hardware_concurrency());
+    try {
+      shared_ = std::make_shared<SharedModel>();
+      shared_->model = std::make_unique<Model>(std::move(cfg), createCpuBackend(threads));
+    } catch (const EngineError& e) {
+      throw makeError(env, e.code, e.what());
+    }
+  }
+
+ private:
+  std::shared_ptr<SharedModel> live(Napi::Env env) {
+    if (!shared_) throw makeError(env, kErrDisposed, "the model has been disposed");
+    return shared_;
+  }
+
+  class LoadWorker : public PromiseWorker {
+   public:
+    LoadWorker(Napi::Env env, std::shared_ptr<SharedModel> m, std::vector<TensorSource> src)
+        : PromiseWorker(env), m_(std::move(m)), src_(std::move(src)) {}
+    void Execute() override {
+      guard([&] {
+        std::lock_guard<std::mutex> lk(m_->model->mutex());
+        for (const auto& s : src_) m_->model->loadTensor(s);
+      });
+    }
+    void OnOK() override { deferred_.Resolve(Env().Undefined()); }
+
+   private:
+    std::shared_ptr<SharedModel> m_;
+    std::vector<TensorSource> src_;
+  };
+
+  // loadTensors([{name, sourceName, file, offset, nbytes, dtype, shape, transpose?, slice?}])
+  Napi::Value LoadTensors(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto m = live(env);
+    if (!info[0].IsArray()) throwInvalid(env, "loadTensors needs an array");
+    Napi::Array a = info[0].As<Napi::Array>();
+    std::vector<TensorSource> src;
+    for (uint32_t i = 0; i < a.Length(); ++i) {
+      if (!a.Get(i).IsObject()) throwInvalid(env, "loadTensors: entries must be objects");
+      Napi::Object o = a.Get(i).As<Napi::Object>();
+      TensorSource s;
+      auto str = [&](const char* k) -> std::string {
+        if (!o.Get(k).IsString()) throwInvalid(env, std::string("loadTensors: '") + k + "' must be a string");
+        return o.Get(k).As<Napi::String>();
+      };
+      s.name = str("name");
+      s.sourceName = str("sourceName");
+      s.file = str("file");
+      double off = getNum(o, "offset", -1), nb = getNum(o, "nbytes", -1);
+      if (off < 0 || nb < 0 || off > 9.0e15 || nb > 9.0e15) throwInvalid(env, "loadTensors: bad offset or nbytes");
+      s.offset = (uint64_t)off;
+      s.nbytes = (uint64_t)nb;
+      std::string dt = str("dtype");
+      if (dt == "F32") s.dtype = DType::F32;
+      else if (dt == "F16") s.dtype = DType::F16;
+      else if (dt == "BF16") s.dtype = DType::BF16;
+      else throwInvalid(env, "loadTensors: dtype must be F32, F16 or BF16");
+      for (double d : getNumArray(o, "shape")) s.shape.push_back((int64_t)d);
+      s.transpose = getBool(o, "transpose", false);
+      if (o.Get("slice").IsArray()) {
+        auto sl = getNumArray(o, "slice");
+        if (sl.size() != 2) throwInvalid(env, "loadTensors: slice must be [start, end]");
+        s.sliceStart = (int64_t)sl[0];
+        s.sliceEnd = (int64_t)sl[1];
+      }
+      src.push_back(std::move(s));
+    }
+    auto* w = new LoadWorker(env, m, std::move(src));
+    Napi::Promise p = w->promise();
+    w->Queue();
+    return p;
+  }
+
+  Napi::Value Finalize(const Napi::CallbackInfo& info) {
+    auto m = live(info.Env());
+    try {
+      std::lock_guard<std::mutex> lk(m->model->mutex());
+      m->model->finalize();
+    } catch (const EngineError& e) {
+      throw makeError(info.Env(), e.code, e.what());
+    }
+    return info.Env().Undefined();
+  }
+
+  Napi::Value CreateSequence(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto m = live(env);
+    if (!info[0].IsNumber()) throwInvalid(env, "createSequence(maxContext) needs a number");
+    int maxContext = info[0].As<Napi::Number>().Int32Value();
+    auto s = std::make_shared<SharedSequence>();
+    s->owner = m;
+    try {
+      std::lock_guard<std::mutex> lk(m->model->mutex());
+      s->state = m->model->createSequence(maxContext);
+    } catch (const EngineError& e) {
+      throw makeError(env, e.code, e.what());
+    }
+    Napi::Object obj = SequenceWrap::ctor.New({});
+    SequenceWrap::Unwrap(obj)->seq = s;
+    return obj;
+  }
+
+  Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    shared_.reset();
+    return info.Env().Undefined();
+  }
+  Napi::Value WeightBytes(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), shared_ ? (double)shared_->model->weightBytes() : 0);
+  }
+  Napi::Value BackendName(const Napi::CallbackInfo& info) {
+    return Napi::String::New(info.Env(), shared_ ? shared_->model->backend().name() : "disposed");
+  }
+
+  std::shared_ptr<SharedModel> shared_;
+};
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  SequenceWrap::Init(env);
+  ModelWrap::Init(env, exports);
+  Napi::Object backends = Napi::Object::New(env);
+  backends.Set("cpu", Napi::Boolean::New(env, true));
+  backends.Set("cuda", Napi::Boolean::New(env, false));
+  exports.Set("backends", backends);
+  exports.Set("version", Napi::String::New(env, "0.1.0"));
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(lckv, Init)

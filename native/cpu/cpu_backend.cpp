@@ -1,0 +1,278 @@
+// The CPU backend: plain loops in f32 with f64 where a reduction is long. It is the reference
+// every GPU kernel is tested against, so clarity wins over speed. Every output element is
+// computed by the same sequential loop whatever the batch or thread count (batch invariance).
+#include <cmath>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+
+#include "../engine/backend.h"
+#include "../engine/errors.h"
+#include "thread_pool.h"
+
+namespace lckv {
+
+namespace {
+
+float* F(const Tensor& t) { return static_cast<float*>(t.data); }
+
+Tensor hostTensor(int64_t rows, int64_t cols) {
+  Tensor t;
+  const size_t n = (size_t)(rows * cols);
+  std::shared_ptr<float> buf(new float[n > 0 ? n : 1], std::default_delete<float[]>());
+  t.storage = buf;
+  t.data = buf.get();
+  t.rows = rows;
+  t.cols = cols;
+  return t;
+}
+
+// KV of every KV layer for one sequence: slot-major, then position, then kvDim.
+class CpuKvStore : public KvStore {
+ public:
+  CpuKvStore(int slots, int kvDim, int cap) : slots_(slots), kvDim_(kvDim) { reserve(cap); }
+  int capacity() const override { return cap_; }
+  size_t bytes() const override { return (k_.size() + v_.size()) * sizeof(float); }
+  void reserve(int n) override {
+    if (n <= cap_) return;
+    int cap = std::max(n, cap_ * 2);
+    std::vector<float> k((size_t)slots_ * cap * kvDim_, 0.0f), v((size_t)slots_ * cap * kvDim_, 0.0f);
+    for (int s = 0; s < slots_; ++s) {
+      std::memcpy(&k[(size_t)s * cap * kvDim_], k_.data() + (size_t)s * cap_ * kvDim_, sizeof(float) * cap_ * kvDim_);
+      std::memcpy(&v[(size_t)s * cap * kvDim_], v_.data() + (size_t)s * cap_ * kvDim_, sizeof(float) * cap_ * kvDim_);
+    }
+    k_.swap(k);
+    v_.swap(v);
+    cap_ = cap;
+  }
+  float* key(int slot, int pos) { return &k_[((size_t)slot * cap_ + pos) * kvDim_]; }
+  float* value(int slot, int pos) { return &v_[((size_t)slot * cap_ + pos) * kvDim_]; }
+  void check(int slot, int start, int n) const {
+    if (slot < 0 || slot >= slots_ || start < 0 || n < 0 || start + n > cap_)
+      throw EngineError(kErrInvalidArgument, "KV access out of range");
+  }
+
+ private:
+  int slots_, kvDim_, cap_ = 0;
+  std::vector<float> k_, v_;
+};
+
+class CpuBackend : public Backend {
+ public:
+  explicit CpuBackend(int threads) : pool_(threads) {}
+  std::string name() const override { return "cpu"; }
+
+  Tensor alloc(int64_t rows, int64_t cols) override { return hostTensor(rows, cols); }
+  Tensor upload(const float* host, int64_t rows, int64_t cols) override {
+    Tensor t = hostTensor(rows, cols);
+    std::memcpy(t.data, host, sizeof(float) * (size_t)(rows * cols));
+    return t;
+  }
+  void download(const Tensor& t, int64_t rowStart, int64_t rowCount, float* host) override {
+    std::memcpy(host, F(t) + rowStart * t.cols, sizeof(float) * (size_t)(rowCount * t.cols));
+  }
+  std::unique_ptr<KvStore> createKvStore(int numSlots, int kvDim, int initialCapacity) override {
+    return std::make_unique<CpuKvStore>(numSlots, kvDim, initialCapacity);
+  }
+
+  void embed(const int32_t* tokens, const int32_t* positions, int n, const Tensor& table, const Tensor* posTable,
+             Tensor& out) override {
+    const int64_t E = table.cols;
+    for (int r = 0; r < n; ++r) {
+      const float* e = F(table) + (int64_t)tokens[r] * E;
+      float* o = F(out) + (int64_t)r * E;
+      if (posTable) {
+        const float* p = F(*posTable) + (int64_t)positions[r] * E;
+        for (int64_t j = 0; j < E; ++j) o[j] = e[j] + p[j];
+      } else {
+        std::memcpy(o, e, sizeof(float) * (size_t)E);
+      }
+    }
+  }
+
+  void norm(NormKind kind, const Tensor& x, int n, const Tensor& weight, const Tensor* bias, float eps,
+            Tensor& out) override {
+    const int64_t E = x.cols;
+    for (int r = 0; r < n; ++r) {
+      const float* xi = F(x) + r * E;
+      float* o = F(out) + r * E;
+      if (kind == NormKind::Rms) {
+        double ss = 0;
+        for (int64_t j = 0; j < E; ++j) ss += (double)xi[j] * xi[j];
+        const float inv = (float)(1.0 / std::sqrt(ss / (double)E + (double)eps));
+        for (int64_t j = 0; j < E; ++j) o[j] = (xi[j] * inv) * F(weight)[j];
+      } else {
+        double mean = 0, var = 0;
+        for (int64_t j = 0; j < E; ++j) mean += xi[j];
+        mean /= (double)E;
+        for (int64_t j = 0; j < E; ++j) var += ((double)xi[j] - mean) * ((double)xi[j] - mean);
+        var /= (double)E;
+        const double inv = 1.0 / std::sqrt(var + (double)eps);
+        for (int64_t j = 0; j < E; ++j)
+          o[j] = (float)(((double)xi[j] - mean) * inv) * F(weight)[j] + (bias ? F(*bias)[j] : 0.0f);
+      }
+    }
+  }
+
+  void linear(const Tensor& x, int n, const Tensor& w, const Tensor* bias, Tensor& out) override {
+    const int64_t in = w.cols, outF = w.rows;
+    if (x.cols != in || out.cols != outF) throw EngineError(kErrInvalidArgument, "linear: shape mismatch");
+    const float* X = F(x);
+    const float* W = F(w);
+    const float* B = bias ? F(*bias) : nullptr;
+    float* O = F(out);
+    // Parallel over output features; each dot product runs in one fixed order.
+    pool_.parallelFor(outF, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) {
+        const float* wj = W + j * in;
+        for (int r = 0; r < n; ++r) {
+          const float* xr = X + (int64_t)r * in;
+          float acc0 = 0, acc1 = 0, acc2 = 0, acc3 = 0;
+          int64_t k = 0;
+          for (; k + 4 <= in; k += 4) {
+            acc0 += xr[k] * wj[k];
+            acc1 += xr[k + 1] * wj[k + 1];
+            acc2 += xr[k + 2] * wj[k + 2];
+            acc3 += xr[k + 3] * wj[k + 3];
+          }
+          for (; k < in; ++k) acc0 += xr[k] * wj[k];
+          O[(int64_t)r * outF + j] = (acc0 + acc1) + (acc2 + acc3) + (B ? B[j] : 0.0f);
+        }
+      }
+    }, 16);
+  }
+
+  void addInPlace(Tensor& x, const Tensor& y, int n) override {
+    const int64_t m = (int64_t)n * x.cols;
+    for (int64_t i = 0; i < m; ++i) F(x)[i] += F(y)[i];
+  }
+
+  void rope(Tensor& x, int n, int heads, int headDim, const int32_t* positions, const std::vector<float>& invFreq,
+            float attentionScale) override {
+    const int half = headDim / 2;
+    std::vector<float> c((size_t)half), s((size_t)half);
+    for (int r = 0; r < n; ++r) {
+      for (int j = 0; j < half; ++j) {
+        // Angle rounded to f32 as Hugging Face computes it (inv_freq[f32] * position[f32]).
+        const float ang = (float)positions[r] * invFreq[(size_t)j];
+        c[(size_t)j] = (float)std::cos((double)ang) * attentionScale;
+        s[(size_t)j] = (float)std::sin((double)ang) * attentionScale;
+      }
+      for (int h = 0; h < heads; ++h) {
+        float* v = F(x) + (int64_t)r * x.cols + (int64_t)h * headDim;
+        for (int j = 0; j < half; ++j) {
+          const float a = v[j], b = v[j + half];
+          v[j] = a * c[(size_t)j] - b * s[(size_t)j];
+          v[j + half] = b * c[(size_t)j] + a * s[(size_t)j];
+        }
+      }
+    }
+  }
+
+  void kvWrite(KvStore& store, int slot, const Tensor& k, const Tensor& v, int n, const int32_t* positions) override {
+    auto& st = static_cast<CpuKvStore&>(store);
+    for (int r = 0; r < n; ++r) {
+      st.check(slot, positions[r], 1);
+      std::memcpy(st.key(slot, positions[r]), F(k) + (int64_t)r * k.cols, sizeof(float) * (size_t)k.cols);
+      std::memcpy(st.value(slot, positions[r]), F(v) + (int64_t)r * v.cols, sizeof(float) * (size_t)v.cols);
+    }
+  }
+
+  void kvZero(KvStore& store, int slot, int start, int n) override {
+    auto& st = static_cast<CpuKvStore&>(store);
+    st.check(slot, start, n);
+    if (n == 0) return;
+    const size_t bytes = (size_t)(st.value(slot, start + n - 1) - st.value(slot, start)) * sizeof(float);
+    const size_t row = (size_t)(st.value(slot, 1) - st.value(slot, 0)) * sizeof(float);
+    std::memset(st.key(slot, start), 0, bytes + row);
+    std::memset(st.value(slot, start), 0, bytes + row);
+  }
+
+  void kvRead(KvStore& store, int slot, int start, int n, std::vector<float>& host) override {
+    auto& st = static_cast<CpuKvStore&>(store);
+    st.check(slot, start, n);
+    host.clear();
+    if (n == 0) return;
+    const float* k0 = st.key(slot, start);
+    const float* v0 = st.value(slot, start);
+    const size_t len = (size_t)(st.value(slot, 1) - st.value(slot, 0)) * (size_t)n;
+    host.insert(host.end(), k0, k0 + len);
+    host.insert(host.end(), v0, v0 + len);
+  }
+
+  void attention(const Tensor& q, int n, const int32_t* positions, KvStore& store, int slot, const AttentionSpec& sp,
+                 Tensor& out) override {
+    auto& st = static_cast<CpuKvStore&>(store);
+    const int group = sp.numHeads / sp.numKvHeads;
+    const int hd = sp.headDim;
+    pool_.parallelFor((int64_t)n * sp.numHeads, [&](int64_t b, int64_t e) {
+      std::vector<float> score;
+      for (int64_t idx = b; idx < e; ++idx) {
+        const int r = (int)(idx / sp.numHeads), h = (int)(idx % sp.numHeads);
+        const int p = positions[r];
+        const int kvh = h / group;
+        const float* qv = F(q) + (int64_t)r * q.cols + (int64_t)h * hd;
+        float* o = F(out) + (int64_t)r * out.cols + (int64_t)h * hd;
+        const int last = sp.strict ? p - 1 : p;
+        const int first = sp.window > 0 ? std::max(0, p - sp.window + 1) : 0;
+        if (last < first) {  // no visible key (position 0 of a strict layer): zero output
+          std::memset(o, 0, sizeof(float) * (size_t)hd);
+          continue;
+        }
+        st.check(slot, first, last - first + 1);
+        score.resize((size_t)(last - first + 1));
+        float mx = -INFINITY;
+        for (int j = first; j <= last; ++j) {
+          const float* kv = st.key(slot, j) + (int64_t)kvh * hd;
+          float d = 0;
+          for (int t = 0; t < hd; ++t) d += qv[t] * kv[t];
+          d *= sp.scale;
+          score[(size_t)(j - first)] = d;
+          mx = std::max(mx, d);
+        }
+        double sum = 0;
+        for (float& sc : score) sum += (sc = std::exp(sc - mx));
+        const float inv = (float)(1.0 / sum);
+        for (int t = 0; t < hd; ++t) o[t] = 0;
+        for (int j = first; j <= last; ++j) {
+          const float w = score[(size_t)(j - first)] * inv;
+          const float* vv = st.value(slot, j) + (int64_t)kvh * hd;
+          for (int t = 0; t < hd; ++t) o[t] += w * vv[t];
+        }
+      }
+    });
+  }
+
+  void swiglu(const Tensor& gate, const Tensor& up, int n, Tensor& out) override {
+    const int64_t m = (int64_t)n * gate.cols;
+    for (int64_t i = 0; i < m; ++i) {
+      const float g = F(gate)[i];
+      F(out)[i] = (g / (1.0f + std::exp(-g))) * F(up)[i];
+    }
+  }
+
+  void geluTanh(Tensor& x, int n) override {
+    const int64_t m = (int64_t)n * x.cols;
+    const double c = std::sqrt(2.0 / M_PI);
+    for (int64_t i = 0; i < m; ++i) {
+      const double v = F(x)[i];
+      F(x)[i] = (float)(0.5 * v * (1.0 + std::tanh(c * (v + 0.044715 * v * v * v))));
+    }
+  }
+
+  void copyRows(const Tensor& src, int srcRow, Tensor& dst, int dstRow, int n) override {
+    std::memcpy(F(dst) + (int64_t)dstRow * dst.cols, F(src) + (int64_t)srcRow * src.cols,
+                sizeof(float) * (size_t)(n * src.cols));
+  }
+
+  void synchronize() override {}
+
+ private:
+  ThreadPool pool_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> createCpuBackend(int threads) { return std::make_unique<CpuBackend>(threads); }
+
+}  // namespace lckv

@@ -1,0 +1,92 @@
+// A fixed pool of worker threads for parallel loops. Each index is handled by exactly one
+// thread with the same code path whatever the thread count, so results do not depend on it.
+#pragma once
+#include <algorithm>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace lckv {
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int threads) {
+    const int n = std::max(1, threads);
+    for (int t = 1; t < n; ++t) workers_.emplace_back([this] { workerLoop(); });
+  }
+  ~ThreadPool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+  int size() const { return (int)workers_.size() + 1; }
+
+  // Calls fn(begin, end) on disjoint chunks covering [0, n); the calling thread takes part.
+  void parallelFor(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t minChunk = 1) {
+    const int64_t parts = std::min<int64_t>(size(), std::max<int64_t>(1, n / std::max<int64_t>(1, minChunk)));
+    if (parts <= 1) {
+      if (n > 0) fn(0, n);
+      return;
+    }
+    std::unique_lock<std::mutex> lk(mu_);
+    job_ = &fn;
+    jobN_ = n;
+    jobParts_ = parts;
+    nextPart_ = 1;  // part 0 is ours
+    pending_ = parts - 1;
+    ++generation_;
+    lk.unlock();
+    cv_.notify_all();
+    runPart(fn, 0, n, parts);
+    lk.lock();
+    // Help with parts no worker has taken yet, then wait for the rest.
+    while (nextPart_ < jobParts_) {
+      int64_t p = nextPart_++;
+      lk.unlock();
+      runPart(fn, p, n, parts);
+      lk.lock();
+      --pending_;
+    }
+    done_.wait(lk, [&] { return pending_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  static void runPart(const std::function<void(int64_t, int64_t)>& fn, int64_t p, int64_t n, int64_t parts) {
+    const int64_t b = n * p / parts, e = n * (p + 1) / parts;
+    if (e > b) fn(b, e);
+  }
+  void workerLoop() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(mu_);
+    while (true) {
+      cv_.wait(lk, [&] { return stop_ || (generation_ != seen && job_ && nextPart_ < jobParts_); });
+      if (stop_) return;
+      seen = generation_;
+      while (job_ && nextPart_ < jobParts_) {
+        int64_t p = nextPart_++;
+        const auto* fn = job_;
+        const int64_t n = jobN_, parts = jobParts_;
+        lk.unlock();
+        runPart(*fn, p, n, parts);
+        lk.lock();
+        if (--pending_ == 0) done_.notify_all();
+      }
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable cv_, done_;
+  const std::function<void(int64_t, int64_t)>* job_ = nullptr;
+  int64_t jobN_ = 0, jobParts_ = 0, nextPart_ = 0, pending_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+}  // namespace lckv

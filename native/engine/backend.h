@@ -1,0 +1,96 @@
+// The backend interface: every op the model forward needs, nothing more.
+// The forward (model.cpp) is written once over this interface; the CPU backend (native/cpu)
+// is the plain reference, and a GPU backend implements the same calls with kernels.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace lckv {
+
+enum class DType { F32, F16, BF16 };
+size_t dtypeSize(DType t);
+const char* dtypeName(DType t);
+
+// A 2-D buffer owned by a backend (host memory for the CPU backend, device memory elsewhere).
+// Row-major [rows, cols]. Weights of a linear layer are [out, in], as in Hugging Face.
+struct Tensor {
+  std::shared_ptr<void> storage;
+  void* data = nullptr;
+  DType dtype = DType::F32;
+  int64_t rows = 0, cols = 0;
+  bool empty() const { return data == nullptr; }
+  int64_t numel() const { return rows * cols; }
+};
+
+// Per-sequence cache of K and V for the KV layers. Opaque to the forward: only the backend
+// reads and writes it. Positions are absolute token positions of the sequence.
+class KvStore {
+ public:
+  virtual ~KvStore() = default;
+  virtual int capacity() const = 0;
+  // Makes room for positions [0, n). Throws std::bad_alloc when memory runs out; the store
+  // keeps its previous contents in that case.
+  virtual void reserve(int n) = 0;
+  virtual size_t bytes() const = 0;
+};
+
+struct AttentionSpec {
+  int numHeads = 0, numKvHeads = 0, headDim = 0;
+  bool strict = false;  // queries at p see keys < p; a query with no visible key outputs zero
+  int window = 0;       // keys j with p - j < window only (0 = unlimited)
+  float scale = 1.0f;
+};
+
+// How the final hidden state maps to logits (norm then the output projection).
+enum class NormKind { Rms, Layer };
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // Memory. alloc() contents are unspecified.
+  virtual Tensor alloc(int64_t rows, int64_t cols) = 0;
+  virtual Tensor upload(const float* host, int64_t rows, int64_t cols) = 0;
+  virtual void download(const Tensor& t, int64_t rowStart, int64_t rowCount, float* host) = 0;
+  virtual std::unique_ptr<KvStore> createKvStore(int numSlots, int kvDim, int initialCapacity) = 0;
+
+  // out[r] = table[tokens[r]]  (+ posTable[positions[r]] when posTable is given)
+  virtual void embed(const int32_t* tokens, const int32_t* positions, int n, const Tensor& table,
+                     const Tensor* posTable, Tensor& out) = 0;
+  // out = norm(x) * weight (+ bias)
+  virtual void norm(NormKind kind, const Tensor& x, int n, const Tensor& weight, const Tensor* bias, float eps,
+                    Tensor& out) = 0;
+  // out[n, W.rows] = x[n, W.cols] @ W^T (+ bias)
+  virtual void linear(const Tensor& x, int n, const Tensor& w, const Tensor* bias, Tensor& out) = 0;
+  // x[n, ...] += y[n, ...]
+  virtual void addInPlace(Tensor& x, const Tensor& y, int n) = 0;
+  // Rotates heads of x[n, heads*headDim] (rotate-half layout) at positions[r].
+  virtual void rope(Tensor& x, int n, int heads, int headDim, const int32_t* positions,
+                    const std::vector<float>& invFreq, float attentionScale) = 0;
+  // Writes K and V rows for positions[r] into slot of store.
+  virtual void kvWrite(KvStore& store, int slot, const Tensor& k, const Tensor& v, int n, const int32_t* positions) = 0;
+  // Zeroes slot's K and V at positions [start, start+n).
+  virtual void kvZero(KvStore& store, int slot, int start, int n) = 0;
+  // Copies slot's K and V at [start, start+n) into host memory (for fixed-point checks).
+  virtual void kvRead(KvStore& store, int slot, int start, int n, std::vector<float>& host) = 0;
+  // out[n, numHeads*headDim]: query r at positions[r] attends to slot's keys 0..positions[r]
+  // under spec's diagonal and window rules.
+  virtual void attention(const Tensor& q, int n, const int32_t* positions, KvStore& store, int slot,
+                         const AttentionSpec& spec, Tensor& out) = 0;
+  // out[n, cols] = silu(gate) * up
+  virtual void swiglu(const Tensor& gate, const Tensor& up, int n, Tensor& out) = 0;
+  // x = gelu_tanh(x)
+  virtual void geluTanh(Tensor& x, int n) = 0;
+  // Copies rows [srcRow, srcRow+n) of src into rows [dstRow, ...) of dst.
+  virtual void copyRows(const Tensor& src, int srcRow, Tensor& dst, int dstRow, int n) = 0;
+  // Waits for queued work (no-op on the CPU).
+  virtual void synchronize() = 0;
+};
+
+std::unique_ptr<Backend> createCpuBackend(int threads);
+
+}  // namespace lckv

@@ -1,0 +1,333 @@
+#include "model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <new>
+
+#include "errors.h"
+
+namespace lckv {
+
+namespace {
+std::string layerName(int i, const char* what) { return "layers." + std::to_string(i) + "." + what; }
+std::string shapeStr(int64_t r, int64_t c) { return "[" + std::to_string(r) + ", " + std::to_string(c) + "]"; }
+}  // namespace
+
+// Activations of one chunk of n tokens. Allocated per append: the CPU backend's allocations are
+// cheap next to the forward, and a GPU backend replaces this with a preallocated arena.
+struct Model::Scratch {
+  Tensor h, x, q, k, v, a, o, g, u, h0;
+};
+
+Model::Model(ModelConfig cfg, std::unique_ptr<Backend> backend) : cfg_(std::move(cfg)), backend_(std::move(backend)) {
+  try {
+    cfg_.validate();
+  } catch (const std::invalid_argument& e) {
+    throw EngineError(kErrInvalidArgument, std::string("invalid model description: ") + e.what());
+  }
+  layers_.resize((size_t)cfg_.numLayers);
+  // Slots whose owner is read by a layer below it: the only cross-pass state of the cyclic group.
+  for (int i = 0; i < cfg_.numLayers; ++i) {
+    int t = cfg_.plan.target[i];
+    if (t > i) {
+      int slot = cfg_.plan.kvSlot[t];
+      if (std::find(upwardTargetSlots_.begin(), upwardTargetSlots_.end(), slot) == upwardTargetSlots_.end())
+        upwardTargetSlots_.push_back(slot);
+    }
+  }
+}
+
+std::map<std::string, std::pair<int64_t, int64_t>> Model::expectedTensors() const {
+  const ModelConfig& c = cfg_;
+  const int64_t E = c.hidden, qd = (int64_t)c.numHeads * c.headDim, kvd = (int64_t)c.numKvHeads * c.headDim;
+  const int64_t I = c.intermediate;
+  const bool gpt2 = c.style == BlockStyle::Gpt2;
+  std::map<std::string, std::pair<int64_t, int64_t>> m;
+  m["embed.weight"] = {c.vocab, E};
+  if (gpt2) m["pos_embed.weight"] = {c.maxPositions, E};
+  m["final_norm.weight"] = {1, E};
+  if (gpt2) m["final_norm.bias"] = {1, E};
+  if (!c.tiedEmbeddings) m["lm_head.weight"] = {c.vocab, E};
+  for (int i = 0; i < c.numLayers; ++i) {
+    const bool kv = c.plan.kvSlot[i] >= 0;
+    m[layerName(i, "attn_norm.weight")] = {1, E};
+    m[layerName(i, "mlp_norm.weight")] = {1, E};
+    if (gpt2) {
+      m[layerName(i, "attn_norm.bias")] = {1, E};
+      m[layerName(i, "mlp_norm.bias")] = {1, E};
+    }
+    m[layerName(i, "q.weight")] = {qd, E};
+    m[layerName(i, "o.weight")] = {E, qd};
+    if (kv) {
+      m[layerName(i, "k.weight")] = {kvd, E};
+      m[layerName(i, "v.weight")] = {kvd, E};
+    }
+    if (c.attentionBias) {
+      m[layerName(i, "q.bias")] = {1, qd};
+      m[layerName(i, "o.bias")] = {1, E};
+      if (kv) {
+        m[layerName(i, "k.bias")] = {1, kvd};
+        m[layerName(i, "v.bias")] = {1, kvd};
+      }
+    }
+    if (!gpt2) m[layerName(i, "gate.weight")] = {I, E};
+    m[layerName(i, "up.weight")] = {I, E};
+    m[layerName(i, "down.weight")] = {E, I};
+    if (c.mlpBias) {
+      if (!gpt2) m[layerName(i, "gate.bias")] = {1, I};
+      m[layerName(i, "up.bias")] = {1, I};
+      m[layerName(i, "down.bias")] = {1, E};
+    }
+  }
+  return m;
+}
+
+void Model::loadTensor(const TensorSource& src) {
+  const auto expected = expectedTensors();
+  auto it = expected.find(src.name);
+  if (it == expected.end())
+    throw EngineError(kErrWeights, "tensor '" + src.sourceName + "' in " + src.file + " maps to '" + src.name +
+                                       "', which this model's config does not use");
+  int64_t rows = 0, cols = 0;
+  std::vector<float> vals = readTensorF32(src, rows, cols);
+  if (rows != it->second.first || cols != it->second.second)
+    throw EngineError(kErrWeights, "tensor '" + src.sourceName + "' in " + src.file + " has shape " + shapeStr(rows, cols) +
+                                       " after layout conversion; the config implies " +
+                                       shapeStr(it->second.first, it->second.second));
+  for (float f : vals)
+    if (!std::isfinite(f))
+      throw EngineError(kErrWeights, "tensor '" + src.sourceName + "' in " + src.file + " holds a NaN or infinite value");
+  Tensor t;
+  try {
+    t = backend_->upload(vals.data(), rows, cols);
+  } catch (const std::bad_alloc&) {
+    throw EngineError(kErrOutOfMemory, "out of memory loading tensor '" + src.sourceName + "'");
+  }
+  auto old = tensors_.find(src.name);
+  if (old != tensors_.end()) weightBytes_ -= (size_t)old->second.numel() * dtypeSize(old->second.dtype);
+  weightBytes_ += (size_t)t.numel() * dtypeSize(t.dtype);
+  tensors_[src.name] = t;
+  ready_ = false;
+}
+
+void Model::finalize() {
+  for (const auto& kv : expectedTensors())
+    if (!tensors_.count(kv.first))
+      throw EngineError(kErrWeights, "missing tensor for '" + kv.first + "'");
+  auto get = [&](const std::string& n) -> Tensor {
+    auto it = tensors_.find(n);
+    return it == tensors_.end() ? Tensor{} : it->second;
+  };
+  embed_ = get("embed.weight");
+  posEmbed_ = get("pos_embed.weight");
+  finalNormW_ = get("final_norm.weight");
+  finalNormB_ = get("final_norm.bias");
+  lmHead_ = cfg_.tiedEmbeddings ? embed_ : get("lm_head.weight");
+  for (int i = 0; i < cfg_.numLayers; ++i) {
+    Layer& L = layers_[(size_t)i];
+    L.attnNormW = get(layerName(i, "attn_norm.weight"));
+    L.attnNormB = get(layerName(i, "attn_norm.bias"));
+    L.q = get(layerName(i, "q.weight"));
+    L.qB = get(layerName(i, "q.bias"));
+    L.k = get(layerName(i, "k.weight"));
+    L.kB = get(layerName(i, "k.bias"));
+    L.v = get(layerName(i, "v.weight"));
+    L.vB = get(layerName(i, "v.bias"));
+    L.o = get(layerName(i, "o.weight"));
+    L.oB = get(layerName(i, "o.bias"));
+    L.mlpNormW = get(layerName(i, "mlp_norm.weight"));
+    L.mlpNormB = get(layerName(i, "mlp_norm.bias"));
+    L.gate = get(layerName(i, "gate.weight"));
+    L.gateB = get(layerName(i, "gate.bias"));
+    L.up = get(layerName(i, "up.weight"));
+    L.upB = get(layerName(i, "up.bias"));
+    L.down = get(layerName(i, "down.weight"));
+    L.downB = get(layerName(i, "down.bias"));
+  }
+  ready_ = true;
+}
+
+std::unique_ptr<SequenceState> Model::createSequence(int maxContext) {
+  if (maxContext <= 0) throw EngineError(kErrInvalidArgument, "maxContext must be > 0");
+  if (cfg_.maxPositions > 0 && maxContext > cfg_.maxPositions)
+    throw EngineError(kErrInvalidArgument, "maxContext " + std::to_string(maxContext) +
+                                               " exceeds the model's learned positions (" + std::to_string(cfg_.maxPositions) + ")");
+  auto seq = std::make_unique<SequenceState>();
+  seq->maxContext = maxContext;
+  try {
+    seq->kv = backend_->createKvStore((int)cfg_.plan.kvLayers.size(), cfg_.numKvHeads * cfg_.headDim,
+                                      std::min(maxContext, 256));
+  } catch (const std::bad_alloc&) {
+    throw EngineError(kErrOutOfMemory, "out of memory creating a KV store");
+  }
+  return seq;
+}
+
+static const Tensor* opt(const Tensor& t) { return t.empty() ? nullptr : &t; }
+
+void Model::runLayer(SequenceState& seq, Scratch& s, int n, const int32_t* pos, int i) {
+  Backend& be = *backend_;
+  const ModelConfig& c = cfg_;
+  const Layer& L = layers_[(size_t)i];
+  const NormKind nk = c.style == BlockStyle::Gpt2 ? NormKind::Layer : NormKind::Rms;
+  const bool rope = c.style == BlockStyle::Llama;
+
+  be.norm(nk, s.h, n, L.attnNormW, opt(L.attnNormB), c.normEps, s.x);
+  be.linear(s.x, n, L.q, opt(L.qB), s.q);
+  if (rope) be.rope(s.q, n, c.numHeads, c.headDim, pos, c.ropeInvFreq, c.ropeAttentionScale);
+  const int ownSlot = c.plan.kvSlot[i];
+  if (ownSlot >= 0) {
+    be.linear(s.x, n, L.k, opt(L.kB), s.k);
+    be.linear(s.x, n, L.v, opt(L.vB), s.v);
+    if (rope) be.rope(s.k, n, c.numKvHeads, c.headDim, pos, c.ropeInvFreq, c.ropeAttentionScale);
+    be.kvWrite(*seq.kv, ownSlot, s.k, s.v, n, pos);
+  }
+  AttentionSpec spec;
+  spec.numHeads = c.numHeads;
+  spec.numKvHeads = c.numKvHeads;
+  spec.headDim = c.headDim;
+  spec.strict = c.plan.strict[i];
+  spec.window = c.plan.window[i];
+  spec.scale = 1.0f / std::sqrt((float)c.headDim);
+  be.attention(s.q, n, pos, *seq.kv, c.plan.kvSlot[c.plan.target[i]], spec, s.a);
+  be.linear(s.a, n, L.o, opt(L.oB), s.o);
+  be.addInPlace(s.h, s.o, n);
+
+  be.norm(nk, s.h, n, L.mlpNormW, opt(L.mlpNormB), c.normEps, s.x);
+  if (c.style == BlockStyle::Llama) {
+    be.linear(s.x, n, L.gate, opt(L.gateB), s.g);
+    be.linear(s.x, n, L.up, opt(L.upB), s.u);
+    be.swiglu(s.g, s.u, n, s.g);
+    be.linear(s.g, n, L.down, opt(L.downB), s.o);
+  } else {
+    be.linear(s.x, n, L.up, opt(L.upB), s.u);
+    be.geluTanh(s.u, n);
+    be.linear(s.u, n, L.down, opt(L.downB), s.o);
+  }
+  be.addInPlace(s.h, s.o, n);
+}
+
+void Model::runLayers(SequenceState& seq, Scratch& s, int n, const int32_t* pos, int first, int last) {
+  for (int i = first; i <= last; ++i) runLayer(seq, s, n, pos, i);
+}
+
+void Model::computeLogits(Scratch& s, int rowStart, int rows, std::vector<float>& out) {
+  Backend& be = *backend_;
+  const NormKind nk = cfg_.style == BlockStyle::Gpt2 ? NormKind::Layer : NormKind::Rms;
+  Tensor hr = be.alloc(rows, cfg_.hidden);
+  be.copyRows(s.h, rowStart, hr, 0, rows);
+  Tensor xr = be.alloc(rows, cfg_.hidden);
+  be.norm(nk, hr, rows, finalNormW_, opt(finalNormB_), cfg_.normEps, xr);
+  Tensor lg = be.alloc(rows, cfg_.vocab);
+  be.linear(xr, rows, lmHead_, nullptr, lg);
+  const size_t old = out.size();
+  out.resize(old + (size_t)rows * cfg_.vocab);
+  be.download(lg, 0, rows, out.data() + old);
+}
+
+// Runs n tokens at positions [start, start+n) through every layer, prefilling the cyclic
+// group as `mode` says, and appends logits of the last (or every) row to res.logits.
+void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int start, PrefillMode mode,
+                         int iterativePasses, LogitsWanted want, AppendResult& res) {
+  Backend& be = *backend_;
+  const ModelConfig& c = cfg_;
+  const int qd = c.numHeads * c.headDim, kvd = c.numKvHeads * c.headDim;
+  Scratch s;
+  s.h = be.alloc(n, c.hidden);
+  s.x = be.alloc(n, c.hidden);
+  s.q = be.alloc(n, qd);
+  s.a = be.alloc(n, qd);
+  s.k = be.alloc(n, kvd);
+  s.v = be.alloc(n, kvd);
+  s.o = be.alloc(n, c.hidden);
+  s.g = be.alloc(n, c.intermediate);
+  s.u = be.alloc(n, c.intermediate);
+  std::vector<int32_t> pos((size_t)n);
+  for (int r = 0; r < n; ++r) pos[(size_t)r] = start + r;
+
+  be.embed(tokens, pos.data(), n, embed_, opt(posEmbed_), s.h);
+
+  const KvPlan& plan = c.plan;
+  if (!plan.hasCycle() || n == 1) {
+    // A single token needs one pass: strict layers read only earlier, final positions.
+    runLayers(seq, s, n, pos.data(), 0, c.numLayers - 1);
+    res.passes = std::max(res.passes, 1);
+  } else {
+    const int low = plan.cyclicLow, high = plan.cyclicHigh;
+    if (low > 0) runLayers(seq, s, n, pos.data(), 0, low - 1);
+    s.h0 = be.alloc(n, c.hidden);
+    be.copyRows(s.h, 0, s.h0, 0, n);
+    // Zero KV before the first pass, so the first pass reads the same thing every time.
+    for (int l = low; l <= high; ++l)
+      if (plan.kvSlot[l] >= 0) be.kvZero(*seq.kv, plan.kvSlot[l], start, n);
+    std::vector<std::vector<float>> prev(upwardTargetSlots_.size()), cur(upwardTargetSlots_.size());
+    for (size_t j = 0; j < upwardTargetSlots_.size(); ++j) be.kvRead(*seq.kv, upwardTargetSlots_[j], start, n, prev[j]);
+    int passes = 0;
+    const int maxPasses = mode == PrefillMode::Iterative ? std::max(1, iterativePasses) : n;
+    while (true) {
+      be.copyRows(s.h0, 0, s.h, 0, n);
+      runLayers(seq, s, n, pos.data(), low, high);
+      ++passes;
+      if (passes >= maxPasses) break;  // after n passes every position is exact by induction
+      if (mode == PrefillMode::FixedPoint) {
+        bool same = true;
+        for (size_t j = 0; j < upwardTargetSlots_.size(); ++j) {
+          be.kvRead(*seq.kv, upwardTargetSlots_[j], start, n, cur[j]);
+          if (cur[j] != prev[j]) same = false;
+        }
+        if (same) break;  // this pass read exactly the KV it wrote: the fixed point
+        prev.swap(cur);
+      }
+    }
+    res.passes = std::max(res.passes, passes);
+    if (high + 1 < c.numLayers) runLayers(seq, s, n, pos.data(), high + 1, c.numLayers - 1);
+  }
+  if (want == LogitsWanted::All) computeLogits(s, 0, n, res.logits);
+  else if (want == LogitsWanted::Last) computeLogits(s, n - 1, 1, res.logits);
+}
+
+AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& tokens, PrefillMode mode, int iterativePasses,
+                           LogitsWanted logits, const SamplingParams* sampling) {
+  if (!ready_) throw EngineError(kErrInvalidArgument, "model weights are not loaded");
+  const int n = (int)tokens.size();
+  if (n == 0) throw EngineError(kErrInvalidArgument, "append needs at least one token");
+  for (int r = 0; r < n; ++r)
+    if (tokens[(size_t)r] < 0 || tokens[(size_t)r] >= cfg_.vocab)
+      throw EngineError(kErrTokenOutOfRange, "token id " + std::to_string(tokens[(size_t)r]) + " at index " +
+                                                  std::to_string(r) + " is outside the vocabulary [0, " +
+                                                  std::to_string(cfg_.vocab) + ")");
+  const int start = seq.length();
+  if ((int64_t)start + n > seq.maxContext)
+    throw EngineError(kErrContextOverflow, "sequence of " + std::to_string(start) + " tokens cannot take " +
+                                               std::to_string(n) + " more: the context holds " + std::to_string(seq.maxContext));
+  AppendResult res;
+  try {
+    seq.kv->reserve(start + n);
+    const bool needLogits = logits != LogitsWanted::None || sampling != nullptr;
+    if (mode == PrefillMode::Sequential && n > 1) {
+      for (int r = 0; r < n; ++r) {
+        const bool want = logits == LogitsWanted::All || (needLogits && r == n - 1);
+        forwardChunk(seq, tokens.data() + r, 1, start + r, mode, iterativePasses,
+                     want ? LogitsWanted::Last : LogitsWanted::None, res);
+      }
+      res.passes = 1;
+    } else {
+      const LogitsWanted rows = logits == LogitsWanted::All ? LogitsWanted::All
+                                : needLogits                ? LogitsWanted::Last
+                                                            : LogitsWanted::None;
+      forwardChunk(seq, tokens.data(), n, start, mode, iterativePasses, rows, res);
+    }
+  } catch (const std::bad_alloc&) {
+    // Positions >= start may hold partial KV, but they are not part of the sequence.
+    throw EngineError(kErrOutOfMemory, "out of memory running the forward for " + std::to_string(n) + " tokens");
+  }
+  seq.tokens.insert(seq.tokens.end(), tokens.begin(), tokens.end());
+  if (sampling) {
+    const float* last = res.logits.data() + res.logits.size() - (size_t)cfg_.vocab;
+    res.sampled = sampleToken(last, cfg_.vocab, *sampling, seq.tokens, (uint64_t)seq.length());
+  }
+  if (logits == LogitsWanted::None) res.logits.clear();
+  return res;
+}
+
+}  // namespace lckv

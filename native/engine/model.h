@@ -1,0 +1,87 @@
+// The model: weights, the KV plan, and the forward written once over the Backend interface.
+#pragma once
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "backend.h"
+#include "config.h"
+#include "sampling.h"
+#include "weights.h"
+
+namespace lckv {
+
+// How a prompt chunk is prefilled when the plan has layers that read KV from above.
+enum class PrefillMode {
+  FixedPoint,  // iterate the cyclic group until its KV stops changing (exact; at most n passes)
+  Sequential,  // token by token (exact)
+  Iterative,   // exactly `passes` passes from zero KV (the reference's training-time scheme)
+};
+
+enum class LogitsWanted { None, Last, All };
+
+// One sequence's state: its tokens and its KV store. Only the positions below `tokens.size()`
+// are valid; a failed append leaves both untouched.
+struct SequenceState {
+  std::unique_ptr<KvStore> kv;
+  std::vector<int32_t> tokens;
+  int maxContext = 0;
+  int length() const { return (int)tokens.size(); }
+};
+
+struct AppendResult {
+  int passes = 0;               // passes over the cyclic group (1 when the plan has none)
+  std::vector<float> logits;    // [rows, vocab] as asked
+  int32_t sampled = -1;         // next token when sampling was asked
+};
+
+class Model {
+ public:
+  Model(ModelConfig cfg, std::unique_ptr<Backend> backend);
+  const ModelConfig& config() const { return cfg_; }
+  Backend& backend() { return *backend_; }
+
+  // Loads one tensor, checking its shape against what the config expects.
+  void loadTensor(const TensorSource& src);
+  // Throws naming the first required tensor that was never loaded.
+  void finalize();
+  bool ready() const { return ready_; }
+  size_t weightBytes() const { return weightBytes_; }
+  // Names of the tensors this config needs, with their [rows, cols].
+  std::map<std::string, std::pair<int64_t, int64_t>> expectedTensors() const;
+
+  std::unique_ptr<SequenceState> createSequence(int maxContext);
+
+  // Appends tokens to the sequence, running the forward; optionally returns logits and samples.
+  AppendResult append(SequenceState& seq, const std::vector<int32_t>& tokens, PrefillMode mode, int iterativePasses,
+                      LogitsWanted logits, const SamplingParams* sampling);
+
+  // Serialises forwards over one model (the CPU backend's thread pool is shared).
+  std::mutex& mutex() { return mutex_; }
+
+ private:
+  struct Layer {
+    Tensor attnNormW, attnNormB, q, qB, k, kB, v, vB, o, oB, mlpNormW, mlpNormB, gate, gateB, up, upB, down, downB;
+  };
+  struct Scratch;
+
+  void runLayers(SequenceState& seq, Scratch& s, int n, const int32_t* pos, int first, int last);
+  void runLayer(SequenceState& seq, Scratch& s, int n, const int32_t* pos, int layer);
+  void computeLogits(Scratch& s, int rowStart, int rows, std::vector<float>& out);
+  void forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int start, PrefillMode mode, int iterativePasses,
+                    LogitsWanted want, AppendResult& res);
+
+  ModelConfig cfg_;
+  std::unique_ptr<Backend> backend_;
+  std::map<std::string, Tensor> tensors_;
+  std::vector<Layer> layers_;
+  Tensor embed_, posEmbed_, finalNormW_, finalNormB_, lmHead_;
+  std::vector<int> upwardTargetSlots_;  // KV slots read by some layer below their owner
+  size_t weightBytes_ = 0;
+  bool ready_ = false;
+  std::mutex mutex_;
+};
+
+}  // namespace lckv

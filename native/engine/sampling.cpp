@@ -1,0 +1,81 @@
+#include "sampling.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <unordered_set>
+
+namespace lckv {
+
+namespace {
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+}  // namespace
+
+double uniformFor(uint64_t seed, uint64_t position) {
+  uint64_t r = splitmix64(seed ^ splitmix64(position));
+  return (double)(r >> 11) * (1.0 / 9007199254740992.0);  // 53 random bits
+}
+
+int32_t sampleToken(const float* logits, int vocab, const SamplingParams& p, const std::vector<int32_t>& history,
+                    uint64_t position) {
+  std::vector<float> x(logits, logits + vocab);
+  if (p.repetitionPenalty != 1.0f) {
+    std::unordered_set<int32_t> seen(history.begin(), history.end());
+    for (int32_t t : seen) {
+      if (t < 0 || t >= vocab) continue;
+      x[t] = x[t] > 0 ? x[t] / p.repetitionPenalty : x[t] * p.repetitionPenalty;
+    }
+  }
+  if (p.temperature <= 0.0f) {
+    int best = 0;
+    for (int i = 1; i < vocab; ++i)
+      if (x[i] > x[best]) best = i;
+    return best;
+  }
+  // Candidates sorted by logit (descending), ties by id, so the draw is deterministic.
+  std::vector<int32_t> idx(vocab);
+  std::iota(idx.begin(), idx.end(), 0);
+  std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return x[a] > x[b]; });
+  size_t keep = idx.size();
+  if (p.topK > 0 && (size_t)p.topK < keep) keep = (size_t)p.topK;
+
+  // Softmax of the scaled logits over the kept candidates, in double.
+  const double invT = 1.0 / (double)p.temperature;
+  const double top = (double)x[idx[0]] * invT;
+  std::vector<double> prob(keep);
+  double sum = 0;
+  for (size_t i = 0; i < keep; ++i) sum += prob[i] = std::exp((double)x[idx[i]] * invT - top);
+  for (double& v : prob) v /= sum;
+
+  if (p.topP < 1.0f) {  // smallest prefix whose mass reaches topP (at least one token)
+    double cum = 0;
+    size_t k = 0;
+    while (k < keep) {
+      cum += prob[k++];
+      if (cum >= (double)p.topP) break;
+    }
+    keep = std::max<size_t>(k, 1);
+  }
+  if (p.minP > 0.0f) {  // drop tokens below minP times the most likely one
+    const double floor = (double)p.minP * prob[0];
+    size_t k = 1;
+    while (k < keep && prob[k] >= floor) ++k;
+    keep = k;
+  }
+  double mass = 0;
+  for (size_t i = 0; i < keep; ++i) mass += prob[i];
+  const double u = uniformFor(p.seed, position) * mass;
+  double cum = 0;
+  for (size_t i = 0; i < keep; ++i) {
+    cum += prob[i];
+    if (u < cum) return idx[i];
+  }
+  return idx[keep - 1];
+}
+
+}  // namespace lckv

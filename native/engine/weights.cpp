@@ -1,0 +1,132 @@
+#include "weights.h"
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "errors.h"
+
+namespace lckv {
+
+size_t dtypeSize(DType t) { return t == DType::F32 ? 4 : 2; }
+const char* dtypeName(DType t) { return t == DType::F32 ? "F32" : t == DType::F16 ? "F16" : "BF16"; }
+
+float bf16ToF32(uint16_t h) {
+  uint32_t bits = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+float f16ToF32(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f;
+  uint32_t mant = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      int e = -1;
+      do { ++e; mant <<= 1; } while ((mant & 0x400) == 0);
+      bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((mant & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+namespace {
+
+struct Fd {
+  int fd = -1;
+  ~Fd() { if (fd >= 0) ::close(fd); }
+};
+
+std::string where(const TensorSource& s) { return "tensor '" + s.sourceName + "' in " + s.file; }
+
+}  // namespace
+
+std::vector<float> readTensorF32(const TensorSource& src, int64_t& rows, int64_t& cols) {
+  if (src.shape.empty() || src.shape.size() > 2)
+    throw EngineError(kErrWeights, where(src) + ": expected a 1-D or 2-D tensor, got " + std::to_string(src.shape.size()) + " dimensions");
+  uint64_t count = 1;
+  for (int64_t d : src.shape) {
+    if (d <= 0) throw EngineError(kErrWeights, where(src) + ": dimensions must be positive");
+    if (count > (uint64_t)1 << 40) throw EngineError(kErrWeights, where(src) + ": tensor too large");
+    count *= (uint64_t)d;
+  }
+  const uint64_t esize = dtypeSize(src.dtype);
+  if (count * esize != src.nbytes)
+    throw EngineError(kErrWeights, where(src) + ": shape needs " + std::to_string(count * esize) + " bytes of " +
+                                       dtypeName(src.dtype) + " but the header gives " + std::to_string(src.nbytes));
+
+  Fd f;
+  f.fd = ::open(src.file.c_str(), O_RDONLY);
+  if (f.fd < 0) throw EngineError(kErrIo, "cannot open " + src.file + ": " + std::strerror(errno));
+  struct stat st;
+  if (::fstat(f.fd, &st) != 0) throw EngineError(kErrIo, "cannot stat " + src.file + ": " + std::strerror(errno));
+  if (src.offset > (uint64_t)st.st_size || src.nbytes > (uint64_t)st.st_size - src.offset)
+    throw EngineError(kErrWeights, where(src) + ": data range [" + std::to_string(src.offset) + ", " +
+                                       std::to_string(src.offset + src.nbytes) + ") lies past the end of the file (" +
+                                       std::to_string((uint64_t)st.st_size) + " bytes)");
+
+  std::vector<uint8_t> raw(src.nbytes);
+  uint64_t done = 0;
+  while (done < src.nbytes) {
+    ssize_t r = ::pread(f.fd, raw.data() + done, src.nbytes - done, (off_t)(src.offset + done));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) throw EngineError(kErrIo, where(src) + ": read failed: " + (r < 0 ? std::strerror(errno) : "unexpected end of file"));
+    done += (uint64_t)r;
+  }
+
+  std::vector<float> vals(count);
+  if (src.dtype == DType::F32) {
+    std::memcpy(vals.data(), raw.data(), count * 4);
+  } else {
+    for (uint64_t i = 0; i < count; ++i) {
+      uint16_t h;
+      std::memcpy(&h, raw.data() + 2 * i, 2);
+      vals[i] = src.dtype == DType::BF16 ? bf16ToF32(h) : f16ToF32(h);
+    }
+  }
+
+  // Logical layout: [out, in] for matrices, [1, n] for vectors.
+  int64_t r = src.shape.size() == 2 ? src.shape[0] : 1;
+  int64_t c = src.shape.size() == 2 ? src.shape[1] : src.shape[0];
+  if (src.transpose && src.shape.size() == 2) {
+    std::vector<float> t(count);
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = 0; j < c; ++j) t[(size_t)(j * r + i)] = vals[(size_t)(i * c + j)];
+    vals.swap(t);
+    std::swap(r, c);
+  }
+  if (src.sliceStart >= 0) {
+    const bool vec = src.shape.size() == 1;
+    const int64_t outDim = vec ? c : r;
+    if (src.sliceEnd <= src.sliceStart || src.sliceEnd > outDim)
+      throw EngineError(kErrWeights, where(src) + ": slice [" + std::to_string(src.sliceStart) + ", " +
+                                         std::to_string(src.sliceEnd) + ") outside " + std::to_string(outDim) + " features");
+    const int64_t keep = src.sliceEnd - src.sliceStart;
+    if (vec) {
+      vals = std::vector<float>(vals.begin() + src.sliceStart, vals.begin() + src.sliceEnd);
+      c = keep;
+    } else {
+      vals = std::vector<float>(vals.begin() + src.sliceStart * c, vals.begin() + src.sliceEnd * c);
+      r = keep;
+    }
+  }
+  rows = r;
+  cols = c;
+  return vals;
+}
+
+}  // namespace lckv

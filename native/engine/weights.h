@@ -1,0 +1,32 @@
+// Reading one tensor of a safetensors file into f32, with the layout fixes the model needs.
+// TypeScript has already parsed and checked the header; this code re-checks every offset and
+// size against the file itself, because a header that lies must be an error, not a crash.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "backend.h"
+
+namespace lckv {
+
+struct TensorSource {
+  std::string name;        // canonical engine name, e.g. "layers.3.q.weight"
+  std::string sourceName;  // name in the checkpoint, for messages
+  std::string file;        // path of the safetensors file
+  uint64_t offset = 0;     // absolute byte offset of the data in the file
+  uint64_t nbytes = 0;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;  // as stored
+  bool transpose = false;      // stored [in, out] (GPT-2 Conv1D); the engine wants [out, in]
+  int64_t sliceStart = -1;     // keep output features [sliceStart, sliceEnd) (fused GPT-2 c_attn)
+  int64_t sliceEnd = -1;
+};
+
+// Returns the tensor as row-major f32 [rows, cols] (1-D tensors become rows = 1).
+std::vector<float> readTensorF32(const TensorSource& src, int64_t& rows, int64_t& cols);
+
+float bf16ToF32(uint16_t h);
+float f16ToF32(uint16_t h);
+
+}  // namespace lckv
