@@ -1,0 +1,14 @@
+// Two projects: "cpu" runs everywhere (CI included); "gpu" runs on a machine with an NVIDIA GPU
+// (npm run test:gpu) and reports itself skipped, loudly, where there is none.
+const common = {
+  preset: "ts-jest",
+  testEnvironment: "node",
+  transform: { "^.+\\.ts$": ["ts-jest", { tsconfig: "test/tsconfig.json" }] },
+};
+module.exports = {
+  testTimeout: 120000,
+  projects: [
+    { ...common, displayName: "cpu", testMatch: ["<rootDir>/test/cpu/**/*.test.ts"] },
+    { ...common, displayName: "gpu", testMatch: ["<rootDir>/test/gpu/**/*.test.ts"] },
+  ],
+};

@@ -1,0 +1,17 @@
+/**
+ * lckv: run language models with layer-condensed KV caches from TypeScript.
+ *
+ *     import { loadModel } from "lckv";
+ *     await using model = await loadModel();          // the embedded default model
+ *     const r = await model.generate("Once upon a time", { maxNewTokens: 32 });
+ */
+export { loadModel, Model, DEFAULT_MODEL_DIR } from "./model";
+export type { LoadOptions, GenerateResult, StreamChunk, ForwardResult, Device, DType } from "./model";
+export type { GenerateOptions, SamplingOptions, PrefillMode } from "./options";
+export type { ModelConfig, BlockStyle } from "./config";
+export { SUPPORTED_ARCHITECTURES } from "./config";
+export type { KvPlan } from "./plan";
+export { parseLayerTypes, buildPlan, formatLayerTypes } from "./plan";
+export { Tokenizer } from "./tokenizer";
+export type { ChatMessage } from "./tokenizer";
+export * from "./errors";

@@ -1,0 +1,394 @@
+/**
+ * loadModel() and Model: the user-facing engine. TypeScript owns policy (options, stopping,
+ * streaming, lifecycle); the native addon owns the forward, which runs off the JS thread.
+ */
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { kvBytesPerToken, ModelConfig, parseConfig } from "./config";
+import {
+  ContextOverflowError,
+  DeviceUnavailableError,
+  DisposedError,
+  fromNative,
+  InvalidInputError,
+  InvalidOptionError,
+  ModelLoadError,
+  TokenOutOfRangeError,
+} from "./errors";
+import { loadAddon, NativeModel, NativeModelDescription, NativeSequence } from "./native";
+import { describe, GenerateOptions, posInt, PREFILL_MODES, PrefillMode, resolveGenerateOptions, ResolvedGenerateOptions } from "./options";
+import { readModelTensors } from "./safetensors";
+import { TextStream } from "./textstream";
+import { ChatMessage, readJson, Tokenizer } from "./tokenizer";
+import { resolveWeights } from "./weights";
+
+export type Device = "auto" | "cuda" | "cpu";
+export type DType = "auto" | "f32" | "f16" | "bf16";
+
+export interface LoadOptions {
+  device?: Device;
+  /** Compute dtype. The CPU backend computes in f32 whatever the weights' dtype. */
+  dtype?: DType;
+  /** Tokens one sequence may hold (default: the model's max_position_embeddings). */
+  maxContext?: number;
+  /** Bytes the KV cache of one sequence may use; caps the context at kvCacheMemory / kvBytesPerToken. */
+  kvCacheMemory?: number;
+  /** CPU threads (default: all cores). */
+  threads?: number;
+  /** Called with the fraction of weights loaded, from 0 to 1. */
+  onProgress?: (fraction: number) => void;
+}
+
+export interface GenerateResult {
+  text: string;
+  tokens: number[];
+  finishReason: "stop" | "length" | "abort";
+  usage: { promptTokens: number; completionTokens: number };
+  /** Passes the prefill ran over the cyclic layer group (1 when the model has none). */
+  prefillPasses: number;
+}
+
+export interface StreamChunk {
+  /** Text that this token completed (may be empty while a character or stop string is pending). */
+  text: string;
+  token: number;
+}
+
+export interface ForwardResult {
+  logits: Float32Array;
+  passes: number;
+}
+
+/** The model shipped inside the package, used when loadModel() gets no directory. */
+export const DEFAULT_MODEL_DIR = path.join(__dirname, "..", "models", "default");
+
+const LOAD_KEYS = new Set(["device", "dtype", "maxContext", "kvCacheMemory", "threads", "onProgress"]);
+let cpuNoticeShown = false;
+
+export async function loadModel(dir?: string, options: LoadOptions = {}): Promise<Model> {
+  if (options === null || typeof options !== "object") throw new InvalidOptionError("options", "must be an object");
+  for (const k of Object.keys(options)) {
+    if (!LOAD_KEYS.has(k)) throw new InvalidOptionError(k, `is not a loadModel option (known: ${[...LOAD_KEYS].join(", ")})`);
+  }
+  const modelDir = path.resolve(dir ?? DEFAULT_MODEL_DIR);
+  if (!fs.existsSync(modelDir) || !fs.statSync(modelDir).isDirectory()) {
+    throw new ModelLoadError(`model directory ${modelDir} does not exist`, modelDir);
+  }
+  const device = options.device ?? "auto";
+  if (!["auto", "cuda", "cpu"].includes(device)) throw new InvalidOptionError("device", `must be "auto", "cuda" or "cpu", got ${describe(device)}`);
+  const dtype = options.dtype ?? "auto";
+  if (!["auto", "f32", "f16", "bf16"].includes(dtype)) throw new InvalidOptionError("dtype", `must be "auto", "f32", "f16" or "bf16", got ${describe(dtype)}`);
+  if (options.threads !== undefined) posInt("threads", options.threads);
+  if (options.kvCacheMemory !== undefined) posInt("kvCacheMemory", options.kvCacheMemory);
+  if (options.maxContext !== undefined) posInt("maxContext", options.maxContext);
+  if (options.onProgress !== undefined && typeof options.onProgress !== "function") throw new InvalidOptionError("onProgress", "must be a function");
+
+  const addon = loadAddon();
+  let backend = "cpu";
+  if (device === "cuda") {
+    if (!addon.backends.cuda) throw new DeviceUnavailableError("device 'cuda' was asked for, but this build of lckv has no CUDA backend");
+    backend = "cuda";
+  } else if (device === "auto" && addon.backends.cuda) {
+    backend = "cuda";
+  } else if (device === "auto" && !cpuNoticeShown && !process.env.LCKV_QUIET) {
+    cpuNoticeShown = true;
+    process.stderr.write("lckv: no CUDA backend in this build; running on the CPU\n");
+  }
+  if (backend === "cpu" && (dtype === "f16" || dtype === "bf16")) {
+    throw new InvalidOptionError("dtype", `the CPU backend computes in f32; got ${dtype}`);
+  }
+
+  const configFile = path.join(modelDir, "config.json");
+  if (!fs.existsSync(configFile)) throw new ModelLoadError(`${modelDir}: missing config.json`, configFile);
+  const config = parseConfig(readJson(configFile), configFile);
+  const tokenizer = Tokenizer.fromDirectory(modelDir);
+  const genFile = path.join(modelDir, "generation_config.json");
+  const generationConfig = fs.existsSync(genFile) ? (readJson(genFile) as Record<string, unknown>) : {};
+  const tensors = readModelTensors(modelDir);
+  const sources = resolveWeights(config, tensors, modelDir);
+
+  const bytesPerElement = 4; // the CPU backend caches K/V in f32
+  const perToken = kvBytesPerToken(config, bytesPerElement);
+  let maxContext = options.maxContext ?? config.maxPositionEmbeddings;
+  if (maxContext > config.maxPositionEmbeddings) {
+    throw new InvalidOptionError("maxContext", `${maxContext} exceeds the model's max_position_embeddings (${config.maxPositionEmbeddings})`);
+  }
+  if (options.kvCacheMemory !== undefined) {
+    const fit = Math.floor(options.kvCacheMemory / perToken);
+    if (fit < 1) throw new InvalidOptionError("kvCacheMemory", `${options.kvCacheMemory} bytes hold no token (one token needs ${perToken})`);
+    maxContext = Math.min(maxContext, fit);
+  }
+
+  let native: NativeModel;
+  try {
+    native = new addon.NativeModel(describeForNative(config), { backend, threads: options.threads });
+  } catch (e) {
+    throw fromNative(e);
+  }
+  try {
+    const total = sources.reduce((a, s) => a + s.nbytes, 0);
+    let done = 0;
+    options.onProgress?.(0);
+    // Batches of ~64 MB keep the progress moving without a call per tensor.
+    for (let i = 0; i < sources.length; ) {
+      const batch = [];
+      let bytes = 0;
+      while (i < sources.length && (batch.length === 0 || bytes < 64 << 20)) {
+        bytes += sources[i].nbytes;
+        batch.push(sources[i++]);
+      }
+      await native.loadTensors(batch);
+      done += bytes;
+      options.onProgress?.(total > 0 ? done / total : 1);
+    }
+    native.finalize();
+  } catch (e) {
+    native.dispose();
+    throw fromNative(e);
+  }
+  return new Model(modelDir, config, native, tokenizer, generationConfig, maxContext, perToken);
+}
+
+function describeForNative(c: ModelConfig): NativeModelDescription {
+  return {
+    style: c.blockStyle,
+    numLayers: c.numLayers,
+    hidden: c.hiddenSize,
+    numHeads: c.numHeads,
+    numKvHeads: c.numKvHeads,
+    headDim: c.headDim,
+    intermediate: c.intermediateSize,
+    vocab: c.vocabSize,
+    maxPositions: c.blockStyle === "gpt2" ? c.maxPositionEmbeddings : 0,
+    normEps: c.normEps,
+    tiedEmbeddings: c.tieWordEmbeddings,
+    attentionBias: c.attentionBias,
+    mlpBias: c.mlpBias,
+    ropeInvFreq: c.ropeInvFreq,
+    plan: {
+      target: c.plan.target,
+      strict: c.plan.strict.map((s) => (s ? 1 : 0)),
+      window: c.plan.window,
+      kvLayers: c.plan.kvLayers,
+      cyclicLow: c.plan.cyclicGroup?.low ?? -1,
+      cyclicHigh: c.plan.cyclicGroup?.high ?? -1,
+    },
+  };
+}
+
+export class Model implements AsyncDisposable {
+  /** Bytes one token of context costs in the cache (only the KV layers are cached). */
+  readonly kvBytesPerToken: number;
+  /** What the same model would cost per token with a standard cache (every layer cached). */
+  readonly standardKvBytesPerToken: number;
+  readonly device: "cpu" | "cuda";
+  private native: NativeModel | null;
+  private readonly live = new Set<NativeSequence>();
+
+  constructor(
+    readonly directory: string,
+    readonly config: ModelConfig,
+    native: NativeModel,
+    readonly tokenizer: Tokenizer | undefined,
+    readonly generationConfig: Record<string, unknown>,
+    readonly maxContext: number,
+    perToken: number,
+  ) {
+    this.native = native;
+    this.kvBytesPerToken = perToken;
+    this.standardKvBytesPerToken = kvBytesPerToken(config, perToken / (config.kvLayers.length * 2 * config.numKvHeads * config.headDim), config.numLayers);
+    this.device = native.backend === "cuda" ? "cuda" : "cpu";
+  }
+
+  get disposed(): boolean {
+    return this.native === null;
+  }
+
+  /** Token ids that end generation: generation_config's eos_token_id, else config's, else the tokenizer's. */
+  get eosTokenIds(): number[] {
+    const g = this.generationConfig.eos_token_id;
+    const fromGen = (Array.isArray(g) ? g : g === undefined || g === null ? [] : [g]).filter((x): x is number => Number.isInteger(x));
+    if (fromGen.length) return fromGen;
+    if (this.config.eosTokenIds.length) return this.config.eosTokenIds;
+    return this.tokenizer?.eosTokenId !== undefined ? [this.tokenizer.eosTokenId] : [];
+  }
+
+  /** Text -> ids via the tokenizer; ids are checked against the vocabulary. */
+  toTokenIds(input: string | readonly number[], what = "prompt"): number[] {
+    let ids: number[];
+    if (typeof input === "string") {
+      if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json: pass token ids instead of text`, "LCKV_NO_TOKENIZER");
+      ids = this.tokenizer.encode(input);
+    } else if (Array.isArray(input) || ArrayBuffer.isView(input)) {
+      ids = Array.from(input as ArrayLike<number>);
+    } else {
+      throw new InvalidInputError(`${what} must be a string or an array of token ids, got ${describe(input)}`);
+    }
+    ids.forEach((t, i) => {
+      if (!Number.isInteger(t) || t < 0 || t >= this.config.vocabSize) {
+        throw new TokenOutOfRangeError(`${what} token ${i} is ${describe(t)}, outside the vocabulary [0, ${this.config.vocabSize})`);
+      }
+    });
+    if (ids.length === 0) throw new InvalidInputError(`${what} is empty`, "LCKV_EMPTY_PROMPT");
+    if (ids.length > this.maxContext) {
+      throw new ContextOverflowError(`${what} has ${ids.length} tokens but the context holds ${this.maxContext}`);
+    }
+    return ids;
+  }
+
+  private nativeModel(): NativeModel {
+    if (!this.native) throw new DisposedError("the model");
+    return this.native;
+  }
+
+  private openSequence(): NativeSequence {
+    try {
+      const s = this.nativeModel().createSequence(this.maxContext);
+      this.live.add(s);
+      return s;
+    } catch (e) {
+      throw fromNative(e);
+    }
+  }
+
+  private closeSequence(s: NativeSequence): void {
+    this.live.delete(s);
+    s.dispose();
+  }
+
+  private defaults(): Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed"> {
+    const g = this.generationConfig;
+    const num = (k: string, d: number) => (typeof g[k] === "number" && Number.isFinite(g[k] as number) ? (g[k] as number) : d);
+    const sample = g.do_sample === true;
+    return {
+      maxNewTokens: Number.isInteger(g.max_new_tokens) ? (g.max_new_tokens as number) : 256,
+      temperature: sample ? num("temperature", 1) : 0,
+      topK: sample ? num("top_k", 0) : 0,
+      topP: sample ? num("top_p", 1) : 1,
+      minP: sample ? num("min_p", 0) : 0,
+      repetitionPenalty: num("repetition_penalty", 1),
+      prefill: this.config.useSequential ? "sequential" : "fixed-point",
+      prefillPasses: this.config.forwardPasses + this.config.backwardPasses,
+    };
+  }
+
+  /** Runs the prompt and returns its logits, [ids.length * vocabSize], and the prefill passes. */
+  async forward(input: string | readonly number[], options: { prefill?: PrefillMode; prefillPasses?: number } = {}): Promise<ForwardResult> {
+    const ids = this.toTokenIds(input, "input");
+    const prefill = options.prefill ?? this.defaults().prefill;
+    if (!PREFILL_MODES.includes(prefill)) throw new InvalidOptionError("prefill", `must be one of ${PREFILL_MODES.join(", ")}, got ${describe(prefill)}`);
+    const passes = options.prefillPasses === undefined ? this.defaults().prefillPasses : posInt("prefillPasses", options.prefillPasses);
+    const seq = this.openSequence();
+    try {
+      const r = await seq.append(Int32Array.from(ids), { mode: prefill, passes, logits: "all" });
+      return { logits: r.logits!, passes: r.passes };
+    } catch (e) {
+      throw fromNative(e);
+    } finally {
+      this.closeSequence(seq);
+    }
+  }
+
+  /** Prefill logits of every position: Float32Array [ids.length * vocabSize]. */
+  async logits(input: string | readonly number[], options: { prefill?: PrefillMode; prefillPasses?: number } = {}): Promise<Float32Array> {
+    return (await this.forward(input, options)).logits;
+  }
+
+  /** Streams generated tokens with their text. */
+  async *stream(input: string | readonly number[], options?: GenerateOptions): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
+    const opts = resolveGenerateOptions(options, this.defaults());
+    const prompt = this.toTokenIds(input);
+    this.nativeModel();
+    const eos = new Set(this.eosTokenIds);
+    const decode = (ids: number[]) => (this.tokenizer ? this.tokenizer.decode(ids) : "");
+    const text = new TextStream(decode, opts.stop);
+    const tokens: number[] = [];
+    let finishReason: GenerateResult["finishReason"] = "length";
+    let prefillPasses = 0;
+    const sample = {
+      temperature: opts.temperature,
+      topK: opts.topK,
+      topP: opts.topP,
+      minP: opts.minP,
+      repetitionPenalty: opts.repetitionPenalty,
+      seed: opts.seed,
+    };
+    if (opts.maxNewTokens === 0) {
+      return { text: "", tokens, finishReason, usage: { promptTokens: prompt.length, completionTokens: 0 }, prefillPasses };
+    }
+    const seq = this.openSequence();
+    try {
+      if (opts.signal?.aborted) {
+        finishReason = "abort";
+      } else {
+        let r = await seq.append(Int32Array.from(prompt), { mode: opts.prefill, passes: opts.prefillPasses, logits: "none", sample });
+        prefillPasses = r.passes;
+        for (;;) {
+          const tok = r.token!;
+          if (eos.has(tok)) {
+            finishReason = "stop";
+            break;
+          }
+          tokens.push(tok);
+          const delta = text.push(tokens);
+          if (delta.length > 0 || !text.stopped) yield { text: delta, token: tok };
+          if (text.stopped) {
+            finishReason = "stop";
+            break;
+          }
+          if (opts.signal?.aborted) {
+            finishReason = "abort";
+            break;
+          }
+          if (tokens.length >= opts.maxNewTokens || seq.length >= this.maxContext) break;
+          r = await seq.append(Int32Array.of(tok), { mode: opts.prefill, logits: "none", sample });
+        }
+      }
+    } catch (e) {
+      throw fromNative(e);
+    } finally {
+      this.closeSequence(seq);
+    }
+    const rest = text.flush();
+    if (rest) yield { text: rest, token: -1 };
+    return {
+      text: text.value,
+      tokens,
+      finishReason,
+      usage: { promptTokens: prompt.length, completionTokens: tokens.length },
+      prefillPasses,
+    };
+  }
+
+  /** Generates a completion of the prompt (text or token ids). */
+  async generate(input: string | readonly number[], options?: GenerateOptions): Promise<GenerateResult> {
+    const it = this.stream(input, options);
+    for (;;) {
+      const n = await it.next();
+      if (n.done) return n.value;
+    }
+  }
+
+  /** Renders messages with the chat template, then generates the assistant's reply. */
+  async chat(messages: ChatMessage[], options?: GenerateOptions): Promise<GenerateResult> {
+    if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json`, "LCKV_NO_TOKENIZER");
+    const text = this.tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true });
+    // The template already holds any BOS, so no special tokens are added again.
+    const ids = this.tokenizer.encode(text, { addSpecialTokens: false });
+    return this.generate(ids, options);
+  }
+
+  /** Frees the weights and every sequence. Calls after this throw DisposedError. */
+  async dispose(): Promise<void> {
+    if (!this.native) return;
+    for (const s of this.live) s.dispose();
+    this.live.clear();
+    this.native.dispose();
+    this.native = null;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.dispose();
+  }
+}
+

@@ -1,0 +1,84 @@
+/** Loads the native addon (a prebuild, or the local cmake-js build) and types its surface. */
+import * as path from "node:path";
+import { AddonLoadError } from "./errors";
+
+export interface NativeSamplingParams {
+  temperature: number;
+  topK: number;
+  topP: number;
+  minP: number;
+  repetitionPenalty: number;
+  seed: number;
+}
+
+export interface NativeAppendOptions {
+  mode: "fixed-point" | "sequential" | "iterative";
+  passes?: number;
+  logits: "none" | "last" | "all";
+  sample?: NativeSamplingParams;
+}
+
+export interface NativeAppendResult {
+  passes: number;
+  length: number;
+  logits?: Float32Array;
+  token?: number;
+}
+
+export interface NativeSequence {
+  append(tokens: Int32Array, opts: NativeAppendOptions): Promise<NativeAppendResult>;
+  truncate(n: number): void;
+  dispose(): void;
+  readonly length: number;
+  readonly kvBytes: number;
+}
+
+export interface NativeModelDescription {
+  style: "llama" | "gpt2";
+  numLayers: number;
+  hidden: number;
+  numHeads: number;
+  numKvHeads: number;
+  headDim: number;
+  intermediate: number;
+  vocab: number;
+  maxPositions: number;
+  normEps: number;
+  tiedEmbeddings: boolean;
+  attentionBias: boolean;
+  mlpBias: boolean;
+  ropeInvFreq: number[];
+  plan: { target: number[]; strict: number[]; window: number[]; kvLayers: number[]; cyclicLow: number; cyclicHigh: number };
+}
+
+export interface NativeModel {
+  loadTensors(list: object[]): Promise<void>;
+  finalize(): void;
+  createSequence(maxContext: number): NativeSequence;
+  dispose(): void;
+  readonly weightBytes: number;
+  readonly backend: string;
+}
+
+export interface NativeAddon {
+  NativeModel: new (desc: NativeModelDescription, opts: { backend: string; threads?: number }) => NativeModel;
+  backends: { cpu: boolean; cuda: boolean };
+  version: string;
+}
+
+let addon: NativeAddon | undefined;
+
+export function loadAddon(): NativeAddon {
+  if (addon) return addon;
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const gypBuild = require("node-gyp-build") as (dir: string) => NativeAddon;
+    addon = gypBuild(path.join(__dirname, ".."));
+  } catch (e) {
+    throw new AddonLoadError(
+      `the lckv native addon could not be loaded (${(e as Error).message}); rebuild it with 'npm rebuild lckv' (needs cmake and a C++ compiler)`,
+      e,
+    );
+  }
+  return addon!;
+}

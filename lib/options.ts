@@ -1,0 +1,126 @@
+/** Checking of user options: each bad value is an InvalidOptionError naming the option. */
+import { InvalidOptionError } from "./errors";
+
+export type PrefillMode = "fixed-point" | "sequential" | "iterative";
+export const PREFILL_MODES: readonly PrefillMode[] = ["fixed-point", "sequential", "iterative"];
+
+export interface SamplingOptions {
+  /** 0 = greedy (the default unless generation_config.json says otherwise). */
+  temperature?: number;
+  topK?: number;
+  topP?: number;
+  minP?: number;
+  repetitionPenalty?: number;
+  /** Makes sampling reproducible: the same seed, prompt and options give the same tokens. */
+  seed?: number;
+}
+
+export interface GenerateOptions extends SamplingOptions {
+  maxNewTokens?: number;
+  /** Strings that end generation; the text returned stops before them. */
+  stop?: string | string[];
+  signal?: AbortSignal;
+  /** How an LCKV prompt is prefilled (default "fixed-point", exact). */
+  prefill?: PrefillMode;
+  /** Passes for prefill "iterative" (default forward_passes + backward_passes of the config). */
+  prefillPasses?: number;
+}
+
+const GENERATE_KEYS = new Set([
+  "maxNewTokens", "temperature", "topK", "topP", "minP", "repetitionPenalty", "seed", "stop", "signal", "prefill", "prefillPasses",
+]);
+
+export function nonNegInt(name: string, v: unknown): number {
+  if (typeof v !== "number" || !Number.isSafeInteger(v) || v < 0) {
+    throw new InvalidOptionError(name, `must be a non-negative integer, got ${describe(v)}`);
+  }
+  return v;
+}
+
+export function posInt(name: string, v: unknown): number {
+  if (typeof v !== "number" || !Number.isSafeInteger(v) || v < 1) {
+    throw new InvalidOptionError(name, `must be a positive integer, got ${describe(v)}`);
+  }
+  return v;
+}
+
+function finite(name: string, v: unknown): number {
+  if (typeof v !== "number" || !Number.isFinite(v)) throw new InvalidOptionError(name, `must be a finite number, got ${describe(v)}`);
+  return v;
+}
+
+export function describe(v: unknown): string {
+  if (typeof v === "string") return JSON.stringify(v);
+  if (typeof v === "number" || typeof v === "boolean" || v === null || v === undefined) return String(v);
+  return typeof v;
+}
+
+export interface ResolvedGenerateOptions {
+  maxNewTokens: number;
+  temperature: number;
+  topK: number;
+  topP: number;
+  minP: number;
+  repetitionPenalty: number;
+  seed: number;
+  stop: string[];
+  signal?: AbortSignal;
+  prefill: PrefillMode;
+  prefillPasses: number;
+}
+
+/** Validates options over defaults (from generation_config.json). */
+export function resolveGenerateOptions(
+  opts: GenerateOptions | undefined,
+  defaults: Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed">,
+): ResolvedGenerateOptions {
+  const o = (opts ?? {}) as Record<string, unknown>;
+  if (typeof o !== "object" || o === null) throw new InvalidOptionError("options", "must be an object");
+  for (const k of Object.keys(o)) {
+    if (!GENERATE_KEYS.has(k)) throw new InvalidOptionError(k, `is not a generate option (known: ${[...GENERATE_KEYS].join(", ")})`);
+  }
+  const r: ResolvedGenerateOptions = { ...defaults, stop: [], seed: 0 };
+  if (o.maxNewTokens !== undefined) r.maxNewTokens = nonNegInt("maxNewTokens", o.maxNewTokens);
+  if (o.temperature !== undefined) {
+    r.temperature = finite("temperature", o.temperature);
+    if (r.temperature < 0) throw new InvalidOptionError("temperature", `must be >= 0, got ${r.temperature}`);
+  }
+  if (o.topK !== undefined) r.topK = nonNegInt("topK", o.topK);
+  if (o.topP !== undefined) {
+    r.topP = finite("topP", o.topP);
+    if (!(r.topP > 0 && r.topP <= 1)) throw new InvalidOptionError("topP", `must be in (0, 1], got ${r.topP}`);
+  }
+  if (o.minP !== undefined) {
+    r.minP = finite("minP", o.minP);
+    if (!(r.minP >= 0 && r.minP <= 1)) throw new InvalidOptionError("minP", `must be in [0, 1], got ${r.minP}`);
+  }
+  if (o.repetitionPenalty !== undefined) {
+    r.repetitionPenalty = finite("repetitionPenalty", o.repetitionPenalty);
+    if (!(r.repetitionPenalty > 0)) throw new InvalidOptionError("repetitionPenalty", `must be > 0, got ${r.repetitionPenalty}`);
+  }
+  if (o.seed !== undefined) {
+    if (typeof o.seed !== "number" || !Number.isSafeInteger(o.seed)) throw new InvalidOptionError("seed", `must be an integer, got ${describe(o.seed)}`);
+    r.seed = o.seed;
+  } else {
+    r.seed = Math.floor(Math.random() * 2 ** 52);
+  }
+  if (o.stop !== undefined) {
+    const s = Array.isArray(o.stop) ? o.stop : [o.stop];
+    if (!s.every((x) => typeof x === "string" && x.length > 0)) {
+      throw new InvalidOptionError("stop", "must be a non-empty string or an array of non-empty strings");
+    }
+    r.stop = s as string[];
+  }
+  if (o.signal !== undefined) {
+    if (!(o.signal instanceof AbortSignal)) throw new InvalidOptionError("signal", "must be an AbortSignal");
+    r.signal = o.signal;
+  }
+  if (o.prefill !== undefined) {
+    if (!PREFILL_MODES.includes(o.prefill as PrefillMode)) {
+      throw new InvalidOptionError("prefill", `must be one of ${PREFILL_MODES.map((m) => `"${m}"`).join(", ")}, got ${describe(o.prefill)}`);
+    }
+    r.prefill = o.prefill as PrefillMode;
+  }
+  if (o.prefillPasses !== undefined) r.prefillPasses = posInt("prefillPasses", o.prefillPasses);
+  return r;
+}

@@ -1,0 +1,134 @@
+/**
+ * Safetensors headers: read, and check against the file before any byte of data is trusted.
+ * Format: u64 little-endian header length N, N bytes of JSON, then the data section, which
+ * tensor offsets index into.
+ */
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { ModelLoadError, SafetensorsError } from "./errors";
+
+export type SafetensorsDtype = "F64" | "F32" | "F16" | "BF16" | "I64" | "I32" | "I16" | "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" | "U16" | "U32" | "U64";
+
+const DTYPE_BYTES: Record<string, number> = {
+  F64: 8, F32: 4, F16: 2, BF16: 2, I64: 8, I32: 4, I16: 2, I8: 1, U8: 1, BOOL: 1, F8_E4M3: 1, F8_E5M2: 1, U16: 2, U32: 4, U64: 8,
+};
+
+export interface TensorInfo {
+  name: string;
+  file: string;
+  dtype: SafetensorsDtype;
+  shape: number[];
+  /** Absolute byte offset of the data in the file. */
+  offset: number;
+  nbytes: number;
+}
+
+const MAX_HEADER = 100 * 1024 * 1024;
+
+export function readSafetensorsHeader(file: string): Map<string, TensorInfo> {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, "r");
+  } catch (e) {
+    throw new ModelLoadError(`cannot open weights file ${file}: ${(e as Error).message}`, file, "LCKV_MODEL_LOAD", { cause: e });
+  }
+  try {
+    const size = fs.fstatSync(fd).size;
+    if (size < 8) throw new SafetensorsError(file, `file is ${size} bytes, too short for a safetensors header`);
+    const lenBuf = Buffer.alloc(8);
+    fs.readSync(fd, lenBuf, 0, 8, 0);
+    const n = lenBuf.readBigUInt64LE(0);
+    if (n > BigInt(size - 8)) throw new SafetensorsError(file, `header length ${n} runs past the end of the file (${size} bytes)`);
+    if (n > BigInt(MAX_HEADER)) throw new SafetensorsError(file, `header length ${n} exceeds the ${MAX_HEADER}-byte limit`);
+    const hlen = Number(n);
+    const hbuf = Buffer.alloc(hlen);
+    fs.readSync(fd, hbuf, 0, hlen, 8);
+    let header: unknown;
+    try {
+      header = JSON.parse(hbuf.toString("utf8"));
+    } catch (e) {
+      throw new SafetensorsError(file, `header is not valid JSON (${(e as Error).message})`);
+    }
+    if (typeof header !== "object" || header === null || Array.isArray(header)) {
+      throw new SafetensorsError(file, "header must be a JSON object");
+    }
+    const dataStart = 8 + hlen;
+    const dataSize = size - dataStart;
+    const out = new Map<string, TensorInfo>();
+    for (const [name, v] of Object.entries(header as Record<string, unknown>)) {
+      if (name === "__metadata__") continue;
+      if (typeof v !== "object" || v === null) throw new SafetensorsError(file, "entry must be an object", name);
+      const e = v as { dtype?: unknown; shape?: unknown; data_offsets?: unknown };
+      if (typeof e.dtype !== "string" || !(e.dtype in DTYPE_BYTES)) {
+        throw new SafetensorsError(file, `unknown dtype ${JSON.stringify(e.dtype)} (known: ${Object.keys(DTYPE_BYTES).join(", ")})`, name);
+      }
+      if (!Array.isArray(e.shape) || !e.shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
+        throw new SafetensorsError(file, `shape must be a list of non-negative integers, got ${JSON.stringify(e.shape)}`, name);
+      }
+      const off = e.data_offsets;
+      if (!Array.isArray(off) || off.length !== 2 || !off.every((d) => Number.isSafeInteger(d) && d >= 0) || off[0] > off[1]) {
+        throw new SafetensorsError(file, `data_offsets must be [begin, end] with 0 <= begin <= end, got ${JSON.stringify(off)}`, name);
+      }
+      if (off[1] > dataSize) {
+        throw new SafetensorsError(file, `data_offsets [${off[0]}, ${off[1]}] lie past the end of the data section (${dataSize} bytes)`, name);
+      }
+      const count = (e.shape as number[]).reduce((a, b) => a * b, 1);
+      const want = count * DTYPE_BYTES[e.dtype];
+      if (want !== off[1] - off[0]) {
+        throw new SafetensorsError(file, `shape ${JSON.stringify(e.shape)} of ${e.dtype} needs ${want} bytes but data_offsets span ${off[1] - off[0]}`, name);
+      }
+      out.set(name, { name, file, dtype: e.dtype as SafetensorsDtype, shape: e.shape as number[], offset: dataStart + off[0], nbytes: off[1] - off[0] });
+    }
+    // Tensors must not share bytes.
+    const sorted = [...out.values()].filter((t) => t.nbytes > 0).sort((a, b) => a.offset - b.offset);
+    for (let i = 1; i < sorted.length; i++) {
+      const a = sorted[i - 1];
+      const b = sorted[i];
+      if (b.offset < a.offset + a.nbytes) {
+        throw new SafetensorsError(file, `overlaps tensor '${a.name}'`, b.name);
+      }
+    }
+    return out;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/**
+ * All tensors of a model directory: model.safetensors, or the shards listed by
+ * model.safetensors.index.json.
+ */
+export function readModelTensors(dir: string): Map<string, TensorInfo> {
+  const index = path.join(dir, "model.safetensors.index.json");
+  const single = path.join(dir, "model.safetensors");
+  if (fs.existsSync(index)) {
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(fs.readFileSync(index, "utf8"));
+    } catch (e) {
+      throw new ModelLoadError(`${index}: not valid JSON (${(e as Error).message})`, index);
+    }
+    const map = (parsed as { weight_map?: unknown })?.weight_map;
+    if (typeof map !== "object" || map === null || Array.isArray(map)) {
+      throw new ModelLoadError(`${index}: field 'weight_map' must be an object of tensor name -> shard file`, index);
+    }
+    const shards = new Map<string, Map<string, TensorInfo>>();
+    const out = new Map<string, TensorInfo>();
+    for (const [name, shard] of Object.entries(map as Record<string, unknown>)) {
+      if (typeof shard !== "string" || shard.includes("/") || shard.includes("\\")) {
+        throw new ModelLoadError(`${index}: weight_map['${name}'] must be a file name in the model directory`, index);
+      }
+      if (!shards.has(shard)) {
+        const shardPath = path.join(dir, shard);
+        if (!fs.existsSync(shardPath)) throw new ModelLoadError(`${index}: shard '${shard}' (for '${name}') does not exist`, shardPath);
+        shards.set(shard, readSafetensorsHeader(shardPath));
+      }
+      const info = shards.get(shard)!.get(name);
+      if (!info) throw new ModelLoadError(`${index}: tensor '${name}' is listed in '${shard}' but that file does not hold it`, index);
+      out.set(name, info);
+    }
+    return out;
+  }
+  if (fs.existsSync(single)) return readSafetensorsHeader(single);
+  throw new ModelLoadError(`${dir}: no model.safetensors or model.safetensors.index.json`, dir);
+}

@@ -1,0 +1,112 @@
+/**
+ * Tokenization through @huggingface/tokenizers, and chat templates through @huggingface/jinja.
+ * This file only adapts them to lckv's API: it does not implement any tokenizer itself.
+ */
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { Template } from "@huggingface/jinja";
+import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers";
+import { ConfigError, InvalidInputError, ModelLoadError } from "./errors";
+
+export interface ChatMessage {
+  role: "system" | "user" | "assistant" | string;
+  content: string;
+}
+
+function tokenText(v: unknown): string | undefined {
+  if (typeof v === "string") return v;
+  if (v && typeof v === "object" && typeof (v as { content?: unknown }).content === "string") return (v as { content: string }).content;
+  return undefined;
+}
+
+export class Tokenizer {
+  readonly bosToken?: string;
+  readonly eosToken?: string;
+  readonly bosTokenId?: number;
+  readonly eosTokenId?: number;
+  readonly chatTemplate?: string;
+  private readonly hf: HfTokenizer;
+  private template?: Template;
+
+  private constructor(hf: HfTokenizer, config: Record<string, unknown>, file: string) {
+    this.hf = hf;
+    this.bosToken = tokenText(config.bos_token);
+    this.eosToken = tokenText(config.eos_token);
+    this.bosTokenId = this.bosToken !== undefined ? this.tokenToId(this.bosToken) : undefined;
+    this.eosTokenId = this.eosToken !== undefined ? this.tokenToId(this.eosToken) : undefined;
+    const ct = config.chat_template;
+    if (typeof ct === "string") this.chatTemplate = ct;
+    else if (Array.isArray(ct)) {
+      const def = ct.find((t) => t && (t as { name?: string }).name === "default") as { template?: string } | undefined;
+      if (def?.template) this.chatTemplate = def.template;
+    } else if (ct !== undefined && ct !== null) {
+      throw new ConfigError(file, "chat_template", "must be a string or a list of {name, template}");
+    }
+  }
+
+  /** Loads tokenizer.json (+ tokenizer_config.json when present) from a model directory. */
+  static fromDirectory(dir: string): Tokenizer | undefined {
+    const tj = path.join(dir, "tokenizer.json");
+    if (!fs.existsSync(tj)) return undefined;
+    const tc = path.join(dir, "tokenizer_config.json");
+    const json = readJson(tj);
+    const config = fs.existsSync(tc) ? readJson(tc) : {};
+    if (typeof config !== "object" || config === null || Array.isArray(config)) {
+      throw new ConfigError(tc, "(root)", "must be a JSON object");
+    }
+    let hf: HfTokenizer;
+    try {
+      hf = new HfTokenizer(json as object, config as object);
+    } catch (e) {
+      throw new ModelLoadError(`${tj}: the tokenizer could not be built (${(e as Error).message})`, tj);
+    }
+    return new Tokenizer(hf, config as Record<string, unknown>, tc);
+  }
+
+  /** Text -> token ids. Special tokens (e.g. BOS) are added as the tokenizer's post-processor says. */
+  encode(text: string, options: { addSpecialTokens?: boolean } = {}): number[] {
+    if (typeof text !== "string") throw new InvalidInputError("tokenizer.encode expects a string");
+    return this.hf.encode(text, { add_special_tokens: options.addSpecialTokens ?? true }).ids;
+  }
+
+  /** Token ids -> text; special tokens are skipped unless asked for. */
+  decode(ids: readonly number[], options: { skipSpecialTokens?: boolean } = {}): string {
+    return this.hf.decode([...ids], { skip_special_tokens: options.skipSpecialTokens ?? true });
+  }
+
+  tokenToId(token: string): number | undefined {
+    const ids = this.hf.encode(token, { add_special_tokens: false }).ids;
+    return ids.length === 1 ? ids[0] : undefined;
+  }
+
+  /** Renders messages with the tokenizer's chat template. */
+  applyChatTemplate(messages: ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): string {
+    if (!this.chatTemplate) {
+      throw new InvalidInputError("this model's tokenizer_config.json has no chat_template; use generate() with plain text", "LCKV_NO_CHAT_TEMPLATE");
+    }
+    if (!Array.isArray(messages) || messages.some((m) => !m || typeof m.role !== "string" || typeof m.content !== "string")) {
+      throw new InvalidInputError("chat messages must be an array of { role: string, content: string }");
+    }
+    this.template ??= new Template(this.chatTemplate);
+    return this.template.render({
+      messages,
+      add_generation_prompt: options.addGenerationPrompt ?? true,
+      bos_token: this.bosToken ?? "",
+      eos_token: this.eosToken ?? "",
+    });
+  }
+}
+
+export function readJson(file: string): unknown {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, "utf8");
+  } catch (e) {
+    throw new ModelLoadError(`cannot read ${file}: ${(e as Error).message}`, file);
+  }
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    throw new ModelLoadError(`${file}: not valid JSON (${(e as Error).message})`, file);
+  }
+}
