@@ -13,5 +13,7 @@ export { SUPPORTED_ARCHITECTURES } from "./config";
 export type { KvPlan } from "./plan";
 export { parseLayerTypes, buildPlan, formatLayerTypes } from "./plan";
 export { Tokenizer } from "./tokenizer";
+export { evaluatePerplexity } from "./eval";
+export type { PerplexityResult } from "./eval";
 export type { ChatMessage } from "./tokenizer";
 export * from "./errors";

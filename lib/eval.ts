@@ -1,0 +1,53 @@
+/**
+ * Perplexity over a token stream, in non-overlapping windows: the rule scripts/ uses on the
+ * PyTorch side, so both implementations score exactly the same predictions.
+ * Window w covers ids[w*n, (w+1)*n); inside it, tokens 1..len-1 are predicted from their
+ * prefix in the window; a final window shorter than 2 tokens is dropped.
+ */
+import { InvalidOptionError } from "./errors";
+import { Model } from "./model";
+import { PrefillMode } from "./options";
+
+export interface PerplexityResult {
+  perplexity: number;
+  /** Mean negative log-likelihood in nats per predicted token. */
+  meanNll: number;
+  predictedTokens: number;
+  windows: number;
+  /** Prefill passes per window (for LCKV fixed-point: how many it needed). */
+  passes: number[];
+}
+
+export async function evaluatePerplexity(
+  model: Model,
+  ids: readonly number[],
+  options: { window?: number; prefill?: PrefillMode; prefillPasses?: number; onWindow?: (done: number, total: number) => void } = {},
+): Promise<PerplexityResult> {
+  const n = options.window ?? model.maxContext;
+  if (!Number.isSafeInteger(n) || n < 2 || n > model.maxContext) {
+    throw new InvalidOptionError("window", `must be an integer in [2, ${model.maxContext}], got ${n}`);
+  }
+  const V = model.config.vocabSize;
+  let nll = 0;
+  let count = 0;
+  const passes: number[] = [];
+  const total = Math.ceil(ids.length / n);
+  for (let w = 0; w * n < ids.length; w++) {
+    const win = ids.slice(w * n, (w + 1) * n);
+    if (win.length < 2) break;
+    const r = await model.forward(win, { prefill: options.prefill, prefillPasses: options.prefillPasses });
+    passes.push(r.passes);
+    for (let t = 0; t + 1 < win.length; t++) {
+      const row = r.logits.subarray(t * V, (t + 1) * V);
+      let mx = -Infinity;
+      for (let j = 0; j < V; j++) mx = Math.max(mx, row[j]);
+      let s = 0;
+      for (let j = 0; j < V; j++) s += Math.exp(row[j] - mx);
+      nll += mx + Math.log(s) - row[win[t + 1]];
+      count++;
+    }
+    options.onWindow?.(w + 1, total);
+  }
+  const meanNll = count > 0 ? nll / count : NaN;
+  return { perplexity: Math.exp(meanNll), meanNll, predictedTokens: count, windows: passes.length, passes };
+}
