@@ -1,0 +1,353 @@
+/**
+ * Bad input of every kind gets a typed error that names what is wrong; nothing crashes.
+ */
+import * as fs from "node:fs";
+import * as path from "node:path";
+import {
+  ConfigError,
+  ContextOverflowError,
+  DisposedError,
+  InvalidInputError,
+  InvalidOptionError,
+  loadModel,
+  LckvError,
+  ModelLoadError,
+  SafetensorsError,
+  TokenOutOfRangeError,
+  UnsupportedArchitectureError,
+} from "../../lib";
+import { safetensorsBytes, tinyLlamaConfig, tinyLlamaTensors, writeTinyModel } from "../helpers/tiny-model";
+
+process.env.LCKV_QUIET = "1";
+const load = (dir: string, opts = {}) => loadModel(dir, { device: "cpu", ...opts });
+
+function writeConfig(dir: string, mutate: (c: Record<string, any>) => void): void {
+  const c = tinyLlamaConfig() as Record<string, any>;
+  mutate(c);
+  fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify(c));
+}
+
+describe("model files", () => {
+  test("a directory that does not exist", async () => {
+    await expect(load("/nonexistent/lckv-model")).rejects.toThrow(ModelLoadError);
+    await expect(load("/nonexistent/lckv-model")).rejects.toThrow(/does not exist/);
+  });
+
+  test("missing config.json", async () => {
+    const dir = writeTinyModel();
+    fs.unlinkSync(path.join(dir, "config.json"));
+    await expect(load(dir)).rejects.toThrow(/missing config\.json/);
+  });
+
+  test("missing weights", async () => {
+    const dir = writeTinyModel();
+    fs.unlinkSync(path.join(dir, "model.safetensors"));
+    const e = await load(dir).catch((x) => x);
+    expect(e).toBeInstanceOf(ModelLoadError);
+    expect(e.message).toMatch(/no model\.safetensors or model\.safetensors\.index\.json/);
+  });
+
+  test("config.json that is not JSON", async () => {
+    const dir = writeTinyModel();
+    fs.writeFileSync(path.join(dir, "config.json"), "{ not json");
+    await expect(load(dir)).rejects.toThrow(/config\.json: not valid JSON/);
+  });
+
+  test("a missing tensor is named", async () => {
+    const dir = writeTinyModel({}, { tensors: tinyLlamaTensors().filter((t) => t.name !== "model.layers.2.mlp.up_proj.weight") });
+    await expect(load(dir)).rejects.toThrow(/missing tensor 'model\.layers\.2\.mlp\.up_proj\.weight'/);
+  });
+});
+
+describe("safetensors headers that lie", () => {
+  const st = (dir: string) => path.join(dir, "model.safetensors");
+
+  test("file too short for a header", async () => {
+    const dir = writeTinyModel();
+    fs.writeFileSync(st(dir), Buffer.from([1, 2, 3]));
+    const e = await load(dir).catch((x) => x);
+    expect(e).toBeInstanceOf(SafetensorsError);
+    expect(e.file).toBe(st(dir));
+    expect(e.message).toMatch(/too short/);
+  });
+
+  test("header length past the end of the file", async () => {
+    const dir = writeTinyModel();
+    const b = fs.readFileSync(st(dir));
+    b.writeBigUInt64LE(BigInt(b.length + 100), 0);
+    fs.writeFileSync(st(dir), b);
+    await expect(load(dir)).rejects.toThrow(/header length \d+ runs past the end of the file/);
+  });
+
+  test("header that is not JSON", async () => {
+    const dir = writeTinyModel();
+    const b = fs.readFileSync(st(dir));
+    b.write("#", 8);
+    fs.writeFileSync(st(dir), b);
+    await expect(load(dir)).rejects.toThrow(/header is not valid JSON/);
+  });
+
+  test("data offsets past the end of the data", async () => {
+    const dir = writeTinyModel({}, { mutateHeader: (h) => (h["model.norm.weight"].data_offsets[1] += 1 << 20) });
+    const e = await load(dir).catch((x) => x);
+    expect(e).toBeInstanceOf(SafetensorsError);
+    expect(e.tensor).toBe("model.norm.weight");
+    expect(e.message).toMatch(/past the end of the data section/);
+  });
+
+  test("begin after end", async () => {
+    const dir = writeTinyModel({}, { mutateHeader: (h) => (h["model.norm.weight"].data_offsets = [40, 8]) });
+    await expect(load(dir)).rejects.toThrow(/data_offsets must be \[begin, end\]/);
+  });
+
+  test("overlapping tensors", async () => {
+    const dir = writeTinyModel({}, {
+      mutateHeader: (h) => {
+        const a = h["model.layers.0.input_layernorm.weight"].data_offsets;
+        const b = h["model.layers.0.post_attention_layernorm.weight"];
+        b.data_offsets = [a[0], a[1]];
+      },
+    });
+    await expect(load(dir)).rejects.toThrow(/overlaps tensor/);
+  });
+
+  test("unknown dtype", async () => {
+    const dir = writeTinyModel({}, { mutateHeader: (h) => (h["model.norm.weight"].dtype = "F12") });
+    await expect(load(dir)).rejects.toThrow(/tensor 'model\.norm\.weight': unknown dtype "F12"/);
+  });
+
+  test("a known dtype that weights cannot use", async () => {
+    const dir = writeTinyModel({}, { mutateHeader: (h) => (h["model.norm.weight"].dtype = "I32") });
+    await expect(load(dir)).rejects.toThrow(/dtype I32 is not supported for weights/);
+  });
+
+  test("shape that does not match the bytes", async () => {
+    const dir = writeTinyModel({}, { mutateHeader: (h) => (h["model.norm.weight"].shape = [33]) });
+    await expect(load(dir)).rejects.toThrow(/shape \[33\] of F32 needs 132 bytes but data_offsets span 128/);
+  });
+
+  test("shape that does not match the config", async () => {
+    const t = tinyLlamaTensors();
+    const q = t.find((x) => x.name === "model.layers.1.self_attn.q_proj.weight")!;
+    q.shape = [16, 64];
+    const dir = writeTinyModel({}, { tensors: t });
+    const e = await load(dir).catch((x) => x);
+    expect(e).toBeInstanceOf(SafetensorsError);
+    expect(e.message).toMatch(/q_proj\.weight': shape \[16,64\] does not match \[32,32\] implied by config\.json/);
+  });
+
+  test("NaN in the weights", async () => {
+    const t = tinyLlamaTensors();
+    t.find((x) => x.name === "model.norm.weight")!.data[3] = NaN;
+    const dir = writeTinyModel({}, { tensors: t });
+    await expect(load(dir)).rejects.toThrow(/model\.norm\.weight.*NaN or infinite/);
+  });
+
+  test("the data is truncated after a valid header", async () => {
+    const dir = writeTinyModel();
+    const b = fs.readFileSync(st(dir));
+    fs.writeFileSync(st(dir), b.subarray(0, b.length - 200));
+    await expect(load(dir)).rejects.toThrow(SafetensorsError);
+  });
+});
+
+describe("sharded checkpoints", () => {
+  function sharded(): string {
+    const dir = writeTinyModel();
+    fs.unlinkSync(path.join(dir, "model.safetensors"));
+    const t = tinyLlamaTensors();
+    const half = Math.floor(t.length / 2);
+    fs.writeFileSync(path.join(dir, "a.safetensors"), safetensorsBytes(t.slice(0, half)));
+    fs.writeFileSync(path.join(dir, "b.safetensors"), safetensorsBytes(t.slice(half)));
+    const map: Record<string, string> = {};
+    t.forEach((x, i) => (map[x.name] = i < half ? "a.safetensors" : "b.safetensors"));
+    fs.writeFileSync(path.join(dir, "model.safetensors.index.json"), JSON.stringify({ metadata: {}, weight_map: map }));
+    return dir;
+  }
+
+  test("loads, and gives the same logits as the single file", async () => {
+    const one = await load(writeTinyModel());
+    const two = await load(sharded());
+    const ids = [1, 2, 3, 4, 5];
+    expect(Array.from(await two.logits(ids))).toEqual(Array.from(await one.logits(ids)));
+    await one.dispose();
+    await two.dispose();
+  });
+
+  test("a shard that does not exist", async () => {
+    const dir = sharded();
+    fs.unlinkSync(path.join(dir, "b.safetensors"));
+    await expect(load(dir)).rejects.toThrow(/shard 'b\.safetensors' .* does not exist/);
+  });
+
+  test("a tensor listed in the wrong shard", async () => {
+    const dir = sharded();
+    const idx = JSON.parse(fs.readFileSync(path.join(dir, "model.safetensors.index.json"), "utf8"));
+    idx.weight_map["model.norm.weight"] = idx.weight_map["model.norm.weight"] === "a.safetensors" ? "b.safetensors" : "a.safetensors";
+    fs.writeFileSync(path.join(dir, "model.safetensors.index.json"), JSON.stringify(idx));
+    await expect(load(dir)).rejects.toThrow(/'model\.norm\.weight' is listed in '.\.safetensors' but that file does not hold it/);
+  });
+});
+
+describe("config.json", () => {
+  test.each([
+    ["hidden_size", (c: any) => delete c.hidden_size, /field 'hidden_size': is missing/],
+    ["num_hidden_layers", (c: any) => (c.num_hidden_layers = 0), /field 'num_hidden_layers': must be >= 1/],
+    ["num_attention_heads", (c: any) => (c.num_attention_heads = 2.5), /field 'num_attention_heads': must be an integer/],
+    ["num_key_value_heads", (c: any) => (c.num_key_value_heads = 3), /field 'num_key_value_heads': \(3\) must divide/],
+    ["hidden_act", (c: any) => (c.hidden_act = "relu"), /field 'hidden_act'/],
+    ["rope_scaling", (c: any) => (c.rope_scaling = { rope_type: "yarn", factor: 2 }), /rope_scaling.*'yarn' is not supported/],
+    ["tie_word_embeddings", (c: any) => (c.tie_word_embeddings = "yes"), /field 'tie_word_embeddings': must be true or false/],
+  ])("%s", async (field, mutate, msg) => {
+    const dir = writeTinyModel();
+    writeConfig(dir, mutate);
+    const e = await load(dir).catch((x) => x);
+    expect(e).toBeInstanceOf(ConfigError);
+    expect(e.field).toBe(field);
+    expect(e.message).toMatch(msg);
+    expect(e.file).toBe(path.join(dir, "config.json"));
+  });
+
+  test("an unsupported architecture names itself and the supported ones", async () => {
+    const dir = writeTinyModel();
+    writeConfig(dir, (c) => {
+      c.model_type = "mamba";
+      c.architectures = ["MambaForCausalLM"];
+    });
+    const e = await load(dir).catch((x) => x);
+    expect(e).toBeInstanceOf(UnsupportedArchitectureError);
+    expect(e.architecture).toBe("MambaForCausalLM");
+    expect(e.message).toMatch(/'MambaForCausalLM' is not supported; lckv runs: LlamaForCausalLM.*GPT2LMHeadModel/);
+  });
+
+  test("untied embeddings without lm_head", async () => {
+    const dir = writeTinyModel();
+    writeConfig(dir, (c) => (c.tie_word_embeddings = false));
+    await expect(load(dir)).rejects.toThrow(/missing tensor 'lm_head\.weight'/);
+  });
+});
+
+describe("layer_types", () => {
+  test.each([
+    ["wrong length", "0_1_1", /has 3 entries but the model has 4 layers/],
+    ["out-of-range target", "0_7_7_7", /entry 1 targets layer 7, outside \[0, 3\]/],
+    ["target that reads another layer", "0_2_3_3", /layer 1 targets layer 2, which does not compute its own K\/V/],
+    ["not a number", "0_x_2_3", /entry 1 \('x'\) is not a layer index/],
+  ])("%s", async (_name, lt, msg) => {
+    const dir = writeTinyModel({ layerTypes: "0_3_3_3" });
+    writeConfig(dir, (c) => {
+      c.model_type = "lckv-llama";
+      c.layer_types = lt;
+    });
+    const e = await load(dir).catch((x) => x);
+    expect(e).toBeInstanceOf(ConfigError);
+    expect(e.field).toBe("layer_types");
+    expect(e.message).toMatch(msg);
+  });
+
+  test("a target without k_proj/v_proj weights", async () => {
+    // Weights made for 0_3_3_3 (k/v on layers 0 and 3) under a config that makes layer 2 a target.
+    const dir = writeTinyModel({ layerTypes: "0_3_3_3" });
+    writeConfig(dir, (c) => {
+      c.model_type = "lckv-llama";
+      c.layer_types = "0_2_2_3";
+    });
+    await expect(load(dir)).rejects.toThrow(/missing tensor 'model\.layers\.2\.self_attn\.k_proj\.weight' \(layer 2 is the K\/V target of layers \[1, 2\]/);
+  });
+});
+
+describe("inputs and options", () => {
+  let dir: string;
+  beforeAll(() => {
+    dir = writeTinyModel({ layerTypes: "0_3_3_3", maxPositions: 16 });
+  });
+
+  test("token ids outside the vocabulary", async () => {
+    const m = await load(dir);
+    for (const bad of [[1, 64], [-1], [1.5], [NaN]]) {
+      const e = await m.generate(bad, { maxNewTokens: 1 }).catch((x) => x);
+      expect(e).toBeInstanceOf(TokenOutOfRangeError);
+      expect(e.message).toMatch(/outside the vocabulary \[0, 64\)/);
+    }
+    await expect(m.logits([3, 99])).rejects.toThrow(TokenOutOfRangeError);
+    await m.dispose();
+  });
+
+  test("a prompt longer than the context", async () => {
+    const m = await load(dir);
+    const e = await m.generate(Array(17).fill(1)).catch((x) => x);
+    expect(e).toBeInstanceOf(ContextOverflowError);
+    expect(e.message).toMatch(/17 tokens but the context holds 16/);
+    await m.dispose();
+  });
+
+  test("an empty prompt, and text without a tokenizer", async () => {
+    const m = await load(dir);
+    await expect(m.generate([])).rejects.toThrow(/prompt is empty/);
+    await expect(m.generate("hello")).rejects.toThrow(/no tokenizer\.json/);
+    await expect(m.generate({} as any)).rejects.toThrow(InvalidInputError);
+    await m.dispose();
+  });
+
+  test.each([
+    [{ maxNewTokens: -1 }, "maxNewTokens", /non-negative integer, got -1/],
+    [{ maxNewTokens: 1.5 }, "maxNewTokens", /non-negative integer, got 1.5/],
+    [{ maxNewTokens: "3" }, "maxNewTokens", /non-negative integer, got "3"/],
+    [{ topP: 0 }, "topP", /in \(0, 1\]/],
+    [{ topP: 1.5 }, "topP", /in \(0, 1\]/],
+    [{ minP: -0.1 }, "minP", /in \[0, 1\]/],
+    [{ temperature: -1 }, "temperature", />= 0/],
+    [{ temperature: Infinity }, "temperature", /finite/],
+    [{ topK: -2 }, "topK", /non-negative integer/],
+    [{ repetitionPenalty: 0 }, "repetitionPenalty", /> 0/],
+    [{ seed: 0.5 }, "seed", /integer/],
+    [{ stop: [""] }, "stop", /non-empty/],
+    [{ signal: {} }, "signal", /AbortSignal/],
+    [{ prefill: "parallel" }, "prefill", /must be one of "fixed-point", "sequential", "iterative"/],
+    [{ maxTokens: 3 }, "maxTokens", /is not a generate option/],
+  ])("generate option %j", async (opts, option, msg) => {
+    const m = await load(dir);
+    const e = await m.generate([1, 2], opts as any).catch((x) => x);
+    expect(e).toBeInstanceOf(InvalidOptionError);
+    expect(e.option).toBe(option);
+    expect(e.message).toMatch(msg);
+    await m.dispose();
+  });
+
+  test.each([
+    [{ device: "tpu" }, "device"],
+    [{ dtype: "f8" }, "dtype"],
+    [{ dtype: "bf16" }, "dtype"],
+    [{ maxContext: 0 }, "maxContext"],
+    [{ maxContext: 17 }, "maxContext"],
+    [{ kvCacheMemory: -5 }, "kvCacheMemory"],
+    [{ threads: 1.5 }, "threads"],
+    [{ contextSize: 8 }, "contextSize"],
+  ])("loadModel option %j", async (opts, option) => {
+    const e = await load(dir, opts).catch((x) => x);
+    expect(e).toBeInstanceOf(InvalidOptionError);
+    expect(e.option).toBe(option);
+  });
+
+  test("kvCacheMemory too small for one token", async () => {
+    await expect(load(dir, { kvCacheMemory: 16 })).rejects.toThrow(/16 bytes hold no token/);
+  });
+
+  test("use after dispose", async () => {
+    const m = await load(dir);
+    await m.dispose();
+    await expect(m.generate([1, 2])).rejects.toThrow(DisposedError);
+    await expect(m.logits([1, 2])).rejects.toThrow(DisposedError);
+    await m.dispose(); // twice is fine
+  });
+
+  test("dispose while a generation is in flight ends it with a typed error, not a crash", async () => {
+    const m = await load(dir);
+    const p = m.generate([1, 2, 3], { maxNewTokens: 12 }).catch((x) => x);
+    await m.dispose();
+    const r = await p;
+    // Either the generation finished before dispose took effect, or it stopped with DisposedError.
+    if (r instanceof Error) expect(r).toBeInstanceOf(LckvError);
+    else expect(r.tokens.length).toBeGreaterThan(0);
+  });
+});
