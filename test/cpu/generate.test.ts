@@ -1,0 +1,181 @@
+/** generate() / stream() behaviour on random tiny models, token ids in and out. */
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { loadModel, Model } from "../../lib";
+import { writeTinyModel } from "../helpers/tiny-model";
+
+process.env.LCKV_QUIET = "1";
+
+const argmax = (a: Float32Array, from: number, n: number) => {
+  let b = 0;
+  for (let j = 1; j < n; j++) if (a[from + j] > a[from + b]) b = j;
+  return b;
+};
+
+describe.each([
+  ["standard", undefined],
+  ["lckv", "0_3_3_3"],
+  ["cla", "0_0_2_2"],
+])("%s pattern", (_name, layerTypes) => {
+  let model: Model;
+  const prompt = [3, 14, 15, 9, 26, 5, 35];
+  beforeAll(async () => {
+    model = await loadModel(writeTinyModel({ layerTypes, seed: 7, vocab: 64, maxPositions: 64 }), { device: "cpu" });
+  });
+  afterAll(() => model.dispose());
+
+  test("greedy decode equals the argmax of a full prefill at every step (the cache is exact)", async () => {
+    const r = await model.generate(prompt, { maxNewTokens: 12, temperature: 0 });
+    expect(r.tokens).toHaveLength(12);
+    const seq = [...prompt];
+    for (const tok of r.tokens) {
+      const logits = await model.logits(seq, { prefill: "sequential" });
+      const V = model.config.vocabSize;
+      expect(tok).toBe(argmax(logits, (seq.length - 1) * V, V));
+      seq.push(tok);
+    }
+  });
+
+  test("greedy is deterministic and ignores the seed", async () => {
+    const a = await model.generate(prompt, { maxNewTokens: 8, seed: 1 });
+    const b = await model.generate(prompt, { maxNewTokens: 8, seed: 2 });
+    expect(a.tokens).toEqual(b.tokens);
+    expect(a.finishReason).toBe("length");
+    expect(a.usage).toEqual({ promptTokens: prompt.length, completionTokens: 8 });
+  });
+
+  test("seeded sampling is reproducible, and the seed matters", async () => {
+    const opts = { maxNewTokens: 24, temperature: 2, seed: 42 };
+    const a = await model.generate(prompt, opts);
+    const b = await model.generate(prompt, opts);
+    const c = await model.generate(prompt, { ...opts, seed: 43 });
+    expect(a.tokens).toEqual(b.tokens);
+    expect(c.tokens).not.toEqual(a.tokens);
+  });
+
+  test("top-k 1, top-p tiny and min-p 1 all reduce to greedy", async () => {
+    const greedy = (await model.generate(prompt, { maxNewTokens: 8 })).tokens;
+    for (const o of [{ topK: 1 }, { topP: 1e-6 }, { minP: 1 }]) {
+      expect((await model.generate(prompt, { maxNewTokens: 8, temperature: 1.5, seed: 5, ...o })).tokens).toEqual(greedy);
+    }
+  });
+
+  test("a strong repetition penalty stops greedy from repeating tokens", async () => {
+    const r = await model.generate(prompt, { maxNewTokens: 10, repetitionPenalty: 1000 });
+    const all = [...prompt, ...r.tokens];
+    // Every generated token is new to the sequence while unseen tokens with positive logits remain.
+    expect(new Set(r.tokens).size).toBe(r.tokens.length);
+    expect(r.tokens.every((t) => !prompt.includes(t))).toBe(true);
+    expect(all.length).toBe(prompt.length + 10);
+  });
+
+  test("stream yields the tokens generate returns", async () => {
+    const got: number[] = [];
+    for await (const chunk of model.stream(prompt, { maxNewTokens: 9, temperature: 0.9, seed: 3 })) got.push(chunk.token);
+    const r = await model.generate(prompt, { maxNewTokens: 9, temperature: 0.9, seed: 3 });
+    expect(got).toEqual(r.tokens);
+  });
+
+  test("concurrent requests give exactly what each gives alone", async () => {
+    const reqs = [0, 1, 2, 3, 4, 5].map((i) => ({ p: prompt.slice(0, 2 + i), o: { maxNewTokens: 6 + i, temperature: i % 2 ? 1.1 : 0, seed: 100 + i } }));
+    const alone = [];
+    for (const q of reqs) alone.push((await model.generate(q.p, q.o)).tokens);
+    const together = await Promise.all(reqs.map((q) => model.generate(q.p, q.o)));
+    expect(together.map((r) => r.tokens)).toEqual(alone);
+  });
+});
+
+describe("stopping", () => {
+  let dir: string;
+  beforeAll(() => {
+    dir = writeTinyModel({ layerTypes: "0_3_3_3", seed: 3, maxPositions: 16 });
+  });
+
+  test("the context limit ends generation with 'length'", async () => {
+    const m = await loadModel(dir, { device: "cpu" });
+    const r = await m.generate([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], { maxNewTokens: 100 });
+    // 6 more positions fit; the token sampled from the last position is returned too.
+    expect(r.tokens).toHaveLength(7);
+    expect(r.finishReason).toBe("length");
+    await m.dispose();
+  });
+
+  test("maxContext caps the context below the model's", async () => {
+    const m = await loadModel(dir, { device: "cpu", maxContext: 8 });
+    expect(m.maxContext).toBe(8);
+    expect((await m.generate([1, 2, 3], { maxNewTokens: 100 })).tokens).toHaveLength(6);
+    await m.dispose();
+  });
+
+  test("an end-of-sequence token ends generation with 'stop' and is not returned", async () => {
+    const m0 = await loadModel(dir, { device: "cpu" });
+    const first = (await m0.generate([1, 2, 3], { maxNewTokens: 3 })).tokens;
+    await m0.dispose();
+    fs.writeFileSync(path.join(dir, "generation_config.json"), JSON.stringify({ eos_token_id: [first[1]] }));
+    const m = await loadModel(dir, { device: "cpu" });
+    const r = await m.generate([1, 2, 3], { maxNewTokens: 3 });
+    expect(r.tokens).toEqual(first[0] === first[1] ? [] : [first[0]]);
+    expect(r.finishReason).toBe("stop");
+    await m.dispose();
+    fs.unlinkSync(path.join(dir, "generation_config.json"));
+  });
+
+  test("maxNewTokens 0 returns at once", async () => {
+    const m = await loadModel(dir, { device: "cpu" });
+    const r = await m.generate([1, 2], { maxNewTokens: 0 });
+    expect(r).toMatchObject({ tokens: [], finishReason: "length", usage: { promptTokens: 2, completionTokens: 0 } });
+    await m.dispose();
+  });
+
+  test("an AbortSignal ends generation with 'abort'", async () => {
+    const m = await loadModel(dir, { device: "cpu" });
+    const ac = new AbortController();
+    const it = m.stream([1, 2], { maxNewTokens: 10, signal: ac.signal });
+    let n = 0;
+    let result;
+    for (;;) {
+      const s = await it.next();
+      if (s.done) {
+        result = s.value;
+        break;
+      }
+      if (++n === 3) ac.abort();
+    }
+    expect(result.finishReason).toBe("abort");
+    expect(result.tokens).toHaveLength(3);
+    const pre = new AbortController();
+    pre.abort();
+    expect((await m.generate([1, 2], { signal: pre.signal })).finishReason).toBe("abort");
+    await m[Symbol.asyncDispose]();
+    expect(m.disposed).toBe(true);
+  });
+});
+
+test("the event loop keeps turning while the forward runs", async () => {
+  const m = await loadModel(writeTinyModel({ layerTypes: "0_3_3_3", hidden: 256, intermediate: 1024, heads: 8, kvHeads: 4, vocab: 512, maxPositions: 512, seed: 9 }), {
+    device: "cpu",
+    threads: 1,
+  });
+  let ticks = 0;
+  const timer = setInterval(() => ticks++, 1);
+  const t0 = Date.now();
+  await m.logits(Array.from({ length: 384 }, (_, i) => (i * 7) % 512), { prefill: "sequential" });
+  const ms = Date.now() - t0;
+  clearInterval(timer);
+  await m.dispose();
+  // A blocked loop would tick at most once; a free one ticks about every millisecond.
+  expect(ms).toBeGreaterThan(30);
+  expect(ticks).toBeGreaterThan(Math.min(10, ms / 10));
+});
+
+test("kvBytesPerToken counts only the KV layers", async () => {
+  const std = await loadModel(writeTinyModel({}), { device: "cpu" });
+  const lckv = await loadModel(writeTinyModel({ layerTypes: "0_3_3_3" }), { device: "cpu" });
+  // 2 KV heads x 8 dims x (K and V) x 4 bytes per KV layer
+  expect(std.kvBytesPerToken).toBe(4 * 2 * 2 * 8 * 4);
+  expect(lckv.kvBytesPerToken).toBe(2 * 2 * 2 * 8 * 4);
+  expect(lckv.standardKvBytesPerToken).toBe(std.kvBytesPerToken);
+  expect(lckv.config.kvLayers).toEqual([0, 3]);
+  await std.dispose();
+  await lckv.dispose();
+});
