@@ -256,7 +256,7 @@ export class Model implements AsyncDisposable {
     s.dispose();
   }
 
-  private defaults(): Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed"> {
+  private defaults(): Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos"> {
     const g = this.generationConfig;
     const num = (k: string, d: number) => (typeof g[k] === "number" && Number.isFinite(g[k] as number) ? (g[k] as number) : d);
     const sample = g.do_sample === true;
@@ -299,7 +299,7 @@ export class Model implements AsyncDisposable {
     const opts = resolveGenerateOptions(options, this.defaults());
     const prompt = this.toTokenIds(input);
     this.nativeModel();
-    const eos = new Set(this.eosTokenIds);
+    const eos = new Set(opts.ignoreEos ? [] : this.eosTokenIds);
     const decode = (ids: number[]) => (this.tokenizer ? this.tokenizer.decode(ids) : "");
     const text = new TextStream(decode, opts.stop);
     const tokens: number[] = [];

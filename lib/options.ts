@@ -24,10 +24,12 @@ export interface GenerateOptions extends SamplingOptions {
   prefill?: PrefillMode;
   /** Passes for prefill "iterative" (default forward_passes + backward_passes of the config). */
   prefillPasses?: number;
+  /** Keep generating past end-of-sequence tokens (for benchmarks and golden tests). */
+  ignoreEos?: boolean;
 }
 
 const GENERATE_KEYS = new Set([
-  "maxNewTokens", "temperature", "topK", "topP", "minP", "repetitionPenalty", "seed", "stop", "signal", "prefill", "prefillPasses",
+  "maxNewTokens", "temperature", "topK", "topP", "minP", "repetitionPenalty", "seed", "stop", "signal", "prefill", "prefillPasses", "ignoreEos",
 ]);
 
 export function nonNegInt(name: string, v: unknown): number {
@@ -67,19 +69,20 @@ export interface ResolvedGenerateOptions {
   signal?: AbortSignal;
   prefill: PrefillMode;
   prefillPasses: number;
+  ignoreEos: boolean;
 }
 
 /** Validates options over defaults (from generation_config.json). */
 export function resolveGenerateOptions(
   opts: GenerateOptions | undefined,
-  defaults: Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed">,
+  defaults: Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos">,
 ): ResolvedGenerateOptions {
   const o = (opts ?? {}) as Record<string, unknown>;
   if (typeof o !== "object" || o === null) throw new InvalidOptionError("options", "must be an object");
   for (const k of Object.keys(o)) {
     if (!GENERATE_KEYS.has(k)) throw new InvalidOptionError(k, `is not a generate option (known: ${[...GENERATE_KEYS].join(", ")})`);
   }
-  const r: ResolvedGenerateOptions = { ...defaults, stop: [], seed: 0 };
+  const r: ResolvedGenerateOptions = { ...defaults, stop: [], seed: 0, ignoreEos: false };
   if (o.maxNewTokens !== undefined) r.maxNewTokens = nonNegInt("maxNewTokens", o.maxNewTokens);
   if (o.temperature !== undefined) {
     r.temperature = finite("temperature", o.temperature);
@@ -122,5 +125,9 @@ export function resolveGenerateOptions(
     r.prefill = o.prefill as PrefillMode;
   }
   if (o.prefillPasses !== undefined) r.prefillPasses = posInt("prefillPasses", o.prefillPasses);
+  if (o.ignoreEos !== undefined) {
+    if (typeof o.ignoreEos !== "boolean") throw new InvalidOptionError("ignoreEos", `must be true or false, got ${describe(o.ignoreEos)}`);
+    r.ignoreEos = o.ignoreEos;
+  }
   return r;
 }
