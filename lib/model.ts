@@ -84,19 +84,21 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   if (options.onProgress !== undefined && typeof options.onProgress !== "function") throw new InvalidOptionError("onProgress", "must be a function");
 
   const addon = loadAddon();
-  let backend = "cpu";
+  let backend: "cpu" | "cuda" = "cpu";
+  const why = addon.backends.cudaBuilt ? addon.backends.cudaProblem ?? "no usable CUDA device" : "this build of lckv has no CUDA backend";
   if (device === "cuda") {
-    if (!addon.backends.cuda) throw new DeviceUnavailableError("device 'cuda' was asked for, but this build of lckv has no CUDA backend");
+    if (!addon.backends.cuda) throw new DeviceUnavailableError(`device 'cuda' was asked for, but ${why}`);
     backend = "cuda";
   } else if (device === "auto" && addon.backends.cuda) {
     backend = "cuda";
   } else if (device === "auto" && !cpuNoticeShown && !process.env.LCKV_QUIET) {
     cpuNoticeShown = true;
-    process.stderr.write("lckv: no CUDA backend in this build; running on the CPU\n");
+    process.stderr.write(`lckv: running on the CPU (${why})\n`);
   }
   if (backend === "cpu" && (dtype === "f16" || dtype === "bf16")) {
     throw new InvalidOptionError("dtype", `the CPU backend computes in f32; got ${dtype}`);
   }
+  const weightDtype = backend === "cuda" ? (dtype === "auto" ? "bf16" : dtype) : "f32";
 
   const configFile = path.join(modelDir, "config.json");
   if (!fs.existsSync(configFile)) throw new ModelLoadError(`${modelDir}: missing config.json`, configFile);
@@ -107,7 +109,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   const tensors = readModelTensors(modelDir);
   const sources = resolveWeights(config, tensors, modelDir);
 
-  const bytesPerElement = 4; // the CPU backend caches K/V in f32
+  const bytesPerElement = 4; // both backends cache K/V in f32 for now
   const perToken = kvBytesPerToken(config, bytesPerElement);
   let maxContext = options.maxContext ?? config.maxPositionEmbeddings;
   if (maxContext > config.maxPositionEmbeddings) {
@@ -121,7 +123,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
 
   let native: NativeModel;
   try {
-    native = new addon.NativeModel(describeForNative(config), { backend, threads: options.threads });
+    native = new addon.NativeModel(describeForNative(config), { backend, threads: options.threads, dtype: weightDtype });
   } catch (e) {
     throw fromNative(e);
   }

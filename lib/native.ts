@@ -61,8 +61,9 @@ export interface NativeModel {
 }
 
 export interface NativeAddon {
-  NativeModel: new (desc: NativeModelDescription, opts: { backend: string; threads?: number }) => NativeModel;
-  backends: { cpu: boolean; cuda: boolean };
+  NativeModel: new (desc: NativeModelDescription, opts: { backend: string; threads?: number; dtype?: string }) => NativeModel;
+  /** cuda: built and a device is usable; cudaBuilt: compiled in; cudaProblem: why it is unusable. */
+  backends: { cpu: boolean; cuda: boolean; cudaBuilt: boolean; cudaProblem?: string };
   version: string;
 }
 

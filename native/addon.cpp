@@ -311,15 +311,29 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Object opts = info[1].IsObject() ? info[1].As<Napi::Object>() : Napi::Object::New(env);
     std::string backend = "cpu";
     if (opts.Get("backend").IsString()) backend = opts.Get("backend").As<Napi::String>();
-    if (backend != "cpu")
-      throw makeError(env, "LCKV_DEVICE_UNAVAILABLE", "backend '" + backend + "' is not built into this addon");
     int threads = getInt(opts, "threads", false, 0);
     if (threads <= 0) threads = (int)std::max(1u, std::thread::hardware_concurrency());
     try {
+      std::unique_ptr<Backend> be;
+      if (backend == "cpu") {
+        be = createCpuBackend(threads);
+      } else if (backend == "cuda") {
+#ifdef LCKV_WITH_CUDA
+        std::string dt = opts.Get("dtype").IsString() ? std::string(opts.Get("dtype").As<Napi::String>()) : "bf16";
+        DType w = dt == "f32" ? DType::F32 : dt == "f16" ? DType::F16 : DType::BF16;
+        be = createCudaBackend(getInt(opts, "deviceIndex", false, 0), w);
+#else
+        throw EngineError("LCKV_DEVICE_UNAVAILABLE", "this build of lckv has no CUDA backend");
+#endif
+      } else {
+        throw EngineError(kErrInvalidArgument, "backend must be \"cpu\" or \"cuda\"");
+      }
       shared_ = std::make_shared<SharedModel>();
-      shared_->model = std::make_unique<Model>(std::move(cfg), createCpuBackend(threads));
+      shared_->model = std::make_unique<Model>(std::move(cfg), std::move(be));
     } catch (const EngineError& e) {
       throw makeError(env, e.code, e.what());
+    } catch (const std::bad_alloc&) {
+      throw makeError(env, kErrOutOfMemory, "out of memory creating the backend");
     }
   }
 
@@ -437,7 +451,17 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   ModelWrap::Init(env, exports);
   Napi::Object backends = Napi::Object::New(env);
   backends.Set("cpu", Napi::Boolean::New(env, true));
+#ifdef LCKV_WITH_CUDA
+  {
+    std::string problem = cudaDeviceProblem();
+    backends.Set("cudaBuilt", Napi::Boolean::New(env, true));
+    backends.Set("cuda", Napi::Boolean::New(env, problem.empty()));
+    if (!problem.empty()) backends.Set("cudaProblem", Napi::String::New(env, problem));
+  }
+#else
+  backends.Set("cudaBuilt", Napi::Boolean::New(env, false));
   backends.Set("cuda", Napi::Boolean::New(env, false));
+#endif
   exports.Set("backends", backends);
   exports.Set("version", Napi::String::New(env, "0.1.0"));
   return exports;

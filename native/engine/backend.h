@@ -92,5 +92,11 @@ class Backend {
 };
 
 std::unique_ptr<Backend> createCpuBackend(int threads);
+#ifdef LCKV_WITH_CUDA
+// weights: the dtype weights are kept in on the device (BF16, F16 or F32).
+std::unique_ptr<Backend> createCudaBackend(int device, DType weights);
+// Empty when a CUDA device is usable, else why not.
+std::string cudaDeviceProblem();
+#endif
 
 }  // namespace lckv

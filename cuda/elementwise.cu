@@ -1,0 +1,108 @@
+// Embedding lookup, residual add, activations, dtype conversion and bias: one pass each over
+// memory, grid-stride loops.
+#include "common.cuh"
+#include "kernels.h"
+
+namespace lckv::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+int blocksFor(int64_t count) { return (int)std::min<int64_t>((count + kThreads - 1) / kThreads, 65535 * 8); }
+
+template <typename W>
+__global__ void embedKernel(const int32_t* tokens, const int32_t* positions, int n, const W* table, const W* posTable,
+                            int E, float* out) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (int64_t)n * E; i += (int64_t)gridDim.x * blockDim.x) {
+    const int r = (int)(i / E), j = (int)(i % E);
+    float v = toFloat(table[(int64_t)tokens[r] * E + j]);
+    if (posTable) v += toFloat(posTable[(int64_t)positions[r] * E + j]);
+    out[i] = v;
+  }
+}
+
+__global__ void addKernel(float* x, const float* y, int64_t count) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x) x[i] += y[i];
+}
+
+__global__ void swigluKernel(const float* gate, const float* up, int64_t count, float* out) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x) {
+    const float g = gate[i];
+    out[i] = (g / (1.0f + expf(-g))) * up[i];
+  }
+}
+
+__global__ void geluTanhKernel(float* x, int64_t count) {
+  const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x) {
+    const float v = x[i];
+    x[i] = 0.5f * v * (1.0f + tanhf(c * (v + 0.044715f * v * v * v)));
+  }
+}
+
+__global__ void toBf16Kernel(const float* x, int64_t count, __nv_bfloat16* y) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x)
+    y[i] = __float2bfloat16(x[i]);
+}
+
+template <typename W>
+__global__ void addBiasKernel(float* out, int n, int O, const W* bias) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (int64_t)n * O; i += (int64_t)gridDim.x * blockDim.x)
+    out[i] += toFloat(bias[i % O]);
+}
+
+}  // namespace
+
+void launchEmbed(const int32_t* tokens, const int32_t* positions, int n, const void* table, const void* posTable,
+                 int wtype, int E, float* out, cudaStream_t stream) {
+  NvtxRange r("embed");
+  if (n <= 0 || E <= 0) throw std::invalid_argument("embed: empty shape");
+  const int g = blocksFor((int64_t)n * E);
+  switch ((WeightType)wtype) {
+    case WeightType::F32: embedKernel<<<g, kThreads, 0, stream>>>(tokens, positions, n, (const float*)table, (const float*)posTable, E, out); break;
+    case WeightType::BF16: embedKernel<<<g, kThreads, 0, stream>>>(tokens, positions, n, (const __nv_bfloat16*)table, (const __nv_bfloat16*)posTable, E, out); break;
+    case WeightType::F16: embedKernel<<<g, kThreads, 0, stream>>>(tokens, positions, n, (const __half*)table, (const __half*)posTable, E, out); break;
+  }
+  LCKV_LAUNCH_CHECK("embed");
+}
+
+void launchAdd(float* x, const float* y, int64_t count, cudaStream_t stream) {
+  NvtxRange r("residual_add");
+  if (count <= 0) return;
+  addKernel<<<blocksFor(count), kThreads, 0, stream>>>(x, y, count);
+  LCKV_LAUNCH_CHECK("residual_add");
+}
+
+void launchSwiglu(const float* gate, const float* up, int64_t count, float* out, cudaStream_t stream) {
+  NvtxRange r("swiglu");
+  if (count <= 0) return;
+  swigluKernel<<<blocksFor(count), kThreads, 0, stream>>>(gate, up, count, out);
+  LCKV_LAUNCH_CHECK("swiglu");
+}
+
+void launchGeluTanh(float* x, int64_t count, cudaStream_t stream) {
+  NvtxRange r("gelu_tanh");
+  if (count <= 0) return;
+  geluTanhKernel<<<blocksFor(count), kThreads, 0, stream>>>(x, count);
+  LCKV_LAUNCH_CHECK("gelu_tanh");
+}
+
+void launchToBf16(const float* x, int64_t count, void* y, cudaStream_t stream) {
+  NvtxRange r("to_bf16");
+  if (count <= 0) return;
+  toBf16Kernel<<<blocksFor(count), kThreads, 0, stream>>>(x, count, (__nv_bfloat16*)y);
+  LCKV_LAUNCH_CHECK("to_bf16");
+}
+
+void launchAddBias(float* out, int n, int O, const void* bias, int wtype, cudaStream_t stream) {
+  NvtxRange r("add_bias");
+  const int g = blocksFor((int64_t)n * O);
+  switch ((WeightType)wtype) {
+    case WeightType::F32: addBiasKernel<<<g, kThreads, 0, stream>>>(out, n, O, (const float*)bias); break;
+    case WeightType::BF16: addBiasKernel<<<g, kThreads, 0, stream>>>(out, n, O, (const __nv_bfloat16*)bias); break;
+    case WeightType::F16: addBiasKernel<<<g, kThreads, 0, stream>>>(out, n, O, (const __half*)bias); break;
+  }
+  LCKV_LAUNCH_CHECK("add_bias");
+}
+
+}  // namespace lckv::cuda

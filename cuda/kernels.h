@@ -1,0 +1,49 @@
+// Launchers of every kernel in cuda/. Plain C++ signatures (no CUDA types), so the backend
+// (native/cuda/cuda_backend.cpp) compiles with the host compiler. Each launcher checks its
+// shapes, opens an NVTX range, launches on `stream` and checks the launch.
+#pragma once
+#include <cstdint>
+
+typedef struct CUstream_st* cudaStream_t;
+
+namespace lckv::cuda {
+
+// out[r] = table[tokens[r]] (+ posTable[positions[r]]). table: [vocab, E] of wtype.
+void launchEmbed(const int32_t* tokens, const int32_t* positions, int n, const void* table, const void* posTable,
+                 int wtype, int E, float* out, cudaStream_t stream);
+
+// RMSNorm (bias == nullptr, rms = true) or LayerNorm over rows of x[n, E].
+void launchNorm(bool rms, const float* x, int n, int E, const void* weight, const void* bias, int wtype, float eps,
+                float* out, cudaStream_t stream);
+
+// out[n, O] = x[n, I] @ W[O, I]^T (+ bias[O]); one warp per output feature, all n rows at once.
+// For the small-batch decode shapes (n <= 8); larger n goes through cuBLASLt.
+void launchGemv(const float* x, int n, int I, const void* W, const void* bias, int wtype, int O, float* out,
+                cudaStream_t stream);
+// x[i] (f32) -> y[i] (bf16), for cuBLASLt inputs.
+void launchToBf16(const float* x, int64_t count, void* y, cudaStream_t stream);
+// out[r, :] += bias (wtype), for the cuBLASLt path.
+void launchAddBias(float* out, int n, int O, const void* bias, int wtype, cudaStream_t stream);
+
+// x += y over count elements.
+void launchAdd(float* x, const float* y, int64_t count, cudaStream_t stream);
+// out = silu(gate) * up over count elements (out may alias gate).
+void launchSwiglu(const float* gate, const float* up, int64_t count, float* out, cudaStream_t stream);
+// x = gelu_tanh(x).
+void launchGeluTanh(float* x, int64_t count, cudaStream_t stream);
+
+// Rotate-half RoPE of x[n, heads*headDim] at positions[r] (device array), invFreq[headDim/2] (device).
+void launchRope(float* x, int n, int heads, int headDim, const int32_t* positions, const float* invFreq,
+                float attentionScale, cudaStream_t stream);
+// Writes rows of k and v into the cache slot at positions[r]: cache layout [cap, kvDim] per slot.
+void launchKvWrite(const float* k, const float* v, int n, int kvDim, const int32_t* positions, float* kCache,
+                   float* vCache, cudaStream_t stream);
+
+// Attention of n queries (positions[r]) over one KV slot of the cache.
+// q: [n, numHeads*headDim]; kCache/vCache: [cap, numKvHeads*headDim]; out like q.
+// strict: keys < p only (no key -> zero output); window > 0: keys with p - j < window.
+void launchAttention(const float* q, int n, const int32_t* positions, const float* kCache, const float* vCache,
+                     int numHeads, int numKvHeads, int headDim, bool strict, int window, float scale, float* out,
+                     cudaStream_t stream);
+
+}  // namespace lckv::cuda

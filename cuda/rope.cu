@@ -1,0 +1,57 @@
+// Rotary embeddings (rotate-half layout, as Hugging Face Llama) and the write of K/V rows into
+// a KV slot of the cache.
+#include "common.cuh"
+#include "kernels.h"
+
+namespace lckv::cuda {
+
+namespace {
+
+__global__ void ropeKernel(float* x, int heads, int headDim, const int32_t* positions, const float* invFreq, float scale) {
+  // grid: (n), block: heads * headDim/2 threads, looped
+  const int r = blockIdx.x;
+  const int half = headDim / 2;
+  const float pos = (float)positions[r];
+  float* row = x + (int64_t)r * heads * headDim;
+  for (int t = threadIdx.x; t < heads * half; t += blockDim.x) {
+    const int h = t / half, j = t % half;
+    // Angle rounded to f32 before cos/sin, as the CPU reference and Hugging Face do.
+    const float ang = pos * invFreq[j];
+    const float c = (float)cos((double)ang) * scale, s = (float)sin((double)ang) * scale;
+    float* v = row + h * headDim;
+    const float a = v[j], b = v[j + half];
+    v[j] = a * c - b * s;
+    v[j + half] = b * c + a * s;
+  }
+}
+
+__global__ void kvWriteKernel(const float* k, const float* v, int kvDim, const int32_t* positions, float* kCache,
+                              float* vCache) {
+  const int r = blockIdx.x;
+  const int64_t dst = (int64_t)positions[r] * kvDim;
+  for (int j = threadIdx.x; j < kvDim; j += blockDim.x) {
+    kCache[dst + j] = k[(int64_t)r * kvDim + j];
+    vCache[dst + j] = v[(int64_t)r * kvDim + j];
+  }
+}
+
+}  // namespace
+
+void launchRope(float* x, int n, int heads, int headDim, const int32_t* positions, const float* invFreq,
+                float attentionScale, cudaStream_t stream) {
+  NvtxRange r("rope");
+  if (n <= 0) return;
+  if (headDim % 2) throw std::invalid_argument("rope: odd headDim");
+  ropeKernel<<<n, 256, 0, stream>>>(x, heads, headDim, positions, invFreq, attentionScale);
+  LCKV_LAUNCH_CHECK("rope");
+}
+
+void launchKvWrite(const float* k, const float* v, int n, int kvDim, const int32_t* positions, float* kCache,
+                   float* vCache, cudaStream_t stream) {
+  NvtxRange r("kv_write");
+  if (n <= 0) return;
+  kvWriteKernel<<<n, 256, 0, stream>>>(k, v, kvDim, positions, kCache, vCache);
+  LCKV_LAUNCH_CHECK("kv_write");
+}
+
+}  // namespace lckv::cuda

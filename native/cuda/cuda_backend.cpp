@@ -1,0 +1,382 @@
+// The CUDA backend: the Backend interface over the kernels in cuda/ and cuBLASLt.
+// Activations and the KV cache are f32 on the device; weights are bf16 (default), f16 or f32.
+// Small batches (n <= 8 rows) take the hand-written GEMV; larger ones take cuBLASLt (bf16
+// inputs, f32 accumulation and output).
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+#include <nvtx3/nvToolsExt.h>
+
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <new>
+#include <vector>
+
+#include "../../cuda/kernels.h"
+#include "../engine/backend.h"
+#include "../engine/errors.h"
+
+namespace lckv {
+
+namespace {
+
+void cudaOk(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return;
+  cudaGetLastError();  // clear a sticky-free error so the process keeps working
+  if (e == cudaErrorMemoryAllocation) throw std::bad_alloc();
+  throw EngineError("LCKV_CUDA", std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+void cublasOk(cublasStatus_t s, const char* what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return;
+  if (s == CUBLAS_STATUS_ALLOC_FAILED) throw std::bad_alloc();
+  throw EngineError("LCKV_CUDA", std::string(what) + ": cuBLAS status " + std::to_string((int)s));
+}
+
+std::shared_ptr<void> deviceAlloc(size_t bytes) {
+  void* p = nullptr;
+  cudaOk(cudaMalloc(&p, bytes > 0 ? bytes : 16), "cudaMalloc");
+  return std::shared_ptr<void>(p, [](void* q) { cudaFree(q); });
+}
+
+int weightType(DType t) { return t == DType::F32 ? 0 : t == DType::BF16 ? 1 : 2; }
+
+uint16_t f32ToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);                 // round to nearest even
+}
+
+uint16_t f32ToF16(float f) {
+  // Round to nearest even through the hardware-independent bit recipe.
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  int32_t exp = (int32_t)((x >> 23) & 0xff) - 127 + 15;
+  uint32_t mant = x & 0x7fffffu;
+  if (exp >= 31) return (uint16_t)(sign | 0x7c00u);
+  if (exp <= 0) {
+    if (exp < -10) return (uint16_t)sign;
+    mant |= 0x800000u;
+    const int shift = 14 - exp;
+    uint32_t h = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+    if (rem > halfway || (rem == halfway && (h & 1))) ++h;
+    return (uint16_t)(sign | h);
+  }
+  uint32_t h = ((uint32_t)exp << 10) | (mant >> 13);
+  const uint32_t rem = mant & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) ++h;
+  return (uint16_t)(sign | h);
+}
+
+class CudaKvStore : public KvStore {
+ public:
+  CudaKvStore(int slots, int kvDim, int cap) : slots_(slots), kvDim_(kvDim) { reserve(cap); }
+  int capacity() const override { return cap_; }
+  size_t bytes() const override { return 2 * (size_t)slots_ * cap_ * kvDim_ * sizeof(float); }
+  void reserve(int n) override {
+    if (n <= cap_) return;
+    const int cap = std::max(n, cap_ * 2);
+    const size_t per = (size_t)cap * kvDim_ * sizeof(float);
+    auto k = deviceAlloc(per * slots_);
+    auto v = deviceAlloc(per * slots_);
+    cudaOk(cudaMemset(k.get(), 0, per * slots_), "cudaMemset");
+    cudaOk(cudaMemset(v.get(), 0, per * slots_), "cudaMemset");
+    const size_t old = (size_t)cap_ * kvDim_ * sizeof(float);
+    for (int s = 0; s < slots_ && cap_ > 0; ++s) {
+      cudaOk(cudaMemcpy((char*)k.get() + s * per, (char*)k_.get() + s * old, old, cudaMemcpyDeviceToDevice), "kv grow");
+      cudaOk(cudaMemcpy((char*)v.get() + s * per, (char*)v_.get() + s * old, old, cudaMemcpyDeviceToDevice), "kv grow");
+    }
+    k_ = k;
+    v_ = v;
+    cap_ = cap;
+  }
+  float* key(int slot) { return (float*)k_.get() + (size_t)slot * cap_ * kvDim_; }
+  float* value(int slot) { return (float*)v_.get() + (size_t)slot * cap_ * kvDim_; }
+  void check(int slot, int start, int n) const {
+    if (slot < 0 || slot >= slots_ || start < 0 || n < 0 || start + n > cap_)
+      throw EngineError(kErrInvalidArgument, "KV access out of range");
+  }
+  int kvDim() const { return kvDim_; }
+
+ private:
+  int slots_, kvDim_, cap_ = 0;
+  std::shared_ptr<void> k_, v_;
+};
+
+class CudaBackend : public Backend {
+ public:
+  CudaBackend(int device, DType weights) : weights_(weights) {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+      cudaGetLastError();
+      throw EngineError("LCKV_DEVICE_UNAVAILABLE", "no usable CUDA device (driver missing or no GPU)");
+    }
+    if (device < 0 || device >= count) throw EngineError(kErrInvalidArgument, "CUDA device index out of range");
+    device_ = device;
+    cudaOk(cudaSetDevice(device_), "cudaSetDevice");
+    cudaOk(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    cublasOk(cublasLtCreate(&lt_), "cublasLtCreate");
+    workspace_ = deviceAlloc(kWorkspace);
+  }
+  ~CudaBackend() override {
+    if (lt_) cublasLtDestroy(lt_);
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+  std::string name() const override { return "cuda"; }
+
+  Tensor alloc(int64_t rows, int64_t cols) override {
+    ctx();
+    Tensor t;
+    t.storage = deviceAlloc(sizeof(float) * (size_t)(rows * cols));
+    t.data = t.storage.get();
+    t.rows = rows;
+    t.cols = cols;
+    return t;
+  }
+
+  Tensor upload(const float* host, int64_t rows, int64_t cols) override {
+    ctx();
+    const size_t count = (size_t)(rows * cols);
+    Tensor t;
+    t.dtype = weights_;
+    t.rows = rows;
+    t.cols = cols;
+    t.storage = deviceAlloc(count * dtypeSize(weights_));
+    t.data = t.storage.get();
+    if (weights_ == DType::F32) {
+      cudaOk(cudaMemcpy(t.data, host, count * 4, cudaMemcpyHostToDevice), "upload");
+    } else {
+      std::vector<uint16_t> h(count);
+      for (size_t i = 0; i < count; ++i) h[i] = weights_ == DType::BF16 ? f32ToBf16(host[i]) : f32ToF16(host[i]);
+      cudaOk(cudaMemcpy(t.data, h.data(), count * 2, cudaMemcpyHostToDevice), "upload");
+    }
+    return t;
+  }
+
+  void download(const Tensor& t, int64_t rowStart, int64_t rowCount, float* host) override {
+    ctx();
+    cudaOk(cudaMemcpyAsync(host, (const float*)t.data + rowStart * t.cols, sizeof(float) * (size_t)(rowCount * t.cols),
+                           cudaMemcpyDeviceToHost, stream_),
+           "download");
+    cudaOk(cudaStreamSynchronize(stream_), "download sync");
+  }
+
+  std::unique_ptr<KvStore> createKvStore(int numSlots, int kvDim, int initialCapacity) override {
+    ctx();
+    return std::make_unique<CudaKvStore>(numSlots, kvDim, initialCapacity);
+  }
+
+  void embed(const int32_t* tokens, const int32_t* positions, int n, const Tensor& table, const Tensor* posTable,
+             Tensor& out) override {
+    ctx();
+    const int32_t* dTok = stage(0, tokens, n);
+    const int32_t* dPos = stage(1, positions, n);
+    cuda::launchEmbed(dTok, dPos, n, table.data, posTable ? posTable->data : nullptr, weightType(table.dtype),
+                      (int)table.cols, (float*)out.data, stream_);
+  }
+
+  void norm(NormKind kind, const Tensor& x, int n, const Tensor& weight, const Tensor* bias, float eps,
+            Tensor& out) override {
+    ctx();
+    cuda::launchNorm(kind == NormKind::Rms, (const float*)x.data, n, (int)x.cols, weight.data, bias ? bias->data : nullptr,
+                     weightType(weight.dtype), eps, (float*)out.data, stream_);
+  }
+
+  void linear(const Tensor& x, int n, const Tensor& w, const Tensor* bias, Tensor& out) override {
+    ctx();
+    if (x.cols != w.cols || out.cols != w.rows) throw EngineError(kErrInvalidArgument, "linear: shape mismatch");
+    const int I = (int)w.cols, O = (int)w.rows;
+    if (n <= kGemvMaxRows || w.dtype != DType::BF16) {
+      cuda::launchGemv((const float*)x.data, n, I, w.data, bias ? bias->data : nullptr, weightType(w.dtype), O,
+                       (float*)out.data, stream_);
+      return;
+    }
+    // cuBLASLt: out^T[O, n] = W[O, I] . x^T[I, n] in column-major terms.
+    void* xb = scratchBf16((size_t)n * I);
+    cuda::launchToBf16((const float*)x.data, (int64_t)n * I, xb, stream_);
+    matmulBf16(w.data, xb, (float*)out.data, O, n, I);
+    if (bias) cuda::launchAddBias((float*)out.data, n, O, bias->data, weightType(bias->dtype), stream_);
+  }
+
+  void addInPlace(Tensor& x, const Tensor& y, int n) override {
+    ctx();
+    cuda::launchAdd((float*)x.data, (const float*)y.data, (int64_t)n * x.cols, stream_);
+  }
+
+  void rope(Tensor& x, int n, int heads, int headDim, const int32_t* positions, const std::vector<float>& invFreq,
+            float attentionScale) override {
+    ctx();
+    const int32_t* dPos = stage(1, positions, n);
+    cuda::launchRope((float*)x.data, n, heads, headDim, dPos, deviceInvFreq(invFreq), attentionScale, stream_);
+  }
+
+  void kvWrite(KvStore& store, int slot, const Tensor& k, const Tensor& v, int n, const int32_t* positions) override {
+    ctx();
+    auto& st = static_cast<CudaKvStore&>(store);
+    for (int r = 0; r < n; ++r) st.check(slot, positions[r], 1);
+    const int32_t* dPos = stage(1, positions, n);
+    cuda::launchKvWrite((const float*)k.data, (const float*)v.data, n, (int)k.cols, dPos, st.key(slot), st.value(slot), stream_);
+  }
+
+  void kvZero(KvStore& store, int slot, int start, int n) override {
+    ctx();
+    auto& st = static_cast<CudaKvStore&>(store);
+    st.check(slot, start, n);
+    const size_t off = (size_t)start * st.kvDim(), bytes = (size_t)n * st.kvDim() * sizeof(float);
+    cudaOk(cudaMemsetAsync(st.key(slot) + off, 0, bytes, stream_), "kvZero");
+    cudaOk(cudaMemsetAsync(st.value(slot) + off, 0, bytes, stream_), "kvZero");
+  }
+
+  void kvRead(KvStore& store, int slot, int start, int n, std::vector<float>& host) override {
+    ctx();
+    auto& st = static_cast<CudaKvStore&>(store);
+    st.check(slot, start, n);
+    const size_t len = (size_t)n * st.kvDim();
+    host.resize(2 * len);
+    cudaOk(cudaMemcpyAsync(host.data(), st.key(slot) + (size_t)start * st.kvDim(), len * 4, cudaMemcpyDeviceToHost, stream_), "kvRead");
+    cudaOk(cudaMemcpyAsync(host.data() + len, st.value(slot) + (size_t)start * st.kvDim(), len * 4, cudaMemcpyDeviceToHost, stream_), "kvRead");
+    cudaOk(cudaStreamSynchronize(stream_), "kvRead sync");
+  }
+
+  void attention(const Tensor& q, int n, const int32_t* positions, KvStore& store, int slot, const AttentionSpec& sp,
+                 Tensor& out) override {
+    ctx();
+    auto& st = static_cast<CudaKvStore&>(store);
+    int maxPos = 0;
+    for (int r = 0; r < n; ++r) maxPos = std::max(maxPos, positions[r]);
+    st.check(slot, 0, maxPos + 1);
+    const int32_t* dPos = stage(1, positions, n);
+    cuda::launchAttention((const float*)q.data, n, dPos, st.key(slot), st.value(slot), sp.numHeads, sp.numKvHeads,
+                          sp.headDim, sp.strict, sp.window, sp.scale, (float*)out.data, stream_);
+  }
+
+  void swiglu(const Tensor& gate, const Tensor& up, int n, Tensor& out) override {
+    ctx();
+    cuda::launchSwiglu((const float*)gate.data, (const float*)up.data, (int64_t)n * gate.cols, (float*)out.data, stream_);
+  }
+
+  void geluTanh(Tensor& x, int n) override {
+    ctx();
+    cuda::launchGeluTanh((float*)x.data, (int64_t)n * x.cols, stream_);
+  }
+
+  void copyRows(const Tensor& src, int srcRow, Tensor& dst, int dstRow, int n) override {
+    ctx();
+    cudaOk(cudaMemcpyAsync((float*)dst.data + (int64_t)dstRow * dst.cols, (const float*)src.data + (int64_t)srcRow * src.cols,
+                           sizeof(float) * (size_t)(n * src.cols), cudaMemcpyDeviceToDevice, stream_),
+           "copyRows");
+  }
+
+  void synchronize() override {
+    ctx();
+    cudaOk(cudaStreamSynchronize(stream_), "synchronize");
+  }
+
+ private:
+  static constexpr int kGemvMaxRows = 8;
+  static constexpr size_t kWorkspace = 32 << 20;
+
+  void ctx() { cudaSetDevice(device_); }
+
+  // Copies a small host array to a device staging buffer. The copy is ordered on the stream
+  // before the kernels that read it; buffer `which` is reused by the next call, so wait for
+  // the previous reader first (pageable host memory makes the copy synchronous anyway).
+  const int32_t* stage(int which, const int32_t* host, int n) {
+    auto& buf = staging_[which];
+    if ((int)buf.cap < n) {
+      cudaOk(cudaStreamSynchronize(stream_), "stage sync");
+      buf.mem = deviceAlloc(sizeof(int32_t) * (size_t)std::max(n, 256));
+      buf.cap = std::max(n, 256);
+    }
+    cudaOk(cudaMemcpyAsync(buf.mem.get(), host, sizeof(int32_t) * (size_t)n, cudaMemcpyHostToDevice, stream_), "stage");
+    cudaOk(cudaStreamSynchronize(stream_), "stage sync");
+    return (const int32_t*)buf.mem.get();
+  }
+
+  const float* deviceInvFreq(const std::vector<float>& f) {
+    auto it = invFreq_.find(f.data());
+    if (it != invFreq_.end()) return (const float*)it->second.get();
+    auto mem = deviceAlloc(f.size() * sizeof(float));
+    cudaOk(cudaMemcpy(mem.get(), f.data(), f.size() * sizeof(float), cudaMemcpyHostToDevice), "invFreq");
+    invFreq_[f.data()] = mem;
+    return (const float*)mem.get();
+  }
+
+  void* scratchBf16(size_t count) {
+    if (bf16Cap_ < count) {
+      cudaOk(cudaStreamSynchronize(stream_), "scratch sync");
+      bf16Scratch_ = deviceAlloc(count * 2);
+      bf16Cap_ = count;
+    }
+    return bf16Scratch_.get();
+  }
+
+  // C[n, O] (row-major f32) = X[n, I] (bf16) . W[O, I]^T (bf16)
+  void matmulBf16(const void* W, const void* X, float* C, int O, int n, int I) {
+    nvtxRangePushA("gemm_cublaslt");
+    struct Pop { ~Pop() { nvtxRangePop(); } } pop;
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    cublasOk(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmulDesc");
+    const cublasOperation_t tA = CUBLAS_OP_T, tB = CUBLAS_OP_N;
+    cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &tA, sizeof(tA));
+    cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tB, sizeof(tB));
+    cublasOk(cublasLtMatrixLayoutCreate(&a, CUDA_R_16BF, I, O, I), "layout A");  // W as col-major [I, O]
+    cublasOk(cublasLtMatrixLayoutCreate(&b, CUDA_R_16BF, I, n, I), "layout B");  // X as col-major [I, n]
+    cublasOk(cublasLtMatrixLayoutCreate(&c, CUDA_R_32F, O, n, O), "layout C");   // C as col-major [O, n]
+    cublasLtMatmulPreference_t pref = nullptr;
+    cublasOk(cublasLtMatmulPreferenceCreate(&pref), "preference");
+    size_t ws = kWorkspace;
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+    cublasLtMatmulHeuristicResult_t heur;
+    int found = 0;
+    cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(lt_, op, a, b, c, c, pref, 1, &heur, &found);
+    const float alpha = 1.0f, beta = 0.0f;
+    cublasStatus_t ms = CUBLAS_STATUS_NOT_SUPPORTED;
+    if (hs == CUBLAS_STATUS_SUCCESS && found > 0)
+      ms = cublasLtMatmul(lt_, op, &alpha, W, a, X, b, &beta, C, c, C, c, &heur.algo, workspace_.get(), kWorkspace, stream_);
+    cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatrixLayoutDestroy(a);
+    cublasLtMatrixLayoutDestroy(b);
+    cublasLtMatrixLayoutDestroy(c);
+    cublasLtMatmulDescDestroy(op);
+    if (found == 0) throw EngineError("LCKV_CUDA", "cuBLASLt found no algorithm for a bf16 matmul");
+    cublasOk(ms, "cublasLtMatmul");
+  }
+
+  struct Staging {
+    std::shared_ptr<void> mem;
+    size_t cap = 0;
+  };
+  int device_ = 0;
+  DType weights_;
+  cudaStream_t stream_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  std::shared_ptr<void> workspace_;
+  Staging staging_[2];
+  std::map<const float*, std::shared_ptr<void>> invFreq_;
+  std::shared_ptr<void> bf16Scratch_;
+  size_t bf16Cap_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> createCudaBackend(int device, DType weights) {
+  return std::make_unique<CudaBackend>(device, weights);
+}
+
+std::string cudaDeviceProblem() {
+  int count = 0;
+  cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return std::string("no usable CUDA driver or device: ") + cudaGetErrorString(e);
+  }
+  if (count == 0) return "no CUDA device found";
+  return "";
+}
+
+}  // namespace lckv

@@ -1,0 +1,106 @@
+/**
+ * The CUDA backend against the CPU backend and the PyTorch goldens, on every fixture.
+ * Runs with `npm run test:gpu` on a machine with an NVIDIA GPU; elsewhere it says it skipped.
+ */
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { loadModel, Model } from "../../lib";
+import { loadAddon } from "../../lib/native";
+
+process.env.LCKV_QUIET = "1";
+const FIXTURES = path.join(__dirname, "..", "fixtures");
+const addon = loadAddon();
+const gpu = addon.backends.cuda;
+if (!gpu) {
+  // eslint-disable-next-line no-console
+  console.warn(`GPU tests SKIPPED: ${addon.backends.cudaBuilt ? addon.backends.cudaProblem : "this build has no CUDA backend"}`);
+}
+const describeGpu = gpu ? describe : describe.skip;
+
+const fixtures = fs.existsSync(FIXTURES) ? fs.readdirSync(FIXTURES).filter((d) => fs.existsSync(path.join(FIXTURES, d, "golden.json"))).sort() : [];
+
+function relErr(got: Float32Array, want: ArrayLike<number>): number {
+  let d = 0;
+  let scale = 0;
+  for (let i = 0; i < want.length; i++) {
+    const e = Math.abs(got[i] - want[i]);
+    d = Number.isNaN(e) ? Infinity : Math.max(d, e);
+    scale = Math.max(scale, Math.abs(want[i]));
+  }
+  return d / Math.max(scale, 1e-6);
+}
+
+describeGpu.each(fixtures)("cuda: %s", (name) => {
+  const dir = path.join(FIXTURES, name);
+  const golden = fs.existsSync(path.join(dir, "golden.json")) ? JSON.parse(fs.readFileSync(path.join(dir, "golden.json"), "utf8")) : null;
+  let cpu: Model, f32: Model, bf16: Model;
+  beforeAll(async () => {
+    cpu = await loadModel(dir, { device: "cpu" });
+    f32 = await loadModel(dir, { device: "cuda", dtype: "f32" });
+    bf16 = await loadModel(dir, { device: "cuda", dtype: "bf16" });
+  });
+  afterAll(async () => {
+    await cpu?.dispose();
+    await f32?.dispose();
+    await bf16?.dispose();
+  });
+
+  test("prefill logits: f32 within 1e-4 of the golden, bf16 within 1e-2", async () => {
+    for (const prefill of ["sequential", "fixed-point"] as const) {
+      expect(relErr(await f32.logits(golden.prompt_ids, { prefill }), golden.logits)).toBeLessThanOrEqual(1e-4);
+      expect(relErr(await bf16.logits(golden.prompt_ids, { prefill }), golden.logits)).toBeLessThanOrEqual(1e-2);
+    }
+    if (golden.iterative) {
+      const it = await f32.forward(golden.prompt_ids, { prefill: "iterative", prefillPasses: golden.iterative.passes });
+      expect(relErr(it.logits, golden.iterative.logits)).toBeLessThanOrEqual(1e-4);
+    }
+  });
+
+  test("greedy continuation: identical in f32; in bf16 identical unless the reference's top two logits are within tolerance", async () => {
+    const opts = { maxNewTokens: golden.greedy.tokens.length, temperature: 0, ignoreEos: true };
+    expect((await f32.generate(golden.greedy.prompt_ids, opts)).tokens).toEqual(golden.greedy.tokens);
+    const b = (await bf16.generate(golden.greedy.prompt_ids, opts)).tokens;
+    const firstDiff = b.findIndex((t: number, i: number) => t !== golden.greedy.tokens[i]);
+    if (firstDiff >= 0) {
+      // Only a near tie may flip: recompute the reference's top-2 gap at that step on the CPU.
+      const seq = [...golden.greedy.prompt_ids, ...golden.greedy.tokens.slice(0, firstDiff)];
+      const l = await cpu.logits(seq);
+      const V = cpu.config.vocabSize;
+      const row = Array.from(l.subarray((seq.length - 1) * V, seq.length * V)).sort((x, y) => y - x);
+      const gap = row[0] - row[1];
+      // eslint-disable-next-line no-console
+      console.warn(`${name}: bf16 greedy differs at step ${firstDiff}; reference top-2 gap ${gap.toExponential(3)}`);
+      expect(gap).toBeLessThanOrEqual(1e-2 * Math.max(1, Math.abs(row[0])));
+    }
+  });
+
+  test("decode on the GPU equals the CPU's sequential computation (f32)", async () => {
+    const prompt = golden.greedy.prompt_ids;
+    const a = await f32.generate(prompt, { maxNewTokens: 20, temperature: 0.9, seed: 5, ignoreEos: true });
+    const c = await cpu.generate(prompt, { maxNewTokens: 20, temperature: 0.9, seed: 5, ignoreEos: true });
+    expect(a.tokens).toEqual(c.tokens);
+  });
+});
+
+describeGpu("cuda: long decode", () => {
+  test("an LCKV model decoding 4000 tokens still equals the CPU at the end", async () => {
+    const dir = path.join(FIXTURES, "lckv-w2");
+    const cfg = JSON.parse(fs.readFileSync(path.join(dir, "config.json"), "utf8"));
+    const maxPos = cfg.max_position_embeddings;
+    const n = Math.min(4000, maxPos);
+    const cpu = await loadModel(dir, { device: "cpu" });
+    const g = await loadModel(dir, { device: "cuda", dtype: "f32" });
+    const ids = Array.from({ length: n }, (_, i) => (i * 37 + 11) % cfg.vocab_size);
+    const V = cfg.vocab_size;
+    const a = await g.logits(ids, { prefill: "sequential" });
+    const b = await cpu.logits(ids, { prefill: "sequential" });
+    const tail = (x: Float32Array) => x.subarray((n - 8) * V, n * V);
+    expect(relErr(tail(a), tail(b))).toBeLessThanOrEqual(1e-4);
+    await cpu.dispose();
+    await g.dispose();
+  });
+});
+
+test("the GPU project reports whether it ran", () => {
+  expect(typeof gpu).toBe("boolean");
+});
