@@ -502,25 +502,47 @@ def check_against_transformers(model_dir, ids, greedy_prompt=None, n_new=16, ato
 
 
 def self_test():
-    """Build tiny random standard models with transformers and compare."""
+    """Build tiny random standard models with transformers and compare.  The
+    sliding-window mask (W keys including the diagonal) is compared with
+    transformers' Mistral, whose layers all use a sliding window."""
     import tempfile
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM)
 
     torch.manual_seed(0)
+    small = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=False)
     cases = [
-        LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
-        GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+        LlamaForCausalLM(LlamaConfig(**small)),
+        GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                                   eos_token_id=1)),
+        MistralForCausalLM(MistralConfig(sliding_window=4, **small)),
     ]
     for model in cases:
         with torch.no_grad():
             for name, p in model.named_parameters():
-                p.copy_(torch.randn_like(p) * (0.1 if p.dim() > 1 else 0.05) + (1.0 if ("ln" in name or "norm" in name) and name.endswith("weight") else 0.0))
+                is_norm_weight = ("ln" in name or "norm" in name) and name.endswith("weight")
+                p.copy_(torch.randn_like(p) * (0.2 if p.dim() > 1 else 0.05) + (1.0 if is_norm_weight else 0.0))
+        ids = torch.randint(0, 97, (12,)).tolist()
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(d)
-            ids = torch.randint(0, 97, (12,)).tolist()
-            diff = check_against_transformers(d, ids, greedy_prompt=ids[:5], n_new=8)
-            print(f"{type(model).__name__}: max abs diff vs transformers {diff:.3g}")
+            if isinstance(model, MistralForCausalLM):
+                with open(os.path.join(d, "config.json")) as f:
+                    cfg = json.load(f)
+                cfg["layer_types"] = "0s_1s"
+                ref = Reference(cfg, load_weights(d), dtype=torch.float32)
+                with torch.no_grad():
+                    hf = load_hf_float32(d)(torch.tensor([ids])).logits[0]
+                    diff = max(float((hf - ref.forward_sequential(ids)).abs().max()),
+                               float((hf - ref.forward_iterative(ids)).abs().max()))
+                cfg["layer_types"] = "0_1"  # the window must matter here
+                with torch.no_grad():
+                    full = Reference(cfg, load_weights(d), dtype=torch.float32).forward_sequential(ids)
+                assert float((hf - full).abs().max()) > 1e-3, "sliding window has no effect in the test"
+                assert diff < 1e-4, f"sliding window differs from transformers' Mistral by {diff}"
+            else:
+                diff = check_against_transformers(d, ids, greedy_prompt=ids[:5], n_new=8)
+            print(f"self-test {type(model).__name__}: max abs diff vs transformers {diff:.3g}")
 
 
 def main():
