@@ -3,6 +3,7 @@
  * Runs with `npm run test:gpu` on a machine with an NVIDIA GPU; elsewhere it says it skipped.
  */
 import * as fs from "node:fs";
+import * as os from "node:os";
 import * as path from "node:path";
 import { loadModel, Model } from "../../lib";
 import { loadAddon } from "../../lib/native";
@@ -84,10 +85,13 @@ describeGpu.each(fixtures)("cuda: %s", (name) => {
 
 describeGpu("cuda: long decode", () => {
   test("an LCKV model decoding 4000 tokens still equals the CPU at the end", async () => {
-    const dir = path.join(FIXTURES, "lckv-w2");
+    // The fixture with a context long enough for 4000 tokens (RoPE has no learned limit).
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-long-"));
+    for (const f of fs.readdirSync(path.join(FIXTURES, "lckv-w2"))) fs.copyFileSync(path.join(FIXTURES, "lckv-w2", f), path.join(dir, f));
     const cfg = JSON.parse(fs.readFileSync(path.join(dir, "config.json"), "utf8"));
-    const maxPos = cfg.max_position_embeddings;
-    const n = Math.min(4000, maxPos);
+    cfg.max_position_embeddings = 4096;
+    fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify(cfg));
+    const n = 4000;
     const cpu = await loadModel(dir, { device: "cpu" });
     const g = await loadModel(dir, { device: "cuda", dtype: "f32" });
     const ids = Array.from({ length: n }, (_, i) => (i * 37 + 11) % cfg.vocab_size);
@@ -101,6 +105,3 @@ describeGpu("cuda: long decode", () => {
   });
 });
 
-test("the GPU project reports whether it ran", () => {
-  expect(typeof gpu).toBe("boolean");
-});
