@@ -436,7 +436,6 @@ def make_golden(fx, out_dir, tok, rng, report):
             "low": span[0],
             "high": span[1],
             "logits": [r7(x) for x in it.flatten()],
-            "max_abs_diff_vs_sequential_first_passes_positions": r7(first),
             "max_abs_diff_vs_sequential_after": r7(after),
         }
         report["iterative_first"] = first
