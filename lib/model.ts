@@ -27,7 +27,7 @@ export type DType = "auto" | "f32" | "f16" | "bf16";
 
 export interface LoadOptions {
   device?: Device;
-  /** Compute dtype. The CPU backend computes in f32 whatever the weights' dtype. */
+  /** Weight dtype on the device (default bf16 on CUDA, f32 on the CPU, which always computes in f32). */
   dtype?: DType;
   /** Tokens one sequence may hold (default: the model's max_position_embeddings). */
   maxContext?: number;
@@ -95,10 +95,9 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
     cpuNoticeShown = true;
     process.stderr.write(`lckv: running on the CPU (${why})\n`);
   }
-  if (backend === "cpu" && (dtype === "f16" || dtype === "bf16")) {
-    throw new InvalidOptionError("dtype", `the CPU backend computes in f32; got ${dtype}`);
-  }
-  const weightDtype = backend === "cuda" ? (dtype === "auto" ? "bf16" : dtype) : "f32";
+  // The CPU computes in f32; with "bf16"/"f16" it rounds the weights to that type first, which
+  // makes it the exact reference for a GPU that holds its weights in that type.
+  const weightDtype = dtype === "auto" ? (backend === "cuda" ? "bf16" : "f32") : dtype;
 
   const configFile = path.join(modelDir, "config.json");
   if (!fs.existsSync(configFile)) throw new ModelLoadError(`${modelDir}: missing config.json`, configFile);

@@ -315,12 +315,13 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     if (threads <= 0) threads = (int)std::max(1u, std::thread::hardware_concurrency());
     try {
       std::unique_ptr<Backend> be;
+      std::string dt = opts.Get("dtype").IsString() ? std::string(opts.Get("dtype").As<Napi::String>()) : "f32";
+      if (dt != "f32" && dt != "f16" && dt != "bf16") throw EngineError(kErrInvalidArgument, "dtype must be f32, f16 or bf16");
+      const DType w = dt == "f32" ? DType::F32 : dt == "f16" ? DType::F16 : DType::BF16;
       if (backend == "cpu") {
-        be = createCpuBackend(threads);
+        be = createCpuBackend(threads, w);
       } else if (backend == "cuda") {
 #ifdef LCKV_WITH_CUDA
-        std::string dt = opts.Get("dtype").IsString() ? std::string(opts.Get("dtype").As<Napi::String>()) : "bf16";
-        DType w = dt == "f32" ? DType::F32 : dt == "f16" ? DType::F16 : DType::BF16;
         be = createCudaBackend(getInt(opts, "deviceIndex", false, 0), w);
 #else
         throw EngineError("LCKV_DEVICE_UNAVAILABLE", "this build of lckv has no CUDA backend");

@@ -8,6 +8,7 @@
 
 #include "../engine/backend.h"
 #include "../engine/errors.h"
+#include "../engine/weights.h"
 #include "thread_pool.h"
 
 namespace lckv {
@@ -59,13 +60,14 @@ class CpuKvStore : public KvStore {
 
 class CpuBackend : public Backend {
  public:
-  explicit CpuBackend(int threads) : pool_(threads) {}
+  CpuBackend(int threads, DType weights) : pool_(threads), weights_(weights) {}
   std::string name() const override { return "cpu"; }
 
   Tensor alloc(int64_t rows, int64_t cols) override { return hostTensor(rows, cols); }
   Tensor upload(const float* host, int64_t rows, int64_t cols) override {
     Tensor t = hostTensor(rows, cols);
-    std::memcpy(t.data, host, sizeof(float) * (size_t)(rows * cols));
+    const size_t n = (size_t)(rows * cols);
+    for (size_t i = 0; i < n; ++i) F(t)[i] = roundTo(weights_, host[i]);
     return t;
   }
   void download(const Tensor& t, int64_t rowStart, int64_t rowCount, float* host) override {
@@ -269,10 +271,13 @@ class CpuBackend : public Backend {
 
  private:
   ThreadPool pool_;
+  DType weights_;
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> createCpuBackend(int threads) { return std::make_unique<CpuBackend>(threads); }
+std::unique_ptr<Backend> createCpuBackend(int threads, DType weights) {
+  return std::make_unique<CpuBackend>(threads, weights);
+}
 
 }  // namespace lckv

@@ -15,6 +15,7 @@
 #include "../../cuda/kernels.h"
 #include "../engine/backend.h"
 #include "../engine/errors.h"
+#include "../engine/weights.h"
 
 namespace lckv {
 
@@ -40,36 +41,6 @@ std::shared_ptr<void> deviceAlloc(size_t bytes) {
 }
 
 int weightType(DType t) { return t == DType::F32 ? 0 : t == DType::BF16 ? 1 : 2; }
-
-uint16_t f32ToBf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
-  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);                 // round to nearest even
-}
-
-uint16_t f32ToF16(float f) {
-  // Round to nearest even through the hardware-independent bit recipe.
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  const uint32_t sign = (x >> 16) & 0x8000u;
-  int32_t exp = (int32_t)((x >> 23) & 0xff) - 127 + 15;
-  uint32_t mant = x & 0x7fffffu;
-  if (exp >= 31) return (uint16_t)(sign | 0x7c00u);
-  if (exp <= 0) {
-    if (exp < -10) return (uint16_t)sign;
-    mant |= 0x800000u;
-    const int shift = 14 - exp;
-    uint32_t h = mant >> shift;
-    const uint32_t rem = mant & ((1u << shift) - 1), halfway = 1u << (shift - 1);
-    if (rem > halfway || (rem == halfway && (h & 1))) ++h;
-    return (uint16_t)(sign | h);
-  }
-  uint32_t h = ((uint32_t)exp << 10) | (mant >> 13);
-  const uint32_t rem = mant & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) ++h;
-  return (uint16_t)(sign | h);
-}
 
 class CudaKvStore : public KvStore {
  public:

@@ -91,7 +91,9 @@ class Backend {
   virtual void synchronize() = 0;
 };
 
-std::unique_ptr<Backend> createCpuBackend(int threads);
+// weights: BF16 or F16 round each weight to that type (then compute in f32), so the CPU is the
+// exact reference for a GPU holding weights in that type.
+std::unique_ptr<Backend> createCpuBackend(int threads, DType weights = DType::F32);
 #ifdef LCKV_WITH_CUDA
 // weights: the dtype weights are kept in on the device (BF16, F16 or F32).
 std::unique_ptr<Backend> createCudaBackend(int device, DType weights);

@@ -28,5 +28,10 @@ std::vector<float> readTensorF32(const TensorSource& src, int64_t& rows, int64_t
 
 float bf16ToF32(uint16_t h);
 float f16ToF32(uint16_t h);
+// Round to nearest even; NaN stays NaN, overflow becomes infinity.
+uint16_t f32ToBf16(float f);
+uint16_t f32ToF16(float f);
+// f rounded to dtype t and back to f32 (identity for F32).
+float roundTo(DType t, float f);
 
 }  // namespace lckv

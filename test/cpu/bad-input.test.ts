@@ -317,7 +317,7 @@ describe("inputs and options", () => {
   test.each([
     [{ device: "tpu" }, "device"],
     [{ dtype: "f8" }, "dtype"],
-    [{ dtype: "bf16" }, "dtype"],
+    [{ dtype: "F32" }, "dtype"],
     [{ maxContext: 0 }, "maxContext"],
     [{ maxContext: 17 }, "maxContext"],
     [{ kvCacheMemory: -5 }, "kvCacheMemory"],
