@@ -1,0 +1,81 @@
+#!/usr/bin/env node
+// Writes a model directory with random bf16 weights of a given shape, for speed measurements
+// (its text is noise). Default: the TinyLlama-1.1B shape; --layer-types makes it LCKV.
+//   node scripts/bench/make-random-model.js --out DIR [--layer-types 0_20_..._21] [--seed 1]
+const fs = require("node:fs");
+const path = require("node:path");
+const { parseArgs } = require("node:util");
+
+const { values } = parseArgs({
+  options: {
+    out: { type: "string" },
+    "layer-types": { type: "string" },
+    layers: { type: "string", default: "22" },
+    hidden: { type: "string", default: "2048" },
+    heads: { type: "string", default: "32" },
+    "kv-heads": { type: "string", default: "4" },
+    intermediate: { type: "string", default: "5632" },
+    vocab: { type: "string", default: "32000" },
+    seed: { type: "string", default: "1" },
+  },
+});
+if (!values.out) throw new Error("--out DIR is required");
+const L = +values.layers, E = +values.hidden, H = +values.heads, KV = +values["kv-heads"], I = +values.intermediate, V = +values.vocab;
+const hd = E / H;
+const targets = values["layer-types"] ? values["layer-types"].split("_").map((x) => parseInt(x, 10)) : [...Array(L).keys()];
+if (targets.length !== L) throw new Error("--layer-types needs one entry per layer");
+
+let state = BigInt(+values.seed) | 1n;
+// Random bf16 values of magnitude 2^-7..2^-5 with random signs: never zero, never NaN.
+function randomBf16(count) {
+  const out = new Uint16Array(count);
+  let x = Number(state & 0xffffffffn) >>> 0 || 1;
+  for (let i = 0; i < count; i++) {
+    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    out[i] = (x & 0x81ff) | 0x3c00;
+  }
+  state = BigInt(x);
+  return out;
+}
+const ones = (n) => new Uint16Array(n).fill(0x3f80);
+
+const tensors = [["model.embed_tokens.weight", [V, E], () => randomBf16(V * E)], ["model.norm.weight", [E], () => ones(E)], ["lm_head.weight", [V, E], () => randomBf16(V * E)]];
+for (let i = 0; i < L; i++) {
+  const p = `model.layers.${i}.`;
+  tensors.push([p + "input_layernorm.weight", [E], () => ones(E)], [p + "post_attention_layernorm.weight", [E], () => ones(E)]);
+  tensors.push([p + "self_attn.q_proj.weight", [H * hd, E], () => randomBf16(H * hd * E)], [p + "self_attn.o_proj.weight", [E, H * hd], () => randomBf16(E * H * hd)]);
+  if (targets.includes(i)) {
+    tensors.push([p + "self_attn.k_proj.weight", [KV * hd, E], () => randomBf16(KV * hd * E)], [p + "self_attn.v_proj.weight", [KV * hd, E], () => randomBf16(KV * hd * E)]);
+  }
+  tensors.push([p + "mlp.gate_proj.weight", [I, E], () => randomBf16(I * E)], [p + "mlp.up_proj.weight", [I, E], () => randomBf16(I * E)], [p + "mlp.down_proj.weight", [E, I], () => randomBf16(E * I)]);
+}
+const header = {};
+let off = 0;
+for (const [name, shape] of tensors) {
+  const bytes = shape.reduce((a, b) => a * b, 1) * 2;
+  header[name] = { dtype: "BF16", shape, data_offsets: [off, off + bytes] };
+  off += bytes;
+}
+let json = Buffer.from(JSON.stringify(header));
+json = Buffer.concat([json, Buffer.alloc((8 - (json.length % 8)) % 8, 0x20)]);
+fs.mkdirSync(values.out, { recursive: true });
+const fd = fs.openSync(path.join(values.out, "model.safetensors"), "w");
+const len = Buffer.alloc(8);
+len.writeBigUInt64LE(BigInt(json.length));
+fs.writeSync(fd, len);
+fs.writeSync(fd, json);
+for (const [, , make] of tensors) {
+  const a = make();
+  fs.writeSync(fd, Buffer.from(a.buffer, a.byteOffset, a.byteLength));
+}
+fs.closeSync(fd);
+const config = {
+  architectures: [values["layer-types"] ? "LCKVLlamaForCausalLM" : "LlamaForCausalLM"],
+  model_type: values["layer-types"] ? "lckv-llama" : "llama",
+  hidden_size: E, intermediate_size: I, num_attention_heads: H, num_key_value_heads: KV, num_hidden_layers: L,
+  vocab_size: V, max_position_embeddings: 4096, rms_norm_eps: 1e-5, rope_theta: 10000, tie_word_embeddings: false,
+  hidden_act: "silu", torch_dtype: "bfloat16",
+  ...(values["layer-types"] ? { layer_types: values["layer-types"], forward_passes: 7, backward_passes: 2 } : {}),
+};
+fs.writeFileSync(path.join(values.out, "config.json"), JSON.stringify(config, null, 2));
+console.log(`wrote ${values.out}: ${(off / 1e9).toFixed(2)} GB of bf16 weights`);
