@@ -6,6 +6,9 @@
 #include <cuda_runtime.h>
 #include <nvtx3/nvToolsExt.h>
 
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -125,6 +128,84 @@ class CudaKvStore : public KvStore {
   std::shared_ptr<void> k_, v_;
 };
 
+// LCKV_PROFILE=1: every op is bracketed by CUDA events; times are gathered at the next host
+// synchronisation and a per-op summary is printed to stderr when the backend is destroyed
+// (model.dispose() or process exit). Nsight Systems shows the same ops as NVTX ranges.
+class OpProfiler {
+ public:
+  OpProfiler() {
+    const char* e = std::getenv("LCKV_PROFILE");
+    enabled_ = e && *e && std::string(e) != "0";
+  }
+  bool enabled() const { return enabled_; }
+  void begin(const char* name, cudaStream_t s) {
+    Pending p{name, event(), event()};
+    cudaEventRecord(p.start, s);
+    open_.push_back(p);
+  }
+  void end(cudaStream_t s) {
+    Pending p = open_.back();
+    open_.pop_back();
+    cudaEventRecord(p.stop, s);
+    pending_.push_back(p);
+    if (pending_.size() > 4096) collect();
+  }
+  void collect() {
+    for (auto& p : pending_) {
+      cudaEventSynchronize(p.stop);
+      float ms = 0;
+      cudaEventElapsedTime(&ms, p.start, p.stop);
+      auto& st = stats_[p.name];
+      st.calls++;
+      st.ms += ms;
+      free_.push_back(p.start);
+      free_.push_back(p.stop);
+    }
+    pending_.clear();
+  }
+  void report() {
+    if (!enabled_) return;
+    collect();
+    double total = 0;
+    for (auto& kv : stats_) total += kv.second.ms;
+    std::vector<std::pair<std::string, Stat>> rows(stats_.begin(), stats_.end());
+    std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.ms > b.second.ms; });
+    std::fprintf(stderr, "lckv profile (CUDA events, GPU time per op)\n%-16s %10s %12s %12s %7s\n", "op", "calls", "total ms",
+                 "mean us", "share");
+    for (auto& r : rows)
+      std::fprintf(stderr, "%-16s %10lld %12.3f %12.2f %6.1f%%\n", r.first.c_str(), (long long)r.second.calls, r.second.ms,
+                   1e3 * r.second.ms / (double)r.second.calls, total > 0 ? 100.0 * r.second.ms / total : 0.0);
+    std::fprintf(stderr, "%-16s %10s %12.3f\n", "total", "", total);
+  }
+  ~OpProfiler() {
+    for (auto e : free_) cudaEventDestroy(e);
+  }
+
+ private:
+  struct Pending {
+    const char* name;
+    cudaEvent_t start, stop;
+  };
+  struct Stat {
+    long long calls = 0;
+    double ms = 0;
+  };
+  cudaEvent_t event() {
+    if (!free_.empty()) {
+      cudaEvent_t e = free_.back();
+      free_.pop_back();
+      return e;
+    }
+    cudaEvent_t e;
+    cudaEventCreate(&e);
+    return e;
+  }
+  bool enabled_ = false;
+  std::vector<Pending> open_, pending_;
+  std::vector<cudaEvent_t> free_;
+  std::map<std::string, Stat> stats_;
+};
+
 class CudaBackend : public Backend {
  public:
   CudaBackend(int device, DType weights) : weights_(weights) {
@@ -141,10 +222,14 @@ class CudaBackend : public Backend {
     workspace_ = deviceAlloc(kWorkspace);
   }
   ~CudaBackend() override {
+    profiler_.report();
     if (lt_) cublasLtDestroy(lt_);
     if (stream_) cudaStreamDestroy(stream_);
   }
   std::string name() const override { return "cuda"; }
+
+  void pushRange(const char* name) override { nvtxRangePushA(name); }
+  void popRange() override { nvtxRangePop(); }
 
   Tensor alloc(int64_t rows, int64_t cols) override {
     ctx();
@@ -177,6 +262,7 @@ class CudaBackend : public Backend {
 
   void download(const Tensor& t, int64_t rowStart, int64_t rowCount, float* host) override {
     ctx();
+    Timed timed(*this, "download_logits");
     cudaOk(cudaMemcpyAsync(host, (const float*)t.data + rowStart * t.cols, sizeof(float) * (size_t)(rowCount * t.cols),
                            cudaMemcpyDeviceToHost, stream_),
            "download");
@@ -191,6 +277,7 @@ class CudaBackend : public Backend {
   void embed(const int32_t* tokens, const int32_t* positions, int n, const Tensor& table, const Tensor* posTable,
              Tensor& out) override {
     ctx();
+    Timed timed(*this, "embed");
     const int32_t* dTok = stage(0, tokens, n);
     const int32_t* dPos = stage(1, positions, n);
     cuda::launchEmbed(dTok, dPos, n, table.data, posTable ? posTable->data : nullptr, weightType(table.dtype),
@@ -200,6 +287,7 @@ class CudaBackend : public Backend {
   void norm(NormKind kind, const Tensor& x, int n, const Tensor& weight, const Tensor* bias, float eps,
             Tensor& out) override {
     ctx();
+    Timed timed(*this, "norm");
     cuda::launchNorm(kind == NormKind::Rms, (const float*)x.data, n, (int)x.cols, weight.data, bias ? bias->data : nullptr,
                      weightType(weight.dtype), eps, (float*)out.data, stream_);
   }
@@ -209,11 +297,13 @@ class CudaBackend : public Backend {
     if (x.cols != w.cols || out.cols != w.rows) throw EngineError(kErrInvalidArgument, "linear: shape mismatch");
     const int I = (int)w.cols, O = (int)w.rows;
     if (n <= kGemvMaxRows || w.dtype != DType::BF16) {
+      Timed timed(*this, "gemv");
       cuda::launchGemv((const float*)x.data, n, I, w.data, bias ? bias->data : nullptr, weightType(w.dtype), O,
                        (float*)out.data, stream_);
       return;
     }
     // cuBLASLt: out^T[O, n] = W[O, I] . x^T[I, n] in column-major terms.
+    Timed timed(*this, "gemm_cublaslt");
     void* xb = scratchBf16((size_t)n * I);
     cuda::launchToBf16((const float*)x.data, (int64_t)n * I, xb, stream_);
     matmulBf16(w.data, xb, (float*)out.data, O, n, I);
@@ -222,18 +312,21 @@ class CudaBackend : public Backend {
 
   void addInPlace(Tensor& x, const Tensor& y, int n) override {
     ctx();
+    Timed timed(*this, "residual_add");
     cuda::launchAdd((float*)x.data, (const float*)y.data, (int64_t)n * x.cols, stream_);
   }
 
   void rope(Tensor& x, int n, int heads, int headDim, const int32_t* positions, const std::vector<float>& invFreq,
             float attentionScale) override {
     ctx();
+    Timed timed(*this, "rope");
     const int32_t* dPos = stage(1, positions, n);
     cuda::launchRope((float*)x.data, n, heads, headDim, dPos, deviceInvFreq(invFreq), attentionScale, stream_);
   }
 
   void kvWrite(KvStore& store, int slot, const Tensor& k, const Tensor& v, int n, const int32_t* positions) override {
     ctx();
+    Timed timed(*this, "kv_write");
     auto& st = static_cast<CudaKvStore&>(store);
     for (int r = 0; r < n; ++r) st.check(slot, positions[r], 1);
     const int32_t* dPos = stage(1, positions, n);
@@ -242,6 +335,7 @@ class CudaBackend : public Backend {
 
   void kvZero(KvStore& store, int slot, int start, int n) override {
     ctx();
+    Timed timed(*this, "kv_zero");
     auto& st = static_cast<CudaKvStore&>(store);
     st.check(slot, start, n);
     const size_t off = (size_t)start * st.kvDim(), bytes = (size_t)n * st.kvDim() * sizeof(float);
@@ -251,6 +345,7 @@ class CudaBackend : public Backend {
 
   void kvRead(KvStore& store, int slot, int start, int n, std::vector<float>& host) override {
     ctx();
+    Timed timed(*this, "kv_read");
     auto& st = static_cast<CudaKvStore&>(store);
     st.check(slot, start, n);
     const size_t len = (size_t)n * st.kvDim();
@@ -263,6 +358,7 @@ class CudaBackend : public Backend {
   void attention(const Tensor& q, int n, const int32_t* positions, KvStore& store, int slot, const AttentionSpec& sp,
                  Tensor& out) override {
     ctx();
+    Timed timed(*this, "attention");
     auto& st = static_cast<CudaKvStore&>(store);
     int maxPos = 0;
     for (int r = 0; r < n; ++r) maxPos = std::max(maxPos, positions[r]);
@@ -274,16 +370,19 @@ class CudaBackend : public Backend {
 
   void swiglu(const Tensor& gate, const Tensor& up, int n, Tensor& out) override {
     ctx();
+    Timed timed(*this, "swiglu");
     cuda::launchSwiglu((const float*)gate.data, (const float*)up.data, (int64_t)n * gate.cols, (float*)out.data, stream_);
   }
 
   void geluTanh(Tensor& x, int n) override {
     ctx();
+    Timed timed(*this, "gelu");
     cuda::launchGeluTanh((float*)x.data, (int64_t)n * x.cols, stream_);
   }
 
   void copyRows(const Tensor& src, int srcRow, Tensor& dst, int dstRow, int n) override {
     ctx();
+    Timed timed(*this, "copy_rows");
     cudaOk(cudaMemcpyAsync((float*)dst.data + (int64_t)dstRow * dst.cols, (const float*)src.data + (int64_t)srcRow * src.cols,
                            sizeof(float) * (size_t)(n * src.cols), cudaMemcpyDeviceToDevice, stream_),
            "copyRows");
@@ -295,6 +394,15 @@ class CudaBackend : public Backend {
   }
 
  private:
+  struct Timed {
+    CudaBackend& be;
+    Timed(CudaBackend& b, const char* name) : be(b) {
+      if (be.profiler_.enabled()) be.profiler_.begin(name, be.stream_);
+    }
+    ~Timed() {
+      if (be.profiler_.enabled()) be.profiler_.end(be.stream_);
+    }
+  };
   static constexpr int kGemvMaxRows = 8;
   static constexpr size_t kWorkspace = 32 << 20;
 
@@ -383,6 +491,7 @@ class CudaBackend : public Backend {
   std::map<const float*, std::shared_ptr<void>> invFreq_;
   std::shared_ptr<void> bf16Scratch_;
   BlockCache blocks_;
+  OpProfiler profiler_;
   size_t bf16Cap_ = 0;
 };
 

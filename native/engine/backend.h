@@ -89,6 +89,17 @@ class Backend {
   virtual void copyRows(const Tensor& src, int srcRow, Tensor& dst, int dstRow, int n) = 0;
   // Waits for queued work (no-op on the CPU).
   virtual void synchronize() = 0;
+
+  // Named regions (a layer, a prefill pass, a decode step) for profilers: NVTX on the GPU.
+  virtual void pushRange(const char* name) {}
+  virtual void popRange() {}
+};
+
+// Opens a backend range for the lifetime of the object.
+struct BackendRange {
+  Backend& be;
+  BackendRange(Backend& b, const char* name) : be(b) { be.pushRange(name); }
+  ~BackendRange() { be.popRange(); }
 };
 
 // weights: BF16 or F16 round each weight to that type (then compute in f32), so the CPU is the

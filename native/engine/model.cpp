@@ -167,6 +167,12 @@ static const Tensor* opt(const Tensor& t) { return t.empty() ? nullptr : &t; }
 
 void Model::runLayer(SequenceState& seq, Scratch& s, int n, const int32_t* pos, int i) {
   Backend& be = *backend_;
+  static const std::vector<std::string> names = [] {
+    std::vector<std::string> v;
+    for (int k = 0; k < 1024; ++k) v.push_back("layer " + std::to_string(k));
+    return v;
+  }();
+  BackendRange range(be, i < 1024 ? names[(size_t)i].c_str() : "layer");
   const ModelConfig& c = cfg_;
   const Layer& L = layers_[(size_t)i];
   const NormKind nk = c.style == BlockStyle::Gpt2 ? NormKind::Layer : NormKind::Rms;
@@ -230,6 +236,7 @@ void Model::computeLogits(Scratch& s, int rowStart, int rows, std::vector<float>
 void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int start, PrefillMode mode,
                          int iterativePasses, LogitsWanted want, AppendResult& res) {
   Backend& be = *backend_;
+  BackendRange range(be, n == 1 ? "decode step" : "prefill chunk");
   const ModelConfig& c = cfg_;
   const int qd = c.numHeads * c.headDim, kvd = c.numKvHeads * c.headDim;
   Scratch s;
@@ -265,6 +272,7 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
     int passes = 0;
     const int maxPasses = mode == PrefillMode::Iterative ? std::max(1, iterativePasses) : n;
     while (true) {
+      BackendRange passRange(be, "cyclic group pass");
       be.copyRows(s.h0, 0, s.h, 0, n);
       runLayers(seq, s, n, pos.data(), low, high);
       ++passes;
