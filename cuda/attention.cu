@@ -1,8 +1,14 @@
-// Condensed-KV attention: queries of one layer attend to the K/V slot of the layer's target,
-// with the plan's diagonal rule (strict: keys < p; no key -> zero output) and sliding window.
-// This first version is one block per (query, head): each warp streams a strided share of the
-// keys with an online softmax, then the warps' partial results are merged. GQA maps query head
-// h to K/V head h / (numHeads / numKvHeads). Split-K across blocks comes with the decode work.
+// Condensed-KV attention: the queries of one layer attend to the K/V slot of the layer's
+// target, with the plan's diagonal rule (strict: keys < p; no visible key -> zero output) and
+// sliding window. GQA maps query head h to K/V head h / (numHeads / numKvHeads).
+//
+// Split-K (flash-decoding): the visible keys of each (query, head) are cut into chunks, one
+// block per chunk, so that a single decoding sequence still fills the GPU. Each block keeps an
+// online softmax per warp, merges its warps, and writes (max, sum, unnormalised output) for its
+// chunk; a second kernel merges the chunks. When one chunk covers the keys, the first kernel
+// writes the final output directly.
+#include <algorithm>
+
 #include "common.cuh"
 #include "kernels.h"
 
@@ -11,24 +17,30 @@ namespace lckv::cuda {
 namespace {
 
 constexpr int kWarps = 4;
-constexpr int kMaxDimsPerLane = 8;  // headDim <= 256
+constexpr int kMaxDimsPerLane = 4;  // headDim <= 128
+constexpr int kUnroll = 4;          // keys in flight per warp
 
-__global__ void attentionKernel(const float* __restrict__ q, const int32_t* __restrict__ positions,
-                                const float* __restrict__ kCache, const float* __restrict__ vCache, int numHeads,
-                                int numKvHeads, int headDim, bool strict, int window, float scale, float* __restrict__ out) {
-  const int r = blockIdx.x, h = blockIdx.y;
+struct Range {
+  int first, last;  // visible keys [first, last]; empty when last < first
+};
+
+__device__ __forceinline__ Range visible(int p, bool strict, int window) {
+  return {window > 0 ? max(0, p - window + 1) : 0, strict ? p - 1 : p};
+}
+
+__global__ void attentionChunkKernel(const float* __restrict__ q, const int32_t* __restrict__ positions,
+                                     const float* __restrict__ kCache, const float* __restrict__ vCache, int numHeads,
+                                     int numKvHeads, int headDim, bool strict, int window, float scale, int chunk,
+                                     float* __restrict__ out, float* __restrict__ partial) {
+  const int r = blockIdx.x, h = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int kvDim = numKvHeads * headDim;
   const int kvh = h / (numHeads / numKvHeads);
-  const int p = positions[r];
-  const int last = strict ? p - 1 : p;
-  const int first = window > 0 ? max(0, p - window + 1) : 0;
+  const Range all = visible(positions[r], strict, window);
+  const int first = all.first + split * chunk;
+  const int last = min(all.last, first + chunk - 1);
   const float* qv = q + ((int64_t)r * numHeads + h) * headDim;
-  float* o = out + ((int64_t)r * numHeads + h) * headDim;
-  if (last < first) {
-    for (int d = threadIdx.x; d < headDim; d += blockDim.x) o[d] = 0.0f;
-    return;
-  }
+
   float qreg[kMaxDimsPerLane], acc[kMaxDimsPerLane];
 #pragma unroll
   for (int t = 0; t < kMaxDimsPerLane; ++t) {
@@ -37,28 +49,49 @@ __global__ void attentionKernel(const float* __restrict__ q, const int32_t* __re
     acc[t] = 0.0f;
   }
   float m = -INFINITY, l = 0.0f;
-  for (int j = first + warp; j <= last; j += kWarps) {
-    const float* kr = kCache + (int64_t)j * kvDim + kvh * headDim;
-    float s = 0.0f;
+  // Each warp takes kUnroll consecutive keys at a time, so their loads are in flight together.
+  for (int j0 = first + warp * kUnroll; j0 <= last; j0 += kWarps * kUnroll) {
+    float s[kUnroll];
 #pragma unroll
-    for (int t = 0; t < kMaxDimsPerLane; ++t) {
-      const int d = lane + 32 * t;
-      if (d < headDim) s += qreg[t] * kr[d];
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + u;
+      float d = 0.0f;
+      if (j <= last) {
+        const float* kr = kCache + (int64_t)j * kvDim + kvh * headDim;
+#pragma unroll
+        for (int t = 0; t < kMaxDimsPerLane; ++t) {
+          const int dd = lane + 32 * t;
+          if (dd < headDim) d += qreg[t] * kr[dd];
+        }
+      }
+      s[u] = d;
     }
-    s = warpSum(s);
-    const float mNew = fmaxf(m, s);
-    const float corr = __expf(m - mNew);  // 0 when m = -inf
-    const float w = __expf(s - mNew);
-    l = l * corr + w;
-    const float* vr = vCache + (int64_t)j * kvDim + kvh * headDim;
 #pragma unroll
-    for (int t = 0; t < kMaxDimsPerLane; ++t) {
-      const int d = lane + 32 * t;
-      if (d < headDim) acc[t] = acc[t] * corr + w * vr[d];
+    for (int u = 0; u < kUnroll; ++u) s[u] = j0 + u <= last ? warpSum(s[u]) : -INFINITY;
+    float mNew = m;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) mNew = fmaxf(mNew, s[u]);
+    const float corr = __expf(m - mNew);
+    l *= corr;
+#pragma unroll
+    for (int t = 0; t < kMaxDimsPerLane; ++t) acc[t] *= corr;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + u;
+      if (j > last) break;
+      const float w = __expf(s[u] - mNew);
+      l += w;
+      const float* vr = vCache + (int64_t)j * kvDim + kvh * headDim;
+#pragma unroll
+      for (int t = 0; t < kMaxDimsPerLane; ++t) {
+        const int dd = lane + 32 * t;
+        if (dd < headDim) acc[t] += w * vr[dd];
+      }
     }
     m = mNew;
   }
-  // Merge the warps: rescale each to the block maximum.
+
+  // Merge the warps of this block.
   __shared__ float sm[kWarps], sl[kWarps];
   __shared__ float sacc[kWarps][32 * kMaxDimsPerLane];
   if (lane == 0) {
@@ -71,27 +104,85 @@ __global__ void attentionKernel(const float* __restrict__ q, const int32_t* __re
   float M = -INFINITY;
   for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sm[w]);
   float L = 0.0f;
-  for (int w = 0; w < kWarps; ++w) L += sm[w] == -INFINITY ? 0.0f : sl[w] * __expf(sm[w] - M);
+  for (int w = 0; w < kWarps; ++w)
+    if (sm[w] != -INFINITY) L += sl[w] * __expf(sm[w] - M);
+  const int64_t slot = ((int64_t)r * numHeads + h) * splits + split;
   for (int d = threadIdx.x; d < headDim; d += blockDim.x) {
     float v = 0.0f;
     for (int w = 0; w < kWarps; ++w)
       if (sm[w] != -INFINITY) v += sacc[w][d] * __expf(sm[w] - M);
-    o[d] = v / L;
+    if (splits == 1) {
+      out[((int64_t)r * numHeads + h) * headDim + d] = L > 0.0f ? v / L : 0.0f;
+    } else {
+      partial[slot * (headDim + 2) + 2 + d] = v;
+    }
   }
+  if (splits > 1 && threadIdx.x == 0) {
+    partial[slot * (headDim + 2)] = M;
+    partial[slot * (headDim + 2) + 1] = L;
+  }
+}
+
+// Merges the chunks of each (query, head): out = sum_c exp(M_c - M) acc_c / sum_c exp(M_c - M) L_c.
+__global__ void attentionMergeKernel(const float* __restrict__ partial, int numHeads, int headDim, int splits,
+                                     float* __restrict__ out) {
+  const int r = blockIdx.x, h = blockIdx.y;
+  const float* base = partial + ((int64_t)r * numHeads + h) * splits * (headDim + 2);
+  float M = -INFINITY;
+  for (int c = 0; c < splits; ++c) M = fmaxf(M, base[c * (headDim + 2)]);
+  float L = 0.0f;
+  for (int c = 0; c < splits; ++c) {
+    const float mc = base[c * (headDim + 2)];
+    if (mc != -INFINITY) L += base[c * (headDim + 2) + 1] * __expf(mc - M);
+  }
+  for (int d = threadIdx.x; d < headDim; d += blockDim.x) {
+    float v = 0.0f;
+    for (int c = 0; c < splits; ++c) {
+      const float mc = base[c * (headDim + 2)];
+      if (mc != -INFINITY) v += base[c * (headDim + 2) + 2 + d] * __expf(mc - M);
+    }
+    out[((int64_t)r * numHeads + h) * headDim + d] = L > 0.0f ? v / L : 0.0f;
+  }
+}
+
+int smCount() {
+  static int count = [] {
+    int dev = 0, c = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, dev);
+    return c > 0 ? c : 100;
+  }();
+  return count;
 }
 
 }  // namespace
 
-void launchAttention(const float* q, int n, const int32_t* positions, const float* kCache, const float* vCache,
-                     int numHeads, int numKvHeads, int headDim, bool strict, int window, float scale, float* out,
-                     cudaStream_t stream) {
+void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const float* kCache,
+                     const float* vCache, int numHeads, int numKvHeads, int headDim, bool strict, int window,
+                     float scale, float* out, float* workspace, int64_t workspaceFloats, cudaStream_t stream) {
   NvtxRange r("attention");
   if (n <= 0) return;
-  if (headDim > 32 * kMaxDimsPerLane) throw std::invalid_argument("attention: headDim above 256");
+  if (headDim > 32 * kMaxDimsPerLane) throw std::invalid_argument("attention: headDim above 128");
   if (numKvHeads <= 0 || numHeads % numKvHeads) throw std::invalid_argument("attention: numHeads % numKvHeads != 0");
-  attentionKernel<<<dim3(n, numHeads), kWarps * 32, 0, stream>>>(q, positions, kCache, vCache, numHeads, numKvHeads,
-                                                                  headDim, strict, window, scale, out);
+  // Enough chunks that the grid covers the GPU about twice, each at least 64 keys long.
+  const int64_t base = (int64_t)n * numHeads;
+  int splits = (int)std::max<int64_t>(1, std::min<int64_t>((2 * smCount() + base - 1) / base, (maxVisible + 63) / 64));
+  const int64_t need = base * splits * (headDim + 2);
+  if (splits > 1 && need > workspaceFloats) splits = 1;
+  const int chunk = (maxVisible + splits - 1) / splits;
+  attentionChunkKernel<<<dim3(n, numHeads, splits), kWarps * 32, 0, stream>>>(
+      q, positions, kCache, vCache, numHeads, numKvHeads, headDim, strict, window, scale, std::max(chunk, 1), out, workspace);
   LCKV_LAUNCH_CHECK("attention");
+  if (splits > 1) {
+    attentionMergeKernel<<<dim3(n, numHeads), 128, 0, stream>>>(workspace, numHeads, headDim, splits, out);
+    LCKV_LAUNCH_CHECK("attention_merge");
+  }
+}
+
+int64_t attentionWorkspaceFloats(int n, int numHeads, int headDim, int maxVisible) {
+  const int64_t base = (int64_t)n * numHeads;
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((2 * smCount() + base - 1) / base, (maxVisible + 63) / 64));
+  return splits > 1 ? base * splits * (headDim + 2) : 0;
 }
 
 }  // namespace lckv::cuda

@@ -50,6 +50,7 @@ __global__ void gemvKernel(const float* __restrict__ x, int n, int I, const W* _
 #pragma unroll
   for (int r = 0; r < kMaxRows; ++r) acc[r] = 0.0f;
   if (kVec) {
+#pragma unroll 4
     for (int k = lane * 8; k < I; k += 32 * 8) {
       float w[8];
       load8(wj + k, w);

@@ -40,10 +40,13 @@ void launchKvWrite(const float* k, const float* v, int n, int kvDim, const int32
                    float* vCache, cudaStream_t stream);
 
 // Attention of n queries (positions[r]) over one KV slot of the cache.
-// q: [n, numHeads*headDim]; kCache/vCache: [cap, numKvHeads*headDim]; out like q.
+// q: [n, numHeads*headDim]; kCache/vCache: [cap, numKvHeads*headDim]; out like q; headDim <= 128.
 // strict: keys < p only (no key -> zero output); window > 0: keys with p - j < window.
-void launchAttention(const float* q, int n, const int32_t* positions, const float* kCache, const float* vCache,
-                     int numHeads, int numKvHeads, int headDim, bool strict, int window, float scale, float* out,
-                     cudaStream_t stream);
+// maxVisible: the most keys any query sees (sets the split-K chunking); workspace holds the
+// per-chunk partial results, attentionWorkspaceFloats() of them (less means no split).
+void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const float* kCache,
+                     const float* vCache, int numHeads, int numKvHeads, int headDim, bool strict, int window,
+                     float scale, float* out, float* workspace, int64_t workspaceFloats, cudaStream_t stream);
+int64_t attentionWorkspaceFloats(int n, int numHeads, int headDim, int maxVisible);
 
 }  // namespace lckv::cuda

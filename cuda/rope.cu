@@ -15,9 +15,13 @@ __global__ void ropeKernel(float* x, int heads, int headDim, const int32_t* posi
   float* row = x + (int64_t)r * heads * headDim;
   for (int t = threadIdx.x; t < heads * half; t += blockDim.x) {
     const int h = t / half, j = t % half;
-    // Angle rounded to f32 before cos/sin, as the CPU reference and Hugging Face do.
+    // Angle rounded to f32 before cos/sin, as the CPU reference and Hugging Face do; sincosf
+    // (full precision, not the __sincosf intrinsic) is within 2 ulp of them.
     const float ang = pos * invFreq[j];
-    const float c = (float)cos((double)ang) * scale, s = (float)sin((double)ang) * scale;
+    float s, c;
+    sincosf(ang, &s, &c);
+    c *= scale;
+    s *= scale;
     float* v = row + h * headDim;
     const float a = v[j], b = v[j + half];
     v[j] = a * c - b * s;

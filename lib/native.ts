@@ -65,6 +65,8 @@ export interface NativeAddon {
   /** cuda: built and a device is usable; cudaBuilt: compiled in; cudaProblem: why it is unusable. */
   backends: { cpu: boolean; cuda: boolean; cudaBuilt: boolean; cudaProblem?: string };
   version: string;
+  /** Every backend op against the CPU backend on fresh random inputs (tests only). */
+  checkBackendOps(opts: { backend: "cpu" | "cuda"; dtype: "f32" | "f16" | "bf16"; seed: number }): { op: string; shape: string; relErr: number; allWritten: boolean }[];
 }
 
 let addon: NativeAddon | undefined;

@@ -10,6 +10,7 @@
 
 #include "engine/errors.h"
 #include "engine/model.h"
+#include "engine/op_check.h"
 
 using namespace lckv;
 
@@ -447,7 +448,47 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   std::shared_ptr<SharedModel> shared_;
 };
 
+// checkBackendOps({ backend: "cuda" | "cpu", dtype, seed }): every op on the given backend
+// against the CPU backend with the same weight dtype, on fresh random inputs.
+Napi::Value CheckBackendOps(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = info[0].IsObject() ? info[0].As<Napi::Object>() : Napi::Object::New(env);
+  std::string backend = o.Get("backend").IsString() ? std::string(o.Get("backend").As<Napi::String>()) : "cuda";
+  std::string dt = o.Get("dtype").IsString() ? std::string(o.Get("dtype").As<Napi::String>()) : "bf16";
+  const DType w = dt == "f32" ? DType::F32 : dt == "f16" ? DType::F16 : DType::BF16;
+  const uint64_t seed = (uint64_t)getNum(o, "seed", 1);
+  try {
+    std::unique_ptr<Backend> ref = createCpuBackend((int)std::max(1u, std::thread::hardware_concurrency()), w);
+    std::unique_ptr<Backend> test;
+    if (backend == "cpu") {
+      test = createCpuBackend(1, w);
+    } else {
+#ifdef LCKV_WITH_CUDA
+      test = createCudaBackend(0, w);
+#else
+      throw EngineError("LCKV_DEVICE_UNAVAILABLE", "this build of lckv has no CUDA backend");
+#endif
+    }
+    auto results = checkBackendOps(*ref, *test, seed);
+    Napi::Array arr = Napi::Array::New(env, results.size());
+    for (size_t i = 0; i < results.size(); ++i) {
+      Napi::Object r = Napi::Object::New(env);
+      r.Set("op", results[i].op);
+      r.Set("shape", results[i].shape);
+      r.Set("relErr", results[i].relErr);
+      r.Set("allWritten", results[i].allWritten);
+      arr.Set((uint32_t)i, r);
+    }
+    return arr;
+  } catch (const EngineError& e) {
+    throw makeError(env, e.code, e.what());
+  } catch (const std::exception& e) {
+    throw makeError(env, "LCKV_INTERNAL", e.what());
+  }
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("checkBackendOps", Napi::Function::New(env, CheckBackendOps));
   SequenceWrap::Init(env);
   ModelWrap::Init(env, exports);
   Napi::Object backends = Napi::Object::New(env);

@@ -73,6 +73,12 @@ class CpuBackend : public Backend {
   void download(const Tensor& t, int64_t rowStart, int64_t rowCount, float* host) override {
     std::memcpy(host, F(t) + rowStart * t.cols, sizeof(float) * (size_t)(rowCount * t.cols));
   }
+  void writeRows(Tensor& t, int64_t rowStart, int64_t rowCount, const float* host) override {
+    std::memcpy(F(t) + rowStart * t.cols, host, sizeof(float) * (size_t)(rowCount * t.cols));
+  }
+  void poison(Tensor& t) override {
+    for (int64_t i = 0; i < t.numel(); ++i) F(t)[i] = NAN;
+  }
   std::unique_ptr<KvStore> createKvStore(int numSlots, int kvDim, int initialCapacity) override {
     return std::make_unique<CpuKvStore>(numSlots, kvDim, initialCapacity);
   }

@@ -269,6 +269,17 @@ class CudaBackend : public Backend {
     cudaOk(cudaStreamSynchronize(stream_), "download sync");
   }
 
+  void writeRows(Tensor& t, int64_t rowStart, int64_t rowCount, const float* host) override {
+    ctx();
+    cudaOk(cudaMemcpyAsync((float*)t.data + rowStart * t.cols, host, sizeof(float) * (size_t)(rowCount * t.cols),
+                           cudaMemcpyHostToDevice, stream_),
+           "writeRows");
+    cudaOk(cudaStreamSynchronize(stream_), "writeRows sync");
+  }
+  void poison(Tensor& t) override {
+    ctx();
+    cudaOk(cudaMemsetAsync(t.data, 0xff, sizeof(float) * (size_t)t.numel(), stream_), "poison");  // all-ones bits: NaN
+  }
   std::unique_ptr<KvStore> createKvStore(int numSlots, int kvDim, int initialCapacity) override {
     ctx();
     return std::make_unique<CudaKvStore>(numSlots, kvDim, initialCapacity);
@@ -360,12 +371,20 @@ class CudaBackend : public Backend {
     ctx();
     Timed timed(*this, "attention");
     auto& st = static_cast<CudaKvStore&>(store);
-    int maxPos = 0;
-    for (int r = 0; r < n; ++r) maxPos = std::max(maxPos, positions[r]);
+    int maxPos = 0, maxVisible = 0;
+    for (int r = 0; r < n; ++r) {
+      const int p = positions[r];
+      const int first = sp.window > 0 ? std::max(0, p - sp.window + 1) : 0, last = sp.strict ? p - 1 : p;
+      maxPos = std::max(maxPos, p);
+      maxVisible = std::max(maxVisible, last - first + 1);
+    }
     st.check(slot, 0, maxPos + 1);
     const int32_t* dPos = stage(1, positions, n);
-    cuda::launchAttention((const float*)q.data, n, dPos, st.key(slot), st.value(slot), sp.numHeads, sp.numKvHeads,
-                          sp.headDim, sp.strict, sp.window, sp.scale, (float*)out.data, stream_);
+    const int64_t wsFloats = cuda::attentionWorkspaceFloats(n, sp.numHeads, sp.headDim, std::max(maxVisible, 1));
+    std::shared_ptr<void> ws = wsFloats > 0 ? blocks_.get((size_t)wsFloats * sizeof(float)) : nullptr;
+    cuda::launchAttention((const float*)q.data, n, dPos, std::max(maxVisible, 1), st.key(slot), st.value(slot), sp.numHeads,
+                          sp.numKvHeads, sp.headDim, sp.strict, sp.window, sp.scale, (float*)out.data, (float*)ws.get(),
+                          wsFloats, stream_);
   }
 
   void swiglu(const Tensor& gate, const Tensor& up, int n, Tensor& out) override {

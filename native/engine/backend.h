@@ -56,6 +56,10 @@ class Backend {
   virtual Tensor alloc(int64_t rows, int64_t cols) = 0;
   virtual Tensor upload(const float* host, int64_t rows, int64_t cols) = 0;
   virtual void download(const Tensor& t, int64_t rowStart, int64_t rowCount, float* host) = 0;
+  // Writes host rows into an f32 activation tensor (tests and op checks).
+  virtual void writeRows(Tensor& t, int64_t rowStart, int64_t rowCount, const float* host) = 0;
+  // Fills an f32 tensor with NaN, so a test can see whether an op wrote every element.
+  virtual void poison(Tensor& t) = 0;
   virtual std::unique_ptr<KvStore> createKvStore(int numSlots, int kvDim, int initialCapacity) = 0;
 
   // out[r] = table[tokens[r]]  (+ posTable[positions[r]] when posTable is given)

