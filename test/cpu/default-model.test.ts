@@ -1,0 +1,49 @@
+/**
+ * The shipped default model (models/default): its config, and a greedy continuation and
+ * last-position logits against the PyTorch reference (scripts/reference/default_model_golden.py).
+ */
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { DEFAULT_MODEL_DIR, loadModel, Model } from "../../lib";
+
+process.env.LCKV_QUIET = "1";
+const golden = JSON.parse(fs.readFileSync(path.join(__dirname, "..", "fixtures", "default-model.golden.json"), "utf8"));
+
+let model: Model;
+beforeAll(async () => {
+  model = await loadModel(undefined, { device: "cpu" });
+});
+afterAll(() => model.dispose());
+
+test("loadModel() with no directory loads the shipped LCKV model", () => {
+  expect(model.directory).toBe(path.resolve(DEFAULT_MODEL_DIR));
+  const c = model.config;
+  expect(c.modelType).toBe("lckv-llama");
+  expect(c.layerTypes).toEqual([0, 6, 6, 6, 6, 6, 6, 7]);
+  expect(c.kvLayers).toEqual([0, 6, 7]);
+  expect(c.plan.cyclicGroup).toEqual({ low: 1, high: 6 });
+  expect(model.standardKvBytesPerToken / model.kvBytesPerToken).toBeCloseTo(8 / 3);
+  // Under 16 MB on disk, as the project promises.
+  const bytes = fs.readdirSync(model.directory).reduce((a, f) => a + fs.statSync(path.join(model.directory, f)).size, 0);
+  expect(bytes).toBeLessThan(16 * 1024 * 1024);
+});
+
+test("the tokenizer gives the reference's prompt ids", () => {
+  expect(model.tokenizer!.encode(golden.prompt)).toEqual(golden.prompt_ids);
+});
+
+test("last-position logits and the 32-token greedy continuation match the PyTorch reference", async () => {
+  const logits = await model.logits(golden.prompt_ids);
+  const V = model.config.vocabSize;
+  const last = logits.subarray((golden.prompt_ids.length - 1) * V);
+  let err = 0;
+  let scale = 0;
+  for (let j = 0; j < V; j++) {
+    err = Math.max(err, Math.abs(last[j] - golden.last_logits[j]));
+    scale = Math.max(scale, Math.abs(golden.last_logits[j]));
+  }
+  expect(err / scale).toBeLessThanOrEqual(1e-4);
+  const r = await model.generate(golden.prompt_ids, { maxNewTokens: 32, temperature: 0, repetitionPenalty: 1, ignoreEos: true });
+  expect(r.tokens).toEqual(golden.greedy.tokens);
+  expect(r.text).toBe(golden.greedy.text);
+});
