@@ -21,7 +21,7 @@ export interface PerplexityResult {
 export async function evaluatePerplexity(
   model: Model,
   ids: readonly number[],
-  options: { window?: number; prefill?: PrefillMode; prefillPasses?: number; onWindow?: (done: number, total: number) => void } = {},
+  options: { window?: number; prefill?: PrefillMode; prefillPasses?: number; prefillTolerance?: number; onWindow?: (done: number, total: number) => void } = {},
 ): Promise<PerplexityResult> {
   const n = options.window ?? model.maxContext;
   if (!Number.isSafeInteger(n) || n < 2 || n > model.maxContext) {
@@ -35,7 +35,7 @@ export async function evaluatePerplexity(
   for (let w = 0; w * n < ids.length; w++) {
     const win = ids.slice(w * n, (w + 1) * n);
     if (win.length < 2) break;
-    const r = await model.forward(win, { prefill: options.prefill, prefillPasses: options.prefillPasses });
+    const r = await model.forward(win, { prefill: options.prefill, prefillPasses: options.prefillPasses, prefillTolerance: options.prefillTolerance });
     passes.push(r.passes);
     for (let t = 0; t + 1 < win.length; t++) {
       const row = r.logits.subarray(t * V, (t + 1) * V);

@@ -16,7 +16,17 @@ import {
   TokenOutOfRangeError,
 } from "./errors";
 import { loadAddon, NativeModel, NativeModelDescription, NativeSequence } from "./native";
-import { describe, GenerateOptions, posInt, PREFILL_MODES, PrefillMode, resolveGenerateOptions, ResolvedGenerateOptions } from "./options";
+import {
+  DEFAULT_PREFILL_TOLERANCE,
+  describe,
+  GenerateOptions,
+  posInt,
+  PREFILL_MODES,
+  PrefillMode,
+  resolveGenerateOptions,
+  ResolvedGenerateOptions,
+  tolerance,
+} from "./options";
 import { readModelTensors } from "./safetensors";
 import { TextStream } from "./textstream";
 import { ChatMessage, readJson, Tokenizer } from "./tokenizer";
@@ -52,6 +62,12 @@ export interface StreamChunk {
   /** Text that this token completed (may be empty while a character or stop string is pending). */
   text: string;
   token: number;
+}
+
+export interface PrefillOptions {
+  prefill?: PrefillMode;
+  prefillPasses?: number;
+  prefillTolerance?: number;
 }
 
 export interface ForwardResult {
@@ -257,7 +273,7 @@ export class Model implements AsyncDisposable {
     s.dispose();
   }
 
-  private defaults(): Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos"> {
+  private defaults(): Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos" | "prefillTolerance"> {
     const g = this.generationConfig;
     const num = (k: string, d: number) => (typeof g[k] === "number" && Number.isFinite(g[k] as number) ? (g[k] as number) : d);
     const sample = g.do_sample === true;
@@ -274,14 +290,15 @@ export class Model implements AsyncDisposable {
   }
 
   /** Runs the prompt and returns its logits, [ids.length * vocabSize], and the prefill passes. */
-  async forward(input: string | readonly number[], options: { prefill?: PrefillMode; prefillPasses?: number } = {}): Promise<ForwardResult> {
+  async forward(input: string | readonly number[], options: PrefillOptions = {}): Promise<ForwardResult> {
     const ids = this.toTokenIds(input, "input");
     const prefill = options.prefill ?? this.defaults().prefill;
     if (!PREFILL_MODES.includes(prefill)) throw new InvalidOptionError("prefill", `must be one of ${PREFILL_MODES.join(", ")}, got ${describe(prefill)}`);
     const passes = options.prefillPasses === undefined ? this.defaults().prefillPasses : posInt("prefillPasses", options.prefillPasses);
+    const tol = options.prefillTolerance === undefined ? DEFAULT_PREFILL_TOLERANCE : tolerance(options.prefillTolerance);
     const seq = this.openSequence();
     try {
-      const r = await seq.append(Int32Array.from(ids), { mode: prefill, passes, logits: "all" });
+      const r = await seq.append(Int32Array.from(ids), { mode: prefill, passes, tolerance: tol, logits: "all" });
       return { logits: r.logits!, passes: r.passes };
     } catch (e) {
       throw fromNative(e);
@@ -291,7 +308,7 @@ export class Model implements AsyncDisposable {
   }
 
   /** Prefill logits of every position: Float32Array [ids.length * vocabSize]. */
-  async logits(input: string | readonly number[], options: { prefill?: PrefillMode; prefillPasses?: number } = {}): Promise<Float32Array> {
+  async logits(input: string | readonly number[], options: PrefillOptions = {}): Promise<Float32Array> {
     return (await this.forward(input, options)).logits;
   }
 
@@ -322,7 +339,13 @@ export class Model implements AsyncDisposable {
       if (opts.signal?.aborted) {
         finishReason = "abort";
       } else {
-        let r = await seq.append(Int32Array.from(prompt), { mode: opts.prefill, passes: opts.prefillPasses, logits: "none", sample });
+        let r = await seq.append(Int32Array.from(prompt), {
+          mode: opts.prefill,
+          passes: opts.prefillPasses,
+          tolerance: opts.prefillTolerance,
+          logits: "none",
+          sample,
+        });
         prefillPasses = r.passes;
         for (;;) {
           const tok = r.token!;

@@ -14,6 +14,7 @@ export interface NativeSamplingParams {
 export interface NativeAppendOptions {
   mode: "fixed-point" | "sequential" | "iterative";
   passes?: number;
+  tolerance?: number;
   logits: "none" | "last" | "all";
   sample?: NativeSamplingParams;
 }

@@ -24,12 +24,18 @@ export interface GenerateOptions extends SamplingOptions {
   prefill?: PrefillMode;
   /** Passes for prefill "iterative" (default forward_passes + backward_passes of the config). */
   prefillPasses?: number;
+  /**
+   * Prefill "fixed-point" stops when no K/V value that a layer reads from above moved by more
+   * than this times the largest such value in the last pass (default 1e-6: f32 rounding level);
+   * 0 iterates until the K/V is identical bit for bit (up to n passes).
+   */
+  prefillTolerance?: number;
   /** Keep generating past end-of-sequence tokens (for benchmarks and golden tests). */
   ignoreEos?: boolean;
 }
 
 const GENERATE_KEYS = new Set([
-  "maxNewTokens", "temperature", "topK", "topP", "minP", "repetitionPenalty", "seed", "stop", "signal", "prefill", "prefillPasses", "ignoreEos",
+  "maxNewTokens", "temperature", "topK", "topP", "minP", "repetitionPenalty", "seed", "stop", "signal", "prefill", "prefillPasses", "prefillTolerance", "ignoreEos",
 ]);
 
 export function nonNegInt(name: string, v: unknown): number {
@@ -69,20 +75,30 @@ export interface ResolvedGenerateOptions {
   signal?: AbortSignal;
   prefill: PrefillMode;
   prefillPasses: number;
+  prefillTolerance: number;
   ignoreEos: boolean;
+}
+
+export const DEFAULT_PREFILL_TOLERANCE = 1e-6;
+
+export function tolerance(v: unknown): number {
+  if (typeof v !== "number" || !Number.isFinite(v) || v < 0 || v >= 1) {
+    throw new InvalidOptionError("prefillTolerance", `must be a number in [0, 1), got ${describe(v)}`);
+  }
+  return v;
 }
 
 /** Validates options over defaults (from generation_config.json). */
 export function resolveGenerateOptions(
   opts: GenerateOptions | undefined,
-  defaults: Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos">,
+  defaults: Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos" | "prefillTolerance">,
 ): ResolvedGenerateOptions {
   const o = (opts ?? {}) as Record<string, unknown>;
   if (typeof o !== "object" || o === null) throw new InvalidOptionError("options", "must be an object");
   for (const k of Object.keys(o)) {
     if (!GENERATE_KEYS.has(k)) throw new InvalidOptionError(k, `is not a generate option (known: ${[...GENERATE_KEYS].join(", ")})`);
   }
-  const r: ResolvedGenerateOptions = { ...defaults, stop: [], seed: 0, ignoreEos: false };
+  const r: ResolvedGenerateOptions = { ...defaults, stop: [], seed: 0, ignoreEos: false, prefillTolerance: DEFAULT_PREFILL_TOLERANCE };
   if (o.maxNewTokens !== undefined) r.maxNewTokens = nonNegInt("maxNewTokens", o.maxNewTokens);
   if (o.temperature !== undefined) {
     r.temperature = finite("temperature", o.temperature);
@@ -125,6 +141,7 @@ export function resolveGenerateOptions(
     r.prefill = o.prefill as PrefillMode;
   }
   if (o.prefillPasses !== undefined) r.prefillPasses = posInt("prefillPasses", o.prefillPasses);
+  if (o.prefillTolerance !== undefined) r.prefillTolerance = tolerance(o.prefillTolerance);
   if (o.ignoreEos !== undefined) {
     if (typeof o.ignoreEos !== "boolean") throw new InvalidOptionError("ignoreEos", `must be true or false, got ${describe(o.ignoreEos)}`);
     r.ignoreEos = o.ignoreEos;

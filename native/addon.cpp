@@ -202,15 +202,15 @@ Napi::FunctionReference SequenceWrap::ctor;
 
 class AppendWorker : public PromiseWorker {
  public:
-  AppendWorker(Napi::Env env, std::shared_ptr<SharedSequence> s, std::vector<int32_t> tokens, PrefillMode mode,
-               int passes, LogitsWanted logits, bool sample, SamplingParams sp)
-      : PromiseWorker(env), s_(std::move(s)), tokens_(std::move(tokens)), mode_(mode), passes_(passes),
-        logits_(logits), sample_(sample), sp_(sp) {}
+  AppendWorker(Napi::Env env, std::shared_ptr<SharedSequence> s, std::vector<int32_t> tokens, PrefillSpec prefill,
+               LogitsWanted logits, bool sample, SamplingParams sp)
+      : PromiseWorker(env), s_(std::move(s)), tokens_(std::move(tokens)), prefill_(prefill), logits_(logits),
+        sample_(sample), sp_(sp) {}
   void Execute() override {
     guard([&] {
       Model& m = *s_->owner->model;
       std::lock_guard<std::mutex> lk(m.mutex());
-      res_ = m.append(*s_->state, tokens_, mode_, passes_, logits_, sample_ ? &sp_ : nullptr);
+      res_ = m.append(*s_->state, tokens_, prefill_, logits_, sample_ ? &sp_ : nullptr);
     });
     s_->busy = false;
   }
@@ -231,8 +231,7 @@ class AppendWorker : public PromiseWorker {
  private:
   std::shared_ptr<SharedSequence> s_;
   std::vector<int32_t> tokens_;
-  PrefillMode mode_;
-  int passes_;
+  PrefillSpec prefill_;
   LogitsWanted logits_;
   bool sample_;
   SamplingParams sp_;
@@ -248,16 +247,18 @@ Napi::Value SequenceWrap::Append(const Napi::CallbackInfo& info) {
   Napi::Int32Array t = info[0].As<Napi::Int32Array>();
   std::vector<int32_t> tokens(t.Data(), t.Data() + t.ElementLength());
   Napi::Object o = info[1].IsObject() ? info[1].As<Napi::Object>() : Napi::Object::New(env);
-  PrefillMode mode = PrefillMode::FixedPoint;
+  PrefillSpec prefill;
   Napi::Value mv = o.Get("mode");
   if (mv.IsString()) {
     std::string m = mv.As<Napi::String>();
-    if (m == "fixed-point") mode = PrefillMode::FixedPoint;
-    else if (m == "sequential") mode = PrefillMode::Sequential;
-    else if (m == "iterative") mode = PrefillMode::Iterative;
+    if (m == "fixed-point") prefill.mode = PrefillMode::FixedPoint;
+    else if (m == "sequential") prefill.mode = PrefillMode::Sequential;
+    else if (m == "iterative") prefill.mode = PrefillMode::Iterative;
     else throwInvalid(env, "append: mode must be \"fixed-point\", \"sequential\" or \"iterative\"");
   }
-  int passes = getInt(o, "passes", false, 1);
+  prefill.passes = getInt(o, "passes", false, 1);
+  prefill.tolerance = getNum(o, "tolerance", 0.0);
+  if (!(prefill.tolerance >= 0)) throwInvalid(env, "append: tolerance must be >= 0");
   LogitsWanted lw = LogitsWanted::None;
   Napi::Value lv = o.Get("logits");
   if (lv.IsString()) {
@@ -283,7 +284,7 @@ Napi::Value SequenceWrap::Append(const Napi::CallbackInfo& info) {
   bool expected = false;
   if (!s->busy.compare_exchange_strong(expected, true))
     throw makeError(env, kErrBusy, "the sequence is already running a forward; await the previous call");
-  auto* w = new AppendWorker(env, s, std::move(tokens), mode, passes, lw, sample, sp);
+  auto* w = new AppendWorker(env, s, std::move(tokens), prefill, lw, sample, sp);
   Napi::Promise p = w->promise();
   w->Queue();
   return p;

@@ -233,8 +233,8 @@ void Model::computeLogits(Scratch& s, int rowStart, int rows, std::vector<float>
 
 // Runs n tokens at positions [start, start+n) through every layer, prefilling the cyclic
 // group as `mode` says, and appends logits of the last (or every) row to res.logits.
-void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int start, PrefillMode mode,
-                         int iterativePasses, LogitsWanted want, AppendResult& res) {
+void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int start, const PrefillSpec& prefill,
+                         LogitsWanted want, AppendResult& res) {
   Backend& be = *backend_;
   BackendRange range(be, n == 1 ? "decode step" : "prefill chunk");
   const ModelConfig& c = cfg_;
@@ -270,20 +270,26 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
     std::vector<std::vector<float>> prev(upwardTargetSlots_.size()), cur(upwardTargetSlots_.size());
     for (size_t j = 0; j < upwardTargetSlots_.size(); ++j) be.kvRead(*seq.kv, upwardTargetSlots_[j], start, n, prev[j]);
     int passes = 0;
-    const int maxPasses = mode == PrefillMode::Iterative ? std::max(1, iterativePasses) : n;
+    const int maxPasses = prefill.mode == PrefillMode::Iterative ? std::max(1, prefill.passes) : n;
     while (true) {
       BackendRange passRange(be, "cyclic group pass");
       be.copyRows(s.h0, 0, s.h, 0, n);
       runLayers(seq, s, n, pos.data(), low, high);
       ++passes;
       if (passes >= maxPasses) break;  // after n passes every position is exact by induction
-      if (mode == PrefillMode::FixedPoint) {
+      if (prefill.mode == PrefillMode::FixedPoint) {
+        double moved = 0, largest = 0;
         bool same = true;
         for (size_t j = 0; j < upwardTargetSlots_.size(); ++j) {
           be.kvRead(*seq.kv, upwardTargetSlots_[j], start, n, cur[j]);
           if (cur[j] != prev[j]) same = false;
+          for (size_t e = 0; e < cur[j].size(); ++e) {
+            moved = std::max(moved, (double)std::fabs(cur[j][e] - prev[j][e]));
+            largest = std::max(largest, (double)std::fabs(cur[j][e]));
+          }
         }
-        if (same) break;  // this pass read exactly the KV it wrote: the fixed point
+        // This pass read (to within the tolerance) the K/V it wrote: the fixed point.
+        if (same || (prefill.tolerance > 0 && moved <= prefill.tolerance * largest)) break;
         prev.swap(cur);
       }
     }
@@ -294,7 +300,7 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
   else if (want == LogitsWanted::Last) computeLogits(s, n - 1, 1, res.logits);
 }
 
-AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& tokens, PrefillMode mode, int iterativePasses,
+AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& tokens, const PrefillSpec& prefill,
                            LogitsWanted logits, const SamplingParams* sampling) {
   if (!ready_) throw EngineError(kErrInvalidArgument, "model weights are not loaded");
   const int n = (int)tokens.size();
@@ -312,18 +318,17 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
   try {
     seq.kv->reserve(start + n);
     const bool needLogits = logits != LogitsWanted::None || sampling != nullptr;
-    if (mode == PrefillMode::Sequential && n > 1) {
+    if (prefill.mode == PrefillMode::Sequential && n > 1) {
       for (int r = 0; r < n; ++r) {
         const bool want = logits == LogitsWanted::All || (needLogits && r == n - 1);
-        forwardChunk(seq, tokens.data() + r, 1, start + r, mode, iterativePasses,
-                     want ? LogitsWanted::Last : LogitsWanted::None, res);
+        forwardChunk(seq, tokens.data() + r, 1, start + r, prefill, want ? LogitsWanted::Last : LogitsWanted::None, res);
       }
       res.passes = 1;
     } else {
       const LogitsWanted rows = logits == LogitsWanted::All ? LogitsWanted::All
                                 : needLogits                ? LogitsWanted::Last
                                                             : LogitsWanted::None;
-      forwardChunk(seq, tokens.data(), n, start, mode, iterativePasses, rows, res);
+      forwardChunk(seq, tokens.data(), n, start, prefill, rows, res);
     }
   } catch (const std::bad_alloc&) {
     // Positions >= start may hold partial KV, but they are not part of the sequence.

@@ -15,9 +15,17 @@ namespace lckv {
 
 // How a prompt chunk is prefilled when the plan has layers that read KV from above.
 enum class PrefillMode {
-  FixedPoint,  // iterate the cyclic group until its KV stops changing (exact; at most n passes)
+  FixedPoint,  // iterate the cyclic group until its KV stops changing (at most n passes)
   Sequential,  // token by token (exact)
   Iterative,   // exactly `passes` passes from zero KV (the reference's training-time scheme)
+};
+
+struct PrefillSpec {
+  PrefillMode mode = PrefillMode::FixedPoint;
+  int passes = 1;          // Iterative: how many
+  // FixedPoint: converged when no K/V value read from above moved by more than tolerance times
+  // the largest such value. 0 = bit for bit (always reached, after at most n passes).
+  double tolerance = 0.0;
 };
 
 enum class LogitsWanted { None, Last, All };
@@ -55,7 +63,7 @@ class Model {
   std::unique_ptr<SequenceState> createSequence(int maxContext);
 
   // Appends tokens to the sequence, running the forward; optionally returns logits and samples.
-  AppendResult append(SequenceState& seq, const std::vector<int32_t>& tokens, PrefillMode mode, int iterativePasses,
+  AppendResult append(SequenceState& seq, const std::vector<int32_t>& tokens, const PrefillSpec& prefill,
                       LogitsWanted logits, const SamplingParams* sampling);
 
   // Serialises forwards over one model (the CPU backend's thread pool is shared).
@@ -70,7 +78,7 @@ class Model {
   void runLayers(SequenceState& seq, Scratch& s, int n, const int32_t* pos, int first, int last);
   void runLayer(SequenceState& seq, Scratch& s, int n, const int32_t* pos, int layer);
   void computeLogits(Scratch& s, int rowStart, int rows, std::vector<float>& out);
-  void forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int start, PrefillMode mode, int iterativePasses,
+  void forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int start, const PrefillSpec& prefill,
                     LogitsWanted want, AppendResult& res);
 
   ModelConfig cfg_;
