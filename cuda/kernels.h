@@ -16,6 +16,10 @@ void launchEmbed(const int32_t* tokens, const int32_t* positions, int n, const v
 void launchNorm(bool rms, const float* x, int n, int E, const void* weight, const void* bias, int wtype, float eps,
                 float* out, cudaStream_t stream);
 
+// x += delta, then out = norm(x): the residual add fused into the norm's pass over the row.
+void launchAddNorm(bool rms, float* x, const float* delta, int n, int E, const void* weight, const void* bias, int wtype,
+                   float eps, float* out, cudaStream_t stream);
+
 // out[n, O] = x[n, I] @ W[O, I]^T (+ bias[O]); one warp per output feature, all n rows at once.
 // For the small-batch decode shapes (n <= 8); larger n goes through cuBLASLt.
 void launchGemv(const float* x, int n, int I, const void* W, const void* bias, int wtype, int O, float* out,

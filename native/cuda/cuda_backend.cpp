@@ -303,6 +303,14 @@ class CudaBackend : public Backend {
                      weightType(weight.dtype), eps, (float*)out.data, stream_);
   }
 
+  void addNorm(NormKind kind, Tensor& h, const Tensor& delta, int n, const Tensor& weight, const Tensor* bias, float eps,
+               Tensor& out) override {
+    ctx();
+    Timed timed(*this, "add_norm");
+    cuda::launchAddNorm(kind == NormKind::Rms, (float*)h.data, (const float*)delta.data, n, (int)h.cols, weight.data,
+                        bias ? bias->data : nullptr, weightType(weight.dtype), eps, (float*)out.data, stream_);
+  }
+
   void linear(const Tensor& x, int n, const Tensor& w, const Tensor* bias, Tensor& out) override {
     ctx();
     if (x.cols != w.cols || out.cols != w.rows) throw EngineError(kErrInvalidArgument, "linear: shape mismatch");

@@ -72,6 +72,13 @@ class Backend {
   virtual void linear(const Tensor& x, int n, const Tensor& w, const Tensor* bias, Tensor& out) = 0;
   // x[n, ...] += y[n, ...]
   virtual void addInPlace(Tensor& x, const Tensor& y, int n) = 0;
+  // h += delta, then out = norm(h): the residual add fused with the next norm (one pass on the
+  // GPU instead of two). The default composes the two ops.
+  virtual void addNorm(NormKind kind, Tensor& h, const Tensor& delta, int n, const Tensor& weight, const Tensor* bias,
+                       float eps, Tensor& out) {
+    addInPlace(h, delta, n);
+    norm(kind, h, n, weight, bias, eps, out);
+  }
   // Rotates heads of x[n, heads*headDim] (rotate-half layout) at positions[r].
   virtual void rope(Tensor& x, int n, int heads, int headDim, const int32_t* positions,
                     const std::vector<float>& invFreq, float attentionScale) = 0;

@@ -17,6 +17,8 @@ std::string shapeStr(int64_t r, int64_t c) { return "[" + std::to_string(r) + ",
 // cheap next to the forward, and a GPU backend replaces this with a preallocated arena.
 struct Model::Scratch {
   Tensor h, x, q, k, v, a, o, g, u, h0;
+  // The last MLP output waits in `o` to be added to `h` by the next layer's fused add + norm.
+  bool pendingResidual = false;
 };
 
 Model::Model(ModelConfig cfg, std::unique_ptr<Backend> backend) : cfg_(std::move(cfg)), backend_(std::move(backend)) {
@@ -178,7 +180,9 @@ void Model::runLayer(SequenceState& seq, Scratch& s, int n, const int32_t* pos, 
   const NormKind nk = c.style == BlockStyle::Gpt2 ? NormKind::Layer : NormKind::Rms;
   const bool rope = c.style == BlockStyle::Llama;
 
-  be.norm(nk, s.h, n, L.attnNormW, opt(L.attnNormB), c.normEps, s.x);
+  if (s.pendingResidual) be.addNorm(nk, s.h, s.o, n, L.attnNormW, opt(L.attnNormB), c.normEps, s.x);
+  else be.norm(nk, s.h, n, L.attnNormW, opt(L.attnNormB), c.normEps, s.x);
+  s.pendingResidual = false;
   be.linear(s.x, n, L.q, opt(L.qB), s.q);
   if (rope) be.rope(s.q, n, c.numHeads, c.headDim, pos, c.ropeInvFreq, c.ropeAttentionScale);
   const int ownSlot = c.plan.kvSlot[i];
@@ -197,9 +201,7 @@ void Model::runLayer(SequenceState& seq, Scratch& s, int n, const int32_t* pos, 
   spec.scale = 1.0f / std::sqrt((float)c.headDim);
   be.attention(s.q, n, pos, *seq.kv, c.plan.kvSlot[c.plan.target[i]], spec, s.a);
   be.linear(s.a, n, L.o, opt(L.oB), s.o);
-  be.addInPlace(s.h, s.o, n);
-
-  be.norm(nk, s.h, n, L.mlpNormW, opt(L.mlpNormB), c.normEps, s.x);
+  be.addNorm(nk, s.h, s.o, n, L.mlpNormW, opt(L.mlpNormB), c.normEps, s.x);
   if (c.style == BlockStyle::Llama) {
     be.linear(s.x, n, L.gate, opt(L.gateB), s.g);
     be.linear(s.x, n, L.up, opt(L.upB), s.u);
@@ -210,11 +212,14 @@ void Model::runLayer(SequenceState& seq, Scratch& s, int n, const int32_t* pos, 
     be.geluTanh(s.u, n);
     be.linear(s.u, n, L.down, opt(L.downB), s.o);
   }
-  be.addInPlace(s.h, s.o, n);
+  s.pendingResidual = true;
 }
 
 void Model::runLayers(SequenceState& seq, Scratch& s, int n, const int32_t* pos, int first, int last) {
   for (int i = first; i <= last; ++i) runLayer(seq, s, n, pos, i);
+  // Callers read or copy h next: settle the last residual.
+  if (s.pendingResidual) backend_->addInPlace(s.h, s.o, n);
+  s.pendingResidual = false;
 }
 
 void Model::computeLogits(Scratch& s, int rowStart, int rows, std::vector<float>& out) {

@@ -88,6 +88,22 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
       r.compare(layer ? "layer_norm" : "rms_norm", dims({{"n", n}, {"E", E}}), o.first, o.second, n);
     }
   }
+  // the residual add fused into the norm: both the updated residual and the normalised output
+  for (auto [n, E] : std::vector<std::pair<int, int>>{{1, 2048}, {17, 96}}) {
+    for (NormKind kind : {NormKind::Rms, NormKind::Layer}) {
+      auto h = r.act(r.random((size_t)n * E, 2.0f), n, E);
+      auto d = r.act(r.random((size_t)n * E), n, E);
+      auto w = r.weight(r.random((size_t)E), 1, E);
+      auto b = r.weight(r.random((size_t)E), 1, E);
+      auto o = r.outputs(n, E);
+      const bool layer = kind == NormKind::Layer;
+      ref.addNorm(kind, h.first, d.first, n, w.first, layer ? &b.first : nullptr, 1e-5f, o.first);
+      test.addNorm(kind, h.second, d.second, n, w.second, layer ? &b.second : nullptr, 1e-5f, o.second);
+      const std::string name = layer ? "add_layer_norm" : "add_rms_norm";
+      r.compare(name, dims({{"n", n}, {"E", E}}), o.first, o.second, n);
+      r.compare(name + " residual", dims({{"n", n}, {"E", E}}), h.first, h.second, n);
+    }
+  }
   // rope at positions up to 4095, several head sizes
   for (auto [n, heads, hd] : std::vector<std::tuple<int, int, int>>{{1, 4, 16}, {7, 32, 64}, {3, 2, 128}}) {
     std::vector<float> inv((size_t)hd / 2);

@@ -11,3 +11,6 @@ node scripts/bench/make-random-model.js --out /tmp/lckv-bench-lckv --layer-types
 for m in std lckv; do
   node scripts/bench/decode.js --model /tmp/lckv-bench-$m --context 128,2048 --tokens 64 --copy-gbps "$gbps" | tee -a "$out/decode.jsonl"
 done
+# The peer in the same run: transformers' eager generate() on the standard model.
+python3 scripts/bench/hf_peer.py --model /tmp/lckv-bench-std --context 128,2048 --tokens 32 | tee -a "$out/decode.jsonl"
+python3 scripts/bench/hf_peer.py --model /tmp/lckv-bench-std --context 512 --tokens 32 --batch 64 | tee -a "$out/decode.jsonl"

@@ -1,0 +1,59 @@
+"""The peer: Hugging Face transformers' eager generate() on the same model directory and shapes.
+
+    python3 scripts/bench/hf_peer.py --model DIR --context 128,2048 --tokens 64 [--batch 1]
+
+Prints one JSON line per context: decode ms per step and tokens per second (batch x steps /
+time), with the prefill timed separately and subtracted, median of --repeats after a warm-up.
+"""
+import argparse
+import json
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--context", default="128,2048")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--static-cache", action="store_true", help="cache_implementation='static'")
+    args = ap.parse_args()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, attn_implementation="eager").cuda().eval()
+    vocab = model.config.vocab_size
+    extra = {"cache_implementation": "static"} if args.static_cache else {}
+    for ctx in [int(c) for c in args.context.split(",")]:
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, vocab, (args.batch, ctx), generator=g).cuda()
+        mask = torch.ones_like(ids)
+
+        def gen(n):
+            with torch.no_grad():
+                model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, **extra)
+
+        gen(2)  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            prefill = timed(lambda: gen(1))
+            total = timed(lambda: gen(args.tokens + 1))
+            times.append((total - prefill) / args.tokens)
+        times.sort()
+        ms = times[len(times) // 2] * 1e3
+        print(json.dumps({"peer": "transformers eager" + (" static cache" if args.static_cache else ""), "batch": args.batch,
+                          "context": ctx, "msPerStep": ms, "tokPerS": args.batch * 1e3 / ms,
+                          "spread": (times[-1] - times[0]) / times[len(times) // 2]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
