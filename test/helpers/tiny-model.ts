@@ -118,9 +118,15 @@ export function tinyLlamaTensors(s: TinyLlamaSpec = {}): RawTensor[] {
   return t;
 }
 
-/** Writes a tiny model directory into a fresh temp dir and returns its path. */
+const created: string[] = [];
+process.on("exit", () => {
+  for (const d of created) fs.rmSync(d, { recursive: true, force: true });
+});
+
+/** Writes a tiny model directory into a fresh temp dir (removed when the process exits). */
 export function writeTinyModel(s: TinyLlamaSpec = {}, opts: { tensors?: RawTensor[]; mutateHeader?: (h: Record<string, any>) => void } = {}): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-test-"));
+  created.push(dir);
   fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify(tinyLlamaConfig(s), null, 2));
   fs.writeFileSync(path.join(dir, "model.safetensors"), safetensorsBytes(opts.tensors ?? tinyLlamaTensors(s), opts.mutateHeader));
   return dir;
