@@ -7,6 +7,7 @@ const common = {
 };
 module.exports = {
   testTimeout: 120000,
+  globalTeardown: "<rootDir>/test/helpers/global-teardown.js",
   projects: [
     { ...common, displayName: "cpu", testMatch: ["<rootDir>/test/cpu/**/*.test.ts"] },
     { ...common, displayName: "gpu", testMatch: ["<rootDir>/test/gpu/**/*.test.ts"] },
