@@ -53,4 +53,9 @@ void launchAttention(const float* q, int n, const int32_t* positions, int maxVis
                      float scale, float* out, float* workspace, int64_t workspaceFloats, cudaStream_t stream);
 int64_t attentionWorkspaceFloats(int n, int numHeads, int headDim, int maxVisible);
 
+// Greedy choice over logits[V] after the repetition penalty on `penalized` (distinct token ids,
+// device array); scratch holds V floats. Writes the token id to outToken (device).
+void launchGreedy(const float* logits, int V, float* scratch, const int32_t* penalized, int penalizedCount, float penalty,
+                  int32_t* outToken, cudaStream_t stream);
+
 }  // namespace lckv::cuda

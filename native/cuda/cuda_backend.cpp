@@ -223,6 +223,7 @@ class CudaBackend : public Backend {
   }
   ~CudaBackend() override {
     profiler_.report();
+    if (pinnedToken_) cudaFreeHost(pinnedToken_);
     if (lt_) cublasLtDestroy(lt_);
     if (stream_) cudaStreamDestroy(stream_);
   }
@@ -301,6 +302,28 @@ class CudaBackend : public Backend {
     Timed timed(*this, "norm");
     cuda::launchNorm(kind == NormKind::Rms, (const float*)x.data, n, (int)x.cols, weight.data, bias ? bias->data : nullptr,
                      weightType(weight.dtype), eps, (float*)out.data, stream_);
+  }
+
+  int32_t sample(const Tensor& logitsRow, int vocab, const SamplingParams& p, const std::vector<int32_t>& history,
+                 uint64_t position) override {
+    if (p.temperature > 0.0f) return Backend::sample(logitsRow, vocab, p, history, position);  // on the host for now
+    ctx();
+    Timed timed(*this, "sample");
+    std::vector<int32_t> distinct;
+    if (p.repetitionPenalty != 1.0f) {
+      distinct = history;
+      std::sort(distinct.begin(), distinct.end());
+      distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+    }
+    std::shared_ptr<void> scratch = blocks_.get(sizeof(float) * (size_t)vocab);
+    const int32_t* dPen = distinct.empty() ? nullptr : stage(2, distinct.data(), (int)distinct.size());
+    if (!pinnedToken_) cudaOk(cudaMallocHost(&pinnedToken_, sizeof(int32_t)), "cudaMallocHost");
+    std::shared_ptr<void> dTok = blocks_.get(sizeof(int32_t));
+    cuda::launchGreedy((const float*)logitsRow.data, vocab, (float*)scratch.get(), dPen, (int)distinct.size(),
+                       p.repetitionPenalty, (int32_t*)dTok.get(), stream_);
+    cudaOk(cudaMemcpyAsync(pinnedToken_, dTok.get(), sizeof(int32_t), cudaMemcpyDeviceToHost, stream_), "token copy");
+    cudaOk(cudaStreamSynchronize(stream_), "sample sync");
+    return *pinnedToken_;
   }
 
   void addNorm(NormKind kind, Tensor& h, const Tensor& delta, int n, const Tensor& weight, const Tensor* bias, float eps,
@@ -514,7 +537,8 @@ class CudaBackend : public Backend {
   cudaStream_t stream_ = nullptr;
   cublasLtHandle_t lt_ = nullptr;
   std::shared_ptr<void> workspace_;
-  Staging staging_[2];
+  Staging staging_[3];  // token ids, positions, penalised tokens
+  int32_t* pinnedToken_ = nullptr;
   std::map<const float*, std::shared_ptr<void>> invFreq_;
   std::shared_ptr<void> bf16Scratch_;
   BlockCache blocks_;

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "sampling.h"
+
 namespace lckv {
 
 enum class DType { F32, F16, BF16 };
@@ -100,6 +102,16 @@ class Backend {
   virtual void copyRows(const Tensor& src, int srcRow, Tensor& dst, int dstRow, int n) = 0;
   // Waits for queued work (no-op on the CPU).
   virtual void synchronize() = 0;
+
+  // Picks the next token from one row of logits [1, vocab] (sampling.h has the rules). The
+  // default copies the row to the host and runs the reference sampler; a GPU backend can keep
+  // the work on the device so that only the token id crosses.
+  virtual int32_t sample(const Tensor& logitsRow, int vocab, const SamplingParams& p, const std::vector<int32_t>& history,
+                         uint64_t position) {
+    std::vector<float> row((size_t)vocab);
+    download(logitsRow, 0, 1, row.data());
+    return sampleToken(row.data(), vocab, p, history, position);
+  }
 
   // Named regions (a layer, a prefill pass, a decode step) for profilers: NVTX on the GPU.
   virtual void pushRange(const char* name) {}

@@ -222,7 +222,7 @@ void Model::runLayers(SequenceState& seq, Scratch& s, int n, const int32_t* pos,
   s.pendingResidual = false;
 }
 
-void Model::computeLogits(Scratch& s, int rowStart, int rows, std::vector<float>& out) {
+Tensor Model::computeLogits(Scratch& s, int rowStart, int rows) {
   Backend& be = *backend_;
   const NormKind nk = cfg_.style == BlockStyle::Gpt2 ? NormKind::Layer : NormKind::Rms;
   Tensor hr = be.alloc(rows, cfg_.hidden);
@@ -231,15 +231,14 @@ void Model::computeLogits(Scratch& s, int rowStart, int rows, std::vector<float>
   be.norm(nk, hr, rows, finalNormW_, opt(finalNormB_), cfg_.normEps, xr);
   Tensor lg = be.alloc(rows, cfg_.vocab);
   be.linear(xr, rows, lmHead_, nullptr, lg);
-  const size_t old = out.size();
-  out.resize(old + (size_t)rows * cfg_.vocab);
-  be.download(lg, 0, rows, out.data() + old);
+  return lg;
 }
 
 // Runs n tokens at positions [start, start+n) through every layer, prefilling the cyclic
-// group as `mode` says, and appends logits of the last (or every) row to res.logits.
+// group as `mode` says. Keeps the last row's logits in res.lastLogits and, with `download`,
+// appends the wanted rows to res.logits.
 void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int start, const PrefillSpec& prefill,
-                         LogitsWanted want, AppendResult& res) {
+                         LogitsWanted want, bool download, AppendResult& res) {
   Backend& be = *backend_;
   BackendRange range(be, n == 1 ? "decode step" : "prefill chunk");
   const ModelConfig& c = cfg_;
@@ -301,8 +300,17 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
     res.passes = std::max(res.passes, passes);
     if (high + 1 < c.numLayers) runLayers(seq, s, n, pos.data(), high + 1, c.numLayers - 1);
   }
-  if (want == LogitsWanted::All) computeLogits(s, 0, n, res.logits);
-  else if (want == LogitsWanted::Last) computeLogits(s, n - 1, 1, res.logits);
+  if (want == LogitsWanted::None) return;
+  const int rows = want == LogitsWanted::All ? n : 1;
+  Tensor lg = computeLogits(s, n - rows, rows);
+  res.lastLogits = lg;
+  res.lastLogits.data = static_cast<float*>(lg.data) + (int64_t)(rows - 1) * cfg_.vocab;
+  res.lastLogits.rows = 1;
+  if (download) {
+    const size_t old = res.logits.size();
+    res.logits.resize(old + (size_t)rows * cfg_.vocab);
+    be.download(lg, 0, rows, res.logits.data() + old);
+  }
 }
 
 AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& tokens, const PrefillSpec& prefill,
@@ -323,28 +331,39 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
   try {
     seq.kv->reserve(start + n);
     const bool needLogits = logits != LogitsWanted::None || sampling != nullptr;
+    const bool download = logits != LogitsWanted::None;  // sampling alone reads them on the backend
     if (prefill.mode == PrefillMode::Sequential && n > 1) {
       for (int r = 0; r < n; ++r) {
         const bool want = logits == LogitsWanted::All || (needLogits && r == n - 1);
-        forwardChunk(seq, tokens.data() + r, 1, start + r, prefill, want ? LogitsWanted::Last : LogitsWanted::None, res);
+        forwardChunk(seq, tokens.data() + r, 1, start + r, prefill, want ? LogitsWanted::Last : LogitsWanted::None,
+                     download, res);
       }
       res.passes = 1;
     } else {
       const LogitsWanted rows = logits == LogitsWanted::All ? LogitsWanted::All
                                 : needLogits                ? LogitsWanted::Last
                                                             : LogitsWanted::None;
-      forwardChunk(seq, tokens.data(), n, start, prefill, rows, res);
+      forwardChunk(seq, tokens.data(), n, start, prefill, rows, download, res);
     }
   } catch (const std::bad_alloc&) {
     // Positions >= start may hold partial KV, but they are not part of the sequence.
     throw EngineError(kErrOutOfMemory, "out of memory running the forward for " + std::to_string(n) + " tokens");
   }
-  seq.tokens.insert(seq.tokens.end(), tokens.begin(), tokens.end());
   if (sampling) {
-    const float* last = res.logits.data() + res.logits.size() - (size_t)cfg_.vocab;
-    res.sampled = sampleToken(last, cfg_.vocab, *sampling, seq.tokens, (uint64_t)seq.length());
+    // Sample before committing, so a failure here leaves the sequence as it was.
+    std::vector<int32_t> history;
+    if (sampling->repetitionPenalty != 1.0f) {
+      history = seq.tokens;
+      history.insert(history.end(), tokens.begin(), tokens.end());
+    }
+    try {
+      res.sampled = backend_->sample(res.lastLogits, cfg_.vocab, *sampling, history, (uint64_t)(start + n));
+    } catch (const std::bad_alloc&) {
+      throw EngineError(kErrOutOfMemory, "out of memory while sampling");
+    }
   }
-  if (logits == LogitsWanted::None) res.logits.clear();
+  res.lastLogits = Tensor{};
+  seq.tokens.insert(seq.tokens.end(), tokens.begin(), tokens.end());
   return res;
 }
 

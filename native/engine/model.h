@@ -43,6 +43,7 @@ struct AppendResult {
   int passes = 0;               // passes over the cyclic group (1 when the plan has none)
   std::vector<float> logits;    // [rows, vocab] as asked
   int32_t sampled = -1;         // next token when sampling was asked
+  Tensor lastLogits;            // the last position's logits, on the backend (for sampling)
 };
 
 class Model {
@@ -77,9 +78,9 @@ class Model {
 
   void runLayers(SequenceState& seq, Scratch& s, int n, const int32_t* pos, int first, int last);
   void runLayer(SequenceState& seq, Scratch& s, int n, const int32_t* pos, int layer);
-  void computeLogits(Scratch& s, int rowStart, int rows, std::vector<float>& out);
+  Tensor computeLogits(Scratch& s, int rowStart, int rows);
   void forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int start, const PrefillSpec& prefill,
-                    LogitsWanted want, AppendResult& res);
+                    LogitsWanted want, bool download, AppendResult& res);
 
   ModelConfig cfg_;
   std::unique_ptr<Backend> backend_;

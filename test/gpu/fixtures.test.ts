@@ -91,6 +91,13 @@ describeGpu.each(fixtures)("cuda: %s", (name) => {
     }
   });
 
+  test("greedy choice on the device, with the repetition penalty, equals the CPU's", async () => {
+    const opts = { maxNewTokens: 24, temperature: 0, repetitionPenalty: 1.3, ignoreEos: true };
+    const a = await f32.generate(golden.greedy.prompt_ids, opts);
+    const c = await cpu.generate(golden.greedy.prompt_ids, opts);
+    expect(a.tokens).toEqual(c.tokens);
+  });
+
   test("decode on the GPU equals the CPU's sequential computation (f32)", async () => {
     const prompt = golden.greedy.prompt_ids;
     const a = await f32.generate(prompt, { maxNewTokens: 20, temperature: 0.9, seed: 5, ignoreEos: true });
