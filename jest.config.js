@@ -10,6 +10,6 @@ module.exports = {
   globalTeardown: "<rootDir>/test/helpers/global-teardown.js",
   projects: [
     { ...common, displayName: "cpu", testMatch: ["<rootDir>/test/cpu/**/*.test.ts"] },
-    { ...common, displayName: "gpu", testMatch: ["<rootDir>/test/gpu/**/*.test.ts"] },
+    { ...common, displayName: "gpu", testMatch: ["<rootDir>/test/gpu/**/*.test.ts"], globalSetup: "<rootDir>/test/helpers/gpu-setup.js" },
   ],
 };
