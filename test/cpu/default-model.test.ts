@@ -28,8 +28,17 @@ test("loadModel() with no directory loads the shipped LCKV model", () => {
   expect(bytes).toBeLessThan(16 * 1024 * 1024);
 });
 
-test("the tokenizer gives the reference's prompt ids", () => {
+test("the tokenizer gives the reference's prompt ids and round-trips text exactly", () => {
   expect(model.tokenizer!.encode(golden.prompt)).toEqual(golden.prompt_ids);
+  for (const text of [
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.",
+    "Mr. Speaker, Mr. Vice President, Members of Congress:\n\n  The state of our Union is strong.\r\n",
+    "1:1 In the beginning God created the heaven and the earth.\t(KJV) ",
+    "naïve café — “quotes”, 数字 12345, emoji 🙂 and trailing spaces   ",
+  ]) {
+    const ids = model.tokenizer!.encode(text, { addSpecialTokens: false });
+    expect(model.tokenizer!.decode(ids)).toBe(text);
+  }
 });
 
 test("last-position logits and the 32-token greedy continuation match the PyTorch reference", async () => {
