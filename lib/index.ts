@@ -12,6 +12,7 @@ export type { ModelConfig, BlockStyle } from "./config";
 export { SUPPORTED_ARCHITECTURES } from "./config";
 export type { KvPlan } from "./plan";
 export { parseLayerTypes, buildPlan, formatLayerTypes } from "./plan";
+export { Sequence } from "./sequence";
 export { Tokenizer } from "./tokenizer";
 export { evaluatePerplexity } from "./eval";
 export type { PerplexityResult } from "./eval";

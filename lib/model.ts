@@ -2,6 +2,7 @@
  * loadModel() and Model: the user-facing engine. TypeScript owns policy (options, stopping,
  * streaming, lifecycle); the native addon owns the forward, which runs off the JS thread.
  */
+import "./dispose-symbols";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { kvBytesPerToken, ModelConfig, parseConfig } from "./config";
@@ -28,7 +29,7 @@ import {
   tolerance,
 } from "./options";
 import { readModelTensors } from "./safetensors";
-import { TextStream } from "./textstream";
+import { Sequence } from "./sequence";
 import { ChatMessage, readJson, Tokenizer } from "./tokenizer";
 import { resolveWeights } from "./weights";
 
@@ -230,8 +231,8 @@ export class Model implements AsyncDisposable {
     return this.tokenizer?.eosTokenId !== undefined ? [this.tokenizer.eosTokenId] : [];
   }
 
-  /** Text -> ids via the tokenizer; ids are checked against the vocabulary. */
-  toTokenIds(input: string | readonly number[], what = "prompt"): number[] {
+  /** Text -> ids via the tokenizer; ids are checked against the vocabulary and the context. */
+  toTokenIds(input: string | readonly number[], what = "prompt", alreadyInContext = 0): number[] {
     let ids: number[];
     if (typeof input === "string") {
       if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json: pass token ids instead of text`, "LCKV_NO_TOKENIZER");
@@ -247,8 +248,12 @@ export class Model implements AsyncDisposable {
       }
     });
     if (ids.length === 0) throw new InvalidInputError(`${what} is empty`, "LCKV_EMPTY_PROMPT");
-    if (ids.length > this.maxContext) {
-      throw new ContextOverflowError(`${what} has ${ids.length} tokens but the context holds ${this.maxContext}`);
+    if (alreadyInContext + ids.length > this.maxContext) {
+      throw new ContextOverflowError(
+        alreadyInContext > 0
+          ? `${what} has ${ids.length} tokens; with the ${alreadyInContext} already in the sequence that is more than the context holds (${this.maxContext})`
+          : `${what} has ${ids.length} tokens but the context holds ${this.maxContext}`,
+      );
     }
     return ids;
   }
@@ -273,7 +278,8 @@ export class Model implements AsyncDisposable {
     s.dispose();
   }
 
-  private defaults(): Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos" | "prefillTolerance"> {
+  /** @internal Generation defaults from generation_config.json and the config. */
+  generationDefaults(): Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos" | "prefillTolerance"> {
     const g = this.generationConfig;
     const num = (k: string, d: number) => (typeof g[k] === "number" && Number.isFinite(g[k] as number) ? (g[k] as number) : d);
     const sample = g.do_sample === true;
@@ -292,9 +298,9 @@ export class Model implements AsyncDisposable {
   /** Runs the prompt and returns its logits, [ids.length * vocabSize], and the prefill passes. */
   async forward(input: string | readonly number[], options: PrefillOptions = {}): Promise<ForwardResult> {
     const ids = this.toTokenIds(input, "input");
-    const prefill = options.prefill ?? this.defaults().prefill;
+    const prefill = options.prefill ?? this.generationDefaults().prefill;
     if (!PREFILL_MODES.includes(prefill)) throw new InvalidOptionError("prefill", `must be one of ${PREFILL_MODES.join(", ")}, got ${describe(prefill)}`);
-    const passes = options.prefillPasses === undefined ? this.defaults().prefillPasses : posInt("prefillPasses", options.prefillPasses);
+    const passes = options.prefillPasses === undefined ? this.generationDefaults().prefillPasses : posInt("prefillPasses", options.prefillPasses);
     const tol = options.prefillTolerance === undefined ? DEFAULT_PREFILL_TOLERANCE : tolerance(options.prefillTolerance);
     const seq = this.openSequence();
     try {
@@ -312,76 +318,38 @@ export class Model implements AsyncDisposable {
     return (await this.forward(input, options)).logits;
   }
 
-  /** Streams generated tokens with their text. */
+  /** A new, empty sequence with its own cache: for multi-turn use, forks and rewinds. */
+  createSequence(): Sequence {
+    return this.adoptSequence(this.openSequence());
+  }
+
+  /** @internal */
+  adoptSequence(native: NativeSequence): Sequence {
+    this.live.add(native);
+    return new Sequence(this, native, (s) => this.closeSequence(s));
+  }
+
+  /** Streams generated tokens with their text (a one-shot sequence). */
   async *stream(input: string | readonly number[], options?: GenerateOptions): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
-    const opts = resolveGenerateOptions(options, this.defaults());
+    const opts = resolveGenerateOptions(options, this.generationDefaults());
     const prompt = this.toTokenIds(input);
     this.nativeModel();
-    const eos = new Set(opts.ignoreEos ? [] : this.eosTokenIds);
-    const decode = (ids: number[]) => (this.tokenizer ? this.tokenizer.decode(ids) : "");
-    const text = new TextStream(decode, opts.stop);
-    const tokens: number[] = [];
-    let finishReason: GenerateResult["finishReason"] = "length";
-    let prefillPasses = 0;
-    const sample = {
-      temperature: opts.temperature,
-      topK: opts.topK,
-      topP: opts.topP,
-      minP: opts.minP,
-      repetitionPenalty: opts.repetitionPenalty,
-      seed: opts.seed,
-    };
-    if (opts.maxNewTokens === 0) {
-      return { text: "", tokens, finishReason, usage: { promptTokens: prompt.length, completionTokens: 0 }, prefillPasses };
-    }
-    const seq = this.openSequence();
-    try {
-      if (opts.signal?.aborted) {
-        finishReason = "abort";
-      } else {
-        let r = await seq.append(Int32Array.from(prompt), {
-          mode: opts.prefill,
-          passes: opts.prefillPasses,
-          tolerance: opts.prefillTolerance,
-          logits: "none",
-          sample,
-        });
-        prefillPasses = r.passes;
-        for (;;) {
-          const tok = r.token!;
-          if (eos.has(tok)) {
-            finishReason = "stop";
-            break;
-          }
-          tokens.push(tok);
-          const delta = text.push(tokens);
-          if (delta.length > 0 || !text.stopped) yield { text: delta, token: tok };
-          if (text.stopped) {
-            finishReason = "stop";
-            break;
-          }
-          if (opts.signal?.aborted) {
-            finishReason = "abort";
-            break;
-          }
-          if (tokens.length >= opts.maxNewTokens || seq.length >= this.maxContext) break;
-          r = await seq.append(Int32Array.of(tok), { mode: opts.prefill, logits: "none", sample });
-        }
-      }
-    } catch (e) {
-      throw fromNative(e);
-    } finally {
-      this.closeSequence(seq);
-    }
-    const rest = text.flush();
-    if (rest) yield { text: rest, token: -1 };
-    return {
-      text: text.value,
-      tokens,
+    const done = (finishReason: GenerateResult["finishReason"]): GenerateResult => ({
+      text: "",
+      tokens: [],
       finishReason,
-      usage: { promptTokens: prompt.length, completionTokens: tokens.length },
-      prefillPasses,
-    };
+      usage: { promptTokens: prompt.length, completionTokens: 0 },
+      prefillPasses: 0,
+    });
+    if (opts.maxNewTokens === 0) return done("length");
+    if (opts.signal?.aborted) return done("abort");
+    const seq = this.createSequence();
+    try {
+      const { passes } = await seq.append(prompt, opts);
+      return yield* seq.run(options, prompt.length, passes);
+    } finally {
+      seq.dispose();
+    }
   }
 
   /** Generates a completion of the prompt (text or token ids). */

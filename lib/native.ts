@@ -29,6 +29,7 @@ export interface NativeAppendResult {
 export interface NativeSequence {
   append(tokens: Int32Array, opts: NativeAppendOptions): Promise<NativeAppendResult>;
   truncate(n: number): void;
+  fork(): NativeSequence;
   dispose(): void;
   readonly length: number;
   readonly kvBytes: number;

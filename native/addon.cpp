@@ -162,6 +162,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     Napi::Function f = DefineClass(env, "NativeSequence",
                                    {InstanceMethod("append", &SequenceWrap::Append),
                                     InstanceMethod("truncate", &SequenceWrap::Truncate),
+                                    InstanceMethod("fork", &SequenceWrap::Fork),
                                     InstanceMethod("dispose", &SequenceWrap::Dispose),
                                     InstanceAccessor("length", &SequenceWrap::Length, nullptr),
                                     InstanceAccessor("kvBytes", &SequenceWrap::KvBytes, nullptr)});
@@ -186,6 +187,21 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
       throwInvalid(info.Env(), "truncate(n): n must be an integer in [0, " + std::to_string(s->state->length()) + "]");
     s->state->tokens.resize((size_t)n);
     return info.Env().Undefined();
+  }
+  Napi::Value Fork(const Napi::CallbackInfo& info) {
+    auto s = live(info.Env());
+    if (s->busy) throw makeError(info.Env(), kErrBusy, "the sequence is running a forward");
+    auto child = std::make_shared<SharedSequence>();
+    child->owner = s->owner;
+    try {
+      std::lock_guard<std::mutex> lk(s->owner->model->mutex());
+      child->state = s->owner->model->forkSequence(*s->state);
+    } catch (const EngineError& e) {
+      throw makeError(info.Env(), e.code, e.what());
+    }
+    Napi::Object obj = ctor.New({});
+    Unwrap(obj)->seq = child;
+    return obj;
   }
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     seq.reset();

@@ -52,6 +52,8 @@ class CpuKvStore : public KvStore {
     if (slot < 0 || slot >= slots_ || start < 0 || n < 0 || start + n > cap_)
       throw EngineError(kErrInvalidArgument, "KV access out of range");
   }
+  int slots() const { return slots_; }
+  int kvDim() const { return kvDim_; }
 
  private:
   int slots_, kvDim_, cap_ = 0;
@@ -81,6 +83,16 @@ class CpuBackend : public Backend {
   }
   std::unique_ptr<KvStore> createKvStore(int numSlots, int kvDim, int initialCapacity) override {
     return std::make_unique<CpuKvStore>(numSlots, kvDim, initialCapacity);
+  }
+  std::unique_ptr<KvStore> cloneKvStore(KvStore& src, int length) override {
+    auto& s = static_cast<CpuKvStore&>(src);
+    auto out = std::make_unique<CpuKvStore>(s.slots(), s.kvDim(), std::max(length, 1));
+    for (int slot = 0; slot < s.slots() && length > 0; ++slot) {
+      s.check(slot, 0, length);
+      std::memcpy(out->key(slot, 0), s.key(slot, 0), sizeof(float) * (size_t)length * s.kvDim());
+      std::memcpy(out->value(slot, 0), s.value(slot, 0), sizeof(float) * (size_t)length * s.kvDim());
+    }
+    return out;
   }
 
   void embed(const int32_t* tokens, const int32_t* positions, int n, const Tensor& table, const Tensor* posTable,

@@ -122,6 +122,7 @@ class CudaKvStore : public KvStore {
       throw EngineError(kErrInvalidArgument, "KV access out of range");
   }
   int kvDim() const { return kvDim_; }
+  int slots() const { return slots_; }
 
  private:
   int slots_, kvDim_, cap_ = 0;
@@ -284,6 +285,19 @@ class CudaBackend : public Backend {
   std::unique_ptr<KvStore> createKvStore(int numSlots, int kvDim, int initialCapacity) override {
     ctx();
     return std::make_unique<CudaKvStore>(numSlots, kvDim, initialCapacity);
+  }
+  std::unique_ptr<KvStore> cloneKvStore(KvStore& src, int length) override {
+    ctx();
+    auto& s = static_cast<CudaKvStore&>(src);
+    auto out = std::make_unique<CudaKvStore>(s.slots(), s.kvDim(), std::max(length, 1));
+    const size_t bytes = sizeof(float) * (size_t)length * s.kvDim();
+    for (int slot = 0; slot < s.slots() && length > 0; ++slot) {
+      s.check(slot, 0, length);
+      cudaOk(cudaMemcpyAsync(out->key(slot), s.key(slot), bytes, cudaMemcpyDeviceToDevice, stream_), "kv clone");
+      cudaOk(cudaMemcpyAsync(out->value(slot), s.value(slot), bytes, cudaMemcpyDeviceToDevice, stream_), "kv clone");
+    }
+    cudaOk(cudaStreamSynchronize(stream_), "kv clone sync");
+    return out;
   }
 
   void embed(const int32_t* tokens, const int32_t* positions, int n, const Tensor& table, const Tensor* posTable,

@@ -63,6 +63,8 @@ class Backend {
   // Fills an f32 tensor with NaN, so a test can see whether an op wrote every element.
   virtual void poison(Tensor& t) = 0;
   virtual std::unique_ptr<KvStore> createKvStore(int numSlots, int kvDim, int initialCapacity) = 0;
+  // A new store holding a copy of src's positions [0, length) in every slot (for fork()).
+  virtual std::unique_ptr<KvStore> cloneKvStore(KvStore& src, int length) = 0;
 
   // out[r] = table[tokens[r]]  (+ posTable[positions[r]] when posTable is given)
   virtual void embed(const int32_t* tokens, const int32_t* positions, int n, const Tensor& table,

@@ -165,6 +165,18 @@ std::unique_ptr<SequenceState> Model::createSequence(int maxContext) {
   return seq;
 }
 
+std::unique_ptr<SequenceState> Model::forkSequence(SequenceState& seq) {
+  auto out = std::make_unique<SequenceState>();
+  out->maxContext = seq.maxContext;
+  out->tokens = seq.tokens;
+  try {
+    out->kv = backend_->cloneKvStore(*seq.kv, seq.length());
+  } catch (const std::bad_alloc&) {
+    throw EngineError(kErrOutOfMemory, "out of memory forking a sequence of " + std::to_string(seq.length()) + " tokens");
+  }
+  return out;
+}
+
 static const Tensor* opt(const Tensor& t) { return t.empty() ? nullptr : &t; }
 
 void Model::runLayer(SequenceState& seq, Scratch& s, int n, const int32_t* pos, int i) {

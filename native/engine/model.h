@@ -62,6 +62,8 @@ class Model {
   std::map<std::string, std::pair<int64_t, int64_t>> expectedTensors() const;
 
   std::unique_ptr<SequenceState> createSequence(int maxContext);
+  // A copy of seq: its tokens and the K/V of every position so far.
+  std::unique_ptr<SequenceState> forkSequence(SequenceState& seq);
 
   // Appends tokens to the sequence, running the forward; optionally returns logits and samples.
   AppendResult append(SequenceState& seq, const std::vector<int32_t>& tokens, const PrefillSpec& prefill,

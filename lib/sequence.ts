@@ -1,0 +1,218 @@
+/**
+ * A sequence: one stream of tokens with its own K/V cache, kept across calls. A multi-turn
+ * chat keeps its sequence, so each turn prefills only its new tokens; fork() branches it.
+ *
+ * Evaluation is lazy by one token: append() runs the forward over all new tokens but the last,
+ * which stays pending until generate() (or the next append()) needs it. That way generate()
+ * gets the logits of the last token from the same forward that evaluates it, and no forward is
+ * ever run twice.
+ */
+import "./dispose-symbols";
+import { DisposedError, fromNative, InvalidOptionError, LckvError } from "./errors";
+import type { GenerateResult, Model, PrefillOptions, StreamChunk } from "./model";
+import { NativeSequence } from "./native";
+import { DEFAULT_PREFILL_TOLERANCE, describe, GenerateOptions, nonNegInt, posInt, PREFILL_MODES, resolveGenerateOptions, tolerance } from "./options";
+import { TextStream } from "./textstream";
+
+export class Sequence implements Disposable {
+  private native: NativeSequence | null;
+  /** Tokens whose K/V is in the cache. */
+  private evaluated: number[] = [];
+  /** Tokens of the sequence not run through the model yet (at most the last one, or a fork's). */
+  private pending: number[] = [];
+  private busy = false;
+
+  /** @internal Use model.createSequence(). */
+  constructor(
+    private readonly model: Model,
+    native: NativeSequence,
+    private readonly onDispose: (s: NativeSequence) => void,
+  ) {
+    this.native = native;
+  }
+
+  /** Every token of the sequence, in order. */
+  get tokens(): number[] {
+    return [...this.evaluated, ...this.pending];
+  }
+
+  get length(): number {
+    return this.evaluated.length + this.pending.length;
+  }
+
+  get disposed(): boolean {
+    return this.native === null;
+  }
+
+  private live(): NativeSequence {
+    if (!this.native || this.model.disposed) throw new DisposedError("the sequence");
+    return this.native;
+  }
+
+  private async exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    if (this.busy) throw new LckvError("LCKV_BUSY", "the sequence is busy: await its previous append() or generate() first");
+    this.busy = true;
+    try {
+      return await fn();
+    } finally {
+      this.busy = false;
+    }
+  }
+
+  /** Adds text or token ids to the sequence (prefilling all but the last new token). */
+  async append(input: string | readonly number[], options: PrefillOptions = {}): Promise<{ passes: number }> {
+    return this.exclusive(async () => {
+      const native = this.live();
+      const ids = this.model.toTokenIds(input, "input", this.length);
+      const prefill = resolvePrefill(this.model, options);
+      const run = [...this.pending, ...ids.slice(0, -1)];
+      let passes = 0;
+      if (run.length > 0) {
+        try {
+          passes = (await native.append(Int32Array.from(run), { ...prefill, logits: "none" })).passes;
+        } catch (e) {
+          throw fromNative(e);
+        }
+        this.evaluated.push(...run);
+      }
+      this.pending = ids.slice(-1);
+      return { passes };
+    });
+  }
+
+  /** Generates from the end of the sequence; the generated tokens become part of it. */
+  generate(options?: GenerateOptions): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
+    return this.run(options, 0);
+  }
+
+  /** @internal The generation loop behind generate() and model.generate(). */
+  async *run(options: GenerateOptions | undefined, promptTokens: number, prefillPasses = 0): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
+    const opts = resolveGenerateOptions(options, this.model.generationDefaults());
+    if (this.busy) throw new LckvError("LCKV_BUSY", "the sequence is busy: await its previous append() or generate() first");
+    const native = this.live();
+    if (this.pending.length === 0 && opts.maxNewTokens > 0) {
+      throw new LckvError("LCKV_EMPTY_SEQUENCE", "generate() needs a sequence that ends in a token not yet continued: append() input first");
+    }
+    this.busy = true;
+    const eos = new Set(opts.ignoreEos ? [] : this.model.eosTokenIds);
+    const tokenizer = this.model.tokenizer;
+    const text = new TextStream((ids) => (tokenizer ? tokenizer.decode(ids) : ""), opts.stop);
+    const tokens: number[] = [];
+    let finishReason: GenerateResult["finishReason"] = "length";
+    const sample = {
+      temperature: opts.temperature,
+      topK: opts.topK,
+      topP: opts.topP,
+      minP: opts.minP,
+      repetitionPenalty: opts.repetitionPenalty,
+      seed: opts.seed,
+    };
+    try {
+      while (opts.maxNewTokens > 0) {
+        if (opts.signal?.aborted) {
+          finishReason = "abort";
+          break;
+        }
+        // The pending token must fit in the context to be evaluated; the token sampled from the
+        // last position is still returned (and stays pending, past the context).
+        if (this.length > this.model.maxContext) break;
+        const run = this.pending;
+        let r;
+        try {
+          r = await native.append(Int32Array.from(run), {
+            mode: opts.prefill,
+            passes: opts.prefillPasses,
+            tolerance: opts.prefillTolerance,
+            logits: "none",
+            sample,
+          });
+        } catch (e) {
+          throw fromNative(e);
+        }
+        if (run.length > 1) prefillPasses = Math.max(prefillPasses, r.passes);
+        this.evaluated.push(...run);
+        this.pending = [];
+        const tok = r.token!;
+        if (eos.has(tok)) {
+          finishReason = "stop";
+          break;
+        }
+        tokens.push(tok);
+        this.pending = [tok];
+        const delta = text.push(tokens);
+        if (delta.length > 0 || !text.stopped) yield { text: delta, token: tok };
+        if (text.stopped) {
+          finishReason = "stop";
+          break;
+        }
+        if (tokens.length >= opts.maxNewTokens) break;
+      }
+    } finally {
+      this.busy = false;
+    }
+    const rest = text.flush();
+    if (rest) yield { text: rest, token: -1 };
+    return {
+      text: text.value,
+      tokens,
+      finishReason,
+      usage: { promptTokens, completionTokens: tokens.length },
+      prefillPasses,
+    };
+  }
+
+  /** A new sequence that shares everything so far (its cache is a copy). */
+  fork(): Sequence {
+    const native = this.live();
+    if (this.busy) throw new LckvError("LCKV_BUSY", "the sequence is busy: await its previous append() or generate() first");
+    let child: NativeSequence;
+    try {
+      child = native.fork();
+    } catch (e) {
+      throw fromNative(e);
+    }
+    const s = this.model.adoptSequence(child);
+    s.evaluated = [...this.evaluated];
+    s.pending = [...this.pending];
+    return s;
+  }
+
+  /** Rewinds the sequence to its first n tokens. */
+  truncate(n: number): void {
+    const native = this.live();
+    if (this.busy) throw new LckvError("LCKV_BUSY", "the sequence is busy: await its previous append() or generate() first");
+    nonNegInt("n", n);
+    if (n > this.length) throw new InvalidOptionError("n", `must be at most the sequence length ${this.length}, got ${n}`);
+    if (n <= this.evaluated.length) {
+      // Keep the new last token pending, so generate() can continue from it.
+      const keep = Math.max(0, n - 1);
+      const last = this.evaluated.slice(keep, n);
+      native.truncate(keep);
+      this.evaluated.length = keep;
+      this.pending = last;
+    } else {
+      this.pending.length = n - this.evaluated.length;
+    }
+  }
+
+  /** Frees the sequence's cache. Later calls throw DisposedError. */
+  dispose(): void {
+    if (!this.native) return;
+    this.onDispose(this.native);
+    this.native = null;
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}
+
+export function resolvePrefill(model: Model, options: PrefillOptions) {
+  const mode = options.prefill ?? model.generationDefaults().prefill;
+  if (!PREFILL_MODES.includes(mode)) throw new InvalidOptionError("prefill", `must be one of ${PREFILL_MODES.join(", ")}, got ${describe(mode)}`);
+  return {
+    mode,
+    passes: options.prefillPasses === undefined ? model.generationDefaults().prefillPasses : posInt("prefillPasses", options.prefillPasses),
+    tolerance: options.prefillTolerance === undefined ? DEFAULT_PREFILL_TOLERANCE : tolerance(options.prefillTolerance),
+  };
+}
