@@ -128,3 +128,30 @@ describeGpu("cuda: long decode", () => {
   });
 });
 
+
+describeGpu("cuda: sequences", () => {
+  test("multi-turn, fork and truncate on the GPU give what the CPU gives", async () => {
+    const dir = path.join(FIXTURES, "lckv-w2");
+    const run = async (device: "cpu" | "cuda") => {
+      const m = await loadModel(dir, { device, dtype: "f32" });
+      const out: number[][] = [];
+      const collect = async (it: AsyncGenerator<{ token: number }, { tokens: number[] }>) => {
+        for (;;) {
+          const r = await it.next();
+          if (r.done) return r.value.tokens;
+        }
+      };
+      const seq = m.createSequence();
+      await seq.append([5, 17, 33, 2, 9, 41, 7]);
+      out.push(await collect(seq.generate({ maxNewTokens: 6, temperature: 0 })));
+      const child = seq.fork();
+      await child.append([12, 13]);
+      out.push(await collect(child.generate({ maxNewTokens: 6, temperature: 0.8, seed: 3 })));
+      seq.truncate(4);
+      out.push(await collect(seq.generate({ maxNewTokens: 6, temperature: 0 })));
+      await m.dispose();
+      return out;
+    };
+    expect(await run("cuda")).toEqual(await run("cpu"));
+  });
+});
