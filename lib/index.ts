@@ -13,6 +13,7 @@ export { SUPPORTED_ARCHITECTURES } from "./config";
 export type { KvPlan } from "./plan";
 export { parseLayerTypes, buildPlan, formatLayerTypes } from "./plan";
 export { Sequence } from "./sequence";
+export type { SchedulerStats } from "./scheduler";
 export { Tokenizer } from "./tokenizer";
 export { evaluatePerplexity } from "./eval";
 export type { PerplexityResult } from "./eval";

@@ -29,6 +29,7 @@ import {
   tolerance,
 } from "./options";
 import { readModelTensors } from "./safetensors";
+import { DecodeScheduler, SchedulerStats } from "./scheduler";
 import { Sequence } from "./sequence";
 import { ChatMessage, readJson, Tokenizer } from "./tokenizer";
 import { resolveWeights } from "./weights";
@@ -202,6 +203,8 @@ export class Model implements AsyncDisposable {
   readonly device: "cpu" | "cuda";
   private native: NativeModel | null;
   private readonly live = new Set<NativeSequence>();
+  /** @internal Batches the decode steps of concurrent generations. */
+  readonly scheduler = new DecodeScheduler(() => this.nativeModel());
 
   constructor(
     readonly directory: string,
@@ -258,7 +261,8 @@ export class Model implements AsyncDisposable {
     return ids;
   }
 
-  private nativeModel(): NativeModel {
+  /** @internal */
+  nativeModel(): NativeModel {
     if (!this.native) throw new DisposedError("the model");
     return this.native;
   }
@@ -316,6 +320,11 @@ export class Model implements AsyncDisposable {
   /** Prefill logits of every position: Float32Array [ids.length * vocabSize]. */
   async logits(input: string | readonly number[], options: PrefillOptions = {}): Promise<Float32Array> {
     return (await this.forward(input, options)).logits;
+  }
+
+  /** Decode steps run so far, tokens decoded, and the largest batch (continuous batching). */
+  schedulerStats(): SchedulerStats {
+    return { ...this.scheduler.stats };
   }
 
   /** A new, empty sequence with its own cache: for multi-turn use, forks and rewinds. */

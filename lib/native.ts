@@ -55,6 +55,7 @@ export interface NativeModelDescription {
 
 export interface NativeModel {
   loadTensors(list: object[]): Promise<void>;
+  decodeBatch(seqs: NativeSequence[], tokens: Int32Array, sampling: NativeSamplingParams[]): Promise<Int32Array>;
   finalize(): void;
   createSequence(maxContext: number): NativeSequence;
   dispose(): void;

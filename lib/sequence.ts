@@ -117,22 +117,28 @@ export class Sequence implements Disposable {
         // last position is still returned (and stays pending, past the context).
         if (this.length > this.model.maxContext) break;
         const run = this.pending;
-        let r;
-        try {
-          r = await native.append(Int32Array.from(run), {
-            mode: opts.prefill,
-            passes: opts.prefillPasses,
-            tolerance: opts.prefillTolerance,
-            logits: "none",
-            sample,
-          });
-        } catch (e) {
-          throw fromNative(e);
+        let tok: number;
+        if (run.length === 1) {
+          // A decode step: batched with every other sequence decoding now.
+          tok = await this.model.scheduler.decode(native, run[0], sample);
+        } else {
+          let r;
+          try {
+            r = await native.append(Int32Array.from(run), {
+              mode: opts.prefill,
+              passes: opts.prefillPasses,
+              tolerance: opts.prefillTolerance,
+              logits: "none",
+              sample,
+            });
+          } catch (e) {
+            throw fromNative(e);
+          }
+          prefillPasses = Math.max(prefillPasses, r.passes);
+          tok = r.token!;
         }
-        if (run.length > 1) prefillPasses = Math.max(prefillPasses, r.passes);
         this.evaluated.push(...run);
         this.pending = [];
-        const tok = r.token!;
         if (eos.has(tok)) {
           finishReason = "stop";
           break;

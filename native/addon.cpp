@@ -254,6 +254,17 @@ class AppendWorker : public PromiseWorker {
   AppendResult res_;
 };
 
+SamplingParams parseSampling(const Napi::Object& so) {
+  SamplingParams sp;
+  sp.temperature = (float)getNum(so, "temperature", 0);
+  sp.topK = getInt(so, "topK", false, 0);
+  sp.topP = (float)getNum(so, "topP", 1);
+  sp.minP = (float)getNum(so, "minP", 0);
+  sp.repetitionPenalty = (float)getNum(so, "repetitionPenalty", 1);
+  sp.seed = (uint64_t)(int64_t)getNum(so, "seed", 0);
+  return sp;
+}
+
 // append(tokens: Int32Array, opts: {mode, passes, logits: "none"|"last"|"all", sample?: {...}})
 Napi::Value SequenceWrap::Append(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -287,15 +298,8 @@ Napi::Value SequenceWrap::Append(const Napi::CallbackInfo& info) {
   SamplingParams sp;
   Napi::Value sv = o.Get("sample");
   if (sv.IsObject()) {
-    Napi::Object so = sv.As<Napi::Object>();
     sample = true;
-    sp.temperature = (float)getNum(so, "temperature", 0);
-    sp.topK = getInt(so, "topK", false, 0);
-    sp.topP = (float)getNum(so, "topP", 1);
-    sp.minP = (float)getNum(so, "minP", 0);
-    sp.repetitionPenalty = (float)getNum(so, "repetitionPenalty", 1);
-    double seed = getNum(so, "seed", 0);
-    sp.seed = (uint64_t)(int64_t)seed;
+    sp = parseSampling(sv.As<Napi::Object>());
   }
   bool expected = false;
   if (!s->busy.compare_exchange_strong(expected, true))
@@ -313,6 +317,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   static void Init(Napi::Env env, Napi::Object exports) {
     Napi::Function f = DefineClass(env, "NativeModel",
                                    {InstanceMethod("loadTensors", &ModelWrap::LoadTensors),
+                                    InstanceMethod("decodeBatch", &ModelWrap::DecodeBatch),
                                     InstanceMethod("finalize", &ModelWrap::Finalize),
                                     InstanceMethod("createSequence", &ModelWrap::CreateSequence),
                                     InstanceMethod("dispose", &ModelWrap::Dispose),
@@ -417,6 +422,72 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       src.push_back(std::move(s));
     }
     auto* w = new LoadWorker(env, m, std::move(src));
+    Napi::Promise p = w->promise();
+    w->Queue();
+    return p;
+  }
+
+  class DecodeBatchWorker : public PromiseWorker {
+   public:
+    DecodeBatchWorker(Napi::Env env, std::shared_ptr<SharedModel> m, std::vector<std::shared_ptr<SharedSequence>> seqs,
+                      std::vector<int32_t> tokens, std::vector<SamplingParams> params)
+        : PromiseWorker(env), m_(std::move(m)), seqs_(std::move(seqs)), tokens_(std::move(tokens)), params_(std::move(params)) {}
+    void Execute() override {
+      guard([&] {
+        std::vector<SequenceState*> states;
+        for (auto& s : seqs_) states.push_back(s->state.get());
+        std::lock_guard<std::mutex> lk(m_->model->mutex());
+        out_ = m_->model->decodeBatch(states, tokens_, params_);
+      });
+      for (auto& s : seqs_) s->busy = false;
+    }
+    void OnOK() override {
+      Napi::Int32Array a = Napi::Int32Array::New(Env(), out_.size());
+      std::memcpy(a.Data(), out_.data(), out_.size() * sizeof(int32_t));
+      deferred_.Resolve(a);
+    }
+
+   private:
+    std::shared_ptr<SharedModel> m_;
+    std::vector<std::shared_ptr<SharedSequence>> seqs_;
+    std::vector<int32_t> tokens_, out_;
+    std::vector<SamplingParams> params_;
+  };
+
+  // decodeBatch(sequences: NativeSequence[], tokens: Int32Array, sampling: object[]) -> Promise<Int32Array>
+  Napi::Value DecodeBatch(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto m = live(env);
+    if (!info[0].IsArray() || !info[1].IsTypedArray() || !info[2].IsArray())
+      throwInvalid(env, "decodeBatch(sequences, tokens: Int32Array, sampling[])");
+    if (info[1].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array) throwInvalid(env, "decodeBatch: tokens must be an Int32Array");
+    Napi::Array sa = info[0].As<Napi::Array>(), pa = info[2].As<Napi::Array>();
+    Napi::Int32Array ta = info[1].As<Napi::Int32Array>();
+    const uint32_t n = sa.Length();
+    if (n == 0 || ta.ElementLength() != n || pa.Length() != n) throwInvalid(env, "decodeBatch: one token and one sampling object per sequence");
+    std::vector<std::shared_ptr<SharedSequence>> seqs;
+    std::vector<SamplingParams> params;
+    for (uint32_t i = 0; i < n; ++i) {
+      Napi::Value v = sa.Get(i);
+      if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(SequenceWrap::ctor.Value()))
+        throwInvalid(env, "decodeBatch: sequences must be NativeSequence objects");
+      auto sq = SequenceWrap::Unwrap(v.As<Napi::Object>())->seq;
+      if (!sq) throw makeError(env, kErrDisposed, "a sequence in the batch has been disposed");
+      if (sq->owner != m) throwInvalid(env, "decodeBatch: a sequence belongs to another model");
+      seqs.push_back(sq);
+      if (!pa.Get(i).IsObject()) throwInvalid(env, "decodeBatch: sampling entries must be objects");
+      params.push_back(parseSampling(pa.Get(i).As<Napi::Object>()));
+    }
+    // Claim every sequence, or none.
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      bool expected = false;
+      if (!seqs[i]->busy.compare_exchange_strong(expected, true)) {
+        for (size_t j = 0; j < i; ++j) seqs[j]->busy = false;
+        throw makeError(env, kErrBusy, "a sequence in the batch is already running a forward (or appears twice)");
+      }
+    }
+    std::vector<int32_t> tokens(ta.Data(), ta.Data() + n);
+    auto* w = new DecodeBatchWorker(env, m, std::move(seqs), std::move(tokens), std::move(params));
     Napi::Promise p = w->promise();
     w->Queue();
     return p;

@@ -467,7 +467,9 @@ class CudaBackend : public Backend {
       if (be.profiler_.enabled()) be.profiler_.end(be.stream_);
     }
   };
-  static constexpr int kGemvMaxRows = 8;
+  // Up to this many rows (decode batches) the GEMV runs, whose result for a row does not depend on
+  // the other rows: a sequence decodes the same alone or in a batch. Larger chunks use cuBLASLt.
+  static constexpr int kGemvMaxRows = 16;
   static constexpr size_t kWorkspace = 32 << 20;
 
   void ctx() { cudaSetDevice(device_); }

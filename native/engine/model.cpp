@@ -179,7 +179,15 @@ std::unique_ptr<SequenceState> Model::forkSequence(SequenceState& seq) {
 
 static const Tensor* opt(const Tensor& t) { return t.empty() ? nullptr : &t; }
 
-void Model::runLayer(SequenceState& seq, Scratch& s, int n, const int32_t* pos, int i) {
+// Rows [row, row + count) of an f32 activation tensor, sharing its storage.
+static Tensor rowView(const Tensor& t, int row, int count) {
+  Tensor v = t;
+  v.data = static_cast<float*>(t.data) + (int64_t)row * t.cols;
+  v.rows = count;
+  return v;
+}
+
+void Model::runLayer(const std::vector<RowGroup>& groups, Scratch& s, int n, const int32_t* pos, int i) {
   Backend& be = *backend_;
   static const std::vector<std::string> names = [] {
     std::vector<std::string> v;
@@ -202,7 +210,8 @@ void Model::runLayer(SequenceState& seq, Scratch& s, int n, const int32_t* pos, 
     be.linear(s.x, n, L.k, opt(L.kB), s.k);
     be.linear(s.x, n, L.v, opt(L.vB), s.v);
     if (rope) be.rope(s.k, n, c.numKvHeads, c.headDim, pos, c.ropeInvFreq, c.ropeAttentionScale);
-    be.kvWrite(*seq.kv, ownSlot, s.k, s.v, n, pos);
+    for (const RowGroup& g : groups)
+      be.kvWrite(*g.seq->kv, ownSlot, rowView(s.k, g.row, g.count), rowView(s.v, g.row, g.count), g.count, pos + g.row);
   }
   AttentionSpec spec;
   spec.numHeads = c.numHeads;
@@ -211,7 +220,10 @@ void Model::runLayer(SequenceState& seq, Scratch& s, int n, const int32_t* pos, 
   spec.strict = c.plan.strict[i];
   spec.window = c.plan.window[i];
   spec.scale = 1.0f / std::sqrt((float)c.headDim);
-  be.attention(s.q, n, pos, *seq.kv, c.plan.kvSlot[c.plan.target[i]], spec, s.a);
+  for (const RowGroup& g : groups) {
+    Tensor a = rowView(s.a, g.row, g.count);
+    be.attention(rowView(s.q, g.row, g.count), g.count, pos + g.row, *g.seq->kv, c.plan.kvSlot[c.plan.target[i]], spec, a);
+  }
   be.linear(s.a, n, L.o, opt(L.oB), s.o);
   be.addNorm(nk, s.h, s.o, n, L.mlpNormW, opt(L.mlpNormB), c.normEps, s.x);
   if (c.style == BlockStyle::Llama) {
@@ -227,8 +239,8 @@ void Model::runLayer(SequenceState& seq, Scratch& s, int n, const int32_t* pos, 
   s.pendingResidual = true;
 }
 
-void Model::runLayers(SequenceState& seq, Scratch& s, int n, const int32_t* pos, int first, int last) {
-  for (int i = first; i <= last; ++i) runLayer(seq, s, n, pos, i);
+void Model::runLayers(const std::vector<RowGroup>& groups, Scratch& s, int n, const int32_t* pos, int first, int last) {
+  for (int i = first; i <= last; ++i) runLayer(groups, s, n, pos, i);
   // Callers read or copy h next: settle the last residual.
   if (s.pendingResidual) backend_->addInPlace(s.h, s.o, n);
   s.pendingResidual = false;
@@ -246,16 +258,10 @@ Tensor Model::computeLogits(Scratch& s, int rowStart, int rows) {
   return lg;
 }
 
-// Runs n tokens at positions [start, start+n) through every layer, prefilling the cyclic
-// group as `mode` says. Keeps the last row's logits in res.lastLogits and, with `download`,
-// appends the wanted rows to res.logits.
-void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int start, const PrefillSpec& prefill,
-                         LogitsWanted want, bool download, AppendResult& res) {
+void Model::allocScratch(Scratch& s, int n) {
   Backend& be = *backend_;
-  BackendRange range(be, n == 1 ? "decode step" : "prefill chunk");
   const ModelConfig& c = cfg_;
   const int qd = c.numHeads * c.headDim, kvd = c.numKvHeads * c.headDim;
-  Scratch s;
   s.h = be.alloc(n, c.hidden);
   s.x = be.alloc(n, c.hidden);
   s.q = be.alloc(n, qd);
@@ -265,6 +271,66 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
   s.o = be.alloc(n, c.hidden);
   s.g = be.alloc(n, c.intermediate);
   s.u = be.alloc(n, c.intermediate);
+}
+
+std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& tokens,
+                                        const std::vector<SamplingParams>& params) {
+  if (!ready_) throw EngineError(kErrInvalidArgument, "model weights are not loaded");
+  const int n = (int)seqs.size();
+  if (n == 0 || tokens.size() != seqs.size() || params.size() != seqs.size())
+    throw EngineError(kErrInvalidArgument, "decodeBatch needs one token and one sampling setting per sequence");
+  for (int r = 0; r < n; ++r) {
+    for (int q = 0; q < r; ++q)
+      if (seqs[(size_t)q] == seqs[(size_t)r]) throw EngineError(kErrInvalidArgument, "a sequence appears twice in one batch");
+    if (tokens[(size_t)r] < 0 || tokens[(size_t)r] >= cfg_.vocab)
+      throw EngineError(kErrTokenOutOfRange, "token id " + std::to_string(tokens[(size_t)r]) + " is outside the vocabulary [0, " +
+                                                  std::to_string(cfg_.vocab) + ")");
+    if (seqs[(size_t)r]->length() + 1 > seqs[(size_t)r]->maxContext)
+      throw EngineError(kErrContextOverflow, "a sequence in the batch is full (" + std::to_string(seqs[(size_t)r]->maxContext) + " tokens)");
+  }
+  Backend& be = *backend_;
+  BackendRange range(be, "decode batch");
+  std::vector<int32_t> pos((size_t)n), out((size_t)n);
+  std::vector<RowGroup> groups;
+  for (int r = 0; r < n; ++r) {
+    pos[(size_t)r] = seqs[(size_t)r]->length();
+    groups.push_back({seqs[(size_t)r], r, 1});
+  }
+  try {
+    for (SequenceState* q : seqs) q->kv->reserve(q->length() + 1);
+    Scratch s;
+    allocScratch(s, n);
+    be.embed(tokens.data(), pos.data(), n, embed_, opt(posEmbed_), s.h);
+    // One token per sequence: strict layers read only earlier, final positions: one pass.
+    runLayers(groups, s, n, pos.data(), 0, cfg_.numLayers - 1);
+    Tensor lg = computeLogits(s, 0, n);
+    for (int r = 0; r < n; ++r) {
+      const SamplingParams& p = params[(size_t)r];
+      std::vector<int32_t> history;
+      if (p.repetitionPenalty != 1.0f) {
+        history = seqs[(size_t)r]->tokens;
+        history.push_back(tokens[(size_t)r]);
+      }
+      out[(size_t)r] = be.sample(rowView(lg, r, 1), cfg_.vocab, p, history, (uint64_t)(pos[(size_t)r] + 1));
+    }
+  } catch (const std::bad_alloc&) {
+    throw EngineError(kErrOutOfMemory, "out of memory running a decode batch of " + std::to_string(n));
+  }
+  for (int r = 0; r < n; ++r) seqs[(size_t)r]->tokens.push_back(tokens[(size_t)r]);
+  return out;
+}
+
+// Runs n tokens at positions [start, start+n) through every layer, prefilling the cyclic
+// group as `mode` says. Keeps the last row's logits in res.lastLogits and, with `download`,
+// appends the wanted rows to res.logits.
+void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int start, const PrefillSpec& prefill,
+                         LogitsWanted want, bool download, AppendResult& res) {
+  Backend& be = *backend_;
+  BackendRange range(be, n == 1 ? "decode step" : "prefill chunk");
+  const ModelConfig& c = cfg_;
+  Scratch s;
+  allocScratch(s, n);
+  const std::vector<RowGroup> seqRows{{&seq, 0, n}};
   std::vector<int32_t> pos((size_t)n);
   for (int r = 0; r < n; ++r) pos[(size_t)r] = start + r;
 
@@ -273,11 +339,11 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
   const KvPlan& plan = c.plan;
   if (!plan.hasCycle() || n == 1) {
     // A single token needs one pass: strict layers read only earlier, final positions.
-    runLayers(seq, s, n, pos.data(), 0, c.numLayers - 1);
+    runLayers(seqRows, s, n, pos.data(), 0, c.numLayers - 1);
     res.passes = std::max(res.passes, 1);
   } else {
     const int low = plan.cyclicLow, high = plan.cyclicHigh;
-    if (low > 0) runLayers(seq, s, n, pos.data(), 0, low - 1);
+    if (low > 0) runLayers(seqRows, s, n, pos.data(), 0, low - 1);
     s.h0 = be.alloc(n, c.hidden);
     be.copyRows(s.h, 0, s.h0, 0, n);
     // Zero KV before the first pass, so the first pass reads the same thing every time.
@@ -290,7 +356,7 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
     while (true) {
       BackendRange passRange(be, "cyclic group pass");
       be.copyRows(s.h0, 0, s.h, 0, n);
-      runLayers(seq, s, n, pos.data(), low, high);
+      runLayers(seqRows, s, n, pos.data(), low, high);
       ++passes;
       if (passes >= maxPasses) break;  // after n passes every position is exact by induction
       if (prefill.mode == PrefillMode::FixedPoint) {
@@ -310,7 +376,7 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
       }
     }
     res.passes = std::max(res.passes, passes);
-    if (high + 1 < c.numLayers) runLayers(seq, s, n, pos.data(), high + 1, c.numLayers - 1);
+    if (high + 1 < c.numLayers) runLayers(seqRows, s, n, pos.data(), high + 1, c.numLayers - 1);
   }
   if (want == LogitsWanted::None) return;
   const int rows = want == LogitsWanted::All ? n : 1;

@@ -39,6 +39,13 @@ struct SequenceState {
   int length() const { return (int)tokens.size(); }
 };
 
+// Rows [row, row + count) of a forward belong to seq (one group per sequence in a batch).
+struct RowGroup {
+  SequenceState* seq;
+  int row;
+  int count;
+};
+
 struct AppendResult {
   int passes = 0;               // passes over the cyclic group (1 when the plan has none)
   std::vector<float> logits;    // [rows, vocab] as asked
@@ -69,6 +76,13 @@ class Model {
   AppendResult append(SequenceState& seq, const std::vector<int32_t>& tokens, const PrefillSpec& prefill,
                       LogitsWanted logits, const SamplingParams* sampling);
 
+  // One decode step for several sequences at once: row r appends tokens[r] to seqs[r] and
+  // samples its next token with params[r]. The weights are read once for the whole batch; each
+  // row's result is the same as when its sequence runs alone. All or nothing: on error no
+  // sequence changes.
+  std::vector<int32_t> decodeBatch(const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& tokens,
+                                   const std::vector<SamplingParams>& params);
+
   // Serialises forwards over one model (the CPU backend's thread pool is shared).
   std::mutex& mutex() { return mutex_; }
 
@@ -78,8 +92,9 @@ class Model {
   };
   struct Scratch;
 
-  void runLayers(SequenceState& seq, Scratch& s, int n, const int32_t* pos, int first, int last);
-  void runLayer(SequenceState& seq, Scratch& s, int n, const int32_t* pos, int layer);
+  void runLayers(const std::vector<RowGroup>& groups, Scratch& s, int n, const int32_t* pos, int first, int last);
+  void runLayer(const std::vector<RowGroup>& groups, Scratch& s, int n, const int32_t* pos, int layer);
+  void allocScratch(Scratch& s, int n);
   Tensor computeLogits(Scratch& s, int rowStart, int rows);
   void forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int start, const PrefillSpec& prefill,
                     LogitsWanted want, bool download, AppendResult& res);
