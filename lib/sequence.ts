@@ -14,6 +14,9 @@ import { NativeSequence } from "./native";
 import { DEFAULT_PREFILL_TOLERANCE, describe, GenerateOptions, nonNegInt, posInt, PREFILL_MODES, resolveGenerateOptions, tolerance } from "./options";
 import { TextStream } from "./textstream";
 
+/** Tokens per prefill call in the exact modes (see append()). */
+export const PREFILL_CHUNK = 512;
+
 export class Sequence implements Disposable {
   private native: NativeSequence | null;
   /** Tokens whose K/V is in the cache. */
@@ -67,13 +70,18 @@ export class Sequence implements Disposable {
       const prefill = resolvePrefill(this.model, options);
       const run = [...this.pending, ...ids.slice(0, -1)];
       let passes = 0;
-      if (run.length > 0) {
+      // Long inputs go in chunks, so that other sequences' decode steps run in between. Exact
+      // modes stay exact across chunks (each chunk reads the final K/V of the ones before);
+      // the iterative scheme is defined over the whole input, so it is not cut.
+      const chunk = prefill.mode === "iterative" ? Math.max(run.length, 1) : PREFILL_CHUNK;
+      for (let at = 0; at < run.length; at += chunk) {
+        const part = run.slice(at, at + chunk);
         try {
-          passes = (await native.append(Int32Array.from(run), { ...prefill, logits: "none" })).passes;
+          passes = Math.max(passes, (await native.append(Int32Array.from(part), { ...prefill, logits: "none" })).passes);
         } catch (e) {
           throw fromNative(e);
         }
-        this.evaluated.push(...run);
+        this.evaluated.push(...part);
       }
       this.pending = ids.slice(-1);
       return { passes };
