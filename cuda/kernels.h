@@ -2,6 +2,7 @@
 // (native/cuda/cuda_backend.cpp) compiles with the host compiler. Each launcher checks its
 // shapes, opens an NVTX range, launches on `stream` and checks the launch.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 typedef struct CUstream_st* cudaStream_t;
@@ -56,6 +57,13 @@ int64_t attentionWorkspaceFloats(int n, int numHeads, int headDim, int maxVisibl
 // Greedy choice over logits[V] after the repetition penalty on `penalized` (distinct token ids,
 // device array); scratch holds V floats. Writes the token id to outToken (device).
 void launchGreedy(const float* logits, int V, float* scratch, const int32_t* penalized, int penalizedCount, float penalty,
+                  int32_t* outToken, cudaStream_t stream);
+
+// Sampling with temperature (> 0), top-k, top-p, min-p and the repetition penalty, as the CPU
+// reference does it; workspace holds sampleWorkspaceBytes(V).
+size_t sampleWorkspaceBytes(int V);
+void launchSample(const float* logits, int V, const int32_t* penalized, int penalizedCount, float penalty,
+                  float temperature, int topK, float topP, float minP, uint64_t seed, uint64_t position, void* workspace,
                   int32_t* outToken, cudaStream_t stream);
 
 }  // namespace lckv::cuda

@@ -77,3 +77,167 @@ void launchGreedy(const float* logits, int V, float* scratch, const int32_t* pen
 }
 
 }  // namespace lckv::cuda
+
+// ---- Sampling with temperature, top-k, top-p and min-p -------------------------------------
+// The reference (native/engine/sampling.cpp) sorts candidates by logit (descending, ties by id),
+// keeps the top k, takes the softmax of the scaled logits in double, cuts to the smallest prefix
+// whose mass reaches top-p, drops tokens under min-p times the most likely, and walks the
+// cumulative mass to the uniform draw. Here the sort is CUB's stable radix sort and the walks are
+// block-wide scans over the sorted candidates; only the chosen id leaves the device.
+#include <cub/cub.cuh>
+
+#include "../native/engine/rng.h"
+
+namespace lckv::cuda {
+
+namespace {
+
+constexpr int kSelectThreads = 1024;
+
+struct MinOp {
+  __device__ int operator()(int a, int b) const { return a < b ? a : b; }
+};
+
+__global__ void iotaKernel(int32_t* ids, int V) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < V; i += gridDim.x * blockDim.x) ids[i] = i;
+}
+
+using BlockScanD = cub::BlockScan<double, kSelectThreads>;
+using BlockReduceD = cub::BlockReduce<double, kSelectThreads>;
+using BlockReduceI = cub::BlockReduce<int, kSelectThreads>;
+
+struct SelectShared {
+  union {
+    typename BlockScanD::TempStorage scan;
+    typename BlockReduceD::TempStorage reduceD;
+    typename BlockReduceI::TempStorage reduceI;
+  };
+  double value;
+  int index;
+};
+
+// Sum of prob over [0, n), with prob_i = exp(x_i/T - x_0/T) / z (z = 1 for the unnormalised pass).
+__device__ double blockSum(const float* x, int n, double invT, double top, double z, SelectShared& sh) {
+  double s = 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) s += exp((double)x[i] * invT - top) / z;
+  s = BlockReduceD(sh.reduceD).Sum(s);
+  if (threadIdx.x == 0) sh.value = s;
+  __syncthreads();
+  s = sh.value;
+  __syncthreads();
+  return s;
+}
+
+// The first i in [0, n) whose inclusive cumulative prob exceeds (strict) or reaches `target`;
+// n when there is none. Each thread scans one contiguous segment.
+__device__ int firstCrossing(const float* x, int n, double invT, double top, double z, double target, bool strict,
+                             SelectShared& sh) {
+  const int seg = (n + blockDim.x - 1) / blockDim.x;
+  const int b = min(n, (int)threadIdx.x * seg), e = min(n, b + seg);
+  double local = 0;
+  for (int i = b; i < e; ++i) local += exp((double)x[i] * invT - top) / z;
+  double before;
+  BlockScanD(sh.scan).ExclusiveSum(local, before);
+  __syncthreads();
+  int found = n;
+  double cum = before;
+  for (int i = b; i < e; ++i) {
+    cum += exp((double)x[i] * invT - top) / z;
+    if (strict ? target < cum : cum >= target) {
+      found = i;
+      break;
+    }
+  }
+  found = BlockReduceI(sh.reduceI).Reduce(found, MinOp());
+  if (threadIdx.x == 0) sh.index = found;
+  __syncthreads();
+  found = sh.index;
+  __syncthreads();
+  return found;
+}
+
+__global__ void selectKernel(const float* __restrict__ x, const int32_t* __restrict__ ids, int V, float temperature,
+                             int topK, float topP, float minP, uint64_t seed, uint64_t position, int32_t* out) {
+  __shared__ SelectShared sh;
+  int keep = topK > 0 && topK < V ? topK : V;
+  const double invT = 1.0 / (double)temperature;
+  const double top = (double)x[0] * invT;
+  const double z = blockSum(x, keep, invT, top, 1.0, sh);
+  if (topP < 1.0f) {  // smallest prefix whose mass reaches topP (at least one token)
+    const int k = firstCrossing(x, keep, invT, top, z, (double)topP, false, sh);
+    keep = max(min(k + 1, keep), 1);
+  }
+  if (minP > 0.0f) {  // drop tokens below minP times the most likely one (probs are sorted)
+    const double floorP = (double)minP * (1.0 / z);  // prob_0 = exp(0) / z
+    int first = keep;
+    for (int i = 1 + threadIdx.x; i < keep; i += blockDim.x)
+      if (exp((double)x[i] * invT - top) / z < floorP) first = min(first, i);
+    first = BlockReduceI(sh.reduceI).Reduce(first, MinOp());
+    if (threadIdx.x == 0) sh.index = first;
+    __syncthreads();
+    keep = sh.index;
+    __syncthreads();
+  }
+  const double mass = blockSum(x, keep, invT, top, z, sh);
+  const double u = lckv::uniformDraw(seed, position) * mass;
+  const int pick = firstCrossing(x, keep, invT, top, z, u, true, sh);
+  if (threadIdx.x == 0) *out = ids[pick < keep ? pick : keep - 1];
+}
+
+struct SampleBuffers {
+  float *keysIn, *keysOut;
+  int32_t *idsIn, *idsOut;
+  void* temp;
+  size_t tempBytes;
+};
+
+size_t align256(size_t b) { return (b + 255) & ~size_t(255); }
+
+size_t cubTempBytes(int V) {
+  size_t bytes = 0;
+  cub::DeviceRadixSort::SortPairsDescending(nullptr, bytes, (const float*)nullptr, (float*)nullptr, (const int32_t*)nullptr,
+                                            (int32_t*)nullptr, V);
+  return bytes;
+}
+
+SampleBuffers carve(void* ws, int V) {
+  char* p = static_cast<char*>(ws);
+  SampleBuffers b;
+  const size_t f = align256(sizeof(float) * (size_t)V), i = align256(sizeof(int32_t) * (size_t)V);
+  b.keysIn = (float*)p;
+  b.keysOut = (float*)(p + f);
+  b.idsIn = (int32_t*)(p + 2 * f);
+  b.idsOut = (int32_t*)(p + 2 * f + i);
+  b.temp = p + 2 * f + 2 * i;
+  b.tempBytes = cubTempBytes(V);
+  return b;
+}
+
+}  // namespace
+
+size_t sampleWorkspaceBytes(int V) {
+  return 2 * align256(sizeof(float) * (size_t)V) + 2 * align256(sizeof(int32_t) * (size_t)V) + align256(cubTempBytes(V));
+}
+
+void launchSample(const float* logits, int V, const int32_t* penalized, int penalizedCount, float penalty,
+                  float temperature, int topK, float topP, float minP, uint64_t seed, uint64_t position, void* workspace,
+                  int32_t* outToken, cudaStream_t stream) {
+  NvtxRange r("sample");
+  if (V <= 0 || !(temperature > 0.0f)) throw std::invalid_argument("sample: needs V > 0 and temperature > 0");
+  SampleBuffers b = carve(workspace, V);
+  LCKV_CUDA_CHECK(cudaMemcpyAsync(b.keysIn, logits, sizeof(float) * (size_t)V, cudaMemcpyDeviceToDevice, stream));
+  if (penalty != 1.0f && penalizedCount > 0) {
+    penaltyKernel<<<(penalizedCount + 255) / 256, 256, 0, stream>>>(b.keysIn, penalized, penalizedCount, V, penalty);
+    LCKV_LAUNCH_CHECK("repetition_penalty");
+  }
+  iotaKernel<<<(V + 255) / 256, 256, 0, stream>>>(b.idsIn, V);
+  LCKV_LAUNCH_CHECK("iota");
+  size_t temp = b.tempBytes;
+  LCKV_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(b.temp, temp, b.keysIn, b.keysOut, b.idsIn, b.idsOut, V, 0,
+                                                            (int)(sizeof(float) * 8), stream));
+  selectKernel<<<1, kSelectThreads, 0, stream>>>(b.keysOut, b.idsOut, V, temperature, topK, topP, minP, seed, position,
+                                                 outToken);
+  LCKV_LAUNCH_CHECK("sample_select");
+}
+
+}  // namespace lckv::cuda

@@ -318,9 +318,9 @@ class CudaBackend : public Backend {
                      weightType(weight.dtype), eps, (float*)out.data, stream_);
   }
 
+  // Sampling on the device: only the chosen token id crosses to the host.
   int32_t sample(const Tensor& logitsRow, int vocab, const SamplingParams& p, const std::vector<int32_t>& history,
                  uint64_t position) override {
-    if (p.temperature > 0.0f) return Backend::sample(logitsRow, vocab, p, history, position);  // on the host for now
     ctx();
     Timed timed(*this, "sample");
     std::vector<int32_t> distinct;
@@ -329,12 +329,18 @@ class CudaBackend : public Backend {
       std::sort(distinct.begin(), distinct.end());
       distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
     }
-    std::shared_ptr<void> scratch = blocks_.get(sizeof(float) * (size_t)vocab);
     const int32_t* dPen = distinct.empty() ? nullptr : stage(2, distinct.data(), (int)distinct.size());
     if (!pinnedToken_) cudaOk(cudaMallocHost(&pinnedToken_, sizeof(int32_t)), "cudaMallocHost");
     std::shared_ptr<void> dTok = blocks_.get(sizeof(int32_t));
-    cuda::launchGreedy((const float*)logitsRow.data, vocab, (float*)scratch.get(), dPen, (int)distinct.size(),
-                       p.repetitionPenalty, (int32_t*)dTok.get(), stream_);
+    if (p.temperature <= 0.0f) {
+      std::shared_ptr<void> scratch = blocks_.get(sizeof(float) * (size_t)vocab);
+      cuda::launchGreedy((const float*)logitsRow.data, vocab, (float*)scratch.get(), dPen, (int)distinct.size(),
+                         p.repetitionPenalty, (int32_t*)dTok.get(), stream_);
+    } else {
+      std::shared_ptr<void> ws = blocks_.get(cuda::sampleWorkspaceBytes(vocab));
+      cuda::launchSample((const float*)logitsRow.data, vocab, dPen, (int)distinct.size(), p.repetitionPenalty,
+                         p.temperature, p.topK, p.topP, p.minP, p.seed, position, ws.get(), (int32_t*)dTok.get(), stream_);
+    }
     cudaOk(cudaMemcpyAsync(pinnedToken_, dTok.get(), sizeof(int32_t), cudaMemcpyDeviceToHost, stream_), "token copy");
     cudaOk(cudaStreamSynchronize(stream_), "sample sync");
     return *pinnedToken_;

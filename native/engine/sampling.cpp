@@ -5,21 +5,11 @@
 #include <numeric>
 #include <unordered_set>
 
+#include "rng.h"
+
 namespace lckv {
 
-namespace {
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-}  // namespace
-
-double uniformFor(uint64_t seed, uint64_t position) {
-  uint64_t r = splitmix64(seed ^ splitmix64(position));
-  return (double)(r >> 11) * (1.0 / 9007199254740992.0);  // 53 random bits
-}
+double uniformFor(uint64_t seed, uint64_t position) { return uniformDraw(seed, position); }
 
 int32_t sampleToken(const float* logits, int vocab, const SamplingParams& p, const std::vector<int32_t>& history,
                     uint64_t position) {

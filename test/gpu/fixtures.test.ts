@@ -98,6 +98,20 @@ describeGpu.each(fixtures)("cuda: %s", (name) => {
     expect(a.tokens).toEqual(c.tokens);
   });
 
+  test("sampling on the device (temperature, top-k, top-p, min-p, penalty) draws what the CPU draws", async () => {
+    const prompt = golden.greedy.prompt_ids;
+    for (const o of [
+      { temperature: 1.3, seed: 11 },
+      { temperature: 0.8, topK: 5, seed: 12 },
+      { temperature: 1.0, topP: 0.7, seed: 13 },
+      { temperature: 1.1, minP: 0.1, repetitionPenalty: 1.2, seed: 14 },
+      { temperature: 0.9, topK: 20, topP: 0.9, minP: 0.05, seed: 15 },
+    ]) {
+      const opts = { maxNewTokens: 16, ignoreEos: true, ...o };
+      expect((await f32.generate(prompt, opts)).tokens).toEqual((await cpu.generate(prompt, opts)).tokens);
+    }
+  });
+
   test("decode on the GPU equals the CPU's sequential computation (f32)", async () => {
     const prompt = golden.greedy.prompt_ids;
     const a = await f32.generate(prompt, { maxNewTokens: 20, temperature: 0.9, seed: 5, ignoreEos: true });
