@@ -92,7 +92,7 @@ namespace lckv::cuda {
 
 namespace {
 
-constexpr int kSelectThreads = 1024;
+constexpr int kSelectThreads = 256;  // double math: 1024 threads would exceed the register file
 
 struct MinOp {
   __device__ int operator()(int a, int b) const { return a < b ? a : b; }
@@ -156,7 +156,7 @@ __device__ int firstCrossing(const float* x, int n, double invT, double top, dou
   return found;
 }
 
-__global__ void selectKernel(const float* __restrict__ x, const int32_t* __restrict__ ids, int V, float temperature,
+__global__ void __launch_bounds__(kSelectThreads) selectKernel(const float* __restrict__ x, const int32_t* __restrict__ ids, int V, float temperature,
                              int topK, float topP, float minP, uint64_t seed, uint64_t position, int32_t* out) {
   __shared__ SelectShared sh;
   int keep = topK > 0 && topK < V ? topK : V;
