@@ -318,9 +318,12 @@ class CudaBackend : public Backend {
                      weightType(weight.dtype), eps, (float*)out.data, stream_);
   }
 
-  // Sampling on the device: only the chosen token id crosses to the host.
+  // Greedy choice on the device: only the chosen token id crosses to the host. Sampling with
+  // temperature > 0 runs on the device too when LCKV_DEVICE_SAMPLING=1; until that kernel has
+  // passed the GPU tests it is off by default and the host reference samples the row.
   int32_t sample(const Tensor& logitsRow, int vocab, const SamplingParams& p, const std::vector<int32_t>& history,
                  uint64_t position) override {
+    if (p.temperature > 0.0f && !deviceSampling_) return Backend::sample(logitsRow, vocab, p, history, position);
     ctx();
     Timed timed(*this, "sample");
     std::vector<int32_t> distinct;
@@ -561,6 +564,10 @@ class CudaBackend : public Backend {
   std::shared_ptr<void> workspace_;
   Staging staging_[3];  // token ids, positions, penalised tokens
   int32_t* pinnedToken_ = nullptr;
+  const bool deviceSampling_ = [] {
+    const char* e = std::getenv("LCKV_DEVICE_SAMPLING");
+    return e != nullptr && std::string(e) == "1";
+  }();
   std::map<const float*, std::shared_ptr<void>> invFreq_;
   std::shared_ptr<void> bf16Scratch_;
   BlockCache blocks_;
