@@ -204,7 +204,7 @@ export class Model implements AsyncDisposable {
   private native: NativeModel | null;
   private readonly live = new Set<NativeSequence>();
   /** @internal Batches the decode steps of concurrent generations. */
-  readonly scheduler = new DecodeScheduler(() => this.nativeModel());
+  readonly scheduler: DecodeScheduler;
 
   constructor(
     readonly directory: string,
@@ -219,6 +219,9 @@ export class Model implements AsyncDisposable {
     this.kvBytesPerToken = perToken;
     this.standardKvBytesPerToken = kvBytesPerToken(config, perToken / (config.kvLayers.length * 2 * config.numKvHeads * config.headDim), config.numLayers);
     this.device = native.backend === "cuda" ? "cuda" : "cpu";
+    // On the GPU, batches above 16 rows would switch the matrix products from the GEMV to
+    // cuBLASLt, whose results depend on the batch; 16 keeps every sequence batch-invariant.
+    this.scheduler = new DecodeScheduler(() => this.nativeModel(), this.device === "cuda" ? 16 : 256);
   }
 
   get disposed(): boolean {

@@ -74,14 +74,26 @@ export class Sequence implements Disposable {
       // modes stay exact across chunks (each chunk reads the final K/V of the ones before);
       // the iterative scheme is defined over the whole input, so it is not cut.
       const chunk = prefill.mode === "iterative" ? Math.max(run.length, 1) : PREFILL_CHUNK;
-      for (let at = 0; at < run.length; at += chunk) {
-        const part = run.slice(at, at + chunk);
-        try {
+      const before = { evaluated: this.evaluated.length, pending: this.pending };
+      try {
+        for (let at = 0; at < run.length; at += chunk) {
+          const part = run.slice(at, at + chunk);
           passes = Math.max(passes, (await native.append(Int32Array.from(part), { ...prefill, logits: "none" })).passes);
-        } catch (e) {
-          throw fromNative(e);
+          this.evaluated.push(...part);
+          this.pending = [];
         }
-        this.evaluated.push(...part);
+      } catch (e) {
+        // All or nothing: drop the chunks that did go in, so the sequence is as it was.
+        if (this.native && this.evaluated.length > before.evaluated) {
+          try {
+            this.native.truncate(before.evaluated);
+          } catch {
+            // disposed meanwhile: nothing left to restore
+          }
+          this.evaluated.length = before.evaluated;
+        }
+        this.pending = before.pending;
+        throw fromNative(e);
       }
       this.pending = ids.slice(-1);
       return { passes };

@@ -26,10 +26,11 @@ export class TextStream {
     if (!this.stopped) {
       // Keep back an unfinished character and any suffix that is a prefix of a stop string.
       while (limit > 0 && this.text.charCodeAt(limit - 1) === 0xfffd) limit--;
+      const safe = this.text.slice(0, limit);
       for (const s of this.stops) {
         for (let k = Math.min(s.length - 1, limit); k > 0; k--) {
-          if (this.text.endsWith(s.slice(0, k)) && this.text.length - k < limit) {
-            limit = this.text.length - k;
+          if (safe.endsWith(s.slice(0, k))) {
+            limit -= k;
             break;
           }
         }

@@ -152,13 +152,27 @@ struct SharedModel {
 struct SharedSequence {
   std::shared_ptr<SharedModel> owner;
   std::unique_ptr<SequenceState> state;
+  // Claimed on the JS thread before a worker starts and released on the JS thread when its
+  // result has been read, so state is never touched by two threads at once.
   std::atomic<bool> busy{false};
+  // What JS may read at any time (state changes on a worker thread while a forward runs).
+  int length = 0;
+  double kvBytes = 0;
+  void publish() {
+    length = state->length();
+    kvBytes = (double)state->kv->bytes();
+  }
+};
+
+// Per-environment data: a constructor reference must not outlive the environment (worker
+// threads each load the addon into their own environment).
+struct AddonData {
+  Napi::FunctionReference sequenceCtor;
 };
 
 class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
  public:
-  static Napi::FunctionReference ctor;
-  static void Init(Napi::Env env) {
+  static void Init(Napi::Env env, AddonData* data) {
     Napi::Function f = DefineClass(env, "NativeSequence",
                                    {InstanceMethod("append", &SequenceWrap::Append),
                                     InstanceMethod("truncate", &SequenceWrap::Truncate),
@@ -166,11 +180,20 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
                                     InstanceMethod("dispose", &SequenceWrap::Dispose),
                                     InstanceAccessor("length", &SequenceWrap::Length, nullptr),
                                     InstanceAccessor("kvBytes", &SequenceWrap::KvBytes, nullptr)});
-    ctor = Napi::Persistent(f);
-    ctor.SuppressDestruct();
+    data->sequenceCtor = Napi::Persistent(f);
   }
   explicit SequenceWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<SequenceWrap>(info) {}
   std::shared_ptr<SharedSequence> seq;
+
+  static Napi::Object Wrap(Napi::Env env, std::shared_ptr<SharedSequence> s) {
+    Napi::Object obj = env.GetInstanceData<AddonData>()->sequenceCtor.New({});
+    s->publish();
+    Unwrap(obj)->seq = std::move(s);
+    return obj;
+  }
+  static bool IsSequence(Napi::Env env, const Napi::Value& v) {
+    return v.IsObject() && v.As<Napi::Object>().InstanceOf(env.GetInstanceData<AddonData>()->sequenceCtor.Value());
+  }
 
  private:
   std::shared_ptr<SharedSequence> live(Napi::Env env) {
@@ -186,6 +209,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     if (n < 0 || n != (double)(int64_t)n || n > s->state->length())
       throwInvalid(info.Env(), "truncate(n): n must be an integer in [0, " + std::to_string(s->state->length()) + "]");
     s->state->tokens.resize((size_t)n);
+    s->publish();
     return info.Env().Undefined();
   }
   Napi::Value Fork(const Napi::CallbackInfo& info) {
@@ -193,28 +217,26 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     if (s->busy) throw makeError(info.Env(), kErrBusy, "the sequence is running a forward");
     auto child = std::make_shared<SharedSequence>();
     child->owner = s->owner;
+    // No model lock: the source is not busy, so no forward touches its store, and copying it
+    // must not wait for other sequences' forwards on the JS thread.
     try {
-      std::lock_guard<std::mutex> lk(s->owner->model->mutex());
       child->state = s->owner->model->forkSequence(*s->state);
     } catch (const EngineError& e) {
       throw makeError(info.Env(), e.code, e.what());
     }
-    Napi::Object obj = ctor.New({});
-    Unwrap(obj)->seq = child;
-    return obj;
+    return Wrap(info.Env(), child);
   }
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     seq.reset();
     return info.Env().Undefined();
   }
   Napi::Value Length(const Napi::CallbackInfo& info) {
-    return Napi::Number::New(info.Env(), seq ? seq->state->length() : 0);
+    return Napi::Number::New(info.Env(), seq ? seq->length : 0);
   }
   Napi::Value KvBytes(const Napi::CallbackInfo& info) {
-    return Napi::Number::New(info.Env(), seq ? (double)seq->state->kv->bytes() : 0);
+    return Napi::Number::New(info.Env(), seq ? seq->kvBytes : 0);
   }
 };
-Napi::FunctionReference SequenceWrap::ctor;
 
 class AppendWorker : public PromiseWorker {
  public:
@@ -228,13 +250,19 @@ class AppendWorker : public PromiseWorker {
       std::lock_guard<std::mutex> lk(m.mutex());
       res_ = m.append(*s_->state, tokens_, prefill_, logits_, sample_ ? &sp_ : nullptr);
     });
+  }
+  void OnError(const Napi::Error& e) override {
+    s_->publish();
     s_->busy = false;
+    PromiseWorker::OnError(e);
   }
   void OnOK() override {
     Napi::Env env = Env();
+    s_->publish();
+    s_->busy = false;
     Napi::Object r = Napi::Object::New(env);
     r.Set("passes", Napi::Number::New(env, res_.passes));
-    r.Set("length", Napi::Number::New(env, s_->state->length()));
+    r.Set("length", Napi::Number::New(env, s_->length));
     if (!res_.logits.empty()) {
       Napi::Float32Array a = Napi::Float32Array::New(env, res_.logits.size());
       std::memcpy(a.Data(), res_.logits.data(), res_.logits.size() * sizeof(float));
@@ -439,9 +467,19 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         std::lock_guard<std::mutex> lk(m_->model->mutex());
         out_ = m_->model->decodeBatch(states, tokens_, params_);
       });
-      for (auto& s : seqs_) s->busy = false;
+    }
+    void release() {
+      for (auto& s : seqs_) {
+        s->publish();
+        s->busy = false;
+      }
+    }
+    void OnError(const Napi::Error& e) override {
+      release();
+      PromiseWorker::OnError(e);
     }
     void OnOK() override {
+      release();
       Napi::Int32Array a = Napi::Int32Array::New(Env(), out_.size());
       std::memcpy(a.Data(), out_.data(), out_.size() * sizeof(int32_t));
       deferred_.Resolve(a);
@@ -469,7 +507,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     std::vector<SamplingParams> params;
     for (uint32_t i = 0; i < n; ++i) {
       Napi::Value v = sa.Get(i);
-      if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(SequenceWrap::ctor.Value()))
+      if (!SequenceWrap::IsSequence(env, v))
         throwInvalid(env, "decodeBatch: sequences must be NativeSequence objects");
       auto sq = SequenceWrap::Unwrap(v.As<Napi::Object>())->seq;
       if (!sq) throw makeError(env, kErrDisposed, "a sequence in the batch has been disposed");
@@ -511,15 +549,14 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     int maxContext = info[0].As<Napi::Number>().Int32Value();
     auto s = std::make_shared<SharedSequence>();
     s->owner = m;
+    // No model lock: a new store shares nothing with running forwards, and taking the lock here
+    // would block the JS thread for as long as another sequence's forward runs.
     try {
-      std::lock_guard<std::mutex> lk(m->model->mutex());
       s->state = m->model->createSequence(maxContext);
     } catch (const EngineError& e) {
       throw makeError(env, e.code, e.what());
     }
-    Napi::Object obj = SequenceWrap::ctor.New({});
-    SequenceWrap::Unwrap(obj)->seq = s;
-    return obj;
+    return SequenceWrap::Wrap(env, s);
   }
 
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
@@ -576,8 +613,10 @@ Napi::Value CheckBackendOps(const Napi::CallbackInfo& info) {
 }
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  auto* data = new AddonData();
+  env.SetInstanceData<AddonData>(data);
   exports.Set("checkBackendOps", Napi::Function::New(env, CheckBackendOps));
-  SequenceWrap::Init(env);
+  SequenceWrap::Init(env, data);
   ModelWrap::Init(env, exports);
   Napi::Object backends = Napi::Object::New(env);
   backends.Set("cpu", Napi::Boolean::New(env, true));

@@ -225,6 +225,7 @@ class CpuBackend : public Backend {
     auto& st = static_cast<CpuKvStore&>(store);
     const int group = sp.numHeads / sp.numKvHeads;
     const int hd = sp.headDim;
+    for (int r = 0; r < n; ++r) st.check(slot, 0, positions[r] + 1);  // before the parallel region
     pool_.parallelFor((int64_t)n * sp.numHeads, [&](int64_t b, int64_t e) {
       std::vector<float> score;
       for (int64_t idx = b; idx < e; ++idx) {
@@ -239,7 +240,6 @@ class CpuBackend : public Backend {
           std::memset(o, 0, sizeof(float) * (size_t)hd);
           continue;
         }
-        st.check(slot, first, last - first + 1);
         score.resize((size_t)(last - first + 1));
         float mx = -INFINITY;
         for (int j = first; j <= last; ++j) {

@@ -3,6 +3,7 @@
 #pragma once
 #include <algorithm>
 #include <condition_variable>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -27,12 +28,14 @@ class ThreadPool {
   int size() const { return (int)workers_.size() + 1; }
 
   // Calls fn(begin, end) on disjoint chunks covering [0, n); the calling thread takes part.
+  // An exception thrown by any chunk is rethrown here, after every chunk has finished.
   void parallelFor(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t minChunk = 1) {
     const int64_t parts = std::min<int64_t>(size(), std::max<int64_t>(1, n / std::max<int64_t>(1, minChunk)));
     if (parts <= 1) {
       if (n > 0) fn(0, n);
       return;
     }
+    error_ = nullptr;
     std::unique_lock<std::mutex> lk(mu_);
     job_ = &fn;
     jobN_ = n;
@@ -54,12 +57,23 @@ class ThreadPool {
     }
     done_.wait(lk, [&] { return pending_ == 0; });
     job_ = nullptr;
+    if (error_) {
+      std::exception_ptr e = error_;
+      error_ = nullptr;
+      std::rethrow_exception(e);
+    }
   }
 
  private:
-  static void runPart(const std::function<void(int64_t, int64_t)>& fn, int64_t p, int64_t n, int64_t parts) {
+  void runPart(const std::function<void(int64_t, int64_t)>& fn, int64_t p, int64_t n, int64_t parts) {
     const int64_t b = n * p / parts, e = n * (p + 1) / parts;
-    if (e > b) fn(b, e);
+    if (e <= b) return;
+    try {
+      fn(b, e);
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(errorMu_);
+      if (!error_) error_ = std::current_exception();
+    }
   }
   void workerLoop() {
     uint64_t seen = 0;
@@ -87,6 +101,8 @@ class ThreadPool {
   int64_t jobN_ = 0, jobParts_ = 0, nextPart_ = 0, pending_ = 0;
   uint64_t generation_ = 0;
   bool stop_ = false;
+  std::mutex errorMu_;
+  std::exception_ptr error_;
 };
 
 }  // namespace lckv

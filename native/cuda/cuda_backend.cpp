@@ -95,11 +95,18 @@ int weightType(DType t) { return t == DType::F32 ? 0 : t == DType::BF16 ? 1 : 2;
 
 class CudaKvStore : public KvStore {
  public:
-  CudaKvStore(int slots, int kvDim, int cap) : slots_(slots), kvDim_(kvDim) { reserve(cap); }
+  // stream: the backend's stream, whose queued K/V writes a grow must wait for.
+  CudaKvStore(int slots, int kvDim, int cap, int device, cudaStream_t stream)
+      : slots_(slots), kvDim_(kvDim), device_(device), stream_(stream) {
+    reserve(cap);
+  }
   int capacity() const override { return cap_; }
   size_t bytes() const override { return 2 * (size_t)slots_ * cap_ * kvDim_ * sizeof(float); }
   void reserve(int n) override {
     if (n <= cap_) return;
+    cudaOk(cudaSetDevice(device_), "cudaSetDevice");
+    // The old buffers may still have K/V writes queued on the backend's (non-blocking) stream.
+    if (cap_ > 0) cudaOk(cudaStreamSynchronize(stream_), "kv grow sync");
     const int cap = std::max(n, cap_ * 2);
     const size_t per = (size_t)cap * kvDim_ * sizeof(float);
     auto k = deviceAlloc(per * slots_);
@@ -126,6 +133,8 @@ class CudaKvStore : public KvStore {
 
  private:
   int slots_, kvDim_, cap_ = 0;
+  int device_;
+  cudaStream_t stream_;
   std::shared_ptr<void> k_, v_;
 };
 
@@ -284,12 +293,12 @@ class CudaBackend : public Backend {
   }
   std::unique_ptr<KvStore> createKvStore(int numSlots, int kvDim, int initialCapacity) override {
     ctx();
-    return std::make_unique<CudaKvStore>(numSlots, kvDim, initialCapacity);
+    return std::make_unique<CudaKvStore>(numSlots, kvDim, initialCapacity, device_, stream_);
   }
   std::unique_ptr<KvStore> cloneKvStore(KvStore& src, int length) override {
     ctx();
     auto& s = static_cast<CudaKvStore&>(src);
-    auto out = std::make_unique<CudaKvStore>(s.slots(), s.kvDim(), std::max(length, 1));
+    auto out = std::make_unique<CudaKvStore>(s.slots(), s.kvDim(), std::max(length, 1), device_, stream_);
     const size_t bytes = sizeof(float) * (size_t)length * s.kvDim();
     for (int slot = 0; slot < s.slots() && length > 0; ++slot) {
       s.check(slot, 0, length);

@@ -366,7 +366,8 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
           be.kvRead(*seq.kv, upwardTargetSlots_[j], start, n, cur[j]);
           if (cur[j] != prev[j]) same = false;
           for (size_t e = 0; e < cur[j].size(); ++e) {
-            moved = std::max(moved, (double)std::fabs(cur[j][e] - prev[j][e]));
+            const double d = std::fabs((double)cur[j][e] - (double)prev[j][e]);
+            moved = std::isnan(d) ? INFINITY : std::max(moved, d);  // NaN never counts as converged
             largest = std::max(largest, (double)std::fabs(cur[j][e]));
           }
         }

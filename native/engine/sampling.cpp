@@ -14,6 +14,8 @@ double uniformFor(uint64_t seed, uint64_t position) { return uniformDraw(seed, p
 int32_t sampleToken(const float* logits, int vocab, const SamplingParams& p, const std::vector<int32_t>& history,
                     uint64_t position) {
   std::vector<float> x(logits, logits + vocab);
+  for (float& v : x)
+    if (std::isnan(v)) v = -INFINITY;  // a NaN logit is never chosen (and keeps the sort well defined)
   if (p.repetitionPenalty != 1.0f) {
     std::unordered_set<int32_t> seen(history.begin(), history.end());
     for (int32_t t : seen) {

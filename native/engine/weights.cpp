@@ -95,9 +95,10 @@ std::vector<float> readTensorF32(const TensorSource& src, int64_t& rows, int64_t
   if (src.shape.empty() || src.shape.size() > 2)
     throw EngineError(kErrWeights, where(src) + ": expected a 1-D or 2-D tensor, got " + std::to_string(src.shape.size()) + " dimensions");
   uint64_t count = 1;
+  const uint64_t limit = (uint64_t)1 << 40;  // elements; checked before each multiply, so it cannot wrap
   for (int64_t d : src.shape) {
     if (d <= 0) throw EngineError(kErrWeights, where(src) + ": dimensions must be positive");
-    if (count > (uint64_t)1 << 40) throw EngineError(kErrWeights, where(src) + ": tensor too large");
+    if ((uint64_t)d > limit / count) throw EngineError(kErrWeights, where(src) + ": tensor too large");
     count *= (uint64_t)d;
   }
   const uint64_t esize = dtypeSize(src.dtype);
