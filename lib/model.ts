@@ -18,19 +18,16 @@ import {
 } from "./errors";
 import { loadAddon, NativeModel, NativeModelDescription, NativeSequence } from "./native";
 import {
-  DEFAULT_PREFILL_TOLERANCE,
   describe,
   GenerateOptions,
   posInt,
-  PREFILL_MODES,
   PrefillMode,
   resolveGenerateOptions,
   ResolvedGenerateOptions,
-  tolerance,
 } from "./options";
 import { readModelTensors } from "./safetensors";
 import { DecodeScheduler, SchedulerStats } from "./scheduler";
-import { Sequence } from "./sequence";
+import { resolvePrefill, Sequence } from "./sequence";
 import { ChatMessage, readJson, Tokenizer } from "./tokenizer";
 import { resolveWeights } from "./weights";
 
@@ -305,13 +302,10 @@ export class Model implements AsyncDisposable {
   /** Runs the prompt and returns its logits, [ids.length * vocabSize], and the prefill passes. */
   async forward(input: string | readonly number[], options: PrefillOptions = {}): Promise<ForwardResult> {
     const ids = this.toTokenIds(input, "input");
-    const prefill = options.prefill ?? this.generationDefaults().prefill;
-    if (!PREFILL_MODES.includes(prefill)) throw new InvalidOptionError("prefill", `must be one of ${PREFILL_MODES.join(", ")}, got ${describe(prefill)}`);
-    const passes = options.prefillPasses === undefined ? this.generationDefaults().prefillPasses : posInt("prefillPasses", options.prefillPasses);
-    const tol = options.prefillTolerance === undefined ? DEFAULT_PREFILL_TOLERANCE : tolerance(options.prefillTolerance);
+    const prefill = resolvePrefill(this, options);
     const seq = this.openSequence();
     try {
-      const r = await seq.append(Int32Array.from(ids), { mode: prefill, passes, tolerance: tol, logits: "all" });
+      const r = await seq.append(Int32Array.from(ids), { ...prefill, logits: "all" });
       return { logits: r.logits!, passes: r.passes };
     } catch (e) {
       throw fromNative(e);
