@@ -14,6 +14,7 @@ export type { KvPlan } from "./plan";
 export { parseLayerTypes, buildPlan, formatLayerTypes } from "./plan";
 export { Sequence } from "./sequence";
 export type { SchedulerStats } from "./scheduler";
+export type { PrefixCacheStats } from "./prefix-cache";
 export { Tokenizer } from "./tokenizer";
 export { evaluatePerplexity } from "./eval";
 export type { PerplexityResult } from "./eval";

@@ -20,6 +20,7 @@ import { loadAddon, NativeModel, NativeModelDescription, NativeSequence } from "
 import {
   describe,
   GenerateOptions,
+  nonNegInt,
   posInt,
   PrefillMode,
   resolveGenerateOptions,
@@ -27,6 +28,7 @@ import {
 } from "./options";
 import { readModelTensors } from "./safetensors";
 import { DecodeScheduler, SchedulerStats } from "./scheduler";
+import { PrefixCache, PrefixCacheStats } from "./prefix-cache";
 import { resolvePrefill, Sequence } from "./sequence";
 import { ChatMessage, readJson, Tokenizer } from "./tokenizer";
 import { resolveWeights } from "./weights";
@@ -46,6 +48,8 @@ export interface LoadOptions {
   threads?: number;
   /** Called with the fraction of weights loaded, from 0 to 1. */
   onProgress?: (fraction: number) => void;
+  /** Finished requests kept for prefix reuse (default 8; 0 turns reuse off). */
+  prefixCache?: number;
 }
 
 export interface GenerateResult {
@@ -77,7 +81,7 @@ export interface ForwardResult {
 /** The model shipped inside the package, used when loadModel() gets no directory. */
 export const DEFAULT_MODEL_DIR = path.join(__dirname, "..", "models", "default");
 
-const LOAD_KEYS = new Set(["device", "dtype", "maxContext", "kvCacheMemory", "threads", "onProgress"]);
+const LOAD_KEYS = new Set(["device", "dtype", "maxContext", "kvCacheMemory", "threads", "onProgress", "prefixCache"]);
 let cpuNoticeShown = false;
 
 export async function loadModel(dir?: string, options: LoadOptions = {}): Promise<Model> {
@@ -97,6 +101,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   if (options.kvCacheMemory !== undefined) posInt("kvCacheMemory", options.kvCacheMemory);
   if (options.maxContext !== undefined) posInt("maxContext", options.maxContext);
   if (options.onProgress !== undefined && typeof options.onProgress !== "function") throw new InvalidOptionError("onProgress", "must be a function");
+  const prefixCache = options.prefixCache === undefined ? 8 : nonNegInt("prefixCache", options.prefixCache);
 
   const addon = loadAddon();
   let backend: "cpu" | "cuda" = "cpu";
@@ -162,7 +167,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
     native.dispose();
     throw fromNative(e);
   }
-  return new Model(modelDir, config, native, tokenizer, generationConfig, maxContext, perToken);
+  return new Model(modelDir, config, native, tokenizer, generationConfig, maxContext, perToken, prefixCache);
 }
 
 function describeForNative(c: ModelConfig): NativeModelDescription {
@@ -202,6 +207,8 @@ export class Model implements AsyncDisposable {
   private readonly live = new Set<NativeSequence>();
   /** @internal Batches the decode steps of concurrent generations. */
   readonly scheduler: DecodeScheduler;
+  private readonly prefixCache: PrefixCache;
+  private prefilled = 0;
 
   constructor(
     readonly directory: string,
@@ -211,7 +218,9 @@ export class Model implements AsyncDisposable {
     readonly generationConfig: Record<string, unknown>,
     readonly maxContext: number,
     perToken: number,
+    prefixCacheSize = 8,
   ) {
+    this.prefixCache = new PrefixCache(prefixCacheSize);
     this.native = native;
     this.kvBytesPerToken = perToken;
     this.standardKvBytesPerToken = kvBytesPerToken(config, perToken / (config.kvLayers.length * 2 * config.numKvHeads * config.headDim), config.numLayers);
@@ -319,6 +328,16 @@ export class Model implements AsyncDisposable {
     return (await this.forward(input, options)).logits;
   }
 
+  /** @internal Counts tokens run through a prefill. */
+  countPrefilled(n: number): void {
+    this.prefilled += n;
+  }
+
+  /** Cache accounting: bytes per token, prompt tokens prefilled, and prefix reuse. */
+  cacheStats(): { kvBytesPerToken: number; prefilledTokens: number; prefixCache: PrefixCacheStats } {
+    return { kvBytesPerToken: this.kvBytesPerToken, prefilledTokens: this.prefilled, prefixCache: this.prefixCache.stats() };
+  }
+
   /** Decode steps run so far, tokens decoded, and the largest batch (continuous batching). */
   schedulerStats(): SchedulerStats {
     return { ...this.scheduler.stats };
@@ -349,12 +368,18 @@ export class Model implements AsyncDisposable {
     });
     if (opts.maxNewTokens === 0) return done("length");
     if (opts.signal?.aborted) return done("abort");
-    const seq = this.createSequence();
+    // Reuse the longest prefix a finished request left in the cache; prefill only the rest.
+    const hit = this.prefixCache.take(prompt);
+    const seq = hit ? hit.seq : this.createSequence();
+    let finished = false;
     try {
-      const { passes } = await seq.append(prompt, opts);
-      return yield* seq.run(options, prompt.length, passes);
+      const { passes } = await seq.append(hit ? prompt.slice(hit.reused) : prompt, opts);
+      const result = yield* seq.run(options, prompt.length, passes);
+      finished = true;
+      return result;
     } finally {
-      seq.dispose();
+      if (finished && !this.disposed) this.prefixCache.offer(seq);
+      else seq.dispose();
     }
   }
 
@@ -379,6 +404,7 @@ export class Model implements AsyncDisposable {
   /** Frees the weights and every sequence. Calls after this throw DisposedError. */
   async dispose(): Promise<void> {
     if (!this.native) return;
+    this.prefixCache.clear();
     for (const s of this.live) s.dispose();
     this.live.clear();
     this.native.dispose();

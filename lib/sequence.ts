@@ -24,6 +24,8 @@ export class Sequence implements Disposable {
   /** Tokens of the sequence not run through the model yet (at most the last one, or a fork's). */
   private pending: number[] = [];
   private busy = false;
+  /** False once an approximate (iterative) prefill has run: its K/V must not be reused. */
+  private exactKv = true;
 
   /** @internal Use model.createSequence(). */
   constructor(
@@ -45,6 +47,11 @@ export class Sequence implements Disposable {
 
   get disposed(): boolean {
     return this.native === null;
+  }
+
+  /** Whether every K/V in the cache is the exact one (no iterative prefill ran). */
+  get exact(): boolean {
+    return this.exactKv;
   }
 
   private live(): NativeSequence {
@@ -79,6 +86,8 @@ export class Sequence implements Disposable {
         for (let at = 0; at < run.length; at += chunk) {
           const part = run.slice(at, at + chunk);
           passes = Math.max(passes, (await native.append(Int32Array.from(part), { ...prefill, logits: "none" })).passes);
+          this.model.countPrefilled(part.length);
+          if (prefill.mode === "iterative" && part.length > 1 && this.model.config.plan.cyclicGroup) this.exactKv = false;
           this.evaluated.push(...part);
           this.pending = [];
         }
@@ -110,8 +119,13 @@ export class Sequence implements Disposable {
     const opts = resolveGenerateOptions(options, this.model.generationDefaults());
     if (this.busy) throw new LckvError("LCKV_BUSY", "the sequence is busy: await its previous append() or generate() first");
     const native = this.live();
+    if (this.length === 0 && opts.maxNewTokens > 0) {
+      throw new LckvError("LCKV_EMPTY_SEQUENCE", "generate() needs a non-empty sequence: append() input first");
+    }
     if (this.pending.length === 0 && opts.maxNewTokens > 0) {
-      throw new LckvError("LCKV_EMPTY_SEQUENCE", "generate() needs a sequence that ends in a token not yet continued: append() input first");
+      // The last token's logits are not kept: drop its K/V and run it again, with sampling.
+      native.truncate(this.evaluated.length - 1);
+      this.pending = [this.evaluated.pop()!];
     }
     this.busy = true;
     const eos = new Set(opts.ignoreEos ? [] : this.model.eosTokenIds);
@@ -155,6 +169,8 @@ export class Sequence implements Disposable {
             throw fromNative(e);
           }
           prefillPasses = Math.max(prefillPasses, r.passes);
+          this.model.countPrefilled(run.length);
+          if (opts.prefill === "iterative" && this.model.config.plan.cyclicGroup) this.exactKv = false;
           tok = r.token!;
         }
         this.evaluated.push(...run);
@@ -200,6 +216,7 @@ export class Sequence implements Disposable {
     const s = this.model.adoptSequence(child);
     s.evaluated = [...this.evaluated];
     s.pending = [...this.pending];
+    s.exactKv = this.exactKv;
     return s;
   }
 
@@ -210,12 +227,9 @@ export class Sequence implements Disposable {
     nonNegInt("n", n);
     if (n > this.length) throw new InvalidOptionError("n", `must be at most the sequence length ${this.length}, got ${n}`);
     if (n <= this.evaluated.length) {
-      // Keep the new last token pending, so generate() can continue from it.
-      const keep = Math.max(0, n - 1);
-      const last = this.evaluated.slice(keep, n);
-      native.truncate(keep);
-      this.evaluated.length = keep;
-      this.pending = last;
+      native.truncate(n);
+      this.evaluated.length = n;
+      this.pending = [];
     } else {
       this.pending.length = n - this.evaluated.length;
     }

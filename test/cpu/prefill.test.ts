@@ -19,7 +19,8 @@ describe.each(["0_3_3_3", "0_2_2_3_4_5", "0_4_4_4_4_5"])("layer_types %s", (lt) 
   const n = 14;
   const ids = Array.from({ length: n }, (_, i) => (i * 11 + 3) % 64);
   beforeAll(async () => {
-    m = await loadModel(writeTinyModel({ layerTypes: lt, numLayers: lt.split("_").length, seed: 11 }), { device: "cpu" });
+    // No prefix reuse: each call must run its own prefill.
+    m = await loadModel(writeTinyModel({ layerTypes: lt, numLayers: lt.split("_").length, seed: 11 }), { device: "cpu", prefixCache: 0 });
   });
   afterAll(() => m.dispose());
 

@@ -1,0 +1,70 @@
+/**
+ * Prefix reuse across requests: finished one-shot sequences are kept (least recently used
+ * first out), and a new prompt that starts with tokens one of them holds forks it, rewinds the
+ * fork to the shared prefix and prefills only the rest. Only sequences whose K/V is exact are
+ * kept: an LCKV prompt prefilled with the approximate iterative scheme is not, so it is never
+ * reused. (The fork copies the cache; sharing pages instead is the paged pool's job.)
+ */
+import type { Sequence } from "./sequence";
+
+export interface PrefixCacheStats {
+  hits: number;
+  misses: number;
+  /** Prompt tokens taken from the cache instead of being prefilled. */
+  reusedTokens: number;
+  /** Finished sequences kept for reuse now. */
+  sequences: number;
+}
+
+export class PrefixCache {
+  private entries: Sequence[] = []; // least recently used first
+  private counts = { hits: 0, misses: 0, reusedTokens: 0 };
+
+  constructor(private readonly capacity: number) {}
+
+  /** A sequence holding the longest cached prefix of ids (at most ids.length - 1 tokens), or null. */
+  take(ids: readonly number[]): { seq: Sequence; reused: number } | null {
+    let best = -1;
+    let bestLen = 0;
+    this.entries.forEach((e, i) => {
+      const t = e.tokens;
+      let k = 0;
+      while (k < t.length && k < ids.length && t[k] === ids[k]) k++;
+      if (k > bestLen) {
+        bestLen = k;
+        best = i;
+      }
+    });
+    const reused = Math.min(bestLen, ids.length - 1);
+    if (best < 0 || reused < 1) {
+      this.counts.misses++;
+      return null;
+    }
+    const [src] = this.entries.splice(best, 1);
+    this.entries.push(src);
+    const seq = src.fork();
+    seq.truncate(reused);
+    this.counts.hits++;
+    this.counts.reusedTokens += reused;
+    return { seq, reused };
+  }
+
+  /** Keeps a finished sequence for reuse, or disposes it. */
+  offer(seq: Sequence): void {
+    if (this.capacity === 0 || !seq.exact || seq.disposed || seq.length === 0) {
+      seq.dispose();
+      return;
+    }
+    this.entries.push(seq);
+    while (this.entries.length > this.capacity) this.entries.shift()!.dispose();
+  }
+
+  clear(): void {
+    for (const e of this.entries) e.dispose();
+    this.entries = [];
+  }
+
+  stats(): PrefixCacheStats {
+    return { ...this.counts, sequences: this.entries.length };
+  }
+}
