@@ -333,9 +333,20 @@ export class Model implements AsyncDisposable {
     this.prefilled += n;
   }
 
-  /** Cache accounting: bytes per token, prompt tokens prefilled, and prefix reuse. */
-  cacheStats(): { kvBytesPerToken: number; prefilledTokens: number; prefixCache: PrefixCacheStats } {
-    return { kvBytesPerToken: this.kvBytesPerToken, prefilledTokens: this.prefilled, prefixCache: this.prefixCache.stats() };
+  /**
+   * Cache accounting: bytes per token, live sequences (the prefix cache's included) and the K/V
+   * bytes their stores hold, prompt tokens prefilled, and prefix reuse.
+   */
+  cacheStats(): { kvBytesPerToken: number; liveSequences: number; kvBytes: number; prefilledTokens: number; prefixCache: PrefixCacheStats } {
+    let kvBytes = 0;
+    for (const s of this.live) kvBytes += s.kvBytes;
+    return {
+      kvBytesPerToken: this.kvBytesPerToken,
+      liveSequences: this.live.size,
+      kvBytes,
+      prefilledTokens: this.prefilled,
+      prefixCache: this.prefixCache.stats(),
+    };
   }
 
   /** Decode steps run so far, tokens decoded, and the largest batch (continuous batching). */
