@@ -179,3 +179,16 @@ test("kvBytesPerToken counts only the KV layers", async () => {
   await std.dispose();
   await lckv.dispose();
 });
+
+test("with the same kvCacheMemory an LCKV model holds numLayers / kvLayers times the tokens", async () => {
+  const budget = 256 * 1024;
+  const std = await loadModel(writeTinyModel({ numLayers: 6, maxPositions: 4096 }), { device: "cpu", kvCacheMemory: budget });
+  const lckv = await loadModel(writeTinyModel({ layerTypes: "0_4_4_4_4_5", numLayers: 6, maxPositions: 4096 }), { device: "cpu", kvCacheMemory: budget });
+  expect(std.maxContext).toBe(Math.floor(budget / std.kvBytesPerToken));
+  expect(lckv.maxContext).toBe(Math.floor(budget / lckv.kvBytesPerToken));
+  expect(lckv.maxContext / std.maxContext).toBeCloseTo(6 / 3, 1);
+  // And the budget is enforced: a prompt beyond it is refused.
+  await expect(std.generate(Array(std.maxContext + 1).fill(1))).rejects.toThrow(/context holds/);
+  await std.dispose();
+  await lckv.dispose();
+});
