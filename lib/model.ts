@@ -223,7 +223,7 @@ export class Model implements AsyncDisposable {
     this.prefixCache = new PrefixCache(prefixCacheSize);
     this.native = native;
     this.kvBytesPerToken = perToken;
-    this.standardKvBytesPerToken = kvBytesPerToken(config, perToken / (config.kvLayers.length * 2 * config.numKvHeads * config.headDim), config.numLayers);
+    this.standardKvBytesPerToken = (perToken / config.kvLayers.length) * config.numLayers;
     this.device = native.backend === "cuda" ? "cuda" : "cpu";
     // On the GPU, batches above 16 rows would switch the matrix products from the GEMV to
     // cuBLASLt, whose results depend on the batch; 16 keeps every sequence batch-invariant.
