@@ -201,22 +201,18 @@ class CpuBackend : public Backend {
   void kvZero(KvStore& store, int slot, int start, int n) override {
     auto& st = static_cast<CpuKvStore&>(store);
     st.check(slot, start, n);
-    if (n == 0) return;
-    const size_t bytes = (size_t)(st.value(slot, start + n - 1) - st.value(slot, start)) * sizeof(float);
-    const size_t row = (size_t)(st.value(slot, 1) - st.value(slot, 0)) * sizeof(float);
-    std::memset(st.key(slot, start), 0, bytes + row);
-    std::memset(st.value(slot, start), 0, bytes + row);
+    const size_t bytes = sizeof(float) * (size_t)n * st.kvDim();
+    std::memset(st.key(slot, start), 0, bytes);
+    std::memset(st.value(slot, start), 0, bytes);
   }
 
   void kvRead(KvStore& store, int slot, int start, int n, std::vector<float>& host) override {
     auto& st = static_cast<CpuKvStore&>(store);
     st.check(slot, start, n);
-    host.clear();
-    if (n == 0) return;
+    const size_t len = (size_t)n * st.kvDim();
     const float* k0 = st.key(slot, start);
     const float* v0 = st.value(slot, start);
-    const size_t len = (size_t)(st.value(slot, 1) - st.value(slot, 0)) * (size_t)n;
-    host.insert(host.end(), k0, k0 + len);
+    host.assign(k0, k0 + len);
     host.insert(host.end(), v0, v0 + len);
   }
 
@@ -285,7 +281,6 @@ class CpuBackend : public Backend {
                 sizeof(float) * (size_t)(n * src.cols));
   }
 
-  void synchronize() override {}
 
  private:
   ThreadPool pool_;

@@ -470,10 +470,6 @@ class CudaBackend : public Backend {
            "copyRows");
   }
 
-  void synchronize() override {
-    ctx();
-    cudaOk(cudaStreamSynchronize(stream_), "synchronize");
-  }
 
  private:
   struct Timed {

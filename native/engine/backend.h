@@ -102,8 +102,6 @@ class Backend {
   virtual void geluTanh(Tensor& x, int n) = 0;
   // Copies rows [srcRow, srcRow+n) of src into rows [dstRow, ...) of dst.
   virtual void copyRows(const Tensor& src, int srcRow, Tensor& dst, int dstRow, int n) = 0;
-  // Waits for queued work (no-op on the CPU).
-  virtual void synchronize() = 0;
 
   // Picks the next token from one row of logits [1, vocab] (sampling.h has the rules). The
   // default copies the row to the host and runs the reference sampler; a GPU backend can keep

@@ -28,6 +28,7 @@ Model::Model(ModelConfig cfg, std::unique_ptr<Backend> backend) : cfg_(std::move
     throw EngineError(kErrInvalidArgument, std::string("invalid model description: ") + e.what());
   }
   layers_.resize((size_t)cfg_.numLayers);
+  expected_ = expectedTensors();
   // Slots whose owner is read by a layer below it: the only cross-pass state of the cyclic group.
   for (int i = 0; i < cfg_.numLayers; ++i) {
     int t = cfg_.plan.target[i];
@@ -85,9 +86,8 @@ std::map<std::string, std::pair<int64_t, int64_t>> Model::expectedTensors() cons
 }
 
 void Model::loadTensor(const TensorSource& src) {
-  const auto expected = expectedTensors();
-  auto it = expected.find(src.name);
-  if (it == expected.end())
+  auto it = expected_.find(src.name);
+  if (it == expected_.end())
     throw EngineError(kErrWeights, "tensor '" + src.sourceName + "' in " + src.file + " maps to '" + src.name +
                                        "', which this model's config does not use");
   int64_t rows = 0, cols = 0;
@@ -113,7 +113,7 @@ void Model::loadTensor(const TensorSource& src) {
 }
 
 void Model::finalize() {
-  for (const auto& kv : expectedTensors())
+  for (const auto& kv : expected_)
     if (!tensors_.count(kv.first))
       throw EngineError(kErrWeights, "missing tensor for '" + kv.first + "'");
   auto get = [&](const std::string& n) -> Tensor {

@@ -102,6 +102,7 @@ class Model {
   ModelConfig cfg_;
   std::unique_ptr<Backend> backend_;
   std::map<std::string, Tensor> tensors_;
+  std::map<std::string, std::pair<int64_t, int64_t>> expected_;  // expectedTensors(), computed once
   std::vector<Layer> layers_;
   Tensor embed_, posEmbed_, finalNormW_, finalNormB_, lmHead_;
   std::vector<int> upwardTargetSlots_;  // KV slots read by some layer below their owner
