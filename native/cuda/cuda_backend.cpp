@@ -105,19 +105,20 @@ class CudaKvStore : public KvStore {
   void reserve(int n) override {
     if (n <= cap_) return;
     cudaOk(cudaSetDevice(device_), "cudaSetDevice");
-    // The old buffers may still have K/V writes queued on the backend's (non-blocking) stream.
-    if (cap_ > 0) cudaOk(cudaStreamSynchronize(stream_), "kv grow sync");
+    // Everything goes on the backend's stream: it is non-blocking, so a memset or copy on the
+    // legacy stream would race with the K/V writes queued before it and the reads queued after.
     const int cap = std::max(n, cap_ * 2);
     const size_t per = (size_t)cap * kvDim_ * sizeof(float);
     auto k = deviceAlloc(per * slots_);
     auto v = deviceAlloc(per * slots_);
-    cudaOk(cudaMemset(k.get(), 0, per * slots_), "cudaMemset");
-    cudaOk(cudaMemset(v.get(), 0, per * slots_), "cudaMemset");
+    cudaOk(cudaMemsetAsync(k.get(), 0, per * slots_, stream_), "cudaMemset");
+    cudaOk(cudaMemsetAsync(v.get(), 0, per * slots_, stream_), "cudaMemset");
     const size_t old = (size_t)cap_ * kvDim_ * sizeof(float);
     for (int s = 0; s < slots_ && cap_ > 0; ++s) {
-      cudaOk(cudaMemcpy((char*)k.get() + s * per, (char*)k_.get() + s * old, old, cudaMemcpyDeviceToDevice), "kv grow");
-      cudaOk(cudaMemcpy((char*)v.get() + s * per, (char*)v_.get() + s * old, old, cudaMemcpyDeviceToDevice), "kv grow");
+      cudaOk(cudaMemcpyAsync((char*)k.get() + s * per, (char*)k_.get() + s * old, old, cudaMemcpyDeviceToDevice, stream_), "kv grow");
+      cudaOk(cudaMemcpyAsync((char*)v.get() + s * per, (char*)v_.get() + s * old, old, cudaMemcpyDeviceToDevice, stream_), "kv grow");
     }
+    // The old buffers are freed below; cudaFree waits for the copies out of them.
     k_ = k;
     v_ = v;
     cap_ = cap;
@@ -262,12 +263,14 @@ class CudaBackend : public Backend {
     t.storage = deviceAlloc(count * dtypeSize(weights_));
     t.data = t.storage.get();
     if (weights_ == DType::F32) {
-      cudaOk(cudaMemcpy(t.data, host, count * 4, cudaMemcpyHostToDevice), "upload");
+      cudaOk(cudaMemcpyAsync(t.data, host, count * 4, cudaMemcpyHostToDevice, stream_), "upload");
     } else {
       std::vector<uint16_t> h(count);
       for (size_t i = 0; i < count; ++i) h[i] = weights_ == DType::BF16 ? f32ToBf16(host[i]) : f32ToF16(host[i]);
-      cudaOk(cudaMemcpy(t.data, h.data(), count * 2, cudaMemcpyHostToDevice), "upload");
+      cudaOk(cudaMemcpyAsync(t.data, h.data(), count * 2, cudaMemcpyHostToDevice, stream_), "upload");
     }
+    // Pageable sources: the copy has left host memory when cudaMemcpyAsync returns, and being on
+    // the stream it lands before any kernel queued after it.
     return t;
   }
 
@@ -327,9 +330,9 @@ class CudaBackend : public Backend {
                      weightType(weight.dtype), eps, (float*)out.data, stream_);
   }
 
-  // Greedy choice on the device: only the chosen token id crosses to the host. Sampling with
-  // temperature > 0 runs on the device too when LCKV_DEVICE_SAMPLING=1; until that kernel has
-  // passed the GPU tests it is off by default and the host reference samples the row.
+  // Token choice on the device (greedy, or sampling with temperature > 0): only the chosen id
+  // crosses to the host. LCKV_DEVICE_SAMPLING=0 makes the host reference sample instead (for
+  // bisecting a disagreement between the two).
   int32_t sample(const Tensor& logitsRow, int vocab, const SamplingParams& p, const std::vector<int32_t>& history,
                  uint64_t position) override {
     if (p.temperature > 0.0f && !deviceSampling_) return Backend::sample(logitsRow, vocab, p, history, position);
@@ -510,7 +513,7 @@ class CudaBackend : public Backend {
     auto it = invFreq_.find(f.data());
     if (it != invFreq_.end()) return (const float*)it->second.get();
     auto mem = deviceAlloc(f.size() * sizeof(float));
-    cudaOk(cudaMemcpy(mem.get(), f.data(), f.size() * sizeof(float), cudaMemcpyHostToDevice), "invFreq");
+    cudaOk(cudaMemcpyAsync(mem.get(), f.data(), f.size() * sizeof(float), cudaMemcpyHostToDevice, stream_), "invFreq");
     invFreq_[f.data()] = mem;
     return (const float*)mem.get();
   }
@@ -571,7 +574,7 @@ class CudaBackend : public Backend {
   int32_t* pinnedToken_ = nullptr;
   const bool deviceSampling_ = [] {
     const char* e = std::getenv("LCKV_DEVICE_SAMPLING");
-    return e != nullptr && std::string(e) == "1";
+    return e == nullptr || std::string(e) != "0";
   }();
   std::map<const float*, std::shared_ptr<void>> invFreq_;
   std::shared_ptr<void> bf16Scratch_;

@@ -3,6 +3,8 @@
 #include <cmath>
 #include <random>
 
+#include "sampling.h"
+
 namespace lckv {
 
 namespace {
@@ -65,7 +67,7 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
 
   // linear: decode shapes (GEMV) and prefill shapes (the large-batch path), with and without bias.
   for (auto [n, I, O, bias] : std::vector<std::tuple<int, int, int, bool>>{
-           {1, 64, 96, false}, {1, 2048, 5632, false}, {3, 2048, 256, true}, {8, 512, 1000, false},
+           {1, 64, 96, false}, {1, 64, 301, false}, {1, 2048, 5632, false}, {3, 2048, 256, true}, {8, 512, 1000, false},
            {9, 256, 384, true}, {64, 2048, 2048, false}, {33, 100, 36, true}}) {
     auto x = r.act(r.random((size_t)n * I), n, I);
     auto w = r.weight(r.random((size_t)O * I, 0.05f), O, I);
@@ -170,6 +172,37 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
       test.embed(tok.data(), at.data(), n, table.second, withPos ? &pos.second : nullptr, o.second);
       r.compare("embed", dims({{"n", n}, {"E", E}, {"positions", withPos}}), o.first, o.second, n);
     }
+  }
+  // token choice: greedy and sampled draws from the same logits must pick the same ids. The
+  // reported error is the fraction of draws that differ (0 expected: the draw depends only on
+  // (seed, position), and the two sums differ only in rounding far below a draw's resolution).
+  struct SampleCase { int V; float temperature; int topK; float topP; float minP; float penalty; };
+  for (const SampleCase& c : std::vector<SampleCase>{{301, 0, 0, 1, 0, 1}, {301, 0, 0, 1, 0, 1.3f},
+                                                     {301, 1.3f, 0, 1, 0, 1}, {1000, 0.8f, 5, 1, 0, 1},
+                                                     {257, 1.0f, 0, 0.7f, 0, 1}, {4096, 1.1f, 0, 1, 0.1f, 1.2f},
+                                                     {32000, 0.9f, 20, 0.9f, 0.05f, 1}, {32000, 1.0f, 0, 1, 0, 1}}) {
+    const int draws = 32;
+    auto x = r.act(r.random((size_t)c.V, 2.0f), 1, c.V);
+    std::vector<int32_t> history;
+    for (int i = 0; i < 24; ++i) history.push_back((int32_t)(r.rng() % (uint64_t)c.V));
+    SamplingParams sp;
+    sp.temperature = c.temperature;
+    sp.topK = c.topK;
+    sp.topP = c.topP;
+    sp.minP = c.minP;
+    sp.repetitionPenalty = c.penalty;
+    int differ = 0;
+    for (int d = 0; d < draws; ++d) {
+      sp.seed = r.rng();
+      const uint64_t position = r.rng() % 4096;
+      if (ref.sample(x.first, c.V, sp, history, position) != test.sample(x.second, c.V, sp, history, position)) ++differ;
+    }
+    r.out.push_back(OpCheck{"sample",
+                            dims({{"V", c.V}, {"temperature_x10", (int64_t)std::lround(c.temperature * 10)}, {"topK", c.topK},
+                                  {"topP_x100", (int64_t)std::lround(c.topP * 100)},
+                                  {"minP_x100", (int64_t)std::lround(c.minP * 100)},
+                                  {"penalty_x10", (int64_t)std::lround(c.penalty * 10)}}),
+                            (double)differ / draws, true});
   }
   return r.out;
 }

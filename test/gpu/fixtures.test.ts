@@ -9,8 +9,6 @@ import { loadModel, Model } from "../../lib";
 import { loadAddon } from "../../lib/native";
 
 process.env.LCKV_QUIET = "1";
-// Sample on the device (the CUDA backend's opt-in path for temperature > 0) so these tests check it.
-process.env.LCKV_DEVICE_SAMPLING = "1";
 const FIXTURES = path.join(__dirname, "..", "fixtures");
 const addon = loadAddon();
 const gpu = addon.backends.cuda;
