@@ -28,14 +28,18 @@ __device__ __forceinline__ Range visible(int p, bool strict, int window) {
   return {window > 0 ? max(0, p - window + 1) : 0, strict ? p - 1 : p};
 }
 
-__global__ void attentionChunkKernel(const float* __restrict__ q, const int32_t* __restrict__ positions,
-                                     const float* __restrict__ kCache, const float* __restrict__ vCache, int numHeads,
-                                     int numKvHeads, int headDim, bool strict, int window, float scale, int chunk,
-                                     float* __restrict__ out, float* __restrict__ partial) {
+__global__ void attentionChunkKernel(const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv,
+                                     int numHeads, int numKvHeads, int headDim, bool strict, int window, float scale,
+                                     int chunk, float* __restrict__ out, float* __restrict__ partial) {
   const int r = blockIdx.x, h = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int kvDim = numKvHeads * headDim;
+  const int kvDim = kv.kvDim;
   const int kvh = h / (numHeads / numKvHeads);
+  const int32_t* table = kv.tables + (int64_t)kv.rowSeq[r] * kv.stride;
+  // The pages hold [K | V][pageTokens][kvDim] per slot: within a page, keys are contiguous.
+  const float* kBase = kv.pool + ((int64_t)(kv.slot * 2) << kv.pageShift) * kvDim + kvh * headDim;
+  const float* vBase = kv.pool + ((int64_t)(kv.slot * 2 + 1) << kv.pageShift) * kvDim + kvh * headDim;
+  const int pageMask = (1 << kv.pageShift) - 1;
   const Range all = visible(positions[r], strict, window);
   const int first = all.first + split * chunk;
   const int last = min(all.last, first + chunk - 1);
@@ -57,7 +61,7 @@ __global__ void attentionChunkKernel(const float* __restrict__ q, const int32_t*
       const int j = j0 + u;
       float d = 0.0f;
       if (j <= last) {
-        const float* kr = kCache + (int64_t)j * kvDim + kvh * headDim;
+        const float* kr = kBase + (int64_t)table[j >> kv.pageShift] * kv.pageFloats + (int64_t)(j & pageMask) * kvDim;
 #pragma unroll
         for (int t = 0; t < kMaxDimsPerLane; ++t) {
           const int dd = lane + 32 * t;
@@ -81,7 +85,7 @@ __global__ void attentionChunkKernel(const float* __restrict__ q, const int32_t*
       if (j > last) break;
       const float w = __expf(s[u] - mNew);
       l += w;
-      const float* vr = vCache + (int64_t)j * kvDim + kvh * headDim;
+      const float* vr = vBase + (int64_t)table[j >> kv.pageShift] * kv.pageFloats + (int64_t)(j & pageMask) * kvDim;
 #pragma unroll
       for (int t = 0; t < kMaxDimsPerLane; ++t) {
         const int dd = lane + 32 * t;
@@ -157,13 +161,14 @@ int smCount() {
 
 }  // namespace
 
-void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const float* kCache,
-                     const float* vCache, int numHeads, int numKvHeads, int headDim, bool strict, int window,
-                     float scale, float* out, float* workspace, int64_t workspaceFloats, cudaStream_t stream) {
+void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv, int numHeads,
+                     int numKvHeads, int headDim, bool strict, int window, float scale, float* out, float* workspace,
+                     int64_t workspaceFloats, cudaStream_t stream) {
   NvtxRange r("attention");
   if (n <= 0) return;
   if (headDim > 32 * kMaxDimsPerLane) throw std::invalid_argument("attention: headDim above 128");
   if (numKvHeads <= 0 || numHeads % numKvHeads) throw std::invalid_argument("attention: numHeads % numKvHeads != 0");
+  if (kv.kvDim != numKvHeads * headDim) throw std::invalid_argument("attention: kvDim != numKvHeads * headDim");
   // Enough chunks that the grid covers the GPU about twice, each at least 64 keys long.
   const int64_t base = (int64_t)n * numHeads;
   int splits = (int)std::max<int64_t>(1, std::min<int64_t>((2 * smCount() + base - 1) / base, (maxVisible + 63) / 64));
@@ -171,7 +176,7 @@ void launchAttention(const float* q, int n, const int32_t* positions, int maxVis
   if (splits > 1 && need > workspaceFloats) splits = 1;
   const int chunk = (maxVisible + splits - 1) / splits;
   attentionChunkKernel<<<dim3(n, numHeads, splits), kWarps * 32, 0, stream>>>(
-      q, positions, kCache, vCache, numHeads, numKvHeads, headDim, strict, window, scale, std::max(chunk, 1), out, workspace);
+      q, positions, kv, numHeads, numKvHeads, headDim, strict, window, scale, std::max(chunk, 1), out, workspace);
   LCKV_LAUNCH_CHECK("attention");
   if (splits > 1) {
     attentionMergeKernel<<<dim3(n, numHeads), 128, 0, stream>>>(workspace, numHeads, headDim, splits, out);

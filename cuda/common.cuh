@@ -34,6 +34,13 @@ __device__ __forceinline__ float toFloat(float x) { return x; }
 __device__ __forceinline__ float toFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float toFloat(__half x) { return __half2float(x); }
 
+// K (v = 0) or V (v = 1) row of position `pos` in the paged cache, for a sequence's page table.
+__device__ __forceinline__ int64_t pagedOffset(const int32_t* table, int pos, int pageShift, int64_t pageFloats, int slot,
+                                               int v, int kvDim) {
+  const int pageTokens = 1 << pageShift;
+  return (int64_t)table[pos >> pageShift] * pageFloats + ((int64_t)(slot * 2 + v) * pageTokens + (pos & (pageTokens - 1))) * kvDim;
+}
+
 __device__ __forceinline__ float warpSum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

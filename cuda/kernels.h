@@ -9,6 +9,21 @@ typedef struct CUstream_st* cudaStream_t;
 
 namespace lckv::cuda {
 
+// One K/V slot of the paged cache (native/engine/kv_pool.h): page p starts at p * pageFloats
+// floats of `pool`; inside it, K of the slot at offset o is at ((slot * 2) * pageTokens + o) * kvDim
+// and V at ((slot * 2 + 1) * pageTokens + o) * kvDim. Row r of an op belongs to the sequence
+// whose page table is tables[rowSeq[r] * stride ...]. pageTokens is a power of two.
+struct PagedKv {
+  float* pool;
+  const int32_t* tables;  // device
+  const int32_t* rowSeq;  // device
+  int stride;
+  int pageShift;  // log2(pageTokens)
+  int64_t pageFloats;
+  int slot;
+  int kvDim;
+};
+
 // out[r] = table[tokens[r]] (+ posTable[positions[r]]). table: [vocab, E] of wtype.
 void launchEmbed(const int32_t* tokens, const int32_t* positions, int n, const void* table, const void* posTable,
                  int wtype, int E, float* out, cudaStream_t stream);
@@ -40,17 +55,16 @@ void launchGeluTanh(float* x, int64_t count, cudaStream_t stream);
 // Rotate-half RoPE of x[n, heads*headDim] at positions[r] (device array), invFreq[headDim/2] (device).
 void launchRope(float* x, int n, int heads, int headDim, const int32_t* positions, const float* invFreq,
                 float attentionScale, cudaStream_t stream);
-// Writes rows of k and v into the cache slot at positions[r]: cache layout [cap, kvDim] per slot.
-void launchKvWrite(const float* k, const float* v, int n, int kvDim, const int32_t* positions, float* kCache,
-                   float* vCache, cudaStream_t stream);
+// Writes rows of k and v [n, kvDim] into the cache at positions[r] of sequence kv.rowSeq[r].
+void launchKvWrite(const float* k, const float* v, int n, const int32_t* positions, const PagedKv& kv,
+                   cudaStream_t stream);
 
-// Attention of n queries (positions[r]) over one KV slot of the cache.
-// q: [n, numHeads*headDim]; kCache/vCache: [cap, numKvHeads*headDim]; out like q; headDim <= 128.
+// Attention of n queries (positions[r], of sequence kv.rowSeq[r]) over one slot of the paged
+// cache. q: [n, numHeads*headDim]; out like q; headDim <= 128.
 // strict: keys < p only (no key -> zero output); window > 0: keys with p - j < window.
 // maxVisible: the most keys any query sees (sets the split-K chunking); workspace holds the
 // per-chunk partial results, attentionWorkspaceFloats() of them (less means no split).
-void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const float* kCache,
-                     const float* vCache, int numHeads, int numKvHeads, int headDim, bool strict, int window,
+void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv, int numHeads, int numKvHeads, int headDim, bool strict, int window,
                      float scale, float* out, float* workspace, int64_t workspaceFloats, cudaStream_t stream);
 int64_t attentionWorkspaceFloats(int n, int numHeads, int headDim, int maxVisible);
 

@@ -29,13 +29,14 @@ __global__ void ropeKernel(float* x, int heads, int headDim, const int32_t* posi
   }
 }
 
-__global__ void kvWriteKernel(const float* k, const float* v, int kvDim, const int32_t* positions, float* kCache,
-                              float* vCache) {
+__global__ void kvWriteKernel(const float* k, const float* v, const int32_t* positions, PagedKv kv) {
   const int r = blockIdx.x;
-  const int64_t dst = (int64_t)positions[r] * kvDim;
-  for (int j = threadIdx.x; j < kvDim; j += blockDim.x) {
-    kCache[dst + j] = k[(int64_t)r * kvDim + j];
-    vCache[dst + j] = v[(int64_t)r * kvDim + j];
+  const int32_t* table = kv.tables + (int64_t)kv.rowSeq[r] * kv.stride;
+  float* kd = kv.pool + pagedOffset(table, positions[r], kv.pageShift, kv.pageFloats, kv.slot, 0, kv.kvDim);
+  float* vd = kv.pool + pagedOffset(table, positions[r], kv.pageShift, kv.pageFloats, kv.slot, 1, kv.kvDim);
+  for (int j = threadIdx.x; j < kv.kvDim; j += blockDim.x) {
+    kd[j] = k[(int64_t)r * kv.kvDim + j];
+    vd[j] = v[(int64_t)r * kv.kvDim + j];
   }
 }
 
@@ -50,11 +51,11 @@ void launchRope(float* x, int n, int heads, int headDim, const int32_t* position
   LCKV_LAUNCH_CHECK("rope");
 }
 
-void launchKvWrite(const float* k, const float* v, int n, int kvDim, const int32_t* positions, float* kCache,
-                   float* vCache, cudaStream_t stream) {
+void launchKvWrite(const float* k, const float* v, int n, const int32_t* positions, const PagedKv& kv,
+                   cudaStream_t stream) {
   NvtxRange r("kv_write");
   if (n <= 0) return;
-  kvWriteKernel<<<n, 256, 0, stream>>>(k, v, kvDim, positions, kCache, vCache);
+  kvWriteKernel<<<n, 256, 0, stream>>>(k, v, positions, kv);
   LCKV_LAUNCH_CHECK("kv_write");
 }
 

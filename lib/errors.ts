@@ -102,6 +102,19 @@ export class OutOfMemoryError extends LckvError {
   }
 }
 
+/**
+ * The K/V cache cannot hold what was asked. `code` says which case:
+ * - LCKV_KV_CACHE_FULL: not now (other sequences hold the pages; waiting would have helped, or
+ *   the wait for pages timed out),
+ * - LCKV_REQUEST_TOO_LARGE: never, even with the whole pool to itself,
+ * - LCKV_QUEUE_FULL: the queue of requests waiting for pages is at its bound (loadModel's `maxQueue`).
+ */
+export class KvCacheFullError extends LckvError {
+  constructor(message: string, code: "LCKV_KV_CACHE_FULL" | "LCKV_REQUEST_TOO_LARGE" | "LCKV_QUEUE_FULL" = "LCKV_KV_CACHE_FULL") {
+    super(code, message);
+  }
+}
+
 /** The native addon could not be loaded. */
 export class AddonLoadError extends LckvError {
   constructor(message: string, cause?: unknown) {
@@ -128,6 +141,8 @@ export function fromNative(e: unknown): LckvError {
       return new ModelLoadError(msg, undefined, err.code);
     case "LCKV_DEVICE_UNAVAILABLE":
       return new DeviceUnavailableError(msg);
+    case "LCKV_KV_CACHE_FULL":
+      return new KvCacheFullError(msg);
     default:
       return new LckvError(err?.code ?? "LCKV_INTERNAL", msg, { cause: e });
   }

@@ -5,8 +5,8 @@
  *     await using model = await loadModel();          // the embedded default model
  *     const r = await model.generate("Once upon a time", { maxNewTokens: 32 });
  */
-export { loadModel, Model, DEFAULT_MODEL_DIR } from "./model";
-export type { LoadOptions, GenerateResult, StreamChunk, ForwardResult, PrefillOptions, Device, DType } from "./model";
+export { loadModel, Model, DEFAULT_MODEL_DIR, KV_PAGE_TOKENS } from "./model";
+export type { LoadOptions, GenerateResult, StreamChunk, ForwardResult, PrefillOptions, Device, DType, CacheStats } from "./model";
 export type { GenerateOptions, SamplingOptions, PrefillMode } from "./options";
 export type { ModelConfig, BlockStyle } from "./config";
 export { SUPPORTED_ARCHITECTURES } from "./config";

@@ -4,7 +4,9 @@
  */
 import "./dispose-symbols";
 import * as fs from "node:fs";
+import * as os from "node:os";
 import * as path from "node:path";
+import { Admission, AdmissionOptions } from "./admission";
 import { kvBytesPerToken, ModelConfig, parseConfig } from "./config";
 import {
   ContextOverflowError,
@@ -42,14 +44,46 @@ export interface LoadOptions {
   dtype?: DType;
   /** Tokens one sequence may hold (default: the model's max_position_embeddings). */
   maxContext?: number;
-  /** Bytes the KV cache of one sequence may use; caps the context at kvCacheMemory / kvBytesPerToken. */
+  /**
+   * Bytes of the K/V pool that every sequence shares (default: room for 32 sequences of the full
+   * context, at most 80% of free GPU memory or 25% of host memory). Only KV layers are cached,
+   * so an LCKV model holds numLayers / kvLayers times the tokens of a standard one.
+   */
   kvCacheMemory?: number;
+  /** Requests that may wait for K/V pages at once (default 1024); the next fails with LCKV_QUEUE_FULL. */
+  maxQueue?: number;
+  /** Milliseconds a request may wait for K/V pages (default: no limit); then LCKV_KV_CACHE_FULL. */
+  queueTimeout?: number;
   /** CPU threads (default: all cores). */
   threads?: number;
   /** Called with the fraction of weights loaded, from 0 to 1. */
   onProgress?: (fraction: number) => void;
   /** Finished requests kept for prefix reuse (default 8; 0 turns reuse off). */
   prefixCache?: number;
+}
+
+export interface CacheStats {
+  /** Positions per page. */
+  pageTokens: number;
+  pageBytes: number;
+  pagesTotal: number;
+  /** Pages held by at least one sequence (including the prefix cache's). */
+  pagesUsed: number;
+  pagesFree: number;
+  /** Pages held only by finished requests kept for prefix reuse (evicted first when short). */
+  pagesCached: number;
+  /** Pages promised to running requests and not yet written. */
+  pagesReserved: number;
+  /** pagesTotal * pageTokens: what the pool holds, whatever the number of sequences. */
+  capacityTokens: number;
+  kvBytesPerToken: number;
+  liveSequences: number;
+  /** Bytes of the pages live sequences hold (a shared page counts once per holder). */
+  kvBytes: number;
+  /** Requests waiting for pages. */
+  queued: number;
+  prefilledTokens: number;
+  prefixCache: PrefixCacheStats;
 }
 
 export interface GenerateResult {
@@ -81,7 +115,14 @@ export interface ForwardResult {
 /** The model shipped inside the package, used when loadModel() gets no directory. */
 export const DEFAULT_MODEL_DIR = path.join(__dirname, "..", "models", "default");
 
-const LOAD_KEYS = new Set(["device", "dtype", "maxContext", "kvCacheMemory", "threads", "onProgress", "prefixCache"]);
+const LOAD_KEYS = new Set(["device", "dtype", "maxContext", "kvCacheMemory", "threads", "onProgress", "prefixCache", "maxQueue", "queueTimeout"]);
+/** Positions per K/V page. */
+export const KV_PAGE_TOKENS = 16;
+/** Without kvCacheMemory, the pool holds this many sequences of the full context... */
+const DEFAULT_POOL_SEQUENCES = 32;
+/** ...but at most this share of free GPU memory (after the weights) or of host memory. */
+const DEFAULT_POOL_GPU_SHARE = 0.8;
+const DEFAULT_POOL_HOST_SHARE = 0.25;
 let cpuNoticeShown = false;
 
 export async function loadModel(dir?: string, options: LoadOptions = {}): Promise<Model> {
@@ -102,6 +143,8 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   if (options.maxContext !== undefined) posInt("maxContext", options.maxContext);
   if (options.onProgress !== undefined && typeof options.onProgress !== "function") throw new InvalidOptionError("onProgress", "must be a function");
   const prefixCache = options.prefixCache === undefined ? 8 : nonNegInt("prefixCache", options.prefixCache);
+  const maxQueue = options.maxQueue === undefined ? 1024 : nonNegInt("maxQueue", options.maxQueue);
+  const queueTimeout = options.queueTimeout === undefined ? Infinity : nonNegInt("queueTimeout", options.queueTimeout);
 
   const addon = loadAddon();
   let backend: "cpu" | "cuda" = "cpu";
@@ -134,10 +177,9 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   if (maxContext > config.maxPositionEmbeddings) {
     throw new InvalidOptionError("maxContext", `${maxContext} exceeds the model's max_position_embeddings (${config.maxPositionEmbeddings})`);
   }
-  if (options.kvCacheMemory !== undefined) {
-    const fit = Math.floor(options.kvCacheMemory / perToken);
-    if (fit < 1) throw new InvalidOptionError("kvCacheMemory", `${options.kvCacheMemory} bytes hold no token (one token needs ${perToken})`);
-    maxContext = Math.min(maxContext, fit);
+  const pageBytes = perToken * KV_PAGE_TOKENS;
+  if (options.kvCacheMemory !== undefined && options.kvCacheMemory < pageBytes) {
+    throw new InvalidOptionError("kvCacheMemory", `${options.kvCacheMemory} bytes hold no K/V page (one page of ${KV_PAGE_TOKENS} tokens needs ${pageBytes})`);
   }
 
   let native: NativeModel;
@@ -163,11 +205,21 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
       options.onProgress?.(total > 0 ? done / total : 1);
     }
     native.finalize();
+    let poolBytes = options.kvCacheMemory;
+    if (poolBytes === undefined) {
+      const mem = native.memoryInfo();
+      const cap = backend === "cuda" ? mem.free * DEFAULT_POOL_GPU_SHARE : os.totalmem() * DEFAULT_POOL_HOST_SHARE;
+      poolBytes = Math.max(pageBytes, Math.min(DEFAULT_POOL_SEQUENCES * maxContext * perToken, cap));
+    }
+    const pages = Math.floor(poolBytes / pageBytes);
+    native.createPool(pages, KV_PAGE_TOKENS);
+    // One sequence cannot hold more than the whole pool.
+    maxContext = Math.min(maxContext, pages * KV_PAGE_TOKENS);
   } catch (e) {
     native.dispose();
     throw fromNative(e);
   }
-  return new Model(modelDir, config, native, tokenizer, generationConfig, maxContext, perToken, prefixCache);
+  return new Model(modelDir, config, native, tokenizer, generationConfig, maxContext, perToken, prefixCache, { maxQueue, queueTimeout });
 }
 
 function describeForNative(c: ModelConfig): NativeModelDescription {
@@ -208,6 +260,8 @@ export class Model implements AsyncDisposable {
   /** @internal Batches the decode steps of concurrent generations. */
   readonly scheduler: DecodeScheduler;
   private readonly prefixCache: PrefixCache;
+  /** @internal Reserves K/V pages for requests, queueing them while the pool is short. */
+  readonly admission: Admission;
   private prefilled = 0;
 
   constructor(
@@ -219,8 +273,10 @@ export class Model implements AsyncDisposable {
     readonly maxContext: number,
     perToken: number,
     prefixCacheSize = 8,
+    admission: AdmissionOptions = { maxQueue: 1024, queueTimeout: Infinity },
   ) {
     this.prefixCache = new PrefixCache(prefixCacheSize);
+    this.admission = new Admission(() => this.nativeModel(), () => this.prefixCache.evictOne(), admission);
     this.native = native;
     this.kvBytesPerToken = perToken;
     this.standardKvBytesPerToken = (perToken / config.kvLayers.length) * config.numLayers;
@@ -289,6 +345,7 @@ export class Model implements AsyncDisposable {
   private closeSequence(s: NativeSequence): void {
     this.live.delete(s);
     s.dispose();
+    if (this.native) this.admission.pump();  // its pages may let a waiting request in
   }
 
   /** @internal Generation defaults from generation_config.json and the config. */
@@ -334,19 +391,45 @@ export class Model implements AsyncDisposable {
   }
 
   /**
-   * Cache accounting: bytes per token, live sequences (the prefix cache's included) and the K/V
-   * bytes their stores hold, prompt tokens prefilled, and prefix reuse.
+   * The K/V pool's accounting: page size, pages total / used / free / cached (held only by
+   * finished requests kept for prefix reuse) / reserved (promised to running requests), the
+   * capacity in tokens, bytes per token, live sequences and the bytes of the pages they hold,
+   * requests waiting for pages, prompt tokens prefilled, and prefix reuse.
    */
-  cacheStats(): { kvBytesPerToken: number; liveSequences: number; kvBytes: number; prefilledTokens: number; prefixCache: PrefixCacheStats } {
+  cacheStats(): CacheStats {
+    // A disposed model has no pool: every count is zero.
+    const p = this.native
+      ? this.native.poolStats()
+      : { pageTokens: KV_PAGE_TOKENS, pageBytes: 0, pagesTotal: 0, pagesUsed: 0, pagesFree: 0, pagesCached: 0, pagesReserved: 0, sharedRefs: 0 };
     let kvBytes = 0;
     for (const s of this.live) kvBytes += s.kvBytes;
     return {
+      pageTokens: p.pageTokens,
+      pageBytes: p.pageBytes,
+      pagesTotal: p.pagesTotal,
+      pagesUsed: p.pagesUsed,
+      pagesFree: p.pagesFree,
+      pagesCached: p.pagesCached,
+      pagesReserved: p.pagesReserved,
+      capacityTokens: p.pagesTotal * p.pageTokens,
       kvBytesPerToken: this.kvBytesPerToken,
       liveSequences: this.live.size,
       kvBytes,
+      queued: this.admission.queued,
       prefilledTokens: this.prefilled,
       prefixCache: this.prefixCache.stats(),
     };
+  }
+
+  /** Drops every finished request kept for prefix reuse (their pages go back to the pool). */
+  clearPrefixCache(): void {
+    this.prefixCache.clear();
+    if (this.native) this.admission.pump();
+  }
+
+  /** @internal Checks every page's reference count against the live page tables ("" = consistent). */
+  auditCache(): string {
+    return this.nativeModel().auditPool();
   }
 
   /** Decode steps run so far, tokens decoded, and the largest batch (continuous batching). */
@@ -384,7 +467,10 @@ export class Model implements AsyncDisposable {
     const seq = hit ? hit.seq : this.createSequence();
     let finished = false;
     try {
-      const { passes } = await seq.append(hit ? prompt.slice(hit.reused) : prompt, opts);
+      // The pages for the prompt and every token it may generate, before any work (this is
+      // where a request waits while the pool is full).
+      if (!(await seq.reserveRequest(prompt.length + opts.maxNewTokens, opts.signal))) return done("abort");
+      const { passes } = await seq.appendTokens(hit ? prompt.slice(hit.reused) : prompt, opts, true);
       const result = yield* seq.run(options, prompt.length, passes);
       finished = true;
       return result;
@@ -415,6 +501,7 @@ export class Model implements AsyncDisposable {
   /** Frees the weights and every sequence. Calls after this throw DisposedError. */
   async dispose(): Promise<void> {
     if (!this.native) return;
+    this.admission.rejectAll(new DisposedError("the model"));
     this.prefixCache.clear();
     for (const s of this.live) s.dispose();
     this.live.clear();

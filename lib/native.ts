@@ -31,8 +31,27 @@ export interface NativeSequence {
   truncate(n: number): void;
   fork(): NativeSequence;
   dispose(): void;
+  /** Promises the pages needed to grow to totalTokens (0 drops the promise); throws LCKV_KV_CACHE_FULL. */
+  reserve(totalTokens: number): void;
+  /** Pages this sequence would take to grow to totalTokens. */
+  pagesToGrow(totalTokens: number): number;
+  /** Marks the sequence's pages as held for prefix reuse (for the pool's "cached" count). */
+  setCached(cached: boolean): void;
+  readonly reservedPages: number;
   readonly length: number;
+  /** Bytes of the pages this sequence holds (shared pages count in every holder). */
   readonly kvBytes: number;
+}
+
+export interface NativePoolStats {
+  pageTokens: number;
+  pageBytes: number;
+  pagesTotal: number;
+  pagesUsed: number;
+  pagesFree: number;
+  pagesCached: number;
+  pagesReserved: number;
+  sharedRefs: number;
 }
 
 export interface NativeModelDescription {
@@ -58,6 +77,12 @@ export interface NativeModel {
   decodeBatch(seqs: NativeSequence[], tokens: Int32Array, sampling: NativeSamplingParams[]): Promise<Int32Array>;
   finalize(): void;
   createSequence(maxContext: number): NativeSequence;
+  createPool(pages: number, pageTokens: number): void;
+  poolStats(): NativePoolStats;
+  /** "" when every page's reference count matches the live page tables, else the first mismatch. */
+  auditPool(): string;
+  /** Free and total device memory in bytes (0, 0 on the CPU). */
+  memoryInfo(): { free: number; total: number };
   dispose(): void;
   readonly weightBytes: number;
   readonly backend: string;

@@ -3,7 +3,9 @@
  * first out), and a new prompt that starts with tokens one of them holds forks it, rewinds the
  * fork to the shared prefix and prefills only the rest. Only sequences whose K/V is exact are
  * kept: an LCKV prompt prefilled with the approximate iterative scheme is not, so it is never
- * reused. (The fork copies the cache; sharing pages instead is the paged pool's job.)
+ * reused. A fork shares the cached pages (copy-on-write), so a hit costs no copy; the cached
+ * sequences' pages count as "cached" in cacheStats() and are the first to go when the pool
+ * runs short (least recently used first).
  */
 import type { Sequence } from "./sequence";
 
@@ -55,8 +57,17 @@ export class PrefixCache {
       seq.dispose();
       return;
     }
+    seq.markCached(true);
     this.entries.push(seq);
     while (this.entries.length > this.capacity) this.entries.shift()!.dispose();
+  }
+
+  /** Disposes the least recently used entry (its pages go back unless shared); false when empty. */
+  evictOne(): boolean {
+    const e = this.entries.shift();
+    if (!e) return false;
+    e.dispose();
+    return true;
   }
 
   clear(): void {

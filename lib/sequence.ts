@@ -26,6 +26,8 @@ export class Sequence implements Disposable {
   private busy = false;
   /** False once an approximate (iterative) prefill has run: its K/V must not be reused. */
   private exactKv = true;
+  /** Tokens the current request's page reservation covers (0: none). */
+  private reservedUpTo = 0;
 
   /** @internal Use model.createSequence(). */
   constructor(
@@ -69,44 +71,88 @@ export class Sequence implements Disposable {
     }
   }
 
+  /**
+   * Reserves the K/V pages for `total` tokens (waiting in the model's queue while the pool is
+   * short). False when `signal` aborted the wait.
+   */
+  private async ensureReserved(total: number, signal?: AbortSignal): Promise<boolean> {
+    if (total <= this.reservedUpTo) return true;
+    const ok = await this.model.admission.reserve(this.live(), total, signal);
+    if (ok) this.reservedUpTo = total;
+    return ok;
+  }
+
+  /** Drops what is left of the page reservation, and lets waiting requests in. */
+  private releaseReservation(): void {
+    if (this.reservedUpTo === 0) return;
+    this.reservedUpTo = 0;
+    if (this.native && !this.model.disposed) {
+      try {
+        this.native.reserve(0);
+      } catch {
+        // busy or disposed meanwhile: its pages come back when it is disposed
+      }
+      this.model.admission.pump();
+    }
+  }
+
+  /** @internal model.stream(): reserve the whole request (prompt and generation) up front. */
+  async reserveRequest(total: number, signal?: AbortSignal): Promise<boolean> {
+    return this.ensureReserved(Math.min(total, this.model.maxContext), signal);
+  }
+
   /** Adds text or token ids to the sequence (prefilling all but the last new token). */
   async append(input: string | readonly number[], options: PrefillOptions = {}): Promise<{ passes: number }> {
+    return this.appendTokens(input, options, false);
+  }
+
+  /** @internal append(); keepReservation: the request goes on to generate (model.stream). */
+  async appendTokens(input: string | readonly number[], options: PrefillOptions, keepReservation: boolean): Promise<{ passes: number }> {
     return this.exclusive(async () => {
       const native = this.live();
       const ids = this.model.toTokenIds(input, "input", this.length);
       const prefill = resolvePrefill(this.model, options);
       const run = [...this.pending, ...ids.slice(0, -1)];
-      let passes = 0;
-      // Long inputs go in chunks, so that other sequences' decode steps run in between. Exact
-      // modes stay exact across chunks (each chunk reads the final K/V of the ones before);
-      // the iterative scheme is defined over the whole input, so it is not cut.
-      const chunk = prefill.mode === "iterative" ? Math.max(run.length, 1) : PREFILL_CHUNK;
-      const before = { evaluated: this.evaluated.length, pending: this.pending };
       try {
-        for (let at = 0; at < run.length; at += chunk) {
-          const part = run.slice(at, at + chunk);
-          passes = Math.max(passes, (await native.append(Int32Array.from(part), { ...prefill, logits: "none" })).passes);
-          this.model.countPrefilled(part.length);
-          if (prefill.mode === "iterative" && part.length > 1 && this.model.config.plan.cyclicGroup) this.exactKv = false;
-          this.evaluated.push(...part);
-          this.pending = [];
-        }
-      } catch (e) {
-        // All or nothing: drop the chunks that did go in, so the sequence is as it was.
-        if (this.native && this.evaluated.length > before.evaluated) {
-          try {
-            this.native.truncate(before.evaluated);
-          } catch {
-            // disposed meanwhile: nothing left to restore
-          }
-          this.evaluated.length = before.evaluated;
-        }
-        this.pending = before.pending;
-        throw fromNative(e);
+        await this.ensureReserved(this.evaluated.length + run.length);
+        return await this.prefill(native, ids, run, prefill);
+      } finally {
+        if (!keepReservation) this.releaseReservation();
       }
-      this.pending = ids.slice(-1);
-      return { passes };
     });
+  }
+
+  private async prefill(native: NativeSequence, ids: number[], run: number[], prefill: ReturnType<typeof resolvePrefill>): Promise<{ passes: number }> {
+    let passes = 0;
+    // Long inputs go in chunks, so that other sequences' decode steps run in between. Exact
+    // modes stay exact across chunks (each chunk reads the final K/V of the ones before);
+    // the iterative scheme is defined over the whole input, so it is not cut.
+    const chunk = prefill.mode === "iterative" ? Math.max(run.length, 1) : PREFILL_CHUNK;
+    const before = { evaluated: this.evaluated.length, pending: this.pending };
+    try {
+      for (let at = 0; at < run.length; at += chunk) {
+        const part = run.slice(at, at + chunk);
+        passes = Math.max(passes, (await native.append(Int32Array.from(part), { ...prefill, logits: "none" })).passes);
+        this.model.countPrefilled(part.length);
+        if (prefill.mode === "iterative" && part.length > 1 && this.model.config.plan.cyclicGroup) this.exactKv = false;
+        this.evaluated.push(...part);
+        this.pending = [];
+      }
+    } catch (e) {
+      // All or nothing: drop the chunks that did go in, so the sequence is as it was.
+      if (this.native && this.evaluated.length > before.evaluated) {
+        try {
+          this.native.truncate(before.evaluated);
+        } catch {
+          // disposed meanwhile: nothing left to restore
+        }
+        this.evaluated.length = before.evaluated;
+      }
+      this.pending = before.pending;
+      throw fromNative(e);
+    }
+    this.pending = ids.slice(-1);
+    return { passes };
   }
 
   /** Generates from the end of the sequence; the generated tokens become part of it. */
@@ -128,6 +174,16 @@ export class Sequence implements Disposable {
       this.pending = [this.evaluated.pop()!];
     }
     this.busy = true;
+    try {
+      // Every page this request can need, before it starts (it may wait here for pages).
+      if (opts.maxNewTokens > 0 && !(await this.ensureReserved(Math.min(this.evaluated.length + this.pending.length + opts.maxNewTokens, this.model.maxContext), opts.signal))) {
+        return { text: "", tokens: [], finishReason: "abort", usage: { promptTokens, completionTokens: 0 }, prefillPasses };
+      }
+    } catch (e) {
+      this.busy = false;
+      this.releaseReservation();
+      throw e;
+    }
     const eos = new Set(opts.ignoreEos ? [] : this.model.eosTokenIds);
     const tokenizer = this.model.tokenizer;
     const text = new TextStream((ids) => (tokenizer ? tokenizer.decode(ids) : ""), opts.stop);
@@ -191,6 +247,7 @@ export class Sequence implements Disposable {
       }
     } finally {
       this.busy = false;
+      this.releaseReservation();
     }
     const rest = text.flush();
     if (rest) yield { text: rest, token: -1 };
@@ -203,7 +260,7 @@ export class Sequence implements Disposable {
     };
   }
 
-  /** A new sequence that shares everything so far (its cache is a copy). */
+  /** A new sequence that shares everything so far (its pages are shared, copied on write). */
   fork(): Sequence {
     const native = this.live();
     if (this.busy) throw new LckvError("LCKV_BUSY", "the sequence is busy: await its previous append() or generate() first");
@@ -230,9 +287,15 @@ export class Sequence implements Disposable {
       native.truncate(n);
       this.evaluated.length = n;
       this.pending = [];
+      this.model.admission.pump();  // pages past n went back to the pool
     } else {
       this.pending.length = n - this.evaluated.length;
     }
+  }
+
+  /** @internal Marks the pages as held for prefix reuse (cacheStats' pagesCached). */
+  markCached(cached: boolean): void {
+    this.native?.setCached(cached);
   }
 
   /** Frees the sequence's cache. Later calls throw DisposedError. */

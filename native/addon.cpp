@@ -178,6 +178,10 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
                                     InstanceMethod("truncate", &SequenceWrap::Truncate),
                                     InstanceMethod("fork", &SequenceWrap::Fork),
                                     InstanceMethod("dispose", &SequenceWrap::Dispose),
+                                    InstanceMethod("reserve", &SequenceWrap::Reserve),
+                                    InstanceMethod("pagesToGrow", &SequenceWrap::PagesToGrow),
+                                    InstanceMethod("setCached", &SequenceWrap::SetCached),
+                                    InstanceAccessor("reservedPages", &SequenceWrap::ReservedPages, nullptr),
                                     InstanceAccessor("length", &SequenceWrap::Length, nullptr),
                                     InstanceAccessor("kvBytes", &SequenceWrap::KvBytes, nullptr)});
     data->sequenceCtor = Napi::Persistent(f);
@@ -209,16 +213,51 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     if (n < 0 || n != (double)(int64_t)n || n > s->state->length())
       throwInvalid(info.Env(), "truncate(n): n must be an integer in [0, " + std::to_string(s->state->length()) + "]");
     s->state->tokens.resize((size_t)n);
+    s->state->kv->keep((int)n);  // pages past the new end go back to the pool
     s->publish();
     return info.Env().Undefined();
+  }
+  // reserve(totalTokens): promises the pages this sequence needs to grow to totalTokens (0
+  // drops the promise). Throws LCKV_KV_CACHE_FULL when the pool cannot promise them now.
+  Napi::Value Reserve(const Napi::CallbackInfo& info) {
+    auto s = live(info.Env());
+    if (s->busy) throw makeError(info.Env(), kErrBusy, "the sequence is running a forward");
+    const int total = tokenCount(info, "reserve");
+    try {
+      s->state->kv->reserve(s->state->length(), total);
+    } catch (const EngineError& e) {
+      throw makeError(info.Env(), e.code, e.what());
+    }
+    return info.Env().Undefined();
+  }
+  // pagesToGrow(totalTokens): pages the sequence would take to grow to totalTokens.
+  Napi::Value PagesToGrow(const Napi::CallbackInfo& info) {
+    auto s = live(info.Env());
+    const int total = tokenCount(info, "pagesToGrow");
+    return Napi::Number::New(info.Env(), s->state->kv->pagesToGrow(s->state->length(), total));
+  }
+  Napi::Value SetCached(const Napi::CallbackInfo& info) {
+    auto s = live(info.Env());
+    s->state->kv->setCached(info[0].ToBoolean().Value());
+    return info.Env().Undefined();
+  }
+  Napi::Value ReservedPages(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), seq ? seq->state->kv->reserved() : 0);
+  }
+  static int tokenCount(const Napi::CallbackInfo& info, const char* what) {
+    if (!info[0].IsNumber()) throwInvalid(info.Env(), std::string(what) + "(totalTokens) needs a number");
+    const double t = info[0].As<Napi::Number>().DoubleValue();
+    if (!(t >= 0 && t <= 1e9) || t != (double)(int64_t)t)
+      throwInvalid(info.Env(), std::string(what) + "(totalTokens): an integer in [0, 1e9] is needed");
+    return (int)t;
   }
   Napi::Value Fork(const Napi::CallbackInfo& info) {
     auto s = live(info.Env());
     if (s->busy) throw makeError(info.Env(), kErrBusy, "the sequence is running a forward");
     auto child = std::make_shared<SharedSequence>();
     child->owner = s->owner;
-    // No model lock: the source is not busy, so no forward touches its store, and copying it
-    // must not wait for other sequences' forwards on the JS thread.
+    // No model lock: the fork shares the source's pages (the pool locks its own counts), and
+    // the JS thread must not wait for other sequences' forwards.
     try {
       child->state = s->owner->model->forkSequence(*s->state);
     } catch (const EngineError& e) {
@@ -348,6 +387,10 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                                     InstanceMethod("decodeBatch", &ModelWrap::DecodeBatch),
                                     InstanceMethod("finalize", &ModelWrap::Finalize),
                                     InstanceMethod("createSequence", &ModelWrap::CreateSequence),
+                                    InstanceMethod("createPool", &ModelWrap::CreatePool),
+                                    InstanceMethod("poolStats", &ModelWrap::PoolStats),
+                                    InstanceMethod("auditPool", &ModelWrap::AuditPool),
+                                    InstanceMethod("memoryInfo", &ModelWrap::MemoryInfo),
                                     InstanceMethod("dispose", &ModelWrap::Dispose),
                                     InstanceAccessor("weightBytes", &ModelWrap::WeightBytes, nullptr),
                                     InstanceAccessor("backend", &ModelWrap::BackendName, nullptr)});
@@ -529,6 +572,55 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Promise p = w->promise();
     w->Queue();
     return p;
+  }
+
+  // createPool(pages, pageTokens): allocates the K/V pool (once, after finalize).
+  Napi::Value CreatePool(const Napi::CallbackInfo& info) {
+    auto m = live(info.Env());
+    if (!info[0].IsNumber() || !info[1].IsNumber()) throwInvalid(info.Env(), "createPool(pages, pageTokens) needs two numbers");
+    const double pages = info[0].As<Napi::Number>().DoubleValue(), pageTokens = info[1].As<Napi::Number>().DoubleValue();
+    if (!(pages >= 1 && pages <= 2147483647.0) || !(pageTokens >= 1 && pageTokens <= 65536))
+      throwInvalid(info.Env(), "createPool: pages must be in [1, 2^31) and pageTokens in [1, 65536]");
+    try {
+      std::lock_guard<std::mutex> lk(m->model->mutex());
+      m->model->createPool((int)pages, (int)pageTokens);
+    } catch (const EngineError& e) {
+      throw makeError(info.Env(), e.code, e.what());
+    }
+    return info.Env().Undefined();
+  }
+  Napi::Value PoolStats(const Napi::CallbackInfo& info) {
+    auto m = live(info.Env());
+    if (!m->model->hasPool()) throwInvalid(info.Env(), "the model has no K/V pool");
+    const KvPoolStats st = m->model->pool().stats();
+    Napi::Object o = Napi::Object::New(info.Env());
+    o.Set("pageTokens", st.pageTokens);
+    o.Set("pageBytes", (double)st.pageBytes);
+    o.Set("pagesTotal", st.pagesTotal);
+    o.Set("pagesUsed", st.pagesUsed);
+    o.Set("pagesFree", st.pagesFree);
+    o.Set("pagesCached", st.pagesCached);
+    o.Set("pagesReserved", st.pagesReserved);
+    o.Set("sharedRefs", (double)st.sharedRefs);
+    return o;
+  }
+  // auditPool(): "" when every page's count matches the live page tables, else the mismatch.
+  Napi::Value AuditPool(const Napi::CallbackInfo& info) {
+    auto m = live(info.Env());
+    return Napi::String::New(info.Env(), m->model->hasPool() ? m->model->pool().audit() : "");
+  }
+  Napi::Value MemoryInfo(const Napi::CallbackInfo& info) {
+    auto m = live(info.Env());
+    size_t freeBytes = 0, totalBytes = 0;
+    try {
+      m->model->backend().memoryInfo(freeBytes, totalBytes);
+    } catch (const EngineError& e) {
+      throw makeError(info.Env(), e.code, e.what());
+    }
+    Napi::Object o = Napi::Object::New(info.Env());
+    o.Set("free", (double)freeBytes);
+    o.Set("total", (double)totalBytes);
+    return o;
   }
 
   Napi::Value Finalize(const Napi::CallbackInfo& info) {

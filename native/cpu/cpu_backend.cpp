@@ -28,37 +28,13 @@ Tensor hostTensor(int64_t rows, int64_t cols) {
   return t;
 }
 
-// KV of every KV layer for one sequence: slot-major, then position, then kvDim.
-class CpuKvStore : public KvStore {
- public:
-  CpuKvStore(int slots, int kvDim, int cap) : slots_(slots), kvDim_(kvDim) { reserve(cap); }
-  int capacity() const override { return cap_; }
-  size_t bytes() const override { return (k_.size() + v_.size()) * sizeof(float); }
-  void reserve(int n) override {
-    if (n <= cap_) return;
-    int cap = std::max(n, cap_ * 2);
-    std::vector<float> k((size_t)slots_ * cap * kvDim_, 0.0f), v((size_t)slots_ * cap * kvDim_, 0.0f);
-    for (int s = 0; s < slots_; ++s) {
-      std::memcpy(&k[(size_t)s * cap * kvDim_], k_.data() + (size_t)s * cap_ * kvDim_, sizeof(float) * cap_ * kvDim_);
-      std::memcpy(&v[(size_t)s * cap * kvDim_], v_.data() + (size_t)s * cap_ * kvDim_, sizeof(float) * cap_ * kvDim_);
-    }
-    k_.swap(k);
-    v_.swap(v);
-    cap_ = cap;
-  }
-  float* key(int slot, int pos) { return &k_[((size_t)slot * cap_ + pos) * kvDim_]; }
-  float* value(int slot, int pos) { return &v_[((size_t)slot * cap_ + pos) * kvDim_]; }
-  void check(int slot, int start, int n) const {
-    if (slot < 0 || slot >= slots_ || start < 0 || n < 0 || start + n > cap_)
-      throw EngineError(kErrInvalidArgument, "KV access out of range");
-  }
-  int slots() const { return slots_; }
-  int kvDim() const { return kvDim_; }
-
- private:
-  int slots_, kvDim_, cap_ = 0;
-  std::vector<float> k_, v_;
-};
+// K (v = 0) or V (v = 1) of `slot` at `pos` of table row `seq`, checked.
+float* kvAt(const KvView& kv, int seq, int slot, int v, int pos) {
+  const int32_t page = pos >= 0 && seq >= 0 && seq < kv.numSeqs ? kv.page(seq, pos) : -1;
+  if (page < 0 || page >= kv.pool->rows || slot < 0 || slot >= kv.layout.slots)
+    throw EngineError(kErrInvalidArgument, "K/V access outside the sequence's pages (position " + std::to_string(pos) + ")");
+  return F(*kv.pool) + kv.layout.offset(page, slot, v, pos % kv.layout.pageTokens);
+}
 
 class CpuBackend : public Backend {
  public:
@@ -81,20 +57,6 @@ class CpuBackend : public Backend {
   void poison(Tensor& t) override {
     for (int64_t i = 0; i < t.numel(); ++i) F(t)[i] = NAN;
   }
-  std::unique_ptr<KvStore> createKvStore(int numSlots, int kvDim, int initialCapacity) override {
-    return std::make_unique<CpuKvStore>(numSlots, kvDim, initialCapacity);
-  }
-  std::unique_ptr<KvStore> cloneKvStore(KvStore& src, int length) override {
-    auto& s = static_cast<CpuKvStore&>(src);
-    auto out = std::make_unique<CpuKvStore>(s.slots(), s.kvDim(), std::max(length, 1));
-    for (int slot = 0; slot < s.slots() && length > 0; ++slot) {
-      s.check(slot, 0, length);
-      std::memcpy(out->key(slot, 0), s.key(slot, 0), sizeof(float) * (size_t)length * s.kvDim());
-      std::memcpy(out->value(slot, 0), s.value(slot, 0), sizeof(float) * (size_t)length * s.kvDim());
-    }
-    return out;
-  }
-
   void embed(const int32_t* tokens, const int32_t* positions, int n, const Tensor& table, const Tensor* posTable,
              Tensor& out) override {
     const int64_t E = table.cols;
@@ -189,44 +151,39 @@ class CpuBackend : public Backend {
     }
   }
 
-  void kvWrite(KvStore& store, int slot, const Tensor& k, const Tensor& v, int n, const int32_t* positions) override {
-    auto& st = static_cast<CpuKvStore&>(store);
+  void kvWrite(const KvView& kv, int slot, const Tensor& k, const Tensor& v, int n, const int32_t* positions) override {
     for (int r = 0; r < n; ++r) {
-      st.check(slot, positions[r], 1);
-      std::memcpy(st.key(slot, positions[r]), F(k) + (int64_t)r * k.cols, sizeof(float) * (size_t)k.cols);
-      std::memcpy(st.value(slot, positions[r]), F(v) + (int64_t)r * v.cols, sizeof(float) * (size_t)v.cols);
+      std::memcpy(kvAt(kv, kv.rowSeq[r], slot, 0, positions[r]), F(k) + (int64_t)r * k.cols, sizeof(float) * (size_t)k.cols);
+      std::memcpy(kvAt(kv, kv.rowSeq[r], slot, 1, positions[r]), F(v) + (int64_t)r * v.cols, sizeof(float) * (size_t)v.cols);
     }
   }
 
-  void kvZero(KvStore& store, int slot, int start, int n) override {
-    auto& st = static_cast<CpuKvStore&>(store);
-    st.check(slot, start, n);
-    const size_t bytes = sizeof(float) * (size_t)n * st.kvDim();
-    std::memset(st.key(slot, start), 0, bytes);
-    std::memset(st.value(slot, start), 0, bytes);
+  void kvZero(const KvView& kv, int seq, int slot, int start, int n) override {
+    for (int p = start; p < start + n; ++p)
+      for (int v = 0; v < 2; ++v) std::memset(kvAt(kv, seq, slot, v, p), 0, sizeof(float) * (size_t)kv.layout.kvDim);
   }
 
-  void kvRead(KvStore& store, int slot, int start, int n, std::vector<float>& host) override {
-    auto& st = static_cast<CpuKvStore&>(store);
-    st.check(slot, start, n);
-    const size_t len = (size_t)n * st.kvDim();
-    const float* k0 = st.key(slot, start);
-    const float* v0 = st.value(slot, start);
-    host.assign(k0, k0 + len);
-    host.insert(host.end(), v0, v0 + len);
+  void kvRead(const KvView& kv, int seq, int slot, int start, int n, std::vector<float>& host) override {
+    const size_t d = (size_t)kv.layout.kvDim;
+    host.resize(2 * (size_t)n * d);
+    for (int v = 0; v < 2; ++v)
+      for (int p = start; p < start + n; ++p)
+        std::memcpy(&host[((size_t)v * n + (size_t)(p - start)) * d], kvAt(kv, seq, slot, v, p), sizeof(float) * d);
   }
 
-  void attention(const Tensor& q, int n, const int32_t* positions, KvStore& store, int slot, const AttentionSpec& sp,
+  void attention(const Tensor& q, int n, const int32_t* positions, const KvView& kv, int slot, const AttentionSpec& sp,
                  Tensor& out) override {
-    auto& st = static_cast<CpuKvStore&>(store);
     const int group = sp.numHeads / sp.numKvHeads;
     const int hd = sp.headDim;
-    for (int r = 0; r < n; ++r) st.check(slot, 0, positions[r] + 1);  // before the parallel region
+    // Check every page a query reads before the parallel region (which must not throw).
+    for (int r = 0; r < n; ++r)
+      for (int j = 0; j <= positions[r]; j += kv.layout.pageTokens) kvAt(kv, kv.rowSeq[r], slot, 0, j);
+    for (int r = 0; r < n; ++r) kvAt(kv, kv.rowSeq[r], slot, 0, positions[r]);
     pool_.parallelFor((int64_t)n * sp.numHeads, [&](int64_t b, int64_t e) {
       std::vector<float> score;
       for (int64_t idx = b; idx < e; ++idx) {
         const int r = (int)(idx / sp.numHeads), h = (int)(idx % sp.numHeads);
-        const int p = positions[r];
+        const int p = positions[r], seq = kv.rowSeq[r];
         const int kvh = h / group;
         const float* qv = F(q) + (int64_t)r * q.cols + (int64_t)h * hd;
         float* o = F(out) + (int64_t)r * out.cols + (int64_t)h * hd;
@@ -239,9 +196,9 @@ class CpuBackend : public Backend {
         score.resize((size_t)(last - first + 1));
         float mx = -INFINITY;
         for (int j = first; j <= last; ++j) {
-          const float* kv = st.key(slot, j) + (int64_t)kvh * hd;
+          const float* kr = kvAt(kv, seq, slot, 0, j) + (int64_t)kvh * hd;
           float d = 0;
-          for (int t = 0; t < hd; ++t) d += qv[t] * kv[t];
+          for (int t = 0; t < hd; ++t) d += qv[t] * kr[t];
           d *= sp.scale;
           score[(size_t)(j - first)] = d;
           mx = std::max(mx, d);
@@ -252,7 +209,7 @@ class CpuBackend : public Backend {
         for (int t = 0; t < hd; ++t) o[t] = 0;
         for (int j = first; j <= last; ++j) {
           const float w = score[(size_t)(j - first)] * inv;
-          const float* vv = st.value(slot, j) + (int64_t)kvh * hd;
+          const float* vv = kvAt(kv, seq, slot, 1, j) + (int64_t)kvh * hd;
           for (int t = 0; t < hd; ++t) o[t] += w * vv[t];
         }
       }

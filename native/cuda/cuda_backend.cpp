@@ -93,52 +93,6 @@ class BlockCache {
 
 int weightType(DType t) { return t == DType::F32 ? 0 : t == DType::BF16 ? 1 : 2; }
 
-class CudaKvStore : public KvStore {
- public:
-  // stream: the backend's stream, whose queued K/V writes a grow must wait for.
-  CudaKvStore(int slots, int kvDim, int cap, int device, cudaStream_t stream)
-      : slots_(slots), kvDim_(kvDim), device_(device), stream_(stream) {
-    reserve(cap);
-  }
-  int capacity() const override { return cap_; }
-  size_t bytes() const override { return 2 * (size_t)slots_ * cap_ * kvDim_ * sizeof(float); }
-  void reserve(int n) override {
-    if (n <= cap_) return;
-    cudaOk(cudaSetDevice(device_), "cudaSetDevice");
-    // Everything goes on the backend's stream: it is non-blocking, so a memset or copy on the
-    // legacy stream would race with the K/V writes queued before it and the reads queued after.
-    const int cap = std::max(n, cap_ * 2);
-    const size_t per = (size_t)cap * kvDim_ * sizeof(float);
-    auto k = deviceAlloc(per * slots_);
-    auto v = deviceAlloc(per * slots_);
-    cudaOk(cudaMemsetAsync(k.get(), 0, per * slots_, stream_), "cudaMemset");
-    cudaOk(cudaMemsetAsync(v.get(), 0, per * slots_, stream_), "cudaMemset");
-    const size_t old = (size_t)cap_ * kvDim_ * sizeof(float);
-    for (int s = 0; s < slots_ && cap_ > 0; ++s) {
-      cudaOk(cudaMemcpyAsync((char*)k.get() + s * per, (char*)k_.get() + s * old, old, cudaMemcpyDeviceToDevice, stream_), "kv grow");
-      cudaOk(cudaMemcpyAsync((char*)v.get() + s * per, (char*)v_.get() + s * old, old, cudaMemcpyDeviceToDevice, stream_), "kv grow");
-    }
-    // The old buffers are freed below; cudaFree waits for the copies out of them.
-    k_ = k;
-    v_ = v;
-    cap_ = cap;
-  }
-  float* key(int slot) { return (float*)k_.get() + (size_t)slot * cap_ * kvDim_; }
-  float* value(int slot) { return (float*)v_.get() + (size_t)slot * cap_ * kvDim_; }
-  void check(int slot, int start, int n) const {
-    if (slot < 0 || slot >= slots_ || start < 0 || n < 0 || start + n > cap_)
-      throw EngineError(kErrInvalidArgument, "KV access out of range");
-  }
-  int kvDim() const { return kvDim_; }
-  int slots() const { return slots_; }
-
- private:
-  int slots_, kvDim_, cap_ = 0;
-  int device_;
-  cudaStream_t stream_;
-  std::shared_ptr<void> k_, v_;
-};
-
 // LCKV_PROFILE=1: every op is bracketed by CUDA events; times are gathered at the next host
 // synchronisation and a per-op summary is printed to stderr when the backend is destroyed
 // (model.dispose() or process exit). Nsight Systems shows the same ops as NVTX ranges.
@@ -241,6 +195,10 @@ class CudaBackend : public Backend {
   std::string name() const override { return "cuda"; }
 
   void pushRange(const char* name) override { nvtxRangePushA(name); }
+  void memoryInfo(size_t& freeBytes, size_t& totalBytes) override {
+    ctx();
+    cudaOk(cudaMemGetInfo(&freeBytes, &totalBytes), "cudaMemGetInfo");
+  }
   void popRange() override { nvtxRangePop(); }
 
   Tensor alloc(int64_t rows, int64_t cols) override {
@@ -294,24 +252,6 @@ class CudaBackend : public Backend {
     ctx();
     cudaOk(cudaMemsetAsync(t.data, 0xff, sizeof(float) * (size_t)t.numel(), stream_), "poison");  // all-ones bits: NaN
   }
-  std::unique_ptr<KvStore> createKvStore(int numSlots, int kvDim, int initialCapacity) override {
-    ctx();
-    return std::make_unique<CudaKvStore>(numSlots, kvDim, initialCapacity, device_, stream_);
-  }
-  std::unique_ptr<KvStore> cloneKvStore(KvStore& src, int length) override {
-    ctx();
-    auto& s = static_cast<CudaKvStore&>(src);
-    auto out = std::make_unique<CudaKvStore>(s.slots(), s.kvDim(), std::max(length, 1), device_, stream_);
-    const size_t bytes = sizeof(float) * (size_t)length * s.kvDim();
-    for (int slot = 0; slot < s.slots() && length > 0; ++slot) {
-      s.check(slot, 0, length);
-      cudaOk(cudaMemcpyAsync(out->key(slot), s.key(slot), bytes, cudaMemcpyDeviceToDevice, stream_), "kv clone");
-      cudaOk(cudaMemcpyAsync(out->value(slot), s.value(slot), bytes, cudaMemcpyDeviceToDevice, stream_), "kv clone");
-    }
-    cudaOk(cudaStreamSynchronize(stream_), "kv clone sync");
-    return out;
-  }
-
   void embed(const int32_t* tokens, const int32_t* positions, int n, const Tensor& table, const Tensor* posTable,
              Tensor& out) override {
     ctx();
@@ -401,56 +341,93 @@ class CudaBackend : public Backend {
     cuda::launchRope((float*)x.data, n, heads, headDim, dPos, deviceInvFreq(invFreq), attentionScale, stream_);
   }
 
-  void kvWrite(KvStore& store, int slot, const Tensor& k, const Tensor& v, int n, const int32_t* positions) override {
+  // The page tables and row-to-sequence map on the device, checked on the host: the pages
+  // of each row's position must exist (tables have no holes, so the last page is enough).
+  cuda::PagedKv paged(const KvView& kv, int slot, int n, const int32_t* positions) {
+    for (int r = 0; r < n; ++r) {
+      const int32_t page = kv.rowSeq[r] >= 0 && kv.rowSeq[r] < kv.numSeqs && positions[r] >= 0 ? kv.page(kv.rowSeq[r], positions[r]) : -1;
+      if (page < 0 || page >= kv.pool->rows)
+        throw EngineError(kErrInvalidArgument, "K/V access outside the sequence's pages (position " + std::to_string(positions[r]) + ")");
+    }
+    if (slot < 0 || slot >= kv.layout.slots) throw EngineError(kErrInvalidArgument, "K/V slot out of range");
+    int shift = 0;
+    while ((1 << shift) < kv.layout.pageTokens) ++shift;
+    cuda::PagedKv p;
+    p.pool = (float*)kv.pool->data;
+    p.tables = stage(3, kv.tables, kv.numSeqs * kv.stride);
+    p.rowSeq = stage(4, kv.rowSeq, n);
+    p.stride = kv.stride;
+    p.pageShift = shift;
+    p.pageFloats = kv.layout.pageFloats();
+    p.slot = slot;
+    p.kvDim = kv.layout.kvDim;
+    return p;
+  }
+
+  void kvWrite(const KvView& kv, int slot, const Tensor& k, const Tensor& v, int n, const int32_t* positions) override {
     ctx();
     Timed timed(*this, "kv_write");
-    auto& st = static_cast<CudaKvStore&>(store);
-    for (int r = 0; r < n; ++r) st.check(slot, positions[r], 1);
+    const cuda::PagedKv p = paged(kv, slot, n, positions);
     const int32_t* dPos = stage(1, positions, n);
-    cuda::launchKvWrite((const float*)k.data, (const float*)v.data, n, (int)k.cols, dPos, st.key(slot), st.value(slot), stream_);
+    cuda::launchKvWrite((const float*)k.data, (const float*)v.data, n, dPos, p, stream_);
   }
 
-  void kvZero(KvStore& store, int slot, int start, int n) override {
+  // Positions [start, start + n) of one sequence, as runs that stay inside one page.
+  template <typename F>
+  void forEachPageRun(const KvView& kv, int seq, int start, int n, F f) {
+    const int P = kv.layout.pageTokens;
+    for (int p = start; p < start + n;) {
+      const int32_t page = kv.page(seq, p);
+      if (page < 0 || page >= kv.pool->rows) throw EngineError(kErrInvalidArgument, "K/V access outside the sequence's pages");
+      const int len = std::min(start + n - p, P - p % P);
+      f(page, p, len);
+      p += len;
+    }
+  }
+
+  void kvZero(const KvView& kv, int seq, int slot, int start, int n) override {
     ctx();
     Timed timed(*this, "kv_zero");
-    auto& st = static_cast<CudaKvStore&>(store);
-    st.check(slot, start, n);
-    const size_t off = (size_t)start * st.kvDim(), bytes = (size_t)n * st.kvDim() * sizeof(float);
-    cudaOk(cudaMemsetAsync(st.key(slot) + off, 0, bytes, stream_), "kvZero");
-    cudaOk(cudaMemsetAsync(st.value(slot) + off, 0, bytes, stream_), "kvZero");
+    float* pool = (float*)kv.pool->data;
+    const size_t d = (size_t)kv.layout.kvDim;
+    forEachPageRun(kv, seq, start, n, [&](int32_t page, int p, int len) {
+      for (int v = 0; v < 2; ++v)
+        cudaOk(cudaMemsetAsync(pool + kv.layout.offset(page, slot, v, p % kv.layout.pageTokens), 0, len * d * sizeof(float), stream_), "kvZero");
+    });
   }
 
-  void kvRead(KvStore& store, int slot, int start, int n, std::vector<float>& host) override {
+  void kvRead(const KvView& kv, int seq, int slot, int start, int n, std::vector<float>& host) override {
     ctx();
     Timed timed(*this, "kv_read");
-    auto& st = static_cast<CudaKvStore&>(store);
-    st.check(slot, start, n);
-    const size_t len = (size_t)n * st.kvDim();
-    host.resize(2 * len);
-    cudaOk(cudaMemcpyAsync(host.data(), st.key(slot) + (size_t)start * st.kvDim(), len * 4, cudaMemcpyDeviceToHost, stream_), "kvRead");
-    cudaOk(cudaMemcpyAsync(host.data() + len, st.value(slot) + (size_t)start * st.kvDim(), len * 4, cudaMemcpyDeviceToHost, stream_), "kvRead");
+    const float* pool = (const float*)kv.pool->data;
+    const size_t d = (size_t)kv.layout.kvDim;
+    host.resize(2 * (size_t)n * d);
+    forEachPageRun(kv, seq, start, n, [&](int32_t page, int p, int len) {
+      for (int v = 0; v < 2; ++v)
+        cudaOk(cudaMemcpyAsync(host.data() + ((size_t)v * n + (size_t)(p - start)) * d,
+                               pool + kv.layout.offset(page, slot, v, p % kv.layout.pageTokens), len * d * sizeof(float),
+                               cudaMemcpyDeviceToHost, stream_),
+               "kvRead");
+    });
     cudaOk(cudaStreamSynchronize(stream_), "kvRead sync");
   }
 
-  void attention(const Tensor& q, int n, const int32_t* positions, KvStore& store, int slot, const AttentionSpec& sp,
+  void attention(const Tensor& q, int n, const int32_t* positions, const KvView& kv, int slot, const AttentionSpec& sp,
                  Tensor& out) override {
     ctx();
     Timed timed(*this, "attention");
-    auto& st = static_cast<CudaKvStore&>(store);
-    int maxPos = 0, maxVisible = 0;
+    int maxVisible = 0;
     for (int r = 0; r < n; ++r) {
       const int p = positions[r];
       const int first = sp.window > 0 ? std::max(0, p - sp.window + 1) : 0, last = sp.strict ? p - 1 : p;
-      maxPos = std::max(maxPos, p);
       maxVisible = std::max(maxVisible, last - first + 1);
     }
-    st.check(slot, 0, maxPos + 1);
+    const cuda::PagedKv p = paged(kv, slot, n, positions);
     const int32_t* dPos = stage(1, positions, n);
     const int64_t wsFloats = cuda::attentionWorkspaceFloats(n, sp.numHeads, sp.headDim, std::max(maxVisible, 1));
     std::shared_ptr<void> ws = wsFloats > 0 ? blocks_.get((size_t)wsFloats * sizeof(float)) : nullptr;
-    cuda::launchAttention((const float*)q.data, n, dPos, std::max(maxVisible, 1), st.key(slot), st.value(slot), sp.numHeads,
-                          sp.numKvHeads, sp.headDim, sp.strict, sp.window, sp.scale, (float*)out.data, (float*)ws.get(),
-                          wsFloats, stream_);
+    cuda::launchAttention((const float*)q.data, n, dPos, std::max(maxVisible, 1), p, sp.numHeads, sp.numKvHeads,
+                          sp.headDim, sp.strict, sp.window, sp.scale, (float*)out.data, (float*)ws.get(), wsFloats, stream_);
   }
 
   void swiglu(const Tensor& gate, const Tensor& up, int n, Tensor& out) override {
@@ -570,7 +547,7 @@ class CudaBackend : public Backend {
   cudaStream_t stream_ = nullptr;
   cublasLtHandle_t lt_ = nullptr;
   std::shared_ptr<void> workspace_;
-  Staging staging_[3];  // token ids, positions, penalised tokens
+  Staging staging_[5];  // token ids, positions, penalised tokens, K/V page tables, row-to-sequence map
   int32_t* pinnedToken_ = nullptr;
   const bool deviceSampling_ = [] {
     const char* e = std::getenv("LCKV_DEVICE_SAMPLING");

@@ -27,16 +27,30 @@ struct Tensor {
   int64_t numel() const { return rows * cols; }
 };
 
-// Per-sequence cache of K and V for the KV layers. Opaque to the forward: only the backend
-// reads and writes it. Positions are absolute token positions of the sequence.
-class KvStore {
- public:
-  virtual ~KvStore() = default;
-  virtual int capacity() const = 0;
-  // Makes room for positions [0, n). Throws std::bad_alloc when memory runs out; the store
-  // keeps its previous contents in that case.
-  virtual void reserve(int n) = 0;
-  virtual size_t bytes() const = 0;
+// The geometry of the paged K/V cache (kv_pool.h has the whole picture). A page holds
+// pageTokens positions of K and V for every KV slot: [slot][K | V][pageTokens][kvDim] floats.
+struct KvLayout {
+  int slots = 0, kvDim = 0, pageTokens = 16;
+  int64_t pageFloats() const { return 2LL * slots * pageTokens * kvDim; }
+  // Float offset in the pool of K (v = 0) or V (v = 1) of `slot` at offset `off` of `page`.
+  int64_t offset(int page, int slot, int v, int off) const {
+    return (int64_t)page * pageFloats() + ((int64_t)(slot * 2 + v) * pageTokens + off) * kvDim;
+  }
+};
+
+// The K/V pages one op reads or writes: the pool, and the page tables of the sequences whose
+// rows the op handles. Positions are absolute token positions of each sequence.
+struct KvView {
+  Tensor* pool = nullptr;  // [pages, layout.pageFloats()] f32
+  KvLayout layout;
+  const int32_t* tables = nullptr;  // host: numSeqs rows of `stride` page ids
+  int stride = 0, numSeqs = 0;
+  const int32_t* rowSeq = nullptr;  // host: for each row of the op, its row in `tables`
+  // Page of `pos` in the sequence of table row `seq` (-1: not allocated).
+  int32_t page(int seq, int pos) const {
+    const int i = pos / layout.pageTokens;
+    return i < stride ? tables[(int64_t)seq * stride + i] : -1;
+  }
 };
 
 struct AttentionSpec {
@@ -62,9 +76,6 @@ class Backend {
   virtual void writeRows(Tensor& t, int64_t rowStart, int64_t rowCount, const float* host) = 0;
   // Fills an f32 tensor with NaN, so a test can see whether an op wrote every element.
   virtual void poison(Tensor& t) = 0;
-  virtual std::unique_ptr<KvStore> createKvStore(int numSlots, int kvDim, int initialCapacity) = 0;
-  // A new store holding a copy of src's positions [0, length) in every slot (for fork()).
-  virtual std::unique_ptr<KvStore> cloneKvStore(KvStore& src, int length) = 0;
 
   // out[r] = table[tokens[r]]  (+ posTable[positions[r]] when posTable is given)
   virtual void embed(const int32_t* tokens, const int32_t* positions, int n, const Tensor& table,
@@ -86,21 +97,23 @@ class Backend {
   // Rotates heads of x[n, heads*headDim] (rotate-half layout) at positions[r].
   virtual void rope(Tensor& x, int n, int heads, int headDim, const int32_t* positions,
                     const std::vector<float>& invFreq, float attentionScale) = 0;
-  // Writes K and V rows for positions[r] into slot of store.
-  virtual void kvWrite(KvStore& store, int slot, const Tensor& k, const Tensor& v, int n, const int32_t* positions) = 0;
-  // Zeroes slot's K and V at positions [start, start+n).
-  virtual void kvZero(KvStore& store, int slot, int start, int n) = 0;
-  // Copies slot's K and V at [start, start+n) into host memory (for fixed-point checks).
-  virtual void kvRead(KvStore& store, int slot, int start, int n, std::vector<float>& host) = 0;
-  // out[n, numHeads*headDim]: query r at positions[r] attends to slot's keys 0..positions[r]
-  // under spec's diagonal and window rules.
-  virtual void attention(const Tensor& q, int n, const int32_t* positions, KvStore& store, int slot,
+  // Writes K and V rows r at positions[r] into `slot` of the pages of sequence kv.rowSeq[r].
+  virtual void kvWrite(const KvView& kv, int slot, const Tensor& k, const Tensor& v, int n, const int32_t* positions) = 0;
+  // Zeroes `slot`'s K and V at positions [start, start+n) of table row `seq`.
+  virtual void kvZero(const KvView& kv, int seq, int slot, int start, int n) = 0;
+  // Copies `slot`'s K then V at positions [start, start+n) of table row `seq` to host memory
+  // (for the fixed-point check): 2 * n * kvDim floats.
+  virtual void kvRead(const KvView& kv, int seq, int slot, int start, int n, std::vector<float>& host) = 0;
+  // out[n, numHeads*headDim]: query r at positions[r] attends to `slot` of sequence
+  // kv.rowSeq[r], keys 0..positions[r] under spec's diagonal and window rules.
+  virtual void attention(const Tensor& q, int n, const int32_t* positions, const KvView& kv, int slot,
                          const AttentionSpec& spec, Tensor& out) = 0;
   // out[n, cols] = silu(gate) * up
   virtual void swiglu(const Tensor& gate, const Tensor& up, int n, Tensor& out) = 0;
   // x = gelu_tanh(x)
   virtual void geluTanh(Tensor& x, int n) = 0;
-  // Copies rows [srcRow, srcRow+n) of src into rows [dstRow, ...) of dst.
+  // Copies rows [srcRow, srcRow+n) of src into rows [dstRow, ...) of dst (also copies a K/V
+  // page for copy-on-write: the pool is a tensor with one page per row).
   virtual void copyRows(const Tensor& src, int srcRow, Tensor& dst, int dstRow, int n) = 0;
 
   // Picks the next token from one row of logits [1, vocab] (sampling.h has the rules). The
@@ -112,6 +125,9 @@ class Backend {
     download(logitsRow, 0, 1, row.data());
     return sampleToken(row.data(), vocab, p, history, position);
   }
+
+  // Free and total bytes of the device's memory (0, 0 where that means nothing: the CPU).
+  virtual void memoryInfo(size_t& freeBytes, size_t& totalBytes) { freeBytes = totalBytes = 0; }
 
   // Named regions (a layer, a prefill pass, a decode step) for profilers: NVTX on the GPU.
   virtual void pushRange(const char* name) {}

@@ -19,5 +19,6 @@ inline const char* kErrContextOverflow = "LCKV_CONTEXT_OVERFLOW";
 inline const char* kErrTokenOutOfRange = "LCKV_TOKEN_OUT_OF_RANGE";
 inline const char* kErrDisposed = "LCKV_DISPOSED";
 inline const char* kErrBusy = "LCKV_BUSY";
+inline const char* kErrKvCacheFull = "LCKV_KV_CACHE_FULL";
 
 }  // namespace lckv

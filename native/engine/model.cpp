@@ -17,6 +17,9 @@ std::string shapeStr(int64_t r, int64_t c) { return "[" + std::to_string(r) + ",
 // cheap next to the forward, and a GPU backend replaces this with a preallocated arena.
 struct Model::Scratch {
   Tensor h, x, q, k, v, a, o, g, u, h0;
+  // The pages this forward reads and writes (kv.tables and kv.rowSeq point into the vectors).
+  KvView kv;
+  std::vector<int32_t> tables, rowSeq;
   // The last MLP output waits in `o` to be added to `h` by the next layer's fused add + norm.
   bool pendingResidual = false;
 };
@@ -149,19 +152,30 @@ void Model::finalize() {
   ready_ = true;
 }
 
+void Model::createPool(int pages, int pageTokens) {
+  if (pool_) throw EngineError(kErrInvalidArgument, "the K/V pool already exists");
+  if (pages <= 0 || pageTokens <= 0) throw EngineError(kErrInvalidArgument, "the K/V pool needs pages > 0 and pageTokens > 0");
+  KvLayout layout;
+  layout.slots = (int)cfg_.plan.kvLayers.size();
+  layout.kvDim = cfg_.numKvHeads * cfg_.headDim;
+  layout.pageTokens = pageTokens;
+  try {
+    pool_ = std::make_shared<KvPool>(*backend_, layout, pages);
+  } catch (const std::bad_alloc&) {
+    throw EngineError(kErrOutOfMemory, "out of memory allocating a K/V pool of " + std::to_string(pages) + " pages (" +
+                                           std::to_string((int64_t)pages * layout.pageFloats() * 4) + " bytes)");
+  }
+}
+
 std::unique_ptr<SequenceState> Model::createSequence(int maxContext) {
   if (maxContext <= 0) throw EngineError(kErrInvalidArgument, "maxContext must be > 0");
   if (cfg_.maxPositions > 0 && maxContext > cfg_.maxPositions)
     throw EngineError(kErrInvalidArgument, "maxContext " + std::to_string(maxContext) +
                                                " exceeds the model's learned positions (" + std::to_string(cfg_.maxPositions) + ")");
+  if (!pool_) throw EngineError(kErrInvalidArgument, "the model has no K/V pool yet");
   auto seq = std::make_unique<SequenceState>();
   seq->maxContext = maxContext;
-  try {
-    seq->kv = backend_->createKvStore((int)cfg_.plan.kvLayers.size(), cfg_.numKvHeads * cfg_.headDim,
-                                      std::min(maxContext, 256));
-  } catch (const std::bad_alloc&) {
-    throw EngineError(kErrOutOfMemory, "out of memory creating a KV store");
-  }
+  seq->kv = std::make_unique<KvPages>(pool_);
   return seq;
 }
 
@@ -169,12 +183,24 @@ std::unique_ptr<SequenceState> Model::forkSequence(SequenceState& seq) {
   auto out = std::make_unique<SequenceState>();
   out->maxContext = seq.maxContext;
   out->tokens = seq.tokens;
-  try {
-    out->kv = backend_->cloneKvStore(*seq.kv, seq.length());
-  } catch (const std::bad_alloc&) {
-    throw EngineError(kErrOutOfMemory, "out of memory forking a sequence of " + std::to_string(seq.length()) + " tokens");
-  }
+  out->kv = seq.kv->share();
+  out->kv->keep(seq.length());
   return out;
+}
+
+// Points s.kv at the page tables of seqs; rowSeq[r] is the sequence of row r of the forward.
+void Model::viewPages(Scratch& s, const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& rowSeq) {
+  size_t stride = 1;
+  for (SequenceState* q : seqs) stride = std::max(stride, q->kv->table().size());
+  s.tables.assign(seqs.size() * stride, -1);
+  for (size_t i = 0; i < seqs.size(); ++i) std::copy(seqs[i]->kv->table().begin(), seqs[i]->kv->table().end(), s.tables.begin() + (int64_t)(i * stride));
+  s.rowSeq = rowSeq;
+  s.kv.pool = &pool_->storage();
+  s.kv.layout = pool_->layout();
+  s.kv.tables = s.tables.data();
+  s.kv.stride = (int)stride;
+  s.kv.numSeqs = (int)seqs.size();
+  s.kv.rowSeq = s.rowSeq.data();
 }
 
 static const Tensor* opt(const Tensor& t) { return t.empty() ? nullptr : &t; }
@@ -187,7 +213,7 @@ static Tensor rowView(const Tensor& t, int row, int count) {
   return v;
 }
 
-void Model::runLayer(const std::vector<RowGroup>& groups, Scratch& s, int n, const int32_t* pos, int i) {
+void Model::runLayer(Scratch& s, int n, const int32_t* pos, int i) {
   Backend& be = *backend_;
   static const std::vector<std::string> names = [] {
     std::vector<std::string> v;
@@ -210,8 +236,7 @@ void Model::runLayer(const std::vector<RowGroup>& groups, Scratch& s, int n, con
     be.linear(s.x, n, L.k, opt(L.kB), s.k);
     be.linear(s.x, n, L.v, opt(L.vB), s.v);
     if (rope) be.rope(s.k, n, c.numKvHeads, c.headDim, pos, c.ropeInvFreq, c.ropeAttentionScale);
-    for (const RowGroup& g : groups)
-      be.kvWrite(*g.seq->kv, ownSlot, rowView(s.k, g.row, g.count), rowView(s.v, g.row, g.count), g.count, pos + g.row);
+    be.kvWrite(s.kv, ownSlot, s.k, s.v, n, pos);
   }
   AttentionSpec spec;
   spec.numHeads = c.numHeads;
@@ -220,10 +245,8 @@ void Model::runLayer(const std::vector<RowGroup>& groups, Scratch& s, int n, con
   spec.strict = c.plan.strict[i];
   spec.window = c.plan.window[i];
   spec.scale = 1.0f / std::sqrt((float)c.headDim);
-  for (const RowGroup& g : groups) {
-    Tensor a = rowView(s.a, g.row, g.count);
-    be.attention(rowView(s.q, g.row, g.count), g.count, pos + g.row, *g.seq->kv, c.plan.kvSlot[c.plan.target[i]], spec, a);
-  }
+  // Every row of every sequence in one call: K/V is read where its owner wrote it, never copied.
+  be.attention(s.q, n, pos, s.kv, c.plan.kvSlot[c.plan.target[i]], spec, s.a);
   be.linear(s.a, n, L.o, opt(L.oB), s.o);
   be.addNorm(nk, s.h, s.o, n, L.mlpNormW, opt(L.mlpNormB), c.normEps, s.x);
   if (c.style == BlockStyle::Llama) {
@@ -239,8 +262,8 @@ void Model::runLayer(const std::vector<RowGroup>& groups, Scratch& s, int n, con
   s.pendingResidual = true;
 }
 
-void Model::runLayers(const std::vector<RowGroup>& groups, Scratch& s, int n, const int32_t* pos, int first, int last) {
-  for (int i = first; i <= last; ++i) runLayer(groups, s, n, pos, i);
+void Model::runLayers(Scratch& s, int n, const int32_t* pos, int first, int last) {
+  for (int i = first; i <= last; ++i) runLayer(s, n, pos, i);
   // Callers read or copy h next: settle the last residual.
   if (s.pendingResidual) backend_->addInPlace(s.h, s.o, n);
   s.pendingResidual = false;
@@ -290,19 +313,21 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
   }
   Backend& be = *backend_;
   BackendRange range(be, "decode batch");
-  std::vector<int32_t> pos((size_t)n), out((size_t)n);
-  std::vector<RowGroup> groups;
+  std::vector<int32_t> pos((size_t)n), out((size_t)n), rowSeq((size_t)n);
   for (int r = 0; r < n; ++r) {
     pos[(size_t)r] = seqs[(size_t)r]->length();
-    groups.push_back({seqs[(size_t)r], r, 1});
+    rowSeq[(size_t)r] = r;
   }
   try {
-    for (SequenceState* q : seqs) q->kv->reserve(q->length() + 1);
+    // Pages for the new position of every sequence; on any failure below, every sequence
+    // gives back what it took (keep), so the batch is all or nothing.
+    for (SequenceState* q : seqs) q->kv->prepareWrite(q->length(), 1);
     Scratch s;
     allocScratch(s, n);
+    viewPages(s, seqs, rowSeq);
     be.embed(tokens.data(), pos.data(), n, embed_, opt(posEmbed_), s.h);
     // One token per sequence: strict layers read only earlier, final positions: one pass.
-    runLayers(groups, s, n, pos.data(), 0, cfg_.numLayers - 1);
+    runLayers(s, n, pos.data(), 0, cfg_.numLayers - 1);
     Tensor lg = computeLogits(s, 0, n);
     for (int r = 0; r < n; ++r) {
       const SamplingParams& p = params[(size_t)r];
@@ -314,7 +339,11 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
       out[(size_t)r] = be.sample(rowView(lg, r, 1), cfg_.vocab, p, history, (uint64_t)(pos[(size_t)r] + 1));
     }
   } catch (const std::bad_alloc&) {
+    for (SequenceState* q : seqs) q->kv->keep(q->length());
     throw EngineError(kErrOutOfMemory, "out of memory running a decode batch of " + std::to_string(n));
+  } catch (...) {
+    for (SequenceState* q : seqs) q->kv->keep(q->length());
+    throw;
   }
   for (int r = 0; r < n; ++r) seqs[(size_t)r]->tokens.push_back(tokens[(size_t)r]);
   return out;
@@ -330,40 +359,40 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
   const ModelConfig& c = cfg_;
   Scratch s;
   allocScratch(s, n);
-  const std::vector<RowGroup> seqRows{{&seq, 0, n}};
   std::vector<int32_t> pos((size_t)n);
   for (int r = 0; r < n; ++r) pos[(size_t)r] = start + r;
+  viewPages(s, {&seq}, std::vector<int32_t>((size_t)n, 0));
 
   be.embed(tokens, pos.data(), n, embed_, opt(posEmbed_), s.h);
 
   const KvPlan& plan = c.plan;
   if (!plan.hasCycle() || n == 1) {
     // A single token needs one pass: strict layers read only earlier, final positions.
-    runLayers(seqRows, s, n, pos.data(), 0, c.numLayers - 1);
+    runLayers(s, n, pos.data(), 0, c.numLayers - 1);
     res.passes = std::max(res.passes, 1);
   } else {
     const int low = plan.cyclicLow, high = plan.cyclicHigh;
-    if (low > 0) runLayers(seqRows, s, n, pos.data(), 0, low - 1);
+    if (low > 0) runLayers(s, n, pos.data(), 0, low - 1);
     s.h0 = be.alloc(n, c.hidden);
     be.copyRows(s.h, 0, s.h0, 0, n);
     // Zero KV before the first pass, so the first pass reads the same thing every time.
     for (int l = low; l <= high; ++l)
-      if (plan.kvSlot[l] >= 0) be.kvZero(*seq.kv, plan.kvSlot[l], start, n);
+      if (plan.kvSlot[l] >= 0) be.kvZero(s.kv, 0, plan.kvSlot[l], start, n);
     std::vector<std::vector<float>> prev(upwardTargetSlots_.size()), cur(upwardTargetSlots_.size());
-    for (size_t j = 0; j < upwardTargetSlots_.size(); ++j) be.kvRead(*seq.kv, upwardTargetSlots_[j], start, n, prev[j]);
+    for (size_t j = 0; j < upwardTargetSlots_.size(); ++j) be.kvRead(s.kv, 0, upwardTargetSlots_[j], start, n, prev[j]);
     int passes = 0;
     const int maxPasses = prefill.mode == PrefillMode::Iterative ? std::max(1, prefill.passes) : n;
     while (true) {
       BackendRange passRange(be, "cyclic group pass");
       be.copyRows(s.h0, 0, s.h, 0, n);
-      runLayers(seqRows, s, n, pos.data(), low, high);
+      runLayers(s, n, pos.data(), low, high);
       ++passes;
       if (passes >= maxPasses) break;  // after n passes every position is exact by induction
       if (prefill.mode == PrefillMode::FixedPoint) {
         double moved = 0, largest = 0;
         bool same = true;
         for (size_t j = 0; j < upwardTargetSlots_.size(); ++j) {
-          be.kvRead(*seq.kv, upwardTargetSlots_[j], start, n, cur[j]);
+          be.kvRead(s.kv, 0, upwardTargetSlots_[j], start, n, cur[j]);
           if (cur[j] != prev[j]) same = false;
           for (size_t e = 0; e < cur[j].size(); ++e) {
             const double d = std::fabs((double)cur[j][e] - (double)prev[j][e]);
@@ -377,7 +406,7 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
       }
     }
     res.passes = std::max(res.passes, passes);
-    if (high + 1 < c.numLayers) runLayers(seqRows, s, n, pos.data(), high + 1, c.numLayers - 1);
+    if (high + 1 < c.numLayers) runLayers(s, n, pos.data(), high + 1, c.numLayers - 1);
   }
   if (want == LogitsWanted::None) return;
   const int rows = want == LogitsWanted::All ? n : 1;
@@ -407,8 +436,8 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
     throw EngineError(kErrContextOverflow, "sequence of " + std::to_string(start) + " tokens cannot take " +
                                                std::to_string(n) + " more: the context holds " + std::to_string(seq.maxContext));
   AppendResult res;
+  seq.kv->prepareWrite(start, n);  // throws LCKV_KV_CACHE_FULL, changing nothing, when the pool is short
   try {
-    seq.kv->reserve(start + n);
     const bool needLogits = logits != LogitsWanted::None || sampling != nullptr;
     const bool download = logits != LogitsWanted::None;  // sampling alone reads them on the backend
     if (prefill.mode == PrefillMode::Sequential && n > 1) {
@@ -426,7 +455,11 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
     }
   } catch (const std::bad_alloc&) {
     // Positions >= start may hold partial KV, but they are not part of the sequence.
+    seq.kv->keep(start);
     throw EngineError(kErrOutOfMemory, "out of memory running the forward for " + std::to_string(n) + " tokens");
+  } catch (...) {
+    seq.kv->keep(start);
+    throw;
   }
   if (sampling) {
     // Sample before committing, so a failure here leaves the sequence as it was.
@@ -438,7 +471,11 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
     try {
       res.sampled = backend_->sample(res.lastLogits, cfg_.vocab, *sampling, history, (uint64_t)(start + n));
     } catch (const std::bad_alloc&) {
+      seq.kv->keep(start);
       throw EngineError(kErrOutOfMemory, "out of memory while sampling");
+    } catch (...) {
+      seq.kv->keep(start);
+      throw;
     }
   }
   res.lastLogits = Tensor{};

@@ -8,6 +8,7 @@
 
 #include "backend.h"
 #include "config.h"
+#include "kv_pool.h"
 #include "sampling.h"
 #include "weights.h"
 
@@ -30,20 +31,13 @@ struct PrefillSpec {
 
 enum class LogitsWanted { None, Last, All };
 
-// One sequence's state: its tokens and its KV store. Only the positions below `tokens.size()`
-// are valid; a failed append leaves both untouched.
+// One sequence's state: its tokens and its pages of the model's K/V pool. Only the positions
+// below `tokens.size()` are valid; a failed append leaves the tokens untouched.
 struct SequenceState {
-  std::unique_ptr<KvStore> kv;
+  std::unique_ptr<KvPages> kv;
   std::vector<int32_t> tokens;
   int maxContext = 0;
   int length() const { return (int)tokens.size(); }
-};
-
-// Rows [row, row + count) of a forward belong to seq (one group per sequence in a batch).
-struct RowGroup {
-  SequenceState* seq;
-  int row;
-  int count;
 };
 
 struct AppendResult {
@@ -68,8 +62,14 @@ class Model {
   // Names of the tensors this config needs, with their [rows, cols].
   std::map<std::string, std::pair<int64_t, int64_t>> expectedTensors() const;
 
+  // Allocates the K/V pool: `pages` pages of `pageTokens` positions each. Once, before the
+  // first sequence.
+  void createPool(int pages, int pageTokens);
+  bool hasPool() const { return pool_ != nullptr; }
+  KvPool& pool() { return *pool_; }
+
   std::unique_ptr<SequenceState> createSequence(int maxContext);
-  // A copy of seq: its tokens and the K/V of every position so far.
+  // A copy of seq that shares its pages (copy-on-write).
   std::unique_ptr<SequenceState> forkSequence(SequenceState& seq);
 
   // Appends tokens to the sequence, running the forward; optionally returns logits and samples.
@@ -92,8 +92,9 @@ class Model {
   };
   struct Scratch;
 
-  void runLayers(const std::vector<RowGroup>& groups, Scratch& s, int n, const int32_t* pos, int first, int last);
-  void runLayer(const std::vector<RowGroup>& groups, Scratch& s, int n, const int32_t* pos, int layer);
+  void runLayers(Scratch& s, int n, const int32_t* pos, int first, int last);
+  void runLayer(Scratch& s, int n, const int32_t* pos, int layer);
+  void viewPages(Scratch& s, const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& rowSeq);
   void allocScratch(Scratch& s, int n);
   Tensor computeLogits(Scratch& s, int rowStart, int rows);
   void forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int start, const PrefillSpec& prefill,
@@ -105,6 +106,7 @@ class Model {
   std::map<std::string, std::pair<int64_t, int64_t>> expected_;  // expectedTensors(), computed once
   std::vector<Layer> layers_;
   Tensor embed_, posEmbed_, finalNormW_, finalNormB_, lmHead_;
+  std::shared_ptr<KvPool> pool_;
   std::vector<int> upwardTargetSlots_;  // KV slots read by some layer below their owner
   size_t weightBytes_ = 0;
   bool ready_ = false;

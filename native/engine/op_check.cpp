@@ -1,5 +1,6 @@
 #include "op_check.h"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -117,29 +118,83 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
     test.rope(x.second, n, heads, hd, pos.data(), inv, 1.0f);
     r.compare("rope", dims({{"n", n}, {"heads", heads}, {"headDim", hd}}), x.first, x.second, n);
   }
-  // attention over a KV slot: decode (one query) and prefill (many), causal/strict, windows, GQA
-  struct AttnCase { int ctx, n, heads, kvHeads, hd; bool strict; int window; };
-  for (const AttnCase& c : std::vector<AttnCase>{{1, 1, 4, 4, 16, true, 0}, {1, 1, 4, 2, 16, false, 0},
-                                                 {300, 1, 32, 4, 64, false, 0}, {4096, 1, 32, 4, 64, true, 0},
-                                                 {4096, 1, 8, 8, 128, false, 512}, {33, 33, 4, 2, 32, true, 0},
-                                                 {200, 64, 32, 4, 64, false, 16}, {96, 96, 2, 1, 32, true, 4}}) {
-    const int kvd = c.kvHeads * c.hd;
-    auto sa = ref.createKvStore(2, kvd, c.ctx), sb = test.createKvStore(2, kvd, c.ctx);
-    std::vector<int32_t> all((size_t)c.ctx);
-    for (int i = 0; i < c.ctx; ++i) all[(size_t)i] = i;
-    auto k = r.act(r.random((size_t)c.ctx * kvd), c.ctx, kvd);
-    auto v = r.act(r.random((size_t)c.ctx * kvd), c.ctx, kvd);
-    ref.kvWrite(*sa, 1, k.first, v.first, c.ctx, all.data());
-    test.kvWrite(*sb, 1, k.second, v.second, c.ctx, all.data());
-    const int32_t* qpos = all.data() + (c.ctx - c.n);  // the last n positions
-    auto q = r.act(r.random((size_t)c.n * c.heads * c.hd), c.n, (int64_t)c.heads * c.hd);
-    auto o = r.outputs(c.n, (int64_t)c.heads * c.hd);
+  // attention over paged K/V: decode (one query per sequence, several sequences of different
+  // lengths in one call) and prefill (many queries of one sequence); causal/strict, windows,
+  // GQA. Pages are handed out in a shuffled order, so a kernel that assumes contiguous pages
+  // fails.
+  struct AttnCase { int ctx, n, heads, kvHeads, hd; bool strict; int window; int seqs; };
+  for (const AttnCase& c : std::vector<AttnCase>{{1, 1, 4, 4, 16, true, 0, 1}, {1, 1, 4, 2, 16, false, 0, 1},
+                                                 {300, 1, 32, 4, 64, false, 0, 1}, {4096, 1, 32, 4, 64, true, 0, 1},
+                                                 {4096, 1, 8, 8, 128, false, 512, 1}, {33, 33, 4, 2, 32, true, 0, 1},
+                                                 {200, 64, 32, 4, 64, false, 16, 1}, {96, 96, 2, 1, 32, true, 4, 1},
+                                                 {700, 1, 8, 2, 64, false, 0, 5}, {40, 1, 4, 4, 128, true, 0, 16}}) {
+    KvLayout L;
+    L.slots = 2;
+    L.kvDim = c.kvHeads * c.hd;
+    L.pageTokens = 16;
+    const int pagesPerSeq = (c.ctx + L.pageTokens - 1) / L.pageTokens;
+    const int pages = pagesPerSeq * c.seqs + 3;
+    std::vector<int32_t> order((size_t)pages);
+    for (int i = 0; i < pages; ++i) order[(size_t)i] = i;
+    std::shuffle(order.begin(), order.end(), r.rng);
+    std::vector<int32_t> tables((size_t)(pagesPerSeq * c.seqs));
+    std::copy(order.begin(), order.begin() + (int64_t)tables.size(), tables.begin());
+    Tensor poolA = ref.alloc(pages, L.pageFloats()), poolB = test.alloc(pages, L.pageFloats());
+    ref.poison(poolA);
+    test.poison(poolB);
+    // Sequence s holds ctx - 7 s tokens (at least one); one query per sequence (decode) or the
+    // last n positions of sequence 0 (prefill).
+    std::vector<int32_t> len((size_t)c.seqs);
+    for (int q = 0; q < c.seqs; ++q) len[(size_t)q] = std::max(1, c.ctx - 7 * q);
+    std::vector<int32_t> wpos, wseq;
+    for (int q = 0; q < c.seqs; ++q)
+      for (int i = 0; i < len[(size_t)q]; ++i) {
+        wpos.push_back(i);
+        wseq.push_back(q);
+      }
+    const int rows = (int)wpos.size();
+    KvView va{&poolA, L, tables.data(), pagesPerSeq, c.seqs, wseq.data()};
+    KvView vb{&poolB, L, tables.data(), pagesPerSeq, c.seqs, wseq.data()};
+    auto k = r.act(r.random((size_t)rows * L.kvDim), rows, L.kvDim);
+    auto v = r.act(r.random((size_t)rows * L.kvDim), rows, L.kvDim);
+    ref.kvWrite(va, 1, k.first, v.first, rows, wpos.data());
+    test.kvWrite(vb, 1, k.second, v.second, rows, wpos.data());
+    std::vector<int32_t> qpos, qseq;
+    if (c.seqs == 1) {
+      for (int i = c.ctx - c.n; i < c.ctx; ++i) {
+        qpos.push_back(i);
+        qseq.push_back(0);
+      }
+    } else {
+      for (int q = 0; q < c.seqs; ++q) {
+        qpos.push_back(len[(size_t)q] - 1);
+        qseq.push_back(q);
+      }
+    }
+    const int nq = (int)qpos.size();
+    va.rowSeq = vb.rowSeq = qseq.data();
+    auto qa = r.act(r.random((size_t)nq * c.heads * c.hd), nq, (int64_t)c.heads * c.hd);
+    auto o = r.outputs(nq, (int64_t)c.heads * c.hd);
     AttentionSpec sp{c.heads, c.kvHeads, c.hd, c.strict, c.window, 1.0f / std::sqrt((float)c.hd)};
-    ref.attention(q.first, c.n, qpos, *sa, 1, sp, o.first);
-    test.attention(q.second, c.n, qpos, *sb, 1, sp, o.second);
-    r.compare("attention", dims({{"ctx", c.ctx}, {"queries", c.n}, {"heads", c.heads}, {"kvHeads", c.kvHeads},
-                                 {"headDim", c.hd}, {"strict", c.strict}, {"window", c.window}}),
-              o.first, o.second, c.n);
+    ref.attention(qa.first, nq, qpos.data(), va, 1, sp, o.first);
+    test.attention(qa.second, nq, qpos.data(), vb, 1, sp, o.second);
+    r.compare("attention", dims({{"ctx", c.ctx}, {"queries", nq}, {"seqs", c.seqs}, {"heads", c.heads},
+                                 {"kvHeads", c.kvHeads}, {"headDim", c.hd}, {"strict", c.strict}, {"window", c.window}}),
+              o.first, o.second, nq);
+    // kvRead sees what kvWrite wrote; kvZero clears exactly its range.
+    const int n0 = std::min(len[0], 20);
+    std::vector<float> ka, kb;
+    ref.kvZero(va, 0, 1, 3, std::min(5, len[0] - 3 > 0 ? len[0] - 3 : 0));
+    test.kvZero(vb, 0, 1, 3, std::min(5, len[0] - 3 > 0 ? len[0] - 3 : 0));
+    ref.kvRead(va, 0, 1, 0, n0, ka);
+    test.kvRead(vb, 0, 1, 0, n0, kb);
+    double num = 0, den = 0;
+    for (size_t i = 0; i < ka.size(); ++i) {
+      num += ((double)kb[i] - ka[i]) * ((double)kb[i] - ka[i]);
+      den += (double)ka[i] * ka[i];
+    }
+    r.out.push_back(OpCheck{"kv_write+zero+read", dims({{"tokens", n0}, {"kvDim", L.kvDim}}),
+                            std::isfinite(num) ? std::sqrt(num / std::max(den, 1e-30)) : INFINITY, ka.size() == kb.size()});
   }
   // elementwise ops and the embedding lookup
   {

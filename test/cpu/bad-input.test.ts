@@ -330,7 +330,7 @@ describe("inputs and options", () => {
   });
 
   test("kvCacheMemory too small for one token", async () => {
-    await expect(load(dir, { kvCacheMemory: 16 })).rejects.toThrow(/16 bytes hold no token/);
+    await expect(load(dir, { kvCacheMemory: 16 })).rejects.toThrow(/16 bytes hold no K\/V page/);
   });
 
   test("use after dispose", async () => {

@@ -2,6 +2,7 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { loadModel, Model } from "../../lib";
+import { KV_PAGE_TOKENS } from "../../lib/model";
 import { writeTinyModel } from "../helpers/tiny-model";
 
 process.env.LCKV_QUIET = "1";
@@ -180,12 +181,14 @@ test("kvBytesPerToken counts only the KV layers", async () => {
   await lckv.dispose();
 });
 
-test("with the same kvCacheMemory an LCKV model holds numLayers / kvLayers times the tokens", async () => {
+test("with the same kvCacheMemory an LCKV model's context holds numLayers / kvLayers times the tokens", async () => {
   const budget = 256 * 1024;
   const std = await loadModel(writeTinyModel({ numLayers: 6, maxPositions: 4096 }), { device: "cpu", kvCacheMemory: budget });
   const lckv = await loadModel(writeTinyModel({ layerTypes: "0_4_4_4_4_5", numLayers: 6, maxPositions: 4096 }), { device: "cpu", kvCacheMemory: budget });
-  expect(std.maxContext).toBe(Math.floor(budget / std.kvBytesPerToken));
-  expect(lckv.maxContext).toBe(Math.floor(budget / lckv.kvBytesPerToken));
+  // Whole pages of 16 tokens: the pool holds floor(budget / pageBytes) of them.
+  const pages = (m: typeof std) => Math.floor(budget / (m.kvBytesPerToken * KV_PAGE_TOKENS));
+  expect(std.maxContext).toBe(pages(std) * KV_PAGE_TOKENS);
+  expect(lckv.maxContext).toBe(pages(lckv) * KV_PAGE_TOKENS);
   expect(lckv.maxContext / std.maxContext).toBeCloseTo(6 / 3, 1);
   // And the budget is enforced: a prompt beyond it is refused.
   await expect(std.generate(Array(std.maxContext + 1).fill(1))).rejects.toThrow(/context holds/);

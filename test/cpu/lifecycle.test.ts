@@ -62,6 +62,16 @@ test("1000 random requests leave nothing behind but the prefix cache", async () 
   expect(stats.prefixCache.sequences).toBeLessThanOrEqual(4);
   expect(stats.kvBytes).toBeGreaterThan(0);
   expect(aborted + failed).toBeGreaterThan(0);
+  // Every page is free or held by the prefix cache, and the pool's counts add up: each page's
+  // reference count equals the page tables that hold it, nothing is reserved or queued.
+  expect(stats.pagesUsed).toBe(stats.pagesCached);
+  expect(stats.pagesUsed).toBeGreaterThan(0);
+  expect(stats.pagesUsed + stats.pagesFree).toBe(stats.pagesTotal);
+  expect(stats.pagesReserved).toBe(0);
+  expect(stats.queued).toBe(0);
+  expect(m.auditCache()).toBe("");
+  m.clearPrefixCache();
+  expect(m.cacheStats().pagesFree).toBe(stats.pagesTotal);
   await m.dispose();
   expect(m.cacheStats().liveSequences).toBe(0);
 });

@@ -62,6 +62,7 @@ test("a model loaded in a worker thread that exits leaves the main thread's mode
     `const { parentPort, workerData } = require("node:worker_threads");
      const addon = require("node-gyp-build")(workerData.root);
      const m = new addon.NativeModel(workerData.desc, { backend: "cpu", threads: 1 });
+     m.createPool(4, 16);
      m.createSequence(8);
      parentPort.postMessage("ready");`,
     {

@@ -1,0 +1,133 @@
+/**
+ * Admission to the K/V pool. Before a request runs, its sequence reserves every page it can
+ * need (prompt plus maxNewTokens), so a running request never finds the pool empty halfway.
+ * When the pool is short, the least recently used prefix-cache entries are evicted first; if
+ * that is not enough the request waits in a FIFO queue until pages come back (a sequence is
+ * disposed, truncated, or finishes its request). A request that could not fit even with the
+ * whole pool to itself fails at once, as does one that finds the queue at its bound.
+ */
+import { fromNative, KvCacheFullError } from "./errors";
+import { NativeModel, NativeSequence } from "./native";
+
+export interface AdmissionOptions {
+  /** Requests that may wait for pages at once; the next one gets LCKV_QUEUE_FULL. */
+  maxQueue: number;
+  /** Milliseconds a request may wait for pages before it fails with LCKV_KV_CACHE_FULL. */
+  queueTimeout: number;
+}
+
+interface Waiter {
+  seq: NativeSequence;
+  total: number;
+  resolve: (admitted: boolean) => void;
+  reject: (e: unknown) => void;
+  cleanup: () => void;
+}
+
+export class Admission {
+  private waiters: Waiter[] = [];
+
+  constructor(
+    private readonly native: () => NativeModel,
+    /** Drops the least recently used prefix-cache entry; false when there is none. */
+    private readonly evictOne: () => boolean,
+    private readonly options: AdmissionOptions,
+  ) {}
+
+  /** Requests waiting for pages now. */
+  get queued(): number {
+    return this.waiters.length;
+  }
+
+  /**
+   * Reserves the pages `seq` needs to hold `total` tokens. Resolves true once reserved, false
+   * when `signal` aborts the wait; throws KvCacheFullError when it can never fit, when the
+   * queue is full, or when the wait times out.
+   */
+  async reserve(seq: NativeSequence, total: number, signal?: AbortSignal): Promise<boolean> {
+    const stats = this.native().poolStats();
+    const own = Math.round(seq.kvBytes / stats.pageBytes);
+    const need = seq.pagesToGrow(total);
+    if (own + need > stats.pagesTotal) {
+      throw new KvCacheFullError(
+        `a sequence of ${total} tokens needs ${own + need} pages of ${stats.pageTokens} tokens, but the whole K/V cache has ${stats.pagesTotal} ` +
+          `(raise loadModel's kvCacheMemory, or ask for fewer tokens)`,
+        "LCKV_REQUEST_TOO_LARGE",
+      );
+    }
+    if (this.waiters.length === 0 && this.tryReserve(seq, total)) return true;
+    if (signal?.aborted) return false;
+    if (this.waiters.length >= this.options.maxQueue) {
+      throw new KvCacheFullError(`the K/V cache is full and ${this.waiters.length} requests already wait for it (maxQueue)`, "LCKV_QUEUE_FULL");
+    }
+    return new Promise<boolean>((resolve, reject) => {
+      let timer: NodeJS.Timeout | undefined;
+      const onAbort = () => {
+        this.remove(waiter);
+        resolve(false);
+      };
+      const waiter: Waiter = {
+        seq,
+        total,
+        resolve,
+        reject,
+        cleanup: () => {
+          if (timer) clearTimeout(timer);
+          signal?.removeEventListener("abort", onAbort);
+        },
+      };
+      if (Number.isFinite(this.options.queueTimeout)) {
+        timer = setTimeout(() => {
+          this.remove(waiter);
+          reject(new KvCacheFullError(`waited ${this.options.queueTimeout} ms for ${need} pages of the K/V cache (queueTimeout)`));
+        }, this.options.queueTimeout);
+      }
+      signal?.addEventListener("abort", onAbort, { once: true });
+      this.waiters.push(waiter);
+    });
+  }
+
+  /** Admits waiting requests, in order, while pages allow. Call whenever pages may have come back. */
+  pump(): void {
+    while (this.waiters.length > 0) {
+      const w = this.waiters[0];
+      let ok: boolean;
+      try {
+        ok = this.tryReserve(w.seq, w.total);
+      } catch (e) {
+        this.remove(w);
+        w.reject(e);
+        continue;
+      }
+      if (!ok) return;  // first come, first served: later requests do not overtake
+      this.remove(w);
+      w.resolve(true);
+    }
+  }
+
+  /** Fails every waiting request (the model is going away). */
+  rejectAll(e: unknown): void {
+    for (const w of [...this.waiters]) {
+      this.remove(w);
+      w.reject(e);
+    }
+  }
+
+  private remove(w: Waiter): void {
+    const i = this.waiters.indexOf(w);
+    if (i >= 0) this.waiters.splice(i, 1);
+    w.cleanup();
+  }
+
+  private tryReserve(seq: NativeSequence, total: number): boolean {
+    for (;;) {
+      try {
+        seq.reserve(total);
+        return true;
+      } catch (e) {
+        if ((e as { code?: string }).code !== "LCKV_KV_CACHE_FULL") throw fromNative(e);
+        if (!this.evictOne()) return false;
+      }
+    }
+  }
+}

@@ -1,0 +1,200 @@
+#include "kv_pool.h"
+
+#include <algorithm>
+#include <map>
+
+#include "errors.h"
+
+namespace lckv {
+
+namespace {
+int pagesFor(int tokens, int pageTokens) { return (tokens + pageTokens - 1) / pageTokens; }
+
+EngineError poolFull(int need, int available, const KvLayout& l) {
+  return EngineError(kErrKvCacheFull, "the K/V cache is full: " + std::to_string(need) + " more pages of " +
+                                          std::to_string(l.pageTokens) + " tokens are needed, " +
+                                          std::to_string(std::max(available, 0)) + " are available");
+}
+}  // namespace
+
+KvPool::KvPool(Backend& backend, const KvLayout& layout, int numPages) : backend_(backend), layout_(layout) {
+  if (numPages <= 0 || layout.pageTokens <= 0 || layout.slots <= 0 || layout.kvDim <= 0)
+    throw EngineError(kErrInvalidArgument, "a K/V pool needs at least one page, one slot and one token per page");
+  if (layout.pageTokens & (layout.pageTokens - 1))
+    throw EngineError(kErrInvalidArgument, "K/V page size must be a power of two, got " + std::to_string(layout.pageTokens));
+  storage_ = backend.alloc(numPages, layout.pageFloats());
+  refs_.assign((size_t)numPages, 0);
+  cachedRefs_.assign((size_t)numPages, 0);
+  free_.reserve((size_t)numPages);
+  for (int p = numPages - 1; p >= 0; --p) free_.push_back(p);  // page 0 is taken first
+}
+
+std::vector<int32_t> KvPool::take(int count) {
+  std::vector<int32_t> out;
+  for (int i = 0; i < count; ++i) {
+    const int32_t p = free_.back();
+    free_.pop_back();
+    refs_[(size_t)p] = 1;
+    out.push_back(p);
+  }
+  return out;
+}
+
+void KvPool::release(int32_t page) {
+  if (--refs_[(size_t)page] == 0) free_.push_back(page);
+}
+
+KvPoolStats KvPool::stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  KvPoolStats s;
+  s.pageTokens = layout_.pageTokens;
+  s.pagesTotal = (int)refs_.size();
+  s.pagesFree = (int)free_.size();
+  s.pagesUsed = s.pagesTotal - s.pagesFree;
+  s.pagesReserved = reservedTotal_;
+  s.pageBytes = layout_.pageFloats() * (int64_t)sizeof(float);
+  for (size_t p = 0; p < refs_.size(); ++p) {
+    if (refs_[p] > 0 && cachedRefs_[p] == refs_[p]) ++s.pagesCached;
+    if (refs_[p] > 1) s.sharedRefs += refs_[p] - 1;
+  }
+  return s;
+}
+
+std::string KvPool::audit() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  std::vector<int> refs(refs_.size(), 0), cached(refs_.size(), 0);
+  int reserved = 0;
+  for (const KvPages* h : holders_) {
+    reserved += h->reserved_;
+    for (int32_t p : h->table_) {
+      if (p < 0 || (size_t)p >= refs.size()) return "a page table holds page " + std::to_string(p) + ", outside the pool";
+      ++refs[(size_t)p];
+      if (h->cached_) ++cached[(size_t)p];
+    }
+  }
+  if (reserved != reservedTotal_)
+    return "reservations add up to " + std::to_string(reserved) + " pages, the pool counts " + std::to_string(reservedTotal_);
+  size_t unreferenced = 0;
+  for (size_t p = 0; p < refs.size(); ++p) {
+    if (refs[p] != refs_[p])
+      return "page " + std::to_string(p) + " has " + std::to_string(refs_[p]) + " references, the page tables hold " +
+             std::to_string(refs[p]);
+    if (cached[p] != cachedRefs_[p]) return "page " + std::to_string(p) + " has a wrong prefix-cache count";
+    if (refs[p] == 0) ++unreferenced;
+  }
+  if (unreferenced != free_.size())
+    return std::to_string(unreferenced) + " pages are unreferenced but " + std::to_string(free_.size()) + " are free";
+  std::vector<int32_t> f = free_;
+  std::sort(f.begin(), f.end());
+  if (std::adjacent_find(f.begin(), f.end()) != f.end()) return "a page is on the free list twice";
+  return "";
+}
+
+KvPages::KvPages(std::shared_ptr<KvPool> pool) : pool_(std::move(pool)) {
+  std::lock_guard<std::mutex> lk(pool_->mu_);
+  pool_->holders_.insert(this);
+}
+
+KvPages::~KvPages() {
+  std::lock_guard<std::mutex> lk(pool_->mu_);
+  for (int32_t p : table_) {
+    if (cached_) --pool_->cachedRefs_[(size_t)p];
+    pool_->release(p);
+  }
+  pool_->reservedTotal_ -= reserved_;
+  pool_->holders_.erase(this);
+}
+
+std::unique_ptr<KvPages> KvPages::share() const {
+  auto out = std::make_unique<KvPages>(pool_);
+  std::lock_guard<std::mutex> lk(pool_->mu_);
+  for (int32_t p : table_) ++pool_->refs_[(size_t)p];
+  out->table_ = table_;
+  return out;
+}
+
+void KvPages::keep(int n) {
+  const size_t pages = (size_t)pagesFor(std::max(n, 0), pool_->layout_.pageTokens);
+  std::lock_guard<std::mutex> lk(pool_->mu_);
+  while (table_.size() > pages) {
+    const int32_t p = table_.back();
+    table_.pop_back();
+    if (cached_) --pool_->cachedRefs_[(size_t)p];
+    pool_->release(p);
+  }
+}
+
+int KvPages::pagesToGrow(int length, int total) const {
+  if (total <= length) return 0;
+  const int P = pool_->layout_.pageTokens;
+  std::lock_guard<std::mutex> lk(pool_->mu_);
+  int need = 0;
+  for (int i = length / P; i < pagesFor(total, P); ++i) {
+    if ((size_t)i >= table_.size()) ++need;
+    else if (pool_->refs_[(size_t)table_[(size_t)i]] > 1) ++need;  // shared: copied before the write
+  }
+  return need;
+}
+
+void KvPages::reserve(int length, int total) {
+  const int need = pagesToGrow(length, total);
+  std::lock_guard<std::mutex> lk(pool_->mu_);
+  const int available = pool_->available(reserved_);
+  if (need > available) throw poolFull(need, available, pool_->layout_);
+  pool_->reservedTotal_ += need - reserved_;
+  reserved_ = need;
+}
+
+void KvPages::setCached(bool cached) {
+  std::lock_guard<std::mutex> lk(pool_->mu_);
+  if (cached == cached_) return;
+  for (int32_t p : table_) pool_->cachedRefs_[(size_t)p] += cached ? 1 : -1;
+  cached_ = cached;
+}
+
+void KvPages::prepareWrite(int start, int n) {
+  if (n <= 0) return;
+  KvPool& pool = *pool_;
+  const int P = pool.layout_.pageTokens;
+  const int first = start / P, last = pagesFor(start + n, P);  // page indices [first, last)
+  std::vector<int> copies;  // indices of shared pages in the write range
+  std::unique_lock<std::mutex> lk(pool.mu_);
+  int missing = std::max(0, last - (int)table_.size());
+  for (int i = first; i < std::min(last, (int)table_.size()); ++i)
+    if (pool.refs_[(size_t)table_[(size_t)i]] > 1) copies.push_back(i);
+  const int need = missing + (int)copies.size();
+  if (need == 0) return;
+  const int available = pool.available(reserved_);
+  if (need > available) throw poolFull(need, available, pool.layout_);
+  std::vector<int32_t> fresh = pool.take(need);
+  const int fromReservation = std::min(reserved_, need);
+  reserved_ -= fromReservation;
+  pool.reservedTotal_ -= fromReservation;
+  // Copy-on-write: the new page starts as a copy of the shared one, whose count drops by one.
+  std::vector<std::pair<int32_t, int32_t>> copy;  // (from, to)
+  size_t next = 0;
+  for (int i : copies) {
+    const int32_t old = table_[(size_t)i], now = fresh[next++];
+    copy.emplace_back(old, now);
+    if (cached_) {
+      --pool.cachedRefs_[(size_t)old];
+      ++pool.cachedRefs_[(size_t)now];
+    }
+    pool.release(old);  // still referenced by its other holders
+    table_[(size_t)i] = now;
+  }
+  while ((int)table_.size() < last) {
+    const int32_t now = fresh[next++];
+    if (cached_) ++pool.cachedRefs_[(size_t)now];
+    table_.push_back(now);
+  }
+  lk.unlock();
+  // The copies read pages other holders keep (nobody writes a shared page), so they need no lock.
+  for (auto [from, to] : copy) pool.backend_.copyRows(pool.storage_, from, pool.storage_, to, 1);
+}
+
+size_t KvPages::bytes() const {
+  return table_.size() * (size_t)pool_->layout_.pageFloats() * sizeof(float);
+}
+
+}  // namespace lckv

@@ -1,0 +1,111 @@
+// The paged K/V cache: one pool of fixed-size pages per model, shared by every sequence.
+//
+// A page holds `pageTokens` consecutive positions of K and V for every KV layer of the plan
+// (only the layers that own K/V are cached; a layer that reads another's K/V has no slot). In
+// floats, page p starts at p * pageFloats(), and inside it
+//
+//     [slot][K | V][pageTokens][kvDim]
+//
+// so each (slot, K or V) is a contiguous [pageTokens, kvDim] tile that the attention kernels
+// stream through. A sequence owns a page table: entry i is the page holding its positions
+// [i * pageTokens, (i + 1) * pageTokens). Pages are reference-counted: fork() shares every
+// page, and a shared page is copied before it is written (copy-on-write). The pool's capacity
+// in tokens is pages * pageTokens, whatever the number of KV layers: an LCKV model with fewer
+// KV layers simply has smaller pages, hence more of them in the same memory.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "backend.h"
+
+namespace lckv {
+
+class KvPool;
+
+// One sequence's pages. Holds a reference to each page in `table`; releases them when
+// destroyed or truncated. Not thread-safe by itself: one sequence is used by one thread at a
+// time (the addon's busy flag); the pool's own state is locked.
+class KvPages {
+ public:
+  explicit KvPages(std::shared_ptr<KvPool> pool);
+  ~KvPages();
+  KvPages(const KvPages&) = delete;
+  KvPages& operator=(const KvPages&) = delete;
+
+  // A new holder of the same pages (each page's count goes up by one).
+  std::unique_ptr<KvPages> share() const;
+  // Pages covering positions [0, n) stay; the rest are released.
+  void keep(int n);
+  // Makes positions [start, start + n) writable: missing pages are taken from the pool, and
+  // shared pages in the range are replaced by private copies. All or nothing: throws
+  // EngineError(LCKV_KV_CACHE_FULL) and changes nothing when the pool cannot supply them.
+  void prepareWrite(int start, int n);
+  // Pages this sequence would take to grow from `length` to `total` tokens (new pages plus the
+  // copy of a shared partial page).
+  int pagesToGrow(int length, int total) const;
+  // Promises the pages needed to grow from `length` to `total` tokens, so that other
+  // sequences cannot take them; replaces any earlier reservation (total <= length drops it).
+  // Throws EngineError(LCKV_KV_CACHE_FULL) when the pool cannot promise them now.
+  void reserve(int length, int total);
+  int reserved() const { return reserved_; }
+  // Marks these pages as held for the prefix cache (for cacheStats' "cached" count).
+  void setCached(bool cached);
+
+  const std::vector<int32_t>& table() const { return table_; }
+  KvPool& pool() const { return *pool_; }
+  size_t bytes() const;
+
+ private:
+  friend class KvPool;
+  std::shared_ptr<KvPool> pool_;
+  std::vector<int32_t> table_;
+  int reserved_ = 0;
+  bool cached_ = false;
+};
+
+struct KvPoolStats {
+  int pageTokens = 0;
+  int pagesTotal = 0;
+  int pagesUsed = 0;    // held by at least one sequence
+  int pagesFree = 0;
+  int pagesCached = 0;  // held only by sequences kept for prefix reuse
+  int pagesReserved = 0;  // promised to running requests, not yet taken
+  int64_t pageBytes = 0;
+  int64_t sharedRefs = 0;  // page references beyond the first (pages shared by forks)
+};
+
+class KvPool {
+ public:
+  // Allocates numPages pages on the backend (throws std::bad_alloc when memory runs out).
+  KvPool(Backend& backend, const KvLayout& layout, int numPages);
+  const KvLayout& layout() const { return layout_; }
+  Tensor& storage() { return storage_; }
+  Backend& backend() { return backend_; }
+  int totalPages() const { return (int)refs_.size(); }
+  KvPoolStats stats() const;
+  // Recounts every page's references from the live page tables; returns a description of the
+  // first mismatch, or "" when the accounting adds up.
+  std::string audit() const;
+
+ private:
+  friend class KvPages;
+  // Takes `count` free pages (reference 1 each). Caller holds mu_ and has checked available().
+  std::vector<int32_t> take(int count);
+  void release(int32_t page);  // caller holds mu_
+  int available(int reservedByCaller) const { return (int)free_.size() - (reservedTotal_ - reservedByCaller); }
+
+  Backend& backend_;
+  KvLayout layout_;
+  Tensor storage_;  // [pages, pageFloats] floats
+  mutable std::mutex mu_;
+  std::vector<int> refs_, cachedRefs_;
+  std::vector<int32_t> free_;  // a stack: recently freed pages are reused first
+  int reservedTotal_ = 0;
+  std::set<const KvPages*> holders_;
+};
+
+}  // namespace lckv
