@@ -1,0 +1,27 @@
+/**
+ * The serving suites (test/serving) on the CUDA backend, with the same assertions as on the
+ * CPU: continuous batching, sequences, prefix reuse, the paged pool, a 1000-request lifecycle.
+ * f32 weights, so that a prompt prefilled in one chunk or in several (prefix reuse, multi-turn)
+ * gives the same greedy tokens as the CPU tests expect of every backend.
+ */
+import { loadAddon } from "../../lib/native";
+import { batchingTests } from "../serving/batching";
+import { kvPoolTests } from "../serving/kv-pool";
+import { lifecycleTests } from "../serving/lifecycle";
+import { prefixCacheTests } from "../serving/prefix-cache";
+import { sequenceTests } from "../serving/sequence";
+
+process.env.LCKV_QUIET = "1";
+const addon = loadAddon();
+const describeGpu = addon.backends.cuda ? describe : describe.skip;
+if (!addon.backends.cuda) {
+  // eslint-disable-next-line no-console
+  console.warn(`GPU serving tests SKIPPED: ${addon.backends.cudaBuilt ? addon.backends.cudaProblem : "this build has no CUDA backend"}`);
+}
+const dev = { device: "cuda", dtype: "f32" } as const;
+
+describeGpu("cuda: batching", () => batchingTests(dev));
+describeGpu("cuda: sequences", () => sequenceTests(dev));
+describeGpu("cuda: prefix cache", () => prefixCacheTests(dev));
+describeGpu("cuda: K/V pool", () => kvPoolTests(dev));
+describeGpu("cuda: lifecycle", () => lifecycleTests(dev));

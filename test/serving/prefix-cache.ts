@@ -1,0 +1,60 @@
+/** Prefix reuse: a request that shares a prefix with a finished one prefills only the rest. */
+import { loadModel } from "../../lib";
+import { writeTinyModel } from "../helpers/tiny-model";
+
+
+import type { TestDevice } from "../helpers/device";
+
+export function prefixCacheTests(dev: TestDevice): void {
+  describe.each([
+    ["standard", undefined],
+    ["lckv", "0_3_3_3"],
+  ])("%s pattern", (_name, layerTypes) => {
+    const dir = writeTinyModel({ layerTypes, seed: 8, vocab: 64, maxPositions: 512 });
+    const prefix = Array.from({ length: 200 }, (_, i) => (i * 11 + 5) % 64);
+    const a = [...prefix, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+    const b = [...prefix, 60, 59, 58, 57, 56, 55, 54, 53, 52, 51, 50, 49];
+    const greedy = { maxNewTokens: 8, temperature: 0, ignoreEos: true };
+
+    test("a shared 200-token prefix is not prefilled again, and the output is the same as without reuse", async () => {
+      const m = await loadModel(dir, { ...dev });
+      await m.generate(a, greedy);
+      const before = m.cacheStats();
+      const reused = await m.generate(b, greedy);
+      const after = m.cacheStats();
+      // Only b's 12 new tokens run: 11 in the prefill, the last one in the first decode step.
+      expect(after.prefilledTokens - before.prefilledTokens).toBe(b.length - prefix.length - 1);
+      expect(after.prefixCache.hits - before.prefixCache.hits).toBe(1);
+      expect(after.prefixCache.reusedTokens - before.prefixCache.reusedTokens).toBe(prefix.length);
+
+      const fresh = await loadModel(dir, { ...dev, prefixCache: 0 });
+      const s0 = fresh.cacheStats().prefilledTokens;
+      const plain = await fresh.generate(b, greedy);
+      expect(fresh.cacheStats().prefilledTokens - s0).toBe(b.length - 1);
+      expect(reused.tokens).toEqual(plain.tokens);
+      await fresh.dispose();
+      await m.dispose();
+    });
+
+    test("least recently used requests leave the cache first", async () => {
+      const m = await loadModel(dir, { ...dev, prefixCache: 2 });
+      for (const p of [[1, 2, 3], [4, 5, 6], [7, 8, 9]]) await m.generate(p, { maxNewTokens: 2 });
+      expect(m.cacheStats().prefixCache.sequences).toBe(2);
+      await m.generate([1, 2, 3, 4], { maxNewTokens: 2 }); // [1, 2, 3] was evicted
+      expect(m.cacheStats().prefixCache.hits).toBe(0);
+      await m.generate([7, 8, 9, 1], { maxNewTokens: 2 });
+      expect(m.cacheStats().prefixCache.hits).toBe(1);
+      await m.dispose();
+    });
+  });
+
+  test("an LCKV prompt prefilled with the approximate iterative scheme is never reused", async () => {
+    const m = await loadModel(writeTinyModel({ layerTypes: "0_3_3_3", seed: 8, maxPositions: 128 }), { ...dev });
+    const p = Array.from({ length: 20 }, (_, i) => (i * 3 + 1) % 64);
+    await m.generate(p, { maxNewTokens: 2, prefill: "iterative" });
+    expect(m.cacheStats().prefixCache.sequences).toBe(0);
+    await m.generate([...p, 5], { maxNewTokens: 2 });
+    expect(m.cacheStats().prefixCache.hits).toBe(0);
+    await m.dispose();
+  });
+}
