@@ -349,7 +349,7 @@ export class Model implements AsyncDisposable {
   }
 
   /** @internal Generation defaults from generation_config.json and the config. */
-  generationDefaults(): Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos" | "prefillTolerance"> {
+  generationDefaults(): Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos" | "prefillTolerance" | "contextShift" | "sinkTokens"> {
     const g = this.generationConfig;
     const num = (k: string, d: number) => (typeof g[k] === "number" && Number.isFinite(g[k] as number) ? (g[k] as number) : d);
     const sample = g.do_sample === true;

@@ -33,6 +33,8 @@ export interface NativeSequence {
   dispose(): void;
   /** Promises the pages needed to grow to totalTokens (0 drops the promise); throws LCKV_KV_CACHE_FULL. */
   reserve(totalTokens: number): void;
+  /** Context shift: drops tokens [sink, sink + drop) (whole pages); resolves with the new length. */
+  shift(sink: number, drop: number): Promise<number>;
   /** Pages this sequence would take to grow to totalTokens. */
   pagesToGrow(totalTokens: number): number;
   /** Marks the sequence's pages as held for prefix reuse (for the pool's "cached" count). */

@@ -32,10 +32,20 @@ export interface GenerateOptions extends SamplingOptions {
   prefillTolerance?: number;
   /** Keep generating past end-of-sequence tokens (for benchmarks and golden tests). */
   ignoreEos?: boolean;
+  /**
+   * What happens at the context limit: "none" (default) ends generation with finishReason
+   * "length"; "sink-window" (StreamingLLM) keeps the first `sinkTokens` tokens and the most
+   * recent ones, dropping half of the rest whenever the context fills, so generation can go on
+   * indefinitely in constant memory. Works alike for standard and LCKV models; the K/V kept was
+   * computed with the dropped tokens in view, so the result approximates a shorter context.
+   */
+  contextShift?: "none" | "sink-window";
+  /** Attention-sink tokens kept at the start by "sink-window" (default 4, rounded up to a whole K/V page). */
+  sinkTokens?: number;
 }
 
 const GENERATE_KEYS = new Set([
-  "maxNewTokens", "temperature", "topK", "topP", "minP", "repetitionPenalty", "seed", "stop", "signal", "prefill", "prefillPasses", "prefillTolerance", "ignoreEos",
+  "maxNewTokens", "temperature", "topK", "topP", "minP", "repetitionPenalty", "seed", "stop", "signal", "prefill", "prefillPasses", "prefillTolerance", "ignoreEos", "contextShift", "sinkTokens",
 ]);
 
 export function nonNegInt(name: string, v: unknown): number {
@@ -77,6 +87,8 @@ export interface ResolvedGenerateOptions {
   prefillPasses: number;
   prefillTolerance: number;
   ignoreEos: boolean;
+  contextShift: "none" | "sink-window";
+  sinkTokens: number;
 }
 
 export const DEFAULT_PREFILL_TOLERANCE = 1e-6;
@@ -91,14 +103,22 @@ export function tolerance(v: unknown): number {
 /** Validates options over defaults (from generation_config.json). */
 export function resolveGenerateOptions(
   opts: GenerateOptions | undefined,
-  defaults: Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos" | "prefillTolerance">,
+  defaults: Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos" | "prefillTolerance" | "contextShift" | "sinkTokens">,
 ): ResolvedGenerateOptions {
   const o = (opts ?? {}) as Record<string, unknown>;
   if (typeof o !== "object" || o === null) throw new InvalidOptionError("options", "must be an object");
   for (const k of Object.keys(o)) {
     if (!GENERATE_KEYS.has(k)) throw new InvalidOptionError(k, `is not a generate option (known: ${[...GENERATE_KEYS].join(", ")})`);
   }
-  const r: ResolvedGenerateOptions = { ...defaults, stop: [], seed: 0, ignoreEos: false, prefillTolerance: DEFAULT_PREFILL_TOLERANCE };
+  const r: ResolvedGenerateOptions = {
+    ...defaults,
+    stop: [],
+    seed: 0,
+    ignoreEos: false,
+    prefillTolerance: DEFAULT_PREFILL_TOLERANCE,
+    contextShift: "none",
+    sinkTokens: 4,
+  };
   if (o.maxNewTokens !== undefined) r.maxNewTokens = nonNegInt("maxNewTokens", o.maxNewTokens);
   if (o.temperature !== undefined) {
     r.temperature = finite("temperature", o.temperature);
@@ -146,5 +166,12 @@ export function resolveGenerateOptions(
     if (typeof o.ignoreEos !== "boolean") throw new InvalidOptionError("ignoreEos", `must be true or false, got ${describe(o.ignoreEos)}`);
     r.ignoreEos = o.ignoreEos;
   }
+  if (o.contextShift !== undefined) {
+    if (o.contextShift !== "none" && o.contextShift !== "sink-window") {
+      throw new InvalidOptionError("contextShift", `must be "none" or "sink-window", got ${describe(o.contextShift)}`);
+    }
+    r.contextShift = o.contextShift;
+  }
+  if (o.sinkTokens !== undefined) r.sinkTokens = nonNegInt("sinkTokens", o.sinkTokens);
   return r;
 }

@@ -205,7 +205,9 @@ export class Sequence implements Disposable {
         }
         // The pending token must fit in the context to be evaluated; the token sampled from the
         // last position is still returned (and stays pending, past the context).
-        if (this.length > this.model.maxContext) break;
+        if (this.length > this.model.maxContext) {
+          if (opts.contextShift !== "sink-window" || !(await this.shiftContext(opts.sinkTokens, opts.maxNewTokens - tokens.length, opts.signal))) break;
+        }
         const run = this.pending;
         let tok: number;
         if (run.length === 1) {
@@ -258,6 +260,28 @@ export class Sequence implements Disposable {
       usage: { promptTokens, completionTokens: tokens.length },
       prefillPasses,
     };
+  }
+
+  /**
+   * "sink-window" context shift: keeps the first sinkTokens (rounded up to a page) and drops
+   * half of the rest, in whole pages, so the sequence fits again. False when it cannot.
+   */
+  private async shiftContext(sinkTokens: number, remaining: number, signal?: AbortSignal): Promise<boolean> {
+    const P = this.model.cacheStats().pageTokens;
+    const sink = Math.ceil(sinkTokens / P) * P;
+    const drop = Math.max(P, Math.floor((this.evaluated.length - sink) / 2 / P) * P);
+    if (sink + drop > this.evaluated.length) return false;
+    try {
+      await this.live().shift(sink, drop);
+    } catch (e) {
+      throw fromNative(e);
+    }
+    this.evaluated.splice(sink, drop);
+    // The K/V no longer belongs to the token prefix it follows: never reuse it.
+    this.exactKv = false;
+    // The dropped pages went back to the pool; promise the ones the rest of the request needs.
+    this.reservedUpTo = 0;
+    return this.ensureReserved(Math.min(this.length + remaining, this.model.maxContext), signal);
   }
 
   /** A new sequence that shares everything so far (its pages are shared, copied on write). */

@@ -179,6 +179,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
                                     InstanceMethod("fork", &SequenceWrap::Fork),
                                     InstanceMethod("dispose", &SequenceWrap::Dispose),
                                     InstanceMethod("reserve", &SequenceWrap::Reserve),
+                                    InstanceMethod("shift", &SequenceWrap::Shift),
                                     InstanceMethod("pagesToGrow", &SequenceWrap::PagesToGrow),
                                     InstanceMethod("setCached", &SequenceWrap::SetCached),
                                     InstanceAccessor("reservedPages", &SequenceWrap::ReservedPages, nullptr),
@@ -205,6 +206,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     return seq;
   }
   Napi::Value Append(const Napi::CallbackInfo& info);
+  Napi::Value Shift(const Napi::CallbackInfo& info);
   Napi::Value Truncate(const Napi::CallbackInfo& info) {
     auto s = live(info.Env());
     if (s->busy) throw makeError(info.Env(), kErrBusy, "the sequence is running a forward");
@@ -321,6 +323,34 @@ class AppendWorker : public PromiseWorker {
   AppendResult res_;
 };
 
+// A context shift runs under the model lock (it uses the backend), off the JS thread.
+class ShiftWorker : public PromiseWorker {
+ public:
+  ShiftWorker(Napi::Env env, std::shared_ptr<SharedSequence> s, int sink, int drop)
+      : PromiseWorker(env), s_(std::move(s)), sink_(sink), drop_(drop) {}
+  void Execute() override {
+    guard([&] {
+      Model& m = *s_->owner->model;
+      std::lock_guard<std::mutex> lk(m.mutex());
+      m.shiftSequence(*s_->state, sink_, drop_);
+    });
+  }
+  void OnError(const Napi::Error& e) override {
+    s_->publish();
+    s_->busy = false;
+    PromiseWorker::OnError(e);
+  }
+  void OnOK() override {
+    s_->publish();
+    s_->busy = false;
+    deferred_.Resolve(Napi::Number::New(Env(), s_->length));
+  }
+
+ private:
+  std::shared_ptr<SharedSequence> s_;
+  int sink_, drop_;
+};
+
 SamplingParams parseSampling(const Napi::Object& so) {
   SamplingParams sp;
   sp.temperature = (float)getNum(so, "temperature", 0);
@@ -333,6 +363,21 @@ SamplingParams parseSampling(const Napi::Object& so) {
 }
 
 // append(tokens: Int32Array, opts: {mode, passes, logits: "none"|"last"|"all", sample?: {...}})
+// shift(sink, drop) -> Promise<length>: drops tokens [sink, sink + drop) (whole pages).
+Napi::Value SequenceWrap::Shift(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto s = live(env);
+  if (!info[0].IsNumber() || !info[1].IsNumber()) throwInvalid(env, "shift(sink, drop) needs two numbers");
+  const int sink = info[0].As<Napi::Number>().Int32Value(), drop = info[1].As<Napi::Number>().Int32Value();
+  bool expected = false;
+  if (!s->busy.compare_exchange_strong(expected, true))
+    throw makeError(env, kErrBusy, "the sequence is already running a forward; await the previous call");
+  auto* w = new ShiftWorker(env, s, sink, drop);
+  Napi::Promise p = w->promise();
+  w->Queue();
+  return p;
+}
+
 Napi::Value SequenceWrap::Append(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto s = live(env);

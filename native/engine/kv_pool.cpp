@@ -124,6 +124,18 @@ void KvPages::keep(int n) {
   }
 }
 
+void KvPages::erasePages(int first, int count) {
+  std::lock_guard<std::mutex> lk(pool_->mu_);
+  if (first < 0 || count < 0 || (size_t)(first + count) > table_.size())
+    throw EngineError(kErrInvalidArgument, "erasePages: range outside the page table");
+  for (int i = first; i < first + count; ++i) {
+    const int32_t p = table_[(size_t)i];
+    if (cached_) --pool_->cachedRefs_[(size_t)p];
+    pool_->release(p);
+  }
+  table_.erase(table_.begin() + first, table_.begin() + first + count);
+}
+
 int KvPages::pagesToGrow(int length, int total) const {
   if (total <= length) return 0;
   const int P = pool_->layout_.pageTokens;

@@ -40,6 +40,9 @@ class KvPages {
   std::unique_ptr<KvPages> share() const;
   // Pages covering positions [0, n) stay; the rest are released.
   void keep(int n);
+  // Releases `count` pages starting at page index `first`; the pages after them move down, so
+  // their positions drop by count * pageTokens (a context shift).
+  void erasePages(int first, int count);
   // Makes positions [start, start + n) writable: missing pages are taken from the pool, and
   // shared pages in the range are replaced by private copies. All or nothing: throws
   // EngineError(LCKV_KV_CACHE_FULL) and changes nothing when the pool cannot supply them.

@@ -188,6 +188,45 @@ std::unique_ptr<SequenceState> Model::forkSequence(SequenceState& seq) {
   return out;
 }
 
+void Model::shiftSequence(SequenceState& seq, int sink, int drop) {
+  const int P = pool_->layout().pageTokens, len = seq.length();
+  if (sink < 0 || drop <= 0 || sink % P || drop % P || sink + drop > len)
+    throw EngineError(kErrInvalidArgument, "shift: sink (" + std::to_string(sink) + ") and drop (" + std::to_string(drop) +
+                                               ") must be whole pages of " + std::to_string(P) + " tokens within the sequence of " +
+                                               std::to_string(len));
+  Backend& be = *backend_;
+  BackendRange range(be, "context shift");
+  const int moved = len - sink - drop;
+  const bool rope = cfg_.style == BlockStyle::Llama && moved > 0;
+  const int kvd = cfg_.numKvHeads * cfg_.headDim;
+  // Everything that can fail comes first, so a failure leaves the sequence as it was: the
+  // buffers, and private copies of shared pages whose keys will turn (copy-on-write).
+  Tensor k, v;
+  if (rope) {
+    k = be.alloc(moved, kvd);
+    v = be.alloc(moved, kvd);
+    seq.kv->prepareWrite(sink + drop, moved);
+  }
+  seq.kv->erasePages(sink / P, drop / P);
+  seq.tokens.erase(seq.tokens.begin() + sink, seq.tokens.begin() + sink + drop);
+  seq.kv->keep(seq.length());
+  if (!rope) return;
+  // RoPE: q.k depends on the positions' difference only, so rotating every moved key by -drop
+  // makes them read as if they had been computed drop positions earlier.
+  Scratch s;
+  viewPages(s, {&seq}, std::vector<int32_t>((size_t)moved, 0));
+  std::vector<int32_t> pos((size_t)moved), back(pos.size(), -drop);
+  for (int r = 0; r < moved; ++r) pos[(size_t)r] = sink + r;
+  std::vector<float> host;
+  for (int slot = 0; slot < (int)cfg_.plan.kvLayers.size(); ++slot) {
+    be.kvRead(s.kv, 0, slot, sink, moved, host);  // K rows, then V rows
+    be.writeRows(k, 0, moved, host.data());
+    be.writeRows(v, 0, moved, host.data() + (size_t)moved * kvd);
+    be.rope(k, moved, cfg_.numKvHeads, cfg_.headDim, back.data(), cfg_.ropeInvFreq, 1.0f);
+    be.kvWrite(s.kv, slot, k, v, moved, pos.data());
+  }
+}
+
 // Points s.kv at the page tables of seqs; rowSeq[r] is the sequence of row r of the forward.
 void Model::viewPages(Scratch& s, const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& rowSeq) {
   size_t stride = 1;

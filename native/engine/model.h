@@ -71,6 +71,12 @@ class Model {
   std::unique_ptr<SequenceState> createSequence(int maxContext);
   // A copy of seq that shares its pages (copy-on-write).
   std::unique_ptr<SequenceState> forkSequence(SequenceState& seq);
+  // Context shift (StreamingLLM's attention sinks): drops tokens [sink, sink + drop) and moves
+  // the later ones down by `drop` positions. Their K is re-rotated by -drop with RoPE (learned
+  // position embeddings cannot be moved, so there the K/V stay as computed). sink and drop are
+  // whole pages. The result approximates, not equals, a sequence that never held the dropped
+  // tokens: the K/V kept were computed with them in view.
+  void shiftSequence(SequenceState& seq, int sink, int drop);
 
   // Appends tokens to the sequence, running the forward; optionally returns logits and samples.
   AppendResult append(SequenceState& seq, const std::vector<int32_t>& tokens, const PrefillSpec& prefill,

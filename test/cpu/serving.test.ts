@@ -4,6 +4,7 @@
  * suites on the CUDA backend.
  */
 import { batchingTests } from "../serving/batching";
+import { contextShiftTests } from "../serving/context-shift";
 import { kvPoolTests } from "../serving/kv-pool";
 import { lifecycleTests } from "../serving/lifecycle";
 import { prefixCacheTests } from "../serving/prefix-cache";
@@ -17,3 +18,4 @@ describe("sequences", () => sequenceTests(dev));
 describe("prefix cache", () => prefixCacheTests(dev));
 describe("K/V pool", () => kvPoolTests(dev));
 describe("lifecycle", () => lifecycleTests(dev));
+describe("context shift", () => contextShiftTests(dev));

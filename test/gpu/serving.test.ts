@@ -6,6 +6,7 @@
  */
 import { loadAddon } from "../../lib/native";
 import { batchingTests } from "../serving/batching";
+import { contextShiftTests } from "../serving/context-shift";
 import { kvPoolTests } from "../serving/kv-pool";
 import { lifecycleTests } from "../serving/lifecycle";
 import { prefixCacheTests } from "../serving/prefix-cache";
@@ -25,3 +26,4 @@ describeGpu("cuda: sequences", () => sequenceTests(dev));
 describeGpu("cuda: prefix cache", () => prefixCacheTests(dev));
 describeGpu("cuda: K/V pool", () => kvPoolTests(dev));
 describeGpu("cuda: lifecycle", () => lifecycleTests(dev));
+describeGpu("cuda: context shift", () => contextShiftTests(dev));
