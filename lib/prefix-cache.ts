@@ -45,7 +45,14 @@ export class PrefixCache {
     const [src] = this.entries.splice(best, 1);
     this.entries.push(src);
     const seq = src.fork();
-    seq.truncate(reused);
+    try {
+      seq.truncate(reused);
+    } catch {
+      // A sliding window already released K/V the prompt's next token would read: no reuse.
+      seq.dispose();
+      this.counts.misses++;
+      return null;
+    }
     this.counts.hits++;
     this.counts.reusedTokens += reused;
     return { seq, reused };

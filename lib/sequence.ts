@@ -308,7 +308,11 @@ export class Sequence implements Disposable {
     nonNegInt("n", n);
     if (n > this.length) throw new InvalidOptionError("n", `must be at most the sequence length ${this.length}, got ${n}`);
     if (n <= this.evaluated.length) {
-      native.truncate(n);
+      try {
+        native.truncate(n);
+      } catch (e) {
+        throw fromNative(e);
+      }
       this.evaluated.length = n;
       this.pending = [];
       this.model.admission.pump();  // pages past n went back to the pool

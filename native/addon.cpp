@@ -214,8 +214,11 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     double n = info[0].As<Napi::Number>().DoubleValue();
     if (n < 0 || n != (double)(int64_t)n || n > s->state->length())
       throwInvalid(info.Env(), "truncate(n): n must be an integer in [0, " + std::to_string(s->state->length()) + "]");
-    s->state->tokens.resize((size_t)n);
-    s->state->kv->keep((int)n);  // pages past the new end go back to the pool
+    try {
+      s->owner->model->truncateSequence(*s->state, (int)n);  // pages past the new end go back to the pool
+    } catch (const EngineError& e) {
+      throw makeError(info.Env(), e.code, e.what());
+    }
     s->publish();
     return info.Env().Undefined();
   }

@@ -176,9 +176,11 @@ class CpuBackend : public Backend {
     const int group = sp.numHeads / sp.numKvHeads;
     const int hd = sp.headDim;
     // Check every page a query reads before the parallel region (which must not throw).
-    for (int r = 0; r < n; ++r)
-      for (int j = 0; j <= positions[r]; j += kv.layout.pageTokens) kvAt(kv, kv.rowSeq[r], slot, 0, j);
-    for (int r = 0; r < n; ++r) kvAt(kv, kv.rowSeq[r], slot, 0, positions[r]);
+    for (int r = 0; r < n; ++r) {
+      const int first = sp.window > 0 ? std::max(0, positions[r] - sp.window + 1) : 0;
+      for (int j = first; j <= positions[r]; j += kv.layout.pageTokens) kvAt(kv, kv.rowSeq[r], slot, 0, j);
+      kvAt(kv, kv.rowSeq[r], slot, 0, positions[r]);
+    }
     pool_.parallelFor((int64_t)n * sp.numHeads, [&](int64_t b, int64_t e) {
       std::vector<float> score;
       for (int64_t idx = b; idx < e; ++idx) {

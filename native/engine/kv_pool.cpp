@@ -67,6 +67,7 @@ std::string KvPool::audit() const {
   for (const KvPages* h : holders_) {
     reserved += h->reserved_;
     for (int32_t p : h->table_) {
+      if (p == -1) continue;  // released by a sliding window
       if (p < 0 || (size_t)p >= refs.size()) return "a page table holds page " + std::to_string(p) + ", outside the pool";
       ++refs[(size_t)p];
       if (h->cached_) ++cached[(size_t)p];
@@ -98,6 +99,7 @@ KvPages::KvPages(std::shared_ptr<KvPool> pool) : pool_(std::move(pool)) {
 KvPages::~KvPages() {
   std::lock_guard<std::mutex> lk(pool_->mu_);
   for (int32_t p : table_) {
+    if (p < 0) continue;
     if (cached_) --pool_->cachedRefs_[(size_t)p];
     pool_->release(p);
   }
@@ -108,8 +110,10 @@ KvPages::~KvPages() {
 std::unique_ptr<KvPages> KvPages::share() const {
   auto out = std::make_unique<KvPages>(pool_);
   std::lock_guard<std::mutex> lk(pool_->mu_);
-  for (int32_t p : table_) ++pool_->refs_[(size_t)p];
+  for (int32_t p : table_)
+    if (p >= 0) ++pool_->refs_[(size_t)p];
   out->table_ = table_;
+  out->dropped_ = dropped_;
   return out;
 }
 
@@ -119,9 +123,11 @@ void KvPages::keep(int n) {
   while (table_.size() > pages) {
     const int32_t p = table_.back();
     table_.pop_back();
+    if (p < 0) continue;
     if (cached_) --pool_->cachedRefs_[(size_t)p];
     pool_->release(p);
   }
+  dropped_ = std::min(dropped_, (int)table_.size());
 }
 
 void KvPages::erasePages(int first, int count) {
@@ -130,10 +136,28 @@ void KvPages::erasePages(int first, int count) {
     throw EngineError(kErrInvalidArgument, "erasePages: range outside the page table");
   for (int i = first; i < first + count; ++i) {
     const int32_t p = table_[(size_t)i];
+    if (p < 0) continue;
     if (cached_) --pool_->cachedRefs_[(size_t)p];
     pool_->release(p);
   }
   table_.erase(table_.begin() + first, table_.begin() + first + count);
+  dropped_ = std::max(0, dropped_ - count);
+}
+
+int KvPages::firstHeld() const { return dropped_ * pool_->layout_.pageTokens; }
+
+void KvPages::releaseBelow(int pos) {
+  const int pages = std::min((int)table_.size(), std::max(0, pos) / pool_->layout_.pageTokens);
+  if (pages <= dropped_) return;
+  std::lock_guard<std::mutex> lk(pool_->mu_);
+  for (int i = dropped_; i < pages; ++i) {
+    const int32_t p = table_[(size_t)i];
+    table_[(size_t)i] = -1;
+    if (p < 0) continue;
+    if (cached_) --pool_->cachedRefs_[(size_t)p];
+    pool_->release(p);
+  }
+  dropped_ = pages;
 }
 
 int KvPages::pagesToGrow(int length, int total) const {
@@ -143,6 +167,7 @@ int KvPages::pagesToGrow(int length, int total) const {
   int need = 0;
   for (int i = length / P; i < pagesFor(total, P); ++i) {
     if ((size_t)i >= table_.size()) ++need;
+    else if (table_[(size_t)i] < 0) ++need;  // released by a sliding window (prepareWrite refuses it)
     else if (pool_->refs_[(size_t)table_[(size_t)i]] > 1) ++need;  // shared: copied before the write
   }
   return need;
@@ -160,7 +185,8 @@ void KvPages::reserve(int length, int total) {
 void KvPages::setCached(bool cached) {
   std::lock_guard<std::mutex> lk(pool_->mu_);
   if (cached == cached_) return;
-  for (int32_t p : table_) pool_->cachedRefs_[(size_t)p] += cached ? 1 : -1;
+  for (int32_t p : table_)
+    if (p >= 0) pool_->cachedRefs_[(size_t)p] += cached ? 1 : -1;
   cached_ = cached;
 }
 
@@ -172,8 +198,12 @@ void KvPages::prepareWrite(int start, int n) {
   std::vector<int> copies;  // indices of shared pages in the write range
   std::unique_lock<std::mutex> lk(pool.mu_);
   int missing = std::max(0, last - (int)table_.size());
-  for (int i = first; i < std::min(last, (int)table_.size()); ++i)
+  for (int i = first; i < std::min(last, (int)table_.size()); ++i) {
+    if (table_[(size_t)i] < 0)
+      throw EngineError(kErrInvalidArgument, "a write at position " + std::to_string(i * P) +
+                                                 " would land in a page the sliding window already released");
     if (pool.refs_[(size_t)table_[(size_t)i]] > 1) copies.push_back(i);
+  }
   const int need = missing + (int)copies.size();
   if (need == 0) return;
   const int available = pool.available(reserved_);
@@ -206,7 +236,7 @@ void KvPages::prepareWrite(int start, int n) {
 }
 
 size_t KvPages::bytes() const {
-  return table_.size() * (size_t)pool_->layout_.pageFloats() * sizeof(float);
+  return (table_.size() - (size_t)dropped_) * (size_t)pool_->layout_.pageFloats() * sizeof(float);
 }
 
 }  // namespace lckv

@@ -40,6 +40,12 @@ class KvPages {
   std::unique_ptr<KvPages> share() const;
   // Pages covering positions [0, n) stay; the rest are released.
   void keep(int n);
+  // Sliding windows: releases the pages wholly below position `pos` (their table entries
+  // become -1). Nothing reads them again unless the sequence is rewound below `pos`, which
+  // keep() then refuses.
+  void releaseBelow(int pos);
+  // The first position whose page is still held (0 unless releaseBelow dropped some).
+  int firstHeld() const;
   // Releases `count` pages starting at page index `first`; the pages after them move down, so
   // their positions drop by count * pageTokens (a context shift).
   void erasePages(int first, int count);
@@ -68,6 +74,7 @@ class KvPages {
   std::vector<int32_t> table_;
   int reserved_ = 0;
   bool cached_ = false;
+  int dropped_ = 0;  // leading table entries released by releaseBelow (-1)
 };
 
 struct KvPoolStats {

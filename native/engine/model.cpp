@@ -32,6 +32,15 @@ Model::Model(ModelConfig cfg, std::unique_ptr<Backend> backend) : cfg_(std::move
   }
   layers_.resize((size_t)cfg_.numLayers);
   expected_ = expectedTensors();
+  // Sliding windows everywhere: the widest one bounds what any future query can read.
+  for (int i = 0; i < cfg_.numLayers; ++i) {
+    const int w = cfg_.plan.window[i];
+    if (w <= 0) {
+      releaseWindow_ = 0;
+      break;
+    }
+    releaseWindow_ = std::max(releaseWindow_, w);
+  }
   // Slots whose owner is read by a layer below it: the only cross-pass state of the cyclic group.
   for (int i = 0; i < cfg_.numLayers; ++i) {
     int t = cfg_.plan.target[i];
@@ -186,6 +195,23 @@ std::unique_ptr<SequenceState> Model::forkSequence(SequenceState& seq) {
   out->kv = seq.kv->share();
   out->kv->keep(seq.length());
   return out;
+}
+
+void Model::releaseOutsideWindow(SequenceState& seq) {
+  // The next query (at length) reads keys >= length - W + 1; one position more stays so the
+  // generate loop can rewind its last token and run it again.
+  if (releaseWindow_ > 0) seq.kv->releaseBelow(seq.length() - releaseWindow_ - 1);
+}
+
+void Model::truncateSequence(SequenceState& seq, int n) {
+  if (n < 0 || n > seq.length())
+    throw EngineError(kErrInvalidArgument, "truncate(n): n must be an integer in [0, " + std::to_string(seq.length()) + "]");
+  if (releaseWindow_ > 0 && seq.kv->firstHeld() > 0 && n - releaseWindow_ + 1 < seq.kv->firstHeld())
+    throw EngineError(kErrInvalidArgument, "cannot rewind to " + std::to_string(n) + " tokens: the sliding window (" +
+                                               std::to_string(releaseWindow_) + ") already released the K/V before position " +
+                                               std::to_string(seq.kv->firstHeld()));
+  seq.tokens.resize((size_t)n);
+  seq.kv->keep(n);
 }
 
 void Model::shiftSequence(SequenceState& seq, int sink, int drop) {
@@ -384,7 +410,10 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
     for (SequenceState* q : seqs) q->kv->keep(q->length());
     throw;
   }
-  for (int r = 0; r < n; ++r) seqs[(size_t)r]->tokens.push_back(tokens[(size_t)r]);
+  for (int r = 0; r < n; ++r) {
+    seqs[(size_t)r]->tokens.push_back(tokens[(size_t)r]);
+    releaseOutsideWindow(*seqs[(size_t)r]);
+  }
   return out;
 }
 
@@ -519,6 +548,7 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
   }
   res.lastLogits = Tensor{};
   seq.tokens.insert(seq.tokens.end(), tokens.begin(), tokens.end());
+  releaseOutsideWindow(seq);
   return res;
 }
 

@@ -71,6 +71,9 @@ class Model {
   std::unique_ptr<SequenceState> createSequence(int maxContext);
   // A copy of seq that shares its pages (copy-on-write).
   std::unique_ptr<SequenceState> forkSequence(SequenceState& seq);
+  // Rewinds seq to its first n tokens; pages past them go back to the pool. Refused when a
+  // sliding window has already released K/V that the token at n would need.
+  void truncateSequence(SequenceState& seq, int n);
   // Context shift (StreamingLLM's attention sinks): drops tokens [sink, sink + drop) and moves
   // the later ones down by `drop` positions. Their K is re-rotated by -drop with RoPE (learned
   // position embeddings cannot be moved, so there the K/V stay as computed). sink and drop are
@@ -113,6 +116,10 @@ class Model {
   std::vector<Layer> layers_;
   Tensor embed_, posEmbed_, finalNormW_, finalNormB_, lmHead_;
   std::shared_ptr<KvPool> pool_;
+  // When every KV slot is read only by sliding-window layers: the widest window, so pages
+  // wholly older than it can go back to the pool. 0: some layer reads the whole past.
+  int releaseWindow_ = 0;
+  void releaseOutsideWindow(SequenceState& seq);
   std::vector<int> upwardTargetSlots_;  // KV slots read by some layer below their owner
   size_t weightBytes_ = 0;
   bool ready_ = false;

@@ -9,6 +9,7 @@ import { kvPoolTests } from "../serving/kv-pool";
 import { lifecycleTests } from "../serving/lifecycle";
 import { prefixCacheTests } from "../serving/prefix-cache";
 import { sequenceTests } from "../serving/sequence";
+import { slidingWindowTests } from "../serving/sliding-window";
 
 process.env.LCKV_QUIET = "1";
 const dev = { device: "cpu" } as const;
@@ -19,3 +20,4 @@ describe("prefix cache", () => prefixCacheTests(dev));
 describe("K/V pool", () => kvPoolTests(dev));
 describe("lifecycle", () => lifecycleTests(dev));
 describe("context shift", () => contextShiftTests(dev));
+describe("sliding window", () => slidingWindowTests(dev));

@@ -11,6 +11,7 @@ import { kvPoolTests } from "../serving/kv-pool";
 import { lifecycleTests } from "../serving/lifecycle";
 import { prefixCacheTests } from "../serving/prefix-cache";
 import { sequenceTests } from "../serving/sequence";
+import { slidingWindowTests } from "../serving/sliding-window";
 
 process.env.LCKV_QUIET = "1";
 const addon = loadAddon();
@@ -27,3 +28,4 @@ describeGpu("cuda: prefix cache", () => prefixCacheTests(dev));
 describeGpu("cuda: K/V pool", () => kvPoolTests(dev));
 describeGpu("cuda: lifecycle", () => lifecycleTests(dev));
 describeGpu("cuda: context shift", () => contextShiftTests(dev));
+describeGpu("cuda: sliding window", () => slidingWindowTests(dev));

@@ -1,0 +1,46 @@
+/** Sliding-window models keep only their window's pages. */
+import { LckvError, loadModel } from "../../lib";
+import type { TestDevice } from "../helpers/device";
+import { writeTinyModel } from "../helpers/tiny-model";
+
+export function slidingWindowTests(dev: TestDevice): void {
+  describe.each([
+    ["mistral (every layer windowed)", { seed: 41, maxPositions: 512, config: { model_type: "mistral", architectures: ["MistralForCausalLM"], sliding_window: 24 } }],
+    ["LCKV with windowed layers only", { layerTypes: "0s_3s_3s_3s", seed: 42, maxPositions: 512, config: { sliding_window: 24 } }],
+  ])("%s", (_name, spec) => {
+    test("a long generation holds only the window's pages and matches the full-sequence forward", async () => {
+      const m = await loadModel(writeTinyModel(spec), { ...dev, prefixCache: 0 });
+      const P = m.cacheStats().pageTokens;
+      const seq = m.createSequence();
+      const prompt = Array.from({ length: 40 }, (_, i) => (i * 5 + 1) % 32);
+      await seq.append(prompt);
+      let maxPages = m.cacheStats().pagesUsed;
+      const tokens: number[] = [];
+      for await (const c of seq.generate({ maxNewTokens: 300, temperature: 0, ignoreEos: true })) {
+        tokens.push(c.token);
+        maxPages = Math.max(maxPages, m.cacheStats().pagesUsed);
+      }
+      expect(tokens.length).toBe(300);
+      // The window (24) plus one spare position, rounded out to pages, plus the page being filled.
+      expect(maxPages).toBeLessThanOrEqual(Math.ceil((24 + 2) / P) + 2);
+      // Every greedy token is the argmax of the full forward over the whole text (which never
+      // releases anything): released pages were never needed.
+      const all = [...prompt, ...tokens];
+      const logits = await m.logits(all.slice(0, -1), { prefill: "sequential" });
+      const V = m.config.vocabSize;
+      const argmax = (row: number) => {
+        let b = 0;
+        for (let v = 1; v < V; v++) if (logits[row * V + v] > logits[row * V + b]) b = v;
+        return b;
+      };
+      tokens.forEach((t, i) => expect(argmax(prompt.length - 1 + i)).toBe(t));
+      // Rewinding into what the window released is refused with a typed error; a short rewind works.
+      expect(() => seq.truncate(10)).toThrow(LckvError);
+      seq.truncate(seq.length - 1);
+      seq.dispose();
+      expect(m.cacheStats().pagesUsed).toBe(0);
+      expect(m.auditCache()).toBe("");
+      await m.dispose();
+    });
+  });
+}
