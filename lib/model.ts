@@ -54,6 +54,13 @@ export interface LoadOptions {
   maxQueue?: number;
   /** Milliseconds a request may wait for K/V pages (default: no limit); then LCKV_KV_CACHE_FULL. */
   queueTimeout?: number;
+  /**
+   * Sequences one decode step may run (default 16 on the GPU, 256 on the CPU). Up to 16 rows
+   * the GPU's matrix products are the GEMV, whose results do not depend on the batch; larger
+   * batches go through cuBLASLt (faster per token at high batch, but a sequence's tokens may
+   * then differ in the last bits from its tokens alone).
+   */
+  maxBatch?: number;
   /** CPU threads (default: all cores). */
   threads?: number;
   /** Called with the fraction of weights loaded, from 0 to 1. */
@@ -115,7 +122,7 @@ export interface ForwardResult {
 /** The model shipped inside the package, used when loadModel() gets no directory. */
 export const DEFAULT_MODEL_DIR = path.join(__dirname, "..", "models", "default");
 
-const LOAD_KEYS = new Set(["device", "dtype", "maxContext", "kvCacheMemory", "threads", "onProgress", "prefixCache", "maxQueue", "queueTimeout"]);
+const LOAD_KEYS = new Set(["device", "dtype", "maxContext", "kvCacheMemory", "threads", "onProgress", "prefixCache", "maxQueue", "queueTimeout", "maxBatch"]);
 /** Positions per K/V page. */
 export const KV_PAGE_TOKENS = 16;
 /** Without kvCacheMemory, the pool holds this many sequences of the full context... */
@@ -145,6 +152,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   const prefixCache = options.prefixCache === undefined ? 8 : nonNegInt("prefixCache", options.prefixCache);
   const maxQueue = options.maxQueue === undefined ? 1024 : nonNegInt("maxQueue", options.maxQueue);
   const queueTimeout = options.queueTimeout === undefined ? Infinity : nonNegInt("queueTimeout", options.queueTimeout);
+  const maxBatch = options.maxBatch === undefined ? undefined : posInt("maxBatch", options.maxBatch);
 
   const addon = loadAddon();
   let backend: "cpu" | "cuda" = "cpu";
@@ -219,7 +227,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
     native.dispose();
     throw fromNative(e);
   }
-  return new Model(modelDir, config, native, tokenizer, generationConfig, maxContext, perToken, prefixCache, { maxQueue, queueTimeout });
+  return new Model(modelDir, config, native, tokenizer, generationConfig, maxContext, perToken, prefixCache, { maxQueue, queueTimeout }, maxBatch);
 }
 
 function describeForNative(c: ModelConfig): NativeModelDescription {
@@ -274,6 +282,7 @@ export class Model implements AsyncDisposable {
     perToken: number,
     prefixCacheSize = 8,
     admission: AdmissionOptions = { maxQueue: 1024, queueTimeout: Infinity },
+    maxBatch?: number,
   ) {
     this.prefixCache = new PrefixCache(prefixCacheSize);
     this.admission = new Admission(() => this.nativeModel(), () => this.prefixCache.evictOne(), admission);
@@ -283,7 +292,7 @@ export class Model implements AsyncDisposable {
     this.device = native.backend === "cuda" ? "cuda" : "cpu";
     // On the GPU, batches above 16 rows would switch the matrix products from the GEMV to
     // cuBLASLt, whose results depend on the batch; 16 keeps every sequence batch-invariant.
-    this.scheduler = new DecodeScheduler(() => this.nativeModel(), this.device === "cuda" ? 16 : 256);
+    this.scheduler = new DecodeScheduler(() => this.nativeModel(), maxBatch ?? (this.device === "cuda" ? 16 : 256));
   }
 
   get disposed(): boolean {

@@ -17,6 +17,7 @@ const { values } = parseArgs({
     intermediate: { type: "string", default: "5632" },
     vocab: { type: "string", default: "32000" },
     seed: { type: "string", default: "1" },
+    "max-positions": { type: "string", default: "8192" },
   },
 });
 if (!values.out) throw new Error("--out DIR is required");
@@ -73,7 +74,7 @@ const config = {
   architectures: [values["layer-types"] ? "LCKVLlamaForCausalLM" : "LlamaForCausalLM"],
   model_type: values["layer-types"] ? "lckv-llama" : "llama",
   hidden_size: E, intermediate_size: I, num_attention_heads: H, num_key_value_heads: KV, num_hidden_layers: L,
-  vocab_size: V, max_position_embeddings: 4096, rms_norm_eps: 1e-5, rope_theta: 10000, tie_word_embeddings: false,
+  vocab_size: V, max_position_embeddings: +values["max-positions"], rms_norm_eps: 1e-5, rope_theta: 10000, tie_word_embeddings: false,
   hidden_act: "silu", torch_dtype: "bfloat16",
   ...(values["layer-types"] ? { layer_types: values["layer-types"], forward_passes: 7, backward_passes: 2 } : {}),
 };

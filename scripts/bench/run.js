@@ -1,0 +1,355 @@
+#!/usr/bin/env node
+/**
+ * `npm run bench`: LCKV against standard caches and against the peers, side by side, on the GPU.
+ *
+ *   npm run bench                # the default set (under 10 minutes on an H100)
+ *   npm run bench -- --full      # the paper's lengths in full, all of GPU memory, every batch
+ *
+ * Models: the TinyLlama-1.1B shape with random bf16 weights, as standard, LCKV w=2, LCKV w=10,
+ * CLA and sandwich-middle, plus the shipped default model. Experiments:
+ *   1. the paper's throughput experiment: the largest batch the K/V pool holds for each length
+ *      pair, verified by running it, and the end-to-end throughput (prefill included) there;
+ *   2. decode latency and throughput against batch size at 2048 tokens of context, with the
+ *      memory-bandwidth roofline of each point;
+ *   3. prefill throughput against prompt length, for each LCKV prefill mode (and the achieved
+ *      TFLOP/s of the standard model against the card's measured bf16 GEMM rate);
+ *   4. peers on the same card in the same run: transformers eager and static cache, and the
+ *      project's PyTorch reference for LCKV.
+ * Every figure is the median of several runs after a warm-up, with its spread; a spread above
+ * 5% is flagged. Writes docs/bench/*.json, docs/bench/*.svg and docs/benchmarks.md.
+ */
+const { execFileSync } = require("node:child_process");
+const fs = require("node:fs");
+const os = require("node:os");
+const path = require("node:path");
+const { Command } = require("commander");
+const { loadModel } = require("../../dist");
+const { renderReport } = require("./report");
+
+const ROOT = path.join(__dirname, "..", "..");
+const program = new Command()
+  .name("bench")
+  .option("--full", "the paper's lengths in full, the whole GPU memory for the pool, every batch size")
+  .option("--work <dir>", "where the random models are written", path.join(os.tmpdir(), "lckv-bench"))
+  .option("--out <dir>", "where docs/benchmarks.md and docs/bench/ go", path.join(ROOT, "docs"))
+  .option("--kv-memory <GiB>", "K/V pool of each model (default: 1, or 80% of free GPU memory with --full)")
+  .option("--repeats <n>", "timed runs per figure (after one warm-up)", "3")
+  .option("--only <list>", "experiments to run, e.g. 1,2")
+  .option("--models <list>", "models to run (standard,lckv-w2,lckv-w10,cla,sandwich,default)")
+  .option("--no-peers", "skip the Python peers")
+  .option("--device <d>", "cuda (the benchmark's subject) or cpu (to check the script on tiny shapes)", "cuda")
+  .option("--tiny", "tiny shapes instead of TinyLlama (checks the script; figures mean nothing)")
+  .parse();
+const opt = program.opts();
+const only = opt.only ? new Set(opt.only.split(",").map(Number)) : new Set([1, 2, 3, 4]);
+const repeats = Math.max(1, +opt.repeats);
+
+// ---- models ------------------------------------------------------------------------------------
+
+const L = opt.tiny ? 6 : 22;
+const range = (a, b) => Array.from({ length: b - a }, (_, i) => a + i);
+const pattern = (targets) => targets.join("_");
+const mid = Math.floor(L / 2) - 1;
+const MODELS = {
+  standard: { layerTypes: undefined, what: "standard (every layer caches K/V)" },
+  "lckv-w2": { layerTypes: pattern([0, ...range(1, L - 1).map(() => L - 2), L - 1]), what: "LCKV, 2 warm-up layers (0_20_..._20_21)" },
+  "lckv-w10": {
+    // 5 standard layers at the bottom and 5 at the top; the middle attends to its top-most layer.
+    layerTypes: pattern([...range(0, 5), ...range(5, L - 5).map(() => L - 6), ...range(L - 5, L)].slice(0, L)),
+    what: "LCKV, 10 warm-up layers (0_1_2_3_4_16_..._16_17_..._21)",
+  },
+  cla: { layerTypes: pattern(range(0, L).map((i) => i - (i % 2))), what: "CLA, pairs share the lower layer's K/V (0_0_2_2_...)" },
+  sandwich: { layerTypes: pattern([0, ...range(1, L - 1).map(() => mid), L - 1]), what: `sandwich-middle (0_${mid}_..._${mid}_${L - 1})` },
+  default: { dir: path.join(ROOT, "models", "default"), what: "the shipped default model (6.5M parameters, LCKV)" },
+};
+const modelNames = opt.models ? opt.models.split(",") : Object.keys(MODELS);
+
+function modelDir(name) {
+  const m = MODELS[name];
+  if (m.dir) return m.dir;
+  const dir = path.join(opt.work, `${opt.tiny ? "tiny-" : ""}${name}`);
+  if (!fs.existsSync(path.join(dir, "config.json"))) {
+    const args = ["--out", dir];
+    if (m.layerTypes) args.push("--layer-types", m.layerTypes);
+    if (opt.tiny) args.push("--layers", String(L), "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--intermediate", "128", "--vocab", "512");
+    execFileSync(process.execPath, [path.join(__dirname, "make-random-model.js"), ...args], { stdio: "inherit" });
+  }
+  return dir;
+}
+
+// ---- measurement helpers -------------------------------------------------------------------------
+
+const now = () => Number(process.hrtime.bigint()) / 1e6;
+function summary(samples) {
+  const s = [...samples].sort((a, b) => a - b);
+  const median = s[Math.floor(s.length / 2)];
+  const spread = s.length > 1 ? (s[s.length - 1] - s[0]) / median : 0;
+  return { median, spread, samples, flagged: spread > 0.05 };
+}
+async function measure(fn, runs = repeats) {
+  await fn(); // warm-up
+  const t = [];
+  for (let i = 0; i < runs; i++) t.push(await fn());
+  return summary(t);
+}
+let seed = 1;
+function randomIds(n, vocab) {
+  const out = new Array(n);
+  for (let i = 0; i < n; i++) {
+    seed = (seed * 1103515245 + 12345) >>> 0;
+    out[i] = seed % vocab;
+  }
+  return out;
+}
+function log(...a) {
+  process.stderr.write(a.join(" ") + "\n");
+}
+
+function weightBytes(c, bytesPerWeight = 2) {
+  const E = c.hiddenSize, I = c.intermediateSize, qd = c.numHeads * c.headDim, kvd = c.numKvHeads * c.headDim;
+  let b = 0;
+  for (let i = 0; i < c.numLayers; i++) b += (2 * qd * E + 3 * I * E + (c.kvLayers.includes(i) ? 2 * kvd * E : 0)) * bytesPerWeight;
+  return b + c.vocabSize * E * bytesPerWeight; // lm_head (one embedding row per token is negligible)
+}
+function forwardFlops(c, n, ctx0 = 0) {
+  // 2 flops per weight per token, plus q.k and p.v over the visible keys (causal).
+  const E = c.hiddenSize, I = c.intermediateSize, qd = c.numHeads * c.headDim, kvd = c.numKvHeads * c.headDim;
+  let perToken = 0;
+  for (let i = 0; i < c.numLayers; i++) perToken += 2 * (2 * qd * E + 3 * I * E + (c.kvLayers.includes(i) ? 2 * kvd * E : 0));
+  perToken += 2 * c.vocabSize * E;
+  const keys = n * ctx0 + (n * (n + 1)) / 2;
+  return perToken * n + 4 * c.numLayers * qd * keys;
+}
+
+async function load(name, extra = {}) {
+  const kvMemory = opt.kvMemory !== undefined ? Math.floor(+opt.kvMemory * 2 ** 30) : opt.full ? undefined : 2 ** 30;
+  return loadModel(modelDir(name), { device: opt.device, prefixCache: 0, maxBatch: 1 << 20, ...(kvMemory ? { kvCacheMemory: kvMemory } : {}), ...extra });
+}
+
+// ---- experiment 1: the paper's throughput experiment ---------------------------------------------
+
+const LENGTHS = opt.tiny ? [[32, 64], [128, 128], [5, 251]] : [[512, 1024], [2048, 2048], [5, 8187]];
+// Default set: every request reserves its full length (so the batch is the one that fits the
+// whole generation), but only the first MEASURED tokens are generated and timed.
+const MEASURED = opt.full ? Infinity : opt.tiny ? 8 : 32;
+
+async function throughput(model, prompt, gen, batch) {
+  const V = model.config.vocabSize;
+  const controllers = [];
+  const t0 = now();
+  const counts = await Promise.all(
+    Array.from({ length: batch }, async (_, i) => {
+      const ac = new AbortController();
+      controllers.push(ac);
+      let n = 0;
+      for await (const c of model.stream(randomIds(prompt, V), { maxNewTokens: gen, temperature: 0, ignoreEos: true, signal: ac.signal, prefill: "iterative" })) {
+        void c;
+        if (++n >= Math.min(gen, MEASURED)) ac.abort();
+      }
+      return n;
+    }),
+  );
+  const ms = now() - t0;
+  const tokens = counts.reduce((a, b) => a + b, 0);
+  return { ms, tokens, tokPerS: (tokens / ms) * 1e3 };
+}
+
+async function experiment1() {
+  const rows = [];
+  for (const name of modelNames) {
+    const model = await load(name);
+    const st = model.cacheStats();
+    // The default model's context is 256 tokens: the same three shapes, scaled into it.
+    for (const [prompt, gen] of name === "default" ? [[32, 224], [128, 128], [5, 251]] : LENGTHS) {
+      if (prompt + gen > model.maxContext) {
+        rows.push({ model: name, prompt, gen, skipped: `context ${model.maxContext} < ${prompt + gen}` });
+        continue;
+      }
+      // The engine's accounting: whole pages per sequence.
+      const perSeq = Math.ceil((prompt + gen) / st.pageTokens);
+      const batch = Math.floor(st.pagesTotal / perSeq);
+      log(`exp1 ${name} ${prompt}+${gen}: batch ${batch}`);
+      // Verified by the pool itself: `batch` sequences can all reserve their full length at
+      // once (none waits), and one more has to wait.
+      const held = Array.from({ length: batch + 1 }, () => model.createSequence());
+      const admitted = await Promise.all(held.slice(0, batch).map((s) => s.reserveRequest(prompt + gen)));
+      const waiting = held[batch].reserveRequest(prompt + gen);
+      await new Promise((r) => setImmediate(r));
+      const verified = admitted.every(Boolean) && model.cacheStats().queued === 1;
+      for (const s of held.slice(0, batch)) s.dispose();
+      await waiting;
+      held[batch].dispose();
+      // Two timed runs in the default set (each is a whole batch of prefills), one with --full.
+      const runs = [];
+      for (let r = 0; r < (opt.full ? 1 : Math.min(repeats, 2)); r++) runs.push(await throughput(model, prompt, gen, batch));
+      const tp = summary(runs.map((x) => x.tokPerS));
+      rows.push({ model: name, prompt, gen, batch, measuredTokens: Number.isFinite(MEASURED) ? Math.min(gen, MEASURED) : gen, verified, tokPerS: tp, kvBytesPerToken: model.kvBytesPerToken, pagesTotal: st.pagesTotal });
+    }
+    await model.dispose();
+  }
+  return rows;
+}
+
+// ---- experiment 2: decode against batch size at 2048 tokens of context ---------------------------
+
+const CTX2 = opt.tiny ? 128 : 2048;
+const STEPS2 = opt.tiny ? 4 : 16;
+
+async function experiment2(rates) {
+  const rows = [];
+  const names = opt.full ? modelNames.filter((n) => n !== "default") : modelNames.filter((n) => ["standard", "lckv-w2", "lckv-w10"].includes(n));
+  for (const name of names) {
+    const model = await load(name);
+    const st = model.cacheStats();
+    const c = model.config;
+    const maxBatch = Math.floor(st.pagesTotal / Math.ceil((CTX2 + STEPS2) / st.pageTokens));
+    // Distinct prefixes, forked: the timing of a batch of B sequences of 2048 tokens without
+    // prefilling B x 2048 tokens. Forks share their prefix's pages, so the K/V bytes counted for
+    // the roofline are an upper bound on what the attention actually fetches from memory.
+    const bases = [];
+    for (let i = 0; i < Math.min(8, maxBatch); i++) {
+      const s = model.createSequence();
+      await s.append(randomIds(CTX2 + 1, c.vocabSize), { prefill: "iterative", prefillPasses: 1 });
+      bases.push(s);
+    }
+    const sizes = [...new Set([1, 8, 32, 128, 512, maxBatch].filter((b) => b <= maxBatch && (opt.full || b <= 512 || b === maxBatch)))].sort((a, b) => a - b);
+    for (const b of sizes) {
+      const t = await measure(async () => {
+        const seqs = Array.from({ length: b }, (_, i) => bases[i % bases.length].fork());
+        const t0 = now();
+        await Promise.all(seqs.map(async (s) => {
+          for await (const x of s.generate({ maxNewTokens: STEPS2, temperature: 0, ignoreEos: true })) void x;
+        }));
+        const ms = (now() - t0) / STEPS2;
+        for (const s of seqs) s.dispose();
+        return ms;
+      });
+      const bytes = weightBytes(c) + b * (CTX2 + STEPS2 / 2) * model.kvBytesPerToken;
+      const roofMs = (bytes / (rates.copyGBps * 1e9)) * 1e3;
+      rows.push({ model: name, batch: b, maxBatch, msPerStep: t, tokPerS: (b * 1e3) / t.median, roofMs, ofRoofline: roofMs / t.median });
+      log(`exp2 ${name} batch ${b}: ${t.median.toFixed(2)} ms/step, ${((roofMs / t.median) * 100).toFixed(0)}% of roofline`);
+    }
+    // Batch 1 at a short context too (the CUDA issue's second point).
+    const short = model.createSequence();
+    await short.append(randomIds(129, c.vocabSize));
+    const t128 = await measure(async () => {
+      const s = short.fork();
+      const t0 = now();
+      for await (const x of s.generate({ maxNewTokens: STEPS2, temperature: 0, ignoreEos: true })) void x;
+      s.dispose();
+      return (now() - t0) / STEPS2;
+    });
+    const roof128 = ((weightBytes(c) + 136 * model.kvBytesPerToken) / (rates.copyGBps * 1e9)) * 1e3;
+    rows.push({ model: name, batch: 1, context: 128, msPerStep: t128, tokPerS: 1e3 / t128.median, roofMs: roof128, ofRoofline: roof128 / t128.median });
+    short.dispose();
+    for (const s of bases) s.dispose();
+    await model.dispose();
+  }
+  return rows;
+}
+
+// ---- experiment 3: prefill ------------------------------------------------------------------------
+
+async function experiment3(rates) {
+  const rows = [];
+  const lengths = opt.tiny ? [16, 64, 256] : opt.full ? [128, 512, 2048, 8192] : [128, 2048, 8192];
+  for (const name of ["standard", "lckv-w2"].filter((n) => modelNames.includes(n))) {
+    const model = await load(name);
+    const c = model.config;
+    const modes = c.plan.cyclicGroup ? ["iterative", "fixed-point", "sequential"] : ["fixed-point"];
+    const slow = new Set();
+    for (const mode of modes) {
+      for (const n of lengths) {
+        if (n > model.maxContext) continue;
+        if (mode === "sequential" && n > (opt.full ? 2048 : 512)) continue; // token by token: slow by design
+        const ids = randomIds(n + 1, c.vocabSize);
+        let passes = 0;
+        if (slow.has(mode)) continue;
+        const t = await measure(async () => {
+          const s = model.createSequence();
+          const t0 = now();
+          passes = (await s.append(ids, { prefill: mode })).passes;
+          const ms = now() - t0;
+          s.dispose();
+          return ms;
+        });
+        // A mode whose run took over 20 s is not run at longer prompts (the default set's budget).
+        if (!opt.full && t.median > 20000) slow.add(mode);
+        const flops = forwardFlops(c, n);
+        rows.push({ model: name, mode, tokens: n, ms: t, tokPerS: (n * 1e3) / t.median, passes, tflops: flops / (t.median / 1e3) / 1e12, ofGemmRate: flops / (t.median / 1e3) / 1e12 / rates.bf16Tflops });
+        log(`exp3 ${name} ${mode} ${n}: ${t.median.toFixed(1)} ms (${passes} passes)`);
+      }
+    }
+    await model.dispose();
+  }
+  return rows;
+}
+
+// ---- experiment 4: peers --------------------------------------------------------------------------
+
+function python(script, args) {
+  const out = execFileSync("python3", [path.join(__dirname, script), ...args], { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] });
+  return out.trim().split("\n").filter((l) => l.startsWith("{")).map((l) => JSON.parse(l));
+}
+
+async function experiment4(exp1, exp2) {
+  if (!opt.peers || opt.device !== "cuda") return [];
+  const rows = [];
+  const std = modelDir("standard");
+  const tokens = opt.tiny ? "4" : "32";
+  for (const extra of [[], ["--static-cache"]]) {
+    try {
+      rows.push(...python("hf_peer.py", ["--model", std, "--context", `128,${CTX2}`, "--tokens", tokens, "--batch", "1", "--repeats", String(repeats), ...extra]));
+    } catch (e) {
+      rows.push({ peer: `transformers ${extra.length ? "static cache" : "eager"}`, batch: 1, error: String(e.message).slice(0, 200) });
+    }
+  }
+  // The largest batch: the one our standard model ran at 512+1024, at 512 tokens of context.
+  const ours = exp1.find((r) => r.model === "standard" && r.prompt === LENGTHS[0][0] && r.batch);
+  if (ours) {
+    for (const b of [ours.batch]) {
+      try {
+        rows.push(...python("hf_peer.py", ["--model", std, "--context", String(LENGTHS[0][0]), "--tokens", tokens, "--batch", String(b), "--repeats", String(repeats)]));
+      } catch (e) {
+        rows.push({ peer: "transformers eager", batch: b, error: String(e.message).slice(0, 200) });
+      }
+    }
+  }
+  try {
+    rows.push(...python("reference_peer.py", ["--model", modelDir("lckv-w2"), "--context", "128", "--tokens", opt.tiny ? "4" : "16"]));
+  } catch (e) {
+    rows.push({ peer: "lckv PyTorch reference", batch: 1, error: String(e.message).slice(0, 200) });
+  }
+  void exp2;
+  return rows;
+}
+
+// ---- main -----------------------------------------------------------------------------------------
+
+(async () => {
+  const t0 = now();
+  const rates = opt.device === "cuda" ? python("device_rates.py", [])[0] : { card: "cpu", driver: "-", copyGBps: NaN, bf16Tflops: NaN, memoryGB: os.totalmem() / 1e9 };
+  log(`card ${rates.card}, copy ${rates.copyGBps?.toFixed?.(0)} GB/s, bf16 GEMM ${rates.bf16Tflops?.toFixed?.(0)} TFLOP/s`);
+  for (const n of modelNames) modelDir(n);
+  const results = {
+    date: new Date().toISOString().slice(0, 10),
+    command: `npm run bench${process.argv.slice(2).length ? " -- " + process.argv.slice(2).join(" ") : ""}`,
+    full: !!opt.full,
+    rates,
+    models: Object.fromEntries(modelNames.map((n) => [n, { what: MODELS[n].what, layerTypes: MODELS[n].layerTypes ?? null }])),
+    measuredTokens: Number.isFinite(MEASURED) ? MEASURED : null,
+  };
+  if (only.has(1)) results.throughput = await experiment1();
+  if (only.has(2)) results.decode = await experiment2(rates);
+  if (only.has(3)) results.prefill = await experiment3(rates);
+  if (only.has(4)) results.peers = await experiment4(results.throughput ?? [], results.decode ?? []);
+  results.seconds = (now() - t0) / 1e3;
+  const benchDir = path.join(opt.out, "bench");
+  fs.mkdirSync(benchDir, { recursive: true });
+  fs.writeFileSync(path.join(benchDir, "results.json"), JSON.stringify(results, null, 1) + "\n");
+  renderReport(results, opt.out);
+  log(`done in ${results.seconds.toFixed(0)} s; wrote ${path.join(opt.out, "benchmarks.md")} and ${benchDir}`);
+})().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});
