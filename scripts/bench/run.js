@@ -339,15 +339,36 @@ async function experiment4(exp1, exp2) {
     models: Object.fromEntries(modelNames.map((n) => [n, { what: MODELS[n].what, layerTypes: MODELS[n].layerTypes ?? null }])),
     measuredTokens: Number.isFinite(MEASURED) ? MEASURED : null,
   };
-  if (only.has(1)) results.throughput = await experiment1();
-  if (only.has(2)) results.decode = await experiment2(rates);
-  if (only.has(3)) results.prefill = await experiment3(rates);
-  if (only.has(4)) results.peers = await experiment4(results.throughput ?? [], results.decode ?? []);
-  results.seconds = (now() - t0) / 1e3;
   const benchDir = path.join(opt.out, "bench");
-  fs.mkdirSync(benchDir, { recursive: true });
-  fs.writeFileSync(path.join(benchDir, "results.json"), JSON.stringify(results, null, 1) + "\n");
-  renderReport(results, opt.out);
+  const file = path.join(benchDir, "results.json");
+  // --only with earlier results: keep the experiments not rerun.
+  if (opt.only && fs.existsSync(file)) {
+    const old = JSON.parse(fs.readFileSync(file, "utf8"));
+    for (const k of ["throughput", "decode", "prefill", "peers"]) if (old[k]) results[k] = old[k];
+  }
+  // Written after every experiment, so an interrupted run keeps what it measured.
+  const save = () => {
+    results.seconds = (now() - t0) / 1e3;
+    fs.mkdirSync(benchDir, { recursive: true });
+    fs.writeFileSync(file, JSON.stringify(results, null, 1) + "\n");
+    renderReport(results, opt.out);
+  };
+  if (only.has(1)) {
+    results.throughput = await experiment1();
+    save();
+  }
+  if (only.has(2)) {
+    results.decode = await experiment2(rates);
+    save();
+  }
+  if (only.has(3)) {
+    results.prefill = await experiment3(rates);
+    save();
+  }
+  if (only.has(4)) {
+    results.peers = await experiment4(results.throughput ?? [], results.decode ?? []);
+    save();
+  }
   log(`done in ${results.seconds.toFixed(0)} s; wrote ${path.join(opt.out, "benchmarks.md")} and ${benchDir}`);
 })().catch((e) => {
   console.error(e);
