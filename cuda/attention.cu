@@ -8,6 +8,7 @@
 // chunk; a second kernel merges the chunks. When one chunk covers the keys, the first kernel
 // writes the final output directly.
 #include <algorithm>
+#include <climits>
 
 #include "common.cuh"
 #include "kernels.h"
@@ -149,6 +150,121 @@ __global__ void attentionMergeKernel(const float* __restrict__ partial, int numH
   }
 }
 
+// Prefill: many queries of one sequence. A block takes kPrefillQueries consecutive queries of
+// one head and streams the keys they can see in tiles of 32 through shared memory, so each key
+// is read once per tile of queries instead of once per query (the split-K kernel above reads
+// it once per query, which made long prompts memory-bound). Lane j scores key j of the tile
+// for one query at a time (dot product over the head from shared memory, no shuffles), the
+// warp keeps an online softmax per query, and each lane accumulates its dims of the output.
+constexpr int kPrefillWarps = 4;
+constexpr int kPrefillQueriesPerWarp = 8;
+constexpr int kPrefillQueries = kPrefillWarps * kPrefillQueriesPerWarp;
+constexpr int kKeyTile = 32;
+// Below this many queries of one sequence the split-K kernel is used (it fills the GPU better).
+constexpr int kPrefillMinQueries = 16;
+
+__global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
+    const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int n, int numHeads, int numKvHeads,
+    int headDim, bool strict, int window, float scale, float* __restrict__ out) {
+  extern __shared__ float smem[];
+  const int hdPad = headDim + 1;  // row stride: lane j reading row j column d is conflict-free
+  float* ks = smem;                       // [kKeyTile][hdPad]
+  float* vs = ks + kKeyTile * hdPad;      // [kKeyTile][hdPad]
+  float* qs = vs + kKeyTile * hdPad;      // [kPrefillQueries][headDim], pre-scaled
+  float* ps = qs + kPrefillQueries * headDim;  // [kPrefillWarps][32] probabilities of one query
+  const int h = blockIdx.y, kvh = h / (numHeads / numKvHeads);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r0 = blockIdx.x * kPrefillQueries;
+  const int kvDim = kv.kvDim;
+  const int32_t* table = kv.tables + (int64_t)kv.rowSeq[r0] * kv.stride;  // one sequence for all rows
+  const float* kBase = kv.pool + ((int64_t)(kv.slot * 2) << kv.pageShift) * kvDim + kvh * headDim;
+  const float* vBase = kv.pool + ((int64_t)(kv.slot * 2 + 1) << kv.pageShift) * kvDim + kvh * headDim;
+  const int pageMask = (1 << kv.pageShift) - 1;
+
+  // The block's queries (scaled) and the keys any of them can see.
+  int lo = INT_MAX, hi = -1;
+  for (int i = 0; i < kPrefillQueries; ++i) {
+    const int r = r0 + i;
+    if (r >= n) break;
+    const Range v = visible(positions[r], strict, window);
+    if (v.last >= v.first) {
+      lo = min(lo, v.first);
+      hi = max(hi, v.last);
+    }
+  }
+  for (int e = threadIdx.x; e < kPrefillQueries * headDim; e += blockDim.x) {
+    const int i = e / headDim, d = e % headDim;
+    qs[e] = r0 + i < n ? q[((int64_t)(r0 + i) * numHeads + h) * headDim + d] * scale : 0.0f;
+  }
+
+  // Per query of this warp: running max, sum and this lane's output dims.
+  float m[kPrefillQueriesPerWarp], l[kPrefillQueriesPerWarp], acc[kPrefillQueriesPerWarp][kMaxDimsPerLane];
+  Range rng[kPrefillQueriesPerWarp];
+#pragma unroll
+  for (int i = 0; i < kPrefillQueriesPerWarp; ++i) {
+    const int r = r0 + warp * kPrefillQueriesPerWarp + i;
+    rng[i] = r < n ? visible(positions[r], strict, window) : Range{1, 0};
+    m[i] = -INFINITY;
+    l[i] = 0.0f;
+#pragma unroll
+    for (int t = 0; t < kMaxDimsPerLane; ++t) acc[i][t] = 0.0f;
+  }
+
+  for (int j0 = (hi >= 0 ? lo : 0); j0 <= hi; j0 += kKeyTile) {
+    __syncthreads();  // the previous tile is no longer read (and qs is written, first time)
+    for (int e = threadIdx.x; e < kKeyTile * headDim; e += blockDim.x) {
+      const int jj = e / headDim, d = e % headDim, j = j0 + jj;
+      float kx = 0.0f, vx = 0.0f;
+      if (j <= hi) {
+        const int64_t off = (int64_t)table[j >> kv.pageShift] * kv.pageFloats + (int64_t)(j & pageMask) * kvDim + d;
+        kx = kBase[off];
+        vx = vBase[off];
+      }
+      ks[jj * hdPad + d] = kx;
+      vs[jj * hdPad + d] = vx;
+    }
+    __syncthreads();
+    const int j = j0 + lane;
+#pragma unroll
+    for (int i = 0; i < kPrefillQueriesPerWarp; ++i) {
+      if (rng[i].last < j0 || rng[i].first > j0 + kKeyTile - 1 || rng[i].last < rng[i].first) continue;  // warp-uniform
+      const float* qi = qs + (warp * kPrefillQueriesPerWarp + i) * headDim;
+      float s = -INFINITY;
+      if (j >= rng[i].first && j <= rng[i].last) {
+        s = 0.0f;
+        for (int d = 0; d < headDim; ++d) s += qi[d] * ks[lane * hdPad + d];
+      }
+      const float mNew = fmaxf(m[i], warpMax(s));
+      const float p = s == -INFINITY ? 0.0f : __expf(s - mNew);
+      const float corr = __expf(m[i] - mNew);
+      l[i] = l[i] * corr + warpSum(p);
+      m[i] = mNew;
+      ps[warp * 32 + lane] = p;
+      __syncwarp();
+#pragma unroll
+      for (int t = 0; t < kMaxDimsPerLane; ++t) {
+        const int d = lane + 32 * t;
+        if (d < headDim) {
+          float a = acc[i][t] * corr;
+          for (int jj = 0; jj < kKeyTile; ++jj) a += ps[warp * 32 + jj] * vs[jj * hdPad + d];
+          acc[i][t] = a;
+        }
+      }
+      __syncwarp();
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kPrefillQueriesPerWarp; ++i) {
+    const int r = r0 + warp * kPrefillQueriesPerWarp + i;
+    if (r >= n) continue;
+#pragma unroll
+    for (int t = 0; t < kMaxDimsPerLane; ++t) {
+      const int d = lane + 32 * t;
+      if (d < headDim) out[((int64_t)r * numHeads + h) * headDim + d] = l[i] > 0.0f ? acc[i][t] / l[i] : 0.0f;
+    }
+  }
+}
+
 int smCount() {
   static int count = [] {
     int dev = 0, c = 0;
@@ -162,13 +278,20 @@ int smCount() {
 }  // namespace
 
 void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv, int numHeads,
-                     int numKvHeads, int headDim, bool strict, int window, float scale, float* out, float* workspace,
-                     int64_t workspaceFloats, cudaStream_t stream) {
+                     int numKvHeads, int headDim, bool strict, int window, float scale, bool oneSequence, float* out,
+                     float* workspace, int64_t workspaceFloats, cudaStream_t stream) {
   NvtxRange r("attention");
   if (n <= 0) return;
   if (headDim > 32 * kMaxDimsPerLane) throw std::invalid_argument("attention: headDim above 128");
   if (numKvHeads <= 0 || numHeads % numKvHeads) throw std::invalid_argument("attention: numHeads % numKvHeads != 0");
   if (kv.kvDim != numKvHeads * headDim) throw std::invalid_argument("attention: kvDim != numKvHeads * headDim");
+  if (oneSequence && n >= kPrefillMinQueries) {
+    const size_t smem = sizeof(float) * (2 * kKeyTile * (headDim + 1) + kPrefillQueries * headDim + kPrefillWarps * 32);
+    attentionPrefillKernel<<<dim3((n + kPrefillQueries - 1) / kPrefillQueries, numHeads), kPrefillWarps * 32, smem, stream>>>(
+        q, positions, kv, n, numHeads, numKvHeads, headDim, strict, window, scale, out);
+    LCKV_LAUNCH_CHECK("attention_prefill");
+    return;
+  }
   // Enough chunks that the grid covers the GPU about twice, each at least 64 keys long.
   const int64_t base = (int64_t)n * numHeads;
   int splits = (int)std::max<int64_t>(1, std::min<int64_t>((2 * smCount() + base - 1) / base, (maxVisible + 63) / 64));

@@ -8,7 +8,7 @@ namespace lckv::cuda {
 
 namespace {
 
-constexpr int kMaxRows = 8;
+constexpr int kMaxRows = 16;  // the CUDA backend sends up to 16 rows (kGemvMaxRows): W is read once
 constexpr int kWarps = 8;
 
 // Eight consecutive weights as floats from one 16-byte load (bf16/f16) or two (f32).

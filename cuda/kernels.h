@@ -37,7 +37,7 @@ void launchAddNorm(bool rms, float* x, const float* delta, int n, int E, const v
                    float eps, float* out, cudaStream_t stream);
 
 // out[n, O] = x[n, I] @ W[O, I]^T (+ bias[O]); one warp per output feature, all n rows at once.
-// For the small-batch decode shapes (n <= 8); larger n goes through cuBLASLt.
+// For the small-batch decode shapes (n <= 16, one pass over W); larger n goes through cuBLASLt.
 void launchGemv(const float* x, int n, int I, const void* W, const void* bias, int wtype, int O, float* out,
                 cudaStream_t stream);
 // x[i] (f32) -> y[i] (bf16), for cuBLASLt inputs.
@@ -64,8 +64,11 @@ void launchKvWrite(const float* k, const float* v, int n, const int32_t* positio
 // strict: keys < p only (no key -> zero output); window > 0: keys with p - j < window.
 // maxVisible: the most keys any query sees (sets the split-K chunking); workspace holds the
 // per-chunk partial results, attentionWorkspaceFloats() of them (less means no split).
-void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv, int numHeads, int numKvHeads, int headDim, bool strict, int window,
-                     float scale, float* out, float* workspace, int64_t workspaceFloats, cudaStream_t stream);
+// oneSequence: every row belongs to the same sequence (a prefill chunk), which lets a tile of
+// queries share each key tile (the tiled prefill kernel, for 16 or more rows).
+void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv, int numHeads,
+                     int numKvHeads, int headDim, bool strict, int window, float scale, bool oneSequence, float* out,
+                     float* workspace, int64_t workspaceFloats, cudaStream_t stream);
 int64_t attentionWorkspaceFloats(int n, int numHeads, int headDim, int maxVisible);
 
 // Greedy choice over logits[V] after the repetition penalty on `penalized` (distinct token ids,

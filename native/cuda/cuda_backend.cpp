@@ -426,8 +426,11 @@ class CudaBackend : public Backend {
     const int32_t* dPos = stage(1, positions, n);
     const int64_t wsFloats = cuda::attentionWorkspaceFloats(n, sp.numHeads, sp.headDim, std::max(maxVisible, 1));
     std::shared_ptr<void> ws = wsFloats > 0 ? blocks_.get((size_t)wsFloats * sizeof(float)) : nullptr;
+    bool oneSequence = true;
+    for (int r = 1; r < n && oneSequence; ++r) oneSequence = kv.rowSeq[r] == kv.rowSeq[0];
     cuda::launchAttention((const float*)q.data, n, dPos, std::max(maxVisible, 1), p, sp.numHeads, sp.numKvHeads,
-                          sp.headDim, sp.strict, sp.window, sp.scale, (float*)out.data, (float*)ws.get(), wsFloats, stream_);
+                          sp.headDim, sp.strict, sp.window, sp.scale, oneSequence, (float*)out.data, (float*)ws.get(),
+                          wsFloats, stream_);
   }
 
   void swiglu(const Tensor& gate, const Tensor& up, int n, Tensor& out) override {

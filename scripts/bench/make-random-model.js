@@ -17,7 +17,7 @@ const { values } = parseArgs({
     intermediate: { type: "string", default: "5632" },
     vocab: { type: "string", default: "32000" },
     seed: { type: "string", default: "1" },
-    "max-positions": { type: "string", default: "8192" },
+    "max-positions": { type: "string", default: "16384" },
   },
 });
 if (!values.out) throw new Error("--out DIR is required");
