@@ -127,7 +127,9 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
                                                  {300, 1, 32, 4, 64, false, 0, 1}, {4096, 1, 32, 4, 64, true, 0, 1},
                                                  {4096, 1, 8, 8, 128, false, 512, 1}, {33, 33, 4, 2, 32, true, 0, 1},
                                                  {200, 64, 32, 4, 64, false, 16, 1}, {96, 96, 2, 1, 32, true, 4, 1},
-                                                 {700, 1, 8, 2, 64, false, 0, 5}, {40, 1, 4, 4, 128, true, 0, 16}}) {
+                                                 {700, 1, 8, 2, 64, false, 0, 5}, {40, 1, 4, 4, 128, true, 0, 16},
+                                                 {300, 48, 8, 2, 128, false, 0, 1}, {64, 20, 4, 4, 16, true, 0, 1},
+                                                 {2048, 512, 32, 4, 64, true, 0, 1}}) {
     KvLayout L;
     L.slots = 2;
     L.kvDim = c.kvHeads * c.hd;
