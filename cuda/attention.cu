@@ -287,6 +287,10 @@ void launchAttention(const float* q, int n, const int32_t* positions, int maxVis
   if (kv.kvDim != numKvHeads * headDim) throw std::invalid_argument("attention: kvDim != numKvHeads * headDim");
   if (oneSequence && n >= kPrefillMinQueries) {
     const size_t smem = sizeof(float) * (2 * kKeyTile * (headDim + 1) + kPrefillQueries * headDim + kPrefillWarps * 32);
+    // Head size 128 needs ~49 KB, above the 48 KB a launch gets without asking.
+    static const cudaError_t raised = cudaFuncSetAttribute(attentionPrefillKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                           (int)(sizeof(float) * (2 * kKeyTile * 129 + kPrefillQueries * 128 + kPrefillWarps * 32)));
+    LCKV_CUDA_CHECK(raised);
     attentionPrefillKernel<<<dim3((n + kPrefillQueries - 1) / kPrefillQueries, numHeads), kPrefillWarps * 32, smem, stream>>>(
         q, positions, kv, n, numHeads, numKvHeads, headDim, strict, window, scale, out);
     LCKV_LAUNCH_CHECK("attention_prefill");
