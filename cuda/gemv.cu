@@ -39,23 +39,26 @@ __device__ __forceinline__ void load8(const float* p, float* w) {
   w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
 }
 
-template <typename W, bool kVec>
+// ROWS: the input rows this instance handles (a power of two >= n): batch 1 does not pay for
+// the accumulators and predicates of 16 rows. Each row's sum is formed the same way whatever
+// ROWS is, so results do not depend on the batch.
+template <typename W, bool kVec, int ROWS>
 __global__ void gemvKernel(const float* __restrict__ x, int n, int I, const W* __restrict__ Wt, const W* __restrict__ bias,
                            int O, float* __restrict__ out) {
   const int lane = threadIdx.x & 31;
   const int j = blockIdx.x * kWarps + (threadIdx.x >> 5);
   if (j >= O) return;
   const W* wj = Wt + (int64_t)j * I;
-  float acc[kMaxRows];
+  float acc[ROWS];
 #pragma unroll
-  for (int r = 0; r < kMaxRows; ++r) acc[r] = 0.0f;
+  for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
   if (kVec) {
 #pragma unroll 4
     for (int k = lane * 8; k < I; k += 32 * 8) {
       float w[8];
       load8(wj + k, w);
 #pragma unroll
-      for (int r = 0; r < kMaxRows; ++r) {
+      for (int r = 0; r < ROWS; ++r) {
         if (r < n) {
           const float4 a = *reinterpret_cast<const float4*>(x + (int64_t)r * I + k);
           const float4 b = *reinterpret_cast<const float4*>(x + (int64_t)r * I + k + 4);
@@ -67,13 +70,13 @@ __global__ void gemvKernel(const float* __restrict__ x, int n, int I, const W* _
     for (int k = lane; k < I; k += 32) {
       const float w = toFloat(wj[k]);
 #pragma unroll
-      for (int r = 0; r < kMaxRows; ++r)
+      for (int r = 0; r < ROWS; ++r)
         if (r < n) acc[r] += w * x[(int64_t)r * I + k];
     }
   }
   const float b = bias ? toFloat(bias[j]) : 0.0f;
 #pragma unroll
-  for (int r = 0; r < kMaxRows; ++r) {
+  for (int r = 0; r < ROWS; ++r) {
     if (r < n) {
       const float s = warpSum(acc[r]);
       if (lane == 0) out[(int64_t)r * O + j] = s + b;
@@ -87,10 +90,17 @@ void launchTyped(const float* x, int n, int I, const void* Wt, const void* bias,
   const dim3 grid((O + kWarps - 1) / kWarps);
   for (int r0 = 0; r0 < n; r0 += kMaxRows) {
     const int rows = std::min(kMaxRows, n - r0);
-    if (vec)
-      gemvKernel<W, true><<<grid, kWarps * 32, 0, stream>>>(x + (int64_t)r0 * I, rows, I, (const W*)Wt, (const W*)bias, O, out + (int64_t)r0 * O);
-    else
-      gemvKernel<W, false><<<grid, kWarps * 32, 0, stream>>>(x + (int64_t)r0 * I, rows, I, (const W*)Wt, (const W*)bias, O, out + (int64_t)r0 * O);
+    const float* xr = x + (int64_t)r0 * I;
+    float* o = out + (int64_t)r0 * O;
+#define LCKV_GEMV(R)                                                                                              \
+  (vec ? gemvKernel<W, true, R><<<grid, kWarps * 32, 0, stream>>>(xr, rows, I, (const W*)Wt, (const W*)bias, O, o) \
+       : gemvKernel<W, false, R><<<grid, kWarps * 32, 0, stream>>>(xr, rows, I, (const W*)Wt, (const W*)bias, O, o))
+    if (rows == 1) LCKV_GEMV(1);
+    else if (rows <= 2) LCKV_GEMV(2);
+    else if (rows <= 4) LCKV_GEMV(4);
+    else if (rows <= 8) LCKV_GEMV(8);
+    else LCKV_GEMV(16);
+#undef LCKV_GEMV
   }
 }
 

@@ -294,35 +294,59 @@ function python(script, args) {
   return out.trim().split("\n").filter((l) => l.startsWith("{")).map((l) => JSON.parse(l));
 }
 
-async function experiment4(exp1, exp2) {
+// lckv's own decode step at `batch` sequences of `ctx` tokens (forks of one prefix), for a
+// ratio measured side by side with a peer in the same invocation.
+async function oursDecodeMs(model, batch, ctx) {
+  const base = model.createSequence();
+  await base.append(randomIds(ctx + 1, model.config.vocabSize), { prefill: "iterative", prefillPasses: 1 });
+  const steps = opt.tiny ? 4 : 16;
+  const t = await measure(async () => {
+    const seqs = Array.from({ length: batch }, () => base.fork());
+    const t0 = now();
+    await Promise.all(seqs.map(async (s) => {
+      for await (const x of s.generate({ maxNewTokens: steps, temperature: 0, ignoreEos: true })) void x;
+    }));
+    const ms = (now() - t0) / steps;
+    for (const s of seqs) s.dispose();
+    return ms;
+  });
+  base.dispose();
+  return t;
+}
+
+async function experiment4(exp1) {
   if (!opt.peers || opt.device !== "cuda") return [];
   const rows = [];
   const std = modelDir("standard");
   const tokens = opt.tiny ? "4" : "32";
-  for (const extra of [[], ["--static-cache"]]) {
+  const peer = (script, args, what) => {
     try {
-      rows.push(...python("hf_peer.py", ["--model", std, "--context", `128,${CTX2}`, "--tokens", tokens, "--batch", "1", "--repeats", String(repeats), ...extra]));
+      return python(script, args);
     } catch (e) {
-      rows.push({ peer: `transformers ${extra.length ? "static cache" : "eager"}`, batch: 1, error: String(e.message).slice(0, 200) });
+      return [{ peer: what, error: String(e.message).slice(0, 200) }];
+    }
+  };
+  const ours = await load("standard");
+  // Batch 1 at 128 and 2048 tokens, eager and with the static cache.
+  for (const extra of [[], ["--static-cache"]]) {
+    for (const r of peer("hf_peer.py", ["--model", std, "--context", `128,${CTX2}`, "--tokens", tokens, "--batch", "1", "--repeats", String(repeats), ...extra], "transformers")) {
+      if (!r.error) r.ours = await oursDecodeMs(ours, 1, r.context);
+      rows.push(r);
     }
   }
-  // The largest batch: the one our standard model ran at 512+1024, at 512 tokens of context.
-  const ours = exp1.find((r) => r.model === "standard" && r.prompt === LENGTHS[0][0] && r.batch);
-  if (ours) {
-    for (const b of [ours.batch]) {
-      try {
-        rows.push(...python("hf_peer.py", ["--model", std, "--context", String(LENGTHS[0][0]), "--tokens", tokens, "--batch", String(b), "--repeats", String(repeats)]));
-      } catch (e) {
-        rows.push({ peer: "transformers eager", batch: b, error: String(e.message).slice(0, 200) });
-      }
-    }
+  // The largest batch: the one our standard model ran at 512+1024 (experiment 1), at 512 tokens of context.
+  const big = exp1.find((r) => r.model === "standard" && r.prompt === LENGTHS[0][0] && r.batch)?.batch ?? 16;
+  for (const r of peer("hf_peer.py", ["--model", std, "--context", String(LENGTHS[0][0]), "--tokens", tokens, "--batch", String(big), "--repeats", String(repeats)], "transformers eager")) {
+    if (!r.error) r.ours = await oursDecodeMs(ours, big, r.context);
+    rows.push(r);
   }
-  try {
-    rows.push(...python("reference_peer.py", ["--model", modelDir("lckv-w2"), "--context", "128", "--tokens", opt.tiny ? "4" : "16"]));
-  } catch (e) {
-    rows.push({ peer: "lckv PyTorch reference", batch: 1, error: String(e.message).slice(0, 200) });
+  await ours.dispose();
+  const lckv = await load("lckv-w2");
+  for (const r of peer("reference_peer.py", ["--model", modelDir("lckv-w2"), "--context", "128", "--tokens", opt.tiny ? "4" : "16", "--repeats", String(repeats)], "lckv PyTorch reference")) {
+    if (!r.error) r.ours = await oursDecodeMs(lckv, 1, 128);
+    rows.push(r);
   }
-  void exp2;
+  await lckv.dispose();
   return rows;
 }
 
@@ -346,8 +370,10 @@ async function experiment4(exp1, exp2) {
   // --only with earlier results: keep the experiments not rerun.
   if (opt.only && fs.existsSync(file)) {
     const old = JSON.parse(fs.readFileSync(file, "utf8"));
-    for (const k of ["throughput", "decode", "prefill", "peers"]) if (old[k]) results[k] = old[k];
+    for (const k of ["throughput", "decode", "prefill", "peers"]) if (old[k] && !only.has({ throughput: 1, decode: 2, prefill: 3, peers: 4 }[k])) results[k] = old[k];
+    results.commands = [...(old.commands ?? [`${old.command} (${old.date}, ${old.rates?.card})`])];
   }
+  results.commands = [...(results.commands ?? []), `${results.command} (${results.date}, ${rates.card}: experiments ${[...only].join(", ")})`];
   // Written after every experiment, so an interrupted run keeps what it measured.
   const save = () => {
     results.seconds = (now() - t0) / 1e3;
@@ -368,7 +394,7 @@ async function experiment4(exp1, exp2) {
     save();
   }
   if (only.has(4)) {
-    results.peers = await experiment4(results.throughput ?? [], results.decode ?? []);
+    results.peers = await experiment4(results.throughput ?? []);
     save();
   }
   log(`done in ${results.seconds.toFixed(0)} s; wrote ${path.join(opt.out, "benchmarks.md")} and ${benchDir}`);
