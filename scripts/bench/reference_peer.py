@@ -31,7 +31,7 @@ def main():
         ref.inv_freq = ref.inv_freq.cuda()
     vocab = ref.lm_head.shape[0]
     g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, vocab, (args.context,), generator=g).tolist()
+    prompt = torch.randint(0, vocab, (args.context,), generator=g, device="cpu").tolist()
 
     def run():
         with torch.no_grad():
