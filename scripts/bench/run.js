@@ -323,7 +323,7 @@ async function experiment4(exp1) {
     try {
       return python(script, args);
     } catch (e) {
-      return [{ peer: what, error: String(e.message).slice(0, 200) }];
+      return [{ peer: what, error: `${script} exited with status ${e.status} (its output is in the bench log)` }];
     }
   };
   const ours = await load("standard");
