@@ -18,7 +18,7 @@ import {
   ModelLoadError,
   TokenOutOfRangeError,
 } from "./errors";
-import { loadAddon, NativeModel, NativeModelDescription, NativeSequence } from "./native";
+import { loadAddon, NativeModel, NativeModelDescription, NativePoolStats, NativeSequence } from "./native";
 import {
   describe,
   GenerateOptions,
@@ -69,18 +69,8 @@ export interface LoadOptions {
   prefixCache?: number;
 }
 
-export interface CacheStats {
-  /** Positions per page. */
-  pageTokens: number;
-  pageBytes: number;
-  pagesTotal: number;
-  /** Pages held by at least one sequence (including the prefix cache's). */
-  pagesUsed: number;
-  pagesFree: number;
-  /** Pages held only by finished requests kept for prefix reuse (evicted first when short). */
-  pagesCached: number;
-  /** Pages promised to running requests and not yet written. */
-  pagesReserved: number;
+/** model.cacheStats(): the pool's pages (see NativePoolStats) and the model's own counts. */
+export interface CacheStats extends Omit<NativePoolStats, "sharedRefs"> {
   /** pagesTotal * pageTokens: what the pool holds, whatever the number of sequences. */
   capacityTokens: number;
   kvBytesPerToken: number;

@@ -46,13 +46,18 @@ export interface NativeSequence {
 }
 
 export interface NativePoolStats {
+  /** Positions per page. */
   pageTokens: number;
   pageBytes: number;
   pagesTotal: number;
+  /** Pages held by at least one sequence (including the prefix cache's). */
   pagesUsed: number;
   pagesFree: number;
+  /** Pages held only by finished requests kept for prefix reuse (evicted first when short). */
   pagesCached: number;
+  /** Pages promised to running requests and not yet written. */
   pagesReserved: number;
+  /** Page references beyond the first (pages shared by forks). */
   sharedRefs: number;
 }
 

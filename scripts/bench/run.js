@@ -214,16 +214,7 @@ async function experiment2(rates) {
     }
     const sizes = [...new Set([1, 8, 32, 128, 512, maxBatch].filter((b) => b <= maxBatch && (opt.full || b <= 512 || b === maxBatch)))].sort((a, b) => a - b);
     for (const b of sizes) {
-      const t = await measure(async () => {
-        const seqs = Array.from({ length: b }, (_, i) => bases[i % bases.length].fork());
-        const t0 = now();
-        await Promise.all(seqs.map(async (s) => {
-          for await (const x of s.generate({ maxNewTokens: STEPS2, temperature: 0, ignoreEos: true })) void x;
-        }));
-        const ms = (now() - t0) / STEPS2;
-        for (const s of seqs) s.dispose();
-        return ms;
-      });
+      const t = await forkedDecodeMs(bases, b, STEPS2);
       const bytes = weightBytes(c) + b * (CTX2 + STEPS2 / 2) * model.kvBytesPerToken;
       const roofMs = (bytes / (rates.copyGBps * 1e9)) * 1e3;
       rows.push({ model: name, batch: b, maxBatch, msPerStep: t, tokPerS: (b * 1e3) / t.median, roofMs, ofRoofline: roofMs / t.median });
@@ -232,13 +223,7 @@ async function experiment2(rates) {
     // Batch 1 at a short context too (the CUDA issue's second point).
     const short = model.createSequence();
     await short.append(randomIds(129, c.vocabSize));
-    const t128 = await measure(async () => {
-      const s = short.fork();
-      const t0 = now();
-      for await (const x of s.generate({ maxNewTokens: STEPS2, temperature: 0, ignoreEos: true })) void x;
-      s.dispose();
-      return (now() - t0) / STEPS2;
-    });
+    const t128 = await forkedDecodeMs([short], 1, STEPS2);
     const roof128 = ((weightBytes(c) + 136 * model.kvBytesPerToken) / (rates.copyGBps * 1e9)) * 1e3;
     rows.push({ model: name, batch: 1, context: 128, msPerStep: t128, tokPerS: 1e3 / t128.median, roofMs: roof128, ofRoofline: roof128 / t128.median });
     short.dispose();
@@ -294,14 +279,11 @@ function python(script, args) {
   return out.trim().split("\n").filter((l) => l.startsWith("{")).map((l) => JSON.parse(l));
 }
 
-// lckv's own decode step at `batch` sequences of `ctx` tokens (forks of one prefix), for a
-// ratio measured side by side with a peer in the same invocation.
-async function oursDecodeMs(model, batch, ctx) {
-  const base = model.createSequence();
-  await base.append(randomIds(ctx + 1, model.config.vocabSize), { prefill: "iterative", prefillPasses: 1 });
-  const steps = opt.tiny ? 4 : 16;
-  const t = await measure(async () => {
-    const seqs = Array.from({ length: batch }, () => base.fork());
+// Median ms per decode step of `batch` forks of `bases` (round robin), each generating `steps`
+// tokens at once: the scheduler runs them as one batch.
+async function forkedDecodeMs(bases, batch, steps) {
+  return measure(async () => {
+    const seqs = Array.from({ length: batch }, (_, i) => bases[i % bases.length].fork());
     const t0 = now();
     await Promise.all(seqs.map(async (s) => {
       for await (const x of s.generate({ maxNewTokens: steps, temperature: 0, ignoreEos: true })) void x;
@@ -310,6 +292,14 @@ async function oursDecodeMs(model, batch, ctx) {
     for (const s of seqs) s.dispose();
     return ms;
   });
+}
+
+// lckv's own decode step at `batch` sequences of `ctx` tokens, for a ratio measured side by
+// side with a peer in the same invocation.
+async function oursDecodeMs(model, batch, ctx) {
+  const base = model.createSequence();
+  await base.append(randomIds(ctx + 1, model.config.vocabSize), { prefill: "iterative", prefillPasses: 1 });
+  const t = await forkedDecodeMs([base], batch, opt.tiny ? 4 : 16);
   base.dispose();
   return t;
 }
