@@ -40,16 +40,6 @@ void launchAddNorm(bool rms, float* x, const float* delta, int n, int E, const v
 // For the small-batch decode shapes (n <= 16, one pass over W); larger n goes through cuBLASLt.
 void launchGemv(const float* x, int n, int I, const void* W, const void* bias, int wtype, int O, float* out,
                 cudaStream_t stream);
-// Up to kMaxGroup products of the same x (q, k and v; gate and up) in one launch: out_m[n, O_m]
-// = x @ W_m^T (+ bias_m). Each output is computed exactly as launchGemv computes it alone.
-constexpr int kMaxGroup = 3;
-struct GemvSpec {
-  const void* W;
-  const void* bias;
-  int O;
-  float* out;
-};
-void launchGemvGroup(const float* x, int n, int I, const GemvSpec* specs, int count, int wtype, cudaStream_t stream);
 // x[i] (f32) -> y[i] (bf16), for cuBLASLt inputs.
 void launchToBf16(const float* x, int64_t count, void* y, cudaStream_t stream);
 // out[r, :] += bias (wtype), for the cuBLASLt path.

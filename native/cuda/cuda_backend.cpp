@@ -327,20 +327,6 @@ class CudaBackend : public Backend {
     if (bias) cuda::launchAddBias((float*)out.data, n, O, bias->data, weightType(bias->dtype), stream_);
   }
 
-  // q/k/v and gate/up in one GEMV launch when they all take the GEMV path.
-  void linearGroup(const Tensor& x, int n, const std::vector<LinearOut>& outs) override {
-    bool fused = outs.size() >= 2 && (int)outs.size() <= cuda::kMaxGroup;
-    for (const LinearOut& o : outs)
-      fused = fused && o.w->dtype == outs[0].w->dtype && o.w->cols == x.cols && o.out->cols == o.w->rows &&
-              (n <= kGemvMaxRows || o.w->dtype != DType::BF16);
-    if (!fused) return Backend::linearGroup(x, n, outs);
-    ctx();
-    Timed timed(*this, "gemv");
-    std::vector<cuda::GemvSpec> specs;
-    for (const LinearOut& o : outs) specs.push_back({o.w->data, o.bias ? o.bias->data : nullptr, (int)o.w->rows, (float*)o.out->data});
-    cuda::launchGemvGroup((const float*)x.data, n, (int)x.cols, specs.data(), (int)specs.size(), weightType(outs[0].w->dtype), stream_);
-  }
-
   void addInPlace(Tensor& x, const Tensor& y, int n) override {
     ctx();
     Timed timed(*this, "residual_add");

@@ -85,17 +85,6 @@ class Backend {
                     Tensor& out) = 0;
   // out[n, W.rows] = x[n, W.cols] @ W^T (+ bias)
   virtual void linear(const Tensor& x, int n, const Tensor& w, const Tensor* bias, Tensor& out) = 0;
-  // Several products of the same input (q, k and v; gate and up): outs[i].out = x @ w^T (+ bias).
-  // The default runs them one by one; a GPU backend can run them as one launch. Each output
-  // must equal what linear() gives for it alone.
-  struct LinearOut {
-    const Tensor* w;
-    const Tensor* bias;
-    Tensor* out;
-  };
-  virtual void linearGroup(const Tensor& x, int n, const std::vector<LinearOut>& outs) {
-    for (const LinearOut& o : outs) linear(x, n, *o.w, o.bias, *o.out);
-  }
   // x[n, ...] += y[n, ...]
   virtual void addInPlace(Tensor& x, const Tensor& y, int n) = 0;
   // h += delta, then out = norm(h): the residual add fused with the next norm (one pass on the

@@ -294,11 +294,12 @@ void Model::runLayer(Scratch& s, int n, const int32_t* pos, int i) {
   if (s.pendingResidual) be.addNorm(nk, s.h, s.o, n, L.attnNormW, opt(L.attnNormB), c.normEps, s.x);
   else be.norm(nk, s.h, n, L.attnNormW, opt(L.attnNormB), c.normEps, s.x);
   s.pendingResidual = false;
-  const int ownSlot = c.plan.kvSlot[i];
-  if (ownSlot >= 0) be.linearGroup(s.x, n, {{&L.q, opt(L.qB), &s.q}, {&L.k, opt(L.kB), &s.k}, {&L.v, opt(L.vB), &s.v}});
-  else be.linear(s.x, n, L.q, opt(L.qB), s.q);
+  be.linear(s.x, n, L.q, opt(L.qB), s.q);
   if (rope) be.rope(s.q, n, c.numHeads, c.headDim, pos, c.ropeInvFreq, c.ropeAttentionScale);
+  const int ownSlot = c.plan.kvSlot[i];
   if (ownSlot >= 0) {
+    be.linear(s.x, n, L.k, opt(L.kB), s.k);
+    be.linear(s.x, n, L.v, opt(L.vB), s.v);
     if (rope) be.rope(s.k, n, c.numKvHeads, c.headDim, pos, c.ropeInvFreq, c.ropeAttentionScale);
     be.kvWrite(s.kv, ownSlot, s.k, s.v, n, pos);
   }
@@ -314,7 +315,8 @@ void Model::runLayer(Scratch& s, int n, const int32_t* pos, int i) {
   be.linear(s.a, n, L.o, opt(L.oB), s.o);
   be.addNorm(nk, s.h, s.o, n, L.mlpNormW, opt(L.mlpNormB), c.normEps, s.x);
   if (c.style == BlockStyle::Llama) {
-    be.linearGroup(s.x, n, {{&L.gate, opt(L.gateB), &s.g}, {&L.up, opt(L.upB), &s.u}});
+    be.linear(s.x, n, L.gate, opt(L.gateB), s.g);
+    be.linear(s.x, n, L.up, opt(L.upB), s.u);
     be.swiglu(s.g, s.u, n, s.g);
     be.linear(s.g, n, L.down, opt(L.downB), s.o);
   } else {

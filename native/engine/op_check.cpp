@@ -78,27 +78,6 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
     test.linear(x.second, n, w.second, bias ? &b.second : nullptr, o.second);
     r.compare("linear", dims({{"n", n}, {"in", I}, {"out", O}, {"bias", bias}}), o.first, o.second, n);
   }
-  // the same input through several products at once (q, k, v; gate, up)
-  for (auto [n, bias] : std::vector<std::pair<int, bool>>{{1, false}, {5, true}, {16, false}, {40, true}}) {
-    const int I = 256, O[3] = {320, 64, 64};
-    auto x = r.act(r.random((size_t)n * I), n, I);
-    std::vector<std::pair<Tensor, Tensor>> w, b, o;
-    for (int m = 0; m < 3; ++m) {
-      w.push_back(r.weight(r.random((size_t)O[m] * I, 0.05f), O[m], I));
-      b.push_back(r.weight(r.random((size_t)O[m]), 1, O[m]));
-      o.push_back(r.outputs(n, O[m]));
-    }
-    std::vector<Backend::LinearOut> ga, gb;
-    for (int m = 0; m < 3; ++m) {
-      ga.push_back({&w[(size_t)m].first, bias ? &b[(size_t)m].first : nullptr, &o[(size_t)m].first});
-      gb.push_back({&w[(size_t)m].second, bias ? &b[(size_t)m].second : nullptr, &o[(size_t)m].second});
-    }
-    ref.linearGroup(x.first, n, ga);
-    test.linearGroup(x.second, n, gb);
-    for (int m = 0; m < 3; ++m)
-      r.compare("linear_group", dims({{"n", n}, {"in", I}, {"out", O[m]}, {"part", m}, {"bias", bias}}), o[(size_t)m].first,
-                o[(size_t)m].second, n);
-  }
   // norms
   for (auto [n, E] : std::vector<std::pair<int, int>>{{1, 64}, {5, 2048}, {33, 100}}) {
     for (NormKind kind : {NormKind::Rms, NormKind::Layer}) {
