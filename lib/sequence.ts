@@ -174,15 +174,20 @@ export class Sequence implements Disposable {
       this.pending = [this.evaluated.pop()!];
     }
     this.busy = true;
+    // Every page this request can need, before it starts (it may wait here for pages).
+    let admitted: boolean;
     try {
-      // Every page this request can need, before it starts (it may wait here for pages).
-      if (opts.maxNewTokens > 0 && !(await this.ensureReserved(Math.min(this.evaluated.length + this.pending.length + opts.maxNewTokens, this.model.maxContext), opts.signal))) {
-        return { text: "", tokens: [], finishReason: "abort", usage: { promptTokens, completionTokens: 0 }, prefillPasses };
-      }
+      admitted = opts.maxNewTokens <= 0 || (await this.ensureReserved(Math.min(this.evaluated.length + this.pending.length + opts.maxNewTokens, this.model.maxContext), opts.signal));
     } catch (e) {
       this.busy = false;
       this.releaseReservation();
       throw e;
+    }
+    if (!admitted) {
+      // Aborted while waiting for pages: nothing ran, and the sequence is free again.
+      this.busy = false;
+      this.releaseReservation();
+      return { text: "", tokens: [], finishReason: "abort", usage: { promptTokens, completionTokens: 0 }, prefillPasses };
     }
     const eos = new Set(opts.ignoreEos ? [] : this.model.eosTokenIds);
     const tokenizer = this.model.tokenizer;

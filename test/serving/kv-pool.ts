@@ -135,7 +135,22 @@ export function kvPoolTests(dev: TestDevice): void {
       ac.abort();
       expect((await aborted).finishReason).toBe("abort");
       expect(m.cacheStats().queued).toBe(0);
+      // The same for a sequence's own generate(): aborted while queued, it is usable afterwards.
+      const own = m.createSequence();
+      await own.append([1, 2, 3]);
+      const ac2 = new AbortController();
+      const it = own.generate({ maxNewTokens: 40, signal: ac2.signal });
+      const first = it.next();
+      await new Promise((r) => setTimeout(r, 10));
+      expect(m.cacheStats().queued).toBe(1);
+      ac2.abort();
+      const end = await first;
+      expect(end.done).toBe(true);
+      expect((end.value as { finishReason: string }).finishReason).toBe("abort");
       holder.dispose();
+      await own.append([4, 5]);  // not busy
+      expect(own.length).toBe(5);
+      own.dispose();
     });
 
     test("a prompt that could never fit fails at once, even while the pool is busy", async () => {
