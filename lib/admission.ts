@@ -42,9 +42,10 @@ export class Admission {
   /**
    * Reserves the pages `seq` needs to hold `total` tokens. Resolves true once reserved, false
    * when `signal` aborts the wait; throws KvCacheFullError when it can never fit, when the
-   * queue is full, or when the wait times out.
+   * queue is full, or when the wait times out. `resumed`: a running request re-reserving after
+   * it gave pages back, which does not queue behind new requests.
    */
-  async reserve(seq: NativeSequence, total: number, signal?: AbortSignal): Promise<boolean> {
+  async reserve(seq: NativeSequence, total: number, signal?: AbortSignal, resumed = false): Promise<boolean> {
     const stats = this.native().poolStats();
     const own = Math.round(seq.kvBytes / stats.pageBytes);
     const need = seq.pagesToGrow(total);
@@ -55,7 +56,9 @@ export class Admission {
         "LCKV_REQUEST_TOO_LARGE",
       );
     }
-    if (this.waiters.length === 0 && this.tryReserve(seq, total)) return true;
+    // A running request that has just given pages back (a context shift) takes them again
+    // before the queue: making it wait behind requests that need its pages could deadlock.
+    if ((resumed || this.waiters.length === 0) && this.tryReserve(seq, total)) return true;
     if (signal?.aborted) return false;
     if (this.waiters.length >= this.options.maxQueue) {
       throw new KvCacheFullError(`the K/V cache is full and ${this.waiters.length} requests already wait for it (maxQueue)`, "LCKV_QUEUE_FULL");

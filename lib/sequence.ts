@@ -75,9 +75,9 @@ export class Sequence implements Disposable {
    * Reserves the K/V pages for `total` tokens (waiting in the model's queue while the pool is
    * short). False when `signal` aborted the wait.
    */
-  private async ensureReserved(total: number, signal?: AbortSignal): Promise<boolean> {
+  private async ensureReserved(total: number, signal?: AbortSignal, resumed = false): Promise<boolean> {
     if (total <= this.reservedUpTo) return true;
-    const ok = await this.model.admission.reserve(this.live(), total, signal);
+    const ok = await this.model.admission.reserve(this.live(), total, signal, resumed);
     if (ok) this.reservedUpTo = total;
     return ok;
   }
@@ -286,7 +286,9 @@ export class Sequence implements Disposable {
     this.exactKv = false;
     // The dropped pages went back to the pool; promise the ones the rest of the request needs.
     this.reservedUpTo = 0;
-    return this.ensureReserved(Math.min(this.length + remaining, this.model.maxContext), signal);
+    const ok = await this.ensureReserved(Math.min(this.length + remaining, this.model.maxContext), signal, true);
+    this.model.admission.pump();  // what the shift gave back beyond that may let a waiting request in
+    return ok;
   }
 
   /** A new sequence that shares everything so far (its pages are shared, copied on write). */

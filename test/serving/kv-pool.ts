@@ -153,6 +153,17 @@ export function kvPoolTests(dev: TestDevice): void {
       own.dispose();
     });
 
+    test("a sink-window generation that shifts while others wait takes its pages back first, then the others run", async () => {
+      // A reserves the whole pool (128 tokens of context); B waits. A's shifts give pages back
+      // and A must get them again (B needs them too: queueing A behind B would deadlock).
+      const a = m.generate([1, 2, 3, 4], { maxNewTokens: 300, temperature: 0, ignoreEos: true, contextShift: "sink-window" });
+      await new Promise((r) => setTimeout(r, 5));
+      const b = m.generate([5, 6, 7], { maxNewTokens: 40, temperature: 0, ignoreEos: true });
+      const [ra, rb] = await Promise.all([a, b]);
+      expect(ra.tokens.length).toBe(300);
+      expect(rb.tokens.length).toBe(40);
+    });
+
     test("a prompt that could never fit fails at once, even while the pool is busy", async () => {
       const holder = m.createSequence();
       await holder.append([1, 2, 3]);
