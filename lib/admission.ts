@@ -26,6 +26,7 @@ interface Waiter {
 
 export class Admission {
   private waiters: Waiter[] = [];
+  private pumping = false;
 
   constructor(
     private readonly native: () => NativeModel,
@@ -60,7 +61,7 @@ export class Admission {
     // before the queue: making it wait behind requests that need its pages could deadlock.
     if ((resumed || this.waiters.length === 0) && this.tryReserve(seq, total)) return true;
     if (signal?.aborted) return false;
-    if (this.waiters.length >= this.options.maxQueue) {
+    if (!resumed && this.waiters.length >= this.options.maxQueue) {
       throw new KvCacheFullError(`the K/V cache is full and ${this.waiters.length} requests already wait for it (maxQueue)`, "LCKV_QUEUE_FULL");
     }
     return new Promise<boolean>((resolve, reject) => {
@@ -68,6 +69,7 @@ export class Admission {
       const onAbort = () => {
         this.remove(waiter);
         resolve(false);
+        this.pumpSoon();  // the requests behind it may fit now
       };
       const waiter: Waiter = {
         seq,
@@ -83,15 +85,33 @@ export class Admission {
         timer = setTimeout(() => {
           this.remove(waiter);
           reject(new KvCacheFullError(`waited ${this.options.queueTimeout} ms for ${need} pages of the K/V cache (queueTimeout)`));
+          this.pumpSoon();
         }, this.options.queueTimeout);
       }
       signal?.addEventListener("abort", onAbort, { once: true });
-      this.waiters.push(waiter);
+      // A resumed request goes first: it holds pages the others may be waiting for.
+      if (resumed) this.waiters.unshift(waiter);
+      else this.waiters.push(waiter);
     });
   }
 
   /** Admits waiting requests, in order, while pages allow. Call whenever pages may have come back. */
   pump(): void {
+    // Not re-entered: an eviction inside tryReserve disposes a sequence, whose close pumps.
+    if (this.pumping) return;
+    this.pumping = true;
+    try {
+      this.pumpWaiters();
+    } finally {
+      this.pumping = false;
+    }
+  }
+
+  private pumpSoon(): void {
+    setImmediate(() => this.pump());
+  }
+
+  private pumpWaiters(): void {
     while (this.waiters.length > 0) {
       const w = this.waiters[0];
       let ok: boolean;
@@ -123,6 +143,17 @@ export class Admission {
   }
 
   private tryReserve(seq: NativeSequence, total: number): boolean {
+    // Evictions below must not hand their pages to waiters before this request retries.
+    const outer = this.pumping;
+    this.pumping = true;
+    try {
+      return this.reserveEvicting(seq, total);
+    } finally {
+      this.pumping = outer;
+    }
+  }
+
+  private reserveEvicting(seq: NativeSequence, total: number): boolean {
     for (;;) {
       try {
         seq.reserve(total);

@@ -84,7 +84,6 @@ export class Sequence implements Disposable {
 
   /** Drops what is left of the page reservation, and lets waiting requests in. */
   private releaseReservation(): void {
-    if (this.reservedUpTo === 0) return;
     this.reservedUpTo = 0;
     if (this.native && !this.model.disposed) {
       try {
@@ -143,12 +142,16 @@ export class Sequence implements Disposable {
       if (this.native && this.evaluated.length > before.evaluated) {
         try {
           this.native.truncate(before.evaluated);
+          this.evaluated.length = before.evaluated;
+          this.pending = before.pending;
         } catch {
-          // disposed meanwhile: nothing left to restore
+          // Disposed meanwhile, or a sliding window already released what the rewind needs:
+          // then the chunks that went in stay, so that this side still matches the engine's.
+          this.pending = [];
         }
-        this.evaluated.length = before.evaluated;
+      } else {
+        this.pending = before.pending;
       }
-      this.pending = before.pending;
       throw fromNative(e);
     }
     this.pending = ids.slice(-1);

@@ -238,6 +238,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
   // pagesToGrow(totalTokens): pages the sequence would take to grow to totalTokens.
   Napi::Value PagesToGrow(const Napi::CallbackInfo& info) {
     auto s = live(info.Env());
+    if (s->busy) throw makeError(info.Env(), kErrBusy, "the sequence is running a forward");
     const int total = tokenCount(info, "pagesToGrow");
     return Napi::Number::New(info.Env(), s->state->kv->pagesToGrow(s->state->length(), total));
   }

@@ -31,6 +31,7 @@ KvPool::KvPool(Backend& backend, const KvLayout& layout, int numPages) : backend
 
 std::vector<int32_t> KvPool::take(int count) {
   std::vector<int32_t> out;
+  out.reserve((size_t)count);  // the only allocation: before any page leaves the free list
   for (int i = 0; i < count; ++i) {
     const int32_t p = free_.back();
     free_.pop_back();
@@ -141,7 +142,7 @@ void KvPages::erasePages(int first, int count) {
     pool_->release(p);
   }
   table_.erase(table_.begin() + first, table_.begin() + first + count);
-  dropped_ = std::max(0, dropped_ - count);
+  dropped_ -= std::max(0, std::min(dropped_, first + count) - first);  // released entries among the erased
 }
 
 int KvPages::firstHeld() const { return dropped_ * pool_->layout_.pageTokens; }
@@ -208,12 +209,16 @@ void KvPages::prepareWrite(int start, int n) {
   if (need == 0) return;
   const int available = pool.available(reserved_);
   if (need > available) throw poolFull(need, available, pool.layout_);
+  // Allocations first, so nothing below can throw once pages and counts start to move.
+  std::vector<std::pair<int32_t, int32_t>> copy;  // (from, to)
+  copy.reserve(copies.size());
+  table_.reserve((size_t)last);
   std::vector<int32_t> fresh = pool.take(need);
   const int fromReservation = std::min(reserved_, need);
   reserved_ -= fromReservation;
   pool.reservedTotal_ -= fromReservation;
+  takenFromReservation_ += fromReservation;
   // Copy-on-write: the new page starts as a copy of the shared one, whose count drops by one.
-  std::vector<std::pair<int32_t, int32_t>> copy;  // (from, to)
   size_t next = 0;
   for (int i : copies) {
     const int32_t old = table_[(size_t)i], now = fresh[next++];
@@ -234,6 +239,16 @@ void KvPages::prepareWrite(int start, int n) {
   // The copies read pages other holders keep (nobody writes a shared page), so they need no lock.
   for (auto [from, to] : copy) pool.backend_.copyRows(pool.storage_, from, pool.storage_, to, 1);
 }
+
+void KvPages::rollbackWrite(int n) {
+  keep(n);
+  std::lock_guard<std::mutex> lk(pool_->mu_);
+  reserved_ += takenFromReservation_;
+  pool_->reservedTotal_ += takenFromReservation_;
+  takenFromReservation_ = 0;
+}
+
+void KvPages::commitWrite() { takenFromReservation_ = 0; }
 
 size_t KvPages::bytes() const {
   return (table_.size() - (size_t)dropped_) * (size_t)pool_->layout_.pageFloats() * sizeof(float);

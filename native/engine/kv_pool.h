@@ -53,6 +53,11 @@ class KvPages {
   // shared pages in the range are replaced by private copies. All or nothing: throws
   // EngineError(LCKV_KV_CACHE_FULL) and changes nothing when the pool cannot supply them.
   void prepareWrite(int start, int n);
+  // After a failed forward: keeps positions [0, n) and gives back the reservation that the
+  // writes since the last commitWrite() used up, so the request can still grow as promised.
+  void rollbackWrite(int n);
+  // After a successful forward: the writes stay, and so does the use of the reservation.
+  void commitWrite();
   // Pages this sequence would take to grow from `length` to `total` tokens (new pages plus the
   // copy of a shared partial page).
   int pagesToGrow(int length, int total) const;
@@ -75,6 +80,7 @@ class KvPages {
   int reserved_ = 0;
   bool cached_ = false;
   int dropped_ = 0;  // leading table entries released by releaseBelow (-1)
+  int takenFromReservation_ = 0;  // by prepareWrite since the last commitWrite
 };
 
 struct KvPoolStats {

@@ -206,7 +206,7 @@ void Model::releaseOutsideWindow(SequenceState& seq) {
 void Model::truncateSequence(SequenceState& seq, int n) {
   if (n < 0 || n > seq.length())
     throw EngineError(kErrInvalidArgument, "truncate(n): n must be an integer in [0, " + std::to_string(seq.length()) + "]");
-  if (releaseWindow_ > 0 && seq.kv->firstHeld() > 0 && n - releaseWindow_ + 1 < seq.kv->firstHeld())
+  if (releaseWindow_ > 0 && n > 0 && seq.kv->firstHeld() > 0 && n - releaseWindow_ + 1 < seq.kv->firstHeld())
     throw EngineError(kErrInvalidArgument, "cannot rewind to " + std::to_string(n) + " tokens: the sliding window (" +
                                                std::to_string(releaseWindow_) + ") already released the K/V before position " +
                                                std::to_string(seq.kv->firstHeld()));
@@ -220,6 +220,9 @@ void Model::shiftSequence(SequenceState& seq, int sink, int drop) {
     throw EngineError(kErrInvalidArgument, "shift: sink (" + std::to_string(sink) + ") and drop (" + std::to_string(drop) +
                                                ") must be whole pages of " + std::to_string(P) + " tokens within the sequence of " +
                                                std::to_string(len));
+  if (releaseWindow_ > 0)
+    throw EngineError(kErrInvalidArgument, "contextShift: every layer of this model attends through a sliding window, which "
+                                           "already bounds its memory; generate without contextShift");
   Backend& be = *backend_;
   BackendRange range(be, "context shift");
   const int moved = len - sink - drop;
@@ -404,14 +407,15 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
       out[(size_t)r] = be.sample(rowView(lg, r, 1), cfg_.vocab, p, history, (uint64_t)(pos[(size_t)r] + 1));
     }
   } catch (const std::bad_alloc&) {
-    for (SequenceState* q : seqs) q->kv->keep(q->length());
+    for (SequenceState* q : seqs) q->kv->rollbackWrite(q->length());
     throw EngineError(kErrOutOfMemory, "out of memory running a decode batch of " + std::to_string(n));
   } catch (...) {
-    for (SequenceState* q : seqs) q->kv->keep(q->length());
+    for (SequenceState* q : seqs) q->kv->rollbackWrite(q->length());
     throw;
   }
   for (int r = 0; r < n; ++r) {
     seqs[(size_t)r]->tokens.push_back(tokens[(size_t)r]);
+    seqs[(size_t)r]->kv->commitWrite();
     releaseOutsideWindow(*seqs[(size_t)r]);
   }
   return out;
@@ -504,8 +508,8 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
     throw EngineError(kErrContextOverflow, "sequence of " + std::to_string(start) + " tokens cannot take " +
                                                std::to_string(n) + " more: the context holds " + std::to_string(seq.maxContext));
   AppendResult res;
-  seq.kv->prepareWrite(start, n);  // throws LCKV_KV_CACHE_FULL, changing nothing, when the pool is short
   try {
+    seq.kv->prepareWrite(start, n);  // throws LCKV_KV_CACHE_FULL, changing nothing, when the pool is short
     const bool needLogits = logits != LogitsWanted::None || sampling != nullptr;
     const bool download = logits != LogitsWanted::None;  // sampling alone reads them on the backend
     if (prefill.mode == PrefillMode::Sequential && n > 1) {
@@ -523,10 +527,10 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
     }
   } catch (const std::bad_alloc&) {
     // Positions >= start may hold partial KV, but they are not part of the sequence.
-    seq.kv->keep(start);
+    seq.kv->rollbackWrite(start);
     throw EngineError(kErrOutOfMemory, "out of memory running the forward for " + std::to_string(n) + " tokens");
   } catch (...) {
-    seq.kv->keep(start);
+    seq.kv->rollbackWrite(start);
     throw;
   }
   if (sampling) {
@@ -539,15 +543,16 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
     try {
       res.sampled = backend_->sample(res.lastLogits, cfg_.vocab, *sampling, history, (uint64_t)(start + n));
     } catch (const std::bad_alloc&) {
-      seq.kv->keep(start);
+      seq.kv->rollbackWrite(start);
       throw EngineError(kErrOutOfMemory, "out of memory while sampling");
     } catch (...) {
-      seq.kv->keep(start);
+      seq.kv->rollbackWrite(start);
       throw;
     }
   }
   res.lastLogits = Tensor{};
   seq.tokens.insert(seq.tokens.end(), tokens.begin(), tokens.end());
+  seq.kv->commitWrite();
   releaseOutsideWindow(seq);
   return res;
 }

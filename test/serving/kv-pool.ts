@@ -164,6 +164,21 @@ export function kvPoolTests(dev: TestDevice): void {
       expect(rb.tokens.length).toBe(40);
     });
 
+    test("when the first waiting request gives up, the one behind it runs if it fits", async () => {
+      const holder = m.createSequence();
+      await holder.append(Array.from({ length: 101 }, (_, i) => (i * 3) % 32)); // 7 pages: 1 free
+      const ac = new AbortController();
+      const big = m.generate([1, 2, 3], { maxNewTokens: 40, signal: ac.signal }); // 3 pages: waits
+      await new Promise((r) => setTimeout(r, 5));
+      const small = m.generate([4, 5], { maxNewTokens: 5, temperature: 0, ignoreEos: true }); // 1 page: queued behind
+      await new Promise((r) => setTimeout(r, 5));
+      expect(m.cacheStats().queued).toBe(2);
+      ac.abort();
+      expect((await big).finishReason).toBe("abort");
+      expect((await small).tokens.length).toBe(5); // nothing else happened to wake it
+      holder.dispose();
+    });
+
     test("a prompt that could never fit fails at once, even while the pool is busy", async () => {
       const holder = m.createSequence();
       await holder.append([1, 2, 3]);

@@ -38,6 +38,14 @@ export function slidingWindowTests(dev: TestDevice): void {
       expect(() => seq.truncate(10)).toThrow(LckvError);
       seq.truncate(seq.length - 1);
       seq.dispose();
+      // Its memory is already bounded by the window: a sink-window shift is refused, typed.
+      const endless = m.createSequence();
+      await endless.append(prompt);
+      const run = async () => {
+        for await (const c of endless.generate({ maxNewTokens: m.maxContext, temperature: 0, ignoreEos: true, contextShift: "sink-window" })) void c;
+      };
+      await expect(run()).rejects.toThrow(/sliding window/);
+      endless.dispose();
       expect(m.cacheStats().pagesUsed).toBe(0);
       expect(m.auditCache()).toBe("");
       await m.dispose();
