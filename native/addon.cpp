@@ -5,6 +5,7 @@
 #include <napi.h>
 
 #include <atomic>
+#include <cstdint>
 #include <memory>
 #include <thread>
 
@@ -212,9 +213,9 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     if (s->busy) throw makeError(info.Env(), kErrBusy, "the sequence is running a forward");
     if (!info[0].IsNumber()) throwInvalid(info.Env(), "truncate(n) needs a number");
     double n = info[0].As<Napi::Number>().DoubleValue();
-    if (n < 0 || n != (double)(int64_t)n || n > s->state->length())
+    if (n != (double)(int64_t)n || n < INT32_MIN || n > INT32_MAX)
       throwInvalid(info.Env(), "truncate(n): n must be an integer in [0, " + std::to_string(s->state->length()) + "]");
-    try {
+    try {  // the range is the model's to check
       s->owner->model->truncateSequence(*s->state, (int)n);  // pages past the new end go back to the pool
     } catch (const EngineError& e) {
       throw makeError(info.Env(), e.code, e.what());

@@ -24,6 +24,22 @@ struct Model::Scratch {
   bool pendingResidual = false;
 };
 
+// The page writes of one forward, undone unless committed: on any failure each sequence gives
+// back the pages past its (unchanged) length and the reservation they used, so a failed call
+// leaves every sequence as it was.
+struct PendingWrites {
+  std::vector<SequenceState*> seqs;
+  bool committed = false;
+  ~PendingWrites() {
+    if (!committed)
+      for (SequenceState* q : seqs) q->kv->rollbackWrite(q->length());
+  }
+  void commit() {
+    for (SequenceState* q : seqs) q->kv->commitWrite();
+    committed = true;
+  }
+};
+
 Model::Model(ModelConfig cfg, std::unique_ptr<Backend> backend) : cfg_(std::move(cfg)), backend_(std::move(backend)) {
   try {
     cfg_.validate();
@@ -386,9 +402,8 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
     pos[(size_t)r] = seqs[(size_t)r]->length();
     rowSeq[(size_t)r] = r;
   }
+  PendingWrites writes{seqs};  // the batch is all or nothing
   try {
-    // Pages for the new position of every sequence; on any failure below, every sequence
-    // gives back what it took (keep), so the batch is all or nothing.
     for (SequenceState* q : seqs) q->kv->prepareWrite(q->length(), 1);
     Scratch s;
     allocScratch(s, n);
@@ -407,17 +422,11 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
       out[(size_t)r] = be.sample(rowView(lg, r, 1), cfg_.vocab, p, history, (uint64_t)(pos[(size_t)r] + 1));
     }
   } catch (const std::bad_alloc&) {
-    for (SequenceState* q : seqs) q->kv->rollbackWrite(q->length());
     throw EngineError(kErrOutOfMemory, "out of memory running a decode batch of " + std::to_string(n));
-  } catch (...) {
-    for (SequenceState* q : seqs) q->kv->rollbackWrite(q->length());
-    throw;
   }
-  for (int r = 0; r < n; ++r) {
-    seqs[(size_t)r]->tokens.push_back(tokens[(size_t)r]);
-    seqs[(size_t)r]->kv->commitWrite();
-    releaseOutsideWindow(*seqs[(size_t)r]);
-  }
+  for (int r = 0; r < n; ++r) seqs[(size_t)r]->tokens.push_back(tokens[(size_t)r]);
+  writes.commit();
+  for (SequenceState* q : seqs) releaseOutsideWindow(*q);
   return out;
 }
 
@@ -508,6 +517,7 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
     throw EngineError(kErrContextOverflow, "sequence of " + std::to_string(start) + " tokens cannot take " +
                                                std::to_string(n) + " more: the context holds " + std::to_string(seq.maxContext));
   AppendResult res;
+  PendingWrites writes{{&seq}};
   try {
     seq.kv->prepareWrite(start, n);  // throws LCKV_KV_CACHE_FULL, changing nothing, when the pool is short
     const bool needLogits = logits != LogitsWanted::None || sampling != nullptr;
@@ -526,12 +536,7 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
       forwardChunk(seq, tokens.data(), n, start, prefill, rows, download, res);
     }
   } catch (const std::bad_alloc&) {
-    // Positions >= start may hold partial KV, but they are not part of the sequence.
-    seq.kv->rollbackWrite(start);
     throw EngineError(kErrOutOfMemory, "out of memory running the forward for " + std::to_string(n) + " tokens");
-  } catch (...) {
-    seq.kv->rollbackWrite(start);
-    throw;
   }
   if (sampling) {
     // Sample before committing, so a failure here leaves the sequence as it was.
@@ -543,16 +548,12 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
     try {
       res.sampled = backend_->sample(res.lastLogits, cfg_.vocab, *sampling, history, (uint64_t)(start + n));
     } catch (const std::bad_alloc&) {
-      seq.kv->rollbackWrite(start);
       throw EngineError(kErrOutOfMemory, "out of memory while sampling");
-    } catch (...) {
-      seq.kv->rollbackWrite(start);
-      throw;
     }
   }
   res.lastLogits = Tensor{};
   seq.tokens.insert(seq.tokens.end(), tokens.begin(), tokens.end());
-  seq.kv->commitWrite();
+  writes.commit();
   releaseOutsideWindow(seq);
   return res;
 }
