@@ -97,13 +97,19 @@ KvPages::KvPages(std::shared_ptr<KvPool> pool) : pool_(std::move(pool)) {
   pool_->holders_.insert(this);
 }
 
+void KvPages::dropLocked(int32_t page) {
+  if (page < 0) return;  // released by a sliding window
+  if (cached_) --pool_->cachedRefs_[(size_t)page];
+  pool_->release(page);
+}
+
+void KvPages::holdLocked(int32_t page) {
+  if (cached_) ++pool_->cachedRefs_[(size_t)page];
+}
+
 KvPages::~KvPages() {
   std::lock_guard<std::mutex> lk(pool_->mu_);
-  for (int32_t p : table_) {
-    if (p < 0) continue;
-    if (cached_) --pool_->cachedRefs_[(size_t)p];
-    pool_->release(p);
-  }
+  for (int32_t p : table_) dropLocked(p);
   pool_->reservedTotal_ -= reserved_;
   pool_->holders_.erase(this);
 }
@@ -122,11 +128,8 @@ void KvPages::keep(int n) {
   const size_t pages = (size_t)pagesFor(std::max(n, 0), pool_->layout_.pageTokens);
   std::lock_guard<std::mutex> lk(pool_->mu_);
   while (table_.size() > pages) {
-    const int32_t p = table_.back();
+    dropLocked(table_.back());
     table_.pop_back();
-    if (p < 0) continue;
-    if (cached_) --pool_->cachedRefs_[(size_t)p];
-    pool_->release(p);
   }
   dropped_ = std::min(dropped_, (int)table_.size());
 }
@@ -135,12 +138,7 @@ void KvPages::erasePages(int first, int count) {
   std::lock_guard<std::mutex> lk(pool_->mu_);
   if (first < 0 || count < 0 || (size_t)(first + count) > table_.size())
     throw EngineError(kErrInvalidArgument, "erasePages: range outside the page table");
-  for (int i = first; i < first + count; ++i) {
-    const int32_t p = table_[(size_t)i];
-    if (p < 0) continue;
-    if (cached_) --pool_->cachedRefs_[(size_t)p];
-    pool_->release(p);
-  }
+  for (int i = first; i < first + count; ++i) dropLocked(table_[(size_t)i]);
   table_.erase(table_.begin() + first, table_.begin() + first + count);
   dropped_ -= std::max(0, std::min(dropped_, first + count) - first);  // released entries among the erased
 }
@@ -152,11 +150,8 @@ void KvPages::releaseBelow(int pos) {
   if (pages <= dropped_) return;
   std::lock_guard<std::mutex> lk(pool_->mu_);
   for (int i = dropped_; i < pages; ++i) {
-    const int32_t p = table_[(size_t)i];
+    dropLocked(table_[(size_t)i]);
     table_[(size_t)i] = -1;
-    if (p < 0) continue;
-    if (cached_) --pool_->cachedRefs_[(size_t)p];
-    pool_->release(p);
   }
   dropped_ = pages;
 }
@@ -223,16 +218,13 @@ void KvPages::prepareWrite(int start, int n) {
   for (int i : copies) {
     const int32_t old = table_[(size_t)i], now = fresh[next++];
     copy.emplace_back(old, now);
-    if (cached_) {
-      --pool.cachedRefs_[(size_t)old];
-      ++pool.cachedRefs_[(size_t)now];
-    }
-    pool.release(old);  // still referenced by its other holders
+    dropLocked(old);  // still referenced by its other holders
+    holdLocked(now);
     table_[(size_t)i] = now;
   }
   while ((int)table_.size() < last) {
     const int32_t now = fresh[next++];
-    if (cached_) ++pool.cachedRefs_[(size_t)now];
+    holdLocked(now);
     table_.push_back(now);
   }
   lk.unlock();

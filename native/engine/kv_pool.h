@@ -75,6 +75,10 @@ class KvPages {
 
  private:
   friend class KvPool;
+  // With the pool locked: one reference of this table to `page` goes (-1: none) / was taken,
+  // keeping the prefix-cache count in step.
+  void dropLocked(int32_t page);
+  void holdLocked(int32_t page);
   std::shared_ptr<KvPool> pool_;
   std::vector<int32_t> table_;
   int reserved_ = 0;
