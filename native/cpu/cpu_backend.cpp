@@ -30,10 +30,8 @@ Tensor hostTensor(int64_t rows, int64_t cols) {
 
 // K (v = 0) or V (v = 1) of `slot` at `pos` of table row `seq`, checked.
 float* kvAt(const KvView& kv, int seq, int slot, int v, int pos) {
-  const int32_t page = pos >= 0 && seq >= 0 && seq < kv.numSeqs ? kv.page(seq, pos) : -1;
-  if (page < 0 || page >= kv.pool->rows || slot < 0 || slot >= kv.layout.slots)
-    throw EngineError(kErrInvalidArgument, "K/V access outside the sequence's pages (position " + std::to_string(pos) + ")");
-  return F(*kv.pool) + kv.layout.offset(page, slot, v, pos % kv.layout.pageTokens);
+  if (slot < 0 || slot >= kv.layout.slots) throw EngineError(kErrInvalidArgument, "K/V slot out of range");
+  return F(*kv.pool) + kv.layout.offset(kv.pageAt(seq, pos), slot, v, pos % kv.layout.pageTokens);
 }
 
 class CpuBackend : public Backend {

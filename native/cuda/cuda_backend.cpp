@@ -344,11 +344,7 @@ class CudaBackend : public Backend {
   // The page tables and row-to-sequence map on the device, checked on the host: the pages
   // of each row's position must exist (tables have no holes, so the last page is enough).
   cuda::PagedKv paged(const KvView& kv, int slot, int n, const int32_t* positions) {
-    for (int r = 0; r < n; ++r) {
-      const int32_t page = kv.rowSeq[r] >= 0 && kv.rowSeq[r] < kv.numSeqs && positions[r] >= 0 ? kv.page(kv.rowSeq[r], positions[r]) : -1;
-      if (page < 0 || page >= kv.pool->rows)
-        throw EngineError(kErrInvalidArgument, "K/V access outside the sequence's pages (position " + std::to_string(positions[r]) + ")");
-    }
+    for (int r = 0; r < n; ++r) kv.pageAt(kv.rowSeq[r], positions[r]);
     if (slot < 0 || slot >= kv.layout.slots) throw EngineError(kErrInvalidArgument, "K/V slot out of range");
     int shift = 0;
     while ((1 << shift) < kv.layout.pageTokens) ++shift;
@@ -377,8 +373,7 @@ class CudaBackend : public Backend {
   void forEachPageRun(const KvView& kv, int seq, int start, int n, F f) {
     const int P = kv.layout.pageTokens;
     for (int p = start; p < start + n;) {
-      const int32_t page = kv.page(seq, p);
-      if (page < 0 || page >= kv.pool->rows) throw EngineError(kErrInvalidArgument, "K/V access outside the sequence's pages");
+      const int32_t page = kv.pageAt(seq, p);
       const int len = std::min(start + n - p, P - p % P);
       f(page, p, len);
       p += len;

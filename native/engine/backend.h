@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "errors.h"
 #include "sampling.h"
 
 namespace lckv {
@@ -50,6 +51,13 @@ struct KvView {
   int32_t page(int seq, int pos) const {
     const int i = pos / layout.pageTokens;
     return i < stride ? tables[(int64_t)seq * stride + i] : -1;
+  }
+  // page(seq, pos), checked: throws when that sequence holds no page of the pool there.
+  int32_t pageAt(int seq, int pos) const {
+    const int32_t p = seq >= 0 && seq < numSeqs && pos >= 0 ? page(seq, pos) : -1;
+    if (p < 0 || p >= pool->rows)
+      throw EngineError(kErrInvalidArgument, "K/V access outside the sequence's pages (position " + std::to_string(pos) + ")");
+    return p;
   }
 };
 
