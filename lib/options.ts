@@ -1,5 +1,6 @@
 /** Checking of user options: each bad value is an InvalidOptionError naming the option. */
 import { InvalidOptionError } from "./errors";
+import type { NativeSamplingParams } from "./native";
 
 export type PrefillMode = "fixed-point" | "sequential" | "iterative";
 export const PREFILL_MODES: readonly PrefillMode[] = ["fixed-point", "sequential", "iterative"];
@@ -73,14 +74,9 @@ export function describe(v: unknown): string {
   return typeof v;
 }
 
-export interface ResolvedGenerateOptions {
+/** The sampling fields are the ones the engine takes (NativeSamplingParams). */
+export interface ResolvedGenerateOptions extends NativeSamplingParams {
   maxNewTokens: number;
-  temperature: number;
-  topK: number;
-  topP: number;
-  minP: number;
-  repetitionPenalty: number;
-  seed: number;
   stop: string[];
   signal?: AbortSignal;
   prefill: PrefillMode;

@@ -10,7 +10,7 @@
 import "./dispose-symbols";
 import { DisposedError, fromNative, InvalidOptionError, LckvError } from "./errors";
 import type { GenerateResult, Model, PrefillOptions, StreamChunk } from "./model";
-import { NativeSequence } from "./native";
+import { NativeSamplingParams, NativeSequence } from "./native";
 import { DEFAULT_PREFILL_TOLERANCE, describe, GenerateOptions, nonNegInt, posInt, PREFILL_MODES, resolveGenerateOptions, tolerance } from "./options";
 import { TextStream } from "./textstream";
 
@@ -197,7 +197,7 @@ export class Sequence implements Disposable {
     const text = new TextStream((ids) => (tokenizer ? tokenizer.decode(ids) : ""), opts.stop);
     const tokens: number[] = [];
     let finishReason: GenerateResult["finishReason"] = "length";
-    const sample = {
+    const sample: NativeSamplingParams = {
       temperature: opts.temperature,
       topK: opts.topK,
       topP: opts.topP,
