@@ -9,6 +9,9 @@
 import { fromNative, KvCacheFullError } from "./errors";
 import { NativeModel, NativeSequence } from "./native";
 
+/** Positions per K/V page (the engine takes any power of two; lckv uses this one). */
+export const KV_PAGE_TOKENS = 16;
+
 export interface AdmissionOptions {
   /** Requests that may wait for pages at once; the next one gets LCKV_QUEUE_FULL. */
   maxQueue: number;
@@ -27,6 +30,7 @@ interface Waiter {
 export class Admission {
   private waiters: Waiter[] = [];
   private pumping = false;
+  private geometry?: { pageTokens: number; pageBytes: number; pagesTotal: number };
 
   constructor(
     private readonly native: () => NativeModel,
@@ -47,7 +51,8 @@ export class Admission {
    * it gave pages back, which does not queue behind new requests.
    */
   async reserve(seq: NativeSequence, total: number, signal?: AbortSignal, resumed = false): Promise<boolean> {
-    const stats = this.native().poolStats();
+    // The pool's geometry never changes; its full stats scan every page, so read them once.
+    const stats = (this.geometry ??= this.native().poolStats());
     const own = Math.round(seq.kvBytes / stats.pageBytes);
     const need = seq.pagesToGrow(total);
     if (own + need > stats.pagesTotal) {

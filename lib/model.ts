@@ -6,7 +6,7 @@ import "./dispose-symbols";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
-import { Admission, AdmissionOptions } from "./admission";
+import { Admission, AdmissionOptions, KV_PAGE_TOKENS } from "./admission";
 import { kvBytesPerToken, ModelConfig, parseConfig } from "./config";
 import {
   ContextOverflowError,
@@ -112,9 +112,8 @@ export interface ForwardResult {
 /** The model shipped inside the package, used when loadModel() gets no directory. */
 export const DEFAULT_MODEL_DIR = path.join(__dirname, "..", "models", "default");
 
+export { KV_PAGE_TOKENS };
 const LOAD_KEYS = new Set(["device", "dtype", "maxContext", "kvCacheMemory", "threads", "onProgress", "prefixCache", "maxQueue", "queueTimeout", "maxBatch"]);
-/** Positions per K/V page. */
-export const KV_PAGE_TOKENS = 16;
 /** Without kvCacheMemory, the pool holds this many sequences of the full context... */
 const DEFAULT_POOL_SEQUENCES = 32;
 /** ...but at most this share of free GPU memory (after the weights) or of host memory. */

@@ -8,6 +8,7 @@
  * ever run twice.
  */
 import "./dispose-symbols";
+import { KV_PAGE_TOKENS } from "./admission";
 import { DisposedError, fromNative, InvalidOptionError, LckvError } from "./errors";
 import type { GenerateResult, Model, PrefillOptions, StreamChunk } from "./model";
 import { NativeSamplingParams, NativeSequence } from "./native";
@@ -275,7 +276,7 @@ export class Sequence implements Disposable {
    * half of the rest, in whole pages, so the sequence fits again. False when it cannot.
    */
   private async shiftContext(sinkTokens: number, remaining: number, signal?: AbortSignal): Promise<boolean> {
-    const P = this.model.cacheStats().pageTokens;
+    const P = KV_PAGE_TOKENS;
     const sink = Math.ceil(sinkTokens / P) * P;
     const drop = Math.max(P, Math.floor((this.evaluated.length - sink) / 2 / P) * P);
     if (sink + drop > this.evaluated.length) return false;
