@@ -2,13 +2,18 @@
 // target, with the plan's diagonal rule (strict: keys < p; no visible key -> zero output) and
 // sliding window. GQA maps query head h to K/V head h / (numHeads / numKvHeads).
 //
-// Split-K (flash-decoding): the visible keys of each (query, head) are cut into chunks, one
-// block per chunk, so that a single decoding sequence still fills the GPU. Each block keeps an
-// online softmax per warp, merges its warps, and writes (max, sum, unnormalised output) for its
-// chunk; a second kernel merges the chunks. When one chunk covers the keys, the first kernel
-// writes the final output directly.
+// Decode (rows of different sequences, one query each): split-K flash-decoding, one block per
+// (row, K/V head, split) that serves every query head of that K/V head's group (up to
+// kGroupHeads; a larger group is cut into several blocks). The block streams the keys and values
+// of its chunk through shared memory once, in tiles copied asynchronously while the previous
+// tile is scored, and scores each tile against all its query heads: with GQA (8 query heads per
+// K/V head in TinyLlama) a key is read once instead of once per query head. It writes
+// (max, sum, unnormalised output) per head for its chunk and a second kernel merges the chunks;
+// when one chunk covers the keys, the first kernel writes the final output directly.
 #include <algorithm>
+#include <atomic>
 #include <climits>
+#include <cstdint>
 
 #include "common.cuh"
 #include "kernels.h"
@@ -17,9 +22,7 @@ namespace lckv::cuda {
 
 namespace {
 
-constexpr int kWarps = 4;
 constexpr int kMaxDimsPerLane = 4;  // headDim <= 128
-constexpr int kUnroll = 4;          // keys in flight per warp
 
 struct Range {
   int first, last;  // visible keys [first, last]; empty when last < first
@@ -29,102 +32,301 @@ __device__ __forceinline__ Range visible(int p, bool strict, int window) {
   return {window > 0 ? max(0, p - window + 1) : 0, strict ? p - 1 : p};
 }
 
-__global__ void attentionChunkKernel(const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv,
-                                     int numHeads, int numKvHeads, int headDim, bool strict, int window, float scale,
-                                     int chunk, float* __restrict__ out, float* __restrict__ partial) {
-  const int r = blockIdx.x, h = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+// ---- decode ------------------------------------------------------------------------------------
+
+constexpr int kDecodeWarps = 4;
+constexpr int kDecodeKeys = 32;    // keys per tile: one per lane in the softmax step
+// Tiles in shared memory: one scored while the next arrives. A third stage measured slower on an
+// H100: the shared memory it takes costs resident blocks, which hide latency better.
+constexpr int kDecodeStages = 2;
+// Query heads one block serves (TinyLlama's group); it bounds the accumulators each lane keeps
+// (kGroupHeads x 4 dims at head size 128).
+constexpr int kGroupHeads = 8;
+constexpr int kHeadsPerWarp = kGroupHeads / kDecodeWarps;
+static_assert(kGroupHeads % kDecodeWarps == 0 && kGroupHeads % 4 == 0, "heads are read as float4 per key");
+// Splits are at least one tile of keys, and at most kMaxSplits of them: the merge reads every
+// split's partial one after another, which at 64 or more splits costs more than it saves.
+constexpr int kMinSplitKeys = kDecodeKeys;
+constexpr int kMaxSplits = 32;
+
+// Floats per key row in shared memory: a whole number of float4 (the dot products read float4)
+// and an odd number of them, so lane j reading row j is free of bank conflicts.
+__host__ __device__ inline int decodeRowStride(int headDim) {
+  const int vecs = (headDim + 3) / 4;
+  return 4 * (vecs | 1);
+}
+__host__ __device__ inline size_t decodeSmemFloats(int headDim) {
+  const int stride = decodeRowStride(headDim);
+  return (size_t)2 * kDecodeStages * kDecodeKeys * stride  // K and V tiles
+         + (size_t)kGroupHeads * stride                   // the queries
+         + (size_t)kDecodeKeys * kGroupHeads               // scores, then probabilities
+         + 3 * kGroupHeads;                                // per head: rescale factor, final max and sum
+}
+
+// Asynchronous global -> shared copies (sm_80 and later; a plain copy before).
+__device__ __forceinline__ void copyAsync16(float* dst, const float* src) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src)
+               : "memory");
+#else
+  *reinterpret_cast<float4*>(dst) = *reinterpret_cast<const float4*>(src);
+#endif
+}
+__device__ __forceinline__ void copyAsync4(float* dst, const float* src) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src)
+               : "memory");
+#else
+  *dst = *src;
+#endif
+}
+__device__ __forceinline__ void copyAsyncCommit() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+// Waits until at most `pending` committed groups are still in flight.
+template <int pending>
+__device__ __forceinline__ void copyAsyncWait() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
+#endif
+}
+
+// Starts copying keys [j0, j0 + count) of the block's K/V head into one stage's K and V tiles.
+// Lane j looks up key j's page once (all lanes at once, so the table reads overlap), and the
+// warp's copies take each key row's offset from its lane. Consecutive threads copy consecutive
+// pieces of a key row (coalesced); vec4 (16-byte pieces) needs every row 16-byte aligned
+// (headDim, kvDim and pageFloats multiples of 4, the pool aligned).
+__device__ __forceinline__ void loadDecodeTile(float* kDst, float* vDst, const float* kBase, const float* vBase,
+                                               const int32_t* table, const PagedKv& kv, int j0, int count,
+                                               int headDim, int stride, bool vec4) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int kvDim = kv.kvDim;
-  const int kvh = h / (numHeads / numKvHeads);
+  const int j = j0 + lane;
+  const int64_t rowOffset =
+      lane < count ? (int64_t)table[j >> kv.pageShift] * kv.pageFloats + (int64_t)(j & ((1 << kv.pageShift) - 1)) * kv.kvDim
+                   : 0;
+  const int width = vec4 ? 4 : 1, perRow = headDim / width, total = count * perRow;
+  for (int e0 = warp * 32; e0 < total; e0 += kDecodeWarps * 32) {  // warp-uniform: the shuffle needs every lane
+    const int e = e0 + lane;
+    const int jj = min(e / perRow, kDecodeKeys - 1), c = (e - jj * perRow) * width;
+    const int64_t off = __shfl_sync(0xffffffffu, rowOffset, jj) + c;
+    if (e < total) {
+      if (vec4) {
+        copyAsync16(kDst + jj * stride + c, kBase + off);
+        copyAsync16(vDst + jj * stride + c, vBase + off);
+      } else {
+        copyAsync4(kDst + jj * stride + c, kBase + off);
+        copyAsync4(vDst + jj * stride + c, vBase + off);
+      }
+    }
+  }
+}
+
+// One block: row blockIdx.x, K/V head blockIdx.y / headChunks (its query heads cut into
+// headChunks blocks of at most headsPerBlock), split blockIdx.z of gridDim.z.
+//   Scores: lane = key of the tile, warp w = heads w and w + 4 (dot products from shared memory:
+//     the key row is read once for both heads, the query as a broadcast).
+//   Softmax: the warp that scored head g keeps its running max and sum, and turns the tile's
+//     scores into probabilities against the new max (and a factor for the old accumulators).
+//   P.V: warp w takes keys w, w + 4, ...; lane holds dims lane + 32 t of every head, so a value
+//     row is read once for all heads. The warps' accumulators are summed at the end.
+template <int kDimsPerLane>
+__global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
+    const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int numHeads, int numKvHeads,
+    int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, bool vec4,
+    float* __restrict__ out, float* __restrict__ partial) {
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  const int stride = decodeRowStride(headDim);
+  const int tileFloats = kDecodeKeys * stride;
+  float* kS = smem;                                // [stages][keys][stride]
+  float* vS = kS + kDecodeStages * tileFloats;     // [stages][keys][stride]
+  float* qS = vS + kDecodeStages * tileFloats;     // [kGroupHeads][stride]
+  float* pS = qS + kGroupHeads * stride;           // [keys][kGroupHeads]
+  float* corrS = pS + kDecodeKeys * kGroupHeads;   // [kGroupHeads]
+  float* maxS = corrS + kGroupHeads;               // [kGroupHeads]
+  float* sumS = maxS + kGroupHeads;                // [kGroupHeads]
+
+  const int r = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int group = numHeads / numKvHeads;
+  const int kvh = blockIdx.y / headChunks, part = blockIdx.y % headChunks;
+  const int h0 = kvh * group + part * headsPerBlock;
+  const int heads = min(headsPerBlock, group - part * headsPerBlock);
   const int32_t* table = kv.tables + (int64_t)kv.rowSeq[r] * kv.stride;
   // The pages hold [K | V][pageTokens][kvDim] per slot: within a page, keys are contiguous.
-  const float* kBase = kv.pool + ((int64_t)(kv.slot * 2) << kv.pageShift) * kvDim + kvh * headDim;
-  const float* vBase = kv.pool + ((int64_t)(kv.slot * 2 + 1) << kv.pageShift) * kvDim + kvh * headDim;
-  const int pageMask = (1 << kv.pageShift) - 1;
-  const Range all = visible(positions[r], strict, window);
-  const int first = all.first + split * chunk;
-  const int last = min(all.last, first + chunk - 1);
-  const float* qv = q + ((int64_t)r * numHeads + h) * headDim;
+  const float* kBase = kv.pool + ((int64_t)(kv.slot * 2) << kv.pageShift) * kv.kvDim + kvh * headDim;
+  const float* vBase = kv.pool + ((int64_t)(kv.slot * 2 + 1) << kv.pageShift) * kv.kvDim + kvh * headDim;
 
-  float qreg[kMaxDimsPerLane], acc[kMaxDimsPerLane];
+  // This block's chunk of the row's visible keys, cut here from the row's position rather than
+  // by the host: a launch replayed from a CUDA graph at later positions still covers every key
+  // (the number of splits is fixed; a split past the end writes an empty partial).
+  const Range all = visible(positions[r], strict, window);
+  const int count = max(0, all.last - all.first + 1);
+  const int chunk = (count + splits - 1) / splits;
+  const int first = all.first + split * chunk;
+  const int keys = max(0, min(count - split * chunk, chunk));
+  const int numTiles = (keys + kDecodeKeys - 1) / kDecodeKeys;
+
 #pragma unroll
-  for (int t = 0; t < kMaxDimsPerLane; ++t) {
-    const int d = lane + 32 * t;
-    qreg[t] = d < headDim ? qv[d] * scale : 0.0f;
-    acc[t] = 0.0f;
+  for (int s = 0; s < kDecodeStages - 1; ++s) {
+    if (s < numTiles)
+      loadDecodeTile(kS + s * tileFloats, vS + s * tileFloats, kBase, vBase, table, kv, first + s * kDecodeKeys,
+                     min(kDecodeKeys, keys - s * kDecodeKeys), headDim, stride, vec4);
+    copyAsyncCommit();
   }
-  float m = -INFINITY, l = 0.0f;
-  // Each warp takes kUnroll consecutive keys at a time, so their loads are in flight together.
-  for (int j0 = first + warp * kUnroll; j0 <= last; j0 += kWarps * kUnroll) {
-    float s[kUnroll];
+  // While the first tile arrives: zero the K rows' padding (the float4 dot products read it; the
+  // copies never write it) and stage the queries, zero-padded.
+  const int pad = stride - headDim;
+  for (int e = threadIdx.x; e < kDecodeStages * kDecodeKeys * pad; e += blockDim.x)
+    kS[(e / pad) * stride + headDim + e % pad] = 0.0f;
+  for (int e = threadIdx.x; e < kGroupHeads * stride; e += blockDim.x) {
+    const int g = e / stride, d = e - g * stride;
+    qS[e] = g < heads && d < headDim ? q[((int64_t)r * numHeads + h0 + g) * headDim + d] : 0.0f;
+  }
+
+  float acc[kGroupHeads][kDimsPerLane];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int j = j0 + u;
-      float d = 0.0f;
-      if (j <= last) {
-        const float* kr = kBase + (int64_t)table[j >> kv.pageShift] * kv.pageFloats + (int64_t)(j & pageMask) * kvDim;
+  for (int g = 0; g < kGroupHeads; ++g)
 #pragma unroll
-        for (int t = 0; t < kMaxDimsPerLane; ++t) {
-          const int dd = lane + 32 * t;
-          if (dd < headDim) d += qreg[t] * kr[dd];
+    for (int t = 0; t < kDimsPerLane; ++t) acc[g][t] = 0.0f;
+  float m[kHeadsPerWarp], l[kHeadsPerWarp];
+#pragma unroll
+  for (int i = 0; i < kHeadsPerWarp; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.0f;
+  }
+  const int vecs = (headDim + 3) / 4;
+
+  for (int tile = 0; tile < numTiles; ++tile) {
+    const int ahead = tile + kDecodeStages - 1;
+    if (ahead < numTiles)
+      loadDecodeTile(kS + (ahead % kDecodeStages) * tileFloats, vS + (ahead % kDecodeStages) * tileFloats, kBase, vBase,
+                     table, kv, first + ahead * kDecodeKeys, min(kDecodeKeys, keys - ahead * kDecodeKeys), headDim,
+                     stride, vec4);
+    copyAsyncCommit();
+    copyAsyncWait<kDecodeStages - 1>();
+    __syncthreads();  // this tile (and, the first time, the queries and padding) is in place
+    const float* kt = kS + (tile % kDecodeStages) * tileFloats;
+    const float* vt = vS + (tile % kDecodeStages) * tileFloats;
+    const int valid = min(kDecodeKeys, keys - tile * kDecodeKeys);
+
+    // Scores of key `lane` against this warp's heads.
+    {
+      const float4* k4 = reinterpret_cast<const float4*>(kt + lane * stride);
+      float s[kHeadsPerWarp];
+#pragma unroll
+      for (int i = 0; i < kHeadsPerWarp; ++i) s[i] = 0.0f;
+      for (int c = 0; c < vecs; ++c) {
+        const float4 kk = k4[c];
+#pragma unroll
+        for (int i = 0; i < kHeadsPerWarp; ++i) {
+          const float4 qq = reinterpret_cast<const float4*>(qS + (warp + kDecodeWarps * i) * stride)[c];
+          s[i] = fmaf(qq.x, kk.x, s[i]);
+          s[i] = fmaf(qq.y, kk.y, s[i]);
+          s[i] = fmaf(qq.z, kk.z, s[i]);
+          s[i] = fmaf(qq.w, kk.w, s[i]);
         }
       }
-      s[u] = d;
+#pragma unroll
+      for (int i = 0; i < kHeadsPerWarp; ++i)
+        pS[lane * kGroupHeads + warp + kDecodeWarps * i] = lane < valid ? s[i] * scale : -INFINITY;
     }
+    __syncthreads();
+
+    // Online softmax of each head over the tile.
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) s[u] = j0 + u <= last ? warpSum(s[u]) : -INFINITY;
-    float mNew = m;
+    for (int i = 0; i < kHeadsPerWarp; ++i) {
+      const int g = warp + kDecodeWarps * i;
+      if (g >= heads) break;  // warp-uniform
+      const float s = pS[lane * kGroupHeads + g];
+      const float mNew = fmaxf(m[i], warpMax(s));  // finite: the tile has a valid key
+      const float p = lane < valid ? expf(s - mNew) : 0.0f;
+      const float corr = expf(m[i] - mNew);  // 0 on the first tile (m = -inf)
+      l[i] = l[i] * corr + warpSum(p);
+      m[i] = mNew;
+      pS[lane * kGroupHeads + g] = p;
+      if (lane == 0) corrS[g] = corr;
+    }
+    __syncthreads();
+
+    // Accumulate P.V for every head.
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) mNew = fmaxf(mNew, s[u]);
-    const float corr = __expf(m - mNew);
-    l *= corr;
+    for (int g = 0; g < kGroupHeads; ++g) {
+      if (g < heads) {
+        const float corr = corrS[g];
 #pragma unroll
-    for (int t = 0; t < kMaxDimsPerLane; ++t) acc[t] *= corr;
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int j = j0 + u;
-      if (j > last) break;
-      const float w = __expf(s[u] - mNew);
-      l += w;
-      const float* vr = vBase + (int64_t)table[j >> kv.pageShift] * kv.pageFloats + (int64_t)(j & pageMask) * kvDim;
-#pragma unroll
-      for (int t = 0; t < kMaxDimsPerLane; ++t) {
-        const int dd = lane + 32 * t;
-        if (dd < headDim) acc[t] += w * vr[dd];
+        for (int t = 0; t < kDimsPerLane; ++t) acc[g][t] *= corr;
       }
     }
-    m = mNew;
+    for (int jj = warp; jj < valid; jj += kDecodeWarps) {
+      float vv[kDimsPerLane];
+#pragma unroll
+      for (int t = 0; t < kDimsPerLane; ++t) {
+        const int d = lane + 32 * t;
+        vv[t] = d < headDim ? vt[jj * stride + d] : 0.0f;
+      }
+      float p[kGroupHeads];
+#pragma unroll
+      for (int g4 = 0; g4 < kGroupHeads / 4; ++g4) {
+        const float4 pp = reinterpret_cast<const float4*>(pS + jj * kGroupHeads)[g4];
+        p[4 * g4] = pp.x;
+        p[4 * g4 + 1] = pp.y;
+        p[4 * g4 + 2] = pp.z;
+        p[4 * g4 + 3] = pp.w;
+      }
+#pragma unroll
+      for (int g = 0; g < kGroupHeads; ++g) {
+        if (g < heads) {
+#pragma unroll
+          for (int t = 0; t < kDimsPerLane; ++t) acc[g][t] = fmaf(p[g], vv[t], acc[g][t]);
+        }
+      }
+    }
+    __syncthreads();  // the tile's buffers and the probabilities are free again
   }
 
-  // Merge the warps of this block.
-  __shared__ float sm[kWarps], sl[kWarps];
-  __shared__ float sacc[kWarps][32 * kMaxDimsPerLane];
-  if (lane == 0) {
-    sm[warp] = m;
-    sl[warp] = l;
-  }
-#pragma unroll
-  for (int t = 0; t < kMaxDimsPerLane; ++t) sacc[warp][lane + 32 * t] = acc[t];
+  // Sum the warps' accumulators through the (now idle) tile buffers and write the result.
+  copyAsyncWait<0>();
   __syncthreads();
-  float M = -INFINITY;
-  for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sm[w]);
-  float L = 0.0f;
-  for (int w = 0; w < kWarps; ++w)
-    if (sm[w] != -INFINITY) L += sl[w] * __expf(sm[w] - M);
-  const int64_t slot = ((int64_t)r * numHeads + h) * splits + split;
-  for (int d = threadIdx.x; d < headDim; d += blockDim.x) {
-    float v = 0.0f;
-    for (int w = 0; w < kWarps; ++w)
-      if (sm[w] != -INFINITY) v += sacc[w][d] * __expf(sm[w] - M);
-    if (splits == 1) {
-      out[((int64_t)r * numHeads + h) * headDim + d] = L > 0.0f ? v / L : 0.0f;
-    } else {
-      partial[slot * (headDim + 2) + 2 + d] = v;
+  float* red = smem;  // [warps][kGroupHeads][headDim]: 32 * headDim floats fit in the K tiles
+#pragma unroll
+  for (int g = 0; g < kGroupHeads; ++g) {
+    if (g < heads) {
+#pragma unroll
+      for (int t = 0; t < kDimsPerLane; ++t) {
+        const int d = lane + 32 * t;
+        if (d < headDim) red[(warp * kGroupHeads + g) * headDim + d] = acc[g][t];
+      }
     }
   }
-  if (splits > 1 && threadIdx.x == 0) {
-    partial[slot * (headDim + 2)] = M;
-    partial[slot * (headDim + 2) + 1] = L;
+#pragma unroll
+  for (int i = 0; i < kHeadsPerWarp; ++i) {
+    const int g = warp + kDecodeWarps * i;
+    if (g < heads && lane == 0) {
+      maxS[g] = m[i];
+      sumS[g] = l[i];
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < heads * headDim; e += blockDim.x) {
+    const int g = e / headDim, d = e - g * headDim;
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) v += red[(w * kGroupHeads + g) * headDim + d];
+    const int64_t rh = (int64_t)r * numHeads + h0 + g;
+    if (splits == 1) {
+      out[rh * headDim + d] = sumS[g] > 0.0f ? v / sumS[g] : 0.0f;
+    } else {
+      partial[(rh * splits + split) * (headDim + 2) + 2 + d] = v;
+    }
+  }
+  if (splits > 1 && threadIdx.x < heads) {
+    const int g = threadIdx.x;
+    const int64_t slot = ((int64_t)r * numHeads + h0 + g) * splits + split;
+    partial[slot * (headDim + 2)] = maxS[g];  // -inf for an empty chunk: the merge skips it
+    partial[slot * (headDim + 2) + 1] = sumS[g];
   }
 }
 
@@ -138,13 +340,13 @@ __global__ void attentionMergeKernel(const float* __restrict__ partial, int numH
   float L = 0.0f;
   for (int c = 0; c < splits; ++c) {
     const float mc = base[c * (headDim + 2)];
-    if (mc != -INFINITY) L += base[c * (headDim + 2) + 1] * __expf(mc - M);
+    if (mc != -INFINITY) L += base[c * (headDim + 2) + 1] * expf(mc - M);
   }
   for (int d = threadIdx.x; d < headDim; d += blockDim.x) {
     float v = 0.0f;
     for (int c = 0; c < splits; ++c) {
       const float mc = base[c * (headDim + 2)];
-      if (mc != -INFINITY) v += base[c * (headDim + 2) + 2 + d] * __expf(mc - M);
+      if (mc != -INFINITY) v += base[c * (headDim + 2) + 2 + d] * expf(mc - M);
     }
     out[((int64_t)r * numHeads + h) * headDim + d] = L > 0.0f ? v / L : 0.0f;
   }
@@ -275,6 +477,67 @@ int smCount() {
   return count;
 }
 
+template <int kDimsPerLane>
+const void* preparedDecodeKernel() {
+  // Head size 128 needs ~71 KB, above the 48 KB a launch gets without asking.
+  static const cudaError_t raised =
+      cudaFuncSetAttribute(attentionDecodeKernel<kDimsPerLane>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           (int)(sizeof(float) * decodeSmemFloats(32 * kDimsPerLane)));
+  LCKV_CUDA_CHECK(raised);
+  return reinterpret_cast<const void*>(attentionDecodeKernel<kDimsPerLane>);
+}
+
+// Decode blocks the GPU runs at once for this head size (shared memory sets it).
+int decodeResidentBlocks(int headDim) {
+  static std::atomic<int> known[32 * kMaxDimsPerLane + 1];
+  int blocks = known[headDim].load(std::memory_order_relaxed);
+  if (blocks == 0) {
+    const void* kernel = nullptr;
+    switch ((headDim + 31) / 32) {
+      case 1: kernel = preparedDecodeKernel<1>(); break;
+      case 2: kernel = preparedDecodeKernel<2>(); break;
+      case 3: kernel = preparedDecodeKernel<3>(); break;
+      default: kernel = preparedDecodeKernel<4>(); break;
+    }
+    int perSm = 0;
+    LCKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&perSm, kernel, kDecodeWarps * 32,
+                                                                  sizeof(float) * decodeSmemFloats(headDim)));
+    blocks = std::max(1, perSm) * smCount();
+    known[headDim].store(blocks, std::memory_order_relaxed);
+  }
+  return blocks;
+}
+
+// Splits of the decode kernel for `blocks` blocks per split and the longest visible range: as
+// many as fill the GPU in one wave (a second, partial wave would leave most of the GPU idle
+// while it runs), within kMinSplitKeys and kMaxSplits.
+int decodeSplits(int64_t blocks, int headDim, int maxVisible) {
+  const int64_t wave = decodeResidentBlocks(headDim) / blocks;
+  const int64_t most = ((int64_t)maxVisible + kMinSplitKeys - 1) / kMinSplitKeys;
+  return (int)std::max<int64_t>(1, std::min<int64_t>({wave, most, kMaxSplits}));
+}
+
+// Query heads of one K/V head's group per block, and blocks per group: the group cut into
+// equal parts of at most kGroupHeads.
+void decodeHeadBlocks(int group, int& headsPerBlock, int& headChunks) {
+  const int parts = (group + kGroupHeads - 1) / kGroupHeads;
+  headsPerBlock = (group + parts - 1) / parts;
+  headChunks = (group + headsPerBlock - 1) / headsPerBlock;
+}
+
+template <int kDimsPerLane>
+void launchDecode(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
+                  int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, int splits,
+                  float* out, float* partial, cudaStream_t stream) {
+  preparedDecodeKernel<kDimsPerLane>();
+  const bool vec4 = headDim % 4 == 0 && kv.kvDim % 4 == 0 && kv.pageFloats % 4 == 0 &&
+                    reinterpret_cast<uintptr_t>(kv.pool) % 16 == 0;
+  attentionDecodeKernel<kDimsPerLane>
+      <<<dim3(n, numKvHeads * headChunks, splits), kDecodeWarps * 32, sizeof(float) * decodeSmemFloats(headDim), stream>>>(
+          q, positions, kv, numHeads, numKvHeads, headDim, strict, window, scale, headChunks, headsPerBlock, vec4, out,
+          partial);
+}
+
 }  // namespace
 
 void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv, int numHeads,
@@ -282,7 +545,7 @@ void launchAttention(const float* q, int n, const int32_t* positions, int maxVis
                      float* workspace, int64_t workspaceFloats, cudaStream_t stream) {
   NvtxRange r("attention");
   if (n <= 0) return;
-  if (headDim > 32 * kMaxDimsPerLane) throw std::invalid_argument("attention: headDim above 128");
+  if (headDim <= 0 || headDim > 32 * kMaxDimsPerLane) throw std::invalid_argument("attention: headDim outside 1..128");
   if (numKvHeads <= 0 || numHeads % numKvHeads) throw std::invalid_argument("attention: numHeads % numKvHeads != 0");
   if (kv.kvDim != numKvHeads * headDim) throw std::invalid_argument("attention: kvDim != numKvHeads * headDim");
   if (oneSequence && n >= kPrefillMinQueries) {
@@ -296,14 +559,29 @@ void launchAttention(const float* q, int n, const int32_t* positions, int maxVis
     LCKV_LAUNCH_CHECK("attention_prefill");
     return;
   }
-  // Enough chunks that the grid covers the GPU about twice, each at least 64 keys long.
-  const int64_t base = (int64_t)n * numHeads;
-  int splits = (int)std::max<int64_t>(1, std::min<int64_t>((2 * smCount() + base - 1) / base, (maxVisible + 63) / 64));
-  const int64_t need = base * splits * (headDim + 2);
-  if (splits > 1 && need > workspaceFloats) splits = 1;
-  const int chunk = (maxVisible + splits - 1) / splits;
-  attentionChunkKernel<<<dim3(n, numHeads, splits), kWarps * 32, 0, stream>>>(
-      q, positions, kv, numHeads, numKvHeads, headDim, strict, window, scale, std::max(chunk, 1), out, workspace);
+  int headsPerBlock = 0, headChunks = 0;
+  decodeHeadBlocks(numHeads / numKvHeads, headsPerBlock, headChunks);
+  // maxVisible only sets the number of splits: each block finds its own keys on the device.
+  int splits = decodeSplits((int64_t)n * numKvHeads * headChunks, headDim, maxVisible);
+  if (splits > 1 && (int64_t)n * numHeads * splits * (headDim + 2) > workspaceFloats) splits = 1;
+  switch ((headDim + 31) / 32) {
+    case 1:
+      launchDecode<1>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict, window, scale, headChunks,
+                      headsPerBlock, splits, out, workspace, stream);
+      break;
+    case 2:
+      launchDecode<2>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict, window, scale, headChunks,
+                      headsPerBlock, splits, out, workspace, stream);
+      break;
+    case 3:
+      launchDecode<3>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict, window, scale, headChunks,
+                      headsPerBlock, splits, out, workspace, stream);
+      break;
+    default:
+      launchDecode<4>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict, window, scale, headChunks,
+                      headsPerBlock, splits, out, workspace, stream);
+      break;
+  }
   LCKV_LAUNCH_CHECK("attention");
   if (splits > 1) {
     attentionMergeKernel<<<dim3(n, numHeads), 128, 0, stream>>>(workspace, numHeads, headDim, splits, out);
@@ -311,10 +589,14 @@ void launchAttention(const float* q, int n, const int32_t* positions, int maxVis
   }
 }
 
-int64_t attentionWorkspaceFloats(int n, int numHeads, int headDim, int maxVisible) {
-  const int64_t base = (int64_t)n * numHeads;
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((2 * smCount() + base - 1) / base, (maxVisible + 63) / 64));
-  return splits > 1 ? base * splits * (headDim + 2) : 0;
+// The same number of splits as the launcher chooses for these arguments.
+int64_t attentionWorkspaceFloats(int n, int numHeads, int numKvHeads, int headDim, int maxVisible) {
+  if (n <= 0 || numHeads <= 0 || numKvHeads <= 0 || numHeads % numKvHeads || headDim <= 0 || headDim > 32 * kMaxDimsPerLane)
+    return 0;  // the launcher refuses these
+  int headsPerBlock = 0, headChunks = 0;
+  decodeHeadBlocks(numHeads / numKvHeads, headsPerBlock, headChunks);
+  const int64_t splits = decodeSplits((int64_t)n * numKvHeads * headChunks, headDim, maxVisible);
+  return splits > 1 ? (int64_t)n * numHeads * splits * (headDim + 2) : 0;
 }
 
 }  // namespace lckv::cuda

@@ -102,6 +102,20 @@ export interface NativeAddon {
   version: string;
   /** Every backend op against the CPU backend on fresh random inputs (tests only). */
   checkBackendOps(opts: { backend: "cpu" | "cuda"; dtype: "f32" | "f16" | "bf16"; seed: number }): { op: string; shape: string; relErr: number; allWritten: boolean }[];
+  /**
+   * The attention of one decode step alone (benchmarks): `sequences` queries, each at the last of
+   * `context` tokens of its own K/V pages. ms: mean per call after a warm-up; bytes: what a call
+   * must move (K and V of every visible key, the queries and the output).
+   */
+  benchAttention(opts: {
+    backend: "cpu" | "cuda";
+    sequences: number;
+    context: number;
+    numHeads: number;
+    numKvHeads: number;
+    headDim: number;
+    iterations?: number;
+  }): { ms: number; bytes: number };
 }
 
 let addon: NativeAddon | undefined;

@@ -11,6 +11,7 @@
 
 #include "engine/errors.h"
 #include "engine/model.h"
+#include "engine/op_bench.h"
 #include "engine/op_check.h"
 
 using namespace lckv;
@@ -754,10 +755,52 @@ Napi::Value CheckBackendOps(const Napi::CallbackInfo& info) {
   }
 }
 
+// benchAttention({ backend: "cuda" | "cpu", sequences, context, numHeads, numKvHeads, headDim,
+// iterations }): the attention of one decode step alone on a synthetic K/V pool (op_bench.h),
+// returning { ms, bytes }: mean milliseconds per call and the bytes a call must move.
+Napi::Value BenchAttention(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsObject()) throwInvalid(env, "benchAttention takes an options object");
+  Napi::Object o = info[0].As<Napi::Object>();
+  std::string backend = o.Get("backend").IsString() ? std::string(o.Get("backend").As<Napi::String>()) : "cuda";
+  if (backend != "cuda" && backend != "cpu") throwInvalid(env, "benchAttention: backend must be 'cuda' or 'cpu'");
+  AttentionBenchShape shape;
+  shape.sequences = getInt(o, "sequences", false, 0);
+  shape.context = getInt(o, "context", false, 0);
+  shape.numHeads = getInt(o, "numHeads", false, 0);
+  shape.numKvHeads = getInt(o, "numKvHeads", false, 0);
+  shape.headDim = getInt(o, "headDim", false, 0);
+  shape.iterations = getInt(o, "iterations", false, 10);
+  try {
+    std::unique_ptr<Backend> be;
+    if (backend == "cpu") {
+      be = createCpuBackend((int)std::max(1u, std::thread::hardware_concurrency()), DType::F32);
+    } else {
+#ifdef LCKV_WITH_CUDA
+      be = createCudaBackend(0, DType::F32);
+#else
+      throw EngineError("LCKV_DEVICE_UNAVAILABLE", "this build of lckv has no CUDA backend");
+#endif
+    }
+    const AttentionBenchResult r = benchAttention(*be, shape);
+    Napi::Object result = Napi::Object::New(env);
+    result.Set("ms", r.ms);
+    result.Set("bytes", r.bytes);
+    return result;
+  } catch (const EngineError& e) {
+    throw makeError(env, e.code, e.what());
+  } catch (const std::bad_alloc&) {
+    throw makeError(env, kErrOutOfMemory, "out of memory");
+  } catch (const std::exception& e) {
+    throw makeError(env, "LCKV_INTERNAL", e.what());
+  }
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   auto* data = new AddonData();
   env.SetInstanceData<AddonData>(data);
   exports.Set("checkBackendOps", Napi::Function::New(env, CheckBackendOps));
+  exports.Set("benchAttention", Napi::Function::New(env, BenchAttention));
   SequenceWrap::Init(env, data);
   ModelWrap::Init(env, exports);
   Napi::Object backends = Napi::Object::New(env);

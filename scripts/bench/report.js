@@ -173,6 +173,13 @@ function renderReport(r, outDir) {
     L.push(table(["peer", "batch", "context", "peer ms / step", "peer tokens/s", "lckv ms / step", "lckv is faster by", "spread (peer / lckv)"], rows), "");
     L.push("Each peer row and its lckv figure were measured one after the other in the same invocation: lckv's standard model for the transformers rows, lckv's LCKV w=2 model for the PyTorch reference (batch 1, 128 tokens). transformers runs eager attention with bf16 weights and K/V; lckv holds bf16 weights and f32 K/V.", "");
   }
+  if (r.attention) {
+    const a = r.attention[0] ?? {};
+    L.push("## 5. Attention alone", "");
+    L.push(`The attention of one decode step by itself, no model around it: one query per sequence at the last of ${a.context ?? "-"} tokens of its own K/V pages (${a.numHeads ?? "-"} query heads, ${a.numKvHeads ?? "-"} K/V heads, head size ${a.headDim ?? "-"}, f32 K/V). Bytes are what a call must move: K and V of every key of every sequence, plus the queries and the output. The time per call is the mean over a loop of calls (host clock, closed by a synchronising download), and GB/s = bytes / time, set against the device-to-device copy bandwidth measured above.`, "");
+    const rows = r.attention.map((x) => [x.sequences, x.context, fmt(x.bytes / 1e6, 1), fmt(x.ms.median * 1e3, 1), fmt(x.gbps, 0), pct(x.ofCopy ?? NaN), spread(x.ms)]);
+    L.push(table(["sequences", "tokens each", "MB moved", "µs / call", "GB/s", "of copy bandwidth", "spread"], rows), "");
+  }
   fs.writeFileSync(path.join(outDir, "benchmarks.md"), L.join("\n") + "\n");
 }
 

@@ -14,7 +14,10 @@
  *   3. prefill throughput against prompt length, for each LCKV prefill mode (and the achieved
  *      TFLOP/s of the standard model against the card's measured bf16 GEMM rate);
  *   4. peers on the same card in the same run: transformers eager and static cache, and the
- *      project's PyTorch reference for LCKV.
+ *      project's PyTorch reference for LCKV;
+ *   5. the attention kernels alone: one decode step's attention over 1, 16 and 128 sequences of
+ *      4096 tokens (TinyLlama's 32 heads, 4 K/V heads, head size 64), its achieved bandwidth
+ *      against the copy bandwidth.
  * Every figure is the median of several runs after a warm-up, with its spread; a spread above
  * 5% is flagged. Writes docs/bench/*.json, docs/bench/*.svg and docs/benchmarks.md.
  */
@@ -24,6 +27,7 @@ const os = require("node:os");
 const path = require("node:path");
 const { Command } = require("commander");
 const { loadModel } = require("../../dist");
+const { loadAddon } = require("../../dist/native");
 const { renderReport } = require("./report");
 
 const ROOT = path.join(__dirname, "..", "..");
@@ -41,7 +45,7 @@ const program = new Command()
   .option("--tiny", "tiny shapes instead of TinyLlama (checks the script; figures mean nothing)")
   .parse();
 const opt = program.opts();
-const only = opt.only ? new Set(opt.only.split(",").map(Number)) : new Set([1, 2, 3, 4]);
+const only = opt.only ? new Set(opt.only.split(",").map(Number)) : new Set([1, 2, 3, 4, 5]);
 const repeats = Math.max(1, +opt.repeats);
 
 // ---- models ------------------------------------------------------------------------------------
@@ -340,6 +344,35 @@ async function experiment4(exp1) {
   return rows;
 }
 
+// ---- experiment 5: the attention kernels alone -----------------------------------------------------
+
+// One decode step's attention over `sequences` sequences of ATTN_CONTEXT tokens, each query at the
+// last position of its own pages, timed alone (no model around it): bytes it must move (K and V
+// of every key, plus the queries and the output) over its time, against the copy bandwidth.
+const ATTN_SHAPE = opt.tiny ? { numHeads: 4, numKvHeads: 2, headDim: 16 } : { numHeads: 32, numKvHeads: 4, headDim: 64 };
+const ATTN_CONTEXT = opt.tiny ? 256 : 4096;
+const ATTN_SEQUENCES = opt.tiny ? [1, 4, 16] : [1, 16, 128];
+
+async function experiment5(rates) {
+  const addon = loadAddon();
+  const rows = [];
+  for (const sequences of ATTN_SEQUENCES) {
+    const shape = { backend: opt.device, sequences, context: ATTN_CONTEXT, ...ATTN_SHAPE };
+    // Enough calls per sample that each lasts milliseconds: the small shapes take microseconds.
+    const iterations = opt.tiny ? 5 : Math.max(20, Math.ceil(2000 / sequences));
+    let bytes = 0;
+    const t = await measure(async () => {
+      const r = addon.benchAttention({ ...shape, iterations });
+      bytes = r.bytes;
+      return r.ms;
+    }, Math.max(repeats, 5));
+    const gbps = bytes / (t.median / 1e3) / 1e9;
+    rows.push({ sequences, context: ATTN_CONTEXT, ...ATTN_SHAPE, iterations, bytes, ms: t, gbps, ofCopy: gbps / rates.copyGBps });
+    log(`exp5 ${sequences} x ${ATTN_CONTEXT}: ${(t.median * 1e3).toFixed(1)} us, ${gbps.toFixed(0)} GB/s (${((gbps / rates.copyGBps) * 100).toFixed(0)}% of copy)`);
+  }
+  return rows;
+}
+
 // ---- main -----------------------------------------------------------------------------------------
 
 (async () => {
@@ -360,7 +393,7 @@ async function experiment4(exp1) {
   // --only with earlier results: keep the experiments not rerun.
   if (opt.only && fs.existsSync(file)) {
     const old = JSON.parse(fs.readFileSync(file, "utf8"));
-    for (const k of ["throughput", "decode", "prefill", "peers"]) if (old[k] && !only.has({ throughput: 1, decode: 2, prefill: 3, peers: 4 }[k])) results[k] = old[k];
+    for (const k of ["throughput", "decode", "prefill", "peers", "attention"]) if (old[k] && !only.has({ throughput: 1, decode: 2, prefill: 3, peers: 4, attention: 5 }[k])) results[k] = old[k];
     results.commands = [...(old.commands ?? [`${old.command} (${old.date}, ${old.rates?.card})`])];
   }
   results.commands = [...(results.commands ?? []), `${results.command} (${results.date}, ${rates.card}: experiments ${[...only].join(", ")})`];
@@ -385,6 +418,10 @@ async function experiment4(exp1) {
   }
   if (only.has(4)) {
     results.peers = await experiment4(results.throughput ?? []);
+    save();
+  }
+  if (only.has(5)) {
+    results.attention = await experiment5(rates);
     save();
   }
   log(`done in ${results.seconds.toFixed(0)} s; wrote ${path.join(opt.out, "benchmarks.md")} and ${benchDir}`);

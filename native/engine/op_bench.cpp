@@ -1,0 +1,81 @@
+#include "op_bench.h"
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace lckv {
+
+namespace {
+
+// The engine's page size (lib/admission.ts KV_PAGE_TOKENS).
+constexpr int kPageTokens = 16;
+
+void checkPositive(int v, const char* what) {
+  if (v <= 0) throw EngineError(kErrInvalidArgument, std::string("benchAttention: '") + what + "' must be a positive integer");
+}
+
+}  // namespace
+
+AttentionBenchResult benchAttention(Backend& be, const AttentionBenchShape& s) {
+  checkPositive(s.sequences, "sequences");
+  checkPositive(s.context, "context");
+  checkPositive(s.numHeads, "numHeads");
+  checkPositive(s.numKvHeads, "numKvHeads");
+  checkPositive(s.headDim, "headDim");
+  checkPositive(s.iterations, "iterations");
+  if (s.numHeads % s.numKvHeads) throw EngineError(kErrInvalidArgument, "benchAttention: numHeads must be a multiple of numKvHeads");
+
+  KvLayout layout;
+  layout.slots = 1;
+  layout.kvDim = s.numKvHeads * s.headDim;
+  layout.pageTokens = kPageTokens;
+  const int pagesPerSeq = (s.context + kPageTokens - 1) / kPageTokens;
+  const int64_t pages = (int64_t)pagesPerSeq * s.sequences;
+  if (pages > INT32_MAX) throw EngineError(kErrInvalidArgument, "benchAttention: too many pages for 32-bit page ids");
+
+  // The pool: one page per row, filled with finite values (a chunk of random pages written over
+  // and over: the values do not change what the kernels read).
+  Tensor pool = be.alloc(pages, layout.pageFloats());
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t chunkPages = std::min<int64_t>(pages, std::max<int64_t>(1, (16 << 20) / layout.pageFloats()));
+  std::vector<float> chunk((size_t)(chunkPages * layout.pageFloats()));
+  for (float& x : chunk) x = normal(rng);
+  for (int64_t p = 0; p < pages; p += chunkPages) be.writeRows(pool, p, std::min(chunkPages, pages - p), chunk.data());
+
+  // Page i of sequence s is page i * sequences + s: the sequences' pages interleave, as in a pool
+  // where a batch of sequences grew together.
+  std::vector<int32_t> tables((size_t)pages), rowSeq((size_t)s.sequences), positions((size_t)s.sequences, s.context - 1);
+  for (int q = 0; q < s.sequences; ++q) {
+    rowSeq[(size_t)q] = q;
+    for (int i = 0; i < pagesPerSeq; ++i) tables[(size_t)q * pagesPerSeq + i] = (int32_t)((int64_t)i * s.sequences + q);
+  }
+  KvView view{&pool, layout, tables.data(), pagesPerSeq, s.sequences, rowSeq.data()};
+
+  const int64_t qCols = (int64_t)s.numHeads * s.headDim;
+  std::vector<float> qHost((size_t)(s.sequences * qCols));
+  for (float& x : qHost) x = normal(rng);
+  Tensor q = be.alloc(s.sequences, qCols), out = be.alloc(s.sequences, qCols);
+  be.writeRows(q, 0, s.sequences, qHost.data());
+  AttentionSpec spec{s.numHeads, s.numKvHeads, s.headDim, false, 0, 1.0f / std::sqrt((float)s.headDim)};
+
+  std::vector<float> row((size_t)qCols);
+  be.attention(q, s.sequences, positions.data(), view, 0, spec, out);
+  be.download(out, 0, 1, row.data());
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < s.iterations; ++i) be.attention(q, s.sequences, positions.data(), view, 0, spec, out);
+  be.download(out, 0, 1, row.data());
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+
+  AttentionBenchResult r;
+  r.ms = ms / s.iterations;
+  r.bytes = 4.0 * ((double)s.sequences * s.context * 2 * layout.kvDim + 2.0 * s.sequences * qCols);
+  return r;
+}
+
+}  // namespace lckv
