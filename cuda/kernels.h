@@ -36,10 +36,22 @@ void launchNorm(bool rms, const float* x, int n, int E, const void* weight, cons
 void launchAddNorm(bool rms, float* x, const float* delta, int n, int E, const void* weight, const void* bias, int wtype,
                    float eps, float* out, cudaStream_t stream);
 
-// out[n, O] = x[n, I] @ W[O, I]^T (+ bias[O]); one warp per output feature, all n rows at once.
-// For the small-batch decode shapes (n <= 16, one pass over W); larger n goes through cuBLASLt.
-void launchGemv(const float* x, int n, int I, const void* W, const void* bias, int wtype, int O, float* out,
-                cudaStream_t stream);
+// One matrix of a GEMV launch: out[n, features] = x[n, I] @ weight[features, I]^T (+ bias).
+constexpr int kGemvMaxTargets = 3;
+struct GemvTarget {
+  const void* weight;
+  const void* bias;  // may be null
+  int features;
+  float* out;
+};
+// Small-batch products (n <= 16 rows read W once; decode): one warp per output feature, all n
+// rows at once, for up to kGemvMaxTargets matrices of the same input in one launch (Q, K, V).
+// Larger n goes through cuBLASLt. All weights of one launch share wtype.
+void launchGemv(const float* x, int n, int I, const GemvTarget* targets, int count, int wtype, cudaStream_t stream);
+// out = silu(x @ gate^T + b) * (x @ up^T + b), written to gate.out (up.out is not used): the
+// SwiGLU MLP's input half in one pass, never storing the gate and up products.
+void launchGemvSwiglu(const float* x, int n, int I, const GemvTarget& gate, const GemvTarget& up, int wtype,
+                      cudaStream_t stream);
 // x[i] (f32) -> y[i] (bf16), for cuBLASLt inputs.
 void launchToBf16(const float* x, int64_t count, void* y, cudaStream_t stream);
 // out[r, :] += bias (wtype), for the cuBLASLt path.
@@ -55,6 +67,11 @@ void launchGeluTanh(float* x, int64_t count, cudaStream_t stream);
 // Rotate-half RoPE of x[n, heads*headDim] at positions[r] (device array), invFreq[headDim/2] (device).
 void launchRope(float* x, int n, int heads, int headDim, const int32_t* positions, const float* invFreq,
                 float attentionScale, cudaStream_t stream);
+// launchRope of q, and with k (then v and kv are given): launchRope of k written straight into
+// the cache with v, as launchKvWrite would. One launch instead of three; k itself is not changed.
+void launchRopeKvWrite(float* q, int numHeads, const float* k, const float* v, int numKvHeads, int headDim, int n,
+                       const int32_t* positions, const float* invFreq, float attentionScale, const PagedKv* kv,
+                       cudaStream_t stream);
 // Writes rows of k and v [n, kvDim] into the cache at positions[r] of sequence kv.rowSeq[r].
 void launchKvWrite(const float* k, const float* v, int n, const int32_t* positions, const PagedKv& kv,
                    cudaStream_t stream);
@@ -69,7 +86,7 @@ void launchKvWrite(const float* k, const float* v, int n, const int32_t* positio
 void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv, int numHeads,
                      int numKvHeads, int headDim, bool strict, int window, float scale, bool oneSequence, float* out,
                      float* workspace, int64_t workspaceFloats, cudaStream_t stream);
-int64_t attentionWorkspaceFloats(int n, int numHeads, int headDim, int maxVisible);
+int64_t attentionWorkspaceFloats(int n, int numHeads, int numKvHeads, int headDim, int maxVisible);
 
 // Greedy choice over logits[V] after the repetition penalty on `penalized` (distinct token ids,
 // device array); scratch holds V floats. Writes the token id to outToken (device).

@@ -40,7 +40,63 @@ __global__ void kvWriteKernel(const float* k, const float* v, const int32_t* pos
   }
 }
 
+// Decode and prefill of a layer that owns K/V: q rotated in place, k rotated on its way into the
+// cache and v copied beside it, in one pass (rope(q), rope(k) and kvWrite were three launches).
+// The rotation is ropeKernel's, element for element.
+__global__ void ropeKvWriteKernel(float* q, int numHeads, const float* k, const float* v, int numKvHeads, int headDim,
+                                  const int32_t* positions, const float* invFreq, float scale, PagedKv kv) {
+  const int r = blockIdx.x;
+  const int half = headDim / 2;
+  const int p = positions[r];
+  const float pos = (float)p;
+  float* qrow = q + (int64_t)r * numHeads * headDim;
+  const float* krow = k ? k + (int64_t)r * kv.kvDim : nullptr;
+  float *kd = nullptr, *vd = nullptr;
+  if (k) {
+    const int32_t* table = kv.tables + (int64_t)kv.rowSeq[r] * kv.stride;
+    kd = kv.pool + pagedOffset(table, p, kv.pageShift, kv.pageFloats, kv.slot, 0, kv.kvDim);
+    vd = kv.pool + pagedOffset(table, p, kv.pageShift, kv.pageFloats, kv.slot, 1, kv.kvDim);
+  }
+  const int qPairs = numHeads * half, pairs = qPairs + (k ? numKvHeads * half : 0);
+  for (int t = threadIdx.x; t < pairs; t += blockDim.x) {
+    const bool isQ = t < qPairs;
+    const int u = isQ ? t : t - qPairs;
+    const int h = u / half, j = u % half;
+    const float ang = pos * invFreq[j];
+    float s, c;
+    sincosf(ang, &s, &c);
+    c *= scale;
+    s *= scale;
+    if (isQ) {
+      float* x = qrow + h * headDim;
+      const float a = x[j], b = x[j + half];
+      x[j] = a * c - b * s;
+      x[j + half] = b * c + a * s;
+    } else {
+      const float* x = krow + h * headDim;
+      const float a = x[j], b = x[j + half];
+      kd[h * headDim + j] = a * c - b * s;
+      kd[h * headDim + j + half] = b * c + a * s;
+    }
+  }
+  if (k)
+    for (int j = threadIdx.x; j < kv.kvDim; j += blockDim.x) vd[j] = v[(int64_t)r * kv.kvDim + j];
+}
+
 }  // namespace
+
+void launchRopeKvWrite(float* q, int numHeads, const float* k, const float* v, int numKvHeads, int headDim, int n,
+                       const int32_t* positions, const float* invFreq, float attentionScale, const PagedKv* kv,
+                       cudaStream_t stream) {
+  NvtxRange r("rope_kv_write");
+  if (n <= 0) return;
+  if (headDim % 2) throw std::invalid_argument("rope_kv_write: odd headDim");
+  if (k && (!v || !kv || kv->kvDim != numKvHeads * headDim))
+    throw std::invalid_argument("rope_kv_write: k needs v and a cache slot of numKvHeads * headDim");
+  ropeKvWriteKernel<<<n, 256, 0, stream>>>(q, numHeads, k, v, numKvHeads, headDim, positions, invFreq, attentionScale,
+                                           k ? *kv : PagedKv{});
+  LCKV_LAUNCH_CHECK("rope_kv_write");
+}
 
 void launchRope(float* x, int n, int heads, int headDim, const int32_t* positions, const float* invFreq,
                 float attentionScale, cudaStream_t stream) {

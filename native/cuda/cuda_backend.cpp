@@ -1,7 +1,8 @@
 // The CUDA backend: the Backend interface over the kernels in cuda/ and cuBLASLt.
 // Activations and the KV cache are f32 on the device; weights are bf16 (default), f16 or f32.
-// Small batches (n <= 8 rows) take the hand-written GEMV; larger ones take cuBLASLt (bf16
-// inputs, f32 accumulation and output).
+// Small batches (n <= 16 rows) take the hand-written GEMV; larger ones take cuBLASLt (bf16
+// inputs, f32 accumulation and output). Decode steps are recorded as CUDA graphs and replayed
+// (LCKV_CUDA_GRAPHS=0 turns that off; LCKV_PROFILE=1 does too, to time each op).
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 #include <nvtx3/nvToolsExt.h>
@@ -13,6 +14,7 @@
 #include <map>
 #include <mutex>
 #include <new>
+#include <set>
 #include <vector>
 
 #include "../../cuda/kernels.h"
@@ -188,6 +190,13 @@ class CudaBackend : public Backend {
   }
   ~CudaBackend() override {
     profiler_.report();
+    abortStepCapture();
+    graphs_.clear();
+    if (pinnedInputs_) {
+      cudaStreamSynchronize(stream_);
+      cudaFreeHost(pinnedInputs_);
+    }
+    if (inputsCopied_) cudaEventDestroy(inputsCopied_);
     if (pinnedToken_) cudaFreeHost(pinnedToken_);
     if (lt_) cublasLtDestroy(lt_);
     if (stream_) cudaStreamDestroy(stream_);
@@ -204,7 +213,7 @@ class CudaBackend : public Backend {
   Tensor alloc(int64_t rows, int64_t cols) override {
     ctx();
     Tensor t;
-    t.storage = blocks_.get(sizeof(float) * (size_t)(rows * cols));
+    t.storage = block(sizeof(float) * (size_t)(rows * cols));
     t.data = t.storage.get();
     t.rows = rows;
     t.cols = cols;
@@ -310,21 +319,48 @@ class CudaBackend : public Backend {
   }
 
   void linear(const Tensor& x, int n, const Tensor& w, const Tensor* bias, Tensor& out) override {
+    const LinearTarget t{&w, bias, &out};
+    linears(x, n, &t, 1);
+  }
+
+  void linears(const Tensor& x, int n, const LinearTarget* targets, int count) override {
     ctx();
-    if (x.cols != w.cols || out.cols != w.rows) throw EngineError(kErrInvalidArgument, "linear: shape mismatch");
-    const int I = (int)w.cols, O = (int)w.rows;
-    if (n <= kGemvMaxRows || w.dtype != DType::BF16) {
+    for (int i = 0; i < count; ++i)
+      if (x.cols != targets[i].w->cols || targets[i].out->cols != targets[i].w->rows)
+        throw EngineError(kErrInvalidArgument, "linear: shape mismatch");
+    const int I = (int)x.cols;
+    if (useGemv(n, targets, count)) {
       Timed timed(*this, "gemv");
-      cuda::launchGemv((const float*)x.data, n, I, w.data, bias ? bias->data : nullptr, weightType(w.dtype), O,
-                       (float*)out.data, stream_);
+      cuda::GemvTarget g[cuda::kGemvMaxTargets];
+      for (int i = 0; i < count; ++i)
+        g[i] = {targets[i].w->data, targets[i].bias ? targets[i].bias->data : nullptr, (int)targets[i].w->rows,
+                (float*)targets[i].out->data};
+      cuda::launchGemv((const float*)x.data, n, I, g, count, weightType(targets[0].w->dtype), stream_);
       return;
     }
-    // cuBLASLt: out^T[O, n] = W[O, I] . x^T[I, n] in column-major terms.
+    // cuBLASLt: out^T[O, n] = W[O, I] . x^T[I, n] in column-major terms; x converted once.
     Timed timed(*this, "gemm_cublaslt");
     void* xb = scratchBf16((size_t)n * I);
     cuda::launchToBf16((const float*)x.data, (int64_t)n * I, xb, stream_);
-    matmulBf16(w.data, xb, (float*)out.data, O, n, I);
-    if (bias) cuda::launchAddBias((float*)out.data, n, O, bias->data, weightType(bias->dtype), stream_);
+    for (int i = 0; i < count; ++i) {
+      const Tensor& w = *targets[i].w;
+      matmulBf16(w.data, xb, (float*)targets[i].out->data, (int)w.rows, n, I);
+      if (targets[i].bias)
+        cuda::launchAddBias((float*)targets[i].out->data, n, (int)w.rows, targets[i].bias->data,
+                            weightType(targets[i].bias->dtype), stream_);
+    }
+  }
+
+  void linearSwiglu(const Tensor& x, int n, const Tensor& gate, const Tensor* gateB, const Tensor& up, const Tensor* upB,
+                    Tensor& upScratch, Tensor& out) override {
+    const LinearTarget t[2] = {{&gate, gateB, &out}, {&up, upB, &upScratch}};
+    if (!useGemv(n, t, 2) || gate.rows != up.rows) return Backend::linearSwiglu(x, n, gate, gateB, up, upB, upScratch, out);
+    ctx();
+    if (x.cols != gate.cols || x.cols != up.cols || out.cols != gate.rows)
+      throw EngineError(kErrInvalidArgument, "linearSwiglu: shape mismatch");
+    Timed timed(*this, "gemv_swiglu");
+    cuda::launchGemvSwiglu((const float*)x.data, n, (int)x.cols, {gate.data, gateB ? gateB->data : nullptr, (int)gate.rows, (float*)out.data},
+                           {up.data, upB ? upB->data : nullptr, (int)up.rows, nullptr}, weightType(gate.dtype), stream_);
   }
 
   void addInPlace(Tensor& x, const Tensor& y, int n) override {
@@ -339,6 +375,83 @@ class CudaBackend : public Backend {
     Timed timed(*this, "rope");
     const int32_t* dPos = stage(1, positions, n);
     cuda::launchRope((float*)x.data, n, heads, headDim, dPos, deviceInvFreq(invFreq), attentionScale, stream_);
+  }
+
+  void ropeKvWrite(Tensor& q, int numHeads, Tensor* k, const Tensor* v, int numKvHeads, int headDim, int n,
+                   const int32_t* positions, const std::vector<float>& invFreq, float attentionScale, const KvView* kv,
+                   int slot) override {
+    ctx();
+    Timed timed(*this, "rope_kv_write");
+    cuda::PagedKv p{};
+    if (k) p = paged(*kv, slot, n, positions);
+    const int32_t* dPos = stage(1, positions, n);
+    cuda::launchRopeKvWrite((float*)q.data, numHeads, k ? (const float*)k->data : nullptr, v ? (const float*)v->data : nullptr,
+                            numKvHeads, headDim, n, dPos, deviceInvFreq(invFreq), attentionScale, k ? &p : nullptr, stream_);
+  }
+
+  // ---- decode-step graphs (Backend::replayStep and friends) ----
+
+  bool replayStep(uint64_t key, const StepInputs& in, Tensor& logits) override {
+    if (!graphsEnabled_) return false;
+    auto it = graphs_.find(key);
+    if (it == graphs_.end()) return false;
+    StepGraph& g = *it->second;
+    if (g.n != in.n || g.tableInts != in.tableInts) return false;
+    ctx();
+    uploadInputs(g, in);
+    cudaOk(cudaGraphLaunch(g.exec, stream_), "cudaGraphLaunch");
+    g.lastUse = ++useClock_;
+    logits = g.logits;
+    return true;
+  }
+
+  bool beginStepCapture(uint64_t key, const StepInputs& in) override {
+    if (!graphsEnabled_ || recording_ || unrecordable_.count(key)) return false;
+    ctx();
+    auto g = std::make_unique<StepGraph>();
+    g->n = in.n;
+    g->tableInts = in.tableInts;
+    g->inputs = deviceAlloc(sizeof(int32_t) * g->inputInts());
+    uploadInputs(*g, in);  // before the recording starts: this copy runs now
+    g->hostInputs.assign(pinnedInputs_, pinnedInputs_ + g->inputInts());
+    cudaOk(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "cudaStreamBeginCapture");
+    recording_ = std::move(g);
+    recordingKey_ = key;
+    return true;
+  }
+
+  void endStepCapture(const Tensor& logits) override {
+    std::unique_ptr<StepGraph> g = std::move(recording_);
+    if (!g) throw EngineError("LCKV_CUDA", "endStepCapture without a recording");
+    cudaGraph_t graph = nullptr;
+    cudaError_t e = cudaStreamEndCapture(stream_, &graph);
+    if (e == cudaSuccess) e = cudaGraphInstantiate(&g->exec, graph, 0);
+    if (graph) cudaGraphDestroy(graph);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      unrecordable_.insert(recordingKey_);
+      throw EngineError("LCKV_CUDA", std::string("recording a decode step: ") + cudaGetErrorString(e));
+    }
+    g->logits = logits;
+    if (graphs_.size() >= kMaxGraphs) {  // the least recently used recording goes
+      auto lru = graphs_.begin();
+      for (auto it = graphs_.begin(); it != graphs_.end(); ++it)
+        if (it->second->lastUse < lru->second->lastUse) lru = it;
+      graphs_.erase(lru);
+    }
+    g->lastUse = ++useClock_;
+    cudaOk(cudaGraphLaunch(g->exec, stream_), "cudaGraphLaunch");
+    graphs_[recordingKey_] = std::move(g);
+  }
+
+  void abortStepCapture() override {
+    if (!recording_) return;
+    recording_.reset();
+    cudaGraph_t graph = nullptr;
+    cudaStreamEndCapture(stream_, &graph);
+    if (graph) cudaGraphDestroy(graph);
+    cudaGetLastError();
+    unrecordable_.insert(recordingKey_);
   }
 
   // The page tables and row-to-sequence map on the device, checked on the host: the pages
@@ -419,8 +532,8 @@ class CudaBackend : public Backend {
     }
     const cuda::PagedKv p = paged(kv, slot, n, positions);
     const int32_t* dPos = stage(1, positions, n);
-    const int64_t wsFloats = cuda::attentionWorkspaceFloats(n, sp.numHeads, sp.headDim, std::max(maxVisible, 1));
-    std::shared_ptr<void> ws = wsFloats > 0 ? blocks_.get((size_t)wsFloats * sizeof(float)) : nullptr;
+    const int64_t wsFloats = cuda::attentionWorkspaceFloats(n, sp.numHeads, sp.numKvHeads, sp.headDim, std::max(maxVisible, 1));
+    std::shared_ptr<void> ws = wsFloats > 0 ? block((size_t)wsFloats * sizeof(float)) : nullptr;
     bool oneSequence = true;
     for (int r = 1; r < n && oneSequence; ++r) oneSequence = kv.rowSeq[r] == kv.rowSeq[0];
     cuda::launchAttention((const float*)q.data, n, dPos, std::max(maxVisible, 1), p, sp.numHeads, sp.numKvHeads,
@@ -459,6 +572,79 @@ class CudaBackend : public Backend {
       if (be.profiler_.enabled()) be.profiler_.end(be.stream_);
     }
   };
+  // One recorded decode step. Its inputs live in its own device buffer, packed as token ids |
+  // positions | page tables | row-to-sequence map; every block its ops use is held here, so
+  // the addresses the recording baked in stay valid (and unshared) while it lives.
+  struct StepGraph {
+    cudaGraphExec_t exec = nullptr;
+    int n = 0, tableInts = 0;
+    std::shared_ptr<void> inputs;
+    std::vector<int32_t> hostInputs;  // what the recording was given, to match the ops' host arrays
+    std::vector<std::shared_ptr<void>> holds;
+    Tensor logits;
+    uint64_t lastUse = 0;
+    size_t inputInts() const { return 3 * (size_t)n + (size_t)tableInts; }
+    ~StepGraph() {
+      if (exec) cudaGraphExecDestroy(exec);
+    }
+  };
+  static constexpr size_t kMaxGraphs = 32;
+
+  // Copies a step's inputs through a pinned buffer into g.inputs (stream-ordered; the pinned
+  // buffer is rewritten only after the previous copy has read it).
+  void uploadInputs(StepGraph& g, const StepInputs& in) {
+    const size_t ints = g.inputInts();
+    if (pinnedInputsCap_ < ints) {
+      if (pinnedInputs_) {
+        cudaOk(cudaStreamSynchronize(stream_), "inputs sync");
+        cudaFreeHost(pinnedInputs_);
+        pinnedInputs_ = nullptr;
+      }
+      cudaOk(cudaMallocHost(&pinnedInputs_, sizeof(int32_t) * ints), "cudaMallocHost");
+      pinnedInputsCap_ = ints;
+    } else if (inputsCopied_) {
+      cudaOk(cudaEventSynchronize(inputsCopied_), "inputs event");
+    }
+    int32_t* h = pinnedInputs_;
+    std::memcpy(h, in.tokens, sizeof(int32_t) * (size_t)in.n);
+    std::memcpy(h + in.n, in.positions, sizeof(int32_t) * (size_t)in.n);
+    std::memcpy(h + 2 * in.n, in.tables, sizeof(int32_t) * (size_t)in.tableInts);
+    std::memcpy(h + 2 * in.n + in.tableInts, in.rowSeq, sizeof(int32_t) * (size_t)in.n);
+    cudaOk(cudaMemcpyAsync(g.inputs.get(), h, sizeof(int32_t) * ints, cudaMemcpyHostToDevice, stream_), "step inputs");
+    if (!inputsCopied_) cudaOk(cudaEventCreateWithFlags(&inputsCopied_, cudaEventDisableTiming), "cudaEventCreate");
+    cudaOk(cudaEventRecord(inputsCopied_, stream_), "cudaEventRecord");
+  }
+
+  // Device memory for an op; while a step is recorded, the recording keeps it.
+  std::shared_ptr<void> block(size_t bytes) {
+    std::shared_ptr<void> b = blocks_.get(bytes);
+    if (recording_) recording_->holds.push_back(b);
+    return b;
+  }
+
+  // While recording, a staged array must be one of the step's inputs: the recorded op then
+  // reads it from the recording's input buffer, which each replay refills.
+  const int32_t* recordedInput(int which, const int32_t* host, int n) {
+    const StepGraph& g = *recording_;
+    size_t off = 0, len = 0;
+    switch (which) {
+      case 0: off = 0; len = (size_t)g.n; break;
+      case 1: off = (size_t)g.n; len = (size_t)g.n; break;
+      case 3: off = 2 * (size_t)g.n; len = (size_t)g.tableInts; break;
+      case 4: off = 2 * (size_t)g.n + (size_t)g.tableInts; len = (size_t)g.n; break;
+      default: break;
+    }
+    if (len == 0 || (size_t)n != len || std::memcmp(host, g.hostInputs.data() + off, sizeof(int32_t) * len) != 0)
+      throw EngineError("LCKV_CUDA", "a recorded decode step reads a host array that is not one of its inputs");
+    return (const int32_t*)g.inputs.get() + off;
+  }
+
+  bool useGemv(int n, const LinearTarget* t, int count) const {
+    for (int i = 1; i < count; ++i)
+      if (t[i].w->dtype != t[0].w->dtype) return false;
+    return count <= cuda::kGemvMaxTargets && (n <= kGemvMaxRows || t[0].w->dtype != DType::BF16);
+  }
+
   // Up to this many rows (decode batches) the GEMV runs, whose result for a row does not depend on
   // the other rows: a sequence decodes the same alone or in a batch. Larger chunks use cuBLASLt.
   static constexpr int kGemvMaxRows = 16;
@@ -471,6 +657,7 @@ class CudaBackend : public Backend {
   // layers). The copy is stream-ordered after earlier readers of the buffer, and a copy from
   // pageable memory returns once the host data is taken, so no synchronisation is needed.
   const int32_t* stage(int which, const int32_t* host, int n) {
+    if (recording_) return recordedInput(which, host, n);
     auto& buf = staging_[which];
     if ((int)buf.cap < n) {
       buf.mem = deviceAlloc(sizeof(int32_t) * (size_t)std::max(n, 256));
@@ -487,6 +674,7 @@ class CudaBackend : public Backend {
   const float* deviceInvFreq(const std::vector<float>& f) {
     auto it = invFreq_.find(f.data());
     if (it != invFreq_.end()) return (const float*)it->second.get();
+    if (recording_) throw EngineError("LCKV_CUDA", "RoPE frequencies first uploaded inside a recorded step");
     auto mem = deviceAlloc(f.size() * sizeof(float));
     cudaOk(cudaMemcpyAsync(mem.get(), f.data(), f.size() * sizeof(float), cudaMemcpyHostToDevice, stream_), "invFreq");
     invFreq_[f.data()] = mem;
@@ -494,6 +682,7 @@ class CudaBackend : public Backend {
   }
 
   void* scratchBf16(size_t count) {
+    if (recording_ && bf16Cap_ < count) return block(count * 2).get();  // no synchronising while recording
     if (bf16Cap_ < count) {
       cudaOk(cudaStreamSynchronize(stream_), "scratch sync");
       bf16Scratch_ = deviceAlloc(count * 2);
@@ -555,6 +744,17 @@ class CudaBackend : public Backend {
   std::shared_ptr<void> bf16Scratch_;
   BlockCache blocks_;
   OpProfiler profiler_;
+  const bool graphsEnabled_ = [this] {
+    const char* e = std::getenv("LCKV_CUDA_GRAPHS");
+    return (e == nullptr || std::string(e) != "0") && !profiler_.enabled();
+  }();
+  std::map<uint64_t, std::unique_ptr<StepGraph>> graphs_;
+  std::set<uint64_t> unrecordable_;  // keys whose recording failed: they run unrecorded
+  std::unique_ptr<StepGraph> recording_;
+  uint64_t recordingKey_ = 0, useClock_ = 0;
+  int32_t* pinnedInputs_ = nullptr;
+  size_t pinnedInputsCap_ = 0;
+  cudaEvent_t inputsCopied_ = nullptr;
   size_t bf16Cap_ = 0;
 };
 

@@ -102,11 +102,40 @@ class Backend {
     addInPlace(h, delta, n);
     norm(kind, h, n, weight, bias, eps, out);
   }
+  // Up to three linears of the same input (a layer's Q, K and V): targets[i].out = x @ w^T (+ bias).
+  // A GPU reads x once and launches once; the default calls linear() for each.
+  struct LinearTarget {
+    const Tensor* w;
+    const Tensor* bias;  // may be null
+    Tensor* out;
+  };
+  virtual void linears(const Tensor& x, int n, const LinearTarget* targets, int count) {
+    for (int i = 0; i < count; ++i) linear(x, n, *targets[i].w, targets[i].bias, *targets[i].out);
+  }
+  // out = silu(x @ gate^T + gateB) * (x @ up^T + upB), the input half of a SwiGLU MLP. upScratch
+  // (out's shape) may hold the up product; a GPU computes both products and the activation in
+  // one pass without storing them.
+  virtual void linearSwiglu(const Tensor& x, int n, const Tensor& gate, const Tensor* gateB, const Tensor& up,
+                            const Tensor* upB, Tensor& upScratch, Tensor& out) {
+    linear(x, n, gate, gateB, out);
+    linear(x, n, up, upB, upScratch);
+    swiglu(out, upScratch, n, out);
+  }
   // Rotates heads of x[n, heads*headDim] (rotate-half layout) at positions[r].
   virtual void rope(Tensor& x, int n, int heads, int headDim, const int32_t* positions,
                     const std::vector<float>& invFreq, float attentionScale) = 0;
   // Writes K and V rows r at positions[r] into `slot` of the pages of sequence kv.rowSeq[r].
   virtual void kvWrite(const KvView& kv, int slot, const Tensor& k, const Tensor& v, int n, const int32_t* positions) = 0;
+  // rope() of q, and for a layer that owns K/V (k given): rope() of k, then kvWrite() of k and v.
+  // A GPU does it in one pass. k's contents afterwards are unspecified.
+  virtual void ropeKvWrite(Tensor& q, int numHeads, Tensor* k, const Tensor* v, int numKvHeads, int headDim, int n,
+                           const int32_t* positions, const std::vector<float>& invFreq, float attentionScale,
+                           const KvView* kv, int slot) {
+    rope(q, n, numHeads, headDim, positions, invFreq, attentionScale);
+    if (!k) return;
+    rope(*k, n, numKvHeads, headDim, positions, invFreq, attentionScale);
+    kvWrite(*kv, slot, *k, *v, n, positions);
+  }
   // Zeroes `slot`'s K and V at positions [start, start+n) of table row `seq`.
   virtual void kvZero(const KvView& kv, int seq, int slot, int start, int n) = 0;
   // Copies `slot`'s K then V at positions [start, start+n) of table row `seq` to host memory
@@ -133,6 +162,31 @@ class Backend {
     download(logitsRow, 0, 1, row.data());
     return sampleToken(row.data(), vocab, p, history, position);
   }
+
+  // Decode-step graphs (CUDA graphs on the GPU). A decode step launches a few hundred small
+  // kernels; a backend that can record them once and replay the recording saves launching each.
+  // Between replays of one recording only these inputs change, so the recorded ops must read
+  // them from where the backend keeps them: the step's token ids, positions, page tables (as
+  // KvView::tables) and row-to-sequence map, exactly the host arrays the ops will be given.
+  struct StepInputs {
+    const int32_t* tokens;
+    const int32_t* positions;
+    int n;
+    const int32_t* tables;
+    int tableInts;
+    const int32_t* rowSeq;
+  };
+  // Runs the step recorded under `key` with these inputs and points `logits` at its output;
+  // false when nothing is recorded under key (or the backend does not record).
+  virtual bool replayStep(uint64_t key, const StepInputs& in, Tensor& logits) { return false; }
+  // Starts recording the step `key`: the ops called until endStepCapture() are recorded, not run.
+  // False when the backend does not record now (then the ops run as usual).
+  virtual bool beginStepCapture(uint64_t key, const StepInputs& in) { return false; }
+  // Ends the recording, keeps it under its key and runs it once; `logits` is the step's output.
+  // Throws when the recording failed; nothing ran then.
+  virtual void endStepCapture(const Tensor& logits) {}
+  // Abandons a recording after an error in an op (nothing ran).
+  virtual void abortStepCapture() {}
 
   // Free and total bytes of the device's memory (0, 0 where that means nothing: the CPU).
   virtual void memoryInfo(size_t& freeBytes, size_t& totalBytes) { freeBytes = totalBytes = 0; }

@@ -273,9 +273,12 @@ void Model::shiftSequence(SequenceState& seq, int sink, int drop) {
 }
 
 // Points s.kv at the page tables of seqs; rowSeq[r] is the sequence of row r of the forward.
-void Model::viewPages(Scratch& s, const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& rowSeq) {
+void Model::viewPages(Scratch& s, const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& rowSeq, bool roundStride) {
   size_t stride = 1;
   for (SequenceState* q : seqs) stride = std::max(stride, q->kv->table().size());
+  // A recorded decode step has its table stride built in: a power of two changes rarely.
+  if (roundStride)
+    while (stride & (stride - 1)) stride += stride & (~stride + 1);
   s.tables.assign(seqs.size() * stride, -1);
   for (size_t i = 0; i < seqs.size(); ++i) std::copy(seqs[i]->kv->table().begin(), seqs[i]->kv->table().end(), s.tables.begin() + (int64_t)(i * stride));
   s.rowSeq = rowSeq;
@@ -313,15 +316,18 @@ void Model::runLayer(Scratch& s, int n, const int32_t* pos, int i) {
   if (s.pendingResidual) be.addNorm(nk, s.h, s.o, n, L.attnNormW, opt(L.attnNormB), c.normEps, s.x);
   else be.norm(nk, s.h, n, L.attnNormW, opt(L.attnNormB), c.normEps, s.x);
   s.pendingResidual = false;
-  be.linear(s.x, n, L.q, opt(L.qB), s.q);
-  if (rope) be.rope(s.q, n, c.numHeads, c.headDim, pos, c.ropeInvFreq, c.ropeAttentionScale);
   const int ownSlot = c.plan.kvSlot[i];
   if (ownSlot >= 0) {
-    be.linear(s.x, n, L.k, opt(L.kB), s.k);
-    be.linear(s.x, n, L.v, opt(L.vB), s.v);
-    if (rope) be.rope(s.k, n, c.numKvHeads, c.headDim, pos, c.ropeInvFreq, c.ropeAttentionScale);
-    be.kvWrite(s.kv, ownSlot, s.k, s.v, n, pos);
+    const Backend::LinearTarget qkv[3] = {{&L.q, opt(L.qB), &s.q}, {&L.k, opt(L.kB), &s.k}, {&L.v, opt(L.vB), &s.v}};
+    be.linears(s.x, n, qkv, 3);
+  } else {
+    be.linear(s.x, n, L.q, opt(L.qB), s.q);
   }
+  if (rope)
+    be.ropeKvWrite(s.q, c.numHeads, ownSlot >= 0 ? &s.k : nullptr, &s.v, c.numKvHeads, c.headDim, n, pos, c.ropeInvFreq,
+                   c.ropeAttentionScale, &s.kv, ownSlot);
+  else if (ownSlot >= 0)
+    be.kvWrite(s.kv, ownSlot, s.k, s.v, n, pos);
   AttentionSpec spec;
   spec.numHeads = c.numHeads;
   spec.numKvHeads = c.numKvHeads;
@@ -334,9 +340,7 @@ void Model::runLayer(Scratch& s, int n, const int32_t* pos, int i) {
   be.linear(s.a, n, L.o, opt(L.oB), s.o);
   be.addNorm(nk, s.h, s.o, n, L.mlpNormW, opt(L.mlpNormB), c.normEps, s.x);
   if (c.style == BlockStyle::Llama) {
-    be.linear(s.x, n, L.gate, opt(L.gateB), s.g);
-    be.linear(s.x, n, L.up, opt(L.upB), s.u);
-    be.swiglu(s.g, s.u, n, s.g);
+    be.linearSwiglu(s.x, n, L.gate, opt(L.gateB), L.up, opt(L.upB), s.u, s.g);
     be.linear(s.g, n, L.down, opt(L.downB), s.o);
   } else {
     be.linear(s.x, n, L.up, opt(L.upB), s.u);
@@ -406,12 +410,36 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
   try {
     for (SequenceState* q : seqs) q->kv->prepareWrite(q->length(), 1);
     Scratch s;
-    allocScratch(s, n);
-    viewPages(s, seqs, rowSeq);
-    be.embed(tokens.data(), pos.data(), n, embed_, opt(posEmbed_), s.h);
-    // One token per sequence: strict layers read only earlier, final positions: one pass.
-    runLayers(s, n, pos.data(), 0, cfg_.numLayers - 1);
-    Tensor lg = computeLogits(s, 0, n);
+    viewPages(s, seqs, rowSeq, true);
+    // The step is recorded once per batch size, table stride and 256 positions of context (the
+    // attention's split-K plan is fixed in a recording), then replayed with new inputs.
+    int maxPos = 0;
+    for (int p : pos) maxPos = std::max(maxPos, p);
+    const uint64_t key = (uint64_t)n << 40 | (uint64_t)s.kv.stride << 20 | (uint64_t)(maxPos >> 8);
+    const Backend::StepInputs in{tokens.data(), pos.data(), n, s.tables.data(), (int)s.tables.size(), rowSeq.data()};
+    Tensor lg;
+    if (!be.replayStep(key, in, lg)) {
+      auto forward = [&] {
+        allocScratch(s, n);
+        be.embed(tokens.data(), pos.data(), n, embed_, opt(posEmbed_), s.h);
+        // One token per sequence: strict layers read only earlier, final positions: one pass.
+        runLayers(s, n, pos.data(), 0, cfg_.numLayers - 1);
+        return computeLogits(s, 0, n);
+      };
+      bool ran = false;
+      if (be.beginStepCapture(key, in)) {
+        try {
+          lg = forward();
+          be.endStepCapture(lg);
+          ran = true;
+        } catch (const std::exception&) {
+          // Nothing ran: an op that cannot be recorded (or a failed recording) runs unrecorded.
+          be.abortStepCapture();
+          s.pendingResidual = false;
+        }
+      }
+      if (!ran) lg = forward();
+    }
     for (int r = 0; r < n; ++r) {
       const SamplingParams& p = params[(size_t)r];
       std::vector<int32_t> history;

@@ -103,7 +103,8 @@ class Model {
 
   void runLayers(Scratch& s, int n, const int32_t* pos, int first, int last);
   void runLayer(Scratch& s, int n, const int32_t* pos, int layer);
-  void viewPages(Scratch& s, const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& rowSeq);
+  void viewPages(Scratch& s, const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& rowSeq,
+                 bool roundStride = false);
   void allocScratch(Scratch& s, int n);
   Tensor computeLogits(Scratch& s, int rowStart, int rows);
   void forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int start, const PrefillSpec& prefill,

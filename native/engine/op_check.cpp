@@ -79,7 +79,8 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
     r.compare("linear", dims({{"n", n}, {"in", I}, {"out", O}, {"bias", bias}}), o.first, o.second, n);
   }
   // norms
-  for (auto [n, E] : std::vector<std::pair<int, int>>{{1, 64}, {5, 2048}, {33, 100}}) {
+  // E % 4 != 0 (scalar loads), several chunks per thread, and rows past the register path.
+  for (auto [n, E] : std::vector<std::pair<int, int>>{{1, 64}, {5, 2048}, {33, 100}, {3, 99}, {2, 4098}, {2, 8192}, {1, 16384}, {2, 20000}}) {
     for (NormKind kind : {NormKind::Rms, NormKind::Layer}) {
       auto x = r.act(r.random((size_t)n * E, 2.0f), n, E);
       auto w = r.weight(r.random((size_t)E), 1, E);
@@ -92,7 +93,7 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
     }
   }
   // the residual add fused into the norm: both the updated residual and the normalised output
-  for (auto [n, E] : std::vector<std::pair<int, int>>{{1, 2048}, {17, 96}}) {
+  for (auto [n, E] : std::vector<std::pair<int, int>>{{1, 2048}, {17, 96}, {3, 99}, {2, 8192}, {2, 20000}}) {
     for (NormKind kind : {NormKind::Rms, NormKind::Layer}) {
       auto h = r.act(r.random((size_t)n * E, 2.0f), n, E);
       auto d = r.act(r.random((size_t)n * E), n, E);
@@ -118,18 +119,119 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
     test.rope(x.second, n, heads, hd, pos.data(), inv, 1.0f);
     r.compare("rope", dims({{"n", n}, {"heads", heads}, {"headDim", hd}}), x.first, x.second, n);
   }
+  // fused products of one input: Q, K and V in one GEMV launch (unequal heights, biases on some),
+  // and the SwiGLU MLP's gate and up with the activation applied as they are written.
+  for (auto [n, I, O0, O1] : std::vector<std::tuple<int, int, int, int>>{
+           {1, 2048, 2048, 256}, {5, 64, 96, 32}, {16, 512, 300, 8}, {40, 128, 64, 64}}) {
+    auto x = r.act(r.random((size_t)n * I), n, I);
+    auto wq = r.weight(r.random((size_t)O0 * I, 0.05f), O0, I);
+    auto wk = r.weight(r.random((size_t)O1 * I, 0.05f), O1, I);
+    auto wv = r.weight(r.random((size_t)O1 * I, 0.05f), O1, I);
+    auto bk = r.weight(r.random((size_t)O1), 1, O1);
+    auto oq = r.outputs(n, O0), ok = r.outputs(n, O1), ov = r.outputs(n, O1);
+    const Backend::LinearTarget ta[3] = {{&wq.first, nullptr, &oq.first}, {&wk.first, &bk.first, &ok.first}, {&wv.first, nullptr, &ov.first}};
+    const Backend::LinearTarget tb[3] = {{&wq.second, nullptr, &oq.second}, {&wk.second, &bk.second, &ok.second}, {&wv.second, nullptr, &ov.second}};
+    ref.linears(x.first, n, ta, 3);
+    test.linears(x.second, n, tb, 3);
+    const std::string shape = dims({{"n", n}, {"in", I}, {"out", O0}, {"out2", O1}});
+    r.compare("linears q", shape, oq.first, oq.second, n);
+    r.compare("linears k", shape, ok.first, ok.second, n);
+    r.compare("linears v", shape, ov.first, ov.second, n);
+
+    auto wg = r.weight(r.random((size_t)O0 * I, 0.05f), O0, I);
+    auto bu = r.weight(r.random((size_t)O0), 1, O0);
+    auto us = r.outputs(n, O0);
+    auto o = r.outputs(n, O0);
+    ref.linearSwiglu(x.first, n, wg.first, nullptr, wq.first, &bu.first, us.first, o.first);
+    test.linearSwiglu(x.second, n, wg.second, nullptr, wq.second, &bu.second, us.second, o.second);
+    r.compare("linear_swiglu", dims({{"n", n}, {"in", I}, {"out", O0}}), o.first, o.second, n);
+  }
+  // RoPE of q with K rotated into the cache and V beside it (a layer that owns K/V), for rows of
+  // two sequences at scattered positions; and q alone (a layer that reads another's K/V).
+  for (auto [n, heads, kvHeads, hd] : std::vector<std::tuple<int, int, int, int>>{{1, 32, 4, 64}, {6, 4, 2, 16}, {3, 2, 2, 128}}) {
+    std::vector<float> inv((size_t)hd / 2);
+    for (int j = 0; j < hd / 2; ++j) inv[(size_t)j] = (float)(1.0 / std::pow(10000.0, 2.0 * j / hd));
+    KvLayout L;
+    L.slots = 2;
+    L.kvDim = kvHeads * hd;
+    L.pageTokens = 16;
+    const int pagesPerSeq = 8, seqs = 2, pages = pagesPerSeq * seqs;
+    std::vector<int32_t> tables((size_t)pages);
+    for (int i = 0; i < pages; ++i) tables[(size_t)i] = i;
+    std::shuffle(tables.begin(), tables.end(), r.rng);
+    std::vector<int32_t> pos((size_t)n), seq((size_t)n);
+    for (int i = 0; i < n; ++i) {
+      seq[(size_t)i] = i % seqs;
+      pos[(size_t)i] = (int32_t)(i / seqs * 37 + (int)(r.rng() % 16)) % (pagesPerSeq * L.pageTokens);
+    }
+    Tensor poolA = ref.alloc(pages, L.pageFloats()), poolB = test.alloc(pages, L.pageFloats());
+    ref.poison(poolA);
+    test.poison(poolB);
+    KvView va{&poolA, L, tables.data(), pagesPerSeq, seqs, seq.data()};
+    KvView vb{&poolB, L, tables.data(), pagesPerSeq, seqs, seq.data()};
+    auto q = r.act(r.random((size_t)n * heads * hd), n, (int64_t)heads * hd);
+    auto q2 = r.act(r.random((size_t)n * heads * hd), n, (int64_t)heads * hd);
+    auto k = r.act(r.random((size_t)n * L.kvDim), n, L.kvDim);
+    auto v = r.act(r.random((size_t)n * L.kvDim), n, L.kvDim);
+    ref.ropeKvWrite(q.first, heads, &k.first, &v.first, kvHeads, hd, n, pos.data(), inv, 1.0f, &va, 1);
+    test.ropeKvWrite(q.second, heads, &k.second, &v.second, kvHeads, hd, n, pos.data(), inv, 1.0f, &vb, 1);
+    ref.ropeKvWrite(q2.first, heads, nullptr, nullptr, kvHeads, hd, n, pos.data(), inv, 1.0f, nullptr, 0);
+    test.ropeKvWrite(q2.second, heads, nullptr, nullptr, kvHeads, hd, n, pos.data(), inv, 1.0f, nullptr, 0);
+    const std::string shape = dims({{"n", n}, {"heads", heads}, {"kvHeads", kvHeads}, {"headDim", hd}});
+    r.compare("rope_kv_write q", shape, q.first, q.second, n);
+    r.compare("rope_kv_write q alone", shape, q2.first, q2.second, n);
+    // The cache rows each wrote: K (rotated) then V, read back position by position.
+    std::vector<float> ka, kb, all_a, all_b;
+    for (int i = 0; i < n; ++i) {
+      ref.kvRead(va, seq[(size_t)i], 1, pos[(size_t)i], 1, ka);
+      test.kvRead(vb, seq[(size_t)i], 1, pos[(size_t)i], 1, kb);
+      all_a.insert(all_a.end(), ka.begin(), ka.end());
+      all_b.insert(all_b.end(), kb.begin(), kb.end());
+    }
+    auto written = r.act(all_a, 2 * n, L.kvDim);
+    test.writeRows(written.second, 0, 2 * n, all_b.data());
+    r.compare("rope_kv_write cache", shape, written.first, written.second, 2 * n);
+  }
   // attention over paged K/V: decode (one query per sequence, several sequences of different
   // lengths in one call) and prefill (many queries of one sequence); causal/strict, windows,
   // GQA. Pages are handed out in a shuffled order, so a kernel that assumes contiguous pages
-  // fails.
-  struct AttnCase { int ctx, n, heads, kvHeads, hd; bool strict; int window; int seqs; };
-  for (const AttnCase& c : std::vector<AttnCase>{{1, 1, 4, 4, 16, true, 0, 1}, {1, 1, 4, 2, 16, false, 0, 1},
-                                                 {300, 1, 32, 4, 64, false, 0, 1}, {4096, 1, 32, 4, 64, true, 0, 1},
-                                                 {4096, 1, 8, 8, 128, false, 512, 1}, {33, 33, 4, 2, 32, true, 0, 1},
-                                                 {200, 64, 32, 4, 64, false, 16, 1}, {96, 96, 2, 1, 32, true, 4, 1},
-                                                 {700, 1, 8, 2, 64, false, 0, 5}, {40, 1, 4, 4, 128, true, 0, 16},
-                                                 {300, 48, 8, 2, 128, false, 0, 1}, {64, 20, 4, 4, 16, true, 0, 1},
-                                                 {2048, 512, 32, 4, 64, true, 0, 1}}) {
+  // fails. Sequence s holds ctx - 7 s tokens (at least one) unless `lengths` lists them.
+  // The decode cases cover the GPU's split-K kernel: 1 to 32 query heads per K/V head (8 is
+  // TinyLlama's; 12 and 32 take several blocks per group), head sizes that are not multiples of
+  // 32 (or of 4), contexts long enough to be cut into many chunks, a row with no visible key
+  // (strict, position 0) beside long rows, and rows of 1 and 3000 keys in one call.
+  struct AttnCase {
+    int ctx, n, heads, kvHeads, hd;
+    bool strict;
+    int window, seqs;
+    std::vector<int> lengths = {};
+  };
+  for (AttnCase c : std::vector<AttnCase>{{1, 1, 4, 4, 16, true, 0, 1}, {1, 1, 4, 2, 16, false, 0, 1},
+                                          {300, 1, 32, 4, 64, false, 0, 1}, {4096, 1, 32, 4, 64, true, 0, 1},
+                                          {4096, 1, 8, 8, 128, false, 512, 1}, {33, 33, 4, 2, 32, true, 0, 1},
+                                          {200, 64, 32, 4, 64, false, 16, 1}, {96, 96, 2, 1, 32, true, 4, 1},
+                                          {700, 1, 8, 2, 64, false, 0, 5}, {40, 1, 4, 4, 128, true, 0, 16},
+                                          {300, 48, 8, 2, 128, false, 0, 1}, {64, 20, 4, 4, 16, true, 0, 1},
+                                          {2048, 512, 32, 4, 64, true, 0, 1},
+                                          // decode: GQA 8 (TinyLlama), one row and 16 rows of 2048 - 7 s keys
+                                          {2048, 1, 32, 4, 64, false, 0, 1}, {2048, 1, 32, 4, 64, true, 0, 16},
+                                          // MHA (G = 1), G = 4 with head size 128
+                                          {1500, 1, 6, 6, 64, false, 0, 3}, {2048, 1, 16, 4, 128, false, 0, 6},
+                                          // sliding windows shorter and longer than some rows
+                                          {3000, 1, 32, 4, 64, false, 1000, 8}, {600, 1, 16, 2, 64, true, 100, 4},
+                                          // strict: rows at position 0 beside long rows
+                                          {2500, 1, 32, 4, 64, true, 0, 4, {1, 2500, 1, 700}},
+                                          // very different lengths in one call
+                                          {3000, 1, 32, 4, 64, false, 0, 4, {1, 3000, 17, 2999}},
+                                          // G = 12 and 32 (several blocks per group), head sizes 80, 100, 50
+                                          {1200, 1, 24, 2, 80, false, 0, 3}, {1200, 1, 32, 1, 64, true, 0, 2},
+                                          {900, 1, 8, 2, 100, false, 0, 3}, {500, 1, 12, 2, 50, false, 0, 2},
+                                          // a few queries of one sequence (below the prefill kernel's 16)
+                                          {700, 8, 32, 4, 64, true, 0, 1}}) {
+    if (!c.lengths.empty()) {
+      c.seqs = (int)c.lengths.size();
+      c.ctx = *std::max_element(c.lengths.begin(), c.lengths.end());
+    }
     KvLayout L;
     L.slots = 2;
     L.kvDim = c.kvHeads * c.hd;
@@ -144,10 +246,9 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
     Tensor poolA = ref.alloc(pages, L.pageFloats()), poolB = test.alloc(pages, L.pageFloats());
     ref.poison(poolA);
     test.poison(poolB);
-    // Sequence s holds ctx - 7 s tokens (at least one); one query per sequence (decode) or the
-    // last n positions of sequence 0 (prefill).
+    // One query per sequence (decode) or the last n positions of sequence 0 (prefill).
     std::vector<int32_t> len((size_t)c.seqs);
-    for (int q = 0; q < c.seqs; ++q) len[(size_t)q] = std::max(1, c.ctx - 7 * q);
+    for (int q = 0; q < c.seqs; ++q) len[(size_t)q] = c.lengths.empty() ? std::max(1, c.ctx - 7 * q) : c.lengths[(size_t)q];
     std::vector<int32_t> wpos, wseq;
     for (int q = 0; q < c.seqs; ++q)
       for (int i = 0; i < len[(size_t)q]; ++i) {

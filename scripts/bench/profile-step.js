@@ -1,0 +1,64 @@
+#!/usr/bin/env node
+/**
+ * Times decode steps of one model at one batch size and context, for looking at where a step's
+ * time goes. With LCKV_PROFILE=1 the CUDA backend prints its per-op table (CUDA events) when
+ * the model is disposed; docs/profiling.md explains both.
+ *
+ *   LCKV_PROFILE=1 node scripts/bench/profile-step.js --context 2048 --batch 1
+ *   node scripts/bench/profile-step.js --layer-types 0_20_20_..._20_21 --batch 16
+ *
+ * Without --model it writes (once) a TinyLlama-1.1B-shaped model with random bf16 weights.
+ */
+const { execFileSync } = require("node:child_process");
+const fs = require("node:fs");
+const os = require("node:os");
+const path = require("node:path");
+const { Command } = require("commander");
+const { loadModel } = require("../../dist");
+
+const opt = new Command()
+  .name("profile-step")
+  .option("--model <dir>", "a model directory (default: a random TinyLlama-shaped model)")
+  .option("--layer-types <pattern>", "for the random model: its layer_types (default: standard)")
+  .option("--context <n>", "tokens in each sequence before the timed steps", "2048")
+  .option("--batch <n>", "sequences decoding together", "1")
+  .option("--steps <n>", "timed decode steps (after 8 of warm-up)", "64")
+  .option("--device <d>", "cuda or cpu", "cuda")
+  .parse()
+  .opts();
+
+const context = +opt.context, batch = +opt.batch, steps = +opt.steps;
+let dir = opt.model;
+if (!dir) {
+  dir = path.join(os.tmpdir(), "lckv-bench", opt.layerTypes ? `profile-${opt.layerTypes.length}-${opt.layerTypes.slice(0, 40)}` : "standard");
+  if (!fs.existsSync(path.join(dir, "config.json"))) {
+    const args = ["--out", dir, ...(opt.layerTypes ? ["--layer-types", opt.layerTypes] : [])];
+    execFileSync(process.execPath, [path.join(__dirname, "make-random-model.js"), ...args], { stdio: "inherit" });
+  }
+}
+
+(async () => {
+  const model = await loadModel(dir, { device: opt.device, prefixCache: 0, maxBatch: Math.max(batch, 1), kvCacheMemory: 2 ** 30 });
+  const V = model.config.vocabSize;
+  const base = model.createSequence();
+  await base.append(Array.from({ length: context }, (_, i) => (i * 7919 + 13) % V));
+  const seqs = Array.from({ length: batch }, () => base.fork());
+  const run = async (n) => {
+    const t0 = process.hrtime.bigint();
+    await Promise.all(seqs.map(async (s) => {
+      for await (const x of s.generate({ maxNewTokens: n, temperature: 0, ignoreEos: true })) void x;
+    }));
+    return Number(process.hrtime.bigint() - t0) / 1e6;
+  };
+  await run(8);
+  const ms = await run(steps);
+  console.log(
+    `${path.basename(dir)}: batch ${batch}, context ${context}: ${(ms / steps).toFixed(3)} ms/step, ${((batch * steps * 1e3) / ms).toFixed(0)} tokens/s`,
+  );
+  for (const s of seqs) s.dispose();
+  base.dispose();
+  await model.dispose();
+})().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});
