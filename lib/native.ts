@@ -89,7 +89,8 @@ export interface NativeModel {
   /** "" when every page's reference count matches the live page tables, else the first mismatch. */
   auditPool(): string;
   /** Free and total device memory in bytes (0, 0 on the CPU). */
-  memoryInfo(): { free: number; total: number };
+  /** Device memory, and the decode-step graphs the backend keeps and how often it replayed them. */
+  memoryInfo(): { free: number; total: number; stepGraphs: number; stepGraphReplays: number };
   dispose(): void;
   readonly weightBytes: number;
   readonly backend: string;

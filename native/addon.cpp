@@ -671,6 +671,10 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     Napi::Object o = Napi::Object::New(info.Env());
     o.Set("free", (double)freeBytes);
     o.Set("total", (double)totalBytes);
+    int64_t recorded = 0, replayed = 0;
+    m->model->backend().stepGraphStats(recorded, replayed);
+    o.Set("stepGraphs", (double)recorded);
+    o.Set("stepGraphReplays", (double)replayed);
     return o;
   }
 

@@ -401,8 +401,14 @@ class CudaBackend : public Backend {
     uploadInputs(g, in);
     cudaOk(cudaGraphLaunch(g.exec, stream_), "cudaGraphLaunch");
     g.lastUse = ++useClock_;
+    ++replays_;
     logits = g.logits;
     return true;
+  }
+
+  void stepGraphStats(int64_t& recorded, int64_t& replayed) override {
+    recorded = (int64_t)graphs_.size();
+    replayed = replays_;
   }
 
   bool beginStepCapture(uint64_t key, const StepInputs& in) override {
@@ -533,7 +539,17 @@ class CudaBackend : public Backend {
     const cuda::PagedKv p = paged(kv, slot, n, positions);
     const int32_t* dPos = stage(1, positions, n);
     const int64_t wsFloats = cuda::attentionWorkspaceFloats(n, sp.numHeads, sp.numKvHeads, sp.headDim, std::max(maxVisible, 1));
-    std::shared_ptr<void> ws = wsFloats > 0 ? block((size_t)wsFloats * sizeof(float)) : nullptr;
+    std::shared_ptr<void> ws;
+    if (wsFloats > 0 && recording_) {
+      // One split-K workspace per recording, shared by its layers (they run one after another).
+      if (recording_->attentionWorkspaceFloats < wsFloats) {
+        recording_->attentionWorkspace = block((size_t)wsFloats * sizeof(float));
+        recording_->attentionWorkspaceFloats = wsFloats;
+      }
+      ws = recording_->attentionWorkspace;
+    } else if (wsFloats > 0) {
+      ws = blocks_.get((size_t)wsFloats * sizeof(float));
+    }
     bool oneSequence = true;
     for (int r = 1; r < n && oneSequence; ++r) oneSequence = kv.rowSeq[r] == kv.rowSeq[0];
     cuda::launchAttention((const float*)q.data, n, dPos, std::max(maxVisible, 1), p, sp.numHeads, sp.numKvHeads,
@@ -581,6 +597,8 @@ class CudaBackend : public Backend {
     std::shared_ptr<void> inputs;
     std::vector<int32_t> hostInputs;  // what the recording was given, to match the ops' host arrays
     std::vector<std::shared_ptr<void>> holds;
+    std::shared_ptr<void> attentionWorkspace;
+    int64_t attentionWorkspaceFloats = 0;
     Tensor logits;
     uint64_t lastUse = 0;
     size_t inputInts() const { return 3 * (size_t)n + (size_t)tableInts; }
@@ -752,6 +770,7 @@ class CudaBackend : public Backend {
   std::set<uint64_t> unrecordable_;  // keys whose recording failed: they run unrecorded
   std::unique_ptr<StepGraph> recording_;
   uint64_t recordingKey_ = 0, useClock_ = 0;
+  int64_t replays_ = 0;
   int32_t* pinnedInputs_ = nullptr;
   size_t pinnedInputsCap_ = 0;
   cudaEvent_t inputsCopied_ = nullptr;

@@ -187,6 +187,8 @@ class Backend {
   virtual void endStepCapture(const Tensor& logits) {}
   // Abandons a recording after an error in an op (nothing ran).
   virtual void abortStepCapture() {}
+  // Recordings kept now, and replays so far (for tests and profiling).
+  virtual void stepGraphStats(int64_t& recorded, int64_t& replayed) { recorded = replayed = 0; }
 
   // Free and total bytes of the device's memory (0, 0 where that means nothing: the CPU).
   virtual void memoryInfo(size_t& freeBytes, size_t& totalBytes) { freeBytes = totalBytes = 0; }

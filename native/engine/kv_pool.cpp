@@ -229,7 +229,21 @@ void KvPages::prepareWrite(int start, int n) {
   }
   lk.unlock();
   // The copies read pages other holders keep (nobody writes a shared page), so they need no lock.
-  for (auto [from, to] : copy) pool.backend_.copyRows(pool.storage_, from, pool.storage_, to, 1);
+  try {
+    for (auto [from, to] : copy) pool.backend_.copyRows(pool.storage_, from, pool.storage_, to, 1);
+  } catch (...) {
+    // A copy that fails must not leave an uncopied page in the table: the shared pages go back
+    // in (the sequence reads what it read before) and the fresh ones to the pool. Appended
+    // pages lie past the sequence's length, where rollbackWrite() returns them.
+    std::lock_guard<std::mutex> relock(pool.mu_);
+    for (size_t c = 0; c < copy.size(); ++c) {
+      table_[(size_t)copies[c]] = copy[c].first;
+      ++pool.refs_[(size_t)copy[c].first];
+      holdLocked(copy[c].first);
+      dropLocked(copy[c].second);
+    }
+    throw;
+  }
 }
 
 void KvPages::rollbackWrite(int n) {

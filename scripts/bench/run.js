@@ -396,7 +396,17 @@ async function experiment5(rates) {
     for (const k of ["throughput", "decode", "prefill", "peers", "attention"]) if (old[k] && !only.has({ throughput: 1, decode: 2, prefill: 3, peers: 4, attention: 5 }[k])) results[k] = old[k];
     results.commands = [...(old.commands ?? [`${old.command} (${old.date}, ${old.rates?.card})`])];
   }
-  results.commands = [...(results.commands ?? []), `${results.command} (${results.date}, ${rates.card}: experiments ${[...only].join(", ")})`];
+  // The code measured: LCKV_COMMIT where the checkout has no git history (a copied tree).
+  let commit = process.env.LCKV_COMMIT;
+  if (!commit) {
+    try {
+      commit = execFileSync("git", ["rev-parse", "--short", "HEAD"], { cwd: ROOT, stdio: ["ignore", "pipe", "ignore"] }).toString().trim();
+    } catch {
+      commit = "unknown commit";
+    }
+  }
+  results.commit = commit;
+  results.commands = [...(results.commands ?? []), `${results.command} (${results.date}, ${rates.card}, ${commit}: experiments ${[...only].join(", ")})`];
   // Written after every experiment, so an interrupted run keeps what it measured.
   const save = () => {
     results.seconds = (now() - t0) / 1e3;
