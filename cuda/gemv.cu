@@ -13,13 +13,7 @@ namespace {
 
 constexpr int kMaxRows = 16;  // the CUDA backend sends up to 16 rows (kGemvMaxRows): W is read once
 constexpr int kWarps = 8;
-// 16-byte weight loads each lane issues before using any: at one or two rows, 8 cover a whole
-// 2048-wide row of W in one round trip to memory (a decode GEMV is mostly latency); more rows
-// need the registers for their inputs and accumulators.
-template <int ROWS>
-struct LoadsInFlight {
-  static constexpr int value = ROWS <= 2 ? 8 : 4;
-};
+constexpr int kLoadsInFlight = 4;  // 16-byte weight loads each lane issues before using them (8 measured no faster)
 
 // Eight consecutive weights as floats from one 16-byte load (bf16/f16) or two (f32).
 __device__ __forceinline__ void load8(const __nv_bfloat16* p, float* w) {
@@ -65,7 +59,6 @@ struct Targets {
 template <typename W, bool kVec, int ROWS>
 __device__ __forceinline__ void dotRows(const float* __restrict__ x, int n, int I, const W* __restrict__ wj, int lane,
                                         float* acc) {
-  constexpr int kLoadsInFlight = LoadsInFlight<ROWS>::value;
   if (kVec) {
     for (int k0 = lane * 8; k0 < I; k0 += 32 * 8 * kLoadsInFlight) {
       float w[kLoadsInFlight][8];

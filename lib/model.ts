@@ -63,6 +63,11 @@ export interface LoadOptions {
   maxBatch?: number;
   /** CPU threads (default: all cores). */
   threads?: number;
+  /**
+   * Record each decode step as a CUDA graph and replay it (default true). false runs every op
+   * as its own launch, like vLLM's enforce_eager: slower, the same tokens. Ignored on the CPU.
+   */
+  cudaGraphs?: boolean;
   /** Called with the fraction of weights loaded, from 0 to 1. */
   onProgress?: (fraction: number) => void;
   /** Finished requests kept for prefix reuse (default 8; 0 turns reuse off). */
@@ -113,7 +118,7 @@ export interface ForwardResult {
 export const DEFAULT_MODEL_DIR = path.join(__dirname, "..", "models", "default");
 
 export { KV_PAGE_TOKENS };
-const LOAD_KEYS = new Set(["device", "dtype", "maxContext", "kvCacheMemory", "threads", "onProgress", "prefixCache", "maxQueue", "queueTimeout", "maxBatch"]);
+const LOAD_KEYS = new Set(["device", "dtype", "maxContext", "kvCacheMemory", "threads", "cudaGraphs", "onProgress", "prefixCache", "maxQueue", "queueTimeout", "maxBatch"]);
 /** Without kvCacheMemory, the pool holds this many sequences of the full context... */
 const DEFAULT_POOL_SEQUENCES = 32;
 /** ...but at most this share of free GPU memory (after the weights) or of host memory. */
@@ -135,6 +140,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   const dtype = options.dtype ?? "auto";
   if (!["auto", "f32", "f16", "bf16"].includes(dtype)) throw new InvalidOptionError("dtype", `must be "auto", "f32", "f16" or "bf16", got ${describe(dtype)}`);
   if (options.threads !== undefined) posInt("threads", options.threads);
+  if (options.cudaGraphs !== undefined && typeof options.cudaGraphs !== "boolean") throw new InvalidOptionError("cudaGraphs", `must be true or false, got ${describe(options.cudaGraphs)}`);
   if (options.kvCacheMemory !== undefined) posInt("kvCacheMemory", options.kvCacheMemory);
   if (options.maxContext !== undefined) posInt("maxContext", options.maxContext);
   if (options.onProgress !== undefined && typeof options.onProgress !== "function") throw new InvalidOptionError("onProgress", "must be a function");
@@ -181,7 +187,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
 
   let native: NativeModel;
   try {
-    native = new addon.NativeModel(describeForNative(config), { backend, threads: options.threads, dtype: weightDtype });
+    native = new addon.NativeModel(describeForNative(config), { backend, threads: options.threads, dtype: weightDtype, cudaGraphs: options.cudaGraphs ?? true });
   } catch (e) {
     throw fromNative(e);
   }

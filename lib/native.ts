@@ -97,7 +97,7 @@ export interface NativeModel {
 }
 
 export interface NativeAddon {
-  NativeModel: new (desc: NativeModelDescription, opts: { backend: string; threads?: number; dtype?: string }) => NativeModel;
+  NativeModel: new (desc: NativeModelDescription, opts: { backend: string; threads?: number; dtype?: string; cudaGraphs?: boolean }) => NativeModel;
   /** cuda: built and a device is usable; cudaBuilt: compiled in; cudaProblem: why it is unusable. */
   backends: { cpu: boolean; cuda: boolean; cudaBuilt: boolean; cudaProblem?: string };
   version: string;

@@ -467,7 +467,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         be = createCpuBackend(threads, w);
       } else if (backend == "cuda") {
 #ifdef LCKV_WITH_CUDA
-        be = createCudaBackend(getInt(opts, "deviceIndex", false, 0), w);
+        const bool graphs = !opts.Get("cudaGraphs").IsBoolean() || opts.Get("cudaGraphs").As<Napi::Boolean>().Value();
+        be = createCudaBackend(getInt(opts, "deviceIndex", false, 0), w, graphs);
 #else
         throw EngineError("LCKV_DEVICE_UNAVAILABLE", "this build of lckv has no CUDA backend");
 #endif

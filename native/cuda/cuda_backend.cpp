@@ -175,7 +175,7 @@ class OpProfiler {
 
 class CudaBackend : public Backend {
  public:
-  CudaBackend(int device, DType weights) : weights_(weights) {
+  CudaBackend(int device, DType weights, bool graphs) : weights_(weights), graphsAsked_(graphs) {
     int count = 0;
     if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
       cudaGetLastError();
@@ -762,9 +762,10 @@ class CudaBackend : public Backend {
   std::shared_ptr<void> bf16Scratch_;
   BlockCache blocks_;
   OpProfiler profiler_;
+  const bool graphsAsked_;
   const bool graphsEnabled_ = [this] {
     const char* e = std::getenv("LCKV_CUDA_GRAPHS");
-    return (e == nullptr || std::string(e) != "0") && !profiler_.enabled();
+    return graphsAsked_ && (e == nullptr || std::string(e) != "0") && !profiler_.enabled();
   }();
   std::map<uint64_t, std::unique_ptr<StepGraph>> graphs_;
   std::set<uint64_t> unrecordable_;  // keys whose recording failed: they run unrecorded
@@ -779,8 +780,8 @@ class CudaBackend : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> createCudaBackend(int device, DType weights) {
-  return std::make_unique<CudaBackend>(device, weights);
+std::unique_ptr<Backend> createCudaBackend(int device, DType weights, bool graphs) {
+  return std::make_unique<CudaBackend>(device, weights, graphs);
 }
 
 std::string cudaDeviceProblem() {

@@ -210,7 +210,8 @@ struct BackendRange {
 std::unique_ptr<Backend> createCpuBackend(int threads, DType weights = DType::F32);
 #ifdef LCKV_WITH_CUDA
 // weights: the dtype weights are kept in on the device (BF16, F16 or F32).
-std::unique_ptr<Backend> createCudaBackend(int device, DType weights);
+// graphs: record decode steps as CUDA graphs (LCKV_CUDA_GRAPHS=0 in the environment overrides).
+std::unique_ptr<Backend> createCudaBackend(int device, DType weights, bool graphs = true);
 // Empty when a CUDA device is usable, else why not.
 std::string cudaDeviceProblem();
 #endif

@@ -322,6 +322,7 @@ describe("inputs and options", () => {
     [{ maxContext: 17 }, "maxContext"],
     [{ kvCacheMemory: -5 }, "kvCacheMemory"],
     [{ threads: 1.5 }, "threads"],
+    [{ cudaGraphs: "no" }, "cudaGraphs"],
     [{ contextSize: 8 }, "contextSize"],
   ])("loadModel option %j", async (opts, option) => {
     const e = await load(dir, opts).catch((x) => x);

@@ -1,6 +1,6 @@
 /**
  * Decode steps recorded as CUDA graphs and replayed give exactly what the same steps give run
- * op by op (LCKV_CUDA_GRAPHS=0): across batch sizes that change as requests finish, across the
+ * op by op (loadModel's cudaGraphs: false): across batch sizes that change as requests finish, across the
  * 256-position context buckets and page-table strides that start new recordings, for greedy and
  * seeded sampling, on an LCKV model whose middle layers read K/V from above.
  * Runs with `npm run test:gpu` on a machine with an NVIDIA GPU; elsewhere it says it skipped.
@@ -41,12 +41,7 @@ describeGpu("cuda: decode-step graphs", () => {
   beforeAll(async () => {
     const dir = writeTinyModel({ layerTypes: "0_3_3_3_4", numLayers: 5, hidden: 64, heads: 4, kvHeads: 2, vocab: 256, maxPositions: 1024, seed: 5 });
     graphs = await loadModel(dir, { device: "cuda", dtype: "f32", prefixCache: 0 });
-    process.env.LCKV_CUDA_GRAPHS = "0"; // read when a backend is created
-    try {
-      eager = await loadModel(dir, { device: "cuda", dtype: "f32", prefixCache: 0 });
-    } finally {
-      delete process.env.LCKV_CUDA_GRAPHS;
-    }
+    eager = await loadModel(dir, { device: "cuda", dtype: "f32", prefixCache: 0, cudaGraphs: false });
   });
   afterAll(async () => {
     await graphs?.dispose();
