@@ -54,10 +54,13 @@ export class Admission {
     // The pool's geometry never changes; its full stats scan every page, so read them once.
     const stats = (this.geometry ??= this.native().poolStats());
     const own = Math.round(seq.kvBytes / stats.pageBytes);
+    // Pages it holds plus those it must take; a shared page it will copy counts in both, while
+    // the sequence ends with one page per pageTokens tokens at most (and can wait for the rest).
     const need = seq.pagesToGrow(total);
-    if (own + need > stats.pagesTotal) {
+    const atMost = Math.min(own + need, Math.ceil(total / stats.pageTokens));
+    if (atMost > stats.pagesTotal) {
       throw new KvCacheFullError(
-        `a sequence of ${total} tokens needs ${own + need} pages of ${stats.pageTokens} tokens, but the whole K/V cache has ${stats.pagesTotal} ` +
+        `a sequence of ${total} tokens needs ${atMost} pages of ${stats.pageTokens} tokens, but the whole K/V cache has ${stats.pagesTotal} ` +
           `(raise loadModel's kvCacheMemory, or ask for fewer tokens)`,
         "LCKV_REQUEST_TOO_LARGE",
       );

@@ -53,13 +53,16 @@ function formatBytes(n: number): string {
 const program = new Command();
 program.name("lckv").description("Run language models with layer-condensed KV caches").showHelpAfterError();
 
+// Options several commands share.
 const deviceOption = () => new Option("--device <device>", "where to run").choices(["auto", "cpu", "cuda"]).default("auto");
+const modelOption = () => new Option("-m, --model <dir>", "Hugging Face model directory (default: the embedded model)");
+const prefillOption = () => new Option("--prefill <mode>", "LCKV prompt prefill").choices(["fixed-point", "sequential", "iterative"]);
 
 program
   .command("generate")
   .description("stream a completion of the prompt to stdout")
   .argument("[prompt]", "text to continue (default: read stdin when it is not a terminal)")
-  .option("-m, --model <dir>", "Hugging Face model directory (default: the embedded model)")
+  .addOption(modelOption())
   .option("-n, --max-new-tokens <n>", "tokens to generate", intArg("--max-new-tokens"))
   .option("-t, --temperature <t>", "sampling temperature (0 = greedy)", numArg("--temperature"))
   .option("--top-k <k>", "keep the k most likely tokens", intArg("--top-k"))
@@ -68,7 +71,7 @@ program
   .option("--repetition-penalty <r>", "penalise tokens already in the text", numArg("--repetition-penalty"))
   .option("-s, --seed <s>", "random seed for reproducible sampling", intArg("--seed"))
   .option("--max-context <n>", "context length in tokens", intArg("--max-context"))
-  .addOption(new Option("--prefill <mode>", "LCKV prompt prefill").choices(["fixed-point", "sequential", "iterative"]))
+  .addOption(prefillOption())
   .addOption(deviceOption())
   .action(async (prompt: string | undefined, o) => {
     if (prompt === undefined && !process.stdin.isTTY) {
@@ -104,7 +107,7 @@ program
 program
   .command("info")
   .description("print the architecture, layer pattern and KV cache cost of a model")
-  .option("-m, --model <dir>", "Hugging Face model directory (default: the embedded model)")
+  .addOption(modelOption())
   .option("--json", "print JSON")
   .addOption(deviceOption())
   .action(async (o) => {
@@ -157,11 +160,11 @@ program
   .command("eval-ppl")
   .description("perplexity of a text file, in non-overlapping windows (see lib/eval.ts)")
   .requiredOption("--text <file>", "UTF-8 text to score")
-  .option("-m, --model <dir>", "Hugging Face model directory (default: the embedded model)")
+  .addOption(modelOption())
   .option("--window <n>", "tokens per window (default: the model's context)", intArg("--window"))
   .option("--max-tokens <n>", "score only the first n tokens", intArg("--max-tokens"))
   .option("--json", "print JSON")
-  .addOption(new Option("--prefill <mode>", "LCKV prompt prefill").choices(["fixed-point", "sequential", "iterative"]))
+  .addOption(prefillOption())
   .option("--prefill-passes <n>", "passes for --prefill iterative", intArg("--prefill-passes"))
   .addOption(deviceOption())
   .action(async (o) => {

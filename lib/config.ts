@@ -59,12 +59,14 @@ class Fields {
   has(k: string): boolean {
     return this.o[k] !== undefined && this.o[k] !== null;
   }
+  /** What an absent field stands for: its default, or an error when it has none. */
+  private absent<T>(k: string, def: T | undefined): T {
+    if (def !== undefined) return def;
+    throw new ConfigError(this.file, k, "is missing");
+  }
   int(k: string, opts: { def?: number; min?: number } = {}): number {
     const v = this.o[k];
-    if (v === undefined || v === null) {
-      if (opts.def !== undefined) return opts.def;
-      throw new ConfigError(this.file, k, "is missing");
-    }
+    if (v === undefined || v === null) return this.absent(k, opts.def);
     if (typeof v !== "number" || !Number.isInteger(v)) throw new ConfigError(this.file, k, `must be an integer, got ${JSON.stringify(v)}`);
     const min = opts.min ?? 1;
     if (v < min) throw new ConfigError(this.file, k, `must be >= ${min}, got ${v}`);
@@ -72,10 +74,7 @@ class Fields {
   }
   num(k: string, def?: number): number {
     const v = this.o[k];
-    if (v === undefined || v === null) {
-      if (def !== undefined) return def;
-      throw new ConfigError(this.file, k, "is missing");
-    }
+    if (v === undefined || v === null) return this.absent(k, def);
     if (typeof v !== "number" || !Number.isFinite(v)) throw new ConfigError(this.file, k, `must be a finite number, got ${JSON.stringify(v)}`);
     return v;
   }
@@ -87,10 +86,7 @@ class Fields {
   }
   str(k: string, def?: string): string {
     const v = this.o[k];
-    if (v === undefined || v === null) {
-      if (def !== undefined) return def;
-      throw new ConfigError(this.file, k, "is missing");
-    }
+    if (v === undefined || v === null) return this.absent(k, def);
     if (typeof v !== "string") throw new ConfigError(this.file, k, `must be a string, got ${JSON.stringify(v)}`);
     return v;
   }

@@ -11,6 +11,37 @@ async function drain(it: AsyncGenerator<{ token: number }, { tokens: number[] }>
 }
 
 export function kvPoolTests(dev: TestDevice): void {
+  test("a fork sharing a partial page may grow to the whole pool: it waits for the page instead of being too large", async () => {
+    const dir = writeTinyModel({ maxPositions: 256, seed: 9 });
+    const probe = await loadModel(dir, { ...dev, prefixCache: 0 });
+    const P = probe.cacheStats().pageTokens, perToken = probe.kvBytesPerToken;
+    await probe.dispose();
+    const m = await loadModel(dir, { ...dev, prefixCache: 0, kvCacheMemory: 4 * P * perToken });
+    try {
+      expect(m.cacheStats().pagesTotal).toBe(4);
+      const ids = (n: number, k: number) => Array.from({ length: n }, (_, i) => (i * 5 + k) % 32);
+      const a = m.createSequence();
+      await a.append(ids(P + 5, 1)); // P + 4 tokens prefilled: two pages, the second partial
+      const b = a.fork();
+      // b ends at 4 pages (the shared partial page becomes its own copy): the whole pool, but
+      // only once `a` lets go of the pages b would otherwise copy.
+      let settled = false;
+      const granted = b.reserveRequest(4 * P).finally(() => (settled = true));
+      await new Promise((r) => setImmediate(r));
+      expect(settled).toBe(false);
+      expect(m.cacheStats().queued).toBe(1);
+      a.dispose();
+      await expect(granted).resolves.toBe(true);
+      await b.append(ids(4 * P - (P + 5), 2)); // 4P - 1 tokens prefilled
+      expect(m.cacheStats().pagesFree).toBe(0);
+      expect(m.auditCache()).toBe("");
+      b.dispose();
+      expect(m.cacheStats().pagesFree).toBe(4);
+    } finally {
+      await m.dispose();
+    }
+  });
+
   test("capacity: with the same kvCacheMemory the LCKV twin holds numLayers / kvLayers times the tokens", async () => {
     const budget = 512 * 1024;
     const held: Record<string, { tokens: number; seqs: number; model: Model }> = {};
