@@ -251,6 +251,10 @@ void Model::shiftSequence(SequenceState& seq, int sink, int drop) {
     k = be.alloc(moved, kvd);
     v = be.alloc(moved, kvd);
     seq.kv->prepareWrite(sink + drop, moved);
+    // Final at once: a copy-on-write copy that is never written is still a valid page, so a
+    // later failure has nothing to undo, and a later forward's rollback must not hand these
+    // pages' share of the reservation back a second time.
+    seq.kv->commitWrite();
   }
   seq.kv->erasePages(sink / P, drop / P);
   seq.tokens.erase(seq.tokens.begin() + sink, seq.tokens.begin() + sink + drop);
