@@ -21,7 +21,7 @@
  * Every figure is the median of several runs after a warm-up, with its spread; a spread above
  * 5% is flagged. Writes docs/bench/*.json, docs/bench/*.svg and docs/benchmarks.md.
  */
-const { execFileSync } = require("node:child_process");
+const { execFileSync, spawn } = require("node:child_process");
 const fs = require("node:fs");
 const os = require("node:os");
 const path = require("node:path");
@@ -70,15 +70,26 @@ const modelNames = opt.models ? opt.models.split(",") : Object.keys(MODELS);
 
 function modelDir(name) {
   const m = MODELS[name];
-  if (m.dir) return m.dir;
-  const dir = path.join(opt.work, `${opt.tiny ? "tiny-" : ""}${name}`);
-  if (!fs.existsSync(path.join(dir, "config.json"))) {
-    const args = ["--out", dir];
-    if (m.layerTypes) args.push("--layer-types", m.layerTypes);
-    if (opt.tiny) args.push("--layers", String(L), "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--intermediate", "128", "--vocab", "512");
-    execFileSync(process.execPath, [path.join(__dirname, "make-random-model.js"), ...args], { stdio: "inherit" });
-  }
-  return dir;
+  return m.dir ?? path.join(opt.work, `${opt.tiny ? "tiny-" : ""}${name}`);
+}
+
+// Writes the random models that are not on disk yet, all at once (each write is one process
+// generating 2.2 GB of weights: in parallel they take the time of one).
+async function writeModels(names) {
+  await Promise.all(
+    names.map((name) => {
+      const m = MODELS[name], dir = modelDir(name);
+      if (m.dir || fs.existsSync(path.join(dir, "config.json"))) return undefined;
+      const args = ["--out", dir];
+      if (m.layerTypes) args.push("--layer-types", m.layerTypes);
+      if (opt.tiny) args.push("--layers", String(L), "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--intermediate", "128", "--vocab", "512");
+      return new Promise((resolve, reject) => {
+        const child = spawn(process.execPath, [path.join(__dirname, "make-random-model.js"), ...args], { stdio: "inherit" });
+        child.on("error", reject);
+        child.on("exit", (code) => (code === 0 ? resolve() : reject(new Error(`make-random-model.js for ${name} exited with ${code}`))));
+      });
+    }),
+  );
 }
 
 // ---- measurement helpers -------------------------------------------------------------------------
@@ -379,7 +390,7 @@ async function experiment5(rates) {
   const t0 = now();
   const rates = opt.device === "cuda" ? python("device_rates.py", [])[0] : { card: "cpu", driver: "-", copyGBps: NaN, bf16Tflops: NaN, memoryGB: os.totalmem() / 1e9 };
   log(`card ${rates.card}, copy ${rates.copyGBps?.toFixed?.(0)} GB/s, bf16 GEMM ${rates.bf16Tflops?.toFixed?.(0)} TFLOP/s`);
-  for (const n of modelNames) modelDir(n);
+  await writeModels(modelNames);
   const results = {
     date: new Date().toISOString().slice(0, 10),
     command: `npm run bench${process.argv.slice(2).length ? " -- " + process.argv.slice(2).join(" ") : ""}`,
