@@ -8,6 +8,7 @@
 #include <nvtx3/nvToolsExt.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -190,7 +191,7 @@ class CudaBackend : public Backend {
   }
   ~CudaBackend() override {
     profiler_.report();
-    abortStepCapture();
+    abortStepCapture(false);
     graphs_.clear();
     if (pinnedInputs_) {
       cudaStreamSynchronize(stream_);
@@ -324,6 +325,14 @@ class CudaBackend : public Backend {
   }
 
   void linears(const Tensor& x, int n, const LinearTarget* targets, int count) override {
+    if (count > 1) {
+      bool sameType = true;
+      for (int i = 1; i < count; ++i) sameType = sameType && targets[i].w->dtype == targets[0].w->dtype;
+      if (!sameType || count > cuda::kGemvMaxTargets) {  // one launch reads one weight type
+        for (int i = 0; i < count; ++i) linears(x, n, &targets[i], 1);
+        return;
+      }
+    }
     ctx();
     for (int i = 0; i < count; ++i)
       if (x.cols != targets[i].w->cols || targets[i].out->cols != targets[i].w->rows)
@@ -401,14 +410,15 @@ class CudaBackend : public Backend {
     uploadInputs(g, in);
     cudaOk(cudaGraphLaunch(g.exec, stream_), "cudaGraphLaunch");
     g.lastUse = ++useClock_;
-    ++replays_;
+    replays_.fetch_add(1, std::memory_order_relaxed);
     logits = g.logits;
     return true;
   }
 
+  // Read from the JavaScript thread while a step may run: the counts are atomics.
   void stepGraphStats(int64_t& recorded, int64_t& replayed) override {
-    recorded = (int64_t)graphs_.size();
-    replayed = replays_;
+    recorded = graphCount_.load(std::memory_order_relaxed);
+    replayed = replays_.load(std::memory_order_relaxed);
   }
 
   bool beginStepCapture(uint64_t key, const StepInputs& in) override {
@@ -448,16 +458,17 @@ class CudaBackend : public Backend {
     g->lastUse = ++useClock_;
     cudaOk(cudaGraphLaunch(g->exec, stream_), "cudaGraphLaunch");
     graphs_[recordingKey_] = std::move(g);
+    graphCount_.store((int64_t)graphs_.size(), std::memory_order_relaxed);
   }
 
-  void abortStepCapture() override {
+  void abortStepCapture(bool retryLater) override {
     if (!recording_) return;
     recording_.reset();
     cudaGraph_t graph = nullptr;
     cudaStreamEndCapture(stream_, &graph);
     if (graph) cudaGraphDestroy(graph);
     cudaGetLastError();
-    unrecordable_.insert(recordingKey_);
+    if (!retryLater) unrecordable_.insert(recordingKey_);
   }
 
   // The page tables and row-to-sequence map on the device, checked on the host: the pages
@@ -530,15 +541,17 @@ class CudaBackend : public Backend {
                  Tensor& out) override {
     ctx();
     Timed timed(*this, "attention");
-    int maxVisible = 0;
-    for (int r = 0; r < n; ++r) {
-      const int p = positions[r];
-      const int first = sp.window > 0 ? std::max(0, p - sp.window + 1) : 0, last = sp.strict ? p - 1 : p;
-      maxVisible = std::max(maxVisible, last - first + 1);
-    }
+    // The split-K plan follows the longest visible range, taken at the end of the furthest
+    // query's 256-position bucket (at most the window): every step of a bucket gets the same
+    // plan, so a replayed recording (Model::decodeBatch keys them by that bucket) and the same
+    // step run op by op add the same partial sums in the same order.
+    int maxPos = 0;
+    for (int r = 0; r < n; ++r) maxPos = std::max(maxPos, positions[r]);
+    int maxVisible = ((maxPos >> 8) + 1) << 8;
+    if (sp.window > 0) maxVisible = std::min(maxVisible, sp.window);
     const cuda::PagedKv p = paged(kv, slot, n, positions);
     const int32_t* dPos = stage(1, positions, n);
-    const int64_t wsFloats = cuda::attentionWorkspaceFloats(n, sp.numHeads, sp.numKvHeads, sp.headDim, std::max(maxVisible, 1));
+    const int64_t wsFloats = cuda::attentionWorkspaceFloats(n, sp.numHeads, sp.numKvHeads, sp.headDim, maxVisible);
     std::shared_ptr<void> ws;
     if (wsFloats > 0 && recording_) {
       // One split-K workspace per recording, shared by its layers (they run one after another).
@@ -552,7 +565,7 @@ class CudaBackend : public Backend {
     }
     bool oneSequence = true;
     for (int r = 1; r < n && oneSequence; ++r) oneSequence = kv.rowSeq[r] == kv.rowSeq[0];
-    cuda::launchAttention((const float*)q.data, n, dPos, std::max(maxVisible, 1), p, sp.numHeads, sp.numKvHeads,
+    cuda::launchAttention((const float*)q.data, n, dPos, maxVisible, p, sp.numHeads, sp.numKvHeads,
                           sp.headDim, sp.strict, sp.window, sp.scale, oneSequence, (float*)out.data, (float*)ws.get(),
                           wsFloats, stream_);
   }
@@ -657,6 +670,7 @@ class CudaBackend : public Backend {
     return (const int32_t*)g.inputs.get() + off;
   }
 
+  // The hand-written GEMV for small batches and for weights cuBLASLt is not set up for here.
   bool useGemv(int n, const LinearTarget* t, int count) const {
     for (int i = 1; i < count; ++i)
       if (t[i].w->dtype != t[0].w->dtype) return false;
@@ -700,7 +714,13 @@ class CudaBackend : public Backend {
   }
 
   void* scratchBf16(size_t count) {
-    if (recording_ && bf16Cap_ < count) return block(count * 2).get();  // no synchronising while recording
+    if (recording_) {
+      // No synchronising while recording; and the recording keeps the buffer it bakes in, which
+      // a later, larger prefill would otherwise free.
+      if (bf16Cap_ < count) return block(count * 2).get();
+      recording_->holds.push_back(bf16Scratch_);
+      return bf16Scratch_.get();
+    }
     if (bf16Cap_ < count) {
       cudaOk(cudaStreamSynchronize(stream_), "scratch sync");
       bf16Scratch_ = deviceAlloc(count * 2);
@@ -771,7 +791,7 @@ class CudaBackend : public Backend {
   std::set<uint64_t> unrecordable_;  // keys whose recording failed: they run unrecorded
   std::unique_ptr<StepGraph> recording_;
   uint64_t recordingKey_ = 0, useClock_ = 0;
-  int64_t replays_ = 0;
+  std::atomic<int64_t> replays_{0}, graphCount_{0};
   int32_t* pinnedInputs_ = nullptr;
   size_t pinnedInputsCap_ = 0;
   cudaEvent_t inputsCopied_ = nullptr;

@@ -185,8 +185,10 @@ class Backend {
   // Ends the recording, keeps it under its key and runs it once; `logits` is the step's output.
   // Throws when the recording failed; nothing ran then.
   virtual void endStepCapture(const Tensor& logits) {}
-  // Abandons a recording after an error in an op (nothing ran).
-  virtual void abortStepCapture() {}
+  // Abandons a recording after an error in an op (nothing ran). retryLater: the error was
+  // passing (out of memory), so the same step may be recorded again; otherwise it runs op by op
+  // from now on.
+  virtual void abortStepCapture(bool retryLater) {}
   // Recordings kept now, and replays so far (for tests and profiling).
   virtual void stepGraphStats(int64_t& recorded, int64_t& replayed) { recorded = replayed = 0; }
 

@@ -1,6 +1,7 @@
 #include "kv_pool.h"
 
 #include <algorithm>
+#include <exception>
 #include <map>
 
 #include "errors.h"
@@ -213,12 +214,13 @@ void KvPages::prepareWrite(int start, int n) {
   reserved_ -= fromReservation;
   pool.reservedTotal_ -= fromReservation;
   takenFromReservation_ += fromReservation;
-  // Copy-on-write: the new page starts as a copy of the shared one, whose count drops by one.
+  // Copy-on-write: the new page starts as a copy of the shared one. This table keeps its
+  // reference to the shared page until the copy is made (below), so that another holder letting
+  // go meanwhile cannot free a page being read.
   size_t next = 0;
   for (int i : copies) {
     const int32_t old = table_[(size_t)i], now = fresh[next++];
     copy.emplace_back(old, now);
-    dropLocked(old);  // still referenced by its other holders
     holdLocked(now);
     table_[(size_t)i] = now;
   }
@@ -229,21 +231,28 @@ void KvPages::prepareWrite(int start, int n) {
   }
   lk.unlock();
   // The copies read pages other holders keep (nobody writes a shared page), so they need no lock.
+  std::exception_ptr failure;
   try {
     for (auto [from, to] : copy) pool.backend_.copyRows(pool.storage_, from, pool.storage_, to, 1);
   } catch (...) {
-    // A copy that fails must not leave an uncopied page in the table: the shared pages go back
-    // in (the sequence reads what it read before) and the fresh ones to the pool. Appended
-    // pages lie past the sequence's length, where rollbackWrite() returns them.
+    failure = std::current_exception();
+  }
+  if (copy.empty()) return;
+  {
     std::lock_guard<std::mutex> relock(pool.mu_);
     for (size_t c = 0; c < copy.size(); ++c) {
-      table_[(size_t)copies[c]] = copy[c].first;
-      ++pool.refs_[(size_t)copy[c].first];
-      holdLocked(copy[c].first);
-      dropLocked(copy[c].second);
+      if (!failure) {
+        dropLocked(copy[c].first);  // the copy stands in for it; its other holders keep it
+      } else {
+        // A failed copy must not leave an uncopied page in the table: the shared page goes
+        // back in (the sequence reads what it read before) and the fresh one to the pool.
+        // Appended pages lie past the sequence's length, where rollbackWrite() returns them.
+        table_[(size_t)copies[c]] = copy[c].first;
+        dropLocked(copy[c].second);
+      }
     }
-    throw;
   }
+  if (failure) std::rethrow_exception(failure);
 }
 
 void KvPages::rollbackWrite(int n) {

@@ -250,7 +250,12 @@ void Model::shiftSequence(SequenceState& seq, int sink, int drop) {
   if (rope) {
     k = be.alloc(moved, kvd);
     v = be.alloc(moved, kvd);
-    seq.kv->prepareWrite(sink + drop, moved);
+    try {
+      seq.kv->prepareWrite(sink + drop, moved);
+    } catch (...) {
+      seq.kv->rollbackWrite(len);  // gives back the reservation a failed copy took
+      throw;
+    }
     // Final at once: a copy-on-write copy that is never written is still a valid page, so a
     // later failure has nothing to undo, and a later forward's rollback must not hand these
     // pages' share of the reservation back a second time.
@@ -436,9 +441,14 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
           lg = forward();
           be.endStepCapture(lg);
           ran = true;
+        } catch (const std::bad_alloc&) {
+          // Nothing ran. Out of memory passes: record this step another time; run it op by op
+          // now (which reports the error if memory is still short).
+          be.abortStepCapture(true);
+          s.pendingResidual = false;
         } catch (const std::exception&) {
           // Nothing ran: an op that cannot be recorded (or a failed recording) runs unrecorded.
-          be.abortStepCapture();
+          be.abortStepCapture(false);
           s.pendingResidual = false;
         }
       }
