@@ -124,6 +124,26 @@ export function parseConfig(raw: unknown, file: string): ModelConfig {
   return mt === "gpt2" ? parseGpt2(f, archName ?? arch) : parseLlama(f, mt, archName ?? arch);
 }
 
+// The KV plan's fields, the same for every architecture.
+function planFields(f: Fields, plan: KvPlan, forceNodiag: boolean) {
+  return {
+    layerTypes: plan.target,
+    kvLayers: plan.kvLayers,
+    slidingWindows: plan.window,
+    forceNodiag,
+    forwardPasses: f.int("forward_passes", { def: 7 }),
+    backwardPasses: f.int("backward_passes", { def: 2, min: 0 }),
+    useSequential: f.bool("use_sequential", false),
+  };
+}
+
+function tokenFields(f: Fields) {
+  return {
+    bosTokenId: f.has("bos_token_id") ? f.int("bos_token_id", { min: 0 }) : null,
+    eosTokenIds: f.tokenIds("eos_token_id"),
+  };
+}
+
 function parseLlama(f: Fields, modelType: string, architecture: string): ModelConfig {
   const numLayers = f.int("num_hidden_layers");
   const hiddenSize = f.int("hidden_size");
@@ -181,17 +201,10 @@ function parseLlama(f: Fields, modelType: string, architecture: string): ModelCo
     tieWordEmbeddings: f.bool("tie_word_embeddings", false),
     attentionBias: f.bool("attention_bias", false),
     mlpBias: f.bool("mlp_bias", false),
-    layerTypes: plan.target,
-    kvLayers: plan.kvLayers,
-    slidingWindows: plan.window,
-    forceNodiag,
-    forwardPasses: f.int("forward_passes", { def: 7 }),
-    backwardPasses: f.int("backward_passes", { def: 2, min: 0 }),
-    useSequential: f.bool("use_sequential", false),
+    ...planFields(f, plan, forceNodiag),
     ropeTheta,
     ropeScaling,
-    bosTokenId: f.has("bos_token_id") ? f.int("bos_token_id", { min: 0 }) : null,
-    eosTokenIds: f.tokenIds("eos_token_id"),
+    ...tokenFields(f),
     plan,
     ropeInvFreq,
   };
@@ -232,17 +245,10 @@ function parseGpt2(f: Fields, architecture: string): ModelConfig {
     tieWordEmbeddings: true,
     attentionBias: true,
     mlpBias: true,
-    layerTypes: plan.target,
-    kvLayers: plan.kvLayers,
-    slidingWindows: plan.window,
-    forceNodiag,
-    forwardPasses: f.int("forward_passes", { def: 7 }),
-    backwardPasses: f.int("backward_passes", { def: 2, min: 0 }),
-    useSequential: f.bool("use_sequential", false),
+    ...planFields(f, plan, forceNodiag),
     ropeTheta: 0,
     ropeScaling: null,
-    bosTokenId: f.has("bos_token_id") ? f.int("bos_token_id", { min: 0 }) : null,
-    eosTokenIds: f.tokenIds("eos_token_id"),
+    ...tokenFields(f),
     plan,
     ropeInvFreq: [],
   };
