@@ -59,6 +59,19 @@ class PromiseWorker : public Napi::AsyncWorker {
   std::string code_;
 };
 
+// The backend a JavaScript option names: "cpu" or "cuda" (typed errors for any other name and
+// for a build without CUDA).
+std::unique_ptr<Backend> createNamedBackend(const std::string& name, int threads, DType weights, int device = 0,
+                                            bool graphs = true) {
+  if (name == "cpu") return createCpuBackend(threads, weights);
+  if (name != "cuda") throw EngineError(kErrInvalidArgument, "backend must be \"cpu\" or \"cuda\"");
+#ifdef LCKV_WITH_CUDA
+  return createCudaBackend(device, weights, graphs);
+#else
+  throw EngineError("LCKV_DEVICE_UNAVAILABLE", "this build of lckv has no CUDA backend");
+#endif
+}
+
 // ---- argument helpers ------------------------------------------------------------------------
 
 int getInt(const Napi::Object& o, const char* key, bool required = true, int def = 0) {
@@ -463,18 +476,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       std::string dt = opts.Get("dtype").IsString() ? std::string(opts.Get("dtype").As<Napi::String>()) : "f32";
       if (dt != "f32" && dt != "f16" && dt != "bf16") throw EngineError(kErrInvalidArgument, "dtype must be f32, f16 or bf16");
       const DType w = dt == "f32" ? DType::F32 : dt == "f16" ? DType::F16 : DType::BF16;
-      if (backend == "cpu") {
-        be = createCpuBackend(threads, w);
-      } else if (backend == "cuda") {
-#ifdef LCKV_WITH_CUDA
-        const bool graphs = !opts.Get("cudaGraphs").IsBoolean() || opts.Get("cudaGraphs").As<Napi::Boolean>().Value();
-        be = createCudaBackend(getInt(opts, "deviceIndex", false, 0), w, graphs);
-#else
-        throw EngineError("LCKV_DEVICE_UNAVAILABLE", "this build of lckv has no CUDA backend");
-#endif
-      } else {
-        throw EngineError(kErrInvalidArgument, "backend must be \"cpu\" or \"cuda\"");
-      }
+      const bool graphs = !opts.Get("cudaGraphs").IsBoolean() || opts.Get("cudaGraphs").As<Napi::Boolean>().Value();
+      be = createNamedBackend(backend, threads, w, getInt(opts, "deviceIndex", false, 0), graphs);
       shared_ = std::make_shared<SharedModel>();
       shared_->model = std::make_unique<Model>(std::move(cfg), std::move(be));
     } catch (const EngineError& e) {
@@ -732,16 +735,7 @@ Napi::Value CheckBackendOps(const Napi::CallbackInfo& info) {
   const uint64_t seed = (uint64_t)getNum(o, "seed", 1);
   try {
     std::unique_ptr<Backend> ref = createCpuBackend((int)std::max(1u, std::thread::hardware_concurrency()), w);
-    std::unique_ptr<Backend> test;
-    if (backend == "cpu") {
-      test = createCpuBackend(1, w);
-    } else {
-#ifdef LCKV_WITH_CUDA
-      test = createCudaBackend(0, w);
-#else
-      throw EngineError("LCKV_DEVICE_UNAVAILABLE", "this build of lckv has no CUDA backend");
-#endif
-    }
+    std::unique_ptr<Backend> test = createNamedBackend(backend, 1, w);
     auto results = checkBackendOps(*ref, *test, seed);
     Napi::Array arr = Napi::Array::New(env, results.size());
     for (size_t i = 0; i < results.size(); ++i) {
@@ -777,16 +771,7 @@ Napi::Value BenchAttention(const Napi::CallbackInfo& info) {
   shape.headDim = getInt(o, "headDim", false, 0);
   shape.iterations = getInt(o, "iterations", false, 10);
   try {
-    std::unique_ptr<Backend> be;
-    if (backend == "cpu") {
-      be = createCpuBackend((int)std::max(1u, std::thread::hardware_concurrency()), DType::F32);
-    } else {
-#ifdef LCKV_WITH_CUDA
-      be = createCudaBackend(0, DType::F32);
-#else
-      throw EngineError("LCKV_DEVICE_UNAVAILABLE", "this build of lckv has no CUDA backend");
-#endif
-    }
+    std::unique_ptr<Backend> be = createNamedBackend(backend, (int)std::max(1u, std::thread::hardware_concurrency()), DType::F32);
     const AttentionBenchResult r = benchAttention(*be, shape);
     Napi::Object result = Napi::Object::New(env);
     result.Set("ms", r.ms);

@@ -542,12 +542,12 @@ class CudaBackend : public Backend {
     ctx();
     Timed timed(*this, "attention");
     // The split-K plan follows the longest visible range, taken at the end of the furthest
-    // query's 256-position bucket (at most the window): every step of a bucket gets the same
+    // query's context bucket (kStepContextBucket positions; at most the window): every step of a bucket gets the same
     // plan, so a replayed recording (Model::decodeBatch keys them by that bucket) and the same
     // step run op by op add the same partial sums in the same order.
     int maxPos = 0;
     for (int r = 0; r < n; ++r) maxPos = std::max(maxPos, positions[r]);
-    int maxVisible = ((maxPos >> 8) + 1) << 8;
+    int maxVisible = (maxPos / kStepContextBucket + 1) * kStepContextBucket;
     if (sp.window > 0) maxVisible = std::min(maxVisible, sp.window);
     const cuda::PagedKv p = paged(kv, slot, n, positions);
     const int32_t* dPos = stage(1, positions, n);

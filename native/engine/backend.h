@@ -168,6 +168,10 @@ class Backend {
   // Between replays of one recording only these inputs change, so the recorded ops must read
   // them from where the backend keeps them: the step's token ids, positions, page tables (as
   // KvView::tables) and row-to-sequence map, exactly the host arrays the ops will be given.
+  // Recordings are made per this many positions of context (Model::decodeBatch's key); the
+  // attention plans its split-K for the end of the bucket, so each recording's plan holds for
+  // every step it replays.
+  static constexpr int kStepContextBucket = 256;
   struct StepInputs {
     const int32_t* tokens;
     const int32_t* positions;

@@ -424,11 +424,12 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
     // attention's split-K plan is fixed in a recording), then replayed with new inputs.
     int maxPos = 0;
     for (int p : pos) maxPos = std::max(maxPos, p);
-    const uint64_t key = (uint64_t)n << 40 | (uint64_t)s.kv.stride << 20 | (uint64_t)(maxPos >> 8);
+    const uint64_t key = (uint64_t)n << 40 | (uint64_t)s.kv.stride << 20 | (uint64_t)(maxPos / Backend::kStepContextBucket);
     const Backend::StepInputs in{tokens.data(), pos.data(), n, s.tables.data(), (int)s.tables.size(), rowSeq.data()};
     Tensor lg;
     if (!be.replayStep(key, in, lg)) {
       auto forward = [&] {
+        s.pendingResidual = false;  // a failed recording may have stopped mid-layer
         allocScratch(s, n);
         be.embed(tokens.data(), pos.data(), n, embed_, opt(posEmbed_), s.h);
         // One token per sequence: strict layers read only earlier, final positions: one pass.
@@ -445,11 +446,9 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
           // Nothing ran. Out of memory passes: record this step another time; run it op by op
           // now (which reports the error if memory is still short).
           be.abortStepCapture(true);
-          s.pendingResidual = false;
         } catch (const std::exception&) {
           // Nothing ran: an op that cannot be recorded (or a failed recording) runs unrecorded.
           be.abortStepCapture(false);
-          s.pendingResidual = false;
         }
       }
       if (!ran) lg = forward();
