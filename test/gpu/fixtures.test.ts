@@ -6,17 +6,11 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import { loadModel, Model } from "../../lib";
-import { loadAddon } from "../../lib/native";
+import { describeIfGpu } from "../helpers/device";
 
 process.env.LCKV_QUIET = "1";
 const FIXTURES = path.join(__dirname, "..", "fixtures");
-const addon = loadAddon();
-const gpu = addon.backends.cuda;
-if (!gpu) {
-  // eslint-disable-next-line no-console
-  console.warn(`GPU tests SKIPPED: ${addon.backends.cudaBuilt ? addon.backends.cudaProblem : "this build has no CUDA backend"}`);
-}
-const describeGpu = gpu ? describe : describe.skip;
+const describeGpu = describeIfGpu("GPU tests");
 
 const fixtures = fs.existsSync(FIXTURES) ? fs.readdirSync(FIXTURES).filter((d) => fs.existsSync(path.join(FIXTURES, d, "golden.json"))).sort() : [];
 

@@ -6,17 +6,11 @@
  * Runs with `npm run test:gpu` on a machine with an NVIDIA GPU; elsewhere it says it skipped.
  */
 import { loadModel, Model } from "../../lib";
-import { loadAddon } from "../../lib/native";
 import { writeTinyModel } from "../helpers/tiny-model";
+import { describeIfGpu } from "../helpers/device";
 
 process.env.LCKV_QUIET = "1";
-const addon = loadAddon();
-const gpu = addon.backends.cuda;
-if (!gpu) {
-  // eslint-disable-next-line no-console
-  console.warn(`GPU graph tests SKIPPED: ${addon.backends.cudaBuilt ? addon.backends.cudaProblem : "this build has no CUDA backend"}`);
-}
-const describeGpu = gpu ? describe : describe.skip;
+const describeGpu = describeIfGpu("GPU graph tests");
 
 /** Prompts of different lengths and generations that end at different steps. */
 const requests = [

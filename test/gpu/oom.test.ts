@@ -5,17 +5,11 @@
  */
 import { KV_PAGE_TOKENS, LckvError, loadModel, Model, OutOfMemoryError } from "../../lib";
 import type { LoadOptions } from "../../lib";
-import { loadAddon } from "../../lib/native";
 import { writeTinyModel } from "../helpers/tiny-model";
+import { describeIfGpu } from "../helpers/device";
 
 process.env.LCKV_QUIET = "1";
-const addon = loadAddon();
-const gpu = addon.backends.cuda;
-if (!gpu) {
-  // eslint-disable-next-line no-console
-  console.warn(`GPU out-of-memory tests SKIPPED: ${addon.backends.cudaBuilt ? addon.backends.cudaProblem : "this build has no CUDA backend"}`);
-}
-const describeGpu = gpu ? describe : describe.skip;
+const describeGpu = describeIfGpu("GPU out-of-memory tests");
 
 const MiB = 2 ** 20;
 /** A K/V pool far larger than any GPU (4 TiB). */

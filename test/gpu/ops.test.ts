@@ -4,14 +4,11 @@
  * f32 1e-5; bf16 1e-2 (the large-batch GEMM rounds its input activations to bf16).
  */
 import { loadAddon } from "../../lib/native";
+import { describeIfGpu } from "../helpers/device";
 
 const addon = loadAddon();
 const gpu = addon.backends.cuda;
-if (!gpu) {
-  // eslint-disable-next-line no-console
-  console.warn(`GPU op tests SKIPPED: ${addon.backends.cudaBuilt ? addon.backends.cudaProblem : "this build has no CUDA backend"}`);
-}
-const describeGpu = gpu ? describe : describe.skip;
+const describeGpu = describeIfGpu("GPU op tests");
 
 describeGpu.each([
   ["f32", 1e-5],

@@ -4,7 +4,6 @@
  * f32 weights, so that a prompt prefilled in one chunk or in several (prefix reuse, multi-turn)
  * gives the same greedy tokens as the CPU tests expect of every backend.
  */
-import { loadAddon } from "../../lib/native";
 import { batchingTests } from "../serving/batching";
 import { contextShiftTests } from "../serving/context-shift";
 import { kvPoolTests } from "../serving/kv-pool";
@@ -12,14 +11,10 @@ import { lifecycleTests } from "../serving/lifecycle";
 import { prefixCacheTests } from "../serving/prefix-cache";
 import { sequenceTests } from "../serving/sequence";
 import { slidingWindowTests } from "../serving/sliding-window";
+import { describeIfGpu } from "../helpers/device";
 
 process.env.LCKV_QUIET = "1";
-const addon = loadAddon();
-const describeGpu = addon.backends.cuda ? describe : describe.skip;
-if (!addon.backends.cuda) {
-  // eslint-disable-next-line no-console
-  console.warn(`GPU serving tests SKIPPED: ${addon.backends.cudaBuilt ? addon.backends.cudaProblem : "this build has no CUDA backend"}`);
-}
+const describeGpu = describeIfGpu("GPU serving tests");
 const dev = { device: "cuda", dtype: "f32" } as const;
 
 describeGpu("cuda: batching", () => batchingTests(dev));
