@@ -93,6 +93,10 @@ int64_t attentionWorkspaceFloats(int n, int numHeads, int numKvHeads, int headDi
 void launchGreedy(const float* logits, int V, float* scratch, const int32_t* penalized, int penalizedCount, float penalty,
                   int32_t* outToken, cudaStream_t stream);
 
+// Greedy choice for each row of logits [rows, V] without a repetition penalty, in one launch
+// (a block per row): outTokens[r] (device).
+void launchGreedyRows(const float* logits, int rows, int V, int32_t* outTokens, cudaStream_t stream);
+
 // Sampling with temperature (> 0), top-k, top-p, min-p and the repetition penalty, as the CPU
 // reference does it; workspace holds sampleWorkspaceBytes(V).
 size_t sampleWorkspaceBytes(int V);

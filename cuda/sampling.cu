@@ -22,7 +22,10 @@ __global__ void penaltyKernel(float* x, const int32_t* tokens, int count, int V,
 
 __device__ __forceinline__ bool better(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }
 
-__global__ void argmaxKernel(const float* __restrict__ x, int V, int32_t* __restrict__ out) {
+// Block b: the argmax of row b of x (rows ld floats apart), into out[b].
+__global__ void argmaxKernel(const float* __restrict__ x, int V, int64_t ld, int32_t* __restrict__ out) {
+  x += blockIdx.x * ld;
+  out += blockIdx.x;
   __shared__ float sv[kThreads / 32];
   __shared__ int si[kThreads / 32];
   float bv = -INFINITY;
@@ -72,8 +75,15 @@ void launchGreedy(const float* logits, int V, float* scratch, const int32_t* pen
     LCKV_LAUNCH_CHECK("repetition_penalty");
     x = scratch;
   }
-  argmaxKernel<<<1, kThreads, 0, stream>>>(x, V, outToken);
+  argmaxKernel<<<1, kThreads, 0, stream>>>(x, V, V, outToken);
   LCKV_LAUNCH_CHECK("argmax");
+}
+
+void launchGreedyRows(const float* logits, int rows, int V, int32_t* outTokens, cudaStream_t stream) {
+  NvtxRange r("sample_greedy_rows");
+  if (V <= 0 || rows <= 0) throw std::invalid_argument("greedy rows: empty shape");
+  argmaxKernel<<<rows, kThreads, 0, stream>>>(logits, V, V, outTokens);
+  LCKV_LAUNCH_CHECK("argmax_rows");
 }
 
 }  // namespace lckv::cuda

@@ -198,7 +198,7 @@ class CudaBackend : public Backend {
       cudaFreeHost(pinnedInputs_);
     }
     if (inputsCopied_) cudaEventDestroy(inputsCopied_);
-    if (pinnedToken_) cudaFreeHost(pinnedToken_);
+    if (pinnedTokens_) cudaFreeHost(pinnedTokens_);
     if (lt_) cublasLtDestroy(lt_);
     if (stream_) cudaStreamDestroy(stream_);
   }
@@ -280,35 +280,66 @@ class CudaBackend : public Backend {
                      weightType(weight.dtype), eps, (float*)out.data, stream_);
   }
 
-  // Token choice on the device (greedy, or sampling with temperature > 0): only the chosen id
-  // crosses to the host. LCKV_DEVICE_SAMPLING=0 makes the host reference sample instead (for
+  // Token choice on the device (greedy, or sampling with temperature > 0): only the chosen ids
+  // cross to the host. LCKV_DEVICE_SAMPLING=0 makes the host reference sample instead (for
   // bisecting a disagreement between the two).
   int32_t sample(const Tensor& logitsRow, int vocab, const SamplingParams& p, const std::vector<int32_t>& history,
                  uint64_t position) override {
     if (p.temperature > 0.0f && !deviceSampling_) return Backend::sample(logitsRow, vocab, p, history, position);
+    int32_t token = 0;
+    sampleRows(logitsRow, 1, vocab, &p, &history, &position, &token);
+    return token;
+  }
+
+  // Every row's choice is queued before one copy and one synchronisation; rows that are all
+  // plain greedy (no penalty) take one launch, a block per row.
+  void sampleRows(const Tensor& logits, int rows, int vocab, const SamplingParams* params,
+                  const std::vector<int32_t>* histories, const uint64_t* positions, int32_t* out) override {
+    bool plainGreedy = true;
+    for (int r = 0; r < rows; ++r) {
+      if (params[r].temperature > 0.0f && !deviceSampling_) return Backend::sampleRows(logits, rows, vocab, params, histories, positions, out);
+      if (params[r].temperature > 0.0f || params[r].repetitionPenalty != 1.0f) plainGreedy = false;
+    }
     ctx();
     Timed timed(*this, "sample");
-    std::vector<int32_t> distinct;
-    if (p.repetitionPenalty != 1.0f) {
-      distinct = history;
-      std::sort(distinct.begin(), distinct.end());
-      distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
-    }
-    const int32_t* dPen = distinct.empty() ? nullptr : stage(2, distinct.data(), (int)distinct.size());
-    if (!pinnedToken_) cudaOk(cudaMallocHost(&pinnedToken_, sizeof(int32_t)), "cudaMallocHost");
-    std::shared_ptr<void> dTok = blocks_.get(sizeof(int32_t));
-    if (p.temperature <= 0.0f) {
-      std::shared_ptr<void> scratch = blocks_.get(sizeof(float) * (size_t)vocab);
-      cuda::launchGreedy((const float*)logitsRow.data, vocab, (float*)scratch.get(), dPen, (int)distinct.size(),
-                         p.repetitionPenalty, (int32_t*)dTok.get(), stream_);
+    std::shared_ptr<void> dTokens = blocks_.get(sizeof(int32_t) * (size_t)rows);
+    int32_t* d = (int32_t*)dTokens.get();
+    const float* base = (const float*)logits.data;
+    if (plainGreedy) {
+      cuda::launchGreedyRows(base, rows, vocab, d, stream_);
     } else {
-      std::shared_ptr<void> ws = blocks_.get(cuda::sampleWorkspaceBytes(vocab));
-      cuda::launchSample((const float*)logitsRow.data, vocab, dPen, (int)distinct.size(), p.repetitionPenalty,
-                         p.temperature, p.topK, p.topP, p.minP, p.seed, position, ws.get(), (int32_t*)dTok.get(), stream_);
+      std::shared_ptr<void> scratch, ws;  // one each, reused row after row (stream-ordered)
+      for (int r = 0; r < rows; ++r) {
+        const SamplingParams& p = params[r];
+        const float* row = base + (int64_t)r * logits.cols;
+        std::vector<int32_t> distinct;
+        if (p.repetitionPenalty != 1.0f) {
+          distinct = histories[r];
+          std::sort(distinct.begin(), distinct.end());
+          distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+        }
+        // One staging buffer for every row: each copy is queued after the previous row's kernel.
+        const int32_t* dPen = distinct.empty() ? nullptr : stage(2, distinct.data(), (int)distinct.size());
+        if (p.temperature <= 0.0f) {
+          if (!scratch) scratch = blocks_.get(sizeof(float) * (size_t)vocab);
+          cuda::launchGreedy(row, vocab, (float*)scratch.get(), dPen, (int)distinct.size(), p.repetitionPenalty, d + r, stream_);
+        } else {
+          if (!ws) ws = blocks_.get(cuda::sampleWorkspaceBytes(vocab));
+          cuda::launchSample(row, vocab, dPen, (int)distinct.size(), p.repetitionPenalty, p.temperature, p.topK, p.topP,
+                             p.minP, p.seed, positions[r], ws.get(), d + r, stream_);
+        }
+      }
     }
-    cudaOk(cudaMemcpyAsync(pinnedToken_, dTok.get(), sizeof(int32_t), cudaMemcpyDeviceToHost, stream_), "token copy");
+    if (pinnedTokensCap_ < (size_t)rows) {
+      if (pinnedTokens_) cudaFreeHost(pinnedTokens_);  // every earlier copy into it has been waited for
+      pinnedTokens_ = nullptr;
+      pinnedTokensCap_ = 0;
+      cudaOk(cudaMallocHost(&pinnedTokens_, sizeof(int32_t) * (size_t)rows), "cudaMallocHost");
+      pinnedTokensCap_ = (size_t)rows;
+    }
+    cudaOk(cudaMemcpyAsync(pinnedTokens_, d, sizeof(int32_t) * (size_t)rows, cudaMemcpyDeviceToHost, stream_), "token copy");
     cudaOk(cudaStreamSynchronize(stream_), "sample sync");
-    return *pinnedToken_;
+    std::memcpy(out, pinnedTokens_, sizeof(int32_t) * (size_t)rows);
   }
 
   void addNorm(NormKind kind, Tensor& h, const Tensor& delta, int n, const Tensor& weight, const Tensor* bias, float eps,
@@ -773,7 +804,8 @@ class CudaBackend : public Backend {
   cublasLtHandle_t lt_ = nullptr;
   std::shared_ptr<void> workspace_;
   Staging staging_[5];  // token ids, positions, penalised tokens, K/V page tables, row-to-sequence map
-  int32_t* pinnedToken_ = nullptr;
+  int32_t* pinnedTokens_ = nullptr;  // the chosen ids of a step, copied from the device
+  size_t pinnedTokensCap_ = 0;
   const bool deviceSampling_ = [] {
     const char* e = std::getenv("LCKV_DEVICE_SAMPLING");
     return e == nullptr || std::string(e) != "0";

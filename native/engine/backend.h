@@ -196,6 +196,19 @@ class Backend {
   // Recordings kept now, and replays so far (for tests and profiling).
   virtual void stepGraphStats(int64_t& recorded, int64_t& replayed) { recorded = replayed = 0; }
 
+  // sample() for rows [0, rows) of logits [rows, vocab], row r with params[r], histories[r]
+  // (read only when its repetition penalty is not 1) and positions[r]; out[r] is its token. A
+  // GPU chooses every row before it synchronises once; the default calls sample() per row.
+  virtual void sampleRows(const Tensor& logits, int rows, int vocab, const SamplingParams* params,
+                          const std::vector<int32_t>* histories, const uint64_t* positions, int32_t* out) {
+    for (int r = 0; r < rows; ++r) {
+      Tensor row = logits;
+      row.data = static_cast<float*>(logits.data) + (int64_t)r * logits.cols;
+      row.rows = 1;
+      out[r] = sample(row, vocab, params[r], histories[r], positions[r]);
+    }
+  }
+
   // Free and total bytes of the device's memory (0, 0 where that means nothing: the CPU).
   virtual void memoryInfo(size_t& freeBytes, size_t& totalBytes) { freeBytes = totalBytes = 0; }
 

@@ -301,14 +301,6 @@ void Model::viewPages(Scratch& s, const std::vector<SequenceState*>& seqs, const
 
 static const Tensor* opt(const Tensor& t) { return t.empty() ? nullptr : &t; }
 
-// Rows [row, row + count) of an f32 activation tensor, sharing its storage.
-static Tensor rowView(const Tensor& t, int row, int count) {
-  Tensor v = t;
-  v.data = static_cast<float*>(t.data) + (int64_t)row * t.cols;
-  v.rows = count;
-  return v;
-}
-
 void Model::runLayer(Scratch& s, int n, const int32_t* pos, int i) {
   Backend& be = *backend_;
   static const std::vector<std::string> names = [] {
@@ -453,15 +445,16 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
       }
       if (!ran) lg = forward();
     }
+    std::vector<std::vector<int32_t>> histories((size_t)n);
+    std::vector<uint64_t> positions((size_t)n);
     for (int r = 0; r < n; ++r) {
-      const SamplingParams& p = params[(size_t)r];
-      std::vector<int32_t> history;
-      if (p.repetitionPenalty != 1.0f) {
-        history = seqs[(size_t)r]->tokens;
-        history.push_back(tokens[(size_t)r]);
+      if (params[(size_t)r].repetitionPenalty != 1.0f) {
+        histories[(size_t)r] = seqs[(size_t)r]->tokens;
+        histories[(size_t)r].push_back(tokens[(size_t)r]);
       }
-      out[(size_t)r] = be.sample(rowView(lg, r, 1), cfg_.vocab, p, history, (uint64_t)(pos[(size_t)r] + 1));
+      positions[(size_t)r] = (uint64_t)(pos[(size_t)r] + 1);
     }
+    be.sampleRows(lg, n, cfg_.vocab, params.data(), histories.data(), positions.data(), out.data());
   } catch (const std::bad_alloc&) {
     throw EngineError(kErrOutOfMemory, "out of memory running a decode batch of " + std::to_string(n));
   }

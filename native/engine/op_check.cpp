@@ -362,6 +362,32 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
                                   {"penalty_x10", (int64_t)std::lround(c.penalty * 10)}}),
                             (double)differ / draws, true});
   }
+  // token choice for a whole decode batch: all rows plain greedy (one launch on the GPU), then
+  // a mix of greedy, penalised and sampled rows; every row must pick the CPU's id.
+  for (bool mixed : {false, true}) {
+    const int rows = 7, V = 32000;
+    auto x = r.act(r.random((size_t)rows * V, 2.0f), rows, V);
+    std::vector<SamplingParams> ps((size_t)rows);
+    std::vector<std::vector<int32_t>> hist((size_t)rows);
+    std::vector<uint64_t> at((size_t)rows);
+    for (int i = 0; i < rows; ++i) {
+      SamplingParams& sp = ps[(size_t)i];
+      if (mixed) {
+        sp.temperature = i % 3 == 0 ? 0.0f : 0.7f + 0.1f * (float)i;
+        sp.topK = i % 2 ? 40 : 0;
+        sp.repetitionPenalty = i % 4 == 1 ? 1.3f : 1.0f;
+        sp.seed = r.rng();
+      }
+      for (int k = 0; k < 16; ++k) hist[(size_t)i].push_back((int32_t)(r.rng() % (uint64_t)V));
+      at[(size_t)i] = r.rng() % 4096;
+    }
+    std::vector<int32_t> a((size_t)rows), b((size_t)rows);
+    ref.sampleRows(x.first, rows, V, ps.data(), hist.data(), at.data(), a.data());
+    test.sampleRows(x.second, rows, V, ps.data(), hist.data(), at.data(), b.data());
+    int differ = 0;
+    for (int i = 0; i < rows; ++i) differ += a[(size_t)i] != b[(size_t)i];
+    r.out.push_back(OpCheck{"sample_rows", dims({{"rows", rows}, {"V", V}, {"mixed", mixed}}), (double)differ / rows, true});
+  }
   return r.out;
 }
 
