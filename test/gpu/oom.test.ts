@@ -84,14 +84,20 @@ describeGpu("cuda: out of memory", () => {
 
   test("a failed load gives back the device memory it took", async () => {
     expect(resident.nativeModel().memoryInfo().total).toBeGreaterThan(0);
-    // The measurement sees memory that is kept: a loaded model holds at least its pool and weights.
-    const beforeKept = freeBytes();
-    const kept = await loadModel(dir, { ...dev, kvCacheMemory: 64 * MiB });
-    expect(beforeKept - freeBytes()).toBeGreaterThanOrEqual(64 * MiB + kept.nativeModel().weightBytes);
-    await kept.dispose();
     // Free memory is the device's, and the other GPU test files may be running in parallel
-    // processes on the same device, so one reading can be off by their allocations. A leak
-    // repeats with every failed load; their noise does not: up to three tries, one must be clean.
+    // processes on the same device, so one reading can be off by their allocations (or frees).
+    // A real effect repeats; their noise does not: up to three tries, one must be clean.
+    // First, the measurement sees memory that is kept: a loaded model holds at least its pool and weights.
+    const shortfalls: number[] = [];
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const before = freeBytes();
+      const kept = await loadModel(dir, { ...dev, kvCacheMemory: 64 * MiB });
+      shortfalls.push(64 * MiB + kept.nativeModel().weightBytes - (before - freeBytes()));
+      await kept.dispose();
+      if (shortfalls[shortfalls.length - 1] <= 0) break;
+    }
+    expect(Math.min(...shortfalls)).toBeLessThanOrEqual(0);
+    // Then a failed load keeps nothing.
     const drops: number[] = [];
     for (let attempt = 0; attempt < 3; attempt++) {
       const before = freeBytes();
