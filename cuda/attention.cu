@@ -136,6 +136,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
     const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int numHeads, int numKvHeads,
     int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, bool vec4,
     float* __restrict__ out, float* __restrict__ partial) {
+  waitForPrecedingKernels();
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
   const int stride = decodeRowStride(headDim);
@@ -333,6 +334,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
 // Merges the chunks of each (query, head): out = sum_c exp(M_c - M) acc_c / sum_c exp(M_c - M) L_c.
 __global__ void attentionMergeKernel(const float* __restrict__ partial, int numHeads, int headDim, int splits,
                                      float* __restrict__ out) {
+  waitForPrecedingKernels();
   const int r = blockIdx.x, h = blockIdx.y;
   const float* base = partial + ((int64_t)r * numHeads + h) * splits * (headDim + 2);
   float M = -INFINITY;
@@ -368,6 +370,7 @@ constexpr int kPrefillMinQueries = 16;
 __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
     const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int n, int numHeads, int numKvHeads,
     int headDim, bool strict, int window, float scale, float* __restrict__ out) {
+  waitForPrecedingKernels();
   extern __shared__ float smem[];
   const int hdPad = headDim + 1;  // row stride: lane j reading row j column d is conflict-free
   float* ks = smem;                       // [kKeyTile][hdPad]
@@ -532,9 +535,8 @@ void launchDecode(const float* q, int n, const int32_t* positions, const PagedKv
   preparedDecodeKernel<kDimsPerLane>();
   const bool vec4 = headDim % 4 == 0 && kv.kvDim % 4 == 0 && kv.pageFloats % 4 == 0 &&
                     reinterpret_cast<uintptr_t>(kv.pool) % 16 == 0;
-  attentionDecodeKernel<kDimsPerLane>
-      <<<dim3(n, numKvHeads * headChunks, splits), kDecodeWarps * 32, sizeof(float) * decodeSmemFloats(headDim), stream>>>(
-          q, positions, kv, numHeads, numKvHeads, headDim, strict, window, scale, headChunks, headsPerBlock, vec4, out,
+  launchKernel(attentionDecodeKernel<kDimsPerLane>, dim3(n, numKvHeads * headChunks, splits), kDecodeWarps * 32,
+               sizeof(float) * decodeSmemFloats(headDim), stream, q, positions, kv, numHeads, numKvHeads, headDim, strict, window, scale, headChunks, headsPerBlock, vec4, out,
           partial);
 }
 
@@ -554,7 +556,7 @@ void launchAttention(const float* q, int n, const int32_t* positions, int maxVis
     static const cudaError_t raised = cudaFuncSetAttribute(attentionPrefillKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                            (int)(sizeof(float) * (2 * kKeyTile * 129 + kPrefillQueries * 128 + kPrefillWarps * 32)));
     LCKV_CUDA_CHECK(raised);
-    attentionPrefillKernel<<<dim3((n + kPrefillQueries - 1) / kPrefillQueries, numHeads), kPrefillWarps * 32, smem, stream>>>(
+    launchKernel(attentionPrefillKernel, dim3((n + kPrefillQueries - 1) / kPrefillQueries, numHeads), kPrefillWarps * 32, smem, stream, 
         q, positions, kv, n, numHeads, numKvHeads, headDim, strict, window, scale, out);
     LCKV_LAUNCH_CHECK("attention_prefill");
     return;
@@ -584,7 +586,7 @@ void launchAttention(const float* q, int n, const int32_t* positions, int maxVis
   }
   LCKV_LAUNCH_CHECK("attention");
   if (splits > 1) {
-    attentionMergeKernel<<<dim3(n, numHeads), 128, 0, stream>>>(workspace, numHeads, headDim, splits, out);
+    launchKernel(attentionMergeKernel, dim3(n, numHeads), 128, 0, stream, workspace, numHeads, headDim, splits, out);
     LCKV_LAUNCH_CHECK("attention_merge");
   }
 }

@@ -7,6 +7,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace lckv::cuda {
 
@@ -26,6 +27,44 @@ struct NvtxRange {
   explicit NvtxRange(const char* name) { nvtxRangePushA(name); }
   ~NvtxRange() { nvtxRangePop(); }
 };
+
+// ---- programmatic dependent launch (sm_90 and later) ----------------------------------------
+// A decode step is ~180 small kernels. Launched plainly, each pays its launch and its ramp-up
+// (the first loads' latency) after the previous one has drained. launchKernel lets a kernel
+// start while the one before it in the stream finishes: everything a kernel does before
+// waitForPrecedingKernels() may only read memory that no kernel writes (weights), and
+// everything after sees the preceding kernel's writes, as after a plain launch. Every kernel in
+// cuda/ calls it first (the GEMVs after loading their first weights), then lets the next
+// kernel launch: one kernel of look-ahead, never more.
+__device__ __forceinline__ void waitForPrecedingKernels() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Set once by the CUDA backend: on for sm_90+ unless LCKV_PDL=0 (then launches are plain).
+inline bool& programmaticLaunchEnabled() {
+  static bool enabled = false;
+  return enabled;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with programmatic dependent launch when it
+// is enabled. The caller checks the launch (LCKV_LAUNCH_CHECK) as after <<<>>>.
+template <typename... Params, typename... Args>
+void launchKernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute overlap;
+  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &overlap;
+  config.numAttrs = programmaticLaunchEnabled() ? 1 : 0;
+  (void)cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);  // reported by LCKV_LAUNCH_CHECK
+}
 
 // Weight element types the kernels read. Activations and the KV cache are f32 (see backend).
 enum class WeightType { F32 = 0, BF16 = 1, F16 = 2 };

@@ -13,6 +13,7 @@ int blocksFor(int64_t count) { return (int)std::min<int64_t>((count + kThreads -
 template <typename W>
 __global__ void embedKernel(const int32_t* tokens, const int32_t* positions, int n, const W* table, const W* posTable,
                             int E, float* out) {
+  waitForPrecedingKernels();
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (int64_t)n * E; i += (int64_t)gridDim.x * blockDim.x) {
     const int r = (int)(i / E), j = (int)(i % E);
     float v = toFloat(table[(int64_t)tokens[r] * E + j]);
@@ -22,10 +23,12 @@ __global__ void embedKernel(const int32_t* tokens, const int32_t* positions, int
 }
 
 __global__ void addKernel(float* x, const float* y, int64_t count) {
+  waitForPrecedingKernels();
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x) x[i] += y[i];
 }
 
 __global__ void swigluKernel(const float* gate, const float* up, int64_t count, float* out) {
+  waitForPrecedingKernels();
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x) {
     const float g = gate[i];
     out[i] = (g / (1.0f + expf(-g))) * up[i];
@@ -33,6 +36,7 @@ __global__ void swigluKernel(const float* gate, const float* up, int64_t count, 
 }
 
 __global__ void geluTanhKernel(float* x, int64_t count) {
+  waitForPrecedingKernels();
   const float c = 0.7978845608028654f;  // sqrt(2 / pi)
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x) {
     const float v = x[i];
@@ -41,17 +45,21 @@ __global__ void geluTanhKernel(float* x, int64_t count) {
 }
 
 __global__ void toBf16Kernel(const float* x, int64_t count, __nv_bfloat16* y) {
+  waitForPrecedingKernels();
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x)
     y[i] = __float2bfloat16(x[i]);
 }
 
 template <typename W>
 __global__ void addBiasKernel(float* out, int n, int O, const W* bias) {
+  waitForPrecedingKernels();
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (int64_t)n * O; i += (int64_t)gridDim.x * blockDim.x)
     out[i] += toFloat(bias[i % O]);
 }
 
 }  // namespace
+
+void enableProgrammaticLaunch(bool enabled) { programmaticLaunchEnabled() = enabled; }
 
 void launchEmbed(const int32_t* tokens, const int32_t* positions, int n, const void* table, const void* posTable,
                  int wtype, int E, float* out, cudaStream_t stream) {
@@ -59,9 +67,9 @@ void launchEmbed(const int32_t* tokens, const int32_t* positions, int n, const v
   if (n <= 0 || E <= 0) throw std::invalid_argument("embed: empty shape");
   const int g = blocksFor((int64_t)n * E);
   switch ((WeightType)wtype) {
-    case WeightType::F32: embedKernel<<<g, kThreads, 0, stream>>>(tokens, positions, n, (const float*)table, (const float*)posTable, E, out); break;
-    case WeightType::BF16: embedKernel<<<g, kThreads, 0, stream>>>(tokens, positions, n, (const __nv_bfloat16*)table, (const __nv_bfloat16*)posTable, E, out); break;
-    case WeightType::F16: embedKernel<<<g, kThreads, 0, stream>>>(tokens, positions, n, (const __half*)table, (const __half*)posTable, E, out); break;
+    case WeightType::F32: launchKernel(embedKernel<float>, g, kThreads, 0, stream, tokens, positions, n, (const float*)table, (const float*)posTable, E, out); break;
+    case WeightType::BF16: launchKernel(embedKernel<__nv_bfloat16>, g, kThreads, 0, stream, tokens, positions, n, (const __nv_bfloat16*)table, (const __nv_bfloat16*)posTable, E, out); break;
+    case WeightType::F16: launchKernel(embedKernel<__half>, g, kThreads, 0, stream, tokens, positions, n, (const __half*)table, (const __half*)posTable, E, out); break;
   }
   LCKV_LAUNCH_CHECK("embed");
 }
@@ -69,28 +77,28 @@ void launchEmbed(const int32_t* tokens, const int32_t* positions, int n, const v
 void launchAdd(float* x, const float* y, int64_t count, cudaStream_t stream) {
   NvtxRange r("residual_add");
   if (count <= 0) return;
-  addKernel<<<blocksFor(count), kThreads, 0, stream>>>(x, y, count);
+  launchKernel(addKernel, blocksFor(count), kThreads, 0, stream, x, y, count);
   LCKV_LAUNCH_CHECK("residual_add");
 }
 
 void launchSwiglu(const float* gate, const float* up, int64_t count, float* out, cudaStream_t stream) {
   NvtxRange r("swiglu");
   if (count <= 0) return;
-  swigluKernel<<<blocksFor(count), kThreads, 0, stream>>>(gate, up, count, out);
+  launchKernel(swigluKernel, blocksFor(count), kThreads, 0, stream, gate, up, count, out);
   LCKV_LAUNCH_CHECK("swiglu");
 }
 
 void launchGeluTanh(float* x, int64_t count, cudaStream_t stream) {
   NvtxRange r("gelu_tanh");
   if (count <= 0) return;
-  geluTanhKernel<<<blocksFor(count), kThreads, 0, stream>>>(x, count);
+  launchKernel(geluTanhKernel, blocksFor(count), kThreads, 0, stream, x, count);
   LCKV_LAUNCH_CHECK("gelu_tanh");
 }
 
 void launchToBf16(const float* x, int64_t count, void* y, cudaStream_t stream) {
   NvtxRange r("to_bf16");
   if (count <= 0) return;
-  toBf16Kernel<<<blocksFor(count), kThreads, 0, stream>>>(x, count, (__nv_bfloat16*)y);
+  launchKernel(toBf16Kernel, blocksFor(count), kThreads, 0, stream, x, count, (__nv_bfloat16*)y);
   LCKV_LAUNCH_CHECK("to_bf16");
 }
 
@@ -98,9 +106,9 @@ void launchAddBias(float* out, int n, int O, const void* bias, int wtype, cudaSt
   NvtxRange r("add_bias");
   const int g = blocksFor((int64_t)n * O);
   switch ((WeightType)wtype) {
-    case WeightType::F32: addBiasKernel<<<g, kThreads, 0, stream>>>(out, n, O, (const float*)bias); break;
-    case WeightType::BF16: addBiasKernel<<<g, kThreads, 0, stream>>>(out, n, O, (const __nv_bfloat16*)bias); break;
-    case WeightType::F16: addBiasKernel<<<g, kThreads, 0, stream>>>(out, n, O, (const __half*)bias); break;
+    case WeightType::F32: launchKernel(addBiasKernel<float>, g, kThreads, 0, stream, out, n, O, (const float*)bias); break;
+    case WeightType::BF16: launchKernel(addBiasKernel<__nv_bfloat16>, g, kThreads, 0, stream, out, n, O, (const __nv_bfloat16*)bias); break;
+    case WeightType::F16: launchKernel(addBiasKernel<__half>, g, kThreads, 0, stream, out, n, O, (const __half*)bias); break;
   }
   LCKV_LAUNCH_CHECK("add_bias");
 }

@@ -24,6 +24,10 @@ struct PagedKv {
   int kvDim;
 };
 
+// Lets each kernel start while the one before it in the stream finishes (sm_90+ only; see
+// waitForPrecedingKernels in common.cuh). Off until the backend turns it on.
+void enableProgrammaticLaunch(bool enabled);
+
 // out[r] = table[tokens[r]] (+ posTable[positions[r]]). table: [vocab, E] of wtype.
 void launchEmbed(const int32_t* tokens, const int32_t* positions, int n, const void* table, const void* posTable,
                  int wtype, int E, float* out, cudaStream_t stream);
@@ -44,8 +48,8 @@ struct GemvTarget {
   int features;
   float* out;
 };
-// Small-batch products (n <= 16 rows read W once; decode): one warp per output feature, all n
-// rows at once, for up to kGemvMaxTargets matrices of the same input in one launch (Q, K, V).
+// Small-batch products (n <= 16 rows read W once; decode): 1 to 8 warps per output feature (by
+// the length of its row), all n rows at once, for up to kGemvMaxTargets matrices of the same input in one launch (Q, K, V).
 // Larger n goes through cuBLASLt. All weights of one launch share wtype.
 void launchGemv(const float* x, int n, int I, const GemvTarget* targets, int count, int wtype, cudaStream_t stream);
 // out = silu(x @ gate^T + b) * (x @ up^T + b), written to gate.out (up.out is not used): the

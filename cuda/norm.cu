@@ -104,6 +104,7 @@ __device__ __forceinline__ float blockSumToAll(float v, float* partials) {
 template <typename W, bool kRms, int kWidth, int kVectors>
 __global__ void __launch_bounds__(kMaxRowThreads)
     normRowInRegisters(float* x, const float* delta, int E, const W* weight, const W* bias, float eps, float* out) {
+  waitForPrecedingKernels();
   constexpr bool kPrefetch = kVectors * kWidth <= kMaxPrefetchFloats;
   __shared__ float meanPartials[kMaxRowThreads / 32];
   __shared__ float sqPartials[kMaxRowThreads / 32];
@@ -222,6 +223,7 @@ __device__ float blockSum(float v, float* shared) {
 template <typename W>
 __global__ void normRowLoop(bool rms, float* x, const float* delta, int E, const W* weight, const W* bias, float eps,
                             float* out) {
+  waitForPrecedingKernels();
   __shared__ float shared[32];
   float* xr = x + (int64_t)blockIdx.x * E;
   float* o = out + (int64_t)blockIdx.x * E;
@@ -270,10 +272,10 @@ template <typename W, bool kRms, int kWidth>
 void launchRowsInRegisters(RowSplit split, int n, float* x, const float* delta, int E, const W* weight, const W* bias,
                            float eps, float* out, cudaStream_t stream) {
   switch (split.vectorsPerThread) {
-    case 1: normRowInRegisters<W, kRms, kWidth, 1><<<n, split.threads, 0, stream>>>(x, delta, E, weight, bias, eps, out); break;
-    case 2: normRowInRegisters<W, kRms, kWidth, 2><<<n, split.threads, 0, stream>>>(x, delta, E, weight, bias, eps, out); break;
-    case 4: normRowInRegisters<W, kRms, kWidth, 4><<<n, split.threads, 0, stream>>>(x, delta, E, weight, bias, eps, out); break;
-    case 8: normRowInRegisters<W, kRms, kWidth, 8><<<n, split.threads, 0, stream>>>(x, delta, E, weight, bias, eps, out); break;
+    case 1: launchKernel(normRowInRegisters<W, kRms, kWidth, 1>, n, split.threads, 0, stream, x, delta, E, weight, bias, eps, out); break;
+    case 2: launchKernel(normRowInRegisters<W, kRms, kWidth, 2>, n, split.threads, 0, stream, x, delta, E, weight, bias, eps, out); break;
+    case 4: launchKernel(normRowInRegisters<W, kRms, kWidth, 4>, n, split.threads, 0, stream, x, delta, E, weight, bias, eps, out); break;
+    case 8: launchKernel(normRowInRegisters<W, kRms, kWidth, 8>, n, split.threads, 0, stream, x, delta, E, weight, bias, eps, out); break;
     default: throw std::logic_error("norm: no kernel for this row split");
   }
 }
@@ -285,7 +287,7 @@ void launchTyped(bool rms, float* x, const float* delta, int n, int E, const W* 
                     alignedTo(weight, 4 * sizeof(W)) && alignedTo(bias, 4 * sizeof(W));
   const RowSplit split = splitRow(vec4 ? E / 4 : E);
   if (split.vectorsPerThread == 0) {
-    normRowLoop<<<n, kLoopThreads, 0, stream>>>(rms, x, delta, E, weight, bias, eps, out);
+    launchKernel(normRowLoop<W>, n, kLoopThreads, 0, stream, rms, x, delta, E, weight, bias, eps, out);
   } else if (vec4) {
     if (rms) launchRowsInRegisters<W, true, 4>(split, n, x, delta, E, weight, bias, eps, out, stream);
     else launchRowsInRegisters<W, false, 4>(split, n, x, delta, E, weight, bias, eps, out, stream);

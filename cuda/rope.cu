@@ -8,6 +8,7 @@ namespace lckv::cuda {
 namespace {
 
 __global__ void ropeKernel(float* x, int heads, int headDim, const int32_t* positions, const float* invFreq, float scale) {
+  waitForPrecedingKernels();
   // grid: (n), block: heads * headDim/2 threads, looped
   const int r = blockIdx.x;
   const int half = headDim / 2;
@@ -30,6 +31,7 @@ __global__ void ropeKernel(float* x, int heads, int headDim, const int32_t* posi
 }
 
 __global__ void kvWriteKernel(const float* k, const float* v, const int32_t* positions, PagedKv kv) {
+  waitForPrecedingKernels();
   const int r = blockIdx.x;
   const int32_t* table = kv.tables + (int64_t)kv.rowSeq[r] * kv.stride;
   float* kd = kv.pool + pagedOffset(table, positions[r], kv.pageShift, kv.pageFloats, kv.slot, 0, kv.kvDim);
@@ -45,6 +47,7 @@ __global__ void kvWriteKernel(const float* k, const float* v, const int32_t* pos
 // The rotation is ropeKernel's, element for element.
 __global__ void ropeKvWriteKernel(float* q, int numHeads, const float* k, const float* v, int numKvHeads, int headDim,
                                   const int32_t* positions, const float* invFreq, float scale, PagedKv kv) {
+  waitForPrecedingKernels();
   const int r = blockIdx.x;
   const int half = headDim / 2;
   const int p = positions[r];
@@ -58,7 +61,8 @@ __global__ void ropeKvWriteKernel(float* q, int numHeads, const float* k, const 
     vd = kv.pool + pagedOffset(table, p, kv.pageShift, kv.pageFloats, kv.slot, 1, kv.kvDim);
   }
   const int qPairs = numHeads * half, pairs = qPairs + (k ? numKvHeads * half : 0);
-  for (int t = threadIdx.x; t < pairs; t += blockDim.x) {
+  const int first = blockIdx.y * blockDim.x + threadIdx.x, step = gridDim.y * blockDim.x;
+  for (int t = first; t < pairs; t += step) {
     const bool isQ = t < qPairs;
     const int u = isQ ? t : t - qPairs;
     const int h = u / half, j = u % half;
@@ -80,7 +84,7 @@ __global__ void ropeKvWriteKernel(float* q, int numHeads, const float* k, const 
     }
   }
   if (k)
-    for (int j = threadIdx.x; j < kv.kvDim; j += blockDim.x) vd[j] = v[(int64_t)r * kv.kvDim + j];
+    for (int j = first; j < kv.kvDim; j += step) vd[j] = v[(int64_t)r * kv.kvDim + j];
 }
 
 }  // namespace
@@ -93,7 +97,10 @@ void launchRopeKvWrite(float* q, int numHeads, const float* k, const float* v, i
   if (headDim % 2) throw std::invalid_argument("rope_kv_write: odd headDim");
   if (k && (!v || !kv || kv->kvDim != numKvHeads * headDim))
     throw std::invalid_argument("rope_kv_write: k needs v and a cache slot of numKvHeads * headDim");
-  ropeKvWriteKernel<<<n, 256, 0, stream>>>(q, numHeads, k, v, numKvHeads, headDim, positions, invFreq, attentionScale,
+  // A block per row would loop ~5 times over TinyLlama's 1152 pairs, each round a dependent
+  // memory round trip; blocks along y give every pair its own thread (one round).
+  const int pairs = (numHeads + (k ? numKvHeads : 0)) * (headDim / 2);
+  launchKernel(ropeKvWriteKernel, dim3(n, (pairs + 255) / 256), 256, 0, stream, q, numHeads, k, v, numKvHeads, headDim, positions, invFreq, attentionScale,
                                            k ? *kv : PagedKv{});
   LCKV_LAUNCH_CHECK("rope_kv_write");
 }
@@ -103,7 +110,7 @@ void launchRope(float* x, int n, int heads, int headDim, const int32_t* position
   NvtxRange r("rope");
   if (n <= 0) return;
   if (headDim % 2) throw std::invalid_argument("rope: odd headDim");
-  ropeKernel<<<n, 256, 0, stream>>>(x, heads, headDim, positions, invFreq, attentionScale);
+  launchKernel(ropeKernel, n, 256, 0, stream, x, heads, headDim, positions, invFreq, attentionScale);
   LCKV_LAUNCH_CHECK("rope");
 }
 
@@ -111,7 +118,7 @@ void launchKvWrite(const float* k, const float* v, int n, const int32_t* positio
                    cudaStream_t stream) {
   NvtxRange r("kv_write");
   if (n <= 0) return;
-  kvWriteKernel<<<n, 256, 0, stream>>>(k, v, positions, kv);
+  launchKernel(kvWriteKernel, n, 256, 0, stream, k, v, positions, kv);
   LCKV_LAUNCH_CHECK("kv_write");
 }
 

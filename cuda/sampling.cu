@@ -12,6 +12,7 @@ constexpr int kThreads = 1024;
 
 // x[t] of each (distinct) history token: divided by the penalty when positive, else multiplied.
 __global__ void penaltyKernel(float* x, const int32_t* tokens, int count, int V, float penalty) {
+  waitForPrecedingKernels();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= count) return;
   const int t = tokens[i];
@@ -24,6 +25,7 @@ __device__ __forceinline__ bool better(float v, int i, float bv, int bi) { retur
 
 // Block b: the argmax of row b of x (rows ld floats apart), into out[b].
 __global__ void argmaxKernel(const float* __restrict__ x, int V, int64_t ld, int32_t* __restrict__ out) {
+  waitForPrecedingKernels();
   x += blockIdx.x * ld;
   out += blockIdx.x;
   __shared__ float sv[kThreads / 32];
@@ -71,18 +73,18 @@ void launchGreedy(const float* logits, int V, float* scratch, const int32_t* pen
   const float* x = logits;
   if (penalty != 1.0f && penalizedCount > 0) {
     LCKV_CUDA_CHECK(cudaMemcpyAsync(scratch, logits, sizeof(float) * (size_t)V, cudaMemcpyDeviceToDevice, stream));
-    penaltyKernel<<<(penalizedCount + 255) / 256, 256, 0, stream>>>(scratch, penalized, penalizedCount, V, penalty);
+    launchKernel(penaltyKernel, (penalizedCount + 255) / 256, 256, 0, stream, scratch, penalized, penalizedCount, V, penalty);
     LCKV_LAUNCH_CHECK("repetition_penalty");
     x = scratch;
   }
-  argmaxKernel<<<1, kThreads, 0, stream>>>(x, V, V, outToken);
+  launchKernel(argmaxKernel, 1, kThreads, 0, stream, x, V, V, outToken);
   LCKV_LAUNCH_CHECK("argmax");
 }
 
 void launchGreedyRows(const float* logits, int rows, int V, int32_t* outTokens, cudaStream_t stream) {
   NvtxRange r("sample_greedy_rows");
   if (V <= 0 || rows <= 0) throw std::invalid_argument("greedy rows: empty shape");
-  argmaxKernel<<<rows, kThreads, 0, stream>>>(logits, V, V, outTokens);
+  launchKernel(argmaxKernel, rows, kThreads, 0, stream, logits, V, V, outTokens);
   LCKV_LAUNCH_CHECK("argmax_rows");
 }
 
@@ -109,6 +111,7 @@ struct MinOp {
 };
 
 __global__ void iotaKernel(int32_t* ids, int V) {
+  waitForPrecedingKernels();
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < V; i += gridDim.x * blockDim.x) ids[i] = i;
 }
 
@@ -168,6 +171,7 @@ __device__ int firstCrossing(const float* x, int n, double invT, double top, dou
 
 __global__ void __launch_bounds__(kSelectThreads) selectKernel(const float* __restrict__ x, const int32_t* __restrict__ ids, int V, float temperature,
                              int topK, float topP, float minP, uint64_t seed, uint64_t position, int32_t* out) {
+  waitForPrecedingKernels();
   __shared__ SelectShared sh;
   int keep = topK > 0 && topK < V ? topK : V;
   const double invT = 1.0 / (double)temperature;
@@ -237,15 +241,15 @@ void launchSample(const float* logits, int V, const int32_t* penalized, int pena
   SampleBuffers b = carve(workspace, V);
   LCKV_CUDA_CHECK(cudaMemcpyAsync(b.keysIn, logits, sizeof(float) * (size_t)V, cudaMemcpyDeviceToDevice, stream));
   if (penalty != 1.0f && penalizedCount > 0) {
-    penaltyKernel<<<(penalizedCount + 255) / 256, 256, 0, stream>>>(b.keysIn, penalized, penalizedCount, V, penalty);
+    launchKernel(penaltyKernel, (penalizedCount + 255) / 256, 256, 0, stream, b.keysIn, penalized, penalizedCount, V, penalty);
     LCKV_LAUNCH_CHECK("repetition_penalty");
   }
-  iotaKernel<<<(V + 255) / 256, 256, 0, stream>>>(b.idsIn, V);
+  launchKernel(iotaKernel, (V + 255) / 256, 256, 0, stream, b.idsIn, V);
   LCKV_LAUNCH_CHECK("iota");
   size_t temp = b.tempBytes;
   LCKV_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(b.temp, temp, b.keysIn, b.keysOut, b.idsIn, b.idsOut, V, 0,
                                                             (int)(sizeof(float) * 8), stream));
-  selectKernel<<<1, kSelectThreads, 0, stream>>>(b.keysOut, b.idsOut, V, temperature, topK, topP, minP, seed, position,
+  launchKernel(selectKernel, 1, kSelectThreads, 0, stream, b.keysOut, b.idsOut, V, temperature, topK, topP, minP, seed, position,
                                                  outToken);
   LCKV_LAUNCH_CHECK("sample_select");
 }

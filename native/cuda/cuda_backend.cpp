@@ -188,6 +188,12 @@ class CudaBackend : public Backend {
     cudaOk(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     cublasOk(cublasLtCreate(&lt_), "cublasLtCreate");
     workspace_ = deviceAlloc(kWorkspace);
+    // Programmatic dependent launch needs sm_90; LCKV_PDL=0 turns it off (to measure it, or
+    // to rule it out). The setting is per process: every device of one process shares it.
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_);
+    const char* pdl = std::getenv("LCKV_PDL");
+    lckv::cuda::enableProgrammaticLaunch(major >= 9 && (pdl == nullptr || std::string(pdl) != "0"));
   }
   ~CudaBackend() override {
     profiler_.report();

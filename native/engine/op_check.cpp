@@ -69,7 +69,9 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
   // linear: decode shapes (GEMV) and prefill shapes (the large-batch path), with and without bias.
   for (auto [n, I, O, bias] : std::vector<std::tuple<int, int, int, bool>>{
            {1, 64, 96, false}, {1, 64, 301, false}, {1, 2048, 5632, false}, {3, 2048, 256, true}, {8, 512, 1000, false},
-           {9, 256, 384, true}, {64, 2048, 2048, false}, {33, 100, 36, true}}) {
+           {9, 256, 384, true}, {64, 2048, 2048, false}, {33, 100, 36, true},
+           // rows split over 4 and 8 warps (aligned and not), at 1 and 16 input rows
+           {1, 5632, 2048, true}, {16, 5632, 300, false}, {2, 8200, 40, false}, {4, 4099, 33, true}}) {
     auto x = r.act(r.random((size_t)n * I), n, I);
     auto w = r.weight(r.random((size_t)O * I, 0.05f), O, I);
     auto b = r.weight(r.random((size_t)O), 1, O);
@@ -122,7 +124,7 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
   // fused products of one input: Q, K and V in one GEMV launch (unequal heights, biases on some),
   // and the SwiGLU MLP's gate and up with the activation applied as they are written.
   for (auto [n, I, O0, O1] : std::vector<std::tuple<int, int, int, int>>{
-           {1, 2048, 2048, 256}, {5, 64, 96, 32}, {16, 512, 300, 8}, {40, 128, 64, 64}}) {
+           {1, 2048, 2048, 256}, {5, 64, 96, 32}, {16, 512, 300, 8}, {40, 128, 64, 64}, {16, 2048, 512, 64}, {3, 4100, 70, 6}}) {
     auto x = r.act(r.random((size_t)n * I), n, I);
     auto wq = r.weight(r.random((size_t)O0 * I, 0.05f), O0, I);
     auto wk = r.weight(r.random((size_t)O1 * I, 0.05f), O1, I);
