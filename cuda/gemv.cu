@@ -164,6 +164,175 @@ int warpsPerRow(int I) {
   return warps;
 }
 
+// ---- bf16 weights: tensor cores ------------------------------------------------------------------
+// At 8 to 16 input rows the kernel above re-reads 16 f32 input values from L1 for every 8
+// weights it loads, so L1, not memory, sets its speed. With bf16 weights the products go to
+// mma.sync.m16n8k16 instead: a warp multiplies a tile of 16 output features by 8 input rows per
+// instruction, each input value loaded once per tile. The f32 input is split into two bf16
+// parts (hi + lo carries 16 of f32's 24 significant bits), both multiplied, so the products keep
+// close to f32 precision. Batch 1 takes the same path, so a row's result never depends on the
+// batch: each output column of an mma depends on its own input column only.
+//
+// K order: the dot product does not care in which order k is visited, so each lane loads 8
+// consecutive weights (16 bytes) of its two rows and the 8 matching inputs, and the fragments
+// of two k16 steps are taken from them: lane (g, t) = (lane / 4, lane % 4) holds k = 8t..8t+7
+// of a 32-wide block; its first mma uses 8t..8t+3 where the instruction expects k = 2t, 2t+1,
+// 2t+8, 2t+9, its second 8t+4..8t+7. Weights and inputs are permuted the same way.
+constexpr int kMmaWarps = 16;    // warps of a block: one 16-feature tile, K cut into 16 interleaved parts
+constexpr int kMmaInFlight = 4;  // 32-wide k blocks each warp loads before using them
+
+__device__ __forceinline__ void mmaBf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+__device__ __forceinline__ uint32_t packBf16(float low, float high) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(low, high);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// d += W[16 rows, 32 k] . x[32 k, 8 rows] for one 32-wide k block: `w0`/`w1` the lane's 8
+// weights of rows g and g + 8, `xs` its 8 inputs of input row g.
+__device__ __forceinline__ void mmaBlock(float (&d)[4], const uint4& w0, const uint4& w1, const float (&xs)[8]) {
+  uint32_t hi[4], lo[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float a = xs[2 * i], b = xs[2 * i + 1];
+    hi[i] = packBf16(a, b);
+    const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&hi[i]);
+    lo[i] = packBf16(a - __low2float(h), b - __high2float(h));
+  }
+  const uint32_t first[4] = {w0.x, w1.x, w0.y, w1.y}, second[4] = {w0.z, w1.z, w0.w, w1.w};
+  mmaBf16(d, first, hi[0], hi[1]);
+  mmaBf16(d, first, lo[0], lo[1]);
+  mmaBf16(d, second, hi[2], hi[3]);
+  mmaBf16(d, second, lo[2], lo[3]);
+}
+
+// The matrices of one launch in tiles of 16 features: tile i belongs to matrix s when
+// firstTile[s] <= i < firstTile[s + 1]. With swiglu, matrix 0 is the gate and 1 the up.
+struct MmaTargets {
+  const __nv_bfloat16* w[kGemvMaxTargets];
+  const __nv_bfloat16* bias[kGemvMaxTargets];
+  float* out[kGemvMaxTargets];
+  int features[kGemvMaxTargets];
+  int firstTile[kGemvMaxTargets + 1];
+};
+
+// Block = one tile of 16 features (of each of gate and up with swiglu); warp w takes the k
+// blocks w, w + 16, ...; the warps' partial tiles are added in warp order through shared
+// memory. NT: tiles of 8 input rows (1 for n <= 8, 2 for n <= 16).
+template <int NT, bool kSwiglu>
+__global__ void __launch_bounds__(kMmaWarps * 32, kSwiglu ? 1 : 2) gemvMmaKernel(const float* __restrict__ x, int n, int I, MmaTargets t) {
+  constexpr int kMats = kSwiglu ? 2 : 1;
+  __shared__ float partial[kMmaWarps][kMats][NT][4][32];
+  waitForPrecedingKernels();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+  const int tile = blockIdx.x;
+  static_assert(kGemvMaxTargets == 3, "the selection below spells out three targets");
+  const int s = kSwiglu ? 0 : (tile >= t.firstTile[1]) + (tile >= t.firstTile[2]);
+  const int O = s == 0 ? t.features[0] : s == 1 ? t.features[1] : t.features[2];
+  const int row0 = (tile - (s == 0 ? 0 : s == 1 ? t.firstTile[1] : t.firstTile[2])) * 16;
+  const __nv_bfloat16* wm[kMats];
+  wm[0] = s == 0 ? t.w[0] : s == 1 ? t.w[1] : t.w[2];
+  if constexpr (kSwiglu) wm[kMats - 1] = t.w[1];
+  const bool has0 = row0 + g < O, has1 = row0 + g + 8 < O;
+  float d[kMats][NT][4] = {};
+  for (int kb0 = warp * 32; kb0 < I; kb0 += kMmaWarps * 32 * kMmaInFlight) {
+    uint4 w0[kMats][kMmaInFlight], w1[kMats][kMmaInFlight];
+#pragma unroll
+    for (int u = 0; u < kMmaInFlight; ++u) {
+      const int k = kb0 + u * kMmaWarps * 32 + tq * 8;
+#pragma unroll
+      for (int m = 0; m < kMats; ++m) {
+        const __nv_bfloat16* base = wm[m] + k;
+        w0[m][u] = has0 && k < I ? __ldg(reinterpret_cast<const uint4*>(base + (int64_t)(row0 + g) * I)) : make_uint4(0, 0, 0, 0);
+        w1[m][u] = has1 && k < I ? __ldg(reinterpret_cast<const uint4*>(base + (int64_t)(row0 + g + 8) * I)) : make_uint4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kMmaInFlight; ++u) {
+      const int kb = kb0 + u * kMmaWarps * 32;
+      if (kb >= I) break;  // the same for every lane: the mma needs the whole warp
+      const int k = kb + tq * 8;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int r = nt * 8 + g;
+        float xs[8] = {};
+        if (r < n && k < I) {
+          const float4 a = *reinterpret_cast<const float4*>(x + (int64_t)r * I + k);
+          const float4 b = *reinterpret_cast<const float4*>(x + (int64_t)r * I + k + 4);
+          xs[0] = a.x; xs[1] = a.y; xs[2] = a.z; xs[3] = a.w;
+          xs[4] = b.x; xs[5] = b.y; xs[6] = b.z; xs[7] = b.w;
+        }
+#pragma unroll
+        for (int m = 0; m < kMats; ++m) mmaBlock(d[m][nt], w0[m][u], w1[m][u], xs);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kMats; ++m)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) partial[warp][m][nt][i][lane] = d[m][nt][i];
+  __syncthreads();
+  // Thread e adds element (nt, i, lane) of the tile over the warps, in warp order. Element i of
+  // lane (g, tq): feature g (+8 for i >= 2), input row 2 tq + (i & 1) of the row tile.
+  for (int e = threadIdx.x; e < NT * 4 * 32; e += blockDim.x) {
+    const int nt = e / 128, i = (e / 32) % 4, l = e % 32;
+    const int f = row0 + (l >> 2) + (i >= 2 ? 8 : 0), r = nt * 8 + (l & 3) * 2 + (i & 1);
+    if (f >= O || r >= n) continue;
+    const __nv_bfloat16* bias = s == 0 ? t.bias[0] : s == 1 ? t.bias[1] : t.bias[2];
+    float* out = s == 0 ? t.out[0] : s == 1 ? t.out[1] : t.out[2];
+    float v = bias ? __bfloat162float(bias[f]) : 0.0f;
+    for (int w = 0; w < kMmaWarps; ++w) v += partial[w][0][nt][i][l];
+    if constexpr (!kSwiglu) {
+      out[(int64_t)r * O + f] = v;
+    } else {
+      float u = t.bias[1] ? __bfloat162float(t.bias[1][f]) : 0.0f;
+      for (int w = 0; w < kMmaWarps; ++w) u += partial[w][kMats - 1][nt][i][l];
+      out[(int64_t)r * O + f] = (v / (1.0f + expf(-v))) * u;  // the same expression as the swiglu kernel and the CPU reference
+    }
+  }
+}
+
+// Launches the tensor-core kernel when it applies (bf16, 16-byte aligned rows and input);
+// returns false otherwise.
+bool launchMma(const float* x, int n, int I, const GemvTarget* targets, int count, bool swiglu, cudaStream_t stream) {
+  bool aligned = I % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  for (int s = 0; s < count; ++s) aligned = aligned && reinterpret_cast<uintptr_t>(targets[s].weight) % 16 == 0;
+  if (!aligned) return false;
+  MmaTargets t{};
+  const int spanned = swiglu ? 1 : count;  // swiglu: tiles cover the gate's features; each block also does up's
+  for (int s = 0; s < count; ++s) {
+    t.w[s] = (const __nv_bfloat16*)targets[s].weight;
+    t.bias[s] = (const __nv_bfloat16*)targets[s].bias;
+    t.out[s] = targets[s].out;
+    t.features[s] = targets[s].features;
+  }
+  t.firstTile[0] = 0;
+  for (int s = 0; s < kGemvMaxTargets; ++s)
+    t.firstTile[s + 1] = t.firstTile[s] + (s < spanned ? (targets[s].features + 15) / 16 : 0);
+  const dim3 grid(t.firstTile[kGemvMaxTargets]);
+  for (int r0 = 0; r0 < n; r0 += kMaxRows) {
+    const int rows = std::min(kMaxRows, n - r0);
+    MmaTargets tr = t;
+    for (int s = 0; s < count; ++s) tr.out[s] = t.out[s] + (int64_t)r0 * targets[s].features;
+    const float* xr = x + (int64_t)r0 * I;
+    if (swiglu) {
+      if (rows <= 8) launchKernel(gemvMmaKernel<1, true>, grid, kMmaWarps * 32, 0, stream, xr, rows, I, tr);
+      else launchKernel(gemvMmaKernel<2, true>, grid, kMmaWarps * 32, 0, stream, xr, rows, I, tr);
+    } else {
+      if (rows <= 8) launchKernel(gemvMmaKernel<1, false>, grid, kMmaWarps * 32, 0, stream, xr, rows, I, tr);
+      else launchKernel(gemvMmaKernel<2, false>, grid, kMmaWarps * 32, 0, stream, xr, rows, I, tr);
+    }
+  }
+  return true;
+}
+
 template <typename W, bool kSwiglu>
 void launchTyped(const float* x, int n, int I, const GemvTarget* targets, int count, cudaStream_t stream) {
   bool vec = I % 8 == 0 && (reinterpret_cast<uintptr_t>(x) % 16) == 0;
@@ -201,7 +370,9 @@ template <bool kSwiglu>
 void launchAny(const float* x, int n, int I, const GemvTarget* targets, int count, int wtype, cudaStream_t stream) {
   switch ((WeightType)wtype) {
     case WeightType::F32: launchTyped<float, kSwiglu>(x, n, I, targets, count, stream); break;
-    case WeightType::BF16: launchTyped<__nv_bfloat16, kSwiglu>(x, n, I, targets, count, stream); break;
+    case WeightType::BF16:
+      if (!launchMma(x, n, I, targets, count, kSwiglu, stream)) launchTyped<__nv_bfloat16, kSwiglu>(x, n, I, targets, count, stream);
+      break;
     case WeightType::F16: launchTyped<__half, kSwiglu>(x, n, I, targets, count, stream); break;
   }
 }
