@@ -332,24 +332,34 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
 }
 
 // Merges the chunks of each (query, head): out = sum_c exp(M_c - M) acc_c / sum_c exp(M_c - M) L_c.
+// Lane c of the first warp reads chunk c's max and sum (kMaxSplits is one warp), so the weights
+// come from one round of loads; the threads of the head's dims then read every chunk's
+// accumulator at once. (Loops over the chunks, each load waiting for the last, made this kernel
+// take as long as the attention itself at 16 sequences.)
 __global__ void attentionMergeKernel(const float* __restrict__ partial, int numHeads, int headDim, int splits,
                                      float* __restrict__ out) {
+  static_assert(kMaxSplits <= 32, "one lane per chunk");
+  __shared__ float weight[kMaxSplits];
+  __shared__ float total;
   waitForPrecedingKernels();
   const int r = blockIdx.x, h = blockIdx.y;
   const float* base = partial + ((int64_t)r * numHeads + h) * splits * (headDim + 2);
-  float M = -INFINITY;
-  for (int c = 0; c < splits; ++c) M = fmaxf(M, base[c * (headDim + 2)]);
-  float L = 0.0f;
-  for (int c = 0; c < splits; ++c) {
-    const float mc = base[c * (headDim + 2)];
-    if (mc != -INFINITY) L += base[c * (headDim + 2) + 1] * expf(mc - M);
+  if (threadIdx.x < 32) {
+    const int c = threadIdx.x;
+    const float mc = c < splits ? base[c * (headDim + 2)] : -INFINITY;  // -inf: an empty chunk, skipped
+    const float lc = c < splits ? base[c * (headDim + 2) + 1] : 0.0f;
+    const float M = warpMax(mc);
+    const float wc = mc == -INFINITY ? 0.0f : expf(mc - M);
+    const float L = warpSum(lc * wc);
+    if (c < kMaxSplits) weight[c] = wc;
+    if (c == 0) total = L;
   }
+  __syncthreads();
+  const float L = total;
   for (int d = threadIdx.x; d < headDim; d += blockDim.x) {
     float v = 0.0f;
-    for (int c = 0; c < splits; ++c) {
-      const float mc = base[c * (headDim + 2)];
-      if (mc != -INFINITY) v += base[c * (headDim + 2) + 2 + d] * expf(mc - M);
-    }
+#pragma unroll 8
+    for (int c = 0; c < splits; ++c) v += base[c * (headDim + 2) + 2 + d] * weight[c];
     out[((int64_t)r * numHeads + h) * headDim + d] = L > 0.0f ? v / L : 0.0f;
   }
 }
