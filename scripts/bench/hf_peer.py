@@ -1,9 +1,10 @@
 """The peer: Hugging Face transformers' eager generate() on the same model directory and shapes.
 
-    python3 scripts/bench/hf_peer.py --model DIR --context 128,2048 --tokens 64 [--batch 1]
+    python3 scripts/bench/hf_peer.py --model DIR --context 128,2048 --tokens 64 [--batch 1] [--caches dynamic,static]
 
-Prints one JSON line per context: decode ms per step and tokens per second (batch x steps /
-time), with the prefill timed separately and subtracted, median of --repeats after a warm-up.
+Prints one JSON line per cache and context: decode ms per step and tokens per second (batch x
+steps / time), with the prefill timed separately and subtracted, median of --repeats after a
+warm-up. Both caches run in one process, so the model is loaded once.
 """
 import argparse
 import json
@@ -21,18 +22,9 @@ def timed(fn):
     return time.perf_counter() - t0
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--context", default="128,2048")
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--static-cache", action="store_true", help="cache_implementation='static'")
-    args = ap.parse_args()
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, attn_implementation="eager").cuda().eval()
+def run(model, args, static):
     vocab = model.config.vocab_size
-    extra = {"cache_implementation": "static"} if args.static_cache else {}
+    extra = {"cache_implementation": "static"} if static else {}
     for ctx in [int(c) for c in args.context.split(",")]:
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, vocab, (args.batch, ctx), generator=g).cuda()
@@ -50,9 +42,28 @@ def main():
             times.append((total - prefill) / args.tokens)
         times.sort()
         ms = times[len(times) // 2] * 1e3
-        print(json.dumps({"peer": "transformers eager" + (" static cache" if args.static_cache else ""), "batch": args.batch,
+        print(json.dumps({"peer": "transformers eager" + (" static cache" if static else ""), "batch": args.batch,
                           "context": ctx, "msPerStep": ms, "tokPerS": args.batch * 1e3 / ms,
                           "spread": (times[-1] - times[0]) / times[len(times) // 2]}), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--context", default="128,2048")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--caches", default="dynamic",
+                    help="comma-separated: dynamic (transformers' default cache), static (cache_implementation='static')")
+    args = ap.parse_args()
+    caches = args.caches.split(",")
+    for cache in caches:
+        if cache not in ("dynamic", "static"):
+            ap.error(f"--caches: unknown cache '{cache}' (expected dynamic or static)")
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, attn_implementation="eager").cuda().eval()
+    for cache in caches:
+        run(model, args, cache == "static")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,13 @@ function lineChart({ title, xLabel, yLabel, series, logX = false, logY = false }
   return s + "</svg>\n";
 }
 
+// "Measured at commit X" under a section whose figures come from another commit than the
+// latest run's (an earlier invocation kept by --only, or a run cut short).
+function measuredAt(r, key) {
+  const at = r.measuredAt?.[key];
+  return at && at !== r.commit ? [`Measured at commit ${at} (the figures of the other sections: ${r.commit}).`, ""] : [];
+}
+
 // The figures a reader wants first, computed from the tables below, and what limits them.
 function headlines(r, L) {
   const lines = [];
@@ -71,7 +78,8 @@ function headlines(r, L) {
     lines.push(`- Batch-1 decode: ${pct(Math.min(...f))} to ${pct(Math.max(...f))} of the memory-bandwidth roofline (experiment 2).`);
   }
   for (const p of (r.peers ?? []).filter((x) => x.ours && !x.error)) {
-    lines.push(`- ${p.peer}, batch ${p.batch}, ${p.context} tokens: lckv is ${fmt(p.msPerStep / p.ours.median, 1)}x faster per step.`);
+    const at = r.measuredAt?.peers && r.measuredAt.peers !== r.commit ? ` (commit ${r.measuredAt.peers})` : "";
+    lines.push(`- ${p.peer}, batch ${p.batch}, ${p.context} tokens: lckv is ${fmt(p.msPerStep / p.ours.median, 1)}x faster per step${at}.`);
   }
   if (!lines.length) return;
   const pre = (m, mode) => (r.prefill ?? []).find((x) => x.model === m && x.mode === mode && x.tokens === 2048);
@@ -87,26 +95,22 @@ function headlines(r, L) {
   );
 }
 
-// What stands between batch-1 decode and the roofline, from experiments 2 and 5.
+// What stands between decode and the roofline, from experiments 2 and 5 and a kernel timeline
+// (scripts/bench/kernel-trace.cpp; its figures are quoted with their card and date).
 function decodeLimits(r) {
   const d = (r.decode ?? []).find((x) => x.model === "standard" && x.batch === 1 && !x.context);
+  const d128 = (r.decode ?? []).find((x) => x.model === "standard" && x.batch === 1 && x.context === 128);
   const d8 = (r.decode ?? []).find((x) => x.model === "standard" && x.batch === 8);
   const a1 = (r.attention ?? []).find((x) => x.sequences === 1);
   const a128 = (r.attention ?? []).find((x) => x.sequences === 128);
   return (
-    `- **Decode: recorded, fused, still short of the roofline.** A decode step is a CUDA graph (one launch per step), Q/K/V share one GEMV launch, gate and up share another with SwiGLU applied as they are written, and RoPE is fused into the K/V write: about 8 kernels per layer. ` +
-    (d ? `At batch 1 and 2048 tokens a step takes ${fmt(d.msPerStep.median, 2)} ms against a roofline of ${fmt(d.roofMs, 2)} ms (${pct(d.ofRoofline)}). ` : "") +
-    `What remains, from the per-op profile (\`LCKV_PROFILE=1\`, scripts/bench/profile-step.js): the GEMVs stream each weight row with one warp and reach well under the copy rate on the smaller matrices (a 4-8 MB matrix is over in a few microseconds, so launch ramp and the last round trip weigh as much as the bytes); ` +
-    (a1 ? `the attention of a single sequence cannot fill the GPU (experiment 5: ${pct(a1.ofCopy)} of the copy bandwidth at 1 sequence${a128 ? `, ${pct(a128.ofCopy)} at 128` : ""}); ` : "") +
-    `and about 70 small kernels per step (norms, RoPE, split-K merges) cost a few microseconds each. ` +
-    (d8 ? `At 8 to 16 rows the GEMV re-reads every f32 input row from L1 for each 16-byte weight load and does all the products on CUDA cores, so its time grows with the rows instead of staying with the weight bytes (batch 8: ${fmt(d8.msPerStep.median, 2)} ms, ${pct(d8.ofRoofline)}); a tensor-core small-batch GEMV is the next step there. ` : "") +
-    (() => {
-      const w8 = (r.decode ?? []).find((x) => x.model === "lckv-w2" && x.batch === 8);
-      const w32 = (r.decode ?? []).find((x) => x.model === "lckv-w2" && x.batch === 32);
-      return w8 && w32 && w32.msPerStep.median < w8.msPerStep.median
-        ? `The clearest sign of it: \`lckv-w2\` takes ${fmt(w32.msPerStep.median, 2)} ms per step at batch 32, where the products go through cuBLASLt, and ${fmt(w8.msPerStep.median, 2)} ms at batch 8, where they take the hand-written GEMV.`
-        : "";
-    })()
+    `- **Decode: recorded, fused, still short of the roofline.** A decode step is one CUDA graph of about 8 kernels per layer (Q/K/V in one GEMV launch, gate and up with SwiGLU in another, RoPE fused into the K/V write), each launched so that it may start while the one before it finishes (programmatic dependent launch, sm_90). With bf16 weights the GEMVs run on tensor cores at 1 to 16 rows. ` +
+    (d ? `At batch 1 and 2048 tokens a step takes ${fmt(d.msPerStep.median, 2)} ms against a roofline of ${fmt(d.roofMs, 2)} ms (${pct(d.ofRoofline)})` : "") +
+    (d128 ? `, at 128 tokens ${fmt(d128.msPerStep.median, 2)} ms against ${fmt(d128.roofMs, 2)} ms (${pct(d128.ofRoofline)})` : "") +
+    (d8 ? `; batch 8 costs ${fmt(d8.msPerStep.median / (d?.msPerStep.median ?? NaN), 2)}x batch 1 for 8x the tokens` : "") +
+    `. Where a batch-1 step's time goes, from a CUPTI timeline of 10 replayed steps at 128 tokens (H100, 2026-11-27, \`LCKV_PDL=0\` so that each kernel's time is its own): the GEMVs took 1.02 ms per step for 2.2 GB of weights (2.2 TB/s, 72% of the copy rate; the 8-10 MB matrices of Q/K/V and the output projection are the least efficient, a few microseconds of ramp and tail against 3 µs of bytes); the other kernels 0.33 ms (attention and its split-K merge 0.16 ms, the norms 0.09 ms, RoPE with the K/V write 0.06 ms); and the GPU sat idle between steps while the host took its turn (the token's copy back, the generate loop and the scheduler, the next step's inputs): 0.5 ms per step with the tracer attached (a step took 2.04 ms traced), roughly 0.2 ms without it (1.56 ms untraced, less 1.35 ms of kernels). ` +
+    (a1 ? `The attention of a single sequence cannot fill the GPU (experiment 5: ${pct(a1.ofCopy)} of the copy bandwidth at 1 sequence${a128 ? `, ${pct(a128.ofCopy)} at 128` : ""}). ` : "") +
+    `Next: keep the GPU busy across steps (queue the next step before the host has seen the token), fold the norms into the GEMVs that read them, and a bf16 K/V cache.`
   );
 }
 
@@ -123,12 +127,13 @@ function renderReport(r, outDir) {
   L.push(`- Each figure is the median of several runs after a warm-up; "spread" is (max - min) / median, and ⚠ marks a spread above 5%.`);
   L.push(`- Models (random bf16 weights, TinyLlama-1.1B shape: 22 layers, hidden 2048, 32 heads, 4 KV heads, intermediate 5632, vocab 32000; K/V cached in f32):`);
   for (const [n, m] of Object.entries(r.models)) L.push(`  - \`${n}\`: ${m.what}${m.layerTypes ? ` — \`${m.layerTypes}\`` : ""}`);
-  L.push(`- Run time: ${fmt(r.seconds, 0)} s${r.seconds_note ? ` (${r.seconds_note})` : ""}.${r.full ? "" : " This is the default set; `npm run bench -- --full` runs the paper's lengths in full with the whole GPU memory."}`, "");
+  const parts = Object.entries(r.experimentSeconds ?? {}).map(([k, s]) => `${k} ${fmt(s, 0)} s`).join(", ");
+  L.push(`- Run time: ${fmt(r.seconds, 0)} s${parts ? ` (${parts})` : ""}${r.seconds_note ? ` (${r.seconds_note})` : ""}.${r.full ? "" : " This is the default set; `npm run bench -- --full` runs the paper's lengths in full with the whole GPU memory."}`, "");
 
   headlines(r, L);
 
   if (r.throughput) {
-    L.push("## 1. The paper's throughput experiment", "");
+    L.push("## 1. The paper's throughput experiment", "", ...measuredAt(r, "throughput"));
     L.push(r.full ? "The K/V pool of each model takes 80% of the free GPU memory after its weights." : `Each model's K/V pool is 1 GiB (\`--kv-memory\`), so the batch sizes are those of a 1 GiB cache; \`--full\` uses the whole GPU. Every request reserves the pages of its whole length (prompt + generation), so the batch is the one that fits the full generation; in the default set only the first ${r.measuredTokens} generated tokens of each request are run and timed (prefill included), which is where the prompt's share of the time is largest.`, "");
     L.push("The batch is the engine's own accounting (pool pages / pages per sequence), verified by the pool: that many sequences reserve their full length at once and one more has to wait.", "");
     const rows = [];
@@ -144,8 +149,8 @@ function renderReport(r, outDir) {
   }
 
   if (r.decode) {
-    L.push("## 2. Decode against batch size", "");
-    L.push("Per decode step at 2048 tokens of context (and batch 1 at 128), against the memory roofline: (weight bytes + K/V bytes the step reads) / copy bandwidth. The batch's sequences are forks of 8 distinct 2048-token prefixes (so that a batch of hundreds needs no hundreds of prefills); forks share their prefix's pages, so at large batches the attention may find some K/V in L2, and the roofline's K/V bytes are an upper bound.", "");
+    L.push("## 2. Decode against batch size", "", ...measuredAt(r, "decode"));
+    L.push("Per decode step at 2048 tokens of context (and batch 1 at 128), against the memory roofline: (weight bytes + K/V bytes the step reads) / copy bandwidth. Every layer's attention reads the K/V it attends to, so an LCKV layer that reads the top layer's K/V reads as many bytes as a standard layer: the condensed cache saves memory, not these reads." + (r.rooflineNote ? ` (${r.rooflineNote[0].toUpperCase()}${r.rooflineNote.slice(1)}.)` : "") + " The batch's sequences are forks of 8 distinct 2048-token prefixes (so that a batch of hundreds needs no hundreds of prefills); forks share their prefix's pages, so at large batches the attention may find some K/V in L2, and the roofline's K/V bytes are an upper bound.", "");
     const rows = r.decode.map((x) => [x.model, x.context ?? 2048, x.batch + (x.batch === x.maxBatch ? " (max)" : ""), fmt(x.msPerStep.median, 2), fmt(x.tokPerS, 0), fmt(x.roofMs, 2), pct(x.ofRoofline), spread(x.msPerStep)]);
     L.push(table(["model", "context", "batch", "ms / step", "tokens/s", "roofline ms", "of roofline", "spread"], rows), "");
     const chart = lineChart({
@@ -180,14 +185,14 @@ function renderReport(r, outDir) {
   }
 
   if (r.prefill) {
-    L.push("## 3. Prefill", "");
+    L.push("## 3. Prefill", "", ...measuredAt(r, "prefill"));
     L.push("One prompt, no logits kept. TFLOP/s counts 2 flops per weight per token plus the causal attention products, against the bf16 GEMM rate measured above. The LCKV modes: `iterative` runs the config's forward_passes + backward_passes passes over the cyclic group (approximate), `fixed-point` iterates until the K/V read from above stops moving (exact to 1e-6), `sequential` is token by token (exact).", "");
     const rows = r.prefill.map((x) => [x.model, x.mode, x.tokens, fmt(x.ms.median, 1), fmt(x.tokPerS, 0), x.passes, fmt(x.tflops, 1), pct(x.ofGemmRate), spread(x.ms)]);
     L.push(table(["model", "mode", "tokens", "ms", "tokens/s", "passes", "TFLOP/s", "of GEMM rate", "spread"], rows), "");
   }
 
   if (r.peers) {
-    L.push("## 4. Peers, same card, same run", "");
+    L.push("## 4. Peers, same card, same run", "", ...measuredAt(r, "peers"));
     const rows = r.peers.map((p) => {
       if (p.error) return [p.peer, p.batch ?? "-", p.context ?? "-", "-", "-", "-", "-", `failed: ${p.error}`];
       const o = p.ours;
@@ -198,7 +203,7 @@ function renderReport(r, outDir) {
   }
   if (r.attention) {
     const a = r.attention[0] ?? {};
-    L.push("## 5. Attention alone", "");
+    L.push("## 5. Attention alone", "", ...measuredAt(r, "attention"));
     L.push(`The attention of one decode step by itself, no model around it: one query per sequence at the last of ${a.context ?? "-"} tokens of its own K/V pages (${a.numHeads ?? "-"} query heads, ${a.numKvHeads ?? "-"} K/V heads, head size ${a.headDim ?? "-"}, f32 K/V). Bytes are what a call must move: K and V of every key of every sequence, plus the queries and the output. The time per call is the mean over a loop of calls (host clock, closed by a synchronising download), and GB/s = bytes / time, set against the device-to-device copy bandwidth measured above.`, "");
     const rows = r.attention.map((x) => [x.sequences, x.context, fmt(x.bytes / 1e6, 1), fmt(x.ms.median * 1e3, 1), fmt(x.gbps, 0), pct(x.ofCopy ?? NaN), spread(x.ms)]);
     L.push(table(["sequences", "tokens each", "MB moved", "µs / call", "GB/s", "of copy bandwidth", "spread"], rows), "");

@@ -126,6 +126,12 @@ function weightBytes(c, bytesPerWeight = 2) {
   for (let i = 0; i < c.numLayers; i++) b += (2 * qd * E + 3 * I * E + (c.kvLayers.includes(i) ? 2 * kvd * E : 0)) * bytesPerWeight;
   return b + c.vocabSize * E * bytesPerWeight; // lm_head (one embedding row per token is negligible)
 }
+// K/V bytes one decode step reads per token of context: every layer's attention reads the K/V
+// it attends to, so a layer that reads another layer's K/V (LCKV, CLA) reads as many bytes as a
+// layer that owns its own; the condensed cache saves memory, not these reads. f32 K/V.
+function kvReadBytesPerToken(c) {
+  return c.numLayers * 2 * c.numKvHeads * c.headDim * 4;
+}
 function forwardFlops(c, n, ctx0 = 0) {
   // 2 flops per weight per token, plus q.k and p.v over the visible keys (causal).
   const E = c.hiddenSize, I = c.intermediateSize, qd = c.numHeads * c.headDim, kvd = c.numKvHeads * c.headDim;
@@ -230,7 +236,7 @@ async function experiment2(rates) {
     const sizes = [...new Set([1, 8, 32, 128, 512, maxBatch].filter((b) => b <= maxBatch && (opt.full || b <= 512 || b === maxBatch)))].sort((a, b) => a - b);
     for (const b of sizes) {
       const t = await forkedDecodeMs(bases, b, STEPS2);
-      const bytes = weightBytes(c) + b * (CTX2 + STEPS2 / 2) * model.kvBytesPerToken;
+      const bytes = weightBytes(c) + b * (CTX2 + STEPS2 / 2) * kvReadBytesPerToken(c);
       const roofMs = (bytes / (rates.copyGBps * 1e9)) * 1e3;
       rows.push({ model: name, batch: b, maxBatch, msPerStep: t, tokPerS: (b * 1e3) / t.median, roofMs, ofRoofline: roofMs / t.median });
       log(`exp2 ${name} batch ${b}: ${t.median.toFixed(2)} ms/step, ${((roofMs / t.median) * 100).toFixed(0)}% of roofline`);
@@ -239,7 +245,7 @@ async function experiment2(rates) {
     const short = model.createSequence();
     await short.append(randomIds(129, c.vocabSize));
     const t128 = await forkedDecodeMs([short], 1, STEPS2);
-    const roof128 = ((weightBytes(c) + 136 * model.kvBytesPerToken) / (rates.copyGBps * 1e9)) * 1e3;
+    const roof128 = ((weightBytes(c) + 136 * kvReadBytesPerToken(c)) / (rates.copyGBps * 1e9)) * 1e3;
     rows.push({ model: name, batch: 1, context: 128, msPerStep: t128, tokPerS: 1e3 / t128.median, roofMs: roof128, ofRoofline: roof128 / t128.median });
     short.dispose();
     for (const s of bases) s.dispose();
@@ -252,7 +258,8 @@ async function experiment2(rates) {
 
 async function experiment3(rates) {
   const rows = [];
-  const lengths = opt.tiny ? [16, 64, 256] : opt.full ? [128, 512, 2048, 8192] : [128, 2048, 8192];
+  // 8192 only with --full: its iterative LCKV prefill alone took ~35 s of the default set's 10 minutes.
+  const lengths = opt.tiny ? [16, 64, 256] : opt.full ? [128, 512, 2048, 8192] : [128, 2048];
   for (const name of ["standard", "lckv-w2"].filter((n) => modelNames.includes(n))) {
     const model = await load(name);
     const c = model.config;
@@ -332,12 +339,10 @@ async function experiment4(exp1) {
     }
   };
   const ours = await load("standard");
-  // Batch 1 at 128 and 2048 tokens, eager and with the static cache.
-  for (const extra of [[], ["--static-cache"]]) {
-    for (const r of peer("hf_peer.py", ["--model", std, "--context", `128,${CTX2}`, "--tokens", tokens, "--batch", "1", "--repeats", String(repeats), ...extra], "transformers")) {
-      if (!r.error) r.ours = await oursDecodeMs(ours, 1, r.context);
-      rows.push(r);
-    }
+  // Batch 1 at 128 and 2048 tokens, eager and with the static cache (one process, one load).
+  for (const r of peer("hf_peer.py", ["--model", std, "--context", `128,${CTX2}`, "--tokens", tokens, "--batch", "1", "--repeats", String(repeats), "--caches", "dynamic,static"], "transformers")) {
+    if (!r.error) r.ours = await oursDecodeMs(ours, 1, r.context);
+    rows.push(r);
   }
   // The largest batch: the one our standard model ran at 512+1024 (experiment 1), at 512 tokens of context.
   const big = exp1.find((r) => r.model === "standard" && r.prompt === LENGTHS[0][0] && r.batch)?.batch ?? 16;
@@ -406,6 +411,7 @@ async function experiment5(rates) {
     const old = JSON.parse(fs.readFileSync(file, "utf8"));
     for (const k of ["throughput", "decode", "prefill", "peers", "attention"]) if (old[k] && !only.has({ throughput: 1, decode: 2, prefill: 3, peers: 4, attention: 5 }[k])) results[k] = old[k];
     results.commands = [...(old.commands ?? [`${old.command} (${old.date}, ${old.rates?.card})`])];
+    results.measuredAt = { ...(old.measuredAt ?? {}) };
   }
   // The code measured: LCKV_COMMIT where the checkout has no git history (a copied tree).
   let commit = process.env.LCKV_COMMIT;
@@ -425,24 +431,22 @@ async function experiment5(rates) {
     fs.writeFileSync(file, JSON.stringify(results, null, 1) + "\n");
     renderReport(results, opt.out);
   };
-  if (only.has(1)) {
-    results.throughput = await experiment1();
-    save();
-  }
-  if (only.has(2)) {
-    results.decode = await experiment2(rates);
-    save();
-  }
-  if (only.has(3)) {
-    results.prefill = await experiment3(rates);
-    save();
-  }
-  if (only.has(4)) {
-    results.peers = await experiment4(results.throughput ?? []);
-    save();
-  }
-  if (only.has(5)) {
-    results.attention = await experiment5(rates);
+  // Seconds per part, kept in the results: where the default set's time budget goes.
+  results.experimentSeconds = { setup: (now() - t0) / 1e3 };
+  const experiments = [
+    [1, "throughput", () => experiment1()],
+    [2, "decode", () => experiment2(rates)],
+    [3, "prefill", () => experiment3(rates)],
+    [4, "peers", () => experiment4(results.throughput ?? [])],
+    [5, "attention", () => experiment5(rates)],
+  ];
+  for (const [n, key, run] of experiments) {
+    if (!only.has(n)) continue;
+    const start = now();
+    results[key] = await run();
+    results.experimentSeconds[key] = (now() - start) / 1e3;
+    results.measuredAt = { ...(results.measuredAt ?? {}), [key]: commit };
+    log(`experiment ${n} took ${results.experimentSeconds[key].toFixed(0)} s`);
     save();
   }
   log(`done in ${results.seconds.toFixed(0)} s; wrote ${path.join(opt.out, "benchmarks.md")} and ${benchDir}`);
