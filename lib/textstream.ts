@@ -1,40 +1,65 @@
 /**
  * Turns a growing list of token ids into text deltas. Holds back text that may still change:
  * an incomplete UTF-8 character (decoded as U+FFFD) and any tail that could begin a stop string.
+ *
+ * Decoding is incremental (as Hugging Face's text-generation-inference does it): each push
+ * decodes only the ids since the last complete character, plus the few before them as context
+ * (a token's leading space or merged bytes can depend on its neighbours), and takes the
+ * difference. Decoding every id so far at every token made a long generation quadratic.
  */
 export class TextStream {
-  private emitted = 0;
-  private text = "";
+  private emitted = 0; // chars of `text` handed out
+  private text = ""; // the text of ids[0, readOffset)
+  private pending = ""; // the text after it while it ends in an incomplete character
+  private prefixOffset = 0; // ids[prefixOffset, readOffset) are decoded again as context
+  private readOffset = 0;
+  private readonly longestStop: number;
   stopped = false;
 
   constructor(
     private readonly decode: (ids: number[]) => string,
     private readonly stops: readonly string[],
-  ) {}
+  ) {
+    this.longestStop = Math.max(0, ...stops.map((s) => s.length));
+  }
 
   /** Call with all generated ids so far; returns the new text that is safe to emit. */
   push(ids: number[]): string {
-    this.text = this.decode(ids);
+    if (this.stopped) return "";
+    const before = this.text.length;
+    const context = this.decodeSome(ids.slice(this.prefixOffset, this.readOffset));
+    const window = this.decodeSome(ids.slice(this.prefixOffset));
+    if (window.length > context.length && !window.endsWith("\ufffd")) {
+      this.text += window.slice(context.length);
+      this.pending = "";
+      this.prefixOffset = this.readOffset;
+      this.readOffset = ids.length;
+    } else {
+      this.pending = window.slice(context.length);
+    }
+    // A stop string can only begin where it would overlap the new text.
     let limit = this.text.length;
+    const from = Math.max(0, before - this.longestStop + 1);
     for (const s of this.stops) {
-      const at = this.text.indexOf(s);
+      const at = s.length > 0 ? this.text.indexOf(s, from) : -1;
       if (at >= 0 && at < limit) {
         limit = at;
         this.stopped = true;
       }
     }
     if (!this.stopped) {
-      // Keep back an unfinished character and any suffix that is a prefix of a stop string.
+      // Keep back a replacement character at the end and any suffix that begins a stop string.
       while (limit > 0 && this.text.charCodeAt(limit - 1) === 0xfffd) limit--;
-      const safe = this.text.slice(0, limit);
+      let held = 0;
       for (const s of this.stops) {
-        for (let k = Math.min(s.length - 1, limit); k > 0; k--) {
-          if (safe.endsWith(s.slice(0, k))) {
-            limit -= k;
+        for (let k = Math.min(s.length - 1, limit); k > held; k--) {
+          if (this.text.startsWith(s.slice(0, k), limit - k)) {
+            held = k;
             break;
           }
         }
       }
+      limit -= held;
     }
     limit = Math.max(limit, this.emitted);
     const out = this.text.slice(this.emitted, limit);
@@ -42,9 +67,16 @@ export class TextStream {
     return out;
   }
 
+  // Tokenizers refuse an empty list (the first push has no context yet).
+  private decodeSome(ids: number[]): string {
+    return ids.length > 0 ? this.decode(ids) : "";
+  }
+
   /** At the end: whatever was held back, except what a stop string cut. */
   flush(): string {
     if (this.stopped) return "";
+    this.text += this.pending;
+    this.pending = "";
     const out = this.text.slice(this.emitted);
     this.emitted = this.text.length;
     return out;

@@ -5,7 +5,6 @@ import * as path from "node:path";
 import { Worker } from "node:worker_threads";
 import { loadModel } from "../../lib";
 import { loadAddon } from "../../lib/native";
-import { TextStream } from "../../lib/textstream";
 import { writeTinyModel } from "../helpers/tiny-model";
 
 process.env.LCKV_QUIET = "1";
@@ -25,18 +24,6 @@ test("a lying tensor shape whose element count overflows 64 bits is an error, no
   const src = { name: "layers.0.o.weight", sourceName: "x", file, offset: 0, nbytes: 0, dtype: "F32", shape: [2 ** 32, 2 ** 32], transpose: true };
   await expect(m.loadTensors([src])).rejects.toMatchObject({ code: "LCKV_WEIGHTS", message: expect.stringMatching(/tensor too large/) });
   m.dispose();
-});
-
-test("a stop string is held back even when a multi-byte character after it is still incomplete", () => {
-  // "a€" where the euro sign arrives in two pieces: the decoder shows U+FFFD until it is whole.
-  const pieces = ["x", "xa", "xa\ufffd", "xa€"];
-  let i = 0;
-  const s = new TextStream(() => pieces[i], ["a€"]);
-  const out: string[] = [];
-  for (i = 0; i < pieces.length; i++) out.push(s.push([]));
-  expect(out.join("")).toBe("x");
-  expect(s.stopped).toBe(true);
-  expect(s.value).toBe("x");
 });
 
 test("creating a sequence does not wait for another sequence's forward", async () => {
