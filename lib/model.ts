@@ -57,8 +57,9 @@ export interface LoadOptions {
   /**
    * Sequences one decode step may run (default 16 on the GPU, 256 on the CPU). Up to 16 rows
    * the GPU's matrix products are the GEMV, whose results do not depend on the batch; larger
-   * batches go through cuBLASLt (faster per token at high batch, but a sequence's tokens may
-   * then differ in the last bits from its tokens alone).
+   * batches go through cuBLASLt (faster per token at high batch). A sequence's logits may
+   * differ in the last bits from its logits alone: above 16 rows through cuBLASLt, and at any
+   * batch size through the attention's split of long contexts, which follows the batch size.
    */
   maxBatch?: number;
   /** CPU threads (default: all cores). */

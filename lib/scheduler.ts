@@ -1,8 +1,11 @@
 /**
  * Continuous batching of decode steps: every sequence that wants its next token queues here,
  * and each native step runs all queued sequences as one batch (the weights are read once for
- * all of them). Requests that arrive while a step runs join the next one. Results do not
- * depend on the batch: the engine computes each row exactly as it would alone.
+ * all of them). Requests that arrive while a step runs join the next one. On the CPU each row is
+ * computed exactly as it would be alone. On the GPU the matrix products of up to 16 rows are
+ * too, but the attention cuts long contexts into a number of chunks that depends on the batch
+ * size, so a row's logits can differ in the last bits; its greedy tokens are tested to be the
+ * same alone and in a batch of 16 (test/gpu).
  */
 import { fromNative } from "./errors";
 import { NativeModel, NativeSamplingParams, NativeSequence } from "./native";
