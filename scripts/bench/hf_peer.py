@@ -34,7 +34,10 @@ def run(model, args, static):
             with torch.no_grad():
                 model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, **extra)
 
-        gen(2)  # warm-up
+        # Warm-up with the longest call: transformers sizes a static cache for the call and reuses
+        # it for shorter ones, so the timed calls do not recompile (a warm-up of 2 tokens made
+        # the first timed call of args.tokens + 1 rebuild the cache and recompile).
+        gen(args.tokens + 1)
         times = []
         for _ in range(args.repeats):
             prefill = timed(lambda: gen(1))
