@@ -54,6 +54,12 @@ function lineChart({ title, xLabel, yLabel, series, logX = false, logY = false }
   return s + "</svg>\n";
 }
 
+// The K/V pool of the default set (results before kvPoolGiB was recorded used 1 GiB).
+function poolSize(r) {
+  const gib = r.kvPoolGiB ?? 1;
+  return gib >= 1 ? `${fmt(gib, gib % 1 ? 1 : 0)} GiB` : `${fmt(gib * 1024, 0)} MiB`;
+}
+
 // "Measured at commit X" under a section whose figures come from another commit than the
 // latest run's (an earlier invocation kept by --only, or a run cut short).
 function measuredAt(r, key) {
@@ -88,7 +94,7 @@ function headlines(r, L) {
   L.push(
     "What limits them, from these tables and the per-op profile (`LCKV_PROFILE=1`, docs/profiling.md):",
     "",
-    `- **Prefill is the LCKV models' bottleneck end to end.** An LCKV prompt needs several passes over the cyclic layer group (the iterative scheme's 9 here; the fixed point did not converge on random weights, which need not contract, and ran its n-pass worst case), and our prefill attention is a CUDA-core f32 kernel at a few percent of the card's bf16 GEMM rate (experiment 3). So with 512- and 2048-token prompts the LCKV models' larger batches are spent prefilling, and their throughput is below the standard model's; with a 5-token prompt (decode-dominated) the larger batches win (experiment 1). The paper's 7.7x (30B, A100) comes from a regime where the standard model's batch is memory-starved and LCKV's prefill is cheap relative to generation; at 1.1B with a 1 GiB cache the standard model still batches 15 sequences and our LCKV prefill of 2048 tokens costs ${fmt(ratio, 1)}x the standard model's (experiment 3).`,
+    `- **Prefill is the LCKV models' bottleneck end to end.** An LCKV prompt needs several passes over the cyclic layer group (the iterative scheme's 9 here; the fixed point did not converge on random weights, which need not contract, and ran its n-pass worst case), and our prefill attention is a CUDA-core f32 kernel at a few percent of the card's bf16 GEMM rate (experiment 3). So with 512- and 2048-token prompts the LCKV models' larger batches are spent prefilling, and their throughput is below the standard model's; with a 5-token prompt (decode-dominated) the larger batches win (experiment 1). The paper's 7.7x (30B, A100) comes from a regime where the standard model's batch is memory-starved and LCKV's prefill is cheap relative to generation; at 1.1B with a ${r.kvPoolGiB === null ? "whole-GPU" : poolSize(r)} cache the standard model still batches ${(r.throughput ?? []).find((x) => x.model === "standard" && x.batch)?.batch ?? "several"} sequences and our LCKV prefill of 2048 tokens costs ${fmt(ratio, 1)}x the standard model's (experiment 3).`,
     decodeLimits(r),
     "- K/V are cached in f32 (transformers keeps bf16), which doubles the K/V bytes per token; every ratio between our models is unaffected.",
     "",
@@ -134,7 +140,8 @@ function renderReport(r, outDir) {
 
   if (r.throughput) {
     L.push("## 1. The paper's throughput experiment", "", ...measuredAt(r, "throughput"));
-    L.push(r.full ? "The K/V pool of each model takes 80% of the free GPU memory after its weights." : `Each model's K/V pool is 1 GiB (\`--kv-memory\`), so the batch sizes are those of a 1 GiB cache; \`--full\` uses the whole GPU. Every request reserves the pages of its whole length (prompt + generation), so the batch is the one that fits the full generation; in the default set only the first ${r.measuredTokens} generated tokens of each request are run and timed (prefill included), which is where the prompt's share of the time is largest.`, "");
+    const pool = poolSize(r);
+    L.push(r.kvPoolGiB === null || (r.full && r.kvPoolGiB === undefined) ? "The K/V pool of each model takes 80% of the free GPU memory after its weights." : `Each model's K/V pool is ${pool} (\`--kv-memory\`), so the batch sizes are those of a ${pool} cache; \`--full\` uses the whole GPU. Every request reserves the pages of its whole length (prompt + generation), so the batch is the one that fits the full generation; in the default set only the first ${r.measuredTokens} generated tokens of each request are run and timed (prefill included), which is where the prompt's share of the time is largest.`, "");
     L.push("The batch is the engine's own accounting (pool pages / pages per sequence), verified by the pool: that many sequences reserve their full length at once and one more has to wait.", "");
     const rows = [];
     for (const x of r.throughput) {
