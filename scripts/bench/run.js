@@ -2,7 +2,7 @@
 /**
  * `npm run bench`: LCKV against standard caches and against the peers, side by side, on the GPU.
  *
- *   npm run bench                # the default set (under 10 minutes on an H100)
+ *   npm run bench                # the default set (meant to fit in 10 minutes on an H100: experimentSeconds in the results)
  *   npm run bench -- --full      # the paper's lengths in full, all of GPU memory, every batch
  *
  * Models: the TinyLlama-1.1B shape with random bf16 weights, as standard, LCKV w=2, LCKV w=10,
