@@ -4,26 +4,26 @@
 //   node scripts/bench/make-random-model.js --out DIR [--layer-types 0_20_..._21] [--seed 1]
 const fs = require("node:fs");
 const path = require("node:path");
-const { parseArgs } = require("node:util");
+const { Command } = require("commander");
 
-const { values } = parseArgs({
-  options: {
-    out: { type: "string" },
-    "layer-types": { type: "string" },
-    layers: { type: "string", default: "22" },
-    hidden: { type: "string", default: "2048" },
-    heads: { type: "string", default: "32" },
-    "kv-heads": { type: "string", default: "4" },
-    intermediate: { type: "string", default: "5632" },
-    vocab: { type: "string", default: "32000" },
-    seed: { type: "string", default: "1" },
-    "max-positions": { type: "string", default: "16384" },
-  },
-});
-if (!values.out) throw new Error("--out DIR is required");
-const L = +values.layers, E = +values.hidden, H = +values.heads, KV = +values["kv-heads"], I = +values.intermediate, V = +values.vocab;
+const values = new Command()
+  .name("make-random-model")
+  .description("a model directory with random bf16 weights (TinyLlama-1.1B's shape by default), for speed measurements")
+  .requiredOption("--out <dir>", "the model directory to write")
+  .option("--layer-types <pattern>", "LCKV layer_types, one target per layer (default: standard)")
+  .option("--layers <n>", "layers", "22")
+  .option("--hidden <n>", "hidden size", "2048")
+  .option("--heads <n>", "attention heads", "32")
+  .option("--kv-heads <n>", "K/V heads", "4")
+  .option("--intermediate <n>", "MLP size", "5632")
+  .option("--vocab <n>", "vocabulary size", "32000")
+  .option("--seed <n>", "random seed", "1")
+  .option("--max-positions <n>", "max_position_embeddings", "16384")
+  .parse()
+  .opts();
+const L = +values.layers, E = +values.hidden, H = +values.heads, KV = +values.kvHeads, I = +values.intermediate, V = +values.vocab;
 const hd = E / H;
-const targets = values["layer-types"] ? values["layer-types"].split("_").map((x) => parseInt(x, 10)) : [...Array(L).keys()];
+const targets = values.layerTypes ? values.layerTypes.split("_").map((x) => parseInt(x, 10)) : [...Array(L).keys()];
 if (targets.length !== L) throw new Error("--layer-types needs one entry per layer");
 
 let state = BigInt(+values.seed) | 1n;
@@ -71,12 +71,12 @@ for (const [, , make] of tensors) {
 }
 fs.closeSync(fd);
 const config = {
-  architectures: [values["layer-types"] ? "LCKVLlamaForCausalLM" : "LlamaForCausalLM"],
-  model_type: values["layer-types"] ? "lckv-llama" : "llama",
+  architectures: [values.layerTypes ? "LCKVLlamaForCausalLM" : "LlamaForCausalLM"],
+  model_type: values.layerTypes ? "lckv-llama" : "llama",
   hidden_size: E, intermediate_size: I, num_attention_heads: H, num_key_value_heads: KV, num_hidden_layers: L,
-  vocab_size: V, max_position_embeddings: +values["max-positions"], rms_norm_eps: 1e-5, rope_theta: 10000, tie_word_embeddings: false,
+  vocab_size: V, max_position_embeddings: +values.maxPositions, rms_norm_eps: 1e-5, rope_theta: 10000, tie_word_embeddings: false,
   hidden_act: "silu", torch_dtype: "bfloat16",
-  ...(values["layer-types"] ? { layer_types: values["layer-types"], forward_passes: 7, backward_passes: 2 } : {}),
+  ...(values.layerTypes ? { layer_types: values.layerTypes, forward_passes: 7, backward_passes: 2 } : {}),
 };
 fs.writeFileSync(path.join(values.out, "config.json"), JSON.stringify(config, null, 2));
 console.log(`wrote ${values.out}: ${(off / 1e9).toFixed(2)} GB of bf16 weights`);
