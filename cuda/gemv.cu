@@ -101,8 +101,8 @@ __device__ __forceinline__ void dotRows(const float* __restrict__ x, int n, int 
 
 // ROWS: the input rows this instance handles (a power of two >= n): batch 1 does not pay for
 // the accumulators and predicates of 16 rows. warpsPerRow warps share each output feature (a
-// block holds kWarps / warpsPerRow features): at batch 1 a matrix of 2048 rows gives one warp
-// per row too few loads in flight to reach the copy rate, and splitting rows fixes that.
+// block holds kWarps / warpsPerRow features): one warp would stream a long row (the down
+// projection's 5632 weights) in six dependent rounds of loads, several warps in fewer.
 template <typename W, bool kVec, int ROWS, bool kSwiglu>
 __global__ void __launch_bounds__(kWarps * 32)
     gemvKernel(const float* __restrict__ x, int n, int I, int warpsPerRow, Targets<W> t) {
