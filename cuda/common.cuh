@@ -73,6 +73,20 @@ enum class WeightType { F32 = 0, BF16 = 1, F16 = 2 };
 __device__ __forceinline__ float toFloat(float x) { return x; }
 __device__ __forceinline__ float toFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float toFloat(__half x) { return __half2float(x); }
+// Two 16-bit weights as one 32-bit word (Pair<W>::type), and their conversion to floats: lets
+// one vector loader serve bf16 and f16.
+template <typename W>
+struct Pair;
+template <>
+struct Pair<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+};
+template <>
+struct Pair<__half> {
+  using type = __half2;
+};
+__device__ __forceinline__ float2 toFloat2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
+__device__ __forceinline__ float2 toFloat2(__half2 x) { return __half22float2(x); }
 
 // K (v = 0) or V (v = 1) row of position `pos` in the paged cache, for a sequence's page table.
 __device__ __forceinline__ int64_t pagedOffset(const int32_t* table, int pos, int pageShift, int64_t pageFloats, int slot,

@@ -59,7 +59,23 @@ __global__ void addBiasKernel(float* out, int n, int O, const W* bias) {
 
 }  // namespace
 
-void enableProgrammaticLaunch(bool enabled) { programmaticLaunchEnabled() = enabled; }
+bool programmaticLaunchSupported() {
+  // The code loaded for the current device must come from sm_90+ PTX: code JIT-compiled from
+  // older PTX (a build for sm_80 only, say) has no griddepcontrol.wait in its kernels.
+  cudaFuncAttributes a{};
+  if (cudaFuncGetAttributes(&a, addKernel) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return a.ptxVersion >= 90 && a.binaryVersion >= 90;
+}
+
+void enableProgrammaticLaunch(bool enabled) {
+  // One setting for the process: on only while every backend made so far can use it.
+  static bool decided = false;
+  programmaticLaunchEnabled() = decided ? programmaticLaunchEnabled() && enabled : enabled;
+  decided = true;
+}
 
 void launchEmbed(const int32_t* tokens, const int32_t* positions, int n, const void* table, const void* posTable,
                  int wtype, int E, float* out, cudaStream_t stream) {

@@ -17,22 +17,13 @@ constexpr int kWarps = 8;
 constexpr int kLoadsInFlight = 4;  // 16-byte weight loads each lane issues before using them (8 measured no faster)
 
 // Eight consecutive weights as floats from one 16-byte load (bf16/f16) or two (f32).
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* w) {
+template <typename W>
+__device__ __forceinline__ void load8(const W* p, float* w) {
   const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+  const typename Pair<W>::type* h = reinterpret_cast<const typename Pair<W>::type*>(&u);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    w[2 * i] = f.x;
-    w[2 * i + 1] = f.y;
-  }
-}
-__device__ __forceinline__ void load8(const __half* p, float* w) {
-  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-  const __half2* h = reinterpret_cast<const __half2*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(h[i]);
+    const float2 f = toFloat2(h[i]);
     w[2 * i] = f.x;
     w[2 * i + 1] = f.y;
   }
@@ -202,7 +193,10 @@ __device__ __forceinline__ void mmaBlock(float (&d)[4], const uint4& w0, const u
     const float a = xs[2 * i], b = xs[2 * i + 1];
     hi[i] = packBf16(a, b);
     const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&hi[i]);
-    lo[i] = packBf16(a - __low2float(h), b - __high2float(h));
+    const float ha = __low2float(h), hb = __high2float(h);
+    // An infinite high part (x infinite, or beyond bf16's range) carries x alone: inf - inf
+    // would make the low part NaN where the CPU's product is infinite.
+    lo[i] = packBf16(isinf(ha) ? 0.0f : a - ha, isinf(hb) ? 0.0f : b - hb);
   }
   const uint32_t first[4] = {w0.x, w1.x, w0.y, w1.y}, second[4] = {w0.z, w1.z, w0.w, w1.w};
   mmaBf16(d, first, hi[0], hi[1]);
@@ -299,12 +293,17 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kSwiglu ? 1 : 2) gemvMmaKernel
   }
 }
 
+// Whether every row of x and of the weights can be read in 16-byte vectors.
+bool loadsAligned(const float* x, int I, const GemvTarget* targets, int count) {
+  bool aligned = I % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  for (int s = 0; s < count; ++s) aligned = aligned && reinterpret_cast<uintptr_t>(targets[s].weight) % 16 == 0;
+  return aligned;
+}
+
 // Launches the tensor-core kernel when it applies (bf16, 16-byte aligned rows and input);
 // returns false otherwise.
 bool launchMma(const float* x, int n, int I, const GemvTarget* targets, int count, bool swiglu, cudaStream_t stream) {
-  bool aligned = I % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  for (int s = 0; s < count; ++s) aligned = aligned && reinterpret_cast<uintptr_t>(targets[s].weight) % 16 == 0;
-  if (!aligned) return false;
+  if (!loadsAligned(x, I, targets, count)) return false;
   MmaTargets t{};
   const int spanned = swiglu ? 1 : count;  // swiglu: tiles cover the gate's features; each block also does up's
   for (int s = 0; s < count; ++s) {
@@ -335,7 +334,7 @@ bool launchMma(const float* x, int n, int I, const GemvTarget* targets, int coun
 
 template <typename W, bool kSwiglu>
 void launchTyped(const float* x, int n, int I, const GemvTarget* targets, int count, cudaStream_t stream) {
-  bool vec = I % 8 == 0 && (reinterpret_cast<uintptr_t>(x) % 16) == 0;
+  const bool vec = loadsAligned(x, I, targets, count);
   Targets<W> t{};
   const int spanned = kSwiglu ? 1 : count;  // swiglu: warps cover the gate's features; each also does up's
   t.first[0] = 0;
@@ -344,7 +343,6 @@ void launchTyped(const float* x, int n, int I, const GemvTarget* targets, int co
     t.bias[s] = (const W*)targets[s].bias;
     t.out[s] = targets[s].out;
     if (s < spanned) t.first[s + 1] = t.first[s] + targets[s].features;
-    vec = vec && (reinterpret_cast<uintptr_t>(targets[s].weight) % 16) == 0;
   }
   for (int s = spanned; s < kGemvMaxTargets; ++s) t.first[s + 1] = t.first[s];
   const int split = warpsPerRow(I), perBlock = kWarps / split;

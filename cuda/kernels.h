@@ -25,8 +25,11 @@ struct PagedKv {
 };
 
 // Lets each kernel start while the one before it in the stream finishes (sm_90+ only; see
-// waitForPrecedingKernels in common.cuh). Off until the backend turns it on.
+// waitForPrecedingKernels in common.cuh). Off until a backend turns it on; one setting for the
+// process, on only while every backend made so far asked for it.
 void enableProgrammaticLaunch(bool enabled);
+// Whether the kernels loaded for the current device can take it (built from sm_90+ code).
+bool programmaticLaunchSupported();
 
 // out[r] = table[tokens[r]] (+ posTable[positions[r]]). table: [vocab, E] of wtype.
 void launchEmbed(const int32_t* tokens, const int32_t* positions, int n, const void* table, const void* posTable,
@@ -97,9 +100,9 @@ int64_t attentionWorkspaceFloats(int n, int numHeads, int numKvHeads, int headDi
 void launchGreedy(const float* logits, int V, float* scratch, const int32_t* penalized, int penalizedCount, float penalty,
                   int32_t* outToken, cudaStream_t stream);
 
-// Greedy choice for each row of logits [rows, V] without a repetition penalty, in one launch
-// (a block per row): outTokens[r] (device).
-void launchGreedyRows(const float* logits, int rows, int V, int32_t* outTokens, cudaStream_t stream);
+// Greedy choice for each row of logits [rows, ld] (the first V of each row) without a repetition
+// penalty, in one launch (a block per row): outTokens[r] (device).
+void launchGreedyRows(const float* logits, int rows, int V, int64_t ld, int32_t* outTokens, cudaStream_t stream);
 
 // Sampling with temperature (> 0), top-k, top-p, min-p and the repetition penalty, as the CPU
 // reference does it; workspace holds sampleWorkspaceBytes(V).

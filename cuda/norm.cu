@@ -58,30 +58,17 @@ __device__ __forceinline__ void loadWeights(const float* p, float (&v)[kWidth]) 
     v[0] = __ldg(p);
   }
 }
-template <int kWidth>
-__device__ __forceinline__ void loadWeights(const __nv_bfloat16* p, float (&v)[kWidth]) {
+template <int kWidth, typename W>  // bf16 or f16
+__device__ __forceinline__ void loadWeights(const W* p, float (&v)[kWidth]) {
   if constexpr (kWidth == 4) {
     const uint2 q = __ldg(reinterpret_cast<const uint2*>(p));
-    __nv_bfloat162 lo, hi;
+    typename Pair<W>::type lo, hi;
     memcpy(&lo, &q.x, sizeof lo);
     memcpy(&hi, &q.y, sizeof hi);
-    const float2 a = __bfloat1622float2(lo), b = __bfloat1622float2(hi);
+    const float2 a = toFloat2(lo), b = toFloat2(hi);
     v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
   } else {
-    v[0] = __bfloat162float(p[0]);
-  }
-}
-template <int kWidth>
-__device__ __forceinline__ void loadWeights(const __half* p, float (&v)[kWidth]) {
-  if constexpr (kWidth == 4) {
-    const uint2 q = __ldg(reinterpret_cast<const uint2*>(p));
-    __half2 lo, hi;
-    memcpy(&lo, &q.x, sizeof lo);
-    memcpy(&hi, &q.y, sizeof hi);
-    const float2 a = __half22float2(lo), b = __half22float2(hi);
-    v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
-  } else {
-    v[0] = __half2float(p[0]);
+    v[0] = toFloat(p[0]);
   }
 }
 

@@ -7,6 +7,18 @@ namespace lckv::cuda {
 
 namespace {
 
+// The pair (a, b) = (x[j], x[j + half]) rotated by pos * invFreq and scaled. The angle is rounded
+// to f32 before cos/sin, as the CPU reference and Hugging Face do; sincosf (full precision, not
+// the __sincosf intrinsic) is within 2 ulp of them.
+__device__ __forceinline__ float2 rotatePair(float a, float b, float pos, float invFreq, float scale) {
+  const float ang = pos * invFreq;
+  float s, c;
+  sincosf(ang, &s, &c);
+  c *= scale;
+  s *= scale;
+  return {a * c - b * s, b * c + a * s};
+}
+
 __global__ void ropeKernel(float* x, int heads, int headDim, const int32_t* positions, const float* invFreq, float scale) {
   waitForPrecedingKernels();
   // grid: (n), block: heads * headDim/2 threads, looped
@@ -16,17 +28,10 @@ __global__ void ropeKernel(float* x, int heads, int headDim, const int32_t* posi
   float* row = x + (int64_t)r * heads * headDim;
   for (int t = threadIdx.x; t < heads * half; t += blockDim.x) {
     const int h = t / half, j = t % half;
-    // Angle rounded to f32 before cos/sin, as the CPU reference and Hugging Face do; sincosf
-    // (full precision, not the __sincosf intrinsic) is within 2 ulp of them.
-    const float ang = pos * invFreq[j];
-    float s, c;
-    sincosf(ang, &s, &c);
-    c *= scale;
-    s *= scale;
     float* v = row + h * headDim;
-    const float a = v[j], b = v[j + half];
-    v[j] = a * c - b * s;
-    v[j + half] = b * c + a * s;
+    const float2 r2 = rotatePair(v[j], v[j + half], pos, invFreq[j], scale);
+    v[j] = r2.x;
+    v[j + half] = r2.y;
   }
 }
 
@@ -44,7 +49,7 @@ __global__ void kvWriteKernel(const float* k, const float* v, const int32_t* pos
 
 // Decode and prefill of a layer that owns K/V: q rotated in place, k rotated on its way into the
 // cache and v copied beside it, in one pass (rope(q), rope(k) and kvWrite were three launches).
-// The rotation is ropeKernel's, element for element.
+// The rotation is ropeKernel's (rotatePair).
 __global__ void ropeKvWriteKernel(float* q, int numHeads, const float* k, const float* v, int numKvHeads, int headDim,
                                   const int32_t* positions, const float* invFreq, float scale, PagedKv kv) {
   waitForPrecedingKernels();
@@ -66,22 +71,12 @@ __global__ void ropeKvWriteKernel(float* q, int numHeads, const float* k, const 
     const bool isQ = t < qPairs;
     const int u = isQ ? t : t - qPairs;
     const int h = u / half, j = u % half;
-    const float ang = pos * invFreq[j];
-    float s, c;
-    sincosf(ang, &s, &c);
-    c *= scale;
-    s *= scale;
-    if (isQ) {
-      float* x = qrow + h * headDim;
-      const float a = x[j], b = x[j + half];
-      x[j] = a * c - b * s;
-      x[j + half] = b * c + a * s;
-    } else {
-      const float* x = krow + h * headDim;
-      const float a = x[j], b = x[j + half];
-      kd[h * headDim + j] = a * c - b * s;
-      kd[h * headDim + j + half] = b * c + a * s;
-    }
+    // q in place; k on its way into the cache.
+    const float* x = (isQ ? qrow : krow) + h * headDim;
+    float* dst = isQ ? qrow + h * headDim : kd + h * headDim;
+    const float2 r2 = rotatePair(x[j], x[j + half], pos, invFreq[j], scale);
+    dst[j] = r2.x;
+    dst[j + half] = r2.y;
   }
   if (k)
     for (int j = first; j < kv.kvDim; j += step) vd[j] = v[(int64_t)r * kv.kvDim + j];

@@ -81,10 +81,10 @@ void launchGreedy(const float* logits, int V, float* scratch, const int32_t* pen
   LCKV_LAUNCH_CHECK("argmax");
 }
 
-void launchGreedyRows(const float* logits, int rows, int V, int32_t* outTokens, cudaStream_t stream) {
+void launchGreedyRows(const float* logits, int rows, int V, int64_t ld, int32_t* outTokens, cudaStream_t stream) {
   NvtxRange r("sample_greedy_rows");
-  if (V <= 0 || rows <= 0) throw std::invalid_argument("greedy rows: empty shape");
-  launchKernel(argmaxKernel, rows, kThreads, 0, stream, logits, V, V, outTokens);
+  if (V <= 0 || rows <= 0 || ld < V) throw std::invalid_argument("greedy rows: empty shape or rows shorter than V");
+  launchKernel(argmaxKernel, rows, kThreads, 0, stream, logits, V, ld, outTokens);
   LCKV_LAUNCH_CHECK("argmax_rows");
 }
 

@@ -188,12 +188,10 @@ class CudaBackend : public Backend {
     cudaOk(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     cublasOk(cublasLtCreate(&lt_), "cublasLtCreate");
     workspace_ = deviceAlloc(kWorkspace);
-    // Programmatic dependent launch needs sm_90; LCKV_PDL=0 turns it off (to measure it, or
-    // to rule it out). The setting is per process: every device of one process shares it.
-    int major = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_);
+    // Programmatic dependent launch needs sm_90 and kernels built for it; LCKV_PDL=0 turns it
+    // off (to measure it, or to rule it out). One setting for the process (see kernels.h).
     const char* pdl = std::getenv("LCKV_PDL");
-    lckv::cuda::enableProgrammaticLaunch(major >= 9 && (pdl == nullptr || std::string(pdl) != "0"));
+    lckv::cuda::enableProgrammaticLaunch(lckv::cuda::programmaticLaunchSupported() && (pdl == nullptr || std::string(pdl) != "0"));
   }
   ~CudaBackend() override {
     profiler_.report();
@@ -312,7 +310,7 @@ class CudaBackend : public Backend {
     int32_t* d = (int32_t*)dTokens.get();
     const float* base = (const float*)logits.data;
     if (plainGreedy) {
-      cuda::launchGreedyRows(base, rows, vocab, d, stream_);
+      cuda::launchGreedyRows(base, rows, vocab, logits.cols, d, stream_);
     } else {
       std::shared_ptr<void> scratch, ws;  // one each, reused row after row (stream-ordered)
       for (int r = 0; r < rows; ++r) {
