@@ -8,11 +8,13 @@
 #include <nvtx3/nvToolsExt.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <set>
@@ -764,37 +766,61 @@ class CudaBackend : public Backend {
     return bf16Scratch_.get();
   }
 
-  // C[n, O] (row-major f32) = X[n, I] (bf16) . W[O, I]^T (bf16)
-  void matmulBf16(const void* W, const void* X, float* C, int O, int n, int I) {
-    nvtxRangePushA("gemm_cublaslt");
-    struct Pop { ~Pop() { nvtxRangePop(); } } pop;
+  // A cuBLASLt matmul set up for one shape: descriptors and the heuristic's algorithm. Setting
+  // one up costs tens of microseconds of host time, as much as the GEMM itself at prefill
+  // chunk sizes, so plans are kept per shape (a prefill reuses a handful of shapes).
+  struct MatmulPlan {
     cublasLtMatmulDesc_t op = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
-    cublasOk(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmulDesc");
+    cublasLtMatmulAlgo_t algo{};
+    MatmulPlan() = default;
+    MatmulPlan(const MatmulPlan&) = delete;
+    MatmulPlan& operator=(const MatmulPlan&) = delete;
+    ~MatmulPlan() {
+      if (a) cublasLtMatrixLayoutDestroy(a);
+      if (b) cublasLtMatrixLayoutDestroy(b);
+      if (c) cublasLtMatrixLayoutDestroy(c);
+      if (op) cublasLtMatmulDescDestroy(op);
+    }
+  };
+  static constexpr size_t kMaxMatmulPlans = 256;  // prompts of many lengths: start over past this
+
+  const MatmulPlan& matmulPlan(int O, int n, int I) {
+    const std::array<int, 3> key{O, n, I};
+    auto it = matmulPlans_.find(key);
+    if (it != matmulPlans_.end()) return *it->second;
+    if (matmulPlans_.size() >= kMaxMatmulPlans) matmulPlans_.clear();
+    auto plan = std::make_unique<MatmulPlan>();
+    cublasOk(cublasLtMatmulDescCreate(&plan->op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmulDesc");
     const cublasOperation_t tA = CUBLAS_OP_T, tB = CUBLAS_OP_N;
-    cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &tA, sizeof(tA));
-    cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tB, sizeof(tB));
-    cublasOk(cublasLtMatrixLayoutCreate(&a, CUDA_R_16BF, I, O, I), "layout A");  // W as col-major [I, O]
-    cublasOk(cublasLtMatrixLayoutCreate(&b, CUDA_R_16BF, I, n, I), "layout B");  // X as col-major [I, n]
-    cublasOk(cublasLtMatrixLayoutCreate(&c, CUDA_R_32F, O, n, O), "layout C");   // C as col-major [O, n]
+    cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSA, &tA, sizeof(tA));
+    cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSB, &tB, sizeof(tB));
+    cublasOk(cublasLtMatrixLayoutCreate(&plan->a, CUDA_R_16BF, I, O, I), "layout A");  // W as col-major [I, O]
+    cublasOk(cublasLtMatrixLayoutCreate(&plan->b, CUDA_R_16BF, I, n, I), "layout B");  // X as col-major [I, n]
+    cublasOk(cublasLtMatrixLayoutCreate(&plan->c, CUDA_R_32F, O, n, O), "layout C");   // C as col-major [O, n]
     cublasLtMatmulPreference_t pref = nullptr;
     cublasOk(cublasLtMatmulPreferenceCreate(&pref), "preference");
     size_t ws = kWorkspace;
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
     cublasLtMatmulHeuristicResult_t heur;
     int found = 0;
-    cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(lt_, op, a, b, c, c, pref, 1, &heur, &found);
-    const float alpha = 1.0f, beta = 0.0f;
-    cublasStatus_t ms = CUBLAS_STATUS_NOT_SUPPORTED;
-    if (hs == CUBLAS_STATUS_SUCCESS && found > 0)
-      ms = cublasLtMatmul(lt_, op, &alpha, W, a, X, b, &beta, C, c, C, c, &heur.algo, workspace_.get(), kWorkspace, stream_);
+    const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(lt_, plan->op, plan->a, plan->b, plan->c, plan->c, pref, 1, &heur, &found);
     cublasLtMatmulPreferenceDestroy(pref);
-    cublasLtMatrixLayoutDestroy(a);
-    cublasLtMatrixLayoutDestroy(b);
-    cublasLtMatrixLayoutDestroy(c);
-    cublasLtMatmulDescDestroy(op);
-    if (found == 0) throw EngineError("LCKV_CUDA", "cuBLASLt found no algorithm for a bf16 matmul");
-    cublasOk(ms, "cublasLtMatmul");
+    if (hs != CUBLAS_STATUS_SUCCESS || found == 0)
+      throw EngineError("LCKV_CUDA", "cuBLASLt found no algorithm for a bf16 matmul of " + std::to_string(n) + " x " +
+                                         std::to_string(I) + " by " + std::to_string(I) + " x " + std::to_string(O));
+    plan->algo = heur.algo;
+    return *matmulPlans_.emplace(key, std::move(plan)).first->second;
+  }
+
+  // C[n, O] (row-major f32) = X[n, I] (bf16) . W[O, I]^T (bf16)
+  void matmulBf16(const void* W, const void* X, float* C, int O, int n, int I) {
+    nvtxRangePushA("gemm_cublaslt");
+    struct Pop { ~Pop() { nvtxRangePop(); } } pop;
+    const MatmulPlan& p = matmulPlan(O, n, I);
+    const float alpha = 1.0f, beta = 0.0f;
+    cublasOk(cublasLtMatmul(lt_, p.op, &alpha, W, p.a, X, p.b, &beta, C, p.c, C, p.c, &p.algo, workspace_.get(), kWorkspace, stream_),
+             "cublasLtMatmul");
   }
 
   struct Staging {
@@ -806,6 +832,7 @@ class CudaBackend : public Backend {
   DType weights_;
   cudaStream_t stream_ = nullptr;
   cublasLtHandle_t lt_ = nullptr;
+  std::map<std::array<int, 3>, std::unique_ptr<MatmulPlan>> matmulPlans_;  // by (O, n, I)
   std::shared_ptr<void> workspace_;
   Staging staging_[5];  // token ids, positions, penalised tokens, K/V page tables, row-to-sequence map
   int32_t* pinnedTokens_ = nullptr;  // the chosen ids of a step, copied from the device
