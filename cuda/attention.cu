@@ -547,14 +547,12 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
     mB = newB;
     lA *= corrA;
     lB *= corrB;
+    // Probabilities x values, 8 keys (one score tile) per step, summed for this tile alone and
+    // then added to the output with f32 arithmetic: the tensor cores' f32 accumulation rounds
+    // toward zero, a bias that summing every tile of a long context in them grew past 1e-5.
+    float po[kDimTiles][4];
 #pragma unroll
-    for (int dt = 0; dt < kDimTiles; ++dt) {
-      o[dt][0] *= corrA;
-      o[dt][1] *= corrA;
-      o[dt][2] *= corrB;
-      o[dt][3] *= corrB;
-    }
-    // Probabilities x values, 8 keys (one score tile) per step.
+    for (int i = 0; i < kDimTiles; ++i) po[i][0] = po[i][1] = po[i][2] = po[i][3] = 0.0f;
 #pragma unroll
     for (int kt = 0; kt < kKeyTiles; ++kt) {
       const float p0 = __expf(s[kt][0] - baseA), p1 = __expf(s[kt][1] - baseA);
@@ -567,8 +565,15 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
 #pragma unroll
       for (int dt = 0; dt < kDimTiles; ++dt) {
         const Tf32Pair b[2] = {splitTf32(v0[dt * 8]), splitTf32(v0[S + dt * 8])};
-        mma3xTf32(o[dt], a, b);
+        mma3xTf32(po[dt], a, b);
       }
+    }
+#pragma unroll
+    for (int dt = 0; dt < kDimTiles; ++dt) {
+      o[dt][0] = fmaf(o[dt][0], corrA, po[dt][0]);
+      o[dt][1] = fmaf(o[dt][1], corrA, po[dt][1]);
+      o[dt][2] = fmaf(o[dt][2], corrB, po[dt][2]);
+      o[dt][3] = fmaf(o[dt][3], corrB, po[dt][3]);
     }
   }
   lA += __shfl_xor_sync(0xffffffffu, lA, 1);
