@@ -1,5 +1,6 @@
 // Two projects: "cpu" runs everywhere (CI included); "gpu" runs on a machine with an NVIDIA GPU
-// (npm run test:gpu) and reports itself skipped, loudly, where there is none.
+// (npm run test:gpu, one file at a time: the memory checks read the device's free memory, which
+// test files running in parallel processes would move) and reports itself skipped, loudly, where there is none.
 const common = {
   preset: "ts-jest",
   testEnvironment: "node",

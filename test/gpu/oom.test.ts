@@ -84,8 +84,9 @@ describeGpu("cuda: out of memory", () => {
 
   test("a failed load gives back the device memory it took", async () => {
     expect(resident.nativeModel().memoryInfo().total).toBeGreaterThan(0);
-    // Free memory is the device's, and the other GPU test files may be running in parallel
-    // processes on the same device, so one reading can be off by their allocations (or frees).
+    // Free memory is the device's: npm run test:gpu runs one file at a time, but a plain `jest`
+    // runs the GPU test files in parallel processes on the same device, so one reading can be
+    // off by their allocations (or frees).
     // A real effect repeats; their noise does not: up to three tries, one must be clean.
     // First, the measurement sees memory that is kept: a loaded model holds at least its pool and weights.
     const shortfalls: number[] = [];
