@@ -160,7 +160,7 @@ const LENGTHS = opt.tiny ? [[32, 64], [128, 128], [5, 251]] : [[512, 1024], [204
 // whole generation), but only the first MEASURED tokens are generated and timed.
 const MEASURED = opt.full ? Infinity : opt.tiny ? 8 : 32;
 
-async function throughput(model, prompt, gen, batch) {
+async function throughput(model, prompt, gen, batch, stopAfter = MEASURED) {
   const V = model.config.vocabSize;
   const controllers = [];
   const t0 = now();
@@ -171,7 +171,7 @@ async function throughput(model, prompt, gen, batch) {
       let n = 0;
       for await (const c of model.stream(randomIds(prompt, V), { maxNewTokens: gen, temperature: 0, ignoreEos: true, signal: ac.signal, prefill: "iterative" })) {
         void c;
-        if (++n >= Math.min(gen, MEASURED)) ac.abort();
+        if (++n >= Math.min(gen, stopAfter)) ac.abort();
       }
       return n;
     }),
@@ -206,9 +206,12 @@ async function experiment1() {
       for (const s of held.slice(0, batch)) s.dispose();
       await waiting;
       held[batch].dispose();
-      // Two timed runs in the default set (each is a whole batch of prefills), one with --full.
+      // A warm-up run of the same batch (it also records the decode steps' CUDA graphs for its
+      // batch size; with --full it stops after 32 tokens), then the timed runs: --repeats in the
+      // default set, one with --full (a whole batch of full-length requests).
+      await throughput(model, prompt, gen, batch, 32);
       const runs = [];
-      for (let r = 0; r < (opt.full ? 1 : Math.min(repeats, 2)); r++) runs.push(await throughput(model, prompt, gen, batch));
+      for (let r = 0; r < (opt.full ? 1 : repeats); r++) runs.push(await throughput(model, prompt, gen, batch));
       const tp = summary(runs.map((x) => x.tokPerS));
       rows.push({ model: name, prompt, gen, batch, measuredTokens: Number.isFinite(MEASURED) ? Math.min(gen, MEASURED) : gen, verified, tokPerS: tp, kvBytesPerToken: model.kvBytesPerToken, pagesTotal: st.pagesTotal });
     }
