@@ -8,6 +8,7 @@
 export { loadModel, Model, DEFAULT_MODEL_DIR, KV_PAGE_TOKENS } from "./model";
 export type { LoadOptions, GenerateResult, StreamChunk, ForwardResult, PrefillOptions, Device, DType, CacheStats } from "./model";
 export type { GenerateOptions, SamplingOptions, PrefillMode } from "./options";
+export { FIXED_POINT_MAX_PASSES } from "./options";
 export type { ModelConfig, BlockStyle } from "./config";
 export { SUPPORTED_ARCHITECTURES } from "./config";
 export type { KvPlan } from "./plan";

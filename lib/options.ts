@@ -4,6 +4,12 @@ import type { NativeSamplingParams } from "./native";
 
 export type PrefillMode = "fixed-point" | "sequential" | "iterative";
 export const PREFILL_MODES: readonly PrefillMode[] = ["fixed-point", "sequential", "iterative"];
+/**
+ * Passes after which prefill "fixed-point" stops iterating and runs the rest of the prompt
+ * token by token (the engine's kFixedPointMaxPasses; a prompt that reports this many passes
+ * did not converge).
+ */
+export const FIXED_POINT_MAX_PASSES = 64;
 
 export interface SamplingOptions {
   /** 0 = greedy (the default unless generation_config.json says otherwise). */
@@ -28,7 +34,8 @@ export interface GenerateOptions extends SamplingOptions {
   /**
    * Prefill "fixed-point" stops when no K/V value that a layer reads from above moved by more
    * than this times the largest such value in the last pass (default 1e-6: f32 rounding level);
-   * 0 iterates until the K/V is identical bit for bit (up to n passes).
+   * 0 iterates until the K/V is identical bit for bit. After 64 passes without converging,
+   * the positions past the first 64 run token by token (exact as well).
    */
   prefillTolerance?: number;
   /** Keep generating past end-of-sequence tokens (for benchmarks and golden tests). */

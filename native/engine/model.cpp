@@ -464,6 +464,13 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
   return out;
 }
 
+// Fixed-point prefill stops iterating after this many passes without converging: random
+// weights need not contract, and at tolerance 0 the last bits of late positions keep moving
+// until the induction reaches them, which costs n passes of n tokens. By induction the first
+// `passes` positions are exact by then; append() runs the rest token by token, which is exact
+// too. A trained model converges well before (the default model: 23 passes for 250 tokens).
+constexpr int kFixedPointMaxPasses = 64;
+
 // Runs n tokens at positions [start, start+n) through every layer, prefilling the cyclic
 // group as `mode` says. Keeps the last row's logits in res.lastLogits and, with `download`,
 // appends the wanted rows to res.logits.
@@ -496,7 +503,8 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
     std::vector<std::vector<float>> prev(upwardTargetSlots_.size()), cur(upwardTargetSlots_.size());
     for (size_t j = 0; j < upwardTargetSlots_.size(); ++j) be.kvRead(s.kv, 0, upwardTargetSlots_[j], start, n, prev[j]);
     int passes = 0;
-    const int maxPasses = prefill.mode == PrefillMode::Iterative ? std::max(1, prefill.passes) : n;
+    const int maxPasses = prefill.mode == PrefillMode::Iterative ? std::max(1, prefill.passes) : std::min(n, kFixedPointMaxPasses);
+    bool converged = false;
     while (true) {
       BackendRange passRange(be, "cyclic group pass");
       be.copyRows(s.h0, 0, s.h, 0, n);
@@ -516,11 +524,15 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
           }
         }
         // This pass read (to within the tolerance) the K/V it wrote: the fixed point.
-        if (same || (prefill.tolerance > 0 && moved <= prefill.tolerance * largest)) break;
+        if (same || (prefill.tolerance > 0 && moved <= prefill.tolerance * largest)) {
+          converged = true;
+          break;
+        }
         prev.swap(cur);
       }
     }
     res.passes = std::max(res.passes, passes);
+    if (prefill.mode == PrefillMode::FixedPoint && !converged && passes < n) res.exactPrefix = passes;
     if (high + 1 < c.numLayers) runLayers(s, n, pos.data(), high + 1, c.numLayers - 1);
   }
   if (want == LogitsWanted::None) return;
@@ -568,6 +580,19 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
                                 : needLogits                ? LogitsWanted::Last
                                                             : LogitsWanted::None;
       forwardChunk(seq, tokens.data(), n, start, prefill, rows, download, res);
+      if (res.exactPrefix >= 0) {
+        // The fixed point did not converge within its pass limit: positions from exactPrefix
+        // on are run token by token, reading the exact K/V before them and overwriting what the
+        // passes left at their own positions.
+        const int from = res.exactPrefix;
+        if (download) res.logits.resize(logits == LogitsWanted::All ? (size_t)from * cfg_.vocab : 0);
+        for (int r = from; r < n; ++r) {
+          const bool want = logits == LogitsWanted::All || (needLogits && r == n - 1);
+          forwardChunk(seq, tokens.data() + r, 1, start + r, prefill, want ? LogitsWanted::Last : LogitsWanted::None,
+                       download, res);
+        }
+        res.exactPrefix = -1;
+      }
     }
   } catch (const std::bad_alloc&) {
     throw EngineError(kErrOutOfMemory, "out of memory running the forward for " + std::to_string(n) + " tokens");

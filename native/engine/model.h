@@ -45,6 +45,9 @@ struct AppendResult {
   std::vector<float> logits;    // [rows, vocab] as asked
   int32_t sampled = -1;         // next token when sampling was asked
   Tensor lastLogits;            // the last position's logits, on the backend (for sampling)
+  // Fixed-point prefill that reached its pass limit without converging: the number of leading
+  // positions of the chunk that are exact (the rest are then run token by token). -1 otherwise.
+  int exactPrefix = -1;
 };
 
 class Model {

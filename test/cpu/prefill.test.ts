@@ -3,7 +3,7 @@
  * sequential and fixed-point are exact and agree bit for bit; iterative with p passes is exact
  * for the first p positions only.
  */
-import { loadModel, Model } from "../../lib";
+import { FIXED_POINT_MAX_PASSES, loadModel, Model } from "../../lib";
 import { writeTinyModel } from "../helpers/tiny-model";
 
 process.env.LCKV_QUIET = "1";
@@ -71,6 +71,28 @@ describe.each(["0_3_3_3", "0_2_2_3_4_5", "0_4_4_4_4_5"])("layer_types %s", (lt) 
     expect(b.tokens).toEqual(a.tokens);
     expect(b.prefillPasses).toBeGreaterThanOrEqual(1);
   });
+});
+
+test("fixed-point that has not converged after 64 passes finishes token by token, still equal to sequential", async () => {
+  // At tolerance 0 the last bits of late positions keep moving until the induction reaches
+  // them (about n passes): with 100 tokens the pass limit (FIXED_POINT_MAX_PASSES, the
+  // engine's, which the passes reported below must equal) is reached first.
+  const m = await loadModel(writeTinyModel({ layerTypes: "0_2_2_3", numLayers: 4, seed: 5 }), { device: "cpu", prefixCache: 0 });
+  try {
+    const ids = Array.from({ length: 100 }, (_, i) => (i * 7 + 1) % 64);
+    const seq = await m.forward(ids, { prefill: "sequential" });
+    const fp = await m.forward(ids, { prefill: "fixed-point", prefillTolerance: 0 });
+    expect(fp.passes).toBe(FIXED_POINT_MAX_PASSES);
+    expect(Array.from(fp.logits)).toEqual(Array.from(seq.logits));
+    // Generation after it (the K/V the token-by-token tail left) matches too, and so does the
+    // last row alone (generate asks for the last logits only).
+    const a = await m.generate(ids, { maxNewTokens: 5, prefill: "sequential" });
+    const b = await m.generate(ids, { maxNewTokens: 5, prefill: "fixed-point", prefillTolerance: 0 });
+    expect(b.tokens).toEqual(a.tokens);
+    expect(b.prefillPasses).toBe(FIXED_POINT_MAX_PASSES);
+  } finally {
+    await m.dispose();
+  }
 });
 
 test("a model without upward targets needs one pass in every mode", async () => {
