@@ -10,6 +10,9 @@
 // K/V head in TinyLlama) a key is read once instead of once per query head. It writes
 // (max, sum, unnormalised output) per head for its chunk and a second kernel merges the chunks;
 // when one chunk covers the keys, the first kernel writes the final output directly.
+//
+// Prefill (16 or more queries of one sequence): flash attention on the tensor cores, further
+// down (attentionPrefillKernel).
 #include <algorithm>
 #include <atomic>
 #include <climits>
