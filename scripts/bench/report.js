@@ -76,7 +76,9 @@ function headlines(r, L) {
     const rows = tp.filter((x) => x.model === m && std(x));
     if (!rows.length) continue;
     const b = rows.map((x) => x.batch / std(x).batch), t = rows.map((x) => x.tokPerS.median / std(x).tokPerS.median);
-    lines.push(`- \`${m}\`: ${fmt(Math.min(...b), 1)}x to ${fmt(Math.max(...b), 1)}x larger batches than the standard cache in the same memory; end-to-end throughput ${fmt(Math.min(...t), 2)}x to ${fmt(Math.max(...t), 2)}x the standard model's (experiment 1).`);
+    const d = rows.filter((x) => x.decodeTokPerS && std(x).decodeTokPerS).map((x) => x.decodeTokPerS / std(x).decodeTokPerS);
+    const decode = d.length ? `; decode throughput at those batches ${fmt(Math.min(...d), 2)}x to ${fmt(Math.max(...d), 2)}x` : "";
+    lines.push(`- \`${m}\`: ${fmt(Math.min(...b), 1)}x to ${fmt(Math.max(...b), 1)}x larger batches than the standard cache in the same memory; end-to-end throughput ${fmt(Math.min(...t), 2)}x to ${fmt(Math.max(...t), 2)}x the standard model's${decode} (experiment 1).`);
   }
   const d1 = (r.decode ?? []).filter((x) => x.batch === 1);
   if (d1.length) {
@@ -150,9 +152,16 @@ function renderReport(r, outDir) {
         continue;
       }
       const std = x.model === "default" ? null : r.throughput.find((y) => y.model === "standard" && y.prompt === x.prompt && y.gen === x.gen && y.batch);
-      rows.push([x.model, `${x.prompt}+${x.gen}`, `${x.batch}${x.verified ? "" : " (not verified)"}`, std ? `${fmt(x.batch / std.batch, 1)}x` : "-", fmt(x.tokPerS.median, 0), std ? `${fmt(x.tokPerS.median / std.tokPerS.median, 2)}x` : "-", spread(x.tokPerS)]);
+      const dec = x.decodeTokPerS !== undefined;
+      rows.push([
+        x.model, `${x.prompt}+${x.gen}`, `${x.batch}${x.verified ? "" : " (not verified)"}`, std ? `${fmt(x.batch / std.batch, 1)}x` : "-",
+        fmt(x.tokPerS.median, 0), std ? `${fmt(x.tokPerS.median / std.tokPerS.median, 2)}x` : "-", spread(x.tokPerS),
+        dec ? fmt(x.decodeTokPerS, 0) : "-", dec && std?.decodeTokPerS ? `${fmt(x.decodeTokPerS / std.decodeTokPerS, 2)}x` : "-", dec ? spread(x.decodeMsPerStep) : "-",
+      ]);
     }
-    L.push(table(["model", "prompt+gen", "largest batch", "batch vs standard", "tokens/s (prefill included)", "throughput vs standard", "spread"], rows), "");
+    L.push(table(["model", "prompt+gen", "largest batch", "batch vs standard", "tokens/s (prefill included)", "throughput vs standard", "spread", "decode tokens/s at this batch", "decode vs standard", "spread"], rows), "");
+    if (r.throughput.some((x) => x.decodeTokPerS !== undefined))
+      L.push("The decode columns time the generation phase alone at the same batch: decode steps of that many sequences at the middle of the generation (prompt + gen / 2 tokens of context), forks of up to 4 distinct prefixes, median of the timed runs after a warm-up. Forks share their prefix's pages, so the attention may find some K/V in L2. This is where long generations spend their time, and where the larger batches pay.", "");
   }
 
   if (r.decode) {

@@ -34,6 +34,10 @@ test("experiment 1: every length pair of both models ran at the batch the pool v
     expect(r.batch).toBeGreaterThan(0);
     expect(r.tokPerS.samples).toHaveLength(2); // --repeats 2, after the warm-up
     expect(r.tokPerS.median).toBeGreaterThan(0);
+    // The generation phase alone, at the same batch, mid-generation.
+    expect(r.decodeContext).toBe(r.prompt + Math.floor(r.gen / 2));
+    expect(r.decodeMsPerStep.samples).toHaveLength(2);
+    expect(r.decodeTokPerS).toBeCloseTo((r.batch * 1e3) / r.decodeMsPerStep.median, 6);
   }
   for (const [prompt, gen] of [[32, 64], [128, 128], [5, 251]]) {
     const of = (m: string) => rows.find((r) => r.model === m && r.prompt === prompt && r.gen === gen);
@@ -55,6 +59,7 @@ test("experiments 2, 3 and 5 wrote their rows with finite timings", () => {
 });
 
 test("the report has a section per experiment run, the command, and both charts", () => {
+  expect(report).toContain("decode tokens/s at this batch");
   for (const heading of ["## 1. The paper's throughput experiment", "## 2. Decode against batch size", "## 3. Prefill", "## 5. Attention alone"])
     expect(report).toContain(heading);
   expect(report).not.toContain("## 4. Peers");
