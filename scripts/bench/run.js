@@ -266,7 +266,7 @@ async function experiment2(rates) {
       rows.push({ model: name, batch: b, maxBatch, msPerStep: t, tokPerS: (b * 1e3) / t.median, roofMs, ofRoofline: roofMs / t.median });
       log(`exp2 ${name} batch ${b}: ${t.median.toFixed(2)} ms/step, ${((roofMs / t.median) * 100).toFixed(0)}% of roofline`);
     }
-    // Batch 1 at a short context too (the CUDA issue's second point).
+    // Batch 1 at a short context too (the other batch-1 point of the decode roofline).
     const short = model.createSequence();
     await short.append(randomIds(129, c.vocabSize));
     const t128 = await forkedDecodeMs([short], 1, STEPS2);
@@ -371,9 +371,9 @@ async function experiment4(exp1) {
     if (!r.error) r.ours = await oursDecodeMs(ours, 1, r.context);
     rows.push(r);
   }
-  // A large batch at 512 tokens of context: 64 sequences (the shape the CUDA issue quotes for
-  // transformers), or with --full the largest batch our standard model ran at 512+1024
-  // (experiment 1) if that is larger.
+  // A large batch at 512 tokens of context: 64 sequences (a serving-sized batch that
+  // transformers' eager cache holds easily), or with --full the largest batch our standard
+  // model ran at 512+1024 (experiment 1) if that is larger.
   const fits = exp1.find((r) => r.model === "standard" && r.prompt === LENGTHS[0][0] && r.batch)?.batch ?? 0;
   const big = opt.tiny ? 16 : opt.full ? Math.max(64, fits) : 64;
   for (const r of peer("hf_peer.py", ["--model", std, "--context", String(LENGTHS[0][0]), "--tokens", tokens, "--batch", String(big), "--repeats", String(repeats)], "transformers eager")) {
