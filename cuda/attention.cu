@@ -594,6 +594,11 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
   }
 }
 
+// Whether a head's K/V rows in the paged pool can be read as float4 (16-byte aligned rows).
+bool kvRowsLoadAsFloat4(const PagedKv& kv, int headDim) {
+  return headDim % 4 == 0 && kv.kvDim % 4 == 0 && kv.pageFloats % 4 == 0 && reinterpret_cast<uintptr_t>(kv.pool) % 16 == 0;
+}
+
 template <int kDim>
 void launchPrefill(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
                    int headDim, bool strict, int window, float scale, float* out, cudaStream_t stream) {
@@ -601,8 +606,7 @@ void launchPrefill(const float* q, int n, const int32_t* positions, const PagedK
   static const cudaError_t raised = cudaFuncSetAttribute(attentionPrefillKernel<kDim>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                          (int)prefillSmemBytes(kDim));
   LCKV_CUDA_CHECK(raised);
-  const bool vec4 = headDim % 4 == 0 && kv.kvDim % 4 == 0 && kv.pageFloats % 4 == 0 &&
-                    reinterpret_cast<uintptr_t>(kv.pool) % 16 == 0;
+  const bool vec4 = kvRowsLoadAsFloat4(kv, headDim);
   launchKernel(attentionPrefillKernel<kDim>, dim3((n + kPrefillQueries - 1) / kPrefillQueries, numHeads), kPrefillWarps * 32,
                prefillSmemBytes(kDim), stream, q, positions, kv, n, numHeads, numKvHeads, headDim, strict, window, scale, vec4, out);
   LCKV_LAUNCH_CHECK("attention_prefill");
@@ -671,8 +675,7 @@ void launchDecode(const float* q, int n, const int32_t* positions, const PagedKv
                   int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, int splits,
                   float* out, float* partial, cudaStream_t stream) {
   preparedDecodeKernel<kDimsPerLane>();
-  const bool vec4 = headDim % 4 == 0 && kv.kvDim % 4 == 0 && kv.pageFloats % 4 == 0 &&
-                    reinterpret_cast<uintptr_t>(kv.pool) % 16 == 0;
+  const bool vec4 = kvRowsLoadAsFloat4(kv, headDim);
   launchKernel(attentionDecodeKernel<kDimsPerLane>, dim3(n, numKvHeads * headChunks, splits), kDecodeWarps * 32,
                sizeof(float) * decodeSmemFloats(headDim), stream, q, positions, kv, numHeads, numKvHeads, headDim, strict, window, scale, headChunks, headsPerBlock, vec4, out,
           partial);

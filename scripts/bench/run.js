@@ -217,12 +217,7 @@ async function experiment1() {
       // in: decode steps of `batch` sequences at the middle of the generation (prompt + gen / 2
       // tokens of context), forks of up to 4 distinct prefixes, timed as in experiment 2.
       const ctxMid = prompt + Math.floor(gen / 2);
-      const bases = [];
-      for (let i = 0; i < Math.min(4, batch); i++) {
-        const s = model.createSequence();
-        await s.append(randomIds(ctxMid, model.config.vocabSize), { prefill: "iterative", prefillPasses: 1 });
-        bases.push(s);
-      }
+      const bases = await randomPrefixes(model, Math.min(4, batch), ctxMid);
       const decodeMs = await forkedDecodeMs(bases, batch, opt.tiny ? 4 : 16);
       for (const s of bases) s.dispose();
       rows.push({
@@ -252,12 +247,7 @@ async function experiment2(rates) {
     // Distinct prefixes, forked: the timing of a batch of B sequences of 2048 tokens without
     // prefilling B x 2048 tokens. Forks share their prefix's pages, so the K/V bytes counted for
     // the roofline are an upper bound on what the attention actually fetches from memory.
-    const bases = [];
-    for (let i = 0; i < Math.min(8, maxBatch); i++) {
-      const s = model.createSequence();
-      await s.append(randomIds(CTX2 + 1, c.vocabSize), { prefill: "iterative", prefillPasses: 1 });
-      bases.push(s);
-    }
+    const bases = await randomPrefixes(model, Math.min(8, maxBatch), CTX2 + 1);
     const sizes = [...new Set([1, 8, 32, 128, 512, maxBatch].filter((b) => b <= maxBatch && (opt.full || b <= 512 || b === maxBatch)))].sort((a, b) => a - b);
     for (const b of sizes) {
       const t = await forkedDecodeMs(bases, b, STEPS2);
@@ -326,6 +316,18 @@ function python(script, args) {
   return out.trim().split("\n").filter((l) => l.startsWith("{")).map((l) => JSON.parse(l));
 }
 
+// `count` sequences of `tokens` random tokens each, to be forked for decode timings. One pass
+// of the iterative prefill: their K/V only has to be there, not exact.
+async function randomPrefixes(model, count, tokens) {
+  const bases = [];
+  for (let i = 0; i < count; i++) {
+    const s = model.createSequence();
+    await s.append(randomIds(tokens, model.config.vocabSize), { prefill: "iterative", prefillPasses: 1 });
+    bases.push(s);
+  }
+  return bases;
+}
+
 // Median ms per decode step of `batch` forks of `bases` (round robin), each generating `steps`
 // tokens at once: the scheduler runs them as one batch.
 async function forkedDecodeMs(bases, batch, steps) {
@@ -344,8 +346,7 @@ async function forkedDecodeMs(bases, batch, steps) {
 // lckv's own decode step at `batch` sequences of `ctx` tokens, for a ratio measured side by
 // side with a peer in the same invocation.
 async function oursDecodeMs(model, batch, ctx) {
-  const base = model.createSequence();
-  await base.append(randomIds(ctx + 1, model.config.vocabSize), { prefill: "iterative", prefillPasses: 1 });
+  const [base] = await randomPrefixes(model, 1, ctx + 1);
   const t = await forkedDecodeMs([base], batch, opt.tiny ? 4 : 16);
   base.dispose();
   return t;
