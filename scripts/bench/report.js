@@ -216,7 +216,7 @@ function renderReport(r, outDir) {
       return [p.peer, p.batch, p.context, fmt(p.msPerStep, 2), fmt(p.tokPerS, 0), o ? fmt(o.median, 2) : "-", o ? `${fmt(p.msPerStep / o.median, 1)}x` : "-", `${spread({ spread: p.spread, flagged: p.spread > 0.05 })} / ${spread(o)}`];
     });
     L.push(table(["peer", "batch", "context", "peer ms / step", "peer tokens/s", "lckv ms / step", "lckv is faster by", "spread (peer / lckv)"], rows), "");
-    L.push("Each peer row and its lckv figure were measured one after the other in the same invocation: lckv's standard model for the transformers rows, lckv's LCKV w=2 model for the PyTorch reference (batch 1, 128 tokens). transformers runs its eager attention with bf16 weights and K/V; with the static cache, generate() compiles the forward with torch.compile by itself (the row says so), and the compile happens in the untimed warm-up. lckv holds bf16 weights and f32 K/V.", "");
+    L.push("Each peer row and its lckv figure were measured one after the other in the same invocation: lckv's standard model for the transformers rows, lckv's LCKV w=2 model for the PyTorch reference (batch 1, 128 tokens). transformers runs its eager attention with bf16 weights and K/V; with the static cache, generate() compiles the forward with torch.compile by itself (the row says so), and the compile happens in the untimed warm-up. lckv holds bf16 weights and f32 K/V. lckv's figure forks one prefix of the row's context into the batch, so at batch 64 its sequences share that prefix's K/V pages (the attention may find them in L2), while transformers' 64 sequences each hold a copy; it times 16 steps a run against the peer's 32.", "");
   }
   if (r.attention) {
     const a = r.attention[0] ?? {};
