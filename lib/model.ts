@@ -304,12 +304,16 @@ export class Model implements AsyncDisposable {
     return this.tokenizer?.eosTokenId !== undefined ? [this.tokenizer.eosTokenId] : [];
   }
 
-  /** Text -> ids via the tokenizer; ids are checked against the vocabulary and the context. */
+  /**
+   * Text -> ids via the tokenizer; ids are checked against the vocabulary and the context. Text
+   * that starts a sequence gets the tokenizer's special tokens (BOS); text appended to a
+   * sequence that already holds tokens does not, so a later turn adds only its own text.
+   */
   toTokenIds(input: string | readonly number[], what = "prompt", alreadyInContext = 0): number[] {
     let ids: number[];
     if (typeof input === "string") {
       if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json: pass token ids instead of text`, "LCKV_NO_TOKENIZER");
-      ids = this.tokenizer.encode(input);
+      ids = this.tokenizer.encode(input, { addSpecialTokens: alreadyInContext === 0 });
     } else if (Array.isArray(input) || ArrayBuffer.isView(input)) {
       ids = Array.from(input as ArrayLike<number>);
     } else {

@@ -56,3 +56,23 @@ test("last-position logits and the 32-token greedy continuation match the PyTorc
   expect(r.tokens).toEqual(golden.greedy.tokens);
   expect(r.text).toBe(golden.greedy.text);
 });
+
+test("text appended to a sequence that holds tokens gets no second BOS: two appends equal one prompt", async () => {
+  const tok = model.tokenizer!;
+  const first = tok.encode("The first chapter begins");
+  expect(first[0]).toBe(tok.bosTokenId);
+  const seq = model.createSequence();
+  try {
+    await seq.append("The first chapter begins");
+    await seq.append(" Then the second chapter");
+    const prompt = seq.tokens.slice();
+    expect(prompt).toEqual(first.concat(tok.encode(" Then the second chapter", { addSpecialTokens: false })));
+    expect(prompt.filter((t) => t === tok.bosTokenId)).toHaveLength(1);
+    const greedy = { maxNewTokens: 8, temperature: 0, ignoreEos: true };
+    let text = "";
+    for await (const c of seq.generate(greedy)) text += c.text;
+    expect(text).toBe((await model.generate(prompt, greedy)).text);
+  } finally {
+    seq.dispose();
+  }
+});
