@@ -472,7 +472,9 @@ export class Model implements AsyncDisposable {
     if (opts.maxNewTokens === 0) return done("length");
     if (opts.signal?.aborted) return done("abort");
     // Reuse the longest prefix a finished request left in the cache; prefill only the rest.
-    const hit = this.prefixCache.take(prompt);
+    // Sequential asks for the exact K/V, the iterative scheme accepts any, fixed-point its tolerance.
+    const accepts = opts.prefill === "sequential" ? 0 : opts.prefill === "iterative" ? Infinity : opts.prefillTolerance;
+    const hit = this.prefixCache.take(prompt, accepts);
     const seq = hit ? hit.seq : this.createSequence();
     let finished = false;
     try {

@@ -1,9 +1,10 @@
 /**
  * Prefix reuse across requests: finished one-shot sequences are kept (least recently used
  * first out), and a new prompt that starts with tokens one of them holds forks it, rewinds the
- * fork to the shared prefix and prefills only the rest. Only sequences whose K/V is exact are
- * kept: an LCKV prompt prefilled with the approximate iterative scheme is not, so it is never
- * reused. A fork shares the cached pages (copy-on-write), so a hit costs no copy; the cached
+ * fork to the shared prefix and prefills only the rest. A sequence is reused only by a request
+ * that accepts how far its K/V may be from the sequential computation's (Sequence.kvTolerance):
+ * an LCKV prompt prefilled with the approximate iterative scheme is never kept, and one
+ * prefilled to a loose fixed-point tolerance serves only requests at least as loose. A fork shares the cached pages (copy-on-write), so a hit costs no copy; the cached
  * sequences' pages count as "cached" in cacheStats() and are the first to go when the pool
  * runs short (least recently used first).
  */
@@ -24,11 +25,15 @@ export class PrefixCache {
 
   constructor(private readonly capacity: number) {}
 
-  /** A sequence holding the longest cached prefix of ids (at most ids.length - 1 tokens), or null. */
-  take(ids: readonly number[]): { seq: Sequence; reused: number } | null {
+  /**
+   * A sequence holding the longest cached prefix of ids (at most ids.length - 1 tokens) whose
+   * K/V is within `accepts` of the sequential computation's, or null.
+   */
+  take(ids: readonly number[], accepts: number): { seq: Sequence; reused: number } | null {
     let best = -1;
     let bestLen = 0;
     this.entries.forEach((e, i) => {
+      if (e.kvTolerance > accepts) return;
       const t = e.tokens;
       let k = 0;
       while (k < t.length && k < ids.length && t[k] === ids[k]) k++;
@@ -60,7 +65,7 @@ export class PrefixCache {
 
   /** Keeps a finished sequence for reuse, or disposes it. */
   offer(seq: Sequence): void {
-    if (this.capacity === 0 || !seq.exact || seq.disposed || seq.length === 0) {
+    if (this.capacity === 0 || !Number.isFinite(seq.kvTolerance) || seq.disposed || seq.length === 0) {
       seq.dispose();
       return;
     }

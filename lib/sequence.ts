@@ -25,8 +25,14 @@ export class Sequence implements Disposable {
   /** Tokens of the sequence not run through the model yet (at most the last one, or a fork's). */
   private pending: number[] = [];
   private busy = false;
-  /** False once an approximate (iterative) prefill has run: its K/V must not be reused. */
-  private exactKv = true;
+  /**
+   * How far the cached K/V may be from the sequential computation's: 0 when it is that
+   * computation (sequential prefill, decode, any prefill of a model without a cyclic group), the
+   * loosest fixed-point tolerance a prefill of several tokens ran with, Infinity once the
+   * iterative scheme or a context shift ran. The prefix cache reuses K/V only for a request that
+   * accepts at least this much.
+   */
+  private kvTol = 0;
   /** Tokens the current request's page reservation covers (0: none). */
   private reservedUpTo = 0;
 
@@ -52,9 +58,24 @@ export class Sequence implements Disposable {
     return this.native === null;
   }
 
-  /** Whether every K/V in the cache is the exact one (no iterative prefill ran). */
+  /**
+   * Whether every K/V in the cache is the sequential computation's, to within the default
+   * fixed-point tolerance (no iterative prefill, no context shift, no looser tolerance ran).
+   */
   get exact(): boolean {
-    return this.exactKv;
+    return this.kvTol <= DEFAULT_PREFILL_TOLERANCE;
+  }
+
+  /** @internal See kvTol. */
+  get kvTolerance(): number {
+    return this.kvTol;
+  }
+
+  /** @internal A prefill of `tokens` tokens ran in `mode`: how far its K/V may be from exact. */
+  private notePrefill(mode: string, tokens: number, tolerance: number): void {
+    if (tokens <= 1 || !this.model.config.plan.cyclicGroup) return;  // one pass, exact
+    if (mode === "iterative") this.kvTol = Infinity;
+    else if (mode === "fixed-point") this.kvTol = Math.max(this.kvTol, tolerance);
   }
 
   private live(): NativeSequence {
@@ -134,7 +155,7 @@ export class Sequence implements Disposable {
         const part = run.slice(at, at + chunk);
         passes = Math.max(passes, (await native.append(Int32Array.from(part), { ...prefill, logits: "none" })).passes);
         this.model.countPrefilled(part.length);
-        if (prefill.mode === "iterative" && part.length > 1 && this.model.config.plan.cyclicGroup) this.exactKv = false;
+        this.notePrefill(prefill.mode, part.length, prefill.tolerance);
         this.evaluated.push(...part);
         this.pending = [];
       }
@@ -237,7 +258,7 @@ export class Sequence implements Disposable {
           }
           prefillPasses = Math.max(prefillPasses, r.passes);
           this.model.countPrefilled(run.length);
-          if (opts.prefill === "iterative" && this.model.config.plan.cyclicGroup) this.exactKv = false;
+          this.notePrefill(opts.prefill, run.length, opts.prefillTolerance);
           tok = r.token!;
         }
         this.evaluated.push(...run);
@@ -287,7 +308,7 @@ export class Sequence implements Disposable {
     }
     this.evaluated.splice(sink, drop);
     // The K/V no longer belongs to the token prefix it follows: never reuse it.
-    this.exactKv = false;
+    this.kvTol = Infinity;
     // The dropped pages went back to the pool; promise the ones the rest of the request needs.
     this.reservedUpTo = 0;
     const ok = await this.ensureReserved(Math.min(this.length + remaining, this.model.maxContext), signal, true);
@@ -308,7 +329,7 @@ export class Sequence implements Disposable {
     const s = this.model.adoptSequence(child);
     s.evaluated = [...this.evaluated];
     s.pending = [...this.pending];
-    s.exactKv = this.exactKv;
+    s.kvTol = this.kvTol;
     return s;
   }
 
