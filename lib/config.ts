@@ -3,7 +3,7 @@
  * Every field is checked here, so a bad config fails with the file and field named.
  */
 import { ConfigError, UnsupportedArchitectureError } from "./errors";
-import { buildPlan, KvPlan, parseLayerTypes } from "./plan";
+import { buildPlan, KvPlan, MAX_LAYERS, parseLayerTypes } from "./plan";
 
 export type BlockStyle = "llama" | "gpt2";
 
@@ -54,40 +54,60 @@ export interface ModelConfig {
 
 type Json = Record<string, unknown>;
 
+/** The native side takes every integer as int32. */
+const INT32_MAX = 2 ** 31 - 1;
+/**
+ * Widths (hidden size, head dim, heads). Real models stay below 2**16; the bound keeps what is
+ * allocated per unit here (the RoPE table has head_dim/2 entries) small.
+ */
+const MAX_DIM = 2 ** 20;
+/** LCKV prefill passes (forward_passes, backward_passes): each is a full pass over the prompt. */
+const MAX_PASSES = 1024;
+
 class Fields {
-  constructor(readonly file: string, readonly o: Json) {}
+  /** `prefix` names a nested object in errors, e.g. "rope_scaling." */
+  constructor(readonly file: string, readonly o: Json, readonly prefix = "") {}
   has(k: string): boolean {
     return this.o[k] !== undefined && this.o[k] !== null;
   }
   /** What an absent field stands for: its default, or an error when it has none. */
   private absent<T>(k: string, def: T | undefined): T {
     if (def !== undefined) return def;
-    throw new ConfigError(this.file, k, "is missing");
+    throw this.error(k, "is missing");
   }
-  int(k: string, opts: { def?: number; min?: number } = {}): number {
+  error(k: string, message: string): ConfigError {
+    return new ConfigError(this.file, this.prefix + k, message);
+  }
+  /** An integer in [min, max]; max defaults to int32, which every integer passed to the native side must fit. */
+  int(k: string, opts: { def?: number; min?: number; max?: number } = {}): number {
     const v = this.o[k];
     if (v === undefined || v === null) return this.absent(k, opts.def);
-    if (typeof v !== "number" || !Number.isInteger(v)) throw new ConfigError(this.file, k, `must be an integer, got ${JSON.stringify(v)}`);
+    if (typeof v !== "number" || !Number.isInteger(v)) throw this.error(k, `must be an integer, got ${JSON.stringify(v)}`);
     const min = opts.min ?? 1;
-    if (v < min) throw new ConfigError(this.file, k, `must be >= ${min}, got ${v}`);
+    if (v < min) throw this.error(k, `must be >= ${min}, got ${v}`);
+    const max = opts.max ?? INT32_MAX;
+    if (v > max) throw this.error(k, `must be <= ${max}, got ${v}`);
     return v;
   }
-  num(k: string, def?: number): number {
+  /** A finite number, >= `min` or > `above` when given (a 0 or negative eps, theta or factor turns the logits into NaN). */
+  num(k: string, def?: number, opts: { min?: number; above?: number } = {}): number {
     const v = this.o[k];
     if (v === undefined || v === null) return this.absent(k, def);
-    if (typeof v !== "number" || !Number.isFinite(v)) throw new ConfigError(this.file, k, `must be a finite number, got ${JSON.stringify(v)}`);
+    if (typeof v !== "number" || !Number.isFinite(v)) throw this.error(k, `must be a finite number, got ${JSON.stringify(v)}`);
+    if (opts.min !== undefined && !(v >= opts.min)) throw this.error(k, `must be >= ${opts.min}, got ${v}`);
+    if (opts.above !== undefined && !(v > opts.above)) throw this.error(k, `must be > ${opts.above}, got ${v}`);
     return v;
   }
   bool(k: string, def: boolean): boolean {
     const v = this.o[k];
     if (v === undefined || v === null) return def;
-    if (typeof v !== "boolean") throw new ConfigError(this.file, k, `must be true or false, got ${JSON.stringify(v)}`);
+    if (typeof v !== "boolean") throw this.error(k, `must be true or false, got ${JSON.stringify(v)}`);
     return v;
   }
   str(k: string, def?: string): string {
     const v = this.o[k];
     if (v === undefined || v === null) return this.absent(k, def);
-    if (typeof v !== "string") throw new ConfigError(this.file, k, `must be a string, got ${JSON.stringify(v)}`);
+    if (typeof v !== "string") throw this.error(k, `must be a string, got ${JSON.stringify(v)}`);
     return v;
   }
   tokenIds(k: string): number[] {
@@ -95,7 +115,7 @@ class Fields {
     if (v === undefined || v === null) return [];
     const arr = Array.isArray(v) ? v : [v];
     for (const x of arr) {
-      if (typeof x !== "number" || !Number.isInteger(x) || x < 0) throw new ConfigError(this.file, k, "must be a token id or a list of token ids");
+      if (typeof x !== "number" || !Number.isInteger(x) || x < 0 || x > INT32_MAX) throw this.error(k, "must be a token id or a list of token ids");
     }
     return arr as number[];
   }
@@ -131,8 +151,8 @@ function planFields(f: Fields, plan: KvPlan, forceNodiag: boolean) {
     kvLayers: plan.kvLayers,
     slidingWindows: plan.window,
     forceNodiag,
-    forwardPasses: f.int("forward_passes", { def: 7 }),
-    backwardPasses: f.int("backward_passes", { def: 2, min: 0 }),
+    forwardPasses: f.int("forward_passes", { def: 7, max: MAX_PASSES }),
+    backwardPasses: f.int("backward_passes", { def: 2, min: 0, max: MAX_PASSES }),
     useSequential: f.bool("use_sequential", false),
   };
 }
@@ -145,14 +165,14 @@ function tokenFields(f: Fields) {
 }
 
 function parseLlama(f: Fields, modelType: string, architecture: string): ModelConfig {
-  const numLayers = f.int("num_hidden_layers");
-  const hiddenSize = f.int("hidden_size");
-  const numHeads = f.int("num_attention_heads");
+  const numLayers = f.int("num_hidden_layers", { max: MAX_LAYERS });
+  const hiddenSize = f.int("hidden_size", { max: MAX_DIM });
+  const numHeads = f.int("num_attention_heads", { max: MAX_DIM });
   const numKvHeads = f.int("num_key_value_heads", { def: numHeads });
   if (numHeads % numKvHeads !== 0) {
     throw new ConfigError(f.file, "num_key_value_heads", `(${numKvHeads}) must divide num_attention_heads (${numHeads})`);
   }
-  const headDim = f.has("head_dim") ? f.int("head_dim") : hiddenSize / numHeads;
+  const headDim = f.has("head_dim") ? f.int("head_dim", { max: MAX_DIM }) : hiddenSize / numHeads;
   if (!Number.isInteger(headDim)) {
     throw new ConfigError(f.file, "num_attention_heads", `(${numHeads}) must divide hidden_size (${hiddenSize}) when head_dim is absent`);
   }
@@ -163,13 +183,18 @@ function parseLlama(f: Fields, modelType: string, architecture: string): ModelCo
   // transformers >= 5 writes rope_parameters; older configs write rope_theta and rope_scaling.
   const rp = (f.o.rope_parameters ?? null) as Json | null;
   if (rp !== null && (typeof rp !== "object" || Array.isArray(rp))) throw new ConfigError(f.file, "rope_parameters", "must be an object");
-  const ropeTheta = rp && rp.rope_theta !== undefined ? new Fields(f.file, rp).num("rope_theta") : f.num("rope_theta", 10000);
+  const thetaFrom = rp && rp.rope_theta !== undefined ? new Fields(f.file, rp, "rope_parameters.") : f;
+  const ropeTheta = thetaFrom.num("rope_theta", 10000, { above: 0 });
   let ropeScaling = (f.o.rope_scaling ?? null) as Json | null;
-  if (rp && (rp.rope_type ?? rp.type ?? "default") !== "default") ropeScaling = rp;
+  let scalingField = "rope_scaling";
+  if (rp && (rp.rope_type ?? rp.type ?? "default") !== "default") [ropeScaling, scalingField] = [rp, "rope_parameters"];
   if (ropeScaling !== null && (typeof ropeScaling !== "object" || Array.isArray(ropeScaling))) {
     throw new ConfigError(f.file, "rope_scaling", "must be an object or null");
   }
-  const ropeInvFreq = ropeInverseFrequencies(headDim, ropeTheta, ropeScaling, f.file);
+  const ropeInvFreq = ropeInverseFrequencies(headDim, ropeTheta, ropeScaling, f.file, {
+    theta: `${thetaFrom.prefix}rope_theta`,
+    scaling: scalingField,
+  });
 
   const isLckv = modelType === "lckv-llama";
   const maxPos = f.int("max_position_embeddings", { def: 2048 });
@@ -197,7 +222,7 @@ function parseLlama(f: Fields, modelType: string, architecture: string): ModelCo
     intermediateSize: f.int("intermediate_size"),
     vocabSize: f.int("vocab_size"),
     maxPositionEmbeddings: maxPos,
-    normEps: f.num("rms_norm_eps", 1e-6),
+    normEps: f.num("rms_norm_eps", 1e-6, { min: 0 }),
     tieWordEmbeddings: f.bool("tie_word_embeddings", false),
     attentionBias: f.bool("attention_bias", false),
     mlpBias: f.bool("mlp_bias", false),
@@ -211,9 +236,9 @@ function parseLlama(f: Fields, modelType: string, architecture: string): ModelCo
 }
 
 function parseGpt2(f: Fields, architecture: string): ModelConfig {
-  const numLayers = f.int("n_layer");
-  const hiddenSize = f.int("n_embd");
-  const numHeads = f.int("n_head");
+  const numLayers = f.int("n_layer", { max: MAX_LAYERS });
+  const hiddenSize = f.int("n_embd", { max: MAX_DIM });
+  const numHeads = f.int("n_head", { max: MAX_DIM });
   const headDim = hiddenSize / numHeads;
   if (!Number.isInteger(headDim)) throw new ConfigError(f.file, "n_head", `(${numHeads}) must divide n_embd (${hiddenSize})`);
   const act = f.str("activation_function", "gelu_new");
@@ -241,7 +266,7 @@ function parseGpt2(f: Fields, architecture: string): ModelConfig {
     intermediateSize: nInner,
     vocabSize: f.int("vocab_size"),
     maxPositionEmbeddings: f.int("n_positions", { def: 1024 }),
-    normEps: f.num("layer_norm_epsilon", 1e-5),
+    normEps: f.num("layer_norm_epsilon", 1e-5, { min: 0 }),
     tieWordEmbeddings: true,
     attentionBias: true,
     mlpBias: true,
@@ -257,27 +282,38 @@ function parseGpt2(f: Fields, architecture: string): ModelConfig {
 /**
  * RoPE inverse frequencies as Hugging Face computes them (f32), with "linear" and "llama3" scaling.
  */
-export function ropeInverseFrequencies(headDim: number, theta: number, scaling: Json | null, file: string): number[] {
+export function ropeInverseFrequencies(
+  headDim: number,
+  theta: number,
+  scaling: Json | null,
+  file: string,
+  fields = { theta: "rope_theta", scaling: "rope_scaling" },
+): number[] {
   const f32 = Math.fround;
   const half = headDim / 2;
   const inv: number[] = [];
   for (let j = 0; j < half; j++) inv.push(f32(1 / f32(Math.pow(theta, f32((2 * j) / headDim)))));
+  // A positive theta can still leave f32's range (1e-300 gives infinite frequencies, then NaN).
+  if (!inv.every((x) => Number.isFinite(x))) throw new ConfigError(file, fields.theta, `(${theta}) gives rotary frequencies outside f32's range`);
   if (!scaling) return inv;
-  const sf = new Fields(file, scaling);
+  const field = fields.scaling;
+  const sf = new Fields(file, scaling, `${field}.`);
   const type = (scaling.rope_type ?? scaling.type ?? "default") as string;
   if (type === "default") return inv;
   if (type === "linear") {
-    const factor = sf.num("factor");
-    return inv.map((x) => f32(x / factor));
+    const factor = sf.num("factor", undefined, { above: 0 });
+    return finite(inv.map((x) => f32(x / factor)), sf);
   }
   if (type === "llama3") {
-    const factor = sf.num("factor");
-    const low = sf.num("low_freq_factor");
-    const high = sf.num("high_freq_factor");
-    const oldCtx = sf.num("original_max_position_embeddings");
+    const factor = sf.num("factor", undefined, { above: 0 });
+    const low = sf.num("low_freq_factor", undefined, { above: 0 });
+    const high = sf.num("high_freq_factor", undefined, { above: 0 });
+    // The smoothing between the two wavelengths divides by high - low.
+    if (!(high > low)) throw sf.error("high_freq_factor", `(${high}) must be greater than low_freq_factor (${low})`);
+    const oldCtx = sf.num("original_max_position_embeddings", undefined, { above: 0 });
     const lowWavelen = oldCtx / low;
     const highWavelen = oldCtx / high;
-    return inv.map((x) => {
+    return finite(inv.map((x) => {
       const wavelen = (2 * Math.PI) / x;
       let y = wavelen > lowWavelen ? x / factor : x;
       const medium = !(wavelen < highWavelen) && !(wavelen > lowWavelen);
@@ -286,9 +322,15 @@ export function ropeInverseFrequencies(headDim: number, theta: number, scaling: 
         y = (1 - smooth) * (y / factor) + smooth * y;
       }
       return f32(y);
-    });
+    }), sf);
   }
-  throw new ConfigError(file, "rope_scaling", `type '${type}' is not supported (supported: default, linear, llama3)`);
+  throw new ConfigError(file, field, `type '${type}' is not supported (supported: default, linear, llama3)`);
+}
+
+/** Scaled frequencies must stay finite too (a factor of 1e-300 makes them infinite). */
+function finite(inv: number[], sf: Fields): number[] {
+  if (!inv.every((x) => Number.isFinite(x))) throw sf.error("factor", "gives rotary frequencies outside f32's range");
+  return inv;
 }
 
 /** Bytes one token of context costs in the cache with this plan, at `bytesPerElement`. */

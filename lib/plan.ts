@@ -18,6 +18,12 @@ export interface KvPlan {
   cyclicGroup: { low: number; high: number } | null;
 }
 
+/**
+ * The most layers a model may have. Plans allocate per layer in JS; real models have a few
+ * hundred at most, and a config claiming 1e9 would exhaust the heap before anything else failed.
+ */
+export const MAX_LAYERS = 4096;
+
 export interface LayerTypesSpec {
   target: number[];
   sliding: boolean[];
@@ -32,6 +38,10 @@ export interface LayerTypesSpec {
  */
 export function parseLayerTypes(raw: unknown, numLayers: number, file: string): LayerTypesSpec {
   const field = "layer_types";
+  // parseConfig bounds num_hidden_layers first; this guards direct callers of the exported API.
+  if (!Number.isSafeInteger(numLayers) || numLayers < 1 || numLayers > MAX_LAYERS) {
+    throw new ConfigError(file, "num_hidden_layers", `must be an integer in [1, ${MAX_LAYERS}], got ${numLayers}`);
+  }
   if (raw === undefined || raw === null) {
     return { target: range(numLayers), sliding: new Array(numLayers).fill(false) };
   }

@@ -5,7 +5,7 @@
  */
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { ModelLoadError, SafetensorsError } from "./errors";
+import { LckvError, ModelLoadError, SafetensorsError } from "./errors";
 
 export type SafetensorsDtype = "F64" | "F32" | "F16" | "BF16" | "I64" | "I32" | "I16" | "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" | "U16" | "U32" | "U64";
 
@@ -25,6 +25,10 @@ export interface TensorInfo {
 
 const MAX_HEADER = 100 * 1024 * 1024;
 
+// fatal: invalid UTF-8 would otherwise decode to U+FFFD and surface later as a "missing tensor".
+// ignoreBOM: keep a BOM in the text, so JSON.parse rejects it as before (the format has none).
+const utf8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
+
 export function readSafetensorsHeader(file: string): Map<string, TensorInfo> {
   let fd: number;
   try {
@@ -33,19 +37,28 @@ export function readSafetensorsHeader(file: string): Map<string, TensorInfo> {
     throw new ModelLoadError(`cannot open weights file ${file}: ${(e as Error).message}`, file, "LCKV_MODEL_LOAD", { cause: e });
   }
   try {
-    const size = fs.fstatSync(fd).size;
+    const st = fs.fstatSync(fd);
+    // A directory opens fine on Linux and only fails (EISDIR) at the first read.
+    if (!st.isFile()) throw new SafetensorsError(file, "is not a regular file");
+    const size = st.size;
     if (size < 8) throw new SafetensorsError(file, `file is ${size} bytes, too short for a safetensors header`);
     const lenBuf = Buffer.alloc(8);
-    fs.readSync(fd, lenBuf, 0, 8, 0);
+    readFully(fd, lenBuf, 0, file);
     const n = lenBuf.readBigUInt64LE(0);
     if (n > BigInt(size - 8)) throw new SafetensorsError(file, `header length ${n} runs past the end of the file (${size} bytes)`);
     if (n > BigInt(MAX_HEADER)) throw new SafetensorsError(file, `header length ${n} exceeds the ${MAX_HEADER}-byte limit`);
     const hlen = Number(n);
     const hbuf = Buffer.alloc(hlen);
-    fs.readSync(fd, hbuf, 0, hlen, 8);
+    readFully(fd, hbuf, 8, file);
+    let text: string;
+    try {
+      text = utf8.decode(hbuf);
+    } catch {
+      throw new SafetensorsError(file, "header is not valid UTF-8");
+    }
     let header: unknown;
     try {
-      header = JSON.parse(hbuf.toString("utf8"));
+      header = JSON.parse(text);
     } catch (e) {
       throw new SafetensorsError(file, `header is not valid JSON (${(e as Error).message})`);
     }
@@ -89,9 +102,27 @@ export function readSafetensorsHeader(file: string): Map<string, TensorInfo> {
       }
     }
     return out;
+  } catch (e) {
+    if (e instanceof LckvError) throw e;
+    throw new ModelLoadError(`cannot read weights file ${file}: ${(e as Error).message}`, file, "LCKV_MODEL_LOAD", { cause: e });
   } finally {
     fs.closeSync(fd);
   }
+}
+
+/** Reads buf.length bytes at `pos`; a file that shrank under us is a short read, not garbage. */
+function readFully(fd: number, buf: Buffer, pos: number, file: string): void {
+  let done = 0;
+  while (done < buf.length) {
+    const n = fs.readSync(fd, buf, done, buf.length - done, pos + done);
+    if (n === 0) throw new SafetensorsError(file, `file ended after ${pos + done} bytes while reading the header`);
+    done += n;
+  }
+}
+
+/** A weight_map shard must name a file in the model directory itself, never a path out of it. */
+function isShardName(shard: unknown): shard is string {
+  return typeof shard === "string" && shard !== "" && shard !== "." && shard !== ".." && !/[/\\\0]/.test(shard);
 }
 
 /**
@@ -102,9 +133,15 @@ export function readModelTensors(dir: string): Map<string, TensorInfo> {
   const index = path.join(dir, "model.safetensors.index.json");
   const single = path.join(dir, "model.safetensors");
   if (fs.existsSync(index)) {
+    let text: string;
+    try {
+      text = fs.readFileSync(index, "utf8");
+    } catch (e) {
+      throw new ModelLoadError(`cannot read ${index}: ${(e as Error).message}`, index, "LCKV_MODEL_LOAD", { cause: e });
+    }
     let parsed: unknown;
     try {
-      parsed = JSON.parse(fs.readFileSync(index, "utf8"));
+      parsed = JSON.parse(text);
     } catch (e) {
       throw new ModelLoadError(`${index}: not valid JSON (${(e as Error).message})`, index);
     }
@@ -115,8 +152,8 @@ export function readModelTensors(dir: string): Map<string, TensorInfo> {
     const shards = new Map<string, Map<string, TensorInfo>>();
     const out = new Map<string, TensorInfo>();
     for (const [name, shard] of Object.entries(map as Record<string, unknown>)) {
-      if (typeof shard !== "string" || shard.includes("/") || shard.includes("\\")) {
-        throw new ModelLoadError(`${index}: weight_map['${name}'] must be a file name in the model directory`, index);
+      if (!isShardName(shard)) {
+        throw new ModelLoadError(`${index}: weight_map['${name}'] must be a file name in the model directory, got ${JSON.stringify(shard)}`, index);
       }
       if (!shards.has(shard)) {
         const shardPath = path.join(dir, shard);
