@@ -26,7 +26,7 @@ export class Tokenizer {
   readonly eosTokenId?: number;
   readonly chatTemplate?: string;
   private readonly hf: HfTokenizer;
-  private template?: Template;
+  private readonly template?: Template;
 
   private constructor(hf: HfTokenizer, config: Record<string, unknown>, file: string) {
     this.hf = hf;
@@ -35,12 +35,26 @@ export class Tokenizer {
     this.bosTokenId = this.bosToken !== undefined ? this.tokenToId(this.bosToken) : undefined;
     this.eosTokenId = this.eosToken !== undefined ? this.tokenToId(this.eosToken) : undefined;
     const ct = config.chat_template;
-    if (typeof ct === "string") this.chatTemplate = ct;
-    else if (Array.isArray(ct)) {
-      const def = ct.find((t) => t && (t as { name?: string }).name === "default") as { template?: string } | undefined;
-      if (def?.template) this.chatTemplate = def.template;
+    if (typeof ct === "string") {
+      this.template = compileTemplate(ct, file, "chat_template");
+      this.chatTemplate = ct;
+    } else if (Array.isArray(ct)) {
+      // Every named template is checked, not only "default": the file is broken either way, and
+      // saying so at load beats failing on the day a caller picks another one.
+      const compiled = ct.map((t, i) => {
+        const entry = t as { name?: unknown; template?: unknown } | null;
+        if (!entry || typeof entry !== "object" || Array.isArray(entry) || typeof entry.name !== "string" || typeof entry.template !== "string") {
+          throw new ConfigError(file, `chat_template[${i}]`, `must be {name: string, template: string}, got ${brief(t)}`);
+        }
+        return { name: entry.name, source: entry.template, template: compileTemplate(entry.template, file, `chat_template[${i}].template`) };
+      });
+      const def = compiled.find((t) => t.name === "default");
+      if (def?.source) {
+        this.chatTemplate = def.source;
+        this.template = def.template;
+      }
     } else if (ct !== undefined && ct !== null) {
-      throw new ConfigError(file, "chat_template", "must be a string or a list of {name, template}");
+      throw new ConfigError(file, "chat_template", `must be a string or a list of {name, template}, got ${brief(ct)}`);
     }
   }
 
@@ -66,12 +80,21 @@ export class Tokenizer {
   /** Text -> token ids. Special tokens (e.g. BOS) are added as the tokenizer's post-processor says. */
   encode(text: string, options: { addSpecialTokens?: boolean } = {}): number[] {
     if (typeof text !== "string") throw new InvalidInputError("tokenizer.encode expects a string");
-    return this.hf.encode(text, { add_special_tokens: options.addSpecialTokens ?? true }).ids;
+    return this.hf.encode(text, { add_special_tokens: options?.addSpecialTokens ?? true }).ids;
   }
 
   /** Token ids -> text; special tokens are skipped unless asked for. */
   decode(ids: readonly number[], options: { skipSpecialTokens?: boolean } = {}): string {
-    return this.hf.decode([...ids], { skip_special_tokens: options.skipSpecialTokens ?? true });
+    // Checked here: the tokenizers library rejects these with a plain Error (and an empty list
+    // too, which is simply no text).
+    const list = Array.isArray(ids) || (ArrayBuffer.isView(ids) && !(ids instanceof DataView)) ? (ids as ArrayLike<unknown>) : undefined;
+    const bad = list ? Array.prototype.findIndex.call(list, (x: unknown) => !isTokenId(x)) : -1;
+    if (!list || bad >= 0) {
+      const got = !list ? (typeof ids === "string" ? "a string (tokenizer.encode takes text)" : brief(ids)) : `${brief(list[bad])} at index ${bad}`;
+      throw new InvalidInputError(`tokenizer.decode expects an array of token ids (non-negative integers), got ${got}`);
+    }
+    if (ids.length === 0) return "";
+    return this.hf.decode([...ids], { skip_special_tokens: options?.skipSpecialTokens ?? true });
   }
 
   tokenToId(token: string): number | undefined {
@@ -87,14 +110,44 @@ export class Tokenizer {
     if (!Array.isArray(messages) || messages.some((m) => !m || typeof m.role !== "string" || typeof m.content !== "string")) {
       throw new InvalidInputError("chat messages must be an array of { role: string, content: string }");
     }
-    this.template ??= new Template(this.chatTemplate);
-    return this.template.render({
-      messages,
-      add_generation_prompt: options.addGenerationPrompt ?? true,
-      bos_token: this.bosToken ?? "",
-      eos_token: this.eosToken ?? "",
-    });
+    try {
+      return this.template!.render({
+        messages,
+        add_generation_prompt: options?.addGenerationPrompt ?? true,
+        bos_token: this.bosToken ?? "",
+        eos_token: this.eosToken ?? "",
+      });
+    } catch (e) {
+      // The template parsed at load, so what fails now is these messages: a template's
+      // raise_exception() (e.g. "roles must alternate") or an expression the messages break.
+      throw new InvalidInputError(`the chat template rejected the messages: ${(e as Error)?.message ?? String(e)}`);
+    }
   }
+}
+
+/** Parses a chat template now, so that a broken one is an error at load, not at the first chat(). */
+function compileTemplate(source: string, file: string, field: string): Template {
+  try {
+    return new Template(source);
+  } catch (e) {
+    throw new ConfigError(file, field, `the Jinja template does not parse: ${(e as Error)?.message ?? String(e)}`);
+  }
+}
+
+function isTokenId(x: unknown): boolean {
+  return typeof x === "number" && Number.isSafeInteger(x) && x >= 0;
+}
+
+/** A value for an error message: JSON, cut short (a template or a list may be long). */
+function brief(v: unknown): string {
+  let s: string | undefined;
+  try {
+    s = JSON.stringify(v);
+  } catch {
+    s = undefined; // a BigInt or a cycle
+  }
+  s ??= typeof v === "bigint" ? `${v}n` : String(v);
+  return s.length > 80 ? `${s.slice(0, 77)}...` : s;
 }
 
 export function readJson(file: string): unknown {

@@ -1,0 +1,264 @@
+/**
+ * Malformed tokenizer input and generation_config.json get typed errors naming the file, field
+ * or argument: chat templates are checked at load and fail typed at render, decode() checks its
+ * ids, and generation_config.json's sampling fields are validated.
+ */
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import { ConfigError, DEFAULT_MODEL_DIR, InvalidInputError, LckvError, loadModel, Tokenizer } from "../../lib";
+import { parseGenerationConfig } from "../../lib/generation-config";
+
+process.env.LCKV_QUIET = "1";
+const baseTokenizerConfig = JSON.parse(fs.readFileSync(path.join(DEFAULT_MODEL_DIR, "tokenizer_config.json"), "utf8"));
+const dirs: string[] = [];
+afterAll(() => dirs.forEach((d) => fs.rmSync(d, { recursive: true, force: true })));
+
+/** A copy of the default model whose tokenizer_config.json has this chat_template. */
+function modelWithTemplate(chatTemplate: unknown): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-bad-tok-"));
+  dirs.push(dir);
+  for (const f of ["config.json", "generation_config.json", "tokenizer.json"]) {
+    fs.copyFileSync(path.join(DEFAULT_MODEL_DIR, f), path.join(dir, f));
+  }
+  fs.symlinkSync(path.resolve(DEFAULT_MODEL_DIR, "model.safetensors"), path.join(dir, "model.safetensors"));
+  fs.writeFileSync(path.join(dir, "tokenizer_config.json"), JSON.stringify({ ...baseTokenizerConfig, chat_template: chatTemplate }));
+  return dir;
+}
+
+/** The error fn throws (failing the test when it throws none). */
+function thrown(fn: () => unknown): any {
+  try {
+    fn();
+  } catch (e) {
+    return e;
+  }
+  throw new Error("expected an error, none was thrown");
+}
+
+const CHAT = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+const hello = [{ role: "user", content: "Hello" }];
+
+describe("chat_template in tokenizer_config.json", () => {
+  test("a well-formed template (string, or a list with a default) loads and renders", () => {
+    const t = Tokenizer.fromDirectory(modelWithTemplate(CHAT))!;
+    expect(t.applyChatTemplate(hello)).toBe("<|user|>Hello<|assistant|>");
+    const listed = Tokenizer.fromDirectory(modelWithTemplate([{ name: "tool_use", template: "x" }, { name: "default", template: CHAT }]))!;
+    expect(listed.chatTemplate).toBe(CHAT);
+    expect(listed.applyChatTemplate(hello, { addGenerationPrompt: false })).toBe("<|user|>Hello");
+  });
+
+  test("a template with a syntax error is a ConfigError at load, naming the file and field", () => {
+    for (const bad of ["{% for m in messages %}{{ m.content ", "{% for m in messages %}{{ m.content }"]) {
+      const dir = modelWithTemplate(bad);
+      const e = thrown(() => Tokenizer.fromDirectory(dir));
+      expect(e).toBeInstanceOf(ConfigError);
+      expect(e.file).toBe(path.join(dir, "tokenizer_config.json"));
+      expect(e.field).toBe("chat_template");
+      expect(e.message).toMatch(/tokenizer_config\.json: field 'chat_template': the Jinja template does not parse/);
+    }
+  });
+
+  test("a chat_template of the wrong shape is a ConfigError naming the entry", () => {
+    const cases: [unknown, string, RegExp][] = [
+      [5, "chat_template", /must be a string or a list of \{name, template\}, got 5/],
+      [{ default: CHAT }, "chat_template", /must be a string or a list/],
+      [[null, 5, { name: "default", template: 7 }], "chat_template[0]", /must be \{name: string, template: string\}, got null/],
+      [[{ name: "default", template: 7 }], "chat_template[0]", /got \{"name":"default","template":7\}/],
+      [[{ name: "default", template: CHAT }, "x"], "chat_template[1]", /must be \{name: string, template: string\}/],
+      [[{ template: CHAT }], "chat_template[0]", /must be \{name: string, template: string\}/],
+    ];
+    for (const [ct, field, msg] of cases) {
+      const e = thrown(() => Tokenizer.fromDirectory(modelWithTemplate(ct)));
+      expect(e).toBeInstanceOf(ConfigError);
+      expect(e.field).toBe(field);
+      expect(e.message).toMatch(msg);
+    }
+  });
+
+  test("every named template in a list is parsed at load, not only the default", () => {
+    const e = thrown(() => Tokenizer.fromDirectory(modelWithTemplate([{ name: "default", template: CHAT }, { name: "rag", template: "{% if %}" }])));
+    expect(e).toBeInstanceOf(ConfigError);
+    expect(e.field).toBe("chat_template[1].template");
+  });
+
+  test("loadModel rejects a broken template with the ConfigError", async () => {
+    await expect(loadModel(modelWithTemplate("{{ messages "), { device: "cpu" })).rejects.toThrow(ConfigError);
+  });
+
+  test("a template's raise_exception() is an InvalidInputError keeping its message", () => {
+    const t = Tokenizer.fromDirectory(modelWithTemplate("{% if messages[0].role != 'system' %}{{ raise_exception('roles must alternate') }}{% endif %}ok"))!;
+    expect(t.applyChatTemplate([{ role: "system", content: "be brief" }])).toBe("ok");
+    const e = thrown(() => t.applyChatTemplate(hello));
+    expect(e).toBeInstanceOf(InvalidInputError);
+    expect(e.code).toBe("LCKV_INVALID_INPUT");
+    expect(e.message).toMatch(/chat template rejected the messages: roles must alternate/);
+  });
+
+  test("any other failure while rendering is an InvalidInputError too", () => {
+    const t = Tokenizer.fromDirectory(modelWithTemplate("{{ messages[0].content.nope() }}"))!;
+    const e = thrown(() => t.applyChatTemplate(hello));
+    expect(e).toBeInstanceOf(InvalidInputError);
+    expect(e.message).toMatch(/chat template rejected the messages: .+/);
+  });
+
+  test("chat() on a model whose template raises rejects with the InvalidInputError", async () => {
+    const model = await loadModel(modelWithTemplate("{{ raise_exception('roles must alternate') }}"), { device: "cpu" });
+    try {
+      await expect(model.chat(hello, { maxNewTokens: 2 })).rejects.toThrow(InvalidInputError);
+      await expect(model.chat(hello, { maxNewTokens: 2 })).rejects.toThrow(/roles must alternate/);
+    } finally {
+      await model.dispose();
+    }
+  });
+});
+
+describe("tokenizer.decode", () => {
+  const t = Tokenizer.fromDirectory(DEFAULT_MODEL_DIR)!;
+
+  test("an empty list decodes to the empty string", () => {
+    expect(t.decode([])).toBe("");
+    expect(t.decode([], { skipSpecialTokens: false })).toBe("");
+  });
+
+  test("token ids still decode as before, from an array or an integer typed array", () => {
+    const ids = t.encode("Once upon a time", { addSpecialTokens: false });
+    expect(t.decode(ids)).toBe("Once upon a time");
+    expect(t.decode(Int32Array.from(ids) as unknown as number[])).toBe("Once upon a time");
+  });
+
+  test("ids that are not a list of non-negative integers are an InvalidInputError saying what was expected", () => {
+    const cases: [unknown, RegExp][] = [
+      ["abc", /got a string/],
+      [null, /got null/],
+      [undefined, /got undefined/],
+      [5, /got 5/],
+      [{ 0: 1, length: 1 }, /got \{/],
+      [[1, 2.5], /got 2\.5 at index 1/],
+      [[1, -1], /got -1 at index 1/],
+      [[NaN], /at index 0/],
+      [[1, "2"], /got "2" at index 1/],
+      [[1, undefined], /at index 1/],
+    ];
+    for (const [ids, msg] of cases) {
+      const e = thrown(() => t.decode(ids as number[]));
+      expect(e).toBeInstanceOf(InvalidInputError);
+      expect(e.message).toMatch(/tokenizer\.decode expects an array of token ids \(non-negative integers\)/);
+      expect(e.message).toMatch(msg);
+    }
+  });
+});
+
+describe("generation_config.json (parseGenerationConfig)", () => {
+  const file = "/models/x/generation_config.json";
+  const parse = (raw: unknown) => parseGenerationConfig(raw, file);
+  const fieldError = (raw: unknown, field: string, msg: RegExp) => {
+    const e = thrown(() => parse(raw));
+    expect(e).toBeInstanceOf(ConfigError);
+    expect(e).toBeInstanceOf(LckvError);
+    expect(e.file).toBe(file);
+    expect(e.field).toBe(field);
+    expect(e.message).toContain(`${file}: field '${field}': `);
+    expect(e.message).toMatch(msg);
+  };
+
+  test("the shipped default's generation_config.json, an empty one, and unknown keys pass", () => {
+    const shipped = JSON.parse(fs.readFileSync(path.join(DEFAULT_MODEL_DIR, "generation_config.json"), "utf8"));
+    expect(parse(shipped)).toEqual(shipped);
+    expect(parse({})).toEqual({});
+    const hf = { _from_model_config: true, transformers_version: "4.44.0", max_length: 4096, num_beams: 1, do_sample: false, eos_token_id: [1, 2], pad_token_id: 0 };
+    expect(parse(hf)).toEqual(hf);
+  });
+
+  test("null means absent for every field", () => {
+    const nulls = { do_sample: null, max_new_tokens: null, temperature: null, top_k: null, top_p: null, min_p: null, repetition_penalty: null, eos_token_id: null, bos_token_id: null, pad_token_id: null };
+    expect(parse(nulls)).toEqual(nulls);
+  });
+
+  test("boundary values that are valid pass", () => {
+    expect(() => parse({ temperature: 0, top_k: 0, top_p: 1, min_p: 0, max_new_tokens: 1, repetition_penalty: 0.5 })).not.toThrow();
+    expect(() => parse({ top_k: 2 ** 31 - 1, top_p: 1e-9, min_p: 1, eos_token_id: 0, bos_token_id: [0] })).not.toThrow();
+  });
+
+  test("a root that is not an object", () => {
+    fieldError(null, "(root)", /must be a JSON object, got null/);
+    fieldError([1, 2], "(root)", /must be a JSON object, got an array/);
+    fieldError(5, "(root)", /must be a JSON object, got 5/);
+    fieldError("x", "(root)", /must be a JSON object/);
+  });
+
+  test("do_sample must be a boolean", () => {
+    fieldError({ do_sample: "true" }, "do_sample", /must be true or false, got "true"/);
+    fieldError({ do_sample: 1 }, "do_sample", /must be true or false, got 1/);
+  });
+
+  test("max_new_tokens must be a positive integer", () => {
+    fieldError({ max_new_tokens: 0 }, "max_new_tokens", /must be an integer in \[1, 2147483647\], got 0/);
+    fieldError({ max_new_tokens: -5 }, "max_new_tokens", /got -5/);
+    fieldError({ max_new_tokens: 2.5 }, "max_new_tokens", /got 2\.5/);
+    fieldError({ max_new_tokens: "64" }, "max_new_tokens", /must be a finite number, got "64"/);
+    fieldError({ max_new_tokens: 2 ** 31 }, "max_new_tokens", /got 2147483648/);
+  });
+
+  test("temperature must be finite and >= 0", () => {
+    fieldError({ temperature: -0.1 }, "temperature", /must be >= 0, got -0\.1/);
+    fieldError({ temperature: Infinity }, "temperature", /must be a finite number/);
+    fieldError({ temperature: NaN }, "temperature", /must be a finite number/);
+    fieldError({ temperature: "hot" }, "temperature", /must be a finite number, got "hot"/);
+  });
+
+  test("top_k must be a non-negative integer within int32", () => {
+    fieldError({ top_k: -1 }, "top_k", /must be an integer in \[0, 2147483647\], got -1/);
+    fieldError({ top_k: 2 ** 31 }, "top_k", /got 2147483648/);
+    fieldError({ top_k: 1.5 }, "top_k", /got 1\.5/);
+  });
+
+  test("top_p must be in (0, 1] and min_p in [0, 1]", () => {
+    fieldError({ top_p: 0 }, "top_p", /must be in \(0, 1\], got 0/);
+    fieldError({ top_p: 1.01 }, "top_p", /got 1\.01/);
+    fieldError({ top_p: -0.5 }, "top_p", /got -0\.5/);
+    fieldError({ min_p: -0.01 }, "min_p", /must be in \[0, 1\], got -0\.01/);
+    fieldError({ min_p: 2 }, "min_p", /got 2/);
+    fieldError({ min_p: true }, "min_p", /must be a finite number, got true/);
+  });
+
+  test("repetition_penalty must be finite and > 0", () => {
+    fieldError({ repetition_penalty: 0 }, "repetition_penalty", /must be > 0, got 0/);
+    fieldError({ repetition_penalty: -1.1 }, "repetition_penalty", /got -1\.1/);
+    fieldError({ repetition_penalty: Infinity }, "repetition_penalty", /must be a finite number/);
+  });
+
+  test("eos/bos/pad_token_id must be a token id or a list of token ids", () => {
+    for (const k of ["eos_token_id", "bos_token_id", "pad_token_id"]) {
+      fieldError({ [k]: "1" }, k, /must be a token id \(a non-negative integer\) or a list of token ids, got "1"/);
+      fieldError({ [k]: 1.5 }, k, /got 1\.5/);
+      if (k !== "pad_token_id") fieldError({ [k]: -1 }, k, /got -1/);
+      fieldError({ [k]: [1, "2"] }, k, /got \[1,"2"\]/);
+      fieldError({ [k]: [1, null] }, k, /got \[1,null\]/);
+      fieldError({ [k]: { id: 1 } }, k, /got \{"id":1\}/);
+    }
+  });
+
+  test("pad_token_id may be negative (older Llama files use -1; lckv never reads it)", () => {
+    expect(parse({ pad_token_id: -1 })).toEqual({ pad_token_id: -1 });
+  });
+
+  test("a long bad value is cut short in the message", () => {
+    const e = thrown(() => parse({ eos_token_id: [...Array(500).fill(1), -1] }));
+    expect(e).toBeInstanceOf(ConfigError);
+    expect(e.message.length).toBeLessThan(250);
+    expect(e.message).toMatch(/\.\.\.$/);
+  });
+});
+
+test("loadModel checks generation_config.json: a bad field is a ConfigError naming the file and the field", async () => {
+  const dir = modelWithTemplate(undefined);
+  fs.writeFileSync(path.join(dir, "generation_config.json"), JSON.stringify({ do_sample: true, temperature: -1 }));
+  const e = await loadModel(dir, { device: "cpu" }).then(
+    () => null,
+    (err) => err,
+  );
+  expect(e).toBeInstanceOf(ConfigError);
+  expect(e.message).toContain(path.join(dir, "generation_config.json"));
+  expect(e.message).toContain("'temperature'");
+});
