@@ -22,12 +22,14 @@ import { loadAddon, NativeModel, NativeModelDescription, NativePoolStats, Native
 import {
   describe,
   GenerateOptions,
+  INT32_MAX,
   nonNegInt,
   posInt,
   PrefillMode,
-  resolveGenerateOptions,
   ResolvedGenerateOptions,
+  resolveGenerateOptions,
 } from "./options";
+import { parseGenerationConfig } from "./generation-config";
 import { readModelTensors } from "./safetensors";
 import { DecodeScheduler, SchedulerStats } from "./scheduler";
 import { PrefixCache, PrefixCacheStats } from "./prefix-cache";
@@ -52,7 +54,7 @@ export interface LoadOptions {
   kvCacheMemory?: number;
   /** Requests that may wait for K/V pages at once (default 1024); the next fails with LCKV_QUEUE_FULL. */
   maxQueue?: number;
-  /** Milliseconds a request may wait for K/V pages (default: no limit); then LCKV_KV_CACHE_FULL. */
+  /** Milliseconds a request may wait for K/V pages (default Infinity: no limit; at most 2^31 - 1); then LCKV_KV_CACHE_FULL. */
   queueTimeout?: number;
   /**
    * Sequences one decode step may run (default 16 on the GPU, 256 on the CPU). Up to 16 rows
@@ -101,7 +103,11 @@ export interface GenerateResult {
 export interface StreamChunk {
   /** Text that this token completed (may be empty while a character or stop string is pending). */
   text: string;
-  token: number;
+  /**
+   * The generated token id; null only in a last chunk that carries text held back while it could
+   * have begun a stop string, released when generation ended otherwise (it belongs to no one token).
+   */
+  token: number | null;
 }
 
 export interface PrefillOptions {
@@ -126,12 +132,15 @@ const DEFAULT_POOL_SEQUENCES = 32;
 const DEFAULT_POOL_GPU_SHARE = 0.8;
 const DEFAULT_POOL_HOST_SHARE = 0.25;
 let cpuNoticeShown = false;
+/** Most CPU threads a model may ask for: past this, starting them is what fails. */
+const MAX_THREADS = 1024;
 
 export async function loadModel(dir?: string, options: LoadOptions = {}): Promise<Model> {
   if (options === null || typeof options !== "object") throw new InvalidOptionError("options", "must be an object");
   for (const k of Object.keys(options)) {
     if (!LOAD_KEYS.has(k)) throw new InvalidOptionError(k, `is not a loadModel option (known: ${[...LOAD_KEYS].join(", ")})`);
   }
+  if (dir !== undefined && typeof dir !== "string") throw new InvalidOptionError("dir", `must be a model directory's path (a string), got ${describe(dir)}`);
   const modelDir = path.resolve(dir ?? DEFAULT_MODEL_DIR);
   if (!fs.existsSync(modelDir) || !fs.statSync(modelDir).isDirectory()) {
     throw new ModelLoadError(`model directory ${modelDir} does not exist`, modelDir);
@@ -140,15 +149,16 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   if (!["auto", "cuda", "cpu"].includes(device)) throw new InvalidOptionError("device", `must be "auto", "cuda" or "cpu", got ${describe(device)}`);
   const dtype = options.dtype ?? "auto";
   if (!["auto", "f32", "f16", "bf16"].includes(dtype)) throw new InvalidOptionError("dtype", `must be "auto", "f32", "f16" or "bf16", got ${describe(dtype)}`);
-  if (options.threads !== undefined) posInt("threads", options.threads);
+  if (options.threads !== undefined) posInt("threads", options.threads, MAX_THREADS);
   if (options.cudaGraphs !== undefined && typeof options.cudaGraphs !== "boolean") throw new InvalidOptionError("cudaGraphs", `must be true or false, got ${describe(options.cudaGraphs)}`);
   if (options.kvCacheMemory !== undefined) posInt("kvCacheMemory", options.kvCacheMemory);
   if (options.maxContext !== undefined) posInt("maxContext", options.maxContext);
   if (options.onProgress !== undefined && typeof options.onProgress !== "function") throw new InvalidOptionError("onProgress", "must be a function");
   const prefixCache = options.prefixCache === undefined ? 8 : nonNegInt("prefixCache", options.prefixCache);
   const maxQueue = options.maxQueue === undefined ? 1024 : nonNegInt("maxQueue", options.maxQueue);
-  const queueTimeout = options.queueTimeout === undefined ? Infinity : nonNegInt("queueTimeout", options.queueTimeout);
-  const maxBatch = options.maxBatch === undefined ? undefined : posInt("maxBatch", options.maxBatch);
+  // setTimeout takes at most 2^31 - 1 ms (a larger delay fires at once): no limit is Infinity.
+  const queueTimeout = options.queueTimeout === undefined || options.queueTimeout === Infinity ? Infinity : nonNegInt("queueTimeout", options.queueTimeout, INT32_MAX);
+  const maxBatch = options.maxBatch === undefined ? undefined : posInt("maxBatch", options.maxBatch, INT32_MAX);
 
   const addon = loadAddon();
   let backend: "cpu" | "cuda" = "cpu";
@@ -171,7 +181,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   const config = parseConfig(readJson(configFile), configFile);
   const tokenizer = Tokenizer.fromDirectory(modelDir);
   const genFile = path.join(modelDir, "generation_config.json");
-  const generationConfig = fs.existsSync(genFile) ? (readJson(genFile) as Record<string, unknown>) : {};
+  const generationConfig = fs.existsSync(genFile) ? parseGenerationConfig(readJson(genFile), genFile) : {};
   const tensors = readModelTensors(modelDir);
   const sources = resolveWeights(config, tensors, modelDir);
 
@@ -216,6 +226,9 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
       poolBytes = Math.max(pageBytes, Math.min(DEFAULT_POOL_SEQUENCES * maxContext * perToken, cap));
     }
     const pages = Math.floor(poolBytes / pageBytes);
+    if (pages > INT32_MAX) {
+      throw new InvalidOptionError("kvCacheMemory", `${poolBytes} bytes are ${pages} K/V pages of ${pageBytes} bytes; the pool holds at most ${INT32_MAX} pages`);
+    }
     native.createPool(pages, KV_PAGE_TOKENS);
     // One sequence cannot hold more than the whole pool.
     maxContext = Math.min(maxContext, pages * KV_PAGE_TOKENS);
@@ -380,6 +393,8 @@ export class Model implements AsyncDisposable {
     const prefill = resolvePrefill(this, options);
     const seq = this.openSequence();
     try {
+      // Its pages through the queue like any request's (evicting cached prefixes if need be).
+      await this.admission.reserve(seq, ids.length);
       const r = await seq.append(Int32Array.from(ids), { ...prefill, logits: "all" });
       return { logits: r.logits!, passes: r.passes };
     } catch (e) {

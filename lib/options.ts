@@ -56,17 +56,24 @@ const GENERATE_KEYS = new Set([
   "maxNewTokens", "temperature", "topK", "topP", "minP", "repetitionPenalty", "seed", "stop", "signal", "prefill", "prefillPasses", "prefillTolerance", "ignoreEos", "contextShift", "sinkTokens",
 ]);
 
-export function nonNegInt(name: string, v: unknown): number {
+/** The largest value an option the engine takes as a 32-bit integer may have. */
+export const INT32_MAX = 2 ** 31 - 1;
+/** Passes of the iterative prefill a request may ask for (the reference trains with a handful). */
+export const MAX_PREFILL_PASSES = 1024;
+
+export function nonNegInt(name: string, v: unknown, max = Number.MAX_SAFE_INTEGER): number {
   if (typeof v !== "number" || !Number.isSafeInteger(v) || v < 0) {
     throw new InvalidOptionError(name, `must be a non-negative integer, got ${describe(v)}`);
   }
+  if (v > max) throw new InvalidOptionError(name, `must be at most ${max}, got ${v}`);
   return v;
 }
 
-export function posInt(name: string, v: unknown): number {
+export function posInt(name: string, v: unknown, max = Number.MAX_SAFE_INTEGER): number {
   if (typeof v !== "number" || !Number.isSafeInteger(v) || v < 1) {
     throw new InvalidOptionError(name, `must be a positive integer, got ${describe(v)}`);
   }
+  if (v > max) throw new InvalidOptionError(name, `must be at most ${max}, got ${v}`);
   return v;
 }
 
@@ -127,7 +134,7 @@ export function resolveGenerateOptions(
     r.temperature = finite("temperature", o.temperature);
     if (r.temperature < 0) throw new InvalidOptionError("temperature", `must be >= 0, got ${r.temperature}`);
   }
-  if (o.topK !== undefined) r.topK = nonNegInt("topK", o.topK);
+  if (o.topK !== undefined) r.topK = nonNegInt("topK", o.topK, INT32_MAX);
   if (o.topP !== undefined) {
     r.topP = finite("topP", o.topP);
     if (!(r.topP > 0 && r.topP <= 1)) throw new InvalidOptionError("topP", `must be in (0, 1], got ${r.topP}`);
@@ -163,7 +170,7 @@ export function resolveGenerateOptions(
     }
     r.prefill = o.prefill as PrefillMode;
   }
-  if (o.prefillPasses !== undefined) r.prefillPasses = posInt("prefillPasses", o.prefillPasses);
+  if (o.prefillPasses !== undefined) r.prefillPasses = posInt("prefillPasses", o.prefillPasses, MAX_PREFILL_PASSES);
   if (o.prefillTolerance !== undefined) r.prefillTolerance = tolerance(o.prefillTolerance);
   if (o.ignoreEos !== undefined) {
     if (typeof o.ignoreEos !== "boolean") throw new InvalidOptionError("ignoreEos", `must be true or false, got ${describe(o.ignoreEos)}`);

@@ -12,7 +12,7 @@ import { KV_PAGE_TOKENS } from "./admission";
 import { DisposedError, fromNative, InvalidOptionError, LckvError } from "./errors";
 import type { GenerateResult, Model, PrefillOptions, StreamChunk } from "./model";
 import { NativeSamplingParams, NativeSequence } from "./native";
-import { DEFAULT_PREFILL_TOLERANCE, describe, GenerateOptions, nonNegInt, posInt, PREFILL_MODES, resolveGenerateOptions, tolerance } from "./options";
+import { DEFAULT_PREFILL_TOLERANCE, describe, GenerateOptions, MAX_PREFILL_PASSES, nonNegInt, posInt, PREFILL_MODES, resolveGenerateOptions, tolerance } from "./options";
 import { TextStream } from "./textstream";
 
 /** Tokens per prefill call in the exact modes (see append()). */
@@ -54,8 +54,9 @@ export class Sequence implements Disposable {
     return this.evaluated.length + this.pending.length;
   }
 
+  /** True once dispose() ran, or the model was disposed (which frees every sequence). */
   get disposed(): boolean {
-    return this.native === null;
+    return this.native === null || this.model.disposed;
   }
 
   /**
@@ -282,7 +283,7 @@ export class Sequence implements Disposable {
       this.releaseReservation();
     }
     const rest = text.flush();
-    if (rest) yield { text: rest, token: -1 };
+    if (rest) yield { text: rest, token: null };
     return {
       text: text.value,
       tokens,
@@ -375,7 +376,7 @@ export function resolvePrefill(model: Model, options: PrefillOptions) {
   if (!PREFILL_MODES.includes(mode)) throw new InvalidOptionError("prefill", `must be one of ${PREFILL_MODES.join(", ")}, got ${describe(mode)}`);
   return {
     mode,
-    passes: options.prefillPasses === undefined ? model.generationDefaults().prefillPasses : posInt("prefillPasses", options.prefillPasses),
+    passes: options.prefillPasses === undefined ? model.generationDefaults().prefillPasses : posInt("prefillPasses", options.prefillPasses, MAX_PREFILL_PASSES),
     tolerance: options.prefillTolerance === undefined ? DEFAULT_PREFILL_TOLERANCE : tolerance(options.prefillTolerance),
   };
 }

@@ -6,8 +6,12 @@
 #include <exception>
 #include <functional>
 #include <mutex>
+#include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
+
+#include "../engine/errors.h"
 
 namespace lckv {
 
@@ -15,16 +19,16 @@ class ThreadPool {
  public:
   explicit ThreadPool(int threads) {
     const int n = std::max(1, threads);
-    for (int t = 1; t < n; ++t) workers_.emplace_back([this] { workerLoop(); });
-  }
-  ~ThreadPool() {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
+    try {
+      for (int t = 1; t < n; ++t) workers_.emplace_back([this] { workerLoop(); });
+    } catch (const std::system_error& e) {
+      // The system refused a thread: join the ones started (a joinable std::thread destroyed
+      // would end the process) and report it as the engine's error.
+      stopWorkers();
+      throw EngineError(kErrOutOfMemory, "could not start " + std::to_string(n) + " CPU threads (" + e.what() + "): ask for fewer with the 'threads' option");
     }
-    cv_.notify_all();
-    for (auto& w : workers_) w.join();
   }
+  ~ThreadPool() { stopWorkers(); }
   int size() const { return (int)workers_.size() + 1; }
 
   // Calls fn(begin, end) on disjoint chunks covering [0, n); the calling thread takes part.
@@ -65,6 +69,15 @@ class ThreadPool {
   }
 
  private:
+  void stopWorkers() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& w : workers_) w.join();
+    workers_.clear();
+  }
   void runPart(const std::function<void(int64_t, int64_t)>& fn, int64_t p, int64_t n, int64_t parts) {
     const int64_t b = n * p / parts, e = n * (p + 1) / parts;
     if (e <= b) return;

@@ -299,6 +299,8 @@ describe("inputs and options", () => {
     [{ temperature: -1 }, "temperature", />= 0/],
     [{ temperature: Infinity }, "temperature", /finite/],
     [{ topK: -2 }, "topK", /non-negative integer/],
+    [{ topK: 2 ** 31 }, "topK", /at most 2147483647/],
+    [{ prefillPasses: 2 ** 31 - 1 }, "prefillPasses", /at most 1024/],
     [{ repetitionPenalty: 0 }, "repetitionPenalty", /> 0/],
     [{ seed: 0.5 }, "seed", /integer/],
     [{ stop: [""] }, "stop", /non-empty/],
@@ -322,12 +324,39 @@ describe("inputs and options", () => {
     [{ maxContext: 17 }, "maxContext"],
     [{ kvCacheMemory: -5 }, "kvCacheMemory"],
     [{ threads: 1.5 }, "threads"],
+    [{ threads: 100000 }, "threads"],
+    [{ queueTimeout: 2 ** 31 }, "queueTimeout"],
+    [{ maxBatch: 2 ** 32 }, "maxBatch"],
+    [{ kvCacheMemory: 2 ** 52 }, "kvCacheMemory"],
     [{ cudaGraphs: "no" }, "cudaGraphs"],
     [{ contextSize: 8 }, "contextSize"],
   ])("loadModel option %j", async (opts, option) => {
     const e = await load(dir, opts).catch((x) => x);
     expect(e).toBeInstanceOf(InvalidOptionError);
     expect(e.option).toBe(option);
+  });
+
+  test("a model directory that is not a string", async () => {
+    const e = await loadModel(123 as any).catch((x) => x);
+    expect(e).toBeInstanceOf(InvalidOptionError);
+    expect(e.option).toBe("dir");
+  });
+
+  test("queueTimeout: Infinity is the documented default and may be passed", async () => {
+    const m = await load(dir, { queueTimeout: Infinity });
+    expect((await m.generate([1, 2], { maxNewTokens: 2 })).tokens).toHaveLength(2);
+    await m.dispose();
+  });
+
+  test("prefillPasses out of range on append() and logits() too", async () => {
+    const m = await load(dir);
+    const seq = m.createSequence();
+    const e = await seq.append([1, 2, 3], { prefill: "iterative", prefillPasses: 2 ** 31 - 1 }).catch((x) => x);
+    expect(e).toBeInstanceOf(InvalidOptionError);
+    expect(e.option).toBe("prefillPasses");
+    await expect(m.logits([1, 2, 3], { prefillPasses: 5000 })).rejects.toThrow(InvalidOptionError);
+    seq.dispose();
+    await m.dispose();
   });
 
   test("kvCacheMemory too small for one token", async () => {
@@ -340,6 +369,15 @@ describe("inputs and options", () => {
     await expect(m.generate([1, 2])).rejects.toThrow(DisposedError);
     await expect(m.logits([1, 2])).rejects.toThrow(DisposedError);
     await m.dispose(); // twice is fine
+  });
+
+  test("a sequence reads as disposed once its model is", async () => {
+    const m = await load(dir);
+    const seq = m.createSequence();
+    expect(seq.disposed).toBe(false);
+    await m.dispose();
+    expect(seq.disposed).toBe(true);
+    await expect(seq.append([1, 2])).rejects.toThrow(DisposedError);
   });
 
   test("dispose while a generation is in flight ends it with a typed error, not a crash", async () => {

@@ -76,3 +76,21 @@ test("text appended to a sequence that holds tokens gets no second BOS: two appe
     seq.dispose();
   }
 });
+
+test("stream(): text held back for a possible stop string comes last with token null; the other chunks are the result's tokens", async () => {
+  const it = model.stream("Once upon a time", { maxNewTokens: 8, temperature: 0, stop: [",X"] });
+  const chunks: { text: string; token: number | null }[] = [];
+  let r;
+  for (;;) {
+    const x = await it.next();
+    if (x.done) {
+      r = x.value;
+      break;
+    }
+    chunks.push(x.value);
+  }
+  expect(chunks.map((c) => c.text).join("")).toBe(r.text);
+  expect(chunks.filter((c) => c.token !== null).map((c) => c.token)).toEqual(r.tokens);
+  // This prompt's greedy continuation ends its 8 tokens on "," (held: it could begin ",X").
+  expect(chunks[chunks.length - 1]).toEqual({ text: ",", token: null });
+});

@@ -72,7 +72,7 @@ describe.each([
 
   test("stream yields the tokens generate returns", async () => {
     const got: number[] = [];
-    for await (const chunk of model.stream(prompt, { maxNewTokens: 9, temperature: 0.9, seed: 3 })) got.push(chunk.token);
+    for await (const chunk of model.stream(prompt, { maxNewTokens: 9, temperature: 0.9, seed: 3 })) got.push(chunk.token!);
     const r = await model.generate(prompt, { maxNewTokens: 9, temperature: 0.9, seed: 3 });
     expect(got).toEqual(r.tokens);
   });

@@ -143,7 +143,7 @@ describeGpu("cuda: sequences", () => {
     const run = async (device: "cpu" | "cuda") => {
       const m = await loadModel(dir, { device, dtype: "f32" });
       const out: number[][] = [];
-      const collect = async (it: AsyncGenerator<{ token: number }, { tokens: number[] }>) => {
+      const collect = async (it: AsyncGenerator<{ token: number | null }, { tokens: number[] }>) => {
         for (;;) {
           const r = await it.next();
           if (r.done) return r.value.tokens;

@@ -140,7 +140,7 @@ describeGpu("cuda: out of memory", () => {
       // The same sequence and the model go on as before, and so does the other model.
       await seq.append(short);
       const again: number[] = [];
-      for await (const c of seq.generate(greedy)) again.push(c.token);
+      for await (const c of seq.generate(greedy)) again.push(c.token!);
       expect(again).toEqual(wideTokens);
       seq.dispose();
       expect((await wide.generate(short, greedy)).tokens).toEqual(wideTokens);

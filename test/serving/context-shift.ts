@@ -7,7 +7,7 @@ import { writeTinyModel } from "../helpers/tiny-model";
 
 const FIXTURES = path.join(__dirname, "..", "fixtures");
 
-async function collect(it: AsyncGenerator<{ token: number }, { tokens: number[]; finishReason: string }>, onStep?: () => void) {
+async function collect(it: AsyncGenerator<{ token: number | null }, { tokens: number[]; finishReason: string }>, onStep?: () => void) {
   for (;;) {
     const r = await it.next();
     if (r.done) return r.value;

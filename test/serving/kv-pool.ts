@@ -3,7 +3,7 @@ import { ContextOverflowError, KvCacheFullError, loadModel, Model, Sequence } fr
 import type { TestDevice } from "../helpers/device";
 import { writeTinyModel } from "../helpers/tiny-model";
 
-async function drain(it: AsyncGenerator<{ token: number }, { tokens: number[] }>): Promise<number[]> {
+async function drain(it: AsyncGenerator<{ token: number | null }, { tokens: number[] }>): Promise<number[]> {
   for (;;) {
     const r = await it.next();
     if (r.done) return r.value.tokens;

@@ -1,5 +1,5 @@
 /** Prefix reuse: a request that shares a prefix with a finished one prefills only the rest. */
-import { loadModel } from "../../lib";
+import { KV_PAGE_TOKENS, loadModel } from "../../lib";
 import { writeTinyModel } from "../helpers/tiny-model";
 
 
@@ -55,6 +55,22 @@ export function prefixCacheTests(dev: TestDevice): void {
     expect(m.cacheStats().prefixCache.sequences).toBe(0);
     await m.generate([...p, 5], { maxNewTokens: 2 });
     expect(m.cacheStats().prefixCache.hits).toBe(0);
+    await m.dispose();
+  });
+
+  test("logits() takes its pages through admission: it evicts cached prefixes rather than failing", async () => {
+    const dir = writeTinyModel({ seed: 8, vocab: 64, maxPositions: 256 });
+    const probe = await loadModel(dir, { ...dev });
+    const pageBytes = probe.kvBytesPerToken * KV_PAGE_TOKENS;
+    await probe.dispose();
+    const m = await loadModel(dir, { ...dev, kvCacheMemory: 8 * pageBytes });
+    // Two finished requests of 60 tokens each: 8 pages, all held by the prefix cache.
+    for (const first of [1, 2]) await m.generate(Array.from({ length: 40 }, (_, i) => (first + i * 3) % 64), { maxNewTokens: 20, ignoreEos: true });
+    expect(m.cacheStats().pagesCached).toBe(8);
+    const ids = Array.from({ length: 60 }, (_, i) => (i * 7 + 5) % 64);
+    const logits = await m.logits(ids);
+    expect(logits.length).toBe(60 * m.config.vocabSize);
+    expect(m.cacheStats().prefixCache.sequences).toBeLessThan(2);
     await m.dispose();
   });
 

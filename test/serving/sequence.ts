@@ -6,7 +6,7 @@ import { writeTinyModel } from "../helpers/tiny-model";
 import type { TestDevice } from "../helpers/device";
 
 export function sequenceTests(dev: TestDevice): void {
-  async function collect(it: AsyncGenerator<{ token: number }, { tokens: number[] }>) {
+  async function collect(it: AsyncGenerator<{ token: number | null }, { tokens: number[] }>) {
     for (;;) {
       const r = await it.next();
       if (r.done) return r.value.tokens;
@@ -103,7 +103,7 @@ export function sequenceTests(dev: TestDevice): void {
     for (;;) {
       const r = await it.next();
       if (r.done) break;
-      chunked.push(r.value.token);
+      chunked.push(r.value.token!);
     }
     const whole = await m.logits(ids, { prefill: "sequential" });
     const V = m.config.vocabSize;

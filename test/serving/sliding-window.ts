@@ -17,7 +17,7 @@ export function slidingWindowTests(dev: TestDevice): void {
       let maxPages = m.cacheStats().pagesUsed;
       const tokens: number[] = [];
       for await (const c of seq.generate({ maxNewTokens: 300, temperature: 0, ignoreEos: true })) {
-        tokens.push(c.token);
+        tokens.push(c.token!);
         maxPages = Math.max(maxPages, m.cacheStats().pagesUsed);
       }
       expect(tokens.length).toBe(300);
