@@ -19,6 +19,12 @@ function intArg(name: string) {
     return Number(v);
   };
 }
+function posIntArg(name: string) {
+  return (v: string) => {
+    if (!/^\d+$/.test(v) || Number(v) < 1) throw new InvalidArgumentError(`${name} must be a positive integer`);
+    return Number(v);
+  };
+}
 function numArg(name: string) {
   return (v: string) => {
     const n = Number(v);
@@ -26,6 +32,14 @@ function numArg(name: string) {
     return n;
   };
 }
+
+// A reader that stops early (`lckv generate ... | head`) closes the pipe: generation stops
+// quietly, as in other command-line tools, instead of an unhandled EPIPE.
+let stdoutClosed = false;
+process.stdout.on("error", (e: NodeJS.ErrnoException) => {
+  if (e.code !== "EPIPE") throw e;
+  stdoutClosed = true;
+});
 
 async function open(opts: { model?: string; device?: "auto" | "cpu" | "cuda"; maxContext?: number }): Promise<Model> {
   const load: LoadOptions = { device: opts.device ?? "auto" };
@@ -95,10 +109,11 @@ program
       });
       for (;;) {
         const r = await it.next();
-        if (r.done) break;
+        if (r.done || stdoutClosed) break;
         process.stdout.write(r.value.text);
       }
-      process.stdout.write("\n");
+      if (stdoutClosed) await it.return(undefined as never);  // ends the request: its pages go back
+      else process.stdout.write("\n");
     } finally {
       await model.dispose();
     }
@@ -161,8 +176,8 @@ program
   .description("perplexity of a text file, in non-overlapping windows (see lib/eval.ts)")
   .requiredOption("--text <file>", "UTF-8 text to score")
   .addOption(modelOption())
-  .option("--window <n>", "tokens per window (default: the model's context)", intArg("--window"))
-  .option("--max-tokens <n>", "score only the first n tokens", intArg("--max-tokens"))
+  .option("--window <n>", "tokens per window (default: the model's context)", posIntArg("--window"))
+  .option("--max-tokens <n>", "score only the first n tokens", posIntArg("--max-tokens"))
   .option("--json", "print JSON")
   .addOption(prefillOption())
   .option("--prefill-passes <n>", "passes for --prefill iterative", intArg("--prefill-passes"))

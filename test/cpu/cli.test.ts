@@ -46,7 +46,24 @@ test("bad arguments fail with a message that names them", () => {
   expect(frac.err).toMatch(/--max-new-tokens must be an integer/);
   const dev = run(["generate", "x", "--device", "tpu"]);
   expect(dev.err).toMatch(/--device.*tpu.*Allowed choices are auto, cpu, cuda/);
+  for (const v of ["-3", "0"]) {
+    const r = run(["eval-ppl", "--text", path.join(root, "README.md"), "--max-tokens", v]);
+    expect(r.code).not.toBe(0);
+    expect(r.err).toMatch(/--max-tokens must be a positive integer/);
+  }
   const missing = run(["info", "--model", "/nonexistent-model"]);
   expect(missing.code).toBe(1);
   expect(missing.err).toMatch(/lckv: model directory \/nonexistent-model does not exist/);
+});
+
+test("generate into a pipe that closes early (| head) stops quietly", () => {
+  // A shell pipe into `head -c 20`: the CLI sees EPIPE on its next write.
+  const r = spawnSync("bash", ["-c", `"${process.execPath}" "${cli}" generate "Once upon a time" -n 200 --temperature 0 --model "${fixture}" | head -c 20; exit \${PIPESTATUS[0]}`], {
+    cwd: root,
+    encoding: "utf8",
+    env: { ...process.env, LCKV_QUIET: "1" },
+  });
+  expect(r.stdout).toHaveLength(20);
+  expect(r.stderr).toBe("");
+  expect(r.status).toBe(0);
 });
