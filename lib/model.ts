@@ -33,7 +33,7 @@ import { parseGenerationConfig } from "./generation-config";
 import { readModelTensors } from "./safetensors";
 import { DecodeScheduler, SchedulerStats } from "./scheduler";
 import { PrefixCache, PrefixCacheStats } from "./prefix-cache";
-import { resolvePrefill, Sequence } from "./sequence";
+import { checkPrefillOptions, resolvePrefill, Sequence } from "./sequence";
 import { ChatMessage, readJson, Tokenizer } from "./tokenizer";
 import { resolveWeights } from "./weights";
 
@@ -390,7 +390,7 @@ export class Model implements AsyncDisposable {
   /** Runs the prompt and returns its logits, [ids.length * vocabSize], and the prefill passes. */
   async forward(input: string | readonly number[], options: PrefillOptions = {}): Promise<ForwardResult> {
     const ids = this.toTokenIds(input, "input");
-    const prefill = resolvePrefill(this, options);
+    const prefill = resolvePrefill(this, checkPrefillOptions(options));
     const seq = this.openSequence();
     try {
       // Its pages through the queue like any request's (evicting cached prefixes if need be).

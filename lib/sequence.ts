@@ -125,7 +125,7 @@ export class Sequence implements Disposable {
 
   /** Adds text or token ids to the sequence (prefilling all but the last new token). */
   async append(input: string | readonly number[], options: PrefillOptions = {}): Promise<{ passes: number }> {
-    return this.appendTokens(input, options, false);
+    return this.appendTokens(input, checkPrefillOptions(options), false);
   }
 
   /** @internal append(); keepReservation: the request goes on to generate (model.stream). */
@@ -369,6 +369,17 @@ export class Sequence implements Disposable {
   [Symbol.dispose](): void {
     this.dispose();
   }
+}
+
+const PREFILL_KEYS = new Set(["prefill", "prefillPasses", "prefillTolerance"]);
+
+/** The options object of append(), forward() and logits(): an object of known keys. */
+export function checkPrefillOptions(options: unknown): PrefillOptions {
+  if (options === null || typeof options !== "object" || Array.isArray(options)) throw new InvalidOptionError("options", `must be an object, got ${describe(options)}`);
+  for (const k of Object.keys(options)) {
+    if (!PREFILL_KEYS.has(k)) throw new InvalidOptionError(k, `is not a prefill option (known: ${[...PREFILL_KEYS].join(", ")})`);
+  }
+  return options as PrefillOptions;
 }
 
 export function resolvePrefill(model: Model, options: PrefillOptions) {

@@ -348,6 +348,24 @@ describe("inputs and options", () => {
     await m.dispose();
   });
 
+  test("append() and logits() take an options object of known keys", async () => {
+    const m = await load(dir);
+    const seq = m.createSequence();
+    for (const [call, option] of [
+      [() => seq.append([1, 2], null as any), "options"],
+      [() => seq.append([1, 2], { prefil: "sequential" } as any), "prefil"],
+      [() => m.logits([1, 2], 3 as any), "options"],
+      [() => m.forward([1, 2], { passes: 2 } as any), "passes"],
+    ] as const) {
+      const e: any = await (call as () => Promise<unknown>)().catch((x) => x);
+      expect(e).toBeInstanceOf(InvalidOptionError);
+      expect(e.option).toBe(option);
+    }
+    expect(seq.length).toBe(0);
+    seq.dispose();
+    await m.dispose();
+  });
+
   test("prefillPasses out of range on append() and logits() too", async () => {
     const m = await load(dir);
     const seq = m.createSequence();
