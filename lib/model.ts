@@ -370,6 +370,18 @@ export class Model implements AsyncDisposable {
     if (this.native) this.admission.pump();  // its pages may let a waiting request in
   }
 
+  /**
+   * @internal generate()'s options resolved against this model's defaults, with the checks that
+   * need the model: before any work, so that a request that cannot go on fails at once.
+   */
+  resolveGenerate(options: GenerateOptions | undefined): ResolvedGenerateOptions {
+    const opts = resolveGenerateOptions(options, this.generationDefaults());
+    if (opts.contextShift === "sink-window" && this.config.plan.window.every((w) => w > 0)) {
+      throw new InvalidOptionError("contextShift", "every layer of this model attends through a sliding window, which already bounds its memory: generate without contextShift");
+    }
+    return opts;
+  }
+
   /** @internal Generation defaults from generation_config.json and the config. */
   generationDefaults(): Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos" | "prefillTolerance" | "contextShift" | "sinkTokens"> {
     const g = this.generationConfig;
@@ -474,7 +486,7 @@ export class Model implements AsyncDisposable {
 
   /** Streams generated tokens with their text (a one-shot sequence). */
   async *stream(input: string | readonly number[], options?: GenerateOptions): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
-    const opts = resolveGenerateOptions(options, this.generationDefaults());
+    const opts = this.resolveGenerate(options);
     const prompt = this.toTokenIds(input);
     this.nativeModel();
     const done = (finishReason: GenerateResult["finishReason"]): GenerateResult => ({

@@ -12,7 +12,7 @@ import { KV_PAGE_TOKENS } from "./admission";
 import { DisposedError, fromNative, InvalidOptionError, LckvError } from "./errors";
 import type { GenerateResult, Model, PrefillOptions, StreamChunk } from "./model";
 import { NativeSamplingParams, NativeSequence } from "./native";
-import { DEFAULT_PREFILL_TOLERANCE, describe, GenerateOptions, MAX_PREFILL_PASSES, nonNegInt, posInt, PREFILL_MODES, resolveGenerateOptions, tolerance } from "./options";
+import { DEFAULT_PREFILL_TOLERANCE, describe, GenerateOptions, MAX_PREFILL_PASSES, nonNegInt, posInt, PREFILL_MODES, tolerance } from "./options";
 import { TextStream } from "./textstream";
 
 /** Tokens per prefill call in the exact modes (see append()). */
@@ -188,7 +188,7 @@ export class Sequence implements Disposable {
 
   /** @internal The generation loop behind generate() and model.generate(). */
   async *run(options: GenerateOptions | undefined, promptTokens: number, prefillPasses = 0): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
-    const opts = resolveGenerateOptions(options, this.model.generationDefaults());
+    const opts = this.model.resolveGenerate(options);
     if (this.busy) throw new LckvError("LCKV_BUSY", "the sequence is busy: await its previous append() or generate() first");
     const native = this.live();
     if (this.length === 0 && opts.maxNewTokens > 0) {

@@ -1,5 +1,5 @@
 /** Sliding-window models keep only their window's pages. */
-import { LckvError, loadModel } from "../../lib";
+import { InvalidOptionError, LckvError, loadModel } from "../../lib";
 import type { TestDevice } from "../helpers/device";
 import { writeTinyModel } from "../helpers/tiny-model";
 
@@ -38,13 +38,20 @@ export function slidingWindowTests(dev: TestDevice): void {
       expect(() => seq.truncate(10)).toThrow(LckvError);
       seq.truncate(seq.length - 1);
       seq.dispose();
-      // Its memory is already bounded by the window: a sink-window shift is refused, typed.
+      // Its memory is already bounded by the window: a sink-window shift is refused, typed, before
+      // anything is generated (not at the context limit, with the tokens so far lost).
       const endless = m.createSequence();
       await endless.append(prompt);
+      let generated = 0;
       const run = async () => {
-        for await (const c of endless.generate({ maxNewTokens: m.maxContext, temperature: 0, ignoreEos: true, contextShift: "sink-window" })) void c;
+        for await (const c of endless.generate({ maxNewTokens: m.maxContext, temperature: 0, ignoreEos: true, contextShift: "sink-window" })) generated += c.text.length + 1;
       };
-      await expect(run()).rejects.toThrow(/sliding window/);
+      const e = await run().catch((x) => x);
+      expect(e).toBeInstanceOf(InvalidOptionError);
+      expect(e.option).toBe("contextShift");
+      expect(e.message).toMatch(/sliding window/);
+      expect(generated).toBe(0);
+      await expect(m.generate(prompt, { maxNewTokens: 4, contextShift: "sink-window" })).rejects.toThrow(InvalidOptionError);
       endless.dispose();
       expect(m.cacheStats().pagesUsed).toBe(0);
       expect(m.auditCache()).toBe("");
