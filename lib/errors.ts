@@ -115,6 +115,13 @@ export class KvCacheFullError extends LckvError {
   }
 }
 
+/** A prefill stopped by its AbortSignal; the sequence is as it was before the call. */
+export class AbortError extends LckvError {
+  constructor(message: string) {
+    super("LCKV_ABORTED", message);
+  }
+}
+
 /** The native addon could not be loaded. */
 export class AddonLoadError extends LckvError {
   constructor(message: string, cause?: unknown) {
@@ -143,6 +150,8 @@ export function fromNative(e: unknown): LckvError {
       return new DeviceUnavailableError(msg);
     case "LCKV_KV_CACHE_FULL":
       return new KvCacheFullError(msg);
+    case "LCKV_ABORTED":
+      return new AbortError(msg);
     default:
       return new LckvError(err?.code ?? "LCKV_INTERNAL", msg, { cause: e });
   }

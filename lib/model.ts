@@ -9,6 +9,7 @@ import * as path from "node:path";
 import { Admission, AdmissionOptions, KV_PAGE_TOKENS } from "./admission";
 import { kvBytesPerToken, ModelConfig, parseConfig } from "./config";
 import {
+  AbortError,
   ContextOverflowError,
   DeviceUnavailableError,
   DisposedError,
@@ -33,7 +34,7 @@ import { parseGenerationConfig } from "./generation-config";
 import { readModelTensors } from "./safetensors";
 import { DecodeScheduler, SchedulerStats } from "./scheduler";
 import { PrefixCache, PrefixCacheStats } from "./prefix-cache";
-import { checkPrefillOptions, resolvePrefill, Sequence } from "./sequence";
+import { checkPrefillOptions, nativePrefill, resolvePrefill, Sequence, withCancel } from "./sequence";
 import { ChatMessage, readJson, Tokenizer } from "./tokenizer";
 import { resolveWeights } from "./weights";
 
@@ -114,6 +115,11 @@ export interface PrefillOptions {
   prefill?: PrefillMode;
   prefillPasses?: number;
   prefillTolerance?: number;
+  /**
+   * Stops the prefill (between passes of the cyclic group and between tokens): the call rejects
+   * with AbortError (LCKV_ABORTED) and the sequence is as it was before it.
+   */
+  signal?: AbortSignal;
 }
 
 export interface ForwardResult {
@@ -407,7 +413,7 @@ export class Model implements AsyncDisposable {
     try {
       // Its pages through the queue like any request's (evicting cached prefixes if need be).
       await this.admission.reserve(seq, ids.length);
-      const r = await seq.append(Int32Array.from(ids), { ...prefill, logits: "all" });
+      const r = await withCancel(prefill.signal, (cancel) => seq.append(Int32Array.from(ids), { ...nativePrefill(prefill), logits: "all", cancel }));
       return { logits: r.logits!, passes: r.passes };
     } catch (e) {
       throw fromNative(e);
@@ -508,7 +514,13 @@ export class Model implements AsyncDisposable {
       // The pages for the prompt and every token it may generate, before any work (this is
       // where a request waits while the pool is full).
       if (!(await seq.reserveRequest(prompt.length + opts.maxNewTokens, opts.signal))) return done("abort");
-      const { passes } = await seq.appendTokens(hit ? prompt.slice(hit.reused) : prompt, opts, true);
+      let passes: number;
+      try {
+        ({ passes } = await seq.appendTokens(hit ? prompt.slice(hit.reused) : prompt, opts, true));
+      } catch (e) {
+        if (e instanceof AbortError) return done("abort");  // aborted mid-prefill: nothing was added
+        throw e;
+      }
       const result = yield* seq.run(options, prompt.length, passes);
       finished = true;
       return result;

@@ -17,6 +17,8 @@ export interface NativeAppendOptions {
   tolerance?: number;
   logits: "none" | "last" | "all";
   sample?: NativeSamplingParams;
+  /** Element 0 set non-zero (from this thread, while the call runs) stops the prefill: LCKV_ABORTED. */
+  cancel?: Int32Array;
 }
 
 export interface NativeAppendResult {

@@ -9,7 +9,7 @@
  */
 import "./dispose-symbols";
 import { KV_PAGE_TOKENS } from "./admission";
-import { DisposedError, fromNative, InvalidOptionError, LckvError } from "./errors";
+import { AbortError, DisposedError, fromNative, InvalidOptionError, LckvError } from "./errors";
 import type { GenerateResult, Model, PrefillOptions, StreamChunk } from "./model";
 import { NativeSamplingParams, NativeSequence } from "./native";
 import { DEFAULT_PREFILL_TOLERANCE, describe, GenerateOptions, MAX_PREFILL_PASSES, nonNegInt, posInt, PREFILL_MODES, tolerance } from "./options";
@@ -154,7 +154,9 @@ export class Sequence implements Disposable {
     try {
       for (let at = 0; at < run.length; at += chunk) {
         const part = run.slice(at, at + chunk);
-        passes = Math.max(passes, (await native.append(Int32Array.from(part), { ...prefill, logits: "none" })).passes);
+        if (prefill.signal?.aborted) throw new AbortError("the prefill was aborted");
+        const r = await withCancel(prefill.signal, (cancel) => native.append(Int32Array.from(part), { ...nativePrefill(prefill), logits: "none", cancel }));
+        passes = Math.max(passes, r.passes);
         this.model.countPrefilled(part.length);
         this.notePrefill(prefill.mode, part.length, prefill.tolerance);
         this.evaluated.push(...part);
@@ -371,7 +373,7 @@ export class Sequence implements Disposable {
   }
 }
 
-const PREFILL_KEYS = new Set(["prefill", "prefillPasses", "prefillTolerance"]);
+const PREFILL_KEYS = new Set(["prefill", "prefillPasses", "prefillTolerance", "signal"]);
 
 /** The options object of append(), forward() and logits(): an object of known keys. */
 export function checkPrefillOptions(options: unknown): PrefillOptions {
@@ -385,9 +387,34 @@ export function checkPrefillOptions(options: unknown): PrefillOptions {
 export function resolvePrefill(model: Model, options: PrefillOptions) {
   const mode = options.prefill ?? model.generationDefaults().prefill;
   if (!PREFILL_MODES.includes(mode)) throw new InvalidOptionError("prefill", `must be one of ${PREFILL_MODES.join(", ")}, got ${describe(mode)}`);
+  if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) throw new InvalidOptionError("signal", "must be an AbortSignal");
   return {
     mode,
+    signal: options.signal,
     passes: options.prefillPasses === undefined ? model.generationDefaults().prefillPasses : posInt("prefillPasses", options.prefillPasses, MAX_PREFILL_PASSES),
     tolerance: options.prefillTolerance === undefined ? DEFAULT_PREFILL_TOLERANCE : tolerance(options.prefillTolerance),
   };
+}
+
+/** The native side of a resolved prefill (the signal travels as a cancel flag instead). */
+export function nativePrefill(p: ReturnType<typeof resolvePrefill>) {
+  return { mode: p.mode, passes: p.passes, tolerance: p.tolerance };
+}
+
+/**
+ * Runs a native call with a cancel flag that `signal` raises: the engine checks it between
+ * passes and tokens. The flag lives in shared memory, read by the engine's worker thread.
+ */
+export async function withCancel<T>(signal: AbortSignal | undefined, call: (cancel?: Int32Array) => Promise<T>): Promise<T> {
+  if (!signal) return call();
+  const cancel = new Int32Array(new SharedArrayBuffer(4));
+  const raise = () => Atomics.store(cancel, 0, 1);
+  signal.addEventListener("abort", raise, { once: true });
+  try {
+    return await call(cancel);
+  } catch (e) {
+    throw fromNative(e);
+  } finally {
+    signal.removeEventListener("abort", raise);
+  }
 }

@@ -301,9 +301,12 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
 class AppendWorker : public PromiseWorker {
  public:
   AppendWorker(Napi::Env env, std::shared_ptr<SharedSequence> s, std::vector<int32_t> tokens, PrefillSpec prefill,
-               LogitsWanted logits, bool sample, SamplingParams sp)
+               LogitsWanted logits, bool sample, SamplingParams sp, Napi::Value cancel)
       : PromiseWorker(env), s_(std::move(s)), tokens_(std::move(tokens)), prefill_(prefill), logits_(logits),
-        sample_(sample), sp_(sp) {}
+        sample_(sample), sp_(sp) {
+    // The flag's buffer stays alive while the worker reads it.
+    if (cancel.IsTypedArray()) cancelRef_ = Napi::Persistent(cancel.As<Napi::Object>());
+  }
   void Execute() override {
     guard([&] {
       Model& m = *s_->owner->model;
@@ -339,6 +342,7 @@ class AppendWorker : public PromiseWorker {
   LogitsWanted logits_;
   bool sample_;
   SamplingParams sp_;
+  Napi::ObjectReference cancelRef_;
   AppendResult res_;
 };
 
@@ -417,6 +421,13 @@ Napi::Value SequenceWrap::Append(const Napi::CallbackInfo& info) {
   prefill.passes = getInt(o, "passes", false, 1);
   prefill.tolerance = getNum(o, "tolerance", 0.0);
   if (!(prefill.tolerance >= 0)) throwInvalid(env, "append: tolerance must be >= 0");
+  // cancel: an Int32Array (over a SharedArrayBuffer) whose first element JavaScript sets to stop.
+  Napi::Value cv = o.Get("cancel");
+  if (!cv.IsUndefined()) {
+    if (!cv.IsTypedArray() || cv.As<Napi::TypedArray>().TypedArrayType() != napi_int32_array || cv.As<Napi::Int32Array>().ElementLength() < 1)
+      throwInvalid(env, "append: cancel must be an Int32Array of at least one element");
+    prefill.cancel = cv.As<Napi::Int32Array>().Data();
+  }
   LogitsWanted lw = LogitsWanted::None;
   Napi::Value lv = o.Get("logits");
   if (lv.IsString()) {
@@ -435,7 +446,7 @@ Napi::Value SequenceWrap::Append(const Napi::CallbackInfo& info) {
   bool expected = false;
   if (!s->busy.compare_exchange_strong(expected, true))
     throw makeError(env, kErrBusy, "the sequence is already running a forward; await the previous call");
-  auto* w = new AppendWorker(env, s, std::move(tokens), prefill, lw, sample, sp);
+  auto* w = new AppendWorker(env, s, std::move(tokens), prefill, lw, sample, sp, cv);
   Napi::Promise p = w->promise();
   w->Queue();
   return p;

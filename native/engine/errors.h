@@ -20,5 +20,6 @@ inline const char* kErrTokenOutOfRange = "LCKV_TOKEN_OUT_OF_RANGE";
 inline const char* kErrDisposed = "LCKV_DISPOSED";
 inline const char* kErrBusy = "LCKV_BUSY";
 inline const char* kErrKvCacheFull = "LCKV_KV_CACHE_FULL";
+inline const char* kErrAborted = "LCKV_ABORTED";
 
 }  // namespace lckv

@@ -301,6 +301,10 @@ void Model::viewPages(Scratch& s, const std::vector<SequenceState*>& seqs, const
 
 static const Tensor* opt(const Tensor& t) { return t.empty() ? nullptr : &t; }
 
+void PrefillSpec::throwIfCancelled() const {
+  if (cancel && *cancel != 0) throw EngineError(kErrAborted, "the prefill was aborted");
+}
+
 void Model::runLayer(Scratch& s, int n, const int32_t* pos, int i) {
   Backend& be = *backend_;
   static const std::vector<std::string> names = [] {
@@ -506,6 +510,7 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
     const int maxPasses = prefill.mode == PrefillMode::Iterative ? std::max(1, prefill.passes) : std::min(n, kFixedPointMaxPasses);
     bool converged = false;
     while (true) {
+      prefill.throwIfCancelled();
       BackendRange passRange(be, "cyclic group pass");
       be.copyRows(s.h0, 0, s.h, 0, n);
       runLayers(s, n, pos.data(), low, high);
@@ -570,6 +575,7 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
     const bool download = logits != LogitsWanted::None;  // sampling alone reads them on the backend
     if (prefill.mode == PrefillMode::Sequential && n > 1) {
       for (int r = 0; r < n; ++r) {
+        prefill.throwIfCancelled();
         const bool want = logits == LogitsWanted::All || (needLogits && r == n - 1);
         forwardChunk(seq, tokens.data() + r, 1, start + r, prefill, want ? LogitsWanted::Last : LogitsWanted::None,
                      download, res);
@@ -587,6 +593,7 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
         const int from = res.exactPrefix;
         if (download) res.logits.resize(logits == LogitsWanted::All ? (size_t)from * cfg_.vocab : 0);
         for (int r = from; r < n; ++r) {
+          prefill.throwIfCancelled();
           const bool want = logits == LogitsWanted::All || (needLogits && r == n - 1);
           forwardChunk(seq, tokens.data() + r, 1, start + r, prefill, want ? LogitsWanted::Last : LogitsWanted::None,
                        download, res);

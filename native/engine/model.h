@@ -27,6 +27,10 @@ struct PrefillSpec {
   // FixedPoint: converged when no K/V value read from above moved by more than tolerance times
   // the largest such value. 0 = bit for bit (always reached, after at most n passes).
   double tolerance = 0.0;
+  // Set non-zero by another thread to stop the prefill: it is checked before each pass and each
+  // token, and the append then fails with LCKV_ABORTED, leaving the sequence as it was.
+  const volatile int32_t* cancel = nullptr;
+  void throwIfCancelled() const;
 };
 
 enum class LogitsWanted { None, Last, All };
