@@ -505,7 +505,15 @@ class CudaBackend : public Backend {
     cudaStreamEndCapture(stream_, &graph);
     if (graph) cudaGraphDestroy(graph);
     cudaGetLastError();
-    if (!retryLater) unrecordable_.insert(recordingKey_);
+    if (!retryLater) {
+      unrecordable_.insert(recordingKey_);
+    } else {
+      // Out of memory: the other recordings' scratch goes back too (to the block cache, which
+      // frees its idle blocks when an allocation fails), so the step run op by op next has it.
+      // Stream order keeps a replay still running safe: the blocks are reused after it.
+      graphs_.clear();
+      graphCount_.store(0, std::memory_order_relaxed);
+    }
   }
 
   // The page tables and row-to-sequence map on the device, checked on the host: the pages
