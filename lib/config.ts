@@ -3,6 +3,7 @@
  * Every field is checked here, so a bad config fails with the file and field named.
  */
 import { ConfigError, UnsupportedArchitectureError } from "./errors";
+import { INT32_MAX } from "./options";
 import { buildPlan, KvPlan, MAX_LAYERS, parseLayerTypes } from "./plan";
 
 export type BlockStyle = "llama" | "gpt2";
@@ -54,8 +55,6 @@ export interface ModelConfig {
 
 type Json = Record<string, unknown>;
 
-/** The native side takes every integer as int32. */
-const INT32_MAX = 2 ** 31 - 1;
 /**
  * Widths (hidden size, head dim, heads). Real models stay below 2**16; the bound keeps what is
  * allocated per unit here (the RoPE table has head_dim/2 entries) small.
