@@ -152,6 +152,9 @@ export function fromNative(e: unknown): LckvError {
       return new KvCacheFullError(msg);
     case "LCKV_ABORTED":
       return new AbortError(msg);
+    case "LCKV_INVALID_ARGUMENT":
+      // A request the engine refused (a rewind into K/V a window released, say): its message says what.
+      return new InvalidInputError(msg, err.code);
     default:
       return new LckvError(err?.code ?? "LCKV_INTERNAL", msg, { cause: e });
   }

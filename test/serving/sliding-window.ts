@@ -1,5 +1,5 @@
 /** Sliding-window models keep only their window's pages. */
-import { InvalidOptionError, LckvError, loadModel } from "../../lib";
+import { InvalidInputError, InvalidOptionError, loadModel } from "../../lib";
 import type { TestDevice } from "../helpers/device";
 import { writeTinyModel } from "../helpers/tiny-model";
 
@@ -35,7 +35,7 @@ export function slidingWindowTests(dev: TestDevice): void {
       };
       tokens.forEach((t, i) => expect(argmax(prompt.length - 1 + i)).toBe(t));
       // Rewinding into what the window released is refused with a typed error; a short rewind works.
-      expect(() => seq.truncate(10)).toThrow(LckvError);
+      expect(() => seq.truncate(10)).toThrow(InvalidInputError);
       seq.truncate(seq.length - 1);
       seq.dispose();
       // Its memory is already bounded by the window: a sink-window shift is refused, typed, before
