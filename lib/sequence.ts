@@ -18,6 +18,9 @@ import { TextStream } from "./textstream";
 /** Tokens per prefill call in the exact modes (see append()). */
 export const PREFILL_CHUNK = 512;
 
+/** Tokens of the sequence decoded before the generated ones as context (as in TGI). */
+const TEXT_CONTEXT_TOKENS = 5;
+
 export class Sequence implements Disposable {
   private native: NativeSequence | null;
   /** Tokens whose K/V is in the cache. */
@@ -219,7 +222,9 @@ export class Sequence implements Disposable {
     }
     const eos = new Set(opts.ignoreEos ? [] : this.model.eosTokenIds);
     const tokenizer = this.model.tokenizer;
-    const text = new TextStream((ids) => (tokenizer ? tokenizer.decode(ids) : ""), opts.stop);
+    // The last tokens before the generation are decoding context (a SentencePiece decoder strips
+    // the leading space of text decoded alone).
+    const text = new TextStream((ids) => (tokenizer ? tokenizer.decode(ids) : ""), opts.stop, this.tokens.slice(-TEXT_CONTEXT_TOKENS));
     const tokens: number[] = [];
     let finishReason: GenerateResult["finishReason"] = "length";
     const sample: NativeSamplingParams = {
@@ -273,7 +278,8 @@ export class Sequence implements Disposable {
         tokens.push(tok);
         this.pending = [tok];
         const delta = text.push(tokens);
-        if (delta.length > 0 || !text.stopped) yield { text: delta, token: tok };
+        // Every token in the result has its chunk, the one that completed a stop string included.
+        yield { text: delta, token: tok };
         if (text.stopped) {
           finishReason = "stop";
           break;
@@ -285,6 +291,7 @@ export class Sequence implements Disposable {
       this.releaseReservation();
     }
     const rest = text.flush();
+    if (text.stopped && finishReason === "length") finishReason = "stop";  // a stop string in the text held back to the end
     if (rest) yield { text: rest, token: null };
     return {
       text: text.value,

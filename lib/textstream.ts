@@ -6,26 +6,38 @@
  * decodes only the ids since the last complete character, plus the few before them as context
  * (a token's leading space or merged bytes can depend on its neighbours), and takes the
  * difference. Decoding every id so far at every token made a long generation quadratic.
+ *
+ * The first generated ids are decoded after the last few ids of the prompt (`context`), so a
+ * tokenizer whose decoder strips the text's leading space (SentencePiece: "▁there" alone is
+ * "there") still gives " there" after "Once upon a time".
  */
 export class TextStream {
   private emitted = 0; // chars of `text` handed out
   private text = ""; // the text of ids[0, readOffset)
   private pending = ""; // the text after it while it ends in an incomplete character
+  private readonly ids: number[]; // the context, then the generated ids
   private prefixOffset = 0; // ids[prefixOffset, readOffset) are decoded again as context
-  private readOffset = 0;
+  private readOffset: number;
   private readonly longestStop: number;
   stopped = false;
 
   constructor(
     private readonly decode: (ids: number[]) => string,
     private readonly stops: readonly string[],
+    context: readonly number[] = [],
   ) {
     this.longestStop = Math.max(0, ...stops.map((s) => s.length));
+    this.ids = [...context];
+    this.readOffset = this.ids.length;
+    this.contextLength = this.ids.length;
   }
+  private readonly contextLength: number;
 
   /** Call with all generated ids so far; returns the new text that is safe to emit. */
-  push(ids: number[]): string {
+  push(generated: readonly number[]): string {
     if (this.stopped) return "";
+    for (let i = this.ids.length - this.contextLength; i < generated.length; i++) this.ids.push(generated[i]);
+    const ids = this.ids;
     const before = this.text.length;
     const context = this.decodeSome(ids.slice(this.prefixOffset, this.readOffset));
     const window = this.decodeSome(ids.slice(this.prefixOffset));
@@ -72,13 +84,23 @@ export class TextStream {
     return ids.length > 0 ? this.decode(ids) : "";
   }
 
-  /** At the end: whatever was held back, except what a stop string cut. */
+  /** At the end: whatever was held back, except what a stop string cuts (in the held text too). */
   flush(): string {
     if (this.stopped) return "";
+    const from = Math.max(0, this.emitted - this.longestStop + 1);
     this.text += this.pending;
     this.pending = "";
-    const out = this.text.slice(this.emitted);
-    this.emitted = this.text.length;
+    let limit = this.text.length;
+    for (const s of this.stops) {
+      const at = s.length > 0 ? this.text.indexOf(s, from) : -1;
+      if (at >= 0 && at < limit) {
+        limit = at;
+        this.stopped = true;
+      }
+    }
+    limit = Math.max(limit, this.emitted);
+    const out = this.text.slice(this.emitted, limit);
+    this.emitted = limit;
     return out;
   }
 

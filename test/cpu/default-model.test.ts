@@ -94,3 +94,23 @@ test("stream(): text held back for a possible stop string comes last with token 
   // This prompt's greedy continuation ends its 8 tokens on "," (held: it could begin ",X").
   expect(chunks[chunks.length - 1]).toEqual({ text: ",", token: null });
 });
+
+test("stream(): the token that completes a stop string has its chunk too, so the chunks' tokens are the result's", async () => {
+  // Greedy from this prompt: " by the people of the United ...": "ple of" ends inside " of".
+  const it = model.stream("It was a truth universally acknowledged", { temperature: 0, maxNewTokens: 30, stop: ["ple of"] });
+  const chunks: { text: string; token: number | null }[] = [];
+  let r;
+  for (;;) {
+    const x = await it.next();
+    if (x.done) {
+      r = x.value;
+      break;
+    }
+    chunks.push(x.value);
+  }
+  expect(r.finishReason).toBe("stop");
+  expect(r.text).toBe(" by the peo");
+  expect(chunks.map((c) => c.token)).toEqual(r.tokens);
+  expect(chunks[chunks.length - 1].text).toBe("");
+  expect(chunks.map((c) => c.text).join("")).toBe(r.text);
+});

@@ -67,3 +67,40 @@ test("a decoder that drops the leading space of its first word streams the same 
   expect(streamed).toBe(decode(ids));
   expect(streamed).toBe("Hello world, how are you?");
 });
+
+// A SentencePiece-style decoder: "▁" is a space, and the decoded text's one leading space is
+// stripped (tokenizer.json's Strip decoder), so a token decoded alone loses it.
+const pieces = ["<s>", "▁Once", "▁upon", "▁a", "▁time", "▁there", "▁was", "▁king", "."];
+const decodeSp = (ids: number[]) => ids.map((i) => (i === 0 ? "" : pieces[i])).join("").replace(/▁/g, " ").replace(/^ /, "");
+
+test("the prompt's last tokens are decoding context: the first generated word keeps its leading space", () => {
+  const prompt = [0, 1, 2, 3, 4];
+  const generated = [5, 6, 3, 7, 8];
+  const run = (context: number[]) => {
+    const s = new TextStream(decodeSp, [], context);
+    let out = "";
+    for (let n = 1; n <= generated.length; n++) out += s.push(generated.slice(0, n));
+    return out + s.flush();
+  };
+  expect(run(prompt.slice(-5))).toBe(" there was a king.");
+  expect(decodeSp(prompt) + run(prompt.slice(-5))).toBe(decodeSp([...prompt, ...generated]));
+  // Without context the decoder strips it, which is what the context is for.
+  expect(run([])).toBe("there was a king.");
+  // A stop string that begins with that space matches.
+  const s = new TextStream(decodeSp, [" there"], prompt);
+  expect(s.push([5])).toBe("");
+  expect(s.stopped).toBe(true);
+});
+
+test("a stop string inside text held back to the end (an incomplete character) is still cut at flush", () => {
+  // Token 1 is "ab"; token 2 is "STOP" and the first byte of "é", so its text stays pending.
+  const tokenBytes = [bytesOf("ab"), [...bytesOf("STOP"), 0xc3]];
+  const decode = (ids: number[]) => utf8.decode(Uint8Array.from(ids.flatMap((i) => tokenBytes[i])));
+  const s = new TextStream(decode, ["STOP"]);
+  expect(s.push([0])).toBe("ab");
+  expect(s.push([0, 1])).toBe("");
+  expect(s.stopped).toBe(false);
+  expect(s.flush()).toBe("");
+  expect(s.stopped).toBe(true);
+  expect(s.value).toBe("ab");
+});
