@@ -45,6 +45,7 @@ export function parseGenerationConfig(raw: unknown, file: string): Record<string
   }
   // Capped at int32: the engine takes these as int32, and no context holds more tokens anyway.
   integer("max_new_tokens", 1, INT32_MAX);
+  integer("max_length", 1, INT32_MAX);
   integer("top_k", 0, INT32_MAX);
   const temperature = number("temperature");
   if (temperature !== undefined && temperature < 0) {

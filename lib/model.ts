@@ -380,8 +380,8 @@ export class Model implements AsyncDisposable {
    * @internal generate()'s options resolved against this model's defaults, with the checks that
    * need the model: before any work, so that a request that cannot go on fails at once.
    */
-  resolveGenerate(options: GenerateOptions | undefined): ResolvedGenerateOptions {
-    const opts = resolveGenerateOptions(options, this.generationDefaults());
+  resolveGenerate(options: GenerateOptions | undefined, contextTokens: number): ResolvedGenerateOptions {
+    const opts = resolveGenerateOptions(options, this.generationDefaults(contextTokens));
     if (opts.contextShift === "sink-window" && this.config.plan.window.every((w) => w > 0)) {
       throw new InvalidOptionError("contextShift", "every layer of this model attends through a sliding window, which already bounds its memory: generate without contextShift");
     }
@@ -389,16 +389,24 @@ export class Model implements AsyncDisposable {
   }
 
   /** @internal Generation defaults from generation_config.json and the config. */
-  generationDefaults(): Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos" | "prefillTolerance" | "contextShift" | "sinkTokens"> {
+  generationDefaults(contextTokens = 0): Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos" | "prefillTolerance" | "contextShift" | "sinkTokens"> {
     const g = this.generationConfig;
     const num = (k: string, d: number) => (typeof g[k] === "number" && Number.isFinite(g[k] as number) ? (g[k] as number) : d);
+    // As in transformers: do_sample picks greedy or the configured temperature, and the filters
+    // (top_k, top_p, min_p) apply whenever sampling does, also when a caller turns it on.
     const sample = g.do_sample === true;
+    // max_new_tokens; else what max_length (which counts the tokens already there) leaves; else 256.
+    const maxNewTokens = Number.isInteger(g.max_new_tokens)
+      ? (g.max_new_tokens as number)
+      : Number.isInteger(g.max_length)
+        ? Math.max(0, (g.max_length as number) - contextTokens)
+        : 256;
     return {
-      maxNewTokens: Number.isInteger(g.max_new_tokens) ? (g.max_new_tokens as number) : 256,
+      maxNewTokens,
       temperature: sample ? num("temperature", 1) : 0,
-      topK: sample ? num("top_k", 0) : 0,
-      topP: sample ? num("top_p", 1) : 1,
-      minP: sample ? num("min_p", 0) : 0,
+      topK: num("top_k", 0),
+      topP: num("top_p", 1),
+      minP: num("min_p", 0),
       repetitionPenalty: num("repetition_penalty", 1),
       prefill: this.config.useSequential ? "sequential" : "fixed-point",
       prefillPasses: this.config.forwardPasses + this.config.backwardPasses,
@@ -492,8 +500,8 @@ export class Model implements AsyncDisposable {
 
   /** Streams generated tokens with their text (a one-shot sequence). */
   async *stream(input: string | readonly number[], options?: GenerateOptions): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
-    const opts = this.resolveGenerate(options);
     const prompt = this.toTokenIds(input);
+    const opts = this.resolveGenerate(options, prompt.length);
     this.nativeModel();
     const done = (finishReason: GenerateResult["finishReason"]): GenerateResult => ({
       text: "",

@@ -193,7 +193,7 @@ export class Sequence implements Disposable {
 
   /** @internal The generation loop behind generate() and model.generate(). */
   async *run(options: GenerateOptions | undefined, promptTokens: number, prefillPasses = 0): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
-    const opts = this.model.resolveGenerate(options);
+    const opts = this.model.resolveGenerate(options, this.length);
     if (this.busy) throw new LckvError("LCKV_BUSY", "the sequence is busy: await its previous append() or generate() first");
     const native = this.live();
     if (this.length === 0 && opts.maxNewTokens > 0) {

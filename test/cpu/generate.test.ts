@@ -195,3 +195,44 @@ test("with the same kvCacheMemory an LCKV model's context holds numLayers / kvLa
   await std.dispose();
   await lckv.dispose();
 });
+
+describe("generation_config.json defaults, as transformers reads them", () => {
+  const withGenerationConfig = (g: object) => {
+    const dir = writeTinyModel({ seed: 7, vocab: 64, maxPositions: 64 });
+    fs.writeFileSync(path.join(dir, "generation_config.json"), JSON.stringify(g));
+    return dir;
+  };
+  const prompt = [3, 14, 15, 9, 26, 5];
+
+  test("max_length counts the prompt: without max_new_tokens, a request generates up to it", async () => {
+    const m = await loadModel(withGenerationConfig({ max_length: 10 }), { device: "cpu" });
+    const r = await m.generate(prompt, { ignoreEos: true });
+    expect(r.tokens).toHaveLength(10 - prompt.length);
+    expect(r.finishReason).toBe("length");
+    // A sequence counts everything already in it.
+    const seq = m.createSequence();
+    await seq.append([...prompt, 7, 8]);
+    let n = 0;
+    for await (const c of seq.generate({ ignoreEos: true })) if (c.token !== null) n++;
+    expect(n).toBe(2);
+    seq.dispose();
+    // max_new_tokens wins over it, and an explicit maxNewTokens over both.
+    expect((await m.generate(prompt, { ignoreEos: true, maxNewTokens: 7 })).tokens).toHaveLength(7);
+    await m.dispose();
+    const both = await loadModel(withGenerationConfig({ max_length: 10, max_new_tokens: 3 }), { device: "cpu" });
+    expect((await both.generate(prompt, { ignoreEos: true })).tokens).toHaveLength(3);
+    await both.dispose();
+  });
+
+  test("do_sample false makes greedy the default, but a caller who samples gets the configured top_k", async () => {
+    const m = await loadModel(withGenerationConfig({ do_sample: false, top_k: 1, top_p: 0.9 }), { device: "cpu" });
+    const greedy = await m.generate(prompt, { maxNewTokens: 8, ignoreEos: true });
+    expect(greedy.tokens).toEqual((await m.generate(prompt, { maxNewTokens: 8, ignoreEos: true, temperature: 0 })).tokens);
+    // top_k 1 from the file: sampling at any temperature and seed gives the greedy tokens.
+    for (const seed of [1, 2, 3]) {
+      const sampled = await m.generate(prompt, { maxNewTokens: 8, ignoreEos: true, temperature: 5, seed });
+      expect(sampled.tokens).toEqual(greedy.tokens);
+    }
+    await m.dispose();
+  });
+});
