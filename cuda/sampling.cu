@@ -174,6 +174,8 @@ __global__ void __launch_bounds__(kSelectThreads) selectKernel(const float* __re
   waitForPrecedingKernels();
   __shared__ SelectShared sh;
   int keep = topK > 0 && topK < V ? topK : V;
+  // Tokens tied with the k-th stay, as on the CPU (x is sorted, so ties follow it).
+  while (keep < V && x[keep] == x[keep - 1]) ++keep;
   const double invT = 1.0 / (double)temperature;
   const double top = (double)x[0] * invT;
   const double z = blockSum(x, keep, invT, top, 1.0, sh);

@@ -34,7 +34,11 @@ int32_t sampleToken(const float* logits, int vocab, const SamplingParams& p, con
   std::iota(idx.begin(), idx.end(), 0);
   std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return x[a] > x[b]; });
   size_t keep = idx.size();
-  if (p.topK > 0 && (size_t)p.topK < keep) keep = (size_t)p.topK;
+  if (p.topK > 0 && (size_t)p.topK < keep) {
+    keep = (size_t)p.topK;
+    // Tokens tied with the k-th stay (as transformers' top-k keeps every logit >= the k-th).
+    while (keep < idx.size() && x[idx[keep]] == x[idx[keep - 1]]) ++keep;
+  }
 
   // Softmax of the scaled logits over the kept candidates, in double.
   const double invT = 1.0 / (double)p.temperature;

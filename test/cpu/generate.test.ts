@@ -3,7 +3,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { loadModel, Model } from "../../lib";
 import { KV_PAGE_TOKENS } from "../../lib/model";
-import { writeTinyModel } from "../helpers/tiny-model";
+import { tinyLlamaTensors, writeTinyModel } from "../helpers/tiny-model";
 
 process.env.LCKV_QUIET = "1";
 
@@ -235,4 +235,27 @@ describe("generation_config.json defaults, as transformers reads them", () => {
     }
     await m.dispose();
   });
+});
+
+test("top-k keeps every token tied with the k-th logit, as transformers does", async () => {
+  // Tied embeddings: making tokens b and c's rows copies of token a's gives all three the same
+  // logit wherever a's is, and a is the greedy choice after this prompt.
+  const spec = { seed: 7, vocab: 64, maxPositions: 64 };
+  const prompt = [3, 14, 15, 9, 26, 5];
+  const plain = await loadModel(writeTinyModel(spec), { device: "cpu" });
+  const a = (await plain.generate(prompt, { maxNewTokens: 1, temperature: 0, ignoreEos: true })).tokens[0];
+  await plain.dispose();
+  const [b, c] = [0, 1, 2, 40, 41, 42].filter((t) => t !== a && !prompt.includes(t)).slice(0, 2);
+  const tensors = tinyLlamaTensors(spec);
+  const embed = tensors.find((t) => t.name === "model.embed_tokens.weight")!;
+  const E = embed.shape[1];
+  for (const t of [b, c]) embed.data.copyWithin(t * E, a * E, (a + 1) * E);
+  const m = await loadModel(writeTinyModel(spec, { tensors }), { device: "cpu" });
+  const seen = new Set<number>();
+  for (let seed = 0; seed < 60; seed++) {
+    seen.add((await m.generate(prompt, { maxNewTokens: 1, temperature: 1, topK: 1, seed, ignoreEos: true })).tokens[0]);
+  }
+  // All three tied tokens are drawn (top-k cut at one id kept only the lowest), and nothing else.
+  expect([...seen].sort((x, y) => x - y)).toEqual([a, b, c].sort((x, y) => x - y));
+  await m.dispose();
 });
