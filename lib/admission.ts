@@ -48,7 +48,9 @@ export class Admission {
    * Reserves the pages `seq` needs to hold `total` tokens. Resolves true once reserved, false
    * when `signal` aborts the wait; throws KvCacheFullError when it can never fit, when the
    * queue is full, or when the wait times out. `resumed`: a running request re-reserving after
-   * it gave pages back, which does not queue behind new requests.
+   * it gave pages back, which does not queue behind new requests. A sequence that already holds
+   * pages (the next turn of a conversation) does not either: a request queued before it may be
+   * waiting for exactly those pages, and neither could ever run.
    */
   async reserve(seq: NativeSequence, total: number, signal?: AbortSignal, resumed = false): Promise<boolean> {
     // The pool's geometry never changes; its full stats scan every page, so read them once.
@@ -65,11 +67,13 @@ export class Admission {
         "LCKV_REQUEST_TOO_LARGE",
       );
     }
-    // A running request that has just given pages back (a context shift) takes them again
-    // before the queue: making it wait behind requests that need its pages could deadlock.
-    if ((resumed || this.waiters.length === 0) && this.tryReserve(seq, total)) return true;
+    // A running request that has just given pages back (a context shift), or any sequence that
+    // holds pages, takes them before the queue: waiting behind requests that need its pages
+    // could deadlock.
+    const first = resumed || own > 0;
+    if ((first || this.waiters.length === 0) && this.tryReserve(seq, total)) return true;
     if (signal?.aborted) return false;
-    if (!resumed && this.waiters.length >= this.options.maxQueue) {
+    if (!first && this.waiters.length >= this.options.maxQueue) {
       throw new KvCacheFullError(`the K/V cache is full and ${this.waiters.length} requests already wait for it (maxQueue)`, "LCKV_QUEUE_FULL");
     }
     return new Promise<boolean>((resolve, reject) => {
@@ -97,8 +101,8 @@ export class Admission {
         }, this.options.queueTimeout);
       }
       signal?.addEventListener("abort", onAbort, { once: true });
-      // A resumed request goes first: it holds pages the others may be waiting for.
-      if (resumed) this.waiters.unshift(waiter);
+      // It goes first when it holds pages the others may be waiting for.
+      if (first) this.waiters.unshift(waiter);
       else this.waiters.push(waiter);
     });
   }
@@ -115,7 +119,8 @@ export class Admission {
     }
   }
 
-  private pumpSoon(): void {
+  /** pump() on the next turn of the event loop: after an engine call that frees pages has ended. */
+  pumpSoon(): void {
     setImmediate(() => this.pump());
   }
 

@@ -420,7 +420,7 @@ export class Model implements AsyncDisposable {
     const seq = this.openSequence();
     try {
       // Its pages through the queue like any request's (evicting cached prefixes if need be).
-      await this.admission.reserve(seq, ids.length);
+      if (!(await this.admission.reserve(seq, ids.length, prefill.signal))) throw new AbortError("the request was aborted while it waited for K/V pages");
       const r = await withCancel(prefill.signal, (cancel) => seq.append(Int32Array.from(ids), { ...nativePrefill(prefill), logits: "all", cancel }));
       return { logits: r.logits!, passes: r.passes };
     } catch (e) {
@@ -533,7 +533,11 @@ export class Model implements AsyncDisposable {
       finished = true;
       return result;
     } finally {
-      if (finished && !this.disposed) this.prefixCache.offer(seq);
+      if (finished && !this.disposed) {
+        this.prefixCache.offer(seq);
+        // Its pages are evictable now (they were not when its run ended): a request may wait for them.
+        this.admission.pump();
+      }
       else seq.dispose();
     }
   }

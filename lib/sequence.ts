@@ -111,6 +111,12 @@ export class Sequence implements Disposable {
   /** Drops what is left of the page reservation, and lets waiting requests in. */
   private releaseReservation(): void {
     this.reservedUpTo = 0;
+    if (!this.native && !this.model.disposed) {
+      // Disposed while its call ran: the engine frees its pages as that call's worker ends,
+      // just after this; the queue may go on then.
+      this.model.admission.pumpSoon();
+      return;
+    }
     if (this.native && !this.model.disposed) {
       try {
         this.native.reserve(0);
@@ -139,7 +145,9 @@ export class Sequence implements Disposable {
       const prefill = resolvePrefill(this.model, options);
       const run = [...this.pending, ...ids.slice(0, -1)];
       try {
-        await this.ensureReserved(this.evaluated.length + run.length);
+        if (!(await this.ensureReserved(this.evaluated.length + run.length, prefill.signal))) {
+          throw new AbortError("the request was aborted while it waited for K/V pages");
+        }
         return await this.prefill(native, ids, run, prefill);
       } finally {
         if (!keepReservation) this.releaseReservation();
@@ -244,7 +252,10 @@ export class Sequence implements Disposable {
         // The pending token must fit in the context to be evaluated; the token sampled from the
         // last position is still returned (and stays pending, past the context).
         if (this.length > this.model.maxContext) {
-          if (opts.contextShift !== "sink-window" || !(await this.shiftContext(opts.sinkTokens, opts.maxNewTokens - tokens.length, opts.signal))) break;
+          if (opts.contextShift !== "sink-window" || !(await this.shiftContext(opts.sinkTokens, opts.maxNewTokens - tokens.length, opts.signal))) {
+            if (opts.signal?.aborted) finishReason = "abort";  // aborted while the shift waited for pages
+            break;
+          }
         }
         const run = this.pending;
         let tok: number;

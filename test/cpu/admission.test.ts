@@ -1,0 +1,98 @@
+/**
+ * The queue for K/V pages never strands a request: whatever frees or makes evictable the pages
+ * a waiting request needs lets it in, a sequence that holds pages does not queue behind a request
+ * waiting for them, and an abort ends a wait.
+ */
+import { AbortError, KV_PAGE_TOKENS, loadModel, Model } from "../../lib";
+import { writeTinyModel } from "../helpers/tiny-model";
+
+process.env.LCKV_QUIET = "1";
+
+const dir = writeTinyModel({ seed: 21, vocab: 256, maxPositions: 256 });
+const prompt = (n: number, seed: number) => Array.from({ length: n }, (_, i) => ((i * 37 + seed * 11) % 250) + 2);
+let pageBytes = 0;
+beforeAll(async () => {
+  const m = await loadModel(dir, { device: "cpu" });
+  pageBytes = m.kvBytesPerToken * KV_PAGE_TOKENS;
+  await m.dispose();
+});
+const withPages = (pages: number, more = {}) => loadModel(dir, { device: "cpu", kvCacheMemory: pages * pageBytes, ...more });
+
+/** p, or a rejection after ms (a hang shows as a failure, not a stuck test run). */
+function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout;
+  return Promise.race([p, new Promise<T>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what} did not settle in ${ms} ms`)), ms)))]).finally(() => clearTimeout(timer));
+}
+
+test("a request queued behind one that then goes to the prefix cache is let in (its pages are evicted)", async () => {
+  const m = await withPages(4);
+  const a = m.generate(prompt(20, 1), { maxNewTokens: 40, ignoreEos: true }); // all 4 pages
+  const b = m.generate(prompt(10, 2), { maxNewTokens: 20, ignoreEos: true }); // waits
+  expect((await a).tokens).toHaveLength(40);
+  expect((await within(b, 10000, "the queued request")).tokens).toHaveLength(20);
+  expect(m.auditCache()).toBe("");
+  await m.dispose();
+});
+
+test("a sequence disposed while its decode step runs: the request queued for its pages runs", async () => {
+  const m: Model = await withPages(4, { prefixCache: 0 });
+  const s = m.createSequence();
+  await s.append(prompt(20, 1));
+  const gen = (async () => {
+    try {
+      for await (const c of s.generate({ maxNewTokens: 40, ignoreEos: true })) void c;
+    } catch (e) {
+      return e;
+    }
+    return null;
+  })();
+  await new Promise((r) => setImmediate(r));
+  const b = m.generate(prompt(10, 2), { maxNewTokens: 20, ignoreEos: true });
+  // Disposed from a timer once a few steps ran: while the scheduler's next step is in flight.
+  const poll = setInterval(() => {
+    if (m.schedulerStats().steps >= 3) {
+      clearInterval(poll);
+      s.dispose();
+    }
+  }, 0);
+  expect(((await gen) as { code?: string } | null)?.code).toBe("LCKV_DISPOSED");
+  expect((await within(b, 10000, "the queued request")).tokens).toHaveLength(20);
+  await m.dispose();
+});
+
+test("the next turn of a sequence that holds pages does not queue behind a request waiting for them", async () => {
+  const m = await withPages(8, { prefixCache: 0 });
+  const chat = m.createSequence();
+  await chat.append(prompt(40, 1));
+  for await (const c of chat.generate({ maxNewTokens: 8, ignoreEos: true })) void c; // 3 pages held
+  const waiting = m.generate(prompt(30, 2), { maxNewTokens: 60, ignoreEos: true }); // needs 6 of the 5 free
+  await new Promise((r) => setTimeout(r, 20));
+  expect(m.cacheStats().queued).toBe(1);
+  await within(chat.append([3, 4, 5]), 10000, "the next turn's append");
+  let n = 0;
+  await within((async () => { for await (const c of chat.generate({ maxNewTokens: 10, ignoreEos: true })) void c, n++; })(), 10000, "the next turn");
+  expect(n).toBe(10);
+  chat.dispose(); // its pages let the waiting request in
+  expect((await within(waiting, 10000, "the waiting request")).tokens).toHaveLength(60);
+  await m.dispose();
+});
+
+test("an abort ends append() and forward() while they wait for pages (AbortError), and generate() with 'abort'", async () => {
+  const m = await withPages(4, { prefixCache: 0 });
+  const hog = m.createSequence();
+  await hog.append(prompt(60, 1)); // all 4 pages
+  const ac = new AbortController();
+  const s = m.createSequence();
+  const append = s.append(prompt(30, 2), { signal: ac.signal });
+  const forward = m.forward(prompt(30, 3), { signal: ac.signal });
+  const gen = m.generate(prompt(30, 4), { maxNewTokens: 5, signal: ac.signal });
+  await new Promise((r) => setTimeout(r, 20));
+  expect(m.cacheStats().queued).toBe(3);
+  ac.abort();
+  await expect(within(append, 5000, "append")).rejects.toThrow(AbortError);
+  await expect(within(forward, 5000, "forward")).rejects.toThrow(AbortError);
+  expect((await within(gen, 5000, "generate")).finishReason).toBe("abort");
+  expect(m.cacheStats().queued).toBe(0);
+  expect(s.length).toBe(0);
+  await m.dispose();
+});
