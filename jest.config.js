@@ -8,6 +8,7 @@ const common = {
 };
 module.exports = {
   testTimeout: 120000,
+  globalSetup: "<rootDir>/test/helpers/global-setup.js",
   globalTeardown: "<rootDir>/test/helpers/global-teardown.js",
   projects: [
     { ...common, displayName: "cpu", testMatch: ["<rootDir>/test/cpu/**/*.test.ts"] },

@@ -19,7 +19,7 @@ test("a lying tensor shape whose element count overflows 64 bits is an error, no
     },
     { backend: "cpu", threads: 1 },
   );
-  const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "lckv-test-")), "w.bin");
+  const file = path.join(fs.mkdtempSync(path.join(process.env.LCKV_TEST_TMP ?? os.tmpdir(), "lckv-test-")), "w.bin");
   fs.writeFileSync(file, Buffer.alloc(16));
   const src = { name: "layers.0.o.weight", sourceName: "x", file, offset: 0, nbytes: 0, dtype: "F32", shape: [2 ** 32, 2 ** 32], transpose: true };
   await expect(m.loadTensors([src])).rejects.toMatchObject({ code: "LCKV_WEIGHTS", message: expect.stringMatching(/tensor too large/) });

@@ -125,7 +125,7 @@ process.on("exit", () => {
 
 /** Writes a tiny model directory into a fresh temp dir (removed when the process exits). */
 export function writeTinyModel(s: TinyLlamaSpec = {}, opts: { tensors?: RawTensor[]; mutateHeader?: (h: Record<string, any>) => void } = {}): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-test-"));
+  const dir = fs.mkdtempSync(path.join(process.env.LCKV_TEST_TMP ?? os.tmpdir(), "lckv-test-"));
   created.push(dir);
   fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify(tinyLlamaConfig(s), null, 2));
   fs.writeFileSync(path.join(dir, "model.safetensors"), safetensorsBytes(opts.tensors ?? tinyLlamaTensors(s), opts.mutateHeader));
