@@ -65,6 +65,10 @@ export function parseGenerationConfig(raw: unknown, file: string): Record<string
   if (penalty !== undefined && !(penalty > 0)) {
     throw new ConfigError(file, "repetition_penalty", `must be > 0, got ${penalty}`);
   }
+  // Applied in f32: past its normal range it would round to 0 or infinity.
+  if (penalty !== undefined && !(penalty >= 2 ** -126 && penalty <= 2 ** 126)) {
+    throw new ConfigError(file, "repetition_penalty", `must be within f32's normal range, got ${penalty}`);
+  }
   // pad_token_id is never read here, and older Llama files set it to -1: any integer passes.
   for (const k of ["eos_token_id", "bos_token_id", "pad_token_id"]) {
     if (!present(k)) continue;

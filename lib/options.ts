@@ -58,6 +58,8 @@ const GENERATE_KEYS = new Set([
 
 /** The largest value an option the engine takes as a 32-bit integer may have. */
 export const INT32_MAX = 2 ** 31 - 1;
+/** The smallest normal f32. */
+const F32_MIN_NORMAL = 2 ** -126;
 /** Passes of the iterative prefill a request may ask for (the reference trains with a handful). */
 export const MAX_PREFILL_PASSES = 1024;
 
@@ -146,6 +148,10 @@ export function resolveGenerateOptions(
   if (o.repetitionPenalty !== undefined) {
     r.repetitionPenalty = finite("repetitionPenalty", o.repetitionPenalty);
     if (!(r.repetitionPenalty > 0)) throw new InvalidOptionError("repetitionPenalty", `must be > 0, got ${r.repetitionPenalty}`);
+    // The engine applies it in f32: past f32's normal range it would round to 0 or infinity.
+    if (!(r.repetitionPenalty >= F32_MIN_NORMAL && r.repetitionPenalty <= 1 / F32_MIN_NORMAL)) {
+      throw new InvalidOptionError("repetitionPenalty", `must be within [${F32_MIN_NORMAL}, ${1 / F32_MIN_NORMAL}] (f32's normal range), got ${r.repetitionPenalty}`);
+    }
   }
   if (o.seed !== undefined) {
     if (typeof o.seed !== "number" || !Number.isSafeInteger(o.seed)) throw new InvalidOptionError("seed", `must be an integer, got ${describe(o.seed)}`);

@@ -302,6 +302,7 @@ describe("inputs and options", () => {
     [{ topK: 2 ** 31 }, "topK", /at most 2147483647/],
     [{ prefillPasses: 2 ** 31 - 1 }, "prefillPasses", /at most 1024/],
     [{ repetitionPenalty: 0 }, "repetitionPenalty", /> 0/],
+    [{ repetitionPenalty: 1e-40 }, "repetitionPenalty", /f32's normal range/],
     [{ seed: 0.5 }, "seed", /integer/],
     [{ stop: [""] }, "stop", /non-empty/],
     [{ signal: {} }, "signal", /AbortSignal/],

@@ -226,6 +226,7 @@ describe("generation_config.json (parseGenerationConfig)", () => {
     fieldError({ repetition_penalty: 0 }, "repetition_penalty", /must be > 0, got 0/);
     fieldError({ repetition_penalty: -1.1 }, "repetition_penalty", /got -1\.1/);
     fieldError({ repetition_penalty: Infinity }, "repetition_penalty", /must be a finite number/);
+    fieldError({ repetition_penalty: 1e-40 }, "repetition_penalty", /f32's normal range/);
   });
 
   test("eos/bos/pad_token_id must be a token id or a list of token ids", () => {
