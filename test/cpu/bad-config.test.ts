@@ -6,7 +6,7 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { ConfigError, LckvError, loadModel, ModelLoadError, parseLayerTypes, SafetensorsError } from "../../lib";
-import { safetensorsBytes, tinyLlamaTensors, writeTinyModel } from "../helpers/tiny-model";
+import { writeShardedTinyModel, writeTinyModel } from "../helpers/tiny-model";
 
 process.env.LCKV_QUIET = "1";
 const load = (dir: string) => loadModel(dir, { device: "cpu", kvCacheMemory: 1 << 20 });
@@ -158,19 +158,6 @@ describe("config.json numbers that would give NaN", () => {
 
 describe("weight files", () => {
   const st = (dir: string) => path.join(dir, "model.safetensors");
-
-  function sharded(): string {
-    const dir = writeTinyModel();
-    fs.unlinkSync(st(dir));
-    const t = tinyLlamaTensors();
-    const half = Math.floor(t.length / 2);
-    fs.writeFileSync(path.join(dir, "a.safetensors"), safetensorsBytes(t.slice(0, half)));
-    fs.writeFileSync(path.join(dir, "b.safetensors"), safetensorsBytes(t.slice(half)));
-    const map: Record<string, string> = {};
-    t.forEach((x, i) => (map[x.name] = i < half ? "a.safetensors" : "b.safetensors"));
-    fs.writeFileSync(path.join(dir, "model.safetensors.index.json"), JSON.stringify({ metadata: {}, weight_map: map }));
-    return dir;
-  }
   function setShard(dir: string, tensor: string, shard: string): void {
     const ip = path.join(dir, "model.safetensors.index.json");
     const idx = JSON.parse(fs.readFileSync(ip, "utf8"));
@@ -194,7 +181,7 @@ describe("weight files", () => {
   test.each([[""], ["."], [".."], ["../a.safetensors"], ["sub\\a.safetensors"], ["a\u0000.safetensors"]])(
     "weight_map shard name %j",
     async (shard) => {
-      const dir = sharded();
+      const dir = writeShardedTinyModel();
       setShard(dir, "model.norm.weight", shard);
       const e = await load(dir).catch((x) => x);
       expect(e).toBeInstanceOf(ModelLoadError);
@@ -204,7 +191,7 @@ describe("weight files", () => {
   );
 
   test("a shard that is a directory", async () => {
-    const dir = sharded();
+    const dir = writeShardedTinyModel();
     fs.mkdirSync(path.join(dir, "c.safetensors"));
     setShard(dir, "model.norm.weight", "c.safetensors");
     const e = await load(dir).catch((x) => x);

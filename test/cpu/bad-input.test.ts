@@ -16,7 +16,7 @@ import {
   TokenOutOfRangeError,
   UnsupportedArchitectureError,
 } from "../../lib";
-import { safetensorsBytes, tinyLlamaConfig, tinyLlamaTensors, writeTinyModel } from "../helpers/tiny-model";
+import { tinyLlamaConfig, tinyLlamaTensors, writeShardedTinyModel, writeTinyModel } from "../helpers/tiny-model";
 
 process.env.LCKV_QUIET = "1";
 const load = (dir: string, opts = {}) => loadModel(dir, { device: "cpu", ...opts });
@@ -152,22 +152,9 @@ describe("safetensors headers that lie", () => {
 });
 
 describe("sharded checkpoints", () => {
-  function sharded(): string {
-    const dir = writeTinyModel();
-    fs.unlinkSync(path.join(dir, "model.safetensors"));
-    const t = tinyLlamaTensors();
-    const half = Math.floor(t.length / 2);
-    fs.writeFileSync(path.join(dir, "a.safetensors"), safetensorsBytes(t.slice(0, half)));
-    fs.writeFileSync(path.join(dir, "b.safetensors"), safetensorsBytes(t.slice(half)));
-    const map: Record<string, string> = {};
-    t.forEach((x, i) => (map[x.name] = i < half ? "a.safetensors" : "b.safetensors"));
-    fs.writeFileSync(path.join(dir, "model.safetensors.index.json"), JSON.stringify({ metadata: {}, weight_map: map }));
-    return dir;
-  }
-
   test("loads, and gives the same logits as the single file", async () => {
     const one = await load(writeTinyModel());
-    const two = await load(sharded());
+    const two = await load(writeShardedTinyModel());
     const ids = [1, 2, 3, 4, 5];
     expect(Array.from(await two.logits(ids))).toEqual(Array.from(await one.logits(ids)));
     await one.dispose();
@@ -175,13 +162,13 @@ describe("sharded checkpoints", () => {
   });
 
   test("a shard that does not exist", async () => {
-    const dir = sharded();
+    const dir = writeShardedTinyModel();
     fs.unlinkSync(path.join(dir, "b.safetensors"));
     await expect(load(dir)).rejects.toThrow(/shard 'b\.safetensors' .* does not exist/);
   });
 
   test("a tensor listed in the wrong shard", async () => {
-    const dir = sharded();
+    const dir = writeShardedTinyModel();
     const idx = JSON.parse(fs.readFileSync(path.join(dir, "model.safetensors.index.json"), "utf8"));
     idx.weight_map["model.norm.weight"] = idx.weight_map["model.norm.weight"] === "a.safetensors" ? "b.safetensors" : "a.safetensors";
     fs.writeFileSync(path.join(dir, "model.safetensors.index.json"), JSON.stringify(idx));

@@ -131,3 +131,20 @@ export function writeTinyModel(s: TinyLlamaSpec = {}, opts: { tensors?: RawTenso
   fs.writeFileSync(path.join(dir, "model.safetensors"), safetensorsBytes(opts.tensors ?? tinyLlamaTensors(s), opts.mutateHeader));
   return dir;
 }
+
+/**
+ * The default tiny model with its weights split over two shards (a.safetensors, b.safetensors)
+ * and a model.safetensors.index.json mapping each tensor to its shard.
+ */
+export function writeShardedTinyModel(): string {
+  const dir = writeTinyModel();
+  fs.unlinkSync(path.join(dir, "model.safetensors"));
+  const t = tinyLlamaTensors();
+  const half = Math.floor(t.length / 2);
+  fs.writeFileSync(path.join(dir, "a.safetensors"), safetensorsBytes(t.slice(0, half)));
+  fs.writeFileSync(path.join(dir, "b.safetensors"), safetensorsBytes(t.slice(half)));
+  const map: Record<string, string> = {};
+  t.forEach((x, i) => (map[x.name] = i < half ? "a.safetensors" : "b.safetensors"));
+  fs.writeFileSync(path.join(dir, "model.safetensors.index.json"), JSON.stringify({ metadata: {}, weight_map: map }));
+  return dir;
+}
