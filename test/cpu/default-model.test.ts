@@ -5,6 +5,7 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { DEFAULT_MODEL_DIR, loadModel, Model } from "../../lib";
+import { collectStream } from "../helpers/stream";
 
 process.env.LCKV_QUIET = "1";
 const golden = JSON.parse(fs.readFileSync(path.join(__dirname, "..", "fixtures", "default-model.golden.json"), "utf8"));
@@ -79,16 +80,7 @@ test("text appended to a sequence that holds tokens gets no second BOS: two appe
 
 test("stream(): text held back for a possible stop string comes last with token null; the other chunks are the result's tokens", async () => {
   const it = model.stream("Once upon a time", { maxNewTokens: 8, temperature: 0, stop: [",X"] });
-  const chunks: { text: string; token: number | null }[] = [];
-  let r;
-  for (;;) {
-    const x = await it.next();
-    if (x.done) {
-      r = x.value;
-      break;
-    }
-    chunks.push(x.value);
-  }
+  const { chunks, result: r } = await collectStream(it);
   expect(chunks.map((c) => c.text).join("")).toBe(r.text);
   expect(chunks.filter((c) => c.token !== null).map((c) => c.token)).toEqual(r.tokens);
   // This prompt's greedy continuation ends its 8 tokens on "," (held: it could begin ",X").
@@ -98,16 +90,7 @@ test("stream(): text held back for a possible stop string comes last with token 
 test("stream(): the token that completes a stop string has its chunk too, so the chunks' tokens are the result's", async () => {
   // Greedy from this prompt: " by the people of the United ...": "ple of" ends inside " of".
   const it = model.stream("It was a truth universally acknowledged", { temperature: 0, maxNewTokens: 30, stop: ["ple of"] });
-  const chunks: { text: string; token: number | null }[] = [];
-  let r;
-  for (;;) {
-    const x = await it.next();
-    if (x.done) {
-      r = x.value;
-      break;
-    }
-    chunks.push(x.value);
-  }
+  const { chunks, result: r } = await collectStream(it);
   expect(r.finishReason).toBe("stop");
   expect(r.text).toBe(" by the peo");
   expect(chunks.map((c) => c.token)).toEqual(r.tokens);

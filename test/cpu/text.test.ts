@@ -2,6 +2,7 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { InvalidInputError, loadModel, Model } from "../../lib";
+import { collectStream } from "../helpers/stream";
 
 process.env.LCKV_QUIET = "1";
 const dir = path.join(__dirname, "..", "fixtures", "llama-mha-hd16");
@@ -38,16 +39,8 @@ test("a text prompt is the same as its token ids", async () => {
 
 test("streamed text chunks add up to the result text", async () => {
   const it = model.stream("Mr. Bennet", { maxNewTokens: 20, temperature: 0 });
-  let streamed = "";
-  let result;
-  for (;;) {
-    const r = await it.next();
-    if (r.done) {
-      result = r.value;
-      break;
-    }
-    streamed += r.value.text;
-  }
+  const { chunks, result } = await collectStream(it);
+  const streamed = chunks.map((c) => c.text).join("");
   expect(streamed).toBe(result.text);
   expect(result.text).toBe(model.tokenizer!.decode(result.tokens));
 });
