@@ -4,7 +4,7 @@
  * A field that is null counts as absent, as it does in config.json and in transformers.
  */
 import { ConfigError } from "./errors";
-import { INT32_MAX } from "./options";
+import { F32_MIN_NORMAL, INT32_MAX } from "./options";
 
 /** A value for an error message: JSON, cut short (a field may hold a long list). */
 function show(v: unknown): string {
@@ -66,7 +66,7 @@ export function parseGenerationConfig(raw: unknown, file: string): Record<string
     throw new ConfigError(file, "repetition_penalty", `must be > 0, got ${penalty}`);
   }
   // Applied in f32: past its normal range it would round to 0 or infinity.
-  if (penalty !== undefined && !(penalty >= 2 ** -126 && penalty <= 2 ** 126)) {
+  if (penalty !== undefined && !(penalty >= F32_MIN_NORMAL && penalty <= 1 / F32_MIN_NORMAL)) {
     throw new ConfigError(file, "repetition_penalty", `must be within f32's normal range, got ${penalty}`);
   }
   // pad_token_id is never read here, and older Llama files set it to -1: any integer passes.

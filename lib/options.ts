@@ -59,7 +59,7 @@ const GENERATE_KEYS = new Set([
 /** The largest value an option the engine takes as a 32-bit integer may have. */
 export const INT32_MAX = 2 ** 31 - 1;
 /** The smallest normal f32. */
-const F32_MIN_NORMAL = 2 ** -126;
+export const F32_MIN_NORMAL = 2 ** -126;
 /** Passes of the iterative prefill a request may ask for (the reference trains with a handful). */
 export const MAX_PREFILL_PASSES = 1024;
 
