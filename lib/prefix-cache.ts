@@ -4,9 +4,10 @@
  * fork to the shared prefix and prefills only the rest. A sequence is reused only by a request
  * that accepts how far its K/V may be from the sequential computation's (Sequence.kvTolerance):
  * an LCKV prompt prefilled with the approximate iterative scheme is never kept, and one
- * prefilled to a loose fixed-point tolerance serves only requests at least as loose. A fork shares the cached pages (copy-on-write), so a hit costs no copy; the cached
- * sequences' pages count as "cached" in cacheStats() and are the first to go when the pool
- * runs short (least recently used first).
+ * prefilled to a loose fixed-point tolerance serves only requests at least as loose. A fork
+ * shares the cached pages (copy-on-write), so a hit costs no copy; the cached sequences' pages
+ * count as "cached" in cacheStats() and are the first to go when the pool runs short (least
+ * recently used first).
  */
 import type { Sequence } from "./sequence";
 

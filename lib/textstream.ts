@@ -16,6 +16,7 @@ export class TextStream {
   private text = ""; // the text of ids[0, readOffset)
   private pending = ""; // the text after it while it ends in an incomplete character
   private readonly ids: number[]; // the context, then the generated ids
+  private readonly contextLength: number;
   private prefixOffset = 0; // ids[prefixOffset, readOffset) are decoded again as context
   private readOffset: number;
   private readonly longestStop: number;
@@ -31,7 +32,6 @@ export class TextStream {
     this.readOffset = this.ids.length;
     this.contextLength = this.ids.length;
   }
-  private readonly contextLength: number;
 
   /** Call with all generated ids so far; returns the new text that is safe to emit. */
   push(generated: readonly number[]): string {
@@ -50,15 +50,7 @@ export class TextStream {
       this.pending = window.slice(context.length);
     }
     // A stop string can only begin where it would overlap the new text.
-    let limit = this.text.length;
-    const from = Math.max(0, before - this.longestStop + 1);
-    for (const s of this.stops) {
-      const at = s.length > 0 ? this.text.indexOf(s, from) : -1;
-      if (at >= 0 && at < limit) {
-        limit = at;
-        this.stopped = true;
-      }
-    }
+    let limit = this.cutAtStop(Math.max(0, before - this.longestStop + 1));
     if (!this.stopped) {
       // Keep back a replacement character at the end and any suffix that begins a stop string.
       while (limit > 0 && this.text.charCodeAt(limit - 1) === 0xfffd) limit--;
@@ -79,6 +71,19 @@ export class TextStream {
     return out;
   }
 
+  /** Where the earliest stop string found in text from `from` on begins (stopping there), else the text's end. */
+  private cutAtStop(from: number): number {
+    let limit = this.text.length;
+    for (const s of this.stops) {
+      const at = s.length > 0 ? this.text.indexOf(s, from) : -1;
+      if (at >= 0 && at < limit) {
+        limit = at;
+        this.stopped = true;
+      }
+    }
+    return limit;
+  }
+
   // Tokenizers refuse an empty list (the first push has no context yet).
   private decodeSome(ids: number[]): string {
     return ids.length > 0 ? this.decode(ids) : "";
@@ -90,15 +95,7 @@ export class TextStream {
     const from = Math.max(0, this.emitted - this.longestStop + 1);
     this.text += this.pending;
     this.pending = "";
-    let limit = this.text.length;
-    for (const s of this.stops) {
-      const at = s.length > 0 ? this.text.indexOf(s, from) : -1;
-      if (at >= 0 && at < limit) {
-        limit = at;
-        this.stopped = true;
-      }
-    }
-    limit = Math.max(limit, this.emitted);
+    const limit = Math.max(this.cutAtStop(from), this.emitted);
     const out = this.text.slice(this.emitted, limit);
     this.emitted = limit;
     return out;
