@@ -34,7 +34,7 @@ import { parseGenerationConfig } from "./generation-config";
 import { readModelTensors } from "./safetensors";
 import { DecodeScheduler, SchedulerStats } from "./scheduler";
 import { PrefixCache, PrefixCacheStats } from "./prefix-cache";
-import { checkPrefillOptions, nativePrefill, resolvePrefill, Sequence, withCancel } from "./sequence";
+import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill, Sequence, withCancel } from "./sequence";
 import { ChatMessage, readJson, Tokenizer } from "./tokenizer";
 import { resolveWeights } from "./weights";
 
@@ -513,9 +513,8 @@ export class Model implements AsyncDisposable {
     if (opts.maxNewTokens === 0) return done("length");
     if (opts.signal?.aborted) return done("abort");
     // Reuse the longest prefix a finished request left in the cache; prefill only the rest.
-    // Sequential asks for the exact K/V, the iterative scheme accepts any, fixed-point its tolerance.
-    const accepts = opts.prefill === "sequential" ? 0 : opts.prefill === "iterative" ? Infinity : opts.prefillTolerance;
-    const hit = this.prefixCache.take(prompt, accepts);
+    // A request accepts cached K/V as far from exact as its own prefill would make.
+    const hit = this.prefixCache.take(prompt, prefillKvTolerance(opts.prefill, opts.prefillTolerance));
     const seq = hit ? hit.seq : this.createSequence();
     let finished = false;
     try {

@@ -78,8 +78,7 @@ export class Sequence implements Disposable {
   /** @internal A prefill of `tokens` tokens ran in `mode`: how far its K/V may be from exact. */
   private notePrefill(mode: string, tokens: number, tolerance: number): void {
     if (tokens <= 1 || !this.model.config.plan.cyclicGroup) return;  // one pass, exact
-    if (mode === "iterative") this.kvTol = Infinity;
-    else if (mode === "fixed-point") this.kvTol = Math.max(this.kvTol, tolerance);
+    this.kvTol = Math.max(this.kvTol, prefillKvTolerance(mode, tolerance));
   }
 
   private live(): NativeSequence {
@@ -389,6 +388,15 @@ export class Sequence implements Disposable {
   [Symbol.dispose](): void {
     this.dispose();
   }
+}
+
+/**
+ * How far from the sequential computation a prefill mode's K/V may be: sequential is exact,
+ * fixed-point within its tolerance, the iterative scheme unbounded. The prefix cache reads it
+ * as what a request accepts, a sequence as what its prefills made.
+ */
+export function prefillKvTolerance(mode: string, tolerance: number): number {
+  return mode === "sequential" ? 0 : mode === "iterative" ? Infinity : tolerance;
 }
 
 const PREFILL_KEYS = new Set(["prefill", "prefillPasses", "prefillTolerance", "signal"]);
