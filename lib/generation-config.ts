@@ -4,24 +4,12 @@
  * A field that is null counts as absent, as it does in config.json and in transformers.
  */
 import { ConfigError } from "./errors";
-import { F32_MIN_NORMAL, INT32_MAX } from "./options";
-
-/** A value for an error message: JSON, cut short (a field may hold a long list). */
-function show(v: unknown): string {
-  let s: string | undefined;
-  try {
-    s = JSON.stringify(v);
-  } catch {
-    s = undefined; // a BigInt or a cycle, from a caller that built the object itself
-  }
-  s ??= typeof v === "bigint" ? `${v}n` : String(v);
-  return s.length > 80 ? `${s.slice(0, 77)}...` : s;
-}
+import { brief, F32_MIN_NORMAL, INT32_MAX } from "./options";
 
 /** Validates a parsed generation_config.json (the caller passes {} when there is none) and returns it. */
 export function parseGenerationConfig(raw: unknown, file: string): Record<string, unknown> {
   if (typeof raw !== "object" || raw === null || Array.isArray(raw)) {
-    throw new ConfigError(file, "(root)", `must be a JSON object, got ${Array.isArray(raw) ? "an array" : show(raw)}`);
+    throw new ConfigError(file, "(root)", `must be a JSON object, got ${Array.isArray(raw) ? "an array" : brief(raw)}`);
   }
   const g = raw as Record<string, unknown>;
   const present = (k: string) => g[k] !== undefined && g[k] !== null;
@@ -29,19 +17,19 @@ export function parseGenerationConfig(raw: unknown, file: string): Record<string
     if (!present(k)) return undefined;
     const v = g[k];
     // JSON has no NaN or Infinity, but a caller may hand over an object it built itself.
-    if (typeof v !== "number" || !Number.isFinite(v)) throw new ConfigError(file, k, `must be a finite number, got ${show(v)}`);
+    if (typeof v !== "number" || !Number.isFinite(v)) throw new ConfigError(file, k, `must be a finite number, got ${brief(v)}`);
     return v;
   };
   const integer = (k: string, min: number, max: number): void => {
     const v = number(k);
     if (v === undefined) return;
     if (!Number.isInteger(v) || v < min || v > max) {
-      throw new ConfigError(file, k, `must be an integer in [${min}, ${max}], got ${show(v)}`);
+      throw new ConfigError(file, k, `must be an integer in [${min}, ${max}], got ${brief(v)}`);
     }
   };
 
   if (present("do_sample") && typeof g.do_sample !== "boolean") {
-    throw new ConfigError(file, "do_sample", `must be true or false, got ${show(g.do_sample)}`);
+    throw new ConfigError(file, "do_sample", `must be true or false, got ${brief(g.do_sample)}`);
   }
   // Capped at int32: the engine takes these as int32, and no context holds more tokens anyway.
   integer("max_new_tokens", 1, INT32_MAX);
@@ -76,7 +64,7 @@ export function parseGenerationConfig(raw: unknown, file: string): Record<string
     const ids = Array.isArray(v) ? v : [v];
     const min = k === "pad_token_id" ? -Infinity : 0;
     if (!ids.every((x) => typeof x === "number" && Number.isSafeInteger(x) && x >= min)) {
-      throw new ConfigError(file, k, `must be a token id (a non-negative integer) or a list of token ids, got ${show(v)}`);
+      throw new ConfigError(file, k, `must be a token id (a non-negative integer) or a list of token ids, got ${brief(v)}`);
     }
   }
   return { ...g };

@@ -90,6 +90,18 @@ export function describe(v: unknown): string {
   return typeof v;
 }
 
+/** A value for an error message: JSON, cut short (a template or a list may be long). */
+export function brief(v: unknown): string {
+  let s: string | undefined;
+  try {
+    s = JSON.stringify(v);
+  } catch {
+    s = undefined; // a BigInt or a cycle
+  }
+  s ??= typeof v === "bigint" ? `${v}n` : String(v);
+  return s.length > 80 ? `${s.slice(0, 77)}...` : s;
+}
+
 /** The sampling fields are the ones the engine takes (NativeSamplingParams). */
 export interface ResolvedGenerateOptions extends NativeSamplingParams {
   maxNewTokens: number;

@@ -7,6 +7,7 @@ import * as path from "node:path";
 import { Template } from "@huggingface/jinja";
 import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers";
 import { ConfigError, InvalidInputError, ModelLoadError } from "./errors";
+import { brief } from "./options";
 
 export interface ChatMessage {
   role: "system" | "user" | "assistant" | string;
@@ -138,17 +139,6 @@ function isTokenId(x: unknown): boolean {
   return typeof x === "number" && Number.isSafeInteger(x) && x >= 0;
 }
 
-/** A value for an error message: JSON, cut short (a template or a list may be long). */
-function brief(v: unknown): string {
-  let s: string | undefined;
-  try {
-    s = JSON.stringify(v);
-  } catch {
-    s = undefined; // a BigInt or a cycle
-  }
-  s ??= typeof v === "bigint" ? `${v}n` : String(v);
-  return s.length > 80 ? `${s.slice(0, 77)}...` : s;
-}
 
 export function readJson(file: string): unknown {
   let text: string;
