@@ -22,6 +22,7 @@ export interface AdmissionOptions {
 interface Waiter {
   seq: NativeSequence;
   total: number;
+  extraPages: number;
   resolve: (admitted: boolean) => void;
   reject: (e: unknown) => void;
   cleanup: () => void;
@@ -50,16 +51,17 @@ export class Admission {
    * queue is full, or when the wait times out. `resumed`: a running request re-reserving after
    * it gave pages back, which does not queue behind new requests. A sequence that already holds
    * pages (the next turn of a conversation) does not either: a request queued before it may be
-   * waiting for exactly those pages, and neither could ever run.
+   * waiting for exactly those pages, and neither could ever run. `extraPages`: pages beyond the
+   * growth, for a context shift's copies (NativeSequence.pagesToShift).
    */
-  async reserve(seq: NativeSequence, total: number, signal?: AbortSignal, resumed = false): Promise<boolean> {
+  async reserve(seq: NativeSequence, total: number, signal?: AbortSignal, resumed = false, extraPages = 0): Promise<boolean> {
     // The pool's geometry never changes; its full stats scan every page, so read them once.
     const stats = (this.geometry ??= this.native().poolStats());
     const own = Math.round(seq.kvBytes / stats.pageBytes);
     // Pages it holds plus those it must take; a shared page it will copy counts in both, while
     // the sequence ends with one page per pageTokens tokens at most (and can wait for the rest).
-    const need = seq.pagesToGrow(total);
-    const atMost = Math.min(own + need, Math.ceil(total / stats.pageTokens));
+    const need = seq.pagesToGrow(total) + extraPages;
+    const atMost = Math.min(own + need, Math.ceil(total / stats.pageTokens) + extraPages);
     if (atMost > stats.pagesTotal) {
       throw new KvCacheFullError(
         `a sequence of ${total} tokens needs ${atMost} pages of ${stats.pageTokens} tokens, but the whole K/V cache has ${stats.pagesTotal} ` +
@@ -71,7 +73,7 @@ export class Admission {
     // holds pages, takes them before the queue: waiting behind requests that need its pages
     // could deadlock.
     const first = resumed || own > 0;
-    if ((first || this.waiters.length === 0) && this.tryReserve(seq, total)) return true;
+    if ((first || this.waiters.length === 0) && this.tryReserve(seq, total, extraPages)) return true;
     if (signal?.aborted) return false;
     if (!first && this.waiters.length >= this.options.maxQueue) {
       throw new KvCacheFullError(`the K/V cache is full and ${this.waiters.length} requests already wait for it (maxQueue)`, "LCKV_QUEUE_FULL");
@@ -86,6 +88,7 @@ export class Admission {
       const waiter: Waiter = {
         seq,
         total,
+        extraPages,
         resolve,
         reject,
         cleanup: () => {
@@ -129,7 +132,7 @@ export class Admission {
       const w = this.waiters[0];
       let ok: boolean;
       try {
-        ok = this.tryReserve(w.seq, w.total);
+        ok = this.tryReserve(w.seq, w.total, w.extraPages);
       } catch (e) {
         this.remove(w);
         w.reject(e);
@@ -155,21 +158,21 @@ export class Admission {
     w.cleanup();
   }
 
-  private tryReserve(seq: NativeSequence, total: number): boolean {
+  private tryReserve(seq: NativeSequence, total: number, extraPages: number): boolean {
     // Evictions below must not hand their pages to waiters before this request retries.
     const outer = this.pumping;
     this.pumping = true;
     try {
-      return this.reserveEvicting(seq, total);
+      return this.reserveEvicting(seq, total, extraPages);
     } finally {
       this.pumping = outer;
     }
   }
 
-  private reserveEvicting(seq: NativeSequence, total: number): boolean {
+  private reserveEvicting(seq: NativeSequence, total: number, extraPages: number): boolean {
     for (;;) {
       try {
-        seq.reserve(total);
+        seq.reserve(total, extraPages);
         return true;
       } catch (e) {
         if ((e as { code?: string }).code !== "LCKV_KV_CACHE_FULL") throw fromNative(e);

@@ -33,12 +33,17 @@ export interface NativeSequence {
   truncate(n: number): void;
   fork(): NativeSequence;
   dispose(): void;
-  /** Promises the pages needed to grow to totalTokens (0 drops the promise); throws LCKV_KV_CACHE_FULL. */
-  reserve(totalTokens: number): void;
+  /**
+   * Promises the pages needed to grow to totalTokens plus extraPages (a context shift's copies;
+   * nothing to grow and none extra drops the promise); throws LCKV_KV_CACHE_FULL.
+   */
+  reserve(totalTokens: number, extraPages?: number): void;
   /** Context shift: drops tokens [sink, sink + drop) (whole pages); resolves with the new length. */
   shift(sink: number, drop: number): Promise<number>;
   /** Pages this sequence would take to grow to totalTokens. */
   pagesToGrow(totalTokens: number): number;
+  /** Pages shift(sink, drop) would take beyond those it frees (copies of shared pages it rewrites). */
+  pagesToShift(sink: number, drop: number): number;
   /** Marks the sequence's pages as held for prefix reuse (for the pool's "cached" count). */
   setCached(cached: boolean): void;
   readonly reservedPages: number;

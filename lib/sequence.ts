@@ -321,9 +321,20 @@ export class Sequence implements Disposable {
     const sink = Math.ceil(sinkTokens / P) * P;
     const drop = Math.max(P, Math.floor((this.evaluated.length - sink) / 2 / P) * P);
     if (sink + drop > this.evaluated.length) return false;
+    const native = this.live();
+    // Keys that move are rotated, so moved pages this sequence shares (a fork, a prefix-cache
+    // hit) are copied first: promise those pages before the shift, waiting for them if need be,
+    // as a request waits for its own.
+    const copies = native.pagesToShift(sink, drop);
+    if (copies > 0) {
+      this.reservedUpTo = 0;
+      if (!(await this.model.admission.reserve(native, this.evaluated.length, signal, true, copies))) return false;
+    }
     try {
-      await this.live().shift(sink, drop);
+      await native.shift(sink, drop);
     } catch (e) {
+      // A device error past the point of no return leaves the engine's sequence at `sink` tokens.
+      if (native.length < this.evaluated.length) this.evaluated.splice(native.length);
       throw fromNative(e);
     }
     this.evaluated.splice(sink, drop);

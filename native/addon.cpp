@@ -196,6 +196,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
                                     InstanceMethod("reserve", &SequenceWrap::Reserve),
                                     InstanceMethod("shift", &SequenceWrap::Shift),
                                     InstanceMethod("pagesToGrow", &SequenceWrap::PagesToGrow),
+                                    InstanceMethod("pagesToShift", &SequenceWrap::PagesToShift),
                                     InstanceMethod("setCached", &SequenceWrap::SetCached),
                                     InstanceAccessor("reservedPages", &SequenceWrap::ReservedPages, nullptr),
                                     InstanceAccessor("length", &SequenceWrap::Length, nullptr),
@@ -237,14 +238,21 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     s->publish();
     return info.Env().Undefined();
   }
-  // reserve(totalTokens): promises the pages this sequence needs to grow to totalTokens (0
-  // drops the promise). Throws LCKV_KV_CACHE_FULL when the pool cannot promise them now.
+  // reserve(totalTokens, extraPages = 0): promises the pages this sequence needs to grow to
+  // totalTokens, plus extraPages (a context shift's copies; 0 and 0 drop the promise). Throws
+  // LCKV_KV_CACHE_FULL when the pool cannot promise them now.
   Napi::Value Reserve(const Napi::CallbackInfo& info) {
     auto s = live(info.Env());
     if (s->busy) throw makeError(info.Env(), kErrBusy, "the sequence is running a forward");
     const int total = tokenCount(info, "reserve");
+    int extra = 0;
+    if (info.Length() > 1 && !info[1].IsUndefined()) {
+      const double e = info[1].IsNumber() ? info[1].As<Napi::Number>().DoubleValue() : -1;
+      if (!(e >= 0 && e <= 1e9) || e != (double)(int64_t)e) throwInvalid(info.Env(), "reserve(totalTokens, extraPages): extraPages must be an integer >= 0");
+      extra = (int)e;
+    }
     try {
-      s->state->kv->reserve(s->state->length(), total);
+      s->state->kv->reserve(s->state->length(), total, extra);
     } catch (const EngineError& e) {
       throw makeError(info.Env(), e.code, e.what());
     }
@@ -256,6 +264,18 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     if (s->busy) throw makeError(info.Env(), kErrBusy, "the sequence is running a forward");
     const int total = tokenCount(info, "pagesToGrow");
     return Napi::Number::New(info.Env(), s->state->kv->pagesToGrow(s->state->length(), total));
+  }
+  // pagesToShift(sink, drop): pages shift(sink, drop) would take beyond those it frees.
+  Napi::Value PagesToShift(const Napi::CallbackInfo& info) {
+    auto s = live(info.Env());
+    if (s->busy) throw makeError(info.Env(), kErrBusy, "the sequence is running a forward");
+    if (!info[0].IsNumber() || !info[1].IsNumber()) throwInvalid(info.Env(), "pagesToShift(sink, drop) needs two numbers");
+    try {
+      return Napi::Number::New(info.Env(), s->owner->model->pagesToShift(*s->state, info[0].As<Napi::Number>().Int32Value(),
+                                                                          info[1].As<Napi::Number>().Int32Value()));
+    } catch (const EngineError& e) {
+      throw makeError(info.Env(), e.code, e.what());
+    }
   }
   Napi::Value SetCached(const Napi::CallbackInfo& info) {
     auto s = live(info.Env());

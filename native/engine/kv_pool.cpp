@@ -144,6 +144,73 @@ void KvPages::erasePages(int first, int count) {
   dropped_ -= std::max(0, std::min(dropped_, first + count) - first);  // released entries among the erased
 }
 
+void KvPages::shiftCountsLocked(int first, int count, int length, std::vector<int>& shared, int& freed) const {
+  const int end = std::min((int)table_.size(), pagesFor(std::max(length, 0), pool_->layout_.pageTokens));
+  if (first < 0 || count < 0 || first + count > end)
+    throw EngineError(kErrInvalidArgument, "shiftPages: range outside the page table");
+  freed = 0;
+  for (int i = first; i < first + count; ++i)
+    if (table_[(size_t)i] >= 0 && pool_->refs_[(size_t)table_[(size_t)i]] == 1) ++freed;
+  shared.clear();
+  for (int i = first + count; i < end; ++i) {
+    if (table_[(size_t)i] < 0)
+      throw EngineError(kErrInvalidArgument, "shiftPages: a moved page was released by the sliding window");
+    if (pool_->refs_[(size_t)table_[(size_t)i]] > 1) shared.push_back(i);
+  }
+}
+
+int KvPages::pagesToShift(int first, int count, int length) const {
+  std::lock_guard<std::mutex> lk(pool_->mu_);
+  std::vector<int> shared;
+  int freed = 0;
+  shiftCountsLocked(first, count, length, shared, freed);
+  return std::max(0, (int)shared.size() - freed);
+}
+
+void KvPages::shiftPages(int first, int count, int length) {
+  KvPool& pool = *pool_;
+  std::unique_lock<std::mutex> lk(pool.mu_);
+  std::vector<int> shared;
+  int freed = 0;
+  shiftCountsLocked(first, count, length, shared, freed);
+  const int need = (int)shared.size();
+  const int available = pool.available(reserved_) + freed;
+  if (need > available) throw poolFull(need, available, pool.layout_);
+  // The release's pages and the unreserved free ones first; the reservation covers the rest.
+  const int unreserved = (int)pool.free_.size() + freed - pool.reservedTotal_;
+  const int fromReservation = std::min(reserved_, std::max(0, need - std::max(0, unreserved)));
+  std::vector<std::pair<int32_t, int32_t>> copy;  // (from, to)
+  copy.reserve(shared.size());
+  for (int i = first; i < first + count; ++i) dropLocked(table_[(size_t)i]);
+  table_.erase(table_.begin() + first, table_.begin() + first + count);
+  dropped_ -= std::max(0, std::min(dropped_, first + count) - first);
+  std::vector<int32_t> fresh = pool.take(need);
+  reserved_ -= fromReservation;
+  pool.reservedTotal_ -= fromReservation;
+  // As in prepareWrite: the table keeps its reference to each shared page until it is copied.
+  for (size_t c = 0; c < shared.size(); ++c) {
+    const size_t i = (size_t)(shared[c] - count);
+    copy.emplace_back(table_[i], fresh[c]);
+    holdLocked(fresh[c]);
+    table_[i] = fresh[c];
+  }
+  lk.unlock();
+  std::exception_ptr failure;
+  try {
+    for (auto [from, to] : copy) pool.backend_.copyRows(pool.storage_, from, pool.storage_, to, 1);
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  std::lock_guard<std::mutex> relock(pool.mu_);
+  for (auto [from, to] : copy) dropLocked(from);  // the copy stands in for it; its other holders keep it
+  if (failure) {
+    // Pages past `first` may hold uncopied K/V now: the sequence keeps only what precedes them.
+    for (size_t i = (size_t)first; i < table_.size(); ++i) dropLocked(table_[i]);
+    table_.resize((size_t)first);
+    std::rethrow_exception(failure);
+  }
+}
+
 int KvPages::firstHeld() const { return dropped_ * pool_->layout_.pageTokens; }
 
 void KvPages::releaseBelow(int pos) {
@@ -170,8 +237,8 @@ int KvPages::pagesToGrow(int length, int total) const {
   return need;
 }
 
-void KvPages::reserve(int length, int total) {
-  const int need = pagesToGrow(length, total);
+void KvPages::reserve(int length, int total, int extra) {
+  const int need = pagesToGrow(length, total) + std::max(0, extra);
   std::lock_guard<std::mutex> lk(pool_->mu_);
   const int available = pool_->available(reserved_);
   if (need > available) throw poolFull(need, available, pool_->layout_);

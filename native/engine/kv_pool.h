@@ -49,6 +49,16 @@ class KvPages {
   // Releases `count` pages starting at page index `first`; the pages after them move down, so
   // their positions drop by count * pageTokens (a context shift).
   void erasePages(int first, int count);
+  // erasePages() for a shift whose moved keys are rewritten next (RoPE): the moved pages, up to
+  // the page of position length - 1, are made private, shared ones copied. The copies take the
+  // pages the release frees first, then free pages, then this sequence's reservation. Throws
+  // EngineError(LCKV_KV_CACHE_FULL) and changes nothing when they do not suffice; if a copy
+  // itself fails (a device error), the table is cut to its first `first` pages and the error
+  // rethrown, so the sequence holds only K/V it can still trust.
+  void shiftPages(int first, int count, int length);
+  // The pages shiftPages(first, count, length) takes beyond those it frees: what a caller
+  // reserves before it, so that the shift cannot find the pool empty.
+  int pagesToShift(int first, int count, int length) const;
   // Makes positions [start, start + n) writable: missing pages are taken from the pool, and
   // shared pages in the range are replaced by private copies. All or nothing: throws
   // EngineError(LCKV_KV_CACHE_FULL) and changes nothing when the pool cannot supply them.
@@ -61,10 +71,11 @@ class KvPages {
   // Pages this sequence would take to grow from `length` to `total` tokens (new pages plus the
   // copy of a shared partial page).
   int pagesToGrow(int length, int total) const;
-  // Promises the pages needed to grow from `length` to `total` tokens, so that other
-  // sequences cannot take them; replaces any earlier reservation (total <= length drops it).
-  // Throws EngineError(LCKV_KV_CACHE_FULL) when the pool cannot promise them now.
-  void reserve(int length, int total);
+  // Promises the pages needed to grow from `length` to `total` tokens, plus `extra` (a context
+  // shift's copies, pagesToShift()), so that other sequences cannot take them; replaces any
+  // earlier reservation (nothing to grow and no extra drops it). Throws
+  // EngineError(LCKV_KV_CACHE_FULL) when the pool cannot promise them now.
+  void reserve(int length, int total, int extra = 0);
   int reserved() const { return reserved_; }
   // Marks these pages as held for the prefix cache (for cacheStats' "cached" count).
   void setCached(bool cached);
@@ -79,6 +90,9 @@ class KvPages {
   // keeping the prefix-cache count in step.
   void dropLocked(int32_t page);
   void holdLocked(int32_t page);
+  // With the pool locked: the moved pages of a shift that are shared, and the released ones
+  // that go back to the pool (held by this table alone).
+  void shiftCountsLocked(int first, int count, int length, std::vector<int>& shared, int& freed) const;
   std::shared_ptr<KvPool> pool_;
   std::vector<int32_t> table_;
   int reserved_ = 0;

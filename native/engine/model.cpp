@@ -230,7 +230,7 @@ void Model::truncateSequence(SequenceState& seq, int n) {
   seq.kv->keep(n);
 }
 
-void Model::shiftSequence(SequenceState& seq, int sink, int drop) {
+void Model::checkShift(const SequenceState& seq, int sink, int drop) const {
   const int P = pool_->layout().pageTokens, len = seq.length();
   if (sink < 0 || drop <= 0 || sink % P || drop % P || sink + drop > len)
     throw EngineError(kErrInvalidArgument, "shift: sink (" + std::to_string(sink) + ") and drop (" + std::to_string(drop) +
@@ -239,45 +239,68 @@ void Model::shiftSequence(SequenceState& seq, int sink, int drop) {
   if (releaseWindow_ > 0)
     throw EngineError(kErrInvalidArgument, "contextShift: every layer of this model attends through a sliding window, which "
                                            "already bounds its memory; generate without contextShift");
+}
+
+int Model::pagesToShift(const SequenceState& seq, int sink, int drop) const {
+  checkShift(seq, sink, drop);
+  const int P = pool_->layout().pageTokens;
+  const bool rope = cfg_.style == BlockStyle::Llama && seq.length() > sink + drop;
+  return rope ? seq.kv->pagesToShift(sink / P, drop / P, seq.length()) : 0;
+}
+
+void Model::shiftSequence(SequenceState& seq, int sink, int drop) {
+  checkShift(seq, sink, drop);
+  const int P = pool_->layout().pageTokens, len = seq.length();
   Backend& be = *backend_;
   BackendRange range(be, "context shift");
   const int moved = len - sink - drop;
   const bool rope = cfg_.style == BlockStyle::Llama && moved > 0;
   const int kvd = cfg_.numKvHeads * cfg_.headDim;
-  // Everything that can fail comes first, so a failure leaves the sequence as it was: the
-  // buffers, and private copies of shared pages whose keys will turn (copy-on-write).
+  // The buffers first, so that running out of memory leaves the sequence as it was; then the
+  // pages, all or nothing unless a device copy fails.
   Tensor k, v;
   if (rope) {
     k = be.alloc(moved, kvd);
     v = be.alloc(moved, kvd);
+  }
+  // Past this point a failure (a device error) would leave K/V half moved or half rotated: the
+  // sequence then keeps its first `sink` tokens only, whose K/V nothing touched.
+  const size_t pagesBefore = seq.kv->table().size();
+  auto keepSink = [&] {
+    seq.tokens.resize((size_t)sink);
+    seq.kv->keep(sink);
+  };
+  if (rope) {
     try {
-      seq.kv->prepareWrite(sink + drop, moved);
+      seq.kv->shiftPages(sink / P, drop / P, len);  // moved pages made private: their keys turn below
     } catch (...) {
-      seq.kv->rollbackWrite(len);  // gives back the reservation a failed copy took
+      if (seq.kv->table().size() != pagesBefore) keepSink();  // a copy failed after the release
       throw;
     }
-    // Final at once: a copy-on-write copy that is never written is still a valid page, so a
-    // later failure has nothing to undo, and a later forward's rollback must not hand these
-    // pages' share of the reservation back a second time.
-    seq.kv->commitWrite();
+  } else {
+    seq.kv->erasePages(sink / P, drop / P);
   }
-  seq.kv->erasePages(sink / P, drop / P);
   seq.tokens.erase(seq.tokens.begin() + sink, seq.tokens.begin() + sink + drop);
   seq.kv->keep(seq.length());
   if (!rope) return;
   // RoPE: q.k depends on the positions' difference only, so rotating every moved key by -drop
   // makes them read as if they had been computed drop positions earlier.
-  Scratch s;
-  viewPages(s, {&seq}, std::vector<int32_t>((size_t)moved, 0));
-  std::vector<int32_t> pos((size_t)moved), back(pos.size(), -drop);
-  for (int r = 0; r < moved; ++r) pos[(size_t)r] = sink + r;
-  std::vector<float> host;
-  for (int slot = 0; slot < (int)cfg_.plan.kvLayers.size(); ++slot) {
-    be.kvRead(s.kv, 0, slot, sink, moved, host);  // K rows, then V rows
-    be.writeRows(k, 0, moved, host.data());
-    be.writeRows(v, 0, moved, host.data() + (size_t)moved * kvd);
-    be.rope(k, moved, cfg_.numKvHeads, cfg_.headDim, back.data(), cfg_.ropeInvFreq, 1.0f);
-    be.kvWrite(s.kv, slot, k, v, moved, pos.data());
+  try {
+    Scratch s;
+    viewPages(s, {&seq}, std::vector<int32_t>((size_t)moved, 0));
+    std::vector<int32_t> pos((size_t)moved), back(pos.size(), -drop);
+    for (int r = 0; r < moved; ++r) pos[(size_t)r] = sink + r;
+    std::vector<float> host;
+    for (int slot = 0; slot < (int)cfg_.plan.kvLayers.size(); ++slot) {
+      be.kvRead(s.kv, 0, slot, sink, moved, host);  // K rows, then V rows
+      be.writeRows(k, 0, moved, host.data());
+      be.writeRows(v, 0, moved, host.data() + (size_t)moved * kvd);
+      be.rope(k, moved, cfg_.numKvHeads, cfg_.headDim, back.data(), cfg_.ropeInvFreq, 1.0f);
+      be.kvWrite(s.kv, slot, k, v, moved, pos.data());
+    }
+  } catch (...) {
+    keepSink();
+    throw;
   }
 }
 

@@ -86,6 +86,9 @@ class Model {
   // position embeddings cannot be moved, so there the K/V stay as computed). sink and drop are
   // whole pages. The result approximates, not equals, a sequence that never held the dropped
   // tokens: the K/V kept were computed with them in view.
+  // Pages shiftSequence(seq, sink, drop) takes from the pool beyond those it frees (copies of
+  // shared pages whose keys it rotates); reserve them first.
+  int pagesToShift(const SequenceState& seq, int sink, int drop) const;
   void shiftSequence(SequenceState& seq, int sink, int drop);
 
   // Appends tokens to the sequence, running the forward; optionally returns logits and samples.
@@ -103,6 +106,8 @@ class Model {
   std::mutex& mutex() { return mutex_; }
 
  private:
+  // Throws unless sink and drop are whole pages within seq and the model can shift.
+  void checkShift(const SequenceState& seq, int sink, int drop) const;
   struct Layer {
     Tensor attnNormW, attnNormB, q, qB, k, kB, v, vB, o, oB, mlpNormW, mlpNormB, gate, gateB, up, upB, down, downB;
   };
