@@ -42,6 +42,15 @@ std::vector<int32_t> KvPool::take(int count) {
   return out;
 }
 
+std::exception_ptr KvPool::copyPages(const std::vector<std::pair<int32_t, int32_t>>& copies) {
+  try {
+    for (auto [from, to] : copies) backend_.copyRows(storage_, from, storage_, to, 1);
+  } catch (...) {
+    return std::current_exception();
+  }
+  return nullptr;
+}
+
 void KvPool::release(int32_t page) {
   if (--refs_[(size_t)page] == 0) free_.push_back(page);
 }
@@ -195,12 +204,7 @@ void KvPages::shiftPages(int first, int count, int length) {
     table_[i] = fresh[c];
   }
   lk.unlock();
-  std::exception_ptr failure;
-  try {
-    for (auto [from, to] : copy) pool.backend_.copyRows(pool.storage_, from, pool.storage_, to, 1);
-  } catch (...) {
-    failure = std::current_exception();
-  }
+  const std::exception_ptr failure = pool.copyPages(copy);
   std::lock_guard<std::mutex> relock(pool.mu_);
   for (auto [from, to] : copy) dropLocked(from);  // the copy stands in for it; its other holders keep it
   if (failure) {
@@ -297,13 +301,7 @@ void KvPages::prepareWrite(int start, int n) {
     table_.push_back(now);
   }
   lk.unlock();
-  // The copies read pages other holders keep (nobody writes a shared page), so they need no lock.
-  std::exception_ptr failure;
-  try {
-    for (auto [from, to] : copy) pool.backend_.copyRows(pool.storage_, from, pool.storage_, to, 1);
-  } catch (...) {
-    failure = std::current_exception();
-  }
+  const std::exception_ptr failure = pool.copyPages(copy);
   if (copy.empty()) return;
   {
     std::lock_guard<std::mutex> relock(pool.mu_);

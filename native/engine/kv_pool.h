@@ -14,6 +14,7 @@
 // KV layers simply has smaller pages, hence more of them in the same memory.
 #pragma once
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -130,6 +131,9 @@ class KvPool {
   // Takes `count` free pages (reference 1 each). Caller holds mu_ and has checked available().
   std::vector<int32_t> take(int count);
   void release(int32_t page);  // caller holds mu_
+  // Copies page `from` to page `to` for each pair, without the lock: the sources are shared
+  // pages, which nobody writes. Returns the first failure (a device error), or null.
+  std::exception_ptr copyPages(const std::vector<std::pair<int32_t, int32_t>>& copies);
   int available(int reservedByCaller) const { return (int)free_.size() - (reservedTotal_ - reservedByCaller); }
 
   Backend& backend_;
