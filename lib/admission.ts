@@ -22,7 +22,7 @@ export interface AdmissionOptions {
 interface Waiter {
   seq: NativeSequence;
   total: number;
-  extraPages: number;
+  extraPages: () => number;
   resolve: (admitted: boolean) => void;
   reject: (e: unknown) => void;
   cleanup: () => void;
@@ -52,16 +52,18 @@ export class Admission {
    * it gave pages back, which does not queue behind new requests. A sequence that already holds
    * pages (the next turn of a conversation) does not either: a request queued before it may be
    * waiting for exactly those pages, and neither could ever run. `extraPages`: pages beyond the
-   * growth, for a context shift's copies (NativeSequence.pagesToShift).
+   * growth, for a context shift's copies (NativeSequence.pagesToShift), counted again at each
+   * try: while it waits, the pages it shares may stop being shared.
    */
-  async reserve(seq: NativeSequence, total: number, signal?: AbortSignal, resumed = false, extraPages = 0): Promise<boolean> {
+  async reserve(seq: NativeSequence, total: number, signal?: AbortSignal, resumed = false, extraPages: () => number = () => 0): Promise<boolean> {
     // The pool's geometry never changes; its full stats scan every page, so read them once.
     const stats = (this.geometry ??= this.native().poolStats());
     const own = Math.round(seq.kvBytes / stats.pageBytes);
     // Pages it holds plus those it must take; a shared page it will copy counts in both, while
     // the sequence ends with one page per pageTokens tokens at most (and can wait for the rest).
-    const need = seq.pagesToGrow(total) + extraPages;
-    const atMost = Math.min(own + need, Math.ceil(total / stats.pageTokens) + extraPages);
+    const extra = extraPages();
+    const need = seq.pagesToGrow(total) + extra;
+    const atMost = Math.min(own + need, Math.ceil(total / stats.pageTokens) + extra);
     if (atMost > stats.pagesTotal) {
       throw new KvCacheFullError(
         `a sequence of ${total} tokens needs ${atMost} pages of ${stats.pageTokens} tokens, but the whole K/V cache has ${stats.pagesTotal} ` +
@@ -158,7 +160,7 @@ export class Admission {
     w.cleanup();
   }
 
-  private tryReserve(seq: NativeSequence, total: number, extraPages: number): boolean {
+  private tryReserve(seq: NativeSequence, total: number, extraPages: () => number): boolean {
     // Evictions below must not hand their pages to waiters before this request retries.
     const outer = this.pumping;
     this.pumping = true;
@@ -169,10 +171,10 @@ export class Admission {
     }
   }
 
-  private reserveEvicting(seq: NativeSequence, total: number, extraPages: number): boolean {
+  private reserveEvicting(seq: NativeSequence, total: number, extraPages: () => number): boolean {
     for (;;) {
       try {
-        seq.reserve(total, extraPages);
+        seq.reserve(total, extraPages());
         return true;
       } catch (e) {
         if ((e as { code?: string }).code !== "LCKV_KV_CACHE_FULL") throw fromNative(e);

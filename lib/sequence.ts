@@ -100,9 +100,9 @@ export class Sequence implements Disposable {
    * Reserves the K/V pages for `total` tokens (waiting in the model's queue while the pool is
    * short). False when `signal` aborted the wait.
    */
-  private async ensureReserved(total: number, signal?: AbortSignal, resumed = false): Promise<boolean> {
-    if (total <= this.reservedUpTo) return true;
-    const ok = await this.model.admission.reserve(this.live(), total, signal, resumed);
+  private async ensureReserved(total: number, signal?: AbortSignal, resumed = false, extraPages?: () => number): Promise<boolean> {
+    if (total <= this.reservedUpTo && !extraPages) return true;
+    const ok = await this.model.admission.reserve(this.live(), total, signal, resumed, extraPages);
     if (ok) this.reservedUpTo = total;
     return ok;
   }
@@ -215,7 +215,12 @@ export class Sequence implements Disposable {
     // Every page this request can need, before it starts (it may wait here for pages).
     let admitted: boolean;
     try {
-      admitted = opts.maxNewTokens <= 0 || (await this.ensureReserved(Math.min(this.evaluated.length + this.pending.length + opts.maxNewTokens, this.model.maxContext), opts.signal));
+      const total = this.evaluated.length + this.pending.length + opts.maxNewTokens;
+      // A generation that will shift its context also promises, from the start, the copies of
+      // shared pages the shift will rotate: waiting for them at the shift, with every page of
+      // the context held, could wait on another request that does the same.
+      const shiftCopies = opts.contextShift === "sink-window" && total > this.model.maxContext ? () => this.shiftCopies(opts.sinkTokens) : undefined;
+      admitted = opts.maxNewTokens <= 0 || (await this.ensureReserved(Math.min(total, this.model.maxContext), opts.signal, false, shiftCopies));
     } catch (e) {
       this.busy = false;
       this.releaseReservation();
@@ -312,21 +317,41 @@ export class Sequence implements Disposable {
     };
   }
 
+  /** Where a context shift of a sequence of `length` tokens cuts: whole pages. */
+  private shiftPlan(sinkTokens: number, length: number): { sink: number; drop: number } {
+    const P = KV_PAGE_TOKENS;
+    const sink = Math.ceil(sinkTokens / P) * P;
+    return { sink, drop: Math.max(P, Math.floor((length - sink) / 2 / P) * P) };
+  }
+
+  /**
+   * Pages the next context shift (at the context limit) takes beyond those it frees: copies of
+   * the pages it moves that are shared now. Pages written from here on are private, so the
+   * count can only fall.
+   */
+  private shiftCopies(sinkTokens: number, length = this.model.maxContext): number {
+    const { sink, drop } = this.shiftPlan(sinkTokens, length);
+    if (sink + drop > this.evaluated.length) return 0;
+    try {
+      return this.live().pagesToShift(sink, drop);
+    } catch (e) {
+      throw fromNative(e);
+    }
+  }
+
   /**
    * "sink-window" context shift: keeps the first sinkTokens (rounded up to a page) and drops
    * half of the rest, in whole pages, so the sequence fits again. False when it cannot.
    */
   private async shiftContext(sinkTokens: number, remaining: number, signal?: AbortSignal): Promise<boolean> {
-    const P = KV_PAGE_TOKENS;
-    const sink = Math.ceil(sinkTokens / P) * P;
-    const drop = Math.max(P, Math.floor((this.evaluated.length - sink) / 2 / P) * P);
+    const { sink, drop } = this.shiftPlan(sinkTokens, this.evaluated.length);
     if (sink + drop > this.evaluated.length) return false;
     const native = this.live();
     // Keys that move are rotated, so moved pages this sequence shares (a fork, a prefix-cache
-    // hit) are copied first: promise those pages before the shift, waiting for them if need be,
-    // as a request waits for its own.
-    const copies = native.pagesToShift(sink, drop);
-    if (copies > 0) {
+    // hit) are copied: the reservation made when the generation began holds those pages; this
+    // only waits if sharing the sequence's pages began after that.
+    const copies = () => this.shiftCopies(sinkTokens, this.evaluated.length);
+    if (copies() > 0) {
       this.reservedUpTo = 0;
       if (!(await this.model.admission.reserve(native, this.evaluated.length, signal, true, copies))) return false;
     }

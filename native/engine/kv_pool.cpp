@@ -33,13 +33,17 @@ KvPool::KvPool(Backend& backend, const KvLayout& layout, int numPages) : backend
 std::vector<int32_t> KvPool::take(int count) {
   std::vector<int32_t> out;
   out.reserve((size_t)count);  // the only allocation: before any page leaves the free list
+  takeInto(count, out);
+  return out;
+}
+
+void KvPool::takeInto(int count, std::vector<int32_t>& out) {
   for (int i = 0; i < count; ++i) {
     const int32_t p = free_.back();
     free_.pop_back();
     refs_[(size_t)p] = 1;
     out.push_back(p);
   }
-  return out;
 }
 
 std::exception_ptr KvPool::copyPages(const std::vector<std::pair<int32_t, int32_t>>& copies) {
@@ -186,14 +190,19 @@ void KvPages::shiftPages(int first, int count, int length) {
   const int available = pool.available(reserved_) + freed;
   if (need > available) throw poolFull(need, available, pool.layout_);
   // The release's pages and the unreserved free ones first; the reservation covers the rest.
+  // (prepareWrite spends the reservation first, since it was made for those very writes; the
+  // caller of a shift replaces what is left of its reservation right after it.)
   const int unreserved = (int)pool.free_.size() + freed - pool.reservedTotal_;
   const int fromReservation = std::min(reserved_, std::max(0, need - std::max(0, unreserved)));
+  // Allocations first, so nothing below can throw once pages and counts start to move.
   std::vector<std::pair<int32_t, int32_t>> copy;  // (from, to)
   copy.reserve(shared.size());
+  std::vector<int32_t> fresh;
+  fresh.reserve((size_t)need);
   for (int i = first; i < first + count; ++i) dropLocked(table_[(size_t)i]);
   table_.erase(table_.begin() + first, table_.begin() + first + count);
   dropped_ -= std::max(0, std::min(dropped_, first + count) - first);
-  std::vector<int32_t> fresh = pool.take(need);
+  pool.takeInto(need, fresh);
   reserved_ -= fromReservation;
   pool.reservedTotal_ -= fromReservation;
   // As in prepareWrite: the table keeps its reference to each shared page until it is copied.

@@ -130,6 +130,8 @@ class KvPool {
   friend class KvPages;
   // Takes `count` free pages (reference 1 each). Caller holds mu_ and has checked available().
   std::vector<int32_t> take(int count);
+  // take() into `out`, whose capacity the caller has reserved: allocates nothing.
+  void takeInto(int count, std::vector<int32_t>& out);
   void release(int32_t page);  // caller holds mu_
   // Copies page `from` to page `to` for each pair, without the lock: the sources are shared
   // pages, which nobody writes. Returns the first failure (a device error), or null.

@@ -50,44 +50,70 @@ export function contextShiftTests(dev: TestDevice): void {
     });
   });
 
-  test("a shift that must copy shared pages waits for them when the pool is full, then goes on", async () => {
-    const dir = writeTinyModel({ seed: 34, maxPositions: 64 });
-    const probe = await loadModel(dir, { ...dev, prefixCache: 0 });
-    const pageBytes = probe.cacheStats().pageBytes;
-    await probe.dispose();
-    // 8 pages of 16 tokens: a holds 4, its fork b shares them, c holds 3 and leaves 1 free.
-    const m = await loadModel(dir, { ...dev, prefixCache: 0, kvCacheMemory: 8 * pageBytes, queueTimeout: 30_000 });
-    const a = m.createSequence();
-    await a.append(Array.from({ length: 61 }, (_, i) => (i * 5 + 1) % 32));
-    const b = a.fork();
-    const c = m.createSequence();
-    await c.append(Array.from({ length: 49 }, (_, i) => (i * 3 + 2) % 32));
-    expect(m.cacheStats().pagesFree).toBe(1);
-    // b's first writes copy its shared last page (the free one); at 64 tokens it shifts: the
-    // moved page it still shares with a must be copied, and no page is free until c goes.
-    let done = false;
-    let waited = false;
-    const run = collect(b.generate({ maxNewTokens: 12, temperature: 0, ignoreEos: true, contextShift: "sink-window" }), () => {
-      if (m.cacheStats().queued > 0) waited = true;
-    }).then((r) => {
-      done = true;
-      return r;
+  describe("a generation that will shift while it shares pages (a fork) promises their copies from the start", () => {
+    // 8 pages of 16 tokens: a holds 4, its fork b shares them, c holds 3 and leaves 1 free. b's
+    // generation needs that page to copy its shared last page, and 2 more for the moved pages it
+    // will rotate at 64 tokens (still shared with a), so it waits until pages come back.
+    async function setUp() {
+      const dir = writeTinyModel({ seed: 34, maxPositions: 64 });
+      const probe = await loadModel(dir, { ...dev, prefixCache: 0 });
+      const pageBytes = probe.cacheStats().pageBytes;
+      await probe.dispose();
+      const m = await loadModel(dir, { ...dev, prefixCache: 0, kvCacheMemory: 8 * pageBytes, queueTimeout: 20_000 });
+      const a = m.createSequence();
+      await a.append(Array.from({ length: 61 }, (_, i) => (i * 5 + 1) % 32));
+      const b = a.fork();
+      const c = m.createSequence();
+      await c.append(Array.from({ length: 49 }, (_, i) => (i * 3 + 2) % 32));
+      expect(m.cacheStats().pagesFree).toBe(1);
+      let done = false;
+      const run = collect(b.generate({ maxNewTokens: 12, temperature: 0, ignoreEos: true, contextShift: "sink-window" })).then((r) => {
+        done = true;
+        return r;
+      });
+      for (let i = 0; i < 200 && m.cacheStats().queued === 0 && !done; i++) await new Promise((r) => setTimeout(r, 5));
+      expect(done).toBe(false);
+      expect(m.cacheStats().queued).toBe(1); // waiting, not failed
+      return { m, a, b, c, run };
+    }
+    async function greedy(m: Model, tokens: readonly number[]) {
+      const s = m.createSequence();
+      await s.append([...tokens]);
+      const r = await collect(s.generate({ maxNewTokens: 3, temperature: 0, ignoreEos: true }));
+      s.dispose();
+      return r.tokens;
+    }
+
+    test("pages come back: it runs, shifts, and the fork's source keeps its K/V", async () => {
+      const { m, a, b, c, run } = await setUp();
+      c.dispose();
+      const r = await run;
+      expect(r.tokens.length).toBe(12);
+      expect(r.finishReason).toBe("length");
+      expect(b.length).toBeLessThan(64); // the shift happened
+      expect(m.auditCache()).toBe("");
+      b.dispose();
+      // a reads what it wrote: its continuation equals a fresh sequence's of the same tokens.
+      const fresh = await greedy(m, a.tokens);
+      const own = await collect(a.generate({ maxNewTokens: 3, temperature: 0, ignoreEos: true }));
+      expect(own.tokens).toEqual(fresh);
+      a.dispose();
+      expect(m.cacheStats().pagesUsed).toBe(0);
+      await m.dispose();
     });
-    for (let i = 0; i < 200 && m.cacheStats().queued === 0 && !done; i++) await new Promise((r) => setTimeout(r, 5));
-    expect(done).toBe(false);
-    expect(m.cacheStats().queued).toBe(1);  // b waits for a page instead of failing
-    c.dispose();
-    const r = await run;
-    expect(waited || r.tokens.length === 12).toBe(true);
-    expect(r.tokens.length).toBe(12);
-    expect(r.finishReason).toBe("length");
-    expect(b.length).toBeLessThan(64);  // the shift happened
-    expect(a.tokens.length).toBe(61);  // the fork's source kept its own K/V
-    expect(m.auditCache()).toBe("");
-    a.dispose();
-    b.dispose();
-    expect(m.cacheStats().pagesUsed).toBe(0);
-    await m.dispose();
+
+    test("the pages stop being shared while it waits: it needs none of them and runs", async () => {
+      const { m, a, b, c, run } = await setUp();
+      a.dispose(); // b's pages are its own now: no copy-on-write, no copies at the shift
+      const r = await run;
+      expect(r.tokens.length).toBe(12);
+      expect(b.length).toBeLessThan(64);
+      expect(m.auditCache()).toBe("");
+      b.dispose();
+      c.dispose();
+      expect(m.cacheStats().pagesUsed).toBe(0);
+      await m.dispose();
+    });
   });
 
   test("the moved keys are re-rotated exactly: a one-layer model continues as if the dropped tokens were never there", async () => {
