@@ -339,8 +339,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
 // Merges the chunks of each (query, head): out = sum_c exp(M_c - M) acc_c / sum_c exp(M_c - M) L_c.
 // The first warp reads every chunk's max and sum (lane c takes chunks c, c + 32, ...), so the
 // weights come from one or two rounds of loads; then the block's threads take the head's dims
-// times kMergeParts interleaved subsets of the chunks, each reading its chunks' accumulators at
-// once, and the parts are added in order. (Loops over the chunks, each load waiting for the
+// times kMergeThreads / headDim interleaved subsets of the chunks (4 at head size 64, 2 at 128),
+// each reading its chunks' accumulators at once, and the parts are added in order. (Loops over the chunks, each load waiting for the
 // last, made this kernel take as long as the attention itself at 16 sequences.)
 constexpr int kMergeThreads = 256;
 __global__ void __launch_bounds__(kMergeThreads) attentionMergeKernel(const float* __restrict__ partial, int numHeads,

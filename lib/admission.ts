@@ -1,6 +1,7 @@
 /**
  * Admission to the K/V pool. Before a request runs, its sequence reserves every page it can
- * need (prompt plus maxNewTokens), so a running request never finds the pool empty halfway.
+ * need (prompt plus maxNewTokens, plus a context shift's copies of shared pages), so a running
+ * request never finds the pool empty halfway.
  * When the pool is short, the least recently used prefix-cache entries are evicted first; if
  * that is not enough the request waits in a FIFO queue until pages come back (a sequence is
  * disposed, truncated, or finishes its request). A request that could not fit even with the
@@ -49,7 +50,7 @@ export class Admission {
    * Reserves the pages `seq` needs to hold `total` tokens. Resolves true once reserved, false
    * when `signal` aborts the wait; throws KvCacheFullError when it can never fit, when the
    * queue is full, or when the wait times out. `resumed`: a running request re-reserving after
-   * it gave pages back, which does not queue behind new requests. A sequence that already holds
+   * it gave pages back, or before a context shift, which does not queue behind new requests. A sequence that already holds
    * pages (the next turn of a conversation) does not either: a request queued before it may be
    * waiting for exactly those pages, and neither could ever run. `extraPages`: pages beyond the
    * growth, for a context shift's copies (NativeSequence.pagesToShift), counted again at each

@@ -239,8 +239,8 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     return info.Env().Undefined();
   }
   // reserve(totalTokens, extraPages = 0): promises the pages this sequence needs to grow to
-  // totalTokens, plus extraPages (a context shift's copies; 0 and 0 drop the promise). Throws
-  // LCKV_KV_CACHE_FULL when the pool cannot promise them now.
+  // totalTokens, plus extraPages (a context shift's copies); nothing to grow and no extra pages
+  // drop the promise. Throws LCKV_KV_CACHE_FULL when the pool cannot promise them now.
   Napi::Value Reserve(const Napi::CallbackInfo& info) {
     auto s = live(info.Env());
     if (s->busy) throw makeError(info.Env(), kErrBusy, "the sequence is running a forward");

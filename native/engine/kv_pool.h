@@ -48,7 +48,7 @@ class KvPages {
   // The first position whose page is still held (0 unless releaseBelow dropped some).
   int firstHeld() const;
   // Releases `count` pages starting at page index `first`; the pages after them move down, so
-  // their positions drop by count * pageTokens (a context shift).
+  // their positions drop by count * pageTokens (a context shift whose K/V stays as computed).
   void erasePages(int first, int count);
   // erasePages() for a shift whose moved keys are rewritten next (RoPE): the moved pages, up to
   // the page of position length - 1, are made private, shared ones copied. The copies take the

@@ -85,11 +85,13 @@ class Model {
   // the later ones down by `drop` positions. Their K is re-rotated by -drop with RoPE (learned
   // position embeddings cannot be moved, so there the K/V stay as computed). sink and drop are
   // whole pages. The result approximates, not equals, a sequence that never held the dropped
-  // tokens: the K/V kept were computed with them in view.
+  // tokens: the K/V kept were computed with them in view. Throws LCKV_KV_CACHE_FULL and changes
+  // nothing when the pool cannot supply the copies of shared moved pages (pagesToShift); after a
+  // device error midway the sequence keeps its first `sink` tokens only.
+  void shiftSequence(SequenceState& seq, int sink, int drop);
   // Pages shiftSequence(seq, sink, drop) takes from the pool beyond those it frees (copies of
   // shared pages whose keys it rotates); reserve them first.
   int pagesToShift(const SequenceState& seq, int sink, int drop) const;
-  void shiftSequence(SequenceState& seq, int sink, int drop);
 
   // Appends tokens to the sequence, running the forward; optionally returns logits and samples.
   AppendResult append(SequenceState& seq, const std::vector<int32_t>& tokens, const PrefillSpec& prefill,
