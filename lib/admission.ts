@@ -20,10 +20,19 @@ export interface AdmissionOptions {
   queueTimeout: number;
 }
 
+/** How Admission.reserve() counts a request's pages (see there). */
+export interface ReserveOptions {
+  signal?: AbortSignal;
+  resumed?: boolean;
+  extraPages?: () => number;
+  stepwise?: boolean;
+}
+
 interface Waiter {
   seq: NativeSequence;
   total: number;
   extraPages: () => number;
+  stepwise: boolean;
   resolve: (admitted: boolean) => void;
   reject: (e: unknown) => void;
   cleanup: () => void;
@@ -50,20 +59,23 @@ export class Admission {
    * Reserves the pages `seq` needs to hold `total` tokens. Resolves true once reserved, false
    * when `signal` aborts the wait; throws KvCacheFullError when it can never fit, when the
    * queue is full, or when the wait times out. `resumed`: a running request re-reserving after
-   * it gave pages back, or before a context shift, which does not queue behind new requests. A sequence that already holds
-   * pages (the next turn of a conversation) does not either: a request queued before it may be
-   * waiting for exactly those pages, and neither could ever run. `extraPages`: pages beyond the
-   * growth, for a context shift's copies (NativeSequence.pagesToShift), counted again at each
-   * try: while it waits, the pages it shares may stop being shared.
+   * it gave pages back, or before a context shift, which does not queue behind new requests. A
+   * sequence that already holds pages (the next turn of a conversation) does not either: a
+   * request queued before it may be waiting for exactly those pages, and neither could ever
+   * run. `extraPages`: pages beyond the growth, for a context shift's copies
+   * (NativeSequence.pagesToShift), counted again at each try: while it waits, the pages it
+   * shares may stop being shared. `stepwise`: the growth is decoding, a token at a time, so a
+   * model whose every layer is windowed needs only its window's pages (NativeSequence.reserve).
    */
-  async reserve(seq: NativeSequence, total: number, signal?: AbortSignal, resumed = false, extraPages: () => number = () => 0): Promise<boolean> {
+  async reserve(seq: NativeSequence, total: number, opts: ReserveOptions = {}): Promise<boolean> {
+    const { signal, resumed = false, extraPages = () => 0, stepwise = false } = opts;
     // The pool's geometry never changes; its full stats scan every page, so read them once.
     const stats = (this.geometry ??= this.native().poolStats());
     const own = Math.round(seq.kvBytes / stats.pageBytes);
     // Pages it holds plus those it must take; a shared page it will copy counts in both, while
     // the sequence ends with one page per pageTokens tokens at most (and can wait for the rest).
     const extra = extraPages();
-    const need = seq.pagesToGrow(total) + extra;
+    const need = seq.pagesToReserve(total, extra, stepwise);
     const atMost = Math.min(own + need, Math.ceil(total / stats.pageTokens) + extra);
     if (atMost > stats.pagesTotal) {
       throw new KvCacheFullError(
@@ -76,7 +88,7 @@ export class Admission {
     // holds pages, takes them before the queue: waiting behind requests that need its pages
     // could deadlock.
     const first = resumed || own > 0;
-    if ((first || this.waiters.length === 0) && this.tryReserve(seq, total, extraPages)) return true;
+    if ((first || this.waiters.length === 0) && this.tryReserve(seq, total, extraPages, stepwise)) return true;
     if (signal?.aborted) return false;
     if (!first && this.waiters.length >= this.options.maxQueue) {
       throw new KvCacheFullError(`the K/V cache is full and ${this.waiters.length} requests already wait for it (maxQueue)`, "LCKV_QUEUE_FULL");
@@ -92,6 +104,7 @@ export class Admission {
         seq,
         total,
         extraPages,
+        stepwise,
         resolve,
         reject,
         cleanup: () => {
@@ -135,7 +148,7 @@ export class Admission {
       const w = this.waiters[0];
       let ok: boolean;
       try {
-        ok = this.tryReserve(w.seq, w.total, w.extraPages);
+        ok = this.tryReserve(w.seq, w.total, w.extraPages, w.stepwise);
       } catch (e) {
         this.remove(w);
         w.reject(e);
@@ -161,21 +174,21 @@ export class Admission {
     w.cleanup();
   }
 
-  private tryReserve(seq: NativeSequence, total: number, extraPages: () => number): boolean {
+  private tryReserve(seq: NativeSequence, total: number, extraPages: () => number, stepwise: boolean): boolean {
     // Evictions below must not hand their pages to waiters before this request retries.
     const outer = this.pumping;
     this.pumping = true;
     try {
-      return this.reserveEvicting(seq, total, extraPages);
+      return this.reserveEvicting(seq, total, extraPages, stepwise);
     } finally {
       this.pumping = outer;
     }
   }
 
-  private reserveEvicting(seq: NativeSequence, total: number, extraPages: () => number): boolean {
+  private reserveEvicting(seq: NativeSequence, total: number, extraPages: () => number, stepwise: boolean): boolean {
     for (;;) {
       try {
-        seq.reserve(total, extraPages());
+        seq.reserve(total, extraPages(), stepwise);
         return true;
       } catch (e) {
         if ((e as { code?: string }).code !== "LCKV_KV_CACHE_FULL") throw fromNative(e);

@@ -236,8 +236,10 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
       throw new InvalidOptionError("kvCacheMemory", `${poolBytes} bytes are ${pages} K/V pages of ${pageBytes} bytes; the pool holds at most ${INT32_MAX} pages`);
     }
     native.createPool(pages, KV_PAGE_TOKENS);
-    // One sequence cannot hold more than the whole pool.
-    maxContext = Math.min(maxContext, pages * KV_PAGE_TOKENS);
+    // One sequence cannot hold more than the whole pool, unless every layer reads through a
+    // sliding window: then it holds its window's pages only, and only a prompt (prefilled at
+    // once) must fit in the pool, which admission checks per request.
+    if (!config.plan.window.every((w) => w > 0)) maxContext = Math.min(maxContext, pages * KV_PAGE_TOKENS);
   } catch (e) {
     native.dispose();
     throw fromNative(e);
@@ -420,7 +422,7 @@ export class Model implements AsyncDisposable {
     const seq = this.openSequence();
     try {
       // Its pages through the queue like any request's (evicting cached prefixes if need be).
-      if (!(await this.admission.reserve(seq, ids.length, prefill.signal))) throw new AbortError("the request was aborted while it waited for K/V pages");
+      if (!(await this.admission.reserve(seq, ids.length, { signal: prefill.signal }))) throw new AbortError("the request was aborted while it waited for K/V pages");
       const r = await withCancel(prefill.signal, (cancel) => seq.append(Int32Array.from(ids), { ...nativePrefill(prefill), logits: "all", cancel }));
       return { logits: r.logits!, passes: r.passes };
     } catch (e) {

@@ -35,13 +35,15 @@ export interface NativeSequence {
   dispose(): void;
   /**
    * Promises the pages needed to grow to totalTokens plus extraPages (a context shift's copies;
-   * nothing to grow and none extra drops the promise); throws LCKV_KV_CACHE_FULL.
+   * nothing to grow and none extra drops the promise); throws LCKV_KV_CACHE_FULL. stepwise: the
+   * growth is decoding, so a model whose every layer is windowed promises only the pages its
+   * window holds, refilled as the window releases pages.
    */
-  reserve(totalTokens: number, extraPages?: number): void;
+  reserve(totalTokens: number, extraPages?: number, stepwise?: boolean): void;
   /** Context shift: drops tokens [sink, sink + drop) (whole pages); resolves with the new length. */
   shift(sink: number, drop: number): Promise<number>;
-  /** Pages this sequence would take to grow to totalTokens. */
-  pagesToGrow(totalTokens: number): number;
+  /** The pages reserve() with these arguments would promise. */
+  pagesToReserve(totalTokens: number, extraPages?: number, stepwise?: boolean): number;
   /** Pages shift(sink, drop) would take beyond those it frees (copies of shared pages it rewrites). */
   pagesToShift(sink: number, drop: number): number;
   /** Marks the sequence's pages as held for prefix reuse (for the pool's "cached" count). */

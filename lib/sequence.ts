@@ -8,7 +8,7 @@
  * ever run twice.
  */
 import "./dispose-symbols";
-import { KV_PAGE_TOKENS } from "./admission";
+import { KV_PAGE_TOKENS, ReserveOptions } from "./admission";
 import { AbortError, DisposedError, fromNative, InvalidOptionError, LckvError } from "./errors";
 import type { GenerateResult, Model, PrefillOptions, StreamChunk } from "./model";
 import { NativeSamplingParams, NativeSequence } from "./native";
@@ -100,9 +100,9 @@ export class Sequence implements Disposable {
    * Reserves the K/V pages for `total` tokens (waiting in the model's queue while the pool is
    * short). False when `signal` aborted the wait.
    */
-  private async ensureReserved(total: number, signal?: AbortSignal, resumed = false, extraPages?: () => number): Promise<boolean> {
-    if (total <= this.reservedUpTo && !extraPages) return true;
-    const ok = await this.model.admission.reserve(this.live(), total, signal, resumed, extraPages);
+  private async ensureReserved(total: number, opts: ReserveOptions = {}): Promise<boolean> {
+    if (total <= this.reservedUpTo && !opts.extraPages) return true;
+    const ok = await this.model.admission.reserve(this.live(), total, opts);
     if (ok) this.reservedUpTo = total;
     return ok;
   }
@@ -128,7 +128,7 @@ export class Sequence implements Disposable {
 
   /** @internal model.stream(): reserve the whole request (prompt and generation) up front. */
   async reserveRequest(total: number, signal?: AbortSignal): Promise<boolean> {
-    return this.ensureReserved(Math.min(total, this.model.maxContext), signal);
+    return this.ensureReserved(Math.min(total, this.model.maxContext), { signal });
   }
 
   /** Adds text or token ids to the sequence (prefilling all but the last new token). */
@@ -144,7 +144,7 @@ export class Sequence implements Disposable {
       const prefill = resolvePrefill(this.model, options);
       const run = [...this.pending, ...ids.slice(0, -1)];
       try {
-        if (!(await this.ensureReserved(this.evaluated.length + run.length, prefill.signal))) {
+        if (!(await this.ensureReserved(this.evaluated.length + run.length, { signal: prefill.signal }))) {
           throw new AbortError("the request was aborted while it waited for K/V pages");
         }
         return await this.prefill(native, ids, run, prefill);
@@ -220,7 +220,7 @@ export class Sequence implements Disposable {
       // shared pages the shift will rotate: waiting for them at the shift, with every page of
       // the context held, could wait on another request that does the same.
       const shiftCopies = opts.contextShift === "sink-window" && total > this.model.maxContext ? () => this.shiftCopies(opts.sinkTokens) : undefined;
-      admitted = opts.maxNewTokens <= 0 || (await this.ensureReserved(Math.min(total, this.model.maxContext), opts.signal, false, shiftCopies));
+      admitted = opts.maxNewTokens <= 0 || (await this.ensureReserved(Math.min(total, this.model.maxContext), { signal: opts.signal, extraPages: shiftCopies, stepwise: true }));
     } catch (e) {
       this.busy = false;
       this.releaseReservation();
@@ -353,7 +353,7 @@ export class Sequence implements Disposable {
     const copies = () => this.shiftCopies(sinkTokens, this.evaluated.length);
     if (copies() > 0) {
       this.reservedUpTo = 0;
-      if (!(await this.model.admission.reserve(native, this.evaluated.length, signal, true, copies))) return false;
+      if (!(await this.model.admission.reserve(native, this.evaluated.length, { signal, resumed: true, extraPages: copies }))) return false;
     }
     try {
       await native.shift(sink, drop);
@@ -367,7 +367,7 @@ export class Sequence implements Disposable {
     this.kvTol = Infinity;
     // The dropped pages went back to the pool; promise the ones the rest of the request needs.
     this.reservedUpTo = 0;
-    const ok = await this.ensureReserved(Math.min(this.length + remaining, this.model.maxContext), signal, true);
+    const ok = await this.ensureReserved(Math.min(this.length + remaining, this.model.maxContext), { signal, resumed: true, stepwise: true });
     this.model.admission.pump();  // what the shift gave back beyond that may let a waiting request in
     return ok;
   }

@@ -195,7 +195,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
                                     InstanceMethod("dispose", &SequenceWrap::Dispose),
                                     InstanceMethod("reserve", &SequenceWrap::Reserve),
                                     InstanceMethod("shift", &SequenceWrap::Shift),
-                                    InstanceMethod("pagesToGrow", &SequenceWrap::PagesToGrow),
+                                    InstanceMethod("pagesToReserve", &SequenceWrap::PagesToReserve),
                                     InstanceMethod("pagesToShift", &SequenceWrap::PagesToShift),
                                     InstanceMethod("setCached", &SequenceWrap::SetCached),
                                     InstanceAccessor("reservedPages", &SequenceWrap::ReservedPages, nullptr),
@@ -238,32 +238,42 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     s->publish();
     return info.Env().Undefined();
   }
-  // reserve(totalTokens, extraPages = 0): promises the pages this sequence needs to grow to
-  // totalTokens, plus extraPages (a context shift's copies); nothing to grow and no extra pages
-  // drop the promise. Throws LCKV_KV_CACHE_FULL when the pool cannot promise them now.
+  // reserve(totalTokens, extraPages = 0, stepwise = false): promises the pages this sequence
+  // needs to grow to totalTokens, plus extraPages (a context shift's copies); nothing to grow and
+  // no extra pages drop the promise. stepwise: it grows by decoding, a token at a time, so a
+  // model whose every layer is windowed promises only its window's pages (KvPages::reserve).
+  // Throws LCKV_KV_CACHE_FULL when the pool cannot promise them now.
   Napi::Value Reserve(const Napi::CallbackInfo& info) {
     auto s = live(info.Env());
     if (s->busy) throw makeError(info.Env(), kErrBusy, "the sequence is running a forward");
     const int total = tokenCount(info, "reserve");
-    int extra = 0;
-    if (info.Length() > 1 && !info[1].IsUndefined()) {
-      const double e = info[1].IsNumber() ? info[1].As<Napi::Number>().DoubleValue() : -1;
-      if (!(e >= 0 && e <= 1e9) || e != (double)(int64_t)e) throwInvalid(info.Env(), "reserve(totalTokens, extraPages): extraPages must be an integer >= 0");
-      extra = (int)e;
-    }
+    const int extra = extraPages(info, "reserve");
     try {
-      s->state->kv->reserve(s->state->length(), total, extra);
+      s->state->kv->reserve(s->state->length(), total, extra, stepwiseWindow(info, *s));
     } catch (const EngineError& e) {
       throw makeError(info.Env(), e.code, e.what());
     }
     return info.Env().Undefined();
   }
-  // pagesToGrow(totalTokens): pages the sequence would take to grow to totalTokens.
-  Napi::Value PagesToGrow(const Napi::CallbackInfo& info) {
+  // pagesToReserve(totalTokens, extraPages = 0, stepwise = false): the pages reserve() with
+  // these arguments promises.
+  Napi::Value PagesToReserve(const Napi::CallbackInfo& info) {
     auto s = live(info.Env());
     if (s->busy) throw makeError(info.Env(), kErrBusy, "the sequence is running a forward");
-    const int total = tokenCount(info, "pagesToGrow");
-    return Napi::Number::New(info.Env(), s->state->kv->pagesToGrow(s->state->length(), total));
+    const int total = tokenCount(info, "pagesToReserve");
+    const int extra = extraPages(info, "pagesToReserve");
+    return Napi::Number::New(info.Env(), s->state->kv->pagesToReserve(s->state->length(), total, extra, stepwiseWindow(info, *s)));
+  }
+  static int extraPages(const Napi::CallbackInfo& info, const char* what) {
+    if (info.Length() < 2 || info[1].IsUndefined()) return 0;
+    const double e = info[1].IsNumber() ? info[1].As<Napi::Number>().DoubleValue() : -1;
+    if (!(e >= 0 && e <= 1e9) || e != (double)(int64_t)e)
+      throwInvalid(info.Env(), std::string(what) + "(totalTokens, extraPages): extraPages must be an integer >= 0");
+    return (int)e;
+  }
+  // The window cap for KvPages::reserve when the third argument asks for it.
+  static int stepwiseWindow(const Napi::CallbackInfo& info, const SharedSequence& s) {
+    return info.Length() > 2 && info[2].ToBoolean().Value() ? s.owner->model->decodeWindowPages() : 0;
   }
   // pagesToShift(sink, drop): pages shift(sink, drop) would take beyond those it frees.
   Napi::Value PagesToShift(const Napi::CallbackInfo& info) {

@@ -230,11 +230,21 @@ void KvPages::releaseBelow(int pos) {
   const int pages = std::min((int)table_.size(), std::max(0, pos) / pool_->layout_.pageTokens);
   if (pages <= dropped_) return;
   std::lock_guard<std::mutex> lk(pool_->mu_);
+  const size_t freeBefore = pool_->free_.size();
   for (int i = dropped_; i < pages; ++i) {
     dropLocked(table_[(size_t)i]);
     table_[(size_t)i] = -1;
   }
   dropped_ = pages;
+  if (recycleReleased_) {
+    // Pages that went back to the pool (not those another holder keeps) refill the promise, up
+    // to the new pages growth to the reserved total still takes.
+    const int freed = (int)(pool_->free_.size() - freeBefore);
+    const int ahead = std::max(0, pagesFor(reservedTarget_, pool_->layout_.pageTokens) - (int)table_.size());
+    const int refill = std::min(freed, std::max(0, ahead - reserved_));
+    reserved_ += refill;
+    pool_->reservedTotal_ += refill;
+  }
 }
 
 int KvPages::pagesToGrow(int length, int total) const {
@@ -250,13 +260,24 @@ int KvPages::pagesToGrow(int length, int total) const {
   return need;
 }
 
-void KvPages::reserve(int length, int total, int extra) {
-  const int need = pagesToGrow(length, total) + std::max(0, extra);
+int KvPages::pagesToReserve(int length, int total, int extra, int windowPages) const {
+  const int grow = pagesToGrow(length, total);
+  if (windowPages <= 0) return grow + std::max(0, extra);
+  std::lock_guard<std::mutex> lk(pool_->mu_);
+  const int held = (int)table_.size() - dropped_;
+  return std::min(grow, std::max(0, windowPages - held)) + std::max(0, extra);
+}
+
+void KvPages::reserve(int length, int total, int extra, int windowPages) {
+  const int need = pagesToReserve(length, total, extra, windowPages);
+  const bool capped = windowPages > 0 && need - std::max(0, extra) < pagesToGrow(length, total);
   std::lock_guard<std::mutex> lk(pool_->mu_);
   const int available = pool_->available(reserved_);
   if (need > available) throw poolFull(need, available, pool_->layout_);
   pool_->reservedTotal_ += need - reserved_;
   reserved_ = need;
+  reservedTarget_ = total;
+  recycleReleased_ = capped;
 }
 
 void KvPages::setCached(bool cached) {

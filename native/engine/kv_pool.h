@@ -72,11 +72,18 @@ class KvPages {
   // Pages this sequence would take to grow from `length` to `total` tokens (new pages plus the
   // copy of a shared partial page).
   int pagesToGrow(int length, int total) const;
+  // The pages reserve(length, total, extra, windowPages) promises.
+  int pagesToReserve(int length, int total, int extra, int windowPages) const;
   // Promises the pages needed to grow from `length` to `total` tokens, plus `extra` (a context
   // shift's copies, pagesToShift()), so that other sequences cannot take them; replaces any
   // earlier reservation (nothing to grow and no extra drops it). Throws
   // EngineError(LCKV_KV_CACHE_FULL) when the pool cannot promise them now.
-  void reserve(int length, int total, int extra = 0);
+  // windowPages > 0: a sequence that grows a token at a time and never holds more than that many
+  // pages (every layer reads through a sliding window, which releaseBelow() follows): the
+  // promise is capped at what it lacks of them, and the pages the window releases go back into
+  // the promise while growth to `total` is still ahead, so it never needs a page it was not
+  // promised.
+  void reserve(int length, int total, int extra = 0, int windowPages = 0);
   int reserved() const { return reserved_; }
   // Marks these pages as held for the prefix cache (for cacheStats' "cached" count).
   void setCached(bool cached);
@@ -97,6 +104,8 @@ class KvPages {
   std::shared_ptr<KvPool> pool_;
   std::vector<int32_t> table_;
   int reserved_ = 0;
+  int reservedTarget_ = 0;   // reserve()'s total
+  bool recycleReleased_ = false;  // reserve() capped by a window: releaseBelow() refills the promise
   bool cached_ = false;
   int dropped_ = 0;  // leading table entries released by releaseBelow (-1)
   int takenFromReservation_ = 0;  // by prepareWrite since the last commitWrite

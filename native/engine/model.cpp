@@ -241,6 +241,14 @@ void Model::checkShift(const SequenceState& seq, int sink, int drop) const {
                                            "already bounds its memory; generate without contextShift");
 }
 
+int Model::decodeWindowPages() const {
+  if (releaseWindow_ <= 0) return 0;
+  const int P = pool_->layout().pageTokens;
+  // The window and the spare position releaseOutsideWindow() keeps, out to whole pages on both
+  // ends, and the page the next token may open.
+  return (releaseWindow_ + 2 + P - 1) / P + 2;
+}
+
 int Model::pagesToShift(const SequenceState& seq, int sink, int drop) const {
   checkShift(seq, sink, drop);
   const int P = pool_->layout().pageTokens;

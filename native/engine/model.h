@@ -89,6 +89,9 @@ class Model {
   // nothing when the pool cannot supply the copies of shared moved pages (pagesToShift); after a
   // device error midway the sequence keeps its first `sink` tokens only.
   void shiftSequence(SequenceState& seq, int sink, int drop);
+  // The most pages a sequence holds at once while it decodes, when every layer reads through a
+  // sliding window (their K/V below the widest window is released); 0 for other models.
+  int decodeWindowPages() const;
   // Pages shiftSequence(seq, sink, drop) takes from the pool beyond those it frees (copies of
   // shared pages whose keys it rotates); reserve them first.
   int pagesToShift(const SequenceState& seq, int sink, int drop) const;

@@ -57,5 +57,45 @@ export function slidingWindowTests(dev: TestDevice): void {
       expect(m.auditCache()).toBe("");
       await m.dispose();
     });
+
+    test("a pool smaller than the request still runs it, and two at once: each promises its window's pages, not the request's", async () => {
+      const dir = writeTinyModel(spec);
+      const roomy = await loadModel(dir, { ...dev, prefixCache: 0 });
+      const P = roomy.cacheStats().pageTokens;
+      const pageBytes = roomy.cacheStats().pageBytes;
+      const prompts = [0, 1].map((k) => Array.from({ length: 40 }, (_, i) => (i * 5 + 1 + k * 7) % 32));
+      const alone = await Promise.all(prompts.map(async (p) => (await roomy.generate(p, { maxNewTokens: 300, temperature: 0, ignoreEos: true })).tokens));
+      await roomy.dispose();
+      // 8 pages hold 128 tokens: each request reaches 340, and the window (24) needs 4 pages.
+      const m = await loadModel(dir, { ...dev, prefixCache: 0, kvCacheMemory: 8 * pageBytes });
+      expect(m.cacheStats().capacityTokens).toBe(8 * P);
+      expect(m.maxContext).toBe(512);
+      let maxPages = 0;
+      const lateReserved: number[] = [];
+      const runs = prompts.map(async (p) => {
+        const seq = m.createSequence();
+        await seq.append(p);
+        const tokens: number[] = [];
+        for await (const c of seq.generate({ maxNewTokens: 300, temperature: 0, ignoreEos: true })) {
+          tokens.push(c.token!);
+          const st = m.cacheStats();
+          maxPages = Math.max(maxPages, st.pagesUsed);
+          expect(st.pagesUsed + st.pagesReserved).toBeLessThanOrEqual(st.pagesTotal);
+          // Far past its first promise (4 pages, 64 tokens): the pages the window released
+          // went back into it, so it still holds a promise for the pages ahead.
+          if (tokens.length === 250) lateReserved.push(st.pagesReserved);
+        }
+        seq.dispose();
+        return tokens;
+      });
+      expect(await Promise.all(runs)).toEqual(alone);
+      expect(maxPages).toBeLessThanOrEqual(8);
+      expect(lateReserved.length).toBe(2);
+      expect(Math.min(...lateReserved)).toBeGreaterThan(0);
+      expect(m.cacheStats().pagesUsed).toBe(0);
+      expect(m.cacheStats().pagesReserved).toBe(0);
+      expect(m.auditCache()).toBe("");
+      await m.dispose();
+    });
   });
 }
