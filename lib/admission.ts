@@ -25,14 +25,14 @@ export interface ReserveOptions {
   signal?: AbortSignal;
   resumed?: boolean;
   extraPages?: () => number;
-  stepwise?: boolean;
+  decodeFrom?: number;
 }
 
 interface Waiter {
   seq: NativeSequence;
   total: number;
   extraPages: () => number;
-  stepwise: boolean;
+  decodeFrom: number | undefined;
   resolve: (admitted: boolean) => void;
   reject: (e: unknown) => void;
   cleanup: () => void;
@@ -64,18 +64,19 @@ export class Admission {
    * request queued before it may be waiting for exactly those pages, and neither could ever
    * run. `extraPages`: pages beyond the growth, for a context shift's copies
    * (NativeSequence.pagesToShift), counted again at each try: while it waits, the pages it
-   * shares may stop being shared. `stepwise`: the growth is decoding, a token at a time, so a
-   * model whose every layer is windowed needs only its window's pages (NativeSequence.reserve).
+   * shares may stop being shared. `decodeFrom`: past that many tokens the sequence grows by
+   * decoding, a token at a time, so a model whose every layer is windowed needs only its
+   * window's pages there (NativeSequence.reserve).
    */
   async reserve(seq: NativeSequence, total: number, opts: ReserveOptions = {}): Promise<boolean> {
-    const { signal, resumed = false, extraPages = () => 0, stepwise = false } = opts;
+    const { signal, resumed = false, extraPages = () => 0, decodeFrom } = opts;
     // The pool's geometry never changes; its full stats scan every page, so read them once.
     const stats = (this.geometry ??= this.native().poolStats());
     const own = Math.round(seq.kvBytes / stats.pageBytes);
     // Pages it holds plus those it must take; a shared page it will copy counts in both, while
     // the sequence ends with one page per pageTokens tokens at most (and can wait for the rest).
     const extra = extraPages();
-    const need = seq.pagesToReserve(total, extra, stepwise);
+    const need = seq.pagesToReserve(total, extra, decodeFrom);
     const atMost = Math.min(own + need, Math.ceil(total / stats.pageTokens) + extra);
     if (atMost > stats.pagesTotal) {
       throw new KvCacheFullError(
@@ -88,7 +89,7 @@ export class Admission {
     // holds pages, takes them before the queue: waiting behind requests that need its pages
     // could deadlock.
     const first = resumed || own > 0;
-    if ((first || this.waiters.length === 0) && this.tryReserve(seq, total, extraPages, stepwise)) return true;
+    if ((first || this.waiters.length === 0) && this.tryReserve(seq, total, extraPages, decodeFrom)) return true;
     if (signal?.aborted) return false;
     if (!first && this.waiters.length >= this.options.maxQueue) {
       throw new KvCacheFullError(`the K/V cache is full and ${this.waiters.length} requests already wait for it (maxQueue)`, "LCKV_QUEUE_FULL");
@@ -104,7 +105,7 @@ export class Admission {
         seq,
         total,
         extraPages,
-        stepwise,
+        decodeFrom,
         resolve,
         reject,
         cleanup: () => {
@@ -148,7 +149,7 @@ export class Admission {
       const w = this.waiters[0];
       let ok: boolean;
       try {
-        ok = this.tryReserve(w.seq, w.total, w.extraPages, w.stepwise);
+        ok = this.tryReserve(w.seq, w.total, w.extraPages, w.decodeFrom);
       } catch (e) {
         this.remove(w);
         w.reject(e);
@@ -174,21 +175,21 @@ export class Admission {
     w.cleanup();
   }
 
-  private tryReserve(seq: NativeSequence, total: number, extraPages: () => number, stepwise: boolean): boolean {
+  private tryReserve(seq: NativeSequence, total: number, extraPages: () => number, decodeFrom: number | undefined): boolean {
     // Evictions below must not hand their pages to waiters before this request retries.
     const outer = this.pumping;
     this.pumping = true;
     try {
-      return this.reserveEvicting(seq, total, extraPages, stepwise);
+      return this.reserveEvicting(seq, total, extraPages, decodeFrom);
     } finally {
       this.pumping = outer;
     }
   }
 
-  private reserveEvicting(seq: NativeSequence, total: number, extraPages: () => number, stepwise: boolean): boolean {
+  private reserveEvicting(seq: NativeSequence, total: number, extraPages: () => number, decodeFrom: number | undefined): boolean {
     for (;;) {
       try {
-        seq.reserve(total, extraPages(), stepwise);
+        seq.reserve(total, extraPages(), decodeFrom);
         return true;
       } catch (e) {
         if ((e as { code?: string }).code !== "LCKV_KV_CACHE_FULL") throw fromNative(e);

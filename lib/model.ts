@@ -522,7 +522,7 @@ export class Model implements AsyncDisposable {
     try {
       // The pages for the prompt and every token it may generate, before any work (this is
       // where a request waits while the pool is full).
-      if (!(await seq.reserveRequest(prompt.length + opts.maxNewTokens, opts.signal))) return done("abort");
+      if (!(await seq.reserveRequest(prompt.length, opts.maxNewTokens, opts.signal))) return done("abort");
       let passes: number;
       try {
         ({ passes } = await seq.appendTokens(hit ? prompt.slice(hit.reused) : prompt, opts, true));

@@ -35,15 +35,15 @@ export interface NativeSequence {
   dispose(): void;
   /**
    * Promises the pages needed to grow to totalTokens plus extraPages (a context shift's copies;
-   * nothing to grow and none extra drops the promise); throws LCKV_KV_CACHE_FULL. stepwise: the
-   * growth is decoding, so a model whose every layer is windowed promises only the pages its
-   * window holds, refilled as the window releases pages.
+   * nothing to grow and none extra drops the promise); throws LCKV_KV_CACHE_FULL. decodeFrom:
+   * past that many tokens the growth is decoding, so a model whose every layer is windowed
+   * promises only the pages its window holds there, refilled as the window releases pages.
    */
-  reserve(totalTokens: number, extraPages?: number, stepwise?: boolean): void;
+  reserve(totalTokens: number, extraPages?: number, decodeFrom?: number): void;
   /** Context shift: drops tokens [sink, sink + drop) (whole pages); resolves with the new length. */
   shift(sink: number, drop: number): Promise<number>;
   /** The pages reserve() with these arguments would promise. */
-  pagesToReserve(totalTokens: number, extraPages?: number, stepwise?: boolean): number;
+  pagesToReserve(totalTokens: number, extraPages?: number, decodeFrom?: number): number;
   /** Pages shift(sink, drop) would take beyond those it frees (copies of shared pages it rewrites). */
   pagesToShift(sink: number, drop: number): number;
   /** Marks the sequence's pages as held for prefix reuse (for the pool's "cached" count). */

@@ -101,7 +101,8 @@ export class Sequence implements Disposable {
    * short). False when `signal` aborted the wait.
    */
   private async ensureReserved(total: number, opts: ReserveOptions = {}): Promise<boolean> {
-    if (total <= this.reservedUpTo && !opts.extraPages) return true;
+    // A promise of the same size may still change shape (the copies of a shift, a window's pages).
+    if (total <= this.reservedUpTo && !opts.extraPages && opts.decodeFrom === undefined) return true;
     const ok = await this.model.admission.reserve(this.live(), total, opts);
     if (ok) this.reservedUpTo = total;
     return ok;
@@ -126,9 +127,12 @@ export class Sequence implements Disposable {
     }
   }
 
-  /** @internal model.stream(): reserve the whole request (prompt and generation) up front. */
-  async reserveRequest(total: number, signal?: AbortSignal): Promise<boolean> {
-    return this.ensureReserved(Math.min(total, this.model.maxContext), { signal });
+  /**
+   * @internal model.stream(): reserve the whole request up front, the prompt prefilled up to
+   * `promptTokens` and the generation decoded after it.
+   */
+  async reserveRequest(promptTokens: number, maxNewTokens: number, signal?: AbortSignal): Promise<boolean> {
+    return this.ensureReserved(Math.min(promptTokens + maxNewTokens, this.model.maxContext), { signal, decodeFrom: promptTokens });
   }
 
   /** Adds text or token ids to the sequence (prefilling all but the last new token). */
@@ -220,7 +224,7 @@ export class Sequence implements Disposable {
       // shared pages the shift will rotate: waiting for them at the shift, with every page of
       // the context held, could wait on another request that does the same.
       const shiftCopies = opts.contextShift === "sink-window" && total > this.model.maxContext ? () => this.shiftCopies(opts.sinkTokens) : undefined;
-      admitted = opts.maxNewTokens <= 0 || (await this.ensureReserved(Math.min(total, this.model.maxContext), { signal: opts.signal, extraPages: shiftCopies, stepwise: true }));
+      admitted = opts.maxNewTokens <= 0 || (await this.ensureReserved(Math.min(total, this.model.maxContext), { signal: opts.signal, extraPages: shiftCopies, decodeFrom: this.evaluated.length }));
     } catch (e) {
       this.busy = false;
       this.releaseReservation();
@@ -367,7 +371,7 @@ export class Sequence implements Disposable {
     this.kvTol = Infinity;
     // The dropped pages went back to the pool; promise the ones the rest of the request needs.
     this.reservedUpTo = 0;
-    const ok = await this.ensureReserved(Math.min(this.length + remaining, this.model.maxContext), { signal, resumed: true, stepwise: true });
+    const ok = await this.ensureReserved(Math.min(this.length + remaining, this.model.maxContext), { signal, resumed: true, decodeFrom: this.evaluated.length });
     this.model.admission.pump();  // what the shift gave back beyond that may let a waiting request in
     return ok;
   }

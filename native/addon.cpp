@@ -238,31 +238,32 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
     s->publish();
     return info.Env().Undefined();
   }
-  // reserve(totalTokens, extraPages = 0, stepwise = false): promises the pages this sequence
-  // needs to grow to totalTokens, plus extraPages (a context shift's copies); nothing to grow and
-  // no extra pages drop the promise. stepwise: it grows by decoding, a token at a time, so a
-  // model whose every layer is windowed promises only its window's pages (KvPages::reserve).
-  // Throws LCKV_KV_CACHE_FULL when the pool cannot promise them now.
+  // reserve(totalTokens, extraPages = 0, decodeFrom?): promises the pages this sequence needs
+  // to grow to totalTokens, plus extraPages (a context shift's copies); nothing to grow and no
+  // extra pages drop the promise. decodeFrom: past that many tokens it grows by decoding, a
+  // token at a time, so a model whose every layer is windowed promises only its window's pages
+  // beyond the prefill's (KvPages::reserve). Throws LCKV_KV_CACHE_FULL when the pool cannot
+  // promise them now.
   Napi::Value Reserve(const Napi::CallbackInfo& info) {
     auto s = live(info.Env());
     if (s->busy) throw makeError(info.Env(), kErrBusy, "the sequence is running a forward");
     const int total = tokenCount(info, "reserve");
     const int extra = extraPages(info, "reserve");
     try {
-      s->state->kv->reserve(s->state->length(), total, extra, stepwiseWindow(info, *s));
+      s->state->kv->reserve(s->state->length(), total, extra, growth(info, *s, "reserve"));
     } catch (const EngineError& e) {
       throw makeError(info.Env(), e.code, e.what());
     }
     return info.Env().Undefined();
   }
-  // pagesToReserve(totalTokens, extraPages = 0, stepwise = false): the pages reserve() with
-  // these arguments promises.
+  // pagesToReserve(totalTokens, extraPages = 0, decodeFrom?): the pages reserve() with these
+  // arguments promises.
   Napi::Value PagesToReserve(const Napi::CallbackInfo& info) {
     auto s = live(info.Env());
     if (s->busy) throw makeError(info.Env(), kErrBusy, "the sequence is running a forward");
     const int total = tokenCount(info, "pagesToReserve");
     const int extra = extraPages(info, "pagesToReserve");
-    return Napi::Number::New(info.Env(), s->state->kv->pagesToReserve(s->state->length(), total, extra, stepwiseWindow(info, *s)));
+    return Napi::Number::New(info.Env(), s->state->kv->pagesToReserve(s->state->length(), total, extra, growth(info, *s, "pagesToReserve")));
   }
   static int extraPages(const Napi::CallbackInfo& info, const char* what) {
     if (info.Length() < 2 || info[1].IsUndefined()) return 0;
@@ -271,9 +272,13 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
       throwInvalid(info.Env(), std::string(what) + "(totalTokens, extraPages): extraPages must be an integer >= 0");
     return (int)e;
   }
-  // The window cap for KvPages::reserve when the third argument asks for it.
-  static int stepwiseWindow(const Napi::CallbackInfo& info, const SharedSequence& s) {
-    return info.Length() > 2 && info[2].ToBoolean().Value() ? s.owner->model->decodeWindowPages() : 0;
+  // The third argument, decodeFrom, as KvPages::Growth (no window cap without it).
+  static KvPages::Growth growth(const Napi::CallbackInfo& info, const SharedSequence& s, const char* what) {
+    if (info.Length() < 3 || info[2].IsUndefined()) return {};
+    const double d = info[2].IsNumber() ? info[2].As<Napi::Number>().DoubleValue() : -1;
+    if (!(d >= 0 && d <= 1e9) || d != (double)(int64_t)d)
+      throwInvalid(info.Env(), std::string(what) + "(totalTokens, extraPages, decodeFrom): decodeFrom must be an integer >= 0");
+    return {s.owner->model->decodeWindowPages(), (int)d};
   }
   // pagesToShift(sink, drop): pages shift(sink, drop) would take beyond those it frees.
   Napi::Value PagesToShift(const Napi::CallbackInfo& info) {

@@ -236,12 +236,13 @@ void KvPages::releaseBelow(int pos) {
     table_[(size_t)i] = -1;
   }
   dropped_ = pages;
-  if (recycleReleased_) {
+  if (windowPages_ > 0) {
     // Pages that went back to the pool (not those another holder keeps) refill the promise, up
-    // to the new pages growth to the reserved total still takes.
+    // to the window's pages and to the new pages growth to the reserved total still takes.
     const int freed = (int)(pool_->free_.size() - freeBefore);
     const int ahead = std::max(0, pagesFor(reservedTarget_, pool_->layout_.pageTokens) - (int)table_.size());
-    const int refill = std::min(freed, std::max(0, ahead - reserved_));
+    const int want = std::min(ahead, std::max(0, windowPages_ - ownPagesLocked()));
+    const int refill = std::min(freed, std::max(0, want - reserved_));
     reserved_ += refill;
     pool_->reservedTotal_ += refill;
   }
@@ -260,24 +261,33 @@ int KvPages::pagesToGrow(int length, int total) const {
   return need;
 }
 
-int KvPages::pagesToReserve(int length, int total, int extra, int windowPages) const {
-  const int grow = pagesToGrow(length, total);
-  if (windowPages <= 0) return grow + std::max(0, extra);
-  std::lock_guard<std::mutex> lk(pool_->mu_);
-  const int held = (int)table_.size() - dropped_;
-  return std::min(grow, std::max(0, windowPages - held)) + std::max(0, extra);
+int KvPages::ownPagesLocked() const {
+  int own = 0;
+  for (int32_t p : table_)
+    if (p >= 0 && pool_->refs_[(size_t)p] == 1) ++own;
+  return own;
 }
 
-void KvPages::reserve(int length, int total, int extra, int windowPages) {
-  const int need = pagesToReserve(length, total, extra, windowPages);
-  const bool capped = windowPages > 0 && need - std::max(0, extra) < pagesToGrow(length, total);
+int KvPages::pagesToReserve(int length, int total, int extra, Growth growth) const {
+  const int grow = pagesToGrow(length, total);
+  if (growth.windowPages <= 0) return grow + std::max(0, extra);
+  const int prefill = pagesToGrow(length, std::min(total, growth.decodeFrom));
+  std::lock_guard<std::mutex> lk(pool_->mu_);
+  // Shared pages do not count as held: the copy-on-write of one takes a page, and releasing one
+  // returns none.
+  const int decode = std::min(grow, std::max(0, growth.windowPages - ownPagesLocked()));
+  return std::max(prefill, decode) + std::max(0, extra);
+}
+
+void KvPages::reserve(int length, int total, int extra, Growth growth) {
+  const int need = pagesToReserve(length, total, extra, growth);
   std::lock_guard<std::mutex> lk(pool_->mu_);
   const int available = pool_->available(reserved_);
   if (need > available) throw poolFull(need, available, pool_->layout_);
   pool_->reservedTotal_ += need - reserved_;
   reserved_ = need;
   reservedTarget_ = total;
-  recycleReleased_ = capped;
+  windowPages_ = total > length ? growth.windowPages : 0;  // reserve(0) at the end of a request stops the refills
 }
 
 void KvPages::setCached(bool cached) {

@@ -72,18 +72,25 @@ class KvPages {
   // Pages this sequence would take to grow from `length` to `total` tokens (new pages plus the
   // copy of a shared partial page).
   int pagesToGrow(int length, int total) const;
-  // The pages reserve(length, total, extra, windowPages) promises.
-  int pagesToReserve(int length, int total, int extra, int windowPages) const;
+  // How a sequence grows, for reserve(): `windowPages` > 0 for a sequence that never holds
+  // more than that many pages of its own while it decodes (every layer reads through a sliding
+  // window, which releaseBelow() follows); growth up to `decodeFrom` tokens is a prefill (its
+  // pages are taken at once), beyond it decoding, a token at a time.
+  struct Growth {
+    int windowPages = 0;
+    int decodeFrom = 0;
+  };
+  // The pages reserve(length, total, extra, growth) promises.
+  int pagesToReserve(int length, int total, int extra, Growth growth) const;
   // Promises the pages needed to grow from `length` to `total` tokens, plus `extra` (a context
   // shift's copies, pagesToShift()), so that other sequences cannot take them; replaces any
   // earlier reservation (nothing to grow and no extra drops it). Throws
   // EngineError(LCKV_KV_CACHE_FULL) when the pool cannot promise them now.
-  // windowPages > 0: a sequence that grows a token at a time and never holds more than that many
-  // pages (every layer reads through a sliding window, which releaseBelow() follows): the
-  // promise is capped at what it lacks of them, and the pages the window releases go back into
-  // the promise while growth to `total` is still ahead, so it never needs a page it was not
-  // promised.
-  void reserve(int length, int total, int extra = 0, int windowPages = 0);
+  // With growth.windowPages > 0 the promise is the prefill's pages or what the sequence lacks of
+  // its window's, whichever is more (never more than growing to `total` takes), and the pages
+  // the window releases go back into the promise, up to the window's, while growth is still
+  // ahead: it never needs a page it was not promised.
+  void reserve(int length, int total, int extra, Growth growth);
   int reserved() const { return reserved_; }
   // Marks these pages as held for the prefix cache (for cacheStats' "cached" count).
   void setCached(bool cached);
@@ -104,8 +111,11 @@ class KvPages {
   std::shared_ptr<KvPool> pool_;
   std::vector<int32_t> table_;
   int reserved_ = 0;
-  int reservedTarget_ = 0;   // reserve()'s total
-  bool recycleReleased_ = false;  // reserve() capped by a window: releaseBelow() refills the promise
+  int reservedTarget_ = 0;  // reserve()'s total
+  int windowPages_ = 0;     // reserve()'s growth.windowPages: releaseBelow() refills the promise
+  // With the pool locked: held pages no other table holds (a shared page that the window
+  // releases goes back to nobody).
+  int ownPagesLocked() const;
   bool cached_ = false;
   int dropped_ = 0;  // leading table entries released by releaseBelow (-1)
   int takenFromReservation_ = 0;  // by prepareWrite since the last commitWrite

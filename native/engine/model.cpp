@@ -244,9 +244,9 @@ void Model::checkShift(const SequenceState& seq, int sink, int drop) const {
 int Model::decodeWindowPages() const {
   if (releaseWindow_ <= 0) return 0;
   const int P = pool_->layout().pageTokens;
-  // The window and the spare position releaseOutsideWindow() keeps, out to whole pages on both
-  // ends, and the page the next token may open.
-  return (releaseWindow_ + 2 + P - 1) / P + 2;
+  // While token L is written, the pages of [L - W - 1, L] are held, their first page whole (the
+  // window keeps one spare position, see releaseOutsideWindow): at most ceil((W + 1) / P) + 1.
+  return (releaseWindow_ + 1 + P - 1) / P + 1;
 }
 
 int Model::pagesToShift(const SequenceState& seq, int sink, int drop) const {

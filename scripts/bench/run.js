@@ -199,8 +199,8 @@ async function experiment1() {
       // Verified by the pool itself: `batch` sequences can all reserve their full length at
       // once (none waits), and one more has to wait.
       const held = Array.from({ length: batch + 1 }, () => model.createSequence());
-      const admitted = await Promise.all(held.slice(0, batch).map((s) => s.reserveRequest(prompt + gen)));
-      const waiting = held[batch].reserveRequest(prompt + gen);
+      const admitted = await Promise.all(held.slice(0, batch).map((s) => s.reserveRequest(prompt, gen)));
+      const waiting = held[batch].reserveRequest(prompt, gen);
       await new Promise((r) => setImmediate(r));
       const verified = admitted.every(Boolean) && model.cacheStats().queued === 1;
       for (const s of held.slice(0, batch)) s.dispose();

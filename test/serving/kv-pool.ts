@@ -26,7 +26,7 @@ export function kvPoolTests(dev: TestDevice): void {
       // b ends at 4 pages (the shared partial page becomes its own copy): the whole pool, but
       // only once `a` lets go of the pages b would otherwise copy.
       let settled = false;
-      const granted = b.reserveRequest(4 * P).finally(() => (settled = true));
+      const granted = b.reserveRequest(4 * P, 0).finally(() => (settled = true));
       await new Promise((r) => setImmediate(r));
       expect(settled).toBe(false);
       expect(m.cacheStats().queued).toBe(1);
