@@ -86,9 +86,9 @@ export class Admission {
       );
     }
     // A running request that has just given pages back (a context shift), or any sequence that
-    // holds pages, takes them before the queue: waiting behind requests that need its pages
-    // could deadlock.
-    const first = resumed || own > 0;
+    // holds pages or a promise of them (an admitted request reshaping its promise), takes them
+    // before the queue: waiting behind requests that need its pages could deadlock.
+    const first = resumed || own > 0 || seq.reservedPages > 0;
     if ((first || this.waiters.length === 0) && this.tryReserve(seq, total, extraPages, decodeFrom)) return true;
     if (signal?.aborted) return false;
     if (!first && this.waiters.length >= this.options.maxQueue) {
