@@ -340,8 +340,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
 // The first warp reads every chunk's max and sum (lane c takes chunks c, c + 32, ...), so the
 // weights come from one or two rounds of loads; then the block's threads take the head's dims
 // times kMergeThreads / headDim interleaved subsets of the chunks (4 at head size 64, 2 at 128),
-// each reading its chunks' accumulators at once, and the parts are added in order. (Loops over the chunks, each load waiting for the
-// last, made this kernel take as long as the attention itself at 16 sequences.)
+// each reading its chunks' accumulators at once, and the parts are added in order. (Loops over
+// the chunks, each load waiting for the last, made this kernel take as long as the attention
+// itself at 16 sequences.)
 constexpr int kMergeThreads = 256;
 __global__ void __launch_bounds__(kMergeThreads) attentionMergeKernel(const float* __restrict__ partial, int numHeads,
                                                                       int headDim, int splits, float* __restrict__ out) {

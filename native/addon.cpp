@@ -267,18 +267,16 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
   }
   static int extraPages(const Napi::CallbackInfo& info, const char* what) {
     if (info.Length() < 2 || info[1].IsUndefined()) return 0;
-    const double e = info[1].IsNumber() ? info[1].As<Napi::Number>().DoubleValue() : -1;
-    if (!(e >= 0 && e <= 1e9) || e != (double)(int64_t)e)
-      throwInvalid(info.Env(), std::string(what) + "(totalTokens, extraPages): extraPages must be an integer >= 0");
-    return (int)e;
+    const int e = countArg(info, 1);
+    if (e < 0) throwInvalid(info.Env(), std::string(what) + "(totalTokens, extraPages): extraPages must be an integer >= 0");
+    return e;
   }
   // The third argument, decodeFrom, as KvPages::Growth (no window cap without it).
   static KvPages::Growth growth(const Napi::CallbackInfo& info, const SharedSequence& s, const char* what) {
     if (info.Length() < 3 || info[2].IsUndefined()) return {};
-    const double d = info[2].IsNumber() ? info[2].As<Napi::Number>().DoubleValue() : -1;
-    if (!(d >= 0 && d <= 1e9) || d != (double)(int64_t)d)
-      throwInvalid(info.Env(), std::string(what) + "(totalTokens, extraPages, decodeFrom): decodeFrom must be an integer >= 0");
-    return {s.owner->model->decodeWindowPages(), (int)d};
+    const int d = countArg(info, 2);
+    if (d < 0) throwInvalid(info.Env(), std::string(what) + "(totalTokens, extraPages, decodeFrom): decodeFrom must be an integer >= 0");
+    return {s.owner->model->decodeWindowPages(), d};
   }
   // pagesToShift(sink, drop): pages shift(sink, drop) would take beyond those it frees.
   Napi::Value PagesToShift(const Napi::CallbackInfo& info) {
@@ -300,12 +298,16 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
   Napi::Value ReservedPages(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), seq ? seq->state->kv->reserved() : 0);
   }
+  // Argument i as an integer in [0, 1e9] (token and page counts); -1 when it is not one.
+  static int countArg(const Napi::CallbackInfo& info, size_t i) {
+    const double v = info[i].IsNumber() ? info[i].As<Napi::Number>().DoubleValue() : -1;
+    return v >= 0 && v <= 1e9 && v == (double)(int64_t)v ? (int)v : -1;
+  }
   static int tokenCount(const Napi::CallbackInfo& info, const char* what) {
     if (!info[0].IsNumber()) throwInvalid(info.Env(), std::string(what) + "(totalTokens) needs a number");
-    const double t = info[0].As<Napi::Number>().DoubleValue();
-    if (!(t >= 0 && t <= 1e9) || t != (double)(int64_t)t)
-      throwInvalid(info.Env(), std::string(what) + "(totalTokens): an integer in [0, 1e9] is needed");
-    return (int)t;
+    const int t = countArg(info, 0);
+    if (t < 0) throwInvalid(info.Env(), std::string(what) + "(totalTokens): an integer in [0, 1e9] is needed");
+    return t;
   }
   Napi::Value Fork(const Napi::CallbackInfo& info) {
     auto s = live(info.Env());

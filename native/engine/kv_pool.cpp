@@ -152,6 +152,10 @@ void KvPages::erasePages(int first, int count) {
   std::lock_guard<std::mutex> lk(pool_->mu_);
   if (first < 0 || count < 0 || (size_t)(first + count) > table_.size())
     throw EngineError(kErrInvalidArgument, "erasePages: range outside the page table");
+  eraseLocked(first, count);
+}
+
+void KvPages::eraseLocked(int first, int count) {
   for (int i = first; i < first + count; ++i) dropLocked(table_[(size_t)i]);
   table_.erase(table_.begin() + first, table_.begin() + first + count);
   dropped_ -= std::max(0, std::min(dropped_, first + count) - first);  // released entries among the erased
@@ -199,9 +203,7 @@ void KvPages::shiftPages(int first, int count, int length) {
   copy.reserve(shared.size());
   std::vector<int32_t> fresh;
   fresh.reserve((size_t)need);
-  for (int i = first; i < first + count; ++i) dropLocked(table_[(size_t)i]);
-  table_.erase(table_.begin() + first, table_.begin() + first + count);
-  dropped_ -= std::max(0, std::min(dropped_, first + count) - first);
+  eraseLocked(first, count);
   pool.takeInto(need, fresh);
   reserved_ -= fromReservation;
   pool.reservedTotal_ -= fromReservation;

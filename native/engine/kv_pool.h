@@ -105,6 +105,8 @@ class KvPages {
   // keeping the prefix-cache count in step.
   void dropLocked(int32_t page);
   void holdLocked(int32_t page);
+  // erasePages() with the pool locked and the range checked.
+  void eraseLocked(int first, int count);
   // With the pool locked: the moved pages of a shift that are shared, and the released ones
   // that go back to the pool (held by this table alone).
   void shiftCountsLocked(int first, int count, int length, std::vector<int>& shared, int& freed) const;

@@ -249,11 +249,14 @@ int Model::decodeWindowPages() const {
   return (releaseWindow_ + 1 + P - 1) / P + 1;
 }
 
+bool Model::shiftRotates(const SequenceState& seq, int sink, int drop) const {
+  return cfg_.style == BlockStyle::Llama && seq.length() > sink + drop;
+}
+
 int Model::pagesToShift(const SequenceState& seq, int sink, int drop) const {
   checkShift(seq, sink, drop);
   const int P = pool_->layout().pageTokens;
-  const bool rope = cfg_.style == BlockStyle::Llama && seq.length() > sink + drop;
-  return rope ? seq.kv->pagesToShift(sink / P, drop / P, seq.length()) : 0;
+  return shiftRotates(seq, sink, drop) ? seq.kv->pagesToShift(sink / P, drop / P, seq.length()) : 0;
 }
 
 void Model::shiftSequence(SequenceState& seq, int sink, int drop) {
@@ -262,7 +265,7 @@ void Model::shiftSequence(SequenceState& seq, int sink, int drop) {
   Backend& be = *backend_;
   BackendRange range(be, "context shift");
   const int moved = len - sink - drop;
-  const bool rope = cfg_.style == BlockStyle::Llama && moved > 0;
+  const bool rope = shiftRotates(seq, sink, drop);
   const int kvd = cfg_.numKvHeads * cfg_.headDim;
   // The buffers first, so that running out of memory leaves the sequence as it was; then the
   // pages, all or nothing unless a device copy fails.

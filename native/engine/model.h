@@ -113,6 +113,8 @@ class Model {
  private:
   // Throws unless sink and drop are whole pages within seq and the model can shift.
   void checkShift(const SequenceState& seq, int sink, int drop) const;
+  // Whether a shift rotates moved keys (RoPE, and some tokens move): then it rewrites their pages.
+  bool shiftRotates(const SequenceState& seq, int sink, int drop) const;
   struct Layer {
     Tensor attnNormW, attnNormB, q, qB, k, kB, v, vB, o, oB, mlpNormW, mlpNormB, gate, gateB, up, upB, down, downB;
   };
