@@ -72,6 +72,14 @@ export interface LoadOptions {
    * as its own launch, like vLLM's enforce_eager: slower, the same tokens. Ignored on the CPU.
    */
   cudaGraphs?: boolean;
+  /**
+   * Queue each decode step's successor on the GPU before its tokens reach JavaScript (default
+   * true), so the GPU does not wait for the host between steps: the next step, fed on the device
+   * with the tokens just chosen, is used when the next call continues the same batch, and
+   * thrown away otherwise. The same tokens either way. Needs cudaGraphs; rows with a repetition
+   * penalty do not run ahead. Ignored on the CPU.
+   */
+  runAhead?: boolean;
   /** Called with the fraction of weights loaded, from 0 to 1. */
   onProgress?: (fraction: number) => void;
   /** Finished requests kept for prefix reuse (default 8; 0 turns reuse off). */
@@ -131,7 +139,7 @@ export interface ForwardResult {
 export const DEFAULT_MODEL_DIR = path.join(__dirname, "..", "models", "default");
 
 export { KV_PAGE_TOKENS };
-const LOAD_KEYS = new Set(["device", "dtype", "maxContext", "kvCacheMemory", "threads", "cudaGraphs", "onProgress", "prefixCache", "maxQueue", "queueTimeout", "maxBatch"]);
+const LOAD_KEYS = new Set(["device", "dtype", "maxContext", "kvCacheMemory", "threads", "cudaGraphs", "runAhead", "onProgress", "prefixCache", "maxQueue", "queueTimeout", "maxBatch"]);
 /** Without kvCacheMemory, the pool holds this many sequences of the full context... */
 const DEFAULT_POOL_SEQUENCES = 32;
 /** ...but at most this share of free GPU memory (after the weights) or of host memory. */
@@ -157,6 +165,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   if (!["auto", "f32", "f16", "bf16"].includes(dtype)) throw new InvalidOptionError("dtype", `must be "auto", "f32", "f16" or "bf16", got ${describe(dtype)}`);
   if (options.threads !== undefined) posInt("threads", options.threads, MAX_THREADS);
   if (options.cudaGraphs !== undefined && typeof options.cudaGraphs !== "boolean") throw new InvalidOptionError("cudaGraphs", `must be true or false, got ${describe(options.cudaGraphs)}`);
+  if (options.runAhead !== undefined && typeof options.runAhead !== "boolean") throw new InvalidOptionError("runAhead", `must be true or false, got ${describe(options.runAhead)}`);
   if (options.kvCacheMemory !== undefined) posInt("kvCacheMemory", options.kvCacheMemory);
   if (options.maxContext !== undefined) posInt("maxContext", options.maxContext);
   if (options.onProgress !== undefined && typeof options.onProgress !== "function") throw new InvalidOptionError("onProgress", "must be a function");
@@ -204,7 +213,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
 
   let native: NativeModel;
   try {
-    native = new addon.NativeModel(describeForNative(config), { backend, threads: options.threads, dtype: weightDtype, cudaGraphs: options.cudaGraphs ?? true });
+    native = new addon.NativeModel(describeForNative(config), { backend, threads: options.threads, dtype: weightDtype, cudaGraphs: options.cudaGraphs ?? true, runAhead: options.runAhead ?? true });
   } catch (e) {
     throw fromNative(e);
   }

@@ -97,16 +97,19 @@ export interface NativeModel {
   poolStats(): NativePoolStats;
   /** "" when every page's reference count matches the live page tables, else the first mismatch. */
   auditPool(): string;
-  /** Free and total device memory in bytes (0, 0 on the CPU). */
-  /** Device memory, and the decode-step graphs the backend keeps and how often it replayed them. */
-  memoryInfo(): { free: number; total: number; stepGraphs: number; stepGraphReplays: number };
+  /**
+   * Free and total device memory in bytes (0, 0 on the CPU), the decode-step graphs the backend
+   * keeps and how often it replayed them, and the decode steps run ahead that a call used or
+   * threw away.
+   */
+  memoryInfo(): { free: number; total: number; stepGraphs: number; stepGraphReplays: number; runAheadSteps: number; runAheadDiscarded: number };
   dispose(): void;
   readonly weightBytes: number;
   readonly backend: string;
 }
 
 export interface NativeAddon {
-  NativeModel: new (desc: NativeModelDescription, opts: { backend: string; threads?: number; dtype?: string; cudaGraphs?: boolean }) => NativeModel;
+  NativeModel: new (desc: NativeModelDescription, opts: { backend: string; threads?: number; dtype?: string; cudaGraphs?: boolean; runAhead?: boolean }) => NativeModel;
   /** cuda: built and a device is usable; cudaBuilt: compiled in; cudaProblem: why it is unusable. */
   backends: { cpu: boolean; cuda: boolean; cudaBuilt: boolean; cudaProblem?: string };
   version: string;

@@ -528,6 +528,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       be = createNamedBackend(backend, threads, w, getInt(opts, "deviceIndex", false, 0), graphs);
       shared_ = std::make_shared<SharedModel>();
       shared_->model = std::make_unique<Model>(std::move(cfg), std::move(be));
+      shared_->model->setRunAhead(!opts.Get("runAhead").IsBoolean() || opts.Get("runAhead").As<Napi::Boolean>().Value());
     } catch (const EngineError& e) {
       throw makeError(env, e.code, e.what());
     } catch (const std::bad_alloc&) {
@@ -727,6 +728,10 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     m->model->backend().stepGraphStats(recorded, replayed);
     o.Set("stepGraphs", (double)recorded);
     o.Set("stepGraphReplays", (double)replayed);
+    int64_t used = 0, discarded = 0;
+    m->model->runAheadStats(used, discarded);
+    o.Set("runAheadSteps", (double)used);
+    o.Set("runAheadDiscarded", (double)discarded);
     return o;
   }
 

@@ -198,13 +198,15 @@ class CudaBackend : public Backend {
   ~CudaBackend() override {
     profiler_.report();
     abortStepCapture(false);
+    cudaStreamSynchronize(stream_);  // a step run ahead may still be copying into pinned buffers
     graphs_.clear();
-    if (pinnedInputs_) {
-      cudaStreamSynchronize(stream_);
-      cudaFreeHost(pinnedInputs_);
-    }
+    if (pinnedInputs_) cudaFreeHost(pinnedInputs_);
     if (inputsCopied_) cudaEventDestroy(inputsCopied_);
     if (pinnedTokens_) cudaFreeHost(pinnedTokens_);
+    for (SampledSlot& q : sampled_) {
+      if (q.pinned) cudaFreeHost(q.pinned);
+      if (q.ready) cudaEventDestroy(q.ready);
+    }
     if (lt_) cublasLtDestroy(lt_);
     if (stream_) cudaStreamDestroy(stream_);
   }
@@ -301,41 +303,12 @@ class CudaBackend : public Backend {
   // plain greedy (no penalty) take one launch, a block per row.
   void sampleRows(const Tensor& logits, int rows, int vocab, const SamplingParams* params,
                   const std::vector<int32_t>* histories, const uint64_t* positions, int32_t* out) override {
-    bool plainGreedy = true;
-    for (int r = 0; r < rows; ++r) {
+    for (int r = 0; r < rows; ++r)
       if (params[r].temperature > 0.0f && !deviceSampling_) return Backend::sampleRows(logits, rows, vocab, params, histories, positions, out);
-      if (params[r].temperature > 0.0f || params[r].repetitionPenalty != 1.0f) plainGreedy = false;
-    }
     ctx();
     Timed timed(*this, "sample");
     std::shared_ptr<void> dTokens = blocks_.get(sizeof(int32_t) * (size_t)rows);
-    int32_t* d = (int32_t*)dTokens.get();
-    const float* base = (const float*)logits.data;
-    if (plainGreedy) {
-      cuda::launchGreedyRows(base, rows, vocab, logits.cols, d, stream_);
-    } else {
-      std::shared_ptr<void> scratch, ws;  // one each, reused row after row (stream-ordered)
-      for (int r = 0; r < rows; ++r) {
-        const SamplingParams& p = params[r];
-        const float* row = base + (int64_t)r * logits.cols;
-        std::vector<int32_t> distinct;
-        if (p.repetitionPenalty != 1.0f) {
-          distinct = histories[r];
-          std::sort(distinct.begin(), distinct.end());
-          distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
-        }
-        // One staging buffer for every row: each copy is queued after the previous row's kernel.
-        const int32_t* dPen = distinct.empty() ? nullptr : stage(2, distinct.data(), (int)distinct.size());
-        if (p.temperature <= 0.0f) {
-          if (!scratch) scratch = blocks_.get(sizeof(float) * (size_t)vocab);
-          cuda::launchGreedy(row, vocab, (float*)scratch.get(), dPen, (int)distinct.size(), p.repetitionPenalty, d + r, stream_);
-        } else {
-          if (!ws) ws = blocks_.get(cuda::sampleWorkspaceBytes(vocab));
-          cuda::launchSample(row, vocab, dPen, (int)distinct.size(), p.repetitionPenalty, p.temperature, p.topK, p.topP,
-                             p.minP, p.seed, positions[r], ws.get(), d + r, stream_);
-        }
-      }
-    }
+    queueChoices(logits, rows, vocab, params, histories, positions, (int32_t*)dTokens.get());
     if (pinnedTokensCap_ < (size_t)rows) {
       if (pinnedTokens_) cudaFreeHost(pinnedTokens_);  // every earlier copy into it has been waited for
       pinnedTokens_ = nullptr;
@@ -343,9 +316,79 @@ class CudaBackend : public Backend {
       cudaOk(cudaMallocHost(&pinnedTokens_, sizeof(int32_t) * (size_t)rows), "cudaMallocHost");
       pinnedTokensCap_ = (size_t)rows;
     }
-    cudaOk(cudaMemcpyAsync(pinnedTokens_, d, sizeof(int32_t) * (size_t)rows, cudaMemcpyDeviceToHost, stream_), "token copy");
+    cudaOk(cudaMemcpyAsync(pinnedTokens_, dTokens.get(), sizeof(int32_t) * (size_t)rows, cudaMemcpyDeviceToHost, stream_), "token copy");
     cudaOk(cudaStreamSynchronize(stream_), "sample sync");
     std::memcpy(out, pinnedTokens_, sizeof(int32_t) * (size_t)rows);
+  }
+
+  bool canQueueSampling(const SamplingParams* params, int rows) const override {
+    for (int r = 0; r < rows; ++r)
+      if (params[r].repetitionPenalty != 1.0f || (params[r].temperature > 0.0f && !deviceSampling_)) return false;
+    return graphsEnabled_;
+  }
+
+  void queueSampleRows(const Tensor& logits, int rows, int vocab, const SamplingParams* params, const uint64_t* positions,
+                       int slot) override {
+    ctx();
+    Timed timed(*this, "sample");
+    SampledSlot& q = sampled_[slot];
+    if (q.capacity < (size_t)rows) {
+      // A copy still queued into the old buffers must land before they go.
+      cudaOk(cudaStreamSynchronize(stream_), "sample slot sync");
+      if (q.pinned) cudaFreeHost(q.pinned);
+      q.pinned = nullptr;
+      q.device.reset();
+      q.capacity = 0;
+      q.device = deviceAlloc(sizeof(int32_t) * (size_t)rows);
+      cudaOk(cudaMallocHost(&q.pinned, sizeof(int32_t) * (size_t)rows), "cudaMallocHost");
+      q.capacity = (size_t)rows;
+    }
+    if (!q.ready) cudaOk(cudaEventCreateWithFlags(&q.ready, cudaEventDisableTiming), "cudaEventCreate");
+    queueChoices(logits, rows, vocab, params, nullptr, positions, (int32_t*)q.device.get());
+    cudaOk(cudaMemcpyAsync(q.pinned, q.device.get(), sizeof(int32_t) * (size_t)rows, cudaMemcpyDeviceToHost, stream_), "token copy");
+    cudaOk(cudaEventRecord(q.ready, stream_), "cudaEventRecord");
+  }
+
+  void takeSampled(int slot, int rows, int32_t* out) override {
+    ctx();
+    SampledSlot& q = sampled_[slot];
+    if (!q.ready || q.capacity < (size_t)rows) throw EngineError("LCKV_CUDA", "takeSampled: nothing was queued into this slot");
+    cudaOk(cudaEventSynchronize(q.ready), "sample sync");
+    std::memcpy(out, q.pinned, sizeof(int32_t) * (size_t)rows);
+  }
+
+  // Token choices on the device into d[0, rows). histories: null, or read for rows with a penalty.
+  void queueChoices(const Tensor& logits, int rows, int vocab, const SamplingParams* params,
+                    const std::vector<int32_t>* histories, const uint64_t* positions, int32_t* d) {
+    bool plainGreedy = true;
+    for (int r = 0; r < rows; ++r)
+      if (params[r].temperature > 0.0f || params[r].repetitionPenalty != 1.0f) plainGreedy = false;
+    const float* base = (const float*)logits.data;
+    if (plainGreedy) {
+      cuda::launchGreedyRows(base, rows, vocab, logits.cols, d, stream_);
+      return;
+    }
+    std::shared_ptr<void> scratch, ws;  // one each, reused row after row (stream-ordered)
+    for (int r = 0; r < rows; ++r) {
+      const SamplingParams& p = params[r];
+      const float* row = base + (int64_t)r * logits.cols;
+      std::vector<int32_t> distinct;
+      if (p.repetitionPenalty != 1.0f && histories) {
+        distinct = histories[r];
+        std::sort(distinct.begin(), distinct.end());
+        distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+      }
+      // One staging buffer for every row: each copy is queued after the previous row's kernel.
+      const int32_t* dPen = distinct.empty() ? nullptr : stage(2, distinct.data(), (int)distinct.size());
+      if (p.temperature <= 0.0f) {
+        if (!scratch) scratch = blocks_.get(sizeof(float) * (size_t)vocab);
+        cuda::launchGreedy(row, vocab, (float*)scratch.get(), dPen, (int)distinct.size(), p.repetitionPenalty, d + r, stream_);
+      } else {
+        if (!ws) ws = blocks_.get(cuda::sampleWorkspaceBytes(vocab));
+        cuda::launchSample(row, vocab, dPen, (int)distinct.size(), p.repetitionPenalty, p.temperature, p.topK, p.topP,
+                           p.minP, p.seed, positions[r], ws.get(), d + r, stream_);
+      }
+    }
   }
 
   void addNorm(NormKind kind, Tensor& h, const Tensor& delta, int n, const Tensor& weight, const Tensor* bias, float eps,
@@ -437,7 +480,15 @@ class CudaBackend : public Backend {
 
   // ---- decode-step graphs (Backend::replayStep and friends) ----
 
-  bool replayStep(uint64_t key, const StepInputs& in, Tensor& logits) override {
+  bool replayStep(uint64_t key, const StepInputs& in, Tensor& logits) override { return replay(key, in, -1, logits); }
+
+  bool replayStepFromSampled(uint64_t key, const StepInputs& in, int slot, Tensor& logits) override {
+    if (sampled_[slot].capacity < (size_t)in.n) return false;
+    return replay(key, in, slot, logits);
+  }
+
+  // replayStep(), with the token ids taken from a queued choice's slot when slot >= 0.
+  bool replay(uint64_t key, const StepInputs& in, int slot, Tensor& logits) {
     if (!graphsEnabled_) return false;
     auto it = graphs_.find(key);
     if (it == graphs_.end()) return false;
@@ -445,6 +496,9 @@ class CudaBackend : public Backend {
     if (g.n != in.n || g.tableInts != in.tableInts) return false;
     ctx();
     uploadInputs(g, in);
+    if (slot >= 0)  // over the uploaded ids, stream-ordered after the choice that writes them
+      cudaOk(cudaMemcpyAsync(g.inputs.get(), sampled_[slot].device.get(), sizeof(int32_t) * (size_t)in.n, cudaMemcpyDeviceToDevice, stream_),
+             "step tokens");
     cudaOk(cudaGraphLaunch(g.exec, stream_), "cudaGraphLaunch");
     g.lastUse = ++useClock_;
     replays_.fetch_add(1, std::memory_order_relaxed);
@@ -682,7 +736,8 @@ class CudaBackend : public Backend {
       cudaOk(cudaEventSynchronize(inputsCopied_), "inputs event");
     }
     int32_t* h = pinnedInputs_;
-    std::memcpy(h, in.tokens, sizeof(int32_t) * (size_t)in.n);
+    if (in.tokens) std::memcpy(h, in.tokens, sizeof(int32_t) * (size_t)in.n);
+    else std::memset(h, 0, sizeof(int32_t) * (size_t)in.n);  // replaced on the device (replayStepFromSampled)
     std::memcpy(h + in.n, in.positions, sizeof(int32_t) * (size_t)in.n);
     std::memcpy(h + 2 * in.n, in.tables, sizeof(int32_t) * (size_t)in.tableInts);
     std::memcpy(h + 2 * in.n + in.tableInts, in.rowSeq, sizeof(int32_t) * (size_t)in.n);
@@ -845,6 +900,15 @@ class CudaBackend : public Backend {
   Staging staging_[5];  // token ids, positions, penalised tokens, K/V page tables, row-to-sequence map
   int32_t* pinnedTokens_ = nullptr;  // the chosen ids of a step, copied from the device
   size_t pinnedTokensCap_ = 0;
+  // queueSampleRows()'s slots: the ids on the device (what replayStepFromSampled reads), their
+  // copy on the host, and the event after that copy.
+  struct SampledSlot {
+    std::shared_ptr<void> device;
+    int32_t* pinned = nullptr;
+    size_t capacity = 0;
+    cudaEvent_t ready = nullptr;
+  };
+  SampledSlot sampled_[2];
   const bool deviceSampling_ = [] {
     const char* e = std::getenv("LCKV_DEVICE_SAMPLING");
     return e == nullptr || std::string(e) != "0";

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -195,6 +196,26 @@ class Backend {
   virtual void abortStepCapture(bool retryLater) {}
   // Recordings kept now, and replays so far (for tests and profiling).
   virtual void stepGraphStats(int64_t& recorded, int64_t& replayed) { recorded = replayed = 0; }
+
+  // Run-ahead decoding (Model::decodeBatch): a backend whose work runs behind the host queues a
+  // step's token choice without waiting for it, and queues the next step fed with those tokens
+  // on the device, so the device has the next step before the host has read this one's tokens.
+  // Two slots (0, 1) each hold one queued choice. A backend that cannot does none of it.
+  //
+  // Whether queueSampleRows() takes rows with these settings (no repetition penalty: the
+  // history it needs would still be on the device).
+  virtual bool canQueueSampling(const SamplingParams* params, int rows) const { return false; }
+  // Queues sampleRows() into `slot`, its tokens kept on the device and copied to the host as
+  // they are ready. Only for rows canQueueSampling() takes.
+  virtual void queueSampleRows(const Tensor& logits, int rows, int vocab, const SamplingParams* params,
+                               const uint64_t* positions, int slot) {
+    throw std::logic_error("queueSampleRows: this backend does not run ahead");
+  }
+  // Waits for the tokens queued into `slot` and copies `rows` of them to out.
+  virtual void takeSampled(int slot, int rows, int32_t* out) { throw std::logic_error("takeSampled: this backend does not run ahead"); }
+  // replayStep() whose token ids are the ones queued into `slot` (in.tokens is not read); false,
+  // with nothing queued, when nothing is recorded under key.
+  virtual bool replayStepFromSampled(uint64_t key, const StepInputs& in, int slot, Tensor& logits) { return false; }
 
   // sample() for rows [0, rows) of logits [rows, vocab], row r with params[r], histories[r]
   // (read only when its repetition penalty is not 1) and positions[r]; out[r] is its token. A

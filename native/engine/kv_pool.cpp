@@ -228,6 +228,13 @@ void KvPages::shiftPages(int first, int count, int length) {
 
 int KvPages::firstHeld() const { return dropped_ * pool_->layout_.pageTokens; }
 
+bool KvPages::writableInPlace(int pos) const {
+  const int i = pos / pool_->layout_.pageTokens;
+  if (pos < 0 || i >= (int)table_.size() || table_[(size_t)i] < 0) return false;
+  std::lock_guard<std::mutex> lk(pool_->mu_);
+  return pool_->refs_[(size_t)table_[(size_t)i]] == 1;
+}
+
 void KvPages::releaseBelow(int pos) {
   const int pages = std::min((int)table_.size(), std::max(0, pos) / pool_->layout_.pageTokens);
   if (pages <= dropped_) return;

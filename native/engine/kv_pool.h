@@ -60,6 +60,9 @@ class KvPages {
   // The pages shiftPages(first, count, length) takes beyond those it frees: what a caller
   // reserves before it, so that the shift cannot find the pool empty.
   int pagesToShift(int first, int count, int length) const;
+  // Whether prepareWrite(pos, 1) would change nothing: the page of `pos` is held, by this
+  // table alone.
+  bool writableInPlace(int pos) const;
   // Makes positions [start, start + n) writable: missing pages are taken from the pool, and
   // shared pages in the range are replaced by private copies. All or nothing: throws
   // EngineError(LCKV_KV_CACHE_FULL) and changes nothing when the pool cannot supply them.

@@ -205,6 +205,7 @@ std::unique_ptr<SequenceState> Model::createSequence(int maxContext) {
 }
 
 std::unique_ptr<SequenceState> Model::forkSequence(SequenceState& seq) {
+  ++seq.version;  // its pages are shared from now on
   auto out = std::make_unique<SequenceState>();
   out->maxContext = seq.maxContext;
   out->tokens = seq.tokens;
@@ -226,6 +227,7 @@ void Model::truncateSequence(SequenceState& seq, int n) {
     throw EngineError(kErrInvalidArgument, "cannot rewind to " + std::to_string(n) + " tokens: the sliding window (" +
                                                std::to_string(releaseWindow_) + ") already released the K/V before position " +
                                                std::to_string(seq.kv->firstHeld()));
+  ++seq.version;
   seq.tokens.resize((size_t)n);
   seq.kv->keep(n);
 }
@@ -261,6 +263,7 @@ int Model::pagesToShift(const SequenceState& seq, int sink, int drop) const {
 
 void Model::shiftSequence(SequenceState& seq, int sink, int drop) {
   checkShift(seq, sink, drop);
+  ++seq.version;
   const int P = pool_->layout().pageTokens, len = seq.length();
   Backend& be = *backend_;
   BackendRange range(be, "context shift");
@@ -423,6 +426,81 @@ void Model::allocScratch(Scratch& s, int n) {
   s.u = be.alloc(n, c.intermediate);
 }
 
+uint64_t SequenceState::nextId() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
+// A decode step's recording: per batch size, table stride and 256 positions of context (the
+// attention's split-K plan is fixed in a recording).
+static uint64_t stepKey(int n, int stride, int maxPos) {
+  return (uint64_t)n << 40 | (uint64_t)stride << 20 | (uint64_t)(maxPos / Backend::kStepContextBucket);
+}
+
+static bool sameSampling(const SamplingParams& a, const SamplingParams& b) {
+  return a.temperature == b.temperature && a.topK == b.topK && a.topP == b.topP && a.minP == b.minP &&
+         a.repetitionPenalty == b.repetitionPenalty && a.seed == b.seed;
+}
+
+bool Model::aheadMatches(const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& tokens,
+                         const std::vector<SamplingParams>& params) const {
+  const StepAhead& a = ahead_;
+  if (!a.queued || a.ids.size() != seqs.size()) return false;
+  for (size_t r = 0; r < seqs.size(); ++r) {
+    const SequenceState& q = *seqs[r];
+    if (q.id != a.ids[r] || q.version != a.versions[r] || q.length() != a.lengths[r] || tokens[r] != a.tokens[r] ||
+        !sameSampling(params[r], a.params[r]) || !q.kv->writableInPlace(q.length()))
+      return false;
+  }
+  return true;
+}
+
+void Model::queueStepAhead(Scratch& s, const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& pos,
+                           const std::vector<SamplingParams>& params, int fromSlot) {
+  ahead_.queued = false;
+  if (!runAheadOn_) return;
+  const int n = (int)seqs.size();
+  std::vector<int32_t> next((size_t)n);
+  int maxPos = 0;
+  for (int r = 0; r < n; ++r) {
+    // The step must be one the next call can run as it is: its sequence not full, and its
+    // position in a page this sequence holds alone (a new page or a copy would change the
+    // pool, which only the call itself may do).
+    next[(size_t)r] = pos[(size_t)r] + 1;
+    if (next[(size_t)r] + 1 > seqs[(size_t)r]->maxContext || !seqs[(size_t)r]->kv->writableInPlace(next[(size_t)r])) return;
+    maxPos = std::max(maxPos, next[(size_t)r]);
+  }
+  Backend& be = *backend_;
+  const Backend::StepInputs in{nullptr, next.data(), n, s.tables.data(), (int)s.tables.size(), s.rowSeq.data()};
+  std::vector<uint64_t> seeds((size_t)n);
+  for (int r = 0; r < n; ++r) seeds[(size_t)r] = (uint64_t)next[(size_t)r] + 1;
+  const int slot = fromSlot ^ 1;
+  Tensor lg;
+  // Only a recorded step runs ahead: it writes nothing but its own buffers and the K/V of each
+  // sequence's next position, past its length until the next call appends it.
+  try {
+    if (!be.replayStepFromSampled(stepKey(n, s.kv.stride, maxPos), in, fromSlot, lg)) return;
+    be.queueSampleRows(lg, n, cfg_.vocab, params.data(), seeds.data(), slot);
+  } catch (const std::bad_alloc&) {
+    return;  // the step ahead is an option: this call's own step does not fail for it
+  }
+  ahead_.slot = slot;
+  ahead_.ids.resize((size_t)n);
+  ahead_.versions.resize((size_t)n);
+  ahead_.lengths.assign(next.begin(), next.end());
+  ahead_.params = params;
+  for (int r = 0; r < n; ++r) {
+    ahead_.ids[(size_t)r] = seqs[(size_t)r]->id;
+    ahead_.versions[(size_t)r] = seqs[(size_t)r]->version;
+  }
+  ahead_.queued = true;  // its tokens (this call's results) are filled in by decodeBatch
+}
+
+// With run-ahead (a backend that queues token choices on the device), each call queues the
+// step after its own before it waits for its tokens: the next call, if it continues the same
+// batch with those tokens, finds its step queued or already done, and the device does not wait
+// for the host between steps. A call that asks for anything else throws the queued step away;
+// it only wrote K/V past each sequence's length, which nothing reads.
 std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& tokens,
                                         const std::vector<SamplingParams>& params) {
   if (!ready_) throw EngineError(kErrInvalidArgument, "model weights are not loaded");
@@ -445,57 +523,77 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
     pos[(size_t)r] = seqs[(size_t)r]->length();
     rowSeq[(size_t)r] = r;
   }
+  const bool queueChoice = runAheadOn_ && be.canQueueSampling(params.data(), n);
+  const bool queuedAhead = queueChoice && aheadMatches(seqs, tokens, params);
+  if (ahead_.queued && !queuedAhead) runAheadDiscarded_.fetch_add(1, std::memory_order_relaxed);
+  const int slot = queuedAhead ? ahead_.slot : 0;
+  ahead_.queued = false;
   PendingWrites writes{seqs};  // the batch is all or nothing
   try {
-    for (SequenceState* q : seqs) q->kv->prepareWrite(q->length(), 1);
+    for (SequenceState* q : seqs) q->kv->prepareWrite(q->length(), 1);  // changes nothing for a step queued ahead
     Scratch s;
     viewPages(s, seqs, rowSeq, true);
-    // The step is recorded once per batch size, table stride and 256 positions of context (the
-    // attention's split-K plan is fixed in a recording), then replayed with new inputs.
-    int maxPos = 0;
-    for (int p : pos) maxPos = std::max(maxPos, p);
-    const uint64_t key = (uint64_t)n << 40 | (uint64_t)s.kv.stride << 20 | (uint64_t)(maxPos / Backend::kStepContextBucket);
-    const Backend::StepInputs in{tokens.data(), pos.data(), n, s.tables.data(), (int)s.tables.size(), rowSeq.data()};
-    Tensor lg;
-    if (!be.replayStep(key, in, lg)) {
-      auto forward = [&] {
-        s.pendingResidual = false;  // a failed recording may have stopped mid-layer
-        allocScratch(s, n);
-        be.embed(tokens.data(), pos.data(), n, embed_, opt(posEmbed_), s.h);
-        // One token per sequence: strict layers read only earlier, final positions: one pass.
-        runLayers(s, n, pos.data(), 0, cfg_.numLayers - 1);
-        return computeLogits(s, 0, n);
-      };
-      bool ran = false;
-      if (be.beginStepCapture(key, in)) {
-        try {
-          lg = forward();
-          be.endStepCapture(lg);
-          ran = true;
-        } catch (const std::bad_alloc&) {
-          // Nothing ran. Out of memory passes: record this step another time; run it op by op
-          // now (which reports the error if memory is still short).
-          be.abortStepCapture(true);
-        } catch (const std::exception&) {
-          // Nothing ran: an op that cannot be recorded (or a failed recording) runs unrecorded.
-          be.abortStepCapture(false);
+    if (queuedAhead) {
+      runAheadUsed_.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      int maxPos = 0;
+      for (int p : pos) maxPos = std::max(maxPos, p);
+      const uint64_t key = stepKey(n, s.kv.stride, maxPos);
+      const Backend::StepInputs in{tokens.data(), pos.data(), n, s.tables.data(), (int)s.tables.size(), rowSeq.data()};
+      Tensor lg;
+      if (!be.replayStep(key, in, lg)) {
+        auto forward = [&] {
+          s.pendingResidual = false;  // a failed recording may have stopped mid-layer
+          allocScratch(s, n);
+          be.embed(tokens.data(), pos.data(), n, embed_, opt(posEmbed_), s.h);
+          // One token per sequence: strict layers read only earlier, final positions: one pass.
+          runLayers(s, n, pos.data(), 0, cfg_.numLayers - 1);
+          return computeLogits(s, 0, n);
+        };
+        bool ran = false;
+        if (be.beginStepCapture(key, in)) {
+          try {
+            lg = forward();
+            be.endStepCapture(lg);
+            ran = true;
+          } catch (const std::bad_alloc&) {
+            // Nothing ran. Out of memory passes: record this step another time; run it op by op
+            // now (which reports the error if memory is still short).
+            be.abortStepCapture(true);
+          } catch (const std::exception&) {
+            // Nothing ran: an op that cannot be recorded (or a failed recording) runs unrecorded.
+            be.abortStepCapture(false);
+          }
         }
+        if (!ran) lg = forward();
       }
-      if (!ran) lg = forward();
-    }
-    std::vector<std::vector<int32_t>> histories((size_t)n);
-    std::vector<uint64_t> positions((size_t)n);
-    for (int r = 0; r < n; ++r) {
-      if (params[(size_t)r].repetitionPenalty != 1.0f) {
-        histories[(size_t)r] = seqs[(size_t)r]->tokens;
-        histories[(size_t)r].push_back(tokens[(size_t)r]);
+      std::vector<uint64_t> positions((size_t)n);
+      for (int r = 0; r < n; ++r) positions[(size_t)r] = (uint64_t)(pos[(size_t)r] + 1);
+      if (queueChoice) {
+        be.queueSampleRows(lg, n, cfg_.vocab, params.data(), positions.data(), slot);
+      } else {
+        std::vector<std::vector<int32_t>> histories((size_t)n);
+        for (int r = 0; r < n; ++r) {
+          if (params[(size_t)r].repetitionPenalty != 1.0f) {
+            histories[(size_t)r] = seqs[(size_t)r]->tokens;
+            histories[(size_t)r].push_back(tokens[(size_t)r]);
+          }
+        }
+        be.sampleRows(lg, n, cfg_.vocab, params.data(), histories.data(), positions.data(), out.data());
       }
-      positions[(size_t)r] = (uint64_t)(pos[(size_t)r] + 1);
     }
-    be.sampleRows(lg, n, cfg_.vocab, params.data(), histories.data(), positions.data(), out.data());
+    if (queueChoice) {
+      queueStepAhead(s, seqs, pos, params, slot);
+      be.takeSampled(slot, n, out.data());
+    }
   } catch (const std::bad_alloc&) {
+    ahead_.queued = false;
     throw EngineError(kErrOutOfMemory, "out of memory running a decode batch of " + std::to_string(n));
+  } catch (...) {
+    ahead_.queued = false;
+    throw;
   }
+  ahead_.tokens = out;
   for (int r = 0; r < n; ++r) seqs[(size_t)r]->tokens.push_back(tokens[(size_t)r]);
   writes.commit();
   for (SequenceState* q : seqs) releaseOutsideWindow(*q);
@@ -590,6 +688,7 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
 AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& tokens, const PrefillSpec& prefill,
                            LogitsWanted logits, const SamplingParams* sampling) {
   if (!ready_) throw EngineError(kErrInvalidArgument, "model weights are not loaded");
+  ++seq.version;  // a step run ahead for seq would not follow these tokens
   const int n = (int)tokens.size();
   if (n == 0) throw EngineError(kErrInvalidArgument, "append needs at least one token");
   for (int r = 0; r < n; ++r)

@@ -1,5 +1,6 @@
 // The model: weights, the KV plan, and the forward written once over the Backend interface.
 #pragma once
+#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -42,6 +43,14 @@ struct SequenceState {
   std::vector<int32_t> tokens;
   int maxContext = 0;
   int length() const { return (int)tokens.size(); }
+  // Never reused by another sequence, and bumped by every change other than a decode step
+  // (append, truncate, shift, fork): a step run ahead for this sequence holds only while both
+  // are what they were when it was queued.
+  const uint64_t id = nextId();
+  uint64_t version = 0;
+
+ private:
+  static uint64_t nextId();
 };
 
 struct AppendResult {
@@ -110,6 +119,15 @@ class Model {
   // Serialises forwards over one model (the CPU backend's thread pool is shared).
   std::mutex& mutex() { return mutex_; }
 
+  // Run-ahead decoding (decodeBatch), on by default where the backend can.
+  void setRunAhead(bool on) { runAheadOn_ = on; }
+  // Steps run ahead whose result a decodeBatch call used, and those it threw away (the next
+  // call asked for something else). Read from any thread.
+  void runAheadStats(int64_t& used, int64_t& discarded) const {
+    used = runAheadUsed_.load(std::memory_order_relaxed);
+    discarded = runAheadDiscarded_.load(std::memory_order_relaxed);
+  }
+
  private:
   // Throws unless sink and drop are whole pages within seq and the model can shift.
   void checkShift(const SequenceState& seq, int sink, int drop) const;
@@ -140,6 +158,26 @@ class Model {
   // wholly older than it can go back to the pool. 0: some layer reads the whole past.
   int releaseWindow_ = 0;
   void releaseOutsideWindow(SequenceState& seq);
+  // The decode step queued ahead by the last decodeBatch call (see there): the batch it
+  // continues, as it will be when that step's tokens are appended, and the slot its tokens go to.
+  struct StepAhead {
+    bool queued = false;
+    int slot = 0;
+    std::vector<uint64_t> ids, versions;
+    std::vector<int> lengths;         // each sequence's length when the step is asked for
+    std::vector<int32_t> tokens;      // the tokens it appends (the last call's results)
+    std::vector<SamplingParams> params;
+  };
+  StepAhead ahead_;
+  bool runAheadOn_ = true;
+  std::atomic<int64_t> runAheadUsed_{0}, runAheadDiscarded_{0};
+  // Whether the queued step is the one this decodeBatch call asks for.
+  bool aheadMatches(const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& tokens,
+                    const std::vector<SamplingParams>& params) const;
+  // Queues the step after this one: every sequence one token longer, its token the one the
+  // choice in `fromSlot` makes. Queues nothing when that step might not be the next one asked.
+  void queueStepAhead(Scratch& s, const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& pos,
+                      const std::vector<SamplingParams>& params, int fromSlot);
   std::vector<int> upwardTargetSlots_;  // KV slots read by some layer below their owner
   size_t weightBytes_ = 0;
   bool ready_ = false;

@@ -24,6 +24,7 @@ const opt = new Command()
   .option("--batch <n>", "sequences decoding together", "1")
   .option("--steps <n>", "timed decode steps (after 8 of warm-up)", "64")
   .option("--device <d>", "cuda or cpu", "cuda")
+  .option("--no-run-ahead", "do not queue each step's successor before its tokens reach JavaScript (loadModel's runAhead)")
   .parse()
   .opts();
 
@@ -38,7 +39,7 @@ if (!dir) {
 }
 
 (async () => {
-  const model = await loadModel(dir, { device: opt.device, prefixCache: 0, maxBatch: Math.max(batch, 1), kvCacheMemory: 2 ** 30 });
+  const model = await loadModel(dir, { device: opt.device, prefixCache: 0, maxBatch: Math.max(batch, 1), kvCacheMemory: 2 ** 30, runAhead: opt.runAhead });
   const V = model.config.vocabSize;
   const base = model.createSequence();
   await base.append(Array.from({ length: context }, (_, i) => (i * 7919 + 13) % V));

@@ -317,6 +317,7 @@ describe("inputs and options", () => {
     [{ maxBatch: 2 ** 32 }, "maxBatch"],
     [{ kvCacheMemory: 2 ** 52 }, "kvCacheMemory"],
     [{ cudaGraphs: "no" }, "cudaGraphs"],
+    [{ runAhead: 1 }, "runAhead"],
     [{ contextSize: 8 }, "contextSize"],
   ])("loadModel option %j", async (opts, option) => {
     const e = await load(dir, opts).catch((x) => x);
