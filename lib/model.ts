@@ -59,10 +59,11 @@ export interface LoadOptions {
   queueTimeout?: number;
   /**
    * Sequences one decode step may run (default 16 on the GPU, 256 on the CPU). Up to 16 rows
-   * the GPU's matrix products are the GEMV, whose results do not depend on the batch; larger
-   * batches go through cuBLASLt (faster per token at high batch). A sequence's logits may
-   * differ in the last bits from its logits alone: above 16 rows through cuBLASLt, and at any
-   * batch size through the attention's split of long contexts, which follows the batch size.
+   * the GPU's matrix products are hand-written GEMVs (one kernel for a single row, a tensor-core
+   * one for 2 to 16); larger batches go through cuBLASLt (faster per token at high batch). A
+   * sequence's logits may differ in the last bits from its logits alone: through the GEMV
+   * kernel that a batch of one takes, above 16 rows through cuBLASLt, and at any batch size
+   * through the attention's split of long contexts, which follows the batch size.
    */
   maxBatch?: number;
   /** CPU threads (default: all cores). */
