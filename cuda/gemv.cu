@@ -159,7 +159,8 @@ int warpsPerRow(int I) {
 // At batch 1 (every single-sequence decode step) the products cost nothing; only the rate at
 // which W streams in counts. Here each warp owns one output feature and its lanes walk the row
 // together, so every 16-byte load of the warp reads 512 contiguous bytes; the loads of a round
-// stay raw in registers until all are issued. No shared memory, no block barrier: a warp
+// stay raw in registers until all are issued, and the next round's are in flight while a round's
+// products are taken. No shared memory, no block barrier: a warp
 // writes its feature as soon as it is done. On an H100 (scripts/bench/gemv-rate.cu, launched
 // back to back over 22 layers' weights) this streamed TinyLlama's matrices 9-21% faster than
 // the kernels below, whose loads read 64 bytes of each of 16 rows.
@@ -178,31 +179,46 @@ __device__ __forceinline__ float dot8(const uint4& u, const float* __restrict__ 
 // Row j of the launch (see Targets): one warp. With swiglu, rows j of gate and up together.
 template <typename W, bool kSwiglu>
 __global__ void __launch_bounds__(kOneRowWarps * 32) gemvOneRowKernel(const float* __restrict__ x, int I, Targets<W> t) {
-  waitForPrecedingKernels();
   const int lane = threadIdx.x & 31;
   const int j = blockIdx.x * kOneRowWarps + (threadIdx.x >> 5);
-  if (j >= t.first[3]) return;
+  const bool active = j < t.first[3];
   static_assert(kGemvMaxTargets == 3, "the selection below spells out three targets");
   const int s = (j >= t.first[1]) + (j >= t.first[2]);
   const int first = s == 0 ? 0 : s == 1 ? t.first[1] : t.first[2];
   const int f = j - first;
   const W* w = (s == 0 ? t.w[0] : s == 1 ? t.w[1] : t.w[2]) + (int64_t)f * I;
   const W* up = kSwiglu ? t.w[1] + (int64_t)f * I : nullptr;
-  float acc = 0.0f, accUp = 0.0f;
-  for (int k0 = lane * 8; k0 < I; k0 += 256 * kOneRowInFlight) {
-    uint4 u[kOneRowInFlight], v[kSwiglu ? kOneRowInFlight : 1];
+  // A round: kOneRowInFlight loads per matrix. The next round's loads are issued before this
+  // one's products, and the first round's before the wait for the preceding kernel (no kernel
+  // writes weights): under programmatic launch they stream while that kernel still runs.
+  uint4 u[kOneRowInFlight], v[kSwiglu ? kOneRowInFlight : 1];
+  auto load = [&](int k0) {
 #pragma unroll
     for (int i = 0; i < kOneRowInFlight; ++i) {
       const int k = k0 + i * 256;
-      u[i] = k < I ? __ldg(reinterpret_cast<const uint4*>(w + k)) : make_uint4(0, 0, 0, 0);
-      if constexpr (kSwiglu) v[i] = k < I ? __ldg(reinterpret_cast<const uint4*>(up + k)) : make_uint4(0, 0, 0, 0);
+      const bool in = active && k < I;
+      u[i] = in ? __ldg(reinterpret_cast<const uint4*>(w + k)) : make_uint4(0, 0, 0, 0);
+      if constexpr (kSwiglu) v[i] = in ? __ldg(reinterpret_cast<const uint4*>(up + k)) : make_uint4(0, 0, 0, 0);
     }
+  };
+  load(lane * 8);
+  waitForPrecedingKernels();
+  if (!active) return;
+  float acc = 0.0f, accUp = 0.0f;
+  for (int k0 = lane * 8; k0 < I; k0 += 256 * kOneRowInFlight) {
+    uint4 cu[kOneRowInFlight], cv[kSwiglu ? kOneRowInFlight : 1];
+#pragma unroll
+    for (int i = 0; i < kOneRowInFlight; ++i) {
+      cu[i] = u[i];
+      if constexpr (kSwiglu) cv[i] = v[i];
+    }
+    if (k0 + 256 * kOneRowInFlight < I) load(k0 + 256 * kOneRowInFlight);
 #pragma unroll
     for (int i = 0; i < kOneRowInFlight; ++i) {
       const int k = k0 + i * 256;
       if (k >= I) break;
-      acc += dot8<W>(u[i], x + k);
-      if constexpr (kSwiglu) accUp += dot8<W>(v[i], x + k);
+      acc += dot8<W>(cu[i], x + k);
+      if constexpr (kSwiglu) accUp += dot8<W>(cv[i], x + k);
     }
   }
   acc = warpSum(acc);
