@@ -90,7 +90,8 @@ export interface NativeModelDescription {
 
 export interface NativeModel {
   loadTensors(list: object[]): Promise<void>;
-  decodeBatch(seqs: NativeSequence[], tokens: Int32Array, sampling: NativeSamplingParams[]): Promise<Int32Array>;
+  /** runAhead (default true): false when the next call will not continue this batch. */
+  decodeBatch(seqs: NativeSequence[], tokens: Int32Array, sampling: NativeSamplingParams[], runAhead?: boolean): Promise<Int32Array>;
   finalize(): void;
   createSequence(maxContext: number): NativeSequence;
   createPool(pages: number, pageTokens: number): void;

@@ -14,6 +14,8 @@ interface DecodeRequest {
   seq: NativeSequence;
   token: number;
   sampling: NativeSamplingParams;
+  /** The caller will not ask for the step after this one (its generation ends here). */
+  last: boolean;
   resolve: (token: number) => void;
   reject: (e: unknown) => void;
 }
@@ -37,10 +39,13 @@ export class DecodeScheduler {
     private readonly maxBatch = 256,
   ) {}
 
-  /** Appends `token` to `seq`, and resolves with the token sampled after it. */
-  decode(seq: NativeSequence, token: number, sampling: NativeSamplingParams): Promise<number> {
+  /**
+   * Appends `token` to `seq`, and resolves with the token sampled after it. `last`: the caller
+   * will not continue the sequence after this step, so the GPU need not run the next one ahead.
+   */
+  decode(seq: NativeSequence, token: number, sampling: NativeSamplingParams, last = false): Promise<number> {
     return new Promise((resolve, reject) => {
-      this.queue.push({ seq, token, sampling, resolve, reject });
+      this.queue.push({ seq, token, sampling, last, resolve, reject });
       this.kick();
     });
   }
@@ -69,6 +74,7 @@ export class DecodeScheduler {
           batch.map((r) => r.seq),
           Int32Array.from(batch.map((r) => r.token)),
           batch.map((r) => r.sampling),
+          !batch.some((r) => r.last),
         );
         this.stats.steps++;
         this.stats.tokens += batch.length;

@@ -269,7 +269,7 @@ export class Sequence implements Disposable {
         let tok: number;
         if (run.length === 1) {
           // A decode step: batched with every other sequence decoding now.
-          tok = await this.model.scheduler.decode(native, run[0], sample);
+          tok = await this.model.scheduler.decode(native, run[0], sample, tokens.length + 1 >= opts.maxNewTokens);
         } else {
           let r;
           try {

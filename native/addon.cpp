@@ -605,14 +605,19 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   class DecodeBatchWorker : public PromiseWorker {
    public:
     DecodeBatchWorker(Napi::Env env, std::shared_ptr<SharedModel> m, std::vector<std::shared_ptr<SharedSequence>> seqs,
-                      std::vector<int32_t> tokens, std::vector<SamplingParams> params)
-        : PromiseWorker(env), m_(std::move(m)), seqs_(std::move(seqs)), tokens_(std::move(tokens)), params_(std::move(params)) {}
+                      std::vector<int32_t> tokens, std::vector<SamplingParams> params, bool runAhead)
+        : PromiseWorker(env),
+          m_(std::move(m)),
+          seqs_(std::move(seqs)),
+          tokens_(std::move(tokens)),
+          params_(std::move(params)),
+          runAhead_(runAhead) {}
     void Execute() override {
       guard([&] {
         std::vector<SequenceState*> states;
         for (auto& s : seqs_) states.push_back(s->state.get());
         std::lock_guard<std::mutex> lk(m_->model->mutex());
-        out_ = m_->model->decodeBatch(states, tokens_, params_);
+        out_ = m_->model->decodeBatch(states, tokens_, params_, runAhead_);
       });
     }
     void release() {
@@ -637,9 +642,11 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     std::vector<std::shared_ptr<SharedSequence>> seqs_;
     std::vector<int32_t> tokens_, out_;
     std::vector<SamplingParams> params_;
+    bool runAhead_;
   };
 
-  // decodeBatch(sequences: NativeSequence[], tokens: Int32Array, sampling: object[]) -> Promise<Int32Array>
+  // decodeBatch(sequences: NativeSequence[], tokens: Int32Array, sampling: object[], runAhead = true)
+  //   -> Promise<Int32Array>. runAhead false: the caller will not continue this batch next.
   Napi::Value DecodeBatch(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto m = live(env);
@@ -663,6 +670,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       if (!pa.Get(i).IsObject()) throwInvalid(env, "decodeBatch: sampling entries must be objects");
       params.push_back(parseSampling(pa.Get(i).As<Napi::Object>()));
     }
+    if (info.Length() > 3 && !info[3].IsUndefined() && !info[3].IsBoolean()) throwInvalid(env, "decodeBatch: runAhead must be a boolean");
+    const bool runAhead = info.Length() <= 3 || info[3].IsUndefined() || info[3].As<Napi::Boolean>().Value();
     // Claim every sequence, or none.
     for (size_t i = 0; i < seqs.size(); ++i) {
       bool expected = false;
@@ -672,7 +681,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       }
     }
     std::vector<int32_t> tokens(ta.Data(), ta.Data() + n);
-    auto* w = new DecodeBatchWorker(env, m, std::move(seqs), std::move(tokens), std::move(params));
+    auto* w = new DecodeBatchWorker(env, m, std::move(seqs), std::move(tokens), std::move(params), runAhead);
     Napi::Promise p = w->promise();
     w->Queue();
     return p;

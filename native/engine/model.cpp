@@ -502,7 +502,7 @@ void Model::queueStepAhead(Scratch& s, const std::vector<SequenceState*>& seqs, 
 // for the host between steps. A call that asks for anything else throws the queued step away;
 // it only wrote K/V past each sequence's length, which nothing reads.
 std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& tokens,
-                                        const std::vector<SamplingParams>& params) {
+                                        const std::vector<SamplingParams>& params, bool runAhead) {
   if (!ready_) throw EngineError(kErrInvalidArgument, "model weights are not loaded");
   const int n = (int)seqs.size();
   if (n == 0 || tokens.size() != seqs.size() || params.size() != seqs.size())
@@ -583,7 +583,7 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
       }
     }
     if (queueChoice) {
-      queueStepAhead(s, seqs, pos, params, slot);
+      if (runAhead) queueStepAhead(s, seqs, pos, params, slot);
       be.takeSampled(slot, n, out.data());
     }
   } catch (const std::bad_alloc&) {

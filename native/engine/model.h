@@ -112,9 +112,10 @@ class Model {
   // One decode step for several sequences at once: row r appends tokens[r] to seqs[r] and
   // samples its next token with params[r]. The weights are read once for the whole batch; each
   // row's result is the same as when its sequence runs alone. All or nothing: on error no
-  // sequence changes.
+  // sequence changes. runAhead false: the caller will not continue this batch next, so no step
+  // is queued ahead (see the definition).
   std::vector<int32_t> decodeBatch(const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& tokens,
-                                   const std::vector<SamplingParams>& params);
+                                   const std::vector<SamplingParams>& params, bool runAhead = true);
 
   // Serialises forwards over one model (the CPU backend's thread pool is shared).
   std::mutex& mutex() { return mutex_; }
