@@ -133,7 +133,7 @@ describeGpu.each(models)("cuda: run-ahead decoding, %s", (_name, spec) => {
     for (const m of [ahead, plain, small, smallPlain]) await m?.dispose();
   });
 
-  test("concurrent greedy requests: the same tokens, most steps run ahead, batch changes throw the queued step away", async () => {
+  test("concurrent greedy requests: the same tokens, most steps run ahead, finishing requests throw nothing away", async () => {
     const s0 = stats(ahead);
     const a = await concurrent(ahead, { temperature: 0 });
     const s1 = stats(ahead);
@@ -142,8 +142,10 @@ describeGpu.each(models)("cuda: run-ahead decoding, %s", (_name, spec) => {
     // 300 steps in all; one in 16 crosses into a new page and cannot run ahead, nor can the
     // first step of each batch size (nor of each 256-position recording).
     expect(s1.used - s0.used).toBeGreaterThan(200);
-    // A step whose batch holds a generation's last token queues nothing: none was thrown away.
-    expect(s1.discarded - s0.discarded).toBe(0);
+    // A step whose batch holds a generation's last token queues nothing, so the batch shrinking
+    // as requests finish throws nothing away; a request joining the batch after its prefill
+    // may (at most two here).
+    expect(s1.discarded - s0.discarded).toBeLessThanOrEqual(2);
     expect(stats(plain)).toEqual({ used: 0, discarded: 0 });
     expect(ahead.nativeModel().auditPool()).toBe("");
   });
