@@ -344,15 +344,17 @@ class CudaBackend : public Backend {
       q.capacity = (size_t)rows;
     }
     if (!q.ready) cudaOk(cudaEventCreateWithFlags(&q.ready, cudaEventDisableTiming), "cudaEventCreate");
+    q.rows = 0;
     queueChoices(logits, rows, vocab, params, nullptr, positions, (int32_t*)q.device.get());
     cudaOk(cudaMemcpyAsync(q.pinned, q.device.get(), sizeof(int32_t) * (size_t)rows, cudaMemcpyDeviceToHost, stream_), "token copy");
     cudaOk(cudaEventRecord(q.ready, stream_), "cudaEventRecord");
+    q.rows = rows;
   }
 
   void takeSampled(int slot, int rows, int32_t* out) override {
     ctx();
     SampledSlot& q = sampled_[slot];
-    if (!q.ready || q.capacity < (size_t)rows) throw EngineError("LCKV_CUDA", "takeSampled: nothing was queued into this slot");
+    if (!q.ready || q.rows != rows) throw EngineError("LCKV_CUDA", "takeSampled: these rows were not queued into this slot");
     cudaOk(cudaEventSynchronize(q.ready), "sample sync");
     std::memcpy(out, q.pinned, sizeof(int32_t) * (size_t)rows);
   }
@@ -483,7 +485,7 @@ class CudaBackend : public Backend {
   bool replayStep(uint64_t key, const StepInputs& in, Tensor& logits) override { return replay(key, in, -1, logits); }
 
   bool replayStepFromSampled(uint64_t key, const StepInputs& in, int slot, Tensor& logits) override {
-    if (sampled_[slot].capacity < (size_t)in.n) return false;
+    if (sampled_[slot].rows != in.n) return false;
     return replay(key, in, slot, logits);
   }
 
@@ -729,6 +731,7 @@ class CudaBackend : public Backend {
         cudaOk(cudaStreamSynchronize(stream_), "inputs sync");
         cudaFreeHost(pinnedInputs_);
         pinnedInputs_ = nullptr;
+        pinnedInputsCap_ = 0;  // nothing held if the allocation below fails
       }
       cudaOk(cudaMallocHost(&pinnedInputs_, sizeof(int32_t) * ints), "cudaMallocHost");
       pinnedInputsCap_ = ints;
@@ -906,6 +909,7 @@ class CudaBackend : public Backend {
     std::shared_ptr<void> device;
     int32_t* pinned = nullptr;
     size_t capacity = 0;
+    int rows = 0;  // queued by the last queueSampleRows()
     cudaEvent_t ready = nullptr;
   };
   SampledSlot sampled_[2];

@@ -459,39 +459,41 @@ void Model::queueStepAhead(Scratch& s, const std::vector<SequenceState*>& seqs, 
                            const std::vector<SamplingParams>& params, int fromSlot) {
   ahead_.queued = false;
   if (!runAheadOn_) return;
-  const int n = (int)seqs.size();
-  std::vector<int32_t> next((size_t)n);
-  int maxPos = 0;
-  for (int r = 0; r < n; ++r) {
-    // The step must be one the next call can run as it is: its sequence not full, and its
-    // position in a page this sequence holds alone (a new page or a copy would change the
-    // pool, which only the call itself may do).
-    next[(size_t)r] = pos[(size_t)r] + 1;
-    if (next[(size_t)r] + 1 > seqs[(size_t)r]->maxContext || !seqs[(size_t)r]->kv->writableInPlace(next[(size_t)r])) return;
-    maxPos = std::max(maxPos, next[(size_t)r]);
-  }
-  Backend& be = *backend_;
-  const Backend::StepInputs in{nullptr, next.data(), n, s.tables.data(), (int)s.tables.size(), s.rowSeq.data()};
-  std::vector<uint64_t> seeds((size_t)n);
-  for (int r = 0; r < n; ++r) seeds[(size_t)r] = (uint64_t)next[(size_t)r] + 1;
-  const int slot = fromSlot ^ 1;
-  Tensor lg;
-  // Only a recorded step runs ahead: it writes nothing but its own buffers and the K/V of each
-  // sequence's next position, past its length until the next call appends it.
+  // The step ahead is an option: running out of host or device memory for it does not fail this
+  // call's own step. (A device error does: it would fail whatever ran next.)
   try {
+    const int n = (int)seqs.size();
+    std::vector<int32_t> next((size_t)n);
+    int maxPos = 0;
+    for (int r = 0; r < n; ++r) {
+      // The step must be one the next call can run as it is: its sequence not full, and its
+      // position in a page this sequence holds alone (a new page or a copy would change the
+      // pool, which only the call itself may do).
+      next[(size_t)r] = pos[(size_t)r] + 1;
+      if (next[(size_t)r] + 1 > seqs[(size_t)r]->maxContext || !seqs[(size_t)r]->kv->writableInPlace(next[(size_t)r])) return;
+      maxPos = std::max(maxPos, next[(size_t)r]);
+    }
+    std::vector<uint64_t> seeds((size_t)n);
+    for (int r = 0; r < n; ++r) seeds[(size_t)r] = (uint64_t)next[(size_t)r] + 1;
+    ahead_.slot = fromSlot ^ 1;
+    ahead_.ids.resize((size_t)n);
+    ahead_.versions.resize((size_t)n);
+    ahead_.lengths.assign(next.begin(), next.end());
+    ahead_.params = params;
+    ahead_.tokens.reserve((size_t)n);
+    for (int r = 0; r < n; ++r) {
+      ahead_.ids[(size_t)r] = seqs[(size_t)r]->id;
+      ahead_.versions[(size_t)r] = seqs[(size_t)r]->version;
+    }
+    Backend& be = *backend_;
+    const Backend::StepInputs in{nullptr, next.data(), n, s.tables.data(), (int)s.tables.size(), s.rowSeq.data()};
+    Tensor lg;
+    // Only a recorded step runs ahead: it writes nothing but its own buffers and the K/V of each
+    // sequence's next position, past its length until the next call appends it.
     if (!be.replayStepFromSampled(stepKey(n, s.kv.stride, maxPos), in, fromSlot, lg)) return;
-    be.queueSampleRows(lg, n, cfg_.vocab, params.data(), seeds.data(), slot);
+    be.queueSampleRows(lg, n, cfg_.vocab, params.data(), seeds.data(), ahead_.slot);
   } catch (const std::bad_alloc&) {
-    return;  // the step ahead is an option: this call's own step does not fail for it
-  }
-  ahead_.slot = slot;
-  ahead_.ids.resize((size_t)n);
-  ahead_.versions.resize((size_t)n);
-  ahead_.lengths.assign(next.begin(), next.end());
-  ahead_.params = params;
-  for (int r = 0; r < n; ++r) {
-    ahead_.ids[(size_t)r] = seqs[(size_t)r]->id;
-    ahead_.versions[(size_t)r] = seqs[(size_t)r]->version;
+    return;
   }
   ahead_.queued = true;  // its tokens (this call's results) are filled in by decodeBatch
 }
@@ -500,7 +502,8 @@ void Model::queueStepAhead(Scratch& s, const std::vector<SequenceState*>& seqs, 
 // step after its own before it waits for its tokens: the next call, if it continues the same
 // batch with those tokens, finds its step queued or already done, and the device does not wait
 // for the host between steps. A call that asks for anything else throws the queued step away;
-// it only wrote K/V past each sequence's length, which nothing reads.
+// it only wrote K/V past each sequence's length, which nothing reads. (A device fault in a
+// queued step surfaces in whatever waits on the device next, as any asynchronous fault does.)
 std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& tokens,
                                         const std::vector<SamplingParams>& params, bool runAhead) {
   if (!ready_) throw EngineError(kErrInvalidArgument, "model weights are not loaded");
@@ -530,6 +533,7 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
   ahead_.queued = false;
   PendingWrites writes{seqs};  // the batch is all or nothing
   try {
+    for (SequenceState* q : seqs) q->tokens.reserve(q->tokens.size() + 1);  // the commit below cannot fail halfway
     for (SequenceState* q : seqs) q->kv->prepareWrite(q->length(), 1);  // changes nothing for a step queued ahead
     Scratch s;
     viewPages(s, seqs, rowSeq, true);
@@ -586,6 +590,7 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
       if (runAhead) queueStepAhead(s, seqs, pos, params, slot);
       be.takeSampled(slot, n, out.data());
     }
+    if (ahead_.queued) ahead_.tokens.assign(out.begin(), out.end());  // capacity reserved by queueStepAhead
   } catch (const std::bad_alloc&) {
     ahead_.queued = false;
     throw EngineError(kErrOutOfMemory, "out of memory running a decode batch of " + std::to_string(n));
@@ -593,7 +598,6 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
     ahead_.queued = false;
     throw;
   }
-  ahead_.tokens = out;
   for (int r = 0; r < n; ++r) seqs[(size_t)r]->tokens.push_back(tokens[(size_t)r]);
   writes.commit();
   for (SequenceState* q : seqs) releaseOutsideWindow(*q);
