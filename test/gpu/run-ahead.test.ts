@@ -11,7 +11,7 @@
  * Runs with `npm run test:gpu` on a machine with an NVIDIA GPU; elsewhere it says it skipped.
  */
 import { loadModel, Model } from "../../lib";
-import { NativeSamplingParams } from "../../lib/native";
+import { NativeSamplingParams, NativeSequence } from "../../lib/native";
 import { writeTinyModel, TinyLlamaSpec } from "../helpers/tiny-model";
 import { describeIfGpu } from "../helpers/device";
 
@@ -22,6 +22,11 @@ const greedy: NativeSamplingParams = { temperature: 0, topK: 0, topP: 1, minP: 0
 
 function prompt(model: Model, length: number, salt: number): number[] {
   return Array.from({ length }, (_, k) => (k * 31 + salt * 7 + 3) % model.config.vocabSize);
+}
+
+/** Appends `tokens` to a native sequence in one prefill; with `sample`, resolves with the next token. */
+async function prefill(ns: NativeSequence, tokens: number[], sample?: NativeSamplingParams): Promise<number | undefined> {
+  return (await ns.append(Int32Array.from(tokens), { mode: "fixed-point", passes: 1, tolerance: 0, logits: "none", sample })).token;
 }
 
 /** Requests of different lengths decoding together: the batch shrinks as each one finishes. */
@@ -106,13 +111,12 @@ async function rewoundToSameLength(model: Model): Promise<{ tokens: number[]; us
   const nm = model.nativeModel();
   const ns = nm.createSequence(model.maxContext);
   const V = model.config.vocabSize;
-  const r = await ns.append(Int32Array.from(prompt(model, 20, 4)), { mode: "fixed-point", passes: 1, tolerance: 0, logits: "none", sample: greedy });
-  const out = [r.token!];
-  let tok = r.token!;
+  let tok = (await prefill(ns, prompt(model, 20, 4), greedy))!;
+  const out = [tok];
   for (let i = 0; i < 6; i++) out.push((tok = (await nm.decodeBatch([ns], Int32Array.of(tok), [greedy]))[0]));
   const length = ns.length;  // 26: the last call queued the step at position 26, with token `tok`
   ns.truncate(length - 3);
-  await ns.append(Int32Array.of((tok + 11) % V, (tok + 17) % V, (tok + 23) % V), { mode: "fixed-point", passes: 1, tolerance: 0, logits: "none" });
+  await prefill(ns, [(tok + 11) % V, (tok + 17) % V, (tok + 23) % V]);
   expect(ns.length).toBe(length);
   const s0 = stats(model);
   // Positions 26 to 31: the first call throws the queued step away, the next five use theirs;
@@ -131,9 +135,7 @@ async function rewoundToSameLength(model: Model): Promise<{ tokens: number[]; us
 async function batchChanges(model: Model): Promise<{ tokens: number[]; used: number; discarded: number }> {
   const nm = model.nativeModel();
   const a = nm.createSequence(model.maxContext), b = nm.createSequence(model.maxContext);
-  const first = async (ns: typeof a, salt: number) =>
-    (await ns.append(Int32Array.from(prompt(model, 20, salt)), { mode: "fixed-point", passes: 1, tolerance: 0, logits: "none", sample: greedy })).token!;
-  let ta = await first(a, 1), tb = await first(b, 2);
+  let ta = (await prefill(a, prompt(model, 20, 1), greedy))!, tb = (await prefill(b, prompt(model, 20, 2), greedy))!;
   [ta, tb] = await nm.decodeBatch([a, b], Int32Array.of(ta, tb), [greedy, greedy]);
   const s0 = stats(model);
   const out = [ta, tb];
