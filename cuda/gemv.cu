@@ -46,6 +46,26 @@ struct Targets {
   int first[kGemvMaxTargets + 1];  // unused matrices are empty ranges at the end
 };
 
+// a[s] of a kernel parameter's array, reached by constant indices only: a dynamic index into
+// the parameters would copy them to local memory.
+template <typename T, int N>
+__device__ __forceinline__ T pick(const T (&a)[N], int s) {
+  T v = a[0];
+#pragma unroll
+  for (int i = 1; i < N; ++i)
+    if (s == i) v = a[i];
+  return v;
+}
+// The matrix that row j of a launch belongs to: the last s with first[s] <= j (first[] holds
+// each matrix's first row, then the end; rows past the end fall to the last matrix, inactive).
+template <int N>
+__device__ __forceinline__ int matrixOf(const int (&first)[N], int j) {
+  int s = 0;
+#pragma unroll
+  for (int i = 1; i < N - 1; ++i) s += j >= first[i];
+  return s;
+}
+
 // acc[r] += W[j, lanes' part] . x[r, lanes' part] for one warp of the `lanes` (32 per warp) that
 // share row j, lane index `gl` among them, then summed over the warp. Each lane's sum, and the
 // order in which the warps' sums are added (by the kernel), depend on I only, never on ROWS or
@@ -103,15 +123,13 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int part = warp % warpsPerRow;
   const int j = blockIdx.x * (kWarps / warpsPerRow) + warp / warpsPerRow;
-  const bool active = j < t.first[3];
-  const int s = (j >= t.first[1]) + (j >= t.first[2]);
-  const int first = s == 0 ? 0 : s == 1 ? t.first[1] : t.first[2];
-  const int f = j - first, O = (s == 0 ? t.first[1] : s == 1 ? t.first[2] : t.first[3]) - first;
-  // Constant indices only: a dynamic index into the parameters would copy them to local memory.
-  static_assert(kGemvMaxTargets == 3, "the selection below spells out three targets");
-  const W* w = s == 0 ? t.w[0] : s == 1 ? t.w[1] : t.w[2];
-  const W* bias = s == 0 ? t.bias[0] : s == 1 ? t.bias[1] : t.bias[2];
-  float* out = s == 0 ? t.out[0] : s == 1 ? t.out[1] : t.out[2];
+  const bool active = j < t.first[kGemvMaxTargets];
+  const int s = matrixOf(t.first, j);
+  const int first = pick(t.first, s);
+  const int f = j - first, O = pick(t.first, s + 1) - first;
+  const W* w = pick(t.w, s);
+  const W* bias = pick(t.bias, s);
+  float* out = pick(t.out, s);
   if (active) {
     float acc[ROWS];
 #pragma unroll
@@ -181,12 +199,10 @@ template <typename W, bool kSwiglu>
 __global__ void __launch_bounds__(kOneRowWarps * 32) gemvOneRowKernel(const float* __restrict__ x, int I, Targets<W> t) {
   const int lane = threadIdx.x & 31;
   const int j = blockIdx.x * kOneRowWarps + (threadIdx.x >> 5);
-  const bool active = j < t.first[3];
-  static_assert(kGemvMaxTargets == 3, "the selection below spells out three targets");
-  const int s = (j >= t.first[1]) + (j >= t.first[2]);
-  const int first = s == 0 ? 0 : s == 1 ? t.first[1] : t.first[2];
-  const int f = j - first;
-  const W* w = (s == 0 ? t.w[0] : s == 1 ? t.w[1] : t.w[2]) + (int64_t)f * I;
+  const bool active = j < t.first[kGemvMaxTargets];
+  const int s = matrixOf(t.first, j);
+  const int f = j - pick(t.first, s);
+  const W* w = pick(t.w, s) + (int64_t)f * I;
   const W* up = kSwiglu ? t.w[1] + (int64_t)f * I : nullptr;
   // A round: kOneRowInFlight loads per matrix. The next round's loads are issued before this
   // one's products, and the first round's before the wait for the preceding kernel (no kernel
@@ -224,8 +240,8 @@ __global__ void __launch_bounds__(kOneRowWarps * 32) gemvOneRowKernel(const floa
   acc = warpSum(acc);
   if constexpr (kSwiglu) accUp = warpSum(accUp);
   if (lane != 0) return;
-  const W* bias = s == 0 ? t.bias[0] : s == 1 ? t.bias[1] : t.bias[2];
-  float* out = s == 0 ? t.out[0] : s == 1 ? t.out[1] : t.out[2];
+  const W* bias = pick(t.bias, s);
+  float* out = pick(t.out, s);
   const float g = acc + (bias ? toFloat(bias[f]) : 0.0f);
   if constexpr (!kSwiglu) {
     out[f] = g;
@@ -306,12 +322,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kSwiglu ? 1 : 2) gemvMmaKernel
   waitForPrecedingKernels();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
   const int tile = blockIdx.x;
-  static_assert(kGemvMaxTargets == 3, "the selection below spells out three targets");
-  const int s = kSwiglu ? 0 : (tile >= t.firstTile[1]) + (tile >= t.firstTile[2]);
-  const int O = s == 0 ? t.features[0] : s == 1 ? t.features[1] : t.features[2];
-  const int row0 = (tile - (s == 0 ? 0 : s == 1 ? t.firstTile[1] : t.firstTile[2])) * 16;
+  const int s = kSwiglu ? 0 : matrixOf(t.firstTile, tile);
+  const int O = pick(t.features, s);
+  const int row0 = (tile - pick(t.firstTile, s)) * 16;
   const __nv_bfloat16* wm[kMats];
-  wm[0] = s == 0 ? t.w[0] : s == 1 ? t.w[1] : t.w[2];
+  wm[0] = pick(t.w, s);
   if constexpr (kSwiglu) wm[kMats - 1] = t.w[1];
   const bool has0 = row0 + g < O, has1 = row0 + g + 8 < O;
   float d[kMats][NT][4] = {};
@@ -360,8 +375,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kSwiglu ? 1 : 2) gemvMmaKernel
     const int nt = e / 128, i = (e / 32) % 4, l = e % 32;
     const int f = row0 + (l >> 2) + (i >= 2 ? 8 : 0), r = nt * 8 + (l & 3) * 2 + (i & 1);
     if (f >= O || r >= n) continue;
-    const __nv_bfloat16* bias = s == 0 ? t.bias[0] : s == 1 ? t.bias[1] : t.bias[2];
-    float* out = s == 0 ? t.out[0] : s == 1 ? t.out[1] : t.out[2];
+    const __nv_bfloat16* bias = pick(t.bias, s);
+    float* out = pick(t.out, s);
     float v = bias ? __bfloat162float(bias[f]) : 0.0f;
     for (int w = 0; w < kMmaWarps; ++w) v += partial[w][0][nt][i][l];
     if constexpr (!kSwiglu) {
