@@ -202,7 +202,6 @@ class CudaBackend : public Backend {
     graphs_.clear();
     if (pinnedInputs_) cudaFreeHost(pinnedInputs_);
     if (inputsCopied_) cudaEventDestroy(inputsCopied_);
-    if (pinnedTokens_) cudaFreeHost(pinnedTokens_);
     for (SampledSlot& q : sampled_) {
       if (q.pinned) cudaFreeHost(q.pinned);
       if (q.ready) cudaEventDestroy(q.ready);
@@ -307,18 +306,12 @@ class CudaBackend : public Backend {
       if (params[r].temperature > 0.0f && !deviceSampling_) return Backend::sampleRows(logits, rows, vocab, params, histories, positions, out);
     ctx();
     Timed timed(*this, "sample");
-    std::shared_ptr<void> dTokens = blocks_.get(sizeof(int32_t) * (size_t)rows);
-    queueChoices(logits, rows, vocab, params, histories, positions, (int32_t*)dTokens.get());
-    if (pinnedTokensCap_ < (size_t)rows) {
-      if (pinnedTokens_) cudaFreeHost(pinnedTokens_);  // every earlier copy into it has been waited for
-      pinnedTokens_ = nullptr;
-      pinnedTokensCap_ = 0;
-      cudaOk(cudaMallocHost(&pinnedTokens_, sizeof(int32_t) * (size_t)rows), "cudaMallocHost");
-      pinnedTokensCap_ = (size_t)rows;
-    }
-    cudaOk(cudaMemcpyAsync(pinnedTokens_, dTokens.get(), sizeof(int32_t) * (size_t)rows, cudaMemcpyDeviceToHost, stream_), "token copy");
+    // Its own slot: the two run-ahead slots may hold a queued step's tokens.
+    SampledSlot& q = sampledSlot(kWaitedSlot, rows);
+    queueChoices(logits, rows, vocab, params, histories, positions, (int32_t*)q.device.get());
+    cudaOk(cudaMemcpyAsync(q.pinned, q.device.get(), sizeof(int32_t) * (size_t)rows, cudaMemcpyDeviceToHost, stream_), "token copy");
     cudaOk(cudaStreamSynchronize(stream_), "sample sync");
-    std::memcpy(out, pinnedTokens_, sizeof(int32_t) * (size_t)rows);
+    std::memcpy(out, q.pinned, sizeof(int32_t) * (size_t)rows);
   }
 
   bool canQueueSampling(const SamplingParams* params, int rows) const override {
@@ -329,20 +322,10 @@ class CudaBackend : public Backend {
 
   void queueSampleRows(const Tensor& logits, int rows, int vocab, const SamplingParams* params, const uint64_t* positions,
                        int slot) override {
+    if (slot != 0 && slot != 1) throw EngineError("LCKV_CUDA", "queueSampleRows: slot must be 0 or 1");
     ctx();
     Timed timed(*this, "sample");
-    SampledSlot& q = sampled_[slot];
-    if (q.capacity < (size_t)rows) {
-      // A copy still queued into the old buffers must land before they go.
-      cudaOk(cudaStreamSynchronize(stream_), "sample slot sync");
-      if (q.pinned) cudaFreeHost(q.pinned);
-      q.pinned = nullptr;
-      q.device.reset();
-      q.capacity = 0;
-      q.device = deviceAlloc(sizeof(int32_t) * (size_t)rows);
-      cudaOk(cudaMallocHost(&q.pinned, sizeof(int32_t) * (size_t)rows), "cudaMallocHost");
-      q.capacity = (size_t)rows;
-    }
+    SampledSlot& q = sampledSlot(slot, rows);
     if (!q.ready) cudaOk(cudaEventCreateWithFlags(&q.ready, cudaEventDisableTiming), "cudaEventCreate");
     q.rows = 0;
     queueChoices(logits, rows, vocab, params, nullptr, positions, (int32_t*)q.device.get());
@@ -353,6 +336,7 @@ class CudaBackend : public Backend {
 
   void takeSampled(int slot, int rows, int32_t* out) override {
     ctx();
+    if (slot != 0 && slot != 1) throw EngineError("LCKV_CUDA", "takeSampled: slot must be 0 or 1");
     SampledSlot& q = sampled_[slot];
     if (!q.ready || q.rows != rows) throw EngineError("LCKV_CUDA", "takeSampled: these rows were not queued into this slot");
     cudaOk(cudaEventSynchronize(q.ready), "sample sync");
@@ -485,7 +469,7 @@ class CudaBackend : public Backend {
   bool replayStep(uint64_t key, const StepInputs& in, Tensor& logits) override { return replay(key, in, -1, logits); }
 
   bool replayStepFromSampled(uint64_t key, const StepInputs& in, int slot, Tensor& logits) override {
-    if (sampled_[slot].rows != in.n) return false;
+    if ((slot != 0 && slot != 1) || sampled_[slot].rows != in.n) return false;
     return replay(key, in, slot, logits);
   }
 
@@ -901,10 +885,9 @@ class CudaBackend : public Backend {
   std::map<std::array<int, 3>, std::unique_ptr<MatmulPlan>> matmulPlans_;  // by (O, n, I)
   std::shared_ptr<void> workspace_;
   Staging staging_[5];  // token ids, positions, penalised tokens, K/V page tables, row-to-sequence map
-  int32_t* pinnedTokens_ = nullptr;  // the chosen ids of a step, copied from the device
-  size_t pinnedTokensCap_ = 0;
-  // queueSampleRows()'s slots: the ids on the device (what replayStepFromSampled reads), their
-  // copy on the host, and the event after that copy.
+  // Chosen token ids: on the device (what replayStepFromSampled reads), their copy on the host,
+  // and the event after that copy. Slots 0 and 1 are queueSampleRows()'s, kWaitedSlot is
+  // sampleRows()'s, which waits for its copy.
   struct SampledSlot {
     std::shared_ptr<void> device;
     int32_t* pinned = nullptr;
@@ -912,7 +895,24 @@ class CudaBackend : public Backend {
     int rows = 0;  // queued by the last queueSampleRows()
     cudaEvent_t ready = nullptr;
   };
-  SampledSlot sampled_[2];
+  static constexpr int kWaitedSlot = 2;
+  SampledSlot sampled_[3];
+  // Slot `slot` with room for `rows` ids (its rows and event untouched).
+  SampledSlot& sampledSlot(int slot, int rows) {
+    SampledSlot& q = sampled_[slot];
+    if (q.capacity < (size_t)rows) {
+      // A copy still queued into the old buffers must land before they go.
+      cudaOk(cudaStreamSynchronize(stream_), "sample slot sync");
+      if (q.pinned) cudaFreeHost(q.pinned);
+      q.pinned = nullptr;
+      q.device.reset();
+      q.capacity = 0;
+      q.device = deviceAlloc(sizeof(int32_t) * (size_t)rows);
+      cudaOk(cudaMallocHost(&q.pinned, sizeof(int32_t) * (size_t)rows), "cudaMallocHost");
+      q.capacity = (size_t)rows;
+    }
+    return q;
+  }
   const bool deviceSampling_ = [] {
     const char* e = std::getenv("LCKV_DEVICE_SAMPLING");
     return e == nullptr || std::string(e) != "0";

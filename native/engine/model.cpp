@@ -457,8 +457,7 @@ bool Model::aheadMatches(const std::vector<SequenceState*>& seqs, const std::vec
 
 void Model::queueStepAhead(Scratch& s, const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& pos,
                            const std::vector<SamplingParams>& params, int fromSlot) {
-  ahead_.queued = false;
-  if (!runAheadOn_) return;
+  ahead_.queued = false;  // (called only where run-ahead is on and the choices are queued)
   // The step ahead is an option: running out of host or device memory for it does not fail this
   // call's own step. (A device error does: it would fail whatever ran next.)
   try {
