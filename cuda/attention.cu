@@ -98,23 +98,24 @@ __device__ __forceinline__ void copyAsyncWait() {
 #endif
 }
 
-// Starts copying keys [j0, j0 + count) of the block's K/V head into one stage's K and V tiles.
-// Lane j looks up key j's page once (all lanes at once, so the table reads overlap), and the
-// warp's copies take each key row's offset from its lane. Consecutive threads copy consecutive
-// pieces of a key row (coalesced); vec4 (16-byte pieces) needs every row 16-byte aligned
-// (headDim, kvDim and pageFloats multiples of 4, the pool aligned).
+// Starts copying keys j0 + lo .. j0 + hi - 1 of the block's K/V head into rows lo .. hi - 1 of
+// one stage's K and V tiles. Lane j looks up key j0 + j's page once (all lanes at once, so the
+// table reads overlap), and the warp's copies take each key row's offset from its lane.
+// Consecutive threads copy consecutive pieces of a key row (coalesced); vec4 (16-byte pieces)
+// needs every row 16-byte aligned (headDim, kvDim and pageFloats multiples of 4, the pool aligned).
 __device__ __forceinline__ void loadDecodeTile(float* kDst, float* vDst, const float* kBase, const float* vBase,
-                                               const int32_t* table, const PagedKv& kv, int j0, int count,
+                                               const int32_t* table, const PagedKv& kv, int j0, int lo, int hi,
                                                int headDim, int stride, bool vec4) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int j = j0 + lane;
   const int64_t rowOffset =
-      lane < count ? (int64_t)table[j >> kv.pageShift] * kv.pageFloats + (int64_t)(j & ((1 << kv.pageShift) - 1)) * kv.kvDim
-                   : 0;
-  const int width = vec4 ? 4 : 1, perRow = headDim / width, total = count * perRow;
+      lane >= lo && lane < hi
+          ? (int64_t)table[j >> kv.pageShift] * kv.pageFloats + (int64_t)(j & ((1 << kv.pageShift) - 1)) * kv.kvDim
+          : 0;
+  const int width = vec4 ? 4 : 1, perRow = headDim / width, total = (hi - lo) * perRow;
   for (int e0 = warp * 32; e0 < total; e0 += kDecodeWarps * 32) {  // warp-uniform: the shuffle needs every lane
     const int e = e0 + lane;
-    const int jj = min(e / perRow, kDecodeKeys - 1), c = (e - jj * perRow) * width;
+    const int jj = min(lo + e / perRow, kDecodeKeys - 1), c = (e - (jj - lo) * perRow) * width;
     const int64_t off = __shfl_sync(0xffffffffu, rowOffset, jj) + c;
     if (e < total) {
       if (vec4) {
@@ -141,7 +142,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
     const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int numHeads, int numKvHeads,
     int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, bool vec4,
     float* __restrict__ out, float* __restrict__ partial) {
-  waitForPrecedingKernels();
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
   const int stride = decodeRowStride(headDim);
@@ -168,25 +168,34 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
   // This block's chunk of the row's visible keys, cut here from the row's position rather than
   // by the host: a launch replayed from a CUDA graph at later positions still covers every key
   // (the number of splits is fixed; a split past the end writes an empty partial).
-  const Range all = visible(positions[r], strict, window);
+  const int p = positions[r];
+  const Range all = visible(p, strict, window);
   const int count = max(0, all.last - all.first + 1);
   const int chunk = (count + splits - 1) / splits;
   const int first = all.first + split * chunk;
   const int keys = max(0, min(count - split * chunk, chunk));
   const int numTiles = (keys + kDecodeKeys - 1) / kDecodeKeys;
 
-#pragma unroll
-  for (int s = 0; s < kDecodeStages - 1; ++s) {
-    if (s < numTiles)
-      loadDecodeTile(kS + s * tileFloats, vS + s * tileFloats, kBase, vBase, table, kv, first + s * kDecodeKeys,
-                     min(kDecodeKeys, keys - s * kDecodeKeys), headDim, stride, vec4);
-    copyAsyncCommit();
-  }
+  // Everything above, and the keys of the first tile that no kernel of this step writes, come
+  // before the wait for the preceding kernel (under programmatic launch they load while it
+  // runs): positions and page tables are the step's inputs, and this op's rows write K/V only
+  // at their own positions, which for this row's sequence are p - (n - 1) or later. A short
+  // context's block streams a single tile, so at batch 1 the wait is followed by the queries
+  // and the arithmetic alone.
+  static_assert(kDecodeStages == 2, "the prologue loads one tile");
+  const int firstTileKeys = min(kDecodeKeys, keys);
+  const int earlyKeys = min(firstTileKeys, max(0, p - (int)gridDim.x + 1 - first));
+  if (earlyKeys > 0) loadDecodeTile(kS, vS, kBase, vBase, table, kv, first, 0, earlyKeys, headDim, stride, vec4);
   // While the first tile arrives: zero the K rows' padding (the float4 dot products read it; the
-  // copies never write it) and stage the queries, zero-padded.
+  // copies never write it).
   const int pad = stride - headDim;
   for (int e = threadIdx.x; e < kDecodeStages * kDecodeKeys * pad; e += blockDim.x)
     kS[(e / pad) * stride + headDim + e % pad] = 0.0f;
+  waitForPrecedingKernels();
+  if (earlyKeys < firstTileKeys)
+    loadDecodeTile(kS, vS, kBase, vBase, table, kv, first, earlyKeys, firstTileKeys, headDim, stride, vec4);
+  copyAsyncCommit();
+  // The queries (written by the preceding kernel), zero-padded.
   for (int e = threadIdx.x; e < kGroupHeads * stride; e += blockDim.x) {
     const int g = e / stride, d = e - g * stride;
     qS[e] = g < heads && d < headDim ? q[((int64_t)r * numHeads + h0 + g) * headDim + d] : 0.0f;
@@ -209,7 +218,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
     const int ahead = tile + kDecodeStages - 1;
     if (ahead < numTiles)
       loadDecodeTile(kS + (ahead % kDecodeStages) * tileFloats, vS + (ahead % kDecodeStages) * tileFloats, kBase, vBase,
-                     table, kv, first + ahead * kDecodeKeys, min(kDecodeKeys, keys - ahead * kDecodeKeys), headDim,
+                     table, kv, first + ahead * kDecodeKeys, 0, min(kDecodeKeys, keys - ahead * kDecodeKeys), headDim,
                      stride, vec4);
     copyAsyncCommit();
     copyAsyncWait<kDecodeStages - 1>();

@@ -90,6 +90,8 @@ void launchKvWrite(const float* k, const float* v, int n, const int32_t* positio
 // per-chunk partial results, attentionWorkspaceFloats() of them (less means no split).
 // oneSequence: every row belongs to the same sequence (a prefill chunk), which lets a tile of
 // queries share each key tile (the tiled prefill kernel, for 16 or more rows).
+// The kernel launched just before may write K/V only at the rows' own positions: the decode
+// kernel loads keys before positions[r] - (n - 1) while that kernel still runs.
 void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv, int numHeads,
                      int numKvHeads, int headDim, bool strict, int window, float scale, bool oneSequence, float* out,
                      float* workspace, int64_t workspaceFloats, cudaStream_t stream);

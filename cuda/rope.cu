@@ -7,16 +7,19 @@ namespace lckv::cuda {
 
 namespace {
 
-// The pair (a, b) = (x[j], x[j + half]) rotated by pos * invFreq and scaled. The angle is rounded
-// to f32 before cos/sin, as the CPU reference and Hugging Face do; sincosf (full precision, not
-// the __sincosf intrinsic) is within 2 ulp of them.
-__device__ __forceinline__ float2 rotatePair(float a, float b, float pos, float invFreq, float scale) {
+// (cos, sin) of pos * invFreq, scaled. The angle is rounded to f32 before cos/sin, as the CPU
+// reference and Hugging Face do; sincosf (full precision, not the __sincosf intrinsic) is within
+// 2 ulp of them.
+__device__ __forceinline__ float2 rotation(float pos, float invFreq, float scale) {
   const float ang = pos * invFreq;
   float s, c;
   sincosf(ang, &s, &c);
-  c *= scale;
-  s *= scale;
-  return {a * c - b * s, b * c + a * s};
+  return {c * scale, s * scale};
+}
+// The pair (a, b) = (x[j], x[j + half]) rotated by `cs` (rotation()).
+__device__ __forceinline__ float2 rotate(float a, float b, float2 cs) { return {a * cs.x - b * cs.y, b * cs.x + a * cs.y}; }
+__device__ __forceinline__ float2 rotatePair(float a, float b, float pos, float invFreq, float scale) {
+  return rotate(a, b, rotation(pos, invFreq, scale));
 }
 
 __global__ void ropeKernel(float* x, int heads, int headDim, const int32_t* positions, const float* invFreq, float scale) {
@@ -52,7 +55,9 @@ __global__ void kvWriteKernel(const float* k, const float* v, const int32_t* pos
 // The rotation is ropeKernel's (rotatePair).
 __global__ void ropeKvWriteKernel(float* q, int numHeads, const float* k, const float* v, int numKvHeads, int headDim,
                                   const int32_t* positions, const float* invFreq, float scale, PagedKv kv) {
-  waitForPrecedingKernels();
+  // Before the wait, what no kernel writes: the position and page table (the step's inputs), the
+  // frequencies, and so the cache addresses and the thread's first rotation. After it, only the
+  // loads of q, k and v and the rotation itself remain.
   const int r = blockIdx.x;
   const int half = headDim / 2;
   const int p = positions[r];
@@ -67,6 +72,9 @@ __global__ void ropeKvWriteKernel(float* q, int numHeads, const float* k, const 
   }
   const int qPairs = numHeads * half, pairs = qPairs + (k ? numKvHeads * half : 0);
   const int first = blockIdx.y * blockDim.x + threadIdx.x, step = gridDim.y * blockDim.x;
+  const float2 firstRotation = first < pairs ? rotation(pos, invFreq[(first < qPairs ? first : first - qPairs) % half], scale)
+                                             : make_float2(0.0f, 0.0f);
+  waitForPrecedingKernels();
   for (int t = first; t < pairs; t += step) {
     const bool isQ = t < qPairs;
     const int u = isQ ? t : t - qPairs;
@@ -74,7 +82,7 @@ __global__ void ropeKvWriteKernel(float* q, int numHeads, const float* k, const 
     // q in place; k on its way into the cache.
     const float* x = (isQ ? qrow : krow) + h * headDim;
     float* dst = isQ ? qrow + h * headDim : kd + h * headDim;
-    const float2 r2 = rotatePair(x[j], x[j + half], pos, invFreq[j], scale);
+    const float2 r2 = rotate(x[j], x[j + half], t == first ? firstRotation : rotation(pos, invFreq[j], scale));
     dst[j] = r2.x;
     dst[j + half] = r2.y;
   }

@@ -143,7 +143,9 @@ class Backend {
   // (for the fixed-point check): 2 * n * kvDim floats.
   virtual void kvRead(const KvView& kv, int seq, int slot, int start, int n, std::vector<float>& host) = 0;
   // out[n, numHeads*headDim]: query r at positions[r] attends to `slot` of sequence
-  // kv.rowSeq[r], keys 0..positions[r] under spec's diagonal and window rules.
+  // kv.rowSeq[r], keys 0..positions[r] under spec's diagonal and window rules. The op just
+  // before may write K/V only at the rows' own positions (as kvWrite and ropeKvWrite of the
+  // same rows do): a GPU backend reads the keys before positions[r] - (n - 1) while it runs.
   virtual void attention(const Tensor& q, int n, const int32_t* positions, const KvView& kv, int slot,
                          const AttentionSpec& spec, Tensor& out) = 0;
   // out[n, cols] = silu(gate) * up
