@@ -790,13 +790,18 @@ class CudaBackend : public Backend {
     return (const int32_t*)buf.mem.get();
   }
 
+  // The frequencies on the device, uploaded once per host array (a model's config holds its
+  // own for the model's life); the host copy kept beside them catches a different array that
+  // reuses a freed one's address.
   const float* deviceInvFreq(const std::vector<float>& f) {
     auto it = invFreq_.find(f.data());
-    if (it != invFreq_.end()) return (const float*)it->second.get();
+    if (it != invFreq_.end() && it->second.host == f) return (const float*)it->second.device.get();
     if (recording_) throw EngineError("LCKV_CUDA", "RoPE frequencies first uploaded inside a recorded step");
     auto mem = deviceAlloc(f.size() * sizeof(float));
     cudaOk(cudaMemcpyAsync(mem.get(), f.data(), f.size() * sizeof(float), cudaMemcpyHostToDevice, stream_), "invFreq");
-    invFreq_[f.data()] = mem;
+    // (A replaced upload stays allocated: a recorded step may have baked its address in.)
+    if (it != invFreq_.end()) retiredInvFreq_.push_back(it->second.device);
+    invFreq_[f.data()] = {f, mem};  // the copy above is stream-ordered before any reader
     return (const float*)mem.get();
   }
 
@@ -917,7 +922,12 @@ class CudaBackend : public Backend {
     const char* e = std::getenv("LCKV_DEVICE_SAMPLING");
     return e == nullptr || std::string(e) != "0";
   }();
-  std::map<const float*, std::shared_ptr<void>> invFreq_;
+  struct Frequencies {
+    std::vector<float> host;
+    std::shared_ptr<void> device;
+  };
+  std::map<const float*, Frequencies> invFreq_;
+  std::vector<std::shared_ptr<void>> retiredInvFreq_;
   std::shared_ptr<void> bf16Scratch_;
   BlockCache blocks_;
   OpProfiler profiler_;

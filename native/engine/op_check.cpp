@@ -149,9 +149,13 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
     r.compare("linear_swiglu", dims({{"n", n}, {"in", I}, {"out", O0}}), o.first, o.second, n);
   }
   // RoPE of q with K rotated into the cache and V beside it (a layer that owns K/V), for rows of
-  // two sequences at scattered positions; and q alone (a layer that reads another's K/V).
+  // two sequences at scattered positions; and q alone (a layer that reads another's K/V). One
+  // frequency array, refilled for each head size at the same address: a backend that keeps
+  // frequencies by address must notice that they changed.
+  std::vector<float> inv;
+  inv.reserve(64);
   for (auto [n, heads, kvHeads, hd] : std::vector<std::tuple<int, int, int, int>>{{1, 32, 4, 64}, {6, 4, 2, 16}, {3, 2, 2, 128}}) {
-    std::vector<float> inv((size_t)hd / 2);
+    inv.resize((size_t)hd / 2);  // within the reserved capacity up to head size 128: the same address
     for (int j = 0; j < hd / 2; ++j) inv[(size_t)j] = (float)(1.0 / std::pow(10000.0, 2.0 * j / hd));
     KvLayout L;
     L.slots = 2;
