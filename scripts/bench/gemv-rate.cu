@@ -13,16 +13,8 @@
 #include <cstdlib>
 #include <vector>
 
+#include "cuda-check.h"
 #include "kernels.h"
-
-#define CK(x)                                                                             \
-  do {                                                                                    \
-    cudaError_t e = (x);                                                                  \
-    if (e != cudaSuccess) {                                                               \
-      std::fprintf(stderr, "%s: %s (line %d)\n", #x, cudaGetErrorString(e), __LINE__);   \
-      std::exit(1);                                                                       \
-    }                                                                                     \
-  } while (0)
 
 using lckv::cuda::GemvTarget;
 
