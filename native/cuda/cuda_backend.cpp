@@ -492,6 +492,11 @@ class CudaBackend : public Backend {
     return true;
   }
 
+  void finishQueued() override {
+    ctx();
+    cudaOk(cudaStreamSynchronize(stream_), "finishQueued");
+  }
+
   // Read from the JavaScript thread while a step may run: the counts are atomics.
   void stepGraphStats(int64_t& recorded, int64_t& replayed) override {
     recorded = graphCount_.load(std::memory_order_relaxed);

@@ -232,6 +232,10 @@ class Backend {
     }
   }
 
+  // Returns once every op queued so far (a step run ahead included) has finished; a model
+  // calls it before it frees the buffers those ops use. The CPU runs each op as it is called.
+  virtual void finishQueued() {}
+
   // Free and total bytes of the device's memory (0, 0 where that means nothing: the CPU).
   virtual void memoryInfo(size_t& freeBytes, size_t& totalBytes) { freeBytes = totalBytes = 0; }
 

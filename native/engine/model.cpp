@@ -68,6 +68,15 @@ Model::Model(ModelConfig cfg, std::unique_ptr<Backend> backend) : cfg_(std::move
   }
 }
 
+Model::~Model() {
+  // A step queued ahead may still read the pool and the weights; members go after this.
+  try {
+    if (backend_) backend_->finishQueued();
+  } catch (...) {
+    // A destructor does not throw; a device fault here also fails the backend's next call.
+  }
+}
+
 std::map<std::string, std::pair<int64_t, int64_t>> Model::expectedTensors() const {
   const ModelConfig& c = cfg_;
   const int64_t E = c.hidden, qd = (int64_t)c.numHeads * c.headDim, kvd = (int64_t)c.numKvHeads * c.headDim;

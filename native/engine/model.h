@@ -66,6 +66,8 @@ struct AppendResult {
 class Model {
  public:
   Model(ModelConfig cfg, std::unique_ptr<Backend> backend);
+  // Waits for the backend's queued work before the pool and weights it reads are freed.
+  ~Model();
   const ModelConfig& config() const { return cfg_; }
   Backend& backend() { return *backend_; }
 
