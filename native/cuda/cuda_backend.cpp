@@ -322,7 +322,7 @@ class CudaBackend : public Backend {
 
   void queueSampleRows(const Tensor& logits, int rows, int vocab, const SamplingParams* params, const uint64_t* positions,
                        int slot) override {
-    if (slot != 0 && slot != 1) throw EngineError("LCKV_CUDA", "queueSampleRows: slot must be 0 or 1");
+    if (!queuedSlot(slot)) throw EngineError("LCKV_CUDA", "queueSampleRows: slot must be 0 or 1");
     ctx();
     Timed timed(*this, "sample");
     SampledSlot& q = sampledSlot(slot, rows);
@@ -336,7 +336,7 @@ class CudaBackend : public Backend {
 
   void takeSampled(int slot, int rows, int32_t* out) override {
     ctx();
-    if (slot != 0 && slot != 1) throw EngineError("LCKV_CUDA", "takeSampled: slot must be 0 or 1");
+    if (!queuedSlot(slot)) throw EngineError("LCKV_CUDA", "takeSampled: slot must be 0 or 1");
     SampledSlot& q = sampled_[slot];
     if (!q.ready || q.rows != rows) throw EngineError("LCKV_CUDA", "takeSampled: these rows were not queued into this slot");
     cudaOk(cudaEventSynchronize(q.ready), "sample sync");
@@ -469,7 +469,7 @@ class CudaBackend : public Backend {
   bool replayStep(uint64_t key, const StepInputs& in, Tensor& logits) override { return replay(key, in, -1, logits); }
 
   bool replayStepFromSampled(uint64_t key, const StepInputs& in, int slot, Tensor& logits) override {
-    if ((slot != 0 && slot != 1) || sampled_[slot].rows != in.n) return false;
+    if (!queuedSlot(slot) || sampled_[slot].rows != in.n) return false;
     return replay(key, in, slot, logits);
   }
 
@@ -906,6 +906,7 @@ class CudaBackend : public Backend {
     cudaEvent_t ready = nullptr;
   };
   static constexpr int kWaitedSlot = 2;
+  static bool queuedSlot(int slot) { return slot == 0 || slot == 1; }
   SampledSlot sampled_[3];
   // Slot `slot` with room for `rows` ids (its rows and event untouched).
   SampledSlot& sampledSlot(int slot, int rows) {
