@@ -9,6 +9,7 @@ namespace lckv::cuda {
 namespace {
 
 constexpr int kThreads = 1024;
+constexpr int kArgmaxLoads = 16;
 
 // x[t] of each (distinct) history token: divided by the penalty when positive, else multiplied.
 __global__ void penaltyKernel(float* x, const int32_t* tokens, int count, int V, float penalty) {
@@ -32,11 +33,25 @@ __global__ void argmaxKernel(const float* __restrict__ x, int V, int64_t ld, int
   __shared__ int si[kThreads / 32];
   float bv = -INFINITY;
   int bi = V;
-  for (int i = threadIdx.x; i < V; i += blockDim.x)
-    if (better(x[i], i, bv, bi)) {
-      bv = x[i];
-      bi = i;
+  // kArgmaxLoads loads per thread in flight before any is compared: a loop that compared each
+  // logit as it arrived waited out one memory latency per 1024 logits (12.7 us for 32000 on an
+  // H100, against a decode step of about 1.25 ms).
+  for (int i0 = threadIdx.x; i0 < V; i0 += blockDim.x * kArgmaxLoads) {
+    float v[kArgmaxLoads];
+#pragma unroll
+    for (int u = 0; u < kArgmaxLoads; ++u) {
+      const int i = i0 + u * blockDim.x;
+      v[u] = i < V ? x[i] : -INFINITY;
     }
+#pragma unroll
+    for (int u = 0; u < kArgmaxLoads; ++u) {
+      const int i = i0 + u * blockDim.x;
+      if (i < V && better(v[u], i, bv, bi)) {
+        bv = v[u];
+        bi = i;
+      }
+    }
+  }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     const float ov = __shfl_xor_sync(0xffffffffu, bv, o);

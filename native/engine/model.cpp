@@ -401,20 +401,32 @@ void Model::runLayer(Scratch& s, int n, const int32_t* pos, int i) {
   s.pendingResidual = true;
 }
 
-void Model::runLayers(Scratch& s, int n, const int32_t* pos, int first, int last) {
+void Model::runLayers(Scratch& s, int n, const int32_t* pos, int first, int last, bool settle) {
   for (int i = first; i <= last; ++i) runLayer(s, n, pos, i);
   // Callers read or copy h next: settle the last residual.
-  if (s.pendingResidual) backend_->addInPlace(s.h, s.o, n);
-  s.pendingResidual = false;
+  if (settle && s.pendingResidual) {
+    backend_->addInPlace(s.h, s.o, n);
+    s.pendingResidual = false;
+  }
 }
 
-Tensor Model::computeLogits(Scratch& s, int rowStart, int rows) {
+Tensor Model::computeLogits(Scratch& s, int n, int rowStart, int rows) {
   Backend& be = *backend_;
   const NormKind nk = cfg_.style == BlockStyle::Gpt2 ? NormKind::Layer : NormKind::Rms;
-  Tensor hr = be.alloc(rows, cfg_.hidden);
-  be.copyRows(s.h, rowStart, hr, 0, rows);
   Tensor xr = be.alloc(rows, cfg_.hidden);
-  be.norm(nk, hr, rows, finalNormW_, opt(finalNormB_), cfg_.normEps, xr);
+  if (rowStart == 0 && rows == n) {
+    // Every row (a decode step): the final norm reads h where it is, with the last layer's
+    // residual add in the same pass: two launches (an add and a copy) fewer per step.
+    if (s.pendingResidual) be.addNorm(nk, s.h, s.o, n, finalNormW_, opt(finalNormB_), cfg_.normEps, xr);
+    else be.norm(nk, s.h, n, finalNormW_, opt(finalNormB_), cfg_.normEps, xr);
+    s.pendingResidual = false;
+  } else {
+    if (s.pendingResidual) be.addInPlace(s.h, s.o, n);
+    s.pendingResidual = false;
+    Tensor hr = be.alloc(rows, cfg_.hidden);
+    be.copyRows(s.h, rowStart, hr, 0, rows);
+    be.norm(nk, hr, rows, finalNormW_, opt(finalNormB_), cfg_.normEps, xr);
+  }
   Tensor lg = be.alloc(rows, cfg_.vocab);
   be.linear(xr, rows, lmHead_, nullptr, lg);
   return lg;
@@ -559,8 +571,8 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
           allocScratch(s, n);
           be.embed(tokens.data(), pos.data(), n, embed_, opt(posEmbed_), s.h);
           // One token per sequence: strict layers read only earlier, final positions: one pass.
-          runLayers(s, n, pos.data(), 0, cfg_.numLayers - 1);
-          return computeLogits(s, 0, n);
+          runLayers(s, n, pos.data(), 0, cfg_.numLayers - 1, false);
+          return computeLogits(s, n, 0, n);
         };
         bool ran = false;
         if (be.beginStepCapture(key, in)) {
@@ -686,7 +698,7 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
   }
   if (want == LogitsWanted::None) return;
   const int rows = want == LogitsWanted::All ? n : 1;
-  Tensor lg = computeLogits(s, n - rows, rows);
+  Tensor lg = computeLogits(s, n, n - rows, rows);
   res.lastLogits = lg;
   res.lastLogits.data = static_cast<float*>(lg.data) + (int64_t)(rows - 1) * cfg_.vocab;
   res.lastLogits.rows = 1;

@@ -141,12 +141,15 @@ class Model {
   };
   struct Scratch;
 
-  void runLayers(Scratch& s, int n, const int32_t* pos, int first, int last);
+  // Layers first..last. With settle, the last layer's residual add is done; without, it stays
+  // pending in s (computeLogits then folds it into the final norm).
+  void runLayers(Scratch& s, int n, const int32_t* pos, int first, int last, bool settle = true);
   void runLayer(Scratch& s, int n, const int32_t* pos, int layer);
   void viewPages(Scratch& s, const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& rowSeq,
                  bool roundStride = false);
   void allocScratch(Scratch& s, int n);
-  Tensor computeLogits(Scratch& s, int rowStart, int rows);
+  // Logits of rows rowStart .. rowStart + rows - 1 of the n rows in s.
+  Tensor computeLogits(Scratch& s, int n, int rowStart, int rows);
   void forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int start, const PrefillSpec& prefill,
                     LogitsWanted want, bool download, AppendResult& res);
 
