@@ -7,10 +7,12 @@
  * requests finish, seeded sampling, generations stopped and resumed with the same or other
  * settings, forks, a sequence rewound and refilled to the same length and last token (so only
  * its history tells the queued step is stale), sequences that fill their context, repetition
- * penalties (which never run ahead), and a model whose every layer is windowed.
+ * penalties (which never run ahead), and a model whose every layer is windowed; and, on the LCKV
+ * model, requests served from the prefix cache, generations that shift their context, top-k and
+ * min-p sampling, and a bf16 batch of 20 rows.
  * Runs with `npm run test:gpu` on a machine with an NVIDIA GPU; elsewhere it says it skipped.
  */
-import { loadModel, Model } from "../../lib";
+import { loadModel, LoadOptions, Model } from "../../lib";
 import { NativeSamplingParams, NativeSequence } from "../../lib/native";
 import { writeTinyModel, TinyLlamaSpec } from "../helpers/tiny-model";
 import { describeIfGpu } from "../helpers/device";
@@ -165,6 +167,52 @@ async function penalties(model: Model): Promise<{ tokens: number[][]; ranAhead: 
   return { tokens: [alone, ...mixed.map((m) => m.tokens)], ranAhead };
 }
 
+/** A request whose prompt a finished one left in the prefix cache, beside two that extend it. */
+async function sharedPrefixes(model: Model): Promise<number[][]> {
+  const p = prompt(model, 200, 3);
+  const first = (await model.generate(p, { maxNewTokens: 40, ignoreEos: true, temperature: 0 })).tokens;
+  const next = await Promise.all([
+    model.generate(p, { maxNewTokens: 60, ignoreEos: true, temperature: 0 }),
+    model.generate([...p, ...first.slice(0, 10)], { maxNewTokens: 60, ignoreEos: true, temperature: 0 }),
+    model.generate([...p, 7, 8, 9], { maxNewTokens: 60, ignoreEos: true, temperature: 0.8, seed: 5 }),
+  ]);
+  return [first, ...next.map((r) => r.tokens)];
+}
+
+/** Generations of several times the context, which shift their K/V as they go (sink-window). */
+async function shifted(model: Model): Promise<number[][]> {
+  const opts = { maxNewTokens: 260, ignoreEos: true, contextShift: "sink-window" as const, sinkTokens: 4 };
+  return Promise.all([
+    model.generate(prompt(model, 4, 3), { ...opts, temperature: 0 }).then((r) => r.tokens),
+    model.generate(prompt(model, 30, 4), { ...opts, temperature: 0.8, topK: 20, seed: 11 }).then((r) => r.tokens),
+  ]);
+}
+
+/**
+ * Native calls on one batch of `rows` sequences with prompts of the same length (so their page
+ * crossings coincide): prefills, then `steps` greedy decode steps of the whole batch.
+ */
+async function fixedBatch(model: Model, rows: number, steps: number): Promise<{ tokens: number[]; used: number }> {
+  const nm = model.nativeModel();
+  const seqs = Array.from({ length: rows }, () => nm.createSequence(model.maxContext));
+  let toks: number[] = [];
+  for (let i = 0; i < rows; i++) toks.push((await prefill(seqs[i], prompt(model, 20, i), greedy))!);
+  const out = [...toks];
+  const before = stats(model).used;
+  for (let step = 0; step < steps; step++) {
+    toks = Array.from(await nm.decodeBatch(seqs, Int32Array.from(toks), seqs.map(() => greedy)));
+    out.push(...toks);
+  }
+  const used = stats(model).used - before;
+  for (const q of seqs) q.dispose();
+  return { tokens: out, used };
+}
+
+/** The same model loaded twice on the GPU: running ahead (the default), and not. */
+async function aheadAndPlain(dir: string, options: LoadOptions): Promise<[Model, Model]> {
+  return [await loadModel(dir, { device: "cuda", ...options }), await loadModel(dir, { device: "cuda", ...options, runAhead: false })];
+}
+
 function stats(model: Model): { used: number; discarded: number } {
   const m = model.nativeModel().memoryInfo();
   return { used: m.runAheadSteps, discarded: m.runAheadDiscarded };
@@ -180,10 +228,8 @@ describeGpu.each(models)("cuda: run-ahead decoding, %s", (_name, spec) => {
 
   beforeAll(async () => {
     const dir = writeTinyModel(spec);
-    ahead = await loadModel(dir, { device: "cuda", dtype: "f32", prefixCache: 0 });
-    plain = await loadModel(dir, { device: "cuda", dtype: "f32", prefixCache: 0, runAhead: false });
-    small = await loadModel(dir, { device: "cuda", dtype: "f32", prefixCache: 0, maxContext: 100 });
-    smallPlain = await loadModel(dir, { device: "cuda", dtype: "f32", prefixCache: 0, maxContext: 100, runAhead: false });
+    [ahead, plain] = await aheadAndPlain(dir, { dtype: "f32", prefixCache: 0 });
+    [small, smallPlain] = await aheadAndPlain(dir, { dtype: "f32", prefixCache: 0, maxContext: 100 });
   });
   afterAll(async () => {
     for (const m of [ahead, plain, small, smallPlain]) await m?.dispose();
@@ -255,5 +301,60 @@ describeGpu.each(models)("cuda: run-ahead decoding, %s", (_name, spec) => {
     const a = await penalties(ahead);
     expect(a.tokens).toEqual((await penalties(plain)).tokens);
     expect(a.ranAhead).toBe(0);
+  });
+});
+
+// What the block above leaves out: the prefix cache, context shift, top-k and min-p sampling,
+// and a bf16 batch of more than 16 rows (its products go to cuBLASLt, not the GEMV kernels).
+describeGpu("cuda: run-ahead decoding with the prefix cache, context shift, top-k and a bf16 batch of 20", () => {
+  const spec = models[0][1];
+  let cached: Model, cachedPlain: Model, small: Model, smallPlain: Model, bf16: Model, bf16Plain: Model;
+
+  beforeAll(async () => {
+    const dir = writeTinyModel(spec);
+    [cached, cachedPlain] = await aheadAndPlain(dir, { dtype: "f32", prefixCache: 8 });
+    [small, smallPlain] = await aheadAndPlain(dir, { dtype: "f32", prefixCache: 0, maxContext: 100 });
+    [bf16, bf16Plain] = await aheadAndPlain(dir, { dtype: "bf16", prefixCache: 0 });
+  });
+  afterAll(async () => {
+    for (const m of [cached, cachedPlain, small, smallPlain, bf16, bf16Plain]) await m?.dispose();
+  });
+
+  test("requests served from the prefix cache: the same tokens", async () => {
+    const s0 = stats(cached);
+    const a = await sharedPrefixes(cached);
+    const s1 = stats(cached);
+    expect(a).toEqual(await sharedPrefixes(cachedPlain));
+    expect(a.map((t) => t.length)).toEqual([40, 60, 60, 60]);
+    expect(cached.cacheStats().prefixCache.hits).toBeGreaterThan(0);
+    expect(cached.cacheStats().prefixCache.hits).toBe(cachedPlain.cacheStats().prefixCache.hits);
+    expect(s1.used - s0.used).toBeGreaterThan(60);
+    expect(cached.nativeModel().auditPool()).toBe("");
+  });
+
+  test("generations that shift their context: the same tokens", async () => {
+    const a = await shifted(small);
+    expect(a).toEqual(await shifted(smallPlain));
+    expect(a.map((t) => t.length)).toEqual([260, 260]);
+    expect(small.nativeModel().auditPool()).toBe("");
+  });
+
+  test("top-k and min-p sampling: the same tokens", async () => {
+    const s = { temperature: 0.8, topK: 20, minP: 0.05, seed: 99 };
+    const before = stats(cached).used;
+    const a = await concurrent(cached, s);
+    const used = stats(cached).used - before;
+    expect(a).toEqual(await concurrent(cachedPlain, s));
+    expect(used).toBeGreaterThan(200);
+  });
+
+  test("a bf16 batch of 20 rows: the same tokens, and it runs ahead", async () => {
+    const a = await fixedBatch(bf16, 20, 40);
+    const b = await fixedBatch(bf16Plain, 20, 40);
+    expect(a.tokens).toEqual(b.tokens);
+    expect(a.tokens.length).toBe(20 * 41);
+    // 40 steps: one in 16 crosses into a new page, and the first of the batch size records.
+    expect(a.used).toBeGreaterThan(20);
+    expect(b.used).toBe(0);
   });
 });
