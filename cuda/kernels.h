@@ -1,5 +1,5 @@
 // Launchers of every kernel in cuda/. Plain C++ signatures (no CUDA types), so the backend
-// (native/cuda/cuda_backend.cpp) compiles with the host compiler. Each launcher checks its
+// (native/cuda_backend/cuda_backend.cpp) compiles with the host compiler. Each launcher checks its
 // shapes, opens an NVTX range, launches on `stream` and checks the launch.
 #pragma once
 #include <cstddef>

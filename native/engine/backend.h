@@ -1,5 +1,5 @@
 // The backend interface: every op the model forward needs, nothing more.
-// The forward (model.cpp) is written once over this interface; the CPU backend (native/cpu)
+// The forward (model.cpp) is written once over this interface; the CPU backend (native/cpu_backend)
 // is the plain reference, and a GPU backend implements the same calls with kernels.
 #pragma once
 #include <cstddef>

@@ -9,10 +9,10 @@
 #include <memory>
 #include <thread>
 
-#include "engine/errors.h"
-#include "engine/model.h"
-#include "engine/op_bench.h"
-#include "engine/op_check.h"
+#include "../engine/errors.h"
+#include "../engine/model.h"
+#include "../engine/op_bench.h"
+#include "../engine/op_check.h"
 
 using namespace lckv;
 
