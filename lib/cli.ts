@@ -3,15 +3,21 @@
  * The lckv command line:
  *   lckv generate [prompt] [--model dir] [--max-new-tokens N] [--temperature T] [--device cpu|cuda] [--seed S]
  *   lckv info [--model dir]
+ *   lckv chat [--model dir] [--system text] ...
  *   lckv eval-ppl --text file [--model dir] [--window N] [--prefill mode]
+ * Option errors come before any output; long jobs show a progress bar on a terminal; generate
+ * and chat end with a stats line on stderr (LCKV_QUIET=1 or --quiet leaves it out).
  */
 import { Command, InvalidArgumentError, Option } from "commander";
 import { SingleBar } from "cli-progress";
 import { formatLayerTypes } from "./plan";
-import { LckvError } from "./errors";
+import { InvalidInputError, LckvError } from "./errors";
 import { loadModel, LoadOptions, Model } from "./model";
 import { evaluatePerplexity } from "./eval";
+import { GenerateOptions, resolveGenerateOptions } from "./options";
 import * as fs from "node:fs";
+import * as path from "node:path";
+import * as readline from "node:readline";
 
 function intArg(name: string) {
   return (v: string) => {
@@ -57,6 +63,53 @@ async function open(opts: { model?: string; device?: "auto" | "cpu" | "cuda"; ma
   return loadModel(opts.model, load);
 }
 
+// The sampling options of generate and chat as the library takes them, checked before any output
+// or model load, so that a bad value fails first (resolveGenerateOptions names the option).
+function samplingOptions(o: Record<string, unknown>): GenerateOptions {
+  const g: GenerateOptions = {
+    maxNewTokens: o.maxNewTokens as number | undefined,
+    temperature: o.temperature as number | undefined,
+    topK: o.topK as number | undefined,
+    topP: o.topP as number | undefined,
+    minP: o.minP as number | undefined,
+    repetitionPenalty: o.repetitionPenalty as number | undefined,
+    seed: o.seed as number | undefined,
+    prefill: o.prefill as GenerateOptions["prefill"],
+  };
+  for (const k of Object.keys(g) as (keyof GenerateOptions)[]) if (g[k] === undefined) delete g[k];
+  resolveGenerateOptions(g, { maxNewTokens: 1, temperature: 1, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1, prefill: "sequential", prefillPasses: 1 });
+  return g;
+}
+
+// Streams one completion to stdout; returns what the stats line reports.
+async function streamTo(model: Model, input: string | readonly number[], g: GenerateOptions) {
+  const t0 = performance.now();
+  let firstTokenMs: number | undefined;
+  const it = model.stream(input, g);
+  let text = "";
+  for (;;) {
+    const r = await it.next();
+    if (r.done) return { text, tokens: r.value.usage.completionTokens, firstTokenMs, totalMs: performance.now() - t0 };
+    firstTokenMs ??= performance.now() - t0;
+    if (stdoutClosed) {
+      await it.return(undefined as never);  // ends the request: its pages go back
+      return { text, tokens: 0, firstTokenMs, totalMs: performance.now() - t0 };
+    }
+    text += r.value.text;
+    process.stdout.write(r.value.text);
+  }
+}
+
+// tokens/s counts the tokens after the first, over the time after it: the decode rate, which
+// the prompt's prefill (in the time to the first token) does not dilute.
+function printStats(s: { tokens: number; firstTokenMs?: number; totalMs: number }, quiet: boolean) {
+  if (quiet || process.env.LCKV_QUIET) return;
+  const decodeMs = s.totalMs - (s.firstTokenMs ?? s.totalMs);
+  const rate = s.tokens > 1 && decodeMs > 0 ? `, ${(((s.tokens - 1) * 1000) / decodeMs).toFixed(1)} tokens/s` : "";
+  const ttft = s.firstTokenMs !== undefined ? `, first token after ${s.firstTokenMs.toFixed(0)} ms` : "";
+  process.stderr.write(`lckv: ${s.tokens} tokens in ${(s.totalMs / 1000).toFixed(2)} s${rate}${ttft}\n`);
+}
+
 function formatBytes(n: number): string {
   if (n < 1024) return `${n} B`;
   if (n < 1 << 20) return `${(n / 1024).toFixed(1)} KiB`;
@@ -65,29 +118,39 @@ function formatBytes(n: number): string {
 }
 
 const program = new Command();
-program.name("lckv").description("Run language models with layer-condensed KV caches").showHelpAfterError();
+const { version } = JSON.parse(fs.readFileSync(path.join(__dirname, "..", "package.json"), "utf8")) as { version: string };
+program.name("lckv").description("Run language models with layer-condensed KV caches").version(version).showHelpAfterError();
 
 // Options several commands share.
 const deviceOption = () => new Option("--device <device>", "where to run").choices(["auto", "cpu", "cuda"]).default("auto");
 const modelOption = () => new Option("-m, --model <dir>", "Hugging Face model directory (default: the embedded model)");
+const quietOption = () => new Option("-q, --quiet", "no stats line on stderr");
+// Sampling options generate and chat share.
+function addSamplingOptions(c: Command): Command {
+  return c
+    .option("-n, --max-new-tokens <n>", "tokens to generate", intArg("--max-new-tokens"))
+    .option("-t, --temperature <t>", "sampling temperature (0 = greedy)", numArg("--temperature"))
+    .option("--top-k <k>", "keep the k most likely tokens", intArg("--top-k"))
+    .option("--top-p <p>", "nucleus sampling mass", numArg("--top-p"))
+    .option("--min-p <p>", "drop tokens below p times the most likely", numArg("--min-p"))
+    .option("--repetition-penalty <r>", "penalise tokens already in the text", numArg("--repetition-penalty"))
+    .option("-s, --seed <s>", "random seed for reproducible sampling", intArg("--seed"))
+    .option("--max-context <n>", "context length in tokens", intArg("--max-context"));
+}
 const prefillOption = () => new Option("--prefill <mode>", "LCKV prompt prefill").choices(["fixed-point", "sequential", "iterative"]);
 
-program
-  .command("generate")
-  .description("stream a completion of the prompt to stdout")
-  .argument("[prompt]", "text to continue (default: read stdin when it is not a terminal)")
-  .addOption(modelOption())
-  .option("-n, --max-new-tokens <n>", "tokens to generate", intArg("--max-new-tokens"))
-  .option("-t, --temperature <t>", "sampling temperature (0 = greedy)", numArg("--temperature"))
-  .option("--top-k <k>", "keep the k most likely tokens", intArg("--top-k"))
-  .option("--top-p <p>", "nucleus sampling mass", numArg("--top-p"))
-  .option("--min-p <p>", "drop tokens below p times the most likely", numArg("--min-p"))
-  .option("--repetition-penalty <r>", "penalise tokens already in the text", numArg("--repetition-penalty"))
-  .option("-s, --seed <s>", "random seed for reproducible sampling", intArg("--seed"))
-  .option("--max-context <n>", "context length in tokens", intArg("--max-context"))
+addSamplingOptions(
+  program
+    .command("generate")
+    .description("stream a completion of the prompt to stdout")
+    .argument("[prompt]", "text to continue (default: read stdin when it is not a terminal)")
+    .addOption(modelOption()),
+)
   .addOption(prefillOption())
   .addOption(deviceOption())
+  .addOption(quietOption())
   .action(async (prompt: string | undefined, o) => {
+    const g = samplingOptions(o);
     if (prompt === undefined && !process.stdin.isTTY) {
       const chunks: Buffer[] = [];
       for await (const c of process.stdin) chunks.push(c as Buffer);
@@ -97,23 +160,53 @@ program
     try {
       const text = prompt ?? "";
       process.stdout.write(text);
-      const it = model.stream(text, {
-        maxNewTokens: o.maxNewTokens,
-        temperature: o.temperature,
-        topK: o.topK,
-        topP: o.topP,
-        minP: o.minP,
-        repetitionPenalty: o.repetitionPenalty,
-        seed: o.seed,
-        prefill: o.prefill,
-      });
-      for (;;) {
-        const r = await it.next();
-        if (r.done || stdoutClosed) break;
-        process.stdout.write(r.value.text);
+      const stats = await streamTo(model, text, g);
+      if (!stdoutClosed) process.stdout.write("\n");
+      printStats(stats, o.quiet);
+    } finally {
+      await model.dispose();
+    }
+  });
+
+addSamplingOptions(
+  program
+    .command("chat")
+    .description("talk to a model in the terminal, through its chat template, streaming each reply")
+    .addOption(modelOption())
+    .option("--system <text>", "a system message that opens the conversation"),
+)
+  .addOption(deviceOption())
+  .addOption(quietOption())
+  .action(async (o) => {
+    const g = samplingOptions(o);
+    const model = await open(o);
+    try {
+      if (!model.tokenizer) throw new InvalidInputError(`${model.directory} has no tokenizer.json`, "LCKV_NO_TOKENIZER");
+      const tokenizer = model.tokenizer;
+      const messages: { role: string; content: string }[] = o.system ? [{ role: "system", content: o.system }] : [];
+      tokenizer.applyChatTemplate([...messages, { role: "user", content: "" }]);  // no template: fail before the first prompt
+      // Lines are read through the interface's iterator, which holds the lines that arrive while
+      // a reply streams (a pasted or piped conversation loses none).
+      const tty = !!process.stdin.isTTY;
+      const rl = readline.createInterface({ input: process.stdin, terminal: tty, output: tty ? process.stdout : undefined });
+      try {
+        if (tty) process.stdout.write("(an empty line or Ctrl-D ends the chat)\n> ");
+        for await (const line of rl) {
+          if (line.trim() === "") break;
+          messages.push({ role: "user", content: line });
+          // The template already holds any BOS, so no special tokens are added again. Each turn's
+          // prompt starts with the last one's tokens: the prefix cache prefills only the new turn.
+          const ids = tokenizer.encode(tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true }), { addSpecialTokens: false });
+          const stats = await streamTo(model, ids, g);
+          process.stdout.write("\n");
+          printStats(stats, o.quiet);
+          messages.push({ role: "assistant", content: stats.text });
+          if (stdoutClosed) break;
+          if (tty) process.stdout.write("> ");
+        }
+      } finally {
+        rl.close();
       }
-      if (stdoutClosed) await it.return(undefined as never);  // ends the request: its pages go back
-      else process.stdout.write("\n");
     } finally {
       await model.dispose();
     }
@@ -189,12 +282,27 @@ program
     } catch (e) {
       throw new LckvError("LCKV_IO", `cannot read --text ${o.text}: ${(e as Error).message}`);
     }
+    if (text.trim() === "") throw new InvalidInputError(`--text ${o.text} is empty: perplexity needs at least two tokens of text`);
     const model = await open(o);
     try {
       if (!model.tokenizer) throw new LckvError("LCKV_NO_TOKENIZER", `${model.directory} has no tokenizer.json`);
       let ids = model.tokenizer.encode(text, { addSpecialTokens: false });
       if (o.maxTokens !== undefined) ids = ids.slice(0, o.maxTokens);
-      const r = await evaluatePerplexity(model, ids, { window: o.window, prefill: o.prefill, prefillPasses: o.prefillPasses });
+      const bar = process.stderr.isTTY
+        ? new SingleBar({ format: "scoring {bar} {value}/{total} windows, {eta_formatted} left", stream: process.stderr, clearOnComplete: true, hideCursor: true })
+        : undefined;
+      bar?.start(Math.ceil(ids.length / (o.window ?? model.maxContext)), 0);
+      let r;
+      try {
+        r = await evaluatePerplexity(model, ids, {
+          window: o.window,
+          prefill: o.prefill,
+          prefillPasses: o.prefillPasses,
+          onWindow: (done) => bar?.update(done),
+        });
+      } finally {
+        bar?.stop();
+      }
       const sorted = [...r.passes].sort((a, b) => a - b);
       const summary = {
         model: model.directory,

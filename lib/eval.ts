@@ -4,7 +4,7 @@
  * Window w covers ids[w*n, (w+1)*n); inside it, tokens 1..len-1 are predicted from their
  * prefix in the window; a final window shorter than 2 tokens is dropped.
  */
-import { InvalidOptionError } from "./errors";
+import { InvalidInputError, InvalidOptionError } from "./errors";
 import { Model } from "./model";
 import { PrefillMode } from "./options";
 
@@ -27,6 +27,7 @@ export async function evaluatePerplexity(
   if (!Number.isSafeInteger(n) || n < 2 || n > model.maxContext) {
     throw new InvalidOptionError("window", `must be an integer in [2, ${model.maxContext}], got ${n}`);
   }
+  if (ids.length < 2) throw new InvalidInputError(`perplexity needs at least 2 tokens, got ${ids.length}`);
   const V = model.config.vocabSize;
   let nll = 0;
   let count = 0;

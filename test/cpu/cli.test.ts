@@ -1,15 +1,21 @@
 /** The command line, as a user runs it (the compiled dist/cli.js, which `npm install` builds). */
 import { spawnSync } from "node:child_process";
+import * as fs from "node:fs";
+import * as os from "node:os";
 import * as path from "node:path";
 
 const root = path.join(__dirname, "..", "..");
 const cli = path.join(root, "dist", "cli.js");
 const fixture = path.join(root, "test", "fixtures", "lckv-w2");
 
-function run(args: string[], input?: string) {
-  const r = spawnSync(process.execPath, [cli, ...args], { cwd: root, encoding: "utf8", input, env: { ...process.env, LCKV_QUIET: "1" } });
+function run(args: string[], input?: string, quiet = true) {
+  const env = { ...process.env };
+  if (quiet) env.LCKV_QUIET = "1";
+  else delete env.LCKV_QUIET;
+  const r = spawnSync(process.execPath, [cli, ...args], { cwd: root, encoding: "utf8", input, env });
   return { code: r.status, out: r.stdout, err: r.stderr };
 }
+const STATS = /^lckv: (\d+) tokens in \d+\.\d\d s(, [\d.]+ tokens\/s)?(, first token after \d+ ms)?$/m;
 
 test("generate streams the prompt and its continuation from the default model", () => {
   const r = run(["generate", "Once upon a time", "--max-new-tokens", "12", "--seed", "1"]);
@@ -66,4 +72,67 @@ test("generate into a pipe that closes early (| head) stops quietly", () => {
   expect(r.stdout).toHaveLength(20);
   expect(r.stderr).toBe("");
   expect(r.status).toBe(0);
+});
+
+test("--version prints the package's version", () => {
+  const r = run(["--version"]);
+  expect(r.code).toBe(0);
+  expect(r.out.trim()).toBe(JSON.parse(fs.readFileSync(path.join(root, "package.json"), "utf8")).version);
+});
+
+test("an option error comes before any output, the prompt included", () => {
+  const r = run(["generate", "Hi", "-t", "-1", "--model", fixture]);
+  expect(r.code).toBe(1);
+  expect(r.out).toBe("");
+  expect(r.err).toMatch(/option 'temperature': must be >= 0, got -1/);
+  const p = run(["generate", "Hi", "--top-p", "2", "--model", fixture]);
+  expect(p.code).toBe(1);
+  expect(p.out).toBe("");
+  expect(p.err).toMatch(/option 'topP'/);
+});
+
+test("generate ends with a stats line on stderr, and --quiet leaves it out", () => {
+  const ok = run(["generate", "The sea", "-n", "6", "-t", "0", "--model", fixture, "--device", "cpu"], undefined, false);
+  expect(ok.code).toBe(0);
+  const m = ok.err.match(STATS);
+  expect(m).not.toBeNull();
+  expect(Number(m![1])).toBeGreaterThan(0);
+  expect(Number(m![1])).toBeLessThanOrEqual(6);
+  const quiet = run(["generate", "The sea", "-n", "6", "-t", "0", "--model", fixture, "--device", "cpu", "--quiet"], undefined, false);
+  expect(quiet.code).toBe(0);
+  expect(quiet.err).not.toMatch(STATS);
+  expect(quiet.out).toBe(ok.out);
+});
+
+test("eval-ppl on an empty file is a typed error with a non-zero exit", () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-cli-"));
+  try {
+    for (const text of ["", "  \n"]) {
+      const f = path.join(dir, "empty.txt");
+      fs.writeFileSync(f, text);
+      const r = run(["eval-ppl", "--text", f, "--model", fixture]);
+      expect(r.code).toBe(1);
+      expect(r.out).toBe("");
+      expect(r.err).toMatch(/--text .*empty\.txt is empty: perplexity needs at least two tokens/);
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("chat answers each line through the chat template, one stats line a turn", () => {
+  const chatModel = path.join(root, "test", "fixtures", "llama-mha-hd16");
+  const r = run(["chat", "--model", chatModel, "-n", "4", "-t", "0", "--device", "cpu"], "hello there\nhow are you\n", false);
+  expect(r.code).toBe(0);
+  const turns = r.err.split("\n").filter((l) => STATS.test(l));
+  expect(turns).toHaveLength(2);
+  // The same conversation gives the same replies (greedy), and a line that ends it early stops there.
+  const again = run(["chat", "--model", chatModel, "-n", "4", "-t", "0", "--device", "cpu"], "hello there\nhow are you\n");
+  expect(again.out).toBe(r.out);
+  const one = run(["chat", "--model", chatModel, "-n", "4", "-t", "0", "--device", "cpu"], "hello there\n\nhow are you\n", false);
+  expect(one.err.split("\n").filter((l) => STATS.test(l))).toHaveLength(1);
+  // A model without a chat template fails before reading anything.
+  const none = run(["chat", "--model", fixture], "hi\n");
+  expect(none.code).toBe(1);
+  expect(none.err).toMatch(/no chat_template/);
 });
