@@ -1,0 +1,64 @@
+// The op check and op bench hooks (op_hooks.h).
+#include "op_hooks.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "../engine/op_bench.h"
+#include "../engine/op_check.h"
+#include "args.h"
+#include "engine_call.h"
+
+namespace lckv::addon {
+
+Napi::Value CheckBackendOps(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = info[0].IsObject() ? info[0].As<Napi::Object>() : Napi::Object::New(env);
+  std::string backend = o.Get("backend").IsString() ? std::string(o.Get("backend").As<Napi::String>()) : "cuda";
+  std::string dt = o.Get("dtype").IsString() ? std::string(o.Get("dtype").As<Napi::String>()) : "bf16";
+  const DType w = dt == "f32" ? DType::F32 : dt == "f16" ? DType::F16 : DType::BF16;
+  const uint64_t seed = (uint64_t)getNum(o, "seed", 1);
+  return runEngineCall(env, [&] {
+    std::unique_ptr<Backend> ref = createCpuBackend((int)std::max(1u, std::thread::hardware_concurrency()), w);
+    std::unique_ptr<Backend> test = createNamedBackend(backend, 1, w);
+    auto results = checkBackendOps(*ref, *test, seed);
+    Napi::Array arr = Napi::Array::New(env, results.size());
+    for (size_t i = 0; i < results.size(); ++i) {
+      Napi::Object r = Napi::Object::New(env);
+      r.Set("op", results[i].op);
+      r.Set("shape", results[i].shape);
+      r.Set("relErr", results[i].relErr);
+      r.Set("allWritten", results[i].allWritten);
+      arr.Set((uint32_t)i, r);
+    }
+    return arr;
+  });
+}
+
+Napi::Value BenchAttention(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsObject()) throwInvalid(env, "benchAttention takes an options object");
+  Napi::Object o = info[0].As<Napi::Object>();
+  std::string backend = o.Get("backend").IsString() ? std::string(o.Get("backend").As<Napi::String>()) : "cuda";
+  if (backend != "cuda" && backend != "cpu") throwInvalid(env, "benchAttention: backend must be 'cuda' or 'cpu'");
+  AttentionBenchShape shape;
+  shape.sequences = getInt(o, "sequences", false, 0);
+  shape.context = getInt(o, "context", false, 0);
+  shape.numHeads = getInt(o, "numHeads", false, 0);
+  shape.numKvHeads = getInt(o, "numKvHeads", false, 0);
+  shape.headDim = getInt(o, "headDim", false, 0);
+  shape.iterations = getInt(o, "iterations", false, 10);
+  return runEngineCall(env, [&] {
+    std::unique_ptr<Backend> be = createNamedBackend(backend, (int)std::max(1u, std::thread::hardware_concurrency()), DType::F32);
+    const AttentionBenchResult r = benchAttention(*be, shape);
+    Napi::Object result = Napi::Object::New(env);
+    result.Set("ms", r.ms);
+    result.Set("bytes", r.bytes);
+    return result;
+  });
+}
+
+}  // namespace lckv::addon
