@@ -63,14 +63,19 @@ struct AppendResult {
   int exactPrefix = -1;
 };
 
+// Each group of members below lives in the source file its comment names.
 class Model {
  public:
+  // ---- construction (model.cpp) ----
   Model(ModelConfig cfg, std::unique_ptr<Backend> backend);
   // Waits for the backend's queued work before the pool and weights it reads are freed.
   ~Model();
   const ModelConfig& config() const { return cfg_; }
   Backend& backend() { return *backend_; }
+  // Serialises forwards over one model (the CPU backend's thread pool is shared).
+  std::mutex& mutex() { return mutex_; }
 
+  // ---- the tensor registry (model_weights.cpp) ----
   // Loads one tensor, checking its shape against what the config expects.
   void loadTensor(const TensorSource& src);
   // Throws naming the first required tensor that was never loaded.
@@ -80,6 +85,7 @@ class Model {
   // Names of the tensors this config needs, with their [rows, cols].
   std::map<std::string, std::pair<int64_t, int64_t>> expectedTensors() const;
 
+  // ---- the K/V pool and the sequences in it (sequences.cpp) ----
   // Allocates the K/V pool: `pages` pages of `pageTokens` positions each. Once, before the
   // first sequence.
   void createPool(int pages, int pageTokens);
@@ -107,10 +113,12 @@ class Model {
   // shared pages whose keys it rotates); reserve them first.
   int pagesToShift(const SequenceState& seq, int sink, int drop) const;
 
+  // ---- appending tokens: the prefill modes (prefill.cpp) ----
   // Appends tokens to the sequence, running the forward; optionally returns logits and samples.
   AppendResult append(SequenceState& seq, const std::vector<int32_t>& tokens, const PrefillSpec& prefill,
                       LogitsWanted logits, const SamplingParams* sampling);
 
+  // ---- the batched decode step and run-ahead (decode_step.cpp) ----
   // One decode step for several sequences at once: row r appends tokens[r] to seqs[r] and
   // samples its next token with params[r]. The weights are read once for the whole batch; each
   // row's result is the same as when its sequence runs alone. All or nothing: on error no
@@ -118,9 +126,6 @@ class Model {
   // is queued ahead (see the definition).
   std::vector<int32_t> decodeBatch(const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& tokens,
                                    const std::vector<SamplingParams>& params, bool runAhead = true);
-
-  // Serialises forwards over one model (the CPU backend's thread pool is shared).
-  std::mutex& mutex() { return mutex_; }
 
   // Run-ahead decoding (decodeBatch), on by default where the backend can.
   void setRunAhead(bool on) { runAheadOn_ = on; }
@@ -132,10 +137,14 @@ class Model {
   }
 
  private:
+  // ---- the K/V pool and the sequences in it (sequences.cpp) ----
   // Throws unless sink and drop are whole pages within seq and the model can shift.
   void checkShift(const SequenceState& seq, int sink, int drop) const;
   // Whether a shift rotates moved keys (RoPE, and some tokens move): then it rewrites their pages.
   bool shiftRotates(const SequenceState& seq, int sink, int drop) const;
+  void releaseOutsideWindow(SequenceState& seq);
+
+  // ---- the forward (forward.cpp; Scratch is in model_internal.h) ----
   struct Layer {
     Tensor attnNormW, attnNormB, q, qB, k, kB, v, vB, o, oB, mlpNormW, mlpNormB, gate, gateB, up, upB, down, downB;
   };
@@ -150,20 +159,12 @@ class Model {
   void allocScratch(Scratch& s, int n);
   // Logits of rows rowStart .. rowStart + rows - 1 of the n rows in s.
   Tensor computeLogits(Scratch& s, int n, int rowStart, int rows);
+
+  // ---- appending tokens: the prefill modes (prefill.cpp) ----
   void forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int start, const PrefillSpec& prefill,
                     LogitsWanted want, bool download, AppendResult& res);
 
-  ModelConfig cfg_;
-  std::unique_ptr<Backend> backend_;
-  std::map<std::string, Tensor> tensors_;
-  std::map<std::string, std::pair<int64_t, int64_t>> expected_;  // expectedTensors(), computed once
-  std::vector<Layer> layers_;
-  Tensor embed_, posEmbed_, finalNormW_, finalNormB_, lmHead_;
-  std::shared_ptr<KvPool> pool_;
-  // When every KV slot is read only by sliding-window layers: the widest window, so pages
-  // wholly older than it can go back to the pool. 0: some layer reads the whole past.
-  int releaseWindow_ = 0;
-  void releaseOutsideWindow(SequenceState& seq);
+  // ---- the batched decode step and run-ahead (decode_step.cpp) ----
   // The decode step queued ahead by the last decodeBatch call (see there): the batch it
   // continues, as it will be when that step's tokens are appended, and the slot its tokens go to.
   struct StepAhead {
@@ -174,9 +175,6 @@ class Model {
     std::vector<int32_t> tokens;      // the tokens it appends (the last call's results)
     std::vector<SamplingParams> params;
   };
-  StepAhead ahead_;
-  bool runAheadOn_ = true;
-  std::atomic<int64_t> runAheadUsed_{0}, runAheadDiscarded_{0};
   // Whether the queued step is the one this decodeBatch call asks for.
   bool aheadMatches(const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& tokens,
                     const std::vector<SamplingParams>& params) const;
@@ -184,6 +182,23 @@ class Model {
   // choice in `fromSlot` makes. Queues nothing when that step might not be the next one asked.
   void queueStepAhead(Scratch& s, const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& pos,
                       const std::vector<SamplingParams>& params, int fromSlot);
+
+  // ---- state ----
+  // In one block because their order is the reverse of their destruction's: backend_ comes
+  // before the tensors it allocated and the pool that keeps a reference to it, so it outlives them.
+  ModelConfig cfg_;
+  std::unique_ptr<Backend> backend_;
+  std::map<std::string, Tensor> tensors_;
+  std::map<std::string, std::pair<int64_t, int64_t>> expected_;  // expectedTensors(), computed once
+  std::vector<Layer> layers_;
+  Tensor embed_, posEmbed_, finalNormW_, finalNormB_, lmHead_;
+  std::shared_ptr<KvPool> pool_;
+  // When every KV slot is read only by sliding-window layers: the widest window, so pages
+  // wholly older than it can go back to the pool. 0: some layer reads the whole past.
+  int releaseWindow_ = 0;
+  StepAhead ahead_;
+  bool runAheadOn_ = true;
+  std::atomic<int64_t> runAheadUsed_{0}, runAheadDiscarded_{0};
   std::vector<int> upwardTargetSlots_;  // KV slots read by some layer below their owner
   size_t weightBytes_ = 0;
   bool ready_ = false;

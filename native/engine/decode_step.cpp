@@ -1,0 +1,184 @@
+// The batched decode step (decodeBatch): its recording keys, and run-ahead, which queues the
+// next step on the device before the host has read this one's tokens.
+#include <algorithm>
+#include <new>
+#include <string>
+
+#include "errors.h"
+#include "model_internal.h"
+
+namespace lckv {
+
+// A decode step's recording: per batch size, table stride and 256 positions of context (the
+// attention's split-K plan is fixed in a recording).
+static uint64_t stepKey(int n, int stride, int maxPos) {
+  return (uint64_t)n << 40 | (uint64_t)stride << 20 | (uint64_t)(maxPos / Backend::kStepContextBucket);
+}
+
+static bool sameSampling(const SamplingParams& a, const SamplingParams& b) {
+  return a.temperature == b.temperature && a.topK == b.topK && a.topP == b.topP && a.minP == b.minP &&
+         a.repetitionPenalty == b.repetitionPenalty && a.seed == b.seed;
+}
+
+bool Model::aheadMatches(const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& tokens,
+                         const std::vector<SamplingParams>& params) const {
+  const StepAhead& a = ahead_;
+  if (!a.queued || a.ids.size() != seqs.size()) return false;
+  for (size_t r = 0; r < seqs.size(); ++r) {
+    const SequenceState& q = *seqs[r];
+    if (q.id != a.ids[r] || q.version != a.versions[r] || q.length() != a.lengths[r] || tokens[r] != a.tokens[r] ||
+        !sameSampling(params[r], a.params[r]) || !q.kv->writableInPlace(q.length()))
+      return false;
+  }
+  return true;
+}
+
+void Model::queueStepAhead(Scratch& s, const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& pos,
+                           const std::vector<SamplingParams>& params, int fromSlot) {
+  ahead_.queued = false;  // (called only where run-ahead is on and the choices are queued)
+  // The step ahead is an option: running out of host or device memory for it does not fail this
+  // call's own step. (A device error does: it would fail whatever ran next.)
+  try {
+    const int n = (int)seqs.size();
+    std::vector<int32_t> next((size_t)n);
+    int maxPos = 0;
+    for (int r = 0; r < n; ++r) {
+      // The step must be one the next call can run as it is: its sequence not full, and its
+      // position in a page this sequence holds alone (a new page or a copy would change the
+      // pool, which only the call itself may do).
+      next[(size_t)r] = pos[(size_t)r] + 1;
+      if (next[(size_t)r] + 1 > seqs[(size_t)r]->maxContext || !seqs[(size_t)r]->kv->writableInPlace(next[(size_t)r])) return;
+      maxPos = std::max(maxPos, next[(size_t)r]);
+    }
+    std::vector<uint64_t> seeds((size_t)n);
+    for (int r = 0; r < n; ++r) seeds[(size_t)r] = (uint64_t)next[(size_t)r] + 1;
+    ahead_.slot = fromSlot ^ 1;
+    ahead_.ids.resize((size_t)n);
+    ahead_.versions.resize((size_t)n);
+    ahead_.lengths.assign(next.begin(), next.end());
+    ahead_.params = params;
+    ahead_.tokens.reserve((size_t)n);
+    for (int r = 0; r < n; ++r) {
+      ahead_.ids[(size_t)r] = seqs[(size_t)r]->id;
+      ahead_.versions[(size_t)r] = seqs[(size_t)r]->version;
+    }
+    Backend& be = *backend_;
+    const Backend::StepInputs in{nullptr, next.data(), n, s.tables.data(), (int)s.tables.size(), s.rowSeq.data()};
+    Tensor lg;
+    // Only a recorded step runs ahead: it writes nothing but its own buffers and the K/V of each
+    // sequence's next position, past its length until the next call appends it.
+    if (!be.replayStepFromSampled(stepKey(n, s.kv.stride, maxPos), in, fromSlot, lg)) return;
+    be.queueSampleRows(lg, n, cfg_.vocab, params.data(), seeds.data(), ahead_.slot);
+  } catch (const std::bad_alloc&) {
+    return;
+  }
+  ahead_.queued = true;  // its tokens (this call's results) are filled in by decodeBatch
+}
+
+// With run-ahead (a backend that queues token choices on the device), each call queues the
+// step after its own before it waits for its tokens: the next call, if it continues the same
+// batch with those tokens, finds its step queued or already done, and the device does not wait
+// for the host between steps. A call that asks for anything else throws the queued step away;
+// it only wrote K/V past each sequence's length, which nothing reads. (A device fault in a
+// queued step surfaces in whatever waits on the device next, as any asynchronous fault does.)
+std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& tokens,
+                                        const std::vector<SamplingParams>& params, bool runAhead) {
+  if (!ready_) throw EngineError(kErrInvalidArgument, "model weights are not loaded");
+  const int n = (int)seqs.size();
+  if (n == 0 || tokens.size() != seqs.size() || params.size() != seqs.size())
+    throw EngineError(kErrInvalidArgument, "decodeBatch needs one token and one sampling setting per sequence");
+  for (int r = 0; r < n; ++r) {
+    for (int q = 0; q < r; ++q)
+      if (seqs[(size_t)q] == seqs[(size_t)r]) throw EngineError(kErrInvalidArgument, "a sequence appears twice in one batch");
+    if (tokens[(size_t)r] < 0 || tokens[(size_t)r] >= cfg_.vocab)
+      throw EngineError(kErrTokenOutOfRange, "token id " + std::to_string(tokens[(size_t)r]) + " is outside the vocabulary [0, " +
+                                                  std::to_string(cfg_.vocab) + ")");
+    if (seqs[(size_t)r]->length() + 1 > seqs[(size_t)r]->maxContext)
+      throw EngineError(kErrContextOverflow, "a sequence in the batch is full (" + std::to_string(seqs[(size_t)r]->maxContext) + " tokens)");
+  }
+  Backend& be = *backend_;
+  BackendRange range(be, "decode batch");
+  std::vector<int32_t> pos((size_t)n), out((size_t)n), rowSeq((size_t)n);
+  for (int r = 0; r < n; ++r) {
+    pos[(size_t)r] = seqs[(size_t)r]->length();
+    rowSeq[(size_t)r] = r;
+  }
+  const bool queueChoice = runAheadOn_ && be.canQueueSampling(params.data(), n);
+  const bool queuedAhead = queueChoice && aheadMatches(seqs, tokens, params);
+  if (ahead_.queued && !queuedAhead) runAheadDiscarded_.fetch_add(1, std::memory_order_relaxed);
+  const int slot = queuedAhead ? ahead_.slot : 0;
+  ahead_.queued = false;
+  PendingWrites writes{seqs};  // the batch is all or nothing
+  try {
+    for (SequenceState* q : seqs) q->tokens.reserve(q->tokens.size() + 1);  // the commit below cannot fail halfway
+    for (SequenceState* q : seqs) q->kv->prepareWrite(q->length(), 1);  // changes nothing for a step queued ahead
+    Scratch s;
+    viewPages(s, seqs, rowSeq, true);
+    if (queuedAhead) {
+      runAheadUsed_.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      int maxPos = 0;
+      for (int p : pos) maxPos = std::max(maxPos, p);
+      const uint64_t key = stepKey(n, s.kv.stride, maxPos);
+      const Backend::StepInputs in{tokens.data(), pos.data(), n, s.tables.data(), (int)s.tables.size(), rowSeq.data()};
+      Tensor lg;
+      if (!be.replayStep(key, in, lg)) {
+        auto forward = [&] {
+          s.pendingResidual = false;  // a failed recording may have stopped mid-layer
+          allocScratch(s, n);
+          be.embed(tokens.data(), pos.data(), n, embed_, opt(posEmbed_), s.h);
+          // One token per sequence: strict layers read only earlier, final positions: one pass.
+          runLayers(s, n, pos.data(), 0, cfg_.numLayers - 1, false);
+          return computeLogits(s, n, 0, n);
+        };
+        bool ran = false;
+        if (be.beginStepCapture(key, in)) {
+          try {
+            lg = forward();
+            be.endStepCapture(lg);
+            ran = true;
+          } catch (const std::bad_alloc&) {
+            // Nothing ran. Out of memory passes: record this step another time; run it op by op
+            // now (which reports the error if memory is still short).
+            be.abortStepCapture(true);
+          } catch (const std::exception&) {
+            // Nothing ran: an op that cannot be recorded (or a failed recording) runs unrecorded.
+            be.abortStepCapture(false);
+          }
+        }
+        if (!ran) lg = forward();
+      }
+      std::vector<uint64_t> positions((size_t)n);
+      for (int r = 0; r < n; ++r) positions[(size_t)r] = (uint64_t)(pos[(size_t)r] + 1);
+      if (queueChoice) {
+        be.queueSampleRows(lg, n, cfg_.vocab, params.data(), positions.data(), slot);
+      } else {
+        std::vector<std::vector<int32_t>> histories((size_t)n);
+        for (int r = 0; r < n; ++r) {
+          if (params[(size_t)r].repetitionPenalty != 1.0f) {
+            histories[(size_t)r] = seqs[(size_t)r]->tokens;
+            histories[(size_t)r].push_back(tokens[(size_t)r]);
+          }
+        }
+        be.sampleRows(lg, n, cfg_.vocab, params.data(), histories.data(), positions.data(), out.data());
+      }
+    }
+    if (queueChoice) {
+      if (runAhead) queueStepAhead(s, seqs, pos, params, slot);
+      be.takeSampled(slot, n, out.data());
+    }
+    if (ahead_.queued) ahead_.tokens.assign(out.begin(), out.end());  // capacity reserved by queueStepAhead
+  } catch (const std::bad_alloc&) {
+    ahead_.queued = false;
+    throw EngineError(kErrOutOfMemory, "out of memory running a decode batch of " + std::to_string(n));
+  } catch (...) {
+    ahead_.queued = false;
+    throw;
+  }
+  for (int r = 0; r < n; ++r) seqs[(size_t)r]->tokens.push_back(tokens[(size_t)r]);
+  writes.commit();
+  for (SequenceState* q : seqs) releaseOutsideWindow(*q);
+  return out;
+}
+
+}  // namespace lckv

@@ -1,0 +1,175 @@
+// Appending tokens: the prefill of a chunk (fixed-point, iterative or sequential passes over the
+// cyclic group) and append(), which commits the chunk's pages and tokens only once every step
+// has succeeded, and otherwise leaves the sequence as it was.
+#include <algorithm>
+#include <cmath>
+#include <new>
+#include <string>
+
+#include "errors.h"
+#include "model_internal.h"
+
+namespace lckv {
+
+void PrefillSpec::throwIfCancelled() const {
+  if (cancel && *cancel != 0) throw EngineError(kErrAborted, "the prefill was aborted");
+}
+
+// Fixed-point prefill stops iterating after this many passes without converging: random
+// weights need not contract, and at tolerance 0 the last bits of late positions keep moving
+// until the induction reaches them, which costs n passes of n tokens. By induction the first
+// `passes` positions are exact by then; append() runs the rest token by token, which is exact
+// too. A trained model converges well before (the default model: 23 passes for 250 tokens).
+constexpr int kFixedPointMaxPasses = 64;
+
+// Runs n tokens at positions [start, start+n) through every layer, prefilling the cyclic
+// group as `mode` says. Keeps the last row's logits in res.lastLogits and, with `download`,
+// appends the wanted rows to res.logits.
+void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int start, const PrefillSpec& prefill,
+                         LogitsWanted want, bool download, AppendResult& res) {
+  Backend& be = *backend_;
+  BackendRange range(be, n == 1 ? "decode step" : "prefill chunk");
+  const ModelConfig& c = cfg_;
+  Scratch s;
+  allocScratch(s, n);
+  std::vector<int32_t> pos((size_t)n);
+  for (int r = 0; r < n; ++r) pos[(size_t)r] = start + r;
+  viewPages(s, {&seq}, std::vector<int32_t>((size_t)n, 0));
+
+  be.embed(tokens, pos.data(), n, embed_, opt(posEmbed_), s.h);
+
+  const KvPlan& plan = c.plan;
+  if (!plan.hasCycle() || n == 1) {
+    // A single token needs one pass: strict layers read only earlier, final positions.
+    runLayers(s, n, pos.data(), 0, c.numLayers - 1);
+    res.passes = std::max(res.passes, 1);
+  } else {
+    const int low = plan.cyclicLow, high = plan.cyclicHigh;
+    if (low > 0) runLayers(s, n, pos.data(), 0, low - 1);
+    s.h0 = be.alloc(n, c.hidden);
+    be.copyRows(s.h, 0, s.h0, 0, n);
+    // Zero KV before the first pass, so the first pass reads the same thing every time.
+    for (int l = low; l <= high; ++l)
+      if (plan.kvSlot[l] >= 0) be.kvZero(s.kv, 0, plan.kvSlot[l], start, n);
+    std::vector<std::vector<float>> prev(upwardTargetSlots_.size()), cur(upwardTargetSlots_.size());
+    for (size_t j = 0; j < upwardTargetSlots_.size(); ++j) be.kvRead(s.kv, 0, upwardTargetSlots_[j], start, n, prev[j]);
+    int passes = 0;
+    const int maxPasses = prefill.mode == PrefillMode::Iterative ? std::max(1, prefill.passes) : std::min(n, kFixedPointMaxPasses);
+    bool converged = false;
+    while (true) {
+      prefill.throwIfCancelled();
+      BackendRange passRange(be, "cyclic group pass");
+      be.copyRows(s.h0, 0, s.h, 0, n);
+      runLayers(s, n, pos.data(), low, high);
+      ++passes;
+      if (passes >= maxPasses) break;  // after n passes every position is exact by induction
+      if (prefill.mode == PrefillMode::FixedPoint) {
+        double moved = 0, largest = 0;
+        bool same = true;
+        for (size_t j = 0; j < upwardTargetSlots_.size(); ++j) {
+          be.kvRead(s.kv, 0, upwardTargetSlots_[j], start, n, cur[j]);
+          if (cur[j] != prev[j]) same = false;
+          for (size_t e = 0; e < cur[j].size(); ++e) {
+            const double d = std::fabs((double)cur[j][e] - (double)prev[j][e]);
+            moved = std::isnan(d) ? INFINITY : std::max(moved, d);  // NaN never counts as converged
+            largest = std::max(largest, (double)std::fabs(cur[j][e]));
+          }
+        }
+        // This pass read (to within the tolerance) the K/V it wrote: the fixed point.
+        if (same || (prefill.tolerance > 0 && moved <= prefill.tolerance * largest)) {
+          converged = true;
+          break;
+        }
+        prev.swap(cur);
+      }
+    }
+    res.passes = std::max(res.passes, passes);
+    if (prefill.mode == PrefillMode::FixedPoint && !converged && passes < n) res.exactPrefix = passes;
+    if (high + 1 < c.numLayers) runLayers(s, n, pos.data(), high + 1, c.numLayers - 1);
+  }
+  if (want == LogitsWanted::None) return;
+  const int rows = want == LogitsWanted::All ? n : 1;
+  Tensor lg = computeLogits(s, n, n - rows, rows);
+  res.lastLogits = lg;
+  res.lastLogits.data = static_cast<float*>(lg.data) + (int64_t)(rows - 1) * cfg_.vocab;
+  res.lastLogits.rows = 1;
+  if (download) {
+    const size_t old = res.logits.size();
+    res.logits.resize(old + (size_t)rows * cfg_.vocab);
+    be.download(lg, 0, rows, res.logits.data() + old);
+  }
+}
+
+AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& tokens, const PrefillSpec& prefill,
+                           LogitsWanted logits, const SamplingParams* sampling) {
+  if (!ready_) throw EngineError(kErrInvalidArgument, "model weights are not loaded");
+  ++seq.version;  // a step run ahead for seq would not follow these tokens
+  const int n = (int)tokens.size();
+  if (n == 0) throw EngineError(kErrInvalidArgument, "append needs at least one token");
+  for (int r = 0; r < n; ++r)
+    if (tokens[(size_t)r] < 0 || tokens[(size_t)r] >= cfg_.vocab)
+      throw EngineError(kErrTokenOutOfRange, "token id " + std::to_string(tokens[(size_t)r]) + " at index " +
+                                                  std::to_string(r) + " is outside the vocabulary [0, " +
+                                                  std::to_string(cfg_.vocab) + ")");
+  const int start = seq.length();
+  if ((int64_t)start + n > seq.maxContext)
+    throw EngineError(kErrContextOverflow, "sequence of " + std::to_string(start) + " tokens cannot take " +
+                                               std::to_string(n) + " more: the context holds " + std::to_string(seq.maxContext));
+  AppendResult res;
+  PendingWrites writes{{&seq}};
+  try {
+    seq.kv->prepareWrite(start, n);  // throws LCKV_KV_CACHE_FULL, changing nothing, when the pool is short
+    const bool needLogits = logits != LogitsWanted::None || sampling != nullptr;
+    const bool download = logits != LogitsWanted::None;  // sampling alone reads them on the backend
+    if (prefill.mode == PrefillMode::Sequential && n > 1) {
+      for (int r = 0; r < n; ++r) {
+        prefill.throwIfCancelled();
+        const bool want = logits == LogitsWanted::All || (needLogits && r == n - 1);
+        forwardChunk(seq, tokens.data() + r, 1, start + r, prefill, want ? LogitsWanted::Last : LogitsWanted::None,
+                     download, res);
+      }
+      res.passes = 1;
+    } else {
+      const LogitsWanted rows = logits == LogitsWanted::All ? LogitsWanted::All
+                                : needLogits                ? LogitsWanted::Last
+                                                            : LogitsWanted::None;
+      forwardChunk(seq, tokens.data(), n, start, prefill, rows, download, res);
+      if (res.exactPrefix >= 0) {
+        // The fixed point did not converge within its pass limit: positions from exactPrefix
+        // on are run token by token, reading the exact K/V before them and overwriting what the
+        // passes left at their own positions.
+        const int from = res.exactPrefix;
+        if (download) res.logits.resize(logits == LogitsWanted::All ? (size_t)from * cfg_.vocab : 0);
+        for (int r = from; r < n; ++r) {
+          prefill.throwIfCancelled();
+          const bool want = logits == LogitsWanted::All || (needLogits && r == n - 1);
+          forwardChunk(seq, tokens.data() + r, 1, start + r, prefill, want ? LogitsWanted::Last : LogitsWanted::None,
+                       download, res);
+        }
+        res.exactPrefix = -1;
+      }
+    }
+  } catch (const std::bad_alloc&) {
+    throw EngineError(kErrOutOfMemory, "out of memory running the forward for " + std::to_string(n) + " tokens");
+  }
+  if (sampling) {
+    // Sample before committing, so a failure here leaves the sequence as it was.
+    std::vector<int32_t> history;
+    if (sampling->repetitionPenalty != 1.0f) {
+      history = seq.tokens;
+      history.insert(history.end(), tokens.begin(), tokens.end());
+    }
+    try {
+      res.sampled = backend_->sample(res.lastLogits, cfg_.vocab, *sampling, history, (uint64_t)(start + n));
+    } catch (const std::bad_alloc&) {
+      throw EngineError(kErrOutOfMemory, "out of memory while sampling");
+    }
+  }
+  res.lastLogits = Tensor{};
+  seq.tokens.insert(seq.tokens.end(), tokens.begin(), tokens.end());
+  writes.commit();
+  releaseOutsideWindow(seq);
+  return res;
+}
+
+}  // namespace lckv

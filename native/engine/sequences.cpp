@@ -1,0 +1,157 @@
+// The K/V pool and the sequences in it: creating, forking, truncating, releasing K/V outside
+// a sliding window, and context shift.
+#include <new>
+#include <string>
+
+#include "errors.h"
+#include "model_internal.h"
+
+namespace lckv {
+
+uint64_t SequenceState::nextId() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
+void Model::createPool(int pages, int pageTokens) {
+  if (pool_) throw EngineError(kErrInvalidArgument, "the K/V pool already exists");
+  if (pages <= 0 || pageTokens <= 0) throw EngineError(kErrInvalidArgument, "the K/V pool needs pages > 0 and pageTokens > 0");
+  KvLayout layout;
+  layout.slots = (int)cfg_.plan.kvLayers.size();
+  layout.kvDim = cfg_.numKvHeads * cfg_.headDim;
+  layout.pageTokens = pageTokens;
+  try {
+    pool_ = std::make_shared<KvPool>(*backend_, layout, pages);
+  } catch (const std::bad_alloc&) {
+    throw EngineError(kErrOutOfMemory, "out of memory allocating a K/V pool of " + std::to_string(pages) + " pages (" +
+                                           std::to_string((int64_t)pages * layout.pageFloats() * 4) + " bytes)");
+  }
+}
+
+std::unique_ptr<SequenceState> Model::createSequence(int maxContext) {
+  if (maxContext <= 0) throw EngineError(kErrInvalidArgument, "maxContext must be > 0");
+  if (cfg_.maxPositions > 0 && maxContext > cfg_.maxPositions)
+    throw EngineError(kErrInvalidArgument, "maxContext " + std::to_string(maxContext) +
+                                               " exceeds the model's learned positions (" + std::to_string(cfg_.maxPositions) + ")");
+  if (!pool_) throw EngineError(kErrInvalidArgument, "the model has no K/V pool yet");
+  auto seq = std::make_unique<SequenceState>();
+  seq->maxContext = maxContext;
+  seq->kv = std::make_unique<KvPages>(pool_);
+  return seq;
+}
+
+std::unique_ptr<SequenceState> Model::forkSequence(SequenceState& seq) {
+  ++seq.version;  // its pages are shared from now on
+  auto out = std::make_unique<SequenceState>();
+  out->maxContext = seq.maxContext;
+  out->tokens = seq.tokens;
+  out->kv = seq.kv->share();
+  out->kv->keep(seq.length());
+  return out;
+}
+
+void Model::releaseOutsideWindow(SequenceState& seq) {
+  // The next query (at length) reads keys >= length - W + 1; one position more stays so the
+  // generate loop can rewind its last token and run it again.
+  if (releaseWindow_ > 0) seq.kv->releaseBelow(seq.length() - releaseWindow_ - 1);
+}
+
+void Model::truncateSequence(SequenceState& seq, int n) {
+  if (n < 0 || n > seq.length())
+    throw EngineError(kErrInvalidArgument, "truncate(n): n must be an integer in [0, " + std::to_string(seq.length()) + "]");
+  if (releaseWindow_ > 0 && n > 0 && seq.kv->firstHeld() > 0 && n - releaseWindow_ + 1 < seq.kv->firstHeld())
+    throw EngineError(kErrInvalidArgument, "cannot rewind to " + std::to_string(n) + " tokens: the sliding window (" +
+                                               std::to_string(releaseWindow_) + ") already released the K/V before position " +
+                                               std::to_string(seq.kv->firstHeld()));
+  ++seq.version;
+  seq.tokens.resize((size_t)n);
+  seq.kv->keep(n);
+}
+
+void Model::checkShift(const SequenceState& seq, int sink, int drop) const {
+  const int P = pool_->layout().pageTokens, len = seq.length();
+  if (sink < 0 || drop <= 0 || sink % P || drop % P || sink + drop > len)
+    throw EngineError(kErrInvalidArgument, "shift: sink (" + std::to_string(sink) + ") and drop (" + std::to_string(drop) +
+                                               ") must be whole pages of " + std::to_string(P) + " tokens within the sequence of " +
+                                               std::to_string(len));
+  if (releaseWindow_ > 0)
+    throw EngineError(kErrInvalidArgument, "contextShift: every layer of this model attends through a sliding window, which "
+                                           "already bounds its memory; generate without contextShift");
+}
+
+int Model::decodeWindowPages() const {
+  if (releaseWindow_ <= 0) return 0;
+  const int P = pool_->layout().pageTokens;
+  // While token L is written, the pages of [L - W - 1, L] are held, their first page whole (the
+  // window keeps one spare position, see releaseOutsideWindow): at most ceil((W + 1) / P) + 1.
+  return (releaseWindow_ + 1 + P - 1) / P + 1;
+}
+
+bool Model::shiftRotates(const SequenceState& seq, int sink, int drop) const {
+  return cfg_.style == BlockStyle::Llama && seq.length() > sink + drop;
+}
+
+int Model::pagesToShift(const SequenceState& seq, int sink, int drop) const {
+  checkShift(seq, sink, drop);
+  const int P = pool_->layout().pageTokens;
+  return shiftRotates(seq, sink, drop) ? seq.kv->pagesToShift(sink / P, drop / P, seq.length()) : 0;
+}
+
+void Model::shiftSequence(SequenceState& seq, int sink, int drop) {
+  checkShift(seq, sink, drop);
+  ++seq.version;
+  const int P = pool_->layout().pageTokens, len = seq.length();
+  Backend& be = *backend_;
+  BackendRange range(be, "context shift");
+  const int moved = len - sink - drop;
+  const bool rope = shiftRotates(seq, sink, drop);
+  const int kvd = cfg_.numKvHeads * cfg_.headDim;
+  // The buffers first, so that running out of memory leaves the sequence as it was; then the
+  // pages, all or nothing unless a device copy fails.
+  Tensor k, v;
+  if (rope) {
+    k = be.alloc(moved, kvd);
+    v = be.alloc(moved, kvd);
+  }
+  // Past this point a failure (a device error) would leave K/V half moved or half rotated: the
+  // sequence then keeps its first `sink` tokens only, whose K/V nothing touched.
+  const size_t pagesBefore = seq.kv->table().size();
+  auto keepSink = [&] {
+    seq.tokens.resize((size_t)sink);
+    seq.kv->keep(sink);
+  };
+  if (rope) {
+    try {
+      seq.kv->shiftPages(sink / P, drop / P, len);  // moved pages made private: their keys turn below
+    } catch (...) {
+      if (seq.kv->table().size() != pagesBefore) keepSink();  // a copy failed after the release
+      throw;
+    }
+  } else {
+    seq.kv->erasePages(sink / P, drop / P);
+  }
+  seq.tokens.erase(seq.tokens.begin() + sink, seq.tokens.begin() + sink + drop);
+  seq.kv->keep(seq.length());
+  if (!rope) return;
+  // RoPE: q.k depends on the positions' difference only, so rotating every moved key by -drop
+  // makes them read as if they had been computed drop positions earlier.
+  try {
+    Scratch s;
+    viewPages(s, {&seq}, std::vector<int32_t>((size_t)moved, 0));
+    std::vector<int32_t> pos((size_t)moved), back(pos.size(), -drop);
+    for (int r = 0; r < moved; ++r) pos[(size_t)r] = sink + r;
+    std::vector<float> host;
+    for (int slot = 0; slot < (int)cfg_.plan.kvLayers.size(); ++slot) {
+      be.kvRead(s.kv, 0, slot, sink, moved, host);  // K rows, then V rows
+      be.writeRows(k, 0, moved, host.data());
+      be.writeRows(v, 0, moved, host.data() + (size_t)moved * kvd);
+      be.rope(k, moved, cfg_.numKvHeads, cfg_.headDim, back.data(), cfg_.ropeInvFreq, 1.0f);
+      be.kvWrite(s.kv, slot, k, v, moved, pos.data());
+    }
+  } catch (...) {
+    keepSink();
+    throw;
+  }
+}
+
+}  // namespace lckv
