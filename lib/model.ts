@@ -26,7 +26,6 @@ import {
   INT32_MAX,
   nonNegInt,
   posInt,
-  PrefillMode,
   ResolvedGenerateOptions,
   resolveGenerateOptions,
 } from "./options";
@@ -34,8 +33,10 @@ import { parseGenerationConfig } from "./generation-config";
 import { readModelTensors } from "./safetensors";
 import { DecodeScheduler, SchedulerStats } from "./scheduler";
 import { PrefixCache, PrefixCacheStats } from "./prefix-cache";
-import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill, Sequence, withCancel } from "./sequence";
+import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill, withCancel } from "./prefill-options";
+import { Sequence } from "./sequence";
 import { ChatMessage, readJson, Tokenizer } from "./tokenizer";
+import type { ForwardResult, GenerateResult, PrefillOptions, StreamChunk } from "./types";
 import { resolveWeights } from "./weights";
 
 export type Device = "auto" | "cuda" | "cpu";
@@ -99,41 +100,6 @@ export interface CacheStats extends Omit<NativePoolStats, "sharedRefs"> {
   queued: number;
   prefilledTokens: number;
   prefixCache: PrefixCacheStats;
-}
-
-export interface GenerateResult {
-  text: string;
-  tokens: number[];
-  finishReason: "stop" | "length" | "abort";
-  usage: { promptTokens: number; completionTokens: number };
-  /** Passes the prefill ran over the cyclic layer group (1 when the model has none). */
-  prefillPasses: number;
-}
-
-export interface StreamChunk {
-  /** Text that this token completed (may be empty while a character or stop string is pending). */
-  text: string;
-  /**
-   * The generated token id; null only in a last chunk that carries text held back while it could
-   * have begun a stop string, released when generation ended otherwise (it belongs to no one token).
-   */
-  token: number | null;
-}
-
-export interface PrefillOptions {
-  prefill?: PrefillMode;
-  prefillPasses?: number;
-  prefillTolerance?: number;
-  /**
-   * Stops the prefill (between passes of the cyclic group and between tokens): the call rejects
-   * with AbortError (LCKV_ABORTED) and the sequence is as it was before it.
-   */
-  signal?: AbortSignal;
-}
-
-export interface ForwardResult {
-  logits: Float32Array;
-  passes: number;
 }
 
 /** The model shipped inside the package, used when loadModel() gets no directory. */

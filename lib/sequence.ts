@@ -10,10 +10,12 @@
 import "./dispose-symbols";
 import { KV_PAGE_TOKENS, ReserveOptions } from "./admission";
 import { AbortError, DisposedError, fromNative, InvalidOptionError, LckvError } from "./errors";
-import type { GenerateResult, Model, PrefillOptions, StreamChunk } from "./model";
+import type { Model } from "./model";
 import { NativeSamplingParams, NativeSequence } from "./native";
-import { DEFAULT_PREFILL_TOLERANCE, describe, GenerateOptions, MAX_PREFILL_PASSES, nonNegInt, posInt, PREFILL_MODES, tolerance } from "./options";
+import { DEFAULT_PREFILL_TOLERANCE, GenerateOptions, nonNegInt } from "./options";
+import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill, ResolvedPrefill, withCancel } from "./prefill-options";
 import { TextStream } from "./textstream";
+import type { GenerateResult, PrefillOptions, StreamChunk } from "./types";
 
 /** Tokens per prefill call in the exact modes (see append()). */
 export const PREFILL_CHUNK = 512;
@@ -158,7 +160,7 @@ export class Sequence implements Disposable {
     });
   }
 
-  private async prefill(native: NativeSequence, ids: number[], run: number[], prefill: ReturnType<typeof resolvePrefill>): Promise<{ passes: number }> {
+  private async prefill(native: NativeSequence, ids: number[], run: number[], prefill: ResolvedPrefill): Promise<{ passes: number }> {
     let passes = 0;
     // Long inputs go in chunks, so that other sequences' decode steps run in between. Exact
     // modes stay exact across chunks (each chunk reads the final K/V of the ones before);
@@ -427,60 +429,5 @@ export class Sequence implements Disposable {
 
   [Symbol.dispose](): void {
     this.dispose();
-  }
-}
-
-/**
- * How far from the sequential computation a prefill mode's K/V may be: sequential is exact,
- * fixed-point within its tolerance, the iterative scheme unbounded. The prefix cache reads it
- * as what a request accepts, a sequence as what its prefills made.
- */
-export function prefillKvTolerance(mode: string, tolerance: number): number {
-  return mode === "sequential" ? 0 : mode === "iterative" ? Infinity : tolerance;
-}
-
-const PREFILL_KEYS = new Set(["prefill", "prefillPasses", "prefillTolerance", "signal"]);
-
-/** The options object of append(), forward() and logits(): an object of known keys. */
-export function checkPrefillOptions(options: unknown): PrefillOptions {
-  if (options === null || typeof options !== "object" || Array.isArray(options)) throw new InvalidOptionError("options", `must be an object, got ${describe(options)}`);
-  for (const k of Object.keys(options)) {
-    if (!PREFILL_KEYS.has(k)) throw new InvalidOptionError(k, `is not a prefill option (known: ${[...PREFILL_KEYS].join(", ")})`);
-  }
-  return options as PrefillOptions;
-}
-
-export function resolvePrefill(model: Model, options: PrefillOptions) {
-  const mode = options.prefill ?? model.generationDefaults().prefill;
-  if (!PREFILL_MODES.includes(mode)) throw new InvalidOptionError("prefill", `must be one of ${PREFILL_MODES.join(", ")}, got ${describe(mode)}`);
-  if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) throw new InvalidOptionError("signal", "must be an AbortSignal");
-  return {
-    mode,
-    signal: options.signal,
-    passes: options.prefillPasses === undefined ? model.generationDefaults().prefillPasses : posInt("prefillPasses", options.prefillPasses, MAX_PREFILL_PASSES),
-    tolerance: options.prefillTolerance === undefined ? DEFAULT_PREFILL_TOLERANCE : tolerance(options.prefillTolerance),
-  };
-}
-
-/** The native side of a resolved prefill (the signal travels as a cancel flag instead). */
-export function nativePrefill(p: ReturnType<typeof resolvePrefill>) {
-  return { mode: p.mode, passes: p.passes, tolerance: p.tolerance };
-}
-
-/**
- * Runs a native call with a cancel flag that `signal` raises: the engine checks it between
- * passes and tokens. The flag lives in shared memory, read by the engine's worker thread.
- */
-export async function withCancel<T>(signal: AbortSignal | undefined, call: (cancel?: Int32Array) => Promise<T>): Promise<T> {
-  if (!signal) return call();
-  const cancel = new Int32Array(new SharedArrayBuffer(4));
-  const raise = () => Atomics.store(cancel, 0, 1);
-  signal.addEventListener("abort", raise, { once: true });
-  try {
-    return await call(cancel);
-  } catch (e) {
-    throw fromNative(e);
-  } finally {
-    signal.removeEventListener("abort", raise);
   }
 }
