@@ -9,7 +9,8 @@ import { Command, InvalidArgumentError, Option } from "commander";
 import { SingleBar } from "cli-progress";
 import { formatLayerTypes } from "./plan";
 import { LckvError } from "./errors";
-import { loadModel, LoadOptions, Model } from "./model";
+import { loadModel, LoadOptions } from "./load-model";
+import { Model } from "./model";
 import { evaluatePerplexity } from "./eval";
 import * as fs from "node:fs";
 
