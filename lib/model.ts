@@ -5,22 +5,10 @@
 import "./dispose-symbols";
 import { Admission, AdmissionOptions, KV_PAGE_TOKENS } from "./admission";
 import { ModelConfig } from "./config";
-import {
-  AbortError,
-  ContextOverflowError,
-  DisposedError,
-  fromNative,
-  InvalidInputError,
-  InvalidOptionError,
-  TokenOutOfRangeError,
-} from "./errors";
+import { EngineContext } from "./engine-context";
+import { AbortError, DisposedError, fromNative, InvalidInputError } from "./errors";
 import { NativeModel, NativePoolStats, NativeSequence } from "./native";
-import {
-  describe,
-  GenerateOptions,
-  ResolvedGenerateOptions,
-  resolveGenerateOptions,
-} from "./options";
+import { GenerateOptions, GenerationDefaults, ResolvedGenerateOptions } from "./options";
 import { DecodeScheduler, SchedulerStats } from "./scheduler";
 import { PrefixCache, PrefixCacheStats } from "./prefix-cache";
 import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill, withCancel } from "./prefill-options";
@@ -50,14 +38,13 @@ export class Model implements AsyncDisposable {
   /** What the same model would cost per token with a standard cache (every layer cached). */
   readonly standardKvBytesPerToken: number;
   readonly device: "cpu" | "cuda";
-  private native: NativeModel | null;
-  private readonly live = new Set<NativeSequence>();
+  /** The native model, its live sequences, the queue and the scheduler, shared with every Sequence. */
+  private readonly engine: EngineContext;
   /** @internal Batches the decode steps of concurrent generations. */
   readonly scheduler: DecodeScheduler;
   private readonly prefixCache: PrefixCache;
   /** @internal Reserves K/V pages for requests, queueing them while the pool is short. */
   readonly admission: Admission;
-  private prefilled = 0;
 
   constructor(
     readonly directory: string,
@@ -72,27 +59,33 @@ export class Model implements AsyncDisposable {
     maxBatch?: number,
   ) {
     this.prefixCache = new PrefixCache(prefixCacheSize);
-    this.admission = new Admission(() => this.nativeModel(), () => this.prefixCache.evictOne(), admission);
-    this.native = native;
     this.kvBytesPerToken = perToken;
     this.standardKvBytesPerToken = (perToken / config.kvLayers.length) * config.numLayers;
     this.device = native.backend === "cuda" ? "cuda" : "cpu";
-    // On the GPU, batches above 16 rows would switch the matrix products from the GEMV to
-    // cuBLASLt, whose results depend on the batch; 16 keeps every sequence batch-invariant.
-    this.scheduler = new DecodeScheduler(() => this.nativeModel(), maxBatch ?? (this.device === "cuda" ? 16 : 256));
+    this.engine = new EngineContext({
+      native,
+      directory,
+      config,
+      tokenizer,
+      generationConfig,
+      maxContext,
+      admission,
+      evictCached: () => this.prefixCache.evictOne(),
+      // On the GPU, batches above 16 rows would switch the matrix products from the GEMV to
+      // cuBLASLt, whose results depend on the batch; 16 keeps every sequence batch-invariant.
+      maxBatch: maxBatch ?? (this.device === "cuda" ? 16 : 256),
+    });
+    this.admission = this.engine.admission;
+    this.scheduler = this.engine.scheduler;
   }
 
   get disposed(): boolean {
-    return this.native === null;
+    return this.engine.disposed;
   }
 
   /** Token ids that end generation: generation_config's eos_token_id, else config's, else the tokenizer's. */
   get eosTokenIds(): number[] {
-    const g = this.generationConfig.eos_token_id;
-    const fromGen = (Array.isArray(g) ? g : g === undefined || g === null ? [] : [g]).filter((x): x is number => Number.isInteger(x));
-    if (fromGen.length) return fromGen;
-    if (this.config.eosTokenIds.length) return this.config.eosTokenIds;
-    return this.tokenizer?.eosTokenId !== undefined ? [this.tokenizer.eosTokenId] : [];
+    return this.engine.eosTokenIds;
   }
 
   /**
@@ -101,51 +94,12 @@ export class Model implements AsyncDisposable {
    * sequence that already holds tokens does not, so a later turn adds only its own text.
    */
   toTokenIds(input: string | readonly number[], what = "prompt", alreadyInContext = 0): number[] {
-    let ids: number[];
-    if (typeof input === "string") {
-      if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json: pass token ids instead of text`, "LCKV_NO_TOKENIZER");
-      ids = this.tokenizer.encode(input, { addSpecialTokens: alreadyInContext === 0 });
-    } else if (Array.isArray(input) || ArrayBuffer.isView(input)) {
-      ids = Array.from(input as ArrayLike<number>);
-    } else {
-      throw new InvalidInputError(`${what} must be a string or an array of token ids, got ${describe(input)}`);
-    }
-    ids.forEach((t, i) => {
-      if (!Number.isInteger(t) || t < 0 || t >= this.config.vocabSize) {
-        throw new TokenOutOfRangeError(`${what} token ${i} is ${describe(t)}, outside the vocabulary [0, ${this.config.vocabSize})`);
-      }
-    });
-    if (ids.length === 0) throw new InvalidInputError(`${what} is empty`, "LCKV_EMPTY_PROMPT");
-    if (alreadyInContext + ids.length > this.maxContext) {
-      throw new ContextOverflowError(
-        alreadyInContext > 0
-          ? `${what} has ${ids.length} tokens; with the ${alreadyInContext} already in the sequence that is more than the context holds (${this.maxContext})`
-          : `${what} has ${ids.length} tokens but the context holds ${this.maxContext}`,
-      );
-    }
-    return ids;
+    return this.engine.toTokenIds(input, what, alreadyInContext);
   }
 
   /** @internal */
   nativeModel(): NativeModel {
-    if (!this.native) throw new DisposedError("the model");
-    return this.native;
-  }
-
-  private openSequence(): NativeSequence {
-    try {
-      const s = this.nativeModel().createSequence(this.maxContext);
-      this.live.add(s);
-      return s;
-    } catch (e) {
-      throw fromNative(e);
-    }
-  }
-
-  private closeSequence(s: NativeSequence): void {
-    this.live.delete(s);
-    s.dispose();
-    if (this.native) this.admission.pump();  // its pages may let a waiting request in
+    return this.engine.nativeModel();
   }
 
   /**
@@ -153,43 +107,19 @@ export class Model implements AsyncDisposable {
    * need the model: before any work, so that a request that cannot go on fails at once.
    */
   resolveGenerate(options: GenerateOptions | undefined, contextTokens: number): ResolvedGenerateOptions {
-    const opts = resolveGenerateOptions(options, this.generationDefaults(contextTokens));
-    if (opts.contextShift === "sink-window" && this.config.plan.window.every((w) => w > 0)) {
-      throw new InvalidOptionError("contextShift", "every layer of this model attends through a sliding window, which already bounds its memory: generate without contextShift");
-    }
-    return opts;
+    return this.engine.resolveGenerate(options, contextTokens);
   }
 
   /** @internal Generation defaults from generation_config.json and the config. */
-  generationDefaults(contextTokens = 0): Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos" | "prefillTolerance" | "contextShift" | "sinkTokens"> {
-    const g = this.generationConfig;
-    const num = (k: string, d: number) => (typeof g[k] === "number" && Number.isFinite(g[k] as number) ? (g[k] as number) : d);
-    // As in transformers: do_sample picks greedy or the configured temperature, and the filters
-    // (top_k, top_p, min_p) apply whenever sampling does, also when a caller turns it on.
-    const sample = g.do_sample === true;
-    // max_new_tokens; else what max_length (which counts the tokens already there) leaves; else 256.
-    const maxNewTokens = Number.isInteger(g.max_new_tokens)
-      ? (g.max_new_tokens as number)
-      : Number.isInteger(g.max_length)
-        ? Math.max(0, (g.max_length as number) - contextTokens)
-        : 256;
-    return {
-      maxNewTokens,
-      temperature: sample ? num("temperature", 1) : 0,
-      topK: num("top_k", 0),
-      topP: num("top_p", 1),
-      minP: num("min_p", 0),
-      repetitionPenalty: num("repetition_penalty", 1),
-      prefill: this.config.useSequential ? "sequential" : "fixed-point",
-      prefillPasses: this.config.forwardPasses + this.config.backwardPasses,
-    };
+  generationDefaults(contextTokens = 0): GenerationDefaults {
+    return this.engine.generationDefaults(contextTokens);
   }
 
   /** Runs the prompt and returns its logits, [ids.length * vocabSize], and the prefill passes. */
   async forward(input: string | readonly number[], options: PrefillOptions = {}): Promise<ForwardResult> {
     const ids = this.toTokenIds(input, "input");
-    const prefill = resolvePrefill(this, checkPrefillOptions(options));
-    const seq = this.openSequence();
+    const prefill = resolvePrefill(this.engine, checkPrefillOptions(options));
+    const seq = this.engine.openSequence();
     try {
       // Its pages through the queue like any request's (evicting cached prefixes if need be).
       if (!(await this.admission.reserve(seq, ids.length, { signal: prefill.signal }))) throw new AbortError("the request was aborted while it waited for K/V pages");
@@ -198,7 +128,7 @@ export class Model implements AsyncDisposable {
     } catch (e) {
       throw fromNative(e);
     } finally {
-      this.closeSequence(seq);
+      this.engine.closeSequence(seq);
     }
   }
 
@@ -209,7 +139,7 @@ export class Model implements AsyncDisposable {
 
   /** @internal Counts tokens run through a prefill. */
   countPrefilled(n: number): void {
-    this.prefilled += n;
+    this.engine.countPrefilled(n);
   }
 
   /**
@@ -220,11 +150,11 @@ export class Model implements AsyncDisposable {
    */
   cacheStats(): CacheStats {
     // A disposed model has no pool: every count is zero.
-    const p = this.native
-      ? this.native.poolStats()
-      : { pageTokens: KV_PAGE_TOKENS, pageBytes: 0, pagesTotal: 0, pagesUsed: 0, pagesFree: 0, pagesCached: 0, pagesReserved: 0, sharedRefs: 0 };
+    const p = this.engine.disposed
+      ? { pageTokens: KV_PAGE_TOKENS, pageBytes: 0, pagesTotal: 0, pagesUsed: 0, pagesFree: 0, pagesCached: 0, pagesReserved: 0, sharedRefs: 0 }
+      : this.engine.nativeModel().poolStats();
     let kvBytes = 0;
-    for (const s of this.live) kvBytes += s.kvBytes;
+    for (const s of this.engine.live) kvBytes += s.kvBytes;
     return {
       pageTokens: p.pageTokens,
       pageBytes: p.pageBytes,
@@ -235,10 +165,10 @@ export class Model implements AsyncDisposable {
       pagesReserved: p.pagesReserved,
       capacityTokens: p.pagesTotal * p.pageTokens,
       kvBytesPerToken: this.kvBytesPerToken,
-      liveSequences: this.live.size,
+      liveSequences: this.engine.live.size,
       kvBytes,
       queued: this.admission.queued,
-      prefilledTokens: this.prefilled,
+      prefilledTokens: this.engine.prefilledTokens,
       prefixCache: this.prefixCache.stats(),
     };
   }
@@ -246,7 +176,7 @@ export class Model implements AsyncDisposable {
   /** Drops every finished request kept for prefix reuse (their pages go back to the pool). */
   clearPrefixCache(): void {
     this.prefixCache.clear();
-    if (this.native) this.admission.pump();
+    if (!this.engine.disposed) this.admission.pump();
   }
 
   /** @internal Checks every page's reference count against the live page tables ("" = consistent). */
@@ -261,13 +191,13 @@ export class Model implements AsyncDisposable {
 
   /** A new, empty sequence with its own cache: for multi-turn use, forks and rewinds. */
   createSequence(): Sequence {
-    return this.adoptSequence(this.openSequence());
+    return this.adoptSequence(this.engine.openSequence());
   }
 
   /** @internal */
   adoptSequence(native: NativeSequence): Sequence {
-    this.live.add(native);
-    return new Sequence(this, native, (s) => this.closeSequence(s));
+    this.engine.adopt(native);
+    return new Sequence(this.engine, native);
   }
 
   /** Streams generated tokens with their text (a one-shot sequence). */
@@ -333,13 +263,10 @@ export class Model implements AsyncDisposable {
 
   /** Frees the weights and every sequence. Calls after this throw DisposedError. */
   async dispose(): Promise<void> {
-    if (!this.native) return;
+    if (this.engine.disposed) return;
     this.admission.rejectAll(new DisposedError("the model"));
     this.prefixCache.clear();
-    for (const s of this.live) s.dispose();
-    this.live.clear();
-    this.native.dispose();
-    this.native = null;
+    this.engine.dispose();
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
