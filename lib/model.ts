@@ -46,6 +46,7 @@ export class Model implements AsyncDisposable {
   /** @internal Reserves K/V pages for requests, queueing them while the pool is short. */
   readonly admission: Admission;
 
+  /** @internal Use loadModel(). */
   constructor(
     readonly directory: string,
     readonly config: ModelConfig,
