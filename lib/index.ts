@@ -5,8 +5,11 @@
  *     await using model = await loadModel();          // the embedded default model
  *     const r = await model.generate("Once upon a time", { maxNewTokens: 32 });
  */
-export { loadModel, Model, DEFAULT_MODEL_DIR, KV_PAGE_TOKENS } from "./model";
-export type { LoadOptions, GenerateResult, StreamChunk, ForwardResult, PrefillOptions, Device, DType, CacheStats } from "./model";
+export { loadModel, DEFAULT_MODEL_DIR } from "./load-model";
+export type { LoadOptions, Device, DType } from "./load-model";
+export { Model, KV_PAGE_TOKENS } from "./model";
+export type { CacheStats } from "./model";
+export type { GenerateResult, StreamChunk, ForwardResult, PrefillOptions } from "./types";
 export type { GenerateOptions, SamplingOptions, PrefillMode } from "./options";
 export { FIXED_POINT_MAX_PASSES } from "./options";
 export type { ModelConfig, BlockStyle } from "./config";

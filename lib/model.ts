@@ -1,91 +1,20 @@
 /**
- * loadModel() and Model: the user-facing engine. TypeScript owns policy (options, stopping,
- * streaming, lifecycle); the native addon owns the forward, which runs off the JS thread.
+ * Model: the user-facing engine that loadModel() returns. TypeScript owns policy (options,
+ * stopping, streaming, lifecycle); the native addon owns the forward, which runs off the JS thread.
  */
 import "./dispose-symbols";
-import * as fs from "node:fs";
-import * as os from "node:os";
-import * as path from "node:path";
 import { Admission, AdmissionOptions, KV_PAGE_TOKENS } from "./admission";
-import { kvBytesPerToken, ModelConfig, parseConfig } from "./config";
-import {
-  AbortError,
-  ContextOverflowError,
-  DeviceUnavailableError,
-  DisposedError,
-  fromNative,
-  InvalidInputError,
-  InvalidOptionError,
-  ModelLoadError,
-  TokenOutOfRangeError,
-} from "./errors";
-import { loadAddon, NativeModel, NativeModelDescription, NativePoolStats, NativeSequence } from "./native";
-import {
-  describe,
-  GenerateOptions,
-  INT32_MAX,
-  nonNegInt,
-  posInt,
-  PrefillMode,
-  ResolvedGenerateOptions,
-  resolveGenerateOptions,
-} from "./options";
-import { parseGenerationConfig } from "./generation-config";
-import { readModelTensors } from "./safetensors";
+import { ModelConfig } from "./config";
+import { EngineContext } from "./engine-context";
+import { AbortError, DisposedError, fromNative, InvalidInputError } from "./errors";
+import { NativeModel, NativePoolStats, NativeSequence } from "./native";
+import { GenerateOptions, GenerationDefaults, ResolvedGenerateOptions } from "./options";
 import { DecodeScheduler, SchedulerStats } from "./scheduler";
 import { PrefixCache, PrefixCacheStats } from "./prefix-cache";
-import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill, Sequence, withCancel } from "./sequence";
-import { ChatMessage, readJson, Tokenizer } from "./tokenizer";
-import { resolveWeights } from "./weights";
-
-export type Device = "auto" | "cuda" | "cpu";
-export type DType = "auto" | "f32" | "f16" | "bf16";
-
-export interface LoadOptions {
-  device?: Device;
-  /** Weight dtype on the device (default bf16 on CUDA, f32 on the CPU, which always computes in f32). */
-  dtype?: DType;
-  /** Tokens one sequence may hold (default: the model's max_position_embeddings). */
-  maxContext?: number;
-  /**
-   * Bytes of the K/V pool that every sequence shares (default: room for 32 sequences of the full
-   * context, at most 80% of free GPU memory or 25% of host memory). Only KV layers are cached,
-   * so an LCKV model holds numLayers / kvLayers times the tokens of a standard one.
-   */
-  kvCacheMemory?: number;
-  /** Requests that may wait for K/V pages at once (default 1024); the next fails with LCKV_QUEUE_FULL. */
-  maxQueue?: number;
-  /** Milliseconds a request may wait for K/V pages (default Infinity: no limit; at most 2^31 - 1); then LCKV_KV_CACHE_FULL. */
-  queueTimeout?: number;
-  /**
-   * Sequences one decode step may run (default 16 on the GPU, 256 on the CPU). Up to 16 rows
-   * the GPU's matrix products are hand-written GEMVs (one kernel for a single row, a tensor-core
-   * one for 2 to 16); larger batches go through cuBLASLt (faster per token at high batch). A
-   * sequence's logits may differ in the last bits from its logits alone: through the GEMV
-   * kernel that a batch of one takes, above 16 rows through cuBLASLt, and at any batch size
-   * through the attention's split of long contexts, which follows the batch size.
-   */
-  maxBatch?: number;
-  /** CPU threads (default: all cores). */
-  threads?: number;
-  /**
-   * Record each decode step as a CUDA graph and replay it (default true). false runs every op
-   * as its own launch, like vLLM's enforce_eager: slower, the same tokens. Ignored on the CPU.
-   */
-  cudaGraphs?: boolean;
-  /**
-   * Queue each decode step's successor on the GPU before its tokens reach JavaScript (default
-   * true), so the GPU does not wait for the host between steps: the next step, fed on the device
-   * with the tokens just chosen, is used when the next call continues the same batch, and
-   * thrown away otherwise. The same tokens either way. Needs cudaGraphs; rows with a repetition
-   * penalty do not run ahead. Ignored on the CPU.
-   */
-  runAhead?: boolean;
-  /** Called with the fraction of weights loaded, from 0 to 1. */
-  onProgress?: (fraction: number) => void;
-  /** Finished requests kept for prefix reuse (default 8; 0 turns reuse off). */
-  prefixCache?: number;
-}
+import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill, withCancel } from "./prefill-options";
+import { Sequence } from "./sequence";
+import { ChatMessage, Tokenizer } from "./tokenizer";
+import type { ForwardResult, GenerateResult, PrefillOptions, StreamChunk } from "./types";
 
 /** model.cacheStats(): the pool's pages (see NativePoolStats) and the model's own counts. */
 export interface CacheStats extends Omit<NativePoolStats, "sharedRefs"> {
@@ -101,188 +30,7 @@ export interface CacheStats extends Omit<NativePoolStats, "sharedRefs"> {
   prefixCache: PrefixCacheStats;
 }
 
-export interface GenerateResult {
-  text: string;
-  tokens: number[];
-  finishReason: "stop" | "length" | "abort";
-  usage: { promptTokens: number; completionTokens: number };
-  /** Passes the prefill ran over the cyclic layer group (1 when the model has none). */
-  prefillPasses: number;
-}
-
-export interface StreamChunk {
-  /** Text that this token completed (may be empty while a character or stop string is pending). */
-  text: string;
-  /**
-   * The generated token id; null only in a last chunk that carries text held back while it could
-   * have begun a stop string, released when generation ended otherwise (it belongs to no one token).
-   */
-  token: number | null;
-}
-
-export interface PrefillOptions {
-  prefill?: PrefillMode;
-  prefillPasses?: number;
-  prefillTolerance?: number;
-  /**
-   * Stops the prefill (between passes of the cyclic group and between tokens): the call rejects
-   * with AbortError (LCKV_ABORTED) and the sequence is as it was before it.
-   */
-  signal?: AbortSignal;
-}
-
-export interface ForwardResult {
-  logits: Float32Array;
-  passes: number;
-}
-
-/** The model shipped inside the package, used when loadModel() gets no directory. */
-export const DEFAULT_MODEL_DIR = path.join(__dirname, "..", "models", "default");
-
 export { KV_PAGE_TOKENS };
-const LOAD_KEYS = new Set(["device", "dtype", "maxContext", "kvCacheMemory", "threads", "cudaGraphs", "runAhead", "onProgress", "prefixCache", "maxQueue", "queueTimeout", "maxBatch"]);
-/** Without kvCacheMemory, the pool holds this many sequences of the full context... */
-const DEFAULT_POOL_SEQUENCES = 32;
-/** ...but at most this share of free GPU memory (after the weights) or of host memory. */
-const DEFAULT_POOL_GPU_SHARE = 0.8;
-const DEFAULT_POOL_HOST_SHARE = 0.25;
-let cpuNoticeShown = false;
-/** Most CPU threads a model may ask for: past this, starting them is what fails. */
-const MAX_THREADS = 1024;
-
-export async function loadModel(dir?: string, options: LoadOptions = {}): Promise<Model> {
-  if (options === null || typeof options !== "object") throw new InvalidOptionError("options", "must be an object");
-  for (const k of Object.keys(options)) {
-    if (!LOAD_KEYS.has(k)) throw new InvalidOptionError(k, `is not a loadModel option (known: ${[...LOAD_KEYS].join(", ")})`);
-  }
-  if (dir !== undefined && typeof dir !== "string") throw new InvalidOptionError("dir", `must be a model directory's path (a string), got ${describe(dir)}`);
-  const modelDir = path.resolve(dir ?? DEFAULT_MODEL_DIR);
-  if (!fs.existsSync(modelDir) || !fs.statSync(modelDir).isDirectory()) {
-    throw new ModelLoadError(`model directory ${modelDir} does not exist`, modelDir);
-  }
-  const device = options.device ?? "auto";
-  if (!["auto", "cuda", "cpu"].includes(device)) throw new InvalidOptionError("device", `must be "auto", "cuda" or "cpu", got ${describe(device)}`);
-  const dtype = options.dtype ?? "auto";
-  if (!["auto", "f32", "f16", "bf16"].includes(dtype)) throw new InvalidOptionError("dtype", `must be "auto", "f32", "f16" or "bf16", got ${describe(dtype)}`);
-  if (options.threads !== undefined) posInt("threads", options.threads, MAX_THREADS);
-  if (options.cudaGraphs !== undefined && typeof options.cudaGraphs !== "boolean") throw new InvalidOptionError("cudaGraphs", `must be true or false, got ${describe(options.cudaGraphs)}`);
-  if (options.runAhead !== undefined && typeof options.runAhead !== "boolean") throw new InvalidOptionError("runAhead", `must be true or false, got ${describe(options.runAhead)}`);
-  if (options.kvCacheMemory !== undefined) posInt("kvCacheMemory", options.kvCacheMemory);
-  if (options.maxContext !== undefined) posInt("maxContext", options.maxContext);
-  if (options.onProgress !== undefined && typeof options.onProgress !== "function") throw new InvalidOptionError("onProgress", "must be a function");
-  const prefixCache = options.prefixCache === undefined ? 8 : nonNegInt("prefixCache", options.prefixCache);
-  const maxQueue = options.maxQueue === undefined ? 1024 : nonNegInt("maxQueue", options.maxQueue);
-  // setTimeout takes at most 2^31 - 1 ms (a larger delay fires at once): no limit is Infinity.
-  const queueTimeout = options.queueTimeout === undefined || options.queueTimeout === Infinity ? Infinity : nonNegInt("queueTimeout", options.queueTimeout, INT32_MAX);
-  const maxBatch = options.maxBatch === undefined ? undefined : posInt("maxBatch", options.maxBatch, INT32_MAX);
-
-  const addon = loadAddon();
-  let backend: "cpu" | "cuda" = "cpu";
-  const why = addon.backends.cudaBuilt ? addon.backends.cudaProblem ?? "no usable CUDA device" : "this build of lckv has no CUDA backend";
-  if (device === "cuda") {
-    if (!addon.backends.cuda) throw new DeviceUnavailableError(`device 'cuda' was asked for, but ${why}`);
-    backend = "cuda";
-  } else if (device === "auto" && addon.backends.cuda) {
-    backend = "cuda";
-  } else if (device === "auto" && !cpuNoticeShown && !process.env.LCKV_QUIET) {
-    cpuNoticeShown = true;
-    process.stderr.write(`lckv: running on the CPU (${why})\n`);
-  }
-  // The CPU computes in f32; with "bf16"/"f16" it rounds the weights to that type first, which
-  // makes it the exact reference for a GPU that holds its weights in that type.
-  const weightDtype = dtype === "auto" ? (backend === "cuda" ? "bf16" : "f32") : dtype;
-
-  const configFile = path.join(modelDir, "config.json");
-  if (!fs.existsSync(configFile)) throw new ModelLoadError(`${modelDir}: missing config.json`, configFile);
-  const config = parseConfig(readJson(configFile), configFile);
-  const tokenizer = Tokenizer.fromDirectory(modelDir);
-  const genFile = path.join(modelDir, "generation_config.json");
-  const generationConfig = fs.existsSync(genFile) ? parseGenerationConfig(readJson(genFile), genFile) : {};
-  const tensors = readModelTensors(modelDir);
-  const sources = resolveWeights(config, tensors, modelDir);
-
-  const bytesPerElement = 4; // both backends cache K/V in f32 for now
-  const perToken = kvBytesPerToken(config, bytesPerElement);
-  let maxContext = options.maxContext ?? config.maxPositionEmbeddings;
-  if (maxContext > config.maxPositionEmbeddings) {
-    throw new InvalidOptionError("maxContext", `${maxContext} exceeds the model's max_position_embeddings (${config.maxPositionEmbeddings})`);
-  }
-  const pageBytes = perToken * KV_PAGE_TOKENS;
-  if (options.kvCacheMemory !== undefined && options.kvCacheMemory < pageBytes) {
-    throw new InvalidOptionError("kvCacheMemory", `${options.kvCacheMemory} bytes hold no K/V page (one page of ${KV_PAGE_TOKENS} tokens needs ${pageBytes})`);
-  }
-
-  let native: NativeModel;
-  try {
-    native = new addon.NativeModel(describeForNative(config), { backend, threads: options.threads, dtype: weightDtype, cudaGraphs: options.cudaGraphs ?? true, runAhead: options.runAhead ?? true });
-  } catch (e) {
-    throw fromNative(e);
-  }
-  try {
-    const total = sources.reduce((a, s) => a + s.nbytes, 0);
-    let done = 0;
-    options.onProgress?.(0);
-    // Batches of ~64 MB keep the progress moving without a call per tensor.
-    for (let i = 0; i < sources.length; ) {
-      const batch = [];
-      let bytes = 0;
-      while (i < sources.length && (batch.length === 0 || bytes < 64 << 20)) {
-        bytes += sources[i].nbytes;
-        batch.push(sources[i++]);
-      }
-      await native.loadTensors(batch);
-      done += bytes;
-      options.onProgress?.(total > 0 ? done / total : 1);
-    }
-    native.finalize();
-    let poolBytes = options.kvCacheMemory;
-    if (poolBytes === undefined) {
-      const mem = native.memoryInfo();
-      const cap = backend === "cuda" ? mem.free * DEFAULT_POOL_GPU_SHARE : os.totalmem() * DEFAULT_POOL_HOST_SHARE;
-      poolBytes = Math.max(pageBytes, Math.min(DEFAULT_POOL_SEQUENCES * maxContext * perToken, cap));
-    }
-    const pages = Math.floor(poolBytes / pageBytes);
-    if (pages > INT32_MAX) {
-      throw new InvalidOptionError("kvCacheMemory", `${poolBytes} bytes are ${pages} K/V pages of ${pageBytes} bytes; the pool holds at most ${INT32_MAX} pages`);
-    }
-    native.createPool(pages, KV_PAGE_TOKENS);
-    // One sequence cannot hold more than the whole pool, unless every layer reads through a
-    // sliding window: then it holds its window's pages only, and only a prompt (prefilled at
-    // once) must fit in the pool, which admission checks per request.
-    if (!config.plan.window.every((w) => w > 0)) maxContext = Math.min(maxContext, pages * KV_PAGE_TOKENS);
-  } catch (e) {
-    native.dispose();
-    throw fromNative(e);
-  }
-  return new Model(modelDir, config, native, tokenizer, generationConfig, maxContext, perToken, prefixCache, { maxQueue, queueTimeout }, maxBatch);
-}
-
-function describeForNative(c: ModelConfig): NativeModelDescription {
-  return {
-    style: c.blockStyle,
-    numLayers: c.numLayers,
-    hidden: c.hiddenSize,
-    numHeads: c.numHeads,
-    numKvHeads: c.numKvHeads,
-    headDim: c.headDim,
-    intermediate: c.intermediateSize,
-    vocab: c.vocabSize,
-    maxPositions: c.blockStyle === "gpt2" ? c.maxPositionEmbeddings : 0,
-    normEps: c.normEps,
-    tiedEmbeddings: c.tieWordEmbeddings,
-    attentionBias: c.attentionBias,
-    mlpBias: c.mlpBias,
-    ropeInvFreq: c.ropeInvFreq,
-    plan: {
-      target: c.plan.target,
-      strict: c.plan.strict.map((s) => (s ? 1 : 0)),
-      window: c.plan.window,
-      kvLayers: c.plan.kvLayers,
-      cyclicLow: c.plan.cyclicGroup?.low ?? -1,
-      cyclicHigh: c.plan.cyclicGroup?.high ?? -1,
-    },
-  };
-}
 
 export class Model implements AsyncDisposable {
   /** Bytes one token of context costs in the cache (only the KV layers are cached). */
@@ -290,15 +38,15 @@ export class Model implements AsyncDisposable {
   /** What the same model would cost per token with a standard cache (every layer cached). */
   readonly standardKvBytesPerToken: number;
   readonly device: "cpu" | "cuda";
-  private native: NativeModel | null;
-  private readonly live = new Set<NativeSequence>();
+  /** The native model, its live sequences, the queue and the scheduler, shared with every Sequence. */
+  private readonly engine: EngineContext;
   /** @internal Batches the decode steps of concurrent generations. */
   readonly scheduler: DecodeScheduler;
   private readonly prefixCache: PrefixCache;
   /** @internal Reserves K/V pages for requests, queueing them while the pool is short. */
   readonly admission: Admission;
-  private prefilled = 0;
 
+  /** @internal Use loadModel(). */
   constructor(
     readonly directory: string,
     readonly config: ModelConfig,
@@ -312,27 +60,33 @@ export class Model implements AsyncDisposable {
     maxBatch?: number,
   ) {
     this.prefixCache = new PrefixCache(prefixCacheSize);
-    this.admission = new Admission(() => this.nativeModel(), () => this.prefixCache.evictOne(), admission);
-    this.native = native;
     this.kvBytesPerToken = perToken;
     this.standardKvBytesPerToken = (perToken / config.kvLayers.length) * config.numLayers;
     this.device = native.backend === "cuda" ? "cuda" : "cpu";
-    // On the GPU, batches above 16 rows would switch the matrix products from the GEMV to
-    // cuBLASLt, whose results depend on the batch; 16 keeps every sequence batch-invariant.
-    this.scheduler = new DecodeScheduler(() => this.nativeModel(), maxBatch ?? (this.device === "cuda" ? 16 : 256));
+    this.engine = new EngineContext({
+      native,
+      directory,
+      config,
+      tokenizer,
+      generationConfig,
+      maxContext,
+      admission,
+      evictCached: () => this.prefixCache.evictOne(),
+      // On the GPU, batches above 16 rows would switch the matrix products from the GEMV to
+      // cuBLASLt, whose results depend on the batch; 16 keeps every sequence batch-invariant.
+      maxBatch: maxBatch ?? (this.device === "cuda" ? 16 : 256),
+    });
+    this.admission = this.engine.admission;
+    this.scheduler = this.engine.scheduler;
   }
 
   get disposed(): boolean {
-    return this.native === null;
+    return this.engine.disposed;
   }
 
   /** Token ids that end generation: generation_config's eos_token_id, else config's, else the tokenizer's. */
   get eosTokenIds(): number[] {
-    const g = this.generationConfig.eos_token_id;
-    const fromGen = (Array.isArray(g) ? g : g === undefined || g === null ? [] : [g]).filter((x): x is number => Number.isInteger(x));
-    if (fromGen.length) return fromGen;
-    if (this.config.eosTokenIds.length) return this.config.eosTokenIds;
-    return this.tokenizer?.eosTokenId !== undefined ? [this.tokenizer.eosTokenId] : [];
+    return this.engine.eosTokenIds;
   }
 
   /**
@@ -341,51 +95,12 @@ export class Model implements AsyncDisposable {
    * sequence that already holds tokens does not, so a later turn adds only its own text.
    */
   toTokenIds(input: string | readonly number[], what = "prompt", alreadyInContext = 0): number[] {
-    let ids: number[];
-    if (typeof input === "string") {
-      if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json: pass token ids instead of text`, "LCKV_NO_TOKENIZER");
-      ids = this.tokenizer.encode(input, { addSpecialTokens: alreadyInContext === 0 });
-    } else if (Array.isArray(input) || ArrayBuffer.isView(input)) {
-      ids = Array.from(input as ArrayLike<number>);
-    } else {
-      throw new InvalidInputError(`${what} must be a string or an array of token ids, got ${describe(input)}`);
-    }
-    ids.forEach((t, i) => {
-      if (!Number.isInteger(t) || t < 0 || t >= this.config.vocabSize) {
-        throw new TokenOutOfRangeError(`${what} token ${i} is ${describe(t)}, outside the vocabulary [0, ${this.config.vocabSize})`);
-      }
-    });
-    if (ids.length === 0) throw new InvalidInputError(`${what} is empty`, "LCKV_EMPTY_PROMPT");
-    if (alreadyInContext + ids.length > this.maxContext) {
-      throw new ContextOverflowError(
-        alreadyInContext > 0
-          ? `${what} has ${ids.length} tokens; with the ${alreadyInContext} already in the sequence that is more than the context holds (${this.maxContext})`
-          : `${what} has ${ids.length} tokens but the context holds ${this.maxContext}`,
-      );
-    }
-    return ids;
+    return this.engine.toTokenIds(input, what, alreadyInContext);
   }
 
   /** @internal */
   nativeModel(): NativeModel {
-    if (!this.native) throw new DisposedError("the model");
-    return this.native;
-  }
-
-  private openSequence(): NativeSequence {
-    try {
-      const s = this.nativeModel().createSequence(this.maxContext);
-      this.live.add(s);
-      return s;
-    } catch (e) {
-      throw fromNative(e);
-    }
-  }
-
-  private closeSequence(s: NativeSequence): void {
-    this.live.delete(s);
-    s.dispose();
-    if (this.native) this.admission.pump();  // its pages may let a waiting request in
+    return this.engine.nativeModel();
   }
 
   /**
@@ -393,43 +108,19 @@ export class Model implements AsyncDisposable {
    * need the model: before any work, so that a request that cannot go on fails at once.
    */
   resolveGenerate(options: GenerateOptions | undefined, contextTokens: number): ResolvedGenerateOptions {
-    const opts = resolveGenerateOptions(options, this.generationDefaults(contextTokens));
-    if (opts.contextShift === "sink-window" && this.config.plan.window.every((w) => w > 0)) {
-      throw new InvalidOptionError("contextShift", "every layer of this model attends through a sliding window, which already bounds its memory: generate without contextShift");
-    }
-    return opts;
+    return this.engine.resolveGenerate(options, contextTokens);
   }
 
   /** @internal Generation defaults from generation_config.json and the config. */
-  generationDefaults(contextTokens = 0): Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos" | "prefillTolerance" | "contextShift" | "sinkTokens"> {
-    const g = this.generationConfig;
-    const num = (k: string, d: number) => (typeof g[k] === "number" && Number.isFinite(g[k] as number) ? (g[k] as number) : d);
-    // As in transformers: do_sample picks greedy or the configured temperature, and the filters
-    // (top_k, top_p, min_p) apply whenever sampling does, also when a caller turns it on.
-    const sample = g.do_sample === true;
-    // max_new_tokens; else what max_length (which counts the tokens already there) leaves; else 256.
-    const maxNewTokens = Number.isInteger(g.max_new_tokens)
-      ? (g.max_new_tokens as number)
-      : Number.isInteger(g.max_length)
-        ? Math.max(0, (g.max_length as number) - contextTokens)
-        : 256;
-    return {
-      maxNewTokens,
-      temperature: sample ? num("temperature", 1) : 0,
-      topK: num("top_k", 0),
-      topP: num("top_p", 1),
-      minP: num("min_p", 0),
-      repetitionPenalty: num("repetition_penalty", 1),
-      prefill: this.config.useSequential ? "sequential" : "fixed-point",
-      prefillPasses: this.config.forwardPasses + this.config.backwardPasses,
-    };
+  generationDefaults(contextTokens = 0): GenerationDefaults {
+    return this.engine.generationDefaults(contextTokens);
   }
 
   /** Runs the prompt and returns its logits, [ids.length * vocabSize], and the prefill passes. */
   async forward(input: string | readonly number[], options: PrefillOptions = {}): Promise<ForwardResult> {
     const ids = this.toTokenIds(input, "input");
-    const prefill = resolvePrefill(this, checkPrefillOptions(options));
-    const seq = this.openSequence();
+    const prefill = resolvePrefill(this.engine, checkPrefillOptions(options));
+    const seq = this.engine.openSequence();
     try {
       // Its pages through the queue like any request's (evicting cached prefixes if need be).
       if (!(await this.admission.reserve(seq, ids.length, { signal: prefill.signal }))) throw new AbortError("the request was aborted while it waited for K/V pages");
@@ -438,7 +129,7 @@ export class Model implements AsyncDisposable {
     } catch (e) {
       throw fromNative(e);
     } finally {
-      this.closeSequence(seq);
+      this.engine.closeSequence(seq);
     }
   }
 
@@ -449,7 +140,7 @@ export class Model implements AsyncDisposable {
 
   /** @internal Counts tokens run through a prefill. */
   countPrefilled(n: number): void {
-    this.prefilled += n;
+    this.engine.countPrefilled(n);
   }
 
   /**
@@ -460,11 +151,11 @@ export class Model implements AsyncDisposable {
    */
   cacheStats(): CacheStats {
     // A disposed model has no pool: every count is zero.
-    const p = this.native
-      ? this.native.poolStats()
-      : { pageTokens: KV_PAGE_TOKENS, pageBytes: 0, pagesTotal: 0, pagesUsed: 0, pagesFree: 0, pagesCached: 0, pagesReserved: 0, sharedRefs: 0 };
+    const p = this.engine.disposed
+      ? { pageTokens: KV_PAGE_TOKENS, pageBytes: 0, pagesTotal: 0, pagesUsed: 0, pagesFree: 0, pagesCached: 0, pagesReserved: 0, sharedRefs: 0 }
+      : this.engine.nativeModel().poolStats();
     let kvBytes = 0;
-    for (const s of this.live) kvBytes += s.kvBytes;
+    for (const s of this.engine.live) kvBytes += s.kvBytes;
     return {
       pageTokens: p.pageTokens,
       pageBytes: p.pageBytes,
@@ -475,10 +166,10 @@ export class Model implements AsyncDisposable {
       pagesReserved: p.pagesReserved,
       capacityTokens: p.pagesTotal * p.pageTokens,
       kvBytesPerToken: this.kvBytesPerToken,
-      liveSequences: this.live.size,
+      liveSequences: this.engine.live.size,
       kvBytes,
       queued: this.admission.queued,
-      prefilledTokens: this.prefilled,
+      prefilledTokens: this.engine.prefilledTokens,
       prefixCache: this.prefixCache.stats(),
     };
   }
@@ -486,7 +177,7 @@ export class Model implements AsyncDisposable {
   /** Drops every finished request kept for prefix reuse (their pages go back to the pool). */
   clearPrefixCache(): void {
     this.prefixCache.clear();
-    if (this.native) this.admission.pump();
+    if (!this.engine.disposed) this.admission.pump();
   }
 
   /** @internal Checks every page's reference count against the live page tables ("" = consistent). */
@@ -501,13 +192,13 @@ export class Model implements AsyncDisposable {
 
   /** A new, empty sequence with its own cache: for multi-turn use, forks and rewinds. */
   createSequence(): Sequence {
-    return this.adoptSequence(this.openSequence());
+    return this.adoptSequence(this.engine.openSequence());
   }
 
   /** @internal */
   adoptSequence(native: NativeSequence): Sequence {
-    this.live.add(native);
-    return new Sequence(this, native, (s) => this.closeSequence(s));
+    this.engine.adopt(native);
+    return new Sequence(this.engine, native);
   }
 
   /** Streams generated tokens with their text (a one-shot sequence). */
@@ -573,13 +264,10 @@ export class Model implements AsyncDisposable {
 
   /** Frees the weights and every sequence. Calls after this throw DisposedError. */
   async dispose(): Promise<void> {
-    if (!this.native) return;
+    if (this.engine.disposed) return;
     this.admission.rejectAll(new DisposedError("the model"));
     this.prefixCache.clear();
-    for (const s of this.live) s.dispose();
-    this.live.clear();
-    this.native.dispose();
-    this.native = null;
+    this.engine.dispose();
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

@@ -124,11 +124,11 @@ export function tolerance(v: unknown): number {
   return v;
 }
 
+/** The resolved options that generation_config.json and the config give defaults for. */
+export type GenerationDefaults = Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos" | "prefillTolerance" | "contextShift" | "sinkTokens">;
+
 /** Validates options over defaults (from generation_config.json). */
-export function resolveGenerateOptions(
-  opts: GenerateOptions | undefined,
-  defaults: Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos" | "prefillTolerance" | "contextShift" | "sinkTokens">,
-): ResolvedGenerateOptions {
+export function resolveGenerateOptions(opts: GenerateOptions | undefined, defaults: GenerationDefaults): ResolvedGenerateOptions {
   const o = (opts ?? {}) as Record<string, unknown>;
   if (typeof o !== "object" || o === null) throw new InvalidOptionError("options", "must be an object");
   for (const k of Object.keys(o)) {

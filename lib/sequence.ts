@@ -10,10 +10,12 @@
 import "./dispose-symbols";
 import { KV_PAGE_TOKENS, ReserveOptions } from "./admission";
 import { AbortError, DisposedError, fromNative, InvalidOptionError, LckvError } from "./errors";
-import type { GenerateResult, Model, PrefillOptions, StreamChunk } from "./model";
+import type { EngineContext } from "./engine-context";
 import { NativeSamplingParams, NativeSequence } from "./native";
-import { DEFAULT_PREFILL_TOLERANCE, describe, GenerateOptions, MAX_PREFILL_PASSES, nonNegInt, posInt, PREFILL_MODES, tolerance } from "./options";
+import { DEFAULT_PREFILL_TOLERANCE, GenerateOptions, nonNegInt } from "./options";
+import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill, ResolvedPrefill, withCancel } from "./prefill-options";
 import { TextStream } from "./textstream";
+import type { GenerateResult, PrefillOptions, StreamChunk } from "./types";
 
 /** Tokens per prefill call in the exact modes (see append()). */
 export const PREFILL_CHUNK = 512;
@@ -41,9 +43,8 @@ export class Sequence implements Disposable {
 
   /** @internal Use model.createSequence(). */
   constructor(
-    private readonly model: Model,
+    private readonly engine: EngineContext,
     native: NativeSequence,
-    private readonly onDispose: (s: NativeSequence) => void,
   ) {
     this.native = native;
   }
@@ -59,7 +60,7 @@ export class Sequence implements Disposable {
 
   /** True once dispose() ran, or the model was disposed (which frees every sequence). */
   get disposed(): boolean {
-    return this.native === null || this.model.disposed;
+    return this.native === null || this.engine.disposed;
   }
 
   /**
@@ -77,12 +78,12 @@ export class Sequence implements Disposable {
 
   /** @internal A prefill of `tokens` tokens ran in `mode`: how far its K/V may be from exact. */
   private notePrefill(mode: string, tokens: number, tolerance: number): void {
-    if (tokens <= 1 || !this.model.config.plan.cyclicGroup) return;  // one pass, exact
+    if (tokens <= 1 || !this.engine.config.plan.cyclicGroup) return;  // one pass, exact
     this.kvTol = Math.max(this.kvTol, prefillKvTolerance(mode, tolerance));
   }
 
   private live(): NativeSequence {
-    if (!this.native || this.model.disposed) throw new DisposedError("the sequence");
+    if (!this.native || this.engine.disposed) throw new DisposedError("the sequence");
     return this.native;
   }
 
@@ -103,7 +104,7 @@ export class Sequence implements Disposable {
   private async ensureReserved(total: number, opts: ReserveOptions = {}): Promise<boolean> {
     // A promise of the same size may still change shape (the copies of a shift, a window's pages).
     if (total <= this.reservedUpTo && !opts.extraPages && opts.decodeFrom === undefined) return true;
-    const ok = await this.model.admission.reserve(this.live(), total, opts);
+    const ok = await this.engine.admission.reserve(this.live(), total, opts);
     if (ok) this.reservedUpTo = total;
     return ok;
   }
@@ -111,19 +112,19 @@ export class Sequence implements Disposable {
   /** Drops what is left of the page reservation, and lets waiting requests in. */
   private releaseReservation(): void {
     this.reservedUpTo = 0;
-    if (!this.native && !this.model.disposed) {
+    if (!this.native && !this.engine.disposed) {
       // Disposed while its call ran: the engine frees its pages as that call's worker ends,
       // just after this; the queue may go on then.
-      this.model.admission.pumpSoon();
+      this.engine.admission.pumpSoon();
       return;
     }
-    if (this.native && !this.model.disposed) {
+    if (this.native && !this.engine.disposed) {
       try {
         this.native.reserve(0);
       } catch {
         // busy or disposed meanwhile: its pages come back when it is disposed
       }
-      this.model.admission.pump();
+      this.engine.admission.pump();
     }
   }
 
@@ -132,7 +133,7 @@ export class Sequence implements Disposable {
    * `promptTokens` and the generation decoded after it.
    */
   async reserveRequest(promptTokens: number, maxNewTokens: number, signal?: AbortSignal): Promise<boolean> {
-    return this.ensureReserved(Math.min(promptTokens + maxNewTokens, this.model.maxContext), { signal, decodeFrom: promptTokens });
+    return this.ensureReserved(Math.min(promptTokens + maxNewTokens, this.engine.maxContext), { signal, decodeFrom: promptTokens });
   }
 
   /** Adds text or token ids to the sequence (prefilling all but the last new token). */
@@ -144,8 +145,8 @@ export class Sequence implements Disposable {
   async appendTokens(input: string | readonly number[], options: PrefillOptions, keepReservation: boolean): Promise<{ passes: number }> {
     return this.exclusive(async () => {
       const native = this.live();
-      const ids = this.model.toTokenIds(input, "input", this.length);
-      const prefill = resolvePrefill(this.model, options);
+      const ids = this.engine.toTokenIds(input, "input", this.length);
+      const prefill = resolvePrefill(this.engine, options);
       const run = [...this.pending, ...ids.slice(0, -1)];
       try {
         if (!(await this.ensureReserved(this.evaluated.length + run.length, { signal: prefill.signal }))) {
@@ -158,7 +159,7 @@ export class Sequence implements Disposable {
     });
   }
 
-  private async prefill(native: NativeSequence, ids: number[], run: number[], prefill: ReturnType<typeof resolvePrefill>): Promise<{ passes: number }> {
+  private async prefill(native: NativeSequence, ids: number[], run: number[], prefill: ResolvedPrefill): Promise<{ passes: number }> {
     let passes = 0;
     // Long inputs go in chunks, so that other sequences' decode steps run in between. Exact
     // modes stay exact across chunks (each chunk reads the final K/V of the ones before);
@@ -171,7 +172,7 @@ export class Sequence implements Disposable {
         if (prefill.signal?.aborted) throw new AbortError("the prefill was aborted");
         const r = await withCancel(prefill.signal, (cancel) => native.append(Int32Array.from(part), { ...nativePrefill(prefill), logits: "none", cancel }));
         passes = Math.max(passes, r.passes);
-        this.model.countPrefilled(part.length);
+        this.engine.countPrefilled(part.length);
         this.notePrefill(prefill.mode, part.length, prefill.tolerance);
         this.evaluated.push(...part);
         this.pending = [];
@@ -204,7 +205,7 @@ export class Sequence implements Disposable {
 
   /** @internal The generation loop behind generate() and model.generate(). */
   async *run(options: GenerateOptions | undefined, promptTokens: number, prefillPasses = 0): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
-    const opts = this.model.resolveGenerate(options, this.length);
+    const opts = this.engine.resolveGenerate(options, this.length);
     if (this.busy) throw new LckvError("LCKV_BUSY", "the sequence is busy: await its previous append() or generate() first");
     const native = this.live();
     if (this.length === 0 && opts.maxNewTokens > 0) {
@@ -223,8 +224,8 @@ export class Sequence implements Disposable {
       // A generation that will shift its context also promises, from the start, the copies of
       // shared pages the shift will rotate: waiting for them at the shift, with every page of
       // the context held, could wait on another request that does the same.
-      const shiftCopies = opts.contextShift === "sink-window" && total > this.model.maxContext ? () => this.shiftCopies(opts.sinkTokens) : undefined;
-      admitted = opts.maxNewTokens <= 0 || (await this.ensureReserved(Math.min(total, this.model.maxContext), { signal: opts.signal, extraPages: shiftCopies, decodeFrom: this.evaluated.length }));
+      const shiftCopies = opts.contextShift === "sink-window" && total > this.engine.maxContext ? () => this.shiftCopies(opts.sinkTokens) : undefined;
+      admitted = opts.maxNewTokens <= 0 || (await this.ensureReserved(Math.min(total, this.engine.maxContext), { signal: opts.signal, extraPages: shiftCopies, decodeFrom: this.evaluated.length }));
     } catch (e) {
       this.busy = false;
       this.releaseReservation();
@@ -236,8 +237,8 @@ export class Sequence implements Disposable {
       this.releaseReservation();
       return { text: "", tokens: [], finishReason: "abort", usage: { promptTokens, completionTokens: 0 }, prefillPasses };
     }
-    const eos = new Set(opts.ignoreEos ? [] : this.model.eosTokenIds);
-    const tokenizer = this.model.tokenizer;
+    const eos = new Set(opts.ignoreEos ? [] : this.engine.eosTokenIds);
+    const tokenizer = this.engine.tokenizer;
     // The last tokens before the generation are decoding context (a SentencePiece decoder strips
     // the leading space of text decoded alone).
     const text = new TextStream((ids) => (tokenizer ? tokenizer.decode(ids) : ""), opts.stop, this.tokens.slice(-TEXT_CONTEXT_TOKENS));
@@ -259,7 +260,7 @@ export class Sequence implements Disposable {
         }
         // The pending token must fit in the context to be evaluated; the token sampled from the
         // last position is still returned (and stays pending, past the context).
-        if (this.length > this.model.maxContext) {
+        if (this.length > this.engine.maxContext) {
           if (opts.contextShift !== "sink-window" || !(await this.shiftContext(opts.sinkTokens, opts.maxNewTokens - tokens.length, opts.signal))) {
             if (opts.signal?.aborted) finishReason = "abort";  // aborted while the shift waited for pages
             break;
@@ -269,7 +270,7 @@ export class Sequence implements Disposable {
         let tok: number;
         if (run.length === 1) {
           // A decode step: batched with every other sequence decoding now.
-          tok = await this.model.scheduler.decode(native, run[0], sample, tokens.length + 1 >= opts.maxNewTokens);
+          tok = await this.engine.scheduler.decode(native, run[0], sample, tokens.length + 1 >= opts.maxNewTokens);
         } else {
           let r;
           try {
@@ -284,7 +285,7 @@ export class Sequence implements Disposable {
             throw fromNative(e);
           }
           prefillPasses = Math.max(prefillPasses, r.passes);
-          this.model.countPrefilled(run.length);
+          this.engine.countPrefilled(run.length);
           this.notePrefill(opts.prefill, run.length, opts.prefillTolerance);
           tok = r.token!;
         }
@@ -333,7 +334,7 @@ export class Sequence implements Disposable {
    * the pages it moves that are shared now. Pages written from here on are private, so the
    * count can only fall.
    */
-  private shiftCopies(sinkTokens: number, length = this.model.maxContext): number {
+  private shiftCopies(sinkTokens: number, length = this.engine.maxContext): number {
     const { sink, drop } = this.shiftPlan(sinkTokens, length);
     if (sink + drop > this.evaluated.length) return 0;
     try {
@@ -357,7 +358,7 @@ export class Sequence implements Disposable {
     const copies = () => this.shiftCopies(sinkTokens, this.evaluated.length);
     if (copies() > 0) {
       this.reservedUpTo = 0;
-      if (!(await this.model.admission.reserve(native, this.evaluated.length, { signal, resumed: true, extraPages: copies }))) return false;
+      if (!(await this.engine.admission.reserve(native, this.evaluated.length, { signal, resumed: true, extraPages: copies }))) return false;
     }
     try {
       await native.shift(sink, drop);
@@ -371,8 +372,8 @@ export class Sequence implements Disposable {
     this.kvTol = Infinity;
     // The dropped pages went back to the pool; promise the ones the rest of the request needs.
     this.reservedUpTo = 0;
-    const ok = await this.ensureReserved(Math.min(this.length + remaining, this.model.maxContext), { signal, resumed: true, decodeFrom: this.evaluated.length });
-    this.model.admission.pump();  // what the shift gave back beyond that may let a waiting request in
+    const ok = await this.ensureReserved(Math.min(this.length + remaining, this.engine.maxContext), { signal, resumed: true, decodeFrom: this.evaluated.length });
+    this.engine.admission.pump();  // what the shift gave back beyond that may let a waiting request in
     return ok;
   }
 
@@ -386,7 +387,8 @@ export class Sequence implements Disposable {
     } catch (e) {
       throw fromNative(e);
     }
-    const s = this.model.adoptSequence(child);
+    this.engine.adopt(child);
+    const s = new Sequence(this.engine, child);
     s.evaluated = [...this.evaluated];
     s.pending = [...this.pending];
     s.kvTol = this.kvTol;
@@ -407,7 +409,7 @@ export class Sequence implements Disposable {
       }
       this.evaluated.length = n;
       this.pending = [];
-      this.model.admission.pump();  // pages past n went back to the pool
+      this.engine.admission.pump();  // pages past n went back to the pool
     } else {
       this.pending.length = n - this.evaluated.length;
     }
@@ -421,66 +423,11 @@ export class Sequence implements Disposable {
   /** Frees the sequence's cache. Later calls throw DisposedError. */
   dispose(): void {
     if (!this.native) return;
-    this.onDispose(this.native);
+    this.engine.closeSequence(this.native);
     this.native = null;
   }
 
   [Symbol.dispose](): void {
     this.dispose();
-  }
-}
-
-/**
- * How far from the sequential computation a prefill mode's K/V may be: sequential is exact,
- * fixed-point within its tolerance, the iterative scheme unbounded. The prefix cache reads it
- * as what a request accepts, a sequence as what its prefills made.
- */
-export function prefillKvTolerance(mode: string, tolerance: number): number {
-  return mode === "sequential" ? 0 : mode === "iterative" ? Infinity : tolerance;
-}
-
-const PREFILL_KEYS = new Set(["prefill", "prefillPasses", "prefillTolerance", "signal"]);
-
-/** The options object of append(), forward() and logits(): an object of known keys. */
-export function checkPrefillOptions(options: unknown): PrefillOptions {
-  if (options === null || typeof options !== "object" || Array.isArray(options)) throw new InvalidOptionError("options", `must be an object, got ${describe(options)}`);
-  for (const k of Object.keys(options)) {
-    if (!PREFILL_KEYS.has(k)) throw new InvalidOptionError(k, `is not a prefill option (known: ${[...PREFILL_KEYS].join(", ")})`);
-  }
-  return options as PrefillOptions;
-}
-
-export function resolvePrefill(model: Model, options: PrefillOptions) {
-  const mode = options.prefill ?? model.generationDefaults().prefill;
-  if (!PREFILL_MODES.includes(mode)) throw new InvalidOptionError("prefill", `must be one of ${PREFILL_MODES.join(", ")}, got ${describe(mode)}`);
-  if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) throw new InvalidOptionError("signal", "must be an AbortSignal");
-  return {
-    mode,
-    signal: options.signal,
-    passes: options.prefillPasses === undefined ? model.generationDefaults().prefillPasses : posInt("prefillPasses", options.prefillPasses, MAX_PREFILL_PASSES),
-    tolerance: options.prefillTolerance === undefined ? DEFAULT_PREFILL_TOLERANCE : tolerance(options.prefillTolerance),
-  };
-}
-
-/** The native side of a resolved prefill (the signal travels as a cancel flag instead). */
-export function nativePrefill(p: ReturnType<typeof resolvePrefill>) {
-  return { mode: p.mode, passes: p.passes, tolerance: p.tolerance };
-}
-
-/**
- * Runs a native call with a cancel flag that `signal` raises: the engine checks it between
- * passes and tokens. The flag lives in shared memory, read by the engine's worker thread.
- */
-export async function withCancel<T>(signal: AbortSignal | undefined, call: (cancel?: Int32Array) => Promise<T>): Promise<T> {
-  if (!signal) return call();
-  const cancel = new Int32Array(new SharedArrayBuffer(4));
-  const raise = () => Atomics.store(cancel, 0, 1);
-  signal.addEventListener("abort", raise, { once: true });
-  try {
-    return await call(cancel);
-  } catch (e) {
-    throw fromNative(e);
-  } finally {
-    signal.removeEventListener("abort", raise);
   }
 }

@@ -1,0 +1,187 @@
+/**
+ * EngineContext: what a model's sequences share with it. The native model handle and the
+ * native sequences alive on it, the K/V admission queue, the decode scheduler, the context
+ * limit, the tokenizer and the generation defaults. Model builds one and hands it to every
+ * Sequence it makes, so that a sequence reaches the engine without depending on Model (and the
+ * modules do not import each other).
+ */
+import { Admission, AdmissionOptions } from "./admission";
+import type { ModelConfig } from "./config";
+import { ContextOverflowError, DisposedError, fromNative, InvalidInputError, InvalidOptionError, TokenOutOfRangeError } from "./errors";
+import type { NativeModel, NativeSequence } from "./native";
+import { describe, GenerateOptions, GenerationDefaults, ResolvedGenerateOptions, resolveGenerateOptions } from "./options";
+import { DecodeScheduler } from "./scheduler";
+import type { Tokenizer } from "./tokenizer";
+
+/** What Model hands to its engine context. */
+export interface EngineContextInit {
+  native: NativeModel;
+  /** The model directory (named in errors). */
+  directory: string;
+  config: ModelConfig;
+  tokenizer: Tokenizer | undefined;
+  generationConfig: Record<string, unknown>;
+  /** Tokens one sequence may hold. */
+  maxContext: number;
+  admission: AdmissionOptions;
+  /** Drops the least recently used prefix-cache entry; false when there is none. */
+  evictCached: () => boolean;
+  /** Sequences one decode step may run. */
+  maxBatch: number;
+}
+
+export class EngineContext {
+  private native: NativeModel | null;
+  /** Native sequences alive on the model (the model's dispose() frees what is left). */
+  readonly live = new Set<NativeSequence>();
+  /** Batches the decode steps of concurrent generations. */
+  readonly scheduler: DecodeScheduler;
+  /** Reserves K/V pages for requests, queueing them while the pool is short. */
+  readonly admission: Admission;
+  readonly directory: string;
+  readonly config: ModelConfig;
+  readonly tokenizer: Tokenizer | undefined;
+  readonly generationConfig: Record<string, unknown>;
+  readonly maxContext: number;
+  private prefilled = 0;
+
+  constructor(init: EngineContextInit) {
+    this.admission = new Admission(() => this.nativeModel(), init.evictCached, init.admission);
+    this.native = init.native;
+    this.directory = init.directory;
+    this.config = init.config;
+    this.tokenizer = init.tokenizer;
+    this.generationConfig = init.generationConfig;
+    this.maxContext = init.maxContext;
+    this.scheduler = new DecodeScheduler(() => this.nativeModel(), init.maxBatch);
+  }
+
+  get disposed(): boolean {
+    return this.native === null;
+  }
+
+  /** The native model; DisposedError once the model is disposed. */
+  nativeModel(): NativeModel {
+    if (!this.native) throw new DisposedError("the model");
+    return this.native;
+  }
+
+  /** Token ids that end generation: generation_config's eos_token_id, else config's, else the tokenizer's. */
+  get eosTokenIds(): number[] {
+    const g = this.generationConfig.eos_token_id;
+    const fromGen = (Array.isArray(g) ? g : g === undefined || g === null ? [] : [g]).filter((x): x is number => Number.isInteger(x));
+    if (fromGen.length) return fromGen;
+    if (this.config.eosTokenIds.length) return this.config.eosTokenIds;
+    return this.tokenizer?.eosTokenId !== undefined ? [this.tokenizer.eosTokenId] : [];
+  }
+
+  /**
+   * Text -> ids via the tokenizer; ids are checked against the vocabulary and the context. Text
+   * that starts a sequence gets the tokenizer's special tokens (BOS); text appended to a
+   * sequence that already holds tokens does not, so a later turn adds only its own text.
+   */
+  toTokenIds(input: string | readonly number[], what = "prompt", alreadyInContext = 0): number[] {
+    let ids: number[];
+    if (typeof input === "string") {
+      if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json: pass token ids instead of text`, "LCKV_NO_TOKENIZER");
+      ids = this.tokenizer.encode(input, { addSpecialTokens: alreadyInContext === 0 });
+    } else if (Array.isArray(input) || ArrayBuffer.isView(input)) {
+      ids = Array.from(input as ArrayLike<number>);
+    } else {
+      throw new InvalidInputError(`${what} must be a string or an array of token ids, got ${describe(input)}`);
+    }
+    ids.forEach((t, i) => {
+      if (!Number.isInteger(t) || t < 0 || t >= this.config.vocabSize) {
+        throw new TokenOutOfRangeError(`${what} token ${i} is ${describe(t)}, outside the vocabulary [0, ${this.config.vocabSize})`);
+      }
+    });
+    if (ids.length === 0) throw new InvalidInputError(`${what} is empty`, "LCKV_EMPTY_PROMPT");
+    if (alreadyInContext + ids.length > this.maxContext) {
+      throw new ContextOverflowError(
+        alreadyInContext > 0
+          ? `${what} has ${ids.length} tokens; with the ${alreadyInContext} already in the sequence that is more than the context holds (${this.maxContext})`
+          : `${what} has ${ids.length} tokens but the context holds ${this.maxContext}`,
+      );
+    }
+    return ids;
+  }
+
+  /** A new native sequence of the full context, counted as live. */
+  openSequence(): NativeSequence {
+    try {
+      const s = this.nativeModel().createSequence(this.maxContext);
+      this.live.add(s);
+      return s;
+    } catch (e) {
+      throw fromNative(e);
+    }
+  }
+
+  /** Counts a native sequence made elsewhere (a fork) as live. */
+  adopt(s: NativeSequence): void {
+    this.live.add(s);
+  }
+
+  /** Frees a live native sequence. */
+  closeSequence(s: NativeSequence): void {
+    this.live.delete(s);
+    s.dispose();
+    if (this.native) this.admission.pump();  // its pages may let a waiting request in
+  }
+
+  /**
+   * generate()'s options resolved against this model's defaults, with the checks that need the
+   * model: before any work, so that a request that cannot go on fails at once.
+   */
+  resolveGenerate(options: GenerateOptions | undefined, contextTokens: number): ResolvedGenerateOptions {
+    const opts = resolveGenerateOptions(options, this.generationDefaults(contextTokens));
+    if (opts.contextShift === "sink-window" && this.config.plan.window.every((w) => w > 0)) {
+      throw new InvalidOptionError("contextShift", "every layer of this model attends through a sliding window, which already bounds its memory: generate without contextShift");
+    }
+    return opts;
+  }
+
+  /** Generation defaults from generation_config.json and the config. */
+  generationDefaults(contextTokens = 0): GenerationDefaults {
+    const g = this.generationConfig;
+    const num = (k: string, d: number) => (typeof g[k] === "number" && Number.isFinite(g[k] as number) ? (g[k] as number) : d);
+    // As in transformers: do_sample picks greedy or the configured temperature, and the filters
+    // (top_k, top_p, min_p) apply whenever sampling does, also when a caller turns it on.
+    const sample = g.do_sample === true;
+    // max_new_tokens; else what max_length (which counts the tokens already there) leaves; else 256.
+    const maxNewTokens = Number.isInteger(g.max_new_tokens)
+      ? (g.max_new_tokens as number)
+      : Number.isInteger(g.max_length)
+        ? Math.max(0, (g.max_length as number) - contextTokens)
+        : 256;
+    return {
+      maxNewTokens,
+      temperature: sample ? num("temperature", 1) : 0,
+      topK: num("top_k", 0),
+      topP: num("top_p", 1),
+      minP: num("min_p", 0),
+      repetitionPenalty: num("repetition_penalty", 1),
+      prefill: this.config.useSequential ? "sequential" : "fixed-point",
+      prefillPasses: this.config.forwardPasses + this.config.backwardPasses,
+    };
+  }
+
+  /** Tokens run through a prefill so far. */
+  get prefilledTokens(): number {
+    return this.prefilled;
+  }
+
+  /** Counts tokens run through a prefill. */
+  countPrefilled(n: number): void {
+    this.prefilled += n;
+  }
+
+  /** Frees every live sequence, then the native model. Calls after this throw DisposedError. */
+  dispose(): void {
+    if (!this.native) return;
+    for (const s of this.live) s.dispose();
+    this.live.clear();
+    this.native.dispose();
+    this.native = null;
+  }
+}

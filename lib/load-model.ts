@@ -1,0 +1,214 @@
+/**
+ * loadModel(): reads a model directory (config, tokenizer, generation defaults, weights), checks
+ * the load options, picks the backend, uploads the weights and sizes the K/V pool, and returns
+ * the Model.
+ */
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import { KV_PAGE_TOKENS } from "./admission";
+import { kvBytesPerToken, ModelConfig, parseConfig } from "./config";
+import { DeviceUnavailableError, fromNative, InvalidOptionError, ModelLoadError } from "./errors";
+import { parseGenerationConfig } from "./generation-config";
+import { Model } from "./model";
+import { loadAddon, NativeModel, NativeModelDescription } from "./native";
+import { describe, INT32_MAX, nonNegInt, posInt } from "./options";
+import { readModelTensors } from "./safetensors";
+import { readJson, Tokenizer } from "./tokenizer";
+import { resolveWeights } from "./weights";
+
+export type Device = "auto" | "cuda" | "cpu";
+export type DType = "auto" | "f32" | "f16" | "bf16";
+
+export interface LoadOptions {
+  device?: Device;
+  /** Weight dtype on the device (default bf16 on CUDA, f32 on the CPU, which always computes in f32). */
+  dtype?: DType;
+  /** Tokens one sequence may hold (default: the model's max_position_embeddings). */
+  maxContext?: number;
+  /**
+   * Bytes of the K/V pool that every sequence shares (default: room for 32 sequences of the full
+   * context, at most 80% of free GPU memory or 25% of host memory). Only KV layers are cached,
+   * so an LCKV model holds numLayers / kvLayers times the tokens of a standard one.
+   */
+  kvCacheMemory?: number;
+  /** Requests that may wait for K/V pages at once (default 1024); the next fails with LCKV_QUEUE_FULL. */
+  maxQueue?: number;
+  /** Milliseconds a request may wait for K/V pages (default Infinity: no limit; at most 2^31 - 1); then LCKV_KV_CACHE_FULL. */
+  queueTimeout?: number;
+  /**
+   * Sequences one decode step may run (default 16 on the GPU, 256 on the CPU). Up to 16 rows
+   * the GPU's matrix products are hand-written GEMVs (one kernel for a single row, a tensor-core
+   * one for 2 to 16); larger batches go through cuBLASLt (faster per token at high batch). A
+   * sequence's logits may differ in the last bits from its logits alone: through the GEMV
+   * kernel that a batch of one takes, above 16 rows through cuBLASLt, and at any batch size
+   * through the attention's split of long contexts, which follows the batch size.
+   */
+  maxBatch?: number;
+  /** CPU threads (default: all cores). */
+  threads?: number;
+  /**
+   * Record each decode step as a CUDA graph and replay it (default true). false runs every op
+   * as its own launch, like vLLM's enforce_eager: slower, the same tokens. Ignored on the CPU.
+   */
+  cudaGraphs?: boolean;
+  /**
+   * Queue each decode step's successor on the GPU before its tokens reach JavaScript (default
+   * true), so the GPU does not wait for the host between steps: the next step, fed on the device
+   * with the tokens just chosen, is used when the next call continues the same batch, and
+   * thrown away otherwise. The same tokens either way. Needs cudaGraphs; rows with a repetition
+   * penalty do not run ahead. Ignored on the CPU.
+   */
+  runAhead?: boolean;
+  /** Called with the fraction of weights loaded, from 0 to 1. */
+  onProgress?: (fraction: number) => void;
+  /** Finished requests kept for prefix reuse (default 8; 0 turns reuse off). */
+  prefixCache?: number;
+}
+
+/** The model shipped inside the package, used when loadModel() gets no directory. */
+export const DEFAULT_MODEL_DIR = path.join(__dirname, "..", "models", "default");
+
+const LOAD_KEYS = new Set(["device", "dtype", "maxContext", "kvCacheMemory", "threads", "cudaGraphs", "runAhead", "onProgress", "prefixCache", "maxQueue", "queueTimeout", "maxBatch"]);
+/** Without kvCacheMemory, the pool holds this many sequences of the full context... */
+const DEFAULT_POOL_SEQUENCES = 32;
+/** ...but at most this share of free GPU memory (after the weights) or of host memory. */
+const DEFAULT_POOL_GPU_SHARE = 0.8;
+const DEFAULT_POOL_HOST_SHARE = 0.25;
+let cpuNoticeShown = false;
+/** Most CPU threads a model may ask for: past this, starting them is what fails. */
+const MAX_THREADS = 1024;
+
+export async function loadModel(dir?: string, options: LoadOptions = {}): Promise<Model> {
+  if (options === null || typeof options !== "object") throw new InvalidOptionError("options", "must be an object");
+  for (const k of Object.keys(options)) {
+    if (!LOAD_KEYS.has(k)) throw new InvalidOptionError(k, `is not a loadModel option (known: ${[...LOAD_KEYS].join(", ")})`);
+  }
+  if (dir !== undefined && typeof dir !== "string") throw new InvalidOptionError("dir", `must be a model directory's path (a string), got ${describe(dir)}`);
+  const modelDir = path.resolve(dir ?? DEFAULT_MODEL_DIR);
+  if (!fs.existsSync(modelDir) || !fs.statSync(modelDir).isDirectory()) {
+    throw new ModelLoadError(`model directory ${modelDir} does not exist`, modelDir);
+  }
+  const device = options.device ?? "auto";
+  if (!["auto", "cuda", "cpu"].includes(device)) throw new InvalidOptionError("device", `must be "auto", "cuda" or "cpu", got ${describe(device)}`);
+  const dtype = options.dtype ?? "auto";
+  if (!["auto", "f32", "f16", "bf16"].includes(dtype)) throw new InvalidOptionError("dtype", `must be "auto", "f32", "f16" or "bf16", got ${describe(dtype)}`);
+  if (options.threads !== undefined) posInt("threads", options.threads, MAX_THREADS);
+  if (options.cudaGraphs !== undefined && typeof options.cudaGraphs !== "boolean") throw new InvalidOptionError("cudaGraphs", `must be true or false, got ${describe(options.cudaGraphs)}`);
+  if (options.runAhead !== undefined && typeof options.runAhead !== "boolean") throw new InvalidOptionError("runAhead", `must be true or false, got ${describe(options.runAhead)}`);
+  if (options.kvCacheMemory !== undefined) posInt("kvCacheMemory", options.kvCacheMemory);
+  if (options.maxContext !== undefined) posInt("maxContext", options.maxContext);
+  if (options.onProgress !== undefined && typeof options.onProgress !== "function") throw new InvalidOptionError("onProgress", "must be a function");
+  const prefixCache = options.prefixCache === undefined ? 8 : nonNegInt("prefixCache", options.prefixCache);
+  const maxQueue = options.maxQueue === undefined ? 1024 : nonNegInt("maxQueue", options.maxQueue);
+  // setTimeout takes at most 2^31 - 1 ms (a larger delay fires at once): no limit is Infinity.
+  const queueTimeout = options.queueTimeout === undefined || options.queueTimeout === Infinity ? Infinity : nonNegInt("queueTimeout", options.queueTimeout, INT32_MAX);
+  const maxBatch = options.maxBatch === undefined ? undefined : posInt("maxBatch", options.maxBatch, INT32_MAX);
+
+  const addon = loadAddon();
+  let backend: "cpu" | "cuda" = "cpu";
+  const why = addon.backends.cudaBuilt ? addon.backends.cudaProblem ?? "no usable CUDA device" : "this build of lckv has no CUDA backend";
+  if (device === "cuda") {
+    if (!addon.backends.cuda) throw new DeviceUnavailableError(`device 'cuda' was asked for, but ${why}`);
+    backend = "cuda";
+  } else if (device === "auto" && addon.backends.cuda) {
+    backend = "cuda";
+  } else if (device === "auto" && !cpuNoticeShown && !process.env.LCKV_QUIET) {
+    cpuNoticeShown = true;
+    process.stderr.write(`lckv: running on the CPU (${why})\n`);
+  }
+  // The CPU computes in f32; with "bf16"/"f16" it rounds the weights to that type first, which
+  // makes it the exact reference for a GPU that holds its weights in that type.
+  const weightDtype = dtype === "auto" ? (backend === "cuda" ? "bf16" : "f32") : dtype;
+
+  const configFile = path.join(modelDir, "config.json");
+  if (!fs.existsSync(configFile)) throw new ModelLoadError(`${modelDir}: missing config.json`, configFile);
+  const config = parseConfig(readJson(configFile), configFile);
+  const tokenizer = Tokenizer.fromDirectory(modelDir);
+  const genFile = path.join(modelDir, "generation_config.json");
+  const generationConfig = fs.existsSync(genFile) ? parseGenerationConfig(readJson(genFile), genFile) : {};
+  const tensors = readModelTensors(modelDir);
+  const sources = resolveWeights(config, tensors, modelDir);
+
+  const bytesPerElement = 4; // both backends cache K/V in f32 for now
+  const perToken = kvBytesPerToken(config, bytesPerElement);
+  let maxContext = options.maxContext ?? config.maxPositionEmbeddings;
+  if (maxContext > config.maxPositionEmbeddings) {
+    throw new InvalidOptionError("maxContext", `${maxContext} exceeds the model's max_position_embeddings (${config.maxPositionEmbeddings})`);
+  }
+  const pageBytes = perToken * KV_PAGE_TOKENS;
+  if (options.kvCacheMemory !== undefined && options.kvCacheMemory < pageBytes) {
+    throw new InvalidOptionError("kvCacheMemory", `${options.kvCacheMemory} bytes hold no K/V page (one page of ${KV_PAGE_TOKENS} tokens needs ${pageBytes})`);
+  }
+
+  let native: NativeModel;
+  try {
+    native = new addon.NativeModel(describeForNative(config), { backend, threads: options.threads, dtype: weightDtype, cudaGraphs: options.cudaGraphs ?? true, runAhead: options.runAhead ?? true });
+  } catch (e) {
+    throw fromNative(e);
+  }
+  try {
+    const total = sources.reduce((a, s) => a + s.nbytes, 0);
+    let done = 0;
+    options.onProgress?.(0);
+    // Batches of ~64 MB keep the progress moving without a call per tensor.
+    for (let i = 0; i < sources.length; ) {
+      const batch = [];
+      let bytes = 0;
+      while (i < sources.length && (batch.length === 0 || bytes < 64 << 20)) {
+        bytes += sources[i].nbytes;
+        batch.push(sources[i++]);
+      }
+      await native.loadTensors(batch);
+      done += bytes;
+      options.onProgress?.(total > 0 ? done / total : 1);
+    }
+    native.finalize();
+    let poolBytes = options.kvCacheMemory;
+    if (poolBytes === undefined) {
+      const mem = native.memoryInfo();
+      const cap = backend === "cuda" ? mem.free * DEFAULT_POOL_GPU_SHARE : os.totalmem() * DEFAULT_POOL_HOST_SHARE;
+      poolBytes = Math.max(pageBytes, Math.min(DEFAULT_POOL_SEQUENCES * maxContext * perToken, cap));
+    }
+    const pages = Math.floor(poolBytes / pageBytes);
+    if (pages > INT32_MAX) {
+      throw new InvalidOptionError("kvCacheMemory", `${poolBytes} bytes are ${pages} K/V pages of ${pageBytes} bytes; the pool holds at most ${INT32_MAX} pages`);
+    }
+    native.createPool(pages, KV_PAGE_TOKENS);
+    // One sequence cannot hold more than the whole pool, unless every layer reads through a
+    // sliding window: then it holds its window's pages only, and only a prompt (prefilled at
+    // once) must fit in the pool, which admission checks per request.
+    if (!config.plan.window.every((w) => w > 0)) maxContext = Math.min(maxContext, pages * KV_PAGE_TOKENS);
+  } catch (e) {
+    native.dispose();
+    throw fromNative(e);
+  }
+  return new Model(modelDir, config, native, tokenizer, generationConfig, maxContext, perToken, prefixCache, { maxQueue, queueTimeout }, maxBatch);
+}
+
+function describeForNative(c: ModelConfig): NativeModelDescription {
+  return {
+    style: c.blockStyle,
+    numLayers: c.numLayers,
+    hidden: c.hiddenSize,
+    numHeads: c.numHeads,
+    numKvHeads: c.numKvHeads,
+    headDim: c.headDim,
+    intermediate: c.intermediateSize,
+    vocab: c.vocabSize,
+    maxPositions: c.blockStyle === "gpt2" ? c.maxPositionEmbeddings : 0,
+    normEps: c.normEps,
+    tiedEmbeddings: c.tieWordEmbeddings,
+    attentionBias: c.attentionBias,
+    mlpBias: c.mlpBias,
+    ropeInvFreq: c.ropeInvFreq,
+    plan: {
+      target: c.plan.target,
+      strict: c.plan.strict.map((s) => (s ? 1 : 0)),
+      window: c.plan.window,
+      kvLayers: c.plan.kvLayers,
+      cyclicLow: c.plan.cyclicGroup?.low ?? -1,
+      cyclicHigh: c.plan.cyclicGroup?.high ?? -1,
+    },
+  };
+}

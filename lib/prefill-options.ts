@@ -1,0 +1,71 @@
+/**
+ * The options of a prefill (append(), forward(), logits()): checked, resolved against the
+ * model's defaults, and handed to the engine, with the cancel flag an AbortSignal raises and
+ * how far from exact the K/V of each prefill mode may be.
+ */
+import { fromNative, InvalidOptionError } from "./errors";
+import { DEFAULT_PREFILL_TOLERANCE, describe, MAX_PREFILL_PASSES, posInt, PREFILL_MODES, PrefillMode, tolerance } from "./options";
+import type { PrefillOptions } from "./types";
+
+/** Where a prefill's defaults come from: generation_config.json and the config (see Model.generationDefaults). */
+export interface PrefillDefaults {
+  generationDefaults(): { prefill: PrefillMode; prefillPasses: number };
+}
+
+/**
+ * How far from the sequential computation a prefill mode's K/V may be: sequential is exact,
+ * fixed-point within its tolerance, the iterative scheme unbounded. The prefix cache reads it
+ * as what a request accepts, a sequence as what its prefills made.
+ */
+export function prefillKvTolerance(mode: string, tolerance: number): number {
+  return mode === "sequential" ? 0 : mode === "iterative" ? Infinity : tolerance;
+}
+
+const PREFILL_KEYS = new Set(["prefill", "prefillPasses", "prefillTolerance", "signal"]);
+
+/** The options object of append(), forward() and logits(): an object of known keys. */
+export function checkPrefillOptions(options: unknown): PrefillOptions {
+  if (options === null || typeof options !== "object" || Array.isArray(options)) throw new InvalidOptionError("options", `must be an object, got ${describe(options)}`);
+  for (const k of Object.keys(options)) {
+    if (!PREFILL_KEYS.has(k)) throw new InvalidOptionError(k, `is not a prefill option (known: ${[...PREFILL_KEYS].join(", ")})`);
+  }
+  return options as PrefillOptions;
+}
+
+export function resolvePrefill(defaults: PrefillDefaults, options: PrefillOptions) {
+  const mode = options.prefill ?? defaults.generationDefaults().prefill;
+  if (!PREFILL_MODES.includes(mode)) throw new InvalidOptionError("prefill", `must be one of ${PREFILL_MODES.join(", ")}, got ${describe(mode)}`);
+  if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) throw new InvalidOptionError("signal", "must be an AbortSignal");
+  return {
+    mode,
+    signal: options.signal,
+    passes: options.prefillPasses === undefined ? defaults.generationDefaults().prefillPasses : posInt("prefillPasses", options.prefillPasses, MAX_PREFILL_PASSES),
+    tolerance: options.prefillTolerance === undefined ? DEFAULT_PREFILL_TOLERANCE : tolerance(options.prefillTolerance),
+  };
+}
+
+/** A prefill's options resolved: the mode, its passes and tolerance, and the signal. */
+export type ResolvedPrefill = ReturnType<typeof resolvePrefill>;
+
+/** The native side of a resolved prefill (the signal travels as a cancel flag instead). */
+export function nativePrefill(p: ResolvedPrefill) {
+  return { mode: p.mode, passes: p.passes, tolerance: p.tolerance };
+}
+
+/**
+ * Runs a native call with a cancel flag that `signal` raises: the engine checks it between
+ * passes and tokens. The flag lives in shared memory, read by the engine's worker thread.
+ */
+export async function withCancel<T>(signal: AbortSignal | undefined, call: (cancel?: Int32Array) => Promise<T>): Promise<T> {
+  if (!signal) return call();
+  const cancel = new Int32Array(new SharedArrayBuffer(4));
+  const raise = () => Atomics.store(cancel, 0, 1);
+  signal.addEventListener("abort", raise, { once: true });
+  try {
+    return await call(cancel);
+  } catch (e) {
+    throw fromNative(e);
+  } finally {
+    signal.removeEventListener("abort", raise);
+  }
+}
