@@ -53,8 +53,14 @@ async function open(opts: { model?: string; device?: "auto" | "cpu" | "cuda"; ma
   if (opts.maxContext !== undefined) load.maxContext = opts.maxContext;
   if (process.stderr.isTTY) {
     const bar = new SingleBar({ format: "loading {bar} {percentage}%", stream: process.stderr, clearOnComplete: true, hideCursor: true });
-    bar.start(100, 0);
-    load.onProgress = (f) => bar.update(Math.round(f * 100));
+    // Started at the first report, after loadModel has chosen the device: its one-line notice
+    // (running on the CPU, and why) then prints above the bar instead of inside it.
+    let started = false;
+    load.onProgress = (f) => {
+      if (!started) bar.start(100, 0);
+      started = true;
+      bar.update(Math.round(f * 100));
+    };
     try {
       return await loadModel(opts.model, load);
     } finally {
