@@ -9,6 +9,7 @@
  * count as "cached" in cacheStats() and are the first to go when the pool runs short (least
  * recently used first).
  */
+import { KV_PAGE_TOKENS } from "./admission";
 import type { Sequence } from "./sequence";
 
 export interface PrefixCacheStats {
@@ -28,7 +29,9 @@ export class PrefixCache {
 
   /**
    * A sequence holding the longest cached prefix of ids (at most ids.length - 1 tokens) whose
-   * K/V is within `accepts` of the sequential computation's, or null.
+   * K/V is within `accepts` of the sequential computation's, or null. A hit reuses at least one
+   * whole page (KV_PAGE_TOKENS tokens): a shorter match (a BOS token, a shared first word) saves
+   * less prefill than the fork costs, and would count as a hit that saved nothing.
    */
   take(ids: readonly number[], accepts: number): { seq: Sequence; reused: number } | null {
     let best = -1;
@@ -44,7 +47,7 @@ export class PrefixCache {
       }
     });
     const reused = Math.min(bestLen, ids.length - 1);
-    if (best < 0 || reused < 1) {
+    if (best < 0 || reused < KV_PAGE_TOKENS) {
       this.counts.misses++;
       return null;
     }

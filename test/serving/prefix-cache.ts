@@ -37,13 +37,33 @@ export function prefixCacheTests(dev: TestDevice): void {
     });
 
     test("least recently used requests leave the cache first", async () => {
+      // Prompts of one whole page (16 tokens) each, so that a match is long enough to be a hit.
+      const page = (first: number) => Array.from({ length: 16 }, (_, i) => (first + i) % 64);  // the test models' vocabulary is 64
       const m = await loadModel(dir, { ...dev, prefixCache: 2 });
-      for (const p of [[1, 2, 3], [4, 5, 6], [7, 8, 9]]) await m.generate(p, { maxNewTokens: 2 });
+      for (const p of [page(1), page(20), page(40)]) await m.generate(p, { maxNewTokens: 2 });
       expect(m.cacheStats().prefixCache.sequences).toBe(2);
-      await m.generate([1, 2, 3, 4], { maxNewTokens: 2 }); // [1, 2, 3] was evicted
+      await m.generate([...page(1), 3], { maxNewTokens: 2 }); // page(1) was evicted
       expect(m.cacheStats().prefixCache.hits).toBe(0);
-      await m.generate([7, 8, 9, 1], { maxNewTokens: 2 });
+      await m.generate([...page(40), 3], { maxNewTokens: 2 });
       expect(m.cacheStats().prefixCache.hits).toBe(1);
+      expect(m.cacheStats().prefixCache.reusedTokens).toBe(16);
+      await m.dispose();
+    });
+
+    test("a shared prefix shorter than one page is not a hit", async () => {
+      const m = await loadModel(dir, { ...dev, prefixCache: 4 });
+      const first = Array.from({ length: 20 }, (_, i) => 5 + i);
+      await m.generate(first, { maxNewTokens: 2 });
+      // 15 tokens in common (one short of a page; a BOS token alone is the usual case): prefilled whole.
+      const s0 = m.cacheStats().prefilledTokens;
+      const near = [...first.slice(0, 15), 63, 62, 61];
+      await m.generate(near, { maxNewTokens: 1 });
+      expect(m.cacheStats().prefixCache.hits).toBe(0);
+      expect(m.cacheStats().prefilledTokens - s0).toBe(near.length - 1);
+      // 16 in common: a hit that reuses exactly that page.
+      await m.generate([...first.slice(0, 16), 63], { maxNewTokens: 1 });
+      expect(m.cacheStats().prefixCache.hits).toBe(1);
+      expect(m.cacheStats().prefixCache.reusedTokens).toBe(16);
       await m.dispose();
     });
   });
