@@ -1,6 +1,6 @@
 // Shared by the attention files: which keys a query sees (the plan's diagonal rule and sliding
-// window), the largest head size, whether a head's K/V rows in the paged pool load as float4,
-// and the launchers of each kernel family for one head-size class. attention.cu picks the class
+// window), the largest head size, where a key's K and V rows lie in the paged pool and whether
+// they load as float4, and the launchers of each kernel family for one head-size class. attention.cu picks the class
 // (the one place a head size becomes a template argument) and calls them; attention_decode.cu and
 // attention_prefill.cu define and instantiate them for every class.
 #pragma once
@@ -23,6 +23,22 @@ struct Range {
 
 __device__ __forceinline__ Range visible(int p, bool strict, int window) {
   return {window > 0 ? max(0, p - window + 1) : 0, strict ? p - 1 : p};
+}
+
+// ---- the paged K/V pool (PagedKv, kernels.h) ---------------------------------------------------
+// The pages hold [K | V][pageTokens][kvDim] per slot: within a page, keys are contiguous. Key j
+// of K/V head kvh is at kvHeadBase(kv, 0 for K or 1 for V, kvh, headDim) + kvRowOffset(table,
+// kv, kvPageMask(kv), j), with the page table of the row's sequence. (The mask is an argument so
+// that a kernel can compute it once, outside its loops.)
+__device__ __forceinline__ const int32_t* kvPageTable(const PagedKv& kv, int row) {
+  return kv.tables + (int64_t)kv.rowSeq[row] * kv.stride;
+}
+__device__ __forceinline__ const float* kvHeadBase(const PagedKv& kv, int v, int kvh, int headDim) {
+  return kv.pool + ((int64_t)(kv.slot * 2 + v) << kv.pageShift) * kv.kvDim + kvh * headDim;
+}
+__device__ __forceinline__ int kvPageMask(const PagedKv& kv) { return (1 << kv.pageShift) - 1; }
+__device__ __forceinline__ int64_t kvRowOffset(const int32_t* table, const PagedKv& kv, int pageMask, int j) {
+  return (int64_t)table[j >> kv.pageShift] * kv.pageFloats + (int64_t)(j & pageMask) * kv.kvDim;
 }
 
 // Whether a head's K/V rows in the paged pool can be read as float4 (16-byte aligned rows).

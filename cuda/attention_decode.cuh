@@ -86,10 +86,7 @@ __device__ __forceinline__ void loadDecodeTile(float* kDst, float* vDst, const f
                                                int headDim, int stride, bool vec4) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int j = j0 + lane;
-  const int64_t rowOffset =
-      lane >= lo && lane < hi
-          ? (int64_t)table[j >> kv.pageShift] * kv.pageFloats + (int64_t)(j & ((1 << kv.pageShift) - 1)) * kv.kvDim
-          : 0;
+  const int64_t rowOffset = lane >= lo && lane < hi ? kvRowOffset(table, kv, kvPageMask(kv), j) : 0;
   const int width = vec4 ? 4 : 1, perRow = headDim / width, total = (hi - lo) * perRow;
   for (int e0 = warp * 32; e0 < total; e0 += kDecodeWarps * 32) {  // warp-uniform: the shuffle needs every lane
     const int e = e0 + lane;
@@ -138,10 +135,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
   const int kvh = blockIdx.y / headChunks, part = blockIdx.y % headChunks;
   const int h0 = kvh * group + part * headsPerBlock;
   const int heads = min(headsPerBlock, group - part * headsPerBlock);
-  const int32_t* table = kv.tables + (int64_t)kv.rowSeq[r] * kv.stride;
-  // The pages hold [K | V][pageTokens][kvDim] per slot: within a page, keys are contiguous.
-  const float* kBase = kv.pool + ((int64_t)(kv.slot * 2) << kv.pageShift) * kv.kvDim + kvh * headDim;
-  const float* vBase = kv.pool + ((int64_t)(kv.slot * 2 + 1) << kv.pageShift) * kv.kvDim + kvh * headDim;
+  const int32_t* table = kvPageTable(kv, r);
+  const float* kBase = kvHeadBase(kv, 0, kvh, headDim);
+  const float* vBase = kvHeadBase(kv, 1, kvh, headDim);
 
   // This block's chunk of the row's visible keys, cut here from the row's position rather than
   // by the host: a launch replayed from a CUDA graph at later positions still covers every key

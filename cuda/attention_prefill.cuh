@@ -78,11 +78,10 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   // The last queries see the most keys: their blocks start first, so the short ones fill the tail.
   const int r0 = (gridDim.x - 1 - blockIdx.x) * kPrefillQueries;
-  const int kvDim = kv.kvDim;
-  const int32_t* table = kv.tables + (int64_t)kv.rowSeq[r0] * kv.stride;  // one sequence for all rows
-  const float* kBase = kv.pool + ((int64_t)(kv.slot * 2) << kv.pageShift) * kvDim + kvh * headDim;
-  const float* vBase = kv.pool + ((int64_t)(kv.slot * 2 + 1) << kv.pageShift) * kvDim + kvh * headDim;
-  const int pageMask = (1 << kv.pageShift) - 1;
+  const int32_t* table = kvPageTable(kv, r0);  // one sequence for all rows
+  const float* kBase = kvHeadBase(kv, 0, kvh, headDim);
+  const float* vBase = kvHeadBase(kv, 1, kvh, headDim);
+  const int pageMask = kvPageMask(kv);
 
   // This thread's two query rows (g and g + 8 of its warp's 16) and the keys each can see.
   const int rowA = r0 + warp * 16 + g, rowB = rowA + 8;
@@ -126,7 +125,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
         const int jj = e / (kDim / 4), d = (e % (kDim / 4)) * 4, j = j0 + jj;
         float4 kx = make_float4(0.f, 0.f, 0.f, 0.f), vx = kx;
         if (j <= hi && d < headDim) {
-          const int64_t off = (int64_t)table[j >> kv.pageShift] * kv.pageFloats + (int64_t)(j & pageMask) * kvDim + d;
+          const int64_t off = kvRowOffset(table, kv, pageMask, j) + d;
           kx = *reinterpret_cast<const float4*>(kBase + off);
           vx = *reinterpret_cast<const float4*>(vBase + off);
         }
@@ -138,7 +137,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
         const int jj = e / kDim, d = e % kDim, j = j0 + jj;
         float kx = 0.0f, vx = 0.0f;
         if (j <= hi && d < headDim) {
-          const int64_t off = (int64_t)table[j >> kv.pageShift] * kv.pageFloats + (int64_t)(j & pageMask) * kvDim + d;
+          const int64_t off = kvRowOffset(table, kv, pageMask, j) + d;
           kx = kBase[off];
           vx = vBase[off];
         }
