@@ -1,0 +1,160 @@
+// Launcher of the decode attention kernel (attention_decode.cuh), one instance per number of head
+// dims per lane: its shared memory, the number of splits that fills the GPU in one wave, and the
+// kernel that merges the splits.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+#include "attention_decode.cuh"
+
+namespace lckv::cuda {
+
+namespace {
+
+// Merges the chunks of each (query, head): out = sum_c exp(M_c - M) acc_c / sum_c exp(M_c - M) L_c.
+// The first warp reads every chunk's max and sum (lane c takes chunks c, c + 32, ...), so the
+// weights come from one or two rounds of loads; then the block's threads take the head's dims
+// times kMergeThreads / headDim interleaved subsets of the chunks (4 at head size 64, 2 at 128),
+// each reading its chunks' accumulators at once, and the parts are added in order. (Loops over
+// the chunks, each load waiting for the last, made this kernel take as long as the attention
+// itself at 16 sequences.)
+constexpr int kMergeThreads = 256;
+__global__ void __launch_bounds__(kMergeThreads) attentionMergeKernel(const float* __restrict__ partial, int numHeads,
+                                                                      int headDim, int splits, float* __restrict__ out) {
+  __shared__ float weight[kMaxSplits];
+  __shared__ float sums[kMergeThreads];
+  __shared__ float total;
+  waitForPrecedingKernels();
+  const int r = blockIdx.x, h = blockIdx.y;
+  const float* base = partial + ((int64_t)r * numHeads + h) * splits * (headDim + 2);
+  if (threadIdx.x < 32) {
+    constexpr int kPerLane = (kMaxSplits + 31) / 32;
+    float mc[kPerLane], lc[kPerLane], M = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const int c = threadIdx.x + 32 * i;
+      mc[i] = c < splits ? base[c * (headDim + 2)] : -INFINITY;  // -inf: an empty chunk, skipped
+      lc[i] = c < splits ? base[c * (headDim + 2) + 1] : 0.0f;
+      M = fmaxf(M, mc[i]);
+    }
+    M = warpMax(M);
+    float L = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const float wc = mc[i] == -INFINITY ? 0.0f : expf(mc[i] - M);
+      L += lc[i] * wc;
+      if (threadIdx.x + 32 * i < kMaxSplits) weight[threadIdx.x + 32 * i] = wc;
+    }
+    L = warpSum(L);
+    if (threadIdx.x == 0) total = L;
+  }
+  __syncthreads();
+  const int parts = max(1, (int)blockDim.x / headDim);
+  const int d = threadIdx.x % headDim, part = threadIdx.x / headDim;
+  float v = 0.0f;
+  if (part < parts) {
+#pragma unroll 8
+    for (int c = part; c < splits; c += parts) v += base[c * (headDim + 2) + 2 + d] * weight[c];
+  }
+  sums[threadIdx.x] = v;
+  __syncthreads();
+  if (threadIdx.x < headDim) {
+    float acc = 0.0f;
+    for (int p = 0; p < parts; ++p) acc += sums[p * headDim + threadIdx.x];
+    const float L = total;
+    out[((int64_t)r * numHeads + h) * headDim + threadIdx.x] = L > 0.0f ? acc / L : 0.0f;
+  }
+}
+
+int smCount() {
+  static int count = [] {
+    int dev = 0, c = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, dev);
+    return c > 0 ? c : 100;
+  }();
+  return count;
+}
+
+template <int kDimsPerLane>
+const void* preparedDecodeKernel() {
+  // Head size 128 needs ~71 KB, above the 48 KB a launch gets without asking.
+  static const cudaError_t raised =
+      cudaFuncSetAttribute(attentionDecodeKernel<kDimsPerLane>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           (int)(sizeof(float) * decodeSmemFloats(32 * kDimsPerLane)));
+  LCKV_CUDA_CHECK(raised);
+  return reinterpret_cast<const void*>(attentionDecodeKernel<kDimsPerLane>);
+}
+
+// Decode blocks the GPU runs at once for this head size (shared memory sets it).
+template <int kDimsPerLane>
+int decodeResidentBlocks(int headDim) {
+  static std::atomic<int> known[32 * kMaxDimsPerLane + 1];
+  int blocks = known[headDim].load(std::memory_order_relaxed);
+  if (blocks == 0) {
+    const void* kernel = preparedDecodeKernel<kDimsPerLane>();
+    int perSm = 0;
+    LCKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&perSm, kernel, kDecodeWarps * 32,
+                                                                  sizeof(float) * decodeSmemFloats(headDim)));
+    blocks = std::max(1, perSm) * smCount();
+    known[headDim].store(blocks, std::memory_order_relaxed);
+  }
+  return blocks;
+}
+
+}  // namespace
+
+namespace attention {
+
+// Splits of the decode kernel for `blocks` blocks per split and the longest visible range: as
+// many as fill the GPU in one wave (a second, partial wave would leave most of the GPU idle
+// while it runs), within kMinSplitKeys and kMaxSplits.
+template <int kDimsPerLane>
+int decodeSplits(int64_t blocks, int headDim, int maxVisible) {
+  const int64_t wave = decodeResidentBlocks<kDimsPerLane>(headDim) / blocks;
+  const int64_t most = ((int64_t)maxVisible + kMinSplitKeys - 1) / kMinSplitKeys;
+  return (int)std::max<int64_t>(1, std::min<int64_t>({wave, most, kMaxSplits}));
+}
+
+// Query heads of one K/V head's group per block, and blocks per group: the group cut into
+// equal parts of at most kGroupHeads.
+void decodeHeadBlocks(int group, int& headsPerBlock, int& headChunks) {
+  const int parts = (group + kGroupHeads - 1) / kGroupHeads;
+  headsPerBlock = (group + parts - 1) / parts;
+  headChunks = (group + headsPerBlock - 1) / headsPerBlock;
+}
+
+template <int kDimsPerLane>
+void launchDecode(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
+                  int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, int splits,
+                  float* out, float* partial, cudaStream_t stream) {
+  preparedDecodeKernel<kDimsPerLane>();
+  const bool vec4 = kvRowsLoadAsFloat4(kv, headDim);
+  launchKernel(attentionDecodeKernel<kDimsPerLane>, dim3(n, numKvHeads * headChunks, splits), kDecodeWarps * 32,
+               sizeof(float) * decodeSmemFloats(headDim), stream, q, positions, kv, numHeads, numKvHeads, headDim, strict, window, scale, headChunks, headsPerBlock, vec4, out,
+          partial);
+}
+
+void launchDecodeMerge(const float* partial, int n, int numHeads, int headDim, int splits, float* out,
+                       cudaStream_t stream) {
+  launchKernel(attentionMergeKernel, dim3(n, numHeads), kMergeThreads, 0, stream, partial, numHeads, headDim, splits, out);
+  LCKV_LAUNCH_CHECK("attention_merge");
+}
+
+template int decodeSplits<1>(int64_t, int, int);
+template int decodeSplits<2>(int64_t, int, int);
+template int decodeSplits<3>(int64_t, int, int);
+template int decodeSplits<4>(int64_t, int, int);
+template void launchDecode<1>(const float*, int, const int32_t*, const PagedKv&, int, int, int, bool, int, float, int,
+                              int, int, float*, float*, cudaStream_t);
+template void launchDecode<2>(const float*, int, const int32_t*, const PagedKv&, int, int, int, bool, int, float, int,
+                              int, int, float*, float*, cudaStream_t);
+template void launchDecode<3>(const float*, int, const int32_t*, const PagedKv&, int, int, int, bool, int, float, int,
+                              int, int, float*, float*, cudaStream_t);
+template void launchDecode<4>(const float*, int, const int32_t*, const PagedKv&, int, int, int, bool, int, float, int,
+                              int, int, float*, float*, cudaStream_t);
+static_assert(kMaxDimsPerLane == 4, "instantiate launchDecode and decodeSplits for every number of dims per lane");
+
+}  // namespace attention
+
+}  // namespace lckv::cuda

@@ -1,0 +1,324 @@
+// Decode attention (rows of different sequences, one query each): split-K flash-decoding, one
+// block per (row, K/V head, split) that serves every query head of that K/V head's group (up to
+// kGroupHeads; a larger group is cut into several blocks). The block streams the keys and values
+// of its chunk through shared memory once, in tiles copied asynchronously while the previous
+// tile is scored, and scores each tile against all its query heads: with GQA (8 query heads per
+// K/V head in TinyLlama) a key is read once instead of once per query head. It writes
+// (max, sum, unnormalised output) per head for its chunk and a second kernel merges the chunks;
+// when one chunk covers the keys, the first kernel writes the final output directly.
+//
+// The kernel template; attention_decode.cu holds its launcher, its instances and the merge.
+#pragma once
+#include "attention_common.cuh"
+
+namespace lckv::cuda {
+
+namespace {
+
+constexpr int kDecodeWarps = 4;
+constexpr int kDecodeKeys = 32;    // keys per tile: one per lane in the softmax step
+// Tiles in shared memory: one scored while the next arrives. A third stage measured slower on an
+// H100: the shared memory it takes costs resident blocks, which hide latency better.
+constexpr int kDecodeStages = 2;
+// Query heads one block serves (TinyLlama's group); it bounds the accumulators each lane keeps
+// (kGroupHeads x 4 dims at head size 128).
+constexpr int kGroupHeads = 8;
+constexpr int kHeadsPerWarp = kGroupHeads / kDecodeWarps;
+static_assert(kGroupHeads % kDecodeWarps == 0 && kGroupHeads % 4 == 0, "heads are read as float4 per key");
+// Splits are at least one tile of keys, and at most kMaxSplits of them. One sequence of 4096
+// tokens has 4 K/V heads to spread over 132 SMs: at 64 splits its attention took 11.9 us on an
+// H100 against 15.6 at 32 (a block then streams two tiles instead of four); 128 splits measured
+// no faster than 64, and batches of 16 and more are not cut that far anyway (one wave).
+constexpr int kMinSplitKeys = kDecodeKeys;
+constexpr int kMaxSplits = 64;
+
+// Floats per key row in shared memory: a whole number of float4 (the dot products read float4)
+// and an odd number of them, so lane j reading row j is free of bank conflicts.
+__host__ __device__ inline int decodeRowStride(int headDim) {
+  const int vecs = (headDim + 3) / 4;
+  return 4 * (vecs | 1);
+}
+__host__ __device__ inline size_t decodeSmemFloats(int headDim) {
+  const int stride = decodeRowStride(headDim);
+  return (size_t)2 * kDecodeStages * kDecodeKeys * stride  // K and V tiles
+         + (size_t)kGroupHeads * stride                   // the queries
+         + (size_t)kDecodeKeys * kGroupHeads               // scores, then probabilities
+         + 3 * kGroupHeads;                                // per head: rescale factor, final max and sum
+}
+
+// Asynchronous global -> shared copies (sm_80 and later; a plain copy before).
+__device__ __forceinline__ void copyAsync16(float* dst, const float* src) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src)
+               : "memory");
+#else
+  *reinterpret_cast<float4*>(dst) = *reinterpret_cast<const float4*>(src);
+#endif
+}
+__device__ __forceinline__ void copyAsync4(float* dst, const float* src) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src)
+               : "memory");
+#else
+  *dst = *src;
+#endif
+}
+__device__ __forceinline__ void copyAsyncCommit() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+// Waits until at most `pending` committed groups are still in flight.
+template <int pending>
+__device__ __forceinline__ void copyAsyncWait() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
+#endif
+}
+
+// Starts copying keys j0 + lo .. j0 + hi - 1 of the block's K/V head into rows lo .. hi - 1 of
+// one stage's K and V tiles. Lane j looks up key j0 + j's page once (all lanes at once, so the
+// table reads overlap), and the warp's copies take each key row's offset from its lane.
+// Consecutive threads copy consecutive pieces of a key row (coalesced); vec4 (16-byte pieces)
+// needs every row 16-byte aligned (headDim, kvDim and pageFloats multiples of 4, the pool aligned).
+__device__ __forceinline__ void loadDecodeTile(float* kDst, float* vDst, const float* kBase, const float* vBase,
+                                               const int32_t* table, const PagedKv& kv, int j0, int lo, int hi,
+                                               int headDim, int stride, bool vec4) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int j = j0 + lane;
+  const int64_t rowOffset = lane >= lo && lane < hi ? kvRowOffset(table, kv, kvPageMask(kv), j) : 0;
+  const int width = vec4 ? 4 : 1, perRow = headDim / width, total = (hi - lo) * perRow;
+  for (int e0 = warp * 32; e0 < total; e0 += kDecodeWarps * 32) {  // warp-uniform: the shuffle needs every lane
+    const int e = e0 + lane;
+    const int jj = min(lo + e / perRow, kDecodeKeys - 1), c = (e - (jj - lo) * perRow) * width;
+    const int64_t off = __shfl_sync(0xffffffffu, rowOffset, jj) + c;
+    if (e < total) {
+      if (vec4) {
+        copyAsync16(kDst + jj * stride + c, kBase + off);
+        copyAsync16(vDst + jj * stride + c, vBase + off);
+      } else {
+        copyAsync4(kDst + jj * stride + c, kBase + off);
+        copyAsync4(vDst + jj * stride + c, vBase + off);
+      }
+    }
+  }
+}
+
+// One block: row blockIdx.x, K/V head blockIdx.y / headChunks (its query heads cut into
+// headChunks blocks of at most headsPerBlock), split blockIdx.z of gridDim.z.
+//   Scores: lane = key of the tile, warp w = heads w and w + 4 (dot products from shared memory:
+//     the key row is read once for both heads, the query as a broadcast).
+//   Softmax: the warp that scored head g keeps its running max and sum, and turns the tile's
+//     scores into probabilities against the new max (and a factor for the old accumulators).
+//   P.V: warp w takes keys w, w + 4, ...; lane holds dims lane + 32 t of every head, so a value
+//     row is read once for all heads. The warps' accumulators are summed at the end.
+template <int kDimsPerLane>
+__global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
+    const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int numHeads, int numKvHeads,
+    int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, bool vec4,
+    float* __restrict__ out, float* __restrict__ partial) {
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  const int stride = decodeRowStride(headDim);
+  const int tileFloats = kDecodeKeys * stride;
+  float* kS = smem;                                // [stages][keys][stride]
+  float* vS = kS + kDecodeStages * tileFloats;     // [stages][keys][stride]
+  float* qS = vS + kDecodeStages * tileFloats;     // [kGroupHeads][stride]
+  float* pS = qS + kGroupHeads * stride;           // [keys][kGroupHeads]
+  float* corrS = pS + kDecodeKeys * kGroupHeads;   // [kGroupHeads]
+  float* maxS = corrS + kGroupHeads;               // [kGroupHeads]
+  float* sumS = maxS + kGroupHeads;                // [kGroupHeads]
+
+  const int r = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int group = numHeads / numKvHeads;
+  const int kvh = blockIdx.y / headChunks, part = blockIdx.y % headChunks;
+  const int h0 = kvh * group + part * headsPerBlock;
+  const int heads = min(headsPerBlock, group - part * headsPerBlock);
+  const int32_t* table = kvPageTable(kv, r);
+  const float* kBase = kvHeadBase(kv, 0, kvh, headDim);
+  const float* vBase = kvHeadBase(kv, 1, kvh, headDim);
+
+  // This block's chunk of the row's visible keys, cut here from the row's position rather than
+  // by the host: a launch replayed from a CUDA graph at later positions still covers every key
+  // (the number of splits is fixed; a split past the end writes an empty partial).
+  const int p = positions[r];
+  const Range all = visible(p, strict, window);
+  const int count = max(0, all.last - all.first + 1);
+  const int chunk = (count + splits - 1) / splits;
+  const int first = all.first + split * chunk;
+  const int keys = max(0, min(count - split * chunk, chunk));
+  const int numTiles = (keys + kDecodeKeys - 1) / kDecodeKeys;
+
+  // Everything above, and the keys of the first tile that no kernel of this step writes, come
+  // before the wait for the preceding kernel (under programmatic launch they load while it
+  // runs): positions and page tables are the step's inputs, and this op's rows write K/V only
+  // at their own positions, which for this row's sequence are p - (n - 1) or later. A short
+  // context's block streams a single tile, so at batch 1 the wait is followed by the queries
+  // and the arithmetic alone.
+  static_assert(kDecodeStages == 2, "the prologue loads one tile");
+  const int firstTileKeys = min(kDecodeKeys, keys);
+  const int earlyKeys = min(firstTileKeys, max(0, p - (int)gridDim.x + 1 - first));
+  if (earlyKeys > 0) loadDecodeTile(kS, vS, kBase, vBase, table, kv, first, 0, earlyKeys, headDim, stride, vec4);
+  // While the first tile arrives: zero the K rows' padding (the float4 dot products read it; the
+  // copies never write it).
+  const int pad = stride - headDim;
+  for (int e = threadIdx.x; e < kDecodeStages * kDecodeKeys * pad; e += blockDim.x)
+    kS[(e / pad) * stride + headDim + e % pad] = 0.0f;
+  waitForPrecedingKernels();
+  if (earlyKeys < firstTileKeys)
+    loadDecodeTile(kS, vS, kBase, vBase, table, kv, first, earlyKeys, firstTileKeys, headDim, stride, vec4);
+  copyAsyncCommit();
+  // The queries (written by the preceding kernel), zero-padded.
+  for (int e = threadIdx.x; e < kGroupHeads * stride; e += blockDim.x) {
+    const int g = e / stride, d = e - g * stride;
+    qS[e] = g < heads && d < headDim ? q[((int64_t)r * numHeads + h0 + g) * headDim + d] : 0.0f;
+  }
+
+  float acc[kGroupHeads][kDimsPerLane];
+#pragma unroll
+  for (int g = 0; g < kGroupHeads; ++g)
+#pragma unroll
+    for (int t = 0; t < kDimsPerLane; ++t) acc[g][t] = 0.0f;
+  float m[kHeadsPerWarp], l[kHeadsPerWarp];
+#pragma unroll
+  for (int i = 0; i < kHeadsPerWarp; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.0f;
+  }
+  const int vecs = (headDim + 3) / 4;
+
+  for (int tile = 0; tile < numTiles; ++tile) {
+    const int ahead = tile + kDecodeStages - 1;
+    if (ahead < numTiles)
+      loadDecodeTile(kS + (ahead % kDecodeStages) * tileFloats, vS + (ahead % kDecodeStages) * tileFloats, kBase, vBase,
+                     table, kv, first + ahead * kDecodeKeys, 0, min(kDecodeKeys, keys - ahead * kDecodeKeys), headDim,
+                     stride, vec4);
+    copyAsyncCommit();
+    copyAsyncWait<kDecodeStages - 1>();
+    __syncthreads();  // this tile (and, the first time, the queries and padding) is in place
+    const float* kt = kS + (tile % kDecodeStages) * tileFloats;
+    const float* vt = vS + (tile % kDecodeStages) * tileFloats;
+    const int valid = min(kDecodeKeys, keys - tile * kDecodeKeys);
+
+    // Scores of key `lane` against this warp's heads.
+    {
+      const float4* k4 = reinterpret_cast<const float4*>(kt + lane * stride);
+      float s[kHeadsPerWarp];
+#pragma unroll
+      for (int i = 0; i < kHeadsPerWarp; ++i) s[i] = 0.0f;
+      for (int c = 0; c < vecs; ++c) {
+        const float4 kk = k4[c];
+#pragma unroll
+        for (int i = 0; i < kHeadsPerWarp; ++i) {
+          const float4 qq = reinterpret_cast<const float4*>(qS + (warp + kDecodeWarps * i) * stride)[c];
+          s[i] = fmaf(qq.x, kk.x, s[i]);
+          s[i] = fmaf(qq.y, kk.y, s[i]);
+          s[i] = fmaf(qq.z, kk.z, s[i]);
+          s[i] = fmaf(qq.w, kk.w, s[i]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kHeadsPerWarp; ++i)
+        pS[lane * kGroupHeads + warp + kDecodeWarps * i] = lane < valid ? s[i] * scale : -INFINITY;
+    }
+    __syncthreads();
+
+    // Online softmax of each head over the tile.
+#pragma unroll
+    for (int i = 0; i < kHeadsPerWarp; ++i) {
+      const int g = warp + kDecodeWarps * i;
+      if (g >= heads) break;  // warp-uniform
+      const float s = pS[lane * kGroupHeads + g];
+      const float mNew = fmaxf(m[i], warpMax(s));  // finite: the tile has a valid key
+      const float p = lane < valid ? expf(s - mNew) : 0.0f;
+      const float corr = expf(m[i] - mNew);  // 0 on the first tile (m = -inf)
+      l[i] = l[i] * corr + warpSum(p);
+      m[i] = mNew;
+      pS[lane * kGroupHeads + g] = p;
+      if (lane == 0) corrS[g] = corr;
+    }
+    __syncthreads();
+
+    // Accumulate P.V for every head.
+#pragma unroll
+    for (int g = 0; g < kGroupHeads; ++g) {
+      if (g < heads) {
+        const float corr = corrS[g];
+#pragma unroll
+        for (int t = 0; t < kDimsPerLane; ++t) acc[g][t] *= corr;
+      }
+    }
+    for (int jj = warp; jj < valid; jj += kDecodeWarps) {
+      float vv[kDimsPerLane];
+#pragma unroll
+      for (int t = 0; t < kDimsPerLane; ++t) {
+        const int d = lane + 32 * t;
+        vv[t] = d < headDim ? vt[jj * stride + d] : 0.0f;
+      }
+      float p[kGroupHeads];
+#pragma unroll
+      for (int g4 = 0; g4 < kGroupHeads / 4; ++g4) {
+        const float4 pp = reinterpret_cast<const float4*>(pS + jj * kGroupHeads)[g4];
+        p[4 * g4] = pp.x;
+        p[4 * g4 + 1] = pp.y;
+        p[4 * g4 + 2] = pp.z;
+        p[4 * g4 + 3] = pp.w;
+      }
+#pragma unroll
+      for (int g = 0; g < kGroupHeads; ++g) {
+        if (g < heads) {
+#pragma unroll
+          for (int t = 0; t < kDimsPerLane; ++t) acc[g][t] = fmaf(p[g], vv[t], acc[g][t]);
+        }
+      }
+    }
+    __syncthreads();  // the tile's buffers and the probabilities are free again
+  }
+
+  // Sum the warps' accumulators through the (now idle) tile buffers and write the result.
+  copyAsyncWait<0>();
+  __syncthreads();
+  float* red = smem;  // [warps][kGroupHeads][headDim]: 32 * headDim floats fit in the K tiles
+#pragma unroll
+  for (int g = 0; g < kGroupHeads; ++g) {
+    if (g < heads) {
+#pragma unroll
+      for (int t = 0; t < kDimsPerLane; ++t) {
+        const int d = lane + 32 * t;
+        if (d < headDim) red[(warp * kGroupHeads + g) * headDim + d] = acc[g][t];
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kHeadsPerWarp; ++i) {
+    const int g = warp + kDecodeWarps * i;
+    if (g < heads && lane == 0) {
+      maxS[g] = m[i];
+      sumS[g] = l[i];
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < heads * headDim; e += blockDim.x) {
+    const int g = e / headDim, d = e - g * headDim;
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) v += red[(w * kGroupHeads + g) * headDim + d];
+    const int64_t rh = (int64_t)r * numHeads + h0 + g;
+    if (splits == 1) {
+      out[rh * headDim + d] = sumS[g] > 0.0f ? v / sumS[g] : 0.0f;
+    } else {
+      partial[(rh * splits + split) * (headDim + 2) + 2 + d] = v;
+    }
+  }
+  if (splits > 1 && threadIdx.x < heads) {
+    const int g = threadIdx.x;
+    const int64_t slot = ((int64_t)r * numHeads + h0 + g) * splits + split;
+    partial[slot * (headDim + 2)] = maxS[g];  // -inf for an empty chunk: the merge skips it
+    partial[slot * (headDim + 2) + 1] = sumS[g];
+  }
+}
+
+}  // namespace
+
+}  // namespace lckv::cuda

@@ -1,0 +1,239 @@
+// Prefill: many queries of one sequence, on the tensor cores. A block takes kPrefillQueries
+// consecutive queries of one head (16 per warp, the rows of an mma tile) and streams the keys
+// they can see through shared memory in tiles of kKeyTile, so each key is read once per tile of
+// queries. Per tile a warp forms its 16 x 64 scores with mma.sync m16n8k8 (tf32), masks them,
+// updates an online softmax per query row, and adds probabilities x values with mma again;
+// scores, probabilities and the output stay in registers (flash attention 2).
+//
+// The cache holds f32 K/V and f32 models are checked to 1e-5, which tf32 (10-bit mantissa)
+// cannot reach alone. Each operand is split into a tf32 part and the tf32 of its remainder and
+// three products are summed (hi.hi + hi.lo + lo.hi, the "3xTF32" of cuBLAS): about 21 bits of
+// each operand survive, f32 accuracy for a softmax-weighted sum.
+//
+// Fragments (PTX ISA, m16n8k8 .tf32, g = lane / 4, t = lane % 4): A (16 x 8, row) holds
+// (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4); B (8 x 8, col) holds (k = t, n = g) and
+// (k = t + 4, n = g); C (16 x 8) holds (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1). For
+// probabilities x values the scores' C fragment is reused as the A fragment by numbering the
+// tile's keys so that A's column t is key 2t and column t + 4 is key 2t + 1 (a sum over keys
+// does not care about their order): no shuffles, and B reads value rows 2t and 2t + 1.
+//
+// The kernel template; attention_prefill.cu holds its launcher and instances.
+#pragma once
+#include <climits>
+#include <cstdint>
+
+#include "attention_common.cuh"
+
+namespace lckv::cuda {
+
+namespace {
+
+constexpr int kPrefillWarps = 4;
+constexpr int kPrefillQueries = kPrefillWarps * 16;
+constexpr int kKeyTile = 64;
+
+// Row stride of the shared-memory tiles, in floats: head size (a multiple of 16) + 4, which is
+// 4 or 20 mod 32, so the 32 lanes reading A/B fragments (rows g, columns t) hit 32 banks.
+__host__ __device__ constexpr int prefillStride(int paddedDim) { return paddedDim + 4; }
+constexpr size_t prefillSmemBytes(int paddedDim) {
+  return sizeof(float) * (size_t)(kPrefillQueries + 2 * kKeyTile) * prefillStride(paddedDim);
+}
+
+struct Tf32Pair {
+  uint32_t hi, lo;
+};
+__device__ __forceinline__ uint32_t toTf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ Tf32Pair splitTf32(float x) {
+  const uint32_t hi = toTf32(x);
+  return {hi, toTf32(x - __uint_as_float(hi))};
+}
+__device__ __forceinline__ void mmaTf32(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                        uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// d += a . b to f32 accuracy from split operands (a: A fragment, b: B fragment).
+__device__ __forceinline__ void mma3xTf32(float (&d)[4], const Tf32Pair (&a)[4], const Tf32Pair (&b)[2]) {
+  mmaTf32(d, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b[0].lo, b[1].lo);
+  mmaTf32(d, a[0].lo, a[1].lo, a[2].lo, a[3].lo, b[0].hi, b[1].hi);
+  mmaTf32(d, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b[0].hi, b[1].hi);
+}
+
+template <int kDim>  // head size rounded up to 16, 32, 64 or 128 (zero-padded)
+__global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
+    const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int n, int numHeads, int numKvHeads,
+    int headDim, bool strict, int window, float scale, bool vec4, float* __restrict__ out) {
+  waitForPrecedingKernels();
+  constexpr int S = prefillStride(kDim), kDimTiles = kDim / 8, kKeyTiles = kKeyTile / 8;
+  extern __shared__ float smem[];
+  float* qs = smem;                        // [kPrefillQueries][S], scaled
+  float* ks = qs + kPrefillQueries * S;    // [kKeyTile][S]
+  float* vs = ks + kKeyTile * S;           // [kKeyTile][S]
+  const int h = blockIdx.y, kvh = h / (numHeads / numKvHeads);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  // The last queries see the most keys: their blocks start first, so the short ones fill the tail.
+  const int r0 = (gridDim.x - 1 - blockIdx.x) * kPrefillQueries;
+  const int32_t* table = kvPageTable(kv, r0);  // one sequence for all rows
+  const float* kBase = kvHeadBase(kv, 0, kvh, headDim);
+  const float* vBase = kvHeadBase(kv, 1, kvh, headDim);
+  const int pageMask = kvPageMask(kv);
+
+  // This thread's two query rows (g and g + 8 of its warp's 16) and the keys each can see.
+  const int rowA = r0 + warp * 16 + g, rowB = rowA + 8;
+  const Range seeA = rowA < n ? visible(positions[rowA], strict, window) : Range{1, 0};
+  const Range seeB = rowB < n ? visible(positions[rowB], strict, window) : Range{1, 0};
+  // The keys any query of the block can see (every thread computes the same).
+  int lo = INT_MAX, hi = -1;
+  for (int i = 0; i < kPrefillQueries && r0 + i < n; ++i) {
+    const Range v = visible(positions[r0 + i], strict, window);
+    if (v.last >= v.first) {
+      lo = min(lo, v.first);
+      hi = max(hi, v.last);
+    }
+  }
+  // ... and those any query of this warp can see (tiles outside are skipped by the warp).
+  int warpLo = INT_MAX, warpHi = -1;
+  if (seeA.last >= seeA.first) warpLo = seeA.first, warpHi = seeA.last;
+  if (seeB.last >= seeB.first) warpLo = min(warpLo, seeB.first), warpHi = max(warpHi, seeB.last);
+  for (int o = 16; o > 0; o >>= 1) {
+    warpLo = min(warpLo, __shfl_xor_sync(0xffffffffu, warpLo, o));
+    warpHi = max(warpHi, __shfl_xor_sync(0xffffffffu, warpHi, o));
+  }
+
+  for (int e = threadIdx.x; e < kPrefillQueries * kDim; e += blockDim.x) {
+    const int i = e / kDim, d = e % kDim;
+    qs[i * S + d] = r0 + i < n && d < headDim ? q[((int64_t)(r0 + i) * numHeads + h) * headDim + d] * scale : 0.0f;
+  }
+
+  // Per row (A, B): running max and sum of this thread's probabilities (the quad's four are
+  // added at the end); the output tile in C fragments, 8 head dims each.
+  float mA = -INFINITY, mB = -INFINITY, lA = 0.0f, lB = 0.0f;
+  float o[kDimTiles][4];
+#pragma unroll
+  for (int i = 0; i < kDimTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  const float* qw = qs + warp * 16 * S;
+
+  for (int j0 = (hi >= 0 ? lo : 0); j0 <= hi; j0 += kKeyTile) {
+    __syncthreads();  // the previous tile is no longer read (and qs is written, the first time)
+    if (vec4) {
+      for (int e = threadIdx.x; e < kKeyTile * (kDim / 4); e += blockDim.x) {
+        const int jj = e / (kDim / 4), d = (e % (kDim / 4)) * 4, j = j0 + jj;
+        float4 kx = make_float4(0.f, 0.f, 0.f, 0.f), vx = kx;
+        if (j <= hi && d < headDim) {
+          const int64_t off = kvRowOffset(table, kv, pageMask, j) + d;
+          kx = *reinterpret_cast<const float4*>(kBase + off);
+          vx = *reinterpret_cast<const float4*>(vBase + off);
+        }
+        *reinterpret_cast<float4*>(ks + jj * S + d) = kx;
+        *reinterpret_cast<float4*>(vs + jj * S + d) = vx;
+      }
+    } else {
+      for (int e = threadIdx.x; e < kKeyTile * kDim; e += blockDim.x) {
+        const int jj = e / kDim, d = e % kDim, j = j0 + jj;
+        float kx = 0.0f, vx = 0.0f;
+        if (j <= hi && d < headDim) {
+          const int64_t off = kvRowOffset(table, kv, pageMask, j) + d;
+          kx = kBase[off];
+          vx = vBase[off];
+        }
+        ks[jj * S + d] = kx;
+        vs[jj * S + d] = vx;
+      }
+    }
+    __syncthreads();
+    if (warpHi < j0 || warpLo > j0 + kKeyTile - 1) continue;  // warp-uniform: no key of this tile is visible
+
+    // Scores of the warp's 16 queries against the tile's keys: key tile kt covers keys kt*8..+7.
+    float s[kKeyTiles][4];
+#pragma unroll
+    for (int kt = 0; kt < kKeyTiles; ++kt) s[kt][0] = s[kt][1] = s[kt][2] = s[kt][3] = 0.0f;
+#pragma unroll
+    for (int dt = 0; dt < kDimTiles; ++dt) {
+      const int c = dt * 8 + t;
+      const Tf32Pair a[4] = {splitTf32(qw[g * S + c]), splitTf32(qw[(g + 8) * S + c]), splitTf32(qw[g * S + c + 4]),
+                             splitTf32(qw[(g + 8) * S + c + 4])};
+#pragma unroll
+      for (int kt = 0; kt < kKeyTiles; ++kt) {
+        const float* kr = ks + (kt * 8 + g) * S + c;
+        const Tf32Pair b[2] = {splitTf32(kr[0]), splitTf32(kr[4])};
+        mma3xTf32(s[kt], a, b);
+      }
+    }
+    // Mask (diagonal rule, window, keys past the block's range) and the tile's row maxima.
+    float tileA = -INFINITY, tileB = -INFINITY;
+#pragma unroll
+    for (int kt = 0; kt < kKeyTiles; ++kt) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int j = j0 + kt * 8 + 2 * t + (c & 1);
+        const Range& see = c < 2 ? seeA : seeB;
+        if (j < see.first || j > see.last) s[kt][c] = -INFINITY;
+      }
+      tileA = fmaxf(tileA, fmaxf(s[kt][0], s[kt][1]));
+      tileB = fmaxf(tileB, fmaxf(s[kt][2], s[kt][3]));
+    }
+    // The four threads of a quad hold one row's 64 scores between them.
+    tileA = fmaxf(tileA, __shfl_xor_sync(0xffffffffu, tileA, 1));
+    tileA = fmaxf(tileA, __shfl_xor_sync(0xffffffffu, tileA, 2));
+    tileB = fmaxf(tileB, __shfl_xor_sync(0xffffffffu, tileB, 1));
+    tileB = fmaxf(tileB, __shfl_xor_sync(0xffffffffu, tileB, 2));
+    const float newA = fmaxf(mA, tileA), newB = fmaxf(mB, tileB);
+    // A row that has seen no key yet keeps max -inf: subtract 0 then (every exp is of -inf: 0).
+    const float baseA = newA == -INFINITY ? 0.0f : newA, baseB = newB == -INFINITY ? 0.0f : newB;
+    const float corrA = __expf(mA - baseA), corrB = __expf(mB - baseB);
+    mA = newA;
+    mB = newB;
+    lA *= corrA;
+    lB *= corrB;
+    // Probabilities x values, 8 keys (one score tile) per step, summed for this tile alone and
+    // then added to the output with f32 arithmetic: the tensor cores' f32 accumulation rounds
+    // toward zero, a bias that summing every tile of a long context in them grew past 1e-5.
+    float po[kDimTiles][4];
+#pragma unroll
+    for (int i = 0; i < kDimTiles; ++i) po[i][0] = po[i][1] = po[i][2] = po[i][3] = 0.0f;
+#pragma unroll
+    for (int kt = 0; kt < kKeyTiles; ++kt) {
+      const float p0 = __expf(s[kt][0] - baseA), p1 = __expf(s[kt][1] - baseA);
+      const float p2 = __expf(s[kt][2] - baseB), p3 = __expf(s[kt][3] - baseB);
+      lA += p0 + p1;
+      lB += p2 + p3;
+      // A fragment: (g, col t) = key 2t, (g + 8, t), (g, t + 4) = key 2t + 1, (g + 8, t + 4).
+      const Tf32Pair a[4] = {splitTf32(p0), splitTf32(p2), splitTf32(p1), splitTf32(p3)};
+      const float* v0 = vs + (kt * 8 + 2 * t) * S + g;
+#pragma unroll
+      for (int dt = 0; dt < kDimTiles; ++dt) {
+        const Tf32Pair b[2] = {splitTf32(v0[dt * 8]), splitTf32(v0[S + dt * 8])};
+        mma3xTf32(po[dt], a, b);
+      }
+    }
+#pragma unroll
+    for (int dt = 0; dt < kDimTiles; ++dt) {
+      o[dt][0] = fmaf(o[dt][0], corrA, po[dt][0]);
+      o[dt][1] = fmaf(o[dt][1], corrA, po[dt][1]);
+      o[dt][2] = fmaf(o[dt][2], corrB, po[dt][2]);
+      o[dt][3] = fmaf(o[dt][3], corrB, po[dt][3]);
+    }
+  }
+  lA += __shfl_xor_sync(0xffffffffu, lA, 1);
+  lA += __shfl_xor_sync(0xffffffffu, lA, 2);
+  lB += __shfl_xor_sync(0xffffffffu, lB, 1);
+  lB += __shfl_xor_sync(0xffffffffu, lB, 2);
+#pragma unroll
+  for (int dt = 0; dt < kDimTiles; ++dt) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int r = c < 2 ? rowA : rowB, d = dt * 8 + 2 * t + (c & 1);
+      const float l = c < 2 ? lA : lB;
+      if (r < n && d < headDim) out[((int64_t)r * numHeads + h) * headDim + d] = l > 0.0f ? o[dt][c] / l : 0.0f;
+    }
+  }
+}
+
+}  // namespace
+
+}  // namespace lckv::cuda
