@@ -1,3 +1,5 @@
+import type { EngineErrorCode } from "./error-codes";
+
 /**
  * Typed errors. Every error lckv throws is an LckvError with a stable `code`; the subclasses say
  * what kind of thing went wrong and carry the file, field or option it concerns.
@@ -122,6 +124,27 @@ export class AbortError extends LckvError {
   }
 }
 
+/** A sequence was used while a call on it was still running: await that call first. */
+export class BusyError extends LckvError {
+  constructor(message: string) {
+    super("LCKV_BUSY", message);
+  }
+}
+
+/** A CUDA or cuBLAS call failed, or the CUDA backend met a state it cannot go on from. */
+export class CudaError extends LckvError {
+  constructor(message: string) {
+    super("LCKV_CUDA", message);
+  }
+}
+
+/** A fault in lckv rather than in its input: an error that came with no code of its own. */
+export class InternalError extends LckvError {
+  constructor(message: string, cause?: unknown) {
+    super("LCKV_INTERNAL", message, { cause });
+  }
+}
+
 /** The native addon could not be loaded. */
 export class AddonLoadError extends LckvError {
   constructor(message: string, cause?: unknown) {
@@ -129,33 +152,33 @@ export class AddonLoadError extends LckvError {
   }
 }
 
+// The typed error of each code the engine raises. Its type is the table's list of engine codes
+// (error-codes.ts, from error-codes.json), so a code added there does not compile until it has
+// its error here.
+const fromEngine: { readonly [C in EngineErrorCode]: (message: string, native: unknown) => LckvError } = {
+  // A request the engine refused (a rewind into K/V a window released, say): its message says what.
+  LCKV_INVALID_ARGUMENT: (msg) => new InvalidInputError(msg, "LCKV_INVALID_ARGUMENT"),
+  LCKV_WEIGHTS: (msg) => new ModelLoadError(msg, undefined, "LCKV_WEIGHTS"),
+  LCKV_IO: (msg) => new ModelLoadError(msg, undefined, "LCKV_IO"),
+  LCKV_OUT_OF_MEMORY: (msg) => new OutOfMemoryError(msg),
+  LCKV_CONTEXT_OVERFLOW: (msg) => new ContextOverflowError(msg),
+  LCKV_TOKEN_OUT_OF_RANGE: (msg) => new TokenOutOfRangeError(msg),
+  LCKV_DISPOSED: (msg) => new DisposedError(msg.replace(/ has been disposed$/, "")),
+  LCKV_BUSY: (msg) => new BusyError(msg),
+  LCKV_KV_CACHE_FULL: (msg) => new KvCacheFullError(msg),
+  LCKV_ABORTED: (msg) => new AbortError(msg),
+  LCKV_CUDA: (msg) => new CudaError(msg),
+  LCKV_DEVICE_UNAVAILABLE: (msg) => new DeviceUnavailableError(msg),
+  LCKV_INTERNAL: (msg, native) => new InternalError(msg, native),
+};
+
 /** Maps an error thrown by the native addon (which carries `code`) to a typed error. */
 export function fromNative(e: unknown): LckvError {
   if (e instanceof LckvError) return e;
   const err = e as { code?: string; message?: string };
   const msg = err?.message ?? String(e);
-  switch (err?.code) {
-    case "LCKV_TOKEN_OUT_OF_RANGE":
-      return new TokenOutOfRangeError(msg);
-    case "LCKV_CONTEXT_OVERFLOW":
-      return new ContextOverflowError(msg);
-    case "LCKV_OUT_OF_MEMORY":
-      return new OutOfMemoryError(msg);
-    case "LCKV_DISPOSED":
-      return new DisposedError(msg.replace(/ has been disposed$/, ""));
-    case "LCKV_WEIGHTS":
-    case "LCKV_IO":
-      return new ModelLoadError(msg, undefined, err.code);
-    case "LCKV_DEVICE_UNAVAILABLE":
-      return new DeviceUnavailableError(msg);
-    case "LCKV_KV_CACHE_FULL":
-      return new KvCacheFullError(msg);
-    case "LCKV_ABORTED":
-      return new AbortError(msg);
-    case "LCKV_INVALID_ARGUMENT":
-      // A request the engine refused (a rewind into K/V a window released, say): its message says what.
-      return new InvalidInputError(msg, err.code);
-    default:
-      return new LckvError(err?.code ?? "LCKV_INTERNAL", msg, { cause: e });
-  }
+  // An error without a code did not come from the engine's own checks: a fault in lckv.
+  const code = err?.code ?? "LCKV_INTERNAL";
+  if (Object.hasOwn(fromEngine, code)) return fromEngine[code as EngineErrorCode](msg, e);
+  return new LckvError(code, msg, { cause: e });
 }

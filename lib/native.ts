@@ -114,8 +114,19 @@ export interface NativeAddon {
   /** cuda: built and a device is usable; cudaBuilt: compiled in; cudaProblem: why it is unusable. */
   backends: { cpu: boolean; cuda: boolean; cudaBuilt: boolean; cudaProblem?: string };
   version: string;
-  /** Every backend op against the CPU backend on fresh random inputs (tests only). */
-  checkBackendOps(opts: { backend: "cpu" | "cuda"; dtype: "f32" | "f16" | "bf16"; seed: number }): { op: string; shape: string; relErr: number; allWritten: boolean }[];
+  /**
+   * Every backend op against the CPU backend on fresh random inputs (tests only). `ops`: the op
+   * names to check (absent or empty: all); a name also selects the ops named "<name> <part>"
+   * ("linears" selects "linears q"), and a name that selects nothing is refused. Each case passes
+   * when relErr <= its `tolerance`.
+   */
+  checkBackendOps(opts: { backend: "cpu" | "cuda"; dtype: "f32" | "f16" | "bf16"; seed: number; ops?: string[] }): {
+    op: string;
+    shape: string;
+    relErr: number;
+    tolerance: number;
+    allWritten: boolean;
+  }[];
   /**
    * The attention of one decode step alone (benchmarks): `sequences` queries, each at the last of
    * `context` tokens of its own K/V pages. ms: mean per call after a warm-up; bytes: what a call

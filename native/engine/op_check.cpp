@@ -1,72 +1,41 @@
+// The cases of checkBackendOps (op_check.h), one function per group of ops that run together,
+// and the filter's choice of groups; op_check_runner.h runs and compares each case.
 #include "op_check.h"
 
 #include <algorithm>
 #include <cmath>
 #include <random>
 
+#include "op_check_runner.h"
 #include "sampling.h"
 
 namespace lckv {
 
 namespace {
 
-struct Runner {
-  Backend& ref;
-  Backend& test;
-  std::mt19937_64 rng;
-  std::vector<OpCheck> out;
+using op_check::dims;
+using op_check::Runner;
+using op_check::selects;
 
-  std::vector<float> random(size_t n, float scale = 1.0f) {
-    std::normal_distribution<float> d(0.0f, scale);
-    std::vector<float> v(n);
-    for (float& x : v) x = d(rng);
-    return v;
-  }
-  // The same f32 activation on both backends.
-  std::pair<Tensor, Tensor> act(const std::vector<float>& host, int64_t rows, int64_t cols) {
-    Tensor a = ref.alloc(rows, cols), b = test.alloc(rows, cols);
-    ref.writeRows(a, 0, rows, host.data());
-    test.writeRows(b, 0, rows, host.data());
-    return {a, b};
-  }
-  std::pair<Tensor, Tensor> outputs(int64_t rows, int64_t cols) {
-    Tensor a = ref.alloc(rows, cols), b = test.alloc(rows, cols);
-    ref.poison(a);
-    test.poison(b);
-    return {a, b};
-  }
-  std::pair<Tensor, Tensor> weight(const std::vector<float>& host, int64_t rows, int64_t cols) {
-    return {ref.upload(host.data(), rows, cols), test.upload(host.data(), rows, cols)};
-  }
-  void compare(const std::string& op, const std::string& shape, const Tensor& a, const Tensor& b, int64_t rows) {
-    std::vector<float> x((size_t)(rows * a.cols)), y((size_t)(rows * b.cols));
-    ref.download(a, 0, rows, x.data());
-    test.download(b, 0, rows, y.data());
-    OpCheck c{op, shape, 0.0, true};
-    double num = 0, den = 0;
-    for (size_t i = 0; i < x.size(); ++i) {
-      if (std::isnan(y[i])) c.allWritten = false;
-      const double d = (double)y[i] - (double)x[i];
-      num += d * d;
-      den += (double)x[i] * x[i];
-    }
-    c.relErr = c.allWritten && std::isfinite(num) ? std::sqrt(num / std::max(den, 1e-30)) : INFINITY;
-    out.push_back(c);
-  }
-};
-
-std::string dims(std::initializer_list<std::pair<const char*, int64_t>> d) {
-  std::string s;
-  for (auto& p : d) s += (s.empty() ? "" : " ") + std::string(p.first) + "=" + std::to_string(p.second);
-  return s;
+// FNV-1a: a group's name as a number, the same on every platform (std::hash need not be).
+uint64_t nameHash(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
 }
 
-}  // namespace
+// The relative error a case may show unless it says otherwise, by the dtype the test backend
+// keeps weights in (that of a tensor it uploads; the CPU backend keeps bf16-rounded weights in
+// f32 and computes in f32): 1e-5 for f32; 1e-2 for bf16, since the GPU's large-batch GEMM rounds
+// its input activations to bf16. f16 takes the 16-bit bound too (the GPU test project checks f32
+// and bf16 weights).
+double dtypeTolerance(Backend& test) {
+  const float one = 1.0f;
+  return test.upload(&one, 1, 1).dtype == DType::F32 ? 1e-5 : 1e-2;
+}
 
-std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed) {
-  Runner r{ref, test, std::mt19937_64(seed), {}};
-
-  // linear: decode shapes (GEMV) and prefill shapes (the large-batch path), with and without bias.
+// linear: decode shapes (GEMV) and prefill shapes (the large-batch path), with and without bias.
+void checkLinear(Runner& r, Backend& ref, Backend& test) {
   for (auto [n, I, O, bias] : std::vector<std::tuple<int, int, int, bool>>{
            {1, 64, 96, false}, {1, 64, 301, false}, {1, 2048, 5632, false}, {3, 2048, 256, true}, {8, 512, 1000, false},
            {9, 256, 384, true}, {64, 2048, 2048, false}, {33, 100, 36, true},
@@ -80,8 +49,11 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
     test.linear(x.second, n, w.second, bias ? &b.second : nullptr, o.second);
     r.compare("linear", dims({{"n", n}, {"in", I}, {"out", O}, {"bias", bias}}), o.first, o.second, n);
   }
-  // norms
-  // E % 4 != 0 (scalar loads), several chunks per thread, and rows past the register path.
+}
+
+// norms
+// E % 4 != 0 (scalar loads), several chunks per thread, and rows past the register path.
+void checkNorm(Runner& r, Backend& ref, Backend& test) {
   for (auto [n, E] : std::vector<std::pair<int, int>>{{1, 64}, {5, 2048}, {33, 100}, {3, 99}, {2, 4098}, {2, 8192}, {1, 16384}, {2, 20000}}) {
     for (NormKind kind : {NormKind::Rms, NormKind::Layer}) {
       auto x = r.act(r.random((size_t)n * E, 2.0f), n, E);
@@ -94,7 +66,10 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
       r.compare(layer ? "layer_norm" : "rms_norm", dims({{"n", n}, {"E", E}}), o.first, o.second, n);
     }
   }
-  // the residual add fused into the norm: both the updated residual and the normalised output
+}
+
+// the residual add fused into the norm: both the updated residual and the normalised output
+void checkAddNorm(Runner& r, Backend& ref, Backend& test) {
   for (auto [n, E] : std::vector<std::pair<int, int>>{{1, 2048}, {17, 96}, {3, 99}, {2, 8192}, {2, 20000}}) {
     for (NormKind kind : {NormKind::Rms, NormKind::Layer}) {
       auto h = r.act(r.random((size_t)n * E, 2.0f), n, E);
@@ -110,7 +85,10 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
       r.compare(name + " residual", dims({{"n", n}, {"E", E}}), h.first, h.second, n);
     }
   }
-  // rope at positions up to 4095, several head sizes
+}
+
+// rope at positions up to 4095, several head sizes
+void checkRope(Runner& r, Backend& ref, Backend& test) {
   for (auto [n, heads, hd] : std::vector<std::tuple<int, int, int>>{{1, 4, 16}, {7, 32, 64}, {3, 2, 128}}) {
     std::vector<float> inv((size_t)hd / 2);
     for (int j = 0; j < hd / 2; ++j) inv[(size_t)j] = (float)(1.0 / std::pow(10000.0, 2.0 * j / hd));
@@ -121,8 +99,11 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
     test.rope(x.second, n, heads, hd, pos.data(), inv, 1.0f);
     r.compare("rope", dims({{"n", n}, {"heads", heads}, {"headDim", hd}}), x.first, x.second, n);
   }
-  // fused products of one input: Q, K and V in one GEMV launch (unequal heights, biases on some),
-  // and the SwiGLU MLP's gate and up with the activation applied as they are written.
+}
+
+// fused products of one input: Q, K and V in one GEMV launch (unequal heights, biases on some),
+// and the SwiGLU MLP's gate and up with the activation applied as they are written.
+void checkFusedLinears(Runner& r, Backend& ref, Backend& test) {
   for (auto [n, I, O0, O1] : std::vector<std::tuple<int, int, int, int>>{
            {1, 2048, 2048, 256}, {5, 64, 96, 32}, {16, 512, 300, 8}, {40, 128, 64, 64}, {16, 2048, 512, 64}, {3, 4100, 70, 6}}) {
     auto x = r.act(r.random((size_t)n * I), n, I);
@@ -148,10 +129,13 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
     test.linearSwiglu(x.second, n, wg.second, nullptr, wq.second, &bu.second, us.second, o.second);
     r.compare("linear_swiglu", dims({{"n", n}, {"in", I}, {"out", O0}}), o.first, o.second, n);
   }
-  // RoPE of q with K rotated into the cache and V beside it (a layer that owns K/V), for rows of
-  // two sequences at scattered positions; and q alone (a layer that reads another's K/V). One
-  // frequency array, refilled for each head size at the same address: a backend that keeps
-  // frequencies by address must notice that they changed.
+}
+
+// RoPE of q with K rotated into the cache and V beside it (a layer that owns K/V), for rows of
+// two sequences at scattered positions; and q alone (a layer that reads another's K/V). One
+// frequency array, refilled for each head size at the same address: a backend that keeps
+// frequencies by address must notice that they changed.
+void checkRopeKvWrite(Runner& r, Backend& ref, Backend& test) {
   std::vector<float> inv;
   inv.reserve(64);
   for (auto [n, heads, kvHeads, hd] : std::vector<std::tuple<int, int, int, int>>{{1, 32, 4, 64}, {6, 4, 2, 16}, {3, 2, 2, 128}}) {
@@ -198,14 +182,17 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
     test.writeRows(written.second, 0, 2 * n, all_b.data());
     r.compare("rope_kv_write cache", shape, written.first, written.second, 2 * n);
   }
-  // attention over paged K/V: decode (one query per sequence, several sequences of different
-  // lengths in one call) and prefill (many queries of one sequence); causal/strict, windows,
-  // GQA. Pages are handed out in a shuffled order, so a kernel that assumes contiguous pages
-  // fails. Sequence s holds ctx - 7 s tokens (at least one) unless `lengths` lists them.
-  // The decode cases cover the GPU's split-K kernel: 1 to 32 query heads per K/V head (8 is
-  // TinyLlama's; 12 and 32 take several blocks per group), head sizes that are not multiples of
-  // 32 (or of 4), contexts long enough to be cut into many chunks, a row with no visible key
-  // (strict, position 0) beside long rows, and rows of 1 and 3000 keys in one call.
+}
+
+// attention over paged K/V: decode (one query per sequence, several sequences of different
+// lengths in one call) and prefill (many queries of one sequence); causal/strict, windows,
+// GQA. Pages are handed out in a shuffled order, so a kernel that assumes contiguous pages
+// fails. Sequence s holds ctx - 7 s tokens (at least one) unless `lengths` lists them.
+// The decode cases cover the GPU's split-K kernel: 1 to 32 query heads per K/V head (8 is
+// TinyLlama's; 12 and 32 take several blocks per group), head sizes that are not multiples of
+// 32 (or of 4), contexts long enough to be cut into many chunks, a row with no visible key
+// (strict, position 0) beside long rows, and rows of 1 and 3000 keys in one call.
+void checkAttention(Runner& r, Backend& ref, Backend& test) {
   struct AttnCase {
     int ctx, n, heads, kvHeads, hd;
     bool strict;
@@ -305,44 +292,51 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
       num += ((double)kb[i] - ka[i]) * ((double)kb[i] - ka[i]);
       den += (double)ka[i] * ka[i];
     }
-    r.out.push_back(OpCheck{"kv_write+zero+read", dims({{"tokens", n0}, {"kvDim", L.kvDim}}),
-                            std::isfinite(num) ? std::sqrt(num / std::max(den, 1e-30)) : INFINITY, ka.size() == kb.size()});
+    r.report(OpCheck{"kv_write+zero+read", dims({{"tokens", n0}, {"kvDim", L.kvDim}}),
+                     std::isfinite(num) ? std::sqrt(num / std::max(den, 1e-30)) : INFINITY, ka.size() == kb.size(), r.tolerance});
   }
-  // elementwise ops and the embedding lookup
-  {
-    const int n = 5, m = 1000;
-    auto g = r.act(r.random((size_t)n * m), n, m);
-    auto u = r.act(r.random((size_t)n * m), n, m);
-    auto o = r.outputs(n, m);
-    ref.swiglu(g.first, u.first, n, o.first);
-    test.swiglu(g.second, u.second, n, o.second);
-    r.compare("swiglu", dims({{"n", n}, {"cols", m}}), o.first, o.second, n);
-    ref.geluTanh(g.first, n);
-    test.geluTanh(g.second, n);
-    r.compare("gelu_tanh", dims({{"n", n}, {"cols", m}}), g.first, g.second, n);
-    ref.addInPlace(u.first, g.first, n);
-    test.addInPlace(u.second, g.second, n);
-    r.compare("residual_add", dims({{"n", n}, {"cols", m}}), u.first, u.second, n);
+}
+
+// elementwise ops
+void checkElementwise(Runner& r, Backend& ref, Backend& test) {
+  const int n = 5, m = 1000;
+  auto g = r.act(r.random((size_t)n * m), n, m);
+  auto u = r.act(r.random((size_t)n * m), n, m);
+  auto o = r.outputs(n, m);
+  ref.swiglu(g.first, u.first, n, o.first);
+  test.swiglu(g.second, u.second, n, o.second);
+  r.compare("swiglu", dims({{"n", n}, {"cols", m}}), o.first, o.second, n);
+  ref.geluTanh(g.first, n);
+  test.geluTanh(g.second, n);
+  r.compare("gelu_tanh", dims({{"n", n}, {"cols", m}}), g.first, g.second, n);
+  ref.addInPlace(u.first, g.first, n);
+  test.addInPlace(u.second, g.second, n);
+  r.compare("residual_add", dims({{"n", n}, {"cols", m}}), u.first, u.second, n);
+}
+
+// the embedding lookup, with and without learned positions
+void checkEmbed(Runner& r, Backend& ref, Backend& test) {
+  const int V = 300, E = 64, P = 128, n = 9;
+  auto table = r.weight(r.random((size_t)V * E), V, E);
+  auto pos = r.weight(r.random((size_t)P * E), P, E);
+  std::vector<int32_t> tok((size_t)n), at((size_t)n);
+  for (int i = 0; i < n; ++i) {
+    tok[(size_t)i] = (int32_t)(r.rng() % V);
+    at[(size_t)i] = (int32_t)(r.rng() % P);
   }
-  {
-    const int V = 300, E = 64, P = 128, n = 9;
-    auto table = r.weight(r.random((size_t)V * E), V, E);
-    auto pos = r.weight(r.random((size_t)P * E), P, E);
-    std::vector<int32_t> tok((size_t)n), at((size_t)n);
-    for (int i = 0; i < n; ++i) {
-      tok[(size_t)i] = (int32_t)(r.rng() % V);
-      at[(size_t)i] = (int32_t)(r.rng() % P);
-    }
-    for (bool withPos : {false, true}) {
-      auto o = r.outputs(n, E);
-      ref.embed(tok.data(), at.data(), n, table.first, withPos ? &pos.first : nullptr, o.first);
-      test.embed(tok.data(), at.data(), n, table.second, withPos ? &pos.second : nullptr, o.second);
-      r.compare("embed", dims({{"n", n}, {"E", E}, {"positions", withPos}}), o.first, o.second, n);
-    }
+  for (bool withPos : {false, true}) {
+    auto o = r.outputs(n, E);
+    ref.embed(tok.data(), at.data(), n, table.first, withPos ? &pos.first : nullptr, o.first);
+    test.embed(tok.data(), at.data(), n, table.second, withPos ? &pos.second : nullptr, o.second);
+    r.compare("embed", dims({{"n", n}, {"E", E}, {"positions", withPos}}), o.first, o.second, n);
   }
-  // token choice: greedy and sampled draws from the same logits must pick the same ids. The
-  // reported error is the fraction of draws that differ (0 expected: the draw depends only on
-  // (seed, position), and the two sums differ only in rounding far below a draw's resolution).
+}
+
+// token choice: greedy and sampled draws from the same logits must pick the same ids. The
+// reported error is the fraction of draws that differ (0 expected: the draw depends only on
+// (seed, position), and the two sums differ only in rounding far below a draw's resolution).
+// The dtype's tolerance is below one draw in 32, so one differing draw fails the case.
+void checkSample(Runner& r, Backend& ref, Backend& test) {
   struct SampleCase { int V; float temperature; int topK; float topP; float minP; float penalty; };
   for (const SampleCase& c : std::vector<SampleCase>{{301, 0, 0, 1, 0, 1}, {301, 0, 0, 1, 0, 1.3f},
                                                      {301, 1.3f, 0, 1, 0, 1}, {1000, 0.8f, 5, 1, 0, 1},
@@ -369,15 +363,19 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
       const uint64_t position = r.rng() % 4096;
       if (ref.sample(x.first, c.V, sp, history, position) != test.sample(x.second, c.V, sp, history, position)) ++differ;
     }
-    r.out.push_back(OpCheck{"sample",
-                            dims({{"V", c.V}, {"temperature_x10", (int64_t)std::lround(c.temperature * 10)}, {"topK", c.topK},
-                                  {"topP_x100", (int64_t)std::lround(c.topP * 100)},
-                                  {"minP_x100", (int64_t)std::lround(c.minP * 100)},
-                                  {"penalty_x10", (int64_t)std::lround(c.penalty * 10)}}),
-                            (double)differ / draws, true});
+    r.report(OpCheck{"sample",
+                     dims({{"V", c.V}, {"temperature_x10", (int64_t)std::lround(c.temperature * 10)}, {"topK", c.topK},
+                           {"topP_x100", (int64_t)std::lround(c.topP * 100)},
+                           {"minP_x100", (int64_t)std::lround(c.minP * 100)},
+                           {"penalty_x10", (int64_t)std::lround(c.penalty * 10)}}),
+                     (double)differ / draws, true, r.tolerance});
   }
-  // token choice for a whole decode batch: all rows plain greedy (one launch on the GPU), then
-  // a mix of greedy, penalised and sampled rows; every row must pick the CPU's id.
+}
+
+// token choice for a whole decode batch: all rows plain greedy (one launch on the GPU), then
+// a mix of greedy, penalised and sampled rows; every row must pick the CPU's id (the dtype's
+// tolerance is below one row in 7).
+void checkSampleRows(Runner& r, Backend& ref, Backend& test) {
   for (bool mixed : {false, true}) {
     const int rows = 7, V = 32000;
     auto x = r.act(r.random((size_t)rows * V, 2.0f), rows, V);
@@ -400,7 +398,56 @@ std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed)
     test.sampleRows(x.second, rows, V, ps.data(), hist.data(), at.data(), b.data());
     int differ = 0;
     for (int i = 0; i < rows; ++i) differ += a[(size_t)i] != b[(size_t)i];
-    r.out.push_back(OpCheck{"sample_rows", dims({{"rows", rows}, {"V", V}, {"mixed", mixed}}), (double)differ / rows, true});
+    r.report(OpCheck{"sample_rows", dims({{"rows", rows}, {"V", V}, {"mixed", mixed}}), (double)differ / rows, true, r.tolerance});
+  }
+}
+
+// The groups of cases, each with the ops it reports. Cases in one group share inputs or outputs
+// (the elementwise ops run on each other's results), so a group runs whole when the filter
+// selects any of its ops; the results are those of the selected ops.
+struct Group {
+  std::vector<std::string> ops;
+  void (*run)(Runner&, Backend&, Backend&);
+};
+const std::vector<Group>& groups() {
+  static const std::vector<Group> all = {
+      {{"linear"}, checkLinear},
+      {{"rms_norm", "layer_norm"}, checkNorm},
+      {{"add_rms_norm", "add_rms_norm residual", "add_layer_norm", "add_layer_norm residual"}, checkAddNorm},
+      {{"rope"}, checkRope},
+      {{"linears q", "linears k", "linears v", "linear_swiglu"}, checkFusedLinears},
+      {{"rope_kv_write q", "rope_kv_write q alone", "rope_kv_write cache"}, checkRopeKvWrite},
+      {{"attention", "kv_write+zero+read"}, checkAttention},
+      {{"swiglu", "gelu_tanh", "residual_add"}, checkElementwise},
+      {{"embed"}, checkEmbed},
+      {{"sample"}, checkSample},
+      {{"sample_rows"}, checkSampleRows},
+  };
+  return all;
+}
+
+}  // namespace
+
+std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed, const std::vector<std::string>& ops) {
+  for (const std::string& e : ops) {
+    bool found = false;
+    std::string names;
+    for (const Group& g : groups())
+      for (const std::string& op : g.ops) {
+        found = found || selects(e, op);
+        names += (names.empty() ? "" : ", ") + op;
+      }
+    if (!found) throw EngineError(kErrInvalidArgument, "checkBackendOps: no op is named '" + e + "' (the ops: " + names + ")");
+  }
+  Runner r{ref, test, ops, dtypeTolerance(test), std::mt19937_64(seed), {}, {}};
+  for (const Group& g : groups()) {
+    r.groupOps = g.ops;
+    if (std::none_of(g.ops.begin(), g.ops.end(), [&](const std::string& op) { return r.selected(op); })) continue;
+    // Each group draws from its own stream, seeded by the run's seed and the group's first op:
+    // its cases see the same inputs whether every group runs or it alone, so a failure of a full
+    // run reproduces with the same seed and its op as the filter.
+    r.rng.seed(seed ^ nameHash(g.ops[0]));
+    g.run(r, ref, test);
   }
   return r.out;
 }

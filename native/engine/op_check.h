@@ -15,8 +15,13 @@ struct OpCheck {
   std::string shape;   // human-readable case description
   double relErr = 0;   // ||test - ref||_2 / ||ref||_2 (infinite when anything is NaN)
   bool allWritten = true;  // no element of the (poisoned) output was left unwritten
+  double tolerance = 0;    // the largest relErr this case passes with (set by the case, > 0)
 };
 
-std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed);
+// ops: the op names to check (empty: all). An entry selects the op of that name and the ops
+// named "<entry> <part>" ("linears" selects "linears q", "linears k" and "linears v"); an
+// entry that selects nothing is refused (kErrInvalidArgument), so a misspelt name does not
+// pass silently with no cases.
+std::vector<OpCheck> checkBackendOps(Backend& ref, Backend& test, uint64_t seed, const std::vector<std::string>& ops = {});
 
 }  // namespace lckv

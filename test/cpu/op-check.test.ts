@@ -1,0 +1,42 @@
+/**
+ * checkBackendOps, the op checks' entry (native/engine/op_check.cpp), with the CPU backend under
+ * test: the GPU project runs every op against the CPU; here, where CI sees it, the op filter and
+ * the tolerance each case carries. The CPU against itself computes the same values, so cheap op
+ * families stand for the rest.
+ */
+import { loadAddon } from "../../lib/native";
+
+const addon = loadAddon();
+const check = (ops: string[], dtype: "f32" | "bf16" = "f32") => addon.checkBackendOps({ backend: "cpu", dtype, seed: 1234, ops });
+
+test.each([
+  [["rope"], ["rope"]],
+  [["add_rms_norm"], ["add_rms_norm", "add_rms_norm residual"]],
+  [["add_rms_norm residual"], ["add_rms_norm residual"]],
+  [["gelu_tanh", "embed"], ["embed", "gelu_tanh"]],
+])("the filter %p selects those ops alone: %p", (ops, selected) => {
+  const results = check(ops);
+  expect([...new Set(results.map((r) => r.op))].sort()).toEqual(selected);
+});
+
+test.each(["f32", "bf16"] as const)("every case carries a positive finite tolerance and passes it (%s weights)", (dtype) => {
+  const results = check(["rms_norm", "layer_norm", "rope", "swiglu", "embed"], dtype);
+  expect(results.length).toBeGreaterThan(10);
+  for (const r of results) {
+    expect(Number.isFinite(r.tolerance)).toBe(true);
+    expect(r.tolerance).toBeGreaterThan(0);
+    expect(r.relErr).toBeLessThanOrEqual(r.tolerance);
+    expect(r.allWritten).toBe(true);
+  }
+});
+
+test.each([
+  [{ ops: ["no_such_op"] }, /no op is named 'no_such_op'/],
+  [{ ops: ["line"] }, /no op is named 'line'/],
+  [{ ops: "rope" }, /'ops' must be an array of op names/],
+])("checkBackendOps refuses %p with a typed error", (change, message) => {
+  const opts = { backend: "cpu", dtype: "f32", seed: 1, ...change };
+  expect(() => addon.checkBackendOps(opts as Parameters<typeof addon.checkBackendOps>[0])).toThrow(
+    expect.objectContaining({ code: "LCKV_INVALID_ARGUMENT", message: expect.stringMatching(message) }),
+  );
+});
