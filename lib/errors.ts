@@ -172,7 +172,10 @@ const fromEngine: { readonly [C in EngineErrorCode]: (message: string, native: u
   LCKV_INTERNAL: (msg, native) => new InternalError(msg, native),
 };
 
-/** Maps an error thrown by the native addon (which carries `code`) to a typed error. */
+/**
+ * Maps an error thrown by the native addon (which carries `code`) to a typed error.
+ * @internal
+ */
 export function fromNative(e: unknown): LckvError {
   if (e instanceof LckvError) return e;
   const err = e as { code?: string; message?: string };

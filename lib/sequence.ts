@@ -9,7 +9,7 @@
  */
 import "./dispose-symbols";
 import { KV_PAGE_TOKENS, ReserveOptions } from "./admission";
-import { AbortError, DisposedError, fromNative, InvalidOptionError, LckvError } from "./errors";
+import { AbortError, BusyError, DisposedError, fromNative, InvalidOptionError, LckvError } from "./errors";
 import type { EngineContext } from "./engine-context";
 import { NativeSamplingParams, NativeSequence } from "./native";
 import { DEFAULT_PREFILL_TOLERANCE, GenerateOptions, nonNegInt } from "./options";
@@ -88,7 +88,7 @@ export class Sequence implements Disposable {
   }
 
   private async exclusive<T>(fn: () => Promise<T>): Promise<T> {
-    if (this.busy) throw new LckvError("LCKV_BUSY", "the sequence is busy: await its previous append() or generate() first");
+    if (this.busy) throw new BusyError("the sequence is busy: await its previous append() or generate() first");
     this.busy = true;
     try {
       return await fn();
@@ -206,7 +206,7 @@ export class Sequence implements Disposable {
   /** @internal The generation loop behind generate() and model.generate(). */
   async *run(options: GenerateOptions | undefined, promptTokens: number, prefillPasses = 0): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
     const opts = this.engine.resolveGenerate(options, this.length);
-    if (this.busy) throw new LckvError("LCKV_BUSY", "the sequence is busy: await its previous append() or generate() first");
+    if (this.busy) throw new BusyError("the sequence is busy: await its previous append() or generate() first");
     const native = this.live();
     if (this.length === 0 && opts.maxNewTokens > 0) {
       throw new LckvError("LCKV_EMPTY_SEQUENCE", "generate() needs a non-empty sequence: append() input first");
@@ -380,7 +380,7 @@ export class Sequence implements Disposable {
   /** A new sequence that shares everything so far (its pages are shared, copied on write). */
   fork(): Sequence {
     const native = this.live();
-    if (this.busy) throw new LckvError("LCKV_BUSY", "the sequence is busy: await its previous append() or generate() first");
+    if (this.busy) throw new BusyError("the sequence is busy: await its previous append() or generate() first");
     let child: NativeSequence;
     try {
       child = native.fork();
@@ -398,7 +398,7 @@ export class Sequence implements Disposable {
   /** Rewinds the sequence to its first n tokens. */
   truncate(n: number): void {
     const native = this.live();
-    if (this.busy) throw new LckvError("LCKV_BUSY", "the sequence is busy: await its previous append() or generate() first");
+    if (this.busy) throw new BusyError("the sequence is busy: await its previous append() or generate() first");
     nonNegInt("n", n);
     if (n > this.length) throw new InvalidOptionError("n", `must be at most the sequence length ${this.length}, got ${n}`);
     if (n <= this.evaluated.length) {

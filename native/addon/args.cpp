@@ -16,7 +16,7 @@ std::unique_ptr<Backend> createNamedBackend(const std::string& name, int threads
 #ifdef LCKV_WITH_CUDA
   return createCudaBackend(device, weights, graphs);
 #else
-  throw EngineError("LCKV_DEVICE_UNAVAILABLE", "this build of lckv has no CUDA backend");
+  throw EngineError(kErrDeviceUnavailable, "this build of lckv has no CUDA backend");
 #endif
 }
 

@@ -7,11 +7,6 @@
 
 namespace lckv::addon {
 
-namespace {
-// The code of a failure the engine did not classify.
-const char* const kInternalCode = "LCKV_INTERNAL";
-}  // namespace
-
 Napi::Error makeError(Napi::Env env, const std::string& code, const std::string& msg) {
   Napi::Error e = Napi::Error::New(env, msg);
   e.Set("code", Napi::String::New(env, code));
@@ -30,7 +25,7 @@ EngineFailure currentEngineFailure(const char* outOfMemoryMessage) {
   } catch (const std::bad_alloc&) {
     return {kErrOutOfMemory, outOfMemoryMessage};
   } catch (const std::exception& e) {
-    return {kInternalCode, e.what()};
+    return {kErrInternal, e.what()};
   }
 }
 
@@ -45,7 +40,7 @@ void PromiseWorker::Execute() {
 }
 
 void PromiseWorker::OnError(const Napi::Error& e) {
-  Napi::Error err = makeError(Env(), code_.empty() ? kInternalCode : code_, e.Message());
+  Napi::Error err = makeError(Env(), code_.empty() ? kErrInternal : code_, e.Message());
   deferred_.Reject(err.Value());
 }
 

@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "../engine/op_bench.h"
 #include "../engine/op_check.h"
@@ -21,16 +22,27 @@ Napi::Value CheckBackendOps(const Napi::CallbackInfo& info) {
   std::string dt = o.Get("dtype").IsString() ? std::string(o.Get("dtype").As<Napi::String>()) : "bf16";
   const DType w = dt == "f32" ? DType::F32 : dt == "f16" ? DType::F16 : DType::BF16;
   const uint64_t seed = (uint64_t)getNum(o, "seed", 1);
+  // ops: names (or first words) of the op families to check (op_check.h); absent: all of them.
+  std::vector<std::string> ops;
+  if (!o.Get("ops").IsUndefined()) {
+    if (!o.Get("ops").IsArray()) throwInvalid(env, "checkBackendOps: 'ops' must be an array of op names");
+    Napi::Array a = o.Get("ops").As<Napi::Array>();
+    for (uint32_t i = 0; i < a.Length(); ++i) {
+      if (!a.Get(i).IsString()) throwInvalid(env, "checkBackendOps: 'ops' must be an array of op names");
+      ops.push_back(a.Get(i).As<Napi::String>());
+    }
+  }
   return runEngineCall(env, [&] {
     std::unique_ptr<Backend> ref = createCpuBackend((int)std::max(1u, std::thread::hardware_concurrency()), w);
     std::unique_ptr<Backend> test = createNamedBackend(backend, 1, w);
-    auto results = checkBackendOps(*ref, *test, seed);
+    auto results = checkBackendOps(*ref, *test, seed, ops);
     Napi::Array arr = Napi::Array::New(env, results.size());
     for (size_t i = 0; i < results.size(); ++i) {
       Napi::Object r = Napi::Object::New(env);
       r.Set("op", results[i].op);
       r.Set("shape", results[i].shape);
       r.Set("relErr", results[i].relErr);
+      r.Set("tolerance", results[i].tolerance);
       r.Set("allWritten", results[i].allWritten);
       arr.Set((uint32_t)i, r);
     }

@@ -16,7 +16,7 @@ namespace {
 void cublasOk(cublasStatus_t s, const char* what) {
   if (s == CUBLAS_STATUS_SUCCESS) return;
   if (s == CUBLAS_STATUS_ALLOC_FAILED) throw std::bad_alloc();
-  throw EngineError("LCKV_CUDA", std::string(what) + ": cuBLAS status " + std::to_string((int)s));
+  throw EngineError(kErrCuda, std::string(what) + ": cuBLAS status " + std::to_string((int)s));
 }
 
 }  // namespace
@@ -60,7 +60,7 @@ const CublasLtPlans::MatmulPlan& CublasLtPlans::matmulPlan(int O, int n, int I) 
   const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(lt_, plan->op, plan->a, plan->b, plan->c, plan->c, pref, 1, &heur, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   if (hs != CUBLAS_STATUS_SUCCESS || found == 0)
-    throw EngineError("LCKV_CUDA", "cuBLASLt found no algorithm for a bf16 matmul of " + std::to_string(n) + " x " +
+    throw EngineError(kErrCuda, "cuBLASLt found no algorithm for a bf16 matmul of " + std::to_string(n) + " x " +
                                        std::to_string(I) + " by " + std::to_string(I) + " x " + std::to_string(O));
   plan->algo = heur.algo;
   return *matmulPlans_.emplace(key, std::move(plan)).first->second;

@@ -41,7 +41,7 @@ CudaBackend::CudaBackend(int device, DType weights, bool graphs)
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
     cudaGetLastError();
-    throw EngineError("LCKV_DEVICE_UNAVAILABLE", "no usable CUDA device (driver missing or no GPU)");
+    throw EngineError(kErrDeviceUnavailable, "no usable CUDA device (driver missing or no GPU)");
   }
   if (device < 0 || device >= count) throw EngineError(kErrInvalidArgument, "CUDA device index out of range");
   device_ = device;
@@ -175,7 +175,7 @@ bool CudaBackend::canQueueSampling(const SamplingParams* params, int rows) const
 
 void CudaBackend::queueSampleRows(const Tensor& logits, int rows, int vocab, const SamplingParams* params,
                                   const uint64_t* positions, int slot) {
-  if (!SamplingSlots::queuedSlot(slot)) throw EngineError("LCKV_CUDA", "queueSampleRows: slot must be 0 or 1");
+  if (!SamplingSlots::queuedSlot(slot)) throw EngineError(kErrCuda, "queueSampleRows: slot must be 0 or 1");
   ctx();
   Timed timed(*this, "sample");
   SampledSlot& q = sampled_.withRoom(slot, rows, stream_);
@@ -189,9 +189,9 @@ void CudaBackend::queueSampleRows(const Tensor& logits, int rows, int vocab, con
 
 void CudaBackend::takeSampled(int slot, int rows, int32_t* out) {
   ctx();
-  if (!SamplingSlots::queuedSlot(slot)) throw EngineError("LCKV_CUDA", "takeSampled: slot must be 0 or 1");
+  if (!SamplingSlots::queuedSlot(slot)) throw EngineError(kErrCuda, "takeSampled: slot must be 0 or 1");
   SampledSlot& q = sampled_[slot];
-  if (!q.ready || q.rows != rows) throw EngineError("LCKV_CUDA", "takeSampled: these rows were not queued into this slot");
+  if (!q.ready || q.rows != rows) throw EngineError(kErrCuda, "takeSampled: these rows were not queued into this slot");
   cudaOk(cudaEventSynchronize(q.ready), "sample sync");
   std::memcpy(out, q.pinned, sizeof(int32_t) * (size_t)rows);
 }

@@ -14,7 +14,7 @@ inline void cudaOk(cudaError_t e, const char* what) {
   if (e == cudaSuccess) return;
   cudaGetLastError();  // clear a sticky-free error so the process keeps working
   if (e == cudaErrorMemoryAllocation) throw std::bad_alloc();
-  throw EngineError("LCKV_CUDA", std::string(what) + ": " + cudaGetErrorString(e));
+  throw EngineError(kErrCuda, std::string(what) + ": " + cudaGetErrorString(e));
 }
 
 }  // namespace lckv

@@ -67,7 +67,7 @@ const int32_t* StagingBuffers::upload(Staging which, const int32_t* host, int n,
 const float* RopeFrequencies::device(const std::vector<float>& f, bool recording, cudaStream_t stream) {
   auto it = invFreq_.find(f.data());
   if (it != invFreq_.end() && it->second.host == f) return (const float*)it->second.device.get();
-  if (recording) throw EngineError("LCKV_CUDA", "RoPE frequencies first uploaded inside a recorded step");
+  if (recording) throw EngineError(kErrCuda, "RoPE frequencies first uploaded inside a recorded step");
   auto mem = deviceAlloc(f.size() * sizeof(float));
   cudaOk(cudaMemcpyAsync(mem.get(), f.data(), f.size() * sizeof(float), cudaMemcpyHostToDevice, stream), "invFreq");
   // (A replaced upload stays allocated: a recorded step may have baked its address in.)

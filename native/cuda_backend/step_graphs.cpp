@@ -19,7 +19,7 @@ const int32_t* StepGraph::recordedInput(Staging which, const int32_t* host, int 
     default: break;
   }
   if (len == 0 || (size_t)count != len || std::memcmp(host, hostInputs.data() + off, sizeof(int32_t) * len) != 0)
-    throw EngineError("LCKV_CUDA", "a recorded decode step reads a host array that is not one of its inputs");
+    throw EngineError(kErrCuda, "a recorded decode step reads a host array that is not one of its inputs");
   return (const int32_t*)inputs.get() + off;
 }
 
@@ -80,7 +80,7 @@ void StepGraphs::begin(uint64_t key, const Backend::StepInputs& in, cudaStream_t
 
 void StepGraphs::end(const Tensor& logits, cudaStream_t stream) {
   std::unique_ptr<StepGraph> g = std::move(recording_);
-  if (!g) throw EngineError("LCKV_CUDA", "endStepCapture without a recording");
+  if (!g) throw EngineError(kErrCuda, "endStepCapture without a recording");
   cudaGraph_t graph = nullptr;
   cudaError_t e = cudaStreamEndCapture(stream, &graph);
   if (e == cudaSuccess) e = cudaGraphInstantiate(&g->exec, graph, 0);
@@ -88,7 +88,7 @@ void StepGraphs::end(const Tensor& logits, cudaStream_t stream) {
   if (e != cudaSuccess) {
     cudaGetLastError();
     unrecordable_.insert(recordingKey_);
-    throw EngineError("LCKV_CUDA", std::string("recording a decode step: ") + cudaGetErrorString(e));
+    throw EngineError(kErrCuda, std::string("recording a decode step: ") + cudaGetErrorString(e));
   }
   g->logits = logits;
   if (graphs_.size() >= kMaxGraphs) {  // the least recently used recording goes
