@@ -42,6 +42,15 @@ export const ERROR_CODES = [
   "LCKV_CONFIG",
   // The model's architecture is not one lckv runs.
   "LCKV_UNSUPPORTED_ARCHITECTURE",
+  // The Hugging Face hub has no model or revision of that id (or it is private or gated and no token was
+  // given), or the model lacks a file lckv needs.
+  "LCKV_MODEL_NOT_FOUND",
+  // HF_HUB_OFFLINE is set and the Hugging Face cache does not hold the model asked for by hub id.
+  "LCKV_MODEL_NOT_CACHED",
+  // A file downloaded from the hub is not the size the hub reported.
+  "LCKV_DOWNLOAD_SIZE_MISMATCH",
+  // The hub could not be reached, or failed to serve a file.
+  "LCKV_DOWNLOAD_FAILED",
   // An option passed to lckv is invalid.
   "LCKV_INVALID_OPTION",
   // Input (text or token ids) that the model cannot take.

@@ -53,6 +53,29 @@ export class UnsupportedArchitectureError extends ModelLoadError {
   }
 }
 
+/**
+ * A model named by its Hugging Face hub id ("org/name") could not be had. `model` is the id,
+ * `file` the file concerned (if any), and `code` says what went wrong:
+ * - LCKV_MODEL_NOT_FOUND: the hub has no such model or revision (or it is private or gated and
+ *   no token was given), or the model lacks a file lckv needs,
+ * - LCKV_MODEL_NOT_CACHED: HF_HUB_OFFLINE is set and the cache does not hold the model,
+ * - LCKV_DOWNLOAD_SIZE_MISMATCH: a file's downloaded size is not the size the hub reported,
+ * - LCKV_DOWNLOAD_FAILED: the hub could not be reached, or failed to serve a file.
+ */
+export class ModelHubError extends ModelLoadError {
+  readonly model: string;
+  constructor(
+    model: string,
+    message: string,
+    code: "LCKV_MODEL_NOT_FOUND" | "LCKV_MODEL_NOT_CACHED" | "LCKV_DOWNLOAD_SIZE_MISMATCH" | "LCKV_DOWNLOAD_FAILED",
+    file?: string,
+    cause?: unknown,
+  ) {
+    super(message, file, code, cause === undefined ? undefined : { cause });
+    this.model = model;
+  }
+}
+
 /** An option passed to lckv is invalid. */
 export class InvalidOptionError extends LckvError {
   readonly option: string;

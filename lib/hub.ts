@@ -1,0 +1,351 @@
+/**
+ * resolveModel(): a model named by its Hugging Face hub id ("org/name", or "org/name@revision")
+ * becomes a local directory that loadModel() reads, downloaded through @huggingface/hub.
+ *
+ * The cache has huggingface_hub's layout and honours its variables (HF_HUB_CACHE, HF_HOME,
+ * HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE), so that a model downloaded from Python is found here and
+ * one downloaded here is found from Python:
+ *   <cache>/models--org--name/blobs/<etag>             the files' bytes, named by the hub's etag
+ *   <cache>/models--org--name/snapshots/<commit>/<f>   relative symlinks into blobs/
+ *   <cache>/models--org--name/refs/<revision>          the commit a branch or tag resolved to
+ *   <cache>/models--org--name/.no_exist/<commit>/<f>   optional files the commit does not have
+ * A revision whose snapshot holds every file is served from the cache without asking the hub.
+ * A blob is written as <etag>.incomplete, continued from its size after an interruption, and
+ * renamed to its final name only once its size is the size the hub reported.
+ */
+import * as fs from "node:fs";
+import * as fsp from "node:fs/promises";
+import * as os from "node:os";
+import * as path from "node:path";
+import { Readable } from "node:stream";
+// Loaded on the first hub id only: a local directory never pays for requiring the library.
+import type { ListFileEntry } from "@huggingface/hub";
+type HubLibrary = typeof import("@huggingface/hub");
+import { AbortError, InvalidOptionError, LckvError, ModelHubError } from "./errors";
+
+export interface ResolveModelOptions {
+  /** Branch, tag or commit (default: the id's "@revision", else "main"). */
+  revision?: string;
+  /** Called as bytes arrive: bytes of the model's files held so far, of `total`, and the file being fetched. */
+  onProgress?: (done: number, total: number, file: string) => void;
+  /** Stops the download (AbortError, LCKV_ABORTED); what was fetched stays and is resumed next time. */
+  signal?: AbortSignal;
+}
+
+/** "org/name" with an optional "@revision"; a leading "." or "/" makes a string a path instead. */
+const HUB_ID = /^([A-Za-z0-9][\w.-]*\/[A-Za-z0-9][\w.-]*)(?:@(.+))?$/;
+const COMMIT = /^[0-9a-f]{40}$/;
+const DEFAULT_ENDPOINT = "https://huggingface.co";
+const REQUIRED_FILES = ["config.json", "tokenizer.json"];
+const OPTIONAL_FILES = ["generation_config.json", "tokenizer_config.json", "special_tokens_map.json"];
+const WEIGHTS = "model.safetensors";
+const WEIGHTS_INDEX = "model.safetensors.index.json";
+
+/** Whether `s` has the form of a hub id (it may still name a local path: resolveModel checks the disk first). */
+export function isHubModelId(s: string): boolean {
+  return HUB_ID.test(s);
+}
+
+/** Where the hub is and how to reach it, from huggingface_hub's variables, read at each call. */
+interface HubSettings {
+  endpoint: string;
+  cacheDir: string;
+  token?: string;
+  offline: boolean;
+}
+
+function hubSettings(hf: HubLibrary): HubSettings {
+  const env = process.env;
+  const hfHome = env.HF_HOME ?? path.join(env.XDG_CACHE_HOME ?? path.join(os.homedir(), ".cache"), "huggingface");
+  // The token `huggingface-cli login` stores, as huggingface_hub reads it when HF_TOKEN is unset.
+  let token = env.HF_TOKEN || env.HUGGING_FACE_HUB_TOKEN || undefined;
+  if (!token) {
+    try {
+      token = fs.readFileSync(env.HF_TOKEN_PATH ?? path.join(hfHome, "token"), "utf8").trim() || undefined;
+    } catch {
+      // no stored token: anonymous access
+    }
+  }
+  return {
+    endpoint: (env.HF_ENDPOINT || DEFAULT_ENDPOINT).replace(/\/+$/, ""),
+    // getHFHubCachePath reads HF_HUB_CACHE, then HF_HOME, then XDG_CACHE_HOME: huggingface_hub's order.
+    cacheDir: hf.getHFHubCachePath(),
+    token,
+    offline: ["1", "ON", "YES", "TRUE"].includes((env.HF_HUB_OFFLINE ?? "").toUpperCase()),
+  };
+}
+
+/**
+ * Returns a local directory for `idOrDir`: an existing path, or anything that is not a hub id, is
+ * returned as it is (loadModel reports a missing directory); a hub id is resolved to its snapshot
+ * directory in the cache, downloaded first unless the cache holds it.
+ */
+export async function resolveModel(idOrDir: string, options: ResolveModelOptions = {}): Promise<string> {
+  if (typeof idOrDir !== "string") throw new InvalidOptionError("model", "must be a directory or a hub id (a string)");
+  if (fs.existsSync(idOrDir)) return idOrDir;
+  const m = HUB_ID.exec(idOrDir);
+  if (!m) return idOrDir;
+  const id = m[1];
+  if (m[2] !== undefined && options.revision !== undefined && m[2] !== options.revision) {
+    throw new InvalidOptionError("revision", `'${options.revision}' differs from the revision in '${idOrDir}'`);
+  }
+  const revision = options.revision ?? m[2] ?? "main";
+  if (!revision || revision.split("/").some((part) => part === "" || part === "." || part === "..")) {
+    throw new InvalidOptionError("revision", `'${revision}' is not a branch, tag or commit`);
+  }
+  const hf = await import("@huggingface/hub");
+  const hub = hubSettings(hf);
+  const repoDir = path.join(hub.cacheDir, `models--${id.replace("/", "--")}`);
+  if (hub.offline) {
+    const snapshot = cachedSnapshot(repoDir, revision, false);
+    if (snapshot) return snapshot;
+    throw new ModelHubError(id, `model '${id}' (revision '${revision}') is not in the cache ${hub.cacheDir}, and HF_HUB_OFFLINE is set`, "LCKV_MODEL_NOT_CACHED");
+  }
+  const snapshot = cachedSnapshot(repoDir, revision, true);
+  if (snapshot) return snapshot;
+  try {
+    return await new Download(hf, id, revision, hub, repoDir, options).run();
+  } catch (e) {
+    // As huggingface_hub does: when the hub cannot be reached, a complete cached snapshot serves.
+    const fallback = e instanceof ModelHubError && e.code === "LCKV_DOWNLOAD_FAILED" ? cachedSnapshot(repoDir, revision, false) : undefined;
+    if (fallback) return fallback;
+    throw e;
+  }
+}
+
+/**
+ * The snapshot directory of `revision` if the cache holds the model's files: config.json, the
+ * tokenizer and every weights file. `strict` also asks that each optional file be either there
+ * or recorded in .no_exist/ (a snapshot written by another tool may lack them); offline, what is
+ * there has to do.
+ */
+function cachedSnapshot(repoDir: string, revision: string, strict: boolean): string | undefined {
+  let commit = revision;
+  if (!COMMIT.test(revision)) {
+    try {
+      commit = fs.readFileSync(path.join(repoDir, "refs", revision), "utf8").trim();
+    } catch {
+      return undefined;
+    }
+    if (!COMMIT.test(commit)) return undefined;
+  }
+  const snapshot = path.join(repoDir, "snapshots", commit);
+  // existsSync follows the symlink: a link whose blob is gone counts as missing.
+  const has = (f: string) => fs.existsSync(path.join(snapshot, f));
+  if (!REQUIRED_FILES.every(has)) return undefined;
+  if (strict && !OPTIONAL_FILES.every((f) => has(f) || fs.existsSync(path.join(repoDir, ".no_exist", commit, f)))) return undefined;
+  if (has(WEIGHTS)) return snapshot;
+  if (!has(WEIGHTS_INDEX)) return undefined;
+  const shards = shardNames(path.join(snapshot, WEIGHTS_INDEX));
+  return shards && shards.every(has) ? snapshot : undefined;
+}
+
+/** The shard files a safetensors index names, or undefined if it is not a usable index. */
+function shardNames(indexFile: string): string[] | undefined {
+  try {
+    const map = JSON.parse(fs.readFileSync(indexFile, "utf8")).weight_map as Record<string, unknown>;
+    const shards = [...new Set(Object.values(map))];
+    return shards.length > 0 && shards.every((s) => typeof s === "string" && isSafeRelative(s)) ? (shards as string[]) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** A relative path that stays inside the directory it is joined to (names come from the hub). */
+function isSafeRelative(p: string): boolean {
+  return p.length > 0 && !path.isAbsolute(p) && !p.split(/[\\/]/).some((part) => part === ".." || part === "");
+}
+
+async function sizeOf(file: string): Promise<number | undefined> {
+  try {
+    return (await fsp.stat(file)).size;
+  } catch {
+    return undefined;
+  }
+}
+
+/** One download of one revision: resolves the commit, lists the files, fetches what the cache lacks. */
+class Download {
+  private readonly fetch: typeof fetch;
+  private commit = "";
+  private done = 0;
+  private total = 0;
+
+  constructor(
+    private readonly hf: HubLibrary,
+    private readonly id: string,
+    private readonly revision: string,
+    private readonly hub: HubSettings,
+    private readonly repoDir: string,
+    private readonly options: ResolveModelOptions,
+  ) {
+    this.fetch = hubFetch(hub, options.signal);
+  }
+
+  private get common() {
+    return { repo: { type: "model" as const, name: this.id }, hubUrl: this.hub.endpoint, fetch: this.fetch };
+  }
+
+  async run(): Promise<string> {
+    const { id, revision } = this;
+    const entries = new Map<string, ListFileEntry>();
+    try {
+      this.commit = COMMIT.test(revision) ? revision : (await this.hf.modelInfo({ ...this.common, name: id, revision, additionalFields: ["sha"] })).sha ?? "";
+      if (!COMMIT.test(this.commit)) throw new ModelHubError(id, `the hub at ${this.hub.endpoint} gave no commit for '${id}' at revision '${revision}'`, "LCKV_DOWNLOAD_FAILED");
+      for await (const e of this.hf.listFiles({ ...this.common, revision: this.commit })) if (e.type === "file") entries.set(e.path, e);
+    } catch (e) {
+      throw this.failure(e);
+    }
+    const entry = (file: string) => {
+      const e = entries.get(file);
+      if (!e) throw new ModelHubError(id, `model '${id}' at revision '${revision}' (commit ${this.commit}) has no ${file}`, "LCKV_MODEL_NOT_FOUND", file);
+      return e;
+    };
+    const files = [...REQUIRED_FILES, ...OPTIONAL_FILES.filter((f) => entries.has(f))].map(entry);
+    if (entries.has(WEIGHTS)) {
+      files.push(entry(WEIGHTS));
+    } else if (entries.has(WEIGHTS_INDEX)) {
+      // The index names the shards: fetch it first (it is small and not counted in the progress).
+      const index = await this.fetchFile(entry(WEIGHTS_INDEX));
+      const shards = shardNames(index);
+      if (!shards) throw new ModelHubError(id, `${WEIGHTS_INDEX} of '${id}' names no shards (or a shard outside the model)`, "LCKV_MODEL_NOT_FOUND", WEIGHTS_INDEX);
+      files.push(...shards.map(entry));
+      this.done = 0;
+    } else {
+      throw new ModelHubError(id, `model '${id}' at revision '${revision}' has neither ${WEIGHTS} nor ${WEIGHTS_INDEX}`, "LCKV_MODEL_NOT_FOUND", WEIGHTS);
+    }
+    this.total = files.reduce((sum, f) => sum + fileSize(f), 0);
+    for (const f of files) await this.fetchFile(f);
+    // Optional files the commit lacks are recorded as huggingface_hub does, so that the next call
+    // knows the snapshot is complete without asking the hub.
+    for (const f of OPTIONAL_FILES.filter((f) => !entries.has(f))) {
+      await fsp.mkdir(path.join(this.repoDir, ".no_exist", this.commit), { recursive: true });
+      await fsp.writeFile(path.join(this.repoDir, ".no_exist", this.commit, f), "");
+    }
+    if (revision !== this.commit) {
+      const ref = path.join(this.repoDir, "refs", revision);
+      await fsp.mkdir(path.dirname(ref), { recursive: true });
+      await fsp.writeFile(`${ref}.tmp`, this.commit);
+      await fsp.rename(`${ref}.tmp`, ref);
+    }
+    return path.join(this.repoDir, "snapshots", this.commit);
+  }
+
+  /** Makes snapshots/<commit>/<file> point at its blob, downloading the blob if the cache lacks it. */
+  private async fetchFile(entry: ListFileEntry): Promise<string> {
+    const { id } = this;
+    const file = entry.path;
+    if (!isSafeRelative(file)) throw new ModelHubError(id, `the hub listed a file outside the model: '${file}'`, "LCKV_DOWNLOAD_FAILED", file);
+    if (this.options.signal?.aborted) throw this.failure(this.options.signal.reason, file);
+    const size = fileSize(entry);
+    // huggingface_hub names a blob by the hub's etag: the sha256 of an LFS file, else its git blob id.
+    const etag = entry.lfs?.oid ?? entry.oid;
+    if (!etag || !/^[\w-]+$/.test(etag)) throw new ModelHubError(id, `the hub listed ${file} without a usable id`, "LCKV_DOWNLOAD_FAILED", file);
+    const blob = path.join(this.repoDir, "blobs", etag);
+    const link = path.join(this.repoDir, "snapshots", this.commit, file);
+    const held = await sizeOf(blob);
+    if (held !== size) {
+      if (held !== undefined) await fsp.rm(blob, { force: true }); // not what the hub has: fetch again
+      await fsp.mkdir(path.dirname(blob), { recursive: true });
+      await this.downloadBlob(file, size, blob);
+    } else {
+      this.progress(size, file);
+    }
+    await fsp.mkdir(path.dirname(link), { recursive: true });
+    await fsp.rm(link, { force: true });
+    try {
+      await fsp.symlink(path.relative(path.dirname(link), blob), link);
+    } catch {
+      // No symlinks here (Windows without developer mode): a copy, as huggingface_hub falls back to.
+      await fsp.copyFile(blob, `${link}.tmp`);
+      await fsp.rename(`${link}.tmp`, link);
+    }
+    return link;
+  }
+
+  /** Fetches `file` into <blob>.incomplete, continuing what an earlier call left, then moves it into place. */
+  private async downloadBlob(file: string, listedSize: number, blob: string): Promise<void> {
+    const { id } = this;
+    const incomplete = `${blob}.incomplete`;
+    try {
+      const info = await this.hf.fileDownloadInfo({ ...this.common, path: file, revision: this.commit });
+      if (!info) throw new ModelHubError(id, `model '${id}' (commit ${this.commit}) has no ${file}`, "LCKV_MODEL_NOT_FOUND", file);
+      if (info.size !== listedSize) {
+        throw new ModelHubError(id, `${file} of '${id}': the hub lists ${listedSize} bytes but serves ${info.size}`, "LCKV_DOWNLOAD_SIZE_MISMATCH", file);
+      }
+      let have = (await sizeOf(incomplete)) ?? 0;
+      if (have > info.size) {
+        await fsp.rm(incomplete);
+        have = 0;
+      }
+      this.progress(have, file);
+      if (have < info.size) {
+        const whole = await this.hf.downloadFile({ ...this.common, path: file, revision: this.commit, downloadInfo: info });
+        if (!whole) throw new ModelHubError(id, `model '${id}' (commit ${this.commit}) has no ${file}`, "LCKV_MODEL_NOT_FOUND", file);
+        // The library's blobs read a slice with a Range request (bytes=have-): the resume.
+        const part = have > 0 ? whole.slice(have) : whole;
+        const out = await fsp.open(incomplete, "a");
+        try {
+          // Each chunk is written as it arrives, so that a dropped connection leaves all it brought.
+          for await (const chunk of Readable.fromWeb(part.stream() as import("node:stream/web").ReadableStream<Uint8Array>)) {
+            await out.write(chunk as Uint8Array);
+            this.progress((chunk as Uint8Array).byteLength, file);
+          }
+        } finally {
+          await out.close();
+        }
+      }
+    } catch (e) {
+      throw this.failure(e, file);
+    }
+    const got = (await sizeOf(incomplete)) ?? 0;
+    if (got !== listedSize) {
+      // Too many bytes cannot be resumed from; too few can (the next call continues).
+      if (got > listedSize) await fsp.rm(incomplete, { force: true });
+      throw new ModelHubError(id, `${file} of '${id}': downloaded ${got} bytes, the hub reported ${listedSize}`, "LCKV_DOWNLOAD_SIZE_MISMATCH", file);
+    }
+    await fsp.rename(incomplete, blob);
+  }
+
+  private progress(bytes: number, file: string): void {
+    this.done += bytes;
+    if (this.total > 0) this.options.onProgress?.(this.done, this.total, file);
+  }
+
+  /** A typed error for what went wrong talking to the hub. */
+  private failure(e: unknown, file?: string): LckvError {
+    const { id, revision } = this;
+    if (this.options.signal?.aborted) return new AbortError(`download of '${id}' aborted${file ? ` during ${file}` : ""}`);
+    if (e instanceof LckvError) return e;
+    if (e instanceof this.hf.HubApiError && [401, 403, 404].includes(e.statusCode)) {
+      const what = file ? `${file} of '${id}'` : `model '${id}' (revision '${revision}')`;
+      const hint = this.hub.token ? "" : "; if it is private or gated, set HF_TOKEN";
+      return new ModelHubError(id, `the hub at ${this.hub.endpoint} has no ${what} (HTTP ${e.statusCode})${hint}`, "LCKV_MODEL_NOT_FOUND", file, e);
+    }
+    const why = e instanceof Error ? e.message : String(e);
+    const resume = file ? "; what arrived is kept, and the next call resumes from it" : "";
+    return new ModelHubError(id, `could not download ${file ?? "the file list"} of '${id}' from ${this.hub.endpoint}: ${why}${resume}`, "LCKV_DOWNLOAD_FAILED", file, e);
+  }
+}
+
+/** A file's size: an LFS file's own size, not its pointer's. */
+function fileSize(e: ListFileEntry): number {
+  return e.lfs?.size ?? e.size;
+}
+
+/**
+ * The fetch the library is given: it adds the signal, and the token as an Authorization header
+ * for the hub's own origin only (never for the CDN or storage URLs the hub sends files from).
+ * The token goes through here rather than the library's accessToken, which refuses tokens that
+ * do not start with "hf_", as private hubs and mirrors may issue.
+ */
+function hubFetch(hub: HubSettings, signal?: AbortSignal): typeof fetch {
+  const origin = new URL(hub.endpoint).origin;
+  return (input, init = {}) => {
+    const url = new URL(input instanceof Request ? input.url : String(input));
+    const headers = new Headers(init.headers);
+    if (hub.token && url.origin === origin && !headers.has("authorization")) headers.set("authorization", `Bearer ${hub.token}`);
+    const signals = [init.signal, signal].filter((s): s is AbortSignal => !!s);
+    return fetch(input, { ...init, headers, signal: signals.length > 1 ? AbortSignal.any(signals) : signals[0] });
+  };
+}

@@ -1,0 +1,211 @@
+/**
+ * Models by hub id: resolveModel() downloads into a huggingface_hub-layout cache from a hub on
+ * 127.0.0.1 (reached through HF_ENDPOINT), serves later calls from the cache, works offline,
+ * resumes a dropped download, refuses a wrong size and fails with typed errors.
+ */
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { AbortError, loadModel, ModelHubError } from "../../lib";
+import { resolveModel } from "../../lib/hub";
+import { FakeHub } from "../helpers/hub-server";
+
+process.env.LCKV_QUIET = "1";
+const FIXTURES = path.join(__dirname, "..", "fixtures");
+const W2 = path.join(FIXTURES, "lckv-w2");
+const SHARDED = path.join(FIXTURES, "llama-sharded-f16");
+const W2_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"];
+const ENV_KEYS = ["HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE", "HF_TOKEN", "HF_TOKEN_PATH", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "XDG_CACHE_HOME"];
+
+let hub: FakeHub;
+let endpoint: string;
+let w2Commit: string;
+let cache: string;
+const savedEnv: Record<string, string | undefined> = {};
+
+beforeAll(async () => {
+  hub = new FakeHub();
+  w2Commit = hub.addRepo("lckv-test/w2", W2).commit;
+  hub.addRepo("lckv-test/sharded", SHARDED);
+  endpoint = await hub.listen();
+});
+afterAll(() => hub.close());
+
+beforeEach(() => {
+  for (const k of ENV_KEYS) {
+    savedEnv[k] = process.env[k];
+    delete process.env[k];
+  }
+  const tmp = fs.mkdtempSync(path.join(process.env.LCKV_TEST_TMP ?? require("node:os").tmpdir(), "hub-"));
+  cache = path.join(tmp, "hub");
+  process.env.HF_HOME = tmp; // no stored token of the machine's user is read
+  process.env.HF_HUB_CACHE = cache;
+  process.env.HF_ENDPOINT = endpoint;
+  hub.requests.length = 0;
+  hub.dropOnce = hub.lieSize = hub.token = undefined;
+});
+afterEach(() => {
+  for (const k of ENV_KEYS) {
+    if (savedEnv[k] === undefined) delete process.env[k];
+    else process.env[k] = savedEnv[k];
+  }
+});
+
+function expectSameFiles(dir: string, fixture: string, files: string[]): void {
+  for (const f of files) expect(fs.readFileSync(path.join(dir, f)).equals(fs.readFileSync(path.join(fixture, f)))).toBe(true);
+}
+
+async function rejection(p: Promise<unknown>): Promise<ModelHubError> {
+  const e = await p.then(() => undefined, (err: unknown) => err);
+  expect(e).toBeInstanceOf(ModelHubError);
+  return e as ModelHubError;
+}
+
+test("an existing directory, or a path that is no hub id, is returned as it is", async () => {
+  expect(await resolveModel(W2)).toBe(W2);
+  expect(await resolveModel("/nonexistent/lckv-model")).toBe("/nonexistent/lckv-model");
+  expect(hub.requests).toHaveLength(0);
+});
+
+test("a download gives a loadable snapshot, in huggingface_hub's layout, of the fixture's bytes", async () => {
+  const progress: [number, number][] = [];
+  const dir = await resolveModel("lckv-test/w2", { onProgress: (done, total) => progress.push([done, total]) });
+  const repoDir = path.join(cache, "models--lckv-test--w2");
+  expect(dir).toBe(path.join(repoDir, "snapshots", w2Commit));
+  expectSameFiles(dir, W2, W2_FILES);
+  expect(fs.existsSync(path.join(dir, "golden.json"))).toBe(false); // only what lckv reads
+  expect(fs.readFileSync(path.join(repoDir, "refs", "main"), "utf8")).toBe(w2Commit);
+  expect(fs.existsSync(path.join(repoDir, ".no_exist", w2Commit, "special_tokens_map.json"))).toBe(true);
+  const link = fs.readlinkSync(path.join(dir, "model.safetensors"));
+  expect(link).toMatch(/^\.\.\/\.\.\/blobs\/[0-9a-f]{64}$/); // a relative link to the blob named by the LFS sha256
+  expect(fs.readdirSync(path.join(repoDir, "blobs")).filter((b) => b.endsWith(".incomplete"))).toEqual([]);
+  const total = W2_FILES.reduce((s, f) => s + fs.statSync(path.join(W2, f)).size, 0);
+  expect(progress.at(-1)).toEqual([total, total]);
+
+  const model = await loadModel(dir, { device: "cpu" });
+  try {
+    expect(model.config.numLayers).toBeGreaterThan(0);
+    const r = await model.generate("Hello", { maxNewTokens: 2, temperature: 0 });
+    expect(r.tokens).toHaveLength(2);
+  } finally {
+    await model.dispose();
+  }
+});
+
+test("a sharded model: the index and every shard it names", async () => {
+  const dir = await resolveModel("lckv-test/sharded");
+  expectSameFiles(dir, SHARDED, ["config.json", "tokenizer.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]);
+  const model = await loadModel(dir, { device: "cpu" });
+  await model.dispose();
+});
+
+test("a second call is served from the cache without a request, by branch and by commit", async () => {
+  const dir = await resolveModel("lckv-test/w2");
+  const made = hub.requests.length;
+  expect(made).toBeGreaterThan(0);
+  expect(await resolveModel("lckv-test/w2")).toBe(dir);
+  expect(await resolveModel(`lckv-test/w2@${w2Commit}`)).toBe(dir);
+  expect(await resolveModel("lckv-test/w2", { revision: w2Commit })).toBe(dir);
+  expect(hub.requests).toHaveLength(made);
+});
+
+test("HF_HUB_OFFLINE: the cache serves; without it, a typed error naming the model, and no request", async () => {
+  process.env.HF_HUB_OFFLINE = "1";
+  const e = await rejection(resolveModel("lckv-test/w2"));
+  expect(e.code).toBe("LCKV_MODEL_NOT_CACHED");
+  expect(e.model).toBe("lckv-test/w2");
+  expect(e.message).toMatch(/lckv-test\/w2.*HF_HUB_OFFLINE/);
+  expect(hub.requests).toHaveLength(0);
+
+  delete process.env.HF_HUB_OFFLINE;
+  const dir = await resolveModel("lckv-test/w2");
+  const made = hub.requests.length;
+  process.env.HF_HUB_OFFLINE = "true";
+  expect(await resolveModel("lckv-test/w2")).toBe(dir);
+  expect(hub.requests).toHaveLength(made);
+});
+
+test("when the hub cannot be reached, a complete cached snapshot serves, as in huggingface_hub", async () => {
+  const dir = await resolveModel("lckv-test/w2");
+  // Without the .no_exist records the cache no longer proves the snapshot complete: the hub is asked.
+  fs.rmSync(path.join(cache, "models--lckv-test--w2", ".no_exist"), { recursive: true });
+  process.env.HF_ENDPOINT = "http://127.0.0.1:1"; // nothing listens there
+  expect(await resolveModel("lckv-test/w2")).toBe(dir);
+  const e = await rejection(resolveModel("lckv-test/sharded"));
+  expect(e.code).toBe("LCKV_DOWNLOAD_FAILED");
+});
+
+test("a dropped connection leaves a .incomplete file that the next call continues with a Range request", async () => {
+  const size = fs.statSync(path.join(W2, "model.safetensors")).size;
+  hub.dropOnce = { file: "model.safetensors", after: 100_000 };
+  const e = await rejection(resolveModel("lckv-test/w2"));
+  expect(e.code).toBe("LCKV_DOWNLOAD_FAILED");
+  expect(e.file).toBe("model.safetensors");
+  const blobs = path.join(cache, "models--lckv-test--w2", "blobs");
+  const partial = fs.readdirSync(blobs).filter((b) => b.endsWith(".incomplete"));
+  expect(partial).toHaveLength(1);
+  const held = fs.statSync(path.join(blobs, partial[0])).size;
+  expect(held).toBeGreaterThan(0);
+  expect(held).toBeLessThan(size);
+  expect(fs.existsSync(path.join(blobs, partial[0].replace(/\.incomplete$/, "")))).toBe(false);
+
+  hub.requests.length = 0;
+  const dir = await resolveModel("lckv-test/w2");
+  const weightGets = hub.requests.filter((r) => r.url.endsWith("/model.safetensors") && r.headers.range !== "bytes=0-0");
+  expect(weightGets.map((r) => r.headers.range)).toEqual([`bytes=${held}-${size - 1}`]);
+  // The files the first call completed were not fetched again.
+  expect(hub.requests.filter((r) => r.url.endsWith("/config.json"))).toHaveLength(0);
+  expectSameFiles(dir, W2, W2_FILES);
+  expect(fs.readdirSync(blobs).filter((b) => b.endsWith(".incomplete"))).toEqual([]);
+});
+
+test("a file whose size is not the size the hub reported is refused and not moved into place", async () => {
+  hub.lieSize = { file: "model.safetensors", extra: 7 };
+  const e = await rejection(resolveModel("lckv-test/w2"));
+  expect(e.code).toBe("LCKV_DOWNLOAD_SIZE_MISMATCH");
+  expect(e.file).toBe("model.safetensors");
+  expect(e.message).toMatch(/model\.safetensors.*lckv-test\/w2.*475400 bytes.*475407/);
+  const repoDir = path.join(cache, "models--lckv-test--w2");
+  const blobs = fs.readdirSync(path.join(repoDir, "blobs"));
+  expect(blobs.filter((b) => /^[0-9a-f]{64}$/.test(b))).toEqual([]);
+  expect(fs.existsSync(path.join(repoDir, "snapshots", w2Commit, "model.safetensors"))).toBe(false);
+  expect(fs.existsSync(path.join(repoDir, "refs", "main"))).toBe(false);
+});
+
+test("an unknown model or revision is a typed error naming it", async () => {
+  const e = await rejection(resolveModel("lckv-test/no-such-model"));
+  expect(e.code).toBe("LCKV_MODEL_NOT_FOUND");
+  expect(e.model).toBe("lckv-test/no-such-model");
+  expect(e.message).toMatch(/lckv-test\/no-such-model/);
+  const r = await rejection(resolveModel("lckv-test/w2@no-such-branch"));
+  expect(r.code).toBe("LCKV_MODEL_NOT_FOUND");
+  expect(r.message).toMatch(/no-such-branch/);
+});
+
+test("HF_TOKEN is sent as an Authorization header, to the hub's own origin", async () => {
+  hub.token = "hf_secret";
+  const e = await rejection(resolveModel("lckv-test/w2"));
+  expect(e.code).toBe("LCKV_MODEL_NOT_FOUND");
+  expect(e.message).toMatch(/HF_TOKEN/);
+
+  hub.requests.length = 0;
+  process.env.HF_TOKEN = "hf_secret";
+  await resolveModel("lckv-test/w2");
+  expect(hub.requests.length).toBeGreaterThan(0);
+  expect(hub.requests.every((r) => r.headers.authorization === "Bearer hf_secret")).toBe(true);
+});
+
+test("a token of another form (a private hub's) is sent too", async () => {
+  hub.token = "private-hub-token";
+  process.env.HF_TOKEN = "private-hub-token";
+  expectSameFiles(await resolveModel("lckv-test/w2"), W2, W2_FILES);
+});
+
+test("an aborted signal stops the download with AbortError", async () => {
+  const controller = new AbortController();
+  controller.abort();
+  await expect(resolveModel("lckv-test/w2", { signal: controller.signal })).rejects.toThrow(AbortError);
+});
+
+test("a revision given twice must agree", async () => {
+  await expect(resolveModel("lckv-test/w2@main", { revision: "v1" })).rejects.toThrow(/revision/);
+});
