@@ -1,11 +1,13 @@
 #!/usr/bin/env node
 /**
  * The lckv command line:
- *   lckv generate [prompt] [--model dir] [--max-new-tokens N] [--temperature T] [--device cpu|cuda] [--seed S]
- *   lckv info [--model dir]
- *   lckv chat [--model dir] [--system text] ...
- *   lckv eval-ppl --text file [--model dir] [--window N] [--prefill mode]
- * Option errors come before any output; long jobs show a progress bar on a terminal; generate
+ *   lckv generate [prompt] [--model dir|id] [--max-new-tokens N] [--temperature T] [--device cpu|cuda] [--seed S]
+ *   lckv info [--model dir|id]
+ *   lckv chat [--model dir|id] [--system text] ...
+ *   lckv eval-ppl --text file [--model dir|id] [--window N] [--prefill mode]
+ * --model takes a directory or a hub id (org/name[@revision], or --revision), downloaded into the
+ * Hugging Face cache. Option errors come before any output; long jobs (a download, a load) show a
+ * progress bar on a terminal; generate
  * and chat end with a stats line on stderr (LCKV_QUIET=1 or --quiet leaves it out).
  */
 import { Command, InvalidArgumentError, Option } from "commander";
@@ -48,22 +50,35 @@ process.stdout.on("error", (e: NodeJS.ErrnoException) => {
   stdoutClosed = true;
 });
 
-async function open(opts: { model?: string; device?: "auto" | "cpu" | "cuda"; maxContext?: number }): Promise<Model> {
+async function open(opts: { model?: string; revision?: string; device?: "auto" | "cpu" | "cuda"; maxContext?: number }): Promise<Model> {
   const load: LoadOptions = { device: opts.device ?? "auto" };
   if (opts.maxContext !== undefined) load.maxContext = opts.maxContext;
+  if (opts.revision !== undefined) load.revision = opts.revision;
   if (process.stderr.isTTY) {
     const bar = new SingleBar({ format: "loading {bar} {percentage}%", stream: process.stderr, clearOnComplete: true, hideCursor: true });
-    // Started at the first report, after loadModel has chosen the device: its one-line notice
-    // (running on the CPU, and why) then prints above the bar instead of inside it.
+    const download = new SingleBar({ format: "downloading {file} {bar} {percentage}% {bytes}", stream: process.stderr, clearOnComplete: true, hideCursor: true });
+    // Each bar is started at its first report, after loadModel has chosen the device: its one-line
+    // notice (running on the CPU, and why) then prints above the bars instead of inside them.
     let started = false;
+    let downloading = false;
+    load.onDownloadProgress = (done, total, file) => {
+      const payload = { file, bytes: `${formatBytes(done)} of ${formatBytes(total)}` };
+      if (!downloading) download.start(total, done, payload);
+      downloading = true;
+      download.update(done, payload);
+    };
     load.onProgress = (f) => {
-      if (!started) bar.start(100, 0);
+      if (!started) {
+        download.stop();
+        bar.start(100, 0);
+      }
       started = true;
       bar.update(Math.round(f * 100));
     };
     try {
       return await loadModel(opts.model, load);
     } finally {
+      download.stop();
       bar.stop();
     }
   }
@@ -130,7 +145,13 @@ program.name("lckv").description("Run language models with layer-condensed KV ca
 
 // Options several commands share.
 const deviceOption = () => new Option("--device <device>", "where to run").choices(["auto", "cpu", "cuda"]).default("auto");
-const modelOption = () => new Option("-m, --model <dir>", "Hugging Face model directory (default: the embedded model)");
+const modelOption = () =>
+  new Option(
+    "-m, --model <dir|id>",
+    "a Hugging Face model directory, or a hub id org/name[@revision] downloaded into the Hugging Face cache " +
+      "(HF_HUB_CACHE; HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE honoured) (default: the embedded model)",
+  );
+const revisionOption = () => new Option("--revision <rev>", "branch, tag or commit of a --model given by hub id (default: main)");
 const quietOption = () => new Option("-q, --quiet", "no stats line on stderr");
 // Sampling options generate and chat share.
 function addSamplingOptions(c: Command): Command {
@@ -151,7 +172,8 @@ addSamplingOptions(
     .command("generate")
     .description("stream a completion of the prompt to stdout")
     .argument("[prompt]", "text to continue (default: read stdin when it is not a terminal)")
-    .addOption(modelOption()),
+    .addOption(modelOption())
+    .addOption(revisionOption()),
 )
   .addOption(prefillOption())
   .addOption(deviceOption())
@@ -180,6 +202,7 @@ addSamplingOptions(
     .command("chat")
     .description("talk to a model in the terminal, through its chat template, streaming each reply")
     .addOption(modelOption())
+    .addOption(revisionOption())
     .option("--system <text>", "a system message that opens the conversation"),
 )
   .addOption(deviceOption())
@@ -223,6 +246,7 @@ program
   .command("info")
   .description("print the architecture, layer pattern and KV cache cost of a model")
   .addOption(modelOption())
+  .addOption(revisionOption())
   .option("--json", "print JSON")
   .addOption(deviceOption())
   .action(async (o) => {
@@ -276,6 +300,7 @@ program
   .description("perplexity of a text file, in non-overlapping windows (see lib/eval.ts)")
   .requiredOption("--text <file>", "UTF-8 text to score")
   .addOption(modelOption())
+  .addOption(revisionOption())
   .option("--window <n>", "tokens per window (default: the model's context)", posIntArg("--window"))
   .option("--max-tokens <n>", "score only the first n tokens", posIntArg("--max-tokens"))
   .option("--json", "print JSON")

@@ -22,6 +22,7 @@ import { Readable } from "node:stream";
 import type { ListFileEntry } from "@huggingface/hub";
 type HubLibrary = typeof import("@huggingface/hub");
 import { AbortError, InvalidOptionError, LckvError, ModelHubError } from "./errors";
+import { describe } from "./options";
 
 export interface ResolveModelOptions {
   /** Branch, tag or commit (default: the id's "@revision", else "main"). */
@@ -76,15 +77,32 @@ function hubSettings(hf: HubLibrary): HubSettings {
 }
 
 /**
+ * Checks the download options' types before anything is fetched. `progressName` is the progress
+ * callback's name where the caller takes it (loadModel's onDownloadProgress is resolveModel's onProgress).
+ * @internal
+ */
+export function checkDownloadOptions(o: { revision?: unknown; progress?: unknown; signal?: unknown }, progressName: string): void {
+  if (o.revision !== undefined && (typeof o.revision !== "string" || o.revision === "")) {
+    throw new InvalidOptionError("revision", `must be a branch, tag or commit (a non-empty string), got ${describe(o.revision)}`);
+  }
+  if (o.progress !== undefined && typeof o.progress !== "function") throw new InvalidOptionError(progressName, "must be a function");
+  if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw new InvalidOptionError("signal", `must be an AbortSignal, got ${describe(o.signal)}`);
+}
+
+/**
  * Returns a local directory for `idOrDir`: an existing path, or anything that is not a hub id, is
  * returned as it is (loadModel reports a missing directory); a hub id is resolved to its snapshot
  * directory in the cache, downloaded first unless the cache holds it.
  */
 export async function resolveModel(idOrDir: string, options: ResolveModelOptions = {}): Promise<string> {
   if (typeof idOrDir !== "string") throw new InvalidOptionError("model", "must be a directory or a hub id (a string)");
-  if (fs.existsSync(idOrDir)) return idOrDir;
-  const m = HUB_ID.exec(idOrDir);
-  if (!m) return idOrDir;
+  if (options === null || typeof options !== "object") throw new InvalidOptionError("options", "must be an object");
+  checkDownloadOptions({ revision: options.revision, progress: options.onProgress, signal: options.signal }, "onProgress");
+  const m = fs.existsSync(idOrDir) ? null : HUB_ID.exec(idOrDir);
+  if (!m) {
+    if (options.revision !== undefined) throw new InvalidOptionError("revision", `applies to a hub id only; '${idOrDir}' is a local path`);
+    return idOrDir;
+  }
   const id = m[1];
   if (m[2] !== undefined && options.revision !== undefined && m[2] !== options.revision) {
     throw new InvalidOptionError("revision", `'${options.revision}' differs from the revision in '${idOrDir}'`);
@@ -320,7 +338,9 @@ class Download {
     if (e instanceof this.hf.HubApiError && [401, 403, 404].includes(e.statusCode)) {
       const what = file ? `${file} of '${id}'` : `model '${id}' (revision '${revision}')`;
       const hint = this.hub.token ? "" : "; if it is private or gated, set HF_TOKEN";
-      return new ModelHubError(id, `the hub at ${this.hub.endpoint} has no ${what} (HTTP ${e.statusCode})${hint}`, "LCKV_MODEL_NOT_FOUND", file, e);
+      // A mistyped local path has a hub id's form too: say that neither was found.
+      const local = file ? "" : "; nor is it a local directory";
+      return new ModelHubError(id, `the hub at ${this.hub.endpoint} has no ${what} (HTTP ${e.statusCode})${hint}${local}`, "LCKV_MODEL_NOT_FOUND", file, e);
     }
     const why = e instanceof Error ? e.message : String(e);
     const resume = file ? "; what arrived is kept, and the next call resumes from it" : "";

@@ -7,6 +7,8 @@
  */
 export { loadModel, DEFAULT_MODEL_DIR } from "./load-model";
 export type { LoadOptions, Device, DType } from "./load-model";
+export { resolveModel, isHubModelId } from "./hub";
+export type { ResolveModelOptions } from "./hub";
 export { Model, KV_PAGE_TOKENS } from "./model";
 export type { CacheStats } from "./model";
 export type { GenerateResult, StreamChunk, ForwardResult, PrefillOptions } from "./types";

@@ -1,15 +1,16 @@
 /**
  * loadModel(): reads a model directory (config, tokenizer, generation defaults, weights), checks
  * the load options, picks the backend, uploads the weights and sizes the K/V pool, and returns
- * the Model.
+ * the Model. A Hugging Face hub id in place of the directory is downloaded first (hub.ts).
  */
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import { KV_PAGE_TOKENS } from "./admission";
 import { kvBytesPerToken, ModelConfig, parseConfig } from "./config";
-import { DeviceUnavailableError, fromNative, InvalidOptionError, ModelLoadError } from "./errors";
+import { AbortError, DeviceUnavailableError, fromNative, InvalidOptionError, ModelLoadError } from "./errors";
 import { parseGenerationConfig } from "./generation-config";
+import { checkDownloadOptions, isHubModelId, resolveModel } from "./hub";
 import { Model } from "./model";
 import { loadAddon, NativeModel, NativeModelDescription } from "./native";
 import { describe, INT32_MAX, nonNegInt, posInt } from "./options";
@@ -64,12 +65,27 @@ export interface LoadOptions {
   onProgress?: (fraction: number) => void;
   /** Finished requests kept for prefix reuse (default 8; 0 turns reuse off). */
   prefixCache?: number;
+  /**
+   * The branch, tag or commit of a model given by hub id (default: the id's "@revision", else
+   * "main"). Only for a hub id: with a local directory it is an error.
+   */
+  revision?: string;
+  /**
+   * Called as a model given by hub id downloads: bytes of its files held so far, of `total`, and
+   * the file being fetched. Not called when the cache already holds the model.
+   */
+  onDownloadProgress?: (done: number, total: number, file: string) => void;
+  /**
+   * Stops the load (AbortError, LCKV_ABORTED): a download from the hub, whose fetched bytes stay
+   * in the cache and are resumed by the next call, or the upload of the weights.
+   */
+  signal?: AbortSignal;
 }
 
 /** The model shipped inside the package, used when loadModel() gets no directory. */
 export const DEFAULT_MODEL_DIR = path.join(__dirname, "..", "models", "default");
 
-const LOAD_KEYS = new Set(["device", "dtype", "maxContext", "kvCacheMemory", "threads", "cudaGraphs", "runAhead", "onProgress", "prefixCache", "maxQueue", "queueTimeout", "maxBatch"]);
+const LOAD_KEYS = new Set(["device", "dtype", "maxContext", "kvCacheMemory", "threads", "cudaGraphs", "runAhead", "onProgress", "prefixCache", "maxQueue", "queueTimeout", "maxBatch", "revision", "onDownloadProgress", "signal"]);
 /** Without kvCacheMemory, the pool holds this many sequences of the full context... */
 const DEFAULT_POOL_SEQUENCES = 32;
 /** ...but at most this share of free GPU memory (after the weights) or of host memory. */
@@ -79,16 +95,28 @@ let cpuNoticeShown = false;
 /** Most CPU threads a model may ask for: past this, starting them is what fails. */
 const MAX_THREADS = 1024;
 
+/**
+ * Loads a model: `dir` is a Hugging Face model directory, or a hub id ("org/name[@revision]")
+ * that names no local path, downloaded into the Hugging Face cache unless it holds it already
+ * (see resolveModel); without `dir`, the embedded default model.
+ */
 export async function loadModel(dir?: string, options: LoadOptions = {}): Promise<Model> {
   if (options === null || typeof options !== "object") throw new InvalidOptionError("options", "must be an object");
   for (const k of Object.keys(options)) {
     if (!LOAD_KEYS.has(k)) throw new InvalidOptionError(k, `is not a loadModel option (known: ${[...LOAD_KEYS].join(", ")})`);
   }
-  if (dir !== undefined && typeof dir !== "string") throw new InvalidOptionError("dir", `must be a model directory's path (a string), got ${describe(dir)}`);
-  const modelDir = path.resolve(dir ?? DEFAULT_MODEL_DIR);
-  if (!fs.existsSync(modelDir) || !fs.statSync(modelDir).isDirectory()) {
-    throw new ModelLoadError(`model directory ${modelDir} does not exist`, modelDir);
+  if (dir !== undefined && typeof dir !== "string") throw new InvalidOptionError("dir", `must be a model directory's path or a hub id (a string), got ${describe(dir)}`);
+  // A hub id is resolved after every other option is checked, so that a bad option fails before
+  // a download; any other path is checked here, as it always was.
+  const hubId = dir !== undefined && !fs.existsSync(dir) && isHubModelId(dir) ? dir : undefined;
+  let modelDir = path.resolve(dir ?? DEFAULT_MODEL_DIR);
+  if (hubId === undefined) {
+    if (!fs.existsSync(modelDir) || !fs.statSync(modelDir).isDirectory()) {
+      throw new ModelLoadError(`model directory ${modelDir} does not exist`, modelDir);
+    }
+    if (options.revision !== undefined) throw new InvalidOptionError("revision", `applies to a hub id only; ${modelDir} is a local directory`);
   }
+  checkDownloadOptions({ revision: options.revision, progress: options.onDownloadProgress, signal: options.signal }, "onDownloadProgress");
   const device = options.device ?? "auto";
   if (!["auto", "cuda", "cpu"].includes(device)) throw new InvalidOptionError("device", `must be "auto", "cuda" or "cpu", got ${describe(device)}`);
   const dtype = options.dtype ?? "auto";
@@ -120,6 +148,10 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   // The CPU computes in f32; with "bf16"/"f16" it rounds the weights to that type first, which
   // makes it the exact reference for a GPU that holds its weights in that type.
   const weightDtype = dtype === "auto" ? (backend === "cuda" ? "bf16" : "f32") : dtype;
+  if (hubId !== undefined) {
+    modelDir = await resolveModel(hubId, { revision: options.revision, onProgress: options.onDownloadProgress, signal: options.signal });
+  }
+  if (options.signal?.aborted) throw new AbortError("loadModel aborted");
 
   const configFile = path.join(modelDir, "config.json");
   if (!fs.existsSync(configFile)) throw new ModelLoadError(`${modelDir}: missing config.json`, configFile);
@@ -159,6 +191,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
         bytes += sources[i].nbytes;
         batch.push(sources[i++]);
       }
+      if (options.signal?.aborted) throw new AbortError("loadModel aborted");
       await native.loadTensors(batch);
       done += bytes;
       options.onProgress?.(total > 0 ? done / total : 1);

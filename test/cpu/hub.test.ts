@@ -1,11 +1,13 @@
 /**
  * Models by hub id: resolveModel() downloads into a huggingface_hub-layout cache from a hub on
  * 127.0.0.1 (reached through HF_ENDPOINT), serves later calls from the cache, works offline,
- * resumes a dropped download, refuses a wrong size and fails with typed errors.
+ * resumes a dropped download, refuses a wrong size and fails with typed errors; loadModel and the
+ * command line take a hub id, and check their options before any request.
  */
+import { spawn } from "node:child_process";
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { AbortError, loadModel, ModelHubError } from "../../lib";
+import { AbortError, InvalidOptionError, loadModel, ModelHubError } from "../../lib";
 import { resolveModel } from "../../lib/hub";
 import { FakeHub } from "../helpers/hub-server";
 
@@ -208,4 +210,91 @@ test("an aborted signal stops the download with AbortError", async () => {
 
 test("a revision given twice must agree", async () => {
   await expect(resolveModel("lckv-test/w2@main", { revision: "v1" })).rejects.toThrow(/revision/);
+});
+
+test("loadModel takes a hub id: the download loads and generates the tokens the fixture directory does (greedy)", async () => {
+  const progress: [number, number, string][] = [];
+  const byId = await loadModel("lckv-test/w2", { device: "cpu", onDownloadProgress: (done, total, file) => progress.push([done, total, file]) });
+  const byDir = await loadModel(W2, { device: "cpu" });
+  try {
+    expect(byId.directory).toBe(path.join(cache, "models--lckv-test--w2", "snapshots", w2Commit));
+    const g = { maxNewTokens: 12, temperature: 0 };
+    const a = await byId.generate("Once upon a time", g);
+    const b = await byDir.generate("Once upon a time", g);
+    expect(a.tokens).toHaveLength(12);
+    expect(a.tokens).toEqual(b.tokens);
+  } finally {
+    await byId.dispose();
+    await byDir.dispose();
+  }
+  const total = W2_FILES.reduce((sum, f) => sum + fs.statSync(path.join(W2, f)).size, 0);
+  expect(progress.at(-1)).toEqual([total, total, "model.safetensors"]);
+
+  // From the cache now, by commit: no request, no download progress.
+  const made = hub.requests.length;
+  progress.length = 0;
+  const again = await loadModel("lckv-test/w2", { device: "cpu", revision: w2Commit, onDownloadProgress: () => progress.push([0, 0, ""]) });
+  await again.dispose();
+  expect(hub.requests).toHaveLength(made);
+  expect(progress).toEqual([]);
+});
+
+test("loadModel checks every option before it asks the hub for anything", async () => {
+  const bad: [Record<string, unknown>, string][] = [
+    [{ revision: 5 }, "revision"],
+    [{ revision: "" }, "revision"],
+    [{ onDownloadProgress: "yes" }, "onDownloadProgress"],
+    [{ signal: {} }, "signal"],
+    [{ device: "tpu" }, "device"],
+    [{ maxBatch: 0 }, "maxBatch"],
+  ];
+  for (const [options, name] of bad) {
+    const e = await loadModel("lckv-test/w2", options as never).then(() => undefined, (err: unknown) => err);
+    expect(e).toBeInstanceOf(InvalidOptionError);
+    expect((e as InvalidOptionError).option).toBe(name);
+    expect((e as Error).message).toMatch(new RegExp(`option '${name}'`));
+  }
+  expect(hub.requests).toHaveLength(0);
+  expect(fs.existsSync(cache)).toBe(false);
+  // A revision names a commit of a hub model: with a local directory it is an error.
+  await expect(loadModel(W2, { revision: "main" })).rejects.toThrow(/option 'revision': applies to a hub id only/);
+  // A hub id the hub does not know, and no local directory of that name: both are said.
+  const e = await rejection(loadModel("lckv-test/no-such-model", { device: "cpu" }));
+  expect(e.code).toBe("LCKV_MODEL_NOT_FOUND");
+  expect(e.message).toMatch(/no model 'lckv-test\/no-such-model'.*nor is it a local directory/);
+});
+
+test("loadModel with an aborted signal stops with AbortError, for a hub id and a directory", async () => {
+  const controller = new AbortController();
+  controller.abort();
+  await expect(loadModel("lckv-test/w2", { device: "cpu", signal: controller.signal })).rejects.toThrow(AbortError);
+  await expect(loadModel(W2, { device: "cpu", signal: controller.signal })).rejects.toThrow(AbortError);
+});
+
+// The command line as a user runs it (dist/cli.js). Spawned, not spawnSync: the hub answers from
+// this process's event loop.
+function runCli(args: string[]): Promise<{ code: number | null; out: string; err: string }> {
+  const root = path.join(__dirname, "..", "..");
+  const env = { ...process.env, HF_ENDPOINT: endpoint, HF_HUB_CACHE: cache, LCKV_QUIET: "1" };
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [path.join(root, "dist", "cli.js"), ...args], { cwd: root, env });
+    let out = "";
+    let err = "";
+    child.stdout.on("data", (d: Buffer) => (out += d.toString()));
+    child.stderr.on("data", (d: Buffer) => (err += d.toString()));
+    child.on("error", reject);
+    child.on("close", (code) => resolve({ code, out, err }));
+  });
+}
+
+test("the CLI takes a hub id: lckv info --model org/name downloads the model and reports it", async () => {
+  const r = await runCli(["info", "--model", "lckv-test/w2", "--json"]);
+  expect(r.err).toBe("");
+  expect(r.code).toBe(0);
+  const info = JSON.parse(r.out);
+  expect(info.layerTypes).toBe("0_4_4_4_4_5");
+  expect(info.directory).toBe(path.join(cache, "models--lckv-test--w2", "snapshots", w2Commit));
+  const missing = await runCli(["info", "--model", "lckv-test/w2", "--revision", "no-such-branch"]);
+  expect(missing.code).toBe(1);
+  expect(missing.err).toMatch(/^lckv: .*no-such-branch/);
 });
