@@ -7,9 +7,10 @@
  */
 import { Admission, AdmissionOptions } from "./admission";
 import type { ModelConfig } from "./config";
-import { ContextOverflowError, DisposedError, fromNative, InvalidInputError, InvalidOptionError, TokenOutOfRangeError } from "./errors";
+import { AbortError, ContextOverflowError, DisposedError, fromNative, InvalidInputError, InvalidOptionError, TokenOutOfRangeError } from "./errors";
 import type { NativeModel, NativeSequence } from "./native";
 import { describe, GenerateOptions, GenerationDefaults, ResolvedGenerateOptions, resolveGenerateOptions } from "./options";
+import { withCancel } from "./prefill-options";
 import { DecodeScheduler } from "./scheduler";
 import type { Tokenizer } from "./tokenizer";
 
@@ -44,6 +45,10 @@ export class EngineContext {
   readonly generationConfig: Record<string, unknown>;
   readonly maxContext: number;
   private prefilled = 0;
+  /** Raised by the model's dispose(): running prefills stop at their next pass or token. */
+  private readonly disposing = new AbortController();
+  /** Native prefill calls in flight, which dispose() waits out after cancelling them. */
+  private readonly inflight = new Set<Promise<unknown>>();
 
   constructor(init: EngineContextInit) {
     this.admission = new Admission(() => this.nativeModel(), init.evictCached, init.admission);
@@ -104,6 +109,29 @@ export class EngineContext {
       );
     }
     return ids;
+  }
+
+  /**
+   * Runs a native prefill call that `signal` or the model's dispose() cancels (the engine stops
+   * between passes and tokens). Cancelled by dispose(), it rejects with DisposedError.
+   */
+  runCancellable<T>(signal: AbortSignal | undefined, call: (cancel?: Int32Array) => Promise<T>): Promise<T> {
+    const p = withCancel([signal, this.disposing.signal], call).catch((e: unknown) => {
+      throw this.disposing.signal.aborted && e instanceof AbortError ? new DisposedError("the model") : e;
+    });
+    this.inflight.add(p);
+    const done = () => this.inflight.delete(p);
+    p.then(done, done);
+    return p;
+  }
+
+  /**
+   * Cancels every running prefill and refuses new calls; the returned promise settles once the
+   * cancelled calls have returned (each stops at its next pass or token).
+   */
+  cancelAll(): Promise<unknown> {
+    this.disposing.abort();
+    return Promise.allSettled([...this.inflight]);
   }
 
   /** A new native sequence of the full context, counted as live. */

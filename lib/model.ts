@@ -11,7 +11,7 @@ import { NativeModel, NativePoolStats, NativeSequence } from "./native";
 import { GenerateOptions, GenerationDefaults, ResolvedGenerateOptions } from "./options";
 import { DecodeScheduler, SchedulerStats } from "./scheduler";
 import { PrefixCache, PrefixCacheStats } from "./prefix-cache";
-import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill, withCancel } from "./prefill-options";
+import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill } from "./prefill-options";
 import { Sequence } from "./sequence";
 import { ChatMessage, Tokenizer } from "./tokenizer";
 import type { ForwardResult, GenerateResult, PrefillOptions, StreamChunk } from "./types";
@@ -124,7 +124,7 @@ export class Model implements AsyncDisposable {
     try {
       // Its pages through the queue like any request's (evicting cached prefixes if need be).
       if (!(await this.admission.reserve(seq, ids.length, { signal: prefill.signal }))) throw new AbortError("the request was aborted while it waited for K/V pages");
-      const r = await withCancel(prefill.signal, (cancel) => seq.append(Int32Array.from(ids), { ...nativePrefill(prefill), logits: "all", cancel }));
+      const r = await this.engine.runCancellable(prefill.signal, (cancel) => seq.append(Int32Array.from(ids), { ...nativePrefill(prefill), logits: "all", cancel }));
       return { logits: r.logits!, passes: r.passes };
     } catch (e) {
       throw fromNative(e);
@@ -262,12 +262,18 @@ export class Model implements AsyncDisposable {
     return this.generate(ids, options);
   }
 
-  /** Frees the weights and every sequence. Calls after this throw DisposedError. */
+  /**
+   * Frees the weights and every sequence. Running prefills are cancelled (they reject with
+   * DisposedError); the promise settles once they have stopped, at their next pass or token.
+   * Calls after this throw DisposedError.
+   */
   async dispose(): Promise<void> {
     if (this.engine.disposed) return;
+    const stopped = this.engine.cancelAll();
     this.admission.rejectAll(new DisposedError("the model"));
     this.prefixCache.clear();
     this.engine.dispose();
+    await stopped;
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

@@ -53,19 +53,23 @@ export function nativePrefill(p: ResolvedPrefill) {
 }
 
 /**
- * Runs a native call with a cancel flag that `signal` raises: the engine checks it between
- * passes and tokens. The flag lives in shared memory, read by the engine's worker thread.
+ * Runs a native call with a cancel flag that any of `signals` raises: the engine checks it
+ * between passes and tokens. The flag lives in shared memory, read by the engine's worker thread.
  */
-export async function withCancel<T>(signal: AbortSignal | undefined, call: (cancel?: Int32Array) => Promise<T>): Promise<T> {
-  if (!signal) return call();
+export async function withCancel<T>(signals: readonly (AbortSignal | undefined)[], call: (cancel?: Int32Array) => Promise<T>): Promise<T> {
+  const live = signals.filter((s): s is AbortSignal => s !== undefined);
+  if (live.length === 0) return call();
   const cancel = new Int32Array(new SharedArrayBuffer(4));
   const raise = () => Atomics.store(cancel, 0, 1);
-  signal.addEventListener("abort", raise, { once: true });
+  for (const s of live) {
+    if (s.aborted) raise();
+    else s.addEventListener("abort", raise, { once: true });
+  }
   try {
     return await call(cancel);
   } catch (e) {
     throw fromNative(e);
   } finally {
-    signal.removeEventListener("abort", raise);
+    for (const s of live) s.removeEventListener("abort", raise);
   }
 }

@@ -13,7 +13,7 @@ import { AbortError, BusyError, DisposedError, fromNative, InvalidOptionError, L
 import type { EngineContext } from "./engine-context";
 import { NativeSamplingParams, NativeSequence } from "./native";
 import { DEFAULT_PREFILL_TOLERANCE, GenerateOptions, nonNegInt } from "./options";
-import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill, ResolvedPrefill, withCancel } from "./prefill-options";
+import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill, ResolvedPrefill } from "./prefill-options";
 import { TextStream } from "./textstream";
 import type { GenerateResult, PrefillOptions, StreamChunk } from "./types";
 
@@ -170,7 +170,7 @@ export class Sequence implements Disposable {
       for (let at = 0; at < run.length; at += chunk) {
         const part = run.slice(at, at + chunk);
         if (prefill.signal?.aborted) throw new AbortError("the prefill was aborted");
-        const r = await withCancel(prefill.signal, (cancel) => native.append(Int32Array.from(part), { ...nativePrefill(prefill), logits: "none", cancel }));
+        const r = await this.engine.runCancellable(prefill.signal, (cancel) => native.append(Int32Array.from(part), { ...nativePrefill(prefill), logits: "none", cancel }));
         passes = Math.max(passes, r.passes);
         this.engine.countPrefilled(part.length);
         this.notePrefill(prefill.mode, part.length, prefill.tolerance);

@@ -2,7 +2,7 @@
  * An AbortSignal stops a prefill inside the engine (between passes of the cyclic group and
  * between tokens), not after it: the call ends promptly and the sequence is as it was.
  */
-import { AbortError, loadModel, Model } from "../../lib";
+import { AbortError, DisposedError, loadModel, Model } from "../../lib";
 
 process.env.LCKV_QUIET = "1";
 
@@ -77,4 +77,25 @@ test("logits(): aborting rejects with AbortError", async () => {
   const r = await timed(model.logits(prompt, { ...slow, signal: ac.signal }));
   expect(r.error).toBeInstanceOf(AbortError);
   expect(r.ms).toBeLessThan(1500);
+});
+
+test("dispose() cancels running prefills: they reject with DisposedError and dispose() settles soon", async () => {
+  const m = await loadModel(undefined, { device: "cpu", threads: 1 });
+  const seq = m.createSequence();
+  const running = [
+    timed(seq.append(prompt, slow)),  // a sequence's own prefill
+    timed(m.generate(prompt, { ...slow, maxNewTokens: 1 })),  // a request's
+    timed(m.forward(prompt, slow)),  // a one-off forward
+  ];
+  await new Promise((r) => setTimeout(r, 50));
+  const t0 = Date.now();
+  await m.dispose();
+  const disposeMs = Date.now() - t0;
+  // Unaborted, each would run for minutes (the first test); cancelled, they stop at the next pass.
+  expect(disposeMs).toBeLessThan(1500);
+  for (const r of await Promise.all(running)) {
+    expect(r.error).toBeInstanceOf(DisposedError);
+    expect(r.ms).toBeLessThan(1500 + 50);
+  }
+  await expect(m.generate([1, 2, 3])).rejects.toThrow(DisposedError);
 });
