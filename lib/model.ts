@@ -7,6 +7,7 @@ import { Admission, AdmissionOptions, KV_PAGE_TOKENS } from "./admission";
 import { ModelConfig } from "./config";
 import { EngineContext } from "./engine-context";
 import { AbortError, DisposedError, fromNative, InvalidInputError } from "./errors";
+import { GenerationProgress, GenerationStream, generationStream } from "./generation-stream";
 import { NativeModel, NativePoolStats, NativeSequence } from "./native";
 import { GenerateOptions, GenerationDefaults, ResolvedGenerateOptions } from "./options";
 import { DecodeScheduler, SchedulerStats } from "./scheduler";
@@ -201,18 +202,25 @@ export class Model implements AsyncDisposable {
     return new Sequence(this.engine, native);
   }
 
-  /** Streams generated tokens with their text (a one-shot sequence). */
-  async *stream(input: string | readonly number[], options?: GenerateOptions): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
+  /**
+   * Streams generated tokens with their text (a one-shot sequence). The stream's `result`
+   * settles with the GenerateResult (finish reason, usage, timings) however it ends.
+   */
+  stream(input: string | readonly number[], options?: GenerateOptions): GenerationStream {
+    return generationStream((progress) => this.streamRequest(input, options, progress));
+  }
+
+  /** stream()'s generator. */
+  private async *streamRequest(
+    input: string | readonly number[],
+    options: GenerateOptions | undefined,
+    progress: GenerationProgress,
+  ): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
     const prompt = this.toTokenIds(input);
     const opts = this.resolveGenerate(options, prompt.length);
     this.nativeModel();
-    const done = (finishReason: GenerateResult["finishReason"]): GenerateResult => ({
-      text: "",
-      tokens: [],
-      finishReason,
-      usage: { promptTokens: prompt.length, completionTokens: 0 },
-      prefillPasses: 0,
-    });
+    progress.promptTokens = prompt.length;
+    const done = (finishReason: GenerateResult["finishReason"]): GenerateResult => progress.result(finishReason);
     if (opts.maxNewTokens === 0) return done("length");
     if (opts.signal?.aborted) return done("abort");
     // Reuse the longest prefix a finished request left in the cache; prefill only the rest.
@@ -231,7 +239,7 @@ export class Model implements AsyncDisposable {
         if (e instanceof AbortError) return done("abort");  // aborted mid-prefill: nothing was added
         throw e;
       }
-      const result = yield* seq.run(options, prompt.length, passes);
+      const result = yield* seq.run(options, prompt.length, passes, progress);
       finished = true;
       return result;
     } finally {
