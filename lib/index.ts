@@ -13,6 +13,8 @@ export { Model, KV_PAGE_TOKENS } from "./model";
 export type { CacheStats } from "./model";
 export type { GenerateResult, StreamChunk, ForwardResult, PrefillOptions, TokenLogprob, TopLogprob, GenerationTimings } from "./types";
 export type { GenerationStream } from "./generation-stream";
+export { ChatSession } from "./chat-session";
+export type { ChatSessionOptions } from "./chat-session";
 export type { GenerateOptions, SamplingOptions, PrefillMode } from "./options";
 export { FIXED_POINT_MAX_PASSES } from "./options";
 export type { ModelConfig, BlockStyle } from "./config";

@@ -4,12 +4,13 @@
  */
 import "./dispose-symbols";
 import { Admission, AdmissionOptions, KV_PAGE_TOKENS } from "./admission";
+import { ChatSession, ChatSessionOptions } from "./chat-session";
 import { ModelConfig } from "./config";
 import { EngineContext } from "./engine-context";
-import { AbortError, DisposedError, fromNative, InvalidInputError } from "./errors";
+import { AbortError, DisposedError, fromNative, InvalidInputError, InvalidOptionError } from "./errors";
 import { GenerationProgress, GenerationStream, generationStream } from "./generation-stream";
 import { NativeModel, NativePoolStats, NativeSequence } from "./native";
-import { GenerateOptions, GenerationDefaults, ResolvedGenerateOptions } from "./options";
+import { describe, GenerateOptions, GenerationDefaults, ResolvedGenerateOptions } from "./options";
 import { DecodeScheduler, SchedulerStats } from "./scheduler";
 import { PrefixCache, PrefixCacheStats } from "./prefix-cache";
 import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill, withCancel } from "./prefill-options";
@@ -263,11 +264,45 @@ export class Model implements AsyncDisposable {
 
   /** Renders messages with the chat template, then generates the assistant's reply. */
   async chat(messages: ChatMessage[], options?: GenerateOptions): Promise<GenerateResult> {
+    return this.generate(this.chatPromptIds(messages), options);
+  }
+
+  /** model.chat(), streaming: the reply's chunks, and `result` as stream() has it. */
+  chatStream(messages: ChatMessage[], options?: GenerateOptions): GenerationStream {
+    return generationStream((progress) => this.chatRequest(messages, options, progress));
+  }
+
+  /** chatStream()'s generator: like stream()'s, the template renders when it is first iterated. */
+  private async *chatRequest(
+    messages: ChatMessage[],
+    options: GenerateOptions | undefined,
+    progress: GenerationProgress,
+  ): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
+    return yield* this.streamRequest(this.chatPromptIds(messages), options, progress);
+  }
+
+  /** The prompt of a chat: the messages through the chat template, ready for the reply. */
+  private chatPromptIds(messages: ChatMessage[]): number[] {
     if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json`, "LCKV_NO_TOKENIZER");
     const text = this.tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true });
     // The template already holds any BOS, so no special tokens are added again.
-    const ids = this.tokenizer.encode(text, { addSpecialTokens: false });
-    return this.generate(ids, options);
+    return this.tokenizer.encode(text, { addSpecialTokens: false });
+  }
+
+  /**
+   * A multi-turn chat that keeps one sequence between turns: session.send(text) streams the
+   * reply, and each turn prefills only the tokens the conversation gained since the last.
+   */
+  createChatSession(options: ChatSessionOptions = {}): ChatSession {
+    if (typeof options !== "object" || options === null) throw new InvalidOptionError("options", "must be an object");
+    for (const k of Object.keys(options)) {
+      if (k !== "system") throw new InvalidOptionError(k, "is not a chat session option (known: system)");
+    }
+    if (options.system !== undefined && typeof options.system !== "string") {
+      throw new InvalidOptionError("system", `must be a string, got ${describe(options.system)}`);
+    }
+    if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json`, "LCKV_NO_TOKENIZER");
+    return new ChatSession(this.engine, this.createSequence(), options.system);
   }
 
   /** Frees the weights and every sequence. Calls after this throw DisposedError. */
