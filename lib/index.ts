@@ -9,7 +9,7 @@ export { loadModel, DEFAULT_MODEL_DIR } from "./load-model";
 export type { LoadOptions, Device, DType } from "./load-model";
 export { resolveModel, isHubModelId } from "./hub";
 export type { ResolveModelOptions } from "./hub";
-export { Model, KV_PAGE_TOKENS } from "./model";
+export { Model, KV_PAGE_TOKENS, MAX_COMPLETIONS } from "./model";
 export type { CacheStats } from "./model";
 export type { GenerateResult, StreamChunk, ForwardResult, PrefillOptions, TokenLogprob, TopLogprob, GenerationTimings } from "./types";
 export type { GenerationStream } from "./generation-stream";

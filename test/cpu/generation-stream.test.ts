@@ -1,6 +1,7 @@
 /**
  * GenerationStream: `result` in every way a stream can end (to the end, an early return or
- * break, an error), timings, and Sequence.generate()'s stream.
+ * break, an error), timings, Sequence.generate()'s stream, and streamMany() (n completions of one
+ * prefill).
  */
 import { GenerateResult, GenerationStream, InvalidOptionError, loadModel, Model, StreamChunk } from "../../lib";
 import { writeTinyModel } from "../helpers/tiny-model";
@@ -138,5 +139,73 @@ describe("timings", () => {
     const none = await model.generate(prompt, { maxNewTokens: 0 });
     expect(none.timings.tokensPerSecond).toBe(0);
     expect(none.timings.timeToFirstTokenMs).toBe(none.timings.totalMs);
+  });
+});
+
+describe("streamMany", () => {
+  test("greedy n = 3: three completions equal to generate(), the prompt prefilled once", async () => {
+    const alone = await model.generate(prompt, { maxNewTokens: 9 });
+    const p0 = model.cacheStats().prefilledTokens;
+    await model.generate(prompt, { maxNewTokens: 9 });
+    const once = model.cacheStats().prefilledTokens - p0;
+    expect(once).toBe(prompt.length - 1);
+    const live = model.cacheStats().liveSequences;
+
+    const p1 = model.cacheStats().prefilledTokens;
+    const streams = model.streamMany(prompt, 3, { maxNewTokens: 9 });
+    expect(streams).toHaveLength(3);
+    const results = await Promise.all(streams.map(async (s) => (await drain(s)).result));
+    expect(model.cacheStats().prefilledTokens - p1).toBe(once);
+    for (const r of results) {
+      expect(r.tokens).toEqual(alone.tokens);
+      expect(r.usage).toEqual(alone.usage);
+      expect(r.finishReason).toBe(alone.finishReason);
+    }
+    expect(model.cacheStats().liveSequences).toBe(live);
+    expect(model.auditCache()).toBe("");
+  });
+
+  test("sampled: completion i is what generate() gives with seed + i", async () => {
+    const opts = { maxNewTokens: 10, temperature: 1.5, seed: 100 };
+    const streams = model.streamMany(prompt, 4, opts);
+    // Consumed one after another: each fork waits for its stream.
+    const results: GenerateResult[] = [];
+    for (const s of streams) results.push((await drain(s)).result);
+    for (const [i, r] of results.entries()) {
+      expect(r.tokens).toEqual((await model.generate(prompt, { ...opts, seed: 100 + i })).tokens);
+    }
+    expect(new Set(results.map((r) => r.tokens.join())).size).toBeGreaterThan(1);
+  });
+
+  test("a stream returned before it starts frees its fork; the others go on", async () => {
+    const live = model.cacheStats().liveSequences;
+    const [a, b, c] = model.streamMany(prompt, 3, { maxNewTokens: 4 });
+    await c.return();
+    const ra = await drain(a);
+    await b.return();
+    expect(ra.result.tokens).toHaveLength(4);
+    expect((await b.result).finishReason).toBe("abort");
+    expect((await c.result).tokens).toEqual([]);
+    expect(model.cacheStats().liveSequences).toBe(live);
+    expect(model.auditCache()).toBe("");
+  });
+
+  test("n and the options are checked; errors reach every stream", async () => {
+    for (const n of [0, -1, 1.5, 129, NaN]) {
+      const err = (() => {
+        try {
+          model.streamMany(prompt, n);
+        } catch (e) {
+          return e;
+        }
+      })();
+      expect(err).toBeInstanceOf(InvalidOptionError);
+      expect((err as InvalidOptionError).option).toBe("n");
+    }
+    const streams = model.streamMany(prompt, 2, { maxNewTokens: 3, logprobs: 99 });
+    for (const s of streams) {
+      await expect(s.next()).rejects.toThrow(InvalidOptionError);
+      await expect(s.result).rejects.toThrow(InvalidOptionError);
+    }
   });
 });
