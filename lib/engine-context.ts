@@ -163,6 +163,10 @@ export class EngineContext {
    */
   resolveGenerate(options: GenerateOptions | undefined, contextTokens: number): ResolvedGenerateOptions {
     const opts = resolveGenerateOptions(options, this.generationDefaults(contextTokens));
+    const outside = opts.logitBias?.tokens.find((t) => t >= this.config.vocabSize);
+    if (outside !== undefined) {
+      throw new InvalidOptionError("logitBias", `token ${outside} is outside the vocabulary [0, ${this.config.vocabSize})`);
+    }
     if (opts.contextShift === "sink-window" && this.config.plan.window.every((w) => w > 0)) {
       throw new InvalidOptionError("contextShift", "every layer of this model attends through a sliding window, which already bounds its memory: generate without contextShift");
     }

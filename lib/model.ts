@@ -4,11 +4,13 @@
  */
 import "./dispose-symbols";
 import { Admission, AdmissionOptions, KV_PAGE_TOKENS } from "./admission";
+import { ChatSession, ChatSessionOptions } from "./chat-session";
 import { ModelConfig } from "./config";
 import { EngineContext } from "./engine-context";
-import { AbortError, DisposedError, fromNative, InvalidInputError } from "./errors";
+import { AbortError, DisposedError, fromNative, InvalidInputError, InvalidOptionError } from "./errors";
+import { GenerationProgress, GenerationStream, generationStream } from "./generation-stream";
 import { NativeModel, NativePoolStats, NativeSequence } from "./native";
-import { GenerateOptions, GenerationDefaults, ResolvedGenerateOptions } from "./options";
+import { describe, GenerateOptions, GenerationDefaults, posInt, ResolvedGenerateOptions } from "./options";
 import { DecodeScheduler, SchedulerStats } from "./scheduler";
 import { PrefixCache, PrefixCacheStats } from "./prefix-cache";
 import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill } from "./prefill-options";
@@ -31,6 +33,16 @@ export interface CacheStats extends Omit<NativePoolStats, "sharedRefs"> {
 }
 
 export { KV_PAGE_TOKENS };
+
+/** The most completions streamMany() makes of one prompt (OpenAI's limit for `n`). */
+export const MAX_COMPLETIONS = 128;
+
+/** streamMany()'s prefill, shared by its streams; `ended` when no generation is to run. */
+interface SharedPrefill {
+  promptTokens: number;
+  passes: number;
+  ended?: "length" | "abort";
+}
 
 export class Model implements AsyncDisposable {
   /** Bytes one token of context costs in the cache (only the KV layers are cached). */
@@ -201,18 +213,25 @@ export class Model implements AsyncDisposable {
     return new Sequence(this.engine, native);
   }
 
-  /** Streams generated tokens with their text (a one-shot sequence). */
-  async *stream(input: string | readonly number[], options?: GenerateOptions): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
+  /**
+   * Streams generated tokens with their text (a one-shot sequence). The stream's `result`
+   * settles with the GenerateResult (finish reason, usage, timings) however it ends.
+   */
+  stream(input: string | readonly number[], options?: GenerateOptions): GenerationStream {
+    return generationStream((progress) => this.streamRequest(input, options, progress));
+  }
+
+  /** stream()'s generator. */
+  private async *streamRequest(
+    input: string | readonly number[],
+    options: GenerateOptions | undefined,
+    progress: GenerationProgress,
+  ): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
     const prompt = this.toTokenIds(input);
     const opts = this.resolveGenerate(options, prompt.length);
     this.nativeModel();
-    const done = (finishReason: GenerateResult["finishReason"]): GenerateResult => ({
-      text: "",
-      tokens: [],
-      finishReason,
-      usage: { promptTokens: prompt.length, completionTokens: 0 },
-      prefillPasses: 0,
-    });
+    progress.promptTokens = prompt.length;
+    const done = (finishReason: GenerateResult["finishReason"]): GenerateResult => progress.result(finishReason);
     if (opts.maxNewTokens === 0) return done("length");
     if (opts.signal?.aborted) return done("abort");
     // Reuse the longest prefix a finished request left in the cache; prefill only the rest.
@@ -231,7 +250,7 @@ export class Model implements AsyncDisposable {
         if (e instanceof AbortError) return done("abort");  // aborted mid-prefill: nothing was added
         throw e;
       }
-      const result = yield* seq.run(options, prompt.length, passes);
+      const result = yield* seq.run(options, prompt.length, passes, progress);
       finished = true;
       return result;
     } finally {
@@ -255,11 +274,138 @@ export class Model implements AsyncDisposable {
 
   /** Renders messages with the chat template, then generates the assistant's reply. */
   async chat(messages: ChatMessage[], options?: GenerateOptions): Promise<GenerateResult> {
+    return this.generate(this.chatPromptIds(messages), options);
+  }
+
+  /** model.chat(), streaming: the reply's chunks, and `result` as stream() has it. */
+  chatStream(messages: ChatMessage[], options?: GenerateOptions): GenerationStream {
+    return generationStream((progress) => this.chatRequest(messages, options, progress));
+  }
+
+  /** chatStream()'s generator: like stream()'s, the template renders when it is first iterated. */
+  private async *chatRequest(
+    messages: ChatMessage[],
+    options: GenerateOptions | undefined,
+    progress: GenerationProgress,
+  ): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
+    return yield* this.streamRequest(this.chatPromptIds(messages), options, progress);
+  }
+
+  /** The prompt of a chat: the messages through the chat template, ready for the reply. */
+  private chatPromptIds(messages: ChatMessage[]): number[] {
     if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json`, "LCKV_NO_TOKENIZER");
     const text = this.tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true });
     // The template already holds any BOS, so no special tokens are added again.
-    const ids = this.tokenizer.encode(text, { addSpecialTokens: false });
-    return this.generate(ids, options);
+    return this.tokenizer.encode(text, { addSpecialTokens: false });
+  }
+
+  /**
+   * A multi-turn chat that keeps one sequence between turns: session.send(text) streams the
+   * reply, and each turn prefills only the tokens the conversation gained since the last.
+   */
+  createChatSession(options: ChatSessionOptions = {}): ChatSession {
+    if (typeof options !== "object" || options === null) throw new InvalidOptionError("options", "must be an object");
+    for (const k of Object.keys(options)) {
+      if (k !== "system") throw new InvalidOptionError(k, "is not a chat session option (known: system)");
+    }
+    if (options.system !== undefined && typeof options.system !== "string") {
+      throw new InvalidOptionError("system", `must be a string, got ${describe(options.system)}`);
+    }
+    if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json`, "LCKV_NO_TOKENIZER");
+    return new ChatSession(this.engine, this.createSequence(), options.system);
+  }
+
+  /**
+   * n completions of one prompt from one prefill (OpenAI's `n`): the prompt is prefilled once
+   * and the sequence forked n times (the forks share its pages, copy-on-write); completion i
+   * samples with seed + i when a seed is given. The prefill runs when the first stream is
+   * iterated; a stream that is never iterated holds its fork until return() is called on it.
+   */
+  streamMany(input: string | readonly number[], n: number, options?: GenerateOptions): GenerationStream[] {
+    posInt("n", n, MAX_COMPLETIONS);
+    const forks: (Sequence | null)[] = new Array(n).fill(null);
+    const closed: boolean[] = new Array(n).fill(false);
+    let shared: Promise<SharedPrefill> | undefined;
+    const prefill = () => {
+      if (!shared) {
+        shared = this.prefillForForks(input, options, forks, closed);
+        shared.catch(() => {});  // each stream that waits on it reports the error
+      }
+      return shared;
+    };
+    return forks.map((_, i) =>
+      generationStream(
+        (progress) => this.forkedRequest(i, prefill, forks, options, progress),
+        () => {
+          closed[i] = true;
+          forks[i]?.dispose();  // a fork its stream never took
+          forks[i] = null;
+        },
+      ),
+    );
+  }
+
+  /** streamMany()'s shared prefill: fills forks[i] for each stream not closed yet. */
+  private async prefillForForks(
+    input: string | readonly number[],
+    options: GenerateOptions | undefined,
+    forks: (Sequence | null)[],
+    closed: boolean[],
+  ): Promise<SharedPrefill> {
+    const prompt = this.toTokenIds(input);
+    const opts = this.resolveGenerate(options, prompt.length);
+    this.nativeModel();
+    if (opts.maxNewTokens === 0) return { promptTokens: prompt.length, passes: 0, ended: "length" };
+    if (opts.signal?.aborted) return { promptTokens: prompt.length, passes: 0, ended: "abort" };
+    const hit = this.prefixCache.take(prompt, prefillKvTolerance(opts.prefill, opts.prefillTolerance));
+    const seq = hit ? hit.seq : this.createSequence();
+    try {
+      if (!(await seq.reserveRequest(prompt.length, opts.maxNewTokens, opts.signal))) return { promptTokens: prompt.length, passes: 0, ended: "abort" };
+      let passes: number;
+      try {
+        ({ passes } = await seq.appendTokens(hit ? prompt.slice(hit.reused) : prompt, opts, true));
+      } catch (e) {
+        if (e instanceof AbortError) return { promptTokens: prompt.length, passes: 0, ended: "abort" };
+        throw e;
+      }
+      forks.forEach((_, i) => {
+        if (!closed[i]) forks[i] = seq.fork();
+      });
+      return { promptTokens: prompt.length, passes };
+    } finally {
+      // The forks hold the prompt's pages; its own reservation goes with it.
+      seq.dispose();
+    }
+  }
+
+  /** streamMany()'s stream i: generates on its fork of the shared prefill. */
+  private async *forkedRequest(
+    i: number,
+    prefill: () => Promise<SharedPrefill>,
+    forks: (Sequence | null)[],
+    options: GenerateOptions | undefined,
+    progress: GenerationProgress,
+  ): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
+    const shared = await prefill();
+    progress.promptTokens = shared.promptTokens;
+    if (shared.ended) return progress.result(shared.ended);
+    const seq = forks[i];
+    forks[i] = null;
+    if (!seq) throw new DisposedError("the model");  // freed with the model while the prefill ran
+    let finished = false;
+    try {
+      const seed = options?.seed;
+      const opts = typeof seed === "number" ? { ...options, seed: seed + i } : options;
+      const result = yield* seq.run(opts, shared.promptTokens, shared.passes, progress);
+      finished = true;
+      return result;
+    } finally {
+      // The first completion is kept for prefix reuse, as stream() keeps its sequence.
+      if (finished && i === 0 && !this.disposed) {
+        this.prefixCache.offer(seq);
+        this.admission.pump();
+      } else seq.dispose();
+    }
   }
 
   /**

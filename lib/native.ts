@@ -9,6 +9,26 @@ export interface NativeSamplingParams {
   minP: number;
   repetitionPenalty: number;
   seed: number;
+  /** OpenAI's penalties (0 = off), over the sequence's tokens from index penaltyFrom on. */
+  presencePenalty?: number;
+  frequencyPenalty?: number;
+  penaltyFrom?: number;
+  /** Added to the logits of these token ids. */
+  logitBias?: { tokens: Int32Array; values: Float32Array };
+  /** -1 or absent: none; 0: the chosen token's log-probability; k: also the k most likely. */
+  logprobs?: number;
+}
+
+/** A choice's log-probabilities (natural log), the top tokens most likely first. */
+export interface NativeTokenLogprobs {
+  logprob: number;
+  topTokens: Int32Array;
+  topLogprobs: Float64Array;
+}
+
+/** decodeBatch()'s tokens; `logprobs` only when some row asked (null for the rows that did not). */
+export interface NativeDecodedTokens extends Int32Array {
+  logprobs?: (NativeTokenLogprobs | null)[];
 }
 
 export interface NativeAppendOptions {
@@ -26,6 +46,8 @@ export interface NativeAppendResult {
   length: number;
   logits?: Float32Array;
   token?: number;
+  /** The sampled token's, when the sampling asked for logprobs. */
+  logprobs?: NativeTokenLogprobs;
 }
 
 export interface NativeSequence {
@@ -91,7 +113,7 @@ export interface NativeModelDescription {
 export interface NativeModel {
   loadTensors(list: object[]): Promise<void>;
   /** runAhead (default true): false when the next call will not continue this batch. */
-  decodeBatch(seqs: NativeSequence[], tokens: Int32Array, sampling: NativeSamplingParams[], runAhead?: boolean): Promise<Int32Array>;
+  decodeBatch(seqs: NativeSequence[], tokens: Int32Array, sampling: NativeSamplingParams[], runAhead?: boolean): Promise<NativeDecodedTokens>;
   finalize(): void;
   createSequence(maxContext: number): NativeSequence;
   createPool(pages: number, pageTokens: number): void;

@@ -20,6 +20,33 @@ export interface SamplingOptions {
   repetitionPenalty?: number;
   /** Makes sampling reproducible: the same seed, prompt and options give the same tokens. */
   seed?: number;
+  /**
+   * OpenAI's presence penalty, in [-2, 2] (default 0): subtracted from the logit of every token
+   * this request has generated so far (its prompt does not count). Applied after
+   * repetitionPenalty, before temperature and the filters, as in OpenAI's API and vLLM.
+   */
+  presencePenalty?: number;
+  /**
+   * OpenAI's frequency penalty, in [-2, 2] (default 0): subtracted from a token's logit once per
+   * time this request has generated it: logit[t] -= presencePenalty * (count[t] > 0) +
+   * frequencyPenalty * count[t], count over the generated tokens.
+   */
+  frequencyPenalty?: number;
+  /**
+   * Token id -> bias added to its logit, each in [-100, 100] (at most 300 entries, ids within
+   * the vocabulary): 100 all but forces a token, -100 all but bans it. Applied after the
+   * penalties.
+   */
+  logitBias?: Record<number, number>;
+  /**
+   * Log-probabilities of the generated tokens: an integer 0..20; 0 = each chosen token's only,
+   * k = also the k most likely tokens at each step (StreamChunk.logprob / topLogprobs,
+   * GenerateResult.logprobs). They are the log-softmax of the processed logits: after
+   * repetitionPenalty, presencePenalty, frequencyPenalty and logitBias, before temperature,
+   * top-k, top-p and min-p (vLLM's default "raw" log-probabilities of the processed logits), so
+   * they do not depend on the temperature and a token the filters would drop still has one.
+   */
+  logprobs?: number;
 }
 
 export interface GenerateOptions extends SamplingOptions {
@@ -54,7 +81,14 @@ export interface GenerateOptions extends SamplingOptions {
 
 const GENERATE_KEYS = new Set([
   "maxNewTokens", "temperature", "topK", "topP", "minP", "repetitionPenalty", "seed", "stop", "signal", "prefill", "prefillPasses", "prefillTolerance", "ignoreEos", "contextShift", "sinkTokens",
+  "presencePenalty", "frequencyPenalty", "logitBias", "logprobs",
 ]);
+
+/** OpenAI's limits for presence and frequency penalties, logit bias, and top log-probabilities. */
+export const MAX_PENALTY = 2;
+export const MAX_LOGIT_BIAS = 100;
+export const MAX_LOGIT_BIAS_ENTRIES = 300;
+export const MAX_TOP_LOGPROBS = 20;
 
 /** The largest value an option the engine takes as a 32-bit integer may have. */
 export const INT32_MAX = 2 ** 31 - 1;
@@ -125,7 +159,41 @@ export function tolerance(v: unknown): number {
 }
 
 /** The resolved options that generation_config.json and the config give defaults for. */
-export type GenerationDefaults = Omit<ResolvedGenerateOptions, "stop" | "signal" | "seed" | "ignoreEos" | "prefillTolerance" | "contextShift" | "sinkTokens">;
+export type GenerationDefaults = Omit<
+  ResolvedGenerateOptions,
+  "stop" | "signal" | "seed" | "ignoreEos" | "prefillTolerance" | "contextShift" | "sinkTokens" | "presencePenalty" | "frequencyPenalty" | "penaltyFrom" | "logitBias" | "logprobs"
+>;
+
+/** A penalty in [-MAX_PENALTY, MAX_PENALTY]. */
+function penalty(name: string, v: unknown): number {
+  const x = finite(name, v);
+  if (x < -MAX_PENALTY || x > MAX_PENALTY) throw new InvalidOptionError(name, `must be in [-${MAX_PENALTY}, ${MAX_PENALTY}], got ${x}`);
+  return x;
+}
+
+/**
+ * logitBias as the engine takes it; ids are checked against the vocabulary where the model is
+ * known (EngineContext.resolveGenerate).
+ */
+function logitBias(v: unknown): { tokens: Int32Array; values: Float32Array } {
+  if (typeof v !== "object" || v === null || Array.isArray(v)) {
+    throw new InvalidOptionError("logitBias", `must be an object of token id -> bias, got ${Array.isArray(v) ? "an array" : describe(v)}`);
+  }
+  const entries = Object.entries(v as Record<string, unknown>);
+  if (entries.length > MAX_LOGIT_BIAS_ENTRIES) throw new InvalidOptionError("logitBias", `may hold at most ${MAX_LOGIT_BIAS_ENTRIES} entries, got ${entries.length}`);
+  const tokens = new Int32Array(entries.length);
+  const values = new Float32Array(entries.length);
+  entries.forEach(([k, b], i) => {
+    const id = Number(k);
+    if (!/^(0|[1-9][0-9]*)$/.test(k) || id > INT32_MAX) throw new InvalidOptionError("logitBias", `keys must be token ids (non-negative integers), got ${JSON.stringify(k)}`);
+    if (typeof b !== "number" || !Number.isFinite(b) || b < -MAX_LOGIT_BIAS || b > MAX_LOGIT_BIAS) {
+      throw new InvalidOptionError("logitBias", `the bias of token ${k} must be a number in [-${MAX_LOGIT_BIAS}, ${MAX_LOGIT_BIAS}], got ${describe(b)}`);
+    }
+    tokens[i] = id;
+    values[i] = b;
+  });
+  return { tokens, values };
+}
 
 /** Validates options over defaults (from generation_config.json). */
 export function resolveGenerateOptions(opts: GenerateOptions | undefined, defaults: GenerationDefaults): ResolvedGenerateOptions {
@@ -201,5 +269,9 @@ export function resolveGenerateOptions(opts: GenerateOptions | undefined, defaul
     r.contextShift = o.contextShift;
   }
   if (o.sinkTokens !== undefined) r.sinkTokens = nonNegInt("sinkTokens", o.sinkTokens);
+  if (o.presencePenalty !== undefined) r.presencePenalty = penalty("presencePenalty", o.presencePenalty);
+  if (o.frequencyPenalty !== undefined) r.frequencyPenalty = penalty("frequencyPenalty", o.frequencyPenalty);
+  if (o.logitBias !== undefined) r.logitBias = logitBias(o.logitBias);
+  if (o.logprobs !== undefined) r.logprobs = nonNegInt("logprobs", o.logprobs, MAX_TOP_LOGPROBS);
   return r;
 }

@@ -8,7 +8,13 @@
  * same alone and in a batch of 16 (test/gpu).
  */
 import { fromNative } from "./errors";
-import { NativeModel, NativeSamplingParams, NativeSequence } from "./native";
+import { NativeDecodedTokens, NativeModel, NativeSamplingParams, NativeSequence, NativeTokenLogprobs } from "./native";
+
+/** A decode step's token for one sequence, and its log-probabilities when the sampling asked. */
+export interface DecodedToken {
+  token: number;
+  logprobs?: NativeTokenLogprobs;
+}
 
 interface DecodeRequest {
   seq: NativeSequence;
@@ -16,7 +22,7 @@ interface DecodeRequest {
   sampling: NativeSamplingParams;
   /** The caller will not ask for the step after this one (its generation ends here). */
   last: boolean;
-  resolve: (token: number) => void;
+  resolve: (decoded: DecodedToken) => void;
   reject: (e: unknown) => void;
 }
 
@@ -43,7 +49,7 @@ export class DecodeScheduler {
    * Appends `token` to `seq`, and resolves with the token sampled after it. `last`: the caller
    * will not continue the sequence after this step, so the GPU need not run the next one ahead.
    */
-  decode(seq: NativeSequence, token: number, sampling: NativeSamplingParams, last = false): Promise<number> {
+  decode(seq: NativeSequence, token: number, sampling: NativeSamplingParams, last = false): Promise<DecodedToken> {
     return new Promise((resolve, reject) => {
       this.queue.push({ seq, token, sampling, last, resolve, reject });
       this.kick();
@@ -79,7 +85,7 @@ export class DecodeScheduler {
         this.stats.steps++;
         this.stats.tokens += batch.length;
         this.stats.maxBatch = Math.max(this.stats.maxBatch, batch.length);
-        batch.forEach((r, i) => r.resolve(out[i]));
+        batch.forEach((r, i) => r.resolve(decoded(out, i)));
       } catch (e) {
         // A batch fails as a whole (nothing changed); run each request alone so that only the
         // one at fault (a disposed or full sequence, say) sees an error.
@@ -91,7 +97,7 @@ export class DecodeScheduler {
               const out = await model.decodeBatch([r.seq], Int32Array.of(r.token), [r.sampling]);
               this.stats.steps++;
               this.stats.tokens++;
-              r.resolve(out[0]);
+              r.resolve(decoded(out, 0));
             } catch (e2) {
               r.reject(fromNative(e2));
             }
@@ -103,4 +109,9 @@ export class DecodeScheduler {
       this.kick();
     }
   }
+}
+
+function decoded(out: NativeDecodedTokens, row: number): DecodedToken {
+  const lp = out.logprobs?.[row];
+  return lp ? { token: out[row], logprobs: lp } : { token: out[row] };
 }

@@ -11,7 +11,8 @@ import "./dispose-symbols";
 import { KV_PAGE_TOKENS, ReserveOptions } from "./admission";
 import { AbortError, BusyError, DisposedError, fromNative, InvalidOptionError, LckvError } from "./errors";
 import type { EngineContext } from "./engine-context";
-import { NativeSamplingParams, NativeSequence } from "./native";
+import { GenerationProgress, GenerationStream, generationStream, tokenLogprob } from "./generation-stream";
+import { NativeSamplingParams, NativeSequence, NativeTokenLogprobs } from "./native";
 import { DEFAULT_PREFILL_TOLERANCE, GenerateOptions, nonNegInt } from "./options";
 import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill, ResolvedPrefill } from "./prefill-options";
 import { TextStream } from "./textstream";
@@ -136,6 +137,11 @@ export class Sequence implements Disposable {
     return this.ensureReserved(Math.min(promptTokens + maxNewTokens, this.engine.maxContext), { signal, decodeFrom: promptTokens });
   }
 
+  /** @internal Drops a reservation reserveRequest() made, when the request does not go on. */
+  releaseRequest(): void {
+    this.releaseReservation();
+  }
+
   /** Adds text or token ids to the sequence (prefilling all but the last new token). */
   async append(input: string | readonly number[], options: PrefillOptions = {}): Promise<{ passes: number }> {
     return this.appendTokens(input, checkPrefillOptions(options), false);
@@ -198,13 +204,26 @@ export class Sequence implements Disposable {
     return { passes };
   }
 
-  /** Generates from the end of the sequence; the generated tokens become part of it. */
-  generate(options?: GenerateOptions): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
-    return this.run(options, 0);
+  /**
+   * Generates from the end of the sequence; the generated tokens become part of it. The stream's
+   * `result` settles with the GenerateResult however the stream ends.
+   */
+  generate(options?: GenerateOptions): GenerationStream {
+    return generationStream((progress) => this.run(options, 0, 0, progress));
   }
 
-  /** @internal The generation loop behind generate() and model.generate(). */
-  async *run(options: GenerateOptions | undefined, promptTokens: number, prefillPasses = 0): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
+  /**
+   * @internal The generation loop behind generate() and model.generate(). `progress` receives
+   * the tokens as they come (an early return() builds its result from it).
+   */
+  async *run(
+    options: GenerateOptions | undefined,
+    promptTokens: number,
+    prefillPasses = 0,
+    progress = new GenerationProgress(),
+  ): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
+    progress.promptTokens = promptTokens;
+    progress.prefillPasses = prefillPasses;
     const opts = this.engine.resolveGenerate(options, this.length);
     if (this.busy) throw new BusyError("the sequence is busy: await its previous append() or generate() first");
     const native = this.live();
@@ -235,14 +254,14 @@ export class Sequence implements Disposable {
       // Aborted while waiting for pages: nothing ran, and the sequence is free again.
       this.busy = false;
       this.releaseReservation();
-      return { text: "", tokens: [], finishReason: "abort", usage: { promptTokens, completionTokens: 0 }, prefillPasses };
+      return progress.result("abort");
     }
     const eos = new Set(opts.ignoreEos ? [] : this.engine.eosTokenIds);
     const tokenizer = this.engine.tokenizer;
     // The last tokens before the generation are decoding context (a SentencePiece decoder strips
     // the leading space of text decoded alone).
     const text = new TextStream((ids) => (tokenizer ? tokenizer.decode(ids) : ""), opts.stop, this.tokens.slice(-TEXT_CONTEXT_TOKENS));
-    const tokens: number[] = [];
+    const tokens = progress.tokens;
     let finishReason: GenerateResult["finishReason"] = "length";
     const sample: NativeSamplingParams = {
       temperature: opts.temperature,
@@ -252,6 +271,18 @@ export class Sequence implements Disposable {
       repetitionPenalty: opts.repetitionPenalty,
       seed: opts.seed,
     };
+    // The options beyond these go to the engine only when set (its common path reads none).
+    if (opts.presencePenalty || opts.frequencyPenalty) {
+      sample.presencePenalty = opts.presencePenalty ?? 0;
+      sample.frequencyPenalty = opts.frequencyPenalty ?? 0;
+      // The penalties count this request's tokens only: those from here on.
+      sample.penaltyFrom = this.length;
+    }
+    if (opts.logitBias && opts.logitBias.tokens.length > 0) sample.logitBias = opts.logitBias;
+    if (opts.logprobs !== undefined) {
+      sample.logprobs = opts.logprobs;
+      progress.logprobs = [];
+    }
     try {
       while (opts.maxNewTokens > 0) {
         if (opts.signal?.aborted) {
@@ -261,16 +292,21 @@ export class Sequence implements Disposable {
         // The pending token must fit in the context to be evaluated; the token sampled from the
         // last position is still returned (and stays pending, past the context).
         if (this.length > this.engine.maxContext) {
+          const before = this.evaluated.length;
+          const { sink } = this.shiftPlan(opts.sinkTokens, before);
           if (opts.contextShift !== "sink-window" || !(await this.shiftContext(opts.sinkTokens, opts.maxNewTokens - tokens.length, opts.signal))) {
             if (opts.signal?.aborted) finishReason = "abort";  // aborted while the shift waited for pages
             break;
           }
+          // The generated tokens moved down with the rest (those the shift dropped no longer count).
+          if (sample.penaltyFrom !== undefined) sample.penaltyFrom = Math.max(sink, sample.penaltyFrom - (before - this.evaluated.length));
         }
         const run = this.pending;
         let tok: number;
+        let logprobs: NativeTokenLogprobs | undefined;
         if (run.length === 1) {
           // A decode step: batched with every other sequence decoding now.
-          tok = await this.engine.scheduler.decode(native, run[0], sample, tokens.length + 1 >= opts.maxNewTokens);
+          ({ token: tok, logprobs } = await this.engine.scheduler.decode(native, run[0], sample, tokens.length + 1 >= opts.maxNewTokens));
         } else {
           let r;
           try {
@@ -284,11 +320,13 @@ export class Sequence implements Disposable {
           } catch (e) {
             throw fromNative(e);
           }
-          prefillPasses = Math.max(prefillPasses, r.passes);
+          progress.prefillPasses = Math.max(progress.prefillPasses, r.passes);
           this.engine.countPrefilled(run.length);
           this.notePrefill(opts.prefill, run.length, opts.prefillTolerance);
           tok = r.token!;
+          logprobs = r.logprobs;
         }
+        progress.noteToken();
         this.evaluated.push(...run);
         this.pending = [];
         if (eos.has(tok)) {
@@ -299,7 +337,13 @@ export class Sequence implements Disposable {
         this.pending = [tok];
         const delta = text.push(tokens);
         // Every token in the result has its chunk, the one that completed a stop string included.
-        yield { text: delta, token: tok };
+        if (progress.logprobs && logprobs) {
+          const lp = tokenLogprob(tok, logprobs);
+          progress.logprobs.push(lp);
+          yield { text: delta, token: tok, logprob: lp.logprob, topLogprobs: lp.topLogprobs };
+        } else {
+          yield { text: delta, token: tok };
+        }
         if (text.stopped) {
           finishReason = "stop";
           break;
@@ -313,13 +357,7 @@ export class Sequence implements Disposable {
     const rest = text.flush();
     if (text.stopped && finishReason === "length") finishReason = "stop";  // a stop string in the text held back to the end
     if (rest) yield { text: rest, token: null };
-    return {
-      text: text.value,
-      tokens,
-      finishReason,
-      usage: { promptTokens, completionTokens: tokens.length },
-      prefillPasses,
-    };
+    return progress.result(finishReason, text.value);
   }
 
   /** Where a context shift of a sequence of `length` tokens cuts: whole pages. */

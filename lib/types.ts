@@ -5,6 +5,33 @@
  */
 import type { PrefillMode } from "./options";
 
+/** One of the most likely tokens at a step, with its log-probability. */
+export interface TopLogprob {
+  token: number;
+  logprob: number;
+}
+
+/**
+ * A generated token's log-probability (natural log), and with `logprobs: k > 0` the k most
+ * likely tokens at its step, most likely first. See GenerateOptions.logprobs for the
+ * distribution they are taken from.
+ */
+export interface TokenLogprob {
+  token: number;
+  logprob: number;
+  /** Present (possibly empty, for `logprobs: 0`) whenever log-probabilities were asked for. */
+  topLogprobs?: TopLogprob[];
+}
+
+/** How long a generation took, measured from the call that began it (queueing and prefill included). */
+export interface GenerationTimings {
+  /** Until the first token was sampled (the whole time when none was). */
+  timeToFirstTokenMs: number;
+  totalMs: number;
+  /** (completionTokens - 1) over the time after the first token; 0 with fewer than 2 tokens. */
+  tokensPerSecond: number;
+}
+
 export interface GenerateResult {
   text: string;
   tokens: number[];
@@ -12,6 +39,9 @@ export interface GenerateResult {
   usage: { promptTokens: number; completionTokens: number };
   /** Passes the prefill ran over the cyclic layer group (1 when the model has none). */
   prefillPasses: number;
+  timings: GenerationTimings;
+  /** One entry per token of `tokens`, when the options asked for `logprobs`. */
+  logprobs?: TokenLogprob[];
 }
 
 export interface StreamChunk {
@@ -22,6 +52,10 @@ export interface StreamChunk {
    * have begun a stop string, released when generation ended otherwise (it belongs to no one token).
    */
   token: number | null;
+  /** The token's log-probability, when the options asked for `logprobs` (absent when token is null). */
+  logprob?: number;
+  /** The most likely tokens at this step, when the options asked for `logprobs` (empty for 0). */
+  topLogprobs?: TopLogprob[];
 }
 
 export interface PrefillOptions {

@@ -112,7 +112,41 @@ SamplingParams parseSampling(const Napi::Object& so) {
   sp.minP = (float)getNum(so, "minP", 0);
   sp.repetitionPenalty = (float)getNum(so, "repetitionPenalty", 1);
   sp.seed = (uint64_t)(int64_t)getNum(so, "seed", 0);
+  sp.presencePenalty = (float)getNum(so, "presencePenalty", 0);
+  sp.frequencyPenalty = (float)getNum(so, "frequencyPenalty", 0);
+  sp.penaltyFrom = getInt(so, "penaltyFrom", false, 0);
+  sp.logprobs = getInt(so, "logprobs", false, -1);
+  if (sp.logprobs < -1) throwInvalid(so.Env(), "'logprobs' must be -1 (none) or a count of top tokens");
+  // logitBias: {tokens: Int32Array, values: Float32Array} of one length.
+  Napi::Value bv = so.Get("logitBias");
+  if (!bv.IsUndefined()) {
+    if (!bv.IsObject()) throwInvalid(so.Env(), "'logitBias' must be {tokens: Int32Array, values: Float32Array}");
+    Napi::Object b = bv.As<Napi::Object>();
+    Napi::Value tv = b.Get("tokens"), vv = b.Get("values");
+    if (!tv.IsTypedArray() || tv.As<Napi::TypedArray>().TypedArrayType() != napi_int32_array || !vv.IsTypedArray() ||
+        vv.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+      throwInvalid(so.Env(), "'logitBias' must be {tokens: Int32Array, values: Float32Array}");
+    Napi::Int32Array t = tv.As<Napi::Int32Array>();
+    Napi::Float32Array v = vv.As<Napi::Float32Array>();
+    if (t.ElementLength() != v.ElementLength()) throwInvalid(so.Env(), "'logitBias': tokens and values differ in length");
+    sp.logitBias.reserve(t.ElementLength());
+    for (size_t i = 0; i < t.ElementLength(); ++i) sp.logitBias.emplace_back(t[i], v[i]);
+  }
   return sp;
+}
+
+Napi::Object logprobsToJs(Napi::Env env, const TokenLogprobs& lp) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("logprob", Napi::Number::New(env, lp.logprob));
+  Napi::Int32Array t = Napi::Int32Array::New(env, lp.topTokens.size());
+  Napi::Float64Array v = Napi::Float64Array::New(env, lp.topLogprobs.size());
+  for (size_t i = 0; i < lp.topTokens.size(); ++i) {
+    t[i] = lp.topTokens[i];
+    v[i] = lp.topLogprobs[i];
+  }
+  o.Set("topTokens", t);
+  o.Set("topLogprobs", v);
+  return o;
 }
 
 }  // namespace lckv::addon

@@ -1,5 +1,6 @@
 // Reading JavaScript arguments and options into engine values: typed numbers and flags that name
-// the option in their error, the model description, sampling options and the backend option.
+// the option in their error, the model description, sampling options and the backend option;
+// and the one sampling result both wrapped classes return (a choice's log-probabilities).
 // Every error is LCKV_INVALID_ARGUMENT unless said otherwise.
 #pragma once
 #include <napi.h>
@@ -28,6 +29,8 @@ std::vector<int> toInts(const std::vector<double>& d);
 ModelConfig parseConfig(const Napi::Object& o);
 // A sampling object of append() or decodeBatch().
 SamplingParams parseSampling(const Napi::Object& so);
+// {logprob, topTokens: Int32Array, topLogprobs: Float64Array} (lib/native.ts NativeTokenLogprobs).
+Napi::Object logprobsToJs(Napi::Env env, const TokenLogprobs& lp);
 
 // The backend a JavaScript option names: "cpu" or "cuda" (typed errors for any other name and
 // for a build without CUDA). Throws EngineError, for the caller's runEngineCall.

@@ -46,7 +46,7 @@ class DecodeBatchWorker : public PromiseWorker {
     std::vector<SequenceState*> states;
     for (auto& s : seqs_) states.push_back(s->state.get());
     std::lock_guard<std::mutex> lk(m_->model->mutex());
-    out_ = m_->model->decodeBatch(states, tokens_, params_, runAhead_);
+    out_ = m_->model->decodeBatch(states, tokens_, params_, runAhead_, &logprobs_);
   }
   void release() {
     for (auto& s : seqs_) s->release();
@@ -59,6 +59,14 @@ class DecodeBatchWorker : public PromiseWorker {
     release();
     Napi::Int32Array a = Napi::Int32Array::New(Env(), out_.size());
     std::memcpy(a.Data(), out_.data(), out_.size() * sizeof(int32_t));
+    if (!logprobs_.empty()) {
+      // Only when some row asked: the tokens array carries one entry per row (null for a row
+      // that did not ask).
+      Napi::Array lp = Napi::Array::New(Env(), logprobs_.size());
+      for (size_t r = 0; r < logprobs_.size(); ++r)
+        lp.Set((uint32_t)r, params_[r].logprobs >= 0 ? Napi::Value(logprobsToJs(Env(), logprobs_[r])) : Env().Null());
+      a.Set("logprobs", lp);
+    }
     deferred_.Resolve(a);
   }
 
@@ -67,6 +75,7 @@ class DecodeBatchWorker : public PromiseWorker {
   std::vector<std::shared_ptr<SharedSequence>> seqs_;
   std::vector<int32_t> tokens_, out_;
   std::vector<SamplingParams> params_;
+  std::vector<TokenLogprobs> logprobs_;
   bool runAhead_;
 };
 
@@ -162,7 +171,8 @@ Napi::Value ModelWrap::LoadTensors(const Napi::CallbackInfo& info) {
 }
 
 // decodeBatch(sequences: NativeSequence[], tokens: Int32Array, sampling: object[], runAhead = true)
-//   -> Promise<Int32Array>. runAhead false: the caller will not continue this batch next.
+//   -> Promise<Int32Array>. runAhead false: the caller will not continue this batch next. When a
+//   row's sampling asks for logprobs, the array also has a `logprobs` property (one per row).
 Napi::Value ModelWrap::DecodeBatch(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto m = live(env);

@@ -44,6 +44,7 @@ class AppendWorker : public PromiseWorker {
       r.Set("logits", a);
     }
     if (sample_) r.Set("token", Napi::Number::New(env, res_.sampled));
+    if (sample_ && sp_.logprobs >= 0) r.Set("logprobs", logprobsToJs(env, res_.sampledLogprobs));
     deferred_.Resolve(r);
   }
 

@@ -142,10 +142,13 @@ void CudaBackend::norm(NormKind kind, const Tensor& x, int n, const Tensor& weig
 
 // Token choice on the device (greedy, or sampling with temperature > 0): only the chosen ids
 // cross to the host. LCKV_DEVICE_SAMPLING=0 makes the host reference sample instead (for
-// bisecting a disagreement between the two).
+// bisecting a disagreement between the two). Rows that ask for what only the host reference
+// does (presence/frequency penalties, logit bias, log-probabilities: needsHostSampling) take
+// the host path too: the row is copied to the host and sampleToken() runs there.
 int32_t CudaBackend::sample(const Tensor& logitsRow, int vocab, const SamplingParams& p, const std::vector<int32_t>& history,
-                            uint64_t position) {
-  if (p.temperature > 0.0f && !deviceSampling_) return Backend::sample(logitsRow, vocab, p, history, position);
+                            uint64_t position, TokenLogprobs* logprobs) {
+  if (needsHostSampling(p) || (p.temperature > 0.0f && !deviceSampling_))
+    return Backend::sample(logitsRow, vocab, p, history, position, logprobs);
   int32_t token = 0;
   sampleRows(logitsRow, 1, vocab, &p, &history, &position, &token);
   return token;
@@ -154,9 +157,11 @@ int32_t CudaBackend::sample(const Tensor& logitsRow, int vocab, const SamplingPa
 // Every row's choice is queued before one copy and one synchronisation; rows that are all
 // plain greedy (no penalty) take one launch, a block per row.
 void CudaBackend::sampleRows(const Tensor& logits, int rows, int vocab, const SamplingParams* params,
-                             const std::vector<int32_t>* histories, const uint64_t* positions, int32_t* out) {
+                             const std::vector<int32_t>* histories, const uint64_t* positions, int32_t* out,
+                             TokenLogprobs* logprobs) {
   for (int r = 0; r < rows; ++r)
-    if (params[r].temperature > 0.0f && !deviceSampling_) return Backend::sampleRows(logits, rows, vocab, params, histories, positions, out);
+    if (needsHostSampling(params[r]) || (params[r].temperature > 0.0f && !deviceSampling_))
+      return Backend::sampleRows(logits, rows, vocab, params, histories, positions, out, logprobs);
   ctx();
   Timed timed(*this, "sample");
   // Its own slot: the two run-ahead slots may hold a queued step's tokens.
@@ -169,7 +174,8 @@ void CudaBackend::sampleRows(const Tensor& logits, int rows, int vocab, const Sa
 
 bool CudaBackend::canQueueSampling(const SamplingParams* params, int rows) const {
   for (int r = 0; r < rows; ++r)
-    if (params[r].repetitionPenalty != 1.0f || (params[r].temperature > 0.0f && !deviceSampling_)) return false;
+    if (params[r].repetitionPenalty != 1.0f || needsHostSampling(params[r]) || (params[r].temperature > 0.0f && !deviceSampling_))
+      return false;
   return steps_.enabled();
 }
 

@@ -42,9 +42,10 @@ class CudaBackend : public Backend {
             Tensor& out) override;
 
   int32_t sample(const Tensor& logitsRow, int vocab, const SamplingParams& p, const std::vector<int32_t>& history,
-                 uint64_t position) override;
+                 uint64_t position, TokenLogprobs* logprobs = nullptr) override;
   void sampleRows(const Tensor& logits, int rows, int vocab, const SamplingParams* params,
-                  const std::vector<int32_t>* histories, const uint64_t* positions, int32_t* out) override;
+                  const std::vector<int32_t>* histories, const uint64_t* positions, int32_t* out,
+                  TokenLogprobs* logprobs = nullptr) override;
   bool canQueueSampling(const SamplingParams* params, int rows) const override;
   void queueSampleRows(const Tensor& logits, int rows, int vocab, const SamplingParams* params, const uint64_t* positions,
                        int slot) override;

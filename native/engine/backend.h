@@ -161,24 +161,28 @@ class Backend : public StepExecution {
 
   // Picks the next token from one row of logits [1, vocab] (sampling.h has the rules). The
   // default copies the row to the host and runs the reference sampler; a GPU backend can keep
-  // the work on the device so that only the token id crosses.
+  // the work on the device so that only the token id crosses. `logprobs` (may be null) receives
+  // the choice's log-probabilities when p.logprobs >= 0. (The same default argument in every
+  // override: callers that want no log-probabilities leave it out.)
   virtual int32_t sample(const Tensor& logitsRow, int vocab, const SamplingParams& p, const std::vector<int32_t>& history,
-                         uint64_t position) {
+                         uint64_t position, TokenLogprobs* logprobs = nullptr) {
     std::vector<float> row((size_t)vocab);
     download(logitsRow, 0, 1, row.data());
-    return sampleToken(row.data(), vocab, p, history, position);
+    return sampleToken(row.data(), vocab, p, history, position, logprobs);
   }
 
   // sample() for rows [0, rows) of logits [rows, vocab], row r with params[r], histories[r]
-  // (read only when its repetition penalty is not 1) and positions[r]; out[r] is its token. A
-  // GPU chooses every row before it synchronises once; the default calls sample() per row.
+  // (read only when readsHistory(params[r])) and positions[r]; out[r] is its token, and
+  // logprobs[r] (when logprobs is not null) its log-probabilities. A GPU chooses every row
+  // before it synchronises once; the default calls sample() per row.
   virtual void sampleRows(const Tensor& logits, int rows, int vocab, const SamplingParams* params,
-                          const std::vector<int32_t>* histories, const uint64_t* positions, int32_t* out) {
+                          const std::vector<int32_t>* histories, const uint64_t* positions, int32_t* out,
+                          TokenLogprobs* logprobs = nullptr) {
     for (int r = 0; r < rows; ++r) {
       Tensor row = logits;
       row.data = static_cast<float*>(logits.data) + (int64_t)r * logits.cols;
       row.rows = 1;
-      out[r] = sample(row, vocab, params[r], histories[r], positions[r]);
+      out[r] = sample(row, vocab, params[r], histories[r], positions[r], logprobs ? &logprobs[r] : nullptr);
     }
   }
 };

@@ -17,7 +17,9 @@ static uint64_t stepKey(int n, int stride, int maxPos) {
 
 static bool sameSampling(const SamplingParams& a, const SamplingParams& b) {
   return a.temperature == b.temperature && a.topK == b.topK && a.topP == b.topP && a.minP == b.minP &&
-         a.repetitionPenalty == b.repetitionPenalty && a.seed == b.seed;
+         a.repetitionPenalty == b.repetitionPenalty && a.seed == b.seed && a.presencePenalty == b.presencePenalty &&
+         a.frequencyPenalty == b.frequencyPenalty && a.penaltyFrom == b.penaltyFrom && a.logitBias == b.logitBias &&
+         a.logprobs == b.logprobs;
 }
 
 bool Model::aheadMatches(const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& tokens,
@@ -82,7 +84,8 @@ void Model::queueStepAhead(Scratch& s, const std::vector<SequenceState*>& seqs, 
 // it only wrote K/V past each sequence's length, which nothing reads. (A device fault in a
 // queued step surfaces in whatever waits on the device next, as any asynchronous fault does.)
 std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& tokens,
-                                        const std::vector<SamplingParams>& params, bool runAhead) {
+                                        const std::vector<SamplingParams>& params, bool runAhead,
+                                        std::vector<TokenLogprobs>* logprobs) {
   if (!ready_) throw EngineError(kErrInvalidArgument, "model weights are not loaded");
   const int n = (int)seqs.size();
   if (n == 0 || tokens.size() != seqs.size() || params.size() != seqs.size())
@@ -154,13 +157,18 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
         be.queueSampleRows(lg, n, cfg_.vocab, params.data(), positions.data(), slot);
       } else {
         std::vector<std::vector<int32_t>> histories((size_t)n);
+        bool wantLogprobs = false;
         for (int r = 0; r < n; ++r) {
-          if (params[(size_t)r].repetitionPenalty != 1.0f) {
+          if (readsHistory(params[(size_t)r])) {
             histories[(size_t)r] = seqs[(size_t)r]->tokens;
             histories[(size_t)r].push_back(tokens[(size_t)r]);
           }
+          wantLogprobs = wantLogprobs || params[(size_t)r].logprobs >= 0;
         }
-        be.sampleRows(lg, n, cfg_.vocab, params.data(), histories.data(), positions.data(), out.data());
+        // Log-probabilities only where a row asks (the common path allocates nothing for them).
+        if (wantLogprobs && logprobs) logprobs->assign((size_t)n, TokenLogprobs{});
+        be.sampleRows(lg, n, cfg_.vocab, params.data(), histories.data(), positions.data(), out.data(),
+                      wantLogprobs && logprobs ? logprobs->data() : nullptr);
       }
     }
     if (queueChoice) {

@@ -57,6 +57,7 @@ struct AppendResult {
   int passes = 0;               // passes over the cyclic group (1 when the plan has none)
   std::vector<float> logits;    // [rows, vocab] as asked
   int32_t sampled = -1;         // next token when sampling was asked
+  TokenLogprobs sampledLogprobs;  // its log-probabilities, when the sampling asked for them
   Tensor lastLogits;            // the last position's logits, on the backend (for sampling)
   // Fixed-point prefill that reached its pass limit without converging: the number of leading
   // positions of the chunk that are exact (the rest are then run token by token). -1 otherwise.
@@ -123,9 +124,12 @@ class Model {
   // samples its next token with params[r]. The weights are read once for the whole batch; each
   // row's result is the same as when its sequence runs alone. All or nothing: on error no
   // sequence changes. runAhead false: the caller will not continue this batch next, so no step
-  // is queued ahead (see the definition).
+  // is queued ahead (see the definition). logprobs: when some row asks for log-probabilities
+  // (params[r].logprobs >= 0), one entry per row (filled for the rows that asked); untouched
+  // otherwise.
   std::vector<int32_t> decodeBatch(const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& tokens,
-                                   const std::vector<SamplingParams>& params, bool runAhead = true);
+                                   const std::vector<SamplingParams>& params, bool runAhead = true,
+                                   std::vector<TokenLogprobs>* logprobs = nullptr);
 
   // Run-ahead decoding (decodeBatch), on by default where the backend can.
   void setRunAhead(bool on) { runAheadOn_ = on; }

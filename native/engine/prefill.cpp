@@ -155,12 +155,13 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
   if (sampling) {
     // Sample before committing, so a failure here leaves the sequence as it was.
     std::vector<int32_t> history;
-    if (sampling->repetitionPenalty != 1.0f) {
+    if (readsHistory(*sampling)) {
       history = seq.tokens;
       history.insert(history.end(), tokens.begin(), tokens.end());
     }
     try {
-      res.sampled = backend_->sample(res.lastLogits, cfg_.vocab, *sampling, history, (uint64_t)(start + n));
+      res.sampled = backend_->sample(res.lastLogits, cfg_.vocab, *sampling, history, (uint64_t)(start + n),
+                                     sampling->logprobs >= 0 ? &res.sampledLogprobs : nullptr);
     } catch (const std::bad_alloc&) {
       throw EngineError(kErrOutOfMemory, "out of memory while sampling");
     }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <unordered_map>
 #include <unordered_set>
 
 #include "rng.h"
@@ -11,18 +12,41 @@ namespace lckv {
 
 double uniformFor(uint64_t seed, uint64_t position) { return uniformDraw(seed, position); }
 
-int32_t sampleToken(const float* logits, int vocab, const SamplingParams& p, const std::vector<int32_t>& history,
-                    uint64_t position) {
-  std::vector<float> x(logits, logits + vocab);
-  for (float& v : x)
-    if (std::isnan(v)) v = -INFINITY;  // a NaN logit is never chosen (and keeps the sort well defined)
-  if (p.repetitionPenalty != 1.0f) {
-    std::unordered_set<int32_t> seen(history.begin(), history.end());
-    for (int32_t t : seen) {
-      if (t < 0 || t >= vocab) continue;
-      x[t] = x[t] > 0 ? x[t] / p.repetitionPenalty : x[t] * p.repetitionPenalty;
-    }
+bool needsHostSampling(const SamplingParams& p) {
+  return p.presencePenalty != 0.0f || p.frequencyPenalty != 0.0f || !p.logitBias.empty() || p.logprobs >= 0;
+}
+
+bool readsHistory(const SamplingParams& p) {
+  return p.repetitionPenalty != 1.0f || p.presencePenalty != 0.0f || p.frequencyPenalty != 0.0f;
+}
+
+// Log-probabilities of x[vocab] (log-softmax in double) for the chosen token and the k most
+// likely tokens.
+static void computeLogprobs(const std::vector<float>& x, int vocab, int k, int32_t chosen, TokenLogprobs& out) {
+  double top = -INFINITY;
+  for (float v : x) top = std::max(top, (double)v);
+  double sum = 0;
+  if (top > -INFINITY)
+    for (float v : x) sum += std::exp((double)v - top);
+  const double lse = top + std::log(sum);  // -inf when every logit is -inf
+  auto logprob = [&](int32_t t) { return top > -INFINITY ? (double)x[(size_t)t] - lse : -INFINITY; };
+  out.logprob = logprob(chosen);
+  out.topTokens.clear();
+  out.topLogprobs.clear();
+  k = std::min(k, vocab);
+  if (k <= 0) return;
+  std::vector<int32_t> idx((size_t)vocab);
+  std::iota(idx.begin(), idx.end(), 0);
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                    [&](int32_t a, int32_t b) { return x[(size_t)a] > x[(size_t)b] || (x[(size_t)a] == x[(size_t)b] && a < b); });
+  for (int i = 0; i < k; ++i) {
+    out.topTokens.push_back(idx[(size_t)i]);
+    out.topLogprobs.push_back(logprob(idx[(size_t)i]));
   }
+}
+
+// Greedy, or temperature, top-k, top-p and min-p over the processed logits x.
+static int32_t chooseToken(const std::vector<float>& x, int vocab, const SamplingParams& p, uint64_t position) {
   if (p.temperature <= 0.0f) {
     int best = 0;
     for (int i = 1; i < vocab; ++i)
@@ -72,6 +96,34 @@ int32_t sampleToken(const float* logits, int vocab, const SamplingParams& p, con
     if (u < cum) return idx[i];
   }
   return idx[keep - 1];
+}
+
+int32_t sampleToken(const float* logits, int vocab, const SamplingParams& p, const std::vector<int32_t>& history,
+                    uint64_t position, TokenLogprobs* logprobs) {
+  std::vector<float> x(logits, logits + vocab);
+  for (float& v : x)
+    if (std::isnan(v)) v = -INFINITY;  // a NaN logit is never chosen (and keeps the sort well defined)
+  if (p.repetitionPenalty != 1.0f) {
+    std::unordered_set<int32_t> seen(history.begin(), history.end());
+    for (int32_t t : seen) {
+      if (t < 0 || t >= vocab) continue;
+      x[t] = x[t] > 0 ? x[t] / p.repetitionPenalty : x[t] * p.repetitionPenalty;
+    }
+  }
+  if (p.presencePenalty != 0.0f || p.frequencyPenalty != 0.0f) {
+    // Counted per call over the generated tokens only (a request's few hundred, not its prompt).
+    std::unordered_map<int32_t, int> count;
+    for (size_t i = (size_t)std::max(0, p.penaltyFrom); i < history.size(); ++i) ++count[history[i]];
+    for (const auto& [t, c] : count) {
+      if (t < 0 || t >= vocab) continue;
+      x[(size_t)t] -= p.presencePenalty + p.frequencyPenalty * (float)c;
+    }
+  }
+  for (const auto& [t, bias] : p.logitBias)
+    if (t >= 0 && t < vocab) x[(size_t)t] += bias;
+  const int32_t token = chooseToken(x, vocab, p, position);
+  if (logprobs && p.logprobs >= 0) computeLogprobs(x, vocab, p.logprobs, token, *logprobs);
+  return token;
 }
 
 }  // namespace lckv

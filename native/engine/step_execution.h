@@ -57,7 +57,7 @@ class StepExecution {
   // Two slots (0, 1) each hold one queued choice. A backend that cannot does none of it.
   //
   // Whether queueSampleRows() takes rows with these settings (no repetition penalty: the
-  // history it needs would still be on the device).
+  // history it needs would still be on the device; nothing needsHostSampling()).
   virtual bool canQueueSampling(const SamplingParams* params, int rows) const { return false; }
   // Queues Backend::sampleRows() into `slot`, its tokens kept on the device and copied to the
   // host as they are ready. Only for rows canQueueSampling() takes.

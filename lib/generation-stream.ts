@@ -1,0 +1,172 @@
+/**
+ * GenerationStream: what stream(), chatStream(), streamMany() and Sequence.generate() return.
+ * An async generator of chunks whose return value is the GenerateResult, and which also holds
+ * that result as a promise, so that a `for await` loop (which drops the return value) still
+ * gets the finish reason, the usage and the timings. GenerationProgress is what the generation
+ * has produced so far: the loop fills it in, and an early return() builds its result from it.
+ */
+import type { NativeTokenLogprobs } from "./native";
+import type { GenerateResult, GenerationTimings, StreamChunk, TokenLogprob } from "./types";
+
+export interface GenerationStream extends AsyncGenerator<StreamChunk, GenerateResult, undefined> {
+  /**
+   * Settles when the generation ends, however the stream is consumed: iterated to the end (the
+   * generator's return value), ended early with return() or `break` (finishReason "abort", with
+   * the tokens and usage so far), or failed (rejects with the error the iteration threw). A
+   * stream that is never iterated never starts, and its result settles only once return() is
+   * called. An unobserved rejection is not reported as unhandled.
+   */
+  readonly result: Promise<GenerateResult>;
+  /**
+   * Ends the generation early (what `break` in a `for await` loop calls): the generator's
+   * cleanup runs, and the result is finishReason "abort" with what was generated so far (or the
+   * result it had already ended with). Resolves with that result; an argument is ignored.
+   */
+  return(): Promise<IteratorReturnResult<GenerateResult>>;
+  return(value: GenerateResult | PromiseLike<GenerateResult>): Promise<IteratorResult<StreamChunk, GenerateResult>>;
+}
+
+/** @internal What a generation has produced so far. */
+export class GenerationProgress {
+  /** When the call that began the generation was made. */
+  readonly startedAt = performance.now();
+  private firstTokenAt: number | undefined;
+  promptTokens = 0;
+  prefillPasses = 0;
+  /** The text of the chunks delivered so far. */
+  text = "";
+  /** The generated tokens so far (the generation loop pushes to this array). */
+  readonly tokens: number[] = [];
+  /** One entry per token, when log-probabilities were asked for. */
+  logprobs: TokenLogprob[] | undefined;
+
+  /** A token was sampled (the first one marks the time to first token). */
+  noteToken(): void {
+    this.firstTokenAt ??= performance.now();
+  }
+
+  timings(): GenerationTimings {
+    const end = performance.now();
+    const totalMs = end - this.startedAt;
+    const first = this.firstTokenAt;
+    const after = first === undefined ? 0 : end - first;
+    return {
+      timeToFirstTokenMs: first === undefined ? totalMs : first - this.startedAt,
+      totalMs,
+      tokensPerSecond: this.tokens.length >= 2 && after > 0 ? (this.tokens.length - 1) / (after / 1000) : 0,
+    };
+  }
+
+  /** The result of a generation that ended now for `finishReason`. */
+  result(finishReason: GenerateResult["finishReason"], text = this.text): GenerateResult {
+    const r: GenerateResult = {
+      text,
+      tokens: this.tokens,
+      finishReason,
+      usage: { promptTokens: this.promptTokens, completionTokens: this.tokens.length },
+      prefillPasses: this.prefillPasses,
+      timings: this.timings(),
+    };
+    if (this.logprobs) r.logprobs = this.logprobs;
+    return r;
+  }
+}
+
+/** @internal The engine's log-probabilities of a token as the API gives them. */
+export function tokenLogprob(token: number, lp: NativeTokenLogprobs): TokenLogprob {
+  const topLogprobs = Array.from(lp.topTokens, (t, i) => ({ token: t, logprob: lp.topLogprobs[i] }));
+  return { token, logprob: lp.logprob, topLogprobs };
+}
+
+/**
+ * @internal Wraps the generator `body` makes (given the progress it fills in) as a
+ * GenerationStream. onSettled runs once, synchronously, as the result settles (with the result,
+ * or undefined and the error).
+ */
+export function generationStream(
+  body: (progress: GenerationProgress) => AsyncGenerator<StreamChunk, GenerateResult, undefined>,
+  onSettled?: (result: GenerateResult | undefined, error?: unknown) => void,
+): GenerationStream {
+  return new Stream(body, onSettled);
+}
+
+class Stream implements GenerationStream {
+  readonly result: Promise<GenerateResult>;
+  private readonly progress = new GenerationProgress();
+  private readonly inner: AsyncGenerator<StreamChunk, GenerateResult, undefined>;
+  private settled = false;
+  private failed = false;
+  private resolve!: (r: GenerateResult) => void;
+  private reject!: (e: unknown) => void;
+
+  constructor(
+    body: (progress: GenerationProgress) => AsyncGenerator<StreamChunk, GenerateResult, undefined>,
+    private readonly onSettled?: (result: GenerateResult | undefined, error?: unknown) => void,
+  ) {
+    this.result = new Promise<GenerateResult>((resolve, reject) => {
+      this.resolve = resolve;
+      this.reject = reject;
+    });
+    // The caller may only iterate: a failure it sees there must not also surface as unhandled.
+    this.result.catch(() => {});
+    this.inner = body(this.progress);
+  }
+
+  private finish(r: GenerateResult): void {
+    if (this.settled) return;
+    this.settled = true;
+    this.onSettled?.(r);
+    this.resolve(r);
+  }
+
+  private fail(e: unknown): void {
+    if (this.settled) return;
+    this.settled = true;
+    this.failed = true;
+    this.onSettled?.(undefined, e);
+    this.reject(e);
+  }
+
+  /** Passes a step of the inner generator on, settling the result when it ends. */
+  private async step(run: () => Promise<IteratorResult<StreamChunk, GenerateResult>>): Promise<IteratorResult<StreamChunk, GenerateResult>> {
+    let r: IteratorResult<StreamChunk, GenerateResult>;
+    try {
+      r = await run();
+    } catch (e) {
+      this.fail(e);
+      throw e;
+    }
+    if (r.done) this.finish(r.value);
+    else this.progress.text += r.value.text;
+    return r;
+  }
+
+  next(): Promise<IteratorResult<StreamChunk, GenerateResult>> {
+    return this.step(() => this.inner.next());
+  }
+
+  /** See GenerationStream.return(); after a failure the value is undefined, as a generator's is once it has thrown. */
+  async return(): Promise<IteratorReturnResult<GenerateResult>> {
+    const ended = this.settled;
+    try {
+      await this.inner.return(undefined as never);
+    } catch (e) {
+      this.fail(e);
+      throw e;
+    }
+    if (!ended) this.finish(this.progress.result("abort"));
+    return { done: true, value: this.failed ? (undefined as never) : await this.result };
+  }
+
+  throw(e: unknown): Promise<IteratorResult<StreamChunk, GenerateResult>> {
+    return this.step(() => this.inner.throw(e));
+  }
+
+  [Symbol.asyncIterator](): this {
+    return this;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.return();
+  }
+}

@@ -1,0 +1,211 @@
+/**
+ * GenerationStream: `result` in every way a stream can end (to the end, an early return or
+ * break, an error), timings, Sequence.generate()'s stream, and streamMany() (n completions of one
+ * prefill).
+ */
+import { GenerateResult, GenerationStream, InvalidOptionError, loadModel, Model, StreamChunk } from "../../lib";
+import { writeTinyModel } from "../helpers/tiny-model";
+
+process.env.LCKV_QUIET = "1";
+
+const prompt = [3, 14, 15, 9, 26, 5, 35, 40, 41, 7];
+let model: Model;
+
+beforeAll(async () => {
+  // No prefix cache: each request prefills its whole prompt, so prefill counts compare.
+  model = await loadModel(writeTinyModel({ seed: 5, vocab: 64, maxPositions: 128 }), { device: "cpu", prefixCache: 0 });
+});
+afterAll(() => model.dispose());
+
+async function drain(s: GenerationStream): Promise<{ chunks: StreamChunk[]; result: GenerateResult }> {
+  const chunks: StreamChunk[] = [];
+  for await (const c of s) chunks.push(c);
+  return { chunks, result: await s.result };
+}
+
+describe("stream().result", () => {
+  test("iterated to the end: the generator's return value", async () => {
+    const s = model.stream(prompt, { maxNewTokens: 7 });
+    const chunks: StreamChunk[] = [];
+    let ret: IteratorResult<StreamChunk, GenerateResult>;
+    while (!(ret = await s.next()).done) chunks.push(ret.value);
+    const r = await s.result;
+    expect(r).toBe(ret.value);
+    expect(r.finishReason).toBe("length");
+    expect(r.tokens).toEqual(chunks.map((c) => c.token));
+    expect(r.usage).toEqual({ promptTokens: prompt.length, completionTokens: 7 });
+    expect(r).toMatchObject(await model.generate(prompt, { maxNewTokens: 7 }).then(({ timings: _, ...rest }) => rest));
+  });
+
+  test("ended by break: finishReason abort with the tokens so far, and the sequence is freed", async () => {
+    const live = model.cacheStats().liveSequences;
+    const s = model.stream(prompt, { maxNewTokens: 20 });
+    const got: StreamChunk[] = [];
+    for await (const c of s) {
+      got.push(c);
+      if (got.length === 3) break;
+    }
+    const r = await s.result;
+    expect(r.finishReason).toBe("abort");
+    expect(r.tokens).toEqual(got.map((c) => c.token));
+    expect(r.text).toBe(got.map((c) => c.text).join(""));
+    expect(r.usage).toEqual({ promptTokens: prompt.length, completionTokens: 3 });
+    expect(r.timings.totalMs).toBeGreaterThanOrEqual(r.timings.timeToFirstTokenMs);
+    expect(model.cacheStats().liveSequences).toBe(live);
+    expect(model.auditCache()).toBe("");
+  });
+
+  test("return() resolves with the abort result; before the first next() nothing runs", async () => {
+    const s = model.stream(prompt, { maxNewTokens: 20 });
+    await s.next();
+    const ret = await s.return();
+    expect(ret.done).toBe(true);
+    expect(ret.value).toBe(await s.result);
+    expect(ret.value.finishReason).toBe("abort");
+    expect(ret.value.tokens).toHaveLength(1);
+    // Once ended, the stream stays ended with the same result.
+    expect(await s.next()).toEqual({ done: true, value: undefined });
+
+    const before = model.cacheStats().prefilledTokens;
+    const never = model.stream(prompt, { maxNewTokens: 20 });
+    await never.return();
+    expect(await never.result).toMatchObject({ finishReason: "abort", tokens: [], usage: { completionTokens: 0 } });
+    expect(model.cacheStats().prefilledTokens).toBe(before);
+  });
+
+  test("an error rejects the result with it, and an unobserved rejection is not reported", async () => {
+    const unhandled: unknown[] = [];
+    const onUnhandled = (e: unknown) => unhandled.push(e);
+    process.on("unhandledRejection", onUnhandled);
+    try {
+      const s = model.stream(prompt, { maxNewTokens: 2, temperature: -1 });
+      const seen = await (async () => {
+        for await (const _ of s) void _;
+      })().catch((e) => e);
+      expect(seen).toBeInstanceOf(InvalidOptionError);
+      await expect(s.result).rejects.toBe(seen);
+      // A stream whose result nobody reads.
+      const t = model.stream(prompt, { maxNewTokens: 2, topP: 0 });
+      await expect(t.next()).rejects.toThrow(InvalidOptionError);
+      await new Promise((r) => setImmediate(r));
+      await new Promise((r) => setTimeout(r, 10));
+    } finally {
+      process.off("unhandledRejection", onUnhandled);
+    }
+    expect(unhandled).toEqual([]);
+  });
+
+  test("an aborted signal ends the stream with finishReason abort", async () => {
+    const ac = new AbortController();
+    const s = model.stream(prompt, { maxNewTokens: 30, signal: ac.signal });
+    let n = 0;
+    for await (const _ of s) if (++n === 2) ac.abort();
+    const r = await s.result;
+    expect(r.finishReason).toBe("abort");
+    expect(r.tokens).toHaveLength(2);
+  });
+
+  test("Sequence.generate() is a GenerationStream too", async () => {
+    using seq = model.createSequence();
+    await seq.append(prompt);
+    const { chunks, result } = await drain(seq.generate({ maxNewTokens: 5 }));
+    expect(result.tokens).toEqual(chunks.map((c) => c.token));
+    expect(result.tokens).toEqual((await model.generate(prompt, { maxNewTokens: 5 })).tokens);
+    const s = seq.generate({ maxNewTokens: 5 });
+    await s.next();
+    await s.return();
+    expect((await s.result).finishReason).toBe("abort");
+    // The sequence is free again and holds the token generated before the break.
+    expect(seq.length).toBe(prompt.length + 5 + 1);
+  });
+});
+
+describe("timings", () => {
+  test("present and consistent", async () => {
+    const r = await model.generate(prompt, { maxNewTokens: 12, ignoreEos: true });
+    const t = r.timings;
+    expect(t.timeToFirstTokenMs).toBeGreaterThan(0);
+    expect(t.totalMs).toBeGreaterThanOrEqual(t.timeToFirstTokenMs);
+    expect(t.tokensPerSecond).toBeGreaterThan(0);
+    expect(Number.isFinite(t.tokensPerSecond)).toBe(true);
+    // The definition: tokens after the first over the time after the first, to the clock's grain.
+    const after = (t.totalMs - t.timeToFirstTokenMs) / 1000;
+    expect(Math.abs(t.tokensPerSecond * after - 11)).toBeLessThan(0.5);
+  });
+
+  test("fewer than two tokens: 0 tokens per second; none: time to first token is the whole time", async () => {
+    const one = await model.generate(prompt, { maxNewTokens: 1 });
+    expect(one.timings.tokensPerSecond).toBe(0);
+    const none = await model.generate(prompt, { maxNewTokens: 0 });
+    expect(none.timings.tokensPerSecond).toBe(0);
+    expect(none.timings.timeToFirstTokenMs).toBe(none.timings.totalMs);
+  });
+});
+
+describe("streamMany", () => {
+  test("greedy n = 3: three completions equal to generate(), the prompt prefilled once", async () => {
+    const alone = await model.generate(prompt, { maxNewTokens: 9 });
+    const p0 = model.cacheStats().prefilledTokens;
+    await model.generate(prompt, { maxNewTokens: 9 });
+    const once = model.cacheStats().prefilledTokens - p0;
+    expect(once).toBe(prompt.length - 1);
+    const live = model.cacheStats().liveSequences;
+
+    const p1 = model.cacheStats().prefilledTokens;
+    const streams = model.streamMany(prompt, 3, { maxNewTokens: 9 });
+    expect(streams).toHaveLength(3);
+    const results = await Promise.all(streams.map(async (s) => (await drain(s)).result));
+    expect(model.cacheStats().prefilledTokens - p1).toBe(once);
+    for (const r of results) {
+      expect(r.tokens).toEqual(alone.tokens);
+      expect(r.usage).toEqual(alone.usage);
+      expect(r.finishReason).toBe(alone.finishReason);
+    }
+    expect(model.cacheStats().liveSequences).toBe(live);
+    expect(model.auditCache()).toBe("");
+  });
+
+  test("sampled: completion i is what generate() gives with seed + i", async () => {
+    const opts = { maxNewTokens: 10, temperature: 1.5, seed: 100 };
+    const streams = model.streamMany(prompt, 4, opts);
+    // Consumed one after another: each fork waits for its stream.
+    const results: GenerateResult[] = [];
+    for (const s of streams) results.push((await drain(s)).result);
+    for (const [i, r] of results.entries()) {
+      expect(r.tokens).toEqual((await model.generate(prompt, { ...opts, seed: 100 + i })).tokens);
+    }
+    expect(new Set(results.map((r) => r.tokens.join())).size).toBeGreaterThan(1);
+  });
+
+  test("a stream returned before it starts frees its fork; the others go on", async () => {
+    const live = model.cacheStats().liveSequences;
+    const [a, b, c] = model.streamMany(prompt, 3, { maxNewTokens: 4 });
+    await c.return();
+    const ra = await drain(a);
+    await b.return();
+    expect(ra.result.tokens).toHaveLength(4);
+    expect((await b.result).finishReason).toBe("abort");
+    expect((await c.result).tokens).toEqual([]);
+    expect(model.cacheStats().liveSequences).toBe(live);
+    expect(model.auditCache()).toBe("");
+  });
+
+  test("n and the options are checked; errors reach every stream", async () => {
+    for (const n of [0, -1, 1.5, 129, NaN]) {
+      const err = (() => {
+        try {
+          model.streamMany(prompt, n);
+        } catch (e) {
+          return e;
+        }
+      })();
+      expect(err).toBeInstanceOf(InvalidOptionError);
+      expect((err as InvalidOptionError).option).toBe("n");
+    }
+    const streams = model.streamMany(prompt, 2, { maxNewTokens: 3, logprobs: 99 });
+    for (const s of streams) {
+      await expect(s.next()).rejects.toThrow(InvalidOptionError);
+      await expect(s.result).rejects.toThrow(InvalidOptionError);
+    }
+  });
+});
