@@ -341,7 +341,7 @@ program
         text: o.text,
         tokens: ids.length,
         window: o.window ?? model.maxContext,
-        prefill: o.prefill ?? "fixed-point",
+        prefill: o.prefill ?? model.generationDefaults().prefill,
         perplexity: r.perplexity,
         meanNll: r.meanNll,
         predictedTokens: r.predictedTokens,

@@ -87,6 +87,7 @@ export class Model implements AsyncDisposable {
       // On the GPU, batches above 16 rows would switch the matrix products from the GEMV to
       // cuBLASLt, whose results depend on the batch; 16 keeps every sequence batch-invariant.
       maxBatch: maxBatch ?? (this.device === "cuda" ? 16 : 256),
+      device: this.device,
     });
     this.admission = this.engine.admission;
     this.scheduler = this.engine.scheduler;

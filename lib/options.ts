@@ -54,7 +54,7 @@ export interface GenerateOptions extends SamplingOptions {
   /** Strings that end generation; the text returned stops before them. */
   stop?: string | string[];
   signal?: AbortSignal;
-  /** How an LCKV prompt is prefilled (default "fixed-point", exact). */
+  /** How an LCKV prompt is prefilled (default: "sequential" on the CPU, "fixed-point" on the GPU; both exact). */
   prefill?: PrefillMode;
   /** Passes for prefill "iterative" (default forward_passes + backward_passes of the config). */
   prefillPasses?: number;

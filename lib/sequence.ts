@@ -18,8 +18,6 @@ import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill,
 import { TextStream } from "./textstream";
 import type { GenerateResult, PrefillOptions, StreamChunk } from "./types";
 
-/** Tokens per prefill call in the exact modes (see append()). */
-export const PREFILL_CHUNK = 512;
 
 /** Tokens of the sequence decoded before the generated ones as context (as in TGI). */
 const TEXT_CONTEXT_TOKENS = 5;
@@ -170,7 +168,7 @@ export class Sequence implements Disposable {
     // Long inputs go in chunks, so that other sequences' decode steps run in between. Exact
     // modes stay exact across chunks (each chunk reads the final K/V of the ones before);
     // the iterative scheme is defined over the whole input, so it is not cut.
-    const chunk = prefill.mode === "iterative" ? Math.max(run.length, 1) : PREFILL_CHUNK;
+    const chunk = prefill.mode === "iterative" ? Math.max(run.length, 1) : this.engine.prefillChunk;
     const before = { evaluated: this.evaluated.length, pending: this.pending };
     try {
       for (let at = 0; at < run.length; at += chunk) {

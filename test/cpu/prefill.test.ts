@@ -36,7 +36,7 @@ describe.each(["0_3_3_3", "0_2_2_3_4_5", "0_4_4_4_4_5"])("layer_types %s", (lt) 
   test("fixed-point with the default tolerance matches sequential to f32 rounding, in fewer passes", async () => {
     const V = m.config.vocabSize;
     const seq = await m.forward(ids, { prefill: "sequential" });
-    const fp = await m.forward(ids);
+    const fp = await m.forward(ids, { prefill: "fixed-point" });
     let scale = 0;
     for (const x of seq.logits) scale = Math.max(scale, Math.abs(x));
     expect(maxDiffRows(fp.logits, seq.logits, V, 0, n) / scale).toBeLessThan(1e-5);
@@ -57,10 +57,12 @@ describe.each(["0_3_3_3", "0_2_2_3_4_5", "0_4_4_4_4_5"])("layer_types %s", (lt) 
     expect(maxDiffRows(full.logits, exact, V, 0, n)).toBeLessThan(1e-5);
   });
 
-  test("the default prefill is fixed-point, with m + b passes for iterative", async () => {
+  test("the default prefill on the CPU is sequential (its fastest exact mode), with m + b passes for iterative", async () => {
     const def = await m.forward(ids);
-    const fp = await m.forward(ids, { prefill: "fixed-point" });
-    expect(Array.from(def.logits)).toEqual(Array.from(fp.logits));
+    const seq = await m.forward(ids, { prefill: "sequential" });
+    expect(def.passes).toBe(1);
+    expect(Array.from(def.logits)).toEqual(Array.from(seq.logits));
+    expect(m.generationDefaults().prefill).toBe("sequential");
     const it = await m.forward(ids, { prefill: "iterative" });
     expect(it.passes).toBe(m.config.forwardPasses + m.config.backwardPasses);
   });
@@ -89,7 +91,9 @@ test("fixed-point that has not converged after 64 passes finishes token by token
     const a = await m.generate(ids, { maxNewTokens: 5, prefill: "sequential" });
     const b = await m.generate(ids, { maxNewTokens: 5, prefill: "fixed-point", prefillTolerance: 0 });
     expect(b.tokens).toEqual(a.tokens);
-    expect(b.prefillPasses).toBe(FIXED_POINT_MAX_PASSES);
+    // generate() prefills in chunks (64 tokens on the CPU), each converging within its length.
+    expect(b.prefillPasses).toBeGreaterThan(1);
+    expect(b.prefillPasses).toBeLessThanOrEqual(FIXED_POINT_MAX_PASSES);
   } finally {
     await m.dispose();
   }

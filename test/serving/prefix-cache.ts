@@ -99,19 +99,21 @@ export function prefixCacheTests(dev: TestDevice): void {
     const m = await loadModel(dir, { ...dev });
     const p = Array.from({ length: 40 }, (_, i) => (i * 5 + 2) % 64);
     const greedy = { maxNewTokens: 6, temperature: 0, ignoreEos: true };
-    await m.generate(p, { ...greedy, prefillTolerance: 0.5 });
+    const loose = { ...greedy, prefill: "fixed-point" as const, prefillTolerance: 0.5 };
+    const fixedPoint = { ...greedy, prefill: "fixed-point" as const };
+    await m.generate(p, loose);
     expect(m.cacheStats().prefixCache.sequences).toBe(1);
-    // The default tolerance (1e-6) and sequential prefill do not accept it: no hit, and the same
-    // output as a model without a prefix cache.
-    const exact = await m.generate([...p, 7], greedy);
+    // Fixed-point at its default tolerance (1e-6) and sequential prefill do not accept it: no
+    // hit, and the same output as a model without a prefix cache.
+    const exact = await m.generate([...p, 7], fixedPoint);
     const sequential = await m.generate([...p, 8], { ...greedy, prefill: "sequential" });
     expect(m.cacheStats().prefixCache.hits).toBe(0);
     const fresh = await loadModel(dir, { ...dev, prefixCache: 0 });
-    expect(exact.tokens).toEqual((await fresh.generate([...p, 7], greedy)).tokens);
+    expect(exact.tokens).toEqual((await fresh.generate([...p, 7], fixedPoint)).tokens);
     expect(sequential.tokens).toEqual((await fresh.generate([...p, 8], { ...greedy, prefill: "sequential" })).tokens);
     await fresh.dispose();
     // A request as loose reuses it.
-    await m.generate([...p, 9], { ...greedy, prefillTolerance: 0.5 });
+    await m.generate([...p, 9], loose);
     expect(m.cacheStats().prefixCache.hits).toBe(1);
     await m.dispose();
   });
