@@ -11,6 +11,8 @@ export { resolveModel, isHubModelId } from "./hub";
 export type { ResolveModelOptions } from "./hub";
 export { Model, KV_PAGE_TOKENS } from "./model";
 export type { CacheStats } from "./model";
+export { createServer } from "./server/server";
+export type { ServerOptions } from "./server/server";
 export type { GenerateResult, StreamChunk, ForwardResult, PrefillOptions } from "./types";
 export type { GenerateOptions, SamplingOptions, PrefillMode } from "./options";
 export { FIXED_POINT_MAX_PASSES } from "./options";
