@@ -5,6 +5,7 @@
  *   lckv info [--model dir|id]
  *   lckv chat [--model dir|id] [--system text] ...
  *   lckv eval-ppl --text file [--model dir|id] [--window N] [--prefill mode]
+ *   lckv serve [--model dir|id] [--host 127.0.0.1] [--port 8080] [--api-key KEY] [--max-queue N]
  * --model takes a directory or a hub id (org/name[@revision], or --revision), downloaded into the
  * Hugging Face cache. Option errors come before any output; long jobs (a download, a load) show a
  * progress bar on a terminal; generate
@@ -16,6 +17,7 @@ import { formatLayerTypes } from "./plan";
 import { InvalidInputError, LckvError } from "./errors";
 import { loadModel, LoadOptions } from "./load-model";
 import { Model } from "./model";
+import { createServer } from "./server/server";
 import { evaluatePerplexity } from "./eval";
 import { GenerateOptions, resolveGenerateOptions } from "./options";
 import * as fs from "node:fs";
@@ -50,9 +52,10 @@ process.stdout.on("error", (e: NodeJS.ErrnoException) => {
   stdoutClosed = true;
 });
 
-async function open(opts: { model?: string; revision?: string; device?: "auto" | "cpu" | "cuda"; maxContext?: number }): Promise<Model> {
+async function open(opts: { model?: string; revision?: string; device?: "auto" | "cpu" | "cuda"; maxContext?: number; maxQueue?: number }): Promise<Model> {
   const load: LoadOptions = { device: opts.device ?? "auto" };
   if (opts.maxContext !== undefined) load.maxContext = opts.maxContext;
+  if (opts.maxQueue !== undefined) load.maxQueue = opts.maxQueue;
   if (opts.revision !== undefined) load.revision = opts.revision;
   if (process.stderr.isTTY) {
     const bar = new SingleBar({ format: "loading {bar} {percentage}%", stream: process.stderr, clearOnComplete: true, hideCursor: true });
@@ -351,6 +354,35 @@ program
       };
       if (o.json) process.stdout.write(JSON.stringify(summary, null, 2) + "\n");
       else process.stdout.write(`perplexity ${r.perplexity.toFixed(4)} over ${r.predictedTokens} predicted tokens in ${r.windows} windows\n`);
+    } finally {
+      await model.dispose();
+    }
+  });
+
+program
+  .command("serve")
+  .description("serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)")
+  .addOption(modelOption())
+  .addOption(revisionOption())
+  .option("--host <host>", "address to listen on", "127.0.0.1")
+  .option("--port <port>", "port to listen on (0: any free port)", intArg("--port"), 8080)
+  .option("--api-key <key>", "require 'Authorization: Bearer <key>' on /v1 requests")
+  .option("--max-queue <n>", "requests that may wait for K/V pages at once; the next is answered 429", intArg("--max-queue"))
+  .addOption(deviceOption())
+  .action(async (o) => {
+    const model = await open(o);
+    try {
+      // A hub id names the model; a directory, its name (createServer's default).
+      const app = createServer(model, { apiKey: o.apiKey, modelId: o.model !== undefined && !fs.existsSync(o.model) ? o.model : undefined });
+      const url = await app.listen({ host: o.host, port: o.port });
+      process.stderr.write(`lckv: listening on ${url}\n`);
+      // SIGTERM or SIGINT: take no more requests, finish those in flight, then exit.
+      await new Promise<void>((resolve) => {
+        process.once("SIGTERM", resolve);
+        process.once("SIGINT", resolve);
+      });
+      process.stderr.write("lckv: stopping: finishing the requests in flight\n");
+      await app.close();
     } finally {
       await model.dispose();
     }

@@ -15,6 +15,8 @@ export type { GenerateResult, StreamChunk, ForwardResult, PrefillOptions, TokenL
 export type { GenerationStream } from "./generation-stream";
 export { ChatSession } from "./chat-session";
 export type { ChatSessionOptions } from "./chat-session";
+export { createServer } from "./server/server";
+export type { ServerOptions } from "./server/server";
 export type { GenerateOptions, SamplingOptions, PrefillMode } from "./options";
 export { FIXED_POINT_MAX_PASSES } from "./options";
 export type { ModelConfig, BlockStyle } from "./config";

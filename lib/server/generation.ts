@@ -1,0 +1,117 @@
+/**
+ * How a request's completions are generated, for both endpoints: the OpenAI body's sampling
+ * fields as lckv's GenerateOptions, the streams (one, or n from one prefill), and the loop that
+ * hands each chunk to the endpoint's writer while it feeds the metrics. The writer's promise is
+ * awaited, so a stream waits for a slow client instead of running ahead of it.
+ */
+import { InvalidOptionError } from "../errors";
+import type { Model } from "../model";
+import type { GenerateOptions } from "../options";
+import type { GenerateResult, StreamChunk } from "../types";
+import type { ServerMetrics } from "./metrics";
+import type { CommonBody } from "./schemas";
+
+/**
+ * The generation features the server passes through (penalties, logit bias, log-probabilities,
+ * n completions from one prefill), as lckv's GenerateOptions, StreamChunk and Model declare
+ * them. Written as extensions so that the server reads them the same way on a library that
+ * lacks them; there the library's option check refuses a request that uses them.
+ */
+export interface ServerGenerateOptions extends GenerateOptions {
+  presencePenalty?: number;
+  frequencyPenalty?: number;
+  logitBias?: Record<number, number>;
+  /** Log-probabilities of the chosen token and of this many most likely ones (0..20). */
+  logprobs?: number;
+}
+
+export interface ServerChunk extends StreamChunk {
+  logprob?: number;
+  topLogprobs?: { token: number; logprob: number }[];
+}
+
+type CompletionStream = AsyncGenerator<ServerChunk, GenerateResult, undefined>;
+
+interface ManyStreams {
+  streamMany?: (input: readonly number[], n: number, options: ServerGenerateOptions) => CompletionStream[];
+}
+
+/** The options of a request's body, leaving out every field at its no-op value. */
+export function generateOptions(body: CommonBody, maxTokens: number | null | undefined, logprobs: number | undefined, signal: AbortSignal): ServerGenerateOptions {
+  const o: ServerGenerateOptions = { signal };
+  if (maxTokens !== null && maxTokens !== undefined) o.maxNewTokens = maxTokens;
+  if (body.temperature !== null && body.temperature !== undefined) o.temperature = body.temperature;
+  if (body.top_p !== null && body.top_p !== undefined) o.topP = body.top_p;
+  if (body.seed !== null && body.seed !== undefined) o.seed = body.seed;
+  if (body.stop !== null && body.stop !== undefined) o.stop = body.stop;
+  // Clients send the defaults (0, {}) for "unset": those ask for nothing.
+  if (body.presence_penalty) o.presencePenalty = body.presence_penalty;
+  if (body.frequency_penalty) o.frequencyPenalty = body.frequency_penalty;
+  if (body.logit_bias && Object.keys(body.logit_bias).length > 0) {
+    o.logitBias = Object.fromEntries(Object.entries(body.logit_bias).map(([k, v]) => [Number(k), v]));
+  }
+  if (logprobs !== undefined) o.logprobs = logprobs;
+  return o;
+}
+
+/** n completions of the prompt: one stream, or n that share one prefill. */
+export function openStreams(model: Model, prompt: readonly number[], n: number, options: ServerGenerateOptions): CompletionStream[] {
+  if (n === 1) return [model.stream(prompt, options) as CompletionStream];
+  const many = (model as Model & ManyStreams).streamMany;
+  if (!many) throw new InvalidOptionError("n", "this version of lckv generates one completion per request: n must be 1");
+  return many.call(model, prompt, n, options);
+}
+
+/** What the endpoint does with each chunk and each result: `index` is the completion's, 0..n-1. */
+export interface CompletionWriter {
+  chunk(index: number, chunk: ServerChunk): Promise<void>;
+  done(index: number, result: GenerateResult): Promise<void>;
+}
+
+/**
+ * Runs every stream to its end, handing its chunks and its result to `write`, and returns the results in order.
+ * If one fails, the others are stopped through `abort` and awaited (their pages go back), and the
+ * first error is thrown.
+ */
+export async function runStreams(streams: CompletionStream[], write: CompletionWriter, abort: () => void, metrics: ServerMetrics, arrivedAt: number): Promise<GenerateResult[]> {
+  const one = async (it: CompletionStream, index: number): Promise<GenerateResult> => {
+    const ended = metrics.startGeneration();
+    let last: number | undefined;
+    try {
+      for (;;) {
+        const r = await it.next();
+        if (r.done) {
+          await write.done(index, r.value);
+          return r.value;
+        }
+        if (r.value.token !== null) {
+          const now = performance.now();
+          metrics.token(last === undefined, now - (last ?? arrivedAt));
+          last = now;
+        }
+        await write.chunk(index, r.value);
+      }
+    } catch (e) {
+      abort();
+      throw e;
+    } finally {
+      ended();
+    }
+  };
+  const settled = await Promise.allSettled(streams.map(one));
+  const failed = settled.find((s): s is PromiseRejectedResult => s.status === "rejected");
+  if (failed) throw failed.reason;
+  return settled.map((s) => (s as PromiseFulfilledResult<GenerateResult>).value);
+}
+
+/** OpenAI's finish reasons; an aborted completion reached no one, so any name serves. */
+export function finishReason(r: GenerateResult): "stop" | "length" {
+  return r.finishReason === "length" ? "length" : "stop";
+}
+
+/** OpenAI's usage of a request's completions: the prompt counted once, as n completions share it. */
+export function usage(results: GenerateResult[]): { prompt_tokens: number; completion_tokens: number; total_tokens: number } {
+  const prompt = results[0]?.usage.promptTokens ?? 0;
+  const completion = results.reduce((s, r) => s + r.usage.completionTokens, 0);
+  return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion };
+}

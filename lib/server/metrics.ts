@@ -1,0 +1,106 @@
+/**
+ * The server's Prometheus metrics (GET /metrics), in a registry of its own so that two servers in
+ * one process, or an application's own prom-client registry, do not collide. The gauges read the
+ * model's cache stats when scraped; the counter and histograms are fed by the generations.
+ */
+import { Counter, Gauge, Histogram, Registry } from "prom-client";
+import type { Model } from "../model";
+
+export class ServerMetrics {
+  readonly registry = new Registry();
+  /** Generations (one per completion of a request) running now: the server's count. */
+  private running = 0;
+  private readonly tokens: Counter;
+  private readonly requests: Counter<"endpoint" | "status">;
+  private readonly ttft: Histogram;
+  private readonly itl: Histogram;
+
+  constructor(model: Model) {
+    const registers = [this.registry];
+    const stats = () => model.cacheStats();
+    new Gauge({
+      name: "lckv_queue_length",
+      help: "Requests waiting for K/V pages",
+      registers,
+      collect() {
+        this.set(stats().queued);
+      },
+    });
+    const self = this;
+    new Gauge({
+      name: "lckv_running_sequences",
+      help: "Completions being generated now",
+      registers,
+      collect() {
+        this.set(self.running);
+      },
+    });
+    new Gauge({
+      name: "lckv_kv_pages_used",
+      help: "K/V cache pages in use (running requests and the prefix cache)",
+      registers,
+      collect() {
+        this.set(stats().pagesUsed);
+      },
+    });
+    new Gauge({
+      name: "lckv_kv_pages_cached",
+      help: "K/V cache pages held only by finished requests kept for prefix reuse",
+      registers,
+      collect() {
+        this.set(stats().pagesCached);
+      },
+    });
+    new Gauge({
+      name: "lckv_kv_pages_total",
+      help: "K/V cache pages in the pool",
+      registers,
+      collect() {
+        this.set(stats().pagesTotal);
+      },
+    });
+    this.tokens = new Counter({ name: "lckv_generated_tokens_total", help: "Tokens generated", registers });
+    this.requests = new Counter({ name: "lckv_requests_total", help: "Completion requests that reached generation, by endpoint and HTTP status (499: the client went away)", labelNames: ["endpoint", "status"], registers });
+    // Buckets from a fast GPU's milliseconds to a CPU's seconds.
+    this.ttft = new Histogram({
+      name: "lckv_time_to_first_token_seconds",
+      help: "Time from a request's arrival to its first generated token",
+      buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+      registers,
+    });
+    this.itl = new Histogram({
+      name: "lckv_inter_token_latency_seconds",
+      help: "Time between successive tokens of one completion",
+      buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+      registers,
+    });
+  }
+
+  /** A completion started generating; the function it returns says it ended. */
+  startGeneration(): () => void {
+    this.running++;
+    let ended = false;
+    return () => {
+      if (!ended) this.running--;
+      ended = true;
+    };
+  }
+
+  /** A token of a completion: `sinceMs` is the time since the request came, or since its last token. */
+  token(first: boolean, sinceMs: number): void {
+    this.tokens.inc();
+    (first ? this.ttft : this.itl).observe(sinceMs / 1000);
+  }
+
+  request(endpoint: string, status: number): void {
+    this.requests.inc({ endpoint, status: String(status) });
+  }
+
+  async text(): Promise<string> {
+    return this.registry.metrics();
+  }
+
+  get contentType(): string {
+    return this.registry.contentType;
+  }
+}

@@ -1,0 +1,131 @@
+/**
+ * Errors in OpenAI's shape, `{error: {message, type, param, code}}`, with the HTTP status a client
+ * can act on: a body that fails its schema names the field (400), lckv's typed errors map by kind
+ * (bad option or input 400, a full queue 429 with Retry-After, a wait for pages that timed out or
+ * a model going away 503), fastify's own client errors keep their status, the rest is 500.
+ */
+import type { FastifyError, FastifyInstance, FastifyReply } from "fastify";
+import { ContextOverflowError, DisposedError, InvalidInputError, InvalidOptionError, KvCacheFullError, LckvError } from "../errors";
+
+export interface OpenAIErrorBody {
+  error: { message: string; type: string; param: string | null; code: string | null };
+}
+
+export interface HttpErrorResponse {
+  status: number;
+  body: OpenAIErrorBody;
+  headers: Record<string, string>;
+}
+
+/** The seconds a client is asked to wait before it retries a request the server could not take now. */
+export const RETRY_AFTER_SECONDS = 1;
+
+// lckv's option names for the OpenAI fields the handlers map onto them, so that an option the
+// library refuses is reported under the name the client sent.
+const OPENAI_PARAM: Record<string, string> = {
+  maxNewTokens: "max_tokens",
+  temperature: "temperature",
+  topP: "top_p",
+  seed: "seed",
+  stop: "stop",
+  presencePenalty: "presence_penalty",
+  frequencyPenalty: "frequency_penalty",
+  logitBias: "logit_bias",
+  logprobs: "logprobs",
+};
+
+export function errorBody(message: string, type: string, param: string | null = null, code: string | null = null): OpenAIErrorBody {
+  return { error: { message, type, param, code } };
+}
+
+function typeOf(status: number): string {
+  if (status === 429) return "rate_limit_error";
+  return status >= 500 ? "server_error" : "invalid_request_error";
+}
+
+/** An ajv instance path ("/messages/0/content") as a parameter name ("messages[0].content"). */
+function paramName(instancePath: string, child?: string): string | null {
+  const parts = instancePath.split("/").filter((p) => p !== "");
+  if (child !== undefined) parts.push(child);
+  let name = "";
+  for (const p of parts) name += /^\d+$/.test(p) ? `[${p}]` : name === "" ? p : `.${p}`;
+  return name === "" ? null : name;
+}
+
+interface AjvError {
+  instancePath: string;
+  keyword: string;
+  message?: string;
+  params: Record<string, unknown>;
+}
+
+function validationError(errors: AjvError[]): HttpErrorResponse {
+  // The first error is the one that stopped validation (fastify's ajv does not collect them all).
+  const e = errors[0];
+  let body: OpenAIErrorBody;
+  if (e.keyword === "additionalProperties") {
+    const param = paramName(e.instancePath, String(e.params.additionalProperty));
+    body = errorBody(`Unrecognized request argument supplied: ${param}`, "invalid_request_error", param, "unknown_parameter");
+  } else if (e.keyword === "required") {
+    const param = paramName(e.instancePath, String(e.params.missingProperty));
+    body = errorBody(`Missing required parameter: '${param}'`, "invalid_request_error", param, "missing_required_parameter");
+  } else {
+    const param = paramName(e.instancePath);
+    const detail = e.keyword === "enum" || e.keyword === "const" ? `${e.message} ${JSON.stringify(e.params.allowedValues ?? e.params.allowedValue)}` : e.message;
+    body = errorBody(`Invalid value for '${param ?? "body"}': ${detail}`, "invalid_request_error", param, "invalid_value");
+  }
+  return { status: 400, body, headers: {} };
+}
+
+function lckvError(e: LckvError, promptParam: string): HttpErrorResponse {
+  const retry = { "retry-after": String(RETRY_AFTER_SECONDS) };
+  if (e instanceof KvCacheFullError) {
+    if (e.code === "LCKV_QUEUE_FULL") return { status: 429, body: errorBody(e.message, "rate_limit_error", null, e.code), headers: retry };
+    if (e.code === "LCKV_REQUEST_TOO_LARGE") return { status: 400, body: errorBody(e.message, "invalid_request_error", "max_tokens", e.code), headers: {} };
+    return { status: 503, body: errorBody(e.message, "server_error", null, e.code), headers: retry };
+  }
+  if (e instanceof ContextOverflowError) {
+    // The code clients look for to shorten a conversation.
+    return { status: 400, body: errorBody(e.message, "invalid_request_error", promptParam, "context_length_exceeded"), headers: {} };
+  }
+  if (e instanceof InvalidOptionError) {
+    const param = OPENAI_PARAM[e.option] ?? e.option;
+    const message = e.message.replace(`option '${e.option}'`, `'${param}'`);
+    return { status: 400, body: errorBody(message, "invalid_request_error", param, e.code), headers: {} };
+  }
+  if (e instanceof InvalidInputError) return { status: 400, body: errorBody(e.message, "invalid_request_error", promptParam, e.code), headers: {} };
+  if (e instanceof DisposedError) return { status: 503, body: errorBody("the server is shutting down", "server_error", null, e.code), headers: retry };
+  return { status: 500, body: errorBody(e.message, "server_error", null, e.code), headers: {} };
+}
+
+/**
+ * The response for any error a request met. `promptParam` names the field that held the input
+ * ("messages" or "prompt"), for errors about the input itself.
+ */
+export function toHttpError(err: unknown, promptParam: string | null = null): HttpErrorResponse {
+  const e = err as FastifyError & { validation?: AjvError[] };
+  if (Array.isArray(e?.validation) && e.validation.length > 0) return validationError(e.validation);
+  if (err instanceof LckvError) return lckvError(err, promptParam ?? "prompt");
+  const status = typeof e?.statusCode === "number" && e.statusCode >= 400 && e.statusCode < 600 ? e.statusCode : 500;
+  // A client's mistake (malformed JSON, wrong content type, too large a body) says what it was;
+  // a fault of the server does not send its internals.
+  const message = status < 500 ? (e?.message ?? String(err)) : "internal server error";
+  const headers: Record<string, string> = status === 503 ? { "retry-after": String(RETRY_AFTER_SECONDS) } : {};
+  return { status, body: errorBody(message, typeOf(status), null, status < 500 ? (e?.code ?? null) : null), headers };
+}
+
+export function sendHttpError(reply: FastifyReply, r: HttpErrorResponse): FastifyReply {
+  return reply.code(r.status).headers(r.headers).send(r.body);
+}
+
+/** Every error and every unknown route answers in OpenAI's shape. */
+export function installErrorHandlers(app: FastifyInstance): void {
+  app.setErrorHandler((err, request, reply) => {
+    const r = toHttpError(err, request.url.startsWith("/v1/chat/") ? "messages" : "prompt");
+    if (r.status >= 500) request.log.error(err);
+    return sendHttpError(reply, r);
+  });
+  app.setNotFoundHandler((request, reply) =>
+    sendHttpError(reply, { status: 404, body: errorBody(`Invalid URL (${request.method} ${request.url})`, "invalid_request_error", null, "unknown_url"), headers: {} }),
+  );
+}

@@ -1,0 +1,125 @@
+/**
+ * The JSON schemas fastify checks request bodies against, and the body types they describe.
+ * Every object is closed (additionalProperties: false), so that a parameter the server does not
+ * implement is refused by name instead of being silently ignored. Nullable fields take null, as
+ * OpenAI's API does: clients send `"stop": null` and the like for "unset".
+ */
+
+const nullable = (schema: Record<string, unknown>) => ({ ...schema, type: [schema.type as string, "null"] });
+
+/** Fields /v1/chat/completions and /v1/completions share. */
+const common = {
+  model: { type: "string" },
+  user: { type: "string" },
+  stream: nullable({ type: "boolean" }),
+  stream_options: nullable({
+    type: "object",
+    properties: { include_usage: { type: "boolean" } },
+    additionalProperties: false,
+  }),
+  n: nullable({ type: "integer", minimum: 1, maximum: 64 }),
+  max_tokens: nullable({ type: "integer", minimum: 0 }),
+  temperature: nullable({ type: "number", minimum: 0, maximum: 2 }),
+  top_p: nullable({ type: "number", minimum: 0, maximum: 1 }),
+  seed: nullable({ type: "integer" }),
+  stop: {
+    type: ["string", "array", "null"],
+    items: { type: "string", minLength: 1 },
+    maxItems: 4,
+    minLength: 1,
+  },
+  presence_penalty: nullable({ type: "number", minimum: -2, maximum: 2 }),
+  frequency_penalty: nullable({ type: "number", minimum: -2, maximum: 2 }),
+  // Token ids (as JSON's string keys) to a bias added to their logits.
+  logit_bias: nullable({
+    type: "object",
+    patternProperties: { "^[0-9]+$": { type: "number", minimum: -100, maximum: 100 } },
+    additionalProperties: false,
+  }),
+} as const;
+
+const contentPart = {
+  type: "object",
+  properties: { type: { const: "text" }, text: { type: "string" } },
+  required: ["type", "text"],
+  additionalProperties: false,
+};
+
+const message = {
+  type: "object",
+  properties: {
+    role: { enum: ["system", "developer", "user", "assistant"] },
+    content: { type: ["string", "array"], items: contentPart },
+    name: { type: "string" },
+  },
+  required: ["role", "content"],
+  additionalProperties: false,
+};
+
+export const chatCompletionBody = {
+  type: "object",
+  properties: {
+    ...common,
+    messages: { type: "array", items: message, minItems: 1 },
+    max_completion_tokens: nullable({ type: "integer", minimum: 0 }),
+    logprobs: nullable({ type: "boolean" }),
+    top_logprobs: nullable({ type: "integer", minimum: 0, maximum: 20 }),
+    // Plain text is what the server writes; other formats are refused by name.
+    response_format: {
+      type: "object",
+      properties: { type: { const: "text" } },
+      required: ["type"],
+      additionalProperties: false,
+    },
+  },
+  required: ["messages"],
+  additionalProperties: false,
+} as const;
+
+export const completionBody = {
+  type: "object",
+  properties: {
+    ...common,
+    // Text, or token ids.
+    prompt: { type: ["string", "array"], items: { type: "integer" }, minLength: 1, minItems: 1 },
+    logprobs: nullable({ type: "integer", minimum: 0, maximum: 20 }),
+  },
+  required: ["prompt"],
+  additionalProperties: false,
+} as const;
+
+/** The fields both endpoints share, as the handlers read them (after validation). */
+export interface CommonBody {
+  model?: string;
+  user?: string;
+  stream?: boolean | null;
+  stream_options?: { include_usage?: boolean } | null;
+  n?: number | null;
+  max_tokens?: number | null;
+  temperature?: number | null;
+  top_p?: number | null;
+  seed?: number | null;
+  stop?: string | string[] | null;
+  presence_penalty?: number | null;
+  frequency_penalty?: number | null;
+  logit_bias?: Record<string, number> | null;
+}
+
+export interface ChatMessageBody {
+  role: "system" | "developer" | "user" | "assistant";
+  content: string | { type: "text"; text: string }[];
+  name?: string;
+}
+
+export interface ChatCompletionBody extends CommonBody {
+  messages: ChatMessageBody[];
+  max_completion_tokens?: number | null;
+  logprobs?: boolean | null;
+  top_logprobs?: number | null;
+  response_format?: { type: "text" };
+}
+
+export interface CompletionBody extends CommonBody {
+  prompt: string | number[];
+  logprobs?: number | null;
+}

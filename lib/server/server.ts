@@ -1,0 +1,91 @@
+/**
+ * createServer(): an OpenAI-compatible HTTP server over a loaded model (fastify): chat and text
+ * completions, streamed or not, GET /v1/models, /health and Prometheus /metrics. The caller
+ * owns the model and the server's life: `await app.listen({ host, port })` starts it, and
+ * `await app.close()` stops taking requests, lets those in flight finish, then resolves.
+ *
+ *     const app = createServer(model, { apiKey: "secret" });
+ *     const url = await app.listen({ host: "127.0.0.1", port: 8080 });
+ */
+import { createHash, timingSafeEqual } from "node:crypto";
+import * as path from "node:path";
+import Fastify, { FastifyInstance } from "fastify";
+import type { Model } from "../model";
+import { closeConnectionsOnClose } from "./connections";
+import { ServerMetrics } from "./metrics";
+import { errorBody, installErrorHandlers, sendHttpError } from "./openai-errors";
+import type { ServerContext } from "./request-handler";
+import { registerChatRoutes } from "./routes-chat";
+import { registerCompletionRoutes } from "./routes-completions";
+
+export interface ServerOptions {
+  /**
+   * When set, every /v1 request must carry `Authorization: Bearer <apiKey>` (what OpenAI's
+   * clients send); others get 401. /health and /metrics stay open.
+   */
+  apiKey?: string;
+  /** The model's id in /v1/models and in responses (default: the model directory's name). */
+  modelId?: string;
+  /** Largest request body in bytes (default 8 MiB). */
+  bodyLimit?: number;
+  /** fastify's logger: false (default), true, or its options. */
+  logger?: boolean | Record<string, unknown>;
+}
+
+// Keys are compared as digests, in constant time, so that the time a wrong key takes says
+// nothing about the right one (not even its length).
+function keyCheck(apiKey: string): (header: string | undefined) => boolean {
+  const want = createHash("sha256").update(apiKey).digest();
+  return (header) => {
+    const m = /^Bearer\s+(.+)$/i.exec(header ?? "");
+    return !!m && timingSafeEqual(createHash("sha256").update(m[1].trim()).digest(), want);
+  };
+}
+
+export function createServer(model: Model, options: ServerOptions = {}): FastifyInstance {
+  const app = Fastify({
+    logger: options.logger ?? false,
+    bodyLimit: options.bodyLimit ?? 8 * 1024 * 1024,
+    // Requests are checked exactly as sent: an unknown field is refused, not dropped, and a
+    // string is not taken for a number.
+    ajv: { customOptions: { removeAdditional: false, coerceTypes: false, useDefaults: false, allErrors: false, allowUnionTypes: true } },
+    // While closing, requests on open connections are answered 503 (others find no listener).
+    return503OnClosing: true,
+  });
+  const ctx: ServerContext = {
+    model,
+    metrics: new ServerMetrics(model),
+    modelId: options.modelId ?? path.basename(model.directory),
+  };
+  installErrorHandlers(app);
+  closeConnectionsOnClose(app);
+
+  if (options.apiKey !== undefined) {
+    const ok = keyCheck(options.apiKey);
+    app.addHook("onRequest", async (request, reply) => {
+      if (!request.url.startsWith("/v1/")) return;
+      const header = request.headers.authorization;
+      if (ok(header)) return;
+      const message = header ? "Incorrect API key provided." : "You didn't provide an API key: send it as 'Authorization: Bearer <key>'.";
+      return sendHttpError(reply, { status: 401, body: errorBody(message, "invalid_request_error", null, "invalid_api_key"), headers: { "www-authenticate": "Bearer" } });
+    });
+  }
+
+  const created = Math.floor(Date.now() / 1000);
+  const modelEntry = () => ({ id: ctx.modelId, object: "model", created, owned_by: "lckv" });
+  app.get("/v1/models", async () => ({ object: "list", data: [modelEntry()] }));
+  app.get<{ Params: { id: string } }>("/v1/models/:id", async (request, reply) => {
+    if (request.params.id !== ctx.modelId) {
+      return sendHttpError(reply, { status: 404, body: errorBody(`The model '${request.params.id}' does not exist`, "invalid_request_error", "model", "model_not_found"), headers: {} });
+    }
+    return modelEntry();
+  });
+  app.get("/health", async (_request, reply) => {
+    if (model.disposed) return reply.code(503).send({ status: "unavailable" });
+    return { status: "ok" };
+  });
+  app.get("/metrics", async (_request, reply) => reply.type(ctx.metrics.contentType).send(await ctx.metrics.text()));
+  registerChatRoutes(app, ctx);
+  registerCompletionRoutes(app, ctx);
+  return app;
+}

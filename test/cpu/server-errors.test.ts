@@ -1,0 +1,179 @@
+/**
+ * The server's error statuses, in OpenAI's error shape, as the openai client and raw HTTP see
+ * them: 400 for a malformed body, an unknown or mistyped field (named in `param`) and a prompt
+ * longer than the context; 401 for a missing or wrong key; 429 with Retry-After when the queue
+ * for K/V pages is full (and a client that leaves the queue frees its place); 404 for an
+ * unknown route.
+ */
+import * as path from "node:path";
+import OpenAI from "openai";
+import { loadModel, Model } from "../../lib";
+import { expectIdle, postJson, startServer, TestServer } from "../helpers/openai-server";
+
+process.env.LCKV_QUIET = "1";
+const fixture = path.join(__dirname, "..", "fixtures", "llama-mha-hd16");
+const user = (content: string) => [{ role: "user" as const, content }];
+
+let model: Model;
+let srv: TestServer;
+beforeAll(async () => {
+  model = await loadModel(fixture, { device: "cpu" });
+  srv = await startServer(model);
+});
+afterAll(async () => {
+  await srv?.app.close();
+  await model?.dispose();
+});
+
+/** The error a call fails with (the test fails if it does not). */
+async function failure(p: Promise<unknown>): Promise<InstanceType<typeof OpenAI.APIError>> {
+  try {
+    await p;
+  } catch (e) {
+    expect(e).toBeInstanceOf(OpenAI.APIError);
+    return e as InstanceType<typeof OpenAI.APIError>;
+  }
+  throw new Error("the call did not fail");
+}
+
+function expectShape(json: any, param: string | null, type = "invalid_request_error") {
+  expect(Object.keys(json)).toEqual(["error"]);
+  expect(json.error).toEqual({ message: expect.any(String), type, param, code: expect.anything() });
+}
+
+test("400: malformed JSON, a body that is not an object, a missing field", async () => {
+  const url = `${srv.url}/v1/chat/completions`;
+  const bad = await postJson(url, '{"messages": [');
+  expect(bad.status).toBe(400);
+  expectShape(bad.json, null);
+  const list = await postJson(url, "[1, 2]");
+  expect(list.status).toBe(400);
+  const missing = await postJson(url, { model: "m" });
+  expect(missing.status).toBe(400);
+  expectShape(missing.json, "messages");
+  expect((await postJson(`${srv.url}/v1/completions`, { model: "m" })).json.error.param).toBe("prompt");
+});
+
+test("400: an unknown field, at the top or nested, is named; so is a mistyped or out-of-range one", async () => {
+  const c = srv.client;
+  const top = await failure(c.chat.completions.create({ model: "m", messages: user("x"), tools: [{ type: "function", function: { name: "f" } }] }));
+  expect(top.status).toBe(400);
+  expect(top.param).toBe("tools");
+  expect(top.code).toBe("unknown_parameter");
+  const nested = await postJson(`${srv.url}/v1/chat/completions`, { messages: [{ role: "user", content: "x", extra: 1 }] });
+  expect(nested.status).toBe(400);
+  expectShape(nested.json, "messages[0].extra");
+  const unknown = await failure(c.completions.create({ model: "m", prompt: "x", best_of: 2 }));
+  expect(unknown.param).toBe("best_of");
+  const typed = await postJson(`${srv.url}/v1/chat/completions`, { messages: user("x"), temperature: "hot" });
+  expect(typed.status).toBe(400);
+  expectShape(typed.json, "temperature");
+  const range = await failure(c.chat.completions.create({ model: "m", messages: user("x"), temperature: 3 }));
+  expect(range.status).toBe(400);
+  expect(range.param).toBe("temperature");
+  const format = await failure(c.chat.completions.create({ model: "m", messages: user("x"), response_format: { type: "json_object" } }));
+  expect(format.param).toBe("response_format.type");
+  // The fields clients send for "unset" are accepted.
+  const ok = await c.chat.completions.create({
+    model: "m",
+    messages: [{ role: "system", content: "Be brief" }, { role: "user", content: [{ type: "text", text: "Hi" }] }],
+    max_tokens: 2,
+    n: 1,
+    stop: null,
+    temperature: null,
+    presence_penalty: 0,
+    frequency_penalty: 0,
+    logit_bias: {},
+    logprobs: false,
+    user: "someone",
+    response_format: { type: "text" },
+  });
+  expect(ok.choices).toHaveLength(1);
+});
+
+test("400: a value lckv refuses names the OpenAI field", async () => {
+  const e = await failure(srv.client.chat.completions.create({ model: "m", messages: user("x"), top_p: 0 }));
+  expect(e.status).toBe(400);
+  expect(e.param).toBe("top_p");
+  expect(e.message).toMatch(/top_p/);
+});
+
+test("400: a prompt longer than the context", async () => {
+  const long = "word ".repeat(400);
+  const chat = await failure(srv.client.chat.completions.create({ model: "m", messages: user(long) }));
+  expect(chat.status).toBe(400);
+  expect(chat.code).toBe("context_length_exceeded");
+  expect(chat.param).toBe("messages");
+  const streamed = await failure(srv.client.completions.create({ model: "m", prompt: long, stream: true }));
+  expect(streamed.status).toBe(400);
+  expect(streamed.param).toBe("prompt");
+  const ids = await failure(srv.client.completions.create({ model: "m", prompt: [999999] }));
+  expect(ids.status).toBe(400);
+  await expectIdle(model);
+});
+
+test("401: a missing or wrong key; the right one passes, and /health needs none", async () => {
+  const locked = await startServer(model, { apiKey: "sesame" }, "wrong");
+  try {
+    const wrong = await failure(locked.client.models.list());
+    expect(wrong.status).toBe(401);
+    expect(wrong.code).toBe("invalid_api_key");
+    const none = await postJson(`${locked.url}/v1/completions`, { prompt: "x" });
+    expect(none.status).toBe(401);
+    expectShape(none.json, null);
+    const right = new OpenAI({ baseURL: `${locked.url}/v1`, apiKey: "sesame", maxRetries: 0 });
+    expect((await right.completions.create({ model: "m", prompt: "x", max_tokens: 2 })).choices).toHaveLength(1);
+    expect((await fetch(`${locked.url}/health`)).status).toBe(200);
+  } finally {
+    await locked.app.close();
+  }
+});
+
+test("429 with Retry-After when the queue for K/V pages is full; a client that leaves the queue frees its place", async () => {
+  // A pool of one context (8 pages), held whole by a sequence, and a queue of one.
+  const pageBytes = model.cacheStats().pageBytes;
+  const small = await loadModel(fixture, { device: "cpu", kvCacheMemory: 8 * pageBytes, maxQueue: 1 });
+  const s = await startServer(small);
+  try {
+    const holder = small.createSequence();
+    await holder.append(Array.from({ length: 128 }, (_, i) => 2 + (i % 200)));
+    expect(small.cacheStats().pagesFree).toBe(0);
+    const waitQueued = async (n: number) => {
+      for (let i = 0; i < 200 && small.cacheStats().queued !== n; i++) await new Promise((r) => setTimeout(r, 10));
+      expect(small.cacheStats().queued).toBe(n);
+    };
+    // One waits (and leaves: its place is free again) ...
+    const leaver = new AbortController();
+    const left = s.client.completions.create({ model: "m", prompt: "x", max_tokens: 4 }, { signal: leaver.signal }).catch((e) => e);
+    await waitQueued(1);
+    leaver.abort();
+    expect(await left).toBeInstanceOf(OpenAI.APIUserAbortError);
+    await waitQueued(0);
+    // ... another waits, and the next is turned away.
+    const waiting = s.client.completions.create({ model: "m", prompt: "x", max_tokens: 4, temperature: 0 });
+    await waitQueued(1);
+    const full = await failure(s.client.chat.completions.create({ model: "m", messages: user("x"), max_tokens: 4, stream: true }));
+    expect(full.status).toBe(429);
+    expect(full.code).toBe("LCKV_QUEUE_FULL");
+    expect(Number(full.headers?.get("retry-after"))).toBeGreaterThan(0);
+    expect(full.type).toBe("rate_limit_error");
+    holder.dispose();
+    expect((await waiting).choices[0].finish_reason).toMatch(/stop|length/);
+    await expectIdle(small);
+  } finally {
+    await s.app.close();
+    await small.dispose();
+  }
+});
+
+test("404: an unknown route or model, in OpenAI's error shape", async () => {
+  const get = await fetch(`${srv.url}/v1/engines`);
+  expect(get.status).toBe(404);
+  expectShape(await get.json(), null);
+  const post = await postJson(`${srv.url}/v2/chat/completions`, { messages: user("x") });
+  expect(post.status).toBe(404);
+  expectShape(post.json, null);
+  const m = await failure(srv.client.models.retrieve("gpt-4"));
+  expect(m.status).toBe(404);
+  expect(m.code).toBe("model_not_found");
+});

@@ -1,0 +1,256 @@
+/**
+ * The OpenAI-compatible server (createServer, lckv serve) driven by the official openai client
+ * over 127.0.0.1: chat and text completions, streamed and not; disconnects that stop their
+ * generation and free its pages; 64 concurrent streams that each get what they get alone; 1000
+ * requests with random disconnects that leak no page and no memory; models, health, metrics;
+ * and SIGTERM on the command line, which finishes the request in flight and exits 0.
+ */
+import { spawn } from "node:child_process";
+import * as path from "node:path";
+import OpenAI, { APIUserAbortError } from "openai";
+import { loadModel, Model } from "../../lib";
+import { rng } from "../helpers/tiny-model";
+import { expectIdle, metric, startServer, TestServer } from "../helpers/openai-server";
+
+process.env.LCKV_QUIET = "1";
+const root = path.join(__dirname, "..", "..");
+const fixture = path.join(root, "test", "fixtures", "llama-mha-hd16");
+const user = (content: string) => [{ role: "user" as const, content }];
+
+let model: Model;
+let srv: TestServer;
+let client: OpenAI;
+beforeAll(async () => {
+  model = await loadModel(fixture, { device: "cpu" });
+  srv = await startServer(model);
+  client = srv.client;
+});
+afterAll(async () => {
+  await srv?.app.close();
+  await model?.dispose();
+});
+
+const metrics = async () => (await fetch(`${srv.url}/metrics`)).text();
+
+/** A streamed chat completion: its text, finish reason and usage chunk. */
+async function streamChat(params: Omit<OpenAI.ChatCompletionCreateParamsStreaming, "stream" | "model">) {
+  const stream = await client.chat.completions.create({ model: "m", ...params, stream: true, stream_options: { include_usage: true } });
+  let text = "";
+  let finish: string | null = null;
+  let usage: OpenAI.CompletionUsage | null | undefined;
+  let roles = 0;
+  for await (const c of stream) {
+    if (c.choices.length === 0) usage = c.usage;
+    for (const ch of c.choices) {
+      text += ch.delta.content ?? "";
+      if (ch.delta.role) roles++;
+      finish = ch.finish_reason ?? finish;
+    }
+  }
+  return { text, finish, usage, roles };
+}
+
+/** A streamed text completion: its text and finish reason. */
+async function streamCompletion(params: Omit<OpenAI.CompletionCreateParamsStreaming, "stream" | "model">) {
+  const stream = await client.completions.create({ model: "m", ...params, stream: true });
+  let text = "";
+  let finish: string | null = null;
+  for await (const c of stream) for (const ch of c.choices) {
+    text += ch.text;
+    finish = ch.finish_reason ?? finish;
+  }
+  return { text, finish };
+}
+
+test("chat: the streamed text, concatenated, is the non-streamed text (greedy), with the usage chunk", async () => {
+  for (const content of ["Hello there", "Tell me a story about the sea"]) {
+    const full = await client.chat.completions.create({ model: "m", messages: user(content), max_tokens: 20, temperature: 0 });
+    expect(full.object).toBe("chat.completion");
+    expect(full.model).toBe("llama-mha-hd16");
+    expect(full.choices).toHaveLength(1);
+    expect(full.choices[0].message.role).toBe("assistant");
+    expect(full.usage!.completion_tokens).toBeLessThanOrEqual(20);
+    expect(full.usage!.total_tokens).toBe(full.usage!.prompt_tokens + full.usage!.completion_tokens);
+    const s = await streamChat({ messages: user(content), max_tokens: 20, temperature: 0 });
+    expect(s.text).toBe(full.choices[0].message.content);
+    expect(s.finish).toBe(full.choices[0].finish_reason);
+    expect(s.usage).toEqual(full.usage);
+    expect(s.roles).toBe(1);
+  }
+});
+
+test("completions: streamed equals non-streamed (greedy), for text and for token ids", async () => {
+  for (const prompt of ["Once upon a time", [0, 5, 17, 42, 99]]) {
+    const full = await client.completions.create({ model: "m", prompt, max_tokens: 16, temperature: 0 });
+    expect(full.object).toBe("text_completion");
+    expect(full.usage!.prompt_tokens).toBe(typeof prompt === "string" ? model.toTokenIds(prompt).length : prompt.length);
+    const s = await streamCompletion({ prompt, max_tokens: 16, temperature: 0 });
+    expect(s.text).toBe(full.choices[0].text);
+    expect(s.finish).toBe(full.choices[0].finish_reason);
+  }
+});
+
+test("stop, max_completion_tokens and seed", async () => {
+  const base = await client.completions.create({ model: "m", prompt: "The king", max_tokens: 24, temperature: 0 });
+  const text = base.choices[0].text;
+  const stop = text.slice(8, 10);
+  const cut = await client.completions.create({ model: "m", prompt: "The king", max_tokens: 24, temperature: 0, stop: [stop] });
+  expect(cut.choices[0].text).toBe(text.slice(0, text.indexOf(stop)));
+  expect(cut.choices[0].finish_reason).toBe("stop");
+  const short = await client.chat.completions.create({ model: "m", messages: user("Hi"), max_completion_tokens: 3, temperature: 0 });
+  expect(short.usage!.completion_tokens).toBeLessThanOrEqual(3);
+  const sample = () => client.chat.completions.create({ model: "m", messages: user("Hi"), max_tokens: 12, temperature: 1, top_p: 0.9, seed: 7 });
+  expect((await sample()).choices[0].message.content).toBe((await sample()).choices[0].message.content);
+});
+
+test("GET /v1/models, /health and /metrics", async () => {
+  const models = await client.models.list();
+  expect(models.data.map((m) => m.id)).toEqual(["llama-mha-hd16"]);
+  expect((await client.models.retrieve("llama-mha-hd16")).id).toBe("llama-mha-hd16");
+  const health = await fetch(`${srv.url}/health`);
+  expect(health.status).toBe(200);
+  expect(await health.json()).toEqual({ status: "ok" });
+  const before = metric(await metrics(), "lckv_generated_tokens_total");
+  const r = await client.completions.create({ model: "m", prompt: "A", max_tokens: 5, temperature: 0 });
+  const text = await metrics();
+  expect(metric(text, "lckv_generated_tokens_total") - before).toBe(r.usage!.completion_tokens);
+  for (const name of ["lckv_queue_length", "lckv_running_sequences", "lckv_kv_pages_used", "lckv_kv_pages_cached"]) expect(text).toMatch(new RegExp(`^${name} \\d+$`, "m"));
+  expect(metric(text, "lckv_kv_pages_used")).toBe(model.cacheStats().pagesUsed);
+  expect(metric(text, "lckv_time_to_first_token_seconds_count")).toBeGreaterThan(0);
+  expect(metric(text, "lckv_inter_token_latency_seconds_count")).toBeGreaterThan(0);
+});
+
+test("a client that disconnects mid-stream stops its generation, and its pages are freed", async () => {
+  const aborted = () => metrics().then((t) => metric(t, "lckv_requests_total", 'status="499"'));
+  const before = await aborted();
+  const stream = await client.chat.completions.create({ model: "m", messages: user("Go on"), max_tokens: 100, temperature: 0, stream: true });
+  for await (const c of stream) {
+    void c;
+    break;  // ends the iteration and aborts the request: its connection closes
+  }
+  for (let i = 0; i < 200 && (await aborted()) === before; i++) await new Promise((r) => setTimeout(r, 10));
+  expect(await aborted()).toBe(before + 1);
+  await expectIdle(model);
+  expect(metric(await metrics(), "lckv_running_sequences")).toBe(0);
+});
+
+const words = ["The sea", "A king", "Once", "In the morning", "Hello", "The letter said", "Rain", "She walked"];
+
+test("64 concurrent streaming clients each get exactly what they get alone (greedy)", async () => {
+  const requests = Array.from({ length: 64 }, (_, i) => ({ prompt: `${words[i % words.length]} ${i}`, chat: i % 2 === 0, max: 4 + (i % 13) }));
+  const run = (q: (typeof requests)[number]) =>
+    q.chat
+      ? streamChat({ messages: user(q.prompt), max_tokens: q.max, temperature: 0 }).then((s) => s.text)
+      : streamCompletion({ prompt: q.prompt, max_tokens: q.max, temperature: 0 }).then((s) => s.text);
+  const alone: string[] = [];
+  for (const q of requests) alone.push(await run(q));
+  const together = await Promise.all(requests.map(run));
+  expect(together).toEqual(alone);
+  await expectIdle(model);
+});
+
+test("1000 requests with random disconnects: no page leaked, memory flat", async () => {
+  const r = rng(2024);
+  const pick = (n: number) => Math.floor(r() * n);
+  let disconnected = 0;
+  const one = async () => {
+    const ac = new AbortController();
+    const stream = r() < 0.5;
+    const chat = r() < 0.5;
+    const disconnect = r() < 0.3;
+    const after = pick(3);
+    const body = { model: "m", max_tokens: 1 + pick(6), temperature: r() < 0.5 ? 0 : 1, seed: pick(1000) };
+    const prompt = `${words[pick(words.length)]} ${pick(100)}`;
+    try {
+      if (stream) {
+        const s = chat
+          ? await client.chat.completions.create({ ...body, messages: user(prompt), stream: true }, { signal: ac.signal })
+          : await client.completions.create({ ...body, prompt, stream: true }, { signal: ac.signal });
+        // Leaving the loop aborts the request: its connection closes. (Aborting through the
+        // signal instead can leave fetch waiting forever when the response had already ended.)
+        let k = 0;
+        for await (const c of s as AsyncIterable<unknown>) {
+          void c;
+          if (disconnect && k++ >= after) break;
+        }
+      } else {
+        const p = chat ? client.chat.completions.create({ ...body, messages: user(prompt) }, { signal: ac.signal }) : client.completions.create({ ...body, prompt }, { signal: ac.signal });
+        if (disconnect) setTimeout(() => ac.abort(), after);
+        await p;
+      }
+    } catch (e) {
+      if (!(e instanceof APIUserAbortError)) throw e;
+      disconnected++;
+    }
+  };
+  const batch = async (n: number) => {
+    for (let i = 0; i < n; i += 25) await Promise.all(Array.from({ length: 25 }, one));
+  };
+  await batch(100);  // warm-up: buffers, pools and code paths reach their working size
+  const rss0 = process.memoryUsage().rss;
+  await batch(900);
+  const rss1 = process.memoryUsage().rss;
+  expect(disconnected).toBeGreaterThan(50);
+  expect(rss1 - rss0).toBeLessThan(100 * 2 ** 20);
+  await expectIdle(model);
+  expect(metric(await metrics(), "lckv_running_sequences")).toBe(0);
+});
+
+test("close() takes no new request, finishes the one in flight, then resolves", async () => {
+  const other = await startServer(model);
+  const stream = await other.client.completions.create({ model: "m", prompt: "Once", max_tokens: 60, temperature: 0, stream: true });
+  let closed: Promise<void> | undefined;
+  let text = "";
+  let finish: string | null = null;
+  for await (const c of stream) {
+    closed ??= other.app.close();
+    text += c.choices[0]?.text ?? "";
+    finish = c.choices[0]?.finish_reason ?? finish;
+  }
+  const alone = await client.completions.create({ model: "m", prompt: "Once", max_tokens: 60, temperature: 0 });
+  expect(text).toBe(alone.choices[0].text);
+  expect(finish).toBe(alone.choices[0].finish_reason);
+  await closed;
+  await expect(fetch(`${other.url}/health`)).rejects.toThrow();
+});
+
+test("lckv serve: SIGTERM finishes the request in flight, then the process exits 0", async () => {
+  const child = spawn(process.execPath, [path.join(root, "dist", "cli.js"), "serve", "--port", "0", "--device", "cpu"], { cwd: root, stdio: ["ignore", "ignore", "pipe"] });
+  const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+  let stderr = "";
+  child.stderr.setEncoding("utf8");
+  try {
+    const url = await new Promise<string>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`no URL on stderr after 60 s: ${stderr}`)), 60000);
+      child.stderr.on("data", (d: string) => {
+        stderr += d;
+        const m = /lckv: listening on (http:\/\/127\.0\.0\.1:\d+)/.exec(stderr);
+        if (m) {
+          clearTimeout(timer);
+          resolve(m[1]);
+        }
+      });
+      child.on("exit", () => reject(new Error(`exited before listening: ${stderr}`)));
+    });
+    const c = new OpenAI({ baseURL: `${url}/v1`, apiKey: "unused", maxRetries: 0 });
+    const stream = await c.completions.create({ model: "default", prompt: "Once upon a time", max_tokens: 200, temperature: 0.8, seed: 1, stream: true });
+    let text = "";
+    let finish: string | null = null;
+    let signalled = false;
+    for await (const chunk of stream) {
+      text += chunk.choices[0]?.text ?? "";
+      finish = chunk.choices[0]?.finish_reason ?? finish;
+      if (!signalled) child.kill("SIGTERM");
+      signalled = true;
+    }
+    expect(finish === "stop" || finish === "length").toBe(true);
+    expect(text.length).toBeGreaterThan(0);
+    // No new work once it is stopping: the listener is closed (or, on an open connection, 503).
+    const late = await fetch(`${url}/health`).then((r) => r.status, () => "refused");
+    expect([503, "refused"]).toContain(late);
+    expect(await exited).toBe(0);
+    expect(stderr).toMatch(/stopping/);
+  } finally {
+    if (child.exitCode === null) child.kill("SIGKILL");
+  }
+});
