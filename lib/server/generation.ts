@@ -4,41 +4,18 @@
  * hands each chunk to the endpoint's writer while it feeds the metrics. The writer's promise is
  * awaited, so a stream waits for a slow client instead of running ahead of it.
  */
-import { InvalidOptionError } from "../errors";
+import type { GenerationStream } from "../generation-stream";
 import type { Model } from "../model";
 import type { GenerateOptions } from "../options";
 import type { GenerateResult, StreamChunk } from "../types";
 import type { ServerMetrics } from "./metrics";
 import type { CommonBody } from "./schemas";
 
-/**
- * The generation features the server passes through (penalties, logit bias, log-probabilities,
- * n completions from one prefill), as lckv's GenerateOptions, StreamChunk and Model declare
- * them. Written as extensions so that the server reads them the same way on a library that
- * lacks them; there the library's option check refuses a request that uses them.
- */
-export interface ServerGenerateOptions extends GenerateOptions {
-  presencePenalty?: number;
-  frequencyPenalty?: number;
-  logitBias?: Record<number, number>;
-  /** Log-probabilities of the chosen token and of this many most likely ones (0..20). */
-  logprobs?: number;
-}
-
-export interface ServerChunk extends StreamChunk {
-  logprob?: number;
-  topLogprobs?: { token: number; logprob: number }[];
-}
-
-type CompletionStream = AsyncGenerator<ServerChunk, GenerateResult, undefined>;
-
-interface ManyStreams {
-  streamMany?: (input: readonly number[], n: number, options: ServerGenerateOptions) => CompletionStream[];
-}
+type CompletionStream = GenerationStream;
 
 /** The options of a request's body, leaving out every field at its no-op value. */
-export function generateOptions(body: CommonBody, maxTokens: number | null | undefined, logprobs: number | undefined, signal: AbortSignal): ServerGenerateOptions {
-  const o: ServerGenerateOptions = { signal };
+export function generateOptions(body: CommonBody, maxTokens: number | null | undefined, logprobs: number | undefined, signal: AbortSignal): GenerateOptions {
+  const o: GenerateOptions = { signal };
   if (maxTokens !== null && maxTokens !== undefined) o.maxNewTokens = maxTokens;
   if (body.temperature !== null && body.temperature !== undefined) o.temperature = body.temperature;
   if (body.top_p !== null && body.top_p !== undefined) o.topP = body.top_p;
@@ -55,16 +32,13 @@ export function generateOptions(body: CommonBody, maxTokens: number | null | und
 }
 
 /** n completions of the prompt: one stream, or n that share one prefill. */
-export function openStreams(model: Model, prompt: readonly number[], n: number, options: ServerGenerateOptions): CompletionStream[] {
-  if (n === 1) return [model.stream(prompt, options) as CompletionStream];
-  const many = (model as Model & ManyStreams).streamMany;
-  if (!many) throw new InvalidOptionError("n", "this version of lckv generates one completion per request: n must be 1");
-  return many.call(model, prompt, n, options);
+export function openStreams(model: Model, prompt: readonly number[], n: number, options: GenerateOptions): CompletionStream[] {
+  return n === 1 ? [model.stream(prompt, options)] : model.streamMany(prompt, n, options);
 }
 
 /** What the endpoint does with each chunk and each result: `index` is the completion's, 0..n-1. */
 export interface CompletionWriter {
-  chunk(index: number, chunk: ServerChunk): Promise<void>;
+  chunk(index: number, chunk: StreamChunk): Promise<void>;
   done(index: number, result: GenerateResult): Promise<void>;
 }
 

@@ -4,7 +4,7 @@
  * `text_offset`). lckv reports token ids; each becomes the text it decodes to alone.
  */
 import type { Tokenizer } from "../tokenizer";
-import type { ServerChunk } from "./generation";
+import type { StreamChunk } from "../types";
 
 export interface ChatTokenLogprob {
   token: string;
@@ -41,7 +41,7 @@ export class TokenTexts {
 }
 
 /** A chunk's entry of chat's `logprobs.content`, or undefined when it carries none. */
-export function chatLogprob(texts: TokenTexts, c: ServerChunk): ChatTokenLogprob | undefined {
+export function chatLogprob(texts: TokenTexts, c: StreamChunk): ChatTokenLogprob | undefined {
   if (c.token === null || c.logprob === undefined) return undefined;
   return {
     token: texts.text(c.token),
@@ -58,7 +58,7 @@ export class CompletionLogprobsBuilder {
   constructor(private readonly texts: TokenTexts) {}
 
   /** Adds a chunk's token; `offset` is where its text starts in the completion. Returns what it added. */
-  add(c: ServerChunk, offset: number): CompletionLogprobs | undefined {
+  add(c: StreamChunk, offset: number): CompletionLogprobs | undefined {
     if (c.token === null || c.logprob === undefined) return undefined;
     const top: Record<string, number> = {};
     for (const t of c.topLogprobs ?? []) top[this.texts.text(t.token)] = t.logprob;

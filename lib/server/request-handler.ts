@@ -7,9 +7,10 @@
  */
 import type { FastifyReply, FastifyRequest } from "fastify";
 import type { ServerResponse } from "node:http";
+import type { GenerationStream } from "../generation-stream";
 import type { Model } from "../model";
-import type { GenerateResult } from "../types";
-import { runStreams, ServerChunk } from "./generation";
+import type { GenerateResult, StreamChunk } from "../types";
+import { runStreams } from "./generation";
 import type { ServerMetrics } from "./metrics";
 import { HttpErrorResponse, sendHttpError, toHttpError } from "./openai-errors";
 import { SseWriter } from "./sse";
@@ -31,9 +32,9 @@ export interface CompletionPlan {
   promptParam: string;
   stream: boolean;
   /** Checks the request and starts its completions; may throw (a 400, say). */
-  start(signal: AbortSignal): AsyncGenerator<ServerChunk, GenerateResult, undefined>[];
+  start(signal: AbortSignal): GenerationStream[];
   /** The events a chunk of completion `index` makes when streaming (it is also to be gathered). */
-  chunk(index: number, chunk: ServerChunk): Event[];
+  chunk(index: number, chunk: StreamChunk): Event[];
   /** The events that end completion `index` when streaming. */
   finish(index: number, result: GenerateResult): Event[];
   /** The events after every completion has ended (the usage chunk). */

@@ -6,8 +6,8 @@ import { randomUUID } from "node:crypto";
 import type { FastifyInstance } from "fastify";
 import { InvalidInputError, InvalidOptionError } from "../errors";
 import type { ChatMessage } from "../tokenizer";
-import type { GenerateResult } from "../types";
-import { finishReason, generateOptions, openStreams, ServerChunk, usage } from "./generation";
+import type { GenerateResult, StreamChunk } from "../types";
+import { finishReason, generateOptions, openStreams, usage } from "./generation";
 import { chatLogprob, ChatTokenLogprob, TokenTexts } from "./logprobs";
 import { serveCompletions, ServerContext } from "./request-handler";
 import { ChatCompletionBody, chatCompletionBody, ChatMessageBody } from "./schemas";
@@ -67,7 +67,7 @@ export function registerChatRoutes(app: FastifyInstance, ctx: ServerContext): vo
         const prompt = chatPrompt(ctx, body.messages);
         return openStreams(ctx.model, prompt, n, generateOptions(body, body.max_completion_tokens ?? body.max_tokens, logprobs, signal));
       },
-      chunk: (index: number, c: ServerChunk) => {
+      chunk: (index: number, c: StreamChunk) => {
         content[index] += c.text;
         const lp = logprobs === undefined ? undefined : chatLogprob(texts, c);
         if (lp) tokenLogprobs[index].push(lp);

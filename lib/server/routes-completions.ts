@@ -4,8 +4,8 @@
  */
 import { randomUUID } from "node:crypto";
 import type { FastifyInstance } from "fastify";
-import type { GenerateResult } from "../types";
-import { finishReason, generateOptions, openStreams, ServerChunk, usage } from "./generation";
+import type { GenerateResult, StreamChunk } from "../types";
+import { finishReason, generateOptions, openStreams, usage } from "./generation";
 import { CompletionLogprobsBuilder, TokenTexts } from "./logprobs";
 import { serveCompletions, ServerContext } from "./request-handler";
 import { CompletionBody, completionBody } from "./schemas";
@@ -38,7 +38,7 @@ export function registerCompletionRoutes(app: FastifyInstance, ctx: ServerContex
         const prompt = ctx.model.toTokenIds(body.prompt, "prompt");
         return openStreams(ctx.model, prompt, n, generateOptions(body, body.max_tokens, logprobs, signal));
       },
-      chunk: (index: number, c: ServerChunk) => {
+      chunk: (index: number, c: StreamChunk) => {
         const offset = text[index].length;
         text[index] += c.text;
         const lp = logprobs === undefined ? undefined : builders[index].add(c, offset);
