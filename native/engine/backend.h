@@ -82,7 +82,12 @@ class Backend : public StepExecution {
 
   // Memory. alloc() contents are unspecified.
   virtual Tensor alloc(int64_t rows, int64_t cols) = 0;
+  // A weight from f32 host values, kept in the backend's weight dtype.
   virtual Tensor upload(const float* host, int64_t rows, int64_t cols) = 0;
+  // A weight from host values of dtype hostType (F32, BF16 or F16), as a checkpoint stores them.
+  // The default widens them to f32 for upload(); a backend that keeps a 16-bit weight as it is
+  // overrides it, so that no f32 copy is made.
+  virtual Tensor uploadWeight(const void* host, DType hostType, int64_t rows, int64_t cols);
   virtual void download(const Tensor& t, int64_t rowStart, int64_t rowCount, float* host) = 0;
   // Writes host rows into an f32 activation tensor (tests and op checks).
   virtual void writeRows(Tensor& t, int64_t rowStart, int64_t rowCount, const float* host) = 0;
