@@ -188,9 +188,12 @@ class Backend : public StepExecution {
   }
 };
 
-// weights: BF16 or F16 round each weight to that type (then compute in f32), so the CPU is the
-// exact reference for a GPU holding weights in that type.
-std::unique_ptr<Backend> createCpuBackend(int threads, DType weights = DType::F32);
+// The CPU backend computes in f32 whatever dtype it keeps a weight in: a 16-bit weight is kept
+// in 16 bits (half the memory) and widened, exactly, as an op reads it.
+// weights: BF16 or F16 round each weight to that type, so the CPU is the exact reference for a
+// GPU holding weights in that type; F32 widens every weight to f32, unless keepCheckpointDtype:
+// then each weight stays in the dtype its checkpoint stores (the same values either way).
+std::unique_ptr<Backend> createCpuBackend(int threads, DType weights = DType::F32, bool keepCheckpointDtype = false);
 #ifdef LCKV_WITH_CUDA
 // weights: the dtype weights are kept in on the device (BF16, F16 or F32).
 // graphs: record decode steps as CUDA graphs (LCKV_CUDA_GRAPHS=0 in the environment overrides).

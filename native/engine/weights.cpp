@@ -76,12 +76,6 @@ uint16_t f32ToF16(float f) {
   return (uint16_t)(sign | h);
 }
 
-float roundTo(DType t, float f) {
-  if (t == DType::BF16) return bf16ToF32(f32ToBf16(f));
-  if (t == DType::F16) return f16ToF32(f32ToF16(f));
-  return f;
-}
-
 namespace {
 
 struct Fd {

@@ -41,8 +41,6 @@ float f16ToF32(uint16_t h);
 // Round to nearest even; NaN stays NaN, overflow becomes infinity.
 uint16_t f32ToBf16(float f);
 uint16_t f32ToF16(float f);
-// f rounded to dtype t and back to f32 (identity for F32).
-float roundTo(DType t, float f);
 // n values of dtype `from` (F32, BF16 or F16) at src, as f32 (exact: both 16-bit types widen
 // to f32 without rounding).
 void toF32(DType from, const void* src, size_t n, float* dst);
