@@ -23,7 +23,11 @@ export type DType = "auto" | "f32" | "f16" | "bf16";
 
 export interface LoadOptions {
   device?: Device;
-  /** Weight dtype on the device (default bf16 on CUDA, f32 on the CPU, which always computes in f32). */
+  /**
+   * Weight dtype on the device. Default ("auto"): bf16 on CUDA; on the CPU, which always computes
+   * in f32, each weight in the dtype its checkpoint stores (a bf16 or f16 weight takes 2 bytes,
+   * and gives the same results as widened to f32). "f32" on the CPU widens 16-bit weights.
+   */
   dtype?: DType;
   /** Tokens one sequence may hold (default: the model's max_position_embeddings). */
   maxContext?: number;
@@ -146,8 +150,10 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
     process.stderr.write(`lckv: running on the CPU (${why})\n`);
   }
   // The CPU computes in f32; with "bf16"/"f16" it rounds the weights to that type first, which
-  // makes it the exact reference for a GPU that holds its weights in that type.
-  const weightDtype = dtype === "auto" ? (backend === "cuda" ? "bf16" : "f32") : dtype;
+  // makes it the exact reference for a GPU that holds its weights in that type. By default it
+  // keeps each weight in its checkpoint's dtype ("checkpoint"), widening as it reads: the values
+  // of "f32" in the memory of the file.
+  const weightDtype = dtype === "auto" ? (backend === "cuda" ? "bf16" : "checkpoint") : dtype;
   if (hubId !== undefined) {
     modelDir = await resolveModel(hubId, { revision: options.revision, onProgress: options.onDownloadProgress, signal: options.signal });
   }

@@ -132,6 +132,7 @@ export interface NativeModel {
 }
 
 export interface NativeAddon {
+  /** dtype: "f32", "f16", "bf16", or "checkpoint" (the CPU only: each weight in its checkpoint's dtype). */
   NativeModel: new (desc: NativeModelDescription, opts: { backend: string; threads?: number; dtype?: string; cudaGraphs?: boolean; runAhead?: boolean }) => NativeModel;
   /** cuda: built and a device is usable; cudaBuilt: compiled in; cudaProblem: why it is unusable. */
   backends: { cpu: boolean; cuda: boolean; cudaBuilt: boolean; cudaProblem?: string };

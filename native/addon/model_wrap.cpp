@@ -111,10 +111,15 @@ ModelWrap::ModelWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ModelWra
       [&] {
         std::unique_ptr<Backend> be;
         std::string dt = opts.Get("dtype").IsString() ? std::string(opts.Get("dtype").As<Napi::String>()) : "f32";
-        if (dt != "f32" && dt != "f16" && dt != "bf16") throw EngineError(kErrInvalidArgument, "dtype must be f32, f16 or bf16");
-        const DType w = dt == "f32" ? DType::F32 : dt == "f16" ? DType::F16 : DType::BF16;
+        // "checkpoint" (the CPU only): each weight stays in the dtype its checkpoint stores.
+        const bool keepCheckpointDtype = dt == "checkpoint";
+        if (keepCheckpointDtype && backend != "cpu") throw EngineError(kErrInvalidArgument, "dtype checkpoint is for the CPU backend only");
+        if (!keepCheckpointDtype && dt != "f32" && dt != "f16" && dt != "bf16")
+          throw EngineError(kErrInvalidArgument, "dtype must be f32, f16, bf16 or checkpoint");
+        const DType w = dt == "f16" ? DType::F16 : dt == "bf16" ? DType::BF16 : DType::F32;
         const bool graphs = !opts.Get("cudaGraphs").IsBoolean() || opts.Get("cudaGraphs").As<Napi::Boolean>().Value();
-        be = createNamedBackend(backend, threads, w, getInt(opts, "deviceIndex", false, 0), graphs);
+        be = keepCheckpointDtype ? createCpuBackend(threads, DType::F32, true)
+                                 : createNamedBackend(backend, threads, w, getInt(opts, "deviceIndex", false, 0), graphs);
         shared_ = std::make_shared<SharedModel>();
         shared_->model = std::make_unique<Model>(std::move(cfg), std::move(be));
         shared_->model->setRunAhead(!opts.Get("runAhead").IsBoolean() || opts.Get("runAhead").As<Napi::Boolean>().Value());

@@ -1,31 +1,46 @@
 // The CPU backend: plain loops in f32 with f64 where a reduction is long. It is the reference
 // every GPU kernel is tested against, so clarity wins over speed. Every output element is
 // computed by the same sequential loop whatever the batch or thread count (batch invariance).
+// A weight may be kept in bf16 or f16 (half the memory of f32): the ops widen what they read to
+// f32, which is exact, so they compute the same values as from an f32 copy.
 #include <cmath>
 #include <cstring>
 #include <new>
 #include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "../engine/backend.h"
 #include "../engine/errors.h"
 #include "../engine/weights.h"
 #include "thread_pool.h"
+#include "weight_reads.h"
 
 namespace lckv {
 
 namespace {
 
+using cpu::dotRow;
+using cpu::weightF32;
+
 float* F(const Tensor& t) { return static_cast<float*>(t.data); }
 
-Tensor hostTensor(int64_t rows, int64_t cols) {
+// Uninitialised host storage for [rows, cols] values of `dtype`.
+Tensor hostTensor(int64_t rows, int64_t cols, DType dtype = DType::F32) {
   Tensor t;
-  const size_t n = (size_t)(rows * cols);
-  std::shared_ptr<float> buf(new float[n > 0 ? n : 1], std::default_delete<float[]>());
+  const size_t bytes = (size_t)(rows * cols) * dtypeSize(dtype);
+  std::shared_ptr<uint8_t> buf(new uint8_t[bytes > 0 ? bytes : 1], std::default_delete<uint8_t[]>());
   t.storage = buf;
   t.data = buf.get();
+  t.dtype = dtype;
   t.rows = rows;
   t.cols = cols;
   return t;
+}
+
+// Activations, K/V and outputs are f32; only weights come in other dtypes.
+void requireF32(const Tensor& t, const char* op) {
+  if (t.dtype != DType::F32) throw EngineError(kErrInvalidArgument, std::string(op) + ": the tensor must be f32");
 }
 
 // K (v = 0) or V (v = 1) of `slot` at `pos` of table row `seq`, checked.
@@ -36,33 +51,53 @@ float* kvAt(const KvView& kv, int seq, int slot, int v, int pos) {
 
 class CpuBackend : public Backend {
  public:
-  CpuBackend(int threads, DType weights) : pool_(threads), weights_(weights) {}
+  CpuBackend(int threads, DType weights, bool keepCheckpointDtype)
+      : pool_(threads), weights_(weights), keepCheckpointDtype_(keepCheckpointDtype) {}
   std::string name() const override { return "cpu"; }
 
   Tensor alloc(int64_t rows, int64_t cols) override { return hostTensor(rows, cols); }
   Tensor upload(const float* host, int64_t rows, int64_t cols) override {
-    Tensor t = hostTensor(rows, cols);
+    return uploadWeight(host, DType::F32, rows, cols);
+  }
+  Tensor uploadWeight(const void* host, DType hostType, int64_t rows, int64_t cols) override {
+    const DType keep = weights_ != DType::F32 ? weights_ : keepCheckpointDtype_ ? hostType : DType::F32;
+    Tensor t = hostTensor(rows, cols, keep);
     const size_t n = (size_t)(rows * cols);
-    for (size_t i = 0; i < n; ++i) F(t)[i] = roundTo(weights_, host[i]);
+    if (keep == hostType) {
+      std::memcpy(t.data, host, n * dtypeSize(keep));
+    } else if (keep == DType::F32) {
+      toF32(hostType, host, n, F(t));
+    } else {  // rounded to the 16-bit weight dtype, one value at a time (no f32 copy of the tensor)
+      uint16_t* o = static_cast<uint16_t*>(t.data);
+      for (size_t i = 0; i < n; ++i) {
+        float f;
+        toF32(hostType, static_cast<const uint8_t*>(host) + i * dtypeSize(hostType), 1, &f);
+        o[i] = keep == DType::BF16 ? f32ToBf16(f) : f32ToF16(f);
+      }
+    }
     return t;
   }
   void download(const Tensor& t, int64_t rowStart, int64_t rowCount, float* host) override {
-    std::memcpy(host, F(t) + rowStart * t.cols, sizeof(float) * (size_t)(rowCount * t.cols));
+    const size_t esize = dtypeSize(t.dtype);
+    toF32(t.dtype, static_cast<const uint8_t*>(t.data) + (size_t)(rowStart * t.cols) * esize, (size_t)(rowCount * t.cols), host);
   }
   void writeRows(Tensor& t, int64_t rowStart, int64_t rowCount, const float* host) override {
+    requireF32(t, "writeRows");
     std::memcpy(F(t) + rowStart * t.cols, host, sizeof(float) * (size_t)(rowCount * t.cols));
   }
   void poison(Tensor& t) override {
+    requireF32(t, "poison");
     for (int64_t i = 0; i < t.numel(); ++i) F(t)[i] = NAN;
   }
   void embed(const int32_t* tokens, const int32_t* positions, int n, const Tensor& table, const Tensor* posTable,
              Tensor& out) override {
     const int64_t E = table.cols;
+    std::vector<float> eBuf, pBuf;
     for (int r = 0; r < n; ++r) {
-      const float* e = F(table) + (int64_t)tokens[r] * E;
+      const float* e = weightF32(table, (int64_t)tokens[r] * E, E, eBuf);
       float* o = F(out) + (int64_t)r * E;
       if (posTable) {
-        const float* p = F(*posTable) + (int64_t)positions[r] * E;
+        const float* p = weightF32(*posTable, (int64_t)positions[r] * E, E, pBuf);
         for (int64_t j = 0; j < E; ++j) o[j] = e[j] + p[j];
       } else {
         std::memcpy(o, e, sizeof(float) * (size_t)E);
@@ -73,6 +108,9 @@ class CpuBackend : public Backend {
   void norm(NormKind kind, const Tensor& x, int n, const Tensor& weight, const Tensor* bias, float eps,
             Tensor& out) override {
     const int64_t E = x.cols;
+    std::vector<float> wBuf, bBuf;
+    const float* W = weightF32(weight, 0, E, wBuf);
+    const float* B = bias ? weightF32(*bias, 0, E, bBuf) : nullptr;
     for (int r = 0; r < n; ++r) {
       const float* xi = F(x) + r * E;
       float* o = F(out) + r * E;
@@ -80,7 +118,7 @@ class CpuBackend : public Backend {
         double ss = 0;
         for (int64_t j = 0; j < E; ++j) ss += (double)xi[j] * xi[j];
         const float inv = (float)(1.0 / std::sqrt(ss / (double)E + (double)eps));
-        for (int64_t j = 0; j < E; ++j) o[j] = (xi[j] * inv) * F(weight)[j];
+        for (int64_t j = 0; j < E; ++j) o[j] = (xi[j] * inv) * W[j];
       } else {
         double mean = 0, var = 0;
         for (int64_t j = 0; j < E; ++j) mean += xi[j];
@@ -89,7 +127,7 @@ class CpuBackend : public Backend {
         var /= (double)E;
         const double inv = 1.0 / std::sqrt(var + (double)eps);
         for (int64_t j = 0; j < E; ++j)
-          o[j] = (float)(((double)xi[j] - mean) * inv) * F(weight)[j] + (bias ? F(*bias)[j] : 0.0f);
+          o[j] = (float)(((double)xi[j] - mean) * inv) * W[j] + (B ? B[j] : 0.0f);
       }
     }
   }
@@ -98,26 +136,15 @@ class CpuBackend : public Backend {
     const int64_t in = w.cols, outF = w.rows;
     if (x.cols != in || out.cols != outF) throw EngineError(kErrInvalidArgument, "linear: shape mismatch");
     const float* X = F(x);
-    const float* W = F(w);
-    const float* B = bias ? F(*bias) : nullptr;
+    std::vector<float> bBuf;
+    const float* B = bias ? weightF32(*bias, 0, outF, bBuf) : nullptr;
     float* O = F(out);
-    // Parallel over output features; each dot product runs in one fixed order.
+    // Parallel over output features; each dot product runs in one fixed order, widening a 16-bit
+    // weight as it reads it.
     pool_.parallelFor(outF, [&](int64_t b, int64_t e) {
       for (int64_t j = b; j < e; ++j) {
-        const float* wj = W + j * in;
-        for (int r = 0; r < n; ++r) {
-          const float* xr = X + (int64_t)r * in;
-          float acc0 = 0, acc1 = 0, acc2 = 0, acc3 = 0;
-          int64_t k = 0;
-          for (; k + 4 <= in; k += 4) {
-            acc0 += xr[k] * wj[k];
-            acc1 += xr[k + 1] * wj[k + 1];
-            acc2 += xr[k + 2] * wj[k + 2];
-            acc3 += xr[k + 3] * wj[k + 3];
-          }
-          for (; k < in; ++k) acc0 += xr[k] * wj[k];
-          O[(int64_t)r * outF + j] = (acc0 + acc1) + (acc2 + acc3) + (B ? B[j] : 0.0f);
-        }
+        const float bj = B ? B[j] : 0.0f;
+        for (int r = 0; r < n; ++r) O[(int64_t)r * outF + j] = dotRow(X + (int64_t)r * in, w, j) + bj;
       }
     }, 16);
   }
@@ -234,6 +261,8 @@ class CpuBackend : public Backend {
   }
 
   void copyRows(const Tensor& src, int srcRow, Tensor& dst, int dstRow, int n) override {
+    requireF32(src, "copyRows");
+    requireF32(dst, "copyRows");
     std::memcpy(F(dst) + (int64_t)dstRow * dst.cols, F(src) + (int64_t)srcRow * src.cols,
                 sizeof(float) * (size_t)(n * src.cols));
   }
@@ -242,12 +271,13 @@ class CpuBackend : public Backend {
  private:
   ThreadPool pool_;
   DType weights_;
+  bool keepCheckpointDtype_;
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> createCpuBackend(int threads, DType weights) {
-  return std::make_unique<CpuBackend>(threads, weights);
+std::unique_ptr<Backend> createCpuBackend(int threads, DType weights, bool keepCheckpointDtype) {
+  return std::make_unique<CpuBackend>(threads, weights, keepCheckpointDtype);
 }
 
 }  // namespace lckv

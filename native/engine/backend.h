@@ -82,7 +82,12 @@ class Backend : public StepExecution {
 
   // Memory. alloc() contents are unspecified.
   virtual Tensor alloc(int64_t rows, int64_t cols) = 0;
+  // A weight from f32 host values, kept in the backend's weight dtype.
   virtual Tensor upload(const float* host, int64_t rows, int64_t cols) = 0;
+  // A weight from host values of dtype hostType (F32, BF16 or F16), as a checkpoint stores them.
+  // The default widens them to f32 for upload(); a backend that keeps a 16-bit weight as it is
+  // overrides it, so that no f32 copy is made.
+  virtual Tensor uploadWeight(const void* host, DType hostType, int64_t rows, int64_t cols);
   virtual void download(const Tensor& t, int64_t rowStart, int64_t rowCount, float* host) = 0;
   // Writes host rows into an f32 activation tensor (tests and op checks).
   virtual void writeRows(Tensor& t, int64_t rowStart, int64_t rowCount, const float* host) = 0;
@@ -187,9 +192,12 @@ class Backend : public StepExecution {
   }
 };
 
-// weights: BF16 or F16 round each weight to that type (then compute in f32), so the CPU is the
-// exact reference for a GPU holding weights in that type.
-std::unique_ptr<Backend> createCpuBackend(int threads, DType weights = DType::F32);
+// The CPU backend computes in f32 whatever dtype it keeps a weight in: a 16-bit weight is kept
+// in 16 bits (half the memory) and widened, exactly, as an op reads it.
+// weights: BF16 or F16 round each weight to that type, so the CPU is the exact reference for a
+// GPU holding weights in that type; F32 widens every weight to f32, unless keepCheckpointDtype:
+// then each weight stays in the dtype its checkpoint stores (the same values either way).
+std::unique_ptr<Backend> createCpuBackend(int threads, DType weights = DType::F32, bool keepCheckpointDtype = false);
 #ifdef LCKV_WITH_CUDA
 // weights: the dtype weights are kept in on the device (BF16, F16 or F32).
 // graphs: record decode steps as CUDA graphs (LCKV_CUDA_GRAPHS=0 in the environment overrides).

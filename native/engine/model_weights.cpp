@@ -1,6 +1,5 @@
 // The model's tensor registry: the tensors a config needs with their shapes, loading each one
 // (checked against them), and finalize(), which hands them to the layers.
-#include <cmath>
 #include <new>
 #include <string>
 
@@ -64,20 +63,21 @@ void Model::loadTensor(const TensorSource& src) {
   if (it == expected_.end())
     throw EngineError(kErrWeights, "tensor '" + src.sourceName + "' in " + src.file + " maps to '" + src.name +
                                        "', which this model's config does not use");
-  int64_t rows = 0, cols = 0;
-  std::vector<float> vals = readTensorF32(src, rows, cols);
-  if (rows != it->second.first || cols != it->second.second)
-    throw EngineError(kErrWeights, "tensor '" + src.sourceName + "' in " + src.file + " has shape " + shapeStr(rows, cols) +
-                                       " after layout conversion; the config implies " +
-                                       shapeStr(it->second.first, it->second.second));
-  for (float f : vals)
-    if (!std::isfinite(f))
-      throw EngineError(kErrWeights, "tensor '" + src.sourceName + "' in " + src.file + " holds a NaN or infinite value");
   Tensor t;
-  try {
-    t = backend_->upload(vals.data(), rows, cols);
-  } catch (const std::bad_alloc&) {
-    throw EngineError(kErrOutOfMemory, "out of memory loading tensor '" + src.sourceName + "'");
+  {
+    // The host copy lives only until the backend holds the tensor: one tensor's bytes at a time.
+    const HostTensor host = readTensor(src);
+    if (host.rows != it->second.first || host.cols != it->second.second)
+      throw EngineError(kErrWeights, "tensor '" + src.sourceName + "' in " + src.file + " has shape " + shapeStr(host.rows, host.cols) +
+                                         " after layout conversion; the config implies " +
+                                         shapeStr(it->second.first, it->second.second));
+    if (!allFinite(host))
+      throw EngineError(kErrWeights, "tensor '" + src.sourceName + "' in " + src.file + " holds a NaN or infinite value");
+    try {
+      t = backend_->uploadWeight(host.bytes.data(), host.dtype, host.rows, host.cols);
+    } catch (const std::bad_alloc&) {
+      throw EngineError(kErrOutOfMemory, "out of memory loading tensor '" + src.sourceName + "'");
+    }
   }
   auto old = tensors_.find(src.name);
   if (old != tensors_.end()) weightBytes_ -= (size_t)old->second.numel() * dtypeSize(old->second.dtype);

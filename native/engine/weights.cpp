@@ -1,3 +1,5 @@
+// Reading one tensor's data from a safetensors file (weights.h), and the f32 / bf16 / f16
+// conversions.
 #include "weights.h"
 
 #include <cerrno>
@@ -74,12 +76,6 @@ uint16_t f32ToF16(float f) {
   return (uint16_t)(sign | h);
 }
 
-float roundTo(DType t, float f) {
-  if (t == DType::BF16) return bf16ToF32(f32ToBf16(f));
-  if (t == DType::F16) return f16ToF32(f32ToF16(f));
-  return f;
-}
-
 namespace {
 
 struct Fd {
@@ -89,9 +85,16 @@ struct Fd {
 
 std::string where(const TensorSource& s) { return "tensor '" + s.sourceName + "' in " + s.file; }
 
+// dst [c, r] = src [r, c] transposed, for elements of type T (bytes moved as they are).
+template <class T>
+void transposeInto(const uint8_t* src, int64_t r, int64_t c, uint8_t* dst) {
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < c; ++j) std::memcpy(dst + (size_t)(j * r + i) * sizeof(T), src + (size_t)(i * c + j) * sizeof(T), sizeof(T));
+}
+
 }  // namespace
 
-std::vector<float> readTensorF32(const TensorSource& src, int64_t& rows, int64_t& cols) {
+HostTensor readTensor(const TensorSource& src) {
   if (src.shape.empty() || src.shape.size() > 2)
     throw EngineError(kErrWeights, where(src) + ": expected a 1-D or 2-D tensor, got " + std::to_string(src.shape.size()) + " dimensions");
   uint64_t count = 1;
@@ -116,7 +119,10 @@ std::vector<float> readTensorF32(const TensorSource& src, int64_t& rows, int64_t
                                        std::to_string(src.offset + src.nbytes) + ") lies past the end of the file (" +
                                        std::to_string((uint64_t)st.st_size) + " bytes)");
 
-  std::vector<uint8_t> raw(src.nbytes);
+  HostTensor t;
+  t.dtype = src.dtype;
+  std::vector<uint8_t>& raw = t.bytes;
+  raw.resize(src.nbytes);
   uint64_t done = 0;
   while (done < src.nbytes) {
     ssize_t r = ::pread(f.fd, raw.data() + done, src.nbytes - done, (off_t)(src.offset + done));
@@ -125,25 +131,15 @@ std::vector<float> readTensorF32(const TensorSource& src, int64_t& rows, int64_t
     done += (uint64_t)r;
   }
 
-  std::vector<float> vals(count);
-  if (src.dtype == DType::F32) {
-    std::memcpy(vals.data(), raw.data(), count * 4);
-  } else {
-    for (uint64_t i = 0; i < count; ++i) {
-      uint16_t h;
-      std::memcpy(&h, raw.data() + 2 * i, 2);
-      vals[i] = src.dtype == DType::BF16 ? bf16ToF32(h) : f16ToF32(h);
-    }
-  }
-
-  // Logical layout: [out, in] for matrices, [1, n] for vectors.
+  // Logical layout: [out, in] for matrices, [1, n] for vectors. Values move as whole elements of
+  // esize bytes, so the layout fixes work in any dtype.
   int64_t r = src.shape.size() == 2 ? src.shape[0] : 1;
   int64_t c = src.shape.size() == 2 ? src.shape[1] : src.shape[0];
   if (src.transpose && src.shape.size() == 2) {
-    std::vector<float> t(count);
-    for (int64_t i = 0; i < r; ++i)
-      for (int64_t j = 0; j < c; ++j) t[(size_t)(j * r + i)] = vals[(size_t)(i * c + j)];
-    vals.swap(t);
+    std::vector<uint8_t> tr(raw.size());
+    if (esize == 4) transposeInto<uint32_t>(raw.data(), r, c, tr.data());
+    else transposeInto<uint16_t>(raw.data(), r, c, tr.data());
+    raw.swap(tr);
     std::swap(r, c);
   }
   if (src.sliceStart >= 0) {
@@ -153,17 +149,57 @@ std::vector<float> readTensorF32(const TensorSource& src, int64_t& rows, int64_t
       throw EngineError(kErrWeights, where(src) + ": slice [" + std::to_string(src.sliceStart) + ", " +
                                          std::to_string(src.sliceEnd) + ") outside " + std::to_string(outDim) + " features");
     const int64_t keep = src.sliceEnd - src.sliceStart;
-    if (vec) {
-      vals = std::vector<float>(vals.begin() + src.sliceStart, vals.begin() + src.sliceEnd);
-      c = keep;
-    } else {
-      vals = std::vector<float>(vals.begin() + src.sliceStart * c, vals.begin() + src.sliceEnd * c);
-      r = keep;
-    }
+    // A vector's features are its columns, a matrix's its rows: either way one contiguous range.
+    const int64_t unit = vec ? 1 : c;
+    raw = std::vector<uint8_t>(raw.begin() + (ptrdiff_t)((size_t)(src.sliceStart * unit) * esize),
+                               raw.begin() + (ptrdiff_t)((size_t)(src.sliceEnd * unit) * esize));
+    if (vec) c = keep;
+    else r = keep;
   }
-  rows = r;
-  cols = c;
-  return vals;
+  t.rows = r;
+  t.cols = c;
+  return t;
+}
+
+bool allFinite(const HostTensor& t) {
+  // Non-finite means an exponent of all ones, in each format's own bits.
+  const size_t n = (size_t)(t.rows * t.cols);
+  const uint8_t* p = t.bytes.data();
+  if (t.dtype == DType::F32) {
+    for (size_t i = 0; i < n; ++i) {
+      uint32_t u;
+      std::memcpy(&u, p + 4 * i, 4);
+      if ((u & 0x7f800000u) == 0x7f800000u) return false;
+    }
+    return true;
+  }
+  const uint16_t expMask = t.dtype == DType::BF16 ? 0x7f80 : 0x7c00;
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, p + 2 * i, 2);
+    if ((h & expMask) == expMask) return false;
+  }
+  return true;
+}
+
+void toF32(DType from, const void* src, size_t n, float* dst) {
+  if (from == DType::F32) {
+    std::memcpy(dst, src, n * sizeof(float));
+    return;
+  }
+  const uint16_t* h = static_cast<const uint16_t*>(src);
+  if (from == DType::BF16)
+    for (size_t i = 0; i < n; ++i) dst[i] = bf16ToF32(h[i]);
+  else
+    for (size_t i = 0; i < n; ++i) dst[i] = f16ToF32(h[i]);
+}
+
+// A backend that keeps every weight in one dtype of its own gets them as f32, as from upload().
+Tensor Backend::uploadWeight(const void* host, DType hostType, int64_t rows, int64_t cols) {
+  if (hostType == DType::F32) return upload(static_cast<const float*>(host), rows, cols);
+  std::vector<float> vals((size_t)(rows * cols));
+  toF32(hostType, host, vals.size(), vals.data());
+  return upload(vals.data(), rows, cols);
 }
 
 }  // namespace lckv

@@ -1,4 +1,5 @@
-// Reading one tensor of a safetensors file into f32, with the layout fixes the model needs.
+// Reading one tensor of a safetensors file in its stored dtype, with the layout fixes the model
+// needs, and the conversions between f32 and the 16-bit weight types.
 // TypeScript has already parsed and checked the header; this code re-checks every offset and
 // size against the file itself, because a header that lies must be an error, not a crash.
 #pragma once
@@ -23,15 +24,25 @@ struct TensorSource {
   int64_t sliceEnd = -1;
 };
 
-// Returns the tensor as row-major f32 [rows, cols] (1-D tensors become rows = 1).
-std::vector<float> readTensorF32(const TensorSource& src, int64_t& rows, int64_t& cols);
+// A tensor's values on the host, row-major [rows, cols] (1-D tensors become rows = 1), in the
+// dtype the checkpoint stores: the backend widens or rounds them as it keeps them, so that a
+// load makes no f32 copy of a 16-bit tensor.
+struct HostTensor {
+  DType dtype = DType::F32;
+  int64_t rows = 0, cols = 0;
+  std::vector<uint8_t> bytes;  // rows * cols values of dtypeSize(dtype) bytes
+};
+HostTensor readTensor(const TensorSource& src);
+// Whether every value is finite (neither NaN nor infinite).
+bool allFinite(const HostTensor& t);
 
 float bf16ToF32(uint16_t h);
 float f16ToF32(uint16_t h);
 // Round to nearest even; NaN stays NaN, overflow becomes infinity.
 uint16_t f32ToBf16(float f);
 uint16_t f32ToF16(float f);
-// f rounded to dtype t and back to f32 (identity for F32).
-float roundTo(DType t, float f);
+// n values of dtype `from` (F32, BF16 or F16) at src, as f32 (exact: both 16-bit types widen
+// to f32 without rounding).
+void toF32(DType from, const void* src, size_t n, float* dst);
 
 }  // namespace lckv
