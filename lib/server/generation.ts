@@ -4,6 +4,7 @@
  * hands each chunk to the endpoint's writer while it feeds the metrics. The writer's promise is
  * awaited, so a stream waits for a slow client instead of running ahead of it.
  */
+import { randomUUID } from "node:crypto";
 import type { GenerationStream } from "../generation-stream";
 import type { Model } from "../model";
 import type { GenerateOptions } from "../options";
@@ -88,4 +89,9 @@ export function usage(results: GenerateResult[]): { prompt_tokens: number; compl
   const prompt = results[0]?.usage.promptTokens ?? 0;
   const completion = results.reduce((s, r) => s + r.usage.completionTokens, 0);
   return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion };
+}
+
+/** The fields every OpenAI completion object and stream chunk of one request opens with. */
+export function responseHeader(prefix: "chatcmpl" | "cmpl", modelId: string) {
+  return { id: `${prefix}-${randomUUID().replace(/-/g, "")}`, created: Math.floor(Date.now() / 1000), model: modelId, system_fingerprint: null };
 }

@@ -2,12 +2,11 @@
  * POST /v1/chat/completions: the messages rendered with the model's chat template, the reply
  * generated, answered as a `chat.completion` or streamed as `chat.completion.chunk` events.
  */
-import { randomUUID } from "node:crypto";
 import type { FastifyInstance } from "fastify";
 import { InvalidInputError, InvalidOptionError } from "../errors";
 import type { ChatMessage } from "../tokenizer";
 import type { GenerateResult, StreamChunk } from "../types";
-import { finishReason, generateOptions, openStreams, usage } from "./generation";
+import { finishReason, generateOptions, openStreams, responseHeader, usage } from "./generation";
 import { chatLogprob, ChatTokenLogprob, TokenTexts } from "./logprobs";
 import { serveCompletions, ServerContext } from "./request-handler";
 import { ChatCompletionBody, chatCompletionBody, ChatMessageBody } from "./schemas";
@@ -42,23 +41,14 @@ export function registerChatRoutes(app: FastifyInstance, ctx: ServerContext): vo
   const texts = new TokenTexts(ctx.model.tokenizer);
   app.post<{ Body: ChatCompletionBody }>("/v1/chat/completions", { schema: { body: chatCompletionBody } }, async (request, reply) => {
     const body = request.body;
-    const id = `chatcmpl-${randomUUID().replace(/-/g, "")}`;
-    const created = Math.floor(Date.now() / 1000);
+    const header = responseHeader("chatcmpl", ctx.modelId);
     const n = body.n ?? 1;
     const logprobs = requestedLogprobs(body);
     const includeUsage = body.stream_options?.include_usage === true;
     const content: string[] = Array(n).fill("");
     const tokenLogprobs: ChatTokenLogprob[][] = Array.from({ length: n }, () => []);
     const roleSent: boolean[] = Array(n).fill(false);
-    const chunkEvent = (choices: unknown[]) => ({
-      id,
-      object: "chat.completion.chunk",
-      created,
-      model: ctx.modelId,
-      system_fingerprint: null,
-      choices,
-      ...(includeUsage ? { usage: null } : {}),
-    });
+    const chunkEvent = (choices: unknown[]) => ({ ...header, object: "chat.completion.chunk", choices, ...(includeUsage ? { usage: null } : {}) });
     await serveCompletions(ctx, request, reply, {
       endpoint: "chat",
       promptParam: "messages",
@@ -85,11 +75,8 @@ export function registerChatRoutes(app: FastifyInstance, ctx: ServerContext): vo
       ],
       streamEnd: (results: GenerateResult[]) => (includeUsage ? [{ ...chunkEvent([]), usage: usage(results) }] : []),
       body: (results: GenerateResult[]) => ({
-        id,
+        ...header,
         object: "chat.completion",
-        created,
-        model: ctx.modelId,
-        system_fingerprint: null,
         choices: results.map((r, index) => ({
           index,
           message: { role: "assistant", content: content[index], refusal: null },

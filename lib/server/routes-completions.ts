@@ -2,10 +2,9 @@
  * POST /v1/completions (OpenAI's legacy text completions): the prompt, text or token ids,
  * continued; answered as a `text_completion` or streamed as `text_completion` events.
  */
-import { randomUUID } from "node:crypto";
 import type { FastifyInstance } from "fastify";
 import type { GenerateResult, StreamChunk } from "../types";
-import { finishReason, generateOptions, openStreams, usage } from "./generation";
+import { finishReason, generateOptions, openStreams, responseHeader, usage } from "./generation";
 import { CompletionLogprobsBuilder, TokenTexts } from "./logprobs";
 import { serveCompletions, ServerContext } from "./request-handler";
 import { CompletionBody, completionBody } from "./schemas";
@@ -14,22 +13,13 @@ export function registerCompletionRoutes(app: FastifyInstance, ctx: ServerContex
   const texts = new TokenTexts(ctx.model.tokenizer);
   app.post<{ Body: CompletionBody }>("/v1/completions", { schema: { body: completionBody } }, async (request, reply) => {
     const body = request.body;
-    const id = `cmpl-${randomUUID().replace(/-/g, "")}`;
-    const created = Math.floor(Date.now() / 1000);
+    const header = responseHeader("cmpl", ctx.modelId);
     const n = body.n ?? 1;
     const logprobs = body.logprobs ?? undefined;
     const includeUsage = body.stream_options?.include_usage === true;
     const text: string[] = Array(n).fill("");
     const builders = Array.from({ length: n }, () => new CompletionLogprobsBuilder(texts));
-    const event = (choices: unknown[]) => ({
-      id,
-      object: "text_completion",
-      created,
-      model: ctx.modelId,
-      system_fingerprint: null,
-      choices,
-      ...(includeUsage ? { usage: null } : {}),
-    });
+    const event = (choices: unknown[]) => ({ ...header, object: "text_completion", choices, ...(includeUsage ? { usage: null } : {}) });
     await serveCompletions(ctx, request, reply, {
       endpoint: "completions",
       promptParam: "prompt",
@@ -48,11 +38,8 @@ export function registerCompletionRoutes(app: FastifyInstance, ctx: ServerContex
       finish: (index: number, r: GenerateResult) => [event([{ index, text: "", logprobs: null, finish_reason: finishReason(r) }])],
       streamEnd: (results: GenerateResult[]) => (includeUsage ? [{ ...event([]), usage: usage(results) }] : []),
       body: (results: GenerateResult[]) => ({
-        id,
+        ...header,
         object: "text_completion",
-        created,
-        model: ctx.modelId,
-        system_fingerprint: null,
         choices: results.map((r, index) => ({
           index,
           text: text[index],
