@@ -351,8 +351,8 @@ const std::vector<Group>& groups() {
       {{"attention", "kv_write+zero+read"}, checkAttention},
       {{"swiglu", "gelu_tanh", "residual_add"}, checkElementwise},
       {{"embed"}, checkEmbed},
-      {{"sample"}, checkSample},
-      {{"sample_rows"}, checkSampleRows},
+      {{"sample", "sample logprobs"}, checkSample},
+      {{"sample_rows", "sample_rows logprobs"}, checkSampleRows},
   };
   return all;
 }
