@@ -97,20 +97,46 @@ void launchAttention(const float* q, int n, const int32_t* positions, int maxVis
                      float* workspace, int64_t workspaceFloats, cudaStream_t stream);
 int64_t attentionWorkspaceFloats(int n, int numHeads, int numKvHeads, int headDim, int maxVisible);
 
+// The most top tokens whose log-probabilities the device gives per row (OpenAI's limit).
+constexpr int kMaxTopLogprobs = 20;
+
+// One row's log-probabilities as the device writes them (TokenLogprobs, fixed size): the
+// chosen token's, and the first min(k, V) of the top tokens (most likely first, ties to the
+// lower id).
+struct RowLogprobs {
+  double chosen;
+  double top[kMaxTopLogprobs];
+  int32_t topTokens[kMaxTopLogprobs];
+};
+
+// What a row asks of the sampler besides the repetition penalty (which comes first). For each
+// of `count` distinct token ids t = tokens[i]: x[t] = (x[t] - subtract[i]) + add[i], the
+// presence and frequency penalties then the logit bias, in the order and roundings of the CPU
+// reference. Then, when logprobs >= 0 (at most kMaxTopLogprobs), the log-softmax of the row
+// so processed into *logprobsOut. Device arrays; the default asks for nothing.
+struct RowExtras {
+  const int32_t* tokens = nullptr;
+  const float* subtract = nullptr;
+  const float* add = nullptr;
+  int count = 0;
+  int logprobs = -1;
+  RowLogprobs* logprobsOut = nullptr;
+};
+
 // Greedy choice over logits[V] after the repetition penalty on `penalized` (distinct token ids,
-// device array); scratch holds V floats. Writes the token id to outToken (device).
+// device array) and the extras; scratch holds V floats. Writes the token id to outToken (device).
 void launchGreedy(const float* logits, int V, float* scratch, const int32_t* penalized, int penalizedCount, float penalty,
-                  int32_t* outToken, cudaStream_t stream);
+                  const RowExtras& extras, int32_t* outToken, cudaStream_t stream);
 
 // Greedy choice for each row of logits [rows, ld] (the first V of each row) without a repetition
 // penalty, in one launch (a block per row): outTokens[r] (device).
 void launchGreedyRows(const float* logits, int rows, int V, int64_t ld, int32_t* outTokens, cudaStream_t stream);
 
-// Sampling with temperature (> 0), top-k, top-p, min-p and the repetition penalty, as the CPU
-// reference does it; workspace holds sampleWorkspaceBytes(V).
+// Sampling with temperature (> 0), top-k, top-p, min-p, the repetition penalty and the extras,
+// as the CPU reference does it; workspace holds sampleWorkspaceBytes(V).
 size_t sampleWorkspaceBytes(int V);
 void launchSample(const float* logits, int V, const int32_t* penalized, int penalizedCount, float penalty,
-                  float temperature, int topK, float topP, float minP, uint64_t seed, uint64_t position, void* workspace,
-                  int32_t* outToken, cudaStream_t stream);
+                  float temperature, int topK, float topP, float minP, uint64_t seed, uint64_t position,
+                  const RowExtras& extras, void* workspace, int32_t* outToken, cudaStream_t stream);
 
 }  // namespace lckv::cuda

@@ -1,6 +1,10 @@
-// Token selection on the device, so that only the chosen id crosses to the host.
-// Greedy (temperature 0) with the repetition penalty: the CPU reference is
-// native/engine/sampling.cpp, whose rules this follows exactly (ties go to the lowest id).
+// Token selection on the device, so that only the chosen id (and, when asked, its
+// log-probabilities) crosses to the host. Greedy (temperature 0) with the repetition penalty,
+// the presence and frequency penalties and the logit bias, and the log-probabilities: the CPU
+// reference is native/engine/sampling.cpp, whose rules this follows exactly (ties go to the
+// lowest id).
+#include <climits>
+
 #include "common.cuh"
 #include "kernels.h"
 
@@ -79,21 +83,175 @@ __global__ void argmaxKernel(const float* __restrict__ x, int V, int64_t ld, int
   }
 }
 
+// x[t] = (x[t] - subtract[i]) + add[i] for each distinct token t = tokens[i] (RowExtras): one
+// thread per token, so each logit is read and written once.
+__global__ void adjustKernel(float* x, const int32_t* tokens, const float* subtract, const float* add, int count, int V) {
+  waitForPrecedingKernels();
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= count) return;
+  const int t = tokens[i];
+  if (t < 0 || t >= V) return;
+  x[t] = (x[t] - subtract[i]) + add[i];
+}
+
+// ---- log-probabilities ----------------------------------------------------------------------
+// One block per row. Each thread keeps the kMaxTopLogprobs best (logit, id) of its strided
+// logits, sorted, in registers (the loops over the list are unrolled, so it is never indexed at
+// run time); the warps then merge their threads' lists, and warp 0 the warps' lists, one
+// winner per round. The first of the merged list is the row's maximum, from which the
+// log-sum-exp follows in double, as on the CPU. A NaN logit counts as -inf, as the reference
+// makes it.
+
+constexpr int kLogprobThreads = 256;  // 40 registers of list per thread: 1024 threads would spill
+constexpr int kTop = kMaxTopLogprobs;
+
+__device__ __forceinline__ float finiteOrNegInf(float v) { return isnan(v) ? -INFINITY : v; }
+
+// Takes the warp's best head of the lanes' sorted lists (all lanes get it) and pops it from
+// the lane that held it. Ids are distinct, so one lane holds it (or every lane an empty slot).
+__device__ __forceinline__ void popWarpBest(float (&tv)[kTop], int (&ti)[kTop], float& bv, int& bi) {
+  bv = tv[0];
+  bi = ti[0];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (better(ov, oi, bv, bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+  if (ti[0] == bi) {
+#pragma unroll
+    for (int j = 0; j + 1 < kTop; ++j) {
+      tv[j] = tv[j + 1];
+      ti[j] = ti[j + 1];
+    }
+    tv[kTop - 1] = -INFINITY;
+    ti[kTop - 1] = INT_MAX;
+  }
+}
+
+__global__ void __launch_bounds__(kLogprobThreads) logprobsKernel(const float* __restrict__ x, int V, const int32_t* __restrict__ chosen,
+                                                                  int k, RowLogprobs* __restrict__ out) {
+  waitForPrecedingKernels();
+  constexpr int kWarps = kLogprobThreads / 32;
+  __shared__ float warpV[kWarps][kTop];
+  __shared__ int warpI[kWarps][kTop];
+  __shared__ float topV[kTop];
+  __shared__ int topI[kTop];
+  __shared__ double warpSum[kWarps];
+  float tv[kTop];
+  int ti[kTop];
+#pragma unroll
+  for (int j = 0; j < kTop; ++j) {
+    tv[j] = -INFINITY;
+    ti[j] = INT_MAX;  // an empty slot: any logit, -inf included, is better
+  }
+  for (int i = threadIdx.x; i < V; i += blockDim.x) {
+    const float v = finiteOrNegInf(x[i]);
+    if (better(v, i, tv[kTop - 1], ti[kTop - 1])) {
+      tv[kTop - 1] = v;
+      ti[kTop - 1] = i;
+#pragma unroll
+      for (int j = kTop - 1; j > 0; --j)
+        if (better(tv[j], ti[j], tv[j - 1], ti[j - 1])) {
+          const float sv = tv[j];
+          const int si = ti[j];
+          tv[j] = tv[j - 1];
+          ti[j] = ti[j - 1];
+          tv[j - 1] = sv;
+          ti[j - 1] = si;
+        }
+    }
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int r = 0; r < kTop; ++r) {
+    float bv;
+    int bi;
+    popWarpBest(tv, ti, bv, bi);
+    if (lane == 0) {
+      warpV[warp][r] = bv;
+      warpI[warp][r] = bi;
+    }
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int j = 0; j < kTop; ++j) {
+      tv[j] = lane < kWarps ? warpV[lane][j] : -INFINITY;
+      ti[j] = lane < kWarps ? warpI[lane][j] : INT_MAX;
+    }
+#pragma unroll
+    for (int r = 0; r < kTop; ++r) {
+      float bv;
+      int bi;
+      popWarpBest(tv, ti, bv, bi);
+      if (lane == 0) {
+        topV[r] = bv;
+        topI[r] = bi;
+      }
+    }
+  }
+  __syncthreads();
+  const double top = (double)topV[0];
+  double sum = 0;
+  if (top > -INFINITY)
+    for (int i = threadIdx.x; i < V; i += blockDim.x) sum += exp((double)finiteOrNegInf(x[i]) - top);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) warpSum[warp] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    sum = 0;
+    for (int w = 0; w < kWarps; ++w) sum += warpSum[w];
+    const double lse = top + log(sum);  // as the reference: logprob = x - lse, -inf when all are -inf
+    const bool any = top > -INFINITY;
+    out->chosen = any ? (double)finiteOrNegInf(x[*chosen]) - lse : -INFINITY;
+    const int n = min(k, V);
+    for (int j = 0; j < n; ++j) {
+      out->top[j] = any ? (double)topV[j] - lse : -INFINITY;
+      out->topTokens[j] = topI[j];
+    }
+  }
+}
+
+// The extras' logit changes on x (the row's own copy).
+void adjustLogits(float* x, int V, const RowExtras& e, cudaStream_t stream) {
+  if (e.count <= 0) return;
+  launchKernel(adjustKernel, (e.count + 255) / 256, 256, 0, stream, x, e.tokens, e.subtract, e.add, e.count, V);
+  LCKV_LAUNCH_CHECK("logit_adjust");
+}
+
+// The extras' log-probabilities of the processed row x, once *chosen holds the choice.
+void writeLogprobs(const float* x, int V, const int32_t* chosen, const RowExtras& e, cudaStream_t stream) {
+  if (e.logprobs < 0) return;
+  if (e.logprobs > kMaxTopLogprobs || !e.logprobsOut) throw std::invalid_argument("logprobs: k above kMaxTopLogprobs, or nowhere to write");
+  launchKernel(logprobsKernel, 1, kLogprobThreads, 0, stream, x, V, chosen, e.logprobs, e.logprobsOut);
+  LCKV_LAUNCH_CHECK("logprobs");
+}
+
 }  // namespace
 
 void launchGreedy(const float* logits, int V, float* scratch, const int32_t* penalized, int penalizedCount, float penalty,
-                  int32_t* outToken, cudaStream_t stream) {
+                  const RowExtras& extras, int32_t* outToken, cudaStream_t stream) {
   NvtxRange r("sample_greedy");
   if (V <= 0) throw std::invalid_argument("greedy: empty vocabulary");
   const float* x = logits;
-  if (penalty != 1.0f && penalizedCount > 0) {
+  const bool repetition = penalty != 1.0f && penalizedCount > 0;
+  if (repetition || extras.count > 0) {
     LCKV_CUDA_CHECK(cudaMemcpyAsync(scratch, logits, sizeof(float) * (size_t)V, cudaMemcpyDeviceToDevice, stream));
-    launchKernel(penaltyKernel, (penalizedCount + 255) / 256, 256, 0, stream, scratch, penalized, penalizedCount, V, penalty);
-    LCKV_LAUNCH_CHECK("repetition_penalty");
+    if (repetition) {
+      launchKernel(penaltyKernel, (penalizedCount + 255) / 256, 256, 0, stream, scratch, penalized, penalizedCount, V, penalty);
+      LCKV_LAUNCH_CHECK("repetition_penalty");
+    }
+    adjustLogits(scratch, V, extras, stream);
     x = scratch;
   }
   launchKernel(argmaxKernel, 1, kThreads, 0, stream, x, V, V, outToken);
   LCKV_LAUNCH_CHECK("argmax");
+  writeLogprobs(x, V, outToken, extras, stream);
 }
 
 void launchGreedyRows(const float* logits, int rows, int V, int64_t ld, int32_t* outTokens, cudaStream_t stream) {
@@ -251,8 +409,8 @@ size_t sampleWorkspaceBytes(int V) {
 }
 
 void launchSample(const float* logits, int V, const int32_t* penalized, int penalizedCount, float penalty,
-                  float temperature, int topK, float topP, float minP, uint64_t seed, uint64_t position, void* workspace,
-                  int32_t* outToken, cudaStream_t stream) {
+                  float temperature, int topK, float topP, float minP, uint64_t seed, uint64_t position,
+                  const RowExtras& extras, void* workspace, int32_t* outToken, cudaStream_t stream) {
   NvtxRange r("sample");
   if (V <= 0 || !(temperature > 0.0f)) throw std::invalid_argument("sample: needs V > 0 and temperature > 0");
   SampleBuffers b = carve(workspace, V);
@@ -261,6 +419,7 @@ void launchSample(const float* logits, int V, const int32_t* penalized, int pena
     launchKernel(penaltyKernel, (penalizedCount + 255) / 256, 256, 0, stream, b.keysIn, penalized, penalizedCount, V, penalty);
     LCKV_LAUNCH_CHECK("repetition_penalty");
   }
+  adjustLogits(b.keysIn, V, extras, stream);
   launchKernel(iotaKernel, (V + 255) / 256, 256, 0, stream, b.idsIn, V);
   LCKV_LAUNCH_CHECK("iota");
   size_t temp = b.tempBytes;
@@ -269,6 +428,8 @@ void launchSample(const float* logits, int V, const int32_t* penalized, int pena
   launchKernel(selectKernel, 1, kSelectThreads, 0, stream, b.keysOut, b.idsOut, V, temperature, topK, topP, minP, seed, position,
                                                  outToken);
   LCKV_LAUNCH_CHECK("sample_select");
+  // The sort leaves its input as it was: keysIn is still the processed row, in id order.
+  writeLogprobs(b.keysIn, V, outToken, extras, stream);
 }
 
 }  // namespace lckv::cuda

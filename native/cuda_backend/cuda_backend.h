@@ -94,8 +94,12 @@ class CudaBackend : public Backend {
   };
 
   // Token choices on the device into d[0, rows). histories: null, or read for rows with a penalty.
+  // dLogprobs: null, or where rows that ask for log-probabilities write them (a row each).
   void queueChoices(const Tensor& logits, int rows, int vocab, const SamplingParams* params,
-                    const std::vector<int32_t>* histories, const uint64_t* positions, int32_t* d);
+                    const std::vector<int32_t>* histories, const uint64_t* positions, int32_t* d,
+                    cuda::RowLogprobs* dLogprobs);
+  // Whether row p is sampled by the host reference (Backend's path) rather than on the device.
+  bool hostSamples(const SamplingParams& p) const;
   // replayStep(), with the token ids taken from a queued choice's slot when slot >= 0.
   bool replay(uint64_t key, const StepInputs& in, int slot, Tensor& logits);
   // The page tables and row-to-sequence map on the device, checked on the host: the pages

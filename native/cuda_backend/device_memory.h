@@ -35,15 +35,17 @@ class BlockCache {
 };
 
 // The host arrays the ops copy to the device, one staging buffer each. While a decode step is
-// recorded, all but PenalisedTokens are read from the recording's inputs instead (StepGraph).
+// recorded, all but PenalisedTokens and LogitAdjustments are read from the recording's inputs
+// instead (StepGraph).
 enum class Staging {
   Tokens,           // token ids of the rows (embedding)
   Positions,        // positions of the rows (embedding, RoPE, K/V writes, attention)
   PenalisedTokens,  // the distinct tokens one row's repetition penalty applies to (sampling)
   PageTables,       // the K/V page tables of the op's sequences (KvView::tables)
   RowToSequence,    // for each row, its sequence's row in the page tables (KvView::rowSeq)
+  LogitAdjustments,  // one row's presence/frequency penalties and logit bias (sampling; floats as bits)
 };
-constexpr int kStagingBuffers = 5;
+constexpr int kStagingBuffers = 6;
 
 class StagingBuffers {
  public:

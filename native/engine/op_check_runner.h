@@ -89,4 +89,8 @@ inline std::string dims(std::initializer_list<std::pair<const char*, int64_t>> d
   return s;
 }
 
+// The token-choice cases (op_check_sampling.cpp).
+void checkSample(Runner& r, Backend& ref, Backend& test);
+void checkSampleRows(Runner& r, Backend& ref, Backend& test);
+
 }  // namespace lckv::op_check

@@ -13,7 +13,12 @@ namespace lckv {
 double uniformFor(uint64_t seed, uint64_t position) { return uniformDraw(seed, position); }
 
 bool needsHostSampling(const SamplingParams& p) {
-  return p.presencePenalty != 0.0f || p.frequencyPenalty != 0.0f || !p.logitBias.empty() || p.logprobs >= 0;
+  if (p.logprobs > kDeviceTopLogprobs) return true;
+  if (p.logitBias.size() < 2) return false;
+  std::unordered_set<int32_t> seen;
+  for (const auto& b : p.logitBias)
+    if (!seen.insert(b.first).second) return true;
+  return false;
 }
 
 bool readsHistory(const SamplingParams& p) {

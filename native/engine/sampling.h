@@ -28,8 +28,13 @@ struct SamplingParams {
   int logprobs = -1;
 };
 
-// Whether p asks for anything only the host reference does (penalties over generated tokens,
-// logit bias, log-probabilities): a GPU backend hands such rows to Backend's host path.
+// The most top log-probabilities a GPU backend computes itself (OpenAI's limit, as lib's).
+constexpr int kDeviceTopLogprobs = 20;
+
+// Whether p asks for anything only the host reference does: a GPU backend hands such rows to
+// Backend's host path. That is more than kDeviceTopLogprobs top log-probabilities, or a logit
+// bias that names a token twice (its biases add one after the other, each rounded; the device
+// adds one bias per token). Penalties, bias and log-probabilities otherwise run on the device.
 bool needsHostSampling(const SamplingParams& p);
 // Whether sampling reads the sequence's tokens (history) at all.
 bool readsHistory(const SamplingParams& p);

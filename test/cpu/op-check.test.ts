@@ -30,6 +30,12 @@ test.each(["f32", "bf16"] as const)("every case carries a positive finite tolera
   }
 });
 
+test("the token-choice cases, penalties, logit bias and log-probabilities included, pass the CPU against itself", () => {
+  const results = check(["sample", "sample_rows"]);
+  expect([...new Set(results.map((r) => r.op))].sort()).toEqual(["sample", "sample logprobs", "sample_rows", "sample_rows logprobs"]);
+  for (const r of results) expect(r.relErr).toBeLessThanOrEqual(r.tolerance);
+});
+
 test.each([
   [{ ops: ["no_such_op"] }, /no op is named 'no_such_op'/],
   [{ ops: ["line"] }, /no op is named 'line'/],
