@@ -1,34 +1,22 @@
 /**
  * The server's pass-through of lckv's generation features: log-probabilities (chat's
  * `logprobs`/`top_logprobs`, completions' integer `logprobs`), presence and frequency penalties,
- * `logit_bias`, and `n` completions from one prefill (model.streamMany), streamed and not, with
+ * `logit_bias`, and `n` completions from one prefill (ctx.model.streamMany), streamed and not, with
  * their usage. These need the library's GenerateOptions.logprobs, presencePenalty,
  * frequencyPenalty and logitBias, StreamChunk.logprob/topLogprobs, and Model.streamMany.
  */
 import * as path from "node:path";
-import OpenAI from "openai";
-import { loadModel, Model } from "../../lib";
-import { expectIdle, startServer, TestServer } from "../helpers/openai-server";
+import type OpenAI from "openai";
+import { expectIdle, serverForFile } from "../helpers/openai-server";
 
 process.env.LCKV_QUIET = "1";
 const fixture = path.join(__dirname, "..", "fixtures", "llama-mha-hd16");
 const user = (content: string) => [{ role: "user" as const, content }];
 
-let model: Model;
-let srv: TestServer;
-let client: OpenAI;
-beforeAll(async () => {
-  model = await loadModel(fixture, { device: "cpu" });
-  srv = await startServer(model);
-  client = srv.client;
-});
-afterAll(async () => {
-  await srv?.app.close();
-  await model?.dispose();
-});
+const ctx = serverForFile(fixture);
 
 test("chat logprobs: the chosen token and the top k, greedy picks the most likely; streamed as given", async () => {
-  const r = await client.chat.completions.create({ model: "m", messages: user("Hello"), max_tokens: 8, temperature: 0, logprobs: true, top_logprobs: 3 });
+  const r = await ctx.client.chat.completions.create({ model: "m", messages: user("Hello"), max_tokens: 8, temperature: 0, logprobs: true, top_logprobs: 3 });
   const content = r.choices[0].logprobs!.content!;
   expect(content).toHaveLength(r.usage!.completion_tokens);
   for (const t of content) {
@@ -40,16 +28,16 @@ test("chat logprobs: the chosen token and the top k, greedy picks the most likel
     expect([...lps].sort((a, b) => b - a)).toEqual(lps);
     expect(t.logprob).toBeCloseTo(lps[0], 5);
   }
-  const stream = await client.chat.completions.create({ model: "m", messages: user("Hello"), max_tokens: 8, temperature: 0, logprobs: true, top_logprobs: 3, stream: true });
+  const stream = await ctx.client.chat.completions.create({ model: "m", messages: user("Hello"), max_tokens: 8, temperature: 0, logprobs: true, top_logprobs: 3, stream: true });
   const streamed: unknown[] = [];
   for await (const c of stream) for (const ch of c.choices) streamed.push(...(ch.logprobs?.content ?? []));
   expect(streamed).toEqual(content);
-  const chosenOnly = await client.chat.completions.create({ model: "m", messages: user("Hello"), max_tokens: 4, temperature: 0, logprobs: true });
+  const chosenOnly = await ctx.client.chat.completions.create({ model: "m", messages: user("Hello"), max_tokens: 4, temperature: 0, logprobs: true });
   for (const t of chosenOnly.choices[0].logprobs!.content!) expect(t.top_logprobs).toEqual([]);
 });
 
 test("completions logprobs: tokens, their logprobs, the top k and the text offsets", async () => {
-  const r = await client.completions.create({ model: "m", prompt: "Once upon", max_tokens: 6, temperature: 0, logprobs: 2 });
+  const r = await ctx.client.completions.create({ model: "m", prompt: "Once upon", max_tokens: 6, temperature: 0, logprobs: 2 });
   const lp = r.choices[0].logprobs!;
   expect(lp.tokens).toHaveLength(r.usage!.completion_tokens);
   expect(lp.token_logprobs).toHaveLength(lp.tokens!.length);
@@ -60,37 +48,37 @@ test("completions logprobs: tokens, their logprobs, the top k and the text offse
 });
 
 test("presence and frequency penalties are taken, and reproducible with a seed", async () => {
-  const ask = () => client.completions.create({ model: "m", prompt: "The sea", max_tokens: 16, temperature: 0.8, seed: 3, presence_penalty: 1.5, frequency_penalty: 1 });
+  const ask = () => ctx.client.completions.create({ model: "m", prompt: "The sea", max_tokens: 16, temperature: 0.8, seed: 3, presence_penalty: 1.5, frequency_penalty: 1 });
   const a = await ask();
   expect(a.choices[0].text).toBe((await ask()).choices[0].text);
-  const neg = await client.completions.create({ model: "m", prompt: "The sea", max_tokens: 4, presence_penalty: -2, frequency_penalty: -2 });
+  const neg = await ctx.client.completions.create({ model: "m", prompt: "The sea", max_tokens: 4, presence_penalty: -2, frequency_penalty: -2 });
   expect(neg.choices).toHaveLength(1);
 });
 
 test("logit_bias: +100 makes greedy pick the token every time; -100 bans greedy's first choice", async () => {
-  const tok = model.tokenizer!.encode("a", { addSpecialTokens: false });
+  const tok = ctx.model.tokenizer!.encode("a", { addSpecialTokens: false });
   expect(tok).toHaveLength(1);
-  const forced = await client.completions.create({ model: "m", prompt: "The sea", max_tokens: 5, temperature: 0, logprobs: 0, logit_bias: { [tok[0]]: 100 } });
-  expect(forced.choices[0].logprobs!.tokens).toEqual(Array(5).fill(model.tokenizer!.decode(tok)));
-  const first = (await model.generate("The sea", { maxNewTokens: 1, temperature: 0 })).tokens[0];
-  const banned = await client.completions.create({ model: "m", prompt: "The sea", max_tokens: 1, temperature: 0, logprobs: 0, logit_bias: { [first]: -100 } });
-  expect(banned.choices[0].logprobs!.tokens![0]).not.toBe(model.tokenizer!.decode([first]));
+  const forced = await ctx.client.completions.create({ model: "m", prompt: "The sea", max_tokens: 5, temperature: 0, logprobs: 0, logit_bias: { [tok[0]]: 100 } });
+  expect(forced.choices[0].logprobs!.tokens).toEqual(Array(5).fill(ctx.model.tokenizer!.decode(tok)));
+  const first = (await ctx.model.generate("The sea", { maxNewTokens: 1, temperature: 0 })).tokens[0];
+  const banned = await ctx.client.completions.create({ model: "m", prompt: "The sea", max_tokens: 1, temperature: 0, logprobs: 0, logit_bias: { [first]: -100 } });
+  expect(banned.choices[0].logprobs!.tokens![0]).not.toBe(ctx.model.tokenizer!.decode([first]));
 });
 
 test("n: greedy completions are each the single completion; n from one prompt counts it once", async () => {
-  const one = await client.chat.completions.create({ model: "m", messages: user("Tell me"), max_tokens: 10, temperature: 0 });
-  const three = await client.chat.completions.create({ model: "m", messages: user("Tell me"), max_tokens: 10, temperature: 0, n: 3 });
+  const one = await ctx.client.chat.completions.create({ model: "m", messages: user("Tell me"), max_tokens: 10, temperature: 0 });
+  const three = await ctx.client.chat.completions.create({ model: "m", messages: user("Tell me"), max_tokens: 10, temperature: 0, n: 3 });
   expect(three.choices.map((c) => c.index)).toEqual([0, 1, 2]);
   for (const c of three.choices) expect(c.message.content).toBe(one.choices[0].message.content);
   expect(three.usage!.prompt_tokens).toBe(one.usage!.prompt_tokens);
   expect(three.usage!.completion_tokens).toBe(3 * one.usage!.completion_tokens);
-  await expectIdle(model);
+  await expectIdle(ctx.model);
 });
 
 test("n streamed: each choice's text, finish and the usage chunk equal the non-streamed response", async () => {
   const params = { model: "m", prompt: "Once", max_tokens: 8, temperature: 0.9, seed: 11, n: 2 };
-  const full = await client.completions.create(params);
-  const stream = await client.completions.create({ ...params, stream: true, stream_options: { include_usage: true } });
+  const full = await ctx.client.completions.create(params);
+  const stream = await ctx.client.completions.create({ ...params, stream: true, stream_options: { include_usage: true } });
   const text = ["", ""];
   const finish: (string | null)[] = [null, null];
   let usage: OpenAI.CompletionUsage | null | undefined;
@@ -104,5 +92,5 @@ test("n streamed: each choice's text, finish and the usage chunk equal the non-s
   expect(text).toEqual(full.choices.map((c) => c.text));
   expect(finish).toEqual(full.choices.map((c) => c.finish_reason));
   expect(usage).toEqual(full.usage);
-  await expectIdle(model);
+  await expectIdle(ctx.model);
 });

@@ -1,5 +1,5 @@
 /**
- * The OpenAI-compatible server (createServer, lckv serve) driven by the official openai client
+ * The OpenAI-compatible server (createServer, lckv serve) driven by the official openai ctx.client
  * over 127.0.0.1: chat and text completions, streamed and not; disconnects that stop their
  * generation and free its pages; 64 concurrent streams that each get what they get alone; 1000
  * requests with random disconnects that leak no page and no memory; models, health, metrics;
@@ -8,33 +8,21 @@
 import { spawn } from "node:child_process";
 import * as path from "node:path";
 import OpenAI, { APIUserAbortError } from "openai";
-import { loadModel, Model } from "../../lib";
 import { rng } from "../helpers/tiny-model";
-import { expectIdle, metric, startServer, TestServer } from "../helpers/openai-server";
+import { expectIdle, metric, serverForFile, startServer } from "../helpers/openai-server";
 
 process.env.LCKV_QUIET = "1";
 const root = path.join(__dirname, "..", "..");
 const fixture = path.join(root, "test", "fixtures", "llama-mha-hd16");
 const user = (content: string) => [{ role: "user" as const, content }];
 
-let model: Model;
-let srv: TestServer;
-let client: OpenAI;
-beforeAll(async () => {
-  model = await loadModel(fixture, { device: "cpu" });
-  srv = await startServer(model);
-  client = srv.client;
-});
-afterAll(async () => {
-  await srv?.app.close();
-  await model?.dispose();
-});
+const ctx = serverForFile(fixture);
 
-const metrics = async () => (await fetch(`${srv.url}/metrics`)).text();
+const metrics = async () => (await fetch(`${ctx.srv.url}/metrics`)).text();
 
 /** A streamed chat completion: its text, finish reason and usage chunk. */
 async function streamChat(params: Omit<OpenAI.ChatCompletionCreateParamsStreaming, "stream" | "model">) {
-  const stream = await client.chat.completions.create({ model: "m", ...params, stream: true, stream_options: { include_usage: true } });
+  const stream = await ctx.client.chat.completions.create({ model: "m", ...params, stream: true, stream_options: { include_usage: true } });
   let text = "";
   let finish: string | null = null;
   let usage: OpenAI.CompletionUsage | null | undefined;
@@ -52,7 +40,7 @@ async function streamChat(params: Omit<OpenAI.ChatCompletionCreateParamsStreamin
 
 /** A streamed text completion: its text and finish reason. */
 async function streamCompletion(params: Omit<OpenAI.CompletionCreateParamsStreaming, "stream" | "model">) {
-  const stream = await client.completions.create({ model: "m", ...params, stream: true });
+  const stream = await ctx.client.completions.create({ model: "m", ...params, stream: true });
   let text = "";
   let finish: string | null = null;
   for await (const c of stream) for (const ch of c.choices) {
@@ -64,7 +52,7 @@ async function streamCompletion(params: Omit<OpenAI.CompletionCreateParamsStream
 
 test("chat: the streamed text, concatenated, is the non-streamed text (greedy), with the usage chunk", async () => {
   for (const content of ["Hello there", "Tell me a story about the sea"]) {
-    const full = await client.chat.completions.create({ model: "m", messages: user(content), max_tokens: 20, temperature: 0 });
+    const full = await ctx.client.chat.completions.create({ model: "m", messages: user(content), max_tokens: 20, temperature: 0 });
     expect(full.object).toBe("chat.completion");
     expect(full.model).toBe("llama-mha-hd16");
     expect(full.choices).toHaveLength(1);
@@ -81,9 +69,9 @@ test("chat: the streamed text, concatenated, is the non-streamed text (greedy), 
 
 test("completions: streamed equals non-streamed (greedy), for text and for token ids", async () => {
   for (const prompt of ["Once upon a time", [0, 5, 17, 42, 99]]) {
-    const full = await client.completions.create({ model: "m", prompt, max_tokens: 16, temperature: 0 });
+    const full = await ctx.client.completions.create({ model: "m", prompt, max_tokens: 16, temperature: 0 });
     expect(full.object).toBe("text_completion");
-    expect(full.usage!.prompt_tokens).toBe(typeof prompt === "string" ? model.toTokenIds(prompt).length : prompt.length);
+    expect(full.usage!.prompt_tokens).toBe(typeof prompt === "string" ? ctx.model.toTokenIds(prompt).length : prompt.length);
     const s = await streamCompletion({ prompt, max_tokens: 16, temperature: 0 });
     expect(s.text).toBe(full.choices[0].text);
     expect(s.finish).toBe(full.choices[0].finish_reason);
@@ -91,46 +79,46 @@ test("completions: streamed equals non-streamed (greedy), for text and for token
 });
 
 test("stop, max_completion_tokens and seed", async () => {
-  const base = await client.completions.create({ model: "m", prompt: "The king", max_tokens: 24, temperature: 0 });
+  const base = await ctx.client.completions.create({ model: "m", prompt: "The king", max_tokens: 24, temperature: 0 });
   const text = base.choices[0].text;
   const stop = text.slice(8, 10);
-  const cut = await client.completions.create({ model: "m", prompt: "The king", max_tokens: 24, temperature: 0, stop: [stop] });
+  const cut = await ctx.client.completions.create({ model: "m", prompt: "The king", max_tokens: 24, temperature: 0, stop: [stop] });
   expect(cut.choices[0].text).toBe(text.slice(0, text.indexOf(stop)));
   expect(cut.choices[0].finish_reason).toBe("stop");
-  const short = await client.chat.completions.create({ model: "m", messages: user("Hi"), max_completion_tokens: 3, temperature: 0 });
+  const short = await ctx.client.chat.completions.create({ model: "m", messages: user("Hi"), max_completion_tokens: 3, temperature: 0 });
   expect(short.usage!.completion_tokens).toBeLessThanOrEqual(3);
-  const sample = () => client.chat.completions.create({ model: "m", messages: user("Hi"), max_tokens: 12, temperature: 1, top_p: 0.9, seed: 7 });
+  const sample = () => ctx.client.chat.completions.create({ model: "m", messages: user("Hi"), max_tokens: 12, temperature: 1, top_p: 0.9, seed: 7 });
   expect((await sample()).choices[0].message.content).toBe((await sample()).choices[0].message.content);
 });
 
 test("GET /v1/models, /health and /metrics", async () => {
-  const models = await client.models.list();
+  const models = await ctx.client.models.list();
   expect(models.data.map((m) => m.id)).toEqual(["llama-mha-hd16"]);
-  expect((await client.models.retrieve("llama-mha-hd16")).id).toBe("llama-mha-hd16");
-  const health = await fetch(`${srv.url}/health`);
+  expect((await ctx.client.models.retrieve("llama-mha-hd16")).id).toBe("llama-mha-hd16");
+  const health = await fetch(`${ctx.srv.url}/health`);
   expect(health.status).toBe(200);
   expect(await health.json()).toEqual({ status: "ok" });
   const before = metric(await metrics(), "lckv_generated_tokens_total");
-  const r = await client.completions.create({ model: "m", prompt: "A", max_tokens: 5, temperature: 0 });
+  const r = await ctx.client.completions.create({ model: "m", prompt: "A", max_tokens: 5, temperature: 0 });
   const text = await metrics();
   expect(metric(text, "lckv_generated_tokens_total") - before).toBe(r.usage!.completion_tokens);
   for (const name of ["lckv_queue_length", "lckv_running_sequences", "lckv_kv_pages_used", "lckv_kv_pages_cached"]) expect(text).toMatch(new RegExp(`^${name} \\d+$`, "m"));
-  expect(metric(text, "lckv_kv_pages_used")).toBe(model.cacheStats().pagesUsed);
+  expect(metric(text, "lckv_kv_pages_used")).toBe(ctx.model.cacheStats().pagesUsed);
   expect(metric(text, "lckv_time_to_first_token_seconds_count")).toBeGreaterThan(0);
   expect(metric(text, "lckv_inter_token_latency_seconds_count")).toBeGreaterThan(0);
 });
 
-test("a client that disconnects mid-stream stops its generation, and its pages are freed", async () => {
+test("a ctx.client that disconnects mid-stream stops its generation, and its pages are freed", async () => {
   const aborted = () => metrics().then((t) => metric(t, "lckv_requests_total", 'status="499"'));
   const before = await aborted();
-  const stream = await client.chat.completions.create({ model: "m", messages: user("Go on"), max_tokens: 100, temperature: 0, stream: true });
+  const stream = await ctx.client.chat.completions.create({ model: "m", messages: user("Go on"), max_tokens: 100, temperature: 0, stream: true });
   for await (const c of stream) {
     void c;
     break;  // ends the iteration and aborts the request: its connection closes
   }
   for (let i = 0; i < 200 && (await aborted()) === before; i++) await new Promise((r) => setTimeout(r, 10));
   expect(await aborted()).toBe(before + 1);
-  await expectIdle(model);
+  await expectIdle(ctx.model);
   expect(metric(await metrics(), "lckv_running_sequences")).toBe(0);
 });
 
@@ -146,7 +134,7 @@ test("64 concurrent streaming clients each get exactly what they get alone (gree
   for (const q of requests) alone.push(await run(q));
   const together = await Promise.all(requests.map(run));
   expect(together).toEqual(alone);
-  await expectIdle(model);
+  await expectIdle(ctx.model);
 });
 
 test("1000 requests with random disconnects: no page leaked, memory flat", async () => {
@@ -164,8 +152,8 @@ test("1000 requests with random disconnects: no page leaked, memory flat", async
     try {
       if (stream) {
         const s = chat
-          ? await client.chat.completions.create({ ...body, messages: user(prompt), stream: true }, { signal: ac.signal })
-          : await client.completions.create({ ...body, prompt, stream: true }, { signal: ac.signal });
+          ? await ctx.client.chat.completions.create({ ...body, messages: user(prompt), stream: true }, { signal: ac.signal })
+          : await ctx.client.completions.create({ ...body, prompt, stream: true }, { signal: ac.signal });
         // Leaving the loop aborts the request: its connection closes. (Aborting through the
         // signal instead can leave fetch waiting forever when the response had already ended.)
         let k = 0;
@@ -174,7 +162,7 @@ test("1000 requests with random disconnects: no page leaked, memory flat", async
           if (disconnect && k++ >= after) break;
         }
       } else {
-        const p = chat ? client.chat.completions.create({ ...body, messages: user(prompt) }, { signal: ac.signal }) : client.completions.create({ ...body, prompt }, { signal: ac.signal });
+        const p = chat ? ctx.client.chat.completions.create({ ...body, messages: user(prompt) }, { signal: ac.signal }) : ctx.client.completions.create({ ...body, prompt }, { signal: ac.signal });
         if (disconnect) setTimeout(() => ac.abort(), after);
         await p;
       }
@@ -192,12 +180,12 @@ test("1000 requests with random disconnects: no page leaked, memory flat", async
   const rss1 = process.memoryUsage().rss;
   expect(disconnected).toBeGreaterThan(50);
   expect(rss1 - rss0).toBeLessThan(100 * 2 ** 20);
-  await expectIdle(model);
+  await expectIdle(ctx.model);
   expect(metric(await metrics(), "lckv_running_sequences")).toBe(0);
 });
 
 test("close() takes no new request, finishes the one in flight, then resolves", async () => {
-  const other = await startServer(model);
+  const other = await startServer(ctx.model);
   const stream = await other.client.completions.create({ model: "m", prompt: "Once", max_tokens: 60, temperature: 0, stream: true });
   let closed: Promise<void> | undefined;
   let text = "";
@@ -207,7 +195,7 @@ test("close() takes no new request, finishes the one in flight, then resolves", 
     text += c.choices[0]?.text ?? "";
     finish = c.choices[0]?.finish_reason ?? finish;
   }
-  const alone = await client.completions.create({ model: "m", prompt: "Once", max_tokens: 60, temperature: 0 });
+  const alone = await ctx.client.completions.create({ model: "m", prompt: "Once", max_tokens: 60, temperature: 0 });
   expect(text).toBe(alone.choices[0].text);
   expect(finish).toBe(alone.choices[0].finish_reason);
   await closed;

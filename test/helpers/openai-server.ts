@@ -5,7 +5,7 @@
  */
 import OpenAI from "openai";
 import type { FastifyInstance } from "fastify";
-import { createServer, Model, ServerOptions } from "../../lib";
+import { createServer, loadModel, Model, ServerOptions } from "../../lib";
 
 export interface TestServer {
   app: FastifyInstance;
@@ -19,6 +19,24 @@ export async function startServer(model: Model, options: ServerOptions = {}, api
   // No retries: a test sees each status the server answers.
   const client = new OpenAI({ baseURL: `${url}/v1`, apiKey, maxRetries: 0 });
   return { app, url, client };
+}
+
+/**
+ * A CPU model of `dir` behind a server for a whole test file: loaded and started before its
+ * tests, stopped and disposed after them. Read the fields inside tests (they are set by then).
+ */
+export function serverForFile(dir: string): { model: Model; srv: TestServer; client: OpenAI } {
+  const ctx = {} as { model: Model; srv: TestServer; client: OpenAI };
+  beforeAll(async () => {
+    ctx.model = await loadModel(dir, { device: "cpu" });
+    ctx.srv = await startServer(ctx.model);
+    ctx.client = ctx.srv.client;
+  });
+  afterAll(async () => {
+    await ctx.srv?.app.close();
+    await ctx.model?.dispose();
+  });
+  return ctx;
 }
 
 export async function postJson(url: string, body: string | object, headers: Record<string, string> = {}): Promise<{ status: number; headers: Headers; json: any }> {
