@@ -77,9 +77,7 @@ export class ChatSession implements Disposable {
     if (typeof userMessage !== "string") throw new InvalidInputError(`the message must be a string, got ${describe(userMessage)}`);
     const tokenizer = this.engine.tokenizer!;
     const messages = [...this.history, { role: "user", content: userMessage }];
-    // The template holds any BOS itself, so no special tokens are added again.
-    const text = tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true });
-    const ids = this.engine.toTokenIds(tokenizer.encode(text, { addSpecialTokens: false }), "conversation");
+    const ids = this.engine.toTokenIds(tokenizer.encodeChat(messages), "conversation");
     const opts = this.engine.resolveGenerate(options, ids.length);
     claim();
     progress.promptTokens = ids.length;

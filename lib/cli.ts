@@ -19,7 +19,9 @@ import { loadModel, LoadOptions } from "./load-model";
 import { Model } from "./model";
 import { createServer } from "./server/server";
 import { evaluatePerplexity } from "./eval";
+import type { GenerationStream } from "./generation-stream";
 import { GenerateOptions, resolveGenerateOptions } from "./options";
+import type { GenerateResult, StreamChunk } from "./types";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import * as readline from "node:readline";
@@ -106,33 +108,24 @@ function samplingOptions(o: Record<string, unknown>): GenerateOptions {
   return g;
 }
 
-// Streams one completion to stdout; returns what the stats line reports.
-async function streamTo(model: Model, input: string | readonly number[], g: GenerateOptions) {
-  const t0 = performance.now();
-  let firstTokenMs: number | undefined;
-  const it = model.stream(input, g);
-  let text = "";
-  for (;;) {
-    const r = await it.next();
-    if (r.done) return { text, tokens: r.value.usage.completionTokens, firstTokenMs, totalMs: performance.now() - t0 };
-    firstTokenMs ??= performance.now() - t0;
-    if (stdoutClosed) {
-      await it.return(undefined as never);  // ends the request: its pages go back
-      return { text, tokens: 0, firstTokenMs, totalMs: performance.now() - t0 };
-    }
-    text += r.value.text;
-    process.stdout.write(r.value.text);
+// Streams one completion to stdout and returns its result (finish reason, usage, timings). A
+// reader that closed stdout ends the request: its pages go back.
+async function streamTo(stream: GenerationStream): Promise<GenerateResult> {
+  for await (const chunk of stream as AsyncIterable<StreamChunk>) {
+    if (stdoutClosed) break;
+    process.stdout.write(chunk.text);
   }
+  return stream.result;
 }
 
-// tokens/s counts the tokens after the first, over the time after it: the decode rate, which
-// the prompt's prefill (in the time to the first token) does not dilute.
-function printStats(s: { tokens: number; firstTokenMs?: number; totalMs: number }, quiet: boolean) {
+// The library's timings: tokens/s counts the tokens after the first, over the time after it (the
+// decode rate, which the prompt's prefill, in the time to the first token, does not dilute).
+function printStats(r: GenerateResult, quiet: boolean) {
   if (quiet || process.env.LCKV_QUIET) return;
-  const decodeMs = s.totalMs - (s.firstTokenMs ?? s.totalMs);
-  const rate = s.tokens > 1 && decodeMs > 0 ? `, ${(((s.tokens - 1) * 1000) / decodeMs).toFixed(1)} tokens/s` : "";
-  const ttft = s.firstTokenMs !== undefined ? `, first token after ${s.firstTokenMs.toFixed(0)} ms` : "";
-  process.stderr.write(`lckv: ${s.tokens} tokens in ${(s.totalMs / 1000).toFixed(2)} s${rate}${ttft}\n`);
+  const tokens = r.usage.completionTokens;
+  const rate = tokens > 1 ? `, ${r.timings.tokensPerSecond.toFixed(1)} tokens/s` : "";
+  const ttft = tokens > 0 ? `, first token after ${r.timings.timeToFirstTokenMs.toFixed(0)} ms` : "";
+  process.stderr.write(`lckv: ${tokens} tokens in ${(r.timings.totalMs / 1000).toFixed(2)} s${rate}${ttft}\n`);
 }
 
 function formatBytes(n: number): string {
@@ -192,9 +185,9 @@ addSamplingOptions(
     try {
       const text = prompt ?? "";
       process.stdout.write(text);
-      const stats = await streamTo(model, text, g);
+      const result = await streamTo(model.stream(text, g));
       if (!stdoutClosed) process.stdout.write("\n");
-      printStats(stats, o.quiet);
+      printStats(result, o.quiet);
     } finally {
       await model.dispose();
     }
@@ -214,10 +207,8 @@ addSamplingOptions(
     const g = samplingOptions(o);
     const model = await open(o);
     try {
-      if (!model.tokenizer) throw new InvalidInputError(`${model.directory} has no tokenizer.json`, "LCKV_NO_TOKENIZER");
-      const tokenizer = model.tokenizer;
-      const messages: { role: string; content: string }[] = o.system ? [{ role: "system", content: o.system }] : [];
-      tokenizer.applyChatTemplate([...messages, { role: "user", content: "" }]);  // no template: fail before the first prompt
+      using session = model.createChatSession(o.system ? { system: o.system } : {});
+      model.tokenizer!.applyChatTemplate([{ role: "user", content: "" }]);  // no template: fail before the first prompt
       // Lines are read through the interface's iterator, which holds the lines that arrive while
       // a reply streams (a pasted or piped conversation loses none).
       const tty = !!process.stdin.isTTY;
@@ -226,14 +217,10 @@ addSamplingOptions(
         if (tty) process.stdout.write("(an empty line or Ctrl-D ends the chat)\n> ");
         for await (const line of rl) {
           if (line.trim() === "") break;
-          messages.push({ role: "user", content: line });
-          // The template already holds any BOS, so no special tokens are added again. Each turn's
-          // prompt starts with the last one's tokens: the prefix cache prefills only the new turn.
-          const ids = tokenizer.encode(tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true }), { addSpecialTokens: false });
-          const stats = await streamTo(model, ids, g);
+          // The session keeps its sequence between turns: each turn prefills only its new tokens.
+          const result = await streamTo(session.send(line, g));
           process.stdout.write("\n");
-          printStats(stats, o.quiet);
-          messages.push({ role: "assistant", content: stats.text });
+          printStats(result, o.quiet);
           if (stdoutClosed) break;
           if (tty) process.stdout.write("> ");
         }

@@ -295,9 +295,7 @@ export class Model implements AsyncDisposable {
   /** The prompt of a chat: the messages through the chat template, ready for the reply. */
   private chatPromptIds(messages: ChatMessage[]): number[] {
     if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json`, "LCKV_NO_TOKENIZER");
-    const text = this.tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true });
-    // The template already holds any BOS, so no special tokens are added again.
-    return this.tokenizer.encode(text, { addSpecialTokens: false });
+    return this.tokenizer.encodeChat(messages);
   }
 
   /**

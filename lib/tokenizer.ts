@@ -103,6 +103,14 @@ export class Tokenizer {
     return ids.length === 1 ? ids[0] : undefined;
   }
 
+  /**
+   * The token ids of a chat prompt: the messages through the chat template, ready for the
+   * assistant's reply. The template holds any BOS itself, so no special tokens are added again.
+   */
+  encodeChat(messages: ChatMessage[]): number[] {
+    return this.encode(this.applyChatTemplate(messages, { addGenerationPrompt: true }), { addSpecialTokens: false });
+  }
+
   /** Renders messages with the tokenizer's chat template. */
   applyChatTemplate(messages: ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): string {
     if (!this.chatTemplate) {

@@ -23,8 +23,7 @@ function templateMessages(messages: ChatMessageBody[]): ChatMessage[] {
 function chatPrompt(ctx: ServerContext, messages: ChatMessageBody[]): number[] {
   const tokenizer = ctx.model.tokenizer;
   if (!tokenizer) throw new InvalidInputError(`${ctx.model.directory} has no tokenizer.json`, "LCKV_NO_TOKENIZER");
-  // The template already holds any BOS, so no special tokens are added again (as model.chat()).
-  const ids = tokenizer.encode(tokenizer.applyChatTemplate(templateMessages(messages), { addGenerationPrompt: true }), { addSpecialTokens: false });
+  const ids = tokenizer.encodeChat(templateMessages(messages));
   return ctx.model.toTokenIds(ids, "messages");
 }
 
