@@ -17,15 +17,23 @@ export class ServerMetrics {
 
   constructor(model: Model) {
     const registers = [this.registry];
-    const stats = () => model.cacheStats();
-    new Gauge({
-      name: "lckv_queue_length",
-      help: "Requests waiting for K/V pages",
-      registers,
-      collect() {
-        this.set(stats().queued);
-      },
-    });
+    // The gauges that read the model's cache stats when scraped.
+    const fromStats: [string, string, "queued" | "pagesUsed" | "pagesCached" | "pagesTotal"][] = [
+      ["lckv_queue_length", "Requests waiting for K/V pages", "queued"],
+      ["lckv_kv_pages_used", "K/V cache pages in use (running requests and the prefix cache)", "pagesUsed"],
+      ["lckv_kv_pages_cached", "K/V cache pages held only by finished requests kept for prefix reuse", "pagesCached"],
+      ["lckv_kv_pages_total", "K/V cache pages in the pool", "pagesTotal"],
+    ];
+    for (const [name, help, key] of fromStats) {
+      new Gauge({
+        name,
+        help,
+        registers,
+        collect() {
+          this.set(model.cacheStats()[key]);
+        },
+      });
+    }
     const self = this;
     new Gauge({
       name: "lckv_running_sequences",
@@ -33,30 +41,6 @@ export class ServerMetrics {
       registers,
       collect() {
         this.set(self.running);
-      },
-    });
-    new Gauge({
-      name: "lckv_kv_pages_used",
-      help: "K/V cache pages in use (running requests and the prefix cache)",
-      registers,
-      collect() {
-        this.set(stats().pagesUsed);
-      },
-    });
-    new Gauge({
-      name: "lckv_kv_pages_cached",
-      help: "K/V cache pages held only by finished requests kept for prefix reuse",
-      registers,
-      collect() {
-        this.set(stats().pagesCached);
-      },
-    });
-    new Gauge({
-      name: "lckv_kv_pages_total",
-      help: "K/V cache pages in the pool",
-      registers,
-      collect() {
-        this.set(stats().pagesTotal);
       },
     });
     this.tokens = new Counter({ name: "lckv_generated_tokens_total", help: "Tokens generated", registers });
