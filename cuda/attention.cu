@@ -8,6 +8,8 @@
 // attention_prefill.cu). What both kernels share is in attention_common.cuh.
 #include <cstdint>
 #include <stdexcept>
+#include <string>
+#include <type_traits>
 
 #include "attention_common.cuh"
 #include "kernels.h"
@@ -46,6 +48,21 @@ void withHeadDimClass(int headDim, F&& f) {
     f(HeadDimClass<128>{});
 }
 
+// Calls f(std::integral_constant<KvType, T>{}) for the cache's type: the one place a K/V type
+// becomes a template argument of the attention kernels.
+template <typename F>
+void withKvType(int type, F&& f) {
+  static_assert(kKvTypeCount == 5, "a case for every K/V type");
+  switch ((KvType)type) {
+    case KvType::F32: return f(std::integral_constant<KvType, KvType::F32>{});
+    case KvType::BF16: return f(std::integral_constant<KvType, KvType::BF16>{});
+    case KvType::FP8: return f(std::integral_constant<KvType, KvType::FP8>{});
+    case KvType::INT8: return f(std::integral_constant<KvType, KvType::INT8>{});
+    case KvType::INT4: return f(std::integral_constant<KvType, KvType::INT4>{});
+  }
+  throw std::invalid_argument("attention: unknown K/V type");
+}
+
 }  // namespace
 
 void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv, int numHeads,
@@ -55,38 +72,47 @@ void launchAttention(const float* q, int n, const int32_t* positions, int maxVis
   if (n <= 0) return;
   if (headDim <= 0 || headDim > 32 * kMaxDimsPerLane) throw std::invalid_argument("attention: headDim outside 1..128");
   if (numKvHeads <= 0 || numHeads % numKvHeads) throw std::invalid_argument("attention: numHeads % numKvHeads != 0");
-  if (kv.kvDim != numKvHeads * headDim) throw std::invalid_argument("attention: kvDim != numKvHeads * headDim");
+  if (kv.kvDim != numKvHeads * headDim || kv.kvHeads != numKvHeads)
+    throw std::invalid_argument("attention: the cache's K/V heads differ from numKvHeads x headDim");
+  if (headDim % kvTypeHeadDimMultiple((KvType)kv.type))
+    throw std::invalid_argument("attention: the K/V type needs a head size that is a multiple of " +
+                                std::to_string(kvTypeHeadDimMultiple((KvType)kv.type)));
+  withKvType(kv.type, [&](auto kvType) {
+  constexpr KvType T = decltype(kvType)::value;
   withHeadDimClass(headDim, [&](auto headDimClass) {
     using Class = decltype(headDimClass);
     if (oneSequence && n >= kPrefillMinQueries) {
-      attention::launchPrefill<Class::kPrefillDim>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict, window,
-                                                   scale, out, stream);
+      attention::launchPrefill<Class::kPrefillDim, T>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict, window,
+                                                      scale, out, stream);
       return;
     }
     int headsPerBlock = 0, headChunks = 0;
     attention::decodeHeadBlocks(numHeads / numKvHeads, headsPerBlock, headChunks);
     // maxVisible only sets the number of splits: each block finds its own keys on the device.
-    int splits = attention::decodeSplits<Class::kDecodeDimsPerLane>((int64_t)n * numKvHeads * headChunks, headDim,
-                                                                     maxVisible);
+    int splits = attention::decodeSplits<Class::kDecodeDimsPerLane, T>((int64_t)n * numKvHeads * headChunks, headDim,
+                                                                        maxVisible);
     if (splits > 1 && (int64_t)n * numHeads * splits * (headDim + 2) > workspaceFloats) splits = 1;
-    attention::launchDecode<Class::kDecodeDimsPerLane>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict,
-                                                       window, scale, headChunks, headsPerBlock, splits, out, workspace,
-                                                       stream);
+    attention::launchDecode<Class::kDecodeDimsPerLane, T>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict,
+                                                          window, scale, headChunks, headsPerBlock, splits, out,
+                                                          workspace, stream);
     LCKV_LAUNCH_CHECK("attention");
     if (splits > 1) attention::launchDecodeMerge(workspace, n, numHeads, headDim, splits, out, stream);
+  });
   });
 }
 
 // The same number of splits as the launcher chooses for these arguments.
-int64_t attentionWorkspaceFloats(int n, int numHeads, int numKvHeads, int headDim, int maxVisible) {
+int64_t attentionWorkspaceFloats(int n, int numHeads, int numKvHeads, int headDim, int maxVisible, int kvType) {
   if (n <= 0 || numHeads <= 0 || numKvHeads <= 0 || numHeads % numKvHeads || headDim <= 0 || headDim > 32 * kMaxDimsPerLane)
     return 0;  // the launcher refuses these
   int headsPerBlock = 0, headChunks = 0;
   attention::decodeHeadBlocks(numHeads / numKvHeads, headsPerBlock, headChunks);
   int64_t splits = 0;
-  withHeadDimClass(headDim, [&](auto headDimClass) {
-    splits = attention::decodeSplits<decltype(headDimClass)::kDecodeDimsPerLane>(
-        (int64_t)n * numKvHeads * headChunks, headDim, maxVisible);
+  withKvType(kvType, [&](auto kvTypeConstant) {
+    withHeadDimClass(headDim, [&](auto headDimClass) {
+      splits = attention::decodeSplits<decltype(headDimClass)::kDecodeDimsPerLane, decltype(kvTypeConstant)::value>(
+          (int64_t)n * numKvHeads * headChunks, headDim, maxVisible);
+    });
   });
   return splits > 1 ? (int64_t)n * numHeads * splits * (headDim + 2) : 0;
 }

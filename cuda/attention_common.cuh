@@ -26,24 +26,41 @@ __device__ __forceinline__ Range visible(int p, bool strict, int window) {
 }
 
 // ---- the paged K/V pool (PagedKv, kernels.h) ---------------------------------------------------
-// The pages hold [K | V][pageTokens][kvDim] per slot: within a page, keys are contiguous. Key j
-// of K/V head kvh is at kvHeadBase(kv, 0 for K or 1 for V, kvh, headDim) + kvRowOffset(table,
-// kv, kvPageMask(kv), j), with the page table of the row's sequence. (The mask is an argument so
-// that a kernel can compute it once, outside its loops.)
+// The pages hold per slot [K codes | V codes][pageTokens][rowBytes], then the scales: within a
+// page, keys are contiguous. Key j's K codes of K/V head kvh are at byte kvHeadBase(kv, 0 for K
+// or 1 for V, kvh, headBytes) + kvRowOffset(table, kv, kvPageMask(kv), j) of the pool, with the
+// page table of the row's sequence; its scale word at kvScaleOffset (common.cuh). (The mask is
+// an argument so that a kernel can compute it once, outside its loops.)
 __device__ __forceinline__ const int32_t* kvPageTable(const PagedKv& kv, int row) {
   return kv.tables + (int64_t)kv.rowSeq[row] * kv.stride;
 }
-__device__ __forceinline__ const float* kvHeadBase(const PagedKv& kv, int v, int kvh, int headDim) {
-  return kv.pool + ((int64_t)(kv.slot * 2 + v) << kv.pageShift) * kv.kvDim + kvh * headDim;
+__device__ __forceinline__ const uint8_t* kvHeadBase(const PagedKv& kv, int v, int kvh, int headBytes) {
+  return kv.pool + kv.slotOffset + ((int64_t)v << kv.pageShift) * kv.rowBytes + (int64_t)kvh * headBytes;
 }
 __device__ __forceinline__ int kvPageMask(const PagedKv& kv) { return (1 << kv.pageShift) - 1; }
 __device__ __forceinline__ int64_t kvRowOffset(const int32_t* table, const PagedKv& kv, int pageMask, int j) {
-  return (int64_t)table[j >> kv.pageShift] * kv.pageFloats + (int64_t)(j & pageMask) * kv.kvDim;
+  return (int64_t)table[j >> kv.pageShift] * kv.pageBytes + (int64_t)(j & pageMask) * kv.rowBytes;
 }
 
-// Whether a head's K/V rows in the paged pool can be read as float4 (16-byte aligned rows).
-inline bool kvRowsLoadAsFloat4(const PagedKv& kv, int headDim) {
-  return headDim % 4 == 0 && kv.kvDim % 4 == 0 && kv.pageFloats % 4 == 0 && reinterpret_cast<uintptr_t>(kv.pool) % 16 == 0;
+// Bytes of one key's codes of one K/V head.
+__host__ __device__ constexpr int kvHeadBytes(KvType t, int headDim) { return headDim * kvTypeBits(t) / 8; }
+
+// Whether a head's K/V rows in the paged pool can be read in 16-byte pieces (rows, pages and
+// the pool 16-byte aligned); else 4-byte pieces (every compact head's bytes are a multiple of 4).
+inline bool kvRowsLoadAs16Bytes(const PagedKv& kv, int headDim) {
+  const int headBytes = kvHeadBytes((KvType)kv.type, headDim);
+  return headBytes % 16 == 0 && kv.rowBytes % 16 == 0 && kv.pageBytes % 16 == 0 && kv.slotOffset % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(kv.pool) % 16 == 0;
+}
+
+// Decodes the 32-bit word w of a head's codes (channels w * 32 / bits ...) into dst, times the
+// scale (scaled types).
+template <KvType T>
+__device__ __forceinline__ void kvDecodeWord(uint32_t word, float scale, float* dst) {
+  constexpr int kBits = kvTypeBits(T), kPerWord = 32 / kBits;
+  constexpr uint32_t kMask = kBits == 32 ? 0xffffffffu : (1u << (kBits & 31)) - 1u;
+#pragma unroll
+  for (int i = 0; i < kPerWord; ++i) dst[i] = kvDecode(T, (word >> ((i * kBits) & 31)) & kMask, scale);
 }
 
 }  // namespace
@@ -51,14 +68,15 @@ inline bool kvRowsLoadAsFloat4(const PagedKv& kv, int headDim) {
 // ---- launchers for one head-size class -------------------------------------------------------
 namespace attention {
 
+// Each for every K/V type T (kv_format.h).
 // Decode (attention_decode.cu), for kDimsPerLane 1 to kMaxDimsPerLane (head sizes up to
 // 32 * kDimsPerLane): the blocks that serve one K/V head's query heads, the number of splits of
 // the keys, the launch (out when splits == 1, else n * numHeads * splits * (headDim + 2) partial
 // results in `partial`), and the merge of the partial results into out.
 void decodeHeadBlocks(int group, int& headsPerBlock, int& headChunks);
-template <int kDimsPerLane>
+template <int kDimsPerLane, KvType T>
 int decodeSplits(int64_t blocks, int headDim, int maxVisible);
-template <int kDimsPerLane>
+template <int kDimsPerLane, KvType T>
 void launchDecode(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
                   int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, int splits,
                   float* out, float* partial, cudaStream_t stream);
@@ -67,7 +85,7 @@ void launchDecodeMerge(const float* partial, int n, int numHeads, int headDim, i
 
 // Prefill (attention_prefill.cu), for kDim 16, 32, 64 and 128: the head size rounded up to one
 // of them (zero-padded).
-template <int kDim>
+template <int kDim, KvType T>
 void launchPrefill(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
                    int headDim, bool strict, int window, float scale, float* out, cudaStream_t stream);
 

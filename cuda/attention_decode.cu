@@ -76,26 +76,26 @@ int smCount() {
   return count;
 }
 
-template <int kDimsPerLane>
+template <int kDimsPerLane, KvType T>
 const void* preparedDecodeKernel() {
-  // Head size 128 needs ~71 KB, above the 48 KB a launch gets without asking.
+  // Head size 128 needs ~71 KB in f32, above the 48 KB a launch gets without asking.
   static const cudaError_t raised =
-      cudaFuncSetAttribute(attentionDecodeKernel<kDimsPerLane>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           (int)(sizeof(float) * decodeSmemFloats(32 * kDimsPerLane)));
+      cudaFuncSetAttribute(attentionDecodeKernel<kDimsPerLane, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           (int)decodeSmemBytes<T>(32 * kDimsPerLane));
   LCKV_CUDA_CHECK(raised);
-  return reinterpret_cast<const void*>(attentionDecodeKernel<kDimsPerLane>);
+  return reinterpret_cast<const void*>(attentionDecodeKernel<kDimsPerLane, T>);
 }
 
 // Decode blocks the GPU runs at once for this head size (shared memory sets it).
-template <int kDimsPerLane>
+template <int kDimsPerLane, KvType T>
 int decodeResidentBlocks(int headDim) {
   static std::atomic<int> known[32 * kMaxDimsPerLane + 1];
   int blocks = known[headDim].load(std::memory_order_relaxed);
   if (blocks == 0) {
-    const void* kernel = preparedDecodeKernel<kDimsPerLane>();
+    const void* kernel = preparedDecodeKernel<kDimsPerLane, T>();
     int perSm = 0;
     LCKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&perSm, kernel, kDecodeWarps * 32,
-                                                                  sizeof(float) * decodeSmemFloats(headDim)));
+                                                                  decodeSmemBytes<T>(headDim)));
     blocks = std::max(1, perSm) * smCount();
     known[headDim].store(blocks, std::memory_order_relaxed);
   }
@@ -109,9 +109,9 @@ namespace attention {
 // Splits of the decode kernel for `blocks` blocks per split and the longest visible range: as
 // many as fill the GPU in one wave (a second, partial wave would leave most of the GPU idle
 // while it runs), within kMinSplitKeys and kMaxSplits.
-template <int kDimsPerLane>
+template <int kDimsPerLane, KvType T>
 int decodeSplits(int64_t blocks, int headDim, int maxVisible) {
-  const int64_t wave = decodeResidentBlocks<kDimsPerLane>(headDim) / blocks;
+  const int64_t wave = decodeResidentBlocks<kDimsPerLane, T>(headDim) / blocks;
   const int64_t most = ((int64_t)maxVisible + kMinSplitKeys - 1) / kMinSplitKeys;
   return (int)std::max<int64_t>(1, std::min<int64_t>({wave, most, kMaxSplits}));
 }
@@ -124,15 +124,15 @@ void decodeHeadBlocks(int group, int& headsPerBlock, int& headChunks) {
   headChunks = (group + headsPerBlock - 1) / headsPerBlock;
 }
 
-template <int kDimsPerLane>
+template <int kDimsPerLane, KvType T>
 void launchDecode(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
                   int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, int splits,
                   float* out, float* partial, cudaStream_t stream) {
-  preparedDecodeKernel<kDimsPerLane>();
-  const bool vec4 = kvRowsLoadAsFloat4(kv, headDim);
-  launchKernel(attentionDecodeKernel<kDimsPerLane>, dim3(n, numKvHeads * headChunks, splits), kDecodeWarps * 32,
-               sizeof(float) * decodeSmemFloats(headDim), stream, q, positions, kv, numHeads, numKvHeads, headDim, strict, window, scale, headChunks, headsPerBlock, vec4, out,
-          partial);
+  preparedDecodeKernel<kDimsPerLane, T>();
+  const bool vec16 = kvRowsLoadAs16Bytes(kv, headDim);
+  launchKernel(attentionDecodeKernel<kDimsPerLane, T>, dim3(n, numKvHeads * headChunks, splits), kDecodeWarps * 32,
+               decodeSmemBytes<T>(headDim), stream, q, positions, kv, numHeads, numKvHeads, headDim, strict, window,
+               scale, headChunks, headsPerBlock, vec16, out, partial);
 }
 
 void launchDecodeMerge(const float* partial, int n, int numHeads, int headDim, int splits, float* out,
@@ -141,18 +141,21 @@ void launchDecodeMerge(const float* partial, int n, int numHeads, int headDim, i
   LCKV_LAUNCH_CHECK("attention_merge");
 }
 
-template int decodeSplits<1>(int64_t, int, int);
-template int decodeSplits<2>(int64_t, int, int);
-template int decodeSplits<3>(int64_t, int, int);
-template int decodeSplits<4>(int64_t, int, int);
-template void launchDecode<1>(const float*, int, const int32_t*, const PagedKv&, int, int, int, bool, int, float, int,
-                              int, int, float*, float*, cudaStream_t);
-template void launchDecode<2>(const float*, int, const int32_t*, const PagedKv&, int, int, int, bool, int, float, int,
-                              int, int, float*, float*, cudaStream_t);
-template void launchDecode<3>(const float*, int, const int32_t*, const PagedKv&, int, int, int, bool, int, float, int,
-                              int, int, float*, float*, cudaStream_t);
-template void launchDecode<4>(const float*, int, const int32_t*, const PagedKv&, int, int, int, bool, int, float, int,
-                              int, int, float*, float*, cudaStream_t);
+#define LCKV_DECODE_INSTANCES(D, T)                                                                              \
+  template int decodeSplits<D, T>(int64_t, int, int);                                                          \
+  template void launchDecode<D, T>(const float*, int, const int32_t*, const PagedKv&, int, int, int, bool, int, float, \
+                                   int, int, int, float*, float*, cudaStream_t);
+#define LCKV_DECODE_INSTANCES_ALL_TYPES(D)   \
+  LCKV_DECODE_INSTANCES(D, KvType::F32)      \
+  LCKV_DECODE_INSTANCES(D, KvType::BF16)     \
+  LCKV_DECODE_INSTANCES(D, KvType::FP8)      \
+  LCKV_DECODE_INSTANCES(D, KvType::INT8)     \
+  LCKV_DECODE_INSTANCES(D, KvType::INT4)
+LCKV_DECODE_INSTANCES_ALL_TYPES(1)
+LCKV_DECODE_INSTANCES_ALL_TYPES(2)
+LCKV_DECODE_INSTANCES_ALL_TYPES(3)
+LCKV_DECODE_INSTANCES_ALL_TYPES(4)
+static_assert(kKvTypeCount == 5, "instantiate the decode kernel for every K/V type");
 static_assert(kMaxDimsPerLane == 4, "instantiate launchDecode and decodeSplits for every number of dims per lane");
 
 }  // namespace attention

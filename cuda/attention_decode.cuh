@@ -38,29 +38,43 @@ __host__ __device__ inline int decodeRowStride(int headDim) {
   const int vecs = (headDim + 3) / 4;
   return 4 * (vecs | 1);
 }
-__host__ __device__ inline size_t decodeSmemFloats(int headDim) {
+// A compact type's tiles arrive as codes (rows of decodeRawStride bytes, a whole number of
+// 16-byte pieces) with a scale word per key, and each is decoded into one f32 tile that the
+// arithmetic reads; f32 tiles arrive as they are, in kDecodeStages f32 tiles. A tile of codes is
+// a half (bf16) to an eighth (int4) of an f32 tile's bytes, so more of them are in flight at once
+// (decodeArriveStages): a block then keeps about as many bytes coming as with f32, which is what
+// sets the bandwidth it reaches.
+__host__ __device__ constexpr int decodeRawStride(KvType t, int headDim) { return (kvHeadBytes(t, headDim) + 15) / 16 * 16; }
+template <KvType T>
+__host__ __device__ constexpr int decodeF32Stages() { return T == KvType::F32 ? kDecodeStages : 1; }
+template <KvType T>
+__host__ __device__ constexpr int decodeArriveStages() { return T == KvType::F32 ? kDecodeStages : T == KvType::BF16 ? 4 : 8; }
+template <KvType T>
+__host__ __device__ inline size_t decodeSmemBytes(int headDim) {
   const int stride = decodeRowStride(headDim);
-  return (size_t)2 * kDecodeStages * kDecodeKeys * stride  // K and V tiles
-         + (size_t)kGroupHeads * stride                   // the queries
-         + (size_t)kDecodeKeys * kGroupHeads               // scores, then probabilities
-         + 3 * kGroupHeads;                                // per head: rescale factor, final max and sum
+  const size_t floats = (size_t)2 * decodeF32Stages<T>() * kDecodeKeys * stride  // K and V tiles
+                        + (size_t)kGroupHeads * stride                           // the queries
+                        + (size_t)kDecodeKeys * kGroupHeads                      // scores, then probabilities
+                        + 3 * kGroupHeads;                                       // per head: rescale factor, final max and sum
+  const size_t raw = T == KvType::F32 ? 0 : (size_t)decodeArriveStages<T>() * kDecodeKeys * (2 * decodeRawStride(T, headDim) + 4);
+  return sizeof(float) * floats + raw;  // the floats end 16-byte aligned: the codes follow them
 }
 
 // Asynchronous global -> shared copies (sm_80 and later; a plain copy before).
-__device__ __forceinline__ void copyAsync16(float* dst, const float* src) {
+__device__ __forceinline__ void copyAsync16(void* dst, const void* src) {
 #if __CUDA_ARCH__ >= 800
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src)
                : "memory");
 #else
-  *reinterpret_cast<float4*>(dst) = *reinterpret_cast<const float4*>(src);
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
 #endif
 }
-__device__ __forceinline__ void copyAsync4(float* dst, const float* src) {
+__device__ __forceinline__ void copyAsync4(void* dst, const void* src) {
 #if __CUDA_ARCH__ >= 800
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src)
                : "memory");
 #else
-  *dst = *src;
+  *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(src);
 #endif
 }
 __device__ __forceinline__ void copyAsyncCommit() {
@@ -77,30 +91,50 @@ __device__ __forceinline__ void copyAsyncWait() {
 }
 
 // Starts copying keys j0 + lo .. j0 + hi - 1 of the block's K/V head into rows lo .. hi - 1 of
-// one stage's K and V tiles. Lane j looks up key j0 + j's page once (all lanes at once, so the
+// one stage's K and V tiles (rows of dstStride bytes) and, for a scaled type, their scale words
+// into scaleDst[lo .. hi - 1]. Lane j looks up key j0 + j's page once (all lanes at once, so the
 // table reads overlap), and the warp's copies take each key row's offset from its lane.
-// Consecutive threads copy consecutive pieces of a key row (coalesced); vec4 (16-byte pieces)
-// needs every row 16-byte aligned (headDim, kvDim and pageFloats multiples of 4, the pool aligned).
-__device__ __forceinline__ void loadDecodeTile(float* kDst, float* vDst, const float* kBase, const float* vBase,
-                                               const int32_t* table, const PagedKv& kv, int j0, int lo, int hi,
-                                               int headDim, int stride, bool vec4) {
+// Consecutive threads copy consecutive pieces of a key row (coalesced); 16-byte pieces need every
+// row 16-byte aligned (kvRowsLoadAs16Bytes), else they are 4 bytes.
+template <KvType T>
+__device__ __forceinline__ void loadDecodeTile(uint8_t* kDst, uint8_t* vDst, uint32_t* scaleDst, const uint8_t* kBase,
+                                               const uint8_t* vBase, const int32_t* table, const PagedKv& kv, int kvh,
+                                               int j0, int lo, int hi, int headBytes, int dstStride, bool vec16) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int j = j0 + lane;
-  const int64_t rowOffset = lane >= lo && lane < hi ? kvRowOffset(table, kv, kvPageMask(kv), j) : 0;
-  const int width = vec4 ? 4 : 1, perRow = headDim / width, total = (hi - lo) * perRow;
+  const bool mine = lane >= lo && lane < hi;
+  const int64_t rowOffset = mine ? kvRowOffset(table, kv, kvPageMask(kv), j) : 0;
+  const int width = vec16 ? 16 : 4, perRow = headBytes / width, total = (hi - lo) * perRow;
   for (int e0 = warp * 32; e0 < total; e0 += kDecodeWarps * 32) {  // warp-uniform: the shuffle needs every lane
     const int e = e0 + lane;
     const int jj = min(lo + e / perRow, kDecodeKeys - 1), c = (e - (jj - lo) * perRow) * width;
     const int64_t off = __shfl_sync(0xffffffffu, rowOffset, jj) + c;
     if (e < total) {
-      if (vec4) {
-        copyAsync16(kDst + jj * stride + c, kBase + off);
-        copyAsync16(vDst + jj * stride + c, vBase + off);
+      if (vec16) {
+        copyAsync16(kDst + jj * dstStride + c, kBase + off);
+        copyAsync16(vDst + jj * dstStride + c, vBase + off);
       } else {
-        copyAsync4(kDst + jj * stride + c, kBase + off);
-        copyAsync4(vDst + jj * stride + c, vBase + off);
+        copyAsync4(kDst + jj * dstStride + c, kBase + off);
+        copyAsync4(vDst + jj * dstStride + c, vBase + off);
       }
     }
+  }
+  if (kvTypeScaled(T) && warp == kDecodeWarps - 1 && mine)
+    copyAsync4(scaleDst + lane, kv.pool + kvScaleOffset(kv, table, j, kvh));
+}
+
+// Decodes the first `valid` rows of a stage's K and V codes into the f32 tiles, scales applied.
+template <KvType T>
+__device__ __forceinline__ void decodeDecodeTile(float* kS, float* vS, const uint8_t* kRaw, const uint8_t* vRaw,
+                                                 const uint32_t* scales, int valid, int headBytes, int stride,
+                                                 int rawStride) {
+  constexpr int kPerWord = 32 / kvTypeBits(T);
+  const int words = headBytes / 4, perSide = valid * words;
+  for (int e = threadIdx.x; e < 2 * perSide; e += blockDim.x) {
+    const int which = e >= perSide, i = e - which * perSide, jj = i / words, w = i - jj * words;
+    const uint32_t word = *reinterpret_cast<const uint32_t*>((which ? vRaw : kRaw) + jj * rawStride + w * 4);
+    const float scale = kvTypeScaled(T) ? kvF16ToF32((uint16_t)(scales[jj] >> (16 * which))) : 0.0f;
+    kvDecodeWord<T>(word, scale, (which ? vS : kS) + jj * stride + w * kPerWord);
   }
 }
 
@@ -112,22 +146,31 @@ __device__ __forceinline__ void loadDecodeTile(float* kDst, float* vDst, const f
 //     scores into probabilities against the new max (and a factor for the old accumulators).
 //   P.V: warp w takes keys w, w + 4, ...; lane holds dims lane + 32 t of every head, so a value
 //     row is read once for all heads. The warps' accumulators are summed at the end.
-template <int kDimsPerLane>
+template <int kDimsPerLane, KvType T>
 __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
     const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int numHeads, int numKvHeads,
-    int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, bool vec4,
+    int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, bool vec16,
     float* __restrict__ out, float* __restrict__ partial) {
+  constexpr bool kCodes = T != KvType::F32;  // tiles arrive as codes and are decoded into one f32 tile
+  constexpr int kF32Stages = decodeF32Stages<T>(), kStages = decodeArriveStages<T>();
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
   const int stride = decodeRowStride(headDim);
   const int tileFloats = kDecodeKeys * stride;
-  float* kS = smem;                                // [stages][keys][stride]
-  float* vS = kS + kDecodeStages * tileFloats;     // [stages][keys][stride]
-  float* qS = vS + kDecodeStages * tileFloats;     // [kGroupHeads][stride]
+  float* kS = smem;                                // [kF32Stages][keys][stride]
+  float* vS = kS + kF32Stages * tileFloats;        // [kF32Stages][keys][stride]
+  float* qS = vS + kF32Stages * tileFloats;        // [kGroupHeads][stride]
   float* pS = qS + kGroupHeads * stride;           // [keys][kGroupHeads]
   float* corrS = pS + kDecodeKeys * kGroupHeads;   // [kGroupHeads]
   float* maxS = corrS + kGroupHeads;               // [kGroupHeads]
   float* sumS = maxS + kGroupHeads;                // [kGroupHeads]
+  // Where each stage's keys arrive: the f32 tiles themselves, or (kCodes) code tiles and scales.
+  const int headBytes = kvHeadBytes(T, headDim);
+  const int arriveStride = kCodes ? decodeRawStride(T, headDim) : stride * (int)sizeof(float);
+  uint8_t* kArrive = kCodes ? reinterpret_cast<uint8_t*>(sumS + kGroupHeads) : reinterpret_cast<uint8_t*>(kS);
+  uint8_t* vArrive = kCodes ? kArrive + kStages * kDecodeKeys * arriveStride : reinterpret_cast<uint8_t*>(vS);
+  uint32_t* scaleArrive = reinterpret_cast<uint32_t*>(vArrive + kStages * kDecodeKeys * arriveStride);
+  const int arriveTile = kDecodeKeys * arriveStride;
 
   const int r = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -136,8 +179,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
   const int h0 = kvh * group + part * headsPerBlock;
   const int heads = min(headsPerBlock, group - part * headsPerBlock);
   const int32_t* table = kvPageTable(kv, r);
-  const float* kBase = kvHeadBase(kv, 0, kvh, headDim);
-  const float* vBase = kvHeadBase(kv, 1, kvh, headDim);
+  const uint8_t* kBase = kvHeadBase(kv, 0, kvh, headBytes);
+  const uint8_t* vBase = kvHeadBase(kv, 1, kvh, headBytes);
 
   // This block's chunk of the row's visible keys, cut here from the row's position rather than
   // by the host: a launch replayed from a CUDA graph at later positions still covers every key
@@ -156,19 +199,31 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
   // at their own positions, which for this row's sequence are p - (n - 1) or later. A short
   // context's block streams a single tile, so at batch 1 the wait is followed by the queries
   // and the arithmetic alone.
-  static_assert(kDecodeStages == 2, "the prologue loads one tile");
   const int firstTileKeys = min(kDecodeKeys, keys);
   const int earlyKeys = min(firstTileKeys, max(0, p - (int)gridDim.x + 1 - first));
-  if (earlyKeys > 0) loadDecodeTile(kS, vS, kBase, vBase, table, kv, first, 0, earlyKeys, headDim, stride, vec4);
+  if (earlyKeys > 0)
+    loadDecodeTile<T>(kArrive, vArrive, scaleArrive, kBase, vBase, table, kv, kvh, first, 0, earlyKeys, headBytes,
+                      arriveStride, vec16);
   // While the first tile arrives: zero the K rows' padding (the float4 dot products read it; the
   // copies never write it).
   const int pad = stride - headDim;
-  for (int e = threadIdx.x; e < kDecodeStages * kDecodeKeys * pad; e += blockDim.x)
+  for (int e = threadIdx.x; e < kF32Stages * kDecodeKeys * pad; e += blockDim.x)
     kS[(e / pad) * stride + headDim + e % pad] = 0.0f;
   waitForPrecedingKernels();
   if (earlyKeys < firstTileKeys)
-    loadDecodeTile(kS, vS, kBase, vBase, table, kv, first, earlyKeys, firstTileKeys, headDim, stride, vec4);
+    loadDecodeTile<T>(kArrive, vArrive, scaleArrive, kBase, vBase, table, kv, kvh, first, earlyKeys, firstTileKeys,
+                      headBytes, arriveStride, vec16);
   copyAsyncCommit();
+  // The tiles after the first, up to one stage short of all (the loop issues the last), one
+  // group each (an empty group past the end keeps the count the loop waits on).
+#pragma unroll
+  for (int st = 1; st < kStages - 1; ++st) {
+    if (st < numTiles)
+      loadDecodeTile<T>(kArrive + st * arriveTile, vArrive + st * arriveTile, scaleArrive + st * kDecodeKeys, kBase,
+                        vBase, table, kv, kvh, first + st * kDecodeKeys, 0, min(kDecodeKeys, keys - st * kDecodeKeys),
+                        headBytes, arriveStride, vec16);
+    copyAsyncCommit();
+  }
   // The queries (written by the preceding kernel), zero-padded.
   for (int e = threadIdx.x; e < kGroupHeads * stride; e += blockDim.x) {
     const int g = e / stride, d = e - g * stride;
@@ -189,17 +244,28 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
   const int vecs = (headDim + 3) / 4;
 
   for (int tile = 0; tile < numTiles; ++tile) {
-    const int ahead = tile + kDecodeStages - 1;
-    if (ahead < numTiles)
-      loadDecodeTile(kS + (ahead % kDecodeStages) * tileFloats, vS + (ahead % kDecodeStages) * tileFloats, kBase, vBase,
-                     table, kv, first + ahead * kDecodeKeys, 0, min(kDecodeKeys, keys - ahead * kDecodeKeys), headDim,
-                     stride, vec4);
+    const int ahead = tile + kStages - 1;
+    if (ahead < numTiles) {
+      const int st = ahead % kStages;
+      loadDecodeTile<T>(kArrive + st * arriveTile, vArrive + st * arriveTile, scaleArrive + st * kDecodeKeys, kBase, vBase,
+                        table, kv, kvh, first + ahead * kDecodeKeys, 0, min(kDecodeKeys, keys - ahead * kDecodeKeys),
+                        headBytes, arriveStride, vec16);
+    }
     copyAsyncCommit();
-    copyAsyncWait<kDecodeStages - 1>();
+    copyAsyncWait<kStages - 1>();
     __syncthreads();  // this tile (and, the first time, the queries and padding) is in place
-    const float* kt = kS + (tile % kDecodeStages) * tileFloats;
-    const float* vt = vS + (tile % kDecodeStages) * tileFloats;
     const int valid = min(kDecodeKeys, keys - tile * kDecodeKeys);
+    const float* kt = kS;
+    const float* vt = vS;
+    if constexpr (kCodes) {
+      const int st = tile % kStages;
+      decodeDecodeTile<T>(kS, vS, kArrive + st * arriveTile, vArrive + st * arriveTile, scaleArrive + st * kDecodeKeys,
+                          valid, headBytes, stride, arriveStride);
+      __syncthreads();
+    } else {
+      kt += (tile % kDecodeStages) * tileFloats;
+      vt += (tile % kDecodeStages) * tileFloats;
+    }
 
     // Scores of key `lane` against this warp's heads.
     {

@@ -5,8 +5,8 @@
 // updates an online softmax per query row, and adds probabilities x values with mma again;
 // scores, probabilities and the output stay in registers (flash attention 2).
 //
-// The cache holds f32 K/V and f32 models are checked to 1e-5, which tf32 (10-bit mantissa)
-// cannot reach alone. Each operand is split into a tf32 part and the tf32 of its remainder and
+// f32 models with an f32 cache are checked to 1e-5, which tf32 (10-bit mantissa) cannot reach
+// alone. Each operand is split into a tf32 part and the tf32 of its remainder and
 // three products are summed (hi.hi + hi.lo + lo.hi, the "3xTF32" of cuBLAS): about 21 bits of
 // each operand survive, f32 accuracy for a softmax-weighted sum.
 //
@@ -64,10 +64,12 @@ __device__ __forceinline__ void mma3xTf32(float (&d)[4], const Tf32Pair (&a)[4],
   mmaTf32(d, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b[0].hi, b[1].hi);
 }
 
-template <int kDim>  // head size rounded up to 16, 32, 64 or 128 (zero-padded)
+// kDim: the head size rounded up to 16, 32, 64 or 128 (zero-padded); T: the cache's value type,
+// decoded into the f32 tiles as they load.
+template <int kDim, KvType T>
 __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
     const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int n, int numHeads, int numKvHeads,
-    int headDim, bool strict, int window, float scale, bool vec4, float* __restrict__ out) {
+    int headDim, bool strict, int window, float scale, bool vec16, float* __restrict__ out) {
   waitForPrecedingKernels();
   constexpr int S = prefillStride(kDim), kDimTiles = kDim / 8, kKeyTiles = kKeyTile / 8;
   extern __shared__ float smem[];
@@ -79,8 +81,9 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
   // The last queries see the most keys: their blocks start first, so the short ones fill the tail.
   const int r0 = (gridDim.x - 1 - blockIdx.x) * kPrefillQueries;
   const int32_t* table = kvPageTable(kv, r0);  // one sequence for all rows
-  const float* kBase = kvHeadBase(kv, 0, kvh, headDim);
-  const float* vBase = kvHeadBase(kv, 1, kvh, headDim);
+  const int headBytes = kvHeadBytes(T, headDim);
+  const uint8_t* kBase = kvHeadBase(kv, 0, kvh, headBytes);
+  const uint8_t* vBase = kvHeadBase(kv, 1, kvh, headBytes);
   const int pageMask = kvPageMask(kv);
 
   // This thread's two query rows (g and g + 8 of its warp's 16) and the keys each can see.
@@ -109,6 +112,12 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
     const int i = e / kDim, d = e % kDim;
     qs[i * S + d] = r0 + i < n && d < headDim ? q[((int64_t)(r0 + i) * numHeads + h) * headDim + d] * scale : 0.0f;
   }
+  // A compact type's loads write columns [0, headDim) only: the padding stays zero.
+  if (T != KvType::F32)
+    for (int e = threadIdx.x; e < 2 * kKeyTile * (kDim - headDim); e += blockDim.x) {
+      const int row = e / (kDim - headDim), d = headDim + e % (kDim - headDim);
+      ks[row * S + d] = 0.0f;  // rows kKeyTile .. 2 kKeyTile - 1 of ks are vs's
+    }
 
   // Per row (A, B): running max and sum of this thread's probabilities (the quad's four are
   // added at the end); the output tile in C fragments, 8 head dims each.
@@ -120,12 +129,28 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
 
   for (int j0 = (hi >= 0 ? lo : 0); j0 <= hi; j0 += kKeyTile) {
     __syncthreads();  // the previous tile is no longer read (and qs is written, the first time)
-    if (vec4) {
+    if constexpr (T != KvType::F32) {
+      // Codes a 32-bit word at a time, decoded with their scale; keys past the range read as 0.
+      constexpr int kPerWord = 32 / kvTypeBits(T);
+      const int words = headBytes / 4;
+      for (int e = threadIdx.x; e < kKeyTile * words; e += blockDim.x) {
+        const int jj = e / words, w = e - jj * words, j = j0 + jj;
+        uint32_t kw = 0, vw = 0, scales = 0;
+        if (j <= hi) {
+          const int64_t off = kvRowOffset(table, kv, pageMask, j) + 4 * w;
+          kw = *reinterpret_cast<const uint32_t*>(kBase + off);
+          vw = *reinterpret_cast<const uint32_t*>(vBase + off);
+          if (kvTypeScaled(T)) scales = *reinterpret_cast<const uint32_t*>(kv.pool + kvScaleOffset(kv, table, j, kvh));
+        }
+        kvDecodeWord<T>(kw, kvF16ToF32((uint16_t)scales), ks + jj * S + w * kPerWord);
+        kvDecodeWord<T>(vw, kvF16ToF32((uint16_t)(scales >> 16)), vs + jj * S + w * kPerWord);
+      }
+    } else if (vec16) {
       for (int e = threadIdx.x; e < kKeyTile * (kDim / 4); e += blockDim.x) {
         const int jj = e / (kDim / 4), d = (e % (kDim / 4)) * 4, j = j0 + jj;
         float4 kx = make_float4(0.f, 0.f, 0.f, 0.f), vx = kx;
         if (j <= hi && d < headDim) {
-          const int64_t off = kvRowOffset(table, kv, pageMask, j) + d;
+          const int64_t off = kvRowOffset(table, kv, pageMask, j) + 4 * d;
           kx = *reinterpret_cast<const float4*>(kBase + off);
           vx = *reinterpret_cast<const float4*>(vBase + off);
         }
@@ -137,9 +162,9 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
         const int jj = e / kDim, d = e % kDim, j = j0 + jj;
         float kx = 0.0f, vx = 0.0f;
         if (j <= hi && d < headDim) {
-          const int64_t off = kvRowOffset(table, kv, pageMask, j) + d;
-          kx = kBase[off];
-          vx = vBase[off];
+          const int64_t off = kvRowOffset(table, kv, pageMask, j) + 4 * d;
+          kx = *reinterpret_cast<const float*>(kBase + off);
+          vx = *reinterpret_cast<const float*>(vBase + off);
         }
         ks[jj * S + d] = kx;
         vs[jj * S + d] = vx;

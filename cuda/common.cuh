@@ -9,6 +9,9 @@
 #include <string>
 #include <utility>
 
+#include "engine/kv_format.h"
+#include "kernels.h"
+
 namespace lckv::cuda {
 
 // Throws with the call site; the backend turns it into a typed error.
@@ -67,7 +70,7 @@ void launchKernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
   (void)cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);  // reported by LCKV_LAUNCH_CHECK
 }
 
-// Weight element types the kernels read. Activations and the KV cache are f32 (see backend).
+// Weight element types the kernels read. Activations are f32; the K/V cache has its own types (kv_format.h).
 enum class WeightType { F32 = 0, BF16 = 1, F16 = 2 };
 
 __device__ __forceinline__ float toFloat(float x) { return x; }
@@ -88,11 +91,18 @@ struct Pair<__half> {
 __device__ __forceinline__ float2 toFloat2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
 __device__ __forceinline__ float2 toFloat2(__half2 x) { return __half22float2(x); }
 
-// K (v = 0) or V (v = 1) row of position `pos` in the paged cache, for a sequence's page table.
-__device__ __forceinline__ int64_t pagedOffset(const int32_t* table, int pos, int pageShift, int64_t pageFloats, int slot,
-                                               int v, int kvDim) {
-  const int pageTokens = 1 << pageShift;
-  return (int64_t)table[pos >> pageShift] * pageFloats + ((int64_t)(slot * 2 + v) * pageTokens + (pos & (pageTokens - 1))) * kvDim;
+// Byte offset in the pool of the K (v = 0) or V (v = 1) codes of position `pos`, for a
+// sequence's page table (the layout in kernels.h's PagedKv).
+__device__ __forceinline__ int64_t kvCodeOffset(const PagedKv& kv, const int32_t* table, int pos, int v) {
+  const int pageTokens = 1 << kv.pageShift;
+  return (int64_t)table[pos >> kv.pageShift] * kv.pageBytes + kv.slotOffset +
+         (int64_t)(v * pageTokens + (pos & (pageTokens - 1))) * kv.rowBytes;
+}
+// Byte offset of the (K, V) scale word of K/V head `kvh` at `pos`.
+__device__ __forceinline__ int64_t kvScaleOffset(const PagedKv& kv, const int32_t* table, int pos, int kvh) {
+  const int pageTokens = 1 << kv.pageShift;
+  return (int64_t)table[pos >> kv.pageShift] * kv.pageBytes + kv.slotOffset + (int64_t)2 * pageTokens * kv.rowBytes +
+         ((int64_t)(pos & (pageTokens - 1)) * kv.kvHeads + kvh) * 4;
 }
 
 __device__ __forceinline__ float warpSum(float v) {

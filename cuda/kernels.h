@@ -9,19 +9,24 @@ typedef struct CUstream_st* cudaStream_t;
 
 namespace lckv::cuda {
 
-// One K/V slot of the paged cache (native/engine/kv_pool.h): page p starts at p * pageFloats
-// floats of `pool`; inside it, K of the slot at offset o is at ((slot * 2) * pageTokens + o) * kvDim
-// and V at ((slot * 2 + 1) * pageTokens + o) * kvDim. Row r of an op belongs to the sequence
-// whose page table is tables[rowSeq[r] * stride ...]. pageTokens is a power of two.
+// One K/V slot of the paged cache (native/engine/kv_pool.h, kv_format.h): page p starts at byte
+// p * pageBytes of `pool`; inside it, the slot's K codes of offset o are at slotOffset + o *
+// rowBytes, its V codes pageTokens rows further, and (scaled types) the (K, V) scale word of K/V
+// head h at slotOffset + 2 * pageTokens * rowBytes + (o * kvHeads + h) * 4. Row r of an op
+// belongs to the sequence whose page table is tables[rowSeq[r] * stride ...]. pageTokens is a
+// power of two. `type` is a KvType (kv_format.h); the launchers pick the kernels built for it.
 struct PagedKv {
-  float* pool;
+  uint8_t* pool;
   const int32_t* tables;  // device
   const int32_t* rowSeq;  // device
   int stride;
   int pageShift;  // log2(pageTokens)
-  int64_t pageFloats;
-  int slot;
+  int64_t pageBytes;
+  int64_t slotOffset;
+  int rowBytes;
   int kvDim;
+  int kvHeads;
+  int type;
 };
 
 // Lets each kernel start while the one before it in the stream finishes (sm_90+ only; see
@@ -95,7 +100,7 @@ void launchKvWrite(const float* k, const float* v, int n, const int32_t* positio
 void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv, int numHeads,
                      int numKvHeads, int headDim, bool strict, int window, float scale, bool oneSequence, float* out,
                      float* workspace, int64_t workspaceFloats, cudaStream_t stream);
-int64_t attentionWorkspaceFloats(int n, int numHeads, int numKvHeads, int headDim, int maxVisible);
+int64_t attentionWorkspaceFloats(int n, int numHeads, int numKvHeads, int headDim, int maxVisible, int kvType);
 
 // The most top tokens whose log-probabilities the device gives per row (OpenAI's limit).
 constexpr int kMaxTopLogprobs = 20;

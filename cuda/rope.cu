@@ -38,16 +38,9 @@ __global__ void ropeKernel(float* x, int heads, int headDim, const int32_t* posi
   }
 }
 
-__global__ void kvWriteKernel(const float* k, const float* v, const int32_t* positions, PagedKv kv) {
-  waitForPrecedingKernels();
-  const int r = blockIdx.x;
-  const int32_t* table = kv.tables + (int64_t)kv.rowSeq[r] * kv.stride;
-  float* kd = kv.pool + pagedOffset(table, positions[r], kv.pageShift, kv.pageFloats, kv.slot, 0, kv.kvDim);
-  float* vd = kv.pool + pagedOffset(table, positions[r], kv.pageShift, kv.pageFloats, kv.slot, 1, kv.kvDim);
-  for (int j = threadIdx.x; j < kv.kvDim; j += blockDim.x) {
-    kd[j] = k[(int64_t)r * kv.kvDim + j];
-    vd[j] = v[(int64_t)r * kv.kvDim + j];
-  }
+// The f32 cache's K and V rows of position `pos`.
+__device__ __forceinline__ float* kvRowF32(const PagedKv& kv, const int32_t* table, int pos, int v) {
+  return reinterpret_cast<float*>(kv.pool + kvCodeOffset(kv, table, pos, v));
 }
 
 // Decode and prefill of a layer that owns K/V: q rotated in place, k rotated on its way into the
@@ -67,8 +60,8 @@ __global__ void ropeKvWriteKernel(float* q, int numHeads, const float* k, const 
   float *kd = nullptr, *vd = nullptr;
   if (k) {
     const int32_t* table = kv.tables + (int64_t)kv.rowSeq[r] * kv.stride;
-    kd = kv.pool + pagedOffset(table, p, kv.pageShift, kv.pageFloats, kv.slot, 0, kv.kvDim);
-    vd = kv.pool + pagedOffset(table, p, kv.pageShift, kv.pageFloats, kv.slot, 1, kv.kvDim);
+    kd = kvRowF32(kv, table, p, 0);
+    vd = kvRowF32(kv, table, p, 1);
   }
   const int qPairs = numHeads * half, pairs = qPairs + (k ? numKvHeads * half : 0);
   const int first = blockIdx.y * blockDim.x + threadIdx.x, step = gridDim.y * blockDim.x;
@@ -90,6 +83,109 @@ __global__ void ropeKvWriteKernel(float* q, int numHeads, const float* k, const 
     for (int j = first; j < kv.kvDim; j += step) vd[j] = v[(int64_t)r * kv.kvDim + j];
 }
 
+// The same for a compact cache type: the blocks y < qBlocks rotate q as ropeKvWriteKernel does;
+// block y = qBlocks writes the row's K and V, one warp per (K/V head, K or V). The warp rotates
+// (K, when invFreq is given) its head's values into shared memory, takes their largest magnitude,
+// and writes codes and its half of the head's scale word by kv_format.h's rule: the CPU
+// backend's kvQuantizeHead, bit for bit on the same input. Without q (kvWrite), qBlocks is 0.
+constexpr int kKvWriteThreads = 256;
+template <KvType T>
+__global__ void __launch_bounds__(kKvWriteThreads) quantizedKvWriteKernel(
+    float* q, int numHeads, const float* k, const float* v, int headDim, const int32_t* positions,
+    const float* invFreq, float scale, PagedKv kv, int qBlocks) {
+  constexpr int kMaxHeadDim = 128, kWarps = kKvWriteThreads / 32, kBits = kvTypeBits(T), kPerWord = 32 / kBits;
+  __shared__ float values[kWarps][kMaxHeadDim];
+  const int r = blockIdx.x, half = headDim / 2;
+  const int p = positions[r];
+  const float pos = (float)p;
+  if ((int)blockIdx.y < qBlocks) {
+    float* qrow = q + (int64_t)r * numHeads * headDim;
+    const int t = blockIdx.y * blockDim.x + threadIdx.x;
+    const float2 cs = t < numHeads * half ? rotation(pos, invFreq[t % half], scale) : make_float2(0.0f, 0.0f);
+    waitForPrecedingKernels();
+    if (t < numHeads * half) {
+      float* x = qrow + (t / half) * headDim;
+      const int j = t % half;
+      const float2 r2 = rotate(x[j], x[j + half], cs);
+      x[j] = r2.x;
+      x[j + half] = r2.y;
+    }
+    return;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int32_t* table = kv.tables + (int64_t)kv.rowSeq[r] * kv.stride;
+  const int headBytes = headDim * kBits / 8;
+  waitForPrecedingKernels();
+  float* x = values[warp];
+  for (int task = warp; task < 2 * kv.kvHeads; task += kWarps) {
+    const int which = task & 1, h = task >> 1;  // which: 0 K, 1 V
+    const float* src = (which ? v : k) + (int64_t)r * kv.kvDim + h * headDim;
+    if (which == 0 && invFreq) {
+      for (int j = lane; j < half; j += 32) {
+        const float2 r2 = rotatePair(src[j], src[j + half], pos, invFreq[j], scale);
+        x[j] = r2.x;
+        x[j + half] = r2.y;
+      }
+    } else {
+      for (int j = lane; j < headDim; j += 32) x[j] = src[j];
+    }
+    __syncwarp();
+    float amax = 0.0f;
+    for (int j = lane; j < headDim; j += 32) amax = fmaxf(amax, fabsf(x[j]));
+    amax = warpMax(amax);
+    const uint16_t scaleBits = kvTypeScaled(T) ? kvScaleOf(T, amax) : 0;
+    const float s = kvF16ToF32(scaleBits);
+    uint32_t* codes = reinterpret_cast<uint32_t*>(kv.pool + kvCodeOffset(kv, table, p, which) + h * headBytes);
+    for (int w = lane; w < headBytes / 4; w += 32) {
+      uint32_t word = 0;
+#pragma unroll
+      for (int i = 0; i < kPerWord; ++i) word |= kvEncode(T, x[w * kPerWord + i], s) << (i * kBits);
+      codes[w] = word;
+    }
+    if (kvTypeScaled(T) && lane == 0)
+      reinterpret_cast<uint16_t*>(kv.pool + kvScaleOffset(kv, table, p, h))[which] = scaleBits;
+    __syncwarp();  // x is free for the warp's next task
+  }
+}
+
+template <KvType T>
+void launchQuantizedKvWrite(float* q, int numHeads, const float* k, const float* v, int headDim, int n,
+                            const int32_t* positions, const float* invFreq, float scale, const PagedKv& kv,
+                            cudaStream_t stream) {
+  const int qBlocks = q ? (numHeads * (headDim / 2) + kKvWriteThreads - 1) / kKvWriteThreads : 0;
+  launchKernel(quantizedKvWriteKernel<T>, dim3(n, qBlocks + 1), kKvWriteThreads, 0, stream, q, numHeads, k, v, headDim,
+               positions, invFreq, scale, kv, qBlocks);
+}
+
+// The compact-type write for kv.type (not f32); q may be null (no rotation of q), and invFreq
+// null (k is written as it is).
+void quantizedKvWrite(float* q, int numHeads, const float* k, const float* v, int headDim, int n, const int32_t* positions,
+                      const float* invFreq, float scale, const PagedKv& kv, cudaStream_t stream) {
+  if (headDim > 128 || headDim % kvTypeHeadDimMultiple((KvType)kv.type))
+    throw std::invalid_argument("kv_write: the K/V type needs a head size that is a multiple of " +
+                                std::to_string(kvTypeHeadDimMultiple((KvType)kv.type)) + ", at most 128");
+  switch ((KvType)kv.type) {
+    case KvType::BF16: return launchQuantizedKvWrite<KvType::BF16>(q, numHeads, k, v, headDim, n, positions, invFreq, scale, kv, stream);
+    case KvType::FP8: return launchQuantizedKvWrite<KvType::FP8>(q, numHeads, k, v, headDim, n, positions, invFreq, scale, kv, stream);
+    case KvType::INT8: return launchQuantizedKvWrite<KvType::INT8>(q, numHeads, k, v, headDim, n, positions, invFreq, scale, kv, stream);
+    case KvType::INT4: return launchQuantizedKvWrite<KvType::INT4>(q, numHeads, k, v, headDim, n, positions, invFreq, scale, kv, stream);
+    default: throw std::invalid_argument("kv_write: unknown K/V type");
+  }
+}
+
+// The f32 cache: one block per row copies K and V.
+__global__ void kvWriteKernel(const float* k, const float* v, const int32_t* positions, PagedKv kv) {
+  waitForPrecedingKernels();
+  const int r = blockIdx.x;
+  const int32_t* table = kv.tables + (int64_t)kv.rowSeq[r] * kv.stride;
+  float* kd = kvRowF32(kv, table, positions[r], 0);
+  float* vd = kvRowF32(kv, table, positions[r], 1);
+  for (int j = threadIdx.x; j < kv.kvDim; j += blockDim.x) {
+    kd[j] = k[(int64_t)r * kv.kvDim + j];
+    vd[j] = v[(int64_t)r * kv.kvDim + j];
+  }
+}
+
 }  // namespace
 
 void launchRopeKvWrite(float* q, int numHeads, const float* k, const float* v, int numKvHeads, int headDim, int n,
@@ -100,6 +196,11 @@ void launchRopeKvWrite(float* q, int numHeads, const float* k, const float* v, i
   if (headDim % 2) throw std::invalid_argument("rope_kv_write: odd headDim");
   if (k && (!v || !kv || kv->kvDim != numKvHeads * headDim))
     throw std::invalid_argument("rope_kv_write: k needs v and a cache slot of numKvHeads * headDim");
+  if (k && kv->type != (int)KvType::F32) {
+    quantizedKvWrite(q, numHeads, k, v, headDim, n, positions, invFreq, attentionScale, *kv, stream);
+    LCKV_LAUNCH_CHECK("rope_kv_write");
+    return;
+  }
   // A block per row would loop ~5 times over TinyLlama's 1152 pairs, each round a dependent
   // memory round trip; blocks along y give every pair its own thread (one round).
   const int pairs = (numHeads + (k ? numKvHeads : 0)) * (headDim / 2);
@@ -121,6 +222,11 @@ void launchKvWrite(const float* k, const float* v, int n, const int32_t* positio
                    cudaStream_t stream) {
   NvtxRange r("kv_write");
   if (n <= 0) return;
+  if (kv.type != (int)KvType::F32) {
+    quantizedKvWrite(nullptr, 0, k, v, kv.kvDim / kv.kvHeads, n, positions, nullptr, 1.0f, kv, stream);
+    LCKV_LAUNCH_CHECK("kv_write");
+    return;
+  }
   launchKernel(kvWriteKernel, n, 256, 0, stream, k, v, positions, kv);
   LCKV_LAUNCH_CHECK("kv_write");
 }

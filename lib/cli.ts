@@ -15,6 +15,7 @@ import { Command, InvalidArgumentError, Option } from "commander";
 import { SingleBar } from "cli-progress";
 import { formatLayerTypes } from "./plan";
 import { InvalidInputError, LckvError } from "./errors";
+import { KV_CACHE_DTYPES, KvCacheDtype } from "./kv-cache-dtype";
 import { loadModel, LoadOptions } from "./load-model";
 import { Model } from "./model";
 import { createServer } from "./server/server";
@@ -54,8 +55,9 @@ process.stdout.on("error", (e: NodeJS.ErrnoException) => {
   stdoutClosed = true;
 });
 
-async function open(opts: { model?: string; revision?: string; device?: "auto" | "cpu" | "cuda"; maxContext?: number; maxQueue?: number }): Promise<Model> {
+async function open(opts: { model?: string; revision?: string; device?: "auto" | "cpu" | "cuda"; kvDtype?: KvCacheDtype; maxContext?: number; maxQueue?: number }): Promise<Model> {
   const load: LoadOptions = { device: opts.device ?? "auto" };
+  if (opts.kvDtype !== undefined) load.kvCacheDtype = opts.kvDtype;
   if (opts.maxContext !== undefined) load.maxContext = opts.maxContext;
   if (opts.maxQueue !== undefined) load.maxQueue = opts.maxQueue;
   if (opts.revision !== undefined) load.revision = opts.revision;
@@ -141,6 +143,7 @@ program.name("lckv").description("Run language models with layer-condensed KV ca
 
 // Options several commands share.
 const deviceOption = () => new Option("--device <device>", "where to run").choices(["auto", "cpu", "cuda"]).default("auto");
+const kvDtypeOption = () => new Option("--kv-dtype <type>", "the K/V cache's value type (default: bf16)").choices([...KV_CACHE_DTYPES]);
 const modelOption = () =>
   new Option(
     "-m, --model <dir|id>",
@@ -173,6 +176,7 @@ addSamplingOptions(
 )
   .addOption(prefillOption())
   .addOption(deviceOption())
+  .addOption(kvDtypeOption())
   .addOption(quietOption())
   .action(async (prompt: string | undefined, o) => {
     const g = samplingOptions(o);
@@ -202,6 +206,7 @@ addSamplingOptions(
     .option("--system <text>", "a system message that opens the conversation"),
 )
   .addOption(deviceOption())
+  .addOption(kvDtypeOption())
   .addOption(quietOption())
   .action(async (o) => {
     const g = samplingOptions(o);
@@ -239,6 +244,7 @@ program
   .addOption(revisionOption())
   .option("--json", "print JSON")
   .addOption(deviceOption())
+  .addOption(kvDtypeOption())
   .action(async (o) => {
     const model = await open(o);
     try {
@@ -257,9 +263,12 @@ program
         layerTypes: formatLayerTypes(c.plan),
         kvLayers: c.kvLayers,
         cyclicGroup: c.plan.cyclicGroup,
+        kvCacheDtype: model.kvCacheDtype,
         kvBytesPerToken: model.kvBytesPerToken,
         standardKvBytesPerToken: model.standardKvBytesPerToken,
         kvReduction: model.standardKvBytesPerToken / model.kvBytesPerToken,
+        // Every type's cost (null: the head size cannot take it).
+        kvBytesPerTokenByDtype: Object.fromEntries(KV_CACHE_DTYPES.map((t) => [t, model.kvBytesPerTokenIn(t)])),
         maxContext: model.maxContext,
       };
       if (o.json) {
@@ -275,7 +284,14 @@ program
         ["layer types", info.layerTypes],
         ["KV layers", `${info.kvLayers.join(", ")} (${info.kvLayers.length} of ${info.layers})`],
         ["cyclic group", info.cyclicGroup ? `layers ${info.cyclicGroup.low}..${info.cyclicGroup.high}` : "none"],
-        ["KV bytes/token", `${formatBytes(info.kvBytesPerToken)} (standard cache: ${formatBytes(info.standardKvBytesPerToken)}, ${info.kvReduction.toFixed(2)}x less)`],
+        ["KV bytes/token", `${formatBytes(info.kvBytesPerToken)} in ${info.kvCacheDtype} (standard cache: ${formatBytes(info.standardKvBytesPerToken)}, ${info.kvReduction.toFixed(2)}x less)`],
+        [
+          "by K/V type",
+          KV_CACHE_DTYPES.map((t) => {
+            const b = info.kvBytesPerTokenByDtype[t];
+            return `${t} ${b === null ? "(head size)" : formatBytes(b)}`;
+          }).join(", "),
+        ],
         ["max context", `${info.maxContext} tokens`],
       ];
       const w = Math.max(...rows.map((r) => r[0].length));
@@ -297,6 +313,7 @@ program
   .addOption(prefillOption())
   .option("--prefill-passes <n>", "passes for --prefill iterative", intArg("--prefill-passes"))
   .addOption(deviceOption())
+  .addOption(kvDtypeOption())
   .action(async (o) => {
     let text: string;
     try {
@@ -356,6 +373,7 @@ program
   .option("--api-key <key>", "require 'Authorization: Bearer <key>' on /v1 requests")
   .option("--max-queue <n>", "requests that may wait for K/V pages at once; the next is answered 429", intArg("--max-queue"))
   .addOption(deviceOption())
+  .addOption(kvDtypeOption())
   .action(async (o) => {
     const model = await open(o);
     try {

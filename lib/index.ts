@@ -7,6 +7,8 @@
  */
 export { loadModel, DEFAULT_MODEL_DIR } from "./load-model";
 export type { LoadOptions, Device, DType } from "./load-model";
+export { KV_CACHE_DTYPES, DEFAULT_KV_CACHE_DTYPE } from "./kv-cache-dtype";
+export type { KvCacheDtype } from "./kv-cache-dtype";
 export { resolveModel, isHubModelId } from "./hub";
 export type { ResolveModelOptions } from "./hub";
 export { Model, KV_PAGE_TOKENS, MAX_COMPLETIONS } from "./model";

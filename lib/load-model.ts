@@ -7,9 +7,10 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import { KV_PAGE_TOKENS } from "./admission";
-import { kvBytesPerToken, ModelConfig, parseConfig } from "./config";
+import { ModelConfig, parseConfig } from "./config";
 import { AbortError, DeviceUnavailableError, fromNative, InvalidOptionError, ModelLoadError } from "./errors";
 import { parseGenerationConfig } from "./generation-config";
+import { DEFAULT_KV_CACHE_DTYPE, isKvCacheDtype, KV_CACHE_DTYPES, KvCacheDtype } from "./kv-cache-dtype";
 import { checkDownloadOptions, isHubModelId, resolveModel } from "./hub";
 import { Model } from "./model";
 import { loadAddon, NativeModel, NativeModelDescription } from "./native";
@@ -29,6 +30,14 @@ export interface LoadOptions {
    * and gives the same results as widened to f32). "f32" on the CPU widens 16-bit weights.
    */
   dtype?: DType;
+  /**
+   * The K/V cache's value type (default "bf16", on both backends): "f32", "bf16", "fp8" (e4m3),
+   * "int8" or "int4". The scaled types keep one f16 scale per token and K/V head for K and one
+   * for V (native/engine/kv_format.h; docs/quality.md has their measured quality). The compact
+   * types read a head in 32-bit words: bf16 needs an even head size, fp8 and int8 a multiple of
+   * 4, int4 of 8 (a model with an odd head size defaults to f32).
+   */
+  kvCacheDtype?: KvCacheDtype;
   /** Tokens one sequence may hold (default: the model's max_position_embeddings). */
   maxContext?: number;
   /**
@@ -89,7 +98,7 @@ export interface LoadOptions {
 /** The model shipped inside the package, used when loadModel() gets no directory. */
 export const DEFAULT_MODEL_DIR = path.join(__dirname, "..", "models", "default");
 
-const LOAD_KEYS = new Set(["device", "dtype", "maxContext", "kvCacheMemory", "threads", "cudaGraphs", "runAhead", "onProgress", "prefixCache", "maxQueue", "queueTimeout", "maxBatch", "revision", "onDownloadProgress", "signal"]);
+const LOAD_KEYS = new Set(["device", "dtype", "kvCacheDtype", "maxContext", "kvCacheMemory", "threads", "cudaGraphs", "runAhead", "onProgress", "prefixCache", "maxQueue", "queueTimeout", "maxBatch", "revision", "onDownloadProgress", "signal"]);
 /** Without kvCacheMemory, the pool holds this many sequences of the full context... */
 const DEFAULT_POOL_SEQUENCES = 32;
 /** ...but at most this share of free GPU memory (after the weights) or of host memory. */
@@ -125,6 +134,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   if (!["auto", "cuda", "cpu"].includes(device)) throw new InvalidOptionError("device", `must be "auto", "cuda" or "cpu", got ${describe(device)}`);
   const dtype = options.dtype ?? "auto";
   if (!["auto", "f32", "f16", "bf16"].includes(dtype)) throw new InvalidOptionError("dtype", `must be "auto", "f32", "f16" or "bf16", got ${describe(dtype)}`);
+  if (options.kvCacheDtype !== undefined && !isKvCacheDtype(options.kvCacheDtype)) throw new InvalidOptionError("kvCacheDtype", `must be one of ${KV_CACHE_DTYPES.map((t) => `"${t}"`).join(", ")}, got ${describe(options.kvCacheDtype)}`);
   if (options.threads !== undefined) posInt("threads", options.threads, MAX_THREADS);
   if (options.cudaGraphs !== undefined && typeof options.cudaGraphs !== "boolean") throw new InvalidOptionError("cudaGraphs", `must be true or false, got ${describe(options.cudaGraphs)}`);
   if (options.runAhead !== undefined && typeof options.runAhead !== "boolean") throw new InvalidOptionError("runAhead", `must be true or false, got ${describe(options.runAhead)}`);
@@ -162,21 +172,16 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   const configFile = path.join(modelDir, "config.json");
   if (!fs.existsSync(configFile)) throw new ModelLoadError(`${modelDir}: missing config.json`, configFile);
   const config = parseConfig(readJson(configFile), configFile);
+  const kvCacheDtype = options.kvCacheDtype ?? (config.headDim % 2 === 0 ? DEFAULT_KV_CACHE_DTYPE : "f32");
   const tokenizer = Tokenizer.fromDirectory(modelDir);
   const genFile = path.join(modelDir, "generation_config.json");
   const generationConfig = fs.existsSync(genFile) ? parseGenerationConfig(readJson(genFile), genFile) : {};
   const tensors = readModelTensors(modelDir);
   const sources = resolveWeights(config, tensors, modelDir);
 
-  const bytesPerElement = 4; // both backends cache K/V in f32 for now
-  const perToken = kvBytesPerToken(config, bytesPerElement);
   let maxContext = options.maxContext ?? config.maxPositionEmbeddings;
   if (maxContext > config.maxPositionEmbeddings) {
     throw new InvalidOptionError("maxContext", `${maxContext} exceeds the model's max_position_embeddings (${config.maxPositionEmbeddings})`);
-  }
-  const pageBytes = perToken * KV_PAGE_TOKENS;
-  if (options.kvCacheMemory !== undefined && options.kvCacheMemory < pageBytes) {
-    throw new InvalidOptionError("kvCacheMemory", `${options.kvCacheMemory} bytes hold no K/V page (one page of ${KV_PAGE_TOKENS} tokens needs ${pageBytes})`);
   }
 
   let native: NativeModel;
@@ -186,6 +191,17 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
     throw fromNative(e);
   }
   try {
+    // The page's bytes come from the engine's layout (scales and alignment included).
+    let pageBytes: number;
+    try {
+      pageBytes = native.kvPageBytes(kvCacheDtype, KV_PAGE_TOKENS);
+    } catch (e) {
+      throw new InvalidOptionError("kvCacheDtype", (fromNative(e) as Error).message);
+    }
+    const perToken = pageBytes / KV_PAGE_TOKENS;
+    if (options.kvCacheMemory !== undefined && options.kvCacheMemory < pageBytes) {
+      throw new InvalidOptionError("kvCacheMemory", `${options.kvCacheMemory} bytes hold no K/V page (one page of ${KV_PAGE_TOKENS} tokens needs ${pageBytes} in ${kvCacheDtype})`);
+    }
     const total = sources.reduce((a, s) => a + s.nbytes, 0);
     let done = 0;
     options.onProgress?.(0);
@@ -213,7 +229,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
     if (pages > INT32_MAX) {
       throw new InvalidOptionError("kvCacheMemory", `${poolBytes} bytes are ${pages} K/V pages of ${pageBytes} bytes; the pool holds at most ${INT32_MAX} pages`);
     }
-    native.createPool(pages, KV_PAGE_TOKENS);
+    native.createPool(pages, KV_PAGE_TOKENS, kvCacheDtype);
     // One sequence cannot hold more than the whole pool, unless every layer reads through a
     // sliding window: then it holds its window's pages only, and only a prompt (prefilled at
     // once) must fit in the pool, which admission checks per request.
@@ -222,7 +238,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
     native.dispose();
     throw fromNative(e);
   }
-  return new Model(modelDir, config, native, tokenizer, generationConfig, maxContext, perToken, prefixCache, { maxQueue, queueTimeout }, maxBatch);
+  return new Model(modelDir, config, native, tokenizer, generationConfig, maxContext, kvCacheDtype, prefixCache, { maxQueue, queueTimeout }, maxBatch);
 }
 
 function describeForNative(c: ModelConfig): NativeModelDescription {

@@ -12,6 +12,7 @@ import { GenerationProgress, GenerationStream, generationStream } from "./genera
 import { NativeModel, NativePoolStats, NativeSequence } from "./native";
 import { describe, GenerateOptions, GenerationDefaults, posInt, ResolvedGenerateOptions } from "./options";
 import { DecodeScheduler, SchedulerStats } from "./scheduler";
+import type { KvCacheDtype } from "./kv-cache-dtype";
 import { PrefixCache, PrefixCacheStats } from "./prefix-cache";
 import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill } from "./prefill-options";
 import { Sequence } from "./sequence";
@@ -66,14 +67,16 @@ export class Model implements AsyncDisposable {
     readonly tokenizer: Tokenizer | undefined,
     readonly generationConfig: Record<string, unknown>,
     readonly maxContext: number,
-    perToken: number,
+    /** The K/V cache's value type. */
+    readonly kvCacheDtype: KvCacheDtype,
     prefixCacheSize = 8,
     admission: AdmissionOptions = { maxQueue: 1024, queueTimeout: Infinity },
     maxBatch?: number,
   ) {
     this.prefixCache = new PrefixCache(prefixCacheSize);
-    this.kvBytesPerToken = perToken;
-    this.standardKvBytesPerToken = (perToken / config.kvLayers.length) * config.numLayers;
+    // From the engine's page layout: codes, scales and the page's alignment.
+    this.kvBytesPerToken = native.kvPageBytes(kvCacheDtype, KV_PAGE_TOKENS) / KV_PAGE_TOKENS;
+    this.standardKvBytesPerToken = (this.kvBytesPerToken / config.kvLayers.length) * config.numLayers;
     this.device = native.backend === "cuda" ? "cuda" : "cpu";
     this.engine = new EngineContext({
       native,
@@ -91,6 +94,15 @@ export class Model implements AsyncDisposable {
     });
     this.admission = this.engine.admission;
     this.scheduler = this.engine.scheduler;
+  }
+
+  /** Bytes one token of context would cost in a cache of `dtype` (null: this model's head size cannot take it). */
+  kvBytesPerTokenIn(dtype: KvCacheDtype): number | null {
+    try {
+      return this.engine.nativeModel().kvPageBytes(dtype, KV_PAGE_TOKENS) / KV_PAGE_TOKENS;
+    } catch {
+      return null;
+    }
   }
 
   get disposed(): boolean {

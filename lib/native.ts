@@ -1,6 +1,7 @@
 /** Loads the native addon (a prebuild, or the local cmake-js build) and types its surface. */
 import * as path from "node:path";
 import { AddonLoadError } from "./errors";
+import type { KvCacheDtype } from "./kv-cache-dtype";
 
 export interface NativeSamplingParams {
   temperature: number;
@@ -116,7 +117,10 @@ export interface NativeModel {
   decodeBatch(seqs: NativeSequence[], tokens: Int32Array, sampling: NativeSamplingParams[], runAhead?: boolean): Promise<NativeDecodedTokens>;
   finalize(): void;
   createSequence(maxContext: number): NativeSequence;
-  createPool(pages: number, pageTokens: number): void;
+  /** kvType: the cache's value type (default "f32"). */
+  createPool(pages: number, pageTokens: number, kvType?: KvCacheDtype): void;
+  /** Bytes of one K/V page of this model in `kvType` (scales and alignment included). */
+  kvPageBytes(kvType: KvCacheDtype, pageTokens: number): number;
   poolStats(): NativePoolStats;
   /** "" when every page's reference count matches the live page tables, else the first mismatch. */
   auditPool(): string;
@@ -163,6 +167,8 @@ export interface NativeAddon {
     numKvHeads: number;
     headDim: number;
     iterations?: number;
+    /** The cache's value type (default "f32"). */
+    kvCacheDtype?: KvCacheDtype;
   }): { ms: number; bytes: number };
 }
 

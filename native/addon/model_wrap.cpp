@@ -88,6 +88,7 @@ void ModelWrap::Init(Napi::Env env, Napi::Object exports) {
                                   InstanceMethod("finalize", &ModelWrap::Finalize),
                                   InstanceMethod("createSequence", &ModelWrap::CreateSequence),
                                   InstanceMethod("createPool", &ModelWrap::CreatePool),
+                                  InstanceMethod("kvPageBytes", &ModelWrap::KvPageBytes),
                                   InstanceMethod("poolStats", &ModelWrap::PoolStats),
                                   InstanceMethod("auditPool", &ModelWrap::AuditPool),
                                   InstanceMethod("memoryInfo", &ModelWrap::MemoryInfo),
@@ -218,16 +219,40 @@ Napi::Value ModelWrap::DecodeBatch(const Napi::CallbackInfo& info) {
   return p;
 }
 
-// createPool(pages, pageTokens): allocates the K/V pool (once, after finalize).
+namespace {
+// The K/V type named by argument i (a string; absent: f32), or a typed error naming the option.
+KvType kvTypeArg(const Napi::CallbackInfo& info, size_t i) {
+  if (info.Length() <= i || info[i].IsUndefined()) return KvType::F32;
+  KvType t;
+  if (!info[i].IsString() || !parseKvType(std::string(info[i].As<Napi::String>()).c_str(), t))
+    throwInvalid(info.Env(), "kvCacheDtype must be one of \"f32\", \"bf16\", \"fp8\", \"int8\", \"int4\"");
+  return t;
+}
+}  // namespace
+
+// kvPageBytes(kvType, pageTokens): the bytes of one K/V page of this model in that type, scales
+// and alignment included (what the pool allocates per page).
+Napi::Value ModelWrap::KvPageBytes(const Napi::CallbackInfo& info) {
+  auto m = live(info.Env());
+  const KvType type = kvTypeArg(info, 0);
+  if (!info[1].IsNumber() || !(info[1].As<Napi::Number>().DoubleValue() >= 1 && info[1].As<Napi::Number>().DoubleValue() <= 65536))
+    throwInvalid(info.Env(), "kvPageBytes: pageTokens must be in [1, 65536]");
+  int64_t bytes = 0;
+  runEngineCall(info.Env(), [&] { bytes = m->model->kvLayout(type, info[1].As<Napi::Number>().Int32Value()).pageBytes(); });
+  return Napi::Number::New(info.Env(), (double)bytes);
+}
+
+// createPool(pages, pageTokens, kvType = "f32"): allocates the K/V pool (once, after finalize).
 Napi::Value ModelWrap::CreatePool(const Napi::CallbackInfo& info) {
   auto m = live(info.Env());
   if (!info[0].IsNumber() || !info[1].IsNumber()) throwInvalid(info.Env(), "createPool(pages, pageTokens) needs two numbers");
   const double pages = info[0].As<Napi::Number>().DoubleValue(), pageTokens = info[1].As<Napi::Number>().DoubleValue();
   if (!(pages >= 1 && pages <= 2147483647.0) || !(pageTokens >= 1 && pageTokens <= 65536))
     throwInvalid(info.Env(), "createPool: pages must be in [1, 2^31) and pageTokens in [1, 65536]");
+  const KvType type = kvTypeArg(info, 2);
   runEngineCall(info.Env(), [&] {
     std::lock_guard<std::mutex> lk(m->model->mutex());
-    m->model->createPool((int)pages, (int)pageTokens);
+    m->model->createPool((int)pages, (int)pageTokens, type);
   });
   return info.Env().Undefined();
 }

@@ -21,6 +21,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   Napi::Value LoadTensors(const Napi::CallbackInfo& info);
   Napi::Value DecodeBatch(const Napi::CallbackInfo& info);
   Napi::Value CreatePool(const Napi::CallbackInfo& info);
+  Napi::Value KvPageBytes(const Napi::CallbackInfo& info);
   Napi::Value PoolStats(const Napi::CallbackInfo& info);
   Napi::Value AuditPool(const Napi::CallbackInfo& info);
   Napi::Value MemoryInfo(const Napi::CallbackInfo& info);

@@ -63,6 +63,9 @@ Napi::Value BenchAttention(const Napi::CallbackInfo& info) {
   shape.numKvHeads = getInt(o, "numKvHeads", false, 0);
   shape.headDim = getInt(o, "headDim", false, 0);
   shape.iterations = getInt(o, "iterations", false, 10);
+  if (o.Has("kvCacheDtype") && !o.Get("kvCacheDtype").IsUndefined() &&
+      (!o.Get("kvCacheDtype").IsString() || !parseKvType(std::string(o.Get("kvCacheDtype").As<Napi::String>()).c_str(), shape.kvType)))
+    throwInvalid(env, "benchAttention: kvCacheDtype must be one of \"f32\", \"bf16\", \"fp8\", \"int8\", \"int4\"");
   return runEngineCall(env, [&] {
     std::unique_ptr<Backend> be = createNamedBackend(backend, (int)std::max(1u, std::thread::hardware_concurrency()), DType::F32);
     const AttentionBenchResult r = benchAttention(*be, shape);

@@ -43,10 +43,28 @@ void requireF32(const Tensor& t, const char* op) {
   if (t.dtype != DType::F32) throw EngineError(kErrInvalidArgument, std::string(op) + ": the tensor must be f32");
 }
 
-// K (v = 0) or V (v = 1) of `slot` at `pos` of table row `seq`, checked.
-float* kvAt(const KvView& kv, int seq, int slot, int v, int pos) {
+// The bytes of the pool where K (v = 0) or V (v = 1) codes of `slot` at `pos` of table row
+// `seq` start, checked; *scales (scaled types) gets that position's (K, V) scale words.
+uint8_t* kvCodesAt(const KvView& kv, int seq, int slot, int v, int pos, const uint32_t** scales = nullptr) {
   if (slot < 0 || slot >= kv.layout.slots) throw EngineError(kErrInvalidArgument, "K/V slot out of range");
-  return F(*kv.pool) + kv.layout.offset(kv.pageAt(seq, pos), slot, v, pos % kv.layout.pageTokens);
+  const int page = kv.pageAt(seq, pos), off = pos % kv.layout.pageTokens;
+  uint8_t* base = static_cast<uint8_t*>(kv.pool->data);
+  if (scales) *scales = reinterpret_cast<const uint32_t*>(base + kv.layout.scaleOffset(page, slot, off, 0));
+  return base + kv.layout.codeOffset(page, slot, v, off);
+}
+
+// Head kvh's values of K (v = 0) or V at `pos`, as attention reads them: decoded into buf
+// [headDim], or for f32 read where they are.
+const float* kvHeadValues(const KvView& kv, int seq, int slot, int v, int pos, int kvh, float* buf) {
+  const KvLayout& L = kv.layout;
+  const int hd = L.headDim();
+  const uint32_t* scales = nullptr;
+  const uint8_t* codes = kvCodesAt(kv, seq, slot, v, pos, kvTypeScaled(L.type) ? &scales : nullptr) +
+                         (int64_t)kvh * hd * kvTypeBits(L.type) / 8;
+  if (L.type == KvType::F32) return reinterpret_cast<const float*>(codes);
+  const float s = scales ? kvF16ToF32((uint16_t)(scales[kvh] >> (16 * v))) : 0.0f;
+  for (int i = 0; i < hd; ++i) buf[i] = kvDecode(L.type, kvCodeAt(L.type, codes, i), s);
+  return buf;
 }
 
 class CpuBackend : public Backend {
@@ -177,23 +195,43 @@ class CpuBackend : public Backend {
   }
 
   void kvWrite(const KvView& kv, int slot, const Tensor& k, const Tensor& v, int n, const int32_t* positions) override {
+    const KvLayout& L = kv.layout;
+    const int hd = L.headDim();
+    const int64_t headBytes = (int64_t)hd * kvTypeBits(L.type) / 8;
+    const bool scaled = kvTypeScaled(L.type);
     for (int r = 0; r < n; ++r) {
-      std::memcpy(kvAt(kv, kv.rowSeq[r], slot, 0, positions[r]), F(k) + (int64_t)r * k.cols, sizeof(float) * (size_t)k.cols);
-      std::memcpy(kvAt(kv, kv.rowSeq[r], slot, 1, positions[r]), F(v) + (int64_t)r * v.cols, sizeof(float) * (size_t)v.cols);
+      const uint32_t* scaleWords = nullptr;
+      uint8_t* kCodes = kvCodesAt(kv, kv.rowSeq[r], slot, 0, positions[r], scaled ? &scaleWords : nullptr);
+      uint8_t* vCodes = kvCodesAt(kv, kv.rowSeq[r], slot, 1, positions[r]);
+      for (int h = 0; h < L.kvHeads; ++h) {
+        const int64_t at = (int64_t)r * L.kvDim + (int64_t)h * hd;
+        const uint16_t ks = kvQuantizeHead(L.type, F(k) + at, hd, kCodes + h * headBytes);
+        const uint16_t vs = kvQuantizeHead(L.type, F(v) + at, hd, vCodes + h * headBytes);
+        if (scaled) const_cast<uint32_t*>(scaleWords)[h] = (uint32_t)ks | (uint32_t)vs << 16;
+      }
     }
   }
 
+  // Zero codes and zero scales read back as zeros in every type.
   void kvZero(const KvView& kv, int seq, int slot, int start, int n) override {
-    for (int p = start; p < start + n; ++p)
-      for (int v = 0; v < 2; ++v) std::memset(kvAt(kv, seq, slot, v, p), 0, sizeof(float) * (size_t)kv.layout.kvDim);
+    const KvLayout& L = kv.layout;
+    for (int p = start; p < start + n; ++p) {
+      const uint32_t* scaleWords = nullptr;
+      for (int v = 0; v < 2; ++v)
+        std::memset(kvCodesAt(kv, seq, slot, v, p, kvTypeScaled(L.type) ? &scaleWords : nullptr), 0, (size_t)L.rowBytes());
+      if (scaleWords) std::memset(const_cast<uint32_t*>(scaleWords), 0, sizeof(uint32_t) * (size_t)L.kvHeads);
+    }
   }
 
   void kvRead(const KvView& kv, int seq, int slot, int start, int n, std::vector<float>& host) override {
-    const size_t d = (size_t)kv.layout.kvDim;
+    const KvLayout& L = kv.layout;
+    const size_t d = (size_t)L.kvDim;
+    if (slot < 0 || slot >= L.slots) throw EngineError(kErrInvalidArgument, "K/V slot out of range");
     host.resize(2 * (size_t)n * d);
-    for (int v = 0; v < 2; ++v)
-      for (int p = start; p < start + n; ++p)
-        std::memcpy(&host[((size_t)v * n + (size_t)(p - start)) * d], kvAt(kv, seq, slot, v, p), sizeof(float) * d);
+    for (int p = start; p < start + n; ++p) {
+      const uint8_t* slotBlock = static_cast<const uint8_t*>(kv.pool->data) + L.codeOffset(kv.pageAt(seq, p), slot, 0, 0);
+      for (int v = 0; v < 2; ++v) kvDecodeRow(L, slotBlock, v, p % L.pageTokens, &host[((size_t)v * n + (size_t)(p - start)) * d]);
+    }
   }
 
   void attention(const Tensor& q, int n, const int32_t* positions, const KvView& kv, int slot, const AttentionSpec& sp,
@@ -203,11 +241,11 @@ class CpuBackend : public Backend {
     // Check every page a query reads before the parallel region (which must not throw).
     for (int r = 0; r < n; ++r) {
       const int first = sp.window > 0 ? std::max(0, positions[r] - sp.window + 1) : 0;
-      for (int j = first; j <= positions[r]; j += kv.layout.pageTokens) kvAt(kv, kv.rowSeq[r], slot, 0, j);
-      kvAt(kv, kv.rowSeq[r], slot, 0, positions[r]);
+      for (int j = first; j <= positions[r]; j += kv.layout.pageTokens) kvCodesAt(kv, kv.rowSeq[r], slot, 0, j);
+      kvCodesAt(kv, kv.rowSeq[r], slot, 0, positions[r]);
     }
     pool_.parallelFor((int64_t)n * sp.numHeads, [&](int64_t b, int64_t e) {
-      std::vector<float> score;
+      std::vector<float> score, row((size_t)hd);
       for (int64_t idx = b; idx < e; ++idx) {
         const int r = (int)(idx / sp.numHeads), h = (int)(idx % sp.numHeads);
         const int p = positions[r], seq = kv.rowSeq[r];
@@ -223,7 +261,7 @@ class CpuBackend : public Backend {
         score.resize((size_t)(last - first + 1));
         float mx = -INFINITY;
         for (int j = first; j <= last; ++j) {
-          const float* kr = kvAt(kv, seq, slot, 0, j) + (int64_t)kvh * hd;
+          const float* kr = kvHeadValues(kv, seq, slot, 0, j, kvh, row.data());
           float d = 0;
           for (int t = 0; t < hd; ++t) d += qv[t] * kr[t];
           d *= sp.scale;
@@ -236,7 +274,7 @@ class CpuBackend : public Backend {
         for (int t = 0; t < hd; ++t) o[t] = 0;
         for (int j = first; j <= last; ++j) {
           const float w = score[(size_t)(j - first)] * inv;
-          const float* vv = kvAt(kv, seq, slot, 1, j) + (int64_t)kvh * hd;
+          const float* vv = kvHeadValues(kv, seq, slot, 1, j, kvh, row.data());
           for (int t = 0; t < hd; ++t) o[t] += w * vv[t];
         }
       }

@@ -262,14 +262,17 @@ cuda::PagedKv CudaBackend::paged(const KvView& kv, int slot, int n, const int32_
   int shift = 0;
   while ((1 << shift) < kv.layout.pageTokens) ++shift;
   cuda::PagedKv p;
-  p.pool = (float*)kv.pool->data;
+  p.pool = (uint8_t*)kv.pool->data;
   p.tables = stage(Staging::PageTables, kv.tables, kv.numSeqs * kv.stride);
   p.rowSeq = stage(Staging::RowToSequence, kv.rowSeq, n);
   p.stride = kv.stride;
   p.pageShift = shift;
-  p.pageFloats = kv.layout.pageFloats();
-  p.slot = slot;
+  p.pageBytes = kv.layout.pageBytes();
+  p.slotOffset = (int64_t)slot * kv.layout.slotBytes();
+  p.rowBytes = (int)kv.layout.rowBytes();
   p.kvDim = kv.layout.kvDim;
+  p.kvHeads = kv.layout.kvHeads;
+  p.type = (int)kv.layout.type;
   return p;
 }
 
@@ -284,28 +287,48 @@ void CudaBackend::kvWrite(const KvView& kv, int slot, const Tensor& k, const Ten
 void CudaBackend::kvZero(const KvView& kv, int seq, int slot, int start, int n) {
   ctx();
   Timed timed(*this, "kv_zero");
-  float* pool = (float*)kv.pool->data;
-  const size_t d = (size_t)kv.layout.kvDim;
+  uint8_t* pool = (uint8_t*)kv.pool->data;
+  const KvLayout& L = kv.layout;
+  // Zero codes and zero scales read back as zeros in every type; a run's rows and scale words
+  // are contiguous within its page.
   forEachPageRun(kv, seq, start, n, [&](int32_t page, int p, int len) {
+    const int off = p % L.pageTokens;
     for (int v = 0; v < 2; ++v)
-      cudaOk(cudaMemsetAsync(pool + kv.layout.offset(page, slot, v, p % kv.layout.pageTokens), 0, len * d * sizeof(float), stream_), "kvZero");
+      cudaOk(cudaMemsetAsync(pool + L.codeOffset(page, slot, v, off), 0, (size_t)(len * L.rowBytes()), stream_), "kvZero");
+    if (kvTypeScaled(L.type))
+      cudaOk(cudaMemsetAsync(pool + L.scaleOffset(page, slot, off, 0), 0, (size_t)len * L.kvHeads * 4, stream_), "kvZero");
   });
 }
 
 void CudaBackend::kvRead(const KvView& kv, int seq, int slot, int start, int n, std::vector<float>& host) {
   ctx();
   Timed timed(*this, "kv_read");
-  const float* pool = (const float*)kv.pool->data;
-  const size_t d = (size_t)kv.layout.kvDim;
+  const uint8_t* pool = (const uint8_t*)kv.pool->data;
+  const KvLayout& L = kv.layout;
+  const size_t d = (size_t)L.kvDim;
   host.resize(2 * (size_t)n * d);
+  // The slot's bytes of each page the range touches, then decoded here as the CPU backend does.
+  struct Run {
+    int p, len;
+    size_t at;
+  };
+  std::vector<Run> runs;
+  std::vector<uint8_t> blocks;
   forEachPageRun(kv, seq, start, n, [&](int32_t page, int p, int len) {
-    for (int v = 0; v < 2; ++v)
-      cudaOk(cudaMemcpyAsync(host.data() + ((size_t)v * n + (size_t)(p - start)) * d,
-                             pool + kv.layout.offset(page, slot, v, p % kv.layout.pageTokens), len * d * sizeof(float),
-                             cudaMemcpyDeviceToHost, stream_),
-             "kvRead");
+    runs.push_back({p, len, blocks.size()});
+    blocks.resize(blocks.size() + (size_t)L.slotBytes());
+  });
+  size_t i = 0;
+  forEachPageRun(kv, seq, start, n, [&](int32_t page, int p, int len) {
+    cudaOk(cudaMemcpyAsync(blocks.data() + runs[i++].at, pool + L.codeOffset(page, slot, 0, 0), (size_t)L.slotBytes(),
+                           cudaMemcpyDeviceToHost, stream_),
+           "kvRead");
   });
   cudaOk(cudaStreamSynchronize(stream_), "kvRead sync");
+  for (const Run& r : runs)
+    for (int v = 0; v < 2; ++v)
+      for (int t = 0; t < r.len; ++t)
+        kvDecodeRow(L, blocks.data() + r.at, v, (r.p + t) % L.pageTokens, host.data() + ((size_t)v * n + (size_t)(r.p + t - start)) * d);
 }
 
 void CudaBackend::attention(const Tensor& q, int n, const int32_t* positions, const KvView& kv, int slot,
@@ -322,7 +345,7 @@ void CudaBackend::attention(const Tensor& q, int n, const int32_t* positions, co
   if (sp.window > 0) maxVisible = std::min(maxVisible, sp.window);
   const cuda::PagedKv p = paged(kv, slot, n, positions);
   const int32_t* dPos = stage(Staging::Positions, positions, n);
-  const int64_t wsFloats = cuda::attentionWorkspaceFloats(n, sp.numHeads, sp.numKvHeads, sp.headDim, maxVisible);
+  const int64_t wsFloats = cuda::attentionWorkspaceFloats(n, sp.numHeads, sp.numKvHeads, sp.headDim, maxVisible, p.type);
   std::shared_ptr<void> ws;
   StepGraph* recording = steps_.recording();
   if (wsFloats > 0 && recording) {

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "errors.h"
+#include "kv_format.h"
 #include "sampling.h"
 #include "step_execution.h"
 
@@ -32,21 +33,10 @@ struct Tensor {
   int64_t numel() const { return rows * cols; }
 };
 
-// The geometry of the paged K/V cache (kv_pool.h has the whole picture). A page holds
-// pageTokens positions of K and V for every KV slot: [slot][K | V][pageTokens][kvDim] floats.
-struct KvLayout {
-  int slots = 0, kvDim = 0, pageTokens = 16;
-  int64_t pageFloats() const { return 2LL * slots * pageTokens * kvDim; }
-  // Float offset in the pool of K (v = 0) or V (v = 1) of `slot` at offset `off` of `page`.
-  int64_t offset(int page, int slot, int v, int off) const {
-    return (int64_t)page * pageFloats() + ((int64_t)(slot * 2 + v) * pageTokens + off) * kvDim;
-  }
-};
-
 // The K/V pages one op reads or writes: the pool, and the page tables of the sequences whose
 // rows the op handles. Positions are absolute token positions of each sequence.
 struct KvView {
-  Tensor* pool = nullptr;  // [pages, layout.pageFloats()] f32
+  Tensor* pool = nullptr;  // [pages, layout.pageBytes() / 4]: each page's bytes, held as 32-bit words
   KvLayout layout;
   const int32_t* tables = nullptr;  // host: numSeqs rows of `stride` page ids
   int stride = 0, numSeqs = 0;
@@ -133,7 +123,8 @@ class Backend : public StepExecution {
   // Rotates heads of x[n, heads*headDim] (rotate-half layout) at positions[r].
   virtual void rope(Tensor& x, int n, int heads, int headDim, const int32_t* positions,
                     const std::vector<float>& invFreq, float attentionScale) = 0;
-  // Writes K and V rows r at positions[r] into `slot` of the pages of sequence kv.rowSeq[r].
+  // Writes K and V rows r at positions[r] into `slot` of the pages of sequence kv.rowSeq[r],
+  // quantized to the layout's K/V type by kv_format.h's rule (every backend writes the same bytes).
   virtual void kvWrite(const KvView& kv, int slot, const Tensor& k, const Tensor& v, int n, const int32_t* positions) = 0;
   // rope() of q, and for a layer that owns K/V (k given): rope() of k, then kvWrite() of k and v.
   // A GPU does it in one pass. k's contents afterwards are unspecified.
@@ -148,7 +139,7 @@ class Backend : public StepExecution {
   // Zeroes `slot`'s K and V at positions [start, start+n) of table row `seq`.
   virtual void kvZero(const KvView& kv, int seq, int slot, int start, int n) = 0;
   // Copies `slot`'s K then V at positions [start, start+n) of table row `seq` to host memory
-  // (for the fixed-point check): 2 * n * kvDim floats.
+  // (the fixed-point check, context shift): 2 * n * kvDim floats, as attention reads them.
   virtual void kvRead(const KvView& kv, int seq, int slot, int start, int n, std::vector<float>& host) = 0;
   // out[n, numHeads*headDim]: query r at positions[r] attends to `slot` of sequence
   // kv.rowSeq[r], keys 0..positions[r] under spec's diagonal and window rules. The op just

@@ -23,7 +23,11 @@ KvPool::KvPool(Backend& backend, const KvLayout& layout, int numPages) : backend
     throw EngineError(kErrInvalidArgument, "a K/V pool needs at least one page, one slot and one token per page");
   if (layout.pageTokens & (layout.pageTokens - 1))
     throw EngineError(kErrInvalidArgument, "K/V page size must be a power of two, got " + std::to_string(layout.pageTokens));
-  storage_ = backend.alloc(numPages, layout.pageFloats());
+  if (layout.kvHeads <= 0 || layout.kvDim % layout.kvHeads || layout.headDim() % kvTypeHeadDimMultiple(layout.type))
+    throw EngineError(kErrInvalidArgument, std::string("the K/V cache type ") + kvTypeName(layout.type) + " needs a head size that is a multiple of " +
+                                               std::to_string(kvTypeHeadDimMultiple(layout.type)) + ", got " +
+                                               std::to_string(layout.kvDim / std::max(1, layout.kvHeads)));
+  storage_ = backend.alloc(numPages, layout.pageBytes() / 4);  // pageBytes is a multiple of 16
   refs_.assign((size_t)numPages, 0);
   cachedRefs_.assign((size_t)numPages, 0);
   free_.reserve((size_t)numPages);
@@ -67,7 +71,7 @@ KvPoolStats KvPool::stats() const {
   s.pagesFree = (int)free_.size();
   s.pagesUsed = s.pagesTotal - s.pagesFree;
   s.pagesReserved = reservedTotal_;
-  s.pageBytes = layout_.pageFloats() * (int64_t)sizeof(float);
+  s.pageBytes = layout_.pageBytes();
   for (size_t p = 0; p < refs_.size(); ++p) {
     if (refs_[p] > 0 && cachedRefs_[p] == refs_[p]) ++s.pagesCached;
     if (refs_[p] > 1) s.sharedRefs += refs_[p] - 1;
@@ -380,7 +384,7 @@ void KvPages::rollbackWrite(int n) {
 void KvPages::commitWrite() { takenFromReservation_ = 0; }
 
 size_t KvPages::bytes() const {
-  return (table_.size() - (size_t)dropped_) * (size_t)pool_->layout_.pageFloats() * sizeof(float);
+  return (table_.size() - (size_t)dropped_) * (size_t)pool_->layout_.pageBytes();
 }
 
 }  // namespace lckv

@@ -1,14 +1,11 @@
 // The paged K/V cache: one pool of fixed-size pages per model, shared by every sequence.
 //
 // A page holds `pageTokens` consecutive positions of K and V for every KV layer of the plan
-// (only the layers that own K/V are cached; a layer that reads another's K/V has no slot). In
-// floats, page p starts at p * pageFloats(), and inside it
-//
-//     [slot][K | V][pageTokens][kvDim]
-//
-// so each (slot, K or V) is a contiguous [pageTokens, kvDim] tile that the attention kernels
-// stream through. A sequence owns a page table: entry i is the page holding its positions
-// [i * pageTokens, (i + 1) * pageTokens). Pages are reference-counted: fork() shares every
+// (only the layers that own K/V are cached; a layer that reads another's K/V has no slot), in
+// the layout and value type of kv_format.h: per slot the K codes, the V codes and (for the
+// scaled types) their scales, so each (slot, K or V) is a contiguous [pageTokens, rowBytes] tile
+// that the attention kernels stream through. A sequence owns a page table: entry i is the page
+// holding its positions [i * pageTokens, (i + 1) * pageTokens). Pages are reference-counted: fork() shares every
 // page, and a shared page is copied before it is written (copy-on-write). The pool's capacity
 // in tokens is pages * pageTokens, whatever the number of KV layers: an LCKV model with fewer
 // KV layers simply has smaller pages, hence more of them in the same memory.
@@ -164,7 +161,7 @@ class KvPool {
 
   Backend& backend_;
   KvLayout layout_;
-  Tensor storage_;  // [pages, pageFloats] floats
+  Tensor storage_;  // [pages, pageBytes / 4] 32-bit words
   mutable std::mutex mu_;
   std::vector<int> refs_, cachedRefs_;
   std::vector<int32_t> free_;  // a stack: recently freed pages are reused first

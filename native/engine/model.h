@@ -87,9 +87,11 @@ class Model {
   std::map<std::string, std::pair<int64_t, int64_t>> expectedTensors() const;
 
   // ---- the K/V pool and the sequences in it (sequences.cpp) ----
-  // Allocates the K/V pool: `pages` pages of `pageTokens` positions each. Once, before the
-  // first sequence.
-  void createPool(int pages, int pageTokens);
+  // The page layout of this model's K/V cache in `type` (throws when the head size cannot take it).
+  KvLayout kvLayout(KvType type, int pageTokens) const;
+  // Allocates the K/V pool: `pages` pages of `pageTokens` positions each, values of `type`. Once,
+  // before the first sequence.
+  void createPool(int pages, int pageTokens, KvType type);
   bool hasPool() const { return pool_ != nullptr; }
   KvPool& pool() { return *pool_; }
 

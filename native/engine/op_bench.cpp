@@ -4,6 +4,7 @@
 #include <chrono>
 #include <climits>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -33,19 +34,42 @@ AttentionBenchResult benchAttention(Backend& be, const AttentionBenchShape& s) {
   KvLayout layout;
   layout.slots = 1;
   layout.kvDim = s.numKvHeads * s.headDim;
+  layout.kvHeads = s.numKvHeads;
   layout.pageTokens = kPageTokens;
+  layout.type = s.kvType;
+  if (s.headDim % kvTypeHeadDimMultiple(s.kvType))
+    throw EngineError(kErrInvalidArgument, std::string("benchAttention: kvCacheDtype ") + kvTypeName(s.kvType) +
+                                               " needs a head size that is a multiple of " + std::to_string(kvTypeHeadDimMultiple(s.kvType)));
   const int pagesPerSeq = (s.context + kPageTokens - 1) / kPageTokens;
   const int64_t pages = (int64_t)pagesPerSeq * s.sequences;
   if (pages > INT32_MAX) throw EngineError(kErrInvalidArgument, "benchAttention: too many pages for 32-bit page ids");
 
-  // The pool: one page per row, filled with finite values (a chunk of random pages written over
-  // and over: the values do not change what the kernels read).
-  Tensor pool = be.alloc(pages, layout.pageFloats());
+  // The pool: one page per row, holding random normal values encoded in the K/V type (a chunk of
+  // random pages written over and over: the values do not change what the kernels read).
+  const int64_t pageWords = layout.pageBytes() / 4;
+  Tensor pool = be.alloc(pages, pageWords);
   std::mt19937 rng(1);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  const int64_t chunkPages = std::min<int64_t>(pages, std::max<int64_t>(1, (16 << 20) / layout.pageFloats()));
-  std::vector<float> chunk((size_t)(chunkPages * layout.pageFloats()));
-  for (float& x : chunk) x = normal(rng);
+  const int64_t chunkPages = std::min<int64_t>(pages, std::max<int64_t>(1, (16 << 20) / layout.pageBytes()));
+  std::vector<float> chunk((size_t)(chunkPages * pageWords), 0.0f);
+  {
+    uint8_t* bytes = reinterpret_cast<uint8_t*>(chunk.data());
+    std::vector<float> head((size_t)s.headDim);
+    const int64_t headBytes = (int64_t)s.headDim * kvTypeBits(layout.type) / 8;
+    for (int page = 0; page < chunkPages; ++page)
+      for (int off = 0; off < kPageTokens; ++off)
+        for (int h = 0; h < s.numKvHeads; ++h) {
+          uint16_t scales[2];
+          for (int v = 0; v < 2; ++v) {
+            for (float& x : head) x = normal(rng);
+            scales[v] = kvQuantizeHead(layout.type, head.data(), s.headDim, bytes + layout.codeOffset(page, 0, v, off) + h * headBytes);
+          }
+          if (kvTypeScaled(layout.type)) {
+            const uint32_t word = (uint32_t)scales[0] | (uint32_t)scales[1] << 16;
+            std::memcpy(bytes + layout.scaleOffset(page, 0, off, h), &word, 4);
+          }
+        }
+  }
   for (int64_t p = 0; p < pages; p += chunkPages) be.writeRows(pool, p, std::min(chunkPages, pages - p), chunk.data());
 
   // Page i of sequence s is page i * sequences + s: the sequences' pages interleave, as in a pool
@@ -74,7 +98,9 @@ AttentionBenchResult benchAttention(Backend& be, const AttentionBenchShape& s) {
 
   AttentionBenchResult r;
   r.ms = ms / s.iterations;
-  r.bytes = 4.0 * ((double)s.sequences * s.context * 2 * layout.kvDim + 2.0 * s.sequences * qCols);
+  // Per key: K and V codes, and their scales (one word per K/V head).
+  const double keyBytes = 2.0 * layout.rowBytes() + (kvTypeScaled(layout.type) ? 4.0 * s.numKvHeads : 0.0);
+  r.bytes = (double)s.sequences * s.context * keyBytes + 4.0 * 2.0 * s.sequences * qCols;
   return r;
 }
 

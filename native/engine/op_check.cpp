@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 
 #include "op_check_runner.h"
@@ -33,6 +34,39 @@ uint64_t nameHash(const std::string& s) {
 double dtypeTolerance(Backend& test) {
   const float one = 1.0f;
   return test.name() == "cpu" || test.upload(&one, 1, 1).dtype == DType::F32 ? 1e-5 : 1e-2;
+}
+
+// A two-slot cache layout of 16-token pages in `type`.
+KvLayout checkLayout(KvType type, int kvHeads, int hd) {
+  KvLayout L;
+  L.slots = 2;
+  L.kvDim = kvHeads * hd;
+  L.kvHeads = kvHeads;
+  L.pageTokens = 16;
+  L.type = type;
+  return L;
+}
+
+// Whether both pools hold the same bytes where rows (rowSeq, positions) of `slot` were written:
+// their K and V codes and, for a scaled type, their scale words. 0 when they do, else infinity.
+double codeMismatch(Backend& ref, Backend& test, const Tensor& poolA, const Tensor& poolB, const KvView& kv, int slot,
+                    const int32_t* positions, int rows) {
+  std::vector<float> wa((size_t)poolA.numel()), wb((size_t)poolB.numel());
+  ref.download(poolA, 0, poolA.rows, wa.data());
+  test.download(poolB, 0, poolB.rows, wb.data());
+  const uint8_t* a = reinterpret_cast<const uint8_t*>(wa.data());
+  const uint8_t* b = reinterpret_cast<const uint8_t*>(wb.data());
+  const KvLayout& L = kv.layout;
+  for (int i = 0; i < rows; ++i) {
+    const int page = kv.pageAt(kv.rowSeq[i], positions[i]), off = positions[i] % L.pageTokens;
+    for (int v = 0; v < 2; ++v) {
+      const int64_t at = L.codeOffset(page, slot, v, off);
+      if (std::memcmp(a + at, b + at, (size_t)L.rowBytes())) return INFINITY;
+    }
+    const int64_t sc = L.scaleOffset(page, slot, off, 0);
+    if (kvTypeScaled(L.type) && std::memcmp(a + sc, b + sc, 4 * (size_t)L.kvHeads)) return INFINITY;
+  }
+  return 0.0;
 }
 
 // linear: decode shapes (GEMV) and prefill shapes (the large-batch path), with and without bias.
@@ -139,23 +173,23 @@ void checkFusedLinears(Runner& r, Backend& ref, Backend& test) {
 void checkRopeKvWrite(Runner& r, Backend& ref, Backend& test) {
   std::vector<float> inv;
   inv.reserve(64);
+  for (int t = 0; t < kKvTypeCount; ++t)
   for (auto [n, heads, kvHeads, hd] : std::vector<std::tuple<int, int, int, int>>{{1, 32, 4, 64}, {6, 4, 2, 16}, {3, 2, 2, 128}}) {
+    const KvType type = (KvType)t;
     inv.resize((size_t)hd / 2);  // within the reserved capacity up to head size 128: the same address
     for (int j = 0; j < hd / 2; ++j) inv[(size_t)j] = (float)(1.0 / std::pow(10000.0, 2.0 * j / hd));
-    KvLayout L;
-    L.slots = 2;
-    L.kvDim = kvHeads * hd;
-    L.pageTokens = 16;
+    const KvLayout L = checkLayout(type, kvHeads, hd);
     const int pagesPerSeq = 8, seqs = 2, pages = pagesPerSeq * seqs;
     std::vector<int32_t> tables((size_t)pages);
     for (int i = 0; i < pages; ++i) tables[(size_t)i] = i;
     std::shuffle(tables.begin(), tables.end(), r.rng);
+    // Distinct positions (a later row would overwrite an earlier one's K/V).
     std::vector<int32_t> pos((size_t)n), seq((size_t)n);
     for (int i = 0; i < n; ++i) {
       seq[(size_t)i] = i % seqs;
       pos[(size_t)i] = (int32_t)(i / seqs * 37 + (int)(r.rng() % 16)) % (pagesPerSeq * L.pageTokens);
     }
-    Tensor poolA = ref.alloc(pages, L.pageFloats()), poolB = test.alloc(pages, L.pageFloats());
+    Tensor poolA = ref.alloc(pages, L.pageBytes() / 4), poolB = test.alloc(pages, L.pageBytes() / 4);
     ref.poison(poolA);
     test.poison(poolB);
     KvView va{&poolA, L, tables.data(), pagesPerSeq, seqs, seq.data()};
@@ -168,10 +202,14 @@ void checkRopeKvWrite(Runner& r, Backend& ref, Backend& test) {
     test.ropeKvWrite(q.second, heads, &k.second, &v.second, kvHeads, hd, n, pos.data(), inv, 1.0f, &vb, 1);
     ref.ropeKvWrite(q2.first, heads, nullptr, nullptr, kvHeads, hd, n, pos.data(), inv, 1.0f, nullptr, 0);
     test.ropeKvWrite(q2.second, heads, nullptr, nullptr, kvHeads, hd, n, pos.data(), inv, 1.0f, nullptr, 0);
-    const std::string shape = dims({{"n", n}, {"heads", heads}, {"kvHeads", kvHeads}, {"headDim", hd}});
-    r.compare("rope_kv_write q", shape, q.first, q.second, n);
-    r.compare("rope_kv_write q alone", shape, q2.first, q2.second, n);
-    // The cache rows each wrote: K (rotated) then V, read back position by position.
+    const std::string shape = dims({{"n", n}, {"heads", heads}, {"kvHeads", kvHeads}, {"headDim", hd}}) + " kv=" + kvTypeName(type);
+    if (type == KvType::F32) {  // q does not depend on the cache's type
+      r.compare("rope_kv_write q", shape, q.first, q.second, n);
+      r.compare("rope_kv_write q alone", shape, q2.first, q2.second, n);
+    }
+    // The cache rows each wrote: K (rotated) then V, read back position by position. The two
+    // backends' rotations agree to an ulp or two, not bit for bit, so a compact type's code may
+    // round the other way now and then: one step of one code, a relative error of a few 1e-3.
     std::vector<float> ka, kb, all_a, all_b;
     for (int i = 0; i < n; ++i) {
       ref.kvRead(va, seq[(size_t)i], 1, pos[(size_t)i], 1, ka);
@@ -181,7 +219,10 @@ void checkRopeKvWrite(Runner& r, Backend& ref, Backend& test) {
     }
     auto written = r.act(all_a, 2 * n, L.kvDim);
     test.writeRows(written.second, 0, 2 * n, all_b.data());
+    const double saved = r.tolerance;
+    if (type != KvType::F32) r.tolerance = std::max(saved, type == KvType::INT4 ? 5e-2 : 1e-2);
     r.compare("rope_kv_write cache", shape, written.first, written.second, 2 * n);
+    r.tolerance = saved;
   }
 }
 
@@ -200,7 +241,7 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
     int window, seqs;
     std::vector<int> lengths = {};
   };
-  for (AttnCase c : std::vector<AttnCase>{{1, 1, 4, 4, 16, true, 0, 1}, {1, 1, 4, 2, 16, false, 0, 1},
+  const std::vector<AttnCase> cases{{1, 1, 4, 4, 16, true, 0, 1}, {1, 1, 4, 2, 16, false, 0, 1},
                                           {300, 1, 32, 4, 64, false, 0, 1}, {4096, 1, 32, 4, 64, true, 0, 1},
                                           {4096, 1, 8, 8, 128, false, 512, 1}, {33, 33, 4, 2, 32, true, 0, 1},
                                           {200, 64, 32, 4, 64, false, 16, 1}, {96, 96, 2, 1, 32, true, 4, 1},
@@ -224,15 +265,20 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
                                           {1200, 1, 24, 2, 80, false, 0, 3}, {1200, 1, 32, 1, 64, true, 0, 2},
                                           {900, 1, 8, 2, 100, false, 0, 3}, {500, 1, 12, 2, 50, false, 0, 2},
                                           // a few queries of one sequence (below the prefill kernel's 16)
-                                          {700, 8, 32, 4, 64, true, 0, 1}}) {
+                                          {700, 8, 32, 4, 64, true, 0, 1}};
+  // Every case in f32; in the compact types, a decode and a prefill case of each head size
+  // class they take (multiples of 8), windows, strict rows, GQA 1 to 32 and several sequences.
+  const std::vector<int> compactCases = {1, 3, 4, 5, 6, 7, 8, 9, 11, 16, 19, 20, 21, 22, 24};
+  for (int t = 0; t < kKvTypeCount; ++t)
+  for (size_t ci = 0; ci < cases.size(); ++ci) {
+    const KvType type = (KvType)t;
+    if (type != KvType::F32 && std::find(compactCases.begin(), compactCases.end(), (int)ci) == compactCases.end()) continue;
+    AttnCase c = cases[ci];
     if (!c.lengths.empty()) {
       c.seqs = (int)c.lengths.size();
       c.ctx = *std::max_element(c.lengths.begin(), c.lengths.end());
     }
-    KvLayout L;
-    L.slots = 2;
-    L.kvDim = c.kvHeads * c.hd;
-    L.pageTokens = 16;
+    const KvLayout L = checkLayout(type, c.kvHeads, c.hd);
     const int pagesPerSeq = (c.ctx + L.pageTokens - 1) / L.pageTokens;
     const int pages = pagesPerSeq * c.seqs + 3;
     std::vector<int32_t> order((size_t)pages);
@@ -240,7 +286,7 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
     std::shuffle(order.begin(), order.end(), r.rng);
     std::vector<int32_t> tables((size_t)(pagesPerSeq * c.seqs));
     std::copy(order.begin(), order.begin() + (int64_t)tables.size(), tables.begin());
-    Tensor poolA = ref.alloc(pages, L.pageFloats()), poolB = test.alloc(pages, L.pageFloats());
+    Tensor poolA = ref.alloc(pages, L.pageBytes() / 4), poolB = test.alloc(pages, L.pageBytes() / 4);
     ref.poison(poolA);
     test.poison(poolB);
     // One query per sequence (decode) or the last n positions of sequence 0 (prefill).
@@ -259,6 +305,11 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
     auto v = r.act(r.random((size_t)rows * L.kvDim), rows, L.kvDim);
     ref.kvWrite(va, 1, k.first, v.first, rows, wpos.data());
     test.kvWrite(vb, 1, k.second, v.second, rows, wpos.data());
+    const std::string kvName = std::string(" kv=") + kvTypeName(type);
+    // The same values quantize to the same bytes on every backend (exact: a mismatch reports an
+    // infinite error, which no tolerance passes).
+    r.report(OpCheck{"kv_write codes", dims({{"rows", rows}, {"kvHeads", c.kvHeads}, {"headDim", c.hd}}) + kvName,
+                     codeMismatch(ref, test, poolA, poolB, va, 1, wpos.data(), rows), true, 1e-12});
     std::vector<int32_t> qpos, qseq;
     if (c.seqs == 1) {
       for (int i = c.ctx - c.n; i < c.ctx; ++i) {
@@ -279,7 +330,7 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
     ref.attention(qa.first, nq, qpos.data(), va, 1, sp, o.first);
     test.attention(qa.second, nq, qpos.data(), vb, 1, sp, o.second);
     r.compare("attention", dims({{"ctx", c.ctx}, {"queries", nq}, {"seqs", c.seqs}, {"heads", c.heads},
-                                 {"kvHeads", c.kvHeads}, {"headDim", c.hd}, {"strict", c.strict}, {"window", c.window}}),
+                                 {"kvHeads", c.kvHeads}, {"headDim", c.hd}, {"strict", c.strict}, {"window", c.window}}) + kvName,
               o.first, o.second, nq);
     // kvRead sees what kvWrite wrote; kvZero clears exactly its range.
     const int n0 = std::min(len[0], 20);
@@ -293,7 +344,7 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
       num += ((double)kb[i] - ka[i]) * ((double)kb[i] - ka[i]);
       den += (double)ka[i] * ka[i];
     }
-    r.report(OpCheck{"kv_write+zero+read", dims({{"tokens", n0}, {"kvDim", L.kvDim}}),
+    r.report(OpCheck{"kv_write+zero+read", dims({{"tokens", n0}, {"kvDim", L.kvDim}}) + kvName,
                      std::isfinite(num) ? std::sqrt(num / std::max(den, 1e-30)) : INFINITY, ka.size() == kb.size(), r.tolerance});
   }
 }
@@ -348,7 +399,7 @@ const std::vector<Group>& groups() {
       {{"rope"}, checkRope},
       {{"linears q", "linears k", "linears v", "linear_swiglu"}, checkFusedLinears},
       {{"rope_kv_write q", "rope_kv_write q alone", "rope_kv_write cache"}, checkRopeKvWrite},
-      {{"attention", "kv_write+zero+read"}, checkAttention},
+      {{"attention", "kv_write codes", "kv_write+zero+read"}, checkAttention},
       {{"swiglu", "gelu_tanh", "residual_add"}, checkElementwise},
       {{"embed"}, checkEmbed},
       {{"sample", "sample logprobs"}, checkSample},

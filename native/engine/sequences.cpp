@@ -13,18 +13,29 @@ uint64_t SequenceState::nextId() {
   return next.fetch_add(1, std::memory_order_relaxed);
 }
 
-void Model::createPool(int pages, int pageTokens) {
-  if (pool_) throw EngineError(kErrInvalidArgument, "the K/V pool already exists");
-  if (pages <= 0 || pageTokens <= 0) throw EngineError(kErrInvalidArgument, "the K/V pool needs pages > 0 and pageTokens > 0");
+KvLayout Model::kvLayout(KvType type, int pageTokens) const {
   KvLayout layout;
   layout.slots = (int)cfg_.plan.kvLayers.size();
   layout.kvDim = cfg_.numKvHeads * cfg_.headDim;
+  layout.kvHeads = cfg_.numKvHeads;
   layout.pageTokens = pageTokens;
+  layout.type = type;
+  if (cfg_.headDim % kvTypeHeadDimMultiple(type))
+    throw EngineError(kErrInvalidArgument, std::string(kvTypeName(type)) + " needs a head size that is a multiple of " +
+                                               std::to_string(kvTypeHeadDimMultiple(type)) + "; this model's is " +
+                                               std::to_string(cfg_.headDim) + " (f32 takes any head size)");
+  return layout;
+}
+
+void Model::createPool(int pages, int pageTokens, KvType type) {
+  if (pool_) throw EngineError(kErrInvalidArgument, "the K/V pool already exists");
+  if (pages <= 0 || pageTokens <= 0) throw EngineError(kErrInvalidArgument, "the K/V pool needs pages > 0 and pageTokens > 0");
+  const KvLayout layout = kvLayout(type, pageTokens);
   try {
     pool_ = std::make_shared<KvPool>(*backend_, layout, pages);
   } catch (const std::bad_alloc&) {
     throw EngineError(kErrOutOfMemory, "out of memory allocating a K/V pool of " + std::to_string(pages) + " pages (" +
-                                           std::to_string((int64_t)pages * layout.pageFloats() * 4) + " bytes)");
+                                           std::to_string((int64_t)pages * layout.pageBytes()) + " bytes)");
   }
 }
 

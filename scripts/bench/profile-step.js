@@ -24,6 +24,7 @@ const opt = new Command()
   .option("--batch <n>", "sequences decoding together", "1")
   .option("--steps <n>", "timed decode steps (after 8 of warm-up)", "64")
   .option("--device <d>", "cuda or cpu", "cuda")
+  .option("--kv-dtype <type>", "the K/V cache's value type (loadModel's kvCacheDtype; default: the engine's)")
   .option("--no-run-ahead", "do not queue each step's successor before its tokens reach JavaScript (loadModel's runAhead)")
   .parse()
   .opts();
@@ -39,7 +40,14 @@ if (!dir) {
 }
 
 (async () => {
-  const model = await loadModel(dir, { device: opt.device, prefixCache: 0, maxBatch: Math.max(batch, 1), kvCacheMemory: 2 ** 30, runAhead: opt.runAhead });
+  const model = await loadModel(dir, {
+    device: opt.device,
+    prefixCache: 0,
+    maxBatch: Math.max(batch, 1),
+    kvCacheMemory: 2 ** 30,
+    runAhead: opt.runAhead,
+    ...(opt.kvDtype ? { kvCacheDtype: opt.kvDtype } : {}),
+  });
   const V = model.config.vocabSize;
   const base = model.createSequence();
   await base.append(Array.from({ length: context }, (_, i) => (i * 7919 + 13) % V));
@@ -54,7 +62,7 @@ if (!dir) {
   await run(8);
   const ms = await run(steps);
   console.log(
-    `${path.basename(dir)}: batch ${batch}, context ${context}: ${(ms / steps).toFixed(3)} ms/step, ${((batch * steps * 1e3) / ms).toFixed(0)} tokens/s`,
+    `${path.basename(dir)} (${model.kvCacheDtype ?? "f32"} K/V): batch ${batch}, context ${context}: ${(ms / steps).toFixed(3)} ms/step, ${((batch * steps * 1e3) / ms).toFixed(0)} tokens/s`,
   );
   for (const s of seqs) s.dispose();
   base.dispose();

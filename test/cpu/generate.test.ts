@@ -169,16 +169,31 @@ test("the event loop keeps turning while the forward runs", async () => {
   expect(ticks).toBeGreaterThan(Math.min(10, ms / 10));
 });
 
-test("kvBytesPerToken counts only the KV layers", async () => {
-  const std = await loadModel(writeTinyModel({}), { device: "cpu" });
-  const lckv = await loadModel(writeTinyModel({ layerTypes: "0_3_3_3" }), { device: "cpu" });
-  // 2 KV heads x 8 dims x (K and V) x 4 bytes per KV layer
-  expect(std.kvBytesPerToken).toBe(4 * 2 * 2 * 8 * 4);
-  expect(lckv.kvBytesPerToken).toBe(2 * 2 * 2 * 8 * 4);
+test.each([
+  // per KV layer and token: 2 KV heads x 8 dims x (K and V) x bytes per value, plus one
+  // (K, V) pair of f16 scales per KV head for the scaled types
+  ["f32", 2 * 2 * 8 * 4],
+  ["bf16", 2 * 2 * 8 * 2],
+  ["fp8", 2 * 2 * 8 + 2 * 4],
+  ["int8", 2 * 2 * 8 + 2 * 4],
+  ["int4", (2 * 2 * 8) / 2 + 2 * 4],
+] as const)("kvBytesPerToken counts only the KV layers, in the cache's type (%s)", async (kvCacheDtype, perLayer) => {
+  const std = await loadModel(writeTinyModel({}), { device: "cpu", kvCacheDtype });
+  const lckv = await loadModel(writeTinyModel({ layerTypes: "0_3_3_3" }), { device: "cpu", kvCacheDtype });
+  expect(std.kvCacheDtype).toBe(kvCacheDtype);
+  expect(std.kvBytesPerToken).toBe(4 * perLayer);
+  expect(lckv.kvBytesPerToken).toBe(2 * perLayer);
   expect(lckv.standardKvBytesPerToken).toBe(std.kvBytesPerToken);
   expect(lckv.config.kvLayers).toEqual([0, 3]);
   await std.dispose();
   await lckv.dispose();
+});
+
+test("the K/V cache is bf16 by default", async () => {
+  const m = await loadModel(writeTinyModel({}), { device: "cpu" });
+  expect(m.kvCacheDtype).toBe("bf16");
+  expect(m.kvBytesPerToken).toBe(4 * 2 * 2 * 8 * 2);
+  await m.dispose();
 });
 
 test("with the same kvCacheMemory an LCKV model's context holds numLayers / kvLayers times the tokens", async () => {

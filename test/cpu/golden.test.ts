@@ -1,11 +1,14 @@
 /**
  * The CPU engine against goldens from an independent reference (scripts/reference: transformers'
  * own classes for Llama and GPT-2, a readable PyTorch implementation for layer_types patterns).
- * f32: max |logit error| <= 1e-4 of the logits' scale; greedy continuations identical.
+ * f32 (weights and K/V cache): max |logit error| <= 1e-4 of the logits' scale; greedy
+ * continuations identical. The compact K/V types are checked against the same goldens at the
+ * end, within bounds of their own.
  */
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { loadModel, Model } from "../../lib";
+import { COMPACT_KV_DTYPES, GOLDEN_BOUND, reportError } from "../helpers/kv-bounds";
 
 process.env.LCKV_QUIET = "1";
 const FIXTURES = path.join(__dirname, "..", "fixtures");
@@ -46,7 +49,7 @@ describe.each(fixtures)("%s", (name) => {
   let model: Model;
   beforeAll(async () => {
     golden = JSON.parse(fs.readFileSync(path.join(dir, "golden.json"), "utf8"));
-    model = await loadModel(dir, { device: "cpu" });
+    model = await loadModel(dir, { device: "cpu", kvCacheDtype: "f32" });
   });
   afterAll(() => model?.dispose());
 
@@ -76,5 +79,32 @@ describe.each(fixtures)("%s", (name) => {
     if (!model.tokenizer) return;
     const text = "It is a truth universally acknowledged, that a single man in possession of a good fortune";
     expect(model.tokenizer.decode(model.tokenizer.encode(text))).toBe(text);
+  });
+});
+
+// The compact K/V types against the same goldens. A quantized cache changes the logits by its
+// rounding: the bound is the type's, measured on these fixtures with a margin (GOLDEN_BOUND in
+// test/helpers/kv-bounds.ts). And a cache of codes still has one exact result: fixed-point
+// prefill at tolerance 0 (which stops when a pass rewrites the codes it read) equals
+// token-by-token prefill bit for bit.
+describe.each(fixtures.flatMap((name) => COMPACT_KV_DTYPES.map((kv) => [name, kv] as const)))("%s, %s K/V", (name, kvCacheDtype) => {
+  const dir = path.join(FIXTURES, name);
+  let golden: Golden;
+  let model: Model;
+  beforeAll(async () => {
+    golden = JSON.parse(fs.readFileSync(path.join(dir, "golden.json"), "utf8"));
+    model = await loadModel(dir, { device: "cpu", kvCacheDtype });
+  });
+  afterAll(() => model?.dispose());
+
+  test("prefill logits are within the type's bound of the reference, and fixed-point equals sequential", async () => {
+    const seq = await model.logits(golden.prompt_ids, { prefill: "sequential" });
+    const err = relErr(seq, golden.logits, golden.max_abs_logit);
+    reportError(`cpu ${name} ${kvCacheDtype} vs golden`, err);
+    const bound = GOLDEN_BOUND[kvCacheDtype];
+    expect(Number.isFinite(err)).toBe(true);
+    if (bound !== null) expect(err).toBeLessThanOrEqual(bound);
+    const fp = await model.logits(golden.prompt_ids, { prefill: "fixed-point", prefillTolerance: 0 });
+    expect(Array.from(fp)).toEqual(Array.from(seq));
   });
 });

@@ -7,6 +7,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { loadModel, Model } from "../../lib";
 import { describeIfGpu } from "../helpers/device";
+import { COMPACT_KV_DTYPES, GOLDEN_BOUND, reportError, SAME_TYPE_BOUND } from "../helpers/kv-bounds";
 
 process.env.LCKV_QUIET = "1";
 const FIXTURES = path.join(__dirname, "..", "fixtures");
@@ -32,10 +33,12 @@ describeGpu.each(fixtures)("cuda: %s", (name) => {
   // the exact reference for it. f32 on the GPU is checked against the PyTorch golden directly.
   let cpu: Model, cpuBf16: Model, f32: Model, bf16: Model;
   beforeAll(async () => {
-    cpu = await loadModel(dir, { device: "cpu" });
-    cpuBf16 = await loadModel(dir, { device: "cpu", dtype: "bf16" });
-    f32 = await loadModel(dir, { device: "cuda", dtype: "f32" });
-    bf16 = await loadModel(dir, { device: "cuda", dtype: "bf16" });
+    // An f32 cache: these check the weights' types and the kernels against the goldens; the
+    // compact cache types have their own suite below.
+    cpu = await loadModel(dir, { device: "cpu", kvCacheDtype: "f32" });
+    cpuBf16 = await loadModel(dir, { device: "cpu", dtype: "bf16", kvCacheDtype: "f32" });
+    f32 = await loadModel(dir, { device: "cuda", dtype: "f32", kvCacheDtype: "f32" });
+    bf16 = await loadModel(dir, { device: "cuda", dtype: "bf16", kvCacheDtype: "f32" });
   });
   afterAll(async () => {
     for (const m of [cpu, cpuBf16, f32, bf16]) await m?.dispose();
@@ -114,6 +117,62 @@ describeGpu.each(fixtures)("cuda: %s", (name) => {
   });
 });
 
+// Every compact K/V type on every fixture: the GPU (f32 weights) against the CPU in the same type
+// (the same quantization rule: test/helpers/kv-bounds.ts has the bounds and why), greedy tokens
+// equal unless the CPU's top two are a near tie, and decode steps (graphs, run-ahead) through the
+// same codes as prefill.
+describeGpu.each(fixtures.flatMap((name) => COMPACT_KV_DTYPES.map((kv) => [name, kv] as const)))("cuda: %s, %s K/V", (name, kvCacheDtype) => {
+  const dir = path.join(FIXTURES, name);
+  const golden = JSON.parse(fs.readFileSync(path.join(dir, "golden.json"), "utf8"));
+  let cpu: Model, gpu: Model;
+  beforeAll(async () => {
+    cpu = await loadModel(dir, { device: "cpu", kvCacheDtype });
+    gpu = await loadModel(dir, { device: "cuda", dtype: "f32", kvCacheDtype });
+  });
+  afterAll(async () => {
+    for (const m of [cpu, gpu]) await m?.dispose();
+  });
+
+  test("prefill logits against the CPU in the same type (sequential, fixed-point, iterative) and the golden", async () => {
+    for (const prefill of ["sequential", "fixed-point"] as const) {
+      const got = await gpu.logits(golden.prompt_ids, { prefill });
+      const err = relErr(got, await cpu.logits(golden.prompt_ids, { prefill }));
+      reportError(`cuda ${name} ${kvCacheDtype} ${prefill} vs cpu`, err);
+      expect(err).toBeLessThanOrEqual(SAME_TYPE_BOUND[kvCacheDtype]);
+      const bound = GOLDEN_BOUND[kvCacheDtype];
+      if (bound !== null) expect(relErr(got, golden.logits)).toBeLessThanOrEqual(bound);
+    }
+    // A prompt long enough for the tensor-core prefill kernel (16 queries or more).
+    const long = Array.from({ length: Math.min(80, gpu.maxContext) }, (_, i) => golden.prompt_ids[i % golden.prompt_ids.length]);
+    const err = relErr(await gpu.logits(long, { prefill: "sequential" }), await cpu.logits(long, { prefill: "sequential" }));
+    reportError(`cuda ${name} ${kvCacheDtype} long vs cpu`, err);
+    expect(err).toBeLessThanOrEqual(SAME_TYPE_BOUND[kvCacheDtype]);
+    if (golden.iterative) {
+      const opts = { prefill: "iterative", prefillPasses: golden.iterative.passes } as const;
+      const a = await gpu.forward(golden.prompt_ids, opts);
+      const b = await cpu.forward(golden.prompt_ids, opts);
+      expect(relErr(a.logits, b.logits)).toBeLessThanOrEqual(SAME_TYPE_BOUND[kvCacheDtype]);
+    }
+  });
+
+  test("greedy decode equals the CPU's in the same type unless its top two logits are a near tie", async () => {
+    const opts = { maxNewTokens: golden.greedy.tokens.length, temperature: 0, ignoreEos: true };
+    const want = (await cpu.generate(golden.greedy.prompt_ids, opts)).tokens;
+    const got = (await gpu.generate(golden.greedy.prompt_ids, opts)).tokens;
+    const firstDiff = got.findIndex((t: number, i: number) => t !== want[i]);
+    if (firstDiff >= 0) {
+      const seq = [...golden.greedy.prompt_ids, ...want.slice(0, firstDiff)];
+      const l = await cpu.logits(seq);
+      const V = cpu.config.vocabSize;
+      const row = Array.from(l.subarray((seq.length - 1) * V, seq.length * V)).sort((x, y) => y - x);
+      const gap = row[0] - row[1];
+      // eslint-disable-next-line no-console
+      console.warn(`${name} ${kvCacheDtype}: greedy differs at step ${firstDiff}; CPU top-2 gap ${gap.toExponential(3)}`);
+      expect(gap).toBeLessThanOrEqual(SAME_TYPE_BOUND[kvCacheDtype] * 4 * Math.max(1, Math.abs(row[0])));
+    }
+  });
+});
+
 describeGpu("cuda: long decode", () => {
   test("an LCKV model decoding 4000 tokens still equals the CPU at the end", async () => {
     // The fixture with a context long enough for 4000 tokens (RoPE has no learned limit).
@@ -123,8 +182,8 @@ describeGpu("cuda: long decode", () => {
     cfg.max_position_embeddings = 4096;
     fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify(cfg));
     const n = 4000;
-    const cpu = await loadModel(dir, { device: "cpu" });
-    const g = await loadModel(dir, { device: "cuda", dtype: "f32" });
+    const cpu = await loadModel(dir, { device: "cpu", kvCacheDtype: "f32" });
+    const g = await loadModel(dir, { device: "cuda", dtype: "f32", kvCacheDtype: "f32" });
     const ids = Array.from({ length: n }, (_, i) => (i * 37 + 11) % cfg.vocab_size);
     const V = cfg.vocab_size;
     const a = await g.logits(ids, { prefill: "sequential" });
@@ -141,7 +200,7 @@ describeGpu("cuda: sequences", () => {
   test("multi-turn, fork and truncate on the GPU give what the CPU gives", async () => {
     const dir = path.join(FIXTURES, "lckv-w2");
     const run = async (device: "cpu" | "cuda") => {
-      const m = await loadModel(dir, { device, dtype: "f32" });
+      const m = await loadModel(dir, { device, dtype: "f32", kvCacheDtype: "f32" });
       const out: number[][] = [];
       const collect = async (it: AsyncGenerator<{ token: number | null }, { tokens: number[] }>) => {
         for (;;) {

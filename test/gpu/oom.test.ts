@@ -16,8 +16,8 @@ const MiB = 2 ** 20;
 const HUGE_POOL = 4 * 2 ** 40;
 /** How much free device memory may drop across a failed load without counting as a leak. */
 const LEAK_TOLERANCE = 4 * MiB;
-/** f32 on both backends, so the GPU's greedy tokens are the CPU's. */
-const dev = { device: "cuda", dtype: "f32" } as const;
+/** f32 weights and K/V cache on both backends, so the GPU's greedy tokens are the CPU's. */
+const dev = { device: "cuda", dtype: "f32", kvCacheDtype: "f32" } as const;
 const greedy = { maxNewTokens: 12, temperature: 0, ignoreEos: true };
 const prompt = [3, 14, 15, 9, 26, 5, 35, 8];
 
@@ -69,7 +69,7 @@ describeGpu("cuda: out of memory", () => {
   test("after the failure the model loaded before it and a newly loaded one generate what the CPU does", async () => {
     expect(await failedLoad(dir, { ...dev, kvCacheMemory: HUGE_POOL })).toBeInstanceOf(OutOfMemoryError);
     expect((await resident.generate(prompt, greedy)).tokens).toEqual(residentTokens);
-    const cpu = await loadModel(dir, { device: "cpu" });
+    const cpu = await loadModel(dir, { device: "cpu", kvCacheDtype: dev.kvCacheDtype });
     const fresh = await loadModel(dir, dev);
     try {
       expect(fresh.device).toBe("cuda");

@@ -20,8 +20,8 @@ describeGpu.each(fixtures)("cuda sampling features: %s", (name) => {
   const prompt: number[] = golden.greedy.prompt_ids;
   let cpu: Model, gpu: Model;
   beforeAll(async () => {
-    cpu = await loadModel(dir, { device: "cpu", prefixCache: 0 });
-    gpu = await loadModel(dir, { device: "cuda", dtype: "f32", prefixCache: 0 });
+    cpu = await loadModel(dir, { device: "cpu", prefixCache: 0, kvCacheDtype: "f32" });
+    gpu = await loadModel(dir, { device: "cuda", dtype: "f32", prefixCache: 0, kvCacheDtype: "f32" });
   });
   afterAll(async () => {
     for (const m of [cpu, gpu]) await m?.dispose();

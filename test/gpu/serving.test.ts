@@ -2,7 +2,9 @@
  * The serving suites (test/serving) on the CUDA backend, with the same assertions as on the
  * CPU: continuous batching, sequences, prefix reuse, the paged pool, a 1000-request lifecycle.
  * f32 weights, so that a prompt prefilled in one chunk or in several (prefix reuse, multi-turn)
- * gives the same greedy tokens as the CPU tests expect of every backend.
+ * gives the same greedy tokens as the CPU tests expect of every backend. Every suite runs in
+ * every K/V cache type: copy-on-write, forks, prefix reuse, truncation, shifts and windows work
+ * on pages of codes and scales as they do on floats.
  */
 import { batchingTests } from "../serving/batching";
 import { contextShiftTests } from "../serving/context-shift";
@@ -12,15 +14,18 @@ import { prefixCacheTests } from "../serving/prefix-cache";
 import { sequenceTests } from "../serving/sequence";
 import { slidingWindowTests } from "../serving/sliding-window";
 import { describeIfGpu } from "../helpers/device";
+import { KV_CACHE_DTYPES } from "../../lib/kv-cache-dtype";
 
 process.env.LCKV_QUIET = "1";
 const describeGpu = describeIfGpu("GPU serving tests");
-const dev = { device: "cuda", dtype: "f32" } as const;
 
-describeGpu("cuda: batching", () => batchingTests(dev));
-describeGpu("cuda: sequences", () => sequenceTests(dev));
-describeGpu("cuda: prefix cache", () => prefixCacheTests(dev));
-describeGpu("cuda: K/V pool", () => kvPoolTests(dev));
-describeGpu("cuda: lifecycle", () => lifecycleTests(dev));
-describeGpu("cuda: context shift", () => contextShiftTests(dev));
-describeGpu("cuda: sliding window", () => slidingWindowTests(dev));
+describeGpu.each(KV_CACHE_DTYPES)("cuda, %s K/V", (kvCacheDtype) => {
+  const dev = { device: "cuda", dtype: "f32", kvCacheDtype } as const;
+  describe("batching", () => batchingTests(dev));
+  describe("sequences", () => sequenceTests(dev));
+  describe("prefix cache", () => prefixCacheTests(dev));
+  describe("K/V pool", () => kvPoolTests(dev));
+  describe("lifecycle", () => lifecycleTests(dev));
+  describe("context shift", () => contextShiftTests(dev));
+  describe("sliding window", () => slidingWindowTests(dev));
+});

@@ -1,9 +1,14 @@
+import type { KvCacheDtype } from "../../lib/kv-cache-dtype";
 import { loadAddon } from "../../lib/native";
 
-/** The load options that put a test's models on one backend (the serving suites run on both). */
+/**
+ * The load options that put a test's models on one backend and K/V cache type (the serving
+ * suites run on both backends, in every type).
+ */
 export interface TestDevice {
   device: "cpu" | "cuda";
   dtype?: "f32" | "bf16";
+  kvCacheDtype?: KvCacheDtype;
 }
 
 /**
