@@ -38,26 +38,62 @@ __host__ __device__ inline int decodeRowStride(int headDim) {
   const int vecs = (headDim + 3) / 4;
   return 4 * (vecs | 1);
 }
-// A compact type's tiles arrive as codes (rows of decodeRawStride bytes, a whole number of
-// 16-byte pieces) with a scale word per key, and each is decoded into one f32 tile that the
-// arithmetic reads; f32 tiles arrive as they are, in kDecodeStages f32 tiles. A tile of codes is
-// a half (bf16) to an eighth (int4) of an f32 tile's bytes, so more of them are in flight at once
-// (decodeArriveStages): a block then keeps about as many bytes coming as with f32, which is what
-// sets the bandwidth it reaches.
-__host__ __device__ constexpr int decodeRawStride(KvType t, int headDim) { return (kvHeadBytes(t, headDim) + 15) / 16 * 16; }
-template <KvType T>
-__host__ __device__ constexpr int decodeF32Stages() { return T == KvType::F32 ? kDecodeStages : 1; }
+// A compact type's tiles arrive as codes, with one (K, V) scale word per key, and the arithmetic
+// reads the codes where they arrived, decoding as it goes (no f32 copy of the tile). A tile of
+// codes is a half (bf16) to an eighth (int4) of an f32 tile's bytes, so more of them are in
+// flight at once (decodeArriveStages): a block keeps about as many bytes coming as with f32.
+// Code rows are a whole, odd number of 16-byte pieces apart (or of 4-byte words, for a head too
+// small to be copied in 16-byte pieces): lane j reading row j's piece c then meets no bank
+// conflict.
 template <KvType T>
 __host__ __device__ constexpr int decodeArriveStages() { return T == KvType::F32 ? kDecodeStages : T == KvType::BF16 ? 4 : 8; }
+__host__ __device__ inline int decodeCodeStride(KvType t, int headDim, bool vec16) {
+  const int bytes = kvHeadBytes(t, headDim);
+  return vec16 ? 16 * (((bytes + 15) / 16) | 1) : 4 * ((bytes / 4) | 1);
+}
+// Bytes before the queries: the f32 tiles, or the code tiles and their scales (at least the
+// 32 x headDim floats the warps' accumulators are summed through at the end).
+template <KvType T>
+__host__ __device__ inline size_t decodeTileBytes(int headDim) {
+  if (T == KvType::F32) return sizeof(float) * 2 * kDecodeStages * kDecodeKeys * decodeRowStride(headDim);
+  const size_t codes = (size_t)decodeArriveStages<T>() * kDecodeKeys * (2 * decodeCodeStride(T, headDim, true) + 4);
+  const size_t reduce = sizeof(float) * kDecodeWarps * kGroupHeads * headDim;
+  return (codes > reduce ? codes : reduce + 15) / 16 * 16;
+}
 template <KvType T>
 __host__ __device__ inline size_t decodeSmemBytes(int headDim) {
   const int stride = decodeRowStride(headDim);
-  const size_t floats = (size_t)2 * decodeF32Stages<T>() * kDecodeKeys * stride  // K and V tiles
-                        + (size_t)kGroupHeads * stride                           // the queries
-                        + (size_t)kDecodeKeys * kGroupHeads                      // scores, then probabilities
-                        + 3 * kGroupHeads;                                       // per head: rescale factor, final max and sum
-  const size_t raw = T == KvType::F32 ? 0 : (size_t)decodeArriveStages<T>() * kDecodeKeys * (2 * decodeRawStride(T, headDim) + 4);
-  return sizeof(float) * floats + raw;  // the floats end 16-byte aligned: the codes follow them
+  return decodeTileBytes<T>(headDim) +
+         sizeof(float) * ((size_t)kGroupHeads * stride         // the queries
+                          + (size_t)kDecodeKeys * kGroupHeads  // scores, then probabilities
+                          + 3 * kGroupHeads);                  // per head: rescale factor, final max and sum
+}
+
+// The code of channel d in a row of codes in shared memory.
+template <KvType T>
+__device__ __forceinline__ uint32_t sharedCode(const uint8_t* row, int d) {
+  if (T == KvType::BF16) return *reinterpret_cast<const uint16_t*>(row + 2 * d);
+  if (T == KvType::INT4) return (row[d >> 1] >> ((d & 1) * 4)) & 0xfu;
+  return row[d];
+}
+
+// s[i] += q_i . (the kPerWord channels of one word of codes), q_i the query rows of this warp's
+// heads (i) at channel w * kPerWord, read as float2 or float4 (broadcast: every lane reads them).
+template <KvType T, int kHeads>
+__device__ __forceinline__ void dotCodeWord(uint32_t word, int w, const float* q0, int qStride, float (&s)[kHeads]) {
+  constexpr int kPerWord = 32 / kvTypeBits(T);
+  float k[kPerWord];
+  kvDecodeWord<T>(word, 1.0f, k);
+#pragma unroll
+  for (int i = 0; i < kHeads; ++i) {
+    const float* qw = q0 + i * qStride + w * kPerWord;
+#pragma unroll
+    for (int e = 0; e < kPerWord; e += 2) {
+      const float2 qq = *reinterpret_cast<const float2*>(qw + e);
+      s[i] = fmaf(qq.x, k[e], s[i]);
+      s[i] = fmaf(qq.y, k[e + 1], s[i]);
+    }
+  }
 }
 
 // Asynchronous global -> shared copies (sm_80 and later; a plain copy before).
@@ -123,21 +159,6 @@ __device__ __forceinline__ void loadDecodeTile(uint8_t* kDst, uint8_t* vDst, uin
     copyAsync4(scaleDst + lane, kv.pool + kvScaleOffset(kv, table, j, kvh));
 }
 
-// Decodes the first `valid` rows of a stage's K and V codes into the f32 tiles, scales applied.
-template <KvType T>
-__device__ __forceinline__ void decodeDecodeTile(float* kS, float* vS, const uint8_t* kRaw, const uint8_t* vRaw,
-                                                 const uint32_t* scales, int valid, int headBytes, int stride,
-                                                 int rawStride) {
-  constexpr int kPerWord = 32 / kvTypeBits(T);
-  const int words = headBytes / 4, perSide = valid * words;
-  for (int e = threadIdx.x; e < 2 * perSide; e += blockDim.x) {
-    const int which = e >= perSide, i = e - which * perSide, jj = i / words, w = i - jj * words;
-    const uint32_t word = *reinterpret_cast<const uint32_t*>((which ? vRaw : kRaw) + jj * rawStride + w * 4);
-    const float scale = kvTypeScaled(T) ? kvF16ToF32((uint16_t)(scales[jj] >> (16 * which))) : 0.0f;
-    kvDecodeWord<T>(word, scale, (which ? vS : kS) + jj * stride + w * kPerWord);
-  }
-}
-
 // One block: row blockIdx.x, K/V head blockIdx.y / headChunks (its query heads cut into
 // headChunks blocks of at most headsPerBlock), split blockIdx.z of gridDim.z.
 //   Scores: lane = key of the tile, warp w = heads w and w + 4 (dot products from shared memory:
@@ -151,26 +172,27 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
     const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int numHeads, int numKvHeads,
     int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, bool vec16,
     float* __restrict__ out, float* __restrict__ partial) {
-  constexpr bool kCodes = T != KvType::F32;  // tiles arrive as codes and are decoded into one f32 tile
-  constexpr int kF32Stages = decodeF32Stages<T>(), kStages = decodeArriveStages<T>();
+  constexpr bool kCodes = T != KvType::F32;  // tiles arrive as codes, read where they arrive
+  constexpr int kStages = decodeArriveStages<T>();
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
   const int stride = decodeRowStride(headDim);
   const int tileFloats = kDecodeKeys * stride;
-  float* kS = smem;                                // [kF32Stages][keys][stride]
-  float* vS = kS + kF32Stages * tileFloats;        // [kF32Stages][keys][stride]
-  float* qS = vS + kF32Stages * tileFloats;        // [kGroupHeads][stride]
+  // The tiles: f32 [stages][keys][stride] for K then V, or codes [stages][keys][arriveStride]
+  // bytes for K then V and the scale words [stages][keys].
+  float* kS = smem;
+  float* vS = kS + kDecodeStages * tileFloats;  // (f32 only)
+  const int headBytes = kvHeadBytes(T, headDim);
+  const int arriveStride = kCodes ? decodeCodeStride(T, headDim, vec16) : stride * (int)sizeof(float);
+  const int arriveTile = kDecodeKeys * arriveStride;
+  uint8_t* kArrive = reinterpret_cast<uint8_t*>(kS);
+  uint8_t* vArrive = kCodes ? kArrive + kStages * arriveTile : reinterpret_cast<uint8_t*>(vS);
+  uint32_t* scaleArrive = reinterpret_cast<uint32_t*>(vArrive + kStages * arriveTile);
+  float* qS = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(smem) + decodeTileBytes<T>(headDim));  // [kGroupHeads][stride]
   float* pS = qS + kGroupHeads * stride;           // [keys][kGroupHeads]
   float* corrS = pS + kDecodeKeys * kGroupHeads;   // [kGroupHeads]
   float* maxS = corrS + kGroupHeads;               // [kGroupHeads]
   float* sumS = maxS + kGroupHeads;                // [kGroupHeads]
-  // Where each stage's keys arrive: the f32 tiles themselves, or (kCodes) code tiles and scales.
-  const int headBytes = kvHeadBytes(T, headDim);
-  const int arriveStride = kCodes ? decodeRawStride(T, headDim) : stride * (int)sizeof(float);
-  uint8_t* kArrive = kCodes ? reinterpret_cast<uint8_t*>(sumS + kGroupHeads) : reinterpret_cast<uint8_t*>(kS);
-  uint8_t* vArrive = kCodes ? kArrive + kStages * kDecodeKeys * arriveStride : reinterpret_cast<uint8_t*>(vS);
-  uint32_t* scaleArrive = reinterpret_cast<uint32_t*>(vArrive + kStages * kDecodeKeys * arriveStride);
-  const int arriveTile = kDecodeKeys * arriveStride;
 
   const int r = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -204,11 +226,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
   if (earlyKeys > 0)
     loadDecodeTile<T>(kArrive, vArrive, scaleArrive, kBase, vBase, table, kv, kvh, first, 0, earlyKeys, headBytes,
                       arriveStride, vec16);
-  // While the first tile arrives: zero the K rows' padding (the float4 dot products read it; the
-  // copies never write it).
+  // While the first tile arrives: zero the f32 K rows' padding (the float4 dot products read it;
+  // the copies never write it).
   const int pad = stride - headDim;
-  for (int e = threadIdx.x; e < kF32Stages * kDecodeKeys * pad; e += blockDim.x)
-    kS[(e / pad) * stride + headDim + e % pad] = 0.0f;
+  if (!kCodes)
+    for (int e = threadIdx.x; e < kDecodeStages * kDecodeKeys * pad; e += blockDim.x)
+      kS[(e / pad) * stride + headDim + e % pad] = 0.0f;
   waitForPrecedingKernels();
   if (earlyKeys < firstTileKeys)
     loadDecodeTile<T>(kArrive, vArrive, scaleArrive, kBase, vBase, table, kv, kvh, first, earlyKeys, firstTileKeys,
@@ -255,33 +278,48 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
     copyAsyncWait<kStages - 1>();
     __syncthreads();  // this tile (and, the first time, the queries and padding) is in place
     const int valid = min(kDecodeKeys, keys - tile * kDecodeKeys);
-    const float* kt = kS;
-    const float* vt = vS;
-    if constexpr (kCodes) {
-      const int st = tile % kStages;
-      decodeDecodeTile<T>(kS, vS, kArrive + st * arriveTile, vArrive + st * arriveTile, scaleArrive + st * kDecodeKeys,
-                          valid, headBytes, stride, arriveStride);
-      __syncthreads();
-    } else {
-      kt += (tile % kDecodeStages) * tileFloats;
-      vt += (tile % kDecodeStages) * tileFloats;
-    }
+    const int st = tile % kStages;
+    const float* kt = kS + st * tileFloats;  // (f32)
+    const float* vt = vS + st * tileFloats;
+    const uint8_t* kc = kArrive + st * arriveTile;  // (codes)
+    const uint8_t* vc = vArrive + st * arriveTile;
+    const uint32_t* scales = scaleArrive + st * kDecodeKeys;
 
     // Scores of key `lane` against this warp's heads.
     {
-      const float4* k4 = reinterpret_cast<const float4*>(kt + lane * stride);
       float s[kHeadsPerWarp];
 #pragma unroll
       for (int i = 0; i < kHeadsPerWarp; ++i) s[i] = 0.0f;
-      for (int c = 0; c < vecs; ++c) {
-        const float4 kk = k4[c];
+      const float* q0 = qS + warp * stride;  // head warp + kDecodeWarps * i at q0 + i * kDecodeWarps * stride
+      if constexpr (kCodes) {
+        const uint8_t* krow = kc + lane * arriveStride;
+        if (vec16) {
+          for (int c = 0; c < headBytes / 16; ++c) {
+            const uint4 w4 = *reinterpret_cast<const uint4*>(krow + 16 * c);
+            dotCodeWord<T>(w4.x, 4 * c, q0, kDecodeWarps * stride, s);
+            dotCodeWord<T>(w4.y, 4 * c + 1, q0, kDecodeWarps * stride, s);
+            dotCodeWord<T>(w4.z, 4 * c + 2, q0, kDecodeWarps * stride, s);
+            dotCodeWord<T>(w4.w, 4 * c + 3, q0, kDecodeWarps * stride, s);
+          }
+        } else {
+          for (int w = 0; w < headBytes / 4; ++w)
+            dotCodeWord<T>(*reinterpret_cast<const uint32_t*>(krow + 4 * w), w, q0, kDecodeWarps * stride, s);
+        }
+        const float kScale = kvTypeScaled(T) ? kvF16ToF32((uint16_t)scales[lane]) : 1.0f;
 #pragma unroll
-        for (int i = 0; i < kHeadsPerWarp; ++i) {
-          const float4 qq = reinterpret_cast<const float4*>(qS + (warp + kDecodeWarps * i) * stride)[c];
-          s[i] = fmaf(qq.x, kk.x, s[i]);
-          s[i] = fmaf(qq.y, kk.y, s[i]);
-          s[i] = fmaf(qq.z, kk.z, s[i]);
-          s[i] = fmaf(qq.w, kk.w, s[i]);
+        for (int i = 0; i < kHeadsPerWarp; ++i) s[i] *= kScale;
+      } else {
+        const float4* k4 = reinterpret_cast<const float4*>(kt + lane * stride);
+        for (int c = 0; c < vecs; ++c) {
+          const float4 kk = k4[c];
+#pragma unroll
+          for (int i = 0; i < kHeadsPerWarp; ++i) {
+            const float4 qq = reinterpret_cast<const float4*>(q0 + i * kDecodeWarps * stride)[c];
+            s[i] = fmaf(qq.x, kk.x, s[i]);
+            s[i] = fmaf(qq.y, kk.y, s[i]);
+            s[i] = fmaf(qq.z, kk.z, s[i]);
+            s[i] = fmaf(qq.w, kk.w, s[i]);
+          }
         }
       }
 #pragma unroll
@@ -317,10 +355,20 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
     }
     for (int jj = warp; jj < valid; jj += kDecodeWarps) {
       float vv[kDimsPerLane];
+      if constexpr (kCodes) {
+        const uint8_t* vrow = vc + jj * arriveStride;
+        const float vScale = kvTypeScaled(T) ? kvF16ToF32((uint16_t)(scales[jj] >> 16)) : 1.0f;
 #pragma unroll
-      for (int t = 0; t < kDimsPerLane; ++t) {
-        const int d = lane + 32 * t;
-        vv[t] = d < headDim ? vt[jj * stride + d] : 0.0f;
+        for (int t = 0; t < kDimsPerLane; ++t) {
+          const int d = lane + 32 * t;
+          vv[t] = d < headDim ? kvDecode(T, sharedCode<T>(vrow, d), vScale) : 0.0f;
+        }
+      } else {
+#pragma unroll
+        for (int t = 0; t < kDimsPerLane; ++t) {
+          const int d = lane + 32 * t;
+          vv[t] = d < headDim ? vt[jj * stride + d] : 0.0f;
+        }
       }
       float p[kGroupHeads];
 #pragma unroll
