@@ -319,10 +319,27 @@ describe("inputs and options", () => {
     [{ cudaGraphs: "no" }, "cudaGraphs"],
     [{ runAhead: 1 }, "runAhead"],
     [{ contextSize: 8 }, "contextSize"],
+    [{ kvCacheDtype: "int2" }, "kvCacheDtype"],
+    [{ kvCacheDtype: "BF16" }, "kvCacheDtype"],
+    [{ kvCacheDtype: 8 }, "kvCacheDtype"],
   ])("loadModel option %j", async (opts, option) => {
     const e = await load(dir, opts).catch((x) => x);
     expect(e).toBeInstanceOf(InvalidOptionError);
     expect(e.option).toBe(option);
+  });
+
+  test("a K/V cache type the model's head size cannot take names the option, the head size and what it needs", async () => {
+    // Head size 44 / 2 = 22: even (bf16 takes it), not a multiple of 4 (fp8, int8) or 8 (int4).
+    const odd = writeTinyModel({ hidden: 44, heads: 2, kvHeads: 1, intermediate: 43 });
+    for (const [kvCacheDtype, multiple] of [["fp8", 4], ["int8", 4], ["int4", 8]] as const) {
+      const e = await load(odd, { kvCacheDtype }).catch((x) => x);
+      expect(e).toBeInstanceOf(InvalidOptionError);
+      expect(e.option).toBe("kvCacheDtype");
+      expect(e.message).toMatch(new RegExp(`${kvCacheDtype} needs a head size that is a multiple of ${multiple}; this model's is 22`));
+    }
+    const m = await load(odd, { kvCacheDtype: "bf16" });
+    expect((await m.generate([1, 2, 3], { maxNewTokens: 4, temperature: 0, ignoreEos: true })).tokens).toHaveLength(4);
+    await m.dispose();
   });
 
   test("a model directory that is not a string", async () => {

@@ -40,7 +40,17 @@ test("info reports the layer pattern and the KV saving", () => {
   expect(info.kvLayers).toEqual([0, 4, 5]);
   expect(info.kvReduction).toBeCloseTo(6 / 3);
   const text = run(["info", "--model", fixture]).out;
-  expect(text).toMatch(/KV bytes\/token\s+.*standard cache: .*2\.00x less/);
+  expect(text).toMatch(/KV bytes\/token\s+.* in bf16 \(standard cache: .*2\.00x less/);
+  // Every type's cost per token: 3 KV layers x 2 K/V heads x 16 dims x (K and V).
+  expect(info.kvCacheDtype).toBe("bf16");
+  expect(info.kvBytesPerTokenByDtype).toEqual({ f32: 3 * 2 * 16 * 2 * 4, bf16: 3 * 2 * 16 * 2 * 2, fp8: 3 * (2 * 16 * 2 + 2 * 4), int8: 3 * (2 * 16 * 2 + 2 * 4), int4: 3 * (2 * 16 + 2 * 4) });
+  expect(text).toMatch(/by K\/V type\s+f32 .*, bf16 .*, fp8 .*, int8 .*, int4 /);
+  const f32 = JSON.parse(run(["info", "--model", fixture, "--json", "--kv-dtype", "f32"]).out);
+  expect(f32.kvCacheDtype).toBe("f32");
+  expect(f32.kvBytesPerToken).toBe(3 * 2 * 16 * 2 * 4);
+  const bad = run(["info", "--model", fixture, "--kv-dtype", "int3"]);
+  expect(bad.code).not.toBe(0);
+  expect(bad.err).toMatch(/--kv-dtype.*int3.*Allowed choices are f32, bf16, fp8, int8, int4/);
 });
 
 test("bad arguments fail with a message that names them", () => {
