@@ -25,7 +25,13 @@ function loadResultSets(benchDir) {
   if (!fs.existsSync(benchDir)) return [];
   const files = fs.readdirSync(benchDir).filter((f) => f === "results.json" || /^full-.*\.json$/.test(f));
   const partOrder = Object.keys(PARTS);
-  const rank = (f) => (f === "results.json" ? -1 : (() => { const i = partOrder.indexOf(f.replace(/^full-/, "").replace(/(\.[^.]+)?\.json$/, "")); return i < 0 ? partOrder.length : i; })());
+  // full-<part>[.<K/V types>].json: a part's name may itself hold dots (1.1b).
+  const rank = (f) => {
+    if (f === "results.json") return -1;
+    const name = f.slice("full-".length, -".json".length);
+    const i = partOrder.findIndex((p) => name === p || name.startsWith(`${p}.`));
+    return i < 0 ? partOrder.length : i;
+  };
   return files
     .sort((a, b) => rank(a) - rank(b) || a.localeCompare(b))
     .map((file) => {

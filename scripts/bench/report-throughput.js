@@ -171,10 +171,15 @@ function throughputHeadlines(sets) {
     for (const m of ["lckv-w2", "lckv-w10", "cla", "sandwich"]) {
       const fs = entries.filter((e) => e.set === set && e.row.model === m && e.row.batch).map((e) => figures(e, entries)).filter((f) => f.std);
       if (!fs.length) continue;
-      const range = (k, d = 2) => { const v = fs.map((f) => f[k]).filter((y) => y !== undefined && Number.isFinite(y)); return v.length ? `${fmt(Math.min(...v), d)}x to ${fmt(Math.max(...v), d)}x` : "-"; };
+      const range = (k, d = 2) => {
+        const v = fs.map((f) => f[k]).filter((y) => y !== undefined && Number.isFinite(y));
+        if (!v.length) return "-";
+        const [lo, hi] = [fmt(Math.min(...v), d), fmt(Math.max(...v), d)];
+        return lo === hi ? `${lo}x` : `${lo}x to ${hi}x`;
+      };
       const n = truncatedTokens(set.r);
       const e2e = n === null ? `throughput (full generations, prefill included) ${range("e2eRatio")}` : `tokens/s over the first ${n} generated tokens ${range("e2eRatio")} (not throughput: truncated generations)`;
-      lines.push(`- \`${m}\` (${set.label}): ${range("batchRatio", 1)} larger batches than the standard cache in the same memory; ${e2e} the standard model's; decode ${range("decodeRatio")}${fs.some((f) => f.bound !== undefined) ? `, against a bound of ${range("bound")}` : ""}.`);
+      lines.push(`- \`${m}\` (${set.label.toLowerCase()}): ${range("batchRatio", 1)} larger batches than the standard cache in the same memory; ${e2e} the standard model's; decode ${range("decodeRatio")}${fs.some((f) => f.bound !== undefined) ? `, against a bound of ${range("bound")}` : ""}.`);
     }
   }
   return lines;

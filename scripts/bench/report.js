@@ -39,7 +39,7 @@ function header(sets, L) {
     L.push(`- Run time, ${label.toLowerCase()}: ${fmt(r.seconds, 0)} s${parts ? ` (${parts})` : ""}.`);
   }
   L.push("");
-  L.push("**The default set** (`npm run bench`, about 7 minutes on an H100): the 1.1B shape; standard, LCKV w=2, CLA and sandwich; full generations at 512+1024, 2048+2048 and 5+8187 with a 512 MiB pool per model (two timed runs each); decode against batch, prefill, the attention kernels and node-llama-cpp. **The full protocol** runs in parts of under 10 minutes each on an H100 (`npm run bench -- --full --part <name>`; `--kv-dtypes <list>` runs each model at each K/V type, one part per type where the time asks for it); pools of 2 GiB at 1.1B and 8 GiB at 7B, one timed full generation per row:", "");
+  L.push("**The default set** (`npm run bench`, about 6 to 7 minutes on an H100): the 1.1B shape; standard, LCKV w=2, CLA and sandwich; full generations at 512+1024, 2048+2048 and 5+8187 with a 512 MiB pool per model (two timed runs each); decode against batch, prefill, the attention kernels and node-llama-cpp. **The full protocol** runs in parts of under 10 minutes each on an H100 (`npm run bench -- --full --part <name>`; `--kv-dtypes <list>` runs each model at each K/V type, one part per type where the time asks for it); pools of 2 GiB at 1.1B and 8 GiB at 7B, one timed full generation per row:", "");
   const have = new Set(sets.map((s) => s.r.part).filter(Boolean));
   L.push(table(["part", "what", "estimated minutes (one K/V type)", "in this report"], Object.entries(PARTS).map(([k, p]) => [`\`${k}\``, p.what, `~${p.minutes}`, have.has(k) ? "yes" : "not yet"])), "");
 }
@@ -71,8 +71,8 @@ function decodeLimits(r) {
 function headlines(sets, L) {
   const lines = throughputHeadlines(sets);
   const def = sets.find((s) => s.file === "results.json")?.r ?? sets[0]?.r;
-  const d1 = sets.flatMap((s) => (s.r.decode ?? []).filter((x) => x.batch === 1));
-  if (d1.length) lines.push(`- Batch-1 decode: ${pct(Math.min(...d1.map((x) => x.ofRoofline)))} to ${pct(Math.max(...d1.map((x) => x.ofRoofline)))} of the memory-bandwidth roofline (experiment 2).`);
+  const d1 = sets.flatMap((s) => (s.r.decode ?? []).filter((x) => x.batch === 1 && Number.isFinite(x.ofRoofline))).map((x) => x.ofRoofline);
+  if (d1.length) lines.push(`- Batch-1 decode: ${pct(Math.min(...d1))} to ${pct(Math.max(...d1))} of the memory-bandwidth roofline (experiment 2).`);
   for (const set of sets) {
     for (const p of (set.r.peers ?? []).filter((x) => x.ours && !x.error)) lines.push(`- ${p.peer}, batch ${p.batch}, ${p.context} tokens: lckv is ${fmt(p.msPerStep / p.ours.median, 1)}x faster per step (${set.label}).`);
     for (const shape of (set.r.llamaPeer ?? []).filter((x) => x.rows)) {

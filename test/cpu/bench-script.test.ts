@@ -137,7 +137,7 @@ test("results from truncated generations are rendered, and never called throughp
     const md = fs.readFileSync(path.join(docs, "benchmarks.md"), "utf8");
     expect(md).toContain("tokens/s over the first 32 generated tokens (prefill included; NOT throughput; spread)");
     expect(md).not.toContain("| throughput, tokens/s");
-    expect(md).toMatch(/`lckv-w2` \(Default set\): .* tokens\/s over the first 32 generated tokens .* \(not throughput: truncated generations\)/);
+    expect(md).toMatch(/`lckv-w2` \(default set\): .* tokens\/s over the first 32 generated tokens .* \(not throughput: truncated generations\)/);
   } finally {
     fs.rmSync(docs, { recursive: true, force: true });
   }
