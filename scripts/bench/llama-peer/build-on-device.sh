@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network, no npm; node on the PATH, CUDA 13, cmake, ninja), from the
 # project root, with .llama-peer/pack carried (prepare.sh made it):
-#   1. unpacks node-llama-cpp into .llama-peer/install (again only when the pack is newer);
+#   1. unpacks node-llama-cpp into .llama-peer/install (again only when the pack changed);
 #   2. builds llama.cpp with CUDA for sm_90 only through node-llama-cpp's own `source build --gpu
 #      cuda`, with the CMake options of package.json's "llamaBuild" as its NODE_LLAMA_CPP_CMAKE_OPTION_*
 #      variables: the build lands in llama/localBuilds/linux-x64-cuda-<hash of the options>, where
@@ -23,10 +23,12 @@ install=.llama-peer/install
 nlc=$install/node_modules/node-llama-cpp
 [ -f "$pack" ] || { echo "build-on-device.sh: no $pack: run scripts/bench/llama-peer/prepare.sh and carry .llama-peer/pack" >&2; exit 1; }
 
-if [ ! -f "$install/.unpacked" ] || [ "$pack" -nt "$install/.unpacked" ]; then
+# By content, not by date: a pack carried again on every call must not throw away the build.
+sum=$(sha256sum "$pack" | cut -d' ' -f1)
+if [ "$(cat "$install/.unpacked" 2>/dev/null)" != "$sum" ]; then
   rm -rf "$install"
   tar -C .llama-peer -xJf "$pack"
-  touch "$install/.unpacked"
+  echo "$sum" > "$install/.unpacked"
 fi
 
 # node-llama-cpp compiles by running `npm run -s cmake-js-llama -- <args>`, its package script
