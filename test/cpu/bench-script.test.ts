@@ -1,71 +1,168 @@
 /**
  * `npm run bench` (scripts/bench/run.js) on tiny shapes and the CPU: the script's own logic —
- * batch accounting verified by the pool, warm-up then median, report and charts — runs here,
- * where CI sees it, and not only on the GPU machine. Its figures mean nothing at these shapes.
+ * batch accounting verified by the pool, full generations, warm-up then median, the decode bound
+ * beside every row, a part of the full protocol in a results file of its own, the report and its
+ * charts — runs here, where CI sees it, and not only on the GPU machine. Its figures mean nothing
+ * at these shapes.
  */
-import { execFileSync } from "node:child_process";
+import { spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 
+/* eslint-disable @typescript-eslint/no-var-requires */
+const { decodeGainBound } = require("../../scripts/bench/costs.js");
+const { renderReport } = require("../../scripts/bench/report.js");
+
 const root = path.join(__dirname, "..", "..");
+const runJs = path.join(root, "scripts", "bench", "run.js");
 let out: string;
 let results: Record<string, any>;
+let part: Record<string, any>;
 let report: string;
+
+function bench(args: string[]) {
+  return spawnSync(process.execPath, [runJs, "--tiny", "--device", "cpu", "--out", out, "--work", path.join(out, "models"), "--llama-peer", path.join(out, "no-llama-peer"), ...args], { encoding: "utf8", timeout: 120_000 });
+}
 
 beforeAll(() => {
   out = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-bench-script-"));
-  const args = ["--tiny", "--device", "cpu", "--only", "1,2,3,5", "--models", "standard,lckv-w2", "--kv-memory", "0.002", "--repeats", "2"];
-  execFileSync(process.execPath, [path.join(root, "scripts", "bench", "run.js"), ...args, "--out", out, "--work", path.join(out, "models")], {
-    stdio: ["ignore", "ignore", "pipe"],
-    timeout: 120_000,
-  });
+  // The default set's experiments (the Python peers need the GPU), then one part of the full
+  // protocol at the other shape (no GQA), which goes into a file of its own.
+  const first = bench(["--only", "1,2,3,5,6", "--models", "standard,lckv-w2", "--kv-memory", "0.002", "--repeats", "2"]);
+  if (first.status !== 0) throw new Error(first.stderr);
+  const second = bench(["--full", "--only", "1", "--shapes", "7b", "--lengths", "32+64", "--models", "standard,lckv-w2,cla", "--kv-memory", "0.002", "--repeats", "2"]);
+  if (second.status !== 0) throw new Error(second.stderr);
   results = JSON.parse(fs.readFileSync(path.join(out, "bench", "results.json"), "utf8"));
+  part = JSON.parse(fs.readFileSync(path.join(out, "bench", "full-custom-1-7b.json"), "utf8"));
   report = fs.readFileSync(path.join(out, "benchmarks.md"), "utf8");
-}, 150_000);
+}, 240_000);
 
 afterAll(() => fs.rmSync(out, { recursive: true, force: true }));
 
-test("experiment 1: every length pair of both models ran at the batch the pool verified, and LCKV fits more", () => {
+test("experiment 1: full generations of every request, at the batch the pool verified, with the bound's inputs", () => {
   const rows = results.throughput as any[];
   expect(rows).toHaveLength(6);
   for (const r of rows) {
+    expect(r.shape).toBe("1.1b");
     expect(r.verified).toBe(true);
     expect(r.batch).toBeGreaterThan(0);
-    expect(r.tokPerS.samples).toHaveLength(2); // --repeats 2, after the warm-up
-    expect(r.tokPerS.median).toBeGreaterThan(0);
+    // Every token of every request, twice (two timed runs after the warm-up).
+    expect(r.generatedTokens).toBe(r.batch * r.gen);
+    expect(r.tokPerS.samples).toHaveLength(2);
+    r.tokPerS.samples.forEach((t: number, i: number) => expect(t).toBeCloseTo((r.generatedTokens / r.wallMs.samples[i]) * 1e3, 6));
+    expect(r.lastFirstTokenMs.median).toBeLessThanOrEqual(r.wallMs.median);
     // The generation phase alone, at the same batch, mid-generation.
     expect(r.decodeContext).toBe(r.prompt + Math.floor(r.gen / 2));
     expect(r.decodeMsPerStep.samples).toHaveLength(2);
     expect(r.decodeTokPerS).toBeCloseTo((r.batch * 1e3) / r.decodeMsPerStep.median, 6);
+    // A = layers x context x 2 x K/V heads x head size x bytes: 6 layers, 2 K/V heads of 32, f32.
+    expect(r.kvBytesPerElement).toBe(4);
+    expect(r.attentionBytes).toBe(6 * r.decodeContext * 2 * 2 * 32 * 4);
+    expect(r.weightBytes).toBeGreaterThan(0);
   }
   for (const [prompt, gen] of [[32, 64], [128, 128], [5, 251]]) {
     const of = (m: string) => rows.find((r) => r.model === m && r.prompt === prompt && r.gen === gen);
     expect(of("lckv-w2").batch).toBeGreaterThan(of("standard").batch);
     expect(of("lckv-w2").kvBytesPerToken).toBeLessThan(of("standard").kvBytesPerToken);
+    // LCKV drops the K/V projections of the layers that do not cache: fewer weight bytes; the same A.
+    expect(of("lckv-w2").weightBytes).toBeLessThan(of("standard").weightBytes);
+    expect(of("lckv-w2").attentionBytes).toBe(of("standard").attentionBytes);
   }
+  // The variants link to the shape's one weights file instead of writing their own.
+  const lckvWeights = path.join(out, "models", "tiny-gqa", "lckv-w2", "model.safetensors");
+  expect(fs.lstatSync(lckvWeights).isSymbolicLink()).toBe(true);
+  expect(fs.realpathSync(lckvWeights)).toBe(fs.realpathSync(path.join(out, "models", "tiny-gqa", "standard", "model.safetensors")));
 });
 
-test("experiments 2, 3 and 5 wrote their rows with finite timings", () => {
+test("a part of the full protocol: its own file, the other shape (no GQA), one timed generation, the lengths asked for", () => {
+  expect(part.full).toBe(true);
+  expect(part.generationRuns).toBe(1);
+  const rows = part.throughput as any[];
+  expect(rows.map((r) => r.model)).toEqual(["standard", "lckv-w2", "cla"]);
+  for (const r of rows) {
+    expect([r.shape, r.prompt, r.gen]).toEqual(["7b", 32, 64]);
+    expect(r.tokPerS.samples).toHaveLength(1);
+    expect(r.generatedTokens).toBe(r.batch * r.gen);
+  }
+  // No GQA: 4 K/V heads of 32, f32, 6 layers for the standard model.
+  expect(rows[0].kvBytesPerToken).toBe(6 * 2 * 4 * 32 * 4);
+  // The default set's file was left alone.
+  expect(results.throughput.every((r: any) => r.shape === "1.1b")).toBe(true);
+});
+
+test("experiments 2, 3 and 5 wrote their rows with finite timings; experiment 6 says why it has none", () => {
   for (const key of ["decode", "prefill", "attention"]) {
     const rows = results[key] as any[];
     expect(rows.length).toBeGreaterThan(0);
     for (const r of rows) expect(Number.isFinite(r.ms?.median ?? r.msPerStep?.median)).toBe(true);
   }
-  // Prefill: the LCKV model runs each of its modes.
   const modes = new Set((results.prefill as any[]).filter((r) => r.model === "lckv-w2").map((r) => r.mode));
   expect([...modes].sort()).toEqual(["fixed-point", "iterative", "sequential"]);
-  expect(Object.keys(results.experimentSeconds).sort()).toEqual(["attention", "decode", "prefill", "setup", "throughput"]);
+  expect(Object.keys(results.experimentSeconds).sort()).toEqual(["attention", "decode", "llamaPeer", "prefill", "setup", "throughput"]);
+  expect(results.llamaPeer).toEqual([{ shape: "1.1b", error: expect.stringContaining("node-llama-cpp is not installed") }]);
+  expect(results.llamaPeer[0].error).toContain("prepare.sh");
 });
 
-test("the report has a section per experiment run, the command, and both charts", () => {
-  expect(report).toContain("decode tokens/s at this batch");
-  for (const heading of ["## 1. The paper's throughput experiment", "## 2. Decode against batch size", "## 3. Prefill", "## 5. Attention alone"])
+test("the report: both results files, the bound beside every row of full generations, the losses, the parts", () => {
+  for (const heading of ["## 1. The paper's throughput experiment", "## The bound beside every row", "## Where LCKV loses, where it wins, and why", "## 2. Decode against batch size", "## 3. Prefill", "## 5. Attention alone", "## 6. node-llama-cpp"])
     expect(report).toContain(heading);
-  expect(report).not.toContain("## 4. Peers");
+  expect(report).not.toContain("## 4.");
   expect(report).toContain("npm run bench -- --tiny --device cpu");
-  for (const chart of ["throughput-vs-batch.svg", "memory-vs-context.svg"]) {
+  expect(report).toContain("full-custom-1-7b.json");
+  expect(report).toContain("Not measured: node-llama-cpp is not installed");
+  expect(report).toContain("bound = (W_std / B_std + A) / (W / B + A)");
+  // Full generations are called throughput, and each non-standard row carries its bound, computed
+  // from its row and the standard row of the same cell.
+  expect(report).toContain("| throughput, tokens/s (prefill included; spread) |");
+  expect(report).not.toContain("NOT throughput");
+  const std = (results.throughput as any[]).find((r) => r.model === "standard" && r.prompt === 128);
+  const lckv = (results.throughput as any[]).find((r) => r.model === "lckv-w2" && r.prompt === 128);
+  const bound = decodeGainBound({ wStd: std.weightBytes, batchStd: std.batch, w: lckv.weightBytes, batch: lckv.batch, a: lckv.attentionBytes });
+  const line = report.split("\n").find((l) => /\| lckv-w2 \| .* \| 128\+128 \|/.test(l))!;
+  expect(line.split(" | ")[9]).toBe(`${bound.toFixed(2)}x`);
+  for (const k of Object.keys(require("../../scripts/bench/parts.js").PARTS)) expect(report).toContain(`| \`${k}\` |`);
+  for (const chart of ["throughput-vs-batch.svg", "memory-vs-context.svg", "memory-vs-context-7b.svg"]) {
     const svg = fs.readFileSync(path.join(out, "bench", chart), "utf8");
     expect(svg.startsWith("<svg")).toBe(true);
+  }
+});
+
+test("results from truncated generations are rendered, and never called throughput", () => {
+  const docs = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-bench-old-"));
+  try {
+    fs.mkdirSync(path.join(docs, "bench"));
+    fs.copyFileSync(path.join(root, "docs", "bench", "results.json"), path.join(docs, "bench", "results.json"));
+    renderReport(docs);
+    const md = fs.readFileSync(path.join(docs, "benchmarks.md"), "utf8");
+    expect(md).toContain("tokens/s over the first 32 generated tokens (prefill included; NOT throughput; spread)");
+    expect(md).not.toContain("| throughput, tokens/s");
+    expect(md).toMatch(/`lckv-w2` \(default set\): .* tokens\/s over the first 32 generated tokens .* \(not throughput: truncated generations\)/);
+  } finally {
+    fs.rmSync(docs, { recursive: true, force: true });
+  }
+});
+
+test("bad options: an unknown K/V type or shape, --full without a part, are refused by name", () => {
+  const kv = bench(["--kv-dtypes", "f16"]);
+  expect(kv.status).toBe(2);
+  expect(kv.stderr).toContain("--kv-dtypes: unknown K/V cache type 'f16' (known: f32, bf16, fp8, int8, int4)");
+  const shape = bench(["--shapes", "13b"]);
+  expect(shape.status).toBe(2);
+  expect(shape.stderr).toContain("--shapes: unknown shape '13b'");
+  const full = bench(["--full"]);
+  expect(full.status).toBe(2);
+  expect(full.stderr).toContain("--full runs in parts of under 10 minutes: add --part <name> (1.1b, 7b-a, 7b-b, kernels, peers, llama-7b)");
+});
+
+test("--kv-dtypes reaches loadModel as kvCacheDtype, and the row records the type", () => {
+  const r = bench(["--only", "1", "--models", "standard", "--lengths", "32+64", "--kv-dtypes", "bf16", "--kv-memory", "0.002", "--repeats", "1", "--out", path.join(out, "kv")]);
+  if (r.status === 0) {
+    const rows = JSON.parse(fs.readFileSync(path.join(out, "kv", "bench", "results.json"), "utf8")).throughput;
+    expect(rows.map((x: any) => x.kvDtype)).toEqual(["bf16"]);
+    expect(rows[0].kvBytesPerElement).toBe(2);
+  } else {
+    // An engine without the option names it in its refusal.
+    expect(r.stderr).toContain("kvCacheDtype");
   }
 });

@@ -1,0 +1,99 @@
+/**
+ * How the bench times things: a median of several runs after a warm-up, with its spread; random
+ * prompts; decode steps of forked sequences; and full generations of a batch of requests.
+ */
+
+const now = () => Number(process.hrtime.bigint()) / 1e6;
+
+function log(...a) {
+  process.stderr.write(a.join(" ") + "\n");
+}
+
+/** The median of `samples`, their spread ((max - min) / median) and whether it is above 5%. */
+function summary(samples) {
+  const s = [...samples].sort((a, b) => a - b);
+  const median = s[Math.floor(s.length / 2)];
+  const spread = s.length > 1 ? (s[s.length - 1] - s[0]) / median : 0;
+  return { median, spread, samples, flagged: spread > 0.05 };
+}
+
+/** One untimed warm-up call of `fn`, then `runs` calls; `fn` returns its own figure (ms). */
+async function measure(fn, runs) {
+  await fn();
+  const t = [];
+  for (let i = 0; i < runs; i++) t.push(await fn());
+  return summary(t);
+}
+
+let seed = 1;
+/** `n` random token ids below `vocab` (at or above `from`), from one stream for the whole run. */
+function randomIds(n, vocab, from = 0) {
+  const out = new Array(n);
+  for (let i = 0; i < n; i++) {
+    seed = (seed * 1103515245 + 12345) >>> 0;
+    out[i] = from + (seed % (vocab - from));
+  }
+  return out;
+}
+
+/**
+ * `count` sequences of `tokens` random tokens each, to be forked for decode timings. One pass of
+ * the iterative prefill: their K/V only has to be there, not exact.
+ */
+async function randomPrefixes(model, count, tokens) {
+  const bases = [];
+  for (let i = 0; i < count; i++) {
+    const s = model.createSequence();
+    await s.append(randomIds(tokens, model.config.vocabSize), { prefill: "iterative", prefillPasses: 1 });
+    bases.push(s);
+  }
+  return bases;
+}
+
+/**
+ * Median ms per decode step of `batch` forks of `bases` (round robin), each generating `steps`
+ * tokens at once: the scheduler runs them as one batch.
+ */
+async function forkedDecodeMs(bases, batch, steps, runs) {
+  return measure(async () => {
+    const seqs = Array.from({ length: batch }, (_, i) => bases[i % bases.length].fork());
+    const t0 = now();
+    await Promise.all(seqs.map(async (s) => {
+      for await (const x of s.generate({ maxNewTokens: steps, temperature: 0, ignoreEos: true })) void x;
+    }));
+    const ms = (now() - t0) / steps;
+    for (const s of seqs) s.dispose();
+    return ms;
+  }, runs);
+}
+
+/**
+ * `batch` requests of `prompt` random tokens, each generating `gen` tokens (end-of-sequence
+ * ignored), all started at once as a server would take them; the iterative prefill for LCKV.
+ * Returns the wall time, the tokens generated, and when the last of the requests produced its
+ * first token (every prompt prefilled by then; decode steps of the requests that started first
+ * may have run in between). `stopAfter` ends each request early: used for warm-ups only, whose
+ * figures are never reported.
+ */
+async function generation(model, prompt, gen, batch, stopAfter = gen) {
+  const V = model.config.vocabSize;
+  let lastFirstToken = 0;
+  const t0 = now();
+  const counts = await Promise.all(
+    Array.from({ length: batch }, async () => {
+      const ac = new AbortController();
+      let n = 0;
+      for await (const c of model.stream(randomIds(prompt, V), { maxNewTokens: gen, temperature: 0, ignoreEos: true, signal: ac.signal, prefill: "iterative" })) {
+        void c;
+        if (++n === 1) lastFirstToken = Math.max(lastFirstToken, now() - t0);
+        if (n >= Math.min(gen, stopAfter)) ac.abort();
+      }
+      return n;
+    }),
+  );
+  const ms = now() - t0;
+  const tokens = counts.reduce((a, b) => a + b, 0);
+  return { ms, tokens, tokPerS: (tokens / ms) * 1e3, lastFirstTokenMs: lastFirstToken };
+}
+
+module.exports = { now, log, summary, measure, randomIds, randomPrefixes, forkedDecodeMs, generation };
