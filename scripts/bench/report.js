@@ -96,7 +96,7 @@ function headlines(sets, L) {
         : `With full generations, prefill's share of each row's wall time is in experiment 1's table: with a large batch, LCKV prefills many more prompts, each in several passes, before its generations pay back.`) +
       ` The paper's large gains (up to 26x, 7B to 30B on an A100 with HF generate) come from a regime where the standard model's batch is memory-starved and per-step overhead dominates; the bound beside each row of experiment 1 says how much of that regime a row is in.`,
     decodeLimits(def),
-    "- K/V cache type: each row names it; until the compact K/V types land the engine caches K/V in f32 (transformers and llama.cpp keep f16/bf16), which doubles the K/V bytes per token. At one type, the ratios between our models are unaffected.",
+    "- K/V cache type: each row names it (bf16 is the engine's default; experiment 7 sets the types side by side). At one type, the ratios between our models are unaffected.",
     "",
   );
 }
@@ -165,6 +165,30 @@ function attentionSection(sets, L) {
   }
 }
 
+function kvTypesSection(sets, L) {
+  const withRows = sets.filter((s) => s.r.kvTypes);
+  if (!withRows.length) return;
+  L.push("## 7. K/V cache types", "");
+  L.push("The standard model in each K/V cache type (`kvCacheDtype`). Capacity: sequences of 2048 + 2048 tokens one pool holds, from the engine's page size (scales and padding count). Decode: distinct sequences (no shared pages), against the type's roofline, (weights + batch x context x K/V bytes per token) / copy bandwidth. Attention alone as in experiment 5, counting each type's own bytes.", "");
+  for (const set of withRows) {
+    const r = set.r;
+    L.push(`### ${set.label} (\`${set.file}\`: ${r.date}, ${r.rates.card})`, "", ...measuredAt(r, "kvTypes"));
+    const f32 = r.kvTypes.find((x) => x.kvCacheDtype === "f32");
+    const rows = r.kvTypes.map((x) => [
+      x.kvCacheDtype,
+      fmt(x.decode.kvBytesPerToken, 0),
+      `${x.capacity}${f32 ? ` (${fmt(x.capacity / f32.capacity, 2)}x)` : ""}`,
+      fmt(x.decode.ms.median, 3),
+      fmt(x.decode.roofMs, 3),
+      pct(x.decode.ofRoofline),
+      fmt(x.batch1.ms.median, 3),
+      ...x.attention.map((a) => `${fmt(a.gbps, 0)} (${pct(a.ofCopy)})`),
+    ]);
+    const first = r.kvTypes[0];
+    L.push(table(["K/V type", "bytes / token", `sequences of ${first.capacityContext} in ${first.poolGiB} GiB`, `decode ${first.batch} x ${first.context} ms / step`, "roofline ms", "of roofline", "batch 1, 128 tokens, ms / step", ...first.attention.map((a) => `attention ${a.sequences} x ${a.context} GB/s`)], rows), "");
+  }
+}
+
 function renderReport(outDir) {
   const benchDir = path.join(outDir, "bench");
   fs.mkdirSync(benchDir, { recursive: true });
@@ -179,6 +203,7 @@ function renderReport(outDir) {
   hfPeersSection(sets, L);
   attentionSection(sets, L);
   llamaPeerSection(sets, L);
+  kvTypesSection(sets, L);
   fs.writeFileSync(path.join(outDir, "benchmarks.md"), L.join("\n") + "\n");
 }
 

@@ -19,8 +19,10 @@
  *   3. prefill throughput against prompt length, for each LCKV prefill mode;
  *   4. the Python peers: transformers eager and static cache, and the PyTorch reference of LCKV;
  *   5. the attention kernels alone, in each shape's heads;
- *   6. node-llama-cpp (llama.cpp) through its own API, on GGUF files of the same shape.
- * The default set: the 1.1B shape, experiments 1, 2, 3, 5 and 6, a 512 MiB pool, two timed full
+ *   6. node-llama-cpp (llama.cpp) through its own API, on GGUF files of the same shape;
+ *   7. the K/V cache types side by side: capacity in one pool, decode at batch 64 and 2048 tokens
+ *      against each type's roofline, batch 1, and the attention alone (experiments/kv-types.js).
+ * The default set: the 1.1B shape, experiments 1, 2, 3, 5, 6 and 7, a 512 MiB pool, two timed full
  * generations per row.
  *
  * The full protocol runs in parts (parts.js), each a preset of --shapes, --only and --models:
@@ -60,8 +62,9 @@ const EXPERIMENTS = [
   [4, "peers", require("./experiments/hf-peers").experimentHfPeers],
   [5, "attention", require("./experiments/attention").experimentAttention],
   [6, "llamaPeer", require("./experiments/llama-peer").experimentLlamaPeer],
+  [7, "kvTypes", require("./experiments/kv-types").experimentKvTypes],
 ];
-const DEFAULT_SET = { shapes: ["1.1b"], only: [1, 2, 3, 5, 6], models: ["standard", "lckv-w2", "cla", "sandwich"] };
+const DEFAULT_SET = { shapes: ["1.1b"], only: [1, 2, 3, 5, 6, 7], models: ["standard", "lckv-w2", "cla", "sandwich"] };
 
 const list = (v) => v.split(",").map((x) => x.trim()).filter(Boolean);
 function fail(message) {

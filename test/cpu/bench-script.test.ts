@@ -29,7 +29,7 @@ beforeAll(() => {
   out = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-bench-script-"));
   // The default set's experiments (the Python peers need the GPU), then one part of the full
   // protocol at the other shape (no GQA), which goes into a file of its own.
-  const first = bench(["--only", "1,2,3,5,6", "--models", "standard,lckv-w2", "--kv-memory", "0.002", "--repeats", "2"]);
+  const first = bench(["--only", "1,2,3,5,6,7", "--models", "standard,lckv-w2", "--kv-memory", "0.002", "--repeats", "2"]);
   if (first.status !== 0) throw new Error(first.stderr);
   const second = bench(["--full", "--only", "1", "--shapes", "7b", "--lengths", "32+64", "--models", "standard,lckv-w2,cla", "--kv-memory", "0.002", "--repeats", "2"]);
   if (second.status !== 0) throw new Error(second.stderr);
@@ -56,9 +56,10 @@ test("experiment 1: full generations of every request, at the batch the pool ver
     expect(r.decodeContext).toBe(r.prompt + Math.floor(r.gen / 2));
     expect(r.decodeMsPerStep.samples).toHaveLength(2);
     expect(r.decodeTokPerS).toBeCloseTo((r.batch * 1e3) / r.decodeMsPerStep.median, 6);
-    // A = layers x context x 2 x K/V heads x head size x bytes: 6 layers, 2 K/V heads of 32, f32.
-    expect(r.kvBytesPerElement).toBe(4);
-    expect(r.attentionBytes).toBe(6 * r.decodeContext * 2 * 2 * 32 * 4);
+    // A = layers x context x 2 x K/V heads x head size x bytes: 6 layers, 2 K/V heads of 32, in
+    // the engine's default K/V type (bf16).
+    expect(r.kvBytesPerElement).toBe(2);
+    expect(r.attentionBytes).toBe(6 * r.decodeContext * 2 * 2 * 32 * 2);
     expect(r.weightBytes).toBeGreaterThan(0);
   }
   for (const [prompt, gen] of [[32, 64], [128, 128], [5, 251]]) {
@@ -85,8 +86,8 @@ test("a part of the full protocol: its own file, the other shape (no GQA), one t
     expect(r.tokPerS.samples).toHaveLength(1);
     expect(r.generatedTokens).toBe(r.batch * r.gen);
   }
-  // No GQA: 4 K/V heads of 32, f32, 6 layers for the standard model.
-  expect(rows[0].kvBytesPerToken).toBe(6 * 2 * 4 * 32 * 4);
+  // No GQA: 4 K/V heads of 32, bf16 (the default), 6 layers for the standard model.
+  expect(rows[0].kvBytesPerToken).toBe(6 * 2 * 4 * 32 * 2);
   // The default set's file was left alone.
   expect(results.throughput.every((r: any) => r.shape === "1.1b")).toBe(true);
 });
@@ -99,9 +100,29 @@ test("experiments 2, 3 and 5 wrote their rows with finite timings; experiment 6 
   }
   const modes = new Set((results.prefill as any[]).filter((r) => r.model === "lckv-w2").map((r) => r.mode));
   expect([...modes].sort()).toEqual(["fixed-point", "iterative", "sequential"]);
-  expect(Object.keys(results.experimentSeconds).sort()).toEqual(["attention", "decode", "llamaPeer", "prefill", "setup", "throughput"]);
+  expect(Object.keys(results.experimentSeconds).sort()).toEqual(["attention", "decode", "kvTypes", "llamaPeer", "prefill", "setup", "throughput"]);
   expect(results.llamaPeer).toEqual([{ shape: "1.1b", error: expect.stringContaining("node-llama-cpp is not installed") }]);
   expect(results.llamaPeer[0].error).toContain("prepare.sh");
+});
+
+test("experiment 7: every K/V type's capacity from the engine's pages, decode against its roofline, attention counting its own bytes", () => {
+  const rows = results.kvTypes as any[];
+  expect(rows.map((r) => r.kvCacheDtype)).toEqual(["f32", "bf16", "fp8", "int8", "int4"]);
+  const of = (t: string) => rows.find((r) => r.kvCacheDtype === t);
+  // The standard tiny model: 6 layers x 2 K/V heads of 32; the scaled types add 4 bytes of scales per K/V head.
+  const perToken = { f32: 6 * 2 * 2 * 32 * 4, bf16: 6 * 2 * 2 * 32 * 2, fp8: 6 * (2 * 2 * 32 + 2 * 4), int8: 6 * (2 * 2 * 32 + 2 * 4), int4: 6 * (2 * 32 + 2 * 4) };
+  for (const r of rows) {
+    expect(r.decode.kvBytesPerToken).toBe(perToken[r.kvCacheDtype as keyof typeof perToken]);
+    expect(r.capacity).toBe(Math.floor(Math.floor((r.poolGiB * 2 ** 30) / r.pageBytes) / (r.capacityContext / 16)));
+    expect(Number.isFinite(r.decode.ms.median) && Number.isFinite(r.batch1.ms.median)).toBe(true);
+    for (const a of r.attention) expect(a.gbps).toBeGreaterThan(0);
+  }
+  // Fewer bytes per token, more sequences in the same pool; and the attention's bytes are the type's own.
+  expect(of("int4").capacity).toBeGreaterThan(of("int8").capacity);
+  expect(of("int8").capacity).toBeGreaterThan(of("bf16").capacity);
+  expect(of("bf16").capacity).toBeGreaterThan(of("f32").capacity);
+  expect(of("int4").attention[0].bytes).toBeLessThan(of("f32").attention[0].bytes / 4);
+  expect(report).toContain("## 7. K/V cache types");
 });
 
 test("the report: both results files, the bound beside every row of full generations, the losses, the parts", () => {
