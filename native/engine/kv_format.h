@@ -111,6 +111,12 @@ LCKV_HD float kvBitsFloat(uint32_t u) {
 #endif
 }
 
+// m >> shift rounded to nearest, ties to even (shift 1 to 31).
+LCKV_HD uint32_t kvRoundShift(uint32_t m, int shift) {
+  const uint32_t q = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
+  return q + ((rem > half || (rem == half && (q & 1u))) ? 1u : 0u);
+}
+
 // Round to nearest even; NaN stays NaN.
 LCKV_HD uint16_t kvF32ToBf16(float f) {
   const uint32_t x = kvFloatBits(f);
@@ -130,17 +136,9 @@ LCKV_HD uint16_t kvF32ToF16(float f) {
     const int e = (int)(x >> 23);
     const int shift = 126 - e;
     if (shift > 24) return sign;  // below 2^-25
-    const uint32_t m = (x & 0x7fffffu) | 0x800000u;
-    uint32_t q = m >> shift;
-    const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
-    if (rem > half || (rem == half && (q & 1u))) ++q;
-    return sign | (uint16_t)q;
+    return sign | (uint16_t)kvRoundShift((x & 0x7fffffu) | 0x800000u, shift);
   }
-  const uint32_t r = x - 0x38000000u;  // exponent rebiased from 127 to 15
-  uint32_t q = r >> 13;
-  const uint32_t rem = r & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (q & 1u))) ++q;
-  return sign | (uint16_t)q;
+  return sign | (uint16_t)kvRoundShift(x - 0x38000000u, 13);  // exponent rebiased from 127 to 15
 }
 LCKV_HD float kvF16ToF32(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
@@ -162,16 +160,9 @@ LCKV_HD uint8_t kvF32ToE4m3(float f) {
     const int e = (int)(x >> 23);
     const int shift = 141 - e;
     if (shift > 24) return sign;
-    const uint32_t m = (x & 0x7fffffu) | 0x800000u;
-    uint32_t q = m >> shift;
-    const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
-    if (rem > half || (rem == half && (q & 1u))) ++q;
-    return sign | (uint8_t)q;
+    return sign | (uint8_t)kvRoundShift((x & 0x7fffffu) | 0x800000u, shift);
   }
-  const uint32_t r = x - (120u << 23);  // exponent rebiased from 127 to 7
-  uint32_t q = r >> 20;
-  const uint32_t rem = r & 0xfffffu;
-  if (rem > 0x80000u || (rem == 0x80000u && (q & 1u))) ++q;
+  const uint32_t q = kvRoundShift(x - (120u << 23), 20);  // exponent rebiased from 127 to 7
   return sign | (uint8_t)(q > 0x7eu ? 0x7eu : q);
 }
 LCKV_HD float kvE4m3ToF32(uint8_t c) {

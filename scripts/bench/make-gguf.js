@@ -89,21 +89,13 @@ function llamaGguf(shape, type = "f16", seed = 1) {
 module.exports = { llamaGguf, llamaVocab, WEIGHT_TYPES };
 
 if (require.main === module) {
-  const o = new Command()
+  const { addShapeOptions } = require("./shape-options");
+  const command = new Command()
     .name("make-gguf")
     .description("a Llama GGUF of random weights (TinyLlama-1.1B's shape by default), for node-llama-cpp's side of the benchmark")
     .requiredOption("--out <file>", "the GGUF file to write")
-    .option("--type <t>", `matrix weights: ${Object.keys(WEIGHT_TYPES).join(", ")}`, "f16")
-    .option("--layers <n>", "layers", "22")
-    .option("--hidden <n>", "hidden size", "2048")
-    .option("--heads <n>", "attention heads", "32")
-    .option("--kv-heads <n>", "K/V heads", "4")
-    .option("--intermediate <n>", "MLP size", "5632")
-    .option("--vocab <n>", "vocabulary size", "32000")
-    .option("--seed <n>", "random seed", "1")
-    .option("--max-positions <n>", "context_length", "16384")
-    .parse()
-    .opts();
+    .option("--type <t>", `matrix weights: ${Object.keys(WEIGHT_TYPES).join(", ")}`, "f16");
+  const o = addShapeOptions(command, "context_length").parse().opts();
   const shape = { layers: +o.layers, hidden: +o.hidden, heads: +o.heads, kvHeads: +o.kvHeads, intermediate: +o.intermediate, vocab: +o.vocab, maxPositions: +o.maxPositions, normEps: 1e-5, ropeTheta: 10000 };
   const tmp = `${o.out}.partial`;
   const { tensors } = writeGguf(tmp, llamaGguf(shape, o.type, +o.seed));

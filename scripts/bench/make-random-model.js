@@ -10,24 +10,16 @@
 const fs = require("node:fs");
 const path = require("node:path");
 const { Command } = require("commander");
+const { addShapeOptions } = require("./shape-options");
 const { Xorshift32, randomBf16, BF16_ONE } = require("./random-weights");
 
-const values = new Command()
+const command = new Command()
   .name("make-random-model")
   .description("a model directory with random bf16 weights (TinyLlama-1.1B's shape by default), for speed measurements")
   .requiredOption("--out <dir>", "the model directory to write")
   .option("--layer-types <pattern>", "LCKV layer_types, one target per layer (default: standard)")
-  .option("--weights-from <file>", "link model.safetensors to this file of the same shape instead of writing one")
-  .option("--layers <n>", "layers", "22")
-  .option("--hidden <n>", "hidden size", "2048")
-  .option("--heads <n>", "attention heads", "32")
-  .option("--kv-heads <n>", "K/V heads", "4")
-  .option("--intermediate <n>", "MLP size", "5632")
-  .option("--vocab <n>", "vocabulary size", "32000")
-  .option("--seed <n>", "random seed", "1")
-  .option("--max-positions <n>", "max_position_embeddings", "16384")
-  .parse()
-  .opts();
+  .option("--weights-from <file>", "link model.safetensors to this file of the same shape instead of writing one");
+const values = addShapeOptions(command, "max_position_embeddings").parse().opts();
 const L = +values.layers, E = +values.hidden, H = +values.heads, KV = +values.kvHeads, I = +values.intermediate, V = +values.vocab;
 const hd = E / H;
 if (values.layerTypes && values.layerTypes.split("_").length !== L) throw new Error("--layer-types needs one entry per layer");

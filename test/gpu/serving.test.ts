@@ -6,26 +6,14 @@
  * every K/V cache type: copy-on-write, forks, prefix reuse, truncation, shifts and windows work
  * on pages of codes and scales as they do on floats.
  */
-import { batchingTests } from "../serving/batching";
-import { contextShiftTests } from "../serving/context-shift";
-import { kvPoolTests } from "../serving/kv-pool";
-import { lifecycleTests } from "../serving/lifecycle";
-import { prefixCacheTests } from "../serving/prefix-cache";
-import { sequenceTests } from "../serving/sequence";
-import { slidingWindowTests } from "../serving/sliding-window";
 import { describeIfGpu } from "../helpers/device";
 import { KV_CACHE_DTYPES } from "../../lib/kv-cache-dtype";
+import { servingSuites } from "../serving/suites";
 
 process.env.LCKV_QUIET = "1";
 const describeGpu = describeIfGpu("GPU serving tests");
 
 describeGpu.each(KV_CACHE_DTYPES)("cuda, %s K/V", (kvCacheDtype) => {
   const dev = { device: "cuda", dtype: "f32", kvCacheDtype } as const;
-  describe("batching", () => batchingTests(dev));
-  describe("sequences", () => sequenceTests(dev));
-  describe("prefix cache", () => prefixCacheTests(dev));
-  describe("K/V pool", () => kvPoolTests(dev));
-  describe("lifecycle", () => lifecycleTests(dev));
-  describe("context shift", () => contextShiftTests(dev));
-  describe("sliding window", () => slidingWindowTests(dev));
+  servingSuites(dev);
 });
