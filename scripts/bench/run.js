@@ -162,7 +162,14 @@ function resultsFile(benchDir) {
   // --only with earlier results in the same file: keep the experiments not rerun.
   if (opt.only && fs.existsSync(file)) {
     const old = JSON.parse(fs.readFileSync(file, "utf8"));
-    for (const [n, key] of EXPERIMENTS) if (old[key] && !only.has(n)) results[key] = old[key];
+    const kept = EXPERIMENTS.filter(([n, key]) => old[key] && !only.has(n));
+    for (const [, key] of kept) results[key] = old[key];
+    if (kept.length) {
+      // What describes the kept figures stays with them: an earlier protocol's truncated
+      // generations (never to be read as throughput) and the models they ran.
+      if (old.measuredTokens !== undefined) results.measuredTokens = old.measuredTokens;
+      results.models = { ...(old.models ?? {}), ...results.models };
+    }
     results.commands = [...(old.commands ?? [`${old.command} (${old.date}, ${old.rates?.card})`])];
     results.measuredAt = { ...(old.measuredAt ?? {}) };
     results.experimentSeconds = { ...(old.experimentSeconds ?? {}) };
