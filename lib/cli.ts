@@ -19,6 +19,7 @@ import { KV_CACHE_DTYPES, KvCacheDtype } from "./kv-cache-dtype";
 import { loadModel, LoadOptions } from "./load-model";
 import { Model } from "./model";
 import { createServer } from "./server/server";
+import { condenseModel } from "./condense/condense";
 import { evaluatePerplexity } from "./eval";
 import type { GenerationStream } from "./generation-stream";
 import { GenerateOptions, resolveGenerateOptions } from "./options";
@@ -299,6 +300,60 @@ program
     } finally {
       await model.dispose();
     }
+  });
+
+program
+  .command("condense")
+  .description("turn a pretrained standard model into a condensed-K/V one without training (docs/condense.md)")
+  .argument("<model>", "a Hugging Face model directory, or a hub id org/name[@revision]")
+  .requiredOption("--out <dir>", "the directory to write (must not exist)")
+  .requiredOption("--calib <file>", "UTF-8 calibration text (its last tenth is held back to check the result)")
+  .option("--kv-layers <n>", "layers that keep their K/V", posIntArg("--kv-layers"))
+  .option("--ratio <r>", "the fraction of the layers' K/V kept, in (0, 1)", numArg("--ratio"))
+  .addOption(new Option("--method <m>", "linear: fitted maps folded into W_q and W_o; share: read the K/V as they are").choices(["linear", "share"]).default("linear"))
+  .option("--calib-tokens <n>", "calibration tokens read (default 16384)", posIntArg("--calib-tokens"))
+  .option("--json", "print the report as JSON")
+  .addOption(deviceOption())
+  .action(async (model: string, o) => {
+    let text: string;
+    try {
+      text = fs.readFileSync(o.calib, "utf8");
+    } catch (e) {
+      throw new LckvError("LCKV_IO", `cannot read --calib ${o.calib}: ${(e as Error).message}`);
+    }
+    const bar = process.stderr.isTTY
+      ? new SingleBar({ format: "{phase} {bar} {value}/{total}", stream: process.stderr, clearOnComplete: true, hideCursor: true })
+      : undefined;
+    let phase = "";
+    let report;
+    try {
+      report = await condenseModel(model, {
+        out: o.out,
+        calibrationText: text,
+        calibrationFile: o.calib,
+        kvLayers: o.kvLayers,
+        ratio: o.ratio,
+        method: o.method,
+        device: o.device,
+        calibrationTokens: o.calibTokens,
+        onProgress: (p, done, total) => {
+          if (p !== phase) {
+            bar?.stop();
+            bar?.start(total, 0, { phase: p === "calibrate" ? "calibrating" : "checking" });
+            phase = p;
+          }
+          bar?.update(done);
+        },
+      });
+    } finally {
+      bar?.stop();
+    }
+    if (o.json) process.stdout.write(JSON.stringify(report, null, 2) + "\n");
+    else
+      process.stdout.write(
+        `wrote ${report.out}: layer_types ${report.layerTypes.join("_")} (${report.kvLayers.length} of ${report.layerTypes.length} layers keep K/V); ` +
+          `held-back perplexity ${report.perplexity.source.toFixed(4)} -> ${report.perplexity.condensed.toFixed(4)}\n`,
+      );
   });
 
 program

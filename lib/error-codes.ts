@@ -57,6 +57,8 @@ export const ERROR_CODES = [
   "LCKV_INVALID_INPUT",
   // A prompt with no tokens.
   "LCKV_EMPTY_PROMPT",
+  // lckv condense was given too little calibration text to fit its maps and check them.
+  "LCKV_CALIBRATION_TOO_SHORT",
   // generate() on a sequence that holds no tokens yet.
   "LCKV_EMPTY_SEQUENCE",
   // Text given to a model directory that has no tokenizer.json.

@@ -69,6 +69,8 @@ export interface NativeSequence {
   pagesToReserve(totalTokens: number, extraPages?: number, decodeFrom?: number): number;
   /** Pages shift(sink, drop) would take beyond those it frees (copies of shared pages it rewrites). */
   pagesToShift(sink: number, drop: number): number;
+  /** K then V of KV slot `slot` at positions [start, start + n), decoded from the cache's type (2 n kvDim floats). */
+  readKv(slot: number, start: number, n: number): Float32Array;
   /** Marks the sequence's pages as held for prefix reuse (for the pool's "cached" count). */
   setCached(cached: boolean): void;
   readonly reservedPages: number;

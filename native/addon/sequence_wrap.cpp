@@ -1,6 +1,7 @@
 // NativeSequence (sequence_wrap.h): its methods, and the AsyncWorkers of append() and shift().
 #include "sequence_wrap.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -124,6 +125,7 @@ void SequenceWrap::Init(Napi::Env env, AddonData* data) {
                                   InstanceMethod("pagesToReserve", &SequenceWrap::PagesToReserve),
                                   InstanceMethod("pagesToShift", &SequenceWrap::PagesToShift),
                                   InstanceMethod("setCached", &SequenceWrap::SetCached),
+                                  InstanceMethod("readKv", &SequenceWrap::ReadKv),
                                   InstanceAccessor("reservedPages", &SequenceWrap::ReservedPages, nullptr),
                                   InstanceAccessor("length", &SequenceWrap::Length, nullptr),
                                   InstanceAccessor("kvBytes", &SequenceWrap::KvBytes, nullptr)});
@@ -208,6 +210,22 @@ Napi::Value SequenceWrap::SetCached(const Napi::CallbackInfo& info) {
   auto s = live(info.Env());
   s->state->kv->setCached(info[0].ToBoolean().Value());
   return info.Env().Undefined();
+}
+
+// readKv(slot, start, n) -> Float32Array: K then V of KV slot `slot` at positions
+// [start, start + n), decoded from the cache's type (2 * n * kvDim floats).
+Napi::Value SequenceWrap::ReadKv(const Napi::CallbackInfo& info) {
+  auto s = idle(info.Env());
+  for (size_t i = 0; i < 3; ++i)
+    if (!info[i].IsNumber()) throwInvalid(info.Env(), "readKv(slot, start, n) needs three numbers");
+  std::vector<float> out;
+  runEngineCall(info.Env(), [&] {
+    s->owner->model->readKv(*s->state, info[0].As<Napi::Number>().Int32Value(), info[1].As<Napi::Number>().Int32Value(),
+                            info[2].As<Napi::Number>().Int32Value(), out);
+  });
+  Napi::Float32Array a = Napi::Float32Array::New(info.Env(), out.size());
+  std::copy(out.begin(), out.end(), a.Data());
+  return a;
 }
 
 Napi::Value SequenceWrap::ReservedPages(const Napi::CallbackInfo& info) {

@@ -33,6 +33,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
   Napi::Value PagesToReserve(const Napi::CallbackInfo& info);
   Napi::Value PagesToShift(const Napi::CallbackInfo& info);
   Napi::Value SetCached(const Napi::CallbackInfo& info);
+  Napi::Value ReadKv(const Napi::CallbackInfo& info);
   Napi::Value ReservedPages(const Napi::CallbackInfo& info);
   Napi::Value Fork(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);

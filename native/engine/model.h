@@ -109,6 +109,10 @@ class Model {
   // nothing when the pool cannot supply the copies of shared moved pages (pagesToShift); after a
   // device error midway the sequence keeps its first `sink` tokens only.
   void shiftSequence(SequenceState& seq, int sink, int drop);
+  // K then V of KV slot `slot` at positions [start, start + n) of seq, as attention reads them
+  // (decoded from the cache's type): 2 * n * kvDim floats. For tools that study the cache
+  // (lckv condense's calibration).
+  void readKv(SequenceState& seq, int slot, int start, int n, std::vector<float>& out);
   // The most pages a sequence holds at once while it decodes, when every layer reads through a
   // sliding window (their K/V below the widest window is released); 0 for other models.
   int decodeWindowPages() const;

@@ -79,6 +79,21 @@ void Model::truncateSequence(SequenceState& seq, int n) {
   seq.kv->keep(n);
 }
 
+void Model::readKv(SequenceState& seq, int slot, int start, int n, std::vector<float>& out) {
+  if (slot < 0 || slot >= (int)cfg_.plan.kvLayers.size())
+    throw EngineError(kErrInvalidArgument, "readKv: slot " + std::to_string(slot) + " is outside the model's " +
+                                               std::to_string(cfg_.plan.kvLayers.size()) + " KV layers");
+  if (start < 0 || n < 0 || start + n > seq.length())
+    throw EngineError(kErrInvalidArgument, "readKv: positions [" + std::to_string(start) + ", " + std::to_string(start + n) +
+                                               ") are outside the sequence's " + std::to_string(seq.length()) + " tokens");
+  out.clear();
+  if (n == 0) return;
+  std::lock_guard<std::mutex> lk(mutex_);
+  Scratch s;
+  viewPages(s, {&seq}, std::vector<int32_t>(1, 0));
+  backend_->kvRead(s.kv, 0, slot, start, n, out);
+}
+
 void Model::checkShift(const SequenceState& seq, int sink, int drop) const {
   const int P = pool_->layout().pageTokens, len = seq.length();
   if (sink < 0 || drop <= 0 || sink % P || drop % P || sink + drop > len)

@@ -53,6 +53,19 @@ test("info reports the layer pattern and the KV saving", () => {
   expect(bad.err).toMatch(/--kv-dtype.*int3.*Allowed choices are f32, bf16, fp8, int8, int4/);
 });
 
+test("condense refuses a calibration file it cannot read, an unsupported model and a missing --out by name", () => {
+  const out = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "lckv-cli-condense-")), "m");
+  const missing = run(["condense", fixture, "--out", out, "--calib", "/nonexistent-calibration.txt", "--kv-layers", "2"]);
+  expect(missing.code).not.toBe(0);
+  expect(missing.err).toMatch(/--calib \/nonexistent-calibration\.txt/);
+  const gpt2 = run(["condense", path.join(root, "test", "fixtures", "gpt2"), "--out", out, "--calib", path.join(root, "README.md"), "--kv-layers", "1"]);
+  expect(gpt2.code).not.toBe(0);
+  expect(gpt2.err).toMatch(/architecture 'GPT2LMHeadModel' is not supported/);
+  const noOut = run(["condense", fixture, "--calib", path.join(root, "README.md")]);
+  expect(noOut.err).toMatch(/--out <dir>/);
+  expect(fs.existsSync(out)).toBe(false);
+});
+
 test("bad arguments fail with a message that names them", () => {
   const neg = run(["generate", "x", "--max-new-tokens", "-1", "--model", fixture]);
   expect(neg.code).toBe(1);

@@ -1,0 +1,255 @@
+/**
+ * `lckv condense`: turns a pretrained standard model into a condensed-K/V one without training.
+ * The calibration text runs through the engine (f32 weights and cache); every layer's K and V
+ * are read back; for each layer j and each of the `candidates` layers i below it, the maps of
+ * fit.ts are fitted per K/V head; chooseReaders picks which layers stop caching; fold.ts folds
+ * the maps into the readers' W_q and W_o. The result is a Hugging Face directory in the LCKV
+ * format (`layer_types`, no K/V projections for the readers), checked by the perplexity of a
+ * held-back slice of the calibration text before it is moved into place.
+ */
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { parseConfig, type ModelConfig } from "../config";
+import { ConfigError, InvalidInputError, InvalidOptionError, UnsupportedArchitectureError } from "../errors";
+import { evaluatePerplexity } from "../eval";
+import { isHubModelId, resolveModel } from "../hub";
+import { loadModel } from "../load-model";
+import type { Model } from "../model";
+import { readModelTensors, type TensorInfo } from "../safetensors";
+import { readJson } from "../tokenizer";
+import { accumulatePair, chooseReaders, emptyPairStats, fitPair, type Choice, type CondenseMethod, type PairFit, type PairStats } from "./fit";
+import { foldOutput, foldQuery, type AttentionShape } from "./fold";
+import { f32Tensor, readF32, readRaw, writeSafetensors, type OutTensor } from "./tensors";
+
+export interface CondenseOptions {
+  /** The directory to write (must not exist). */
+  out: string;
+  /** UTF-8 calibration text, and the file it came from (for messages). */
+  calibrationText: string;
+  calibrationFile?: string;
+  /** How many layers keep their K/V, or what fraction of them (exactly one of the two). */
+  kvLayers?: number;
+  ratio?: number;
+  /** "linear" (fitted maps, folded; the default) or "share" (A = B = I). */
+  method?: CondenseMethod;
+  device?: "auto" | "cpu" | "cuda";
+  /** Calibration tokens read (default 16384); the last tenth of the text is held back for the check. */
+  calibrationTokens?: number;
+  /** Layers below a layer considered as its source (default 8). */
+  candidates?: number;
+  onProgress?: (phase: "calibrate" | "check", done: number, total: number) => void;
+}
+
+export interface CondensedLayer extends Choice {
+  /** K's and V's relative residual over the calibration tokens, averaged over K/V heads. */
+  kError: number;
+  vError: number;
+}
+
+export interface CondenseReport {
+  out: string;
+  method: CondenseMethod;
+  layerTypes: number[];
+  kvLayers: number[];
+  readers: CondensedLayer[];
+  calibrationTokens: number;
+  heldOutTokens: number;
+  /** Perplexity of the held-back tokens: the source model, and the condensed one. */
+  perplexity: { source: number; condensed: number };
+}
+
+const SUPPORTED = ["LlamaForCausalLM (llama)", "MistralForCausalLM (mistral)", "LCKVLlamaForCausalLM (lckv-llama) with a standard layer_types"];
+
+export async function condenseModel(dirOrId: string, o: CondenseOptions): Promise<CondenseReport> {
+  const method = o.method ?? "linear";
+  if (method !== "linear" && method !== "share") throw new InvalidOptionError("method", `must be "linear" or "share", got ${JSON.stringify(method)}`);
+  if (typeof o.out !== "string" || o.out === "") throw new InvalidOptionError("out", "must be a directory path");
+  const out = path.resolve(o.out);
+  if (fs.existsSync(out)) throw new InvalidOptionError("out", `${out} already exists; condense writes a new directory`);
+  const dir = !fs.existsSync(dirOrId) && isHubModelId(dirOrId) ? await resolveModel(dirOrId) : path.resolve(dirOrId);
+  const configFile = path.join(dir, "config.json");
+  const rawConfig = readJson(configFile) as Record<string, unknown>;
+  const config = parseConfig(rawConfig, configFile);
+  if (config.blockStyle !== "llama") throw new UnsupportedArchitectureError(configFile, config.architecture, SUPPORTED);
+  if (config.kvLayers.length !== config.numLayers)
+    throw new ConfigError(configFile, "layer_types", "already condensed: condense takes a model whose every layer caches its own K/V");
+  const keep = layersToKeep(config, o);
+  const candidates = o.candidates ?? 8;
+  if (!Number.isSafeInteger(candidates) || candidates < 1) throw new InvalidOptionError("candidates", `must be a positive integer, got ${candidates}`);
+
+  const source = await loadModel(dir, { device: o.device ?? "auto", dtype: "f32", kvCacheDtype: "f32", prefixCache: 0 });
+  const tmp = `${out}.partial-${process.pid}`;
+  try {
+    if (!source.tokenizer) throw new InvalidInputError(`${dir}: the model has no tokenizer to encode the calibration text with`);
+    const ids = source.tokenizer.encode(o.calibrationText, { addSpecialTokens: false });
+    const window = Math.min(source.maxContext, 512);
+    const heldOut = ids.slice(Math.floor(ids.length * 0.9));
+    const calib = ids.slice(0, Math.min(Math.floor(ids.length * 0.9), o.calibrationTokens ?? 16384));
+    // The value map is a headDim x headDim least-squares fit: it needs several times that many
+    // tokens; the check needs a few windows' worth.
+    const need = Math.max(8 * config.headDim, 512);
+    if (calib.length < need || heldOut.length < 64)
+      throw new InvalidInputError(
+        `calibration text${o.calibrationFile ? ` ${o.calibrationFile}` : ""}: ${ids.length} tokens; condensing this model needs at least ${Math.ceil(need / 0.9)} (${need} to fit maps of head size ${config.headDim}, and a tenth held back to check them)`,
+        "LCKV_CALIBRATION_TOO_SHORT",
+      );
+
+    const stats = await calibrate(source, calib, window, candidates, o.onProgress);
+    const shape: AttentionShape = { hidden: config.hiddenSize, numHeads: config.numHeads, numKvHeads: config.numKvHeads, headDim: config.headDim };
+    const fits = new Map<string, PairFit[]>();
+    for (const [key, heads] of stats) fits.set(key, heads.map((s) => fitPair(s, config.headDim, method)));
+    const pairError = (j: number, i: number) => {
+      const f = fits.get(`${j}:${i}`);
+      return f ? f.reduce((a, x) => a + (x.kError + x.vError) / 2, 0) / f.length : undefined;
+    };
+    const choices = chooseReaders(config.numLayers, keep, pairError);
+    if (config.numLayers - choices.length > keep)
+      throw new InvalidOptionError(o.kvLayers !== undefined ? "kvLayers" : "ratio", `cannot keep only ${keep} of ${config.numLayers} layers' K/V with ${candidates} candidate layers below each`);
+    const target = Array.from({ length: config.numLayers }, (_, i) => i);
+    for (const c of choices) target[c.reader] = c.source;
+
+    fs.mkdirSync(tmp, { recursive: true });
+    writeCondensed(dir, tmp, rawConfig, config, shape, target, (j) => fits.get(`${j}:${target[j]}`)!);
+    const readers = choices.map((c) => {
+      const f = fits.get(`${c.reader}:${c.source}`)!;
+      return { ...c, kError: mean(f.map((x) => x.kError)), vError: mean(f.map((x) => x.vError)) };
+    });
+
+    // The check: the held-back tokens' perplexity before and after.
+    const evalWindow = Math.min(window, 256);
+    const before = (await evaluatePerplexity(source, heldOut, { window: evalWindow, prefill: "sequential" })).perplexity;
+    o.onProgress?.("check", 1, 2);
+    const condensed = await loadModel(tmp, { device: source.device, dtype: "f32", kvCacheDtype: "f32", prefixCache: 0 });
+    let after: number;
+    try {
+      after = (await evaluatePerplexity(condensed, heldOut, { window: evalWindow, prefill: "sequential" })).perplexity;
+    } finally {
+      await condensed.dispose();
+    }
+    o.onProgress?.("check", 2, 2);
+    const report: CondenseReport = {
+      out,
+      method,
+      layerTypes: target,
+      kvLayers: [...new Set(target)].sort((a, b) => a - b),
+      readers,
+      calibrationTokens: calib.length,
+      heldOutTokens: heldOut.length,
+      perplexity: { source: before, condensed: after },
+    };
+    fs.writeFileSync(path.join(tmp, "README.md"), modelCard(dirOrId, report));
+    fs.writeFileSync(path.join(tmp, "condense.json"), JSON.stringify(report, null, 2) + "\n");
+    fs.renameSync(tmp, out);  // the directory appears whole, or not at all
+    return report;
+  } finally {
+    await source.dispose();
+    fs.rmSync(tmp, { recursive: true, force: true });
+  }
+}
+
+function layersToKeep(c: ModelConfig, o: CondenseOptions): number {
+  if ((o.kvLayers === undefined) === (o.ratio === undefined)) throw new InvalidOptionError("kvLayers", "give exactly one of kvLayers and ratio");
+  if (o.kvLayers !== undefined) {
+    if (!Number.isSafeInteger(o.kvLayers) || o.kvLayers < 1 || o.kvLayers >= c.numLayers)
+      throw new InvalidOptionError("kvLayers", `must be an integer in [1, ${c.numLayers - 1}] (the model has ${c.numLayers} layers), got ${o.kvLayers}`);
+    return o.kvLayers;
+  }
+  const r = o.ratio!;
+  if (typeof r !== "number" || !(r > 0 && r < 1)) throw new InvalidOptionError("ratio", `must be a fraction of the layers' K/V to keep, in (0, 1), got ${r}`);
+  const keep = Math.round(c.numLayers * r);
+  if (keep < 1 || keep >= c.numLayers)
+    throw new InvalidOptionError("ratio", `${r} of ${c.numLayers} layers keeps ${keep}; a ratio must keep between 1 and ${c.numLayers - 1} layers (${(1 / c.numLayers).toFixed(3)} to ${((c.numLayers - 1) / c.numLayers).toFixed(3)})`);
+  return keep;
+}
+
+/** Pair statistics keyed "j:i", one per K/V head, for each layer j and its `candidates` layers below. */
+async function calibrate(model: Model, ids: number[], window: number, candidates: number, progress?: CondenseOptions["onProgress"]): Promise<Map<string, PairStats[]>> {
+  const c = model.config;
+  const stats = new Map<string, PairStats[]>();
+  for (let j = 1; j < c.numLayers; j++)
+    for (let i = Math.max(0, j - candidates); i < j; i++) stats.set(`${j}:${i}`, Array.from({ length: c.numKvHeads }, () => emptyPairStats(c.headDim)));
+  const kvDim = c.numKvHeads * c.headDim;
+  const windows = Math.ceil(ids.length / window);
+  for (let w = 0; w < windows; w++) {
+    const part = ids.slice(w * window, (w + 1) * window);
+    const seq = model.nativeModel().createSequence(part.length);
+    try {
+      await seq.append(Int32Array.from(part), { mode: "sequential", logits: "none" });
+      const n = part.length;
+      // Every layer of a standard model is a KV layer: slot l is layer l. K rows, then V rows.
+      const kv = Array.from({ length: c.numLayers }, (_, l) => seq.readKv(l, 0, n));
+      for (const [key, heads] of stats) {
+        const [j, i] = key.split(":").map(Number);
+        const ki = kv[i].subarray(0, n * kvDim), vi = kv[i].subarray(n * kvDim), kj = kv[j].subarray(0, n * kvDim), vj = kv[j].subarray(n * kvDim);
+        heads.forEach((s, g) => accumulatePair(s, c.headDim, n, kvDim, g * c.headDim, ki, kj, vi, vj));
+      }
+    } finally {
+      seq.dispose();
+    }
+    progress?.("calibrate", w + 1, windows);
+  }
+  return stats;
+}
+
+/** Writes the condensed model into `dir`: config, tokenizer files, weights. */
+function writeCondensed(src: string, dir: string, rawConfig: Record<string, unknown>, c: ModelConfig, shape: AttentionShape, target: number[], fitsOf: (layer: number) => PairFit[]): void {
+  // A layer that attends through a sliding window keeps it ('s'; Mistral's window covers every layer).
+  const layerTypes = target.map((t, i) => `${t}${c.plan.window[i] > 0 ? "s" : ""}`).join("_");
+  const window = c.plan.window.find((w) => w > 0);
+  const cfg = { ...rawConfig, architectures: ["LCKVLlamaForCausalLM"], model_type: "lckv-llama", layer_types: layerTypes, ...(window ? { sliding_window: window } : {}) };
+  if (!window) delete (cfg as Record<string, unknown>).sliding_window;
+  fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify(cfg, null, 2) + "\n");
+  for (const f of fs.readdirSync(src)) {
+    if (/^(tokenizer.*|special_tokens_map\.json|generation_config\.json|vocab\.json|merges\.txt)$/.test(f)) fs.copyFileSync(path.join(src, f), path.join(dir, f));
+  }
+  const tensors = readModelTensors(src);
+  const out: OutTensor[] = [];
+  const layerOf = (name: string) => {
+    const m = /^model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)$/.exec(name);
+    return m ? { layer: Number(m[1]), proj: m[2], kind: m[3] } : null;
+  };
+  for (const t of [...tensors.values()].sort((a, b) => a.name.localeCompare(b.name))) {
+    const at = layerOf(t.name);
+    if (!at || target[at.layer] === at.layer) {
+      out.push(raw(t));
+      continue;
+    }
+    if (at.proj === "k_proj" || at.proj === "v_proj") continue;  // a reader computes no K/V
+    const fits = fitsOf(at.layer);
+    if (at.proj === "q_proj") {
+      const cols = at.kind === "bias" ? 1 : c.hiddenSize;
+      out.push(f32Tensor(t.name, t.shape, foldQuery(readF32(t), shape, fits, cols)));
+    } else if (at.kind === "weight") {
+      out.push(f32Tensor(t.name, t.shape, foldOutput(readF32(t), shape, fits)));
+    } else {
+      out.push(raw(t));  // o_proj's bias is added after the map
+    }
+  }
+  writeSafetensors(path.join(dir, "model.safetensors"), out, { format: "pt" });
+}
+
+function raw(t: TensorInfo): OutTensor {
+  return { name: t.name, dtype: t.dtype, shape: t.shape, data: readRaw(t) };
+}
+
+function mean(xs: number[]): number {
+  return xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
+}
+
+function modelCard(source: string, r: CondenseReport): string {
+  const rows = r.readers.map((x) => `| ${x.reader} | ${x.source} | ${x.kError.toFixed(4)} | ${x.vError.toFixed(4)} |`);
+  return [
+    `# ${path.basename(r.out)}`,
+    "",
+    `Condensed from \`${source}\` by \`lckv condense\` (method \`${r.method}\`), without training: ${r.readers.length} layers read a lower layer's K/V through linear maps folded into their query and output projections.`,
+    "",
+    `- layer_types: \`${r.layerTypes.join("_")}\` (${r.kvLayers.length} of ${r.layerTypes.length} layers keep K/V)`,
+    `- calibration: ${r.calibrationTokens} tokens; held back for the check: ${r.heldOutTokens} tokens`,
+    `- held-back perplexity: ${r.perplexity.source.toFixed(4)} before, ${r.perplexity.condensed.toFixed(4)} after (${(((r.perplexity.condensed / r.perplexity.source) - 1) * 100).toFixed(2)}%)`,
+    "",
+    "| layer | reads layer | K residual | V residual |",
+    "|---|---|---|---|",
+    ...rows,
+    "",
+  ].join("\n");
+}

@@ -1,0 +1,230 @@
+/**
+ * lckv condense (lib/condense): the least-squares maps, their folding into W_q and W_o, the
+ * choice of readers, and the whole command on a model built so that one layer's K/V are an exact
+ * linear map of another's: there the folded model must give the source's logits.
+ */
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import { loadModel } from "../../lib";
+import { condenseModel } from "../../lib/condense/condense";
+import { accumulatePair, chooseReaders, emptyPairStats, fitPair } from "../../lib/condense/fit";
+import { foldOutput, foldQuery } from "../../lib/condense/fold";
+import { ConfigError, InvalidInputError, InvalidOptionError, UnsupportedArchitectureError } from "../../lib/errors";
+import { rng, tinyLlamaTensors, writeTinyModel, type RawTensor } from "../helpers/tiny-model";
+
+process.env.LCKV_QUIET = "1";
+const ROOT = path.join(__dirname, "..", "..");
+const calibration = fs.readFileSync(path.join(ROOT, "README.md"), "utf8") + fs.readFileSync(path.join(ROOT, "docs", "architecture.md"), "utf8");
+
+// A complex scalar per frequency pair applied to a head (rotate-half layout): (a z)_f.
+function applyA(x: Float64Array | number[], aRe: number[], aIm: number[], hd: number): number[] {
+  const half = hd / 2, y = new Array(hd).fill(0);
+  for (let f = 0; f < half; f++) {
+    y[f] = aRe[f] * x[f] - aIm[f] * x[f + half];
+    y[f + half] = aIm[f] * x[f] + aRe[f] * x[f + half];
+  }
+  return y;
+}
+
+describe("the maps", () => {
+  const hd = 8, half = 4, tokens = 200, r = rng(3);
+  const aRe = Array.from({ length: half }, () => r() * 2 - 1), aIm = Array.from({ length: half }, () => r() * 2 - 1);
+  const B = Float64Array.from({ length: hd * hd }, () => r() - 0.5);
+  const ki = new Float32Array(tokens * hd), vi = new Float32Array(tokens * hd), kj = new Float32Array(tokens * hd), vj = new Float32Array(tokens * hd);
+  for (let t = 0; t < tokens; t++) {
+    for (let d = 0; d < hd; d++) {
+      ki[t * hd + d] = r() * 2 - 1;
+      vi[t * hd + d] = r() * 2 - 1;
+    }
+    const k = applyA(Array.from(ki.subarray(t * hd, t * hd + hd)), aRe, aIm, hd);
+    for (let c = 0; c < hd; c++) {
+      kj[t * hd + c] = k[c];
+      let v = 0;
+      for (let q = 0; q < hd; q++) v += vi[t * hd + q] * B[q * hd + c];
+      vj[t * hd + c] = v;
+    }
+  }
+  const s = emptyPairStats(hd);
+  accumulatePair(s, hd, tokens, hd, 0, ki, kj, vi, vj);
+
+  test("linear recovers an exact complex scalar per frequency pair and an exact B, with residuals near 0", () => {
+    const fit = fitPair(s, hd, "linear");
+    for (let f = 0; f < half; f++) {
+      expect(fit.aRe[f]).toBeCloseTo(aRe[f], 5);
+      expect(fit.aIm[f]).toBeCloseTo(aIm[f], 5);
+    }
+    for (let e = 0; e < hd * hd; e++) expect(fit.b[e]).toBeCloseTo(B[e], 3);
+    expect(fit.kError).toBeLessThan(1e-6);
+    expect(fit.vError).toBeLessThan(1e-5);
+  });
+
+  test("share is the identity, and its residuals measure how far the layers are apart", () => {
+    const fit = fitPair(s, hd, "share");
+    expect(Array.from(fit.aRe)).toEqual([1, 1, 1, 1]);
+    expect(Array.from(fit.aIm)).toEqual([0, 0, 0, 0]);
+    expect(fit.kError).toBeGreaterThan(0.1);
+    const same = emptyPairStats(hd);
+    accumulatePair(same, hd, tokens, hd, 0, ki, ki, vi, vi);
+    const exact = fitPair(same, hd, "share");
+    expect(exact.kError).toBeLessThan(1e-9);
+    expect(exact.vError).toBeLessThan(1e-9);
+  });
+
+  test("folded into W_q and W_o, the maps give the same scores and outputs as reading the mapped K/V", () => {
+    const fit = fitPair(s, hd, "linear");
+    const shape = { hidden: 5, numHeads: 2, numKvHeads: 1, headDim: hd };
+    const wq = Float32Array.from({ length: 2 * hd * 5 }, () => r() - 0.5);
+    const wo = Float32Array.from({ length: 5 * 2 * hd }, () => r() - 0.5);
+    const x = Array.from({ length: 5 }, () => r() - 0.5);
+    const k = Array.from({ length: hd }, () => r() - 0.5);
+    const o = Array.from({ length: 2 * hd }, () => r() - 0.5);  // both heads' outputs over V_i
+    const qOf = (w: Float32Array, h: number) => Array.from({ length: hd }, (_, d) => x.reduce((acc, xv, c) => acc + w[(h * hd + d) * 5 + c] * xv, 0));
+    const wq2 = foldQuery(wq, shape, [fit]);
+    const mapped = applyA(k, Array.from(fit.aRe), Array.from(fit.aIm), hd);
+    for (let h = 0; h < 2; h++) {
+      const direct = qOf(wq, h).reduce((a, q, d) => a + q * mapped[d], 0);
+      const folded = qOf(wq2, h).reduce((a, q, d) => a + q * k[d], 0);
+      expect(folded).toBeCloseTo(direct, 5);
+    }
+    const wo2 = foldOutput(wo, shape, [fit]);
+    for (let row = 0; row < 5; row++) {
+      let direct = 0, folded = 0;
+      for (let h = 0; h < 2; h++)
+        for (let c = 0; c < hd; c++) {
+          let ob = 0;
+          for (let q = 0; q < hd; q++) ob += o[h * hd + q] * fit.b[q * hd + c];
+          direct += wo[row * 2 * hd + h * hd + c] * ob;
+          folded += wo2[row * 2 * hd + h * hd + c] * o[h * hd + c];
+        }
+      expect(folded).toBeCloseTo(direct, 4);
+    }
+  });
+
+  test("readers are chosen by smallest error; a layer another reads keeps its K/V, and so does layer 0", () => {
+    const err: Record<string, number> = { "1:0": 0.5, "2:0": 0.9, "2:1": 0.1, "3:2": 0.05, "3:1": 0.3, "3:0": 0.8 };
+    const c = chooseReaders(4, 2, (j, i) => err[`${j}:${i}`]);
+    // 3 reads 2 first (0.05); then 2 is read, so 1 reads 0 (0.5) rather than 2 reading 1.
+    expect(c.map((x) => [x.reader, x.source])).toEqual([[3, 2], [1, 0]]);
+  });
+});
+
+/**
+ * A 3-layer model whose layer 1 sees layer 0's input (layer 0 adds nothing to the residual: its
+ * o_proj and down_proj are zero, and both layers share their input norm), with layer 1's K and V
+ * projections exact linear maps of layer 0's: K_1 = a K_0 per frequency pair, V_1 = V_0 B.
+ */
+function mappedModel(): string {
+  const spec = { numLayers: 3, hidden: 32, heads: 4, kvHeads: 2, intermediate: 48, vocab: 4096, maxPositions: 512, seed: 21 };
+  const t = tinyLlamaTensors(spec);
+  const get = (n: string) => t.find((x) => x.name === n) as RawTensor;
+  const r = rng(5), hd = 8, half = 4, E = 32;
+  get("model.layers.0.self_attn.o_proj.weight").data.fill(0);
+  get("model.layers.0.mlp.down_proj.weight").data.fill(0);
+  get("model.layers.1.input_layernorm.weight").data.set(get("model.layers.0.input_layernorm.weight").data);
+  const k0 = get("model.layers.0.self_attn.k_proj.weight").data, v0 = get("model.layers.0.self_attn.v_proj.weight").data;
+  const k1 = get("model.layers.1.self_attn.k_proj.weight").data, v1 = get("model.layers.1.self_attn.v_proj.weight").data;
+  for (let g = 0; g < 2; g++) {
+    const aRe = Array.from({ length: half }, () => 0.5 + r()), aIm = Array.from({ length: half }, () => r() - 0.5);
+    const B = Array.from({ length: hd * hd }, () => r() - 0.5);
+    for (let col = 0; col < E; col++) {
+      const head = Float64Array.from({ length: hd }, (_, d) => k0[(g * hd + d) * E + col]);
+      applyA(head, aRe, aIm, hd).forEach((y, d) => (k1[(g * hd + d) * E + col] = y));
+      for (let c = 0; c < hd; c++) {
+        let v = 0;
+        for (let q = 0; q < hd; q++) v += v0[(g * hd + q) * E + col] * B[q * hd + c];
+        v1[(g * hd + c) * E + col] = v;
+      }
+    }
+  }
+  const dir = writeTinyModel(spec, { tensors: t });
+  for (const f of ["tokenizer.json", "tokenizer_config.json"]) fs.copyFileSync(path.join(ROOT, "models", "default", f), path.join(dir, f));
+  return dir;
+}
+
+function relErr(a: Float32Array, b: Float32Array): number {
+  let d = 0, s = 0;
+  for (let i = 0; i < a.length; i++) {
+    d = Math.max(d, Math.abs(a[i] - b[i]));
+    s = Math.max(s, Math.abs(b[i]));
+  }
+  return d / s;
+}
+
+describe("lckv condense on a model with an exact linear relation between two layers", () => {
+  const src = mappedModel();
+  const outDir = (name: string) => path.join(fs.mkdtempSync(path.join(os.tmpdir(), "lckv-condense-")), name);
+  const prompt = Array.from({ length: 40 }, (_, i) => (i * 97 + 13) % 4096);
+  let sourceLogits: Float32Array;
+  beforeAll(async () => {
+    const m = await loadModel(src, { device: "cpu", kvCacheDtype: "f32" });
+    sourceLogits = await m.logits(prompt);
+    await m.dispose();
+  });
+
+  test("linear finds the pair, folds its maps, and the condensed model gives the source's logits", async () => {
+    const out = outDir("linear");
+    const report = await condenseModel(src, { out, calibrationText: calibration, kvLayers: 2, method: "linear", device: "cpu", calibrationTokens: 2048 });
+    expect(report.layerTypes).toEqual([0, 0, 2]);
+    expect(report.readers[0].kError).toBeLessThan(1e-6);
+    expect(report.readers[0].vError).toBeLessThan(1e-5);
+    const cfg = JSON.parse(fs.readFileSync(path.join(out, "config.json"), "utf8"));
+    expect(cfg.layer_types).toBe("0_0_2");
+    expect(cfg.model_type).toBe("lckv-llama");
+    const m = await loadModel(out, { device: "cpu", kvCacheDtype: "f32" });
+    try {
+      expect(m.config.kvLayers).toEqual([0, 2]);
+      expect(relErr(await m.logits(prompt), sourceLogits)).toBeLessThan(1e-4);
+    } finally {
+      await m.dispose();
+    }
+    // The reader has no K/V projections; the model card and the report sit beside the weights.
+    const header = fs.readFileSync(path.join(out, "model.safetensors"));
+    const names = Object.keys(JSON.parse(header.subarray(8, 8 + Number(header.readBigUInt64LE(0))).toString("utf8")));
+    expect(names).not.toContain("model.layers.1.self_attn.k_proj.weight");
+    expect(names).not.toContain("model.layers.1.self_attn.v_proj.weight");
+    expect(fs.readFileSync(path.join(out, "README.md"), "utf8")).toMatch(/held-back perplexity: [\d.]+ before, [\d.]+ after/);
+    expect(report.perplexity.condensed / report.perplexity.source).toBeCloseTo(1, 3);
+  });
+
+  test("share reads layer 0's K/V unmapped: the same pattern, further from the source", async () => {
+    const out = outDir("share");
+    const report = await condenseModel(src, { out, calibrationText: calibration, kvLayers: 2, method: "share", device: "cpu", calibrationTokens: 2048 });
+    const m = await loadModel(out, { device: "cpu", kvCacheDtype: "f32" });
+    try {
+      expect(relErr(await m.logits(prompt), sourceLogits)).toBeGreaterThan(1e-2);
+    } finally {
+      await m.dispose();
+    }
+    expect(report.readers.every((x) => x.kError > 0.01)).toBe(true);
+  });
+
+  test("bad input is refused by name, and nothing is left half-written", async () => {
+    const parent = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-condense-bad-"));
+    const out = path.join(parent, "m");
+    const run = (o: Record<string, unknown>, dir = src) => condenseModel(dir, { out, calibrationText: calibration, device: "cpu", kvLayers: 2, ...o } as any).catch((e) => e);
+    let e = await run({ calibrationText: "too short", calibrationFile: "short.txt" });
+    expect(e).toBeInstanceOf(InvalidInputError);
+    expect(e.code).toBe("LCKV_CALIBRATION_TOO_SHORT");
+    expect(e.message).toMatch(/short\.txt: \d+ tokens; condensing this model needs at least \d+/);
+    e = await run({ kvLayers: undefined, ratio: 0.1 });
+    expect(e).toBeInstanceOf(InvalidOptionError);
+    expect(e.option).toBe("ratio");
+    expect(e.message).toMatch(/keeps 0/);
+    e = await run({ kvLayers: 3 });
+    expect(e.option).toBe("kvLayers");
+    e = await run({ ratio: 0.5 });
+    expect(e.option).toBe("kvLayers");  // both given
+    e = await run({}, path.join(ROOT, "test", "fixtures", "gpt2"));
+    expect(e).toBeInstanceOf(UnsupportedArchitectureError);
+    e = await run({}, path.join(ROOT, "test", "fixtures", "lckv-w2"));
+    expect(e).toBeInstanceOf(ConfigError);
+    expect(e.message).toMatch(/layer_types.*already condensed/);
+    expect(fs.readdirSync(parent)).toEqual([]);  // no output, no partial directory
+    fs.mkdirSync(out);
+    e = await run({});
+    expect(e).toBeInstanceOf(InvalidOptionError);
+    expect(e.option).toBe("out");
+    expect(fs.readdirSync(out)).toEqual([]);
+  });
+});
