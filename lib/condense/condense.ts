@@ -106,7 +106,7 @@ export async function condenseModel(dirOrId: string, o: CondenseOptions): Promis
     if (config.numLayers - choices.length > keep)
       throw new InvalidOptionError(o.kvLayers !== undefined ? "kvLayers" : "ratio", `cannot keep only ${keep} of ${config.numLayers} layers' K/V with ${candidates} candidate layers below each`);
     const target = Array.from({ length: config.numLayers }, (_, i) => i);
-    for (const c of choices) target[c.reader] = c.source;
+    for (const c of choices) target[c.reader] = c.source;  // each reader's final source
 
     fs.mkdirSync(tmp, { recursive: true });
     writeCondensed(dir, tmp, rawConfig, config, shape, target, (j) => fits.get(`${j}:${target[j]}`)!);
@@ -115,14 +115,15 @@ export async function condenseModel(dirOrId: string, o: CondenseOptions): Promis
       return { ...c, kError: mean(f.map((x) => x.kError)), vError: mean(f.map((x) => x.vError)) };
     });
 
-    // The check: the held-back tokens' perplexity before and after.
+    // The check: the held-back tokens' perplexity before and after. Neither model has a layer
+    // that reads a higher one, so the fixed-point prefill is a single, exact pass.
     const evalWindow = Math.min(window, 256);
-    const before = (await evaluatePerplexity(source, heldOut, { window: evalWindow, prefill: "sequential" })).perplexity;
+    const before = (await evaluatePerplexity(source, heldOut, { window: evalWindow, prefill: "fixed-point" })).perplexity;
     o.onProgress?.("check", 1, 2);
     const condensed = await loadModel(tmp, { device: source.device, dtype: "f32", kvCacheDtype: "f32", prefixCache: 0 });
     let after: number;
     try {
-      after = (await evaluatePerplexity(condensed, heldOut, { window: evalWindow, prefill: "sequential" })).perplexity;
+      after = (await evaluatePerplexity(condensed, heldOut, { window: evalWindow, prefill: "fixed-point" })).perplexity;
     } finally {
       await condensed.dispose();
     }
@@ -174,7 +175,8 @@ async function calibrate(model: Model, ids: number[], window: number, candidates
     const part = ids.slice(w * window, (w + 1) * window);
     const seq = model.nativeModel().createSequence(part.length);
     try {
-      await seq.append(Int32Array.from(part), { mode: "sequential", logits: "none" });
+      // A standard model has no cyclic group: the fixed-point prefill is one exact pass.
+      await seq.append(Int32Array.from(part), { mode: "fixed-point", logits: "none" });
       const n = part.length;
       // Every layer of a standard model is a KV layer: slot l is layer l. K rows, then V rows.
       const kv = Array.from({ length: c.numLayers }, (_, l) => seq.readKv(l, 0, n));

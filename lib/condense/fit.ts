@@ -175,28 +175,33 @@ export interface Choice {
 
 /**
  * Which layers read which: starting from every layer caching its own K/V, repeatedly turns the
- * layer j whose K/V some lower caching layer i reproduces best (smallest error) into a reader of i,
- * until `keep` layers cache. A layer that others read keeps its own K/V, and layer 0 always does.
- * `error(j, i)` is undefined for a pair that was not measured.
+ * caching layer j whose K/V a lower caching layer i reproduces at the least cost into a reader of
+ * i, until `keep` layers cache. When other layers read j, they are moved to read i too, and the
+ * cost counts how much their errors grow. Layer 0 always keeps its K/V. `error(j, i)` is
+ * undefined for a pair that was not measured (a move that needs one is not made). Returns each
+ * reader with the layer it finally reads and that pair's error, in layer order.
  */
 export function chooseReaders(numLayers: number, keep: number, error: (reader: number, source: number) => number | undefined): Choice[] {
   const target = Array.from({ length: numLayers }, (_, i) => i);
-  const choices: Choice[] = [];
   let caching = numLayers;
   while (caching > keep) {
-    let best: Choice | null = null;
+    let best: { j: number; i: number; cost: number } | null = null;
     for (let j = 1; j < numLayers; j++) {
-      if (target[j] !== j || target.some((t, k) => k !== j && t === j)) continue;  // reads another, or is read
+      if (target[j] !== j) continue;
+      const readers = target.flatMap((t, r) => (t === j && r !== j ? [r] : []));
       for (let i = 0; i < j; i++) {
         if (target[i] !== i) continue;
-        const e = error(j, i);
-        if (e !== undefined && (best === null || e < best.error)) best = { reader: j, source: i, error: e };
+        let cost = error(j, i);
+        for (const r of readers) {
+          const now = error(r, i), before = error(r, j);
+          cost = cost === undefined || now === undefined || before === undefined ? undefined : cost + now - before;
+        }
+        if (cost !== undefined && (best === null || cost < best.cost)) best = { j, i, cost };
       }
     }
     if (best === null) break;
-    target[best.reader] = best.source;
-    choices.push(best);
+    for (let r = 0; r < numLayers; r++) if (target[r] === best.j) target[r] = best.i;
     caching--;
   }
-  return choices;
+  return target.flatMap((t, j) => (t === j ? [] : [{ reader: j, source: t, error: error(j, t)! }]));
 }

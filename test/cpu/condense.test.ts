@@ -101,11 +101,15 @@ describe("the maps", () => {
     }
   });
 
-  test("readers are chosen by smallest error; a layer another reads keeps its K/V, and so does layer 0", () => {
+  test("readers are chosen by least cost; a read layer that becomes a reader takes its readers along; layer 0 keeps its K/V", () => {
     const err: Record<string, number> = { "1:0": 0.5, "2:0": 0.9, "2:1": 0.1, "3:2": 0.05, "3:1": 0.3, "3:0": 0.8 };
-    const c = chooseReaders(4, 2, (j, i) => err[`${j}:${i}`]);
-    // 3 reads 2 first (0.05); then 2 is read, so 1 reads 0 (0.5) rather than 2 reading 1.
-    expect(c.map((x) => [x.reader, x.source])).toEqual([[3, 2], [1, 0]]);
+    // 3 reads 2 first (0.05). Then 2 reading 1 costs 0.1 plus what moving 3 from 2 to 1 adds
+    // (0.3 - 0.05): 0.35, below 1 reading 0 (0.5).
+    expect(chooseReaders(4, 2, (j, i) => err[`${j}:${i}`]).map((x) => [x.reader, x.source, x.error])).toEqual([[2, 1, 0.1], [3, 1, 0.3]]);
+    // Down to one layer: everything reads layer 0.
+    expect(chooseReaders(4, 1, (j, i) => err[`${j}:${i}`]).map((x) => [x.reader, x.source])).toEqual([[1, 0], [2, 0], [3, 0]]);
+    // A move that needs an unmeasured pair is not made.
+    expect(chooseReaders(3, 1, (j, i) => (j === 2 && i === 0 ? undefined : 0.1))).toHaveLength(1);
   });
 });
 
