@@ -59,7 +59,7 @@ async function perplexity(dir, kvCacheDtype, ids) {
   const base = {};
   for (const t of types) base[t] = await perplexity(opt.model, t, ids);
   for (const t of types) {
-    rows.push({ method: "source", kept: 1, kvLayers: layers, kvCacheDtype: t, perplexity: base[t], vsSource: 0 });
+    rows.push({ method: "source", kept: 1, kvLayers: layers, kvCacheDtype: t, perplexity: base[t], vsSource: base[t] / base.f32 - 1 });
     log(`source ${t}: ${base[t].toFixed(4)}`);
   }
   for (const ratio of list(opt.ratios).map(Number)) {
