@@ -174,7 +174,10 @@ LCKV_HD float kvE4m3ToF32(uint8_t c) {
 // ---- the quantization rule ---------------------------------------------------------------------
 
 // The f16 scale of a head whose largest |value| is amax (scaled types).
-LCKV_HD uint16_t kvScaleOf(KvType t, float amax) { return kvF32ToF16(amax / kvTypeCodeMax(t)); }
+// Capped at f16's largest finite value: a head whose values reach past codeMax x 65504 (an
+// overflowing activation, say) saturates its codes instead of getting an infinite scale, which
+// would decode every value of the head, zeros included, as inf or NaN.
+LCKV_HD uint16_t kvScaleOf(KvType t, float amax) { return kvF32ToF16(fminf(amax / kvTypeCodeMax(t), 65504.0f)); }
 
 // The code of x (its low kvTypeBits(t) bits), with the scale already widened to f32.
 LCKV_HD uint32_t kvEncode(KvType t, float x, float scale) {

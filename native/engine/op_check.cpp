@@ -349,6 +349,64 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
   }
 }
 
+// kv_write at the edges of a scaled type's range: heads whose largest |value| lies past what a
+// finite f16 scale covers (up to 3e38 and infinity) beside ordinary heads, in every type. Both
+// backends must write the same bytes, and reading back must give finite values of each input's
+// sign: saturated at codeMax x 65504 where the input was larger, within the type's rounding of
+// the input elsewhere. The error reported is the read-back's worst relative error against the
+// input clamped to what the type holds (infinite on a NaN, an inf or a sign flip).
+void checkKvRange(Runner& r, Backend& ref, Backend& test) {
+  const int kvHeads = 2, hd = 64, rows = 6;
+  const float magnitudes[rows] = {1.0f, 1e6f, 1e9f, 3e38f, INFINITY, 1e-30f};
+  for (int t = 0; t < kKvTypeCount; ++t) {
+    const KvType type = (KvType)t;
+    const KvLayout L = checkLayout(type, kvHeads, hd);
+    Tensor poolA = ref.alloc(1, L.pageBytes() / 4), poolB = test.alloc(1, L.pageBytes() / 4);
+    ref.poison(poolA);
+    test.poison(poolB);
+    // Row i: head 0 at magnitudes[i], head 1 ordinary (it must not be disturbed by head 0).
+    std::vector<float> k = r.random((size_t)rows * L.kvDim), v = r.random((size_t)rows * L.kvDim);
+    for (int i = 0; i < rows; ++i)
+      for (int d = 0; d < hd; ++d) {
+        k[(size_t)i * L.kvDim + d] *= magnitudes[i];
+        v[(size_t)i * L.kvDim + d] *= magnitudes[i];
+      }
+    const int32_t table = 0;
+    std::vector<int32_t> pos(rows), seqs(rows, 0);
+    for (int i = 0; i < rows; ++i) pos[(size_t)i] = i;
+    KvView va{&poolA, L, &table, 1, 1, seqs.data()};
+    KvView vb{&poolB, L, &table, 1, 1, seqs.data()};
+    auto ka = r.act(k, rows, L.kvDim), vv = r.act(v, rows, L.kvDim);
+    ref.kvWrite(va, 1, ka.first, vv.first, rows, pos.data());
+    test.kvWrite(vb, 1, ka.second, vv.second, rows, pos.data());
+    const std::string name = dims({{"rows", rows}, {"kvHeads", kvHeads}, {"headDim", hd}}) + " kv=" + kvTypeName(type);
+    const double codes = codeMismatch(ref, test, poolA, poolB, va, 1, pos.data(), rows);
+    // The largest value the type holds: f32 and bf16 hold everything finite (bf16 rounds 3e38
+    // to the nearest, inf stays inf); a scaled type holds codeMax x 65504.
+    const double held = kvTypeScaled(type) ? (double)kvTypeCodeMax(type) * 65504.0 : INFINITY;
+    double worst = codes;
+    std::vector<float> back;  // K then V of the rows
+    test.kvRead(vb, 0, 1, 0, rows, back);
+    for (int which = 0; which < 2; ++which) {
+      const std::vector<float>& in = which ? v : k;
+      for (int i = 0; i < rows; ++i) {
+        double num = 0, den = 0;
+        for (int d = 0; d < L.kvDim; ++d) {
+          const double x = in[(size_t)i * L.kvDim + d], y = back[((size_t)which * rows + i) * L.kvDim + d];
+          if (std::isnan(y) || (std::isinf(y) && !std::isinf(x)) || (x != 0 && y != 0 && (x < 0) != (y < 0))) worst = INFINITY;
+          if (std::isinf(x) || std::isinf(y)) continue;  // f32 and bf16 keep an infinite input as it is
+          const double want = std::max(-held, std::min(held, x));
+          num += (y - want) * (y - want);
+          den += want * want;
+        }
+        if (den > 0) worst = std::max(worst, std::sqrt(num / den));
+      }
+    }
+    // Within the coarsest rounding of a saturated or ordinary head (int4: 1/7 of amax per value).
+    r.report(OpCheck{"kv_write range", name, worst, true, 0.25});
+  }
+}
+
 // elementwise ops
 void checkElementwise(Runner& r, Backend& ref, Backend& test) {
   const int n = 5, m = 1000;
@@ -400,6 +458,7 @@ const std::vector<Group>& groups() {
       {{"linears q", "linears k", "linears v", "linear_swiglu"}, checkFusedLinears},
       {{"rope_kv_write q", "rope_kv_write q alone", "rope_kv_write cache"}, checkRopeKvWrite},
       {{"attention", "kv_write codes", "kv_write+zero+read"}, checkAttention},
+      {{"kv_write range"}, checkKvRange},
       {{"swiglu", "gelu_tanh", "residual_add"}, checkElementwise},
       {{"embed"}, checkEmbed},
       {{"sample", "sample logprobs"}, checkSample},

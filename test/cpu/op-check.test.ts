@@ -46,3 +46,14 @@ test.each([
     expect.objectContaining({ code: "LCKV_INVALID_ARGUMENT", message: expect.stringMatching(message) }),
   );
 });
+
+test("kv_write range: a head past what a finite f16 scale covers saturates, in every type, and reads back finite", () => {
+  // Heads of magnitude 1e9, 3e38 and infinity beside ordinary ones: before scales were capped at
+  // f16's largest value, the scaled types read these heads back as NaN.
+  const results = check(["kv_write range"]);
+  expect(results.map((r) => r.shape.replace(/.* kv=/, ""))).toEqual(["f32", "bf16", "fp8", "int8", "int4"]);
+  for (const r of results) {
+    expect(Number.isFinite(r.relErr)).toBe(true);
+    expect(r.relErr).toBeLessThanOrEqual(r.tolerance);
+  }
+});
