@@ -3,9 +3,11 @@
 // sliding window. GQA maps query head h to K/V head h / (numHeads / numKvHeads).
 //
 // This file picks the kernel and its head-size class and launches it: split-K flash-decoding for
-// rows of different sequences (attention_decode.cuh, attention_decode.cu) and flash attention on
-// the tensor cores for 16 or more queries of one sequence (attention_prefill.cuh,
-// attention_prefill.cu). What both kernels share is in attention_common.cuh.
+// rows of different sequences (attention_decode.cuh, attention_decode.cu; on the tensor cores
+// for a compact K/V type at head sizes 32, 64 and 128: attention_decode_mma.cuh,
+// attention_decode_mma.cu) and flash attention on the tensor cores for 16 or more queries of
+// one sequence (attention_prefill.cuh, attention_prefill.cu). What both kernels share is in attention_common.cuh.
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -63,6 +65,16 @@ void withKvType(int type, F&& f) {
   throw std::invalid_argument("attention: unknown K/V type");
 }
 
+// Calls f(std::integral_constant<int, d>{}) for a head size the tensor-core decode kernel takes
+// (32, 64, 128; decodeUsesMma checked it).
+template <typename F>
+void withMmaHeadDim(int headDim, F&& f) {
+  if (headDim == 32) return f(std::integral_constant<int, 32>{});
+  if (headDim == 64) return f(std::integral_constant<int, 64>{});
+  if (headDim == 128) return f(std::integral_constant<int, 128>{});
+  throw std::invalid_argument("attention: the tensor-core decode kernel has no instance for head size " + std::to_string(headDim));
+}
+
 }  // namespace
 
 void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv, int numHeads,
@@ -88,9 +100,23 @@ void launchAttention(const float* q, int n, const int32_t* positions, int maxVis
     }
     int headsPerBlock = 0, headChunks = 0;
     attention::decodeHeadBlocks(numHeads / numKvHeads, headsPerBlock, headChunks);
+    const int64_t blocks = (int64_t)n * numKvHeads * headChunks;
+    if constexpr (T != KvType::F32) {
+      if (attention::decodeUsesMma(T, headDim, kv)) {
+        withMmaHeadDim(headDim, [&](auto dim) {
+          constexpr int kDim = decltype(dim)::value;
+          int splits = attention::decodeMmaSplits<kDim, T>(blocks, maxVisible);
+          if (splits > 1 && (int64_t)n * numHeads * splits * (headDim + 2) > workspaceFloats) splits = 1;
+          attention::launchDecodeMma<kDim, T>(q, n, positions, kv, numHeads, numKvHeads, strict, window, scale,
+                                              headChunks, headsPerBlock, splits, out, workspace, stream);
+          LCKV_LAUNCH_CHECK("attention_decode_mma");
+          if (splits > 1) attention::launchDecodeMerge(workspace, n, numHeads, headDim, splits, out, stream);
+        });
+        return;
+      }
+    }
     // maxVisible only sets the number of splits: each block finds its own keys on the device.
-    int splits = attention::decodeSplits<Class::kDecodeDimsPerLane, T>((int64_t)n * numKvHeads * headChunks, headDim,
-                                                                        maxVisible);
+    int splits = attention::decodeSplits<Class::kDecodeDimsPerLane, T>(blocks, headDim, maxVisible);
     if (splits > 1 && (int64_t)n * numHeads * splits * (headDim + 2) > workspaceFloats) splits = 1;
     attention::launchDecode<Class::kDecodeDimsPerLane, T>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict,
                                                           window, scale, headChunks, headsPerBlock, splits, out,
@@ -107,12 +133,21 @@ int64_t attentionWorkspaceFloats(int n, int numHeads, int numKvHeads, int headDi
     return 0;  // the launcher refuses these
   int headsPerBlock = 0, headChunks = 0;
   attention::decodeHeadBlocks(numHeads / numKvHeads, headsPerBlock, headChunks);
+  // The larger of the two decode kernels' choices: which one runs also depends on the pool's
+  // alignment (decodeUsesMma), and the workspace must hold either.
   int64_t splits = 0;
+  const int64_t blocks = (int64_t)n * numKvHeads * headChunks;
   withKvType(kvType, [&](auto kvTypeConstant) {
+    constexpr KvType T = decltype(kvTypeConstant)::value;
     withHeadDimClass(headDim, [&](auto headDimClass) {
-      splits = attention::decodeSplits<decltype(headDimClass)::kDecodeDimsPerLane, decltype(kvTypeConstant)::value>(
-          (int64_t)n * numKvHeads * headChunks, headDim, maxVisible);
+      splits = attention::decodeSplits<decltype(headDimClass)::kDecodeDimsPerLane, T>(blocks, headDim, maxVisible);
     });
+    if constexpr (T != KvType::F32) {
+      if (headDim == 32 || headDim == 64 || headDim == 128)
+        withMmaHeadDim(headDim, [&](auto dim) {
+          splits = std::max<int64_t>(splits, attention::decodeMmaSplits<decltype(dim)::value, T>(blocks, maxVisible));
+        });
+    }
   });
   return splits > 1 ? (int64_t)n * numHeads * splits * (headDim + 2) : 0;
 }

@@ -16,6 +16,8 @@ namespace lckv::cuda {
 namespace {
 
 constexpr int kMaxDimsPerLane = 4;  // headDim <= 128
+// Splits of a decode row's keys at most (the merge kernel keeps one weight per split).
+constexpr int kMaxDecodeSplits = 64;
 
 struct Range {
   int first, last;  // visible keys [first, last]; empty when last < first
@@ -63,6 +65,56 @@ __device__ __forceinline__ void kvDecodeWord(uint32_t word, float scale, float* 
   for (int i = 0; i < kPerWord; ++i) dst[i] = kvDecode(T, (word >> ((i * kBits) & 31)) & kMask, scale);
 }
 
+// Asynchronous global -> shared copies (sm_80 and later; a plain copy before).
+__device__ __forceinline__ void copyAsync16(void* dst, const void* src) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src)
+               : "memory");
+#else
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+// The same 16-byte copy that reads only srcBytes (0 or 16) of src and zero-fills the rest: rows
+// past a tile's last key arrive as zeros, which decode to finite values (0 x NaN would not).
+__device__ __forceinline__ void copyAsync16Fill(void* dst, const void* src, int srcBytes) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src),
+               "r"(srcBytes)
+               : "memory");
+#else
+  *reinterpret_cast<uint4*>(dst) = srcBytes ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
+#endif
+}
+__device__ __forceinline__ void copyAsync4Fill(void* dst, const void* src, int srcBytes) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src),
+               "r"(srcBytes)
+               : "memory");
+#else
+  *reinterpret_cast<uint32_t*>(dst) = srcBytes ? *reinterpret_cast<const uint32_t*>(src) : 0u;
+#endif
+}
+__device__ __forceinline__ void copyAsync4(void* dst, const void* src) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src)
+               : "memory");
+#else
+  *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(src);
+#endif
+}
+__device__ __forceinline__ void copyAsyncCommit() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+// Waits until at most `pending` committed groups are still in flight.
+template <int pending>
+__device__ __forceinline__ void copyAsyncWait() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
+#endif
+}
+
 }  // namespace
 
 // ---- launchers for one head-size class -------------------------------------------------------
@@ -82,6 +134,17 @@ void launchDecode(const float* q, int n, const int32_t* positions, const PagedKv
                   float* out, float* partial, cudaStream_t stream);
 void launchDecodeMerge(const float* partial, int n, int numHeads, int headDim, int splits, float* out,
                        cudaStream_t stream);
+
+// Decode on the tensor cores (attention_decode_mma.cu), for compact K/V types at head sizes
+// kDim = 32, 64 and 128 with rows that load in 16-byte pieces (decodeUsesMma): the same blocks,
+// splits (at most one per 64 keys) and partial results as the CUDA-core kernel.
+bool decodeUsesMma(KvType type, int headDim, const PagedKv& kv);
+template <int kDim, KvType T>
+int decodeMmaSplits(int64_t blocks, int maxVisible);
+template <int kDim, KvType T>
+void launchDecodeMma(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
+                     bool strict, int window, float scale, int headChunks, int headsPerBlock, int splits, float* out,
+                     float* partial, cudaStream_t stream);
 
 // Prefill (attention_prefill.cu), for kDim 16, 32, 64 and 128: the head size rounded up to one
 // of them (zero-padded).

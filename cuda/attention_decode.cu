@@ -21,14 +21,14 @@ namespace {
 constexpr int kMergeThreads = 256;
 __global__ void __launch_bounds__(kMergeThreads) attentionMergeKernel(const float* __restrict__ partial, int numHeads,
                                                                       int headDim, int splits, float* __restrict__ out) {
-  __shared__ float weight[kMaxSplits];
+  __shared__ float weight[kMaxDecodeSplits];
   __shared__ float sums[kMergeThreads];
   __shared__ float total;
   waitForPrecedingKernels();
   const int r = blockIdx.x, h = blockIdx.y;
   const float* base = partial + ((int64_t)r * numHeads + h) * splits * (headDim + 2);
   if (threadIdx.x < 32) {
-    constexpr int kPerLane = (kMaxSplits + 31) / 32;
+    constexpr int kPerLane = (kMaxDecodeSplits + 31) / 32;
     float mc[kPerLane], lc[kPerLane], M = -INFINITY;
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kMergeThreads) attentionMergeKernel(const floa
     for (int i = 0; i < kPerLane; ++i) {
       const float wc = mc[i] == -INFINITY ? 0.0f : expf(mc[i] - M);
       L += lc[i] * wc;
-      if (threadIdx.x + 32 * i < kMaxSplits) weight[threadIdx.x + 32 * i] = wc;
+      if (threadIdx.x + 32 * i < kMaxDecodeSplits) weight[threadIdx.x + 32 * i] = wc;
     }
     L = warpSum(L);
     if (threadIdx.x == 0) total = L;
@@ -108,12 +108,12 @@ namespace attention {
 
 // Splits of the decode kernel for `blocks` blocks per split and the longest visible range: as
 // many as fill the GPU in one wave (a second, partial wave would leave most of the GPU idle
-// while it runs), within kMinSplitKeys and kMaxSplits.
+// while it runs), within kMinSplitKeys and kMaxDecodeSplits.
 template <int kDimsPerLane, KvType T>
 int decodeSplits(int64_t blocks, int headDim, int maxVisible) {
   const int64_t wave = decodeResidentBlocks<kDimsPerLane, T>(headDim) / blocks;
   const int64_t most = ((int64_t)maxVisible + kMinSplitKeys - 1) / kMinSplitKeys;
-  return (int)std::max<int64_t>(1, std::min<int64_t>({wave, most, kMaxSplits}));
+  return (int)std::max<int64_t>(1, std::min<int64_t>({wave, most, kMaxDecodeSplits}));
 }
 
 // Query heads of one K/V head's group per block, and blocks per group: the group cut into

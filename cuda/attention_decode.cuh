@@ -25,12 +25,11 @@ constexpr int kDecodeStages = 2;
 constexpr int kGroupHeads = 8;
 constexpr int kHeadsPerWarp = kGroupHeads / kDecodeWarps;
 static_assert(kGroupHeads % kDecodeWarps == 0 && kGroupHeads % 4 == 0, "heads are read as float4 per key");
-// Splits are at least one tile of keys, and at most kMaxSplits of them. One sequence of 4096
+// Splits are at least one tile of keys, and at most kMaxDecodeSplits of them. One sequence of 4096
 // tokens has 4 K/V heads to spread over 132 SMs: at 64 splits its attention took 11.9 us on an
 // H100 against 15.6 at 32 (a block then streams two tiles instead of four); 128 splits measured
 // no faster than 64, and batches of 16 and more are not cut that far anyway (one wave).
 constexpr int kMinSplitKeys = kDecodeKeys;
-constexpr int kMaxSplits = 64;
 
 // Floats per key row in shared memory: a whole number of float4 (the dot products read float4)
 // and an odd number of them, so lane j reading row j is free of bank conflicts.
@@ -94,36 +93,6 @@ __device__ __forceinline__ void dotCodeWord(uint32_t word, int w, const float* q
       s[i] = fmaf(qq.y, k[e + 1], s[i]);
     }
   }
-}
-
-// Asynchronous global -> shared copies (sm_80 and later; a plain copy before).
-__device__ __forceinline__ void copyAsync16(void* dst, const void* src) {
-#if __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src)
-               : "memory");
-#else
-  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-#endif
-}
-__device__ __forceinline__ void copyAsync4(void* dst, const void* src) {
-#if __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src)
-               : "memory");
-#else
-  *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(src);
-#endif
-}
-__device__ __forceinline__ void copyAsyncCommit() {
-#if __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-// Waits until at most `pending` committed groups are still in flight.
-template <int pending>
-__device__ __forceinline__ void copyAsyncWait() {
-#if __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
-#endif
 }
 
 // Starts copying keys j0 + lo .. j0 + hi - 1 of the block's K/V head into rows lo .. hi - 1 of

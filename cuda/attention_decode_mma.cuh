@@ -1,0 +1,589 @@
+// Decode attention over a compact K/V cache (bf16, fp8, int8, int4) on the tensor cores: the
+// same split-K flash-decoding as attention_decode.cuh (one block per row, K/V head and split,
+// serving up to 8 query heads of the K/V head's group; partial results merged by the same
+// kernel), for head sizes 32, 64 and 128.
+//
+// Why tensor cores: with GQA a key is dotted with 8 queries, and a compact type brings 2 to 8
+// times the keys per byte that f32 does. Scored on the CUDA cores, an int4 tile needs ~16 FMAs
+// and its decoding per byte read, several times what the memory system delivers per cycle
+// (measured: the CUDA-core kernel reached 6-9% of the copy bandwidth at int4, 38% at bf16).
+// mma.sync m16n8k16 does a warp's 16 keys x 8 heads x 16 channels in one instruction.
+//
+// The layout of the products:
+// - Scores: S[16 rows x 8 keys] = Q[16 x 16 channels] . K^T, per k-step of 16 channels. Rows
+//   0-7 are the 8 query heads' high parts and rows 8-15 their low parts (q = hi + lo, each exact
+//   in the mma's 16-bit type), so a score is row g + row g + 8: the queries keep ~22 bits in f16,
+//   and no row of the mma is wasted on a group of 8 heads. bf16 (8-bit mantissas) takes a third
+//   part in a second mma (rows 0-7 only), for f32's 24 bits: two parts (16 bits) measured near
+//   the 1e-5 the op checks allow.
+// - Output: O[16 x 8 dims] += P[16 x 16 keys] . V, with the probabilities split the same way.
+//   P's A fragment is made of the thread's own score registers (no shuffle, no shared memory).
+// - Codes enter the mma as exact 16-bit numbers: bf16 as stored; int8, int4 and e4m3 as f16
+//   (every code is exactly an f16). The per-key scales stay out of the mma: K's multiplies the
+//   score; V's enters the weights through a second running maximum (m2 over score + log(scale)),
+//   so the f16 weights stay in (0, 1] whatever the scales' range (a V scale folded into the
+//   weight directly would underflow f16 for small scales).
+// - The channel of a k index is free (Q and K only need the same one), and so is the dim of an
+//   output column: each type picks the order in which its codes unpack cheapest (kChannel,
+//   kOutDim). bf16 keys load with ldmatrix, bf16 values with ldmatrix.trans; 8- and 4-bit keys
+//   load with ldmatrix too (a 16-byte row piece is 16 or 32 channels), and 8- and 4-bit values
+//   as row chunks whose bytes of two keys are interleaved with prmt (no transposing load exists
+//   for 8-bit elements).
+// - Shared-memory rows are an odd number of 16-byte pieces apart: the 8 rows of an ldmatrix
+//   matrix, and the 4 rows x 8 chunks of a value load, then hit distinct banks.
+// - Each of the 4 warps takes 16 keys of every 64-key tile and keeps its own softmax state; the
+//   warps' results are merged at the end, so a tile costs two barriers (arrival, release).
+#pragma once
+#include <cuda_fp16.h>
+
+#include "attention_common.cuh"
+
+namespace lckv::cuda {
+
+namespace {
+
+constexpr int kMmaWarps = 4;
+constexpr int kMmaTileKeys = 16 * kMmaWarps;  // 64: 16 keys per warp
+constexpr int kMmaHeads = 8;                  // query heads per block (the mma's n = 8 rows of hi parts)
+
+// Whether a type's codes enter the mma as f16 (scaled types) or bf16.
+template <KvType T>
+__host__ __device__ constexpr bool mmaCodesF16() { return T != KvType::BF16; }
+// The head sizes the kernel takes (exactly; other sizes use the CUDA-core kernel).
+__host__ __device__ constexpr bool mmaDecodeHeadDim(int d) { return d == 32 || d == 64 || d == 128; }
+// Bytes of one key's codes of one head, and the shared-memory row stride: an odd number of
+// 16-byte pieces (see above).
+__host__ __device__ constexpr int mmaRowBytes(KvType t, int d) { return d * kvTypeBits(t) / 8; }
+__host__ __device__ constexpr int mmaRowStride(KvType t, int d) { return 16 * ((mmaRowBytes(t, d) / 16) | 1); }
+// Tiles in flight: about 32 KB of codes per block (as the f32 kernel keeps), 2 to 8 tiles.
+__host__ __device__ constexpr int mmaStages(KvType t, int d) {
+  const int bytes = 2 * kMmaTileKeys * mmaRowBytes(t, d);
+  return bytes >= 16384 ? 2 : 32768 / bytes > 8 ? 8 : 32768 / bytes;
+}
+__host__ __device__ constexpr size_t mmaStageBytes(KvType t, int d) {
+  return (size_t)2 * kMmaTileKeys * mmaRowStride(t, d) + 4 * kMmaTileKeys;
+}
+// The tiles, or (after the last tile) the warps' outputs [warps][heads][d] floats.
+__host__ __device__ constexpr size_t mmaDecodeSmemBytes(KvType t, int d) {
+  const size_t tiles = mmaStages(t, d) * mmaStageBytes(t, d);
+  const size_t reduce = sizeof(float) * kMmaWarps * kMmaHeads * (d + 2);
+  return tiles > reduce ? tiles : reduce;
+}
+
+// ---- 16-bit pairs, mma and ldmatrix -------------------------------------------------------------
+template <bool kF16>
+__device__ __forceinline__ uint32_t packPair(float lo, float hi) {
+  uint32_t r;
+  if constexpr (kF16) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    r = *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    r = *reinterpret_cast<const uint32_t*>(&h);
+  }
+  return r;
+}
+template <bool kF16>
+__device__ __forceinline__ float2 unpackPair(uint32_t r) {
+  if constexpr (kF16) return __half22float2(*reinterpret_cast<const __half2*>(&r));
+  else return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&r));
+}
+// (x, y) as a high pair and the low pair of what it leaves out: x = hi.x + lo.x to ~22 bits
+// (f16) or 16 bits (bf16). splitPair3 adds a third pair (bf16: 24 bits, f32's precision).
+template <bool kF16>
+__device__ __forceinline__ void splitPair(float x, float y, uint32_t& hi, uint32_t& lo) {
+  hi = packPair<kF16>(x, y);
+  const float2 h = unpackPair<kF16>(hi);
+  lo = packPair<kF16>(x - h.x, y - h.y);
+}
+template <bool kF16>
+__device__ __forceinline__ void splitPair3(float x, float y, uint32_t& hi, uint32_t& mid, uint32_t& lo) {
+  hi = packPair<kF16>(x, y);
+  const float2 h = unpackPair<kF16>(hi);
+  splitPair<kF16>(x - h.x, y - h.y, mid, lo);
+}
+
+// d += a . b, m16n8k16, f32 accumulators.
+template <bool kF16>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (kF16)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Lane l gives the address of row l % 8 of matrix l / 8; register i gets matrix i, the thread
+// (g, t) holding its row g, 32-bit word t (.trans: rows 2t and 2t + 1 of its column g).
+__device__ __forceinline__ void ldmatrixX4(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"((unsigned)__cvta_generic_to_shared(row)));
+}
+__device__ __forceinline__ void ldmatrixX2(uint32_t (&r)[2], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"((unsigned)__cvta_generic_to_shared(row)));
+}
+__device__ __forceinline__ void ldmatrixX4Trans(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"((unsigned)__cvta_generic_to_shared(row)));
+}
+
+// ---- codes to exact f16 pairs -----------------------------------------------------------------
+// An f16 whose exponent puts an integer u's unit in the mantissa's lowest bits is 1024 + u
+// (u < 1024; 0x6400) or, for u in bits 4-7, 64 + u (0x5400). Flipping a signed code's top bit
+// makes it u = code + 128 (int8) or code + 8 (int4); one subtraction then leaves the code.
+__device__ __forceinline__ uint32_t hsub2Bits(uint32_t x, uint32_t y) {
+  const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&x), *reinterpret_cast<const __half2*>(&y));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+// Bytes 0 and 2 of x (int8 codes) as an f16 pair.
+__device__ __forceinline__ uint32_t int8PairF16(uint32_t x) {
+  return hsub2Bits((x & 0x00ff00ffu) ^ 0x64806480u, 0x64806480u);  // 0x6480 = 1152
+}
+// Nibbles 0 and 4 (low) or 1 and 5 (high) of x (int4 codes) as an f16 pair.
+__device__ __forceinline__ uint32_t int4LowPairF16(uint32_t x) {
+  return hsub2Bits((x & 0x000f000fu) ^ 0x64086408u, 0x64086408u);  // 1032
+}
+__device__ __forceinline__ uint32_t int4HighPairF16(uint32_t x) {
+  return hsub2Bits((x & 0x00f000f0u) ^ 0x54805480u, 0x54805480u);  // 72
+}
+// Bytes 0 and 1 of x (e4m3 codes) as an f16 pair: one instruction on sm_89 and later; every
+// e4m3 value is exactly an f16.
+__device__ __forceinline__ uint32_t e4m3PairF16(uint32_t x) {
+#if __CUDA_ARCH__ >= 890
+  uint32_t r;
+  asm("{ .reg .b16 lo;\n cvt.u16.u32 lo, %1;\n cvt.rn.f16x2.e4m3x2 %0, lo;\n}\n" : "=r"(r) : "r"(x));
+  return r;
+#else
+  return packPair<true>(kvE4m3ToF32((uint8_t)x), kvE4m3ToF32((uint8_t)(x >> 8)));
+#endif
+}
+
+// The channel of k index (2t + (j & 1) + 8 (j >> 1)) in k-step s for thread column t: the order
+// in which each type's key words unpack (see mmaKeyFragments).
+template <KvType T>
+__device__ __forceinline__ int kChannel(int s, int t, int j) {
+  if constexpr (T == KvType::BF16) return 16 * s + 2 * t + (j & 1) + 8 * (j >> 1);
+  else if constexpr (T == KvType::FP8) return 16 * s + 4 * t + j;
+  else if constexpr (T == KvType::INT8) return 16 * s + 4 * t + 2 * (j & 1) + (j >> 1);
+  else return 32 * (s >> 1) + 8 * t + 2 * (s & 1) + 4 * (j & 1) + (j >> 1);  // INT4
+}
+// The head dim of output column `col` (0-7) of n-block j.
+template <KvType T, int kDim>
+__device__ __forceinline__ int kOutDim(int j, int col) {
+  if constexpr (T == KvType::BF16) return 8 * j + col;
+  else return col * (kDim / 8) + j;
+}
+
+// The key fragments (B of the scores) of one warp's 16 keys, for every k-step: b[s][nb][0..1]
+// for the keys 8 nb .. 8 nb + 7. kRows: the K tile's rows of the warp's keys.
+template <KvType T, int kDim>
+__device__ __forceinline__ void mmaKeyFragments(const uint8_t* kRows, int stride, uint32_t (&b)[kDim / 16][2][2]) {
+  const int lane = threadIdx.x & 31, mi = lane >> 3, r = lane & 7;
+  if constexpr (T == KvType::BF16) {
+    // k-step s: pieces 2s, 2s + 1 (8 channels each); matrices (nb0, 2s) (nb0, 2s+1) (nb1, 2s) (nb1, 2s+1).
+#pragma unroll
+    for (int s = 0; s < kDim / 16; ++s) {
+      uint32_t w[4];
+      ldmatrixX4(w, kRows + (8 * (mi >> 1) + r) * stride + 16 * (2 * s + (mi & 1)));
+      b[s][0][0] = w[0], b[s][0][1] = w[1], b[s][1][0] = w[2], b[s][1][1] = w[3];
+    }
+  } else if constexpr (T == KvType::INT8 || T == KvType::FP8) {
+    // A piece is 16 channels, one k-step: matrices (nb0, s) (nb1, s) (nb0, s+1) (nb1, s+1).
+#pragma unroll
+    for (int s = 0; s < kDim / 16; s += 2) {
+      uint32_t w[4];
+      ldmatrixX4(w, kRows + (8 * (mi & 1) + r) * stride + 16 * (s + (mi >> 1)));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        uint32_t& b0 = b[s + (i >> 1)][i & 1][0];
+        uint32_t& b1 = b[s + (i >> 1)][i & 1][1];
+        if constexpr (T == KvType::INT8) {
+          b0 = int8PairF16(w[i]);       // channels 4t, 4t + 2
+          b1 = int8PairF16(w[i] >> 8);  // 4t + 1, 4t + 3
+        } else {
+          b0 = e4m3PairF16(w[i]);        // 4t, 4t + 1
+          b1 = e4m3PairF16(w[i] >> 16);  // 4t + 2, 4t + 3
+        }
+      }
+    }
+  } else {
+    // INT4: a piece is 32 channels, two k-steps; word t holds channels 8t .. 8t + 7.
+    constexpr int kPieces = kDim / 32;
+    if constexpr (kPieces == 1) {
+      uint32_t w[2];
+      ldmatrixX2(w, kRows + (8 * (mi & 1) + r) * stride);
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb) {
+        b[0][nb][0] = int4LowPairF16(w[nb]);
+        b[0][nb][1] = int4HighPairF16(w[nb]);
+        b[1][nb][0] = int4LowPairF16(w[nb] >> 8);
+        b[1][nb][1] = int4HighPairF16(w[nb] >> 8);
+      }
+    } else {
+#pragma unroll
+      for (int p = 0; p < kPieces; p += 2) {
+        uint32_t w[4];
+        ldmatrixX4(w, kRows + (8 * (mi & 1) + r) * stride + 16 * (p + (mi >> 1)));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int s = 2 * (p + (i >> 1)), nb = i & 1;
+          b[s][nb][0] = int4LowPairF16(w[i]);
+          b[s][nb][1] = int4HighPairF16(w[i]);
+          b[s + 1][nb][0] = int4LowPairF16(w[i] >> 8);
+          b[s + 1][nb][1] = int4HighPairF16(w[i] >> 8);
+        }
+      }
+    }
+  }
+}
+
+// Words of a row chunk of kBytes (2, 4, 8, 16 or 32) from shared memory.
+template <int kBytes>
+__device__ __forceinline__ void loadChunk(const uint8_t* p, uint32_t (&w)[(kBytes + 3) / 4]) {
+  if constexpr (kBytes == 2) {
+    w[0] = *reinterpret_cast<const uint16_t*>(p);
+  } else if constexpr (kBytes == 4) {
+    w[0] = *reinterpret_cast<const uint32_t*>(p);
+  } else if constexpr (kBytes == 8) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    w[0] = v.x, w[1] = v.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kBytes / 16; ++i) {
+      const uint4 v = reinterpret_cast<const uint4*>(p)[i];
+      w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
+    }
+  }
+}
+
+// The value fragments (B of the output) of one warp's 16 keys, for every n-block j of 8 dims:
+// b[j][0] holds keys 2t, 2t + 1 and b[j][1] keys 2t + 8, 2t + 9, of dim kOutDim(j, g).
+template <KvType T, int kDim>
+__device__ __forceinline__ void mmaValueFragments(const uint8_t* vRows, int stride, uint32_t (&b)[kDim / 8][2]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  if constexpr (T == KvType::BF16) {
+    // Matrices (keys 0-7, piece c) (keys 8-15, c) (keys 0-7, c+1) (keys 8-15, c+1), transposed.
+    const int mi = lane >> 3, r = lane & 7;
+#pragma unroll
+    for (int c = 0; c < kDim / 8; c += 2) {
+      uint32_t w[4];
+      ldmatrixX4Trans(w, vRows + (8 * (mi & 1) + r) * stride + 16 * (c + (mi >> 1)));
+      b[c][0] = w[0], b[c][1] = w[1], b[c + 1][0] = w[2], b[c + 1][1] = w[3];
+    }
+  } else {
+    // Thread (g, t) reads dims [g kDim/8, (g+1) kDim/8) of keys 2t, 2t+1, 2t+8, 2t+9, and
+    // interleaves each pair of keys' bytes: dim j of the chunk becomes n-block j's column g.
+    constexpr int kChunk = kDim / 8 * kvTypeBits(T) / 8;
+    constexpr int kWords = (kChunk + 3) / 4;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t wa[kWords], wb[kWords];
+      loadChunk<kChunk>(vRows + (2 * t + 8 * h) * stride + g * kChunk, wa);
+      loadChunk<kChunk>(vRows + (2 * t + 8 * h + 1) * stride + g * kChunk, wb);
+#pragma unroll
+      for (int q = 0; q < kWords; ++q) {
+        if constexpr (T == KvType::INT4) {
+          // 8 dims per word: bytes (a0 a1 b0 b1) then (a2 a3 b2 b3), two dims per byte.
+#pragma unroll
+          for (int half = 0; half < 2 && 8 * q + 4 * half < kDim / 8; ++half) {
+            const uint32_t c = __byte_perm(wa[q], wb[q], half ? 0x7632 : 0x5410);
+            const int j = 8 * q + 4 * half;
+            b[j][h] = int4LowPairF16(c);
+            b[j + 1][h] = int4HighPairF16(c);
+            b[j + 2][h] = int4LowPairF16(c >> 8);
+            b[j + 3][h] = int4HighPairF16(c >> 8);
+          }
+        } else if constexpr (T == KvType::INT8) {
+          // 4 dims per word: bytes (a0 a1 b0 b1) then (a2 a3 b2 b3).
+          const uint32_t c0 = __byte_perm(wa[q], wb[q], 0x5410), c1 = __byte_perm(wa[q], wb[q], 0x7632);
+          b[4 * q][h] = int8PairF16(c0);
+          b[4 * q + 1][h] = int8PairF16(c0 >> 8);
+          b[4 * q + 2][h] = int8PairF16(c1);
+          b[4 * q + 3][h] = int8PairF16(c1 >> 8);
+        } else {
+          // FP8: bytes (a0 b0 a1 b1) then (a2 b2 a3 b3).
+          const uint32_t c0 = __byte_perm(wa[q], wb[q], 0x5140), c1 = __byte_perm(wa[q], wb[q], 0x7362);
+          b[4 * q][h] = e4m3PairF16(c0);
+          b[4 * q + 1][h] = e4m3PairF16(c0 >> 16);
+          b[4 * q + 2][h] = e4m3PairF16(c1);
+          b[4 * q + 3][h] = e4m3PairF16(c1 >> 16);
+        }
+      }
+    }
+  }
+}
+
+// Starts copying rows [lo, hi) of a tile whose first key is j0 into one stage: K rows, V rows
+// (stride bytes apart) and the scale words. Rows at or past `valid` (the tile's keys) arrive as
+// zeros. 16-byte pieces, consecutive threads on consecutive pieces.
+template <KvType T, int kDim>
+__device__ __forceinline__ void loadMmaTile(uint8_t* stage, const uint8_t* kBase, const uint8_t* vBase,
+                                            const int32_t* table, const PagedKv& kv, int kvh, int j0, int lo, int hi,
+                                            int valid) {
+  constexpr int kRow = mmaRowBytes(T, kDim), kStride = mmaRowStride(T, kDim), kPieces = kRow / 16;
+  uint8_t* kDst = stage;
+  uint8_t* vDst = stage + kMmaTileKeys * kStride;
+  uint32_t* scaleDst = reinterpret_cast<uint32_t*>(stage + 2 * kMmaTileKeys * kStride);
+  const int pageMask = kvPageMask(kv);
+  for (int e = lo * kPieces + threadIdx.x; e < hi * kPieces; e += kMmaWarps * 32) {
+    const int key = e / kPieces, c = 16 * (e - key * kPieces);
+    const bool in = key < valid;
+    const int64_t off = in ? kvRowOffset(table, kv, pageMask, j0 + key) + c : 0;
+    copyAsync16Fill(kDst + key * kStride + c, kBase + off, in ? 16 : 0);
+    copyAsync16Fill(vDst + key * kStride + c, vBase + off, in ? 16 : 0);
+  }
+  if (kvTypeScaled(T)) {
+    for (int key = lo + threadIdx.x; key < hi; key += kMmaWarps * 32) {
+      const bool in = key < valid;
+      copyAsync4Fill(scaleDst + key, in ? kv.pool + kvScaleOffset(kv, table, j0 + key, kvh) : kv.pool, in ? 4 : 0);
+    }
+  }
+}
+
+// One block: row blockIdx.x, K/V head blockIdx.y / headChunks (query heads cut into headChunks
+// blocks of at most headsPerBlock <= 8), split blockIdx.z of gridDim.z. Writes out (one split)
+// or the split's (max, sum, unnormalised output) per head, as the CUDA-core decode kernel does.
+template <int kDim, KvType T>
+__global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
+    const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int numHeads, int numKvHeads,
+    int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, float* __restrict__ out,
+    float* __restrict__ partial) {
+#if __CUDA_ARCH__ >= 800
+  constexpr bool kF16 = mmaCodesF16<T>();
+  constexpr bool kScaled = kvTypeScaled(T);
+  constexpr int kStride = mmaRowStride(T, kDim), kStages = mmaStages(T, kDim);
+  constexpr int kStage = (int)mmaStageBytes(T, kDim);
+  constexpr int kSteps = kDim / 16, kBlocks = kDim / 8;
+  extern __shared__ float4 smem4[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(smem4);
+
+  const int r = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int group = numHeads / numKvHeads;
+  const int kvh = blockIdx.y / headChunks, part = blockIdx.y % headChunks;
+  const int h0 = kvh * group + part * headsPerBlock;
+  const int heads = min(headsPerBlock, group - part * headsPerBlock);
+  const int32_t* table = kvPageTable(kv, r);
+  const int headBytes = kvHeadBytes(T, headDim);
+  const uint8_t* kBase = kvHeadBase(kv, 0, kvh, headBytes);
+  const uint8_t* vBase = kvHeadBase(kv, 1, kvh, headBytes);
+
+  // This block's chunk of the row's visible keys (cut on the device: see attention_decode.cuh).
+  const int p = positions[r];
+  const Range all = visible(p, strict, window);
+  const int count = max(0, all.last - all.first + 1);
+  const int chunk = (count + splits - 1) / splits;
+  const int first = all.first + split * chunk;
+  const int keys = max(0, min(count - split * chunk, chunk));
+  const int numTiles = (keys + kMmaTileKeys - 1) / kMmaTileKeys;
+
+  // The first tile's keys that no kernel of this step writes load before the wait (as in the
+  // CUDA-core kernel), the rest after it.
+  const int firstTileKeys = min(kMmaTileKeys, keys);
+  const int earlyKeys = min(firstTileKeys, max(0, p - (int)gridDim.x + 1 - first));
+  if (numTiles > 0 && earlyKeys > 0)
+    loadMmaTile<T, kDim>(smem, kBase, vBase, table, kv, kvh, first, 0, earlyKeys, earlyKeys);
+  waitForPrecedingKernels();
+  if (numTiles > 0)
+    loadMmaTile<T, kDim>(smem, kBase, vBase, table, kv, kvh, first, earlyKeys, kMmaTileKeys, firstTileKeys);
+  copyAsyncCommit();
+#pragma unroll
+  for (int st = 1; st < kStages - 1; ++st) {
+    if (st < numTiles)
+      loadMmaTile<T, kDim>(smem + st * kStage, kBase, vBase, table, kv, kvh, first + st * kMmaTileKeys, 0,
+                           kMmaTileKeys, min(kMmaTileKeys, keys - st * kMmaTileKeys));
+    copyAsyncCommit();
+  }
+
+  // The queries of heads h0 + g (zero past `heads`), times the softmax scale, as the A fragments
+  // of every k-step: rows g (high parts) and g + 8 (low parts); bf16's third parts in qa3's rows g.
+  constexpr int kQ3 = kF16 ? 1 : kSteps;
+  uint32_t qa[kSteps][4], qa3[kQ3][4];
+  {
+    const float* qh = q + ((int64_t)r * numHeads + h0 + min(g, heads - 1)) * headDim;
+    const float live = g < heads ? scale : 0.0f;
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      const float x0 = qh[kChannel<T>(s, t, 0)] * live, x1 = qh[kChannel<T>(s, t, 1)] * live;
+      const float x2 = qh[kChannel<T>(s, t, 2)] * live, x3 = qh[kChannel<T>(s, t, 3)] * live;
+      if constexpr (kF16) {
+        splitPair<kF16>(x0, x1, qa[s][0], qa[s][1]);
+        splitPair<kF16>(x2, x3, qa[s][2], qa[s][3]);
+      } else {
+        splitPair3<kF16>(x0, x1, qa[s][0], qa[s][1], qa3[s][0]);
+        splitPair3<kF16>(x2, x3, qa[s][2], qa[s][3], qa3[s][2]);
+        qa3[s][1] = qa3[s][3] = 0u;
+      }
+    }
+  }
+
+  // Per thread: head g's running max m (and m2 of score + log V scale), its partial sum over the
+  // thread's keys, and the output columns 2t, 2t+1 of every n-block (rows g: hi, g + 8: lo).
+  float m = -INFINITY, m2 = -INFINITY, l = 0.0f;
+  float acc[kBlocks][4];
+#pragma unroll
+  for (int j = 0; j < kBlocks; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+
+  for (int tile = 0; tile < numTiles; ++tile) {
+    const int ahead = tile + kStages - 1;
+    if (ahead < numTiles)
+      loadMmaTile<T, kDim>(smem + (ahead % kStages) * kStage, kBase, vBase, table, kv, kvh, first + ahead * kMmaTileKeys,
+                           0, kMmaTileKeys, min(kMmaTileKeys, keys - ahead * kMmaTileKeys));
+    copyAsyncCommit();
+    copyAsyncWait<kStages - 1>();
+    __syncthreads();  // this tile is in place
+
+    const int slabValid = min(kMmaTileKeys, keys - tile * kMmaTileKeys) - 16 * warp;  // this warp's keys
+    if (slabValid > 0) {
+      const uint8_t* stage = smem + (tile % kStages) * kStage;
+      const uint8_t* kRows = stage + 16 * warp * kStride;
+      const uint8_t* vRows = stage + (kMmaTileKeys + 16 * warp) * kStride;
+      const uint32_t* scales = reinterpret_cast<const uint32_t*>(stage + 2 * kMmaTileKeys * kStride) + 16 * warp;
+
+      // Scores of the thread's keys 2t, 2t+1 (nb 0) and 2t+8, 2t+9 (nb 1) for head g.
+      float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+      {
+        uint32_t kb[kSteps][2][2];
+        mmaKeyFragments<T, kDim>(kRows, kStride, kb);
+#pragma unroll
+        for (int s = 0; s < kSteps; ++s) {
+          mma16816<kF16>(sc[0], qa[s], kb[s][0][0], kb[s][0][1]);
+          mma16816<kF16>(sc[1], qa[s], kb[s][1][0], kb[s][1][1]);
+          if constexpr (!kF16) {
+            mma16816<kF16>(sc[0], qa3[s], kb[s][0][0], kb[s][0][1]);
+            mma16816<kF16>(sc[1], qa3[s], kb[s][1][0], kb[s][1][1]);
+          }
+        }
+      }
+      float e[4], e2[4];  // key (nb, i) at index 2 nb + i: key 8 nb + 2t + i of the slab
+      float mx = -INFINITY, mx2 = -INFINITY;
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int key = 8 * nb + 2 * t + i;
+          float s = sc[nb][i] + sc[nb][2 + i];
+          float s2 = s;
+          if constexpr (kScaled) {
+            const uint32_t w = scales[key];
+            s *= kvF16ToF32((uint16_t)w);
+            // log of the V scale; a zero scale (an all-zero head, or a key past the end) has
+            // zero codes, and any finite value serves.
+            s2 = s + logf(fmaxf(kvF16ToF32((uint16_t)(w >> 16)), 1e-30f));
+          } else {
+            s2 = s;
+          }
+          if (key >= slabValid) s = s2 = -INFINITY;
+          e[2 * nb + i] = s;
+          e2[2 * nb + i] = s2;
+          mx = fmaxf(mx, s);
+          mx2 = fmaxf(mx2, s2);
+        }
+      // Head g's keys of this slab are spread over the 4 threads t of the row.
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mNew = fmaxf(m, mx);  // finite: the slab has a valid key
+      const float corr = expf(m - mNew);
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) sum += expf(e[i] - mNew);
+      l = l * corr + sum;
+      m = mNew;
+      float w[4], corr2;
+      if constexpr (kScaled) {
+        mx2 = fmaxf(mx2, __shfl_xor_sync(0xffffffffu, mx2, 1));
+        mx2 = fmaxf(mx2, __shfl_xor_sync(0xffffffffu, mx2, 2));
+        const float m2New = fmaxf(m2, mx2);
+        corr2 = expf(m2 - m2New);
+        m2 = m2New;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) w[i] = expf(e2[i] - m2New);
+      } else {
+        corr2 = corr;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) w[i] = expf(e[i] - mNew);
+      }
+#pragma unroll
+      for (int j = 0; j < kBlocks; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[j][i] *= corr2;
+
+      // Weights as P's A fragment: rows g (hi) and g + 8 (lo); k = keys 2t, 2t+1 | 2t+8, 2t+9
+      // (bf16: a third part in pa3's rows g, as for the queries).
+      uint32_t pa[4], pa3[4] = {0u, 0u, 0u, 0u};
+      if constexpr (kF16) {
+        splitPair<kF16>(w[0], w[1], pa[0], pa[1]);
+        splitPair<kF16>(w[2], w[3], pa[2], pa[3]);
+      } else {
+        splitPair3<kF16>(w[0], w[1], pa[0], pa[1], pa3[0]);
+        splitPair3<kF16>(w[2], w[3], pa[2], pa[3], pa3[2]);
+      }
+      uint32_t vb[kBlocks][2];
+      mmaValueFragments<T, kDim>(vRows, kStride, vb);
+#pragma unroll
+      for (int j = 0; j < kBlocks; ++j) {
+        mma16816<kF16>(acc[j], pa, vb[j][0], vb[j][1]);
+        if constexpr (!kF16) mma16816<kF16>(acc[j], pa3, vb[j][0], vb[j][1]);
+      }
+    }
+    __syncthreads();  // the stage is free again
+  }
+
+  // Each warp's result per head g, relative to its max m: the sum over the row's 4 threads, the
+  // output hi + lo (and, for a scaled type, moved from m2 to m), through shared memory.
+  copyAsyncWait<0>();
+  __syncthreads();
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  const float toM = !kScaled || m == -INFINITY ? 1.0f : expf(m2 - m);
+  float* red = reinterpret_cast<float*>(smem);  // [warps][heads][kDim], then [warps][heads] max and sum
+  float* redMax = red + kMmaWarps * kMmaHeads * kDim;
+  float* redSum = redMax + kMmaWarps * kMmaHeads;
+#pragma unroll
+  for (int j = 0; j < kBlocks; ++j)
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      red[(warp * kMmaHeads + g) * kDim + kOutDim<T, kDim>(j, 2 * t + i)] = (acc[j][i] + acc[j][2 + i]) * toM;
+  if (t == 0) {
+    redMax[warp * kMmaHeads + g] = m;
+    redSum[warp * kMmaHeads + g] = l;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < heads * headDim; e += blockDim.x) {
+    const int hg = e / headDim, d = e - hg * headDim;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) M = fmaxf(M, redMax[w * kMmaHeads + hg]);
+    float v = 0.0f, L = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) {
+      const float mw = redMax[w * kMmaHeads + hg];
+      const float f = mw == -INFINITY ? 0.0f : expf(mw - M);
+      v += f * red[(w * kMmaHeads + hg) * kDim + d];
+      L += f * redSum[w * kMmaHeads + hg];
+    }
+    const int64_t rh = (int64_t)r * numHeads + h0 + hg;
+    if (splits == 1) {
+      out[rh * headDim + d] = L > 0.0f ? v / L : 0.0f;
+    } else {
+      const int64_t slot = rh * splits + split;
+      partial[slot * (headDim + 2) + 2 + d] = v;
+      if (d == 0) {
+        partial[slot * (headDim + 2)] = M;  // -inf for an empty chunk: the merge skips it
+        partial[slot * (headDim + 2) + 1] = L;
+      }
+    }
+  }
+#endif
+}
+
+}  // namespace
+
+}  // namespace lckv::cuda
