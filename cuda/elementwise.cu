@@ -57,6 +57,26 @@ __global__ void addBiasKernel(float* out, int n, int O, const W* bias) {
     out[i] += toFloat(bias[i % O]);
 }
 
+// The targets of one split, by value (a kernel parameter).
+struct SplitColumns {
+  float* out[kGemvMaxTargets];
+  int first[kGemvMaxTargets + 1];  // each target's first column, then the end
+};
+__global__ void splitColumnsKernel(const float* __restrict__ src, int n, int cols, SplitColumns t, int count) {
+  waitForPrecedingKernels();
+  const int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= (int64_t)n * cols) return;
+  const int r = (int)(e / cols), c = (int)(e - (int64_t)r * cols);
+  // The target of column c, found with constant indices only (a dynamic index into a kernel
+  // parameter's array would copy it to local memory).
+#pragma unroll
+  for (int i = 0; i < kGemvMaxTargets; ++i)
+    if (i < count && c >= t.first[i] && c < t.first[i + 1]) {
+      const int w = t.first[i + 1] - t.first[i];
+      t.out[i][(int64_t)r * w + (c - t.first[i])] = src[e];
+    }
+}
+
 }  // namespace
 
 bool programmaticLaunchSupported() {
@@ -127,6 +147,24 @@ void launchAddBias(float* out, int n, int O, const void* bias, int wtype, cudaSt
     case WeightType::F16: launchKernel(addBiasKernel<__half>, g, kThreads, 0, stream, out, n, O, (const __half*)bias); break;
   }
   LCKV_LAUNCH_CHECK("add_bias");
+}
+
+void launchSplitColumns(const float* src, int n, int cols, const SplitColumnsTarget* targets, int count,
+                        cudaStream_t stream) {
+  NvtxRange r("split_columns");
+  if (count <= 0 || count > kGemvMaxTargets) throw std::invalid_argument("split_columns: 1 to kGemvMaxTargets targets");
+  SplitColumns t{};
+  int at = 0;
+  for (int i = 0; i < count; ++i) {
+    t.out[i] = targets[i].out;
+    t.first[i] = at;
+    at += targets[i].cols;
+  }
+  for (int i = count; i <= kGemvMaxTargets; ++i) t.first[i] = at;
+  if (at != cols) throw std::invalid_argument("split_columns: the targets' columns do not add up to the source's");
+  if (n <= 0) return;
+  launchKernel(splitColumnsKernel, blocksFor((int64_t)n * cols), kThreads, 0, stream, src, n, cols, t, count);
+  LCKV_LAUNCH_CHECK("split_columns");
 }
 
 }  // namespace lckv::cuda

@@ -68,6 +68,15 @@ void launchGemvSwiglu(const float* x, int n, int I, const GemvTarget& gate, cons
 void launchToBf16(const float* x, int64_t count, void* y, cudaStream_t stream);
 // out[r, :] += bias (wtype), for the cuBLASLt path.
 void launchAddBias(float* out, int n, int O, const void* bias, int wtype, cudaStream_t stream);
+// Columns of src[n, cols] to the targets in order: target i gets the next targets[i].cols
+// columns as its own [n, cols] rows (the output of a packed product, split). Up to
+// kGemvMaxTargets targets.
+struct SplitColumnsTarget {
+  float* out;
+  int cols;
+};
+void launchSplitColumns(const float* src, int n, int cols, const SplitColumnsTarget* targets, int count,
+                        cudaStream_t stream);
 
 // x += y over count elements.
 void launchAdd(float* x, const float* y, int64_t count, cudaStream_t stream);

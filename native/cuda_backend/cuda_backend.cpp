@@ -181,9 +181,25 @@ void CudaBackend::linears(const Tensor& x, int n, const LinearTarget* targets, i
   Timed timed(*this, "gemm_cublaslt");
   void* xb = scratchBf16((size_t)n * I);
   cuda::launchToBf16((const float*)x.data, (int64_t)n * I, xb, stream_);
+  // Weights packed back to back (packWeights) run as one product, whose output is then split
+  // into the targets: at decode batches a small GEMM costs about as much as a large one.
+  bool packed = count > 1;
+  int64_t rows = targets[0].w->rows;
+  for (int i = 1; i < count && packed; ++i) {
+    const Tensor& prev = *targets[i - 1].w;
+    packed = targets[i].w->data == (const char*)prev.data + prev.numel() * dtypeSize(prev.dtype);
+    rows += targets[i].w->rows;
+  }
+  if (packed) {
+    float* all = scratchF32((size_t)n * rows);
+    cublasLt_.matmulBf16(targets[0].w->data, xb, all, (int)rows, n, I, stream_);
+    cuda::SplitColumnsTarget parts[cuda::kGemvMaxTargets];
+    for (int i = 0; i < count; ++i) parts[i] = {(float*)targets[i].out->data, (int)targets[i].w->rows};
+    cuda::launchSplitColumns(all, n, (int)rows, parts, count, stream_);
+  }
   for (int i = 0; i < count; ++i) {
     const Tensor& w = *targets[i].w;
-    cublasLt_.matmulBf16(w.data, xb, (float*)targets[i].out->data, (int)w.rows, n, I, stream_);
+    if (!packed) cublasLt_.matmulBf16(w.data, xb, (float*)targets[i].out->data, (int)w.rows, n, I, stream_);
     if (targets[i].bias)
       cuda::launchAddBias((float*)targets[i].out->data, n, (int)w.rows, targets[i].bias->data,
                           weightType(targets[i].bias->dtype), stream_);
@@ -396,20 +412,53 @@ const int32_t* CudaBackend::stage(Staging which, const int32_t* host, int n) {
   return staging_.upload(which, host, n, stream_);
 }
 
-void* CudaBackend::scratchBf16(size_t count) {
+void* CudaBackend::scratch(std::shared_ptr<void>& buf, size_t& capBytes, size_t bytes) {
   if (StepGraph* recording = steps_.recording()) {
     // No synchronising while recording; and the recording keeps the buffer it bakes in, which
     // a later, larger prefill would otherwise free.
-    if (bf16Cap_ < count) return block(count * 2).get();
-    recording->holds.push_back(bf16Scratch_);
-    return bf16Scratch_.get();
+    if (capBytes < bytes) return block(bytes).get();
+    recording->holds.push_back(buf);
+    return buf.get();
   }
-  if (bf16Cap_ < count) {
+  if (capBytes < bytes) {
     cudaOk(cudaStreamSynchronize(stream_), "scratch sync");
-    bf16Scratch_ = deviceAlloc(count * 2);
-    bf16Cap_ = count;
+    buf = deviceAlloc(bytes);
+    capBytes = bytes;
   }
-  return bf16Scratch_.get();
+  return buf.get();
+}
+
+void* CudaBackend::scratchBf16(size_t count) { return scratch(bf16Scratch_, bf16Cap_, count * 2); }
+float* CudaBackend::scratchF32(size_t count) { return (float*)scratch(f32Scratch_, f32Cap_, count * sizeof(float)); }
+
+void CudaBackend::packWeights(Tensor* parts, int count) {
+  if (count < 2) return;
+  const size_t elt = dtypeSize(parts[0].dtype);
+  size_t total = 0;
+  for (int i = 0; i < count; ++i) {
+    if (parts[i].empty() || parts[i].dtype != parts[0].dtype || parts[i].cols != parts[0].cols) return;
+    total += (size_t)parts[i].numel() * elt;
+  }
+  ctx();
+  std::shared_ptr<void> packed;
+  try {
+    packed = deviceAlloc(total);
+  } catch (const std::bad_alloc&) {
+    return;  // no room for the copy: the parts stay apart, and each runs as its own product
+  }
+  size_t at = 0;
+  for (int i = 0; i < count; ++i) {
+    const size_t bytes = (size_t)parts[i].numel() * elt;
+    cudaOk(cudaMemcpyAsync((char*)packed.get() + at, parts[i].data, bytes, cudaMemcpyDeviceToDevice, stream_), "pack weights");
+    at += bytes;
+  }
+  cudaOk(cudaStreamSynchronize(stream_), "pack weights");
+  at = 0;
+  for (int i = 0; i < count; ++i) {
+    parts[i].storage = packed;
+    parts[i].data = (char*)packed.get() + at;
+    at += (size_t)parts[i].numel() * elt;
+  }
 }
 
 bool CudaBackend::useGemv(int n, const LinearTarget* t, int count) const {

@@ -55,6 +55,7 @@ class CudaBackend : public Backend {
                Tensor& out) override;
   void linear(const Tensor& x, int n, const Tensor& w, const Tensor* bias, Tensor& out) override;
   void linears(const Tensor& x, int n, const LinearTarget* targets, int count) override;
+  void packWeights(Tensor* parts, int count) override;
   void linearSwiglu(const Tensor& x, int n, const Tensor& gate, const Tensor* gateB, const Tensor& up, const Tensor* upB,
                     Tensor& upScratch, Tensor& out) override;
   void addInPlace(Tensor& x, const Tensor& y, int n) override;
@@ -114,6 +115,9 @@ class CudaBackend : public Backend {
   // The RoPE frequencies on the device (RopeFrequencies::device).
   const float* deviceInvFreq(const std::vector<float>& f) { return invFreq_.device(f, steps_.recording() != nullptr, stream_); }
   void* scratchBf16(size_t count);
+  float* scratchF32(size_t count);
+  // A buffer of at least `bytes` kept in buf (grown, never shrunk), as scratchBf16/F32 hand out.
+  void* scratch(std::shared_ptr<void>& buf, size_t& capBytes, size_t bytes);
 
   // The hand-written GEMV for small batches and for weights cuBLASLt is not set up for here.
   bool useGemv(int n, const LinearTarget* t, int count) const;
@@ -136,10 +140,12 @@ class CudaBackend : public Backend {
   }();
   RopeFrequencies invFreq_;
   std::shared_ptr<void> bf16Scratch_;
+  std::shared_ptr<void> f32Scratch_;  // a packed product's output before it is split
   BlockCache blocks_;
   OpProfiler profiler_;
   StepGraphs steps_;
-  size_t bf16Cap_ = 0;
+  size_t bf16Cap_ = 0;  // bytes
+  size_t f32Cap_ = 0;   // bytes
 };
 
 }  // namespace lckv

@@ -78,6 +78,10 @@ class Backend : public StepExecution {
   // The default widens them to f32 for upload(); a backend that keeps a 16-bit weight as it is
   // overrides it, so that no f32 copy is made.
   virtual Tensor uploadWeight(const void* host, DType hostType, int64_t rows, int64_t cols);
+  // Moves weights that are applied to the same input (a layer's Q, K and V) into one allocation,
+  // back to back, each part becoming a view of it, so that linears() can run them as one matrix
+  // product. Parts of different dtypes or widths stay as they are. The default keeps them apart.
+  virtual void packWeights(Tensor* parts, int count) { (void)parts, (void)count; }
   virtual void download(const Tensor& t, int64_t rowStart, int64_t rowCount, float* host) = 0;
   // Writes host rows into an f32 activation tensor (tests and op checks).
   virtual void writeRows(Tensor& t, int64_t rowStart, int64_t rowCount, const float* host) = 0;

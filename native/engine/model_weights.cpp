@@ -119,6 +119,15 @@ void Model::finalize() {
     L.upB = get(layerName(i, "up.bias"));
     L.down = get(layerName(i, "down.weight"));
     L.downB = get(layerName(i, "down.bias"));
+    if (!L.k.empty()) {
+      // One allocation for Q, K and V: the backend's large-batch path runs them as one product
+      // (three small GEMMs cost about three times one of their summed size at decode batches).
+      Tensor qkv[3] = {L.q, L.k, L.v};
+      backend_->packWeights(qkv, 3);
+      L.q = tensors_[layerName(i, "q.weight")] = qkv[0];
+      L.k = tensors_[layerName(i, "k.weight")] = qkv[1];
+      L.v = tensors_[layerName(i, "v.weight")] = qkv[2];
+    }
   }
   ready_ = true;
 }

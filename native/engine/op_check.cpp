@@ -140,7 +140,8 @@ void checkRope(Runner& r, Backend& ref, Backend& test) {
 // and the SwiGLU MLP's gate and up with the activation applied as they are written.
 void checkFusedLinears(Runner& r, Backend& ref, Backend& test) {
   for (auto [n, I, O0, O1] : std::vector<std::tuple<int, int, int, int>>{
-           {1, 2048, 2048, 256}, {5, 64, 96, 32}, {16, 512, 300, 8}, {40, 128, 64, 64}, {16, 2048, 512, 64}, {3, 4100, 70, 6}}) {
+           {1, 2048, 2048, 256}, {5, 64, 96, 32}, {16, 512, 300, 8}, {40, 128, 64, 64}, {16, 2048, 512, 64}, {3, 4100, 70, 6},
+           {64, 2048, 2048, 256}}) {
     auto x = r.act(r.random((size_t)n * I), n, I);
     auto wq = r.weight(r.random((size_t)O0 * I, 0.05f), O0, I);
     auto wk = r.weight(r.random((size_t)O1 * I, 0.05f), O1, I);
@@ -155,6 +156,19 @@ void checkFusedLinears(Runner& r, Backend& ref, Backend& test) {
     r.compare("linears q", shape, oq.first, oq.second, n);
     r.compare("linears k", shape, ok.first, ok.second, n);
     r.compare("linears v", shape, ov.first, ov.second, n);
+    // Q, K and V packed into one allocation, as a model's layers are (packWeights): the GPU's
+    // large-batch path runs one product and splits it into the three outputs.
+    Tensor pa[3] = {wq.first, wk.first, wv.first}, pb[3] = {wq.second, wk.second, wv.second};
+    ref.packWeights(pa, 3);
+    test.packWeights(pb, 3);
+    auto pq = r.outputs(n, O0), pk = r.outputs(n, O1), pv = r.outputs(n, O1);
+    const Backend::LinearTarget pta[3] = {{&pa[0], nullptr, &pq.first}, {&pa[1], &bk.first, &pk.first}, {&pa[2], nullptr, &pv.first}};
+    const Backend::LinearTarget ptb[3] = {{&pb[0], nullptr, &pq.second}, {&pb[1], &bk.second, &pk.second}, {&pb[2], nullptr, &pv.second}};
+    ref.linears(x.first, n, pta, 3);
+    test.linears(x.second, n, ptb, 3);
+    r.compare("linears packed", shape + " q", pq.first, pq.second, n);
+    r.compare("linears packed", shape + " k", pk.first, pk.second, n);
+    r.compare("linears packed", shape + " v", pv.first, pv.second, n);
 
     auto wg = r.weight(r.random((size_t)O0 * I, 0.05f), O0, I);
     auto bu = r.weight(r.random((size_t)O0), 1, O0);
@@ -465,7 +479,7 @@ const std::vector<Group>& groups() {
       {{"rms_norm", "layer_norm"}, checkNorm},
       {{"add_rms_norm", "add_rms_norm residual", "add_layer_norm", "add_layer_norm residual"}, checkAddNorm},
       {{"rope"}, checkRope},
-      {{"linears q", "linears k", "linears v", "linear_swiglu"}, checkFusedLinears},
+      {{"linears q", "linears k", "linears v", "linears packed", "linear_swiglu"}, checkFusedLinears},
       {{"rope_kv_write q", "rope_kv_write q alone", "rope_kv_write cache"}, checkRopeKvWrite},
       {{"attention", "kv_write codes", "kv_write+zero+read"}, checkAttention},
       {{"kv_write range"}, checkKvRange},
