@@ -305,11 +305,16 @@ class Reference:
 
     def key_value(self, i, x, pos):
         """K, V of KV layer i, each [KVH, n, D] (keys RoPE'd at their own position)."""
+        k, v = self.key_value_unrotated(i, x)
+        return (self._rope(k, pos) if self.cfg.style == "llama" else k), v
+
+    def key_value_unrotated(self, i, x):
+        """K (before RoPE), V of KV layer i, each [KVH, n, D]."""
         c = self.cfg
         if c.style == "llama":
             k = self._heads(self._linear(x, self._p(i, "self_attn.k_proj")), c.num_kv_heads)
             v = self._heads(self._linear(x, self._p(i, "self_attn.v_proj")), c.num_kv_heads)
-            return self._rope(k, pos), v
+            return k, v
         qkv = self._conv1d(x, self._p(i, "attn.c_attn"))
         E = c.hidden
         return self._heads(qkv[:, E : 2 * E], c.num_kv_heads), self._heads(qkv[:, 2 * E :], c.num_kv_heads)
@@ -459,6 +464,78 @@ class SequentialState:
             h = ref.finish_layer(i, h, a)
         self.pos += 1
         return ref.logits(h)[0]
+
+
+# ----------------------------------------------------------------------------
+# lckv condense: the unfolded computation
+# ----------------------------------------------------------------------------
+
+def load_condense_maps(path):
+    """condense-maps.safetensors as written by `lckv condense` (docs/condense.md): returns
+    (metadata, {reader layer j: {"source": i, "k_map", "v_map"[, "k_offset", "v_offset"]}}),
+    maps as float64 tensors with the K/V head first."""
+    from safetensors import safe_open
+
+    readers = {}
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        for name in f.keys():
+            m = re.match(r"^layers\.(\d+)\.(source|k_map|v_map|k_offset|v_offset)$", name)
+            if m is None:
+                raise ValueError(f"{path}: unexpected tensor {name!r}")
+            entry = readers.setdefault(int(m.group(1)), {})
+            t = f.get_tensor(name)
+            entry[m.group(2)] = int(t[0]) if m.group(2) == "source" else t.to(torch.float64)
+    return meta, readers
+
+
+def map_keys(k, entry, style):
+    """Layer i's keys [KVH, n, D] (before RoPE) mapped to the reader's: per frequency pair a
+    complex scalar (rope style, pairs (f, f + D/2)), or K A + c (affine style)."""
+    if style == "rope":
+        half = k.shape[-1] // 2
+        a = entry["k_map"].to(k.dtype)  # [KVH, half, 2]
+        re_, im_ = a[..., 0][:, None, :], a[..., 1][:, None, :]
+        lo, hi = k[..., :half], k[..., half:]
+        return torch.cat([re_ * lo - im_ * hi, im_ * lo + re_ * hi], dim=-1)
+    return k @ entry["k_map"].to(k.dtype) + entry["k_offset"].to(k.dtype)[:, None, :]
+
+
+def map_values(v, entry):
+    """Layer i's values [KVH, n, D] mapped to the reader's: V B (+ e)."""
+    out = v @ entry["v_map"].to(v.dtype)
+    if "v_offset" in entry:
+        out = out + entry["v_offset"].to(v.dtype)[:, None, :]
+    return out
+
+
+@torch.no_grad()
+def forward_unfolded(source, maps_path, ids):
+    """Logits [n, V] of a condensed model computed without its folded weights: `source` is the
+    Reference of the standard model that was condensed; a reader layer j keeps its own W_q and
+    W_o and attends to layer i's K/V mapped explicitly, K_i A (+ c) before RoPE and V_i B (+ e).
+    Equal to the folded model (the directory `lckv condense` wrote) up to the rounding of its
+    stored weights."""
+    meta, readers = load_condense_maps(maps_path)
+    style = meta["style"]
+    c = source.cfg
+    assert c.targets == list(range(c.num_layers)), "the source of a condensed model is a standard model"
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    pos = torch.arange(ids.shape[0])
+    h = source.embed(ids, pos)
+    kv = {}
+    for i in range(c.num_layers):
+        x = source.attn_input(i, h)
+        if i in readers:
+            k, v = kv[readers[i]["source"]]
+            k, v = map_keys(k, readers[i], style), map_values(v, readers[i])
+        else:
+            k, v = kv[i] = source.key_value_unrotated(i, x)
+        if c.style == "llama":
+            k = source._rope(k, pos)
+        a = source.attend(source.query(i, x, pos), k, v, source.visible(i, pos, pos))
+        h = source.finish_layer(i, h, a)
+    return source.logits(h)
 
 
 # ----------------------------------------------------------------------------
