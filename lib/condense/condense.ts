@@ -58,7 +58,6 @@ export interface CondenseReport {
   perplexity: { source: number; condensed: number };
 }
 
-
 /** The fitted maps, beside the condensed model (docs/condense.md): what the reference's unfolded computation reads. */
 export const MAPS_FILE = "condense-maps.safetensors";
 
@@ -71,6 +70,8 @@ export async function condenseModel(dirOrId: string, o: CondenseOptions): Promis
   const dir = !fs.existsSync(dirOrId) && isHubModelId(dirOrId) ? await resolveModel(dirOrId) : path.resolve(dirOrId);
   const configFile = path.join(dir, "config.json");
   const rawConfig = readJson(configFile) as Record<string, unknown>;
+  // parseConfig refuses, as UnsupportedArchitectureError, any architecture the engine does not
+  // load; condense takes all it does (Llama, Mistral, GPT-2) in their standard form.
   const config = parseConfig(rawConfig, configFile);
   // GPT-2 has no RoPE: its key maps are full matrices, and its biases call for offsets (fit.ts).
   const style: MapStyle = config.blockStyle === "gpt2" ? "affine" : "rope";
