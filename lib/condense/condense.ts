@@ -10,16 +10,16 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { parseConfig, type ModelConfig } from "../config";
-import { ConfigError, InvalidInputError, InvalidOptionError, UnsupportedArchitectureError } from "../errors";
+import { ConfigError, InvalidInputError, InvalidOptionError } from "../errors";
 import { evaluatePerplexity } from "../eval";
 import { isHubModelId, resolveModel } from "../hub";
 import { loadModel } from "../load-model";
 import type { Model } from "../model";
 import { readModelTensors, type TensorInfo } from "../safetensors";
 import { readJson } from "../tokenizer";
-import { accumulatePair, chooseReaders, emptyPairStats, fitPair, type Choice, type CondenseMethod, type PairFit, type PairStats } from "./fit";
-import { foldOutput, foldQuery, type AttentionShape } from "./fold";
-import { f32Tensor, readF32, readRaw, writeSafetensors, type OutTensor } from "./tensors";
+import { accumulatePair, chooseReaders, emptyPairStats, fitPair, type Choice, type CondenseMethod, type MapStyle, type PairFit, type PairStats } from "./fit";
+import { foldOutput, foldOutputBias, foldQuery, type AttentionShape } from "./fold";
+import { f32Tensor, readF32, readRaw, transpose, writeSafetensors, type OutTensor } from "./tensors";
 
 export interface CondenseOptions {
   /** The directory to write (must not exist). */
@@ -58,7 +58,8 @@ export interface CondenseReport {
   perplexity: { source: number; condensed: number };
 }
 
-const SUPPORTED = ["LlamaForCausalLM (llama)", "MistralForCausalLM (mistral)", "LCKVLlamaForCausalLM (lckv-llama) with a standard layer_types"];
+/** The fitted maps, beside the condensed model (docs/condense.md): what the reference's unfolded computation reads. */
+export const MAPS_FILE = "condense-maps.safetensors";
 
 export async function condenseModel(dirOrId: string, o: CondenseOptions): Promise<CondenseReport> {
   const method = o.method ?? "linear";
@@ -69,8 +70,11 @@ export async function condenseModel(dirOrId: string, o: CondenseOptions): Promis
   const dir = !fs.existsSync(dirOrId) && isHubModelId(dirOrId) ? await resolveModel(dirOrId) : path.resolve(dirOrId);
   const configFile = path.join(dir, "config.json");
   const rawConfig = readJson(configFile) as Record<string, unknown>;
+  // parseConfig refuses, as UnsupportedArchitectureError, any architecture the engine does not
+  // load; condense takes all it does (Llama, Mistral, GPT-2) in their standard form.
   const config = parseConfig(rawConfig, configFile);
-  if (config.blockStyle !== "llama") throw new UnsupportedArchitectureError(configFile, config.architecture, SUPPORTED);
+  // GPT-2 has no RoPE: its key maps are full matrices, and its biases call for offsets (fit.ts).
+  const style: MapStyle = config.blockStyle === "gpt2" ? "affine" : "rope";
   if (config.kvLayers.length !== config.numLayers)
     throw new ConfigError(configFile, "layer_types", "already condensed: condense takes a model whose every layer caches its own K/V");
   const keep = layersToKeep(config, o);
@@ -94,7 +98,7 @@ export async function condenseModel(dirOrId: string, o: CondenseOptions): Promis
         "LCKV_CALIBRATION_TOO_SHORT",
       );
 
-    const stats = await calibrate(source, calib, window, candidates, o.onProgress);
+    const stats = await calibrate(source, calib, window, candidates, style, o.onProgress);
     const shape: AttentionShape = { hidden: config.hiddenSize, numHeads: config.numHeads, numKvHeads: config.numKvHeads, headDim: config.headDim };
     const fits = new Map<string, PairFit[]>();
     for (const [key, heads] of stats) fits.set(key, heads.map((s) => fitPair(s, config.headDim, method)));
@@ -109,7 +113,9 @@ export async function condenseModel(dirOrId: string, o: CondenseOptions): Promis
     for (const c of choices) target[c.reader] = c.source;  // each reader's final source
 
     fs.mkdirSync(tmp, { recursive: true });
-    writeCondensed(dir, tmp, rawConfig, config, shape, target, (j) => fits.get(`${j}:${target[j]}`)!);
+    const fitsOf = (j: number) => fits.get(`${j}:${target[j]}`)!;
+    writeCondensed(dir, tmp, rawConfig, config, shape, target, fitsOf);
+    writeMaps(path.join(tmp, MAPS_FILE), method, style, config, target, fitsOf);
     const readers = choices.map((c) => {
       const f = fits.get(`${c.reader}:${c.source}`)!;
       return { ...c, kError: mean(f.map((x) => x.kError)), vError: mean(f.map((x) => x.vError)) };
@@ -139,7 +145,9 @@ export async function condenseModel(dirOrId: string, o: CondenseOptions): Promis
       perplexity: { source: before, condensed: after },
     };
     fs.writeFileSync(path.join(tmp, "README.md"), modelCard(dirOrId, report));
-    fs.writeFileSync(path.join(tmp, "condense.json"), JSON.stringify(report, null, 2) + "\n");
+    // The report without the output path: the directory may move, and the file says nothing of where it was made.
+    const { out: _out, ...saved } = report;
+    fs.writeFileSync(path.join(tmp, "condense.json"), JSON.stringify(saved, null, 2) + "\n");
     fs.renameSync(tmp, out);  // the directory appears whole, or not at all
     return report;
   } finally {
@@ -164,11 +172,11 @@ function layersToKeep(c: ModelConfig, o: CondenseOptions): number {
 }
 
 /** Pair statistics keyed "j:i", one per K/V head, for each layer j and its `candidates` layers below. */
-async function calibrate(model: Model, ids: number[], window: number, candidates: number, progress?: CondenseOptions["onProgress"]): Promise<Map<string, PairStats[]>> {
+async function calibrate(model: Model, ids: number[], window: number, candidates: number, style: MapStyle, progress?: CondenseOptions["onProgress"]): Promise<Map<string, PairStats[]>> {
   const c = model.config;
   const stats = new Map<string, PairStats[]>();
   for (let j = 1; j < c.numLayers; j++)
-    for (let i = Math.max(0, j - candidates); i < j; i++) stats.set(`${j}:${i}`, Array.from({ length: c.numKvHeads }, () => emptyPairStats(c.headDim)));
+    for (let i = Math.max(0, j - candidates); i < j; i++) stats.set(`${j}:${i}`, Array.from({ length: c.numKvHeads }, () => emptyPairStats(c.headDim, style)));
   const kvDim = c.numKvHeads * c.headDim;
   const windows = Math.ceil(ids.length / window);
   for (let w = 0; w < windows; w++) {
@@ -198,36 +206,123 @@ function writeCondensed(src: string, dir: string, rawConfig: Record<string, unkn
   // A layer that attends through a sliding window keeps it ('s'; Mistral's window covers every layer).
   const layerTypes = target.map((t, i) => `${t}${c.plan.window[i] > 0 ? "s" : ""}`).join("_");
   const window = c.plan.window.find((w) => w > 0);
-  const cfg = { ...rawConfig, architectures: ["LCKVLlamaForCausalLM"], model_type: "lckv-llama", layer_types: layerTypes, ...(window ? { sliding_window: window } : {}) };
-  if (!window) delete (cfg as Record<string, unknown>).sliding_window;
+  // GPT-2 stays a gpt2 model with layer_types (as test/fixtures/gpt2-lckv); Llama and Mistral become lckv-llama.
+  const cfg: Record<string, unknown> =
+    c.blockStyle === "gpt2"
+      ? { ...rawConfig, layer_types: layerTypes }
+      : { ...rawConfig, architectures: ["LCKVLlamaForCausalLM"], model_type: "lckv-llama", layer_types: layerTypes, ...(window ? { sliding_window: window } : {}) };
+  if (!window) delete cfg.sliding_window;
   fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify(cfg, null, 2) + "\n");
   for (const f of fs.readdirSync(src)) {
     if (/^(tokenizer.*|special_tokens_map\.json|generation_config\.json|vocab\.json|merges\.txt)$/.test(f)) fs.copyFileSync(path.join(src, f), path.join(dir, f));
   }
-  const tensors = readModelTensors(src);
+  const tensors = [...readModelTensors(src).values()];
+  const out = c.blockStyle === "gpt2" ? gpt2Tensors(tensors, shape, target, fitsOf) : llamaTensors(tensors, shape, target, fitsOf);
+  writeSafetensors(path.join(dir, "model.safetensors"), out.sort((a, b) => a.name.localeCompare(b.name)), { format: "pt" });
+}
+
+/** A reader's q_proj (and bias) and o_proj folded; its k_proj and v_proj dropped; the rest as stored. */
+function llamaTensors(tensors: TensorInfo[], shape: AttentionShape, target: number[], fitsOf: (layer: number) => PairFit[]): OutTensor[] {
   const out: OutTensor[] = [];
-  const layerOf = (name: string) => {
-    const m = /^model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)$/.exec(name);
-    return m ? { layer: Number(m[1]), proj: m[2], kind: m[3] } : null;
-  };
-  for (const t of [...tensors.values()].sort((a, b) => a.name.localeCompare(b.name))) {
-    const at = layerOf(t.name);
-    if (!at || target[at.layer] === at.layer) {
+  for (const t of tensors) {
+    const m = /^model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)$/.exec(t.name);
+    const layer = m ? Number(m[1]) : -1;
+    if (!m || target[layer] === layer) {
       out.push(raw(t));
       continue;
     }
-    if (at.proj === "k_proj" || at.proj === "v_proj") continue;  // a reader computes no K/V
-    const fits = fitsOf(at.layer);
-    if (at.proj === "q_proj") {
-      const cols = at.kind === "bias" ? 1 : c.hiddenSize;
-      out.push(f32Tensor(t.name, t.shape, foldQuery(readF32(t), shape, fits, cols)));
-    } else if (at.kind === "weight") {
-      out.push(f32Tensor(t.name, t.shape, foldOutput(readF32(t), shape, fits)));
+    const [, , proj, kind] = m;
+    if (proj === "k_proj" || proj === "v_proj") continue;  // a reader computes no K/V
+    const fits = fitsOf(layer);
+    if (proj === "q_proj") out.push(f32Tensor(t.name, t.shape, foldQuery(readF32(t), shape, fits, kind === "bias" ? 1 : shape.hidden)));
+    else if (kind === "weight") out.push(f32Tensor(t.name, t.shape, foldOutput(readF32(t), shape, fits)));
+    else out.push(raw(t));  // o_proj's bias: rope-style maps fit no value offset
+  }
+  return out;
+}
+
+/**
+ * GPT-2's Conv1D weights are [in, out]: a reader's c_attn [E, 3E] (q|k|v) becomes q_attn [E, E],
+ * its query columns folded (the layout the engine reads for a layer without K/V); c_proj's
+ * input rows and bias take the value map and offset.
+ */
+function gpt2Tensors(tensors: TensorInfo[], shape: AttentionShape, target: number[], fitsOf: (layer: number) => PairFit[]): OutTensor[] {
+  const E = shape.hidden;
+  const byName = new Map(tensors.map((t) => [t.name, t]));
+  const out: OutTensor[] = [];
+  for (const t of tensors) {
+    const m = /^((?:transformer\.)?h\.(\d+)\.attn\.)(c_attn|c_proj)\.(weight|bias)$/.exec(t.name);
+    const layer = m ? Number(m[2]) : -1;
+    if (!m || target[layer] === layer) {
+      out.push(raw(t));
+      continue;
+    }
+    const [, prefix, , proj, kind] = m;
+    const fits = fitsOf(layer);
+    if (proj === "c_attn") {
+      const all = readF32(t);
+      if (kind === "bias") {
+        out.push(f32Tensor(`${prefix}q_attn.bias`, [E], foldQuery(all.slice(0, E), shape, fits, 1)));
+      } else {
+        const wq = new Float32Array(E * E);  // [out, in]: the query columns of [in, 3E]
+        for (let i = 0; i < E; i++) for (let o = 0; o < E; o++) wq[o * E + i] = all[i * 3 * E + o];
+        out.push(f32Tensor(`${prefix}q_attn.weight`, [E, E], transpose(foldQuery(wq, shape, fits, E), E, E)));
+      }
     } else {
-      out.push(raw(t));  // o_proj's bias is added after the map
+      const weight = byName.get(`${prefix}c_proj.weight`);
+      if (!weight) throw new InvalidInputError(`${t.file}: '${t.name}' has no '${prefix}c_proj.weight' beside it`);
+      const wo = transpose(readF32(weight), E, E);  // [in, out] -> [out, in]
+      if (kind === "weight") out.push(f32Tensor(t.name, t.shape, transpose(foldOutput(wo, shape, fits), E, E)));
+      else out.push(f32Tensor(t.name, t.shape, foldOutputBias(readF32(t), wo, shape, fits)));
     }
   }
-  writeSafetensors(path.join(dir, "model.safetensors"), out, { format: "pt" });
+  return out;
+}
+
+/**
+ * The fitted maps (docs/condense.md, "The maps file"): per reader layer j, the layer it reads and,
+ * per K/V head, K_j ≈ K_i A (+ c) and V_j ≈ V_i B (+ e), in f64 as fitted.
+ */
+function writeMaps(file: string, method: CondenseMethod, style: MapStyle, c: ModelConfig, target: number[], fitsOf: (layer: number) => PairFit[]): void {
+  const out: OutTensor[] = [];
+  const d = c.headDim, heads = c.numKvHeads;
+  const f64 = (name: string, shape: number[], values: Float64Array): OutTensor => ({ name, dtype: "F64", shape, data: Buffer.from(values.buffer, values.byteOffset, values.byteLength) });
+  const stack = (parts: Float64Array[]) => {
+    const all = new Float64Array(parts.reduce((a, p) => a + p.length, 0));
+    let at = 0;
+    for (const p of parts) {
+      all.set(p, at);
+      at += p.length;
+    }
+    return all;
+  };
+  for (let j = 0; j < target.length; j++) {
+    if (target[j] === j) continue;
+    const fits = fitsOf(j);
+    const source = Buffer.alloc(4);
+    source.writeInt32LE(target[j]);
+    out.push({ name: `layers.${j}.source`, dtype: "I32", shape: [1], data: source });
+    // Rope style: a_f as (re, im) per frequency pair; matrix style: A, and the offsets.
+    out.push(f64(`layers.${j}.k_map`, style === "rope" ? [heads, d / 2, 2] : [heads, d, d], stack(fits.map((f) => (f.keys.kind === "rope" ? interleave(f.keys) : f.keys.m)))));
+    out.push(f64(`layers.${j}.v_map`, [heads, d, d], stack(fits.map((f) => f.values.m))));
+    if (style === "affine") {
+      const zero = new Float64Array(d);  // share fits no offsets
+      out.push(f64(`layers.${j}.k_offset`, [heads, d], stack(fits.map((f) => (f.keys.kind === "matrix" && f.keys.offset) || zero))));
+      out.push(f64(`layers.${j}.v_offset`, [heads, d], stack(fits.map((f) => f.values.offset ?? zero))));
+    }
+  }
+  const layerTypes = target.join("_");
+  writeSafetensors(file, out.sort((a, b) => a.name.localeCompare(b.name, "en", { numeric: true })), { format: "lckv-condense-maps", method, style, layer_types: layerTypes });
+}
+
+/** A rope map's (re, im) pairs, [half, 2]. */
+function interleave(k: { re: Float64Array; im: Float64Array }): Float64Array {
+  const out = new Float64Array(2 * k.re.length);
+  k.re.forEach((re, f) => {
+    out[2 * f] = re;
+    out[2 * f + 1] = k.im[f];
+  });
+  return out;
 }
 
 function raw(t: TensorInfo): OutTensor {

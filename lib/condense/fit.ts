@@ -2,41 +2,61 @@
  * The maps of `lckv condense`, fitted from calibration statistics, and the choice of which layers
  * read which.
  *
- * Layer j stops computing K/V and reads layer i's (i < j) through a map per K/V head:
- * - keys: K_j ≈ K_i A, with A one complex scalar a_f per RoPE frequency pair f (the pair of
- *   channels (f, f + headDim/2) read as the complex number k_f + i k_{f+half}). A scaled rotation
- *   commutes with RoPE's rotations, so A can be fitted on the cached (rotated) keys and folded into
- *   W_q (fold.ts). Least squares in closed form: a_f = Σ conj(z_i) z_j / Σ |z_i|².
- * - values: V_j ≈ V_i B, B a full headDim x headDim matrix: least squares, B = (V_iᵀV_i)⁻¹ V_iᵀV_j
- *   (with a tiny ridge), folded into W_o.
- * `share` is the baseline: A = B = I (layer j reads layer i's K/V as they are, KVSharer-like).
+ * Layer j stops computing K/V and reads layer i's (i < j) through a map per K/V head. Two styles:
+ * - "rope" (Llama, Mistral): keys K_j ≈ K_i A, with A one complex scalar a_f per RoPE frequency
+ *   pair f (the pair of channels (f, f + headDim/2) read as the complex number
+ *   k_f + i k_{f+half}). A scaled rotation commutes with RoPE's rotations, so A can be fitted on
+ *   the cached (rotated) keys and folded into W_q (fold.ts). Least squares in closed form:
+ *   a_f = Σ conj(z_i) z_j / Σ |z_i|². Values V_j ≈ V_i B, B a full headDim x headDim matrix.
+ * - "affine" (GPT-2: learned absolute positions, biased projections): keys and values both
+ *   K_j ≈ K_i A + c, V_j ≈ V_i B + e, with full matrices and offsets, fitted on [K_i, 1] and
+ *   [V_i, 1]. The key offset adds q·c to every score of a query, the same for every key, so it
+ *   cancels in the softmax; the value offset passes through the attention unchanged (its weights
+ *   sum to 1) and folds into the output projection's bias.
+ * Full matrices: least squares with a tiny ridge, X = (XᵢᵀXᵢ + λI)⁻¹ XᵢᵀX_j.
+ * `share` is the baseline: A = B = I, no offsets (layer j reads layer i's K/V as they are,
+ * KVSharer-like).
  */
 
-/** Statistics of one (reader j, source i) pair of layers for one K/V head, summed over tokens. */
-export interface PairStats {
-  /** Σ conj(z_i) z_j per frequency pair: real and imaginary parts. */
-  kCrossRe: Float64Array;
-  kCrossIm: Float64Array;
-  /** Σ |z_i|² and Σ |z_j|² per frequency pair. */
-  kNormI: Float64Array;
-  kNormJ: Float64Array;
-  /** V_iᵀ V_i and V_iᵀ V_j, row-major headDim x headDim; Σ |v_j|². */
-  vGramI: Float64Array;
-  vCross: Float64Array;
-  vNormJ: number;
+export type MapStyle = "rope" | "affine";
+
+/** Σ over tokens for a full-matrix fit Y ≈ [X, 1?] M: Gram of the inputs, inputs × outputs, Σ|Y|². */
+export interface MatrixStats {
+  kind: "matrix";
+  /** headDim, plus one for the constant column when an offset is fitted. */
+  width: number;
+  gram: Float64Array;
+  cross: Float64Array;
+  normJ: number;
 }
 
-export function emptyPairStats(headDim: number): PairStats {
+/** Σ over tokens for the complex scalar per frequency pair: Σ conj(z_i) z_j, Σ|z_i|², Σ|z_j|². */
+export interface RopeStats {
+  kind: "rope";
+  crossRe: Float64Array;
+  crossIm: Float64Array;
+  normI: Float64Array;
+  normJ: Float64Array;
+}
+
+/** Statistics of one (reader j, source i) pair of layers for one K/V head. */
+export interface PairStats {
+  keys: RopeStats | MatrixStats;
+  values: MatrixStats;
+}
+
+function emptyMatrixStats(headDim: number, offset: boolean): MatrixStats {
+  const width = headDim + (offset ? 1 : 0);
+  return { kind: "matrix", width, gram: new Float64Array(width * width), cross: new Float64Array(width * headDim), normJ: 0 };
+}
+
+export function emptyPairStats(headDim: number, style: MapStyle = "rope"): PairStats {
   const half = headDim / 2;
-  return {
-    kCrossRe: new Float64Array(half),
-    kCrossIm: new Float64Array(half),
-    kNormI: new Float64Array(half),
-    kNormJ: new Float64Array(half),
-    vGramI: new Float64Array(headDim * headDim),
-    vCross: new Float64Array(headDim * headDim),
-    vNormJ: 0,
-  };
+  const keys: RopeStats | MatrixStats =
+    style === "rope"
+      ? { kind: "rope", crossRe: new Float64Array(half), crossIm: new Float64Array(half), normI: new Float64Array(half), normJ: new Float64Array(half) }
+      : emptyMatrixStats(headDim, true);
+  return { keys, values: emptyMatrixStats(headDim, style === "affine") };
 }
 
 /**
@@ -47,33 +67,55 @@ export function accumulatePair(s: PairStats, headDim: number, tokens: number, st
   const half = headDim / 2;
   for (let t = 0; t < tokens; t++) {
     const b = t * stride + offset;
-    for (let f = 0; f < half; f++) {
-      const ar = ki[b + f], ai = ki[b + f + half], br = kj[b + f], bi = kj[b + f + half];
-      s.kCrossRe[f] += ar * br + ai * bi;
-      s.kCrossIm[f] += ar * bi - ai * br;
-      s.kNormI[f] += ar * ar + ai * ai;
-      s.kNormJ[f] += br * br + bi * bi;
-    }
-    for (let r = 0; r < headDim; r++) {
-      const x = vi[b + r];
-      if (x === 0) continue;
-      const row = r * headDim;
-      for (let c = 0; c < headDim; c++) {
-        s.vGramI[row + c] += x * vi[b + c];
-        s.vCross[row + c] += x * vj[b + c];
+    const k = s.keys;
+    if (k.kind === "rope") {
+      for (let f = 0; f < half; f++) {
+        const ar = ki[b + f], ai = ki[b + f + half], br = kj[b + f], bi = kj[b + f + half];
+        k.crossRe[f] += ar * br + ai * bi;
+        k.crossIm[f] += ar * bi - ai * br;
+        k.normI[f] += ar * ar + ai * ai;
+        k.normJ[f] += br * br + bi * bi;
       }
+    } else {
+      accumulateMatrix(k, headDim, b, ki, kj);
     }
-    for (let c = 0; c < headDim; c++) s.vNormJ += vj[b + c] * vj[b + c];
+    accumulateMatrix(s.values, headDim, b, vi, vj);
   }
 }
 
-/** The fitted map of one pair and K/V head, and its relative residuals on the calibration tokens. */
+function accumulateMatrix(s: MatrixStats, d: number, b: number, xi: Float32Array, xj: Float32Array): void {
+  const w = s.width;
+  for (let r = 0; r < w; r++) {
+    const x = r < d ? xi[b + r] : 1;  // row d: the constant input of the offset
+    if (x === 0) continue;
+    const g = r * w, c = r * d;
+    for (let q = 0; q < d; q++) {
+      s.gram[g + q] += x * xi[b + q];
+      s.cross[c + q] += x * xj[b + q];
+    }
+    if (w > d) s.gram[g + d] += x;
+  }
+  for (let q = 0; q < d; q++) s.normJ += xj[b + q] * xj[b + q];
+}
+
+/** Keys of the rope style: a_f = re[f] + i im[f] per frequency pair. */
+export interface RopeMap {
+  kind: "rope";
+  re: Float64Array;
+  im: Float64Array;
+}
+
+/** Y ≈ X m + offset: m row-major headDim x headDim (row r: input channel r), offset null when not fitted. */
+export interface MatrixMap {
+  kind: "matrix";
+  m: Float64Array;
+  offset: Float64Array | null;
+}
+
+/** The fitted maps of one pair and K/V head, and their relative residuals on the calibration tokens. */
 export interface PairFit {
-  /** a_f (real, imaginary) per frequency pair. */
-  aRe: Float64Array;
-  aIm: Float64Array;
-  /** B, row-major headDim x headDim (row r: input channel r of V_i). */
-  b: Float64Array;
+  keys: RopeMap | MatrixMap;
+  values: MatrixMap;
   /** Residual over Σ|K_j|² and over Σ|V_j|²: 0 when the map is exact, 1 when it explains nothing. */
   kError: number;
   vError: number;
@@ -82,62 +124,58 @@ export interface PairFit {
 export type CondenseMethod = "linear" | "share";
 
 export function fitPair(s: PairStats, headDim: number, method: CondenseMethod): PairFit {
-  const half = headDim / 2;
-  const aRe = new Float64Array(half), aIm = new Float64Array(half);
-  let kRes = 0, kTot = 0;
-  for (let f = 0; f < half; f++) {
-    kTot += s.kNormJ[f];
-    if (method === "share") {
-      aRe[f] = 1;
-      kRes += s.kNormJ[f] + s.kNormI[f] - 2 * s.kCrossRe[f];
-    } else if (s.kNormI[f] > 0) {
-      aRe[f] = s.kCrossRe[f] / s.kNormI[f];
-      aIm[f] = s.kCrossIm[f] / s.kNormI[f];
-      kRes += s.kNormJ[f] - (s.kCrossRe[f] ** 2 + s.kCrossIm[f] ** 2) / s.kNormI[f];
-    } else {
-      kRes += s.kNormJ[f];
-    }
-  }
-  let b: Float64Array;
-  let vRes: number;
-  if (method === "share") {
-    b = identity(headDim);
-    let gramTrace = 0, crossTrace = 0;
-    for (let r = 0; r < headDim; r++) {
-      gramTrace += s.vGramI[r * headDim + r];
-      crossTrace += s.vCross[r * headDim + r];
-    }
-    vRes = s.vNormJ + gramTrace - 2 * crossTrace;
-  } else {
-    b = solveRidge(s.vGramI, s.vCross, headDim);
-    // Residual Σ|V_j - V_i B|² = Σ|V_j|² - 2 tr(Bᵀ C) + tr(Bᵀ G B), with G = V_iᵀV_i, C = V_iᵀV_j.
-    let cross = 0, quad = 0;
-    for (let r = 0; r < headDim; r++)
-      for (let c = 0; c < headDim; c++) {
-        cross += b[r * headDim + c] * s.vCross[r * headDim + c];
-        let gb = 0;
-        for (let k = 0; k < headDim; k++) gb += s.vGramI[r * headDim + k] * b[k * headDim + c];
-        quad += b[r * headDim + c] * gb;
-      }
-    vRes = s.vNormJ - 2 * cross + quad;
-  }
-  return {
-    aRe,
-    aIm,
-    b,
-    kError: kTot > 0 ? Math.max(0, kRes) / kTot : 0,
-    vError: s.vNormJ > 0 ? Math.max(0, vRes) / s.vNormJ : 0,
-  };
+  const k = s.keys.kind === "rope" ? fitRope(s.keys, headDim, method) : fitMatrix(s.keys, headDim, method);
+  const v = fitMatrix(s.values, headDim, method);
+  return { keys: k.map, values: v.map, kError: k.error, vError: v.error };
 }
 
-function identity(n: number): Float64Array {
-  const m = new Float64Array(n * n);
-  for (let i = 0; i < n; i++) m[i * n + i] = 1;
+function fitRope(s: RopeStats, headDim: number, method: CondenseMethod): { map: RopeMap; error: number } {
+  const half = headDim / 2;
+  const re = new Float64Array(half), im = new Float64Array(half);
+  let res = 0, tot = 0;
+  for (let f = 0; f < half; f++) {
+    tot += s.normJ[f];
+    if (method === "share") {
+      re[f] = 1;
+      res += s.normJ[f] + s.normI[f] - 2 * s.crossRe[f];
+    } else if (s.normI[f] > 0) {
+      re[f] = s.crossRe[f] / s.normI[f];
+      im[f] = s.crossIm[f] / s.normI[f];
+      res += s.normJ[f] - (s.crossRe[f] ** 2 + s.crossIm[f] ** 2) / s.normI[f];
+    } else {
+      res += s.normJ[f];
+    }
+  }
+  return { map: { kind: "rope", re, im }, error: tot > 0 ? Math.max(0, res) / tot : 0 };
+}
+
+function fitMatrix(s: MatrixStats, d: number, method: CondenseMethod): { map: MatrixMap; error: number } {
+  const w = s.width;
+  // X: w x d, rows 0..d-1 the matrix, row d (when fitted) the offset.
+  const x = method === "share" ? identityRows(w, d) : solveRidge(s.gram, s.cross, w, d);
+  // Residual Σ|Y - [X_i, 1] X|² = Σ|Y|² - 2 tr(Xᵀ C) + tr(Xᵀ G X), with G the Gram and C the cross sums.
+  let cross = 0, quad = 0;
+  for (let r = 0; r < w; r++)
+    for (let c = 0; c < d; c++) {
+      cross += x[r * d + c] * s.cross[r * d + c];
+      let gx = 0;
+      for (let q = 0; q < w; q++) gx += s.gram[r * w + q] * x[q * d + c];
+      quad += x[r * d + c] * gx;
+    }
+  const res = s.normJ - 2 * cross + quad;
+  const map: MatrixMap = { kind: "matrix", m: x.slice(0, d * d), offset: w > d ? x.slice(d * d, (d + 1) * d) : null };
+  return { map, error: s.normJ > 0 ? Math.max(0, res) / s.normJ : 0 };
+}
+
+/** The w x d matrix whose first d rows are the identity (a constant row, if any, zero). */
+function identityRows(w: number, d: number): Float64Array {
+  const m = new Float64Array(w * d);
+  for (let i = 0; i < d; i++) m[i * d + i] = 1;
   return m;
 }
 
-/** X = (G + λI)⁻¹ C for symmetric positive semi-definite G (Cholesky), λ a 1e-6 share of G's mean diagonal. */
-export function solveRidge(g: Float64Array, c: Float64Array, n: number): Float64Array {
+/** X = (G + λI)⁻¹ C for symmetric positive semi-definite G (n x n, Cholesky) and C (n x cols), λ a 1e-6 share of G's mean diagonal. */
+export function solveRidge(g: Float64Array, c: Float64Array, n: number, cols = n): Float64Array {
   let trace = 0;
   for (let i = 0; i < n; i++) trace += g[i * n + i];
   const lambda = Math.max(1e-12, (1e-6 * trace) / n);
@@ -149,23 +187,22 @@ export function solveRidge(g: Float64Array, c: Float64Array, n: number): Float64
       l[i * n + j] = i === j ? Math.sqrt(Math.max(sum, lambda)) : sum / l[j * n + j];
     }
   }
-  const x = new Float64Array(n * n);
+  const x = new Float64Array(n * cols);
   const y = new Float64Array(n);
-  for (let col = 0; col < n; col++) {
+  for (let col = 0; col < cols; col++) {
     for (let i = 0; i < n; i++) {  // L y = c[:, col]
-      let sum = c[i * n + col];
+      let sum = c[i * cols + col];
       for (let k = 0; k < i; k++) sum -= l[i * n + k] * y[k];
       y[i] = sum / l[i * n + i];
     }
     for (let i = n - 1; i >= 0; i--) {  // Lᵀ x = y
       let sum = y[i];
-      for (let k = i + 1; k < n; k++) sum -= l[k * n + i] * x[k * n + col];
-      x[i * n + col] = sum / l[i * n + i];
+      for (let k = i + 1; k < n; k++) sum -= l[k * n + i] * x[k * cols + col];
+      x[i * cols + col] = sum / l[i * n + i];
     }
   }
   return x;
 }
-
 /** A reader layer, the layer it reads, and the pair's error (the mean of K's and V's over K/V heads). */
 export interface Choice {
   reader: number;

@@ -80,3 +80,10 @@ export function writeSafetensors(file: string, tensors: OutTensor[], metadata: R
     fs.closeSync(fd);
   }
 }
+
+/** The transpose of a row-major rows x cols matrix. */
+export function transpose(m: Float32Array, rows: number, cols: number): Float32Array {
+  const out = new Float32Array(m.length);
+  for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) out[c * rows + r] = m[r * cols + c];
+  return out;
+}

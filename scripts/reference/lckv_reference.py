@@ -305,11 +305,16 @@ class Reference:
 
     def key_value(self, i, x, pos):
         """K, V of KV layer i, each [KVH, n, D] (keys RoPE'd at their own position)."""
+        k, v = self.key_value_unrotated(i, x)
+        return (self._rope(k, pos) if self.cfg.style == "llama" else k), v
+
+    def key_value_unrotated(self, i, x):
+        """K (before RoPE), V of KV layer i, each [KVH, n, D]."""
         c = self.cfg
         if c.style == "llama":
             k = self._heads(self._linear(x, self._p(i, "self_attn.k_proj")), c.num_kv_heads)
             v = self._heads(self._linear(x, self._p(i, "self_attn.v_proj")), c.num_kv_heads)
-            return self._rope(k, pos), v
+            return k, v
         qkv = self._conv1d(x, self._p(i, "attn.c_attn"))
         E = c.hidden
         return self._heads(qkv[:, E : 2 * E], c.num_kv_heads), self._heads(qkv[:, 2 * E :], c.num_kv_heads)
@@ -462,6 +467,185 @@ class SequentialState:
 
 
 # ----------------------------------------------------------------------------
+# lckv condense: the unfolded computation
+# ----------------------------------------------------------------------------
+
+def load_condense_maps(path):
+    """condense-maps.safetensors as written by `lckv condense` (docs/condense.md): returns
+    (metadata, {reader layer j: {"source": i, "k_map", "v_map"[, "k_offset", "v_offset"]}}),
+    maps as float64 tensors with the K/V head first."""
+    from safetensors import safe_open
+
+    readers = {}
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        for name in f.keys():
+            m = re.match(r"^layers\.(\d+)\.(source|k_map|v_map|k_offset|v_offset)$", name)
+            if m is None:
+                raise ValueError(f"{path}: unexpected tensor {name!r}")
+            entry = readers.setdefault(int(m.group(1)), {})
+            t = f.get_tensor(name)
+            entry[m.group(2)] = int(t[0]) if m.group(2) == "source" else t.to(torch.float64)
+    return meta, readers
+
+
+def map_keys(k, entry, style):
+    """Layer i's keys [KVH, n, D] (before RoPE) mapped to the reader's: per frequency pair a
+    complex scalar (rope style, pairs (f, f + D/2)), or K A + c (affine style)."""
+    if style == "rope":
+        half = k.shape[-1] // 2
+        a = entry["k_map"].to(k.dtype)  # [KVH, half, 2]
+        re_, im_ = a[..., 0][:, None, :], a[..., 1][:, None, :]
+        lo, hi = k[..., :half], k[..., half:]
+        return torch.cat([re_ * lo - im_ * hi, im_ * lo + re_ * hi], dim=-1)
+    return k @ entry["k_map"].to(k.dtype) + entry["k_offset"].to(k.dtype)[:, None, :]
+
+
+def map_values(v, entry):
+    """Layer i's values [KVH, n, D] mapped to the reader's: V B (+ e)."""
+    out = v @ entry["v_map"].to(v.dtype)
+    if "v_offset" in entry:
+        out = out + entry["v_offset"].to(v.dtype)[:, None, :]
+    return out
+
+
+@torch.no_grad()
+def forward_unfolded(source, maps_path, ids):
+    """Logits [n, V] of a condensed model computed without its folded weights: `source` is the
+    Reference of the standard model that was condensed; a reader layer j keeps its own W_q and
+    W_o and attends to layer i's K/V mapped explicitly, K_i A (+ c) before RoPE and V_i B (+ e).
+    Equal to the folded model (the directory `lckv condense` wrote) up to the rounding of its
+    stored weights."""
+    meta, readers = load_condense_maps(maps_path)
+    style = meta["style"]
+    c = source.cfg
+    assert c.targets == list(range(c.num_layers)), "the source of a condensed model is a standard model"
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    pos = torch.arange(ids.shape[0])
+    h = source.embed(ids, pos)
+    kv = {}
+    for i in range(c.num_layers):
+        x = source.attn_input(i, h)
+        if i in readers:
+            k, v = kv[readers[i]["source"]]
+            k, v = map_keys(k, readers[i], style), map_values(v, readers[i])
+        else:
+            k, v = kv[i] = source.key_value_unrotated(i, x)
+        if c.style == "llama":
+            k = source._rope(k, pos)
+        a = source.attend(source.query(i, x, pos), k, v, source.visible(i, pos, pos))
+        h = source.finish_layer(i, h, a)
+    return source.logits(h)
+
+
+# ----------------------------------------------------------------------------
+# MiniCache's SLERP merge (a baseline for lckv condense; docs/condense.md)
+# ----------------------------------------------------------------------------
+
+def minicache_pairs(num_layers, kept):
+    """The layer pairs MiniCache merges to keep `kept` layers' worth of K/V: adjacent pairs
+    from the top down, (L-2, L-1), (L-4, L-3), ... (the deep layers are the similar ones), one
+    pair per layer saved. None when that takes more pairs than there are (below half)."""
+    merged = num_layers - kept
+    if merged < 0 or 2 * merged > num_layers:
+        return None
+    return [(num_layers - 2 * k - 2, num_layers - 2 * k - 1) for k in range(merged)]
+
+
+def slerp_merge(lower, upper, t=0.6, eps=1e-12):
+    """MiniCache's merge of two layers' vectors [..., D] (one per token and K/V head): the
+    directions are interpolated along the great circle (t = 0: the lower layer's, 1: the
+    upper's; MiniCache uses 0.6), one shared direction is stored, and each layer keeps its own
+    magnitude. Returns the two layers' vectors as restored from the merged cache."""
+    n_lo, n_up = lower.norm(dim=-1, keepdim=True), upper.norm(dim=-1, keepdim=True)
+    u_lo, u_up = lower / n_lo.clamp_min(eps), upper / n_up.clamp_min(eps)
+    cos = (u_lo * u_up).sum(-1, keepdim=True).clamp(-1.0, 1.0)
+    omega = torch.arccos(cos)
+    sin = torch.sin(omega)
+    parallel = sin < 1e-6  # (nearly) the same direction: the weights' limit is linear
+    w_lo = torch.where(parallel, torch.full_like(sin, 1 - t), torch.sin((1 - t) * omega) / sin.clamp_min(1e-6))
+    w_up = torch.where(parallel, torch.full_like(sin, t), torch.sin(t * omega) / sin.clamp_min(1e-6))
+    e = w_lo * u_lo + w_up * u_up
+    e = e / e.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return n_lo * e, n_up * e
+
+
+@torch.no_grad()
+def forward_merged_cache(ref, ids, pairs, t=0.6):
+    """Logits [n, V] of a standard model decoding token by token with MiniCache's merged cache:
+    at each token every layer computes its own K/V and attends to the cache (earlier tokens)
+    plus its own fresh K/V; then, for each merged pair, the token's K/V of both layers are
+    merged by slerp_merge and only their restored values stay in the cache. Keys are merged
+    after RoPE (as cached: a rotation keeps norms and angles, so it makes no difference)."""
+    c = ref.cfg
+    assert c.targets == list(range(c.num_layers)), "MiniCache merging is for a standard model"
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    n = ids.shape[0]
+    cache = {i: (torch.zeros(c.num_kv_heads, n, c.head_dim, dtype=ref.dtype),
+                 torch.zeros(c.num_kv_heads, n, c.head_dim, dtype=ref.dtype)) for i in range(c.num_layers)}
+    out = []
+    for p in range(n):
+        pos = torch.tensor([p])
+        h = ref.embed(ids[p:p + 1], pos)
+        fresh = {}
+        for i in range(c.num_layers):
+            x = ref.attn_input(i, h)
+            k, v = fresh[i] = ref.key_value(i, x, pos)
+            K = torch.cat([cache[i][0][:, :p], k], dim=1)
+            V = torch.cat([cache[i][1][:, :p], v], dim=1)
+            a = ref.attend(ref.query(i, x, pos), K, V, torch.ones(1, p + 1, dtype=torch.bool))
+            h = ref.finish_layer(i, h, a)
+        for i in range(c.num_layers):
+            cache[i][0][:, p:p + 1], cache[i][1][:, p:p + 1] = fresh[i]
+        for lo, up in pairs:
+            for part in (0, 1):
+                cache[lo][part][:, p:p + 1], cache[up][part][:, p:p + 1] = slerp_merge(fresh[lo][part], fresh[up][part], t)
+        out.append(ref.logits(h)[0])
+    return torch.stack(out)
+
+
+def check_slerp():
+    """slerp_merge keeps each layer's magnitude, returns identical vectors unchanged, and puts
+    the shared direction on the great circle at t of the angle; with no pairs, the merged-cache
+    forward equals the plain one."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 3, 16, generator=g, dtype=torch.float64), torch.randn(5, 3, 16, generator=g, dtype=torch.float64)
+    ra, rb = slerp_merge(a, b, 0.6)
+    assert torch.allclose(ra.norm(dim=-1), a.norm(dim=-1)) and torch.allclose(rb.norm(dim=-1), b.norm(dim=-1))
+    assert torch.allclose(ra / ra.norm(dim=-1, keepdim=True), rb / rb.norm(dim=-1, keepdim=True))
+    ua, ub, e = (x / x.norm(dim=-1, keepdim=True) for x in (a, b, ra))
+    angle = lambda x, y: torch.arccos((x * y).sum(-1).clamp(-1, 1))  # noqa: E731
+    assert torch.allclose(angle(ua, e), 0.6 * angle(ua, ub)) and torch.allclose(angle(e, ub), 0.4 * angle(ua, ub))
+    same, _ = slerp_merge(a, 2 * a, 0.6)
+    assert torch.allclose(same, a)
+    assert minicache_pairs(8, 6) == [(6, 7), (4, 5)] and minicache_pairs(8, 3) is None
+    ref = Reference({"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "intermediate_size": 48, "vocab_size": 50},
+                    _random_llama_weights(4, 32, 48, 50, 4, 2), dtype=torch.float64)
+    ids = list(range(3, 15))
+    plain = ref.forward_iterative(ids)
+    assert float((forward_merged_cache(ref, ids, []) - plain).abs().max()) < 1e-10
+    assert float((forward_merged_cache(ref, ids, [(2, 3)]) - plain).abs().max()) > 1e-3
+    print("self-test SLERP merge: magnitudes kept, direction at t of the angle, no pairs = plain forward")
+
+
+def _random_llama_weights(layers, hidden, inter, vocab, heads, kv_heads, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = hidden // heads
+    w = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g), "model.norm.weight": torch.ones(hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes = {"self_attn.q_proj": (heads * d, hidden), "self_attn.k_proj": (kv_heads * d, hidden),
+                  "self_attn.v_proj": (kv_heads * d, hidden), "self_attn.o_proj": (hidden, heads * d),
+                  "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+        for name, shape in shapes.items():
+            w[p + name + ".weight"] = 0.2 * torch.randn(*shape, generator=g)
+        w[p + "input_layernorm.weight"] = torch.ones(hidden)
+        w[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
+    return w
+
+
+# ----------------------------------------------------------------------------
 # cross-check against transformers (standard pattern only)
 # ----------------------------------------------------------------------------
 
@@ -543,6 +727,7 @@ def self_test():
             else:
                 diff = check_against_transformers(d, ids, greedy_prompt=ids[:5], n_new=8)
             print(f"self-test {type(model).__name__}: max abs diff vs transformers {diff:.3g}")
+    check_slerp()
 
 
 def main():

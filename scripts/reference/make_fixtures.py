@@ -22,7 +22,9 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lckv_reference import Config, Reference, check_against_transformers, self_test  # noqa: E402
+from lckv_reference import Config, Reference, check_against_transformers, forward_unfolded, self_test  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Public domain: Jane Austen, "Pride and Prejudice" (1813), chapter 1.
 TEXT = """It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.
@@ -169,7 +171,17 @@ FIXTURES = [
     dict(name="lckv-nodiag", seed=10, build="hand", dtype="float32",
          config=llama_config(264, 32, 4, 4, 4, 64, True, "float32",
                              lckv={"layer_types": "0_1_1_3", "force_nodiag": True})),
+    # `lckv condense` (the engine's command, so dist/ must be built) run on a fixture above; the
+    # golden is the reference on the directory it wrote.
+    dict(name="condensed-llama", seed=11, build="condense", source="llama-gqa-hd32", kv_layers=2),
+    dict(name="condensed-gpt2", seed=12, build="condense", source="gpt2", kv_layers=2),
 ]
+
+# The folded model (what condense wrote, f32 weights) against the unfolded computation (the
+# source's own weights, the fitted maps applied to the K/V explicitly), both in float64: they
+# differ only by the rounding of the folded weights to f32. Bound on max |difference| over the
+# largest |logit|.
+UNFOLDED_TOLERANCE = 1e-6
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -500,7 +512,91 @@ def write_golden(path, golden):
 
 # ----------------------------------------------------------------------------
 
+def calibration_text(seed, rounds=8):
+    """Deterministic calibration text for condense: the words of TEXT in `rounds` seeded
+    shuffles, one paragraph each (enough tokens for the maps of these fixtures)."""
+    words = TEXT.split()
+    rng = random.Random(seed)
+    paragraphs = []
+    for _ in range(rounds):
+        rng.shuffle(words)
+        paragraphs.append(" ".join(words))
+    return "\n\n".join(paragraphs) + "\n"
+
+
+def build_condensed(fx, out_dir, report):
+    """Runs `lckv condense` on an already built fixture, writes the golden of the result, and
+    asserts that the folded model equals the unfolded computation."""
+    import subprocess
+    import tempfile
+
+    from tokenizers import Tokenizer
+
+    cli = os.path.join(ROOT, "dist", "cli.js")
+    assert os.path.exists(cli), f"{cli} is missing: build the engine first (npx cmake-js compile, npx tsc)"
+    src = os.path.join(os.path.dirname(out_dir), fx["source"])
+    assert os.path.exists(os.path.join(src, "golden.json")), f"build the source fixture {fx['source']} first"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = os.path.join(tmp, "calibration.txt")
+        with open(calib, "w") as f:
+            f.write(calibration_text(fx["seed"]))
+        written = os.path.join(tmp, fx["name"])
+        cmd = ["node", cli, "condense", os.path.relpath(src, ROOT), "--out", written, "--calib", calib,
+               "--kv-layers", str(fx["kv_layers"]), "--method", "linear", "--device", "cpu", "--json"]
+        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "LCKV_QUIET": "1"})
+        assert run.returncode == 0, f"lckv condense failed: {run.stderr}"
+        shutil.copytree(written, out_dir)
+    with open(os.path.join(out_dir, "condense.json")) as f:
+        condensed = json.load(f)
+    report["layer_types"] = "_".join(map(str, condensed["layerTypes"]))
+    report["held_out_perplexity"] = condensed["perplexity"]
+
+    with open(os.path.join(out_dir, "config.json")) as f:
+        c = Config(json.load(f))
+    check_stored_names(c, out_dir, report)
+    tok = Tokenizer.from_file(os.path.join(out_dir, "tokenizer.json"))
+    golden = make_golden(fx, out_dir, tok, random.Random(fx["seed"]), report)
+    golden["source"] += f"; the model: `lckv condense {fx['source']} --kv-layers {fx['kv_layers']} --method linear`"
+    write_golden(os.path.join(out_dir, "golden.json"), golden)
+
+    ids = golden["prompt_ids"]
+    folded = Reference.from_dir(out_dir, dtype=torch.float64).forward_sequential(ids)
+    unfolded = forward_unfolded(Reference.from_dir(src, dtype=torch.float64),
+                                os.path.join(out_dir, "condense-maps.safetensors"), ids)
+    scale = float(folded.abs().max())
+    rel = float((folded - unfolded).abs().max()) / scale
+    assert rel <= UNFOLDED_TOLERANCE, f"folded and unfolded logits differ by {rel:.3g} of the largest logit"
+    # The check has teeth: the source model itself is far from both.
+    source = Reference.from_dir(src, dtype=torch.float64).forward_sequential(ids)
+    report["folded_vs_unfolded"] = rel
+    report["folded_vs_source"] = float((folded - source).abs().max()) / scale
+    assert report["folded_vs_source"] > 100 * UNFOLDED_TOLERANCE, "condensing changed nothing measurable"
+    report["bytes"] = sum(os.path.getsize(os.path.join(out_dir, n)) for n in os.listdir(out_dir))
+
+
+def check_stored_names(c, out_dir, report):
+    """The files on disk must follow the documented naming convention."""
+    from safetensors import safe_open
+
+    stored = {}
+    for name in sorted(os.listdir(out_dir)):
+        if name.endswith(".safetensors") and name != "condense-maps.safetensors":
+            with safe_open(os.path.join(out_dir, name), "pt") as f:
+                for key in f.keys():
+                    stored[key] = (tuple(f.get_slice(key).get_shape()), name)
+    want = expected_shapes(c)
+    assert set(stored) == set(want), f"stored names differ: extra {sorted(set(stored) - set(want))}, " \
+                                     f"missing {sorted(set(want) - set(stored))}"
+    for k, shape in want.items():
+        assert stored[k][0] == shape, f"{k}: stored shape {stored[k][0]}, expected {shape}"
+    report["files"] = sorted(set(v[1] for v in stored.values()))
+
+
 def build_fixture(fx, out_dir, report):
+    if fx["build"] == "condense":
+        build_condensed(fx, out_dir, report)
+        return
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
     c = Config(fx["config"])
@@ -517,21 +613,7 @@ def build_fixture(fx, out_dir, report):
     elif os.path.exists(gen_path):
         os.remove(gen_path)
 
-    # the files on disk must follow the documented naming convention
-    from safetensors import safe_open
-
-    stored = {}
-    for name in sorted(os.listdir(out_dir)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(out_dir, name), "pt") as f:
-                for key in f.keys():
-                    stored[key] = (tuple(f.get_slice(key).get_shape()), name)
-    want = expected_shapes(c)
-    assert set(stored) == set(want), f"stored names differ: extra {sorted(set(stored) - set(want))}, " \
-                                     f"missing {sorted(set(want) - set(stored))}"
-    for k, shape in want.items():
-        assert stored[k][0] == shape, f"{k}: stored shape {stored[k][0]}, expected {shape}"
-    report["files"] = sorted(set(v[1] for v in stored.values()))
+    check_stored_names(c, out_dir, report)
 
     tok = train_tokenizer(c.vocab)
     max_len = fx["config"].get("max_position_embeddings") or fx["config"].get("n_positions")

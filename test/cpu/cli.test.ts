@@ -58,9 +58,12 @@ test("condense refuses a calibration file it cannot read, an unsupported model a
   const missing = run(["condense", fixture, "--out", out, "--calib", "/nonexistent-calibration.txt", "--kv-layers", "2"]);
   expect(missing.code).not.toBe(0);
   expect(missing.err).toMatch(/--calib \/nonexistent-calibration\.txt/);
-  const gpt2 = run(["condense", path.join(root, "test", "fixtures", "gpt2"), "--out", out, "--calib", path.join(root, "README.md"), "--kv-layers", "1"]);
-  expect(gpt2.code).not.toBe(0);
-  expect(gpt2.err).toMatch(/architecture 'GPT2LMHeadModel' is not supported/);
+  const qwen = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-cli-qwen-"));
+  const cfg = JSON.parse(fs.readFileSync(path.join(root, "test", "fixtures", "llama-gqa-hd32", "config.json"), "utf8"));
+  fs.writeFileSync(path.join(qwen, "config.json"), JSON.stringify({ ...cfg, architectures: ["Qwen2ForCausalLM"], model_type: "qwen2" }));
+  const unsupported = run(["condense", qwen, "--out", out, "--calib", path.join(root, "README.md"), "--kv-layers", "1"]);
+  expect(unsupported.code).not.toBe(0);
+  expect(unsupported.err).toMatch(/architecture 'Qwen2ForCausalLM' is not supported/);
   const noOut = run(["condense", fixture, "--calib", path.join(root, "README.md")]);
   expect(noOut.err).toMatch(/--out <dir>/);
   expect(fs.existsSync(out)).toBe(false);

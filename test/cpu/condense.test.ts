@@ -7,11 +7,13 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import { loadModel } from "../../lib";
-import { condenseModel } from "../../lib/condense/condense";
+import { condenseModel, MAPS_FILE } from "../../lib/condense/condense";
 import { accumulatePair, chooseReaders, emptyPairStats, fitPair } from "../../lib/condense/fit";
 import { foldOutput, foldQuery } from "../../lib/condense/fold";
 import { ConfigError, InvalidInputError, InvalidOptionError, UnsupportedArchitectureError } from "../../lib/errors";
-import { rng, tinyLlamaTensors, writeTinyModel, type RawTensor } from "../helpers/tiny-model";
+import { readF32 } from "../../lib/condense/tensors";
+import { readModelTensors } from "../../lib/safetensors";
+import { rng, safetensorsBytes, tinyLlamaTensors, writeTinyModel, type RawTensor } from "../helpers/tiny-model";
 
 process.env.LCKV_QUIET = "1";
 const ROOT = path.join(__dirname, "..", "..");
@@ -50,19 +52,22 @@ describe("the maps", () => {
 
   test("linear recovers an exact complex scalar per frequency pair and an exact B, with residuals near 0", () => {
     const fit = fitPair(s, hd, "linear");
+    if (fit.keys.kind !== "rope") throw new Error("a Llama pair fits a rope key map");
     for (let f = 0; f < half; f++) {
-      expect(fit.aRe[f]).toBeCloseTo(aRe[f], 5);
-      expect(fit.aIm[f]).toBeCloseTo(aIm[f], 5);
+      expect(fit.keys.re[f]).toBeCloseTo(aRe[f], 5);
+      expect(fit.keys.im[f]).toBeCloseTo(aIm[f], 5);
     }
-    for (let e = 0; e < hd * hd; e++) expect(fit.b[e]).toBeCloseTo(B[e], 3);
+    for (let e = 0; e < hd * hd; e++) expect(fit.values.m[e]).toBeCloseTo(B[e], 3);
+    expect(fit.values.offset).toBeNull();
     expect(fit.kError).toBeLessThan(1e-6);
     expect(fit.vError).toBeLessThan(1e-5);
   });
 
   test("share is the identity, and its residuals measure how far the layers are apart", () => {
     const fit = fitPair(s, hd, "share");
-    expect(Array.from(fit.aRe)).toEqual([1, 1, 1, 1]);
-    expect(Array.from(fit.aIm)).toEqual([0, 0, 0, 0]);
+    if (fit.keys.kind !== "rope") throw new Error("a Llama pair fits a rope key map");
+    expect(Array.from(fit.keys.re)).toEqual([1, 1, 1, 1]);
+    expect(Array.from(fit.keys.im)).toEqual([0, 0, 0, 0]);
     expect(fit.kError).toBeGreaterThan(0.1);
     const same = emptyPairStats(hd);
     accumulatePair(same, hd, tokens, hd, 0, ki, ki, vi, vi);
@@ -81,7 +86,8 @@ describe("the maps", () => {
     const o = Array.from({ length: 2 * hd }, () => r() - 0.5);  // both heads' outputs over V_i
     const qOf = (w: Float32Array, h: number) => Array.from({ length: hd }, (_, d) => x.reduce((acc, xv, c) => acc + w[(h * hd + d) * 5 + c] * xv, 0));
     const wq2 = foldQuery(wq, shape, [fit]);
-    const mapped = applyA(k, Array.from(fit.aRe), Array.from(fit.aIm), hd);
+    if (fit.keys.kind !== "rope") throw new Error("a Llama pair fits a rope key map");
+    const mapped = applyA(k, Array.from(fit.keys.re), Array.from(fit.keys.im), hd);
     for (let h = 0; h < 2; h++) {
       const direct = qOf(wq, h).reduce((a, q, d) => a + q * mapped[d], 0);
       const folded = qOf(wq2, h).reduce((a, q, d) => a + q * k[d], 0);
@@ -93,7 +99,7 @@ describe("the maps", () => {
       for (let h = 0; h < 2; h++)
         for (let c = 0; c < hd; c++) {
           let ob = 0;
-          for (let q = 0; q < hd; q++) ob += o[h * hd + q] * fit.b[q * hd + c];
+          for (let q = 0; q < hd; q++) ob += o[h * hd + q] * fit.values.m[q * hd + c];
           direct += wo[row * 2 * hd + h * hd + c] * ob;
           folded += wo2[row * 2 * hd + h * hd + c] * o[h * hd + c];
         }
@@ -118,7 +124,7 @@ describe("the maps", () => {
  * o_proj and down_proj are zero, and both layers share their input norm), with layer 1's K and V
  * projections exact linear maps of layer 0's: K_1 = a K_0 per frequency pair, V_1 = V_0 B.
  */
-function mappedModel(): string {
+function mappedModel(): { dir: string; maps: { aRe: number[]; aIm: number[]; B: number[] }[] } {
   const spec = { numLayers: 3, hidden: 32, heads: 4, kvHeads: 2, intermediate: 48, vocab: 4096, maxPositions: 512, seed: 21 };
   const t = tinyLlamaTensors(spec);
   const get = (n: string) => t.find((x) => x.name === n) as RawTensor;
@@ -128,9 +134,11 @@ function mappedModel(): string {
   get("model.layers.1.input_layernorm.weight").data.set(get("model.layers.0.input_layernorm.weight").data);
   const k0 = get("model.layers.0.self_attn.k_proj.weight").data, v0 = get("model.layers.0.self_attn.v_proj.weight").data;
   const k1 = get("model.layers.1.self_attn.k_proj.weight").data, v1 = get("model.layers.1.self_attn.v_proj.weight").data;
+  const maps = [];
   for (let g = 0; g < 2; g++) {
     const aRe = Array.from({ length: half }, () => 0.5 + r()), aIm = Array.from({ length: half }, () => r() - 0.5);
     const B = Array.from({ length: hd * hd }, () => r() - 0.5);
+    maps.push({ aRe, aIm, B });
     for (let col = 0; col < E; col++) {
       const head = Float64Array.from({ length: hd }, (_, d) => k0[(g * hd + d) * E + col]);
       applyA(head, aRe, aIm, hd).forEach((y, d) => (k1[(g * hd + d) * E + col] = y));
@@ -143,6 +151,29 @@ function mappedModel(): string {
   }
   const dir = writeTinyModel(spec, { tensors: t });
   for (const f of ["tokenizer.json", "tokenizer_config.json"]) fs.copyFileSync(path.join(ROOT, "models", "default", f), path.join(dir, f));
+  return { dir, maps };
+}
+
+/** condense-maps.safetensors: its metadata, and each tensor's shape and values (F64 or I32). */
+function readMaps(dir: string): { metadata: Record<string, string>; tensors: Record<string, { shape: number[]; values: Float64Array | Int32Array }> } {
+  const buf = fs.readFileSync(path.join(dir, MAPS_FILE));
+  const n = Number(buf.readBigUInt64LE(0));
+  const header = JSON.parse(buf.subarray(8, 8 + n).toString("utf8"));
+  const tensors: Record<string, { shape: number[]; values: Float64Array | Int32Array }> = {};
+  for (const [name, t] of Object.entries<any>(header)) {
+    if (name === "__metadata__") continue;
+    const bytes = buf.subarray(8 + n + t.data_offsets[0], 8 + n + t.data_offsets[1]);
+    const copy = Uint8Array.from(bytes).buffer;  // aligned
+    tensors[name] = { shape: t.shape, values: t.dtype === "F64" ? new Float64Array(copy) : new Int32Array(copy) };
+  }
+  return { metadata: header.__metadata__, tensors };
+}
+
+/** A copy of a Llama model whose config names an architecture the engine does not load. */
+function unsupportedModel(): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-condense-qwen-"));
+  const cfg = JSON.parse(fs.readFileSync(path.join(ROOT, "test", "fixtures", "llama-gqa-hd32", "config.json"), "utf8"));
+  fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify({ ...cfg, architectures: ["Qwen2ForCausalLM"], model_type: "qwen2" }));
   return dir;
 }
 
@@ -156,7 +187,7 @@ function relErr(a: Float32Array, b: Float32Array): number {
 }
 
 describe("lckv condense on a model with an exact linear relation between two layers", () => {
-  const src = mappedModel();
+  const { dir: src, maps } = mappedModel();
   const outDir = (name: string) => path.join(fs.mkdtempSync(path.join(os.tmpdir(), "lckv-condense-")), name);
   const prompt = Array.from({ length: 40 }, (_, i) => (i * 97 + 13) % 4096);
   let sourceLogits: Float32Array;
@@ -189,6 +220,26 @@ describe("lckv condense on a model with an exact linear relation between two lay
     expect(names).not.toContain("model.layers.1.self_attn.v_proj.weight");
     expect(fs.readFileSync(path.join(out, "README.md"), "utf8")).toMatch(/held-back perplexity: [\d.]+ before, [\d.]+ after/);
     expect(report.perplexity.condensed / report.perplexity.source).toBeCloseTo(1, 3);
+    // The maps file holds what was fitted: layer 1 reads layer 0 through the maps it was built with.
+    const f = readMaps(out);
+    expect(f.metadata).toMatchObject({ format: "lckv-condense-maps", method: "linear", style: "rope", layer_types: "0_0_2" });
+    expect(Object.keys(f.tensors).sort()).toEqual(["layers.1.k_map", "layers.1.source", "layers.1.v_map"]);
+    expect(Array.from(f.tensors["layers.1.source"].values)).toEqual([0]);
+    expect(f.tensors["layers.1.k_map"].shape).toEqual([2, 4, 2]);
+    expect(f.tensors["layers.1.v_map"].shape).toEqual([2, 8, 8]);
+    maps.forEach((want, g) => {
+      const k = f.tensors["layers.1.k_map"].values.subarray(g * 8, (g + 1) * 8);
+      want.aRe.forEach((re, f) => {
+        expect(k[2 * f]).toBeCloseTo(re, 4);
+        expect(k[2 * f + 1]).toBeCloseTo(want.aIm[f], 4);
+      });
+      const b = f.tensors["layers.1.v_map"].values.subarray(g * 64, (g + 1) * 64);
+      want.B.forEach((x, e) => expect(b[e]).toBeCloseTo(x, 3));
+    });
+    // condense.json is the report, without the directory it was written to.
+    const saved = JSON.parse(fs.readFileSync(path.join(out, "condense.json"), "utf8"));
+    expect(saved.out).toBeUndefined();
+    expect(saved.layerTypes).toEqual([0, 0, 2]);
   });
 
   test("share reads layer 0's K/V unmapped: the same pattern, further from the source", async () => {
@@ -219,8 +270,9 @@ describe("lckv condense on a model with an exact linear relation between two lay
     expect(e.option).toBe("kvLayers");
     e = await run({ ratio: 0.5 });
     expect(e.option).toBe("kvLayers");  // both given
-    e = await run({}, path.join(ROOT, "test", "fixtures", "gpt2"));
+    e = await run({}, unsupportedModel());
     expect(e).toBeInstanceOf(UnsupportedArchitectureError);
+    expect(e.message).toMatch(/Qwen2ForCausalLM/);
     e = await run({}, path.join(ROOT, "test", "fixtures", "lckv-w2"));
     expect(e).toBeInstanceOf(ConfigError);
     expect(e.message).toMatch(/layer_types.*already condensed/);
@@ -230,5 +282,122 @@ describe("lckv condense on a model with an exact linear relation between two lay
     expect(e).toBeInstanceOf(InvalidOptionError);
     expect(e.option).toBe("out");
     expect(fs.readdirSync(out)).toEqual([]);
+  });
+});
+
+/**
+ * GPT-2 (test/fixtures/gpt2: 3 layers, 4 heads of 16) rebuilt so that layer 1 sees layer 0's
+ * input (layer 0's c_proj and mlp.c_proj zero, both layers share ln_1) and its keys and values
+ * are exact affine maps of layer 0's, per head: K_1 = K_0 A + c, V_1 = V_0 B + e (the biases of
+ * c_attn carry the offsets).
+ */
+function mappedGpt2(): { dir: string; maps: { A: number[]; c: number[]; B: number[]; e: number[] }[] } {
+  const fixture = path.join(ROOT, "test", "fixtures", "gpt2");
+  const t = [...readModelTensors(fixture).values()].map((x) => ({ name: x.name, shape: x.shape, data: readF32(x) }));
+  const get = (n: string) => t.find((x) => x.name === `transformer.${n}`)!.data;
+  const r = rng(9), E = 64, hd = 16;
+  for (const n of ["h.0.attn.c_proj.weight", "h.0.attn.c_proj.bias", "h.0.mlp.c_proj.weight", "h.0.mlp.c_proj.bias"]) get(n).fill(0);
+  get("h.1.ln_1.weight").set(get("h.0.ln_1.weight"));
+  get("h.1.ln_1.bias").set(get("h.0.ln_1.bias"));
+  const w0 = get("h.0.attn.c_attn.weight"), b0 = get("h.0.attn.c_attn.bias"), w1 = get("h.1.attn.c_attn.weight"), b1 = get("h.1.attn.c_attn.bias");
+  const maps = [];
+  for (let h = 0; h < 4; h++) {
+    const A = Array.from({ length: hd * hd }, () => r() - 0.5), c = Array.from({ length: hd }, () => r() - 0.5);
+    const B = Array.from({ length: hd * hd }, () => r() - 0.5), e = Array.from({ length: hd }, () => r() - 0.5);
+    maps.push({ A, c, B, e });
+    for (const [part, M, off] of [[1, A, c], [2, B, e]] as const) {
+      const col0 = part * E + h * hd;  // this head's columns of the keys (part 1) or values (part 2)
+      for (let out = 0; out < hd; out++) {
+        for (let i = 0; i < E; i++) {
+          let acc = 0;
+          for (let q = 0; q < hd; q++) acc += w0[i * 3 * E + col0 + q] * M[q * hd + out];
+          w1[i * 3 * E + col0 + out] = acc;
+        }
+        let acc = off[out];
+        for (let q = 0; q < hd; q++) acc += b0[col0 + q] * M[q * hd + out];
+        b1[col0 + out] = acc;
+      }
+    }
+  }
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-condense-gpt2-"));
+  fs.writeFileSync(path.join(dir, "model.safetensors"), safetensorsBytes(t));
+  for (const f of ["config.json", "tokenizer.json", "tokenizer_config.json"]) fs.copyFileSync(path.join(fixture, f), path.join(dir, f));
+  return { dir, maps };
+}
+
+describe("lckv condense on GPT-2 (full key maps, offsets folded away or into c_proj's bias)", () => {
+  const { dir: src, maps } = mappedGpt2();
+  const outDir = (name: string) => path.join(fs.mkdtempSync(path.join(os.tmpdir(), "lckv-condense-")), name);
+  const prompt = Array.from({ length: 100 }, (_, i) => (i * 37 + 5) % 301);
+  let sourceLogits: Float32Array;
+  beforeAll(async () => {
+    const m = await loadModel(src, { device: "cpu", kvCacheDtype: "f32" });
+    sourceLogits = await m.logits(prompt);
+    await m.dispose();
+  });
+
+  test("linear fits A, c, B, e exactly, and the condensed model (q_attn, folded c_proj) gives the source's logits", async () => {
+    const out = outDir("linear");
+    const report = await condenseModel(src, { out, calibrationText: calibration, kvLayers: 2, method: "linear", device: "cpu", calibrationTokens: 2048 });
+    expect(report.layerTypes).toEqual([0, 0, 2]);
+    expect(report.readers[0].kError).toBeLessThan(1e-6);
+    expect(report.readers[0].vError).toBeLessThan(1e-6);
+    const cfg = JSON.parse(fs.readFileSync(path.join(out, "config.json"), "utf8"));
+    expect(cfg).toMatchObject({ model_type: "gpt2", architectures: ["GPT2LMHeadModel"], layer_types: "0_0_2" });
+    const names = [...readModelTensors(out).keys()];
+    expect(names).toContain("transformer.h.1.attn.q_attn.weight");
+    expect(names).toContain("transformer.h.1.attn.q_attn.bias");
+    expect(names).not.toContain("transformer.h.1.attn.c_attn.weight");
+    expect(names).toContain("transformer.h.2.attn.c_attn.weight");
+    const m = await loadModel(out, { device: "cpu", kvCacheDtype: "f32" });
+    try {
+      expect(m.config.kvLayers).toEqual([0, 2]);
+      expect(relErr(await m.logits(prompt), sourceLogits)).toBeLessThan(1e-4);
+    } finally {
+      await m.dispose();
+    }
+    const f = readMaps(out);
+    expect(f.metadata).toMatchObject({ method: "linear", style: "affine", layer_types: "0_0_2" });
+    expect(f.tensors["layers.1.k_map"].shape).toEqual([4, 16, 16]);
+    expect(f.tensors["layers.1.k_offset"].shape).toEqual([4, 16]);
+    maps.forEach((want, h) => {
+      const at = (name: string, n: number) => f.tensors[`layers.1.${name}`].values.subarray(h * n, (h + 1) * n);
+      want.A.forEach((x, i) => expect(at("k_map", 256)[i]).toBeCloseTo(x, 3));
+      want.c.forEach((x, i) => expect(at("k_offset", 16)[i]).toBeCloseTo(x, 3));
+      want.B.forEach((x, i) => expect(at("v_map", 256)[i]).toBeCloseTo(x, 3));
+      want.e.forEach((x, i) => expect(at("v_offset", 16)[i]).toBeCloseTo(x, 3));
+    });
+  });
+
+  test("share on the same model: the same pattern, further from the source", async () => {
+    const out = outDir("share");
+    const report = await condenseModel(src, { out, calibrationText: calibration, kvLayers: 2, method: "share", device: "cpu", calibrationTokens: 2048 });
+    expect(report.layerTypes).toEqual([0, 0, 2]);
+    const m = await loadModel(out, { device: "cpu", kvCacheDtype: "f32" });
+    try {
+      expect(relErr(await m.logits(prompt), sourceLogits)).toBeGreaterThan(1e-2);
+    } finally {
+      await m.dispose();
+    }
+  });
+
+  test("bad input is refused by name, and nothing is left half-written", async () => {
+    const parent = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-condense-bad-"));
+    const out = path.join(parent, "m");
+    const run = (o: Record<string, unknown>, dir = src) => condenseModel(dir, { out, calibrationText: calibration, device: "cpu", kvLayers: 2, ...o } as any).catch((e) => e);
+    let e = await run({ calibrationText: "far too short" });
+    expect(e).toBeInstanceOf(InvalidInputError);
+    expect(e.code).toBe("LCKV_CALIBRATION_TOO_SHORT");
+    expect(e.message).toMatch(/maps of head size 16/);
+    e = await run({ kvLayers: 0 });
+    expect(e).toBeInstanceOf(InvalidOptionError);
+    expect(e.option).toBe("kvLayers");
+    e = await run({ kvLayers: undefined, ratio: 0.99 });
+    expect(e.option).toBe("ratio");
+    expect(e.message).toMatch(/keeps 3/);
+    e = await run({}, path.join(ROOT, "test", "fixtures", "gpt2-lckv"));
+    expect(e).toBeInstanceOf(ConfigError);
+    expect(e.message).toMatch(/layer_types.*already condensed/);
+    expect(fs.readdirSync(parent)).toEqual([]);
   });
 });

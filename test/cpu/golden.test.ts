@@ -28,7 +28,7 @@ const fixtures = fs.existsSync(FIXTURES)
 
 test("the golden fixtures are present", () => {
   // Every architecture and pattern the foundation promises is covered.
-  for (const name of ["llama-mha-hd16", "llama-gqa-hd32", "llama-sharded-f16", "gpt2", "gpt2-lckv", "lckv-w2", "lckv-cla", "lckv-sandwich", "lckv-sliding", "lckv-nodiag"]) {
+  for (const name of ["llama-mha-hd16", "llama-gqa-hd32", "llama-sharded-f16", "gpt2", "gpt2-lckv", "lckv-w2", "lckv-cla", "lckv-sandwich", "lckv-sliding", "lckv-nodiag", "condensed-llama", "condensed-gpt2"]) {
     expect(fixtures).toContain(name);
   }
 });
