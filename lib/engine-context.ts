@@ -11,9 +11,23 @@ import type { ModelConfig } from "./config";
 import { AbortError, ContextOverflowError, DisposedError, fromNative, InvalidInputError, InvalidOptionError, TokenOutOfRangeError } from "./errors";
 import type { NativeModel, NativeSequence } from "./native";
 import { describe, GenerateOptions, GenerationDefaults, ResolvedGenerateOptions, resolveGenerateOptions } from "./options";
-import { withCancel } from "./prefill-options";
+import { ResolvedPrefill, withCancel } from "./prefill-options";
 import { DecodeScheduler } from "./scheduler";
 import type { Tokenizer } from "./tokenizer";
+
+/**
+ * Requests in flight besides a prompt's own (others prefilling or generating) from which a
+ * prompt whose mode the caller left to the model goes as batched token steps (throughput mode)
+ * rather than in the device's default mode (latency mode). Each device's number must come from
+ * measurement (scripts/bench/batched-prefill.js):
+ * - cpu: the default mode is sequential, token by token either way, and a step of several rows
+ *   reads the weights once for all of them: batched token steps win from two requests on (and
+ *   a sequential prompt batches from one other request on, whatever the device).
+ * - cuda: not measured yet. The default is fixed-point, a few passes of large products over a
+ *   whole chunk, which a lone prompt runs far faster than token steps; batched token steps need
+ *   enough rows per step to overtake it. 16 stands until the benchmark gives the crossover.
+ */
+export const THROUGHPUT_PREFILL_MIN_OTHERS: Readonly<Record<"cpu" | "cuda", number>> = { cpu: 1, cuda: 16 };
 
 /** What Model hands to its engine context. */
 export interface EngineContextInit {
@@ -56,6 +70,8 @@ export class EngineContext {
   readonly prefillChunk: number;
   private readonly device: "cpu" | "cuda";
   private prefilled = 0;
+  /** Requests prefilling or generating now (see working()). */
+  private inFlight = 0;
   /** Raised by the model's dispose(): running prefills stop at their next pass or token. */
   private readonly disposing = new AbortController();
   /** Native prefill calls in flight, which dispose() waits out after cancelling them. */
@@ -215,6 +231,40 @@ export class EngineContext {
       prefill: this.config.useSequential || this.device === "cpu" ? "sequential" : "fixed-point",
       prefillPasses: this.config.forwardPasses + this.config.backwardPasses,
     };
+  }
+
+  /**
+   * Counts a request as prefilling or generating until the returned function is called: the
+   * rows in flight that batchedPrefill() weighs.
+   */
+  working(): () => void {
+    this.inFlight++;
+    let done = false;
+    return () => {
+      if (!done) this.inFlight--;
+      done = true;
+    };
+  }
+
+  /** Whether batchedPrefill() can say yes to this prefill, given other requests in flight. */
+  mayBatchPrefill(prefill: ResolvedPrefill): boolean {
+    return this.config.plan.cyclicGroup !== null && (prefill.auto || prefill.mode === "sequential");
+  }
+
+  /**
+   * Whether a prompt's next chunk goes as batched token steps (its tokens one per step, rows of
+   * the scheduler's shared step) instead of a native prefill call. Only for a model with a
+   * cyclic group (without one a whole chunk is exact in one pass), and only while other
+   * requests are in flight (working()), the prompt's own included in the count. Sequential mode
+   * is token by token either way, so any other request is enough; the model's default mode
+   * switches at the device's measured threshold; fixed-point and iterative, when asked for,
+   * never switch.
+   */
+  batchedPrefill(prefill: ResolvedPrefill): boolean {
+    if (!this.mayBatchPrefill(prefill)) return false;
+    const others = this.inFlight - 1;
+    if (prefill.mode === "sequential" && others >= 1) return true;
+    return prefill.auto && others >= THROUGHPUT_PREFILL_MIN_OTHERS[this.device];
   }
 
   /** Tokens run through a prefill so far. */

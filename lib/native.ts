@@ -27,7 +27,7 @@ export interface NativeTokenLogprobs {
   topLogprobs: Float64Array;
 }
 
-/** decodeBatch()'s tokens; `logprobs` only when some row asked (null for the rows that did not). */
+/** decodeBatch()'s tokens, one per sampled row; `logprobs` only when some row asked (null for the rows that did not). */
 export interface NativeDecodedTokens extends Int32Array {
   logprobs?: (NativeTokenLogprobs | null)[];
 }
@@ -115,7 +115,11 @@ export interface NativeModelDescription {
 
 export interface NativeModel {
   loadTensors(list: object[]): Promise<void>;
-  /** runAhead (default true): false when the next call will not continue this batch. */
+  /**
+   * One step of every sequence: row r appends tokens[r] and, for r < sampling.length, samples its
+   * next token (one result per sampling entry); later rows only append (a prompt's tokens).
+   * runAhead (default true): false when the next call will not continue this batch.
+   */
   decodeBatch(seqs: NativeSequence[], tokens: Int32Array, sampling: NativeSamplingParams[], runAhead?: boolean): Promise<NativeDecodedTokens>;
   finalize(): void;
   createSequence(maxContext: number): NativeSequence;

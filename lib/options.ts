@@ -54,7 +54,12 @@ export interface GenerateOptions extends SamplingOptions {
   /** Strings that end generation; the text returned stops before them. */
   stop?: string | string[];
   signal?: AbortSignal;
-  /** How an LCKV prompt is prefilled (default: "sequential" on the CPU, "fixed-point" on the GPU; both exact). */
+  /**
+   * How an LCKV prompt is prefilled (default: "sequential" on the CPU, "fixed-point" on the GPU;
+   * both exact). While other requests run, a prompt in "sequential" mode, or in the default
+   * mode, may go as batched token steps (rows of the shared decode step): the sequential
+   * arithmetic. "fixed-point" and "iterative", when asked for, always run as asked.
+   */
   prefill?: PrefillMode;
   /** Passes for prefill "iterative" (default forward_passes + backward_passes of the config). */
   prefillPasses?: number;
@@ -142,6 +147,8 @@ export interface ResolvedGenerateOptions extends NativeSamplingParams {
   stop: string[];
   signal?: AbortSignal;
   prefill: PrefillMode;
+  /** `prefill` is the model's default, not the caller's choice (see resolvePrefill's `auto`). */
+  prefillAuto: boolean;
   prefillPasses: number;
   prefillTolerance: number;
   ignoreEos: boolean;
@@ -161,7 +168,7 @@ export function tolerance(v: unknown): number {
 /** The resolved options that generation_config.json and the config give defaults for. */
 export type GenerationDefaults = Omit<
   ResolvedGenerateOptions,
-  "stop" | "signal" | "seed" | "ignoreEos" | "prefillTolerance" | "contextShift" | "sinkTokens" | "presencePenalty" | "frequencyPenalty" | "penaltyFrom" | "logitBias" | "logprobs"
+  "stop" | "signal" | "seed" | "ignoreEos" | "prefillAuto" | "prefillTolerance" | "contextShift" | "sinkTokens" | "presencePenalty" | "frequencyPenalty" | "penaltyFrom" | "logitBias" | "logprobs"
 >;
 
 /** A penalty in [-MAX_PENALTY, MAX_PENALTY]. */
@@ -207,6 +214,7 @@ export function resolveGenerateOptions(opts: GenerateOptions | undefined, defaul
     stop: [],
     seed: 0,
     ignoreEos: false,
+    prefillAuto: o.prefill === undefined,
     prefillTolerance: DEFAULT_PREFILL_TOLERANCE,
     contextShift: "none",
     sinkTokens: 4,

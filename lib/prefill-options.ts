@@ -32,19 +32,25 @@ export function checkPrefillOptions(options: unknown): PrefillOptions {
   return options as PrefillOptions;
 }
 
-export function resolvePrefill(defaults: PrefillDefaults, options: PrefillOptions) {
+/**
+ * A prefill's options resolved. `auto`: the caller left the mode to the model (no `prefill`, or
+ * generate()'s resolved options with `prefillAuto`), so the engine may run the prompt as batched
+ * token steps instead, which are exact (EngineContext.batchedPrefill).
+ */
+export function resolvePrefill(defaults: PrefillDefaults, options: PrefillOptions & { prefillAuto?: boolean }) {
   const mode = options.prefill ?? defaults.generationDefaults().prefill;
   if (!PREFILL_MODES.includes(mode)) throw new InvalidOptionError("prefill", `must be one of ${PREFILL_MODES.join(", ")}, got ${describe(mode)}`);
   if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) throw new InvalidOptionError("signal", "must be an AbortSignal");
   return {
     mode,
+    auto: options.prefill === undefined || options.prefillAuto === true,
     signal: options.signal,
     passes: options.prefillPasses === undefined ? defaults.generationDefaults().prefillPasses : posInt("prefillPasses", options.prefillPasses, MAX_PREFILL_PASSES),
     tolerance: options.prefillTolerance === undefined ? DEFAULT_PREFILL_TOLERANCE : tolerance(options.prefillTolerance),
   };
 }
 
-/** A prefill's options resolved: the mode, its passes and tolerance, and the signal. */
+/** A prefill's options resolved: the mode (and whether the caller chose it), its passes and tolerance, and the signal. */
 export type ResolvedPrefill = ReturnType<typeof resolvePrefill>;
 
 /** The native side of a resolved prefill (the signal travels as a cancel flag instead). */

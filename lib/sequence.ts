@@ -13,7 +13,7 @@ import { AbortError, BusyError, DisposedError, fromNative, InvalidOptionError, L
 import type { EngineContext } from "./engine-context";
 import { GenerationProgress, GenerationStream, generationStream, tokenLogprob } from "./generation-stream";
 import { NativeSamplingParams, NativeSequence, NativeTokenLogprobs } from "./native";
-import { DEFAULT_PREFILL_TOLERANCE, GenerateOptions, nonNegInt } from "./options";
+import { DEFAULT_PREFILL_TOLERANCE, GenerateOptions, nonNegInt, PrefillMode } from "./options";
 import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill, ResolvedPrefill } from "./prefill-options";
 import { TextStream } from "./textstream";
 import type { GenerateResult, PrefillOptions, StreamChunk } from "./types";
@@ -166,40 +166,68 @@ export class Sequence implements Disposable {
   private async prefill(native: NativeSequence, ids: number[], run: number[], prefill: ResolvedPrefill): Promise<{ passes: number }> {
     let passes = 0;
     // Long inputs go in chunks, so that other sequences' decode steps run in between. Exact
-    // modes stay exact across chunks (each chunk reads the final K/V of the ones before);
-    // the iterative scheme is defined over the whole input, so it is not cut.
+    // modes stay exact across chunks (each chunk reads the final K/V of the ones before), and
+    // each chunk picks its way anew: batched token steps while other requests are in flight,
+    // else a native prefill call. The iterative scheme is defined over the whole input, so it
+    // is not cut.
     const chunk = prefill.mode === "iterative" ? Math.max(run.length, 1) : this.engine.prefillChunk;
     const before = { evaluated: this.evaluated.length, pending: this.pending };
+    const done = this.engine.working();
     try {
+      // Yield once so that prompts that arrive in the same turn of the event loop count each
+      // other in flight before the first chunk picks its way.
+      if (this.engine.mayBatchPrefill(prefill)) await new Promise((resolve) => setImmediate(resolve));
       for (let at = 0; at < run.length; at += chunk) {
         const part = run.slice(at, at + chunk);
         if (prefill.signal?.aborted) throw new AbortError("the prefill was aborted");
-        const r = await this.engine.runCancellable(prefill.signal, (cancel) => native.append(Int32Array.from(part), { ...nativePrefill(prefill), logits: "none", cancel }));
-        passes = Math.max(passes, r.passes);
+        let mode: PrefillMode = prefill.mode;
+        if (this.engine.batchedPrefill(prefill)) {
+          await this.engine.runCancellable(prefill.signal, (cancel) => this.engine.scheduler.append(native, part, cancel));
+          mode = "sequential";
+          passes = Math.max(passes, 1);
+        } else {
+          const r = await this.engine.runCancellable(prefill.signal, (cancel) => native.append(Int32Array.from(part), { ...nativePrefill(prefill), logits: "none", cancel }));
+          passes = Math.max(passes, r.passes);
+        }
         this.engine.countPrefilled(part.length);
-        this.notePrefill(prefill.mode, part.length, prefill.tolerance);
+        this.notePrefill(mode, part.length, prefill.tolerance);
         this.evaluated.push(...part);
         this.pending = [];
       }
     } catch (e) {
-      // All or nothing: drop the chunks that did go in, so the sequence is as it was.
-      if (this.native && this.evaluated.length > before.evaluated) {
+      // All or nothing: drop what did go in (whole chunks, and the tokens of a chunk cut short
+      // between its batched steps), so the sequence is as it was.
+      const inEngine = this.engineLength();
+      if (inEngine !== undefined && inEngine > before.evaluated) {
         try {
-          this.native.truncate(before.evaluated);
+          native.truncate(before.evaluated);
           this.evaluated.length = before.evaluated;
           this.pending = before.pending;
         } catch {
           // Disposed meanwhile, or a sliding window already released what the rewind needs:
-          // then the chunks that went in stay, so that this side still matches the engine's.
+          // then what went in stays, so that this side still matches the engine's.
+          this.evaluated.push(...run.slice(this.evaluated.length - before.evaluated, inEngine - before.evaluated));
           this.pending = [];
         }
       } else {
         this.pending = before.pending;
       }
       throw fromNative(e);
+    } finally {
+      done();
     }
     this.pending = ids.slice(-1);
     return { passes };
+  }
+
+  /** Tokens in the engine's sequence; undefined once it is freed. */
+  private engineLength(): number | undefined {
+    if (!this.native || this.engine.disposed) return undefined;
+    try {
+      return this.native.length;
+    } catch {
+      return undefined;
+    }
   }
 
   /**
@@ -281,6 +309,7 @@ export class Sequence implements Disposable {
       sample.logprobs = opts.logprobs;
       progress.logprobs = [];
     }
+    const working = this.engine.working();
     try {
       while (opts.maxNewTokens > 0) {
         if (opts.signal?.aborted) {
@@ -349,6 +378,7 @@ export class Sequence implements Disposable {
         if (tokens.length >= opts.maxNewTokens) break;
       }
     } finally {
+      working();
       this.busy = false;
       this.releaseReservation();
     }

@@ -177,8 +177,9 @@ Napi::Value ModelWrap::LoadTensors(const Napi::CallbackInfo& info) {
 }
 
 // decodeBatch(sequences: NativeSequence[], tokens: Int32Array, sampling: object[], runAhead = true)
-//   -> Promise<Int32Array>. runAhead false: the caller will not continue this batch next. When a
-//   row's sampling asks for logprobs, the array also has a `logprobs` property (one per row).
+//   -> Promise<Int32Array>, one token per sampling object. Rows past sampling.length only append
+//   their token. runAhead false: the caller will not continue this batch next. When a row's
+//   sampling asks for logprobs, the array also has a `logprobs` property (one per sampled row).
 Napi::Value ModelWrap::DecodeBatch(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto m = live(env);
@@ -188,7 +189,8 @@ Napi::Value ModelWrap::DecodeBatch(const Napi::CallbackInfo& info) {
   Napi::Array sa = info[0].As<Napi::Array>(), pa = info[2].As<Napi::Array>();
   Napi::Int32Array ta = info[1].As<Napi::Int32Array>();
   const uint32_t n = sa.Length();
-  if (n == 0 || ta.ElementLength() != n || pa.Length() != n) throwInvalid(env, "decodeBatch: one token and one sampling object per sequence");
+  if (n == 0 || ta.ElementLength() != n || pa.Length() > n)
+    throwInvalid(env, "decodeBatch: one token per sequence, and at most one sampling object per sequence");
   std::vector<std::shared_ptr<SharedSequence>> seqs;
   std::vector<SamplingParams> params;
   for (uint32_t i = 0; i < n; ++i) {
@@ -199,6 +201,7 @@ Napi::Value ModelWrap::DecodeBatch(const Napi::CallbackInfo& info) {
     if (!sq) throw makeError(env, kErrDisposed, "a sequence in the batch has been disposed");
     if (sq->owner != m) throwInvalid(env, "decodeBatch: a sequence belongs to another model");
     seqs.push_back(sq);
+    if (i >= pa.Length()) continue;
     if (!pa.Get(i).IsObject()) throwInvalid(env, "decodeBatch: sampling entries must be objects");
     params.push_back(parseSampling(pa.Get(i).As<Napi::Object>()));
   }

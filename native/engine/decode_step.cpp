@@ -9,10 +9,15 @@
 
 namespace lckv {
 
-// A decode step's recording: per batch size, table stride and 256 positions of context (the
-// attention's split-K plan is fixed in a recording).
-static uint64_t stepKey(int n, int stride, int maxPos) {
-  return (uint64_t)n << 40 | (uint64_t)stride << 20 | (uint64_t)(maxPos / Backend::kStepContextBucket);
+// A decode step's recording: per batch size, rows sampled, table stride and 256 positions of
+// context (the attention's split-K plan is fixed in a recording). The stride is a power of two
+// (viewPages rounds it), so its log takes 6 bits; rows and sampled rows 16 bits each, which is
+// why larger batches run unrecorded (kMaxRecordedRows).
+constexpr int kMaxRecordedRows = 0xFFFF;
+static uint64_t stepKey(int n, int sampled, int stride, int maxPos) {
+  uint64_t logStride = 0;
+  while ((1 << logStride) < stride) ++logStride;
+  return (uint64_t)n << 48 | (uint64_t)sampled << 32 | logStride << 26 | (uint64_t)(maxPos / Backend::kStepContextBucket);
 }
 
 static bool sameSampling(const SamplingParams& a, const SamplingParams& b) {
@@ -69,7 +74,7 @@ void Model::queueStepAhead(Scratch& s, const std::vector<SequenceState*>& seqs, 
     Tensor lg;
     // Only a recorded step runs ahead: it writes nothing but its own buffers and the K/V of each
     // sequence's next position, past its length until the next call appends it.
-    if (!be.replayStepFromSampled(stepKey(n, s.kv.stride, maxPos), in, fromSlot, lg)) return;
+    if (!be.replayStepFromSampled(stepKey(n, n, s.kv.stride, maxPos), in, fromSlot, lg)) return;
     be.queueSampleRows(lg, n, cfg_.vocab, params.data(), seeds.data(), ahead_.slot);
   } catch (const std::bad_alloc&) {
     return;
@@ -83,13 +88,17 @@ void Model::queueStepAhead(Scratch& s, const std::vector<SequenceState*>& seqs, 
 // for the host between steps. A call that asks for anything else throws the queued step away;
 // it only wrote K/V past each sequence's length, which nothing reads. (A device fault in a
 // queued step surfaces in whatever waits on the device next, as any asynchronous fault does.)
+//
+// Rows past params.size() only append their token: a prompt's tokens before its last, run one
+// per step as rows of the shared step. No logits are computed for them, and run-ahead is off
+// for a batch that has them (their next token is the prompt's, not a sampled one).
 std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& tokens,
                                         const std::vector<SamplingParams>& params, bool runAhead,
                                         std::vector<TokenLogprobs>* logprobs) {
   if (!ready_) throw EngineError(kErrInvalidArgument, "model weights are not loaded");
-  const int n = (int)seqs.size();
-  if (n == 0 || tokens.size() != seqs.size() || params.size() != seqs.size())
-    throw EngineError(kErrInvalidArgument, "decodeBatch needs one token and one sampling setting per sequence");
+  const int n = (int)seqs.size(), sampled = (int)params.size();
+  if (n == 0 || tokens.size() != seqs.size() || sampled > n)
+    throw EngineError(kErrInvalidArgument, "decodeBatch needs one token per sequence and at most one sampling setting per sequence");
   for (int r = 0; r < n; ++r) {
     for (int q = 0; q < r; ++q)
       if (seqs[(size_t)q] == seqs[(size_t)r]) throw EngineError(kErrInvalidArgument, "a sequence appears twice in one batch");
@@ -101,12 +110,13 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
   }
   Backend& be = *backend_;
   BackendRange range(be, "decode batch");
-  std::vector<int32_t> pos((size_t)n), out((size_t)n), rowSeq((size_t)n);
+  std::vector<int32_t> pos((size_t)n), out((size_t)sampled), rowSeq((size_t)n);
   for (int r = 0; r < n; ++r) {
     pos[(size_t)r] = seqs[(size_t)r]->length();
     rowSeq[(size_t)r] = r;
   }
-  const bool queueChoice = runAheadOn_ && be.canQueueSampling(params.data(), n);
+  const bool recordable = n <= kMaxRecordedRows;
+  const bool queueChoice = runAheadOn_ && recordable && sampled == n && be.canQueueSampling(params.data(), n);
   const bool queuedAhead = queueChoice && aheadMatches(seqs, tokens, params);
   if (ahead_.queued && !queuedAhead) runAheadDiscarded_.fetch_add(1, std::memory_order_relaxed);
   const int slot = queuedAhead ? ahead_.slot : 0;
@@ -122,20 +132,20 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
     } else {
       int maxPos = 0;
       for (int p : pos) maxPos = std::max(maxPos, p);
-      const uint64_t key = stepKey(n, s.kv.stride, maxPos);
+      const uint64_t key = stepKey(n, sampled, s.kv.stride, maxPos);
       const Backend::StepInputs in{tokens.data(), pos.data(), n, s.tables.data(), (int)s.tables.size(), rowSeq.data()};
       Tensor lg;
-      if (!be.replayStep(key, in, lg)) {
+      if (!(recordable && be.replayStep(key, in, lg))) {
         auto forward = [&] {
           s.pendingResidual = false;  // a failed recording may have stopped mid-layer
           allocScratch(s, n);
           be.embed(tokens.data(), pos.data(), n, embed_, opt(posEmbed_), s.h);
           // One token per sequence: strict layers read only earlier, final positions: one pass.
           runLayers(s, n, pos.data(), 0, cfg_.numLayers - 1, false);
-          return computeLogits(s, n, 0, n);
+          return sampled > 0 ? computeLogits(s, n, 0, sampled) : Tensor{};
         };
         bool ran = false;
-        if (be.beginStepCapture(key, in)) {
+        if (recordable && be.beginStepCapture(key, in)) {
           try {
             lg = forward();
             be.endStepCapture(lg);
@@ -151,14 +161,14 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
         }
         if (!ran) lg = forward();
       }
-      std::vector<uint64_t> positions((size_t)n);
-      for (int r = 0; r < n; ++r) positions[(size_t)r] = (uint64_t)(pos[(size_t)r] + 1);
+      std::vector<uint64_t> positions((size_t)sampled);
+      for (int r = 0; r < sampled; ++r) positions[(size_t)r] = (uint64_t)(pos[(size_t)r] + 1);
       if (queueChoice) {
         be.queueSampleRows(lg, n, cfg_.vocab, params.data(), positions.data(), slot);
-      } else {
-        std::vector<std::vector<int32_t>> histories((size_t)n);
+      } else if (sampled > 0) {
+        std::vector<std::vector<int32_t>> histories((size_t)sampled);
         bool wantLogprobs = false;
-        for (int r = 0; r < n; ++r) {
+        for (int r = 0; r < sampled; ++r) {
           if (readsHistory(params[(size_t)r])) {
             histories[(size_t)r] = seqs[(size_t)r]->tokens;
             histories[(size_t)r].push_back(tokens[(size_t)r]);
@@ -166,8 +176,8 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
           wantLogprobs = wantLogprobs || params[(size_t)r].logprobs >= 0;
         }
         // Log-probabilities only where a row asks (the common path allocates nothing for them).
-        if (wantLogprobs && logprobs) logprobs->assign((size_t)n, TokenLogprobs{});
-        be.sampleRows(lg, n, cfg_.vocab, params.data(), histories.data(), positions.data(), out.data(),
+        if (wantLogprobs && logprobs) logprobs->assign((size_t)sampled, TokenLogprobs{});
+        be.sampleRows(lg, sampled, cfg_.vocab, params.data(), histories.data(), positions.data(), out.data(),
                       wantLogprobs && logprobs ? logprobs->data() : nullptr);
       }
     }

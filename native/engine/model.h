@@ -126,13 +126,14 @@ class Model {
                       LogitsWanted logits, const SamplingParams* sampling);
 
   // ---- the batched decode step and run-ahead (decode_step.cpp) ----
-  // One decode step for several sequences at once: row r appends tokens[r] to seqs[r] and
-  // samples its next token with params[r]. The weights are read once for the whole batch; each
-  // row's result is the same as when its sequence runs alone. All or nothing: on error no
-  // sequence changes. runAhead false: the caller will not continue this batch next, so no step
-  // is queued ahead (see the definition). logprobs: when some row asks for log-probabilities
-  // (params[r].logprobs >= 0), one entry per row (filled for the rows that asked); untouched
-  // otherwise.
+  // One decode step for several sequences at once: row r appends tokens[r] to seqs[r] and, for
+  // r < params.size(), samples its next token with params[r] (one result per such row); the
+  // rows after those only append (a prompt's tokens run as batched token steps). The weights are
+  // read once for the whole batch; each row's result is the same as when its sequence runs
+  // alone. All or nothing: on error no sequence changes. runAhead false: the caller will not
+  // continue this batch next, so no step is queued ahead (see the definition). logprobs: when
+  // some row asks for log-probabilities (params[r].logprobs >= 0), one entry per sampled row
+  // (filled for the rows that asked); untouched otherwise.
   std::vector<int32_t> decodeBatch(const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& tokens,
                                    const std::vector<SamplingParams>& params, bool runAhead = true,
                                    std::vector<TokenLogprobs>* logprobs = nullptr);

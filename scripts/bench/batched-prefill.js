@@ -1,0 +1,78 @@
+#!/usr/bin/env node
+/**
+ * Exact LCKV prefill of N concurrent prompts: batched token steps (every prompt's next token a
+ * row of one shared step) against the same prompts prefilled one after another, each alone, in
+ * sequential mode and in the device's default mode where that is another (fixed-point on the
+ * GPU). Prompt tokens prefilled per second of wall time: the median of --repeats runs after a
+ * warm-up, and the best run (what a busy machine's other work disturbs least). The crossover where batched steps overtake the default mode is what
+ * THROUGHPUT_PREFILL_MIN_OTHERS (lib/engine-context.ts) is set from.
+ *
+ *   node scripts/bench/batched-prefill.js [--model DIR] [--device cpu|cuda] [--prompts 1,2,4,8,16] [--tokens 200] [--repeats 3] [--threads N]
+ *
+ * The model must have a cyclic layer group (the default model has). For a GPU-sized one:
+ * scripts/bench/make-random-model.js --out DIR --layer-types 0_20_..._20_21 (LCKV w=2).
+ */
+const { Command } = require("commander");
+const { loadModel } = require("../../dist");
+
+const opt = new Command()
+  .name("batched-prefill")
+  .option("--model <dir>", "a model directory (default: the embedded model)")
+  .option("--device <d>", "cpu or cuda", "cpu")
+  .option("--prompts <list>", "numbers of concurrent prompts", "1,2,4,8,16")
+  .option("--tokens <n>", "tokens per prompt", "200")
+  .option("--repeats <n>", "timed runs per row (the median is reported)", "3")
+  .option("--threads <n>", "CPU threads (default: every core)")
+  .parse()
+  .opts();
+
+const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+
+(async () => {
+  const model = await loadModel(opt.model, { device: opt.device, prefixCache: 0, ...(opt.threads ? { threads: +opt.threads } : {}) });
+  if (!model.config.plan.cyclicGroup) throw new Error(`${model.directory} has no cyclic layer group: its prompts are exact in one pass, nothing to batch`);
+  const V = model.config.vocabSize;
+  const tokens = Math.min(+opt.tokens, model.maxContext);
+  const counts = opt.prompts.split(",").map(Number);
+  const defaultMode = model.generationDefaults().prefill;
+  const prompt = (i) => Array.from({ length: tokens }, (_, j) => 2 + ((j * 37 + i * 101) % (V - 2)));
+
+  /** Prefills n prompts as `how` says; the wall time, tokens prefilled and how many went as batched rows. */
+  async function run(n, how) {
+    const seqs = Array.from({ length: n }, () => model.createSequence());
+    const prefilled = model.cacheStats().prefilledTokens;
+    const batched = model.schedulerStats().promptTokens;
+    const t0 = performance.now();
+    if (how === "batched") {
+      await Promise.all(seqs.map((s, i) => s.append(prompt(i), { prefill: "sequential" })));
+    } else {
+      for (let i = 0; i < n; i++) await seqs[i].append(prompt(i), { prefill: how });
+    }
+    const ms = performance.now() - t0;
+    for (const s of seqs) s.dispose();
+    return { ms, tokens: model.cacheStats().prefilledTokens - prefilled, batchedTokens: model.schedulerStats().promptTokens - batched };
+  }
+
+  const ways = ["batched", "sequential", ...(defaultMode === "sequential" ? [] : [defaultMode])];
+  const rows = [];
+  for (const n of counts) {
+    const row = { prompts: n };
+    for (const how of ways) {
+      await run(n, how);  // warm-up
+      const runs = [];
+      for (let r = 0; r < +opt.repeats; r++) runs.push(await run(n, how));
+      const ms = median(runs.map((x) => x.ms));
+      const best = Math.min(...runs.map((x) => x.ms));
+      row[how] = { tokPerS: (runs[0].tokens / ms) * 1e3, bestTokPerS: (runs[0].tokens / best) * 1e3, ms, tokens: runs[0].tokens, batchedTokens: runs[0].batchedTokens };
+    }
+    rows.push(row);
+    const cells = ways.map((h) => `${h} ${row[h].tokPerS.toFixed(0)} tok/s (best ${row[h].bestTokPerS.toFixed(0)})`).join(", ");
+    const ratio = (k) => (row.batched[k] / row.sequential[k]).toFixed(2);
+    console.error(`${n} x ${tokens} tokens: ${cells}; batched/sequential ${ratio("tokPerS")}x (best ${ratio("bestTokPerS")}x)`);
+  }
+  console.log(JSON.stringify({ device: model.device, model: model.directory, threads: opt.threads ?? "all", promptTokens: tokens, defaultMode, rows }));
+  await model.dispose();
+})().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});
