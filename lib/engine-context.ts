@@ -21,8 +21,11 @@ import type { Tokenizer } from "./tokenizer";
  * rather than in the device's default mode (latency mode). Each device's number must come from
  * measurement (scripts/bench/batched-prefill.js):
  * - cpu: the default mode is sequential, token by token either way, and a step of several rows
- *   reads the weights once for all of them: batched token steps win from two requests on (and
- *   a sequential prompt batches from one other request on, whatever the device).
+ *   reads each weight row once for all of them, their sums interleaved: batched token steps win
+ *   from two requests on. Measured with the default model, 200-token prompts, 2 threads (a
+ *   shared 2-core machine, 2026-12-06): 1.18x the prompt tokens/s of the same prompts one after
+ *   another for 2 prompts, 1.47-1.53x for 4 to 16. (A sequential prompt batches from one other
+ *   request on, whatever the device.)
  * - cuda: not measured yet. The default is fixed-point, a few passes of large products over a
  *   whole chunk, which a lone prompt runs far faster than token steps; batched token steps need
  *   enough rows per step to overtake it. 16 stands until the benchmark gives the crossover.

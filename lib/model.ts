@@ -210,7 +210,7 @@ export class Model implements AsyncDisposable {
     return this.nativeModel().auditPool();
   }
 
-  /** Decode steps run so far, tokens decoded, and the largest batch (continuous batching). */
+  /** Decode steps run so far, tokens decoded, prompt tokens run as batched rows, and the largest batch (continuous batching). */
   schedulerStats(): SchedulerStats {
     return { ...this.scheduler.stats };
   }

@@ -34,92 +34,115 @@ inline float bf16Value(uint16_t h) {
   return f;
 }
 
-// x[0, in) . w[0, in), w[k] given by wAt(k): four running sums in one fixed order, whatever the
-// batch (the reduction of every linear output).
-template <class WeightAt>
-inline float dot(const float* x, WeightAt wAt, int64_t in) {
-  float acc0 = 0, acc1 = 0, acc2 = 0, acc3 = 0;
+// Rows x[0..R) (each `in` long) . w[0, in), w[k] given by wAt(k), into out[0..R): each row's
+// four running sums in one fixed order, whatever the batch (the reduction of every linear
+// output). Rows share the weight reads, and their independent sums keep the adder busy where one
+// row's chain waits on each add; a row's result is the same whichever R it is computed in.
+template <int R, class WeightAt>
+inline void dotRows(const float* const* x, WeightAt wAt, int64_t in, float* out) {
+  float acc[R][4] = {};
   int64_t k = 0;
   for (; k + 4 <= in; k += 4) {
-    acc0 += x[k] * wAt(k);
-    acc1 += x[k + 1] * wAt(k + 1);
-    acc2 += x[k + 2] * wAt(k + 2);
-    acc3 += x[k + 3] * wAt(k + 3);
+    const float w0 = wAt(k), w1 = wAt(k + 1), w2 = wAt(k + 2), w3 = wAt(k + 3);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] += x[r][k] * w0;
+      acc[r][1] += x[r][k + 1] * w1;
+      acc[r][2] += x[r][k + 2] * w2;
+      acc[r][3] += x[r][k + 3] * w3;
+    }
   }
-  for (; k < in; ++k) acc0 += x[k] * wAt(k);
-  return (acc0 + acc1) + (acc2 + acc3);
+  for (; k < in; ++k) {
+    const float w = wAt(k);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[r][0] += x[r][k] * w;
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) out[r] = (acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]);
 }
 
-// The same four sums as dot() with SIMD lanes: lane q of `acc` holds sum q, and the tail after
-// the last whole four goes to sum 0. widen4 gives the f32 values of the four 16-bit weights in
-// the low 64 bits of a vector; the tail's weights are widened the same way, from a copy padded
-// with zeros (no call in the loop's function, so `acc` stays in a register).
-#define LCKV_DOT16_BODY(widen4)                                                                   \
-  __m128 acc = _mm_setzero_ps();                                                                  \
+// The same four sums as dotRows() with SIMD lanes: lane q of `acc[r]` holds row r's sum q, and
+// the tail after the last whole four goes to sum 0. widen4 gives the f32 values of the four
+// 16-bit weights in the low 64 bits of a vector; the tail's weights are widened the same way,
+// from a copy padded with zeros (no call in the loop's function, so the sums stay in registers).
+#define LCKV_DOT16_ROWS_BODY(widen4)                                                              \
+  __m128 acc[R];                                                                                  \
+  _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) acc[r] = _mm_setzero_ps();                  \
   int64_t k = 0;                                                                                  \
   for (; k + 8 <= in; k += 8) {                                                                   \
     const __m128i hv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h + k));                  \
-    acc = _mm_add_ps(acc, _mm_mul_ps(_mm_loadu_ps(x + k), widen4(hv)));                           \
-    acc = _mm_add_ps(acc, _mm_mul_ps(_mm_loadu_ps(x + k + 4), widen4(_mm_unpackhi_epi64(hv, hv)))); \
+    const __m128 lo = widen4(hv), hi = widen4(_mm_unpackhi_epi64(hv, hv));                        \
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) {                                         \
+      acc[r] = _mm_add_ps(acc[r], _mm_mul_ps(_mm_loadu_ps(x[r] + k), lo));                        \
+      acc[r] = _mm_add_ps(acc[r], _mm_mul_ps(_mm_loadu_ps(x[r] + k + 4), hi));                    \
+    }                                                                                             \
   }                                                                                               \
   if (k + 4 <= in) {                                                                              \
-    const __m128i hv = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(h + k));                  \
-    acc = _mm_add_ps(acc, _mm_mul_ps(_mm_loadu_ps(x + k), widen4(hv)));                           \
+    const __m128 lo = widen4(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(h + k)));           \
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                           \
+      acc[r] = _mm_add_ps(acc[r], _mm_mul_ps(_mm_loadu_ps(x[r] + k), lo));                        \
     k += 4;                                                                                       \
   }                                                                                               \
   uint16_t rest[4] = {0, 0, 0, 0};                                                                \
   for (int64_t i = 0; k + i < in; ++i) rest[i] = h[k + i];                                        \
-  float sums[4], tail[4];                                                                         \
-  _mm_storeu_ps(sums, acc);                                                                       \
+  float tail[4];                                                                                  \
   _mm_storeu_ps(tail, widen4(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rest))));           \
-  float acc0 = sums[0];                                                                           \
-  for (int64_t i = 0; k < in; ++k, ++i) acc0 += x[k] * tail[i];                                   \
-  return (acc0 + sums[1]) + (sums[2] + sums[3]);
+  for (int r = 0; r < R; ++r) {                                                                   \
+    float sums[4];                                                                                \
+    _mm_storeu_ps(sums, acc[r]);                                                                  \
+    float acc0 = sums[0];                                                                         \
+    for (int64_t i = 0; k + i < in; ++i) acc0 += x[r][k + i] * tail[i];                           \
+    out[r] = (acc0 + sums[1]) + (sums[2] + sums[3]);                                              \
+  }
 
 #if defined(__SSE2__)
 // Interleaving zeros below four bf16 values gives their f32 bits.
 inline __m128 widenBf16x4(__m128i hv) { return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), hv)); }
 #endif
 
-// dot() of x and a bf16 row h, each weight widened as it is read (linear's hot path): with SSE2,
-// one instruction widens four, which a plain loop does not get from the compiler.
-inline float dotBf16(const float* x, const uint16_t* h, int64_t in) {
+// dotRows() of rows x and a bf16 row h, each weight widened as it is read (linear's hot path):
+// with SSE2, one instruction widens four, which a plain loop does not get from the compiler.
+template <int R>
+inline void dotBf16Rows(const float* const* x, const uint16_t* h, int64_t in, float* out) {
 #if defined(__SSE2__)
-  LCKV_DOT16_BODY(widenBf16x4)
+  LCKV_DOT16_ROWS_BODY(widenBf16x4)
 #else
-  return dot(x, [h](int64_t k) { return bf16Value(h[k]); }, in);
+  dotRows<R>(x, [h](int64_t k) { return bf16Value(h[k]); }, in, out);
 #endif
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LCKV_F16C 1
-// dotF16 with the F16C conversion (x86 since 2012), exact, subnormal values included, whatever
-// the FPU's flush modes (it ignores MXCSR.DAZ).
-__attribute__((target("f16c"))) inline float dotF16C(const float* x, const uint16_t* h, int64_t in) {
-  LCKV_DOT16_BODY(_mm_cvtph_ps)
+// dotF16Rows with the F16C conversion (x86 since 2012), exact, subnormal values included,
+// whatever the FPU's flush modes (it ignores MXCSR.DAZ).
+template <int R>
+__attribute__((target("f16c"))) inline void dotF16CRows(const float* const* x, const uint16_t* h, int64_t in, float* out) {
+  LCKV_DOT16_ROWS_BODY(_mm_cvtph_ps)
 }
 #endif
-#undef LCKV_DOT16_BODY
+#undef LCKV_DOT16_ROWS_BODY
 
-// dot() of x and an f16 row h, each weight widened as it is read: by F16C where the CPU has it,
-// else through the table.
-inline float dotF16(const float* x, const uint16_t* h, int64_t in) {
+// dotRows() of rows x and an f16 row h, each weight widened as it is read: by F16C where the CPU
+// has it, else through the table.
+template <int R>
+inline void dotF16Rows(const float* const* x, const uint16_t* h, int64_t in, float* out) {
 #ifdef LCKV_F16C
   static const bool f16c = __builtin_cpu_supports("f16c");
-  if (f16c) return dotF16C(x, h, in);
+  if (f16c) return dotF16CRows<R>(x, h, in, out);
 #endif
   const float* table = f16Table();
-  return dot(x, [h, table](int64_t k) { return table[h[k]]; }, in);
+  dotRows<R>(x, [h, table](int64_t k) { return table[h[k]]; }, in, out);
 }
 
-// x[0, in) . row j of weight w [rows, in], in whatever dtype w is kept: dot()'s order.
-inline float dotRow(const float* x, const Tensor& w, int64_t j) {
+// Rows x[0..R) . row j of weight w [rows, in], in whatever dtype w is kept: dotRows()'s order.
+template <int R>
+inline void dotRowsOf(const float* const* x, const Tensor& w, int64_t j, float* out) {
   const int64_t in = w.cols;
   const uint16_t* h = static_cast<const uint16_t*>(w.data) + j * in;
-  if (w.dtype == DType::BF16) return dotBf16(x, h, in);
-  if (w.dtype == DType::F16) return dotF16(x, h, in);
+  if (w.dtype == DType::BF16) return dotBf16Rows<R>(x, h, in, out);
+  if (w.dtype == DType::F16) return dotF16Rows<R>(x, h, in, out);
   const float* wj = static_cast<const float*>(w.data) + j * in;
-  return dot(x, [wj](int64_t k) { return wj[k]; }, in);
+  dotRows<R>(x, [wj](int64_t k) { return wj[k]; }, in, out);
 }
 
 // Values [start, start + n) of weight t (row-major) as f32: a pointer into t when it is f32, else
