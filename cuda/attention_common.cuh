@@ -27,6 +27,26 @@ __device__ __forceinline__ Range visible(int p, bool strict, int window) {
   return {window > 0 ? max(0, p - window + 1) : 0, strict ? p - 1 : p};
 }
 
+// A decode block's chunk of its row's visible keys (the row at position p): split `split` of
+// `splits`, `keys` keys from `first` on. Cut on the device from the row's position rather than
+// by the host, so a launch replayed from a CUDA graph at later positions still covers every key
+// (the number of splits is fixed; a split past the end gets no keys and writes an empty partial).
+struct DecodeChunk {
+  int first, keys;
+};
+__device__ __forceinline__ DecodeChunk decodeChunk(int p, bool strict, int window, int split, int splits) {
+  const Range all = visible(p, strict, window);
+  const int count = max(0, all.last - all.first + 1);
+  const int chunk = (count + splits - 1) / splits;
+  return {all.first + split * chunk, max(0, min(count - split * chunk, chunk))};
+}
+// Of the chunk's first tile (firstTileKeys keys), those that no kernel of this step writes: a
+// step's n rows write K/V only at their own positions, which for this row's sequence are
+// p - (n - 1) or later. They may load before the wait for the preceding kernel.
+__device__ __forceinline__ int decodeEarlyKeys(int p, int n, int first, int firstTileKeys) {
+  return min(firstTileKeys, max(0, p - n + 1 - first));
+}
+
 // ---- the paged K/V pool (PagedKv, kernels.h) ---------------------------------------------------
 // The pages hold per slot [K codes | V codes][pageTokens][rowBytes], then the scales: within a
 // page, keys are contiguous. Key j's K codes of K/V head kvh are at byte kvHeadBase(kv, 0 for K

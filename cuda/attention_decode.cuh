@@ -173,15 +173,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
   const uint8_t* kBase = kvHeadBase(kv, 0, kvh, headBytes);
   const uint8_t* vBase = kvHeadBase(kv, 1, kvh, headBytes);
 
-  // This block's chunk of the row's visible keys, cut here from the row's position rather than
-  // by the host: a launch replayed from a CUDA graph at later positions still covers every key
-  // (the number of splits is fixed; a split past the end writes an empty partial).
+  // This block's chunk of the row's visible keys (decodeChunk).
   const int p = positions[r];
-  const Range all = visible(p, strict, window);
-  const int count = max(0, all.last - all.first + 1);
-  const int chunk = (count + splits - 1) / splits;
-  const int first = all.first + split * chunk;
-  const int keys = max(0, min(count - split * chunk, chunk));
+  const DecodeChunk keyChunk = decodeChunk(p, strict, window, split, splits);
+  const int first = keyChunk.first, keys = keyChunk.keys;
   const int numTiles = (keys + kDecodeKeys - 1) / kDecodeKeys;
 
   // Everything above, and the keys of the first tile that no kernel of this step writes, come
@@ -191,7 +186,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
   // context's block streams a single tile, so at batch 1 the wait is followed by the queries
   // and the arithmetic alone.
   const int firstTileKeys = min(kDecodeKeys, keys);
-  const int earlyKeys = min(firstTileKeys, max(0, p - (int)gridDim.x + 1 - first));
+  const int earlyKeys = decodeEarlyKeys(p, (int)gridDim.x, first, firstTileKeys);
   if (earlyKeys > 0)
     loadDecodeTile<T>(kArrive, vArrive, scaleArrive, kBase, vBase, table, kv, kvh, first, 0, earlyKeys, headBytes,
                       arriveStride, vec16);

@@ -375,19 +375,16 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
   const uint8_t* kBase = kvHeadBase(kv, 0, kvh, headBytes);
   const uint8_t* vBase = kvHeadBase(kv, 1, kvh, headBytes);
 
-  // This block's chunk of the row's visible keys (cut on the device: see attention_decode.cuh).
+  // This block's chunk of the row's visible keys (decodeChunk).
   const int p = positions[r];
-  const Range all = visible(p, strict, window);
-  const int count = max(0, all.last - all.first + 1);
-  const int chunk = (count + splits - 1) / splits;
-  const int first = all.first + split * chunk;
-  const int keys = max(0, min(count - split * chunk, chunk));
+  const DecodeChunk keyChunk = decodeChunk(p, strict, window, split, splits);
+  const int first = keyChunk.first, keys = keyChunk.keys;
   const int numTiles = (keys + kMmaTileKeys - 1) / kMmaTileKeys;
 
   // The first tile's keys that no kernel of this step writes load before the wait (as in the
   // CUDA-core kernel), the rest after it.
   const int firstTileKeys = min(kMmaTileKeys, keys);
-  const int earlyKeys = min(firstTileKeys, max(0, p - (int)gridDim.x + 1 - first));
+  const int earlyKeys = decodeEarlyKeys(p, (int)gridDim.x, first, firstTileKeys);
   if (numTiles > 0 && earlyKeys > 0)
     loadMmaTile<T, kDim>(smem, kBase, vBase, table, kv, kvh, first, 0, earlyKeys, earlyKeys);
   waitForPrecedingKernels();
