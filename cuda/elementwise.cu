@@ -1,5 +1,6 @@
 // Embedding lookup, residual add, activations, dtype conversion and bias: one pass each over
 // memory, grid-stride loops.
+#include <type_traits>
 #include "common.cuh"
 #include "kernels.h"
 
@@ -33,6 +34,32 @@ __global__ void swigluKernel(const float* gate, const float* up, int64_t count, 
     const float g = gate[i];
     out[i] = (g / (1.0f + expf(-g))) * up[i];
   }
+}
+
+// silu(g) * u exactly as swigluKernel computes it, so that the large-batch path's fused bias,
+// activation and bf16 output change no f32 result.
+template <typename W, typename O>
+__global__ void swigluRowsKernel(const float* gate, const float* up, int64_t stride, int n, int I, const W* gateBias,
+                                 const W* upBias, O* out) {
+  waitForPrecedingKernels();
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (int64_t)n * I; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = i / I;
+    const int c = (int)(i - r * I);
+    float g = gate[r * stride + c], u = up[r * stride + c];
+    if (gateBias) g += toFloat(gateBias[c]);
+    if (upBias) u += toFloat(upBias[c]);
+    const float y = (g / (1.0f + expf(-g))) * u;
+    if constexpr (std::is_same_v<O, float>) out[i] = y;
+    else out[i] = __float2bfloat16(y);
+  }
+}
+
+template <typename W>
+void launchSwigluRowsTyped(const float* gate, const float* up, int64_t stride, int n, int I, const W* gateBias,
+                           const W* upBias, void* out, bool outBf16, cudaStream_t stream) {
+  const int g = blocksFor((int64_t)n * I);
+  if (outBf16) launchKernel(swigluRowsKernel<W, __nv_bfloat16>, g, kThreads, 0, stream, gate, up, stride, n, I, gateBias, upBias, (__nv_bfloat16*)out);
+  else launchKernel(swigluRowsKernel<W, float>, g, kThreads, 0, stream, gate, up, stride, n, I, gateBias, upBias, (float*)out);
 }
 
 __global__ void geluTanhKernel(float* x, int64_t count) {
@@ -122,6 +149,20 @@ void launchSwiglu(const float* gate, const float* up, int64_t count, float* out,
   if (count <= 0) return;
   launchKernel(swigluKernel, blocksFor(count), kThreads, 0, stream, gate, up, count, out);
   LCKV_LAUNCH_CHECK("swiglu");
+}
+
+void launchSwigluRows(const float* gate, const float* up, int64_t stride, int n, int I, const void* gateBias,
+                      const void* upBias, int wtype, void* out, bool outBf16, cudaStream_t stream) {
+  NvtxRange r("swiglu_rows");
+  if (I <= 0 || stride < I) throw std::invalid_argument("swiglu_rows: a row's stride is shorter than its columns");
+  if (n <= 0) return;
+  switch ((WeightType)wtype) {
+    case WeightType::F32: launchSwigluRowsTyped(gate, up, stride, n, I, (const float*)gateBias, (const float*)upBias, out, outBf16, stream); break;
+    case WeightType::BF16: launchSwigluRowsTyped(gate, up, stride, n, I, (const __nv_bfloat16*)gateBias, (const __nv_bfloat16*)upBias, out, outBf16, stream); break;
+    case WeightType::F16: launchSwigluRowsTyped(gate, up, stride, n, I, (const __half*)gateBias, (const __half*)upBias, out, outBf16, stream); break;
+    default: throw std::invalid_argument("swiglu_rows: unknown bias type");
+  }
+  LCKV_LAUNCH_CHECK("swiglu_rows");
 }
 
 void launchGeluTanh(float* x, int64_t count, cudaStream_t stream) {

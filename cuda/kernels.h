@@ -40,13 +40,14 @@ bool programmaticLaunchSupported();
 void launchEmbed(const int32_t* tokens, const int32_t* positions, int n, const void* table, const void* posTable,
                  int wtype, int E, float* out, cudaStream_t stream);
 
-// RMSNorm (bias == nullptr, rms = true) or LayerNorm over rows of x[n, E].
+// RMSNorm (bias == nullptr, rms = true) or LayerNorm over rows of x[n, E]. out is f32, or bf16
+// with outBf16 (an output that only feeds cuBLASLt, which reads bf16).
 void launchNorm(bool rms, const float* x, int n, int E, const void* weight, const void* bias, int wtype, float eps,
-                float* out, cudaStream_t stream);
+                void* out, bool outBf16, cudaStream_t stream);
 
 // x += delta, then out = norm(x): the residual add fused into the norm's pass over the row.
 void launchAddNorm(bool rms, float* x, const float* delta, int n, int E, const void* weight, const void* bias, int wtype,
-                   float eps, float* out, cudaStream_t stream);
+                   float eps, void* out, bool outBf16, cudaStream_t stream);
 
 // One matrix of a GEMV launch: out[n, features] = x[n, I] @ weight[features, I]^T (+ bias).
 constexpr int kGemvMaxTargets = 3;
@@ -82,6 +83,12 @@ void launchSplitColumns(const float* src, int n, int cols, const SplitColumnsTar
 void launchAdd(float* x, const float* y, int64_t count, cudaStream_t stream);
 // out = silu(gate) * up over count elements (out may alias gate).
 void launchSwiglu(const float* gate, const float* up, int64_t count, float* out, cudaStream_t stream);
+// The SwiGLU of the large-batch path's products: out[r, c] = silu(gate[r, c] + gateBias[c]) *
+// (up[r, c] + upBias[c]) for n rows of I columns, where row r of gate and of up starts at r *
+// stride (the two halves of one packed product, stride 2I, or two products, stride I). Biases
+// (wtype) may be null; out[n, I] is f32, or bf16 with outBf16 (the input of the down product).
+void launchSwigluRows(const float* gate, const float* up, int64_t stride, int n, int I, const void* gateBias,
+                      const void* upBias, int wtype, void* out, bool outBf16, cudaStream_t stream);
 // x = gelu_tanh(x).
 void launchGeluTanh(float* x, int64_t count, cudaStream_t stream);
 

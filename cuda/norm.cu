@@ -9,6 +9,7 @@
 // multi-pass loop over global memory instead.
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "common.cuh"
 #include "kernels.h"
@@ -44,6 +45,26 @@ __device__ __forceinline__ void storeFloats(float* p, const float (&v)[kWidth]) 
     *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
   } else {
     *p = v[0];
+  }
+}
+
+// kWidth consecutive outputs: f32 as storeFloats, bf16 rounded to nearest (what the cuBLASLt
+// path's own conversion of an f32 row gives, so a norm that writes bf16 for a matrix product
+// changes no result).
+template <int kWidth>
+__device__ __forceinline__ void storeOut(float* p, const float (&v)[kWidth]) {
+  storeFloats<kWidth>(p, v);
+}
+template <int kWidth>
+__device__ __forceinline__ void storeOut(__nv_bfloat16* p, const float (&v)[kWidth]) {
+  if constexpr (kWidth == 4) {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(v[0], v[1]), hi = __floats2bfloat162_rn(v[2], v[3]);
+    uint2 q;
+    memcpy(&q.x, &lo, sizeof lo);
+    memcpy(&q.y, &hi, sizeof hi);
+    *reinterpret_cast<uint2*>(p) = q;
+  } else {
+    *p = __float2bfloat16(v[0]);
   }
 }
 
@@ -88,16 +109,16 @@ __device__ __forceinline__ float blockSumToAll(float v, float* partials) {
 // of the row (a vector is kWidth consecutive floats; kWidth is 4 when E % 4 == 0 and every
 // pointer is aligned for it). With delta != nullptr, first x += delta (the residual add).
 // blockDim.x is a multiple of 32 and blockDim.x * kVectors * kWidth >= E.
-template <typename W, bool kRms, int kWidth, int kVectors>
+template <typename W, typename O, bool kRms, int kWidth, int kVectors>
 __global__ void __launch_bounds__(kMaxRowThreads)
-    normRowInRegisters(float* x, const float* delta, int E, const W* weight, const W* bias, float eps, float* out) {
+    normRowInRegisters(float* x, const float* delta, int E, const W* weight, const W* bias, float eps, O* out) {
   waitForPrecedingKernels();
   constexpr bool kPrefetch = kVectors * kWidth <= kMaxPrefetchFloats;
   __shared__ float meanPartials[kMaxRowThreads / 32];
   __shared__ float sqPartials[kMaxRowThreads / 32];
   const int64_t rowStart = (int64_t)blockIdx.x * E;
   float* xr = x + rowStart;
-  float* o = out + rowStart;
+  O* o = out + rowStart;
   const int vectors = E / kWidth;
   auto owns = [&](int k) { return (int)threadIdx.x + k * (int)blockDim.x < vectors; };
   auto at = [&](int k) { return ((int)threadIdx.x + k * (int)blockDim.x) * kWidth; };
@@ -188,7 +209,7 @@ __global__ void __launch_bounds__(kMaxRowThreads)
       r[i] = (v[k][i] - mean) * inv * wk[i];
       if (bias) r[i] += bk[i];
     }
-    storeFloats<kWidth>(o + at(k), r);
+    storeOut<kWidth>(o + at(k), r);
   }
 }
 
@@ -207,13 +228,13 @@ __device__ float blockSum(float v, float* shared) {
 }
 
 // Rows too long for registers: the same arithmetic, walking the row in global memory.
-template <typename W>
+template <typename W, typename O>
 __global__ void normRowLoop(bool rms, float* x, const float* delta, int E, const W* weight, const W* bias, float eps,
-                            float* out) {
+                            O* out) {
   waitForPrecedingKernels();
   __shared__ float shared[32];
   float* xr = x + (int64_t)blockIdx.x * E;
-  float* o = out + (int64_t)blockIdx.x * E;
+  O* o = out + (int64_t)blockIdx.x * E;
   if (delta) {
     const float* dr = delta + (int64_t)blockIdx.x * E;
     for (int j = threadIdx.x; j < E; j += blockDim.x) xr[j] += dr[j];
@@ -234,7 +255,8 @@ __global__ void normRowLoop(bool rms, float* x, const float* delta, int E, const
   for (int j = threadIdx.x; j < E; j += blockDim.x) {
     float v = (xr[j] - mean) * inv * toFloat(weight[j]);
     if (bias) v += toFloat(bias[j]);
-    o[j] = v;
+    if constexpr (std::is_same_v<O, float>) o[j] = v;
+    else o[j] = __float2bfloat16(v);
   }
 }
 
@@ -255,38 +277,38 @@ RowSplit splitRow(int vectors) {
   return {0, 0};
 }
 
-template <typename W, bool kRms, int kWidth>
+template <typename W, typename O, bool kRms, int kWidth>
 void launchRowsInRegisters(RowSplit split, int n, float* x, const float* delta, int E, const W* weight, const W* bias,
-                           float eps, float* out, cudaStream_t stream) {
+                           float eps, O* out, cudaStream_t stream) {
   switch (split.vectorsPerThread) {
-    case 1: launchKernel(normRowInRegisters<W, kRms, kWidth, 1>, n, split.threads, 0, stream, x, delta, E, weight, bias, eps, out); break;
-    case 2: launchKernel(normRowInRegisters<W, kRms, kWidth, 2>, n, split.threads, 0, stream, x, delta, E, weight, bias, eps, out); break;
-    case 4: launchKernel(normRowInRegisters<W, kRms, kWidth, 4>, n, split.threads, 0, stream, x, delta, E, weight, bias, eps, out); break;
-    case 8: launchKernel(normRowInRegisters<W, kRms, kWidth, 8>, n, split.threads, 0, stream, x, delta, E, weight, bias, eps, out); break;
+    case 1: launchKernel(normRowInRegisters<W, O, kRms, kWidth, 1>, n, split.threads, 0, stream, x, delta, E, weight, bias, eps, out); break;
+    case 2: launchKernel(normRowInRegisters<W, O, kRms, kWidth, 2>, n, split.threads, 0, stream, x, delta, E, weight, bias, eps, out); break;
+    case 4: launchKernel(normRowInRegisters<W, O, kRms, kWidth, 4>, n, split.threads, 0, stream, x, delta, E, weight, bias, eps, out); break;
+    case 8: launchKernel(normRowInRegisters<W, O, kRms, kWidth, 8>, n, split.threads, 0, stream, x, delta, E, weight, bias, eps, out); break;
     default: throw std::logic_error("norm: no kernel for this row split");
   }
 }
 
-template <typename W>
+template <typename W, typename O>
 void launchTyped(bool rms, float* x, const float* delta, int n, int E, const W* weight, const W* bias, float eps,
-                 float* out, cudaStream_t stream) {
-  const bool vec4 = E % 4 == 0 && alignedTo(x, 16) && alignedTo(delta, 16) && alignedTo(out, 16) &&
+                 O* out, cudaStream_t stream) {
+  const bool vec4 = E % 4 == 0 && alignedTo(x, 16) && alignedTo(delta, 16) && alignedTo(out, 4 * sizeof(O)) &&
                     alignedTo(weight, 4 * sizeof(W)) && alignedTo(bias, 4 * sizeof(W));
   const RowSplit split = splitRow(vec4 ? E / 4 : E);
   if (split.vectorsPerThread == 0) {
-    launchKernel(normRowLoop<W>, n, kLoopThreads, 0, stream, rms, x, delta, E, weight, bias, eps, out);
+    launchKernel(normRowLoop<W, O>, n, kLoopThreads, 0, stream, rms, x, delta, E, weight, bias, eps, out);
   } else if (vec4) {
-    if (rms) launchRowsInRegisters<W, true, 4>(split, n, x, delta, E, weight, bias, eps, out, stream);
-    else launchRowsInRegisters<W, false, 4>(split, n, x, delta, E, weight, bias, eps, out, stream);
+    if (rms) launchRowsInRegisters<W, O, true, 4>(split, n, x, delta, E, weight, bias, eps, out, stream);
+    else launchRowsInRegisters<W, O, false, 4>(split, n, x, delta, E, weight, bias, eps, out, stream);
   } else {
-    if (rms) launchRowsInRegisters<W, true, 1>(split, n, x, delta, E, weight, bias, eps, out, stream);
-    else launchRowsInRegisters<W, false, 1>(split, n, x, delta, E, weight, bias, eps, out, stream);
+    if (rms) launchRowsInRegisters<W, O, true, 1>(split, n, x, delta, E, weight, bias, eps, out, stream);
+    else launchRowsInRegisters<W, O, false, 1>(split, n, x, delta, E, weight, bias, eps, out, stream);
   }
 }
 
-void launchNormImpl(bool rms, float* x, const float* delta, int n, int E, const void* weight, const void* bias,
-                    int wtype, float eps, float* out, cudaStream_t stream) {
-  if (n <= 0 || E <= 0) throw std::invalid_argument("norm: empty shape");
+template <typename O>
+void launchWithWeights(bool rms, float* x, const float* delta, int n, int E, const void* weight, const void* bias,
+                       int wtype, float eps, O* out, cudaStream_t stream) {
   switch ((WeightType)wtype) {
     case WeightType::F32:
       launchTyped(rms, x, delta, n, E, (const float*)weight, (const float*)bias, eps, out, stream);
@@ -299,21 +321,28 @@ void launchNormImpl(bool rms, float* x, const float* delta, int n, int E, const 
       break;
     default: throw std::invalid_argument("norm: unknown weight type");
   }
+}
+
+void launchNormImpl(bool rms, float* x, const float* delta, int n, int E, const void* weight, const void* bias,
+                    int wtype, float eps, void* out, bool outBf16, cudaStream_t stream) {
+  if (n <= 0 || E <= 0) throw std::invalid_argument("norm: empty shape");
+  if (outBf16) launchWithWeights(rms, x, delta, n, E, weight, bias, wtype, eps, (__nv_bfloat16*)out, stream);
+  else launchWithWeights(rms, x, delta, n, E, weight, bias, wtype, eps, (float*)out, stream);
   LCKV_LAUNCH_CHECK("norm");
 }
 
 }  // namespace
 
 void launchNorm(bool rms, const float* x, int n, int E, const void* weight, const void* bias, int wtype, float eps,
-                float* out, cudaStream_t stream) {
+                void* out, bool outBf16, cudaStream_t stream) {
   NvtxRange r(rms ? "rms_norm" : "layer_norm");
-  launchNormImpl(rms, const_cast<float*>(x), nullptr, n, E, weight, bias, wtype, eps, out, stream);
+  launchNormImpl(rms, const_cast<float*>(x), nullptr, n, E, weight, bias, wtype, eps, out, outBf16, stream);
 }
 
 void launchAddNorm(bool rms, float* x, const float* delta, int n, int E, const void* weight, const void* bias, int wtype,
-                   float eps, float* out, cudaStream_t stream) {
+                   float eps, void* out, bool outBf16, cudaStream_t stream) {
   NvtxRange r(rms ? "add_rms_norm" : "add_layer_norm");
-  launchNormImpl(rms, x, delta, n, E, weight, bias, wtype, eps, out, stream);
+  launchNormImpl(rms, x, delta, n, E, weight, bias, wtype, eps, out, outBf16, stream);
 }
 
 }  // namespace lckv::cuda

@@ -106,16 +106,34 @@ Tensor CudaBackend::upload(const float* host, int64_t rows, int64_t cols) {
 void CudaBackend::download(const Tensor& t, int64_t rowStart, int64_t rowCount, float* host) {
   ctx();
   Timed timed(*this, "download_logits");
-  cudaOk(cudaMemcpyAsync(host, (const float*)t.data + rowStart * t.cols, sizeof(float) * (size_t)(rowCount * t.cols),
-                         cudaMemcpyDeviceToHost, stream_),
+  const size_t count = (size_t)(rowCount * t.cols);
+  if (t.dtype == DType::BF16) {
+    std::vector<uint16_t> raw(count);
+    cudaOk(cudaMemcpyAsync(raw.data(), (const uint16_t*)t.data + rowStart * t.cols, 2 * count, cudaMemcpyDeviceToHost, stream_),
+           "download");
+    cudaOk(cudaStreamSynchronize(stream_), "download sync");
+    for (size_t i = 0; i < count; ++i) host[i] = bf16ToF32(raw[i]);
+    return;
+  }
+  if (t.dtype != DType::F32) throw EngineError(kErrInvalidArgument, "download: an activation is f32 or bf16");
+  cudaOk(cudaMemcpyAsync(host, (const float*)t.data + rowStart * t.cols, sizeof(float) * count, cudaMemcpyDeviceToHost, stream_),
          "download");
   cudaOk(cudaStreamSynchronize(stream_), "download sync");
 }
 
 void CudaBackend::writeRows(Tensor& t, int64_t rowStart, int64_t rowCount, const float* host) {
   ctx();
-  cudaOk(cudaMemcpyAsync((float*)t.data + rowStart * t.cols, host, sizeof(float) * (size_t)(rowCount * t.cols),
-                         cudaMemcpyHostToDevice, stream_),
+  const size_t count = (size_t)(rowCount * t.cols);
+  if (t.dtype == DType::BF16) {
+    std::vector<uint16_t> raw(count);
+    for (size_t i = 0; i < count; ++i) raw[i] = f32ToBf16(host[i]);
+    cudaOk(cudaMemcpyAsync((uint16_t*)t.data + rowStart * t.cols, raw.data(), 2 * count, cudaMemcpyHostToDevice, stream_),
+           "writeRows");
+    cudaOk(cudaStreamSynchronize(stream_), "writeRows sync");
+    return;
+  }
+  if (t.dtype != DType::F32) throw EngineError(kErrInvalidArgument, "writeRows: an activation is f32 or bf16");
+  cudaOk(cudaMemcpyAsync((float*)t.data + rowStart * t.cols, host, sizeof(float) * count, cudaMemcpyHostToDevice, stream_),
          "writeRows");
   cudaOk(cudaStreamSynchronize(stream_), "writeRows sync");
 }
@@ -138,7 +156,7 @@ void CudaBackend::norm(NormKind kind, const Tensor& x, int n, const Tensor& weig
   ctx();
   Timed timed(*this, "norm");
   cuda::launchNorm(kind == NormKind::Rms, (const float*)x.data, n, (int)x.cols, weight.data, bias ? bias->data : nullptr,
-                   weightType(weight.dtype), eps, (float*)out.data, stream_);
+                   weightType(weight.dtype), eps, out.data, out.dtype == DType::BF16, stream_);
 }
 
 void CudaBackend::addNorm(NormKind kind, Tensor& h, const Tensor& delta, int n, const Tensor& weight, const Tensor* bias,
@@ -146,7 +164,7 @@ void CudaBackend::addNorm(NormKind kind, Tensor& h, const Tensor& delta, int n, 
   ctx();
   Timed timed(*this, "add_norm");
   cuda::launchAddNorm(kind == NormKind::Rms, (float*)h.data, (const float*)delta.data, n, (int)h.cols, weight.data,
-                      bias ? bias->data : nullptr, weightType(weight.dtype), eps, (float*)out.data, stream_);
+                      bias ? bias->data : nullptr, weightType(weight.dtype), eps, out.data, out.dtype == DType::BF16, stream_);
 }
 
 void CudaBackend::linear(const Tensor& x, int n, const Tensor& w, const Tensor* bias, Tensor& out) {
@@ -169,6 +187,8 @@ void CudaBackend::linears(const Tensor& x, int n, const LinearTarget* targets, i
       throw EngineError(kErrInvalidArgument, "linear: shape mismatch");
   const int I = (int)x.cols;
   if (useGemv(n, targets, count)) {
+    if (x.dtype != DType::F32)
+      throw EngineError(kErrInvalidArgument, "linear: a bf16 input needs the cuBLASLt path (linearInputType)");
     Timed timed(*this, "gemv");
     cuda::GemvTarget g[cuda::kGemvMaxTargets];
     for (int i = 0; i < count; ++i)
@@ -179,8 +199,7 @@ void CudaBackend::linears(const Tensor& x, int n, const LinearTarget* targets, i
   }
   // cuBLASLt: out^T[O, n] = W[O, I] . x^T[I, n] in column-major terms; x converted once.
   Timed timed(*this, "gemm_cublaslt");
-  void* xb = scratchBf16((size_t)n * I);
-  cuda::launchToBf16((const float*)x.data, (int64_t)n * I, xb, stream_);
+  const void* xb = bf16Input(x, n);
   // Weights packed back to back (packWeights) run as one product, whose output is then split
   // into the targets: at decode batches a small GEMM costs about as much as a large one.
   bool packed = count > 1;
@@ -208,14 +227,38 @@ void CudaBackend::linears(const Tensor& x, int n, const LinearTarget* targets, i
 
 void CudaBackend::linearSwiglu(const Tensor& x, int n, const Tensor& gate, const Tensor* gateB, const Tensor& up,
                                const Tensor* upB, Tensor& upScratch, Tensor& out) {
-  const LinearTarget t[2] = {{&gate, gateB, &out}, {&up, upB, &upScratch}};
-  if (!useGemv(n, t, 2) || gate.rows != up.rows) return Backend::linearSwiglu(x, n, gate, gateB, up, upB, upScratch, out);
+  (void)upScratch;  // neither path stores the up product where the caller can see it
   ctx();
-  if (x.cols != gate.cols || x.cols != up.cols || out.cols != gate.rows)
+  if (x.cols != gate.cols || x.cols != up.cols || gate.rows != up.rows || out.cols != gate.rows || gate.dtype != up.dtype)
     throw EngineError(kErrInvalidArgument, "linearSwiglu: shape mismatch");
-  Timed timed(*this, "gemv_swiglu");
-  cuda::launchGemvSwiglu((const float*)x.data, n, (int)x.cols, {gate.data, gateB ? gateB->data : nullptr, (int)gate.rows, (float*)out.data},
-                         {up.data, upB ? upB->data : nullptr, (int)up.rows, nullptr}, weightType(gate.dtype), stream_);
+  const int I = (int)gate.rows;
+  const LinearTarget t[2] = {{&gate, gateB, &out}, {&up, upB, &upScratch}};
+  if (useGemv(n, t, 2)) {
+    if (x.dtype != DType::F32 || out.dtype != DType::F32)
+      throw EngineError(kErrInvalidArgument, "linearSwiglu: a bf16 input or output needs the cuBLASLt path (linearInputType)");
+    Timed timed(*this, "gemv_swiglu");
+    cuda::launchGemvSwiglu((const float*)x.data, n, (int)x.cols, {gate.data, gateB ? gateB->data : nullptr, I, (float*)out.data},
+                           {up.data, upB ? upB->data : nullptr, I, nullptr}, weightType(gate.dtype), stream_);
+    return;
+  }
+  // cuBLASLt: gate and up packed back to back (packWeights) run as one product of height 2I, whose
+  // rows hold the gate half then the up half; apart, as two products. One pass then adds the
+  // biases, applies the activation and writes out in its dtype (bf16 for the down product).
+  Timed timed(*this, "gemm_swiglu");
+  const void* xb = bf16Input(x, n);
+  float* products = scratchF32((size_t)n * 2 * I);
+  const bool packed = up.data == (const char*)gate.data + gate.numel() * dtypeSize(gate.dtype);
+  if (packed) {
+    cublasLt_.matmulBf16(gate.data, xb, products, 2 * I, n, (int)x.cols, stream_);
+  } else {
+    cublasLt_.matmulBf16(gate.data, xb, products, I, n, (int)x.cols, stream_);
+    cublasLt_.matmulBf16(up.data, xb, products + (size_t)n * I, I, n, (int)x.cols, stream_);
+  }
+  if (gateB && upB && gateB->dtype != upB->dtype) throw EngineError(kErrInvalidArgument, "linearSwiglu: bias dtypes differ");
+  const Tensor* anyBias = gateB ? gateB : upB;
+  cuda::launchSwigluRows(products, packed ? products + I : products + (size_t)n * I, packed ? 2 * I : I, n, I,
+                         gateB ? gateB->data : nullptr, upB ? upB->data : nullptr,
+                         weightType(anyBias ? anyBias->dtype : DType::F32), out.data, out.dtype == DType::BF16, stream_);
 }
 
 void CudaBackend::addInPlace(Tensor& x, const Tensor& y, int n) {
@@ -426,6 +469,19 @@ void* CudaBackend::scratch(std::shared_ptr<void>& buf, size_t& capBytes, size_t 
     capBytes = bytes;
   }
   return buf.get();
+}
+
+const void* CudaBackend::bf16Input(const Tensor& x, int n) {
+  if (x.dtype == DType::BF16) return x.data;
+  if (x.dtype != DType::F32) throw EngineError(kErrInvalidArgument, "linear: an input is f32 or bf16");
+  void* xb = scratchBf16((size_t)n * x.cols);
+  cuda::launchToBf16((const float*)x.data, (int64_t)n * x.cols, xb, stream_);
+  return xb;
+}
+
+DType CudaBackend::linearInputType(int n) const {
+  // Every matrix of a model is kept in weights_ (uploadWeight), so useGemv decides by n alone.
+  return weights_ == DType::BF16 && n > kGemvMaxRows ? DType::BF16 : DType::F32;
 }
 
 void* CudaBackend::scratchBf16(size_t count) { return scratch(bf16Scratch_, bf16Cap_, count * 2); }

@@ -32,6 +32,7 @@ class CudaBackend : public Backend {
   void popRange() override;
 
   Tensor alloc(int64_t rows, int64_t cols) override;
+  DType linearInputType(int n) const override;
   Tensor upload(const float* host, int64_t rows, int64_t cols) override;
   void download(const Tensor& t, int64_t rowStart, int64_t rowCount, float* host) override;
   void writeRows(Tensor& t, int64_t rowStart, int64_t rowCount, const float* host) override;
@@ -121,6 +122,9 @@ class CudaBackend : public Backend {
 
   // The hand-written GEMV for small batches and for weights cuBLASLt is not set up for here.
   bool useGemv(int n, const LinearTarget* t, int count) const;
+  // x[n, cols] as the bf16 input of a cuBLASLt product: x itself when it is bf16, else a
+  // conversion into the bf16 scratch.
+  const void* bf16Input(const Tensor& x, int n);
 
   // Up to this many rows (decode batches) the GEMV runs, whose result for a row does not depend on
   // the other rows: a sequence decodes the same alone or in a batch. Larger chunks use cuBLASLt.

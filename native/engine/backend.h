@@ -72,6 +72,18 @@ class Backend : public StepExecution {
 
   // Memory. alloc() contents are unspecified.
   virtual Tensor alloc(int64_t rows, int64_t cols) = 0;
+  // The activation dtype in which linear() reads n rows best: F32, or BF16 where the backend
+  // multiplies that many rows in bf16 anyway (the GPU's large-batch path), so that the op writing
+  // such an input (a norm, the SwiGLU) rounds it once instead of a separate conversion pass.
+  // norm(), addNorm() and linearSwiglu() write an `out` of this dtype; other ops take f32.
+  virtual DType linearInputType(int n) const { (void)n; return DType::F32; }
+  // alloc() of an activation that only feeds linear(), in linearInputType(rows) (an f32-sized
+  // block holds any narrower type).
+  Tensor allocLinearInput(int64_t rows, int64_t cols) {
+    Tensor t = alloc(rows, cols);
+    t.dtype = linearInputType((int)rows);
+    return t;
+  }
   // A weight from f32 host values, kept in the backend's weight dtype.
   virtual Tensor upload(const float* host, int64_t rows, int64_t cols) = 0;
   // A weight from host values of dtype hostType (F32, BF16 or F16), as a checkpoint stores them.
@@ -82,8 +94,9 @@ class Backend : public StepExecution {
   // back to back, each part becoming a view of it, so that linears() can run them as one matrix
   // product. Parts of different dtypes or widths stay as they are. The default keeps them apart.
   virtual void packWeights(Tensor* parts, int count) { (void)parts, (void)count; }
+  // Reads rows of an activation as f32 (a bf16 one widened).
   virtual void download(const Tensor& t, int64_t rowStart, int64_t rowCount, float* host) = 0;
-  // Writes host rows into an f32 activation tensor (tests and op checks).
+  // Writes host rows into an activation tensor, rounded to its dtype (tests and op checks).
   virtual void writeRows(Tensor& t, int64_t rowStart, int64_t rowCount, const float* host) = 0;
   // Fills an f32 tensor with NaN, so a test can see whether an op wrote every element.
   virtual void poison(Tensor& t) = 0;

@@ -88,7 +88,7 @@ void Model::runLayers(Scratch& s, int n, const int32_t* pos, int first, int last
 Tensor Model::computeLogits(Scratch& s, int n, int rowStart, int rows) {
   Backend& be = *backend_;
   const NormKind nk = cfg_.style == BlockStyle::Gpt2 ? NormKind::Layer : NormKind::Rms;
-  Tensor xr = be.alloc(rows, cfg_.hidden);
+  Tensor xr = be.allocLinearInput(rows, cfg_.hidden);
   if (rowStart == 0 && rows == n) {
     // Every row (a decode step): the final norm reads h where it is, with the last layer's
     // residual add in the same pass: two launches (an add and a copy) fewer per step.
@@ -112,13 +112,15 @@ void Model::allocScratch(Scratch& s, int n) {
   const ModelConfig& c = cfg_;
   const int qd = c.numHeads * c.headDim, kvd = c.numKvHeads * c.headDim;
   s.h = be.alloc(n, c.hidden);
-  s.x = be.alloc(n, c.hidden);
+  s.x = be.allocLinearInput(n, c.hidden);  // a norm's output, read only by linear products
   s.q = be.alloc(n, qd);
   s.a = be.alloc(n, qd);
   s.k = be.alloc(n, kvd);
   s.v = be.alloc(n, kvd);
   s.o = be.alloc(n, c.hidden);
-  s.g = be.alloc(n, c.intermediate);
+  // Llama: g is the SwiGLU's output, read only by the down product; GPT-2: u is the up product,
+  // which the GELU rewrites in place, and g is unused.
+  s.g = be.allocLinearInput(n, c.intermediate);
   s.u = be.alloc(n, c.intermediate);
 }
 

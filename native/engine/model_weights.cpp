@@ -128,6 +128,13 @@ void Model::finalize() {
       L.k = tensors_[layerName(i, "k.weight")] = qkv[1];
       L.v = tensors_[layerName(i, "v.weight")] = qkv[2];
     }
+    if (!L.gate.empty()) {
+      // Gate and up likewise: one product of twice the height, whose halves the SwiGLU reads.
+      Tensor gateUp[2] = {L.gate, L.up};
+      backend_->packWeights(gateUp, 2);
+      L.gate = tensors_[layerName(i, "gate.weight")] = gateUp[0];
+      L.up = tensors_[layerName(i, "up.weight")] = gateUp[1];
+    }
   }
   ready_ = true;
 }

@@ -94,7 +94,7 @@ void checkNorm(Runner& r, Backend& ref, Backend& test) {
       auto x = r.act(r.random((size_t)n * E, 2.0f), n, E);
       auto w = r.weight(r.random((size_t)E), 1, E);
       auto b = r.weight(r.random((size_t)E), 1, E);
-      auto o = r.outputs(n, E);
+      auto o = r.linearOutputs(n, E);  // a norm's output feeds the linear products
       const bool layer = kind == NormKind::Layer;
       ref.norm(kind, x.first, n, w.first, layer ? &b.first : nullptr, 1e-5f, o.first);
       test.norm(kind, x.second, n, w.second, layer ? &b.second : nullptr, 1e-5f, o.second);
@@ -111,7 +111,7 @@ void checkAddNorm(Runner& r, Backend& ref, Backend& test) {
       auto d = r.act(r.random((size_t)n * E), n, E);
       auto w = r.weight(r.random((size_t)E), 1, E);
       auto b = r.weight(r.random((size_t)E), 1, E);
-      auto o = r.outputs(n, E);
+      auto o = r.linearOutputs(n, E);
       const bool layer = kind == NormKind::Layer;
       ref.addNorm(kind, h.first, d.first, n, w.first, layer ? &b.first : nullptr, 1e-5f, o.first);
       test.addNorm(kind, h.second, d.second, n, w.second, layer ? &b.second : nullptr, 1e-5f, o.second);
@@ -142,7 +142,7 @@ void checkFusedLinears(Runner& r, Backend& ref, Backend& test) {
   for (auto [n, I, O0, O1] : std::vector<std::tuple<int, int, int, int>>{
            {1, 2048, 2048, 256}, {5, 64, 96, 32}, {16, 512, 300, 8}, {40, 128, 64, 64}, {16, 2048, 512, 64}, {3, 4100, 70, 6},
            {64, 2048, 2048, 256}}) {
-    auto x = r.act(r.random((size_t)n * I), n, I);
+    auto x = r.linearInput(r.random((size_t)n * I), n, I);  // as a norm writes it
     auto wq = r.weight(r.random((size_t)O0 * I, 0.05f), O0, I);
     auto wk = r.weight(r.random((size_t)O1 * I, 0.05f), O1, I);
     auto wv = r.weight(r.random((size_t)O1 * I, 0.05f), O1, I);
@@ -173,10 +173,19 @@ void checkFusedLinears(Runner& r, Backend& ref, Backend& test) {
     auto wg = r.weight(r.random((size_t)O0 * I, 0.05f), O0, I);
     auto bu = r.weight(r.random((size_t)O0), 1, O0);
     auto us = r.outputs(n, O0);
-    auto o = r.outputs(n, O0);
+    auto o = r.linearOutputs(n, O0);  // the down product's input
     ref.linearSwiglu(x.first, n, wg.first, nullptr, wq.first, &bu.first, us.first, o.first);
     test.linearSwiglu(x.second, n, wg.second, nullptr, wq.second, &bu.second, us.second, o.second);
     r.compare("linear_swiglu", dims({{"n", n}, {"in", I}, {"out", O0}}), o.first, o.second, n);
+    // Gate and up packed, as a model's layers are: the large-batch path runs one product of
+    // twice the height, and the SwiGLU reads its halves; with a bias on the gate this time.
+    Tensor ga[2] = {wg.first, wq.first}, gb[2] = {wg.second, wq.second};
+    ref.packWeights(ga, 2);
+    test.packWeights(gb, 2);
+    auto po = r.linearOutputs(n, O0);
+    ref.linearSwiglu(x.first, n, ga[0], &bu.first, ga[1], nullptr, us.first, po.first);
+    test.linearSwiglu(x.second, n, gb[0], &bu.second, gb[1], nullptr, us.second, po.second);
+    r.compare("linear_swiglu packed", dims({{"n", n}, {"in", I}, {"out", O0}}), po.first, po.second, n);
   }
 }
 
@@ -479,7 +488,7 @@ const std::vector<Group>& groups() {
       {{"rms_norm", "layer_norm"}, checkNorm},
       {{"add_rms_norm", "add_rms_norm residual", "add_layer_norm", "add_layer_norm residual"}, checkAddNorm},
       {{"rope"}, checkRope},
-      {{"linears q", "linears k", "linears v", "linears packed", "linear_swiglu"}, checkFusedLinears},
+      {{"linears q", "linears k", "linears v", "linears packed", "linear_swiglu", "linear_swiglu packed"}, checkFusedLinears},
       {{"rope_kv_write q", "rope_kv_write q alone", "rope_kv_write cache"}, checkRopeKvWrite},
       {{"attention", "kv_write codes", "kv_write+zero+read"}, checkAttention},
       {{"kv_write range"}, checkKvRange},

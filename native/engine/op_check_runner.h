@@ -62,6 +62,20 @@ struct Runner {
     test.poison(b);
     return {a, b};
   }
+  // An activation that only feeds linear products, in each backend's linearInputType (the GPU's
+  // large-batch path takes bf16): as input, the same values rounded to it; as output, poisoned.
+  std::pair<Tensor, Tensor> linearInput(const std::vector<float>& host, int64_t rows, int64_t cols) {
+    Tensor a = ref.allocLinearInput(rows, cols), b = test.allocLinearInput(rows, cols);
+    ref.writeRows(a, 0, rows, host.data());
+    test.writeRows(b, 0, rows, host.data());
+    return {a, b};
+  }
+  std::pair<Tensor, Tensor> linearOutputs(int64_t rows, int64_t cols) {
+    Tensor a = ref.allocLinearInput(rows, cols), b = test.allocLinearInput(rows, cols);
+    ref.poison(a);
+    test.poison(b);
+    return {a, b};
+  }
   std::pair<Tensor, Tensor> weight(const std::vector<float>& host, int64_t rows, int64_t cols) {
     return {ref.upload(host.data(), rows, cols), test.upload(host.data(), rows, cols)};
   }
