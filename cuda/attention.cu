@@ -78,9 +78,10 @@ void withMmaHeadDim(int headDim, F&& f) {
 }  // namespace
 
 void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv, int numHeads,
-                     int numKvHeads, int headDim, bool strict, int window, float scale, bool oneSequence, float* out,
-                     float* workspace, int64_t workspaceFloats, cudaStream_t stream) {
+                     int numKvHeads, int headDim, bool strict, int window, float scale, bool oneSequence, void* outRows,
+                     bool outBf16, float* workspace, int64_t workspaceFloats, cudaStream_t stream) {
   NvtxRange r("attention");
+  const AttentionOut out{outRows, outBf16};
   if (n <= 0) return;
   if (headDim <= 0 || headDim > 32 * kMaxDimsPerLane) throw std::invalid_argument("attention: headDim outside 1..128");
   if (numKvHeads <= 0 || numHeads % numKvHeads) throw std::invalid_argument("attention: numHeads % numKvHeads != 0");

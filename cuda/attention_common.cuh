@@ -19,6 +19,17 @@ constexpr int kMaxDimsPerLane = 4;  // headDim <= 128
 // Splits of a decode row's keys at most (the merge kernel keeps one weight per split).
 constexpr int kMaxDecodeSplits = 64;
 
+// Where attention writes its rows: f32, or bf16 when they only feed the output projection's
+// cuBLASLt product (which reads bf16). One flag for the whole launch, so the branch costs nothing.
+struct AttentionOut {
+  void* data;
+  bool bf16;
+  __device__ __forceinline__ void store(int64_t i, float v) const {
+    if (bf16) static_cast<__nv_bfloat16*>(data)[i] = __float2bfloat16(v);
+    else static_cast<float*>(data)[i] = v;
+  }
+};
+
 struct Range {
   int first, last;  // visible keys [first, last]; empty when last < first
 };
@@ -151,8 +162,8 @@ int decodeSplits(int64_t blocks, int headDim, int maxVisible);
 template <int kDimsPerLane, KvType T>
 void launchDecode(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
                   int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, int splits,
-                  float* out, float* partial, cudaStream_t stream);
-void launchDecodeMerge(const float* partial, int n, int numHeads, int headDim, int splits, float* out,
+                  AttentionOut out, float* partial, cudaStream_t stream);
+void launchDecodeMerge(const float* partial, int n, int numHeads, int headDim, int splits, AttentionOut out,
                        cudaStream_t stream);
 
 // Decode on the tensor cores (attention_decode_mma.cu), for compact K/V types at head sizes
@@ -163,14 +174,14 @@ template <int kDim, KvType T>
 int decodeMmaSplits(int64_t blocks, int maxVisible);
 template <int kDim, KvType T>
 void launchDecodeMma(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
-                     bool strict, int window, float scale, int headChunks, int headsPerBlock, int splits, float* out,
+                     bool strict, int window, float scale, int headChunks, int headsPerBlock, int splits, AttentionOut out,
                      float* partial, cudaStream_t stream);
 
 // Prefill (attention_prefill.cu), for kDim 16, 32, 64 and 128: the head size rounded up to one
 // of them (zero-padded).
 template <int kDim, KvType T>
 void launchPrefill(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
-                   int headDim, bool strict, int window, float scale, float* out, cudaStream_t stream);
+                   int headDim, bool strict, int window, float scale, AttentionOut out, cudaStream_t stream);
 
 }  // namespace attention
 

@@ -20,7 +20,7 @@ namespace {
 // itself at 16 sequences.)
 constexpr int kMergeThreads = 256;
 __global__ void __launch_bounds__(kMergeThreads) attentionMergeKernel(const float* __restrict__ partial, int numHeads,
-                                                                      int headDim, int splits, float* __restrict__ out) {
+                                                                      int headDim, int splits, AttentionOut out) {
   __shared__ float weight[kMaxDecodeSplits];
   __shared__ float sums[kMergeThreads];
   __shared__ float total;
@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kMergeThreads) attentionMergeKernel(const floa
     float acc = 0.0f;
     for (int p = 0; p < parts; ++p) acc += sums[p * headDim + threadIdx.x];
     const float L = total;
-    out[((int64_t)r * numHeads + h) * headDim + threadIdx.x] = L > 0.0f ? acc / L : 0.0f;
+    out.store(((int64_t)r * numHeads + h) * headDim + threadIdx.x, L > 0.0f ? acc / L : 0.0f);
   }
 }
 
@@ -127,7 +127,7 @@ void decodeHeadBlocks(int group, int& headsPerBlock, int& headChunks) {
 template <int kDimsPerLane, KvType T>
 void launchDecode(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
                   int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, int splits,
-                  float* out, float* partial, cudaStream_t stream) {
+                  AttentionOut out, float* partial, cudaStream_t stream) {
   preparedDecodeKernel<kDimsPerLane, T>();
   const bool vec16 = kvRowsLoadAs16Bytes(kv, headDim);
   launchKernel(attentionDecodeKernel<kDimsPerLane, T>, dim3(n, numKvHeads * headChunks, splits), kDecodeWarps * 32,
@@ -135,7 +135,7 @@ void launchDecode(const float* q, int n, const int32_t* positions, const PagedKv
                scale, headChunks, headsPerBlock, vec16, out, partial);
 }
 
-void launchDecodeMerge(const float* partial, int n, int numHeads, int headDim, int splits, float* out,
+void launchDecodeMerge(const float* partial, int n, int numHeads, int headDim, int splits, AttentionOut out,
                        cudaStream_t stream) {
   launchKernel(attentionMergeKernel, dim3(n, numHeads), kMergeThreads, 0, stream, partial, numHeads, headDim, splits, out);
   LCKV_LAUNCH_CHECK("attention_merge");
@@ -144,7 +144,7 @@ void launchDecodeMerge(const float* partial, int n, int numHeads, int headDim, i
 #define LCKV_DECODE_INSTANCES(D, T)                                                                              \
   template int decodeSplits<D, T>(int64_t, int, int);                                                          \
   template void launchDecode<D, T>(const float*, int, const int32_t*, const PagedKv&, int, int, int, bool, int, float, \
-                                   int, int, int, float*, float*, cudaStream_t);
+                                   int, int, int, AttentionOut, float*, cudaStream_t);
 #define LCKV_DECODE_INSTANCES_ALL_TYPES(D)   \
   LCKV_DECODE_INSTANCES(D, KvType::F32)      \
   LCKV_DECODE_INSTANCES(D, KvType::BF16)     \

@@ -140,7 +140,7 @@ template <int kDimsPerLane, KvType T>
 __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
     const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int numHeads, int numKvHeads,
     int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, bool vec16,
-    float* __restrict__ out, float* __restrict__ partial) {
+    AttentionOut out, float* __restrict__ partial) {
   constexpr bool kCodes = T != KvType::F32;  // tiles arrive as codes, read where they arrive
   constexpr int kStages = decodeArriveStages<T>();
   extern __shared__ float4 smem4[];
@@ -384,7 +384,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
     for (int w = 0; w < kDecodeWarps; ++w) v += red[(w * kGroupHeads + g) * headDim + d];
     const int64_t rh = (int64_t)r * numHeads + h0 + g;
     if (splits == 1) {
-      out[rh * headDim + d] = sumS[g] > 0.0f ? v / sumS[g] : 0.0f;
+      out.store(rh * headDim + d, sumS[g] > 0.0f ? v / sumS[g] : 0.0f);
     } else {
       partial[(rh * splits + split) * (headDim + 2) + 2 + d] = v;
     }

@@ -53,7 +53,7 @@ int decodeMmaSplits(int64_t blocks, int maxVisible) {
 
 template <int kDim, KvType T>
 void launchDecodeMma(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
-                     bool strict, int window, float scale, int headChunks, int headsPerBlock, int splits, float* out,
+                     bool strict, int window, float scale, int headChunks, int headsPerBlock, int splits, AttentionOut out,
                      float* partial, cudaStream_t stream) {
   preparedDecodeMmaKernel<kDim, T>();
   launchKernel(attentionDecodeMmaKernel<kDim, T>, dim3(n, numKvHeads * headChunks, splits), kMmaWarps * 32,
@@ -64,7 +64,7 @@ void launchDecodeMma(const float* q, int n, const int32_t* positions, const Page
 #define LCKV_DECODE_MMA_INSTANCES(D, T)                                                                     \
   template int decodeMmaSplits<D, T>(int64_t, int);                                                       \
   template void launchDecodeMma<D, T>(const float*, int, const int32_t*, const PagedKv&, int, int, bool, int, float, \
-                                      int, int, int, float*, float*, cudaStream_t);
+                                      int, int, int, AttentionOut, float*, cudaStream_t);
 #define LCKV_DECODE_MMA_INSTANCES_ALL_TYPES(D)  \
   LCKV_DECODE_MMA_INSTANCES(D, KvType::BF16)    \
   LCKV_DECODE_MMA_INSTANCES(D, KvType::FP8)     \

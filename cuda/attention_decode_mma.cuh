@@ -353,7 +353,7 @@ __device__ __forceinline__ void loadMmaTile(uint8_t* stage, const uint8_t* kBase
 template <int kDim, KvType T>
 __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
     const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int numHeads, int numKvHeads,
-    int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, float* __restrict__ out,
+    int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, AttentionOut out,
     float* __restrict__ partial) {
 #if __CUDA_ARCH__ >= 800
   constexpr bool kF16 = mmaCodesF16<T>();
@@ -568,7 +568,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
     }
     const int64_t rh = (int64_t)r * numHeads + h0 + hg;
     if (splits == 1) {
-      out[rh * headDim + d] = L > 0.0f ? v / L : 0.0f;
+      out.store(rh * headDim + d, L > 0.0f ? v / L : 0.0f);
     } else {
       const int64_t slot = rh * splits + split;
       partial[slot * (headDim + 2) + 2 + d] = v;

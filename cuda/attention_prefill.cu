@@ -6,7 +6,7 @@ namespace lckv::cuda::attention {
 
 template <int kDim, KvType T>
 void launchPrefill(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
-                   int headDim, bool strict, int window, float scale, float* out, cudaStream_t stream) {
+                   int headDim, bool strict, int window, float scale, AttentionOut out, cudaStream_t stream) {
   // Head size 64 needs 52 KB and 128 needs 101 KB, above the 48 KB a launch gets without asking.
   static const cudaError_t raised = cudaFuncSetAttribute(attentionPrefillKernel<kDim, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                          (int)prefillSmemBytes(kDim));
@@ -19,15 +19,15 @@ void launchPrefill(const float* q, int n, const int32_t* positions, const PagedK
 
 #define LCKV_PREFILL_INSTANCES(D)                                                                                  \
   template void launchPrefill<D, KvType::F32>(const float*, int, const int32_t*, const PagedKv&, int, int, int, bool, int, \
-                                              float, float*, cudaStream_t);                                            \
+                                              float, AttentionOut, cudaStream_t);                                            \
   template void launchPrefill<D, KvType::BF16>(const float*, int, const int32_t*, const PagedKv&, int, int, int, bool,    \
-                                               int, float, float*, cudaStream_t);                                      \
+                                               int, float, AttentionOut, cudaStream_t);                                      \
   template void launchPrefill<D, KvType::FP8>(const float*, int, const int32_t*, const PagedKv&, int, int, int, bool, int, \
-                                              float, float*, cudaStream_t);                                            \
+                                              float, AttentionOut, cudaStream_t);                                            \
   template void launchPrefill<D, KvType::INT8>(const float*, int, const int32_t*, const PagedKv&, int, int, int, bool,    \
-                                               int, float, float*, cudaStream_t);                                      \
+                                               int, float, AttentionOut, cudaStream_t);                                      \
   template void launchPrefill<D, KvType::INT4>(const float*, int, const int32_t*, const PagedKv&, int, int, int, bool,    \
-                                               int, float, float*, cudaStream_t);
+                                               int, float, AttentionOut, cudaStream_t);
 LCKV_PREFILL_INSTANCES(16)
 LCKV_PREFILL_INSTANCES(32)
 LCKV_PREFILL_INSTANCES(64)

@@ -69,7 +69,7 @@ __device__ __forceinline__ void mma3xTf32(float (&d)[4], const Tf32Pair (&a)[4],
 template <int kDim, KvType T>
 __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
     const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int n, int numHeads, int numKvHeads,
-    int headDim, bool strict, int window, float scale, bool vec16, float* __restrict__ out) {
+    int headDim, bool strict, int window, float scale, bool vec16, AttentionOut out) {
   waitForPrecedingKernels();
   constexpr int S = prefillStride(kDim), kDimTiles = kDim / 8, kKeyTiles = kKeyTile / 8;
   extern __shared__ float smem[];
@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
     for (int c = 0; c < 4; ++c) {
       const int r = c < 2 ? rowA : rowB, d = dt * 8 + 2 * t + (c & 1);
       const float l = c < 2 ? lA : lB;
-      if (r < n && d < headDim) out[((int64_t)r * numHeads + h) * headDim + d] = l > 0.0f ? o[dt][c] / l : 0.0f;
+      if (r < n && d < headDim) out.store(((int64_t)r * numHeads + h) * headDim + d, l > 0.0f ? o[dt][c] / l : 0.0f);
     }
   }
 }

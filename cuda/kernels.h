@@ -105,7 +105,7 @@ void launchKvWrite(const float* k, const float* v, int n, const int32_t* positio
                    cudaStream_t stream);
 
 // Attention of n queries (positions[r], of sequence kv.rowSeq[r]) over one slot of the paged
-// cache. q: [n, numHeads*headDim]; out like q; headDim <= 128.
+// cache. q: [n, numHeads*headDim]; out like q, f32 or (outBf16) bf16; headDim <= 128.
 // strict: keys < p only (no key -> zero output); window > 0: keys with p - j < window.
 // maxVisible: the most keys any query sees (sets the split-K chunking); workspace holds the
 // per-chunk partial results, attentionWorkspaceFloats() of them (less means no split).
@@ -114,8 +114,8 @@ void launchKvWrite(const float* k, const float* v, int n, const int32_t* positio
 // The kernel launched just before may write K/V only at the rows' own positions: the decode
 // kernel loads keys before positions[r] - (n - 1) while that kernel still runs.
 void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv, int numHeads,
-                     int numKvHeads, int headDim, bool strict, int window, float scale, bool oneSequence, float* out,
-                     float* workspace, int64_t workspaceFloats, cudaStream_t stream);
+                     int numKvHeads, int headDim, bool strict, int window, float scale, bool oneSequence, void* out,
+                     bool outBf16, float* workspace, int64_t workspaceFloats, cudaStream_t stream);
 int64_t attentionWorkspaceFloats(int n, int numHeads, int numKvHeads, int headDim, int maxVisible, int kvType);
 
 // The most top tokens whose log-probabilities the device gives per row (OpenAI's limit).

@@ -420,7 +420,7 @@ void CudaBackend::attention(const Tensor& q, int n, const int32_t* positions, co
   bool oneSequence = true;
   for (int r = 1; r < n && oneSequence; ++r) oneSequence = kv.rowSeq[r] == kv.rowSeq[0];
   cuda::launchAttention((const float*)q.data, n, dPos, maxVisible, p, sp.numHeads, sp.numKvHeads,
-                        sp.headDim, sp.strict, sp.window, sp.scale, oneSequence, (float*)out.data, (float*)ws.get(),
+                        sp.headDim, sp.strict, sp.window, sp.scale, oneSequence, out.data, out.dtype == DType::BF16, (float*)ws.get(),
                         wsFloats, stream_);
 }
 

@@ -75,7 +75,8 @@ class Backend : public StepExecution {
   // The activation dtype in which linear() reads n rows best: F32, or BF16 where the backend
   // multiplies that many rows in bf16 anyway (the GPU's large-batch path), so that the op writing
   // such an input (a norm, the SwiGLU) rounds it once instead of a separate conversion pass.
-  // norm(), addNorm() and linearSwiglu() write an `out` of this dtype; other ops take f32.
+  // norm(), addNorm(), linearSwiglu() and attention() write an `out` of this dtype; other ops
+  // take f32.
   virtual DType linearInputType(int n) const { (void)n; return DType::F32; }
   // alloc() of an activation that only feeds linear(), in linearInputType(rows) (an f32-sized
   // block holds any narrower type).

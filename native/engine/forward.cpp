@@ -114,7 +114,7 @@ void Model::allocScratch(Scratch& s, int n) {
   s.h = be.alloc(n, c.hidden);
   s.x = be.allocLinearInput(n, c.hidden);  // a norm's output, read only by linear products
   s.q = be.alloc(n, qd);
-  s.a = be.alloc(n, qd);
+  s.a = be.allocLinearInput(n, qd);  // attention's output, read only by the output projection
   s.k = be.alloc(n, kvd);
   s.v = be.alloc(n, kvd);
   s.o = be.alloc(n, c.hidden);
