@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #ifdef __CUDACC__
 #define LCKV_HD __host__ __device__ __forceinline__
@@ -63,6 +64,12 @@ inline const char* kvTypeName(KvType t) {
     case KvType::INT4: return "int4";
   }
   return nullptr;
+}
+// Why a cache of type t cannot hold heads of headDim values ("" when it can).
+inline std::string kvHeadDimProblem(KvType t, int headDim) {
+  if (headDim % kvTypeHeadDimMultiple(t) == 0) return "";
+  return std::string(kvTypeName(t)) + " needs a head size that is a multiple of " + std::to_string(kvTypeHeadDimMultiple(t)) +
+         "; this model's is " + std::to_string(headDim) + " (f32 takes any head size)";
 }
 inline bool parseKvType(const char* name, KvType& out) {
   for (int i = 0; i < kKvTypeCount; ++i)

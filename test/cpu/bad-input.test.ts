@@ -336,6 +336,7 @@ describe("inputs and options", () => {
       expect(e).toBeInstanceOf(InvalidOptionError);
       expect(e.option).toBe("kvCacheDtype");
       expect(e.message).toMatch(new RegExp(`${kvCacheDtype} needs a head size that is a multiple of ${multiple}; this model's is 22`));
+      expect(e.message).toMatch(/this model takes "f32", "bf16"$/);
     }
     const m = await load(odd, { kvCacheDtype: "bf16" });
     expect((await m.generate([1, 2, 3], { maxNewTokens: 4, temperature: 0, ignoreEos: true })).tokens).toHaveLength(4);
