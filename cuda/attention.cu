@@ -77,19 +77,31 @@ void withMmaHeadDim(int headDim, F&& f) {
 
 }  // namespace
 
+std::string attentionProblem(int numHeads, int numKvHeads, int headDim, int kvType) {
+  // The decode kernel keeps up to kMaxDimsPerLane dims per lane, where withHeadDimClass's
+  // classes (the prefill kernel's tiles too) end, and a compact type's K/V write holds a head of
+  // at most 128 values in shared memory (rope.cu). The tensor-core decode kernel's head sizes
+  // (32, 64, 128) choose among kernels; they limit nothing, since the CUDA-core kernel takes the rest.
+  constexpr int kMaxHeadDim = 32 * kMaxDimsPerLane;
+  if (headDim <= 0 || headDim > kMaxHeadDim)
+    return "the CUDA attention kernels take head sizes 1 to " + std::to_string(kMaxHeadDim) + ", not " + std::to_string(headDim);
+  if (numKvHeads <= 0 || numHeads % numKvHeads)
+    return "the CUDA attention kernels need numHeads (" + std::to_string(numHeads) + ") to be a multiple of numKvHeads (" +
+           std::to_string(numKvHeads) + ")";
+  if (kvType < 0 || kvType >= kKvTypeCount) return "unknown K/V type " + std::to_string(kvType);
+  return kvHeadDimProblem((KvType)kvType, headDim);
+}
+
 void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv, int numHeads,
                      int numKvHeads, int headDim, bool strict, int window, float scale, bool oneSequence, void* outRows,
                      bool outBf16, float* workspace, int64_t workspaceFloats, cudaStream_t stream) {
   NvtxRange r("attention");
   const AttentionOut out{outRows, outBf16};
   if (n <= 0) return;
-  if (headDim <= 0 || headDim > 32 * kMaxDimsPerLane) throw std::invalid_argument("attention: headDim outside 1..128");
-  if (numKvHeads <= 0 || numHeads % numKvHeads) throw std::invalid_argument("attention: numHeads % numKvHeads != 0");
+  const std::string problem = attentionProblem(numHeads, numKvHeads, headDim, kv.type);
+  if (!problem.empty()) throw std::invalid_argument("attention: " + problem);
   if (kv.kvDim != numKvHeads * headDim || kv.kvHeads != numKvHeads)
     throw std::invalid_argument("attention: the cache's K/V heads differ from numKvHeads x headDim");
-  if (headDim % kvTypeHeadDimMultiple((KvType)kv.type))
-    throw std::invalid_argument("attention: the K/V type needs a head size that is a multiple of " +
-                                std::to_string(kvTypeHeadDimMultiple((KvType)kv.type)));
   withKvType(kv.type, [&](auto kvType) {
   constexpr KvType T = decltype(kvType)::value;
   withHeadDimClass(headDim, [&](auto headDimClass) {

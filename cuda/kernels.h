@@ -4,6 +4,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 typedef struct CUstream_st* cudaStream_t;
 
@@ -117,6 +118,10 @@ void launchAttention(const float* q, int n, const int32_t* positions, int maxVis
                      int numKvHeads, int headDim, bool strict, int window, float scale, bool oneSequence, void* out,
                      bool outBf16, float* workspace, int64_t workspaceFloats, cudaStream_t stream);
 int64_t attentionWorkspaceFloats(int n, int numHeads, int numKvHeads, int headDim, int maxVisible, int kvType);
+// Why launchAttention (and the K/V write before it) cannot run heads of this shape over a cache
+// of kvType ("" when it can): the limits launchAttention enforces, for the backend to check at
+// load.
+std::string attentionProblem(int numHeads, int numKvHeads, int headDim, int kvType);
 
 // The most top tokens whose log-probabilities the device gives per row (OpenAI's limit).
 constexpr int kMaxTopLogprobs = 20;

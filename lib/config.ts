@@ -331,8 +331,3 @@ function finite(inv: number[], sf: Fields): number[] {
   if (!inv.every((x) => Number.isFinite(x))) throw sf.error("factor", "gives rotary frequencies outside f32's range");
   return inv;
 }
-
-/** Bytes one token of context costs in the cache with this plan, at `bytesPerElement`. */
-export function kvBytesPerToken(c: ModelConfig, bytesPerElement: number, layers = c.kvLayers.length): number {
-  return layers * 2 * c.numKvHeads * c.headDim * bytesPerElement;
-}

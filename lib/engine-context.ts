@@ -262,6 +262,16 @@ export class EngineContext {
    * is token by token either way, so any other request is enough; the model's default mode
    * switches at the device's measured threshold; fixed-point and iterative, when asked for,
    * never switch.
+   *
+   * Requests waiting in the admission queue for K/V pages do not count. Batched steps pay off
+   * through the rows that share them, and a waiting request adds none until it is admitted;
+   * it waits for pages that only a running request's end frees, which a slower mode for this
+   * prompt (token steps where the GPU's default would take a few passes) would only delay. Each
+   * chunk decides anew, so the chunks after a waiting request's admission see it. And admission
+   * is no gap: an admitted request goes on to its prefill's working() within the same turn of
+   * the event loop, and that prefill yields a turn before its first chunk decides, so prompts
+   * admitted together count each other. A generation's decode rows count from its first step
+   * to its last (run() holds working() throughout).
    */
   batchedPrefill(prefill: ResolvedPrefill): boolean {
     if (!this.mayBatchPrefill(prefill)) return false;

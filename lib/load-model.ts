@@ -8,7 +8,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { KV_PAGE_TOKENS } from "./admission";
 import { ModelConfig, parseConfig } from "./config";
-import { AbortError, DeviceUnavailableError, fromNative, InvalidOptionError, ModelLoadError } from "./errors";
+import { AbortError, ConfigError, DeviceUnavailableError, fromNative, InvalidOptionError, ModelLoadError } from "./errors";
 import { parseGenerationConfig } from "./generation-config";
 import { DEFAULT_KV_CACHE_DTYPE, isKvCacheDtype, KV_CACHE_DTYPES, KvCacheDtype } from "./kv-cache-dtype";
 import { checkDownloadOptions, isHubModelId, resolveModel } from "./hub";
@@ -35,7 +35,8 @@ export interface LoadOptions {
    * "int8" or "int4". The scaled types keep one f16 scale per token and K/V head for K and one
    * for V (native/engine/kv_format.h; docs/quality.md has their measured quality). The compact
    * types read a head in 32-bit words: bf16 needs an even head size, fp8 and int8 a multiple of
-   * 4, int4 of 8 (a model with an odd head size defaults to f32).
+   * 4, int4 of 8 (a model with an odd head size defaults to f32). On CUDA every type needs a head
+   * size of at most 128. A type the model cannot take is refused at load.
    */
   kvCacheDtype?: KvCacheDtype;
   /** Tokens one sequence may hold (default: the model's max_position_embeddings). */
@@ -172,7 +173,6 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   const configFile = path.join(modelDir, "config.json");
   if (!fs.existsSync(configFile)) throw new ModelLoadError(`${modelDir}: missing config.json`, configFile);
   const config = parseConfig(readJson(configFile), configFile);
-  const kvCacheDtype = options.kvCacheDtype ?? (config.headDim % 2 === 0 ? DEFAULT_KV_CACHE_DTYPE : "f32");
   const tokenizer = Tokenizer.fromDirectory(modelDir);
   const genFile = path.join(modelDir, "generation_config.json");
   const generationConfig = fs.existsSync(genFile) ? parseGenerationConfig(readJson(genFile), genFile) : {};
@@ -185,19 +185,16 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   }
 
   let native: NativeModel;
+  let kvCacheDtype: KvCacheDtype;
   try {
     native = new addon.NativeModel(describeForNative(config), { backend, threads: options.threads, dtype: weightDtype, cudaGraphs: options.cudaGraphs ?? true, runAhead: options.runAhead ?? true });
   } catch (e) {
     throw fromNative(e);
   }
   try {
+    kvCacheDtype = kvCacheDtypeFor(native, options.kvCacheDtype, config, configFile);
     // The page's bytes come from the engine's layout (scales and alignment included).
-    let pageBytes: number;
-    try {
-      pageBytes = native.kvPageBytes(kvCacheDtype, KV_PAGE_TOKENS);
-    } catch (e) {
-      throw new InvalidOptionError("kvCacheDtype", (fromNative(e) as Error).message);
-    }
+    const pageBytes = native.kvPageBytes(kvCacheDtype, KV_PAGE_TOKENS);
     const perToken = pageBytes / KV_PAGE_TOKENS;
     if (options.kvCacheMemory !== undefined && options.kvCacheMemory < pageBytes) {
       throw new InvalidOptionError("kvCacheMemory", `${options.kvCacheMemory} bytes hold no K/V page (one page of ${KV_PAGE_TOKENS} tokens needs ${pageBytes} in ${kvCacheDtype})`);
@@ -239,6 +236,27 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
     throw fromNative(e);
   }
   return new Model(modelDir, config, native, tokenizer, generationConfig, maxContext, kvCacheDtype, prefixCache, { maxQueue, queueTimeout }, maxBatch);
+}
+
+/**
+ * The K/V cache's type: the one asked for, else the default, else f32 (a head size the default
+ * cannot take), checked against the model's head size and the backend's kernels now rather than
+ * at the first step. A head size no type can run on this backend is config.json's problem
+ * (head_dim); one that only some types cannot take is the option's, which is told the types that
+ * work.
+ */
+function kvCacheDtypeFor(native: NativeModel, asked: KvCacheDtype | undefined, config: ModelConfig, configFile: string): KvCacheDtype {
+  const problems = new Map(KV_CACHE_DTYPES.map((t) => [t, native.kvTypeProblem(t)]));
+  const usable = KV_CACHE_DTYPES.filter((t) => problems.get(t) === null);
+  if (usable.length === 0) {
+    throw new ConfigError(configFile, "head_dim", `head size ${config.headDim} cannot run on ${native.backend}: ${problems.get("f32")}`);
+  }
+  const type = asked ?? (usable.includes(DEFAULT_KV_CACHE_DTYPE) ? DEFAULT_KV_CACHE_DTYPE : "f32");
+  const problem = problems.get(type);
+  if (problem) {
+    throw new InvalidOptionError("kvCacheDtype", `"${type}" cannot hold this model's K/V on ${native.backend}: ${problem}; this model takes ${usable.map((t) => `"${t}"`).join(", ")}`);
+  }
+  return type;
 }
 
 function describeForNative(c: ModelConfig): NativeModelDescription {

@@ -12,7 +12,7 @@ import { GenerationProgress, GenerationStream, generationStream } from "./genera
 import { NativeModel, NativePoolStats, NativeSequence } from "./native";
 import { describe, GenerateOptions, GenerationDefaults, posInt, ResolvedGenerateOptions } from "./options";
 import { DecodeScheduler, SchedulerStats } from "./scheduler";
-import type { KvCacheDtype } from "./kv-cache-dtype";
+import { isKvCacheDtype, KV_CACHE_DTYPES, KvCacheDtype } from "./kv-cache-dtype";
 import { PrefixCache, PrefixCacheStats } from "./prefix-cache";
 import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill } from "./prefill-options";
 import { Sequence } from "./sequence";
@@ -45,6 +45,11 @@ interface SharedPrefill {
   ended?: "length" | "abort";
 }
 
+/** Bytes one token of context costs in the model's cache of `dtype`: the engine's page layout (codes, scales and the page's alignment) over its tokens. */
+function kvBytesPerToken(native: NativeModel, dtype: KvCacheDtype): number {
+  return native.kvPageBytes(dtype, KV_PAGE_TOKENS) / KV_PAGE_TOKENS;
+}
+
 export class Model implements AsyncDisposable {
   /** Bytes one token of context costs in the cache (only the KV layers are cached). */
   readonly kvBytesPerToken: number;
@@ -74,8 +79,7 @@ export class Model implements AsyncDisposable {
     maxBatch?: number,
   ) {
     this.prefixCache = new PrefixCache(prefixCacheSize);
-    // From the engine's page layout: codes, scales and the page's alignment.
-    this.kvBytesPerToken = native.kvPageBytes(kvCacheDtype, KV_PAGE_TOKENS) / KV_PAGE_TOKENS;
+    this.kvBytesPerToken = kvBytesPerToken(native, kvCacheDtype);
     this.standardKvBytesPerToken = (this.kvBytesPerToken / config.kvLayers.length) * config.numLayers;
     this.device = native.backend === "cuda" ? "cuda" : "cpu";
     this.engine = new EngineContext({
@@ -96,13 +100,14 @@ export class Model implements AsyncDisposable {
     this.scheduler = this.engine.scheduler;
   }
 
-  /** Bytes one token of context would cost in a cache of `dtype` (null: this model's head size cannot take it). */
+  /**
+   * Bytes one token of context would cost in a cache of `dtype`; null when this model cannot keep
+   * its K/V in that type on its device (its head size: what loadModel would refuse as kvCacheDtype).
+   */
   kvBytesPerTokenIn(dtype: KvCacheDtype): number | null {
-    try {
-      return this.engine.nativeModel().kvPageBytes(dtype, KV_PAGE_TOKENS) / KV_PAGE_TOKENS;
-    } catch {
-      return null;
-    }
+    if (!isKvCacheDtype(dtype)) throw new InvalidOptionError("dtype", `must be one of ${KV_CACHE_DTYPES.map((t) => `"${t}"`).join(", ")}, got ${describe(dtype)}`);
+    const native = this.engine.nativeModel();
+    return native.kvTypeProblem(dtype) === null ? kvBytesPerToken(native, dtype) : null;
   }
 
   get disposed(): boolean {

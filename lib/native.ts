@@ -127,6 +127,8 @@ export interface NativeModel {
   createPool(pages: number, pageTokens: number, kvType?: KvCacheDtype): void;
   /** Bytes of one K/V page of this model in `kvType` (scales and alignment included). */
   kvPageBytes(kvType: KvCacheDtype, pageTokens: number): number;
+  /** Why this model cannot keep its K/V in `kvType` on its backend (its head size), or null when it can. */
+  kvTypeProblem(kvType: KvCacheDtype): string | null;
   poolStats(): NativePoolStats;
   /** "" when every page's reference count matches the live page tables, else the first mismatch. */
   auditPool(): string;

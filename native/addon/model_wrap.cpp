@@ -89,6 +89,7 @@ void ModelWrap::Init(Napi::Env env, Napi::Object exports) {
                                   InstanceMethod("createSequence", &ModelWrap::CreateSequence),
                                   InstanceMethod("createPool", &ModelWrap::CreatePool),
                                   InstanceMethod("kvPageBytes", &ModelWrap::KvPageBytes),
+                                  InstanceMethod("kvTypeProblem", &ModelWrap::KvTypeProblem),
                                   InstanceMethod("poolStats", &ModelWrap::PoolStats),
                                   InstanceMethod("auditPool", &ModelWrap::AuditPool),
                                   InstanceMethod("memoryInfo", &ModelWrap::MemoryInfo),
@@ -243,6 +244,16 @@ Napi::Value ModelWrap::KvPageBytes(const Napi::CallbackInfo& info) {
   int64_t bytes = 0;
   runEngineCall(info.Env(), [&] { bytes = m->model->kvLayout(type, info[1].As<Napi::Number>().Int32Value()).pageBytes(); });
   return Napi::Number::New(info.Env(), (double)bytes);
+}
+
+// kvTypeProblem(kvType) -> string | null: why this model cannot keep its K/V in that type on
+// its backend (Model::kvTypeProblem), or null when it can.
+Napi::Value ModelWrap::KvTypeProblem(const Napi::CallbackInfo& info) {
+  auto m = live(info.Env());
+  const KvType type = kvTypeArg(info, 0);
+  std::string problem;
+  runEngineCall(info.Env(), [&] { problem = m->model->kvTypeProblem(type); });
+  return problem.empty() ? info.Env().Null() : Napi::String::New(info.Env(), problem);
 }
 
 // createPool(pages, pageTokens, kvType = "f32"): allocates the K/V pool (once, after finalize).

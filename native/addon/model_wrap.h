@@ -22,6 +22,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   Napi::Value DecodeBatch(const Napi::CallbackInfo& info);
   Napi::Value CreatePool(const Napi::CallbackInfo& info);
   Napi::Value KvPageBytes(const Napi::CallbackInfo& info);
+  Napi::Value KvTypeProblem(const Napi::CallbackInfo& info);
   Napi::Value PoolStats(const Napi::CallbackInfo& info);
   Napi::Value AuditPool(const Napi::CallbackInfo& info);
   Napi::Value MemoryInfo(const Napi::CallbackInfo& info);

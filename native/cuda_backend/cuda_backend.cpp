@@ -390,6 +390,10 @@ void CudaBackend::kvRead(const KvView& kv, int seq, int slot, int start, int n, 
         kvDecodeRow(L, blocks.data() + r.at, v, (r.p + t) % L.pageTokens, host.data() + ((size_t)v * n + (size_t)(r.p + t - start)) * d);
 }
 
+std::string CudaBackend::attentionProblem(const AttentionSpec& spec, KvType kvType) const {
+  return cuda::attentionProblem(spec.numHeads, spec.numKvHeads, spec.headDim, (int)kvType);
+}
+
 void CudaBackend::attention(const Tensor& q, int n, const int32_t* positions, const KvView& kv, int slot,
                             const AttentionSpec& sp, Tensor& out) {
   ctx();

@@ -165,6 +165,15 @@ class Backend : public StepExecution {
   // same rows do): a GPU backend reads the keys before positions[r] - (n - 1) while it runs.
   virtual void attention(const Tensor& q, int n, const int32_t* positions, const KvView& kv, int slot,
                          const AttentionSpec& spec, Tensor& out) = 0;
+  // Why this backend's kernels cannot write a K/V cache of kvType and attend over it with heads
+  // of `spec` ("" when they can), asked when a model is loaded so that a shape the kernels lack
+  // is refused then rather than at the first step. The head size's multiple that kvType's codes
+  // need is the cache layout's rule (kvHeadDimProblem), checked apart from this. The default
+  // (the CPU backend) runs every shape.
+  virtual std::string attentionProblem(const AttentionSpec& spec, KvType kvType) const {
+    (void)spec, (void)kvType;
+    return "";
+  }
   // out[n, cols] = silu(gate) * up
   virtual void swiglu(const Tensor& gate, const Tensor& up, int n, Tensor& out) = 0;
   // x = gelu_tanh(x)

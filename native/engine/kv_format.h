@@ -4,13 +4,15 @@
 //
 // Types (kvCacheDtype): f32; bf16 (round to nearest even); and three scaled types that keep one
 // f16 scale per (token, K/V head) for K and one for V:
-//   fp8  (e4m3, saturating): code = e4m3(x / s), s = amax / 448
+//   fp8  (e4m3fn, saturating): code = e4m3(x / s), s = amax / 448
 //   int8 (symmetric):        code = rint(x / s) in [-127, 127], s = amax / 127
 //   int4 (symmetric):        code = rint(x / s) in [-7, 7], s = amax / 7; two codes a byte,
 //                            the even channel in the low nibble
 // where amax is the largest |x| of the head's values in that token's row and s is rounded to f16
 // before the codes are computed with it (a zero scale gives zero codes). A value reads back as
-// code * s. Per (token, head) scales need nothing but the row being written, so a K/V write
+// code * s. x / s is clamped to [-codeMax, codeMax] first, a NaN to +codeMax, so no type writes a
+// NaN: e4m3fn has no infinity and spends 0x7f and 0xff on NaN, which is how the GPU's conversion
+// (cvt.rn.f16x2.e4m3x2) and kvE4m3ToF32 read them. Per (token, head) scales need nothing but the row being written, so a K/V write
 // stays one pass fused with RoPE, a page is final as soon as its row is written (fork, the
 // prefix cache and truncation see no half-quantized page), and the scales cost 4 bytes per head
 // and token against 64 to 256 bytes of codes (docs/quality.md has the measured quality).
@@ -27,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #ifdef __CUDACC__
 #define LCKV_HD __host__ __device__ __forceinline__
@@ -61,6 +64,12 @@ inline const char* kvTypeName(KvType t) {
     case KvType::INT4: return "int4";
   }
   return nullptr;
+}
+// Why a cache of type t cannot hold heads of headDim values ("" when it can).
+inline std::string kvHeadDimProblem(KvType t, int headDim) {
+  if (headDim % kvTypeHeadDimMultiple(t) == 0) return "";
+  return std::string(kvTypeName(t)) + " needs a head size that is a multiple of " + std::to_string(kvTypeHeadDimMultiple(t)) +
+         "; this model's is " + std::to_string(headDim) + " (f32 takes any head size)";
 }
 inline bool parseKvType(const char* name, KvType& out) {
   for (int i = 0; i < kKvTypeCount; ++i)
@@ -149,7 +158,8 @@ LCKV_HD float kvF16ToF32(uint16_t h) {
   return kvBitsFloat(sign | (e == 31 ? 0x7f800000u | (m << 13) : ((e + 112u) << 23) | (m << 13)));
 }
 
-// FP8 e4m3 (bias 7, no infinities, largest finite 448), round to nearest even, saturating.
+// FP8 e4m3fn (bias 7, no infinities, largest finite 448; 0x7f and 0xff are NaN), round to
+// nearest even, saturating finite values; a NaN stays NaN (kvEncode never passes one).
 LCKV_HD uint8_t kvF32ToE4m3(float f) {
   uint32_t x = kvFloatBits(f);
   const uint8_t sign = (uint8_t)((x >> 24) & 0x80u);
@@ -167,6 +177,7 @@ LCKV_HD uint8_t kvF32ToE4m3(float f) {
 }
 LCKV_HD float kvE4m3ToF32(uint8_t c) {
   const uint32_t e = (c >> 3) & 0xfu, m = c & 7u;
+  if ((c & 0x7fu) == 0x7fu) return kvBitsFloat(0x7fc00000u);  // e4m3fn's NaN (the exponent and mantissa all ones)
   const float v = e == 0 ? (float)m * 0.001953125f : kvBitsFloat(((e + 120u) << 23) | (m << 20));
   return (c & 0x80u) ? -v : v;
 }
@@ -183,11 +194,11 @@ LCKV_HD uint16_t kvScaleOf(KvType t, float amax) { return kvF32ToF16(fminf(amax 
 LCKV_HD uint32_t kvEncode(KvType t, float x, float scale) {
   if (t == KvType::F32) return kvFloatBits(x);
   if (t == KvType::BF16) return kvF32ToBf16(x);
-  const float y = scale > 0.0f ? x / scale : 0.0f;
-  if (t == KvType::FP8) return kvF32ToE4m3(y);
   const float m = kvTypeCodeMax(t);
-  const int q = (int)rintf(fmaxf(-m, fminf(m, y)));  // fminf/fmaxf drop a NaN: it clamps, not casts
-  return (uint32_t)q & (t == KvType::INT4 ? 0xfu : 0xffu);
+  // fminf/fmaxf drop a NaN: it clamps to +m (for fp8 too, whose NaN codes are never written).
+  const float y = fmaxf(-m, fminf(m, scale > 0.0f ? x / scale : 0.0f));
+  if (t == KvType::FP8) return kvF32ToE4m3(y);
+  return (uint32_t)(int)rintf(y) & (t == KvType::INT4 ? 0xfu : 0xffu);
 }
 LCKV_HD float kvDecode(KvType t, uint32_t code, float scale) {
   switch (t) {

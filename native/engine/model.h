@@ -89,8 +89,11 @@ class Model {
   // ---- the K/V pool and the sequences in it (sequences.cpp) ----
   // The page layout of this model's K/V cache in `type` (throws when the head size cannot take it).
   KvLayout kvLayout(KvType type, int pageTokens) const;
-  // Allocates the K/V pool: `pages` pages of `pageTokens` positions each, values of `type`. Once,
-  // before the first sequence.
+  // Why this model cannot keep its K/V in `type` on its backend ("" when it can): a head size
+  // the type's layout cannot take, or heads the backend's kernels lack (Backend::attentionProblem).
+  std::string kvTypeProblem(KvType type) const;
+  // Allocates the K/V pool: `pages` pages of `pageTokens` positions each, values of `type` (which
+  // kvTypeProblem must pass). Once, before the first sequence.
   void createPool(int pages, int pageTokens, KvType type);
   bool hasPool() const { return pool_ != nullptr; }
   KvPool& pool() { return *pool_; }

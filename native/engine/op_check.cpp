@@ -453,6 +453,143 @@ void checkKvRange(Runner& r, Backend& ref, Backend& test) {
   }
 }
 
+// e4m3fn by its definition (OCP 8-bit floating point): a sign, 4 exponent bits of bias 7 and 3
+// mantissa bits; exponent 0 holds the subnormals m/8 x 2^-6; S.1111.111 is NaN; no infinities.
+// Written apart from kv_format.h's bit tricks, so that the cases below check them.
+double e4m3fnValue(int c) {
+  const int e = (c >> 3) & 15, m = c & 7;
+  if (e == 15 && m == 7) return NAN;
+  const double magnitude = e == 0 ? std::ldexp(m / 8.0, -6) : std::ldexp(1.0 + m / 8.0, e - 7);
+  return (c & 0x80) ? -magnitude : magnitude;
+}
+
+// The code an fp8 cache writes for x at scale 1: the nearest finite e4m3fn value, ties to the
+// even code, of x's sign; magnitudes past 448 saturate, and a NaN writes +448 (0x7e), as the
+// integer types clamp a NaN to +codeMax.
+int e4m3fnCodeOf(double x) {
+  if (std::isnan(x)) return 0x7e;
+  int best = 0;
+  for (int c = 1; c <= 0x7e; ++c) {
+    const double d = std::fabs(std::fabs(x) - e4m3fnValue(c)), b = std::fabs(std::fabs(x) - e4m3fnValue(best));
+    if (d < b || (d == b && (c & 1) == 0)) best = c;
+  }
+  return (std::signbit(x) ? 0x80 : 0) | best;
+}
+
+// fp8 (e4m3fn) codes, exhaustively: every one of the 256 codes read back by attention (each
+// kernel path: the tensor-core decode at head size 128, the CUDA-core decode at 16, prefill) and
+// by kvRead, against e4m3fnValue (NaN exactly for 0x7f and 0xff, which the GPU's conversion
+// reads as NaN); and kvWrite of every finite value, the midpoints between neighbours and the
+// values beside them, and NaN, against e4m3fnCodeOf, never writing a NaN code. Each op reports
+// 0 when every value matches and infinity otherwise, except attention, which averages its keys'
+// (equal) values and may round: its worst relative error, within 1e-5 (neighbouring codes lie
+// 6% or more apart), infinite where a NaN is missing or extra.
+void checkFp8Codes(Runner& r, Backend& ref, Backend& test) {
+  // kv_write: heads of 128 values whose first is 448, so that the head's scale is exactly 1 and
+  // a value's code is e4m3fnCodeOf(value).
+  {
+    std::vector<double> values;
+    for (int c = 0; c < 256; ++c)
+      if ((c & 0x7f) != 0x7f) values.push_back(e4m3fnValue(c));
+    for (int c = 0; c < 0x7e; ++c)
+      for (double sign : {1.0, -1.0}) {
+        const float mid = (float)((e4m3fnValue(c) + e4m3fnValue(c + 1)) / 2);  // exact in f32
+        for (float x : {mid, std::nextafter(mid, 0.0f), std::nextafter(mid, 1000.0f)}) values.push_back(sign * x);
+      }
+    values.push_back(NAN);
+    values.push_back(-NAN);
+    const int hd = 128, kvHeads = 2, perHead = hd - 1;
+    const KvLayout L = checkLayout(KvType::FP8, kvHeads, hd);
+    const int heads = (int)((values.size() + perHead - 1) / perHead), rows = (heads + kvHeads - 1) / kvHeads;
+    std::vector<float> k((size_t)rows * L.kvDim, 0.0f);
+    for (int h = 0; h < rows * kvHeads; ++h) k[(size_t)h * hd] = 448.0f;
+    for (size_t i = 0; i < values.size(); ++i) k[(i / perHead) * hd + 1 + i % perHead] = (float)values[i];
+    const int pages = (rows + L.pageTokens - 1) / L.pageTokens;
+    std::vector<int32_t> table((size_t)pages), pos((size_t)rows), seqs((size_t)rows, 0);
+    for (int i = 0; i < pages; ++i) table[(size_t)i] = i;
+    for (int i = 0; i < rows; ++i) pos[(size_t)i] = i;
+    Tensor poolA = ref.alloc(pages, L.pageBytes() / 4), poolB = test.alloc(pages, L.pageBytes() / 4);
+    KvView va{&poolA, L, table.data(), pages, 1, seqs.data()}, vb{&poolB, L, table.data(), pages, 1, seqs.data()};
+    auto ka = r.act(k, rows, L.kvDim);
+    ref.kvWrite(va, 1, ka.first, ka.first, rows, pos.data());
+    test.kvWrite(vb, 1, ka.second, ka.second, rows, pos.data());
+    double err = codeMismatch(ref, test, poolA, poolB, va, 1, pos.data(), rows);
+    std::vector<float> words((size_t)poolB.numel());
+    test.download(poolB, 0, poolB.rows, words.data());
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(words.data());
+    for (int row = 0; row < rows; ++row)
+      for (int h = 0; h < kvHeads; ++h) {
+        const uint8_t* codes = bytes + L.codeOffset(pos[(size_t)row] / L.pageTokens, 1, 0, row % L.pageTokens) + h * hd;
+        for (int i = 0; i < hd; ++i) {
+          const float x = k[(size_t)row * L.kvDim + h * hd + i];
+          if (codes[i] != e4m3fnCodeOf(x) || (codes[i] & 0x7f) == 0x7f) err = INFINITY;
+        }
+      }
+    r.report(OpCheck{"kv_write fp8 codes", dims({{"values", (int64_t)values.size()}}), err, true, 1e-12});
+  }
+  // Reading: one sequence of `ctx` tokens whose V rows each hold the 256 codes in order (K head
+  // after head), K codes zero, every scale 1. Every score is 0, so each query's output is the
+  // decoded V row: query head h, channel d reads code (h / G) x hd + d.
+  struct ReadCase {
+    int kvHeads, hd, group, ctx, queries;
+  };
+  for (const ReadCase c : {ReadCase{2, 128, 2, 100, 1}, ReadCase{16, 16, 1, 40, 1}, ReadCase{2, 128, 2, 40, 20},
+                           ReadCase{16, 16, 2, 40, 20}}) {
+    const KvLayout L = checkLayout(KvType::FP8, c.kvHeads, c.hd);
+    const int pages = (c.ctx + L.pageTokens - 1) / L.pageTokens, heads = c.kvHeads * c.group;
+    std::vector<float> host((size_t)(pages * L.pageBytes() / 4), 0.0f);
+    uint8_t* bytes = reinterpret_cast<uint8_t*>(host.data());
+    const uint32_t unitScales = 0x3c003c00u;  // f16 1.0 for K and V
+    for (int p = 0; p < c.ctx; ++p) {
+      const int page = p / L.pageTokens, off = p % L.pageTokens;
+      for (int code = 0; code < 256; ++code) bytes[L.codeOffset(page, 1, 1, off) + code] = (uint8_t)code;
+      for (int h = 0; h < c.kvHeads; ++h) std::memcpy(bytes + L.scaleOffset(page, 1, off, h), &unitScales, 4);
+    }
+    Tensor poolA = ref.alloc(pages, L.pageBytes() / 4), poolB = test.alloc(pages, L.pageBytes() / 4);
+    ref.writeRows(poolA, 0, pages, host.data());
+    test.writeRows(poolB, 0, pages, host.data());
+    std::vector<int32_t> table((size_t)pages), qpos, qseq((size_t)c.queries, 0);
+    for (int i = 0; i < pages; ++i) table[(size_t)i] = i;
+    for (int i = c.ctx - c.queries; i < c.ctx; ++i) qpos.push_back(i);
+    KvView va{&poolA, L, table.data(), pages, 1, qseq.data()}, vb{&poolB, L, table.data(), pages, 1, qseq.data()};
+    const std::string shape = dims({{"ctx", c.ctx}, {"queries", c.queries}, {"heads", heads}, {"kvHeads", c.kvHeads},
+                                    {"headDim", c.hd}});
+    // An output no value decodes to: a NaN code's channel left unwritten reads as this, not NaN.
+    const float unwritten = -1e30f;
+    const int64_t cols = (int64_t)heads * c.hd;
+    auto qa = r.act(r.random((size_t)(c.queries * cols)), c.queries, cols);
+    auto o = r.act(std::vector<float>((size_t)(c.queries * cols), unwritten), c.queries, cols);
+    AttentionSpec sp{heads, c.kvHeads, c.hd, false, 0, 1.0f / std::sqrt((float)c.hd)};
+    ref.attention(qa.first, c.queries, qpos.data(), va, 1, sp, o.first);
+    test.attention(qa.second, c.queries, qpos.data(), vb, 1, sp, o.second);
+    double worst = 0;
+    for (Backend* b : {&ref, &test}) {
+      std::vector<float> out((size_t)(c.queries * cols));
+      b->download(b == &ref ? o.first : o.second, 0, c.queries, out.data());
+      for (int q = 0; q < c.queries; ++q)
+        for (int h = 0; h < heads; ++h)
+          for (int d = 0; d < c.hd; ++d) {
+            const double want = e4m3fnValue((h / c.group) * c.hd + d), y = out[(size_t)(q * cols + h * c.hd + d)];
+            if (std::isnan(want) != std::isnan(y)) worst = INFINITY;
+            else if (!std::isnan(want)) worst = std::max(worst, std::fabs(y - want) / std::max(std::fabs(want), 1e-3));
+          }
+    }
+    r.report(OpCheck{"attention fp8 codes", shape, worst, true, 1e-5});
+    if (c.queries > 1) continue;  // kvRead reads the same pages in every case
+    double readErr = 0;
+    for (Backend* b : {&ref, &test}) {
+      std::vector<float> back;
+      b->kvRead(b == &ref ? va : vb, 0, 1, 0, c.ctx, back);
+      for (int p = 0; p < c.ctx; ++p)
+        for (int code = 0; code < 256; ++code) {
+          const double want = e4m3fnValue(code), y = back[((size_t)c.ctx + p) * L.kvDim + code];
+          if (std::isnan(want) ? !std::isnan(y) : y != want) readErr = INFINITY;
+        }
+    }
+    r.report(OpCheck{"kv_read fp8 codes", shape, readErr, true, 1e-12});
+  }
+}
+
 // elementwise ops
 void checkElementwise(Runner& r, Backend& ref, Backend& test) {
   const int n = 5, m = 1000;
@@ -505,6 +642,7 @@ const std::vector<Group>& groups() {
       {{"rope_kv_write q", "rope_kv_write q alone", "rope_kv_write cache"}, checkRopeKvWrite},
       {{"attention", "kv_write codes", "kv_write+zero+read"}, checkAttention},
       {{"kv_write range"}, checkKvRange},
+      {{"kv_write fp8 codes", "attention fp8 codes", "kv_read fp8 codes"}, checkFp8Codes},
       {{"swiglu", "gelu_tanh", "residual_add"}, checkElementwise},
       {{"embed"}, checkEmbed},
       {{"sample", "sample logprobs"}, checkSample},

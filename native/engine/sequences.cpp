@@ -20,16 +20,27 @@ KvLayout Model::kvLayout(KvType type, int pageTokens) const {
   layout.kvHeads = cfg_.numKvHeads;
   layout.pageTokens = pageTokens;
   layout.type = type;
-  if (cfg_.headDim % kvTypeHeadDimMultiple(type))
-    throw EngineError(kErrInvalidArgument, std::string(kvTypeName(type)) + " needs a head size that is a multiple of " +
-                                               std::to_string(kvTypeHeadDimMultiple(type)) + "; this model's is " +
-                                               std::to_string(cfg_.headDim) + " (f32 takes any head size)");
+  const std::string problem = kvHeadDimProblem(type, cfg_.headDim);
+  if (!problem.empty()) throw EngineError(kErrInvalidArgument, problem);
   return layout;
+}
+
+std::string Model::kvTypeProblem(KvType type) const {
+  const std::string problem = kvHeadDimProblem(type, cfg_.headDim);
+  if (!problem.empty()) return problem;
+  // Layers differ only in their diagonal rule and window, which no backend's limits depend on.
+  AttentionSpec spec;
+  spec.numHeads = cfg_.numHeads;
+  spec.numKvHeads = cfg_.numKvHeads;
+  spec.headDim = cfg_.headDim;
+  return backend_->attentionProblem(spec, type);
 }
 
 void Model::createPool(int pages, int pageTokens, KvType type) {
   if (pool_) throw EngineError(kErrInvalidArgument, "the K/V pool already exists");
   if (pages <= 0 || pageTokens <= 0) throw EngineError(kErrInvalidArgument, "the K/V pool needs pages > 0 and pageTokens > 0");
+  const std::string problem = kvTypeProblem(type);
+  if (!problem.empty()) throw EngineError(kErrInvalidArgument, problem);
   const KvLayout layout = kvLayout(type, pageTokens);
   try {
     pool_ = std::make_shared<KvPool>(*backend_, layout, pages);

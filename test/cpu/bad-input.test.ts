@@ -5,6 +5,8 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import {
   ConfigError,
+  KV_CACHE_DTYPES,
+  KvCacheDtype,
   ContextOverflowError,
   DisposedError,
   InvalidInputError,
@@ -336,10 +338,31 @@ describe("inputs and options", () => {
       expect(e).toBeInstanceOf(InvalidOptionError);
       expect(e.option).toBe("kvCacheDtype");
       expect(e.message).toMatch(new RegExp(`${kvCacheDtype} needs a head size that is a multiple of ${multiple}; this model's is 22`));
+      expect(e.message).toMatch(/this model takes "f32", "bf16"$/);
     }
     const m = await load(odd, { kvCacheDtype: "bf16" });
     expect((await m.generate([1, 2, 3], { maxNewTokens: 4, temperature: 0, ignoreEos: true })).tokens).toHaveLength(4);
     await m.dispose();
+  });
+
+  test("kvBytesPerTokenIn: null for a type the head size cannot take, a typed error for anything else", async () => {
+    // Head size 22, 4 layers (all own K/V), 1 K/V head: K and V of 22 values a layer.
+    const m = await load(writeTinyModel({ hidden: 44, heads: 2, kvHeads: 1, intermediate: 43 }), { kvCacheDtype: "f32" });
+    expect(KV_CACHE_DTYPES.map((t) => m.kvBytesPerTokenIn(t))).toEqual([4 * 2 * 22 * 4, 4 * 2 * 22 * 2, null, null, null]);
+    expect(m.kvBytesPerTokenIn("f32")).toBe(m.kvBytesPerToken);
+    const bad = (() => {
+      try {
+        return m.kvBytesPerTokenIn("int3" as KvCacheDtype);
+      } catch (e) {
+        return e;
+      }
+    })();
+    expect(bad).toBeInstanceOf(InvalidOptionError);
+    expect((bad as InvalidOptionError).message).toMatch(/'dtype': must be one of "f32", "bf16", "fp8", "int8", "int4", got "int3"/);
+    await m.dispose();
+    // A disposed model is an error, not "this type does not apply".
+    expect(() => m.kvBytesPerTokenIn("f32")).toThrow(DisposedError);
+    expect(() => m.kvBytesPerTokenIn("int4")).toThrow(DisposedError);
   });
 
   test("a model directory that is not a string", async () => {

@@ -8,7 +8,7 @@
  * own request, and models without a cyclic group keep their chunked prefill.
  */
 import * as path from "node:path";
-import { AbortError, DisposedError, loadModel, Model, Sequence, TokenOutOfRangeError } from "../../lib";
+import { AbortError, DisposedError, KV_PAGE_TOKENS, loadModel, Model, Sequence, TokenOutOfRangeError } from "../../lib";
 import type { EngineContext } from "../../lib/engine-context";
 import type { NativeSequence } from "../../lib/native";
 import { collectStream } from "../helpers/stream";
@@ -169,6 +169,30 @@ describe.each(["lckv-w2", "lckv-sandwich", "lckv-sliding", "gpt2-lckv"])("%s", (
       await stream.stop();
     }
   });
+});
+
+test("a request waiting for K/V pages is not in flight: the prompt it waits behind prefills alone, then so does its own", async () => {
+  const dir = path.join(FIXTURES, "lckv-w2");
+  const probe = await loadModel(dir, { device: "cpu" });
+  const pageBytes = probe.kvBytesPerToken * KV_PAGE_TOKENS;
+  await probe.dispose();
+  // Four pages: each request's 40 prompt tokens and 20 new ones take all of them.
+  const m = await loadModel(dir, { device: "cpu", threads: 1, prefixCache: 0, kvCacheMemory: 4 * pageBytes });
+  try {
+    const opts = { ...GREEDY, maxNewTokens: 20 };
+    const a = m.generate(prompt(m, 40, 1), opts);
+    const b = m.generate(prompt(m, 40, 2), opts);
+    // One turn: a's prompt has not picked its way yet (its prefill yields a turn first), and b
+    // waits for a's pages.
+    await new Promise((r) => setImmediate(r));
+    expect(m.admission.queued).toBe(1);
+    const [ra, rb] = await Promise.all([a, b]);
+    expect([ra.tokens.length, rb.tokens.length]).toEqual([20, 20]);
+    // Counted as in flight, b would have sent a's prompt into batched token steps.
+    expect(promptTokens(m)).toBe(0);
+  } finally {
+    await m.dispose();
+  }
 });
 
 describe("lckv-w2: fairness, cancellation, errors", () => {

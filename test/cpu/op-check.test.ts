@@ -57,3 +57,28 @@ test("kv_write range: a head past what a finite f16 scale covers saturates, in e
     expect(r.relErr).toBeLessThanOrEqual(r.tolerance);
   }
 });
+
+test("fp8 codes: all 256 read back as e4m3fn defines them (0x7f and 0xff as NaN), and no write makes a NaN code", () => {
+  // The GPU's e4m3 conversion reads 0x7f and 0xff as NaN; the CPU once read them as +-480.
+  // Attention covers each GPU kernel path's shape (tensor-core decode, CUDA-core decode,
+  // prefill); kv_write covers every finite value, the midpoints between neighbours, and NaN.
+  const results = check(["kv_write fp8 codes", "attention fp8 codes", "kv_read fp8 codes"]);
+  expect(results.map((r) => r.op)).toEqual([
+    "kv_write fp8 codes",
+    "attention fp8 codes",
+    "kv_read fp8 codes",
+    "attention fp8 codes",
+    "kv_read fp8 codes",
+    "attention fp8 codes",
+    "attention fp8 codes",
+  ]);
+  // Attention averages equal values and may round (within its 1e-5); the codes match exactly.
+  for (const r of results) {
+    const bound = r.op === "attention fp8 codes" ? 1e-5 : 0;
+    expect({ case: `${r.op} ${r.shape}`, tolerance: r.tolerance, within: r.relErr <= bound }).toEqual({
+      case: `${r.op} ${r.shape}`,
+      tolerance: r.op === "attention fp8 codes" ? 1e-5 : 1e-12,
+      within: true,
+    });
+  }
+});
