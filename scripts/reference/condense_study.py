@@ -65,7 +65,7 @@ def reference_perplexities(model_dir, ids, window, runs, t, jobs):
     """Perplexity of each run (None: the plain forward; else the merged pairs), windows spread over processes."""
     wins = windows(ids, window)
     tasks = [(pairs, t, w) for pairs in runs for w in wins]
-    with multiprocessing.get_context("spawn").Pool(jobs, initializer=_load_reference, initargs=(model_dir,)) as pool:
+    with multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks)), initializer=_load_reference, initargs=(model_dir,)) as pool:
         res = pool.map(_window_nll, tasks, chunksize=1)
     out = []
     for r in range(len(runs)):
@@ -132,7 +132,8 @@ def main():
     ap.add_argument("--t", type=float, default=0.6, help="SLERP interpolation parameter (MiniCache: 0.6)")
     ap.add_argument("--kv-dtypes", default="f32", help="K/V cache types linear and share are scored in (f32 always)")
     ap.add_argument("--device", default="cpu", help="the engine's device for linear and share")
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes for SLERP, models condensed at a time")
+    ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                    help="processes for SLERP, models condensed at a time (default: the cores this process may use)")
     ap.add_argument("--keep", help="keep the condensed models in this directory")
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args()

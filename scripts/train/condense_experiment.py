@@ -7,7 +7,9 @@ models with a short fine-tune, and writes every figure of docs/condense.md's tab
 
 Phases, each timed:
   data    the corpus (unpacked from .data/corpus-en-pd.tar.xz when .data/corpus is missing), the
-          validation text and the calibration text (data.py --write-val, --write-calib);
+          validation text and the calibration text (data.py --write-val, --write-calib), and the
+          config's tokenizer if its folder is missing (train_tokenizer.py; standard-16.json
+          uses the default model's, models/default);
   train   train.py --config CONFIG (skipped with --model);
   study   scripts/reference/condense_study.py: linear and share through lckv condense and the
           engine, in f32, int8 and int4 K/V caches, at 75, 50, 33 and 25% of the K/V kept, and
@@ -188,6 +190,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=20000, help="evaluation tokens")
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--device", help="the engine's device for the study (default: cuda if PyTorch sees a GPU)")
+    ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                    help="processes for the study (default: the cores this process may use)")
     ap.add_argument("--trial", action="store_true", help="a tiny model and a few steps: checks the pipeline")
     ap.add_argument("--markdown", metavar="RESULTS_JSON", help="print the tables of a results.json and exit")
     a = ap.parse_args()
@@ -207,7 +211,6 @@ def main():
     work = a.work
     os.makedirs(work, exist_ok=True)
     val, calib = os.path.join(work, "validation.txt"), os.path.join(work, "calib.txt")
-    jobs = os.cpu_count() or 1
 
     def data():
         corpus = os.path.join(ROOT, ".data", "corpus")
@@ -215,6 +218,11 @@ def main():
             os.makedirs(corpus)
             run.cmd(["tar", "xJf", os.path.join(ROOT, ".data", "corpus-en-pd.tar.xz"), "-C", corpus])
         run.cmd([sys.executable, "scripts/train/data.py", "--corpus", corpus, "--write-val", val, "--write-calib", calib])
+        if a.model is None:
+            with open(a.config) as f:
+                tokenizer = os.path.join(ROOT, json.load(f)["data"]["tokenizer"])
+            if not os.path.exists(os.path.join(tokenizer, "tokenizer.json")):  # standard.json's own, as run_all.sh makes it
+                run.cmd([sys.executable, "scripts/train/train_tokenizer.py", "--corpus", corpus, "--out", tokenizer])
 
     run.phase("data", data)
 
@@ -238,7 +246,7 @@ def main():
     run.phase("study", lambda: run.cmd([
         sys.executable, "scripts/reference/condense_study.py", "--model", model, "--calib", calib, "--text", val,
         "--fractions", "1,0.75,0.5,0.33,0.25", "--kv-dtypes", "f32,int8,int4", "--max-tokens", str(a.max_tokens),
-        "--calib-tokens", str(a.calib_tokens), "--device", a.device, "--jobs", str(jobs), "--keep", condensed,
+        "--calib-tokens", str(a.calib_tokens), "--device", a.device, "--jobs", str(a.jobs), "--keep", condensed,
         "--json", study_json]))
     with open(study_json) as f:
         study = run.results["study"] = json.load(f)
