@@ -18,7 +18,8 @@ Phases, each timed:
           trained model itself: the control, what the same fine-tune does to a model that lost
           nothing), train.py --config configs/heal.json --init MODEL; then the perplexity of the
           same evaluation tokens before and after, by lckv (node dist/cli.js eval-ppl, CPU,
-          f32 cache: the study's arithmetic) and by PyTorch (eval_ppl.py), which must agree.
+          f32 cache: the study's arithmetic) and by PyTorch (eval_ppl.py's functions), and
+          the largest relative difference between the two.
 Writes RESULTS_DIR/results.json (all figures and timings, rewritten after each phase, so a run
 cut short keeps what it finished), results.md (the tables, from results.json; also
 `--markdown results.json` prints them again), study.json and log.txt (everything printed).
@@ -29,7 +30,6 @@ torch, tokenizers, safetensors and numpy.
 """
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -39,6 +39,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "scripts", "reference"))
+sys.path.insert(0, HERE)
 
 # --trial: a model of the same depth but a quarter of the width (head size 32 kept), a few steps
 # of training and healing, and short texts.
@@ -119,10 +120,14 @@ def lckv_perplexity(run, model, text, max_tokens):
 
 
 def torch_perplexity(run, model, text, max_tokens):
-    out = run.cmd([sys.executable, "scripts/train/eval_ppl.py", "--model", model, "--text", text, "--window", "256",
-                   "--max-tokens", str(max_tokens)], capture=True)
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return next(r["perplexity"] for r in rows if "perplexity" in r)
+    """eval_ppl.py's perplexity (f32, one pass: a condensed model reads no higher layer), in this process."""
+    from eval_ppl import prepare, score
+
+    m, groups, dev, _ = prepare(model, text, 256, max_tokens)
+    assert m.group is None, f"{model}: a model of the study reads no higher layer"
+    ppl = score(m, groups, "single-pass", dev, 512)["perplexity"]
+    run.say(f"PyTorch (eval_ppl.py) {model}: perplexity {ppl:.4f}")
+    return ppl
 
 
 def study_entry(study, name):
