@@ -7,16 +7,22 @@
  * split) and its validation text as --text.
  *
  *   node scripts/eval/condense-study.js --model DIR --calib train-slice.txt --text validation.txt \
- *     [--ratios 0.75,0.5,0.375,0.25] [--methods linear,share] [--kv-dtypes f32,int8] [--device cpu]
+ *     [--ratios 0.75,0.5,0.375,0.25] [--methods linear,share] [--kv-dtypes f32,int8] [--device cpu] \
+ *     [--jobs N] [--keep DIR]
  *
- * Prints a Markdown table; --json writes the figures.
+ * Each condensed model is made by `lckv condense` in a child process, --jobs of them at a time
+ * (the calibration statistics are summed in JavaScript, one core per model: on a machine of many
+ * cores the models come out together); --keep writes them to DIR/<method>-<ratio> and keeps
+ * them. Prints a Markdown table; --json writes the figures.
  */
 const fs = require("node:fs");
 const os = require("node:os");
 const path = require("node:path");
+const { execFile } = require("node:child_process");
 const { Command } = require("commander");
 const { loadModel, evaluatePerplexity } = require("../../dist");
-const { condenseModel } = require("../../dist/condense/condense");
+
+const CLI = path.join(__dirname, "..", "..", "dist", "cli.js");
 
 const opt = new Command()
   .name("condense-study")
@@ -30,6 +36,8 @@ const opt = new Command()
   .option("--calib-tokens <n>", "calibration tokens", "16384")
   .option("--window <n>", "evaluation window", "256")
   .option("--device <d>", "cpu or cuda", "cpu")
+  .option("--jobs <n>", "condensed models made at a time", "1")
+  .option("--keep <dir>", "keep the condensed models in this directory (which must not hold them yet)")
   .option("--json <file>", "write the figures here")
   .parse()
   .opts();
@@ -46,13 +54,40 @@ async function perplexity(dir, kvCacheDtype, ids) {
   }
 }
 
+/** `lckv condense` in a child process: its report, and the seconds it took. */
+function condense(ratio, method, out) {
+  const args = [CLI, "condense", opt.model, "--out", out, "--calib", opt.calib, "--ratio", String(ratio), "--method", method,
+    "--device", opt.device, "--calib-tokens", String(opt.calibTokens), "--json"];
+  const t0 = Date.now();
+  return new Promise((resolve, reject) => {
+    execFile(process.execPath, args, { maxBuffer: 64 << 20 }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`lckv condense --method ${method} --ratio ${ratio} failed: ${stderr || err.message}`));
+      else resolve({ report: JSON.parse(stdout), seconds: (Date.now() - t0) / 1e3 });
+    });
+  });
+}
+
+/** fn over every task, at most n at a time; the results in the order of the tasks. */
+async function inPool(tasks, n, fn) {
+  const results = new Array(tasks.length);
+  let next = 0;
+  const worker = async () => {
+    while (next < tasks.length) {
+      const k = next++;
+      results[k] = await fn(tasks[k]);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.max(1, Math.min(n, tasks.length)) }, worker));
+  return results;
+}
+
 (async () => {
-  const calib = fs.readFileSync(opt.calib, "utf8");
   const probe = await loadModel(opt.model, { device: opt.device, dtype: "f32", kvCacheDtype: "f32", prefixCache: 0 });
   const ids = probe.tokenizer.encode(fs.readFileSync(opt.text, "utf8"), { addSpecialTokens: false }).slice(0, +opt.maxTokens);
   const layers = probe.config.numLayers;
   await probe.dispose();
-  const work = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-condense-study-"));
+  const work = opt.keep ?? fs.mkdtempSync(path.join(os.tmpdir(), "lckv-condense-study-"));
+  fs.mkdirSync(work, { recursive: true });
   const rows = [];
   const types = list(opt.kvDtypes);
   if (!types.includes("f32")) types.unshift("f32");  // the reference every row is set against
@@ -62,20 +97,21 @@ async function perplexity(dir, kvCacheDtype, ids) {
     rows.push({ method: "source", kept: 1, kvLayers: layers, kvCacheDtype: t, perplexity: base[t], vsSource: base[t] / base.f32 - 1 });
     log(`source ${t}: ${base[t].toFixed(4)}`);
   }
-  for (const ratio of list(opt.ratios).map(Number)) {
-    for (const method of list(opt.methods)) {
-      const out = path.join(work, `${method}-${ratio}`);
-      const t0 = Date.now();
-      const r = await condenseModel(opt.model, { out, calibrationText: calib, ratio, method, device: opt.device, calibrationTokens: +opt.calibTokens });
-      const seconds = (Date.now() - t0) / 1e3;
-      for (const t of types) {
-        const ppl = await perplexity(out, t, ids);
-        const row = { method, kept: r.kvLayers.length / layers, ratio, kvLayers: r.kvLayers.length, layerTypes: r.layerTypes.join("_"), kvCacheDtype: t, perplexity: ppl, vsSource: ppl / base.f32 - 1, condenseSeconds: seconds, heldOut: r.perplexity };
-        rows.push(row);
-        log(`${method} ${ratio} (${row.layerTypes}) ${t}: ${ppl.toFixed(4)} (${(row.vsSource * 100).toFixed(2)}% vs the source in f32), condensed in ${seconds.toFixed(0)} s`);
-      }
-      fs.rmSync(out, { recursive: true, force: true });
+  const tasks = list(opt.ratios).map(Number).flatMap((ratio) => list(opt.methods).map((method) => ({ ratio, method, out: path.join(work, `${method}-${ratio}`) })));
+  const made = await inPool(tasks, +opt.jobs, async ({ ratio, method, out }) => {
+    const m = await condense(ratio, method, out);
+    log(`condensed ${method} ${ratio}: ${m.report.layerTypes.join("_")} in ${m.seconds.toFixed(0)} s`);
+    return m;
+  });
+  for (const [k, { ratio, method, out }] of tasks.entries()) {
+    const { report: r, seconds } = made[k];
+    for (const t of types) {
+      const ppl = await perplexity(out, t, ids);
+      const row = { method, kept: r.kvLayers.length / layers, ratio, kvLayers: r.kvLayers.length, layerTypes: r.layerTypes.join("_"), kvCacheDtype: t, perplexity: ppl, vsSource: ppl / base.f32 - 1, condenseSeconds: seconds, heldOut: r.perplexity };
+      rows.push(row);
+      log(`${method} ${ratio} (${row.layerTypes}) ${t}: ${ppl.toFixed(4)} (${(row.vsSource * 100).toFixed(2)}% vs the source in f32)`);
     }
+    if (!opt.keep) fs.rmSync(out, { recursive: true, force: true });
   }
   const lines = [
     `| method | K/V kept | layer_types | K/V type | perplexity | vs source (f32 cache) |`,
@@ -84,7 +120,7 @@ async function perplexity(dir, kvCacheDtype, ids) {
   ];
   process.stdout.write(lines.join("\n") + "\n");
   if (opt.json) fs.writeFileSync(opt.json, JSON.stringify({ options: opt, rows }, null, 2));
-  fs.rmSync(work, { recursive: true, force: true });
+  if (!opt.keep) fs.rmSync(work, { recursive: true, force: true });
 })().catch((e) => {
   console.error(e);
   process.exit(1);

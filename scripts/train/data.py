@@ -17,6 +17,12 @@ The validation text is the five validation parts concatenated in the order of FI
     python3 scripts/train/data.py --corpus .data/corpus --write-val validation.txt
 
 (977,167 bytes; its SHA-256 is printed).
+
+Calibration text for `lckv condense` (docs/condense.md): the first CALIBRATION_BYTES (40,000)
+bytes of each file's training part, extended to the end of that line, concatenated in the order
+of FILES; it never overlaps the validation text:
+
+    python3 scripts/train/data.py --corpus .data/corpus --write-calib calib.txt
 """
 import argparse
 import hashlib
@@ -25,6 +31,7 @@ import sys
 
 FILES = ["austen.txt", "brown.txt", "kjv_bible.txt", "sotu.txt", "web_bible.txt"]
 VALIDATION_BYTES = 200_000
+CALIBRATION_BYTES = 40_000
 DEFAULT_CORPUS = ".data/corpus"
 
 
@@ -56,6 +63,15 @@ def validation_text(corpus: str = DEFAULT_CORPUS) -> str:
     return "".join(parts)
 
 
+def calibration_text(corpus: str = DEFAULT_CORPUS, size: int = CALIBRATION_BYTES) -> str:
+    parts = []
+    for _, tr, _ in read_splits(corpus):
+        raw = tr.encode("utf-8")
+        nl = raw.find(b"\n", size - 1)
+        parts.append(raw[: len(raw) if nl < 0 else nl + 1].decode("utf-8"))
+    return "".join(parts)
+
+
 def line_chunks(texts, size=1 << 16):
     """Yields pieces of about `size` characters of each text, each cut just after a newline."""
     for t in texts:
@@ -71,6 +87,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default=DEFAULT_CORPUS)
     ap.add_argument("--write-val", metavar="FILE", help="write the validation text to FILE")
+    ap.add_argument("--write-calib", metavar="FILE", help="write the calibration text to FILE")
     a = ap.parse_args()
     for name, tr, va in read_splits(a.corpus):
         print(f"{name}: train {len(tr.encode())} bytes, validation {len(va.encode())} bytes")
@@ -79,6 +96,11 @@ def main():
         with open(a.write_val, "wb") as f:
             f.write(text)
         print(f"wrote {a.write_val}: {len(text)} bytes, sha256 {hashlib.sha256(text).hexdigest()}")
+    if a.write_calib:
+        text = calibration_text(a.corpus).encode("utf-8")
+        with open(a.write_calib, "wb") as f:
+            f.write(text)
+        print(f"wrote {a.write_calib}: {len(text)} bytes, sha256 {hashlib.sha256(text).hexdigest()}")
     return 0
 
 

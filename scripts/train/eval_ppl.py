@@ -77,6 +77,24 @@ def score(model, groups, mode, dev, batch):
     return {"perplexity": math.exp(mean), "mean_nll": mean, "predicted_tokens": count, "passes_max": max(passes)}
 
 
+def prepare(model_dir: str, text_file: str, window: int, max_tokens=None):
+    """(model, window groups, device, description) for scoring model_dir on text_file: f32 without TF32."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    with open(text_file, encoding="utf-8") as f:
+        text = f.read()
+    ids = tok.encode(text, add_special_tokens=False).ids
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    groups = windows(ids, window)
+    model = load_model(model_dir, dev)
+    base = {"model": model_dir, "text": os.path.basename(text_file), "tokens": len(ids), "window": window,
+            "windows": sum(g.shape[0] for g in groups), "parameters": count_parameters(model)}
+    return model, groups, dev, base
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -87,20 +105,7 @@ def main():
     ap.add_argument("--modes", default=None, help="comma-separated subset of sequential,fixed-point,iterative")
     ap.add_argument("--hf-check", action="store_true")
     a = ap.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    tok = Tokenizer.from_file(os.path.join(a.model, "tokenizer.json"))
-    with open(a.text, encoding="utf-8") as f:
-        text = f.read()
-    ids = tok.encode(text, add_special_tokens=False).ids
-    if a.max_tokens is not None:
-        ids = ids[:a.max_tokens]
-    groups = windows(ids, a.window)
-    model = load_model(a.model, dev)
-    base = {"model": a.model, "text": os.path.basename(a.text), "tokens": len(ids), "window": a.window,
-            "windows": sum(g.shape[0] for g in groups), "parameters": count_parameters(model)}
+    model, groups, dev, base = prepare(a.model, a.text, a.window, a.max_tokens)
     if model.group is None:
         modes = ["single-pass"]
     else:

@@ -1,6 +1,7 @@
 """Trains one model of the default-model pair and saves it as a Hugging Face directory.
 
     python3 scripts/train/train.py --config scripts/train/configs/lckv.json --out DIR
+    python3 scripts/train/train.py --config scripts/train/configs/heal.json --init MODEL_DIR --out DIR
 
 Every hyper-parameter is in the JSON config: "hf_config" (written as config.json),
 "generation_config" (generation_config.json), "data" (corpus folder and tokenizer folder, as
@@ -16,12 +17,22 @@ prompts that begin with <|bos|> (as generation feeds them). The order, the offse
 <|bos|> choice come from numpy's PCG64 seeded with "seed"; weights from torch.manual_seed.
 Cyclic (LCKV) models train with the reference's iteration plan (model.py).
 
+--init MODEL_DIR fine-tunes a saved model instead of a fresh one (the healing fine-tune of a
+condensed model, docs/condense.md): config.json, the weights, the tokenizer and
+generation_config.json come from MODEL_DIR, so the config file has no "hf_config" and its
+"data" names only the corpus. A condensed model (layer_types, no k_proj/v_proj in the layers
+that read a lower layer's K/V) trains in one parallel pass like any model without a cyclic
+group. The validation loss is also measured before the first step, and the weights are saved in
+the dtypes MODEL_DIR stores them in (lckv condense writes its folded q_proj and o_proj in f32),
+with config.json as it was: the result loads wherever MODEL_DIR did.
+
 Mixed precision: bf16 autocast, f32 master weights, AdamW, linear warm-up then cosine decay.
 Determinism: fixed seeds and data order, deterministic algorithms where PyTorch has them
 (warn_only: the cuDNN attention backward is not deterministic, so two runs may differ in
 the last bits).
-Prints the validation loss every "eval_every" steps and at the end, and saves config.json,
-model.safetensors (bf16), generation_config.json, the tokenizer files and train_log.json.
+Prints the validation loss (the whole validation text, or its first "eval_tokens" tokens) every
+"eval_every" steps and at the end, and saves config.json,
+model.safetensors (bf16 unless --init), generation_config.json, the tokenizer files and train_log.json.
 """
 import argparse
 import json
@@ -36,7 +47,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -113,17 +124,38 @@ def validation_loss(model, val: torch.Tensor, ctx: int, batch: int) -> float:
     return tot / cnt
 
 
+def load_init(d: str):
+    """config.json, generation_config.json (or None) and the tensors of a saved model directory."""
+    with open(os.path.join(d, "config.json")) as f:
+        hf = json.load(f)
+    gen_file = os.path.join(d, "generation_config.json")
+    gen = None
+    if os.path.exists(gen_file):
+        with open(gen_file) as f:
+            gen = json.load(f)
+    return hf, gen, load_file(os.path.join(d, "model.safetensors"))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--init", metavar="MODEL_DIR", help="fine-tune this saved model (its config, weights and tokenizer)")
     ap.add_argument("--max-steps", type=int, default=None,
                     help="stop after this many steps (timing runs only; the schedule is unchanged)")
     a = ap.parse_args()
     t_start = time.time()
     with open(a.config) as f:
         cfg = json.load(f)
-    hf, t, d = cfg["hf_config"], cfg["train"], cfg["data"]
+    t, d = cfg["train"], cfg["data"]
+    if a.init is not None:
+        if "hf_config" in cfg or "tokenizer" in d:
+            sys.exit(f"{a.config}: with --init the model and its tokenizer come from {a.init}; "
+                     "the config must have no \"hf_config\" and no \"data\".\"tokenizer\"")
+        hf, gen_cfg, init_sd = load_init(a.init)
+        tok_dir = a.init
+    else:
+        hf, gen_cfg, init_sd, tok_dir = cfg["hf_config"], cfg["generation_config"], None, d["tokenizer"]
     mcfg = ModelConfig.from_hf(hf)
     ctx, B, steps = t["context"], t["batch_size"], t["steps"]
     assert ctx <= hf["max_position_embeddings"]
@@ -133,10 +165,11 @@ def main():
     torch.backends.cudnn.benchmark = False
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    tok = Tokenizer.from_file(os.path.join(d["tokenizer"], "tokenizer.json"))
+    tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
     assert tok.get_vocab_size() == hf["vocab_size"]
     stream, line_starts = tokenize_training(tok, d["corpus"], hf["eos_token_id"])
-    val_ids = tok.encode(data.validation_text(d["corpus"]), add_special_tokens=False).ids
+    # "eval_tokens" (optional, for trial runs on a CPU) scores only the start of the validation text
+    val_ids = tok.encode(data.validation_text(d["corpus"]), add_special_tokens=False).ids[:t.get("eval_tokens")]
     starts, bos, epochs = sample_plan(len(stream), line_starts, ctx, steps * B, t["bos_fraction"], t["seed"])
     print(f"data: {len(stream)} training tokens, {len(val_ids)} validation tokens; "
           f"{steps} steps x {B} x {ctx} = {steps * B * ctx} tokens ({steps * B * ctx / len(stream):.2f} epochs, "
@@ -150,7 +183,10 @@ def main():
     ar = torch.arange(ctx + 1, device=dev)
 
     model = CausalLM(mcfg)
-    model.init_weights(t.get("init_std", 0.02))
+    if init_sd is None:
+        model.init_weights(t.get("init_std", 0.02))
+    else:
+        model.load_state_dict({k: v.float() for k, v in init_sd.items()}, strict=True)
     model.to(dev).train()
     n_params = count_parameters(model)
     print(f"model: {hf['model_type']} layer_types {hf.get('layer_types')} cyclic group {model.group}; "
@@ -162,10 +198,15 @@ def main():
         [{"params": decay, "weight_decay": t["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
         lr=t["lr"], betas=tuple(t["betas"]), eps=1e-8, fused=True)
 
-    log = {"config": os.path.basename(a.config), "parameters": n_params, "train_tokens_available": int(len(stream)),
+    log = {"config": os.path.basename(a.config), "init": a.init and os.path.basename(os.path.normpath(a.init)),
+           "parameters": n_params, "train_tokens_available": int(len(stream)),
            "validation_tokens": len(val_ids), "steps": steps, "batch_size": B, "context": ctx,
            "tokens_seen": 0, "val": []}
     run_steps = steps if a.max_steps is None else min(steps, a.max_steps)
+    if init_sd is not None:
+        vl = validation_loss(model, val_d, ctx, t.get("eval_batch", 256))
+        log["val"].append({"step": 0, "loss": vl, "ppl": math.exp(vl)})
+        print(f"validation step 0 (the --init model): loss {vl:.4f} ppl {math.exp(vl):.3f}", flush=True)
     sync()
     t_train = time.time()
     t_last, acc, acc_n = t_train, 0.0, 0
@@ -205,16 +246,18 @@ def main():
     log["train_wall_s"] = round(train_wall, 1)
 
     os.makedirs(a.out, exist_ok=True)
-    sd = {k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in model.state_dict().items()}
+    dtype_of = {k: v.dtype for k, v in init_sd.items()} if init_sd is not None else {}
+    sd = {k: v.detach().to(dtype_of.get(k, torch.bfloat16)).contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(sd, os.path.join(a.out, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(a.out, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
         f.write("\n")
-    with open(os.path.join(a.out, "generation_config.json"), "w") as f:
-        json.dump(cfg["generation_config"], f, indent=2)
-        f.write("\n")
+    if gen_cfg is not None:
+        with open(os.path.join(a.out, "generation_config.json"), "w") as f:
+            json.dump(gen_cfg, f, indent=2)
+            f.write("\n")
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(os.path.join(d["tokenizer"], name), os.path.join(a.out, name))
+        shutil.copyfile(os.path.join(tok_dir, name), os.path.join(a.out, name))
     log["total_wall_s"] = round(time.time() - t_start, 1)
     with open(os.path.join(a.out, "train_log.json"), "w") as f:
         json.dump(log, f, indent=2)
