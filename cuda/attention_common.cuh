@@ -11,14 +11,6 @@
 
 namespace lckv::cuda {
 
-// Internal linkage, as in every kernel file: each .cu that includes this has its own copy, and
-// the kernels built on it keep the names they show in profiles.
-namespace {
-
-constexpr int kMaxDimsPerLane = 4;  // headDim <= 128
-// Splits of a decode row's keys at most (the merge kernel keeps one weight per split).
-constexpr int kMaxDecodeSplits = 64;
-
 // Where attention writes its rows: f32, or bf16 when they only feed the output projection's
 // cuBLASLt product (which reads bf16). One flag for the whole launch, so the branch costs nothing.
 struct AttentionOut {
@@ -29,6 +21,14 @@ struct AttentionOut {
     else static_cast<float*>(data)[i] = v;
   }
 };
+
+// Internal linkage, as in every kernel file: each .cu that includes this has its own copy, and
+// the kernels built on it keep the names they show in profiles.
+namespace {
+
+constexpr int kMaxDimsPerLane = 4;  // headDim <= 128
+// Splits of a decode row's keys at most (the merge kernel keeps one weight per split).
+constexpr int kMaxDecodeSplits = 64;
 
 struct Range {
   int first, last;  // visible keys [first, last]; empty when last < first
