@@ -8,7 +8,8 @@
 // f32 models with an f32 cache are checked to 1e-5, which tf32 (10-bit mantissa) cannot reach
 // alone. Each operand is split into a tf32 part and the tf32 of its remainder and
 // three products are summed (hi.hi + hi.lo + lo.hi, the "3xTF32" of cuBLAS): about 21 bits of
-// each operand survive, f32 accuracy for a softmax-weighted sum.
+// each operand survive, f32 accuracy for a softmax-weighted sum. A bf16 cache's keys and values
+// are exact in tf32, so their low parts are zero and two products do (mma2xTf32).
 //
 // Fragments (PTX ISA, m16n8k8 .tf32, g = lane / 4, t = lane % 4): A (16 x 8, row) holds
 // (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4); B (8 x 8, col) holds (k = t, n = g) and
@@ -62,6 +63,25 @@ __device__ __forceinline__ void mma3xTf32(float (&d)[4], const Tf32Pair (&a)[4],
   mmaTf32(d, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b[0].lo, b[1].lo);
   mmaTf32(d, a[0].lo, a[1].lo, a[2].lo, a[3].lo, b[0].hi, b[1].hi);
   mmaTf32(d, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b[0].hi, b[1].hi);
+}
+
+// d += a . b where b is exact in tf32 (a bf16 cache's value: 8 significant bits, the low 16
+// bits of its f32 zero, so its bits are already a tf32 operand): b's low part is zero, and the
+// two products left add what mma3xTf32's three do, in the same order.
+__device__ __forceinline__ void mma2xTf32(float (&d)[4], const Tf32Pair (&a)[4], const uint32_t (&b)[2]) {
+  mmaTf32(d, a[0].lo, a[1].lo, a[2].lo, a[3].lo, b[0], b[1]);
+  mmaTf32(d, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b[0], b[1]);
+}
+// d += a . b for a K or V fragment read from the tile (two elements per lane).
+template <KvType T>
+__device__ __forceinline__ void mmaTile(float (&d)[4], const Tf32Pair (&a)[4], float b0, float b1) {
+  if constexpr (T == KvType::BF16) {
+    const uint32_t b[2] = {__float_as_uint(b0), __float_as_uint(b1)};
+    mma2xTf32(d, a, b);
+  } else {
+    const Tf32Pair b[2] = {splitTf32(b0), splitTf32(b1)};
+    mma3xTf32(d, a, b);
+  }
 }
 
 // kDim: the head size rounded up to 16, 32, 64 or 128 (zero-padded); T: the cache's value type,
@@ -185,8 +205,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
 #pragma unroll
       for (int kt = 0; kt < kKeyTiles; ++kt) {
         const float* kr = ks + (kt * 8 + g) * S + c;
-        const Tf32Pair b[2] = {splitTf32(kr[0]), splitTf32(kr[4])};
-        mma3xTf32(s[kt], a, b);
+        mmaTile<T>(s[kt], a, kr[0], kr[4]);
       }
     }
     // Mask (diagonal rule, window, keys past the block's range) and the tile's row maxima.
@@ -231,10 +250,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
       const Tf32Pair a[4] = {splitTf32(p0), splitTf32(p2), splitTf32(p1), splitTf32(p3)};
       const float* v0 = vs + (kt * 8 + 2 * t) * S + g;
 #pragma unroll
-      for (int dt = 0; dt < kDimTiles; ++dt) {
-        const Tf32Pair b[2] = {splitTf32(v0[dt * 8]), splitTf32(v0[S + dt * 8])};
-        mma3xTf32(po[dt], a, b);
-      }
+      for (int dt = 0; dt < kDimTiles; ++dt) mmaTile<T>(po[dt], a, v0[dt * 8], v0[S + dt * 8]);
     }
 #pragma unroll
     for (int dt = 0; dt < kDimTiles; ++dt) {
