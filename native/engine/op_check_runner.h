@@ -51,30 +51,28 @@ struct Runner {
   }
   // The same f32 activation on both backends.
   std::pair<Tensor, Tensor> act(const std::vector<float>& host, int64_t rows, int64_t cols) {
-    Tensor a = ref.alloc(rows, cols), b = test.alloc(rows, cols);
-    ref.writeRows(a, 0, rows, host.data());
-    test.writeRows(b, 0, rows, host.data());
-    return {a, b};
+    return written({ref.alloc(rows, cols), test.alloc(rows, cols)}, host, rows);
   }
   std::pair<Tensor, Tensor> outputs(int64_t rows, int64_t cols) {
-    Tensor a = ref.alloc(rows, cols), b = test.alloc(rows, cols);
-    ref.poison(a);
-    test.poison(b);
-    return {a, b};
+    return poisoned({ref.alloc(rows, cols), test.alloc(rows, cols)});
   }
   // An activation that only feeds linear products, in each backend's linearInputType (the GPU's
   // large-batch path takes bf16): as input, the same values rounded to it; as output, poisoned.
   std::pair<Tensor, Tensor> linearInput(const std::vector<float>& host, int64_t rows, int64_t cols) {
-    Tensor a = ref.allocLinearInput(rows, cols), b = test.allocLinearInput(rows, cols);
-    ref.writeRows(a, 0, rows, host.data());
-    test.writeRows(b, 0, rows, host.data());
-    return {a, b};
+    return written({ref.allocLinearInput(rows, cols), test.allocLinearInput(rows, cols)}, host, rows);
   }
   std::pair<Tensor, Tensor> linearOutputs(int64_t rows, int64_t cols) {
-    Tensor a = ref.allocLinearInput(rows, cols), b = test.allocLinearInput(rows, cols);
-    ref.poison(a);
-    test.poison(b);
-    return {a, b};
+    return poisoned({ref.allocLinearInput(rows, cols), test.allocLinearInput(rows, cols)});
+  }
+  std::pair<Tensor, Tensor> written(std::pair<Tensor, Tensor> t, const std::vector<float>& host, int64_t rows) {
+    ref.writeRows(t.first, 0, rows, host.data());
+    test.writeRows(t.second, 0, rows, host.data());
+    return t;
+  }
+  std::pair<Tensor, Tensor> poisoned(std::pair<Tensor, Tensor> t) {
+    ref.poison(t.first);
+    test.poison(t.second);
+    return t;
   }
   std::pair<Tensor, Tensor> weight(const std::vector<float>& host, int64_t rows, int64_t cols) {
     return {ref.upload(host.data(), rows, cols), test.upload(host.data(), rows, cols)};
