@@ -1,0 +1,287 @@
+#!/usr/bin/env python3
+"""Perplexity with a K/V cache type per KV layer, by fake quantization in PyTorch.
+
+lckv keeps one K/V type for every layer (loadModel's kvCacheDtype). This script asks whether a
+type per KV layer would pay: LCKV's top layer is read by almost every layer, so it may deserve
+more bits than the warm-up layers. It applies lckv's quantization rule (native/engine/
+kv_format.h) to the K and V that each KV layer writes, with a type chosen per layer, and scores
+the text token by token exactly as `lckv eval-ppl --prefill sequential` does.
+
+The rule, per token and K/V head, for K and V separately (kvScaleOf, kvEncode, kvDecode):
+  fp8 / int8 / int4: amax = max |x| over the head's head_dim values; s = f16(min(amax / M,
+  65504)) with M = 448 / 127 / 7, rounded to nearest even; y = clamp(x / s, -M, M) (0 when
+  s = 0); code = e4m3fn(y) (round to nearest even) for fp8, rint(y) for int8 and int4; the
+  value read back is code * s in f32.
+  bf16: round to nearest even. f32: unchanged.
+Keys are quantized after RoPE, as the engine's fused RoPE + K/V write does, and a token's own
+K/V is quantized before any attention reads it (the engine writes, then attends). The model is
+scripts/train/model.py's (f32 weights, f32 math); its token-by-token forward is the exact LCKV
+semantics. `--check-rule` compiles a small C++ program against kv_format.h and checks that the
+fake quantization gives the engine's values bit for bit (random heads over 40 binades, exact
+ties, zeros, subnormal scales and heads past the f16 cap).
+
+--ulp-jitter SEED moves every K/V value one f32 ulp up or down at random before it is
+quantized: the size of the differences between two f32 implementations of the same model
+(other summation orders). A code or f16 scale that sits on a rounding boundary then flips, and
+a flipped int4 code moves its value by a whole step, so the spread of a type's perplexity over
+a few seeds is the resolution of any comparison between implementations, and between
+assignments whose perplexities are close.
+
+Text: like scripts/eval/kv-quality.js, the text is encoded as a prompt (with BOS) and cut to
+--max-tokens; --no-bos encodes it without special tokens, as `lckv eval-ppl` does. Windows:
+lib/eval.ts's rule (non-overlapping windows of --window tokens, a final window under 2 tokens
+dropped).
+
+A type assignment is a comma-separated list of LAYER=TYPE entries and one TYPE for the other
+KV layers, e.g. "6=int8,int4" (layer 6 int8, the others int4) or "int4" (every KV layer).
+Bytes per token are the engine's page layout (KvLayout::slotBytes over pageTokens, summed over
+the KV layers): per layer 2 * kvDim * bits / 8 bytes of codes plus 4 bytes of f16 scales per
+K/V head for the scaled types.
+
+    python3 scripts/eval/kv_layer_types.py --model models/default --text validation.txt \\
+      --max-tokens 20000 --window 256 [--types "f32" "int4" "6=int8,int4" ...] [--no-bos] \\
+      [--check-rule] [--ulp-jitter SEED] [--json out.json]
+
+Prints one JSON object per assignment and a Markdown table.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(ROOT, "scripts", "train"))
+from eval_ppl import load_model, windows  # noqa: E402
+
+TYPE_BITS = {"f32": 32, "bf16": 16, "fp8": 8, "int8": 8, "int4": 4}
+CODE_MAX = {"fp8": 448.0, "int8": 127.0, "int4": 7.0}
+PAGE_TOKENS = 16
+
+DEFAULT_TYPES = [
+    "f32", "bf16", "fp8", "int8", "int4",
+    # int4 on one KV layer, f32 on the others: where int4's loss comes from
+    "0=int4,f32", "6=int4,f32", "7=int4,f32",
+    # more bits for the top layer (6), or for the warm-up layers (0, 7)
+    "6=int8,int4", "6=bf16,int4", "6=fp8,int4", "6=int4,int8", "6=int4,fp8",
+    # int8 on one layer, int4 on the others; int4 on one layer, int8 on the others
+    "0=int8,int4", "7=int8,int4", "0=int4,int8", "7=int4,int8",
+]
+
+
+def kv_fake_quant(x: torch.Tensor, kv_type: str) -> torch.Tensor:
+    """x [..., head_dim] (f32, finite) quantized per row by lckv's rule and read back as f32."""
+    if kv_type == "f32":
+        return x
+    if kv_type == "bf16":
+        return x.to(torch.bfloat16).float()
+    m = CODE_MAX[kv_type]
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    s = torch.fmin(amax / m, torch.tensor(65504.0)).to(torch.float16).float()
+    y = torch.where(s > 0, x / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(x)).clamp(-m, m)
+    # rint of a small negative y is -0.0; the engine's integer code 0 reads back as +0.0
+    codes = y.to(torch.float8_e4m3fn).float() if kv_type == "fp8" else torch.round(y) + 0.0
+    return codes * s
+
+
+def parse_assignment(spec: str, kv_layers):
+    """"6=int8,int4" -> {6: "int8", others: "int4"}."""
+    per, rest = {}, None
+    for part in spec.split(","):
+        if "=" in part:
+            layer, t = part.split("=")
+            layer = int(layer)
+            if layer not in kv_layers:
+                raise SystemExit(f"--types {spec}: layer {layer} is not a KV layer (KV layers: {kv_layers})")
+            per[layer] = t
+        else:
+            if rest is not None:
+                raise SystemExit(f"--types {spec}: more than one type for the other layers")
+            rest = part
+    if rest is None and set(per) != set(kv_layers):
+        raise SystemExit(f"--types {spec}: no type for KV layers {sorted(set(kv_layers) - set(per))}")
+    out = {i: per.get(i, rest) for i in kv_layers}
+    for t in out.values():
+        if t not in TYPE_BITS:
+            raise SystemExit(f"--types {spec}: unknown type {t} (types: {', '.join(TYPE_BITS)})")
+    return out
+
+
+def slot_bytes_per_token(kv_type: str, kv_heads: int, head_dim: int) -> float:
+    """KvLayout::slotBytes() / pageTokens for one KV layer."""
+    row = kv_heads * head_dim * TYPE_BITS[kv_type] // 8
+    scales = PAGE_TOKENS * kv_heads * 4 if kv_type in CODE_MAX else 0
+    return (2 * PAGE_TOKENS * row + scales + 15) // 16 * 16 / PAGE_TOKENS
+
+
+def ulp_jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """x with each value moved one f32 ulp up or down at random."""
+    up = torch.rand(x.shape, generator=g) < 0.5
+    return torch.nextafter(x, torch.where(up, torch.tensor(math.inf), torch.tensor(-math.inf)))
+
+
+def set_kv_types(model, types, jitter_seed=None):
+    """Makes each KV layer's K/V pass through kv_fake_quant with its type (layer -> type);
+    with jitter_seed, moved one ulp at random first."""
+    g = None if jitter_seed is None else torch.Generator().manual_seed(jitter_seed)
+    for layer in model.model.layers:
+        att = layer.self_attn
+        if not att.computes_kv:
+            continue
+        kv_type = types[att.idx]
+        base = type(att).kv_of.__get__(att)
+
+        def kv_of(x, cos, sin, base=base, kv_type=kv_type):
+            k, v = base(x, cos, sin)
+            if g is not None:
+                k, v = ulp_jitter(k, g), ulp_jitter(v, g)
+            return kv_fake_quant(k, kv_type), kv_fake_quant(v, kv_type)
+
+        att.kv_of = kv_of
+
+
+@torch.no_grad()
+def perplexity(model, groups):
+    nll, count = 0.0, 0
+    for g in groups:
+        logits = model.forward_sequential(g) if model.group is not None else model(g)[0]
+        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), g[:, 1:].reshape(-1),
+                               reduction="sum").item()
+        count += g[:, 1:].numel()
+    return math.exp(nll / count), nll / count, count
+
+
+CHECK_SOURCE = r"""
+#include <cstdio>
+#include <vector>
+#include "engine/kv_format.h"
+using namespace lckv;
+// stdin: int32 type, int32 rows, int32 headDim, rows*headDim f32; stdout: the values read back.
+int main() {
+  int32_t t, rows, hd;
+  if (fread(&t, 4, 1, stdin) != 1 || fread(&rows, 4, 1, stdin) != 1 || fread(&hd, 4, 1, stdin) != 1) return 1;
+  std::vector<float> x((size_t)rows * hd), out(x.size());
+  if (fread(x.data(), 4, x.size(), stdin) != x.size()) return 1;
+  const KvType type = (KvType)t;
+  std::vector<uint8_t> codes((size_t)hd * 4);
+  for (int r = 0; r < rows; ++r) {
+    const float s = kvF16ToF32(kvQuantizeHead(type, &x[(size_t)r * hd], hd, codes.data()));
+    for (int i = 0; i < hd; ++i) out[(size_t)r * hd + i] = kvDecode(type, kvCodeAt(type, codes.data(), i), s);
+  }
+  fwrite(out.data(), 4, out.size(), stdout);
+  return 0;
+}
+"""
+
+
+def check_rule(head_dim: int) -> dict:
+    """Compares kv_fake_quant with kv_format.h bit for bit; returns the rows checked per type."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    # random heads over 40 binades (subnormal f16 scales at the bottom)
+    for e in range(-30, 10):
+        rows.append(torch.randn(64, head_dim, generator=g) * 2.0 ** e)
+    # heads with outliers, and heads past 65504 * M (saturating codes)
+    r = torch.randn(64, head_dim, generator=g)
+    r[:, 0] *= 50
+    rows += [r, torch.randn(8, head_dim, generator=g) * 1e8, torch.zeros(2, head_dim)]
+    # exact ties: amax = M * 2^k makes s a power of two, so (j + 0.5) * s rounds to even
+    for m in (7.0, 127.0):
+        t = (torch.randint(-int(m), int(m), (32, head_dim), generator=g).float() + 0.5)
+        t[:, 0] = m
+        rows.append(t * 0.25)
+    x = torch.cat(rows).contiguous()
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = os.path.join(tmp, "kv_rule.cpp"), os.path.join(tmp, "kv_rule")
+        with open(src, "w") as f:
+            f.write(CHECK_SOURCE)
+        subprocess.run(["g++", "-std=c++17", "-O2", "-I", os.path.join(ROOT, "native"), src, "-o", exe], check=True)
+        result = {}
+        for code, name in enumerate(["f32", "bf16", "fp8", "int8", "int4"]):
+            header = torch.tensor([code, x.shape[0], head_dim], dtype=torch.int32).numpy().tobytes()
+            p = subprocess.run([exe], input=header + x.numpy().tobytes(), capture_output=True, check=True)
+            want = torch.frombuffer(bytearray(p.stdout), dtype=torch.float32).view(x.shape)
+            got = kv_fake_quant(x, name)
+            same = torch.equal(want.view(torch.int32), got.contiguous().view(torch.int32))
+            if not same:
+                bad = (want.view(torch.int32) != got.contiguous().view(torch.int32)).nonzero()[:5].tolist()
+                raise SystemExit(f"--check-rule: {name} differs from kv_format.h at {bad}")
+            result[name] = x.shape[0]
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=os.path.join(ROOT, "models", "default"))
+    ap.add_argument("--text", required=True)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=20000)
+    ap.add_argument("--types", nargs="+", default=DEFAULT_TYPES, help="type assignments (see above)")
+    ap.add_argument("--no-bos", action="store_true", help="encode without BOS, as `lckv eval-ppl` does")
+    ap.add_argument("--check-rule", action="store_true", help="first check the fake quantization against kv_format.h")
+    ap.add_argument("--ulp-jitter", type=int, default=None, metavar="SEED",
+                    help="move every K/V value one ulp up or down at random before quantizing: how much a "
+                         "perplexity moves when K/V differ by rounding, as between two f32 implementations")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", help="write the rows here")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    model = load_model(a.model, torch.device("cpu"))
+    cfg = model.cfg
+    kv_layers = sorted(set(cfg.targets))
+    if a.check_rule:
+        print(json.dumps({"check_rule": "bit-exact against native/engine/kv_format.h", "rows": check_rule(cfg.head_dim)}), flush=True)
+
+    tok = Tokenizer.from_file(os.path.join(a.model, "tokenizer.json"))
+    with open(a.text, encoding="utf-8") as f:
+        text = f.read()
+    ids = tok.encode(text, add_special_tokens=not a.no_bos).ids[:a.max_tokens]
+    groups = windows(ids, a.window)
+
+    rows, f32 = [], None
+    for spec in a.types:
+        types = parse_assignment(spec, kv_layers)
+        model = load_model(a.model, torch.device("cpu"))
+        set_kv_types(model, types, a.ulp_jitter)
+        t0 = time.time()
+        ppl, nll, count = perplexity(model, groups)
+        if all(t == "f32" for t in types.values()):
+            f32 = ppl
+        row = {
+            "model": os.path.basename(os.path.abspath(a.model)),
+            "types": spec,
+            "layer_types": {str(k): v for k, v in types.items()},
+            "kv_bytes_per_token": sum(slot_bytes_per_token(t, cfg.num_key_value_heads, cfg.head_dim) for t in types.values()),
+            "perplexity": ppl,
+            "mean_nll": nll,
+            "predicted_tokens": count,
+            "vs_f32": None if f32 is None else ppl / f32 - 1,
+            "bos": not a.no_bos,
+            "ulp_jitter": a.ulp_jitter,
+            "seconds": round(time.time() - t0, 1),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    print(f"| K/V types ({', '.join(f'layer {i}' for i in kv_layers)}) | bytes/token | perplexity | vs f32 |")
+    print("|---|---|---|---|")
+    for r in rows:
+        vs = "" if r["vs_f32"] is None or r["types"] == "f32" else f"{r['vs_f32'] * 100:+.3f}%"
+        print(f"| {' / '.join(r['layer_types'][str(i)] for i in kv_layers)} | {r['kv_bytes_per_token']:,.0f} | {r['perplexity']:.4f} | {vs} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"options": vars(a), "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
