@@ -5,6 +5,7 @@
 #
 #   scripts/bench/ab-step.sh <base tree> [runs] [profile-step args ...] [-- more args ...]
 #   scripts/bench/ab-step.sh ../lckv-base 2 --context 128 --batch 1 -- --context 2048 --batch 16
+#   scripts/bench/ab-step.sh ../lckv-base 2 --prefill 2048 --kv-dtype bf16   (prompt times)
 #
 # Each "--"-separated group of profile-step.js arguments is one configuration. Both trees must
 # be built (addon and dist/). The random model is written once and shared by both.

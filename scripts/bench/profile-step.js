@@ -6,6 +6,10 @@
  *
  *   LCKV_PROFILE=1 node scripts/bench/profile-step.js --context 2048 --batch 1
  *   node scripts/bench/profile-step.js --layer-types 0_20_20_..._20_21 --batch 16
+ *   node scripts/bench/profile-step.js --prefill 2048
+ *
+ * With --prefill it times prompts instead: that many tokens appended to a fresh sequence, 7 times
+ * (the median and the fastest; each prompt goes in the engine's chunks, as a request's would).
  *
  * Without --model it writes (once) a TinyLlama-1.1B-shaped model with random bf16 weights.
  */
@@ -23,6 +27,7 @@ const opt = new Command()
   .option("--context <n>", "tokens in each sequence before the timed steps", "2048")
   .option("--batch <n>", "sequences decoding together", "1")
   .option("--steps <n>", "timed decode steps (after 8 of warm-up)", "64")
+  .option("--prefill <tokens>", "time prompts of this many tokens instead of decode steps")
   .option("--device <d>", "cuda or cpu", "cuda")
   .option("--kv-dtype <type>", "the K/V cache's value type (loadModel's kvCacheDtype; default: the engine's)")
   .option("--no-run-ahead", "do not queue each step's successor before its tokens reach JavaScript (loadModel's runAhead)")
@@ -49,6 +54,22 @@ if (!dir) {
     ...(opt.kvDtype ? { kvCacheDtype: opt.kvDtype } : {}),
   });
   const V = model.config.vocabSize;
+  if (opt.prefill) {
+    const n = +opt.prefill;
+    const tokens = Array.from({ length: n }, (_, i) => (i * 7919 + 13) % V);
+    const ms = [];
+    for (let i = 0; i < 7; ++i) {
+      const s = model.createSequence();
+      const t0 = process.hrtime.bigint();
+      await s.append(tokens);
+      ms.push(Number(process.hrtime.bigint() - t0) / 1e6);
+      s.dispose();
+    }
+    ms.sort((a, b) => a - b);
+    console.log(`${path.basename(dir)} (${model.kvCacheDtype ?? "f32"} K/V): prefill of ${n} tokens: median ${ms[3].toFixed(2)} ms, fastest ${ms[0].toFixed(2)} ms, ${((n * 1e3) / ms[3]).toFixed(0)} tokens/s`);
+    await model.dispose();
+    return;
+  }
   const base = model.createSequence();
   await base.append(Array.from({ length: context }, (_, i) => (i * 7919 + 13) % V));
   const seqs = Array.from({ length: batch }, () => base.fork());
