@@ -229,8 +229,10 @@ void CudaBackend::linearSwiglu(const Tensor& x, int n, const Tensor& gate, const
                                const Tensor* upB, Tensor& upScratch, Tensor& out) {
   (void)upScratch;  // neither path stores the up product where the caller can see it
   ctx();
-  if (x.cols != gate.cols || x.cols != up.cols || gate.rows != up.rows || out.cols != gate.rows || gate.dtype != up.dtype)
+  if (x.cols != gate.cols || x.cols != up.cols || gate.rows != up.rows || out.cols != gate.rows)
     throw EngineError(kErrInvalidArgument, "linearSwiglu: shape mismatch");
+  if (gate.dtype != up.dtype) throw EngineError(kErrInvalidArgument, "linearSwiglu: gate and up weights of different dtypes");
+  if (gateB && upB && gateB->dtype != upB->dtype) throw EngineError(kErrInvalidArgument, "linearSwiglu: bias dtypes differ");
   const int I = (int)gate.rows;
   const LinearTarget t[2] = {{&gate, gateB, &out}, {&up, upB, &upScratch}};
   if (useGemv(n, t, 2)) {
@@ -254,7 +256,6 @@ void CudaBackend::linearSwiglu(const Tensor& x, int n, const Tensor& gate, const
     cublasLt_.matmulBf16(gate.data, xb, products, I, n, (int)x.cols, stream_);
     cublasLt_.matmulBf16(up.data, xb, products + (size_t)n * I, I, n, (int)x.cols, stream_);
   }
-  if (gateB && upB && gateB->dtype != upB->dtype) throw EngineError(kErrInvalidArgument, "linearSwiglu: bias dtypes differ");
   const Tensor* anyBias = gateB ? gateB : upB;
   cuda::launchSwigluRows(products, packed ? products + I : products + (size_t)n * I, packed ? 2 * I : I, n, I,
                          gateB ? gateB->data : nullptr, upB ? upB->data : nullptr,

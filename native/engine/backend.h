@@ -79,7 +79,8 @@ class Backend : public StepExecution {
   // take f32.
   virtual DType linearInputType(int n) const { (void)n; return DType::F32; }
   // alloc() of an activation that only feeds linear(), in linearInputType(rows) (an f32-sized
-  // block holds any narrower type).
+  // block holds any narrower type). Its dtype follows `rows`: ops must run on all of its rows
+  // (a buffer of 64 rows used for 16 would hand the GPU's GEMV a bf16 input, which it refuses).
   Tensor allocLinearInput(int64_t rows, int64_t cols) {
     Tensor t = alloc(rows, cols);
     t.dtype = linearInputType((int)rows);

@@ -89,7 +89,9 @@ void checkLinear(Runner& r, Backend& ref, Backend& test) {
 // norms
 // E % 4 != 0 (scalar loads), several chunks per thread, and rows past the register path.
 void checkNorm(Runner& r, Backend& ref, Backend& test) {
-  for (auto [n, E] : std::vector<std::pair<int, int>>{{1, 64}, {5, 2048}, {33, 100}, {3, 99}, {2, 4098}, {2, 8192}, {1, 16384}, {2, 20000}}) {
+  for (auto [n, E] : std::vector<std::pair<int, int>>{{1, 64}, {5, 2048}, {33, 100}, {3, 99}, {2, 4098}, {2, 8192}, {1, 16384}, {2, 20000},
+                                                                       // more than 16 rows (a bf16 output on the GPU): scalar loads, the loop
+                                                                       {33, 99}, {17, 20000}}) {
     for (NormKind kind : {NormKind::Rms, NormKind::Layer}) {
       auto x = r.act(r.random((size_t)n * E, 2.0f), n, E);
       auto w = r.weight(r.random((size_t)E), 1, E);
@@ -105,7 +107,7 @@ void checkNorm(Runner& r, Backend& ref, Backend& test) {
 
 // the residual add fused into the norm: both the updated residual and the normalised output
 void checkAddNorm(Runner& r, Backend& ref, Backend& test) {
-  for (auto [n, E] : std::vector<std::pair<int, int>>{{1, 2048}, {17, 96}, {3, 99}, {2, 8192}, {2, 20000}}) {
+  for (auto [n, E] : std::vector<std::pair<int, int>>{{1, 2048}, {17, 96}, {3, 99}, {2, 8192}, {2, 20000}, {17, 4098}, {17, 20000}}) {
     for (NormKind kind : {NormKind::Rms, NormKind::Layer}) {
       auto h = r.act(r.random((size_t)n * E, 2.0f), n, E);
       auto d = r.act(r.random((size_t)n * E), n, E);
@@ -291,12 +293,16 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
                                           {700, 8, 32, 4, 64, true, 0, 1},
                                           // head size 32 (the default model's), G = 2; and 8 query rows of
                                           // one sequence at G = 8 beside a window (one tile each)
-                                          {900, 1, 8, 4, 32, false, 0, 3}, {130, 8, 32, 4, 64, false, 40, 1}};
+                                          {900, 1, 8, 4, 32, false, 0, 3}, {130, 8, 32, 4, 64, false, 40, 1},
+                                          // more than 16 decode rows (the GPU writes them in bf16 for a
+                                          // bf16 model): the tensor-core kernel with its split-K merge, and
+                                          // the CUDA-core kernel at head size 80
+                                          {700, 1, 8, 2, 64, false, 0, 20}, {300, 1, 8, 2, 80, true, 0, 24}};
   // Every case in f32; in the compact types, a decode and a prefill case of each head size
   // class they take (multiples of 8), windows, strict rows, GQA 1 to 32 and several sequences.
   // Decode at head sizes 32, 64 and 128 runs on the tensor-core kernel, other sizes (16 and
   // 80 here) on the CUDA-core kernel.
-  const std::vector<int> compactCases = {1, 3, 4, 5, 6, 7, 8, 9, 11, 16, 18, 19, 20, 21, 22, 23, 24, 27, 28, 29};
+  const std::vector<int> compactCases = {1, 3, 4, 5, 6, 7, 8, 9, 11, 16, 18, 19, 20, 21, 22, 23, 24, 27, 28, 29, 30, 31};
   for (int t = 0; t < kKvTypeCount; ++t)
   for (size_t ci = 0; ci < cases.size(); ++ci) {
     const KvType type = (KvType)t;
