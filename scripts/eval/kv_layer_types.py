@@ -287,14 +287,19 @@ def set_kv_types(model, types, jitter_seed=None):
 
 
 @torch.no_grad()
-def perplexity(model, groups):
-    nll, count = 0.0, 0
+def perplexity(model, groups, late_from):
+    """Perplexity over every predicted token, and over those predicted from a context of at least
+    late_from tokens (where a bf16 residual is a smaller share of what attention reads)."""
+    nll, count, late_nll, late_count = 0.0, 0, 0.0, 0
     for g in groups:
         logits = model.forward_sequential(g) if model.group is not None else model(g)[0]
-        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), g[:, 1:].reshape(-1),
-                               reduction="sum").item()
-        count += g[:, 1:].numel()
-    return math.exp(nll / count), nll / count, count
+        tok = F.cross_entropy(logits[:, :-1].transpose(1, 2).double(), g[:, 1:], reduction="none")
+        nll += tok.sum().item()
+        count += tok.numel()
+        late_nll += tok[:, late_from - 1:].sum().item()
+        late_count += tok[:, late_from - 1:].numel()
+    late = math.exp(late_nll / late_count) if late_count else None
+    return math.exp(nll / count), nll / count, count, late, late_count
 
 
 CHECK_SOURCE = r"""
@@ -368,6 +373,8 @@ def main():
     ap.add_argument("--ulp-jitter", type=int, default=None, metavar="SEED",
                     help="move every K/V value one ulp up or down at random before quantizing: how much a "
                          "perplexity moves when K/V differ by rounding, as between two f32 implementations")
+    ap.add_argument("--late-from", type=int, default=128, metavar="N",
+                    help="also report the perplexity of the tokens predicted from a context of at least N tokens")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args()
@@ -386,15 +393,15 @@ def main():
     ids = tok.encode(text, add_special_tokens=not a.no_bos).ids[:a.max_tokens]
     groups = windows(ids, a.window)
 
-    rows, f32 = [], None
+    rows, f32, f32_late = [], None, None
     for spec in a.types:
         types = parse_assignment(spec, kv_layers)
         model = load_model(a.model, torch.device("cpu"))
         set_kv_types(model, types, a.ulp_jitter)
         t0 = time.time()
-        ppl, nll, count = perplexity(model, groups)
+        ppl, nll, count, late, late_count = perplexity(model, groups, a.late_from)
         if all(t.spec == "f32" for t in types.values()):
-            f32 = ppl
+            f32, f32_late = ppl, late
         row = {
             "model": os.path.basename(os.path.abspath(a.model)),
             "types": spec,
@@ -404,6 +411,10 @@ def main():
             "mean_nll": nll,
             "predicted_tokens": count,
             "vs_f32": None if f32 is None else ppl / f32 - 1,
+            "late_from": a.late_from,
+            "late_perplexity": late,
+            "late_predicted_tokens": late_count,
+            "late_vs_f32": None if f32_late is None or late is None else late / f32_late - 1,
             "bos": not a.no_bos,
             "ulp_jitter": a.ulp_jitter,
             "seconds": round(time.time() - t0, 1),
@@ -411,11 +422,16 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    print(f"| K/V types ({', '.join(f'layer {i}' for i in kv_layers)}) | bytes/token | perplexity | vs f32 |")
-    print("|---|---|---|---|")
+    def pct(r, key):
+        return "" if r[key] is None or r["types"] == "f32" else f"{r[key] * 100:+.3f}%"
+
+    print(f"| K/V types ({', '.join(f'layer {i}' for i in kv_layers)}) | bytes/token | perplexity | vs f32 "
+          f"| perplexity from position {a.late_from} | vs f32 |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        vs = "" if r["vs_f32"] is None or r["types"] == "f32" else f"{r['vs_f32'] * 100:+.3f}%"
-        print(f"| {' / '.join(r['layer_types'][str(i)] for i in kv_layers)} | {r['kv_bytes_per_token']:,.0f} | {r['perplexity']:.4f} | {vs} |")
+        late = "" if r["late_perplexity"] is None else f"{r['late_perplexity']:.4f}"
+        print(f"| {' / '.join(r['layer_types'][str(i)] for i in kv_layers)} | {r['kv_bytes_per_token']:,.0f} "
+              f"| {r['perplexity']:.4f} | {pct(r, 'vs_f32')} | {late} | {pct(r, 'late_vs_f32')} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"options": vars(a), "rows": rows}, f, indent=2)
