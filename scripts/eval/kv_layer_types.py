@@ -56,8 +56,8 @@ options after colons, e.g. "int4:kpage:asym:r32":
   prerope keys quantized before RoPE: the rotation is applied to the values read back.
 
     python3 scripts/eval/kv_layer_types.py --model models/default --text validation.txt \\
-      --max-tokens 20000 --window 256 [--types "f32" "int4" "6=int8,int4" ...] [--no-bos] \\
-      [--check-rule] [--ulp-jitter SEED] [--json out.json]
+      --max-tokens 20000 --window 256 [--types "f32" "int4" "int4:kpage" "6=int8,int4" ...] [--no-bos] \\
+      [--late-from N] [--check-rule] [--ulp-jitter SEED] [--json out.json]
 
 Prints one JSON object per assignment and a Markdown table.
 """
