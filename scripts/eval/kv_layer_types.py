@@ -38,9 +38,26 @@ Bytes per token are the engine's page layout (KvLayout::slotBytes over pageToken
 the KV layers): per layer 2 * kvDim * bits / 8 bytes of codes plus 4 bytes of f16 scales per
 K/V head for the scaled types.
 
+Other scale layouts, which the engine does not have, are measured the same way. A TYPE may be
+int2 (symmetric like int4: M = 1, codes -1..1, s = f16(amax)) and the integer types take
+options after colons, e.g. "int4:kpage:asym:r32":
+  kpage   keys per channel over a page of 16 tokens (one scale per channel, K/V head and page),
+          values per token, as KIVI does. A page's keys can only be quantized once the page is
+          full, so kpage implies r16.
+  asym    min/max instead of symmetric: s = f16((max - min) / (2^bits - 1)), z = f16(min),
+          code = clamp(rint((x - z) / s), 0, 2^bits - 1), read back code * s + z (KIVI's rule);
+          for K and V alike, and 2 more bytes per scale.
+  rN      a bf16 residual (KIVI's): N a multiple of 16. The page being written and the
+          N / 16 - 1 pages before it hold bf16 K and V; when a write fills a page, the page N
+          tokens back is quantized from its bf16 values, before attention reads it. r16 keeps
+          only the page being written; the default r0 quantizes each token as it is written.
+          The residual costs bf16 bytes per sequence, not per token; bytes per token count the
+          quantized pages.
+  prerope keys quantized before RoPE: the rotation is applied to the values read back.
+
     python3 scripts/eval/kv_layer_types.py --model models/default --text validation.txt \\
-      --max-tokens 20000 --window 256 [--types "f32" "int4" "6=int8,int4" ...] [--no-bos] \\
-      [--check-rule] [--ulp-jitter SEED] [--json out.json]
+      --max-tokens 20000 --window 256 [--types "f32" "int4" "int4:kpage" "6=int8,int4" ...] [--no-bos] \\
+      [--late-from N] [--check-rule] [--ulp-jitter SEED] [--json out.json]
 
 Prints one JSON object per assignment and a Markdown table.
 """
@@ -48,6 +65,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -60,9 +78,11 @@ from tokenizers import Tokenizer
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "scripts", "train"))
 from eval_ppl import load_model, windows  # noqa: E402
+from model import apply_rope  # noqa: E402
 
-TYPE_BITS = {"f32": 32, "bf16": 16, "fp8": 8, "int8": 8, "int4": 4}
-CODE_MAX = {"fp8": 448.0, "int8": 127.0, "int4": 7.0}
+TYPE_BITS = {"f32": 32, "bf16": 16, "fp8": 8, "int8": 8, "int4": 4, "int2": 2}
+CODE_MAX = {"fp8": 448.0, "int8": 127.0, "int4": 7.0, "int2": 1.0}
+INT_TYPES = ("int8", "int4", "int2")
 PAGE_TOKENS = 16
 
 DEFAULT_TYPES = [
@@ -91,6 +111,52 @@ def kv_fake_quant(x: torch.Tensor, kv_type: str) -> torch.Tensor:
     return codes * s
 
 
+def kv_fake_quant_asym(x: torch.Tensor, kv_type: str) -> torch.Tensor:
+    """x [..., n] quantized per row with a min/max scale and zero point (KIVI's rule), read back."""
+    top = float(2 ** TYPE_BITS[kv_type] - 1)
+    lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+    s = torch.fmin((hi - lo) / top, torch.tensor(65504.0)).to(torch.float16).float()
+    z = lo.to(torch.float16).float()
+    y = torch.where(s > 0, (x - z) / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(x))
+    return torch.round(y).clamp(0, top) * s + z
+
+
+class Layout:
+    """A TYPE with its options (see above): "int4:kpage:asym:r32"."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.kv_type, *opts = spec.split(":")
+        if self.kv_type not in TYPE_BITS:
+            raise SystemExit(f"--types: unknown type {self.kv_type} in {spec} (types: {', '.join(TYPE_BITS)})")
+        self.key_page = self.asym = self.pre_rope = False
+        self.residual = 0
+        for o in opts:
+            if self.kv_type not in INT_TYPES:
+                raise SystemExit(f"--types: {spec}: options need an integer type ({', '.join(INT_TYPES)})")
+            if o == "kpage":
+                self.key_page = True
+            elif o == "asym":
+                self.asym = True
+            elif o == "prerope":
+                self.pre_rope = True
+            elif re.fullmatch(r"r\d+", o) and int(o[1:]) % PAGE_TOKENS == 0:
+                self.residual = int(o[1:])
+            else:
+                raise SystemExit(f"--types: {spec}: unknown option {o} (kpage, asym, prerope, rN with N a "
+                                 f"multiple of {PAGE_TOKENS})")
+        if self.key_page and self.residual == 0:
+            self.residual = PAGE_TOKENS
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., n] quantized per row (a token's head, or a channel's page) and read back."""
+        return kv_fake_quant_asym(x, self.kv_type) if self.asym else kv_fake_quant(x, self.kv_type)
+
+    def keys(self, k: torch.Tensor) -> torch.Tensor:
+        """k [B, H, T, D]: per token and head, or per channel over the T = 16 tokens of a page."""
+        return self.rows(k.transpose(-1, -2)).transpose(-1, -2) if self.key_page else self.rows(k)
+
+
 def parse_assignment(spec: str, kv_layers):
     """"6=int8,int4" -> {6: "int8", others: "int4"}."""
     per, rest = {}, None
@@ -107,17 +173,20 @@ def parse_assignment(spec: str, kv_layers):
             rest = part
     if rest is None and set(per) != set(kv_layers):
         raise SystemExit(f"--types {spec}: no type for KV layers {sorted(set(kv_layers) - set(per))}")
-    out = {i: per.get(i, rest) for i in kv_layers}
-    for t in out.values():
-        if t not in TYPE_BITS:
-            raise SystemExit(f"--types {spec}: unknown type {t} (types: {', '.join(TYPE_BITS)})")
-    return out
+    return {i: Layout(per.get(i, rest)) for i in kv_layers}
 
 
-def slot_bytes_per_token(kv_type: str, kv_heads: int, head_dim: int) -> float:
-    """KvLayout::slotBytes() / pageTokens for one KV layer."""
-    row = kv_heads * head_dim * TYPE_BITS[kv_type] // 8
-    scales = PAGE_TOKENS * kv_heads * 4 if kv_type in CODE_MAX else 0
+def slot_bytes_per_token(layout: Layout, kv_heads: int, head_dim: int) -> float:
+    """KvLayout::slotBytes() / pageTokens for one KV layer; the other layouts' pages alike, with
+    their scales (2 bytes each, 4 with a zero point): per token and head, or per channel, head
+    and page for kpage keys."""
+    row = kv_heads * head_dim * TYPE_BITS[layout.kv_type] // 8
+    scales = 0
+    if layout.kv_type in CODE_MAX:
+        per_scale = 4 if layout.asym else 2
+        v_scales = PAGE_TOKENS * kv_heads
+        k_scales = kv_heads * head_dim if layout.key_page else PAGE_TOKENS * kv_heads
+        scales = (k_scales + v_scales) * per_scale
     return (2 * PAGE_TOKENS * row + scales + 15) // 16 * 16 / PAGE_TOKENS
 
 
@@ -127,35 +196,110 @@ def ulp_jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.nextafter(x, torch.where(up, torch.tensor(math.inf), torch.tensor(-math.inf)))
 
 
+class Residual:
+    """A KV layer's bf16 residual in one window: the bf16 K (before RoPE with prerope) and V each
+    position wrote, from which a page is quantized when it leaves the residual."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self.reset()
+
+    def reset(self):
+        self.k, self.v, self.cos, self.sin = [], [], [], []
+
+    def append(self, k, v, cos, sin):
+        self.k.append(k)
+        self.v.append(v)
+        self.cos.append(cos)
+        self.sin.append(sin)
+
+    def on_write(self, kv):
+        """kv = [K, V] of positions 0..n-1 as the layer writes them to its cache; when position n-1
+        fills a page, the page `residual` tokens back is replaced by its quantized values."""
+        k, v = kv
+        n = k.shape[2]
+        first = n - self.layout.residual
+        if n % PAGE_TOKENS or first < 0:
+            return kv
+        page = slice(first, first + PAGE_TOKENS)
+        kq = self.layout.keys(torch.cat(self.k[page], dim=2))
+        if self.layout.pre_rope:
+            kq = apply_rope(kq, torch.cat(self.cos[page]), torch.cat(self.sin[page]))
+        k, v = k.clone(), v.clone()
+        k[:, :, page] = kq
+        v[:, :, page] = self.layout.rows(torch.cat(self.v[page], dim=2))
+        return [k, v]
+
+
+class CacheWrite:
+    """The cache as one layer's step sees it: its own write goes through on_write."""
+
+    def __init__(self, cache, idx, on_write):
+        self.cache, self.idx, self.on_write = cache, idx, on_write
+
+    def __contains__(self, key):
+        return key in self.cache
+
+    def __getitem__(self, key):
+        return self.cache[key]
+
+    def __setitem__(self, key, kv):
+        self.cache[key] = self.on_write(kv) if key == self.idx else kv
+
+
 def set_kv_types(model, types, jitter_seed=None):
-    """Makes each KV layer's K/V pass through kv_fake_quant with its type (layer -> type);
-    with jitter_seed, moved one ulp at random first."""
+    """Makes each KV layer's K/V pass through its layout's fake quantization (layer -> Layout):
+    as the token is written (r0), or page by page as pages leave the bf16 residual. With
+    jitter_seed, every K/V value is moved one ulp at random first."""
     g = None if jitter_seed is None else torch.Generator().manual_seed(jitter_seed)
     for layer in model.model.layers:
         att = layer.self_attn
         if not att.computes_kv:
             continue
-        kv_type = types[att.idx]
-        base = type(att).kv_of.__get__(att)
+        layout = types[att.idx]
+        residual = Residual(layout) if layout.residual else None
 
-        def kv_of(x, cos, sin, base=base, kv_type=kv_type):
-            k, v = base(x, cos, sin)
+        def kv_of(x, cos, sin, att=att, layout=layout, residual=residual):
+            B, T, _ = x.shape
+            k = att.k_proj(x).view(B, T, att.kh, att.d).transpose(1, 2)
+            v = att.v_proj(x).view(B, T, att.kh, att.d).transpose(1, 2)
+            if not layout.pre_rope:
+                k = apply_rope(k, cos, sin)
             if g is not None:
                 k, v = ulp_jitter(k, g), ulp_jitter(v, g)
-            return kv_fake_quant(k, kv_type), kv_fake_quant(v, kv_type)
+            if residual is None:
+                k, v = layout.keys(k), layout.rows(v)
+            else:
+                k, v = k.to(torch.bfloat16).float(), v.to(torch.bfloat16).float()
+                residual.append(k, v, cos, sin)
+            return (apply_rope(k, cos, sin) if layout.pre_rope else k), v
 
         att.kv_of = kv_of
+        if residual is not None:
+            base_step = type(att).step.__get__(att)
+
+            def step(x, cos, sin, cache, p, att=att, base_step=base_step, residual=residual):
+                if p == 0:
+                    residual.reset()
+                return base_step(x, cos, sin, CacheWrite(cache, att.idx, residual.on_write), p)
+
+            att.step = step
 
 
 @torch.no_grad()
-def perplexity(model, groups):
-    nll, count = 0.0, 0
+def perplexity(model, groups, late_from):
+    """Perplexity over every predicted token, and over those predicted from a context of at least
+    late_from tokens (where a bf16 residual is a smaller share of what attention reads)."""
+    nll, count, late_nll, late_count = 0.0, 0, 0.0, 0
     for g in groups:
         logits = model.forward_sequential(g) if model.group is not None else model(g)[0]
-        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), g[:, 1:].reshape(-1),
-                               reduction="sum").item()
-        count += g[:, 1:].numel()
-    return math.exp(nll / count), nll / count, count
+        tok = F.cross_entropy(logits[:, :-1].transpose(1, 2).double(), g[:, 1:], reduction="none")
+        nll += tok.sum().item()
+        count += tok.numel()
+        late_nll += tok[:, late_from - 1:].sum().item()
+        late_count += tok[:, late_from - 1:].numel()
+    late = math.exp(late_nll / late_count) if late_count else None
+    return math.exp(nll / count), nll / count, count, late, late_count
 
 
 CHECK_SOURCE = r"""
@@ -229,6 +373,8 @@ def main():
     ap.add_argument("--ulp-jitter", type=int, default=None, metavar="SEED",
                     help="move every K/V value one ulp up or down at random before quantizing: how much a "
                          "perplexity moves when K/V differ by rounding, as between two f32 implementations")
+    ap.add_argument("--late-from", type=int, default=128, metavar="N",
+                    help="also report the perplexity of the tokens predicted from a context of at least N tokens")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args()
@@ -247,24 +393,28 @@ def main():
     ids = tok.encode(text, add_special_tokens=not a.no_bos).ids[:a.max_tokens]
     groups = windows(ids, a.window)
 
-    rows, f32 = [], None
+    rows, f32, f32_late = [], None, None
     for spec in a.types:
         types = parse_assignment(spec, kv_layers)
         model = load_model(a.model, torch.device("cpu"))
         set_kv_types(model, types, a.ulp_jitter)
         t0 = time.time()
-        ppl, nll, count = perplexity(model, groups)
-        if all(t == "f32" for t in types.values()):
-            f32 = ppl
+        ppl, nll, count, late, late_count = perplexity(model, groups, a.late_from)
+        if all(t.spec == "f32" for t in types.values()):
+            f32, f32_late = ppl, late
         row = {
             "model": os.path.basename(os.path.abspath(a.model)),
             "types": spec,
-            "layer_types": {str(k): v for k, v in types.items()},
+            "layer_types": {str(k): v.spec for k, v in types.items()},
             "kv_bytes_per_token": sum(slot_bytes_per_token(t, cfg.num_key_value_heads, cfg.head_dim) for t in types.values()),
             "perplexity": ppl,
             "mean_nll": nll,
             "predicted_tokens": count,
             "vs_f32": None if f32 is None else ppl / f32 - 1,
+            "late_from": a.late_from,
+            "late_perplexity": late,
+            "late_predicted_tokens": late_count,
+            "late_vs_f32": None if f32_late is None or late is None else late / f32_late - 1,
             "bos": not a.no_bos,
             "ulp_jitter": a.ulp_jitter,
             "seconds": round(time.time() - t0, 1),
@@ -272,11 +422,16 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    print(f"| K/V types ({', '.join(f'layer {i}' for i in kv_layers)}) | bytes/token | perplexity | vs f32 |")
-    print("|---|---|---|---|")
+    def pct(r, key):
+        return "" if r[key] is None or r["types"] == "f32" else f"{r[key] * 100:+.3f}%"
+
+    print(f"| K/V types ({', '.join(f'layer {i}' for i in kv_layers)}) | bytes/token | perplexity | vs f32 "
+          f"| perplexity from position {a.late_from} | vs f32 |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        vs = "" if r["vs_f32"] is None or r["types"] == "f32" else f"{r['vs_f32'] * 100:+.3f}%"
-        print(f"| {' / '.join(r['layer_types'][str(i)] for i in kv_layers)} | {r['kv_bytes_per_token']:,.0f} | {r['perplexity']:.4f} | {vs} |")
+        late = "" if r["late_perplexity"] is None else f"{r['late_perplexity']:.4f}"
+        print(f"| {' / '.join(r['layer_types'][str(i)] for i in kv_layers)} | {r['kv_bytes_per_token']:,.0f} "
+              f"| {r['perplexity']:.4f} | {pct(r, 'vs_f32')} | {late} | {pct(r, 'late_vs_f32')} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"options": vars(a), "rows": rows}, f, indent=2)
