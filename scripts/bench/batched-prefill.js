@@ -14,6 +14,7 @@
  */
 const { Command } = require("commander");
 const { loadModel } = require("../../dist");
+const { summary } = require("./measure");
 
 const opt = new Command()
   .name("batched-prefill")
@@ -25,8 +26,6 @@ const opt = new Command()
   .option("--threads <n>", "CPU threads (default: every core)")
   .parse()
   .opts();
-
-const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
 (async () => {
   const model = await loadModel(opt.model, { device: opt.device, prefixCache: 0, ...(opt.threads ? { threads: +opt.threads } : {}) });
@@ -61,7 +60,7 @@ const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
       await run(n, how);  // warm-up
       const runs = [];
       for (let r = 0; r < +opt.repeats; r++) runs.push(await run(n, how));
-      const ms = median(runs.map((x) => x.ms));
+      const ms = summary(runs.map((x) => x.ms)).median;
       const best = Math.min(...runs.map((x) => x.ms));
       row[how] = { tokPerS: (runs[0].tokens / ms) * 1e3, bestTokPerS: (runs[0].tokens / best) * 1e3, ms, tokens: runs[0].tokens, batchedTokens: runs[0].batchedTokens };
     }

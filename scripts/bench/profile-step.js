@@ -19,6 +19,7 @@ const os = require("node:os");
 const path = require("node:path");
 const { Command } = require("commander");
 const { loadModel } = require("../../dist");
+const { summary } = require("./measure");
 
 const opt = new Command()
   .name("profile-step")
@@ -65,8 +66,8 @@ if (!dir) {
       ms.push(Number(process.hrtime.bigint() - t0) / 1e6);
       s.dispose();
     }
-    ms.sort((a, b) => a - b);
-    console.log(`${path.basename(dir)} (${model.kvCacheDtype ?? "f32"} K/V): prefill of ${n} tokens: median ${ms[3].toFixed(2)} ms, fastest ${ms[0].toFixed(2)} ms, ${((n * 1e3) / ms[3]).toFixed(0)} tokens/s`);
+    const { median } = summary(ms);
+    console.log(`${path.basename(dir)} (${model.kvCacheDtype ?? "f32"} K/V): prefill of ${n} tokens: median ${median.toFixed(2)} ms, fastest ${Math.min(...ms).toFixed(2)} ms, ${((n * 1e3) / median).toFixed(0)} tokens/s`);
     await model.dispose();
     return;
   }

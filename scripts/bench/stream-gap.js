@@ -10,6 +10,7 @@
  */
 const { Command } = require("commander");
 const { loadModel } = require("../../dist");
+const { summary } = require("./measure");
 
 const opt = new Command()
   .name("stream-gap")
@@ -46,11 +47,11 @@ const opt = new Command()
     await reader;
     await arriving;
     const gaps = stamps.slice(1).map((t, i) => [stamps[i], t - stamps[i]]);
-    const before = gaps.filter(([t]) => t < arrival).map(([, g]) => g).sort((a, b) => a - b);
+    const before = gaps.filter(([t]) => t < arrival).map(([, g]) => g);
     const during = gaps.filter(([t, g]) => t + g > arrival && t < prefilled).map(([, g]) => g);
-    results.push({ stepMs: before[Math.floor(before.length / 2)], longestGapMs: Math.max(...during), prefillMs: prefilled - arrival });
+    results.push({ stepMs: summary(before).median, longestGapMs: Math.max(...during), prefillMs: prefilled - arrival });
   }
-  const med = (k) => results.map((r) => r[k]).sort((a, b) => a - b)[Math.floor(results.length / 2)];
+  const med = (k) => summary(results.map((r) => r[k])).median;
   console.log(
     JSON.stringify({ device: model.device, model: model.directory, kvCacheDtype: model.kvCacheDtype, promptTokens: n, stepMs: med("stepMs"), longestGapMs: med("longestGapMs"), prefillMs: med("prefillMs"), runs: results }),
   );
