@@ -6,7 +6,7 @@
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
-import { loadModel } from "../../lib";
+import { loadModel, type Model } from "../../lib";
 import { condenseModel, MAPS_FILE } from "../../lib/condense/condense";
 import { accumulatePair, chooseReaders, emptyPairStats, fitPair } from "../../lib/condense/fit";
 import { foldOutput, foldQuery } from "../../lib/condense/fold";
@@ -186,15 +186,24 @@ function relErr(a: Float32Array, b: Float32Array): number {
   return d / s;
 }
 
+const outDir = (name: string) => path.join(fs.mkdtempSync(path.join(os.tmpdir(), "lckv-condense-")), name);
+
+/** `use` of the model in `dir`, loaded on the CPU with an f32 cache, then disposed. */
+async function withCpuModel<T>(dir: string, use: (m: Model) => Promise<T>): Promise<T> {
+  const m = await loadModel(dir, { device: "cpu", kvCacheDtype: "f32" });
+  try {
+    return await use(m);
+  } finally {
+    await m.dispose();
+  }
+}
+
 describe("lckv condense on a model with an exact linear relation between two layers", () => {
   const { dir: src, maps } = mappedModel();
-  const outDir = (name: string) => path.join(fs.mkdtempSync(path.join(os.tmpdir(), "lckv-condense-")), name);
   const prompt = Array.from({ length: 40 }, (_, i) => (i * 97 + 13) % 4096);
   let sourceLogits: Float32Array;
   beforeAll(async () => {
-    const m = await loadModel(src, { device: "cpu", kvCacheDtype: "f32" });
-    sourceLogits = await m.logits(prompt);
-    await m.dispose();
+    sourceLogits = await withCpuModel(src, (m) => m.logits(prompt));
   });
 
   test("linear finds the pair, folds its maps, and the condensed model gives the source's logits", async () => {
@@ -206,13 +215,10 @@ describe("lckv condense on a model with an exact linear relation between two lay
     const cfg = JSON.parse(fs.readFileSync(path.join(out, "config.json"), "utf8"));
     expect(cfg.layer_types).toBe("0_0_2");
     expect(cfg.model_type).toBe("lckv-llama");
-    const m = await loadModel(out, { device: "cpu", kvCacheDtype: "f32" });
-    try {
+    await withCpuModel(out, async (m) => {
       expect(m.config.kvLayers).toEqual([0, 2]);
       expect(relErr(await m.logits(prompt), sourceLogits)).toBeLessThan(1e-4);
-    } finally {
-      await m.dispose();
-    }
+    });
     // The reader has no K/V projections; the model card and the report sit beside the weights.
     const header = fs.readFileSync(path.join(out, "model.safetensors"));
     const names = Object.keys(JSON.parse(header.subarray(8, 8 + Number(header.readBigUInt64LE(0))).toString("utf8")));
@@ -245,12 +251,9 @@ describe("lckv condense on a model with an exact linear relation between two lay
   test("share reads layer 0's K/V unmapped: the same pattern, further from the source", async () => {
     const out = outDir("share");
     const report = await condenseModel(src, { out, calibrationText: calibration, kvLayers: 2, method: "share", device: "cpu", calibrationTokens: 2048 });
-    const m = await loadModel(out, { device: "cpu", kvCacheDtype: "f32" });
-    try {
+    await withCpuModel(out, async (m) => {
       expect(relErr(await m.logits(prompt), sourceLogits)).toBeGreaterThan(1e-2);
-    } finally {
-      await m.dispose();
-    }
+    });
     expect(report.readers.every((x) => x.kError > 0.01)).toBe(true);
   });
 
@@ -327,13 +330,10 @@ function mappedGpt2(): { dir: string; maps: { A: number[]; c: number[]; B: numbe
 
 describe("lckv condense on GPT-2 (full key maps, offsets folded away or into c_proj's bias)", () => {
   const { dir: src, maps } = mappedGpt2();
-  const outDir = (name: string) => path.join(fs.mkdtempSync(path.join(os.tmpdir(), "lckv-condense-")), name);
   const prompt = Array.from({ length: 100 }, (_, i) => (i * 37 + 5) % 301);
   let sourceLogits: Float32Array;
   beforeAll(async () => {
-    const m = await loadModel(src, { device: "cpu", kvCacheDtype: "f32" });
-    sourceLogits = await m.logits(prompt);
-    await m.dispose();
+    sourceLogits = await withCpuModel(src, (m) => m.logits(prompt));
   });
 
   test("linear fits A, c, B, e exactly, and the condensed model (q_attn, folded c_proj) gives the source's logits", async () => {
@@ -349,13 +349,10 @@ describe("lckv condense on GPT-2 (full key maps, offsets folded away or into c_p
     expect(names).toContain("transformer.h.1.attn.q_attn.bias");
     expect(names).not.toContain("transformer.h.1.attn.c_attn.weight");
     expect(names).toContain("transformer.h.2.attn.c_attn.weight");
-    const m = await loadModel(out, { device: "cpu", kvCacheDtype: "f32" });
-    try {
+    await withCpuModel(out, async (m) => {
       expect(m.config.kvLayers).toEqual([0, 2]);
       expect(relErr(await m.logits(prompt), sourceLogits)).toBeLessThan(1e-4);
-    } finally {
-      await m.dispose();
-    }
+    });
     const f = readMaps(out);
     expect(f.metadata).toMatchObject({ method: "linear", style: "affine", layer_types: "0_0_2" });
     expect(f.tensors["layers.1.k_map"].shape).toEqual([4, 16, 16]);
@@ -373,12 +370,9 @@ describe("lckv condense on GPT-2 (full key maps, offsets folded away or into c_p
     const out = outDir("share");
     const report = await condenseModel(src, { out, calibrationText: calibration, kvLayers: 2, method: "share", device: "cpu", calibrationTokens: 2048 });
     expect(report.layerTypes).toEqual([0, 0, 2]);
-    const m = await loadModel(out, { device: "cpu", kvCacheDtype: "f32" });
-    try {
+    await withCpuModel(out, async (m) => {
       expect(relErr(await m.logits(prompt), sourceLogits)).toBeGreaterThan(1e-2);
-    } finally {
-      await m.dispose();
-    }
+    });
   });
 
   test("bad input is refused by name, and nothing is left half-written", async () => {
