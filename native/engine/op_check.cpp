@@ -363,9 +363,9 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
     AttentionSpec sp{c.heads, c.kvHeads, c.hd, c.strict, c.window, 1.0f / std::sqrt((float)c.hd)};
     ref.attention(qa.first, nq, qpos.data(), va, 1, sp, o.first);
     test.attention(qa.second, nq, qpos.data(), vb, 1, sp, o.second);
-    r.compare("attention", dims({{"ctx", c.ctx}, {"queries", nq}, {"seqs", c.seqs}, {"heads", c.heads},
-                                 {"kvHeads", c.kvHeads}, {"headDim", c.hd}, {"strict", c.strict}, {"window", c.window}}) + kvName,
-              o.first, o.second, nq);
+    const std::string shape = dims({{"ctx", c.ctx}, {"queries", nq}, {"seqs", c.seqs}, {"heads", c.heads},
+                                    {"kvHeads", c.kvHeads}, {"headDim", c.hd}, {"strict", c.strict}, {"window", c.window}}) + kvName;
+    r.compare("attention", shape, o.first, o.second, nq);
     if (test.linearInputType(nq) != DType::F32) {
       // Rows that feed the output projection's bf16 product are written in bf16 (the engine's
       // large-batch path): the same result, rounded once.
@@ -373,10 +373,7 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
       test.attention(qa.second, nq, qpos.data(), vb, 1, sp, ob.second);
       const double saved = r.tolerance;
       r.tolerance = std::max(saved, 1e-2);
-      r.compare("attention", dims({{"ctx", c.ctx}, {"queries", nq}, {"seqs", c.seqs}, {"heads", c.heads},
-                                   {"kvHeads", c.kvHeads}, {"headDim", c.hd}, {"strict", c.strict}, {"window", c.window}}) +
-                                 kvName + " out=" + dtypeName(ob.second.dtype),
-                o.first, ob.second, nq);
+      r.compare("attention", shape + " out=" + dtypeName(ob.second.dtype), o.first, ob.second, nq);
       r.tolerance = saved;
     }
     // kvRead sees what kvWrite wrote; kvZero clears exactly its range.
