@@ -6,7 +6,9 @@
 // rows of different sequences (attention_decode.cuh, attention_decode.cu; on the tensor cores
 // for a compact K/V type at head sizes 32, 64 and 128: attention_decode_mma.cuh,
 // attention_decode_mma.cu) and flash attention on the tensor cores for 16 or more queries of
-// one sequence (attention_prefill.cuh, attention_prefill.cu). What both kernels share is in attention_common.cuh.
+// one sequence (an f32 cache: attention_prefill.cuh, attention_prefill.cu; a compact type:
+// attention_prefill_bf16.cuh, attention_prefill_bf16.cu). What the kernels share is in
+// attention_common.cuh, and their tensor-core primitives in mma.cuh.
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
@@ -107,8 +109,12 @@ void launchAttention(const float* q, int n, const int32_t* positions, int maxVis
   withHeadDimClass(headDim, [&](auto headDimClass) {
     using Class = decltype(headDimClass);
     if (oneSequence && n >= kPrefillMinQueries) {
-      attention::launchPrefill<Class::kPrefillDim, T>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict, window,
-                                                      scale, out, stream);
+      if constexpr (T == KvType::F32)
+        attention::launchPrefill<Class::kPrefillDim>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict, window,
+                                                     scale, out, stream);
+      else
+        attention::launchPrefillBf16<Class::kPrefillDim, T>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict,
+                                                            window, scale, out, stream);
       return;
     }
     int headsPerBlock = 0, headChunks = 0;

@@ -177,11 +177,15 @@ void launchDecodeMma(const float* q, int n, const int32_t* positions, const Page
                      bool strict, int window, float scale, int headChunks, int headsPerBlock, int splits, AttentionOut out,
                      float* partial, cudaStream_t stream);
 
-// Prefill (attention_prefill.cu), for kDim 16, 32, 64 and 128: the head size rounded up to one
-// of them (zero-padded).
-template <int kDim, KvType T>
+// Prefill, for kDim 16, 32, 64 and 128: the head size rounded up to one of them (zero-padded).
+// An f32 cache on tf32 products (attention_prefill.cu), a compact type T on bf16 products
+// (attention_prefill_bf16.cu).
+template <int kDim>
 void launchPrefill(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
                    int headDim, bool strict, int window, float scale, AttentionOut out, cudaStream_t stream);
+template <int kDim, KvType T>
+void launchPrefillBf16(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
+                       int headDim, bool strict, int window, float scale, AttentionOut out, cudaStream_t stream);
 
 }  // namespace attention
 

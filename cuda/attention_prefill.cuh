@@ -1,15 +1,15 @@
-// Prefill: many queries of one sequence, on the tensor cores. A block takes kPrefillQueries
-// consecutive queries of one head (16 per warp, the rows of an mma tile) and streams the keys
-// they can see through shared memory in tiles of kKeyTile, so each key is read once per tile of
-// queries. Per tile a warp forms its 16 x 64 scores with mma.sync m16n8k8 (tf32), masks them,
-// updates an online softmax per query row, and adds probabilities x values with mma again;
-// scores, probabilities and the output stay in registers (flash attention 2).
+// Prefill over an f32 cache: many queries of one sequence, on the tensor cores. A block takes
+// kPrefillQueries consecutive queries of one head (16 per warp, the rows of an mma tile) and
+// streams the keys they can see through shared memory in tiles of kKeyTile, so each key is read
+// once per tile of queries. Per tile a warp forms its 16 x 64 scores with mma.sync m16n8k8
+// (tf32), masks them, updates an online softmax per query row, and adds probabilities x values
+// with mma again; scores, probabilities and the output stay in registers (flash attention 2).
+// Compact caches take the bf16 kernel (attention_prefill_bf16.cuh).
 //
 // f32 models with an f32 cache are checked to 1e-5, which tf32 (10-bit mantissa) cannot reach
 // alone. Each operand is split into a tf32 part and the tf32 of its remainder and
 // three products are summed (hi.hi + hi.lo + lo.hi, the "3xTF32" of cuBLAS): about 21 bits of
-// each operand survive, f32 accuracy for a softmax-weighted sum. A bf16 cache's keys and values
-// are exact in tf32, so their low parts are zero and two products do (mma2xTf32).
+// each operand survive, f32 accuracy for a softmax-weighted sum.
 //
 // Fragments (PTX ISA, m16n8k8 .tf32, g = lane / 4, t = lane % 4): A (16 x 8, row) holds
 // (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4); B (8 x 8, col) holds (k = t, n = g) and
@@ -65,28 +65,14 @@ __device__ __forceinline__ void mma3xTf32(float (&d)[4], const Tf32Pair (&a)[4],
   mmaTf32(d, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b[0].hi, b[1].hi);
 }
 
-// d += a . b where b is exact in tf32 (a bf16 cache's value: 8 significant bits, the low 16
-// bits of its f32 zero, so its bits are already a tf32 operand): b's low part is zero, and the
-// two products left add what mma3xTf32's three do, in the same order.
-__device__ __forceinline__ void mma2xTf32(float (&d)[4], const Tf32Pair (&a)[4], const uint32_t (&b)[2]) {
-  mmaTf32(d, a[0].lo, a[1].lo, a[2].lo, a[3].lo, b[0], b[1]);
-  mmaTf32(d, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b[0], b[1]);
-}
 // d += a . b for a K or V fragment read from the tile (two elements per lane).
-template <KvType T>
 __device__ __forceinline__ void mmaTile(float (&d)[4], const Tf32Pair (&a)[4], float b0, float b1) {
-  if constexpr (T == KvType::BF16) {
-    const uint32_t b[2] = {__float_as_uint(b0), __float_as_uint(b1)};
-    mma2xTf32(d, a, b);
-  } else {
-    const Tf32Pair b[2] = {splitTf32(b0), splitTf32(b1)};
-    mma3xTf32(d, a, b);
-  }
+  const Tf32Pair b[2] = {splitTf32(b0), splitTf32(b1)};
+  mma3xTf32(d, a, b);
 }
 
-// kDim: the head size rounded up to 16, 32, 64 or 128 (zero-padded); T: the cache's value type,
-// decoded into the f32 tiles as they load.
-template <int kDim, KvType T>
+// kDim: the head size rounded up to 16, 32, 64 or 128 (zero-padded).
+template <int kDim>
 __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
     const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int n, int numHeads, int numKvHeads,
     int headDim, bool strict, int window, float scale, bool vec16, AttentionOut out) {
@@ -101,7 +87,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
   // The last queries see the most keys: their blocks start first, so the short ones fill the tail.
   const int r0 = (gridDim.x - 1 - blockIdx.x) * kPrefillQueries;
   const int32_t* table = kvPageTable(kv, r0);  // one sequence for all rows
-  const int headBytes = kvHeadBytes(T, headDim);
+  const int headBytes = kvHeadBytes(KvType::F32, headDim);
   const uint8_t* kBase = kvHeadBase(kv, 0, kvh, headBytes);
   const uint8_t* vBase = kvHeadBase(kv, 1, kvh, headBytes);
   const int pageMask = kvPageMask(kv);
@@ -132,13 +118,6 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
     const int i = e / kDim, d = e % kDim;
     qs[i * S + d] = r0 + i < n && d < headDim ? q[((int64_t)(r0 + i) * numHeads + h) * headDim + d] * scale : 0.0f;
   }
-  // A compact type's loads write columns [0, headDim) only: the padding stays zero.
-  if (T != KvType::F32)
-    for (int e = threadIdx.x; e < 2 * kKeyTile * (kDim - headDim); e += blockDim.x) {
-      const int row = e / (kDim - headDim), d = headDim + e % (kDim - headDim);
-      ks[row * S + d] = 0.0f;  // rows kKeyTile .. 2 kKeyTile - 1 of ks are vs's
-    }
-
   // Per row (A, B): running max and sum of this thread's probabilities (the quad's four are
   // added at the end); the output tile in C fragments, 8 head dims each.
   float mA = -INFINITY, mB = -INFINITY, lA = 0.0f, lB = 0.0f;
@@ -149,23 +128,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
 
   for (int j0 = (hi >= 0 ? lo : 0); j0 <= hi; j0 += kKeyTile) {
     __syncthreads();  // the previous tile is no longer read (and qs is written, the first time)
-    if constexpr (T != KvType::F32) {
-      // Codes a 32-bit word at a time, decoded with their scale; keys past the range read as 0.
-      constexpr int kPerWord = 32 / kvTypeBits(T);
-      const int words = headBytes / 4;
-      for (int e = threadIdx.x; e < kKeyTile * words; e += blockDim.x) {
-        const int jj = e / words, w = e - jj * words, j = j0 + jj;
-        uint32_t kw = 0, vw = 0, scales = 0;
-        if (j <= hi) {
-          const int64_t off = kvRowOffset(table, kv, pageMask, j) + 4 * w;
-          kw = *reinterpret_cast<const uint32_t*>(kBase + off);
-          vw = *reinterpret_cast<const uint32_t*>(vBase + off);
-          if (kvTypeScaled(T)) scales = *reinterpret_cast<const uint32_t*>(kv.pool + kvScaleOffset(kv, table, j, kvh));
-        }
-        kvDecodeWord<T>(kw, kvF16ToF32((uint16_t)scales), ks + jj * S + w * kPerWord);
-        kvDecodeWord<T>(vw, kvF16ToF32((uint16_t)(scales >> 16)), vs + jj * S + w * kPerWord);
-      }
-    } else if (vec16) {
+    if (vec16) {
       for (int e = threadIdx.x; e < kKeyTile * (kDim / 4); e += blockDim.x) {
         const int jj = e / (kDim / 4), d = (e % (kDim / 4)) * 4, j = j0 + jj;
         float4 kx = make_float4(0.f, 0.f, 0.f, 0.f), vx = kx;
@@ -205,7 +168,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
 #pragma unroll
       for (int kt = 0; kt < kKeyTiles; ++kt) {
         const float* kr = ks + (kt * 8 + g) * S + c;
-        mmaTile<T>(s[kt], a, kr[0], kr[4]);
+        mmaTile(s[kt], a, kr[0], kr[4]);
       }
     }
     // Mask (diagonal rule, window, keys past the block's range) and the tile's row maxima.
@@ -250,7 +213,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
       const Tf32Pair a[4] = {splitTf32(p0), splitTf32(p2), splitTf32(p1), splitTf32(p3)};
       const float* v0 = vs + (kt * 8 + 2 * t) * S + g;
 #pragma unroll
-      for (int dt = 0; dt < kDimTiles; ++dt) mmaTile<T>(po[dt], a, v0[dt * 8], v0[S + dt * 8]);
+      for (int dt = 0; dt < kDimTiles; ++dt) mmaTile(po[dt], a, v0[dt * 8], v0[S + dt * 8]);
     }
 #pragma unroll
     for (int dt = 0; dt < kDimTiles; ++dt) {
