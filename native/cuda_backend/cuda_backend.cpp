@@ -470,7 +470,11 @@ void* CudaBackend::scratch(std::shared_ptr<void>& buf, size_t& capBytes, size_t 
   }
   if (capBytes < bytes) {
     cudaOk(cudaStreamSynchronize(stream_), "scratch sync");
-    buf = deviceAlloc(bytes);
+    // The old buffer goes first, so its room counts towards the new one; should the allocation
+    // still fail, the scratch is left empty (and regrown by the next call), not half-updated.
+    buf.reset();
+    capBytes = 0;
+    buf = blocks_.uncached(bytes);
     capBytes = bytes;
   }
   return buf.get();
