@@ -226,15 +226,14 @@ void CudaBackend::linears(const Tensor& x, int n, const LinearTarget* targets, i
 }
 
 void CudaBackend::linearSwiglu(const Tensor& x, int n, const Tensor& gate, const Tensor* gateB, const Tensor& up,
-                               const Tensor* upB, Tensor& upScratch, Tensor& out) {
-  (void)upScratch;  // neither path stores the up product where the caller can see it
+                               const Tensor* upB, Tensor& out) {
   ctx();
   if (x.cols != gate.cols || x.cols != up.cols || gate.rows != up.rows || out.cols != gate.rows)
     throw EngineError(kErrInvalidArgument, "linearSwiglu: shape mismatch");
   if (gate.dtype != up.dtype) throw EngineError(kErrInvalidArgument, "linearSwiglu: gate and up weights of different dtypes");
   if (gateB && upB && gateB->dtype != upB->dtype) throw EngineError(kErrInvalidArgument, "linearSwiglu: bias dtypes differ");
   const int I = (int)gate.rows;
-  const LinearTarget t[2] = {{&gate, gateB, &out}, {&up, upB, &upScratch}};
+  const LinearTarget t[2] = {{&gate, gateB, &out}, {&up, upB, nullptr}};  // useGemv reads the weights only
   if (useGemv(n, t, 2)) {
     if (x.dtype != DType::F32 || out.dtype != DType::F32)
       throw EngineError(kErrInvalidArgument, "linearSwiglu: a bf16 input or output needs the cuBLASLt path (linearInputType)");

@@ -58,7 +58,7 @@ class CudaBackend : public Backend {
   void linears(const Tensor& x, int n, const LinearTarget* targets, int count) override;
   void packWeights(Tensor* parts, int count) override;
   void linearSwiglu(const Tensor& x, int n, const Tensor& gate, const Tensor* gateB, const Tensor& up, const Tensor* upB,
-                    Tensor& upScratch, Tensor& out) override;
+                    Tensor& out) override;
   void addInPlace(Tensor& x, const Tensor& y, int n) override;
   void rope(Tensor& x, int n, int heads, int headDim, const int32_t* positions, const std::vector<float>& invFreq,
             float attentionScale) override;
