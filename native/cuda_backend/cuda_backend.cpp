@@ -199,7 +199,8 @@ void CudaBackend::linears(const Tensor& x, int n, const LinearTarget* targets, i
   }
   // cuBLASLt: out^T[O, n] = W[O, I] . x^T[I, n] in column-major terms; x converted once.
   Timed timed(*this, "gemm_cublaslt");
-  const void* xb = bf16Input(x, n);
+  std::shared_ptr<void> xHold, allHold;
+  const void* xb = bf16Input(x, n, xHold);
   // Weights packed back to back (packWeights) run as one product, whose output is then split
   // into the targets: at decode batches a small GEMM costs about as much as a large one.
   bool packed = count > 1;
@@ -210,7 +211,8 @@ void CudaBackend::linears(const Tensor& x, int n, const LinearTarget* targets, i
     rows += targets[i].w->rows;
   }
   if (packed) {
-    float* all = scratchF32((size_t)n * rows);
+    allHold = scratchF32((size_t)n * rows);
+    float* all = (float*)allHold.get();
     cublasLt_.matmulBf16(targets[0].w->data, xb, all, (int)rows, n, I, stream_);
     cuda::SplitColumnsTarget parts[cuda::kGemvMaxTargets];
     for (int i = 0; i < count; ++i) parts[i] = {(float*)targets[i].out->data, (int)targets[i].w->rows};
@@ -246,8 +248,10 @@ void CudaBackend::linearSwiglu(const Tensor& x, int n, const Tensor& gate, const
   // rows hold the gate half then the up half; apart, as two products. One pass then adds the
   // biases, applies the activation and writes out in its dtype (bf16 for the down product).
   Timed timed(*this, "gemm_swiglu");
-  const void* xb = bf16Input(x, n);
-  float* products = scratchF32((size_t)n * 2 * I);
+  std::shared_ptr<void> xHold;
+  const void* xb = bf16Input(x, n, xHold);
+  const std::shared_ptr<void> productsHold = scratchF32((size_t)n * 2 * I);
+  float* products = (float*)productsHold.get();
   const bool packed = up.data == (const char*)gate.data + gate.numel() * dtypeSize(gate.dtype);
   if (packed) {
     cublasLt_.matmulBf16(gate.data, xb, products, 2 * I, n, (int)x.cols, stream_);
@@ -459,14 +463,16 @@ const int32_t* CudaBackend::stage(Staging which, const int32_t* host, int n) {
   return staging_.upload(which, host, n, stream_);
 }
 
-void* CudaBackend::scratch(std::shared_ptr<void>& buf, size_t& capBytes, size_t bytes) {
+std::shared_ptr<void> CudaBackend::scratch(std::shared_ptr<void>& buf, size_t& capBytes, size_t bytes) {
   if (StepGraph* recording = steps_.recording()) {
     // No synchronising while recording; and the recording keeps the buffer it bakes in, which
     // a later, larger prefill would otherwise free.
-    if (capBytes < bytes) return block(bytes).get();
+    if (capBytes < bytes) return block(bytes);
     recording->holds.push_back(buf);
-    return buf.get();
+    return buf;
   }
+  // Back in the cache when the caller lets go; stream order puts its next use after this op.
+  if (bytes > kScratchKeepBytes) return blocks_.get(bytes);
   if (capBytes < bytes) {
     cudaOk(cudaStreamSynchronize(stream_), "scratch sync");
     // The old buffer goes first, so its room counts towards the new one; should the allocation
@@ -476,13 +482,14 @@ void* CudaBackend::scratch(std::shared_ptr<void>& buf, size_t& capBytes, size_t 
     buf = blocks_.uncached(bytes);
     capBytes = bytes;
   }
-  return buf.get();
+  return buf;
 }
 
-const void* CudaBackend::bf16Input(const Tensor& x, int n) {
+const void* CudaBackend::bf16Input(const Tensor& x, int n, std::shared_ptr<void>& hold) {
   if (x.dtype == DType::BF16) return x.data;
   if (x.dtype != DType::F32) throw EngineError(kErrInvalidArgument, "linear: an input is f32 or bf16");
-  void* xb = scratchBf16((size_t)n * x.cols);
+  hold = scratchBf16((size_t)n * x.cols);
+  void* xb = hold.get();
   cuda::launchToBf16((const float*)x.data, (int64_t)n * x.cols, xb, stream_);
   return xb;
 }
@@ -492,8 +499,8 @@ DType CudaBackend::linearInputType(int n) const {
   return weights_ == DType::BF16 && n > kGemvMaxRows ? DType::BF16 : DType::F32;
 }
 
-void* CudaBackend::scratchBf16(size_t count) { return scratch(bf16Scratch_, bf16Cap_, count * 2); }
-float* CudaBackend::scratchF32(size_t count) { return (float*)scratch(f32Scratch_, f32Cap_, count * sizeof(float)); }
+std::shared_ptr<void> CudaBackend::scratchBf16(size_t count) { return scratch(bf16Scratch_, bf16Cap_, count * 2); }
+std::shared_ptr<void> CudaBackend::scratchF32(size_t count) { return scratch(f32Scratch_, f32Cap_, count * sizeof(float)); }
 
 void CudaBackend::packWeights(Tensor* parts, int count) {
   if (count < 2) return;
