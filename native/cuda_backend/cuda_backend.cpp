@@ -139,7 +139,7 @@ void CudaBackend::writeRows(Tensor& t, int64_t rowStart, int64_t rowCount, const
 }
 void CudaBackend::poison(Tensor& t) {
   ctx();
-  cudaOk(cudaMemsetAsync(t.data, 0xff, sizeof(float) * (size_t)t.numel(), stream_), "poison");  // all-ones bits: NaN
+  cudaOk(cudaMemsetAsync(f32(t, "poison", "t"), 0xff, sizeof(float) * (size_t)t.numel(), stream_), "poison");  // all-ones bits: NaN
 }
 void CudaBackend::embed(const int32_t* tokens, const int32_t* positions, int n, const Tensor& table, const Tensor* posTable,
                         Tensor& out) {
@@ -148,14 +148,14 @@ void CudaBackend::embed(const int32_t* tokens, const int32_t* positions, int n, 
   const int32_t* dTok = stage(Staging::Tokens, tokens, n);
   const int32_t* dPos = stage(Staging::Positions, positions, n);
   cuda::launchEmbed(dTok, dPos, n, table.data, posTable ? posTable->data : nullptr, weightType(table.dtype),
-                    (int)table.cols, (float*)out.data, stream_);
+                    (int)table.cols, f32(out, "embed", "out"), stream_);
 }
 
 void CudaBackend::norm(NormKind kind, const Tensor& x, int n, const Tensor& weight, const Tensor* bias, float eps,
                        Tensor& out) {
   ctx();
   Timed timed(*this, "norm");
-  cuda::launchNorm(kind == NormKind::Rms, (const float*)x.data, n, (int)x.cols, weight.data, bias ? bias->data : nullptr,
+  cuda::launchNorm(kind == NormKind::Rms, f32(x, "norm", "x"), n, (int)x.cols, weight.data, bias ? bias->data : nullptr,
                    weightType(weight.dtype), eps, out.data, out.dtype == DType::BF16, stream_);
 }
 
@@ -163,7 +163,7 @@ void CudaBackend::addNorm(NormKind kind, Tensor& h, const Tensor& delta, int n, 
                           float eps, Tensor& out) {
   ctx();
   Timed timed(*this, "add_norm");
-  cuda::launchAddNorm(kind == NormKind::Rms, (float*)h.data, (const float*)delta.data, n, (int)h.cols, weight.data,
+  cuda::launchAddNorm(kind == NormKind::Rms, f32(h, "addNorm", "h"), f32(delta, "addNorm", "delta"), n, (int)h.cols, weight.data,
                       bias ? bias->data : nullptr, weightType(weight.dtype), eps, out.data, out.dtype == DType::BF16, stream_);
 }
 
@@ -182,9 +182,11 @@ void CudaBackend::linears(const Tensor& x, int n, const LinearTarget* targets, i
     }
   }
   ctx();
-  for (int i = 0; i < count; ++i)
+  for (int i = 0; i < count; ++i) {
     if (x.cols != targets[i].w->cols || targets[i].out->cols != targets[i].w->rows)
       throw EngineError(kErrInvalidArgument, "linear: shape mismatch");
+    f32(*targets[i].out, "linear", "out");  // both paths write f32 products
+  }
   const int I = (int)x.cols;
   if (useGemv(n, targets, count)) {
     if (x.dtype != DType::F32)
@@ -193,7 +195,7 @@ void CudaBackend::linears(const Tensor& x, int n, const LinearTarget* targets, i
     cuda::GemvTarget g[cuda::kGemvMaxTargets];
     for (int i = 0; i < count; ++i)
       g[i] = {targets[i].w->data, targets[i].bias ? targets[i].bias->data : nullptr, (int)targets[i].w->rows,
-              (float*)targets[i].out->data};
+              (float*)targets[i].out->data};  // f32, checked above
     cuda::launchGemv((const float*)x.data, n, I, g, count, weightType(targets[0].w->dtype), stream_);
     return;
   }
@@ -268,7 +270,7 @@ void CudaBackend::linearSwiglu(const Tensor& x, int n, const Tensor& gate, const
 void CudaBackend::addInPlace(Tensor& x, const Tensor& y, int n) {
   ctx();
   Timed timed(*this, "residual_add");
-  cuda::launchAdd((float*)x.data, (const float*)y.data, (int64_t)n * x.cols, stream_);
+  cuda::launchAdd(f32(x, "addInPlace", "x"), f32(y, "addInPlace", "y"), (int64_t)n * x.cols, stream_);
 }
 
 void CudaBackend::rope(Tensor& x, int n, int heads, int headDim, const int32_t* positions, const std::vector<float>& invFreq,
@@ -276,7 +278,7 @@ void CudaBackend::rope(Tensor& x, int n, int heads, int headDim, const int32_t* 
   ctx();
   Timed timed(*this, "rope");
   const int32_t* dPos = stage(Staging::Positions, positions, n);
-  cuda::launchRope((float*)x.data, n, heads, headDim, dPos, deviceInvFreq(invFreq), attentionScale, stream_);
+  cuda::launchRope(f32(x, "rope", "x"), n, heads, headDim, dPos, deviceInvFreq(invFreq), attentionScale, stream_);
 }
 
 void CudaBackend::ropeKvWrite(Tensor& q, int numHeads, Tensor* k, const Tensor* v, int numKvHeads, int headDim, int n,
@@ -287,7 +289,8 @@ void CudaBackend::ropeKvWrite(Tensor& q, int numHeads, Tensor* k, const Tensor* 
   cuda::PagedKv p{};
   if (k) p = paged(*kv, slot, n, positions);
   const int32_t* dPos = stage(Staging::Positions, positions, n);
-  cuda::launchRopeKvWrite((float*)q.data, numHeads, k ? (const float*)k->data : nullptr, v ? (const float*)v->data : nullptr,
+  cuda::launchRopeKvWrite(f32(q, "ropeKvWrite", "q"), numHeads, k ? f32(*k, "ropeKvWrite", "k") : nullptr,
+                          v ? f32(*v, "ropeKvWrite", "v") : nullptr,
                           numKvHeads, headDim, n, dPos, deviceInvFreq(invFreq), attentionScale, k ? &p : nullptr, stream_);
 }
 
@@ -344,7 +347,7 @@ void CudaBackend::kvWrite(const KvView& kv, int slot, const Tensor& k, const Ten
   Timed timed(*this, "kv_write");
   const cuda::PagedKv p = paged(kv, slot, n, positions);
   const int32_t* dPos = stage(Staging::Positions, positions, n);
-  cuda::launchKvWrite((const float*)k.data, (const float*)v.data, n, dPos, p, stream_);
+  cuda::launchKvWrite(f32(k, "kvWrite", "k"), f32(v, "kvWrite", "v"), n, dPos, p, stream_);
 }
 
 void CudaBackend::kvZero(const KvView& kv, int seq, int slot, int start, int n) {
@@ -427,7 +430,7 @@ void CudaBackend::attention(const Tensor& q, int n, const int32_t* positions, co
   }
   bool oneSequence = true;
   for (int r = 1; r < n && oneSequence; ++r) oneSequence = kv.rowSeq[r] == kv.rowSeq[0];
-  cuda::launchAttention((const float*)q.data, n, dPos, maxVisible, p, sp.numHeads, sp.numKvHeads,
+  cuda::launchAttention(f32(q, "attention", "q"), n, dPos, maxVisible, p, sp.numHeads, sp.numKvHeads,
                         sp.headDim, sp.strict, sp.window, sp.scale, oneSequence, out.data, out.dtype == DType::BF16, (float*)ws.get(),
                         wsFloats, stream_);
 }
@@ -435,19 +438,21 @@ void CudaBackend::attention(const Tensor& q, int n, const int32_t* positions, co
 void CudaBackend::swiglu(const Tensor& gate, const Tensor& up, int n, Tensor& out) {
   ctx();
   Timed timed(*this, "swiglu");
-  cuda::launchSwiglu((const float*)gate.data, (const float*)up.data, (int64_t)n * gate.cols, (float*)out.data, stream_);
+  cuda::launchSwiglu(f32(gate, "swiglu", "gate"), f32(up, "swiglu", "up"), (int64_t)n * gate.cols, f32(out, "swiglu", "out"),
+                     stream_);
 }
 
 void CudaBackend::geluTanh(Tensor& x, int n) {
   ctx();
   Timed timed(*this, "gelu");
-  cuda::launchGeluTanh((float*)x.data, (int64_t)n * x.cols, stream_);
+  cuda::launchGeluTanh(f32(x, "geluTanh", "x"), (int64_t)n * x.cols, stream_);
 }
 
 void CudaBackend::copyRows(const Tensor& src, int srcRow, Tensor& dst, int dstRow, int n) {
   ctx();
   Timed timed(*this, "copy_rows");
-  cudaOk(cudaMemcpyAsync((float*)dst.data + (int64_t)dstRow * dst.cols, (const float*)src.data + (int64_t)srcRow * src.cols,
+  cudaOk(cudaMemcpyAsync(f32(dst, "copyRows", "dst") + (int64_t)dstRow * dst.cols,
+                         f32(src, "copyRows", "src") + (int64_t)srcRow * src.cols,
                          sizeof(float) * (size_t)(n * src.cols), cudaMemcpyDeviceToDevice, stream_),
          "copyRows");
 }
