@@ -161,9 +161,10 @@ void launchQuantizedKvWrite(float* q, int numHeads, const float* k, const float*
 // null (k is written as it is).
 void quantizedKvWrite(float* q, int numHeads, const float* k, const float* v, int headDim, int n, const int32_t* positions,
                       const float* invFreq, float scale, const PagedKv& kv, cudaStream_t stream) {
-  if (headDim > 128 || headDim % kvTypeHeadDimMultiple((KvType)kv.type))
-    throw std::invalid_argument("kv_write: the K/V type needs a head size that is a multiple of " +
-                                std::to_string(kvTypeHeadDimMultiple((KvType)kv.type)) + ", at most 128");
+  const std::string headDimProblem = kvHeadDimProblem((KvType)kv.type, headDim);
+  if (!headDimProblem.empty()) throw std::invalid_argument("kv_write: " + headDimProblem);
+  if (headDim > 128)
+    throw std::invalid_argument("kv_write: a compact K/V type takes head sizes of at most 128, not " + std::to_string(headDim));
   switch ((KvType)kv.type) {
     case KvType::BF16: return launchQuantizedKvWrite<KvType::BF16>(q, numHeads, k, v, headDim, n, positions, invFreq, scale, kv, stream);
     case KvType::FP8: return launchQuantizedKvWrite<KvType::FP8>(q, numHeads, k, v, headDim, n, positions, invFreq, scale, kv, stream);
