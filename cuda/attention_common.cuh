@@ -26,7 +26,8 @@ struct AttentionOut {
 // the kernels built on it keep the names they show in profiles.
 namespace {
 
-constexpr int kMaxDimsPerLane = 4;  // headDim <= 128
+constexpr int kMaxDimsPerLane = kMaxHeadDim / 32;
+static_assert(kMaxDimsPerLane * 32 == kMaxHeadDim, "a warp's lanes hold the largest head in whole dims each");
 // Splits of a decode row's keys at most (the merge kernel keeps one weight per split).
 constexpr int kMaxDecodeSplits = 64;
 
