@@ -80,11 +80,10 @@ void withMmaHeadDim(int headDim, F&& f) {
 }  // namespace
 
 std::string attentionProblem(int numHeads, int numKvHeads, int headDim, int kvType) {
-  // The decode kernel keeps up to kMaxDimsPerLane dims per lane, where withHeadDimClass's
-  // classes (the prefill kernel's tiles too) end, and a compact type's K/V write holds a head of
-  // at most 128 values in shared memory (rope.cu). The tensor-core decode kernel's head sizes
-  // (32, 64, 128) choose among kernels; they limit nothing, since the CUDA-core kernel takes the rest.
-  constexpr int kMaxHeadDim = 32 * kMaxDimsPerLane;
+  // kMaxHeadDim (kernels.h): the decode kernel's dims per lane, where withHeadDimClass's classes
+  // (the prefill kernel's tiles too) end, and a compact type's K/V write (rope.cu). The tensor-core
+  // decode kernel's head sizes (32, 64, 128) choose among kernels; they limit nothing, since the
+  // CUDA-core kernel takes the rest.
   if (headDim <= 0 || headDim > kMaxHeadDim)
     return "the CUDA attention kernels take head sizes 1 to " + std::to_string(kMaxHeadDim) + ", not " + std::to_string(headDim);
   if (numKvHeads <= 0 || numHeads % numKvHeads)
@@ -148,7 +147,7 @@ void launchAttention(const float* q, int n, const int32_t* positions, int maxVis
 
 // The same number of splits as the launcher chooses for these arguments.
 int64_t attentionWorkspaceFloats(int n, int numHeads, int numKvHeads, int headDim, int maxVisible, int kvType) {
-  if (n <= 0 || numHeads <= 0 || numKvHeads <= 0 || numHeads % numKvHeads || headDim <= 0 || headDim > 32 * kMaxDimsPerLane)
+  if (n <= 0 || numHeads <= 0 || numKvHeads <= 0 || numHeads % numKvHeads || headDim <= 0 || headDim > kMaxHeadDim)
     return 0;  // the launcher refuses these
   int headsPerBlock = 0, headChunks = 0;
   attention::decodeHeadBlocks(numHeads / numKvHeads, headsPerBlock, headChunks);

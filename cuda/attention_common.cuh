@@ -26,7 +26,8 @@ struct AttentionOut {
 // the kernels built on it keep the names they show in profiles.
 namespace {
 
-constexpr int kMaxDimsPerLane = 4;  // headDim <= 128
+constexpr int kMaxDimsPerLane = kMaxHeadDim / 32;
+static_assert(kMaxDimsPerLane * 32 == kMaxHeadDim, "a warp's lanes hold the largest head in whole dims each");
 // Splits of a decode row's keys at most (the merge kernel keeps one weight per split).
 constexpr int kMaxDecodeSplits = 64;
 
@@ -77,6 +78,45 @@ __device__ __forceinline__ int64_t kvRowOffset(const int32_t* table, const Paged
 
 // Bytes of one key's codes of one K/V head.
 __host__ __device__ constexpr int kvHeadBytes(KvType t, int headDim) { return headDim * kvTypeBits(t) / 8; }
+
+// What one block of either decode kernel (attention_decode.cuh, attention_decode_mma.cuh) works
+// on: row blockIdx.x; K/V head kvh = blockIdx.y / headChunks and its query heads [h0, h0 + heads)
+// (the head's group cut into headChunks blocks of at most headsPerBlock); the row's page table
+// and the head's K and V bases in the pool (heads of headBytes); split blockIdx.z of gridDim.z
+// and its chunk of the row's visible keys (decodeChunk) in numTiles tiles of kTileKeys; and of
+// the first tile's firstTileKeys keys, the earlyKeys that may load before the wait for the
+// preceding kernel (decodeEarlyKeys).
+struct DecodeBlock {
+  int r, split, splits, kvh, h0, heads;
+  const int32_t* table;
+  const uint8_t* kBase;
+  const uint8_t* vBase;
+  int first, keys, numTiles, firstTileKeys, earlyKeys;
+};
+template <int kTileKeys>
+__device__ __forceinline__ DecodeBlock decodeBlock(const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
+                                                   bool strict, int window, int headChunks, int headsPerBlock, int headBytes) {
+  DecodeBlock b;
+  b.r = blockIdx.x;
+  b.split = blockIdx.z;
+  b.splits = gridDim.z;
+  const int group = numHeads / numKvHeads;
+  const int part = blockIdx.y % headChunks;
+  b.kvh = blockIdx.y / headChunks;
+  b.h0 = b.kvh * group + part * headsPerBlock;
+  b.heads = min(headsPerBlock, group - part * headsPerBlock);
+  b.table = kvPageTable(kv, b.r);
+  b.kBase = kvHeadBase(kv, 0, b.kvh, headBytes);
+  b.vBase = kvHeadBase(kv, 1, b.kvh, headBytes);
+  const int p = positions[b.r];
+  const DecodeChunk chunk = decodeChunk(p, strict, window, b.split, b.splits);
+  b.first = chunk.first;
+  b.keys = chunk.keys;
+  b.numTiles = (b.keys + kTileKeys - 1) / kTileKeys;
+  b.firstTileKeys = min(kTileKeys, b.keys);
+  b.earlyKeys = decodeEarlyKeys(p, (int)gridDim.x, b.first, b.firstTileKeys);
+  return b;
+}
 
 // Whether a head's K/V rows in the paged pool can be read in 16-byte pieces (rows, pages and
 // the pool 16-byte aligned); else 4-byte pieces (every compact head's bytes are a multiple of 4).

@@ -163,21 +163,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
   float* maxS = corrS + kGroupHeads;               // [kGroupHeads]
   float* sumS = maxS + kGroupHeads;                // [kGroupHeads]
 
-  const int r = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int group = numHeads / numKvHeads;
-  const int kvh = blockIdx.y / headChunks, part = blockIdx.y % headChunks;
-  const int h0 = kvh * group + part * headsPerBlock;
-  const int heads = min(headsPerBlock, group - part * headsPerBlock);
-  const int32_t* table = kvPageTable(kv, r);
-  const uint8_t* kBase = kvHeadBase(kv, 0, kvh, headBytes);
-  const uint8_t* vBase = kvHeadBase(kv, 1, kvh, headBytes);
-
-  // This block's chunk of the row's visible keys (decodeChunk).
-  const int p = positions[r];
-  const DecodeChunk keyChunk = decodeChunk(p, strict, window, split, splits);
-  const int first = keyChunk.first, keys = keyChunk.keys;
-  const int numTiles = (keys + kDecodeKeys - 1) / kDecodeKeys;
+  const DecodeBlock b = decodeBlock<kDecodeKeys>(positions, kv, numHeads, numKvHeads, strict, window, headChunks,
+                                                 headsPerBlock, headBytes);
+  const int r = b.r, split = b.split, splits = b.splits, kvh = b.kvh, h0 = b.h0, heads = b.heads;
+  const int32_t* table = b.table;
+  const uint8_t *kBase = b.kBase, *vBase = b.vBase;
+  const int first = b.first, keys = b.keys, numTiles = b.numTiles, firstTileKeys = b.firstTileKeys, earlyKeys = b.earlyKeys;
 
   // Everything above, and the keys of the first tile that no kernel of this step writes, come
   // before the wait for the preceding kernel (under programmatic launch they load while it
@@ -185,8 +177,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
   // at their own positions, which for this row's sequence are p - (n - 1) or later. A short
   // context's block streams a single tile, so at batch 1 the wait is followed by the queries
   // and the arithmetic alone.
-  const int firstTileKeys = min(kDecodeKeys, keys);
-  const int earlyKeys = decodeEarlyKeys(p, (int)gridDim.x, first, firstTileKeys);
   if (earlyKeys > 0)
     loadDecodeTile<T>(kArrive, vArrive, scaleArrive, kBase, vBase, table, kv, kvh, first, 0, earlyKeys, headBytes,
                       arriveStride, vec16);

@@ -301,27 +301,16 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
   extern __shared__ float4 smem4[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(smem4);
 
-  const int r = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int group = numHeads / numKvHeads;
-  const int kvh = blockIdx.y / headChunks, part = blockIdx.y % headChunks;
-  const int h0 = kvh * group + part * headsPerBlock;
-  const int heads = min(headsPerBlock, group - part * headsPerBlock);
-  const int32_t* table = kvPageTable(kv, r);
-  const int headBytes = kvHeadBytes(T, headDim);
-  const uint8_t* kBase = kvHeadBase(kv, 0, kvh, headBytes);
-  const uint8_t* vBase = kvHeadBase(kv, 1, kvh, headBytes);
-
-  // This block's chunk of the row's visible keys (decodeChunk).
-  const int p = positions[r];
-  const DecodeChunk keyChunk = decodeChunk(p, strict, window, split, splits);
-  const int first = keyChunk.first, keys = keyChunk.keys;
-  const int numTiles = (keys + kMmaTileKeys - 1) / kMmaTileKeys;
+  const DecodeBlock b = decodeBlock<kMmaTileKeys>(positions, kv, numHeads, numKvHeads, strict, window, headChunks,
+                                                  headsPerBlock, kvHeadBytes(T, headDim));
+  const int r = b.r, split = b.split, splits = b.splits, kvh = b.kvh, h0 = b.h0, heads = b.heads;
+  const int32_t* table = b.table;
+  const uint8_t *kBase = b.kBase, *vBase = b.vBase;
+  const int first = b.first, keys = b.keys, numTiles = b.numTiles, firstTileKeys = b.firstTileKeys, earlyKeys = b.earlyKeys;
 
   // The first tile's keys that no kernel of this step writes load before the wait (as in the
   // CUDA-core kernel), the rest after it.
-  const int firstTileKeys = min(kMmaTileKeys, keys);
-  const int earlyKeys = decodeEarlyKeys(p, (int)gridDim.x, first, firstTileKeys);
   if (numTiles > 0 && earlyKeys > 0)
     loadMmaTile<T, kDim>(smem, kBase, vBase, table, kv, kvh, first, 0, earlyKeys, earlyKeys);
   waitForPrecedingKernels();

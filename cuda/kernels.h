@@ -105,8 +105,14 @@ void launchRopeKvWrite(float* q, int numHeads, const float* k, const float* v, i
 void launchKvWrite(const float* k, const float* v, int n, const int32_t* positions, const PagedKv& kv,
                    cudaStream_t stream);
 
+// The largest head size the kernels take. Attention's decode keeps up to kMaxHeadDim / 32 dims in
+// each lane of a warp (kMaxDimsPerLane, attention_common.cuh) and a compact type's K/V write
+// holds one head of at most kMaxHeadDim values per warp in shared memory (rope.cu): both are
+// defined from this one number, so a model that passes attentionProblem is one the write takes.
+constexpr int kMaxHeadDim = 128;
+
 // Attention of n queries (positions[r], of sequence kv.rowSeq[r]) over one slot of the paged
-// cache. q: [n, numHeads*headDim]; out like q, f32 or (outBf16) bf16; headDim <= 128.
+// cache. q: [n, numHeads*headDim]; out like q, f32 or (outBf16) bf16; headDim <= kMaxHeadDim.
 // strict: keys < p only (no key -> zero output); window > 0: keys with p - j < window.
 // maxVisible: the most keys any query sees (sets the split-K chunking); workspace holds the
 // per-chunk partial results, attentionWorkspaceFloats() of them (less means no split).

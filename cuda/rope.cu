@@ -93,7 +93,7 @@ template <KvType T>
 __global__ void __launch_bounds__(kKvWriteThreads) quantizedKvWriteKernel(
     float* q, int numHeads, const float* k, const float* v, int headDim, const int32_t* positions,
     const float* invFreq, float scale, PagedKv kv, int qBlocks) {
-  constexpr int kMaxHeadDim = 128, kWarps = kKvWriteThreads / 32, kBits = kvTypeBits(T), kPerWord = 32 / kBits;
+  constexpr int kWarps = kKvWriteThreads / 32, kBits = kvTypeBits(T), kPerWord = 32 / kBits;
   __shared__ float values[kWarps][kMaxHeadDim];
   const int r = blockIdx.x, half = headDim / 2;
   const int p = positions[r];
@@ -161,9 +161,11 @@ void launchQuantizedKvWrite(float* q, int numHeads, const float* k, const float*
 // null (k is written as it is).
 void quantizedKvWrite(float* q, int numHeads, const float* k, const float* v, int headDim, int n, const int32_t* positions,
                       const float* invFreq, float scale, const PagedKv& kv, cudaStream_t stream) {
-  if (headDim > 128 || headDim % kvTypeHeadDimMultiple((KvType)kv.type))
-    throw std::invalid_argument("kv_write: the K/V type needs a head size that is a multiple of " +
-                                std::to_string(kvTypeHeadDimMultiple((KvType)kv.type)) + ", at most 128");
+  const std::string headDimProblem = kvHeadDimProblem((KvType)kv.type, headDim);
+  if (!headDimProblem.empty()) throw std::invalid_argument("kv_write: " + headDimProblem);
+  if (headDim > kMaxHeadDim)  // the shared memory of quantizedKvWriteKernel; attentionProblem refuses these at load
+    throw std::invalid_argument("kv_write: a compact K/V type takes head sizes of at most " + std::to_string(kMaxHeadDim) +
+                                ", not " + std::to_string(headDim));
   switch ((KvType)kv.type) {
     case KvType::BF16: return launchQuantizedKvWrite<KvType::BF16>(q, numHeads, k, v, headDim, n, positions, invFreq, scale, kv, stream);
     case KvType::FP8: return launchQuantizedKvWrite<KvType::FP8>(q, numHeads, k, v, headDim, n, positions, invFreq, scale, kv, stream);

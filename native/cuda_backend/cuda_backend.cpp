@@ -139,7 +139,7 @@ void CudaBackend::writeRows(Tensor& t, int64_t rowStart, int64_t rowCount, const
 }
 void CudaBackend::poison(Tensor& t) {
   ctx();
-  cudaOk(cudaMemsetAsync(t.data, 0xff, sizeof(float) * (size_t)t.numel(), stream_), "poison");  // all-ones bits: NaN
+  cudaOk(cudaMemsetAsync(f32(t, "poison", "t"), 0xff, sizeof(float) * (size_t)t.numel(), stream_), "poison");  // all-ones bits: NaN
 }
 void CudaBackend::embed(const int32_t* tokens, const int32_t* positions, int n, const Tensor& table, const Tensor* posTable,
                         Tensor& out) {
@@ -148,14 +148,14 @@ void CudaBackend::embed(const int32_t* tokens, const int32_t* positions, int n, 
   const int32_t* dTok = stage(Staging::Tokens, tokens, n);
   const int32_t* dPos = stage(Staging::Positions, positions, n);
   cuda::launchEmbed(dTok, dPos, n, table.data, posTable ? posTable->data : nullptr, weightType(table.dtype),
-                    (int)table.cols, (float*)out.data, stream_);
+                    (int)table.cols, f32(out, "embed", "out"), stream_);
 }
 
 void CudaBackend::norm(NormKind kind, const Tensor& x, int n, const Tensor& weight, const Tensor* bias, float eps,
                        Tensor& out) {
   ctx();
   Timed timed(*this, "norm");
-  cuda::launchNorm(kind == NormKind::Rms, (const float*)x.data, n, (int)x.cols, weight.data, bias ? bias->data : nullptr,
+  cuda::launchNorm(kind == NormKind::Rms, f32(x, "norm", "x"), n, (int)x.cols, weight.data, bias ? bias->data : nullptr,
                    weightType(weight.dtype), eps, out.data, out.dtype == DType::BF16, stream_);
 }
 
@@ -163,7 +163,7 @@ void CudaBackend::addNorm(NormKind kind, Tensor& h, const Tensor& delta, int n, 
                           float eps, Tensor& out) {
   ctx();
   Timed timed(*this, "add_norm");
-  cuda::launchAddNorm(kind == NormKind::Rms, (float*)h.data, (const float*)delta.data, n, (int)h.cols, weight.data,
+  cuda::launchAddNorm(kind == NormKind::Rms, f32(h, "addNorm", "h"), f32(delta, "addNorm", "delta"), n, (int)h.cols, weight.data,
                       bias ? bias->data : nullptr, weightType(weight.dtype), eps, out.data, out.dtype == DType::BF16, stream_);
 }
 
@@ -182,9 +182,11 @@ void CudaBackend::linears(const Tensor& x, int n, const LinearTarget* targets, i
     }
   }
   ctx();
-  for (int i = 0; i < count; ++i)
+  for (int i = 0; i < count; ++i) {
     if (x.cols != targets[i].w->cols || targets[i].out->cols != targets[i].w->rows)
       throw EngineError(kErrInvalidArgument, "linear: shape mismatch");
+    f32(*targets[i].out, "linear", "out");  // both paths write f32 products
+  }
   const int I = (int)x.cols;
   if (useGemv(n, targets, count)) {
     if (x.dtype != DType::F32)
@@ -193,13 +195,14 @@ void CudaBackend::linears(const Tensor& x, int n, const LinearTarget* targets, i
     cuda::GemvTarget g[cuda::kGemvMaxTargets];
     for (int i = 0; i < count; ++i)
       g[i] = {targets[i].w->data, targets[i].bias ? targets[i].bias->data : nullptr, (int)targets[i].w->rows,
-              (float*)targets[i].out->data};
+              (float*)targets[i].out->data};  // f32, checked above
     cuda::launchGemv((const float*)x.data, n, I, g, count, weightType(targets[0].w->dtype), stream_);
     return;
   }
   // cuBLASLt: out^T[O, n] = W[O, I] . x^T[I, n] in column-major terms; x converted once.
   Timed timed(*this, "gemm_cublaslt");
-  const void* xb = bf16Input(x, n);
+  std::shared_ptr<void> xHold, allHold;
+  const void* xb = bf16Input(x, n, xHold);
   // Weights packed back to back (packWeights) run as one product, whose output is then split
   // into the targets: at decode batches a small GEMM costs about as much as a large one.
   bool packed = count > 1;
@@ -210,7 +213,8 @@ void CudaBackend::linears(const Tensor& x, int n, const LinearTarget* targets, i
     rows += targets[i].w->rows;
   }
   if (packed) {
-    float* all = scratchF32((size_t)n * rows);
+    allHold = scratchF32((size_t)n * rows);
+    float* all = (float*)allHold.get();
     cublasLt_.matmulBf16(targets[0].w->data, xb, all, (int)rows, n, I, stream_);
     cuda::SplitColumnsTarget parts[cuda::kGemvMaxTargets];
     for (int i = 0; i < count; ++i) parts[i] = {(float*)targets[i].out->data, (int)targets[i].w->rows};
@@ -226,15 +230,14 @@ void CudaBackend::linears(const Tensor& x, int n, const LinearTarget* targets, i
 }
 
 void CudaBackend::linearSwiglu(const Tensor& x, int n, const Tensor& gate, const Tensor* gateB, const Tensor& up,
-                               const Tensor* upB, Tensor& upScratch, Tensor& out) {
-  (void)upScratch;  // neither path stores the up product where the caller can see it
+                               const Tensor* upB, Tensor& out) {
   ctx();
   if (x.cols != gate.cols || x.cols != up.cols || gate.rows != up.rows || out.cols != gate.rows)
     throw EngineError(kErrInvalidArgument, "linearSwiglu: shape mismatch");
   if (gate.dtype != up.dtype) throw EngineError(kErrInvalidArgument, "linearSwiglu: gate and up weights of different dtypes");
   if (gateB && upB && gateB->dtype != upB->dtype) throw EngineError(kErrInvalidArgument, "linearSwiglu: bias dtypes differ");
   const int I = (int)gate.rows;
-  const LinearTarget t[2] = {{&gate, gateB, &out}, {&up, upB, &upScratch}};
+  const LinearTarget t[2] = {{&gate, gateB, &out}, {&up, upB, nullptr}};  // useGemv reads the weights only
   if (useGemv(n, t, 2)) {
     if (x.dtype != DType::F32 || out.dtype != DType::F32)
       throw EngineError(kErrInvalidArgument, "linearSwiglu: a bf16 input or output needs the cuBLASLt path (linearInputType)");
@@ -247,8 +250,10 @@ void CudaBackend::linearSwiglu(const Tensor& x, int n, const Tensor& gate, const
   // rows hold the gate half then the up half; apart, as two products. One pass then adds the
   // biases, applies the activation and writes out in its dtype (bf16 for the down product).
   Timed timed(*this, "gemm_swiglu");
-  const void* xb = bf16Input(x, n);
-  float* products = scratchF32((size_t)n * 2 * I);
+  std::shared_ptr<void> xHold;
+  const void* xb = bf16Input(x, n, xHold);
+  const std::shared_ptr<void> productsHold = scratchF32((size_t)n * 2 * I);
+  float* products = (float*)productsHold.get();
   const bool packed = up.data == (const char*)gate.data + gate.numel() * dtypeSize(gate.dtype);
   if (packed) {
     cublasLt_.matmulBf16(gate.data, xb, products, 2 * I, n, (int)x.cols, stream_);
@@ -265,7 +270,7 @@ void CudaBackend::linearSwiglu(const Tensor& x, int n, const Tensor& gate, const
 void CudaBackend::addInPlace(Tensor& x, const Tensor& y, int n) {
   ctx();
   Timed timed(*this, "residual_add");
-  cuda::launchAdd((float*)x.data, (const float*)y.data, (int64_t)n * x.cols, stream_);
+  cuda::launchAdd(f32(x, "addInPlace", "x"), f32(y, "addInPlace", "y"), (int64_t)n * x.cols, stream_);
 }
 
 void CudaBackend::rope(Tensor& x, int n, int heads, int headDim, const int32_t* positions, const std::vector<float>& invFreq,
@@ -273,7 +278,7 @@ void CudaBackend::rope(Tensor& x, int n, int heads, int headDim, const int32_t* 
   ctx();
   Timed timed(*this, "rope");
   const int32_t* dPos = stage(Staging::Positions, positions, n);
-  cuda::launchRope((float*)x.data, n, heads, headDim, dPos, deviceInvFreq(invFreq), attentionScale, stream_);
+  cuda::launchRope(f32(x, "rope", "x"), n, heads, headDim, dPos, deviceInvFreq(invFreq), attentionScale, stream_);
 }
 
 void CudaBackend::ropeKvWrite(Tensor& q, int numHeads, Tensor* k, const Tensor* v, int numKvHeads, int headDim, int n,
@@ -284,7 +289,8 @@ void CudaBackend::ropeKvWrite(Tensor& q, int numHeads, Tensor* k, const Tensor* 
   cuda::PagedKv p{};
   if (k) p = paged(*kv, slot, n, positions);
   const int32_t* dPos = stage(Staging::Positions, positions, n);
-  cuda::launchRopeKvWrite((float*)q.data, numHeads, k ? (const float*)k->data : nullptr, v ? (const float*)v->data : nullptr,
+  cuda::launchRopeKvWrite(f32(q, "ropeKvWrite", "q"), numHeads, k ? f32(*k, "ropeKvWrite", "k") : nullptr,
+                          v ? f32(*v, "ropeKvWrite", "v") : nullptr,
                           numKvHeads, headDim, n, dPos, deviceInvFreq(invFreq), attentionScale, k ? &p : nullptr, stream_);
 }
 
@@ -341,7 +347,7 @@ void CudaBackend::kvWrite(const KvView& kv, int slot, const Tensor& k, const Ten
   Timed timed(*this, "kv_write");
   const cuda::PagedKv p = paged(kv, slot, n, positions);
   const int32_t* dPos = stage(Staging::Positions, positions, n);
-  cuda::launchKvWrite((const float*)k.data, (const float*)v.data, n, dPos, p, stream_);
+  cuda::launchKvWrite(f32(k, "kvWrite", "k"), f32(v, "kvWrite", "v"), n, dPos, p, stream_);
 }
 
 void CudaBackend::kvZero(const KvView& kv, int seq, int slot, int start, int n) {
@@ -424,7 +430,7 @@ void CudaBackend::attention(const Tensor& q, int n, const int32_t* positions, co
   }
   bool oneSequence = true;
   for (int r = 1; r < n && oneSequence; ++r) oneSequence = kv.rowSeq[r] == kv.rowSeq[0];
-  cuda::launchAttention((const float*)q.data, n, dPos, maxVisible, p, sp.numHeads, sp.numKvHeads,
+  cuda::launchAttention(f32(q, "attention", "q"), n, dPos, maxVisible, p, sp.numHeads, sp.numKvHeads,
                         sp.headDim, sp.strict, sp.window, sp.scale, oneSequence, out.data, out.dtype == DType::BF16, (float*)ws.get(),
                         wsFloats, stream_);
 }
@@ -432,19 +438,21 @@ void CudaBackend::attention(const Tensor& q, int n, const int32_t* positions, co
 void CudaBackend::swiglu(const Tensor& gate, const Tensor& up, int n, Tensor& out) {
   ctx();
   Timed timed(*this, "swiglu");
-  cuda::launchSwiglu((const float*)gate.data, (const float*)up.data, (int64_t)n * gate.cols, (float*)out.data, stream_);
+  cuda::launchSwiglu(f32(gate, "swiglu", "gate"), f32(up, "swiglu", "up"), (int64_t)n * gate.cols, f32(out, "swiglu", "out"),
+                     stream_);
 }
 
 void CudaBackend::geluTanh(Tensor& x, int n) {
   ctx();
   Timed timed(*this, "gelu");
-  cuda::launchGeluTanh((float*)x.data, (int64_t)n * x.cols, stream_);
+  cuda::launchGeluTanh(f32(x, "geluTanh", "x"), (int64_t)n * x.cols, stream_);
 }
 
 void CudaBackend::copyRows(const Tensor& src, int srcRow, Tensor& dst, int dstRow, int n) {
   ctx();
   Timed timed(*this, "copy_rows");
-  cudaOk(cudaMemcpyAsync((float*)dst.data + (int64_t)dstRow * dst.cols, (const float*)src.data + (int64_t)srcRow * src.cols,
+  cudaOk(cudaMemcpyAsync(f32(dst, "copyRows", "dst") + (int64_t)dstRow * dst.cols,
+                         f32(src, "copyRows", "src") + (int64_t)srcRow * src.cols,
                          sizeof(float) * (size_t)(n * src.cols), cudaMemcpyDeviceToDevice, stream_),
          "copyRows");
 }
@@ -460,26 +468,33 @@ const int32_t* CudaBackend::stage(Staging which, const int32_t* host, int n) {
   return staging_.upload(which, host, n, stream_);
 }
 
-void* CudaBackend::scratch(std::shared_ptr<void>& buf, size_t& capBytes, size_t bytes) {
+std::shared_ptr<void> CudaBackend::scratch(std::shared_ptr<void>& buf, size_t& capBytes, size_t bytes) {
   if (StepGraph* recording = steps_.recording()) {
     // No synchronising while recording; and the recording keeps the buffer it bakes in, which
     // a later, larger prefill would otherwise free.
-    if (capBytes < bytes) return block(bytes).get();
+    if (capBytes < bytes) return block(bytes);
     recording->holds.push_back(buf);
-    return buf.get();
+    return buf;
   }
+  // Back in the cache when the caller lets go; stream order puts its next use after this op.
+  if (bytes > kScratchKeepBytes) return blocks_.get(bytes);
   if (capBytes < bytes) {
     cudaOk(cudaStreamSynchronize(stream_), "scratch sync");
-    buf = deviceAlloc(bytes);
+    // The old buffer goes first, so its room counts towards the new one; should the allocation
+    // still fail, the scratch is left empty (and regrown by the next call), not half-updated.
+    buf.reset();
+    capBytes = 0;
+    buf = blocks_.uncached(bytes);
     capBytes = bytes;
   }
-  return buf.get();
+  return buf;
 }
 
-const void* CudaBackend::bf16Input(const Tensor& x, int n) {
+const void* CudaBackend::bf16Input(const Tensor& x, int n, std::shared_ptr<void>& hold) {
   if (x.dtype == DType::BF16) return x.data;
   if (x.dtype != DType::F32) throw EngineError(kErrInvalidArgument, "linear: an input is f32 or bf16");
-  void* xb = scratchBf16((size_t)n * x.cols);
+  hold = scratchBf16((size_t)n * x.cols);
+  void* xb = hold.get();
   cuda::launchToBf16((const float*)x.data, (int64_t)n * x.cols, xb, stream_);
   return xb;
 }
@@ -489,8 +504,8 @@ DType CudaBackend::linearInputType(int n) const {
   return weights_ == DType::BF16 && n > kGemvMaxRows ? DType::BF16 : DType::F32;
 }
 
-void* CudaBackend::scratchBf16(size_t count) { return scratch(bf16Scratch_, bf16Cap_, count * 2); }
-float* CudaBackend::scratchF32(size_t count) { return (float*)scratch(f32Scratch_, f32Cap_, count * sizeof(float)); }
+std::shared_ptr<void> CudaBackend::scratchBf16(size_t count) { return scratch(bf16Scratch_, bf16Cap_, count * 2); }
+std::shared_ptr<void> CudaBackend::scratchF32(size_t count) { return scratch(f32Scratch_, f32Cap_, count * sizeof(float)); }
 
 void CudaBackend::packWeights(Tensor* parts, int count) {
   if (count < 2) return;

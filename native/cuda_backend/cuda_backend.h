@@ -58,7 +58,7 @@ class CudaBackend : public Backend {
   void linears(const Tensor& x, int n, const LinearTarget* targets, int count) override;
   void packWeights(Tensor* parts, int count) override;
   void linearSwiglu(const Tensor& x, int n, const Tensor& gate, const Tensor* gateB, const Tensor& up, const Tensor* upB,
-                    Tensor& upScratch, Tensor& out) override;
+                    Tensor& out) override;
   void addInPlace(Tensor& x, const Tensor& y, int n) override;
   void rope(Tensor& x, int n, int heads, int headDim, const int32_t* positions, const std::vector<float>& invFreq,
             float attentionScale) override;
@@ -116,20 +116,28 @@ class CudaBackend : public Backend {
   const int32_t* stage(Staging which, const int32_t* host, int n);
   // The RoPE frequencies on the device (RopeFrequencies::device).
   const float* deviceInvFreq(const std::vector<float>& f) { return invFreq_.device(f, steps_.recording() != nullptr, stream_); }
-  void* scratchBf16(size_t count);
-  float* scratchF32(size_t count);
-  // A buffer of at least `bytes` kept in buf (grown, never shrunk), as scratchBf16/F32 hand out.
-  void* scratch(std::shared_ptr<void>& buf, size_t& capBytes, size_t bytes);
+  // Device memory an op uses while it runs, held by the caller until its kernels are queued.
+  std::shared_ptr<void> scratchBf16(size_t count);
+  std::shared_ptr<void> scratchF32(size_t count);
+  // At least `bytes`: the buffer kept in buf (grown, never shrunk) up to kScratchKeepBytes; a
+  // larger request outside a recording gets a block from the cache for the op alone.
+  std::shared_ptr<void> scratch(std::shared_ptr<void>& buf, size_t& capBytes, size_t bytes);
 
   // The hand-written GEMV for small batches and for weights cuBLASLt is not set up for here.
   bool useGemv(int n, const LinearTarget* t, int count) const;
   // x[n, cols] as the bf16 input of a cuBLASLt product: x itself when it is bf16, else a
-  // conversion into the bf16 scratch.
-  const void* bf16Input(const Tensor& x, int n);
+  // conversion into the bf16 scratch, which `hold` keeps for the op.
+  const void* bf16Input(const Tensor& x, int n, std::shared_ptr<void>& hold);
 
   // Up to this many rows (decode batches) the GEMV runs, whose result for a row does not depend on
   // the other rows: a sequence decodes the same alone or in a batch. Larger chunks use cuBLASLt.
   static constexpr int kGemvMaxRows = 16;
+  // The most a scratch buffer keeps between ops. Decode batches (the steps recordings share the
+  // buffers of) ask far less; a prefill chunk's SwiGLU products ask much more (n x 2I floats,
+  // about 92 MB at 2048 rows of TinyLlama's shape), and kept they would stay taken for the
+  // process's life. Taken from the block cache instead, they are reused by the next layer and
+  // the next chunk of that size like any activation, and given back when memory runs out.
+  static constexpr size_t kScratchKeepBytes = size_t(16) << 20;
 
   void ctx() { cudaSetDevice(device_); }
 

@@ -27,20 +27,28 @@ std::shared_ptr<void> BlockCache::get(size_t bytes) {
       list.pop_back();
     }
   }
-  if (!p) {
-    cudaError_t e = cudaMalloc(&p, bytes);
-    if (e == cudaErrorMemoryAllocation) {
-      cudaGetLastError();
-      release();  // give cached blocks back and try once more
-      e = cudaMalloc(&p, bytes);
-    }
-    cudaOk(e, "cudaMalloc");
-  }
+  if (!p) p = allocate(bytes);
   auto st = state_;
   return std::shared_ptr<void>(p, [st, bytes](void* q) {
     std::lock_guard<std::mutex> lk(st->mu);
     st->free[bytes].push_back(q);
   });
+}
+
+std::shared_ptr<void> BlockCache::uncached(size_t bytes) {
+  return std::shared_ptr<void>(allocate(bytes > 0 ? bytes : 16), [](void* q) { cudaFree(q); });
+}
+
+void* BlockCache::allocate(size_t bytes) {
+  void* p = nullptr;
+  cudaError_t e = cudaMalloc(&p, bytes);
+  if (e == cudaErrorMemoryAllocation) {
+    cudaGetLastError();
+    release();
+    e = cudaMalloc(&p, bytes);
+  }
+  cudaOk(e, "cudaMalloc");
+  return p;
 }
 
 void BlockCache::release() {

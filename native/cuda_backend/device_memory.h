@@ -23,10 +23,18 @@ std::shared_ptr<void> deviceAlloc(size_t bytes);
 class BlockCache {
  public:
   std::shared_ptr<void> get(size_t bytes);
+  // cudaMalloc'd memory of its own (freed, not cached, when the last holder lets go), for buffers
+  // kept and grown outside the cache; it may take the room of cached blocks as get() does.
+  std::shared_ptr<void> uncached(size_t bytes);
   void release();
   ~BlockCache() { release(); }
 
  private:
+  // cudaMalloc; when the device is out of memory, the cached blocks are given back and it tries
+  // once more (std::bad_alloc when that fails too), so an allocation fails only when the cache
+  // could not have made room for it.
+  void* allocate(size_t bytes);
+
   struct State {
     std::mutex mu;
     std::map<size_t, std::vector<void*>> free;

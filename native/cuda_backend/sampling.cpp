@@ -147,7 +147,7 @@ void CudaBackend::queueChoices(const Tensor& logits, int rows, int vocab, const 
   bool plainGreedy = true;
   for (int r = 0; r < rows; ++r)
     if (params[r].temperature > 0.0f || params[r].repetitionPenalty != 1.0f || asksExtras(params[r])) plainGreedy = false;
-  const float* base = (const float*)logits.data;
+  const float* base = f32(logits, "sample", "logits");
   if (plainGreedy) {
     cuda::launchGreedyRows(base, rows, vocab, logits.cols, d, stream_);
     return;

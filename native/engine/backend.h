@@ -130,14 +130,16 @@ class Backend : public StepExecution {
   virtual void linears(const Tensor& x, int n, const LinearTarget* targets, int count) {
     for (int i = 0; i < count; ++i) linear(x, n, *targets[i].w, targets[i].bias, *targets[i].out);
   }
-  // out = silu(x @ gate^T + gateB) * (x @ up^T + upB), the input half of a SwiGLU MLP. upScratch
-  // (out's shape) may hold the up product; a GPU computes both products and the activation in
-  // one pass without storing them.
+  // out = silu(x @ gate^T + gateB) * (x @ up^T + upB), the input half of a SwiGLU MLP. A GPU
+  // computes both products and the activation in one pass without storing them; the default
+  // composes the ops and so allocates the up product itself, which callers then need not keep
+  // for a backend that never reads it.
   virtual void linearSwiglu(const Tensor& x, int n, const Tensor& gate, const Tensor* gateB, const Tensor& up,
-                            const Tensor* upB, Tensor& upScratch, Tensor& out) {
+                            const Tensor* upB, Tensor& out) {
+    Tensor upOut = alloc(n, up.rows);
     linear(x, n, gate, gateB, out);
-    linear(x, n, up, upB, upScratch);
-    swiglu(out, upScratch, n, out);
+    linear(x, n, up, upB, upOut);
+    swiglu(out, upOut, n, out);
   }
   // Rotates heads of x[n, heads*headDim] (rotate-half layout) at positions[r].
   virtual void rope(Tensor& x, int n, int heads, int headDim, const int32_t* positions,

@@ -66,7 +66,7 @@ void Model::runLayer(Scratch& s, int n, const int32_t* pos, int i) {
   be.linear(s.a, n, L.o, opt(L.oB), s.o);
   be.addNorm(nk, s.h, s.o, n, L.mlpNormW, opt(L.mlpNormB), c.normEps, s.x);
   if (c.style == BlockStyle::Llama) {
-    be.linearSwiglu(s.x, n, L.gate, opt(L.gateB), L.up, opt(L.upB), s.u, s.g);
+    be.linearSwiglu(s.x, n, L.gate, opt(L.gateB), L.up, opt(L.upB), s.g);
     be.linear(s.g, n, L.down, opt(L.downB), s.o);
   } else {
     be.linear(s.x, n, L.up, opt(L.upB), s.u);
@@ -118,10 +118,10 @@ void Model::allocScratch(Scratch& s, int n) {
   s.k = be.alloc(n, kvd);
   s.v = be.alloc(n, kvd);
   s.o = be.alloc(n, c.hidden);
-  // Llama: g is the SwiGLU's output, read only by the down product; GPT-2: u is the up product,
-  // which the GELU rewrites in place, and g is unused.
-  s.g = be.allocLinearInput(n, c.intermediate);
-  s.u = be.alloc(n, c.intermediate);
+  // Llama: g is the SwiGLU's output, read only by the down product (linearSwiglu needs no buffer
+  // of ours for the up product); GPT-2: u is the up product, which the GELU rewrites in place.
+  if (c.style == BlockStyle::Llama) s.g = be.allocLinearInput(n, c.intermediate);
+  else s.u = be.alloc(n, c.intermediate);
 }
 
 }  // namespace lckv

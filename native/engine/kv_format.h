@@ -65,11 +65,13 @@ inline const char* kvTypeName(KvType t) {
   }
   return nullptr;
 }
-// Why a cache of type t cannot hold heads of headDim values ("" when it can).
+// Why a cache of type t cannot hold heads of headDim values ("" when it can): the one wording of
+// kvTypeHeadDimMultiple's rule, which a model's load, a K/V pool, the op bench and the GPU's K/V
+// write each prefix with what refused it.
 inline std::string kvHeadDimProblem(KvType t, int headDim) {
   if (headDim % kvTypeHeadDimMultiple(t) == 0) return "";
   return std::string(kvTypeName(t)) + " needs a head size that is a multiple of " + std::to_string(kvTypeHeadDimMultiple(t)) +
-         "; this model's is " + std::to_string(headDim) + " (f32 takes any head size)";
+         ", not " + std::to_string(headDim) + " (f32 takes any head size)";
 }
 inline bool parseKvType(const char* name, KvType& out) {
   for (int i = 0; i < kKvTypeCount; ++i)

@@ -23,10 +23,11 @@ KvPool::KvPool(Backend& backend, const KvLayout& layout, int numPages) : backend
     throw EngineError(kErrInvalidArgument, "a K/V pool needs at least one page, one slot and one token per page");
   if (layout.pageTokens & (layout.pageTokens - 1))
     throw EngineError(kErrInvalidArgument, "K/V page size must be a power of two, got " + std::to_string(layout.pageTokens));
-  if (layout.kvHeads <= 0 || layout.kvDim % layout.kvHeads || layout.headDim() % kvTypeHeadDimMultiple(layout.type))
-    throw EngineError(kErrInvalidArgument, std::string("the K/V cache type ") + kvTypeName(layout.type) + " needs a head size that is a multiple of " +
-                                               std::to_string(kvTypeHeadDimMultiple(layout.type)) + ", got " +
-                                               std::to_string(layout.kvDim / std::max(1, layout.kvHeads)));
+  if (layout.kvHeads <= 0 || layout.kvDim % layout.kvHeads)
+    throw EngineError(kErrInvalidArgument, "a K/V pool's kvDim (" + std::to_string(layout.kvDim) + ") must be a multiple of its kvHeads (" +
+                                               std::to_string(layout.kvHeads) + ")");
+  const std::string headDimProblem = kvHeadDimProblem(layout.type, layout.headDim());
+  if (!headDimProblem.empty()) throw EngineError(kErrInvalidArgument, "the K/V cache type " + headDimProblem);
   storage_ = backend.alloc(numPages, layout.pageBytes() / 4);  // pageBytes is a multiple of 16
   refs_.assign((size_t)numPages, 0);
   cachedRefs_.assign((size_t)numPages, 0);

@@ -37,9 +37,8 @@ AttentionBenchResult benchAttention(Backend& be, const AttentionBenchShape& s) {
   layout.kvHeads = s.numKvHeads;
   layout.pageTokens = kPageTokens;
   layout.type = s.kvType;
-  if (s.headDim % kvTypeHeadDimMultiple(s.kvType))
-    throw EngineError(kErrInvalidArgument, std::string("benchAttention: kvCacheDtype ") + kvTypeName(s.kvType) +
-                                               " needs a head size that is a multiple of " + std::to_string(kvTypeHeadDimMultiple(s.kvType)));
+  const std::string headDimProblem = kvHeadDimProblem(s.kvType, s.headDim);
+  if (!headDimProblem.empty()) throw EngineError(kErrInvalidArgument, "benchAttention: kvCacheDtype " + headDimProblem);
   const int pagesPerSeq = (s.context + kPageTokens - 1) / kPageTokens;
   const int64_t pages = (int64_t)pagesPerSeq * s.sequences;
   if (pages > INT32_MAX) throw EngineError(kErrInvalidArgument, "benchAttention: too many pages for 32-bit page ids");
