@@ -71,6 +71,14 @@ export class EngineContext {
    * takes 512 in a few milliseconds.
    */
   readonly prefillChunk: number;
+  /**
+   * Tokens per native prefill call while no other request is in flight: nothing waits between
+   * chunks then, so a GPU takes the prompt in larger pieces (a quarter of the launches at 2048
+   * tokens, larger products, and four times the attention blocks to fill the GPU with). Bounded
+   * so that one call's activations stay a few hundred MB. The CPU keeps its chunk: a request
+   * that arrives meanwhile waits for the chunk in progress.
+   */
+  readonly lonePrefillChunk: number;
   private readonly device: "cpu" | "cuda";
   private prefilled = 0;
   /** Requests prefilling or generating now (see working()). */
@@ -90,6 +98,7 @@ export class EngineContext {
     this.maxContext = init.maxContext;
     this.device = init.device;
     this.prefillChunk = init.device === "cpu" ? 64 : 512;
+    this.lonePrefillChunk = init.device === "cpu" ? 64 : 4096;
     // Every prefill in flight listens to it: as many as there are concurrent requests.
     setMaxListeners(0, this.disposing.signal);
     this.scheduler = new DecodeScheduler(() => this.nativeModel(), init.maxBatch);
@@ -247,6 +256,11 @@ export class EngineContext {
       if (!done) this.inFlight--;
       done = true;
     };
+  }
+
+  /** Tokens the next native prefill call of a prompt takes: the lone chunk unless other requests are in flight (working()). */
+  prefillChunkNow(): number {
+    return this.inFlight > 1 ? this.prefillChunk : this.lonePrefillChunk;
   }
 
   /** Whether batchedPrefill() can say yes to this prefill, given other requests in flight. */

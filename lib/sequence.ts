@@ -167,18 +167,19 @@ export class Sequence implements Disposable {
     let passes = 0;
     // Long inputs go in chunks, so that other sequences' decode steps run in between. Exact
     // modes stay exact across chunks (each chunk reads the final K/V of the ones before), and
-    // each chunk picks its way anew: batched token steps while other requests are in flight,
-    // else a native prefill call. The iterative scheme is defined over the whole input, so it
-    // is not cut.
-    const chunk = prefill.mode === "iterative" ? Math.max(run.length, 1) : this.engine.prefillChunk;
+    // each chunk picks its way and size anew: batched token steps while other requests are in
+    // flight, else a native prefill call, of the lone chunk while no other request is. The
+    // iterative scheme is defined over the whole input, so it is not cut.
     const before = { evaluated: this.evaluated.length, pending: this.pending };
     const done = this.engine.working();
     try {
       // Yield once so that prompts that arrive in the same turn of the event loop count each
       // other in flight before the first chunk picks its way.
       if (this.engine.mayBatchPrefill(prefill)) await new Promise((resolve) => setImmediate(resolve));
-      for (let at = 0; at < run.length; at += chunk) {
+      for (let at = 0; at < run.length; ) {
+        const chunk = prefill.mode === "iterative" ? run.length : this.engine.prefillChunkNow();
         const part = run.slice(at, at + chunk);
+        at += part.length;
         if (prefill.signal?.aborted) throw new AbortError("the prefill was aborted");
         let mode: PrefillMode = prefill.mode;
         if (this.engine.batchedPrefill(prefill)) {
