@@ -139,7 +139,8 @@ void CudaBackend::writeRows(Tensor& t, int64_t rowStart, int64_t rowCount, const
 }
 void CudaBackend::poison(Tensor& t) {
   ctx();
-  cudaOk(cudaMemsetAsync(f32(t, "poison", "t"), 0xff, sizeof(float) * (size_t)t.numel(), stream_), "poison");  // all-ones bits: NaN
+  // All-ones bits are NaN in f32, bf16 and f16 alike; the op checks poison bf16 outputs too.
+  cudaOk(cudaMemsetAsync(t.data, 0xff, dtypeSize(t.dtype) * (size_t)t.numel(), stream_), "poison");
 }
 void CudaBackend::embed(const int32_t* tokens, const int32_t* positions, int n, const Tensor& table, const Tensor* posTable,
                         Tensor& out) {

@@ -100,7 +100,8 @@ class Backend : public StepExecution {
   virtual void download(const Tensor& t, int64_t rowStart, int64_t rowCount, float* host) = 0;
   // Writes host rows into an activation tensor, rounded to its dtype (tests and op checks).
   virtual void writeRows(Tensor& t, int64_t rowStart, int64_t rowCount, const float* host) = 0;
-  // Fills an f32 tensor with NaN, so a test can see whether an op wrote every element.
+  // Fills a tensor (f32, or bf16 where a backend allocates it) with NaN, so a test can see
+  // whether an op wrote every element.
   virtual void poison(Tensor& t) = 0;
 
   // out[r] = table[tokens[r]]  (+ posTable[positions[r]] when posTable is given)
