@@ -43,6 +43,7 @@ export interface ModelConfig {
   /** LCKV iterative prefill passes: m (forward_passes) and b (backward_passes). */
   forwardPasses: number;
   backwardPasses: number;
+  useSequential: boolean;
   ropeTheta: number;
   ropeScaling: Record<string, unknown> | null;
   bosTokenId: number | null;
@@ -151,6 +152,7 @@ function planFields(f: Fields, plan: KvPlan, forceNodiag: boolean) {
     forceNodiag,
     forwardPasses: f.int("forward_passes", { def: 7, max: MAX_PASSES }),
     backwardPasses: f.int("backward_passes", { def: 2, min: 0, max: MAX_PASSES }),
+    useSequential: f.bool("use_sequential", false),
   };
 }
 

