@@ -26,9 +26,17 @@ import type { Tokenizer } from "./tokenizer";
  *   shared 2-core machine, 2026-12-06): 1.18x the prompt tokens/s of the same prompts one after
  *   another for 2 prompts, 1.47-1.53x for 4 to 16. (A sequential prompt batches from one other
  *   request on, whatever the device.)
- * - cuda: not measured yet. The default is fixed-point, a few passes of large products over a
- *   whole chunk, which a lone prompt runs far faster than token steps; batched token steps need
- *   enough rows per step to overtake it. 16 stands until the benchmark gives the crossover.
+ * - cuda: the default is fixed-point, a few passes of large products over a whole chunk, meant to
+ *   beat token steps for a lone prompt. Measured on an H100 (2026-12-06, batched-prefill.js, LCKV
+ *   w=2 TinyLlama shape, random bf16 weights, 256-token prompts): 1 prompt 849 tok/s batched or
+ *   sequential, 598 fixed-point (random weights do not converge: 64 passes, then token steps);
+ *   2 prompts 1559 batched; 4: 3059; 8: 5807; 32: 9097. With the default model's trained weights
+ *   and a bf16 cache the fixed point also took 64 passes for 248 tokens (78 ms, against 65 ms
+ *   token by token). Batched steps win from two prompts, but 16 stands: with bf16 weights a
+ *   prompt of more than 16 tokens prefilled alone runs its products through cuBLASLt on bf16
+ *   activations, and as batched token steps through the f32 GEMV, so its greedy tokens can
+ *   differ between the two (the GPU's batch-invariance test failed with 1). That has to be made
+ *   consistent before the threshold can follow the measurement.
  */
 export const THROUGHPUT_PREFILL_MIN_OTHERS: Readonly<Record<"cpu" | "cuda", number>> = { cpu: 1, cuda: 16 };
 
