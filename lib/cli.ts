@@ -56,8 +56,9 @@ process.stdout.on("error", (e: NodeJS.ErrnoException) => {
   stdoutClosed = true;
 });
 
-async function open(opts: { model?: string; revision?: string; device?: "auto" | "cpu" | "cuda"; kvDtype?: KvCacheDtype; maxContext?: number; maxQueue?: number }): Promise<Model> {
+async function open(opts: { model?: string; revision?: string; device?: "auto" | "cpu" | "cuda"; dtype?: LoadOptions["dtype"]; kvDtype?: KvCacheDtype; maxContext?: number; maxQueue?: number }): Promise<Model> {
   const load: LoadOptions = { device: opts.device ?? "auto" };
+  if (opts.dtype !== undefined) load.dtype = opts.dtype;
   if (opts.kvDtype !== undefined) load.kvCacheDtype = opts.kvDtype;
   if (opts.maxContext !== undefined) load.maxContext = opts.maxContext;
   if (opts.maxQueue !== undefined) load.maxQueue = opts.maxQueue;
@@ -144,6 +145,8 @@ program.name("lckv").description("Run language models with layer-condensed KV ca
 
 // Options several commands share.
 const deviceOption = () => new Option("--device <device>", "where to run").choices(["auto", "cpu", "cuda"]).default("auto");
+const dtypeOption = () =>
+  new Option("--dtype <type>", "the weights' type on the device (default: bf16 on CUDA, the checkpoint's on the CPU)").choices(["auto", "f32", "f16", "bf16"]);
 const kvDtypeOption = () => new Option("--kv-dtype <type>", "the K/V cache's value type (default: bf16)").choices([...KV_CACHE_DTYPES]);
 const modelOption = () =>
   new Option(
@@ -177,6 +180,7 @@ addSamplingOptions(
 )
   .addOption(prefillOption())
   .addOption(deviceOption())
+  .addOption(dtypeOption())
   .addOption(kvDtypeOption())
   .addOption(quietOption())
   .action(async (prompt: string | undefined, o) => {
@@ -207,6 +211,7 @@ addSamplingOptions(
     .option("--system <text>", "a system message that opens the conversation"),
 )
   .addOption(deviceOption())
+  .addOption(dtypeOption())
   .addOption(kvDtypeOption())
   .addOption(quietOption())
   .action(async (o) => {
@@ -245,6 +250,7 @@ program
   .addOption(revisionOption())
   .option("--json", "print JSON")
   .addOption(deviceOption())
+  .addOption(dtypeOption())
   .addOption(kvDtypeOption())
   .action(async (o) => {
     const model = await open(o);
@@ -368,6 +374,7 @@ program
   .addOption(prefillOption())
   .option("--prefill-passes <n>", "passes for --prefill iterative", intArg("--prefill-passes"))
   .addOption(deviceOption())
+  .addOption(dtypeOption())
   .addOption(kvDtypeOption())
   .action(async (o) => {
     let text: string;
@@ -428,6 +435,7 @@ program
   .option("--api-key <key>", "require 'Authorization: Bearer <key>' on /v1 requests")
   .option("--max-queue <n>", "requests that may wait for K/V pages at once; the next is answered 429", intArg("--max-queue"))
   .addOption(deviceOption())
+  .addOption(dtypeOption())
   .addOption(kvDtypeOption())
   .action(async (o) => {
     const model = await open(o);

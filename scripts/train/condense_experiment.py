@@ -17,8 +17,8 @@ Phases, each timed:
   heal    for each name of --heal (a condensed model <method>-<fraction>, or "source" for the
           trained model itself: the control, what the same fine-tune does to a model that lost
           nothing), train.py --config configs/heal.json --init MODEL; then the perplexity of the
-          same evaluation tokens before and after, by lckv (node dist/cli.js eval-ppl, CPU,
-          f32 cache: the study's arithmetic) and by PyTorch (eval_ppl.py's functions), and
+          same evaluation tokens before and after, by lckv (node dist/cli.js eval-ppl on the
+          study's device, f32 cache: the study's arithmetic) and by PyTorch (eval_ppl.py's functions), and
           the largest relative difference between the two.
 Writes RESULTS_DIR/results.json (all figures and timings, rewritten after each phase, so a run
 cut short keeps what it finished), results.md (the tables, from results.json; also
@@ -112,10 +112,12 @@ def derived_config(src: str, dst: str, model=None, train=None):
     return dst
 
 
-def lckv_perplexity(run, model, text, max_tokens):
-    """lckv's perplexity on the CPU with an f32 cache: the f32 arithmetic of eval_ppl.py and of the study."""
+def lckv_perplexity(run, model, text, max_tokens, device):
+    """lckv's perplexity with f32 weights and cache on the study's device: the arithmetic of the
+    study's own figures (the "before" of a healed model), so before and after compare like with like."""
     out = run.cmd(["node", "dist/cli.js", "eval-ppl", "--model", model, "--text", text, "--window", "256",
-                   "--max-tokens", str(max_tokens), "--kv-dtype", "f32", "--device", "cpu", "--json"], capture=True)
+                   "--max-tokens", str(max_tokens), "--dtype", "f32", "--kv-dtype", "f32", "--device", device, "--json"],
+                  capture=True)
     return json.loads(out)["perplexity"]
 
 
@@ -169,7 +171,7 @@ def markdown(res):
         base = st["source"]["engine"]["f32"]
         steps = heal[0]["steps"]
         lines += [f"Healing ({heal[0]['config']}: {steps} steps, {heal[0]['tokens_seen']} tokens); perplexity by lckv "
-                  "(CPU, f32 cache), percentages against the source before healing:", "",
+                  f"({res['options']['device']}, f32 weights and cache), percentages against the source before healing:", "",
                   "| model | layer_types | before | after healing | healing time |", "|---|---|---|---|---|"]
         for h in heal:
             lt = f"`{h['layer_types']}`" if h["layer_types"] else ""
@@ -278,7 +280,7 @@ def main():
                      "steps": log["steps_run"], "tokens_seen": log["tokens_seen"], "train_wall_s": log["train_wall_s"],
                      "validation_loss": {"before": log["val"][0]["loss"], "after": log["val"][-1]["loss"]},
                      "before": {"lckv": before, "torch": torch_perplexity(run, init, val, a.max_tokens)},
-                     "after": {"lckv": lckv_perplexity(run, healed, val, a.max_tokens),
+                     "after": {"lckv": lckv_perplexity(run, healed, val, a.max_tokens, a.device),
                                "torch": torch_perplexity(run, healed, val, a.max_tokens)}}
             run.say(f"{name}: perplexity {before:.4f} -> {entry['after']['lckv']:.4f} (lckv), "
                     f"{entry['before']['torch']:.4f} -> {entry['after']['torch']:.4f} (PyTorch)")

@@ -53,6 +53,22 @@ test("info reports the layer pattern and the KV saving", () => {
   expect(bad.err).toMatch(/--kv-dtype.*int3.*Allowed choices are f32, bf16, fp8, int8, int4/);
 });
 
+test("--dtype chooses the weights' type: bf16 rounds an f32 checkpoint's weights, f32 keeps them as the default does on the CPU", () => {
+  const ppl = (extra: string[]) => {
+    const r = run(["eval-ppl", "--model", path.join(root, "test", "fixtures", "lckv-w2"), "--text", path.join(root, "README.md"), "--max-tokens", "200", "--device", "cpu", "--json", ...extra]);
+    expect(r.code).toBe(0);
+    return JSON.parse(r.out).perplexity as number;
+  };
+  const checkpoint = ppl([]);
+  expect(ppl(["--dtype", "f32"])).toBe(checkpoint);
+  const bf16 = ppl(["--dtype", "bf16"]);
+  expect(bf16).not.toBe(checkpoint);
+  expect(Math.abs(bf16 / checkpoint - 1)).toBeLessThan(0.05);
+  const bad = run(["eval-ppl", "--model", fixture, "--text", path.join(root, "README.md"), "--dtype", "f64"]);
+  expect(bad.code).not.toBe(0);
+  expect(bad.err).toMatch(/--dtype.*f64.*Allowed choices are auto, f32, f16, bf16/);
+});
+
 test("condense refuses a calibration file it cannot read, an unsupported model and a missing --out by name", () => {
   const out = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "lckv-cli-condense-")), "m");
   const missing = run(["condense", fixture, "--out", out, "--calib", "/nonexistent-calibration.txt", "--kv-layers", "2"]);
