@@ -20,10 +20,9 @@
 //
 // The kernel template; attention_prefill.cu holds its launcher and instances.
 #pragma once
-#include <climits>
 #include <cstdint>
 
-#include "attention_common.cuh"
+#include "attention_prefill_common.cuh"
 
 namespace lckv::cuda {
 
@@ -92,47 +91,26 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
   const uint8_t* vBase = kvHeadBase(kv, 1, kvh, headBytes);
   const int pageMask = kvPageMask(kv);
 
-  // This thread's two query rows (g and g + 8 of its warp's 16) and the keys each can see.
-  const int rowA = r0 + warp * 16 + g, rowB = rowA + 8;
-  const Range seeA = rowA < n ? visible(positions[rowA], strict, window) : Range{1, 0};
-  const Range seeB = rowB < n ? visible(positions[rowB], strict, window) : Range{1, 0};
-  // The keys any query of the block can see (every thread computes the same).
-  int lo = INT_MAX, hi = -1;
-  for (int i = 0; i < kPrefillQueries && r0 + i < n; ++i) {
-    const Range v = visible(positions[r0 + i], strict, window);
-    if (v.last >= v.first) {
-      lo = min(lo, v.first);
-      hi = max(hi, v.last);
-    }
-  }
-  // ... and those any query of this warp can see (tiles outside are skipped by the warp).
-  int warpLo = INT_MAX, warpHi = -1;
-  if (seeA.last >= seeA.first) warpLo = seeA.first, warpHi = seeA.last;
-  if (seeB.last >= seeB.first) warpLo = min(warpLo, seeB.first), warpHi = max(warpHi, seeB.last);
-  for (int o = 16; o > 0; o >>= 1) {
-    warpLo = min(warpLo, __shfl_xor_sync(0xffffffffu, warpLo, o));
-    warpHi = max(warpHi, __shfl_xor_sync(0xffffffffu, warpHi, o));
-  }
+  const PrefillRows rows = prefillRows<kPrefillQueries>(positions, n, r0, warp, g, strict, window);
 
   for (int e = threadIdx.x; e < kPrefillQueries * kDim; e += blockDim.x) {
     const int i = e / kDim, d = e % kDim;
     qs[i * S + d] = r0 + i < n && d < headDim ? q[((int64_t)(r0 + i) * numHeads + h) * headDim + d] * scale : 0.0f;
   }
-  // Per row (A, B): running max and sum of this thread's probabilities (the quad's four are
-  // added at the end); the output tile in C fragments, 8 head dims each.
-  float mA = -INFINITY, mB = -INFINITY, lA = 0.0f, lB = 0.0f;
+  // The online softmax of rows A and B, and the output tile in C fragments, 8 head dims each.
+  PrefillSoftmax sm;
   float o[kDimTiles][4];
 #pragma unroll
   for (int i = 0; i < kDimTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
   const float* qw = qs + warp * 16 * S;
 
-  for (int j0 = (hi >= 0 ? lo : 0); j0 <= hi; j0 += kKeyTile) {
+  for (int j0 = (rows.hi >= 0 ? rows.lo : 0); j0 <= rows.hi; j0 += kKeyTile) {
     __syncthreads();  // the previous tile is no longer read (and qs is written, the first time)
     if (vec16) {
       for (int e = threadIdx.x; e < kKeyTile * (kDim / 4); e += blockDim.x) {
         const int jj = e / (kDim / 4), d = (e % (kDim / 4)) * 4, j = j0 + jj;
         float4 kx = make_float4(0.f, 0.f, 0.f, 0.f), vx = kx;
-        if (j <= hi && d < headDim) {
+        if (j <= rows.hi && d < headDim) {
           const int64_t off = kvRowOffset(table, kv, pageMask, j) + 4 * d;
           kx = *reinterpret_cast<const float4*>(kBase + off);
           vx = *reinterpret_cast<const float4*>(vBase + off);
@@ -144,7 +122,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
       for (int e = threadIdx.x; e < kKeyTile * kDim; e += blockDim.x) {
         const int jj = e / kDim, d = e % kDim, j = j0 + jj;
         float kx = 0.0f, vx = 0.0f;
-        if (j <= hi && d < headDim) {
+        if (j <= rows.hi && d < headDim) {
           const int64_t off = kvRowOffset(table, kv, pageMask, j) + 4 * d;
           kx = *reinterpret_cast<const float*>(kBase + off);
           vx = *reinterpret_cast<const float*>(vBase + off);
@@ -154,7 +132,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
       }
     }
     __syncthreads();
-    if (warpHi < j0 || warpLo > j0 + kKeyTile - 1) continue;  // warp-uniform: no key of this tile is visible
+    if (rows.warpHi < j0 || rows.warpLo > j0 + kKeyTile - 1) continue;  // warp-uniform: no key of this tile is visible
 
     // Scores of the warp's 16 queries against the tile's keys: key tile kt covers keys kt*8..+7.
     float s[kKeyTiles][4];
@@ -171,71 +149,27 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
         mmaTile(s[kt], a, kr[0], kr[4]);
       }
     }
-    // Mask (diagonal rule, window, keys past the block's range) and the tile's row maxima.
-    float tileA = -INFINITY, tileB = -INFINITY;
-#pragma unroll
-    for (int kt = 0; kt < kKeyTiles; ++kt) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int j = j0 + kt * 8 + 2 * t + (c & 1);
-        const Range& see = c < 2 ? seeA : seeB;
-        if (j < see.first || j > see.last) s[kt][c] = -INFINITY;
-      }
-      tileA = fmaxf(tileA, fmaxf(s[kt][0], s[kt][1]));
-      tileB = fmaxf(tileB, fmaxf(s[kt][2], s[kt][3]));
-    }
-    // The four threads of a quad hold one row's 64 scores between them.
-    tileA = fmaxf(tileA, __shfl_xor_sync(0xffffffffu, tileA, 1));
-    tileA = fmaxf(tileA, __shfl_xor_sync(0xffffffffu, tileA, 2));
-    tileB = fmaxf(tileB, __shfl_xor_sync(0xffffffffu, tileB, 1));
-    tileB = fmaxf(tileB, __shfl_xor_sync(0xffffffffu, tileB, 2));
-    const float newA = fmaxf(mA, tileA), newB = fmaxf(mB, tileB);
-    // A row that has seen no key yet keeps max -inf: subtract 0 then (every exp is of -inf: 0).
-    const float baseA = newA == -INFINITY ? 0.0f : newA, baseB = newB == -INFINITY ? 0.0f : newB;
-    const float corrA = __expf(mA - baseA), corrB = __expf(mB - baseB);
-    mA = newA;
-    mB = newB;
-    lA *= corrA;
-    lB *= corrB;
-    // Probabilities x values, 8 keys (one score tile) per step, summed for this tile alone and
-    // then added to the output with f32 arithmetic: the tensor cores' f32 accumulation rounds
-    // toward zero, a bias that summing every tile of a long context in them grew past 1e-5.
+    sm.tile(s, j0, t, rows);
+    // Probabilities x values, 8 keys (one score tile) per step, summed for this tile alone
+    // (prefillAddTile).
     float po[kDimTiles][4];
 #pragma unroll
     for (int i = 0; i < kDimTiles; ++i) po[i][0] = po[i][1] = po[i][2] = po[i][3] = 0.0f;
 #pragma unroll
     for (int kt = 0; kt < kKeyTiles; ++kt) {
-      const float p0 = __expf(s[kt][0] - baseA), p1 = __expf(s[kt][1] - baseA);
-      const float p2 = __expf(s[kt][2] - baseB), p3 = __expf(s[kt][3] - baseB);
-      lA += p0 + p1;
-      lB += p2 + p3;
+      const float p0 = __expf(s[kt][0] - sm.baseA), p1 = __expf(s[kt][1] - sm.baseA);
+      const float p2 = __expf(s[kt][2] - sm.baseB), p3 = __expf(s[kt][3] - sm.baseB);
+      sm.lA += p0 + p1;
+      sm.lB += p2 + p3;
       // A fragment: (g, col t) = key 2t, (g + 8, t), (g, t + 4) = key 2t + 1, (g + 8, t + 4).
       const Tf32Pair a[4] = {splitTf32(p0), splitTf32(p2), splitTf32(p1), splitTf32(p3)};
       const float* v0 = vs + (kt * 8 + 2 * t) * S + g;
 #pragma unroll
       for (int dt = 0; dt < kDimTiles; ++dt) mmaTile(po[dt], a, v0[dt * 8], v0[S + dt * 8]);
     }
-#pragma unroll
-    for (int dt = 0; dt < kDimTiles; ++dt) {
-      o[dt][0] = fmaf(o[dt][0], corrA, po[dt][0]);
-      o[dt][1] = fmaf(o[dt][1], corrA, po[dt][1]);
-      o[dt][2] = fmaf(o[dt][2], corrB, po[dt][2]);
-      o[dt][3] = fmaf(o[dt][3], corrB, po[dt][3]);
-    }
+    prefillAddTile(o, po, sm);
   }
-  lA += __shfl_xor_sync(0xffffffffu, lA, 1);
-  lA += __shfl_xor_sync(0xffffffffu, lA, 2);
-  lB += __shfl_xor_sync(0xffffffffu, lB, 1);
-  lB += __shfl_xor_sync(0xffffffffu, lB, 2);
-#pragma unroll
-  for (int dt = 0; dt < kDimTiles; ++dt) {
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int r = c < 2 ? rowA : rowB, d = dt * 8 + 2 * t + (c & 1);
-      const float l = c < 2 ? lA : lB;
-      if (r < n && d < headDim) out.store(((int64_t)r * numHeads + h) * headDim + d, l > 0.0f ? o[dt][c] / l : 0.0f);
-    }
-  }
+  prefillStore(o, sm, rows, n, t, h, numHeads, headDim, out);
 }
 
 }  // namespace

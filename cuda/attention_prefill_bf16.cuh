@@ -24,10 +24,9 @@
 // The kernel template; attention_prefill_bf16.cu holds its launcher and instances. f32 caches
 // take the 3xTF32 kernel (attention_prefill.cuh): their keys are not exact in any 16-bit type.
 #pragma once
-#include <climits>
 #include <cstdint>
 
-#include "attention_common.cuh"
+#include "attention_prefill_common.cuh"
 #include "mma.cuh"
 
 namespace lckv::cuda {
@@ -153,29 +152,9 @@ __global__ void __launch_bounds__(kPrefillBf16Warps * 32) attentionPrefillBf16Ke
   const uint8_t* vBase = kvHeadBase(kv, 1, kvh, headBytes);
   const int pageMask = kvPageMask(kv);
 
-  // This thread's two query rows (g and g + 8 of its warp's 16) and the keys each can see.
-  const int rowA = r0 + warp * 16 + g, rowB = rowA + 8;
-  const Range seeA = rowA < n ? visible(positions[rowA], strict, window) : Range{1, 0};
-  const Range seeB = rowB < n ? visible(positions[rowB], strict, window) : Range{1, 0};
-  // The keys any query of the block can see (every thread computes the same).
-  int lo = INT_MAX, hi = -1;
-  for (int i = 0; i < kPrefillBf16Queries && r0 + i < n; ++i) {
-    const Range v = visible(positions[r0 + i], strict, window);
-    if (v.last >= v.first) {
-      lo = min(lo, v.first);
-      hi = max(hi, v.last);
-    }
-  }
-  // ... and those any query of this warp can see (tiles outside are skipped by the warp).
-  int warpLo = INT_MAX, warpHi = -1;
-  if (seeA.last >= seeA.first) warpLo = seeA.first, warpHi = seeA.last;
-  if (seeB.last >= seeB.first) warpLo = min(warpLo, seeB.first), warpHi = max(warpHi, seeB.last);
-  for (int o = 16; o > 0; o >>= 1) {
-    warpLo = min(warpLo, __shfl_xor_sync(0xffffffffu, warpLo, o));
-    warpHi = max(warpHi, __shfl_xor_sync(0xffffffffu, warpHi, o));
-  }
-  const int firstKey = hi >= 0 ? lo : 0;
-  const int numTiles = hi >= 0 ? (hi - firstKey) / kPrefillKeyTile + 1 : 0;
+  const PrefillRows rows = prefillRows<kPrefillBf16Queries>(positions, n, r0, warp, g, strict, window);
+  const int firstKey = rows.hi >= 0 ? rows.lo : 0;
+  const int numTiles = rows.hi >= 0 ? (rows.hi - firstKey) / kPrefillKeyTile + 1 : 0;
 
   // Columns past the head size stay zero in both stages (the loads write [0, headBytes) only).
   if (kDim != headDim)
@@ -185,7 +164,7 @@ __global__ void __launch_bounds__(kPrefillBf16Warps * 32) attentionPrefillBf16Ke
           __float2bfloat16_rn(0.0f);
     }
   if (numTiles > 0)
-    loadPrefillTile<kDim, T>(stages, kBase, vBase, table, kv, pageMask, kvh, firstKey, hi, headBytes, vec16);
+    loadPrefillTile<kDim, T>(stages, kBase, vBase, table, kv, pageMask, kvh, firstKey, rows.hi, headBytes, vec16);
   copyAsyncCommit();
   // The queries times the softmax scale, as three bf16 parts (rows past n and columns past the
   // head size zero), two columns per thread step.
@@ -203,9 +182,8 @@ __global__ void __launch_bounds__(kPrefillBf16Warps * 32) attentionPrefillBf16Ke
     *reinterpret_cast<uint32_t*>(at + 2 * kPrefillBf16Queries * kStride) = p2;
   }
 
-  // Per row (A, B): running max and sum of this thread's probabilities (the quad's four are
-  // added at the end); the output tile in C fragments, 8 head dims each.
-  float mA = -INFINITY, mB = -INFINITY, lA = 0.0f, lB = 0.0f;
+  // The online softmax of rows A and B, and the output tile in C fragments, 8 head dims each.
+  PrefillSoftmax sm;
   float o[kDimTiles][4];
 #pragma unroll
   for (int i = 0; i < kDimTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
@@ -218,11 +196,11 @@ __global__ void __launch_bounds__(kPrefillBf16Warps * 32) attentionPrefillBf16Ke
     const int j0 = firstKey + tile * kPrefillKeyTile;
     if (tile + 1 < numTiles)
       loadPrefillTile<kDim, T>(stages + ((tile + 1) % kPrefillStages) * kStage, kBase, vBase, table, kv, pageMask, kvh,
-                               j0 + kPrefillKeyTile, hi, headBytes, vec16);
+                               j0 + kPrefillKeyTile, rows.hi, headBytes, vec16);
     copyAsyncCommit();
     copyAsyncWait<1>();
     __syncthreads();  // this tile (and, the first time, the queries) is in place
-    if (!(warpHi < j0 || warpLo > j0 + kPrefillKeyTile - 1)) {  // warp-uniform: a key of this tile is visible
+    if (!(rows.warpHi < j0 || rows.warpLo > j0 + kPrefillKeyTile - 1)) {  // warp-uniform: a key of this tile is visible
       const uint8_t* kRows = stages + (tile % kPrefillStages) * kStage;
       const uint8_t* vRows = kRows + kPrefillKeyTile * kStride;
       const uint32_t* scales = reinterpret_cast<const uint32_t*>(vRows + kPrefillKeyTile * kStride);
@@ -249,37 +227,15 @@ __global__ void __launch_bounds__(kPrefillBf16Warps * 32) attentionPrefillBf16Ke
           }
         }
       }
-      // K scales, the mask (diagonal rule, window, keys past the block's range) and the tile's
-      // row maxima.
-      float tileA = -INFINITY, tileB = -INFINITY;
+      // K scales, then the mask and the online softmax.
+      if constexpr (kScaled) {
 #pragma unroll
-      for (int kt = 0; kt < kKeyTiles; ++kt) {
+        for (int kt = 0; kt < kKeyTiles; ++kt)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int jj = kt * 8 + 2 * t + (c & 1), j = j0 + jj;
-          if constexpr (kScaled) s[kt][c] *= kvF16ToF32((uint16_t)scales[jj]);
-          const Range& see = c < 2 ? seeA : seeB;
-          if (j < see.first || j > see.last) s[kt][c] = -INFINITY;
-        }
-        tileA = fmaxf(tileA, fmaxf(s[kt][0], s[kt][1]));
-        tileB = fmaxf(tileB, fmaxf(s[kt][2], s[kt][3]));
+          for (int c = 0; c < 4; ++c) s[kt][c] *= kvF16ToF32((uint16_t)scales[kt * 8 + 2 * t + (c & 1)]);
       }
-      // The four threads of a quad hold one row's 64 scores between them.
-      tileA = fmaxf(tileA, __shfl_xor_sync(0xffffffffu, tileA, 1));
-      tileA = fmaxf(tileA, __shfl_xor_sync(0xffffffffu, tileA, 2));
-      tileB = fmaxf(tileB, __shfl_xor_sync(0xffffffffu, tileB, 1));
-      tileB = fmaxf(tileB, __shfl_xor_sync(0xffffffffu, tileB, 2));
-      const float newA = fmaxf(mA, tileA), newB = fmaxf(mB, tileB);
-      // A row that has seen no key yet keeps max -inf: subtract 0 then (every exp is of -inf: 0).
-      const float baseA = newA == -INFINITY ? 0.0f : newA, baseB = newB == -INFINITY ? 0.0f : newB;
-      const float corrA = __expf(mA - baseA), corrB = __expf(mB - baseB);
-      mA = newA;
-      mB = newB;
-      lA *= corrA;
-      lB *= corrB;
-      // Probabilities x values, 16 keys per step, summed for this tile alone and then added to
-      // the output with f32 arithmetic: the tensor cores' f32 accumulation rounds toward zero,
-      // a bias that summing every tile of a long context in them grows past 1e-5.
+      sm.tile(s, j0, t, rows);
+      // Probabilities x values, 16 keys per step, summed for this tile alone (prefillAddTile).
       float po[kDimTiles][4];
 #pragma unroll
       for (int i = 0; i < kDimTiles; ++i) po[i][0] = po[i][1] = po[i][2] = po[i][3] = 0.0f;
@@ -291,10 +247,10 @@ __global__ void __launch_bounds__(kPrefillBf16Warps * 32) attentionPrefillBf16Ke
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int kt = 2 * kg + half;
-          const float p0 = __expf(s[kt][0] - baseA), p1 = __expf(s[kt][1] - baseA);
-          const float p2 = __expf(s[kt][2] - baseB), p3 = __expf(s[kt][3] - baseB);
-          lA += p0 + p1;
-          lB += p2 + p3;
+          const float p0 = __expf(s[kt][0] - sm.baseA), p1 = __expf(s[kt][1] - sm.baseA);
+          const float p2 = __expf(s[kt][2] - sm.baseB), p3 = __expf(s[kt][3] - sm.baseB);
+          sm.lA += p0 + p1;
+          sm.lB += p2 + p3;
           float v0 = 1.0f, v1 = 1.0f;
           if constexpr (kScaled) {
             v0 = kvF16ToF32((uint16_t)(scales[kt * 8 + 2 * t] >> 16));
@@ -320,30 +276,12 @@ __global__ void __launch_bounds__(kPrefillBf16Warps * 32) attentionPrefillBf16Ke
           }
         }
       }
-#pragma unroll
-      for (int dt = 0; dt < kDimTiles; ++dt) {
-        o[dt][0] = fmaf(o[dt][0], corrA, po[dt][0]);
-        o[dt][1] = fmaf(o[dt][1], corrA, po[dt][1]);
-        o[dt][2] = fmaf(o[dt][2], corrB, po[dt][2]);
-        o[dt][3] = fmaf(o[dt][3], corrB, po[dt][3]);
-      }
+      prefillAddTile(o, po, sm);
     }
     __syncthreads();  // the stage is free for the tile after next
   }
   copyAsyncWait<0>();
-  lA += __shfl_xor_sync(0xffffffffu, lA, 1);
-  lA += __shfl_xor_sync(0xffffffffu, lA, 2);
-  lB += __shfl_xor_sync(0xffffffffu, lB, 1);
-  lB += __shfl_xor_sync(0xffffffffu, lB, 2);
-#pragma unroll
-  for (int dt = 0; dt < kDimTiles; ++dt) {
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int r = c < 2 ? rowA : rowB, d = dt * 8 + 2 * t + (c & 1);
-      const float l = c < 2 ? lA : lB;
-      if (r < n && d < headDim) out.store(((int64_t)r * numHeads + h) * headDim + d, l > 0.0f ? o[dt][c] / l : 0.0f);
-    }
-  }
+  prefillStore(o, sm, rows, n, t, h, numHeads, headDim, out);
 #endif
 }
 
