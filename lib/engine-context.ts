@@ -286,8 +286,8 @@ export class EngineContext {
    * between the decode steps. Only for a model without a cyclic group, where one pass over a
    * chunk is exact in every prefill mode, so the mode does not matter; and only while other
    * requests are in flight (working(), the prompt's own included), as batchedPrefill() counts
-   * them. A lone prompt keeps its native calls of the lone chunk: nothing waits for it, and on
-   * the GPU the prefill's own attention kernel serves a chunk of one sequence.
+   * them. A lone prompt keeps its native calls of the lone chunk: nothing waits for it, so it
+   * takes the larger calls (fewer launches, larger products).
    */
   mixedPrefill(): boolean {
     return this.config.plan.cyclicGroup === null && this.inFlight > 1;
