@@ -7,8 +7,9 @@
 // for a compact K/V type at head sizes 32, 64 and 128: attention_decode_mma.cuh,
 // attention_decode_mma.cu) and flash attention on the tensor cores for 16 or more queries of
 // one sequence (an f32 cache: attention_prefill.cuh, attention_prefill.cu; a compact type:
-// attention_prefill_bf16.cuh, attention_prefill_bf16.cu). What the kernels share is in
-// attention_common.cuh, and their tensor-core primitives in mma.cuh.
+// attention_prefill_bf16.cuh, attention_prefill_bf16.cu); and it cuts a call's rows into the
+// parts each kernel takes (attentionParts), since a mixed step has both. What the kernels share
+// is in attention_common.cuh, and their tensor-core primitives in mma.cuh.
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
@@ -21,9 +22,6 @@
 namespace lckv::cuda {
 
 namespace {
-
-// Below this many queries of one sequence the split-K kernel is used (it fills the GPU better).
-constexpr int kPrefillMinQueries = 16;
 
 // The head sizes the kernels are instantiated for: a head size takes the kernels of the
 // smallest class that holds it, zero-padded. The decode kernel keeps ceil(size / 32) dims per
@@ -94,7 +92,7 @@ std::string attentionProblem(int numHeads, int numKvHeads, int headDim, int kvTy
 }
 
 void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv, int numHeads,
-                     int numKvHeads, int headDim, bool strict, int window, float scale, bool oneSequence, void* outRows,
+                     int numKvHeads, int headDim, bool strict, int window, float scale, bool prefill, void* outRows,
                      bool outBf16, float* workspace, int64_t workspaceFloats, cudaStream_t stream) {
   NvtxRange r("attention");
   const AttentionOut out{outRows, outBf16};
@@ -107,7 +105,7 @@ void launchAttention(const float* q, int n, const int32_t* positions, int maxVis
   constexpr KvType T = decltype(kvType)::value;
   withHeadDimClass(headDim, [&](auto headDimClass) {
     using Class = decltype(headDimClass);
-    if (oneSequence && n >= kPrefillMinQueries) {
+    if (prefill) {
       if constexpr (T == KvType::F32)
         attention::launchPrefill<Class::kPrefillDim>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict, window,
                                                      scale, out, stream);
@@ -143,6 +141,23 @@ void launchAttention(const float* q, int n, const int32_t* positions, int maxVis
     if (splits > 1) attention::launchDecodeMerge(workspace, n, numHeads, headDim, splits, out, stream);
   });
   });
+}
+
+std::vector<AttentionPart> attentionParts(const int32_t* rowSeq, int n) {
+  std::vector<AttentionPart> parts;
+  int decodeFrom = 0;  // the first row not in a part yet
+  for (int r = 0; r < n;) {
+    int end = r + 1;
+    while (end < n && rowSeq[end] == rowSeq[r]) ++end;
+    if (end - r >= kPrefillMinQueries) {
+      if (decodeFrom < r) parts.push_back({decodeFrom, r - decodeFrom, false});
+      parts.push_back({r, end - r, true});
+      decodeFrom = end;
+    }
+    r = end;
+  }
+  if (decodeFrom < n) parts.push_back({decodeFrom, n - decodeFrom, false});
+  return parts;
 }
 
 // The same number of splits as the launcher chooses for these arguments.

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 typedef struct CUstream_st* cudaStream_t;
 
@@ -116,13 +117,30 @@ constexpr int kMaxHeadDim = 128;
 // strict: keys < p only (no key -> zero output); window > 0: keys with p - j < window.
 // maxVisible: the most keys any query sees (sets the split-K chunking); workspace holds the
 // per-chunk partial results, attentionWorkspaceFloats() of them (less means no split).
-// oneSequence: every row belongs to the same sequence (a prefill chunk), which lets a tile of
-// queries share each key tile (the tiled prefill kernel, for 16 or more rows).
+// prefill: every row belongs to the same sequence (an AttentionPart's prefill), so a tile of
+// queries shares each key tile (the tiled prefill kernel); else the split-K decode kernel.
 // The kernel launched just before may write K/V only at the rows' own positions: the decode
-// kernel loads keys before positions[r] - (n - 1) while that kernel still runs.
+// kernel loads keys before positions[r] - (n - 1) while that kernel still runs (a sequence's
+// rows are consecutive, and all in this call).
 void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv, int numHeads,
-                     int numKvHeads, int headDim, bool strict, int window, float scale, bool oneSequence, void* out,
+                     int numKvHeads, int headDim, bool strict, int window, float scale, bool prefill, void* out,
                      bool outBf16, float* workspace, int64_t workspaceFloats, cudaStream_t stream);
+// Below this many queries of one sequence the split-K decode kernel takes them (it fills the
+// GPU better than the prefill kernel's few query tiles).
+constexpr int kPrefillMinQueries = 16;
+// Rows [first, first + rows) of an attention call, for one launchAttention: prefill (one
+// sequence's run of rows, for the prefill kernel) or decode (the rows between such runs).
+struct AttentionPart {
+  int first, rows;
+  bool prefill;
+};
+// The parts of n rows (rowSeq: each row's sequence, host array; a sequence's rows consecutive):
+// a run of kPrefillMinQueries or more rows of one sequence is a prefill part, and the rows
+// between such runs make decode parts. A decode step is one decode part, a prefill chunk one
+// part, and a mixed step (Model::decodeBatch with prompts' chunks beside decode rows) a prefill
+// part per chunk that long and decode parts for the rows between: a chunk's queries then share
+// the prefill kernel's key tiles instead of each reading its whole context in the decode kernel.
+std::vector<AttentionPart> attentionParts(const int32_t* rowSeq, int n);
 int64_t attentionWorkspaceFloats(int n, int numHeads, int numKvHeads, int headDim, int maxVisible, int kvType);
 // Why launchAttention (and the K/V write before it) cannot run heads of this shape over a cache
 // of kvType ("" when it can): the limits launchAttention enforces, for the backend to check at

@@ -73,10 +73,14 @@ export class EngineContext {
   readonly generationConfig: Record<string, unknown>;
   readonly maxContext: number;
   /**
-   * Tokens of a prompt per native prefill call: between calls other sequences' decode steps
-   * run, so a running stream waits at most one chunk for its next token. The CPU prefills about
-   * 500 tokens of the default model a second, so 64 tokens keep that wait near 0.1 s; a GPU
-   * takes 512 in a few milliseconds.
+   * Tokens of a prompt per chunk while other requests are in flight, so that a running stream
+   * waits at most one chunk for its next token. The CPU prefills about 500 tokens of the default
+   * model a second, so 64 tokens keep that wait near 0.1 s; a GPU takes 512 in a few
+   * milliseconds. A model without a cyclic group runs its chunks inside the scheduler's steps
+   * (mixedPrefill()), and this is also the prompt rows one such step takes in all: a step runs
+   * its decode rows plus at most one chunk, so mixing keeps the wait where the chunks between
+   * decode steps put it, and the step's activations where one chunk's prefill puts them, however
+   * many prompts arrive (they take turns at the chunk).
    */
   readonly prefillChunk: number;
   /**
@@ -109,7 +113,7 @@ export class EngineContext {
     this.lonePrefillChunk = init.device === "cpu" ? 64 : 4096;
     // Every prefill in flight listens to it: as many as there are concurrent requests.
     setMaxListeners(0, this.disposing.signal);
-    this.scheduler = new DecodeScheduler(() => this.nativeModel(), init.maxBatch);
+    this.scheduler = new DecodeScheduler(() => this.nativeModel(), init.maxBatch, this.prefillChunk);
   }
 
   get disposed(): boolean {
@@ -271,9 +275,22 @@ export class EngineContext {
     return this.inFlight > 1 ? this.prefillChunk : this.lonePrefillChunk;
   }
 
-  /** Whether batchedPrefill() can say yes to this prefill, given other requests in flight. */
+  /** Whether batchedPrefill() or mixedPrefill() can say yes to this prefill, given other requests in flight. */
   mayBatchPrefill(prefill: ResolvedPrefill): boolean {
-    return this.config.plan.cyclicGroup !== null && (prefill.auto || prefill.mode === "sequential");
+    return this.config.plan.cyclicGroup === null || prefill.auto || prefill.mode === "sequential";
+  }
+
+  /**
+   * Whether a prompt's next chunk goes into the scheduler's shared steps as rows beside the
+   * decode rows (a mixed step: the weights read once for both) instead of a native prefill call
+   * between the decode steps. Only for a model without a cyclic group, where one pass over a
+   * chunk is exact in every prefill mode, so the mode does not matter; and only while other
+   * requests are in flight (working(), the prompt's own included), as batchedPrefill() counts
+   * them. A lone prompt keeps its native calls of the lone chunk: nothing waits for it, so it
+   * takes the larger calls (fewer launches, larger products).
+   */
+  mixedPrefill(): boolean {
+    return this.config.plan.cyclicGroup === null && this.inFlight > 1;
   }
 
   /**
@@ -296,7 +313,7 @@ export class EngineContext {
    * to its last (run() holds working() throughout).
    */
   batchedPrefill(prefill: ResolvedPrefill): boolean {
-    if (!this.mayBatchPrefill(prefill)) return false;
+    if (this.config.plan.cyclicGroup === null || !this.mayBatchPrefill(prefill)) return false;
     const others = this.inFlight - 1;
     if (prefill.mode === "sequential" && others >= 1) return true;
     return prefill.auto && others >= THROUGHPUT_PREFILL_MIN_OTHERS[this.device];

@@ -118,9 +118,11 @@ export interface NativeModel {
   /**
    * One step of every sequence: row r appends tokens[r] and, for r < sampling.length, samples its
    * next token (one result per sampling entry); later rows only append (a prompt's tokens).
-   * runAhead (default true): false when the next call will not continue this batch.
+   * runAhead (default true): false when the next call will not continue this batch. rows (absent:
+   * one each): each sequence's number of tokens, consecutive in `tokens`; more than one only for
+   * an unsampled sequence of a model without a cyclic layer group (a prompt's chunk in a mixed step).
    */
-  decodeBatch(seqs: NativeSequence[], tokens: Int32Array, sampling: NativeSamplingParams[], runAhead?: boolean): Promise<NativeDecodedTokens>;
+  decodeBatch(seqs: NativeSequence[], tokens: Int32Array, sampling: NativeSamplingParams[], runAhead?: boolean, rows?: Int32Array): Promise<NativeDecodedTokens>;
   finalize(): void;
   createSequence(maxContext: number): NativeSequence;
   /** kvType: the cache's value type (default "f32"). */

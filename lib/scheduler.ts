@@ -7,10 +7,17 @@
  * size, so a row's logits can differ in the last bits; its greedy tokens are tested to be the
  * same alone and in a batch of 16 (test/gpu).
  *
- * Prompts join the same steps (batched token steps, EngineContext.batchedPrefill): each step
- * also appends the next token of every prompt fed here, as a row that samples nothing. One
- * token of a sequence per step: with a cyclic layer group a token reads the final K/V of the
- * one before, so this is the sequential prefill's arithmetic, shared with the other rows.
+ * Prompts join the same steps, as rows that sample nothing, in one of two ways:
+ * - token steps (EngineContext.batchedPrefill, a model with a cyclic layer group): each step
+ *   appends the next token of every prompt fed here. One token of a sequence per step: a token
+ *   reads the final K/V of the one before, so this is the sequential prefill's arithmetic,
+ *   shared with the other rows.
+ * - chunks (EngineContext.mixedPrefill, a model without one): a step appends up to `chunkRows`
+ *   prompt tokens in all, several of one prompt at consecutive positions, beside the decode rows
+ *   (a mixed step, vLLM's chunked prefill). One pass over a chunk is exact there, so the
+ *   weights are read once for the chunk and the decode rows, and a running stream waits at
+ *   most one chunk for its next token, as it did between the chunks of a native prefill.
+ *   Prompts take turns at the budget: a prompt cut short goes to the back.
  */
 import { AbortError, fromNative } from "./errors";
 import { NativeDecodedTokens, NativeModel, NativeSamplingParams, NativeSequence, NativeTokenLogprobs } from "./native";
@@ -31,15 +38,23 @@ interface DecodeRequest {
   reject: (e: unknown) => void;
 }
 
-/** A prompt's tokens going into its sequence one per step. */
+/** A prompt's tokens going into its sequence as rows of the shared steps. */
 interface PromptFeed {
   seq: NativeSequence;
   tokens: readonly number[];
   /** Tokens appended so far. */
   done: number;
+  /** Several tokens per step (a chunk), else one. */
+  chunked: boolean;
   cancel?: Int32Array;
   resolve: () => void;
   reject: (e: unknown) => void;
+}
+
+/** A prompt's rows in one step: its next `rows` tokens. */
+interface FeedRows {
+  feed: PromptFeed;
+  rows: number;
 }
 
 export interface SchedulerStats {
@@ -47,9 +62,9 @@ export interface SchedulerStats {
   steps: number;
   /** Tokens decoded over all steps. */
   tokens: number;
-  /** Prompt tokens appended as rows of these steps (batched token steps). */
+  /** Prompt tokens appended as rows of these steps (token steps and chunks). */
   promptTokens: number;
-  /** The largest batch so far (decode and prompt rows). */
+  /** The most sequences one step has run so far (decoding and prompts). */
   maxBatch: number;
 }
 
@@ -60,9 +75,14 @@ export class DecodeScheduler {
   private running = false;
   readonly stats: SchedulerStats = { steps: 0, tokens: 0, promptTokens: 0, maxBatch: 0 };
 
+  /**
+   * maxBatch: sequences per step. chunkRows: prompt rows per step in all, for chunked feeds;
+   * a step runs at most its decode rows plus this many (EngineContext.prefillChunk says why).
+   */
   constructor(
     private readonly native: () => NativeModel,
     private readonly maxBatch = 256,
+    private readonly chunkRows = 64,
   ) {}
 
   /**
@@ -77,15 +97,16 @@ export class DecodeScheduler {
   }
 
   /**
-   * Appends `tokens` to `seq`, one per step as a row of the shared step that samples nothing,
-   * and resolves once all are in. Rejects with AbortError once `cancel[0]` is raised (looked at
-   * before each step), or with the error of a step that failed for this sequence; the tokens
-   * appended before stay in the sequence (the caller rewinds it).
+   * Appends `tokens` to `seq` as rows of the shared steps that sample nothing, one per step, or
+   * with `chunked` (a model without a cyclic layer group only) as many per step as the chunk
+   * budget leaves, and resolves once all are in. Rejects with AbortError once `cancel[0]` is
+   * raised (looked at before each step), or with the error of a step that failed for this
+   * sequence; the tokens appended before stay in the sequence (the caller rewinds it).
    */
-  append(seq: NativeSequence, tokens: readonly number[], cancel?: Int32Array): Promise<void> {
+  append(seq: NativeSequence, tokens: readonly number[], cancel?: Int32Array, chunked = false): Promise<void> {
     if (tokens.length === 0) return Promise.resolve();
     return new Promise((resolve, reject) => {
-      this.feeds.push({ seq, tokens, done: 0, cancel, resolve, reject });
+      this.feeds.push({ seq, tokens, done: 0, chunked, cancel, resolve, reject });
       this.kick();
     });
   }
@@ -99,21 +120,38 @@ export class DecodeScheduler {
     });
   }
 
-  /** The prompts this step runs: at least one when any waits, else the room decode rows leave. */
-  private takeFeeds(): PromptFeed[] {
+  /**
+   * The prompts this step runs, in turn: as many as the decode rows leave room for, at least one
+   * when any waits. A token-step prompt runs one row; chunked prompts share chunkRows rows.
+   */
+  private takeFeeds(): FeedRows[] {
     this.feeds = this.feeds.filter((f) => {
       if (!f.cancel || Atomics.load(f.cancel, 0) === 0) return true;
       f.reject(new AbortError("the prefill was aborted"));
       return false;
     });
-    if (this.feeds.length === 0) return [];
-    return this.feeds.splice(0, Math.max(1, this.maxBatch - this.queue.length));
+    const seats = Math.max(1, this.maxBatch - this.queue.length);
+    let budget = this.chunkRows;
+    const taken: FeedRows[] = [];
+    const waiting: PromptFeed[] = [];
+    for (const f of this.feeds) {
+      const rows = f.chunked ? Math.min(f.tokens.length - f.done, budget) : 1;
+      if (taken.length >= seats || rows === 0) {
+        waiting.push(f);
+        continue;
+      }
+      taken.push({ feed: f, rows });
+      if (f.chunked) budget -= rows;
+    }
+    this.feeds = waiting;
+    return taken;
   }
 
-  /** A prompt's token went in: the prompt is done, or waits its next turn. */
-  private advance(f: PromptFeed): void {
-    this.stats.promptTokens++;
-    if (++f.done === f.tokens.length) f.resolve();
+  /** A prompt's rows went in: the prompt is done, or waits its next turn. */
+  private advance({ feed: f, rows }: FeedRows): void {
+    this.stats.promptTokens += rows;
+    f.done += rows;
+    if (f.done === f.tokens.length) f.resolve();
     else this.feeds.push(f);
   }
 
@@ -126,16 +164,17 @@ export class DecodeScheduler {
       try {
         model = this.native();
       } catch (e) {
-        for (const r of [...batch, ...feeds]) r.reject(e);
+        for (const r of [...batch, ...feeds.map((f) => f.feed)]) r.reject(e);
         return;
       }
       try {
         // The sampled rows first: the engine samples as many rows as it is given settings for.
         const out = await model.decodeBatch(
-          [...batch.map((r) => r.seq), ...feeds.map((f) => f.seq)],
-          Int32Array.from([...batch.map((r) => r.token), ...feeds.map((f) => f.tokens[f.done])]),
+          [...batch.map((r) => r.seq), ...feeds.map((f) => f.feed.seq)],
+          Int32Array.from([...batch.map((r) => r.token), ...feeds.flatMap(feedTokens)]),
           batch.map((r) => r.sampling),
           !batch.some((r) => r.last),
+          rowCounts(batch.length, feeds),
         );
         this.stats.steps++;
         this.stats.tokens += batch.length;
@@ -146,7 +185,7 @@ export class DecodeScheduler {
         // A batch fails as a whole (nothing changed); run each row alone so that only the one
         // at fault (a disposed or full sequence, say) sees an error.
         if (batch.length + feeds.length === 1) {
-          (batch[0] ?? feeds[0]).reject(fromNative(e));
+          (batch[0] ?? feeds[0].feed).reject(fromNative(e));
         } else {
           for (const r of batch) {
             try {
@@ -160,11 +199,11 @@ export class DecodeScheduler {
           }
           for (const f of feeds) {
             try {
-              await model.decodeBatch([f.seq], Int32Array.of(f.tokens[f.done]), []);
+              await model.decodeBatch([f.feed.seq], Int32Array.from(feedTokens(f)), [], false, rowCounts(0, [f]));
               this.stats.steps++;
               this.advance(f);
             } catch (e2) {
-              f.reject(fromNative(e2));
+              f.feed.reject(fromNative(e2));
             }
           }
         }
@@ -174,6 +213,17 @@ export class DecodeScheduler {
       this.kick();
     }
   }
+}
+
+/** The tokens a prompt's rows append in this step. */
+function feedTokens({ feed: f, rows }: FeedRows): readonly number[] {
+  return f.tokens.slice(f.done, f.done + rows);
+}
+
+/** decodeBatch()'s rows per sequence: one per decode row, then each prompt's; undefined when all are one. */
+function rowCounts(decodeRows: number, feeds: readonly FeedRows[]): Int32Array | undefined {
+  if (feeds.every((f) => f.rows === 1)) return undefined;
+  return Int32Array.from([...new Array<number>(decodeRows).fill(1), ...feeds.map((f) => f.rows)]);
 }
 
 function decoded(out: NativeDecodedTokens, row: number): DecodedToken {

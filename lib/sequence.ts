@@ -167,9 +167,10 @@ export class Sequence implements Disposable {
     let passes = 0;
     // Long inputs go in chunks, so that other sequences' decode steps run in between. Exact
     // modes stay exact across chunks (each chunk reads the final K/V of the ones before), and
-    // each chunk picks its way and size anew: batched token steps while other requests are in
-    // flight, else a native prefill call, of the lone chunk while no other request is. The
-    // iterative scheme is defined over the whole input, so it is not cut.
+    // each chunk picks its way and size anew: while other requests are in flight, batched token
+    // steps (a model with a cyclic group) or rows of mixed steps beside the decode rows (a model
+    // without one); else a native prefill call, of the lone chunk while no other request is.
+    // The iterative scheme is defined over the whole input, so it is not cut.
     const before = { evaluated: this.evaluated.length, pending: this.pending };
     const done = this.engine.working();
     try {
@@ -186,6 +187,9 @@ export class Sequence implements Disposable {
           await this.engine.runCancellable(prefill.signal, (cancel) => this.engine.scheduler.append(native, part, cancel));
           mode = "sequential";
           passes = Math.max(passes, 1);
+        } else if (this.engine.mixedPrefill()) {
+          await this.engine.runCancellable(prefill.signal, (cancel) => this.engine.scheduler.append(native, part, cancel, true));
+          passes = Math.max(passes, 1);
         } else {
           const r = await this.engine.runCancellable(prefill.signal, (cancel) => native.append(Int32Array.from(part), { ...nativePrefill(prefill), logits: "none", cancel }));
           passes = Math.max(passes, r.passes);
@@ -197,7 +201,7 @@ export class Sequence implements Disposable {
       }
     } catch (e) {
       // All or nothing: drop what did go in (whole chunks, and the tokens of a chunk cut short
-      // between its batched steps), so the sequence is as it was.
+      // between its shared steps), so the sequence is as it was.
       const inEngine = this.engineLength();
       if (inEngine !== undefined && inEngine > before.evaluated) {
         try {

@@ -35,18 +35,19 @@ class LoadWorker : public PromiseWorker {
 class DecodeBatchWorker : public PromiseWorker {
  public:
   DecodeBatchWorker(Napi::Env env, std::shared_ptr<SharedModel> m, std::vector<std::shared_ptr<SharedSequence>> seqs,
-                    std::vector<int32_t> tokens, std::vector<SamplingParams> params, bool runAhead)
+                    std::vector<int32_t> tokens, std::vector<SamplingParams> params, bool runAhead, std::vector<int32_t> rows)
       : PromiseWorker(env),
         m_(std::move(m)),
         seqs_(std::move(seqs)),
         tokens_(std::move(tokens)),
         params_(std::move(params)),
+        rows_(std::move(rows)),
         runAhead_(runAhead) {}
   void run() override {
     std::vector<SequenceState*> states;
     for (auto& s : seqs_) states.push_back(s->state.get());
     std::lock_guard<std::mutex> lk(m_->model->mutex());
-    out_ = m_->model->decodeBatch(states, tokens_, params_, runAhead_, &logprobs_);
+    out_ = m_->model->decodeBatch(states, tokens_, params_, runAhead_, &logprobs_, rows_.empty() ? nullptr : &rows_);
   }
   void release() {
     for (auto& s : seqs_) s->release();
@@ -76,6 +77,7 @@ class DecodeBatchWorker : public PromiseWorker {
   std::vector<int32_t> tokens_, out_;
   std::vector<SamplingParams> params_;
   std::vector<TokenLogprobs> logprobs_;
+  std::vector<int32_t> rows_;  // empty: one row per sequence
   bool runAhead_;
 };
 
@@ -177,10 +179,12 @@ Napi::Value ModelWrap::LoadTensors(const Napi::CallbackInfo& info) {
   return p;
 }
 
-// decodeBatch(sequences: NativeSequence[], tokens: Int32Array, sampling: object[], runAhead = true)
-//   -> Promise<Int32Array>, one token per sampling object. Rows past sampling.length only append
-//   their token. runAhead false: the caller will not continue this batch next. When a row's
-//   sampling asks for logprobs, the array also has a `logprobs` property (one per sampled row).
+// decodeBatch(sequences: NativeSequence[], tokens: Int32Array, sampling: object[], runAhead = true,
+//   rows?: Int32Array) -> Promise<Int32Array>, one token per sampling object. Sequences past
+//   sampling.length only append their tokens. rows: each sequence's number of tokens (absent:
+//   one each; Model::decodeBatch says when a sequence may have several). runAhead false: the
+//   caller will not continue this batch next. When a row's sampling asks for logprobs, the array
+//   also has a `logprobs` property (one per sampled row).
 Napi::Value ModelWrap::DecodeBatch(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto m = live(env);
@@ -190,8 +194,19 @@ Napi::Value ModelWrap::DecodeBatch(const Napi::CallbackInfo& info) {
   Napi::Array sa = info[0].As<Napi::Array>(), pa = info[2].As<Napi::Array>();
   Napi::Int32Array ta = info[1].As<Napi::Int32Array>();
   const uint32_t n = sa.Length();
-  if (n == 0 || ta.ElementLength() != n || pa.Length() > n)
-    throwInvalid(env, "decodeBatch: one token per sequence, and at most one sampling object per sequence");
+  std::vector<int32_t> rows;
+  if (info.Length() > 4 && !info[4].IsUndefined()) {
+    if (!info[4].IsTypedArray() || info[4].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
+      throwInvalid(env, "decodeBatch: rows must be an Int32Array");
+    Napi::Int32Array ra = info[4].As<Napi::Int32Array>();
+    if (ra.ElementLength() != n) throwInvalid(env, "decodeBatch: one row count per sequence");
+    rows.assign(ra.Data(), ra.Data() + n);
+  }
+  // The engine checks the counts themselves; here only that the tokens can be read.
+  uint64_t rowTotal = rows.empty() ? n : 0;
+  for (int32_t k : rows) rowTotal += (uint64_t)std::max<int32_t>(k, 0);
+  if (n == 0 || ta.ElementLength() != rowTotal || pa.Length() > n)
+    throwInvalid(env, "decodeBatch: one token per row, and at most one sampling object per sequence");
   std::vector<std::shared_ptr<SharedSequence>> seqs;
   std::vector<SamplingParams> params;
   for (uint32_t i = 0; i < n; ++i) {
@@ -216,8 +231,8 @@ Napi::Value ModelWrap::DecodeBatch(const Napi::CallbackInfo& info) {
       throw makeError(env, kErrBusy, "a sequence in the batch is already running a forward (or appears twice)");
     }
   }
-  std::vector<int32_t> tokens(ta.Data(), ta.Data() + n);
-  auto* w = new DecodeBatchWorker(env, m, std::move(seqs), std::move(tokens), std::move(params), runAhead);
+  std::vector<int32_t> tokens(ta.Data(), ta.Data() + ta.ElementLength());
+  auto* w = new DecodeBatchWorker(env, m, std::move(seqs), std::move(tokens), std::move(params), runAhead, std::move(rows));
   Napi::Promise p = w->promise();
   w->Queue();
   return p;

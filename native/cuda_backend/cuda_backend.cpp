@@ -406,17 +406,27 @@ void CudaBackend::attention(const Tensor& q, int n, const int32_t* positions, co
                             const AttentionSpec& sp, Tensor& out) {
   ctx();
   Timed timed(*this, "attention");
-  // The split-K plan follows the longest visible range, taken at the end of the furthest
-  // query's context bucket (kStepContextBucket positions; at most the window): every step of a bucket gets the same
-  // plan, so a replayed recording (Model::decodeBatch keys them by that bucket) and the same
-  // step run op by op add the same partial sums in the same order.
-  int maxPos = 0;
-  for (int r = 0; r < n; ++r) maxPos = std::max(maxPos, positions[r]);
-  int maxVisible = (maxPos / kStepContextBucket + 1) * kStepContextBucket;
-  if (sp.window > 0) maxVisible = std::min(maxVisible, sp.window);
   const cuda::PagedKv p = paged(kv, slot, n, positions);
   const int32_t* dPos = stage(Staging::Positions, positions, n);
-  const int64_t wsFloats = cuda::attentionWorkspaceFloats(n, sp.numHeads, sp.numKvHeads, sp.headDim, maxVisible, p.type);
+  // Each part of the rows takes its own kernel (cuda::attentionParts): a prompt's chunk the
+  // prefill kernel, the rows of one per sequence the split-K decode kernel.
+  const std::vector<cuda::AttentionPart> parts = cuda::attentionParts(kv.rowSeq, n);
+  // A decode part's split-K plan follows the longest visible range of its rows, taken at the
+  // end of the furthest query's context bucket (kStepContextBucket positions; at most the
+  // window): every step of a bucket gets the same plan, so a replayed recording (Model::
+  // decodeBatch keys them by that bucket) and the same step run op by op add the same partial
+  // sums in the same order.
+  auto maxVisibleOf = [&](const cuda::AttentionPart& part) {
+    int maxPos = 0;
+    for (int r = part.first; r < part.first + part.rows; ++r) maxPos = std::max(maxPos, positions[r]);
+    const int visible = (maxPos / kStepContextBucket + 1) * kStepContextBucket;
+    return sp.window > 0 ? std::min(visible, sp.window) : visible;
+  };
+  int64_t wsFloats = 0;  // one workspace for the decode parts, which run one after another
+  for (const cuda::AttentionPart& part : parts)
+    if (!part.prefill)
+      wsFloats = std::max(wsFloats, cuda::attentionWorkspaceFloats(part.rows, sp.numHeads, sp.numKvHeads, sp.headDim,
+                                                                   maxVisibleOf(part), p.type));
   std::shared_ptr<void> ws;
   StepGraph* recording = steps_.recording();
   if (wsFloats > 0 && recording) {
@@ -429,11 +439,17 @@ void CudaBackend::attention(const Tensor& q, int n, const int32_t* positions, co
   } else if (wsFloats > 0) {
     ws = blocks_.get((size_t)wsFloats * sizeof(float));
   }
-  bool oneSequence = true;
-  for (int r = 1; r < n && oneSequence; ++r) oneSequence = kv.rowSeq[r] == kv.rowSeq[0];
-  cuda::launchAttention(f32(q, "attention", "q"), n, dPos, maxVisible, p, sp.numHeads, sp.numKvHeads,
-                        sp.headDim, sp.strict, sp.window, sp.scale, oneSequence, out.data, out.dtype == DType::BF16, (float*)ws.get(),
-                        wsFloats, stream_);
+  const float* dq = f32(q, "attention", "q");
+  const bool outBf16 = out.dtype == DType::BF16;
+  const int64_t rowValues = (int64_t)sp.numHeads * sp.headDim;  // q's and out's row
+  for (const cuda::AttentionPart& part : parts) {
+    cuda::PagedKv partKv = p;
+    partKv.rowSeq += part.first;
+    cuda::launchAttention(dq + part.first * rowValues, part.rows, dPos + part.first, maxVisibleOf(part), partKv,
+                          sp.numHeads, sp.numKvHeads, sp.headDim, sp.strict, sp.window, sp.scale, part.prefill,
+                          (char*)out.data + part.first * rowValues * (int64_t)dtypeSize(out.dtype), outBf16,
+                          (float*)ws.get(), wsFloats, stream_);
+  }
 }
 
 void CudaBackend::swiglu(const Tensor& gate, const Tensor& up, int n, Tensor& out) {

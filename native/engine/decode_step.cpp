@@ -89,33 +89,65 @@ void Model::queueStepAhead(Scratch& s, const std::vector<SequenceState*>& seqs, 
 // it only wrote K/V past each sequence's length, which nothing reads. (A device fault in a
 // queued step surfaces in whatever waits on the device next, as any asynchronous fault does.)
 //
-// Rows past params.size() only append their token: a prompt's tokens before its last, run one
-// per step as rows of the shared step. No logits are computed for them, and run-ahead is off
-// for a batch that has them (their next token is the prompt's, not a sampled one).
+// Rows past params.size() only append their token: a prompt's tokens before its last, as rows
+// of the shared step. No logits are computed for them, and run-ahead is off for a batch that has
+// them (their next token is the prompt's, not a sampled one).
+//
+// rowsPerSeq (null: one row each) gives a sequence several rows, its next tokens at consecutive
+// positions: a chunk of a prompt in the same step as the decode rows (a mixed step). Every layer
+// writes the K/V of all rows before its attention reads any, so each row sees the rows before it
+// in its sequence, as in a prefill chunk. That is the exact result only where one pass is: a
+// model without a cyclic layer group (with one, a token reads the final K/V of the one before).
+// Such a step is not recorded (its rows are not one per sequence), and a sampled sequence has
+// one row.
 std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& tokens,
                                         const std::vector<SamplingParams>& params, bool runAhead,
-                                        std::vector<TokenLogprobs>* logprobs) {
+                                        std::vector<TokenLogprobs>* logprobs, const std::vector<int32_t>* rowsPerSeq) {
   if (!ready_) throw EngineError(kErrInvalidArgument, "model weights are not loaded");
-  const int n = (int)seqs.size(), sampled = (int)params.size();
-  if (n == 0 || tokens.size() != seqs.size() || sampled > n)
-    throw EngineError(kErrInvalidArgument, "decodeBatch needs one token per sequence and at most one sampling setting per sequence");
-  for (int r = 0; r < n; ++r) {
-    for (int q = 0; q < r; ++q)
-      if (seqs[(size_t)q] == seqs[(size_t)r]) throw EngineError(kErrInvalidArgument, "a sequence appears twice in one batch");
+  const int numSeqs = (int)seqs.size(), sampled = (int)params.size();
+  if (numSeqs == 0 || sampled > numSeqs)
+    throw EngineError(kErrInvalidArgument, "decodeBatch needs at least one sequence and at most one sampling setting per sequence");
+  std::vector<int32_t> rows((size_t)numSeqs, 1);
+  if (rowsPerSeq) {
+    if ((int)rowsPerSeq->size() != numSeqs)
+      throw EngineError(kErrInvalidArgument, "decodeBatch needs one row count per sequence");
+    rows = *rowsPerSeq;
+  }
+  int64_t total = 0;
+  bool severalRows = false;
+  for (int i = 0; i < numSeqs; ++i) {
+    const int k = rows[(size_t)i];
+    if (k < 1) throw EngineError(kErrInvalidArgument, "decodeBatch: every sequence needs at least one row, got " + std::to_string(k));
+    if (k > 1 && i < sampled) throw EngineError(kErrInvalidArgument, "decodeBatch: a sampled sequence has one row");
+    severalRows = severalRows || k > 1;
+    total += k;
+  }
+  if ((int64_t)tokens.size() != total) throw EngineError(kErrInvalidArgument, "decodeBatch needs one token per row");
+  if (severalRows && cfg_.plan.hasCycle())
+    throw EngineError(kErrInvalidArgument,
+                      "several rows of one sequence in a step need a model without a cyclic layer group (there a token reads "
+                      "the final K/V of the one before)");
+  const int n = (int)total;
+  for (int i = 0; i < numSeqs; ++i) {
+    for (int q = 0; q < i; ++q)
+      if (seqs[(size_t)q] == seqs[(size_t)i]) throw EngineError(kErrInvalidArgument, "a sequence appears twice in one batch");
+    if ((int64_t)seqs[(size_t)i]->length() + rows[(size_t)i] > seqs[(size_t)i]->maxContext)
+      throw EngineError(kErrContextOverflow, "a sequence in the batch is full (" + std::to_string(seqs[(size_t)i]->maxContext) + " tokens)");
+  }
+  for (int r = 0; r < n; ++r)
     if (tokens[(size_t)r] < 0 || tokens[(size_t)r] >= cfg_.vocab)
       throw EngineError(kErrTokenOutOfRange, "token id " + std::to_string(tokens[(size_t)r]) + " is outside the vocabulary [0, " +
                                                   std::to_string(cfg_.vocab) + ")");
-    if (seqs[(size_t)r]->length() + 1 > seqs[(size_t)r]->maxContext)
-      throw EngineError(kErrContextOverflow, "a sequence in the batch is full (" + std::to_string(seqs[(size_t)r]->maxContext) + " tokens)");
-  }
   Backend& be = *backend_;
   BackendRange range(be, "decode batch");
   std::vector<int32_t> pos((size_t)n), out((size_t)sampled), rowSeq((size_t)n);
-  for (int r = 0; r < n; ++r) {
-    pos[(size_t)r] = seqs[(size_t)r]->length();
-    rowSeq[(size_t)r] = r;
-  }
-  const bool recordable = n <= kMaxRecordedRows;
+  for (int i = 0, r = 0; i < numSeqs; ++i)
+    for (int k = 0; k < rows[(size_t)i]; ++k, ++r) {
+      pos[(size_t)r] = seqs[(size_t)i]->length() + k;
+      rowSeq[(size_t)r] = i;
+    }
+  // A recording's inputs are one row per sequence (its page tables are numbered by row).
+  const bool recordable = n <= kMaxRecordedRows && !severalRows;
   const bool queueChoice = runAheadOn_ && recordable && sampled == n && be.canQueueSampling(params.data(), n);
   const bool queuedAhead = queueChoice && aheadMatches(seqs, tokens, params);
   if (ahead_.queued && !queuedAhead) runAheadDiscarded_.fetch_add(1, std::memory_order_relaxed);
@@ -123,8 +155,10 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
   ahead_.queued = false;
   PendingWrites writes{seqs};  // the batch is all or nothing
   try {
-    for (SequenceState* q : seqs) q->tokens.reserve(q->tokens.size() + 1);  // the commit below cannot fail halfway
-    for (SequenceState* q : seqs) q->kv->prepareWrite(q->length(), 1);  // changes nothing for a step queued ahead
+    for (int i = 0; i < numSeqs; ++i)  // the commit below cannot fail halfway
+      seqs[(size_t)i]->tokens.reserve(seqs[(size_t)i]->tokens.size() + (size_t)rows[(size_t)i]);
+    for (int i = 0; i < numSeqs; ++i)  // changes nothing for a step queued ahead
+      seqs[(size_t)i]->kv->prepareWrite(seqs[(size_t)i]->length(), rows[(size_t)i]);
     Scratch s;
     viewPages(s, seqs, rowSeq, true);
     if (queuedAhead) {
@@ -140,7 +174,8 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
           s.pendingResidual = false;  // a failed recording may have stopped mid-layer
           allocScratch(s, n);
           be.embed(tokens.data(), pos.data(), n, embed_, opt(posEmbed_), s.h);
-          // One token per sequence: strict layers read only earlier, final positions: one pass.
+          // One pass: a decode row's strict layers read only earlier, final positions, and a
+          // chunk's rows come only without a cyclic group.
           runLayers(s, n, pos.data(), 0, cfg_.numLayers - 1, false);
           return sampled > 0 ? computeLogits(s, n, 0, sampled) : Tensor{};
         };
@@ -193,7 +228,7 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
     ahead_.queued = false;
     throw;
   }
-  for (int r = 0; r < n; ++r) seqs[(size_t)r]->tokens.push_back(tokens[(size_t)r]);
+  for (int r = 0; r < n; ++r) seqs[(size_t)rowSeq[(size_t)r]]->tokens.push_back(tokens[(size_t)r]);
   writes.commit();
   for (SequenceState* q : seqs) releaseOutsideWindow(*q);
   return out;

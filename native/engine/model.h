@@ -136,10 +136,13 @@ class Model {
   // alone. All or nothing: on error no sequence changes. runAhead false: the caller will not
   // continue this batch next, so no step is queued ahead (see the definition). logprobs: when
   // some row asks for log-probabilities (params[r].logprobs >= 0), one entry per sampled row
-  // (filled for the rows that asked); untouched otherwise.
+  // (filled for the rows that asked); untouched otherwise. rowsPerSeq (null: one each): the rows
+  // of each sequence, its tokens consecutive in `tokens` (a prompt's chunk in a mixed step; only
+  // for an unsampled sequence of a model without a cyclic layer group).
   std::vector<int32_t> decodeBatch(const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& tokens,
                                    const std::vector<SamplingParams>& params, bool runAhead = true,
-                                   std::vector<TokenLogprobs>* logprobs = nullptr);
+                                   std::vector<TokenLogprobs>* logprobs = nullptr,
+                                   const std::vector<int32_t>* rowsPerSeq = nullptr);
 
   // Run-ahead decoding (decodeBatch), on by default where the backend can.
   void setRunAhead(bool on) { runAheadOn_ = on; }

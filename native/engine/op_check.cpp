@@ -257,13 +257,17 @@ void checkRopeKvWrite(Runner& r, Backend& ref, Backend& test) {
 // The decode cases cover the GPU's split-K kernel: 1 to 32 query heads per K/V head (8 is
 // TinyLlama's; 12 and 32 take several blocks per group), head sizes that are not multiples of
 // 32 (or of 4), contexts long enough to be cut into many chunks, a row with no visible key
-// (strict, position 0) beside long rows, and rows of 1 and 3000 keys in one call.
+// (strict, position 0) beside long rows, and rows of 1 and 3000 keys in one call. Mixed calls
+// (`queries`: query rows per sequence, at its last positions) give some sequences a run of rows
+// beside others' single rows, as a mixed decode step does: the GPU takes each run of 16 or more
+// in its prefill kernel and the rows between in its decode kernel.
 void checkAttention(Runner& r, Backend& ref, Backend& test) {
   struct AttnCase {
     int ctx, n, heads, kvHeads, hd;
     bool strict;
     int window, seqs;
     std::vector<int> lengths = {};
+    std::vector<int> queries = {};
   };
   const std::vector<AttnCase> cases{{1, 1, 4, 4, 16, true, 0, 1}, {1, 1, 4, 2, 16, false, 0, 1},
                                           {300, 1, 32, 4, 64, false, 0, 1}, {4096, 1, 32, 4, 64, true, 0, 1},
@@ -296,17 +300,27 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
                                           // more than 16 decode rows (the GPU writes them in bf16 for a
                                           // bf16 model): the tensor-core kernel with its split-K merge, and
                                           // the CUDA-core kernel at head size 80
-                                          {700, 1, 8, 2, 64, false, 0, 20}, {300, 1, 8, 2, 80, true, 0, 24}};
+                                          {700, 1, 8, 2, 64, false, 0, 20}, {300, 1, 8, 2, 80, true, 0, 24},
+                                          // mixed: runs of one sequence's rows (200, 40, 64, 17: prefill
+                                          // parts; 5, 15: decode) between single rows, first and last
+                                          {1200, 1, 8, 2, 64, false, 0, 6, {}, {1, 1, 200, 1, 5, 40}},
+                                          {900, 1, 8, 4, 32, true, 100, 4, {}, {64, 1, 15, 17}},
+                                          {400, 1, 4, 2, 16, true, 0, 3, {}, {2, 30, 1}},
+                                          // a 512-row chunk beside 16 decode rows (the GPU's chunk in a
+                                          // mixed step), head size 128
+                                          {700, 1, 8, 2, 128, false, 0, 17, {}, {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 512}}};
   // Every case in f32; in the compact types, a decode and a prefill case of each head size
   // class they take (multiples of 8), windows, strict rows, GQA 1 to 32 and several sequences.
   // Decode at head sizes 32, 64 and 128 runs on the tensor-core kernel, other sizes (16 and
   // 80 here) on the CUDA-core kernel.
-  const std::vector<int> compactCases = {1, 3, 4, 5, 6, 7, 8, 9, 11, 16, 18, 19, 20, 21, 22, 23, 24, 27, 28, 29, 30, 31};
+  const std::vector<int> compactCases = {1, 3, 4, 5, 6, 7, 8, 9, 11, 16, 18, 19, 20, 21, 22, 23, 24, 27, 28, 29, 30, 31,
+                                         32, 33, 34, 35};
   for (int t = 0; t < kKvTypeCount; ++t)
   for (size_t ci = 0; ci < cases.size(); ++ci) {
     const KvType type = (KvType)t;
     if (type != KvType::F32 && std::find(compactCases.begin(), compactCases.end(), (int)ci) == compactCases.end()) continue;
     AttnCase c = cases[ci];
+    if (!c.queries.empty()) c.seqs = (int)c.queries.size();
     if (!c.lengths.empty()) {
       c.seqs = (int)c.lengths.size();
       c.ctx = *std::max_element(c.lengths.begin(), c.lengths.end());
@@ -344,7 +358,13 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
     r.report(OpCheck{"kv_write codes", dims({{"rows", rows}, {"kvHeads", c.kvHeads}, {"headDim", c.hd}}) + kvName,
                      codeMismatch(ref, test, poolA, poolB, va, 1, wpos.data(), rows), true, 1e-12});
     std::vector<int32_t> qpos, qseq;
-    if (c.seqs == 1) {
+    if (!c.queries.empty()) {
+      for (int q = 0; q < c.seqs; ++q)
+        for (int i = len[(size_t)q] - c.queries[(size_t)q]; i < len[(size_t)q]; ++i) {
+          qpos.push_back(i);
+          qseq.push_back(q);
+        }
+    } else if (c.seqs == 1) {
       for (int i = c.ctx - c.n; i < c.ctx; ++i) {
         qpos.push_back(i);
         qseq.push_back(0);

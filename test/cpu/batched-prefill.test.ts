@@ -4,8 +4,9 @@
  * shared decode step. On the CPU that is the sequential prefill's arithmetic: the K/V, and the
  * greedy continuation with its log-probabilities, equal each prompt prefilled alone with
  * prefill "sequential", bit for bit. Also: a running stream gets a token every step while
- * prompts arrive, a cancelled prompt leaves its sequence as it was, a bad token fails only its
- * own request, and models without a cyclic group keep their chunked prefill.
+ * prompts arrive, a cancelled prompt leaves its sequence as it was, and a bad token fails only
+ * its own request. (Models without a cyclic group mix whole chunks into the steps instead:
+ * mixed-prefill.test.ts.)
  */
 import * as path from "node:path";
 import { AbortError, DisposedError, KV_PAGE_TOKENS, loadModel, Model, Sequence, TokenOutOfRangeError } from "../../lib";
@@ -296,20 +297,5 @@ describe("lckv-w2: fairness, cancellation, errors", () => {
     for (const e of await Promise.all(appends)) expect(e).toBeInstanceOf(DisposedError);
     // The running stream ends with the model too.
     await stream.stop().catch(() => undefined);
-  });
-});
-
-describe.each(["llama-gqa-hd32", "lckv-cla"])("%s (no cyclic group)", (name) => {
-  test("concurrent prompts keep their chunked prefill: whole chunks are exact in one pass", async () => {
-    const m = await loadModel(path.join(FIXTURES, name), { device: "cpu", threads: 1, prefixCache: 0 });
-    try {
-      expect(m.config.plan.cyclicGroup).toBeNull();
-      const stream = await runningStream(m);
-      await Promise.all(prompts(m).map((p) => m.createSequence().append(p)));
-      await stream.stop();
-      expect(promptTokens(m)).toBe(0);
-    } finally {
-      await m.dispose();
-    }
   });
 });

@@ -1,0 +1,110 @@
+/**
+ * What the mixed-step tests share on either backend (test/cpu/mixed-prefill.test.ts,
+ * test/gpu/mixed-prefill.test.ts): a sequence's K/V bits, prompts, a stream that decodes while
+ * prompts go in, and a prompt prefilled alone to compare with.
+ */
+import { Model, Sequence } from "../../lib";
+import type { EngineContext } from "../../lib/engine-context";
+import type { NativeSequence } from "../../lib/native";
+import { collectStream } from "./stream";
+
+export function nativeOf(s: Sequence): NativeSequence {
+  return (s as unknown as { native: NativeSequence }).native;
+}
+
+export function engineOf(m: Model): EngineContext {
+  return (m as unknown as { engine: EngineContext }).engine;
+}
+
+/** The bits of every K/V slot of the sequence's first n positions. */
+export function kvBits(m: Model, s: Sequence, n: number): number[][] {
+  return m.config.plan.kvLayers.map((_, slot) => Array.from(new Uint32Array(nativeOf(s).readKv(slot, 0, n).buffer)));
+}
+
+/** A prompt of n tokens, different for each seed. */
+export function prompt(m: Model, n: number, seed: number): number[] {
+  return Array.from({ length: n }, (_, i) => 2 + ((i * (7 + 2 * seed) + 13 * seed) % (m.config.vocabSize - 2)));
+}
+
+export const promptTokens = (m: Model): number => m.schedulerStats().promptTokens;
+export const chunk = (m: Model): number => engineOf(m).prefillChunk;
+
+export const GREEDY = { maxNewTokens: 8, temperature: 0, ignoreEos: true, logprobs: 3 };
+
+/** A sequence's greedy continuation. */
+export async function continuation(s: Sequence) {
+  return (await collectStream(s.generate(GREEDY))).result;
+}
+
+/**
+ * A stream decoding on its own sequence until stopped, started before the prompts so that they
+ * find a request in flight. Per token after the first, `gaps` holds the prompt tokens that went
+ * in since its previous token and the steps that ran.
+ */
+export async function runningStream(m: Model) {
+  const ac = new AbortController();
+  const gaps: { prompt: number; steps: number }[] = [];
+  let last: { prompt: number; steps: number } | undefined;
+  let started!: () => void;
+  const first = new Promise<void>((r) => (started = r));
+  const done = (async () => {
+    const endless = { maxNewTokens: 1e6, contextShift: "sink-window" as const };
+    for await (const _ of m.stream([2, 3, 5], { ...endless, temperature: 0, ignoreEos: true, signal: ac.signal })) {
+      const now = { prompt: promptTokens(m), steps: m.schedulerStats().steps };
+      if (last) gaps.push({ prompt: now.prompt - last.prompt, steps: now.steps - last.steps });
+      last = now;
+      started();
+    }
+  })();
+  await first;
+  return {
+    gaps,
+    stop: async () => {
+      ac.abort();
+      await done;
+    },
+  };
+}
+
+/** Waits, a turn of the event loop at a time, until `cond` holds; fails after 20 s. */
+export async function until(cond: () => boolean, what: string): Promise<void> {
+  const end = Date.now() + 20000;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setImmediate(r));
+  }
+}
+
+/** Waits for the stream's next token: its gap then counts every step that ran before it. */
+export async function nextToken(stream: { gaps: readonly unknown[] }): Promise<void> {
+  const n = stream.gaps.length;
+  await until(() => stream.gaps.length > n, "the stream's next token");
+}
+
+/** Runs `call` with a signal raised once `n` more prompt tokens went in as rows of shared steps. */
+export async function abortedAfter<T>(m: Model, n: number, call: (signal: AbortSignal) => Promise<T>): Promise<T> {
+  const ac = new AbortController();
+  const from = promptTokens(m);
+  let ended = false;
+  const watch = (async () => {
+    while (!ended && promptTokens(m) < from + n) await new Promise((r) => setImmediate(r));
+    ac.abort();
+  })();
+  try {
+    return await call(ac.signal);
+  } finally {
+    ended = true;
+    await watch;
+  }
+}
+
+/** What a sequence prefilled alone holds: its K/V bits and greedy continuation. */
+export async function alone(m: Model, ids: number[], before: number[] = []) {
+  const s = m.createSequence();
+  if (before.length) await s.append(before);
+  await s.append(ids);
+  const kv = kvBits(m, s, s.length - 1);
+  const r = await continuation(s);
+  s.dispose();
+  return { kv, tokens: r.tokens, logprobs: r.logprobs };
+}
