@@ -387,21 +387,24 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
       }
       float e[4], e2[4];  // key (nb, i) at index 2 nb + i: key 8 nb + 2t + i of the slab
       float mx = -INFINITY, mx2 = -INFINITY;
+      // The log of key (lane & 15)'s V scale, taken once per key and shuffled to the 8 rows
+      // that score it (logf is some 30 instructions). A zero scale (an all-zero head, or a key
+      // past the end) has zero codes, and any finite value serves.
+      float logVScale = 0.0f;
+      if constexpr (kScaled) logVScale = logf(fmaxf(kvF16ToF32((uint16_t)(scales[lane & 15] >> 16)), 1e-30f));
 #pragma unroll
-      for (int nb = 0; nb < 2; ++nb)
+      for (int nb = 0; nb < 2; ++nb) {
+        // The scale words of keys 8 nb + 2t and 8 nb + 2t + 1 in one load.
+        uint2 sw = make_uint2(0u, 0u);
+        if constexpr (kScaled) sw = *reinterpret_cast<const uint2*>(scales + 8 * nb + 2 * t);
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int key = 8 * nb + 2 * t + i;
           float s = sc[nb][i] + sc[nb][2 + i];
           float s2 = s;
           if constexpr (kScaled) {
-            const uint32_t w = scales[key];
-            s *= kvF16ToF32((uint16_t)w);
-            // log of the V scale; a zero scale (an all-zero head, or a key past the end) has
-            // zero codes, and any finite value serves.
-            s2 = s + logf(fmaxf(kvF16ToF32((uint16_t)(w >> 16)), 1e-30f));
-          } else {
-            s2 = s;
+            s *= kvF16ToF32((uint16_t)(i ? sw.y : sw.x));
+            s2 = s + __shfl_sync(0xffffffffu, logVScale, key);
           }
           if (key >= slabValid) s = s2 = -INFINITY;
           e[2 * nb + i] = s;
@@ -409,6 +412,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
           mx = fmaxf(mx, s);
           mx2 = fmaxf(mx2, s2);
         }
+      }
       // Head g's keys of this slab are spread over the 4 threads t of the row.
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
@@ -433,10 +437,14 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
 #pragma unroll
         for (int i = 0; i < 4; ++i) w[i] = expf(e[i] - mNew);
       }
+      // Rescaling by 1 changes no bit: once the running maxima settle (most tiles), the warp
+      // skips the kDim / 2 multiplications.
+      if (__any_sync(0xffffffffu, corr2 != 1.0f)) {
 #pragma unroll
-      for (int j = 0; j < kBlocks; ++j)
+        for (int j = 0; j < kBlocks; ++j)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[j][i] *= corr2;
+          for (int i = 0; i < 4; ++i) acc[j][i] *= corr2;
+      }
 
       // Weights as P's A fragment: rows g (hi) and g + 8 (lo); k = keys 2t, 2t+1 | 2t+8, 2t+9
       // (bf16: a third part in pa3's rows g, as for the queries).
