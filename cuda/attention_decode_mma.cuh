@@ -90,15 +90,17 @@ __device__ __forceinline__ uint32_t int4LowPairF16(uint32_t x) {
 __device__ __forceinline__ uint32_t int4HighPairF16(uint32_t x) {
   return hsub2Bits((x & 0x00f000f0u) ^ 0x54805480u, 0x54805480u);  // 72
 }
-// Bytes 0 and 1 of x (e4m3 codes) as an f16 pair: one instruction on sm_89 and later; every
-// e4m3 value is exactly an f16.
-__device__ __forceinline__ uint32_t e4m3PairF16(uint32_t x) {
+// Bytes 0 and 1 (lo) and bytes 2 and 3 (hi) of x (e4m3 codes) as f16 pairs: one instruction a
+// pair on sm_89 and later, each reading its half of x in place (no shift); every e4m3 value is
+// exactly an f16.
+__device__ __forceinline__ void e4m3QuadF16(uint32_t x, uint32_t& lo, uint32_t& hi) {
 #if __CUDA_ARCH__ >= 890
-  uint32_t r;
-  asm("{ .reg .b16 lo;\n cvt.u16.u32 lo, %1;\n cvt.rn.f16x2.e4m3x2 %0, lo;\n}\n" : "=r"(r) : "r"(x));
-  return r;
+  asm("{ .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
+      : "=r"(lo), "=r"(hi)
+      : "r"(x));
 #else
-  return packPair<true>(kvE4m3ToF32((uint8_t)x), kvE4m3ToF32((uint8_t)(x >> 8)));
+  lo = packPair<true>(kvE4m3ToF32((uint8_t)x), kvE4m3ToF32((uint8_t)(x >> 8)));
+  hi = packPair<true>(kvE4m3ToF32((uint8_t)(x >> 16)), kvE4m3ToF32((uint8_t)(x >> 24)));
 #endif
 }
 
@@ -145,8 +147,7 @@ __device__ __forceinline__ void mmaKeyFragments(const uint8_t* kRows, int stride
           b0 = int8PairF16(w[i]);       // channels 4t, 4t + 2
           b1 = int8PairF16(w[i] >> 8);  // 4t + 1, 4t + 3
         } else {
-          b0 = e4m3PairF16(w[i]);        // 4t, 4t + 1
-          b1 = e4m3PairF16(w[i] >> 16);  // 4t + 2, 4t + 3
+          e4m3QuadF16(w[i], b0, b1);  // 4t, 4t + 1 and 4t + 2, 4t + 3
         }
       }
     }
@@ -247,10 +248,8 @@ __device__ __forceinline__ void mmaValueFragments(const uint8_t* vRows, int stri
         } else {
           // FP8: bytes (a0 b0 a1 b1) then (a2 b2 a3 b3).
           const uint32_t c0 = __byte_perm(wa[q], wb[q], 0x5140), c1 = __byte_perm(wa[q], wb[q], 0x7362);
-          b[4 * q][h] = e4m3PairF16(c0);
-          b[4 * q + 1][h] = e4m3PairF16(c0 >> 16);
-          b[4 * q + 2][h] = e4m3PairF16(c1);
-          b[4 * q + 3][h] = e4m3PairF16(c1 >> 16);
+          e4m3QuadF16(c0, b[4 * q][h], b[4 * q + 1][h]);
+          e4m3QuadF16(c1, b[4 * q + 2][h], b[4 * q + 3][h]);
         }
       }
     }
