@@ -258,28 +258,47 @@ __device__ __forceinline__ void mmaValueFragments(const uint8_t* vRows, int stri
 
 // Starts copying rows [lo, hi) of a tile whose first key is j0 into one stage: K rows, V rows
 // (stride bytes apart) and the scale words. Rows at or past `valid` (the tile's keys) arrive as
-// zeros. 16-byte pieces, consecutive threads on consecutive pieces.
-template <KvType T, int kDim>
+// zeros. 16-byte pieces, consecutive threads on consecutive pieces; the thread of a key's first
+// piece also copies its scale word, from the page it has just looked up. kWhole: rows [0,
+// kMmaTileKeys), whose pieces each thread walks in a loop of a known count.
+template <KvType T, int kDim, bool kWhole>
 __device__ __forceinline__ void loadMmaTile(uint8_t* stage, const uint8_t* kBase, const uint8_t* vBase,
                                             const int32_t* table, const PagedKv& kv, int kvh, int j0, int lo, int hi,
                                             int valid) {
   constexpr int kRow = mmaRowBytes(T, kDim), kStride = mmaRowStride(T, kDim), kPieces = kRow / 16;
+  constexpr int kThreads = kMmaWarps * 32;
   uint8_t* kDst = stage;
   uint8_t* vDst = stage + kMmaTileKeys * kStride;
   uint32_t* scaleDst = reinterpret_cast<uint32_t*>(stage + 2 * kMmaTileKeys * kStride);
   const int pageMask = kvPageMask(kv);
-  for (int e = lo * kPieces + threadIdx.x; e < hi * kPieces; e += kMmaWarps * 32) {
+  // The scale words of a page start 2 pageTokens rows past its codes; K/V head kvh's is word kvh of a key's kvHeads.
+  const uint8_t* scaleBase = kv.pool + kv.slotOffset + ((int64_t)2 << kv.pageShift) * kv.rowBytes + 4 * kvh;
+  const auto piece = [&](int e) {
     const int key = e / kPieces, c = 16 * (e - key * kPieces);
     const bool in = key < valid;
-    const int64_t off = in ? kvRowOffset(table, kv, pageMask, j0 + key) + c : 0;
+    int64_t page = 0;
+    int row = 0;
+    if (in) {
+      const int j = j0 + key;
+      page = (int64_t)table[j >> kv.pageShift] * kv.pageBytes;
+      row = j & pageMask;
+    }
+    // Offsets within a page in 32 bits: a page's rows of one slot are a few hundred KB at most.
+    const int64_t off = in ? page + (row * kv.rowBytes + c) : 0;
     copyAsync16Fill(kDst + key * kStride + c, kBase + off, in ? 16 : 0);
     copyAsync16Fill(vDst + key * kStride + c, vBase + off, in ? 16 : 0);
-  }
-  if (kvTypeScaled(T)) {
-    for (int key = lo + threadIdx.x; key < hi; key += kMmaWarps * 32) {
-      const bool in = key < valid;
-      copyAsync4Fill(scaleDst + key, in ? kv.pool + kvScaleOffset(kv, table, j0 + key, kvh) : kv.pool, in ? 4 : 0);
+    if (kvTypeScaled(T) && c == 0)
+      copyAsync4Fill(scaleDst + key, in ? scaleBase + page + 4 * row * kv.kvHeads : kv.pool, in ? 4 : 0);
+  };
+  if constexpr (kWhole) {
+    constexpr int kAll = kMmaTileKeys * kPieces;
+#pragma unroll
+    for (int i = 0; i < (kAll + kThreads - 1) / kThreads; ++i) {
+      const int e = i * kThreads + threadIdx.x;
+      if (kAll % kThreads == 0 || e < kAll) piece(e);
     }
+  } else {
+    for (int e = lo * kPieces + threadIdx.x; e < hi * kPieces; e += kThreads) piece(e);
   }
 }
 
@@ -311,15 +330,15 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
   // The first tile's keys that no kernel of this step writes load before the wait (as in the
   // CUDA-core kernel), the rest after it.
   if (numTiles > 0 && earlyKeys > 0)
-    loadMmaTile<T, kDim>(smem, kBase, vBase, table, kv, kvh, first, 0, earlyKeys, earlyKeys);
+    loadMmaTile<T, kDim, false>(smem, kBase, vBase, table, kv, kvh, first, 0, earlyKeys, earlyKeys);
   waitForPrecedingKernels();
   if (numTiles > 0)
-    loadMmaTile<T, kDim>(smem, kBase, vBase, table, kv, kvh, first, earlyKeys, kMmaTileKeys, firstTileKeys);
+    loadMmaTile<T, kDim, false>(smem, kBase, vBase, table, kv, kvh, first, earlyKeys, kMmaTileKeys, firstTileKeys);
   copyAsyncCommit();
 #pragma unroll
   for (int st = 1; st < kStages - 1; ++st) {
     if (st < numTiles)
-      loadMmaTile<T, kDim>(smem + st * kStage, kBase, vBase, table, kv, kvh, first + st * kMmaTileKeys, 0,
+      loadMmaTile<T, kDim, true>(smem + st * kStage, kBase, vBase, table, kv, kvh, first + st * kMmaTileKeys, 0,
                            kMmaTileKeys, min(kMmaTileKeys, keys - st * kMmaTileKeys));
     copyAsyncCommit();
   }
@@ -356,7 +375,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
   for (int tile = 0; tile < numTiles; ++tile) {
     const int ahead = tile + kStages - 1;
     if (ahead < numTiles)
-      loadMmaTile<T, kDim>(smem + (ahead % kStages) * kStage, kBase, vBase, table, kv, kvh, first + ahead * kMmaTileKeys,
+      loadMmaTile<T, kDim, true>(smem + (ahead % kStages) * kStage, kBase, vBase, table, kv, kvh, first + ahead * kMmaTileKeys,
                            0, kMmaTileKeys, min(kMmaTileKeys, keys - ahead * kMmaTileKeys));
     copyAsyncCommit();
     copyAsyncWait<kStages - 1>();
