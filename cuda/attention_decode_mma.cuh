@@ -64,10 +64,11 @@ __host__ __device__ constexpr int mmaStages(KvType t, int d) {
 __host__ __device__ constexpr size_t mmaStageBytes(KvType t, int d) {
   return (size_t)2 * kMmaTileKeys * mmaRowStride(t, d) + 4 * kMmaTileKeys;
 }
-// The tiles, or (after the last tile) the warps' outputs [warps][heads][d] floats.
+// The tiles, or (after the last tile) the warps' outputs [warps][heads][d] floats, their
+// maxima, sums and weights, and each head's maximum and sum.
 __host__ __device__ constexpr size_t mmaDecodeSmemBytes(KvType t, int d) {
   const size_t tiles = mmaStages(t, d) * mmaStageBytes(t, d);
-  const size_t reduce = sizeof(float) * kMmaWarps * kMmaHeads * (d + 2);
+  const size_t reduce = sizeof(float) * (kMmaWarps * kMmaHeads * (d + 3) + 2 * kMmaHeads);
   return tiles > reduce ? tiles : reduce;
 }
 
@@ -492,9 +493,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
   l += __shfl_xor_sync(0xffffffffu, l, 1);
   l += __shfl_xor_sync(0xffffffffu, l, 2);
   const float toM = !kScaled || m == -INFINITY ? 1.0f : expf(m2 - m);
-  float* red = reinterpret_cast<float*>(smem);  // [warps][heads][kDim], then [warps][heads] max and sum
+  float* red = reinterpret_cast<float*>(smem);  // [warps][heads][kDim], then [warps][heads] max, sum and weight
   float* redMax = red + kMmaWarps * kMmaHeads * kDim;
   float* redSum = redMax + kMmaWarps * kMmaHeads;
+  float* redWeight = redSum + kMmaWarps * kMmaHeads;
+  float* headMax = redWeight + kMmaWarps * kMmaHeads;  // [heads], then [heads] sums
+  float* headSum = headMax + kMmaHeads;
 #pragma unroll
   for (int j = 0; j < kBlocks; ++j)
 #pragma unroll
@@ -505,19 +509,31 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
     redSum[warp * kMmaHeads + g] = l;
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < heads * headDim; e += blockDim.x) {
-    const int hg = e / headDim, d = e - hg * headDim;
+  // Each head's maximum over the warps, each warp's weight in it and the head's sum, once per
+  // head (not per output element).
+  if (threadIdx.x < heads) {
+    const int hg = threadIdx.x;
     float M = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kMmaWarps; ++w) M = fmaxf(M, redMax[w * kMmaHeads + hg]);
-    float v = 0.0f, L = 0.0f;
+    float L = 0.0f;
 #pragma unroll
     for (int w = 0; w < kMmaWarps; ++w) {
       const float mw = redMax[w * kMmaHeads + hg];
       const float f = mw == -INFINITY ? 0.0f : expf(mw - M);
-      v += f * red[(w * kMmaHeads + hg) * kDim + d];
+      redWeight[w * kMmaHeads + hg] = f;
       L += f * redSum[w * kMmaHeads + hg];
     }
+    headMax[hg] = M;
+    headSum[hg] = L;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < heads * headDim; e += blockDim.x) {
+    const int hg = e / headDim, d = e - hg * headDim;
+    const float M = headMax[hg], L = headSum[hg];
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) v += redWeight[w * kMmaHeads + hg] * red[(w * kMmaHeads + hg) * kDim + d];
     const int64_t rh = (int64_t)r * numHeads + h0 + hg;
     if (splits == 1) {
       out.store(rh * headDim + d, L > 0.0f ? v / L : 0.0f);
