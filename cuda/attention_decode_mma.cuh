@@ -64,10 +64,11 @@ __host__ __device__ constexpr int mmaStages(KvType t, int d) {
 __host__ __device__ constexpr size_t mmaStageBytes(KvType t, int d) {
   return (size_t)2 * kMmaTileKeys * mmaRowStride(t, d) + 4 * kMmaTileKeys;
 }
-// The tiles, or (after the last tile) the warps' outputs [warps][heads][d] floats.
+// The tiles, or (after the last tile) the warps' outputs [warps][heads][d] floats, their
+// maxima, sums and weights, and each head's maximum and sum.
 __host__ __device__ constexpr size_t mmaDecodeSmemBytes(KvType t, int d) {
   const size_t tiles = mmaStages(t, d) * mmaStageBytes(t, d);
-  const size_t reduce = sizeof(float) * kMmaWarps * kMmaHeads * (d + 2);
+  const size_t reduce = sizeof(float) * (kMmaWarps * kMmaHeads * (d + 3) + 2 * kMmaHeads);
   return tiles > reduce ? tiles : reduce;
 }
 
@@ -90,15 +91,17 @@ __device__ __forceinline__ uint32_t int4LowPairF16(uint32_t x) {
 __device__ __forceinline__ uint32_t int4HighPairF16(uint32_t x) {
   return hsub2Bits((x & 0x00f000f0u) ^ 0x54805480u, 0x54805480u);  // 72
 }
-// Bytes 0 and 1 of x (e4m3 codes) as an f16 pair: one instruction on sm_89 and later; every
-// e4m3 value is exactly an f16.
-__device__ __forceinline__ uint32_t e4m3PairF16(uint32_t x) {
+// Bytes 0 and 1 (lo) and bytes 2 and 3 (hi) of x (e4m3 codes) as f16 pairs: one instruction a
+// pair on sm_89 and later, each reading its half of x in place (no shift); every e4m3 value is
+// exactly an f16.
+__device__ __forceinline__ void e4m3QuadF16(uint32_t x, uint32_t& lo, uint32_t& hi) {
 #if __CUDA_ARCH__ >= 890
-  uint32_t r;
-  asm("{ .reg .b16 lo;\n cvt.u16.u32 lo, %1;\n cvt.rn.f16x2.e4m3x2 %0, lo;\n}\n" : "=r"(r) : "r"(x));
-  return r;
+  asm("{ .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
+      : "=r"(lo), "=r"(hi)
+      : "r"(x));
 #else
-  return packPair<true>(kvE4m3ToF32((uint8_t)x), kvE4m3ToF32((uint8_t)(x >> 8)));
+  lo = packPair<true>(kvE4m3ToF32((uint8_t)x), kvE4m3ToF32((uint8_t)(x >> 8)));
+  hi = packPair<true>(kvE4m3ToF32((uint8_t)(x >> 16)), kvE4m3ToF32((uint8_t)(x >> 24)));
 #endif
 }
 
@@ -145,8 +148,7 @@ __device__ __forceinline__ void mmaKeyFragments(const uint8_t* kRows, int stride
           b0 = int8PairF16(w[i]);       // channels 4t, 4t + 2
           b1 = int8PairF16(w[i] >> 8);  // 4t + 1, 4t + 3
         } else {
-          b0 = e4m3PairF16(w[i]);        // 4t, 4t + 1
-          b1 = e4m3PairF16(w[i] >> 16);  // 4t + 2, 4t + 3
+          e4m3QuadF16(w[i], b0, b1);  // 4t, 4t + 1 and 4t + 2, 4t + 3
         }
       }
     }
@@ -247,10 +249,8 @@ __device__ __forceinline__ void mmaValueFragments(const uint8_t* vRows, int stri
         } else {
           // FP8: bytes (a0 b0 a1 b1) then (a2 b2 a3 b3).
           const uint32_t c0 = __byte_perm(wa[q], wb[q], 0x5140), c1 = __byte_perm(wa[q], wb[q], 0x7362);
-          b[4 * q][h] = e4m3PairF16(c0);
-          b[4 * q + 1][h] = e4m3PairF16(c0 >> 16);
-          b[4 * q + 2][h] = e4m3PairF16(c1);
-          b[4 * q + 3][h] = e4m3PairF16(c1 >> 16);
+          e4m3QuadF16(c0, b[4 * q][h], b[4 * q + 1][h]);
+          e4m3QuadF16(c1, b[4 * q + 2][h], b[4 * q + 3][h]);
         }
       }
     }
@@ -259,28 +259,47 @@ __device__ __forceinline__ void mmaValueFragments(const uint8_t* vRows, int stri
 
 // Starts copying rows [lo, hi) of a tile whose first key is j0 into one stage: K rows, V rows
 // (stride bytes apart) and the scale words. Rows at or past `valid` (the tile's keys) arrive as
-// zeros. 16-byte pieces, consecutive threads on consecutive pieces.
-template <KvType T, int kDim>
+// zeros. 16-byte pieces, consecutive threads on consecutive pieces; the thread of a key's first
+// piece also copies its scale word, from the page it has just looked up. kWhole: rows [0,
+// kMmaTileKeys), whose pieces each thread walks in a loop of a known count.
+template <KvType T, int kDim, bool kWhole>
 __device__ __forceinline__ void loadMmaTile(uint8_t* stage, const uint8_t* kBase, const uint8_t* vBase,
                                             const int32_t* table, const PagedKv& kv, int kvh, int j0, int lo, int hi,
                                             int valid) {
   constexpr int kRow = mmaRowBytes(T, kDim), kStride = mmaRowStride(T, kDim), kPieces = kRow / 16;
+  constexpr int kThreads = kMmaWarps * 32;
   uint8_t* kDst = stage;
   uint8_t* vDst = stage + kMmaTileKeys * kStride;
   uint32_t* scaleDst = reinterpret_cast<uint32_t*>(stage + 2 * kMmaTileKeys * kStride);
   const int pageMask = kvPageMask(kv);
-  for (int e = lo * kPieces + threadIdx.x; e < hi * kPieces; e += kMmaWarps * 32) {
+  // The scale words of a page start 2 pageTokens rows past its codes; K/V head kvh's is word kvh of a key's kvHeads.
+  const uint8_t* scaleBase = kv.pool + kv.slotOffset + ((int64_t)2 << kv.pageShift) * kv.rowBytes + 4 * kvh;
+  const auto piece = [&](int e) {
     const int key = e / kPieces, c = 16 * (e - key * kPieces);
     const bool in = key < valid;
-    const int64_t off = in ? kvRowOffset(table, kv, pageMask, j0 + key) + c : 0;
+    int64_t page = 0;
+    int row = 0;
+    if (in) {
+      const int j = j0 + key;
+      page = (int64_t)table[j >> kv.pageShift] * kv.pageBytes;
+      row = j & pageMask;
+    }
+    // Offsets within a page in 32 bits: a page's rows of one slot are a few hundred KB at most.
+    const int64_t off = in ? page + (row * kv.rowBytes + c) : 0;
     copyAsync16Fill(kDst + key * kStride + c, kBase + off, in ? 16 : 0);
     copyAsync16Fill(vDst + key * kStride + c, vBase + off, in ? 16 : 0);
-  }
-  if (kvTypeScaled(T)) {
-    for (int key = lo + threadIdx.x; key < hi; key += kMmaWarps * 32) {
-      const bool in = key < valid;
-      copyAsync4Fill(scaleDst + key, in ? kv.pool + kvScaleOffset(kv, table, j0 + key, kvh) : kv.pool, in ? 4 : 0);
+    if (kvTypeScaled(T) && c == 0)
+      copyAsync4Fill(scaleDst + key, in ? scaleBase + page + 4 * row * kv.kvHeads : kv.pool, in ? 4 : 0);
+  };
+  if constexpr (kWhole) {
+    constexpr int kAll = kMmaTileKeys * kPieces;
+#pragma unroll
+    for (int i = 0; i < (kAll + kThreads - 1) / kThreads; ++i) {
+      const int e = i * kThreads + threadIdx.x;
+      if (kAll % kThreads == 0 || e < kAll) piece(e);
     }
+  } else {
+    for (int e = lo * kPieces + threadIdx.x; e < hi * kPieces; e += kThreads) piece(e);
   }
 }
 
@@ -312,15 +331,15 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
   // The first tile's keys that no kernel of this step writes load before the wait (as in the
   // CUDA-core kernel), the rest after it.
   if (numTiles > 0 && earlyKeys > 0)
-    loadMmaTile<T, kDim>(smem, kBase, vBase, table, kv, kvh, first, 0, earlyKeys, earlyKeys);
+    loadMmaTile<T, kDim, false>(smem, kBase, vBase, table, kv, kvh, first, 0, earlyKeys, earlyKeys);
   waitForPrecedingKernels();
   if (numTiles > 0)
-    loadMmaTile<T, kDim>(smem, kBase, vBase, table, kv, kvh, first, earlyKeys, kMmaTileKeys, firstTileKeys);
+    loadMmaTile<T, kDim, false>(smem, kBase, vBase, table, kv, kvh, first, earlyKeys, kMmaTileKeys, firstTileKeys);
   copyAsyncCommit();
 #pragma unroll
   for (int st = 1; st < kStages - 1; ++st) {
     if (st < numTiles)
-      loadMmaTile<T, kDim>(smem + st * kStage, kBase, vBase, table, kv, kvh, first + st * kMmaTileKeys, 0,
+      loadMmaTile<T, kDim, true>(smem + st * kStage, kBase, vBase, table, kv, kvh, first + st * kMmaTileKeys, 0,
                            kMmaTileKeys, min(kMmaTileKeys, keys - st * kMmaTileKeys));
     copyAsyncCommit();
   }
@@ -357,7 +376,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
   for (int tile = 0; tile < numTiles; ++tile) {
     const int ahead = tile + kStages - 1;
     if (ahead < numTiles)
-      loadMmaTile<T, kDim>(smem + (ahead % kStages) * kStage, kBase, vBase, table, kv, kvh, first + ahead * kMmaTileKeys,
+      loadMmaTile<T, kDim, true>(smem + (ahead % kStages) * kStage, kBase, vBase, table, kv, kvh, first + ahead * kMmaTileKeys,
                            0, kMmaTileKeys, min(kMmaTileKeys, keys - ahead * kMmaTileKeys));
     copyAsyncCommit();
     copyAsyncWait<kStages - 1>();
@@ -387,21 +406,24 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
       }
       float e[4], e2[4];  // key (nb, i) at index 2 nb + i: key 8 nb + 2t + i of the slab
       float mx = -INFINITY, mx2 = -INFINITY;
+      // The log of key (lane & 15)'s V scale, taken once per key and shuffled to the 8 rows
+      // that score it (logf is some 30 instructions). A zero scale (an all-zero head, or a key
+      // past the end) has zero codes, and any finite value serves.
+      float logVScale = 0.0f;
+      if constexpr (kScaled) logVScale = logf(fmaxf(kvF16ToF32((uint16_t)(scales[lane & 15] >> 16)), 1e-30f));
 #pragma unroll
-      for (int nb = 0; nb < 2; ++nb)
+      for (int nb = 0; nb < 2; ++nb) {
+        // The scale words of keys 8 nb + 2t and 8 nb + 2t + 1 in one load.
+        uint2 sw = make_uint2(0u, 0u);
+        if constexpr (kScaled) sw = *reinterpret_cast<const uint2*>(scales + 8 * nb + 2 * t);
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int key = 8 * nb + 2 * t + i;
           float s = sc[nb][i] + sc[nb][2 + i];
           float s2 = s;
           if constexpr (kScaled) {
-            const uint32_t w = scales[key];
-            s *= kvF16ToF32((uint16_t)w);
-            // log of the V scale; a zero scale (an all-zero head, or a key past the end) has
-            // zero codes, and any finite value serves.
-            s2 = s + logf(fmaxf(kvF16ToF32((uint16_t)(w >> 16)), 1e-30f));
-          } else {
-            s2 = s;
+            s *= kvF16ToF32((uint16_t)(i ? sw.y : sw.x));
+            s2 = s + __shfl_sync(0xffffffffu, logVScale, key);
           }
           if (key >= slabValid) s = s2 = -INFINITY;
           e[2 * nb + i] = s;
@@ -409,6 +431,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
           mx = fmaxf(mx, s);
           mx2 = fmaxf(mx2, s2);
         }
+      }
       // Head g's keys of this slab are spread over the 4 threads t of the row.
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
@@ -433,10 +456,14 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
 #pragma unroll
         for (int i = 0; i < 4; ++i) w[i] = expf(e[i] - mNew);
       }
+      // Rescaling by 1 changes no bit: once the running maxima settle (most tiles), the warp
+      // skips the kDim / 2 multiplications.
+      if (__any_sync(0xffffffffu, corr2 != 1.0f)) {
 #pragma unroll
-      for (int j = 0; j < kBlocks; ++j)
+        for (int j = 0; j < kBlocks; ++j)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[j][i] *= corr2;
+          for (int i = 0; i < 4; ++i) acc[j][i] *= corr2;
+      }
 
       // Weights as P's A fragment: rows g (hi) and g + 8 (lo); k = keys 2t, 2t+1 | 2t+8, 2t+9
       // (bf16: a third part in pa3's rows g, as for the queries).
@@ -466,9 +493,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
   l += __shfl_xor_sync(0xffffffffu, l, 1);
   l += __shfl_xor_sync(0xffffffffu, l, 2);
   const float toM = !kScaled || m == -INFINITY ? 1.0f : expf(m2 - m);
-  float* red = reinterpret_cast<float*>(smem);  // [warps][heads][kDim], then [warps][heads] max and sum
+  float* red = reinterpret_cast<float*>(smem);  // [warps][heads][kDim], then [warps][heads] max, sum and weight
   float* redMax = red + kMmaWarps * kMmaHeads * kDim;
   float* redSum = redMax + kMmaWarps * kMmaHeads;
+  float* redWeight = redSum + kMmaWarps * kMmaHeads;
+  float* headMax = redWeight + kMmaWarps * kMmaHeads;  // [heads], then [heads] sums
+  float* headSum = headMax + kMmaHeads;
 #pragma unroll
   for (int j = 0; j < kBlocks; ++j)
 #pragma unroll
@@ -479,19 +509,31 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
     redSum[warp * kMmaHeads + g] = l;
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < heads * headDim; e += blockDim.x) {
-    const int hg = e / headDim, d = e - hg * headDim;
+  // Each head's maximum over the warps, each warp's weight in it and the head's sum, once per
+  // head (not per output element).
+  if (threadIdx.x < heads) {
+    const int hg = threadIdx.x;
     float M = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kMmaWarps; ++w) M = fmaxf(M, redMax[w * kMmaHeads + hg]);
-    float v = 0.0f, L = 0.0f;
+    float L = 0.0f;
 #pragma unroll
     for (int w = 0; w < kMmaWarps; ++w) {
       const float mw = redMax[w * kMmaHeads + hg];
       const float f = mw == -INFINITY ? 0.0f : expf(mw - M);
-      v += f * red[(w * kMmaHeads + hg) * kDim + d];
+      redWeight[w * kMmaHeads + hg] = f;
       L += f * redSum[w * kMmaHeads + hg];
     }
+    headMax[hg] = M;
+    headSum[hg] = L;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < heads * headDim; e += blockDim.x) {
+    const int hg = e / headDim, d = e - hg * headDim;
+    const float M = headMax[hg], L = headSum[hg];
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) v += redWeight[w * kMmaHeads + hg] * red[(w * kMmaHeads + hg) * kDim + d];
     const int64_t rh = (int64_t)r * numHeads + h0 + hg;
     if (splits == 1) {
       out.store(rh * headDim + d, L > 0.0f ? v / L : 0.0f);

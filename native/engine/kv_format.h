@@ -32,6 +32,7 @@
 #include <string>
 
 #ifdef __CUDACC__
+#include <cuda_fp16.h>
 #define LCKV_HD __host__ __device__ __forceinline__
 #else
 #define LCKV_HD inline
@@ -152,12 +153,18 @@ LCKV_HD uint16_t kvF32ToF16(float f) {
   return sign | (uint16_t)kvRoundShift(x - 0x38000000u, 13);  // exponent rebiased from 127 to 15
 }
 LCKV_HD float kvF16ToF32(uint16_t h) {
+#ifdef __CUDA_ARCH__
+  // One conversion instruction, exact for every finite half and infinity (the bit rule below
+  // gives the same float); NaN payloads may differ, and no scale is ever NaN (kvScaleOf).
+  return __half2float(__ushort_as_half(h));
+#else
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
   if (e == 0) {
     const float v = (float)m * 5.9604644775390625e-08f;  // m * 2^-24, exact
     return sign ? -v : v;
   }
   return kvBitsFloat(sign | (e == 31 ? 0x7f800000u | (m << 13) : ((e + 112u) << 23) | (m << 13)));
+#endif
 }
 
 // FP8 e4m3fn (bias 7, no infinities, largest finite 448; 0x7f and 0xff are NaN), round to
