@@ -9,104 +9,18 @@
  * mixed-prefill.test.ts.)
  */
 import * as path from "node:path";
-import { AbortError, DisposedError, KV_PAGE_TOKENS, loadModel, Model, Sequence, TokenOutOfRangeError } from "../../lib";
-import type { EngineContext } from "../../lib/engine-context";
-import type { NativeSequence } from "../../lib/native";
-import { collectStream } from "../helpers/stream";
+import { AbortError, DisposedError, KV_PAGE_TOKENS, loadModel, Model, TokenOutOfRangeError } from "../../lib";
+import { abortedAfter, alone, continuation, engineOf, GREEDY, kvBits, nativeOf, prompt, promptTokens, runningStream } from "../helpers/shared-steps";
 
 process.env.LCKV_QUIET = "1";
 
 const FIXTURES = path.join(__dirname, "..", "fixtures");
-
-function nativeOf(s: Sequence): NativeSequence {
-  return (s as unknown as { native: NativeSequence }).native;
-}
-
-function engineOf(m: Model): EngineContext {
-  return (m as unknown as { engine: EngineContext }).engine;
-}
-
-/** The bits of every K/V slot of the sequence's first n positions. */
-function kvBits(m: Model, s: Sequence, n: number): number[][] {
-  return m.config.plan.kvLayers.map((_, slot) => Array.from(new Uint32Array(nativeOf(s).readKv(slot, 0, n).buffer)));
-}
-
-/** A prompt of n tokens, different for each seed. */
-function prompt(m: Model, n: number, seed: number): number[] {
-  return Array.from({ length: n }, (_, i) => 2 + ((i * (7 + 2 * seed) + 13 * seed) % (m.config.vocabSize - 2)));
-}
+const SEQUENTIAL = { prefill: "sequential" } as const;
 
 /** Prompts of different lengths, the longest spanning more than one prefill chunk where the context allows. */
 function prompts(m: Model): number[][] {
   const L = m.maxContext;
   return [4, 19, Math.floor(L * 0.55), L - 12].map((n, i) => prompt(m, n, i + 1));
-}
-
-const promptTokens = (m: Model) => m.schedulerStats().promptTokens;
-
-const GREEDY = { maxNewTokens: 8, temperature: 0, ignoreEos: true, logprobs: 3 };
-
-/** A sequence's greedy continuation. */
-async function continuation(s: Sequence) {
-  return (await collectStream(s.generate(GREEDY))).result;
-}
-
-/**
- * A stream decoding on its own sequence until stopped, started before the prompts so that they
- * find a request in flight. `gaps` holds, per token after the first, the prompt tokens that went
- * in since its previous token.
- */
-async function runningStream(m: Model) {
-  const ac = new AbortController();
-  const gaps: number[] = [];
-  let last = -1;
-  let started!: () => void;
-  const first = new Promise<void>((r) => (started = r));
-  const done = (async () => {
-    const endless = { maxNewTokens: 1e6, contextShift: "sink-window" as const };
-    for await (const _ of m.stream([2, 3, 5], { ...endless, temperature: 0, ignoreEos: true, signal: ac.signal })) {
-      const now = promptTokens(m);
-      if (last >= 0) gaps.push(now - last);
-      last = now;
-      started();
-    }
-  })();
-  await first;
-  return {
-    gaps,
-    stop: async () => {
-      ac.abort();
-      await done;
-    },
-  };
-}
-
-/** Runs `call` with a signal raised once `n` more prompt tokens went in as batched rows. */
-async function abortedAfter<T>(m: Model, n: number, call: (signal: AbortSignal) => Promise<T>): Promise<T> {
-  const ac = new AbortController();
-  const from = promptTokens(m);
-  let ended = false;
-  const watch = (async () => {
-    while (!ended && promptTokens(m) < from + n) await new Promise((r) => setImmediate(r));
-    ac.abort();
-  })();
-  try {
-    return await call(ac.signal);
-  } finally {
-    ended = true;
-    await watch;
-  }
-}
-
-/** What a sequence prefilled alone with prefill "sequential" holds: its K/V bits and greedy continuation. */
-async function alone(m: Model, ids: number[], before: number[] = []) {
-  const s = m.createSequence();
-  if (before.length) await s.append(before, { prefill: "sequential" });
-  await s.append(ids, { prefill: "sequential" });
-  const kv = kvBits(m, s, s.length - 1);
-  const r = await continuation(s);
-  s.dispose();
-  return { kv, tokens: r.tokens, logprobs: r.logprobs };
 }
 
 describe.each(["lckv-w2", "lckv-sandwich", "lckv-sliding", "gpt2-lckv"])("%s", (name) => {
@@ -117,7 +31,7 @@ describe.each(["lckv-w2", "lckv-sandwich", "lckv-sliding", "gpt2-lckv"])("%s", (
     expect(m.config.plan.cyclicGroup).not.toBeNull();
     const before = promptTokens(m);
     refs = [];
-    for (const p of prompts(m)) refs.push(await alone(m, p));
+    for (const p of prompts(m)) refs.push(await alone(m, p, [], SEQUENTIAL));
     // Alone, nothing else in flight: the native sequential prefill ran, no batched step.
     expect(promptTokens(m)).toBe(before);
   });
@@ -213,13 +127,13 @@ describe("lckv-w2: fairness, cancellation, errors", () => {
     // The prompts took as many steps as the longest has tokens, and in each the stream got its
     // token: between two of its tokens at most one token of each prompt went in.
     expect(during.length).toBeGreaterThanOrEqual(ps[3].length - 2);
-    expect(Math.max(...during)).toBeLessThanOrEqual(ps.length);
+    expect(Math.max(...during.map((g) => g.prompt))).toBeLessThanOrEqual(ps.length);
   });
 
   test("cancelling a prompt mid-way leaves its sequence as it was; appended again it is exact", async () => {
     const head = [1, 5, 9];
     const p = prompts(m)[3];
-    const ref = await alone(m, p, head);
+    const ref = await alone(m, p, head, SEQUENTIAL);
     const stream = await runningStream(m);
     try {
       const s = m.createSequence();
@@ -252,7 +166,7 @@ describe("lckv-w2: fairness, cancellation, errors", () => {
   test("a bad token id fails its own request with a typed error; the others are unharmed", async () => {
     const ps = prompts(m).slice(1, 3);
     const refs: Awaited<ReturnType<typeof alone>>[] = [];
-    for (const p of ps) refs.push(await alone(m, p));
+    for (const p of ps) refs.push(await alone(m, p, [], SEQUENTIAL));
     const stream = await runningStream(m);
     try {
       const bad = m.generate([3, 4, m.config.vocabSize + 5], GREEDY).catch((x) => x);
@@ -272,7 +186,7 @@ describe("lckv-w2: fairness, cancellation, errors", () => {
     // checks: this feeds the scheduler directly, as a prefill does.
     const ps = prompts(m).slice(1, 3);
     const refs: Awaited<ReturnType<typeof alone>>[] = [];
-    for (const p of ps) refs.push(await alone(m, p));
+    for (const p of ps) refs.push(await alone(m, p, [], SEQUENTIAL));
     const bad = m.createSequence();
     const seqs = ps.map(() => m.createSequence());
     const scheduler = engineOf(m).scheduler;

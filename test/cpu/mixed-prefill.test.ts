@@ -25,7 +25,7 @@ import {
   promptTokens,
   runningStream,
   until,
-} from "../helpers/mixed-prefill";
+} from "../helpers/shared-steps";
 
 process.env.LCKV_QUIET = "1";
 

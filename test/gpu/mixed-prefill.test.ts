@@ -36,7 +36,7 @@ import {
   promptTokens,
   runningStream,
   until,
-} from "../helpers/mixed-prefill";
+} from "../helpers/shared-steps";
 
 process.env.LCKV_QUIET = "1";
 const FIXTURES = path.join(__dirname, "..", "fixtures");

@@ -1,9 +1,11 @@
 /**
- * What the mixed-step tests share on either backend (test/cpu/mixed-prefill.test.ts,
- * test/gpu/mixed-prefill.test.ts): a sequence's K/V bits, prompts, a stream that decodes while
- * prompts go in, and a prompt prefilled alone to compare with.
+ * What the tests of prompts run as rows of the scheduler's shared steps share (batched token
+ * steps: test/cpu/batched-prefill.test.ts; mixed steps: test/{cpu,gpu}/mixed-prefill.test.ts):
+ * a sequence's K/V bits, prompts, a stream that decodes while prompts go in, and a prompt
+ * prefilled alone to compare with.
  */
 import { Model, Sequence } from "../../lib";
+import type { PrefillOptions } from "../../lib";
 import type { EngineContext } from "../../lib/engine-context";
 import type { NativeSequence } from "../../lib/native";
 import { collectStream } from "./stream";
@@ -98,11 +100,11 @@ export async function abortedAfter<T>(m: Model, n: number, call: (signal: AbortS
   }
 }
 
-/** What a sequence prefilled alone holds: its K/V bits and greedy continuation. */
-export async function alone(m: Model, ids: number[], before: number[] = []) {
+/** What a sequence prefilled alone (with `opts`) holds: its K/V bits and greedy continuation. */
+export async function alone(m: Model, ids: number[], before: number[] = [], opts: PrefillOptions = {}) {
   const s = m.createSequence();
-  if (before.length) await s.append(before);
-  await s.append(ids);
+  if (before.length) await s.append(before, opts);
+  await s.append(ids, opts);
   const kv = kvBits(m, s, s.length - 1);
   const r = await continuation(s);
   s.dispose();
