@@ -230,7 +230,8 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
     // One sequence cannot hold more than the whole pool, unless every layer reads through a
     // sliding window: then it holds its window's pages only, and only a prompt (prefilled at
     // once) must fit in the pool, which admission checks per request.
-    if (!config.plan.window.every((w) => w > 0)) maxContext = Math.min(maxContext, pages * KV_PAGE_TOKENS);
+    // (An int4 cache's sequence also holds its residual's pages.)
+    if (!config.plan.window.every((w) => w > 0)) maxContext = Math.min(maxContext, (pages - native.poolStats().residualPages) * KV_PAGE_TOKENS);
   } catch (e) {
     native.dispose();
     throw fromNative(e);

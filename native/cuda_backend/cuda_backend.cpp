@@ -399,6 +399,10 @@ void CudaBackend::kvRead(const KvView& kv, int seq, int slot, int start, int n, 
 }
 
 std::string CudaBackend::attentionProblem(const AttentionSpec& spec, KvType kvType) const {
+  // int4's keys per channel and page with the bf16 residual (kv_format.h) have no kernels here
+  // yet: the K/V write, the decode kernels and the cache ops still have the per-token layout.
+  if (kvTypeChannelKeys(kvType))
+    return std::string(kvTypeName(kvType)) + " (keys per channel and page, a bf16 residual) has no CUDA kernels yet; use the CPU backend or another K/V type";
   return cuda::attentionProblem(spec.numHeads, spec.numKvHeads, spec.headDim, (int)kvType);
 }
 

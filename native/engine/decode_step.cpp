@@ -124,7 +124,10 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
   PendingWrites writes{seqs};  // the batch is all or nothing
   try {
     for (SequenceState* q : seqs) q->tokens.reserve(q->tokens.size() + 1);  // the commit below cannot fail halfway
-    for (SequenceState* q : seqs) q->kv->prepareWrite(q->length(), 1);  // changes nothing for a step queued ahead
+    for (SequenceState* q : seqs) {
+      q->kv->prepareWrite(q->length(), 1);  // changes nothing for a step queued ahead
+      moveResidual(*q, q->length());        // nor does this (writableInPlace checked it)
+    }
     Scratch s;
     viewPages(s, seqs, rowSeq, true);
     if (queuedAhead) {
