@@ -66,11 +66,12 @@ const float* kvHeadValues(const KvView& kv, int seq, int slot, int v, int pos, i
     for (int i = 0; i < hd; ++i) buf[i] = kvBf16ToF32((uint16_t)(row[2 * i] | row[2 * i + 1] << 8));
     return buf;
   }
-  const uint32_t* scales = nullptr;
-  const uint8_t* codes = kvCodesAt(kv, seq, slot, v, pos, kvTypeScaled(L.type) ? &scales : nullptr) +
+  const bool channelKeys = kvTypeChannelKeys(L.type);
+  const uint32_t* scales = nullptr;  // fp8, int8: the position's (K, V) scale words
+  const uint8_t* codes = kvCodesAt(kv, seq, slot, v, pos, kvTypeScaled(L.type) && !channelKeys ? &scales : nullptr) +
                          (int64_t)kvh * hd * kvTypeBits(L.type) / 8;
   if (L.type == KvType::F32) return reinterpret_cast<const float*>(codes);
-  if (kvTypeChannelKeys(L.type)) {
+  if (channelKeys) {
     const int page = kv.pageAt(seq, pos);
     const uint16_t* s = reinterpret_cast<const uint16_t*>(
         pool + (v == 0 ? L.keyScaleOffset(page, slot, kvh * hd) : L.valueScaleOffset(page, slot, pos % L.pageTokens, kvh)));

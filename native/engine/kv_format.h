@@ -26,11 +26,14 @@
 // (keys per channel, values per token) into its pool page. The rule of what a query reads:
 //   a query whose last visible key is `last` (its position, or the one before for a strict
 //   layer) reads every page wholly at or below `last` from its quantized pool page, and the
-//   keys of the page of `last` from the residual unless that page is complete (last % 16 = 15).
+//   keys of the page of `last` from the residual unless that page is complete (its last row is
+//   `last`).
 // So a full page is read quantized once its last row is written, and the page being written in
 // bf16: what the PyTorch fake quantization (scripts/eval/kv_layer_types.py, `int4:kpage`)
 // computes token by token. It follows that the rows of one sequence in one K/V write or one
-// attention call lie in one page (the engine prefills such a cache a page at a time).
+// attention call lie in one page (the engine prefills such a cache a page at a time). Reading
+// the cache back (kvRead: the fixed-point check, a context shift) takes the residual's page from
+// the residual, which keeps a page it has just quantized until the next page is written.
 //
 // A page holds pageTokens positions of every KV slot of the plan:
 //
@@ -59,7 +62,7 @@
 // first write of either copies it (copy-on-write). Truncating to n keeps the residual when the
 // page of n is the residual's (or n starts a page); truncating into an earlier, quantized page is
 // lossy once: the next write first reads that page's surviving rows back from their codes into
-// the residual (KvPages::residualStale, Model::restoreResidual). The prefix cache therefore rewinds
+// the residual (KvPages::residualStale, Model::moveResidual). The prefix cache therefore rewinds
 // a shared sequence only to a point where truncation keeps the K/V exact (KvPages::exactRewind).
 // A context shift re-rotates the moved keys and writes them back a page at a time through the
 // residual, which ends holding the last page. A step run ahead never starts a new page (that
