@@ -16,6 +16,9 @@ namespace lckv::cuda {
 // head h at slotOffset + 2 * pageTokens * rowBytes + (o * kvHeads + h) * 4. Row r of an op
 // belongs to the sequence whose page table is tables[rowSeq[r] * stride ...]. pageTokens is a
 // power of two. `type` is a KvType (kv_format.h); the launchers pick the kernels built for it.
+// A channel-key type (int4) also gives each sequence a residual, the bf16 rows of the page being
+// written, in pool pages of its own (kv_format.h): residuals[rowSeq[r] * (pageTokens >>
+// residualShift) ...] are row r's parts, each holding 1 << residualShift positions of the page.
 struct PagedKv {
   uint8_t* pool;
   const int32_t* tables;  // device
@@ -28,7 +31,24 @@ struct PagedKv {
   int kvDim;
   int kvHeads;
   int type;
+  const int32_t* residuals;  // device; null for the other types
+  int residualShift;         // log2(positions per residual part)
 };
+
+// The residual of a channel-key cache as a bf16 paged cache of its own: its "page table" is each
+// sequence's parts and its positions are offsets in the page being written (0 .. pageTokens - 1),
+// so that the bf16 kernels' addressing lands on KvLayout::residualOffset.
+inline PagedKv residualView(const PagedKv& kv) {
+  PagedKv r = kv;
+  r.tables = kv.residuals;
+  r.stride = 1 << (kv.pageShift - kv.residualShift);
+  r.pageShift = kv.residualShift;
+  r.rowBytes = kv.kvDim * 2;
+  r.type = 1;  // KvType::BF16
+  r.residuals = nullptr;
+  r.residualShift = 0;
+  return r;
+}
 
 // Lets each kernel start while the one before it in the stream finishes (sm_90+ only; see
 // waitForPrecedingKernels in common.cuh). Off until a backend turns it on; one setting for the
@@ -97,13 +117,21 @@ void launchGeluTanh(float* x, int64_t count, cudaStream_t stream);
 void launchRope(float* x, int n, int heads, int headDim, const int32_t* positions, const float* invFreq,
                 float attentionScale, cudaStream_t stream);
 // launchRope of q, and with k (then v and kv are given): launchRope of k written straight into
-// the cache with v, as launchKvWrite would. One launch instead of three; k itself is not changed.
+// the cache with v, as launchKvWrite would. One launch instead of three (int4: and the page
+// quantization after it); k itself is not changed.
 void launchRopeKvWrite(float* q, int numHeads, const float* k, const float* v, int numKvHeads, int headDim, int n,
                        const int32_t* positions, const float* invFreq, float attentionScale, const PagedKv* kv,
                        cudaStream_t stream);
 // Writes rows of k and v [n, kvDim] into the cache at positions[r] of sequence kv.rowSeq[r].
+// A channel-key type (int4) writes them to the residual in bf16, then quantizes each page whose
+// last row was written (launchKvQuantizePages); the rows of one sequence lie in one page.
 void launchKvWrite(const float* k, const float* v, int n, const int32_t* positions, const PagedKv& kv,
                    cudaStream_t stream);
+// Channel-key types: for each row r whose position ends a page, quantizes that page of sequence
+// kv.rowSeq[r] from its residual into its pool page (keys per channel, values per token), as
+// kv_format.h's kvQuantizePage does on the host, bit for bit. Rows of other positions do nothing,
+// so a recorded step may launch it at every position.
+void launchKvQuantizePages(int n, const int32_t* positions, const PagedKv& kv, cudaStream_t stream);
 
 // The largest head size the kernels take. Attention's decode keeps up to kMaxHeadDim / 32 dims in
 // each lane of a warp (kMaxDimsPerLane, attention_common.cuh) and a compact type's K/V write
