@@ -145,7 +145,9 @@ constexpr int kMaxHeadDim = 128;
 // maxVisible: the most keys any query sees (sets the split-K chunking); workspace holds the
 // per-chunk partial results, attentionWorkspaceFloats() of them (less means no split).
 // oneSequence: every row belongs to the same sequence (a prefill chunk), which lets a tile of
-// queries share each key tile (the tiled prefill kernel, for 16 or more rows).
+// queries share each key tile (the tiled prefill kernel, for 16 or more rows). An int4 cache
+// (keys per channel, kv_format.h) always takes the decode kernel, twice (its complete pages, then
+// each row's partial page from the residual) into the workspace, which it therefore needs.
 // The kernel launched just before may write K/V only at the rows' own positions: the decode
 // kernel loads keys before positions[r] - (n - 1) while that kernel still runs.
 void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv, int numHeads,
