@@ -274,6 +274,54 @@ void checkRopeKvWrite(Runner& r, Backend& ref, Backend& test) {
   }
 }
 
+// A channel-key type's page written whole by ropeKvWrite (a prefill piece of a page, the fused
+// path of a layer that owns K/V): its rows go to the residual in bf16, and the last one quantizes
+// the page from it. Read back from the residual and then from the page's codes. The rotations
+// agree to an ulp or two, so a bf16 row or a code may round the other way now and then (as in
+// rope_kv_write cache); kv_write codes (checkAttention) compares the bytes of unrotated pages.
+void checkRopeKvWritePage(Runner& r, Backend& ref, Backend& test) {
+  std::vector<float> inv;
+  for (int t = 0; t < kKvTypeCount; ++t) {
+    const KvType type = (KvType)t;
+    if (!kvTypeChannelKeys(type)) continue;
+    for (auto [heads, kvHeads, hd] : std::vector<std::tuple<int, int, int>>{{4, 2, 16}, {32, 4, 64}, {8, 1, 128}}) {
+      inv.resize((size_t)hd / 2);
+      for (int j = 0; j < hd / 2; ++j) inv[(size_t)j] = (float)(1.0 / std::pow(10000.0, 2.0 * j / hd));
+      const KvLayout L = checkLayout(type, kvHeads, hd);
+      const int P = L.pageTokens, R = L.residualParts(), pagesPerSeq = 3, pages = pagesPerSeq + R;
+      std::vector<int32_t> order((size_t)pages);
+      for (int i = 0; i < pages; ++i) order[(size_t)i] = i;
+      std::shuffle(order.begin(), order.end(), r.rng);
+      const std::vector<int32_t> table(order.begin(), order.begin() + pagesPerSeq), residual(order.begin() + pagesPerSeq, order.end());
+      std::vector<int32_t> residualPage(1, 1), seq((size_t)P, 0), pos((size_t)P);
+      for (int i = 0; i < P; ++i) pos[(size_t)i] = P + i;  // page 1, whole
+      Tensor poolA = ref.alloc(pages, L.pageBytes() / 4), poolB = test.alloc(pages, L.pageBytes() / 4);
+      ref.poison(poolA);
+      test.poison(poolB);
+      KvView va{&poolA, L, table.data(), pagesPerSeq, 1, seq.data(), residual.data(), residualPage.data()};
+      KvView vb{&poolB, L, table.data(), pagesPerSeq, 1, seq.data(), residual.data(), residualPage.data()};
+      auto q = r.act(r.random((size_t)P * heads * hd), P, (int64_t)heads * hd);
+      auto k = r.act(r.random((size_t)P * L.kvDim), P, L.kvDim);
+      auto v = r.act(r.random((size_t)P * L.kvDim), P, L.kvDim);
+      ref.ropeKvWrite(q.first, heads, &k.first, &v.first, kvHeads, hd, P, pos.data(), inv, 1.0f, &va, 1);
+      test.ropeKvWrite(q.second, heads, &k.second, &v.second, kvHeads, hd, P, pos.data(), inv, 1.0f, &vb, 1);
+      const std::string shape = dims({{"rows", P}, {"heads", heads}, {"kvHeads", kvHeads}, {"headDim", hd}}) + " kv=" + kvTypeName(type);
+      const double saved = r.tolerance;
+      for (const bool fromCodes : {false, true}) {
+        residualPage[0] = fromCodes ? -1 : 1;  // kvRead takes the residual's page from the residual
+        std::vector<float> a, b;
+        ref.kvRead(va, 0, 1, P, P, a);
+        test.kvRead(vb, 0, 1, P, P, b);
+        auto read = r.act(a, 2 * P, L.kvDim);
+        test.writeRows(read.second, 0, 2 * P, b.data());
+        r.tolerance = std::max(saved, fromCodes ? 5e-2 : 1e-2);
+        r.compare(fromCodes ? "rope_kv_write page" : "rope_kv_write residual", shape, read.first, read.second, 2 * P);
+      }
+      r.tolerance = saved;
+    }
+  }
+}
+
 // attention over paged K/V: decode (one query per sequence, several sequences of different
 // lengths in one call) and prefill (many queries of one sequence); causal/strict, windows,
 // GQA. Pages are handed out in a shuffled order, so a kernel that assumes contiguous pages
@@ -698,6 +746,7 @@ const std::vector<Group>& groups() {
       {{"rope"}, checkRope},
       {{"linears q", "linears k", "linears v", "linears packed", "linear_swiglu", "linear_swiglu packed"}, checkFusedLinears},
       {{"rope_kv_write q", "rope_kv_write q alone", "rope_kv_write cache"}, checkRopeKvWrite},
+      {{"rope_kv_write residual", "rope_kv_write page"}, checkRopeKvWritePage},
       {{"attention", "kv_write codes", "kv_write+zero+read"}, checkAttention},
       {{"kv_write range"}, checkKvRange},
       {{"kv_write fp8 codes", "attention fp8 codes", "kv_read fp8 codes"}, checkFp8Codes},
