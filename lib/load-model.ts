@@ -35,7 +35,7 @@ export interface LoadOptions {
    * "int8" or "int4". fp8 and int8 keep one f16 scale per token and K/V head for K and one for
    * V; int4 scales keys per channel over each 16-token page and values per token, and keeps the
    * page being written in bf16 (native/engine/kv_format.h, docs/cache.md; docs/quality.md has
-   * their measured quality; the CUDA backend does not take int4 yet). The compact
+   * their measured quality; both backends write the same codes and scales). The compact
    * types read a head in 32-bit words: bf16 needs an even head size, fp8 and int8 a multiple of
    * 4, int4 of 8 (a model with an odd head size defaults to f32). On CUDA every type needs a head
    * size of at most 128. A type the model cannot take is refused at load.
