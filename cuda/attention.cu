@@ -75,6 +75,48 @@ void withMmaHeadDim(int headDim, F&& f) {
   throw std::invalid_argument("attention: the tensor-core decode kernel has no instance for head size " + std::to_string(headDim));
 }
 
+// int4 (a channel-key type, kv_format.h): the CUDA-core decode kernel, for every call (an int4
+// call's rows of one sequence lie in one page: the engine prefills such a cache a page at a time,
+// and a mixed step's chunk of an int4 sequence ends at its page), in two launches into one split-K workspace that the merge kernel combines. The first
+// reads the complete int4 pages (K scales per channel of each page, V scales per key) in as many
+// splits as any decode; the second, one split, the keys of each row's partial page from the
+// residual's bf16 view (residualView). Rows whose last visible page is complete get no keys
+// there, and the merge skips the empty partial result.
+// The partial results per (row, head): the pages' splits, at most one short of what the merge
+// takes (kMaxDecodeSplits), and the residual's.
+template <int kDimsPerLane>
+int channelKeySplits(int64_t blocks, int headDim, int maxVisible) {
+  return std::min(attention::decodeSplits<kDimsPerLane, KvType::INT4>(blocks, headDim, maxVisible), kMaxDecodeSplits - 1) + 1;
+}
+
+template <int kDimsPerLane>
+void launchChannelKeyDecode(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv,
+                            int numHeads, int numKvHeads, int headDim, bool strict, int window, float scale,
+                            AttentionOut out, float* workspace, int64_t workspaceFloats, cudaStream_t stream) {
+  if (!kv.residuals) throw std::invalid_argument("attention: an int4 cache needs the sequences' residuals");
+  int headsPerBlock = 0, headChunks = 0;
+  attention::decodeHeadBlocks(numHeads / numKvHeads, headsPerBlock, headChunks);
+  const int64_t blocks = (int64_t)n * numKvHeads * headChunks;
+  const int64_t perSplit = (int64_t)n * numHeads * (headDim + 2);
+  // The splits attentionWorkspaceFloats counts; fewer pages' splits if the workspace is smaller,
+  // but always the residual's own.
+  int outSplits = channelKeySplits<kDimsPerLane>(blocks, headDim, maxVisible);
+  if (outSplits * perSplit > workspaceFloats) outSplits = (int)std::min<int64_t>(outSplits, workspaceFloats / perSplit);
+  if (outSplits < 2)
+    throw std::invalid_argument("attention: an int4 cache needs a split-K workspace of " + std::to_string(2 * perSplit) +
+                                " floats at least, not " + std::to_string(workspaceFloats));
+  const int pageSplits = outSplits - 1;
+  attention::launchDecode<kDimsPerLane, KvType::INT4>(
+      q, n, positions, kv, numHeads, numKvHeads, headDim, strict, window, scale, headChunks, headsPerBlock, pageSplits, out,
+      workspace, stream, DecodeSpan{DecodeKeys::CompletePages, kv.pageShift, 0, outSplits});
+  LCKV_LAUNCH_CHECK("attention_int4_pages");
+  attention::launchDecode<kDimsPerLane, KvType::BF16>(
+      q, n, positions, residualView(kv), numHeads, numKvHeads, headDim, strict, window, scale, headChunks, headsPerBlock, 1,
+      out, workspace, stream, DecodeSpan{DecodeKeys::PartialPage, kv.pageShift, pageSplits, outSplits});
+  LCKV_LAUNCH_CHECK("attention_int4_residual");
+  attention::launchDecodeMerge(workspace, n, numHeads, headDim, outSplits, out, stream);
+}
+
 }  // namespace
 
 std::string attentionProblem(int numHeads, int numKvHeads, int headDim, int kvType) {
@@ -105,46 +147,53 @@ void launchAttention(const float* q, int n, const int32_t* positions, int maxVis
   constexpr KvType T = decltype(kvType)::value;
   withHeadDimClass(headDim, [&](auto headDimClass) {
     using Class = decltype(headDimClass);
-    if (prefill) {
-      if constexpr (T == KvType::F32)
-        attention::launchPrefill<Class::kPrefillDim>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict, window,
-                                                     scale, out, stream);
-      else
-        attention::launchPrefillBf16<Class::kPrefillDim, T>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict,
-                                                            window, scale, out, stream);
-      return;
-    }
-    int headsPerBlock = 0, headChunks = 0;
-    attention::decodeHeadBlocks(numHeads / numKvHeads, headsPerBlock, headChunks);
-    const int64_t blocks = (int64_t)n * numKvHeads * headChunks;
-    if constexpr (T != KvType::F32) {
-      if (attention::decodeUsesMma(T, headDim, kv)) {
-        withMmaHeadDim(headDim, [&](auto dim) {
-          constexpr int kDim = decltype(dim)::value;
-          int splits = attention::decodeMmaSplits<kDim, T>(blocks, maxVisible);
-          if (splits > 1 && (int64_t)n * numHeads * splits * (headDim + 2) > workspaceFloats) splits = 1;
-          attention::launchDecodeMma<kDim, T>(q, n, positions, kv, numHeads, numKvHeads, strict, window, scale,
-                                              headChunks, headsPerBlock, splits, out, workspace, stream);
-          LCKV_LAUNCH_CHECK("attention_decode_mma");
-          if (splits > 1) attention::launchDecodeMerge(workspace, n, numHeads, headDim, splits, out, stream);
-        });
+    if constexpr (kvTypeChannelKeys(T)) {
+      launchChannelKeyDecode<Class::kDecodeDimsPerLane>(q, n, positions, maxVisible, kv, numHeads, numKvHeads, headDim,
+                                                        strict, window, scale, out, workspace, workspaceFloats, stream);
+    } else {
+      if (prefill) {
+        if constexpr (T == KvType::F32)
+          attention::launchPrefill<Class::kPrefillDim>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict, window,
+                                                       scale, out, stream);
+        else
+          attention::launchPrefillBf16<Class::kPrefillDim, T>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict,
+                                                              window, scale, out, stream);
         return;
       }
+      int headsPerBlock = 0, headChunks = 0;
+      attention::decodeHeadBlocks(numHeads / numKvHeads, headsPerBlock, headChunks);
+      const int64_t blocks = (int64_t)n * numKvHeads * headChunks;
+      if constexpr (T != KvType::F32) {
+        if (attention::decodeUsesMma(T, headDim, kv)) {
+          withMmaHeadDim(headDim, [&](auto dim) {
+            constexpr int kDim = decltype(dim)::value;
+            int splits = attention::decodeMmaSplits<kDim, T>(blocks, maxVisible);
+            if (splits > 1 && (int64_t)n * numHeads * splits * (headDim + 2) > workspaceFloats) splits = 1;
+            attention::launchDecodeMma<kDim, T>(q, n, positions, kv, numHeads, numKvHeads, strict, window, scale,
+                                                headChunks, headsPerBlock, splits, out, workspace, stream);
+            LCKV_LAUNCH_CHECK("attention_decode_mma");
+            if (splits > 1) attention::launchDecodeMerge(workspace, n, numHeads, headDim, splits, out, stream);
+          });
+          return;
+        }
+      }
+      // maxVisible only sets the number of splits: each block finds its own keys on the device.
+      int splits = attention::decodeSplits<Class::kDecodeDimsPerLane, T>(blocks, headDim, maxVisible);
+      if (splits > 1 && (int64_t)n * numHeads * splits * (headDim + 2) > workspaceFloats) splits = 1;
+      attention::launchDecode<Class::kDecodeDimsPerLane, T>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict,
+                                                            window, scale, headChunks, headsPerBlock, splits, out,
+                                                            workspace, stream, DecodeSpan{DecodeKeys::All, 0, 0, splits});
+      LCKV_LAUNCH_CHECK("attention");
+      if (splits > 1) attention::launchDecodeMerge(workspace, n, numHeads, headDim, splits, out, stream);
     }
-    // maxVisible only sets the number of splits: each block finds its own keys on the device.
-    int splits = attention::decodeSplits<Class::kDecodeDimsPerLane, T>(blocks, headDim, maxVisible);
-    if (splits > 1 && (int64_t)n * numHeads * splits * (headDim + 2) > workspaceFloats) splits = 1;
-    attention::launchDecode<Class::kDecodeDimsPerLane, T>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict,
-                                                          window, scale, headChunks, headsPerBlock, splits, out,
-                                                          workspace, stream);
-    LCKV_LAUNCH_CHECK("attention");
-    if (splits > 1) attention::launchDecodeMerge(workspace, n, numHeads, headDim, splits, out, stream);
   });
   });
 }
 
-std::vector<AttentionPart> attentionParts(const int32_t* rowSeq, int n) {
+std::vector<AttentionPart> attentionParts(const int32_t* rowSeq, int n, int kvType) {
   std::vector<AttentionPart> parts;
+  if (n <= 0) return parts;
+  if (kvType >= 0 && kvType < kKvTypeCount && kvTypeChannelKeys((KvType)kvType)) return {{0, n, false}};
   int decodeFrom = 0;  // the first row not in a part yet
   for (int r = 0; r < n;) {
     int end = r + 1;
@@ -173,9 +222,12 @@ int64_t attentionWorkspaceFloats(int n, int numHeads, int numKvHeads, int headDi
   withKvType(kvType, [&](auto kvTypeConstant) {
     constexpr KvType T = decltype(kvTypeConstant)::value;
     withHeadDimClass(headDim, [&](auto headDimClass) {
-      splits = attention::decodeSplits<decltype(headDimClass)::kDecodeDimsPerLane, T>(blocks, headDim, maxVisible);
+      if constexpr (kvTypeChannelKeys(T))
+        splits = channelKeySplits<decltype(headDimClass)::kDecodeDimsPerLane>(blocks, headDim, maxVisible);
+      else
+        splits = attention::decodeSplits<decltype(headDimClass)::kDecodeDimsPerLane, T>(blocks, headDim, maxVisible);
     });
-    if constexpr (T != KvType::F32) {
+    if constexpr (T != KvType::F32 && !kvTypeChannelKeys(T)) {
       if (headDim == 32 || headDim == 64 || headDim == 128)
         withMmaHeadDim(headDim, [&](auto dim) {
           splits = std::max<int64_t>(splits, attention::decodeMmaSplits<decltype(dim)::value, T>(blocks, maxVisible));

@@ -39,6 +39,35 @@ __device__ __forceinline__ Range visible(int p, bool strict, int window) {
   return {window > 0 ? max(0, p - window + 1) : 0, strict ? p - 1 : p};
 }
 
+// Which of a row's visible keys a decode launch takes. A channel-key type (int4, kv_format.h)
+// reads a query's keys in two launches into one split-K workspace, whose partial results the
+// merge kernel combines:
+//   CompletePages: from the int4 pages, the keys up to the last visible one's page when that page
+//     is complete (its last row is the last visible key), else up to the start of that page;
+//   PartialPage: the keys of the last visible one's page when it is not complete, from the
+//     residual's bf16 view (residualView), numbered from the page's start; none otherwise.
+// All (every other type) takes every visible key. pageShift is the cache's log2(pageTokens).
+// The launch's gridDim.z splits write partial results [splitBase, splitBase + gridDim.z) of
+// outSplits per (row, head); outSplits 1: the launch writes the output itself.
+enum class DecodeKeys : int { All = 0, CompletePages = 1, PartialPage = 2 };
+struct DecodeSpan {
+  DecodeKeys keys = DecodeKeys::All;
+  int pageShift = 0;
+  int splitBase = 0;
+  int outSplits = 1;
+};
+
+__device__ __forceinline__ Range visibleKeys(int p, bool strict, int window, const DecodeSpan& span) {
+  const Range all = visible(p, strict, window);
+  if (span.keys == DecodeKeys::All) return all;
+  const int mask = (1 << span.pageShift) - 1;
+  const int pageStart = all.last & ~mask;              // of the last visible key's page (all.last -1: none)
+  const bool complete = (all.last & mask) == mask;     // true for all.last = -1 too: nothing partial
+  if (span.keys == DecodeKeys::CompletePages) return {all.first, complete ? all.last : pageStart - 1};
+  if (complete) return {0, -1};
+  return {max(all.first, pageStart) - pageStart, all.last - pageStart};
+}
+
 // A decode block's chunk of its row's visible keys (the row at position p): split `split` of
 // `splits`, `keys` keys from `first` on. Cut on the device from the row's position rather than
 // by the host, so a launch replayed from a CUDA graph at later positions still covers every key
@@ -46,17 +75,28 @@ __device__ __forceinline__ Range visible(int p, bool strict, int window) {
 struct DecodeChunk {
   int first, keys;
 };
-__device__ __forceinline__ DecodeChunk decodeChunk(int p, bool strict, int window, int split, int splits) {
-  const Range all = visible(p, strict, window);
+__device__ __forceinline__ DecodeChunk decodeChunk(int p, bool strict, int window, int split, int splits,
+                                                   const DecodeSpan& span) {
+  const Range all = visibleKeys(p, strict, window, span);
   const int count = max(0, all.last - all.first + 1);
   const int chunk = (count + splits - 1) / splits;
   return {all.first + split * chunk, max(0, min(count - split * chunk, chunk))};
 }
 // Of the chunk's first tile (firstTileKeys keys), those that no kernel of this step writes: a
 // step's n rows write K/V only at their own positions, which for this row's sequence are
-// p - (n - 1) or later. They may load before the wait for the preceding kernel.
-__device__ __forceinline__ int decodeEarlyKeys(int p, int n, int first, int firstTileKeys) {
-  return min(firstTileKeys, max(0, p - n + 1 - first));
+// p - (n - 1) or later. They may load before the wait for the preceding kernel. A channel-key
+// type's write also quantizes the page of those rows when they complete it (the kernel just
+// before the int4 launch), so that launch loads early only the pages below it; the residual's
+// keys are numbered from its page's start.
+__device__ __forceinline__ int decodeEarlyKeys(int p, int n, bool strict, int first, int firstTileKeys,
+                                               const DecodeSpan& span) {
+  int written = p - n + 1;  // the first key this step writes, in the launch's numbering
+  if (span.keys != DecodeKeys::All) {
+    const int mask = (1 << span.pageShift) - 1;
+    if (span.keys == DecodeKeys::CompletePages) written &= ~mask;
+    else written -= (strict ? p - 1 : p) & ~mask;
+  }
+  return min(firstTileKeys, max(0, written - first));
 }
 
 // ---- the paged K/V pool (PagedKv, kernels.h) ---------------------------------------------------
@@ -95,7 +135,8 @@ struct DecodeBlock {
 };
 template <int kTileKeys>
 __device__ __forceinline__ DecodeBlock decodeBlock(const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
-                                                   bool strict, int window, int headChunks, int headsPerBlock, int headBytes) {
+                                                   bool strict, int window, int headChunks, int headsPerBlock, int headBytes,
+                                                   const DecodeSpan& span = DecodeSpan{}) {
   DecodeBlock b;
   b.r = blockIdx.x;
   b.split = blockIdx.z;
@@ -109,14 +150,30 @@ __device__ __forceinline__ DecodeBlock decodeBlock(const int32_t* positions, con
   b.kBase = kvHeadBase(kv, 0, b.kvh, headBytes);
   b.vBase = kvHeadBase(kv, 1, b.kvh, headBytes);
   const int p = positions[b.r];
-  const DecodeChunk chunk = decodeChunk(p, strict, window, b.split, b.splits);
+  const DecodeChunk chunk = decodeChunk(p, strict, window, b.split, b.splits, span);
   b.first = chunk.first;
   b.keys = chunk.keys;
   b.numTiles = (b.keys + kTileKeys - 1) / kTileKeys;
   b.firstTileKeys = min(kTileKeys, b.keys);
-  b.earlyKeys = decodeEarlyKeys(p, (int)gridDim.x, b.first, b.firstTileKeys);
+  b.earlyKeys = decodeEarlyKeys(p, (int)gridDim.x, strict, b.first, b.firstTileKeys, span);
   return b;
 }
+
+// Channel-key types (int4, kv_format.h): the byte offset of K/V head kvh's f16 K scales (one per
+// channel, headDim of them) in pool page `page`, and of the 32-bit word that holds key j's f16 V
+// scale, whose half kvValueScaleHalf is (the other half is a neighbouring key's or head's: a
+// copy of the word is 4-byte aligned, a copy of the half would not be).
+__device__ __forceinline__ int64_t kvKeyScalesOffset(const PagedKv& kv, int32_t page, int kvh, int headDim) {
+  return (int64_t)page * kv.pageBytes + kv.slotOffset + ((int64_t)2 << kv.pageShift) * kv.rowBytes + (int64_t)kvh * headDim * 2;
+}
+__device__ __forceinline__ int kvValueScaleIndex(const PagedKv& kv, int j, int kvh) {
+  return (j & kvPageMask(kv)) * kv.kvHeads + kvh;
+}
+__device__ __forceinline__ int64_t kvValueScaleWordOffset(const PagedKv& kv, const int32_t* table, int j, int kvh) {
+  return (int64_t)table[j >> kv.pageShift] * kv.pageBytes + kv.slotOffset + ((int64_t)2 << kv.pageShift) * kv.rowBytes +
+         (int64_t)kv.kvDim * 2 + (int64_t)(kvValueScaleIndex(kv, j, kvh) & ~1) * 2;
+}
+__device__ __forceinline__ int kvValueScaleHalf(const PagedKv& kv, int j, int kvh) { return kvValueScaleIndex(kv, j, kvh) & 1; }
 
 // Whether a head's K/V rows in the paged pool can be read in 16-byte pieces (rows, pages and
 // the pool 16-byte aligned); else 4-byte pieces (every compact head's bytes are a multiple of 4).
@@ -194,15 +251,16 @@ namespace attention {
 // Each for every K/V type T (kv_format.h).
 // Decode (attention_decode.cu), for kDimsPerLane 1 to kMaxDimsPerLane (head sizes up to
 // 32 * kDimsPerLane): the blocks that serve one K/V head's query heads, the number of splits of
-// the keys, the launch (out when splits == 1, else n * numHeads * splits * (headDim + 2) partial
-// results in `partial`), and the merge of the partial results into out.
+// the keys, the launch of `splits` splits over the keys `span` takes (out when span.outSplits ==
+// 1, else partial results [span.splitBase, + splits) of n * numHeads * span.outSplits *
+// (headDim + 2) in `partial`), and the merge of the partial results into out.
 void decodeHeadBlocks(int group, int& headsPerBlock, int& headChunks);
 template <int kDimsPerLane, KvType T>
 int decodeSplits(int64_t blocks, int headDim, int maxVisible);
 template <int kDimsPerLane, KvType T>
 void launchDecode(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
                   int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, int splits,
-                  AttentionOut out, float* partial, cudaStream_t stream);
+                  AttentionOut out, float* partial, cudaStream_t stream, const DecodeSpan& span);
 void launchDecodeMerge(const float* partial, int n, int numHeads, int headDim, int splits, AttentionOut out,
                        cudaStream_t stream);
 

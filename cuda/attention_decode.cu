@@ -127,16 +127,23 @@ void decodeHeadBlocks(int group, int& headsPerBlock, int& headChunks) {
 template <int kDimsPerLane, KvType T>
 void launchDecode(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
                   int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, int splits,
-                  AttentionOut out, float* partial, cudaStream_t stream) {
+                  AttentionOut out, float* partial, cudaStream_t stream, const DecodeSpan& span) {
+  if (kvTypeChannelKeys(T) && kv.pageShift < 4)  // kDecodeTilePages: a tile of 32 keys touches at most 3 pages
+    throw std::invalid_argument("attention: a channel-key K/V type needs pages of at least 16 tokens");
+  if (span.outSplits != 1 && (span.outSplits < span.splitBase + splits || !partial))
+    throw std::invalid_argument("attention: the decode launch's splits lie outside the split-K workspace");
   preparedDecodeKernel<kDimsPerLane, T>();
   const bool vec16 = kvRowsLoadAs16Bytes(kv, headDim);
   launchKernel(attentionDecodeKernel<kDimsPerLane, T>, dim3(n, numKvHeads * headChunks, splits), kDecodeWarps * 32,
                decodeSmemBytes<T>(headDim), stream, q, positions, kv, numHeads, numKvHeads, headDim, strict, window,
-               scale, headChunks, headsPerBlock, vec16, out, partial);
+               scale, headChunks, headsPerBlock, vec16, span, out, partial);
 }
 
 void launchDecodeMerge(const float* partial, int n, int numHeads, int headDim, int splits, AttentionOut out,
                        cudaStream_t stream) {
+  if (splits < 1 || splits > kMaxDecodeSplits || headDim > kMergeThreads)  // the merge's weights, a thread per dim
+    throw std::invalid_argument("attention_merge: " + std::to_string(splits) + " splits (1 to " +
+                                std::to_string(kMaxDecodeSplits) + ") of head size " + std::to_string(headDim));
   launchKernel(attentionMergeKernel, dim3(n, numHeads), kMergeThreads, 0, stream, partial, numHeads, headDim, splits, out);
   LCKV_LAUNCH_CHECK("attention_merge");
 }
@@ -144,7 +151,7 @@ void launchDecodeMerge(const float* partial, int n, int numHeads, int headDim, i
 #define LCKV_DECODE_INSTANCES(D, T)                                                                              \
   template int decodeSplits<D, T>(int64_t, int, int);                                                          \
   template void launchDecode<D, T>(const float*, int, const int32_t*, const PagedKv&, int, int, int, bool, int, float, \
-                                   int, int, int, AttentionOut, float*, cudaStream_t);
+                                   int, int, int, AttentionOut, float*, cudaStream_t, const DecodeSpan&);
 #define LCKV_DECODE_INSTANCES_ALL_TYPES(D)   \
   LCKV_DECODE_INSTANCES(D, KvType::F32)      \
   LCKV_DECODE_INSTANCES(D, KvType::BF16)     \

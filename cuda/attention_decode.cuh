@@ -50,12 +50,20 @@ __host__ __device__ inline int decodeCodeStride(KvType t, int headDim, bool vec1
   const int bytes = kvHeadBytes(t, headDim);
   return vec16 ? 16 * (((bytes + 15) / 16) | 1) : 4 * ((bytes / 4) | 1);
 }
+// A channel-key type (int4) keeps the f16 K scales of each page a tile touches beside the tile:
+// 32 keys from any position touch at most 3 pages of 16 (the launcher refuses smaller pages).
+constexpr int kDecodeTilePages = kDecodeKeys / 16 + 1;
+template <KvType T>
+__host__ __device__ inline int decodeChannelScaleBytes(int headDim) {
+  return kvTypeChannelKeys(T) ? kDecodeTilePages * headDim * 2 : 0;
+}
 // Bytes before the queries: the f32 tiles, or the code tiles and their scales (at least the
 // 32 x headDim floats the warps' accumulators are summed through at the end).
 template <KvType T>
 __host__ __device__ inline size_t decodeTileBytes(int headDim) {
   if (T == KvType::F32) return sizeof(float) * 2 * kDecodeStages * kDecodeKeys * decodeRowStride(headDim);
-  const size_t codes = (size_t)decodeArriveStages<T>() * kDecodeKeys * (2 * decodeCodeStride(T, headDim, true) + 4);
+  const size_t codes = (size_t)decodeArriveStages<T>() *
+                       ((size_t)kDecodeKeys * (2 * decodeCodeStride(T, headDim, true) + 4) + decodeChannelScaleBytes<T>(headDim));
   const size_t reduce = sizeof(float) * kDecodeWarps * kGroupHeads * headDim;
   return (codes > reduce ? codes : reduce + 15) / 16 * 16;
 }
@@ -95,16 +103,46 @@ __device__ __forceinline__ void dotCodeWord(uint32_t word, int w, const float* q
   }
 }
 
+// s[i] += q_i . (the 8 channels of one word of int4 codes, each times its channel's K scale):
+// a channel-key type's keys (kv_format.h), whose scales come per channel of the key's page.
+// code x scale is rounded once, as kvDecode rounds it on the CPU.
+template <KvType T, int kHeads>
+__device__ __forceinline__ void dotChannelScaledCodeWord(uint32_t word, int w, const float* q0, int qStride,
+                                                         const __half2* channelScales, float (&s)[kHeads]) {
+  constexpr int kPerWord = 32 / kvTypeBits(T);
+  float k[kPerWord];
+  kvDecodeWord<T>(word, 1.0f, k);
+#pragma unroll
+  for (int e = 0; e < kPerWord; e += 2) {
+    const float2 sc = __half22float2(channelScales[(w * kPerWord + e) / 2]);
+    k[e] *= sc.x;
+    k[e + 1] *= sc.y;
+  }
+#pragma unroll
+  for (int i = 0; i < kHeads; ++i) {
+    const float* qw = q0 + i * qStride + w * kPerWord;
+#pragma unroll
+    for (int e = 0; e < kPerWord; e += 2) {
+      const float2 qq = *reinterpret_cast<const float2*>(qw + e);
+      s[i] = fmaf(qq.x, k[e], s[i]);
+      s[i] = fmaf(qq.y, k[e + 1], s[i]);
+    }
+  }
+}
+
 // Starts copying keys j0 + lo .. j0 + hi - 1 of the block's K/V head into rows lo .. hi - 1 of
 // one stage's K and V tiles (rows of dstStride bytes) and, for a scaled type, their scale words
 // into scaleDst[lo .. hi - 1]. Lane j looks up key j0 + j's page once (all lanes at once, so the
 // table reads overlap), and the warp's copies take each key row's offset from its lane.
 // Consecutive threads copy consecutive pieces of a key row (coalesced); 16-byte pieces need every
-// row 16-byte aligned (kvRowsLoadAs16Bytes), else they are 4 bytes.
+// row 16-byte aligned (kvRowsLoadAs16Bytes), else they are 4 bytes. A channel-key type's scale
+// word is the one that holds the key's V scale (kvValueScaleWordOffset), and the K scales of
+// each page the keys touch go to channelScaleDst[page - (j0's page)][headDim] (f16).
 template <KvType T>
-__device__ __forceinline__ void loadDecodeTile(uint8_t* kDst, uint8_t* vDst, uint32_t* scaleDst, const uint8_t* kBase,
-                                               const uint8_t* vBase, const int32_t* table, const PagedKv& kv, int kvh,
-                                               int j0, int lo, int hi, int headBytes, int dstStride, bool vec16) {
+__device__ __forceinline__ void loadDecodeTile(uint8_t* kDst, uint8_t* vDst, uint32_t* scaleDst, uint8_t* channelScaleDst,
+                                               const uint8_t* kBase, const uint8_t* vBase, const int32_t* table,
+                                               const PagedKv& kv, int kvh, int j0, int lo, int hi, int headBytes,
+                                               int dstStride, bool vec16) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int j = j0 + lane;
   const bool mine = lane >= lo && lane < hi;
@@ -124,8 +162,19 @@ __device__ __forceinline__ void loadDecodeTile(uint8_t* kDst, uint8_t* vDst, uin
       }
     }
   }
-  if (kvTypeScaled(T) && warp == kDecodeWarps - 1 && mine)
+  if constexpr (kvTypeChannelKeys(T)) {
+    if (warp == kDecodeWarps - 1 && mine) copyAsync4(scaleDst + lane, kv.pool + kvValueScaleWordOffset(kv, table, j, kvh));
+    const int headDim = headBytes * 8 / kvTypeBits(T), pairs = headDim / 2;
+    const int firstPage = (j0 + lo) >> kv.pageShift, pages = ((j0 + hi - 1) >> kv.pageShift) - firstPage + 1;
+    const int slot0 = firstPage - (j0 >> kv.pageShift);
+    for (int e = threadIdx.x; e < pages * pairs; e += kDecodeWarps * 32) {
+      const int page = e / pairs, pair = e - page * pairs;
+      copyAsync4(channelScaleDst + ((slot0 + page) * pairs + pair) * 4,
+                 kv.pool + kvKeyScalesOffset(kv, table[firstPage + page], kvh, headDim) + pair * 4);
+    }
+  } else if (kvTypeScaled(T) && warp == kDecodeWarps - 1 && mine) {
     copyAsync4(scaleDst + lane, kv.pool + kvScaleOffset(kv, table, j, kvh));
+  }
 }
 
 // One block: row blockIdx.x, K/V head blockIdx.y / headChunks (its query heads cut into
@@ -140,15 +189,17 @@ template <int kDimsPerLane, KvType T>
 __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
     const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int numHeads, int numKvHeads,
     int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, bool vec16,
-    AttentionOut out, float* __restrict__ partial) {
+    DecodeSpan span, AttentionOut out, float* __restrict__ partial) {
   constexpr bool kCodes = T != KvType::F32;  // tiles arrive as codes, read where they arrive
+  constexpr bool kChannelKeys = kvTypeChannelKeys(T);
   constexpr int kStages = decodeArriveStages<T>();
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
   const int stride = decodeRowStride(headDim);
   const int tileFloats = kDecodeKeys * stride;
   // The tiles: f32 [stages][keys][stride] for K then V, or codes [stages][keys][arriveStride]
-  // bytes for K then V and the scale words [stages][keys].
+  // bytes for K then V, the scale words [stages][keys] and (channel-key types) the K scales
+  // [stages][kDecodeTilePages][headDim] f16.
   float* kS = smem;
   float* vS = kS + kDecodeStages * tileFloats;  // (f32 only)
   const int headBytes = kvHeadBytes(T, headDim);
@@ -157,6 +208,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
   uint8_t* kArrive = reinterpret_cast<uint8_t*>(kS);
   uint8_t* vArrive = kCodes ? kArrive + kStages * arriveTile : reinterpret_cast<uint8_t*>(vS);
   uint32_t* scaleArrive = reinterpret_cast<uint32_t*>(vArrive + kStages * arriveTile);
+  uint8_t* channelScaleArrive = reinterpret_cast<uint8_t*>(scaleArrive + kStages * kDecodeKeys);
+  const int channelScaleTile = decodeChannelScaleBytes<T>(headDim);
   float* qS = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(smem) + decodeTileBytes<T>(headDim));  // [kGroupHeads][stride]
   float* pS = qS + kGroupHeads * stride;           // [keys][kGroupHeads]
   float* corrS = pS + kDecodeKeys * kGroupHeads;   // [kGroupHeads]
@@ -165,8 +218,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const DecodeBlock b = decodeBlock<kDecodeKeys>(positions, kv, numHeads, numKvHeads, strict, window, headChunks,
-                                                 headsPerBlock, headBytes);
-  const int r = b.r, split = b.split, splits = b.splits, kvh = b.kvh, h0 = b.h0, heads = b.heads;
+                                                 headsPerBlock, headBytes, span);
+  const int r = b.r, split = b.split, kvh = b.kvh, h0 = b.h0, heads = b.heads;
   const int32_t* table = b.table;
   const uint8_t *kBase = b.kBase, *vBase = b.vBase;
   const int first = b.first, keys = b.keys, numTiles = b.numTiles, firstTileKeys = b.firstTileKeys, earlyKeys = b.earlyKeys;
@@ -178,8 +231,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
   // context's block streams a single tile, so at batch 1 the wait is followed by the queries
   // and the arithmetic alone.
   if (earlyKeys > 0)
-    loadDecodeTile<T>(kArrive, vArrive, scaleArrive, kBase, vBase, table, kv, kvh, first, 0, earlyKeys, headBytes,
-                      arriveStride, vec16);
+    loadDecodeTile<T>(kArrive, vArrive, scaleArrive, channelScaleArrive, kBase, vBase, table, kv, kvh, first, 0,
+                      earlyKeys, headBytes, arriveStride, vec16);
   // While the first tile arrives: zero the f32 K rows' padding (the float4 dot products read it;
   // the copies never write it).
   const int pad = stride - headDim;
@@ -188,17 +241,17 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
       kS[(e / pad) * stride + headDim + e % pad] = 0.0f;
   waitForPrecedingKernels();
   if (earlyKeys < firstTileKeys)
-    loadDecodeTile<T>(kArrive, vArrive, scaleArrive, kBase, vBase, table, kv, kvh, first, earlyKeys, firstTileKeys,
-                      headBytes, arriveStride, vec16);
+    loadDecodeTile<T>(kArrive, vArrive, scaleArrive, channelScaleArrive, kBase, vBase, table, kv, kvh, first, earlyKeys,
+                      firstTileKeys, headBytes, arriveStride, vec16);
   copyAsyncCommit();
   // The tiles after the first, up to one stage short of all (the loop issues the last), one
   // group each (an empty group past the end keeps the count the loop waits on).
 #pragma unroll
   for (int st = 1; st < kStages - 1; ++st) {
     if (st < numTiles)
-      loadDecodeTile<T>(kArrive + st * arriveTile, vArrive + st * arriveTile, scaleArrive + st * kDecodeKeys, kBase,
-                        vBase, table, kv, kvh, first + st * kDecodeKeys, 0, min(kDecodeKeys, keys - st * kDecodeKeys),
-                        headBytes, arriveStride, vec16);
+      loadDecodeTile<T>(kArrive + st * arriveTile, vArrive + st * arriveTile, scaleArrive + st * kDecodeKeys,
+                        channelScaleArrive + st * channelScaleTile, kBase, vBase, table, kv, kvh, first + st * kDecodeKeys,
+                        0, min(kDecodeKeys, keys - st * kDecodeKeys), headBytes, arriveStride, vec16);
     copyAsyncCommit();
   }
   // The queries (written by the preceding kernel), zero-padded.
@@ -224,9 +277,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
     const int ahead = tile + kStages - 1;
     if (ahead < numTiles) {
       const int st = ahead % kStages;
-      loadDecodeTile<T>(kArrive + st * arriveTile, vArrive + st * arriveTile, scaleArrive + st * kDecodeKeys, kBase, vBase,
-                        table, kv, kvh, first + ahead * kDecodeKeys, 0, min(kDecodeKeys, keys - ahead * kDecodeKeys),
-                        headBytes, arriveStride, vec16);
+      loadDecodeTile<T>(kArrive + st * arriveTile, vArrive + st * arriveTile, scaleArrive + st * kDecodeKeys,
+                        channelScaleArrive + st * channelScaleTile, kBase, vBase, table, kv, kvh,
+                        first + ahead * kDecodeKeys, 0, min(kDecodeKeys, keys - ahead * kDecodeKeys), headBytes,
+                        arriveStride, vec16);
     }
     copyAsyncCommit();
     copyAsyncWait<kStages - 1>();
@@ -238,6 +292,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
     const uint8_t* kc = kArrive + st * arriveTile;  // (codes)
     const uint8_t* vc = vArrive + st * arriveTile;
     const uint32_t* scales = scaleArrive + st * kDecodeKeys;
+    const int j0 = first + tile * kDecodeKeys;  // the tile's first key
 
     // Scores of key `lane` against this warp's heads.
     {
@@ -245,7 +300,17 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
 #pragma unroll
       for (int i = 0; i < kHeadsPerWarp; ++i) s[i] = 0.0f;
       const float* q0 = qS + warp * stride;  // head warp + kDecodeWarps * i at q0 + i * kDecodeWarps * stride
-      if constexpr (kCodes) {
+      if constexpr (kChannelKeys) {
+        // The K scales of key `lane`'s page (a key past the tile's end reads some page's; its
+        // score is dropped below).
+        const int page = min(((j0 + lane) >> kv.pageShift) - (j0 >> kv.pageShift), kDecodeTilePages - 1);
+        const __half2* channelScales =
+            reinterpret_cast<const __half2*>(channelScaleArrive + st * channelScaleTile + page * headDim * 2);
+        const uint8_t* krow = kc + lane * arriveStride;
+        for (int w = 0; w < headBytes / 4; ++w)
+          dotChannelScaledCodeWord<T>(*reinterpret_cast<const uint32_t*>(krow + 4 * w), w, q0, kDecodeWarps * stride,
+                                      channelScales, s);
+      } else if constexpr (kCodes) {
         const uint8_t* krow = kc + lane * arriveStride;
         if (vec16) {
           for (int c = 0; c < headBytes / 16; ++c) {
@@ -311,7 +376,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
       float vv[kDimsPerLane];
       if constexpr (kCodes) {
         const uint8_t* vrow = vc + jj * arriveStride;
-        const float vScale = kvTypeScaled(T) ? kvF16ToF32((uint16_t)(scales[jj] >> 16)) : 1.0f;
+        const int vHalf = kChannelKeys ? kvValueScaleHalf(kv, j0 + jj, kvh) : 1;  // the V scale's half of its word
+        const float vScale = kvTypeScaled(T) ? kvF16ToF32((uint16_t)(scales[jj] >> (16 * vHalf))) : 1.0f;
 #pragma unroll
         for (int t = 0; t < kDimsPerLane; ++t) {
           const int d = lane + 32 * t;
@@ -373,15 +439,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) attentionDecodeKernel(
 #pragma unroll
     for (int w = 0; w < kDecodeWarps; ++w) v += red[(w * kGroupHeads + g) * headDim + d];
     const int64_t rh = (int64_t)r * numHeads + h0 + g;
-    if (splits == 1) {
+    if (span.outSplits == 1) {
       out.store(rh * headDim + d, sumS[g] > 0.0f ? v / sumS[g] : 0.0f);
     } else {
-      partial[(rh * splits + split) * (headDim + 2) + 2 + d] = v;
+      partial[(rh * span.outSplits + span.splitBase + split) * (headDim + 2) + 2 + d] = v;
     }
   }
-  if (splits > 1 && threadIdx.x < heads) {
+  if (span.outSplits > 1 && threadIdx.x < heads) {
     const int g = threadIdx.x;
-    const int64_t slot = ((int64_t)r * numHeads + h0 + g) * splits + split;
+    const int64_t slot = ((int64_t)r * numHeads + h0 + g) * span.outSplits + span.splitBase + split;
     partial[slot * (headDim + 2)] = maxS[g];  // -inf for an empty chunk: the merge skips it
     partial[slot * (headDim + 2) + 1] = sumS[g];
   }

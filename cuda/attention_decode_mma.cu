@@ -40,7 +40,7 @@ int decodeMmaResidentBlocks() {
 }  // namespace
 
 bool decodeUsesMma(KvType type, int headDim, const PagedKv& kv) {
-  return type != KvType::F32 && mmaDecodeHeadDim(headDim) && kvRowsLoadAs16Bytes(kv, headDim);
+  return type != KvType::F32 && !kvTypeChannelKeys(type) && mmaDecodeHeadDim(headDim) && kvRowsLoadAs16Bytes(kv, headDim);
 }
 
 // As decodeSplits: one wave, at least one 64-key tile per split, at most kMaxDecodeSplits.
@@ -68,11 +68,10 @@ void launchDecodeMma(const float* q, int n, const int32_t* positions, const Page
 #define LCKV_DECODE_MMA_INSTANCES_ALL_TYPES(D)  \
   LCKV_DECODE_MMA_INSTANCES(D, KvType::BF16)    \
   LCKV_DECODE_MMA_INSTANCES(D, KvType::FP8)     \
-  LCKV_DECODE_MMA_INSTANCES(D, KvType::INT8)    \
-  LCKV_DECODE_MMA_INSTANCES(D, KvType::INT4)
+  LCKV_DECODE_MMA_INSTANCES(D, KvType::INT8)
 LCKV_DECODE_MMA_INSTANCES_ALL_TYPES(32)
 LCKV_DECODE_MMA_INSTANCES_ALL_TYPES(64)
 LCKV_DECODE_MMA_INSTANCES_ALL_TYPES(128)
-static_assert(kKvTypeCount == 5, "instantiate the tensor-core decode kernel for every compact K/V type");
+static_assert(kKvTypeCount == 5, "instantiate the tensor-core decode kernel for every compact K/V type of per-key scales");
 
 }  // namespace lckv::cuda::attention

@@ -1,7 +1,10 @@
 // Decode attention over a compact K/V cache (bf16, fp8, int8, int4) on the tensor cores: the
 // same split-K flash-decoding as attention_decode.cuh (one block per row, K/V head and split,
 // serving up to 8 query heads of the K/V head's group; partial results merged by the same
-// kernel), for head sizes 32, 64 and 128.
+// kernel), for head sizes 32, 64 and 128. int4 keeps its keys' scales per channel of a page
+// (kv_format.h), which the per-key K scale below does not take: it is not instantiated for int4
+// (attention.cu sends int4 to the CUDA-core kernel), and its 4-bit unpacking stays for a
+// tensor-core int4 decode (docs/cache.md, "Not done").
 //
 // Why tensor cores: with GQA a key is dotted with 8 queries, and a compact type brings 2 to 8
 // times the keys per byte that f32 does. Scored on the CUDA cores, an int4 tile needs ~16 FMAs
@@ -311,6 +314,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
     const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int numHeads, int numKvHeads,
     int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, AttentionOut out,
     float* __restrict__ partial) {
+  static_assert(!kvTypeChannelKeys(T), "keys scaled per channel take the CUDA-core decode kernel");
 #if __CUDA_ARCH__ >= 800
   constexpr bool kF16 = mmaCodesF16<T>();
   constexpr bool kScaled = kvTypeScaled(T);

@@ -2,7 +2,8 @@
 // attention 2 with mma.sync m16n8k16. A block takes kPrefillQueries consecutive queries of one
 // head (16 per warp, the rows of an mma tile) and streams the keys they can see through shared
 // memory in tiles of kPrefillKeyTile, two tiles in flight; scores, probabilities and the output
-// stay in registers.
+// stay in registers. Not for int4, whose keys are scaled per channel of a page (kv_format.h):
+// an int4 call has at most a page of rows of a sequence and takes the decode kernel (attention.cu).
 //
 // Precision: every code of every compact type is exactly a bf16 (bf16's 8 significant bits hold
 // an int8 or int4 code and an e4m3 value; a bf16 cache's values are bf16), so keys and values
@@ -132,6 +133,7 @@ template <int kDim, KvType T>
 __global__ void __launch_bounds__(kPrefillBf16Warps * 32) attentionPrefillBf16Kernel(
     const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int n, int numHeads, int numKvHeads,
     int headDim, bool strict, int window, float scale, bool vec16, AttentionOut out) {
+  static_assert(!kvTypeChannelKeys(T), "keys scaled per channel take the decode kernel");
 #if __CUDA_ARCH__ >= 800
   waitForPrecedingKernels();
   constexpr bool kScaled = kvTypeScaled(T);

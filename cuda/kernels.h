@@ -17,6 +17,9 @@ namespace lckv::cuda {
 // head h at slotOffset + 2 * pageTokens * rowBytes + (o * kvHeads + h) * 4. Row r of an op
 // belongs to the sequence whose page table is tables[rowSeq[r] * stride ...]. pageTokens is a
 // power of two. `type` is a KvType (kv_format.h); the launchers pick the kernels built for it.
+// A channel-key type (int4) also gives each sequence a residual, the bf16 rows of the page being
+// written, in pool pages of its own (kv_format.h): residuals[rowSeq[r] * (pageTokens >>
+// residualShift) ...] are row r's parts, each holding 1 << residualShift positions of the page.
 struct PagedKv {
   uint8_t* pool;
   const int32_t* tables;  // device
@@ -29,7 +32,24 @@ struct PagedKv {
   int kvDim;
   int kvHeads;
   int type;
+  const int32_t* residuals;  // device; null for the other types
+  int residualShift;         // log2(positions per residual part)
 };
+
+// The residual of a channel-key cache as a bf16 paged cache of its own: its "page table" is each
+// sequence's parts and its positions are offsets in the page being written (0 .. pageTokens - 1),
+// so that the bf16 kernels' addressing lands on KvLayout::residualOffset.
+inline PagedKv residualView(const PagedKv& kv) {
+  PagedKv r = kv;
+  r.tables = kv.residuals;
+  r.stride = 1 << (kv.pageShift - kv.residualShift);
+  r.pageShift = kv.residualShift;
+  r.rowBytes = kv.kvDim * 2;
+  r.type = 1;  // KvType::BF16
+  r.residuals = nullptr;
+  r.residualShift = 0;
+  return r;
+}
 
 // Lets each kernel start while the one before it in the stream finishes (sm_90+ only; see
 // waitForPrecedingKernels in common.cuh). Off until a backend turns it on; one setting for the
@@ -98,13 +118,21 @@ void launchGeluTanh(float* x, int64_t count, cudaStream_t stream);
 void launchRope(float* x, int n, int heads, int headDim, const int32_t* positions, const float* invFreq,
                 float attentionScale, cudaStream_t stream);
 // launchRope of q, and with k (then v and kv are given): launchRope of k written straight into
-// the cache with v, as launchKvWrite would. One launch instead of three; k itself is not changed.
+// the cache with v, as launchKvWrite would. One launch instead of three (int4: and the page
+// quantization after it); k itself is not changed.
 void launchRopeKvWrite(float* q, int numHeads, const float* k, const float* v, int numKvHeads, int headDim, int n,
                        const int32_t* positions, const float* invFreq, float attentionScale, const PagedKv* kv,
                        cudaStream_t stream);
 // Writes rows of k and v [n, kvDim] into the cache at positions[r] of sequence kv.rowSeq[r].
+// A channel-key type (int4) writes them to the residual in bf16, then quantizes each page whose
+// last row was written (launchKvQuantizePages); the rows of one sequence lie in one page.
 void launchKvWrite(const float* k, const float* v, int n, const int32_t* positions, const PagedKv& kv,
                    cudaStream_t stream);
+// Channel-key types: for each row r whose position ends a page, quantizes that page of sequence
+// kv.rowSeq[r] from its residual into its pool page (keys per channel, values per token), as
+// kv_format.h's kvQuantizePage does on the host, bit for bit. Rows of other positions do nothing,
+// so a recorded step may launch it at every position.
+void launchKvQuantizePages(int n, const int32_t* positions, const PagedKv& kv, cudaStream_t stream);
 
 // The largest head size the kernels take. Attention's decode keeps up to kMaxHeadDim / 32 dims in
 // each lane of a warp (kMaxDimsPerLane, attention_common.cuh) and a compact type's K/V write
@@ -118,7 +146,10 @@ constexpr int kMaxHeadDim = 128;
 // maxVisible: the most keys any query sees (sets the split-K chunking); workspace holds the
 // per-chunk partial results, attentionWorkspaceFloats() of them (less means no split).
 // prefill: every row belongs to the same sequence (an AttentionPart's prefill), so a tile of
-// queries shares each key tile (the tiled prefill kernel); else the split-K decode kernel.
+// queries shares each key tile (the tiled prefill kernel); else the split-K decode kernel. An
+// int4 cache (keys per channel, kv_format.h) always takes the decode kernel, whatever `prefill`
+// says, twice (its complete pages, then each row's partial page from the residual) into the
+// workspace, which it therefore needs.
 // The kernel launched just before may write K/V only at the rows' own positions: the decode
 // kernel loads keys before positions[r] - (n - 1) while that kernel still runs (a sequence's
 // rows are consecutive, and all in this call).
@@ -140,7 +171,9 @@ struct AttentionPart {
 // part, and a mixed step (Model::decodeBatch with prompts' chunks beside decode rows) a prefill
 // part per chunk that long and decode parts for the rows between: a chunk's queries then share
 // the prefill kernel's key tiles instead of each reading its whole context in the decode kernel.
-std::vector<AttentionPart> attentionParts(const int32_t* rowSeq, int n);
+// An int4 cache (kvType) has no prefill kernel: its n rows are one decode part, since the two
+// int4 decode launches take rows of any sequences together.
+std::vector<AttentionPart> attentionParts(const int32_t* rowSeq, int n, int kvType);
 int64_t attentionWorkspaceFloats(int n, int numHeads, int numKvHeads, int headDim, int maxVisible, int kvType);
 // Why launchAttention (and the K/V write before it) cannot run heads of this shape over a cache
 // of kvType ("" when it can): the limits launchAttention enforces, for the backend to check at

@@ -1,5 +1,6 @@
 // Rotary embeddings (rotate-half layout, as Hugging Face Llama) and the write of K/V rows into
-// a KV slot of the cache.
+// a KV slot of the cache (for int4, into the sequences' bf16 residuals, after which
+// kv_page_quantize.cu quantizes the pages the rows complete).
 #include "common.cuh"
 #include "kernels.h"
 
@@ -88,11 +89,13 @@ __global__ void ropeKvWriteKernel(float* q, int numHeads, const float* k, const 
 // (K, when invFreq is given) its head's values into shared memory, takes their largest magnitude,
 // and writes codes and its half of the head's scale word by kv_format.h's rule: the CPU
 // backend's kvQuantizeHead, bit for bit on the same input. Without q (kvWrite), qBlocks is 0.
+// The cache is addressed at position & positionMask: a channel-key type's rows go to the
+// residual's bf16 view (residualView), whose positions are offsets in the page; -1 elsewhere.
 constexpr int kKvWriteThreads = 256;
 template <KvType T>
 __global__ void __launch_bounds__(kKvWriteThreads) quantizedKvWriteKernel(
     float* q, int numHeads, const float* k, const float* v, int headDim, const int32_t* positions,
-    const float* invFreq, float scale, PagedKv kv, int qBlocks) {
+    const float* invFreq, float scale, PagedKv kv, int qBlocks, int positionMask) {
   constexpr int kWarps = kKvWriteThreads / 32, kBits = kvTypeBits(T), kPerWord = 32 / kBits;
   __shared__ float values[kWarps][kMaxHeadDim];
   const int r = blockIdx.x, half = headDim / 2;
@@ -114,6 +117,7 @@ __global__ void __launch_bounds__(kKvWriteThreads) quantizedKvWriteKernel(
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int32_t* table = kv.tables + (int64_t)kv.rowSeq[r] * kv.stride;
+  const int at = p & positionMask;  // where the row goes (the rotation above takes p itself)
   const int headBytes = headDim * kBits / 8;
   waitForPrecedingKernels();
   float* x = values[warp];
@@ -135,7 +139,7 @@ __global__ void __launch_bounds__(kKvWriteThreads) quantizedKvWriteKernel(
     amax = warpMax(amax);
     const uint16_t scaleBits = kvTypeScaled(T) ? kvScaleOf(T, amax) : 0;
     const float s = kvF16ToF32(scaleBits);
-    uint32_t* codes = reinterpret_cast<uint32_t*>(kv.pool + kvCodeOffset(kv, table, p, which) + h * headBytes);
+    uint32_t* codes = reinterpret_cast<uint32_t*>(kv.pool + kvCodeOffset(kv, table, at, which) + h * headBytes);
     for (int w = lane; w < headBytes / 4; w += 32) {
       uint32_t word = 0;
 #pragma unroll
@@ -143,7 +147,7 @@ __global__ void __launch_bounds__(kKvWriteThreads) quantizedKvWriteKernel(
       codes[w] = word;
     }
     if (kvTypeScaled(T) && lane == 0)
-      reinterpret_cast<uint16_t*>(kv.pool + kvScaleOffset(kv, table, p, h))[which] = scaleBits;
+      reinterpret_cast<uint16_t*>(kv.pool + kvScaleOffset(kv, table, at, h))[which] = scaleBits;
     __syncwarp();  // x is free for the warp's next task
   }
 }
@@ -151,14 +155,15 @@ __global__ void __launch_bounds__(kKvWriteThreads) quantizedKvWriteKernel(
 template <KvType T>
 void launchQuantizedKvWrite(float* q, int numHeads, const float* k, const float* v, int headDim, int n,
                             const int32_t* positions, const float* invFreq, float scale, const PagedKv& kv,
-                            cudaStream_t stream) {
+                            int positionMask, cudaStream_t stream) {
   const int qBlocks = q ? (numHeads * (headDim / 2) + kKvWriteThreads - 1) / kKvWriteThreads : 0;
   launchKernel(quantizedKvWriteKernel<T>, dim3(n, qBlocks + 1), kKvWriteThreads, 0, stream, q, numHeads, k, v, headDim,
-               positions, invFreq, scale, kv, qBlocks);
+               positions, invFreq, scale, kv, qBlocks, positionMask);
 }
 
 // The compact-type write for kv.type (not f32); q may be null (no rotation of q), and invFreq
-// null (k is written as it is).
+// null (k is written as it is). A channel-key type (int4) writes the rows to the residual in
+// bf16 and then quantizes the pages they complete: two launches, the second checked here.
 void quantizedKvWrite(float* q, int numHeads, const float* k, const float* v, int headDim, int n, const int32_t* positions,
                       const float* invFreq, float scale, const PagedKv& kv, cudaStream_t stream) {
   const std::string headDimProblem = kvHeadDimProblem((KvType)kv.type, headDim);
@@ -167,10 +172,17 @@ void quantizedKvWrite(float* q, int numHeads, const float* k, const float* v, in
     throw std::invalid_argument("kv_write: a compact K/V type takes head sizes of at most " + std::to_string(kMaxHeadDim) +
                                 ", not " + std::to_string(headDim));
   switch ((KvType)kv.type) {
-    case KvType::BF16: return launchQuantizedKvWrite<KvType::BF16>(q, numHeads, k, v, headDim, n, positions, invFreq, scale, kv, stream);
-    case KvType::FP8: return launchQuantizedKvWrite<KvType::FP8>(q, numHeads, k, v, headDim, n, positions, invFreq, scale, kv, stream);
-    case KvType::INT8: return launchQuantizedKvWrite<KvType::INT8>(q, numHeads, k, v, headDim, n, positions, invFreq, scale, kv, stream);
-    case KvType::INT4: return launchQuantizedKvWrite<KvType::INT4>(q, numHeads, k, v, headDim, n, positions, invFreq, scale, kv, stream);
+    case KvType::BF16: return launchQuantizedKvWrite<KvType::BF16>(q, numHeads, k, v, headDim, n, positions, invFreq, scale, kv, -1, stream);
+    case KvType::FP8: return launchQuantizedKvWrite<KvType::FP8>(q, numHeads, k, v, headDim, n, positions, invFreq, scale, kv, -1, stream);
+    case KvType::INT8: return launchQuantizedKvWrite<KvType::INT8>(q, numHeads, k, v, headDim, n, positions, invFreq, scale, kv, -1, stream);
+    case KvType::INT4: {
+      static_assert(kvTypeChannelKeys(KvType::INT4), "int4 writes through the residual");
+      if (!kv.residuals) throw std::invalid_argument("kv_write: an int4 cache needs the sequences' residuals");
+      launchQuantizedKvWrite<KvType::BF16>(q, numHeads, k, v, headDim, n, positions, invFreq, scale, residualView(kv),
+                                           (1 << kv.pageShift) - 1, stream);
+      LCKV_LAUNCH_CHECK("kv_write residual");
+      return launchKvQuantizePages(n, positions, kv, stream);
+    }
     default: throw std::invalid_argument("kv_write: unknown K/V type");
   }
 }

@@ -41,7 +41,7 @@ interface Waiter {
 export class Admission {
   private waiters: Waiter[] = [];
   private pumping = false;
-  private geometry?: { pageTokens: number; pageBytes: number; pagesTotal: number };
+  private geometry?: { pageTokens: number; pageBytes: number; pagesTotal: number; residualPages: number };
 
   constructor(
     private readonly native: () => NativeModel,
@@ -74,10 +74,11 @@ export class Admission {
     const stats = (this.geometry ??= this.native().poolStats());
     const own = Math.round(seq.kvBytes / stats.pageBytes);
     // Pages it holds plus those it must take; a shared page it will copy counts in both, while
-    // the sequence ends with one page per pageTokens tokens at most (and can wait for the rest).
+    // the sequence ends with one page per pageTokens tokens at most, and an int4 cache's
+    // residual (and can wait for the rest).
     const extra = extraPages();
     const need = seq.pagesToReserve(total, extra, decodeFrom);
-    const atMost = Math.min(own + need, Math.ceil(total / stats.pageTokens) + extra);
+    const atMost = Math.min(own + need, Math.ceil(total / stats.pageTokens) + stats.residualPages + extra);
     if (atMost > stats.pagesTotal) {
       throw new KvCacheFullError(
         `a sequence of ${total} tokens needs ${atMost} pages of ${stats.pageTokens} tokens, but the whole K/V cache has ${stats.pagesTotal} ` +

@@ -32,8 +32,10 @@ export interface LoadOptions {
   dtype?: DType;
   /**
    * The K/V cache's value type (default "bf16", on both backends): "f32", "bf16", "fp8" (e4m3),
-   * "int8" or "int4". The scaled types keep one f16 scale per token and K/V head for K and one
-   * for V (native/engine/kv_format.h; docs/quality.md has their measured quality). The compact
+   * "int8" or "int4". fp8 and int8 keep one f16 scale per token and K/V head for K and one for
+   * V; int4 scales keys per channel over each 16-token page and values per token, and keeps the
+   * page being written in bf16 (native/engine/kv_format.h, docs/cache.md; docs/quality.md has
+   * their measured quality; both backends write the same codes and scales). The compact
    * types read a head in 32-bit words: bf16 needs an even head size, fp8 and int8 a multiple of
    * 4, int4 of 8 (a model with an odd head size defaults to f32). On CUDA every type needs a head
    * size of at most 128. A type the model cannot take is refused at load.
@@ -230,7 +232,8 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
     // One sequence cannot hold more than the whole pool, unless every layer reads through a
     // sliding window: then it holds its window's pages only, and only a prompt (prefilled at
     // once) must fit in the pool, which admission checks per request.
-    if (!config.plan.window.every((w) => w > 0)) maxContext = Math.min(maxContext, pages * KV_PAGE_TOKENS);
+    // (An int4 cache's sequence also holds its residual's pages.)
+    if (!config.plan.window.every((w) => w > 0)) maxContext = Math.min(maxContext, (pages - native.poolStats().residualPages) * KV_PAGE_TOKENS);
   } catch (e) {
     native.dispose();
     throw fromNative(e);

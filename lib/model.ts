@@ -182,7 +182,7 @@ export class Model implements AsyncDisposable {
   cacheStats(): CacheStats {
     // A disposed model has no pool: every count is zero.
     const p = this.engine.disposed
-      ? { pageTokens: KV_PAGE_TOKENS, pageBytes: 0, pagesTotal: 0, pagesUsed: 0, pagesFree: 0, pagesCached: 0, pagesReserved: 0, sharedRefs: 0 }
+      ? { pageTokens: KV_PAGE_TOKENS, pageBytes: 0, pagesTotal: 0, pagesUsed: 0, pagesFree: 0, pagesCached: 0, pagesReserved: 0, sharedRefs: 0, residualPages: 0 }
       : this.engine.nativeModel().poolStats();
     let kvBytes = 0;
     for (const s of this.engine.live) kvBytes += s.kvBytes;
@@ -194,6 +194,7 @@ export class Model implements AsyncDisposable {
       pagesFree: p.pagesFree,
       pagesCached: p.pagesCached,
       pagesReserved: p.pagesReserved,
+      residualPages: p.residualPages,
       capacityTokens: p.pagesTotal * p.pageTokens,
       kvBytesPerToken: this.kvBytesPerToken,
       liveSequences: this.engine.live.size,

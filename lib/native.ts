@@ -54,6 +54,11 @@ export interface NativeAppendResult {
 export interface NativeSequence {
   append(tokens: Int32Array, opts: NativeAppendOptions): Promise<NativeAppendResult>;
   truncate(n: number): void;
+  /**
+   * The largest m <= n to which truncate(m) rewinds with the K/V exact: n, unless an int4 cache
+   * would read the rows of m's page back from their codes (a rewind into a quantized page).
+   */
+  exactRewind(n: number): number;
   fork(): NativeSequence;
   dispose(): void;
   /**
@@ -93,6 +98,8 @@ export interface NativePoolStats {
   pagesReserved: number;
   /** Page references beyond the first (pages shared by forks). */
   sharedRefs: number;
+  /** Pages each sequence's residual takes (the bf16 page being written of an int4 cache); 0 for other types. */
+  residualPages: number;
 }
 
 export interface NativeModelDescription {

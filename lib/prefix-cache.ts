@@ -46,7 +46,9 @@ export class PrefixCache {
         best = i;
       }
     });
-    const reused = Math.min(bestLen, ids.length - 1);
+    // An int4 cache rewinds exactly only to the start of a page or into the page it is writing
+    // (exactRewind): the reuse stops there, so the K/V it keeps is the one a prefill computes.
+    const reused = best < 0 ? 0 : this.entries[best].exactRewind(Math.min(bestLen, ids.length - 1));
     if (best < 0 || reused < KV_PAGE_TOKENS) {
       this.counts.misses++;
       return null;

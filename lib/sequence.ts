@@ -81,6 +81,29 @@ export class Sequence implements Disposable {
     this.kvTol = Math.max(this.kvTol, prefillKvTolerance(mode, tolerance));
   }
 
+  /**
+   * @internal The largest m <= n to which truncate(m) keeps the K/V exact: n, unless an int4
+   * cache would read the rows of m's page back from their codes (NativeSequence.exactRewind).
+   */
+  exactRewind(n: number): number {
+    if (n >= this.evaluated.length) return n;
+    try {
+      return this.live().exactRewind(n);
+    } catch (e) {
+      throw fromNative(e);
+    }
+  }
+
+  /**
+   * Rewinds the engine's sequence to n tokens. A rewind into an int4 cache's quantized page
+   * reads that page's rows back from their codes (lossy once): the K/V is then no longer the
+   * sequential computation's, and is never reused.
+   */
+  private rewind(native: NativeSequence, n: number): void {
+    if (native.exactRewind(n) < n) this.kvTol = Infinity;
+    native.truncate(n);
+  }
+
   private live(): NativeSequence {
     if (!this.native || this.engine.disposed) throw new DisposedError("the sequence");
     return this.native;
@@ -205,7 +228,7 @@ export class Sequence implements Disposable {
       const inEngine = this.engineLength();
       if (inEngine !== undefined && inEngine > before.evaluated) {
         try {
-          native.truncate(before.evaluated);
+          this.rewind(native, before.evaluated);
           this.evaluated.length = before.evaluated;
           this.pending = before.pending;
         } catch {
@@ -263,7 +286,7 @@ export class Sequence implements Disposable {
     }
     if (this.pending.length === 0 && opts.maxNewTokens > 0) {
       // The last token's logits are not kept: drop its K/V and run it again, with sampling.
-      native.truncate(this.evaluated.length - 1);
+      this.rewind(native, this.evaluated.length - 1);
       this.pending = [this.evaluated.pop()!];
     }
     this.busy = true;
@@ -474,7 +497,7 @@ export class Sequence implements Disposable {
     if (n > this.length) throw new InvalidOptionError("n", `must be at most the sequence length ${this.length}, got ${n}`);
     if (n <= this.evaluated.length) {
       try {
-        native.truncate(n);
+        this.rewind(native, n);
       } catch (e) {
         throw fromNative(e);
       }

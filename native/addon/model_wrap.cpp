@@ -299,6 +299,7 @@ Napi::Value ModelWrap::PoolStats(const Napi::CallbackInfo& info) {
   o.Set("pagesCached", st.pagesCached);
   o.Set("pagesReserved", st.pagesReserved);
   o.Set("sharedRefs", (double)st.sharedRefs);
+  o.Set("residualPages", st.residualPages);
   return o;
 }
 // auditPool(): "" when every page's count matches the live page tables, else the mismatch.

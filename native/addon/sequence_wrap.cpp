@@ -118,6 +118,7 @@ void SequenceWrap::Init(Napi::Env env, AddonData* data) {
   Napi::Function f = DefineClass(env, "NativeSequence",
                                  {InstanceMethod("append", &SequenceWrap::Append),
                                   InstanceMethod("truncate", &SequenceWrap::Truncate),
+                                  InstanceMethod("exactRewind", &SequenceWrap::ExactRewind),
                                   InstanceMethod("fork", &SequenceWrap::Fork),
                                   InstanceMethod("dispose", &SequenceWrap::Dispose),
                                   InstanceMethod("reserve", &SequenceWrap::Reserve),
@@ -171,6 +172,17 @@ Napi::Value SequenceWrap::Truncate(const Napi::CallbackInfo& info) {
   });
   s->publish();
   return info.Env().Undefined();
+}
+
+// exactRewind(n): the largest m <= n to which truncate(m) rewinds with the K/V exact (less than
+// n where an int4 cache would read the rows of n's page back from their codes).
+Napi::Value SequenceWrap::ExactRewind(const Napi::CallbackInfo& info) {
+  auto s = idle(info.Env());
+  if (!info[0].IsNumber()) throwInvalid(info.Env(), "exactRewind(n) needs a number");
+  const double n = info[0].As<Napi::Number>().DoubleValue();
+  if (n != (double)(int64_t)n || n < 0 || n > s->state->length())
+    throwInvalid(info.Env(), "exactRewind(n): n must be an integer in [0, " + std::to_string(s->state->length()) + "]");
+  return Napi::Number::New(info.Env(), s->owner->model->exactRewind(*s->state, (int)n));
 }
 
 // reserve(totalTokens, extraPages = 0, decodeFrom?): promises the pages this sequence needs

@@ -29,6 +29,7 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
   Napi::Value Append(const Napi::CallbackInfo& info);
   Napi::Value Shift(const Napi::CallbackInfo& info);
   Napi::Value Truncate(const Napi::CallbackInfo& info);
+  Napi::Value ExactRewind(const Napi::CallbackInfo& info);
   Napi::Value Reserve(const Napi::CallbackInfo& info);
   Napi::Value PagesToReserve(const Napi::CallbackInfo& info);
   Napi::Value PagesToShift(const Napi::CallbackInfo& info);

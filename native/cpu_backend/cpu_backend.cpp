@@ -55,17 +55,40 @@ uint8_t* kvCodesAt(const KvView& kv, int seq, int slot, int v, int pos, const ui
 }
 
 // Head kvh's values of K (v = 0) or V at `pos`, as attention reads them: decoded into buf
-// [headDim], or for f32 read where they are.
-const float* kvHeadValues(const KvView& kv, int seq, int slot, int v, int pos, int kvh, float* buf) {
+// [headDim], or for f32 read where they are. `residual` (a channel-key type): from the bf16
+// residual, whose parts the caller has checked (kv.residualOf).
+const float* kvHeadValues(const KvView& kv, int seq, int slot, int v, int pos, int kvh, const int32_t* residual, float* buf) {
   const KvLayout& L = kv.layout;
   const int hd = L.headDim();
-  const uint32_t* scales = nullptr;
-  const uint8_t* codes = kvCodesAt(kv, seq, slot, v, pos, kvTypeScaled(L.type) ? &scales : nullptr) +
+  const uint8_t* pool = static_cast<const uint8_t*>(kv.pool->data);
+  if (residual) {
+    const uint8_t* row = pool + L.residualOffset(residual, slot, v, pos % L.pageTokens) + (int64_t)kvh * hd * 2;
+    for (int i = 0; i < hd; ++i) buf[i] = kvBf16ToF32((uint16_t)(row[2 * i] | row[2 * i + 1] << 8));
+    return buf;
+  }
+  const bool channelKeys = kvTypeChannelKeys(L.type);
+  const uint32_t* scales = nullptr;  // fp8, int8: the position's (K, V) scale words
+  const uint8_t* codes = kvCodesAt(kv, seq, slot, v, pos, kvTypeScaled(L.type) && !channelKeys ? &scales : nullptr) +
                          (int64_t)kvh * hd * kvTypeBits(L.type) / 8;
   if (L.type == KvType::F32) return reinterpret_cast<const float*>(codes);
+  if (channelKeys) {
+    const int page = kv.pageAt(seq, pos);
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(
+        pool + (v == 0 ? L.keyScaleOffset(page, slot, kvh * hd) : L.valueScaleOffset(page, slot, pos % L.pageTokens, kvh)));
+    for (int i = 0; i < hd; ++i) buf[i] = kvDecode(L.type, kvCodeAt(L.type, codes, i), kvF16ToF32(s[v == 0 ? i : 0]));
+    return buf;
+  }
   const float s = scales ? kvF16ToF32((uint16_t)(scales[kvh] >> (16 * v))) : 0.0f;
   for (int i = 0; i < hd; ++i) buf[i] = kvDecode(L.type, kvCodeAt(L.type, codes, i), s);
   return buf;
+}
+
+// The residual a query reads the keys of its last visible position's page from (kv_format.h's
+// rule), or null when it reads every page quantized (or the type has no residual). Checked.
+const int32_t* queryResidual(const KvView& kv, int seq, int last) {
+  const int P = kv.layout.pageTokens;
+  if (!kvTypeChannelKeys(kv.layout.type) || last < 0 || last % P == P - 1) return nullptr;
+  return kv.residualOf(seq, last);
 }
 
 class CpuBackend : public Backend {
@@ -210,6 +233,7 @@ class CpuBackend : public Backend {
 
   void kvWrite(const KvView& kv, int slot, const Tensor& k, const Tensor& v, int n, const int32_t* positions) override {
     const KvLayout& L = kv.layout;
+    if (kvTypeChannelKeys(L.type)) return residualWrite(kv, slot, k, v, n, positions);
     const int hd = L.headDim();
     const int64_t headBytes = (int64_t)hd * kvTypeBits(L.type) / 8;
     const bool scaled = kvTypeScaled(L.type);
@@ -226,10 +250,18 @@ class CpuBackend : public Backend {
     }
   }
 
-  // Zero codes and zero scales read back as zeros in every type.
+  // Zero codes and zero scales read back as zeros in every type; a channel-key type's rows are
+  // zeroed in the residual.
   void kvZero(const KvView& kv, int seq, int slot, int start, int n) override {
     const KvLayout& L = kv.layout;
+    uint8_t* pool = static_cast<uint8_t*>(kv.pool->data);
     for (int p = start; p < start + n; ++p) {
+      if (kvTypeChannelKeys(L.type)) {
+        kvCodesAt(kv, seq, slot, 0, p);  // checks the slot and the page
+        const int32_t* parts = kv.residualOf(seq, p);
+        for (int v = 0; v < 2; ++v) std::memset(pool + L.residualOffset(parts, slot, v, p % L.pageTokens), 0, (size_t)L.kvDim * 2);
+        continue;
+      }
       const uint32_t* scaleWords = nullptr;
       for (int v = 0; v < 2; ++v)
         std::memset(kvCodesAt(kv, seq, slot, v, p, kvTypeScaled(L.type) ? &scaleWords : nullptr), 0, (size_t)L.rowBytes());
@@ -242,9 +274,16 @@ class CpuBackend : public Backend {
     const size_t d = (size_t)L.kvDim;
     if (slot < 0 || slot >= L.slots) throw EngineError(kErrInvalidArgument, "K/V slot out of range");
     host.resize(2 * (size_t)n * d);
+    const uint8_t* pool = static_cast<const uint8_t*>(kv.pool->data);
     for (int p = start; p < start + n; ++p) {
-      const uint8_t* slotBlock = static_cast<const uint8_t*>(kv.pool->data) + L.codeOffset(kv.pageAt(seq, p), slot, 0, 0);
-      for (int v = 0; v < 2; ++v) kvDecodeRow(L, slotBlock, v, p % L.pageTokens, &host[((size_t)v * n + (size_t)(p - start)) * d]);
+      for (int v = 0; v < 2; ++v) {
+        float* out = &host[((size_t)v * n + (size_t)(p - start)) * d];
+        if (kv.inResidual(seq, p)) {
+          kvDecodeResidualRow(L, pool, kv.residualOf(seq, p), slot, v, p % L.pageTokens, out);
+        } else {
+          kvDecodeRow(L, pool + L.codeOffset(kv.pageAt(seq, p), slot, 0, 0), v, p % L.pageTokens, out);
+        }
+      }
     }
   }
 
@@ -252,11 +291,15 @@ class CpuBackend : public Backend {
                  Tensor& out) override {
     const int group = sp.numHeads / sp.numKvHeads;
     const int hd = sp.headDim;
-    // Check every page a query reads before the parallel region (which must not throw).
+    // Check every page a query reads before the parallel region (which must not throw), and
+    // note the residual each reads its last page from (channel-key types).
+    const int P = kv.layout.pageTokens;
+    std::vector<const int32_t*> residual((size_t)n);
     for (int r = 0; r < n; ++r) {
       const int first = sp.window > 0 ? std::max(0, positions[r] - sp.window + 1) : 0;
-      for (int j = first; j <= positions[r]; j += kv.layout.pageTokens) kvCodesAt(kv, kv.rowSeq[r], slot, 0, j);
+      for (int j = first; j <= positions[r]; j += P) kvCodesAt(kv, kv.rowSeq[r], slot, 0, j);
       kvCodesAt(kv, kv.rowSeq[r], slot, 0, positions[r]);
+      residual[(size_t)r] = queryResidual(kv, kv.rowSeq[r], sp.strict ? positions[r] - 1 : positions[r]);
     }
     pool_.parallelFor((int64_t)n * sp.numHeads, [&](int64_t b, int64_t e) {
       std::vector<float> score, row((size_t)hd);
@@ -275,7 +318,7 @@ class CpuBackend : public Backend {
         score.resize((size_t)(last - first + 1));
         float mx = -INFINITY;
         for (int j = first; j <= last; ++j) {
-          const float* kr = kvHeadValues(kv, seq, slot, 0, j, kvh, row.data());
+          const float* kr = kvHeadValues(kv, seq, slot, 0, j, kvh, j / P == last / P ? residual[(size_t)r] : nullptr, row.data());
           float d = 0;
           for (int t = 0; t < hd; ++t) d += qv[t] * kr[t];
           d *= sp.scale;
@@ -288,7 +331,7 @@ class CpuBackend : public Backend {
         for (int t = 0; t < hd; ++t) o[t] = 0;
         for (int j = first; j <= last; ++j) {
           const float w = score[(size_t)(j - first)] * inv;
-          const float* vv = kvHeadValues(kv, seq, slot, 1, j, kvh, row.data());
+          const float* vv = kvHeadValues(kv, seq, slot, 1, j, kvh, j / P == last / P ? residual[(size_t)r] : nullptr, row.data());
           for (int t = 0; t < hd; ++t) o[t] += w * vv[t];
         }
       }
@@ -321,6 +364,40 @@ class CpuBackend : public Backend {
 
 
  private:
+  // kvWrite for a channel-key type: each row into the residual in bf16; then each page whose
+  // last row was written is quantized from the residual (kvQuantizePage).
+  void residualWrite(const KvView& kv, int slot, const Tensor& k, const Tensor& v, int n, const int32_t* positions) {
+    const KvLayout& L = kv.layout;
+    const int P = L.pageTokens, D = L.kvDim;
+    uint8_t* pool = static_cast<uint8_t*>(kv.pool->data);
+    for (int r = 0; r < n; ++r) {
+      kvCodesAt(kv, kv.rowSeq[r], slot, 0, positions[r]);  // checks the slot and the page
+      kv.residualOf(kv.rowSeq[r], positions[r]);
+    }
+    for (int r = 0; r < n; ++r) {
+      const int32_t* parts = kv.residualOf(kv.rowSeq[r], positions[r]);
+      for (int which = 0; which < 2; ++which) {
+        const float* x = F(which ? v : k) + (int64_t)r * D;
+        uint8_t* row = pool + L.residualOffset(parts, slot, which, positions[r] % P);
+        for (int i = 0; i < D; ++i) {
+          const uint16_t b = kvF32ToBf16(x[i]);
+          row[2 * i] = (uint8_t)b, row[2 * i + 1] = (uint8_t)(b >> 8);
+        }
+      }
+    }
+    std::vector<uint16_t> kRows((size_t)P * D), vRows((size_t)P * D);
+    for (int r = 0; r < n; ++r) {
+      if (positions[r] % P != P - 1) continue;
+      const int seq = kv.rowSeq[r];
+      const int32_t* parts = kv.residualOf(seq, positions[r]);
+      for (int t = 0; t < P; ++t) {
+        std::memcpy(&kRows[(size_t)t * D], pool + L.residualOffset(parts, slot, 0, t), (size_t)D * 2);
+        std::memcpy(&vRows[(size_t)t * D], pool + L.residualOffset(parts, slot, 1, t), (size_t)D * 2);
+      }
+      kvQuantizePage(L, kRows.data(), vRows.data(), pool + L.codeOffset(kv.pageAt(seq, positions[r]), slot, 0, 0));
+    }
+  }
+
   ThreadPool pool_;
   DType weights_;
   bool keepCheckpointDtype_;

@@ -323,11 +323,26 @@ bool CudaBackend::beginStepCapture(uint64_t key, const StepInputs& in) {
   return true;
 }
 
-cuda::PagedKv CudaBackend::paged(const KvView& kv, int slot, int n, const int32_t* positions) {
+// log2 of a power of two.
+static int log2Exact(int x) {
+  int shift = 0;
+  while ((1 << shift) < x) ++shift;
+  return shift;
+}
+
+cuda::PagedKv CudaBackend::paged(const KvView& kv, int slot, int n, const int32_t* positions, const AttentionSpec* reads) {
   for (int r = 0; r < n; ++r) kv.pageAt(kv.rowSeq[r], positions[r]);
   if (slot < 0 || slot >= kv.layout.slots) throw EngineError(kErrInvalidArgument, "K/V slot out of range");
-  int shift = 0;
-  while ((1 << shift) < kv.layout.pageTokens) ++shift;
+  const bool channelKeys = kvTypeChannelKeys(kv.layout.type);
+  if (channelKeys) {
+    const int P = kv.layout.pageTokens;
+    for (int r = 0; r < n; ++r) {
+      const int at = reads && reads->strict ? positions[r] - 1 : positions[r];
+      if (!reads || (at >= 0 && at % P != P - 1)) kv.residualOf(kv.rowSeq[r], at);
+    }
+    if (!kv.residuals) throw EngineError(kErrInvalidArgument, "K/V access without the sequences' residuals");
+  }
+  const int shift = log2Exact(kv.layout.pageTokens);
   cuda::PagedKv p;
   p.pool = (uint8_t*)kv.pool->data;
   p.tables = stage(Staging::PageTables, kv.tables, kv.numSeqs * kv.stride);
@@ -340,6 +355,8 @@ cuda::PagedKv CudaBackend::paged(const KvView& kv, int slot, int n, const int32_
   p.kvDim = kv.layout.kvDim;
   p.kvHeads = kv.layout.kvHeads;
   p.type = (int)kv.layout.type;
+  p.residuals = channelKeys ? stage(Staging::Residuals, kv.residuals, kv.numSeqs * kv.layout.residualParts()) : nullptr;
+  p.residualShift = channelKeys ? log2Exact(kv.layout.residualTokensPerPart()) : 0;
   return p;
 }
 
@@ -356,6 +373,22 @@ void CudaBackend::kvZero(const KvView& kv, int seq, int slot, int start, int n) 
   Timed timed(*this, "kv_zero");
   uint8_t* pool = (uint8_t*)kv.pool->data;
   const KvLayout& L = kv.layout;
+  if (slot < 0 || slot >= L.slots) throw EngineError(kErrInvalidArgument, "K/V slot out of range");
+  if (kvTypeChannelKeys(L.type)) {
+    // The rows are zeroed in the residual, which must hold their page (checked for every row
+    // before any is zeroed); its bf16 zeros read back as zeros.
+    std::vector<const int32_t*> parts((size_t)n);
+    for (int p = start; p < start + n; ++p) {
+      kv.pageAt(seq, p);
+      parts[(size_t)(p - start)] = kv.residualOf(seq, p);
+    }
+    for (int p = start; p < start + n; ++p)
+      for (int v = 0; v < 2; ++v)
+        cudaOk(cudaMemsetAsync(pool + L.residualOffset(parts[(size_t)(p - start)], slot, v, p % L.pageTokens), 0,
+                               (size_t)L.kvDim * 2, stream_),
+               "kvZero");
+    return;
+  }
   // Zero codes and zero scales read back as zeros in every type; a run's rows and scale words
   // are contiguous within its page.
   forEachPageRun(kv, seq, start, n, [&](int32_t page, int p, int len) {
@@ -373,29 +406,53 @@ void CudaBackend::kvRead(const KvView& kv, int seq, int slot, int start, int n, 
   const uint8_t* pool = (const uint8_t*)kv.pool->data;
   const KvLayout& L = kv.layout;
   const size_t d = (size_t)L.kvDim;
+  if (slot < 0 || slot >= L.slots) throw EngineError(kErrInvalidArgument, "K/V slot out of range");
   host.resize(2 * (size_t)n * d);
   // The slot's bytes of each page the range touches, then decoded here as the CPU backend does.
+  // A channel-key type's page that the residual holds is read from the residual (kvRead's
+  // rule): each part's slot block goes to the host at the place it would have in a pool of the
+  // residual's parts alone (parts 0 .. R - 1), where kvDecodeResidualRow reads it.
+  const int R = L.residualParts();
+  std::vector<int32_t> localParts((size_t)R);
+  for (int j = 0; j < R; ++j) localParts[(size_t)j] = j;
+  const int64_t partSlotBytes = 2 * (int64_t)L.residualTokensPerPart() * L.kvDim * 2;
   struct Run {
     int p, len;
     size_t at;
+    const int32_t* residual;  // the residual's parts when the run's page is read from it
   };
   std::vector<Run> runs;
-  std::vector<uint8_t> blocks;
+  size_t bytes = 0;
   forEachPageRun(kv, seq, start, n, [&](int32_t page, int p, int len) {
-    runs.push_back({p, len, blocks.size()});
-    blocks.resize(blocks.size() + (size_t)L.slotBytes());
+    const int32_t* residual = kv.inResidual(seq, p) ? kv.residualOf(seq, p) : nullptr;
+    runs.push_back({p, len, bytes, residual});
+    bytes += residual ? (size_t)R * (size_t)L.pageBytes() : (size_t)L.slotBytes();
   });
+  std::vector<uint8_t> blocks(bytes);
   size_t i = 0;
   forEachPageRun(kv, seq, start, n, [&](int32_t page, int p, int len) {
-    cudaOk(cudaMemcpyAsync(blocks.data() + runs[i++].at, pool + L.codeOffset(page, slot, 0, 0), (size_t)L.slotBytes(),
+    const Run& r = runs[i++];
+    if (r.residual) {
+      for (int j = 0; j < R; ++j)
+        cudaOk(cudaMemcpyAsync(blocks.data() + r.at + (size_t)L.codeOffset(j, slot, 0, 0),
+                               pool + L.codeOffset(r.residual[j], slot, 0, 0), (size_t)partSlotBytes, cudaMemcpyDeviceToHost,
+                               stream_),
+               "kvRead");
+      return;
+    }
+    cudaOk(cudaMemcpyAsync(blocks.data() + r.at, pool + L.codeOffset(page, slot, 0, 0), (size_t)L.slotBytes(),
                            cudaMemcpyDeviceToHost, stream_),
            "kvRead");
   });
   cudaOk(cudaStreamSynchronize(stream_), "kvRead sync");
   for (const Run& r : runs)
     for (int v = 0; v < 2; ++v)
-      for (int t = 0; t < r.len; ++t)
-        kvDecodeRow(L, blocks.data() + r.at, v, (r.p + t) % L.pageTokens, host.data() + ((size_t)v * n + (size_t)(r.p + t - start)) * d);
+      for (int t = 0; t < r.len; ++t) {
+        float* out = host.data() + ((size_t)v * n + (size_t)(r.p + t - start)) * d;
+        const int off = (r.p + t) % L.pageTokens;
+        if (r.residual) kvDecodeResidualRow(L, blocks.data() + r.at, localParts.data(), slot, v, off, out);
+        else kvDecodeRow(L, blocks.data() + r.at, v, off, out);
+      }
 }
 
 std::string CudaBackend::attentionProblem(const AttentionSpec& spec, KvType kvType) const {
@@ -406,11 +463,12 @@ void CudaBackend::attention(const Tensor& q, int n, const int32_t* positions, co
                             const AttentionSpec& sp, Tensor& out) {
   ctx();
   Timed timed(*this, "attention");
-  const cuda::PagedKv p = paged(kv, slot, n, positions);
+  const cuda::PagedKv p = paged(kv, slot, n, positions, &sp);
   const int32_t* dPos = stage(Staging::Positions, positions, n);
   // Each part of the rows takes its own kernel (cuda::attentionParts): a prompt's chunk the
-  // prefill kernel, the rows of one per sequence the split-K decode kernel.
-  const std::vector<cuda::AttentionPart> parts = cuda::attentionParts(kv.rowSeq, n);
+  // prefill kernel, the rows of one per sequence the split-K decode kernel (an int4 cache's rows
+  // all one decode part, which its two decode launches need a workspace for).
+  const std::vector<cuda::AttentionPart> parts = cuda::attentionParts(kv.rowSeq, n, p.type);
   // A decode part's split-K plan follows the longest visible range of its rows, taken at the
   // end of the furthest query's context bucket (kStepContextBucket positions; at most the
   // window): every step of a bucket gets the same plan, so a replayed recording (Model::

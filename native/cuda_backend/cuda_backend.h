@@ -106,8 +106,11 @@ class CudaBackend : public Backend {
   // replayStep(), with the token ids taken from a queued choice's slot when slot >= 0.
   bool replay(uint64_t key, const StepInputs& in, int slot, Tensor& logits);
   // The page tables and row-to-sequence map on the device, checked on the host: the pages
-  // of each row's position must exist (tables have no holes, so the last page is enough).
-  cuda::PagedKv paged(const KvView& kv, int slot, int n, const int32_t* positions);
+  // of each row's position must exist (tables have no holes, so the last page is enough). A
+  // channel-key type's residuals go with them, checked by kv_format.h's rule as the CPU backend
+  // checks it: for a write (reads null), each row's residual must hold the page of its position;
+  // for an attention of `reads`, the page of its last visible key unless that page is complete.
+  cuda::PagedKv paged(const KvView& kv, int slot, int n, const int32_t* positions, const AttentionSpec* reads = nullptr);
 
   // Device memory for an op; while a step is recorded, the recording keeps it.
   std::shared_ptr<void> block(size_t bytes);

@@ -52,8 +52,9 @@ enum class Staging {
   PageTables,       // the K/V page tables of the op's sequences (KvView::tables)
   RowToSequence,    // for each row, its sequence's row in the page tables (KvView::rowSeq)
   LogitAdjustments,  // one row's presence/frequency penalties and logit bias (sampling; floats as bits)
+  Residuals,        // a channel-key K/V type's residual parts of the op's sequences (KvView::residuals)
 };
-constexpr int kStagingBuffers = 6;
+constexpr int kStagingBuffers = 7;
 
 class StagingBuffers {
  public:

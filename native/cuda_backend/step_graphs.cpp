@@ -16,6 +16,7 @@ const int32_t* StepGraph::recordedInput(Staging which, const int32_t* host, int 
     case Staging::Positions: off = (size_t)n; len = (size_t)n; break;
     case Staging::PageTables: off = 2 * (size_t)n; len = (size_t)tableInts; break;
     case Staging::RowToSequence: off = 2 * (size_t)n + (size_t)tableInts; len = (size_t)n; break;
+    case Staging::Residuals: off = 3 * (size_t)n + (size_t)tableInts; len = (size_t)residualInts; break;
     default: break;
   }
   if (len == 0 || (size_t)count != len || std::memcmp(host, hostInputs.data() + off, sizeof(int32_t) * len) != 0)
@@ -51,6 +52,7 @@ void StepGraphs::uploadInputs(StepGraph& g, const Backend::StepInputs& in, cudaS
   std::memcpy(h + in.n, in.positions, sizeof(int32_t) * (size_t)in.n);
   std::memcpy(h + 2 * in.n, in.tables, sizeof(int32_t) * (size_t)in.tableInts);
   std::memcpy(h + 2 * in.n + in.tableInts, in.rowSeq, sizeof(int32_t) * (size_t)in.n);
+  if (in.residualInts > 0) std::memcpy(h + 3 * in.n + in.tableInts, in.residuals, sizeof(int32_t) * (size_t)in.residualInts);
   cudaOk(cudaMemcpyAsync(g.inputs.get(), h, sizeof(int32_t) * ints, cudaMemcpyHostToDevice, stream), "step inputs");
   if (!inputsCopied_) cudaOk(cudaEventCreateWithFlags(&inputsCopied_, cudaEventDisableTiming), "cudaEventCreate");
   cudaOk(cudaEventRecord(inputsCopied_, stream), "cudaEventRecord");
@@ -70,6 +72,7 @@ void StepGraphs::begin(uint64_t key, const Backend::StepInputs& in, cudaStream_t
   auto g = std::make_unique<StepGraph>();
   g->n = in.n;
   g->tableInts = in.tableInts;
+  g->residualInts = in.residualInts;
   g->inputs = deviceAlloc(sizeof(int32_t) * g->inputInts());
   uploadInputs(*g, in, stream);  // before the recording starts: this copy runs now
   g->hostInputs.assign(pinnedInputs_, pinnedInputs_ + g->inputInts());

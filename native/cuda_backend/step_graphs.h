@@ -19,11 +19,12 @@
 namespace lckv {
 
 // One recorded decode step. Its inputs live in its own device buffer, packed as token ids |
-// positions | page tables | row-to-sequence map; every block its ops use is held here, so
+// positions | page tables | row-to-sequence map | residual parts (a channel-key K/V type's;
+// none for the other types); every block its ops use is held here, so
 // the addresses the recording baked in stay valid (and unshared) while it lives.
 struct StepGraph {
   cudaGraphExec_t exec = nullptr;
-  int n = 0, tableInts = 0;
+  int n = 0, tableInts = 0, residualInts = 0;
   std::shared_ptr<void> inputs;
   std::vector<int32_t> hostInputs;  // what the recording was given, to match the ops' host arrays
   std::vector<std::shared_ptr<void>> holds;
@@ -31,7 +32,7 @@ struct StepGraph {
   int64_t attentionWorkspaceFloats = 0;
   Tensor logits;
   uint64_t lastUse = 0;
-  size_t inputInts() const { return 3 * (size_t)n + (size_t)tableInts; }
+  size_t inputInts() const { return 3 * (size_t)n + (size_t)tableInts + (size_t)residualInts; }
   // While recording, a staged array must be one of the step's inputs: the recorded op then
   // reads it from the recording's input buffer, which each replay refills.
   const int32_t* recordedInput(Staging which, const int32_t* host, int count) const;
@@ -59,7 +60,7 @@ class StepGraphs {
     auto it = graphs_.find(key);
     if (it == graphs_.end()) return nullptr;
     StepGraph& g = *it->second;
-    if (g.n != in.n || g.tableInts != in.tableInts) return nullptr;
+    if (g.n != in.n || g.tableInts != in.tableInts || g.residualInts != in.residualInts) return nullptr;
     return &g;
   }
   // Runs g with these inputs; given a slot of queued choices, with the token ids of that slot

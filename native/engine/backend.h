@@ -33,6 +33,14 @@ struct Tensor {
   int64_t numel() const { return rows * cols; }
 };
 
+// Rows [first, first + count) of t, as a tensor of its own (the same storage).
+inline Tensor tensorRows(const Tensor& t, int64_t first, int64_t count) {
+  Tensor r = t;
+  r.data = static_cast<uint8_t*>(t.data) + (size_t)(first * t.cols) * dtypeSize(t.dtype);
+  r.rows = count;
+  return r;
+}
+
 // The K/V pages one op reads or writes: the pool, and the page tables of the sequences whose
 // rows the op handles. Positions are absolute token positions of each sequence.
 struct KvView {
@@ -41,6 +49,11 @@ struct KvView {
   const int32_t* tables = nullptr;  // host: numSeqs rows of `stride` page ids
   int stride = 0, numSeqs = 0;
   const int32_t* rowSeq = nullptr;  // host: for each row of the op, its row in `tables`
+  // Channel-key types (kvTypeChannelKeys, kv_format.h): each sequence's residual, the bf16 page
+  // being written. residuals: numSeqs rows of layout.residualParts() pool pages; residualPage:
+  // per sequence, the page index (position / pageTokens) whose rows the residual holds (-1: none).
+  const int32_t* residuals = nullptr;
+  const int32_t* residualPage = nullptr;
   // Page of `pos` in the sequence of table row `seq` (-1: not allocated).
   int32_t page(int seq, int pos) const {
     const int i = pos / layout.pageTokens;
@@ -52,6 +65,23 @@ struct KvView {
     if (p < 0 || p >= pool->rows)
       throw EngineError(kErrInvalidArgument, "K/V access outside the sequence's pages (position " + std::to_string(pos) + ")");
     return p;
+  }
+  // The residual's parts of table row `seq`, checked to hold the page of position `pos`: throws
+  // when it holds another page (a write or read that the rule of kv_format.h does not allow).
+  const int32_t* residualOf(int seq, int pos) const {
+    const int R = layout.residualParts();
+    if (!residuals || !residualPage || seq < 0 || seq >= numSeqs || pos < 0 || residualPage[seq] != pos / layout.pageTokens)
+      throw EngineError(kErrInvalidArgument, "K/V access outside the sequence's residual page (position " + std::to_string(pos) + ")");
+    const int32_t* parts = residuals + (int64_t)seq * R;
+    for (int i = 0; i < R; ++i)
+      if (parts[i] < 0 || parts[i] >= pool->rows) throw EngineError(kErrInvalidArgument, "a K/V residual part outside the pool");
+    return parts;
+  }
+  // Whether position `pos` of table row `seq` is read from the residual (kvRead's rule): its
+  // page is the residual's.
+  bool inResidual(int seq, int pos) const {
+    return kvTypeChannelKeys(layout.type) && residualPage && seq >= 0 && seq < numSeqs && pos >= 0 &&
+           residualPage[seq] == pos / layout.pageTokens;
   }
 };
 
@@ -147,6 +177,8 @@ class Backend : public StepExecution {
                     const std::vector<float>& invFreq, float attentionScale) = 0;
   // Writes K and V rows r at positions[r] into `slot` of the pages of sequence kv.rowSeq[r],
   // quantized to the layout's K/V type by kv_format.h's rule (every backend writes the same bytes).
+  // Channel-key types: rows go to the residual, which must hold their page, and writing a page's
+  // last row quantizes the page from it; a call's rows of one sequence lie in one page.
   virtual void kvWrite(const KvView& kv, int slot, const Tensor& k, const Tensor& v, int n, const int32_t* positions) = 0;
   // rope() of q, and for a layer that owns K/V (k given): rope() of k, then kvWrite() of k and v.
   // A GPU does it in one pass. k's contents afterwards are unspecified.
@@ -158,15 +190,18 @@ class Backend : public StepExecution {
     rope(*k, n, numKvHeads, headDim, positions, invFreq, attentionScale);
     kvWrite(*kv, slot, *k, *v, n, positions);
   }
-  // Zeroes `slot`'s K and V at positions [start, start+n) of table row `seq`.
+  // Zeroes `slot`'s K and V at positions [start, start+n) of table row `seq` (for a channel-key
+  // type, in the residual, which must hold their page).
   virtual void kvZero(const KvView& kv, int seq, int slot, int start, int n) = 0;
   // Copies `slot`'s K then V at positions [start, start+n) of table row `seq` to host memory
-  // (the fixed-point check, context shift): 2 * n * kvDim floats, as attention reads them.
+  // (the fixed-point check, context shift): 2 * n * kvDim floats, as attention reads them (for a
+  // channel-key type, the residual's page from the residual, the others from their codes).
   virtual void kvRead(const KvView& kv, int seq, int slot, int start, int n, std::vector<float>& host) = 0;
   // out[n, numHeads*headDim]: query r at positions[r] attends to `slot` of sequence
   // kv.rowSeq[r], keys 0..positions[r] under spec's diagonal and window rules. The op just
   // before may write K/V only at the rows' own positions (as kvWrite and ropeKvWrite of the
   // same rows do): a GPU backend reads the keys before positions[r] - (n - 1) while it runs.
+  // Channel-key types: kv_format.h's rule decides which keys come from the residual.
   virtual void attention(const Tensor& q, int n, const int32_t* positions, const KvView& kv, int slot,
                          const AttentionSpec& spec, Tensor& out) = 0;
   // Why this backend's kernels cannot write a K/V cache of kvType and attend over it with heads

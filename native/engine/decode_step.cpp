@@ -70,7 +70,9 @@ void Model::queueStepAhead(Scratch& s, const std::vector<SequenceState*>& seqs, 
       ahead_.versions[(size_t)r] = seqs[(size_t)r]->version;
     }
     Backend& be = *backend_;
-    const Backend::StepInputs in{nullptr, next.data(), n, s.tables.data(), (int)s.tables.size(), s.rowSeq.data()};
+    // The residuals too are this step's: a step run ahead stays in the page its residual holds.
+    const Backend::StepInputs in{nullptr, next.data(), n, s.tables.data(), (int)s.tables.size(), s.rowSeq.data(),
+                                 s.residuals.data(), (int)s.residuals.size()};
     Tensor lg;
     // Only a recorded step runs ahead: it writes nothing but its own buffers and the K/V of each
     // sequence's next position, past its length until the next call appends it.
@@ -157,8 +159,11 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
   try {
     for (int i = 0; i < numSeqs; ++i)  // the commit below cannot fail halfway
       seqs[(size_t)i]->tokens.reserve(seqs[(size_t)i]->tokens.size() + (size_t)rows[(size_t)i]);
-    for (int i = 0; i < numSeqs; ++i)  // changes nothing for a step queued ahead
-      seqs[(size_t)i]->kv->prepareWrite(seqs[(size_t)i]->length(), rows[(size_t)i]);
+    for (int i = 0; i < numSeqs; ++i) {
+      SequenceState& q = *seqs[(size_t)i];
+      q.kv->prepareWrite(q.length(), rows[(size_t)i]);  // changes nothing for a step queued ahead
+      moveResidual(q, q.length());  // nor does this (writableInPlace checked it)
+    }
     Scratch s;
     viewPages(s, seqs, rowSeq, true);
     if (queuedAhead) {
@@ -167,7 +172,8 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
       int maxPos = 0;
       for (int p : pos) maxPos = std::max(maxPos, p);
       const uint64_t key = stepKey(n, sampled, s.kv.stride, maxPos);
-      const Backend::StepInputs in{tokens.data(), pos.data(), n, s.tables.data(), (int)s.tables.size(), rowSeq.data()};
+      const Backend::StepInputs in{tokens.data(), pos.data(), n, s.tables.data(), (int)s.tables.size(), rowSeq.data(),
+                                   s.residuals.data(), (int)s.residuals.size()};
       Tensor lg;
       if (!(recordable && be.replayStep(key, in, lg))) {
         auto forward = [&] {

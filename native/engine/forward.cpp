@@ -24,6 +24,17 @@ void Model::viewPages(Scratch& s, const std::vector<SequenceState*>& seqs, const
   s.kv.stride = (int)stride;
   s.kv.numSeqs = (int)seqs.size();
   s.kv.rowSeq = s.rowSeq.data();
+  // A channel-key type's residuals (a sequence that has not written yet has none: -1 parts).
+  const int R = pool_->layout().residualParts();
+  s.residuals.assign(seqs.size() * (size_t)R, -1);
+  s.residualPage.assign(seqs.size(), -1);
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const std::vector<int32_t>& parts = seqs[i]->kv->residual();
+    std::copy(parts.begin(), parts.end(), s.residuals.begin() + (int64_t)(i * R));
+    s.residualPage[i] = seqs[i]->kv->residualPage();
+  }
+  s.kv.residuals = s.residuals.data();
+  s.kv.residualPage = s.residualPage.data();
 }
 
 void Model::runLayer(Scratch& s, int n, const int32_t* pos, int i) {

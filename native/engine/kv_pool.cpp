@@ -28,6 +28,9 @@ KvPool::KvPool(Backend& backend, const KvLayout& layout, int numPages) : backend
                                                std::to_string(layout.kvHeads) + ")");
   const std::string headDimProblem = kvHeadDimProblem(layout.type, layout.headDim());
   if (!headDimProblem.empty()) throw EngineError(kErrInvalidArgument, "the K/V cache type " + headDimProblem);
+  if (kvTypeChannelKeys(layout.type) && layout.residualParts() == 0)
+    throw EngineError(kErrInvalidArgument, std::string("the K/V cache type ") + kvTypeName(layout.type) + " needs pages of at least 4 tokens, not " +
+                                               std::to_string(layout.pageTokens));
   storage_ = backend.alloc(numPages, layout.pageBytes() / 4);  // pageBytes is a multiple of 16
   refs_.assign((size_t)numPages, 0);
   cachedRefs_.assign((size_t)numPages, 0);
@@ -73,6 +76,7 @@ KvPoolStats KvPool::stats() const {
   s.pagesUsed = s.pagesTotal - s.pagesFree;
   s.pagesReserved = reservedTotal_;
   s.pageBytes = layout_.pageBytes();
+  s.residualPages = layout_.residualParts();
   for (size_t p = 0; p < refs_.size(); ++p) {
     if (refs_[p] > 0 && cachedRefs_[p] == refs_[p]) ++s.pagesCached;
     if (refs_[p] > 1) s.sharedRefs += refs_[p] - 1;
@@ -86,7 +90,9 @@ std::string KvPool::audit() const {
   int reserved = 0;
   for (const KvPages* h : holders_) {
     reserved += h->reserved_;
-    for (int32_t p : h->table_) {
+    std::vector<int32_t> held = h->table_;
+    held.insert(held.end(), h->residual_.begin(), h->residual_.end());
+    for (int32_t p : held) {
       if (p == -1) continue;  // released by a sliding window
       if (p < 0 || (size_t)p >= refs.size()) return "a page table holds page " + std::to_string(p) + ", outside the pool";
       ++refs[(size_t)p];
@@ -129,6 +135,7 @@ void KvPages::holdLocked(int32_t page) {
 KvPages::~KvPages() {
   std::lock_guard<std::mutex> lk(pool_->mu_);
   for (int32_t p : table_) dropLocked(p);
+  for (int32_t p : residual_) dropLocked(p);
   pool_->reservedTotal_ -= reserved_;
   pool_->holders_.erase(this);
 }
@@ -138,7 +145,10 @@ std::unique_ptr<KvPages> KvPages::share() const {
   std::lock_guard<std::mutex> lk(pool_->mu_);
   for (int32_t p : table_)
     if (p >= 0) ++pool_->refs_[(size_t)p];
+  for (int32_t p : residual_) ++pool_->refs_[(size_t)p];
   out->table_ = table_;
+  out->residual_ = residual_;
+  out->residualPage_ = residualPage_;
   out->dropped_ = dropped_;
   return out;
 }
@@ -151,6 +161,29 @@ void KvPages::keep(int n) {
     table_.pop_back();
   }
   dropped_ = std::min(dropped_, (int)table_.size());
+  if (pages == 0) {  // an empty sequence needs no residual until it writes again
+    for (int32_t p : residual_) dropLocked(p);
+    residual_.clear();
+    residualPage_ = -1;
+  }
+}
+
+bool KvPages::residualStale(int start) const {
+  const int P = pool_->layout_.pageTokens;
+  return kvTypeChannelKeys(pool_->layout_.type) && start % P != 0 && residualPage_ != start / P;
+}
+
+int KvPages::exactRewind(int n) const {
+  const int P = pool_->layout_.pageTokens;
+  return residualStale(n) ? n / P * P : n;
+}
+
+bool KvPages::residualMissingLocked() const { return pool_->layout_.residualParts() > 0 && residual_.empty(); }
+
+bool KvPages::residualSharedLocked() const {
+  for (int32_t p : residual_)
+    if (pool_->refs_[(size_t)p] > 1) return true;
+  return false;
 }
 
 void KvPages::erasePages(int first, int count) {
@@ -164,6 +197,9 @@ void KvPages::eraseLocked(int first, int count) {
   for (int i = first; i < first + count; ++i) dropLocked(table_[(size_t)i]);
   table_.erase(table_.begin() + first, table_.begin() + first + count);
   dropped_ -= std::max(0, std::min(dropped_, first + count) - first);  // released entries among the erased
+  // The residual's page moves down with the later pages; one among the erased holds nothing.
+  if (residualPage_ >= first + count) residualPage_ -= count;
+  else if (residualPage_ >= first) residualPage_ = -1;
 }
 
 void KvPages::shiftCountsLocked(int first, int count, int length, std::vector<int>& shared, int& freed) const {
@@ -195,7 +231,9 @@ void KvPages::shiftPages(int first, int count, int length) {
   std::vector<int> shared;
   int freed = 0;
   shiftCountsLocked(first, count, length, shared, freed);
-  const int need = (int)shared.size();
+  // The moved keys are rewritten through the residual (a channel-key type): it is copied too.
+  const bool residualCopy = residualSharedLocked();
+  const int need = (int)shared.size() + (residualCopy ? (int)residual_.size() : 0);
   const int available = pool.available(reserved_) + freed;
   if (need > available) throw poolFull(need, available, pool.layout_);
   // The release's pages and the unreserved free ones first; the reservation covers the rest.
@@ -205,7 +243,7 @@ void KvPages::shiftPages(int first, int count, int length) {
   const int fromReservation = std::min(reserved_, std::max(0, need - std::max(0, unreserved)));
   // Allocations first, so nothing below can throw once pages and counts start to move.
   std::vector<std::pair<int32_t, int32_t>> copy;  // (from, to)
-  copy.reserve(shared.size());
+  copy.reserve((size_t)need);
   std::vector<int32_t> fresh;
   fresh.reserve((size_t)need);
   eraseLocked(first, count);
@@ -219,6 +257,13 @@ void KvPages::shiftPages(int first, int count, int length) {
     holdLocked(fresh[c]);
     table_[i] = fresh[c];
   }
+  if (residualCopy)
+    for (size_t c = 0; c < residual_.size(); ++c) {
+      const int32_t now = fresh[shared.size() + c];
+      copy.emplace_back(residual_[c], now);
+      holdLocked(now);
+      residual_[c] = now;
+    }
   lk.unlock();
   const std::exception_ptr failure = pool.copyPages(copy);
   std::lock_guard<std::mutex> relock(pool.mu_);
@@ -237,6 +282,7 @@ bool KvPages::writableInPlace(int pos) const {
   const int i = pos / pool_->layout_.pageTokens;
   if (pos < 0 || i >= (int)table_.size() || table_[(size_t)i] < 0) return false;
   std::lock_guard<std::mutex> lk(pool_->mu_);
+  if (pool_->layout_.residualParts() > 0 && (residual_.empty() || residualSharedLocked() || residualPage_ != i)) return false;
   return pool_->refs_[(size_t)table_[(size_t)i]] == 1;
 }
 
@@ -266,7 +312,7 @@ int KvPages::pagesToGrow(int length, int total) const {
   if (total <= length) return 0;
   const int P = pool_->layout_.pageTokens;
   std::lock_guard<std::mutex> lk(pool_->mu_);
-  int need = 0;
+  int need = residualMissingLocked() || residualSharedLocked() ? pool_->layout_.residualParts() : 0;
   for (int i = length / P; i < pagesFor(total, P); ++i) {
     if ((size_t)i >= table_.size()) ++need;
     else if (table_[(size_t)i] < 0) ++need;  // released by a sliding window (prepareWrite refuses it)
@@ -279,6 +325,8 @@ int KvPages::ownPagesLocked() const {
   int own = 0;
   for (int32_t p : table_)
     if (p >= 0 && pool_->refs_[(size_t)p] == 1) ++own;
+  for (int32_t p : residual_)
+    if (pool_->refs_[(size_t)p] == 1) ++own;
   return own;
 }
 
@@ -309,6 +357,7 @@ void KvPages::setCached(bool cached) {
   if (cached == cached_) return;
   for (int32_t p : table_)
     if (p >= 0) pool_->cachedRefs_[(size_t)p] += cached ? 1 : -1;
+  for (int32_t p : residual_) pool_->cachedRefs_[(size_t)p] += cached ? 1 : -1;
   cached_ = cached;
 }
 
@@ -326,14 +375,18 @@ void KvPages::prepareWrite(int start, int n) {
                                                  " would land in a page the sliding window already released");
     if (pool.refs_[(size_t)table_[(size_t)i]] > 1) copies.push_back(i);
   }
-  const int need = missing + (int)copies.size();
+  // A channel-key type writes through the residual: taken at the first write, copied if shared.
+  const bool residualNew = residualMissingLocked(), residualCopy = residualSharedLocked();
+  const int residualNeed = residualNew || residualCopy ? pool.layout_.residualParts() : 0;
+  const int need = missing + (int)copies.size() + residualNeed;
   if (need == 0) return;
   const int available = pool.available(reserved_);
   if (need > available) throw poolFull(need, available, pool.layout_);
   // Allocations first, so nothing below can throw once pages and counts start to move.
   std::vector<std::pair<int32_t, int32_t>> copy;  // (from, to)
-  copy.reserve(copies.size());
+  copy.reserve(copies.size() + (size_t)residualNeed);
   table_.reserve((size_t)last);
+  residual_.reserve((size_t)pool.layout_.residualParts());
   std::vector<int32_t> fresh = pool.take(need);
   const int fromReservation = std::min(reserved_, need);
   reserved_ -= fromReservation;
@@ -354,6 +407,16 @@ void KvPages::prepareWrite(int start, int n) {
     holdLocked(now);
     table_.push_back(now);
   }
+  for (int c = 0; c < residualNeed; ++c) {
+    const int32_t now = fresh[next++];
+    holdLocked(now);
+    if (residualNew) {
+      residual_.push_back(now);
+    } else {
+      copy.emplace_back(residual_[(size_t)c], now);
+      residual_[(size_t)c] = now;
+    }
+  }
   lk.unlock();
   const std::exception_ptr failure = pool.copyPages(copy);
   if (copy.empty()) return;
@@ -363,10 +426,11 @@ void KvPages::prepareWrite(int start, int n) {
       if (!failure) {
         dropLocked(copy[c].first);  // the copy stands in for it; its other holders keep it
       } else {
-        // A failed copy must not leave an uncopied page in the table: the shared page goes
-        // back in (the sequence reads what it read before) and the fresh one to the pool.
-        // Appended pages lie past the sequence's length, where rollbackWrite() returns them.
-        table_[(size_t)copies[c]] = copy[c].first;
+        // A failed copy must not leave an uncopied page in the table (or residual): the shared
+        // page goes back in (the sequence reads what it read before) and the fresh one to the
+        // pool. Appended pages lie past the sequence's length, where rollbackWrite() returns them.
+        if (c < copies.size()) table_[(size_t)copies[c]] = copy[c].first;
+        else residual_[c - copies.size()] = copy[c].first;
         dropLocked(copy[c].second);
       }
     }
@@ -385,7 +449,7 @@ void KvPages::rollbackWrite(int n) {
 void KvPages::commitWrite() { takenFromReservation_ = 0; }
 
 size_t KvPages::bytes() const {
-  return (table_.size() - (size_t)dropped_) * (size_t)pool_->layout_.pageBytes();
+  return (table_.size() - (size_t)dropped_ + residual_.size()) * (size_t)pool_->layout_.pageBytes();
 }
 
 }  // namespace lckv

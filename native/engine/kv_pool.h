@@ -9,6 +9,10 @@
 // page, and a shared page is copied before it is written (copy-on-write). The pool's capacity
 // in tokens is pages * pageTokens, whatever the number of KV layers: an LCKV model with fewer
 // KV layers simply has smaller pages, hence more of them in the same memory.
+//
+// A channel-key type (int4, kv_format.h) gives each sequence that has written a residual as
+// well: residualParts() pages holding the bf16 K/V of the page being written. They are pages of
+// the same pool, held, shared by fork, copied before a write and counted like table pages.
 #pragma once
 #include <cstdint>
 #include <exception>
@@ -55,13 +59,17 @@ class KvPages {
   // rethrown, so the sequence holds only K/V it can still trust.
   void shiftPages(int first, int count, int length);
   // The pages shiftPages(first, count, length) takes beyond those it frees: what a caller
-  // reserves before it, so that the shift cannot find the pool empty.
+  // reserves before it, so that the shift cannot find the pool empty. A residual still shared
+  // is copied by the shift too, but not counted here: a generation's first write copies it
+  // first, which its growth counts (pagesToGrow), and counting it twice could make a request
+  // wait for pages it never needs.
   int pagesToShift(int first, int count, int length) const;
   // Whether prepareWrite(pos, 1) would change nothing: the page of `pos` is held, by this
-  // table alone.
+  // table alone (and for a channel-key type, the residual too, already holding that page).
   bool writableInPlace(int pos) const;
   // Makes positions [start, start + n) writable: missing pages are taken from the pool, and
-  // shared pages in the range are replaced by private copies. All or nothing: throws
+  // shared pages in the range are replaced by private copies; so is the residual of a
+  // channel-key type (taken at the first write). All or nothing: throws
   // EngineError(LCKV_KV_CACHE_FULL) and changes nothing when the pool cannot supply them.
   void prepareWrite(int start, int n);
   // After a failed forward: keeps positions [0, n) and gives back the reservation that the
@@ -95,6 +103,21 @@ class KvPages {
   // Marks these pages as held for the prefix cache (for cacheStats' "cached" count).
   void setCached(bool cached);
 
+  // The residual (channel-key types, kv_format.h): its parts (empty before the first write),
+  // and the page index whose rows it holds (-1: none). The engine moves it to the page it
+  // writes next (setResidualPage) after restoring that page's earlier rows when they are not
+  // there (residualStale).
+  const std::vector<int32_t>& residual() const { return residual_; }
+  int residualPage() const { return residualPage_; }
+  void setResidualPage(int page) { residualPage_ = page; }
+  // Whether a write at `start` finds the residual without the rows of its page before it: the
+  // residual holds another page (the sequence was truncated into a quantized page). The
+  // engine then reads those rows back from their codes into the residual first.
+  bool residualStale(int start) const;
+  // The largest m <= n at which keep(m) keeps the K/V exact: n, unless a channel-key type's
+  // rows of position n's page would have to be read back from their codes (residualStale).
+  int exactRewind(int n) const;
+
   const std::vector<int32_t>& table() const { return table_; }
   KvPool& pool() const { return *pool_; }
   size_t bytes() const;
@@ -119,6 +142,11 @@ class KvPages {
   // releases goes back to nobody).
   int ownPagesLocked() const;
   bool cached_ = false;
+  std::vector<int32_t> residual_;
+  int residualPage_ = -1;
+  // With the pool locked: whether the residual must be taken (or copied) before a write.
+  bool residualMissingLocked() const;
+  bool residualSharedLocked() const;
   int dropped_ = 0;  // leading table entries released by releaseBelow (-1)
   int takenFromReservation_ = 0;  // by prepareWrite since the last commitWrite
 };
@@ -130,6 +158,7 @@ struct KvPoolStats {
   int pagesFree = 0;
   int pagesCached = 0;  // held only by sequences kept for prefix reuse
   int pagesReserved = 0;  // promised to running requests, not yet taken
+  int residualPages = 0;  // pages a sequence's residual takes (channel-key types; 0 otherwise)
   int64_t pageBytes = 0;
   int64_t sharedRefs = 0;  // page references beyond the first (pages shared by forks)
 };

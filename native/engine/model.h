@@ -102,8 +102,12 @@ class Model {
   // A copy of seq that shares its pages (copy-on-write).
   std::unique_ptr<SequenceState> forkSequence(SequenceState& seq);
   // Rewinds seq to its first n tokens; pages past them go back to the pool. Refused when a
-  // sliding window has already released K/V that the token at n would need.
+  // sliding window has already released K/V that the token at n would need. With a
+  // channel-key K/V type (int4) a rewind into a quantized page is lossy once (kv_format.h):
+  // exactRewind(seq, n) < n says so.
   void truncateSequence(SequenceState& seq, int n);
+  // The largest m <= n at which truncateSequence(seq, m) keeps the K/V exact (KvPages::exactRewind).
+  int exactRewind(const SequenceState& seq, int n) const;
   // Context shift (StreamingLLM's attention sinks): drops tokens [sink, sink + drop) and moves
   // the later ones down by `drop` positions. Their K is re-rotated by -drop with RoPE (learned
   // position embeddings cannot be moved, so there the K/V stay as computed). sink and drop are
@@ -160,6 +164,10 @@ class Model {
   // Whether a shift rotates moved keys (RoPE, and some tokens move): then it rewrites their pages.
   bool shiftRotates(const SequenceState& seq, int sink, int drop) const;
   void releaseOutsideWindow(SequenceState& seq);
+  // Channel-key types: points seq's residual at the page of `start`, the next position written,
+  // after reading that page's rows before `start` back from their codes when the residual
+  // lacks them (a rewind into a quantized page: lossy once). Nothing for other types.
+  void moveResidual(SequenceState& seq, int start);
 
   // ---- the forward (forward.cpp; Scratch is in model_internal.h) ----
   struct Layer {
@@ -180,6 +188,11 @@ class Model {
   // ---- appending tokens: the prefill modes (prefill.cpp) ----
   void forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int start, const PrefillSpec& prefill,
                     LogitsWanted want, bool download, AppendResult& res);
+  // The tokens of one piece of an append, at [start, start + n): one forwardChunk in the
+  // prefill's mode (token by token when sequential, and after a fixed point that did not
+  // converge), its logits added to res as `logits` asks.
+  void appendPiece(SequenceState& seq, const int32_t* tokens, int n, int start, const PrefillSpec& prefill,
+                   LogitsWanted logits, bool needLogits, AppendResult& res);
 
   // ---- the batched decode step and run-ahead (decode_step.cpp) ----
   // The decode step queued ahead by the last decodeBatch call (see there): the batch it

@@ -12,9 +12,10 @@ namespace lckv {
 // cheap next to the forward, and a GPU backend replaces this with a preallocated arena.
 struct Model::Scratch {
   Tensor h, x, q, k, v, a, o, g, u, h0;
-  // The pages this forward reads and writes (kv.tables and kv.rowSeq point into the vectors).
+  // The pages this forward reads and writes (kv.tables, kv.rowSeq and the residual's arrays
+  // point into the vectors).
   KvView kv;
-  std::vector<int32_t> tables, rowSeq;
+  std::vector<int32_t> tables, rowSeq, residuals, residualPage;
   // The last MLP output waits in `o` to be added to `h` by the next layer's fused add + norm.
   bool pendingResidual = false;
 };

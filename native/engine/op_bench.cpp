@@ -40,7 +40,10 @@ AttentionBenchResult benchAttention(Backend& be, const AttentionBenchShape& s) {
   const std::string headDimProblem = kvHeadDimProblem(s.kvType, s.headDim);
   if (!headDimProblem.empty()) throw EngineError(kErrInvalidArgument, "benchAttention: kvCacheDtype " + headDimProblem);
   const int pagesPerSeq = (s.context + kPageTokens - 1) / kPageTokens;
-  const int64_t pages = (int64_t)pagesPerSeq * s.sequences;
+  // A channel-key type (int4) also gives each sequence its residual (kv_format.h), after the
+  // table pages.
+  const int R = layout.residualParts();
+  const int64_t pages = (int64_t)(pagesPerSeq + R) * s.sequences;
   if (pages > INT32_MAX) throw EngineError(kErrInvalidArgument, "benchAttention: too many pages for 32-bit page ids");
 
   // The pool: one page per row, holding random normal values encoded in the K/V type (a chunk of
@@ -55,7 +58,14 @@ AttentionBenchResult benchAttention(Backend& be, const AttentionBenchShape& s) {
     uint8_t* bytes = reinterpret_cast<uint8_t*>(chunk.data());
     std::vector<float> head((size_t)s.headDim);
     const int64_t headBytes = (int64_t)s.headDim * kvTypeBits(layout.type) / 8;
-    for (int page = 0; page < chunkPages; ++page)
+    const bool channelKeys = kvTypeChannelKeys(layout.type);
+    std::vector<uint16_t> kRows(channelKeys ? (size_t)kPageTokens * layout.kvDim : 0), vRows(kRows.size());
+    for (int page = 0; page < chunkPages && channelKeys; ++page) {
+      // A quantized page from random bf16 rows, which also serve as a residual's rows.
+      for (size_t i = 0; i < kRows.size(); ++i) kRows[i] = kvF32ToBf16(normal(rng)), vRows[i] = kvF32ToBf16(normal(rng));
+      kvQuantizePage(layout, kRows.data(), vRows.data(), bytes + layout.codeOffset(page, 0, 0, 0));
+    }
+    for (int page = 0; page < chunkPages && !channelKeys; ++page)
       for (int off = 0; off < kPageTokens; ++off)
         for (int h = 0; h < s.numKvHeads; ++h) {
           uint16_t scales[2];
@@ -73,12 +83,14 @@ AttentionBenchResult benchAttention(Backend& be, const AttentionBenchShape& s) {
 
   // Page i of sequence s is page i * sequences + s: the sequences' pages interleave, as in a pool
   // where a batch of sequences grew together.
-  std::vector<int32_t> tables((size_t)pages), rowSeq((size_t)s.sequences), positions((size_t)s.sequences, s.context - 1);
+  std::vector<int32_t> tables((size_t)pagesPerSeq * s.sequences), rowSeq((size_t)s.sequences), positions((size_t)s.sequences, s.context - 1);
+  std::vector<int32_t> residuals((size_t)R * s.sequences), residualPage((size_t)s.sequences, (s.context - 1) / kPageTokens);
   for (int q = 0; q < s.sequences; ++q) {
     rowSeq[(size_t)q] = q;
     for (int i = 0; i < pagesPerSeq; ++i) tables[(size_t)q * pagesPerSeq + i] = (int32_t)((int64_t)i * s.sequences + q);
+    for (int i = 0; i < R; ++i) residuals[(size_t)q * R + i] = (int32_t)((int64_t)(pagesPerSeq + i) * s.sequences + q);
   }
-  KvView view{&pool, layout, tables.data(), pagesPerSeq, s.sequences, rowSeq.data()};
+  KvView view{&pool, layout, tables.data(), pagesPerSeq, s.sequences, rowSeq.data(), residuals.data(), residualPage.data()};
 
   const int64_t qCols = (int64_t)s.numHeads * s.headDim;
   std::vector<float> qHost((size_t)(s.sequences * qCols));
@@ -97,9 +109,16 @@ AttentionBenchResult benchAttention(Backend& be, const AttentionBenchShape& s) {
 
   AttentionBenchResult r;
   r.ms = ms / s.iterations;
-  // Per key: K and V codes, and their scales (one word per K/V head).
-  const double keyBytes = 2.0 * layout.rowBytes() + (kvTypeScaled(layout.type) ? 4.0 * s.numKvHeads : 0.0);
-  r.bytes = (double)s.sequences * s.context * keyBytes + 4.0 * 2.0 * s.sequences * qCols;
+  // Per key: K and V codes, and their scales (one word per K/V head). A channel-key type's
+  // query reads the page of its position from the residual in bf16 unless that page is full,
+  // and a page's K scales once per channel.
+  double keyBytes = 2.0 * layout.rowBytes() + (kvTypeScaled(layout.type) ? 4.0 * s.numKvHeads : 0.0);
+  int64_t quantizedKeys = s.context, residualKeys = 0;
+  if (kvTypeChannelKeys(layout.type)) {
+    keyBytes = 2.0 * layout.rowBytes() + 2.0 * s.numKvHeads + 2.0 * layout.kvDim / kPageTokens;
+    if (s.context % kPageTokens) residualKeys = s.context % kPageTokens, quantizedKeys = s.context - residualKeys;
+  }
+  r.bytes = (double)s.sequences * (quantizedKeys * keyBytes + residualKeys * 4.0 * layout.kvDim) + 4.0 * 2.0 * s.sequences * qCols;
   return r;
 }
 

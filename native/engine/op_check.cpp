@@ -48,7 +48,9 @@ KvLayout checkLayout(KvType type, int kvHeads, int hd) {
 }
 
 // Whether both pools hold the same bytes where rows (rowSeq, positions) of `slot` were written:
-// their K and V codes and, for a scaled type, their scale words. 0 when they do, else infinity.
+// their K and V codes and, for fp8 and int8, their scale words; for a channel-key type, the rows
+// the residual holds and each page a written row completed (its codes and scales). 0 when they
+// do, else infinity.
 double codeMismatch(Backend& ref, Backend& test, const Tensor& poolA, const Tensor& poolB, const KvView& kv, int slot,
                     const int32_t* positions, int rows) {
   std::vector<float> wa((size_t)poolA.numel()), wb((size_t)poolB.numel());
@@ -57,6 +59,22 @@ double codeMismatch(Backend& ref, Backend& test, const Tensor& poolA, const Tens
   const uint8_t* a = reinterpret_cast<const uint8_t*>(wa.data());
   const uint8_t* b = reinterpret_cast<const uint8_t*>(wb.data());
   const KvLayout& L = kv.layout;
+  if (kvTypeChannelKeys(L.type)) {
+    const int P = L.pageTokens;
+    for (int i = 0; i < rows; ++i) {
+      const int seq = kv.rowSeq[i], p = positions[i];
+      if (kv.inResidual(seq, p))
+        for (int v = 0; v < 2; ++v) {
+          const int64_t at = L.residualOffset(kv.residuals + (int64_t)seq * L.residualParts(), slot, v, p % P);
+          if (std::memcmp(a + at, b + at, (size_t)L.kvDim * 2)) return INFINITY;
+        }
+      if (p % P == P - 1) {
+        const int64_t at = L.codeOffset(kv.pageAt(seq, p), slot, 0, 0);
+        if (std::memcmp(a + at, b + at, (size_t)(2 * P * L.rowBytes() + L.scaleBytes()))) return INFINITY;
+      }
+    }
+    return 0.0;
+  }
   for (int i = 0; i < rows; ++i) {
     const int page = kv.pageAt(kv.rowSeq[i], positions[i]), off = positions[i] % L.pageTokens;
     for (int v = 0; v < 2; ++v) {
@@ -203,21 +221,27 @@ void checkRopeKvWrite(Runner& r, Backend& ref, Backend& test) {
     inv.resize((size_t)hd / 2);  // within the reserved capacity up to head size 128: the same address
     for (int j = 0; j < hd / 2; ++j) inv[(size_t)j] = (float)(1.0 / std::pow(10000.0, 2.0 * j / hd));
     const KvLayout L = checkLayout(type, kvHeads, hd);
-    const int pagesPerSeq = 8, seqs = 2, pages = pagesPerSeq * seqs;
-    std::vector<int32_t> tables((size_t)pages);
-    for (int i = 0; i < pages; ++i) tables[(size_t)i] = i;
-    std::shuffle(tables.begin(), tables.end(), r.rng);
-    // Distinct positions (a later row would overwrite an earlier one's K/V).
+    // A channel-key type's sequences each have a residual too: its parts follow the table pages.
+    const int R = L.residualParts();
+    const int pagesPerSeq = 8, seqs = 2, pages = (pagesPerSeq + R) * seqs;
+    std::vector<int32_t> order((size_t)pages);
+    for (int i = 0; i < pages; ++i) order[(size_t)i] = i;
+    std::shuffle(order.begin(), order.end(), r.rng);
+    const std::vector<int32_t> tables(order.begin(), order.begin() + pagesPerSeq * seqs), residuals(order.begin() + pagesPerSeq * seqs, order.end());
+    const std::vector<int32_t> residualPage((size_t)seqs, pagesPerSeq - 1);
+    // Distinct positions (a later row would overwrite an earlier one's K/V); for a channel-key
+    // type, in the residual's page, none its last (which would quantize a page of poison).
     std::vector<int32_t> pos((size_t)n), seq((size_t)n);
     for (int i = 0; i < n; ++i) {
       seq[(size_t)i] = i % seqs;
-      pos[(size_t)i] = (int32_t)(i / seqs * 37 + (int)(r.rng() % 16)) % (pagesPerSeq * L.pageTokens);
+      pos[(size_t)i] = R > 0 ? (pagesPerSeq - 1) * L.pageTokens + i / seqs * 5 + (int)(r.rng() % 4)
+                             : (int32_t)(i / seqs * 37 + (int)(r.rng() % 16)) % (pagesPerSeq * L.pageTokens);
     }
     Tensor poolA = ref.alloc(pages, L.pageBytes() / 4), poolB = test.alloc(pages, L.pageBytes() / 4);
     ref.poison(poolA);
     test.poison(poolB);
-    KvView va{&poolA, L, tables.data(), pagesPerSeq, seqs, seq.data()};
-    KvView vb{&poolB, L, tables.data(), pagesPerSeq, seqs, seq.data()};
+    KvView va{&poolA, L, tables.data(), pagesPerSeq, seqs, seq.data(), residuals.data(), residualPage.data()};
+    KvView vb{&poolB, L, tables.data(), pagesPerSeq, seqs, seq.data(), residuals.data(), residualPage.data()};
     auto q = r.act(r.random((size_t)n * heads * hd), n, (int64_t)heads * hd);
     auto q2 = r.act(r.random((size_t)n * heads * hd), n, (int64_t)heads * hd);
     auto k = r.act(r.random((size_t)n * L.kvDim), n, L.kvDim);
@@ -250,6 +274,54 @@ void checkRopeKvWrite(Runner& r, Backend& ref, Backend& test) {
   }
 }
 
+// A channel-key type's page written whole by ropeKvWrite (a prefill piece of a page, the fused
+// path of a layer that owns K/V): its rows go to the residual in bf16, and the last one quantizes
+// the page from it. Read back from the residual and then from the page's codes. The rotations
+// agree to an ulp or two, so a bf16 row or a code may round the other way now and then (as in
+// rope_kv_write cache); kv_write codes (checkAttention) compares the bytes of unrotated pages.
+void checkRopeKvWritePage(Runner& r, Backend& ref, Backend& test) {
+  std::vector<float> inv;
+  for (int t = 0; t < kKvTypeCount; ++t) {
+    const KvType type = (KvType)t;
+    if (!kvTypeChannelKeys(type)) continue;
+    for (auto [heads, kvHeads, hd] : std::vector<std::tuple<int, int, int>>{{4, 2, 16}, {32, 4, 64}, {8, 1, 128}}) {
+      inv.resize((size_t)hd / 2);
+      for (int j = 0; j < hd / 2; ++j) inv[(size_t)j] = (float)(1.0 / std::pow(10000.0, 2.0 * j / hd));
+      const KvLayout L = checkLayout(type, kvHeads, hd);
+      const int P = L.pageTokens, R = L.residualParts(), pagesPerSeq = 3, pages = pagesPerSeq + R;
+      std::vector<int32_t> order((size_t)pages);
+      for (int i = 0; i < pages; ++i) order[(size_t)i] = i;
+      std::shuffle(order.begin(), order.end(), r.rng);
+      const std::vector<int32_t> table(order.begin(), order.begin() + pagesPerSeq), residual(order.begin() + pagesPerSeq, order.end());
+      std::vector<int32_t> residualPage(1, 1), seq((size_t)P, 0), pos((size_t)P);
+      for (int i = 0; i < P; ++i) pos[(size_t)i] = P + i;  // page 1, whole
+      Tensor poolA = ref.alloc(pages, L.pageBytes() / 4), poolB = test.alloc(pages, L.pageBytes() / 4);
+      ref.poison(poolA);
+      test.poison(poolB);
+      KvView va{&poolA, L, table.data(), pagesPerSeq, 1, seq.data(), residual.data(), residualPage.data()};
+      KvView vb{&poolB, L, table.data(), pagesPerSeq, 1, seq.data(), residual.data(), residualPage.data()};
+      auto q = r.act(r.random((size_t)P * heads * hd), P, (int64_t)heads * hd);
+      auto k = r.act(r.random((size_t)P * L.kvDim), P, L.kvDim);
+      auto v = r.act(r.random((size_t)P * L.kvDim), P, L.kvDim);
+      ref.ropeKvWrite(q.first, heads, &k.first, &v.first, kvHeads, hd, P, pos.data(), inv, 1.0f, &va, 1);
+      test.ropeKvWrite(q.second, heads, &k.second, &v.second, kvHeads, hd, P, pos.data(), inv, 1.0f, &vb, 1);
+      const std::string shape = dims({{"rows", P}, {"heads", heads}, {"kvHeads", kvHeads}, {"headDim", hd}}) + " kv=" + kvTypeName(type);
+      const double saved = r.tolerance;
+      for (const bool fromCodes : {false, true}) {
+        residualPage[0] = fromCodes ? -1 : 1;  // kvRead takes the residual's page from the residual
+        std::vector<float> a, b;
+        ref.kvRead(va, 0, 1, P, P, a);
+        test.kvRead(vb, 0, 1, P, P, b);
+        auto read = r.act(a, 2 * P, L.kvDim);
+        test.writeRows(read.second, 0, 2 * P, b.data());
+        r.tolerance = std::max(saved, fromCodes ? 5e-2 : 1e-2);
+        r.compare(fromCodes ? "rope_kv_write page" : "rope_kv_write residual", shape, read.first, read.second, 2 * P);
+      }
+      r.tolerance = saved;
+    }
+  }
+}
+
 // attention over paged K/V: decode (one query per sequence, several sequences of different
 // lengths in one call) and prefill (many queries of one sequence); causal/strict, windows,
 // GQA. Pages are handed out in a shuffled order, so a kernel that assumes contiguous pages
@@ -260,7 +332,8 @@ void checkRopeKvWrite(Runner& r, Backend& ref, Backend& test) {
 // (strict, position 0) beside long rows, and rows of 1 and 3000 keys in one call. Mixed calls
 // (`queries`: query rows per sequence, at its last positions) give some sequences a run of rows
 // beside others' single rows, as a mixed decode step does: the GPU takes each run of 16 or more
-// in its prefill kernel and the rows between in its decode kernel.
+// in its prefill kernel and the rows between in its decode kernel (an int4 cache's runs end at
+// their sequence's page, and all its rows take its two decode launches).
 void checkAttention(Runner& r, Backend& ref, Backend& test) {
   struct AttnCase {
     int ctx, n, heads, kvHeads, hd;
@@ -326,13 +399,17 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
       c.ctx = *std::max_element(c.lengths.begin(), c.lengths.end());
     }
     const KvLayout L = checkLayout(type, c.kvHeads, c.hd);
-    const int pagesPerSeq = (c.ctx + L.pageTokens - 1) / L.pageTokens;
-    const int pages = pagesPerSeq * c.seqs + 3;
+    const int P = L.pageTokens, R = L.residualParts();
+    const int pagesPerSeq = (c.ctx + P - 1) / P;
+    const int pages = (pagesPerSeq + R) * c.seqs + 3;
     std::vector<int32_t> order((size_t)pages);
     for (int i = 0; i < pages; ++i) order[(size_t)i] = i;
     std::shuffle(order.begin(), order.end(), r.rng);
     std::vector<int32_t> tables((size_t)(pagesPerSeq * c.seqs));
     std::copy(order.begin(), order.begin() + (int64_t)tables.size(), tables.begin());
+    // A channel-key type's residuals (after the table pages), each holding its sequence's last page.
+    const std::vector<int32_t> residuals(order.begin() + (int64_t)tables.size(), order.begin() + (int64_t)tables.size() + R * c.seqs);
+    std::vector<int32_t> residualPage((size_t)c.seqs, -1);
     Tensor poolA = ref.alloc(pages, L.pageBytes() / 4), poolB = test.alloc(pages, L.pageBytes() / 4);
     ref.poison(poolA);
     test.poison(poolB);
@@ -346,26 +423,46 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
         wseq.push_back(q);
       }
     const int rows = (int)wpos.size();
-    KvView va{&poolA, L, tables.data(), pagesPerSeq, c.seqs, wseq.data()};
-    KvView vb{&poolB, L, tables.data(), pagesPerSeq, c.seqs, wseq.data()};
+    KvView va{&poolA, L, tables.data(), pagesPerSeq, c.seqs, wseq.data(), residuals.data(), residualPage.data()};
+    KvView vb{&poolB, L, tables.data(), pagesPerSeq, c.seqs, wseq.data(), residuals.data(), residualPage.data()};
     auto k = r.act(r.random((size_t)rows * L.kvDim), rows, L.kvDim);
     auto v = r.act(r.random((size_t)rows * L.kvDim), rows, L.kvDim);
-    ref.kvWrite(va, 1, k.first, v.first, rows, wpos.data());
-    test.kvWrite(vb, 1, k.second, v.second, rows, wpos.data());
+    if (R == 0) {
+      ref.kvWrite(va, 1, k.first, v.first, rows, wpos.data());
+      test.kvWrite(vb, 1, k.second, v.second, rows, wpos.data());
+    } else {
+      // A page of a sequence at a time, through its residual (each full page is quantized from it).
+      for (int first = 0; first < rows;) {
+        int end = first + 1;
+        while (end < rows && wseq[(size_t)end] == wseq[(size_t)first] && wpos[(size_t)end] / P == wpos[(size_t)first] / P) ++end;
+        residualPage[(size_t)wseq[(size_t)first]] = wpos[(size_t)first] / P;
+        va.rowSeq = vb.rowSeq = wseq.data() + first;
+        ref.kvWrite(va, 1, tensorRows(k.first, first, end - first), tensorRows(v.first, first, end - first), end - first, wpos.data() + first);
+        test.kvWrite(vb, 1, tensorRows(k.second, first, end - first), tensorRows(v.second, first, end - first), end - first, wpos.data() + first);
+        first = end;
+      }
+      va.rowSeq = vb.rowSeq = wseq.data();
+    }
     const std::string kvName = std::string(" kv=") + kvTypeName(type);
     // The same values quantize to the same bytes on every backend (exact: a mismatch reports an
     // infinite error, which no tolerance passes).
     r.report(OpCheck{"kv_write codes", dims({{"rows", rows}, {"kvHeads", c.kvHeads}, {"headDim", c.hd}}) + kvName,
                      codeMismatch(ref, test, poolA, poolB, va, 1, wpos.data(), rows), true, 1e-12});
     std::vector<int32_t> qpos, qseq;
+    // The first of a sequence's last `count` positions that a query takes: a channel-key type's
+    // queries of one sequence lie in the residual's page (kv_format.h), so its runs are cut there.
+    auto firstQuery = [&](int q, int count) {
+      const int from = len[(size_t)q] - count;
+      return R > 0 ? std::max(from, (len[(size_t)q] - 1) / P * P) : from;
+    };
     if (!c.queries.empty()) {
       for (int q = 0; q < c.seqs; ++q)
-        for (int i = len[(size_t)q] - c.queries[(size_t)q]; i < len[(size_t)q]; ++i) {
+        for (int i = firstQuery(q, c.queries[(size_t)q]); i < len[(size_t)q]; ++i) {
           qpos.push_back(i);
           qseq.push_back(q);
         }
     } else if (c.seqs == 1) {
-      for (int i = c.ctx - c.n; i < c.ctx; ++i) {
+      for (int i = firstQuery(0, c.n); i < c.ctx; ++i) {
         qpos.push_back(i);
         qseq.push_back(0);
       }
@@ -395,11 +492,13 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
       r.compare("attention", shape + " out=" + dtypeName(ob.second.dtype), o.first, ob.second, nq);
       r.tolerance = saved;
     }
-    // kvRead sees what kvWrite wrote; kvZero clears exactly its range.
-    const int n0 = std::min(len[0], 20);
+    // kvRead sees what kvWrite wrote; kvZero clears exactly its range (a channel-key type's in
+    // the residual's page, whose rows kvRead reads from the residual, the others from codes).
+    const int zeroFrom = R > 0 ? (len[0] - 1) / P * P : 3;
+    const int n0 = R > 0 ? len[0] : std::min(len[0], 20);
     std::vector<float> ka, kb;
-    ref.kvZero(va, 0, 1, 3, std::min(5, len[0] - 3 > 0 ? len[0] - 3 : 0));
-    test.kvZero(vb, 0, 1, 3, std::min(5, len[0] - 3 > 0 ? len[0] - 3 : 0));
+    ref.kvZero(va, 0, 1, zeroFrom, std::min(5, std::max(0, len[0] - zeroFrom)));
+    test.kvZero(vb, 0, 1, zeroFrom, std::min(5, std::max(0, len[0] - zeroFrom)));
     ref.kvRead(va, 0, 1, 0, n0, ka);
     test.kvRead(vb, 0, 1, 0, n0, kb);
     double num = 0, den = 0;
@@ -419,29 +518,40 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
 // the input elsewhere. The error reported is the read-back's worst relative error against the
 // input clamped to what the type holds (infinite on a NaN, an inf or a sign flip).
 void checkKvRange(Runner& r, Backend& ref, Backend& test) {
-  const int kvHeads = 2, hd = 64, rows = 6;
-  const float magnitudes[rows] = {1.0f, 1e6f, 1e9f, 3e38f, INFINITY, 1e-30f};
+  const int kvHeads = 2, hd = 64, magnitudeCount = 6;
+  const float magnitudes[magnitudeCount] = {1.0f, 1e6f, 1e9f, 3e38f, INFINITY, 1e-30f};
   for (int t = 0; t < kKvTypeCount; ++t) {
     const KvType type = (KvType)t;
     const KvLayout L = checkLayout(type, kvHeads, hd);
-    Tensor poolA = ref.alloc(1, L.pageBytes() / 4), poolB = test.alloc(1, L.pageBytes() / 4);
+    // A channel-key type scales a key channel over a page: each magnitude fills a page of its own
+    // (16 rows), read back from the page's codes; the other types take a row each.
+    const int R = L.residualParts(), perMagnitude = R > 0 ? L.pageTokens : 1;
+    const int rows = magnitudeCount * perMagnitude, pages = R > 0 ? magnitudeCount : 1;
+    Tensor poolA = ref.alloc(pages + R, L.pageBytes() / 4), poolB = test.alloc(pages + R, L.pageBytes() / 4);
     ref.poison(poolA);
     test.poison(poolB);
-    // Row i: head 0 at magnitudes[i], head 1 ordinary (it must not be disturbed by head 0).
+    // Row i: head 0 at magnitudes[i / perMagnitude], head 1 ordinary (it must not be disturbed by head 0).
     std::vector<float> k = r.random((size_t)rows * L.kvDim), v = r.random((size_t)rows * L.kvDim);
     for (int i = 0; i < rows; ++i)
       for (int d = 0; d < hd; ++d) {
-        k[(size_t)i * L.kvDim + d] *= magnitudes[i];
-        v[(size_t)i * L.kvDim + d] *= magnitudes[i];
+        k[(size_t)i * L.kvDim + d] *= magnitudes[i / perMagnitude];
+        v[(size_t)i * L.kvDim + d] *= magnitudes[i / perMagnitude];
       }
-    const int32_t table = 0;
+    std::vector<int32_t> table((size_t)pages), residual((size_t)R), residualPage(1, -1);
+    for (int p = 0; p < pages; ++p) table[(size_t)p] = p;
+    for (int p = 0; p < R; ++p) residual[(size_t)p] = pages + p;
     std::vector<int32_t> pos(rows), seqs(rows, 0);
     for (int i = 0; i < rows; ++i) pos[(size_t)i] = i;
-    KvView va{&poolA, L, &table, 1, 1, seqs.data()};
-    KvView vb{&poolB, L, &table, 1, 1, seqs.data()};
+    KvView va{&poolA, L, table.data(), pages, 1, seqs.data(), residual.data(), residualPage.data()};
+    KvView vb{&poolB, L, table.data(), pages, 1, seqs.data(), residual.data(), residualPage.data()};
     auto ka = r.act(k, rows, L.kvDim), vv = r.act(v, rows, L.kvDim);
-    ref.kvWrite(va, 1, ka.first, vv.first, rows, pos.data());
-    test.kvWrite(vb, 1, ka.second, vv.second, rows, pos.data());
+    for (int first = 0; first < rows; first += rows / pages) {  // a page at a time for a channel-key type
+      const int n = rows / pages;
+      residualPage[0] = first / L.pageTokens;
+      ref.kvWrite(va, 1, tensorRows(ka.first, first, n), tensorRows(vv.first, first, n), n, pos.data() + first);
+      test.kvWrite(vb, 1, tensorRows(ka.second, first, n), tensorRows(vv.second, first, n), n, pos.data() + first);
+    }
+    residualPage[0] = -1;  // every row read back from its page's codes
     const std::string name = dims({{"rows", rows}, {"kvHeads", kvHeads}, {"headDim", hd}}) + " kv=" + kvTypeName(type);
     const double codes = codeMismatch(ref, test, poolA, poolB, va, 1, pos.data(), rows);
     // The largest value the type holds: f32 and bf16 hold everything finite (bf16 rounds 3e38
@@ -662,6 +772,7 @@ const std::vector<Group>& groups() {
       {{"rope"}, checkRope},
       {{"linears q", "linears k", "linears v", "linears packed", "linear_swiglu", "linear_swiglu packed"}, checkFusedLinears},
       {{"rope_kv_write q", "rope_kv_write q alone", "rope_kv_write cache"}, checkRopeKvWrite},
+      {{"rope_kv_write residual", "rope_kv_write page"}, checkRopeKvWritePage},
       {{"attention", "kv_write codes", "kv_write+zero+read"}, checkAttention},
       {{"kv_write range"}, checkKvRange},
       {{"kv_write fp8 codes", "attention fp8 codes", "kv_read fp8 codes"}, checkFp8Codes},

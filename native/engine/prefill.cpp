@@ -100,6 +100,75 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
   }
 }
 
+void Model::appendPiece(SequenceState& seq, const int32_t* tokens, int n, int start, const PrefillSpec& prefill,
+                        LogitsWanted logits, bool sample, AppendResult& res) {
+  const bool needLogits = logits != LogitsWanted::None || sample;
+  const bool download = logits != LogitsWanted::None;  // sampling alone reads them on the backend
+  if (prefill.mode == PrefillMode::Sequential && n > 1) {
+    for (int r = 0; r < n; ++r) {
+      prefill.throwIfCancelled();
+      const bool want = logits == LogitsWanted::All || (needLogits && r == n - 1);
+      forwardChunk(seq, tokens + r, 1, start + r, prefill, want ? LogitsWanted::Last : LogitsWanted::None, download, res);
+    }
+    res.passes = std::max(res.passes, 1);
+    return;
+  }
+  const LogitsWanted rows = logits == LogitsWanted::All ? LogitsWanted::All : needLogits ? LogitsWanted::Last : LogitsWanted::None;
+  const size_t before = res.logits.size();
+  forwardChunk(seq, tokens, n, start, prefill, rows, download, res);
+  if (res.exactPrefix >= 0) {
+    // The fixed point did not converge within its pass limit: positions from exactPrefix on
+    // are run token by token, reading the exact K/V before them and overwriting what the
+    // passes left at their own positions.
+    const int from = res.exactPrefix;
+    if (download) res.logits.resize(before + (logits == LogitsWanted::All ? (size_t)from * cfg_.vocab : 0));
+    for (int r = from; r < n; ++r) {
+      prefill.throwIfCancelled();
+      const bool want = logits == LogitsWanted::All || (needLogits && r == n - 1);
+      forwardChunk(seq, tokens + r, 1, start + r, prefill, want ? LogitsWanted::Last : LogitsWanted::None, download, res);
+    }
+    res.exactPrefix = -1;
+  }
+}
+
+namespace {
+// The residual's bytes while an append moves it past the page its sequence ends in: a failed
+// append puts them back, so the rows before its start read as they did (a channel-key type).
+class ResidualBackup {
+ public:
+  ResidualBackup(Model& m, SequenceState& seq) : model_(m), seq_(seq) {}
+  ResidualBackup(const ResidualBackup&) = delete;
+  ResidualBackup& operator=(const ResidualBackup&) = delete;
+  void save() {
+    Backend& be = model_.backend();
+    Tensor& pool = model_.pool().storage();
+    const std::vector<int32_t>& parts = seq_.kv->residual();
+    copy_ = be.alloc((int64_t)parts.size(), pool.cols);
+    for (size_t i = 0; i < parts.size(); ++i) be.copyRows(pool, parts[i], copy_, (int)i, 1);
+    page_ = seq_.kv->residualPage();
+  }
+  void release() { copy_ = Tensor{}; }
+  ~ResidualBackup() {
+    if (copy_.empty()) return;
+    try {
+      Backend& be = model_.backend();
+      const std::vector<int32_t>& parts = seq_.kv->residual();
+      for (size_t i = 0; i < parts.size(); ++i) be.copyRows(copy_, (int)i, model_.pool().storage(), parts[i], 1);
+      seq_.kv->setResidualPage(page_);
+    } catch (...) {
+      // A device error: the rows are lost, and the next write reads them back from their codes.
+      seq_.kv->setResidualPage(-1);
+    }
+  }
+
+ private:
+  Model& model_;
+  SequenceState& seq_;
+  Tensor copy_;
+  int page_ = -1;
+};
+}  // namespace
+
 AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& tokens, const PrefillSpec& prefill,
                            LogitsWanted logits, const SamplingParams* sampling) {
   if (!ready_) throw EngineError(kErrInvalidArgument, "model weights are not loaded");
@@ -117,36 +186,26 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
                                                std::to_string(n) + " more: the context holds " + std::to_string(seq.maxContext));
   AppendResult res;
   PendingWrites writes{{&seq}};
+  ResidualBackup backup(*this, seq);  // undone after `writes`
   try {
     seq.kv->prepareWrite(start, n);  // throws LCKV_KV_CACHE_FULL, changing nothing, when the pool is short
-    const bool needLogits = logits != LogitsWanted::None || sampling != nullptr;
-    const bool download = logits != LogitsWanted::None;  // sampling alone reads them on the backend
-    if (prefill.mode == PrefillMode::Sequential && n > 1) {
-      for (int r = 0; r < n; ++r) {
-        prefill.throwIfCancelled();
-        const bool want = logits == LogitsWanted::All || (needLogits && r == n - 1);
-        forwardChunk(seq, tokens.data() + r, 1, start + r, prefill, want ? LogitsWanted::Last : LogitsWanted::None,
-                     download, res);
-      }
-      res.passes = 1;
+    const KvLayout& L = pool_->layout();
+    if (!kvTypeChannelKeys(L.type)) {
+      appendPiece(seq, tokens.data(), n, start, prefill, logits, sampling != nullptr, res);
     } else {
-      const LogitsWanted rows = logits == LogitsWanted::All ? LogitsWanted::All
-                                : needLogits                ? LogitsWanted::Last
-                                                            : LogitsWanted::None;
-      forwardChunk(seq, tokens.data(), n, start, prefill, rows, download, res);
-      if (res.exactPrefix >= 0) {
-        // The fixed point did not converge within its pass limit: positions from exactPrefix
-        // on are run token by token, reading the exact K/V before them and overwriting what the
-        // passes left at their own positions.
-        const int from = res.exactPrefix;
-        if (download) res.logits.resize(logits == LogitsWanted::All ? (size_t)from * cfg_.vocab : 0);
-        for (int r = from; r < n; ++r) {
-          prefill.throwIfCancelled();
-          const bool want = logits == LogitsWanted::All || (needLogits && r == n - 1);
-          forwardChunk(seq, tokens.data() + r, 1, start + r, prefill, want ? LogitsWanted::Last : LogitsWanted::None,
-                       download, res);
-        }
-        res.exactPrefix = -1;
+      // A page at a time: a query reads the page of its own position from the residual, which
+      // holds one page (kv_format.h). The first piece fills the page the sequence ends in; if
+      // anything later fails, the residual's rows before `start` are put back as they were.
+      const int P = L.pageTokens;
+      for (int a = 0; a < n;) {
+        const int b = std::min(n, ((start + a) / P + 1) * P - start);
+        moveResidual(seq, start + a);
+        if (a == 0 && b < n && start % P != 0) backup.save();
+        const bool lastPiece = b == n;
+        appendPiece(seq, tokens.data() + a, b - a, start + a, prefill,
+                    logits == LogitsWanted::All ? LogitsWanted::All : lastPiece ? logits : LogitsWanted::None,
+                    lastPiece && sampling != nullptr, res);
+        a = b;
       }
     }
   } catch (const std::bad_alloc&) {
@@ -168,6 +227,7 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
   }
   res.lastLogits = Tensor{};
   seq.tokens.insert(seq.tokens.end(), tokens.begin(), tokens.end());
+  backup.release();
   writes.commit();
   releaseOutsideWindow(seq);
   return res;

@@ -1,5 +1,6 @@
 // The K/V pool and the sequences in it: creating, forking, truncating, releasing K/V outside
 // a sliding window, and context shift.
+#include <algorithm>
 #include <new>
 #include <string>
 
@@ -90,6 +91,34 @@ void Model::truncateSequence(SequenceState& seq, int n) {
   seq.kv->keep(n);
 }
 
+int Model::exactRewind(const SequenceState& seq, int n) const { return seq.kv->exactRewind(n); }
+
+void Model::moveResidual(SequenceState& seq, int start) {
+  const KvLayout& L = pool_->layout();
+  if (!kvTypeChannelKeys(L.type)) return;
+  const int P = L.pageTokens, page = start / P;
+  if (seq.kv->residualStale(start)) {
+    // Rows [page * P, start) are read back from their codes (keys per channel, values per
+    // token) and written to the residual in bf16: their second rounding.
+    const int from = page * P, n = start - from, kvd = L.kvDim;
+    Backend& be = *backend_;
+    Scratch s;
+    viewPages(s, {&seq}, std::vector<int32_t>((size_t)n, 0));
+    std::vector<int32_t> pos((size_t)n);
+    for (int r = 0; r < n; ++r) pos[(size_t)r] = from + r;
+    std::vector<std::vector<float>> host((size_t)L.slots);
+    for (int slot = 0; slot < L.slots; ++slot) be.kvRead(s.kv, 0, slot, from, n, host[(size_t)slot]);  // from the codes: stale
+    Tensor k = be.alloc(n, kvd), v = be.alloc(n, kvd);
+    s.residualPage[0] = page;
+    for (int slot = 0; slot < L.slots; ++slot) {
+      be.writeRows(k, 0, n, host[(size_t)slot].data());
+      be.writeRows(v, 0, n, host[(size_t)slot].data() + (size_t)n * kvd);
+      be.kvWrite(s.kv, slot, k, v, n, pos.data());  // no row ends the page: nothing is quantized
+    }
+  }
+  seq.kv->setResidualPage(page);
+}
+
 void Model::readKv(SequenceState& seq, int slot, int start, int n, std::vector<float>& out) {
   if (slot < 0 || slot >= (int)cfg_.plan.kvLayers.size())
     throw EngineError(kErrInvalidArgument, "readKv: slot " + std::to_string(slot) + " is outside the model's " +
@@ -120,8 +149,9 @@ int Model::decodeWindowPages() const {
   if (releaseWindow_ <= 0) return 0;
   const int P = pool_->layout().pageTokens;
   // While token L is written, the pages of [L - W - 1, L] are held, their first page whole (the
-  // window keeps one spare position, see releaseOutsideWindow): at most ceil((W + 1) / P) + 1.
-  return (releaseWindow_ + 1 + P - 1) / P + 1;
+  // window keeps one spare position, see releaseOutsideWindow): at most ceil((W + 1) / P) + 1,
+  // and a channel-key type's residual.
+  return (releaseWindow_ + 1 + P - 1) / P + 1 + pool_->layout().residualParts();
 }
 
 bool Model::shiftRotates(const SequenceState& seq, int sink, int drop) const {
@@ -178,13 +208,29 @@ void Model::shiftSequence(SequenceState& seq, int sink, int drop) {
     std::vector<int32_t> pos((size_t)moved), back(pos.size(), -drop);
     for (int r = 0; r < moved; ++r) pos[(size_t)r] = sink + r;
     std::vector<float> host;
+    const bool channelKeys = kvTypeChannelKeys(pool_->layout().type);
+    const int residualPage = s.residualPage[0];
     for (int slot = 0; slot < (int)cfg_.plan.kvLayers.size(); ++slot) {
+      s.residualPage[0] = residualPage;  // the last page reads from the residual, if it holds it
       be.kvRead(s.kv, 0, slot, sink, moved, host);  // K rows, then V rows
       be.writeRows(k, 0, moved, host.data());
       be.writeRows(v, 0, moved, host.data() + (size_t)moved * kvd);
       be.rope(k, moved, cfg_.numKvHeads, cfg_.headDim, back.data(), cfg_.ropeInvFreq, 1.0f);
-      be.kvWrite(s.kv, slot, k, v, moved, pos.data());
+      if (!channelKeys) {
+        be.kvWrite(s.kv, slot, k, v, moved, pos.data());
+        continue;
+      }
+      // A channel-key type writes a page at a time through the residual (each full page is
+      // quantized from it), which ends holding the last page.
+      for (int a = 0; a < moved;) {
+        const int b = std::min(moved, ((sink + a) / P + 1) * P - sink);
+        s.residualPage[0] = (sink + a) / P;
+        Tensor kp = tensorRows(k, a, b - a), vp = tensorRows(v, a, b - a);
+        be.kvWrite(s.kv, slot, kp, vp, b - a, pos.data() + a);
+        a = b;
+      }
     }
+    if (channelKeys) seq.kv->setResidualPage((len - drop - 1) / P);
   } catch (...) {
     keepSink();
     throw;

@@ -22,7 +22,9 @@ class StepExecution {
   // kernels; a backend that can record them once and replay the recording saves launching each.
   // Between replays of one recording only these inputs change, so the recorded ops must read
   // them from where the backend keeps them: the step's token ids, positions, page tables (as
-  // KvView::tables) and row-to-sequence map, exactly the host arrays the ops will be given.
+  // KvView::tables), row-to-sequence map and, for a channel-key K/V type, the sequences' residual
+  // parts (as KvView::residuals; none for the other types), exactly the host arrays the ops will
+  // be given.
   // Recordings are made per this many positions of context (Model::decodeBatch's key); the
   // attention plans its split-K for the end of the bucket, so each recording's plan holds for
   // every step it replays.
@@ -34,6 +36,8 @@ class StepExecution {
     const int32_t* tables;
     int tableInts;
     const int32_t* rowSeq;
+    const int32_t* residuals;
+    int residualInts;
   };
   // Runs the step recorded under `key` with these inputs and points `logits` at its output;
   // false when nothing is recorded under key (or the backend does not record).

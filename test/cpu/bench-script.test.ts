@@ -109,11 +109,14 @@ test("experiment 7: every K/V type's capacity from the engine's pages, decode ag
   const rows = results.kvTypes as any[];
   expect(rows.map((r) => r.kvCacheDtype)).toEqual(["f32", "bf16", "fp8", "int8", "int4"]);
   const of = (t: string) => rows.find((r) => r.kvCacheDtype === t);
-  // The standard tiny model: 6 layers x 2 K/V heads of 32; the scaled types add 4 bytes of scales per K/V head.
-  const perToken = { f32: 6 * 2 * 2 * 32 * 4, bf16: 6 * 2 * 2 * 32 * 2, fp8: 6 * (2 * 2 * 32 + 2 * 4), int8: 6 * (2 * 2 * 32 + 2 * 4), int4: 6 * (2 * 32 + 2 * 4) };
+  // The standard tiny model: 6 layers x 2 K/V heads of 32; fp8 and int8 add 4 bytes of scales per
+  // K/V head, int4 2 (V's) and one f16 K scale per channel and page of 16 tokens.
+  const perToken = { f32: 6 * 2 * 2 * 32 * 4, bf16: 6 * 2 * 2 * 32 * 2, fp8: 6 * (2 * 2 * 32 + 2 * 4), int8: 6 * (2 * 2 * 32 + 2 * 4), int4: 6 * (2 * 32 + (2 * 32 * 2) / 16 + 2 * 2) };
   for (const r of rows) {
     expect(r.decode.kvBytesPerToken).toBe(perToken[r.kvCacheDtype as keyof typeof perToken]);
-    expect(r.capacity).toBe(Math.floor(Math.floor((r.poolGiB * 2 ** 30) / r.pageBytes) / (r.capacityContext / 16)));
+    // A sequence holds its context's pages, and in int4 its residual's (the bf16 page being written).
+    expect(r.residualPages).toBe(r.kvCacheDtype === "int4" ? 4 : 0);
+    expect(r.capacity).toBe(Math.floor(Math.floor((r.poolGiB * 2 ** 30) / r.pageBytes) / (r.capacityContext / 16 + r.residualPages)));
     expect(Number.isFinite(r.decode.ms.median) && Number.isFinite(r.batch1.ms.median)).toBe(true);
     for (const a of r.attention) expect(a.gbps).toBeGreaterThan(0);
   }

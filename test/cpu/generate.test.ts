@@ -171,12 +171,13 @@ test("the event loop keeps turning while the forward runs", async () => {
 
 test.each([
   // per KV layer and token: 2 KV heads x 8 dims x (K and V) x bytes per value, plus one
-  // (K, V) pair of f16 scales per KV head for the scaled types
+  // (K, V) pair of f16 scales per KV head for fp8 and int8; int4 keeps one f16 V scale per KV
+  // head and one f16 K scale per channel over a page of 16 tokens
   ["f32", 2 * 2 * 8 * 4],
   ["bf16", 2 * 2 * 8 * 2],
   ["fp8", 2 * 2 * 8 + 2 * 4],
   ["int8", 2 * 2 * 8 + 2 * 4],
-  ["int4", (2 * 2 * 8) / 2 + 2 * 4],
+  ["int4", (2 * 2 * 8) / 2 + (2 * 8 * 2) / 16 + 2 * 2],
 ] as const)("kvBytesPerToken counts only the KV layers, in the cache's type (%s)", async (kvCacheDtype, perLayer) => {
   const std = await loadModel(writeTinyModel({}), { device: "cpu", kvCacheDtype });
   const lckv = await loadModel(writeTinyModel({ layerTypes: "0_3_3_3" }), { device: "cpu", kvCacheDtype });

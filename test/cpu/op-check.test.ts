@@ -30,6 +30,19 @@ test.each(["f32", "bf16"] as const)("every case carries a positive finite tolera
   }
 });
 
+test("an int4 page written whole by ropeKvWrite is checked from its residual and from its codes", () => {
+  const results = check(["rope_kv_write residual", "rope_kv_write page"]);
+  expect(results.map((r) => `${r.op} ${r.shape}`)).toEqual(
+    ["rows=16 heads=4 kvHeads=2 headDim=16", "rows=16 heads=32 kvHeads=4 headDim=64", "rows=16 heads=8 kvHeads=1 headDim=128"].flatMap(
+      (shape) => [`rope_kv_write residual ${shape} kv=int4`, `rope_kv_write page ${shape} kv=int4`],
+    ),
+  );
+  for (const r of results) {
+    expect(r.allWritten).toBe(true);
+    expect(r.relErr).toBeLessThanOrEqual(r.tolerance);
+  }
+});
+
 test("the token-choice cases, penalties, logit bias and log-probabilities included, pass the CPU against itself", () => {
   const results = check(["sample", "sample_rows"]);
   expect([...new Set(results.map((r) => r.op))].sort()).toEqual(["sample", "sample logprobs", "sample_rows", "sample_rows logprobs"]);

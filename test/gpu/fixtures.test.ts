@@ -139,8 +139,7 @@ describeGpu.each(fixtures.flatMap((name) => COMPACT_KV_DTYPES.map((kv) => [name,
       const err = relErr(got, await cpu.logits(golden.prompt_ids, { prefill }));
       reportError(`cuda ${name} ${kvCacheDtype} ${prefill} vs cpu`, err);
       expect(err).toBeLessThanOrEqual(SAME_TYPE_BOUND[kvCacheDtype]);
-      const bound = GOLDEN_BOUND[kvCacheDtype];
-      if (bound !== null) expect(relErr(got, golden.logits)).toBeLessThanOrEqual(bound);
+      expect(relErr(got, golden.logits)).toBeLessThanOrEqual(GOLDEN_BOUND[kvCacheDtype]);
     }
     // A prompt long enough for the tensor-core prefill kernel (16 queries or more).
     const long = Array.from({ length: Math.min(80, gpu.maxContext) }, (_, i) => golden.prompt_ids[i % golden.prompt_ids.length]);

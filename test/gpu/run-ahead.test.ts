@@ -9,7 +9,8 @@
  * its history tells the queued step is stale), sequences that fill their context, repetition
  * penalties (which never run ahead), and a model whose every layer is windowed; and, on the LCKV
  * model, requests served from the prefix cache, generations that shift their context, top-k and
- * min-p sampling, and a bf16 batch of 20 rows.
+ * min-p sampling, and a bf16 batch of 20 rows; and an int4 cache, whose steps read each sequence's
+ * bf16 residual, with forks, prefix reuse and context shifts.
  * Runs with `npm run test:gpu` on a machine with an NVIDIA GPU; elsewhere it says it skipped.
  */
 import { loadModel, LoadOptions, Model } from "../../lib";
@@ -356,5 +357,55 @@ describeGpu("cuda: run-ahead decoding with the prefix cache, context shift, top-
     // 40 steps: one in 16 crosses into a new page, and the first of the batch size records.
     expect(a.used).toBeGreaterThan(20);
     expect(b.used).toBe(0);
+  });
+});
+
+// An int4 cache: keys per channel over a page, the page being written in a bf16 residual
+// (native/engine/kv_format.h). A recorded step reads each sequence's residual from its inputs, a
+// step run ahead stays in the page its residual holds (it never starts a new page), and forks,
+// prefix reuse and context shifts copy or rewrite the residual: every token equals the model's
+// that never runs ahead, with the same cache type.
+describeGpu("cuda: run-ahead decoding over an int4 cache", () => {
+  const spec = models[0][1];
+  let ahead: Model, plain: Model, cached: Model, cachedPlain: Model, small: Model, smallPlain: Model;
+
+  beforeAll(async () => {
+    const dir = writeTinyModel(spec);
+    [ahead, plain] = await aheadAndPlain(dir, { dtype: "f32", prefixCache: 0, kvCacheDtype: "int4" });
+    [cached, cachedPlain] = await aheadAndPlain(dir, { dtype: "f32", prefixCache: 8, kvCacheDtype: "int4" });
+    [small, smallPlain] = await aheadAndPlain(dir, { dtype: "f32", prefixCache: 0, maxContext: 100, kvCacheDtype: "int4" });
+  });
+  afterAll(async () => {
+    for (const m of [ahead, plain, cached, cachedPlain, small, smallPlain]) await m?.dispose();
+  });
+
+  test("concurrent greedy requests: the same tokens, and most steps run ahead", async () => {
+    const s0 = stats(ahead);
+    const a = await concurrent(ahead, { temperature: 0 });
+    expect(a).toEqual(await concurrent(plain, { temperature: 0 }));
+    expect(a.map((t) => t.length)).toEqual([300, 120, 200]);
+    expect(stats(ahead).used - s0.used).toBeGreaterThan(200);
+    expect(ahead.nativeModel().auditPool()).toBe("");
+  });
+
+  test("a generation stopped, resumed and forked: the same tokens", async () => {
+    const a = await stopResumeFork(ahead);
+    expect(a.tokens).toEqual((await stopResumeFork(plain)).tokens);
+    expect(ahead.nativeModel().auditPool()).toBe("");
+  });
+
+  test("requests served from the prefix cache: the same tokens", async () => {
+    const a = await sharedPrefixes(cached);
+    expect(a).toEqual(await sharedPrefixes(cachedPlain));
+    expect(cached.cacheStats().prefixCache.hits).toBeGreaterThan(0);
+    expect(cached.cacheStats().prefixCache.hits).toBe(cachedPlain.cacheStats().prefixCache.hits);
+    expect(cached.nativeModel().auditPool()).toBe("");
+  });
+
+  test("generations that shift their context: the same tokens", async () => {
+    const a = await shifted(small);
+    expect(a).toEqual(await shifted(smallPlain));
+    expect(a.map((t) => t.length)).toEqual([260, 260]);
+    expect(small.nativeModel().auditPool()).toBe("");
   });
 });

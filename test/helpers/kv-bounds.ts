@@ -10,11 +10,11 @@ export type CompactKvDtype = (typeof COMPACT_KV_DTYPES)[number];
 
 /**
  * Against the f32 PyTorch golden: the type's own rounding, twice the largest error measured over
- * the fixtures on the CPU (bf16 1.9e-2, int8 5.3e-2, fp8 3.0e-1). int4 moves these random models'
- * logits by up to 1.2 times their scale (each K/V value keeps 15 levels), so no bound against the
- * golden says anything there: int4 is checked against the CPU in int4, and for its exact fixed point.
+ * the fixtures on the CPU (bf16 1.9e-2, int8 5.3e-2, fp8 3.0e-1, int4 2.8e-1). int4 with one scale
+ * per token moved these random models' logits by up to 1.2 times their scale; with keys per
+ * channel and the page being written in bf16 (kv_format.h) it is within fp8's.
  */
-export const GOLDEN_BOUND: Record<CompactKvDtype, number | null> = { bf16: 4e-2, fp8: 6e-1, int8: 1e-1, int4: null };
+export const GOLDEN_BOUND: Record<CompactKvDtype, number> = { bf16: 4e-2, fp8: 6e-1, int8: 1e-1, int4: 6e-1 };
 
 /**
  * The GPU against the CPU in the same type: both quantize with one rule, so they store the same

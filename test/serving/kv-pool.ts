@@ -14,17 +14,18 @@ export function kvPoolTests(dev: TestDevice): void {
   test("a fork sharing a partial page may grow to the whole pool: it waits for the page instead of being too large", async () => {
     const dir = writeTinyModel({ maxPositions: 256, seed: 9 });
     const probe = await loadModel(dir, { ...dev, prefixCache: 0 });
-    const P = probe.cacheStats().pageTokens, perToken = probe.kvBytesPerToken;
+    // An int4 cache's sequence also holds its residual: R pages (0 for the other types).
+    const P = probe.cacheStats().pageTokens, perToken = probe.kvBytesPerToken, R = probe.cacheStats().residualPages;
     await probe.dispose();
-    const m = await loadModel(dir, { ...dev, prefixCache: 0, kvCacheMemory: 4 * P * perToken });
+    const m = await loadModel(dir, { ...dev, prefixCache: 0, kvCacheMemory: (4 + R) * P * perToken });
     try {
-      expect(m.cacheStats().pagesTotal).toBe(4);
+      expect(m.cacheStats().pagesTotal).toBe(4 + R);
       const ids = (n: number, k: number) => Array.from({ length: n }, (_, i) => (i * 5 + k) % 32);
       const a = m.createSequence();
       await a.append(ids(P + 5, 1)); // P + 4 tokens prefilled: two pages, the second partial
       const b = a.fork();
-      // b ends at 4 pages (the shared partial page becomes its own copy): the whole pool, but
-      // only once `a` lets go of the pages b would otherwise copy.
+      // b ends at 4 pages (the shared partial page becomes its own copy) and its own residual:
+      // the whole pool, but only once `a` lets go of the pages b would otherwise copy.
       let settled = false;
       const granted = b.reserveRequest(4 * P, 0).finally(() => (settled = true));
       await new Promise((r) => setImmediate(r));
@@ -36,7 +37,7 @@ export function kvPoolTests(dev: TestDevice): void {
       expect(m.cacheStats().pagesFree).toBe(0);
       expect(m.auditCache()).toBe("");
       b.dispose();
-      expect(m.cacheStats().pagesFree).toBe(4);
+      expect(m.cacheStats().pagesFree).toBe(4 + R);
     } finally {
       await m.dispose();
     }
@@ -71,11 +72,12 @@ export function kvPoolTests(dev: TestDevice): void {
         tokens += 50; // the 51st stays pending (evaluated lazily)
       }
       const full = m.cacheStats();
-      // Each sequence wastes at most the rest of its last page, and less than one more
-      // sequence's worth is left free.
+      // Each sequence wastes at most the rest of its last page (and holds its int4 residual's
+      // pages), and less than one more sequence's worth is left free.
+      const R = full.residualPages;
       expect(tokens).toBeLessThanOrEqual(full.capacityTokens);
-      expect(tokens).toBeGreaterThanOrEqual(full.capacityTokens - seqs.length * full.pageTokens - 50);
-      expect(full.pagesFree).toBeLessThan(Math.ceil(50 / full.pageTokens));
+      expect(tokens).toBeGreaterThanOrEqual(full.capacityTokens - seqs.length * (1 + R) * full.pageTokens - 50);
+      expect(full.pagesFree).toBeLessThan(Math.ceil(50 / full.pageTokens) + R);
       expect(m.auditCache()).toBe("");
       held[name] = { tokens, seqs: seqs.length, model: m };
       for (const s of seqs) s.dispose();
@@ -94,35 +96,40 @@ export function kvPoolTests(dev: TestDevice): void {
 
   describe("one small pool", () => {
     let m: Model;
+    // Pages of an int4 cache's residual, which each sequence that has written holds (0 for the
+    // other types): the pool has room for two of them beside its 8 pages of tokens.
+    let R = 0;
     beforeAll(async () => {
       // 8 pages of 16 tokens: 128 tokens in all.
       const probe = await loadModel(writeTinyModel({ layerTypes: "0_3_3_3", seed: 9, maxPositions: 512 }), { ...dev, prefixCache: 0 });
       const pageBytes = probe.cacheStats().pageBytes;
+      R = probe.cacheStats().residualPages;
       await probe.dispose();
-      m = await loadModel(writeTinyModel({ layerTypes: "0_3_3_3", seed: 9, maxPositions: 512 }), { ...dev, kvCacheMemory: 8 * pageBytes, prefixCache: 2 });
+      m = await loadModel(writeTinyModel({ layerTypes: "0_3_3_3", seed: 9, maxPositions: 512 }), { ...dev, kvCacheMemory: (8 + 2 * R) * pageBytes, prefixCache: 2 });
     });
     afterAll(() => m.dispose());
     afterEach(() => {
       m.clearPrefixCache();
-      expect(m.cacheStats().pagesFree).toBe(8);
+      expect(m.cacheStats().pagesFree).toBe(8 + 2 * R);
       expect(m.auditCache()).toBe("");
     });
 
     test("fork shares every page; a write copies only the page it touches", async () => {
       const s = m.createSequence();
       await s.append(Array.from({ length: 41 }, (_, i) => i % 32)); // 40 evaluated: 3 pages, the last partial
-      expect(m.cacheStats().pagesUsed).toBe(3);
+      expect(m.cacheStats().pagesUsed).toBe(3 + R);
       const f = s.fork();
-      expect(m.cacheStats().pagesUsed).toBe(3); // shared, not copied
+      expect(m.cacheStats().pagesUsed).toBe(3 + R); // shared, not copied
       const g = s.fork();
       const want = await drain(g.generate({ maxNewTokens: 6, temperature: 0 }));
       g.dispose();
       const base = m.cacheStats().pagesUsed;
-      expect(base).toBe(3);
-      // The child writes position 40 (its pending token) into the shared partial page: one copy.
+      expect(base).toBe(3 + R);
+      // The child writes position 40 (its pending token) into the shared partial page: one copy
+      // (and one of the int4 residual, which holds that page's rows).
       const got = await drain(f.generate({ maxNewTokens: 6, temperature: 0 }));
       expect(got).toEqual(want);
-      expect(m.cacheStats().pagesUsed).toBe(base + 1);
+      expect(m.cacheStats().pagesUsed).toBe(base + 1 + R);
       // The parent's pages were not touched by the child's writes.
       expect(await drain(s.generate({ maxNewTokens: 6, temperature: 0 }))).toEqual(want);
       f.dispose();
@@ -132,7 +139,7 @@ export function kvPoolTests(dev: TestDevice): void {
     test("a request waits while the pool is full and runs when pages come back", async () => {
       const holder = m.createSequence();
       await holder.append(Array.from({ length: 101 }, (_, i) => (i * 3) % 32)); // 7 pages
-      expect(m.cacheStats().pagesFree).toBe(1);
+      expect(m.cacheStats().pagesFree).toBe(1 + R);
       const p = m.generate([1, 2, 3, 4, 5], { maxNewTokens: 30, temperature: 0, ignoreEos: true }); // needs 3 pages
       await new Promise((r) => setTimeout(r, 20));
       expect(m.cacheStats().queued).toBe(1);
@@ -148,7 +155,7 @@ export function kvPoolTests(dev: TestDevice): void {
       const m2 = m as Model;
       // queueTimeout and maxQueue are load options; this model has the defaults (no timeout,
       // 1024), so make a strict one on the same files for the bound and the timeout.
-      const strict = await loadModel(m2.directory, { ...dev, kvCacheMemory: m2.cacheStats().pageBytes * 8, maxQueue: 1, queueTimeout: 50, prefixCache: 0 });
+      const strict = await loadModel(m2.directory, { ...dev, kvCacheMemory: m2.cacheStats().pageBytes * m2.cacheStats().pagesTotal, maxQueue: 1, queueTimeout: 50, prefixCache: 0 });
       const h2 = strict.createSequence();
       await h2.append(Array.from({ length: 113 }, (_, i) => (i * 5) % 32));
       const waiting = strict.generate([1, 2, 3], { maxNewTokens: 40 });
@@ -185,7 +192,7 @@ export function kvPoolTests(dev: TestDevice): void {
     });
 
     test("a sink-window generation that shifts while others wait takes its pages back first, then the others run", async () => {
-      // A reserves the whole pool (128 tokens of context); B waits. A's shifts give pages back
+      // A reserves the whole pool (128 tokens of context and two residuals'); B waits. A's shifts give pages back
       // and A must get them again (B needs them too: queueing A behind B would deadlock).
       const a = m.generate([1, 2, 3, 4], { maxNewTokens: 300, temperature: 0, ignoreEos: true, contextShift: "sink-window" });
       await new Promise((r) => setTimeout(r, 5));
@@ -197,7 +204,7 @@ export function kvPoolTests(dev: TestDevice): void {
 
     test("when the first waiting request gives up, the one behind it runs if it fits", async () => {
       const holder = m.createSequence();
-      await holder.append(Array.from({ length: 101 }, (_, i) => (i * 3) % 32)); // 7 pages: 1 free
+      await holder.append(Array.from({ length: 101 }, (_, i) => (i * 3) % 32)); // 7 pages: 1 free (and a residual's)
       const ac = new AbortController();
       const big = m.generate([1, 2, 3], { maxNewTokens: 40, signal: ac.signal }); // 3 pages: waits
       await new Promise((r) => setTimeout(r, 5));
@@ -214,7 +221,8 @@ export function kvPoolTests(dev: TestDevice): void {
       const holder = m.createSequence();
       await holder.append([1, 2, 3]);
       const t0 = Date.now();
-      await expect(m.generate(Array(129).fill(1), { maxNewTokens: 1 })).rejects.toBeInstanceOf(ContextOverflowError);
+      // The context is the pool, less a sequence's residual: 128 tokens and another residual's.
+      await expect(m.generate(Array(129 + R * 16).fill(1), { maxNewTokens: 1 })).rejects.toBeInstanceOf(ContextOverflowError);
       expect(Date.now() - t0).toBeLessThan(1000);
       holder.dispose();
     });
@@ -225,7 +233,7 @@ export function kvPoolTests(dev: TestDevice): void {
       const before = m.cacheStats();
       expect(before.prefixCache.sequences).toBe(2);
       expect(before.pagesCached).toBe(before.pagesUsed);
-      expect(before.pagesCached).toBeGreaterThanOrEqual(8);
+      expect(before.pagesCached).toBeGreaterThanOrEqual(8 + 2 * R);
       // 70 tokens need 5 pages: the least recently used entry goes, the other stays.
       const r = await m.generate(Array.from({ length: 50 }, (_, i) => (i * 11) % 32), { maxNewTokens: 20, temperature: 0, ignoreEos: true });
       expect(r.tokens.length).toBe(20);

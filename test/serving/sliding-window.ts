@@ -21,8 +21,9 @@ export function slidingWindowTests(dev: TestDevice): void {
         maxPages = Math.max(maxPages, m.cacheStats().pagesUsed);
       }
       expect(tokens.length).toBe(300);
-      // The window (24) plus one spare position, rounded out to pages, plus the page being filled.
-      expect(maxPages).toBeLessThanOrEqual(Math.ceil((24 + 2) / P) + 2);
+      // The window (24) plus one spare position, rounded out to pages, plus the page being filled
+      // (and an int4 cache's residual).
+      expect(maxPages).toBeLessThanOrEqual(Math.ceil((24 + 2) / P) + 2 + m.cacheStats().residualPages);
       // Every greedy token is the argmax of the full forward over the whole text (which never
       // releases anything): released pages were never needed.
       const all = [...prompt, ...tokens];
@@ -63,14 +64,20 @@ export function slidingWindowTests(dev: TestDevice): void {
       const roomy = await loadModel(dir, { ...dev, prefixCache: 0 });
       const P = roomy.cacheStats().pageTokens;
       const pageBytes = roomy.cacheStats().pageBytes;
+      const R = roomy.cacheStats().residualPages;  // an int4 cache's residual, held by each sequence (0 otherwise)
       const prompts = [0, 1].map((k) => Array.from({ length: 40 }, (_, i) => (i * 5 + 1 + k * 7) % 32));
       const opts = { maxNewTokens: 300, temperature: 0, ignoreEos: true };
       const alone = await Promise.all(prompts.map(async (p) => (await roomy.generate(p, opts)).tokens));
       await roomy.dispose();
       // 8 pages hold 128 tokens; each request reaches 340. While it decodes, a sequence holds the
-      // pages of the window (24) and its spare position: at most ceil(25 / 16) + 1 = 3.
-      const windowPages = Math.ceil(25 / P) + 1;
-      const m = await loadModel(dir, { ...dev, prefixCache: 0, kvCacheMemory: 8 * pageBytes, queueTimeout: 10_000 });
+      // pages of the window (24) and its spare position: at most ceil(25 / 16) + 1 = 3, and its
+      // residual. The pool is the window's pages and k idle sequences' (a page and a residual
+      // each, below), at least two windows: 8 pages without a residual.
+      const windowPages = Math.ceil(25 / P) + 1 + R;
+      let k = 1;
+      while (windowPages + k * (1 + R) < Math.max(8, 2 * windowPages)) k++;
+      const poolPages = windowPages + k * (1 + R);
+      const m = await loadModel(dir, { ...dev, prefixCache: 0, kvCacheMemory: poolPages * pageBytes, queueTimeout: 10_000 });
       expect(m.maxContext).toBe(512);
       let maxPages = 0;
       let lateReserved = 0;
@@ -107,11 +114,11 @@ export function slidingWindowTests(dev: TestDevice): void {
       expect(lateReserved).toBeGreaterThan(0);
       expect(m.cacheStats().pagesUsed).toBe(0);
       expect(m.cacheStats().pagesReserved).toBe(0);
-      // Every page but the window's is held by idle sequences (a page each: a short sequence
-      // releases nothing): a generation, and one of a fork that shares its source's pages,
-      // never needs a page beyond its promise.
+      // Every page but the window's is held by idle sequences (a page each, and a residual: a
+      // short sequence releases nothing): a generation, and one of a fork that shares its
+      // source's pages, never needs a page beyond its promise.
       const hold = async (pages: number) =>
-        Promise.all(Array.from({ length: pages }, async (_, k) => {
+        Promise.all(Array.from({ length: Math.floor(pages / (1 + R)) }, async (_, k) => {
           const q = m.createSequence();
           await q.append(Array.from({ length: P }, (_, i) => (i * 3 + k) % 32));
           return q;
@@ -127,7 +134,7 @@ export function slidingWindowTests(dev: TestDevice): void {
         }
         return { tokens, grabbed };
       };
-      let idle = await hold(8 - windowPages);
+      let idle = await hold(poolPages - windowPages);
       expect(m.cacheStats().pagesFree).toBe(windowPages);
       const r = await runGrabbing(m.stream(prompts[0], opts));
       expect(r.tokens).toEqual(alone[0]);

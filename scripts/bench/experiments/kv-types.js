@@ -29,7 +29,8 @@ async function stepMs(seqs, n) {
 }
 
 async function decodeFigure(bench, shape, kvCacheDtype, rows, context, steps) {
-  const kvBytes = (m) => m.kvBytesPerToken * rows * (context + steps + 16);
+  // (and each sequence's int4 residual: the bf16 page being written)
+  const kvBytes = (m) => m.kvBytesPerToken * rows * (context + steps + 16) + rows * m.cacheStats().residualPages * m.cacheStats().pageBytes;
   const probe = await bench.load(shape, "standard", kvCacheDtype, { kvCacheMemory: 1 << 24 });
   const need = kvBytes(probe);
   await probe.dispose();
@@ -63,9 +64,10 @@ async function experimentKvTypes(bench) {
   const rows = [];
   for (const kvCacheDtype of TYPES) {
     const cap = await bench.load(shape, "standard", kvCacheDtype, { kvCacheMemory: (bench.tiny ? 1 / 64 : POOL_GIB) * 2 ** 30 });
-    const { pagesTotal, pageBytes, pageTokens } = cap.cacheStats();
+    const { pagesTotal, pageBytes, pageTokens, residualPages } = cap.cacheStats();
     await cap.dispose();
-    const capacity = Math.floor(pagesTotal / (capContext / pageTokens));
+    // A sequence holds its context's pages and, in int4, its residual's.
+    const capacity = Math.floor(pagesTotal / (capContext / pageTokens + residualPages));
     const decode = await decodeFigure(bench, shape, kvCacheDtype, batch, context, steps);
     const batch1 = await decodeFigure(bench, shape, kvCacheDtype, 1, 128, steps * 2);
     const attention = [];
@@ -81,7 +83,7 @@ async function experimentKvTypes(bench) {
       attention.push({ sequences, context: capContext, bytes, ms, gbps, ofCopy: gbps / bench.rates.copyGBps });
     }
     const roofMs = (decode.bytesPerStep / (bench.rates.copyGBps * 1e9)) * 1e3;
-    const row = { shape, kvCacheDtype, pageBytes, poolGiB: bench.tiny ? 1 / 64 : POOL_GIB, capacityContext: capContext, capacity, batch, context, decode: { ...decode, roofMs, ofRoofline: roofMs / decode.ms.median }, batch1, attention };
+    const row = { shape, kvCacheDtype, pageBytes, residualPages, poolGiB: bench.tiny ? 1 / 64 : POOL_GIB, capacityContext: capContext, capacity, batch, context, decode: { ...decode, roofMs, ofRoofline: roofMs / decode.ms.median }, batch1, attention };
     rows.push(row);
     log(`exp7 ${kvCacheDtype}: capacity ${capacity}, decode ${decode.ms.median.toFixed(3)} ms (roofline ${roofMs.toFixed(3)}), batch 1 ${batch1.ms.median.toFixed(3)} ms, attention ${attention.map((a) => `${a.sequences}: ${a.gbps.toFixed(0)} GB/s`).join(", ")}`);
   }
