@@ -130,11 +130,22 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
                       "several rows of one sequence in a step need a model without a cyclic layer group (there a token reads "
                       "the final K/V of the one before)");
   const int n = (int)total;
+  // Sequences exist only on a pool, so a batch has one.
+  const KvLayout& L = pool_->layout();
   for (int i = 0; i < numSeqs; ++i) {
     for (int q = 0; q < i; ++q)
       if (seqs[(size_t)q] == seqs[(size_t)i]) throw EngineError(kErrInvalidArgument, "a sequence appears twice in one batch");
-    if ((int64_t)seqs[(size_t)i]->length() + rows[(size_t)i] > seqs[(size_t)i]->maxContext)
+    const int start = seqs[(size_t)i]->length(), k = rows[(size_t)i];
+    if ((int64_t)start + k > seqs[(size_t)i]->maxContext)
       throw EngineError(kErrContextOverflow, "a sequence in the batch is full (" + std::to_string(seqs[(size_t)i]->maxContext) + " tokens)");
+    // A channel-key type's residual holds the one page being written (kv_format.h), so a
+    // sequence's rows must end in the page of its first: past it they would land in a page the
+    // residual does not hold. The scheduler cuts an int4 prompt's chunks at its pages.
+    if (kvTypeChannelKeys(L.type) && start % L.pageTokens + k > L.pageTokens)
+      throw EngineError(kErrInvalidArgument,
+                        "decodeBatch: rows of sequence " + std::to_string(i) + " must lie in one " + std::to_string(L.pageTokens) +
+                            "-token page of its " + kvTypeName(L.type) + " K/V cache (the residual holds one page): " +
+                            std::to_string(k) + " rows from position " + std::to_string(start) + " cross into the next page");
   }
   for (int r = 0; r < n; ++r)
     if (tokens[(size_t)r] < 0 || tokens[(size_t)r] >= cfg_.vocab)
@@ -162,7 +173,9 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
     for (int i = 0; i < numSeqs; ++i) {
       SequenceState& q = *seqs[(size_t)i];
       q.kv->prepareWrite(q.length(), rows[(size_t)i]);  // changes nothing for a step queued ahead
-      moveResidual(q, q.length());  // nor does this (writableInPlace checked it)
+      // Nor does this (writableInPlace checked it). The sequence's rows all lie in the page of its
+      // first (checked above), the one page the residual holds.
+      moveResidual(q, q.length());
     }
     Scratch s;
     viewPages(s, seqs, rowSeq, true);
