@@ -6,8 +6,9 @@
  * modules do not import each other).
  */
 import { setMaxListeners } from "node:events";
-import { Admission, AdmissionOptions } from "./admission";
+import { Admission, AdmissionOptions, KV_PAGE_TOKENS } from "./admission";
 import type { ModelConfig } from "./config";
+import type { KvCacheDtype } from "./kv-cache-dtype";
 import { AbortError, ContextOverflowError, DisposedError, fromNative, InvalidInputError, InvalidOptionError, TokenOutOfRangeError } from "./errors";
 import type { NativeModel, NativeSequence } from "./native";
 import { describe, GenerateOptions, GenerationDefaults, ResolvedGenerateOptions, resolveGenerateOptions } from "./options";
@@ -57,6 +58,8 @@ export interface EngineContextInit {
   maxBatch: number;
   /** The backend the model runs on: it picks the default prefill mode and chunk. */
   device: "cpu" | "cuda";
+  /** The K/V cache's type (an int4 cache cuts mixed steps' chunks at its pages). */
+  kvCacheDtype: KvCacheDtype;
 }
 
 export class EngineContext {
@@ -91,6 +94,15 @@ export class EngineContext {
    * that arrives meanwhile waits for the chunk in progress.
    */
   readonly lonePrefillChunk: number;
+  /**
+   * An int4 cache's page (0 for the other types): a mixed step's chunk of a prompt ends at the
+   * page its sequence is writing. int4 keeps that page in bf16 (its residual) until the page is
+   * full, then scales its keys per channel over it, so the engine's K/V write and attention
+   * take a sequence's rows of one call in one page (native prefill goes a page at a time too),
+   * and Model::decodeBatch refuses rows that cross one. Cutting the chunk here keeps int4
+   * prompts mixing with the decode rows, a page per step, instead of leaving them out.
+   */
+  readonly chunkPage: number;
   private readonly device: "cpu" | "cuda";
   private prefilled = 0;
   /** Requests prefilling or generating now (see working()). */
@@ -111,9 +123,10 @@ export class EngineContext {
     this.device = init.device;
     this.prefillChunk = init.device === "cpu" ? 64 : 512;
     this.lonePrefillChunk = init.device === "cpu" ? 64 : 4096;
+    this.chunkPage = init.kvCacheDtype === "int4" ? KV_PAGE_TOKENS : 0;
     // Every prefill in flight listens to it: as many as there are concurrent requests.
     setMaxListeners(0, this.disposing.signal);
-    this.scheduler = new DecodeScheduler(() => this.nativeModel(), init.maxBatch, this.prefillChunk);
+    this.scheduler = new DecodeScheduler(() => this.nativeModel(), init.maxBatch, this.prefillChunk, this.chunkPage);
   }
 
   get disposed(): boolean {

@@ -95,6 +95,7 @@ export class Model implements AsyncDisposable {
       // cuBLASLt, whose results depend on the batch; 16 keeps every sequence batch-invariant.
       maxBatch: maxBatch ?? (this.device === "cuda" ? 16 : 256),
       device: this.device,
+      kvCacheDtype,
     });
     this.admission = this.engine.admission;
     this.scheduler = this.engine.scheduler;

@@ -17,7 +17,8 @@
  *   (a mixed step, vLLM's chunked prefill). One pass over a chunk is exact there, so the
  *   weights are read once for the chunk and the decode rows, and a running stream waits at
  *   most one chunk for its next token, as it did between the chunks of a native prefill.
- *   Prompts take turns at the budget: a prompt cut short goes to the back.
+ *   Prompts take turns at the budget: a prompt cut short goes to the back. An int4 cache's
+ *   chunk ends at its sequence's page (chunkPage).
  */
 import { AbortError, fromNative } from "./errors";
 import { NativeDecodedTokens, NativeModel, NativeSamplingParams, NativeSequence, NativeTokenLogprobs } from "./native";
@@ -78,11 +79,14 @@ export class DecodeScheduler {
   /**
    * maxBatch: sequences per step. chunkRows: prompt rows per step in all, for chunked feeds;
    * a step runs at most its decode rows plus this many (EngineContext.prefillChunk says why).
+   * chunkPage: the K/V page's tokens where a chunk's rows must lie in one page of their sequence
+   * (an int4 cache: EngineContext.chunkPage says why), else 0.
    */
   constructor(
     private readonly native: () => NativeModel,
     private readonly maxBatch = 256,
     private readonly chunkRows = 64,
+    private readonly chunkPage = 0,
   ) {}
 
   /**
@@ -99,9 +103,10 @@ export class DecodeScheduler {
   /**
    * Appends `tokens` to `seq` as rows of the shared steps that sample nothing, one per step, or
    * with `chunked` (a model without a cyclic layer group only) as many per step as the chunk
-   * budget leaves, and resolves once all are in. Rejects with AbortError once `cancel[0]` is
-   * raised (looked at before each step), or with the error of a step that failed for this
-   * sequence; the tokens appended before stay in the sequence (the caller rewinds it).
+   * budget leaves (and, with chunkPage, the sequence's page), and resolves once all are in.
+   * Rejects with AbortError once `cancel[0]` is raised (looked at before each step), or with the
+   * error of a step that failed for this sequence; the tokens appended before stay in the
+   * sequence (the caller rewinds it).
    */
   append(seq: NativeSequence, tokens: readonly number[], cancel?: Int32Array, chunked = false): Promise<void> {
     if (tokens.length === 0) return Promise.resolve();
@@ -122,7 +127,8 @@ export class DecodeScheduler {
 
   /**
    * The prompts this step runs, in turn: as many as the decode rows leave room for, at least one
-   * when any waits. A token-step prompt runs one row; chunked prompts share chunkRows rows.
+   * when any waits. A token-step prompt runs one row; chunked prompts share chunkRows rows,
+   * each at most to the end of its sequence's page where chunkPage asks.
    */
   private takeFeeds(): FeedRows[] {
     this.feeds = this.feeds.filter((f) => {
@@ -135,7 +141,7 @@ export class DecodeScheduler {
     const taken: FeedRows[] = [];
     const waiting: PromptFeed[] = [];
     for (const f of this.feeds) {
-      const rows = f.chunked ? Math.min(f.tokens.length - f.done, budget) : 1;
+      const rows = f.chunked ? Math.min(f.tokens.length - f.done, budget, this.pageRowsLeft(f.seq)) : 1;
       if (taken.length >= seats || rows === 0) {
         waiting.push(f);
         continue;
@@ -145,6 +151,11 @@ export class DecodeScheduler {
     }
     this.feeds = waiting;
     return taken;
+  }
+
+  /** The rows a chunk of `seq` may take before its page ends (chunkPage), unbounded without one. */
+  private pageRowsLeft(seq: NativeSequence): number {
+    return this.chunkPage > 0 ? this.chunkPage - (seq.length % this.chunkPage) : Infinity;
   }
 
   /** A prompt's rows went in: the prompt is done, or waits its next turn. */

@@ -1,16 +1,106 @@
 /**
  * Mixed steps over an int4 K/V cache. int4 keeps the page a sequence is writing in bf16 (its
  * residual) and quantizes the page, keys per channel over its 16 tokens, once it is full, so a
- * sequence's rows in one step must lie in one page: the engine refuses rows that cross one.
+ * sequence's rows in one step must lie in one page: the scheduler ends an int4 prompt's chunk at
+ * its page, and the engine refuses rows that cross one. On the CPU a row's arithmetic does not
+ * depend on the other rows of its step, so a prompt that goes in while another int4 stream
+ * decodes holds the K/V of the prompt prefilled alone (a page at a time) and continues with its
+ * greedy tokens and log-probabilities, bit for bit.
  */
 import * as path from "node:path";
-import { loadModel, Model } from "../../lib";
-import { prompt } from "../helpers/shared-steps";
+import { InvalidInputError, loadModel, Model } from "../../lib";
+import { KV_PAGE_TOKENS } from "../../lib/admission";
+import { DecodeScheduler } from "../../lib/scheduler";
+import { alone, chunk, continuation, engineOf, kvBits, nativeOf, nextToken, prompt, promptTokens, runningStream } from "../helpers/shared-steps";
 
 process.env.LCKV_QUIET = "1";
 
 const FIXTURES = path.join(__dirname, "..", "fixtures");
+const P = KV_PAGE_TOKENS;
 const NATIVE_SEQUENTIAL = { mode: "sequential", logits: "none" } as const;
+
+/** The rows a prompt of `run` rows from position `start` takes per step: to each page's end. */
+function pagePieces(start: number, run: number): number[] {
+  const pieces: number[] = [];
+  for (let at = start; at < start + run; ) {
+    const end = Math.min(start + run, (Math.floor(at / P) + 1) * P);
+    pieces.push(end - at);
+    at = end;
+  }
+  return pieces;
+}
+
+describe.each(["llama-gqa-hd32", "llama-mha-hd16"])("%s, int4 K/V", (name) => {
+  let m: Model;
+  beforeAll(async () => {
+    m = await loadModel(path.join(FIXTURES, name), { device: "cpu", threads: 1, prefixCache: 0, kvCacheDtype: "int4" });
+    expect(m.config.plan.cyclicGroup).toBeNull();
+    expect(engineOf(m).chunkPage).toBe(P);
+  });
+  afterAll(() => m.dispose());
+
+  test("a prompt arriving while an int4 stream decodes goes in a page per step, and equals the prompt prefilled alone", async () => {
+    // A prompt from position 0, and one after 5 tokens (its first chunk fills the rest of page 0).
+    const head = prompt(m, 5, 7);
+    const cases = [
+      { before: [] as number[], ids: prompt(m, Math.floor(m.maxContext * 0.6), 1) },
+      { before: head, ids: prompt(m, 50, 2) },
+    ];
+    for (const { before, ids } of cases) {
+      const ref = await alone(m, ids, before);
+      const s = m.createSequence();
+      if (before.length) await s.append(before);
+      const start = nativeOf(s).length;
+      const stream = await runningStream(m);
+      const from = stream.gaps.length;
+      const tokensBefore = promptTokens(m);
+      await s.append(ids);
+      await nextToken(stream);
+      const during = stream.gaps.slice(from);
+      await stream.stop();
+      // Every row of the run but the pending token went in as rows of mixed steps, one step
+      // between two of the stream's tokens, each step's chunk ending at the prompt's page.
+      const run = before.length + ids.length - 1 - start;
+      expect(promptTokens(m) - tokensBefore).toBe(run);
+      for (const g of during) expect(g.steps).toBe(1);
+      expect(during.filter((g) => g.prompt > 0).map((g) => g.prompt)).toEqual(pagePieces(start, run));
+      expect(pagePieces(start, run).length).toBeGreaterThan(2);
+      expect(s.exact).toBe(true);
+      expect(kvBits(m, s, s.length - 1)).toEqual(ref.kv);
+      const g = await continuation(s);
+      expect(g.tokens).toEqual(ref.tokens);
+      expect(g.logprobs).toEqual(ref.logprobs);
+      s.dispose();
+    }
+    expect(m.auditCache()).toBe("");
+  });
+
+  test("concurrent int4 prompts share the steps, each a page at most per step, and each equals itself alone", async () => {
+    const ps = [3, 21, 40, Math.floor(m.maxContext * 0.5)].map((n, i) => prompt(m, n, i + 11));
+    const refs: Awaited<ReturnType<typeof alone>>[] = [];
+    for (const p of ps) refs.push(await alone(m, p));
+    const stream = await runningStream(m);
+    const from = stream.gaps.length;
+    const before = promptTokens(m);
+    const seqs = ps.map(() => m.createSequence());
+    await Promise.all(seqs.map((s, i) => s.append(ps[i])));
+    await nextToken(stream);
+    const during = stream.gaps.slice(from);
+    await stream.stop();
+    expect(promptTokens(m) - before).toBe(ps.reduce((a, p) => a + p.length - 1, 0));
+    // A step carries at most a page of each prompt (and the chunk in all).
+    for (const g of during) expect(g.prompt).toBeLessThanOrEqual(Math.min(chunk(m), ps.length * P));
+    expect(Math.max(...during.map((g) => g.prompt))).toBeGreaterThan(P);
+    seqs.forEach((s, i) => expect(kvBits(m, s, s.length - 1)).toEqual(refs[i].kv));
+    const gens = await Promise.all(seqs.map((s) => continuation(s)));
+    gens.forEach((g, i) => {
+      expect(g.tokens).toEqual(refs[i].tokens);
+      expect(g.logprobs).toEqual(refs[i].logprobs);
+    });
+    for (const s of seqs) s.dispose();
+    expect(m.auditCache()).toBe("");
+  });
+});
 
 describe("decodeBatch over an int4 cache: rows of one sequence in one page", () => {
   let m: Model;
@@ -45,6 +135,25 @@ describe("decodeBatch over an int4 cache: rows of one sequence in one page", () 
     expect([a.length, b.length]).toEqual([5, 40]);
     expect(kvOf(b, 40)).toEqual(kvOf(ref, 40));
     for (const s of [ref, a, b]) s.dispose();
+    expect(m.auditCache()).toBe("");
+  });
+
+  test("a scheduler that did not cut chunks at pages gets the typed error, and the sequence stays as it was", async () => {
+    // The model's scheduler ends an int4 chunk at its page; one built without chunkPage does not,
+    // so its chunk reaches the engine's check, which refuses it before anything is written.
+    const uncut = new DecodeScheduler(() => m.nativeModel(), 256, 64);
+    const s = m.createSequence();
+    const e = await uncut.append(nativeOf(s), prompt(m, 20, 5), undefined, true).catch((x) => x);
+    expect(e).toBeInstanceOf(InvalidInputError);
+    expect(e.code).toBe("LCKV_INVALID_ARGUMENT");
+    expect(e.message).toMatch(/20 rows from position 0 cross into the next page/);
+    expect(nativeOf(s).length).toBe(0);
+    // The model's own scheduler takes the same tokens page by page.
+    const steps = m.schedulerStats().steps;
+    await engineOf(m).scheduler.append(nativeOf(s), prompt(m, 20, 5), undefined, true);
+    expect(nativeOf(s).length).toBe(20);
+    expect(m.schedulerStats().steps - steps).toBe(2);
+    s.dispose();
     expect(m.auditCache()).toBe("");
   });
 });
