@@ -11,24 +11,13 @@ import * as path from "node:path";
 import { InvalidInputError, loadModel, Model } from "../../lib";
 import { KV_PAGE_TOKENS } from "../../lib/admission";
 import { DecodeScheduler } from "../../lib/scheduler";
-import { alone, chunk, continuation, engineOf, kvBits, nativeOf, nextToken, prompt, promptTokens, runningStream } from "../helpers/shared-steps";
+import { alone, chunk, continuation, engineOf, kvBits, nativeOf, nextToken, pagePieces, prompt, promptTokens, runningStream } from "../helpers/shared-steps";
 
 process.env.LCKV_QUIET = "1";
 
 const FIXTURES = path.join(__dirname, "..", "fixtures");
 const P = KV_PAGE_TOKENS;
 const NATIVE_SEQUENTIAL = { mode: "sequential", logits: "none" } as const;
-
-/** The rows a prompt of `run` rows from position `start` takes per step: to each page's end. */
-function pagePieces(start: number, run: number): number[] {
-  const pieces: number[] = [];
-  for (let at = start; at < start + run; ) {
-    const end = Math.min(start + run, (Math.floor(at / P) + 1) * P);
-    pieces.push(end - at);
-    at = end;
-  }
-  return pieces;
-}
 
 describe.each(["llama-gqa-hd32", "llama-mha-hd16"])("%s, int4 K/V", (name) => {
   let m: Model;
@@ -63,8 +52,8 @@ describe.each(["llama-gqa-hd32", "llama-mha-hd16"])("%s, int4 K/V", (name) => {
       const run = before.length + ids.length - 1 - start;
       expect(promptTokens(m) - tokensBefore).toBe(run);
       for (const g of during) expect(g.steps).toBe(1);
-      expect(during.filter((g) => g.prompt > 0).map((g) => g.prompt)).toEqual(pagePieces(start, run));
-      expect(pagePieces(start, run).length).toBeGreaterThan(2);
+      expect(during.filter((g) => g.prompt > 0).map((g) => g.prompt)).toEqual(pagePieces(start, run, P));
+      expect(pagePieces(start, run, P).length).toBeGreaterThan(2);
       expect(s.exact).toBe(true);
       expect(kvBits(m, s, s.length - 1)).toEqual(ref.kv);
       const g = await continuation(s);

@@ -15,7 +15,9 @@
  * With bf16 weights a step of more than 16 rows takes cuBLASLt on bf16 activations for every
  * row, so nothing there is exact against a prompt alone: the default model types are checked for
  * what mixing guarantees, a token in every step for the running stream and the prompt in whole
- * chunks.
+ * chunks. An int4 cache's chunk ends at its sequence's page, and its attention is the int4
+ * decode launches for every row, whose split-K plan follows the step's rows: held to its pages,
+ * to K/V near the prompt's own and to its greedy tokens.
  */
 import * as fs from "node:fs";
 import * as os from "node:os";
@@ -32,6 +34,7 @@ import {
   kvBits,
   nativeOf,
   nextToken,
+  pagePieces,
   prompt,
   promptTokens,
   runningStream,
@@ -295,6 +298,55 @@ describeGpu("cuda, a 4096-token context, the default weights and K/V (bf16)", ()
     expect(s.exact).toBe(true);
     const g = await continuation(s);
     expect(g.tokens.length).toBe(GREEDY.maxNewTokens);
+    s.dispose();
+    expect(m.auditCache()).toBe("");
+  });
+});
+
+/** ||b - a|| / ||a|| of two K/V bit patterns (kvBits) read as floats. */
+function kvRelError(a: number[][], b: number[][]): number {
+  let num = 0, den = 0;
+  a.forEach((slot, i) => {
+    const x = new Float32Array(Uint32Array.from(slot).buffer), y = new Float32Array(Uint32Array.from(b[i]).buffer);
+    expect(y.length).toBe(x.length);
+    x.forEach((v, j) => {
+      num += (y[j] - v) ** 2;
+      den += v * v;
+    });
+  });
+  return Math.sqrt(num / den);
+}
+
+describeGpu("cuda, llama-gqa-hd32, f32 weights, int4 K/V: a prompt's chunks end at its pages", () => {
+  let m: Model;
+  beforeAll(async () => {
+    m = await loadModel(path.join(FIXTURES, "llama-gqa-hd32"), { ...EXACT, kvCacheDtype: "int4" });
+  });
+  afterAll(() => m.dispose());
+
+  // Every row of an int4 attention call takes the two int4 decode launches, whose split-K plan
+  // follows the call's rows: a chunk's K/V past the first layer is close to its prefill alone
+  // (a page a call), not bit for bit.
+  test("a prompt arriving while an int4 stream decodes goes in a page per step, near its prefill alone, with its greedy tokens", async () => {
+    const head = prompt(m, 5, 7);
+    const p = prompt(m, Math.floor(m.maxContext * 0.6), 2);
+    const ref = await alone(m, p, head);
+    const s = m.createSequence();
+    await s.append(head);
+    const start = nativeOf(s).length;
+    const stream = await runningStream(m);
+    const from = stream.gaps.length;
+    const before = promptTokens(m);
+    await s.append(p);
+    await nextToken(stream);
+    const during = stream.gaps.slice(from);
+    await stream.stop();
+    const run = head.length + p.length - 1 - start;
+    expect(promptTokens(m) - before).toBe(run);
+    for (const g of during) expect(g.steps).toBe(1);
+    expect(during.filter((g) => g.prompt > 0).map((g) => g.prompt)).toEqual(pagePieces(start, run, engineOf(m).chunkPage));
+    expect(kvRelError(ref.kv, kvBits(m, s, s.length - 1))).toBeLessThan(1e-2);
+    expect((await continuation(s)).tokens).toEqual(ref.tokens);
     s.dispose();
     expect(m.auditCache()).toBe("");
   });

@@ -33,6 +33,20 @@ export const chunk = (m: Model): number => engineOf(m).prefillChunk;
 
 export const GREEDY = { maxNewTokens: 8, temperature: 0, ignoreEos: true, logprobs: 3 };
 
+/**
+ * The rows a prompt of `run` rows from position `start` takes per mixed step over an int4 cache
+ * (with no other prompt): each step's to the end of its page of `pageTokens`.
+ */
+export function pagePieces(start: number, run: number, pageTokens: number): number[] {
+  const pieces: number[] = [];
+  for (let at = start; at < start + run; ) {
+    const end = Math.min(start + run, (Math.floor(at / pageTokens) + 1) * pageTokens);
+    pieces.push(end - at);
+    at = end;
+  }
+  return pieces;
+}
+
 /** A sequence's greedy continuation. */
 export async function continuation(s: Sequence) {
   return (await collectStream(s.generate(GREEDY))).result;
