@@ -3,7 +3,8 @@
 // head (16 per warp, the rows of an mma tile) and streams the keys they can see through shared
 // memory in tiles of kPrefillKeyTile, two tiles in flight; scores, probabilities and the output
 // stay in registers. Not for int4, whose keys are scaled per channel of a page (kv_format.h):
-// an int4 call has at most a page of rows of a sequence and takes the decode kernel (attention.cu).
+// an int4 call's rows of one sequence lie in one page, and all of them take the decode kernel
+// (attention.cu), a mixed step's chunk too.
 //
 // Precision: every code of every compact type is exactly a bf16 (bf16's 8 significant bits hold
 // an int8 or int4 code and an e4m3 value; a bf16 cache's values are bf16), so keys and values
