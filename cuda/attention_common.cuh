@@ -22,23 +22,9 @@ struct AttentionOut {
   }
 };
 
-// Internal linkage, as in every kernel file: each .cu that includes this has its own copy, and
-// the kernels built on it keep the names they show in profiles.
-namespace {
-
-constexpr int kMaxDimsPerLane = kMaxHeadDim / 32;
-static_assert(kMaxDimsPerLane * 32 == kMaxHeadDim, "a warp's lanes hold the largest head in whole dims each");
-// Splits of a decode row's keys at most (the merge kernel keeps one weight per split).
-constexpr int kMaxDecodeSplits = 64;
-
-struct Range {
-  int first, last;  // visible keys [first, last]; empty when last < first
-};
-
-__device__ __forceinline__ Range visible(int p, bool strict, int window) {
-  return {window > 0 ? max(0, p - window + 1) : 0, strict ? p - 1 : p};
-}
-
+// External linkage (outside the unnamed namespace below): the launchers that attention.cu calls
+// take a DecodeSpan, and attention_decode.cu defines them, so both must name one type.
+//
 // Which of a row's visible keys a decode launch takes. A channel-key type (int4, kv_format.h)
 // reads a query's keys in two launches into one split-K workspace, whose partial results the
 // merge kernel combines:
@@ -56,6 +42,23 @@ struct DecodeSpan {
   int splitBase = 0;
   int outSplits = 1;
 };
+
+// Internal linkage, as in every kernel file: each .cu that includes this has its own copy, and
+// the kernels built on it keep the names they show in profiles.
+namespace {
+
+constexpr int kMaxDimsPerLane = kMaxHeadDim / 32;
+static_assert(kMaxDimsPerLane * 32 == kMaxHeadDim, "a warp's lanes hold the largest head in whole dims each");
+// Splits of a decode row's keys at most (the merge kernel keeps one weight per split).
+constexpr int kMaxDecodeSplits = 64;
+
+struct Range {
+  int first, last;  // visible keys [first, last]; empty when last < first
+};
+
+__device__ __forceinline__ Range visible(int p, bool strict, int window) {
+  return {window > 0 ? max(0, p - window + 1) : 0, strict ? p - 1 : p};
+}
 
 __device__ __forceinline__ Range visibleKeys(int p, bool strict, int window, const DecodeSpan& span) {
   const Range all = visible(p, strict, window);
