@@ -16,7 +16,7 @@ import { SingleBar } from "cli-progress";
 import { formatLayerTypes } from "./plan";
 import { InvalidInputError, LckvError } from "./errors";
 import { KV_CACHE_DTYPES, KvCacheDtype } from "./kv-cache-dtype";
-import { loadModel, LoadOptions } from "./load-model";
+import { DType, DTYPES, loadModel, LoadOptions } from "./load-model";
 import { Model } from "./model";
 import { createServer } from "./server/server";
 import { condenseModel } from "./condense/condense";
@@ -56,7 +56,7 @@ process.stdout.on("error", (e: NodeJS.ErrnoException) => {
   stdoutClosed = true;
 });
 
-async function open(opts: { model?: string; revision?: string; device?: "auto" | "cpu" | "cuda"; dtype?: LoadOptions["dtype"]; kvDtype?: KvCacheDtype; maxContext?: number; maxQueue?: number }): Promise<Model> {
+async function open(opts: { model?: string; revision?: string; device?: "auto" | "cpu" | "cuda"; dtype?: DType; kvDtype?: KvCacheDtype; maxContext?: number; maxQueue?: number }): Promise<Model> {
   const load: LoadOptions = { device: opts.device ?? "auto" };
   if (opts.dtype !== undefined) load.dtype = opts.dtype;
   if (opts.kvDtype !== undefined) load.kvCacheDtype = opts.kvDtype;
@@ -146,7 +146,7 @@ program.name("lckv").description("Run language models with layer-condensed KV ca
 // Options several commands share.
 const deviceOption = () => new Option("--device <device>", "where to run").choices(["auto", "cpu", "cuda"]).default("auto");
 const dtypeOption = () =>
-  new Option("--dtype <type>", "the weights' type on the device (default: bf16 on CUDA, the checkpoint's on the CPU)").choices(["auto", "f32", "f16", "bf16"]);
+  new Option("--dtype <type>", "the weights' type on the device (default: bf16 on CUDA, the checkpoint's on the CPU)").choices([...DTYPES]);
 const kvDtypeOption = () => new Option("--kv-dtype <type>", "the K/V cache's value type (default: bf16)").choices([...KV_CACHE_DTYPES]);
 const modelOption = () =>
   new Option(

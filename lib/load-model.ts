@@ -20,7 +20,9 @@ import { readJson, Tokenizer } from "./tokenizer";
 import { resolveWeights } from "./weights";
 
 export type Device = "auto" | "cuda" | "cpu";
-export type DType = "auto" | "f32" | "f16" | "bf16";
+/** The weights' types loadModel's `dtype` takes (the CLI's --dtype offers the same). */
+export const DTYPES = ["auto", "f32", "f16", "bf16"] as const;
+export type DType = (typeof DTYPES)[number];
 
 export interface LoadOptions {
   device?: Device;
@@ -136,7 +138,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   const device = options.device ?? "auto";
   if (!["auto", "cuda", "cpu"].includes(device)) throw new InvalidOptionError("device", `must be "auto", "cuda" or "cpu", got ${describe(device)}`);
   const dtype = options.dtype ?? "auto";
-  if (!["auto", "f32", "f16", "bf16"].includes(dtype)) throw new InvalidOptionError("dtype", `must be "auto", "f32", "f16" or "bf16", got ${describe(dtype)}`);
+  if (!(DTYPES as readonly string[]).includes(dtype)) throw new InvalidOptionError("dtype", `must be "auto", "f32", "f16" or "bf16", got ${describe(dtype)}`);
   if (options.kvCacheDtype !== undefined && !isKvCacheDtype(options.kvCacheDtype)) throw new InvalidOptionError("kvCacheDtype", `must be one of ${KV_CACHE_DTYPES.map((t) => `"${t}"`).join(", ")}, got ${describe(options.kvCacheDtype)}`);
   if (options.threads !== undefined) posInt("threads", options.threads, MAX_THREADS);
   if (options.cudaGraphs !== undefined && typeof options.cudaGraphs !== "boolean") throw new InvalidOptionError("cudaGraphs", `must be true or false, got ${describe(options.cudaGraphs)}`);

@@ -55,7 +55,7 @@ test("info reports the layer pattern and the KV saving", () => {
 
 test("--dtype chooses the weights' type: bf16 rounds an f32 checkpoint's weights, f32 keeps them as the default does on the CPU", () => {
   const ppl = (extra: string[]) => {
-    const r = run(["eval-ppl", "--model", path.join(root, "test", "fixtures", "lckv-w2"), "--text", path.join(root, "README.md"), "--max-tokens", "200", "--device", "cpu", "--json", ...extra]);
+    const r = run(["eval-ppl", "--model", fixture, "--text", path.join(root, "README.md"), "--max-tokens", "200", "--device", "cpu", "--json", ...extra]);
     expect(r.code).toBe(0);
     return JSON.parse(r.out).perplexity as number;
   };
