@@ -194,13 +194,15 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
       appendPiece(seq, tokens.data(), n, start, prefill, logits, sampling != nullptr, res);
     } else {
       // A page at a time: a query reads the page of its own position from the residual, which
-      // holds one page (kv_format.h). The first piece fills the page the sequence ends in; if
-      // anything later fails, the residual's rows before `start` are put back as they were.
+      // holds one page (kv_format.h). The first piece fills the page the sequence ends in. When
+      // the append moves the residual off the page it holds (to a later page, or to the first
+      // page when the sequence ends at a page's end), a failure puts the residual back as it was,
+      // so the rows before `start` read as they did.
       const int P = L.pageTokens;
       for (int a = 0; a < n;) {
         const int b = std::min(n, ((start + a) / P + 1) * P - start);
+        if (a == 0 && start > 0 && (b < n || seq.kv->residualPage() != start / P)) backup.save();
         moveResidual(seq, start + a);
-        if (a == 0 && b < n && start % P != 0) backup.save();
         const bool lastPiece = b == n;
         appendPiece(seq, tokens.data() + a, b - a, start + a, prefill,
                     logits == LogitsWanted::All ? LogitsWanted::All : lastPiece ? logits : LogitsWanted::None,

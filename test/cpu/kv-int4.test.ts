@@ -178,6 +178,24 @@ describe("int4 K/V cache", () => {
     s.dispose();
   });
 
+  test("a failed append leaves the rows before it reading as they did: at a page's end and inside a page", async () => {
+    for (const n of [32, 41]) {
+      const s = m.createSequence();
+      await native(s).append(Int32Array.from(tokens.slice(0, n)), { mode: "fixed-point", logits: "none" });
+      const before = readKv(s, 0, n, kvDim);
+      // Cancelled before its first token: it fails after moving the residual to its first page.
+      const cancel = new Int32Array(new SharedArrayBuffer(4));
+      cancel[0] = 1;
+      await expect(native(s).append(Int32Array.from(tokens.slice(n, n + 20)), { mode: "sequential", logits: "none", cancel })).rejects.toThrow();
+      expect(native(s).length).toBe(n);
+      const after = readKv(s, 0, n, kvDim);
+      expect(bits(after.k)).toEqual(bits(before.k));
+      expect(bits(after.v)).toEqual(bits(before.v));
+      expect(m.auditCache()).toBe("");
+      s.dispose();
+    }
+  });
+
   test("a fork writes its own residual: the source's partial page reads as before", async () => {
     const s = m.createSequence();
     await s.append(tokens.slice(0, 41));
