@@ -84,13 +84,11 @@ __device__ __forceinline__ uint32_t sharedCode(const uint8_t* row, int d) {
   return row[d];
 }
 
-// s[i] += q_i . (the kPerWord channels of one word of codes), q_i the query rows of this warp's
-// heads (i) at channel w * kPerWord, read as float2 or float4 (broadcast: every lane reads them).
-template <KvType T, int kHeads>
-__device__ __forceinline__ void dotCodeWord(uint32_t word, int w, const float* q0, int qStride, float (&s)[kHeads]) {
-  constexpr int kPerWord = 32 / kvTypeBits(T);
-  float k[kPerWord];
-  kvDecodeWord<T>(word, 1.0f, k);
+// s[i] += q_i . k, k the kPerWord decoded channels of word w of a key's codes, q_i the query rows
+// of this warp's heads (i) at channel w * kPerWord, read as float2 (broadcast: every lane reads them).
+template <int kPerWord, int kHeads>
+__device__ __forceinline__ void dotDecodedWord(const float (&k)[kPerWord], int w, const float* q0, int qStride,
+                                               float (&s)[kHeads]) {
 #pragma unroll
   for (int i = 0; i < kHeads; ++i) {
     const float* qw = q0 + i * qStride + w * kPerWord;
@@ -101,6 +99,15 @@ __device__ __forceinline__ void dotCodeWord(uint32_t word, int w, const float* q
       s[i] = fmaf(qq.y, k[e + 1], s[i]);
     }
   }
+}
+
+// s[i] += q_i . (the kPerWord channels of one word of codes).
+template <KvType T, int kHeads>
+__device__ __forceinline__ void dotCodeWord(uint32_t word, int w, const float* q0, int qStride, float (&s)[kHeads]) {
+  constexpr int kPerWord = 32 / kvTypeBits(T);
+  float k[kPerWord];
+  kvDecodeWord<T>(word, 1.0f, k);
+  dotDecodedWord<kPerWord>(k, w, q0, qStride, s);
 }
 
 // s[i] += q_i . (the 8 channels of one word of int4 codes, each times its channel's K scale):
@@ -118,16 +125,7 @@ __device__ __forceinline__ void dotChannelScaledCodeWord(uint32_t word, int w, c
     k[e] *= sc.x;
     k[e + 1] *= sc.y;
   }
-#pragma unroll
-  for (int i = 0; i < kHeads; ++i) {
-    const float* qw = q0 + i * qStride + w * kPerWord;
-#pragma unroll
-    for (int e = 0; e < kPerWord; e += 2) {
-      const float2 qq = *reinterpret_cast<const float2*>(qw + e);
-      s[i] = fmaf(qq.x, k[e], s[i]);
-      s[i] = fmaf(qq.y, k[e + 1], s[i]);
-    }
-  }
+  dotDecodedWord<kPerWord>(k, w, q0, qStride, s);
 }
 
 // Starts copying keys j0 + lo .. j0 + hi - 1 of the block's K/V head into rows lo .. hi - 1 of
