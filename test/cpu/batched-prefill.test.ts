@@ -9,67 +9,35 @@
  * mixed-prefill.test.ts.)
  */
 import * as path from "node:path";
-import { AbortError, DisposedError, KV_PAGE_TOKENS, loadModel, Model, TokenOutOfRangeError } from "../../lib";
-import { abortedAfter, alone, continuation, engineOf, GREEDY, kvBits, nativeOf, prompt, promptTokens, runningStream } from "../helpers/shared-steps";
+import { KV_PAGE_TOKENS, loadModel, Model, TokenOutOfRangeError } from "../../lib";
+import { Alone, alone, eachAlone, engineOf, GREEDY, kvBits, mixedLengthPrompts, nativeOf, prompt, promptTokens, runningStream } from "../helpers/shared-steps";
+import { expectAppendedTogetherAsAlone, expectBadTokenFailsAlone, expectCancelledPromptUndone, expectDisposeStopsPrompts, expectGeneratedTogetherAsAlone } from "../helpers/shared-step-checks";
 
 process.env.LCKV_QUIET = "1";
 
 const FIXTURES = path.join(__dirname, "..", "fixtures");
 const SEQUENTIAL = { prefill: "sequential" } as const;
 
-/** Prompts of different lengths, the longest spanning more than one prefill chunk where the context allows. */
-function prompts(m: Model): number[][] {
-  const L = m.maxContext;
-  return [4, 19, Math.floor(L * 0.55), L - 12].map((n, i) => prompt(m, n, i + 1));
-}
-
 describe.each(["lckv-w2", "lckv-sandwich", "lckv-sliding", "gpt2-lckv"])("%s", (name) => {
   let m: Model;
-  let refs: Awaited<ReturnType<typeof alone>>[];
+  let refs: Alone[];
   beforeAll(async () => {
     m = await loadModel(path.join(FIXTURES, name), { device: "cpu", threads: 1, prefixCache: 0 });
     expect(m.config.plan.cyclicGroup).not.toBeNull();
-    const before = promptTokens(m);
-    refs = [];
-    for (const p of prompts(m)) refs.push(await alone(m, p, [], SEQUENTIAL));
-    // Alone, nothing else in flight: the native sequential prefill ran, no batched step.
-    expect(promptTokens(m)).toBe(before);
+    refs = await eachAlone(m, mixedLengthPrompts(m), SEQUENTIAL);
   });
   afterAll(() => m.dispose());
 
   test("concurrent prompts as batched token steps equal each prompt prefilled alone, bit for bit", async () => {
-    const ps = prompts(m);
-    const stream = await runningStream(m);
-    const before = promptTokens(m);
-    const seqs = ps.map(() => m.createSequence());
-    await Promise.all(seqs.map((s, i) => s.append(ps[i])));
-    // Every prompt token but each prompt's last (which generate() decodes) went in as a batched row.
-    expect(promptTokens(m) - before).toBe(ps.reduce((a, p) => a + p.length - 1, 0));
-    await stream.stop();
-    seqs.forEach((s, i) => expect(kvBits(m, s, s.length - 1)).toEqual(refs[i].kv));
-    for (const s of seqs) expect(s.exact).toBe(true);
-    const gens = await Promise.all(seqs.map((s) => continuation(s)));
-    gens.forEach((g, i) => {
-      expect(g.tokens).toEqual(refs[i].tokens);
-      expect(g.logprobs).toEqual(refs[i].logprobs);
-    });
-    for (const s of seqs) s.dispose();
-    expect(m.auditCache()).toBe("");
+    await expectAppendedTogetherAsAlone(m, mixedLengthPrompts(m), refs);
   });
 
   test("generate() of concurrent prompts (the default mode) gives what each gives alone with prefill sequential", async () => {
-    const ps = prompts(m);
-    const before = promptTokens(m);
-    const together = await Promise.all(ps.map((p) => m.generate(p, GREEDY)));
-    expect(promptTokens(m)).toBeGreaterThan(before);
-    together.forEach((g, i) => {
-      expect(g.tokens).toEqual(refs[i].tokens);
-      expect(g.logprobs).toEqual(refs[i].logprobs);
-    });
+    await expectGeneratedTogetherAsAlone(m, mixedLengthPrompts(m), refs);
   });
 
   test('prefill "sequential" asked for goes as batched steps; "fixed-point" and "iterative" run as asked', async () => {
-    const p = prompts(m)[2];
+    const p = mixedLengthPrompts(m)[2];
     const stream = await runningStream(m);
     try {
       for (const [mode, batched] of [["sequential", true], ["fixed-point", false], ["iterative", false]] as const) {
@@ -118,7 +86,7 @@ describe("lckv-w2: fairness, cancellation, errors", () => {
   afterAll(() => m.dispose());
 
   test("a running stream gets a token every step while prompts arrive", async () => {
-    const ps = prompts(m);
+    const ps = mixedLengthPrompts(m);
     const stream = await runningStream(m);
     const tokensBefore = stream.gaps.length;
     await Promise.all(ps.map((p) => m.createSequence().append(p)));
@@ -132,61 +100,20 @@ describe("lckv-w2: fairness, cancellation, errors", () => {
 
   test("cancelling a prompt mid-way leaves its sequence as it was; appended again it is exact", async () => {
     const head = [1, 5, 9];
-    const p = prompts(m)[3];
-    const ref = await alone(m, p, head, SEQUENTIAL);
-    const stream = await runningStream(m);
-    try {
-      const s = m.createSequence();
-      await s.append(head);
-      const before = promptTokens(m);
-      const e = await abortedAfter(m, 10, (signal) => s.append(p, { signal })).catch((x) => x);
-      expect(e).toBeInstanceOf(AbortError);
-      // Some of its tokens had gone in as batched rows, and were taken out again.
-      expect(promptTokens(m) - before).toBeGreaterThanOrEqual(10);
-      expect(promptTokens(m) - before).toBeLessThan(p.length - 1);
-      expect(s.tokens).toEqual(head);
-      expect(nativeOf(s).length).toBe(head.length - 1);
-      expect(m.auditCache()).toBe("");
-      await s.append(p);
-      expect(kvBits(m, s, s.length - 1)).toEqual(ref.kv);
-      expect((await continuation(s)).tokens).toEqual(ref.tokens);
-      s.dispose();
-
-      // The same through generate(): the request ends with finishReason "abort".
-      const r = await abortedAfter(m, 10, (signal) => m.generate(p, { ...GREEDY, signal }));
-      expect(r.finishReason).toBe("abort");
-      expect(r.tokens).toEqual([]);
-    } finally {
-      await stream.stop();
-    }
-    expect(m.cacheStats().pagesReserved).toBe(0);
-    expect(m.auditCache()).toBe("");
+    const p = mixedLengthPrompts(m)[3];
+    await expectCancelledPromptUndone(m, head, p, 10, await alone(m, p, head, SEQUENTIAL));
   });
 
   test("a bad token id fails its own request with a typed error; the others are unharmed", async () => {
-    const ps = prompts(m).slice(1, 3);
-    const refs: Awaited<ReturnType<typeof alone>>[] = [];
-    for (const p of ps) refs.push(await alone(m, p, [], SEQUENTIAL));
-    const stream = await runningStream(m);
-    try {
-      const bad = m.generate([3, 4, m.config.vocabSize + 5], GREEDY).catch((x) => x);
-      const good = ps.map((p) => m.generate(p, GREEDY));
-      const e = await bad;
-      expect(e).toBeInstanceOf(TokenOutOfRangeError);
-      expect(e.message).toMatch(/token 2 is .*outside the vocabulary/);
-      const gs = await Promise.all(good);
-      gs.forEach((g, i) => expect(g.tokens).toEqual(refs[i].tokens));
-    } finally {
-      await stream.stop();
-    }
+    const ps = mixedLengthPrompts(m).slice(1, 3);
+    await expectBadTokenFailsAlone(m, ps, await eachAlone(m, ps, SEQUENTIAL));
   });
 
   test("a row the engine refuses mid-prompt fails only its own prompt; the batch's other rows go on", async () => {
     // Tokens are checked before any work, so a bad one reaches the engine only past those
     // checks: this feeds the scheduler directly, as a prefill does.
-    const ps = prompts(m).slice(1, 3);
-    const refs: Awaited<ReturnType<typeof alone>>[] = [];
-    for (const p of ps) refs.push(await alone(m, p, [], SEQUENTIAL));
+    const ps = mixedLengthPrompts(m).slice(1, 3);
+    const refs = await eachAlone(m, ps, SEQUENTIAL);
     const bad = m.createSequence();
     const seqs = ps.map(() => m.createSequence());
     const scheduler = engineOf(m).scheduler;
@@ -204,12 +131,6 @@ describe("lckv-w2: fairness, cancellation, errors", () => {
 
   test("disposing the model stops prompts fed as batched steps with DisposedError", async () => {
     const m2 = await loadModel(path.join(FIXTURES, "lckv-w2"), { device: "cpu", threads: 1, prefixCache: 0 });
-    const stream = await runningStream(m2);
-    const appends = prompts(m2).map((p) => m2.createSequence().append(p).catch((x) => x));
-    while (promptTokens(m2) < 8) await new Promise((r) => setImmediate(r));
-    await m2.dispose();
-    for (const e of await Promise.all(appends)) expect(e).toBeInstanceOf(DisposedError);
-    // The running stream ends with the model too.
-    await stream.stop().catch(() => undefined);
+    await expectDisposeStopsPrompts(m2, mixedLengthPrompts(m2), 8);
   });
 });

@@ -1,8 +1,8 @@
 /**
  * What the tests of prompts run as rows of the scheduler's shared steps share (batched token
- * steps: test/cpu/batched-prefill.test.ts; mixed steps: test/{cpu,gpu}/mixed-prefill.test.ts):
+ * steps: test/cpu/batched-prefill.test.ts; mixed steps: test/{cpu,gpu}/mixed-prefill*.test.ts):
  * a sequence's K/V bits, prompts, a stream that decodes while prompts go in, and a prompt
- * prefilled alone to compare with.
+ * prefilled alone to compare with. The checks they make alike: shared-step-checks.ts.
  */
 import { Model, Sequence } from "../../lib";
 import type { PrefillOptions } from "../../lib";
@@ -26,6 +26,15 @@ export function kvBits(m: Model, s: Sequence, n: number): number[][] {
 /** A prompt of n tokens, different for each seed. */
 export function prompt(m: Model, n: number, seed: number): number[] {
   return Array.from({ length: n }, (_, i) => 2 + ((i * (7 + 2 * seed) + 13 * seed) % (m.config.vocabSize - 2)));
+}
+
+/**
+ * Four prompts of different lengths: 4 and 19 tokens, 55% of the context, and all of it but 12
+ * tokens (the longest span more than one prefill chunk where the context allows).
+ */
+export function mixedLengthPrompts(m: Model): number[][] {
+  const L = m.maxContext;
+  return [4, 19, Math.floor(L * 0.55), L - 12].map((n, i) => prompt(m, n, i + 1));
 }
 
 export const promptTokens = (m: Model): number => m.schedulerStats().promptTokens;
@@ -123,4 +132,43 @@ export async function alone(m: Model, ids: number[], before: number[] = [], opts
   const r = await continuation(s);
   s.dispose();
   return { kv, tokens: r.tokens, logprobs: r.logprobs };
+}
+
+export type Alone = Awaited<ReturnType<typeof alone>>;
+
+/**
+ * Each prompt prefilled alone (with `opts`). Nothing else is in flight, so each is the native
+ * prefill call, and no prompt row goes into a shared step.
+ */
+export async function eachAlone(m: Model, ps: number[][], opts: PrefillOptions = {}): Promise<Alone[]> {
+  const before = promptTokens(m);
+  const refs: Alone[] = [];
+  for (const p of ps) refs.push(await alone(m, p, [], opts));
+  expect(promptTokens(m)).toBe(before);
+  return refs;
+}
+
+/** The rows prompts take in shared steps: every token but each prompt's last (which generate() decodes). */
+export function promptRows(ps: number[][]): number {
+  return ps.reduce((a, p) => a + p.length - 1, 0);
+}
+
+/**
+ * Runs `feed` (prompts going in) while a stream decodes, then waits for the stream's next token,
+ * so that its gaps count every step that ran. `during`: the stream's gaps from the feed's start;
+ * `carried`: the prompt tokens of each of those steps that carried some; `rows`: the prompt
+ * tokens that went in as rows of shared steps.
+ */
+export async function feedBesideStream(m: Model, feed: () => Promise<unknown>) {
+  const stream = await runningStream(m);
+  try {
+    const from = stream.gaps.length;
+    const before = promptTokens(m);
+    await feed();
+    await nextToken(stream);
+    const during = stream.gaps.slice(from);
+    return { during, carried: during.filter((g) => g.prompt > 0).map((g) => g.prompt), rows: promptTokens(m) - before };
+  } finally {
+    await stream.stop();
+  }
 }
