@@ -22,24 +22,10 @@
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
-import { AbortError, DisposedError, loadModel, Model, TokenOutOfRangeError } from "../../lib";
+import { loadModel, Model } from "../../lib";
 import { describeIfGpu } from "../helpers/device";
-import {
-  abortedAfter,
-  alone,
-  chunk,
-  continuation,
-  engineOf,
-  GREEDY,
-  kvBits,
-  nativeOf,
-  nextToken,
-  pagePieces,
-  prompt,
-  promptTokens,
-  runningStream,
-  until,
-} from "../helpers/shared-steps";
+import { Alone, alone, chunk, continuation, eachAlone, engineOf, feedBesideStream, GREEDY, kvBits, nativeOf, pagePieces, prompt, promptRows } from "../helpers/shared-steps";
+import { appendBesideRefusedChunk, expectAppendedTogetherAsAlone, expectCancelledPromptUndone, expectChunkShared, expectDisposeStopsPrompts, expectEachAsAlone, expectEveryModeMixes, expectGeneratedTogetherAsAlone } from "../helpers/shared-step-checks";
 
 process.env.LCKV_QUIET = "1";
 const FIXTURES = path.join(__dirname, "..", "fixtures");
@@ -78,46 +64,24 @@ describeGpu.each([
   ["lckv-cla", "bf16"],
 ] as const)("cuda, %s, f32 weights, %s K/V", (name, kvCacheDtype) => {
   let m: Model;
-  let refs: Awaited<ReturnType<typeof alone>>[];
+  let refs: Alone[];
   beforeAll(async () => {
     m = await loadModel(path.join(FIXTURES, name), { ...EXACT, kvCacheDtype });
     expect(m.config.plan.cyclicGroup).toBeNull();
     const ps = shortPrompts(m);
-    expect(ps.reduce((a, p) => a + p.length - 1, 0)).toBeLessThanOrEqual(chunk(m));
-    const before = m.schedulerStats();
-    refs = [];
-    for (const p of ps) refs.push(await alone(m, p));
-    // Alone, nothing else in flight: native prefill calls, no prompt row in a shared step.
-    expect(promptTokens(m)).toBe(before.promptTokens);
+    expect(promptRows(ps)).toBeLessThanOrEqual(chunk(m));
+    refs = await eachAlone(m, ps);
   });
   afterAll(() => m.dispose());
 
   test("concurrent prompts in mixed steps hold each prompt's K/V prefilled alone, bit for bit", async () => {
-    const ps = shortPrompts(m);
-    const stream = await runningStream(m);
-    const before = promptTokens(m);
-    const seqs = ps.map(() => m.createSequence());
-    await Promise.all(seqs.map((s, i) => s.append(ps[i])));
-    // Every prompt token but each prompt's last (which generate() decodes) went in as a row.
-    expect(promptTokens(m) - before).toBe(ps.reduce((a, p) => a + p.length - 1, 0));
-    await stream.stop();
-    seqs.forEach((s, i) => expect(kvBits(m, s, s.length - 1)).toEqual(refs[i].kv));
-    for (const s of seqs) expect(s.exact).toBe(true);
-    // One at a time, each decode step a row alone as the reference's were: the same logits.
-    for (let i = 0; i < seqs.length; i++) {
-      const g = await continuation(seqs[i]);
-      expect(g.tokens).toEqual(refs[i].tokens);
-      expect(g.logprobs).toEqual(refs[i].logprobs);
-    }
-    for (const s of seqs) s.dispose();
-    expect(m.auditCache()).toBe("");
+    // Continued one at a time, each decode step a row alone as the reference's were: the same logits.
+    await expectAppendedTogetherAsAlone(m, shortPrompts(m), refs, { inTurn: true });
   });
 
   test("generate() of concurrent prompts gives the greedy tokens of each alone", async () => {
-    const before = promptTokens(m);
-    const together = await Promise.all(shortPrompts(m).map((p) => m.generate(p, GREEDY)));
-    expect(promptTokens(m)).toBeGreaterThan(before);
-    together.forEach((g, i) => expect(g.tokens).toEqual(refs[i].tokens));
+    // Decode rows batched together: the same greedy tokens, not bit for bit the log-probabilities.
+    await expectGeneratedTogetherAsAlone(m, shortPrompts(m), refs, { logprobs: false });
   });
 });
 
@@ -125,9 +89,9 @@ describeGpu("cuda, a 4096-token context, f32 weights and K/V: prompts of several
   let dir: string;
   let m: Model;
   let p: number[];
-  let ref: Awaited<ReturnType<typeof alone>>;
+  let ref: Alone;
   let head: number[];
-  let refAfterHead: Awaited<ReturnType<typeof alone>>;
+  let refAfterHead: Alone;
   beforeAll(async () => {
     dir = longContextFixture();
     m = await loadModel(dir, { ...EXACT, kvCacheDtype: "f32" });
@@ -146,58 +110,24 @@ describeGpu("cuda, a 4096-token context, f32 weights and K/V: prompts of several
   test("a running stream gets a token in every step that carries a chunk; the prompt's K/V and continuation are its own alone", async () => {
     const run = p.length - 1;
     const s = m.createSequence();
-    const stream = await runningStream(m);
-    const from = stream.gaps.length;
-    await s.append(p);
-    await nextToken(stream);
-    const during = stream.gaps.slice(from);
-    await stream.stop();
+    const { during, carried } = await feedBesideStream(m, () => s.append(p));
     // One step between two tokens of the stream: each step carried its row.
     for (const g of during) expect(g.steps).toBe(1);
     // The prompt went in whole chunks, one per step, each beside the stream's row.
-    const carried = during.filter((g) => g.prompt > 0).map((g) => g.prompt);
     expect(carried).toEqual([chunk(m), chunk(m), chunk(m), run - 3 * chunk(m)]);
-    expect(kvBits(m, s, s.length - 1)).toEqual(ref.kv);
-    const g = await continuation(s);
-    expect(g.tokens).toEqual(ref.tokens);
-    expect(g.logprobs).toEqual(ref.logprobs);
-    s.dispose();
-    expect(m.auditCache()).toBe("");
+    await expectEachAsAlone(m, [s], [ref]);
   });
 
   test("every prefill mode mixes: without a cyclic group each is one exact pass", async () => {
-    const stream = await runningStream(m);
-    try {
-      for (const mode of ["sequential", "fixed-point", "iterative"] as const) {
-        const s = m.createSequence();
-        const before = promptTokens(m);
-        await s.append(p, { prefill: mode });
-        expect(promptTokens(m) - before).toBe(p.length - 1);
-        expect(kvBits(m, s, s.length - 1)).toEqual(ref.kv);
-        s.dispose();
-      }
-    } finally {
-      await stream.stop();
-    }
+    await expectEveryModeMixes(m, p, ref.kv);
   });
 
   test("prompts arriving together share the chunk: a step carries at most one chunk of prompt tokens", async () => {
     const ps = [40, chunk(m) + 100, p.length].map((n, i) => prompt(m, n, i + 5));
-    const refs: Awaited<ReturnType<typeof alone>>[] = [];
-    for (const q of ps) refs.push(await alone(m, q));
-    const total = ps.reduce((a, q) => a + q.length - 1, 0);
-    const stream = await runningStream(m);
-    const from = stream.gaps.length;
-    const before = promptTokens(m);
+    const refs = await eachAlone(m, ps);
     const seqs = ps.map(() => m.createSequence());
-    await Promise.all(seqs.map((s, i) => s.append(ps[i])));
-    expect(promptTokens(m) - before).toBe(total);
-    await nextToken(stream);
-    const during = stream.gaps.slice(from);
-    await stream.stop();
-    for (const g of during) expect(g.steps).toBe(1);
-    for (const g of during) expect(g.prompt).toBeLessThanOrEqual(chunk(m));
-    expect(during.filter((g) => g.prompt > 0).length).toBe(Math.ceil(total / chunk(m)));
+    const fed = await feedBesideStream(m, () => Promise.all(seqs.map((s, i) => s.append(ps[i]))));
+    expectChunkShared(m, fed, promptRows(ps));
     // Cut where they shared a step, a part may have fewer than 16 rows (the decode kernel's):
     // the greedy tokens are the same.
     for (let i = 0; i < seqs.length; i++) expect((await continuation(seqs[i])).tokens).toEqual(refs[i].tokens);
@@ -206,68 +136,23 @@ describeGpu("cuda, a 4096-token context, f32 weights and K/V: prompts of several
   });
 
   test("cancelling a prompt mid-way leaves its sequence as it was; appended again it is exact", async () => {
-    const stream = await runningStream(m);
-    try {
-      const s = m.createSequence();
-      await s.append(head);
-      const before = promptTokens(m);
-      const e = await abortedAfter(m, chunk(m), (signal) => s.append(p, { signal })).catch((x) => x);
-      expect(e).toBeInstanceOf(AbortError);
-      // Some of its chunks had gone in as rows of mixed steps, and were taken out again.
-      expect(promptTokens(m) - before).toBeGreaterThanOrEqual(chunk(m));
-      expect(promptTokens(m) - before).toBeLessThan(p.length - 1);
-      expect(s.tokens).toEqual(head);
-      expect(nativeOf(s).length).toBe(head.length - 1);
-      expect(m.auditCache()).toBe("");
-      await s.append(p);
-      expect(kvBits(m, s, s.length - 1)).toEqual(refAfterHead.kv);
-      s.dispose();
-
-      // The same through generate(): the request ends with finishReason "abort".
-      const r = await abortedAfter(m, chunk(m), (signal) => m.generate(p, { ...GREEDY, signal }));
-      expect(r.finishReason).toBe("abort");
-      expect(r.tokens).toEqual([]);
-    } finally {
-      await stream.stop();
-    }
-    expect(m.cacheStats().pagesReserved).toBe(0);
-    expect(m.auditCache()).toBe("");
+    await expectCancelledPromptUndone(m, head, p, chunk(m), { kv: refAfterHead.kv });
   });
 
   test("a chunk the engine refuses fails only its own prompt, whole; the step's other rows go on", async () => {
-    // Fed to the scheduler directly, as a prefill does: tokens are checked before any work, so
-    // a bad one reaches the engine only past those checks. The failed step's rows run again
-    // alone, a prompt's chunk as one sequence's rows.
+    // The failed step's rows run again alone, a prompt's chunk as one sequence's rows.
     const ps = [chunk(m) + 100, 2 * chunk(m)].map((n, i) => prompt(m, n, i + 7));
-    const refs: Awaited<ReturnType<typeof alone>>[] = [];
-    for (const q of ps) refs.push(await alone(m, q));
-    const bad = m.createSequence();
-    const seqs = ps.map(() => m.createSequence());
-    const stream = await runningStream(m);
-    try {
-      const [e] = await Promise.all([
-        engineOf(m).scheduler.append(nativeOf(bad), [5, 6, m.config.vocabSize + 3, 7], undefined, true).catch((x) => x),
-        ...seqs.map((s, i) => s.append(ps[i])),
-      ]);
-      expect(e).toBeInstanceOf(TokenOutOfRangeError);
-      expect(nativeOf(bad).length).toBe(0);
-    } finally {
-      await stream.stop();
-    }
+    const refs = await eachAlone(m, ps);
+    const seqs = await appendBesideRefusedChunk(m, ps);
     for (let i = 0; i < seqs.length; i++) expect((await continuation(seqs[i])).tokens).toEqual(refs[i].tokens);
-    for (const s of [bad, ...seqs]) s.dispose();
+    for (const s of seqs) s.dispose();
     expect(m.auditCache()).toBe("");
   });
 
   test("disposing the model stops prompts in mixed steps with DisposedError", async () => {
     const m2 = await loadModel(dir, { ...EXACT, kvCacheDtype: "f32" });
-    const stream = await runningStream(m2);
     // Long prompts: each takes several steps, so both are mid-way when the model goes.
-    const appends = [longPrompt(m2), longPrompt(m2).reverse()].map((q) => m2.createSequence().append(q).catch((x) => x));
-    await until(() => promptTokens(m2) > 0, "the first chunk");
-    await m2.dispose();
-    for (const e of await Promise.all(appends)) expect(e).toBeInstanceOf(DisposedError);
-    await stream.stop().catch(() => undefined);
+    await expectDisposeStopsPrompts(m2, [longPrompt(m2), longPrompt(m2).reverse()], 1);
   });
 });
 
@@ -286,15 +171,10 @@ describeGpu("cuda, a 4096-token context, the default weights and K/V (bf16)", ()
   test("a running stream gets a token in every step that carries a chunk, and the prompt goes in whole chunks", async () => {
     const p = longPrompt(m);
     const run = p.length - 1;
-    const stream = await runningStream(m);
-    const from = stream.gaps.length;
     const s = m.createSequence();
-    await s.append(p);
-    await nextToken(stream);
-    const during = stream.gaps.slice(from);
-    await stream.stop();
+    const { during, carried } = await feedBesideStream(m, () => s.append(p));
     for (const g of during) expect(g.steps).toBe(1);
-    expect(during.filter((g) => g.prompt > 0).map((g) => g.prompt)).toEqual([chunk(m), chunk(m), chunk(m), run - 3 * chunk(m)]);
+    expect(carried).toEqual([chunk(m), chunk(m), chunk(m), run - 3 * chunk(m)]);
     expect(s.exact).toBe(true);
     const g = await continuation(s);
     expect(g.tokens.length).toBe(GREEDY.maxNewTokens);
@@ -334,17 +214,11 @@ describeGpu("cuda, llama-gqa-hd32, f32 weights, int4 K/V: a prompt's chunks end 
     const s = m.createSequence();
     await s.append(head);
     const start = nativeOf(s).length;
-    const stream = await runningStream(m);
-    const from = stream.gaps.length;
-    const before = promptTokens(m);
-    await s.append(p);
-    await nextToken(stream);
-    const during = stream.gaps.slice(from);
-    await stream.stop();
+    const fed = await feedBesideStream(m, () => s.append(p));
     const run = head.length + p.length - 1 - start;
-    expect(promptTokens(m) - before).toBe(run);
-    for (const g of during) expect(g.steps).toBe(1);
-    expect(during.filter((g) => g.prompt > 0).map((g) => g.prompt)).toEqual(pagePieces(start, run, engineOf(m).chunkPage));
+    expect(fed.rows).toBe(run);
+    for (const g of fed.during) expect(g.steps).toBe(1);
+    expect(fed.carried).toEqual(pagePieces(start, run, engineOf(m).chunkPage));
     expect(kvRelError(ref.kv, kvBits(m, s, s.length - 1))).toBeLessThan(1e-2);
     expect((await continuation(s)).tokens).toEqual(ref.tokens);
     s.dispose();
