@@ -11,7 +11,8 @@ import * as path from "node:path";
 import { InvalidInputError, loadModel, Model } from "../../lib";
 import { KV_PAGE_TOKENS } from "../../lib/admission";
 import { DecodeScheduler } from "../../lib/scheduler";
-import { alone, chunk, continuation, engineOf, kvBits, nativeOf, nextToken, pagePieces, prompt, promptTokens, runningStream } from "../helpers/shared-steps";
+import { alone, chunk, eachAlone, engineOf, feedBesideStream, nativeOf, pagePieces, prompt } from "../helpers/shared-steps";
+import { expectAppendedTogetherAsAlone, expectEachAsAlone } from "../helpers/shared-step-checks";
 
 process.env.LCKV_QUIET = "1";
 
@@ -40,54 +41,24 @@ describe.each(["llama-gqa-hd32", "llama-mha-hd16"])("%s, int4 K/V", (name) => {
       const s = m.createSequence();
       if (before.length) await s.append(before);
       const start = nativeOf(s).length;
-      const stream = await runningStream(m);
-      const from = stream.gaps.length;
-      const tokensBefore = promptTokens(m);
-      await s.append(ids);
-      await nextToken(stream);
-      const during = stream.gaps.slice(from);
-      await stream.stop();
+      const fed = await feedBesideStream(m, () => s.append(ids));
       // Every row of the run but the pending token went in as rows of mixed steps, one step
       // between two of the stream's tokens, each step's chunk ending at the prompt's page.
       const run = before.length + ids.length - 1 - start;
-      expect(promptTokens(m) - tokensBefore).toBe(run);
-      for (const g of during) expect(g.steps).toBe(1);
-      expect(during.filter((g) => g.prompt > 0).map((g) => g.prompt)).toEqual(pagePieces(start, run, P));
+      expect(fed.rows).toBe(run);
+      for (const g of fed.during) expect(g.steps).toBe(1);
+      expect(fed.carried).toEqual(pagePieces(start, run, P));
       expect(pagePieces(start, run, P).length).toBeGreaterThan(2);
-      expect(s.exact).toBe(true);
-      expect(kvBits(m, s, s.length - 1)).toEqual(ref.kv);
-      const g = await continuation(s);
-      expect(g.tokens).toEqual(ref.tokens);
-      expect(g.logprobs).toEqual(ref.logprobs);
-      s.dispose();
+      await expectEachAsAlone(m, [s], [ref]);
     }
-    expect(m.auditCache()).toBe("");
   });
 
   test("concurrent int4 prompts share the steps, each a page at most per step, and each equals itself alone", async () => {
     const ps = [3, 21, 40, Math.floor(m.maxContext * 0.5)].map((n, i) => prompt(m, n, i + 11));
-    const refs: Awaited<ReturnType<typeof alone>>[] = [];
-    for (const p of ps) refs.push(await alone(m, p));
-    const stream = await runningStream(m);
-    const from = stream.gaps.length;
-    const before = promptTokens(m);
-    const seqs = ps.map(() => m.createSequence());
-    await Promise.all(seqs.map((s, i) => s.append(ps[i])));
-    await nextToken(stream);
-    const during = stream.gaps.slice(from);
-    await stream.stop();
-    expect(promptTokens(m) - before).toBe(ps.reduce((a, p) => a + p.length - 1, 0));
+    const { during } = await expectAppendedTogetherAsAlone(m, ps, await eachAlone(m, ps));
     // A step carries at most a page of each prompt (and the chunk in all).
     for (const g of during) expect(g.prompt).toBeLessThanOrEqual(Math.min(chunk(m), ps.length * P));
     expect(Math.max(...during.map((g) => g.prompt))).toBeGreaterThan(P);
-    seqs.forEach((s, i) => expect(kvBits(m, s, s.length - 1)).toEqual(refs[i].kv));
-    const gens = await Promise.all(seqs.map((s) => continuation(s)));
-    gens.forEach((g, i) => {
-      expect(g.tokens).toEqual(refs[i].tokens);
-      expect(g.logprobs).toEqual(refs[i].logprobs);
-    });
-    for (const s of seqs) s.dispose();
-    expect(m.auditCache()).toBe("");
   });
 });
 
