@@ -180,6 +180,22 @@ async function sharedPrefixes(model: Model): Promise<number[][]> {
   return [first, ...next.map((r) => r.tokens)];
 }
 
+/**
+ * Requests served from the prefix cache (sharedPrefixes): the same tokens on both models, from as
+ * many prefix-cache hits (some), and the pool audits clean. Returns the tokens, and the steps the
+ * model running ahead used.
+ */
+async function expectSamePrefixedTokens(ahead: Model, plain: Model): Promise<{ tokens: number[][]; used: number }> {
+  const before = stats(ahead).used;
+  const tokens = await sharedPrefixes(ahead);
+  const used = stats(ahead).used - before;
+  expect(tokens).toEqual(await sharedPrefixes(plain));
+  expect(ahead.cacheStats().prefixCache.hits).toBeGreaterThan(0);
+  expect(ahead.cacheStats().prefixCache.hits).toBe(plain.cacheStats().prefixCache.hits);
+  expect(ahead.nativeModel().auditPool()).toBe("");
+  return { tokens, used };
+}
+
 /** Generations of several times the context, which shift their K/V as they go (sink-window). */
 async function shifted(model: Model): Promise<number[][]> {
   const opts = { maxNewTokens: 260, ignoreEos: true, contextShift: "sink-window" as const, sinkTokens: 4 };
@@ -187,6 +203,14 @@ async function shifted(model: Model): Promise<number[][]> {
     model.generate(prompt(model, 4, 3), { ...opts, temperature: 0 }).then((r) => r.tokens),
     model.generate(prompt(model, 30, 4), { ...opts, temperature: 0.8, topK: 20, seed: 11 }).then((r) => r.tokens),
   ]);
+}
+
+/** Generations that shift their context (shifted): the same tokens on both models, all of them, and the pool audits clean. */
+async function expectSameShiftedTokens(ahead: Model, plain: Model): Promise<void> {
+  const a = await shifted(ahead);
+  expect(a).toEqual(await shifted(plain));
+  expect(a.map((t) => t.length)).toEqual([260, 260]);
+  expect(ahead.nativeModel().auditPool()).toBe("");
 }
 
 /**
@@ -322,22 +346,13 @@ describeGpu("cuda: run-ahead decoding with the prefix cache, context shift, top-
   });
 
   test("requests served from the prefix cache: the same tokens", async () => {
-    const s0 = stats(cached);
-    const a = await sharedPrefixes(cached);
-    const s1 = stats(cached);
-    expect(a).toEqual(await sharedPrefixes(cachedPlain));
-    expect(a.map((t) => t.length)).toEqual([40, 60, 60, 60]);
-    expect(cached.cacheStats().prefixCache.hits).toBeGreaterThan(0);
-    expect(cached.cacheStats().prefixCache.hits).toBe(cachedPlain.cacheStats().prefixCache.hits);
-    expect(s1.used - s0.used).toBeGreaterThan(60);
-    expect(cached.nativeModel().auditPool()).toBe("");
+    const a = await expectSamePrefixedTokens(cached, cachedPlain);
+    expect(a.tokens.map((t) => t.length)).toEqual([40, 60, 60, 60]);
+    expect(a.used).toBeGreaterThan(60);
   });
 
   test("generations that shift their context: the same tokens", async () => {
-    const a = await shifted(small);
-    expect(a).toEqual(await shifted(smallPlain));
-    expect(a.map((t) => t.length)).toEqual([260, 260]);
-    expect(small.nativeModel().auditPool()).toBe("");
+    await expectSameShiftedTokens(small, smallPlain);
   });
 
   test("top-k and min-p sampling: the same tokens", async () => {
@@ -395,17 +410,10 @@ describeGpu("cuda: run-ahead decoding over an int4 cache", () => {
   });
 
   test("requests served from the prefix cache: the same tokens", async () => {
-    const a = await sharedPrefixes(cached);
-    expect(a).toEqual(await sharedPrefixes(cachedPlain));
-    expect(cached.cacheStats().prefixCache.hits).toBeGreaterThan(0);
-    expect(cached.cacheStats().prefixCache.hits).toBe(cachedPlain.cacheStats().prefixCache.hits);
-    expect(cached.nativeModel().auditPool()).toBe("");
+    await expectSamePrefixedTokens(cached, cachedPlain);
   });
 
   test("generations that shift their context: the same tokens", async () => {
-    const a = await shifted(small);
-    expect(a).toEqual(await shifted(smallPlain));
-    expect(a.map((t) => t.length)).toEqual([260, 260]);
-    expect(small.nativeModel().auditPool()).toBe("");
+    await expectSameShiftedTokens(small, smallPlain);
   });
 });
