@@ -66,7 +66,7 @@ describe("llama-gqa-hd32: fairness, cancellation, errors", () => {
   test("prompts arriving together share the chunk: a step carries at most one chunk of prompt tokens", async () => {
     const ps = mixedLengthPrompts(m);
     const fed = await feedBesideStream(m, () => Promise.all(ps.map((p) => m.createSequence().append(p))));
-    expectChunkShared(m, fed, promptRows(ps));
+    expectChunkShared(m, fed, promptRows(ps), ps.length);
   });
 
   test("cancelling a prompt mid-way leaves its sequence as it was; appended again it is exact", async () => {

@@ -127,7 +127,7 @@ describeGpu("cuda, a 4096-token context, f32 weights and K/V: prompts of several
     const refs = await eachAlone(m, ps);
     const seqs = ps.map(() => m.createSequence());
     const fed = await feedBesideStream(m, () => Promise.all(seqs.map((s, i) => s.append(ps[i]))));
-    expectChunkShared(m, fed, promptRows(ps));
+    expectChunkShared(m, fed, promptRows(ps), ps.length);
     // Cut where they shared a step, a part may have fewer than 16 rows (the decode kernel's):
     // the greedy tokens are the same.
     for (let i = 0; i < seqs.length; i++) expect((await continuation(seqs[i])).tokens).toEqual(refs[i].tokens);
