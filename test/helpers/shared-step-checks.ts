@@ -93,10 +93,12 @@ export async function expectEveryModeMixes(m: Model, p: number[], kv: number[][]
 /**
  * What `feedBesideStream` saw while `prompts` prompts of `total` rows went in as mixed steps: a
  * token of the stream in every step, at most one chunk of prompt tokens per step, and the prompts
- * packed into shared chunks. Prompts appended together reach the scheduler in different turns of
- * the event loop, and a step that starts between two arrivals carries a part chunk: so each
- * prompt after the first may cost one step beyond the fewest the chunk allows, and at most one
- * step per prompt carries less than a chunk.
+ * packed into shared chunks. A prompt goes to the scheduler in pieces of one chunk, each queued
+ * when the one before it is done, so a prompt's last, shorter piece may share a step that is not
+ * full (prompts of 39, 611 and 1792 rows in chunks of 512 take 6 steps, not 5, arriving
+ * together), and so may a step that starts before every prompt has arrived. So each prompt after
+ * the first may cost one step beyond the fewest the chunk allows, and at most one step per prompt
+ * carries less than a chunk.
  */
 export function expectChunkShared(m: Model, fed: Awaited<ReturnType<typeof feedBesideStream>>, total: number, prompts: number): void {
   expect(fed.rows).toBe(total);
