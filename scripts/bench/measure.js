@@ -37,6 +37,26 @@ function randomIds(n, vocab, from = 0) {
 }
 
 /**
+ * Waits for the device work queued so far: one generated token of `seq` (its readback follows
+ * the work queued before it). append() resolves when its work is queued, not done
+ * (docs/profiling.md, "How to time a prefill"), so a timed span of appends ends with this.
+ */
+async function hostSync(seq) {
+  for await (const x of seq.generate({ maxNewTokens: 1, temperature: 0, ignoreEos: true })) void x;
+}
+
+/**
+ * Bytes of a K/V pool that holds `sequences` sequences of `tokens` tokens each at once: the
+ * model's pages (kvBytesPerToken per token of a page), an int4 sequence's residual page, and one
+ * page to spare each (a token generated after the prompt).
+ */
+function poolBytesFor(model, sequences, tokens) {
+  const st = model.cacheStats();
+  const pages = Math.ceil(tokens / st.pageTokens) + st.residualPages + 1;
+  return sequences * pages * st.pageTokens * model.kvBytesPerToken;
+}
+
+/**
  * `count` sequences of `tokens` random tokens each, to be forked for decode timings. One pass of
  * the iterative prefill: their K/V only has to be there, not exact.
  */
@@ -96,4 +116,4 @@ async function generation(model, prompt, gen, batch, stopAfter = gen) {
   return { ms, tokens, tokPerS: (tokens / ms) * 1e3, lastFirstTokenMs: lastFirstToken };
 }
 
-module.exports = { now, log, summary, measure, randomIds, randomPrefixes, forkedDecodeMs, generation };
+module.exports = { now, log, summary, measure, randomIds, hostSync, poolBytesFor, randomPrefixes, forkedDecodeMs, generation };
