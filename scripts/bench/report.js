@@ -83,14 +83,19 @@ function headlines(sets, L) {
     }
   }
   if (!lines.length || !def) return;
-  const pre = (m, mode) => (def.prefill ?? []).find((x) => shapeOf(x) === "1.1b" && x.model === m && x.mode === mode && x.tokens === 2048);
+  const pre = (m, mode) => (def.prefill ?? []).find((x) => shapeOf(x) === "1.1b" && x.model === m && x.mode === mode && x.tokens === 2048 && (x.prompts ?? 1) === 1);
+  const many = (m) => (def.prefill ?? []).find((x) => shapeOf(x) === "1.1b" && x.model === m && x.prompts > 1);
+  const manyStd = many("standard"), manyLckv = many("lckv-w2");
   const passRatio = pre("lckv-w2", "iterative") && pre("standard", "fixed-point") ? pre("lckv-w2", "iterative").ms.median / pre("standard", "fixed-point").ms.median : NaN;
   const n = truncatedTokens(def);
   L.push("## Headlines", "", ...lines, "");
   L.push(
     "What limits them, from these tables and the per-op profile (`LCKV_PROFILE=1`, docs/profiling.md):",
     "",
-    `- **Prefill, and LCKV's passes over it.** An LCKV prompt needs several passes over the cyclic layer group (the iterative scheme's 9 here; the fixed point does not converge on random weights, which need not contract: it stops at its pass limit and runs the rest token by token), so its prefill of 2048 tokens costs ${fmt(passRatio, 1)}x the standard model's (experiment 3). The prefill attention runs on the tensor cores (mma.sync with tf32 operands, each split in two and three products summed, for f32 accuracy) and the matrix products in cuBLASLt; the standard model's 2048-token prefill reaches ${pre("standard", "fixed-point") ? fmt(pre("standard", "fixed-point").tflops, 0) : "?"} TFLOP/s, ${pre("standard", "fixed-point") ? pct(pre("standard", "fixed-point").ofGemmRate) : "?"} of the card's bf16 GEMM rate. ` +
+    `- **Prefill, and LCKV's passes over it.** An LCKV prompt needs several passes over the cyclic layer group (the iterative scheme's 9 here; the fixed point does not converge on random weights, which need not contract: it stops at its pass limit and runs the rest token by token), so its prefill of 2048 tokens costs ${fmt(passRatio, 1)}x the standard model's (experiment 3). The prefill attention runs on the tensor cores (mma.sync with tf32 operands, each split in two and three products summed, for f32 accuracy) and the matrix products in cuBLASLt; the standard model's 2048-token prefill reaches ${pre("standard", "fixed-point") ? fmt(pre("standard", "fixed-point").tflops, 0) : "?"} TFLOP/s, ${pre("standard", "fixed-point") ? pct(pre("standard", "fixed-point").ofGemmRate) : "?"} of the card's bf16 GEMM rate` +
+      (manyStd ? `, and ${manyStd.prompts} prompts of ${manyStd.tokens} tokens at once (mixed steps of ${fmt(manyStd.rowsPerStep, 0)} rows) ${fmt(manyStd.tflops, 0)} TFLOP/s, ${pct(manyStd.ofGemmRate)}` : "") +
+      `. ` +
+      (manyLckv ? `LCKV's ${manyLckv.prompts} prompts of ${manyLckv.tokens} tokens at once in sequential mode, exact, go in as batched token steps of ${fmt(manyLckv.rowsPerStep, 1)} rows: ${fmt(manyLckv.tokPerS, 0)} tokens/s. ` : "") +
       (n !== null
         ? `In the default set of these results only ${n} generated tokens of each request were timed, so with 512- and 2048-token prompts its end-to-end column mostly weighs prefill, where LCKV's passes cost it; those figures are not throughput.`
         : `With full generations, prefill's share of each row's wall time is in experiment 1's table: with a large batch, LCKV prefills many more prompts, each in several passes, before its generations pay back.`) +
@@ -143,12 +148,18 @@ function prefillSection(sets, L) {
   const withRows = sets.filter((s) => s.r.prefill);
   if (!withRows.length) return;
   L.push("## 3. Prefill", "");
-  L.push("One prompt, no logits kept. TFLOP/s counts 2 flops per weight per token plus the causal attention products, against the bf16 GEMM rate measured above. The LCKV modes: `iterative` runs the config's forward_passes + backward_passes passes over the cyclic group (approximate), `fixed-point` iterates until the K/V read from above stops moving (exact to 1e-6), `sequential` is token by token (exact).", "");
+  L.push(
+    "No logits kept. TFLOP/s counts 2 flops per weight per token plus the causal attention products (times the prompts), against the bf16 GEMM rate measured above. The LCKV modes: `iterative` runs the config's forward_passes + backward_passes passes over the cyclic group (approximate), `fixed-point` iterates until the K/V read from above stops moving (exact to 1e-6), `sequential` is token by token (exact). " +
+      "Rows of 1 prompt: one prompt at a time, its runs timed back to back without a sync (the steady rate, docs/profiling.md). " +
+      "Rows of several prompts: all appended at once (`Promise.all` of `append`), on a model loaded with `maxBatch` at the prompts and a pool that holds them all; the time runs from issuing the appends to all resolved and one generated token of one sequence (a host sync: the work is queued, not done, when `append` resolves), and tokens/s is prompts x tokens over it. The standard model runs in its `default` mode: with other prompts in flight, each prompt's chunks go in as rows of the scheduler's shared steps (mixed steps, the prompts taking turns at a chunk's rows a step). LCKV in `sequential` mode runs as batched token steps: one token of every prompt a step (docs/usage.md). " +
+      "\"rows per step\": the prompt rows the scheduler's steps carried, over its steps (`schedulerStats()`; the sync's step not counted); \"-\" where the prompt went in native prefill calls.",
+    "",
+  );
   for (const set of withRows) {
     const r = set.r;
     L.push(`### ${set.label} (\`${set.file}\`: ${r.date}, ${r.rates.card})`, "", ...measuredAt(r, "prefill"));
-    const rows = r.prefill.map((x) => [shapeName(shapeOf(x)), x.model, kvLabel(x), x.mode, x.tokens, fmt(x.ms.median, 1), fmt(x.tokPerS, 0), x.passes, fmt(x.tflops, 1), pct(x.ofGemmRate), spread(x.ms)]);
-    L.push(table(["shape", "model", "K/V", "mode", "tokens", "ms", "tokens/s", "passes", "TFLOP/s", "of GEMM rate", "spread"], rows), "");
+    const rows = r.prefill.map((x) => [shapeName(shapeOf(x)), x.model, kvLabel(x), x.mode, x.prompts ?? 1, x.tokens, fmt(x.ms.median, 1), fmt(x.tokPerS, 0), x.passes, fmt(x.rowsPerStep, 1), fmt(x.tflops, 1), pct(x.ofGemmRate), spread(x.ms)]);
+    L.push(table(["shape", "model", "K/V", "mode", "prompts", "tokens each", "ms", "tokens/s", "passes", "rows per step", "TFLOP/s", "of GEMM rate", "spread"], rows), "");
   }
 }
 
