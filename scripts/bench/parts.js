@@ -12,7 +12,11 @@ const PARTS = {
   "1.1b": { shapes: ["1.1b"], only: [1], what: "full generations at the 1.1B shape: standard, LCKV w=2, CLA, sandwich at 512+1024, 2048+2048 and 5+8187", minutes: 6 },
   "7b-a": { shapes: ["7b"], only: [1], models: ["standard", "cla", "lckv-w2"], what: "full generations at the 7B shape, standard, CLA and LCKV w=2 at 512+1024 and 2048+2048 (writes the 13.5 GB of weights the first time)", minutes: 6 },
   "7b-b": { shapes: ["7b"], only: [1], models: ["standard", "sandwich"], what: "full generations at the 7B shape, sandwich (and standard again, for its ratios) at 512+1024 and 2048+2048", minutes: 5 },
-  kernels: { shapes: ["1.1b", "7b"], only: [2, 3, 5], what: "decode against batch size, prefill and the attention kernels at both shapes", minutes: 5 },
+  // Experiment 3's many-prompt rows add to the ~5 minutes measured before them: at 1.1B a warm-up
+  // and 3 runs of LCKV's 64 x 2048 (~4.2 s a run on an H100, 2026-12-06) and of the standard
+  // 16 x 2048 (under a second), ~20 s; at 7B not measured yet, estimated at ~1 minute more (its
+  // steps read ~6x the weights).
+  kernels: { shapes: ["1.1b", "7b"], only: [2, 3, 5], what: "decode against batch size, prefill (one prompt at a time, and many at once) and the attention kernels at both shapes", minutes: 7 },
   peers: { shapes: ["1.1b"], only: [4, 6], what: "transformers (eager and static cache), the PyTorch reference and node-llama-cpp at the 1.1B shape", minutes: 5 },
   "llama-7b": { shapes: ["7b"], only: [6], what: "node-llama-cpp and lckv at the 7B shape (writes 25 GB of GGUF the first time)", minutes: 4 },
 };

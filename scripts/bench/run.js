@@ -16,7 +16,9 @@
  *      alone at that batch, and beside each row the bound on LCKV's decode gain (costs.js);
  *   2. decode latency and throughput against batch size at 2048 tokens of context, against the
  *      memory-bandwidth roofline;
- *   3. prefill throughput against prompt length, for each LCKV prefill mode;
+ *   3. prefill throughput against prompt length, for each LCKV prefill mode; and many prompts at
+ *      once: the standard model's 16 x 2048 tokens in mixed steps, LCKV's 64 x 2048 as batched
+ *      token steps (exact), with the rows the scheduler's steps carried;
  *   4. the Python peers: transformers eager and static cache, and the PyTorch reference of LCKV;
  *   5. the attention kernels alone, in each shape's heads;
  *   6. node-llama-cpp (llama.cpp) through its own API, on GGUF files of the same shape;
@@ -29,7 +31,7 @@
  *   1.1b      full generations at the 1.1B shape, 2 GiB pool             ~6 min
  *   7b-a      full generations at 7B: standard, CLA, LCKV w=2, 8 GiB pool ~6 min (weights written once)
  *   7b-b      full generations at 7B: standard, sandwich                   ~5 min
- *   kernels   experiments 2, 3 and 5 at both shapes                        ~5 min
+ *   kernels   experiments 2, 3 and 5 at both shapes                        ~7 min
  *   peers     transformers, the PyTorch reference, node-llama-cpp at 1.1B  ~5 min
  *   llama-7b  node-llama-cpp and lckv at 7B                               ~4 min (GGUFs written once)
  * (estimates for one K/V type of 2 or 4 bytes). Each part writes docs/bench/full-<part>.json; the
