@@ -11,7 +11,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 
 /* eslint-disable @typescript-eslint/no-var-requires */
-const { decodeGainBound } = require("../../scripts/bench/costs.js");
+const { decodeGainBound, forwardFlops } = require("../../scripts/bench/costs.js");
 const { renderReport } = require("../../scripts/bench/report.js");
 
 const root = path.join(__dirname, "..", "..");
@@ -103,6 +103,51 @@ test("experiments 2, 3 and 5 wrote their rows with finite timings; experiment 6 
   expect(Object.keys(results.experimentSeconds).sort()).toEqual(["attention", "decode", "kvTypes", "llamaPeer", "prefill", "setup", "throughput"]);
   expect(results.llamaPeer).toEqual([{ shape: "1.1b", error: expect.stringContaining("node-llama-cpp is not installed") }]);
   expect(results.llamaPeer[0].error).toContain("prepare.sh");
+});
+
+test("experiment 3, many prompts at once: every prompt a row of the shared steps, timed together", () => {
+  const rows = results.prefill as any[];
+  const many = rows.filter((r) => r.prompts > 1);
+  // --tiny's counts: the standard model in its default mode (mixed steps), LCKV w=2 in sequential
+  // mode (batched token steps).
+  expect(many.map((r) => [r.shape, r.model, r.mode, r.prompts, r.tokens])).toEqual([
+    ["1.1b", "standard", "default", 4, 128],
+    ["1.1b", "lckv-w2", "sequential", 8, 128],
+  ]);
+  // The tiny GQA shape (models.js): 6 layers, hidden 128, 4 heads of 32, 2 K/V heads, MLP 256,
+  // vocab 512; LCKV w=2 caches layers 0, 4 and 5.
+  const config = (kvLayers: number[]) => ({ hiddenSize: 128, intermediateSize: 256, numHeads: 4, numKvHeads: 2, headDim: 32, numLayers: 6, vocabSize: 512, kvLayers });
+  const kvLayers: Record<string, number[]> = { standard: [0, 1, 2, 3, 4, 5], "lckv-w2": [0, 4, 5] };
+  for (const r of many) {
+    expect(r.ms.samples).toHaveLength(2);
+    expect(r.tokPerS).toBeGreaterThan(0);
+    expect(r.tokPerS).toBeCloseTo((r.prompts * r.tokens * 1e3) / r.ms.median, 6);
+    const flops = r.prompts * forwardFlops(config(kvLayers[r.model]), r.tokens);
+    expect(r.tflops).toBeCloseTo(flops / (r.ms.median / 1e3) / 1e12, 12);
+    // Every prompt went in whole, all of it as rows of the scheduler's shared steps (the pool held
+    // every prompt, so none waited for pages and went in alone after the others).
+    expect(r.prefilledTokens).toBe(r.prompts * r.tokens);
+    expect(r.batchedTokens).toBe(r.prompts * r.tokens);
+    expect(r.rowsPerStep).toBeCloseTo(r.batchedTokens / r.steps, 10);
+    expect(r.rowsPerStep).toBeGreaterThan(1);
+    expect(r.passes).toBe(1);
+  }
+  // Batched token steps: one token of each prompt a step, so at least a step per token, at most a
+  // row per prompt in each, and some step carried every prompt.
+  const lckv = many.find((r) => r.model === "lckv-w2");
+  expect(lckv.steps).toBeGreaterThanOrEqual(lckv.tokens);
+  expect(lckv.rowsPerStep).toBeLessThanOrEqual(lckv.prompts);
+  expect(lckv.maxStepSequences).toBe(lckv.prompts);
+  // Mixed steps: the prompts take turns at the CPU's chunk of 64 rows a step.
+  const std = many.find((r) => r.model === "standard");
+  expect(std.rowsPerStep).toBeLessThanOrEqual(64);
+  expect(std.steps).toBeGreaterThanOrEqual((std.prompts * std.tokens) / 64);
+  // One prompt at a time: native prefill calls, no scheduler rows.
+  for (const r of rows.filter((x) => x.prompts === 1)) expect(r.rowsPerStep).toBeUndefined();
+  for (const r of rows) expect(Number.isInteger(r.prompts) && r.prompts >= 1).toBe(true);
+  // The report's table gives each row its prompts and rows per step.
+  expect(report).toContain("| shape | model | K/V | mode | prompts | tokens each | ms | tokens/s | passes | rows per step | TFLOP/s | of GEMM rate | spread |");
+  expect(report).toContain(`| lckv-w2 | bf16 | sequential | 8 | 128 | ${lckv.ms.median.toFixed(1)} | ${lckv.tokPerS.toFixed(0)} | 1 | ${lckv.rowsPerStep.toFixed(1)} |`);
 });
 
 test("experiment 7: every K/V type's capacity from the engine's pages, decode against its roofline, attention counting its own bytes", () => {
