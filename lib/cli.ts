@@ -5,7 +5,7 @@
  *   lckv info [--model dir|id]
  *   lckv chat [--model dir|id] [--system text] ...
  *   lckv eval-ppl --text file [--model dir|id] [--window N] [--prefill mode]
- *   lckv serve [--model dir|id] [--host 127.0.0.1] [--port 8080] [--api-key KEY] [--max-queue N]
+ *   lckv serve [--model dir|id] [--host 127.0.0.1] [--port 8080] [--api-key KEY] [--max-queue N] [--max-batch N]
  * --model takes a directory or a hub id (org/name[@revision], or --revision), downloaded into the
  * Hugging Face cache. Option errors come before any output; long jobs (a download, a load) show a
  * progress bar on a terminal; generate
@@ -56,12 +56,13 @@ process.stdout.on("error", (e: NodeJS.ErrnoException) => {
   stdoutClosed = true;
 });
 
-async function open(opts: { model?: string; revision?: string; device?: "auto" | "cpu" | "cuda"; dtype?: DType; kvDtype?: KvCacheDtype; maxContext?: number; maxQueue?: number }): Promise<Model> {
+async function open(opts: { model?: string; revision?: string; device?: "auto" | "cpu" | "cuda"; dtype?: DType; kvDtype?: KvCacheDtype; maxContext?: number; maxQueue?: number; maxBatch?: number }): Promise<Model> {
   const load: LoadOptions = { device: opts.device ?? "auto" };
   if (opts.dtype !== undefined) load.dtype = opts.dtype;
   if (opts.kvDtype !== undefined) load.kvCacheDtype = opts.kvDtype;
   if (opts.maxContext !== undefined) load.maxContext = opts.maxContext;
   if (opts.maxQueue !== undefined) load.maxQueue = opts.maxQueue;
+  if (opts.maxBatch !== undefined) load.maxBatch = opts.maxBatch;
   if (opts.revision !== undefined) load.revision = opts.revision;
   if (process.stderr.isTTY) {
     const bar = new SingleBar({ format: "loading {bar} {percentage}%", stream: process.stderr, clearOnComplete: true, hideCursor: true });
@@ -434,6 +435,7 @@ program
   .option("--port <port>", "port to listen on (0: any free port)", intArg("--port"), 8080)
   .option("--api-key <key>", "require 'Authorization: Bearer <key>' on /v1 requests")
   .option("--max-queue <n>", "requests that may wait for K/V pages at once; the next is answered 429", intArg("--max-queue"))
+  .option("--max-batch <n>", "sequences in one decode step at most (loadModel's maxBatch; default: its default for the device)", posIntArg("--max-batch"))
   .addOption(deviceOption())
   .addOption(dtypeOption())
   .addOption(kvDtypeOption())

@@ -43,6 +43,14 @@ export class ServerMetrics {
         this.set(self.running);
       },
     });
+    new Gauge({
+      name: "lckv_step_sequences_max",
+      help: "The most sequences one decode step has run since the model was loaded (at most its maxBatch, lckv serve --max-batch)",
+      registers,
+      collect() {
+        this.set(model.schedulerStats().maxBatch);
+      },
+    });
     this.tokens = new Counter({ name: "lckv_generated_tokens_total", help: "Tokens generated", registers });
     this.requests = new Counter({ name: "lckv_requests_total", help: "Completion requests that reached generation, by endpoint and HTTP status (499: the client went away)", labelNames: ["endpoint", "status"], registers });
     // Buckets from a fast GPU's milliseconds to a CPU's seconds.

@@ -135,6 +135,10 @@ test("64 concurrent streaming clients each get exactly what they get alone (gree
   const together = await Promise.all(requests.map(run));
   expect(together).toEqual(alone);
   await expectIdle(ctx.model);
+  // Together they shared steps: the gauge of the largest step says how many.
+  const most = metric(await metrics(), "lckv_step_sequences_max");
+  expect(most).toBeGreaterThan(1);
+  expect(most).toBe(ctx.model.schedulerStats().maxBatch);
 });
 
 test("1000 requests with random disconnects: no page leaked, memory flat", async () => {
@@ -202,24 +206,38 @@ test("close() takes no new request, finishes the one in flight, then resolves", 
   await expect(fetch(`${other.url}/health`)).rejects.toThrow();
 });
 
-test("lckv serve: SIGTERM finishes the request in flight, then the process exits 0", async () => {
-  const child = spawn(process.execPath, [path.join(root, "dist", "cli.js"), "serve", "--port", "0", "--device", "cpu"], { cwd: root, stdio: ["ignore", "ignore", "pipe"] });
+/**
+ * `lckv serve --port 0 --device cpu ...args` in a child process: resolves with its URL once it
+ * listens. `stderr()` is what it printed so far; `exited` its exit code.
+ */
+function spawnServe(args: string[]) {
+  const child = spawn(process.execPath, [path.join(root, "dist", "cli.js"), "serve", "--port", "0", "--device", "cpu", ...args], { cwd: root, stdio: ["ignore", "ignore", "pipe"] });
   const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
   let stderr = "";
   child.stderr.setEncoding("utf8");
-  try {
-    const url = await new Promise<string>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`no URL on stderr after 60 s: ${stderr}`)), 60000);
-      child.stderr.on("data", (d: string) => {
-        stderr += d;
-        const m = /lckv: listening on (http:\/\/127\.0\.0\.1:\d+)/.exec(stderr);
-        if (m) {
-          clearTimeout(timer);
-          resolve(m[1]);
-        }
-      });
-      child.on("exit", () => reject(new Error(`exited before listening: ${stderr}`)));
+  const url = new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no URL on stderr after 60 s: ${stderr}`)), 60000);
+    child.stderr.on("data", (d: string) => {
+      stderr += d;
+      const m = /lckv: listening on (http:\/\/127\.0\.0\.1:\d+)/.exec(stderr);
+      if (m) {
+        clearTimeout(timer);
+        resolve(m[1]);
+      }
     });
+    child.on("exit", () => {
+      clearTimeout(timer);
+      reject(new Error(`exited before listening: ${stderr}`));
+    });
+  });
+  url.catch(() => undefined);  // a test that expects the exit reads `exited` instead
+  return { child, url, exited, stderr: () => stderr };
+}
+
+test("lckv serve: SIGTERM finishes the request in flight, then the process exits 0", async () => {
+  const { child, exited, stderr: output, ...served } = spawnServe([]);
+  try {
+    const url = await served.url;
     const c = new OpenAI({ baseURL: `${url}/v1`, apiKey: "unused", maxRetries: 0 });
     const stream = await c.completions.create({ model: "default", prompt: "Once upon a time", max_tokens: 200, temperature: 0.8, seed: 1, stream: true });
     let text = "";
@@ -237,8 +255,26 @@ test("lckv serve: SIGTERM finishes the request in flight, then the process exits
     const late = await fetch(`${url}/health`).then((r) => r.status, () => "refused");
     expect([503, "refused"]).toContain(late);
     expect(await exited).toBe(0);
-    expect(stderr).toMatch(/stopping/);
+    expect(output()).toMatch(/stopping/);
   } finally {
     if (child.exitCode === null) child.kill("SIGKILL");
   }
+});
+
+test("lckv serve --max-batch caps the sequences of a step; a bad value is refused by name", async () => {
+  const { child, url, exited } = spawnServe(["--max-batch", "1"]);
+  try {
+    const c = new OpenAI({ baseURL: `${await url}/v1`, apiKey: "unused", maxRetries: 0 });
+    const done = await Promise.all(["The sea", "A king", "Once"].map((prompt) => c.completions.create({ model: "default", prompt, max_tokens: 20, temperature: 0 })));
+    for (const r of done) expect(r.usage!.completion_tokens).toBeGreaterThan(0);
+    const text = await (await fetch(`${await url}/metrics`)).text();
+    expect(metric(text, "lckv_step_sequences_max")).toBe(1);
+    child.kill("SIGTERM");
+    expect(await exited).toBe(0);
+  } finally {
+    if (child.exitCode === null) child.kill("SIGKILL");
+  }
+  const bad = spawnServe(["--max-batch", "0"]);
+  expect(await bad.exited).toBe(1);
+  expect(bad.stderr()).toMatch(/--max-batch must be a positive integer/);
 });
