@@ -1,6 +1,7 @@
 // The batched decode step (decodeBatch): its recording keys, and run-ahead, which queues the
 // next step on the device before the host has read this one's tokens.
 #include <algorithm>
+#include <deque>
 #include <new>
 #include <string>
 
@@ -167,15 +168,24 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
   const int slot = queuedAhead ? ahead_.slot : 0;
   ahead_.queued = false;
   PendingWrites writes{seqs};  // the batch is all or nothing
+  // The residuals this step moves off the page they hold, put back if it fails (before `writes`
+  // gives the pages back), so each sequence's rows read as they did.
+  std::deque<ResidualBackup> backups;
   try {
     for (int i = 0; i < numSeqs; ++i)  // the commit below cannot fail halfway
       seqs[(size_t)i]->tokens.reserve(seqs[(size_t)i]->tokens.size() + (size_t)rows[(size_t)i]);
-    for (int i = 0; i < numSeqs; ++i) {
-      SequenceState& q = *seqs[(size_t)i];
-      q.kv->prepareWrite(q.length(), rows[(size_t)i]);  // changes nothing for a step queued ahead
+    // Every sequence's pages before any residual moves: a full pool refuses the batch as it was.
+    for (int i = 0; i < numSeqs; ++i)  // changes nothing for a step queued ahead
+      seqs[(size_t)i]->kv->prepareWrite(seqs[(size_t)i]->length(), rows[(size_t)i]);
+    for (SequenceState* q : seqs) {
       // Nor does this (writableInPlace checked it). The sequence's rows all lie in the page of its
       // first (checked above), the one page the residual holds.
-      moveResidual(q, q.length());
+      const int start = q->length();
+      if (kvTypeChannelKeys(L.type) && start > 0 && q->kv->residualPage() != start / L.pageTokens) {
+        backups.emplace_back(*this, *q);
+        backups.back().save();
+      }
+      moveResidual(*q, start);
     }
     Scratch s;
     viewPages(s, seqs, rowSeq, true);
@@ -248,6 +258,7 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
     throw;
   }
   for (int r = 0; r < n; ++r) seqs[(size_t)rowSeq[(size_t)r]]->tokens.push_back(tokens[(size_t)r]);
+  for (ResidualBackup& b : backups) b.release();
   writes.commit();
   for (SequenceState* q : seqs) releaseOutsideWindow(*q);
   return out;

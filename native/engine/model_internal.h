@@ -1,5 +1,6 @@
 // What the model's source files share and the addon does not see: the activations of one
-// forward (Model::Scratch), the commit-or-rollback of a forward's page writes, and opt().
+// forward (Model::Scratch), the commit-or-rollback of a forward's page writes and of a residual
+// it moves, and opt().
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -34,6 +35,43 @@ struct PendingWrites {
     for (SequenceState* q : seqs) q->kv->commitWrite();
     committed = true;
   }
+};
+
+// The residual's bytes while a write (an append, a decode step) moves it past the page its
+// sequence ends in: a failed write puts them back, so the rows before its start read as they did
+// (a channel-key type).
+class ResidualBackup {
+ public:
+  ResidualBackup(Model& m, SequenceState& seq) : model_(m), seq_(seq) {}
+  ResidualBackup(const ResidualBackup&) = delete;
+  ResidualBackup& operator=(const ResidualBackup&) = delete;
+  void save() {
+    Backend& be = model_.backend();
+    Tensor& pool = model_.pool().storage();
+    const std::vector<int32_t>& parts = seq_.kv->residual();
+    copy_ = be.alloc((int64_t)parts.size(), pool.cols);
+    for (size_t i = 0; i < parts.size(); ++i) be.copyRows(pool, parts[i], copy_, (int)i, 1);
+    page_ = seq_.kv->residualPage();
+  }
+  void release() { copy_ = Tensor{}; }
+  ~ResidualBackup() {
+    if (copy_.empty()) return;
+    try {
+      Backend& be = model_.backend();
+      const std::vector<int32_t>& parts = seq_.kv->residual();
+      for (size_t i = 0; i < parts.size(); ++i) be.copyRows(copy_, (int)i, model_.pool().storage(), parts[i], 1);
+      seq_.kv->setResidualPage(page_);
+    } catch (...) {
+      // A device error: the rows are lost, and the next write reads them back from their codes.
+      seq_.kv->setResidualPage(-1);
+    }
+  }
+
+ private:
+  Model& model_;
+  SequenceState& seq_;
+  Tensor copy_;
+  int page_ = -1;
 };
 
 // An optional weight (a bias, GPT-2's position table): null when the config has none.

@@ -131,44 +131,6 @@ void Model::appendPiece(SequenceState& seq, const int32_t* tokens, int n, int st
   }
 }
 
-namespace {
-// The residual's bytes while an append moves it past the page its sequence ends in: a failed
-// append puts them back, so the rows before its start read as they did (a channel-key type).
-class ResidualBackup {
- public:
-  ResidualBackup(Model& m, SequenceState& seq) : model_(m), seq_(seq) {}
-  ResidualBackup(const ResidualBackup&) = delete;
-  ResidualBackup& operator=(const ResidualBackup&) = delete;
-  void save() {
-    Backend& be = model_.backend();
-    Tensor& pool = model_.pool().storage();
-    const std::vector<int32_t>& parts = seq_.kv->residual();
-    copy_ = be.alloc((int64_t)parts.size(), pool.cols);
-    for (size_t i = 0; i < parts.size(); ++i) be.copyRows(pool, parts[i], copy_, (int)i, 1);
-    page_ = seq_.kv->residualPage();
-  }
-  void release() { copy_ = Tensor{}; }
-  ~ResidualBackup() {
-    if (copy_.empty()) return;
-    try {
-      Backend& be = model_.backend();
-      const std::vector<int32_t>& parts = seq_.kv->residual();
-      for (size_t i = 0; i < parts.size(); ++i) be.copyRows(copy_, (int)i, model_.pool().storage(), parts[i], 1);
-      seq_.kv->setResidualPage(page_);
-    } catch (...) {
-      // A device error: the rows are lost, and the next write reads them back from their codes.
-      seq_.kv->setResidualPage(-1);
-    }
-  }
-
- private:
-  Model& model_;
-  SequenceState& seq_;
-  Tensor copy_;
-  int page_ = -1;
-};
-}  // namespace
-
 AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& tokens, const PrefillSpec& prefill,
                            LogitsWanted logits, const SamplingParams* sampling) {
   if (!ready_) throw EngineError(kErrInvalidArgument, "model weights are not loaded");

@@ -1,0 +1,227 @@
+/**
+ * Failure atomicity of the K/V cache, for every kvCacheDtype: a failed operation (a cancelled
+ * append, a full pool, a refused chunk) leaves the sequence reading back as before — its length,
+ * the K/V bits of every slot (readKv), where it rewinds exactly (exactRewind) — the pool's
+ * accounting adds up, and continuing gives the logits of a sequence that never saw the failure.
+ * int4 is the type with state beyond its pages (the residual: kv_format.h), hence the cases of
+ * where the append starts relative to the residual's page.
+ */
+import { loadModel, Model } from "../../lib";
+import type { KvCacheDtype } from "../../lib/kv-cache-dtype";
+import type { NativeModel, NativeSequence } from "../../lib/native";
+import { writeTinyModel } from "../helpers/tiny-model";
+
+process.env.LCKV_QUIET = "1";
+
+export const P = 16;
+const DTYPES: KvCacheDtype[] = ["f32", "bf16", "int8", "int4"];
+const tokens = Array.from({ length: 200 }, (_, i) => (i * 13 + 7) % 64);
+const NONE = { mode: "sequential", logits: "none" } as const;
+const dir = writeTinyModel({ seed: 71, maxPositions: 256 });
+
+function cancelled(): Int32Array {
+  const c = new Int32Array(new SharedArrayBuffer(4));
+  c[0] = 1;
+  return c;
+}
+
+const bits = (a: Float32Array) => Array.from(new Uint32Array(a.buffer, a.byteOffset, a.length));
+
+/** What a sequence reads back: its length, every slot's K/V bits, and where it rewinds exactly. */
+function state(m: Model, s: NativeSequence) {
+  const n = s.length;
+  return {
+    n,
+    kv: m.config.plan.kvLayers.map((_, slot) => bits(s.readKv(slot, 0, n))),
+    rewind: Array.from({ length: n + 1 }, (_, i) => s.exactRewind(i)),
+  };
+}
+
+/** The logits of appending `more` to s. */
+async function continueWith(s: NativeSequence, more: number[]) {
+  const r = await s.append(Int32Array.from(more), { mode: "sequential", logits: "all" });
+  return bits(r.logits!);
+}
+
+async function failAppend(s: NativeSequence, more: number[]) {
+  return s.append(Int32Array.from(more), { ...NONE, cancel: cancelled() }).then(
+    () => null,
+    (e) => e,
+  );
+}
+
+describe.each(DTYPES)("%s cache", (dtype) => {
+  let m: Model, nm: NativeModel;
+  beforeAll(async () => {
+    m = await loadModel(dir, { device: "cpu", kvCacheDtype: dtype, prefixCache: 0, threads: 1 });
+    nm = m.nativeModel();
+  });
+  afterAll(() => m.dispose());
+
+  const build = async (n: number) => {
+    const s = nm.createSequence(m.maxContext);
+    if (n > 0) await s.append(Int32Array.from(tokens.slice(0, n)), NONE);
+    return s;
+  };
+
+  /** A cancelled append of k tokens leaves s as it was; continuing equals a twin's. */
+  async function expectCancelChangesNothing(s: NativeSequence, twin: NativeSequence, k: number) {
+    const before = state(m, s);
+    const e = await failAppend(s, tokens.slice(s.length, s.length + k));
+    expect(e?.code).toBe("LCKV_ABORTED");
+    expect(state(m, s)).toEqual(before);
+    expect(m.auditCache()).toBe("");
+    const more = tokens.slice(s.length, s.length + 20).map((t) => (t + 5) % 64);
+    expect(await continueWith(s, more)).toEqual(await continueWith(twin, more));
+    expect(state(m, s)).toEqual(state(m, twin));
+  }
+
+  test.each([0, 10, 16, 32, 41, 47])("a cancelled append at %i tokens", async (n) => {
+    for (const k of [3, 5, 30]) {
+      const s = await build(n), twin = await build(n);
+      await expectCancelChangesNothing(s, twin, k);
+      s.dispose();
+      twin.dispose();
+    }
+  });
+
+  test.each([
+    [41, 20],
+    [41, 36],
+    [41, 32],
+    [41, 16],
+    [48, 40],
+    [70, 3],
+  ])("a cancelled append after truncating %i tokens to %i", async (n, to) => {
+    for (const k of [3, 30]) {
+      const s = await build(n), twin = await build(n);
+      s.truncate(to);
+      twin.truncate(to);
+      await expectCancelChangesNothing(s, twin, k);
+      s.dispose();
+      twin.dispose();
+    }
+  });
+
+  test.each([10, 16, 41, 48])("a cancelled append on a fork of %i tokens, and on its source", async (n) => {
+    for (const k of [3, 30]) {
+      const src = await build(n), twin = await build(n);
+      const f = src.fork();
+      const srcBefore = state(m, src);
+      await expectCancelChangesNothing(f, twin, k);
+      expect(state(m, src)).toEqual(srcBefore);
+      const twin2 = await build(n);
+      await expectCancelChangesNothing(src, twin2, k);
+      for (const x of [src, f, twin, twin2]) x.dispose();
+    }
+  });
+
+  test.each([
+    [40, 16, 16],
+    [50, 16, 16],
+    [64, 0, 32],
+  ])("a cancelled append after a context shift of %i tokens (sink %i, drop %i)", async (n, sink, drop) => {
+    for (const k of [3, 30]) {
+      const s = await build(n), twin = await build(n);
+      await s.shift(sink, drop);
+      await twin.shift(sink, drop);
+      await expectCancelChangesNothing(s, twin, k);
+      s.dispose();
+      twin.dispose();
+    }
+  });
+});
+
+const GREEDY = { temperature: 0, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1, seed: 0 };
+
+describe.each(DTYPES)("%s cache, a full pool", (dtype) => {
+  /** A model whose pool holds `pages` pages beyond the residuals of `sequences` sequences. */
+  async function small(pages: number, sequences: number) {
+    const probe = await loadModel(dir, { device: "cpu", kvCacheDtype: dtype, prefixCache: 0, threads: 1 });
+    const pageBytes = probe.kvBytesPerToken * P, R = probe.cacheStats().residualPages;
+    await probe.dispose();
+    const m = await loadModel(dir, { device: "cpu", kvCacheDtype: dtype, prefixCache: 0, threads: 1, kvCacheMemory: (pages + R * sequences) * pageBytes });
+    return { m, nm: m.nativeModel() };
+  }
+
+  test("decodeBatch: a sequence at a page's end keeps its state when another in the batch finds the pool full", async () => {
+    for (const n of [16, 32]) {
+      // a and b at n tokens; one page left: a takes it, b finds none.
+      const { m, nm } = await small(2 * (n / P) + 1, 2);
+      const a = nm.createSequence(256), b = nm.createSequence(256);
+      await a.append(Int32Array.from(tokens.slice(0, n)), NONE);
+      await b.append(Int32Array.from(tokens.slice(0, n)), NONE);
+      const before = [state(m, a), state(m, b)];
+      const e = await nm.decodeBatch([a, b], Int32Array.of(tokens[n], tokens[n]), [GREEDY, GREEDY]).catch((x) => x);
+      expect(e.code).toBe("LCKV_KV_CACHE_FULL");
+      expect([state(m, a), state(m, b)]).toEqual(before);
+      expect(m.auditCache()).toBe("");
+      b.dispose();
+      const more = tokens.slice(n, n + 8);
+      const got = await continueWith(a, more);
+      a.dispose();
+      const twin = nm.createSequence(256);
+      await twin.append(Int32Array.from(tokens.slice(0, n)), NONE);
+      expect(got).toEqual(await continueWith(twin, more));
+      twin.dispose();
+      await m.dispose();
+    }
+  });
+
+  test("an append that crosses pages is refused up front when the pool is short", async () => {
+    const { m, nm } = await small(4, 1);
+    const s = nm.createSequence(256);
+    await s.append(Int32Array.from(tokens.slice(0, 41)), NONE);  // 3 pages
+    const before = state(m, s);
+    const e = await s.append(Int32Array.from(tokens.slice(41, 71)), NONE).catch((x) => x);  // pages 3 and 4
+    expect(e.code).toBe("LCKV_KV_CACHE_FULL");
+    expect(state(m, s)).toEqual(before);
+    expect(m.auditCache()).toBe("");
+    await s.append(Int32Array.from(tokens.slice(41, 48)), NONE);  // page 3 fits
+    expect(m.auditCache()).toBe("");
+    s.dispose();
+    await m.dispose();
+  });
+
+  test("a fork's copy-on-write that finds the pool full leaves fork and source as they were", async () => {
+    for (const n of [17, 41]) {
+      // No page free: the fork's first write copies its partial page (and an int4 residual).
+      const { m, nm } = await small(Math.ceil(n / P), 1);
+      const src = nm.createSequence(256);
+      await src.append(Int32Array.from(tokens.slice(0, n)), NONE);
+      const f = src.fork();
+      const before = [state(m, src), state(m, f)];
+      const e = await f.append(Int32Array.from(tokens.slice(n, n + 20)), NONE).catch((x) => x);
+      expect(e.code).toBe("LCKV_KV_CACHE_FULL");
+      const e2 = await nm.decodeBatch([f], Int32Array.of(tokens[n]), [GREEDY]).catch((x) => x);
+      expect(e2.code).toBe("LCKV_KV_CACHE_FULL");
+      expect([state(m, src), state(m, f)]).toEqual(before);
+      expect(m.auditCache()).toBe("");
+      // The source alone then continues as a fresh sequence would.
+      f.dispose();
+      const more = tokens.slice(n, n + 3);
+      const got = await continueWith(src, more);
+      src.dispose();
+      const twin = nm.createSequence(256);
+      await twin.append(Int32Array.from(tokens.slice(0, n)), NONE);
+      expect(got).toEqual(await continueWith(twin, more));
+      twin.dispose();
+      await m.dispose();
+    }
+  });
+
+  test("a context shift whose copies find the pool full leaves fork and source as they were", async () => {
+    const { m, nm } = await small(4, 1);
+    const src = nm.createSequence(256);
+    await src.append(Int32Array.from(tokens.slice(0, 50)), NONE);
+    const f = src.fork();
+    const before = [state(m, src), state(m, f)];
+    const e = await f.shift(16, 16).catch((x) => x);
+    expect(e.code).toBe("LCKV_KV_CACHE_FULL");
+    expect([state(m, src), state(m, f)]).toEqual(before);
+    expect(m.auditCache()).toBe("");
+    f.dispose();
+    src.dispose();
+    await m.dispose();
+  });
+});
