@@ -13,7 +13,7 @@ import { writeTinyModel } from "../helpers/tiny-model";
 
 process.env.LCKV_QUIET = "1";
 
-export const P = 16;
+const P = 16;
 const DTYPES: KvCacheDtype[] = ["f32", "bf16", "int8", "int4"];
 const tokens = Array.from({ length: 200 }, (_, i) => (i * 13 + 7) % 64);
 const NONE = { mode: "sequential", logits: "none" } as const;
