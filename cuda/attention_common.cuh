@@ -278,14 +278,15 @@ void launchDecodeMerge(const float* partial, int n, int numHeads, int headDim, i
 
 // Decode on the tensor cores (attention_decode_mma.cu), for compact K/V types at head sizes
 // kDim = 32, 64 and 128 with rows that load in 16-byte pieces (decodeUsesMma): the same blocks,
-// splits (at most one per 64 keys) and partial results as the CUDA-core kernel.
+// splits (at most one per 64 keys), spans and partial results as the CUDA-core kernel; a
+// channel-key type (int4) takes DecodeKeys::CompletePages only.
 bool decodeUsesMma(KvType type, int headDim, const PagedKv& kv);
 template <int kDim, KvType T>
 int decodeMmaSplits(int64_t blocks, int maxVisible);
 template <int kDim, KvType T>
 void launchDecodeMma(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
                      bool strict, int window, float scale, int headChunks, int headsPerBlock, int splits, AttentionOut out,
-                     float* partial, cudaStream_t stream);
+                     float* partial, cudaStream_t stream, const DecodeSpan& span);
 
 // Prefill, for kDim 16, 32, 64 and 128: the head size rounded up to one of them (zero-padded).
 // An f32 cache on tf32 products (attention_prefill.cu), a compact type T on bf16 products
