@@ -81,7 +81,7 @@ void withMmaHeadDim(int headDim, F&& f) {
 // workspace that the merge kernel combines. The first reads the complete int4 pages (K scales
 // per channel of each page, V scales per key) in as many splits as any decode: on the tensor
 // cores where decodeUsesMma allows (head sizes 32, 64, 128, rows that load in 16-byte pieces;
-// each warp's page's K scales folded into the query), else on the CUDA cores. The second, one
+// each warp's page's K scales multiply its key codes), else on the CUDA cores. The second, one
 // split, reads the keys of each row's partial page from the residual's bf16 view (residualView)
 // on the CUDA cores. Rows whose last visible page is complete get no keys there, and the merge
 // skips the empty partial result.
