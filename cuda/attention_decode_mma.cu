@@ -44,7 +44,10 @@ int decodeMmaResidentBlocks() {
 // A channel-key type (int4) also needs 16-byte aligned K scales of each page (rows, pages and
 // the pool aligned, and a head's kDim f16 a multiple of 16 bytes: so they are).
 bool decodeUsesMma(KvType type, int headDim, const PagedKv& kv) {
-  return type != KvType::F32 && mmaDecodeHeadDim(headDim) && kvRowsLoadAs16Bytes(kv, headDim);
+  // A channel-key type needs pages of 16 keys or more (a warp's 16 keys in one page); smaller
+  // pages take the CUDA-core kernel.
+  return type != KvType::F32 && mmaDecodeHeadDim(headDim) && kvRowsLoadAs16Bytes(kv, headDim) &&
+         (!kvTypeChannelKeys(type) || kv.pageShift >= 4);
 }
 
 // As decodeSplits: one wave, at least one 64-key tile per split, at most kMaxDecodeSplits.

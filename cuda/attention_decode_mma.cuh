@@ -415,8 +415,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
   uint8_t* smem = reinterpret_cast<uint8_t*>(smem4);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  // Every other type takes all of a row's keys: a span of compile-time DecodeKeys::All keeps its
+  // chunking free of the channel-key branches.
+  const DecodeSpan keySpan = kChannelKeys ? span : DecodeSpan{DecodeKeys::All, 0, span.splitBase, span.outSplits};
   const DecodeBlock b = decodeBlock<kMmaTileKeys>(positions, kv, numHeads, numKvHeads, strict, window, headChunks,
-                                                  headsPerBlock, kvHeadBytes(T, headDim), span,
+                                                  headsPerBlock, kvHeadBytes(T, headDim), keySpan,
                                                   kChannelKeys ? kMmaWarpKeys : 1);
   const int r = b.r, split = b.split, kvh = b.kvh, h0 = b.h0, heads = b.heads;
   const int32_t* table = b.table;

@@ -341,10 +341,11 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
     int window, seqs;
     std::vector<int> lengths = {};
     std::vector<int> queries = {};
-    // Key channel c of a head times 2^(-20 + 36 c / (hd - 1)): per-channel int4 scales from f16's
-    // subnormals to past 2^12, whose codes times scales exceed f16's range, and scores in the
-    // thousands. Every row's V is the same, so that the output is that V whatever the weights:
-    // what the case checks is that such keys give finite scores on every path.
+    // Key channels d of a head with d % 8 == 3 times 2^16 and d % 8 == 5 times 2^-20: per-channel
+    // int4 scales past 2^12 (codes times scales beyond f16's range: the tensor-core kernel's
+    // guard) and down among f16's subnormals. The queries are zero in the large channels, so the
+    // scores stay of order one and the output, V random, checks the guarded pages' scores to the
+    // case's tolerance.
     bool wideKeys = false;
   };
   const std::vector<AttnCase> cases{{1, 1, 4, 4, 16, true, 0, 1}, {1, 1, 4, 2, 16, false, 0, 1},
@@ -442,11 +443,10 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
     KvView va{&poolA, L, tables.data(), pagesPerSeq, c.seqs, wseq.data(), residuals.data(), residualPage.data()};
     KvView vb{&poolB, L, tables.data(), pagesPerSeq, c.seqs, wseq.data(), residuals.data(), residualPage.data()};
     std::vector<float> kHost = r.random((size_t)rows * L.kvDim), vHost = r.random((size_t)rows * L.kvDim);
+    auto wideChannel = [&](size_t i) { return (int)(i % (size_t)c.hd) % 8; };  // a K or Q element's channel class
     if (c.wideKeys)
-      for (size_t i = 0; i < kHost.size(); ++i) {
-        kHost[i] *= std::ldexp(1.0f, -20 + 36 * (int)(i % (size_t)c.hd) / (c.hd - 1));
-        vHost[i] = vHost[i % (size_t)L.kvDim];
-      }
+      for (size_t i = 0; i < kHost.size(); ++i)
+        kHost[i] *= wideChannel(i) == 3 ? 65536.0f : wideChannel(i) == 5 ? std::ldexp(1.0f, -20) : 1.0f;
     auto k = r.act(kHost, rows, L.kvDim);
     auto v = r.act(vHost, rows, L.kvDim);
     if (R == 0) {
@@ -496,7 +496,11 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
     }
     const int nq = (int)qpos.size();
     va.rowSeq = vb.rowSeq = qseq.data();
-    auto qa = r.act(r.random((size_t)nq * c.heads * c.hd), nq, (int64_t)c.heads * c.hd);
+    std::vector<float> qHost = r.random((size_t)nq * c.heads * c.hd);
+    if (c.wideKeys)
+      for (size_t i = 0; i < qHost.size(); ++i)
+        if (wideChannel(i) == 3) qHost[i] = 0.0f;
+    auto qa = r.act(qHost, nq, (int64_t)c.heads * c.hd);
     auto o = r.outputs(nq, (int64_t)c.heads * c.hd);
     AttentionSpec sp{c.heads, c.kvHeads, c.hd, c.strict, c.window, 1.0f / std::sqrt((float)c.hd)};
     ref.attention(qa.first, nq, qpos.data(), va, 1, sp, o.first);
