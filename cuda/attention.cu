@@ -75,19 +75,19 @@ void withMmaHeadDim(int headDim, F&& f) {
   throw std::invalid_argument("attention: the tensor-core decode kernel has no instance for head size " + std::to_string(headDim));
 }
 
-// int4 (a channel-key type, kv_format.h): the CUDA-core decode kernel, for every call (an int4
-// call's rows of one sequence lie in one page: the engine prefills such a cache a page at a time,
-// and a mixed step's chunk of an int4 sequence ends at its page), in two launches into one split-K workspace that the merge kernel combines. The first
-// reads the complete int4 pages (K scales per channel of each page, V scales per key) in as many
-// splits as any decode; the second, one split, the keys of each row's partial page from the
-// residual's bf16 view (residualView). Rows whose last visible page is complete get no keys
-// there, and the merge skips the empty partial result.
-// The partial results per (row, head): the pages' splits, at most one short of what the merge
-// takes (kMaxDecodeSplits), and the residual's.
-template <int kDimsPerLane>
-int channelKeySplits(int64_t blocks, int headDim, int maxVisible) {
-  return std::min(attention::decodeSplits<kDimsPerLane, KvType::INT4>(blocks, headDim, maxVisible), kMaxDecodeSplits - 1) + 1;
-}
+// int4 (a channel-key type, kv_format.h): every call takes the decode kernels (an int4 call's
+// rows of one sequence lie in one page: the engine prefills such a cache a page at a time, and a
+// mixed step's chunk of an int4 sequence ends at its page), in two launches into one split-K
+// workspace that the merge kernel combines. The first reads the complete int4 pages (K scales
+// per channel of each page, V scales per key) in as many splits as any decode: on the tensor
+// cores where decodeUsesMma allows (head sizes 32, 64, 128, rows that load in 16-byte pieces;
+// each warp's page's K scales multiply its key codes), else on the CUDA cores. The second, one
+// split, reads the keys of each row's partial page from the residual's bf16 view (residualView)
+// on the CUDA cores. Rows whose last visible page is complete get no keys there, and the merge
+// skips the empty partial result.
+// The partial results per (row, head) for `pageSplits` splits of the pages: those splits, at most
+// one short of what the merge takes (kMaxDecodeSplits), and the residual's.
+int channelKeyOutSplits(int pageSplits) { return std::min(pageSplits, kMaxDecodeSplits - 1) + 1; }
 
 template <int kDimsPerLane>
 void launchChannelKeyDecode(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv,
@@ -98,18 +98,34 @@ void launchChannelKeyDecode(const float* q, int n, const int32_t* positions, int
   attention::decodeHeadBlocks(numHeads / numKvHeads, headsPerBlock, headChunks);
   const int64_t blocks = (int64_t)n * numKvHeads * headChunks;
   const int64_t perSplit = (int64_t)n * numHeads * (headDim + 2);
+  const bool mma = attention::decodeUsesMma(KvType::INT4, headDim, kv);
+  int pageSplits = 0;
+  if (mma)
+    withMmaHeadDim(headDim, [&](auto dim) { pageSplits = attention::decodeMmaSplits<decltype(dim)::value, KvType::INT4>(blocks, maxVisible); });
+  else
+    pageSplits = attention::decodeSplits<kDimsPerLane, KvType::INT4>(blocks, headDim, maxVisible);
   // The splits attentionWorkspaceFloats counts; fewer pages' splits if the workspace is smaller,
   // but always the residual's own.
-  int outSplits = channelKeySplits<kDimsPerLane>(blocks, headDim, maxVisible);
+  int outSplits = channelKeyOutSplits(pageSplits);
   if (outSplits * perSplit > workspaceFloats) outSplits = (int)std::min<int64_t>(outSplits, workspaceFloats / perSplit);
   if (outSplits < 2)
     throw std::invalid_argument("attention: an int4 cache needs a split-K workspace of " + std::to_string(2 * perSplit) +
                                 " floats at least, not " + std::to_string(workspaceFloats));
-  const int pageSplits = outSplits - 1;
-  attention::launchDecode<kDimsPerLane, KvType::INT4>(
-      q, n, positions, kv, numHeads, numKvHeads, headDim, strict, window, scale, headChunks, headsPerBlock, pageSplits, out,
-      workspace, stream, DecodeSpan{DecodeKeys::CompletePages, kv.pageShift, 0, outSplits});
-  LCKV_LAUNCH_CHECK("attention_int4_pages");
+  pageSplits = outSplits - 1;
+  const DecodeSpan pages{DecodeKeys::CompletePages, kv.pageShift, 0, outSplits};
+  if (mma) {
+    withMmaHeadDim(headDim, [&](auto dim) {
+      attention::launchDecodeMma<decltype(dim)::value, KvType::INT4>(q, n, positions, kv, numHeads, numKvHeads, strict,
+                                                                     window, scale, headChunks, headsPerBlock, pageSplits,
+                                                                     out, workspace, stream, pages);
+    });
+    LCKV_LAUNCH_CHECK("attention_int4_pages_mma");
+  } else {
+    attention::launchDecode<kDimsPerLane, KvType::INT4>(q, n, positions, kv, numHeads, numKvHeads, headDim, strict, window,
+                                                        scale, headChunks, headsPerBlock, pageSplits, out, workspace,
+                                                        stream, pages);
+    LCKV_LAUNCH_CHECK("attention_int4_pages");
+  }
   attention::launchDecode<kDimsPerLane, KvType::BF16>(
       q, n, positions, residualView(kv), numHeads, numKvHeads, headDim, strict, window, scale, headChunks, headsPerBlock, 1,
       out, workspace, stream, DecodeSpan{DecodeKeys::PartialPage, kv.pageShift, pageSplits, outSplits});
@@ -170,7 +186,8 @@ void launchAttention(const float* q, int n, const int32_t* positions, int maxVis
             int splits = attention::decodeMmaSplits<kDim, T>(blocks, maxVisible);
             if (splits > 1 && (int64_t)n * numHeads * splits * (headDim + 2) > workspaceFloats) splits = 1;
             attention::launchDecodeMma<kDim, T>(q, n, positions, kv, numHeads, numKvHeads, strict, window, scale,
-                                                headChunks, headsPerBlock, splits, out, workspace, stream);
+                                                headChunks, headsPerBlock, splits, out, workspace, stream,
+                                                DecodeSpan{DecodeKeys::All, 0, 0, splits});
             LCKV_LAUNCH_CHECK("attention_decode_mma");
             if (splits > 1) attention::launchDecodeMerge(workspace, n, numHeads, headDim, splits, out, stream);
           });
@@ -216,23 +233,22 @@ int64_t attentionWorkspaceFloats(int n, int numHeads, int numKvHeads, int headDi
   int headsPerBlock = 0, headChunks = 0;
   attention::decodeHeadBlocks(numHeads / numKvHeads, headsPerBlock, headChunks);
   // The larger of the two decode kernels' choices: which one runs also depends on the pool's
-  // alignment (decodeUsesMma), and the workspace must hold either.
-  int64_t splits = 0;
+  // alignment (decodeUsesMma), and the workspace must hold either. int4's (of its pages) gains
+  // the residual's split.
+  int splits = 0;
   const int64_t blocks = (int64_t)n * numKvHeads * headChunks;
   withKvType(kvType, [&](auto kvTypeConstant) {
     constexpr KvType T = decltype(kvTypeConstant)::value;
     withHeadDimClass(headDim, [&](auto headDimClass) {
-      if constexpr (kvTypeChannelKeys(T))
-        splits = channelKeySplits<decltype(headDimClass)::kDecodeDimsPerLane>(blocks, headDim, maxVisible);
-      else
-        splits = attention::decodeSplits<decltype(headDimClass)::kDecodeDimsPerLane, T>(blocks, headDim, maxVisible);
+      splits = attention::decodeSplits<decltype(headDimClass)::kDecodeDimsPerLane, T>(blocks, headDim, maxVisible);
     });
-    if constexpr (T != KvType::F32 && !kvTypeChannelKeys(T)) {
+    if constexpr (T != KvType::F32) {
       if (headDim == 32 || headDim == 64 || headDim == 128)
         withMmaHeadDim(headDim, [&](auto dim) {
-          splits = std::max<int64_t>(splits, attention::decodeMmaSplits<decltype(dim)::value, T>(blocks, maxVisible));
+          splits = std::max(splits, attention::decodeMmaSplits<decltype(dim)::value, T>(blocks, maxVisible));
         });
     }
+    if constexpr (kvTypeChannelKeys(T)) splits = channelKeyOutSplits(splits);
   });
   return splits > 1 ? (int64_t)n * numHeads * splits * (headDim + 2) : 0;
 }

@@ -75,15 +75,22 @@ __device__ __forceinline__ Range visibleKeys(int p, bool strict, int window, con
 // `splits`, `keys` keys from `first` on. Cut on the device from the row's position rather than
 // by the host, so a launch replayed from a CUDA graph at later positions still covers every key
 // (the number of splits is fixed; a split past the end gets no keys and writes an empty partial).
+// align (a power of two): the chunks start at multiples of align keys, from the first visible
+// key rounded down to one, and the `lead` keys of the first chunk that come before the first
+// visible key are not visible (the kernel masks them). The tensor-core kernel aligns an int4
+// launch to 16 keys, so that each warp's 16 keys of a tile lie in one page (pages are 16 keys
+// or more, a power of two) and share its K scales.
 struct DecodeChunk {
-  int first, keys;
+  int first, keys, lead;
 };
 __device__ __forceinline__ DecodeChunk decodeChunk(int p, bool strict, int window, int split, int splits,
-                                                   const DecodeSpan& span) {
+                                                   const DecodeSpan& span, int align = 1) {
   const Range all = visibleKeys(p, strict, window, span);
-  const int count = max(0, all.last - all.first + 1);
-  const int chunk = (count + splits - 1) / splits;
-  return {all.first + split * chunk, max(0, min(count - split * chunk, chunk))};
+  const int base = all.first & -align;
+  const int count = all.last < all.first ? 0 : all.last - base + 1;
+  const int chunk = ((count + splits - 1) / splits + align - 1) & -align;
+  const int first = base + split * chunk;
+  return {first, max(0, min(count - split * chunk, chunk)), max(0, all.first - first)};
 }
 // Of the chunk's first tile (firstTileKeys keys), those that no kernel of this step writes: a
 // step's n rows write K/V only at their own positions, which for this row's sequence are
@@ -128,18 +135,19 @@ __host__ __device__ constexpr int kvHeadBytes(KvType t, int headDim) { return he
 // and the head's K and V bases in the pool (heads of headBytes); split blockIdx.z of gridDim.z
 // and its chunk of the row's visible keys (decodeChunk) in numTiles tiles of kTileKeys; and of
 // the first tile's firstTileKeys keys, the earlyKeys that may load before the wait for the
-// preceding kernel (decodeEarlyKeys).
+// preceding kernel (decodeEarlyKeys). With align > 1 the chunk's first `lead` keys are not
+// visible (decodeChunk).
 struct DecodeBlock {
   int r, split, splits, kvh, h0, heads;
   const int32_t* table;
   const uint8_t* kBase;
   const uint8_t* vBase;
-  int first, keys, numTiles, firstTileKeys, earlyKeys;
+  int first, keys, lead, numTiles, firstTileKeys, earlyKeys;
 };
 template <int kTileKeys>
 __device__ __forceinline__ DecodeBlock decodeBlock(const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
                                                    bool strict, int window, int headChunks, int headsPerBlock, int headBytes,
-                                                   const DecodeSpan& span = DecodeSpan{}) {
+                                                   const DecodeSpan& span = DecodeSpan{}, int align = 1) {
   DecodeBlock b;
   b.r = blockIdx.x;
   b.split = blockIdx.z;
@@ -153,9 +161,10 @@ __device__ __forceinline__ DecodeBlock decodeBlock(const int32_t* positions, con
   b.kBase = kvHeadBase(kv, 0, b.kvh, headBytes);
   b.vBase = kvHeadBase(kv, 1, b.kvh, headBytes);
   const int p = positions[b.r];
-  const DecodeChunk chunk = decodeChunk(p, strict, window, b.split, b.splits, span);
+  const DecodeChunk chunk = decodeChunk(p, strict, window, b.split, b.splits, span, align);
   b.first = chunk.first;
   b.keys = chunk.keys;
+  b.lead = chunk.lead;
   b.numTiles = (b.keys + kTileKeys - 1) / kTileKeys;
   b.firstTileKeys = min(kTileKeys, b.keys);
   b.earlyKeys = decodeEarlyKeys(p, (int)gridDim.x, strict, b.first, b.firstTileKeys, span);
@@ -269,14 +278,15 @@ void launchDecodeMerge(const float* partial, int n, int numHeads, int headDim, i
 
 // Decode on the tensor cores (attention_decode_mma.cu), for compact K/V types at head sizes
 // kDim = 32, 64 and 128 with rows that load in 16-byte pieces (decodeUsesMma): the same blocks,
-// splits (at most one per 64 keys) and partial results as the CUDA-core kernel.
+// splits (at most one per 64 keys), spans and partial results as the CUDA-core kernel; a
+// channel-key type (int4) takes DecodeKeys::CompletePages only.
 bool decodeUsesMma(KvType type, int headDim, const PagedKv& kv);
 template <int kDim, KvType T>
 int decodeMmaSplits(int64_t blocks, int maxVisible);
 template <int kDim, KvType T>
 void launchDecodeMma(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
                      bool strict, int window, float scale, int headChunks, int headsPerBlock, int splits, AttentionOut out,
-                     float* partial, cudaStream_t stream);
+                     float* partial, cudaStream_t stream, const DecodeSpan& span);
 
 // Prefill, for kDim 16, 32, 64 and 128: the head size rounded up to one of them (zero-padded).
 // An f32 cache on tf32 products (attention_prefill.cu), a compact type T on bf16 products

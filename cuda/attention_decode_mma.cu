@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "attention_decode_mma.cuh"
 
@@ -39,8 +41,13 @@ int decodeMmaResidentBlocks() {
 
 }  // namespace
 
+// A channel-key type (int4) also needs 16-byte aligned K scales of each page (rows, pages and
+// the pool aligned, and a head's kDim f16 a multiple of 16 bytes: so they are).
 bool decodeUsesMma(KvType type, int headDim, const PagedKv& kv) {
-  return type != KvType::F32 && !kvTypeChannelKeys(type) && mmaDecodeHeadDim(headDim) && kvRowsLoadAs16Bytes(kv, headDim);
+  // A channel-key type needs pages of 16 keys or more (a warp's 16 keys in one page); smaller
+  // pages take the CUDA-core kernel.
+  return type != KvType::F32 && mmaDecodeHeadDim(headDim) && kvRowsLoadAs16Bytes(kv, headDim) &&
+         (!kvTypeChannelKeys(type) || kv.pageShift >= 4);
 }
 
 // As decodeSplits: one wave, at least one 64-key tile per split, at most kMaxDecodeSplits.
@@ -54,24 +61,29 @@ int decodeMmaSplits(int64_t blocks, int maxVisible) {
 template <int kDim, KvType T>
 void launchDecodeMma(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
                      bool strict, int window, float scale, int headChunks, int headsPerBlock, int splits, AttentionOut out,
-                     float* partial, cudaStream_t stream) {
+                     float* partial, cudaStream_t stream, const DecodeSpan& span) {
+  if (kvTypeChannelKeys(T) && (kv.pageShift < 4 || span.keys != DecodeKeys::CompletePages))  // a warp's 16 keys in one page
+    throw std::invalid_argument("attention: the tensor-core decode kernel takes a channel-key K/V type's complete pages of 16 tokens or more");
+  if (span.outSplits != 1 && (span.outSplits < span.splitBase + splits || !partial))
+    throw std::invalid_argument("attention: the decode launch's splits lie outside the split-K workspace");
   preparedDecodeMmaKernel<kDim, T>();
   launchKernel(attentionDecodeMmaKernel<kDim, T>, dim3(n, numKvHeads * headChunks, splits), kMmaWarps * 32,
                mmaDecodeSmemBytes(T, kDim), stream, q, positions, kv, numHeads, numKvHeads, kDim, strict, window, scale,
-               headChunks, headsPerBlock, out, partial);
+               headChunks, headsPerBlock, span, out, partial);
 }
 
 #define LCKV_DECODE_MMA_INSTANCES(D, T)                                                                     \
   template int decodeMmaSplits<D, T>(int64_t, int);                                                       \
   template void launchDecodeMma<D, T>(const float*, int, const int32_t*, const PagedKv&, int, int, bool, int, float, \
-                                      int, int, int, AttentionOut, float*, cudaStream_t);
+                                      int, int, int, AttentionOut, float*, cudaStream_t, const DecodeSpan&);
 #define LCKV_DECODE_MMA_INSTANCES_ALL_TYPES(D)  \
   LCKV_DECODE_MMA_INSTANCES(D, KvType::BF16)    \
   LCKV_DECODE_MMA_INSTANCES(D, KvType::FP8)     \
-  LCKV_DECODE_MMA_INSTANCES(D, KvType::INT8)
+  LCKV_DECODE_MMA_INSTANCES(D, KvType::INT8)    \
+  LCKV_DECODE_MMA_INSTANCES(D, KvType::INT4)
 LCKV_DECODE_MMA_INSTANCES_ALL_TYPES(32)
 LCKV_DECODE_MMA_INSTANCES_ALL_TYPES(64)
 LCKV_DECODE_MMA_INSTANCES_ALL_TYPES(128)
-static_assert(kKvTypeCount == 5, "instantiate the tensor-core decode kernel for every compact K/V type of per-key scales");
+static_assert(kKvTypeCount == 5, "instantiate the tensor-core decode kernel for every compact K/V type");
 
 }  // namespace lckv::cuda::attention

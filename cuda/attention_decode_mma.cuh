@@ -1,10 +1,9 @@
 // Decode attention over a compact K/V cache (bf16, fp8, int8, int4) on the tensor cores: the
 // same split-K flash-decoding as attention_decode.cuh (one block per row, K/V head and split,
 // serving up to 8 query heads of the K/V head's group; partial results merged by the same
-// kernel), for head sizes 32, 64 and 128. int4 keeps its keys' scales per channel of a page
-// (kv_format.h), which the per-key K scale below does not take: it is not instantiated for int4
-// (attention.cu sends int4 to the CUDA-core kernel), and its 4-bit unpacking stays for a
-// tensor-core int4 decode (docs/cache.md, "Not done").
+// kernel), for head sizes 32, 64 and 128. int4 (K scales per channel of a page, kv_format.h)
+// takes it for its complete pages (DecodeKeys::CompletePages); the partial page's keys come from
+// the bf16 residual through the CUDA-core kernel, into the same split-K workspace (attention.cu).
 //
 // Why tensor cores: with GQA a key is dotted with 8 queries, and a compact type brings 2 to 8
 // times the keys per byte that f32 does. Scored on the CUDA cores, an int4 tile needs ~16 FMAs
@@ -26,6 +25,16 @@
 //   score; V's enters the weights through a second running maximum (m2 over score + log(scale)),
 //   so the f16 weights stay in (0, 1] whatever the scales' range (a V scale folded into the
 //   weight directly would underflow f16 for small scales).
+// - int4's K scales are per channel of a page, so they cannot multiply a score. A warp's 16 keys
+//   of a tile lie in one page: the launch's chunks start at multiples of 16 keys (the first one
+//   rounded down, its keys before the first visible one masked like those past the end), and
+//   pages hold 16 or more. The warp multiplies its keys' codes by their channels' scales in f16,
+//   each product split exactly into a high and a low f16 (mmaChannelScaleKeys), and scores both
+//   parts: 2 mma per k-step and 8 keys (as bf16's third query part), and 2 f16 operations per
+//   pair of codes. (Folding the scales into the query instead, q_c s_c for each page, takes per
+//   thread and page kDim / 4 products, a power of two to keep them in f16's range and their
+//   hi/lo splits: about twice the instructions, counted, not timed.) V keeps its scale per key,
+//   as int8's, from the page's array of f16 V scales.
 // - The channel of a k index is free (Q and K only need the same one), and so is the dim of an
 //   output column: each type picks the order in which its codes unpack cheapest (kChannel,
 //   kOutDim). bf16 keys load with ldmatrix, bf16 values with ldmatrix.trans; 8- and 4-bit keys
@@ -47,8 +56,9 @@ namespace lckv::cuda {
 namespace {
 
 constexpr int kMmaWarps = 4;
-constexpr int kMmaTileKeys = 16 * kMmaWarps;  // 64: 16 keys per warp
-constexpr int kMmaHeads = 8;                  // query heads per block (the mma's n = 8 rows of hi parts)
+constexpr int kMmaWarpKeys = 16;                        // a warp's keys of a tile (the mma's k = 16)
+constexpr int kMmaTileKeys = kMmaWarpKeys * kMmaWarps;  // 64
+constexpr int kMmaHeads = 8;                            // query heads per block (the mma's n = 8 rows of hi parts)
 
 // Whether a type's codes enter the mma as f16 (scaled types) or bf16.
 template <KvType T>
@@ -64,8 +74,11 @@ __host__ __device__ constexpr int mmaStages(KvType t, int d) {
   const int bytes = 2 * kMmaTileKeys * mmaRowBytes(t, d);
   return bytes >= 16384 ? 2 : 32768 / bytes > 8 ? 8 : 32768 / bytes;
 }
+// A stage: the K rows, the V rows, a scale word per key and, for a channel-key type (int4), each
+// warp's page's K scales (kMmaWarps x d f16).
+__host__ __device__ constexpr int mmaChannelScaleBytes(KvType t, int d) { return kvTypeChannelKeys(t) ? kMmaWarps * d * 2 : 0; }
 __host__ __device__ constexpr size_t mmaStageBytes(KvType t, int d) {
-  return (size_t)2 * kMmaTileKeys * mmaRowStride(t, d) + 4 * kMmaTileKeys;
+  return (size_t)2 * kMmaTileKeys * mmaRowStride(t, d) + 4 * kMmaTileKeys + mmaChannelScaleBytes(t, d);
 }
 // The tiles, or (after the last tile) the warps' outputs [warps][heads][d] floats, their
 // maxima, sums and weights, and each head's maximum and sum.
@@ -79,10 +92,9 @@ __host__ __device__ constexpr size_t mmaDecodeSmemBytes(KvType t, int d) {
 // An f16 whose exponent puts an integer u's unit in the mantissa's lowest bits is 1024 + u
 // (u < 1024; 0x6400) or, for u in bits 4-7, 64 + u (0x5400). Flipping a signed code's top bit
 // makes it u = code + 128 (int8) or code + 8 (int4); one subtraction then leaves the code.
-__device__ __forceinline__ uint32_t hsub2Bits(uint32_t x, uint32_t y) {
-  const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&x), *reinterpret_cast<const __half2*>(&y));
-  return *reinterpret_cast<const uint32_t*>(&r);
-}
+__device__ __forceinline__ __half2 bitsHalf2(uint32_t x) { return *reinterpret_cast<const __half2*>(&x); }
+__device__ __forceinline__ uint32_t half2Bits(__half2 x) { return *reinterpret_cast<const uint32_t*>(&x); }
+__device__ __forceinline__ uint32_t hsub2Bits(uint32_t x, uint32_t y) { return half2Bits(__hsub2(bitsHalf2(x), bitsHalf2(y))); }
 // Bytes 0 and 2 of x (int8 codes) as an f16 pair.
 __device__ __forceinline__ uint32_t int8PairF16(uint32_t x) {
   return hsub2Bits((x & 0x00ff00ffu) ^ 0x64806480u, 0x64806480u);  // 0x6480 = 1152
@@ -265,18 +277,26 @@ __device__ __forceinline__ void mmaValueFragments(const uint8_t* vRows, int stri
 // zeros. 16-byte pieces, consecutive threads on consecutive pieces; the thread of a key's first
 // piece also copies its scale word, from the page it has just looked up. kWhole: rows [0,
 // kMmaTileKeys), whose pieces each thread walks in a loop of a known count.
+// A channel-key type (int4; j0 a multiple of 16, so a warp's 16 rows lie in one page): the
+// scale word is the aligned word that holds the key's f16 V scale (the kernel picks its half),
+// and each warp whose first row is in [lo, hi) also brings its page's K scales (kDim f16), zeros
+// if that row is at or past `valid`.
 template <KvType T, int kDim, bool kWhole>
 __device__ __forceinline__ void loadMmaTile(uint8_t* stage, const uint8_t* kBase, const uint8_t* vBase,
                                             const int32_t* table, const PagedKv& kv, int kvh, int j0, int lo, int hi,
                                             int valid) {
   constexpr int kRow = mmaRowBytes(T, kDim), kStride = mmaRowStride(T, kDim), kPieces = kRow / 16;
   constexpr int kThreads = kMmaWarps * 32;
+  constexpr bool kChannelKeys = kvTypeChannelKeys(T);
   uint8_t* kDst = stage;
   uint8_t* vDst = stage + kMmaTileKeys * kStride;
   uint32_t* scaleDst = reinterpret_cast<uint32_t*>(stage + 2 * kMmaTileKeys * kStride);
   const int pageMask = kvPageMask(kv);
-  // The scale words of a page start 2 pageTokens rows past its codes; K/V head kvh's is word kvh of a key's kvHeads.
-  const uint8_t* scaleBase = kv.pool + kv.slotOffset + ((int64_t)2 << kv.pageShift) * kv.rowBytes + 4 * kvh;
+  // The scales of a page start 2 pageTokens rows past its codes: fp8/int8 a word per (key, K/V
+  // head), so K/V head kvh's is word kvh of a key's kvHeads; int4 the K scales (kvDim f16), then
+  // an f16 V scale per (key, K/V head).
+  const uint8_t* scaleBase = kv.pool + kv.slotOffset + ((int64_t)2 << kv.pageShift) * kv.rowBytes +
+                             (kChannelKeys ? (int64_t)kv.kvDim * 2 : 4 * kvh);
   const auto piece = [&](int e) {
     const int key = e / kPieces, c = 16 * (e - key * kPieces);
     const bool in = key < valid;
@@ -291,8 +311,10 @@ __device__ __forceinline__ void loadMmaTile(uint8_t* stage, const uint8_t* kBase
     const int64_t off = in ? page + (row * kv.rowBytes + c) : 0;
     copyAsync16Fill(kDst + key * kStride + c, kBase + off, in ? 16 : 0);
     copyAsync16Fill(vDst + key * kStride + c, vBase + off, in ? 16 : 0);
-    if (kvTypeScaled(T) && c == 0)
-      copyAsync4Fill(scaleDst + key, in ? scaleBase + page + 4 * row * kv.kvHeads : kv.pool, in ? 4 : 0);
+    if (kvTypeScaled(T) && c == 0) {
+      const int64_t word = kChannelKeys ? 2 * ((row * kv.kvHeads + kvh) & ~1) : 4 * row * kv.kvHeads;
+      copyAsync4Fill(scaleDst + key, in ? scaleBase + page + word : kv.pool, in ? 4 : 0);
+    }
   };
   if constexpr (kWhole) {
     constexpr int kAll = kMmaTileKeys * kPieces;
@@ -304,20 +326,88 @@ __device__ __forceinline__ void loadMmaTile(uint8_t* stage, const uint8_t* kBase
   } else {
     for (int e = lo * kPieces + threadIdx.x; e < hi * kPieces; e += kThreads) piece(e);
   }
+  if constexpr (kChannelKeys) {
+    // A warp's K scales in 16-byte pieces (kvKeyScalesOffset is 16-byte aligned where the rows
+    // are: decodeUsesMma), from the page of its first row.
+    constexpr int kScalePieces = kDim / 8;
+    uint8_t* channelDst = stage + 2 * kMmaTileKeys * kStride + 4 * kMmaTileKeys;
+    const int w0 = (lo + kMmaWarpKeys - 1) / kMmaWarpKeys, w1 = (hi + kMmaWarpKeys - 1) / kMmaWarpKeys;
+    for (int e = w0 * kScalePieces + threadIdx.x; e < w1 * kScalePieces; e += kThreads) {
+      const int w = e / kScalePieces, c = 16 * (e - w * kScalePieces);
+      const bool in = kMmaWarpKeys * w < valid;
+      const uint8_t* src =
+          in ? kv.pool + kvKeyScalesOffset(kv, table[(j0 + kMmaWarpKeys * w) >> kv.pageShift], kvh, kDim) + c : kv.pool;
+      copyAsync16Fill(channelDst + w * kDim * 2 + c, src, in ? 16 : 0);
+    }
+  }
+}
+
+// A channel-key type's (int4's) key fragments times their channels' K scales: kb (codes as f16,
+// from mmaKeyFragments) becomes the high parts and lo the low parts of code x s_c, for the page's
+// K scales (channelScales: kDim f16). code x s_c is a multiple of the scale's unit with at most
+// 15 significant bits (a 4-bit code times an 11-bit scale), so hi = f16(code x s_c) and the
+// remainder lo (at most 4 bits, on that unit), which one fma gives, are both exact, subnormals
+// included: hi + lo is kvDecode's f32 key value. A page whose scales reach 2^12 (keys near f16's
+// range) has them taken down by 2^-4 first, so that no product overflows f16 (its scales below
+// 2^-10 may then lose low bits: errors under 2^-21, beside a scale of 2^12 or more); returns the factor its scores take
+// back (1 or 16).
+template <int kDim>
+__device__ __forceinline__ float mmaChannelScaleKeys(const uint8_t* channelScales, uint32_t (&kb)[kDim / 16][2][2],
+                                                     uint32_t (&lo)[kDim / 16][2][2]) {
+  constexpr int kPieces = kDim / 32;
+  const int t = threadIdx.x & 3;
+  // Piece p (k-steps 2p, 2p + 1) of the thread takes channels 32p + 8t .. + 7 (kChannel<INT4>): one
+  // 16-byte load, paired as its key words unpack: (0, 4) (1, 5) for k-step 2p, (2, 6) (3, 7) for 2p + 1.
+  uint32_t sc[kPieces][4];
+  __half2 most = __float2half2_rn(0.0f);
+#pragma unroll
+  for (int p = 0; p < kPieces; ++p) {
+    const uint4 w = reinterpret_cast<const uint4*>(channelScales)[4 * p + t];
+    sc[p][0] = __byte_perm(w.x, w.z, 0x5410);
+    sc[p][1] = __byte_perm(w.x, w.z, 0x7632);
+    sc[p][2] = __byte_perm(w.y, w.w, 0x5410);
+    sc[p][3] = __byte_perm(w.y, w.w, 0x7632);
+    most = __hmax2(most, __hmax2(__hmax2(bitsHalf2(w.x), bitsHalf2(w.y)), __hmax2(bitsHalf2(w.z), bitsHalf2(w.w))));
+  }
+  float up = 1.0f;
+  if (__any_sync(0xffffffffu, __half2float(__hmax(__low2half(most), __high2half(most))) >= 4096.0f)) {
+    up = 16.0f;
+    const __half2 down = __float2half2_rn(0.0625f);
+#pragma unroll
+    for (int p = 0; p < kPieces; ++p)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) sc[p][i] = half2Bits(__hmul2_rn(bitsHalf2(sc[p][i]), down));
+  }
+#pragma unroll
+  for (int s = 0; s < kDim / 16; ++s)
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const __half2 code = bitsHalf2(kb[s][nb][i]), scale = bitsHalf2(sc[s >> 1][2 * (s & 1) + i]);
+        const __half2 hi = __hmul2_rn(code, scale);
+        lo[s][nb][i] = half2Bits(__hfma2(code, scale, __hneg2(hi)));
+        kb[s][nb][i] = half2Bits(hi);
+      }
+  return up;
 }
 
 // One block: row blockIdx.x, K/V head blockIdx.y / headChunks (query heads cut into headChunks
-// blocks of at most headsPerBlock <= 8), split blockIdx.z of gridDim.z. Writes out (one split)
-// or the split's (max, sum, unnormalised output) per head, as the CUDA-core decode kernel does.
+// blocks of at most headsPerBlock <= 8), split blockIdx.z of gridDim.z, over the keys `span`
+// takes. Writes out (span.outSplits 1) or the split's (max, sum, unnormalised output) per head
+// into partial results [span.splitBase, + gridDim.z) of span.outSplits, as the CUDA-core decode
+// kernel does. A channel-key type (int4) takes its complete pages (DecodeKeys::CompletePages),
+// in chunks aligned to 16 keys.
 template <int kDim, KvType T>
 __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
     const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int numHeads, int numKvHeads,
-    int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, AttentionOut out,
-    float* __restrict__ partial) {
-  static_assert(!kvTypeChannelKeys(T), "keys scaled per channel take the CUDA-core decode kernel");
+    int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, DecodeSpan span,
+    AttentionOut out, float* __restrict__ partial) {
 #if __CUDA_ARCH__ >= 800
   constexpr bool kF16 = mmaCodesF16<T>();
   constexpr bool kScaled = kvTypeScaled(T);
+  constexpr bool kChannelKeys = kvTypeChannelKeys(T);  // K scales per channel of a page (mmaChannelScaleKeys)
+  constexpr bool kKeyScale = kScaled && !kChannelKeys;  // a K scale per key (multiplies its score)
   constexpr int kStride = mmaRowStride(T, kDim), kStages = mmaStages(T, kDim);
   constexpr int kStage = (int)mmaStageBytes(T, kDim);
   constexpr int kSteps = kDim / 16, kBlocks = kDim / 8;
@@ -325,9 +415,13 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
   uint8_t* smem = reinterpret_cast<uint8_t*>(smem4);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  // Every other type takes all of a row's keys: a span of compile-time DecodeKeys::All keeps its
+  // chunking free of the channel-key branches.
+  const DecodeSpan keySpan = kChannelKeys ? span : DecodeSpan{DecodeKeys::All, 0, span.splitBase, span.outSplits};
   const DecodeBlock b = decodeBlock<kMmaTileKeys>(positions, kv, numHeads, numKvHeads, strict, window, headChunks,
-                                                  headsPerBlock, kvHeadBytes(T, headDim));
-  const int r = b.r, split = b.split, splits = b.splits, kvh = b.kvh, h0 = b.h0, heads = b.heads;
+                                                  headsPerBlock, kvHeadBytes(T, headDim), keySpan,
+                                                  kChannelKeys ? kMmaWarpKeys : 1);
+  const int r = b.r, split = b.split, kvh = b.kvh, h0 = b.h0, heads = b.heads;
   const int32_t* table = b.table;
   const uint8_t *kBase = b.kBase, *vBase = b.vBase;
   const int first = b.first, keys = b.keys, numTiles = b.numTiles, firstTileKeys = b.firstTileKeys, earlyKeys = b.earlyKeys;
@@ -386,18 +480,30 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
     copyAsyncWait<kStages - 1>();
     __syncthreads();  // this tile is in place
 
-    const int slabValid = min(kMmaTileKeys, keys - tile * kMmaTileKeys) - 16 * warp;  // this warp's keys
+    const int slabStart = tile * kMmaTileKeys + kMmaWarpKeys * warp;  // this warp's first key in the chunk
+    const int slabValid = min(kMmaTileKeys, keys - tile * kMmaTileKeys) - kMmaWarpKeys * warp;  // its keys
+    const int slabLead = kChannelKeys ? b.lead - slabStart : 0;  // its first keys that are not visible (aligned chunks)
     if (slabValid > 0) {
       const uint8_t* stage = smem + (tile % kStages) * kStage;
-      const uint8_t* kRows = stage + 16 * warp * kStride;
-      const uint8_t* vRows = stage + (kMmaTileKeys + 16 * warp) * kStride;
-      const uint32_t* scales = reinterpret_cast<const uint32_t*>(stage + 2 * kMmaTileKeys * kStride) + 16 * warp;
+      const uint8_t* kRows = stage + kMmaWarpKeys * warp * kStride;
+      const uint8_t* vRows = stage + (kMmaTileKeys + kMmaWarpKeys * warp) * kStride;
+      const uint32_t* scales = reinterpret_cast<const uint32_t*>(stage + 2 * kMmaTileKeys * kStride) + kMmaWarpKeys * warp;
 
       // Scores of the thread's keys 2t, 2t+1 (nb 0) and 2t+8, 2t+9 (nb 1) for head g.
       float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+      float pageUp = 1.0f;  // a channel-key type's power of two to take back (mmaChannelScaleKeys)
       {
         uint32_t kb[kSteps][2][2];
         mmaKeyFragments<T, kDim>(kRows, kStride, kb);
+        if constexpr (kChannelKeys) {
+          uint32_t kbLo[kSteps][2][2];
+          pageUp = mmaChannelScaleKeys<kDim>(stage + 2 * kMmaTileKeys * kStride + 4 * kMmaTileKeys + warp * kDim * 2, kb, kbLo);
+#pragma unroll
+          for (int s = 0; s < kSteps; ++s) {
+            mma16816<kF16>(sc[0], qa[s], kbLo[s][0][0], kbLo[s][0][1]);
+            mma16816<kF16>(sc[1], qa[s], kbLo[s][1][0], kbLo[s][1][1]);
+          }
+        }
 #pragma unroll
         for (int s = 0; s < kSteps; ++s) {
           mma16816<kF16>(sc[0], qa[s], kb[s][0][0], kb[s][0][1]);
@@ -412,24 +518,32 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
       float mx = -INFINITY, mx2 = -INFINITY;
       // The log of key (lane & 15)'s V scale, taken once per key and shuffled to the 8 rows
       // that score it (logf is some 30 instructions). A zero scale (an all-zero head, or a key
-      // past the end) has zero codes, and any finite value serves.
+      // past the end) has zero codes, and any finite value serves. fp8/int8 keep it in the high
+      // half of the key's scale word; int4 in the half of the page's f16 array that its index
+      // (row x kvHeads + kvh) picks (loadMmaTile).
       float logVScale = 0.0f;
-      if constexpr (kScaled) logVScale = logf(fmaxf(kvF16ToF32((uint16_t)(scales[lane & 15] >> 16)), 1e-30f));
+      if constexpr (kScaled) {
+        int shift = 16;
+        if constexpr (kChannelKeys) {
+          const int row = ((first + slabStart) & kvPageMask(kv)) + (lane & 15);  // the slab lies in one page
+          shift = 16 * ((row * kv.kvHeads + kvh) & 1);
+        }
+        logVScale = logf(fmaxf(kvF16ToF32((uint16_t)(scales[lane & 15] >> shift)), 1e-30f));
+      }
 #pragma unroll
       for (int nb = 0; nb < 2; ++nb) {
         // The scale words of keys 8 nb + 2t and 8 nb + 2t + 1 in one load.
         uint2 sw = make_uint2(0u, 0u);
-        if constexpr (kScaled) sw = *reinterpret_cast<const uint2*>(scales + 8 * nb + 2 * t);
+        if constexpr (kKeyScale) sw = *reinterpret_cast<const uint2*>(scales + 8 * nb + 2 * t);
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int key = 8 * nb + 2 * t + i;
           float s = sc[nb][i] + sc[nb][2 + i];
+          if constexpr (kKeyScale) s *= kvF16ToF32((uint16_t)(i ? sw.y : sw.x));
+          if constexpr (kChannelKeys) s *= pageUp;
           float s2 = s;
-          if constexpr (kScaled) {
-            s *= kvF16ToF32((uint16_t)(i ? sw.y : sw.x));
-            s2 = s + __shfl_sync(0xffffffffu, logVScale, key);
-          }
-          if (key >= slabValid) s = s2 = -INFINITY;
+          if constexpr (kScaled) s2 = s + __shfl_sync(0xffffffffu, logVScale, key);
+          if (key >= slabValid || (kChannelKeys && key < slabLead)) s = s2 = -INFINITY;
           e[2 * nb + i] = s;
           e2[2 * nb + i] = s2;
           mx = fmaxf(mx, s);
@@ -539,10 +653,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
 #pragma unroll
     for (int w = 0; w < kMmaWarps; ++w) v += redWeight[w * kMmaHeads + hg] * red[(w * kMmaHeads + hg) * kDim + d];
     const int64_t rh = (int64_t)r * numHeads + h0 + hg;
-    if (splits == 1) {
+    if (span.outSplits == 1) {
       out.store(rh * headDim + d, L > 0.0f ? v / L : 0.0f);
     } else {
-      const int64_t slot = rh * splits + split;
+      const int64_t slot = rh * span.outSplits + span.splitBase + split;
       partial[slot * (headDim + 2) + 2 + d] = v;
       if (d == 0) {
         partial[slot * (headDim + 2)] = M;  // -inf for an empty chunk: the merge skips it

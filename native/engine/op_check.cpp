@@ -341,6 +341,12 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
     int window, seqs;
     std::vector<int> lengths = {};
     std::vector<int> queries = {};
+    // Key channels d of a head with d % 8 == 3 times 2^16 and d % 8 == 5 times 2^-20: per-channel
+    // int4 scales past 2^12 (codes times scales beyond f16's range: the tensor-core kernel's
+    // guard) and down among f16's subnormals. The queries are zero in the large channels, so the
+    // scores stay of order one and the output, V random, checks the guarded pages' scores to the
+    // case's tolerance.
+    bool wideKeys = false;
   };
   const std::vector<AttnCase> cases{{1, 1, 4, 4, 16, true, 0, 1}, {1, 1, 4, 2, 16, false, 0, 1},
                                           {300, 1, 32, 4, 64, false, 0, 1}, {4096, 1, 32, 4, 64, true, 0, 1},
@@ -381,13 +387,24 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
                                           {400, 1, 4, 2, 16, true, 0, 3, {}, {2, 30, 1}},
                                           // a 512-row chunk beside 16 decode rows (the GPU's chunk in a
                                           // mixed step), head size 128
-                                          {700, 1, 8, 2, 128, false, 0, 17, {}, {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 512}}};
+                                          {700, 1, 8, 2, 128, false, 0, 17, {}, {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 512}},
+                                          // decode at G = 8 with windows that start inside a page, beside rows
+                                          // whose last visible key ends a page (lengths 2000, 1600, 48; strict:
+                                          // 1297, 17) or lies inside one: an int4 cache's complete pages then
+                                          // start and end anywhere in a page's 16 keys (head sizes 128 and 32),
+                                          // and a window of 10 leaves some rows no complete page at all
+                                          {2000, 1, 16, 2, 128, false, 333, 5, {2000, 1999, 1600, 1041, 48}},
+                                          {1300, 1, 16, 2, 32, true, 257, 5, {1300, 1297, 1024, 17, 700}},
+                                          {500, 1, 8, 1, 64, false, 10, 4, {500, 497, 300, 31}},
+                                          // keys across f16's range (wideKeys), head sizes 64 and 32
+                                          {600, 1, 8, 2, 64, false, 0, 3, {600, 593, 40}, {}, true},
+                                          {300, 1, 16, 2, 32, true, 100, 2, {300, 257}, {}, true}};
   // Every case in f32; in the compact types, a decode and a prefill case of each head size
   // class they take (multiples of 8), windows, strict rows, GQA 1 to 32 and several sequences.
-  // Decode at head sizes 32, 64 and 128 runs on the tensor-core kernel, other sizes (16 and
-  // 80 here) on the CUDA-core kernel.
+  // Decode at head sizes 32, 64 and 128 runs on the tensor-core kernel (int4: its complete
+  // pages), other sizes (16 and 80 here) on the CUDA-core kernel.
   const std::vector<int> compactCases = {1, 3, 4, 5, 6, 7, 8, 9, 11, 16, 18, 19, 20, 21, 22, 23, 24, 27, 28, 29, 30, 31,
-                                         32, 33, 34, 35};
+                                         32, 33, 34, 35, 36, 37, 38, 39, 40};
   for (int t = 0; t < kKvTypeCount; ++t)
   for (size_t ci = 0; ci < cases.size(); ++ci) {
     const KvType type = (KvType)t;
@@ -425,8 +442,13 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
     const int rows = (int)wpos.size();
     KvView va{&poolA, L, tables.data(), pagesPerSeq, c.seqs, wseq.data(), residuals.data(), residualPage.data()};
     KvView vb{&poolB, L, tables.data(), pagesPerSeq, c.seqs, wseq.data(), residuals.data(), residualPage.data()};
-    auto k = r.act(r.random((size_t)rows * L.kvDim), rows, L.kvDim);
-    auto v = r.act(r.random((size_t)rows * L.kvDim), rows, L.kvDim);
+    std::vector<float> kHost = r.random((size_t)rows * L.kvDim), vHost = r.random((size_t)rows * L.kvDim);
+    auto wideChannel = [&](size_t i) { return (int)(i % (size_t)c.hd) % 8; };  // a K or Q element's channel class
+    if (c.wideKeys)
+      for (size_t i = 0; i < kHost.size(); ++i)
+        kHost[i] *= wideChannel(i) == 3 ? 65536.0f : wideChannel(i) == 5 ? std::ldexp(1.0f, -20) : 1.0f;
+    auto k = r.act(kHost, rows, L.kvDim);
+    auto v = r.act(vHost, rows, L.kvDim);
     if (R == 0) {
       ref.kvWrite(va, 1, k.first, v.first, rows, wpos.data());
       test.kvWrite(vb, 1, k.second, v.second, rows, wpos.data());
@@ -474,13 +496,18 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
     }
     const int nq = (int)qpos.size();
     va.rowSeq = vb.rowSeq = qseq.data();
-    auto qa = r.act(r.random((size_t)nq * c.heads * c.hd), nq, (int64_t)c.heads * c.hd);
+    std::vector<float> qHost = r.random((size_t)nq * c.heads * c.hd);
+    if (c.wideKeys)
+      for (size_t i = 0; i < qHost.size(); ++i)
+        if (wideChannel(i) == 3) qHost[i] = 0.0f;
+    auto qa = r.act(qHost, nq, (int64_t)c.heads * c.hd);
     auto o = r.outputs(nq, (int64_t)c.heads * c.hd);
     AttentionSpec sp{c.heads, c.kvHeads, c.hd, c.strict, c.window, 1.0f / std::sqrt((float)c.hd)};
     ref.attention(qa.first, nq, qpos.data(), va, 1, sp, o.first);
     test.attention(qa.second, nq, qpos.data(), vb, 1, sp, o.second);
     const std::string shape = dims({{"ctx", c.ctx}, {"queries", nq}, {"seqs", c.seqs}, {"heads", c.heads},
-                                    {"kvHeads", c.kvHeads}, {"headDim", c.hd}, {"strict", c.strict}, {"window", c.window}}) + kvName;
+                                    {"kvHeads", c.kvHeads}, {"headDim", c.hd}, {"strict", c.strict}, {"window", c.window}}) +
+                              (c.wideKeys ? " wideKeys" : "") + kvName;
     r.compare("attention", shape, o.first, o.second, nq);
     if (test.linearInputType(nq) != DType::F32) {
       // Rows that feed the output projection's bf16 product are written in bf16 (the engine's
