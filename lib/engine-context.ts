@@ -37,7 +37,13 @@ import type { Tokenizer } from "./tokenizer";
  *   prompt of more than 16 tokens prefilled alone runs its products through cuBLASLt on bf16
  *   activations, and as batched token steps through the f32 GEMV, so its greedy tokens can
  *   differ between the two (the GPU's batch-invariance test failed with 1). That has to be made
- *   consistent before the threshold can follow the measurement.
+ *   consistent before the threshold can follow the measurement. The threshold counts requests,
+ *   not rows: with the default maxBatch (DEFAULT_MAX_BATCH, 256) a prompt that switches shares
+ *   its steps with its 16 or more others, so those steps mostly have more than 16 rows and take
+ *   cuBLASLt as well; below the threshold a model with a cyclic group runs no step of more than
+ *   16 rows whatever maxBatch, so up to 16 concurrent requests keep the batch invariance of
+ *   `maxBatch: 16`. With `maxBatch: 16` a switched prompt takes the seats the decode rows leave
+ *   (at least one a step).
  */
 export const THROUGHPUT_PREFILL_MIN_OTHERS: Readonly<Record<"cpu" | "cuda", number>> = { cpu: 1, cuda: 16 };
 

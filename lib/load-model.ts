@@ -56,12 +56,17 @@ export interface LoadOptions {
   /** Milliseconds a request may wait for K/V pages (default Infinity: no limit; at most 2^31 - 1); then LCKV_KV_CACHE_FULL. */
   queueTimeout?: number;
   /**
-   * Sequences one decode step may run (default 16 on the GPU, 256 on the CPU). Up to 16 rows
+   * Sequences one decode step may run (default 256 on every device: throughput). Up to 16 rows
    * the GPU's matrix products are hand-written GEMVs (one kernel for a single row, a tensor-core
-   * one for 2 to 16); larger batches go through cuBLASLt (faster per token at high batch). A
-   * sequence's logits may differ in the last bits from its logits alone: through the GEMV
-   * kernel that a batch of one takes, above 16 rows through cuBLASLt, and at any batch size
-   * through the attention's split of long contexts, which follows the batch size.
+   * one for 2 to 16); larger batches of bf16 weights go through cuBLASLt on bf16 activations
+   * (faster per token at high batch). A sequence's logits may differ in the last bits from its
+   * logits alone: through the GEMV kernel that a batch of one takes, above 16 rows through
+   * cuBLASLt, whose results depend on the batch (a greedy token may change with them where two
+   * are that close), and at any batch size through the attention's split of long contexts,
+   * which follows the batch size. `maxBatch: 16` keeps the GPU's decode steps on the GEMVs, where
+   * a sequence's greedy tokens are tested to be the same alone and in a batch (batch invariance),
+   * at the cost of throughput above 16 concurrent sequences. (A step that also carries a chunk
+   * of a prompt, a model without a cyclic group's mixed step, has more rows whatever maxBatch.)
    */
   maxBatch?: number;
   /** CPU threads (default: all cores). */

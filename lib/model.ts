@@ -11,7 +11,7 @@ import { AbortError, DisposedError, fromNative, InvalidInputError, InvalidOption
 import { GenerationProgress, GenerationStream, generationStream } from "./generation-stream";
 import { NativeModel, NativePoolStats, NativeSequence } from "./native";
 import { describe, GenerateOptions, GenerationDefaults, posInt, ResolvedGenerateOptions } from "./options";
-import { DecodeScheduler, SchedulerStats } from "./scheduler";
+import { DecodeScheduler, DEFAULT_MAX_BATCH, SchedulerStats } from "./scheduler";
 import { isKvCacheDtype, KV_CACHE_DTYPES, KvCacheDtype } from "./kv-cache-dtype";
 import { PrefixCache, PrefixCacheStats } from "./prefix-cache";
 import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill } from "./prefill-options";
@@ -91,9 +91,10 @@ export class Model implements AsyncDisposable {
       maxContext,
       admission,
       evictCached: () => this.prefixCache.evictOne(),
-      // On the GPU, batches above 16 rows would switch the matrix products from the GEMV to
-      // cuBLASLt, whose results depend on the batch; 16 keeps every sequence batch-invariant.
-      maxBatch: maxBatch ?? (this.device === "cuda" ? 16 : 256),
+      // Throughput by default, on the GPU too, where steps above 16 rows take cuBLASLt for bf16
+      // weights, whose results depend on the batch; maxBatch 16 keeps decode steps on the GEMVs,
+      // batch-invariant (DEFAULT_MAX_BATCH has the trade and its measurements).
+      maxBatch: maxBatch ?? DEFAULT_MAX_BATCH,
       device: this.device,
       kvCacheDtype,
     });

@@ -10,9 +10,9 @@
  *   node scripts/bench/batched-prefill.js [--model DIR] [--device cpu|cuda] [--prompts 1,2,4,8,16] [--tokens 200] [--repeats 3] [--threads N]
  *     [--max-batch N] [--kv-memory GiB]
  *
- * A step takes at most maxBatch rows (loadModel's default is 16 on the GPU, for batch
- * invariance), so --max-batch defaults to the largest --prompts count: every prompt's row goes
- * in the same step. Each row reports the batched rows per step (`rowsPerStep`), and --kv-memory
+ * A step takes at most maxBatch rows (loadModel's default is 256; 16 keeps the GPU's steps
+ * batch-invariant), so --max-batch defaults to the largest --prompts count, whatever the
+ * engine's default: every prompt's row goes in the same step. Each row reports the batched rows per step (`rowsPerStep`), and --kv-memory
  * should hold every prompt at once, or admission runs them in turns.
  *
  * The model must have a cyclic layer group (the default model has). For a GPU-sized one:

@@ -12,6 +12,17 @@ export interface TestDevice {
 }
 
 /**
+ * The load options under which a test may expect a sequence's results not to depend on the batch
+ * it runs in. The CPU computes each row as it would alone at any batch size, so its default
+ * maxBatch stays. The GPU's default favours throughput: above 16 rows a step's products with bf16
+ * weights take cuBLASLt, whose results depend on the batch; `maxBatch: 16`, the documented
+ * opt-in, keeps its decode steps on the GEMVs.
+ */
+export function batchInvariant(dev: TestDevice): { maxBatch?: number } {
+  return dev.device === "cuda" ? { maxBatch: 16 } : {};
+}
+
+/**
  * `describe` on a build that can use a GPU; elsewhere `describe.skip`, after one warning that
  * says which suite is skipped and why (CI has no GPU, and must say so rather than pass silently).
  */

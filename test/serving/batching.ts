@@ -1,9 +1,7 @@
 /** Continuous batching: concurrent generations share decode steps and get what each gets alone. */
 import { DisposedError, loadModel, Model } from "../../lib";
+import { batchInvariant, TestDevice } from "../helpers/device";
 import { writeTinyModel } from "../helpers/tiny-model";
-
-
-import type { TestDevice } from "../helpers/device";
 
 export function batchingTests(dev: TestDevice): void {
   describe.each([
@@ -12,8 +10,10 @@ export function batchingTests(dev: TestDevice): void {
   ])("%s pattern", (_name, layerTypes) => {
     let model: Model;
     beforeAll(async () => {
-      // No prefix reuse: the batched runs must compute everything themselves.
-      model = await loadModel(writeTinyModel({ layerTypes, seed: 5, vocab: 64, maxPositions: 128 }), { ...dev, prefixCache: 0 });
+      // No prefix reuse: the batched runs must compute everything themselves. Bit for bit as
+      // alone is what the tests ask of 32 requests at once: on the GPU that is maxBatch 16's
+      // promise, not the default's (batchInvariant).
+      model = await loadModel(writeTinyModel({ layerTypes, seed: 5, vocab: 64, maxPositions: 128 }), { ...dev, prefixCache: 0, ...batchInvariant(dev) });
     });
     afterAll(() => model.dispose());
 
@@ -54,5 +54,41 @@ export function batchingTests(dev: TestDevice): void {
       expect((rb as PromiseRejectedResult).reason).toBeInstanceOf(DisposedError);
       a.dispose();
     });
+  });
+
+  test("by default a step runs all 40 sequences (maxBatch is 256 on every device); maxBatch: 16 caps it at 16", async () => {
+    const dir = writeTinyModel({ seed: 6, vocab: 64, maxPositions: 64 });
+    const n = 40;
+    // A pool that holds every sequence at once: a page each, and an int4 cache's residual.
+    const probe = await loadModel(dir, { ...dev, prefixCache: 0 });
+    const { pageBytes, residualPages } = probe.cacheStats();
+    await probe.dispose();
+    const kvCacheMemory = n * (1 + residualPages) * pageBytes;
+    for (const maxBatch of [undefined, 16]) {
+      const m = await loadModel(dir, { ...dev, prefixCache: 0, kvCacheMemory, ...(maxBatch ? { maxBatch } : {}) });
+      // Prefilled first, so that the generations start together: every sequence's first decode
+      // request reaches the scheduler before its first step runs.
+      const seqs = [];
+      for (let i = 0; i < n; i++) {
+        const s = m.createSequence();
+        await s.append([1 + (i % 60), 2, 3]);
+        seqs.push(s);
+      }
+      const before = m.schedulerStats().steps;
+      const tokens = await Promise.all(seqs.map(async (s) => {
+        const out: number[] = [];
+        for await (const c of s.generate({ maxNewTokens: 3, temperature: 0, ignoreEos: true })) out.push(c.token!);
+        return out.length;
+      }));
+      expect(tokens).toEqual(seqs.map(() => 3));
+      const cap = maxBatch ?? n;
+      expect(m.schedulerStats().maxBatch).toBe(cap);
+      // 3 tokens of n sequences: at least 3n / cap steps, at most 3 rounds of ceil(n / cap).
+      const steps = m.schedulerStats().steps - before;
+      expect(steps).toBeGreaterThanOrEqual(Math.ceil((3 * n) / cap));
+      expect(steps).toBeLessThanOrEqual(3 * Math.ceil(n / cap));
+      for (const s of seqs) s.dispose();
+      await m.dispose();
+    }
   });
 }
