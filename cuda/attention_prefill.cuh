@@ -93,9 +93,11 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
 
   const PrefillRows rows = prefillRows<kPrefillQueries>(positions, n, r0, warp, g, strict, window);
 
+  // The queries times the softmax scale in log2 units (prefillQueryScale).
+  const float qScale = prefillQueryScale(scale);
   for (int e = threadIdx.x; e < kPrefillQueries * kDim; e += blockDim.x) {
     const int i = e / kDim, d = e % kDim;
-    qs[i * S + d] = r0 + i < n && d < headDim ? q[((int64_t)(r0 + i) * numHeads + h) * headDim + d] * scale : 0.0f;
+    qs[i * S + d] = r0 + i < n && d < headDim ? q[((int64_t)(r0 + i) * numHeads + h) * headDim + d] * qScale : 0.0f;
   }
   // The online softmax of rows A and B, and the output tile in C fragments, 8 head dims each.
   PrefillSoftmax sm;
@@ -157,8 +159,8 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) attentionPrefillKernel(
     for (int i = 0; i < kDimTiles; ++i) po[i][0] = po[i][1] = po[i][2] = po[i][3] = 0.0f;
 #pragma unroll
     for (int kt = 0; kt < kKeyTiles; ++kt) {
-      const float p0 = __expf(s[kt][0] - sm.baseA), p1 = __expf(s[kt][1] - sm.baseA);
-      const float p2 = __expf(s[kt][2] - sm.baseB), p3 = __expf(s[kt][3] - sm.baseB);
+      const float p0 = prefillWeight(s[kt][0], sm.baseA), p1 = prefillWeight(s[kt][1], sm.baseA);
+      const float p2 = prefillWeight(s[kt][2], sm.baseB), p3 = prefillWeight(s[kt][3], sm.baseB);
       sm.lA += p0 + p1;
       sm.lB += p2 + p3;
       // A fragment: (g, col t) = key 2t, (g + 8, t), (g, t + 4) = key 2t + 1, (g + 8, t + 4).

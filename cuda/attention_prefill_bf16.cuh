@@ -169,14 +169,15 @@ __global__ void __launch_bounds__(kPrefillBf16Warps * 32) attentionPrefillBf16Ke
   if (numTiles > 0)
     loadPrefillTile<kDim, T>(stages, kBase, vBase, table, kv, pageMask, kvh, firstKey, rows.hi, headBytes, vec16);
   copyAsyncCommit();
-  // The queries times the softmax scale, as three bf16 parts (rows past n and columns past the
-  // head size zero), two columns per thread step.
+  // The queries times the softmax scale in log2 units (prefillQueryScale), as three bf16 parts
+  // (rows past n and columns past the head size zero), two columns per thread step.
+  const float qScale = prefillQueryScale(scale);
   for (int e = threadIdx.x; e < kPrefillBf16Queries * kDim / 2; e += blockDim.x) {
     const int i = e / (kDim / 2), d = 2 * (e % (kDim / 2));
     const float* qr = q + ((int64_t)(r0 + i) * numHeads + h) * headDim;
     const bool row = r0 + i < n;
-    const float x0 = row && d < headDim ? qr[d] * scale : 0.0f;
-    const float x1 = row && d + 1 < headDim ? qr[d + 1] * scale : 0.0f;
+    const float x0 = row && d < headDim ? qr[d] * qScale : 0.0f;
+    const float x1 = row && d + 1 < headDim ? qr[d + 1] * qScale : 0.0f;
     uint32_t p0, p1, p2;
     splitPair3<false>(x0, x1, p0, p1, p2);
     uint8_t* at = qs + i * kStride + 2 * d;
@@ -250,8 +251,8 @@ __global__ void __launch_bounds__(kPrefillBf16Warps * 32) attentionPrefillBf16Ke
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int kt = 2 * kg + half;
-          const float p0 = __expf(s[kt][0] - sm.baseA), p1 = __expf(s[kt][1] - sm.baseA);
-          const float p2 = __expf(s[kt][2] - sm.baseB), p3 = __expf(s[kt][3] - sm.baseB);
+          const float p0 = prefillWeight(s[kt][0], sm.baseA), p1 = prefillWeight(s[kt][1], sm.baseA);
+          const float p2 = prefillWeight(s[kt][2], sm.baseB), p3 = prefillWeight(s[kt][3], sm.baseB);
           sm.lA += p0 + p1;
           sm.lB += p2 + p3;
           float v0 = 1.0f, v1 = 1.0f;

@@ -13,11 +13,19 @@ namespace lckv::cuda {
 
 namespace {
 
+// Scores are kept in log2 units: the queries carry log2(e) with the softmax scale
+// (prefillQueryScale), so each probability and rescale is one exp2 (prefillWeight) instead of
+// __expf's multiply and exp2.
+constexpr float kLog2e = 1.4426950408889634f;
+__device__ __forceinline__ float prefillQueryScale(float scale) { return scale * kLog2e; }
+__device__ __forceinline__ float prefillWeight(float score, float base) { return exp2f(score - base); }
+
 struct PrefillRows {
   int rowA, rowB;      // this thread's rows: g and g + 8 of its warp's 16
   Range seeA, seeB;    // the keys each sees (none past n)
   int lo, hi;          // the keys any query of the block sees (hi < 0: none)
   int warpLo, warpHi;  // ... and any query of this warp (tiles outside are skipped by the warp)
+  int fullLo, fullHi;  // ... and every query of this warp below n (tiles inside need no mask)
 };
 
 template <int kQueries>
@@ -42,9 +50,15 @@ __device__ __forceinline__ PrefillRows prefillRows(const int32_t* __restrict__ p
   p.warpHi = -1;
   if (p.seeA.last >= p.seeA.first) p.warpLo = p.seeA.first, p.warpHi = p.seeA.last;
   if (p.seeB.last >= p.seeB.first) p.warpLo = min(p.warpLo, p.seeB.first), p.warpHi = max(p.warpHi, p.seeB.last);
+  p.fullLo = 0;
+  p.fullHi = INT_MAX;
+  if (p.rowA < n) p.fullLo = max(p.fullLo, p.seeA.first), p.fullHi = min(p.fullHi, p.seeA.last);
+  if (p.rowB < n) p.fullLo = max(p.fullLo, p.seeB.first), p.fullHi = min(p.fullHi, p.seeB.last);
   for (int o = 16; o > 0; o >>= 1) {
     p.warpLo = min(p.warpLo, __shfl_xor_sync(0xffffffffu, p.warpLo, o));
     p.warpHi = max(p.warpHi, __shfl_xor_sync(0xffffffffu, p.warpHi, o));
+    p.fullLo = max(p.fullLo, __shfl_xor_sync(0xffffffffu, p.fullLo, o));
+    p.fullHi = min(p.fullHi, __shfl_xor_sync(0xffffffffu, p.fullHi, o));
   }
   return p;
 }
@@ -57,18 +71,21 @@ struct PrefillSoftmax {
   float baseA = 0.0f, baseB = 0.0f, corrA = 1.0f, corrB = 1.0f;
 
   // Masks the scores of keys j0 .. j0 + 8 kKeyTiles - 1 outside each row's range (the diagonal
-  // rule, the window, keys past the block's range), folds the tile's row maxima in and rescales
-  // the sums.
+  // rule, the window, keys past the block's range) unless every row of the warp below n sees the
+  // whole tile, folds the tile's row maxima in and rescales the sums.
   template <int kKeyTiles>
   __device__ __forceinline__ void tile(float (&s)[kKeyTiles][4], int j0, int t, const PrefillRows& rows) {
     float tileA = -INFINITY, tileB = -INFINITY;
+    const bool whole = j0 >= rows.fullLo && j0 + 8 * kKeyTiles - 1 <= rows.fullHi;  // warp-uniform
 #pragma unroll
     for (int kt = 0; kt < kKeyTiles; ++kt) {
+      if (!whole) {
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int j = j0 + kt * 8 + 2 * t + (c & 1);
-        const Range& see = c < 2 ? rows.seeA : rows.seeB;
-        if (j < see.first || j > see.last) s[kt][c] = -INFINITY;
+        for (int c = 0; c < 4; ++c) {
+          const int j = j0 + kt * 8 + 2 * t + (c & 1);
+          const Range& see = c < 2 ? rows.seeA : rows.seeB;
+          if (j < see.first || j > see.last) s[kt][c] = -INFINITY;
+        }
       }
       tileA = fmaxf(tileA, fmaxf(s[kt][0], s[kt][1]));
       tileB = fmaxf(tileB, fmaxf(s[kt][2], s[kt][3]));
@@ -79,11 +96,11 @@ struct PrefillSoftmax {
     tileB = fmaxf(tileB, __shfl_xor_sync(0xffffffffu, tileB, 1));
     tileB = fmaxf(tileB, __shfl_xor_sync(0xffffffffu, tileB, 2));
     const float newA = fmaxf(mA, tileA), newB = fmaxf(mB, tileB);
-    // A row that has seen no key yet keeps max -inf: subtract 0 then (every exp is of -inf: 0).
+    // A row that has seen no key yet keeps max -inf: subtract 0 then (every exp2 is of -inf: 0).
     baseA = newA == -INFINITY ? 0.0f : newA;
     baseB = newB == -INFINITY ? 0.0f : newB;
-    corrA = __expf(mA - baseA);
-    corrB = __expf(mB - baseB);
+    corrA = prefillWeight(mA, baseA);
+    corrB = prefillWeight(mB, baseB);
     mA = newA;
     mB = newB;
     lA *= corrA;
