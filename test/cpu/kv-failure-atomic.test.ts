@@ -43,6 +43,19 @@ async function continueWith(s: NativeSequence, more: number[]) {
   return bits(r.logits!);
 }
 
+/**
+ * Continues `s` (whose first n tokens are tokens[0, n)) with `more` and disposes it: its logits
+ * must equal those of a fresh sequence of the same n tokens continued the same way.
+ */
+async function expectContinuesAsFresh(nm: NativeModel, s: NativeSequence, n: number, more: number[]) {
+  const got = await continueWith(s, more);
+  s.dispose();
+  const twin = nm.createSequence(256);
+  await twin.append(Int32Array.from(tokens.slice(0, n)), NONE);
+  expect(got).toEqual(await continueWith(twin, more));
+  twin.dispose();
+}
+
 async function failAppend(s: NativeSequence, more: number[]) {
   return s.append(Int32Array.from(more), { ...NONE, cancel: cancelled() }).then(
     () => null,
@@ -157,13 +170,7 @@ describe.each(DTYPES)("%s cache, a full pool", (dtype) => {
       expect([state(m, a), state(m, b)]).toEqual(before);
       expect(m.auditCache()).toBe("");
       b.dispose();
-      const more = tokens.slice(n, n + 8);
-      const got = await continueWith(a, more);
-      a.dispose();
-      const twin = nm.createSequence(256);
-      await twin.append(Int32Array.from(tokens.slice(0, n)), NONE);
-      expect(got).toEqual(await continueWith(twin, more));
-      twin.dispose();
+      await expectContinuesAsFresh(nm, a, n, tokens.slice(n, n + 8));
       await m.dispose();
     }
   });
@@ -199,13 +206,7 @@ describe.each(DTYPES)("%s cache, a full pool", (dtype) => {
       expect(m.auditCache()).toBe("");
       // The source alone then continues as a fresh sequence would.
       f.dispose();
-      const more = tokens.slice(n, n + 3);
-      const got = await continueWith(src, more);
-      src.dispose();
-      const twin = nm.createSequence(256);
-      await twin.append(Int32Array.from(tokens.slice(0, n)), NONE);
-      expect(got).toEqual(await continueWith(twin, more));
-      twin.dispose();
+      await expectContinuesAsFresh(nm, src, n, tokens.slice(n, n + 3));
       await m.dispose();
     }
   });
