@@ -102,6 +102,9 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
 
 void Model::appendPiece(SequenceState& seq, const int32_t* tokens, int n, int start, const PrefillSpec& prefill,
                         LogitsWanted logits, bool sample, AppendResult& res) {
+  // Every piece starts by checking the flag, a piece of one token too (a cancelled append then
+  // does nothing whatever its length and the pages it crosses; append() undoes earlier pieces).
+  prefill.throwIfCancelled();
   const bool needLogits = logits != LogitsWanted::None || sample;
   const bool download = logits != LogitsWanted::None;  // sampling alone reads them on the backend
   if (prefill.mode == PrefillMode::Sequential && n > 1) {

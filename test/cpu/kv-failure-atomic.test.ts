@@ -90,7 +90,8 @@ describe.each(DTYPES)("%s cache", (dtype) => {
   }
 
   test.each([0, 10, 16, 32, 41, 47])("a cancelled append at %i tokens", async (n) => {
-    for (const k of [3, 5, 30]) {
+    // 1 and 2 tokens: sequential pieces of one token each (at 47, 2 tokens cross a page) check the flag too.
+    for (const k of [1, 2, 3, 5, 30]) {
       const s = await build(n), twin = await build(n);
       await expectCancelChangesNothing(s, twin, k);
       s.dispose();
