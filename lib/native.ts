@@ -59,6 +59,13 @@ export interface NativeSequence {
    * would read the rows of m's page back from their codes (a rewind into a quantized page).
    */
   exactRewind(n: number): number;
+  /**
+   * An int4 sequence that ends mid-page keeps a copy of its residual (the page's rows in bf16),
+   * so that truncate() back to its length stays exact after later writes quantized the page:
+   * a prompt of several chunks that fails part way rewinds exactly. No-op for other types.
+   */
+  checkpointResidual(): void;
+  dropResidualCheckpoint(): void;
   fork(): NativeSequence;
   dispose(): void;
   /**

@@ -196,6 +196,9 @@ export class Sequence implements Disposable {
     // The iterative scheme is defined over the whole input, so it is not cut.
     const before = { evaluated: this.evaluated.length, pending: this.pending };
     const done = this.engine.working();
+    // An int4 sequence ending mid-page keeps that page's rows in bf16 until the page fills: a
+    // rewind to here after a later chunk filled it is exact only from this copy.
+    if (run.length > 0) native.checkpointResidual();
     try {
       // Yield once so that prompts that arrive in the same turn of the event loop count each
       // other in flight before the first chunk picks its way.
@@ -243,6 +246,7 @@ export class Sequence implements Disposable {
       throw fromNative(e);
     } finally {
       done();
+      if (this.engineLength() !== undefined) native.dropResidualCheckpoint();
     }
     this.pending = ids.slice(-1);
     return { passes };

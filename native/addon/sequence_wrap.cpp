@@ -119,6 +119,8 @@ void SequenceWrap::Init(Napi::Env env, AddonData* data) {
                                  {InstanceMethod("append", &SequenceWrap::Append),
                                   InstanceMethod("truncate", &SequenceWrap::Truncate),
                                   InstanceMethod("exactRewind", &SequenceWrap::ExactRewind),
+                                  InstanceMethod("checkpointResidual", &SequenceWrap::CheckpointResidual),
+                                  InstanceMethod("dropResidualCheckpoint", &SequenceWrap::DropResidualCheckpoint),
                                   InstanceMethod("fork", &SequenceWrap::Fork),
                                   InstanceMethod("dispose", &SequenceWrap::Dispose),
                                   InstanceMethod("reserve", &SequenceWrap::Reserve),
@@ -183,6 +185,21 @@ Napi::Value SequenceWrap::ExactRewind(const Napi::CallbackInfo& info) {
   if (n != (double)(int64_t)n || n < 0 || n > s->state->length())
     throwInvalid(info.Env(), "exactRewind(n): n must be an integer in [0, " + std::to_string(s->state->length()) + "]");
   return Napi::Number::New(info.Env(), s->owner->model->exactRewind(*s->state, (int)n));
+}
+
+// checkpointResidual(): an int4 sequence that ends mid-page keeps a copy of its residual, so that
+// truncate() back to its length stays exact after later writes quantized that page
+// (Model::checkpointResidual); dropResidualCheckpoint() releases it. No-ops for other types.
+Napi::Value SequenceWrap::CheckpointResidual(const Napi::CallbackInfo& info) {
+  auto s = idle(info.Env());
+  runEngineCall(info.Env(), [&] { s->owner->model->checkpointResidual(*s->state); });
+  return info.Env().Undefined();
+}
+
+Napi::Value SequenceWrap::DropResidualCheckpoint(const Napi::CallbackInfo& info) {
+  auto s = idle(info.Env());
+  s->owner->model->dropResidualCheckpoint(*s->state);
+  return info.Env().Undefined();
 }
 
 // reserve(totalTokens, extraPages = 0, decodeFrom?): promises the pages this sequence needs

@@ -30,6 +30,8 @@ class SequenceWrap : public Napi::ObjectWrap<SequenceWrap> {
   Napi::Value Shift(const Napi::CallbackInfo& info);
   Napi::Value Truncate(const Napi::CallbackInfo& info);
   Napi::Value ExactRewind(const Napi::CallbackInfo& info);
+  Napi::Value CheckpointResidual(const Napi::CallbackInfo& info);
+  Napi::Value DropResidualCheckpoint(const Napi::CallbackInfo& info);
   Napi::Value Reserve(const Napi::CallbackInfo& info);
   Napi::Value PagesToReserve(const Napi::CallbackInfo& info);
   Napi::Value PagesToShift(const Napi::CallbackInfo& info);

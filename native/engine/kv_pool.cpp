@@ -168,6 +168,11 @@ void KvPages::keep(int n) {
   }
 }
 
+bool KvPages::residualShared() const {
+  std::lock_guard<std::mutex> lk(pool_->mu_);
+  return residualSharedLocked();
+}
+
 bool KvPages::residualStale(int start) const {
   const int P = pool_->layout_.pageTokens;
   return kvTypeChannelKeys(pool_->layout_.type) && start % P != 0 && residualPage_ != start / P;

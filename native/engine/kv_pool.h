@@ -109,6 +109,8 @@ class KvPages {
   // there (residualStale).
   const std::vector<int32_t>& residual() const { return residual_; }
   int residualPage() const { return residualPage_; }
+  // Whether another sequence (a fork) holds the residual's parts too (writing them would change it).
+  bool residualShared() const;
   void setResidualPage(int page) { residualPage_ = page; }
   // Whether a write at `start` finds the residual without the rows of its page before it: the
   // residual holds another page (the sequence was truncated into a quantized page). The

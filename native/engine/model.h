@@ -48,6 +48,15 @@ struct SequenceState {
   // are what they were when it was queued.
   const uint64_t id = nextId();
   uint64_t version = 0;
+  // A channel-key type's residual rows as they were at `length` tokens, holding `page`, the page
+  // of the last token (Model::checkpointResidual): a rewind back to `length`, or into that page
+  // before it, puts them back, so it stays exact although later writes moved the residual on
+  // (and quantized the page). Empty rows: none.
+  struct ResidualCheckpoint {
+    Tensor rows;
+    int page = -1, length = 0;
+  };
+  ResidualCheckpoint residualCheckpoint;
 
  private:
   static uint64_t nextId();
@@ -106,8 +115,15 @@ class Model {
   // channel-key K/V type (int4) a rewind into a quantized page is lossy once (kv_format.h):
   // exactRewind(seq, n) < n says so.
   void truncateSequence(SequenceState& seq, int n);
-  // The largest m <= n at which truncateSequence(seq, m) keeps the K/V exact (KvPages::exactRewind).
+  // The largest m <= n at which truncateSequence(seq, m) keeps the K/V exact (KvPages::exactRewind,
+  // or n where the residual checkpoint restores n's page).
   int exactRewind(const SequenceState& seq, int n) const;
+  // Saves seq's residual rows while they hold its last token's page in bf16 (a channel-key type;
+  // nothing otherwise), so that a rewind to its length after later writes stays exact: an append of
+  // several calls that fails part way (lib's chunked prefill) rewinds to the checkpoint. Until
+  // dropResidualCheckpoint, a truncation below its length, or a context shift.
+  void checkpointResidual(SequenceState& seq);
+  void dropResidualCheckpoint(SequenceState& seq);
   // Context shift (StreamingLLM's attention sinks): drops tokens [sink, sink + drop) and moves
   // the later ones down by `drop` positions. Their K is re-rotated by -drop with RoPE (learned
   // position embeddings cannot be moved, so there the K/V stay as computed). sink and drop are
@@ -168,6 +184,8 @@ class Model {
   // after reading that page's rows before `start` back from their codes when the residual
   // lacks them (a rewind into a quantized page: lossy once). Nothing for other types.
   void moveResidual(SequenceState& seq, int start);
+  // Whether truncating seq to n puts the residual checkpoint's rows back (exactRewind).
+  bool residualCheckpointRestores(const SequenceState& seq, int n) const;
 
   // ---- the forward (forward.cpp; Scratch is in model_internal.h) ----
   struct Layer {

@@ -86,12 +86,48 @@ void Model::truncateSequence(SequenceState& seq, int n) {
     throw EngineError(kErrInvalidArgument, "cannot rewind to " + std::to_string(n) + " tokens: the sliding window (" +
                                                std::to_string(releaseWindow_) + ") already released the K/V before position " +
                                                std::to_string(seq.kv->firstHeld()));
+  const bool restore = residualCheckpointRestores(seq, n);
   ++seq.version;
   seq.tokens.resize((size_t)n);
   seq.kv->keep(n);
+  if (restore) {
+    SequenceState::ResidualCheckpoint& cp = seq.residualCheckpoint;
+    Backend& be = *backend_;
+    const std::vector<int32_t>& parts = seq.kv->residual();
+    for (size_t i = 0; i < parts.size(); ++i) be.copyRows(cp.rows, (int)i, pool_->storage(), parts[i], 1);
+    seq.kv->setResidualPage(cp.page);
+  }
+  // The checkpoint holds while the rows before its length stay what it saved.
+  if (restore || n < seq.residualCheckpoint.length) seq.residualCheckpoint = {};
 }
 
-int Model::exactRewind(const SequenceState& seq, int n) const { return seq.kv->exactRewind(n); }
+bool Model::residualCheckpointRestores(const SequenceState& seq, int n) const {
+  const SequenceState::ResidualCheckpoint& cp = seq.residualCheckpoint;
+  if (cp.rows.empty() || n > cp.length || n > seq.length()) return false;
+  const int P = pool_->layout().pageTokens;
+  return n > 0 && (n - 1) / P == cp.page && seq.kv->residualPage() != cp.page && !seq.kv->residualShared() &&
+         (int)seq.kv->residual().size() == cp.rows.rows;
+}
+
+int Model::exactRewind(const SequenceState& seq, int n) const {
+  return residualCheckpointRestores(seq, n) ? n : seq.kv->exactRewind(n);
+}
+
+void Model::checkpointResidual(SequenceState& seq) {
+  seq.residualCheckpoint = {};
+  const KvLayout& L = pool_->layout();
+  const int n = seq.length(), P = L.pageTokens;
+  // The residual holds the page of the last token (a partial page, or a full one not yet left).
+  if (!kvTypeChannelKeys(L.type) || n == 0 || seq.kv->residualPage() != (n - 1) / P) return;
+  Backend& be = *backend_;
+  Tensor& pool = pool_->storage();
+  const std::vector<int32_t>& parts = seq.kv->residual();
+  Tensor rows = be.alloc((int64_t)parts.size(), pool.cols);
+  for (size_t i = 0; i < parts.size(); ++i) be.copyRows(pool, parts[i], rows, (int)i, 1);
+  seq.residualCheckpoint = {rows, (n - 1) / P, n};
+}
+
+void Model::dropResidualCheckpoint(SequenceState& seq) { seq.residualCheckpoint = {}; }
 
 void Model::moveResidual(SequenceState& seq, int start) {
   const KvLayout& L = pool_->layout();
@@ -165,6 +201,7 @@ int Model::pagesToShift(const SequenceState& seq, int sink, int drop) const {
 }
 
 void Model::shiftSequence(SequenceState& seq, int sink, int drop) {
+  seq.residualCheckpoint = {};  // its rows move
   checkShift(seq, sink, drop);
   ++seq.version;
   const int P = pool_->layout().pageTokens, len = seq.length();

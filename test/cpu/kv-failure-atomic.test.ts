@@ -227,3 +227,45 @@ describe.each(DTYPES)("%s cache, a full pool", (dtype) => {
     await m.dispose();
   });
 });
+
+describe.each(DTYPES)("%s cache: Sequence.append aborted between its chunks", (dtype) => {
+  test("rewinds exactly (int4: from its residual checkpoint) and continues as a sequence that never saw it", async () => {
+    const m = await loadModel(dir, { device: "cpu", kvCacheDtype: dtype, prefixCache: 0, threads: 1 });
+    const nativeOf = (s: unknown) => (s as { native: NativeSequence }).native;
+    // The abort lands right after the first chunk went in (the engine counts each chunk).
+    const engine = (m as unknown as { engine: { countPrefilled(n: number): void } }).engine;
+    const count = engine.countPrefilled.bind(engine);
+    try {
+      for (const n of [42, 48, 33]) {  // 41 and 47 evaluated tokens: mid-page; 32: a page's end
+        const s = m.createSequence(), twin = m.createSequence();
+        await s.append(tokens.slice(0, n));
+        await twin.append(tokens.slice(0, n));
+        const before = state(m, nativeOf(s));
+        const ctl = new AbortController();
+        engine.countPrefilled = (k: number) => {
+          count(k);
+          ctl.abort();
+        };
+        // Longer than one chunk (64 tokens on the CPU): the first chunk fills the page s ends in.
+        await expect(s.append(tokens.slice(n, n + 108), { signal: ctl.signal })).rejects.toThrow(/abort/i);
+        engine.countPrefilled = count;
+        expect(s.length).toBe(n);
+        expect(state(m, nativeOf(s))).toEqual(before);
+        expect(m.auditCache()).toBe("");
+        const g = { maxNewTokens: 5, temperature: 0, ignoreEos: true };
+        const gen = async (q: typeof s) => {
+          const out: (number | null)[] = [];
+          for await (const c of q.generate(g)) out.push(c.token);
+          return out;
+        };
+        expect(await gen(s)).toEqual(await gen(twin));
+        expect(state(m, nativeOf(s))).toEqual(state(m, nativeOf(twin)));
+        s.dispose();
+        twin.dispose();
+      }
+    } finally {
+      engine.countPrefilled = count;
+      await m.dispose();
+    }
+  });
+});
