@@ -246,7 +246,13 @@ export class Sequence implements Disposable {
       throw fromNative(e);
     } finally {
       done();
-      if (this.engineLength() !== undefined) native.dropResidualCheckpoint();
+      // Best effort: a checkpoint left behind stays correct (the engine drops it when the rows
+      // before its length change) and only holds a page's worth of memory.
+      try {
+        if (this.engineLength() !== undefined) native.dropResidualCheckpoint();
+      } catch {
+        // busy or freed meanwhile
+      }
     }
     this.pending = ids.slice(-1);
     return { passes };
