@@ -11,8 +11,9 @@ export function batchingTests(dev: TestDevice): void {
     let model: Model;
     beforeAll(async () => {
       // No prefix reuse: the batched runs must compute everything themselves. Bit for bit as
-      // alone is what the tests ask of 32 requests at once: on the GPU that is maxBatch 16's
-      // promise, not the default's (batchInvariant).
+      // alone is what the tests ask of 32 requests at once: the default's on the CPU and with
+      // f32 weights on the GPU (as the GPU suite runs these), maxBatch 16's with bf16 weights
+      // (batchInvariant).
       model = await loadModel(writeTinyModel({ layerTypes, seed: 5, vocab: 64, maxPositions: 128 }), { ...dev, prefixCache: 0, ...batchInvariant(dev) });
     });
     afterAll(() => model.dispose());
