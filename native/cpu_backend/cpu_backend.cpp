@@ -63,7 +63,7 @@ const float* kvHeadValues(const KvView& kv, int seq, int slot, int v, int pos, i
   const uint8_t* pool = static_cast<const uint8_t*>(kv.pool->data);
   if (residual) {
     const uint8_t* row = pool + L.residualOffset(residual, slot, v, pos % L.pageTokens) + (int64_t)kvh * hd * 2;
-    for (int i = 0; i < hd; ++i) buf[i] = kvBf16ToF32((uint16_t)(row[2 * i] | row[2 * i + 1] << 8));
+    for (int i = 0; i < hd; ++i) buf[i] = kvDecode(KvType::BF16, kvCodeAt(KvType::BF16, row, i), 0.0f);
     return buf;
   }
   const bool channelKeys = kvTypeChannelKeys(L.type);
@@ -81,14 +81,6 @@ const float* kvHeadValues(const KvView& kv, int seq, int slot, int v, int pos, i
   const float s = scales ? kvF16ToF32((uint16_t)(scales[kvh] >> (16 * v))) : 0.0f;
   for (int i = 0; i < hd; ++i) buf[i] = kvDecode(L.type, kvCodeAt(L.type, codes, i), s);
   return buf;
-}
-
-// The residual a query reads the keys of its last visible position's page from (kv_format.h's
-// rule), or null when it reads every page quantized (or the type has no residual). Checked.
-const int32_t* queryResidual(const KvView& kv, int seq, int last) {
-  const int P = kv.layout.pageTokens;
-  if (!kvTypeChannelKeys(kv.layout.type) || last < 0 || last % P == P - 1) return nullptr;
-  return kv.residualOf(seq, last);
 }
 
 class CpuBackend : public Backend {
@@ -299,7 +291,7 @@ class CpuBackend : public Backend {
       const int first = sp.window > 0 ? std::max(0, positions[r] - sp.window + 1) : 0;
       for (int j = first; j <= positions[r]; j += P) kvCodesAt(kv, kv.rowSeq[r], slot, 0, j);
       kvCodesAt(kv, kv.rowSeq[r], slot, 0, positions[r]);
-      residual[(size_t)r] = queryResidual(kv, kv.rowSeq[r], sp.strict ? positions[r] - 1 : positions[r]);
+      residual[(size_t)r] = kv.queryResidual(kv.rowSeq[r], sp.strict ? positions[r] - 1 : positions[r]);
     }
     pool_.parallelFor((int64_t)n * sp.numHeads, [&](int64_t b, int64_t e) {
       std::vector<float> score, row((size_t)hd);
@@ -379,10 +371,7 @@ class CpuBackend : public Backend {
       for (int which = 0; which < 2; ++which) {
         const float* x = F(which ? v : k) + (int64_t)r * D;
         uint8_t* row = pool + L.residualOffset(parts, slot, which, positions[r] % P);
-        for (int i = 0; i < D; ++i) {
-          const uint16_t b = kvF32ToBf16(x[i]);
-          row[2 * i] = (uint8_t)b, row[2 * i + 1] = (uint8_t)(b >> 8);
-        }
+        for (int i = 0; i < D; ++i) kvPutCode(KvType::BF16, row, i, kvEncode(KvType::BF16, x[i], 0.0f));
       }
     }
     std::vector<uint16_t> kRows((size_t)P * D), vRows((size_t)P * D);

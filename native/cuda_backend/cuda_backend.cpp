@@ -335,10 +335,9 @@ cuda::PagedKv CudaBackend::paged(const KvView& kv, int slot, int n, const int32_
   if (slot < 0 || slot >= kv.layout.slots) throw EngineError(kErrInvalidArgument, "K/V slot out of range");
   const bool channelKeys = kvTypeChannelKeys(kv.layout.type);
   if (channelKeys) {
-    const int P = kv.layout.pageTokens;
     for (int r = 0; r < n; ++r) {
-      const int at = reads && reads->strict ? positions[r] - 1 : positions[r];
-      if (!reads || (at >= 0 && at % P != P - 1)) kv.residualOf(kv.rowSeq[r], at);
+      if (reads) kv.queryResidual(kv.rowSeq[r], reads->strict ? positions[r] - 1 : positions[r]);
+      else kv.residualOf(kv.rowSeq[r], positions[r]);
     }
     if (!kv.residuals) throw EngineError(kErrInvalidArgument, "K/V access without the sequences' residuals");
   }

@@ -77,6 +77,14 @@ struct KvView {
       if (parts[i] < 0 || parts[i] >= pool->rows) throw EngineError(kErrInvalidArgument, "a K/V residual part outside the pool");
     return parts;
   }
+  // The residual a query of table row `seq` whose last visible key is `last` reads the keys of
+  // that key's page from (kv_format.h's rule), checked as residualOf; null when it reads every
+  // page quantized (that page complete, no key, or a type without a residual).
+  const int32_t* queryResidual(int seq, int last) const {
+    const int P = layout.pageTokens;
+    if (!kvTypeChannelKeys(layout.type) || last < 0 || last % P == P - 1) return nullptr;
+    return residualOf(seq, last);
+  }
   // Whether position `pos` of table row `seq` is read from the residual (kvRead's rule): its
   // page is the residual's.
   bool inResidual(int seq, int pos) const {

@@ -141,6 +141,8 @@ struct KvLayout {
   int64_t slotBytes() const { return (2 * pageTokens * rowBytes() + scaleBytes() + 15) / 16 * 16; }
   int64_t pageBytes() const { return slots * slotBytes(); }
   // Byte offset in the pool of K (v = 0) or V (v = 1) codes of `slot` at offset `off` of `page`.
+  // The position just past the page of `pos` (where a write that goes a page at a time stops).
+  int pageEnd(int pos) const { return (pos / pageTokens + 1) * pageTokens; }
   int64_t codeOffset(int page, int slot, int v, int off) const {
     return (int64_t)page * pageBytes() + slot * slotBytes() + ((int64_t)v * pageTokens + off) * rowBytes();
   }
@@ -401,7 +403,7 @@ inline void kvDecodeRow(const KvLayout& L, const uint8_t* slotBlock, int v, int 
 inline void kvDecodeResidualRow(const KvLayout& L, const uint8_t* pool, const int32_t* parts, int slot, int v, int off,
                                 float* out) {
   const uint8_t* row = pool + L.residualOffset(parts, slot, v, off);
-  for (int i = 0; i < L.kvDim; ++i) out[i] = kvBf16ToF32((uint16_t)(row[2 * i] | row[2 * i + 1] << 8));
+  for (int i = 0; i < L.kvDim; ++i) out[i] = kvDecode(KvType::BF16, kvCodeAt(KvType::BF16, row, i), 0.0f);
 }
 
 }  // namespace lckv

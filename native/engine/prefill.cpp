@@ -165,7 +165,7 @@ AppendResult Model::append(SequenceState& seq, const std::vector<int32_t>& token
       // so the rows before `start` read as they did.
       const int P = L.pageTokens;
       for (int a = 0; a < n;) {
-        const int b = std::min(n, ((start + a) / P + 1) * P - start);
+        const int b = std::min(n, L.pageEnd(start + a) - start);
         if (a == 0 && start > 0 && (b < n || seq.kv->residualPage() != start / P)) backup.save();
         moveResidual(seq, start + a);
         const bool lastPiece = b == n;

@@ -260,7 +260,7 @@ void Model::shiftSequence(SequenceState& seq, int sink, int drop) {
       // A channel-key type writes a page at a time through the residual (each full page is
       // quantized from it), which ends holding the last page.
       for (int a = 0; a < moved;) {
-        const int b = std::min(moved, ((sink + a) / P + 1) * P - sink);
+        const int b = std::min(moved, pool_->layout().pageEnd(sink + a) - sink);
         s.residualPage[0] = (sink + a) / P;
         Tensor kp = tensorRows(k, a, b - a), vp = tensorRows(v, a, b - a);
         be.kvWrite(s.kv, slot, kp, vp, b - a, pos.data() + a);
