@@ -47,13 +47,13 @@ async function hostSync(seq) {
 
 /**
  * Bytes of a K/V pool that holds `sequences` sequences of `tokens` tokens each at once: the
- * model's pages (kvBytesPerToken per token of a page), an int4 sequence's residual page, and one
- * page to spare each (a token generated after the prompt).
+ * model's pages, an int4 sequence's residual pages, and one page to spare each (a token
+ * generated after the prompt).
  */
 function poolBytesFor(model, sequences, tokens) {
   const st = model.cacheStats();
   const pages = Math.ceil(tokens / st.pageTokens) + st.residualPages + 1;
-  return sequences * pages * st.pageTokens * model.kvBytesPerToken;
+  return sequences * pages * st.pageBytes;
 }
 
 /**

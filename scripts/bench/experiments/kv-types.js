@@ -12,7 +12,7 @@
  * Every type runs whatever --kv-dtypes says (the experiment is about the types themselves).
  */
 const { loadAddon } = require("../../../dist/native");
-const { measure, log } = require("../measure");
+const { measure, log, poolBytesFor } = require("../measure");
 
 const TYPES = ["f32", "bf16", "fp8", "int8", "int4"];
 const POOL_GIB = 2;
@@ -29,10 +29,8 @@ async function stepMs(seqs, n) {
 }
 
 async function decodeFigure(bench, shape, kvCacheDtype, rows, context, steps) {
-  // (and each sequence's int4 residual: the bf16 page being written)
-  const kvBytes = (m) => m.kvBytesPerToken * rows * (context + steps + 16) + rows * m.cacheStats().residualPages * m.cacheStats().pageBytes;
   const probe = await bench.load(shape, "standard", kvCacheDtype, { kvCacheMemory: 1 << 24 });
-  const need = kvBytes(probe);
+  const need = poolBytesFor(probe, rows, context + steps);
   await probe.dispose();
   const model = await bench.load(shape, "standard", kvCacheDtype, { maxBatch: rows, kvCacheMemory: Math.ceil(need * 1.1) });
   try {
