@@ -149,6 +149,14 @@ std::string attentionProblem(int numHeads, int numKvHeads, int headDim, int kvTy
   return kvHeadDimProblem((KvType)kvType, headDim);
 }
 
+std::string kvPageProblem(int kvType, int pageTokens) {
+  if (kvType < 0 || kvType >= kKvTypeCount) return "unknown K/V type " + std::to_string(kvType);
+  if (kvTypeChannelKeys((KvType)kvType) && pageTokens < kMinChannelKeyPageTokens)
+    return std::string("the CUDA attention kernels read ") + kvTypeName((KvType)kvType) + " pages of at least " +
+           std::to_string(kMinChannelKeyPageTokens) + " tokens, not " + std::to_string(pageTokens);
+  return "";
+}
+
 void launchAttention(const float* q, int n, const int32_t* positions, int maxVisible, const PagedKv& kv, int numHeads,
                      int numKvHeads, int headDim, bool strict, int window, float scale, bool prefill, void* outRows,
                      bool outBf16, float* workspace, int64_t workspaceFloats, cudaStream_t stream) {

@@ -128,8 +128,8 @@ template <int kDimsPerLane, KvType T>
 void launchDecode(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
                   int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, int splits,
                   AttentionOut out, float* partial, cudaStream_t stream, const DecodeSpan& span) {
-  if (kvTypeChannelKeys(T) && kv.pageShift < 4)  // kDecodeTilePages: a tile of 32 keys touches at most 3 pages
-    throw std::invalid_argument("attention: a channel-key K/V type needs pages of at least 16 tokens");
+  if (kvTypeChannelKeys(T) && (1 << kv.pageShift) < kMinChannelKeyPageTokens)  // the pool's creation refuses these first
+    throw std::invalid_argument("attention: " + kvPageProblem((int)T, 1 << kv.pageShift));
   if (span.outSplits != 1 && (span.outSplits < span.splitBase + splits || !partial))
     throw std::invalid_argument("attention: the decode launch's splits lie outside the split-K workspace");
   preparedDecodeKernel<kDimsPerLane, T>();

@@ -179,6 +179,12 @@ int64_t attentionWorkspaceFloats(int n, int numHeads, int numKvHeads, int headDi
 // of kvType ("" when it can): the limits launchAttention enforces, for the backend to check at
 // load.
 std::string attentionProblem(int numHeads, int numKvHeads, int headDim, int kvType);
+// Why launchAttention cannot read a K/V pool of kvType in pages of pageTokens ("" when it can),
+// for the backend to check when the pool is created rather than at the first decode step.
+std::string kvPageProblem(int kvType, int pageTokens);
+// The fewest tokens a channel-key type's page may hold here: the decode kernels' tile of 32 keys
+// reads the scales of at most kDecodeTilePages pages, and a tensor-core warp's 16 keys lie in one.
+constexpr int kMinChannelKeyPageTokens = 16;
 
 // The most top tokens whose log-probabilities the device gives per row (OpenAI's limit).
 constexpr int kMaxTopLogprobs = 20;

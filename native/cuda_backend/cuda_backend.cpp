@@ -454,6 +454,10 @@ void CudaBackend::kvRead(const KvView& kv, int seq, int slot, int start, int n, 
       }
 }
 
+std::string CudaBackend::kvPageProblem(KvType kvType, int pageTokens) const {
+  return cuda::kvPageProblem((int)kvType, pageTokens);
+}
+
 std::string CudaBackend::attentionProblem(const AttentionSpec& spec, KvType kvType) const {
   return cuda::attentionProblem(spec.numHeads, spec.numKvHeads, spec.headDim, (int)kvType);
 }

@@ -79,6 +79,7 @@ class CudaBackend : public Backend {
   void kvZero(const KvView& kv, int seq, int slot, int start, int n) override;
   void kvRead(const KvView& kv, int seq, int slot, int start, int n, std::vector<float>& host) override;
   std::string attentionProblem(const AttentionSpec& spec, KvType kvType) const override;
+  std::string kvPageProblem(KvType kvType, int pageTokens) const override;
   void attention(const Tensor& q, int n, const int32_t* positions, const KvView& kv, int slot, const AttentionSpec& sp,
                  Tensor& out) override;
   void swiglu(const Tensor& gate, const Tensor& up, int n, Tensor& out) override;

@@ -221,6 +221,13 @@ class Backend : public StepExecution {
     (void)spec, (void)kvType;
     return "";
   }
+  // Why this backend's kernels cannot read a K/V pool of kvType in pages of pageTokens ("" when
+  // they can), asked when the pool is created. The layout's own limits (KvPool) come first; the
+  // default (the CPU backend) reads every page size they allow.
+  virtual std::string kvPageProblem(KvType kvType, int pageTokens) const {
+    (void)kvType, (void)pageTokens;
+    return "";
+  }
   // out[n, cols] = silu(gate) * up
   virtual void swiglu(const Tensor& gate, const Tensor& up, int n, Tensor& out) = 0;
   // x = gelu_tanh(x)

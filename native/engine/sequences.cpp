@@ -43,6 +43,8 @@ void Model::createPool(int pages, int pageTokens, KvType type) {
   const std::string problem = kvTypeProblem(type);
   if (!problem.empty()) throw EngineError(kErrInvalidArgument, problem);
   const KvLayout layout = kvLayout(type, pageTokens);
+  const std::string pageProblem = backend_->kvPageProblem(type, pageTokens);
+  if (!pageProblem.empty()) throw EngineError(kErrInvalidArgument, pageProblem);
   try {
     pool_ = std::make_shared<KvPool>(*backend_, layout, pages);
   } catch (const std::bad_alloc&) {

@@ -6,6 +6,8 @@
  */
 import { ConfigError, InvalidOptionError, KV_CACHE_DTYPES, loadModel } from "../../lib";
 import type { KvCacheDtype, LckvError } from "../../lib";
+import { loadAddon } from "../../lib/native";
+import type { NativeModelDescription } from "../../lib/native";
 import { writeTinyModel } from "../helpers/tiny-model";
 import { describeIfGpu } from "../helpers/device";
 
@@ -62,5 +64,29 @@ describeGpu("cuda: head sizes", () => {
       expect((e as InvalidOptionError).option).toBe("kvCacheDtype");
       expect(e.message).toMatch(/a multiple of \d, not 22 .*; this model takes "f32", "bf16"$/);
     }
+  });
+
+  test("a K/V pool of int4 pages smaller than the kernels read is refused when it is created, not at the first step", () => {
+    // The library makes pages of KV_PAGE_TOKENS (16); the addon takes any power of two the
+    // layout allows (4 and up for int4), and the CUDA decode kernels read 16 and up.
+    const desc: NativeModelDescription = {
+      style: "gpt2", numLayers: 1, hidden: 8, numHeads: 1, numKvHeads: 1, headDim: 8, intermediate: 8, vocab: 8, maxPositions: 64,
+      normEps: 1e-5, tiedEmbeddings: true, attentionBias: true, mlpBias: true, ropeInvFreq: [],
+      plan: { target: [0], strict: [0], window: [0], kvLayers: [0], cyclicLow: -1, cyclicHigh: -1 },
+    };
+    const addon = loadAddon();
+    for (const pageTokens of [4, 8]) {
+      const m = new addon.NativeModel(desc, { backend: "cuda" });
+      expect(() => m.createPool(4, pageTokens, "int4")).toThrow(
+        new RegExp(`the CUDA attention kernels read int4 pages of at least 16 tokens, not ${pageTokens}$`),
+      );
+      expect(() => m.createSequence(8)).toThrow(/no K\/V pool/);  // nothing half-made
+      m.createPool(4, 16, "int4");  // the refusal left the model able to take a pool
+      expect(m.poolStats().pageTokens).toBe(16);
+      m.dispose();
+    }
+    const m = new addon.NativeModel(desc, { backend: "cuda" });
+    m.createPool(4, 8, "bf16");  // a type without channel keys reads any page size
+    m.dispose();
   });
 });
