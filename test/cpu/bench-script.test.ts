@@ -143,7 +143,13 @@ test("experiment 3, many prompts at once: every prompt a row of the shared steps
   expect(std.rowsPerStep).toBeLessThanOrEqual(64);
   expect(std.steps).toBeGreaterThanOrEqual((std.prompts * std.tokens) / 64);
   // One prompt at a time: native prefill calls, no scheduler rows.
-  for (const r of rows.filter((x) => x.prompts === 1)) expect(r.rowsPerStep).toBeUndefined();
+  // Each of their samples is k prompts back to back and one host sync, over k (k from the warm-up).
+  for (const r of rows.filter((x) => x.prompts === 1)) {
+    expect(r.rowsPerStep).toBeUndefined();
+    expect(Number.isInteger(r.promptsPerSample) && r.promptsPerSample >= 2 && r.promptsPerSample <= 16).toBe(true);
+    expect(r.ms.samples).toHaveLength(2);
+    expect(r.tokPerS).toBeCloseTo((r.tokens * 1e3) / r.ms.median, 6);
+  }
   for (const r of rows) expect(Number.isInteger(r.prompts) && r.prompts >= 1).toBe(true);
   // The report's table gives each row its prompts and rows per step.
   expect(report).toContain("| shape | model | K/V | mode | prompts | tokens each | ms | tokens/s | passes | rows per step | TFLOP/s | of GEMM rate | spread |");
