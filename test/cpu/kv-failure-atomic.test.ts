@@ -37,6 +37,21 @@ function state(m: Model, s: NativeSequence) {
   };
 }
 
+/**
+ * `call` fails with the error `code` and leaves every sequence of `seqs` reading back as it did
+ * (state()), and the cache consistent.
+ */
+async function expectFailureChangesNothing(m: Model, seqs: NativeSequence[], code: string, call: () => Promise<unknown>) {
+  const before = seqs.map((s) => state(m, s));
+  const e = await call().then(
+    () => null,
+    (x) => x,
+  );
+  expect(e?.code).toBe(code);
+  expect(seqs.map((s) => state(m, s))).toEqual(before);
+  expect(m.auditCache()).toBe("");
+}
+
 /** The logits of appending `more` to s. */
 async function continueWith(s: NativeSequence, more: number[]) {
   const r = await s.append(Int32Array.from(more), { mode: "sequential", logits: "all" });
@@ -56,13 +71,6 @@ async function expectContinuesAsFresh(nm: NativeModel, s: NativeSequence, n: num
   twin.dispose();
 }
 
-async function failAppend(s: NativeSequence, more: number[]) {
-  return s.append(Int32Array.from(more), { ...NONE, cancel: cancelled() }).then(
-    () => null,
-    (e) => e,
-  );
-}
-
 describe.each(DTYPES)("%s cache", (dtype) => {
   let m: Model, nm: NativeModel;
   beforeAll(async () => {
@@ -79,11 +87,9 @@ describe.each(DTYPES)("%s cache", (dtype) => {
 
   /** A cancelled append of k tokens leaves s as it was; continuing equals a twin's. */
   async function expectCancelChangesNothing(s: NativeSequence, twin: NativeSequence, k: number) {
-    const before = state(m, s);
-    const e = await failAppend(s, tokens.slice(s.length, s.length + k));
-    expect(e?.code).toBe("LCKV_ABORTED");
-    expect(state(m, s)).toEqual(before);
-    expect(m.auditCache()).toBe("");
+    await expectFailureChangesNothing(m, [s], "LCKV_ABORTED", () =>
+      s.append(Int32Array.from(tokens.slice(s.length, s.length + k)), { ...NONE, cancel: cancelled() }),
+    );
     const more = tokens.slice(s.length, s.length + 20).map((t) => (t + 5) % 64);
     expect(await continueWith(s, more)).toEqual(await continueWith(twin, more));
     expect(state(m, s)).toEqual(state(m, twin));
@@ -149,27 +155,29 @@ describe.each(DTYPES)("%s cache", (dtype) => {
 const GREEDY = { temperature: 0, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1, seed: 0 };
 
 describe.each(DTYPES)("%s cache, a full pool", (dtype) => {
-  /** A model whose pool holds `pages` pages beyond the residuals of `sequences` sequences. */
-  async function small(pages: number, sequences: number) {
+  /**
+   * A model whose pool holds `pages` pages beyond the residuals of one sequence per entry of
+   * `lengths`, and those sequences, holding the first tokens of that many tokens each.
+   */
+  async function small(pages: number, lengths: number[]) {
     const probe = await loadModel(dir, { device: "cpu", kvCacheDtype: dtype, prefixCache: 0, threads: 1 });
     const pageBytes = probe.kvBytesPerToken * P, R = probe.cacheStats().residualPages;
     await probe.dispose();
-    const m = await loadModel(dir, { device: "cpu", kvCacheDtype: dtype, prefixCache: 0, threads: 1, kvCacheMemory: (pages + R * sequences) * pageBytes });
-    return { m, nm: m.nativeModel() };
+    const m = await loadModel(dir, { device: "cpu", kvCacheDtype: dtype, prefixCache: 0, threads: 1, kvCacheMemory: (pages + R * lengths.length) * pageBytes });
+    const nm = m.nativeModel();
+    const seqs: NativeSequence[] = [];
+    for (const n of lengths) {
+      seqs.push(nm.createSequence(256));
+      await seqs[seqs.length - 1].append(Int32Array.from(tokens.slice(0, n)), NONE);
+    }
+    return { m, nm, seqs };
   }
 
   test("decodeBatch: a sequence at a page's end keeps its state when another in the batch finds the pool full", async () => {
     for (const n of [16, 32]) {
       // a and b at n tokens; one page left: a takes it, b finds none.
-      const { m, nm } = await small(2 * (n / P) + 1, 2);
-      const a = nm.createSequence(256), b = nm.createSequence(256);
-      await a.append(Int32Array.from(tokens.slice(0, n)), NONE);
-      await b.append(Int32Array.from(tokens.slice(0, n)), NONE);
-      const before = [state(m, a), state(m, b)];
-      const e = await nm.decodeBatch([a, b], Int32Array.of(tokens[n], tokens[n]), [GREEDY, GREEDY]).catch((x) => x);
-      expect(e.code).toBe("LCKV_KV_CACHE_FULL");
-      expect([state(m, a), state(m, b)]).toEqual(before);
-      expect(m.auditCache()).toBe("");
+      const { m, nm, seqs: [a, b] } = await small(2 * (n / P) + 1, [n, n]);
+      await expectFailureChangesNothing(m, [a, b], "LCKV_KV_CACHE_FULL", () => nm.decodeBatch([a, b], Int32Array.of(tokens[n], tokens[n]), [GREEDY, GREEDY]));
       b.dispose();
       await expectContinuesAsFresh(nm, a, n, tokens.slice(n, n + 8));
       await m.dispose();
@@ -177,14 +185,8 @@ describe.each(DTYPES)("%s cache, a full pool", (dtype) => {
   });
 
   test("an append that crosses pages is refused up front when the pool is short", async () => {
-    const { m, nm } = await small(4, 1);
-    const s = nm.createSequence(256);
-    await s.append(Int32Array.from(tokens.slice(0, 41)), NONE);  // 3 pages
-    const before = state(m, s);
-    const e = await s.append(Int32Array.from(tokens.slice(41, 71)), NONE).catch((x) => x);  // pages 3 and 4
-    expect(e.code).toBe("LCKV_KV_CACHE_FULL");
-    expect(state(m, s)).toEqual(before);
-    expect(m.auditCache()).toBe("");
+    const { m, seqs: [s] } = await small(4, [41]);  // 3 pages
+    await expectFailureChangesNothing(m, [s], "LCKV_KV_CACHE_FULL", () => s.append(Int32Array.from(tokens.slice(41, 71)), NONE));  // pages 3 and 4
     await s.append(Int32Array.from(tokens.slice(41, 48)), NONE);  // page 3 fits
     expect(m.auditCache()).toBe("");
     s.dispose();
@@ -194,17 +196,10 @@ describe.each(DTYPES)("%s cache, a full pool", (dtype) => {
   test("a fork's copy-on-write that finds the pool full leaves fork and source as they were", async () => {
     for (const n of [17, 41]) {
       // No page free: the fork's first write copies its partial page (and an int4 residual).
-      const { m, nm } = await small(Math.ceil(n / P), 1);
-      const src = nm.createSequence(256);
-      await src.append(Int32Array.from(tokens.slice(0, n)), NONE);
+      const { m, nm, seqs: [src] } = await small(Math.ceil(n / P), [n]);
       const f = src.fork();
-      const before = [state(m, src), state(m, f)];
-      const e = await f.append(Int32Array.from(tokens.slice(n, n + 20)), NONE).catch((x) => x);
-      expect(e.code).toBe("LCKV_KV_CACHE_FULL");
-      const e2 = await nm.decodeBatch([f], Int32Array.of(tokens[n]), [GREEDY]).catch((x) => x);
-      expect(e2.code).toBe("LCKV_KV_CACHE_FULL");
-      expect([state(m, src), state(m, f)]).toEqual(before);
-      expect(m.auditCache()).toBe("");
+      await expectFailureChangesNothing(m, [src, f], "LCKV_KV_CACHE_FULL", () => f.append(Int32Array.from(tokens.slice(n, n + 20)), NONE));
+      await expectFailureChangesNothing(m, [src, f], "LCKV_KV_CACHE_FULL", () => nm.decodeBatch([f], Int32Array.of(tokens[n]), [GREEDY]));
       // The source alone then continues as a fresh sequence would.
       f.dispose();
       await expectContinuesAsFresh(nm, src, n, tokens.slice(n, n + 3));
@@ -213,15 +208,9 @@ describe.each(DTYPES)("%s cache, a full pool", (dtype) => {
   });
 
   test("a context shift whose copies find the pool full leaves fork and source as they were", async () => {
-    const { m, nm } = await small(4, 1);
-    const src = nm.createSequence(256);
-    await src.append(Int32Array.from(tokens.slice(0, 50)), NONE);
+    const { m, seqs: [src] } = await small(4, [50]);
     const f = src.fork();
-    const before = [state(m, src), state(m, f)];
-    const e = await f.shift(16, 16).catch((x) => x);
-    expect(e.code).toBe("LCKV_KV_CACHE_FULL");
-    expect([state(m, src), state(m, f)]).toEqual(before);
-    expect(m.auditCache()).toBe("");
+    await expectFailureChangesNothing(m, [src, f], "LCKV_KV_CACHE_FULL", () => f.shift(16, 16));
     f.dispose();
     src.dispose();
     await m.dispose();
