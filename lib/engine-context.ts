@@ -89,7 +89,8 @@ export class EngineContext {
    * (mixedPrefill()), and this is also the prompt rows one such step takes in all: a step runs
    * its decode rows plus at most one chunk, so mixing keeps the wait where the chunks between
    * decode steps put it, and the step's activations where one chunk's prefill puts them, however
-   * many prompts arrive (they take turns at the chunk).
+   * many prompts arrive (they take turns at the chunk). While every request in flight is such a
+   * prompt, nothing waits for a token, and a step takes up to lonePrefillChunk rows instead.
    */
   readonly prefillChunk: number;
   /**
@@ -132,7 +133,7 @@ export class EngineContext {
     this.chunkPage = init.kvCacheDtype === "int4" ? KV_PAGE_TOKENS : 0;
     // Every prefill in flight listens to it: as many as there are concurrent requests.
     setMaxListeners(0, this.disposing.signal);
-    this.scheduler = new DecodeScheduler(() => this.nativeModel(), init.maxBatch, this.prefillChunk, this.chunkPage);
+    this.scheduler = new DecodeScheduler(() => this.nativeModel(), init.maxBatch, this.prefillChunk, this.chunkPage, this.lonePrefillChunk, () => this.inFlight);
   }
 
   get disposed(): boolean {

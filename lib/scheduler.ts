@@ -18,8 +18,11 @@
  *   (a mixed step, vLLM's chunked prefill). One pass over a chunk is exact there, so the
  *   weights are read once for the chunk and the decode rows, and a running stream waits at
  *   most one chunk for its next token, as it did between the chunks of a native prefill.
- *   Prompts take turns at the budget: a prompt cut short goes to the back. An int4 cache's
- *   chunk ends at its sequence's page (chunkPage).
+ *   While every request in flight is a prompt fed here (none is generating, so none waits for
+ *   a token), a step takes up to `loneChunkRows` instead: the chunk a lone prompt's native
+ *   prefill takes, larger products for the same prompts. Prompts take turns at the budget: a
+ *   prompt cut short goes to the back. An int4 cache's chunk ends at its sequence's page
+ *   (chunkPage).
  */
 import { AbortError, fromNative } from "./errors";
 import { NativeDecodedTokens, NativeModel, NativeSamplingParams, NativeSequence, NativeTokenLogprobs } from "./native";
@@ -98,13 +101,17 @@ export class DecodeScheduler {
    * maxBatch: sequences per step. chunkRows: prompt rows per step in all, for chunked feeds;
    * a step runs at most its decode rows plus this many (EngineContext.prefillChunk says why).
    * chunkPage: the K/V page's tokens where a chunk's rows must lie in one page of their sequence
-   * (an int4 cache: EngineContext.chunkPage says why), else 0.
+   * (an int4 cache: EngineContext.chunkPage says why), else 0. loneChunkRows: the budget while
+   * no decode row waits and every one of `requestsInFlight()` requests (EngineContext.working())
+   * has a prompt here; without those, chunkRows always.
    */
   constructor(
     private readonly native: () => NativeModel,
     private readonly maxBatch = DEFAULT_MAX_BATCH,
     private readonly chunkRows = 64,
     private readonly chunkPage = 0,
+    private readonly loneChunkRows = chunkRows,
+    private readonly requestsInFlight: () => number = () => Infinity,
   ) {}
 
   /**
@@ -155,7 +162,11 @@ export class DecodeScheduler {
       return false;
     });
     const seats = Math.max(1, this.maxBatch - this.queue.length);
-    let budget = this.chunkRows;
+    // A request in flight without a prompt here is generating (its next decode row may be about
+    // to queue) or between two chunks: either way the budget stays one chunk, so that a stream
+    // waits at most that many prompt rows for its next token.
+    const onlyPrompts = this.queue.length === 0 && this.requestsInFlight() <= this.feeds.length;
+    let budget = onlyPrompts ? this.loneChunkRows : this.chunkRows;
     const taken: FeedRows[] = [];
     const waiting: PromptFeed[] = [];
     for (const f of this.feeds) {

@@ -11,6 +11,7 @@
  */
 import * as path from "node:path";
 import { InvalidInputError, loadModel, Model, TokenOutOfRangeError } from "../../lib";
+import { DecodeScheduler } from "../../lib/scheduler";
 import { Alone, alone, chunk, eachAlone, engineOf, feedBesideStream, kvBits, mixedLengthPrompts, nativeOf, prompt, promptRows } from "../helpers/shared-steps";
 import { appendBesideRefusedChunk, expectAppendedTogetherAsAlone, expectBadTokenFailsAlone, expectCancelledPromptUndone, expectChunkShared, expectDisposeStopsPrompts, expectEveryModeMixes, expectGeneratedTogetherAsAlone } from "../helpers/shared-step-checks";
 
@@ -67,6 +68,30 @@ describe("llama-gqa-hd32: fairness, cancellation, errors", () => {
     const ps = mixedLengthPrompts(m);
     const fed = await feedBesideStream(m, () => Promise.all(ps.map((p) => m.createSequence().append(p))));
     expectChunkShared(m, fed, promptRows(ps), ps.length);
+  });
+
+  test("while only prompts are in flight a step takes the lone budget of rows; with another request in flight, one chunk", async () => {
+    // Three prompts of 20 tokens fed to schedulers of chunk 8 and lone budget 32, as the GPU's
+    // 512 and 4096 (the CPU's engine uses 64 for both). Counted requests in flight: the three
+    // prompts alone (nothing waits for a token), or one more (a stream that may queue a row).
+    const ps = [0, 1, 2].map((seed) => prompt(m, 20, seed + 5));
+    const run = async (others: number) => {
+      let prompts = ps.length;  // requests in flight end with their prompts, as working() counts them
+      const scheduler = new DecodeScheduler(() => m.nativeModel(), 256, 8, 0, 32, () => prompts + others);
+      const seqs = ps.map(() => m.createSequence());
+      await Promise.all(seqs.map((s, i) => scheduler.append(nativeOf(s), ps[i], undefined, true).then(() => prompts--)));
+      const kv = seqs.map((s) => kvBits(m, s, 20));
+      for (const s of seqs) s.dispose();
+      return { steps: scheduler.stats.steps, rows: scheduler.stats.promptTokens, kv };
+    };
+    const onlyPrompts = await run(0);
+    const beside = await run(1);
+    expect([onlyPrompts.rows, beside.rows]).toEqual([60, 60]);
+    // 60 rows in steps of at most 32: 2 steps (20 + 12, then 8 + 20); of at most 8: 8 steps.
+    expect(onlyPrompts.steps).toBe(2);
+    expect(beside.steps).toBe(8);
+    // A row's arithmetic on the CPU does not depend on its step's other rows.
+    expect(onlyPrompts.kv).toEqual(beside.kv);
   });
 
   test("cancelling a prompt mid-way leaves its sequence as it was; appended again it is exact", async () => {
