@@ -427,22 +427,27 @@ void CudaBackend::kvRead(const KvView& kv, int seq, int slot, int start, int n, 
     runs.push_back({p, len, bytes, residual});
     bytes += residual ? (size_t)R * (size_t)L.pageBytes() : (size_t)L.slotBytes();
   });
-  std::vector<uint8_t> blocks(bytes);
+  // The blocks are gathered on the device and cross to the host in one copy: a copy to pageable
+  // memory returns only once it is done, so a copy per page would wait once per page (128 times
+  // for a 2048-token range, each fixed-point pass).
+  std::shared_ptr<void> gathered = blocks_.get(std::max<size_t>(bytes, 16));
+  uint8_t* dst = static_cast<uint8_t*>(gathered.get());
   size_t i = 0;
   forEachPageRun(kv, seq, start, n, [&](int32_t page, int p, int len) {
     const Run& r = runs[i++];
     if (r.residual) {
       for (int j = 0; j < R; ++j)
-        cudaOk(cudaMemcpyAsync(blocks.data() + r.at + (size_t)L.codeOffset(j, slot, 0, 0),
-                               pool + L.codeOffset(r.residual[j], slot, 0, 0), (size_t)partSlotBytes, cudaMemcpyDeviceToHost,
-                               stream_),
+        cudaOk(cudaMemcpyAsync(dst + r.at + (size_t)L.codeOffset(j, slot, 0, 0), pool + L.codeOffset(r.residual[j], slot, 0, 0),
+                               (size_t)partSlotBytes, cudaMemcpyDeviceToDevice, stream_),
                "kvRead");
       return;
     }
-    cudaOk(cudaMemcpyAsync(blocks.data() + r.at, pool + L.codeOffset(page, slot, 0, 0), (size_t)L.slotBytes(),
-                           cudaMemcpyDeviceToHost, stream_),
+    cudaOk(cudaMemcpyAsync(dst + r.at, pool + L.codeOffset(page, slot, 0, 0), (size_t)L.slotBytes(), cudaMemcpyDeviceToDevice,
+                           stream_),
            "kvRead");
   });
+  std::vector<uint8_t> blocks(bytes);
+  cudaOk(cudaMemcpyAsync(blocks.data(), dst, bytes, cudaMemcpyDeviceToHost, stream_), "kvRead");
   cudaOk(cudaStreamSynchronize(stream_), "kvRead sync");
   for (const Run& r : runs)
     for (int v = 0; v < 2; ++v)

@@ -51,8 +51,11 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
     // Zero KV before the first pass, so the first pass reads the same thing every time.
     for (int l = low; l <= high; ++l)
       if (plan.kvSlot[l] >= 0) be.kvZero(s.kv, 0, plan.kvSlot[l], start, n);
+    // The fixed point compares each pass's K/V with the last one's on the host; the iterative
+    // mode reads nothing back, so its passes queue on the device without a sync between them.
     std::vector<std::vector<float>> prev(upwardTargetSlots_.size()), cur(upwardTargetSlots_.size());
-    for (size_t j = 0; j < upwardTargetSlots_.size(); ++j) be.kvRead(s.kv, 0, upwardTargetSlots_[j], start, n, prev[j]);
+    if (prefill.mode == PrefillMode::FixedPoint)
+      for (size_t j = 0; j < upwardTargetSlots_.size(); ++j) be.kvRead(s.kv, 0, upwardTargetSlots_[j], start, n, prev[j]);
     int passes = 0;
     const int maxPasses = prefill.mode == PrefillMode::Iterative ? std::max(1, prefill.passes) : std::min(n, kFixedPointMaxPasses);
     bool converged = false;
