@@ -9,6 +9,10 @@
 
 typedef struct CUstream_st* cudaStream_t;
 
+namespace lckv {
+struct KvLayout;  // engine/kv_format.h
+}
+
 namespace lckv::cuda {
 
 // One K/V slot of the paged cache (native/engine/kv_pool.h, kv_format.h): page p starts at byte
@@ -133,6 +137,22 @@ void launchKvWrite(const float* k, const float* v, int n, const int32_t* positio
 // kv_format.h's kvQuantizePage does on the host, bit for bit. Rows of other positions do nothing,
 // so a recorded step may launch it at every position.
 void launchKvQuantizePages(int n, const int32_t* positions, const PagedKv& kv, cudaStream_t stream);
+
+// The fixed-point prefill's convergence test (Backend::kvMotion, kv_motion.cu): what the kernel
+// leaves for the host, each a maximum over the rows (a double's bits where a double is meant).
+struct KvMotionResult {
+  unsigned long long movedBits;    // the largest |value - snapshot's|, +inf where one is NaN
+  unsigned long long largestBits;  // the largest |value|, NaNs left out
+  unsigned int differ;             // 1 when any value != the snapshot's
+};
+// Decodes K then V of `slot` at positions [start, start+n) of one sequence (kvRead's values) from
+// `blocks`, the device copies of their pages' slot blocks (token t's at byte rowBlock[t]; a
+// residual page's at -1 - rowBlock[t], laid out as a pool of its parts numbered by localParts),
+// into scratch [2n, kvDim] and snapshot [2n, kvDim]: the first call (first) only fills the
+// snapshot, each later one compares with it into `result` first.
+void launchKvMotion(const KvLayout& L, int slot, const uint8_t* blocks, const int64_t* rowBlock, const int32_t* localParts,
+                    int start, int n, float* scratch, float* snapshot, bool first, KvMotionResult* result,
+                    cudaStream_t stream);
 
 // The largest head size the kernels take. Attention's decode keeps up to kMaxHeadDim / 32 dims in
 // each lane of a warp (kMaxDimsPerLane, attention_common.cuh) and a compact type's K/V write

@@ -399,64 +399,109 @@ void CudaBackend::kvZero(const KvView& kv, int seq, int slot, int start, int n) 
   });
 }
 
-void CudaBackend::kvRead(const KvView& kv, int seq, int slot, int start, int n, std::vector<float>& host) {
-  ctx();
-  Timed timed(*this, "kv_read");
+CudaBackend::GatheredKv CudaBackend::gatherKv(const KvView& kv, int seq, int slot, int start, int n) {
   const uint8_t* pool = (const uint8_t*)kv.pool->data;
   const KvLayout& L = kv.layout;
-  const size_t d = (size_t)L.kvDim;
   if (slot < 0 || slot >= L.slots) throw EngineError(kErrInvalidArgument, "K/V slot out of range");
-  host.resize(2 * (size_t)n * d);
-  // The slot's bytes of each page the range touches, then decoded here as the CPU backend does.
-  // A channel-key type's page that the residual holds is read from the residual (kvRead's
-  // rule): each part's slot block goes to the host at the place it would have in a pool of the
-  // residual's parts alone (parts 0 .. R - 1), where kvDecodeResidualRow reads it.
+  // A channel-key type's page that the residual holds is read from the residual (kvRead's rule):
+  // each part's slot block goes where it would be in a pool of the residual's parts alone
+  // (parts 0 .. R - 1), where kvDecodeResidualRow reads it with localParts.
   const int R = L.residualParts();
-  std::vector<int32_t> localParts((size_t)R);
-  for (int j = 0; j < R; ++j) localParts[(size_t)j] = j;
   const int64_t partSlotBytes = 2 * (int64_t)L.residualTokensPerPart() * L.kvDim * 2;
-  struct Run {
-    int p, len;
-    size_t at;
-    const int32_t* residual;  // the residual's parts when the run's page is read from it
-  };
-  std::vector<Run> runs;
-  size_t bytes = 0;
-  forEachPageRun(kv, seq, start, n, [&](int32_t page, int p, int len) {
+  GatheredKv g;
+  g.localParts.resize((size_t)R);
+  for (int j = 0; j < R; ++j) g.localParts[(size_t)j] = j;
+  forEachPageRun(kv, seq, start, n, [&](int32_t, int p, int len) {
     const int32_t* residual = kv.inResidual(seq, p) ? kv.residualOf(seq, p) : nullptr;
-    runs.push_back({p, len, bytes, residual});
-    bytes += residual ? (size_t)R * (size_t)L.pageBytes() : (size_t)L.slotBytes();
+    g.runs.push_back({p, len, g.bytes, residual != nullptr});
+    g.bytes += residual ? (size_t)R * (size_t)L.pageBytes() : (size_t)L.slotBytes();
   });
-  // The blocks are gathered on the device and cross to the host in one copy: a copy to pageable
-  // memory returns only once it is done, so a copy per page would wait once per page (128 times
-  // for a 2048-token range, each fixed-point pass).
-  std::shared_ptr<void> gathered = blocks_.get(std::max<size_t>(bytes, 16));
-  uint8_t* dst = static_cast<uint8_t*>(gathered.get());
+  // Copies on the device: a copy to pageable host memory returns only once it is done, so a
+  // copy per page to the host would wait once per page (128 times for 2048 tokens).
+  g.blocks = blocks_.get(std::max<size_t>(g.bytes, 16));
+  uint8_t* dst = static_cast<uint8_t*>(g.blocks.get());
   size_t i = 0;
-  forEachPageRun(kv, seq, start, n, [&](int32_t page, int p, int len) {
-    const Run& r = runs[i++];
+  forEachPageRun(kv, seq, start, n, [&](int32_t page, int p, int) {
+    const KvRun& r = g.runs[i++];
     if (r.residual) {
+      const int32_t* parts = kv.residualOf(seq, p);
       for (int j = 0; j < R; ++j)
-        cudaOk(cudaMemcpyAsync(dst + r.at + (size_t)L.codeOffset(j, slot, 0, 0), pool + L.codeOffset(r.residual[j], slot, 0, 0),
+        cudaOk(cudaMemcpyAsync(dst + r.at + (size_t)L.codeOffset(j, slot, 0, 0), pool + L.codeOffset(parts[j], slot, 0, 0),
                                (size_t)partSlotBytes, cudaMemcpyDeviceToDevice, stream_),
-               "kvRead");
+               "kv gather");
       return;
     }
     cudaOk(cudaMemcpyAsync(dst + r.at, pool + L.codeOffset(page, slot, 0, 0), (size_t)L.slotBytes(), cudaMemcpyDeviceToDevice,
                            stream_),
-           "kvRead");
+           "kv gather");
   });
-  std::vector<uint8_t> blocks(bytes);
-  cudaOk(cudaMemcpyAsync(blocks.data(), dst, bytes, cudaMemcpyDeviceToHost, stream_), "kvRead");
+  return g;
+}
+
+void CudaBackend::kvRead(const KvView& kv, int seq, int slot, int start, int n, std::vector<float>& host) {
+  ctx();
+  Timed timed(*this, "kv_read");
+  const KvLayout& L = kv.layout;
+  const size_t d = (size_t)L.kvDim;
+  const GatheredKv g = gatherKv(kv, seq, slot, start, n);
+  host.resize(2 * (size_t)n * d);
+  // The blocks cross to the host in one copy and are decoded here as the CPU backend does.
+  std::vector<uint8_t> blocks(g.bytes);
+  cudaOk(cudaMemcpyAsync(blocks.data(), g.blocks.get(), g.bytes, cudaMemcpyDeviceToHost, stream_), "kvRead");
   cudaOk(cudaStreamSynchronize(stream_), "kvRead sync");
-  for (const Run& r : runs)
+  for (const KvRun& r : g.runs)
     for (int v = 0; v < 2; ++v)
       for (int t = 0; t < r.len; ++t) {
         float* out = host.data() + ((size_t)v * n + (size_t)(r.p + t - start)) * d;
         const int off = (r.p + t) % L.pageTokens;
-        if (r.residual) kvDecodeResidualRow(L, blocks.data() + r.at, localParts.data(), slot, v, off, out);
+        if (r.residual) kvDecodeResidualRow(L, blocks.data() + r.at, g.localParts.data(), slot, v, off, out);
         else kvDecodeRow(L, blocks.data() + r.at, v, off, out);
       }
+}
+
+Backend::KvMotion CudaBackend::kvMotion(const KvView& kv, int seq, int slot, int start, int n, std::shared_ptr<void>& snapshot) {
+  ctx();
+  Timed timed(*this, "kv_motion");
+  const KvLayout& L = kv.layout;
+  KvMotion m;
+  if (n <= 0) {
+    m.same = snapshot != nullptr;
+    if (!snapshot) snapshot = blocks_.get(16);
+    return m;
+  }
+  const GatheredKv g = gatherKv(kv, seq, slot, start, n);
+  // Token t's block in the gathered bytes (-1 - offset for a residual's), and the residual's
+  // local part numbers, staged as the kernel reads them.
+  std::vector<int64_t> rowBlock((size_t)n);
+  for (const KvRun& r : g.runs)
+    for (int t = 0; t < r.len; ++t) rowBlock[(size_t)(r.p + t - start)] = r.residual ? -1 - (int64_t)r.at : (int64_t)r.at;
+  const size_t values = 2 * (size_t)n * (size_t)L.kvDim;
+  std::shared_ptr<void> tables = blocks_.get(sizeof(int64_t) * (size_t)n + sizeof(int32_t) * g.localParts.size() + 16);
+  int64_t* dRowBlock = static_cast<int64_t*>(tables.get());
+  int32_t* dParts = reinterpret_cast<int32_t*>(dRowBlock + n);
+  cudaOk(cudaMemcpyAsync(dRowBlock, rowBlock.data(), sizeof(int64_t) * (size_t)n, cudaMemcpyHostToDevice, stream_), "kv_motion");
+  if (!g.localParts.empty())
+    cudaOk(cudaMemcpyAsync(dParts, g.localParts.data(), sizeof(int32_t) * g.localParts.size(), cudaMemcpyHostToDevice, stream_),
+           "kv_motion");
+  const bool first = !snapshot;
+  // The snapshot: [2n, kvDim] floats, then the kernel's result.
+  if (first) snapshot = blocks_.get(sizeof(float) * values + sizeof(cuda::KvMotionResult));
+  float* snap = static_cast<float*>(snapshot.get());
+  auto* result = reinterpret_cast<cuda::KvMotionResult*>(snap + values);
+  std::shared_ptr<void> scratch = blocks_.get(sizeof(float) * values);
+  cuda::launchKvMotion(L, slot, static_cast<const uint8_t*>(g.blocks.get()), dRowBlock, dParts, start, n,
+                       static_cast<float*>(scratch.get()), snap, first, result, stream_);
+  if (first) return m;
+  cuda::KvMotionResult host{};
+  cudaOk(cudaMemcpyAsync(&host, result, sizeof(host), cudaMemcpyDeviceToHost, stream_), "kv_motion");
+  cudaOk(cudaStreamSynchronize(stream_), "kv_motion sync");
+  double moved = 0, largest = 0;
+  std::memcpy(&moved, &host.movedBits, sizeof(double));
+  std::memcpy(&largest, &host.largestBits, sizeof(double));
+  m.same = host.differ == 0;
+  m.moved = moved;
+  m.largest = largest;
+  return m;
 }
 
 std::string CudaBackend::kvPageProblem(KvType kvType, int pageTokens) const {

@@ -78,6 +78,7 @@ class CudaBackend : public Backend {
   void kvWrite(const KvView& kv, int slot, const Tensor& k, const Tensor& v, int n, const int32_t* positions) override;
   void kvZero(const KvView& kv, int seq, int slot, int start, int n) override;
   void kvRead(const KvView& kv, int seq, int slot, int start, int n, std::vector<float>& host) override;
+  KvMotion kvMotion(const KvView& kv, int seq, int slot, int start, int n, std::shared_ptr<void>& snapshot) override;
   std::string attentionProblem(const AttentionSpec& spec, KvType kvType) const override;
   std::string kvPageProblem(KvType kvType, int pageTokens) const override;
   void attention(const Tensor& q, int n, const int32_t* positions, const KvView& kv, int slot, const AttentionSpec& sp,
@@ -87,6 +88,21 @@ class CudaBackend : public Backend {
   void copyRows(const Tensor& src, int srcRow, Tensor& dst, int dstRow, int n) override;
 
  private:
+  // The slot blocks of the pages that positions [start, start+n) of row seq lie in, copied on the
+  // device into one buffer (kvRead, kvMotion): a run of positions per page, from byte `at`; a
+  // page the residual holds as its parts, laid out as a pool of those parts alone (localParts).
+  struct KvRun {
+    int p, len;
+    size_t at;
+    bool residual;
+  };
+  struct GatheredKv {
+    std::shared_ptr<void> blocks;
+    size_t bytes = 0;
+    std::vector<KvRun> runs;
+    std::vector<int32_t> localParts;
+  };
+  GatheredKv gatherKv(const KvView& kv, int seq, int slot, int start, int n);
   struct Timed {
     CudaBackend& be;
     Timed(CudaBackend& b, const char* name) : be(b) {

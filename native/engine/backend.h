@@ -205,6 +205,18 @@ class Backend : public StepExecution {
   // (the fixed-point check, context shift): 2 * n * kvDim floats, as attention reads them (for a
   // channel-key type, the residual's page from the residual, the others from their codes).
   virtual void kvRead(const KvView& kv, int seq, int slot, int start, int n, std::vector<float>& host) = 0;
+  // The fixed-point prefill's convergence test: how far `slot`'s K and V at positions
+  // [start, start+n) of table row `seq`, as kvRead gives them, moved since the last call with the
+  // same `snapshot`, which then holds them (the backend's own memory, kept by the caller between
+  // passes). A first call, with an empty snapshot, only takes them (and says same = false).
+  struct KvMotion {
+    bool same = false;   // every value == the snapshot's (a NaN never is)
+    double moved = 0;    // the largest |value - snapshot's| in f64 (+inf where one is NaN)
+    double largest = 0;  // the largest |value| (NaNs left out)
+  };
+  // The default reads the values to the host (kvRead) and compares them there; a GPU backend
+  // compares on the device and reads back the three results.
+  virtual KvMotion kvMotion(const KvView& kv, int seq, int slot, int start, int n, std::shared_ptr<void>& snapshot);
   // out[n, numHeads*headDim]: query r at positions[r] attends to `slot` of sequence
   // kv.rowSeq[r], keys 0..positions[r] under spec's diagonal and window rules. The op just
   // before may write K/V only at the rows' own positions (as kvWrite and ropeKvWrite of the

@@ -132,49 +132,49 @@ inline bool parseKvType(const char* name, KvType& out) {
 struct KvLayout {
   int slots = 0, kvDim = 0, kvHeads = 1, pageTokens = 16;
   KvType type = KvType::F32;
-  int headDim() const { return kvDim / kvHeads; }
-  int64_t rowBytes() const { return (int64_t)kvDim * kvTypeBits(type) / 8; }
-  int64_t scaleBytes() const {
+  LCKV_HD int headDim() const { return kvDim / kvHeads; }
+  LCKV_HD int64_t rowBytes() const { return (int64_t)kvDim * kvTypeBits(type) / 8; }
+  LCKV_HD int64_t scaleBytes() const {
     if (kvTypeChannelKeys(type)) return (int64_t)kvDim * 2 + (int64_t)pageTokens * kvHeads * 2;
     return kvTypeScaled(type) ? (int64_t)pageTokens * kvHeads * 4 : 0;
   }
-  int64_t slotBytes() const { return (2 * pageTokens * rowBytes() + scaleBytes() + 15) / 16 * 16; }
-  int64_t pageBytes() const { return slots * slotBytes(); }
+  LCKV_HD int64_t slotBytes() const { return (2 * pageTokens * rowBytes() + scaleBytes() + 15) / 16 * 16; }
+  LCKV_HD int64_t pageBytes() const { return slots * slotBytes(); }
   // Byte offset in the pool of K (v = 0) or V (v = 1) codes of `slot` at offset `off` of `page`.
   // The position just past the page of `pos` (where a write that goes a page at a time stops).
-  int pageEnd(int pos) const { return (pos / pageTokens + 1) * pageTokens; }
-  int64_t codeOffset(int page, int slot, int v, int off) const {
+  LCKV_HD int pageEnd(int pos) const { return (pos / pageTokens + 1) * pageTokens; }
+  LCKV_HD int64_t codeOffset(int page, int slot, int v, int off) const {
     return (int64_t)page * pageBytes() + slot * slotBytes() + ((int64_t)v * pageTokens + off) * rowBytes();
   }
   // Byte offset of the (K, V) scale word of K/V head `kvh` at offset `off` (fp8, int8).
-  int64_t scaleOffset(int page, int slot, int off, int kvh) const {
+  LCKV_HD int64_t scaleOffset(int page, int slot, int off, int kvh) const {
     return (int64_t)page * pageBytes() + slot * slotBytes() + 2 * pageTokens * rowBytes() + ((int64_t)off * kvHeads + kvh) * 4;
   }
   // Channel-key types: the f16 K scale of channel `channel` (of all kvDim), and the f16 V scale
   // of K/V head `kvh` at offset `off`.
-  int64_t keyScaleOffset(int page, int slot, int channel) const {
+  LCKV_HD int64_t keyScaleOffset(int page, int slot, int channel) const {
     return (int64_t)page * pageBytes() + slot * slotBytes() + 2 * pageTokens * rowBytes() + (int64_t)channel * 2;
   }
-  int64_t valueScaleOffset(int page, int slot, int off, int kvh) const {
+  LCKV_HD int64_t valueScaleOffset(int page, int slot, int off, int kvh) const {
     return (int64_t)page * pageBytes() + slot * slotBytes() + 2 * pageTokens * rowBytes() + (int64_t)kvDim * 2 +
            ((int64_t)off * kvHeads + kvh) * 2;
   }
   // The residual (channel-key types): positions per residual part, the largest power of two up
   // to pageTokens whose bf16 K and V rows fit a slot's block (0: none fits, a page too small for
   // the type), and the parts a residual takes (0 for the other types).
-  int residualTokensPerPart() const {
+  LCKV_HD int residualTokensPerPart() const {
     if (!kvTypeChannelKeys(type)) return 0;
     int t = pageTokens;
     while (t > 0 && 2 * (int64_t)t * kvDim * 2 > slotBytes()) t /= 2;
     return t;
   }
-  int residualParts() const {
+  LCKV_HD int residualParts() const {
     const int t = residualTokensPerPart();
     return t > 0 ? pageTokens / t : 0;
   }
   // Byte offset of the bf16 K (v = 0) or V row at offset `off` of `slot` in the residual whose
   // parts (pool pages) are parts[0 .. residualParts()).
-  int64_t residualOffset(const int32_t* parts, int slot, int v, int off) const {
+  LCKV_HD int64_t residualOffset(const int32_t* parts, int slot, int v, int off) const {
     const int t = residualTokensPerPart();
     return (int64_t)parts[off / t] * pageBytes() + slot * slotBytes() + ((int64_t)v * t + off % t) * kvDim * 2;
   }
@@ -370,29 +370,22 @@ inline void kvQuantizePage(const KvLayout& L, const uint16_t* k, const uint16_t*
 // Decodes K (v = 0) or V (v = 1) of page offset `off` from the bytes of one page's slot (its
 // codes from slotOffset on, scales included) into out[kvDim]: how a backend reads the cache back.
 // (A channel-key type's page being written is read from the residual instead: kvDecodeResidualRow.)
-inline void kvDecodeRow(const KvLayout& L, const uint8_t* slotBlock, int v, int off, float* out) {
+LCKV_HD void kvDecodeRow(const KvLayout& L, const uint8_t* slotBlock, int v, int off, float* out) {
   const int hd = L.headDim();
   const int64_t headBytes = (int64_t)hd * kvTypeBits(L.type) / 8;
   const uint8_t* codes = slotBlock + ((int64_t)v * L.pageTokens + off) * L.rowBytes();
   const uint8_t* scales = slotBlock + 2 * L.pageTokens * L.rowBytes();
   const bool channelKeys = kvTypeChannelKeys(L.type);
   for (int h = 0; h < L.kvHeads; ++h) {
+    // The f16 scales as kvCodeAt reads a bf16 code: two little-endian bytes (any alignment).
     float s = 0.0f;
     if (channelKeys && v == 1) {
-      uint16_t bits;
-      std::memcpy(&bits, scales + (int64_t)L.kvDim * 2 + ((int64_t)off * L.kvHeads + h) * 2, 2);
-      s = kvF16ToF32(bits);
+      s = kvF16ToF32((uint16_t)kvCodeAt(KvType::BF16, scales + (int64_t)L.kvDim * 2, off * L.kvHeads + h));
     } else if (kvTypeScaled(L.type) && !channelKeys) {
-      uint16_t bits;
-      std::memcpy(&bits, scales + (int64_t)off * L.kvHeads * 4 + 4 * h + 2 * v, 2);
-      s = kvF16ToF32(bits);
+      s = kvF16ToF32((uint16_t)kvCodeAt(KvType::BF16, scales + (int64_t)off * L.kvHeads * 4 + 4 * h + 2 * v, 0));
     }
     for (int i = 0; i < hd; ++i) {
-      if (channelKeys && v == 0) {
-        uint16_t bits;
-        std::memcpy(&bits, scales + (int64_t)(h * hd + i) * 2, 2);
-        s = kvF16ToF32(bits);
-      }
+      if (channelKeys && v == 0) s = kvF16ToF32((uint16_t)kvCodeAt(KvType::BF16, scales, h * hd + i));
       out[h * hd + i] = kvDecode(L.type, kvCodeAt(L.type, codes + h * headBytes, i), s);
     }
   }
@@ -400,7 +393,7 @@ inline void kvDecodeRow(const KvLayout& L, const uint8_t* slotBlock, int v, int 
 
 // Decodes the bf16 row of K (v = 0) or V at residual offset `off` of `slot` into out[kvDim];
 // pool is the pool's bytes, parts the residual's pages.
-inline void kvDecodeResidualRow(const KvLayout& L, const uint8_t* pool, const int32_t* parts, int slot, int v, int off,
+LCKV_HD void kvDecodeResidualRow(const KvLayout& L, const uint8_t* pool, const int32_t* parts, int slot, int v, int off,
                                 float* out) {
   const uint8_t* row = pool + L.residualOffset(parts, slot, v, off);
   for (int i = 0; i < L.kvDim; ++i) out[i] = kvDecode(KvType::BF16, kvCodeAt(KvType::BF16, row, i), 0.0f);

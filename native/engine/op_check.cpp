@@ -612,6 +612,60 @@ void checkKvRange(Runner& r, Backend& ref, Backend& test) {
   }
 }
 
+// kv_motion: the fixed-point prefill's convergence test (Backend::kvMotion) of the test backend
+// against the reference's, from the same bytes: 40 positions across three pages (a channel-key
+// type's last one partial, read from its residual), first unchanged, then rewritten, then (f32,
+// which keeps them) with a NaN and an infinity. Whether they moved, how far and the largest value
+// are maxima of the same values, so they must be the same numbers, and unchanged must be `same`.
+void checkKvMotion(Runner& r, Backend& ref, Backend& test) {
+  const int kvHeads = 2, hd = 64, start = 3, n = 40, rows = start + n, pages = 3;
+  for (int t = 0; t < kKvTypeCount; ++t) {
+    const KvType type = (KvType)t;
+    const KvLayout L = checkLayout(type, kvHeads, hd);
+    const int R = L.residualParts(), P = L.pageTokens;
+    Tensor poolA = ref.alloc(pages + R, L.pageBytes() / 4), poolB = test.alloc(pages + R, L.pageBytes() / 4);
+    ref.poison(poolA);
+    test.poison(poolB);
+    std::vector<int32_t> table{0, 1, 2}, residual((size_t)R), residualPage(1, -1), pos(rows), seqs(rows, 0);
+    for (int j = 0; j < R; ++j) residual[(size_t)j] = pages + j;
+    for (int i = 0; i < rows; ++i) pos[(size_t)i] = i;
+    KvView va{&poolA, L, table.data(), pages, 1, seqs.data(), residual.data(), residualPage.data()};
+    KvView vb{&poolB, L, table.data(), pages, 1, seqs.data(), residual.data(), residualPage.data()};
+    // Rows 0..rows-1 of slot 1, a page at a time (a channel-key type's residual holds one page).
+    auto write = [&](const std::vector<float>& k, const std::vector<float>& v) {
+      auto ka = r.act(k, rows, L.kvDim), vv = r.act(v, rows, L.kvDim);
+      for (int first = 0; first < rows; first += P) {
+        const int m = std::min(P, rows - first);
+        residualPage[0] = first / P;
+        ref.kvWrite(va, 1, tensorRows(ka.first, first, m), tensorRows(vv.first, first, m), m, pos.data() + first);
+        test.kvWrite(vb, 1, tensorRows(ka.second, first, m), tensorRows(vv.second, first, m), m, pos.data() + first);
+      }
+    };
+    std::shared_ptr<void> snapA, snapB;
+    auto motion = [&](const std::string& what, bool wantSame) {
+      const Backend::KvMotion a = ref.kvMotion(va, 0, 1, start, n, snapA), b = test.kvMotion(vb, 0, 1, start, n, snapB);
+      const bool equal = a.same == b.same && a.same == wantSame && a.moved == b.moved && a.largest == b.largest;
+      r.report(OpCheck{"kv_motion", dims({{"start", start}, {"n", n}, {"kvHeads", kvHeads}, {"headDim", hd}}) + " kv=" +
+                                        kvTypeName(type) + " " + what,
+                       equal ? 0.0 : INFINITY, true, 1e-12});
+    };
+    std::vector<float> k = r.random((size_t)rows * L.kvDim), v = r.random((size_t)rows * L.kvDim);
+    write(k, v);
+    ref.kvMotion(va, 0, 1, start, n, snapA);  // the first call takes the values
+    test.kvMotion(vb, 0, 1, start, n, snapB);
+    motion("unchanged", true);
+    for (size_t i = 0; i < k.size(); i += 3) k[i] *= 1.5f, v[i] -= 0.25f;
+    write(k, v);
+    motion("rewritten", false);
+    if (type == KvType::F32) {
+      k[(size_t)(start + 5) * L.kvDim + 7] = NAN;
+      v[(size_t)(start + 30) * L.kvDim + 1] = INFINITY;
+      write(k, v);
+      motion("nan and inf", false);
+    }
+  }
+}
+
 // e4m3fn by its definition (OCP 8-bit floating point): a sign, 4 exponent bits of bias 7 and 3
 // mantissa bits; exponent 0 holds the subnormals m/8 x 2^-6; S.1111.111 is NaN; no infinities.
 // Written apart from kv_format.h's bit tricks, so that the cases below check them.
@@ -802,6 +856,7 @@ const std::vector<Group>& groups() {
       {{"rope_kv_write residual", "rope_kv_write page"}, checkRopeKvWritePage},
       {{"attention", "kv_write codes", "kv_write+zero+read"}, checkAttention},
       {{"kv_write range"}, checkKvRange},
+      {{"kv_motion"}, checkKvMotion},
       {{"kv_write fp8 codes", "attention fp8 codes", "kv_read fp8 codes"}, checkFp8Codes},
       {{"swiglu", "gelu_tanh", "residual_add"}, checkElementwise},
       {{"embed"}, checkEmbed},

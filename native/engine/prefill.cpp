@@ -15,6 +15,25 @@ void PrefillSpec::throwIfCancelled() const {
   if (cancel && *cancel != 0) throw EngineError(kErrAborted, "the prefill was aborted");
 }
 
+Backend::KvMotion Backend::kvMotion(const KvView& kv, int seq, int slot, int start, int n, std::shared_ptr<void>& snapshot) {
+  KvMotion m;
+  std::vector<float> cur;
+  kvRead(kv, seq, slot, start, n, cur);
+  if (!snapshot) {
+    snapshot = std::make_shared<std::vector<float>>(std::move(cur));
+    return m;
+  }
+  std::vector<float>& prev = *std::static_pointer_cast<std::vector<float>>(snapshot);
+  m.same = cur == prev;
+  for (size_t e = 0; e < cur.size(); ++e) {
+    const double d = std::fabs((double)cur[e] - (double)prev[e]);
+    m.moved = std::isnan(d) ? INFINITY : std::max(m.moved, d);
+    m.largest = std::max(m.largest, (double)std::fabs(cur[e]));
+  }
+  prev.swap(cur);
+  return m;
+}
+
 // Fixed-point prefill stops iterating after this many passes without converging: random
 // weights need not contract, and at tolerance 0 the last bits of late positions keep moving
 // until the induction reaches them, which costs n passes of n tokens. By induction the first
@@ -51,11 +70,12 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
     // Zero KV before the first pass, so the first pass reads the same thing every time.
     for (int l = low; l <= high; ++l)
       if (plan.kvSlot[l] >= 0) be.kvZero(s.kv, 0, plan.kvSlot[l], start, n);
-    // The fixed point compares each pass's K/V with the last one's on the host; the iterative
-    // mode reads nothing back, so its passes queue on the device without a sync between them.
-    std::vector<std::vector<float>> prev(upwardTargetSlots_.size()), cur(upwardTargetSlots_.size());
+    // The fixed point compares each pass's K/V read from above with the last one's
+    // (Backend::kvMotion); the iterative mode compares nothing, so its passes queue on the device
+    // without a sync between them.
+    std::vector<std::shared_ptr<void>> snapshots(upwardTargetSlots_.size());
     if (prefill.mode == PrefillMode::FixedPoint)
-      for (size_t j = 0; j < upwardTargetSlots_.size(); ++j) be.kvRead(s.kv, 0, upwardTargetSlots_[j], start, n, prev[j]);
+      for (size_t j = 0; j < upwardTargetSlots_.size(); ++j) be.kvMotion(s.kv, 0, upwardTargetSlots_[j], start, n, snapshots[j]);
     int passes = 0;
     const int maxPasses = prefill.mode == PrefillMode::Iterative ? std::max(1, prefill.passes) : std::min(n, kFixedPointMaxPasses);
     bool converged = false;
@@ -70,20 +90,16 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
         double moved = 0, largest = 0;
         bool same = true;
         for (size_t j = 0; j < upwardTargetSlots_.size(); ++j) {
-          be.kvRead(s.kv, 0, upwardTargetSlots_[j], start, n, cur[j]);
-          if (cur[j] != prev[j]) same = false;
-          for (size_t e = 0; e < cur[j].size(); ++e) {
-            const double d = std::fabs((double)cur[j][e] - (double)prev[j][e]);
-            moved = std::isnan(d) ? INFINITY : std::max(moved, d);  // NaN never counts as converged
-            largest = std::max(largest, (double)std::fabs(cur[j][e]));
-          }
+          const Backend::KvMotion m = be.kvMotion(s.kv, 0, upwardTargetSlots_[j], start, n, snapshots[j]);
+          same = same && m.same;
+          moved = std::max(moved, m.moved);  // +inf for a NaN: never counts as converged
+          largest = std::max(largest, m.largest);
         }
         // This pass read (to within the tolerance) the K/V it wrote: the fixed point.
         if (same || (prefill.tolerance > 0 && moved <= prefill.tolerance * largest)) {
           converged = true;
           break;
         }
-        prev.swap(cur);
       }
     }
     res.passes = std::max(res.passes, passes);
