@@ -27,6 +27,7 @@ __global__ void __launch_bounds__(kMotionThreads) kvMotionKernel(KvLayout L, int
                                                                  const int64_t* rowBlock, const int32_t* localParts,
                                                                  int start, int n, float* scratch, float* snapshot,
                                                                  bool first, KvMotionResult* result) {
+  waitForPrecedingKernels();  // the gathered blocks come from copies after the pass's kernels
   const int r = blockIdx.x * kMotionThreads + threadIdx.x;
   unsigned long long moved = 0, largest = 0;
   unsigned int differ = 0;
@@ -74,8 +75,8 @@ void launchKvMotion(const KvLayout& L, int slot, const uint8_t* blocks, const in
     throw std::invalid_argument("kv_motion: the layout has no slot " + std::to_string(slot));
   if (!first) LCKV_CUDA_CHECK(cudaMemsetAsync(result, 0, sizeof(KvMotionResult), stream));
   const int blocksCount = (2 * n + kMotionThreads - 1) / kMotionThreads;
-  kvMotionKernel<<<blocksCount, kMotionThreads, 0, stream>>>(L, slot, blocks, rowBlock, localParts, start, n, scratch,
-                                                             snapshot, first, result);
+  launchKernel(kvMotionKernel, dim3(blocksCount), dim3(kMotionThreads), 0, stream, L, slot, blocks, rowBlock, localParts,
+               start, n, scratch, snapshot, first, result);
   LCKV_LAUNCH_CHECK("kv_motion");
 }
 

@@ -464,9 +464,17 @@ Backend::KvMotion CudaBackend::kvMotion(const KvView& kv, int seq, int slot, int
   Timed timed(*this, "kv_motion");
   const KvLayout& L = kv.layout;
   KvMotion m;
+  const size_t values = 2 * (size_t)std::max(n, 0) * (size_t)L.kvDim;
+  // The snapshot: its value count, then on the device [2n, kvDim] floats and the kernel's result.
+  struct Snapshot {
+    size_t values;
+    std::shared_ptr<void> device;
+  };
+  if (snapshot && static_cast<Snapshot*>(snapshot.get())->values != values)
+    throw EngineError(kErrInvalidArgument, "kvMotion: the snapshot holds another number of values than this range");
   if (n <= 0) {
     m.same = snapshot != nullptr;
-    if (!snapshot) snapshot = blocks_.get(16);
+    if (!snapshot) snapshot = std::make_shared<Snapshot>(Snapshot{values, nullptr});
     return m;
   }
   const GatheredKv g = gatherKv(kv, seq, slot, start, n);
@@ -475,7 +483,6 @@ Backend::KvMotion CudaBackend::kvMotion(const KvView& kv, int seq, int slot, int
   std::vector<int64_t> rowBlock((size_t)n);
   for (const KvRun& r : g.runs)
     for (int t = 0; t < r.len; ++t) rowBlock[(size_t)(r.p + t - start)] = r.residual ? -1 - (int64_t)r.at : (int64_t)r.at;
-  const size_t values = 2 * (size_t)n * (size_t)L.kvDim;
   std::shared_ptr<void> tables = blocks_.get(sizeof(int64_t) * (size_t)n + sizeof(int32_t) * g.localParts.size() + 16);
   int64_t* dRowBlock = static_cast<int64_t*>(tables.get());
   int32_t* dParts = reinterpret_cast<int32_t*>(dRowBlock + n);
@@ -484,14 +491,18 @@ Backend::KvMotion CudaBackend::kvMotion(const KvView& kv, int seq, int slot, int
     cudaOk(cudaMemcpyAsync(dParts, g.localParts.data(), sizeof(int32_t) * g.localParts.size(), cudaMemcpyHostToDevice, stream_),
            "kv_motion");
   const bool first = !snapshot;
-  // The snapshot: [2n, kvDim] floats, then the kernel's result.
-  if (first) snapshot = blocks_.get(sizeof(float) * values + sizeof(cuda::KvMotionResult));
-  float* snap = static_cast<float*>(snapshot.get());
+  // 8 n kvDim bytes of floats: the result's 64-bit words after them are aligned.
+  std::shared_ptr<void> device =
+      first ? blocks_.get(sizeof(float) * values + sizeof(cuda::KvMotionResult)) : static_cast<Snapshot*>(snapshot.get())->device;
+  float* snap = static_cast<float*>(device.get());
   auto* result = reinterpret_cast<cuda::KvMotionResult*>(snap + values);
   std::shared_ptr<void> scratch = blocks_.get(sizeof(float) * values);
   cuda::launchKvMotion(L, slot, static_cast<const uint8_t*>(g.blocks.get()), dRowBlock, dParts, start, n,
                        static_cast<float*>(scratch.get()), snap, first, result, stream_);
-  if (first) return m;
+  if (first) {
+    snapshot = std::make_shared<Snapshot>(Snapshot{values, device});  // only once it holds the values
+    return m;
+  }
   cuda::KvMotionResult host{};
   cudaOk(cudaMemcpyAsync(&host, result, sizeof(host), cudaMemcpyDeviceToHost, stream_), "kv_motion");
   cudaOk(cudaStreamSynchronize(stream_), "kv_motion sync");

@@ -613,12 +613,13 @@ void checkKvRange(Runner& r, Backend& ref, Backend& test) {
 }
 
 // kv_motion: the fixed-point prefill's convergence test (Backend::kvMotion) of the test backend
-// against the reference's, from the same bytes: 40 positions across three pages (a channel-key
-// type's last one partial, read from its residual), first unchanged, then rewritten, then (f32,
-// which keeps them) with a NaN and an infinity. Whether they moved, how far and the largest value
+// against the reference's, from the same bytes: 120 positions across eight pages (a channel-key
+// type's last one partial, read from its residual; 240 rows, more than one block of the GPU's
+// kernel), first unchanged, then rewritten, then (f32 and bf16, which keep them) with a NaN and
+// an infinity. Whether they moved, how far and the largest value
 // are maxima of the same values, so they must be the same numbers, and unchanged must be `same`.
 void checkKvMotion(Runner& r, Backend& ref, Backend& test) {
-  const int kvHeads = 2, hd = 64, start = 3, n = 40, rows = start + n, pages = 3;
+  const int kvHeads = 2, hd = 64, start = 3, n = 120, rows = start + n, pages = (rows + 15) / 16;
   for (int t = 0; t < kKvTypeCount; ++t) {
     const KvType type = (KvType)t;
     const KvLayout L = checkLayout(type, kvHeads, hd);
@@ -626,7 +627,8 @@ void checkKvMotion(Runner& r, Backend& ref, Backend& test) {
     Tensor poolA = ref.alloc(pages + R, L.pageBytes() / 4), poolB = test.alloc(pages + R, L.pageBytes() / 4);
     ref.poison(poolA);
     test.poison(poolB);
-    std::vector<int32_t> table{0, 1, 2}, residual((size_t)R), residualPage(1, -1), pos(rows), seqs(rows, 0);
+    std::vector<int32_t> table((size_t)pages), residual((size_t)R), residualPage(1, -1), pos(rows), seqs(rows, 0);
+    for (int p = 0; p < pages; ++p) table[(size_t)p] = p;
     for (int j = 0; j < R; ++j) residual[(size_t)j] = pages + j;
     for (int i = 0; i < rows; ++i) pos[(size_t)i] = i;
     KvView va{&poolA, L, table.data(), pages, 1, seqs.data(), residual.data(), residualPage.data()};
@@ -657,7 +659,7 @@ void checkKvMotion(Runner& r, Backend& ref, Backend& test) {
     for (size_t i = 0; i < k.size(); i += 3) k[i] *= 1.5f, v[i] -= 0.25f;
     write(k, v);
     motion("rewritten", false);
-    if (type == KvType::F32) {
+    if (type == KvType::F32 || type == KvType::BF16) {
       k[(size_t)(start + 5) * L.kvDim + 7] = NAN;
       v[(size_t)(start + 30) * L.kvDim + 1] = INFINITY;
       write(k, v);

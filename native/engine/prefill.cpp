@@ -24,6 +24,8 @@ Backend::KvMotion Backend::kvMotion(const KvView& kv, int seq, int slot, int sta
     return m;
   }
   std::vector<float>& prev = *std::static_pointer_cast<std::vector<float>>(snapshot);
+  if (prev.size() != cur.size())
+    throw EngineError(kErrInvalidArgument, "kvMotion: the snapshot holds another number of values than this range");
   m.same = cur == prev;
   for (size_t e = 0; e < cur.size(); ++e) {
     const double d = std::fabs((double)cur[e] - (double)prev[e]);
@@ -96,7 +98,8 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
           largest = std::max(largest, m.largest);
         }
         // This pass read (to within the tolerance) the K/V it wrote: the fixed point.
-        if (same || (prefill.tolerance > 0 && moved <= prefill.tolerance * largest)) {
+        // An infinite value makes every change "within" tolerance x inf: then only `same` counts.
+        if (same || (prefill.tolerance > 0 && std::isfinite(largest) && moved <= prefill.tolerance * largest)) {
           converged = true;
           break;
         }
