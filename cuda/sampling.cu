@@ -28,6 +28,19 @@ __global__ void penaltyKernel(float* x, const int32_t* tokens, int count, int V,
 
 __device__ __forceinline__ bool better(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }
 
+// The best (value, id) of the warp's lanes, by `better`, in every lane.
+__device__ __forceinline__ void warpBest(float& bv, int& bi) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (better(ov, oi, bv, bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+}
+
 // Block b: the argmax of row b of x (rows ld floats apart), into out[b].
 __global__ void argmaxKernel(const float* __restrict__ x, int V, int64_t ld, int32_t* __restrict__ out) {
   waitForPrecedingKernels();
@@ -56,15 +69,7 @@ __global__ void argmaxKernel(const float* __restrict__ x, int V, int64_t ld, int
       }
     }
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (better(ov, oi, bv, bi)) {
-      bv = ov;
-      bi = oi;
-    }
-  }
+  warpBest(bv, bi);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) {
     sv[warp] = bv;
@@ -112,15 +117,7 @@ __device__ __forceinline__ float finiteOrNegInf(float v) { return isnan(v) ? -IN
 __device__ __forceinline__ void popWarpBest(float (&tv)[kTop], int (&ti)[kTop], float& bv, int& bi) {
   bv = tv[0];
   bi = ti[0];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (better(ov, oi, bv, bi)) {
-      bv = ov;
-      bi = oi;
-    }
-  }
+  warpBest(bv, bi);
   if (ti[0] == bi) {
 #pragma unroll
     for (int j = 0; j + 1 < kTop; ++j) {
