@@ -88,8 +88,34 @@ function throughputSections(sets, L) {
     L.push(`K/V pool of each model: ${pools}. ` + (n === null ? `Timed: ${r.generationRuns ?? 1} full generation${(r.generationRuns ?? 1) > 1 ? "s" : ""} per row after an untimed warm-up of the same batch (32 tokens a request).` : `These results predate full generations: only the first ${n} generated tokens of each request were run and timed, so their end-to-end figure mostly weighs prefill and is not a throughput.`), "");
     L.push(throughputTable(set, entries), "");
   }
+  stackedSection(entries, L);
   boundSection(entries, L);
   lossesSection(entries, L);
+}
+
+/** The compact types below bf16, which stack on a condensed cache. */
+const COMPACT_TYPES = ["fp8", "int8", "int4"];
+
+/**
+ * Each condensed model's row in a compact K/V type against the standard model's row in bf16 (the
+ * engine's default) at the same shape, lengths and pool: the two savings stacked, against what a
+ * user runs without either.
+ */
+function stackedSection(entries, L) {
+  const rows = [];
+  for (const e of entries) {
+    const x = e.row;
+    if (x.model === "standard" || x.model === "default" || !x.batch || !COMPACT_TYPES.includes(x.kvDtype)) continue;
+    const same = entries.filter((o) => o.row.model === "standard" && o.row.batch && o.row.kvDtype === "bf16" && shapeOf(o.row) === shapeOf(x) && o.row.prompt === x.prompt && o.row.gen === x.gen && (o.row.kvPoolGiB ?? null) === (x.kvPoolGiB ?? null));
+    const s = (same.find((o) => o.set === e.set) ?? same[0])?.row;
+    if (!s) continue;
+    const decode = x.decodeTokPerS && s.decodeTokPerS ? ratio(x.decodeTokPerS / s.decodeTokPerS) : "-";
+    rows.push([shapeName(shapeOf(x)), x.model, x.kvDtype, `${x.prompt}+${x.gen}`, `${x.batch} vs ${s.batch} (${ratio(x.batch / s.batch, 1)})`, ratio(x.tokPerS.median / s.tokPerS.median), decode]);
+  }
+  if (!rows.length) return;
+  L.push("### Stacked: a condensed cache in a compact type against the standard model in bf16", "");
+  L.push("Each condensed model's row in fp8, int8 or int4 against the standard model's bf16 row at the same shape, lengths and pool (from the same results file where it has one): both savings at once, against the engine's default cache without either.", "");
+  L.push(table(["shape", "model", "K/V", "prompt+gen", "largest batch vs standard bf16", "throughput vs standard bf16", "decode vs standard bf16"], rows), "");
 }
 
 /** The bound: its formula, and its inputs per shape, K/V type and model. */

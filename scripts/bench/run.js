@@ -142,6 +142,15 @@ function resultsFile(benchDir) {
   return path.join(benchDir, `full-${name}${opt.kvDtypes ? `.${kvDtypes.join("+")}` : ""}.json`);
 }
 
+// A promise that never settles (a request waiting for K/V pages that nothing will free, say)
+// empties the event loop, and Node would exit with status 0 and no results: say so and fail.
+let finished = false;
+process.on("beforeExit", () => {
+  if (finished) return;
+  console.error("the bench stopped with work pending: a request never finished (the last line above says which experiment)");
+  process.exit(1);
+});
+
 (async () => {
   const t0 = now();
   bench.rates = opt.device === "cuda" ? python("device_rates.py", [])[0] : { card: "cpu", driver: "-", copyGBps: NaN, bf16Tflops: NaN, memoryGB: os.totalmem() / 1e9 };
@@ -205,6 +214,7 @@ function resultsFile(benchDir) {
     save();
   }
   log(`done in ${results.seconds.toFixed(0)} s; wrote ${file} and ${path.join(opt.out, "benchmarks.md")}`);
+  finished = true;
 })().catch((e) => {
   console.error(e);
   process.exit(1);

@@ -34,7 +34,9 @@ async function experimentThroughput(bench) {
             rows.push({ ...base, skipped: `context ${model.maxContext} < ${prompt + gen}` });
             continue;
           }
-          const perSeq = Math.ceil((prompt + gen) / st.pageTokens);
+          // An int4 sequence also holds its residual's pages (cacheStats().residualPages), which
+          // the pool's admission counts: without them the batch below would not all fit.
+          const perSeq = Math.ceil((prompt + gen) / st.pageTokens) + st.residualPages;
           const batch = Math.floor(st.pagesTotal / perSeq);
           log(`exp1 ${shape} ${name} ${kvName} ${prompt}+${gen}: batch ${batch}`);
           // Verified by the pool itself: `batch` sequences can all reserve their full length at
