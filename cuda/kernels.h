@@ -146,11 +146,10 @@ struct KvMotionResult {
   unsigned int differ;             // 1 when any value != the snapshot's
 };
 // Decodes K then V of `slot` at positions [start, start+n) of one sequence (kvRead's values) from
-// `blocks`, the device copies of their pages' slot blocks (token t's at byte rowBlock[t]; a
-// residual page's at -1 - rowBlock[t], laid out as a pool of its parts numbered by localParts),
-// into scratch [2n, kvDim] and snapshot [2n, kvDim]: the first call (first) only fills the
-// snapshot, each later one compares with it into `result` first.
-void launchKvMotion(const KvLayout& L, int slot, const uint8_t* blocks, const int64_t* rowBlock, const int32_t* localParts,
+// the pool (token t's slot block at byte rowBlock[t]; -1 where the residual, whose pool pages are
+// residualParts, holds its page) into scratch [2n, kvDim] and snapshot [2n, kvDim]: the first
+// call (first) only fills the snapshot, each later one compares with it into `result` first.
+void launchKvMotion(const KvLayout& L, int slot, const uint8_t* pool, const int64_t* rowBlock, const int32_t* residualParts,
                     int start, int n, float* scratch, float* snapshot, bool first, KvMotionResult* result,
                     cudaStream_t stream);
 

@@ -1,5 +1,5 @@
 // The fixed-point prefill's convergence test on the device (Backend::kvMotion): the K/V rows of
-// one slot, gathered page by page by the backend, decoded with kv_format.h's kvDecodeRow and
+// one slot, read from the pool where their pages lie, decoded with kv_format.h's kvDecodeRow and
 // kvDecodeResidualRow (the host's kvRead decode, so the values are kvRead's bit for bit),
 // compared with the snapshot of the pass before, which then takes them. Three numbers cross to
 // the host instead of every value: whether any value differs, the largest |difference| (f64,
@@ -20,14 +20,13 @@ constexpr int kMotionThreads = 128;
 __device__ __forceinline__ unsigned long long maxBits(unsigned long long a, unsigned long long b) { return a > b ? a : b; }
 
 // One thread per row (K rows 0..n-1, then V rows): decode into `scratch`'s row, compare with the
-// snapshot's, keep the new one there. rowBlock[t]: byte offset of token t's block in `blocks`
-// (a residual page's block: -1 - offset, laid out as a pool of the residual's parts alone,
-// numbered by localParts).
-__global__ void __launch_bounds__(kMotionThreads) kvMotionKernel(KvLayout L, int slot, const uint8_t* blocks,
-                                                                 const int64_t* rowBlock, const int32_t* localParts,
+// snapshot's, keep the new one there. rowBlock[t]: byte offset in `pool` of token t's slot block,
+// or -1 where the residual (its pool pages `residualParts`) holds the token's page.
+__global__ void __launch_bounds__(kMotionThreads) kvMotionKernel(KvLayout L, int slot, const uint8_t* pool,
+                                                                 const int64_t* rowBlock, const int32_t* residualParts,
                                                                  int start, int n, float* scratch, float* snapshot,
                                                                  bool first, KvMotionResult* result) {
-  waitForPrecedingKernels();  // the gathered blocks come from copies after the pass's kernels
+  waitForPrecedingKernels();  // the pass's kernels wrote the rows it reads
   const int r = blockIdx.x * kMotionThreads + threadIdx.x;
   unsigned long long moved = 0, largest = 0;
   unsigned int differ = 0;
@@ -37,8 +36,8 @@ __global__ void __launch_bounds__(kMotionThreads) kvMotionKernel(KvLayout L, int
     float* cur = scratch + (int64_t)r * L.kvDim;
     float* prev = snapshot + (int64_t)r * L.kvDim;
     const int64_t at = rowBlock[t];
-    if (at < 0) kvDecodeResidualRow(L, blocks + (-1 - at), localParts, slot, v, off, cur);
-    else kvDecodeRow(L, blocks + at, v, off, cur);
+    if (at < 0) kvDecodeResidualRow(L, pool, residualParts, slot, v, off, cur);
+    else kvDecodeRow(L, pool + at, v, off, cur);
     for (int i = 0; i < L.kvDim; ++i) {
       const float c = cur[i];
       if (!first) {
@@ -66,7 +65,7 @@ __global__ void __launch_bounds__(kMotionThreads) kvMotionKernel(KvLayout L, int
 
 }  // namespace
 
-void launchKvMotion(const KvLayout& L, int slot, const uint8_t* blocks, const int64_t* rowBlock, const int32_t* localParts,
+void launchKvMotion(const KvLayout& L, int slot, const uint8_t* pool, const int64_t* rowBlock, const int32_t* residualParts,
                     int start, int n, float* scratch, float* snapshot, bool first, KvMotionResult* result,
                     cudaStream_t stream) {
   NvtxRange range("kv_motion");
@@ -75,7 +74,7 @@ void launchKvMotion(const KvLayout& L, int slot, const uint8_t* blocks, const in
     throw std::invalid_argument("kv_motion: the layout has no slot " + std::to_string(slot));
   if (!first) LCKV_CUDA_CHECK(cudaMemsetAsync(result, 0, sizeof(KvMotionResult), stream));
   const int blocksCount = (2 * n + kMotionThreads - 1) / kMotionThreads;
-  launchKernel(kvMotionKernel, dim3(blocksCount), dim3(kMotionThreads), 0, stream, L, slot, blocks, rowBlock, localParts,
+  launchKernel(kvMotionKernel, dim3(blocksCount), dim3(kMotionThreads), 0, stream, L, slot, pool, rowBlock, residualParts,
                start, n, scratch, snapshot, first, result);
   LCKV_LAUNCH_CHECK("kv_motion");
 }

@@ -477,19 +477,22 @@ Backend::KvMotion CudaBackend::kvMotion(const KvView& kv, int seq, int slot, int
     if (!snapshot) snapshot = std::make_shared<Snapshot>(Snapshot{values, nullptr});
     return m;
   }
-  const GatheredKv g = gatherKv(kv, seq, slot, start, n);
-  // Token t's block in the gathered bytes (-1 - offset for a residual's), and the residual's
-  // local part numbers, staged as the kernel reads them.
+  if (slot < 0 || slot >= L.slots) throw EngineError(kErrInvalidArgument, "K/V slot out of range");
+  // Token t's slot block in the pool (its page's codes for `slot`), or -1 where the residual
+  // holds its page, which the kernel reads through the residual's parts (kvRead's rule).
   std::vector<int64_t> rowBlock((size_t)n);
-  for (const KvRun& r : g.runs)
-    for (int t = 0; t < r.len; ++t) rowBlock[(size_t)(r.p + t - start)] = r.residual ? -1 - (int64_t)r.at : (int64_t)r.at;
-  std::shared_ptr<void> tables = blocks_.get(sizeof(int64_t) * (size_t)n + sizeof(int32_t) * g.localParts.size() + 16);
+  const int32_t* parts = nullptr;
+  forEachPageRun(kv, seq, start, n, [&](int32_t page, int p, int len) {
+    const bool inResidual = kv.inResidual(seq, p);
+    if (inResidual) parts = kv.residualOf(seq, p);
+    for (int t = 0; t < len; ++t) rowBlock[(size_t)(p + t - start)] = inResidual ? -1 : L.codeOffset(page, slot, 0, 0);
+  });
+  const size_t R = parts ? (size_t)L.residualParts() : 0;
+  std::shared_ptr<void> tables = blocks_.get(sizeof(int64_t) * (size_t)n + sizeof(int32_t) * R + 16);
   int64_t* dRowBlock = static_cast<int64_t*>(tables.get());
   int32_t* dParts = reinterpret_cast<int32_t*>(dRowBlock + n);
   cudaOk(cudaMemcpyAsync(dRowBlock, rowBlock.data(), sizeof(int64_t) * (size_t)n, cudaMemcpyHostToDevice, stream_), "kv_motion");
-  if (!g.localParts.empty())
-    cudaOk(cudaMemcpyAsync(dParts, g.localParts.data(), sizeof(int32_t) * g.localParts.size(), cudaMemcpyHostToDevice, stream_),
-           "kv_motion");
+  if (R > 0) cudaOk(cudaMemcpyAsync(dParts, parts, sizeof(int32_t) * R, cudaMemcpyHostToDevice, stream_), "kv_motion");
   const bool first = !snapshot;
   // 8 n kvDim bytes of floats: the result's 64-bit words after them are aligned.
   std::shared_ptr<void> device =
@@ -497,7 +500,7 @@ Backend::KvMotion CudaBackend::kvMotion(const KvView& kv, int seq, int slot, int
   float* snap = static_cast<float*>(device.get());
   auto* result = reinterpret_cast<cuda::KvMotionResult*>(snap + values);
   std::shared_ptr<void> scratch = blocks_.get(sizeof(float) * values);
-  cuda::launchKvMotion(L, slot, static_cast<const uint8_t*>(g.blocks.get()), dRowBlock, dParts, start, n,
+  cuda::launchKvMotion(L, slot, static_cast<const uint8_t*>(kv.pool->data), dRowBlock, dParts, start, n,
                        static_cast<float*>(scratch.get()), snap, first, result, stream_);
   if (first) {
     snapshot = std::make_shared<Snapshot>(Snapshot{values, device});  // only once it holds the values

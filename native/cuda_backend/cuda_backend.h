@@ -89,7 +89,7 @@ class CudaBackend : public Backend {
 
  private:
   // The slot blocks of the pages that positions [start, start+n) of row seq lie in, copied on the
-  // device into one buffer (kvRead, kvMotion): a run of positions per page, from byte `at`; a
+  // device into one buffer (kvRead): a run of positions per page, from byte `at`; a
   // page the residual holds as its parts, laid out as a pool of those parts alone (localParts).
   struct KvRun {
     int p, len;
