@@ -140,9 +140,9 @@ struct KvLayout {
   }
   LCKV_HD int64_t slotBytes() const { return (2 * pageTokens * rowBytes() + scaleBytes() + 15) / 16 * 16; }
   LCKV_HD int64_t pageBytes() const { return slots * slotBytes(); }
-  // Byte offset in the pool of K (v = 0) or V (v = 1) codes of `slot` at offset `off` of `page`.
   // The position just past the page of `pos` (where a write that goes a page at a time stops).
   LCKV_HD int pageEnd(int pos) const { return (pos / pageTokens + 1) * pageTokens; }
+  // Byte offset in the pool of K (v = 0) or V (v = 1) codes of `slot` at offset `off` of `page`.
   LCKV_HD int64_t codeOffset(int page, int slot, int v, int off) const {
     return (int64_t)page * pageBytes() + slot * slotBytes() + ((int64_t)v * pageTokens + off) * rowBytes();
   }

@@ -37,6 +37,19 @@ struct PendingWrites {
   }
 };
 
+// A copy of seq's residual parts (a channel-key type's bf16 rows of the page it holds), a row per
+// part, and its writing back: what a backup and a checkpoint of the residual keep.
+inline Tensor copyResidualRows(Backend& be, KvPool& pool, const SequenceState& seq) {
+  const std::vector<int32_t>& parts = seq.kv->residual();
+  Tensor rows = be.alloc((int64_t)parts.size(), pool.storage().cols);
+  for (size_t i = 0; i < parts.size(); ++i) be.copyRows(pool.storage(), parts[i], rows, (int)i, 1);
+  return rows;
+}
+inline void putResidualRows(Backend& be, KvPool& pool, SequenceState& seq, const Tensor& rows) {
+  const std::vector<int32_t>& parts = seq.kv->residual();
+  for (size_t i = 0; i < parts.size(); ++i) be.copyRows(rows, (int)i, pool.storage(), parts[i], 1);
+}
+
 // The residual's bytes while a write (an append, a decode step) moves it past the page its
 // sequence ends in: a failed write puts them back, so the rows before its start read as they did
 // (a channel-key type).
@@ -46,20 +59,14 @@ class ResidualBackup {
   ResidualBackup(const ResidualBackup&) = delete;
   ResidualBackup& operator=(const ResidualBackup&) = delete;
   void save() {
-    Backend& be = model_.backend();
-    Tensor& pool = model_.pool().storage();
-    const std::vector<int32_t>& parts = seq_.kv->residual();
-    copy_ = be.alloc((int64_t)parts.size(), pool.cols);
-    for (size_t i = 0; i < parts.size(); ++i) be.copyRows(pool, parts[i], copy_, (int)i, 1);
+    copy_ = copyResidualRows(model_.backend(), model_.pool(), seq_);
     page_ = seq_.kv->residualPage();
   }
   void release() { copy_ = Tensor{}; }
   ~ResidualBackup() {
     if (copy_.empty()) return;
     try {
-      Backend& be = model_.backend();
-      const std::vector<int32_t>& parts = seq_.kv->residual();
-      for (size_t i = 0; i < parts.size(); ++i) be.copyRows(copy_, (int)i, model_.pool().storage(), parts[i], 1);
+      putResidualRows(model_.backend(), model_.pool(), seq_, copy_);
       seq_.kv->setResidualPage(page_);
     } catch (...) {
       // A device error: the rows are lost, and the next write reads them back from their codes.

@@ -93,11 +93,8 @@ void Model::truncateSequence(SequenceState& seq, int n) {
   seq.tokens.resize((size_t)n);
   seq.kv->keep(n);
   if (restore) {
-    SequenceState::ResidualCheckpoint& cp = seq.residualCheckpoint;
-    Backend& be = *backend_;
-    const std::vector<int32_t>& parts = seq.kv->residual();
-    for (size_t i = 0; i < parts.size(); ++i) be.copyRows(cp.rows, (int)i, pool_->storage(), parts[i], 1);
-    seq.kv->setResidualPage(cp.page);
+    putResidualRows(*backend_, *pool_, seq, seq.residualCheckpoint.rows);
+    seq.kv->setResidualPage(seq.residualCheckpoint.page);
   }
   // The checkpoint holds while the rows before its length stay what it saved.
   if (restore || n < seq.residualCheckpoint.length) seq.residualCheckpoint = {};
@@ -121,12 +118,7 @@ void Model::checkpointResidual(SequenceState& seq) {
   const int n = seq.length(), P = L.pageTokens;
   // The residual holds the page of the last token (a partial page, or a full one not yet left).
   if (!kvTypeChannelKeys(L.type) || n == 0 || seq.kv->residualPage() != (n - 1) / P) return;
-  Backend& be = *backend_;
-  Tensor& pool = pool_->storage();
-  const std::vector<int32_t>& parts = seq.kv->residual();
-  Tensor rows = be.alloc((int64_t)parts.size(), pool.cols);
-  for (size_t i = 0; i < parts.size(); ++i) be.copyRows(pool, parts[i], rows, (int)i, 1);
-  seq.residualCheckpoint = {rows, (n - 1) / P, n};
+  seq.residualCheckpoint = {copyResidualRows(*backend_, *pool_, seq), (n - 1) / P, n};
 }
 
 void Model::dropResidualCheckpoint(SequenceState& seq) { seq.residualCheckpoint = {}; }

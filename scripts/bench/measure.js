@@ -46,14 +46,20 @@ async function hostSync(seq) {
 }
 
 /**
- * Bytes of a K/V pool that holds `sequences` sequences of `tokens` tokens each at once: the
- * model's pages, an int4 sequence's residual pages, and one page to spare each (a token
- * generated after the prompt).
+ * Pool pages one sequence of `tokens` tokens holds (st: a model's cacheStats()): its tokens' pages
+ * and, in int4, its residual's, as the pool's admission counts them.
+ */
+function sequencePages(st, tokens) {
+  return Math.ceil(tokens / st.pageTokens) + st.residualPages;
+}
+
+/**
+ * Bytes of a K/V pool that holds `sequences` sequences of `tokens` tokens each at once
+ * (sequencePages), and one page to spare each (a token generated after the prompt).
  */
 function poolBytesFor(model, sequences, tokens) {
   const st = model.cacheStats();
-  const pages = Math.ceil(tokens / st.pageTokens) + st.residualPages + 1;
-  return sequences * pages * st.pageBytes;
+  return sequences * (sequencePages(st, tokens) + 1) * st.pageBytes;
 }
 
 /**
@@ -116,4 +122,4 @@ async function generation(model, prompt, gen, batch, stopAfter = gen) {
   return { ms, tokens, tokPerS: (tokens / ms) * 1e3, lastFirstTokenMs: lastFirstToken };
 }
 
-module.exports = { now, log, summary, measure, randomIds, hostSync, poolBytesFor, randomPrefixes, forkedDecodeMs, generation };
+module.exports = { now, log, summary, measure, randomIds, hostSync, sequencePages, poolBytesFor, randomPrefixes, forkedDecodeMs, generation };

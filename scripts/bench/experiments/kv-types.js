@@ -12,7 +12,7 @@
  * Every type runs whatever --kv-dtypes says (the experiment is about the types themselves).
  */
 const { loadAddon } = require("../../../dist/native");
-const { measure, log, poolBytesFor } = require("../measure");
+const { measure, log, sequencePages, poolBytesFor } = require("../measure");
 
 const TYPES = ["f32", "bf16", "fp8", "int8", "int4"];
 const POOL_GIB = 2;
@@ -62,10 +62,11 @@ async function experimentKvTypes(bench) {
   const rows = [];
   for (const kvCacheDtype of TYPES) {
     const cap = await bench.load(shape, "standard", kvCacheDtype, { kvCacheMemory: (bench.tiny ? 1 / 64 : POOL_GIB) * 2 ** 30 });
-    const { pagesTotal, pageBytes, pageTokens, residualPages } = cap.cacheStats();
+    const stats = cap.cacheStats();
+    const { pagesTotal, pageBytes, residualPages } = stats;
     await cap.dispose();
     // A sequence holds its context's pages and, in int4, its residual's.
-    const capacity = Math.floor(pagesTotal / (capContext / pageTokens + residualPages));
+    const capacity = Math.floor(pagesTotal / sequencePages(stats, capContext));
     const decode = await decodeFigure(bench, shape, kvCacheDtype, batch, context, steps);
     const batch1 = await decodeFigure(bench, shape, kvCacheDtype, 1, 128, steps * 2);
     const attention = [];

@@ -5,7 +5,7 @@
  * end-to-end throughput (generated tokens over wall time, prefill included), the decode step alone
  * at that batch, and the inputs of the decode bound (costs.js).
  */
-const { generation, forkedDecodeMs, randomPrefixes, summary, log } = require("../measure");
+const { generation, forkedDecodeMs, randomPrefixes, sequencePages, summary, log } = require("../measure");
 const { weightBytes, kvBytesPerElement, attentionBytes } = require("../costs");
 
 /** Prompt + generation lengths per shape: the paper's, and 5+8187 at the 1.1B shape only. */
@@ -34,10 +34,8 @@ async function experimentThroughput(bench) {
             rows.push({ ...base, skipped: `context ${model.maxContext} < ${prompt + gen}` });
             continue;
           }
-          // An int4 sequence also holds its residual's pages (cacheStats().residualPages), which
-          // the pool's admission counts: without them the batch below would not all fit.
-          const perSeq = Math.ceil((prompt + gen) / st.pageTokens) + st.residualPages;
-          const batch = Math.floor(st.pagesTotal / perSeq);
+          // An int4 sequence's residual pages included: without them the batch would not all fit.
+          const batch = Math.floor(st.pagesTotal / sequencePages(st, prompt + gen));
           log(`exp1 ${shape} ${name} ${kvName} ${prompt}+${gen}: batch ${batch}`);
           // Verified by the pool itself: `batch` sequences can all reserve their full length at
           // once (none waits), and one more has to wait.
