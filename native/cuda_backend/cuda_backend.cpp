@@ -399,62 +399,62 @@ void CudaBackend::kvZero(const KvView& kv, int seq, int slot, int start, int n) 
   });
 }
 
-CudaBackend::GatheredKv CudaBackend::gatherKv(const KvView& kv, int seq, int slot, int start, int n) {
+void CudaBackend::kvRead(const KvView& kv, int seq, int slot, int start, int n, std::vector<float>& host) {
+  ctx();
+  Timed timed(*this, "kv_read");
   const uint8_t* pool = (const uint8_t*)kv.pool->data;
   const KvLayout& L = kv.layout;
+  const size_t d = (size_t)L.kvDim;
   if (slot < 0 || slot >= L.slots) throw EngineError(kErrInvalidArgument, "K/V slot out of range");
-  // A channel-key type's page that the residual holds is read from the residual (kvRead's rule):
-  // each part's slot block goes where it would be in a pool of the residual's parts alone
-  // (parts 0 .. R - 1), where kvDecodeResidualRow reads it with localParts.
+  host.resize(2 * (size_t)n * d);
+  // The slot's bytes of each page the range touches, then decoded here as the CPU backend does.
+  // A channel-key type's page that the residual holds is read from the residual (kvRead's
+  // rule): each part's slot block goes to the host at the place it would have in a pool of the
+  // residual's parts alone (parts 0 .. R - 1), where kvDecodeResidualRow reads it.
   const int R = L.residualParts();
+  std::vector<int32_t> localParts((size_t)R);
+  for (int j = 0; j < R; ++j) localParts[(size_t)j] = j;
   const int64_t partSlotBytes = 2 * (int64_t)L.residualTokensPerPart() * L.kvDim * 2;
-  GatheredKv g;
-  g.localParts.resize((size_t)R);
-  for (int j = 0; j < R; ++j) g.localParts[(size_t)j] = j;
+  struct Run {
+    int p, len;
+    size_t at;
+    const int32_t* residual;  // the residual's parts when the run's page is read from it
+  };
+  std::vector<Run> runs;
+  size_t bytes = 0;
   forEachPageRun(kv, seq, start, n, [&](int32_t, int p, int len) {
     const int32_t* residual = kv.inResidual(seq, p) ? kv.residualOf(seq, p) : nullptr;
-    g.runs.push_back({p, len, g.bytes, residual != nullptr});
-    g.bytes += residual ? (size_t)R * (size_t)L.pageBytes() : (size_t)L.slotBytes();
+    runs.push_back({p, len, bytes, residual});
+    bytes += residual ? (size_t)R * (size_t)L.pageBytes() : (size_t)L.slotBytes();
   });
-  // Copies on the device: a copy to pageable host memory returns only once it is done, so a
-  // copy per page to the host would wait once per page (128 times for 2048 tokens).
-  g.blocks = blocks_.get(std::max<size_t>(g.bytes, 16));
-  uint8_t* dst = static_cast<uint8_t*>(g.blocks.get());
+  // The blocks are gathered on the device and cross to the host in one copy: a copy to pageable
+  // memory returns only once it is done, so a copy per page would wait once per page (128 times
+  // for a 2048-token range).
+  std::shared_ptr<void> gathered = blocks_.get(std::max<size_t>(bytes, 16));
+  uint8_t* dst = static_cast<uint8_t*>(gathered.get());
   size_t i = 0;
-  forEachPageRun(kv, seq, start, n, [&](int32_t page, int p, int) {
-    const KvRun& r = g.runs[i++];
+  forEachPageRun(kv, seq, start, n, [&](int32_t page, int, int) {
+    const Run& r = runs[i++];
     if (r.residual) {
-      const int32_t* parts = kv.residualOf(seq, p);
       for (int j = 0; j < R; ++j)
-        cudaOk(cudaMemcpyAsync(dst + r.at + (size_t)L.codeOffset(j, slot, 0, 0), pool + L.codeOffset(parts[j], slot, 0, 0),
+        cudaOk(cudaMemcpyAsync(dst + r.at + (size_t)L.codeOffset(j, slot, 0, 0), pool + L.codeOffset(r.residual[j], slot, 0, 0),
                                (size_t)partSlotBytes, cudaMemcpyDeviceToDevice, stream_),
-               "kv gather");
+               "kvRead");
       return;
     }
     cudaOk(cudaMemcpyAsync(dst + r.at, pool + L.codeOffset(page, slot, 0, 0), (size_t)L.slotBytes(), cudaMemcpyDeviceToDevice,
                            stream_),
-           "kv gather");
+           "kvRead");
   });
-  return g;
-}
-
-void CudaBackend::kvRead(const KvView& kv, int seq, int slot, int start, int n, std::vector<float>& host) {
-  ctx();
-  Timed timed(*this, "kv_read");
-  const KvLayout& L = kv.layout;
-  const size_t d = (size_t)L.kvDim;
-  const GatheredKv g = gatherKv(kv, seq, slot, start, n);
-  host.resize(2 * (size_t)n * d);
-  // The blocks cross to the host in one copy and are decoded here as the CPU backend does.
-  std::vector<uint8_t> blocks(g.bytes);
-  cudaOk(cudaMemcpyAsync(blocks.data(), g.blocks.get(), g.bytes, cudaMemcpyDeviceToHost, stream_), "kvRead");
+  std::vector<uint8_t> blocks(bytes);
+  cudaOk(cudaMemcpyAsync(blocks.data(), dst, bytes, cudaMemcpyDeviceToHost, stream_), "kvRead");
   cudaOk(cudaStreamSynchronize(stream_), "kvRead sync");
-  for (const KvRun& r : g.runs)
+  for (const Run& r : runs)
     for (int v = 0; v < 2; ++v)
       for (int t = 0; t < r.len; ++t) {
         float* out = host.data() + ((size_t)v * n + (size_t)(r.p + t - start)) * d;
         const int off = (r.p + t) % L.pageTokens;
-        if (r.residual) kvDecodeResidualRow(L, blocks.data() + r.at, g.localParts.data(), slot, v, off, out);
+        if (r.residual) kvDecodeResidualRow(L, blocks.data() + r.at, localParts.data(), slot, v, off, out);
         else kvDecodeRow(L, blocks.data() + r.at, v, off, out);
       }
 }

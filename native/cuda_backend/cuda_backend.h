@@ -88,21 +88,6 @@ class CudaBackend : public Backend {
   void copyRows(const Tensor& src, int srcRow, Tensor& dst, int dstRow, int n) override;
 
  private:
-  // The slot blocks of the pages that positions [start, start+n) of row seq lie in, copied on the
-  // device into one buffer (kvRead): a run of positions per page, from byte `at`; a
-  // page the residual holds as its parts, laid out as a pool of those parts alone (localParts).
-  struct KvRun {
-    int p, len;
-    size_t at;
-    bool residual;
-  };
-  struct GatheredKv {
-    std::shared_ptr<void> blocks;
-    size_t bytes = 0;
-    std::vector<KvRun> runs;
-    std::vector<int32_t> localParts;
-  };
-  GatheredKv gatherKv(const KvView& kv, int seq, int slot, int start, int n);
   struct Timed {
     CudaBackend& be;
     Timed(CudaBackend& b, const char* name) : be(b) {
