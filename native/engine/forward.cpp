@@ -37,7 +37,7 @@ void Model::viewPages(Scratch& s, const std::vector<SequenceState*>& seqs, const
   s.kv.residualPage = s.residualPage.data();
 }
 
-void Model::runLayer(Scratch& s, int n, const int32_t* pos, int i) {
+void Model::runLayer(Scratch& s, int n, const int32_t* pos, int i, LayerPart part) {
   Backend& be = *backend_;
   static const std::vector<std::string> names = [] {
     std::vector<std::string> v;
@@ -50,21 +50,24 @@ void Model::runLayer(Scratch& s, int n, const int32_t* pos, int i) {
   const NormKind nk = c.style == BlockStyle::Gpt2 ? NormKind::Layer : NormKind::Rms;
   const bool rope = c.style == BlockStyle::Llama;
 
-  if (s.pendingResidual) be.addNorm(nk, s.h, s.o, n, L.attnNormW, opt(L.attnNormB), c.normEps, s.x);
-  else be.norm(nk, s.h, n, L.attnNormW, opt(L.attnNormB), c.normEps, s.x);
-  s.pendingResidual = false;
-  const int ownSlot = c.plan.kvSlot[i];
-  if (ownSlot >= 0) {
-    const Backend::LinearTarget qkv[3] = {{&L.q, opt(L.qB), &s.q}, {&L.k, opt(L.kB), &s.k}, {&L.v, opt(L.vB), &s.v}};
-    be.linears(s.x, n, qkv, 3);
-  } else {
-    be.linear(s.x, n, L.q, opt(L.qB), s.q);
+  if (part != LayerPart::AfterKv) {
+    if (s.pendingResidual) be.addNorm(nk, s.h, s.o, n, L.attnNormW, opt(L.attnNormB), c.normEps, s.x);
+    else be.norm(nk, s.h, n, L.attnNormW, opt(L.attnNormB), c.normEps, s.x);
+    s.pendingResidual = false;
+    const int ownSlot = c.plan.kvSlot[i];
+    if (ownSlot >= 0) {
+      const Backend::LinearTarget qkv[3] = {{&L.q, opt(L.qB), &s.q}, {&L.k, opt(L.kB), &s.k}, {&L.v, opt(L.vB), &s.v}};
+      be.linears(s.x, n, qkv, 3);
+    } else {
+      be.linear(s.x, n, L.q, opt(L.qB), s.q);
+    }
+    if (rope)
+      be.ropeKvWrite(s.q, c.numHeads, ownSlot >= 0 ? &s.k : nullptr, &s.v, c.numKvHeads, c.headDim, n, pos, c.ropeInvFreq,
+                     c.ropeAttentionScale, &s.kv, ownSlot);
+    else if (ownSlot >= 0)
+      be.kvWrite(s.kv, ownSlot, s.k, s.v, n, pos);
+    if (part == LayerPart::UpToKv) return;
   }
-  if (rope)
-    be.ropeKvWrite(s.q, c.numHeads, ownSlot >= 0 ? &s.k : nullptr, &s.v, c.numKvHeads, c.headDim, n, pos, c.ropeInvFreq,
-                   c.ropeAttentionScale, &s.kv, ownSlot);
-  else if (ownSlot >= 0)
-    be.kvWrite(s.kv, ownSlot, s.k, s.v, n, pos);
   AttentionSpec spec;
   spec.numHeads = c.numHeads;
   spec.numKvHeads = c.numKvHeads;

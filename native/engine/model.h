@@ -196,7 +196,11 @@ class Model {
   // Layers first..last. With settle, the last layer's residual add is done; without, it stays
   // pending in s (computeLogits then folds it into the final norm).
   void runLayers(Scratch& s, int n, const int32_t* pos, int first, int last, bool settle = true);
-  void runLayer(Scratch& s, int n, const int32_t* pos, int layer);
+  // A layer whole, or in two parts: up to its K/V write (the norm, the projections, RoPE and the
+  // write; s.q and s.h then hold what the rest reads), and the rest (attention, output
+  // projection, MLP). Between the cyclic group's passes only the top layer's K/V is read.
+  enum class LayerPart { Whole, UpToKv, AfterKv };
+  void runLayer(Scratch& s, int n, const int32_t* pos, int layer, LayerPart part = LayerPart::Whole);
   void viewPages(Scratch& s, const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& rowSeq,
                  bool roundStride = false);
   void allocScratch(Scratch& s, int n);

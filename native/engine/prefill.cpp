@@ -85,7 +85,10 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
       prefill.throwIfCancelled();
       BackendRange passRange(be, "cyclic group pass");
       be.copyRows(s.h0, 0, s.h, 0, n);
-      runLayers(s, n, pos.data(), low, high);
+      // The passes read only the top layer's K/V from it: its attention and MLP run once, after
+      // the last pass (its query and input stay in s.q and s.h).
+      runLayers(s, n, pos.data(), low, high - 1, false);
+      runLayer(s, n, pos.data(), high, LayerPart::UpToKv);
       ++passes;
       if (passes >= maxPasses) break;  // after n passes every position is exact by induction
       if (prefill.mode == PrefillMode::FixedPoint) {
@@ -105,6 +108,9 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
         }
       }
     }
+    runLayer(s, n, pos.data(), high, LayerPart::AfterKv);
+    be.addInPlace(s.h, s.o, n);  // settled, as runLayers does, before the layers above read h
+    s.pendingResidual = false;
     res.passes = std::max(res.passes, passes);
     if (prefill.mode == PrefillMode::FixedPoint && !converged && passes < n) res.exactPrefix = passes;
     if (high + 1 < c.numLayers) runLayers(s, n, pos.data(), high + 1, c.numLayers - 1);
