@@ -95,21 +95,23 @@ async function forkedDecodeMs(bases, batch, steps, runs) {
 
 /**
  * `batch` requests of `prompt` random tokens, each generating `gen` tokens (end-of-sequence
- * ignored), all started at once as a server would take them; the iterative prefill for LCKV.
+ * ignored), all started at once as a server would take them, in the prefill mode `prefill` (the
+ * engine's default when undefined).
  * Returns the wall time, the tokens generated, and when the last of the requests produced its
  * first token (every prompt prefilled by then; decode steps of the requests that started first
  * may have run in between). `stopAfter` ends each request early: used for warm-ups only, whose
  * figures are never reported.
  */
-async function generation(model, prompt, gen, batch, stopAfter = gen) {
+async function generation(model, prompt, gen, batch, stopAfter = gen, prefill = undefined) {
   const V = model.config.vocabSize;
   let lastFirstToken = 0;
+  const sharedBefore = model.schedulerStats().promptTokens;
   const t0 = now();
   const counts = await Promise.all(
     Array.from({ length: batch }, async () => {
       const ac = new AbortController();
       let n = 0;
-      for await (const c of model.stream(randomIds(prompt, V), { maxNewTokens: gen, temperature: 0, ignoreEos: true, signal: ac.signal, prefill: "iterative" })) {
+      for await (const c of model.stream(randomIds(prompt, V), { maxNewTokens: gen, temperature: 0, ignoreEos: true, signal: ac.signal, ...(prefill ? { prefill } : {}) })) {
         void c;
         if (++n === 1) lastFirstToken = Math.max(lastFirstToken, now() - t0);
         if (n >= Math.min(gen, stopAfter)) ac.abort();
@@ -119,7 +121,10 @@ async function generation(model, prompt, gen, batch, stopAfter = gen) {
   );
   const ms = now() - t0;
   const tokens = counts.reduce((a, b) => a + b, 0);
-  return { ms, tokens, tokPerS: (tokens / ms) * 1e3, lastFirstTokenMs: lastFirstToken };
+  // Prompt tokens that went as rows of the shared steps (batched token steps, mixed steps): which
+  // path the engine's default prefill took under this load.
+  const sharedPromptTokens = model.schedulerStats().promptTokens - sharedBefore;
+  return { ms, tokens, tokPerS: (tokens / ms) * 1e3, lastFirstTokenMs: lastFirstToken, sharedPromptTokens };
 }
 
 module.exports = { now, log, summary, measure, randomIds, hostSync, sequencePages, poolBytesFor, randomPrefixes, forkedDecodeMs, generation };

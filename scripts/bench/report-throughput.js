@@ -42,6 +42,16 @@ function figures(e, entries) {
   return f;
 }
 
+/**
+ * A row's prefill mode and the share of its prompt tokens that went as rows of the shared steps.
+ * Rows measured before the mode was recorded asked every model for the iterative prefill (a model
+ * without a cyclic group runs one pass whatever the mode: the default).
+ */
+function prefillLabel(set, x) {
+  if (x.prefill === undefined) return hasCyclicGroup(set, x) ? "iterative" : "default";
+  return `${x.prefill} (${pct(x.sharedPromptShare)})`;
+}
+
 /** One results file's experiment-1 table. */
 function throughputTable(set, entries) {
   const n = truncatedTokens(set.r);
@@ -49,12 +59,12 @@ function throughputTable(set, entries) {
   for (const e of entries.filter((o) => o.set === set)) {
     const x = e.row;
     if (x.skipped) {
-      rows.push([shapeName(shapeOf(x)), x.model, kvLabel(x), `${x.prompt}+${x.gen}`, "-", "-", "-", "-", "-", "-", "-", "-", "-", x.skipped]);
+      rows.push([shapeName(shapeOf(x)), x.model, kvLabel(x), `${x.prompt}+${x.gen}`, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", x.skipped]);
       continue;
     }
     const f = figures(e, entries);
     rows.push([
-      shapeName(shapeOf(x)), x.model, kvLabel(x), `${x.prompt}+${x.gen}`,
+      shapeName(shapeOf(x)), x.model, kvLabel(x), `${x.prompt}+${x.gen}`, prefillLabel(set, x),
       `${x.batch}${x.verified ? "" : " (not verified)"}${f.std ? ` (${ratio(f.batchRatio, 1)})` : ""}`,
       `${fmt(x.tokPerS.median, 0)} (${spread(x.tokPerS)})`, f.std ? ratio(f.e2eRatio) : "-",
       x.decodeTokPerS !== undefined ? `${fmt(x.decodeTokPerS, 0)} (${spread(x.decodeMsPerStep)})` : "-",
@@ -67,7 +77,7 @@ function throughputTable(set, entries) {
     ]);
   }
   const e2e = n === null ? "throughput, tokens/s (prefill included; spread)" : `tokens/s over the first ${n} generated tokens (prefill included; NOT throughput; spread)`;
-  return table(["shape", "model", "K/V", "prompt+gen", "largest batch (vs standard)", e2e, "vs standard", "decode tokens/s (spread)", "decode vs standard", "bound on decode vs standard", "W/B + A per token, MiB", "decode of its roofline", "prefill share of wall time", "prefill = decode below (tokens generated)"], rows);
+  return table(["shape", "model", "K/V", "prompt+gen", "prefill (prompt tokens in shared steps)", "largest batch (vs standard)", e2e, "vs standard", "decode tokens/s (spread)", "decode vs standard", "bound on decode vs standard", "W/B + A per token, MiB", "decode of its roofline", "prefill share of wall time", "prefill = decode below (tokens generated)"], rows);
 }
 
 /** Experiment 1's sections: the default set's table, the full protocol's, the bound and its inputs, and the losses. */
@@ -77,7 +87,7 @@ function throughputSections(sets, L) {
   const withRows = sets.filter((s) => s.r.throughput);
   L.push("## 1. The paper's throughput experiment", "");
   L.push(
-    "For each length pair, the largest batch the model's K/V pool holds: the engine's own accounting (pool pages / pages per sequence), verified by the pool (that many sequences reserve their full length at once and one more has to wait). Then FULL generations at that batch: every request prefills its prompt (the iterative prefill for LCKV) and generates every one of its tokens, all requests started at once as a server would take them. **Throughput** is generated tokens over the wall time, prefill included. The decode columns time the generation phase alone at the same batch: decode steps of that many sequences at the middle of the generation (prompt + gen / 2 tokens of context), forks of up to 4 distinct prefixes (forks share their prefix's pages, so the attention may find some K/V in L2).",
+    "For each length pair, the largest batch the model's K/V pool holds: the engine's own accounting (pool pages / pages per sequence), verified by the pool (that many sequences reserve their full length at once and one more has to wait). Then FULL generations at that batch: every request prefills its prompt and generates every one of its tokens, all requests started at once as a server would take them. A model with a cyclic layer group (LCKV, sandwich) prefills in `sequential` mode, exact: with the other requests in flight its prompts go as batched token steps, each prompt's next token a row of the shared step, which is also what the engine's default mode does from 16 other requests on (below that the default runs the fixed point, which random weights never let converge). A model without one takes the default: chunks of its prompts mixed into the decode steps. The prefill column says the mode and the share of prompt tokens that went as rows of shared steps; rows measured before it existed ran the iterative prefill (9 passes over the cyclic group per chunk, one prompt at a time). **Throughput** is generated tokens over the wall time, prefill included. The decode columns time the generation phase alone at the same batch: decode steps of that many sequences at the middle of the generation (prompt + gen / 2 tokens of context), forks of up to 4 distinct prefixes (forks share their prefix's pages, so the attention may find some K/V in L2).",
     "",
   );
   for (const set of withRows) {
@@ -172,7 +182,7 @@ function lossesSection(entries, L) {
     }
     const why = [];
     if (f.e2eRatio < 1 && f.decodeRatio !== undefined && f.e2eRatio < f.decodeRatio && f.prefillShare > sf.prefillShare) {
-      const passes = hasCyclicGroup(e.set, x) ? `each of its ${x.batch} requests runs the iterative prefill (several passes over its cyclic layer group), and ` : "";
+      const passes = hasCyclicGroup(e.set, x) && x.prefill === undefined ? `each of its ${x.batch} requests runs the iterative prefill (several passes over its cyclic layer group), and ` : "";
       const breakEven = f.breakEvenGen > 0 ? `; generating fewer than ${fmt(f.breakEvenGen, 0)} tokens per request, its prefill would outlast its decode` : "";
       why.push(`prefill is ${pct(f.prefillShare)} of its wall time against ${pct(sf.prefillShare)} for the standard model: ${passes}its ${ratio(f.batchRatio, 1)} larger batch means ${ratio(f.batchRatio, 1)} the prompts to prefill before the batch decodes${breakEven}`);
     }

@@ -151,13 +151,28 @@ process.on("beforeExit", () => {
   process.exit(1);
 });
 
+/**
+ * The invocation as the report shows it: without the options that only say where files go
+ * (--out, --work, --llama-peer), which name directories of the machine it ran on and change no
+ * figure.
+ */
+function benchCommand(args) {
+  const kept = [];
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i];
+    if (["--out", "--work", "--llama-peer"].includes(a)) i++;
+    else if (!/^--(out|work|llama-peer)=/.test(a)) kept.push(a);
+  }
+  return `npm run bench${kept.length ? " -- " + kept.join(" ") : ""}`;
+}
+
 (async () => {
   const t0 = now();
   bench.rates = opt.device === "cuda" ? python("device_rates.py", [])[0] : { card: "cpu", driver: "-", copyGBps: NaN, bf16Tflops: NaN, memoryGB: os.totalmem() / 1e9 };
   log(`card ${bench.rates.card}, copy ${bench.rates.copyGBps?.toFixed?.(0)} GB/s, bf16 GEMM ${bench.rates.bf16Tflops?.toFixed?.(0)} TFLOP/s`);
   const results = (bench.results = {
     date: new Date().toISOString().slice(0, 10),
-    command: `npm run bench${process.argv.slice(2).length ? " -- " + process.argv.slice(2).join(" ") : ""}`,
+    command: benchCommand(process.argv.slice(2)),
     full: !!opt.full,
     part: opt.part ?? null,
     tiny: !!opt.tiny,

@@ -67,6 +67,15 @@ test("experiment 1: full generations of every request, at the batch the pool ver
     expect(r.attentionBytes).toBe(6 * r.decodeContext * 2 * 2 * 32 * 2);
     expect(r.weightBytes).toBeGreaterThan(0);
   }
+  // LCKV prefills exactly, as batched token steps among the other requests; the standard model
+  // takes the default, its chunks mixed into the decode steps: every prompt token but the last a
+  // row of a shared step either way, at these batches (the last goes with the request's first
+  // sampled step, which counts as decoding).
+  for (const r of rows) {
+    expect(r.prefill).toBe(r.model === "lckv-w2" ? "sequential" : "default");
+    expect(r.batch).toBeGreaterThan(1);
+    expect(r.sharedPromptShare).toBeCloseTo((r.prompt - 1) / r.prompt, 12);
+  }
   for (const [prompt, gen] of [[32, 64], [128, 128], [5, 251]]) {
     const of = (m: string) => rows.find((r) => r.model === m && r.prompt === prompt && r.gen === gen);
     expect(of("lckv-w2").batch).toBeGreaterThan(of("standard").batch);
@@ -84,6 +93,9 @@ test("experiment 1: full generations of every request, at the batch the pool ver
 test("a part of the full protocol: its own file, the other shape (no GQA), one timed generation, the lengths asked for", () => {
   expect(part.full).toBe(true);
   expect(part.generationRuns).toBe(1);
+  // The invocation as recorded: the options that only name directories (--out, --work,
+  // --llama-peer) are left out.
+  expect(part.command).toBe("npm run bench -- --tiny --device cpu --full --only 1 --shapes 7b --lengths 32+64 --models standard,lckv-w2,cla --kv-memory 0.002 --repeats 2");
   const rows = part.throughput as any[];
   expect(rows.map((r) => r.model)).toEqual(["standard", "lckv-w2", "cla"]);
   for (const r of rows) {
@@ -223,7 +235,9 @@ test("the report: both results files, the bound beside every row of full generat
   const lckv = (results.throughput as any[]).find((r) => r.model === "lckv-w2" && r.prompt === 128);
   const bound = decodeGainBound({ wStd: std.weightBytes, batchStd: std.batch, w: lckv.weightBytes, batch: lckv.batch, a: lckv.attentionBytes });
   const line = report.split("\n").find((l) => /\| lckv-w2 \| .* \| 128\+128 \|/.test(l))!;
-  expect(line.split(" | ")[9]).toBe(`${bound.toFixed(2)}x`);
+  expect(line.split(" | ")[10]).toBe(`${bound.toFixed(2)}x`);
+  // Its prefill column: the mode and the share of its prompt tokens in shared steps.
+  expect(line.split(" | ")[4]).toBe("sequential (99%)");
   for (const k of Object.keys(require("../../scripts/bench/parts.js").PARTS)) expect(report).toContain(`| \`${k}\` |`);
   for (const chart of ["throughput-vs-batch.svg", "memory-vs-context.svg", "memory-vs-context-7b.svg"]) {
     const svg = fs.readFileSync(path.join(out, "bench", chart), "utf8");

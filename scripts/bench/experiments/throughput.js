@@ -28,6 +28,13 @@ async function experimentThroughput(bench) {
         const c = model.config;
         const kvType = bench.kvTypeOf(model, kvDtype);
         const kvName = kvType ?? "default K/V";
+        // A model with a cyclic group prefills exactly, token by token: with other requests in
+        // flight that is batched token steps, every prompt's next token a row of the shared step
+        // (docs/usage.md), the throughput path of the engine's default mode too, which takes it
+        // from 16 other requests on; below that the default runs the fixed point, which random
+        // weights never let converge (64 passes, then token by token). A model without one
+        // takes the default: its prompts go in chunks mixed into the decode steps.
+        const prefill = model.config.plan.cyclicGroup ? "sequential" : undefined;
         for (const [prompt, gen] of name === "default" ? DEFAULT_MODEL_LENGTHS : bench.lengths(shape, bench.tiny ? TINY_LENGTHS : LENGTHS)) {
           const base = { shape, model: name, kvDtype: kvType, prompt, gen, kvPoolGiB: bench.poolGiB(shape) };
           if (prompt + gen > model.maxContext) {
@@ -50,9 +57,9 @@ async function experimentThroughput(bench) {
           // An untimed warm-up of the same batch, which records the CUDA graphs of its decode
           // steps: short prompts (the graphs depend on the batch, not on the prompt), 32 tokens
           // each. Then full generations.
-          await generation(model, Math.min(prompt, WARM_UP_PROMPT), gen, batch, WARM_UP_TOKENS);
+          await generation(model, Math.min(prompt, WARM_UP_PROMPT), gen, batch, WARM_UP_TOKENS, prefill);
           const runs = [];
-          for (let r = 0; r < bench.generationRuns; r++) runs.push(await generation(model, prompt, gen, batch));
+          for (let r = 0; r < bench.generationRuns; r++) runs.push(await generation(model, prompt, gen, batch, gen, prefill));
           // The decode step alone at this batch, at the middle of the generation (prompt + gen / 2
           // tokens of context): forks of up to 4 distinct prefixes, timed as in experiment 2.
           const decodeContext = prompt + Math.floor(gen / 2);
@@ -66,6 +73,10 @@ async function experimentThroughput(bench) {
             generatedTokens: runs[0].tokens,
             tokPerS: summary(runs.map((x) => x.tokPerS)),
             lastFirstTokenMs: summary(runs.map((x) => x.lastFirstTokenMs)),
+            // The share of the prompt tokens that went as rows of the shared steps (rows
+            // measured before these fields ran the iterative prefill).
+            prefill: prefill ?? "default",
+            sharedPromptShare: runs[0].sharedPromptTokens / (batch * prompt),
             decodeContext, decodeMsPerStep: decodeMs, decodeTokPerS: (batch * 1e3) / decodeMs.median,
             kvBytesPerToken: model.kvBytesPerToken, kvBytesPerElement: bytesPerElement, pagesTotal: st.pagesTotal,
             // The decode bound's inputs (costs.js): W, and A at the middle of the generation.
