@@ -127,4 +127,41 @@ async function generation(model, prompt, gen, batch, stopAfter = gen, prefill = 
   return { ms, tokens, tokPerS: (tokens / ms) * 1e3, lastFirstTokenMs: lastFirstToken, sharedPromptTokens };
 }
 
-module.exports = { now, log, summary, measure, randomIds, hostSync, sequencePages, poolBytesFor, randomPrefixes, forkedDecodeMs, generation };
+/**
+ * Fairness: one stream decodes; after its 16th token a request with a prompt of `n` tokens
+ * arrives (`prefill` its mode, the engine's default when undefined) and generates one token. The
+ * stream runs until 200 ms after that prompt's prefill (an LCKV prompt that goes as batched token
+ * steps takes as many steps as it has tokens), shifting its context if it must. Per arrival: the
+ * stream's median gap between tokens before it (its step), its longest gap while the prompt was
+ * prefilled, and the time the prefill took. `runs` arrivals; medians over them.
+ */
+async function streamGap(model, n, runs, prefill = undefined) {
+  const V = model.config.vocabSize;
+  const results = [];
+  for (let rep = 0; rep < runs; rep++) {
+    const stamps = [];
+    let arrival = 0, prefilled = 0, arriving;
+    const stream = model.stream([1, 2, 3, 4], { maxNewTokens: 1e6, contextShift: "sink-window", temperature: 0, ignoreEos: true });
+    const reader = (async () => {
+      for await (const chunk of stream) {
+        void chunk;
+        stamps.push(now());
+        if (stamps.length === 16) {
+          arrival = now();
+          const prompt = Array.from({ length: n }, (_, i) => (i * 37 + rep * 11 + 5) % V);
+          arriving = model.generate(prompt, { maxNewTokens: 1, temperature: 0, ...(prefill ? { prefill } : {}) }).then(() => (prefilled = now()));
+        }
+        if (prefilled && now() - prefilled > 200) break;
+      }
+    })();
+    await reader;
+    await arriving;
+    const gaps = stamps.slice(1).map((t, i) => [stamps[i], t - stamps[i]]);
+    const before = gaps.filter(([t]) => t < arrival).map(([, g]) => g);
+    const during = gaps.filter(([t, g]) => t + g > arrival && t < prefilled).map(([, g]) => g);
+    results.push({ stepMs: summary(before).median, longestGapMs: Math.max(...during), prefillMs: prefilled - arrival });
+  }
+  return { stepMs: summary(results.map((r) => r.stepMs)), longestGapMs: summary(results.map((r) => r.longestGapMs)), prefillMs: summary(results.map((r) => r.prefillMs)), runs: results };
+}
+
+module.exports = { now, log, summary, measure, randomIds, hostSync, sequencePages, poolBytesFor, randomPrefixes, forkedDecodeMs, generation, streamGap };

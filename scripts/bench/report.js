@@ -163,6 +163,22 @@ function prefillSection(sets, L) {
   }
 }
 
+function streamGapSection(sets, L) {
+  const withRows = sets.filter((s) => s.r.streamGap);
+  if (!withRows.length) return;
+  L.push("## 8. A running stream while a prompt arrives", "");
+  L.push(
+    "One stream decodes; after its 16th token a second request arrives with a prompt (2048 tokens; the table gives each row's) and generates one token. \"step\": the stream's median gap between tokens before the arrival; \"longest gap\": its longest gap while the prompt was prefilled; \"prefill\": from the arrival to the prompt's token. Medians over the arrivals. A stream should wait at most a step plus one chunk of the prompt (512 tokens on the GPU). The standard model runs its default mode: the prompt's chunks go into the stream's steps as rows (mixed steps). LCKV w=2 in `sequential` mode (exact): the prompt's tokens as rows of the stream's steps (batched token steps); in `iterative` mode the prompt's passes run over the whole prompt in one call, which the stream waits for. LCKV's default mode beside one stream, the fixed point, is not run: random weights do not let it converge.",
+    "",
+  );
+  for (const set of withRows) {
+    const r = set.r;
+    L.push(`### ${set.label} (\`${set.file}\`: ${r.date}, ${r.rates.card})`, "", ...measuredAt(r, "streamGap"));
+    const rows = r.streamGap.map((x) => [shapeName(shapeOf(x)), x.model, kvLabel(x), x.mode, x.tokens, fmt(x.stepMs.median, 2), `${fmt(x.longestGapMs.median, 2)} (${spread(x.longestGapMs)})`, fmt(x.longestGapMs.median - x.stepMs.median, 2), fmt(x.prefillMs.median, 1)]);
+    L.push(table(["shape", "model", "K/V", "mode", "prompt tokens", "step, ms", "longest gap, ms (spread)", "gap beyond a step, ms", "prefill, ms"], rows), "");
+  }
+}
+
 function attentionSection(sets, L) {
   const withRows = sets.filter((s) => s.r.attention);
   if (!withRows.length) return;
@@ -215,6 +231,7 @@ function renderReport(outDir) {
   attentionSection(sets, L);
   llamaPeerSection(sets, L);
   kvTypesSection(sets, L);
+  streamGapSection(sets, L);
   fs.writeFileSync(path.join(outDir, "benchmarks.md"), L.join("\n") + "\n");
 }
 

@@ -23,15 +23,17 @@
  *   5. the attention kernels alone, in each shape's heads;
  *   6. node-llama-cpp (llama.cpp) through its own API, on GGUF files of the same shape;
  *   7. the K/V cache types side by side: capacity in one pool, decode at batch 64 and 2048 tokens
- *      against each type's roofline, batch 1, and the attention alone (experiments/kv-types.js).
- * The default set: the 1.1B shape, experiments 1, 2, 3, 5, 6 and 7, a 512 MiB pool, two timed full
+ *      against each type's roofline, batch 1, and the attention alone (experiments/kv-types.js);
+ *   8. fairness: a running stream's longest gap between tokens while a 2048-token prompt arrives,
+ *      against its step time (experiments/stream-gap.js).
+ * The default set: the 1.1B shape, experiments 1, 2, 3, 5, 6, 7 and 8, a 512 MiB pool, two timed full
  * generations per row.
  *
  * The full protocol runs in parts (parts.js), each a preset of --shapes, --only and --models:
  *   1.1b      full generations at the 1.1B shape, 2 GiB pool             ~6 min
  *   7b-a      full generations at 7B: standard, CLA, LCKV w=2, 8 GiB pool ~6 min (weights written once)
  *   7b-b      full generations at 7B: standard, sandwich                   ~5 min
- *   kernels   experiments 2, 3 and 5 at both shapes                        ~7 min
+ *   kernels   experiments 2, 3, 5 and 8 at both shapes                     ~8 min
  *   peers     transformers, the PyTorch reference, node-llama-cpp at 1.1B  ~5 min
  *   llama-7b  node-llama-cpp and lckv at 7B                               ~4 min (GGUFs written once)
  * (estimates for one K/V type of 2 or 4 bytes). Each part writes docs/bench/full-<part>.json; the
@@ -65,8 +67,9 @@ const EXPERIMENTS = [
   [5, "attention", require("./experiments/attention").experimentAttention],
   [6, "llamaPeer", require("./experiments/llama-peer").experimentLlamaPeer],
   [7, "kvTypes", require("./experiments/kv-types").experimentKvTypes],
+  [8, "streamGap", require("./experiments/stream-gap").experimentStreamGap],
 ];
-const DEFAULT_SET = { shapes: ["1.1b"], only: [1, 2, 3, 5, 6, 7], models: ["standard", "lckv-w2", "cla", "sandwich"] };
+const DEFAULT_SET = { shapes: ["1.1b"], only: [1, 2, 3, 5, 6, 7, 8], models: ["standard", "lckv-w2", "cla", "sandwich"] };
 
 const list = (v) => v.split(",").map((x) => x.trim()).filter(Boolean);
 function fail(message) {

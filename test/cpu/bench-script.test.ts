@@ -30,7 +30,7 @@ beforeAll(() => {
   out = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-bench-script-"));
   // The default set's experiments (the Python peers need the GPU), then one part of the full
   // protocol at the other shape (no GQA), which goes into a file of its own.
-  const first = bench(["--only", "1,2,3,5,6,7", "--models", "standard,lckv-w2", "--kv-memory", "0.002", "--repeats", "2"]);
+  const first = bench(["--only", "1,2,3,5,6,7,8", "--models", "standard,lckv-w2", "--kv-memory", "0.002", "--repeats", "2"]);
   if (first.status !== 0) throw new Error(first.stderr);
   const second = bench(["--full", "--only", "1", "--shapes", "7b", "--lengths", "32+64", "--models", "standard,lckv-w2,cla", "--kv-memory", "0.002", "--repeats", "2"]);
   if (second.status !== 0) throw new Error(second.stderr);
@@ -132,6 +132,24 @@ test("the stacked table: LCKV in int4 against the standard model in bf16, at the
   expect(section.split("\n\n")[2]).not.toContain("| lckv-w2 | bf16 |");
 });
 
+test("experiment 8: a running stream's gaps while a prompt arrives, per model and mode, over the arrivals", () => {
+  const rows = results.streamGap as any[];
+  expect(rows.map((r) => `${r.model} ${r.mode}`)).toEqual(["standard default", "lckv-w2 sequential", "lckv-w2 iterative"]);
+  for (const r of rows) {
+    expect(r.tokens).toBe(128);
+    // Two arrivals each (--repeats 2); the longest gap while the prompt was prefilled is at
+    // least the stream's typical step, and the prefill took time.
+    for (const k of ["stepMs", "longestGapMs", "prefillMs"]) expect(r[k].samples).toHaveLength(2);
+    r.stepMs.samples.forEach((step: number, i: number) => {
+      expect(step).toBeGreaterThan(0);
+      expect(r.longestGapMs.samples[i]).toBeGreaterThan(0);
+      expect(r.prefillMs.samples[i]).toBeGreaterThan(0);
+    });
+  }
+  expect(report).toContain("## 8. A running stream while a prompt arrives");
+  expect(report).toMatch(/\| lckv-w2 \| .* \| iterative \| 128 \| /);
+});
+
 test("experiments 2, 3 and 5 wrote their rows with finite timings; experiment 6 says why it has none", () => {
   for (const key of ["decode", "prefill", "attention"]) {
     const rows = results[key] as any[];
@@ -140,7 +158,7 @@ test("experiments 2, 3 and 5 wrote their rows with finite timings; experiment 6 
   }
   const modes = new Set((results.prefill as any[]).filter((r) => r.model === "lckv-w2").map((r) => r.mode));
   expect([...modes].sort()).toEqual(["fixed-point", "iterative", "sequential"]);
-  expect(Object.keys(results.experimentSeconds).sort()).toEqual(["attention", "decode", "kvTypes", "llamaPeer", "prefill", "setup", "throughput"]);
+  expect(Object.keys(results.experimentSeconds).sort()).toEqual(["attention", "decode", "kvTypes", "llamaPeer", "prefill", "setup", "streamGap", "throughput"]);
   expect(results.llamaPeer).toEqual([{ shape: "1.1b", error: expect.stringContaining("node-llama-cpp is not installed") }]);
   expect(results.llamaPeer[0].error).toContain("prepare.sh");
 });
