@@ -37,7 +37,7 @@ void Model::viewPages(Scratch& s, const std::vector<SequenceState*>& seqs, const
   s.kv.residualPage = s.residualPage.data();
 }
 
-void Model::runLayer(Scratch& s, int n, const int32_t* pos, int i, LayerPart part) {
+void Model::runLayer(Scratch& s, int n, const int32_t* pos, int i, LayerPart part, bool zeroKv) {
   Backend& be = *backend_;
   static const std::vector<std::string> names = [] {
     std::vector<std::string> v;
@@ -68,17 +68,24 @@ void Model::runLayer(Scratch& s, int n, const int32_t* pos, int i, LayerPart par
       be.kvWrite(s.kv, ownSlot, s.k, s.v, n, pos);
     if (part == LayerPart::UpToKv) return;
   }
-  AttentionSpec spec;
-  spec.numHeads = c.numHeads;
-  spec.numKvHeads = c.numKvHeads;
-  spec.headDim = c.headDim;
-  spec.strict = c.plan.strict[i];
-  spec.window = c.plan.window[i];
-  spec.scale = 1.0f / std::sqrt((float)c.headDim);
-  // Every row of every sequence in one call: K/V is read where its owner wrote it, never copied.
-  be.attention(s.q, n, pos, s.kv, c.plan.kvSlot[c.plan.target[i]], spec, s.a);
-  be.linear(s.a, n, L.o, opt(L.oB), s.o);
-  be.addNorm(nk, s.h, s.o, n, L.mlpNormW, opt(L.mlpNormB), c.normEps, s.x);
+  if (zeroKv && L.oB.empty()) {
+    // Every key this layer's rows can see is zero, values too: each row's output is a weighted
+    // sum of zeros, exactly 0 (no visible key gives 0 too), and so is the output projection's.
+    // The residual gains nothing; only the MLP norm of h remains.
+    be.norm(nk, s.h, n, L.mlpNormW, opt(L.mlpNormB), c.normEps, s.x);
+  } else {
+    AttentionSpec spec;
+    spec.numHeads = c.numHeads;
+    spec.numKvHeads = c.numKvHeads;
+    spec.headDim = c.headDim;
+    spec.strict = c.plan.strict[i];
+    spec.window = c.plan.window[i];
+    spec.scale = 1.0f / std::sqrt((float)c.headDim);
+    // Every row of every sequence in one call: K/V is read where its owner wrote it, never copied.
+    be.attention(s.q, n, pos, s.kv, c.plan.kvSlot[c.plan.target[i]], spec, s.a);
+    be.linear(s.a, n, L.o, opt(L.oB), s.o);
+    be.addNorm(nk, s.h, s.o, n, L.mlpNormW, opt(L.mlpNormB), c.normEps, s.x);
+  }
   if (c.style == BlockStyle::Llama) {
     be.linearSwiglu(s.x, n, L.gate, opt(L.gateB), L.up, opt(L.upB), s.g);
     be.linear(s.g, n, L.down, opt(L.downB), s.o);

@@ -199,8 +199,11 @@ class Model {
   // A layer whole, or in two parts: up to its K/V write (the norm, the projections, RoPE and the
   // write; s.q and s.h then hold what the rest reads), and the rest (attention, output
   // projection, MLP). Between the cyclic group's passes only the top layer's K/V is read.
+  // zeroKv: every key and value the layer's rows can see is zero (the first cyclic pass over a
+  // sequence's first chunk, for a layer reading from above): its attention adds nothing, and
+  // neither it nor the output projection runs (a layer with an output bias runs them).
   enum class LayerPart { Whole, UpToKv, AfterKv };
-  void runLayer(Scratch& s, int n, const int32_t* pos, int layer, LayerPart part = LayerPart::Whole);
+  void runLayer(Scratch& s, int n, const int32_t* pos, int layer, LayerPart part = LayerPart::Whole, bool zeroKv = false);
   void viewPages(Scratch& s, const std::vector<SequenceState*>& seqs, const std::vector<int32_t>& rowSeq,
                  bool roundStride = false);
   void allocScratch(Scratch& s, int n);

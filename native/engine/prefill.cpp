@@ -87,7 +87,10 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
       be.copyRows(s.h0, 0, s.h, 0, n);
       // The passes read only the top layer's K/V from it: its attention and MLP run once, after
       // the last pass (its query and input stay in s.q and s.h).
-      runLayers(s, n, pos.data(), low, high - 1, false);
+      // The first pass over a sequence's first chunk: a layer reading from above sees only the
+      // zeros written before it (no earlier positions), so its attention adds nothing.
+      const bool zeroAbove = passes == 0 && start == 0;
+      for (int l = low; l < high; ++l) runLayer(s, n, pos.data(), l, LayerPart::Whole, zeroAbove && plan.target[l] > l);
       runLayer(s, n, pos.data(), high, LayerPart::UpToKv);
       ++passes;
       if (passes >= maxPasses) break;  // after n passes every position is exact by induction
