@@ -137,6 +137,31 @@ void launchEmbed(const int32_t* tokens, const int32_t* positions, int n, const v
   LCKV_LAUNCH_CHECK("embed");
 }
 
+namespace {
+
+// Zeroes byte range b of runs[2b] (offset in `base`) and runs[2b + 1] (length): one block per
+// range, 32-bit words where the range allows them.
+__global__ void zeroRangesKernel(uint8_t* base, const int64_t* runs) {
+  waitForPrecedingKernels();  // earlier kernels may read or write these bytes
+  uint8_t* at = base + runs[2 * blockIdx.x];
+  const int64_t bytes = runs[2 * blockIdx.x + 1];
+  if ((((uintptr_t)at | (uintptr_t)bytes) & 3) == 0) {
+    uint32_t* w = reinterpret_cast<uint32_t*>(at);
+    for (int64_t i = threadIdx.x; i < bytes / 4; i += blockDim.x) w[i] = 0u;
+  } else {
+    for (int64_t i = threadIdx.x; i < bytes; i += blockDim.x) at[i] = 0;
+  }
+}
+
+}  // namespace
+
+void launchZeroRanges(uint8_t* base, const int64_t* runs, int count, cudaStream_t stream) {
+  NvtxRange r("zero_ranges");
+  if (count <= 0) return;
+  launchKernel(zeroRangesKernel, dim3(count), dim3(kThreads), 0, stream, base, runs);
+  LCKV_LAUNCH_CHECK("zero_ranges");
+}
+
 void launchAdd(float* x, const float* y, int64_t count, cudaStream_t stream) {
   NvtxRange r("residual_add");
   if (count <= 0) return;

@@ -95,6 +95,9 @@ void launchGemvSwiglu(const float* x, int n, int I, const GemvTarget& gate, cons
 void launchToBf16(const float* x, int64_t count, void* y, cudaStream_t stream);
 // out[r, :] += bias (wtype), for the cuBLASLt path.
 void launchAddBias(float* out, int n, int O, const void* bias, int wtype, cudaStream_t stream);
+// Zeroes `count` byte ranges of `base`: runs (on the device) holds each range's offset and
+// length, two int64 apiece. One launch for what would be a memset per range.
+void launchZeroRanges(uint8_t* base, const int64_t* runs, int count, cudaStream_t stream);
 // Columns of src[n, cols] to the targets in order: target i gets the next targets[i].cols
 // columns as its own [n, cols] rows (the output of a packed product, split). Up to
 // kGemvMaxTargets targets.

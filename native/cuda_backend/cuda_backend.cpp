@@ -373,6 +373,9 @@ void CudaBackend::kvZero(const KvView& kv, int seq, int slot, int start, int n) 
   uint8_t* pool = (uint8_t*)kv.pool->data;
   const KvLayout& L = kv.layout;
   if (slot < 0 || slot >= L.slots) throw EngineError(kErrInvalidArgument, "K/V slot out of range");
+  // The byte ranges to zero (offset, length), all zeroed by one launch: a memset per page
+  // costs a launch each (256 for a 2048-token prompt), which the GPU waits for.
+  std::vector<int64_t> runs;
   if (kvTypeChannelKeys(L.type)) {
     // The rows are zeroed in the residual, which must hold their page (checked for every row
     // before any is zeroed); its bf16 zeros read back as zeros.
@@ -383,20 +386,20 @@ void CudaBackend::kvZero(const KvView& kv, int seq, int slot, int start, int n) 
     }
     for (int p = start; p < start + n; ++p)
       for (int v = 0; v < 2; ++v)
-        cudaOk(cudaMemsetAsync(pool + L.residualOffset(parts[(size_t)(p - start)], slot, v, p % L.pageTokens), 0,
-                               (size_t)L.kvDim * 2, stream_),
-               "kvZero");
-    return;
+        runs.insert(runs.end(), {(int64_t)L.residualOffset(parts[(size_t)(p - start)], slot, v, p % L.pageTokens), (int64_t)L.kvDim * 2});
+  } else {
+    // Zero codes and zero scales read back as zeros in every type; a run's rows and scale words
+    // are contiguous within its page.
+    forEachPageRun(kv, seq, start, n, [&](int32_t page, int p, int len) {
+      const int off = p % L.pageTokens;
+      for (int v = 0; v < 2; ++v) runs.insert(runs.end(), {(int64_t)L.codeOffset(page, slot, v, off), (int64_t)len * L.rowBytes()});
+      if (kvTypeScaled(L.type)) runs.insert(runs.end(), {(int64_t)L.scaleOffset(page, slot, off, 0), (int64_t)len * L.kvHeads * 4});
+    });
   }
-  // Zero codes and zero scales read back as zeros in every type; a run's rows and scale words
-  // are contiguous within its page.
-  forEachPageRun(kv, seq, start, n, [&](int32_t page, int p, int len) {
-    const int off = p % L.pageTokens;
-    for (int v = 0; v < 2; ++v)
-      cudaOk(cudaMemsetAsync(pool + L.codeOffset(page, slot, v, off), 0, (size_t)(len * L.rowBytes()), stream_), "kvZero");
-    if (kvTypeScaled(L.type))
-      cudaOk(cudaMemsetAsync(pool + L.scaleOffset(page, slot, off, 0), 0, (size_t)len * L.kvHeads * 4, stream_), "kvZero");
-  });
+  if (runs.empty()) return;
+  std::shared_ptr<void> dRuns = blocks_.get(sizeof(int64_t) * runs.size());
+  cudaOk(cudaMemcpyAsync(dRuns.get(), runs.data(), sizeof(int64_t) * runs.size(), cudaMemcpyHostToDevice, stream_), "kvZero");
+  cuda::launchZeroRanges(pool, static_cast<const int64_t*>(dRuns.get()), (int)(runs.size() / 2), stream_);
 }
 
 void CudaBackend::kvRead(const KvView& kv, int seq, int slot, int start, int n, std::vector<float>& host) {
