@@ -71,7 +71,9 @@ void Model::runLayer(Scratch& s, int n, const int32_t* pos, int i, LayerPart par
   if (zeroKv && L.oB.empty()) {
     // Every key this layer's rows can see is zero, values too: each row's output is a weighted
     // sum of zeros, exactly 0 (no visible key gives 0 too), and so is the output projection's.
-    // The residual gains nothing; only the MLP norm of h remains.
+    // The residual gains nothing; only the MLP norm of h remains. (A query overflowed to inf
+    // would score 0 x inf = NaN against a zero key; skipped, its row stays finite here and
+    // meets the NaN, if at all, in a later pass.)
     be.norm(nk, s.h, n, L.mlpNormW, opt(L.mlpNormB), c.normEps, s.x);
   } else {
     AttentionSpec spec;

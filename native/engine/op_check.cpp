@@ -520,12 +520,14 @@ void checkAttention(Runner& r, Backend& ref, Backend& test) {
       r.tolerance = saved;
     }
     // kvRead sees what kvWrite wrote; kvZero clears exactly its range (a channel-key type's in
-    // the residual's page, whose rows kvRead reads from the residual, the others from codes).
+    // the residual's page, whose rows kvRead reads from the residual, the others from codes,
+    // across a page boundary where the sequence is long enough), and the rows after it stay.
     const int zeroFrom = R > 0 ? (len[0] - 1) / P * P : 3;
-    const int n0 = R > 0 ? len[0] : std::min(len[0], 20);
+    const int zeroN = std::max(0, std::min(R > 0 ? 5 : P + 5, len[0] - zeroFrom));
+    const int n0 = R > 0 ? len[0] : std::min(len[0], zeroFrom + zeroN + 4);
     std::vector<float> ka, kb;
-    ref.kvZero(va, 0, 1, zeroFrom, std::min(5, std::max(0, len[0] - zeroFrom)));
-    test.kvZero(vb, 0, 1, zeroFrom, std::min(5, std::max(0, len[0] - zeroFrom)));
+    ref.kvZero(va, 0, 1, zeroFrom, zeroN);
+    test.kvZero(vb, 0, 1, zeroFrom, zeroN);
     ref.kvRead(va, 0, 1, 0, n0, ka);
     test.kvRead(vb, 0, 1, 0, n0, kb);
     double num = 0, den = 0;
