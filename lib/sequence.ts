@@ -204,16 +204,22 @@ export class Sequence implements Disposable {
       // other in flight before the first chunk picks its way.
       if (this.engine.mayBatchPrefill(prefill)) await new Promise((resolve) => setImmediate(resolve));
       for (let at = 0; at < run.length; ) {
-        const chunk = prefill.mode === "iterative" ? run.length : this.engine.prefillChunkNow();
+        const batched = this.engine.batchedPrefill(prefill);
+        const mixed = !batched && this.engine.mixedPrefill();
+        // Rows of mixed steps go in lone-chunk pieces: the scheduler cuts a piece to each step's
+        // budget (one chunk while a stream waits for tokens, so that bounds its wait), and while
+        // only prompts are in flight a step then takes whole prompts, one attention launch each,
+        // instead of a piece of every prompt, a launch per piece.
+        const chunk = prefill.mode === "iterative" ? run.length : mixed ? this.engine.lonePrefillChunk : this.engine.prefillChunkNow();
         const part = run.slice(at, at + chunk);
         at += part.length;
         if (prefill.signal?.aborted) throw new AbortError("the prefill was aborted");
         let mode: PrefillMode = prefill.mode;
-        if (this.engine.batchedPrefill(prefill)) {
+        if (batched) {
           await this.engine.runCancellable(prefill.signal, (cancel) => this.engine.scheduler.append(native, part, cancel));
           mode = "sequential";
           passes = Math.max(passes, 1);
-        } else if (this.engine.mixedPrefill()) {
+        } else if (mixed) {
           await this.engine.runCancellable(prefill.signal, (cancel) => this.engine.scheduler.append(native, part, cancel, true));
           passes = Math.max(passes, 1);
         } else {
