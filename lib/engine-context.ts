@@ -98,7 +98,8 @@ export class EngineContext {
    * chunks then, so a GPU takes the prompt in larger pieces (a quarter of the launches at 2048
    * tokens, larger products, and four times the attention blocks to fill the GPU with). Bounded
    * so that one call's activations stay a few hundred MB. The CPU keeps its chunk: a request
-   * that arrives meanwhile waits for the chunk in progress.
+   * that arrives meanwhile waits for the chunk in progress. Also the size of the pieces a prompt
+   * hands to mixed steps, which the scheduler cuts to each step's budget (lib/sequence.ts).
    */
   readonly lonePrefillChunk: number;
   /**

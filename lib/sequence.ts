@@ -192,8 +192,10 @@ export class Sequence implements Disposable {
     // modes stay exact across chunks (each chunk reads the final K/V of the ones before), and
     // each chunk picks its way and size anew: while other requests are in flight, batched token
     // steps (a model with a cyclic group) or rows of mixed steps beside the decode rows (a model
-    // without one); else a native prefill call, of the lone chunk while no other request is.
-    // The iterative scheme is defined over the whole input, so it is not cut.
+    // without one); else a native prefill call, of the lone chunk while no other request is. A
+    // piece handed to mixed steps stays there until it is in, whoever else comes or goes: the
+    // scheduler sizes each step's share of it. The iterative scheme is defined over the whole
+    // input, so it is not cut.
     const before = { evaluated: this.evaluated.length, pending: this.pending };
     const done = this.engine.working();
     // An int4 sequence ending mid-page keeps that page's rows in bf16 until the page fills: a
