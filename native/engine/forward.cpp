@@ -99,13 +99,15 @@ void Model::runLayer(Scratch& s, int n, const int32_t* pos, int i, LayerPart par
   s.pendingResidual = true;
 }
 
+void Model::settleResidual(Scratch& s, int n) {
+  if (s.pendingResidual) backend_->addInPlace(s.h, s.o, n);
+  s.pendingResidual = false;
+}
+
 void Model::runLayers(Scratch& s, int n, const int32_t* pos, int first, int last, bool settle) {
   for (int i = first; i <= last; ++i) runLayer(s, n, pos, i);
   // Callers read or copy h next: settle the last residual.
-  if (settle && s.pendingResidual) {
-    backend_->addInPlace(s.h, s.o, n);
-    s.pendingResidual = false;
-  }
+  if (settle) settleResidual(s, n);
 }
 
 Tensor Model::computeLogits(Scratch& s, int n, int rowStart, int rows) {
@@ -119,8 +121,7 @@ Tensor Model::computeLogits(Scratch& s, int n, int rowStart, int rows) {
     else be.norm(nk, s.h, n, finalNormW_, opt(finalNormB_), cfg_.normEps, xr);
     s.pendingResidual = false;
   } else {
-    if (s.pendingResidual) be.addInPlace(s.h, s.o, n);
-    s.pendingResidual = false;
+    settleResidual(s, n);
     Tensor hr = be.alloc(rows, cfg_.hidden);
     be.copyRows(s.h, rowStart, hr, 0, rows);
     be.norm(nk, hr, rows, finalNormW_, opt(finalNormB_), cfg_.normEps, xr);

@@ -196,6 +196,8 @@ class Model {
   // Layers first..last. With settle, the last layer's residual add is done; without, it stays
   // pending in s (computeLogits then folds it into the final norm).
   void runLayers(Scratch& s, int n, const int32_t* pos, int first, int last, bool settle = true);
+  // Adds the last layer's output to h if it is still pending (h then holds the layer's result).
+  void settleResidual(Scratch& s, int n);
   // A layer whole, or in two parts: up to its K/V write (the norm, the projections, RoPE and the
   // write; s.q and s.h then hold what the rest reads), and the rest (attention, output
   // projection, MLP). Between the cyclic group's passes only the top layer's K/V is read.

@@ -112,8 +112,7 @@ void Model::forwardChunk(SequenceState& seq, const int32_t* tokens, int n, int s
       }
     }
     runLayer(s, n, pos.data(), high, LayerPart::AfterKv);
-    be.addInPlace(s.h, s.o, n);  // settled, as runLayers does, before the layers above read h
-    s.pendingResidual = false;
+    settleResidual(s, n);  // as runLayers does, before the layers above read h
     res.passes = std::max(res.passes, passes);
     if (prefill.mode == PrefillMode::FixedPoint && !converged && passes < n) res.exactPrefix = passes;
     if (high + 1 < c.numLayers) runLayers(s, n, pos.data(), high + 1, c.numLayers - 1);
