@@ -151,7 +151,8 @@ struct KvMotionResult {
 // Decodes K then V of `slot` at positions [start, start+n) of one sequence (kvRead's values) from
 // the pool (token t's slot block at byte rowBlock[t]; -1 where the residual, whose pool pages are
 // residualParts, holds its page) into scratch [2n, kvDim] and snapshot [2n, kvDim]: the first
-// call (first) only fills the snapshot, each later one compares with it into `result` first.
+// call (first) only fills the snapshot (scratch may be the snapshot then), each later one
+// compares with it into `result` first.
 void launchKvMotion(const KvLayout& L, int slot, const uint8_t* pool, const int64_t* rowBlock, const int32_t* residualParts,
                     int start, int n, float* scratch, float* snapshot, bool first, KvMotionResult* result,
                     cudaStream_t stream);

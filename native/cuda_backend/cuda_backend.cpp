@@ -502,7 +502,8 @@ Backend::KvMotion CudaBackend::kvMotion(const KvView& kv, int seq, int slot, int
       first ? blocks_.get(sizeof(float) * values + sizeof(cuda::KvMotionResult)) : static_cast<Snapshot*>(snapshot.get())->device;
   float* snap = static_cast<float*>(device.get());
   auto* result = reinterpret_cast<cuda::KvMotionResult*>(snap + values);
-  std::shared_ptr<void> scratch = blocks_.get(sizeof(float) * values);
+  // A first call decodes straight into the snapshot; later ones decode beside it and compare.
+  std::shared_ptr<void> scratch = first ? device : blocks_.get(sizeof(float) * values);
   cuda::launchKvMotion(L, slot, static_cast<const uint8_t*>(kv.pool->data), dRowBlock, dParts, start, n,
                        static_cast<float*>(scratch.get()), snap, first, result, stream_);
   if (first) {
