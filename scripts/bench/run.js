@@ -109,6 +109,13 @@ for (const m of models) if (!MODEL_NAMES.includes(m)) fail(`--models: unknown mo
 const kvDtypes = opt.kvDtypes ? list(opt.kvDtypes) : [undefined];
 for (const t of kvDtypes) if (t !== undefined && !KV_DTYPES.includes(t)) fail(`--kv-dtypes: unknown K/V cache type '${t}' (known: ${KV_DTYPES.join(", ")})`);
 const lengths = opt.lengths ? list(opt.lengths).map((p) => { const m = /^(\d+)\+(\d+)$/.exec(p); if (!m) fail(`--lengths: '${p}' is not prompt+generation, e.g. 512+1024`); return [+m[1], +m[2]]; }) : null;
+// A pair that no selected shape runs would leave experiment 1 with nothing to time: refuse it.
+if (lengths && only.has(1)) {
+  const { LENGTHS, TINY_LENGTHS } = require("./experiments/throughput");
+  const known = [...new Set(shapes.flatMap((s) => (opt.tiny ? TINY_LENGTHS : LENGTHS)[s].map(([p, g]) => `${p}+${g}`)))];
+  for (const [p, g] of lengths)
+    if (!known.includes(`${p}+${g}`)) fail(`--lengths: no shape of this run has ${p}+${g} (known${opt.tiny ? " with --tiny" : ""}: ${known.join(", ")})`);
+}
 const repeats = Math.max(1, +opt.repeats);
 if (opt.kvMemory !== undefined && !(+opt.kvMemory > 0)) fail(`--kv-memory: a size in GiB above 0, got '${opt.kvMemory}'`);
 

@@ -278,13 +278,16 @@ test("results from truncated generations are rendered, and never called throughp
   }
 });
 
-test("bad options: an unknown K/V type or shape, --full without a part, are refused by name", () => {
+test("bad options: an unknown K/V type or shape, lengths no shape runs, --full without a part, are refused by name", () => {
   const kv = bench(["--kv-dtypes", "f16"]);
   expect(kv.status).toBe(2);
   expect(kv.stderr).toContain("--kv-dtypes: unknown K/V cache type 'f16' (known: f32, bf16, fp8, int8, int4)");
   const shape = bench(["--shapes", "13b"]);
   expect(shape.status).toBe(2);
   expect(shape.stderr).toContain("--shapes: unknown shape '13b'");
+  const lengths = bench(["--only", "1", "--shapes", "7b", "--lengths", "32+64,512+1024"]);
+  expect(lengths.status).toBe(2);
+  expect(lengths.stderr).toContain("--lengths: no shape of this run has 512+1024 (known with --tiny: 32+64, 128+128)");
   const full = bench(["--full"]);
   expect(full.status).toBe(2);
   expect(full.stderr).toContain("--full runs in parts of under 10 minutes: add --part <name> (1.1b, 7b-a, 7b-b, kernels, peers, llama-7b)");
