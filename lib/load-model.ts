@@ -134,8 +134,9 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   const hubId = dir !== undefined && !fs.existsSync(dir) && isHubModelId(dir) ? dir : undefined;
   let modelDir = path.resolve(dir ?? DEFAULT_MODEL_DIR);
   if (hubId === undefined) {
-    if (!fs.existsSync(modelDir) || !fs.statSync(modelDir).isDirectory()) {
-      throw new ModelLoadError(`model directory ${modelDir} does not exist`, modelDir);
+    if (!fs.existsSync(modelDir)) throw new ModelLoadError(`model directory ${modelDir} does not exist`, modelDir);
+    if (!fs.statSync(modelDir).isDirectory()) {
+      throw new ModelLoadError(`${modelDir} is a file, not a model directory (the directory that holds config.json)`, modelDir);
     }
     if (options.revision !== undefined) throw new InvalidOptionError("revision", `applies to a hub id only; ${modelDir} is a local directory`);
   }

@@ -35,6 +35,13 @@ describe("model files", () => {
     await expect(load("/nonexistent/lckv-model")).rejects.toThrow(/does not exist/);
   });
 
+  test("a file where the model directory should be", async () => {
+    const dir = writeTinyModel();
+    const file = path.join(dir, "config.json");
+    await expect(load(file)).rejects.toThrow(ModelLoadError);
+    await expect(load(file)).rejects.toThrow(/config\.json is a file, not a model directory/);
+  });
+
   test("missing config.json", async () => {
     const dir = writeTinyModel();
     fs.unlinkSync(path.join(dir, "config.json"));
