@@ -40,6 +40,12 @@ function posIntArg(name: string) {
     return Number(v);
   };
 }
+function portArg(name: string) {
+  return (v: string) => {
+    if (!/^\d+$/.test(v) || Number(v) > 65535) throw new InvalidArgumentError(`${name} must be an integer in [0, 65535]`);
+    return Number(v);
+  };
+}
 function numArg(name: string) {
   return (v: string) => {
     const n = Number(v);
@@ -432,7 +438,7 @@ program
   .addOption(modelOption())
   .addOption(revisionOption())
   .option("--host <host>", "address to listen on", "127.0.0.1")
-  .option("--port <port>", "port to listen on (0: any free port)", intArg("--port"), 8080)
+  .option("--port <port>", "port to listen on (0: any free port)", portArg("--port"), 8080)
   .option("--api-key <key>", "require 'Authorization: Bearer <key>' on /v1 requests")
   .option("--max-queue <n>", "requests that may wait for K/V pages at once; the next is answered 429", intArg("--max-queue"))
   .option("--max-batch <n>", "sequences in one decode step at most (loadModel's maxBatch; default: its default for the device)", posIntArg("--max-batch"))
@@ -444,7 +450,18 @@ program
     try {
       // A hub id names the model; a directory, its name (createServer's default).
       const app = createServer(model, { apiKey: o.apiKey, modelId: o.model !== undefined && !fs.existsSync(o.model) ? o.model : undefined });
-      const url = await app.listen({ host: o.host, port: o.port });
+      let url: string;
+      try {
+        url = await app.listen({ host: o.host, port: o.port });
+      } catch (e) {
+        // A port in use or not permitted, an address not of this host: the user's to change, so
+        // one line naming it rather than a stack.
+        const code = (e as NodeJS.ErrnoException).code;
+        if (typeof code !== "string" || !/^E[A-Z]+$/.test(code)) throw e;
+        process.stderr.write(`lckv: cannot listen on ${o.host}:${o.port} (--host, --port): ${(e as Error).message}\n`);
+        process.exitCode = 1;
+        return;
+      }
       process.stderr.write(`lckv: listening on ${url}\n`);
       // SIGTERM or SIGINT: take no more requests, finish those in flight, then exit.
       await new Promise<void>((resolve) => {

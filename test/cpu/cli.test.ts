@@ -178,3 +178,24 @@ test("chat answers each line through the chat template, one stats line a turn", 
   expect(none.code).toBe(1);
   expect(none.err).toMatch(/no chat_template/);
 });
+
+test("serve refuses a port outside [0, 65535], and a port it cannot listen on, in one line each", async () => {
+  for (const p of ["99999", "-1", "http"]) {
+    const r = run(["serve", "--port", p]);
+    expect(r.code).toBe(1);
+    expect(r.err).toMatch(/--port must be an integer in \[0, 65535\]/);
+  }
+  // A port another server holds: the model loads, then listening fails with its own message.
+  const net = await import("node:net");
+  const holder = net.createServer();
+  await new Promise<void>((resolve) => holder.listen(0, "127.0.0.1", resolve));
+  try {
+    const port = String((holder.address() as import("node:net").AddressInfo).port);
+    const r = run(["serve", "--model", fixture, "--port", port]);
+    expect(r.code).toBe(1);
+    expect(r.err).toMatch(new RegExp(`^lckv: cannot listen on 127\\.0\\.0\\.1:${port} \\(--host, --port\\): .*EADDRINUSE`, "m"));
+    expect(r.err).not.toMatch(/\n\s+at /);
+  } finally {
+    await new Promise<void>((resolve) => holder.close(() => resolve()));
+  }
+});
