@@ -66,4 +66,13 @@ function measuredAt(r, key) {
   return at && at !== r.commit ? [`Measured at commit ${at} (the figures of the other sections of this file: ${r.commit}).`, ""] : [];
 }
 
-module.exports = { fmt, pct, spread, ratio, table, bytes, gib, shapeName, loadResultSets, truncatedTokens, kvLabel, shapeOf, measuredAt };
+/**
+ * The heading of one result file's part of a section (its label, file, date and card; `prefix`
+ * before the label, `extra` after the card), then the section's "measured at" line if any.
+ */
+function setHeading(set, key, { prefix = "", extra = "" } = {}) {
+  const r = set.r;
+  return [`### ${prefix}${set.label} (\`${set.file}\`: ${r.date}, ${r.rates.card}${extra})`, "", ...measuredAt(r, key)];
+}
+
+module.exports = { fmt, pct, spread, ratio, table, bytes, gib, shapeName, loadResultSets, truncatedTokens, kvLabel, shapeOf, setHeading };

@@ -2,7 +2,7 @@
  * The report's peers: transformers and the PyTorch reference (experiment 4), node-llama-cpp
  * (experiment 6), each row beside lckv's figure at the same point, measured in the same run.
  */
-const { fmt, spread, ratio, table, shapeName, shapeOf, measuredAt } = require("./report-format");
+const { fmt, spread, ratio, table, shapeName, shapeOf, setHeading } = require("./report-format");
 
 function hfPeersSection(sets, L) {
   const withRows = sets.filter((s) => s.r.peers?.length);
@@ -10,7 +10,7 @@ function hfPeersSection(sets, L) {
   L.push("## 4. transformers and the PyTorch reference, same card, same run", "");
   for (const set of withRows) {
     const r = set.r;
-    L.push(`### ${set.label} (\`${set.file}\`: ${r.date}, ${r.rates.card})`, "", ...measuredAt(r, "peers"));
+    L.push(...setHeading(set, "peers"));
     const rows = r.peers.map((p) => {
       if (p.error) return [p.peer, p.batch ?? "-", p.context ?? "-", "-", "-", "-", "-", `failed: ${p.error}`];
       const o = p.ours;
@@ -35,7 +35,7 @@ function llamaPeerSection(sets, L) {
   for (const set of withRows) {
     const r = set.r;
     for (const shape of r.llamaPeer) {
-      L.push(`### ${shapeName(shapeOf(shape))}, ${set.label} (\`${set.file}\`: ${r.date}, ${r.rates.card})`, "", ...measuredAt(r, "llamaPeer"));
+      L.push(...setHeading(set, "llamaPeer", { prefix: `${shapeName(shapeOf(shape))}, ` }));
       if (shape.error) {
         L.push(`Not measured: ${shape.error}.`, "");
         continue;

@@ -3,7 +3,7 @@
  * (costs.js), where prefill takes over, and a plain account of where LCKV loses and why.
  */
 const { decodeGainBound, bytesPerGeneratedToken, prefillTakeover } = require("./costs");
-const { fmt, pct, spread, ratio, table, bytes, gib, shapeName, truncatedTokens, kvLabel, shapeOf, measuredAt } = require("./report-format");
+const { fmt, pct, spread, ratio, table, bytes, gib, shapeName, truncatedTokens, kvLabel, shapeOf, setHeading } = require("./report-format");
 
 /** Every experiment-1 row of every results file, with the file it came from. */
 function throughputEntries(sets) {
@@ -94,7 +94,7 @@ function throughputSections(sets, L) {
     const r = set.r;
     const pools = r.kvPoolGiB !== null && typeof r.kvPoolGiB === "object" ? Object.entries(r.kvPoolGiB).map(([s, g]) => `${gib(g)} at the ${shapeName(s)}`).join(", ") : gib(r.kvPoolGiB ?? 1);
     const n = truncatedTokens(r);
-    L.push(`### ${set.label} (\`${set.file}\`: ${r.date}, ${r.rates.card}, commit ${r.commit})`, "", ...measuredAt(r, "throughput"));
+    L.push(...setHeading(set, "throughput", { extra: `, commit ${r.commit}` }));
     L.push(`K/V pool of each model: ${pools}. ` + (n === null ? `Timed: ${r.generationRuns ?? 1} full generation${(r.generationRuns ?? 1) > 1 ? "s" : ""} per row after an untimed warm-up of the same batch (32 tokens a request).` : `These results predate full generations: only the first ${n} generated tokens of each request were run and timed, so their end-to-end figure mostly weighs prefill and is not a throughput.`), "");
     L.push(throughputTable(set, entries), "");
   }

@@ -8,7 +8,7 @@ const fs = require("node:fs");
 const path = require("node:path");
 const { lineChart } = require("./svg-chart");
 const { PARTS } = require("./parts");
-const { fmt, pct, spread, table, bytes, shapeName, loadResultSets, truncatedTokens, kvLabel, shapeOf, measuredAt } = require("./report-format");
+const { fmt, pct, spread, table, bytes, shapeName, loadResultSets, truncatedTokens, kvLabel, shapeOf, setHeading } = require("./report-format");
 const { throughputSections, throughputHeadlines } = require("./report-throughput");
 const { hfPeersSection, llamaPeerSection } = require("./report-peers");
 
@@ -113,7 +113,7 @@ function decodeSection(sets, L, benchDir) {
   L.push("Per decode step at 2048 tokens of context (and batch 1 at 128), against the memory roofline: (W + B x A) / copy bandwidth, with W and A as in the bound above: every layer's attention reads the K/V it attends to, so an LCKV layer that reads the top layer's K/V reads as many bytes as a standard layer. The batch's sequences are forks of 8 distinct 2048-token prefixes (so that a batch of hundreds needs no hundreds of prefills); forks share their prefix's pages, so at large batches the attention may find some K/V in L2, and the roofline's K/V bytes are an upper bound.", "");
   for (const set of withRows) {
     const r = set.r;
-    L.push(`### ${set.label} (\`${set.file}\`: ${r.date}, ${r.rates.card})`, "", ...measuredAt(r, "decode"));
+    L.push(...setHeading(set, "decode"));
     const rows = r.decode.map((x) => [shapeName(shapeOf(x)), x.model, kvLabel(x), x.context ?? 2048, x.batch + (x.batch === x.maxBatch ? " (max)" : ""), fmt(x.msPerStep.median, 2), fmt(x.tokPerS, 0), fmt(x.roofMs, 2), pct(x.ofRoofline), spread(x.msPerStep)]);
     L.push(table(["shape", "model", "K/V", "context", "batch", "ms / step", "tokens/s", "roofline ms", "of roofline", "spread"], rows), "");
   }
@@ -157,7 +157,7 @@ function prefillSection(sets, L) {
   );
   for (const set of withRows) {
     const r = set.r;
-    L.push(`### ${set.label} (\`${set.file}\`: ${r.date}, ${r.rates.card})`, "", ...measuredAt(r, "prefill"));
+    L.push(...setHeading(set, "prefill"));
     const rows = r.prefill.map((x) => [shapeName(shapeOf(x)), x.model, kvLabel(x), x.mode, x.prompts ?? 1, x.tokens, fmt(x.ms.median, 1), fmt(x.tokPerS, 0), x.passes, fmt(x.rowsPerStep, 1), fmt(x.tflops, 1), pct(x.ofGemmRate), spread(x.ms)]);
     L.push(table(["shape", "model", "K/V", "mode", "prompts", "tokens each", "ms", "tokens/s", "passes", "rows per step", "TFLOP/s", "of GEMM rate", "spread"], rows), "");
   }
@@ -173,7 +173,7 @@ function streamGapSection(sets, L) {
   );
   for (const set of withRows) {
     const r = set.r;
-    L.push(`### ${set.label} (\`${set.file}\`: ${r.date}, ${r.rates.card})`, "", ...measuredAt(r, "streamGap"));
+    L.push(...setHeading(set, "streamGap"));
     const rows = r.streamGap.map((x) => [shapeName(shapeOf(x)), x.model, kvLabel(x), x.mode, x.tokens, fmt(x.stepMs.median, 2), `${fmt(x.longestGapMs.median, 2)} (${spread(x.longestGapMs)})`, fmt(x.longestGapMs.median - x.stepMs.median, 2), fmt(x.prefillMs.median, 1)]);
     L.push(table(["shape", "model", "K/V", "mode", "prompt tokens", "step, ms", "longest gap, ms (spread)", "gap beyond a step, ms", "prefill, ms"], rows), "");
   }
@@ -186,7 +186,7 @@ function attentionSection(sets, L) {
   L.push("The attention of one decode step by itself, no model around it: one query per sequence at the last of its tokens of context in its own K/V pages (f32 K/V; experiment 7 times every K/V type), in each shape's heads. Bytes are what a call must move: K and V of every key of every sequence, plus the queries and the output. The time per call is the mean over a loop of calls (host clock, closed by a synchronising download), and GB/s = bytes / time, set against the device-to-device copy bandwidth measured above.", "");
   for (const set of withRows) {
     const r = set.r;
-    L.push(`### ${set.label} (\`${set.file}\`: ${r.date}, ${r.rates.card})`, "", ...measuredAt(r, "attention"));
+    L.push(...setHeading(set, "attention"));
     const rows = r.attention.map((x) => [shapeName(shapeOf(x)), `${x.numHeads ?? 32} / ${x.numKvHeads ?? 4} / ${x.headDim ?? 64}`, x.sequences, x.context, fmt(x.bytes / 1e6, 1), fmt(x.ms.median * 1e3, 1), fmt(x.gbps, 0), pct(x.ofCopy ?? NaN), spread(x.ms)]);
     L.push(table(["shape", "heads / K/V heads / head size", "sequences", "tokens each", "MB moved", "µs / call", "GB/s", "of copy bandwidth", "spread"], rows), "");
   }
@@ -199,7 +199,7 @@ function kvTypesSection(sets, L) {
   L.push("The standard model in each K/V cache type (`kvCacheDtype`). Capacity: sequences of 2048 + 2048 tokens one pool holds, from the engine's page size (scales and padding count). Decode: distinct sequences (no shared pages), against the type's roofline, (weights + batch x context x K/V bytes per token) / copy bandwidth. Attention alone as in experiment 5, counting each type's own bytes.", "");
   for (const set of withRows) {
     const r = set.r;
-    L.push(`### ${set.label} (\`${set.file}\`: ${r.date}, ${r.rates.card})`, "", ...measuredAt(r, "kvTypes"));
+    L.push(...setHeading(set, "kvTypes"));
     const f32 = r.kvTypes.find((x) => x.kvCacheDtype === "f32");
     const rows = r.kvTypes.map((x) => [
       x.kvCacheDtype,
