@@ -9,11 +9,14 @@
 // Precision: every code of every compact type is exactly a bf16 (bf16's 8 significant bits hold
 // an int8 or int4 code and an e4m3 value; a bf16 cache's values are bf16), so keys and values
 // enter the mma as stored, and the per-key scales stay outside it: K's multiplies the score, V's
-// the probability before it enters the product. The other operand of each product (the scaled
-// queries, the probabilities) is f32: it is split into three bf16 parts (hi + mid + lo, f32's 24
-// bits) and each part takes its own mma, so a score or an output row is the f32 computation to
-// within the f32 accumulation of the tensor cores. (Two parts keep 16 bits, which measured near
-// the 1e-5 the op checks allow in the decode kernel; see attention_decode_mma.cuh.)
+// the probability before it enters the product. The other operand of each product is f32 and is
+// split into bf16 parts, each taking its own mma. The scaled queries take three (hi + mid + lo,
+// f32's 24 bits), so a score is the f32 computation to within the tensor cores' f32
+// accumulation: a score's error is multiplied by the softmax's exponent. The probabilities take
+// two (16 significant bits, a relative error under 2^-17 each): they lie in [0, 1] and the
+// output divides by their f32 sum, so an output row is off by under 2^-17 of its largest value
+// times the V scale, inside the op checks' 1e-5, and the third part's mma per 16 keys is saved
+// (a 2048-token prompt: 16.3 -> 15.6 ms; docs/profiling.md).
 //
 // The tile's keys and values are stored in shared memory as bf16, one row per key, rows an odd
 // number of 16-byte pieces apart so that ldmatrix's 8 rows hit distinct banks: a bf16 cache's
@@ -39,7 +42,8 @@ constexpr int kPrefillBf16Warps = 4;
 constexpr int kPrefillBf16Queries = 16 * kPrefillBf16Warps;
 constexpr int kPrefillKeyTile = 64;
 constexpr int kPrefillStages = 2;
-constexpr int kQueryParts = 3;  // hi + mid + lo
+constexpr int kQueryParts = 3;        // hi + mid + lo
+constexpr int kProbabilityParts = 2;  // hi + lo (see the precision note above)
 
 // Bytes between shared-memory rows of kDim bf16 values: an odd number of 16-byte pieces.
 __host__ __device__ constexpr int prefillBf16Stride(int kDim) { return 16 * ((2 * kDim / 16) | 1); }
@@ -246,7 +250,7 @@ __global__ void __launch_bounds__(kPrefillBf16Warps * 32) attentionPrefillBf16Ke
 #pragma unroll
       for (int kg = 0; kg < kKeyTiles / 2; ++kg) {
         // The weights (probability x V scale) of keys 16 kg + 2t, +1 (score tile 2 kg) and
-        // 16 kg + 8 + 2t, +1 (tile 2 kg + 1), rows g and g + 8: P's A fragment, in three parts.
+        // 16 kg + 8 + 2t, +1 (tile 2 kg + 1), rows g and g + 8: P's A fragment, in two parts.
         float w[2][4];
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
@@ -262,11 +266,11 @@ __global__ void __launch_bounds__(kPrefillBf16Warps * 32) attentionPrefillBf16Ke
           }
           w[half][0] = p0 * v0, w[half][1] = p1 * v1, w[half][2] = p2 * v0, w[half][3] = p3 * v1;
         }
-        uint32_t pa[kQueryParts][4];
-        splitPair3<false>(w[0][0], w[0][1], pa[0][0], pa[1][0], pa[2][0]);  // (g, keys 2t, 2t + 1)
-        splitPair3<false>(w[0][2], w[0][3], pa[0][1], pa[1][1], pa[2][1]);  // (g + 8, 2t, 2t + 1)
-        splitPair3<false>(w[1][0], w[1][1], pa[0][2], pa[1][2], pa[2][2]);  // (g, 8 + 2t, 9 + 2t)
-        splitPair3<false>(w[1][2], w[1][3], pa[0][3], pa[1][3], pa[2][3]);  // (g + 8, 8 + 2t, 9 + 2t)
+        uint32_t pa[kProbabilityParts][4];
+        splitPair<false>(w[0][0], w[0][1], pa[0][0], pa[1][0]);  // (g, keys 2t, 2t + 1)
+        splitPair<false>(w[0][2], w[0][3], pa[0][1], pa[1][1]);  // (g + 8, 2t, 2t + 1)
+        splitPair<false>(w[1][0], w[1][1], pa[0][2], pa[1][2]);  // (g, 8 + 2t, 9 + 2t)
+        splitPair<false>(w[1][2], w[1][3], pa[0][3], pa[1][3]);  // (g + 8, 8 + 2t, 9 + 2t)
 #pragma unroll
         for (int dp = 0; dp < kDimTiles / 2; ++dp) {
           // Matrices (keys 0-7, dims 16 dp ..) (keys 8-15, 16 dp ..) (keys 0-7, 16 dp + 8 ..)
@@ -274,7 +278,7 @@ __global__ void __launch_bounds__(kPrefillBf16Warps * 32) attentionPrefillBf16Ke
           uint32_t vb[4];
           ldmatrixX4Trans(vb, vRows + (16 * kg + 8 * (mi & 1) + mr) * kStride + 16 * (2 * dp + (mi >> 1)));
 #pragma unroll
-          for (int part = 0; part < kQueryParts; ++part) {
+          for (int part = 0; part < kProbabilityParts; ++part) {
             mma16816<false>(po[2 * dp], pa[part], vb[0], vb[1]);
             mma16816<false>(po[2 * dp + 1], pa[part], vb[2], vb[3]);
           }
