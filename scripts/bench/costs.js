@@ -64,6 +64,32 @@ function prefillTakeover({ wallMs, gen, decodeMsPerStep }) {
   return { prefillMs, prefillShare: prefillMs / wallMs, breakEvenGen: prefillMs / decodeMsPerStep };
 }
 
+/**
+ * The least wall time, in ms, of a full-generation run (every one of `batch` requests prefills
+ * `prompt` tokens and generates `gen`) on a card of `copyGBps` and `tflops` (bf16 GEMM): a floor
+ * from bytes and flops, not a model of the run. Each phase takes at least the larger of its bytes
+ * over the copy rate and its flops over the GEMM rate, at 2 flops per weight per token (W counts
+ * 2 bytes a weight); attention's own products are left out, which keeps it a floor.
+ * - Decode: gen - 1 steps after the prompt's last one (which gives the first token), each reading
+ *   W and every sequence's K/V at its context (prompt to prompt + gen - 2 tokens, `a1` bytes a
+ *   token of context: A over its context).
+ * - Prefill: batch x prompt tokens through every weight but the LM head (`headBytes`, once a
+ *   prompt). The share of prompt tokens that went as token steps (one token of every prefilling
+ *   sequence a step: LCKV's exact prefill with other requests in flight) also reads, a step, the
+ *   weights and the K/V before it, as decode does; a chunk of a prompt reads each weight once for
+ *   its many tokens, left out.
+ * So a model whose prompts must go token by token pays for its prefill in bytes where the
+ * standard model pays in flops: this is what bounds LCKV's end-to-end gain below its decode gain.
+ */
+function fullGenerationFloorMs({ weightBytes: W, headBytes, a1, batch: B, prompt: P, gen: G, tokenStepShare = 0, copyGBps, tflops }) {
+  const bytesPerMs = copyGBps * 1e6, flopsPerMs = tflops * 1e9, n = G - 1;
+  const decode = Math.max((n * W + B * a1 * (n * P + (n * (n - 1)) / 2)) / bytesPerMs, (n * B * W) / flopsPerMs);
+  const body = W - headBytes;
+  const tokenSteps = tokenStepShare * (P * body + (B * a1 * P * (P - 1)) / 2);
+  const prefill = Math.max(tokenSteps / bytesPerMs, (B * (P * body + headBytes)) / flopsPerMs);
+  return decode + prefill;
+}
+
 /** Flops of a forward over `n` tokens after `ctx0` cached ones: 2 per weight per token, plus q.k and p.v. */
 function forwardFlops(c, n, ctx0 = 0) {
   const E = c.hiddenSize, I = c.intermediateSize, qd = c.numHeads * c.headDim, kvd = c.numKvHeads * c.headDim;
@@ -74,4 +100,4 @@ function forwardFlops(c, n, ctx0 = 0) {
   return perToken * n + 4 * c.numLayers * qd * keys;
 }
 
-module.exports = { weightBytes, kvBytesPerElement, kvBytesPerLayerToken, attentionBytes, bytesPerGeneratedToken, decodeGainBound, prefillTakeover, forwardFlops };
+module.exports = { weightBytes, kvBytesPerElement, kvBytesPerLayerToken, attentionBytes, bytesPerGeneratedToken, decodeGainBound, prefillTakeover, fullGenerationFloorMs, forwardFlops };

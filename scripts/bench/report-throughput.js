@@ -2,7 +2,8 @@
  * The report's experiment 1: full-generation throughput with the decode bound beside every row
  * (costs.js), where prefill takes over, and a plain account of where LCKV loses and why.
  */
-const { decodeGainBound, bytesPerGeneratedToken, prefillTakeover } = require("./costs");
+const { decodeGainBound, bytesPerGeneratedToken, prefillTakeover, fullGenerationFloorMs } = require("./costs");
+const { SHAPES, TINY_SHAPES } = require("./models");
 const { fmt, pct, spread, ratio, table, bytes, gib, shapeName, truncatedTokens, kvLabel, shapeOf, setHeading } = require("./report-format");
 
 /** Every experiment-1 row of every results file, with the file it came from. */
@@ -39,7 +40,29 @@ function figures(e, entries) {
     if (s?.weightBytes !== undefined) f.bound = decodeGainBound({ wStd: s.weightBytes, batchStd: s.batch, w: x.weightBytes, batch: x.batch, a: x.attentionBytes });
   }
   if (full && x.decodeMsPerStep) Object.assign(f, prefillTakeover({ wallMs: x.wallMs.median, gen: x.gen, decodeMsPerStep: x.decodeMsPerStep.median }));
+  if (full) {
+    f.floorTokPerS = floorTokPerS(e.set, x);
+    if (f.floorTokPerS !== undefined) f.ofFloor = x.tokPerS.median / f.floorTokPerS;
+    const sFloor = s && floorTokPerS(standardFor(e, entries).set, s);
+    if (f.floorTokPerS !== undefined && sFloor !== undefined) f.floorRatio = f.floorTokPerS / sFloor;
+  }
   return f;
+}
+
+/**
+ * A full-generation row's end-to-end floor in tokens/s (costs.js, fullGenerationFloorMs) at its
+ * file's measured copy and GEMM rates; undefined for rows that do not record how their prompts
+ * went (those before the prefill column), or without the rates.
+ */
+function floorTokPerS(set, x) {
+  const rates = set.r.rates, shape = (set.r.tiny ? TINY_SHAPES : SHAPES)[shapeOf(x)];
+  if (x.prefill === undefined || x.weightBytes === undefined || !x.decodeContext || !shape || !(rates?.copyGBps > 0) || !(rates?.bf16Tflops > 0)) return undefined;
+  const ms = fullGenerationFloorMs({
+    weightBytes: x.weightBytes, headBytes: shape.vocab * shape.hidden * 2, a1: x.attentionBytes / x.decodeContext,
+    batch: x.batch, prompt: x.prompt, gen: x.gen, tokenStepShare: x.prefill === "sequential" ? x.sharedPromptShare : 0,
+    copyGBps: rates.copyGBps, tflops: rates.bf16Tflops,
+  });
+  return (x.batch * x.gen) / (ms / 1000);
 }
 
 /**
@@ -59,7 +82,7 @@ function throughputTable(set, entries) {
   for (const e of entries.filter((o) => o.set === set)) {
     const x = e.row;
     if (x.skipped) {
-      rows.push([shapeName(shapeOf(x)), x.model, kvLabel(x), `${x.prompt}+${x.gen}`, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", x.skipped]);
+      rows.push([shapeName(shapeOf(x)), x.model, kvLabel(x), `${x.prompt}+${x.gen}`, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", x.skipped]);
       continue;
     }
     const f = figures(e, entries);
@@ -67,6 +90,8 @@ function throughputTable(set, entries) {
       shapeName(shapeOf(x)), x.model, kvLabel(x), `${x.prompt}+${x.gen}`, prefillLabel(set, x),
       `${x.batch}${x.verified ? "" : " (not verified)"}${f.std ? ` (${ratio(f.batchRatio, 1)})` : ""}`,
       `${fmt(x.tokPerS.median, 0)} (${spread(x.tokPerS)})`, f.std ? ratio(f.e2eRatio) : "-",
+      f.floorTokPerS !== undefined ? `${fmt(f.floorTokPerS, 0)} (${pct(f.ofFloor)})` : "-",
+      f.floorRatio !== undefined ? ratio(f.floorRatio) : "-",
       x.decodeTokPerS !== undefined ? `${fmt(x.decodeTokPerS, 0)} (${spread(x.decodeMsPerStep)})` : "-",
       f.decodeRatio !== undefined ? ratio(f.decodeRatio) : "-",
       f.bound !== undefined ? ratio(f.bound) : "-",
@@ -77,7 +102,7 @@ function throughputTable(set, entries) {
     ]);
   }
   const e2e = n === null ? "throughput, tokens/s (prefill included; spread)" : `tokens/s over the first ${n} generated tokens (prefill included; NOT throughput; spread)`;
-  return table(["shape", "model", "K/V", "prompt+gen", "prefill (prompt tokens in shared steps)", "largest batch (vs standard)", e2e, "vs standard", "decode tokens/s (spread)", "decode vs standard", "bound on decode vs standard", "W/B + A per token, MiB", "decode of its roofline", "prefill share of wall time", "prefill = decode below (tokens generated)"], rows);
+  return table(["shape", "model", "K/V", "prompt+gen", "prefill (prompt tokens in shared steps)", "largest batch (vs standard)", e2e, "vs standard", "end-to-end floor, tokens/s (the run's share of it)", "floor vs standard", "decode tokens/s (spread)", "decode vs standard", "bound on decode vs standard", "W/B + A per token, MiB", "decode of its roofline", "prefill share of wall time", "prefill = decode below (tokens generated)"], rows);
 }
 
 /** Experiment 1's sections: the default set's table, the full protocol's, the bound and its inputs, and the losses. */
@@ -145,6 +170,8 @@ function boundSection(entries, L) {
     "",
     "times faster than the standard model, once both run at the memory bandwidth. It is large when W / B_std dominates (few sequences share each read of the weights: a small pool, a long request) and near 1 when A does (the standard batch already amortizes the weights). The tables give W/B + A per row (context = prompt + gen / 2, the middle of the generation), the bound beside the measured decode ratio, and the measured decode figure against its own roofline (copy bandwidth / (W/B + A)). End to end, prefill comes on top: the column \"prefill share\" is the wall time that the decode steps do not account for (wall - gen x decode step) over the wall time, and \"prefill = decode below\" the generation length at which that prefill would take as long as the decode: with shorter generations, prefill takes over and sets the end-to-end ratio.",
     "",
+    "**The end-to-end floor** (rows that record their prefill mode) is the least wall time the whole run could take on the card with its prompts going as they went (the prefill column), from the same bytes and the flops, each phase at the larger of its bytes over the copy rate and its flops over the GEMM rate measured in the run (scripts/bench/costs.js, `fullGenerationFloorMs`): decode reads W + B x A at each step's context; a prompt in chunks computes 2 flops per weight per token, and a prompt that goes as token steps (LCKV's exact prefill beside other requests: one token of every sequence a step) also reads the weights and the K/V at every one of its steps, as decode does. So a condensed model pays for its prompts in bytes where the standard model pays in flops, and its end-to-end gain at the floor (\"floor vs standard\") is less than its decode bound wherever the prompt is long. A measured end-to-end ratio above the floors' ratio means the standard row runs further below its floor than the condensed one (the floor column's percentages), not that the condensed model beats the hardware.",
+    "",
   );
   if (!rows.length) return;
   const seen = new Map();
@@ -173,7 +200,8 @@ function lossesSection(entries, L) {
     if (!f.std || !f.full) continue;
     const sf = figures(standardFor(e, entries), entries);
     const where = `**\`${x.model}\` at ${x.prompt}+${x.gen}** (${shapeName(shapeOf(x))}, ${kvLabel(x)} K/V, ${e.set.label.toLowerCase()}, batch ${x.batch} against ${f.std.batch})`;
-    const figs = `end to end ${ratio(f.e2eRatio)}, decode ${ratio(f.decodeRatio)}${f.bound !== undefined ? ` against a bound of ${ratio(f.bound)}` : ""}`;
+    const floors = f.floorRatio !== undefined ? ` (the floors' ratio ${ratio(f.floorRatio)}; ${pct(f.ofFloor)} of its floor, the standard model ${pct(sf.ofFloor)})` : "";
+    const figs = `end to end ${ratio(f.e2eRatio)}${floors}, decode ${ratio(f.decodeRatio)}${f.bound !== undefined ? ` against a bound of ${ratio(f.bound)}` : ""}`;
     const shortOfBound = f.bound !== undefined && f.decodeRatio !== undefined && f.decodeRatio < 0.7 * f.bound;
     const smallBound = f.bound !== undefined && f.bound < 1.25;
     if (!(f.e2eRatio < 1 || f.decodeRatio < 1 || shortOfBound || smallBound)) {

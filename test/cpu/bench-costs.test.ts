@@ -4,7 +4,7 @@
  * and against hand-computed cases.
  */
 /* eslint-disable @typescript-eslint/no-var-requires */
-const { weightBytes, kvBytesPerElement, attentionBytes, bytesPerGeneratedToken, decodeGainBound, prefillTakeover, forwardFlops } = require("../../scripts/bench/costs.js");
+const { weightBytes, kvBytesPerElement, attentionBytes, bytesPerGeneratedToken, decodeGainBound, prefillTakeover, fullGenerationFloorMs, forwardFlops } = require("../../scripts/bench/costs.js");
 
 const range = (n: number) => Array.from({ length: n }, (_, i) => i);
 const llama7b = { hiddenSize: 4096, intermediateSize: 11008, numHeads: 32, numKvHeads: 32, headDim: 128, numLayers: 32, kvLayers: range(32), vocabSize: 32000 };
@@ -58,4 +58,33 @@ test("prefill flops: 2 per weight per token plus the causal products", () => {
   const params = weightBytes(tinyLlama) / 2;
   expect(forwardFlops(tinyLlama, 1)).toBe(2 * params + 4 * 22 * 2048 * 1);
   expect(forwardFlops(tinyLlama, 10, 5)).toBe(2 * params * 10 + 4 * 22 * 2048 * (10 * 5 + 55));
+});
+
+test("the end-to-end floor: each phase at the larger of its bytes and its flops", () => {
+  // Rates of 1 byte and 1 flop per ms. W = 100 bytes (50 weights: 100 flops a token), LM head 10
+  // bytes, 1 byte of K/V a token of context, 2 sequences, 3 + 4 tokens.
+  const unit = { weightBytes: 100, headBytes: 10, a1: 1, batch: 2, prompt: 3, gen: 4, copyGBps: 1e-6, tflops: 1e-9 };
+  // Decode: 3 steps at contexts 3, 4, 5: bytes 3 x 100 + 2 x 12 = 324, flops 3 x 2 x 100 = 600.
+  // Prefill in chunks: flops 2 x (3 x 90 + 10) = 560; no bytes counted.
+  expect(fullGenerationFloorMs(unit)).toBeCloseTo(600 + 560, 9);
+  // As token steps the prompt reads 3 x 90 + 2 x (0 + 1 + 2) = 276 bytes: under its flops here...
+  expect(fullGenerationFloorMs({ ...unit, tokenStepShare: 1 })).toBeCloseTo(1160, 9);
+  // ...but not on a card whose flops are 10x cheaper: decode 324 bytes, prefill 276 bytes.
+  expect(fullGenerationFloorMs({ ...unit, tokenStepShare: 1, tflops: 1e-8 })).toBeCloseTo(324 + 276, 9);
+  expect(fullGenerationFloorMs({ ...unit, tokenStepShare: 0, tflops: 1e-8 })).toBeCloseTo(324 + 56, 9);
+});
+
+test("the end-to-end floor at 2048+2048 on the 1.1B shape: token-step prompts cost LCKV w=2 most of its decode gain", () => {
+  // An H100's rates (3,000 GB/s copy, 740 TFLOP/s bf16); bf16 K/V, 22 layers x 2 x 4 heads x 64 x 2 bytes.
+  const card = { copyGBps: 3000, tflops: 740 };
+  const a1 = attentionBytes(tinyLlama, 1, 2), head = 32000 * 2048 * 2;
+  const lckv = { ...tinyLlama, kvLayers: [0, 20, 21] };
+  const run = (W: number, batch: number, tokenStepShare: number) => (batch * 2048) / fullGenerationFloorMs({ weightBytes: W, headBytes: head, a1, batch, prompt: 2048, gen: 2048, tokenStepShare, ...card });
+  const std = run(weightBytes(tinyLlama), 23, 0);
+  const lckvTokenSteps = run(weightBytes(lckv), 170, 1);
+  // The decode bound at mid-generation context is ~1.96x; with its 2048 prompt steps reading the
+  // weights and K/V, the floors' ratio falls to ~1.45x. Prefilled in chunks, it would be ~1.9x.
+  expect(lckvTokenSteps / std).toBeGreaterThan(1.4);
+  expect(lckvTokenSteps / std).toBeLessThan(1.5);
+  expect(run(weightBytes(lckv), 170, 0) / std).toBeGreaterThan(1.85);
 });

@@ -11,7 +11,8 @@ import * as os from "node:os";
 import * as path from "node:path";
 
 /* eslint-disable @typescript-eslint/no-var-requires */
-const { decodeGainBound, forwardFlops } = require("../../scripts/bench/costs.js");
+const { decodeGainBound, forwardFlops, fullGenerationFloorMs } = require("../../scripts/bench/costs.js");
+const { TINY_SHAPES } = require("../../scripts/bench/models.js");
 const { renderReport } = require("../../scripts/bench/report.js");
 
 const root = path.join(__dirname, "..", "..");
@@ -253,13 +254,44 @@ test("the report: both results files, the bound beside every row of full generat
   const lckv = (results.throughput as any[]).find((r) => r.model === "lckv-w2" && r.prompt === 128);
   const bound = decodeGainBound({ wStd: std.weightBytes, batchStd: std.batch, w: lckv.weightBytes, batch: lckv.batch, a: lckv.attentionBytes });
   const line = report.split("\n").find((l) => /\| lckv-w2 \| .* \| 128\+128 \|/.test(l))!;
-  expect(line.split(" | ")[10]).toBe(`${bound.toFixed(2)}x`);
+  expect(line.split(" | ")[12]).toBe(`${bound.toFixed(2)}x`);
+  // No floor without the card's rates (a CPU run measures none).
+  expect(results.rates.copyGBps).toBeNull();
+  expect(line.split(" | ").slice(8, 10)).toEqual(["-", "-"]);
   // Its prefill column: the mode and the share of its prompt tokens in shared steps.
   expect(line.split(" | ")[4]).toBe("sequential (99%)");
   for (const k of Object.keys(require("../../scripts/bench/parts.js").PARTS)) expect(report).toContain(`| \`${k}\` |`);
   for (const chart of ["throughput-vs-batch.svg", "memory-vs-context.svg", "memory-vs-context-7b.svg"]) {
     const svg = fs.readFileSync(path.join(out, "bench", chart), "utf8");
     expect(svg.startsWith("<svg")).toBe(true);
+  }
+});
+
+test("the report's end-to-end floor: each row's, at its file's rates, and the floors' ratio to the standard row", () => {
+  const docs = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-bench-floor-"));
+  try {
+    fs.mkdirSync(path.join(docs, "bench"));
+    const rates = { ...results.rates, copyGBps: 50, bf16Tflops: 0.5 };
+    fs.writeFileSync(path.join(docs, "bench", "results.json"), JSON.stringify({ ...results, rates }));
+    renderReport(docs);
+    const md = fs.readFileSync(path.join(docs, "benchmarks.md"), "utf8");
+    const shape = TINY_SHAPES["1.1b"];
+    const floor = (r: any) => (r.batch * r.gen * 1000) / fullGenerationFloorMs({
+      weightBytes: r.weightBytes, headBytes: shape.vocab * shape.hidden * 2, a1: r.attentionBytes / r.decodeContext, batch: r.batch, prompt: r.prompt, gen: r.gen,
+      tokenStepShare: r.prefill === "sequential" ? r.sharedPromptShare : 0, copyGBps: 50, tflops: 0.5,
+    });
+    const std = (results.throughput as any[]).find((r) => r.model === "standard" && r.prompt === 128);
+    const lckv = (results.throughput as any[]).find((r) => r.model === "lckv-w2" && r.prompt === 128);
+    const cell = (model: string) => md.split("\n").find((l) => new RegExp(`\\| ${model} \\| .* \\| 128\\+128 \\|`).test(l))!.split(" | ");
+    expect(cell("lckv-w2")[8]).toBe(`${floor(lckv).toFixed(0)} (${((100 * lckv.tokPerS.median) / floor(lckv)).toFixed(0)}%)`);
+    expect(cell("lckv-w2")[9]).toBe(`${(floor(lckv) / floor(std)).toFixed(2)}x`);
+    expect(cell("standard")[9]).toBe("1.00x");
+    // LCKV's prompts went as token steps: its floor counts their bytes, so it is below the same run's with its prompts in chunks.
+    expect(lckv.prefill).toBe("sequential");
+    expect(floor(lckv)).toBeLessThan(floor({ ...lckv, prefill: "default" }));
+    expect(md).toMatch(/end to end [0-9.]+x \(the floors' ratio [0-9.]+x; [0-9]+% of its floor, the standard model [0-9]+%\)/);
+  } finally {
+    fs.rmSync(docs, { recursive: true, force: true });
   }
 });
 
