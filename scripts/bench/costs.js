@@ -65,29 +65,29 @@ function prefillTakeover({ wallMs, gen, decodeMsPerStep }) {
 }
 
 /**
- * The least wall time, in ms, of a full-generation run (every one of `batch` requests prefills
- * `prompt` tokens and generates `gen`) on a card of `copyGBps` and `tflops` (bf16 GEMM): a floor
- * from bytes and flops, not a model of the run. Each phase takes at least the larger of its bytes
- * over the copy rate and its flops over the GEMM rate, at 2 flops per weight per token (W counts
- * 2 bytes a weight); attention's own products are left out, which keeps it a floor.
- * - Decode: gen - 1 steps after the prompt's last one (which gives the first token), each reading
- *   W and every sequence's K/V at its context (prompt to prompt + gen - 2 tokens, `a1` bytes a
- *   token of context: A over its context).
- * - Prefill: batch x prompt tokens through every weight but the LM head (`headBytes`, once a
- *   prompt). The share of prompt tokens that went as token steps (one token of every prefilling
- *   sequence a step: LCKV's exact prefill with other requests in flight) also reads, a step, the
- *   weights and the K/V before it, as decode does; a chunk of a prompt reads each weight once for
- *   its many tokens, left out.
- * So a model whose prompts must go token by token pays for its prefill in bytes where the
- * standard model pays in flops: this is what bounds LCKV's end-to-end gain below its decode gain.
+ * A floor under the wall time, in ms, of a full-generation run (each of `batch` requests prefills
+ * `prompt` tokens and generates `gen`) at `copyGBps` (the copy rate measured in the run) and
+ * `tflops` (its bf16 GEMM rate): the larger of the run's bytes over the one and its flops over the
+ * other. Taken over the whole run, not per phase, because the engine mixes prompt chunks into
+ * decode steps, where a prompt's flops may hide under the decode's reads. Counted at their least:
+ * - flops: 2 per weight (W counts 2 bytes a weight, so W flops a token) for every token that must
+ *   pass through the model, prompt + gen - 1 a request (the last generated token is only sampled),
+ *   the LM head (`headBytes`) only for the gen tokens it chooses; attention's products left out;
+ * - bytes: gen - 1 decode steps, each reading W and every sequence's K/V at its context (`a1`
+ *   bytes a token of context: A over its context), contexts prompt .. prompt + gen - 2; and the
+ *   prompt tokens that went as token steps (`tokenStepShare` of them, one token of every
+ *   prefilling sequence a step: LCKV's exact prefill beside other requests), each step reading
+ *   every weight but the LM head and the K/V before it. A chunk of a prompt reads each weight once
+ *   for its many tokens: left out.
+ * So a model whose prompts go as token steps pays for them in bytes, where one whose prompts go
+ * in chunks pays in flops: why LCKV's floors' ratio to the standard model is below its decode
+ * bound at long prompts.
  */
 function fullGenerationFloorMs({ weightBytes: W, headBytes, a1, batch: B, prompt: P, gen: G, tokenStepShare = 0, copyGBps, tflops }) {
-  const bytesPerMs = copyGBps * 1e6, flopsPerMs = tflops * 1e9, n = G - 1;
-  const decode = Math.max((n * W + B * a1 * (n * P + (n * (n - 1)) / 2)) / bytesPerMs, (n * B * W) / flopsPerMs);
-  const body = W - headBytes;
-  const tokenSteps = tokenStepShare * (P * body + (B * a1 * P * (P - 1)) / 2);
-  const prefill = Math.max(tokenSteps / bytesPerMs, (B * (P * body + headBytes)) / flopsPerMs);
-  return decode + prefill;
+  const body = W - headBytes, n = G - 1, k = tokenStepShare * P;
+  const bytes = n * W + B * a1 * (n * P + (n * (n - 1)) / 2) + k * body + (B * a1 * k * (k - 1)) / 2;
+  const flops = B * ((P + G - 1) * body + G * headBytes);
+  return Math.max(bytes / (copyGBps * 1e6), flops / (tflops * 1e9));
 }
 
 /** Flops of a forward over `n` tokens after `ctx0` cached ones: 2 per weight per token, plus q.k and p.v. */

@@ -52,11 +52,12 @@ function figures(e, entries) {
 /**
  * A full-generation row's end-to-end floor in tokens/s (costs.js, fullGenerationFloorMs) at its
  * file's measured copy and GEMM rates; undefined for rows that do not record how their prompts
- * went (those before the prefill column), or without the rates.
+ * went (those before the prefill column), without the rates, or of the shipped default model
+ * (its LM head is not its shape row's).
  */
 function floorTokPerS(set, x) {
   const rates = set.r.rates, shape = (set.r.tiny ? TINY_SHAPES : SHAPES)[shapeOf(x)];
-  if (x.prefill === undefined || x.weightBytes === undefined || !x.decodeContext || !shape || !(rates?.copyGBps > 0) || !(rates?.bf16Tflops > 0)) return undefined;
+  if (x.model === "default" || x.prefill === undefined || x.weightBytes === undefined || !x.decodeContext || !shape || !(rates?.copyGBps > 0) || !(rates?.bf16Tflops > 0)) return undefined;
   const ms = fullGenerationFloorMs({
     weightBytes: x.weightBytes, headBytes: shape.vocab * shape.hidden * 2, a1: x.attentionBytes / x.decodeContext,
     batch: x.batch, prompt: x.prompt, gen: x.gen, tokenStepShare: x.prefill === "sequential" ? x.sharedPromptShare : 0,
@@ -170,7 +171,7 @@ function boundSection(entries, L) {
     "",
     "times faster than the standard model, once both run at the memory bandwidth. It is large when W / B_std dominates (few sequences share each read of the weights: a small pool, a long request) and near 1 when A does (the standard batch already amortizes the weights). The tables give W/B + A per row (context = prompt + gen / 2, the middle of the generation), the bound beside the measured decode ratio, and the measured decode figure against its own roofline (copy bandwidth / (W/B + A)). End to end, prefill comes on top: the column \"prefill share\" is the wall time that the decode steps do not account for (wall - gen x decode step) over the wall time, and \"prefill = decode below\" the generation length at which that prefill would take as long as the decode: with shorter generations, prefill takes over and sets the end-to-end ratio.",
     "",
-    "**The end-to-end floor** (rows that record their prefill mode) is the least wall time the whole run could take on the card with its prompts going as they went (the prefill column), from the same bytes and the flops, each phase at the larger of its bytes over the copy rate and its flops over the GEMM rate measured in the run (scripts/bench/costs.js, `fullGenerationFloorMs`): decode reads W + B x A at each step's context; a prompt in chunks computes 2 flops per weight per token, and a prompt that goes as token steps (LCKV's exact prefill beside other requests: one token of every sequence a step) also reads the weights and the K/V at every one of its steps, as decode does. So a condensed model pays for its prompts in bytes where the standard model pays in flops, and its end-to-end gain at the floor (\"floor vs standard\") is less than its decode bound wherever the prompt is long. A measured end-to-end ratio above the floors' ratio means the standard row runs further below its floor than the condensed one (the floor column's percentages), not that the condensed model beats the hardware.",
+    "**The end-to-end floor** (rows that record their prefill mode) is a floor under the wall time of the whole run with its prompts going as they went (the prefill column), at the copy and bf16 GEMM rates measured in the same run (not the card's data-sheet peaks): the larger of the run's bytes over the one and its flops over the other (scripts/bench/costs.js, `fullGenerationFloorMs`; over the whole run, since prompt chunks ride in decode steps). Flops: 2 per weight for every token that passes through the model. Bytes: every decode step reads W + B x A at its context, and a prompt that goes as token steps (a model with a cyclic layer group, LCKV or sandwich, beside other requests: one token of every prefilling sequence a step) also reads the weights and the K/V before it at every one of its steps. So such a model pays for its prompts in bytes, where a model whose prompts go in chunks (standard, CLA) pays in flops, and its floors' ratio to the standard model (\"floor vs standard\") falls below its decode bound wherever the prompt is long. A measured end-to-end ratio above the floors' ratio means that the standard row runs further below its floor than the condensed one (the floor column's percentages).",
     "",
   );
   if (!rows.length) return;
