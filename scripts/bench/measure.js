@@ -63,7 +63,7 @@ function poolBytesFor(model, sequences, tokens) {
 }
 
 /**
- * `count` sequences of `tokens` random tokens each, to be forked for decode timings. One pass of
+ * `count` sequences of `tokens` random tokens each, for decode timings (forked, or run themselves). One pass of
  * the iterative prefill: their K/V only has to be there, not exact.
  */
 async function randomPrefixes(model, count, tokens) {
@@ -89,6 +89,24 @@ async function forkedDecodeMs(bases, batch, steps, runs) {
     }));
     const ms = (now() - t0) / steps;
     for (const s of seqs) s.dispose();
+    return ms;
+  }, runs);
+}
+
+/**
+ * Median ms per decode step of `seqs`, each generating `steps` tokens at once (one batch), then
+ * rewound to the length it had: every sequence reads only its own pages, where forks of fewer
+ * prefixes would share theirs (and find them in L2).
+ */
+async function ownDecodeMs(seqs, steps, runs) {
+  const lengths = seqs.map((s) => s.length);
+  return measure(async () => {
+    const t0 = now();
+    await Promise.all(seqs.map(async (s) => {
+      for await (const x of s.generate({ maxNewTokens: steps, temperature: 0, ignoreEos: true })) void x;
+    }));
+    const ms = (now() - t0) / steps;
+    seqs.forEach((s, i) => s.truncate(lengths[i]));
     return ms;
   }, runs);
 }
@@ -164,4 +182,4 @@ async function streamGap(model, n, runs, prefill = undefined) {
   return { stepMs: summary(results.map((r) => r.stepMs)), longestGapMs: summary(results.map((r) => r.longestGapMs)), prefillMs: summary(results.map((r) => r.prefillMs)), runs: results };
 }
 
-module.exports = { now, log, summary, measure, randomIds, hostSync, sequencePages, poolBytesFor, randomPrefixes, forkedDecodeMs, generation, streamGap };
+module.exports = { now, log, summary, measure, randomIds, hostSync, sequencePages, poolBytesFor, randomPrefixes, forkedDecodeMs, ownDecodeMs, generation, streamGap };

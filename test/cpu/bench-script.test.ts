@@ -60,6 +60,8 @@ test("experiment 1: full generations of every request, at the batch the pool ver
     expect(r.lastFirstTokenMs.median).toBeLessThanOrEqual(r.wallMs.median);
     // The generation phase alone, at the same batch, mid-generation.
     expect(r.decodeContext).toBe(r.prompt + Math.floor(r.gen / 2));
+    // Each sequence of the decode timing forked from a prefix of its own: no pages shared.
+    expect(r.decodePrefixes).toBe(r.batch);
     expect(r.decodeMsPerStep.samples).toHaveLength(2);
     expect(r.decodeTokPerS).toBeCloseTo((r.batch * 1e3) / r.decodeMsPerStep.median, 6);
     // A = layers x context x 2 x K/V heads x head size x bytes: 6 layers, 2 K/V heads of 32, in
@@ -255,6 +257,8 @@ test("the report: both results files, the bound beside every row of full generat
   const bound = decodeGainBound({ wStd: std.weightBytes, batchStd: std.batch, w: lckv.weightBytes, batch: lckv.batch, a: lckv.attentionBytes });
   const line = report.split("\n").find((l) => /\| lckv-w2 \| .* \| 128\+128 \|/.test(l))!;
   expect(line.split(" | ")[12]).toBe(`${bound.toFixed(2)}x`);
+  // A prefix of its own for each sequence of its decode timing: no mark.
+  expect(line.split(" | ")[10]).not.toContain("‡");
   // No floor without the card's rates (a CPU run measures none).
   expect(results.rates.copyGBps).toBeNull();
   expect(line.split(" | ").slice(8, 10)).toEqual(["-", "-"]);
@@ -303,6 +307,9 @@ test("results from truncated generations are rendered, and never called throughp
     renderReport(docs);
     const md = fs.readFileSync(path.join(docs, "benchmarks.md"), "utf8");
     expect(md).toContain("tokens/s over the first 32 generated tokens (prefill included; NOT throughput; spread)");
+    // Their decode figures came from forks of a few shared prefixes: marked.
+    const lckvRow = md.split("\n").find((l) => /\| lckv-w2 \| .* \| 2048\+2048 \|/.test(l))!;
+    expect(lckvRow.split(" | ")[10]).toMatch(/ ‡$/);
     expect(md).not.toContain("| throughput, tokens/s");
     expect(md).toMatch(/`lckv-w2` \(default set\): .* tokens\/s over the first 32 generated tokens .* \(not throughput: truncated generations\)/);
   } finally {

@@ -5,7 +5,7 @@
  * end-to-end throughput (generated tokens over wall time, prefill included), the decode step alone
  * at that batch, and the inputs of the decode bound (costs.js).
  */
-const { generation, forkedDecodeMs, randomPrefixes, sequencePages, summary, log } = require("../measure");
+const { generation, ownDecodeMs, randomPrefixes, sequencePages, summary, log } = require("../measure");
 const { weightBytes, kvBytesPerElement, attentionBytes } = require("../costs");
 
 /** Prompt + generation lengths per shape: the paper's, and 5+8187 at the 1.1B shape only. */
@@ -61,11 +61,14 @@ async function experimentThroughput(bench) {
           const runs = [];
           for (let r = 0; r < bench.generationRuns; r++) runs.push(await generation(model, prompt, gen, batch, gen, prefill));
           // The decode step alone at this batch, at the middle of the generation (prompt + gen / 2
-          // tokens of context): forks of up to 4 distinct prefixes, timed as in experiment 2.
+          // tokens of context): a sequence of its own for each of the batch, which generates and is rewound
+          // for the next run. Forks of fewer prefixes would share pages, and the attention would
+          // find their K/V in L2 where the full generation reads it from memory; and a fork writing
+          // a shared page copies it first, which the pool, sized for this batch, has no room for.
           const decodeContext = prompt + Math.floor(gen / 2);
-          const bases = await randomPrefixes(model, Math.min(4, batch), decodeContext);
-          const decodeMs = await forkedDecodeMs(bases, batch, bench.tiny ? 4 : 16, bench.repeats);
-          for (const s of bases) s.dispose();
+          const decoding = await randomPrefixes(model, batch, decodeContext);
+          const decodeMs = await ownDecodeMs(decoding, bench.tiny ? 4 : 16, bench.repeats);
+          for (const s of decoding) s.dispose();
           const bytesPerElement = kvBytesPerElement(c, model.kvBytesPerToken);
           rows.push({
             ...base, batch, verified,
@@ -77,7 +80,7 @@ async function experimentThroughput(bench) {
             // measured before these fields ran the iterative prefill).
             prefill: prefill ?? "default",
             sharedPromptShare: runs[0].sharedPromptTokens / (batch * prompt),
-            decodeContext, decodeMsPerStep: decodeMs, decodeTokPerS: (batch * 1e3) / decodeMs.median,
+            decodeContext, decodePrefixes: decoding.length, decodeMsPerStep: decodeMs, decodeTokPerS: (batch * 1e3) / decodeMs.median,
             kvBytesPerToken: model.kvBytesPerToken, kvBytesPerElement: bytesPerElement, pagesTotal: st.pagesTotal,
             // The decode bound's inputs (costs.js): W, and A at the middle of the generation.
             weightBytes: weightBytes(c), attentionBytes: attentionBytes(c, decodeContext, bytesPerElement),
