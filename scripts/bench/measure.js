@@ -63,8 +63,8 @@ function poolBytesFor(model, sequences, tokens) {
 }
 
 /**
- * `count` sequences of `tokens` random tokens each, for decode timings (forked, or run themselves). One pass of
- * the iterative prefill: their K/V only has to be there, not exact.
+ * `count` sequences of `tokens` random tokens each, for decode timings (forked, or run
+ * themselves). One pass of the iterative prefill: their K/V only has to be there, not exact.
  */
 async function randomPrefixes(model, count, tokens) {
   const bases = [];
