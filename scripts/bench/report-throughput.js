@@ -244,7 +244,8 @@ function throughputHeadlines(sets) {
       };
       const n = truncatedTokens(set.r);
       const e2e = n === null ? `throughput (full generations, prefill included) ${range("e2eRatio")}` : `tokens/s over the first ${n} generated tokens ${range("e2eRatio")} (not throughput: truncated generations)`;
-      lines.push(`- \`${m}\` (${set.label.toLowerCase()}): ${range("batchRatio", 1)} larger batches than the standard cache in the same memory; ${e2e} the standard model's; decode ${range("decodeRatio")}${fs.some((f) => f.bound !== undefined) ? `, against a bound of ${range("bound")}` : ""}.`);
+      const floors = fs.some((f) => f.floorRatio !== undefined) ? ` (${range("floorRatio")} at the end-to-end floors)` : "";
+      lines.push(`- \`${m}\` (${set.label.toLowerCase()}): ${range("batchRatio", 1)} larger batches than the standard cache in the same memory; ${e2e} the standard model's${floors}; decode ${range("decodeRatio")}${fs.some((f) => f.bound !== undefined) ? `, against a bound of ${range("bound")}` : ""}.`);
     }
   }
   return lines;

@@ -294,6 +294,9 @@ test("the report's end-to-end floor: each row's, at its file's rates, and the fl
     expect(lckv.prefill).toBe("sequential");
     expect(floor(lckv)).toBeLessThan(floor({ ...lckv, prefill: "default" }));
     expect(md).toMatch(/end to end [0-9.]+x \(the floors' ratio [0-9.]+x; [0-9]+% of its floor, the standard model [0-9]+%\)/);
+    // The headline gives the floors' ratio beside the measured one.
+    expect(md).toContain(`- \`lckv-w2\` (default set): `);
+    expect(md).toMatch(new RegExp(`\\(${(floor(lckv) / floor(std)).toFixed(2)}x( to [0-9.]+x)? at the end-to-end floors\\)|\\([0-9.]+x to ${(floor(lckv) / floor(std)).toFixed(2)}x at the end-to-end floors\\)`));
   } finally {
     fs.rmSync(docs, { recursive: true, force: true });
   }
