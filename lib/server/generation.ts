@@ -5,6 +5,7 @@
  * awaited, so a stream waits for a slow client instead of running ahead of it.
  */
 import { randomUUID } from "node:crypto";
+import { ContextOverflowError } from "../errors";
 import type { GenerationStream } from "../generation-stream";
 import type { Model } from "../model";
 import type { GenerateOptions } from "../options";
@@ -32,8 +33,20 @@ export function generateOptions(body: CommonBody, maxTokens: number | null | und
   return o;
 }
 
-/** n completions of the prompt: one stream, or n that share one prefill. */
-export function openStreams(model: Model, prompt: readonly number[], n: number, options: GenerateOptions): CompletionStream[] {
+/**
+ * n completions of the prompt: one stream, or n that share one prefill. A request whose prompt and
+ * max_tokens together pass the model's context is refused (400, context_length_exceeded), as
+ * OpenAI and vLLM refuse it, rather than cut short at the context; without max_tokens a completion
+ * runs to the context.
+ */
+export function openStreams(model: Model, prompt: readonly number[], n: number, options: GenerateOptions, promptField: "messages" | "prompt"): CompletionStream[] {
+  const asked = options.maxNewTokens;
+  if (asked !== undefined && prompt.length + asked > model.maxContext) {
+    throw new ContextOverflowError(
+      `This model's maximum context length is ${model.maxContext} tokens. However, you requested ${prompt.length + asked} tokens ` +
+        `(${prompt.length} in the ${promptField}, ${asked} in the completion). Please reduce the length of the ${promptField} or completion.`,
+    );
+  }
   return n === 1 ? [model.stream(prompt, options)] : model.streamMany(prompt, n, options);
 }
 

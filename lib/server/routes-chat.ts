@@ -54,7 +54,7 @@ export function registerChatRoutes(app: FastifyInstance, ctx: ServerContext): vo
       stream: body.stream === true,
       start: (signal) => {
         const prompt = chatPrompt(ctx, body.messages);
-        return openStreams(ctx.model, prompt, n, generateOptions(body, body.max_completion_tokens ?? body.max_tokens, logprobs, signal));
+        return openStreams(ctx.model, prompt, n, generateOptions(body, body.max_completion_tokens ?? body.max_tokens, logprobs, signal), "messages");
       },
       chunk: (index: number, c: StreamChunk) => {
         content[index] += c.text;

@@ -26,7 +26,7 @@ export function registerCompletionRoutes(app: FastifyInstance, ctx: ServerContex
       stream: body.stream === true,
       start: (signal) => {
         const prompt = ctx.model.toTokenIds(body.prompt, "prompt");
-        return openStreams(ctx.model, prompt, n, generateOptions(body, body.max_tokens, logprobs, signal));
+        return openStreams(ctx.model, prompt, n, generateOptions(body, body.max_tokens, logprobs, signal), "prompt");
       },
       chunk: (index: number, c: StreamChunk) => {
         const offset = text[index].length;

@@ -112,6 +112,28 @@ test("400: a prompt longer than the context", async () => {
   await expectIdle(model);
 });
 
+test("400: a prompt and max_tokens that together pass the context, refused before anything runs; at the context, served", async () => {
+  const ctxLen = model.maxContext;
+  const prompt = [5, 6, 7, 8];  // token ids: exactly 4 prompt tokens
+  const over = await failure(srv.client.completions.create({ model: "m", prompt, max_tokens: ctxLen - 3, temperature: 0 }));
+  expect(over.status).toBe(400);
+  expect(over.code).toBe("context_length_exceeded");
+  expect(over.param).toBe("prompt");
+  expect(over.message).toBe(`400 This model's maximum context length is ${ctxLen} tokens. However, you requested ${ctxLen + 1} tokens (4 in the prompt, ${ctxLen - 3} in the completion). Please reduce the length of the prompt or completion.`);
+  const chat = await failure(srv.client.chat.completions.create({ model: "m", messages: user("x"), max_tokens: ctxLen, stream: true }));
+  expect(chat.status).toBe(400);
+  expect(chat.code).toBe("context_length_exceeded");
+  expect(chat.param).toBe("messages");
+  expect(chat.message).toMatch(/\(\d+ in the messages, \d+ in the completion\)/);
+  await expectIdle(model);
+  // Exactly at the context: served.
+  const fits = await srv.client.completions.create({ model: "m", prompt, max_tokens: ctxLen - 4, temperature: 0 });
+  expect(fits.usage?.prompt_tokens).toBe(4);
+  expect(fits.usage?.completion_tokens).toBeGreaterThan(0);
+  expect(fits.usage?.completion_tokens).toBeLessThanOrEqual(ctxLen - 4);
+  await expectIdle(model);
+});
+
 test("401: a missing or wrong key; the right one passes, and /health needs none", async () => {
   const locked = await startServer(model, { apiKey: "sesame" }, "wrong");
   try {
