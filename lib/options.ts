@@ -102,9 +102,18 @@ export const F32_MIN_NORMAL = 2 ** -126;
 /** Passes of the iterative prefill a request may ask for (the reference trains with a handful). */
 export const MAX_PREFILL_PASSES = 1024;
 
+/**
+ * "must be <kind>, got …", or for an integer past Number.MAX_SAFE_INTEGER (which a double holds
+ * only approximately, so it cannot be passed on exactly) the bound it passed.
+ */
+function notSafeInteger(kind: string, v: unknown, min = -Infinity): string {
+  const unsafe = typeof v === "number" && Number.isInteger(v) && !Number.isSafeInteger(v) && v >= min;
+  return `must be ${kind}${unsafe ? " of at most 2^53 - 1 in magnitude (Number.MAX_SAFE_INTEGER)" : ""}, got ${describe(v)}`;
+}
+
 export function nonNegInt(name: string, v: unknown, max = Number.MAX_SAFE_INTEGER): number {
   if (typeof v !== "number" || !Number.isSafeInteger(v) || v < 0) {
-    throw new InvalidOptionError(name, `must be a non-negative integer, got ${describe(v)}`);
+    throw new InvalidOptionError(name, notSafeInteger("a non-negative integer", v, 0));
   }
   if (v > max) throw new InvalidOptionError(name, `must be at most ${max}, got ${v}`);
   return v;
@@ -112,7 +121,7 @@ export function nonNegInt(name: string, v: unknown, max = Number.MAX_SAFE_INTEGE
 
 export function posInt(name: string, v: unknown, max = Number.MAX_SAFE_INTEGER): number {
   if (typeof v !== "number" || !Number.isSafeInteger(v) || v < 1) {
-    throw new InvalidOptionError(name, `must be a positive integer, got ${describe(v)}`);
+    throw new InvalidOptionError(name, notSafeInteger("a positive integer", v, 1));
   }
   if (v > max) throw new InvalidOptionError(name, `must be at most ${max}, got ${v}`);
   return v;
@@ -242,7 +251,7 @@ export function resolveGenerateOptions(opts: GenerateOptions | undefined, defaul
     }
   }
   if (o.seed !== undefined) {
-    if (typeof o.seed !== "number" || !Number.isSafeInteger(o.seed)) throw new InvalidOptionError("seed", `must be an integer, got ${describe(o.seed)}`);
+    if (typeof o.seed !== "number" || !Number.isSafeInteger(o.seed)) throw new InvalidOptionError("seed", notSafeInteger("an integer", o.seed));
     r.seed = o.seed;
   } else {
     r.seed = Math.floor(Math.random() * 2 ** 52);

@@ -300,6 +300,10 @@ describe("inputs and options", () => {
     [{ repetitionPenalty: 0 }, "repetitionPenalty", /> 0/],
     [{ repetitionPenalty: 1e-40 }, "repetitionPenalty", /f32's normal range/],
     [{ seed: 0.5 }, "seed", /integer/],
+    // An integer a double holds only approximately: the bound it passed, not "must be an integer".
+    [{ seed: 2 ** 60 }, "seed", /must be an integer of at most 2\^53 - 1 in magnitude/],
+    [{ maxNewTokens: 2 ** 60 }, "maxNewTokens", /must be a non-negative integer of at most 2\^53 - 1/],
+    [{ maxNewTokens: -(2 ** 60) }, "maxNewTokens", /must be a non-negative integer, got/],
     [{ stop: [""] }, "stop", /non-empty/],
     [{ signal: {} }, "signal", /AbortSignal/],
     [{ prefill: "parallel" }, "prefill", /must be one of "fixed-point", "sequential", "iterative"/],
