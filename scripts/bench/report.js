@@ -110,11 +110,13 @@ function decodeSection(sets, L, benchDir) {
   const withRows = sets.filter((s) => s.r.decode);
   if (!withRows.length) return;
   L.push("## 2. Decode against batch size", "");
-  L.push("Per decode step at 2048 tokens of context (and batch 1 at 128), against the memory roofline: (W + B x A) / copy bandwidth, with W and A as in the bound above: every layer's attention reads the K/V it attends to, so an LCKV layer that reads the top layer's K/V reads as many bytes as a standard layer. The batch's sequences are forks of 8 distinct 2048-token prefixes (so that a batch of hundreds needs no hundreds of prefills); forks share their prefix's pages, so at large batches the attention may find some K/V in L2, and the roofline's K/V bytes are an upper bound.", "");
+  L.push("Per decode step at 2048 tokens of context (and batch 1 at 128), against the memory roofline: (W + B x A) / copy bandwidth, with W and A as in the bound above: every layer's attention reads the K/V it attends to, so an LCKV layer that reads the top layer's K/V reads as many bytes as a standard layer. Up to 128 rows, each sequence holds a 2048-token prefix of its own (generated, then rewound for the next run); larger batches fork 8 distinct prefixes (so that a batch of hundreds needs no hundreds of prefills). ‡: forks of fewer prefixes than rows (every row above 8 before own sequences were measured): they share their prefix's pages, so the attention may find some K/V in L2, and the roofline's K/V bytes are an upper bound on what it fetched from memory.", "");
   for (const set of withRows) {
     const r = set.r;
     L.push(...setHeading(set, "decode"));
-    const rows = r.decode.map((x) => [shapeName(shapeOf(x)), x.model, kvLabel(x), x.context ?? 2048, x.batch + (x.batch === x.maxBatch ? " (max)" : ""), fmt(x.msPerStep.median, 2), fmt(x.tokPerS, 0), fmt(x.roofMs, 2), pct(x.ofRoofline), spread(x.msPerStep)]);
+    // Rows before `prefixes` was recorded forked min(8, maxBatch) prefixes.
+    const shared = (x) => (x.prefixes ?? Math.min(8, x.maxBatch ?? 8)) < x.batch;
+    const rows = r.decode.map((x) => [shapeName(shapeOf(x)), x.model, kvLabel(x), x.context ?? (r.tiny ? 128 : 2048), x.batch + (x.batch === x.maxBatch ? " (max)" : "") + (shared(x) ? " ‡" : ""), fmt(x.msPerStep.median, 2), fmt(x.tokPerS, 0), fmt(x.roofMs, 2), pct(x.ofRoofline), spread(x.msPerStep)]);
     L.push(table(["shape", "model", "K/V", "context", "batch", "ms / step", "tokens/s", "roofline ms", "of roofline", "spread"], rows), "");
   }
   for (const shape of ["1.1b", "7b"]) {

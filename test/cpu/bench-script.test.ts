@@ -60,7 +60,7 @@ test("experiment 1: full generations of every request, at the batch the pool ver
     expect(r.lastFirstTokenMs.median).toBeLessThanOrEqual(r.wallMs.median);
     // The generation phase alone, at the same batch, mid-generation.
     expect(r.decodeContext).toBe(r.prompt + Math.floor(r.gen / 2));
-    // Each sequence of the decode timing forked from a prefix of its own: no pages shared.
+    // Each sequence of the decode timing holds a prefix of its own: no pages shared.
     expect(r.decodePrefixes).toBe(r.batch);
     expect(r.decodeMsPerStep.samples).toHaveLength(2);
     expect(r.decodeTokPerS).toBeCloseTo((r.batch * 1e3) / r.decodeMsPerStep.median, 6);
@@ -158,6 +158,17 @@ test("experiments 2, 3 and 5 wrote their rows with finite timings; experiment 6 
     const rows = results[key] as any[];
     expect(rows.length).toBeGreaterThan(0);
     for (const r of rows) expect(Number.isFinite(r.ms?.median ?? r.msPerStep?.median)).toBe(true);
+  }
+  // Experiment 2: small batches time sequences of their own (one prefix a row); a batch past what
+  // the pool holds that way forks fewer prefixes, and the report marks it.
+  const decode = (results.decode as any[]).filter((r) => !r.context);
+  for (const r of decode) expect(r.prefixes).toBeLessThanOrEqual(r.batch);
+  expect(decode.filter((r) => r.batch > 1).some((r) => r.prefixes === r.batch)).toBe(true);
+  for (const r of decode) {
+    // (The tiny run's context: 128 tokens.)
+    const line = report.split("\n").find((l) => l.includes(` | ${r.model} | `) && new RegExp(`\\| 128 \\| ${r.batch}( \\(max\\))?( ‡)? \\| ${r.msPerStep.median.toFixed(2)} \\|`).test(l));
+    expect(line).toBeDefined();
+    expect(line!.includes(" ‡ ")).toBe(r.prefixes < r.batch);
   }
   const modes = new Set((results.prefill as any[]).filter((r) => r.model === "lckv-w2").map((r) => r.mode));
   expect([...modes].sort()).toEqual(["fixed-point", "iterative", "sequential"]);

@@ -2,8 +2,11 @@
  * Experiment 2: the decode step against batch size at 2048 tokens of context (and batch 1 at
  * 128), against the memory roofline: (W + B x A) / copy bandwidth (costs.js).
  */
-const { forkedDecodeMs, randomPrefixes, randomIds, log } = require("../measure");
+const { forkedDecodeMs, ownDecodeMs, randomPrefixes, randomIds, sequencePages, log } = require("../measure");
 const { weightBytes, kvBytesPerElement, attentionBytes } = require("../costs");
+
+/** Batches up to this many rows time sequences of their own (one prefill each), larger ones forks. */
+const OWN_SEQUENCES = 128;
 
 async function experimentDecode(bench) {
   const rows = [];
@@ -22,17 +25,34 @@ async function experimentDecode(bench) {
         const W = weightBytes(c);
         const roofMs = (batch, ctx) => ((W + batch * attentionBytes(c, ctx, bpe)) / (bench.rates.copyGBps * 1e9)) * 1e3;
         const maxBatch = Math.floor(st.pagesTotal / Math.ceil((context + steps) / st.pageTokens));
-        // Distinct prefixes, forked: the timing of a batch of B sequences of 2048 tokens without
-        // prefilling B x 2048 tokens. Forks share their prefix's pages, so the K/V bytes counted
-        // for the roofline are an upper bound on what the attention actually fetches from memory.
-        const bases = await randomPrefixes(model, Math.min(8, maxBatch), context + 1);
         const sizes = [...new Set([1, 8, 32, 128, 512, maxBatch].filter((b) => b <= maxBatch && (bench.full || b <= 512 || b === maxBatch)))].sort((a, b) => a - b);
+        // Up to OWN_SEQUENCES rows, a sequence of its own for each (generated, then rewound), so
+        // that the attention reads every row's K/V from memory. Above, forks of 8 distinct
+        // prefixes: a batch of hundreds without hundreds of prefills, but forks share their
+        // prefix's pages, so the attention may find some K/V in L2 and the roofline's K/V bytes
+        // are an upper bound (the row records how many distinct prefixes it read).
+        // (As many as the pool holds with their steps generated: a fork shares its prefix's pages,
+        // a sequence of its own holds them all.)
+        const ownFit = Math.floor(st.pagesTotal / sequencePages(st, context + 1 + steps));
+        const own = await randomPrefixes(model, Math.min(OWN_SEQUENCES, ownFit), context + 1);
+        let bases = null;
         for (const b of sizes) {
-          const t = await forkedDecodeMs(bases, b, steps, bench.repeats);
+          let t, prefixes;
+          if (b <= own.length) {
+            t = await ownDecodeMs(own.slice(0, b), steps, bench.repeats);
+            prefixes = b;
+          } else {
+            // The own sequences' pages back to the pool first: the forks of the largest batch need it all.
+            for (const s of own.splice(0)) s.dispose();
+            bases ??= await randomPrefixes(model, Math.min(8, maxBatch), context + 1);
+            t = await forkedDecodeMs(bases, b, steps, bench.repeats);
+            prefixes = bases.length;
+          }
           const roof = roofMs(b, context + steps / 2);
-          rows.push({ shape, model: name, kvDtype: kvType, batch: b, maxBatch, msPerStep: t, tokPerS: (b * 1e3) / t.median, roofMs: roof, ofRoofline: roof / t.median });
+          rows.push({ shape, model: name, kvDtype: kvType, batch: b, maxBatch, prefixes, msPerStep: t, tokPerS: (b * 1e3) / t.median, roofMs: roof, ofRoofline: roof / t.median });
           log(`exp2 ${shape} ${name} ${kvName} batch ${b}: ${t.median.toFixed(2)} ms/step, ${((roof / t.median) * 100).toFixed(0)}% of roofline`);
         }
+        for (const s of own) s.dispose();
         // Batch 1 at a short context too (the other batch-1 point of the decode roofline).
         const short = model.createSequence();
         await short.append(randomIds(129, c.vocabSize));
@@ -40,7 +60,7 @@ async function experimentDecode(bench) {
         const roof128 = roofMs(1, 128 + steps / 2);
         rows.push({ shape, model: name, kvDtype: kvType, batch: 1, context: 128, msPerStep: t128, tokPerS: 1e3 / t128.median, roofMs: roof128, ofRoofline: roof128 / t128.median });
         short.dispose();
-        for (const s of bases) s.dispose();
+        for (const s of bases ?? []) s.dispose();
         await model.dispose();
       }
     }
