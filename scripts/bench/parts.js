@@ -15,7 +15,8 @@ const PARTS = {
   // Experiment 3's many-prompt rows add to the ~5 minutes measured before them: at 1.1B a warm-up
   // and 3 runs of LCKV's 64 x 2048 (~4.2 s a run on an H100, 2026-12-06) and of the standard
   // 16 x 2048 (under a second), ~20 s; at 7B not measured yet, estimated at ~1 minute more (its
-  // steps read ~6x the weights).
+  // steps read ~6x the weights). Experiment 2's sequences of their own (up to 128 per model, 2049
+  // tokens each, one-pass prefills) add an estimated ~2 s per model at 1.1B and ~15 s at 7B.
   kernels: { shapes: ["1.1b", "7b"], only: [2, 3, 5, 8], what: "decode against batch size, prefill (one prompt at a time, and many at once), the attention kernels and a running stream's longest wait while a prompt arrives, at both shapes", minutes: 8 },
   peers: { shapes: ["1.1b"], only: [4, 6], what: "transformers (eager and static cache), the PyTorch reference and node-llama-cpp at the 1.1B shape", minutes: 5 },
   "llama-7b": { shapes: ["7b"], only: [6], what: "node-llama-cpp and lckv at the 7B shape (writes 25 GB of GGUF the first time)", minutes: 4 },
