@@ -83,14 +83,19 @@ async function randomPrefixes(model, count, tokens) {
 async function forkedDecodeMs(bases, batch, steps, runs) {
   return measure(async () => {
     const seqs = Array.from({ length: batch }, (_, i) => bases[i % bases.length].fork());
-    const t0 = now();
-    await Promise.all(seqs.map(async (s) => {
-      for await (const x of s.generate({ maxNewTokens: steps, temperature: 0, ignoreEos: true })) void x;
-    }));
-    const ms = (now() - t0) / steps;
+    const ms = await stepMs(seqs, steps);
     for (const s of seqs) s.dispose();
     return ms;
   }, runs);
+}
+
+/** Ms per step while every one of `seqs` generates `steps` tokens at once (the scheduler's one batch). */
+async function stepMs(seqs, steps) {
+  const t0 = now();
+  await Promise.all(seqs.map(async (s) => {
+    for await (const x of s.generate({ maxNewTokens: steps, temperature: 0, ignoreEos: true })) void x;
+  }));
+  return (now() - t0) / steps;
 }
 
 /**
@@ -101,11 +106,7 @@ async function forkedDecodeMs(bases, batch, steps, runs) {
 async function ownDecodeMs(seqs, steps, runs) {
   const lengths = seqs.map((s) => s.length);
   return measure(async () => {
-    const t0 = now();
-    await Promise.all(seqs.map(async (s) => {
-      for await (const x of s.generate({ maxNewTokens: steps, temperature: 0, ignoreEos: true })) void x;
-    }));
-    const ms = (now() - t0) / steps;
+    const ms = await stepMs(seqs, steps);
     seqs.forEach((s, i) => s.truncate(lengths[i]));
     return ms;
   }, runs);
