@@ -22,7 +22,7 @@ function standardFor(e, entries) {
 
 /** What the report says of a row: its ratios to the standard row, its bound, its roofline, its prefill share. */
 function figures(e, entries) {
-  const x = e.row, s = standardFor(e, entries)?.row;
+  const se = standardFor(e, entries), x = e.row, s = se?.row;
   const full = truncatedTokens(e.set.r) === null && x.wallMs !== undefined;
   const f = { std: s, full };
   if (s) {
@@ -43,7 +43,7 @@ function figures(e, entries) {
   if (full) {
     f.floorTokPerS = floorTokPerS(e.set, x);
     if (f.floorTokPerS !== undefined) f.ofFloor = x.tokPerS.median / f.floorTokPerS;
-    const sFloor = s && floorTokPerS(standardFor(e, entries).set, s);
+    const sFloor = se && floorTokPerS(se.set, s);
     if (f.floorTokPerS !== undefined && sFloor !== undefined) f.floorRatio = f.floorTokPerS / sFloor;
   }
   return f;
