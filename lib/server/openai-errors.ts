@@ -121,6 +121,11 @@ export function sendHttpError(reply: FastifyReply, r: HttpErrorResponse): Fastif
 /** Every error and every unknown route answers in OpenAI's shape. */
 export function installErrorHandlers(app: FastifyInstance): void {
   app.setErrorHandler((err, request, reply) => {
+    if ((err as FastifyError).code === "FST_ERR_CTP_INVALID_MEDIA_TYPE") {
+      const type = request.headers["content-type"] ?? "none";
+      const message = `Unsupported Content-Type '${type}': the body must be JSON, sent with 'Content-Type: application/json'`;
+      return sendHttpError(reply, { status: 415, body: errorBody(message, "invalid_request_error", null, "unsupported_media_type"), headers: {} });
+    }
     const r = toHttpError(err, request.url.startsWith("/v1/chat/") ? "messages" : "prompt");
     if (r.status >= 500) request.log.error(err);
     return sendHttpError(reply, r);

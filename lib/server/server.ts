@@ -59,6 +59,9 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
   };
   installErrorHandlers(app);
   closeConnectionsOnClose(app);
+  // Bodies are JSON only. fastify would also take text/plain, as a string that then fails the
+  // schema with "must be object"; without that parser such a body gets 415, naming its type.
+  app.removeContentTypeParser("text/plain");
 
   if (options.apiKey !== undefined) {
     const ok = keyCheck(options.apiKey);

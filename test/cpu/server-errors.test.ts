@@ -54,6 +54,19 @@ test("400: malformed JSON, a body that is not an object, a missing field", async
   expect((await postJson(`${srv.url}/v1/completions`, { model: "m" })).json.error.param).toBe("prompt");
 });
 
+test("415: a body that is not sent as JSON names its content type and says what to send", async () => {
+  const body = { model: "m", prompt: "x", max_tokens: 1 };
+  for (const type of ["text/plain", "application/x-www-form-urlencoded"]) {
+    const r = await postJson(`${srv.url}/v1/completions`, body, { "content-type": type });
+    expect(r.status).toBe(415);
+    expectShape(r.json, null);
+    expect(r.json.error.message).toContain(type);
+    expect(r.json.error.message).toContain("Content-Type: application/json");
+  }
+  // The same body as JSON is served.
+  expect((await postJson(`${srv.url}/v1/completions`, body)).status).toBe(200);
+});
+
 test("400: an unknown field, at the top or nested, is named; so is a mistyped or out-of-range one", async () => {
   const c = srv.client;
   const top = await failure(c.chat.completions.create({ model: "m", messages: user("x"), tools: [{ type: "function", function: { name: "f" } }] }));
