@@ -274,6 +274,11 @@ void CudaBackend::addInPlace(Tensor& x, const Tensor& y, int n) {
   cuda::launchAdd(f32(x, "addInPlace", "x"), f32(y, "addInPlace", "y"), (int64_t)n * x.cols, stream_);
 }
 
+void CudaBackend::uploadRopeFrequencies(const std::vector<float>& invFreq) {
+  ctx();
+  deviceInvFreq(invFreq);
+}
+
 void CudaBackend::rope(Tensor& x, int n, int heads, int headDim, const int32_t* positions, const std::vector<float>& invFreq,
                        float attentionScale) {
   ctx();

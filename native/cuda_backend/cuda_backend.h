@@ -70,6 +70,7 @@ class CudaBackend : public Backend {
   bool replayStep(uint64_t key, const StepInputs& in, Tensor& logits) override { return replay(key, in, -1, logits); }
   bool replayStepFromSampled(uint64_t key, const StepInputs& in, int slot, Tensor& logits) override;
   void finishQueued() override;
+  void uploadRopeFrequencies(const std::vector<float>& invFreq) override;
   void stepGraphStats(int64_t& recorded, int64_t& replayed) override { steps_.stats(recorded, replayed); }
   bool beginStepCapture(uint64_t key, const StepInputs& in) override;
   void endStepCapture(const Tensor& logits) override { steps_.end(logits, stream_); }

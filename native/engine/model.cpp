@@ -36,6 +36,8 @@ Model::Model(ModelConfig cfg, std::unique_ptr<Backend> backend) : cfg_(std::move
         upwardTargetSlots_.push_back(slot);
     }
   }
+  // The first step a model runs may be a recorded one (prompts as batched token steps).
+  if (!cfg_.ropeInvFreq.empty()) backend_->uploadRopeFrequencies(cfg_.ropeInvFreq);
 }
 
 Model::~Model() {

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
+#include <vector>
 
 #include "sampling.h"
 
@@ -54,6 +55,9 @@ class StepExecution {
   virtual void abortStepCapture(bool retryLater) {}
   // Recordings kept now, and replays so far (for tests and profiling).
   virtual void stepGraphStats(int64_t& recorded, int64_t& replayed) { recorded = replayed = 0; }
+  // Makes the model's RoPE frequencies resident on the device before any step is recorded: a
+  // recording cannot upload them, and a failed recording leaves its step unrecorded for good.
+  virtual void uploadRopeFrequencies(const std::vector<float>& invFreq) {}
 
   // Run-ahead decoding (Model::decodeBatch): a backend whose work runs behind the host queues a
   // step's token choice without waiting for it, and queues the next step fed with those tokens

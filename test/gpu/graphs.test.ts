@@ -56,6 +56,39 @@ describeGpu("cuda: decode-step graphs", () => {
     expect(e.stepGraphReplays).toBe(0);
   });
 
+  test("a fresh model whose first work is batched token steps records them, and they give what op by op gives", async () => {
+    // Three prompts at once in sequential mode: from the model's first step on, one token of each
+    // a step (39 steps of 3 rows). The first step is recorded, so the RoPE frequencies must be on
+    // the device already: a recording cannot upload them, and a failed one would leave the
+    // steps of its key op by op for good.
+    const dir = writeTinyModel({ layerTypes: "0_3_3_3_4", numLayers: 5, hidden: 64, heads: 4, kvHeads: 2, vocab: 256, maxPositions: 1024, seed: 5 });
+    const run = async (cudaGraphs: boolean) => {
+      const m = await loadModel(dir, { device: "cuda", dtype: "f32", prefixCache: 0, cudaGraphs });
+      try {
+        const seqs = [0, 1, 2].map(() => m.createSequence());
+        await Promise.all(seqs.map((s, i) => s.append(Array.from({ length: 40 }, (_, k) => (k * 31 + i * 7 + 3) % 256), { prefill: "sequential" })));
+        const steps = m.schedulerStats();
+        const info = m.nativeModel().memoryInfo();
+        const tokens = await Promise.all(
+          seqs.map(async (s) => {
+            const out: (number | null)[] = [];
+            for await (const c of s.generate({ maxNewTokens: 8, temperature: 0, ignoreEos: true })) out.push(c.token);
+            return out;
+          }),
+        );
+        return { steps, info, tokens };
+      } finally {
+        await m.dispose();
+      }
+    };
+    const recorded = await run(true);
+    expect(recorded.steps.promptTokens).toBe(3 * 39);
+    expect(recorded.info.stepGraphReplays).toBeGreaterThanOrEqual(30);
+    const opByOp = await run(false);
+    expect(opByOp.info.stepGraphReplays).toBe(0);
+    expect(recorded.tokens).toEqual(opByOp.tokens);
+  });
+
   test("seeded sampling is the same replayed and op by op", async () => {
     const s = { temperature: 0.9, topP: 0.95, seed: 1234 };
     expect(await runAll(graphs, s)).toEqual(await runAll(eager, s));
