@@ -82,11 +82,12 @@ export interface SchedulerStats {
  * where two are that close. `maxBatch: 16` keeps decode steps on the GEMVs, the batch invariance
  * that test/gpu checks (a sequence's greedy tokens the same alone and in a batch; a step that
  * carries a prompt's chunk has more rows whatever maxBatch). What larger steps buy, measured on
- * an H100 80GB HBM3 (2026-12-06), TinyLlama-shaped models: decode at batch 64 and 2048 tokens of
- * context takes 2.45 ms a step (26k tok/s) in steps of 64 rows, where 64 streams at maxBatch 16
- * take 4 steps of 16 rows per token; LCKV w=2 batched token steps of 64 prompts of 2048 tokens
- * ran at 31.2k-31.9k prompt tokens/s at 64 rows a step, against 8.5k tok/s in an earlier
- * measurement at 16 rows a step. The CPU computes each row as it would alone at any batch size.
+ * an H100 80GB HBM3, TinyLlama-shaped models: decode at batch 64 and 2048 tokens of context takes
+ * 2.91 ms a step (22k tok/s; 64 sequences of their own, bf16 K/V, 2026-12-07) in steps of 64
+ * rows, where 64 streams at maxBatch 16 take 4 steps of 16 rows per token; LCKV w=2 batched
+ * token steps of 64 prompts of 2048 tokens ran at 31.2k-31.9k prompt tokens/s at 64 rows a step,
+ * against 8.5k tok/s in an earlier measurement at 16 rows a step (2026-12-06). The CPU computes
+ * each row as it would alone at any batch size.
  */
 export const DEFAULT_MAX_BATCH = 256;
 
