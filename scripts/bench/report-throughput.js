@@ -40,6 +40,11 @@ function figures(e, entries) {
     if (s?.weightBytes !== undefined) f.bound = decodeGainBound({ wStd: s.weightBytes, batchStd: s.batch, w: x.weightBytes, batch: x.batch, a: x.attentionBytes });
   }
   if (full && x.decodeMsPerStep) Object.assign(f, prefillTakeover({ wallMs: x.wallMs.median, gen: x.gen, decodeMsPerStep: x.decodeMsPerStep.median }));
+  // The run's decode steps against the decode column's: the wall time after the last request's
+  // first token, over the tokens that request still generates. Not for decode columns timed on
+  // forks (‡), whose shared pages made them fast.
+  if (full && x.decodeMsPerStep && x.lastFirstTokenMs && x.gen > 1 && (x.decodePrefixes ?? 0) >= x.batch)
+    f.runStepRatio = (x.wallMs.median - x.lastFirstTokenMs.median) / (x.gen - 1) / x.decodeMsPerStep.median;
   if (full) {
     f.floorTokPerS = floorTokPerS(e.set, x);
     if (f.floorTokPerS !== undefined) f.ofFloor = x.tokPerS.median / f.floorTokPerS;
@@ -83,7 +88,7 @@ function throughputTable(set, entries) {
   for (const e of entries.filter((o) => o.set === set)) {
     const x = e.row;
     if (x.skipped) {
-      rows.push([shapeName(shapeOf(x)), x.model, kvLabel(x), `${x.prompt}+${x.gen}`, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", x.skipped]);
+      rows.push([shapeName(shapeOf(x)), x.model, kvLabel(x), `${x.prompt}+${x.gen}`, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", x.skipped]);
       continue;
     }
     const f = figures(e, entries);
@@ -98,12 +103,13 @@ function throughputTable(set, entries) {
       f.bound !== undefined ? ratio(f.bound) : "-",
       f.perToken !== undefined ? `${fmt(x.weightBytes / x.batch / 2 ** 20, 1)} + ${fmt(x.attentionBytes / 2 ** 20, 1)}` : "-",
       pct(f.ofRoofline),
+      f.runStepRatio !== undefined ? ratio(f.runStepRatio) : "-",
       f.prefillShare !== undefined ? pct(f.prefillShare) : "-",
       f.breakEvenGen !== undefined ? fmt(f.breakEvenGen, 0) : "-",
     ]);
   }
   const e2e = n === null ? "throughput, tokens/s (prefill included; spread)" : `tokens/s over the first ${n} generated tokens (prefill included; NOT throughput; spread)`;
-  return table(["shape", "model", "K/V", "prompt+gen", "prefill (prompt tokens in shared steps)", "largest batch (vs standard)", e2e, "vs standard", "end-to-end floor, tokens/s (the run's share of it)", "floor vs standard", "decode tokens/s (spread)", "decode vs standard", "bound on decode vs standard", "W/B + A per token, MiB", "decode of its roofline", "prefill share of wall time", "prefill = decode below (tokens generated)"], rows);
+  return table(["shape", "model", "K/V", "prompt+gen", "prefill (prompt tokens in shared steps)", "largest batch (vs standard)", e2e, "vs standard", "end-to-end floor, tokens/s (the run's share of it)", "floor vs standard", "decode tokens/s (spread)", "decode vs standard", "bound on decode vs standard", "W/B + A per token, MiB", "decode of its roofline", "the run's decode steps vs the same batch alone", "prefill share of wall time", "prefill = decode below (tokens generated)"], rows);
 }
 
 /** Experiment 1's sections: the default set's table, the full protocol's, the bound and its inputs, and the losses. */
@@ -113,7 +119,7 @@ function throughputSections(sets, L) {
   const withRows = sets.filter((s) => s.r.throughput);
   L.push("## 1. The paper's throughput experiment", "");
   L.push(
-    "For each length pair, the largest batch the model's K/V pool holds: the engine's own accounting (pool pages / pages per sequence), verified by the pool (that many sequences reserve their full length at once and one more has to wait). Then FULL generations at that batch: every request prefills its prompt and generates every one of its tokens, all requests started at once as a server would take them. A model with a cyclic layer group (LCKV, sandwich) prefills in `sequential` mode, exact: with the other requests in flight its prompts go as batched token steps, each prompt's next token a row of the shared step, which is also what the engine's default mode does from 16 other requests on (below that the default runs the fixed point, which random weights never let converge). A model without one takes the default: chunks of its prompts mixed into the decode steps. The prefill column says the mode and the share of prompt tokens that went as rows of shared steps; rows measured before it existed ran the iterative prefill (9 passes over the cyclic group per chunk, one prompt at a time). **Throughput** is generated tokens over the wall time, prefill included. The decode columns time the generation phase alone at the same batch: decode steps of that many sequences at the middle of the generation (prompt + gen / 2 tokens of context), each with a prompt of its own (no page shared), generating and then rewound for the next run. ‡: measured before that, with forks of up to 4 distinct prefixes, which share their pages: the attention found some of their K/V in L2, so such a row's decode figure, its ratio to the standard row and its share of the roofline read high (up to above the bound), and its prefill share reads high with them.",
+    "For each length pair, the largest batch the model's K/V pool holds: the engine's own accounting (pool pages / pages per sequence), verified by the pool (that many sequences reserve their full length at once and one more has to wait). Then FULL generations at that batch: every request prefills its prompt and generates every one of its tokens, all requests started at once as a server would take them. A model with a cyclic layer group (LCKV, sandwich) prefills in `sequential` mode, exact: with the other requests in flight its prompts go as batched token steps, each prompt's next token a row of the shared step, which is also what the engine's default mode does from 16 other requests on (below that the default runs the fixed point, which random weights never let converge). A model without one takes the default: chunks of its prompts mixed into the decode steps. The prefill column says the mode and the share of prompt tokens that went as rows of shared steps; rows measured before it existed ran the iterative prefill (9 passes over the cyclic group per chunk, one prompt at a time). **Throughput** is generated tokens over the wall time, prefill included. The decode columns time the generation phase alone at the same batch: decode steps of that many sequences at the middle of the generation (prompt + gen / 2 tokens of context), each with a prompt of its own (no page shared), generating and then rewound for the next run. \"The run's decode steps vs the same batch alone\" compares the full generation's steps with that column: the wall time after the last request's first token, over the tokens that request still generates, against the decode column's step; above 1x the run's steps were slower than the same batch decoding alone (docs/profiling.md, \"A full generation's decode steps\"). ‡: measured before that, with forks of up to 4 distinct prefixes, which share their pages: the attention found some of their K/V in L2, so such a row's decode figure, its ratio to the standard row and its share of the roofline read high (up to above the bound), and its prefill share reads high with them.",
     "",
   );
   for (const set of withRows) {

@@ -275,6 +275,9 @@ test("the report: both results files, the bound beside every row of full generat
   expect(line.split(" | ").slice(8, 10)).toEqual(["-", "-"]);
   // Its prefill column: the mode and the share of its prompt tokens in shared steps.
   expect(line.split(" | ")[4]).toBe("sequential (99%)");
+  // The run's decode steps after the last first token, against the decode column's step.
+  const runStep = (lckv.wallMs.median - lckv.lastFirstTokenMs.median) / (lckv.gen - 1) / lckv.decodeMsPerStep.median;
+  expect(line.split(" | ")[15]).toBe(`${runStep.toFixed(2)}x`);
   for (const k of Object.keys(require("../../scripts/bench/parts.js").PARTS)) expect(report).toContain(`| \`${k}\` |`);
   for (const chart of ["throughput-vs-batch.svg", "memory-vs-context.svg", "memory-vs-context-7b.svg"]) {
     const svg = fs.readFileSync(path.join(out, "bench", chart), "utf8");
