@@ -18,20 +18,18 @@
  *
  *   node scripts/bench/generation-steps.js --batch 62 --prompt 512 --gen 1024
  *
- * Without --model it writes (once) a TinyLlama-1.1B-shaped standard model with random bf16
- * weights, as profile-step.js does.
+ * Without --model it writes (once) a TinyLlama-1.1B-shaped model with random bf16 weights, as
+ * profile-step.js does (scripts/bench/models.js, profilingModelDir).
  */
-const { execFileSync } = require("node:child_process");
-const fs = require("node:fs");
-const os = require("node:os");
-const path = require("node:path");
 const { Command } = require("commander");
 const { loadModel } = require("../../dist");
 const { now, randomIds } = require("./measure");
+const { profilingModelDir } = require("./models");
 
 const opt = new Command()
   .name("generation-steps")
-  .option("--model <dir>", "a model directory (default: a random TinyLlama-shaped standard model)")
+  .option("--model <dir>", "a model directory (default: a random TinyLlama-shaped model)")
+  .option("--layer-types <pattern>", "for the random model: its layer_types (default: standard)")
   .option("--batch <n>", "requests at once", "62")
   .option("--prompt <n>", "prompt tokens per request", "512")
   .option("--gen <n>", "generated tokens per request", "1024")
@@ -41,12 +39,7 @@ const opt = new Command()
   .opts();
 
 const batch = +opt.batch, prompt = +opt.prompt, gen = +opt.gen;
-let dir = opt.model;
-if (!dir) {
-  dir = path.join(os.tmpdir(), "lckv-bench", "standard");
-  if (!fs.existsSync(path.join(dir, "config.json")))
-    execFileSync(process.execPath, [path.join(__dirname, "make-random-model.js"), "--out", dir], { stdio: "inherit" });
-}
+const dir = opt.model ?? profilingModelDir(opt.layerTypes);
 
 const COUNTERS = ["steps", "tokens", "promptTokens", "stepGraphs", "stepGraphReplays", "runAheadSteps", "runAheadDiscarded"];
 

@@ -6,8 +6,9 @@
  * of which it loads the tensors its layer_types needs. The GGUF files of node-llama-cpp's side
  * (make-gguf.js) are written beside them.
  */
-const { spawn } = require("node:child_process");
+const { execFileSync, spawn } = require("node:child_process");
 const fs = require("node:fs");
+const os = require("node:os");
 const path = require("node:path");
 
 const ROOT = path.join(__dirname, "..", "..");
@@ -103,4 +104,18 @@ class ModelStore {
   }
 }
 
-module.exports = { SHAPES, TINY_SHAPES, MODEL_NAMES, variants, ModelStore, shapeArgs };
+/**
+ * The profiling scripts' model (profile-step.js, generation-steps.js): a TinyLlama-shaped model
+ * with random bf16 weights and the given layer_types (default: standard), written once under
+ * the temporary directory. Returns its directory.
+ */
+function profilingModelDir(layerTypes) {
+  const dir = path.join(os.tmpdir(), "lckv-bench", layerTypes ? `profile-${layerTypes.length}-${layerTypes.slice(0, 40)}` : "standard");
+  if (!fs.existsSync(path.join(dir, "config.json"))) {
+    const args = ["--out", dir, ...(layerTypes ? ["--layer-types", layerTypes] : [])];
+    execFileSync(process.execPath, [path.join(__dirname, "make-random-model.js"), ...args], { stdio: "inherit" });
+  }
+  return dir;
+}
+
+module.exports = { SHAPES, TINY_SHAPES, MODEL_NAMES, variants, ModelStore, shapeArgs, profilingModelDir };

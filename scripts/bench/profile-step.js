@@ -13,13 +13,12 @@
  *
  * Without --model it writes (once) a TinyLlama-1.1B-shaped model with random bf16 weights.
  */
-const { execFileSync } = require("node:child_process");
 const fs = require("node:fs");
-const os = require("node:os");
 const path = require("node:path");
 const { Command } = require("commander");
 const { loadModel } = require("../../dist");
 const { summary } = require("./measure");
+const { profilingModelDir } = require("./models");
 
 const opt = new Command()
   .name("profile-step")
@@ -36,14 +35,7 @@ const opt = new Command()
   .opts();
 
 const context = +opt.context, batch = +opt.batch, steps = +opt.steps;
-let dir = opt.model;
-if (!dir) {
-  dir = path.join(os.tmpdir(), "lckv-bench", opt.layerTypes ? `profile-${opt.layerTypes.length}-${opt.layerTypes.slice(0, 40)}` : "standard");
-  if (!fs.existsSync(path.join(dir, "config.json"))) {
-    const args = ["--out", dir, ...(opt.layerTypes ? ["--layer-types", opt.layerTypes] : [])];
-    execFileSync(process.execPath, [path.join(__dirname, "make-random-model.js"), ...args], { stdio: "inherit" });
-  }
-}
+const dir = opt.model ?? profilingModelDir(opt.layerTypes);
 
 (async () => {
   // A pool that holds every sequence's tokens at f32 (the widest K/V type), every layer caching.
