@@ -380,6 +380,15 @@ program
   .option("--json", "print JSON")
   .addOption(prefillOption())
   .option("--prefill-passes <n>", "passes for --prefill iterative", intArg("--prefill-passes"))
+  .option(
+    "--prefill-tolerance <x>",
+    "for --prefill fixed-point: stop when no K/V value read from above moved by more than x times the largest (default 1e-6)",
+    (v: string) => {
+      const x = numArg("--prefill-tolerance")(v);
+      if (x < 0 || x >= 1) throw new InvalidArgumentError(`--prefill-tolerance must be a number in [0, 1), got ${v}`);
+      return x;
+    },
+  )
   .addOption(deviceOption())
   .addOption(dtypeOption())
   .addOption(kvDtypeOption())
@@ -406,6 +415,7 @@ program
           window: o.window,
           prefill: o.prefill,
           prefillPasses: o.prefillPasses,
+          prefillTolerance: o.prefillTolerance,
           onWindow: (done) => bar?.update(done),
         });
       } finally {
@@ -418,6 +428,7 @@ program
         tokens: ids.length,
         window: o.window ?? model.maxContext,
         prefill: o.prefill ?? model.generationDefaults().prefill,
+        ...(o.prefillTolerance !== undefined ? { prefillTolerance: o.prefillTolerance } : {}),
         perplexity: r.perplexity,
         meanNll: r.meanNll,
         predictedTokens: r.predictedTokens,

@@ -67,7 +67,10 @@ export interface GenerateOptions extends SamplingOptions {
    * Prefill "fixed-point" stops when no K/V value that a layer reads from above moved by more
    * than this times the largest such value in the last pass (default 1e-6: f32 rounding level);
    * 0 iterates until the K/V is identical bit for bit. After 64 passes without converging,
-   * the positions past the first 64 run token by token (exact as well).
+   * the positions past the first 64 run token by token (exact as well). A cache of bf16 or fewer
+   * bits stores each value in whole steps of its type, which move far more than 1e-6 whenever a
+   * rounding flips, so there the fixed point usually reaches those 64 passes (measured on the
+   * shipped model: docs/profiling.md, "The prefill modes of the shipped model on the GPU").
    */
   prefillTolerance?: number;
   /** Keep generating past end-of-sequence tokens (for benchmarks and golden tests). */

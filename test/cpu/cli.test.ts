@@ -146,6 +146,24 @@ test("generate ends with a stats line on stderr, and --quiet leaves it out", () 
   expect(quiet.out).toBe(ok.out);
 });
 
+test("eval-ppl --prefill-tolerance reaches the fixed point's test: a looser one stops sooner; out of range is refused by name", () => {
+  const fixedPoint = (extra: string[]) => {
+    const r = run(["eval-ppl", "--text", path.join(root, "README.md"), "--max-tokens", "300", "--window", "100", "--device", "cpu", "--prefill", "fixed-point", "--json", ...extra]);
+    expect(r.code).toBe(0);
+    return JSON.parse(r.out);
+  };
+  const tight = fixedPoint([]);
+  const loose = fixedPoint(["--prefill-tolerance", "0.5"]);
+  expect(tight.prefillTolerance).toBeUndefined();
+  expect(loose.prefillTolerance).toBe(0.5);
+  expect(loose.passesMedian).toBeLessThan(tight.passesMedian);
+  for (const v of ["1", "-0.1", "x"]) {
+    const bad = run(["eval-ppl", "--text", path.join(root, "README.md"), "--prefill-tolerance", v]);
+    expect(bad.code).not.toBe(0);
+    expect(bad.err).toMatch(/--prefill-tolerance must be a number/);
+  }
+});
+
 test("eval-ppl on an empty file is a typed error with a non-zero exit", () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-cli-"));
   try {
