@@ -69,7 +69,7 @@ const dir = opt.model ?? profilingModelDir(opt.layerTypes);
     return;
   }
   // A prompt of its own per sequence: forks of one prompt would share its pages, and at 2048
-  // tokens a prompt's K/V (45 MB at the 1.1B shape in bf16) fits in the H100's 50 MB L2, so the
+  // tokens a prompt's K/V (46 MB at the 1.1B shape in bf16) fits in the H100's 50 MB L2, so the
   // attention of a forked batch reads much of it from L2 and times faster than real traffic.
   const seqs = Array.from({ length: batch }, () => model.createSequence());
   await Promise.all(seqs.map((s, b) => s.append(Array.from({ length: context }, (_, i) => (i * 7919 + 13 + b * 104729) % V))));
