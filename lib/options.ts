@@ -67,11 +67,10 @@ export interface GenerateOptions extends SamplingOptions {
    * Prefill "fixed-point" stops when no K/V value that a layer reads from above moved by more
    * than this times the largest such value in the last pass (default 1e-6: f32 rounding level);
    * 0 iterates until the K/V is identical bit for bit. After 64 passes without converging,
-   * the positions past the first 64 run token by token (exact as well). A bf16 cache stores each
-   * value in whole bf16 steps, which move far more than 1e-6 whenever a rounding flips, so there
-   * the fixed point usually reaches those 64 passes (measured with bf16 on the shipped model:
-   * docs/profiling.md, "The prefill modes of the shipped model on the GPU"; the 1-byte and 4-bit
-   * types, with coarser steps, are likely to do the same, not measured).
+   * the positions past the first 64 run token by token (exact as well). A compact cache (bf16,
+   * fp8, int8, int4) stores each value in whole steps of its type, which move far more than 1e-6
+   * whenever a rounding flips, so with one the fixed point runs those 64 passes (measured on the
+   * shipped model: docs/usage.md, "Prefilling an LCKV prompt"; on the GPU, docs/profiling.md).
    */
   prefillTolerance?: number;
   /** Keep generating past end-of-sequence tokens (for benchmarks and golden tests). */
