@@ -183,4 +183,4 @@ async function streamGap(model, n, runs, prefill = undefined) {
   return { stepMs: summary(results.map((r) => r.stepMs)), longestGapMs: summary(results.map((r) => r.longestGapMs)), prefillMs: summary(results.map((r) => r.prefillMs)), runs: results };
 }
 
-module.exports = { now, log, summary, measure, randomIds, hostSync, sequencePages, poolBytesFor, randomPrefixes, forkedDecodeMs, ownDecodeMs, generation, streamGap };
+module.exports = { now, log, summary, measure, randomIds, hostSync, sequencePages, poolBytesFor, randomPrefixes, stepMs, forkedDecodeMs, ownDecodeMs, generation, streamGap };

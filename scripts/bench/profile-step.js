@@ -17,7 +17,7 @@ const fs = require("node:fs");
 const path = require("node:path");
 const { Command } = require("commander");
 const { loadModel } = require("../../dist");
-const { summary } = require("./measure");
+const { randomPrefixes, stepMs, summary } = require("./measure");
 const { profilingModelDir } = require("./models");
 
 const opt = new Command()
@@ -71,19 +71,11 @@ const dir = opt.model ?? profilingModelDir(opt.layerTypes);
   // A prompt of its own per sequence: forks of one prompt would share its pages, and at 2048
   // tokens a prompt's K/V (46 MB at the 1.1B shape in bf16) fits in the H100's 50 MB L2, so the
   // attention of a forked batch reads much of it from L2 and times faster than real traffic.
-  const seqs = Array.from({ length: batch }, () => model.createSequence());
-  await Promise.all(seqs.map((s, b) => s.append(Array.from({ length: context }, (_, i) => (i * 7919 + 13 + b * 104729) % V))));
-  const run = async (n) => {
-    const t0 = process.hrtime.bigint();
-    await Promise.all(seqs.map(async (s) => {
-      for await (const x of s.generate({ maxNewTokens: n, temperature: 0, ignoreEos: true })) void x;
-    }));
-    return Number(process.hrtime.bigint() - t0) / 1e6;
-  };
-  await run(8);
-  const ms = await run(steps);
+  const seqs = await randomPrefixes(model, batch, context);
+  await stepMs(seqs, 8);
+  const msPerStep = await stepMs(seqs, steps);
   console.log(
-    `${path.basename(dir)} (${model.kvCacheDtype ?? "f32"} K/V): batch ${batch}, context ${context}: ${(ms / steps).toFixed(3)} ms/step, ${((batch * steps * 1e3) / ms).toFixed(0)} tokens/s`,
+    `${path.basename(dir)} (${model.kvCacheDtype ?? "f32"} K/V): batch ${batch}, context ${context}: ${msPerStep.toFixed(3)} ms/step, ${((batch * 1e3) / msPerStep).toFixed(0)} tokens/s`,
   );
   for (const s of seqs) s.dispose();
   await model.dispose();
