@@ -197,16 +197,12 @@ addSamplingOptions(
       for await (const c of process.stdin) chunks.push(c as Buffer);
       prompt = Buffer.concat(chunks).toString("utf8");
     }
-    const model = await open(o);
-    try {
-      const text = prompt ?? "";
-      process.stdout.write(text);
-      const result = await streamTo(model.stream(text, g));
-      if (!stdoutClosed) process.stdout.write("\n");
-      printStats(result, o.quiet);
-    } finally {
-      await model.dispose();
-    }
+    await using model = await open(o);
+    const text = prompt ?? "";
+    process.stdout.write(text);
+    const result = await streamTo(model.stream(text, g));
+    if (!stdoutClosed) process.stdout.write("\n");
+    printStats(result, o.quiet);
   });
 
 addSamplingOptions(
@@ -223,30 +219,26 @@ addSamplingOptions(
   .addOption(quietOption())
   .action(async (o) => {
     const g = samplingOptions(o);
-    const model = await open(o);
+    await using model = await open(o);
+    using session = model.createChatSession(o.system ? { system: o.system } : {});
+    model.tokenizer!.applyChatTemplate([{ role: "user", content: "" }]);  // no template: fail before the first prompt
+    // Lines are read through the interface's iterator, which holds the lines that arrive while
+    // a reply streams (a pasted or piped conversation loses none).
+    const tty = !!process.stdin.isTTY;
+    const rl = readline.createInterface({ input: process.stdin, terminal: tty, output: tty ? process.stdout : undefined });
     try {
-      using session = model.createChatSession(o.system ? { system: o.system } : {});
-      model.tokenizer!.applyChatTemplate([{ role: "user", content: "" }]);  // no template: fail before the first prompt
-      // Lines are read through the interface's iterator, which holds the lines that arrive while
-      // a reply streams (a pasted or piped conversation loses none).
-      const tty = !!process.stdin.isTTY;
-      const rl = readline.createInterface({ input: process.stdin, terminal: tty, output: tty ? process.stdout : undefined });
-      try {
-        if (tty) process.stdout.write("(an empty line or Ctrl-D ends the chat)\n> ");
-        for await (const line of rl) {
-          if (line.trim() === "") break;
-          // The session keeps its sequence between turns: each turn prefills only its new tokens.
-          const result = await streamTo(session.send(line, g));
-          process.stdout.write("\n");
-          printStats(result, o.quiet);
-          if (stdoutClosed) break;
-          if (tty) process.stdout.write("> ");
-        }
-      } finally {
-        rl.close();
+      if (tty) process.stdout.write("(an empty line or Ctrl-D ends the chat)\n> ");
+      for await (const line of rl) {
+        if (line.trim() === "") break;
+        // The session keeps its sequence between turns: each turn prefills only its new tokens.
+        const result = await streamTo(session.send(line, g));
+        process.stdout.write("\n");
+        printStats(result, o.quiet);
+        if (stdoutClosed) break;
+        if (tty) process.stdout.write("> ");
       }
     } finally {
-      await model.dispose();
+      rl.close();
     }
   });
 
@@ -260,59 +252,55 @@ program
   .addOption(dtypeOption())
   .addOption(kvDtypeOption())
   .action(async (o) => {
-    const model = await open(o);
-    try {
-      const c = model.config;
-      const info = {
-        directory: model.directory,
-        architecture: c.architecture,
-        modelType: c.modelType,
-        device: model.device,
-        layers: c.numLayers,
-        hiddenSize: c.hiddenSize,
-        heads: c.numHeads,
-        kvHeads: c.numKvHeads,
-        headDim: c.headDim,
-        vocabSize: c.vocabSize,
-        layerTypes: formatLayerTypes(c.plan),
-        kvLayers: c.kvLayers,
-        cyclicGroup: c.plan.cyclicGroup,
-        kvCacheDtype: model.kvCacheDtype,
-        kvBytesPerToken: model.kvBytesPerToken,
-        standardKvBytesPerToken: model.standardKvBytesPerToken,
-        kvReduction: model.standardKvBytesPerToken / model.kvBytesPerToken,
-        // Every type's cost (null: the head size cannot take it).
-        kvBytesPerTokenByDtype: Object.fromEntries(KV_CACHE_DTYPES.map((t) => [t, model.kvBytesPerTokenIn(t)])),
-        maxContext: model.maxContext,
-      };
-      if (o.json) {
-        process.stdout.write(JSON.stringify(info, null, 2) + "\n");
-        return;
-      }
-      const rows: [string, string][] = [
-        ["model", info.directory],
-        ["architecture", `${info.architecture} (${info.modelType})`],
-        ["device", info.device],
-        ["layers", `${info.layers} (hidden ${info.hiddenSize}, ${info.heads} heads, ${info.kvHeads} KV heads of ${info.headDim})`],
-        ["vocabulary", String(info.vocabSize)],
-        ["layer types", info.layerTypes],
-        ["KV layers", `${info.kvLayers.join(", ")} (${info.kvLayers.length} of ${info.layers})`],
-        ["cyclic group", info.cyclicGroup ? `layers ${info.cyclicGroup.low}..${info.cyclicGroup.high}` : "none"],
-        ["KV bytes/token", `${formatBytes(info.kvBytesPerToken)} in ${info.kvCacheDtype} (standard cache: ${formatBytes(info.standardKvBytesPerToken)}, ${info.kvReduction.toFixed(2)}x less)`],
-        [
-          "by K/V type",
-          KV_CACHE_DTYPES.map((t) => {
-            const b = info.kvBytesPerTokenByDtype[t];
-            return `${t} ${b === null ? "(head size)" : formatBytes(b)}`;
-          }).join(", "),
-        ],
-        ["max context", `${info.maxContext} tokens`],
-      ];
-      const w = Math.max(...rows.map((r) => r[0].length));
-      for (const [k, v] of rows) process.stdout.write(`${k.padEnd(w)}  ${v}\n`);
-    } finally {
-      await model.dispose();
+    await using model = await open(o);
+    const c = model.config;
+    const info = {
+      directory: model.directory,
+      architecture: c.architecture,
+      modelType: c.modelType,
+      device: model.device,
+      layers: c.numLayers,
+      hiddenSize: c.hiddenSize,
+      heads: c.numHeads,
+      kvHeads: c.numKvHeads,
+      headDim: c.headDim,
+      vocabSize: c.vocabSize,
+      layerTypes: formatLayerTypes(c.plan),
+      kvLayers: c.kvLayers,
+      cyclicGroup: c.plan.cyclicGroup,
+      kvCacheDtype: model.kvCacheDtype,
+      kvBytesPerToken: model.kvBytesPerToken,
+      standardKvBytesPerToken: model.standardKvBytesPerToken,
+      kvReduction: model.standardKvBytesPerToken / model.kvBytesPerToken,
+      // Every type's cost (null: the head size cannot take it).
+      kvBytesPerTokenByDtype: Object.fromEntries(KV_CACHE_DTYPES.map((t) => [t, model.kvBytesPerTokenIn(t)])),
+      maxContext: model.maxContext,
+    };
+    if (o.json) {
+      process.stdout.write(JSON.stringify(info, null, 2) + "\n");
+      return;
     }
+    const rows: [string, string][] = [
+      ["model", info.directory],
+      ["architecture", `${info.architecture} (${info.modelType})`],
+      ["device", info.device],
+      ["layers", `${info.layers} (hidden ${info.hiddenSize}, ${info.heads} heads, ${info.kvHeads} KV heads of ${info.headDim})`],
+      ["vocabulary", String(info.vocabSize)],
+      ["layer types", info.layerTypes],
+      ["KV layers", `${info.kvLayers.join(", ")} (${info.kvLayers.length} of ${info.layers})`],
+      ["cyclic group", info.cyclicGroup ? `layers ${info.cyclicGroup.low}..${info.cyclicGroup.high}` : "none"],
+      ["KV bytes/token", `${formatBytes(info.kvBytesPerToken)} in ${info.kvCacheDtype} (standard cache: ${formatBytes(info.standardKvBytesPerToken)}, ${info.kvReduction.toFixed(2)}x less)`],
+      [
+        "by K/V type",
+        KV_CACHE_DTYPES.map((t) => {
+          const b = info.kvBytesPerTokenByDtype[t];
+          return `${t} ${b === null ? "(head size)" : formatBytes(b)}`;
+        }).join(", "),
+      ],
+      ["max context", `${info.maxContext} tokens`],
+    ];
+    const w = Math.max(...rows.map((r) => r[0].length));
+    for (const [k, v] of rows) process.stdout.write(`${k.padEnd(w)}  ${v}\n`);
   });
 
 program
@@ -400,47 +388,43 @@ program
       throw new LckvError("LCKV_IO", `cannot read --text ${o.text}: ${(e as Error).message}`);
     }
     if (text.trim() === "") throw new InvalidInputError(`--text ${o.text} is empty: perplexity needs at least two tokens of text`);
-    const model = await open(o);
+    await using model = await open(o);
+    if (!model.tokenizer) throw new LckvError("LCKV_NO_TOKENIZER", `${model.directory} has no tokenizer.json`);
+    let ids = model.tokenizer.encode(text, { addSpecialTokens: false });
+    if (o.maxTokens !== undefined) ids = ids.slice(0, o.maxTokens);
+    const bar = process.stderr.isTTY
+      ? new SingleBar({ format: "scoring {bar} {value}/{total} windows, {eta_formatted} left", stream: process.stderr, clearOnComplete: true, hideCursor: true })
+      : undefined;
+    bar?.start(Math.ceil(ids.length / (o.window ?? model.maxContext)), 0);
+    let r;
     try {
-      if (!model.tokenizer) throw new LckvError("LCKV_NO_TOKENIZER", `${model.directory} has no tokenizer.json`);
-      let ids = model.tokenizer.encode(text, { addSpecialTokens: false });
-      if (o.maxTokens !== undefined) ids = ids.slice(0, o.maxTokens);
-      const bar = process.stderr.isTTY
-        ? new SingleBar({ format: "scoring {bar} {value}/{total} windows, {eta_formatted} left", stream: process.stderr, clearOnComplete: true, hideCursor: true })
-        : undefined;
-      bar?.start(Math.ceil(ids.length / (o.window ?? model.maxContext)), 0);
-      let r;
-      try {
-        r = await evaluatePerplexity(model, ids, {
-          window: o.window,
-          prefill: o.prefill,
-          prefillPasses: o.prefillPasses,
-          prefillTolerance: o.prefillTolerance,
-          onWindow: (done) => bar?.update(done),
-        });
-      } finally {
-        bar?.stop();
-      }
-      const sorted = [...r.passes].sort((a, b) => a - b);
-      const summary = {
-        model: model.directory,
-        text: o.text,
-        tokens: ids.length,
-        window: o.window ?? model.maxContext,
-        prefill: o.prefill ?? model.generationDefaults().prefill,
-        ...(o.prefillTolerance !== undefined ? { prefillTolerance: o.prefillTolerance } : {}),
-        perplexity: r.perplexity,
-        meanNll: r.meanNll,
-        predictedTokens: r.predictedTokens,
-        windows: r.windows,
-        passesMedian: sorted.length ? sorted[Math.floor((sorted.length - 1) / 2)] : 0,
-        passesMax: sorted.length ? sorted[sorted.length - 1] : 0,
-      };
-      if (o.json) process.stdout.write(JSON.stringify(summary, null, 2) + "\n");
-      else process.stdout.write(`perplexity ${r.perplexity.toFixed(4)} over ${r.predictedTokens} predicted tokens in ${r.windows} windows\n`);
+      r = await evaluatePerplexity(model, ids, {
+        window: o.window,
+        prefill: o.prefill,
+        prefillPasses: o.prefillPasses,
+        prefillTolerance: o.prefillTolerance,
+        onWindow: (done) => bar?.update(done),
+      });
     } finally {
-      await model.dispose();
+      bar?.stop();
     }
+    const sorted = [...r.passes].sort((a, b) => a - b);
+    const summary = {
+      model: model.directory,
+      text: o.text,
+      tokens: ids.length,
+      window: o.window ?? model.maxContext,
+      prefill: o.prefill ?? model.generationDefaults().prefill,
+      ...(o.prefillTolerance !== undefined ? { prefillTolerance: o.prefillTolerance } : {}),
+      perplexity: r.perplexity,
+      meanNll: r.meanNll,
+      predictedTokens: r.predictedTokens,
+      windows: r.windows,
+      passesMedian: sorted.length ? sorted[Math.floor((sorted.length - 1) / 2)] : 0,
+      passesMax: sorted.length ? sorted[sorted.length - 1] : 0,
+    };
+    if (o.json) process.stdout.write(JSON.stringify(summary, null, 2) + "\n");
+    else process.stdout.write(`perplexity ${r.perplexity.toFixed(4)} over ${r.predictedTokens} predicted tokens in ${r.windows} windows\n`);
   });
 
 program
@@ -457,33 +441,29 @@ program
   .addOption(dtypeOption())
   .addOption(kvDtypeOption())
   .action(async (o) => {
-    const model = await open(o);
+    await using model = await open(o);
+    // A hub id names the model; a directory, its name (createServer's default).
+    const app = createServer(model, { apiKey: o.apiKey, modelId: o.model !== undefined && !fs.existsSync(o.model) ? o.model : undefined });
+    let url: string;
     try {
-      // A hub id names the model; a directory, its name (createServer's default).
-      const app = createServer(model, { apiKey: o.apiKey, modelId: o.model !== undefined && !fs.existsSync(o.model) ? o.model : undefined });
-      let url: string;
-      try {
-        url = await app.listen({ host: o.host, port: o.port });
-      } catch (e) {
-        // A port in use or not permitted, an address not of this host: the user's to change, so
-        // one line naming it rather than a stack.
-        const code = (e as NodeJS.ErrnoException).code;
-        if (typeof code !== "string" || !/^E[A-Z]+$/.test(code)) throw e;
-        process.stderr.write(`lckv: cannot listen on ${o.host}:${o.port} (--host, --port): ${(e as Error).message}\n`);
-        process.exitCode = 1;
-        return;
-      }
-      process.stderr.write(`lckv: listening on ${url}\n`);
-      // SIGTERM or SIGINT: take no more requests, finish those in flight, then exit.
-      await new Promise<void>((resolve) => {
-        process.once("SIGTERM", resolve);
-        process.once("SIGINT", resolve);
-      });
-      process.stderr.write("lckv: stopping: finishing the requests in flight\n");
-      await app.close();
-    } finally {
-      await model.dispose();
+      url = await app.listen({ host: o.host, port: o.port });
+    } catch (e) {
+      // A port in use or not permitted, an address not of this host: the user's to change, so
+      // one line naming it rather than a stack.
+      const code = (e as NodeJS.ErrnoException).code;
+      if (typeof code !== "string" || !/^E[A-Z]+$/.test(code)) throw e;
+      process.stderr.write(`lckv: cannot listen on ${o.host}:${o.port} (--host, --port): ${(e as Error).message}\n`);
+      process.exitCode = 1;
+      return;
     }
+    process.stderr.write(`lckv: listening on ${url}\n`);
+    // SIGTERM or SIGINT: take no more requests, finish those in flight, then exit.
+    await new Promise<void>((resolve) => {
+      process.once("SIGTERM", resolve);
+      process.once("SIGINT", resolve);
+    });
+    process.stderr.write("lckv: stopping: finishing the requests in flight\n");
+    await app.close();
   });
 
 program.parseAsync(process.argv).catch((e: unknown) => {
