@@ -137,4 +137,4 @@ async function experimentPrefill(bench) {
   return rows;
 }
 
-module.exports = { experimentPrefill };
+module.exports = { experimentPrefill, lonePrompts };
