@@ -43,7 +43,7 @@ function llamaPeerSection(sets, L) {
       const i = shape.info;
       L.push(`node-llama-cpp ${i.nodeLlamaCpp}, llama.cpp ${i.llamaCpp?.commit ? `${i.llamaCpp.commit.slice(0, 9)} (${i.llamaCpp.title ?? ""})` : JSON.stringify(i.llamaCpp)}, ${i.gpu || "CPU"} build (${i.buildType}), ${i.gpuNames?.join(", ") || "no GPU"}.`, "");
       const rows = shape.rows.map((p) => {
-        const ours = p.ours.map((o) => `${o.kvDtype ?? "default"} K/V: ${fmt(median(o), 2)} ms, ${fmt(o.tokPerS, 0)} tok/s${o.distinctPrefixes !== undefined && o.distinctPrefixes < p.batch ? ` (${o.distinctPrefixes} distinct prefixes)` : ""}`).join("; ");
+        const ours = p.oursError ? `not measured: ${p.oursError}` : p.ours.map((o) => `${o.kvDtype ?? "default"} K/V: ${fmt(median(o), 2)} ms, ${fmt(o.tokPerS, 0)} tok/s${o.distinctPrefixes !== undefined && o.distinctPrefixes < p.batch ? ` (${o.distinctPrefixes} distinct prefixes)` : ""}`).join("; ");
         const vs = p.ours.length && !p.llama.error ? p.ours.map((o) => ratio(median(p.llama) / median(o))).join(", ") : "-";
         return [p.kind, p.weights, p.llamaKv, p.batch, p.context, llamaFigure(p.llama), ours || "-", vs];
       });
