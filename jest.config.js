@@ -5,6 +5,9 @@ const common = {
   preset: "ts-jest",
   testEnvironment: "node",
   transform: { "^.+\\.ts$": ["ts-jest", { tsconfig: "test/tsconfig.json" }] },
+  // The benchmark's node-llama-cpp install (scripts/bench/llama-peer/prepare.sh) holds a copy of
+  // scripts/bench/llama-peer/package.json, whose name jest's module map would see twice.
+  modulePathIgnorePatterns: ["<rootDir>/.llama-peer/"],
 };
 module.exports = {
   testTimeout: 120000,
