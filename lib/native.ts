@@ -150,10 +150,10 @@ export interface NativeModel {
   auditPool(): string;
   /**
    * Free and total device memory in bytes (0, 0 on the CPU), the decode-step graphs the backend
-   * keeps and how often it replayed them, and the decode steps run ahead that a call used or
-   * threw away.
+   * keeps, how often it replayed them and how many it recorded in all, and the decode steps run
+   * ahead that a call used or threw away.
    */
-  memoryInfo(): { free: number; total: number; stepGraphs: number; stepGraphReplays: number; runAheadSteps: number; runAheadDiscarded: number };
+  memoryInfo(): { free: number; total: number; stepGraphs: number; stepGraphReplays: number; stepGraphRecordings: number; runAheadSteps: number; runAheadDiscarded: number };
   dispose(): void;
   readonly weightBytes: number;
   readonly backend: string;

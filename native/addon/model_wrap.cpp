@@ -315,10 +315,11 @@ Napi::Value ModelWrap::MemoryInfo(const Napi::CallbackInfo& info) {
   Napi::Object o = Napi::Object::New(info.Env());
   o.Set("free", (double)freeBytes);
   o.Set("total", (double)totalBytes);
-  int64_t recorded = 0, replayed = 0;
-  m->model->backend().stepGraphStats(recorded, replayed);
-  o.Set("stepGraphs", (double)recorded);
+  int64_t kept = 0, replayed = 0, recordings = 0;
+  m->model->backend().stepGraphStats(kept, replayed, recordings);
+  o.Set("stepGraphs", (double)kept);
   o.Set("stepGraphReplays", (double)replayed);
+  o.Set("stepGraphRecordings", (double)recordings);
   int64_t used = 0, discarded = 0;
   m->model->runAheadStats(used, discarded);
   o.Set("runAheadSteps", (double)used);

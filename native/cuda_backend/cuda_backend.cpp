@@ -322,7 +322,7 @@ void CudaBackend::finishQueued() {
 }
 
 bool CudaBackend::beginStepCapture(uint64_t key, const StepInputs& in) {
-  if (!steps_.canRecord(key)) return false;
+  if (!steps_.shouldRecord(key)) return false;
   ctx();
   steps_.begin(key, in, stream_);
   return true;

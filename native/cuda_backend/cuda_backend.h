@@ -71,7 +71,7 @@ class CudaBackend : public Backend {
   bool replayStepFromSampled(uint64_t key, const StepInputs& in, int slot, Tensor& logits) override;
   void finishQueued() override;
   void uploadRopeFrequencies(const std::vector<float>& invFreq) override;
-  void stepGraphStats(int64_t& recorded, int64_t& replayed) override { steps_.stats(recorded, replayed); }
+  void stepGraphStats(int64_t& kept, int64_t& replayed, int64_t& recordings) override { steps_.stats(kept, replayed, recordings); }
   bool beginStepCapture(uint64_t key, const StepInputs& in) override;
   void endStepCapture(const Tensor& logits) override { steps_.end(logits, stream_); }
   void abortStepCapture(bool retryLater) override { steps_.abort(retryLater, stream_); }

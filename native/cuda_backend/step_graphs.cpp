@@ -68,6 +68,14 @@ void StepGraphs::replay(StepGraph& g, const Backend::StepInputs& in, const Sampl
   replays_.fetch_add(1, std::memory_order_relaxed);
 }
 
+bool StepGraphs::shouldRecord(uint64_t key) {
+  if (!enabled_ || recording_ || unrecordable_.count(key)) return false;
+  if (sighted_.count(key)) return true;
+  if (sighted_.size() >= kMaxSighted) sighted_.clear();
+  sighted_.insert(key);
+  return false;
+}
+
 void StepGraphs::begin(uint64_t key, const Backend::StepInputs& in, cudaStream_t stream) {
   auto g = std::make_unique<StepGraph>();
   g->n = in.n;
@@ -104,6 +112,7 @@ void StepGraphs::end(const Tensor& logits, cudaStream_t stream) {
   cudaOk(cudaGraphLaunch(g->exec, stream), "cudaGraphLaunch");
   graphs_[recordingKey_] = std::move(g);
   graphCount_.store((int64_t)graphs_.size(), std::memory_order_relaxed);
+  recordings_.fetch_add(1, std::memory_order_relaxed);
 }
 
 void StepGraphs::abort(bool retryLater, cudaStream_t stream) {

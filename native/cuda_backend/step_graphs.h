@@ -67,16 +67,22 @@ class StepGraphs {
   // (on the device) instead of in.tokens.
   void replay(StepGraph& g, const Backend::StepInputs& in, const SampledSlot* sampled, cudaStream_t stream);
 
-  bool canRecord(uint64_t key) const { return enabled_ && !recording_ && !unrecordable_.count(key); }
-  // Backend::beginStepCapture once canRecord(key) holds; endStepCapture; abortStepCapture.
+  // Whether a step under key, which has no recording, is to be recorded now. A key is recorded at
+  // its second sighting, not its first: a key seen once (the batch sizes a generation passes
+  // through as its requests end one by one, a step or two each) would cost a recording (capture
+  // and instantiation, several times an op-by-op step) that is never replayed.
+  bool shouldRecord(uint64_t key);
+  // Backend::beginStepCapture once shouldRecord(key) holds; endStepCapture; abortStepCapture.
   void begin(uint64_t key, const Backend::StepInputs& in, cudaStream_t stream);
   void end(const Tensor& logits, cudaStream_t stream);
   void abort(bool retryLater, cudaStream_t stream);
 
-  // Read from the JavaScript thread while a step may run: the counts are atomics.
-  void stats(int64_t& recorded, int64_t& replayed) const {
-    recorded = graphCount_.load(std::memory_order_relaxed);
+  // Read from the JavaScript thread while a step may run: the counts are atomics. kept: the
+  // recordings held now; replayed and recordings: since the backend was made.
+  void stats(int64_t& kept, int64_t& replayed, int64_t& recordings) const {
+    kept = graphCount_.load(std::memory_order_relaxed);
     replayed = replays_.load(std::memory_order_relaxed);
+    recordings = recordings_.load(std::memory_order_relaxed);
   }
 
   // Drops the recordings and frees the pinned input buffer and its event (once the stream has
@@ -85,15 +91,17 @@ class StepGraphs {
 
  private:
   static constexpr size_t kMaxGraphs = 32;
+  static constexpr size_t kMaxSighted = 4096;  // keys remembered as seen once; forgotten all at once past this
 
   void uploadInputs(StepGraph& g, const Backend::StepInputs& in, cudaStream_t stream);
 
   const bool enabled_;
   std::map<uint64_t, std::unique_ptr<StepGraph>> graphs_;
   std::set<uint64_t> unrecordable_;  // keys whose recording failed: they run unrecorded
+  std::set<uint64_t> sighted_;       // keys seen unrecorded once (shouldRecord)
   std::unique_ptr<StepGraph> recording_;
   uint64_t recordingKey_ = 0, useClock_ = 0;
-  std::atomic<int64_t> replays_{0}, graphCount_{0};
+  std::atomic<int64_t> replays_{0}, graphCount_{0}, recordings_{0};
   int32_t* pinnedInputs_ = nullptr;
   size_t pinnedInputsCap_ = 0;
   cudaEvent_t inputsCopied_ = nullptr;

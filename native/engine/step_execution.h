@@ -53,8 +53,8 @@ class StepExecution {
   // passing (out of memory), so the same step may be recorded again; otherwise it runs op by op
   // from now on.
   virtual void abortStepCapture(bool retryLater) {}
-  // Recordings kept now, and replays so far (for tests and profiling).
-  virtual void stepGraphStats(int64_t& recorded, int64_t& replayed) { recorded = replayed = 0; }
+  // Recordings kept now, and replays and recordings made so far (for tests and profiling).
+  virtual void stepGraphStats(int64_t& kept, int64_t& replayed, int64_t& recordings) { kept = replayed = recordings = 0; }
   // Makes the model's RoPE frequencies resident on the device before any step is recorded: a
   // recording cannot upload them, and a failed recording leaves its step unrecorded for good.
   virtual void uploadRopeFrequencies(const std::vector<float>& invFreq) {}

@@ -41,7 +41,7 @@ const opt = new Command()
 const batch = +opt.batch, prompt = +opt.prompt, gen = +opt.gen;
 const dir = opt.model ?? profilingModelDir(opt.layerTypes);
 
-const COUNTERS = ["steps", "tokens", "promptTokens", "stepGraphs", "stepGraphReplays", "runAheadSteps", "runAheadDiscarded"];
+const COUNTERS = ["steps", "tokens", "promptTokens", "stepGraphRecordings", "stepGraphReplays", "runAheadSteps", "runAheadDiscarded"];
 
 /** The gaps of the stream that ended last, by tenths of its generation. */
 function lastStreamGaps(stamps) {

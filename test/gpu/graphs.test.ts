@@ -51,6 +51,7 @@ describeGpu("cuda: decode-step graphs", () => {
     const e = eager.nativeModel().memoryInfo();
     // Several recordings (batch sizes 3, 2, 1; context buckets), most steps replayed.
     expect(g.stepGraphs).toBeGreaterThanOrEqual(3);
+    expect(g.stepGraphRecordings).toBeGreaterThanOrEqual(g.stepGraphs);
     expect(g.stepGraphReplays).toBeGreaterThan(200);
     expect(e.stepGraphs).toBe(0);
     expect(e.stepGraphReplays).toBe(0);
@@ -58,9 +59,9 @@ describeGpu("cuda: decode-step graphs", () => {
 
   test("a fresh model whose first work is batched token steps records them, and they give what op by op gives", async () => {
     // Three prompts at once in sequential mode: from the model's first step on, one token of each
-    // a step (39 steps of 3 rows). The first step is recorded, so the RoPE frequencies must be on
-    // the device already: a recording cannot upload them, and a failed one would leave the
-    // steps of its key op by op for good.
+    // a step (39 steps of 3 rows). The second step is recorded (its key's second sighting), and
+    // a recording cannot upload the RoPE frequencies: a failed one would leave the steps of its
+    // key op by op for good.
     const dir = writeTinyModel({ layerTypes: "0_3_3_3_4", numLayers: 5, hidden: 64, heads: 4, kvHeads: 2, vocab: 256, maxPositions: 1024, seed: 5 });
     const run = async (cudaGraphs: boolean) => {
       const m = await loadModel(dir, { device: "cuda", dtype: "f32", prefixCache: 0, cudaGraphs });
@@ -87,6 +88,31 @@ describeGpu("cuda: decode-step graphs", () => {
     const opByOp = await run(false);
     expect(opByOp.info.stepGraphReplays).toBe(0);
     expect(recorded.tokens).toEqual(opByOp.tokens);
+  });
+
+  test("a step's key is recorded at its second sighting, not its first", async () => {
+    // A standard model (no cyclic group), so a prompt is one chunk, not token steps with keys of
+    // their own. A prompt's last token is evaluated by the generation's first decode step (a
+    // sequence is lazy by one token), so a generation of 1 token is one decode step (batch 1,
+    // context bucket 0), and one of 6 tokens is 6.
+    const dir = writeTinyModel({ numLayers: 5, hidden: 64, heads: 4, kvHeads: 2, vocab: 256, maxPositions: 1024, seed: 5 });
+    const m = await loadModel(dir, { device: "cuda", dtype: "f32", prefixCache: 0 });
+    try {
+      const prompt = Array.from({ length: 8 }, (_, k) => (k * 31 + 3) % 256);
+      const once = await m.generate(prompt, { maxNewTokens: 1, temperature: 0, ignoreEos: true });
+      expect(once.tokens).toHaveLength(1);
+      const afterOnce = m.nativeModel().memoryInfo();
+      expect(afterOnce.stepGraphRecordings).toBe(0);  // seen once: run op by op, not recorded
+      expect(afterOnce.stepGraphReplays).toBe(0);
+      const again = await m.generate(prompt, { maxNewTokens: 6, temperature: 0, ignoreEos: true });
+      expect(again.tokens.slice(0, 1)).toEqual(once.tokens);
+      const afterAgain = m.nativeModel().memoryInfo();
+      expect(afterAgain.stepGraphRecordings).toBe(1);  // the same key's second sighting
+      expect(afterAgain.stepGraphs).toBe(1);
+      expect(afterAgain.stepGraphReplays).toBeGreaterThanOrEqual(4);  // the 5 steps after it, replayed or run ahead
+    } finally {
+      await m.dispose();
+    }
   });
 
   test("seeded sampling is the same replayed and op by op", async () => {

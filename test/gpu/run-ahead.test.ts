@@ -139,6 +139,9 @@ async function batchChanges(model: Model): Promise<{ tokens: number[]; used: num
   const nm = model.nativeModel();
   const a = nm.createSequence(model.maxContext), b = nm.createSequence(model.maxContext);
   let ta = (await prefill(a, prompt(model, 20, 1), greedy))!, tb = (await prefill(b, prompt(model, 20, 2), greedy))!;
+  // Two steps of both: a step's key is recorded at its second sighting, and only a recorded
+  // step runs ahead, so the second queues its successor whether or not the key was seen before.
+  [ta, tb] = await nm.decodeBatch([a, b], Int32Array.of(ta, tb), [greedy, greedy]);
   [ta, tb] = await nm.decodeBatch([a, b], Int32Array.of(ta, tb), [greedy, greedy]);
   const s0 = stats(model);
   const out = [ta, tb];
