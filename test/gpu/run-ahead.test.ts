@@ -217,14 +217,15 @@ async function expectSameShiftedTokens(ahead: Model, plain: Model): Promise<void
 }
 
 /**
- * Native calls on one batch of `rows` sequences with prompts of the same length (so their page
- * crossings coincide): prefills, then `steps` greedy decode steps of the whole batch.
+ * Native calls on one batch of `rows` sequences: prefills, then `steps` greedy decode steps of
+ * the whole batch. The prompts are 20 tokens long (so the sequences' page crossings coincide),
+ * or promptLength(i) tokens.
  */
-async function fixedBatch(model: Model, rows: number, steps: number): Promise<{ tokens: number[]; used: number }> {
+async function fixedBatch(model: Model, rows: number, steps: number, promptLength = (_i: number) => 20): Promise<{ tokens: number[]; used: number }> {
   const nm = model.nativeModel();
   const seqs = Array.from({ length: rows }, () => nm.createSequence(model.maxContext));
   let toks: number[] = [];
-  for (let i = 0; i < rows; i++) toks.push((await prefill(seqs[i], prompt(model, 20, i), greedy))!);
+  for (let i = 0; i < rows; i++) toks.push((await prefill(seqs[i], prompt(model, promptLength(i), i), greedy))!);
   const out = [...toks];
   const before = stats(model).used;
   for (let step = 0; step < steps; step++) {
@@ -269,8 +270,8 @@ describeGpu.each(models)("cuda: run-ahead decoding, %s", (_name, spec) => {
     const s1 = stats(ahead);
     expect(a).toEqual(await concurrent(plain, { temperature: 0 }));
     expect(a.map((t) => t.length)).toEqual([300, 120, 200]);
-    // 300 steps in all; one in 16 crosses into a new page and cannot run ahead, nor can the
-    // first step of each batch size (nor of each 256-position recording).
+    // 300 steps in all; the first steps of each batch size cannot run ahead (a key is recorded
+    // at its second sighting), nor those of each 256-position recording.
     expect(s1.used - s0.used).toBeGreaterThan(200);
     // A step whose batch holds a generation's last token queues nothing, so the batch shrinking
     // as requests finish throws nothing away; a request joining the batch after its prefill
@@ -301,6 +302,22 @@ describeGpu.each(models)("cuda: run-ahead decoding, %s", (_name, spec) => {
     const before = stats(ahead).discarded;
     expect(await freedPagesReused(ahead)).toEqual(await freedPagesReused(plain));
     expect(stats(ahead).discarded - before).toBe(1);
+    expect(ahead.nativeModel().auditPool()).toBe("");
+  });
+
+  test("sequences of different lengths: one opening a new page does not keep the batch from running ahead", async () => {
+    // Prompts of 3, 5, ..., 17 tokens: at every other step one of the 8 sequences moves into a
+    // new page. The step before takes that page, so the step ahead runs anyway: of 64 steps all
+    // run ahead but those of a new recording key (the first two, and about three at each of the
+    // page-table stride's two changes). Without the page taken early, every other step could
+    // not run ahead (at most 32).
+    const lengths = (i: number) => 3 + 2 * i;
+    const a = await fixedBatch(ahead, 8, 64, lengths);
+    const b = await fixedBatch(plain, 8, 64, lengths);
+    expect(a.tokens).toEqual(b.tokens);
+    expect(a.tokens.length).toBe(8 * 65);
+    expect(a.used).toBeGreaterThanOrEqual(44);
+    expect(b.used).toBe(0);
     expect(ahead.nativeModel().auditPool()).toBe("");
   });
 
@@ -372,7 +389,7 @@ describeGpu("cuda: run-ahead decoding with the prefix cache, context shift, top-
     const b = await fixedBatch(bf16Plain, 20, 40);
     expect(a.tokens).toEqual(b.tokens);
     expect(a.tokens.length).toBe(20 * 41);
-    // 40 steps: one in 16 crosses into a new page, and the first of the batch size records.
+    // 40 steps: the first two of the batch size (a key is recorded at its second sighting).
     expect(a.used).toBeGreaterThan(20);
     expect(b.used).toBe(0);
   });
