@@ -230,7 +230,7 @@ export class DecodeScheduler {
         } else {
           for (const r of batch) {
             try {
-              const out = await model.decodeBatch([r.seq], Int32Array.of(r.token), [r.sampling]);
+              const out = await model.decodeBatch([r.seq], Int32Array.of(r.token), [r.sampling], !r.last);
               this.stats.steps++;
               this.stats.tokens++;
               r.resolve(decoded(out, 0));

@@ -183,15 +183,21 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
     // channel-key type's step ahead stays in the page its residual holds, so there it cannot
     // help.)
     const bool takeNextPages = queueChoice && runAhead && !kvTypeChannelKeys(L.type);
-    for (int i = 0; i < numSeqs; ++i) {  // changes nothing for a step queued ahead
+    // (For a step queued ahead, the step's own pages are held already; only the next one can
+    // be taken.)
+    for (int i = 0; i < numSeqs; ++i) {
       KvPages& kv = *seqs[(size_t)i]->kv;
       const int length = seqs[(size_t)i]->length(), k = rows[(size_t)i];
       if (takeNextPages && length + k + 1 <= seqs[(size_t)i]->maxContext && !kv.writableInPlace(length + k)) {
         try {
           kv.prepareWrite(length, k + 1);
           continue;
-        } catch (const EngineError&) {
+        } catch (const EngineError& e) {
           // The pool cannot spare it: this step's own pages only (all or nothing, so unchanged).
+          // Anything else (a failed copy of a shared page on the device) fails the step.
+          if (e.code != kErrKvCacheFull) throw;
+        } catch (const std::bad_alloc&) {
+          // Nor the host memory for it: the same.
         }
       }
       kv.prepareWrite(length, k);

@@ -153,8 +153,9 @@ std::unique_ptr<KvPages> KvPages::share() const {
   return out;
 }
 
-void KvPages::keep(int n) {
-  const size_t pages = (size_t)pagesFor(std::max(n, 0), pool_->layout_.pageTokens);
+void KvPages::keep(int n) { keepPages((size_t)pagesFor(std::max(n, 0), pool_->layout_.pageTokens)); }
+
+void KvPages::keepPages(size_t pages) {
   std::lock_guard<std::mutex> lk(pool_->mu_);
   while (table_.size() > pages) {
     dropLocked(table_.back());
@@ -367,6 +368,7 @@ void KvPages::setCached(bool cached) {
 }
 
 void KvPages::prepareWrite(int start, int n) {
+  if (pagesBeforeWrite_ < 0) pagesBeforeWrite_ = (int)table_.size();
   if (n <= 0) return;
   KvPool& pool = *pool_;
   const int P = pool.layout_.pageTokens;
@@ -444,14 +446,18 @@ void KvPages::prepareWrite(int start, int n) {
 }
 
 void KvPages::rollbackWrite(int n) {
-  keep(n);
+  keepPages((size_t)std::max(pagesFor(std::max(n, 0), pool_->layout_.pageTokens), pagesBeforeWrite_));
+  pagesBeforeWrite_ = -1;
   std::lock_guard<std::mutex> lk(pool_->mu_);
   reserved_ += takenFromReservation_;
   pool_->reservedTotal_ += takenFromReservation_;
   takenFromReservation_ = 0;
 }
 
-void KvPages::commitWrite() { takenFromReservation_ = 0; }
+void KvPages::commitWrite() {
+  takenFromReservation_ = 0;
+  pagesBeforeWrite_ = -1;
+}
 
 size_t KvPages::bytes() const {
   return (table_.size() - (size_t)dropped_ + residual_.size()) * (size_t)pool_->layout_.pageBytes();

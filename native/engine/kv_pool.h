@@ -72,8 +72,11 @@ class KvPages {
   // channel-key type (taken at the first write). All or nothing: throws
   // EngineError(LCKV_KV_CACHE_FULL) and changes nothing when the pool cannot supply them.
   void prepareWrite(int start, int n);
-  // After a failed forward: keeps positions [0, n) and gives back the reservation that the
-  // writes since the last commitWrite() used up, so the request can still grow as promised.
+  // After a failed forward: keeps positions [0, n) and the pages the table held before the
+  // forward's first prepareWrite (a committed decode step may hold the page of the position
+  // after its own: decodeBatch takes it early for the step it runs ahead), and gives back the
+  // reservation that the writes since the last commitWrite() used up, so the request can still
+  // grow as promised.
   void rollbackWrite(int n);
   // After a successful forward: the writes stay, and so does the use of the reservation.
   void commitWrite();
@@ -151,6 +154,9 @@ class KvPages {
   bool residualSharedLocked() const;
   int dropped_ = 0;  // leading table entries released by releaseBelow (-1)
   int takenFromReservation_ = 0;  // by prepareWrite since the last commitWrite
+  int pagesBeforeWrite_ = -1;     // table pages at the first prepareWrite since the last commit or rollback
+  // Drops table pages past the first `pages` (and, for none, the residual).
+  void keepPages(size_t pages);
 };
 
 struct KvPoolStats {

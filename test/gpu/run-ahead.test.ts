@@ -123,7 +123,8 @@ async function rewoundToSameLength(model: Model): Promise<{ tokens: number[]; us
   expect(ns.length).toBe(length);
   const s0 = stats(model);
   // Positions 26 to 31: the first call throws the queued step away, the next five use theirs;
-  // the last queues nothing (position 32 starts a new page).
+  // the last queues the step at position 32 (taking its new page), which the model's next call
+  // throws away, after s1.
   for (let i = 0; i < 6; i++) out.push((tok = (await nm.decodeBatch([ns], Int32Array.of(tok), [greedy]))[0]));
   const s1 = stats(model);
   ns.dispose();
@@ -308,9 +309,9 @@ describeGpu.each(models)("cuda: run-ahead decoding, %s", (_name, spec) => {
   test("sequences of different lengths: one opening a new page does not keep the batch from running ahead", async () => {
     // Prompts of 3, 5, ..., 17 tokens: at every other step one of the 8 sequences moves into a
     // new page. The step before takes that page, so the step ahead runs anyway: of 64 steps all
-    // run ahead but those of a new recording key (the first two, and about three at each of the
-    // page-table stride's two changes). Without the page taken early, every other step could
-    // not run ahead (at most 32).
+    // run ahead but the first two of each recording key (the batch's first, and those of the
+    // page-table stride's two changes, from 2 to 4 and 4 to 8 pages): about 58. Without the
+    // page taken early, every other step could not run ahead (at most 32).
     const lengths = (i: number) => 3 + 2 * i;
     const a = await fixedBatch(ahead, 8, 64, lengths);
     const b = await fixedBatch(plain, 8, 64, lengths);
@@ -389,7 +390,9 @@ describeGpu("cuda: run-ahead decoding with the prefix cache, context shift, top-
     const b = await fixedBatch(bf16Plain, 20, 40);
     expect(a.tokens).toEqual(b.tokens);
     expect(a.tokens.length).toBe(20 * 41);
-    // 40 steps: the first two of the batch size (a key is recorded at its second sighting).
+    // 40 steps: all but the first two of each recording key (a key is recorded at its second
+    // sighting): the batch's first, and the page-table stride's change when all 20 rows reach
+    // position 32 together.
     expect(a.used).toBeGreaterThan(20);
     expect(b.used).toBe(0);
   });
