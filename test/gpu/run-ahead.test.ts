@@ -440,3 +440,45 @@ describeGpu("cuda: run-ahead decoding over an int4 cache", () => {
     await expectSameShiftedTokens(small, smallPlain);
   });
 });
+
+// A decode call that queues a step ahead takes the page of each sequence's next position early
+// (decode_step.cpp). A later batch that fails must keep it, as it keeps every page held before
+// the batch: a failed batch changes nothing (docs/architecture.md).
+describeGpu("cuda: run-ahead's early page and a failed batch", () => {
+  test("a batch refused by a full pool leaves the pool as it was, a page taken early included", async () => {
+    const dir = writeTinyModel({ seed: 61, hidden: 64, vocab: 256, maxPositions: 512 });
+    const probe = await loadModel(dir, { device: "cuda", dtype: "f32", prefixCache: 0 });
+    const pageBytes = probe.kvBytesPerToken * 16;
+    await probe.dispose();
+    const m = await loadModel(dir, { device: "cuda", dtype: "f32", prefixCache: 0, kvCacheMemory: 6 * pageBytes });
+    try {
+      const nm = m.nativeModel();
+      const total = nm.poolStats().pagesTotal;
+      expect(total).toBeGreaterThanOrEqual(4);
+      const a = nm.createSequence(m.maxContext), b = nm.createSequence(m.maxContext);
+      let ta = (await prefill(a, prompt(m, 14, 1), greedy))!;
+      // 14 -> 16 tokens; the second call also takes the page of position 16, for its step ahead.
+      for (let i = 0; i < 2; i++) ta = (await nm.decodeBatch([a], Int32Array.of(ta), [greedy]))[0];
+      expect(a.length).toBe(16);
+      expect(nm.poolStats().pagesUsed).toBe(2);
+      // b holds every other page: its next token needs one more.
+      const tb = (await prefill(b, prompt(m, 16 * (total - 2), 2), greedy))!;
+      const before = nm.poolStats();
+      expect(before.pagesFree).toBe(0);
+      const e = await nm.decodeBatch([a, b], Int32Array.of(ta, tb), [greedy, greedy]).then(
+        () => null,
+        (x) => x,
+      );
+      expect(e?.code).toBe("LCKV_KV_CACHE_FULL");
+      expect(nm.poolStats()).toEqual(before);
+      expect(nm.auditPool()).toBe("");
+      // a still holds the page of its next position: it decodes with no page free.
+      await nm.decodeBatch([a], Int32Array.of(ta), [greedy], false);
+      expect(a.length).toBe(17);
+      a.dispose();
+      b.dispose();
+    } finally {
+      await m.dispose();
+    }
+  });
+});
