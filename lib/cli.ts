@@ -120,12 +120,20 @@ function samplingOptions(o: Record<string, unknown>): GenerateOptions {
 }
 
 // Streams one completion to stdout and returns its result (finish reason, usage, timings). A
-// reader that closed stdout ends the request: its pages go back.
-async function streamTo(stream: GenerationStream): Promise<GenerateResult> {
+// reader that closed stdout ends the request: its pages go back. `echo` (generate's prompt) is
+// written with the first chunk, or at the end when there is none, so that a request refused
+// before it starts (a prompt longer than the context, a full cache) leaves stdout empty.
+async function streamTo(stream: GenerationStream, echo = ""): Promise<GenerateResult> {
+  const writeEcho = () => {
+    if (echo !== "" && !stdoutClosed) process.stdout.write(echo);
+    echo = "";
+  };
   for await (const chunk of stream as AsyncIterable<StreamChunk>) {
+    writeEcho();
     if (stdoutClosed) break;
     process.stdout.write(chunk.text);
   }
+  writeEcho();
   return stream.result;
 }
 
@@ -199,8 +207,7 @@ addSamplingOptions(
     }
     await using model = await open(o);
     const text = prompt ?? "";
-    process.stdout.write(text);
-    const result = await streamTo(model.stream(text, g));
+    const result = await streamTo(model.stream(text, g), text);
     if (!stdoutClosed) process.stdout.write("\n");
     printStats(result, o.quiet);
   });

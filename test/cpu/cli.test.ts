@@ -133,6 +133,22 @@ test("an option error comes before any output, the prompt included", () => {
   expect(p.err).toMatch(/option 'topP'/);
 });
 
+test("a prompt the model cannot take fails before any output: the prompt is not echoed", () => {
+  const prompt = "one two three four five six seven eight nine ten eleven twelve";
+  const r = run(["generate", prompt, "--max-context", "8", "-n", "2", "--model", fixture]);
+  expect(r.code).toBe(1);
+  expect(r.out).toBe("");
+  expect(r.err).toMatch(/prompt has \d+ tokens but the context holds 8/);
+  // The same prompt within the context is still echoed before its continuation, and with -n 0 alone.
+  const ok = run(["generate", prompt, "--max-context", "64", "-n", "2", "-t", "0", "--model", fixture]);
+  expect(ok.code).toBe(0);
+  expect(ok.out.startsWith(prompt)).toBe(true);
+  expect(ok.out.length).toBeGreaterThan(prompt.length + 1);
+  const none = run(["generate", prompt, "-n", "0", "--model", fixture]);
+  expect(none.code).toBe(0);
+  expect(none.out).toBe(prompt + "\n");
+});
+
 test("generate ends with a stats line on stderr, and --quiet leaves it out", () => {
   const ok = run(["generate", "The sea", "-n", "6", "-t", "0", "--model", fixture, "--device", "cpu"], undefined, false);
   expect(ok.code).toBe(0);
