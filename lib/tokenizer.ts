@@ -26,11 +26,14 @@ export class Tokenizer {
   readonly bosTokenId?: number;
   readonly eosTokenId?: number;
   readonly chatTemplate?: string;
+  /** tokenizer_config.json's path (where a chat template would be). */
+  private readonly configFile: string;
   private readonly hf: HfTokenizer;
   private readonly template?: Template;
 
   private constructor(hf: HfTokenizer, config: Record<string, unknown>, file: string) {
     this.hf = hf;
+    this.configFile = file;
     this.bosToken = tokenText(config.bos_token);
     this.eosToken = tokenText(config.eos_token);
     this.bosTokenId = this.bosToken !== undefined ? this.tokenToId(this.bosToken) : undefined;
@@ -114,7 +117,12 @@ export class Tokenizer {
   /** Renders messages with the tokenizer's chat template. */
   applyChatTemplate(messages: ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): string {
     if (!this.chatTemplate) {
-      throw new InvalidInputError("this model's tokenizer_config.json has no chat_template; use generate() with plain text", "LCKV_NO_CHAT_TEMPLATE");
+      // Said so that it holds wherever chat was asked for: the API, lckv chat, /v1/chat/completions.
+      throw new InvalidInputError(
+        `this model has no chat template (no chat_template in ${this.configFile}): give it plain text instead ` +
+          "(generate() or stream(), lckv generate, POST /v1/completions)",
+        "LCKV_NO_CHAT_TEMPLATE",
+      );
     }
     if (!Array.isArray(messages) || messages.some((m) => !m || typeof m.role !== "string" || typeof m.content !== "string")) {
       throw new InvalidInputError("chat messages must be an array of { role: string, content: string }");

@@ -113,6 +113,21 @@ describe("chat_template in tokenizer_config.json", () => {
   });
 });
 
+describe("a model without a chat template", () => {
+  test("chat() names the file that lacks it and what to use instead, in the API, the CLI's and the server's terms", async () => {
+    const model = await loadModel(DEFAULT_MODEL_DIR, { device: "cpu" });
+    try {
+      const e = await model.chat(hello, { maxNewTokens: 2 }).catch((x) => x);
+      expect(e).toBeInstanceOf(InvalidInputError);
+      expect(e.code).toBe("LCKV_NO_CHAT_TEMPLATE");
+      expect(e.message).toContain(`no chat_template in ${path.join(DEFAULT_MODEL_DIR, "tokenizer_config.json")}`);
+      expect(e.message).toMatch(/generate\(\).*lckv generate.*\/v1\/completions/);
+    } finally {
+      await model.dispose();
+    }
+  });
+});
+
 describe("tokenizer.decode", () => {
   const t = Tokenizer.fromDirectory(DEFAULT_MODEL_DIR)!;
 
