@@ -124,9 +124,7 @@ export class Tokenizer {
         "LCKV_NO_CHAT_TEMPLATE",
       );
     }
-    if (!Array.isArray(messages) || messages.some((m) => !m || typeof m.role !== "string" || typeof m.content !== "string")) {
-      throw new InvalidInputError("chat messages must be an array of { role: string, content: string }");
-    }
+    checkChatMessages(messages);
     try {
       return this.template!.render({
         messages,
@@ -140,6 +138,19 @@ export class Tokenizer {
       throw new InvalidInputError(`the chat template rejected the messages: ${(e as Error)?.message ?? String(e)}`);
     }
   }
+}
+
+/** Names the first message that is not { role: string, content: string }, and what it holds instead. */
+function checkChatMessages(messages: unknown): void {
+  const shape = "chat messages must be an array of { role: string, content: string }";
+  if (!Array.isArray(messages)) throw new InvalidInputError(`${shape}, got ${brief(messages)}`);
+  messages.forEach((m: unknown, i) => {
+    if (!m || typeof m !== "object" || Array.isArray(m)) throw new InvalidInputError(`${shape}: messages[${i}] is ${brief(m)}`);
+    for (const field of ["role", "content"] as const) {
+      const v = (m as Record<string, unknown>)[field];
+      if (typeof v !== "string") throw new InvalidInputError(`${shape}: messages[${i}].${field} must be a string, got ${brief(v)}`);
+    }
+  });
 }
 
 /** Parses a chat template now, so that a broken one is an error at load, not at the first chat(). */

@@ -102,6 +102,23 @@ describe("chat_template in tokenizer_config.json", () => {
     expect(e.message).toMatch(/chat template rejected the messages: .+/);
   });
 
+  test("messages of the wrong shape are an InvalidInputError naming the message and field at fault", () => {
+    const t = Tokenizer.fromDirectory(modelWithTemplate(CHAT))!;
+    const cases: [unknown, RegExp][] = [
+      ["Hello", /array of \{ role: string, content: string \}, got "Hello"/],
+      [[null], /messages\[0\] is null/],
+      [[{ role: "user", content: "a" }, { content: "b" }], /messages\[1\]\.role must be a string, got undefined/],
+      [[{ role: "user", content: [{ type: "text", text: "hi" }] }], /messages\[0\]\.content must be a string, got \[\{"type":"text"/],
+      [[{ role: "user", content: "a" }, { role: "assistant", content: 5 }], /messages\[1\]\.content must be a string, got 5/],
+    ];
+    for (const [messages, msg] of cases) {
+      const e = thrown(() => t.applyChatTemplate(messages as never));
+      expect(e).toBeInstanceOf(InvalidInputError);
+      expect(e.code).toBe("LCKV_INVALID_INPUT");
+      expect(e.message).toMatch(msg);
+    }
+  });
+
   test("chat() on a model whose template raises rejects with the InvalidInputError", async () => {
     const model = await loadModel(modelWithTemplate("{{ raise_exception('roles must alternate') }}"), { device: "cpu" });
     try {
