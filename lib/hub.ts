@@ -94,6 +94,10 @@ export function checkDownloadOptions(o: { revision?: unknown; progress?: unknown
  * returned as it is (loadModel reports a missing directory); a hub id is resolved to its snapshot
  * directory in the cache, downloaded first unless the cache holds it.
  */
+// A mistyped local path has a hub id's form too (models/mine): an error about the id, before
+// any file of it was found, says that no such directory was found either.
+const NOT_LOCAL = "; nor is it a local directory";
+
 export async function resolveModel(idOrDir: string, options: ResolveModelOptions = {}): Promise<string> {
   if (typeof idOrDir !== "string") throw new InvalidOptionError("model", "must be a directory or a hub id (a string)");
   if (options === null || typeof options !== "object") throw new InvalidOptionError("options", "must be an object");
@@ -117,7 +121,7 @@ export async function resolveModel(idOrDir: string, options: ResolveModelOptions
   if (hub.offline) {
     const snapshot = cachedSnapshot(repoDir, revision, false);
     if (snapshot) return snapshot;
-    throw new ModelHubError(id, `model '${id}' (revision '${revision}') is not in the cache ${hub.cacheDir}, and HF_HUB_OFFLINE is set`, "LCKV_MODEL_NOT_CACHED");
+    throw new ModelHubError(id, `model '${id}' (revision '${revision}') is not in the cache ${hub.cacheDir}, and HF_HUB_OFFLINE is set${NOT_LOCAL}`, "LCKV_MODEL_NOT_CACHED");
   }
   const snapshot = cachedSnapshot(repoDir, revision, true);
   if (snapshot) return snapshot;
@@ -338,12 +342,11 @@ class Download {
     if (e instanceof this.hf.HubApiError && [401, 403, 404].includes(e.statusCode)) {
       const what = file ? `${file} of '${id}'` : `model '${id}' (revision '${revision}')`;
       const hint = this.hub.token ? "" : "; if it is private or gated, set HF_TOKEN";
-      // A mistyped local path has a hub id's form too: say that neither was found.
-      const local = file ? "" : "; nor is it a local directory";
+      const local = file ? "" : NOT_LOCAL;
       return new ModelHubError(id, `the hub at ${this.hub.endpoint} has no ${what} (HTTP ${e.statusCode})${hint}${local}`, "LCKV_MODEL_NOT_FOUND", file, e);
     }
     const why = e instanceof Error ? e.message : String(e);
-    const resume = file ? "; what arrived is kept, and the next call resumes from it" : "";
+    const resume = file ? "; what arrived is kept, and the next call resumes from it" : NOT_LOCAL;
     return new ModelHubError(id, `could not download ${file ?? "the file list"} of '${id}' from ${this.hub.endpoint}: ${why}${resume}`, "LCKV_DOWNLOAD_FAILED", file, e);
   }
 }

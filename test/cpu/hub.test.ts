@@ -173,6 +173,17 @@ test("a file whose size is not the size the hub reported is refused and not move
   expect(fs.existsSync(path.join(repoDir, "refs", "main"))).toBe(false);
 });
 
+test("a mistyped local path of a hub id's form is said to be no local directory either, offline or with the hub unreachable", async () => {
+  process.env.HF_ENDPOINT = "http://127.0.0.1:1"; // nothing listens there
+  const unreachable = await rejection(resolveModel("models/no-such-dir"));
+  expect(unreachable.code).toBe("LCKV_DOWNLOAD_FAILED");
+  expect(unreachable.message).toMatch(/could not download the file list of 'models\/no-such-dir'.*; nor is it a local directory$/);
+  process.env.HF_HUB_OFFLINE = "1";
+  const offline = await rejection(resolveModel("models/no-such-dir"));
+  expect(offline.code).toBe("LCKV_MODEL_NOT_CACHED");
+  expect(offline.message).toMatch(/HF_HUB_OFFLINE is set; nor is it a local directory$/);
+});
+
 test("an unknown model or revision is a typed error naming it", async () => {
   const e = await rejection(resolveModel("lckv-test/no-such-model"));
   expect(e.code).toBe("LCKV_MODEL_NOT_FOUND");
