@@ -72,6 +72,7 @@ export class ChatSession implements Disposable {
     progress: GenerationProgress,
     claim: () => void,
   ): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
+    if (this.engine.disposed) throw new DisposedError("the model this chat session belongs to");
     if (this.seq.disposed) throw new DisposedError("the chat session");
     if (this.active) throw new BusyError("the chat session is busy: let its previous reply finish first");
     if (typeof userMessage !== "string") throw new InvalidInputError(`the message must be a string, got ${describe(userMessage)}`);

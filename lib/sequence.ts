@@ -105,7 +105,9 @@ export class Sequence implements Disposable {
   }
 
   private live(): NativeSequence {
-    if (!this.native || this.engine.disposed) throw new DisposedError("the sequence");
+    // Said as the caller sees it: a sequence it never disposed went with its model.
+    if (this.engine.disposed) throw new DisposedError("the model this sequence belongs to");
+    if (!this.native) throw new DisposedError("the sequence");
     return this.native;
   }
 

@@ -436,6 +436,14 @@ describe("inputs and options", () => {
     await m.dispose();
     expect(seq.disposed).toBe(true);
     await expect(seq.append([1, 2])).rejects.toThrow(DisposedError);
+    // The error says the model went, not that the caller disposed the sequence it still holds.
+    await expect(seq.append([1, 2])).rejects.toThrow(/^the model this sequence belongs to has been disposed$/);
+    expect(() => seq.fork()).toThrow(/^the model this sequence belongs to has been disposed$/);
+    const m2 = await load(dir);
+    const own = m2.createSequence();
+    own.dispose();
+    await expect(own.append([1, 2])).rejects.toThrow(/^the sequence has been disposed$/);
+    await m2.dispose();
   });
 
   test("dispose while a generation is in flight ends it with a typed error, not a crash", async () => {

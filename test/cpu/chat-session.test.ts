@@ -114,6 +114,16 @@ test("one turn at a time; bad input and options change nothing; dispose ends the
   expect(model.auditCache()).toBe("");
 });
 
+test("a session whose model was disposed says so, not that the session was", async () => {
+  const own = await loadModel(dir, { device: "cpu" });
+  const session = own.createChatSession({ system });
+  await drain(session.send("First", opts));
+  await own.dispose();
+  const e = await drain(session.send("Second", opts)).catch((x) => x);
+  expect(e).toBeInstanceOf(DisposedError);
+  expect(e.message).toBe("the model this chat session belongs to has been disposed");
+});
+
 test("createChatSession checks its options", () => {
   expect(() => model.createChatSession({ system: 5 as unknown as string })).toThrow(InvalidOptionError);
   expect(() => model.createChatSession({ sytem: "x" } as never)).toThrow(InvalidOptionError);
