@@ -89,15 +89,15 @@ export function checkDownloadOptions(o: { revision?: unknown; progress?: unknown
   if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw new InvalidOptionError("signal", `must be an AbortSignal, got ${describe(o.signal)}`);
 }
 
+// A mistyped local path has a hub id's form too (models/mine): an error about the id, before
+// any file of it was found, says that no such directory was found either.
+const NOT_LOCAL = "; nor is it a local directory";
+
 /**
  * Returns a local directory for `idOrDir`: an existing path, or anything that is not a hub id, is
  * returned as it is (loadModel reports a missing directory); a hub id is resolved to its snapshot
  * directory in the cache, downloaded first unless the cache holds it.
  */
-// A mistyped local path has a hub id's form too (models/mine): an error about the id, before
-// any file of it was found, says that no such directory was found either.
-const NOT_LOCAL = "; nor is it a local directory";
-
 export async function resolveModel(idOrDir: string, options: ResolveModelOptions = {}): Promise<string> {
   if (typeof idOrDir !== "string") throw new InvalidOptionError("model", "must be a directory or a hub id (a string)");
   if (options === null || typeof options !== "object") throw new InvalidOptionError("options", "must be an object");
