@@ -172,7 +172,11 @@ export class EngineContext {
       throw new InvalidInputError(`${what} must be a string or an array of token ids, got ${describe(input)}`);
     }
     ids.forEach((t, i) => {
-      if (!Number.isInteger(t) || t < 0 || t >= this.config.vocabSize) {
+      // A fraction or NaN is no id at all, whatever its value: said so, not "outside" a range it may lie in.
+      if (!Number.isInteger(t)) {
+        throw new TokenOutOfRangeError(`${what} token ${i} is ${describe(t)}, not an integer: token ids are integers in [0, ${this.config.vocabSize})`);
+      }
+      if (t < 0 || t >= this.config.vocabSize) {
         throw new TokenOutOfRangeError(`${what} token ${i} is ${describe(t)}, outside the vocabulary [0, ${this.config.vocabSize})`);
       }
     });
