@@ -189,7 +189,7 @@ addSamplingOptions(
   program
     .command("generate")
     .description("stream a completion of the prompt to stdout")
-    .argument("[prompt]", "text to continue (default: read stdin when it is not a terminal)")
+    .argument("[prompt]", "text to continue (default: read stdin when it is not a terminal, less its final newline)")
     .addOption(modelOption())
     .addOption(revisionOption()),
 )
@@ -203,7 +203,9 @@ addSamplingOptions(
     if (prompt === undefined && !process.stdin.isTTY) {
       const chunks: Buffer[] = [];
       for await (const c of process.stdin) chunks.push(c as Buffer);
-      prompt = Buffer.concat(chunks).toString("utf8");
+      // The newline that ends what `echo` or a text file gives is the end of the input, not a
+      // line break to continue from (one only: a blank line the user wrote stays).
+      prompt = Buffer.concat(chunks).toString("utf8").replace(/\r?\n$/, "");
     }
     await using model = await open(o);
     const text = prompt ?? "";

@@ -30,6 +30,11 @@ test("generate is reproducible with a seed and reads the prompt from stdin", () 
   const b = run(["generate", "-n", "10", "-s", "7", "-t", "0.9", "--model", fixture], "The sea");
   expect(a.code).toBe(0);
   expect(b.out).toBe(a.out);
+  // What `echo` pipes in ends with a newline, which is not part of the prompt; a second one is.
+  const c = run(["generate", "-n", "10", "-s", "7", "-t", "0.9", "--model", fixture], "The sea\n");
+  expect(c.out).toBe(a.out);
+  const d = run(["generate", "-n", "10", "-s", "7", "-t", "0.9", "--model", fixture], "The sea\n\n");
+  expect(d.out.startsWith("The sea\n")).toBe(true);
 });
 
 test("info reports the layer pattern and the KV saving", () => {
