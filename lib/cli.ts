@@ -14,7 +14,7 @@
 import { Command, InvalidArgumentError, Option } from "commander";
 import { SingleBar } from "cli-progress";
 import { formatLayerTypes } from "./plan";
-import { InvalidInputError, LckvError } from "./errors";
+import { InvalidInputError, InvalidOptionError, LckvError } from "./errors";
 import { KV_CACHE_DTYPES, KvCacheDtype } from "./kv-cache-dtype";
 import { DType, DTYPES, loadModel, LoadOptions } from "./load-model";
 import { Model } from "./model";
@@ -475,9 +475,18 @@ program
     await app.close();
   });
 
+// An option the library refused by its API name (maxNewTokens), said as the flag the user typed
+// (--max-new-tokens) where a command has one of that name.
+function cliMessage(e: LckvError): string {
+  if (!(e instanceof InvalidOptionError)) return e.message;
+  const flag = program.commands.flatMap((c) => c.options).find((o) => o.long && o.attributeName() === e.option)?.long;
+  const prefix = `option '${e.option}':`;
+  return flag && e.message.startsWith(prefix) ? `option '${flag}':${e.message.slice(prefix.length)}` : e.message;
+}
+
 program.parseAsync(process.argv).catch((e: unknown) => {
   if (e instanceof LckvError) {
-    process.stderr.write(`lckv: ${e.message}\n`);
+    process.stderr.write(`lckv: ${cliMessage(e)}\n`);
     process.exitCode = 1;
   } else {
     process.stderr.write(`lckv: ${(e as Error)?.stack ?? String(e)}\n`);

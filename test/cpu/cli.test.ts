@@ -93,7 +93,7 @@ test("condense refuses a calibration file it cannot read, an unsupported model a
 test("bad arguments fail with a message that names them", () => {
   const neg = run(["generate", "x", "--max-new-tokens", "-1", "--model", fixture]);
   expect(neg.code).toBe(1);
-  expect(neg.err).toMatch(/option 'maxNewTokens': must be a non-negative integer, got -1/);
+  expect(neg.err).toMatch(/option '--max-new-tokens': must be a non-negative integer, got -1/);
   const frac = run(["generate", "x", "--max-new-tokens", "1.5"]);
   expect(frac.code).not.toBe(0);
   expect(frac.err).toMatch(/--max-new-tokens must be an integer/);
@@ -131,11 +131,11 @@ test("an option error comes before any output, the prompt included", () => {
   const r = run(["generate", "Hi", "-t", "-1", "--model", fixture]);
   expect(r.code).toBe(1);
   expect(r.out).toBe("");
-  expect(r.err).toMatch(/option 'temperature': must be >= 0, got -1/);
+  expect(r.err).toMatch(/option '--temperature': must be >= 0, got -1/);
   const p = run(["generate", "Hi", "--top-p", "2", "--model", fixture]);
   expect(p.code).toBe(1);
   expect(p.out).toBe("");
-  expect(p.err).toMatch(/option 'topP'/);
+  expect(p.err).toMatch(/option '--top-p': must be/);
 });
 
 test("a prompt the model cannot take fails before any output: the prompt is not echoed", () => {
