@@ -368,7 +368,7 @@ program
 
 program
   .command("eval-ppl")
-  .description("perplexity of a text file, in non-overlapping windows (see lib/eval.ts)")
+  .description("perplexity of a text file, in non-overlapping windows: window w scores tokens 1..n-1 of tokens [w*n, (w+1)*n) from their prefix in the window")
   .requiredOption("--text <file>", "UTF-8 text to score")
   .addOption(modelOption())
   .addOption(revisionOption())
