@@ -194,6 +194,11 @@ export interface NativeAddon {
     /** The cache's value type (default "f32"). */
     kvCacheDtype?: KvCacheDtype;
   }): { ms: number; bytes: number };
+  /**
+   * Tests only: CPU backends of models loaded from then on queue their token choices as a GPU
+   * does, so that decodeBatch's run-ahead page bookkeeping (early pages) runs on the CPU.
+   */
+  setCpuQueuedSampling(on: boolean): void;
 }
 
 let addon: NativeAddon | undefined;

@@ -4,7 +4,7 @@
 // shared_ptrs, so dispose() during an in-flight call is safe: the call finishes on the state it
 // started with, and later calls are refused (shared_handles.h).
 //   NativeModel                      model_wrap.h (its sequences, NativeSequence: sequence_wrap.h)
-//   checkBackendOps, benchAttention  op_hooks.h
+//   checkBackendOps, benchAttention, setCpuQueuedSampling  op_hooks.h
 //   backends, version                here
 // Arguments and options are read in args.h.
 #include <napi.h>
@@ -27,6 +27,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData<AddonData>(data);
   exports.Set("checkBackendOps", Napi::Function::New(env, CheckBackendOps));
   exports.Set("benchAttention", Napi::Function::New(env, BenchAttention));
+  exports.Set("setCpuQueuedSampling", Napi::Function::New(env, SetCpuQueuedSampling));
   SequenceWrap::Init(env, data);
   ModelWrap::Init(env, exports);
   Napi::Object backends = Napi::Object::New(env);

@@ -76,4 +76,11 @@ Napi::Value BenchAttention(const Napi::CallbackInfo& info) {
   });
 }
 
+Napi::Value SetCpuQueuedSampling(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsBoolean()) throwInvalid(env, "setCpuQueuedSampling takes a boolean");
+  setCpuQueuedSampling(info[0].As<Napi::Boolean>().Value());
+  return env.Undefined();
+}
+
 }  // namespace lckv::addon

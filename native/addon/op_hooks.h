@@ -1,5 +1,5 @@
-// The op check and the op bench as addon functions, for the tests and the benchmarks
-// (engine/op_check.h, engine/op_bench.h).
+// The op check, the op bench and a CPU backend switch as addon functions, for the tests and the
+// benchmarks (engine/op_check.h, engine/op_bench.h, engine/backend.h).
 #pragma once
 #include <napi.h>
 
@@ -13,5 +13,9 @@ Napi::Value CheckBackendOps(const Napi::CallbackInfo& info);
 // iterations }): the attention of one decode step alone on a synthetic K/V pool (op_bench.h),
 // returning { ms, bytes }: mean milliseconds per call and the bytes a call must move.
 Napi::Value BenchAttention(const Napi::CallbackInfo& info);
+
+// setCpuQueuedSampling(on): CPU backends of models loaded from then on queue their token choices
+// as a GPU does (backend.h), for the tests of run-ahead's page bookkeeping.
+Napi::Value SetCpuQueuedSampling(const Napi::CallbackInfo& info);
 
 }  // namespace lckv::addon

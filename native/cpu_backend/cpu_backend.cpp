@@ -4,6 +4,7 @@
 // A weight may be kept in bf16 or f16 (half the memory of f32): the ops widen what they read to
 // f32, which is exact, so they compute the same values as from an f32 copy.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <new>
@@ -13,6 +14,7 @@
 
 #include "../engine/backend.h"
 #include "../engine/errors.h"
+#include "../engine/sampling.h"
 #include "../engine/weights.h"
 #include "thread_pool.h"
 #include "weight_reads.h"
@@ -83,11 +85,36 @@ const float* kvHeadValues(const KvView& kv, int seq, int slot, int v, int pos, i
   return buf;
 }
 
+// setCpuQueuedSampling()'s switch, read by each backend when it is made.
+std::atomic<bool> cpuQueuedSampling{false};
+
 class CpuBackend : public Backend {
  public:
   CpuBackend(int threads, DType weights, bool keepCheckpointDtype)
       : pool_(threads), weights_(weights), keepCheckpointDtype_(keepCheckpointDtype) {}
   std::string name() const override { return "cpu"; }
+
+  // Run-ahead's bookkeeping on the CPU, for tests: after setCpuQueuedSampling(true), a backend
+  // made from then on makes a queued token choice at once and hands it out by
+  // takeSampled(), so Model::decodeBatch takes the paths a GPU takes when it queues a step (the
+  // early pages, their rollback) and the CPU suite checks them. No step is replayed ahead (the
+  // CPU records none), and the tokens are the ones sampleRows() gives.
+  bool canQueueSampling(const SamplingParams* params, int rows) const override {
+    if (!queuedSampling_) return false;
+    for (int r = 0; r < rows; ++r)
+      if (readsHistory(params[r]) || needsHostSampling(params[r]) || params[r].logprobs >= 0 || !params[r].logitBias.empty())
+        return false;
+    return true;
+  }
+  void queueSampleRows(const Tensor& logits, int rows, int vocab, const SamplingParams* params, const uint64_t* positions,
+                       int slot) override {
+    std::vector<std::vector<int32_t>> histories((size_t)rows);  // read by no row canQueueSampling() takes
+    queued_[slot].assign((size_t)rows, 0);
+    sampleRows(logits, rows, vocab, params, histories.data(), positions, queued_[slot].data());
+  }
+  void takeSampled(int slot, int rows, int32_t* out) override {
+    std::copy(queued_[slot].begin(), queued_[slot].begin() + rows, out);
+  }
 
   Tensor alloc(int64_t rows, int64_t cols) override { return hostTensor(rows, cols); }
   Tensor upload(const float* host, int64_t rows, int64_t cols) override {
@@ -356,6 +383,9 @@ class CpuBackend : public Backend {
 
 
  private:
+  const bool queuedSampling_ = cpuQueuedSampling.load();
+  std::vector<int32_t> queued_[2];  // queueSampleRows()'s tokens by slot
+
   // kvWrite for a channel-key type: each row into the residual in bf16; then each page whose
   // last row was written is quantized from the residual (kvQuantizePage).
   void residualWrite(const KvView& kv, int slot, const Tensor& k, const Tensor& v, int n, const int32_t* positions) {
@@ -393,6 +423,8 @@ class CpuBackend : public Backend {
 };
 
 }  // namespace
+
+void setCpuQueuedSampling(bool on) { cpuQueuedSampling.store(on); }
 
 std::unique_ptr<Backend> createCpuBackend(int threads, DType weights, bool keepCheckpointDtype) {
   return std::make_unique<CpuBackend>(threads, weights, keepCheckpointDtype);

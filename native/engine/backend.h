@@ -282,6 +282,10 @@ class Backend : public StepExecution {
 // GPU holding weights in that type; F32 widens every weight to f32, unless keepCheckpointDtype:
 // then each weight stays in the dtype its checkpoint stores (the same values either way).
 std::unique_ptr<Backend> createCpuBackend(int threads, DType weights = DType::F32, bool keepCheckpointDtype = false);
+// For tests: CPU backends made after setCpuQueuedSampling(true) queue token choices as a GPU
+// does (made at once, handed out by takeSampled), so that Model::decodeBatch's run-ahead page
+// bookkeeping runs on the CPU; no step is replayed ahead.
+void setCpuQueuedSampling(bool on);
 #ifdef LCKV_WITH_CUDA
 // weights: the dtype weights are kept in on the device (BF16, F16 or F32).
 // graphs: record decode steps as CUDA graphs (LCKV_CUDA_GRAPHS=0 in the environment overrides).

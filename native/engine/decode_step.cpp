@@ -175,33 +175,29 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
     for (int i = 0; i < numSeqs; ++i)  // the commit below cannot fail halfway
       seqs[(size_t)i]->tokens.reserve(seqs[(size_t)i]->tokens.size() + (size_t)rows[(size_t)i]);
     // Every sequence's pages before any residual moves: a full pool refuses the batch as it was.
-    // With a step to queue ahead, also the page of each sequence's next position where the pool
+    for (int i = 0; i < numSeqs; ++i) seqs[(size_t)i]->kv->prepareWrite(seqs[(size_t)i]->length(), rows[(size_t)i]);
+    // With a step to queue ahead, then the page of each sequence's next position where the pool
     // can spare it: the step ahead runs only where every sequence's next position is in a page
     // it holds alone (queueStepAhead), and sequences of different lengths (requests that started
     // decoding at different steps) would otherwise have one of them open a new page at nearly
-    // every step. A page taken early stays with its sequence, which writes it next. (A
-    // channel-key type's step ahead stays in the page its residual holds, so there it cannot
-    // help.)
-    const bool takeNextPages = queueChoice && runAhead && !kvTypeChannelKeys(L.type);
-    // (For a step queued ahead, the step's own pages are held already; only the next one can
-    // be taken.)
-    for (int i = 0; i < numSeqs; ++i) {
-      KvPages& kv = *seqs[(size_t)i]->kv;
-      const int length = seqs[(size_t)i]->length(), k = rows[(size_t)i];
-      if (takeNextPages && length + k + 1 <= seqs[(size_t)i]->maxContext && !kv.writableInPlace(length + k)) {
+    // every step. A page taken early stays with its sequence, which writes it next. Taken after
+    // every sequence's own pages, so that an early page never takes the page another row of this
+    // step needs. (A channel-key type's step ahead stays in the page its residual holds, so there
+    // it cannot help; a step queued ahead holds its own pages already.)
+    if (queueChoice && runAhead && !kvTypeChannelKeys(L.type))
+      for (int i = 0; i < numSeqs; ++i) {
+        KvPages& kv = *seqs[(size_t)i]->kv;
+        const int next = seqs[(size_t)i]->length() + rows[(size_t)i];
+        if (next + 1 > seqs[(size_t)i]->maxContext || kv.writableInPlace(next)) continue;
         try {
-          kv.prepareWrite(length, k + 1);
-          continue;
+          kv.prepareWrite(next, 1);
         } catch (const EngineError& e) {
-          // The pool cannot spare it: this step's own pages only (all or nothing, so unchanged).
-          // Anything else (a failed copy of a shared page on the device) fails the step.
+          // The pool cannot spare it (refused before anything moved): this sequence's step ahead
+          // waits. Anything else (a failed copy of a shared page on the device, which has moved
+          // pages and reservations) fails the step, and the rollback undoes it.
           if (e.code != kErrKvCacheFull) throw;
-        } catch (const std::bad_alloc&) {
-          // Nor the host memory for it: the same.
         }
       }
-      kv.prepareWrite(length, k);
-    }
     for (SequenceState* q : seqs) {
       // Nor does this (writableInPlace checked it). The sequence's rows all lie in the page of its
       // first (checked above), the one page the residual holds.

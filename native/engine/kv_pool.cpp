@@ -446,7 +446,10 @@ void KvPages::prepareWrite(int start, int n) {
 }
 
 void KvPages::rollbackWrite(int n) {
-  keepPages((size_t)std::max(pagesFor(std::max(n, 0), pool_->layout_.pageTokens), pagesBeforeWrite_));
+  // No prepareWrite since the last commit (a batch that failed before this sequence's turn): this
+  // call took nothing, and the pages past the length are a committed step's early page, kept.
+  if (pagesBeforeWrite_ >= 0)
+    keepPages((size_t)std::max(pagesFor(std::max(n, 0), pool_->layout_.pageTokens), pagesBeforeWrite_));
   pagesBeforeWrite_ = -1;
   std::lock_guard<std::mutex> lk(pool_->mu_);
   reserved_ += takenFromReservation_;
