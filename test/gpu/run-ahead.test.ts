@@ -16,6 +16,7 @@
 import { loadModel, LoadOptions, Model } from "../../lib";
 import { NativeSamplingParams, NativeSequence } from "../../lib/native";
 import { writeTinyModel, TinyLlamaSpec } from "../helpers/tiny-model";
+import { expectEarlyPage, expectFailedBatchKeepsPool, expectOwnPagesFirst, expectReservationKept } from "../helpers/early-page-checks";
 import { describeIfGpu } from "../helpers/device";
 
 process.env.LCKV_QUIET = "1";
@@ -443,42 +444,21 @@ describeGpu("cuda: run-ahead decoding over an int4 cache", () => {
 
 // A decode call that queues a step ahead takes the page of each sequence's next position early
 // (decode_step.cpp). A later batch that fails must keep it, as it keeps every page held before
-// the batch: a failed batch changes nothing (docs/architecture.md).
+// the batch: a failed batch changes nothing (docs/architecture.md). The checks are the CPU's
+// (test/cpu/run-ahead-pages.test.ts), here with the steps really queued ahead.
 describeGpu("cuda: run-ahead's early page and a failed batch", () => {
-  test("a batch refused by a full pool leaves the pool as it was, a page taken early included", async () => {
-    const dir = writeTinyModel({ seed: 61, hidden: 64, vocab: 256, maxPositions: 512 });
+  const dir = writeTinyModel({ seed: 61, hidden: 64, vocab: 256, maxPositions: 512 });
+  async function withPages(pages: number, options: LoadOptions = {}) {
     const probe = await loadModel(dir, { device: "cuda", dtype: "f32", prefixCache: 0 });
     const pageBytes = probe.kvBytesPerToken * 16;
     await probe.dispose();
-    const m = await loadModel(dir, { device: "cuda", dtype: "f32", prefixCache: 0, kvCacheMemory: 6 * pageBytes });
-    try {
-      const nm = m.nativeModel();
-      const total = nm.poolStats().pagesTotal;
-      expect(total).toBeGreaterThanOrEqual(4);
-      const a = nm.createSequence(m.maxContext), b = nm.createSequence(m.maxContext);
-      let ta = (await prefill(a, prompt(m, 14, 1), greedy))!;
-      // 14 -> 16 tokens; the second call also takes the page of position 16, for its step ahead.
-      for (let i = 0; i < 2; i++) ta = (await nm.decodeBatch([a], Int32Array.of(ta), [greedy]))[0];
-      expect(a.length).toBe(16);
-      expect(nm.poolStats().pagesUsed).toBe(2);
-      // b holds every other page: its next token needs one more.
-      const tb = (await prefill(b, prompt(m, 16 * (total - 2), 2), greedy))!;
-      const before = nm.poolStats();
-      expect(before.pagesFree).toBe(0);
-      const e = await nm.decodeBatch([a, b], Int32Array.of(ta, tb), [greedy, greedy]).then(
-        () => null,
-        (x) => x,
-      );
-      expect(e?.code).toBe("LCKV_KV_CACHE_FULL");
-      expect(nm.poolStats()).toEqual(before);
-      expect(nm.auditPool()).toBe("");
-      // a still holds the page of its next position: it decodes with no page free.
-      await nm.decodeBatch([a], Int32Array.of(ta), [greedy], false);
-      expect(a.length).toBe(17);
-      a.dispose();
-      b.dispose();
-    } finally {
-      await m.dispose();
-    }
-  });
+    return loadModel(dir, { device: "cuda", dtype: "f32", prefixCache: 0, kvCacheMemory: pages * pageBytes, ...options });
+  }
+  test("a step that could run ahead takes its sequence's next page early", () => expectEarlyPage(withPages));
+  test("a batch [a, b] refused by a full pool leaves the pool as it was, a page taken early included", () =>
+    expectFailedBatchKeepsPool(withPages, true));
+  test("a batch [b, a] refused by a full pool leaves the pool as it was, a page taken early included", () =>
+    expectFailedBatchKeepsPool(withPages, false));
+  test("a request keeps its reservation when a batch fails before its row's turn", () => expectReservationKept(withPages));
+  test("an early page never takes the page another row of the same step needs", () => expectOwnPagesFirst(withPages));
 });
