@@ -24,7 +24,10 @@ export interface ServerOptions {
    * clients send); others get 401. /health and /metrics stay open.
    */
   apiKey?: string;
-  /** The model's id in /v1/models and in responses (default: the model directory's name). */
+  /**
+   * The model's id in /v1/models and in responses (default: the model directory's name). Requests
+   * may name any model, and GET /v1/models/{name} answers for any name.
+   */
   modelId?: string;
   /** Largest request body in bytes (default 8 MiB). */
   bodyLimit?: number;
@@ -74,14 +77,18 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
     });
   }
 
+  // One model, under any name: requests may name any model (as llama.cpp's server takes them),
+  // so GET /v1/models/{name} answers for any name too, under the name asked for (as OpenAI's
+  // aliases answer under their own id), while /v1/models lists the model's own id and responses
+  // name it. The route takes the rest of the path, so that a hub id ("org/name") is a name too,
+  // sent with its slash or as %2F.
   const created = Math.floor(Date.now() / 1000);
-  const modelEntry = () => ({ id: ctx.modelId, object: "model", created, owned_by: "lckv" });
-  app.get("/v1/models", async () => ({ object: "list", data: [modelEntry()] }));
-  app.get<{ Params: { id: string } }>("/v1/models/:id", async (request, reply) => {
-    if (request.params.id !== ctx.modelId) {
-      return sendHttpError(reply, { status: 404, body: errorBody(`The model '${request.params.id}' does not exist`, "invalid_request_error", "model", "model_not_found"), headers: {} });
-    }
-    return modelEntry();
+  const modelEntry = (id: string) => ({ id, object: "model", created, owned_by: "lckv" });
+  app.get("/v1/models", async () => ({ object: "list", data: [modelEntry(ctx.modelId)] }));
+  app.get<{ Params: { "*": string } }>("/v1/models/*", async (request, reply) => {
+    const name = request.params["*"];
+    if (name === "") return sendHttpError(reply, { status: 404, body: errorBody("No model named: GET /v1/models lists the models, GET /v1/models/{model} retrieves one", "invalid_request_error", "model", "model_not_found"), headers: {} });
+    return modelEntry(name);
   });
   app.get("/health", async (_request, reply) => {
     if (model.disposed) return reply.code(503).send({ status: "unavailable" });

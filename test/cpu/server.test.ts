@@ -108,6 +108,31 @@ test("GET /v1/models, /health and /metrics", async () => {
   expect(metric(text, "lckv_inter_token_latency_seconds_count")).toBeGreaterThan(0);
 });
 
+test("any model name: requests take it, models.retrieve answers for it, /v1/models lists the model's id", async () => {
+  // The README's own client example names "lckv".
+  const lckv = await ctx.client.models.retrieve("lckv");
+  expect(lckv).toMatchObject({ id: "lckv", object: "model", owned_by: "lckv" });
+  const r = await ctx.client.chat.completions.create({ model: "lckv", messages: user("Hi"), max_tokens: 2 });
+  expect(r.model).toBe("llama-mha-hd16");
+  expect((await ctx.client.models.retrieve("gpt-4")).id).toBe("gpt-4");
+  // A hub id is a name with a slash: the client sends it as %2F, curl as a slash.
+  const hubId = "HuggingFaceTB/SmolLM2-135M-Instruct";
+  const named = await startServer(ctx.model, { modelId: hubId });
+  try {
+    expect((await named.client.models.list()).data.map((m) => m.id)).toEqual([hubId]);
+    expect((await named.client.models.retrieve(hubId)).id).toBe(hubId);
+    const raw = await fetch(`${named.url}/v1/models/${hubId}`);
+    expect(raw.status).toBe(200);
+    expect(((await raw.json()) as { id: string }).id).toBe(hubId);
+    // No name at all is no model.
+    const none = await fetch(`${named.url}/v1/models/`);
+    expect(none.status).toBe(404);
+    expect(((await none.json()) as { error: { code: string } }).error.code).toBe("model_not_found");
+  } finally {
+    await named.app.close();
+  }
+});
+
 test("a ctx.client that disconnects mid-stream stops its generation, and its pages are freed", async () => {
   const aborted = () => metrics().then((t) => metric(t, "lckv_requests_total", 'status="499"'));
   const before = await aborted();
