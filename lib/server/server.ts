@@ -13,7 +13,7 @@ import Fastify, { FastifyInstance } from "fastify";
 import type { Model } from "../model";
 import { closeConnectionsOnClose } from "./connections";
 import { ServerMetrics } from "./metrics";
-import { errorBody, installErrorHandlers, sendHttpError } from "./openai-errors";
+import { errorBody, installErrorHandlers, invalidJsonBody, sendHttpError } from "./openai-errors";
 import type { ServerContext } from "./request-handler";
 import { registerChatRoutes } from "./routes-chat";
 import { registerCompletionRoutes } from "./routes-completions";
@@ -65,6 +65,14 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
   // Bodies are JSON only. fastify would also take text/plain, as a string that then fails the
   // schema with "must be object"; without that parser such a body gets 415, naming its type.
   app.removeContentTypeParser("text/plain");
+  // fastify's JSON parser (which also refuses prototype-poisoning keys), with OpenAI's error for a
+  // body that is not JSON, saying where it went wrong, in place of fastify's FST_ERR_CTP_ code.
+  const parseJson = app.getDefaultJsonParser("error", "error");
+  app.removeContentTypeParser("application/json");
+  app.addContentTypeParser("application/json", { parseAs: "string" }, (request, body, done) => {
+    const text = String(body);
+    parseJson(request, text, (err, value) => (err ? done(invalidJsonBody(text), undefined) : done(null, value)));
+  });
 
   if (options.apiKey !== undefined) {
     const ok = keyCheck(options.apiKey);

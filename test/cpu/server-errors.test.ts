@@ -54,6 +54,40 @@ test("400: malformed JSON, a body that is not an object, a missing field", async
   expect((await postJson(`${srv.url}/v1/completions`, { model: "m" })).json.error.param).toBe("prompt");
 });
 
+test("400: a body that is not JSON says so, and where, in OpenAI's shape with no framework code", async () => {
+  const url = `${srv.url}/v1/completions`;
+  const cases: [string, RegExp][] = [
+    ["{bad", /not valid JSON: expected a double-quoted property name at line 1, column 2\./],
+    ['{"prompt": "x",\n  "max_tokens": 2,,}', /not valid JSON: expected a double-quoted property name at line 2, column 19\./],
+    ['{"prompt": "x"} trailing', /not valid JSON: more text after the JSON value at line 1, column 17\./],
+    ['{"prompt": [1, 2', /not valid JSON: it ends too soon \(line 1, column 17\): expected ',' or '\]'\./],
+    ['{"prompt": "\\q"}', /not valid JSON: expected an escape sequence .* at line 1, column 13\./],
+    ["", /request body is empty/],
+  ];
+  for (const [body, message] of cases) {
+    const r = await postJson(url, body);
+    expect(r.status).toBe(400);
+    expectShape(r.json, null);
+    expect(r.json.error.code).toBe("invalid_json");
+    expect(r.json.error.message).toMatch(message);
+  }
+  // Valid JSON that fastify's parser refuses (prototype poisoning) is not reported as a syntax error.
+  const poisoned = await postJson(url, '{"prompt": "x", "__proto__": {"max_tokens": 1}}');
+  expect(poisoned.status).toBe(400);
+  expect(poisoned.json.error.message).toMatch(/__proto__/);
+  expect(poisoned.json.error.code).not.toMatch(/^FST_/);
+  // Nor does a body over the limit send fastify's code.
+  const small = await startServer(model, { bodyLimit: 64 });
+  try {
+    const big = await postJson(`${small.url}/v1/completions`, { prompt: "x".repeat(100) });
+    expect(big.status).toBe(413);
+    expectShape(big.json, null);
+    expect(big.json.error.code).toBe("request_too_large");
+  } finally {
+    await small.app.close();
+  }
+});
+
 test("415: a body that is not sent as JSON names its content type and says what to send", async () => {
   const body = { model: "m", prompt: "x", max_tokens: 1 };
   for (const type of ["text/plain", "application/x-www-form-urlencoded"]) {
