@@ -67,11 +67,73 @@ interface AjvError {
   params: Record<string, unknown>;
 }
 
+// JSON schema's type names as the English a message uses.
+const TYPE_NAMES: Record<string, string> = {
+  integer: "an integer",
+  number: "a number",
+  string: "a string",
+  boolean: "a boolean",
+  array: "an array",
+  object: "an object",
+  null: "null",
+};
+
+/** "a, b or c". */
+function either(words: string[]): string {
+  return words.length <= 1 ? words.join("") : `${words.slice(0, -1).join(", ")} or ${words[words.length - 1]}`;
+}
+
+const plural = (n: number, word: string) => `${n} ${word}${n === 1 ? "" : "s"}`;
+
+/**
+ * What a failed schema keyword asks for, in English ("must be an integer or null"), not in ajv's
+ * terms ("must be integer,null", "must NOT have fewer than 1 characters"); the one place every
+ * schema message of the server is worded. An unknown keyword keeps ajv's message.
+ */
+export function describeSchemaError(e: Pick<AjvError, "keyword" | "message" | "params">): string {
+  const p = e.params;
+  const limit = Number(p.limit);
+  switch (e.keyword) {
+    case "type": {
+      const types = Array.isArray(p.type) ? p.type.map(String) : String(p.type).split(",");
+      return `must be ${either(types.map((t) => TYPE_NAMES[t] ?? t))}`;
+    }
+    case "minimum":
+      return `must be at least ${p.limit}`;
+    case "maximum":
+      return `must be at most ${p.limit}`;
+    case "exclusiveMinimum":
+      return `must be greater than ${p.limit}`;
+    case "exclusiveMaximum":
+      return `must be less than ${p.limit}`;
+    case "minItems":
+      return limit === 1 ? "must not be empty" : `must have at least ${plural(limit, "item")}`;
+    case "maxItems":
+      return `must have at most ${plural(limit, "item")}`;
+    case "minLength":
+      return limit === 1 ? "must not be empty" : `must be at least ${plural(limit, "character")} long`;
+    case "maxLength":
+      return `must be at most ${plural(limit, "character")} long`;
+    case "enum":
+      return `must be ${either((p.allowedValues as unknown[]).map((v) => JSON.stringify(v)))}`;
+    case "const":
+      return `must be ${JSON.stringify(p.allowedValue)}`;
+    case "pattern":
+      return `must match the pattern ${JSON.stringify(p.pattern)}`;
+    default:
+      return e.message ?? "is not valid";
+  }
+}
+
 function validationError(errors: AjvError[]): HttpErrorResponse {
   // The first error is the one that stopped validation (fastify's ajv does not collect them all).
   const e = errors[0];
   let body: OpenAIErrorBody;
-  if (e.keyword === "additionalProperties") {
+  if (e.keyword === "additionalProperties" && paramName(e.instancePath) === "logit_bias") {
+    // logit_bias's keys are token ids, not names.
+    const key = JSON.stringify(String(e.params.additionalProperty));
+    body = errorBody(`Invalid value for 'logit_bias': its keys must be token ids (strings of digits), got ${key}`, "invalid_request_error", "logit_bias", "invalid_value");
+  } else if (e.keyword === "additionalProperties") {
     const param = paramName(e.instancePath, String(e.params.additionalProperty));
     body = errorBody(`Unrecognized request argument supplied: ${param}`, "invalid_request_error", param, "unknown_parameter");
   } else if (e.keyword === "required") {
@@ -79,8 +141,7 @@ function validationError(errors: AjvError[]): HttpErrorResponse {
     body = errorBody(`Missing required parameter: '${param}'`, "invalid_request_error", param, "missing_required_parameter");
   } else {
     const param = paramName(e.instancePath);
-    const detail = e.keyword === "enum" || e.keyword === "const" ? `${e.message} ${JSON.stringify(e.params.allowedValues ?? e.params.allowedValue)}` : e.message;
-    body = errorBody(`Invalid value for '${param ?? "body"}': ${detail}`, "invalid_request_error", param, "invalid_value");
+    body = errorBody(`Invalid value for '${param ?? "body"}': ${describeSchemaError(e)}`, "invalid_request_error", param, "invalid_value");
   }
   return { status: 400, body, headers: {} };
 }

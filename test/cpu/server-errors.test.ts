@@ -138,6 +138,36 @@ test("400: an unknown field, at the top or nested, is named; so is a mistyped or
   expect(ok.choices).toHaveLength(1);
 });
 
+test("400: the request checker's messages are English, not JSON schema's terms", async () => {
+  const chat = (extra: object) => ({ messages: user("x"), ...extra });
+  const cases: [string, object, string, string][] = [
+    ["/v1/completions", { prompt: "x", n: "2" }, "n", "must be an integer or null"],
+    ["/v1/completions", { prompt: "x", stop: 5 }, "stop", "must be a string, an array or null"],
+    ["/v1/chat/completions", chat({ stream: "yes" }), "stream", "must be a boolean or null"],
+    ["/v1/chat/completions", chat({ temperature: "hot" }), "temperature", "must be a number or null"],
+    ["/v1/chat/completions", chat({ temperature: 3 }), "temperature", "must be at most 2"],
+    ["/v1/completions", { prompt: "x", n: 0 }, "n", "must be at least 1"],
+    ["/v1/completions", { prompt: "x", stop: ["a", "b", "c", "d", "e"] }, "stop", "must have at most 4 items"],
+    ["/v1/completions", { prompt: "" }, "prompt", "must not be empty"],
+    ["/v1/chat/completions", { messages: [] }, "messages", "must not be empty"],
+    ["/v1/chat/completions", { messages: [{ role: "bot", content: "x" }] }, "messages[0].role", 'must be "system", "developer", "user" or "assistant"'],
+    ["/v1/chat/completions", chat({ response_format: { type: "json_object" } }), "response_format.type", 'must be "text"'],
+    ["/v1/chat/completions", { messages: "hi" }, "messages", "must be an array"],
+    ["/v1/chat/completions", chat({ stream_options: 1 }), "stream_options", "must be an object or null"],
+    ["/v1/chat/completions", chat({ logit_bias: { a: 1 } }), "logit_bias", 'its keys must be token ids (strings of digits), got "a"'],
+  ];
+  for (const [route, body, param, detail] of cases) {
+    const r = await postJson(`${srv.url}${route}`, body);
+    expect(r.status).toBe(400);
+    expectShape(r.json, param);
+    expect(r.json.error.message).toBe(`Invalid value for '${param}': ${detail}`);
+  }
+  // A body that is not an object, and the same through the openai client.
+  expect((await postJson(`${srv.url}/v1/completions`, "[1, 2]")).json.error.message).toBe("Invalid value for 'body': must be an object");
+  const e = await failure(srv.client.completions.create({ model: "m", prompt: "x", max_tokens: "4" as unknown as number }));
+  expect(e.message).toBe("400 Invalid value for 'max_tokens': must be an integer or null");
+});
+
 test("400: a value lckv refuses names the OpenAI field", async () => {
   const e = await failure(srv.client.chat.completions.create({ model: "m", messages: user("x"), top_p: 0 }));
   expect(e.status).toBe(400);
