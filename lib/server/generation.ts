@@ -39,7 +39,7 @@ export function generateOptions(body: CommonBody, maxTokens: number | null | und
  * OpenAI and vLLM refuse it, rather than cut short at the context; without max_tokens a completion
  * runs to the context.
  */
-export function openStreams(model: Model, prompt: readonly number[], n: number, options: GenerateOptions, promptField: "messages" | "prompt"): CompletionStream[] {
+export function openStreams(model: Model, prompt: readonly number[], n: number, options: GenerateOptions, promptField: string): CompletionStream[] {
   const asked = options.maxNewTokens;
   if (asked !== undefined && prompt.length + asked > model.maxContext) {
     throw new ContextOverflowError(
@@ -97,9 +97,13 @@ export function finishReason(r: GenerateResult): "stop" | "length" {
   return r.finishReason === "length" ? "length" : "stop";
 }
 
-/** OpenAI's usage of a request's completions: the prompt counted once, as n completions share it. */
-export function usage(results: GenerateResult[]): { prompt_tokens: number; completion_tokens: number; total_tokens: number } {
-  const prompt = results[0]?.usage.promptTokens ?? 0;
+/**
+ * OpenAI's usage of a request's completions, `n` of each prompt in turn: each prompt counted once,
+ * as its n completions share it.
+ */
+export function usage(results: GenerateResult[], n = results.length): { prompt_tokens: number; completion_tokens: number; total_tokens: number } {
+  let prompt = 0;
+  for (let i = 0; i < results.length; i += n) prompt += results[i].usage.promptTokens;
   const completion = results.reduce((s, r) => s + r.usage.completionTokens, 0);
   return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion };
 }

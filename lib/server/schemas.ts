@@ -80,8 +80,14 @@ export const completionBody = {
   type: "object",
   properties: {
     ...common,
-    // Text, or token ids.
-    prompt: { type: ["string", "array"], items: { type: "integer" }, minLength: 1, minItems: 1 },
+    // Text or token ids; or a list of prompts, each text or token ids (one completion each,
+    // times n). The handler refuses a list that mixes token ids with prompts.
+    prompt: {
+      type: ["string", "array"],
+      minLength: 1,
+      minItems: 1,
+      items: { type: ["integer", "string", "array"], minLength: 1, minItems: 1, items: { type: "integer" } },
+    },
     logprobs: nullable({ type: "integer", minimum: 0, maximum: 20 }),
   },
   required: ["prompt"],
@@ -120,6 +126,6 @@ export interface ChatCompletionBody extends CommonBody {
 }
 
 export interface CompletionBody extends CommonBody {
-  prompt: string | number[];
+  prompt: string | number[] | (string | number[])[];
   logprobs?: number | null;
 }

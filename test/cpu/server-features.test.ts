@@ -6,7 +6,7 @@
  * frequencyPenalty and logitBias, StreamChunk.logprob/topLogprobs, and Model.streamMany.
  */
 import * as path from "node:path";
-import type OpenAI from "openai";
+import OpenAI from "openai";
 import { expectIdle, serverForFile } from "../helpers/openai-server";
 
 process.env.LCKV_QUIET = "1";
@@ -92,5 +92,58 @@ test("n streamed: each choice's text, finish and the usage chunk equal the non-s
   expect(text).toEqual(full.choices.map((c) => c.text));
   expect(finish).toEqual(full.choices.map((c) => c.finish_reason));
   expect(usage).toEqual(full.usage);
+  await expectIdle(ctx.model);
+});
+
+test("a list of prompts: n choices of each, in prompt order, each what that prompt gets alone; streamed the same; usage counts every prompt", async () => {
+  const prompts: (string | number[])[] = ["Once upon", "The king said", [5, 6, 7]];
+  const base = { model: "m", max_tokens: 6, temperature: 0 };
+  const alone = await Promise.all(prompts.map((p) => ctx.client.completions.create({ ...base, prompt: p as string })));
+  const n = 2;
+  const all = await ctx.client.completions.create({ ...base, prompt: prompts as string[], n });
+  expect(all.choices.map((c) => c.index)).toEqual([0, 1, 2, 3, 4, 5]);
+  all.choices.forEach((c, i) => {
+    expect(c.text).toBe(alone[Math.floor(i / n)].choices[0].text);
+    expect(c.finish_reason).toBe(alone[Math.floor(i / n)].choices[0].finish_reason);
+  });
+  const promptTokens = alone.reduce((s, r) => s + r.usage!.prompt_tokens, 0);
+  const completionTokens = alone.reduce((s, r) => s + r.usage!.completion_tokens, 0);
+  expect(all.usage).toEqual({ prompt_tokens: promptTokens, completion_tokens: n * completionTokens, total_tokens: promptTokens + n * completionTokens });
+  // Two strings, the shape a client sends most (and the one that was refused).
+  const two = await ctx.client.completions.create({ ...base, prompt: ["Once upon", "The king said"] });
+  expect(two.choices.map((c) => c.text)).toEqual([alone[0].choices[0].text, alone[1].choices[0].text]);
+
+  const stream = await ctx.client.completions.create({ ...base, prompt: prompts as string[], n, stream: true, stream_options: { include_usage: true } });
+  const text: string[] = Array(prompts.length * n).fill("");
+  let usage: OpenAI.CompletionUsage | null | undefined;
+  for await (const c of stream) {
+    if (c.choices.length === 0) usage = c.usage;
+    for (const ch of c.choices) text[ch.index] += ch.text;
+  }
+  expect(text).toEqual(all.choices.map((c) => c.text));
+  expect(usage).toEqual(all.usage);
+  await expectIdle(ctx.model);
+});
+
+test("a list of prompts: a list mixing token ids with prompts, or more than 128 completions, is refused before anything runs", async () => {
+  const refused = async (prompt: unknown, n: number | undefined, message: RegExp, param = "prompt") => {
+    const e = await ctx.client.completions.create({ model: "m", prompt: prompt as string[], n, max_tokens: 2 }).then(
+      () => null,
+      (err: InstanceType<typeof OpenAI.APIError>) => err,
+    );
+    expect(e).toBeInstanceOf(OpenAI.APIError);
+    expect(e!.status).toBe(400);
+    expect(e!.param).toBe(param);
+    expect(e!.message).toMatch(message);
+  };
+  await refused(["a", 5], undefined, /mixes token ids with strings or lists/);
+  await refused(["a", "b", "c"], 64, /3 prompts with n = 64 make 192 completions; a request makes at most 128/);
+  await refused(["a", ""], undefined, /'prompt\[1\]': must not be empty/, "prompt[1]");
+  await refused(["a", [5, 999999]], undefined, /prompt\[1\] token 1 is 999999, outside the vocabulary/);
+  // The second prompt and max_tokens pass the context: nothing of the first is left running.
+  const over = await ctx.client.completions.create({ model: "m", prompt: ["a", [5, 6, 7, 8]] as unknown as string[], max_tokens: ctx.model.maxContext - 3 }).catch((e) => e);
+  expect(over).toBeInstanceOf(OpenAI.APIError);
+  expect(over.code).toBe("context_length_exceeded");
+  expect(over.message).toMatch(/\(4 in the prompt\[1\], \d+ in the completion\)/);
   await expectIdle(ctx.model);
 });
