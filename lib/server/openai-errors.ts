@@ -2,7 +2,7 @@
  * Errors in OpenAI's shape, `{error: {message, type, param, code}}`, with the HTTP status a client
  * can act on: a body that fails its schema names the field (400), lckv's typed errors map by kind
  * (bad option or input 400, a full queue 429 with Retry-After, a wait for pages that timed out or
- * a model going away 503), a body that is not JSON says where (400, invalid_json), fastify's own
+ * a model going away 503), a body that is not JSON says why (400, invalid_json), fastify's own
  * client errors keep their status (not their internal codes), the rest is 500.
  */
 import type { FastifyError, FastifyInstance, FastifyReply } from "fastify";
@@ -147,108 +147,20 @@ function validationError(errors: AjvError[]): HttpErrorResponse {
 }
 
 /**
- * Where and why `text` is not JSON: the offset of the first character a JSON parser cannot take
- * (text.length when it ends too soon) and what is wrong there; null when it is JSON, or nests too
- * deep to follow. JSON.parse says where only for some errors, and not on every Node version.
+ * The 400 for a request body sent as JSON that is not: JSON.parse's own account of what it
+ * expected and at which position. A body fastify's parser refuses that is JSON all the same holds
+ * a prototype-poisoning key.
  */
-export function jsonSyntaxError(text: string): { offset: number; problem: string } | null {
-  let i = 0;
-  const fail = (problem: string): never => {
-    throw { offset: i, problem };
-  };
-  const ws = () => {
-    while (i < text.length && (text[i] === " " || text[i] === "\t" || text[i] === "\n" || text[i] === "\r")) i++;
-  };
-  const number = /-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?/y;
-  const string = () => {
-    i++;
-    for (;;) {
-      if (i >= text.length) fail("expected the string's closing '\"'");
-      const c = text[i];
-      if (c === '"') return void i++;
-      if (c === "\\") {
-        const e = text[i + 1];
-        if (e !== undefined && '"\\/bfnrt'.includes(e)) i += 2;
-        else if (e === "u" && /^[0-9a-fA-F]{4}$/.test(text.slice(i + 2, i + 6))) i += 6;
-        else fail("expected an escape sequence (\\\", \\\\, \\/, \\b, \\f, \\n, \\r, \\t or \\uXXXX)");
-      } else if (c < " ") {
-        fail("a control character inside a string (escape it)");
-      } else {
-        i++;
-      }
-    }
-  };
-  const value = (): void => {
-    ws();
-    const c = text[i];
-    if (c === "{" || c === "[") {
-      const close = c === "{" ? "}" : "]";
-      i++;
-      ws();
-      if (text[i] === close) return void i++;
-      for (;;) {
-        if (c === "{") {
-          ws();
-          if (text[i] !== '"') fail("expected a double-quoted property name");
-          string();
-          ws();
-          if (text[i] !== ":") fail("expected ':' after the property name");
-          i++;
-        }
-        value();
-        ws();
-        if (text[i] === ",") {
-          i++;
-          continue;
-        }
-        if (text[i] === close) return void i++;
-        fail(`expected ',' or '${close}'`);
-      }
-    }
-    if (c === '"') return string();
-    number.lastIndex = i;
-    if (number.test(text)) return void (i = number.lastIndex);
-    for (const literal of ["true", "false", "null"]) if (text.startsWith(literal, i)) return void (i += literal.length);
-    fail("expected a JSON value");
-  };
-  try {
-    value();
-    ws();
-    if (i < text.length) fail("more text after the JSON value");
-    return null;
-  } catch (e) {
-    if (e instanceof RangeError) return null;  // nested deeper than the stack: where is unknown
-    return e as { offset: number; problem: string };
-  }
-}
-
-/** The 400 for a request body sent as JSON that is not: what was expected, at which line and column. */
 export function invalidJsonBody(text: string): HttpError {
   let message: string;
   if (text.trim() === "") {
-    message = "The request body is empty: it must be a JSON object.";  // (or only whitespace)
+    message = "The request body is empty: it must be a JSON object.";
   } else {
-    const where = jsonSyntaxError(text);
-    if (where) {
-      const before = text.slice(0, where.offset);
-      const line = before.split("\n").length;
-      const column = where.offset - before.lastIndexOf("\n");
-      message =
-        where.offset >= text.length
-          ? `The request body is not valid JSON: it ends too soon (line ${line}, column ${column}): ${where.problem}.`
-          : `The request body is not valid JSON: ${where.problem} at line ${line}, column ${column}.`;
-    } else {
-      // JSON all the same: the parser refuses a "__proto__" or "constructor": {"prototype"} key.
-      let valid = false;
-      try {
-        JSON.parse(text);
-        valid = true;
-      } catch {
-        // not JSON, though where could not be told
-      }
-      message = valid
-        ? "The request body holds a '__proto__' or 'constructor.prototype' key, which is not accepted."
-        : "The request body is not valid JSON.";
+    try {
+      JSON.parse(text);
+      message = "The request body holds a '__proto__' or 'constructor.prototype' key, which is not accepted.";
+    } catch (e) {
+      message = `The request body is not valid JSON: ${(e as Error).message}.`;
     }
   }
   return new HttpError({ status: 400, body: errorBody(message, "invalid_request_error", null, "invalid_json"), headers: {} });
