@@ -193,8 +193,9 @@ std::vector<int32_t> Model::decodeBatch(const std::vector<SequenceState*>& seqs,
           kv.prepareWrite(next, 1);
         } catch (const EngineError& e) {
           // The pool cannot spare it (refused before anything moved): this sequence's step ahead
-          // waits. Anything else (a failed copy of a shared page on the device, which has moved
-          // pages and reservations) fails the step, and the rollback undoes it.
+          // waits. Anything else fails the step, and the rollback undoes it: a failed copy (were
+          // the page shared) has moved pages and reservations, so no fallback could commit after
+          // it, and host memory too short for an optional page is short for the step as well.
           if (e.code != kErrKvCacheFull) throw;
         }
       }

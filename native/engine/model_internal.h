@@ -22,8 +22,9 @@ struct Model::Scratch {
 };
 
 // The page writes of one forward, undone unless committed: on any failure each sequence gives
-// back the pages past its (unchanged) length and the reservation they used, so a failed call
-// leaves every sequence as it was.
+// back the pages this forward took past its (unchanged) length and the reservation they used
+// (KvPages::rollbackWrite; pages it held before, such as a committed step's early page, stay), so
+// a failed call leaves every sequence as it was.
 struct PendingWrites {
   std::vector<SequenceState*> seqs;
   bool committed = false;
