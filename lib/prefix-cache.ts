@@ -75,6 +75,7 @@ export class PrefixCache {
       seq.dispose();
       return;
     }
+    seq.releasePagesPastEnd();  // a page a step run ahead took, which a kept sequence never writes
     seq.markCached(true);
     this.entries.push(seq);
     while (this.entries.length > this.capacity) this.entries.shift()!.dispose();

@@ -509,6 +509,21 @@ export class Sequence implements Disposable {
     return s;
   }
 
+  /**
+   * @internal Gives back the page past its end that a generation which stopped before its last
+   * step can leave held (its next position's, taken early for a step run ahead: docs/
+   * architecture.md), for a sequence kept idle: the pages past its evaluated tokens, which hold
+   * no K/V (its pending tokens stay pending). Nothing for a busy one, or one whose rewind would
+   * not be exact (an int4 page, which never takes one).
+   */
+  releasePagesPastEnd(): void {
+    const native = this.live();
+    const n = this.evaluated.length;
+    if (this.busy || native.exactRewind(n) < n) return;
+    native.truncate(n);
+    this.engine.admission.pump();
+  }
+
   /** Rewinds the sequence to its first n tokens. */
   truncate(n: number): void {
     const native = this.live();

@@ -6,6 +6,7 @@
  * what a reservation keeps, and which row's page comes first (test/helpers/early-page-checks.ts;
  * test/gpu/run-ahead.test.ts runs the same checks and the steps ahead themselves).
  */
+import * as path from "node:path";
 import { loadModel, LoadOptions } from "../../lib";
 import { loadAddon } from "../../lib/native";
 import {
@@ -47,4 +48,38 @@ test("queued token choices give the tokens of the plain path, sequences of diffe
   const plain = await run(false), queued = await run(true);
   expect(queued).toEqual(plain);
   expect(queued.every((t) => t.length === 24)).toBe(true);
+});
+
+test("a generation that stops early leaves no page past its end in the prefix cache", async () => {
+  // The default model's text, stopped by a stop string at each of several points: where a stop
+  // falls right after the step that took its next position's page early (the sequence's length a
+  // multiple of 16), the kept sequence must hold no more pages than without run-ahead. (No
+  // repetition penalty: a step that reads the history is never queued ahead.)
+  const model = path.join(__dirname, "..", "..", "models", "default");
+  const load = (runAhead: boolean) => loadModel(model, { device: "cpu", dtype: "f32", prefixCache: 1, runAhead });
+  const plain = await load(false), ahead = await load(true);
+  try {
+    const prompt = "Once upon a time there was a";
+    const options = { maxNewTokens: 48, temperature: 0, repetitionPenalty: 1 };
+    const full = await plain.generate(prompt, { ...options, ignoreEos: true });
+    const pieces = full.tokens.map((t) => plain.tokenizer!.decode([t]));
+    const kept: { length: number; plain: number; ahead: number }[] = [];
+    for (let k = 4; k < pieces.length; k++) {
+      const stop = pieces[k];
+      if (stop.trim().length < 3 || pieces.slice(0, k).join("").includes(stop)) continue;  // a stop first completed by token k
+      const [p, a] = await Promise.all(
+        [plain, ahead].map(async (m) => {
+          const r = await m.generate(prompt, { ...options, stop });
+          expect(r.finishReason).toBe("stop");
+          return { pages: m.nativeModel().poolStats().pagesUsed, length: r.usage.promptTokens + r.usage.completionTokens - 1 };
+        }),
+      );
+      kept.push({ length: p.length, plain: p.pages, ahead: a.pages });
+    }
+    expect(kept.some((c) => c.length % 16 === 0)).toBe(true);
+    for (const c of kept) expect(c.ahead).toBe(c.plain);
+  } finally {
+    await plain.dispose();
+    await ahead.dispose();
+  }
 });
