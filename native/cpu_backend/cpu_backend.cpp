@@ -102,8 +102,7 @@ class CpuBackend : public Backend {
   bool canQueueSampling(const SamplingParams* params, int rows) const override {
     if (!queuedSampling_) return false;
     for (int r = 0; r < rows; ++r)
-      if (readsHistory(params[r]) || needsHostSampling(params[r]) || params[r].logprobs >= 0 || !params[r].logitBias.empty())
-        return false;
+      if (!choiceCanBeQueued(params[r])) return false;  // (so nothing needsHostSampling either)
     return true;
   }
   void queueSampleRows(const Tensor& logits, int rows, int vocab, const SamplingParams* params, const uint64_t* positions,

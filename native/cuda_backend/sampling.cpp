@@ -114,7 +114,7 @@ void CudaBackend::sampleRows(const Tensor& logits, int rows, int vocab, const Sa
 
 bool CudaBackend::canQueueSampling(const SamplingParams* params, int rows) const {
   for (int r = 0; r < rows; ++r)
-    if (params[r].repetitionPenalty != 1.0f || asksExtras(params[r]) || hostSamples(params[r])) return false;
+    if (!choiceCanBeQueued(params[r]) || hostSamples(params[r])) return false;
   return steps_.enabled();
 }
 

@@ -25,6 +25,8 @@ bool readsHistory(const SamplingParams& p) {
   return p.repetitionPenalty != 1.0f || p.presencePenalty != 0.0f || p.frequencyPenalty != 0.0f;
 }
 
+bool choiceCanBeQueued(const SamplingParams& p) { return !readsHistory(p) && p.logitBias.empty() && p.logprobs < 0; }
+
 // Log-probabilities of x[vocab] (log-softmax in double) for the chosen token and the k most
 // likely tokens.
 static void computeLogprobs(const std::vector<float>& x, int vocab, int k, int32_t chosen, TokenLogprobs& out) {

@@ -38,6 +38,10 @@ constexpr int kDeviceTopLogprobs = 20;
 bool needsHostSampling(const SamplingParams& p);
 // Whether sampling reads the sequence's tokens (history) at all.
 bool readsHistory(const SamplingParams& p);
+// Whether a row's choice can be queued for a step run ahead (StepExecution::canQueueSampling), on
+// any backend that queues: it reads no history (the latest tokens would still be on the device)
+// and asks for no logit bias or log-probabilities.
+bool choiceCanBeQueued(const SamplingParams& p);
 
 // The log-probabilities of one choice, from the log-softmax of the processed logits (after
 // penalties and bias, before temperature and the filters).

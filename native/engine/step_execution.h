@@ -64,9 +64,8 @@ class StepExecution {
   // on the device, so the device has the next step before the host has read this one's tokens.
   // Two slots (0, 1) each hold one queued choice. A backend that cannot does none of it.
   //
-  // Whether queueSampleRows() takes rows with these settings (no penalty: the history it needs
-  // would still be on the device; no logit bias or log-probabilities; nothing
-  // needsHostSampling()).
+  // Whether queueSampleRows() takes rows with these settings: at least choiceCanBeQueued() of
+  // every row (sampling.h), and what the backend's own sampling needs besides.
   virtual bool canQueueSampling(const SamplingParams* params, int rows) const { return false; }
   // Queues Backend::sampleRows() into `slot`, its tokens kept on the device and copied to the
   // host as they are ready. Only for rows canQueueSampling() takes.
