@@ -480,8 +480,7 @@ program
 function cliMessage(e: LckvError): string {
   if (!(e instanceof InvalidOptionError)) return e.message;
   const flag = program.commands.flatMap((c) => c.options).find((o) => o.long && o.attributeName() === e.option)?.long;
-  const prefix = `option '${e.option}':`;
-  return flag && e.message.startsWith(prefix) ? `option '${flag}':${e.message.slice(prefix.length)}` : e.message;
+  return flag ? `option '${flag}': ${e.detail}` : e.message;
 }
 
 program.parseAsync(process.argv).catch((e: unknown) => {

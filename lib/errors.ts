@@ -79,9 +79,12 @@ export class ModelHubError extends ModelLoadError {
 /** An option passed to lckv is invalid. */
 export class InvalidOptionError extends LckvError {
   readonly option: string;
+  /** What is wrong with the value, without the option's name (for an interface that names it otherwise). */
+  readonly detail: string;
   constructor(option: string, message: string) {
     super("LCKV_INVALID_OPTION", `option '${option}': ${message}`);
     this.option = option;
+    this.detail = message;
   }
 }
 

@@ -186,7 +186,7 @@ function lckvError(e: LckvError, promptParam: string): HttpErrorResponse {
   }
   if (e instanceof InvalidOptionError) {
     const param = OPENAI_PARAM[e.option] ?? e.option;
-    const message = e.message.replace(`option '${e.option}'`, `'${param}'`);
+    const message = `'${param}': ${e.detail}`;
     return { status: 400, body: errorBody(message, "invalid_request_error", param, e.code), headers: {} };
   }
   if (e instanceof InvalidInputError) return { status: 400, body: errorBody(e.message, "invalid_request_error", promptParam, e.code), headers: {} };
