@@ -7,28 +7,21 @@
  * test/gpu/run-ahead.test.ts runs the same checks and the steps ahead themselves).
  */
 import * as path from "node:path";
-import { loadModel, LoadOptions } from "../../lib";
+import { loadModel } from "../../lib";
 import { loadAddon } from "../../lib/native";
 import {
+  earlyPageLoader,
   earlyPagePrompt,
   expectEarlyPage,
   expectFailedBatchKeepsPool,
   expectOwnPagesFirst,
   expectReservationKept,
 } from "../helpers/early-page-checks";
-import { writeTinyModel } from "../helpers/tiny-model";
 
-const dir = writeTinyModel({ seed: 61, hidden: 64, vocab: 256, maxPositions: 512 });
+const withPages = earlyPageLoader("cpu");
 const addon = loadAddon();
 beforeAll(() => addon.setCpuQueuedSampling(true));  // read when a model loads
 afterAll(() => addon.setCpuQueuedSampling(false));  // the worker's next test file loads without it
-
-async function withPages(pages: number, options: LoadOptions = {}) {
-  const probe = await loadModel(dir, { device: "cpu", dtype: "f32", prefixCache: 0 });
-  const pageBytes = probe.kvBytesPerToken * 16;
-  await probe.dispose();
-  return loadModel(dir, { device: "cpu", dtype: "f32", prefixCache: 0, kvCacheMemory: pages * pageBytes, ...options });
-}
 
 test("a step that could run ahead takes its sequence's next page early; without run-ahead it does not", () => expectEarlyPage(withPages));
 test("a batch [a, b] refused by a full pool leaves the pool as it was, a's early page included", () => expectFailedBatchKeepsPool(withPages, true));

@@ -16,7 +16,7 @@
 import { loadModel, LoadOptions, Model } from "../../lib";
 import { NativeSamplingParams, NativeSequence } from "../../lib/native";
 import { writeTinyModel, TinyLlamaSpec } from "../helpers/tiny-model";
-import { expectEarlyPage, expectFailedBatchKeepsPool, expectOwnPagesFirst, expectReservationKept } from "../helpers/early-page-checks";
+import { earlyPageLoader, expectEarlyPage, expectFailedBatchKeepsPool, expectOwnPagesFirst, expectReservationKept } from "../helpers/early-page-checks";
 import { describeIfGpu } from "../helpers/device";
 
 process.env.LCKV_QUIET = "1";
@@ -447,13 +447,7 @@ describeGpu("cuda: run-ahead decoding over an int4 cache", () => {
 // the batch: a failed batch changes nothing (docs/architecture.md). The checks are the CPU's
 // (test/cpu/run-ahead-pages.test.ts), here with the steps really queued ahead.
 describeGpu("cuda: run-ahead's early page and a failed batch", () => {
-  const dir = writeTinyModel({ seed: 61, hidden: 64, vocab: 256, maxPositions: 512 });
-  async function withPages(pages: number, options: LoadOptions = {}) {
-    const probe = await loadModel(dir, { device: "cuda", dtype: "f32", prefixCache: 0 });
-    const pageBytes = probe.kvBytesPerToken * 16;
-    await probe.dispose();
-    return loadModel(dir, { device: "cuda", dtype: "f32", prefixCache: 0, kvCacheMemory: pages * pageBytes, ...options });
-  }
+  const withPages = earlyPageLoader("cuda");
   test("a step that could run ahead takes its sequence's next page early", () => expectEarlyPage(withPages));
   test("a batch [a, b] refused by a full pool leaves the pool as it was, a page taken early included", () =>
     expectFailedBatchKeepsPool(withPages, true));

@@ -5,10 +5,22 @@
  * setCpuQueuedSampling) and on the GPU (test/gpu/run-ahead.test.ts). Each check takes a loader of
  * the same tiny model with a pool of `pages` pages of 16 tokens on its device.
  */
-import { LoadOptions, Model } from "../../lib";
+import { loadModel, LoadOptions, Model } from "../../lib";
 import { NativeSamplingParams, NativeSequence } from "../../lib/native";
+import { writeTinyModel } from "./tiny-model";
 
 export type LoadWithPages = (pages: number, options?: LoadOptions) => Promise<Model>;
+
+/** The checks' loader on `device`: one tiny model, f32, no prefix cache, a pool of `pages` pages of 16 tokens. */
+export function earlyPageLoader(device: "cpu" | "cuda"): LoadWithPages {
+  const dir = writeTinyModel({ seed: 61, hidden: 64, vocab: 256, maxPositions: 512 });
+  return async (pages, options = {}) => {
+    const probe = await loadModel(dir, { device, dtype: "f32", prefixCache: 0 });
+    const pageBytes = probe.kvBytesPerToken * 16;
+    await probe.dispose();
+    return loadModel(dir, { device, dtype: "f32", prefixCache: 0, kvCacheMemory: pages * pageBytes, ...options });
+  };
+}
 
 const greedy: NativeSamplingParams = { temperature: 0, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1, seed: 0 };
 
