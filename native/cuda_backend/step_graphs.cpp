@@ -102,6 +102,9 @@ void StepGraphs::end(const Tensor& logits, cudaStream_t stream) {
     throw EngineError(kErrCuda, std::string("recording a decode step: ") + cudaGetErrorString(e));
   }
   g->logits = logits;
+  // A key recorded again (its inputs' shape changed) replaces its old recording; only a new key
+  // past kMaxGraphs makes another key's recording go.
+  graphs_.erase(recordingKey_);
   if (graphs_.size() >= kMaxGraphs) {  // the least recently used recording goes
     auto lru = graphs_.begin();
     for (auto it = graphs_.begin(); it != graphs_.end(); ++it)
