@@ -426,6 +426,10 @@ void KvPages::prepareWrite(int start, int n) {
   }
   lk.unlock();
   const std::exception_ptr failure = pool.copyPages(copy);
+  // A new residual is held past a rollback (only an empty sequence's is dropped), and so is a
+  // successful copy, which stands in for the shared page it copied.
+  if (residualNew) keptByWrite_ += residualNeed;
+  if (!failure) keptByWrite_ += (int)copy.size();
   if (copy.empty()) return;
   {
     std::lock_guard<std::mutex> relock(pool.mu_);
@@ -448,17 +452,26 @@ void KvPages::prepareWrite(int start, int n) {
 void KvPages::rollbackWrite(int n) {
   // No prepareWrite since the last commit (a batch that failed before this sequence's turn): this
   // call took nothing, and the pages past the length are a committed step's early page, kept.
-  if (pagesBeforeWrite_ >= 0)
-    keepPages((size_t)std::max(pagesFor(std::max(n, 0), pool_->layout_.pageTokens), pagesBeforeWrite_));
+  if (pagesBeforeWrite_ >= 0) {
+    const int keep = std::max(pagesFor(std::max(n, 0), pool_->layout_.pageTokens), pagesBeforeWrite_);
+    keepPages((size_t)keep);
+    if (keep == 0) keptByWrite_ = 0;  // keepPages(0) let go of everything, the residual too
+  }
   pagesBeforeWrite_ = -1;
   std::lock_guard<std::mutex> lk(pool_->mu_);
-  reserved_ += takenFromReservation_;
-  pool_->reservedTotal_ += takenFromReservation_;
+  // The reservation gets back what the write took from it, less the pages it took that stay held
+  // (they are no longer needed to grow: a copied page is this sequence's own now), so that it
+  // ends as max(0, R - kept) for R reserved before the write.
+  const int back = std::max(0, takenFromReservation_ - keptByWrite_);
+  reserved_ += back;
+  pool_->reservedTotal_ += back;
   takenFromReservation_ = 0;
+  keptByWrite_ = 0;
 }
 
 void KvPages::commitWrite() {
   takenFromReservation_ = 0;
+  keptByWrite_ = 0;
   pagesBeforeWrite_ = -1;
 }
 

@@ -154,6 +154,7 @@ class KvPages {
   bool residualSharedLocked() const;
   int dropped_ = 0;  // leading table entries released by releaseBelow (-1)
   int takenFromReservation_ = 0;  // by prepareWrite since the last commitWrite
+  int keptByWrite_ = 0;           // pages prepareWrite took that a rollback keeps: copies-on-write, a residual
   int pagesBeforeWrite_ = -1;     // table pages at the first prepareWrite since the last commit or rollback
   // Drops table pages past the first `pages` (and, for none, the residual).
   void keepPages(size_t pages);

@@ -159,6 +159,14 @@ describe.each(DTYPES)("%s cache, a full pool", (dtype) => {
    * A model whose pool holds `pages` pages beyond the residuals of one sequence per entry of
    * `lengths`, and those sequences, holding the first tokens of that many tokens each.
    */
+  /** The residual pages a sequence of this type holds (0 but for int4). */
+  async function residualPages() {
+    const probe = await loadModel(dir, { device: "cpu", kvCacheDtype: dtype, prefixCache: 0, threads: 1 });
+    const R = probe.cacheStats().residualPages;
+    await probe.dispose();
+    return R;
+  }
+
   async function small(pages: number, lengths: number[]) {
     const probe = await loadModel(dir, { device: "cpu", kvCacheDtype: dtype, prefixCache: 0, threads: 1 });
     const pageBytes = probe.kvBytesPerToken * P, R = probe.cacheStats().residualPages;
@@ -205,6 +213,28 @@ describe.each(DTYPES)("%s cache, a full pool", (dtype) => {
       await expectContinuesAsFresh(nm, src, n, tokens.slice(n, n + 3));
       await m.dispose();
     }
+  });
+
+  test("a failed batch gives a fork's reservation back less the copy-on-write it keeps", async () => {
+    // f (a fork of src at 17 tokens) reserved its copy of the shared partial page (and an int4
+    // residual); b at a page's end finds no page. f's copy stands in for the shared page after the
+    // rollback, so f's reservation ends as what growing to 18 tokens still needs: none.
+    const { m, nm, seqs: [src, b] } = await small(4 + (await residualPages()), [17, 16]);
+    const f = src.fork();
+    f.reserve(18);
+    expect(f.reservedPages).toBeGreaterThan(0);
+    const e = await nm.decodeBatch([f, b], Int32Array.of(tokens[17], tokens[16]), [GREEDY, GREEDY]).catch((x) => x);
+    expect(e?.code).toBe("LCKV_KV_CACHE_FULL");
+    expect(f.length).toBe(17);
+    expect(f.pagesToReserve(18)).toBe(0);
+    expect(f.reservedPages).toBe(0);
+    expect(m.auditCache()).toBe("");
+    // f's step needs no page now: the copy it kept is its own.
+    await nm.decodeBatch([f], Int32Array.of(tokens[17]), [GREEDY]);
+    expect(f.length).toBe(18);
+    expect(m.auditCache()).toBe("");
+    for (const s of [f, src, b]) s.dispose();
+    await m.dispose();
   });
 
   test("a context shift whose copies find the pool full leaves fork and source as they were", async () => {
