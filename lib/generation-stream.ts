@@ -5,6 +5,7 @@
  * gets the finish reason, the usage and the timings. GenerationProgress is what the generation
  * has produced so far: the loop fills it in, and an early return() builds its result from it.
  */
+import { BusyError } from "./errors";
 import type { NativeTokenLogprobs } from "./native";
 import type { GenerateResult, GenerationTimings, StreamChunk, TokenLogprob } from "./types";
 
@@ -12,9 +13,11 @@ export interface GenerationStream extends AsyncGenerator<StreamChunk, GenerateRe
   /**
    * Settles when the generation ends, however the stream is consumed: iterated to the end (the
    * generator's return value), ended early with return() or `break` (finishReason "abort", with
-   * the tokens and usage so far), or failed (rejects with the error the iteration threw). A
-   * stream that is never iterated never starts, and its result settles only once return() is
-   * called. An unobserved rejection is not reported as unhandled.
+   * the tokens and usage so far), or failed (rejects with the error the iteration threw).
+   * Awaiting it before the stream is iterated runs the stream to its end (its chunks are
+   * dropped; their text is in the result's): once that began, next() throws a BusyError, and
+   * return() still ends the generation early. An unobserved rejection is not reported as
+   * unhandled.
    */
   readonly result: Promise<GenerateResult>;
   /**
@@ -91,11 +94,17 @@ export function generationStream(
 }
 
 class Stream implements GenerationStream {
-  readonly result: Promise<GenerateResult>;
+  private readonly settledResult: Promise<GenerateResult>;
   private readonly progress = new GenerationProgress();
   private readonly inner: AsyncGenerator<StreamChunk, GenerateResult, undefined>;
   private settled = false;
   private failed = false;
+  /** next(), return() or throw() was called (by the caller, or by drain()). */
+  private iterated = false;
+  /** The result was asked for before any iteration, and drain() runs the stream. */
+  private draining = false;
+  /** return() was called: drain() asks for no more chunks (the generator's end is return()'s). */
+  private returning = false;
   private resolve!: (r: GenerateResult) => void;
   private reject!: (e: unknown) => void;
 
@@ -103,13 +112,38 @@ class Stream implements GenerationStream {
     body: (progress: GenerationProgress) => AsyncGenerator<StreamChunk, GenerateResult, undefined>,
     private readonly onSettled?: (result: GenerateResult | undefined, error?: unknown) => void,
   ) {
-    this.result = new Promise<GenerateResult>((resolve, reject) => {
+    this.settledResult = new Promise<GenerateResult>((resolve, reject) => {
       this.resolve = resolve;
       this.reject = reject;
     });
     // The caller may only iterate: a failure it sees there must not also surface as unhandled.
-    this.result.catch(() => {});
+    this.settledResult.catch(() => {});
     this.inner = body(this.progress);
+  }
+
+  /**
+   * The result. Asked for before the stream is iterated, it runs the stream itself: a caller
+   * that awaits it alone must not wait for ever. The check waits a turn of the event loop, so a
+   * `for await` loop begun right after reading `result` (`const done = s.result; for await ...`)
+   * iterates as usual.
+   */
+  get result(): Promise<GenerateResult> {
+    if (!this.iterated && !this.settled) {
+      setImmediate(() => {
+        if (!this.iterated && !this.settled) void this.drain();
+      });
+    }
+    return this.settledResult;
+  }
+
+  /** Runs the stream to its end, dropping its chunks (a failure settles the result). */
+  private async drain(): Promise<void> {
+    this.iterated = this.draining = true;
+    try {
+      while (!this.returning && !(await this.step(() => this.inner.next())).done);
+    } catch {
+      // step() failed the result with it
+    }
   }
 
   private finish(r: GenerateResult): void {
@@ -142,11 +176,18 @@ class Stream implements GenerationStream {
   }
 
   next(): Promise<IteratorResult<StreamChunk, GenerateResult>> {
+    if (this.draining) return Promise.reject(this.drainingError());
+    this.iterated = true;
     return this.step(() => this.inner.next());
+  }
+
+  private drainingError(): BusyError {
+    return new BusyError("this stream's result was awaited before the stream was iterated, which runs it to its end: iterate the stream first (its result then settles as it ends), or call generate() for the result alone");
   }
 
   /** See GenerationStream.return(); after a failure the value is undefined, as a generator's is once it has thrown. */
   async return(): Promise<IteratorReturnResult<GenerateResult>> {
+    this.iterated = this.returning = true;
     const ended = this.settled;
     try {
       await this.inner.return(undefined as never);
@@ -155,10 +196,12 @@ class Stream implements GenerationStream {
       throw e;
     }
     if (!ended) this.finish(this.progress.result("abort"));
-    return { done: true, value: this.failed ? (undefined as never) : await this.result };
+    return { done: true, value: this.failed ? (undefined as never) : await this.settledResult };
   }
 
   throw(e: unknown): Promise<IteratorResult<StreamChunk, GenerateResult>> {
+    if (this.draining) return Promise.reject(this.drainingError());
+    this.iterated = true;
     return this.step(() => this.inner.throw(e));
   }
 

@@ -338,7 +338,8 @@ export class Model implements AsyncDisposable {
    * n completions of one prompt from one prefill (OpenAI's `n`): the prompt is prefilled once
    * and the sequence forked n times (the forks share its pages, copy-on-write); completion i
    * samples with seed + i when a seed is given. The prefill runs when the first stream is
-   * iterated; a stream that is never iterated holds its fork until return() is called on it.
+   * iterated (or its result awaited); a stream neither iterated nor awaited holds its fork until
+   * return() is called on it.
    */
   streamMany(input: string | readonly number[], n: number, options?: GenerateOptions): GenerationStream[] {
     posInt("n", n, MAX_COMPLETIONS);

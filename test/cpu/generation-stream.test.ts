@@ -3,7 +3,7 @@
  * break, an error), timings, Sequence.generate()'s stream, and streamMany() (n completions of one
  * prefill).
  */
-import { GenerateResult, GenerationStream, InvalidOptionError, loadModel, Model, StreamChunk } from "../../lib";
+import { BusyError, GenerateResult, GenerationStream, InvalidOptionError, loadModel, Model, StreamChunk } from "../../lib";
 import { writeTinyModel } from "../helpers/tiny-model";
 
 process.env.LCKV_QUIET = "1";
@@ -93,6 +93,37 @@ describe("stream().result", () => {
       process.off("unhandledRejection", onUnhandled);
     }
     expect(unhandled).toEqual([]);
+  });
+
+  test("awaited before any iteration, the result runs the stream to its end", async () => {
+    const live = model.cacheStats().liveSequences;
+    const alone = await model.stream(prompt, { maxNewTokens: 6, ignoreEos: true }).result;
+    const { timings: _t, ...expected } = await model.generate(prompt, { maxNewTokens: 6, ignoreEos: true });
+    expect(alone).toMatchObject(expected);
+    expect(model.cacheStats().liveSequences).toBe(live);
+
+    // Read first, iterated in the same turn: the loop gets every chunk.
+    const s = model.stream(prompt, { maxNewTokens: 6, ignoreEos: true });
+    const done = s.result;
+    const tokens: (number | null)[] = [];
+    for await (const c of s) tokens.push(c.token);
+    expect(tokens).toEqual(expected.tokens);
+    expect((await done).tokens).toEqual(expected.tokens);
+
+    // Once the result runs it, next() is refused; return() still ends it early.
+    const t = model.stream(prompt, { maxNewTokens: 40, ignoreEos: true });
+    const result = t.result;
+    await new Promise((r) => setImmediate(r));
+    await expect(t.next()).rejects.toThrow(BusyError);
+    const ret = await t.return();
+    expect(ret.value).toBe(await result);
+    expect(ret.value.finishReason).toBe("abort");
+    expect(ret.value.tokens.length).toBeLessThan(40);
+    expect(model.cacheStats().liveSequences).toBe(live);
+    expect(model.auditCache()).toBe("");
+
+    // A failure rejects the result.
+    await expect(model.stream(prompt, { maxNewTokens: 2, topP: 0 }).result).rejects.toThrow(InvalidOptionError);
   });
 
   test("an aborted signal ends the stream with finishReason abort", async () => {
