@@ -51,6 +51,10 @@ constexpr int kMaxDimsPerLane = kMaxHeadDim / 32;
 static_assert(kMaxDimsPerLane * 32 == kMaxHeadDim, "a warp's lanes hold the largest head in whole dims each");
 // Splits of a decode row's keys at most (the merge kernel keeps one weight per split).
 constexpr int kMaxDecodeSplits = 64;
+// log2(e) and ln(2): the tensor-core kernels keep scores in log2 units (one exp2f a weight); the
+// split-K merge's partial maxima are natural logs.
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 struct Range {
   int first, last;  // visible keys [first, last]; empty when last < first

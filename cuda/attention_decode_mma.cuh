@@ -45,6 +45,9 @@
 //   matrix, and the 4 rows x 8 chunks of a value load, then hit distinct banks.
 // - Each of the 4 warps takes 16 keys of every 64-key tile and keeps its own softmax state; the
 //   warps' results are merged at the end, so a tile costs two barriers (arrival, release).
+// - Scores, maxima and log V scales are in log2 units (the queries carry log2 e with the softmax
+//   scale, as the prefill kernels' do), so each weight and rescale is one exp2f, not expf's longer
+//   accurate sequence; a split's maximum goes to the split-K merge in natural-log units.
 #pragma once
 #include <cuda_fp16.h>
 
@@ -73,6 +76,12 @@ __host__ __device__ constexpr int mmaRowStride(KvType t, int d) { return 16 * ((
 __host__ __device__ constexpr int mmaStages(KvType t, int d) {
   const int bytes = 2 * kMmaTileKeys * mmaRowBytes(t, d);
   return bytes >= 16384 ? 2 : 32768 / bytes > 8 ? 8 : 32768 / bytes;
+}
+// Blocks an SM is to hold, for the launch bound ptxas fits its registers to (0: no bound). int8
+// and fp8 at head size 64 fit 5 blocks of 128 threads in their registers (96) and their 4 stages
+// of shared memory; with scores in log2 units ptxas would take 116 registers unbound, 4 blocks.
+__host__ __device__ constexpr int mmaMinBlocks(KvType t, int d) {
+  return d == 64 && (t == KvType::INT8 || t == KvType::FP8) ? 5 : 0;
 }
 // A stage: the K rows, the V rows, a scale word per key and, for a channel-key type (int4), each
 // warp's page's K scales (kMmaWarps x d f16).
@@ -399,7 +408,7 @@ __device__ __forceinline__ float mmaChannelScaleKeys(const uint8_t* channelScale
 // kernel does. A channel-key type (int4) takes its complete pages (DecodeKeys::CompletePages),
 // in chunks aligned to 16 keys.
 template <int kDim, KvType T>
-__global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
+__global__ void __launch_bounds__(kMmaWarps * 32, mmaMinBlocks(T, kDim)) attentionDecodeMmaKernel(
     const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int numHeads, int numKvHeads,
     int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, DecodeSpan span,
     AttentionOut out, float* __restrict__ partial) {
@@ -411,6 +420,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
   constexpr int kStride = mmaRowStride(T, kDim), kStages = mmaStages(T, kDim);
   constexpr int kStage = (int)mmaStageBytes(T, kDim);
   constexpr int kSteps = kDim / 16, kBlocks = kDim / 8;
+  // The bound's blocks fit the SM's shared memory too (228 KB, 1 KB of it reserved per block).
+  static_assert(mmaMinBlocks(T, kDim) * (mmaDecodeSmemBytes(T, kDim) + 1024) <= 228 * 1024, "the launch bound's blocks must fit in shared memory");
   extern __shared__ float4 smem4[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(smem4);
 
@@ -448,7 +459,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
   uint32_t qa[kSteps][4], qa3[kQ3][4];
   {
     const float* qh = q + ((int64_t)r * numHeads + h0 + min(g, heads - 1)) * headDim;
-    const float live = g < heads ? scale : 0.0f;
+    const float live = g < heads ? scale * kLog2e : 0.0f;  // scores in log2 units (see the header)
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
       const float x0 = qh[kChannel<T>(s, t, 0)] * live, x1 = qh[kChannel<T>(s, t, 1)] * live;
@@ -517,7 +528,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
       float e[4], e2[4];  // key (nb, i) at index 2 nb + i: key 8 nb + 2t + i of the slab
       float mx = -INFINITY, mx2 = -INFINITY;
       // The log of key (lane & 15)'s V scale, taken once per key and shuffled to the 8 rows
-      // that score it (logf is some 30 instructions). A zero scale (an all-zero head, or a key
+      // that score it (as the scores, in log2 units: one MUFU.LG2, whose 2^-22 error moves a
+      // weight by about 1e-7 of itself). A zero scale (an all-zero head, or a key
       // past the end) has zero codes, and any finite value serves. fp8/int8 keep it in the high
       // half of the key's scale word; int4 in the half of the page's f16 array that its index
       // (row x kvHeads + kvh) picks (loadMmaTile).
@@ -528,7 +540,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
           const int row = ((first + slabStart) & kvPageMask(kv)) + (lane & 15);  // the slab lies in one page
           shift = 16 * ((row * kv.kvHeads + kvh) & 1);
         }
-        logVScale = logf(fmaxf(kvF16ToF32((uint16_t)(scales[lane & 15] >> shift)), 1e-30f));
+        logVScale = __log2f(fmaxf(kvF16ToF32((uint16_t)(scales[lane & 15] >> shift)), 1e-30f));
       }
 #pragma unroll
       for (int nb = 0; nb < 2; ++nb) {
@@ -554,10 +566,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float mNew = fmaxf(m, mx);  // finite: the slab has a valid key
-      const float corr = expf(m - mNew);
+      const float corr = exp2f(m - mNew);
       float sum = 0.0f;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) sum += expf(e[i] - mNew);
+      for (int i = 0; i < 4; ++i) sum += exp2f(e[i] - mNew);
       l = l * corr + sum;
       m = mNew;
       float w[4], corr2;
@@ -565,14 +577,14 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
         mx2 = fmaxf(mx2, __shfl_xor_sync(0xffffffffu, mx2, 1));
         mx2 = fmaxf(mx2, __shfl_xor_sync(0xffffffffu, mx2, 2));
         const float m2New = fmaxf(m2, mx2);
-        corr2 = expf(m2 - m2New);
+        corr2 = exp2f(m2 - m2New);
         m2 = m2New;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) w[i] = expf(e2[i] - m2New);
+        for (int i = 0; i < 4; ++i) w[i] = exp2f(e2[i] - m2New);
       } else {
         corr2 = corr;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) w[i] = expf(e[i] - mNew);
+        for (int i = 0; i < 4; ++i) w[i] = exp2f(e[i] - mNew);
       }
       // Rescaling by 1 changes no bit: once the running maxima settle (most tiles), the warp
       // skips the kDim / 2 multiplications.
@@ -610,7 +622,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
   __syncthreads();
   l += __shfl_xor_sync(0xffffffffu, l, 1);
   l += __shfl_xor_sync(0xffffffffu, l, 2);
-  const float toM = !kScaled || m == -INFINITY ? 1.0f : expf(m2 - m);
+  const float toM = !kScaled || m == -INFINITY ? 1.0f : exp2f(m2 - m);
   float* red = reinterpret_cast<float*>(smem);  // [warps][heads][kDim], then [warps][heads] max, sum and weight
   float* redMax = red + kMmaWarps * kMmaHeads * kDim;
   float* redSum = redMax + kMmaWarps * kMmaHeads;
@@ -638,7 +650,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
 #pragma unroll
     for (int w = 0; w < kMmaWarps; ++w) {
       const float mw = redMax[w * kMmaHeads + hg];
-      const float f = mw == -INFINITY ? 0.0f : expf(mw - M);
+      const float f = mw == -INFINITY ? 0.0f : exp2f(mw - M);
       redWeight[w * kMmaHeads + hg] = f;
       L += f * redSum[w * kMmaHeads + hg];
     }
@@ -659,7 +671,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
       const int64_t slot = rh * span.outSplits + span.splitBase + split;
       partial[slot * (headDim + 2) + 2 + d] = v;
       if (d == 0) {
-        partial[slot * (headDim + 2)] = M;  // -inf for an empty chunk: the merge skips it
+        partial[slot * (headDim + 2)] = M * kLn2;  // in the merge's natural-log units; -inf for an empty chunk: the merge skips it
         partial[slot * (headDim + 2) + 1] = L;
       }
     }

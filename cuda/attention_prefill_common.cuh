@@ -16,7 +16,6 @@ namespace {
 // Scores are kept in log2 units: the queries carry log2(e) with the softmax scale
 // (prefillQueryScale), so each probability and rescale is one exp2 (prefillWeight) instead of
 // __expf's multiply and exp2.
-constexpr float kLog2e = 1.4426950408889634f;
 __device__ __forceinline__ float prefillQueryScale(float scale) { return scale * kLog2e; }
 __device__ __forceinline__ float prefillWeight(float score, float base) { return exp2f(score - base); }
 
