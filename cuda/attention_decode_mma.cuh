@@ -44,7 +44,8 @@
 // - Shared-memory rows are an odd number of 16-byte pieces apart: the 8 rows of an ldmatrix
 //   matrix, and the 4 rows x 8 chunks of a value load, then hit distinct banks.
 // - Each of the 4 warps takes 16 keys of every 64-key tile and keeps its own softmax state; the
-//   warps' results are merged at the end, so a tile costs two barriers (arrival, release).
+//   warps' results are merged at the end. A tile costs one barrier: the one that says it has
+//   arrived also says the stage before it is free for the next load.
 // - Scores, maxima and log V scales are in log2 units (the queries carry log2 e with the softmax
 //   scale, as the prefill kernels' do), so each weight and rescale is one exp2f, not expf's longer
 //   accurate sequence; a split's maximum goes to the split-K merge in natural-log units.
@@ -483,13 +484,16 @@ __global__ void __launch_bounds__(kMmaWarps * 32, mmaMinBlocks(T, kDim)) attenti
   for (int j = 0; j < kBlocks; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
   for (int tile = 0; tile < numTiles; ++tile) {
+    // One barrier a tile: past it, this tile is in place and every warp is done with the last
+    // one, whose stage the load below refills (kStages - 1 groups were in flight; this tile's is
+    // the oldest).
+    copyAsyncWait<kStages - 2>();
+    __syncthreads();
     const int ahead = tile + kStages - 1;
     if (ahead < numTiles)
       loadMmaTile<T, kDim, true>(smem + (ahead % kStages) * kStage, kBase, vBase, table, kv, kvh, first + ahead * kMmaTileKeys,
                            0, kMmaTileKeys, min(kMmaTileKeys, keys - ahead * kMmaTileKeys));
     copyAsyncCommit();
-    copyAsyncWait<kStages - 1>();
-    __syncthreads();  // this tile is in place
 
     const int slabStart = tile * kMmaTileKeys + kMmaWarpKeys * warp;  // this warp's first key in the chunk
     const int slabValid = min(kMmaTileKeys, keys - tile * kMmaTileKeys) - kMmaWarpKeys * warp;  // its keys
@@ -613,7 +617,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32, mmaMinBlocks(T, kDim)) attenti
         if constexpr (!kF16) mma16816<kF16>(acc[j], pa3, vb[j][0], vb[j][1]);
       }
     }
-    __syncthreads();  // the stage is free again
   }
 
   // Each warp's result per head g, relative to its max m: the sum over the row's 4 threads, the
