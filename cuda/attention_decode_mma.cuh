@@ -78,11 +78,18 @@ __host__ __device__ constexpr int mmaStages(KvType t, int d) {
   const int bytes = 2 * kMmaTileKeys * mmaRowBytes(t, d);
   return bytes >= 16384 ? 2 : 32768 / bytes > 8 ? 8 : 32768 / bytes;
 }
-// Blocks an SM is to hold, for the launch bound ptxas fits its registers to (0: no bound). int8
-// and fp8 at head size 64 fit 5 blocks of 128 threads in their registers (96) and their 4 stages
-// of shared memory; with scores in log2 units ptxas would take 116 registers unbound, 4 blocks.
+// Blocks an SM is to hold, for the launch bound ptxas fits its registers to (0: no bound). On
+// sm_90, int8 and fp8 at head size 64 fit 5 blocks of 128 threads in their registers (96) and
+// their 4 stages of shared memory; with scores in log2 units ptxas would take 116 registers
+// unbound, 4 blocks. Earlier GPUs' shared memory holds 2 or 3 such blocks whatever the
+// registers, and a bound there only spills (fp8 on sm_80).
 __host__ __device__ constexpr int mmaMinBlocks(KvType t, int d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   return d == 64 && (t == KvType::INT8 || t == KvType::FP8) ? 5 : 0;
+#else
+  (void)t, (void)d;
+  return 0;
+#endif
 }
 // A stage: the K rows, the V rows, a scale word per key and, for a channel-key type (int4), each
 // warp's page's K scales (kMmaWarps x d f16).
