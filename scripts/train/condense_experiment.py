@@ -4,6 +4,7 @@ models with a short fine-tune, and writes every figure of docs/condense.md's tab
     python3 scripts/train/condense_experiment.py --out RESULTS_DIR
         [--config scripts/train/configs/standard-16.json | --model TRAINED_DIR]
         [--heal linear-0.5,source,share-0.5,linear-0.25] [--work .data/condense-experiment] [--trial]
+        [--skip-study]
 
 Phases, each timed:
   data    the corpus (unpacked from .data/corpus-en-pd.tar.xz when .data/corpus is missing), the
@@ -20,6 +21,8 @@ Phases, each timed:
           same evaluation tokens before and after, by lckv (node dist/cli.js eval-ppl on the
           study's device, f32 cache: the study's arithmetic) and by PyTorch (eval_ppl.py's functions), and
           the largest relative difference between the two.
+  --skip-study leaves the study out (about 2.5 minutes at 16 layers on an H100): only the source
+  can then be healed, and its "before" is lckv's perplexity of the source, measured alone.
 Writes RESULTS_DIR/results.json (all figures and timings, rewritten after each phase, so a run
 cut short keeps what it finished), results.md (the tables, from results.json; also
 `--markdown results.json` prints them again), study.json and log.txt (everything printed).
@@ -132,9 +135,12 @@ def torch_perplexity(run, model, text, max_tokens):
     return ppl
 
 
-def study_entry(study, name):
+def study_entry(study, name, results):
     """What the study measured of "source" or "<method>-<fraction>": its engine perplexity (f32
-    cache), layer_types (None for the source) and a label such as "linear, 8/16 (50%)"."""
+    cache), layer_types (None for the source) and a label such as "linear, 8/16 (50%)". Without a
+    study (--skip-study), the source's perplexity measured alone."""
+    if study is None:
+        return results["source"]["lckv_f32"], None, "source (control)"
     L = study["layers"]
     if name == "source":
         return study["source"]["engine"]["f32"], None, f"source, {L}/{L} (control)"
@@ -168,7 +174,7 @@ def markdown(res):
                       f"linear's loss is {lin / sh:.3f} of share's.", ""]
     heal = res.get("heal")
     if heal:
-        base = st["source"]["engine"]["f32"]
+        base = st["source"]["engine"]["f32"] if st else res["source"]["lckv_f32"]
         steps = heal[0]["steps"]
         lines += [f"Healing ({heal[0]['config']}: {steps} steps, {heal[0]['tokens_seen']} tokens); perplexity by lckv "
                   f"({res['options']['device']}, f32 weights and cache), percentages against the source before healing:", "",
@@ -199,6 +205,8 @@ def main():
     ap.add_argument("--device", help="the engine's device for the study (default: cuda if PyTorch sees a GPU)")
     ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                     help="processes for the study (default: the cores this process may use)")
+    ap.add_argument("--skip-study", action="store_true",
+                    help="no study: heal only the source (the control), its before measured by lckv alone")
     ap.add_argument("--trial", action="store_true", help="a tiny model and a few steps: checks the pipeline")
     ap.add_argument("--markdown", metavar="RESULTS_JSON", help="print the tables of a results.json and exit")
     a = ap.parse_args()
@@ -208,6 +216,8 @@ def main():
         return 0
     if not a.out:
         ap.error("--out is required")
+    if a.skip_study and any(n != "source" for n in a.heal.split(",") if n):
+        ap.error("--skip-study: --heal may name only source (the other models are the study's)")
     if a.device is None:
         import torch
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -249,14 +259,19 @@ def main():
 
     condensed = os.path.join(work, "condensed")
     shutil.rmtree(condensed, ignore_errors=True)
-    study_json = os.path.join(a.out, "study.json")
-    run.phase("study", lambda: run.cmd([
-        sys.executable, "scripts/reference/condense_study.py", "--model", model, "--calib", calib, "--text", val,
-        "--fractions", "1,0.75,0.5,0.33,0.25", "--kv-dtypes", "f32,int8,int4", "--max-tokens", str(a.max_tokens),
-        "--calib-tokens", str(a.calib_tokens), "--device", a.device, "--jobs", str(a.jobs), "--keep", condensed,
-        "--json", study_json]))
-    with open(study_json) as f:
-        study = run.results["study"] = json.load(f)
+    if a.skip_study:
+        study = None
+        run.results["source"] = {"lckv_f32": run.phase(
+            "source perplexity", lambda: lckv_perplexity(run, model, val, a.max_tokens, a.device))}
+    else:
+        study_json = os.path.join(a.out, "study.json")
+        run.phase("study", lambda: run.cmd([
+            sys.executable, "scripts/reference/condense_study.py", "--model", model, "--calib", calib, "--text", val,
+            "--fractions", "1,0.75,0.5,0.33,0.25", "--kv-dtypes", "f32,int8,int4", "--max-tokens", str(a.max_tokens),
+            "--calib-tokens", str(a.calib_tokens), "--device", a.device, "--jobs", str(a.jobs), "--keep", condensed,
+            "--json", study_json]))
+        with open(study_json) as f:
+            study = run.results["study"] = json.load(f)
     run.save()
 
     healed_root = os.path.join(work, "healed")
@@ -275,7 +290,7 @@ def main():
             run.cmd([sys.executable, "scripts/train/train.py", "--config", heal_config, "--init", init, "--out", healed])
             with open(os.path.join(healed, "train_log.json")) as f:
                 log = json.load(f)
-            before, layer_types, label = study_entry(study, name)
+            before, layer_types, label = study_entry(study, name, run.results)
             entry = {"name": name, "label": label, "layer_types": layer_types, "config": os.path.basename(heal_config),
                      "steps": log["steps_run"], "tokens_seen": log["tokens_seen"], "train_wall_s": log["train_wall_s"],
                      "validation_loss": {"before": log["val"][0]["loss"], "after": log["val"][-1]["loss"]},
