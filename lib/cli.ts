@@ -14,7 +14,7 @@
 import { Command, InvalidArgumentError, Option } from "commander";
 import { SingleBar } from "cli-progress";
 import { formatLayerTypes } from "./plan";
-import { InvalidInputError, InvalidOptionError, LckvError } from "./errors";
+import { ContextOverflowError, InvalidInputError, InvalidOptionError, LckvError } from "./errors";
 import { KV_CACHE_DTYPES, KvCacheDtype } from "./kv-cache-dtype";
 import { DType, DTYPES, loadModel, LoadOptions } from "./load-model";
 import { Model } from "./model";
@@ -229,8 +229,7 @@ addSamplingOptions(
   .action(async (o) => {
     const g = samplingOptions(o);
     await using model = await open(o);
-    using session = model.createChatSession(o.system ? { system: o.system } : {});
-    model.tokenizer!.applyChatTemplate([{ role: "user", content: "" }]);  // no template: fail before the first prompt
+    using session = model.createChatSession(o.system ? { system: o.system } : {});  // no template: fails here
     // Lines are read through the interface's iterator, which holds the lines that arrive while
     // a reply streams (a pasted or piped conversation loses none).
     const tty = !!process.stdin.isTTY;
@@ -240,7 +239,17 @@ addSamplingOptions(
       for await (const line of rl) {
         if (line.trim() === "") break;
         // The session keeps its sequence between turns: each turn prefills only its new tokens.
-        const result = await streamTo(session.send(line, g));
+        // A turn the context cannot hold is refused before it starts and leaves the conversation
+        // as it was, so the chat goes on (a shorter message may still fit).
+        let result: GenerateResult;
+        try {
+          result = await streamTo(session.send(line, g));
+        } catch (e) {
+          if (!(e instanceof ContextOverflowError)) throw e;
+          process.stderr.write(`lckv: ${e.message}; that message was not sent (an empty line ends the chat)\n`);
+          if (tty) process.stdout.write("> ");
+          continue;
+        }
         process.stdout.write("\n");
         printStats(result, o.quiet);
         if (stdoutClosed) break;

@@ -331,6 +331,7 @@ export class Model implements AsyncDisposable {
       throw new InvalidOptionError("system", `must be a string, got ${describe(options.system)}`);
     }
     if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json`, "LCKV_NO_TOKENIZER");
+    this.tokenizer.requireChatTemplate();  // now, not at the first send()
     return new ChatSession(this.engine, this.createSequence(), options.system);
   }
 

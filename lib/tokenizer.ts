@@ -114,8 +114,8 @@ export class Tokenizer {
     return this.encode(this.applyChatTemplate(messages, { addGenerationPrompt: true }), { addSpecialTokens: false });
   }
 
-  /** Renders messages with the tokenizer's chat template. */
-  applyChatTemplate(messages: ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): string {
+  /** Throws LCKV_NO_CHAT_TEMPLATE unless the tokenizer has a chat template. */
+  requireChatTemplate(): void {
     if (!this.chatTemplate) {
       // Said so that it holds wherever chat was asked for: the API, lckv chat, /v1/chat/completions.
       throw new InvalidInputError(
@@ -124,6 +124,11 @@ export class Tokenizer {
         "LCKV_NO_CHAT_TEMPLATE",
       );
     }
+  }
+
+  /** Renders messages with the tokenizer's chat template. */
+  applyChatTemplate(messages: ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): string {
+    this.requireChatTemplate();
     checkChatMessages(messages);
     try {
       return this.template!.render({

@@ -139,6 +139,10 @@ describe("a model without a chat template", () => {
       expect(e.code).toBe("LCKV_NO_CHAT_TEMPLATE");
       expect(e.message).toContain(`no chat_template in ${path.join(DEFAULT_MODEL_DIR, "tokenizer_config.json")}`);
       expect(e.message).toMatch(/generate\(\).*lckv generate.*\/v1\/completions/);
+      // A chat session fails when it is made, not at its first send(), and holds no sequence.
+      const live = model.cacheStats().liveSequences;
+      expect(() => model.createChatSession()).toThrow(expect.objectContaining({ code: "LCKV_NO_CHAT_TEMPLATE" }));
+      expect(model.cacheStats().liveSequences).toBe(live);
     } finally {
       await model.dispose();
     }

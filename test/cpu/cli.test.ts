@@ -212,6 +212,13 @@ test("chat answers each line through the chat template, one stats line a turn", 
   expect(again.out).toBe(r.out);
   const one = run(["chat", "--model", chatModel, "-n", "4", "-t", "0", "--device", "cpu"], "hello there\n\nhow are you\n", false);
   expect(one.err.split("\n").filter((l) => STATS.test(l))).toHaveLength(1);
+  // A turn the context (128 positions) cannot hold is refused and the chat goes on, as it was.
+  const long = "hello ".repeat(200);
+  const over = run(["chat", "--model", chatModel, "-n", "4", "-t", "0", "--device", "cpu"], `hello there\n${long}\nhow are you\n`, false);
+  expect(over.code).toBe(0);
+  expect(over.err).toMatch(/context holds 128; that message was not sent/);
+  expect(over.err.split("\n").filter((l) => STATS.test(l))).toHaveLength(2);
+  expect(over.out).toBe(r.out);
   // A model without a chat template fails before reading anything.
   const none = run(["chat", "--model", fixture], "hi\n");
   expect(none.code).toBe(1);
