@@ -250,6 +250,18 @@ export class EngineContext {
     if (opts.contextShift === "sink-window" && this.config.plan.window.every((w) => w > 0)) {
       throw new InvalidOptionError("contextShift", "every layer of this model attends through a sliding window, which already bounds its memory: generate without contextShift");
     }
+    if (options?.sinkTokens !== undefined && opts.contextShift !== "sink-window") {
+      throw new InvalidOptionError("sinkTokens", 'applies to contextShift "sink-window" only');
+    }
+    // A shift keeps the sink (whole pages) and drops at least a page: with no page left to drop,
+    // the generation would end at the context as if there were no shift.
+    const sink = Math.ceil(opts.sinkTokens / KV_PAGE_TOKENS) * KV_PAGE_TOKENS;
+    if (opts.contextShift === "sink-window" && sink + KV_PAGE_TOKENS > this.maxContext) {
+      throw new InvalidOptionError(
+        "sinkTokens",
+        `keeps ${sink} tokens (whole pages of ${KV_PAGE_TOKENS}), which leaves no page to drop in a context of ${this.maxContext}: at most ${this.maxContext - KV_PAGE_TOKENS}`,
+      );
+    }
     return opts;
   }
 

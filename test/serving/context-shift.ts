@@ -49,6 +49,25 @@ export function contextShiftTests(dev: TestDevice): void {
       s2.dispose();
       await m.dispose();
     });
+
+    test("sinkTokens is refused by name without the shift, or when it leaves no page to drop", async () => {
+      const m: Model = await loadModel(dir(), { ...dev, prefixCache: 0 });
+      try {
+        const refusal = (options: object) => m.generate([1, 2, 3], { maxNewTokens: 2, ...options }).catch((e) => e);
+        const alone = await refusal({ sinkTokens: 4 });
+        expect(alone).toMatchObject({ code: "LCKV_INVALID_OPTION", option: "sinkTokens" });
+        expect(alone.message).toMatch(/applies to contextShift "sink-window" only/);
+        const wide = await refusal({ contextShift: "sink-window", sinkTokens: 49 });
+        expect(wide).toMatchObject({ code: "LCKV_INVALID_OPTION", option: "sinkTokens" });
+        expect(wide.message).toMatch(/keeps 64 tokens .* context of 64: at most 48/);
+        // 48 leaves a page: accepted.
+        const r = await m.generate([1, 2, 3], { maxNewTokens: 2, contextShift: "sink-window", sinkTokens: 48 });
+        expect(r.tokens.length).toBeGreaterThan(0);
+        expect(m.cacheStats().liveSequences).toBe(0);
+      } finally {
+        await m.dispose();
+      }
+    });
   });
 
   describe("a generation that will shift while it shares pages (a fork) promises their copies from the start", () => {
