@@ -81,6 +81,14 @@ export async function condenseModel(dirOrId: string, o: CondenseOptions): Promis
   const candidates = o.candidates ?? 8;
   if (!Number.isSafeInteger(candidates) || candidates < 1) throw new InvalidOptionError("candidates", `must be a positive integer, got ${candidates}`);
 
+  // The statistics of a pair are headDim x headDim least-squares systems (share measures its
+  // error through them too): they need several times that many tokens; the check needs a few
+  // windows' worth.
+  const need = Math.max(8 * config.headDim, 512);
+  const why = `${need} to ${method === "share" ? "measure how well one layer's K/V stands in for another's" : "fit the maps"} at head size ${config.headDim}`;
+  if (o.calibrationTokens !== undefined && o.calibrationTokens < need)
+    throw new InvalidOptionError("calibrationTokens", `must be at least ${need} for this model (${why}), got ${o.calibrationTokens}`);
+
   const source = await loadModel(dir, { device: o.device ?? "auto", dtype: "f32", kvCacheDtype: "f32", prefixCache: 0 });
   const tmp = `${out}.partial-${process.pid}`;
   try {
@@ -89,12 +97,9 @@ export async function condenseModel(dirOrId: string, o: CondenseOptions): Promis
     const window = Math.min(source.maxContext, 512);
     const heldOut = ids.slice(Math.floor(ids.length * 0.9));
     const calib = ids.slice(0, Math.min(Math.floor(ids.length * 0.9), o.calibrationTokens ?? 16384));
-    // The value map is a headDim x headDim least-squares fit: it needs several times that many
-    // tokens; the check needs a few windows' worth.
-    const need = Math.max(8 * config.headDim, 512);
     if (calib.length < need || heldOut.length < 64)
       throw new InvalidInputError(
-        `calibration text${o.calibrationFile ? ` ${o.calibrationFile}` : ""}: ${ids.length} tokens; condensing this model needs at least ${Math.ceil(need / 0.9)} (${need} to fit maps of head size ${config.headDim}, and a tenth held back to check them)`,
+        `calibration text${o.calibrationFile ? ` ${o.calibrationFile}` : ""}: ${ids.length} tokens; condensing this model needs at least ${Math.ceil(need / 0.9)} (${why}, and a tenth held back to check the result)`,
         "LCKV_CALIBRATION_TOO_SHORT",
       );
 

@@ -382,7 +382,13 @@ describe("lckv condense on GPT-2 (full key maps, offsets folded away or into c_p
     let e = await run({ calibrationText: "far too short" });
     expect(e).toBeInstanceOf(InvalidInputError);
     expect(e.code).toBe("LCKV_CALIBRATION_TOO_SHORT");
-    expect(e.message).toMatch(/maps of head size 16/);
+    expect(e.message).toMatch(/to fit the maps at head size 16/);
+    // A --calib-tokens below what the maps need is named, whatever the text's length.
+    e = await run({ calibrationTokens: 10 });
+    expect(e).toMatchObject({ code: "LCKV_INVALID_OPTION", option: "calibrationTokens" });
+    expect(e.message).toMatch(/must be at least 512 for this model \(512 to fit the maps at head size 16\), got 10/);
+    e = await run({ calibrationText: "far too short", method: "share" });
+    expect(e.message).toMatch(/to measure how well one layer's K\/V stands in for another's at head size 16/);
     e = await run({ kvLayers: 0 });
     expect(e).toBeInstanceOf(InvalidOptionError);
     expect(e.option).toBe("kvLayers");
