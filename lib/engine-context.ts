@@ -165,6 +165,7 @@ export class EngineContext {
     let ids: number[];
     if (typeof input === "string") {
       if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json: pass token ids instead of text`, "LCKV_NO_TOKENIZER");
+      this.refuseTextFarPastContext(input, what, alreadyInContext);
       ids = this.tokenizer.encode(input, { addSpecialTokens: alreadyInContext === 0 });
     } else if (Array.isArray(input) || ArrayBuffer.isView(input)) {
       ids = Array.from(input as ArrayLike<number>);
@@ -189,6 +190,24 @@ export class EngineContext {
       );
     }
     return ids;
+  }
+
+  /**
+   * A text far longer than the context is refused from a prefix: tokenizing all of it (a body of
+   * megabytes, on the event loop) would hold up every other request for seconds. The prefix's
+   * tokens are a lower bound on the text's but for the one token that may span the cut, so a
+   * prefix over the room by 2 proves the text over it, whatever the tokenizer's normalizer does.
+   */
+  private refuseTextFarPastContext(text: string, what: string, alreadyInContext: number): void {
+    const room = this.maxContext - alreadyInContext;
+    const prefixChars = (room + 2) * 32;  // ~8 times the characters of a typical token
+    if (text.length <= 2 * prefixChars) return;
+    const inPrefix = this.tokenizer!.encode(text.slice(0, prefixChars), { addSpecialTokens: false }).length;
+    if (inPrefix < room + 2) return;
+    throw new ContextOverflowError(
+      `${what} has more than ${room} tokens (${inPrefix} in its first ${prefixChars} of ${text.length} characters), ` +
+        (alreadyInContext > 0 ? `more than the context (${this.maxContext}) holds with the ${alreadyInContext} already in the sequence` : `but the context holds ${this.maxContext}`),
+    );
   }
 
   /**

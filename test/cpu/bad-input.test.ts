@@ -4,6 +4,7 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import {
+  DEFAULT_MODEL_DIR,
   ConfigError,
   KV_CACHE_DTYPES,
   KvCacheDtype,
@@ -281,6 +282,28 @@ describe("inputs and options", () => {
     expect(e).toBeInstanceOf(ContextOverflowError);
     expect(e.message).toMatch(/17 tokens but the context holds 16/);
     await m.dispose();
+  });
+
+  test("a text far longer than the context is refused from its first characters, as one a little longer is in full", async () => {
+    const m = await load(DEFAULT_MODEL_DIR);
+    try {
+      const far = await m.generate("word ".repeat(200_000), { maxNewTokens: 1 }).catch((x) => x);
+      expect(far).toBeInstanceOf(ContextOverflowError);
+      expect(far.message).toMatch(/^prompt has more than 256 tokens \(\d+ in its first 8256 of 1000000 characters\), but the context holds 256$/);
+      const near = await m.generate("word ".repeat(300), { maxNewTokens: 1 }).catch((x) => x);
+      expect(near).toBeInstanceOf(ContextOverflowError);
+      expect(near.message).toMatch(/^prompt has \d+ tokens but the context holds 256$/);
+      // Within the context, text runs as before; and a sequence's room is what it has left.
+      using seq = m.createSequence();
+      await seq.append("word ".repeat(100));
+      const left = m.maxContext - seq.length;
+      const more = await seq.append("word ".repeat(200_000)).catch((x: unknown) => x);
+      expect(more).toBeInstanceOf(ContextOverflowError);
+      expect((more as Error).message).toContain(`more than ${left} tokens`);
+      expect(seq.length).toBe(m.maxContext - left);
+    } finally {
+      await m.dispose();
+    }
   });
 
   test("an empty prompt, and text without a tokenizer", async () => {
