@@ -43,7 +43,11 @@ export interface LoadOptions {
    * size of at most 128. A type the model cannot take is refused at load.
    */
   kvCacheDtype?: KvCacheDtype;
-  /** Tokens one sequence may hold (default: the model's max_position_embeddings). */
+  /**
+   * Tokens one sequence may hold (default: the model's max_position_embeddings, or what the K/V
+   * pool holds of one sequence when that is less, with a notice on stderr). A maxContext the pool
+   * cannot hold is refused.
+   */
   maxContext?: number;
   /**
    * Bytes of the K/V pool that every sequence shares (default: room for 32 sequences of the full
@@ -241,7 +245,15 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
     // sliding window: then it holds its window's pages only, and only a prompt (prefilled at
     // once) must fit in the pool, which admission checks per request.
     // (An int4 cache's sequence also holds its residual's pages.)
-    if (!config.plan.window.every((w) => w > 0)) maxContext = Math.min(maxContext, (pages - native.poolStats().residualPages) * KV_PAGE_TOKENS);
+    const poolTokens = (pages - native.poolStats().residualPages) * KV_PAGE_TOKENS;
+    if (!config.plan.window.every((w) => w > 0) && poolTokens < maxContext) {
+      // A context asked for is kept or refused, never cut in silence; the model's own is cut to
+      // the pool, and said so.
+      const pool = `the K/V pool (${poolBytes} bytes${options.kvCacheMemory === undefined ? ", the default" : ""}) holds ${poolTokens} tokens of one sequence`;
+      if (options.maxContext !== undefined) throw new InvalidOptionError("maxContext", `${maxContext} tokens do not fit: ${pool}; raise kvCacheMemory or ask for at most ${poolTokens}`);
+      if (!process.env.LCKV_QUIET) process.stderr.write(`lckv: the context is ${poolTokens} tokens, not the model's ${maxContext}: ${pool} (kvCacheMemory sets its size)\n`);
+      maxContext = poolTokens;
+    }
   } catch (e) {
     native.dispose();
     throw fromNative(e);

@@ -212,6 +212,34 @@ test("with the same kvCacheMemory an LCKV model's context holds numLayers / kvLa
   await lckv.dispose();
 });
 
+test("a pool smaller than the model's context cuts it with a notice; a maxContext it cannot hold is refused", async () => {
+  const dir = writeTinyModel({ numLayers: 2, maxPositions: 4096 });
+  const budget = 64 * 1024;
+  const written: string[] = [];
+  const write = process.stderr.write;
+  const quiet = process.env.LCKV_QUIET;
+  delete process.env.LCKV_QUIET;
+  process.stderr.write = ((chunk: string) => written.push(String(chunk)) > 0) as typeof process.stderr.write;
+  let m: Model;
+  try {
+    m = await loadModel(dir, { device: "cpu", kvCacheMemory: budget });
+  } finally {
+    process.stderr.write = write;
+    if (quiet !== undefined) process.env.LCKV_QUIET = quiet;
+  }
+  expect(m.maxContext).toBeLessThan(4096);
+  expect(written.join("")).toBe(
+    `lckv: the context is ${m.maxContext} tokens, not the model's 4096: the K/V pool (${budget} bytes) holds ${m.maxContext} tokens of one sequence (kvCacheMemory sets its size)\n`,
+  );
+  await m.dispose();
+  const e = await loadModel(dir, { device: "cpu", kvCacheMemory: budget, maxContext: 4096 }).catch((x) => x);
+  expect(e).toMatchObject({ code: "LCKV_INVALID_OPTION", option: "maxContext" });
+  expect(e.message).toMatch(new RegExp(`4096 tokens do not fit: the K/V pool \\(${budget} bytes\\) holds ${m.maxContext} tokens of one sequence; raise kvCacheMemory or ask for at most ${m.maxContext}`));
+  const fits = await loadModel(dir, { device: "cpu", kvCacheMemory: budget, maxContext: m.maxContext });
+  expect(fits.maxContext).toBe(m.maxContext);
+  await fits.dispose();
+});
+
 describe("generation_config.json defaults, as transformers reads them", () => {
   const withGenerationConfig = (g: object) => {
     const dir = writeTinyModel({ seed: 7, vocab: 64, maxPositions: 64 });
