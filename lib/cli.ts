@@ -139,12 +139,14 @@ async function streamTo(stream: GenerationStream, echo = ""): Promise<GenerateRe
 
 // The library's timings: tokens/s counts the tokens after the first, over the time after it (the
 // decode rate, which the prompt's prefill, in the time to the first token, does not dilute).
-function printStats(r: GenerateResult, quiet: boolean) {
+// A reply that ended at the context, not at --max-new-tokens, says so: both are finishReason "length".
+function printStats(r: GenerateResult, quiet: boolean, maxContext: number) {
   if (quiet || process.env.LCKV_QUIET) return;
   const tokens = r.usage.completionTokens;
   const rate = tokens > 1 ? `, ${r.timings.tokensPerSecond.toFixed(1)} tokens/s` : "";
   const ttft = tokens > 0 ? `, first token after ${r.timings.timeToFirstTokenMs.toFixed(0)} ms` : "";
-  process.stderr.write(`lckv: ${tokens} tokens in ${(r.timings.totalMs / 1000).toFixed(2)} s${rate}${ttft}\n`);
+  const atContext = r.finishReason === "length" && r.usage.promptTokens + tokens >= maxContext ? `; stopped at the context (${maxContext} tokens)` : "";
+  process.stderr.write(`lckv: ${tokens} tokens in ${(r.timings.totalMs / 1000).toFixed(2)} s${rate}${ttft}${atContext}\n`);
 }
 
 function formatBytes(n: number): string {
@@ -211,7 +213,7 @@ addSamplingOptions(
     const text = prompt ?? "";
     const result = await streamTo(model.stream(text, g), text);
     if (!stdoutClosed) process.stdout.write("\n");
-    printStats(result, o.quiet);
+    printStats(result, o.quiet, model.maxContext);
   });
 
 addSamplingOptions(
@@ -251,7 +253,7 @@ addSamplingOptions(
           continue;
         }
         process.stdout.write("\n");
-        printStats(result, o.quiet);
+        printStats(result, o.quiet, model.maxContext);
         if (stdoutClosed) break;
         if (tty) process.stdout.write("> ");
       }

@@ -15,7 +15,7 @@ function run(args: string[], input?: string, quiet = true) {
   const r = spawnSync(process.execPath, [cli, ...args], { cwd: root, encoding: "utf8", input, env });
   return { code: r.status, out: r.stdout, err: r.stderr };
 }
-const STATS = /^lckv: (\d+) tokens in \d+\.\d\d s(, [\d.]+ tokens\/s)?(, first token after \d+ ms)?$/m;
+const STATS = /^lckv: (\d+) tokens in \d+\.\d\d s(, [\d.]+ tokens\/s)?(, first token after \d+ ms)?(; stopped at the context \(\d+ tokens\))?$/m;
 
 test("generate streams the prompt and its continuation from the default model", () => {
   const r = run(["generate", "Once upon a time", "--max-new-tokens", "12", "--seed", "1"]);
@@ -165,6 +165,11 @@ test("generate ends with a stats line on stderr, and --quiet leaves it out", () 
   expect(quiet.code).toBe(0);
   expect(quiet.err).not.toMatch(STATS);
   expect(quiet.out).toBe(ok.out);
+  // A reply cut by the context, not by -n, says so.
+  const cut = run(["generate", "The sea", "-n", "1000", "--max-context", "32", "-t", "0", "--model", fixture, "--device", "cpu"], undefined, false);
+  expect(cut.code).toBe(0);
+  expect(cut.err).toMatch(/^lckv: \d+ tokens in .*; stopped at the context \(32 tokens\)$/m);
+  expect(ok.err).not.toMatch(/stopped at the context/);
 });
 
 test("eval-ppl --prefill-tolerance reaches the fixed point's test: a looser one stops sooner; out of range is refused by name", () => {
