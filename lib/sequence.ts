@@ -381,7 +381,13 @@ export class Sequence implements Disposable {
         let logprobs: NativeTokenLogprobs | undefined;
         if (run.length === 1) {
           // A decode step: batched with every other sequence decoding now.
-          ({ token: tok, logprobs } = await this.engine.scheduler.decode(native, run[0], sample, tokens.length + 1 >= opts.maxNewTokens));
+          try {
+            ({ token: tok, logprobs } = await this.engine.scheduler.decode(native, run[0], sample, tokens.length + 1 >= opts.maxNewTokens));
+          } catch (e) {
+            // Said of this sequence, not of "a sequence in the batch" it ran in.
+            if (e instanceof DisposedError && this.native === null && !this.engine.disposed) throw new DisposedError("the sequence");
+            throw e;
+          }
         } else {
           let r;
           try {

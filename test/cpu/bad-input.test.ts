@@ -472,6 +472,14 @@ describe("inputs and options", () => {
     const own = m2.createSequence();
     own.dispose();
     await expect(own.append([1, 2])).rejects.toThrow(/^the sequence has been disposed$/);
+    // Disposed between two tokens of its generation: the next step says so of the sequence.
+    const gen = m2.createSequence();
+    await gen.append([1, 2, 3]);
+    const stream = gen.generate({ maxNewTokens: 12, ignoreEos: true });
+    await stream.next();
+    gen.dispose();
+    await expect(stream.next()).rejects.toThrow(/^the sequence has been disposed$/);
+    expect(m2.cacheStats().liveSequences).toBe(0);
     await m2.dispose();
   });
 
