@@ -7,6 +7,7 @@
  */
 import * as path from "node:path";
 import OpenAI from "openai";
+import { DEFAULT_MODEL_DIR } from "../../lib";
 import { expectIdle, serverForFile } from "../helpers/openai-server";
 
 process.env.LCKV_QUIET = "1";
@@ -14,6 +15,8 @@ const fixture = path.join(__dirname, "..", "fixtures", "llama-mha-hd16");
 const user = (content: string) => [{ role: "user" as const, content }];
 
 const ctx = serverForFile(fixture);
+// The shipped model writes English-like text, in which a stop string such as "the" turns up.
+const english = serverForFile(DEFAULT_MODEL_DIR);
 
 test("chat logprobs: the chosen token and the top k, greedy picks the most likely; streamed as given", async () => {
   const r = await ctx.client.chat.completions.create({ model: "m", messages: user("Hello"), max_tokens: 8, temperature: 0, logprobs: true, top_logprobs: 3 });
@@ -45,6 +48,97 @@ test("completions logprobs: tokens, their logprobs, the top k and the text offse
   for (const top of lp.top_logprobs!) expect(Object.keys(top).length).toBeLessThanOrEqual(2);
   const offsets = lp.text_offset!;
   for (let i = 1; i < offsets.length; i++) expect(offsets[i]).toBeGreaterThanOrEqual(offsets[i - 1]);
+});
+
+type CompletionLogprobs = Required<OpenAI.CompletionChoice.Logprobs>;
+
+/** A text completion's text and log-probabilities; streamed, the events' joined in order. */
+async function completionLogprobs(client: OpenAI, params: OpenAI.CompletionCreateParamsNonStreaming, stream: boolean): Promise<{ text: string; lp: CompletionLogprobs; heldBack: boolean }> {
+  if (!stream) {
+    const r = await client.completions.create(params);
+    return { text: r.choices[0].text, lp: r.choices[0].logprobs as CompletionLogprobs, heldBack: false };
+  }
+  const lp: CompletionLogprobs = { tokens: [], token_logprobs: [], top_logprobs: [], text_offset: [] };
+  let text = "";
+  // Whether an event's text was not its tokens' (text held back, or released later).
+  let heldBack = false;
+  for await (const c of await client.completions.create({ ...params, stream: true })) {
+    for (const ch of c.choices) {
+      text += ch.text;
+      const l = ch.logprobs as CompletionLogprobs | null;
+      if (l) for (const k of Object.keys(lp) as (keyof CompletionLogprobs)[]) (lp[k] as unknown[]).push(...l[k]);
+      if (l && ch.text !== l.tokens.join("")) heldBack = true;
+    }
+  }
+  return { text, lp, heldBack };
+}
+
+/** The first `k` tokens' part of a completion's log-probabilities. */
+function firstTokens(lp: CompletionLogprobs, k: number): CompletionLogprobs {
+  return { tokens: lp.tokens.slice(0, k), token_logprobs: lp.token_logprobs.slice(0, k), top_logprobs: lp.top_logprobs.slice(0, k), text_offset: lp.text_offset.slice(0, k) };
+}
+
+/**
+ * A completion cut by `stop` against the same completion (same seed) without it: the text up to
+ * the stop string, and the log-probabilities of the tokens with text in it, at the same offsets.
+ */
+async function expectCutAtStop(client: OpenAI, params: OpenAI.CompletionCreateParamsNonStreaming, stop: string): Promise<void> {
+  const whole = await completionLogprobs(client, params, false);
+  // Each token's text is where its offset says (byte-level tokens decode alone as in the text).
+  whole.lp.tokens.forEach((t, i) => expect(whole.text.startsWith(t, whole.lp.text_offset[i])).toBe(true));
+  const cut = whole.text.indexOf(stop);
+  expect(cut).toBeGreaterThan(0);
+  const kept = whole.lp.text_offset.filter((o) => o < cut).length;
+  for (const stream of [false, true]) {
+    const r = await completionLogprobs(client, { ...params, stop }, stream);
+    expect(r.text).toBe(whole.text.slice(0, cut));
+    expect(r.lp).toEqual(firstTokens(whole.lp, kept));
+  }
+}
+
+test("completions logprobs with a stop string: offsets in the returned text while text is held back, streamed and not", async () => {
+  const params = { model: "m", prompt: "The", max_tokens: 50, seed: 9, temperature: 1, logprobs: 1 };
+  // The text is held back while it may begin "the": a token's text shows later than its token.
+  expect((await completionLogprobs(english.client, { ...params, stop: "the" }, true)).heldBack).toBe(true);
+  await expectCutAtStop(english.client, params, "the");
+});
+
+test("completions logprobs with a stop string: tokens wholly inside the cut stop string are left out, streamed and not", async () => {
+  const params = { model: "m", prompt: "Once upon a time", max_tokens: 40, seed: 2, temperature: 1, logprobs: 2 };
+  const whole = await completionLogprobs(english.client, params, false);
+  const { tokens, text_offset: offsets } = whole.lp;
+  // Two tokens whose text first occurs where they are: as a stop string, both are cut away.
+  const k = tokens.findIndex((t, i) => i > 0 && i + 1 < tokens.length && t !== "" && tokens[i + 1] !== "" && whole.text.indexOf(t + tokens[i + 1]) === offsets[i]);
+  expect(k).toBeGreaterThan(0);
+  await expectCutAtStop(english.client, params, tokens[k] + tokens[k + 1]);
+  await expectIdle(english.model);
+});
+
+test("chat logprobs with a stop string: a token wholly inside the cut stop string is left out, streamed and not", async () => {
+  const params = { model: "m", messages: user("Tell me a story"), max_tokens: 16, temperature: 0, logprobs: true, top_logprobs: 1 };
+  const whole = await ctx.client.chat.completions.create(params);
+  const text = whole.choices[0].message.content!;
+  const entries = whole.choices[0].logprobs!.content!;
+  // Where each token's text begins, up to the first token that is part of a character.
+  const offsets: number[] = [];
+  for (let i = 0, at = 0; i < entries.length && !entries[i].token.includes("\ufffd"); at += entries[i++].token.length) offsets.push(at);
+  const k = offsets.findIndex((o, i) => i > 0 && entries[i].token !== "" && text.indexOf(entries[i].token) === o);
+  expect(k).toBeGreaterThan(0);
+  const stop = entries[k].token;
+  const cut = await ctx.client.chat.completions.create({ ...params, stop });
+  expect(cut.choices[0].message.content).toBe(text.slice(0, offsets[k]));
+  expect(cut.choices[0].logprobs!.content).toEqual(entries.slice(0, k));
+  let streamedText = "";
+  const streamed: unknown[] = [];
+  for await (const c of await ctx.client.chat.completions.create({ ...params, stop, stream: true })) {
+    for (const ch of c.choices) {
+      streamedText += ch.delta.content ?? "";
+      streamed.push(...(ch.logprobs?.content ?? []));
+    }
+  }
+  expect(streamedText).toBe(text.slice(0, offsets[k]));
+  expect(streamed).toEqual(entries.slice(0, k));
+  await expectIdle(ctx.model);
 });
 
 test("presence and frequency penalties are taken, and reproducible with a seed", async () => {
