@@ -20,7 +20,8 @@ const common = {
   n: nullable({ type: "integer", minimum: 1, maximum: 64 }),
   max_tokens: nullable({ type: "integer", minimum: 0 }),
   temperature: nullable({ type: "number", minimum: 0, maximum: 2 }),
-  top_p: nullable({ type: "number", minimum: 0, maximum: 1 }),
+  // (0, 1], lckv's range for topP, checked here so that every bound is refused in one shape.
+  top_p: nullable({ type: "number", exclusiveMinimum: 0, maximum: 1 }),
   seed: nullable({ type: "integer" }),
   stop: {
     type: ["string", "array", "null"],

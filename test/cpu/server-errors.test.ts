@@ -169,10 +169,23 @@ test("400: the request checker's messages are English, not JSON schema's terms",
 });
 
 test("400: a value lckv refuses names the OpenAI field", async () => {
-  const e = await failure(srv.client.chat.completions.create({ model: "m", messages: user("x"), top_p: 0 }));
+  const e = await failure(srv.client.chat.completions.create({ model: "m", messages: user("x"), logit_bias: { 999999: 1 } }));
   expect(e.status).toBe(400);
-  expect(e.param).toBe("top_p");
-  expect(e.message).toMatch(/top_p/);
+  expect(e.param).toBe("logit_bias");
+  expect(e.message).toMatch(/'logit_bias': token 999999 is outside the vocabulary/);
+});
+
+test("400: top_p outside (0, 1], at either end, is refused in the shape of every range error", async () => {
+  for (const [route, body] of [["/v1/chat/completions", { messages: user("x") }], ["/v1/completions", { prompt: "x" }]] as const) {
+    for (const [topP, detail] of [[0, "must be greater than 0"], [-0.5, "must be greater than 0"], [2, "must be at most 1"]] as const) {
+      const r = await postJson(`${srv.url}${route}`, { ...body, top_p: topP });
+      expect(r.status).toBe(400);
+      expect(r.json.error).toEqual({ message: `Invalid value for 'top_p': ${detail}`, type: "invalid_request_error", param: "top_p", code: "invalid_value" });
+    }
+  }
+  // The ends that are in the range are served.
+  expect((await postJson(`${srv.url}/v1/completions`, { prompt: "x", max_tokens: 1, top_p: 1 })).status).toBe(200);
+  expect((await postJson(`${srv.url}/v1/completions`, { prompt: "x", max_tokens: 1, top_p: 1e-9 })).status).toBe(200);
 });
 
 test("400: a prompt longer than the context", async () => {
