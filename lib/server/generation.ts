@@ -22,6 +22,12 @@ export function generateOptions(body: CommonBody, maxTokens: number | null | und
   if (body.temperature !== null && body.temperature !== undefined) o.temperature = body.temperature;
   if (body.top_p !== null && body.top_p !== undefined) o.topP = body.top_p;
   if (body.seed !== null && body.seed !== undefined) o.seed = body.seed;
+  // An explicit value overrides generation_config.json's, as in vLLM: top_k -1 (vLLM's "all
+  // tokens") is lckv's 0.
+  if (body.top_k !== null && body.top_k !== undefined) o.topK = Math.max(0, body.top_k);
+  if (body.min_p !== null && body.min_p !== undefined) o.minP = body.min_p;
+  if (body.repetition_penalty !== null && body.repetition_penalty !== undefined) o.repetitionPenalty = body.repetition_penalty;
+  if (body.ignore_eos) o.ignoreEos = true;
   if (body.stop !== null && body.stop !== undefined) o.stop = body.stop;
   // Clients send the defaults (0, {}) for "unset": those ask for nothing.
   if (body.presence_penalty) o.presencePenalty = body.presence_penalty;

@@ -168,6 +168,30 @@ test("400: the request checker's messages are English, not JSON schema's terms",
   expect(e.message).toBe("400 Invalid value for 'max_tokens': must be an integer or null");
 });
 
+test("400: top_k, min_p, repetition_penalty and ignore_eos out of lckv's ranges are named, on both endpoints; null and their no-op values are served", async () => {
+  const cases: [Record<string, unknown>, string, string][] = [
+    [{ top_k: -2 }, "top_k", "must be at least -1"],
+    [{ top_k: 1.5 }, "top_k", "must be an integer or null"],
+    [{ top_k: 2 ** 31 }, "top_k", "must be at most 2147483647"],
+    [{ min_p: 1.5 }, "min_p", "must be at most 1"],
+    [{ min_p: -0.1 }, "min_p", "must be at least 0"],
+    [{ repetition_penalty: 0 }, "repetition_penalty", `must be at least ${2 ** -126}`],
+    [{ repetition_penalty: 1e39 }, "repetition_penalty", `must be at most ${2 ** 126}`],
+    [{ repetition_penalty: "high" }, "repetition_penalty", "must be a number or null"],
+    [{ ignore_eos: "yes" }, "ignore_eos", "must be a boolean or null"],
+  ];
+  for (const [route, body] of [["/v1/chat/completions", { messages: user("x") }], ["/v1/completions", { prompt: "x" }]] as const) {
+    for (const [fields, param, detail] of cases) {
+      const r = await postJson(`${srv.url}${route}`, { ...body, ...fields });
+      expect(r.status).toBe(400);
+      expect(r.json.error).toEqual({ message: `Invalid value for '${param}': ${detail}`, type: "invalid_request_error", param, code: "invalid_value" });
+    }
+    for (const fields of [{ top_k: null, min_p: null, repetition_penalty: null, ignore_eos: null }, { top_k: 0, min_p: 0, repetition_penalty: 1, ignore_eos: false }]) {
+      expect((await postJson(`${srv.url}${route}`, { ...body, ...fields, max_tokens: 2 })).status).toBe(200);
+    }
+  }
+});
+
 test("400: a value lckv refuses names the OpenAI field", async () => {
   const e = await failure(srv.client.chat.completions.create({ model: "m", messages: user("x"), logit_bias: { 999999: 1 } }));
   expect(e.status).toBe(400);

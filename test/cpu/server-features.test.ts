@@ -7,7 +7,7 @@
  */
 import * as path from "node:path";
 import OpenAI from "openai";
-import { DEFAULT_MODEL_DIR } from "../../lib";
+import { DEFAULT_MODEL_DIR, GenerateOptions } from "../../lib";
 import { expectIdle, serverForFile } from "../helpers/openai-server";
 
 process.env.LCKV_QUIET = "1";
@@ -138,6 +138,37 @@ test("chat logprobs with a stop string: a token wholly inside the cut stop strin
   }
   expect(streamedText).toBe(text.slice(0, offsets[k]));
   expect(streamed).toEqual(entries.slice(0, k));
+  await expectIdle(ctx.model);
+});
+
+test("vLLM's and llama.cpp's top_k, min_p, repetition_penalty and ignore_eos give what the library's options give, on both endpoints", async () => {
+  const eos = ctx.model.eosTokenIds[0];
+  const forceEos = { [eos]: 100 };
+  // Each field, the library's option it maps to, and the library's run without it.
+  const cases: [Record<string, unknown>, GenerateOptions, GenerateOptions][] = [
+    [{ top_k: 2 }, { topK: 2 }, {}],
+    [{ top_k: -1 }, { topK: 0 }, {}],
+    [{ min_p: 0.3 }, { minP: 0.3 }, {}],
+    [{ repetition_penalty: 3 }, { repetitionPenalty: 3 }, {}],
+    [{ ignore_eos: true, logit_bias: forceEos }, { ignoreEos: true, logitBias: forceEos }, { logitBias: forceEos }],
+  ];
+  const prompts = { completions: [5, 6, 7], chat: ctx.model.tokenizer!.encodeChat(user("Tell me")) };
+  const base = { maxNewTokens: 12, temperature: 1, seed: 5 };
+  for (const [fields, option, without] of cases) {
+    for (const [endpoint, ids] of Object.entries(prompts)) {
+      const lib = await ctx.model.generate(ids, { ...base, ...option });
+      // The field changes what this request gets: a server that dropped it would differ.
+      expect(lib.tokens).not.toEqual((await ctx.model.generate(ids, { ...base, ...without })).tokens);
+      const params = { model: "m", max_tokens: base.maxNewTokens, temperature: base.temperature, seed: base.seed, ...fields };
+      const served =
+        endpoint === "chat"
+          ? await ctx.client.chat.completions.create({ ...params, messages: user("Tell me") } as OpenAI.ChatCompletionCreateParamsNonStreaming).then((r) => ({ text: r.choices[0].message.content, finish: r.choices[0].finish_reason, usage: r.usage! }))
+          : await ctx.client.completions.create({ ...params, prompt: ids } as OpenAI.CompletionCreateParamsNonStreaming).then((r) => ({ text: r.choices[0].text, finish: r.choices[0].finish_reason, usage: r.usage! }));
+      expect(served.text).toBe(lib.text);
+      expect(served.usage.completion_tokens).toBe(lib.tokens.length);
+      expect(served.finish).toBe(lib.finishReason);
+    }
+  }
   await expectIdle(ctx.model);
 });
 
