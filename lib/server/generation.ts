@@ -11,6 +11,7 @@ import type { Model } from "../model";
 import type { GenerateOptions } from "../options";
 import type { GenerateResult, StreamChunk } from "../types";
 import type { ServerMetrics } from "./metrics";
+import { errorBody, HttpError } from "./openai-errors";
 import type { CommonBody } from "./schemas";
 
 type CompletionStream = GenerationStream;
@@ -37,6 +38,19 @@ export function generateOptions(body: CommonBody, maxTokens: number | null | und
   }
   if (logprobs !== undefined) o.logprobs = logprobs;
   return o;
+}
+
+/**
+ * Whether the request streams. `stream_options` only applies to a stream, and OpenAI refuses it
+ * on a request that does not stream (its client would wait for a usage chunk that never comes).
+ */
+export function streamRequested(body: CommonBody): boolean {
+  const stream = body.stream === true;
+  if (!stream && body.stream_options !== null && body.stream_options !== undefined) {
+    const message = "The 'stream_options' parameter is only allowed when 'stream' is enabled.";
+    throw new HttpError({ status: 400, body: errorBody(message, "invalid_request_error", "stream_options", "invalid_value"), headers: {} });
+  }
+  return stream;
 }
 
 /**

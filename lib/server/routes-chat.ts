@@ -6,7 +6,7 @@ import type { FastifyInstance } from "fastify";
 import { InvalidInputError, InvalidOptionError } from "../errors";
 import type { ChatMessage } from "../tokenizer";
 import type { GenerateResult, StreamChunk } from "../types";
-import { finishReason, generateOptions, openStreams, responseHeader, usage } from "./generation";
+import { finishReason, generateOptions, openStreams, responseHeader, streamRequested, usage } from "./generation";
 import { ChatLogprobs, ChatTokenLogprob, TokenTexts } from "./logprobs";
 import { serveCompletions, ServerContext } from "./request-handler";
 import { ChatCompletionBody, chatCompletionBody, ChatMessageBody } from "./schemas";
@@ -43,6 +43,7 @@ export function registerChatRoutes(app: FastifyInstance, ctx: ServerContext): vo
     const header = responseHeader("chatcmpl", ctx.modelId);
     const n = body.n ?? 1;
     const logprobs = requestedLogprobs(body);
+    const stream = streamRequested(body);
     const includeUsage = body.stream_options?.include_usage === true;
     const content: string[] = Array(n).fill("");
     // One per completion once the prompt is known, when logprobs are asked for.
@@ -62,7 +63,7 @@ export function registerChatRoutes(app: FastifyInstance, ctx: ServerContext): vo
     await serveCompletions(ctx, request, reply, {
       endpoint: "chat",
       promptParam: "messages",
-      stream: body.stream === true,
+      stream,
       start: (signal) => {
         const prompt = chatPrompt(ctx, body.messages);
         const streams = openStreams(ctx.model, prompt, n, generateOptions(body, body.max_completion_tokens ?? body.max_tokens, logprobs, signal), "messages");

@@ -7,7 +7,7 @@
 import type { FastifyInstance } from "fastify";
 import { MAX_COMPLETIONS } from "../model";
 import type { GenerateResult, StreamChunk } from "../types";
-import { finishReason, generateOptions, openStreams, responseHeader, usage } from "./generation";
+import { finishReason, generateOptions, openStreams, responseHeader, streamRequested, usage } from "./generation";
 import { CompletionLogprobsBuilder, TokenTexts } from "./logprobs";
 import { errorBody, HttpError } from "./openai-errors";
 import { serveCompletions, ServerContext } from "./request-handler";
@@ -44,6 +44,7 @@ export function registerCompletionRoutes(app: FastifyInstance, ctx: ServerContex
     const header = responseHeader("cmpl", ctx.modelId);
     const n = body.n ?? 1;
     const logprobs = body.logprobs ?? undefined;
+    const stream = streamRequested(body);
     const includeUsage = body.stream_options?.include_usage === true;
     // One entry per completion, made when the prompts are known (no builders without logprobs).
     let text: string[] = [];
@@ -52,7 +53,7 @@ export function registerCompletionRoutes(app: FastifyInstance, ctx: ServerContex
     await serveCompletions(ctx, request, reply, {
       endpoint: "completions",
       promptParam: "prompt",
-      stream: body.stream === true,
+      stream,
       start: (signal) => {
         // Every prompt is checked before any completion is opened.
         const prompts = promptList(body.prompt, n).map(({ input, field }) => ({ ids: ctx.model.toTokenIds(input, field), field }));

@@ -192,6 +192,22 @@ test("400: top_k, min_p, repetition_penalty and ignore_eos out of lckv's ranges 
   }
 });
 
+test("400: stream_options on a request that does not stream, as OpenAI refuses it; null is served", async () => {
+  const message = "The 'stream_options' parameter is only allowed when 'stream' is enabled.";
+  for (const [route, body] of [["/v1/chat/completions", { messages: user("x"), max_tokens: 2 }], ["/v1/completions", { prompt: "x", max_tokens: 2 }]] as const) {
+    for (const stream of [undefined, false, null]) {
+      const r = await postJson(`${srv.url}${route}`, { ...body, stream, stream_options: { include_usage: true } });
+      expect(r.status).toBe(400);
+      expect(r.json.error).toEqual({ message, type: "invalid_request_error", param: "stream_options", code: "invalid_value" });
+    }
+    expect((await postJson(`${srv.url}${route}`, { ...body, stream: false, stream_options: null })).status).toBe(200);
+  }
+  const e = await failure(srv.client.completions.create({ model: "m", prompt: "x", max_tokens: 2, stream_options: { include_usage: true } }));
+  expect(e.status).toBe(400);
+  expect(e.param).toBe("stream_options");
+  await expectIdle(model);
+});
+
 test("400: a value lckv refuses names the OpenAI field", async () => {
   const e = await failure(srv.client.chat.completions.create({ model: "m", messages: user("x"), logit_bias: { 999999: 1 } }));
   expect(e.status).toBe(400);
