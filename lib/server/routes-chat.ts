@@ -8,15 +8,26 @@ import type { ChatMessage } from "../tokenizer";
 import type { GenerateResult, StreamChunk } from "../types";
 import { finishReason, generateOptions, openStreams, responseHeader, streamRequested, usage } from "./generation";
 import { ChatLogprobs, ChatTokenLogprob, TokenTexts } from "./logprobs";
+import { errorBody, HttpError } from "./openai-errors";
 import { serveCompletions, ServerContext } from "./request-handler";
 import { ChatCompletionBody, chatCompletionBody, ChatMessageBody } from "./schemas";
 
-/** The template's messages: text parts joined, and "developer" (OpenAI's newer name) as "system". */
+/**
+ * A message's text: its parts joined. An assistant's content may be null, as OpenAI allows (a
+ * client replays a turn that had no text, such as a tool call): it is empty text.
+ */
+function messageText(m: ChatMessageBody, i: number): string {
+  if (m.content === null) {
+    if (m.role === "assistant") return "";
+    const message = `Invalid value for 'messages[${i}].content': must be a string or an array (null only in an assistant's message)`;
+    throw new HttpError({ status: 400, body: errorBody(message, "invalid_request_error", `messages[${i}].content`, "invalid_value"), headers: {} });
+  }
+  return typeof m.content === "string" ? m.content : m.content.map((p) => p.text).join("");
+}
+
+/** The template's messages, "developer" (OpenAI's newer name) as "system". */
 function templateMessages(messages: ChatMessageBody[]): ChatMessage[] {
-  return messages.map((m) => ({
-    role: m.role === "developer" ? "system" : m.role,
-    content: typeof m.content === "string" ? m.content : m.content.map((p) => p.text).join(""),
-  }));
+  return messages.map((m, i) => ({ role: m.role === "developer" ? "system" : m.role, content: messageText(m, i) }));
 }
 
 /** The prompt's token ids, checked against the context. */

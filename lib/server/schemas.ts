@@ -59,7 +59,8 @@ const message = {
   type: "object",
   properties: {
     role: { enum: ["system", "developer", "user", "assistant"] },
-    content: { type: ["string", "array"], items: contentPart },
+    // null only in an assistant's message (the handler checks the role), as OpenAI allows.
+    content: { type: ["string", "array", "null"], items: contentPart },
     name: { type: "string" },
   },
   required: ["role", "content"],
@@ -127,7 +128,7 @@ export interface CommonBody {
 
 export interface ChatMessageBody {
   role: "system" | "developer" | "user" | "assistant";
-  content: string | { type: "text"; text: string }[];
+  content: string | { type: "text"; text: string }[] | null;
   name?: string;
 }
 

@@ -208,6 +208,26 @@ test("400: stream_options on a request that does not stream, as OpenAI refuses i
   await expectIdle(model);
 });
 
+test("chat: an assistant message's content may be null (empty text), as OpenAI allows; another role's may not", async () => {
+  const turns = (content: string | null) => [
+    { role: "user" as const, content: "Hi" },
+    { role: "assistant" as const, content },
+    { role: "user" as const, content: "Go on" },
+  ];
+  const ask = (content: string | null) => srv.client.chat.completions.create({ model: "m", messages: turns(content), max_tokens: 6, temperature: 0 });
+  const none = await ask(null);
+  const empty = await ask("");
+  expect(none.choices[0].message.content).toBe(empty.choices[0].message.content);
+  expect(none.usage).toEqual(empty.usage);
+  for (const role of ["user", "system", "developer"]) {
+    const r = await postJson(`${srv.url}/v1/chat/completions`, { messages: [{ role: "user", content: "x" }, { role, content: null }] });
+    expect(r.status).toBe(400);
+    expectShape(r.json, "messages[1].content");
+    expect(r.json.error.message).toMatch(/^Invalid value for 'messages\[1\]\.content': .*null only in an assistant's message/);
+  }
+  await expectIdle(model);
+});
+
 test("400: a value lckv refuses names the OpenAI field", async () => {
   const e = await failure(srv.client.chat.completions.create({ model: "m", messages: user("x"), logit_bias: { 999999: 1 } }));
   expect(e.status).toBe(400);
