@@ -7,7 +7,7 @@
  */
 import * as path from "node:path";
 import OpenAI from "openai";
-import { loadModel, Model } from "../../lib";
+import { createServer, InvalidOptionError, loadModel, Model, ServerOptions } from "../../lib";
 import { expectIdle, postJson, startServer, TestServer } from "../helpers/openai-server";
 
 process.env.LCKV_QUIET = "1";
@@ -282,6 +282,34 @@ test("400: a prompt and max_tokens that together pass the context, refused befor
   expect(fits.usage?.completion_tokens).toBeGreaterThan(0);
   expect(fits.usage?.completion_tokens).toBeLessThanOrEqual(ctxLen - 4);
   await expectIdle(model);
+});
+
+test("createServer checks its options as loadModel does: each bad one is an InvalidOptionError naming it", () => {
+  const refused = (options: unknown, option: string, detail: RegExp) => {
+    let error: unknown;
+    try {
+      createServer(model, options as ServerOptions);
+    } catch (e) {
+      error = e;
+    }
+    expect(error).toBeInstanceOf(InvalidOptionError);
+    expect((error as InvalidOptionError).option).toBe(option);
+    expect((error as InvalidOptionError).detail).toMatch(detail);
+  };
+  refused({ port: 8080 }, "port", /is not a createServer option \(known: apiKey, modelId, bodyLimit, logger\)/);
+  refused({ apikey: "k" }, "apikey", /is not a createServer option/);
+  // An empty key, or one no Authorization header can carry, would lock every request out.
+  refused({ apiKey: "" }, "apiKey", /must be a non-empty string, got ""/);
+  refused({ apiKey: " key" }, "apiKey", /must not begin or end with whitespace/);
+  refused({ apiKey: 5 }, "apiKey", /must be a non-empty string, got 5/);
+  refused({ modelId: "" }, "modelId", /must be a non-empty string/);
+  refused({ modelId: 3 }, "modelId", /must be a non-empty string, got 3/);
+  refused({ bodyLimit: "1mb" }, "bodyLimit", /must be a positive integer/);
+  refused({ bodyLimit: 0 }, "bodyLimit", /must be a positive integer/);
+  refused({ logger: "info" }, "logger", /must be true, false or fastify's logger options/);
+  refused(null, "options", /must be an object/);
+  // Options left undefined are unset.
+  createServer(model, { apiKey: undefined, modelId: undefined, bodyLimit: 1024, logger: false });
 });
 
 test("401: a missing or wrong key; the right one passes, and /health needs none", async () => {
