@@ -5,6 +5,7 @@
  * their usage. These need the library's GenerateOptions.logprobs, presencePenalty,
  * frequencyPenalty and logitBias, StreamChunk.logprob/topLogprobs, and Model.streamMany.
  */
+import * as fs from "node:fs";
 import * as path from "node:path";
 import OpenAI from "openai";
 import { DEFAULT_MODEL_DIR, GenerateOptions } from "../../lib";
@@ -247,6 +248,31 @@ test("a list of prompts: n choices of each, in prompt order, each what that prom
   }
   expect(text).toEqual(all.choices.map((c) => c.text));
   expect(usage).toEqual(all.usage);
+  await expectIdle(ctx.model);
+});
+
+test("the README's limits on n are the server's: per request on both endpoints, and over a list of prompts", async () => {
+  const readme = fs.readFileSync(path.join(__dirname, "..", "..", "README.md"), "utf8");
+  const m = /`n` is at most (\d+) on either endpoint, and a list of prompts makes at most (\d+)\s+completions in all/.exec(readme);
+  expect(m).not.toBeNull();
+  const [perRequest, total] = [Number(m![1]), Number(m![2])];
+  const base = { model: "m", max_tokens: 1, temperature: 0 };
+  const refusedN = async (p: Promise<unknown>) => {
+    const e = await p.then(() => null, (err) => err);
+    expect(e).toBeInstanceOf(OpenAI.APIError);
+    expect(e.status).toBe(400);
+    expect(e.param).toBe("n");
+  };
+  expect((await ctx.client.chat.completions.create({ ...base, messages: user("x"), n: perRequest })).choices).toHaveLength(perRequest);
+  await refusedN(ctx.client.chat.completions.create({ ...base, messages: user("x"), n: perRequest + 1 }));
+  expect((await ctx.client.completions.create({ ...base, prompt: "x", n: perRequest })).choices).toHaveLength(perRequest);
+  await refusedN(ctx.client.completions.create({ ...base, prompt: "x", n: perRequest + 1 }));
+  // The total counts the prompts times n: one prompt more than it allows is refused.
+  const prompts = (k: number) => Array.from({ length: k }, (_, i) => `p${i}`);
+  expect((await ctx.client.completions.create({ ...base, prompt: prompts(total / 2), n: 2 })).choices).toHaveLength(total);
+  const over = await ctx.client.completions.create({ ...base, prompt: prompts(total + 1) }).catch((e) => e);
+  expect(over).toBeInstanceOf(OpenAI.APIError);
+  expect(over.message).toMatch(new RegExp(`make ${total + 1} completions; a request makes at most ${total}`));
   await expectIdle(ctx.model);
 });
 
