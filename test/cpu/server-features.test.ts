@@ -6,10 +6,11 @@
  * frequencyPenalty and logitBias, StreamChunk.logprob/topLogprobs, and Model.streamMany.
  */
 import * as fs from "node:fs";
+import * as os from "node:os";
 import * as path from "node:path";
 import OpenAI from "openai";
-import { DEFAULT_MODEL_DIR, GenerateOptions } from "../../lib";
-import { expectIdle, serverForFile } from "../helpers/openai-server";
+import { DEFAULT_MODEL_DIR, GenerateOptions, loadModel } from "../../lib";
+import { expectIdle, serverForFile, startServer } from "../helpers/openai-server";
 
 process.env.LCKV_QUIET = "1";
 const fixture = path.join(__dirname, "..", "fixtures", "llama-mha-hd16");
@@ -274,6 +275,63 @@ test("the README's limits on n are the server's: per request on both endpoints, 
   expect(over).toBeInstanceOf(OpenAI.APIError);
   expect(over.message).toMatch(new RegExp(`make ${total + 1} completions; a request makes at most ${total}`));
   await expectIdle(ctx.model);
+});
+
+/** The fixture's files in a temporary directory, with its generation_config.json as `edit` leaves it. */
+function fixtureWithGenerationConfig(edit: (g: Record<string, unknown>) => void): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-genconfig-"));
+  for (const f of fs.readdirSync(fixture)) fs.copyFileSync(path.join(fixture, f), path.join(dir, f));
+  const file = path.join(dir, "generation_config.json");
+  const g = JSON.parse(fs.readFileSync(file, "utf8"));
+  edit(g);
+  fs.writeFileSync(file, JSON.stringify(g));
+  return dir;
+}
+
+test("the README's account of a completion without max_tokens is the server's: max_new_tokens, else max_length, else 256, ending at the context", async () => {
+  const readme = fs.readFileSync(path.join(__dirname, "..", "..", "README.md"), "utf8").replace(/\s+/g, " ");
+  const m = /Without `max_tokens` \(or chat's `max_completion_tokens`\) a completion takes the model's default length, as vLLM does: generation_config.json's `max_new_tokens` \((\d+) for `models\/default`\), else what its `max_length` leaves after the prompt, else (\d+) tokens, ending at the context if that comes first/.exec(readme);
+  expect(m).not.toBeNull();
+  const [shipped, fallback] = [Number(m![1]), Number(m![2])];
+  const maxNewTokens = (dir: string) => JSON.parse(fs.readFileSync(path.join(dir, "generation_config.json"), "utf8")).max_new_tokens;
+  // ignore_eos: every completion runs to its length.
+  const unbounded = { model: "m", temperature: 0, ignore_eos: true };
+  expect(maxNewTokens(DEFAULT_MODEL_DIR)).toBe(shipped);
+  const shippedRun = await english.client.completions.create({ ...unbounded, prompt: "The" });
+  expect([shippedRun.usage!.completion_tokens, shippedRun.choices[0].finish_reason]).toEqual([shipped, "length"]);
+  const own = maxNewTokens(fixture);
+  expect(own).not.toBe(shipped);
+  expect((await ctx.client.completions.create({ ...unbounded, prompt: "The" })).usage!.completion_tokens).toBe(own);
+  expect((await ctx.client.chat.completions.create({ ...unbounded, messages: user("x") })).usage!.completion_tokens).toBe(own);
+
+  const prompt = [5, 6, 7, 8];
+  // max_length counts the prompt.
+  const byLength = fixtureWithGenerationConfig((g) => {
+    delete g.max_new_tokens;
+    g.max_length = 20;
+  });
+  // Neither: the fallback, past this model's context, which ends the completion first.
+  const neither = fixtureWithGenerationConfig((g) => delete g.max_new_tokens);
+  for (const [dir, expected] of [[byLength, 20 - prompt.length], [neither, undefined]] as const) {
+    const model = await loadModel(dir, { device: "cpu" });
+    const srv = await startServer(model);
+    try {
+      const r = await srv.client.completions.create({ ...unbounded, prompt });
+      expect(r.choices[0].finish_reason).toBe("length");
+      if (expected !== undefined) {
+        expect(r.usage!.completion_tokens).toBe(expected);
+      } else {
+        expect(model.maxContext).toBeLessThan(prompt.length + fallback);
+        expect(r.usage!.completion_tokens).toBeLessThan(fallback);
+        expect(r.usage!.total_tokens).toBeGreaterThanOrEqual(model.maxContext);
+        expect(r.usage!.completion_tokens).toBe((await model.generate(prompt, { temperature: 0, ignoreEos: true, maxNewTokens: fallback })).tokens.length);
+      }
+    } finally {
+      await srv.app.close();
+      await model.dispose();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  }
 });
 
 test("a list of prompts: a list mixing token ids with prompts, or more than 128 completions, is refused before anything runs", async () => {
