@@ -18,7 +18,7 @@ import { ContextOverflowError, InvalidInputError, InvalidOptionError, LckvError 
 import { KV_CACHE_DTYPES, KvCacheDtype } from "./kv-cache-dtype";
 import { DType, DTYPES, loadModel, LoadOptions } from "./load-model";
 import { Model } from "./model";
-import { createServer } from "./server/server";
+import { checkServerOptions, createServer } from "./server/server";
 import { condenseModel } from "./condense/condense";
 import { evaluatePerplexity } from "./eval";
 import type { GenerationStream } from "./generation-stream";
@@ -467,9 +467,11 @@ program
   .addOption(dtypeOption())
   .addOption(kvDtypeOption())
   .action(async (o) => {
+    // A hub id names the model; a directory, its name (createServer's default). The options are
+    // checked before the model loads, so that a bad one (an empty --api-key) fails first.
+    const options = checkServerOptions({ apiKey: o.apiKey, modelId: o.model !== undefined && !fs.existsSync(o.model) ? o.model : undefined });
     await using model = await open(o);
-    // A hub id names the model; a directory, its name (createServer's default).
-    const app = createServer(model, { apiKey: o.apiKey, modelId: o.model !== undefined && !fs.existsSync(o.model) ? o.model : undefined });
+    const app = createServer(model, options);
     let url: string;
     try {
       url = await app.listen({ host: o.host, port: o.port });

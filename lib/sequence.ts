@@ -15,12 +15,8 @@ import { GenerationProgress, GenerationStream, generationStream, tokenLogprob } 
 import { NativeSamplingParams, NativeSequence, NativeTokenLogprobs } from "./native";
 import { DEFAULT_PREFILL_TOLERANCE, GenerateOptions, nonNegInt, PrefillMode } from "./options";
 import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill, ResolvedPrefill } from "./prefill-options";
-import { TextStream } from "./textstream";
+import { TEXT_CONTEXT_TOKENS, TextStream } from "./textstream";
 import type { GenerateResult, PrefillOptions, StreamChunk } from "./types";
-
-
-/** Tokens of the sequence decoded before the generated ones as context (as in TGI). */
-const TEXT_CONTEXT_TOKENS = 5;
 
 export class Sequence implements Disposable {
   private native: NativeSequence | null;

@@ -11,6 +11,13 @@
  * tokenizer whose decoder strips the text's leading space (SentencePiece: "▁there" alone is
  * "there") still gives " there" after "Once upon a time".
  */
+
+/**
+ * Tokens before the generated ones that a generation decodes as context (as in TGI); whatever
+ * decodes a generation's tokens again (the server's log-probability offsets) takes as many.
+ */
+export const TEXT_CONTEXT_TOKENS = 5;
+
 export class TextStream {
   private emitted = 0; // chars of `text` handed out
   private text = ""; // the text of ids[0, readOffset)

@@ -11,6 +11,7 @@ import type { Model } from "../model";
 import type { GenerateOptions } from "../options";
 import type { GenerateResult, StreamChunk } from "../types";
 import type { ServerMetrics } from "./metrics";
+import { errorBody, HttpError } from "./openai-errors";
 import type { CommonBody } from "./schemas";
 
 type CompletionStream = GenerationStream;
@@ -22,6 +23,12 @@ export function generateOptions(body: CommonBody, maxTokens: number | null | und
   if (body.temperature !== null && body.temperature !== undefined) o.temperature = body.temperature;
   if (body.top_p !== null && body.top_p !== undefined) o.topP = body.top_p;
   if (body.seed !== null && body.seed !== undefined) o.seed = body.seed;
+  // An explicit value overrides generation_config.json's, as in vLLM: top_k -1 (vLLM's "all
+  // tokens") is lckv's 0.
+  if (body.top_k !== null && body.top_k !== undefined) o.topK = Math.max(0, body.top_k);
+  if (body.min_p !== null && body.min_p !== undefined) o.minP = body.min_p;
+  if (body.repetition_penalty !== null && body.repetition_penalty !== undefined) o.repetitionPenalty = body.repetition_penalty;
+  if (body.ignore_eos) o.ignoreEos = true;
   if (body.stop !== null && body.stop !== undefined) o.stop = body.stop;
   // Clients send the defaults (0, {}) for "unset": those ask for nothing.
   if (body.presence_penalty) o.presencePenalty = body.presence_penalty;
@@ -34,10 +41,25 @@ export function generateOptions(body: CommonBody, maxTokens: number | null | und
 }
 
 /**
+ * Whether the request streams. `stream_options` only applies to a stream, and OpenAI refuses it
+ * on a request that does not stream (its client would wait for a usage chunk that never comes).
+ */
+export function streamRequested(body: CommonBody): boolean {
+  const stream = body.stream === true;
+  if (!stream && body.stream_options !== null && body.stream_options !== undefined) {
+    const message = "The 'stream_options' parameter is only allowed when 'stream' is enabled.";
+    throw new HttpError({ status: 400, body: errorBody(message, "invalid_request_error", "stream_options", "invalid_value"), headers: {} });
+  }
+  return stream;
+}
+
+/**
  * n completions of the prompt: one stream, or n that share one prefill. A request whose prompt and
  * max_tokens together pass the model's context is refused (400, context_length_exceeded), as
- * OpenAI and vLLM refuse it, rather than cut short at the context; without max_tokens a completion
- * runs to the context.
+ * OpenAI and vLLM refuse it, rather than cut short at the context. Without max_tokens a
+ * completion takes the model's default length, as vLLM takes it: generation_config.json's
+ * max_new_tokens, else what its max_length leaves after the prompt, else 256 tokens
+ * (Model.generationDefaults), ending at the context if that comes first.
  */
 export function openStreams(model: Model, prompt: readonly number[], n: number, options: GenerateOptions, promptField: string): CompletionStream[] {
   const asked = options.maxNewTokens;

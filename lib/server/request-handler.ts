@@ -35,7 +35,7 @@ export interface CompletionPlan {
   start(signal: AbortSignal): GenerationStream[];
   /** The events a chunk of completion `index` makes when streaming (it is also to be gathered). */
   chunk(index: number, chunk: StreamChunk): Event[];
-  /** The events that end completion `index` when streaming. */
+  /** The events that end completion `index` when streaming (its end is also to be gathered). */
   finish(index: number, result: GenerateResult): Event[];
   /** The events after every completion has ended (the usage chunk). */
   streamEnd(results: GenerateResult[]): Event[];
@@ -73,7 +73,8 @@ export async function serveCompletions(ctx: ServerContext, request: FastifyReque
           if (sse) for (const e of events) await sse.send(e);
         },
         done: async (index, r) => {
-          if (sse) for (const e of plan.finish(index, r)) await sse.send(e);
+          const events = plan.finish(index, r);
+          if (sse) for (const e of events) await sse.send(e);
         },
       },
       () => controller.abort(),

@@ -6,17 +6,28 @@ import type { FastifyInstance } from "fastify";
 import { InvalidInputError, InvalidOptionError } from "../errors";
 import type { ChatMessage } from "../tokenizer";
 import type { GenerateResult, StreamChunk } from "../types";
-import { finishReason, generateOptions, openStreams, responseHeader, usage } from "./generation";
-import { chatLogprob, ChatTokenLogprob, TokenTexts } from "./logprobs";
+import { finishReason, generateOptions, openStreams, responseHeader, streamRequested, usage } from "./generation";
+import { ChatLogprobs, ChatTokenLogprob, TokenTexts } from "./logprobs";
+import { errorBody, HttpError } from "./openai-errors";
 import { serveCompletions, ServerContext } from "./request-handler";
 import { ChatCompletionBody, chatCompletionBody, ChatMessageBody } from "./schemas";
 
-/** The template's messages: text parts joined, and "developer" (OpenAI's newer name) as "system". */
+/**
+ * A message's text: its parts joined. An assistant's content may be null, as OpenAI allows (a
+ * client replays a turn that had no text, such as a tool call): it is empty text.
+ */
+function messageText(m: ChatMessageBody, i: number): string {
+  if (m.content === null) {
+    if (m.role === "assistant") return "";
+    const message = `Invalid value for 'messages[${i}].content': must be a string or an array (null only in an assistant's message)`;
+    throw new HttpError({ status: 400, body: errorBody(message, "invalid_request_error", `messages[${i}].content`, "invalid_value"), headers: {} });
+  }
+  return typeof m.content === "string" ? m.content : m.content.map((p) => p.text).join("");
+}
+
+/** The template's messages, "developer" (OpenAI's newer name) as "system". */
 function templateMessages(messages: ChatMessageBody[]): ChatMessage[] {
-  return messages.map((m) => ({
-    role: m.role === "developer" ? "system" : m.role,
-    content: typeof m.content === "string" ? m.content : m.content.map((p) => p.text).join(""),
-  }));
+  return messages.map((m, i) => ({ role: m.role === "developer" ? "system" : m.role, content: messageText(m, i) }));
 }
 
 /** The prompt's token ids, checked against the context. */
@@ -43,33 +54,41 @@ export function registerChatRoutes(app: FastifyInstance, ctx: ServerContext): vo
     const header = responseHeader("chatcmpl", ctx.modelId);
     const n = body.n ?? 1;
     const logprobs = requestedLogprobs(body);
+    const stream = streamRequested(body);
     const includeUsage = body.stream_options?.include_usage === true;
     const content: string[] = Array(n).fill("");
-    const tokenLogprobs: ChatTokenLogprob[][] = Array.from({ length: n }, () => []);
+    // One per completion once the prompt is known, when logprobs are asked for.
+    let tokenLogprobs: ChatLogprobs[] = [];
     const roleSent: boolean[] = Array(n).fill(false);
     const chunkEvent = (choices: unknown[]) => ({ ...header, object: "chat.completion.chunk", choices, ...(includeUsage ? { usage: null } : {}) });
+    const roleEvent = (index: number) => chunkEvent([{ index, delta: { role: "assistant", content: "" }, logprobs: null, finish_reason: null }]);
+    // A choice's new text and log-probabilities, if any; the assistant's role opens each choice's
+    // stream, as OpenAI's does.
+    const deltaEvents = (index: number, text: string, lp: ChatTokenLogprob[]) => {
+      if (text === "" && lp.length === 0) return [];
+      const events = roleSent[index] ? [] : [roleEvent(index)];
+      roleSent[index] = true;
+      events.push(chunkEvent([{ index, delta: { content: text }, logprobs: lp.length > 0 ? { content: lp, refusal: null } : null, finish_reason: null }]));
+      return events;
+    };
     await serveCompletions(ctx, request, reply, {
       endpoint: "chat",
       promptParam: "messages",
-      stream: body.stream === true,
+      stream,
       start: (signal) => {
         const prompt = chatPrompt(ctx, body.messages);
-        return openStreams(ctx.model, prompt, n, generateOptions(body, body.max_completion_tokens ?? body.max_tokens, logprobs, signal), "messages");
+        const streams = openStreams(ctx.model, prompt, n, generateOptions(body, body.max_completion_tokens ?? body.max_tokens, logprobs, signal), "messages");
+        if (logprobs !== undefined) tokenLogprobs = Array.from({ length: n }, () => new ChatLogprobs(texts, prompt));
+        return streams;
       },
       chunk: (index: number, c: StreamChunk) => {
         content[index] += c.text;
-        const lp = logprobs === undefined ? undefined : chatLogprob(texts, c);
-        if (lp) tokenLogprobs[index].push(lp);
-        if (c.text === "" && !lp) return [];
-        const events = [];
-        // The assistant's role opens each choice's stream, as OpenAI's does.
-        if (!roleSent[index]) events.push(chunkEvent([{ index, delta: { role: "assistant", content: "" }, logprobs: null, finish_reason: null }]));
-        roleSent[index] = true;
-        events.push(chunkEvent([{ index, delta: { content: c.text }, logprobs: lp ? { content: [lp], refusal: null } : null, finish_reason: null }]));
-        return events;
+        return deltaEvents(index, c.text, tokenLogprobs[index]?.chunk(c) ?? []);
       },
       finish: (index: number, r: GenerateResult) => [
-        ...(roleSent[index] ? [] : [chunkEvent([{ index, delta: { role: "assistant", content: "" }, logprobs: null, finish_reason: null }])]),
+        // The end may hand out entries of tokens whose text is empty, at the text's end.
+        ...deltaEvents(index, "", tokenLogprobs[index]?.end() ?? []),
+        ...(roleSent[index] ? [] : [roleEvent(index)]),
         chunkEvent([{ index, delta: {}, logprobs: null, finish_reason: finishReason(r) }]),
       ],
       streamEnd: (results: GenerateResult[]) => (includeUsage ? [{ ...chunkEvent([]), usage: usage(results) }] : []),
@@ -79,7 +98,7 @@ export function registerChatRoutes(app: FastifyInstance, ctx: ServerContext): vo
         choices: results.map((r, index) => ({
           index,
           message: { role: "assistant", content: content[index], refusal: null },
-          logprobs: logprobs === undefined ? null : { content: tokenLogprobs[index], refusal: null },
+          logprobs: tokenLogprobs[index] ? { content: tokenLogprobs[index].content, refusal: null } : null,
           finish_reason: finishReason(r),
         })),
         usage: usage(results),

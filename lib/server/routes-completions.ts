@@ -7,7 +7,7 @@
 import type { FastifyInstance } from "fastify";
 import { MAX_COMPLETIONS } from "../model";
 import type { GenerateResult, StreamChunk } from "../types";
-import { finishReason, generateOptions, openStreams, responseHeader, usage } from "./generation";
+import { finishReason, generateOptions, openStreams, responseHeader, streamRequested, usage } from "./generation";
 import { CompletionLogprobsBuilder, TokenTexts } from "./logprobs";
 import { errorBody, HttpError } from "./openai-errors";
 import { serveCompletions, ServerContext } from "./request-handler";
@@ -44,32 +44,33 @@ export function registerCompletionRoutes(app: FastifyInstance, ctx: ServerContex
     const header = responseHeader("cmpl", ctx.modelId);
     const n = body.n ?? 1;
     const logprobs = body.logprobs ?? undefined;
+    const stream = streamRequested(body);
     const includeUsage = body.stream_options?.include_usage === true;
-    // One entry per completion, made when the prompts are known.
+    // One entry per completion, made when the prompts are known (no builders without logprobs).
     let text: string[] = [];
-    let builders: CompletionLogprobsBuilder[] = [];
+    let builders: (CompletionLogprobsBuilder | undefined)[] = [];
     const event = (choices: unknown[]) => ({ ...header, object: "text_completion", choices, ...(includeUsage ? { usage: null } : {}) });
     await serveCompletions(ctx, request, reply, {
       endpoint: "completions",
       promptParam: "prompt",
-      stream: body.stream === true,
+      stream,
       start: (signal) => {
         // Every prompt is checked before any completion is opened.
         const prompts = promptList(body.prompt, n).map(({ input, field }) => ({ ids: ctx.model.toTokenIds(input, field), field }));
         const options = generateOptions(body, body.max_tokens, logprobs, signal);
         const streams = prompts.flatMap(({ ids, field }) => openStreams(ctx.model, ids, n, options, field));
         text = Array(streams.length).fill("");
-        builders = Array.from({ length: streams.length }, () => new CompletionLogprobsBuilder(texts));
+        if (logprobs !== undefined) builders = prompts.flatMap(({ ids }) => Array.from({ length: n }, () => new CompletionLogprobsBuilder(texts, ids)));
         return streams;
       },
       chunk: (index: number, c: StreamChunk) => {
-        const offset = text[index].length;
         text[index] += c.text;
-        const lp = logprobs === undefined ? undefined : builders[index].add(c, offset);
+        const lp = builders[index]?.chunk(c);
         if (c.text === "" && !lp) return [];
         return [event([{ index, text: c.text, logprobs: lp ?? null, finish_reason: null }])];
       },
-      finish: (index: number, r: GenerateResult) => [event([{ index, text: "", logprobs: null, finish_reason: finishReason(r) }])],
+      // The end may hand out entries of tokens whose text is empty, at the text's end.
+      finish: (index: number, r: GenerateResult) => [event([{ index, text: "", logprobs: builders[index]?.end() ?? null, finish_reason: finishReason(r) }])],
       streamEnd: (results: GenerateResult[]) => (includeUsage ? [{ ...event([]), usage: usage(results, n) }] : []),
       body: (results: GenerateResult[]) => ({
         ...header,
@@ -77,7 +78,7 @@ export function registerCompletionRoutes(app: FastifyInstance, ctx: ServerContex
         choices: results.map((r, index) => ({
           index,
           text: text[index],
-          logprobs: logprobs === undefined ? null : builders[index].value,
+          logprobs: builders[index]?.value ?? null,
           finish_reason: finishReason(r),
         })),
         usage: usage(results, n),

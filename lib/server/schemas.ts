@@ -4,6 +4,7 @@
  * implement is refused by name instead of being silently ignored. Nullable fields take null, as
  * OpenAI's API does: clients send `"stop": null` and the like for "unset".
  */
+import { F32_MIN_NORMAL, INT32_MAX } from "../options";
 
 const nullable = (schema: Record<string, unknown>) => ({ ...schema, type: [schema.type as string, "null"] });
 
@@ -20,7 +21,8 @@ const common = {
   n: nullable({ type: "integer", minimum: 1, maximum: 64 }),
   max_tokens: nullable({ type: "integer", minimum: 0 }),
   temperature: nullable({ type: "number", minimum: 0, maximum: 2 }),
-  top_p: nullable({ type: "number", minimum: 0, maximum: 1 }),
+  // (0, 1], lckv's range for topP, checked here so that every bound is refused in one shape.
+  top_p: nullable({ type: "number", exclusiveMinimum: 0, maximum: 1 }),
   seed: nullable({ type: "integer" }),
   stop: {
     type: ["string", "array", "null"],
@@ -36,6 +38,14 @@ const common = {
     patternProperties: { "^[0-9]+$": { type: "number", minimum: -100, maximum: 100 } },
     additionalProperties: false,
   }),
+  // vLLM's and llama.cpp's sampling fields beyond OpenAI's, in the ranges of lckv's options
+  // (topK, minP, repetitionPenalty, ignoreEos), so that a bad value is refused here by name.
+  // top_k -1 is vLLM's "all tokens", as 0 is lckv's; repetition_penalty is applied in f32 and
+  // must stay within its normal range.
+  top_k: nullable({ type: "integer", minimum: -1, maximum: INT32_MAX }),
+  min_p: nullable({ type: "number", minimum: 0, maximum: 1 }),
+  repetition_penalty: nullable({ type: "number", minimum: F32_MIN_NORMAL, maximum: 1 / F32_MIN_NORMAL }),
+  ignore_eos: nullable({ type: "boolean" }),
 } as const;
 
 const contentPart = {
@@ -49,7 +59,8 @@ const message = {
   type: "object",
   properties: {
     role: { enum: ["system", "developer", "user", "assistant"] },
-    content: { type: ["string", "array"], items: contentPart },
+    // null only in an assistant's message (the handler checks the role), as OpenAI allows.
+    content: { type: ["string", "array", "null"], items: contentPart },
     name: { type: "string" },
   },
   required: ["role", "content"],
@@ -109,11 +120,15 @@ export interface CommonBody {
   presence_penalty?: number | null;
   frequency_penalty?: number | null;
   logit_bias?: Record<string, number> | null;
+  top_k?: number | null;
+  min_p?: number | null;
+  repetition_penalty?: number | null;
+  ignore_eos?: boolean | null;
 }
 
 export interface ChatMessageBody {
   role: "system" | "developer" | "user" | "assistant";
-  content: string | { type: "text"; text: string }[];
+  content: string | { type: "text"; text: string }[] | null;
   name?: string;
 }
 

@@ -10,7 +10,9 @@
 import { createHash, timingSafeEqual } from "node:crypto";
 import * as path from "node:path";
 import Fastify, { FastifyInstance } from "fastify";
+import { InvalidOptionError } from "../errors";
 import type { Model } from "../model";
+import { describe, posInt } from "../options";
 import { closeConnectionsOnClose } from "./connections";
 import { ServerMetrics } from "./metrics";
 import { errorBody, installErrorHandlers, invalidJsonBody, sendHttpError } from "./openai-errors";
@@ -35,6 +37,34 @@ export interface ServerOptions {
   logger?: boolean | Record<string, unknown>;
 }
 
+const SERVER_KEYS = new Set(["apiKey", "modelId", "bodyLimit", "logger"]);
+
+/**
+ * createServer's options, checked as loadModel checks its own: an unknown or mistyped option is
+ * an InvalidOptionError naming it (the command line checks them before it loads the model).
+ */
+export function checkServerOptions(options: unknown): ServerOptions {
+  if (options === null || typeof options !== "object" || Array.isArray(options)) throw new InvalidOptionError("options", `must be an object, got ${describe(options)}`);
+  const o = options as Record<string, unknown>;
+  for (const k of Object.keys(o)) {
+    if (!SERVER_KEYS.has(k)) throw new InvalidOptionError(k, `is not a createServer option (known: ${[...SERVER_KEYS].join(", ")})`);
+  }
+  if (o.apiKey !== undefined) apiKey(o.apiKey);
+  if (o.modelId !== undefined && (typeof o.modelId !== "string" || o.modelId === "")) throw new InvalidOptionError("modelId", `must be a non-empty string, got ${describe(o.modelId)}`);
+  if (o.bodyLimit !== undefined) posInt("bodyLimit", o.bodyLimit);
+  if (o.logger !== undefined && typeof o.logger !== "boolean" && (o.logger === null || typeof o.logger !== "object" || Array.isArray(o.logger))) {
+    throw new InvalidOptionError("logger", `must be true, false or fastify's logger options (an object), got ${describe(o.logger)}`);
+  }
+  return o as ServerOptions;
+}
+
+// A key no request can send would lock every /v1 request out: an empty one, or one that begins
+// or ends with whitespace (the header's key is read without it).
+function apiKey(v: unknown): void {
+  if (typeof v !== "string" || v === "") throw new InvalidOptionError("apiKey", `must be a non-empty string, got ${describe(v)}`);
+  if (v.trim() !== v) throw new InvalidOptionError("apiKey", `must not begin or end with whitespace, which the Authorization header's key is read without; got ${describe(v)}`);
+}
+
 // Keys are compared as digests, in constant time, so that the time a wrong key takes says
 // nothing about the right one (not even its length).
 function keyCheck(apiKey: string): (header: string | undefined) => boolean {
@@ -46,6 +76,7 @@ function keyCheck(apiKey: string): (header: string | undefined) => boolean {
 }
 
 export function createServer(model: Model, options: ServerOptions = {}): FastifyInstance {
+  checkServerOptions(options);
   const app = Fastify({
     logger: options.logger ?? false,
     bodyLimit: options.bodyLimit ?? 8 * 1024 * 1024,

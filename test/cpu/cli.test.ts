@@ -238,6 +238,15 @@ test("chat answers each line through the chat template, one stats line a turn", 
   expect(none.err).toMatch(/no chat_template/);
 });
 
+test("serve refuses an empty --api-key, or one no header can carry, in one line before it loads the model", () => {
+  for (const key of ["", "  ", " key"]) {
+    const r = run(["serve", "--api-key", key, "--model", "/no/such/model"]);
+    expect(r.code).toBe(1);
+    expect(r.err).toMatch(/^lckv: option '--api-key': must (be a non-empty string|not begin or end with whitespace)/);
+    expect(r.err.trim().split("\n")).toHaveLength(1);
+  }
+});
+
 test("serve refuses a port outside [0, 65535], and a port it cannot listen on, in one line each", async () => {
   for (const p of ["99999", "-1", "http"]) {
     const r = run(["serve", "--port", p]);

@@ -7,7 +7,7 @@
  */
 import * as path from "node:path";
 import OpenAI from "openai";
-import { loadModel, Model } from "../../lib";
+import { createServer, InvalidOptionError, loadModel, Model, ServerOptions } from "../../lib";
 import { expectIdle, postJson, startServer, TestServer } from "../helpers/openai-server";
 
 process.env.LCKV_QUIET = "1";
@@ -168,11 +168,84 @@ test("400: the request checker's messages are English, not JSON schema's terms",
   expect(e.message).toBe("400 Invalid value for 'max_tokens': must be an integer or null");
 });
 
-test("400: a value lckv refuses names the OpenAI field", async () => {
-  const e = await failure(srv.client.chat.completions.create({ model: "m", messages: user("x"), top_p: 0 }));
+test("400: top_k, min_p, repetition_penalty and ignore_eos out of lckv's ranges are named, on both endpoints; null and their no-op values are served", async () => {
+  const cases: [Record<string, unknown>, string, string][] = [
+    [{ top_k: -2 }, "top_k", "must be at least -1"],
+    [{ top_k: 1.5 }, "top_k", "must be an integer or null"],
+    [{ top_k: 2 ** 31 }, "top_k", "must be at most 2147483647"],
+    [{ min_p: 1.5 }, "min_p", "must be at most 1"],
+    [{ min_p: -0.1 }, "min_p", "must be at least 0"],
+    [{ repetition_penalty: 0 }, "repetition_penalty", `must be at least ${2 ** -126}`],
+    [{ repetition_penalty: 1e39 }, "repetition_penalty", `must be at most ${2 ** 126}`],
+    [{ repetition_penalty: "high" }, "repetition_penalty", "must be a number or null"],
+    [{ ignore_eos: "yes" }, "ignore_eos", "must be a boolean or null"],
+  ];
+  for (const [route, body] of [["/v1/chat/completions", { messages: user("x") }], ["/v1/completions", { prompt: "x" }]] as const) {
+    for (const [fields, param, detail] of cases) {
+      const r = await postJson(`${srv.url}${route}`, { ...body, ...fields });
+      expect(r.status).toBe(400);
+      expect(r.json.error).toEqual({ message: `Invalid value for '${param}': ${detail}`, type: "invalid_request_error", param, code: "invalid_value" });
+    }
+    for (const fields of [{ top_k: null, min_p: null, repetition_penalty: null, ignore_eos: null }, { top_k: 0, min_p: 0, repetition_penalty: 1, ignore_eos: false }]) {
+      expect((await postJson(`${srv.url}${route}`, { ...body, ...fields, max_tokens: 2 })).status).toBe(200);
+    }
+  }
+});
+
+test("400: stream_options on a request that does not stream, as OpenAI refuses it; null is served", async () => {
+  const message = "The 'stream_options' parameter is only allowed when 'stream' is enabled.";
+  for (const [route, body] of [["/v1/chat/completions", { messages: user("x"), max_tokens: 2 }], ["/v1/completions", { prompt: "x", max_tokens: 2 }]] as const) {
+    for (const stream of [undefined, false, null]) {
+      const r = await postJson(`${srv.url}${route}`, { ...body, stream, stream_options: { include_usage: true } });
+      expect(r.status).toBe(400);
+      expect(r.json.error).toEqual({ message, type: "invalid_request_error", param: "stream_options", code: "invalid_value" });
+    }
+    expect((await postJson(`${srv.url}${route}`, { ...body, stream: false, stream_options: null })).status).toBe(200);
+  }
+  const e = await failure(srv.client.completions.create({ model: "m", prompt: "x", max_tokens: 2, stream_options: { include_usage: true } }));
   expect(e.status).toBe(400);
-  expect(e.param).toBe("top_p");
-  expect(e.message).toMatch(/top_p/);
+  expect(e.param).toBe("stream_options");
+  await expectIdle(model);
+});
+
+test("chat: an assistant message's content may be null (empty text), as OpenAI allows; another role's may not", async () => {
+  const turns = (content: string | null) => [
+    { role: "user" as const, content: "Hi" },
+    { role: "assistant" as const, content },
+    { role: "user" as const, content: "Go on" },
+  ];
+  const ask = (content: string | null) => srv.client.chat.completions.create({ model: "m", messages: turns(content), max_tokens: 6, temperature: 0 });
+  const none = await ask(null);
+  const empty = await ask("");
+  expect(none.choices[0].message.content).toBe(empty.choices[0].message.content);
+  expect(none.usage).toEqual(empty.usage);
+  for (const role of ["user", "system", "developer"]) {
+    const r = await postJson(`${srv.url}/v1/chat/completions`, { messages: [{ role: "user", content: "x" }, { role, content: null }] });
+    expect(r.status).toBe(400);
+    expectShape(r.json, "messages[1].content");
+    expect(r.json.error.message).toMatch(/^Invalid value for 'messages\[1\]\.content': .*null only in an assistant's message/);
+  }
+  await expectIdle(model);
+});
+
+test("400: a value lckv refuses names the OpenAI field", async () => {
+  const e = await failure(srv.client.chat.completions.create({ model: "m", messages: user("x"), logit_bias: { 999999: 1 } }));
+  expect(e.status).toBe(400);
+  expect(e.param).toBe("logit_bias");
+  expect(e.message).toMatch(/'logit_bias': token 999999 is outside the vocabulary/);
+});
+
+test("400: top_p outside (0, 1], at either end, is refused in the shape of every range error", async () => {
+  for (const [route, body] of [["/v1/chat/completions", { messages: user("x") }], ["/v1/completions", { prompt: "x" }]] as const) {
+    for (const [topP, detail] of [[0, "must be greater than 0"], [-0.5, "must be greater than 0"], [2, "must be at most 1"]] as const) {
+      const r = await postJson(`${srv.url}${route}`, { ...body, top_p: topP });
+      expect(r.status).toBe(400);
+      expect(r.json.error).toEqual({ message: `Invalid value for 'top_p': ${detail}`, type: "invalid_request_error", param: "top_p", code: "invalid_value" });
+    }
+  }
+  // The ends that are in the range are served.
+  expect((await postJson(`${srv.url}/v1/completions`, { prompt: "x", max_tokens: 1, top_p: 1 })).status).toBe(200);
+  expect((await postJson(`${srv.url}/v1/completions`, { prompt: "x", max_tokens: 1, top_p: 1e-9 })).status).toBe(200);
 });
 
 test("400: a prompt longer than the context", async () => {
@@ -209,6 +282,34 @@ test("400: a prompt and max_tokens that together pass the context, refused befor
   expect(fits.usage?.completion_tokens).toBeGreaterThan(0);
   expect(fits.usage?.completion_tokens).toBeLessThanOrEqual(ctxLen - 4);
   await expectIdle(model);
+});
+
+test("createServer checks its options as loadModel does: each bad one is an InvalidOptionError naming it", () => {
+  const refused = (options: unknown, option: string, detail: RegExp) => {
+    let error: unknown;
+    try {
+      createServer(model, options as ServerOptions);
+    } catch (e) {
+      error = e;
+    }
+    expect(error).toBeInstanceOf(InvalidOptionError);
+    expect((error as InvalidOptionError).option).toBe(option);
+    expect((error as InvalidOptionError).detail).toMatch(detail);
+  };
+  refused({ port: 8080 }, "port", /is not a createServer option \(known: apiKey, modelId, bodyLimit, logger\)/);
+  refused({ apikey: "k" }, "apikey", /is not a createServer option/);
+  // An empty key, or one no Authorization header can carry, would lock every request out.
+  refused({ apiKey: "" }, "apiKey", /must be a non-empty string, got ""/);
+  refused({ apiKey: " key" }, "apiKey", /must not begin or end with whitespace/);
+  refused({ apiKey: 5 }, "apiKey", /must be a non-empty string, got 5/);
+  refused({ modelId: "" }, "modelId", /must be a non-empty string/);
+  refused({ modelId: 3 }, "modelId", /must be a non-empty string, got 3/);
+  refused({ bodyLimit: "1mb" }, "bodyLimit", /must be a positive integer/);
+  refused({ bodyLimit: 0 }, "bodyLimit", /must be a positive integer/);
+  refused({ logger: "info" }, "logger", /must be true, false or fastify's logger options/);
+  refused(null, "options", /must be an object/);
+  // Options left undefined are unset.
+  createServer(model, { apiKey: undefined, modelId: undefined, bodyLimit: 1024, logger: false });
 });
 
 test("401: a missing or wrong key; the right one passes, and /health needs none", async () => {
