@@ -14,10 +14,10 @@ export interface GenerationStream extends AsyncGenerator<StreamChunk, GenerateRe
    * Settles when the generation ends, however the stream is consumed: iterated to the end (the
    * generator's return value), ended early with return() or `break` (finishReason "abort", with
    * the tokens and usage so far), or failed (rejects with the error the iteration threw).
-   * Awaiting it before the stream is iterated runs the stream to its end (its chunks are
-   * dropped; their text is in the result's): once that began, next() throws a BusyError, and
-   * return() still ends the generation early. An unobserved rejection is not reported as
-   * unhandled.
+   * Awaited (or given a then()) before the stream is iterated, it runs the stream to its end
+   * itself (its chunks are dropped; their text is in the result's): once that began, next()
+   * throws a BusyError, and return() still ends the generation early. Reading it to await later
+   * starts nothing. An unobserved rejection is not reported as unhandled.
    */
   readonly result: Promise<GenerateResult>;
   /**
@@ -93,6 +93,27 @@ export function generationStream(
   return new Stream(body, onSettled);
 }
 
+/**
+ * A promise that tells when it is awaited: `await p` (and Promise.all, Promise.resolve) call a
+ * subclass's then(), which a plain read of the promise does not. Promises derived from it
+ * (then(), catch()) are plain ones.
+ */
+class AwaitedPromise<T> extends Promise<T> {
+  onAwaited?: () => void;
+
+  static override get [Symbol.species]() {
+    return Promise;
+  }
+
+  override then<A = T, B = never>(
+    onFulfilled?: ((value: T) => A | PromiseLike<A>) | null,
+    onRejected?: ((reason: unknown) => B | PromiseLike<B>) | null,
+  ): Promise<A | B> {
+    this.onAwaited?.();
+    return super.then(onFulfilled, onRejected);
+  }
+}
+
 class Stream implements GenerationStream {
   private readonly settledResult: Promise<GenerateResult>;
   private readonly progress = new GenerationProgress();
@@ -112,28 +133,32 @@ class Stream implements GenerationStream {
     body: (progress: GenerationProgress) => AsyncGenerator<StreamChunk, GenerateResult, undefined>,
     private readonly onSettled?: (result: GenerateResult | undefined, error?: unknown) => void,
   ) {
-    this.settledResult = new Promise<GenerateResult>((resolve, reject) => {
+    const settled = new AwaitedPromise<GenerateResult>((resolve, reject) => {
       this.resolve = resolve;
       this.reject = reject;
     });
     // The caller may only iterate: a failure it sees there must not also surface as unhandled.
-    this.settledResult.catch(() => {});
+    settled.catch(() => {});
+    settled.onAwaited = () => this.awaited();
+    this.settledResult = settled;
     this.inner = body(this.progress);
   }
 
-  /**
-   * The result. Asked for before the stream is iterated, it runs the stream itself: a caller
-   * that awaits it alone must not wait for ever. The check waits a turn of the event loop, so a
-   * `for await` loop begun right after reading `result` (`const done = s.result; for await ...`)
-   * iterates as usual.
-   */
   get result(): Promise<GenerateResult> {
-    if (!this.iterated && !this.settled) {
-      setImmediate(() => {
-        if (!this.iterated && !this.settled) void this.drain();
-      });
-    }
     return this.settledResult;
+  }
+
+  /**
+   * The result was awaited (or given a then()): before the stream is iterated, it runs the stream
+   * itself, so that a caller who awaits the result alone does not wait for ever. Reading `result`
+   * to await later does nothing, and the check waits a turn of the event loop, so that a loop
+   * begun in the same turn (`const done = s.result.then(...); for await ...`) iterates as usual.
+   */
+  private awaited(): void {
+    if (this.iterated || this.settled) return;
+    setImmediate(() => {
+      if (!this.iterated && !this.settled) void this.drain();
+    });
   }
 
   /** Runs the stream to its end, dropping its chunks (a failure settles the result). */

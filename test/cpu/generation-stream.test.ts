@@ -95,28 +95,38 @@ describe("stream().result", () => {
     expect(unhandled).toEqual([]);
   });
 
-  test("awaited before any iteration, the result runs the stream to its end", async () => {
+  test("awaited before any iteration, the result runs the stream to its end; read alone it starts nothing", async () => {
     const live = model.cacheStats().liveSequences;
     const alone = await model.stream(prompt, { maxNewTokens: 6, ignoreEos: true }).result;
     const { timings: _t, ...expected } = await model.generate(prompt, { maxNewTokens: 6, ignoreEos: true });
     expect(alone).toMatchObject(expected);
     expect(model.cacheStats().liveSequences).toBe(live);
 
-    // Read first, iterated in the same turn: the loop gets every chunk.
+    // Given a then() first, iterated in the same turn: the loop gets every chunk.
     const s = model.stream(prompt, { maxNewTokens: 6, ignoreEos: true });
-    const done = s.result;
+    const done = s.result.then((r) => r);
     const tokens: (number | null)[] = [];
     for await (const c of s) tokens.push(c.token);
     expect(tokens).toEqual(expected.tokens);
     expect((await done).tokens).toEqual(expected.tokens);
 
-    // Once the result runs it, next() is refused; return() still ends it early.
+    // Read to await later, iterated after other awaits: reading starts nothing.
+    const later = model.stream(prompt, { maxNewTokens: 6, ignoreEos: true });
+    const kept = later.result;
+    await new Promise((r) => setTimeout(r, 20));
+    const laterTokens: (number | null)[] = [];
+    for await (const c of later) laterTokens.push(c.token);
+    expect(laterTokens).toEqual(expected.tokens);
+    expect((await kept).tokens).toEqual(expected.tokens);
+
+    // Once an awaited result runs the stream, next() is refused; return() still ends it early.
     const t = model.stream(prompt, { maxNewTokens: 40, ignoreEos: true });
-    const result = t.result;
+    const result = t.result.then((r) => r);
     await new Promise((r) => setImmediate(r));
     await expect(t.next()).rejects.toThrow(BusyError);
     const ret = await t.return();
     expect(ret.value).toBe(await result);
+    expect(t.result).toBeInstanceOf(Promise);
     expect(ret.value.finishReason).toBe("abort");
     expect(ret.value.tokens.length).toBeLessThan(40);
     expect(model.cacheStats().liveSequences).toBe(live);
