@@ -238,6 +238,16 @@ test("a pool smaller than the model's context cuts it with a notice; a maxContex
   const fits = await loadModel(dir, { device: "cpu", kvCacheMemory: budget, maxContext: m.maxContext });
   expect(fits.maxContext).toBe(m.maxContext);
   await fits.dispose();
+  // An int4 pool of no more pages than a sequence's residual holds no token: refused, not a context of 0.
+  const probe = await loadModel(dir, { device: "cpu", kvCacheDtype: "int4" });
+  const { pageBytes, residualPages } = probe.cacheStats();
+  await probe.dispose();
+  const none = await loadModel(dir, { device: "cpu", kvCacheDtype: "int4", kvCacheMemory: residualPages * pageBytes }).catch((x) => x);
+  expect(none).toMatchObject({ code: "LCKV_INVALID_OPTION", option: "kvCacheMemory" });
+  expect(none.message).toMatch(new RegExp(`are ${residualPages} K/V pages of ${pageBytes} bytes, and a sequence needs ${residualPages + 1}`));
+  const one = await loadModel(dir, { device: "cpu", kvCacheDtype: "int4", kvCacheMemory: (residualPages + 1) * pageBytes });
+  expect(one.maxContext).toBe(KV_PAGE_TOKENS);
+  await one.dispose();
 });
 
 describe("generation_config.json defaults, as transformers reads them", () => {
