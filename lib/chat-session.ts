@@ -76,9 +76,8 @@ export class ChatSession implements Disposable {
     if (this.seq.disposed) throw new DisposedError("the chat session");
     if (this.active) throw new BusyError("the chat session is busy: let its previous reply finish first");
     if (typeof userMessage !== "string") throw new InvalidInputError(`the message must be a string, got ${describe(userMessage)}`);
-    const tokenizer = this.engine.tokenizer!;
     const messages = [...this.history, { role: "user", content: userMessage }];
-    const ids = this.engine.toTokenIds(tokenizer.encodeChat(messages), "conversation");
+    const ids = this.engine.chatTokenIds(messages, "conversation");
     const opts = this.engine.resolveGenerate(options, ids.length);
     claim();
     progress.promptTokens = ids.length;

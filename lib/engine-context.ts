@@ -14,7 +14,7 @@ import type { NativeModel, NativeSequence } from "./native";
 import { describe, GenerateOptions, GenerationDefaults, ResolvedGenerateOptions, resolveGenerateOptions } from "./options";
 import { ResolvedPrefill, withCancel } from "./prefill-options";
 import { DecodeScheduler } from "./scheduler";
-import type { Tokenizer } from "./tokenizer";
+import type { ChatMessage, Tokenizer } from "./tokenizer";
 
 /**
  * Requests in flight besides a prompt's own (others prefilling or generating) from which a
@@ -190,6 +190,19 @@ export class EngineContext {
       );
     }
     return ids;
+  }
+
+  /**
+   * A chat's prompt: the messages through the chat template, ready for the reply, checked as
+   * toTokenIds checks text (a rendered conversation far past the context is refused before it is
+   * tokenized whole).
+   */
+  chatTokenIds(messages: ChatMessage[], what: string): number[] {
+    if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json`, "LCKV_NO_TOKENIZER");
+    const text = this.tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true });
+    this.refuseTextFarPastContext(text, what, 0);
+    // The template holds any BOS itself, so no special tokens are added again.
+    return this.toTokenIds(this.tokenizer.encode(text, { addSpecialTokens: false }), what);
   }
 
   /**

@@ -130,6 +130,11 @@ export class Model implements AsyncDisposable {
     return this.engine.toTokenIds(input, what, alreadyInContext);
   }
 
+  /** A chat's prompt ids (the messages through the chat template), checked as toTokenIds checks text. */
+  chatTokenIds(messages: ChatMessage[], what = "messages"): number[] {
+    return this.engine.chatTokenIds(messages, what);
+  }
+
   /** @internal */
   nativeModel(): NativeModel {
     return this.engine.nativeModel();
@@ -314,8 +319,7 @@ export class Model implements AsyncDisposable {
 
   /** The prompt of a chat: the messages through the chat template, ready for the reply. */
   private chatPromptIds(messages: ChatMessage[]): number[] {
-    if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json`, "LCKV_NO_TOKENIZER");
-    return this.tokenizer.encodeChat(messages);
+    return this.engine.chatTokenIds(messages, "prompt");
   }
 
   /**

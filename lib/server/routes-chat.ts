@@ -3,7 +3,7 @@
  * generated, answered as a `chat.completion` or streamed as `chat.completion.chunk` events.
  */
 import type { FastifyInstance } from "fastify";
-import { InvalidInputError, InvalidOptionError } from "../errors";
+import { InvalidOptionError } from "../errors";
 import type { ChatMessage } from "../tokenizer";
 import type { GenerateResult, StreamChunk } from "../types";
 import { finishReason, generateOptions, openStreams, responseHeader, streamRequested, usage } from "./generation";
@@ -32,10 +32,7 @@ function templateMessages(messages: ChatMessageBody[]): ChatMessage[] {
 
 /** The prompt's token ids, checked against the context. */
 function chatPrompt(ctx: ServerContext, messages: ChatMessageBody[]): number[] {
-  const tokenizer = ctx.model.tokenizer;
-  if (!tokenizer) throw new InvalidInputError(`${ctx.model.directory} has no tokenizer.json`, "LCKV_NO_TOKENIZER");
-  const ids = tokenizer.encodeChat(templateMessages(messages));
-  return ctx.model.toTokenIds(ids, "messages");
+  return ctx.model.chatTokenIds(templateMessages(messages), "messages");
 }
 
 /** The log-probabilities the request asks for, as lckv's `logprobs` option (undefined: none). */

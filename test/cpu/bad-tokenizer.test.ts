@@ -6,7 +6,7 @@
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
-import { ConfigError, DEFAULT_MODEL_DIR, InvalidInputError, LckvError, loadModel, Tokenizer } from "../../lib";
+import { ConfigError, ContextOverflowError, DEFAULT_MODEL_DIR, InvalidInputError, LckvError, loadModel, Tokenizer } from "../../lib";
 import { parseGenerationConfig } from "../../lib/generation-config";
 
 process.env.LCKV_QUIET = "1";
@@ -124,6 +124,28 @@ describe("chat_template in tokenizer_config.json", () => {
     try {
       await expect(model.chat(hello, { maxNewTokens: 2 })).rejects.toThrow(InvalidInputError);
       await expect(model.chat(hello, { maxNewTokens: 2 })).rejects.toThrow(/roles must alternate/);
+    } finally {
+      await model.dispose();
+    }
+  });
+});
+
+describe("a conversation far longer than the context", () => {
+  test("is refused from its rendered text's first characters, by chat(), a chat session and the server's route", async () => {
+    const model = await loadModel(modelWithTemplate(CHAT), { device: "cpu" });
+    try {
+      const long = [{ role: "user", content: "word ".repeat(200_000) }];
+      const far = /has more than \d+ tokens \(\d+ in its first \d+ of \d+ characters\)/;
+      const e = await model.chat(long, { maxNewTokens: 1 }).catch((x) => x);
+      expect(e).toBeInstanceOf(ContextOverflowError);
+      expect(e.message).toMatch(far);
+      expect(() => model.chatTokenIds(long)).toThrow(far);
+      using session = model.createChatSession();
+      const s = await session.send(long[0].content).next().catch((x) => x);
+      expect(s).toBeInstanceOf(ContextOverflowError);
+      expect(s.message).toMatch(/^conversation has more than/);
+      // A conversation within the context renders as before.
+      expect(model.chatTokenIds(hello)).toEqual(model.tokenizer!.encodeChat(hello));
     } finally {
       await model.dispose();
     }
