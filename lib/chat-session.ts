@@ -78,7 +78,7 @@ export class ChatSession implements Disposable {
     if (typeof userMessage !== "string") throw new InvalidInputError(`the message must be a string, got ${describe(userMessage)}`);
     const messages = [...this.history, { role: "user", content: userMessage }];
     const ids = this.engine.chatTokenIds(messages, "conversation");
-    const opts = this.engine.resolveGenerate(options, ids.length);
+    const opts = this.engine.resolveGenerate(options, ids.length, progress.stopSignal);
     claim();
     progress.promptTokens = ids.length;
     if (opts.maxNewTokens === 0) return progress.result("length");

@@ -273,8 +273,13 @@ export class EngineContext {
    * generate()'s options resolved against this model's defaults, with the checks that need the
    * model: before any work, so that a request that cannot go on fails at once.
    */
-  resolveGenerate(options: GenerateOptions | undefined, contextTokens: number): ResolvedGenerateOptions {
+  /**
+   * A generation's options resolved against the model's defaults. `stop`: the stream's own stop
+   * signal (GenerationProgress.stopSignal), which ends the generation as the caller's signal does.
+   */
+  resolveGenerate(options: GenerateOptions | undefined, contextTokens: number, stop?: AbortSignal): ResolvedGenerateOptions {
     const opts = resolveGenerateOptions(options, this.generationDefaults(contextTokens));
+    if (stop) opts.signal = opts.signal ? AbortSignal.any([opts.signal, stop]) : stop;
     const outside = opts.logitBias?.tokens.find((t) => t >= this.config.vocabSize);
     if (outside !== undefined) {
       throw new InvalidOptionError("logitBias", `token ${outside} is outside the vocabulary [0, ${this.config.vocabSize})`);

@@ -5,7 +5,6 @@
  * gets the finish reason, the usage and the timings. GenerationProgress is what the generation
  * has produced so far: the loop fills it in, and an early return() builds its result from it.
  */
-import { BusyError } from "./errors";
 import type { NativeTokenLogprobs } from "./native";
 import type { GenerateResult, GenerationTimings, StreamChunk, TokenLogprob } from "./types";
 
@@ -14,9 +13,8 @@ export interface GenerationStream extends AsyncGenerator<StreamChunk, GenerateRe
    * Settles when the generation ends, however the stream is consumed: iterated to the end (the
    * generator's return value), ended early with return() or `break` (finishReason "abort", with
    * the tokens and usage so far), or failed (rejects with the error the iteration threw).
-   * Awaited (or given a then()) before the stream is iterated, it runs the stream to its end
-   * itself (its chunks are dropped; their text is in the result's): once that began, next()
-   * throws a BusyError, and return() still ends the generation early. Reading it to await later
+   * Awaited (or given a then()) before the stream is iterated, it runs the stream itself: the
+   * chunks are kept for a later iteration, which gets every one. Reading it to await later
    * starts nothing. An unobserved rejection is not reported as unhandled.
    */
   readonly result: Promise<GenerateResult>;
@@ -38,10 +36,18 @@ export class GenerationProgress {
   prefillPasses = 0;
   /** The text of the chunks delivered so far. */
   text = "";
+  private readonly stopper = new AbortController();
+  /** Aborted when the stream's return() is called: ends a step in flight (GenerateOptions.signal's way). */
+  readonly stopSignal = this.stopper.signal;
   /** The generated tokens so far (the generation loop pushes to this array). */
   readonly tokens: number[] = [];
   /** One entry per token, when log-probabilities were asked for. */
   logprobs: TokenLogprob[] | undefined;
+
+  /** Ends a step in flight: see stopSignal. */
+  stop(): void {
+    this.stopper.abort();
+  }
 
   /** A token was sampled (the first one marks the time to first token). */
   noteToken(): void {
@@ -122,8 +128,10 @@ class Stream implements GenerationStream {
   private failed = false;
   /** next(), return() or throw() was called (by the caller, or by drain()). */
   private iterated = false;
-  /** The result was asked for before any iteration, and drain() runs the stream. */
+  /** The result was awaited before any iteration, and drain() runs the stream. */
   private draining = false;
+  /** The steps drain() ran that next() has not handed out yet, in order. */
+  private readonly drained: Promise<IteratorResult<StreamChunk, GenerateResult>>[] = [];
   /** return() was called: drain() asks for no more chunks (the generator's end is return()'s). */
   private returning = false;
   private resolve!: (r: GenerateResult) => void;
@@ -161,14 +169,23 @@ class Stream implements GenerationStream {
     });
   }
 
-  /** Runs the stream to its end, dropping its chunks (a failure settles the result). */
+  /**
+   * Runs the stream to its end (a failure settles the result), keeping its steps for a later
+   * next(), until a caller who iterates catches up and drives it again.
+   */
   private async drain(): Promise<void> {
     this.iterated = this.draining = true;
-    try {
-      while (!this.returning && !(await this.step(() => this.inner.next())).done);
-    } catch {
-      // step() failed the result with it
+    while (this.draining && !this.returning) {
+      const step = this.step(() => this.inner.next());
+      step.catch(() => {});  // handed to next() as it is; the failure settles the result
+      this.drained.push(step);
+      try {
+        if ((await step).done) break;
+      } catch {
+        break;
+      }
     }
+    this.draining = false;
   }
 
   private finish(r: GenerateResult): void {
@@ -201,18 +218,22 @@ class Stream implements GenerationStream {
   }
 
   next(): Promise<IteratorResult<StreamChunk, GenerateResult>> {
-    if (this.draining) return Promise.reject(this.drainingError());
+    const kept = this.drained.shift();
+    if (kept) return kept;
+    // The caller caught up with drain() (or never awaited the result): it drives the stream. A
+    // step drain() still has in flight comes first: the generator queues the calls in order.
     this.iterated = true;
+    this.draining = false;
     return this.step(() => this.inner.next());
-  }
-
-  private drainingError(): BusyError {
-    return new BusyError("this stream's result was awaited before the stream was iterated, which runs it to its end: iterate the stream first (its result then settles as it ends), or call generate() for the result alone");
   }
 
   /** See GenerationStream.return(); after a failure the value is undefined, as a generator's is once it has thrown. */
   async return(): Promise<IteratorReturnResult<GenerateResult>> {
     this.iterated = this.returning = true;
+    this.drained.length = 0;
+    // A step in flight (drain()'s, or a caller's pending next()) would hold return() until it
+    // ends, a wait for pages or a whole prefill: the stop signal ends it as an abort.
+    this.progress.stop();
     const ended = this.settled;
     try {
       await this.inner.return(undefined as never);
@@ -225,8 +246,9 @@ class Stream implements GenerationStream {
   }
 
   throw(e: unknown): Promise<IteratorResult<StreamChunk, GenerateResult>> {
-    if (this.draining) return Promise.reject(this.drainingError());
     this.iterated = true;
+    this.draining = false;
+    this.drained.length = 0;
     return this.step(() => this.inner.throw(e));
   }
 

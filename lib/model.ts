@@ -254,7 +254,7 @@ export class Model implements AsyncDisposable {
     progress: GenerationProgress,
   ): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
     const prompt = this.toTokenIds(input);
-    const opts = this.resolveGenerate(options, prompt.length);
+    const opts = this.engine.resolveGenerate(options, prompt.length, progress.stopSignal);
     this.nativeModel();
     progress.promptTokens = prompt.length;
     const done = (finishReason: GenerateResult["finishReason"]): GenerateResult => progress.result(finishReason);

@@ -294,7 +294,7 @@ export class Sequence implements Disposable {
   ): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
     progress.promptTokens = promptTokens;
     progress.prefillPasses = prefillPasses;
-    const opts = this.engine.resolveGenerate(options, this.length);
+    const opts = this.engine.resolveGenerate(options, this.length, progress.stopSignal);
     if (this.busy) throw new BusyError("the sequence is busy: await its previous append() or generate() first");
     const native = this.live();
     if (this.length === 0 && opts.maxNewTokens > 0) {

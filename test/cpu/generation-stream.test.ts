@@ -3,7 +3,7 @@
  * break, an error), timings, Sequence.generate()'s stream, and streamMany() (n completions of one
  * prefill).
  */
-import { BusyError, GenerateResult, GenerationStream, InvalidOptionError, loadModel, Model, StreamChunk } from "../../lib";
+import { GenerateResult, GenerationStream, InvalidOptionError, loadModel, Model, StreamChunk } from "../../lib";
 import { writeTinyModel } from "../helpers/tiny-model";
 
 process.env.LCKV_QUIET = "1";
@@ -119,21 +119,48 @@ describe("stream().result", () => {
     expect(laterTokens).toEqual(expected.tokens);
     expect((await kept).tokens).toEqual(expected.tokens);
 
-    // Once an awaited result runs the stream, next() is refused; return() still ends it early.
-    const t = model.stream(prompt, { maxNewTokens: 40, ignoreEos: true });
+    // An awaited result runs the stream and keeps its chunks: a later loop gets every one.
+    const t = model.stream(prompt, { maxNewTokens: 6, ignoreEos: true });
     const result = t.result.then((r) => r);
-    await new Promise((r) => setImmediate(r));
-    await expect(t.next()).rejects.toThrow(BusyError);
-    const ret = await t.return();
-    expect(ret.value).toBe(await result);
+    await new Promise((r) => setTimeout(r, 20));
+    const replayed: (number | null)[] = [];
+    for await (const c of t) replayed.push(c.token);
+    expect(replayed).toEqual(expected.tokens);
+    expect((await result).tokens).toEqual(expected.tokens);
     expect(t.result).toBeInstanceOf(Promise);
-    expect(ret.value.finishReason).toBe("abort");
-    expect(ret.value.tokens.length).toBeLessThan(40);
     expect(model.cacheStats().liveSequences).toBe(live);
     expect(model.auditCache()).toBe("");
 
     // A failure rejects the result.
     await expect(model.stream(prompt, { maxNewTokens: 2, topP: 0 }).result).rejects.toThrow(InvalidOptionError);
+  });
+
+  test("return() ends a step in flight: a stream its awaited result runs, waiting for pages", async () => {
+    const dir = writeTinyModel({ seed: 5, vocab: 64, maxPositions: 128 });
+    const probe = await loadModel(dir, { device: "cpu", prefixCache: 0 });
+    const pageBytes = probe.cacheStats().pageBytes;
+    await probe.dispose();
+    const small = await loadModel(dir, { device: "cpu", prefixCache: 0, kvCacheMemory: 8 * pageBytes });
+    try {
+      // a reserves 7 of the 8 pages; b needs 4 and waits for them (no queue timeout).
+      const a = small.stream(prompt, { maxNewTokens: 100, ignoreEos: true });
+      await a.next();
+      const b = small.stream(prompt, { maxNewTokens: 40, ignoreEos: true });
+      const bResult = b.result.then((r) => r);
+      await new Promise((r) => setTimeout(r, 50));
+      expect(small.cacheStats().queued).toBe(1);
+      const ended = await b.return();
+      expect(ended.value).toMatchObject({ finishReason: "abort", tokens: [] });
+      expect(await bResult).toBe(ended.value);
+      expect(small.cacheStats().queued).toBe(0);
+      // a is untouched and goes on.
+      expect((await a.next()).done).toBe(false);
+      await a.return();
+      expect(small.cacheStats().liveSequences).toBe(0);
+      expect(small.auditCache()).toBe("");
+    } finally {
+      await small.dispose();
+    }
   });
 
   test("an aborted signal ends the stream with finishReason abort", async () => {
