@@ -207,20 +207,29 @@ export class EngineContext {
 
   /**
    * A text far longer than the context is refused from a prefix: tokenizing all of it (a body of
-   * megabytes, on the event loop) would hold up every other request for seconds. The prefix's
-   * tokens are a lower bound on the text's but for the one token that may span the cut, so a
-   * prefix over the room by 2 proves the text over it, whatever the tokenizer's normalizer does.
+   * megabytes, on the event loop) would hold up every other request for seconds. Prefixes of 4,
+   * then 16 characters a token of the room are tried, each ending before a whitespace character
+   * (where pre-tokenizers split), so that the prefix's tokens are the text's first ones but for a
+   * few near the cut (a split special token, a whitespace run): a prefix over the room by
+   * CUT_SLACK proves the text over it. A text under twice the prefix is tokenized whole anyway.
    */
   private refuseTextFarPastContext(text: string, what: string, alreadyInContext: number): void {
+    const CUT_SLACK = 8;
     const room = this.maxContext - alreadyInContext;
-    const prefixChars = (room + 2) * 32;  // ~8 times the characters of a typical token
-    if (text.length <= 2 * prefixChars) return;
-    const inPrefix = this.tokenizer!.encode(text.slice(0, prefixChars), { addSpecialTokens: false }).length;
-    if (inPrefix < room + 2) return;
-    throw new ContextOverflowError(
-      `${what} has more than ${room} tokens (${inPrefix} in its first ${prefixChars} of ${text.length} characters), ` +
-        (alreadyInContext > 0 ? `more than the context (${this.maxContext}) holds with the ${alreadyInContext} already in the sequence` : `but the context holds ${this.maxContext}`),
-    );
+    for (const charsPerToken of [4, 16]) {
+      const window = (room + CUT_SLACK) * charsPerToken;
+      if (text.length <= 2 * window) return;
+      const from = Math.max(0, window - 1024);
+      const space = text.slice(from, window).search(/\s\S*$/);
+      const cut = space > 0 ? from + space : window;
+      const inPrefix = this.tokenizer!.encode(text.slice(0, cut), { addSpecialTokens: false }).length;
+      if (inPrefix >= room + CUT_SLACK) {
+        throw new ContextOverflowError(
+          `${what} has more than ${room} tokens (${inPrefix} in its first ${cut} of ${text.length} characters), ` +
+            (alreadyInContext > 0 ? `more than the context (${this.maxContext}) holds with the ${alreadyInContext} already in the sequence` : `but the context holds ${this.maxContext}`),
+        );
+      }
+    }
   }
 
   /**
