@@ -101,6 +101,10 @@ std::string KvPool::audit() const {
   }
   if (reserved != reservedTotal_)
     return "reservations add up to " + std::to_string(reserved) + " pages, the pool counts " + std::to_string(reservedTotal_);
+  // Reserved pages stay free: a promise the free list cannot keep is a request that will find the
+  // pool full halfway through.
+  if ((size_t)reservedTotal_ > free_.size())
+    return std::to_string(reservedTotal_) + " pages are reserved but only " + std::to_string(free_.size()) + " are free";
   size_t unreferenced = 0;
   for (size_t p = 0; p < refs.size(); ++p) {
     if (refs[p] != refs_[p])
