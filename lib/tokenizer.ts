@@ -30,9 +30,19 @@ export class Tokenizer {
   private readonly configFile: string;
   private readonly hf: HfTokenizer;
   private readonly template?: Template;
+  /** The vocabulary's pieces by id (tokenizer.json's model.vocab and added_tokens), for tokenBytes. */
+  private readonly pieces: (string | undefined)[];
+  /** How a piece's characters stand for bytes: GPT-2's byte-level alphabet, SentencePiece's <0xNN>, or as text. */
+  private readonly pieceBytes: "byte-level" | "byte-fallback" | "text";
+  /** Special added tokens: their bytes are their text's, as decode() gives it (none). */
+  private readonly specialIds: Set<number>;
 
-  private constructor(hf: HfTokenizer, config: Record<string, unknown>, file: string) {
+  private constructor(hf: HfTokenizer, config: Record<string, unknown>, file: string, json: Record<string, unknown> = {}) {
     this.hf = hf;
+    this.pieces = vocabularyPieces(json);
+    const added = Array.isArray(json.added_tokens) ? (json.added_tokens as { id?: unknown; special?: unknown }[]) : [];
+    this.specialIds = new Set(added.filter((t) => t?.special === true && Number.isInteger(t.id)).map((t) => t.id as number));
+    this.pieceBytes = decoderTypes(json.decoder).includes("ByteLevel") ? "byte-level" : decoderTypes(json.decoder).includes("ByteFallback") ? "byte-fallback" : "text";
     this.configFile = file;
     this.bosToken = tokenText(config.bos_token);
     this.eosToken = tokenText(config.eos_token);
@@ -78,7 +88,7 @@ export class Tokenizer {
     } catch (e) {
       throw new ModelLoadError(`${tj}: the tokenizer could not be built (${(e as Error).message})`, tj);
     }
-    return new Tokenizer(hf, config as Record<string, unknown>, tc);
+    return new Tokenizer(hf, config as Record<string, unknown>, tc, json as Record<string, unknown>);
   }
 
   /** Text -> token ids. Special tokens (e.g. BOS) are added as the tokenizer's post-processor says. */
@@ -99,6 +109,25 @@ export class Tokenizer {
     }
     if (ids.length === 0) return "";
     return this.hf.decode([...ids], { skip_special_tokens: options?.skipSpecialTokens ?? true });
+  }
+
+  /**
+   * The bytes a token stands for (OpenAI's logprobs `bytes`): a token that holds part of a
+   * character (byte-level BPE, SentencePiece's <0xNN> byte fallback) gives its own bytes, not
+   * the replacement character its text alone decodes to.
+   */
+  tokenBytes(id: number): number[] {
+    const piece = this.pieces[id];
+    if (piece !== undefined && !this.specialIds.has(id)) {
+      if (this.pieceBytes === "byte-level") {
+        const bytes = [...piece].map((c) => BYTE_OF_CHAR.get(c));
+        if (bytes.every((b) => b !== undefined)) return bytes as number[];
+      } else if (this.pieceBytes === "byte-fallback") {
+        const m = /^<0x([0-9A-Fa-f]{2})>$/.exec(piece);
+        if (m) return [parseInt(m[1], 16)];
+      }
+    }
+    return [...Buffer.from(this.decode([id]), "utf8")];
   }
 
   tokenToId(token: string): number | undefined {
@@ -184,4 +213,32 @@ export function readJson(file: string): unknown {
   } catch (e) {
     throw new ModelLoadError(`${file}: not valid JSON (${(e as Error).message})`, file);
   }
+}
+
+/** GPT-2's byte-level alphabet: the character that stands for each byte, inverted. */
+const BYTE_OF_CHAR: Map<string, number> = (() => {
+  const printable = (b: number) => (b >= 0x21 && b <= 0x7e) || (b >= 0xa1 && b <= 0xac) || (b >= 0xae && b <= 0xff);
+  const m = new Map<string, number>();
+  let extra = 0;
+  for (let b = 0; b < 256; b++) m.set(String.fromCodePoint(printable(b) ? b : 256 + extra++), b);
+  return m;
+})();
+
+/** The types of a tokenizer.json decoder, a Sequence's included. */
+function decoderTypes(decoder: unknown): string[] {
+  if (!decoder || typeof decoder !== "object") return [];
+  const d = decoder as { type?: unknown; decoders?: unknown };
+  const inner = Array.isArray(d.decoders) ? d.decoders.flatMap(decoderTypes) : [];
+  return typeof d.type === "string" ? [d.type, ...inner] : inner;
+}
+
+/** tokenizer.json's pieces by id: model.vocab (an object for BPE and WordPiece, [piece, score] pairs for Unigram) and added_tokens. */
+function vocabularyPieces(json: Record<string, unknown>): (string | undefined)[] {
+  const pieces: (string | undefined)[] = [];
+  const vocab = (json.model as { vocab?: unknown } | undefined)?.vocab;
+  if (Array.isArray(vocab)) vocab.forEach((e, i) => (pieces[i] = Array.isArray(e) && typeof e[0] === "string" ? e[0] : undefined));
+  else if (vocab && typeof vocab === "object") for (const [piece, id] of Object.entries(vocab)) if (Number.isInteger(id)) pieces[id as number] = piece;
+  if (Array.isArray(json.added_tokens))
+    for (const t of json.added_tokens as { id?: unknown; content?: unknown }[]) if (Number.isInteger(t?.id) && typeof t?.content === "string") pieces[t.id as number] = t.content;
+  return pieces;
 }

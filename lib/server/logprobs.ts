@@ -38,7 +38,7 @@ export class TokenTexts {
   }
 
   bytes(id: number): number[] {
-    return [...Buffer.from(this.text(id), "utf8")];
+    return this.tokenizer ? this.tokenizer.tokenBytes(id) : [...Buffer.from(this.text(id), "utf8")];
   }
 }
 

@@ -174,6 +174,19 @@ describe("a model without a chat template", () => {
 describe("tokenizer.decode", () => {
   const t = Tokenizer.fromDirectory(DEFAULT_MODEL_DIR)!;
 
+  test("tokenBytes: a token that holds part of a character gives its own bytes (byte-level BPE)", () => {
+    for (const text of ["😀", "héllo wörld", "日本語のテキスト", "plain words"]) {
+      const ids = t.encode(text, { addSpecialTokens: false });
+      const bytes = ids.flatMap((id) => t.tokenBytes(id));
+      expect(Buffer.from(bytes).toString("utf8")).toBe(text);
+    }
+    // An emoji's four bytes come as tokens of their own here: none is U+FFFD's bytes.
+    const emoji = t.encode("😀", { addSpecialTokens: false });
+    expect(emoji.map((id) => t.tokenBytes(id))).toEqual([[240], [159], [152], [128]]);
+    // A special token decodes to nothing, and so are its bytes.
+    expect(t.tokenBytes(t.eosTokenId!)).toEqual([]);
+  });
+
   test("an empty list decodes to the empty string", () => {
     expect(t.decode([])).toBe("");
     expect(t.decode([], { skipSpecialTokens: false })).toBe("");
