@@ -5,7 +5,8 @@
  *   lckv info [--model dir|id]
  *   lckv chat [--model dir|id] [--system text] ...
  *   lckv eval-ppl --text file [--model dir|id] [--window N] [--prefill mode]
- *   lckv serve [--model dir|id] [--host 127.0.0.1] [--port 8080] [--api-key KEY] [--max-queue N] [--max-batch N]
+ *   lckv serve [--model dir|id] [--host 127.0.0.1] [--port 8080] [--api-key KEY] [--max-queue N] [--max-batch N] [--queue-timeout MS]
+ * Every command that runs a model takes --device, --dtype, --kv-dtype and --kv-cache-memory.
  * --model takes a directory or a hub id (org/name[@revision], or --revision), downloaded into the
  * Hugging Face cache. Option errors come before any output; long jobs (a download, a load) show a
  * progress bar on a terminal; generate
@@ -46,6 +47,17 @@ function portArg(name: string) {
     return Number(v);
   };
 }
+// A size in bytes: an integer, or a number with a binary suffix (KiB, MiB, GiB, TiB; K, M, G, T alike).
+function bytesArg(name: string) {
+  const units: Record<string, number> = { "": 1, k: 2 ** 10, kib: 2 ** 10, m: 2 ** 20, mib: 2 ** 20, g: 2 ** 30, gib: 2 ** 30, t: 2 ** 40, tib: 2 ** 40 };
+  return (v: string) => {
+    const m = /^(\d+(?:\.\d+)?)\s*([a-z]*)$/i.exec(v.trim());
+    const unit = m ? units[m[2].toLowerCase()] : undefined;
+    const n = m && unit !== undefined ? Math.floor(Number(m[1]) * unit) : NaN;
+    if (!Number.isSafeInteger(n) || n < 1) throw new InvalidArgumentError(`${name} must be a size in bytes, such as 268435456, 256MiB or 2GiB`);
+    return n;
+  };
+}
 function numArg(name: string) {
   return (v: string) => {
     const n = Number(v);
@@ -62,10 +74,23 @@ process.stdout.on("error", (e: NodeJS.ErrnoException) => {
   stdoutClosed = true;
 });
 
-async function open(opts: { model?: string; revision?: string; device?: "auto" | "cpu" | "cuda"; dtype?: DType; kvDtype?: KvCacheDtype; maxContext?: number; maxQueue?: number; maxBatch?: number }): Promise<Model> {
+async function open(opts: {
+  model?: string;
+  revision?: string;
+  device?: "auto" | "cpu" | "cuda";
+  dtype?: DType;
+  kvDtype?: KvCacheDtype;
+  kvCacheMemory?: number;
+  maxContext?: number;
+  maxQueue?: number;
+  queueTimeout?: number;
+  maxBatch?: number;
+}): Promise<Model> {
   const load: LoadOptions = { device: opts.device ?? "auto" };
   if (opts.dtype !== undefined) load.dtype = opts.dtype;
   if (opts.kvDtype !== undefined) load.kvCacheDtype = opts.kvDtype;
+  if (opts.kvCacheMemory !== undefined) load.kvCacheMemory = opts.kvCacheMemory;
+  if (opts.queueTimeout !== undefined) load.queueTimeout = opts.queueTimeout;
   if (opts.maxContext !== undefined) load.maxContext = opts.maxContext;
   if (opts.maxQueue !== undefined) load.maxQueue = opts.maxQueue;
   if (opts.maxBatch !== undefined) load.maxBatch = opts.maxBatch;
@@ -165,6 +190,10 @@ const deviceOption = () => new Option("--device <device>", "where to run").choic
 const dtypeOption = () =>
   new Option("--dtype <type>", "the weights' type on the device (default: bf16 on CUDA, the checkpoint's on the CPU)").choices([...DTYPES]);
 const kvDtypeOption = () => new Option("--kv-dtype <type>", "the K/V cache's value type (default: bf16)").choices([...KV_CACHE_DTYPES]);
+const kvMemoryOption = () =>
+  new Option("--kv-cache-memory <size>", "bytes of the K/V pool all sequences share, e.g. 2GiB (default: room for 32 full contexts, at most 80% of free GPU memory)").argParser(
+    bytesArg("--kv-cache-memory"),
+  );
 const modelOption = () =>
   new Option(
     "-m, --model <dir|id>",
@@ -199,6 +228,7 @@ addSamplingOptions(
   .addOption(deviceOption())
   .addOption(dtypeOption())
   .addOption(kvDtypeOption())
+  .addOption(kvMemoryOption())
   .addOption(quietOption())
   .action(async (prompt: string | undefined, o) => {
     const g = samplingOptions(o);
@@ -227,6 +257,7 @@ addSamplingOptions(
   .addOption(deviceOption())
   .addOption(dtypeOption())
   .addOption(kvDtypeOption())
+  .addOption(kvMemoryOption())
   .addOption(quietOption())
   .action(async (o) => {
     const g = samplingOptions(o);
@@ -271,6 +302,7 @@ program
   .addOption(deviceOption())
   .addOption(dtypeOption())
   .addOption(kvDtypeOption())
+  .addOption(kvMemoryOption())
   .action(async (o) => {
     await using model = await open(o);
     const c = model.config;
@@ -400,6 +432,7 @@ program
   .addOption(deviceOption())
   .addOption(dtypeOption())
   .addOption(kvDtypeOption())
+  .addOption(kvMemoryOption())
   .action(async (o) => {
     let text: string;
     try {
@@ -463,9 +496,12 @@ program
   .option("--api-key <key>", "require 'Authorization: Bearer <key>' on /v1 requests")
   .option("--max-queue <n>", "requests that may wait for K/V pages at once; the next is answered 429", intArg("--max-queue"))
   .option("--max-batch <n>", "sequences in one decode step at most (loadModel's maxBatch; default: its default for the device)", posIntArg("--max-batch"))
+  .option("--queue-timeout <ms>", "ms a request may wait for K/V pages before it is answered 503 (default: no limit)", intArg("--queue-timeout"))
+  .option("--max-context <n>", "context length in tokens (default: the model's, or what the K/V pool holds)", intArg("--max-context"))
   .addOption(deviceOption())
   .addOption(dtypeOption())
   .addOption(kvDtypeOption())
+  .addOption(kvMemoryOption())
   .action(async (o) => {
     // A hub id names the model; a directory, its name (createServer's default). The options are
     // checked before the model loads, so that a bad one (an empty --api-key) fails first.

@@ -247,6 +247,17 @@ test("serve refuses an empty --api-key, or one no header can carry, in one line 
   }
 });
 
+test("--kv-cache-memory takes a size with a binary suffix, and sets the pool the context is cut to", () => {
+  const bad = run(["generate", "hi", "--kv-cache-memory", "12x", "-n", "1", "--device", "cpu"]);
+  expect(bad.code).not.toBe(0);
+  expect(bad.err).toMatch(/--kv-cache-memory must be a size in bytes, such as 268435456, 256MiB or 2GiB/);
+  const small = run(["generate", "hi", "--kv-cache-memory", "64KiB", "--max-context", "256", "-n", "1", "--device", "cpu"]);
+  expect(small.code).toBe(1);
+  expect(small.err).toMatch(/option '--max-context': 256 tokens do not fit: the K\/V pool \(65536 bytes\) holds \d+ tokens of one sequence/);
+  const fits = run(["generate", "hi", "--kv-cache-memory", "0.5 MiB", "-n", "1", "-t", "0", "--device", "cpu"]);
+  expect(fits.code).toBe(0);
+});
+
 test("serve refuses a port outside [0, 65535], and a port it cannot listen on, in one line each", async () => {
   for (const p of ["99999", "-1", "http"]) {
     const r = run(["serve", "--port", p]);
