@@ -303,10 +303,11 @@ export class EngineContext {
     // the generation would end at the context as if there were no shift.
     const sink = Math.ceil(opts.sinkTokens / KV_PAGE_TOKENS) * KV_PAGE_TOKENS;
     if (opts.contextShift === "sink-window" && sink + KV_PAGE_TOKENS > this.maxContext) {
-      throw new InvalidOptionError(
-        "sinkTokens",
-        `keeps ${sink} tokens (whole pages of ${KV_PAGE_TOKENS}), which leaves no page to drop in a context of ${this.maxContext}: at most ${this.maxContext - KV_PAGE_TOKENS}`,
-      );
+      // Named by what the caller gave: the sink it asked for, or the shift with the default sink.
+      const leaves = `leaves no page to drop in a context of ${this.maxContext}`;
+      if (options?.sinkTokens === undefined)
+        throw new InvalidOptionError("contextShift", `"sink-window" keeps a sink of ${sink} tokens (the default, whole pages of ${KV_PAGE_TOKENS}), which ${leaves}`);
+      throw new InvalidOptionError("sinkTokens", `keeps ${sink} tokens (whole pages of ${KV_PAGE_TOKENS}), which ${leaves}: at most ${this.maxContext - KV_PAGE_TOKENS}`);
     }
     return opts;
   }

@@ -60,6 +60,12 @@ export function contextShiftTests(dev: TestDevice): void {
         const wide = await refusal({ contextShift: "sink-window", sinkTokens: 49 });
         expect(wide).toMatchObject({ code: "LCKV_INVALID_OPTION", option: "sinkTokens" });
         expect(wide.message).toMatch(/keeps 64 tokens .* context of 64: at most 48/);
+        // The shift alone, in a context too small for its default sink, is named as the shift.
+        const tiny = await loadModel(dir(), { ...dev, prefixCache: 0, maxContext: 16 });
+        const shift = await tiny.generate([1, 2, 3], { maxNewTokens: 2, contextShift: "sink-window" }).catch((x) => x);
+        await tiny.dispose();
+        expect(shift).toMatchObject({ code: "LCKV_INVALID_OPTION", option: "contextShift" });
+        expect(shift.message).toMatch(/keeps a sink of 16 tokens \(the default, whole pages of 16\), which leaves no page to drop in a context of 16/);
         // 48 leaves a page: accepted.
         const r = await m.generate([1, 2, 3], { maxNewTokens: 2, contextShift: "sink-window", sinkTokens: 48 });
         expect(r.tokens.length).toBeGreaterThan(0);
