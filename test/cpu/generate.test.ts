@@ -234,7 +234,7 @@ test("a pool smaller than the model's context cuts it with a notice; a maxContex
   await m.dispose();
   const e = await loadModel(dir, { device: "cpu", kvCacheMemory: budget, maxContext: 4096 }).catch((x) => x);
   expect(e).toMatchObject({ code: "LCKV_INVALID_OPTION", option: "maxContext" });
-  expect(e.message).toMatch(new RegExp(`4096 tokens do not fit: the K/V pool \\(${budget} bytes\\) holds ${m.maxContext} tokens of one sequence; raise kvCacheMemory or ask for at most ${m.maxContext}`));
+  expect(e.message).toMatch(new RegExp(`4096 tokens do not fit: the K/V pool \\(${budget} bytes\\) holds ${m.maxContext} tokens of one sequence; raise kvCacheMemory \\(lckv --kv-cache-memory\\) or ask for at most ${m.maxContext}`));
   const fits = await loadModel(dir, { device: "cpu", kvCacheMemory: budget, maxContext: m.maxContext });
   expect(fits.maxContext).toBe(m.maxContext);
   await fits.dispose();
