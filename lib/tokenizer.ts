@@ -30,19 +30,16 @@ export class Tokenizer {
   private readonly configFile: string;
   private readonly hf: HfTokenizer;
   private readonly template?: Template;
-  /** The vocabulary's pieces by id (tokenizer.json's model.vocab and added_tokens), for tokenBytes. */
-  private readonly pieces: (string | undefined)[];
-  /** How a piece's characters stand for bytes: GPT-2's byte-level alphabet, SentencePiece's <0xNN>, or as text. */
+  /** How a vocabulary piece's characters stand for bytes (tokenBytes): GPT-2's byte-level alphabet, SentencePiece's <0xNN>, or as text. */
   private readonly pieceBytes: "byte-level" | "byte-fallback" | "text";
   /** Special added tokens: their bytes are their text's, as decode() gives it (none). */
   private readonly specialIds: Set<number>;
 
   private constructor(hf: HfTokenizer, config: Record<string, unknown>, file: string, json: Record<string, unknown> = {}) {
     this.hf = hf;
-    this.pieces = vocabularyPieces(json);
-    const added = Array.isArray(json.added_tokens) ? (json.added_tokens as { id?: unknown; special?: unknown }[]) : [];
-    this.specialIds = new Set(added.filter((t) => t?.special === true && Number.isInteger(t.id)).map((t) => t.id as number));
-    this.pieceBytes = decoderTypes(json.decoder).includes("ByteLevel") ? "byte-level" : decoderTypes(json.decoder).includes("ByteFallback") ? "byte-fallback" : "text";
+    const decoders = decoderTypes(json.decoder);
+    this.pieceBytes = decoders.includes("ByteLevel") ? "byte-level" : decoders.includes("ByteFallback") ? "byte-fallback" : "text";
+    this.specialIds = new Set([...hf.get_added_tokens_decoder()].filter(([, t]) => t.special).map(([id]) => id));
     this.configFile = file;
     this.bosToken = tokenText(config.bos_token);
     this.eosToken = tokenText(config.eos_token);
@@ -117,8 +114,8 @@ export class Tokenizer {
    * the replacement character its text alone decodes to.
    */
   tokenBytes(id: number): number[] {
-    const piece = this.pieces[id];
-    if (piece !== undefined && !this.specialIds.has(id)) {
+    const piece = this.specialIds.has(id) ? undefined : this.hf.id_to_token(id);
+    if (piece !== undefined) {
       if (this.pieceBytes === "byte-level") {
         const bytes = [...piece].map((c) => BYTE_OF_CHAR.get(c));
         if (bytes.every((b) => b !== undefined)) return bytes as number[];
@@ -230,15 +227,4 @@ function decoderTypes(decoder: unknown): string[] {
   const d = decoder as { type?: unknown; decoders?: unknown };
   const inner = Array.isArray(d.decoders) ? d.decoders.flatMap(decoderTypes) : [];
   return typeof d.type === "string" ? [d.type, ...inner] : inner;
-}
-
-/** tokenizer.json's pieces by id: model.vocab (an object for BPE and WordPiece, [piece, score] pairs for Unigram) and added_tokens. */
-function vocabularyPieces(json: Record<string, unknown>): (string | undefined)[] {
-  const pieces: (string | undefined)[] = [];
-  const vocab = (json.model as { vocab?: unknown } | undefined)?.vocab;
-  if (Array.isArray(vocab)) vocab.forEach((e, i) => (pieces[i] = Array.isArray(e) && typeof e[0] === "string" ? e[0] : undefined));
-  else if (vocab && typeof vocab === "object") for (const [piece, id] of Object.entries(vocab)) if (Number.isInteger(id)) pieces[id as number] = piece;
-  if (Array.isArray(json.added_tokens))
-    for (const t of json.added_tokens as { id?: unknown; content?: unknown }[]) if (Number.isInteger(t?.id) && typeof t?.content === "string") pieces[t.id as number] = t.content;
-  return pieces;
 }
