@@ -530,11 +530,11 @@ program
     await app.close();
   });
 
-// An option the library refused by its API name (maxNewTokens), said as the flag the user typed
-// (--max-new-tokens) where a command has one of that name.
 // Library options whose flag is spelled otherwise.
 const FLAG_OF_OPTION: Record<string, string> = { calibrationTokens: "--calib-tokens" };
 
+// An option the library refused by its API name (maxNewTokens), said as the flag the user typed
+// (--max-new-tokens) where a command has one of that name.
 function cliMessage(e: LckvError): string {
   if (!(e instanceof InvalidOptionError)) return e.message;
   const flag = FLAG_OF_OPTION[e.option] ?? program.commands.flatMap((c) => c.options).find((o) => o.long && o.attributeName() === e.option)?.long;

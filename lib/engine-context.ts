@@ -280,11 +280,9 @@ export class EngineContext {
 
   /**
    * generate()'s options resolved against this model's defaults, with the checks that need the
-   * model: before any work, so that a request that cannot go on fails at once.
-   */
-  /**
-   * A generation's options resolved against the model's defaults. `stop`: the stream's own stop
-   * signal (GenerationProgress.stopSignal), which ends the generation as the caller's signal does.
+   * model: before any work, so that a request that cannot go on fails at once. `stop`: the
+   * stream's own stop signal (GenerationProgress.stopSignal), which ends the generation as the
+   * caller's signal does.
    */
   resolveGenerate(options: GenerateOptions | undefined, contextTokens: number, stop?: AbortSignal): ResolvedGenerateOptions {
     const opts = resolveGenerateOptions(options, this.generationDefaults(contextTokens));

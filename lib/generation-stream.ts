@@ -121,7 +121,7 @@ class AwaitedPromise<T> extends Promise<T> {
 }
 
 class Stream implements GenerationStream {
-  private readonly settledResult: Promise<GenerateResult>;
+  readonly result: Promise<GenerateResult>;
   private readonly progress = new GenerationProgress();
   private readonly inner: AsyncGenerator<StreamChunk, GenerateResult, undefined>;
   private settled = false;
@@ -148,12 +148,8 @@ class Stream implements GenerationStream {
     // The caller may only iterate: a failure it sees there must not also surface as unhandled.
     settled.catch(() => {});
     settled.onAwaited = () => this.awaited();
-    this.settledResult = settled;
+    this.result = settled;
     this.inner = body(this.progress);
-  }
-
-  get result(): Promise<GenerateResult> {
-    return this.settledResult;
   }
 
   /**
@@ -242,7 +238,7 @@ class Stream implements GenerationStream {
       throw e;
     }
     if (!ended) this.finish(this.progress.result("abort"));
-    return { done: true, value: this.failed ? (undefined as never) : await this.settledResult };
+    return { done: true, value: this.failed ? (undefined as never) : await this.result };
   }
 
   throw(e: unknown): Promise<IteratorResult<StreamChunk, GenerateResult>> {

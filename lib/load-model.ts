@@ -245,9 +245,10 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
     // sliding window: then it holds its window's pages only, and only a prompt (prefilled at
     // once) must fit in the pool, which admission checks per request.
     // (An int4 cache's sequence also holds its residual's pages.)
-    const poolTokens = (pages - native.poolStats().residualPages) * KV_PAGE_TOKENS;
+    const residualPages = native.poolStats().residualPages;
+    const poolTokens = (pages - residualPages) * KV_PAGE_TOKENS;
     if (poolTokens < KV_PAGE_TOKENS) {
-      throw new InvalidOptionError("kvCacheMemory", `${poolBytes} bytes are ${pages} K/V pages of ${pageBytes} bytes, and a sequence needs ${native.poolStats().residualPages + 1} (a page of tokens${native.poolStats().residualPages > 0 ? " and its int4 residual's pages" : ""})`);
+      throw new InvalidOptionError("kvCacheMemory", `${poolBytes} bytes are ${pages} K/V pages of ${pageBytes} bytes, and a sequence needs ${residualPages + 1} (a page of tokens${residualPages > 0 ? " and its int4 residual's pages" : ""})`);
     }
     if (!config.plan.window.every((w) => w > 0) && poolTokens < maxContext) {
       // A context asked for is kept or refused, never cut in silence; the model's own is cut to

@@ -300,7 +300,7 @@ export class Model implements AsyncDisposable {
 
   /** Renders messages with the chat template, then generates the assistant's reply. */
   async chat(messages: ChatMessage[], options?: GenerateOptions): Promise<GenerateResult> {
-    return this.generate(this.chatPromptIds(messages), options);
+    return this.generate(this.chatTokenIds(messages, "prompt"), options);
   }
 
   /** model.chat(), streaming: the reply's chunks, and `result` as stream() has it. */
@@ -314,12 +314,7 @@ export class Model implements AsyncDisposable {
     options: GenerateOptions | undefined,
     progress: GenerationProgress,
   ): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
-    return yield* this.streamRequest(this.chatPromptIds(messages), options, progress);
-  }
-
-  /** The prompt of a chat: the messages through the chat template, ready for the reply. */
-  private chatPromptIds(messages: ChatMessage[]): number[] {
-    return this.engine.chatTokenIds(messages, "prompt");
+    return yield* this.streamRequest(this.chatTokenIds(messages, "prompt"), options, progress);
   }
 
   /**
