@@ -51,10 +51,26 @@ constexpr int kMaxDimsPerLane = kMaxHeadDim / 32;
 static_assert(kMaxDimsPerLane * 32 == kMaxHeadDim, "a warp's lanes hold the largest head in whole dims each");
 // Splits of a decode row's keys at most (the merge kernel keeps one weight per split).
 constexpr int kMaxDecodeSplits = 64;
-// log2(e) and ln(2): the tensor-core kernels keep scores in log2 units (one exp2f a weight); the
+// log2(e) and ln(2): the tensor-core kernels keep scores in log2 units (one exp2 a weight); the
 // split-K merge's partial maxima are natural logs.
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+
+// 2^x and log2(x), one MUFU instruction each. exp2f and __log2f wrap the same instruction in a
+// fix-up for results (arguments) below 2^-126, three more instructions on the softmax's path
+// that no caller here needs: a weight or rescale that small is below f32's rounding of the sum
+// it joins (the running maximum's own weight is 1), and the logs taken are of f16 scales
+// (2^-24 and up). Above 2^-126 the results are the same bits.
+__device__ __forceinline__ float exp2Ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float log2Ftz(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
 struct Range {
   int first, last;  // visible keys [first, last]; empty when last < first

@@ -47,8 +47,9 @@
 //   warps' results are merged at the end. A tile costs one barrier: the one that says it has
 //   arrived also says the stage before it is free for the next load.
 // - Scores, maxima and log V scales are in log2 units (the queries carry log2 e with the softmax
-//   scale, as the prefill kernels' do), so each weight and rescale is one exp2f, not expf's longer
-//   accurate sequence; a split's maximum goes to the split-K merge in natural-log units.
+//   scale, as the prefill kernels' do), so each weight and rescale is one exp2 (exp2Ftz), not
+//   expf's longer accurate sequence; a split's maximum goes to the split-K merge in natural-log
+//   units.
 #pragma once
 #include <cuda_fp16.h>
 
@@ -112,16 +113,23 @@ __host__ __device__ constexpr size_t mmaDecodeSmemBytes(KvType t, int d) {
 __device__ __forceinline__ __half2 bitsHalf2(uint32_t x) { return *reinterpret_cast<const __half2*>(&x); }
 __device__ __forceinline__ uint32_t half2Bits(__half2 x) { return *reinterpret_cast<const uint32_t*>(&x); }
 __device__ __forceinline__ uint32_t hsub2Bits(uint32_t x, uint32_t y) { return half2Bits(__hsub2(bitsHalf2(x), bitsHalf2(y))); }
+// (x & mask) ^ flip as one LOP3: written in C++, the compiler gives each constant its own LOP3
+// (an instruction takes one immediate), two where one does with the other in a register.
+__device__ __forceinline__ uint32_t andXor(uint32_t x, uint32_t mask, uint32_t flip) {
+  uint32_t y;
+  asm("lop3.b32 %0, %1, %2, %3, 0x6a;" : "=r"(y) : "r"(x), "r"(mask), "r"(flip));  // (a & b) ^ c
+  return y;
+}
 // Bytes 0 and 2 of x (int8 codes) as an f16 pair.
 __device__ __forceinline__ uint32_t int8PairF16(uint32_t x) {
-  return hsub2Bits((x & 0x00ff00ffu) ^ 0x64806480u, 0x64806480u);  // 0x6480 = 1152
+  return hsub2Bits(andXor(x, 0x00ff00ffu, 0x64806480u), 0x64806480u);  // 0x6480 = 1152
 }
 // Nibbles 0 and 4 (low) or 1 and 5 (high) of x (int4 codes) as an f16 pair.
 __device__ __forceinline__ uint32_t int4LowPairF16(uint32_t x) {
-  return hsub2Bits((x & 0x000f000fu) ^ 0x64086408u, 0x64086408u);  // 1032
+  return hsub2Bits(andXor(x, 0x000f000fu, 0x64086408u), 0x64086408u);  // 1032
 }
 __device__ __forceinline__ uint32_t int4HighPairF16(uint32_t x) {
-  return hsub2Bits((x & 0x00f000f0u) ^ 0x54805480u, 0x54805480u);  // 72
+  return hsub2Bits(andXor(x, 0x00f000f0u, 0x54805480u), 0x54805480u);  // 72
 }
 // Bytes 0 and 1 (lo) and bytes 2 and 3 (hi) of x (e4m3 codes) as f16 pairs: one instruction a
 // pair on sm_89 and later, each reading its half of x in place (no shift); every e4m3 value is
@@ -289,73 +297,133 @@ __device__ __forceinline__ void mmaValueFragments(const uint8_t* vRows, int stri
   }
 }
 
-// Starts copying rows [lo, hi) of a tile whose first key is j0 into one stage: K rows, V rows
-// (stride bytes apart) and the scale words. Rows at or past `valid` (the tile's keys) arrive as
-// zeros. 16-byte pieces, consecutive threads on consecutive pieces; the thread of a key's first
-// piece also copies its scale word, from the page it has just looked up. kWhole: rows [0,
-// kMmaTileKeys), whose pieces each thread walks in a loop of a known count.
-// A channel-key type (int4; j0 a multiple of 16, so a warp's 16 rows lie in one page): the
-// scale word is the aligned word that holds the key's f16 V scale (the kernel picks its half),
-// and each warp whose first row is in [lo, hi) also brings its page's K scales (kDim f16), zeros
-// if that row is at or past `valid`.
-template <KvType T, int kDim, bool kWhole>
-__device__ __forceinline__ void loadMmaTile(uint8_t* stage, const uint8_t* kBase, const uint8_t* vBase,
-                                            const int32_t* table, const PagedKv& kv, int kvh, int j0, int lo, int hi,
-                                            int valid) {
-  constexpr int kRow = mmaRowBytes(T, kDim), kStride = mmaRowStride(T, kDim), kPieces = kRow / 16;
-  constexpr int kThreads = kMmaWarps * 32;
-  constexpr bool kChannelKeys = kvTypeChannelKeys(T);
-  uint8_t* kDst = stage;
-  uint8_t* vDst = stage + kMmaTileKeys * kStride;
-  uint32_t* scaleDst = reinterpret_cast<uint32_t*>(stage + 2 * kMmaTileKeys * kStride);
-  const int pageMask = kvPageMask(kv);
-  // The scales of a page start 2 pageTokens rows past its codes: fp8/int8 a word per (key, K/V
-  // head), so K/V head kvh's is word kvh of a key's kvHeads; int4 the K scales (kvDim f16), then
-  // an f16 V scale per (key, K/V head).
+// ---- tile loads ------------------------------------------------------------------------------
+// A stage holds a tile's K rows, its V rows (stride bytes apart) and a scale word per key, and
+// for a channel-key type (int4) each warp's page's K scales. Rows are copied in 16-byte pieces,
+// consecutive threads on consecutive pieces: a thread's pieces of a whole tile are all at the
+// same byte c of their rows, kKeyStep keys apart. The thread of a key's first piece also
+// copies its scale word. Rows at or past the tile's keys arrive as zeros (page -1).
+template <KvType T, int kDim>
+struct MmaTileLoad {
+  static constexpr int kPieces = mmaRowBytes(T, kDim) / 16;     // per row
+  static constexpr int kKeyStep = kMmaWarps * 32 / kPieces;     // between a thread's rows
+  static constexpr int kRows = (kMmaTileKeys + kKeyStep - 1) / kKeyStep;  // a thread's rows of a tile
+  static constexpr int kScalePieces = kDim / 8;                 // a page's K scales (channel-key types)
+};
+
+// Where a stage's rows come from: the K and V codes of K/V head kvh (kBase, vBase, as
+// decodeBlock gives them) and the scale words (scaleBase: a page's fp8/int8 word per (key, K/V
+// head) or int4's K scales then V scales, past its codes).
+struct MmaTileSource {
+  const uint8_t* kBase;
+  const uint8_t* vBase;
+  const uint8_t* scaleBase;
+  int kvh;
+};
+template <KvType T>
+__device__ __forceinline__ MmaTileSource mmaTileSource(const PagedKv& kv, const uint8_t* kBase, const uint8_t* vBase, int kvh) {
   const uint8_t* scaleBase = kv.pool + kv.slotOffset + ((int64_t)2 << kv.pageShift) * kv.rowBytes +
-                             (kChannelKeys ? (int64_t)kv.kvDim * 2 : 4 * kvh);
-  const auto piece = [&](int e) {
-    const int key = e / kPieces, c = 16 * (e - key * kPieces);
-    const bool in = key < valid;
-    int64_t page = 0;
-    int row = 0;
-    if (in) {
-      const int j = j0 + key;
-      page = (int64_t)table[j >> kv.pageShift] * kv.pageBytes;
-      row = j & pageMask;
-    }
-    // Offsets within a page in 32 bits: a page's rows of one slot are a few hundred KB at most.
-    const int64_t off = in ? page + (row * kv.rowBytes + c) : 0;
-    copyAsync16Fill(kDst + key * kStride + c, kBase + off, in ? 16 : 0);
-    copyAsync16Fill(vDst + key * kStride + c, vBase + off, in ? 16 : 0);
-    if (kvTypeScaled(T) && c == 0) {
-      const int64_t word = kChannelKeys ? 2 * ((row * kv.kvHeads + kvh) & ~1) : 4 * row * kv.kvHeads;
-      copyAsync4Fill(scaleDst + key, in ? scaleBase + page + word : kv.pool, in ? 4 : 0);
-    }
-  };
-  if constexpr (kWhole) {
-    constexpr int kAll = kMmaTileKeys * kPieces;
-#pragma unroll
-    for (int i = 0; i < (kAll + kThreads - 1) / kThreads; ++i) {
-      const int e = i * kThreads + threadIdx.x;
-      if (kAll % kThreads == 0 || e < kAll) piece(e);
-    }
-  } else {
-    for (int e = lo * kPieces + threadIdx.x; e < hi * kPieces; e += kThreads) piece(e);
+                             (kvTypeChannelKeys(T) ? (int64_t)kv.kvDim * 2 : 4 * kvh);
+  return MmaTileSource{kBase, vBase, scaleBase, kvh};
+}
+
+// Starts copying piece c of a tile's row `key` (the key at `row` of pool page `page`, -1 for a
+// row past the tile's keys) into a stage.
+template <KvType T, int kDim>
+__device__ __forceinline__ void copyMmaPiece(uint8_t* stage, const MmaTileSource& src, const PagedKv& kv, int key,
+                                             int row, int c, int32_t page) {
+  constexpr int kStride = mmaRowStride(T, kDim);
+  const bool in = page >= 0;
+  // Offsets within a page in 32 bits: a page's rows of one slot are a few hundred KB at most.
+  const int64_t pageOff = in ? (int64_t)page * kv.pageBytes : 0;
+  const int64_t off = in ? pageOff + (row * kv.rowBytes + c) : 0;
+  copyAsync16Fill(stage + key * kStride + c, src.kBase + off, in ? 16 : 0);
+  copyAsync16Fill(stage + (kMmaTileKeys + key) * kStride + c, src.vBase + off, in ? 16 : 0);
+  if (kvTypeScaled(T) && c == 0) {
+    // fp8/int8: the key's word; int4: the aligned word that holds the key's f16 V scale (the
+    // kernel picks its half).
+    const int word = kvTypeChannelKeys(T) ? 2 * ((row * kv.kvHeads + src.kvh) & ~1) : 4 * row * kv.kvHeads;
+    uint32_t* scaleDst = reinterpret_cast<uint32_t*>(stage + 2 * kMmaTileKeys * kStride);
+    copyAsync4Fill(scaleDst + key, in ? src.scaleBase + pageOff + word : kv.pool, in ? 4 : 0);
   }
-  if constexpr (kChannelKeys) {
-    // A warp's K scales in 16-byte pieces (kvKeyScalesOffset is 16-byte aligned where the rows
-    // are: decodeUsesMma), from the page of its first row.
-    constexpr int kScalePieces = kDim / 8;
-    uint8_t* channelDst = stage + 2 * kMmaTileKeys * kStride + 4 * kMmaTileKeys;
+}
+// Starts copying piece c of warp w's page's K scales (a channel-key type; page -1: zeros), in
+// 16-byte pieces (kvKeyScalesOffset is 16-byte aligned where the rows are: decodeUsesMma).
+template <KvType T, int kDim>
+__device__ __forceinline__ void copyMmaChannelScales(uint8_t* stage, const PagedKv& kv, int kvh, int w, int c,
+                                                     int32_t page) {
+  uint8_t* channelDst = stage + 2 * kMmaTileKeys * mmaRowStride(T, kDim) + 4 * kMmaTileKeys;
+  const uint8_t* from = page >= 0 ? kv.pool + kvKeyScalesOffset(kv, page, kvh, kDim) + c : kv.pool;
+  copyAsync16Fill(channelDst + w * kDim * 2 + c, from, page >= 0 ? 16 : 0);
+}
+
+// Starts copying rows [lo, hi) of a tile whose first key is j0 (rows at or past `valid`, the
+// tile's keys, as zeros), looking up each row's page: the first tile, in the two parts on either
+// side of the wait for the preceding kernel. A channel-key type (j0 a multiple of 16, so a
+// warp's 16 rows lie in one page) also brings the K scales of each warp whose first row is in
+// [lo, hi).
+template <KvType T, int kDim>
+__device__ __forceinline__ void loadMmaRows(uint8_t* stage, const MmaTileSource& src, const int32_t* table,
+                                            const PagedKv& kv, int j0, int lo, int hi, int valid) {
+  using L = MmaTileLoad<T, kDim>;
+  const int pageMask = kvPageMask(kv);
+  for (int e = lo * L::kPieces + threadIdx.x; e < hi * L::kPieces; e += kMmaWarps * 32) {
+    const int key = e / L::kPieces, j = j0 + key;
+    copyMmaPiece<T, kDim>(stage, src, kv, key, j & pageMask, 16 * (e - key * L::kPieces),
+                          key < valid ? table[j >> kv.pageShift] : -1);
+  }
+  if constexpr (kvTypeChannelKeys(T)) {
     const int w0 = (lo + kMmaWarpKeys - 1) / kMmaWarpKeys, w1 = (hi + kMmaWarpKeys - 1) / kMmaWarpKeys;
-    for (int e = w0 * kScalePieces + threadIdx.x; e < w1 * kScalePieces; e += kThreads) {
-      const int w = e / kScalePieces, c = 16 * (e - w * kScalePieces);
-      const bool in = kMmaWarpKeys * w < valid;
-      const uint8_t* src =
-          in ? kv.pool + kvKeyScalesOffset(kv, table[(j0 + kMmaWarpKeys * w) >> kv.pageShift], kvh, kDim) + c : kv.pool;
-      copyAsync16Fill(channelDst + w * kDim * 2 + c, src, in ? 16 : 0);
+    for (int e = w0 * L::kScalePieces + threadIdx.x; e < w1 * L::kScalePieces; e += kMmaWarps * 32) {
+      const int w = e / L::kScalePieces;
+      copyMmaChannelScales<T, kDim>(stage, kv, src.kvh, w, 16 * (e - w * L::kScalePieces),
+                                    kMmaWarpKeys * w < valid ? table[(j0 + kMmaWarpKeys * w) >> kv.pageShift] : -1);
     }
+  }
+}
+
+// The pages of a thread's rows of a whole tile (and, for a channel-key type, of the warp whose K
+// scales it copies), looked up one tile before the copy (copyMmaTile): the copy's addresses then
+// wait on no load, where a lookup at the copy held every warp for a memory latency per tile.
+template <KvType T, int kDim>
+struct MmaTilePages {
+  int32_t row[MmaTileLoad<T, kDim>::kRows];
+  int32_t scales;
+};
+template <KvType T, int kDim>
+__device__ __forceinline__ MmaTilePages<T, kDim> lookUpMmaTilePages(const int32_t* table, const PagedKv& kv, int j0,
+                                                                    int valid) {
+  using L = MmaTileLoad<T, kDim>;
+  MmaTilePages<T, kDim> p;
+  const int k = threadIdx.x / L::kPieces;
+#pragma unroll
+  for (int i = 0; i < L::kRows; ++i) {
+    const int key = i * L::kKeyStep + k;
+    p.row[i] = key < valid ? table[(j0 + key) >> kv.pageShift] : -1;
+  }
+  p.scales = -1;
+  if constexpr (kvTypeChannelKeys(T)) {
+    const int w = threadIdx.x / L::kScalePieces;
+    if (w < kMmaWarps && kMmaWarpKeys * w < valid) p.scales = table[(j0 + kMmaWarpKeys * w) >> kv.pageShift];
+  }
+  return p;
+}
+// Starts copying a whole tile whose first key is j0 from the pages looked up for it.
+template <KvType T, int kDim>
+__device__ __forceinline__ void copyMmaTile(uint8_t* stage, const MmaTileSource& src, const PagedKv& kv, int j0,
+                                            const MmaTilePages<T, kDim>& pages) {
+  using L = MmaTileLoad<T, kDim>;
+  const int pageMask = kvPageMask(kv);
+  const int k = threadIdx.x / L::kPieces, c = 16 * (threadIdx.x % L::kPieces);
+#pragma unroll
+  for (int i = 0; i < L::kRows; ++i) {
+    const int key = i * L::kKeyStep + k;
+    if (L::kKeyStep * L::kRows <= kMmaTileKeys || key < kMmaTileKeys)
+      copyMmaPiece<T, kDim>(stage, src, kv, key, (j0 + key) & pageMask, c, pages.row[i]);
+  }
+  if constexpr (kvTypeChannelKeys(T)) {
+    const int w = threadIdx.x / L::kScalePieces;
+    if (w < kMmaWarps) copyMmaChannelScales<T, kDim>(stage, kv, src.kvh, w, 16 * (threadIdx.x % L::kScalePieces), pages.scales);
   }
 }
 
@@ -445,21 +513,30 @@ __global__ void __launch_bounds__(kMmaWarps * 32, mmaMinBlocks(T, kDim)) attenti
   const uint8_t *kBase = b.kBase, *vBase = b.vBase;
   const int first = b.first, keys = b.keys, numTiles = b.numTiles, firstTileKeys = b.firstTileKeys, earlyKeys = b.earlyKeys;
 
+  const MmaTileSource src = mmaTileSource<T>(kv, kBase, vBase, kvh);
+  const auto tileKeys = [&](int tile) { return min(kMmaTileKeys, keys - tile * kMmaTileKeys); };
   // The first tile's keys that no kernel of this step writes load before the wait (as in the
-  // CUDA-core kernel), the rest after it.
-  if (numTiles > 0 && earlyKeys > 0)
-    loadMmaTile<T, kDim, false>(smem, kBase, vBase, table, kv, kvh, first, 0, earlyKeys, earlyKeys);
+  // CUDA-core kernel), the rest after it; then the next kStages - 2 tiles, all their pages looked
+  // up before any is copied.
+  if (numTiles > 0 && earlyKeys > 0) loadMmaRows<T, kDim>(smem, src, table, kv, first, 0, earlyKeys, earlyKeys);
   waitForPrecedingKernels();
-  if (numTiles > 0)
-    loadMmaTile<T, kDim, false>(smem, kBase, vBase, table, kv, kvh, first, earlyKeys, kMmaTileKeys, firstTileKeys);
+  if (numTiles > 0) loadMmaRows<T, kDim>(smem, src, table, kv, first, earlyKeys, kMmaTileKeys, firstTileKeys);
   copyAsyncCommit();
+  {
+    MmaTilePages<T, kDim> pages[kStages > 2 ? kStages - 2 : 1];
 #pragma unroll
-  for (int st = 1; st < kStages - 1; ++st) {
-    if (st < numTiles)
-      loadMmaTile<T, kDim, true>(smem + st * kStage, kBase, vBase, table, kv, kvh, first + st * kMmaTileKeys, 0,
-                           kMmaTileKeys, min(kMmaTileKeys, keys - st * kMmaTileKeys));
-    copyAsyncCommit();
+    for (int st = 1; st < kStages - 1; ++st)
+      if (st < numTiles) pages[st - 1] = lookUpMmaTilePages<T, kDim>(table, kv, first + st * kMmaTileKeys, tileKeys(st));
+#pragma unroll
+    for (int st = 1; st < kStages - 1; ++st) {
+      if (st < numTiles) copyMmaTile<T, kDim>(smem + st * kStage, src, kv, first + st * kMmaTileKeys, pages[st - 1]);
+      copyAsyncCommit();
+    }
   }
+  // The pages of the tile the loop's first iteration copies.
+  MmaTilePages<T, kDim> aheadPages;
+  if (kStages - 1 < numTiles)
+    aheadPages = lookUpMmaTilePages<T, kDim>(table, kv, first + (kStages - 1) * kMmaTileKeys, tileKeys(kStages - 1));
 
   // The queries of heads h0 + g (zero past `heads`), times the softmax scale, as the A fragments
   // of every k-step: rows g (high parts) and g + 8 (low parts); bf16's third parts in qa3's rows g.
@@ -498,9 +575,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32, mmaMinBlocks(T, kDim)) attenti
     __syncthreads();
     const int ahead = tile + kStages - 1;
     if (ahead < numTiles)
-      loadMmaTile<T, kDim, true>(smem + (ahead % kStages) * kStage, kBase, vBase, table, kv, kvh, first + ahead * kMmaTileKeys,
-                           0, kMmaTileKeys, min(kMmaTileKeys, keys - ahead * kMmaTileKeys));
+      copyMmaTile<T, kDim>(smem + (ahead % kStages) * kStage, src, kv, first + ahead * kMmaTileKeys, aheadPages);
     copyAsyncCommit();
+    if (ahead + 1 < numTiles)
+      aheadPages = lookUpMmaTilePages<T, kDim>(table, kv, first + (ahead + 1) * kMmaTileKeys, tileKeys(ahead + 1));
 
     const int slabStart = tile * kMmaTileKeys + kMmaWarpKeys * warp;  // this warp's first key in the chunk
     const int slabValid = min(kMmaTileKeys, keys - tile * kMmaTileKeys) - kMmaWarpKeys * warp;  // its keys
@@ -543,7 +621,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, mmaMinBlocks(T, kDim)) attenti
       // weight by about 1e-7 of itself). A zero scale (an all-zero head, or a key
       // past the end) has zero codes, and any finite value serves. fp8/int8 keep it in the high
       // half of the key's scale word; int4 in the half of the page's f16 array that its index
-      // (row x kvHeads + kvh) picks (loadMmaTile).
+      // (row x kvHeads + kvh) picks (copyMmaPiece).
       float logVScale = 0.0f;
       if constexpr (kScaled) {
         int shift = 16;
@@ -551,7 +629,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, mmaMinBlocks(T, kDim)) attenti
           const int row = ((first + slabStart) & kvPageMask(kv)) + (lane & 15);  // the slab lies in one page
           shift = 16 * ((row * kv.kvHeads + kvh) & 1);
         }
-        logVScale = __log2f(fmaxf(kvF16ToF32((uint16_t)(scales[lane & 15] >> shift)), 1e-30f));
+        logVScale = log2Ftz(fmaxf(kvF16ToF32((uint16_t)(scales[lane & 15] >> shift)), 1e-30f));
       }
 #pragma unroll
       for (int nb = 0; nb < 2; ++nb) {
@@ -577,10 +655,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32, mmaMinBlocks(T, kDim)) attenti
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float mNew = fmaxf(m, mx);  // finite: the slab has a valid key
-      const float corr = exp2f(m - mNew);
+      const float corr = exp2Ftz(m - mNew);
       float sum = 0.0f;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) sum += exp2f(e[i] - mNew);
+      for (int i = 0; i < 4; ++i) sum += exp2Ftz(e[i] - mNew);
       l = l * corr + sum;
       m = mNew;
       float w[4], corr2;
@@ -588,14 +666,14 @@ __global__ void __launch_bounds__(kMmaWarps * 32, mmaMinBlocks(T, kDim)) attenti
         mx2 = fmaxf(mx2, __shfl_xor_sync(0xffffffffu, mx2, 1));
         mx2 = fmaxf(mx2, __shfl_xor_sync(0xffffffffu, mx2, 2));
         const float m2New = fmaxf(m2, mx2);
-        corr2 = exp2f(m2 - m2New);
+        corr2 = exp2Ftz(m2 - m2New);
         m2 = m2New;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) w[i] = exp2f(e2[i] - m2New);
+        for (int i = 0; i < 4; ++i) w[i] = exp2Ftz(e2[i] - m2New);
       } else {
         corr2 = corr;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) w[i] = exp2f(e[i] - mNew);
+        for (int i = 0; i < 4; ++i) w[i] = exp2Ftz(e[i] - mNew);
       }
       // Rescaling by 1 changes no bit: once the running maxima settle (most tiles), the warp
       // skips the kDim / 2 multiplications.
@@ -632,7 +710,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, mmaMinBlocks(T, kDim)) attenti
   __syncthreads();
   l += __shfl_xor_sync(0xffffffffu, l, 1);
   l += __shfl_xor_sync(0xffffffffu, l, 2);
-  const float toM = !kScaled || m == -INFINITY ? 1.0f : exp2f(m2 - m);
+  const float toM = !kScaled || m == -INFINITY ? 1.0f : exp2Ftz(m2 - m);
   float* red = reinterpret_cast<float*>(smem);  // [warps][heads][kDim], then [warps][heads] max, sum and weight
   float* redMax = red + kMmaWarps * kMmaHeads * kDim;
   float* redSum = redMax + kMmaWarps * kMmaHeads;
@@ -660,7 +738,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, mmaMinBlocks(T, kDim)) attenti
 #pragma unroll
     for (int w = 0; w < kMmaWarps; ++w) {
       const float mw = redMax[w * kMmaHeads + hg];
-      const float f = mw == -INFINITY ? 0.0f : exp2f(mw - M);
+      const float f = mw == -INFINITY ? 0.0f : exp2Ftz(mw - M);
       redWeight[w * kMmaHeads + hg] = f;
       L += f * redSum[w * kMmaHeads + hg];
     }

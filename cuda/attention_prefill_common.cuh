@@ -17,7 +17,7 @@ namespace {
 // (prefillQueryScale), so each probability and rescale is one exp2 (prefillWeight) instead of
 // __expf's multiply and exp2.
 __device__ __forceinline__ float prefillQueryScale(float scale) { return scale * kLog2e; }
-__device__ __forceinline__ float prefillWeight(float score, float base) { return exp2f(score - base); }
+__device__ __forceinline__ float prefillWeight(float score, float base) { return exp2Ftz(score - base); }
 
 struct PrefillRows {
   int rowA, rowB;      // this thread's rows: g and g + 8 of its warp's 16
