@@ -360,12 +360,15 @@ export class Sequence implements Disposable {
           finishReason = "abort";
           break;
         }
-        // The pending token must fit in the context to be evaluated; the token sampled from the
-        // last position is still returned (and stays pending, past the context).
+        // Without a context shift, prompt and completion fit in the context together (vLLM's
+        // max_model_len, and what the server's max_tokens check promises): the step whose token
+        // would lie past it does not run. With "sink-window" the pending token is what must fit,
+        // and the shift makes room for it.
+        if (opts.contextShift !== "sink-window" && this.length >= this.engine.maxContext) break;
         if (this.length > this.engine.maxContext) {
           const before = this.evaluated.length;
           const { sink } = this.shiftPlan(opts.sinkTokens, before);
-          if (opts.contextShift !== "sink-window" || !(await this.shiftContext(opts.sinkTokens, opts.maxNewTokens - tokens.length, opts.signal))) {
+          if (!(await this.shiftContext(opts.sinkTokens, opts.maxNewTokens - tokens.length, opts.signal))) {
             if (opts.signal?.aborted) finishReason = "abort";  // aborted while the shift waited for pages
             break;
           }
@@ -378,7 +381,10 @@ export class Sequence implements Disposable {
         if (run.length === 1) {
           // A decode step: batched with every other sequence decoding now.
           try {
-            ({ token: tok, logprobs } = await this.engine.scheduler.decode(native, run[0], sample, tokens.length + 1 >= opts.maxNewTokens));
+            // The last step (of maxNewTokens, or the one that fills the context without a shift)
+            // queues no step after it.
+            const fills = opts.contextShift !== "sink-window" && this.length + 1 >= this.engine.maxContext;
+            ({ token: tok, logprobs } = await this.engine.scheduler.decode(native, run[0], sample, fills || tokens.length + 1 >= opts.maxNewTokens));
           } catch (e) {
             // Said of this sequence, not of "a sequence in the batch" it ran in.
             if (e instanceof DisposedError && this.native === null && !this.engine.disposed) throw new DisposedError("the sequence");

@@ -95,8 +95,8 @@ describe("stopping", () => {
   test("the context limit ends generation with 'length'", async () => {
     const m = await loadModel(dir, { device: "cpu" });
     const r = await m.generate([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], { maxNewTokens: 100 });
-    // 6 more positions fit; the token sampled from the last position is returned too.
-    expect(r.tokens).toHaveLength(7);
+    // 6 more positions fit, and no token lies past them.
+    expect(r.tokens).toHaveLength(6);
     expect(r.finishReason).toBe("length");
     await m.dispose();
   });
@@ -104,7 +104,7 @@ describe("stopping", () => {
   test("maxContext caps the context below the model's", async () => {
     const m = await loadModel(dir, { device: "cpu", maxContext: 8 });
     expect(m.maxContext).toBe(8);
-    expect((await m.generate([1, 2, 3], { maxNewTokens: 100 })).tokens).toHaveLength(6);
+    expect((await m.generate([1, 2, 3], { maxNewTokens: 100 })).tokens).toHaveLength(5);
     await m.dispose();
   });
 
@@ -195,6 +195,36 @@ test("the K/V cache is bf16 by default", async () => {
   expect(m.kvCacheDtype).toBe("bf16");
   expect(m.kvBytesPerToken).toBe(4 * 2 * 2 * 8 * 2);
   await m.dispose();
+});
+
+test("a generation without a context shift ends where prompt and completion fill the context, and no token past it", async () => {
+  const m = await loadModel(writeTinyModel({ seed: 5, maxPositions: 48 }), { device: "cpu", prefixCache: 0 });
+  try {
+    expect(m.maxContext).toBe(48);
+    const prompt = [1, 2, 3, 4, 5, 6, 7];
+    const r = await m.generate(prompt, { maxNewTokens: 100, temperature: 0, ignoreEos: true });
+    expect(r.finishReason).toBe("length");
+    expect(prompt.length + r.tokens.length).toBe(48);
+    // The same through a sequence: it ends holding exactly the context, and a further request
+    // gets no token (the step that would sample past the context does not run).
+    const seq = m.createSequence();
+    await seq.append(prompt);
+    const r2 = await seq.generate({ maxNewTokens: 100, temperature: 0, ignoreEos: true }).result;
+    expect(r2.tokens).toEqual(r.tokens);
+    expect(seq.length).toBe(48);
+    const more = await seq.generate({ maxNewTokens: 5, temperature: 0, ignoreEos: true }).result;
+    expect(more.tokens).toEqual([]);
+    expect(more.finishReason).toBe("length");
+    expect(seq.length).toBe(48);
+    seq.dispose();
+    // A prompt that fills the context alone gets no token, and says why.
+    const full = await m.generate(Array.from({ length: 48 }, (_, i) => (i % 7) + 1), { maxNewTokens: 4, temperature: 0 });
+    expect(full.tokens).toEqual([]);
+    expect(full.finishReason).toBe("length");
+    expect(m.auditCache()).toBe("");
+  } finally {
+    await m.dispose();
+  }
 });
 
 test("with the same kvCacheMemory an LCKV model's context holds numLayers / kvLayers times the tokens", async () => {
