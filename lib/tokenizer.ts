@@ -30,15 +30,19 @@ export class Tokenizer {
   private readonly configFile: string;
   private readonly hf: HfTokenizer;
   private readonly template?: Template;
-  /** How a vocabulary piece's characters stand for bytes (tokenBytes): GPT-2's byte-level alphabet, SentencePiece's <0xNN>, or as text. */
-  private readonly pieceBytes: "byte-level" | "byte-fallback" | "text";
+  /**
+   * How a vocabulary piece stands for bytes (tokenBytes): GPT-2's byte-level alphabet; or its
+   * text with SentencePiece's word mark (▁) for a space, and <0xNN> pieces for single bytes
+   * where the decoder falls back to bytes; or, for other decoders, its text as decoded alone.
+   */
+  private readonly pieceBytes: { byteLevel: boolean; byteFallback: boolean; spaceMark?: string };
   /** Special added tokens: their bytes are their text's, as decode() gives it (none). */
   private readonly specialIds: Set<number>;
 
   private constructor(hf: HfTokenizer, config: Record<string, unknown>, file: string, json: Record<string, unknown> = {}) {
     this.hf = hf;
     const decoders = decoderTypes(json.decoder);
-    this.pieceBytes = decoders.includes("ByteLevel") ? "byte-level" : decoders.includes("ByteFallback") ? "byte-fallback" : "text";
+    this.pieceBytes = { byteLevel: decoders.includes("ByteLevel"), byteFallback: decoders.includes("ByteFallback"), spaceMark: spaceMark(json.decoder) };
     this.specialIds = new Set([...hf.get_added_tokens_decoder()].filter(([, t]) => t.special).map(([id]) => id));
     this.configFile = file;
     this.bosToken = tokenText(config.bos_token);
@@ -111,18 +115,21 @@ export class Tokenizer {
   /**
    * The bytes a token stands for (OpenAI's logprobs `bytes`): a token that holds part of a
    * character (byte-level BPE, SentencePiece's <0xNN> byte fallback) gives its own bytes, not
-   * the replacement character its text alone decodes to.
+   * the replacement character its text alone decodes to; and a SentencePiece word's leading
+   * space is its own, which its text decoded alone loses (the decoder strips the space that
+   * starts a text), so that a completion's tokens' bytes join into its text.
    */
   tokenBytes(id: number): number[] {
     const piece = this.specialIds.has(id) ? undefined : this.hf.id_to_token(id);
     if (piece !== undefined) {
-      if (this.pieceBytes === "byte-level") {
+      const { byteLevel, byteFallback, spaceMark } = this.pieceBytes;
+      if (byteLevel) {
         const bytes = [...piece].map((c) => BYTE_OF_CHAR.get(c));
         if (bytes.every((b) => b !== undefined)) return bytes as number[];
-      } else if (this.pieceBytes === "byte-fallback") {
-        const m = /^<0x([0-9A-Fa-f]{2})>$/.exec(piece);
-        if (m) return [parseInt(m[1], 16)];
       }
+      const m = byteFallback ? /^<0x([0-9A-Fa-f]{2})>$/.exec(piece) : null;
+      if (m) return [parseInt(m[1], 16)];
+      if (spaceMark) return [...Buffer.from(piece.split(spaceMark).join(" "), "utf8")];
     }
     return [...Buffer.from(this.decode([id]), "utf8")];
   }
@@ -222,6 +229,19 @@ const BYTE_OF_CHAR: Map<string, number> = (() => {
 })();
 
 /** The types of a tokenizer.json decoder, a Sequence's included. */
+/**
+ * The character a SentencePiece decoder turns into a space: a Replace step's pattern whose
+ * content is " ", or Metaspace's replacement (undefined for other decoders).
+ */
+function spaceMark(decoder: unknown): string | undefined {
+  if (!decoder || typeof decoder !== "object") return undefined;
+  const d = decoder as { type?: unknown; decoders?: unknown; pattern?: { String?: unknown }; content?: unknown; replacement?: unknown };
+  if (Array.isArray(d.decoders)) return d.decoders.map(spaceMark).find((m) => m !== undefined);
+  if (d.type === "Replace" && d.content === " " && typeof d.pattern?.String === "string" && d.pattern.String !== "") return d.pattern.String;
+  if (d.type === "Metaspace" && typeof d.replacement === "string" && d.replacement !== "") return d.replacement;
+  return undefined;
+}
+
 function decoderTypes(decoder: unknown): string[] {
   if (!decoder || typeof decoder !== "object") return [];
   const d = decoder as { type?: unknown; decoders?: unknown };

@@ -187,6 +187,50 @@ describe("tokenizer.decode", () => {
     expect(t.tokenBytes(t.eosTokenId!)).toEqual([]);
   });
 
+  test("tokenBytes: SentencePiece pieces keep their word's space, and <0xNN> pieces are their byte", () => {
+    // Llama's tokenizer.json shape: BPE with byte fallback, ▁ for a space, a decoder that strips
+    // the space starting a text (so a word decoded alone loses its own).
+    const vocab: Record<string, number> = { "<unk>": 0, "<s>": 1, "</s>": 2 };
+    for (let b = 0; b < 256; b++) vocab[`<0x${b.toString(16).toUpperCase().padStart(2, "0")}>`] = 3 + b;
+    for (const p of ["▁", "a", "b", "▁a", "ab"]) vocab[p] = Object.keys(vocab).length;
+    const special = (id: number, content: string) => ({ id, content, single_word: false, lstrip: false, rstrip: false, normalized: false, special: true });
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-sp-"));
+    dirs.push(dir);
+    fs.writeFileSync(
+      path.join(dir, "tokenizer.json"),
+      JSON.stringify({
+        version: "1.0",
+        added_tokens: [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+        normalizer: { type: "Sequence", normalizers: [{ type: "Prepend", prepend: "▁" }, { type: "Replace", pattern: { String: " " }, content: "▁" }] },
+        pre_tokenizer: null,
+        post_processor: null,
+        decoder: {
+          type: "Sequence",
+          decoders: [{ type: "Replace", pattern: { String: "▁" }, content: " " }, { type: "ByteFallback" }, { type: "Fuse" }, { type: "Strip", content: " ", start: 1, stop: 0 }],
+        },
+        model: { type: "BPE", dropout: null, unk_token: "<unk>", fuse_unk: true, byte_fallback: true, vocab, merges: ["▁ a", "a b"] },
+      }),
+    );
+    fs.writeFileSync(path.join(dir, "tokenizer_config.json"), JSON.stringify({ bos_token: "<s>", eos_token: "</s>" }));
+    const sp = Tokenizer.fromDirectory(dir)!;
+    for (const text of ["ab é", "a😀b a"]) {
+      const ids = sp.encode(text, { addSpecialTokens: false });
+      expect(sp.decode(ids)).toBe(text);
+      // The tokens' bytes join into the text with the space its first piece carries (the
+      // normalizer's ▁), however the text splits.
+      expect(Buffer.from(ids.flatMap((id) => sp.tokenBytes(id))).toString("utf8")).toBe(" " + text);
+    }
+    // é is not in the vocabulary: its two bytes come as <0xC3> <0xA9>, each alone U+FFFD as text.
+    const e = sp.encode("é", { addSpecialTokens: false });
+    expect(e.map((id) => sp.tokenBytes(id))).toEqual([[0x20], [0xc3], [0xa9]]);
+    expect(sp.decode([e[1]])).toBe("\ufffd");
+    // A word's piece keeps its space; decoded alone, its text does not.
+    const word = vocab["▁a"];
+    expect(sp.tokenBytes(word)).toEqual([0x20, 0x61]);
+    expect(sp.decode([word])).toBe("a");
+    expect(sp.tokenBytes(sp.eosTokenId!)).toEqual([]);
+  });
+
   test("an empty list decodes to the empty string", () => {
     expect(t.decode([])).toBe("");
     expect(t.decode([], { skipSpecialTokens: false })).toBe("");
