@@ -6,6 +6,7 @@
  * full queue) still gets its own status; an error after them ends the stream with an error event.
  */
 import type { FastifyReply, FastifyRequest } from "fastify";
+import { setMaxListeners } from "node:events";
 import type { ServerResponse } from "node:http";
 import type { GenerationStream } from "../generation-stream";
 import type { Model } from "../model";
@@ -52,6 +53,9 @@ function writeRawError(res: ServerResponse, r: HttpErrorResponse): void {
 export async function serveCompletions(ctx: ServerContext, request: FastifyRequest, reply: FastifyReply, plan: CompletionPlan): Promise<void> {
   const arrivedAt = performance.now();
   const controller = new AbortController();
+  // Each of a request's n completions listens on its signal while it waits (for pages, for the
+  // shared prefill): more than Node's 10 is no leak.
+  setMaxListeners(0, controller.signal);
   const res = reply.raw;
   // The response's close before its end is the client going away (a closed socket, an aborted
   // fetch): nothing will read what the generation makes, so it stops.
