@@ -79,6 +79,7 @@ export class ChatSession implements Disposable {
     const messages = [...this.history, { role: "user", content: userMessage }];
     const ids = this.engine.chatTokenIds(messages, "conversation");
     const opts = this.engine.resolveGenerate(options, ids.length, progress.stopSignal);
+    this.engine.refuseFullContext(ids.length, opts, "conversation");
     claim();
     progress.promptTokens = ids.length;
     if (opts.maxNewTokens === 0) return progress.result("length");

@@ -193,6 +193,17 @@ export class EngineContext {
   }
 
   /**
+   * A new request whose prompt fills the context leaves no room for a token without a context
+   * shift (prompt and completion fit in the context together): refused before any work, as vLLM
+   * refuses a prompt of max_model_len tokens, rather than prefilled for an empty reply.
+   */
+  refuseFullContext(promptTokens: number, opts: ResolvedGenerateOptions, what: string): void {
+    if (opts.maxNewTokens > 0 && opts.contextShift !== "sink-window" && promptTokens >= this.maxContext) {
+      throw new ContextOverflowError(`${what} has ${promptTokens} tokens and the context holds ${this.maxContext}: that leaves no room for a reply`);
+    }
+  }
+
+  /**
    * A chat's prompt: the messages through the chat template, ready for the reply, checked as
    * toTokenIds checks text (a rendered conversation far past the context is refused before it is
    * tokenized whole).

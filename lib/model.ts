@@ -255,6 +255,7 @@ export class Model implements AsyncDisposable {
   ): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
     const prompt = this.toTokenIds(input);
     const opts = this.engine.resolveGenerate(options, prompt.length, progress.stopSignal);
+    this.engine.refuseFullContext(prompt.length, opts, "prompt");
     this.nativeModel();
     progress.promptTokens = prompt.length;
     const done = (finishReason: GenerateResult["finishReason"]): GenerateResult => progress.result(finishReason);
@@ -374,6 +375,7 @@ export class Model implements AsyncDisposable {
   ): Promise<SharedPrefill> {
     const prompt = this.toTokenIds(input);
     const opts = this.resolveGenerate(options, prompt.length);
+    this.engine.refuseFullContext(prompt.length, opts, "prompt");
     this.nativeModel();
     if (opts.maxNewTokens === 0) return { promptTokens: prompt.length, passes: 0, ended: "length" };
     if (opts.signal?.aborted) return { promptTokens: prompt.length, passes: 0, ended: "abort" };

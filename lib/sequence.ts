@@ -300,6 +300,9 @@ export class Sequence implements Disposable {
     if (this.length === 0 && opts.maxNewTokens > 0) {
       throw new LckvError("LCKV_EMPTY_SEQUENCE", "generate() needs a non-empty sequence: append() input first");
     }
+    // A sequence that fills the context has no room for a token without a shift: nothing runs
+    // (no rewind, no pages reserved, no step).
+    if (opts.maxNewTokens > 0 && opts.contextShift !== "sink-window" && this.length >= this.engine.maxContext) return progress.result("length");
     if (this.pending.length === 0 && opts.maxNewTokens > 0) {
       // The last token's logits are not kept: drop its K/V and run it again, with sampling.
       this.rewind(native, this.evaluated.length - 1);

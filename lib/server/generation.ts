@@ -55,8 +55,8 @@ export function streamRequested(body: CommonBody): boolean {
 
 /**
  * n completions of the prompt: one stream, or n that share one prefill. A request whose prompt and
- * max_tokens together pass the model's context is refused (400, context_length_exceeded), as
- * OpenAI and vLLM refuse it, rather than cut short at the context. Without max_tokens a
+ * max_tokens together pass the model's context, or whose prompt alone fills it, is refused (400,
+ * context_length_exceeded), as OpenAI and vLLM refuse it, rather than cut short at the context. Without max_tokens a
  * completion takes the model's default length, as vLLM takes it: generation_config.json's
  * max_new_tokens, else what its max_length leaves after the prompt, else 256 tokens
  * (Model.generationDefaults), ending at the context if that comes first.
@@ -67,6 +67,12 @@ export function openStreams(model: Model, prompt: readonly number[], n: number, 
     throw new ContextOverflowError(
       `This model's maximum context length is ${model.maxContext} tokens. However, you requested ${prompt.length + asked} tokens ` +
         `(${prompt.length} in the ${promptField}, ${asked} in the completion). Please reduce the length of the ${promptField} or completion.`,
+    );
+  }
+  if (asked === undefined && prompt.length >= model.maxContext) {
+    throw new ContextOverflowError(
+      `This model's maximum context length is ${model.maxContext} tokens. However, your ${promptField} has ${prompt.length} tokens, ` +
+        `which leaves no room for the completion. Please reduce the length of the ${promptField}.`,
     );
   }
   return n === 1 ? [model.stream(prompt, options)] : model.streamMany(prompt, n, options);

@@ -1,6 +1,6 @@
 /** chatStream() and ChatSession (one sequence kept between turns) on a fixture with a chat template. */
 import * as path from "node:path";
-import { BusyError, ChatMessage, DisposedError, GenerateResult, GenerationStream, InvalidInputError, InvalidOptionError, loadModel, Model } from "../../lib";
+import { BusyError, ChatMessage, ContextOverflowError, DisposedError, GenerateResult, GenerationStream, InvalidInputError, InvalidOptionError, loadModel, Model } from "../../lib";
 
 process.env.LCKV_QUIET = "1";
 const dir = path.join(__dirname, "..", "fixtures", "llama-mha-hd16");
@@ -112,6 +112,27 @@ test("one turn at a time; bad input and options change nothing; dispose ends the
   expect(model.cacheStats().liveSequences).toBe(live - 1);
   await expect(drain(session.send("After"))).rejects.toThrow(DisposedError);
   expect(model.auditCache()).toBe("");
+});
+
+test("a turn whose conversation fills the context is refused before it starts and leaves the conversation as it was", async () => {
+  const long = "tell me more about the weather in the mountains today";
+  const fills = templated([{ role: "system", content: system }, { role: "user", content: long }]).length;
+  const tight = await loadModel(dir, { device: "cpu", prefixCache: 0, maxContext: fills });
+  try {
+    const session = tight.createChatSession({ system });
+    const e = await drain(session.send(long, opts)).catch((x) => x);
+    expect(e).toBeInstanceOf(ContextOverflowError);
+    expect(e.message).toBe(`conversation has ${fills} tokens and the context holds ${fills}: that leaves no room for a reply`);
+    expect(session.messages).toEqual([{ role: "system", content: system }]);
+    // A shorter message still has room.
+    const r = await drain(session.send("Hi", opts));
+    expect(r.tokens.length).toBeGreaterThan(0);
+    expect(session.messages).toHaveLength(3);
+    session[Symbol.dispose]();
+    expect(tight.auditCache()).toBe("");
+  } finally {
+    await tight.dispose();
+  }
 });
 
 test("a session whose model was disposed says so, not that the session was", async () => {

@@ -1,7 +1,7 @@
 /** generate() / stream() behaviour on random tiny models, token ids in and out. */
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { loadModel, Model } from "../../lib";
+import { ContextOverflowError, loadModel, Model } from "../../lib";
 import { KV_PAGE_TOKENS } from "../../lib/model";
 import { tinyLlamaTensors, writeTinyModel } from "../helpers/tiny-model";
 
@@ -217,10 +217,18 @@ test("a generation without a context shift ends where prompt and completion fill
     expect(more.finishReason).toBe("length");
     expect(seq.length).toBe(48);
     seq.dispose();
-    // A prompt that fills the context alone gets no token, and says why.
-    const full = await m.generate(Array.from({ length: 48 }, (_, i) => (i % 7) + 1), { maxNewTokens: 4, temperature: 0 });
-    expect(full.tokens).toEqual([]);
-    expect(full.finishReason).toBe("length");
+    // A prompt that fills the context alone leaves no room for a token: refused before any work
+    // (as vLLM refuses one of max_model_len tokens), by stream() and streamMany() alike.
+    const full = Array.from({ length: 48 }, (_, i) => (i % 7) + 1);
+    const many = await Promise.all(m.streamMany(full, 2, { maxNewTokens: 4 }).map((st) => st.result.catch((x) => x)));
+    for (const e of [await m.generate(full, { maxNewTokens: 4 }).catch((x) => x), ...many]) {
+      expect(e).toBeInstanceOf(ContextOverflowError);
+      expect(e.message).toBe("prompt has 48 tokens and the context holds 48: that leaves no room for a reply");
+    }
+    // ... unless it asks for no token, or shifts its context to make room.
+    expect((await m.generate(full, { maxNewTokens: 0 })).tokens).toEqual([]);
+    expect((await m.generate(full, { maxNewTokens: 3, contextShift: "sink-window", sinkTokens: 16, ignoreEos: true })).tokens).toHaveLength(3);
+    expect(m.cacheStats().liveSequences).toBe(0);
     expect(m.auditCache()).toBe("");
   } finally {
     await m.dispose();

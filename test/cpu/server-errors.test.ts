@@ -284,6 +284,25 @@ test("400: a prompt and max_tokens that together pass the context, refused befor
   await expectIdle(model);
 });
 
+test("400: a prompt that fills the context alone, without max_tokens (no room for a completion); one token shorter, served to the context", async () => {
+  const ctxLen = model.maxContext;
+  const full = Array.from({ length: ctxLen }, (_, i) => 5 + (i % 7));
+  const over = await failure(srv.client.completions.create({ model: "m", prompt: full, temperature: 0 }));
+  expect(over.status).toBe(400);
+  expect(over.code).toBe("context_length_exceeded");
+  expect(over.param).toBe("prompt");
+  expect(over.message).toBe(`400 This model's maximum context length is ${ctxLen} tokens. However, your prompt has ${ctxLen} tokens, which leaves no room for the completion. Please reduce the length of the prompt.`);
+  const streamedN = await failure(srv.client.completions.create({ model: "m", prompt: full, n: 2, stream: true }));
+  expect(streamedN.status).toBe(400);
+  expect(streamedN.code).toBe("context_length_exceeded");
+  await expectIdle(model);
+  // One token shorter: a token of room, and the completion ends there.
+  const one = await srv.client.completions.create({ model: "m", prompt: full.slice(1), temperature: 0 });
+  expect(one.usage).toMatchObject({ prompt_tokens: ctxLen - 1, completion_tokens: 1, total_tokens: ctxLen });
+  expect(one.choices[0].finish_reason).toBe("length");
+  await expectIdle(model);
+});
+
 test("createServer checks its options as loadModel does: each bad one is an InvalidOptionError naming it", () => {
   const refused = (options: unknown, option: string, detail: RegExp) => {
     let error: unknown;
