@@ -199,7 +199,7 @@ function hasCyclicGroup(set, e) {
 
 /** Where LCKV (and the other condensed caches) win and lose against the standard model, with the reasons each row gives. */
 function lossesSection(entries, L) {
-  const losses = [], wins = [];
+  const losses = [], wins = [], even = [];
   for (const e of entries) {
     const x = e.row;
     if (x.model === "standard" || x.model === "default" || !x.batch) continue;
@@ -212,7 +212,7 @@ function lossesSection(entries, L) {
     const shortOfBound = f.bound !== undefined && f.decodeRatio !== undefined && f.decodeRatio < 0.7 * f.bound;
     const smallBound = f.bound !== undefined && f.bound < 1.25;
     if (!(f.e2eRatio < 1 || f.decodeRatio < 1 || shortOfBound || smallBound)) {
-      if (f.e2eRatio > 1.1) wins.push(`- ${where}: ${figs}; prefill is ${pct(f.prefillShare)} of its wall time (standard: ${pct(sf.prefillShare)}).`);
+      (f.e2eRatio > 1.1 ? wins : even).push(`- ${where}: ${figs}; prefill is ${pct(f.prefillShare)} of its wall time (standard: ${pct(sf.prefillShare)}).`);
       continue;
     }
     const why = [];
@@ -232,6 +232,7 @@ function lossesSection(entries, L) {
   L.push("From the rows of full generations above, each against the standard model's row at the same shape, K/V type, lengths and pool (rows from truncated generations are not judged). \"LCKV\" here is every condensed cache (LCKV, CLA, sandwich): they share the mechanism — a smaller cache, so a larger batch, with every layer still reading K/V — and so share the losses. A row is listed as a loss when it is slower end to end or in decode than the standard model, when its decode falls short of 70% of its bound, or when the bound itself is under 1.25x.", "");
   L.push("Losses:", "", ...(losses.length ? losses : ["- none among these rows."]), "");
   L.push("Wins (more than 1.1x end to end, none of the above):", "", ...(wins.length ? wins : ["- none among these rows."]), "");
+  if (even.length) L.push("About even (1x to 1.1x end to end, none of the above):", "", ...even, "");
 }
 
 /** Headline lines from experiment 1: per model and results file, the ranges of its ratios. */
