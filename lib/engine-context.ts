@@ -193,12 +193,20 @@ export class EngineContext {
   }
 
   /**
-   * A new request whose prompt fills the context leaves no room for a token without a context
-   * shift (prompt and completion fit in the context together): refused before any work, as vLLM
-   * refuses a prompt of max_model_len tokens, rather than prefilled for an empty reply.
+   * Whether `tokens` leave a generation no room for another: without a context shift, prompt and
+   * completion fit in the context together (vLLM's max_model_len); with "sink-window" the shift
+   * makes room.
+   */
+  fillsContext(tokens: number, opts: ResolvedGenerateOptions): boolean {
+    return opts.contextShift !== "sink-window" && tokens >= this.maxContext;
+  }
+
+  /**
+   * A new request whose prompt fills the context (fillsContext) is refused before any work, as
+   * vLLM refuses a prompt of max_model_len tokens, rather than prefilled for an empty reply.
    */
   refuseFullContext(promptTokens: number, opts: ResolvedGenerateOptions, what: string): void {
-    if (opts.maxNewTokens > 0 && opts.contextShift !== "sink-window" && promptTokens >= this.maxContext) {
+    if (opts.maxNewTokens > 0 && this.fillsContext(promptTokens, opts)) {
       throw new ContextOverflowError(`${what} has ${promptTokens} tokens and the context holds ${this.maxContext}: that leaves no room for a reply`);
     }
   }

@@ -302,7 +302,7 @@ export class Sequence implements Disposable {
     }
     // A sequence that fills the context has no room for a token without a shift: nothing runs
     // (no rewind, no pages reserved, no step).
-    if (opts.maxNewTokens > 0 && opts.contextShift !== "sink-window" && this.length >= this.engine.maxContext) return progress.result("length");
+    if (opts.maxNewTokens > 0 && this.engine.fillsContext(this.length, opts)) return progress.result("length");
     if (this.pending.length === 0 && opts.maxNewTokens > 0) {
       // The last token's logits are not kept: drop its K/V and run it again, with sampling.
       this.rewind(native, this.evaluated.length - 1);
@@ -363,11 +363,10 @@ export class Sequence implements Disposable {
           finishReason = "abort";
           break;
         }
-        // Without a context shift, prompt and completion fit in the context together (vLLM's
-        // max_model_len, and what the server's max_tokens check promises): the step whose token
-        // would lie past it does not run. With "sink-window" the pending token is what must fit,
-        // and the shift makes room for it.
-        if (opts.contextShift !== "sink-window" && this.length >= this.engine.maxContext) break;
+        // Without a context shift the step whose token would lie past the context does not run
+        // (what the server's max_tokens check promises). With "sink-window" the pending token is
+        // what must fit, and the shift makes room for it.
+        if (this.engine.fillsContext(this.length, opts)) break;
         if (this.length > this.engine.maxContext) {
           const before = this.evaluated.length;
           const { sink } = this.shiftPlan(opts.sinkTokens, before);
@@ -386,8 +385,8 @@ export class Sequence implements Disposable {
           try {
             // The last step (of maxNewTokens, or the one that fills the context without a shift)
             // queues no step after it.
-            const fills = opts.contextShift !== "sink-window" && this.length + 1 >= this.engine.maxContext;
-            ({ token: tok, logprobs } = await this.engine.scheduler.decode(native, run[0], sample, fills || tokens.length + 1 >= opts.maxNewTokens));
+            const last = this.engine.fillsContext(this.length + 1, opts) || tokens.length + 1 >= opts.maxNewTokens;
+            ({ token: tok, logprobs } = await this.engine.scheduler.decode(native, run[0], sample, last));
           } catch (e) {
             // Said of this sequence, not of "a sequence in the batch" it ran in.
             if (e instanceof DisposedError && this.native === null && !this.engine.disposed) throw new DisposedError("the sequence");

@@ -56,10 +56,10 @@ export function streamRequested(body: CommonBody): boolean {
 /**
  * n completions of the prompt: one stream, or n that share one prefill. A request whose prompt and
  * max_tokens together pass the model's context, or whose prompt alone fills it, is refused (400,
- * context_length_exceeded), as OpenAI and vLLM refuse it, rather than cut short at the context. Without max_tokens a
- * completion takes the model's default length, as vLLM takes it: generation_config.json's
- * max_new_tokens, else what its max_length leaves after the prompt, else 256 tokens
- * (Model.generationDefaults), ending at the context if that comes first.
+ * context_length_exceeded), as OpenAI and vLLM refuse it, rather than cut short at the context.
+ * Without max_tokens a completion takes the model's default length, as vLLM takes it:
+ * generation_config.json's max_new_tokens, else what its max_length leaves after the prompt, else
+ * 256 tokens (Model.generationDefaults), ending at the context if that comes first.
  */
 export function openStreams(model: Model, prompt: readonly number[], n: number, options: GenerateOptions, promptField: string): CompletionStream[] {
   const asked = options.maxNewTokens;

@@ -76,3 +76,21 @@ test("a generation that stops early leaves no page past its end in the prefix ca
     await ahead.dispose();
   }
 });
+
+test("a generation that ends at the context keeps no page past it, with or without run-ahead", async () => {
+  // A context of 49 tokens: the step that fills it evaluates position 47 and samples the last
+  // token, which stays pending; position 48's page (a fourth) must not be held after it.
+  const model = path.join(__dirname, "..", "..", "models", "default");
+  for (const runAhead of [false, true]) {
+    const m = await loadModel(model, { device: "cpu", dtype: "f32", prefixCache: 1, runAhead, maxContext: 49 });
+    try {
+      const r = await m.generate("Once upon a time there was a", { maxNewTokens: 100, temperature: 0, ignoreEos: true });
+      expect(r.usage.promptTokens + r.tokens.length).toBe(49);
+      expect(r.finishReason).toBe("length");
+      expect(m.cacheStats().pagesUsed).toBe(3);  // the prefix cache keeps its 48 evaluated tokens
+      expect(m.auditCache()).toBe("");
+    } finally {
+      await m.dispose();
+    }
+  }
+});
