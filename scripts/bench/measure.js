@@ -42,7 +42,10 @@ function randomIds(n, vocab, from = 0) {
  * (docs/profiling.md, "How to time a prefill"), so a timed span of appends ends with this.
  */
 async function hostSync(seq) {
-  for await (const x of seq.generate({ maxNewTokens: 1, temperature: 0, ignoreEos: true })) void x;
+  let tokens = 0;
+  for await (const x of seq.generate({ maxNewTokens: 1, temperature: 0, ignoreEos: true })) if (x.token !== null) tokens++;
+  // A sequence that fills the context generates nothing, and so waits for nothing.
+  if (tokens !== 1) throw new Error(`hostSync: a sequence of ${seq.length} tokens has no room for the token that waits for the device`);
 }
 
 /**
