@@ -10,7 +10,7 @@ import { EngineContext } from "./engine-context";
 import { AbortError, DisposedError, fromNative, InvalidInputError, InvalidOptionError } from "./errors";
 import { GenerationProgress, GenerationStream, generationStream } from "./generation-stream";
 import { NativeModel, NativePoolStats, NativeSequence } from "./native";
-import { describe, GenerateOptions, GenerationDefaults, posInt, ResolvedGenerateOptions } from "./options";
+import { describe, GenerateOptions, GenerationDefaults, posInt } from "./options";
 import { DecodeScheduler, DEFAULT_MAX_BATCH, SchedulerStats } from "./scheduler";
 import { isKvCacheDtype, KV_CACHE_DTYPES, KvCacheDtype } from "./kv-cache-dtype";
 import { PrefixCache, PrefixCacheStats } from "./prefix-cache";
@@ -138,14 +138,6 @@ export class Model implements AsyncDisposable {
   /** @internal */
   nativeModel(): NativeModel {
     return this.engine.nativeModel();
-  }
-
-  /**
-   * @internal generate()'s options resolved against this model's defaults, with the checks that
-   * need the model: before any work, so that a request that cannot go on fails at once.
-   */
-  resolveGenerate(options: GenerateOptions | undefined, contextTokens: number): ResolvedGenerateOptions {
-    return this.engine.resolveGenerate(options, contextTokens);
   }
 
   /** @internal Generation defaults from generation_config.json and the config. */
@@ -374,7 +366,7 @@ export class Model implements AsyncDisposable {
     closed: boolean[],
   ): Promise<SharedPrefill> {
     const prompt = this.toTokenIds(input);
-    const opts = this.resolveGenerate(options, prompt.length);
+    const opts = this.engine.resolveGenerate(options, prompt.length);
     this.engine.refuseFullContext(prompt.length, opts, "prompt");
     this.nativeModel();
     if (opts.maxNewTokens === 0) return { promptTokens: prompt.length, passes: 0, ended: "length" };

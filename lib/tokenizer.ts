@@ -228,7 +228,6 @@ const BYTE_OF_CHAR: Map<string, number> = (() => {
   return m;
 })();
 
-/** The types of a tokenizer.json decoder, a Sequence's included. */
 /**
  * The character a SentencePiece decoder turns into a space: a Replace step's pattern whose
  * content is " ", or Metaspace's replacement (undefined for other decoders).
@@ -242,6 +241,7 @@ function spaceMark(decoder: unknown): string | undefined {
   return undefined;
 }
 
+/** The types of a tokenizer.json decoder, a Sequence's included. */
 function decoderTypes(decoder: unknown): string[] {
   if (!decoder || typeof decoder !== "object") return [];
   const d = decoder as { type?: unknown; decoders?: unknown };
