@@ -13,7 +13,7 @@ Phases, each timed:
           uses the default model's, models/default);
   train   train.py --config CONFIG (skipped with --model);
   study   scripts/reference/condense_study.py: linear and share through lckv condense and the
-          engine, in f32, int8 and int4 K/V caches, at 75, 50, 33 and 25% of the K/V kept, and
+          engine, in each K/V cache type of --kv-dtypes (all five by default), at 75, 50, 33 and 25% of the K/V kept, and
           MiniCache's SLERP merge in the PyTorch reference; the condensed models are kept;
   heal    for each name of --heal (a condensed model <method>-<fraction>, or "source" for the
           trained model itself: the control, what the same fine-tune does to a model that lost
@@ -202,6 +202,8 @@ def main():
     ap.add_argument("--work", default=os.path.join(ROOT, ".data", "condense-experiment"))
     ap.add_argument("--max-tokens", type=int, default=20000, help="evaluation tokens")
     ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--kv-dtypes", default="f32,bf16,fp8,int8,int4",
+                    help="K/V cache types the study scores linear and share in")
     ap.add_argument("--device", help="the engine's device for the study (default: cuda if PyTorch sees a GPU)")
     ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                     help="processes for the study (default: the cores this process may use)")
@@ -267,7 +269,7 @@ def main():
         study_json = os.path.join(a.out, "study.json")
         run.phase("study", lambda: run.cmd([
             sys.executable, "scripts/reference/condense_study.py", "--model", model, "--calib", calib, "--text", val,
-            "--fractions", "1,0.75,0.5,0.33,0.25", "--kv-dtypes", "f32,int8,int4", "--max-tokens", str(a.max_tokens),
+            "--fractions", "1,0.75,0.5,0.33,0.25", "--kv-dtypes", a.kv_dtypes, "--max-tokens", str(a.max_tokens),
             "--calib-tokens", str(a.calib_tokens), "--device", a.device, "--jobs", str(a.jobs), "--keep", condensed,
             "--json", study_json]))
         with open(study_json) as f:
