@@ -4,9 +4,9 @@
  * Window w covers ids[w*n, (w+1)*n); inside it, tokens 1..len-1 are predicted from their
  * prefix in the window; a final window shorter than 2 tokens is dropped.
  */
-import { InvalidInputError, InvalidOptionError } from "./errors";
+import { InvalidInputError, InvalidOptionError, TokenOutOfRangeError } from "./errors";
 import { Model } from "./model";
-import { PrefillMode } from "./options";
+import { describe, PrefillMode } from "./options";
 
 export interface PerplexityResult {
   perplexity: number;
@@ -18,17 +18,42 @@ export interface PerplexityResult {
   passes: number[];
 }
 
-export async function evaluatePerplexity(
-  model: Model,
-  ids: readonly number[],
-  options: { window?: number; prefill?: PrefillMode; prefillPasses?: number; prefillTolerance?: number; onWindow?: (done: number, total: number) => void } = {},
-): Promise<PerplexityResult> {
+export interface PerplexityOptions {
+  /** Tokens per window (default: the model's context). */
+  window?: number;
+  prefill?: PrefillMode;
+  prefillPasses?: number;
+  prefillTolerance?: number;
+  /** Called after each window with the windows done and their total. */
+  onWindow?: (done: number, total: number) => void;
+}
+
+const PERPLEXITY_KEYS = new Set(["window", "prefill", "prefillPasses", "prefillTolerance", "onWindow"]);
+
+/**
+ * Perplexity of `ids` (token ids: text is tokenized first, model.tokenizer.encode, so that the
+ * caller decides whether special tokens are added).
+ */
+export async function evaluatePerplexity(model: Model, ids: readonly number[], options: PerplexityOptions = {}): Promise<PerplexityResult> {
+  if (options === null || typeof options !== "object" || Array.isArray(options)) throw new InvalidOptionError("options", `must be an object, got ${describe(options)}`);
+  for (const k of Object.keys(options)) {
+    if (!PERPLEXITY_KEYS.has(k)) throw new InvalidOptionError(k, `is not a perplexity option (known: ${[...PERPLEXITY_KEYS].join(", ")})`);
+  }
+  if (options.onWindow !== undefined && typeof options.onWindow !== "function") throw new InvalidOptionError("onWindow", `must be a function, got ${describe(options.onWindow)}`);
+  // A string would be read a character at a time, each character an index into the logits.
+  if (!Array.isArray(ids) && !ArrayBuffer.isView(ids)) {
+    throw new InvalidInputError(`perplexity takes an array of token ids (tokenize text first: model.tokenizer.encode(text)), got ${describe(ids)}`);
+  }
+  const V = model.config.vocabSize;
+  for (let i = 0; i < ids.length; i++) {
+    const t = ids[i];
+    if (!Number.isInteger(t) || t < 0 || t >= V) throw new TokenOutOfRangeError(`token ${i} is ${describe(t)}: token ids are integers in [0, ${V})`);
+  }
   const n = options.window ?? model.maxContext;
   if (!Number.isSafeInteger(n) || n < 2 || n > model.maxContext) {
     throw new InvalidOptionError("window", `must be an integer in [2, ${model.maxContext}], got ${n}`);
   }
   if (ids.length < 2) throw new InvalidInputError(`perplexity needs at least 2 tokens, got ${ids.length}`);
-  const V = model.config.vocabSize;
   let nll = 0;
   let count = 0;
   const passes: number[] = [];

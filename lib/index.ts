@@ -30,6 +30,6 @@ export type { SchedulerStats } from "./scheduler";
 export type { PrefixCacheStats } from "./prefix-cache";
 export { Tokenizer } from "./tokenizer";
 export { evaluatePerplexity } from "./eval";
-export type { PerplexityResult } from "./eval";
+export type { PerplexityOptions, PerplexityResult } from "./eval";
 export type { ChatMessage } from "./tokenizer";
 export * from "./errors";

@@ -10,6 +10,7 @@ import {
   KvCacheDtype,
   ContextOverflowError,
   DisposedError,
+  evaluatePerplexity,
   InvalidInputError,
   InvalidOptionError,
   loadModel,
@@ -274,6 +275,32 @@ describe("inputs and options", () => {
     }
     await expect(m.logits([3, 99])).rejects.toThrow(TokenOutOfRangeError);
     await m.dispose();
+  });
+
+  test("evaluatePerplexity: text instead of ids, ids outside the vocabulary and unknown options are refused by name", async () => {
+    const m = await load(dir);
+    try {
+      const ids = [1, 5, 9, 3, 7, 2, 4, 6];
+      const good = await evaluatePerplexity(m, ids, { window: 4 });
+      expect(Number.isFinite(good.perplexity)).toBe(true);
+      const text = await evaluatePerplexity(m, "The king" as unknown as number[]).catch((x) => x);
+      expect(text).toBeInstanceOf(InvalidInputError);
+      expect(text.message).toMatch(/perplexity takes an array of token ids .*got "The king"/);
+      for (const [bad, what] of [[[1, 64], /token 1 is 64/], [[1, 2.5], /token 1 is 2\.5/], [[-1, 2], /token 0 is -1/]] as const) {
+        const e = await evaluatePerplexity(m, bad as unknown as number[]).catch((x) => x);
+        expect(e).toBeInstanceOf(TokenOutOfRangeError);
+        expect(e.message).toMatch(what);
+        expect(e.message).toMatch(/token ids are integers in \[0, 64\)/);
+      }
+      const typo = await evaluatePerplexity(m, ids, { windw: 4 } as never).catch((x) => x);
+      expect(typo).toBeInstanceOf(InvalidOptionError);
+      expect(typo.message).toMatch(/option 'windw': is not a perplexity option \(known: window, /);
+      await expect(evaluatePerplexity(m, ids, { onWindow: 3 } as never)).rejects.toThrow(/option 'onWindow': must be a function, got 3/);
+      // The model still scores as before.
+      expect((await evaluatePerplexity(m, ids, { window: 4 })).perplexity).toBe(good.perplexity);
+    } finally {
+      await m.dispose();
+    }
   });
 
   test("a prompt longer than the context", async () => {
