@@ -220,7 +220,7 @@ addSamplingOptions(
   program
     .command("generate")
     .description("stream a completion of the prompt to stdout")
-    .argument("[prompt]", "text to continue (default: read stdin when it is not a terminal, less its final newline)")
+    .argument("[prompt]", "text to continue (default: stdin, less its final newline; a terminal is refused)")
     .addOption(modelOption())
     .addOption(revisionOption()),
 )
@@ -232,7 +232,11 @@ addSamplingOptions(
   .addOption(quietOption())
   .action(async (prompt: string | undefined, o) => {
     const g = samplingOptions(o);
-    if (prompt === undefined && !process.stdin.isTTY) {
+    if (prompt === undefined && process.stdin.isTTY) {
+      // Nothing to continue: a forgotten prompt would otherwise print text from nothing.
+      throw new InvalidInputError("no prompt: give it as the argument or on stdin");
+    }
+    if (prompt === undefined) {
       const chunks: Buffer[] = [];
       for await (const c of process.stdin) chunks.push(c as Buffer);
       // The newline that ends what `echo` or a text file gives is the end of the input, not a
@@ -246,10 +250,13 @@ addSamplingOptions(
     printStats(result, o.quiet, model.maxContext);
   });
 
+// What a chat line can do besides talk, said where the chat starts and where a turn is refused.
+const CHAT_KEYS = "/reset clears the conversation; an empty line or Ctrl-D ends the chat";
+
 addSamplingOptions(
   program
     .command("chat")
-    .description("talk to a model in the terminal, through its chat template, streaming each reply")
+    .description("talk to a model in the terminal, through its chat template, streaming each reply (/reset clears the conversation)")
     .addOption(modelOption())
     .addOption(revisionOption())
     .option("--system <text>", "a system message that opens the conversation"),
@@ -262,15 +269,24 @@ addSamplingOptions(
   .action(async (o) => {
     const g = samplingOptions(o);
     await using model = await open(o);
-    using session = model.createChatSession(o.system ? { system: o.system } : {});  // no template: fails here
+    const newSession = () => model.createChatSession(o.system ? { system: o.system } : {});  // no template: fails here
+    let session = newSession();
     // Lines are read through the interface's iterator, which holds the lines that arrive while
     // a reply streams (a pasted or piped conversation loses none).
     const tty = !!process.stdin.isTTY;
     const rl = readline.createInterface({ input: process.stdin, terminal: tty, output: tty ? process.stdout : undefined });
     try {
-      if (tty) process.stdout.write("(an empty line or Ctrl-D ends the chat)\n> ");
+      if (tty) process.stdout.write(`(${CHAT_KEYS})\n> `);
       for await (const line of rl) {
         if (line.trim() === "") break;
+        if (line.trim() === "/reset") {
+          // A new conversation (the system message kept): the way on once the context is full.
+          session.dispose();
+          session = newSession();
+          process.stderr.write("lckv: the conversation is cleared\n");
+          if (tty) process.stdout.write("> ");
+          continue;
+        }
         // The session keeps its sequence between turns: each turn prefills only its new tokens.
         // A turn the context cannot hold is refused before it starts and leaves the conversation
         // as it was, so the chat goes on (a shorter message may still fit).
@@ -279,7 +295,7 @@ addSamplingOptions(
           result = await streamTo(session.send(line, g));
         } catch (e) {
           if (!(e instanceof ContextOverflowError)) throw e;
-          process.stderr.write(`lckv: ${e.message}; that message was not sent (an empty line ends the chat)\n`);
+          process.stderr.write(`lckv: ${e.message}; that message was not sent (${CHAT_KEYS})\n`);
           if (tty) process.stdout.write("> ");
           continue;
         }
@@ -290,6 +306,7 @@ addSamplingOptions(
       }
     } finally {
       rl.close();
+      session.dispose();
     }
   });
 

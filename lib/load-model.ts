@@ -255,7 +255,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
       // the pool, and said so.
       const pool = `the K/V pool (${poolBytes} bytes${options.kvCacheMemory === undefined ? ", the default" : ""}) holds ${poolTokens} tokens of one sequence`;
       if (options.maxContext !== undefined) throw new InvalidOptionError("maxContext", `${maxContext} tokens do not fit: ${pool}; raise kvCacheMemory (lckv --kv-cache-memory) or ask for at most ${poolTokens}`);
-      if (!process.env.LCKV_QUIET) process.stderr.write(`lckv: the context is ${poolTokens} tokens, not the model's ${maxContext}: ${pool} (kvCacheMemory sets its size)\n`);
+      if (!process.env.LCKV_QUIET) process.stderr.write(`lckv: the context is ${poolTokens} tokens, not the model's ${maxContext}: ${pool} (kvCacheMemory, lckv --kv-cache-memory, sets its size)\n`);
       maxContext = poolTokens;
     }
   } catch (e) {

@@ -214,6 +214,15 @@ test("eval-ppl on an empty file is a typed error with a non-zero exit", () => {
   }
 });
 
+test("generate on a terminal without a prompt says so instead of continuing from nothing", () => {
+  // A pseudo-terminal for stdin (util-linux script): the check is on process.stdin.isTTY.
+  const cmd = [process.execPath, cli, "generate", "-n", "3", "--model", fixture].map((a) => `'${a}'`).join(" ");
+  const r = spawnSync("script", ["-qec", cmd, "/dev/null"], { cwd: root, encoding: "utf8", env: { ...process.env, LCKV_QUIET: "1" }, input: "" });
+  expect(r.error).toBeUndefined();
+  expect(r.stdout).toMatch(/^lckv: no prompt: give it as the argument or on stdin\r?$/m);
+  expect(r.status).toBe(1);
+});
+
 test("chat answers each line through the chat template, one stats line a turn", () => {
   const chatModel = path.join(root, "test", "fixtures", "llama-mha-hd16");
   const r = run(["chat", "--model", chatModel, "-n", "4", "-t", "0", "--device", "cpu"], "hello there\nhow are you\n", false);
@@ -232,6 +241,14 @@ test("chat answers each line through the chat template, one stats line a turn", 
   expect(over.err).toMatch(/context holds 128; that message was not sent/);
   expect(over.err.split("\n").filter((l) => STATS.test(l))).toHaveLength(2);
   expect(over.out).toBe(r.out);
+  // /reset starts the conversation again: the same first reply as at the start.
+  const reset = run(["chat", "--model", chatModel, "-n", "4", "-t", "0", "--device", "cpu"], `hello there\n/reset\nhello there\n`, false);
+  expect(reset.code).toBe(0);
+  expect(reset.err).toMatch(/lckv: the conversation is cleared/);
+  const replies = reset.out.split("\n").filter((l) => l !== "");
+  expect(replies).toHaveLength(2);
+  expect(replies[1]).toBe(replies[0]);
+  expect(over.err).toMatch(/that message was not sent \(\/reset clears the conversation; an empty line or Ctrl-D ends the chat\)/);
   // A model without a chat template fails before reading anything.
   const none = run(["chat", "--model", fixture], "hi\n");
   expect(none.code).toBe(1);

@@ -267,7 +267,7 @@ test("a pool smaller than the model's context cuts it with a notice; a maxContex
   }
   expect(m.maxContext).toBeLessThan(4096);
   expect(written.join("")).toBe(
-    `lckv: the context is ${m.maxContext} tokens, not the model's 4096: the K/V pool (${budget} bytes) holds ${m.maxContext} tokens of one sequence (kvCacheMemory sets its size)\n`,
+    `lckv: the context is ${m.maxContext} tokens, not the model's 4096: the K/V pool (${budget} bytes) holds ${m.maxContext} tokens of one sequence (kvCacheMemory, lckv --kv-cache-memory, sets its size)\n`,
   );
   await m.dispose();
   const e = await loadModel(dir, { device: "cpu", kvCacheMemory: budget, maxContext: 4096 }).catch((x) => x);
