@@ -183,11 +183,9 @@ export class EngineContext {
     });
     if (ids.length === 0) throw new InvalidInputError(`${what} is empty`, "LCKV_EMPTY_PROMPT");
     if (alreadyInContext + ids.length > this.maxContext) {
-      throw new ContextOverflowError(
-        alreadyInContext > 0
-          ? `${what} has ${ids.length} tokens; with the ${alreadyInContext} already in the sequence that is more than the context holds (${this.maxContext})`
-          : `${what} has ${ids.length} tokens but the context holds ${this.maxContext}`,
-      );
+      throw alreadyInContext > 0
+        ? new ContextOverflowError(`${what} has ${ids.length} tokens; with the ${alreadyInContext} already in the sequence that is more than the context holds (${this.maxContext})`)
+        : new ContextOverflowError(`${what} has ${ids.length} tokens but the context holds ${this.maxContext}`, { count: ids.length, atLeast: false });
     }
     return ids;
   }
@@ -246,6 +244,7 @@ export class EngineContext {
         throw new ContextOverflowError(
           `${what} has more than ${room} tokens (${inPrefix} in its first ${cut} of ${text.length} characters), ` +
             (alreadyInContext > 0 ? `more than the context (${this.maxContext}) holds with the ${alreadyInContext} already in the sequence` : `but the context holds ${this.maxContext}`),
+          alreadyInContext > 0 ? undefined : { count: inPrefix, atLeast: true },
         );
       }
     }

@@ -104,7 +104,14 @@ export class TokenOutOfRangeError extends InvalidInputError {
 
 /** More tokens than the context holds. */
 export class ContextOverflowError extends InvalidInputError {
-  constructor(message: string) {
+  /**
+   * @param inputTokens where one input alone did not fit: its tokens, or (atLeast) how many a
+   *   prefix of it already had (a text far past the context is not tokenized whole).
+   */
+  constructor(
+    message: string,
+    readonly inputTokens?: { count: number; atLeast: boolean },
+  ) {
     super(message, "LCKV_CONTEXT_OVERFLOW");
   }
 }

@@ -71,11 +71,32 @@ export function openStreams(model: Model, prompt: readonly number[], n: number, 
   }
   if (asked === undefined && prompt.length >= model.maxContext) {
     throw new ContextOverflowError(
-      `This model's maximum context length is ${model.maxContext} tokens. However, your ${promptField} has ${prompt.length} tokens, ` +
+      `This model's maximum context length is ${model.maxContext} tokens. However, your ${promptField} ${has(promptField)} ${prompt.length} tokens, ` +
         `which leaves no room for the completion. Please reduce the length of the ${promptField}.`,
     );
   }
   return n === 1 ? [model.stream(prompt, options)] : model.streamMany(prompt, n, options);
+}
+
+/** The verb for a prompt field's name: "messages" are plural. */
+const has = (promptField: string) => (promptField === "messages" ? "have" : "has");
+
+/**
+ * A request's prompt ids (`tokenize` checks them): a prompt longer than the context is refused in
+ * the words of openStreams' refusals (OpenAI's and vLLM's), which clients may parse.
+ */
+export function requestPromptIds(model: Model, promptField: string, tokenize: () => number[]): number[] {
+  try {
+    return tokenize();
+  } catch (e) {
+    if (!(e instanceof ContextOverflowError) || !e.inputTokens) throw e;
+    const { count, atLeast } = e.inputTokens;
+    throw new ContextOverflowError(
+      `This model's maximum context length is ${model.maxContext} tokens. However, your ${promptField} ${has(promptField)} ${atLeast ? "at least " : ""}${count} tokens. ` +
+        `Please reduce the length of the ${promptField}.`,
+      e.inputTokens,
+    );
+  }
 }
 
 /** What the endpoint does with each chunk and each result: `index` is the completion's, 0..n-1. */

@@ -6,7 +6,7 @@ import type { FastifyInstance } from "fastify";
 import { InvalidOptionError } from "../errors";
 import type { ChatMessage } from "../tokenizer";
 import type { GenerateResult, StreamChunk } from "../types";
-import { finishReason, generateOptions, openStreams, responseHeader, streamRequested, usage } from "./generation";
+import { finishReason, generateOptions, openStreams, requestPromptIds, responseHeader, streamRequested, usage } from "./generation";
 import { ChatLogprobs, ChatTokenLogprob, TokenTexts } from "./logprobs";
 import { errorBody, HttpError } from "./openai-errors";
 import { serveCompletions, ServerContext } from "./request-handler";
@@ -32,7 +32,7 @@ function templateMessages(messages: ChatMessageBody[]): ChatMessage[] {
 
 /** The prompt's token ids, checked against the context. */
 function chatPrompt(ctx: ServerContext, messages: ChatMessageBody[]): number[] {
-  return ctx.model.chatTokenIds(templateMessages(messages), "messages");
+  return requestPromptIds(ctx.model, "messages", () => ctx.model.chatTokenIds(templateMessages(messages), "messages"));
 }
 
 /** The log-probabilities the request asks for, as lckv's `logprobs` option (undefined: none). */

@@ -7,7 +7,7 @@
 import type { FastifyInstance } from "fastify";
 import { MAX_COMPLETIONS } from "../model";
 import type { GenerateResult, StreamChunk } from "../types";
-import { finishReason, generateOptions, openStreams, responseHeader, streamRequested, usage } from "./generation";
+import { finishReason, generateOptions, openStreams, requestPromptIds, responseHeader, streamRequested, usage } from "./generation";
 import { CompletionLogprobsBuilder, TokenTexts } from "./logprobs";
 import { errorBody, HttpError } from "./openai-errors";
 import { serveCompletions, ServerContext } from "./request-handler";
@@ -56,7 +56,7 @@ export function registerCompletionRoutes(app: FastifyInstance, ctx: ServerContex
       stream,
       start: (signal) => {
         // Every prompt is checked before any completion is opened.
-        const prompts = promptList(body.prompt, n).map(({ input, field }) => ({ ids: ctx.model.toTokenIds(input, field), field }));
+        const prompts = promptList(body.prompt, n).map(({ input, field }) => ({ ids: requestPromptIds(ctx.model, field, () => ctx.model.toTokenIds(input, field)), field }));
         const options = generateOptions(body, body.max_tokens, logprobs, signal);
         const streams = prompts.flatMap(({ ids, field }) => openStreams(ctx.model, ids, n, options, field));
         text = Array(streams.length).fill("");

@@ -254,11 +254,22 @@ test("400: a prompt longer than the context", async () => {
   expect(chat.status).toBe(400);
   expect(chat.code).toBe("context_length_exceeded");
   expect(chat.param).toBe("messages");
+  // In the words of OpenAI's refusal (which clients parse), as one that leaves no room is refused.
+  const ctxLen = model.maxContext;
+  expect(chat.message).toMatch(new RegExp(`^400 This model's maximum context length is ${ctxLen} tokens\\. However, your messages have (at least )?\\d+ tokens\\. Please reduce the length of the messages\\.$`));
   const streamed = await failure(srv.client.completions.create({ model: "m", prompt: long, stream: true }));
   expect(streamed.status).toBe(400);
   expect(streamed.param).toBe("prompt");
-  const ids = await failure(srv.client.completions.create({ model: "m", prompt: [999999] }));
-  expect(ids.status).toBe(400);
+  expect(streamed.message).toMatch(new RegExp(`^400 This model's maximum context length is ${ctxLen} tokens\\. However, your prompt has (at least )?\\d+ tokens\\. Please reduce the length of the prompt\\.$`));
+  const ids = await failure(srv.client.completions.create({ model: "m", prompt: Array(ctxLen + 1).fill(5) }));
+  expect(ids.code).toBe("context_length_exceeded");
+  expect(ids.message).toBe(`400 This model's maximum context length is ${ctxLen} tokens. However, your prompt has ${ctxLen + 1} tokens. Please reduce the length of the prompt.`);
+  // A text far past the context is counted from its start only.
+  const far = await failure(srv.client.completions.create({ model: "m", prompt: "word ".repeat(100_000) }));
+  expect(far.code).toBe("context_length_exceeded");
+  expect(far.message).toMatch(new RegExp(`^400 This model's maximum context length is ${ctxLen} tokens\\. However, your prompt has at least \\d+ tokens\\.`));
+  const outside = await failure(srv.client.completions.create({ model: "m", prompt: [999999] }));
+  expect(outside.status).toBe(400);
   await expectIdle(model);
 });
 
