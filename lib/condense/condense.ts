@@ -66,7 +66,7 @@ export async function condenseModel(dirOrId: string, o: CondenseOptions): Promis
   if (method !== "linear" && method !== "share") throw new InvalidOptionError("method", `must be "linear" or "share", got ${JSON.stringify(method)}`);
   if (typeof o.out !== "string" || o.out === "") throw new InvalidOptionError("out", "must be a directory path");
   const out = path.resolve(o.out);
-  if (fs.existsSync(out)) throw new InvalidOptionError("out", `${out} already exists; condense writes a new directory`);
+  checkOutputPath(out);
   const dir = !fs.existsSync(dirOrId) && isHubModelId(dirOrId) ? await resolveModel(dirOrId) : path.resolve(dirOrId);
   const configFile = path.join(dir, "config.json");
   const rawConfig = readJson(configFile) as Record<string, unknown>;
@@ -157,7 +157,36 @@ export async function condenseModel(dirOrId: string, o: CondenseOptions): Promis
     return report;
   } finally {
     await source.dispose();
-    fs.rmSync(tmp, { recursive: true, force: true });
+    // Never throws: a failure to clean up must not hide the error that ended the run.
+    try {
+      fs.rmSync(tmp, { recursive: true, force: true });
+    } catch {
+      /* left behind, named by its .partial suffix */
+    }
+  }
+}
+
+/**
+ * Refuses, before any work, an output the final rename could not create: a path that exists (a
+ * symbolic link to nothing too), or one whose nearest existing ancestor is not a writable
+ * directory (missing directories between are made).
+ */
+function checkOutputPath(out: string): void {
+  const stat = (p: string, follow: boolean) => {
+    try {
+      return follow ? fs.statSync(p) : fs.lstatSync(p);
+    } catch {
+      return undefined;
+    }
+  };
+  if (stat(out, false)) throw new InvalidOptionError("out", `${out} already exists; condense writes a new directory`);
+  let parent = path.dirname(out);
+  while (!stat(parent, true) && path.dirname(parent) !== parent) parent = path.dirname(parent);
+  if (!stat(parent, true)?.isDirectory()) throw new InvalidOptionError("out", `${parent} is not a directory, so ${out} cannot be made`);
+  try {
+    fs.accessSync(parent, fs.constants.W_OK);
+  } catch {
+    throw new InvalidOptionError("out", `${parent} is not writable, so ${out} cannot be made`);
   }
 }
 

@@ -285,6 +285,25 @@ describe("lckv condense on a model with an exact linear relation between two lay
     expect(e).toBeInstanceOf(InvalidOptionError);
     expect(e.option).toBe("out");
     expect(fs.readdirSync(out)).toEqual([]);
+    // Outputs the final rename could not make are refused before any work, by name: a symbolic
+    // link to nothing, and a path under a file.
+    const dangling = path.join(parent, "dangling");
+    fs.symlinkSync(path.join(parent, "nowhere"), dangling);
+    e = await run({ out: dangling });
+    expect(e).toBeInstanceOf(InvalidOptionError);
+    expect(e.message).toMatch(/option 'out': .*dangling already exists/);
+    const file = path.join(parent, "file.txt");
+    fs.writeFileSync(file, "x");
+    for (const under of [path.join(file, "sub"), path.join(file, "a", "b")]) {
+      e = await run({ out: under });
+      expect(e).toBeInstanceOf(InvalidOptionError);
+      expect(e.message).toMatch(/option 'out': .*file\.txt is not a directory, so .* cannot be made/);
+    }
+    // A path with missing directories on the way passes the check (they would be made); this run
+    // is refused for its calibration, before anything is written.
+    e = await run({ out: path.join(parent, "new", "deeper", "m"), calibrationText: "too short" });
+    expect(e.code).toBe("LCKV_CALIBRATION_TOO_SHORT");
+    expect(fs.readdirSync(parent).sort()).toEqual(["dangling", "file.txt", "m"]);
   });
 });
 
