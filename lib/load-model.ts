@@ -128,7 +128,7 @@ const MAX_THREADS = 1024;
  * (see resolveModel); without `dir`, the embedded default model.
  */
 export async function loadModel(dir?: string, options: LoadOptions = {}): Promise<Model> {
-  if (options === null || typeof options !== "object") throw new InvalidOptionError("options", "must be an object");
+  if (options === null || typeof options !== "object" || Array.isArray(options)) throw new InvalidOptionError("options", `must be an object, got ${describe(options)}`);
   for (const k of Object.keys(options)) {
     if (!LOAD_KEYS.has(k)) throw new InvalidOptionError(k, `is not a loadModel option (known: ${[...LOAD_KEYS].join(", ")})`);
   }
@@ -145,9 +145,9 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
     if (options.revision !== undefined) throw new InvalidOptionError("revision", `applies to a hub id only; ${modelDir} is a local directory`);
   }
   checkDownloadOptions({ revision: options.revision, progress: options.onDownloadProgress, signal: options.signal }, "onDownloadProgress");
-  const device = options.device ?? "auto";
+  const device = options.device === undefined ? "auto" : options.device;
   if (!["auto", "cuda", "cpu"].includes(device)) throw new InvalidOptionError("device", `must be "auto", "cuda" or "cpu", got ${describe(device)}`);
-  const dtype = options.dtype ?? "auto";
+  const dtype = options.dtype === undefined ? "auto" : options.dtype;
   if (!(DTYPES as readonly string[]).includes(dtype)) throw new InvalidOptionError("dtype", `must be "auto", "f32", "f16" or "bf16", got ${describe(dtype)}`);
   if (options.kvCacheDtype !== undefined && !isKvCacheDtype(options.kvCacheDtype)) throw new InvalidOptionError("kvCacheDtype", `must be one of ${KV_CACHE_DTYPES.map((t) => `"${t}"`).join(", ")}, got ${describe(options.kvCacheDtype)}`);
   if (options.threads !== undefined) posInt("threads", options.threads, MAX_THREADS);
@@ -182,7 +182,10 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   if (hubId !== undefined) {
     modelDir = await resolveModel(hubId, { revision: options.revision, onProgress: options.onDownloadProgress, signal: options.signal });
   }
-  if (options.signal?.aborted) throw new AbortError("loadModel aborted");
+  const checkAbort = () => {
+    if (options.signal?.aborted) throw new AbortError("loadModel aborted");
+  };
+  checkAbort();
 
   const configFile = path.join(modelDir, "config.json");
   if (!fs.existsSync(configFile)) throw new ModelLoadError(`${modelDir}: missing config.json`, configFile);
@@ -198,6 +201,16 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
     throw new InvalidOptionError("maxContext", `${maxContext} exceeds the model's max_position_embeddings (${config.maxPositionEmbeddings})`);
   }
 
+  // The caller's own error from onProgress goes back to it as thrown, not as a fault of lckv.
+  let callerError: { error: unknown } | undefined;
+  const progress = (fraction: number) => {
+    try {
+      options.onProgress?.(fraction);
+    } catch (error) {
+      callerError = { error };
+      throw error;
+    }
+  };
   let native: NativeModel;
   let kvCacheDtype: KvCacheDtype;
   try {
@@ -215,7 +228,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
     }
     const total = sources.reduce((a, s) => a + s.nbytes, 0);
     let done = 0;
-    options.onProgress?.(0);
+    progress(0);
     // Batches of ~64 MB keep the progress moving without a call per tensor.
     for (let i = 0; i < sources.length; ) {
       const batch = [];
@@ -224,11 +237,13 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
         bytes += sources[i].nbytes;
         batch.push(sources[i++]);
       }
-      if (options.signal?.aborted) throw new AbortError("loadModel aborted");
+      checkAbort();
       await native.loadTensors(batch);
       done += bytes;
-      options.onProgress?.(total > 0 ? done / total : 1);
+      progress(total > 0 ? done / total : 1);
     }
+    // An abort during the last batch (all of a small model's weights) is seen too.
+    checkAbort();
     native.finalize();
     let poolBytes = options.kvCacheMemory;
     if (poolBytes === undefined) {
@@ -258,8 +273,10 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
       if (!process.env.LCKV_QUIET) process.stderr.write(`lckv: the context is ${poolTokens} tokens, not the model's ${maxContext}: ${pool} (kvCacheMemory, lckv --kv-cache-memory, sets its size)\n`);
       maxContext = poolTokens;
     }
+    checkAbort();
   } catch (e) {
     native.dispose();
+    if (callerError && e === callerError.error) throw e;
     throw fromNative(e);
   }
   return new Model(modelDir, config, native, tokenizer, generationConfig, maxContext, kvCacheDtype, prefixCache, { maxQueue, queueTimeout }, maxBatch);

@@ -138,6 +138,7 @@ function finite(name: string, v: unknown): number {
 export function describe(v: unknown): string {
   if (typeof v === "string") return JSON.stringify(v);
   if (typeof v === "number" || typeof v === "boolean" || v === null || v === undefined) return String(v);
+  if (Array.isArray(v)) return "an array";
   return typeof v;
 }
 

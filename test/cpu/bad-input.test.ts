@@ -277,6 +277,27 @@ describe("inputs and options", () => {
     await m.dispose();
   });
 
+  test("loadModel: an abort during the last weights is seen, a callback's own error comes back as thrown, and options must be an object", async () => {
+    // Aborted from onProgress once every weight is in (a small model is one batch): AbortError,
+    // not a model.
+    const controller = new AbortController();
+    const aborted = await load(dir, { signal: controller.signal, onProgress: (f: number) => f === 1 && controller.abort() }).catch((x) => x);
+    expect(aborted).toBeInstanceOf(LckvError);
+    expect(aborted.code).toBe("LCKV_ABORTED");
+    const mine = new TypeError("the caller's bug");
+    const thrown = await load(dir, { onProgress: (f: number) => { if (f === 1) throw mine; } }).catch((x) => x);
+    expect(thrown).toBe(mine);
+    for (const [options, what] of [[[], /option 'options': must be an object, got an array/], [{ device: null }, /option 'device': must be "auto", "cuda" or "cpu", got null/], [{ dtype: null }, /option 'dtype': .*got null/]] as const) {
+      const e = await loadModel(dir, options as never).catch((x) => x);
+      expect(e).toBeInstanceOf(InvalidOptionError);
+      expect(e.message).toMatch(what);
+    }
+    // The process loads and runs models as before.
+    const m = await load(dir);
+    expect((await m.generate([1, 2], { maxNewTokens: 2, temperature: 0 })).tokens).toHaveLength(2);
+    await m.dispose();
+  });
+
   test("evaluatePerplexity: text instead of ids, ids outside the vocabulary and unknown options are refused by name", async () => {
     const m = await load(dir);
     try {
