@@ -35,6 +35,7 @@ const PERPLEXITY_KEYS = new Set(["window", "prefill", "prefillPasses", "prefillT
  * caller decides whether special tokens are added).
  */
 export async function evaluatePerplexity(model: Model, ids: readonly number[], options: PerplexityOptions = {}): Promise<PerplexityResult> {
+  if (!(model instanceof Model)) throw new InvalidOptionError("model", `must be a Model from loadModel(), got ${describe(model)}`);
   if (options === null || typeof options !== "object" || Array.isArray(options)) throw new InvalidOptionError("options", `must be an object, got ${describe(options)}`);
   for (const k of Object.keys(options)) {
     if (!PERPLEXITY_KEYS.has(k)) throw new InvalidOptionError(k, `is not a perplexity option (known: ${[...PERPLEXITY_KEYS].join(", ")})`);
@@ -51,7 +52,7 @@ export async function evaluatePerplexity(model: Model, ids: readonly number[], o
   }
   const n = options.window ?? model.maxContext;
   if (!Number.isSafeInteger(n) || n < 2 || n > model.maxContext) {
-    throw new InvalidOptionError("window", `must be an integer in [2, ${model.maxContext}], got ${n}`);
+    throw new InvalidOptionError("window", `must be an integer in [2, ${model.maxContext}], got ${describe(n)}`);
   }
   if (ids.length < 2) throw new InvalidInputError(`perplexity needs at least 2 tokens, got ${ids.length}`);
   let nll = 0;

@@ -11,7 +11,7 @@ import { createHash, timingSafeEqual } from "node:crypto";
 import * as path from "node:path";
 import Fastify, { FastifyInstance } from "fastify";
 import { InvalidOptionError } from "../errors";
-import type { Model } from "../model";
+import { Model } from "../model";
 import { describe, posInt } from "../options";
 import { closeConnectionsOnClose } from "./connections";
 import { ServerMetrics } from "./metrics";
@@ -76,6 +76,8 @@ function keyCheck(apiKey: string): (header: string | undefined) => boolean {
 }
 
 export function createServer(model: Model, options: ServerOptions = {}): FastifyInstance {
+  if (!(model instanceof Model)) throw new InvalidOptionError("model", `must be a Model from loadModel(), got ${describe(model)}`);
+  if (model.disposed) throw new InvalidOptionError("model", "was disposed: load it again");
   checkServerOptions(options);
   const app = Fastify({
     logger: options.logger ?? false,

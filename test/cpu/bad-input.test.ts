@@ -317,6 +317,9 @@ describe("inputs and options", () => {
       expect(typo).toBeInstanceOf(InvalidOptionError);
       expect(typo.message).toMatch(/option 'windw': is not a perplexity option \(known: window, /);
       await expect(evaluatePerplexity(m, ids, { onWindow: 3 } as never)).rejects.toThrow(/option 'onWindow': must be a function, got 3/);
+      await expect(evaluatePerplexity(m, ids, { window: "4" } as never)).rejects.toThrow(/option 'window': must be an integer in \[2, 16\], got "4"/);
+      await expect(evaluatePerplexity(m, ids, null as never)).rejects.toThrow(/option 'options': must be an object, got null/);
+      await expect(evaluatePerplexity(null as never, ids)).rejects.toThrow(/option 'model': must be a Model from loadModel\(\), got null/);
       // The model still scores as before.
       expect((await evaluatePerplexity(m, ids, { window: 4 })).perplexity).toBe(good.perplexity);
     } finally {

@@ -315,10 +315,10 @@ test("400: a prompt that fills the context alone, without max_tokens (no room fo
 });
 
 test("createServer checks its options as loadModel does: each bad one is an InvalidOptionError naming it", () => {
-  const refused = (options: unknown, option: string, detail: RegExp) => {
+  const refused = (options: unknown, option: string, detail: RegExp, m: unknown = model) => {
     let error: unknown;
     try {
-      createServer(model, options as ServerOptions);
+      createServer(m as Model, options as ServerOptions);
     } catch (e) {
       error = e;
     }
@@ -338,8 +338,18 @@ test("createServer checks its options as loadModel does: each bad one is an Inva
   refused({ bodyLimit: 0 }, "bodyLimit", /must be a positive integer/);
   refused({ logger: "info" }, "logger", /must be true, false or fastify's logger options/);
   refused(null, "options", /must be an object/);
+  // The model too: not one (a path, an options object, nothing) or one disposed.
+  refused({}, "model", /must be a Model from loadModel\(\), got null/, null);
+  refused({}, "model", /must be a Model from loadModel\(\), got object/, {});
+  refused({}, "model", /must be a Model from loadModel\(\), got "m"/, "m");
   // Options left undefined are unset.
   createServer(model, { apiKey: undefined, modelId: undefined, bodyLimit: 1024, logger: false });
+});
+
+test("createServer refuses a disposed model by name, before it serves a request that could only fail", async () => {
+  const gone = await loadModel(fixture, { device: "cpu" });
+  await gone.dispose();
+  expect(() => createServer(gone)).toThrow(/option 'model': was disposed: load it again/);
 });
 
 test("401: a missing or wrong key; the right one passes, and /health needs none", async () => {
