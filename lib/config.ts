@@ -63,6 +63,11 @@ const MAX_DIM = 2 ** 20;
 /** LCKV prefill passes (forward_passes, backward_passes): each is a full pass over the prompt. */
 const MAX_PASSES = 1024;
 
+/** A config value as an error shows it: JSON, but a number as itself (JSON writes 1e400, parsed as Infinity, as null). */
+function shown(v: unknown): string {
+  return typeof v === "number" ? String(v) : JSON.stringify(v);
+}
+
 class Fields {
   /** `prefix` names a nested object in errors, e.g. "rope_scaling." */
   constructor(readonly file: string, readonly o: Json, readonly prefix = "") {}
@@ -81,7 +86,7 @@ class Fields {
   int(k: string, opts: { def?: number; min?: number; max?: number } = {}): number {
     const v = this.o[k];
     if (v === undefined || v === null) return this.absent(k, opts.def);
-    if (typeof v !== "number" || !Number.isInteger(v)) throw this.error(k, `must be an integer, got ${JSON.stringify(v)}`);
+    if (typeof v !== "number" || !Number.isInteger(v)) throw this.error(k, `must be an integer, got ${shown(v)}`);
     const min = opts.min ?? 1;
     if (v < min) throw this.error(k, `must be >= ${min}, got ${v}`);
     const max = opts.max ?? INT32_MAX;
@@ -92,7 +97,7 @@ class Fields {
   num(k: string, def?: number, opts: { min?: number; above?: number } = {}): number {
     const v = this.o[k];
     if (v === undefined || v === null) return this.absent(k, def);
-    if (typeof v !== "number" || !Number.isFinite(v)) throw this.error(k, `must be a finite number, got ${JSON.stringify(v)}`);
+    if (typeof v !== "number" || !Number.isFinite(v)) throw this.error(k, `must be a finite number, got ${shown(v)}`);
     if (opts.min !== undefined && !(v >= opts.min)) throw this.error(k, `must be >= ${opts.min}, got ${v}`);
     if (opts.above !== undefined && !(v > opts.above)) throw this.error(k, `must be > ${opts.above}, got ${v}`);
     return v;
@@ -100,13 +105,13 @@ class Fields {
   bool(k: string, def: boolean): boolean {
     const v = this.o[k];
     if (v === undefined || v === null) return def;
-    if (typeof v !== "boolean") throw this.error(k, `must be true or false, got ${JSON.stringify(v)}`);
+    if (typeof v !== "boolean") throw this.error(k, `must be true or false, got ${shown(v)}`);
     return v;
   }
   str(k: string, def?: string): string {
     const v = this.o[k];
     if (v === undefined || v === null) return this.absent(k, def);
-    if (typeof v !== "string") throw this.error(k, `must be a string, got ${JSON.stringify(v)}`);
+    if (typeof v !== "string") throw this.error(k, `must be a string, got ${shown(v)}`);
     return v;
   }
   tokenIds(k: string): number[] {

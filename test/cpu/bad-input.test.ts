@@ -206,6 +206,16 @@ describe("config.json", () => {
     expect(e.file).toBe(path.join(dir, "config.json"));
   });
 
+  test("a number too large for a double (1e400, parsed as Infinity) is shown as Infinity, not as JSON's null", async () => {
+    const dir = writeTinyModel();
+    const file = path.join(dir, "config.json");
+    const text = fs.readFileSync(file, "utf8");
+    fs.writeFileSync(file, text.replace(/"hidden_size":\s*\d+/, '"hidden_size": 1e400'));
+    const e = await load(dir).catch((x) => x);
+    expect(e).toBeInstanceOf(ConfigError);
+    expect(e.message).toMatch(/field 'hidden_size': must be an integer, got Infinity/);
+  });
+
   test("an unsupported architecture names itself and the supported ones", async () => {
     const dir = writeTinyModel();
     writeConfig(dir, (c) => {
