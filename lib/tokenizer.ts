@@ -182,6 +182,8 @@ export class Tokenizer {
 function checkChatMessages(messages: unknown): void {
   const shape = "chat messages must be an array of { role: string, content: string }";
   if (!Array.isArray(messages)) throw new InvalidInputError(`${shape}, got ${brief(messages)}`);
+  // Nothing to answer: the template would render its generation prompt alone.
+  if (messages.length === 0) throw new InvalidInputError(`${shape}, with at least one message; got an empty array`);
   messages.forEach((m: unknown, i) => {
     if (!m || typeof m !== "object" || Array.isArray(m)) throw new InvalidInputError(`${shape}: messages[${i}] is ${brief(m)}`);
     for (const field of ["role", "content"] as const) {

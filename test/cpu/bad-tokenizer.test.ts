@@ -110,6 +110,8 @@ describe("chat_template in tokenizer_config.json", () => {
       [[{ role: "user", content: "a" }, { content: "b" }], /messages\[1\]\.role must be a string, got undefined/],
       [[{ role: "user", content: [{ type: "text", text: "hi" }] }], /messages\[0\]\.content must be a string, got \[\{"type":"text"/],
       [[{ role: "user", content: "a" }, { role: "assistant", content: 5 }], /messages\[1\]\.content must be a string, got 5/],
+      // Nothing to answer (the server refuses an empty messages array too).
+      [[], /with at least one message; got an empty array/],
     ];
     for (const [messages, msg] of cases) {
       const e = thrown(() => t.applyChatTemplate(messages as never));
