@@ -41,6 +41,11 @@ export class GenerationProgress {
   readonly stopSignal = this.stopper.signal;
   /** The generated tokens so far (the generation loop pushes to this array). */
   readonly tokens: number[] = [];
+  /**
+   * Whether the generation ended on a sampled end-of-sequence token: not in `tokens` or the text,
+   * but generated, so usage counts it (as OpenAI, vLLM and llama.cpp's server count it).
+   */
+  endedOnEos = false;
   /** One entry per token, when log-probabilities were asked for. */
   logprobs: TokenLogprob[] | undefined;
 
@@ -72,7 +77,7 @@ export class GenerationProgress {
       text,
       tokens: this.tokens,
       finishReason,
-      usage: { promptTokens: this.promptTokens, completionTokens: this.tokens.length },
+      usage: { promptTokens: this.promptTokens, completionTokens: this.tokens.length + (this.endedOnEos ? 1 : 0) },
       prefillPasses: this.prefillPasses,
       timings: this.timings(),
     };

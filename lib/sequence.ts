@@ -416,6 +416,7 @@ export class Sequence implements Disposable {
         this.pending = [];
         if (eos.has(tok)) {
           finishReason = "stop";
+          progress.endedOnEos = true;
           break;
         }
         tokens.push(tok);

@@ -36,6 +36,10 @@ export interface GenerateResult {
   text: string;
   tokens: number[];
   finishReason: "stop" | "length" | "abort";
+  /**
+   * completionTokens: the tokens generated, an end-of-sequence token that ended the generation
+   * included (as OpenAI and vLLM count it): `tokens.length`, plus 1 when one did.
+   */
   usage: { promptTokens: number; completionTokens: number };
   /** Passes the prefill ran over the cyclic layer group (1 when the model has none). */
   prefillPasses: number;

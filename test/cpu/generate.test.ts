@@ -108,7 +108,7 @@ describe("stopping", () => {
     await m.dispose();
   });
 
-  test("an end-of-sequence token ends generation with 'stop' and is not returned", async () => {
+  test("an end-of-sequence token ends generation with 'stop' and is not returned, but counted as generated", async () => {
     const m0 = await loadModel(dir, { device: "cpu" });
     const first = (await m0.generate([1, 2, 3], { maxNewTokens: 3 })).tokens;
     await m0.dispose();
@@ -117,6 +117,7 @@ describe("stopping", () => {
     const r = await m.generate([1, 2, 3], { maxNewTokens: 3 });
     expect(r.tokens).toEqual(first[0] === first[1] ? [] : [first[0]]);
     expect(r.finishReason).toBe("stop");
+    expect(r.usage.completionTokens).toBe(r.tokens.length + 1);
     await m.dispose();
     fs.unlinkSync(path.join(dir, "generation_config.json"));
   });

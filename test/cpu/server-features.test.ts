@@ -170,10 +170,15 @@ test("vLLM's and llama.cpp's top_k, min_p, repetition_penalty and ignore_eos giv
           ? await ctx.client.chat.completions.create({ ...params, messages: user("Tell me") } as OpenAI.ChatCompletionCreateParamsNonStreaming).then((r) => ({ text: r.choices[0].message.content, finish: r.choices[0].finish_reason, usage: r.usage! }))
           : await ctx.client.completions.create({ ...params, prompt: ids } as OpenAI.CompletionCreateParamsNonStreaming).then((r) => ({ text: r.choices[0].text, finish: r.choices[0].finish_reason, usage: r.usage! }));
       expect(served.text).toBe(lib.text);
-      expect(served.usage.completion_tokens).toBe(lib.tokens.length);
+      expect(served.usage.completion_tokens).toBe(lib.usage.completionTokens);
       expect(served.finish).toBe(lib.finishReason);
     }
   }
+  // An end-of-sequence token is generated, so usage counts it (as OpenAI and vLLM count it),
+  // though the text does not hold it.
+  const ended = await ctx.client.completions.create({ model: "m", prompt: prompts.completions, max_tokens: 5, logit_bias: forceEos });
+  expect(ended.choices[0]).toMatchObject({ text: "", finish_reason: "stop" });
+  expect(ended.usage!.completion_tokens).toBe(1);
   await expectIdle(ctx.model);
 });
 
