@@ -511,6 +511,7 @@ program
   .option("--host <host>", "address to listen on", "127.0.0.1")
   .option("--port <port>", "port to listen on (0: any free port)", portArg("--port"), 8080)
   .option("--api-key <key>", "require 'Authorization: Bearer <key>' on /v1 requests")
+  .option("--allowed-origins <origins>", "comma-separated origins whose pages a browser lets call the server (CORS; default: *, any; '': none)")
   .option("--max-queue <n>", "requests that may wait for K/V pages at once; the next is answered 429", intArg("--max-queue"))
   .option("--max-batch <n>", "sequences in one decode step at most (loadModel's maxBatch; default: its default for the device)", posIntArg("--max-batch"))
   .option("--queue-timeout <ms>", "ms a request may wait for K/V pages before it is answered 503 (default: no limit)", intArg("--queue-timeout"))
@@ -522,7 +523,11 @@ program
   .action(async (o) => {
     // A hub id names the model; a directory, its name (createServer's default). The options are
     // checked before the model loads, so that a bad one (an empty --api-key) fails first.
-    const options = checkServerOptions({ apiKey: o.apiKey, modelId: o.model !== undefined && !fs.existsSync(o.model) ? o.model : undefined });
+    const options = checkServerOptions({
+      apiKey: o.apiKey,
+      modelId: o.model !== undefined && !fs.existsSync(o.model) ? o.model : undefined,
+      allowedOrigins: o.allowedOrigins === undefined ? undefined : (o.allowedOrigins as string).split(",").map((x) => x.trim()).filter((x) => x !== ""),
+    });
     await using model = await open(o);
     const app = createServer(model, options);
     let url: string;

@@ -9,6 +9,7 @@
  */
 import { createHash, timingSafeEqual } from "node:crypto";
 import * as path from "node:path";
+import cors from "@fastify/cors";
 import Fastify, { FastifyInstance } from "fastify";
 import { InvalidOptionError } from "../errors";
 import { Model } from "../model";
@@ -35,9 +36,15 @@ export interface ServerOptions {
   bodyLimit?: number;
   /** fastify's logger: false (default), true, or its options. */
   logger?: boolean | Record<string, unknown>;
+  /**
+   * Origins whose pages a browser lets call the server (CORS): ["*"] (the default: any, as vLLM's
+   * and llama.cpp's servers allow), a list of origins ("https://app.example:8443"), or [] for
+   * none (browsers then refuse cross-origin calls; other clients are unaffected).
+   */
+  allowedOrigins?: string[];
 }
 
-const SERVER_KEYS = new Set(["apiKey", "modelId", "bodyLimit", "logger"]);
+const SERVER_KEYS = new Set(["apiKey", "modelId", "bodyLimit", "logger", "allowedOrigins"]);
 
 /**
  * createServer's options, checked as loadModel checks its own: an unknown or mistyped option is
@@ -55,7 +62,23 @@ export function checkServerOptions(options: unknown): ServerOptions {
   if (o.logger !== undefined && typeof o.logger !== "boolean" && (o.logger === null || typeof o.logger !== "object" || Array.isArray(o.logger))) {
     throw new InvalidOptionError("logger", `must be true, false or fastify's logger options (an object), got ${describe(o.logger)}`);
   }
+  if (o.allowedOrigins !== undefined) allowedOrigins(o.allowedOrigins);
   return o as ServerOptions;
+}
+
+// Each entry is "*" or an origin as browsers send it: scheme, host and port, no path.
+function allowedOrigins(v: unknown): void {
+  const shape = 'must be a list of origins (as "https://host:port"), ["*"] for any or [] for none';
+  if (!Array.isArray(v)) throw new InvalidOptionError("allowedOrigins", `${shape}, got ${describe(v)}`);
+  for (const o of v) {
+    let origin: string | undefined;
+    try {
+      origin = typeof o === "string" && o !== "*" ? new URL(o).origin : undefined;
+    } catch {
+      origin = undefined;
+    }
+    if (o !== "*" && origin !== o) throw new InvalidOptionError("allowedOrigins", `${shape}; ${describe(o)} is not one${origin ? ` (its origin is ${JSON.stringify(origin)})` : ""}`);
+  }
 }
 
 // A key no request can send would lock every /v1 request out: an empty one, or one that begins
@@ -107,10 +130,14 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
     parseJson(request, text, (err, value) => (err ? done(invalidJsonBody(text), undefined) : done(null, value)));
   });
 
+  // CORS: the answer to a browser's preflight (OPTIONS), and the headers that let a page of an
+  // allowed origin read responses. A preflight carries no key, so the key check passes it.
+  const origins = options.allowedOrigins ?? ["*"];
+  if (origins.length > 0) app.register(cors, { origin: origins.includes("*") ? "*" : origins, methods: ["GET", "POST"] });
   if (options.apiKey !== undefined) {
     const ok = keyCheck(options.apiKey);
     app.addHook("onRequest", async (request, reply) => {
-      if (!request.url.startsWith("/v1/")) return;
+      if (!request.url.startsWith("/v1/") || request.method === "OPTIONS") return;
       const header = request.headers.authorization;
       if (ok(header)) return;
       const message = header ? "Incorrect API key provided." : "You didn't provide an API key: send it as 'Authorization: Bearer <key>'.";

@@ -255,13 +255,17 @@ test("chat answers each line through the chat template, one stats line a turn", 
   expect(none.err).toMatch(/no chat_template/);
 });
 
-test("serve refuses an empty --api-key, or one no header can carry, in one line before it loads the model", () => {
+test("serve refuses an empty --api-key, one no header can carry, or an origin that is not one, in one line before it loads the model", () => {
   for (const key of ["", "  ", " key"]) {
     const r = run(["serve", "--api-key", key, "--model", "/no/such/model"]);
     expect(r.code).toBe(1);
     expect(r.err).toMatch(/^lckv: option '--api-key': must (be a non-empty string|not begin or end with whitespace)/);
     expect(r.err.trim().split("\n")).toHaveLength(1);
   }
+  // An origin with a path (a page's address, not its origin) would match no browser's request.
+  const origins = run(["serve", "--allowed-origins", "https://app.example,https://b.example/app", "--model", "/no/such/model"]);
+  expect(origins.code).toBe(1);
+  expect(origins.err).toMatch(/^lckv: option '--allowed-origins': must be a list of origins .*"https:\/\/b\.example\/app" is not one \(its origin is "https:\/\/b\.example"\)$/m);
 });
 
 test("--kv-cache-memory takes a size with a binary suffix, and sets the pool the context is cut to", () => {

@@ -326,7 +326,7 @@ test("createServer checks its options as loadModel does: each bad one is an Inva
     expect((error as InvalidOptionError).option).toBe(option);
     expect((error as InvalidOptionError).detail).toMatch(detail);
   };
-  refused({ port: 8080 }, "port", /is not a createServer option \(known: apiKey, modelId, bodyLimit, logger\)/);
+  refused({ port: 8080 }, "port", /is not a createServer option \(known: apiKey, modelId, bodyLimit, logger, allowedOrigins\)/);
   refused({ apikey: "k" }, "apikey", /is not a createServer option/);
   // An empty key, or one no Authorization header can carry, would lock every request out.
   refused({ apiKey: "" }, "apiKey", /must be a non-empty string, got ""/);
@@ -338,6 +338,9 @@ test("createServer checks its options as loadModel does: each bad one is an Inva
   refused({ bodyLimit: 0 }, "bodyLimit", /must be a positive integer/);
   refused({ logger: "info" }, "logger", /must be true, false or fastify's logger options/);
   refused(null, "options", /must be an object/);
+  refused({ allowedOrigins: "*" }, "allowedOrigins", /must be a list of origins .*got "\*"/);
+  refused({ allowedOrigins: ["https://a.example/app"] }, "allowedOrigins", /"https:\/\/a\.example\/app" is not one \(its origin is "https:\/\/a\.example"\)/);
+  refused({ allowedOrigins: ["a.example"] }, "allowedOrigins", /"a\.example" is not one$/);
   // The model too: not one (a path, an options object, nothing) or one disposed.
   refused({}, "model", /must be a Model from loadModel\(\), got null/, null);
   refused({}, "model", /must be a Model from loadModel\(\), got object/, {});
@@ -350,6 +353,44 @@ test("createServer refuses a disposed model by name, before it serves a request 
   const gone = await loadModel(fixture, { device: "cpu" });
   await gone.dispose();
   expect(() => createServer(gone)).toThrow(/option 'model': was disposed: load it again/);
+});
+
+test("CORS: any origin by default, with the key's check passing the preflight; a list allows its origins only; [] none", async () => {
+  // A browser's preflight, and a request from a page: node's fetch sends the headers as given.
+  const preflight = (url: string, origin: string) =>
+    fetch(`${url}/v1/chat/completions`, { method: "OPTIONS", headers: { origin, "access-control-request-method": "POST", "access-control-request-headers": "authorization,content-type" } });
+  const models = (url: string, headers: Record<string, string>) => fetch(`${url}/v1/models`, { headers: { origin: "https://app.example", ...headers } });
+  const anyOrigin = await startServer(model, { apiKey: "k" });
+  try {
+    const pre = await preflight(anyOrigin.url, "https://app.example");
+    expect(pre.status).toBe(204);
+    expect(pre.headers.get("access-control-allow-origin")).toBe("*");
+    expect(pre.headers.get("access-control-allow-methods")).toMatch(/POST/);
+    expect(pre.headers.get("access-control-allow-headers")?.toLowerCase()).toMatch(/authorization/);
+    // The request itself still needs the key, and its answer carries the header a page needs.
+    expect((await models(anyOrigin.url, {})).status).toBe(401);
+    const listed = await models(anyOrigin.url, { authorization: "Bearer k" });
+    expect(listed.status).toBe(200);
+    expect(listed.headers.get("access-control-allow-origin")).toBe("*");
+  } finally {
+    await anyOrigin.app.close();
+  }
+  const listedOnly = await startServer(model, { allowedOrigins: ["https://app.example"] });
+  try {
+    expect((await preflight(listedOnly.url, "https://app.example")).headers.get("access-control-allow-origin")).toBe("https://app.example");
+    expect((await preflight(listedOnly.url, "https://other.example")).headers.get("access-control-allow-origin")).toBeNull();
+  } finally {
+    await listedOnly.app.close();
+  }
+  const none = await startServer(model, { allowedOrigins: [] });
+  try {
+    const refused = await preflight(none.url, "https://app.example");
+    expect(refused.status).toBe(404);
+    expect(refused.headers.get("access-control-allow-origin")).toBeNull();
+    expect((await models(none.url, {})).headers.get("access-control-allow-origin")).toBeNull();
+  } finally {
+    await none.app.close();
+  }
 });
 
 test("401: a missing or wrong key; the right one passes, and /health needs none", async () => {
