@@ -7,7 +7,7 @@ import * as path from "node:path";
 import { Template } from "@huggingface/jinja";
 import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers";
 import { ConfigError, InvalidInputError, ModelLoadError } from "./errors";
-import { brief } from "./options";
+import { brief, describe } from "./options";
 
 export interface ChatMessage {
   role: "system" | "user" | "assistant" | string;
@@ -120,6 +120,7 @@ export class Tokenizer {
    * starts a text), so that a completion's tokens' bytes join into its text.
    */
   tokenBytes(id: number): number[] {
+    if (!isTokenId(id)) throw new InvalidInputError(`tokenizer.tokenBytes expects a token id (a non-negative integer), got ${describe(id)}`);
     const piece = this.specialIds.has(id) ? undefined : this.hf.id_to_token(id);
     if (piece !== undefined) {
       const { byteLevel, byteFallback, spaceMark } = this.pieceBytes;

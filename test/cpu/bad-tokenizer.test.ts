@@ -187,6 +187,8 @@ describe("tokenizer.decode", () => {
     expect(emoji.map((id) => t.tokenBytes(id))).toEqual([[240], [159], [152], [128]]);
     // A special token decodes to nothing, and so are its bytes.
     expect(t.tokenBytes(t.eosTokenId!)).toEqual([]);
+    // What is no token id is said so by this method's name.
+    for (const bad of [NaN, -1, 1.5]) expect(() => t.tokenBytes(bad)).toThrow(/^tokenizer\.tokenBytes expects a token id \(a non-negative integer\), got (NaN|-1|1\.5)$/);
   });
 
   test("tokenBytes: SentencePiece pieces keep their word's space, and <0xNN> pieces are their byte", () => {
