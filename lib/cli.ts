@@ -242,6 +242,9 @@ addSamplingOptions(
       // The newline that ends what `echo` or a text file gives is the end of the input, not a
       // line break to continue from (one only: a blank line the user wrote stays).
       prompt = Buffer.concat(chunks).toString("utf8").replace(/\r?\n$/, "");
+      // An empty pipe (a file that is missing or empty) is a forgotten prompt too; an empty
+      // argument ("") is the way to ask for text from nothing.
+      if (prompt === "") throw new InvalidInputError("no prompt: stdin was empty (give \"\" as the argument to continue from nothing)");
     }
     await using model = await open(o);
     const text = prompt ?? "";

@@ -42,7 +42,7 @@ export async function evaluatePerplexity(model: Model, ids: readonly number[], o
   }
   if (options.onWindow !== undefined && typeof options.onWindow !== "function") throw new InvalidOptionError("onWindow", `must be a function, got ${describe(options.onWindow)}`);
   // A string would be read a character at a time, each character an index into the logits.
-  if (!Array.isArray(ids) && !ArrayBuffer.isView(ids)) {
+  if (!Array.isArray(ids) && !(ArrayBuffer.isView(ids) && !(ids instanceof DataView))) {
     throw new InvalidInputError(`perplexity takes an array of token ids (tokenize text first: model.tokenizer.encode(text)), got ${describe(ids)}`);
   }
   const V = model.config.vocabSize;

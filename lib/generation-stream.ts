@@ -67,8 +67,13 @@ export class GenerationProgress {
     return {
       timeToFirstTokenMs: first === undefined ? totalMs : first - this.startedAt,
       totalMs,
-      tokensPerSecond: this.tokens.length >= 2 && after > 0 ? (this.tokens.length - 1) / (after / 1000) : 0,
+      tokensPerSecond: this.generated >= 2 && after > 0 ? (this.generated - 1) / (after / 1000) : 0,
     };
+  }
+
+  /** Tokens generated: `tokens`, and an end-of-sequence token that ended the generation. */
+  private get generated(): number {
+    return this.tokens.length + (this.endedOnEos ? 1 : 0);
   }
 
   /** The result of a generation that ended now for `finishReason`. */
@@ -77,7 +82,7 @@ export class GenerationProgress {
       text,
       tokens: this.tokens,
       finishReason,
-      usage: { promptTokens: this.promptTokens, completionTokens: this.tokens.length + (this.endedOnEos ? 1 : 0) },
+      usage: { promptTokens: this.promptTokens, completionTokens: this.generated },
       prefillPasses: this.prefillPasses,
       timings: this.timings(),
     };

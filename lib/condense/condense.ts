@@ -66,7 +66,9 @@ export async function condenseModel(dirOrId: string, o: CondenseOptions): Promis
   if (method !== "linear" && method !== "share") throw new InvalidOptionError("method", `must be "linear" or "share", got ${JSON.stringify(method)}`);
   if (typeof o.out !== "string" || o.out === "") throw new InvalidOptionError("out", "must be a directory path");
   const out = path.resolve(o.out);
-  checkOutputPath(out);
+  // Written here, then renamed to `out`.
+  const tmp = `${out}.partial-${process.pid}`;
+  checkOutputPath(out, tmp);
   const dir = !fs.existsSync(dirOrId) && isHubModelId(dirOrId) ? await resolveModel(dirOrId) : path.resolve(dirOrId);
   const configFile = path.join(dir, "config.json");
   const rawConfig = readJson(configFile) as Record<string, unknown>;
@@ -90,7 +92,6 @@ export async function condenseModel(dirOrId: string, o: CondenseOptions): Promis
     throw new InvalidOptionError("calibrationTokens", `must be at least ${need} for this model (${why}), got ${o.calibrationTokens}`);
 
   const source = await loadModel(dir, { device: o.device ?? "auto", dtype: "f32", kvCacheDtype: "f32", prefixCache: 0 });
-  const tmp = `${out}.partial-${process.pid}`;
   try {
     if (!source.tokenizer) throw new InvalidInputError(`${dir}: the model has no tokenizer to encode the calibration text with`);
     const ids = source.tokenizer.encode(o.calibrationText, { addSpecialTokens: false });
@@ -168,10 +169,11 @@ export async function condenseModel(dirOrId: string, o: CondenseOptions): Promis
 
 /**
  * Refuses, before any work, an output the final rename could not create: a path that exists (a
- * symbolic link to nothing too), or one whose nearest existing ancestor is not a writable
- * directory (missing directories between are made).
+ * symbolic link to nothing too), one under a symbolic link to nothing, one whose nearest
+ * existing ancestor is not a writable directory (missing directories between are made), and a
+ * name too long for the partial directory `tmp` beside it.
  */
-function checkOutputPath(out: string): void {
+function checkOutputPath(out: string, tmp: string): void {
   const stat = (p: string, follow: boolean) => {
     try {
       return follow ? fs.statSync(p) : fs.lstatSync(p);
@@ -180,8 +182,17 @@ function checkOutputPath(out: string): void {
     }
   };
   if (stat(out, false)) throw new InvalidOptionError("out", `${out} already exists; condense writes a new directory`);
+  // 255 bytes: a file name's limit on Linux, macOS and Windows file systems.
+  const NAME_MAX = 255;
+  const extra = Buffer.byteLength(path.basename(tmp)) - Buffer.byteLength(path.basename(out));
+  if (Buffer.byteLength(path.basename(tmp)) > NAME_MAX) {
+    throw new InvalidOptionError("out", `${path.basename(out)} is too long a name: at most ${NAME_MAX - extra} bytes (its partial directory's name adds ${extra})`);
+  }
   let parent = path.dirname(out);
-  while (!stat(parent, true) && path.dirname(parent) !== parent) parent = path.dirname(parent);
+  while (!stat(parent, true) && path.dirname(parent) !== parent) {
+    if (stat(parent, false)) throw new InvalidOptionError("out", `${parent} is a symbolic link to nothing, so ${out} cannot be made`);
+    parent = path.dirname(parent);
+  }
   if (!stat(parent, true)?.isDirectory()) throw new InvalidOptionError("out", `${parent} is not a directory, so ${out} cannot be made`);
   try {
     fs.accessSync(parent, fs.constants.W_OK);

@@ -114,18 +114,23 @@ export async function runStreams(streams: CompletionStream[], write: CompletionW
   const one = async (it: CompletionStream, index: number): Promise<GenerateResult> => {
     const ended = metrics.startGeneration();
     let last: number | undefined;
+    let seen = 0;
+    const token = () => {
+      const now = performance.now();
+      metrics.token(last === undefined, now - (last ?? arrivedAt));
+      last = now;
+      seen++;
+    };
     try {
       for (;;) {
         const r = await it.next();
         if (r.done) {
+          // An end-of-sequence token has no chunk, but usage counts it, and so do the metrics.
+          while (seen < r.value.usage.completionTokens) token();
           await write.done(index, r.value);
           return r.value;
         }
-        if (r.value.token !== null) {
-          const now = performance.now();
-          metrics.token(last === undefined, now - (last ?? arrivedAt));
-          last = now;
-        }
+        if (r.value.token !== null) token();
         await write.chunk(index, r.value);
       }
     } catch (e) {

@@ -133,7 +133,7 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
   // CORS: the answer to a browser's preflight (OPTIONS), and the headers that let a page of an
   // allowed origin read responses. A preflight carries no key, so the key check passes it.
   const origins = options.allowedOrigins ?? ["*"];
-  if (origins.length > 0) app.register(cors, { origin: origins.includes("*") ? "*" : origins, methods: ["GET", "POST"] });
+  if (origins.length > 0) app.register(cors, { origin: origins.includes("*") ? "*" : origins, methods: ["GET", "POST"], exposedHeaders: ["Retry-After"] });
   if (options.apiKey !== undefined) {
     const ok = keyCheck(options.apiKey);
     app.addHook("onRequest", async (request, reply) => {

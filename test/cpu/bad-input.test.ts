@@ -317,6 +317,10 @@ describe("inputs and options", () => {
       const text = await evaluatePerplexity(m, "The king" as unknown as number[]).catch((x) => x);
       expect(text).toBeInstanceOf(InvalidInputError);
       expect(text.message).toMatch(/perplexity takes an array of token ids .*got "The king"/);
+      // A typed array of ids is one; a DataView over the same bytes is not (it has no length).
+      expect((await evaluatePerplexity(m, Int32Array.from(ids) as unknown as number[], { window: 4 })).perplexity).toBe(good.perplexity);
+      const view = await evaluatePerplexity(m, new DataView(Int32Array.from(ids).buffer) as unknown as number[]).catch((x) => x);
+      expect(view).toBeInstanceOf(InvalidInputError);
       for (const [bad, what] of [[[1, 64], /token 1 is 64/], [[1, 2.5], /token 1 is 2\.5/], [[-1, 2], /token 0 is -1/]] as const) {
         const e = await evaluatePerplexity(m, bad as unknown as number[]).catch((x) => x);
         expect(e).toBeInstanceOf(TokenOutOfRangeError);

@@ -214,13 +214,19 @@ test("eval-ppl on an empty file is a typed error with a non-zero exit", () => {
   }
 });
 
-test("generate on a terminal without a prompt says so instead of continuing from nothing", () => {
+test("generate on a terminal or an empty pipe without a prompt says so instead of continuing from nothing", () => {
   // A pseudo-terminal for stdin (util-linux script): the check is on process.stdin.isTTY.
   const cmd = [process.execPath, cli, "generate", "-n", "3", "--model", fixture].map((a) => `'${a}'`).join(" ");
   const r = spawnSync("script", ["-qec", cmd, "/dev/null"], { cwd: root, encoding: "utf8", env: { ...process.env, LCKV_QUIET: "1" }, input: "" });
   expect(r.error).toBeUndefined();
   expect(r.stdout).toMatch(/^lckv: no prompt: give it as the argument or on stdin\r?$/m);
   expect(r.status).toBe(1);
+  // An empty pipe is a forgotten prompt too; "" asks for text from nothing on purpose.
+  for (const input of ["", "\n"]) {
+    const empty = run(["generate", "-n", "3", "--model", fixture], input);
+    expect(empty.code).toBe(1);
+    expect(empty.err).toMatch(/^lckv: no prompt: stdin was empty \(give "" as the argument to continue from nothing\)$/m);
+  }
 });
 
 test("chat answers each line through the chat template, one stats line a turn", () => {

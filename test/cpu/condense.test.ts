@@ -299,6 +299,11 @@ describe("lckv condense on a model with an exact linear relation between two lay
       expect(e).toBeInstanceOf(InvalidOptionError);
       expect(e.message).toMatch(/option 'out': .*file\.txt is not a directory, so .* cannot be made/);
     }
+    // Under a symbolic link to nothing, and a name too long for the partial directory beside it.
+    e = await run({ out: path.join(dangling, "sub", "m") });
+    expect(e.message).toMatch(/option 'out': .*dangling is a symbolic link to nothing, so .* cannot be made/);
+    e = await run({ out: path.join(parent, "x".repeat(250)) });
+    expect(e.message).toMatch(/option 'out': x{250} is too long a name: at most \d+ bytes \(its partial directory's name adds \d+\)/);
     // A path with missing directories on the way passes the check (they would be made); this run
     // is refused for its calibration, before anything is written.
     e = await run({ out: path.join(parent, "new", "deeper", "m"), calibrationText: "too short" });

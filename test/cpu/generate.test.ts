@@ -118,6 +118,8 @@ describe("stopping", () => {
     expect(r.tokens).toEqual(first[0] === first[1] ? [] : [first[0]]);
     expect(r.finishReason).toBe("stop");
     expect(r.usage.completionTokens).toBe(r.tokens.length + 1);
+    // The rate counts it too: (completionTokens - 1) over the time after the first token.
+    expect(r.timings.tokensPerSecond > 0).toBe(r.usage.completionTokens >= 2);
     await m.dispose();
     fs.unlinkSync(path.join(dir, "generation_config.json"));
   });

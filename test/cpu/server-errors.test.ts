@@ -372,6 +372,8 @@ test("CORS: any origin by default, with the key's check passing the preflight; a
     const listed = await models(anyOrigin.url, { authorization: "Bearer k" });
     expect(listed.status).toBe(200);
     expect(listed.headers.get("access-control-allow-origin")).toBe("*");
+    // A page may read a 429's Retry-After.
+    expect(listed.headers.get("access-control-expose-headers")).toMatch(/Retry-After/i);
   } finally {
     await anyOrigin.app.close();
   }

@@ -106,6 +106,15 @@ test("GET /v1/models, /health and /metrics", async () => {
   expect(metric(text, "lckv_kv_pages_used")).toBe(ctx.model.cacheStats().pagesUsed);
   expect(metric(text, "lckv_time_to_first_token_seconds_count")).toBeGreaterThan(0);
   expect(metric(text, "lckv_inter_token_latency_seconds_count")).toBeGreaterThan(0);
+  // An end-of-sequence token is generated: the counter takes it as usage does, and a completion
+  // that is nothing but one has its time to first token.
+  const eos = ctx.model.eosTokenIds[0];
+  const ttft = metric(text, "lckv_time_to_first_token_seconds_count");
+  const ended = await ctx.client.completions.create({ model: "m", prompt: "A", max_tokens: 5, n: 3, logit_bias: { [eos]: 100 } });
+  expect(ended.usage!.completion_tokens).toBe(3);
+  const after = await metrics();
+  expect(metric(after, "lckv_generated_tokens_total") - metric(text, "lckv_generated_tokens_total")).toBe(3);
+  expect(metric(after, "lckv_time_to_first_token_seconds_count") - ttft).toBe(3);
 });
 
 test("any model name: requests take it, models.retrieve answers for it, /v1/models lists the model's id", async () => {
