@@ -220,7 +220,7 @@ addSamplingOptions(
   program
     .command("generate")
     .description("stream a completion of the prompt to stdout")
-    .argument("[prompt]", "text to continue (default: stdin, less its final newline; a terminal is refused)")
+    .argument("[prompt]", "text to continue (default: stdin, less its final newline; a terminal or an empty stdin is refused)")
     .addOption(modelOption())
     .addOption(revisionOption()),
 )
