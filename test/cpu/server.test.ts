@@ -312,3 +312,26 @@ test("lckv serve --max-batch caps the sequences of a step; a bad value is refuse
   expect(await bad.exited).toBe(1);
   expect(bad.stderr()).toMatch(/--max-batch must be a positive integer/);
 });
+
+test("fastify's inject() (how a server is tested without a port) is answered, and close() ends after it", async () => {
+  // In a node of its own: jest cannot load inject's cookie module (ESM), which node itself can.
+  const script = `
+    const { loadModel, createServer } = require(${JSON.stringify(path.join(root, "dist"))});
+    (async () => {
+      const m = await loadModel(${JSON.stringify(fixture)}, { device: "cpu" });
+      const app = createServer(m);
+      const r = await app.inject({ method: "GET", url: "/health" });
+      await app.close();
+      await m.dispose();
+      console.log(r.statusCode, r.body, "closed");
+    })().catch((e) => { console.error(e); process.exit(1); });`;
+  const child = spawn(process.execPath, ["-e", script], { cwd: root, env: { ...process.env, LCKV_QUIET: "1" } });
+  let out = "";
+  let err = "";
+  child.stdout.on("data", (d: Buffer) => (out += d.toString()));
+  child.stderr.on("data", (d: Buffer) => (err += d.toString()));
+  const code = await new Promise((resolve) => child.on("close", resolve));
+  expect(err).toBe("");
+  expect(code).toBe(0);
+  expect(out.trim()).toBe('200 {"status":"ok"} closed');
+});
