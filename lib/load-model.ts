@@ -174,6 +174,11 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
     cpuNoticeShown = true;
     process.stderr.write(`lckv: running on the CPU (${why})\n`);
   }
+  // More threads than cores is allowed (a container may see fewer cores than it gets), but said.
+  const cores = os.availableParallelism();
+  if (backend === "cpu" && options.threads !== undefined && options.threads > cores && !process.env.LCKV_QUIET) {
+    process.stderr.write(`lckv: threads is ${options.threads}, more than the ${cores} cores this process may use: the extra threads share them\n`);
+  }
   // The CPU computes in f32; with "bf16"/"f16" it rounds the weights to that type first, which
   // makes it the exact reference for a GPU that holds its weights in that type. By default it
   // keeps each weight in its checkpoint's dtype ("checkpoint"), widening as it reads: the values

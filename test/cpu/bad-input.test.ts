@@ -1,7 +1,9 @@
 /**
  * Bad input of every kind gets a typed error that names what is wrong; nothing crashes.
  */
+import { spawnSync } from "node:child_process";
 import * as fs from "node:fs";
+import * as os from "node:os";
 import * as path from "node:path";
 import {
   DEFAULT_MODEL_DIR,
@@ -306,6 +308,22 @@ describe("inputs and options", () => {
     const m = await load(dir);
     expect((await m.generate([1, 2], { maxNewTokens: 2, temperature: 0 })).tokens).toHaveLength(2);
     await m.dispose();
+  });
+
+  test("more threads than cores load, with a notice on stderr (none under LCKV_QUIET, none within the cores)", () => {
+    const cores = os.availableParallelism();
+    const notice = (threads: number, quiet: boolean) => {
+      const script = `require(${JSON.stringify(path.join(__dirname, "..", "..", "dist"))}).loadModel(${JSON.stringify(dir)}, { device: "cpu", threads: ${threads} }).then((m) => m.dispose())`;
+      const env: NodeJS.ProcessEnv = { ...process.env };
+      if (quiet) env.LCKV_QUIET = "1";
+      else delete env.LCKV_QUIET;
+      const r = spawnSync(process.execPath, ["-e", script], { encoding: "utf8", env });
+      expect(r.status).toBe(0);
+      return r.stderr;
+    };
+    expect(notice(cores + 1, false)).toBe(`lckv: threads is ${cores + 1}, more than the ${cores} cores this process may use: the extra threads share them\n`);
+    expect(notice(cores + 1, true)).toBe("");
+    expect(notice(cores, false)).toBe("");
   });
 
   test("evaluatePerplexity: text instead of ids, ids outside the vocabulary and unknown options are refused by name", async () => {
