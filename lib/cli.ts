@@ -462,12 +462,6 @@ program
     }
     if (text.trim() === "") throw new InvalidInputError(`--text ${o.text} is empty: perplexity needs at least two tokens of text`);
     await using model = await open(o);
-    // Each of these flags steers one mode: given with another, it would be ignored in silence.
-    const mode = o.prefill ?? model.generationDefaults().prefill;
-    if (o.prefillPasses !== undefined && mode !== "iterative")
-      throw new InvalidOptionError("prefillPasses", `applies to --prefill iterative only, and the prefill is ${mode}`);
-    if (o.prefillTolerance !== undefined && mode !== "fixed-point")
-      throw new InvalidOptionError("prefillTolerance", `applies to --prefill fixed-point only, and the prefill is ${mode}`);
     if (!model.tokenizer) throw new LckvError("LCKV_NO_TOKENIZER", `${model.directory} has no tokenizer.json`);
     let ids = model.tokenizer.encode(text, { addSpecialTokens: false });
     if (o.maxTokens !== undefined) ids = ids.slice(0, o.maxTokens);

@@ -12,7 +12,7 @@ import type { KvCacheDtype } from "./kv-cache-dtype";
 import { AbortError, ContextOverflowError, DisposedError, fromNative, InvalidInputError, InvalidOptionError, TokenOutOfRangeError } from "./errors";
 import type { NativeModel, NativeSequence } from "./native";
 import { describe, GenerateOptions, GenerationDefaults, ResolvedGenerateOptions, resolveGenerateOptions } from "./options";
-import { ResolvedPrefill, withCancel } from "./prefill-options";
+import { refuseUnusedPrefillOptions, ResolvedPrefill, withCancel } from "./prefill-options";
 import { DecodeScheduler } from "./scheduler";
 import type { ChatMessage, Tokenizer } from "./tokenizer";
 
@@ -304,6 +304,7 @@ export class EngineContext {
    */
   resolveGenerate(options: GenerateOptions | undefined, contextTokens: number, stop?: AbortSignal): ResolvedGenerateOptions {
     const opts = resolveGenerateOptions(options, this.generationDefaults(contextTokens));
+    refuseUnusedPrefillOptions(this, options);
     if (stop) opts.signal = opts.signal ? AbortSignal.any([opts.signal, stop]) : stop;
     const outside = opts.logitBias?.tokens.find((t) => t >= this.config.vocabSize);
     if (outside !== undefined) {

@@ -33,6 +33,18 @@ export function checkPrefillOptions(options: unknown): PrefillOptions {
 }
 
 /**
+ * Refuses a prefill option that the mode in force would ignore: passes steer "iterative" only,
+ * a tolerance "fixed-point" only (the mode is the caller's, or the model's default). `given`:
+ * the caller's options, before any defaults fill them in.
+ */
+export function refuseUnusedPrefillOptions(defaults: PrefillDefaults, given: { prefill?: PrefillMode; prefillPasses?: number; prefillTolerance?: number } | undefined): void {
+  if (!given) return;
+  const mode = given.prefill ?? defaults.generationDefaults().prefill;
+  if (given.prefillPasses !== undefined && mode !== "iterative") throw new InvalidOptionError("prefillPasses", `applies to prefill "iterative" only, and the prefill is ${mode}`);
+  if (given.prefillTolerance !== undefined && mode !== "fixed-point") throw new InvalidOptionError("prefillTolerance", `applies to prefill "fixed-point" only, and the prefill is ${mode}`);
+}
+
+/**
  * A prefill's options resolved. `auto`: the caller left the mode to the model (no `prefill`, or
  * generate()'s resolved options with `prefillAuto`), so the engine may run the prompt as batched
  * token steps instead, which are exact (EngineContext.batchedPrefill).

@@ -529,6 +529,31 @@ describe("inputs and options", () => {
     await m.dispose();
   });
 
+  test("a prefill option the mode in force would ignore is refused, on every path (the command line's rule)", async () => {
+    const m = await load(dir);
+    try {
+      const mode = m.generationDefaults().prefill;
+      expect(mode).toBe("sequential");  // the CPU's default
+      const seq = m.createSequence();
+      for (const [call, what] of [
+        [() => m.forward([1, 2, 3], { prefillPasses: 3 }), /option 'prefillPasses': applies to prefill "iterative" only, and the prefill is sequential/],
+        [() => m.logits([1, 2, 3], { prefill: "fixed-point", prefillPasses: 3 }), /option 'prefillPasses': applies to prefill "iterative" only, and the prefill is fixed-point/],
+        [() => seq.append([1, 2, 3], { prefill: "sequential", prefillTolerance: 0.1 }), /option 'prefillTolerance': applies to prefill "fixed-point" only, and the prefill is sequential/],
+        [() => m.generate([1, 2, 3], { maxNewTokens: 1, prefill: "iterative", prefillTolerance: 0 }), /option 'prefillTolerance': applies to prefill "fixed-point" only, and the prefill is iterative/],
+      ] as const) {
+        const e = await (call as () => Promise<unknown>)().catch((x) => x);
+        expect(e).toBeInstanceOf(InvalidOptionError);
+        expect((e as Error).message).toMatch(what);
+      }
+      // Nothing ran: the sequence is as it was, and the options its mode takes still work.
+      expect(seq.length).toBe(0);
+      expect((await m.forward([1, 2, 3], { prefill: "iterative", prefillPasses: 2 })).passes).toBe(2);
+      seq.dispose();
+    } finally {
+      await m.dispose();
+    }
+  });
+
   test("kvCacheMemory too small for one token", async () => {
     await expect(load(dir, { kvCacheMemory: 16 })).rejects.toThrow(/16 bytes hold no K\/V page/);
   });

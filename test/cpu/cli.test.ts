@@ -192,10 +192,10 @@ test("eval-ppl --prefill-tolerance reaches the fixed point's test: a looser one 
   const readme = path.join(root, "README.md");
   const passes = run(["eval-ppl", "--text", readme, "--max-tokens", "50", "--device", "cpu", "--prefill", "sequential", "--prefill-passes", "3"]);
   expect(passes.code).toBe(1);
-  expect(passes.err).toMatch(/option '--prefill-passes': applies to --prefill iterative only, and the prefill is sequential/);
+  expect(passes.err).toMatch(/option '--prefill-passes': applies to prefill "iterative" only, and the prefill is sequential/);
   const tolerance = run(["eval-ppl", "--text", readme, "--max-tokens", "50", "--device", "cpu", "--prefill", "iterative", "--prefill-tolerance", "0.1"]);
   expect(tolerance.code).toBe(1);
-  expect(tolerance.err).toMatch(/option '--prefill-tolerance': applies to --prefill fixed-point only/);
+  expect(tolerance.err).toMatch(/option '--prefill-tolerance': applies to prefill "fixed-point" only/);
 });
 
 test("eval-ppl on an empty file is a typed error with a non-zero exit", () => {
