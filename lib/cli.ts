@@ -361,7 +361,7 @@ program
       ["layer types", info.layerTypes],
       ["KV layers", `${info.kvLayers.join(", ")} (${info.kvLayers.length} of ${info.layers})`],
       ["cyclic group", info.cyclicGroup ? `layers ${info.cyclicGroup.low}..${info.cyclicGroup.high}` : "none"],
-      ["KV bytes/token", `${formatBytes(info.kvBytesPerToken)} in ${info.kvCacheDtype} (standard cache: ${formatBytes(info.standardKvBytesPerToken)}, ${info.kvReduction.toFixed(2)}x less)`],
+      ["KV bytes/token", `${formatBytes(info.kvBytesPerToken)} in ${info.kvCacheDtype}${info.kvReduction === 1 ? " (a standard cache: every layer's K/V)" : ` (standard cache: ${formatBytes(info.standardKvBytesPerToken)}, ${info.kvReduction.toFixed(2)}x less)`}`],
       [
         "by K/V type",
         KV_CACHE_DTYPES.map((t) => {
@@ -484,6 +484,10 @@ program
     const sorted = [...r.passes].sort((a, b) => a - b);
     const summary = {
       model: model.directory,
+      // What the figure depends on beside the text: where it ran, the weights' type asked for, the cache's.
+      device: model.device,
+      dtype: o.dtype ?? "auto",
+      kvCacheDtype: model.kvCacheDtype,
       text: o.text,
       tokens: ids.length,
       window: o.window ?? model.maxContext,
@@ -497,7 +501,7 @@ program
       passesMax: sorted.length ? sorted[sorted.length - 1] : 0,
     };
     if (o.json) process.stdout.write(JSON.stringify(summary, null, 2) + "\n");
-    else process.stdout.write(`perplexity ${r.perplexity.toFixed(4)} over ${r.predictedTokens} predicted tokens in ${r.windows} window${r.windows === 1 ? "" : "s"}\n`);
+    else process.stdout.write(`perplexity ${r.perplexity.toFixed(4)} over ${r.predictedTokens} predicted tokens in ${r.windows} window${r.windows === 1 ? "" : "s"} (${model.device}, ${model.kvCacheDtype} K/V cache)\n`);
   });
 
 program
@@ -550,7 +554,7 @@ program
   });
 
 // Library options whose flag is spelled otherwise.
-const FLAG_OF_OPTION: Record<string, string> = { calibrationTokens: "--calib-tokens" };
+const FLAG_OF_OPTION: Record<string, string> = { calibrationTokens: "--calib-tokens", kvCacheDtype: "--kv-dtype" };
 
 // An option the library refused by its API name (maxNewTokens), said as the flag the user typed
 // (--max-new-tokens) where a command has one of that name.

@@ -46,6 +46,9 @@ test("info reports the layer pattern and the KV saving", () => {
   expect(info.kvReduction).toBeCloseTo(6 / 3);
   const text = run(["info", "--model", fixture]).out;
   expect(text).toMatch(/KV bytes\/token\s+.* in bf16 \(standard cache: .*2\.00x less/);
+  // A standard model is its own standard cache: said so, not "1.00x less".
+  const standard = run(["info", "--model", path.join(root, "test", "fixtures", "llama-mha-hd16")]).out;
+  expect(standard).toMatch(/KV bytes\/token\s+.* in bf16 \(a standard cache: every layer's K\/V\)$/m);
   // Every type's cost per token: 3 KV layers x 2 K/V heads x 16 dims x (K and V).
   expect(info.kvCacheDtype).toBe("bf16");
   expect(info.kvBytesPerTokenByDtype).toEqual({ f32: 3 * 2 * 16 * 2 * 4, bf16: 3 * 2 * 16 * 2 * 2, fp8: 3 * (2 * 16 * 2 + 2 * 4), int8: 3 * (2 * 16 * 2 + 2 * 4), int4: 3 * (2 * 16 + 2 * 4) });
@@ -62,7 +65,10 @@ test("--dtype chooses the weights' type: bf16 rounds an f32 checkpoint's weights
   const ppl = (extra: string[]) => {
     const r = run(["eval-ppl", "--model", fixture, "--text", path.join(root, "README.md"), "--max-tokens", "200", "--device", "cpu", "--json", ...extra]);
     expect(r.code).toBe(0);
-    return JSON.parse(r.out).perplexity as number;
+    // The figure's conditions travel with it.
+    const j = JSON.parse(r.out);
+    expect(j).toMatchObject({ device: "cpu", dtype: extra[1] ?? "auto", kvCacheDtype: "bf16" });
+    return j.perplexity as number;
   };
   const checkpoint = ppl([]);
   expect(ppl(["--dtype", "f32"])).toBe(checkpoint);
