@@ -138,6 +138,8 @@ function samplingOptions(o: Record<string, unknown>): GenerateOptions {
     repetitionPenalty: o.repetitionPenalty as number | undefined,
     seed: o.seed as number | undefined,
     prefill: o.prefill as GenerateOptions["prefill"],
+    prefillPasses: o.prefillPasses as number | undefined,
+    prefillTolerance: o.prefillTolerance as number | undefined,
   };
   for (const k of Object.keys(g) as (keyof GenerateOptions)[]) if (g[k] === undefined) delete g[k];
   resolveGenerateOptions(g, { maxNewTokens: 1, temperature: 1, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1, prefill: "sequential", prefillPasses: 1 });
@@ -215,6 +217,13 @@ function addSamplingOptions(c: Command): Command {
     .option("--max-context <n>", "context length in tokens", intArg("--max-context"));
 }
 const prefillOption = () => new Option("--prefill <mode>", "LCKV prompt prefill").choices(["fixed-point", "sequential", "iterative"]);
+const prefillPassesOption = () => new Option("--prefill-passes <n>", "passes for --prefill iterative").argParser(intArg("--prefill-passes"));
+const prefillToleranceOption = () =>
+  new Option("--prefill-tolerance <x>", "for --prefill fixed-point: stop when no K/V value read from above moved by more than x times the largest (default 1e-6)").argParser((v: string) => {
+    const x = numArg("--prefill-tolerance")(v);
+    if (x < 0 || x >= 1) throw new InvalidArgumentError(`--prefill-tolerance must be a number in [0, 1), got ${v}`);
+    return x;
+  });
 
 addSamplingOptions(
   program
@@ -225,6 +234,8 @@ addSamplingOptions(
     .addOption(revisionOption()),
 )
   .addOption(prefillOption())
+  .addOption(prefillPassesOption())
+  .addOption(prefillToleranceOption())
   .addOption(deviceOption())
   .addOption(dtypeOption())
   .addOption(kvDtypeOption())
@@ -439,16 +450,8 @@ program
   .option("--max-tokens <n>", "score only the first n tokens", posIntArg("--max-tokens"))
   .option("--json", "print JSON")
   .addOption(prefillOption())
-  .option("--prefill-passes <n>", "passes for --prefill iterative", intArg("--prefill-passes"))
-  .option(
-    "--prefill-tolerance <x>",
-    "for --prefill fixed-point: stop when no K/V value read from above moved by more than x times the largest (default 1e-6)",
-    (v: string) => {
-      const x = numArg("--prefill-tolerance")(v);
-      if (x < 0 || x >= 1) throw new InvalidArgumentError(`--prefill-tolerance must be a number in [0, 1), got ${v}`);
-      return x;
-    },
-  )
+  .addOption(prefillPassesOption())
+  .addOption(prefillToleranceOption())
   .addOption(deviceOption())
   .addOption(dtypeOption())
   .addOption(kvDtypeOption())

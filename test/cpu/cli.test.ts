@@ -202,6 +202,18 @@ test("eval-ppl --prefill-tolerance reaches the fixed point's test: a looser one 
   const tolerance = run(["eval-ppl", "--text", readme, "--max-tokens", "50", "--device", "cpu", "--prefill", "iterative", "--prefill-tolerance", "0.1"]);
   expect(tolerance.code).toBe(1);
   expect(tolerance.err).toMatch(/option '--prefill-tolerance': applies to prefill "fixed-point" only/);
+  // generate takes the same flags, under the same rule: iterative with 1 pass continues otherwise
+  // than with the model's own passes (greedy, the default model's lckv-w2 twin fixture).
+  const gen = (extra: string[]) => run(["generate", "Once upon a time there was a little", "-n", "6", "-t", "0", "--model", fixture, "--device", "cpu", "--prefill", "iterative", ...extra]);
+  const one = gen(["--prefill-passes", "1"]);
+  const own = gen([]);
+  expect(one.code).toBe(0);
+  expect(own.code).toBe(0);
+  expect(gen(["--prefill-passes", "1"]).out).toBe(one.out);
+  expect(one.out).not.toBe(own.out);
+  const wrong = run(["generate", "x", "-n", "1", "--model", fixture, "--device", "cpu", "--prefill", "sequential", "--prefill-passes", "2"]);
+  expect(wrong.code).toBe(1);
+  expect(wrong.err).toMatch(/option '--prefill-passes': applies to prefill "iterative" only, and the prefill is sequential/);
 });
 
 test("eval-ppl on an empty file is a typed error with a non-zero exit", () => {
