@@ -351,6 +351,10 @@ program
       layerTypes: formatLayerTypes(c.plan),
       kvLayers: c.kvLayers,
       cyclicGroup: c.plan.cyclicGroup,
+      // Per layer: which layers see only earlier tokens' K/V (the diagonal masked), and each
+      // layer's sliding window in tokens (0: none).
+      diagonalMasked: c.plan.strict.flatMap((s, i) => (s ? [i] : [])),
+      slidingWindow: c.plan.window,
       kvCacheDtype: model.kvCacheDtype,
       kvBytesPerToken: model.kvBytesPerToken,
       standardKvBytesPerToken: model.standardKvBytesPerToken,
@@ -372,6 +376,8 @@ program
       ["layer types", info.layerTypes],
       ["KV layers", `${info.kvLayers.join(", ")} (${info.kvLayers.length} of ${info.layers})`],
       ["cyclic group", info.cyclicGroup ? `layers ${info.cyclicGroup.low}..${info.cyclicGroup.high}` : "none"],
+      ["diagonal masked", info.diagonalMasked.length ? `layers ${info.diagonalMasked.join(", ")}` : "none"],
+      ["sliding window", windowsText(info.slidingWindow)],
       ["KV bytes/token", `${formatBytes(info.kvBytesPerToken)} in ${info.kvCacheDtype}${info.kvReduction === 1 ? " (a standard cache: every layer's K/V)" : ` (standard cache: ${formatBytes(info.standardKvBytesPerToken)}, ${info.kvReduction.toFixed(2)}x less)`}`],
       [
         "by K/V type",
@@ -557,6 +563,15 @@ program
   });
 
 // Library options whose flag is spelled otherwise.
+// Each layer's sliding window, said once for the layers that share it: "none", "4096 tokens on
+// every layer", or "4096 tokens on layers 0, 2; none on 1, 3".
+function windowsText(windows: number[]): string {
+  const byWindow = new Map<number, number[]>();
+  windows.forEach((w, i) => byWindow.set(w, [...(byWindow.get(w) ?? []), i]));
+  if (byWindow.size === 1) return windows[0] === 0 ? "none" : `${windows[0]} tokens on every layer`;
+  return [...byWindow].map(([w, layers]) => `${w === 0 ? "none" : `${w} tokens`} on layers ${layers.join(", ")}`).join("; ");
+}
+
 const FLAG_OF_OPTION: Record<string, string> = { calibrationTokens: "--calib-tokens", kvCacheDtype: "--kv-dtype" };
 
 // An option the library refused by its API name (maxNewTokens), said as the flag the user typed

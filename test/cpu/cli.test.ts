@@ -46,6 +46,14 @@ test("info reports the layer pattern and the KV saving", () => {
   expect(info.kvReduction).toBeCloseTo(6 / 3);
   const text = run(["info", "--model", fixture]).out;
   expect(text).toMatch(/KV bytes\/token\s+.* in bf16 \(standard cache: .*2\.00x less/);
+  // Each layer's mask and window: lckv-w2's cyclic layers see only earlier tokens; lckv-sliding
+  // windows three of its layers.
+  expect(info.diagonalMasked).toEqual([1, 2, 3]);
+  expect(info.slidingWindow).toEqual([0, 0, 0, 0, 0, 0]);
+  expect(text).toMatch(/^diagonal masked\s+layers 1, 2, 3$/m);
+  expect(text).toMatch(/^sliding window\s+none$/m);
+  const sliding = run(["info", "--model", path.join(root, "test", "fixtures", "lckv-sliding")]).out;
+  expect(sliding).toMatch(/^sliding window\s+4 tokens on layers 0, 1, 5; none on layers 2, 3, 4$/m);
   // A standard model is its own standard cache: said so, not "1.00x less".
   const standard = run(["info", "--model", path.join(root, "test", "fixtures", "llama-mha-hd16")]).out;
   expect(standard).toMatch(/KV bytes\/token\s+.* in bf16 \(a standard cache: every layer's K\/V\)$/m);
