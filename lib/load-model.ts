@@ -200,6 +200,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   const generationConfig = fs.existsSync(genFile) ? parseGenerationConfig(readJson(genFile), genFile) : {};
   const tensors = readModelTensors(modelDir);
   const sources = resolveWeights(config, tensors, modelDir);
+  noticeUnusedKvProjections(modelDir, tensors.keys(), new Set(sources.map((s) => s.sourceName)));
 
   let maxContext = options.maxContext ?? config.maxPositionEmbeddings;
   if (maxContext > config.maxPositionEmbeddings) {
@@ -285,6 +286,25 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
     throw fromNative(e);
   }
   return new Model(modelDir, config, native, tokenizer, generationConfig, maxContext, kvCacheDtype, prefixCache, { maxQueue, queueTimeout }, maxBatch);
+}
+
+/**
+ * A checkpoint with K/V projections for layers that layer_types makes read another layer's K/V
+ * (a standard checkpoint given a condensed pattern) loads, but those weights go unused and the
+ * model is not the one trained: said (once a directory), as transformers says of unused weights.
+ */
+const unusedKvNoticed = new Set<string>();
+function noticeUnusedKvProjections(dir: string, names: Iterable<string>, used: Set<string>): void {
+  if (process.env.LCKV_QUIET || unusedKvNoticed.has(dir)) return;
+  const layers = new Set<number>();
+  for (const n of names) {
+    const m = /(?:^|\.)layers\.(\d+)\.self_attn\.[kv]_proj\./.exec(n);
+    if (m && !used.has(n)) layers.add(Number(m[1]));
+  }
+  if (layers.size === 0) return;
+  const list = [...layers].sort((a, b) => a - b).join(", ");
+  unusedKvNoticed.add(dir);  // once a directory: a benchmark loads the same model many times
+  process.stderr.write(`lckv: ${dir}: the K/V projections of layers ${list} are not used: layer_types makes those layers read another layer's K/V (a checkpoint trained with this layer_types has none)\n`);
 }
 
 /**

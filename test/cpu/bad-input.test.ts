@@ -255,6 +255,28 @@ describe("layer_types", () => {
     expect(e.message).toMatch(msg);
   });
 
+  test("K/V projections that layer_types leaves unused load, with a notice naming their layers", () => {
+    // A standard checkpoint (K/V on every layer) under a config that makes layers 1 and 2 read 0's and 3's.
+    const standard = writeTinyModel();
+    writeConfig(standard, (c) => {
+      c.architectures = ["LCKVLlamaForCausalLM"];
+      c.model_type = "lckv-llama";
+      c.layer_types = "0_0_3_3";
+    });
+    const stderrOf = (d: string) => {
+      const script = `require(${JSON.stringify(path.join(__dirname, "..", "..", "dist"))}).loadModel(${JSON.stringify(d)}, { device: "cpu" }).then((m) => m.dispose())`;
+      const env: NodeJS.ProcessEnv = { ...process.env };
+      delete env.LCKV_QUIET;
+      const r = spawnSync(process.execPath, ["-e", script], { encoding: "utf8", env });
+      expect(r.status).toBe(0);
+      return r.stderr.split("\n").filter((l) => !l.startsWith("lckv: running on the CPU")).join("\n");
+    };
+    expect(stderrOf(standard)).toBe(`lckv: ${standard}: the K/V projections of layers 1, 2 are not used: layer_types makes those layers read another layer's K/V (a checkpoint trained with this layer_types has none)\n`);
+    // A checkpoint made for its layer_types, and a standard one: nothing to say.
+    expect(stderrOf(writeTinyModel({ layerTypes: "0_3_3_3" }))).toBe("");
+    expect(stderrOf(writeTinyModel())).toBe("");
+  });
+
   test("a target without k_proj/v_proj weights", async () => {
     // Weights made for 0_3_3_3 (k/v on layers 0 and 3) under a config that makes layer 2 a target.
     const dir = writeTinyModel({ layerTypes: "0_3_3_3" });
