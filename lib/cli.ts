@@ -562,9 +562,8 @@ program
     await app.close();
   });
 
-// Library options whose flag is spelled otherwise.
 // Each layer's sliding window, said once for the layers that share it: "none", "4096 tokens on
-// every layer", or "4096 tokens on layers 0, 2; none on 1, 3".
+// every layer", or "4096 tokens on layers 0, 2; none on layers 1, 3".
 function windowsText(windows: number[]): string {
   const byWindow = new Map<number, number[]>();
   windows.forEach((w, i) => byWindow.set(w, [...(byWindow.get(w) ?? []), i]));
@@ -572,6 +571,7 @@ function windowsText(windows: number[]): string {
   return [...byWindow].map(([w, layers]) => `${w === 0 ? "none" : `${w} tokens`} on layers ${layers.join(", ")}`).join("; ");
 }
 
+// Library options whose flag is spelled otherwise.
 const FLAG_OF_OPTION: Record<string, string> = { calibrationTokens: "--calib-tokens", kvCacheDtype: "--kv-dtype" };
 
 // An option the library refused by its API name (maxNewTokens), said as the flag the user typed
