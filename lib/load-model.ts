@@ -288,12 +288,12 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   return new Model(modelDir, config, native, tokenizer, generationConfig, maxContext, kvCacheDtype, prefixCache, { maxQueue, queueTimeout }, maxBatch);
 }
 
+const unusedKvNoticed = new Set<string>();
 /**
  * A checkpoint with K/V projections for layers that layer_types makes read another layer's K/V
  * (a standard checkpoint given a condensed pattern) loads, but those weights go unused and the
  * model is not the one trained: said (once a directory), as transformers says of unused weights.
  */
-const unusedKvNoticed = new Set<string>();
 function noticeUnusedKvProjections(dir: string, names: Iterable<string>, used: Set<string>): void {
   if (process.env.LCKV_QUIET || unusedKvNoticed.has(dir)) return;
   const layers = new Set<number>();
