@@ -3,7 +3,7 @@
  * Every field is checked here, so a bad config fails with the file and field named.
  */
 import { ConfigError, UnsupportedArchitectureError } from "./errors";
-import { INT32_MAX } from "./options";
+import { brief, INT32_MAX } from "./options";
 import { buildPlan, KvPlan, MAX_LAYERS, parseLayerTypes } from "./plan";
 
 export type BlockStyle = "llama" | "gpt2";
@@ -63,11 +63,6 @@ const MAX_DIM = 2 ** 20;
 /** LCKV prefill passes (forward_passes, backward_passes): each is a full pass over the prompt. */
 const MAX_PASSES = 1024;
 
-/** A config value as an error shows it: JSON, but a number as itself (JSON writes 1e400, parsed as Infinity, as null). */
-function shown(v: unknown): string {
-  return typeof v === "number" ? String(v) : JSON.stringify(v);
-}
-
 class Fields {
   /** `prefix` names a nested object in errors, e.g. "rope_scaling." */
   constructor(readonly file: string, readonly o: Json, readonly prefix = "") {}
@@ -86,7 +81,7 @@ class Fields {
   int(k: string, opts: { def?: number; min?: number; max?: number } = {}): number {
     const v = this.o[k];
     if (v === undefined || v === null) return this.absent(k, opts.def);
-    if (typeof v !== "number" || !Number.isInteger(v)) throw this.error(k, `must be an integer, got ${shown(v)}`);
+    if (typeof v !== "number" || !Number.isInteger(v)) throw this.error(k, `must be an integer, got ${brief(v)}`);
     const min = opts.min ?? 1;
     if (v < min) throw this.error(k, `must be >= ${min}, got ${v}`);
     const max = opts.max ?? INT32_MAX;
@@ -97,7 +92,7 @@ class Fields {
   num(k: string, def?: number, opts: { min?: number; above?: number } = {}): number {
     const v = this.o[k];
     if (v === undefined || v === null) return this.absent(k, def);
-    if (typeof v !== "number" || !Number.isFinite(v)) throw this.error(k, `must be a finite number, got ${shown(v)}`);
+    if (typeof v !== "number" || !Number.isFinite(v)) throw this.error(k, `must be a finite number, got ${brief(v)}`);
     if (opts.min !== undefined && !(v >= opts.min)) throw this.error(k, `must be >= ${opts.min}, got ${v}`);
     if (opts.above !== undefined && !(v > opts.above)) throw this.error(k, `must be > ${opts.above}, got ${v}`);
     return v;
@@ -105,13 +100,13 @@ class Fields {
   bool(k: string, def: boolean): boolean {
     const v = this.o[k];
     if (v === undefined || v === null) return def;
-    if (typeof v !== "boolean") throw this.error(k, `must be true or false, got ${shown(v)}`);
+    if (typeof v !== "boolean") throw this.error(k, `must be true or false, got ${brief(v)}`);
     return v;
   }
   str(k: string, def?: string): string {
     const v = this.o[k];
     if (v === undefined || v === null) return this.absent(k, def);
-    if (typeof v !== "string") throw this.error(k, `must be a string, got ${shown(v)}`);
+    if (typeof v !== "string") throw this.error(k, `must be a string, got ${brief(v)}`);
     return v;
   }
   tokenIds(k: string): number[] {

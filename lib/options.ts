@@ -142,8 +142,12 @@ export function describe(v: unknown): string {
   return typeof v;
 }
 
-/** A value for an error message: JSON, cut short (a template or a list may be long). */
+/**
+ * A value for an error message: JSON, cut short (a template or a list may be long); a number as
+ * itself (JSON writes NaN and Infinity, 1e400 parsed, as null).
+ */
 export function brief(v: unknown): string {
+  if (typeof v === "number") return String(v);
   let s: string | undefined;
   try {
     s = JSON.stringify(v);
