@@ -14,7 +14,7 @@ import { describe, GenerateOptions, GenerationDefaults, posInt } from "./options
 import { DecodeScheduler, DEFAULT_MAX_BATCH, SchedulerStats } from "./scheduler";
 import { isKvCacheDtype, KV_CACHE_DTYPES, KvCacheDtype } from "./kv-cache-dtype";
 import { PrefixCache, PrefixCacheStats } from "./prefix-cache";
-import { checkPrefillOptions, nativePrefill, prefillKvTolerance, refuseUnusedPrefillOptions, resolvePrefill } from "./prefill-options";
+import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill } from "./prefill-options";
 import { Sequence } from "./sequence";
 import { ChatMessage, Tokenizer } from "./tokenizer";
 import type { ForwardResult, GenerateResult, PrefillOptions, StreamChunk } from "./types";
@@ -148,8 +148,7 @@ export class Model implements AsyncDisposable {
   /** Runs the prompt and returns its logits, [ids.length * vocabSize], and the prefill passes. */
   async forward(input: string | readonly number[], options: PrefillOptions = {}): Promise<ForwardResult> {
     const ids = this.toTokenIds(input, "input");
-    const prefill = resolvePrefill(this.engine, checkPrefillOptions(options));
-    refuseUnusedPrefillOptions(this.engine, options);
+    const prefill = resolvePrefill(this.engine, checkPrefillOptions(options, this.engine));
     const seq = this.engine.openSequence();
     try {
       // Its pages through the queue like any request's (evicting cached prefixes if need be).

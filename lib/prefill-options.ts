@@ -23,12 +23,16 @@ export function prefillKvTolerance(mode: string, tolerance: number): number {
 
 const PREFILL_KEYS = new Set(["prefill", "prefillPasses", "prefillTolerance", "signal"]);
 
-/** The options object of append(), forward() and logits(): an object of known keys. */
-export function checkPrefillOptions(options: unknown): PrefillOptions {
+/**
+ * The options object of append(), forward() and logits(): an object of known keys, none of them
+ * one that the mode in force would ignore (refuseUnusedPrefillOptions).
+ */
+export function checkPrefillOptions(options: unknown, defaults: PrefillDefaults): PrefillOptions {
   if (options === null || typeof options !== "object" || Array.isArray(options)) throw new InvalidOptionError("options", `must be an object, got ${describe(options)}`);
   for (const k of Object.keys(options)) {
     if (!PREFILL_KEYS.has(k)) throw new InvalidOptionError(k, `is not a prefill option (known: ${[...PREFILL_KEYS].join(", ")})`);
   }
+  refuseUnusedPrefillOptions(defaults, options as PrefillOptions);
   return options as PrefillOptions;
 }
 
@@ -40,6 +44,7 @@ export function checkPrefillOptions(options: unknown): PrefillOptions {
 export function refuseUnusedPrefillOptions(defaults: PrefillDefaults, given: { prefill?: PrefillMode; prefillPasses?: number; prefillTolerance?: number } | undefined): void {
   if (!given) return;
   const mode = given.prefill ?? defaults.generationDefaults().prefill;
+  if (!PREFILL_MODES.includes(mode)) return;  // a mode that is none: resolvePrefill names it
   if (given.prefillPasses !== undefined && mode !== "iterative") throw new InvalidOptionError("prefillPasses", `applies to prefill "iterative" only, and the prefill is ${mode}`);
   if (given.prefillTolerance !== undefined && mode !== "fixed-point") throw new InvalidOptionError("prefillTolerance", `applies to prefill "fixed-point" only, and the prefill is ${mode}`);
 }

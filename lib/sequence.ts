@@ -14,7 +14,7 @@ import type { EngineContext } from "./engine-context";
 import { GenerationProgress, GenerationStream, generationStream, tokenLogprob } from "./generation-stream";
 import { NativeSamplingParams, NativeSequence, NativeTokenLogprobs } from "./native";
 import { DEFAULT_PREFILL_TOLERANCE, GenerateOptions, nonNegInt, PrefillMode } from "./options";
-import { checkPrefillOptions, nativePrefill, prefillKvTolerance, refuseUnusedPrefillOptions, resolvePrefill, ResolvedPrefill } from "./prefill-options";
+import { checkPrefillOptions, nativePrefill, prefillKvTolerance, resolvePrefill, ResolvedPrefill } from "./prefill-options";
 import { TEXT_CONTEXT_TOKENS, TextStream } from "./textstream";
 import type { GenerateResult, PrefillOptions, StreamChunk } from "./types";
 
@@ -163,9 +163,7 @@ export class Sequence implements Disposable {
 
   /** Adds text or token ids to the sequence (prefilling all but the last new token). */
   async append(input: string | readonly number[], options: PrefillOptions = {}): Promise<{ passes: number }> {
-    const checked = checkPrefillOptions(options);
-    refuseUnusedPrefillOptions(this.engine, checked);
-    return this.appendTokens(input, checked, false);
+    return this.appendTokens(input, checkPrefillOptions(options, this.engine), false);
   }
 
   /** @internal append(); keepReservation: the request goes on to generate (model.stream). */
