@@ -3,7 +3,8 @@
  * its sliding window. Built once from `layer_types`; nothing downstream branches on "is this
  * LCKV": a standard model is simply the plan where every layer reads its own K/V.
  */
-import { ConfigError } from "./errors";
+import { ConfigError, InvalidOptionError } from "./errors";
+import { brief } from "./options";
 
 export interface KvPlan {
   /** target[i]: the layer whose K/V layer i's queries attend to. */
@@ -89,6 +90,10 @@ export function parseLayerTypes(raw: unknown, numLayers: number, file: string): 
 
 export function buildPlan(spec: LayerTypesSpec, opts: { forceNodiag: boolean; slidingWindow: number }): KvPlan {
   const n = spec.target.length;
+  // A sliding layer with no window would read as a full one (and lose its 's' in formatLayerTypes).
+  if (spec.sliding.some((s) => s) && !(Number.isInteger(opts.slidingWindow) && opts.slidingWindow >= 1)) {
+    throw new InvalidOptionError("slidingWindow", `must be an integer >= 1 when a layer slides, got ${brief(opts.slidingWindow)}`);
+  }
   const strict = spec.target.map((t, i) => opts.forceNodiag || t > i);
   const window = spec.sliding.map((s) => (s ? opts.slidingWindow : 0));
   const kvLayers = [...new Set(spec.target)].sort((a, b) => a - b);

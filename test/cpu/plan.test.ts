@@ -51,3 +51,11 @@ test("sliding windows from the s suffix and from Hugging Face's layer_types", ()
   expect(hf.window).toEqual([4, 0]);
   expect(plan([0, 0, 2, 2], 4).kvLayers).toEqual([0, 2]);
 });
+
+test("a sliding layer needs a window of at least one token", () => {
+  for (const w of [0, -1, 2.5, NaN]) {
+    expect(() => plan("0s_1", 2, false, w)).toThrow(expect.objectContaining({ name: "InvalidOptionError", option: "slidingWindow" }));
+  }
+  expect(() => plan("0s_1", 2, false, 0)).toThrow("option 'slidingWindow': must be an integer >= 1 when a layer slides, got 0");
+  expect(plan("0_1", 2, false, 0).window).toEqual([0, 0]); // no sliding layer: the window is unused
+});
