@@ -68,6 +68,18 @@ export interface EngineContextInit {
   kvCacheDtype: KvCacheDtype;
 }
 
+/** Throws TokenOutOfRangeError naming the first of `ids` that is not an integer in [0, vocabSize). */
+export function refuseTokenIdsOutsideVocabulary(ids: ArrayLike<number>, vocabSize: number, what: string): void {
+  for (let i = 0; i < ids.length; i++) {
+    const t = ids[i];
+    // A fraction or NaN is no id at all, whatever its value: said so, not "outside" a range it may lie in.
+    if (!Number.isInteger(t)) {
+      throw new TokenOutOfRangeError(`${what} token ${i} is ${describe(t)}, not an integer: token ids are integers in [0, ${vocabSize})`);
+    }
+    if (t < 0 || t >= vocabSize) throw new TokenOutOfRangeError(`${what} token ${i} is ${describe(t)}, outside the vocabulary [0, ${vocabSize})`);
+  }
+}
+
 export class EngineContext {
   private native: NativeModel | null;
   /** Native sequences alive on the model (the model's dispose() frees what is left). */
@@ -172,15 +184,7 @@ export class EngineContext {
     } else {
       throw new InvalidInputError(`${what} must be a string or an array of token ids, got ${describe(input)}`);
     }
-    ids.forEach((t, i) => {
-      // A fraction or NaN is no id at all, whatever its value: said so, not "outside" a range it may lie in.
-      if (!Number.isInteger(t)) {
-        throw new TokenOutOfRangeError(`${what} token ${i} is ${describe(t)}, not an integer: token ids are integers in [0, ${this.config.vocabSize})`);
-      }
-      if (t < 0 || t >= this.config.vocabSize) {
-        throw new TokenOutOfRangeError(`${what} token ${i} is ${describe(t)}, outside the vocabulary [0, ${this.config.vocabSize})`);
-      }
-    });
+    refuseTokenIdsOutsideVocabulary(ids, this.config.vocabSize, what);
     if (ids.length === 0) throw new InvalidInputError(`${what} is empty`, "LCKV_EMPTY_PROMPT");
     if (alreadyInContext + ids.length > this.maxContext) {
       throw alreadyInContext > 0

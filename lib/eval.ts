@@ -4,7 +4,8 @@
  * Window w covers ids[w*n, (w+1)*n); inside it, tokens 1..len-1 are predicted from their
  * prefix in the window; a final window shorter than 2 tokens is dropped.
  */
-import { InvalidInputError, InvalidOptionError, TokenOutOfRangeError } from "./errors";
+import { InvalidInputError, InvalidOptionError } from "./errors";
+import { refuseTokenIdsOutsideVocabulary } from "./engine-context";
 import { Model } from "./model";
 import { describe, PrefillMode } from "./options";
 
@@ -46,10 +47,7 @@ export async function evaluatePerplexity(model: Model, ids: readonly number[], o
     throw new InvalidInputError(`perplexity takes an array of token ids (tokenize text first: model.tokenizer.encode(text)), got ${describe(ids)}`);
   }
   const V = model.config.vocabSize;
-  for (let i = 0; i < ids.length; i++) {
-    const t = ids[i];
-    if (!Number.isInteger(t) || t < 0 || t >= V) throw new TokenOutOfRangeError(`token ${i} is ${describe(t)}: token ids are integers in [0, ${V})`);
-  }
+  refuseTokenIdsOutsideVocabulary(ids, V, "perplexity input");
   const n = options.window ?? model.maxContext;
   if (!Number.isSafeInteger(n) || n < 2 || n > model.maxContext) {
     throw new InvalidOptionError("window", `must be an integer in [2, ${model.maxContext}], got ${describe(n)}`);
