@@ -4,10 +4,10 @@
  * ids, and generation_config.json's sampling fields are validated.
  */
 import * as fs from "node:fs";
-import * as os from "node:os";
 import * as path from "node:path";
 import { ConfigError, ContextOverflowError, DEFAULT_MODEL_DIR, InvalidInputError, LckvError, loadModel, Tokenizer } from "../../lib";
 import { parseGenerationConfig } from "../../lib/generation-config";
+import { testTempDir } from "../helpers/temp-dir";
 
 process.env.LCKV_QUIET = "1";
 const baseTokenizerConfig = JSON.parse(fs.readFileSync(path.join(DEFAULT_MODEL_DIR, "tokenizer_config.json"), "utf8"));
@@ -16,7 +16,7 @@ afterAll(() => dirs.forEach((d) => fs.rmSync(d, { recursive: true, force: true }
 
 /** A copy of the default model whose tokenizer_config.json has this chat_template. */
 function modelWithTemplate(chatTemplate: unknown): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-bad-tok-"));
+  const dir = testTempDir("lckv-bad-tok-");
   dirs.push(dir);
   for (const f of ["config.json", "generation_config.json", "tokenizer.json"]) {
     fs.copyFileSync(path.join(DEFAULT_MODEL_DIR, f), path.join(dir, f));
@@ -198,7 +198,7 @@ describe("tokenizer.decode", () => {
     for (let b = 0; b < 256; b++) vocab[`<0x${b.toString(16).toUpperCase().padStart(2, "0")}>`] = 3 + b;
     for (const p of ["▁", "a", "b", "▁a", "ab"]) vocab[p] = Object.keys(vocab).length;
     const special = (id: number, content: string) => ({ id, content, single_word: false, lstrip: false, rstrip: false, normalized: false, special: true });
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-sp-"));
+    const dir = testTempDir("lckv-sp-");
     dirs.push(dir);
     fs.writeFileSync(
       path.join(dir, "tokenizer.json"),

@@ -7,8 +7,8 @@
  */
 import { spawnSync } from "node:child_process";
 import * as fs from "node:fs";
-import * as os from "node:os";
 import * as path from "node:path";
+import { testTempDir } from "../helpers/temp-dir";
 
 /* eslint-disable @typescript-eslint/no-var-requires */
 const { decodeGainBound, forwardFlops, fullGenerationFloorMs } = require("../../scripts/bench/costs.js");
@@ -28,7 +28,7 @@ function bench(args: string[]) {
 }
 
 beforeAll(() => {
-  out = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-bench-script-"));
+  out = testTempDir("lckv-bench-script-");
   // The default set's experiments (the Python peers need the GPU), then one part of the full
   // protocol at the other shape (no GQA), which goes into a file of its own.
   const first = bench(["--only", "1,2,3,5,6,7,8", "--models", "standard,lckv-w2", "--kv-memory", "0.002", "--repeats", "2"]);
@@ -286,7 +286,7 @@ test("the report: both results files, the bound beside every row of full generat
 });
 
 test("the report's end-to-end floor: each row's, at its file's rates, and the floors' ratio to the standard row", () => {
-  const docs = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-bench-floor-"));
+  const docs = testTempDir("lckv-bench-floor-");
   try {
     fs.mkdirSync(path.join(docs, "bench"));
     const rates = { ...results.rates, copyGBps: 50, bf16Tflops: 0.5 };
@@ -317,7 +317,7 @@ test("the report's end-to-end floor: each row's, at its file's rates, and the fl
 });
 
 test("results from truncated generations are rendered, and never called throughput", () => {
-  const docs = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-bench-old-"));
+  const docs = testTempDir("lckv-bench-old-");
   try {
     fs.mkdirSync(path.join(docs, "bench"));
     fs.copyFileSync(path.join(root, "docs", "bench", "results.json"), path.join(docs, "bench", "results.json"));

@@ -1,8 +1,8 @@
 /** The command line, as a user runs it (the compiled dist/cli.js, which `npm install` builds). */
 import { spawnSync } from "node:child_process";
 import * as fs from "node:fs";
-import * as os from "node:os";
 import * as path from "node:path";
+import { testTempDir } from "../helpers/temp-dir";
 
 const root = path.join(__dirname, "..", "..");
 const cli = path.join(root, "dist", "cli.js");
@@ -89,11 +89,11 @@ test("--dtype chooses the weights' type: bf16 rounds an f32 checkpoint's weights
 });
 
 test("condense refuses a calibration file it cannot read, an unsupported model and a missing --out by name", () => {
-  const out = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "lckv-cli-condense-")), "m");
+  const out = path.join(testTempDir("lckv-cli-condense-"), "m");
   const missing = run(["condense", fixture, "--out", out, "--calib", "/nonexistent-calibration.txt", "--kv-layers", "2"]);
   expect(missing.code).not.toBe(0);
   expect(missing.err).toMatch(/--calib \/nonexistent-calibration\.txt/);
-  const qwen = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-cli-qwen-"));
+  const qwen = testTempDir("lckv-cli-qwen-");
   const cfg = JSON.parse(fs.readFileSync(path.join(root, "test", "fixtures", "llama-gqa-hd32", "config.json"), "utf8"));
   fs.writeFileSync(path.join(qwen, "config.json"), JSON.stringify({ ...cfg, architectures: ["Qwen2ForCausalLM"], model_type: "qwen2" }));
   const unsupported = run(["condense", qwen, "--out", out, "--calib", path.join(root, "README.md"), "--kv-layers", "1"]);
@@ -225,7 +225,7 @@ test("eval-ppl --prefill-tolerance reaches the fixed point's test: a looser one 
 });
 
 test("eval-ppl on an empty file is a typed error with a non-zero exit", () => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-cli-"));
+  const dir = testTempDir("lckv-cli-");
   try {
     for (const text of ["", "  \n"]) {
       const f = path.join(dir, "empty.txt");

@@ -4,7 +4,6 @@
  * linear map of another's: there the folded model must give the source's logits.
  */
 import * as fs from "node:fs";
-import * as os from "node:os";
 import * as path from "node:path";
 import { loadModel, type Model } from "../../lib";
 import { condenseModel, MAPS_FILE } from "../../lib/condense/condense";
@@ -14,6 +13,7 @@ import { ConfigError, InvalidInputError, InvalidOptionError, UnsupportedArchitec
 import { readF32 } from "../../lib/condense/tensors";
 import { readModelTensors } from "../../lib/safetensors";
 import { rng, safetensorsBytes, tinyLlamaTensors, writeTinyModel, type RawTensor } from "../helpers/tiny-model";
+import { testTempDir } from "../helpers/temp-dir";
 
 process.env.LCKV_QUIET = "1";
 const ROOT = path.join(__dirname, "..", "..");
@@ -171,7 +171,7 @@ function readMaps(dir: string): { metadata: Record<string, string>; tensors: Rec
 
 /** A copy of a Llama model whose config names an architecture the engine does not load. */
 function unsupportedModel(): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-condense-qwen-"));
+  const dir = testTempDir("lckv-condense-qwen-");
   const cfg = JSON.parse(fs.readFileSync(path.join(ROOT, "test", "fixtures", "llama-gqa-hd32", "config.json"), "utf8"));
   fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify({ ...cfg, architectures: ["Qwen2ForCausalLM"], model_type: "qwen2" }));
   return dir;
@@ -186,7 +186,7 @@ function relErr(a: Float32Array, b: Float32Array): number {
   return d / s;
 }
 
-const outDir = (name: string) => path.join(fs.mkdtempSync(path.join(os.tmpdir(), "lckv-condense-")), name);
+const outDir = (name: string) => path.join(testTempDir("lckv-condense-"), name);
 
 /** `use` of the model in `dir`, loaded on the CPU with an f32 cache, then disposed. */
 async function withCpuModel<T>(dir: string, use: (m: Model) => Promise<T>): Promise<T> {
@@ -258,7 +258,7 @@ describe("lckv condense on a model with an exact linear relation between two lay
   });
 
   test("bad input is refused by name, and nothing is left half-written", async () => {
-    const parent = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-condense-bad-"));
+    const parent = testTempDir("lckv-condense-bad-");
     const out = path.join(parent, "m");
     const run = (o: Record<string, unknown>, dir = src) => condenseModel(dir, { out, calibrationText: calibration, device: "cpu", kvLayers: 2, ...o } as any).catch((e) => e);
     let e = await run({ calibrationText: "too short", calibrationFile: "short.txt" });
@@ -346,7 +346,7 @@ function mappedGpt2(): { dir: string; maps: { A: number[]; c: number[]; B: numbe
       }
     }
   }
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-condense-gpt2-"));
+  const dir = testTempDir("lckv-condense-gpt2-");
   fs.writeFileSync(path.join(dir, "model.safetensors"), safetensorsBytes(t));
   for (const f of ["config.json", "tokenizer.json", "tokenizer_config.json"]) fs.copyFileSync(path.join(fixture, f), path.join(dir, f));
   return { dir, maps };
@@ -400,7 +400,7 @@ describe("lckv condense on GPT-2 (full key maps, offsets folded away or into c_p
   });
 
   test("bad input is refused by name, and nothing is left half-written", async () => {
-    const parent = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-condense-bad-"));
+    const parent = testTempDir("lckv-condense-bad-");
     const out = path.join(parent, "m");
     const run = (o: Record<string, unknown>, dir = src) => condenseModel(dir, { out, calibrationText: calibration, device: "cpu", kvLayers: 2, ...o } as any).catch((e) => e);
     let e = await run({ calibrationText: "far too short" });

@@ -6,8 +6,8 @@
  * checks the same files against its own reader where prepare.sh installed it.)
  */
 import * as fs from "node:fs";
-import * as os from "node:os";
 import * as path from "node:path";
+import { testTempDir } from "../helpers/temp-dir";
 
 /* eslint-disable @typescript-eslint/no-var-requires */
 const { writeGguf, gguf, tensorBytes } = require("../../scripts/bench/gguf-writer.js");
@@ -97,7 +97,7 @@ const halfToFloat = (h: number) => {
 // ---- tests ------------------------------------------------------------------------------------------
 
 let dir: string;
-beforeAll(() => (dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-gguf-"))));
+beforeAll(() => (dir = testTempDir("lckv-gguf-")));
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
 test("every metadata value type and every tensor type round-trips through the spec's layout", () => {

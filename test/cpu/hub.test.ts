@@ -10,6 +10,7 @@ import * as path from "node:path";
 import { AbortError, InvalidOptionError, loadModel, ModelHubError } from "../../lib";
 import { resolveModel } from "../../lib/hub";
 import { FakeHub } from "../helpers/hub-server";
+import { testTempDir } from "../helpers/temp-dir";
 
 process.env.LCKV_QUIET = "1";
 const FIXTURES = path.join(__dirname, "..", "fixtures");
@@ -37,7 +38,7 @@ beforeEach(() => {
     savedEnv[k] = process.env[k];
     delete process.env[k];
   }
-  const tmp = fs.mkdtempSync(path.join(process.env.LCKV_TEST_TMP ?? require("node:os").tmpdir(), "hub-"));
+  const tmp = testTempDir("hub-");
   cache = path.join(tmp, "hub");
   process.env.HF_HOME = tmp; // no stored token of the machine's user is read
   process.env.HF_HUB_CACHE = cache;

@@ -1,11 +1,11 @@
 /** Regressions for defects found in review: each once crashed, blocked or leaked. */
 import * as fs from "node:fs";
-import * as os from "node:os";
 import * as path from "node:path";
 import { Worker } from "node:worker_threads";
 import { loadModel } from "../../lib";
 import { loadAddon } from "../../lib/native";
 import { writeTinyModel } from "../helpers/tiny-model";
+import { testTempDir } from "../helpers/temp-dir";
 
 process.env.LCKV_QUIET = "1";
 
@@ -19,7 +19,7 @@ test("a lying tensor shape whose element count overflows 64 bits is an error, no
     },
     { backend: "cpu", threads: 1 },
   );
-  const file = path.join(fs.mkdtempSync(path.join(process.env.LCKV_TEST_TMP ?? os.tmpdir(), "lckv-test-")), "w.bin");
+  const file = path.join(testTempDir("lckv-test-"), "w.bin");
   fs.writeFileSync(file, Buffer.alloc(16));
   const src = { name: "layers.0.o.weight", sourceName: "x", file, offset: 0, nbytes: 0, dtype: "F32", shape: [2 ** 32, 2 ** 32], transpose: true };
   await expect(m.loadTensors([src])).rejects.toMatchObject({ code: "LCKV_WEIGHTS", message: expect.stringMatching(/tensor too large/) });

@@ -6,11 +6,11 @@
  * frequencyPenalty and logitBias, StreamChunk.logprob/topLogprobs, and Model.streamMany.
  */
 import * as fs from "node:fs";
-import * as os from "node:os";
 import * as path from "node:path";
 import OpenAI from "openai";
 import { DEFAULT_MODEL_DIR, GenerateOptions, loadModel } from "../../lib";
 import { expectIdle, serverForFile, startServer } from "../helpers/openai-server";
+import { testTempDir } from "../helpers/temp-dir";
 
 process.env.LCKV_QUIET = "1";
 const fixture = path.join(__dirname, "..", "fixtures", "llama-mha-hd16");
@@ -287,7 +287,7 @@ test("the README's limits on n are the server's: per request on both endpoints, 
 
 /** The fixture's files in a temporary directory, with its generation_config.json as `edit` leaves it. */
 function fixtureWithGenerationConfig(edit: (g: Record<string, unknown>) => void): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-genconfig-"));
+  const dir = testTempDir("lckv-genconfig-");
   for (const f of fs.readdirSync(fixture)) fs.copyFileSync(path.join(fixture, f), path.join(dir, f));
   const file = path.join(dir, "generation_config.json");
   const g = JSON.parse(fs.readFileSync(file, "utf8"));

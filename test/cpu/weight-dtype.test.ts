@@ -4,11 +4,11 @@
  * widened to f32 at load (dtype "f32"), in half the weight memory.
  */
 import * as fs from "node:fs";
-import * as os from "node:os";
 import * as path from "node:path";
 import { DType, loadModel } from "../../lib";
 import { readSafetensorsHeader } from "../../lib/safetensors";
 import { RawTensor, safetensorsBytes, tinyLlamaTensors, writeTinyModel } from "../helpers/tiny-model";
+import { testTempDir } from "../helpers/temp-dir";
 
 process.env.LCKV_QUIET = "1";
 const FIXTURES = path.join(__dirname, "..", "fixtures");
@@ -25,7 +25,7 @@ afterAll(() => {
  */
 function gpt2AsBf16(): string {
   const src = path.join(FIXTURES, "gpt2");
-  const dir = fs.mkdtempSync(path.join(process.env.LCKV_TEST_TMP ?? os.tmpdir(), "lckv-test-"));
+  const dir = testTempDir("lckv-test-");
   tmpDirs.push(dir);
   for (const f of fs.readdirSync(src)) if (f !== "model.safetensors") fs.copyFileSync(path.join(src, f), path.join(dir, f));
   const file = path.join(src, "model.safetensors");
@@ -134,7 +134,7 @@ test.each([
   ["-Infinity", 0xfc00],
 ])("an f16 checkpoint holding %s is refused", async (_name, bits) => {
   const src = path.join(FIXTURES, "llama-sharded-f16");
-  const dir = fs.mkdtempSync(path.join(process.env.LCKV_TEST_TMP ?? os.tmpdir(), "lckv-test-"));
+  const dir = testTempDir("lckv-test-");
   tmpDirs.push(dir);
   for (const f of fs.readdirSync(src)) fs.copyFileSync(path.join(src, f), path.join(dir, f));
   const shard = fs.readdirSync(dir).find((f) => f.endsWith(".safetensors"))!;

@@ -3,11 +3,11 @@
  * Runs with `npm run test:gpu` on a machine with an NVIDIA GPU; elsewhere it says it skipped.
  */
 import * as fs from "node:fs";
-import * as os from "node:os";
 import * as path from "node:path";
 import { loadModel, Model } from "../../lib";
 import { describeIfGpu } from "../helpers/device";
 import { COMPACT_KV_DTYPES, GOLDEN_BOUND, reportError, SAME_TYPE_BOUND } from "../helpers/kv-bounds";
+import { testTempDir } from "../helpers/temp-dir";
 
 process.env.LCKV_QUIET = "1";
 const FIXTURES = path.join(__dirname, "..", "fixtures");
@@ -175,7 +175,7 @@ describeGpu.each(fixtures.flatMap((name) => COMPACT_KV_DTYPES.map((kv) => [name,
 describeGpu("cuda: long decode", () => {
   test("an LCKV model decoding 4000 tokens still equals the CPU at the end", async () => {
     // The fixture with a context long enough for 4000 tokens (RoPE has no learned limit).
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-long-"));
+    const dir = testTempDir("lckv-long-");
     for (const f of fs.readdirSync(path.join(FIXTURES, "lckv-w2"))) fs.copyFileSync(path.join(FIXTURES, "lckv-w2", f), path.join(dir, f));
     const cfg = JSON.parse(fs.readFileSync(path.join(dir, "config.json"), "utf8"));
     cfg.max_position_embeddings = 4096;

@@ -20,12 +20,12 @@
  * to K/V near the prompt's own and to its greedy tokens.
  */
 import * as fs from "node:fs";
-import * as os from "node:os";
 import * as path from "node:path";
 import { loadModel, Model } from "../../lib";
 import { describeIfGpu } from "../helpers/device";
 import { Alone, alone, chunk, continuation, eachAlone, engineOf, feedBesideStream, GREEDY, kvBits, nativeOf, pagePieces, prompt, promptRows } from "../helpers/shared-steps";
 import { appendBesideRefusedChunk, expectAppendedTogetherAsAlone, expectCancelledPromptUndone, expectChunkShared, expectDisposeStopsPrompts, expectEachAsAlone, expectEveryModeMixes, expectGeneratedTogetherAsAlone } from "../helpers/shared-step-checks";
+import { testTempDir } from "../helpers/temp-dir";
 
 process.env.LCKV_QUIET = "1";
 const FIXTURES = path.join(__dirname, "..", "fixtures");
@@ -47,7 +47,7 @@ function longPrompt(m: Model): number[] {
 /** llama-gqa-hd32 with a 4096-token context (RoPE takes any position): prompts of several chunks. */
 function longContextFixture(): string {
   const src = path.join(FIXTURES, "llama-gqa-hd32");
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-mixed-"));
+  const dir = testTempDir("lckv-mixed-");
   for (const f of fs.readdirSync(src)) fs.copyFileSync(path.join(src, f), path.join(dir, f));
   const cfg = JSON.parse(fs.readFileSync(path.join(dir, "config.json"), "utf8"));
   cfg.max_position_embeddings = 4096;

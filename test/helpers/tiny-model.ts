@@ -4,8 +4,8 @@
  * PyTorch reference produced.
  */
 import * as fs from "node:fs";
-import * as os from "node:os";
 import * as path from "node:path";
+import { testTempDir } from "./temp-dir";
 
 export interface RawTensor {
   name: string;
@@ -125,7 +125,7 @@ process.on("exit", () => {
 
 /** Writes a tiny model directory into a fresh temp dir (removed when the process exits). */
 export function writeTinyModel(s: TinyLlamaSpec = {}, opts: { tensors?: RawTensor[]; mutateHeader?: (h: Record<string, any>) => void } = {}): string {
-  const dir = fs.mkdtempSync(path.join(process.env.LCKV_TEST_TMP ?? os.tmpdir(), "lckv-test-"));
+  const dir = testTempDir("lckv-test-");
   created.push(dir);
   fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify(tinyLlamaConfig(s), null, 2));
   fs.writeFileSync(path.join(dir, "model.safetensors"), safetensorsBytes(opts.tensors ?? tinyLlamaTensors(s), opts.mutateHeader));
