@@ -193,7 +193,7 @@ const dtypeOption = () =>
   new Option("--dtype <type>", "the weights' type on the device (default: bf16 on CUDA, the checkpoint's on the CPU)").choices([...DTYPES]);
 const kvDtypeOption = () => new Option("--kv-dtype <type>", "the K/V cache's value type (default: bf16)").choices([...KV_CACHE_DTYPES]);
 const kvMemoryOption = () =>
-  new Option("--kv-cache-memory <size>", "bytes of the K/V pool all sequences share, e.g. 2GiB (default: room for 32 full contexts, at most 80% of free GPU memory)").argParser(
+  new Option("--kv-cache-memory <size>", "bytes of the K/V pool all sequences share, e.g. 2GiB (default: room for 32 full contexts, at most 80% of free GPU memory; on the CPU 25% of host memory)").argParser(
     bytesArg("--kv-cache-memory"),
   );
 const modelOption = () =>
