@@ -220,6 +220,12 @@ export class EngineContext {
    */
   chatTokenIds(messages: ChatMessage[], what: string): number[] {
     if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json`, "LCKV_NO_TOKENIZER");
+    // Rendering is on the event loop and grows with the messages (some 2 s for 280,000 empty
+    // ones, a body under the server's limit); a template gives each message at least one token,
+    // so more messages than the context holds tokens are refused unrendered.
+    if (Array.isArray(messages) && messages.length > this.maxContext) {
+      throw new ContextOverflowError(`${what} has ${messages.length} messages but the context holds ${this.maxContext} tokens (each message takes at least one)`, { count: messages.length, atLeast: true });
+    }
     const text = this.tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true });
     this.refuseTextFarPastContext(text, what, 0);
     // The template holds any BOS itself, so no special tokens are added again.

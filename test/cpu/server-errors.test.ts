@@ -268,6 +268,11 @@ test("400: a prompt longer than the context", async () => {
   const far = await failure(srv.client.completions.create({ model: "m", prompt: "word ".repeat(100_000) }));
   expect(far.code).toBe("context_length_exceeded");
   expect(far.message).toMatch(new RegExp(`^400 This model's maximum context length is ${ctxLen} tokens\\. However, your prompt has at least \\d+ tokens\\.`));
+  // More messages than the context holds tokens: refused without rendering them (each takes one at least).
+  const messages = Array.from({ length: ctxLen + 1 }, () => ({ role: "user" as const, content: "" }));
+  const many = await failure(srv.client.chat.completions.create({ model: "m", messages }));
+  expect(many.code).toBe("context_length_exceeded");
+  expect(many.message).toBe(`400 This model's maximum context length is ${ctxLen} tokens. However, your messages have at least ${ctxLen + 1} tokens. Please reduce the length of the messages.`);
   const outside = await failure(srv.client.completions.create({ model: "m", prompt: [999999] }));
   expect(outside.status).toBe(400);
   await expectIdle(model);
