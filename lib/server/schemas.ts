@@ -48,10 +48,13 @@ const common = {
   ignore_eos: nullable({ type: "boolean" }),
 } as const;
 
+// The part's type is checked first (ajv checks required and additionalProperties before
+// properties), so that an image part is refused for its type, not for a missing 'text'.
 const contentPart = {
   type: "object",
-  properties: { type: { const: "text" }, text: { type: "string" } },
-  required: ["type", "text"],
+  allOf: [{ properties: { type: { const: "text" } }, required: ["type"] }],
+  properties: { type: {}, text: { type: "string" } },
+  required: ["text"],
   additionalProperties: false,
 };
 

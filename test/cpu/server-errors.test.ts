@@ -120,6 +120,12 @@ test("400: an unknown field, at the top or nested, is named; so is a mistyped or
   expect(range.param).toBe("temperature");
   const format = await failure(c.chat.completions.create({ model: "m", messages: user("x"), response_format: { type: "json_object" } }));
   expect(format.param).toBe("response_format.type");
+  // An image part is refused for its type (the server takes text), not for the 'text' it lacks.
+  const image = await postJson(`${srv.url}/v1/chat/completions`, { messages: [{ role: "user", content: [{ type: "image_url", image_url: { url: "x" } }] }] });
+  expect(image.status).toBe(400);
+  expect(image.json.error).toEqual({ message: `Invalid value for 'messages[0].content[0].type': must be "text"`, type: "invalid_request_error", param: "messages[0].content[0].type", code: "invalid_value" });
+  const noText = await postJson(`${srv.url}/v1/chat/completions`, { messages: [{ role: "user", content: [{ type: "text" }] }] });
+  expect(noText.json.error.message).toBe("Missing required parameter: 'messages[0].content[0].text'");
   // The fields clients send for "unset" are accepted.
   const ok = await c.chat.completions.create({
     model: "m",
