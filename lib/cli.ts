@@ -520,7 +520,7 @@ program
   .addOption(revisionOption())
   .option("--host <host>", "address to listen on", "127.0.0.1")
   .option("--port <port>", "port to listen on (0: any free port)", portArg("--port"), 8080)
-  .option("--api-key <key>", "require 'Authorization: Bearer <key>' on /v1 requests")
+  .option("--api-key <key>", "require 'Authorization: Bearer <key>' on every request but /health and /metrics")
   .option("--allowed-origins <origins>", "comma-separated origins whose pages a browser lets call the server (CORS; default: *, any; '': none)")
   .option("--max-queue <n>", "requests that may wait for K/V pages at once; the next is answered 429", intArg("--max-queue"))
   .option("--max-batch <n>", "sequences in one decode step at most (loadModel's maxBatch; default: its default for the device)", posIntArg("--max-batch"))

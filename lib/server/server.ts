@@ -23,8 +23,9 @@ import { registerCompletionRoutes } from "./routes-completions";
 
 export interface ServerOptions {
   /**
-   * When set, every /v1 request must carry `Authorization: Bearer <apiKey>` (what OpenAI's
-   * clients send); others get 401. /health and /metrics stay open.
+   * When set, every request must carry `Authorization: Bearer <apiKey>` (what OpenAI's clients
+   * send); others get 401, a path that names no route included. /health and /metrics stay open,
+   * and so does a browser's CORS preflight (OPTIONS), which never carries a key.
    */
   apiKey?: string;
   /**
@@ -81,12 +82,15 @@ function allowedOrigins(v: unknown): void {
   }
 }
 
-// A key no request can send would lock every /v1 request out: an empty one, or one that begins
+// A key no request can send would lock every request out: an empty one, or one that begins
 // or ends with whitespace (the header's key is read without it).
 function apiKey(v: unknown): void {
   if (typeof v !== "string" || v === "") throw new InvalidOptionError("apiKey", `must be a non-empty string, got ${describe(v)}`);
   if (v.trim() !== v) throw new InvalidOptionError("apiKey", `must not begin or end with whitespace, which the Authorization header's key is read without; got ${describe(v)}`);
 }
+
+// The routes any client may call without the key: health probes and metrics scrapers.
+const PUBLIC_ROUTES = new Set(["/health", "/metrics"]);
 
 // Keys are compared as digests, in constant time, so that the time a wrong key takes says
 // nothing about the right one (not even its length).
@@ -137,7 +141,10 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
   if (options.apiKey !== undefined) {
     const ok = keyCheck(options.apiKey);
     app.addHook("onRequest", async (request, reply) => {
-      if (!request.url.startsWith("/v1/") || request.method === "OPTIONS") return;
+      // Decided by the route the request matched, not by its URL as sent: the router decodes
+      // the path ("/%761/models" is /v1/models) and takes an absolute URL's, so a test of the
+      // raw URL would let those through. A path that matches no route needs the key as well.
+      if (request.method === "OPTIONS" || PUBLIC_ROUTES.has(request.routeOptions.url ?? "")) return;
       const header = request.headers.authorization;
       if (ok(header)) return;
       const message = header ? "Incorrect API key provided." : "You didn't provide an API key: send it as 'Authorization: Bearer <key>'.";

@@ -8,7 +8,7 @@
 import * as path from "node:path";
 import OpenAI from "openai";
 import { createServer, InvalidOptionError, loadModel, Model, ServerOptions } from "../../lib";
-import { expectIdle, postJson, startServer, TestServer } from "../helpers/openai-server";
+import { expectIdle, postJson, requestAsWritten, startServer, TestServer } from "../helpers/openai-server";
 
 process.env.LCKV_QUIET = "1";
 const fixture = path.join(__dirname, "..", "fixtures", "llama-mha-hd16");
@@ -418,6 +418,42 @@ test("401: a missing or wrong key; the right one passes, and /health needs none"
     const right = new OpenAI({ baseURL: `${locked.url}/v1`, apiKey: "sesame", maxRetries: 0 });
     expect((await right.completions.create({ model: "m", prompt: "x", max_tokens: 2 })).choices).toHaveLength(1);
     expect((await fetch(`${locked.url}/health`)).status).toBe(200);
+  } finally {
+    await locked.app.close();
+  }
+});
+
+test("401 by the route a request reaches: a percent-encoded or absolute path to a /v1 route, or one that reaches none, needs the key; /health and /metrics do not", async () => {
+  const locked = await startServer(model, { apiKey: "sesame" });
+  try {
+    const { port } = new URL(locked.url);
+    const key = { authorization: "Bearer sesame" };
+    const body = { prompt: "x", max_tokens: 2 };
+    // Each reaches /v1/completions or /v1/models (the router decodes the path), as the key shows.
+    const targets: [string, string][] = [
+      ["POST", "/%761/completions"],
+      ["POST", "/v%31/completions"],
+      ["POST", `http://127.0.0.1:${port}/v1/completions`],
+      ["GET", "/%761/models"],
+      ["GET", `http://127.0.0.1:${port}/v1/models`],
+    ];
+    for (const [method, target] of targets) {
+      const sent = method === "POST" ? body : undefined;
+      const without = await requestAsWritten(locked.url, method, target, sent);
+      expect([method, target, without.status]).toEqual([method, target, 401]);
+      expect(without.json.error.code).toBe("invalid_api_key");
+      expect(without.headers["www-authenticate"]).toBe("Bearer");
+      expect([method, target, (await requestAsWritten(locked.url, method, target, sent, key)).status]).toEqual([method, target, 200]);
+    }
+    // A path that reaches no route says nothing, not even that there is none, without the key.
+    for (const target of ["/v1/engines", "/%761/engines", "/admin"]) {
+      expect([target, (await requestAsWritten(locked.url, "GET", target)).status]).toEqual([target, 401]);
+      expect([target, (await requestAsWritten(locked.url, "GET", target, undefined, key)).status]).toEqual([target, 404]);
+    }
+    for (const target of ["/health", "/%68ealth", "/metrics"]) {
+      const open = await fetch(`${locked.url}${target}`);
+      expect([target, open.status]).toEqual([target, 200]);
+    }
   } finally {
     await locked.app.close();
   }

@@ -1,8 +1,10 @@
 /**
  * For the server's tests: a server over a model on 127.0.0.1 (a free port), the official openai
- * client pointed at it, a raw POST for bodies no client would send, and the check that a model
- * is idle again (nothing running, reserved or queued; only the prefix cache holds pages).
+ * client pointed at it, a raw POST for bodies no client would send, a request whose target is
+ * sent exactly as written, and the check that a model is idle again (nothing running, reserved or
+ * queued; only the prefix cache holds pages).
  */
+import * as http from "node:http";
 import OpenAI from "openai";
 import type { FastifyInstance } from "fastify";
 import { createServer, loadModel, Model, ServerOptions } from "../../lib";
@@ -53,6 +55,27 @@ export async function postJson(url: string, body: string | object, headers: Reco
     json = text;
   }
   return { status: res.status, headers: res.headers, json };
+}
+
+/**
+ * A request whose target is sent exactly as written on the request line, as fetch and the openai
+ * client would not send it: a path percent-encoded where it need not be ("/%761/models"), or an
+ * absolute URL ("http://host:port/v1/models", as a client sends it to a proxy).
+ */
+export function requestAsWritten(url: string, method: string, target: string, body?: object, headers: Record<string, string> = {}): Promise<{ status: number; headers: http.IncomingHttpHeaders; json: any }> {
+  const { hostname, port } = new URL(url);
+  const payload = body === undefined ? undefined : JSON.stringify(body);
+  return new Promise((resolve, reject) => {
+    const req = http.request({ hostname, port, method, path: target, headers: payload === undefined ? headers : { "content-type": "application/json", ...headers } }, (res) => {
+      let text = "";
+      res.setEncoding("utf8");
+      res.on("data", (d: string) => (text += d));
+      res.on("end", () => resolve({ status: res.statusCode ?? 0, headers: res.headers, json: JSON.parse(text) }));
+      res.on("error", reject);
+    });
+    req.on("error", reject);
+    req.end(payload);
+  });
 }
 
 function idle(model: Model): boolean {
