@@ -7,14 +7,13 @@
  */
 import type { FastifyReply, FastifyRequest } from "fastify";
 import { setMaxListeners } from "node:events";
-import type { ServerResponse } from "node:http";
 import type { GenerationStream } from "../generation-stream";
 import type { Model } from "../model";
 import type { GenerateResult, StreamChunk } from "../types";
 import { runStreams } from "./generation";
 import type { ServerMetrics } from "./metrics";
 import { HttpErrorResponse, sendHttpError, toHttpError } from "./openai-errors";
-import { SseWriter } from "./sse";
+import { SseWriter, writeRawHead } from "./sse";
 
 /** What the server's routes share. */
 export interface ServerContext {
@@ -44,9 +43,10 @@ export interface CompletionPlan {
   body(results: GenerateResult[]): Event;
 }
 
-function writeRawError(res: ServerResponse, r: HttpErrorResponse): void {
+function writeRawError(reply: FastifyReply, r: HttpErrorResponse): void {
+  const res = reply.raw;
   if (res.headersSent || res.destroyed) return;
-  res.writeHead(r.status, { ...r.headers, "content-type": "application/json; charset=utf-8" });
+  writeRawHead(reply, r.status, { ...r.headers, "content-type": "application/json; charset=utf-8" });
   res.end(JSON.stringify(r.body));
 }
 
@@ -63,7 +63,7 @@ export async function serveCompletions(ctx: ServerContext, request: FastifyReque
     if (!res.writableEnded) controller.abort();
   };
   res.on("close", onClose);
-  const sse = plan.stream ? new SseWriter(res) : undefined;
+  const sse = plan.stream ? new SseWriter(reply) : undefined;
   // A stream writes on the raw response from its first event on.
   if (sse) reply.hijack();
   let status = 200;
@@ -99,7 +99,7 @@ export async function serveCompletions(ctx: ServerContext, request: FastifyReque
     if (!sse) {
       await sendHttpError(reply, r);
     } else if (!sse.started) {
-      writeRawError(res, r);
+      writeRawError(reply, r);
     } else {
       // Headers are gone: the error is the stream's last event.
       await sse.send(r.body);

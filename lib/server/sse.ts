@@ -3,12 +3,26 @@
  * the end. Written on the raw response (fastify's reply is hijacked), with the socket's
  * backpressure honoured: a slow reader pauses its generation instead of filling memory.
  */
-import type { ServerResponse } from "node:http";
+import type { FastifyReply } from "fastify";
+import type { OutgoingHttpHeaders, ServerResponse } from "node:http";
+
+/**
+ * Writes a hijacked reply's status and headers on its raw response, with the headers already set
+ * on the reply (CORS's, set by @fastify/cors's hook before the handler ran): fastify sends those
+ * only with a response it sends itself. Every raw response of the server starts here.
+ */
+export function writeRawHead(reply: FastifyReply, status: number, headers: OutgoingHttpHeaders): void {
+  for (const [name, value] of Object.entries(reply.getHeaders())) if (value !== undefined) reply.raw.setHeader(name, value);
+  reply.raw.writeHead(status, headers);
+}
 
 export class SseWriter {
   private begun = false;
+  private readonly res: ServerResponse;
 
-  constructor(private readonly res: ServerResponse) {}
+  constructor(private readonly reply: FastifyReply) {
+    this.res = reply.raw;
+  }
 
   /** Whether the client is gone (nothing written from here on reaches it). */
   get closed(): boolean {
@@ -24,7 +38,7 @@ export class SseWriter {
   start(): void {
     if (this.begun || this.closed) return;
     this.begun = true;
-    this.res.writeHead(200, {
+    writeRawHead(this.reply, 200, {
       "content-type": "text/event-stream; charset=utf-8",
       "cache-control": "no-cache",
       connection: "keep-alive",

@@ -423,6 +423,35 @@ test("401: a missing or wrong key; the right one passes, and /health needs none"
   }
 });
 
+test("CORS: a streamed response carries the headers a page needs, and so does an error answered before its stream starts", async () => {
+  const origin = "https://app.example";
+  const fromPage = new OpenAI({ baseURL: `${srv.url}/v1`, apiKey: "unused", maxRetries: 0, defaultHeaders: { origin } });
+  const { data: chat, response } = await fromPage.chat.completions.create({ model: "m", messages: user("x"), max_tokens: 2, stream: true }).withResponse();
+  for await (const _ of chat);
+  expect(response.status).toBe(200);
+  expect(response.headers.get("access-control-allow-origin")).toBe("*");
+  expect(response.headers.get("access-control-expose-headers")).toMatch(/Retry-After/i);
+  // Refused before its first event: the status is the error's own, its headers the same.
+  const tooLong = await failure(fromPage.completions.create({ model: "m", prompt: "x", max_tokens: 100000, stream: true }));
+  expect(tooLong.status).toBe(400);
+  expect(tooLong.code).toBe("context_length_exceeded");
+  expect(tooLong.headers?.get("access-control-allow-origin")).toBe("*");
+  expect(tooLong.headers?.get("access-control-expose-headers")).toMatch(/Retry-After/i);
+  // A listed origin is answered with itself, and told that the answer depends on it.
+  const listedOnly = await startServer(model, { allowedOrigins: [origin] });
+  try {
+    const stream = (o: string) => postJson(`${listedOnly.url}/v1/completions`, { prompt: "x", max_tokens: 2, stream: true }, { origin: o });
+    const listed = await stream(origin);
+    expect(listed.status).toBe(200);
+    expect(listed.json).toMatch(/data: \[DONE\]\n\n$/);
+    expect(listed.headers.get("access-control-allow-origin")).toBe(origin);
+    expect(listed.headers.get("vary")).toMatch(/Origin/i);
+    expect((await stream("https://other.example")).headers.get("access-control-allow-origin")).toBeNull();
+  } finally {
+    await listedOnly.app.close();
+  }
+});
+
 test("401 by the route a request reaches: a percent-encoded or absolute path to a /v1 route, or one that reaches none, needs the key; /health and /metrics do not", async () => {
   const locked = await startServer(model, { apiKey: "sesame" });
   try {
@@ -489,6 +518,8 @@ test("429 with Retry-After when the queue for K/V pages is full; a client that l
     expect(full.type).toBe("rate_limit_error");
     holder.dispose();
     expect((await waiting).choices[0].finish_reason).toMatch(/stop|length/);
+    // Refused before its stream started, the 429 still lets a page read its Retry-After (CORS).
+    expect(full.headers?.get("access-control-expose-headers")).toMatch(/Retry-After/i);
     await expectIdle(small);
   } finally {
     await s.app.close();
