@@ -5,7 +5,7 @@
  * awaited, so a stream waits for a slow client instead of running ahead of it.
  */
 import { randomUUID } from "node:crypto";
-import { ContextOverflowError } from "../errors";
+import { AbortError, ContextOverflowError } from "../errors";
 import type { GenerationStream } from "../generation-stream";
 import type { Model } from "../model";
 import type { GenerateOptions } from "../options";
@@ -108,7 +108,9 @@ export interface CompletionWriter {
 /**
  * Runs every stream to its end, handing its chunks and its result to `write`, and returns the results in order.
  * If one fails, the others are stopped through `abort` and awaited (their pages go back), and the
- * first error is thrown.
+ * first error is thrown; the completions it cut short get no `write.done`. If the request's signal
+ * stopped them (the client went away) and none failed, an AbortError is thrown: there is no
+ * finished response to give.
  */
 export async function runStreams(streams: CompletionStream[], write: CompletionWriter, abort: () => void, metrics: ServerMetrics, arrivedAt: number): Promise<GenerateResult[]> {
   const one = async (it: CompletionStream, index: number): Promise<GenerateResult> => {
@@ -127,7 +129,9 @@ export async function runStreams(streams: CompletionStream[], write: CompletionW
         if (r.done) {
           // An end-of-sequence token has no chunk, but usage counts it, and so do the metrics.
           while (seen < r.value.usage.completionTokens) token();
-          await write.done(index, r.value);
+          // A completion cut short by the request's abort (another completion failed, or the
+          // client went away) did not finish: it gets no finish event claiming it did.
+          if (r.value.finishReason !== "abort") await write.done(index, r.value);
           return r.value;
         }
         if (r.value.token !== null) token();
@@ -143,12 +147,19 @@ export async function runStreams(streams: CompletionStream[], write: CompletionW
   const settled = await Promise.allSettled(streams.map(one));
   const failed = settled.find((s): s is PromiseRejectedResult => s.status === "rejected");
   if (failed) throw failed.reason;
-  return settled.map((s) => (s as PromiseFulfilledResult<GenerateResult>).value);
+  const results = settled.map((s) => (s as PromiseFulfilledResult<GenerateResult>).value);
+  if (results.some((r) => r.finishReason === "abort")) throw new AbortError("the request was aborted: its client went away before the response ended");
+  return results;
 }
 
-/** OpenAI's finish reasons; an aborted completion reached no one, so any name serves. */
+/**
+ * OpenAI's finish reason of a completion that ended. An aborted completion has none and never
+ * comes here (runStreams gives it no finish event and answers its request with an error): one
+ * that did would be refused, not reported finished.
+ */
 export function finishReason(r: GenerateResult): "stop" | "length" {
-  return r.finishReason === "length" ? "length" : "stop";
+  if (r.finishReason === "abort") throw new Error("an aborted completion has no finish reason");
+  return r.finishReason;
 }
 
 /**

@@ -2,11 +2,12 @@
  * Errors in OpenAI's shape, `{error: {message, type, param, code}}`, with the HTTP status a client
  * can act on: a body that fails its schema names the field (400), lckv's typed errors map by kind
  * (bad option or input 400, a full queue 429 with Retry-After, a wait for pages that timed out or
- * a model going away 503), a body that is not JSON says why (400, invalid_json), fastify's own
- * client errors keep their status (not their internal codes), the rest is 500.
+ * a model going away 503, a request whose client went away 499), a body that is not JSON says why
+ * (400, invalid_json), fastify's own client errors keep their status (not their internal codes),
+ * the rest is 500.
  */
 import type { FastifyError, FastifyInstance, FastifyReply } from "fastify";
-import { ContextOverflowError, DisposedError, InvalidInputError, InvalidOptionError, KvCacheFullError, LckvError } from "../errors";
+import { AbortError, ContextOverflowError, DisposedError, InvalidInputError, InvalidOptionError, KvCacheFullError, LckvError } from "../errors";
 
 export interface OpenAIErrorBody {
   error: { message: string; type: string; param: string | null; code: string | null };
@@ -194,6 +195,9 @@ function lckvError(e: LckvError, promptParam: string): HttpErrorResponse {
     return { status: 400, body: errorBody(message, "invalid_request_error", param, e.code), headers: {} };
   }
   if (e instanceof InvalidInputError) return { status: 400, body: errorBody(e.message, "invalid_request_error", promptParam, e.code), headers: {} };
+  // The client went away (nginx's 499, "client closed request"): nothing reads this answer, and
+  // the metrics count it as such.
+  if (e instanceof AbortError) return { status: 499, body: errorBody(e.message, "invalid_request_error", null, e.code), headers: {} };
   if (e instanceof DisposedError) return { status: 503, body: errorBody("the server is shutting down", "server_error", null, e.code), headers: retry };
   return { status: 500, body: errorBody(e.message, "server_error", null, e.code), headers: {} };
 }

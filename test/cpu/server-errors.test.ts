@@ -2,8 +2,9 @@
  * The server's error statuses, in OpenAI's error shape, as the openai client and raw HTTP see
  * them: 400 for a malformed body, an unknown or mistyped field (named in `param`) and a prompt
  * longer than the context; 401 for a missing or wrong key; 429 with Retry-After when the queue
- * for K/V pages is full (and a client that leaves the queue frees its place); 404 for an
- * unknown route. (Any model name is served: see server.test.ts.)
+ * for K/V pages is full (and a client that leaves the queue frees its place); a completion that
+ * fails, which ends its request's others with no finish reason (only the error is sent); 404 for
+ * an unknown route. (Any model name is served: see server.test.ts.)
  */
 import * as path from "node:path";
 import OpenAI from "openai";
@@ -520,6 +521,41 @@ test("429 with Retry-After when the queue for K/V pages is full; a client that l
     expect((await waiting).choices[0].finish_reason).toMatch(/stop|length/);
     // Refused before its stream started, the 429 still lets a page read its Retry-After (CORS).
     expect(full.headers?.get("access-control-expose-headers")).toMatch(/Retry-After/i);
+    await expectIdle(small);
+  } finally {
+    await s.app.close();
+    await small.dispose();
+  }
+});
+
+test("a completion that fails cuts the request's others short: none of them is reported finished, streamed or not, on both endpoints", async () => {
+  // A pool that holds two of the three completions, and no wait for pages: the third fails
+  // (LCKV_KV_CACHE_FULL) as it starts, which stops the two that are generating.
+  const pageBytes = model.cacheStats().pageBytes;
+  const small = await loadModel(fixture, { device: "cpu", kvCacheMemory: 16 * pageBytes, queueTimeout: 0 });
+  const s = await startServer(small);
+  try {
+    const common = { model: "m", n: 3, max_tokens: 100, ignore_eos: true, temperature: 0 };
+    // Streamed: the error is the stream's last event (the client throws it), and no choice has a
+    // finish reason: the two that ran did not finish.
+    const streamed = async (stream: AsyncIterable<{ choices: { index: number; finish_reason: string | null }[] }>) => {
+      const finishes: string[] = [];
+      const error = await failure(
+        (async () => {
+          for await (const c of stream) for (const ch of c.choices) if (ch.finish_reason !== null) finishes.push(`${ch.index}: ${ch.finish_reason}`);
+        })(),
+      );
+      expect(error.code).toBe("LCKV_KV_CACHE_FULL");
+      expect(finishes).toEqual([]);
+    };
+    await streamed(await s.client.completions.create({ ...common, prompt: "Once", stream: true }));
+    await streamed(await s.client.chat.completions.create({ ...common, messages: user("Once"), stream: true }));
+    // Not streamed: the error alone, no partial choices.
+    for (const request of [() => s.client.completions.create({ ...common, prompt: "Once" }), () => s.client.chat.completions.create({ ...common, messages: user("Once") })]) {
+      const e = await failure(request());
+      expect(e.status).toBe(503);
+      expect(e.code).toBe("LCKV_KV_CACHE_FULL");
+    }
     await expectIdle(small);
   } finally {
     await s.app.close();
