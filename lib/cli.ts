@@ -5,7 +5,7 @@
  *   lckv info [--model dir|id]
  *   lckv chat [--model dir|id] [--system text] ...
  *   lckv eval-ppl --text file [--model dir|id] [--window N] [--prefill mode]
- *   lckv serve [--model dir|id] [--host 127.0.0.1] [--port 8080] [--api-key KEY] [--max-queue N] [--max-batch N] [--queue-timeout MS]
+ *   lckv serve [--model dir|id] [--host 127.0.0.1] [--port 8080] [--api-key KEY] [--max-queue N] [--max-batch N] [--queue-timeout MS] [--write-stall-timeout MS]
  * Every command that runs a model takes --device, --dtype, --kv-dtype and --kv-cache-memory.
  * --model takes a directory or a hub id (org/name[@revision], or --revision), downloaded into the
  * Hugging Face cache. Option errors come before any output; long jobs (a download, a load) show a
@@ -525,6 +525,7 @@ program
   .option("--max-queue <n>", "requests that may wait for K/V pages at once; the next is answered 429", intArg("--max-queue"))
   .option("--max-batch <n>", "sequences in one decode step at most (loadModel's maxBatch; default: its default for the device)", posIntArg("--max-batch"))
   .option("--queue-timeout <ms>", "ms a request may wait for K/V pages before it is answered 503 (default: no limit)", intArg("--queue-timeout"))
+  .option("--write-stall-timeout <ms>", "ms a stream waits for a client that stopped reading before it drops it, freeing its K/V pages (default: 30000)", intArg("--write-stall-timeout"))
   .option("--max-context <n>", "context length in tokens (default: the model's, or what the K/V pool holds)", intArg("--max-context"))
   .addOption(deviceOption())
   .addOption(dtypeOption())
@@ -537,6 +538,7 @@ program
       apiKey: o.apiKey,
       modelId: o.model !== undefined && !fs.existsSync(o.model) ? o.model : undefined,
       allowedOrigins: o.allowedOrigins === undefined ? undefined : (o.allowedOrigins as string).split(",").map((x) => x.trim()).filter((x) => x !== ""),
+      writeStallTimeout: o.writeStallTimeout,
     });
     await using model = await open(o);
     const app = createServer(model, options);

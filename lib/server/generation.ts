@@ -148,7 +148,7 @@ export async function runStreams(streams: CompletionStream[], write: CompletionW
   const failed = settled.find((s): s is PromiseRejectedResult => s.status === "rejected");
   if (failed) throw failed.reason;
   const results = settled.map((s) => (s as PromiseFulfilledResult<GenerateResult>).value);
-  if (results.some((r) => r.finishReason === "abort")) throw new AbortError("the request was aborted: its client went away before the response ended");
+  if (results.some((r) => r.finishReason === "abort")) throw new AbortError("the request was aborted: its client went away (or stopped reading) before the response ended");
   return results;
 }
 

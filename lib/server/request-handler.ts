@@ -21,6 +21,8 @@ export interface ServerContext {
   metrics: ServerMetrics;
   /** The id /v1/models lists and responses name. */
   modelId: string;
+  /** ms a stream waits for a client that stopped reading before it drops it (ServerOptions.writeStallTimeout). */
+  writeStallTimeout: number;
 }
 
 type Event = Record<string, unknown>;
@@ -63,7 +65,7 @@ export async function serveCompletions(ctx: ServerContext, request: FastifyReque
     if (!res.writableEnded) controller.abort();
   };
   res.on("close", onClose);
-  const sse = plan.stream ? new SseWriter(reply) : undefined;
+  const sse = plan.stream ? new SseWriter(reply, ctx.writeStallTimeout) : undefined;
   // A stream writes on the raw response from its first event on.
   if (sse) reply.hijack();
   let status = 200;

@@ -13,13 +13,14 @@ import cors from "@fastify/cors";
 import Fastify, { FastifyInstance } from "fastify";
 import { InvalidOptionError } from "../errors";
 import { Model } from "../model";
-import { describe, posInt } from "../options";
+import { describe, INT32_MAX, posInt } from "../options";
 import { closeConnectionsOnClose } from "./connections";
 import { ServerMetrics } from "./metrics";
 import { errorBody, installErrorHandlers, invalidJsonBody, sendHttpError } from "./openai-errors";
 import type { ServerContext } from "./request-handler";
 import { registerChatRoutes } from "./routes-chat";
 import { registerCompletionRoutes } from "./routes-completions";
+import { DEFAULT_WRITE_STALL_TIMEOUT_MS } from "./sse";
 
 export interface ServerOptions {
   /**
@@ -43,9 +44,15 @@ export interface ServerOptions {
    * none (browsers then refuse cross-origin calls; other clients are unaffected).
    */
   allowedOrigins?: string[];
+  /**
+   * Milliseconds a streamed response waits for a client that stopped reading (its socket's buffer
+   * full, nothing drained) before it drops the connection and stops the generation, freeing its
+   * K/V pages, as for a client that went away (default 30000; Infinity: no limit; at most 2^31 - 1).
+   */
+  writeStallTimeout?: number;
 }
 
-const SERVER_KEYS = new Set(["apiKey", "modelId", "bodyLimit", "logger", "allowedOrigins"]);
+const SERVER_KEYS = new Set(["apiKey", "modelId", "bodyLimit", "logger", "allowedOrigins", "writeStallTimeout"]);
 
 /**
  * createServer's options, checked as loadModel checks its own: an unknown or mistyped option is
@@ -64,6 +71,8 @@ export function checkServerOptions(options: unknown): ServerOptions {
     throw new InvalidOptionError("logger", `must be true, false or fastify's logger options (an object), got ${describe(o.logger)}`);
   }
   if (o.allowedOrigins !== undefined) allowedOrigins(o.allowedOrigins);
+  // setTimeout takes at most 2^31 - 1 ms (a larger delay fires at once): no limit is Infinity.
+  if (o.writeStallTimeout !== undefined && o.writeStallTimeout !== Infinity) posInt("writeStallTimeout", o.writeStallTimeout, INT32_MAX);
   return o as ServerOptions;
 }
 
@@ -119,6 +128,7 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
     model,
     metrics: new ServerMetrics(model),
     modelId: options.modelId ?? path.basename(model.directory),
+    writeStallTimeout: options.writeStallTimeout ?? DEFAULT_WRITE_STALL_TIMEOUT_MS,
   };
   installErrorHandlers(app);
   closeConnectionsOnClose(app);

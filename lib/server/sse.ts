@@ -1,7 +1,8 @@
 /**
  * Server-sent events as OpenAI streams them: `data: {json}\n\n` per chunk, `data: [DONE]\n\n` at
  * the end. Written on the raw response (fastify's reply is hijacked), with the socket's
- * backpressure honoured: a slow reader pauses its generation instead of filling memory.
+ * backpressure honoured: a slow reader pauses its generation instead of filling memory. A reader
+ * that stops altogether is dropped after a deadline (writeStallTimeout), as if it had gone away.
  */
 import type { FastifyReply } from "fastify";
 import type { OutgoingHttpHeaders, ServerResponse } from "node:http";
@@ -16,11 +17,31 @@ export function writeRawHead(reply: FastifyReply, status: number, headers: Outgo
   reply.raw.writeHead(status, headers);
 }
 
+/**
+ * How long a stream waits, by default, for a client that does not take what was written (the
+ * socket's buffer full) before it drops the connection: 30 s. nginx's send_timeout and Apache's
+ * Timeout are 60 s, but a proxy that waits holds only a buffer, while a paused stream holds its
+ * sequences' K/V pages, which other requests queue for; so the bound is tighter. It is still far
+ * past any client that reads: what must drain is one socket buffer's worth of events (tens of
+ * KiB), which even a slow link takes in seconds. Node's http server and uvicorn (vLLM's) set no
+ * bound on a write: a stalled reader there holds its request until the connection breaks.
+ */
+export const DEFAULT_WRITE_STALL_TIMEOUT_MS = 30_000;
+
 export class SseWriter {
   private begun = false;
   private readonly res: ServerResponse;
+  /** The wait for the socket to drain, shared by every completion of the request that waits. */
+  private draining: Promise<void> | undefined;
 
-  constructor(private readonly reply: FastifyReply) {
+  /**
+   * `stallTimeout`: ms the socket may go without draining what was written before the response
+   * is destroyed, which the request sees as its client going away (Infinity: no bound).
+   */
+  constructor(
+    private readonly reply: FastifyReply,
+    private readonly stallTimeout = DEFAULT_WRITE_STALL_TIMEOUT_MS,
+  ) {
     this.res = reply.raw;
   }
 
@@ -53,15 +74,7 @@ export class SseWriter {
     if (this.closed) return;
     this.start();
     if (this.res.write(`data: ${JSON.stringify(data)}\n\n`)) return;
-    await new Promise<void>((resolve) => {
-      const done = () => {
-        this.res.off("drain", done);
-        this.res.off("close", done);
-        resolve();
-      };
-      this.res.on("drain", done);
-      this.res.on("close", done);
-    });
+    await (this.draining ??= this.flushed("drain"));
   }
 
   /** `data: [DONE]` and the end of the response. */
@@ -69,5 +82,31 @@ export class SseWriter {
     if (this.closed) return;
     this.start();
     this.res.end("data: [DONE]\n\n");
+    // A client that stops reading at the very end would hold its connection, and the server's
+    // close(), which waits for it: it has the same deadline.
+    if (!this.res.writableFinished) void this.flushed("finish");
+  }
+
+  /**
+   * Resolves on `event` (the socket took what was written) or the response's close; if neither
+   * comes within the stall timeout, the response is destroyed (its close aborts the request).
+   */
+  private flushed(event: "drain" | "finish"): Promise<void> {
+    return new Promise<void>((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.res.off(event, done);
+        this.res.off("close", done);
+        if (event === "drain") this.draining = undefined;
+        resolve();
+      };
+      const stalled = () => {
+        this.res.destroy();
+        done();
+      };
+      const timer = Number.isFinite(this.stallTimeout) ? setTimeout(stalled, this.stallTimeout) : undefined;
+      this.res.on(event, done);
+      this.res.on("close", done);
+    });
   }
 }

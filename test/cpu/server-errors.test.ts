@@ -338,7 +338,7 @@ test("createServer checks its options as loadModel does: each bad one is an Inva
     expect((error as InvalidOptionError).option).toBe(option);
     expect((error as InvalidOptionError).detail).toMatch(detail);
   };
-  refused({ port: 8080 }, "port", /is not a createServer option \(known: apiKey, modelId, bodyLimit, logger, allowedOrigins\)/);
+  refused({ port: 8080 }, "port", /is not a createServer option \(known: apiKey, modelId, bodyLimit, logger, allowedOrigins, writeStallTimeout\)/);
   refused({ apikey: "k" }, "apikey", /is not a createServer option/);
   // An empty key, or one no Authorization header can carry, would lock every request out.
   refused({ apiKey: "" }, "apiKey", /must be a non-empty string, got ""/);
@@ -353,12 +353,17 @@ test("createServer checks its options as loadModel does: each bad one is an Inva
   refused({ allowedOrigins: "*" }, "allowedOrigins", /must be a list of origins .*got "\*"/);
   refused({ allowedOrigins: ["https://a.example/app"] }, "allowedOrigins", /"https:\/\/a\.example\/app" is not one \(its origin is "https:\/\/a\.example"\)/);
   refused({ allowedOrigins: ["a.example"] }, "allowedOrigins", /"a\.example" is not one$/);
+  refused({ writeStallTimeout: 0 }, "writeStallTimeout", /must be a positive integer, got 0/);
+  refused({ writeStallTimeout: "30s" }, "writeStallTimeout", /must be a positive integer/);
+  refused({ writeStallTimeout: 2 ** 31 }, "writeStallTimeout", /must be at most 2147483647/);
   // The model too: not one (a path, an options object, nothing) or one disposed.
   refused({}, "model", /must be a Model from loadModel\(\), got null/, null);
   refused({}, "model", /must be a Model from loadModel\(\), got object/, {});
   refused({}, "model", /must be a Model from loadModel\(\), got "m"/, "m");
   // Options left undefined are unset.
-  createServer(model, { apiKey: undefined, modelId: undefined, bodyLimit: 1024, logger: false });
+  createServer(model, { apiKey: undefined, modelId: undefined, bodyLimit: 1024, logger: false, writeStallTimeout: undefined });
+  // No bound on a stalled stream is Infinity, as loadModel's queueTimeout has it.
+  createServer(model, { writeStallTimeout: Infinity });
 });
 
 test("createServer refuses a disposed model by name, before it serves a request that could only fail", async () => {

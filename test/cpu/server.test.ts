@@ -1,15 +1,20 @@
 /**
  * The OpenAI-compatible server (createServer, lckv serve) driven by the official openai ctx.client
  * over 127.0.0.1: chat and text completions, streamed and not; disconnects that stop their
- * generation and free its pages; 64 concurrent streams that each get what they get alone; 1000
+ * generation and free its pages, as does a client that stops reading a stream (after
+ * writeStallTimeout); 64 concurrent streams that each get what they get alone; 1000
  * requests with random disconnects that leak no page and no memory; models, health, metrics;
  * and SIGTERM on the command line, which finishes the request in flight and exits 0.
  */
 import { spawn } from "node:child_process";
+import * as http from "node:http";
+import * as net from "node:net";
 import * as path from "node:path";
 import OpenAI, { APIUserAbortError } from "openai";
+import { createServer } from "../../lib";
 import { rng } from "../helpers/tiny-model";
 import { expectIdle, metric, serverForFile, startServer } from "../helpers/openai-server";
+import { testTempDir } from "../helpers/temp-dir";
 
 process.env.LCKV_QUIET = "1";
 const root = path.join(__dirname, "..", "..");
@@ -154,6 +159,68 @@ test("a ctx.client that disconnects mid-stream stops its generation, and its pag
   expect(await aborted()).toBe(before + 1);
   await expectIdle(ctx.model);
   expect(metric(await metrics(), "lckv_running_sequences")).toBe(0);
+});
+
+/** A request over a server's Unix socket: its status and body. */
+function unixRequest(socketPath: string, method: string, urlPath: string, body?: object): Promise<{ status: number; text: string }> {
+  return new Promise((resolve, reject) => {
+    const req = http.request({ socketPath, method, path: urlPath, headers: body ? { "content-type": "application/json" } : {} }, (res) => {
+      let text = "";
+      res.setEncoding("utf8");
+      res.on("data", (d: string) => (text += d));
+      res.on("end", () => resolve({ status: res.statusCode!, text }));
+    });
+    req.on("error", reject);
+    req.end(body ? JSON.stringify(body) : undefined);
+  });
+}
+
+test("a client that stops reading a stream is dropped after writeStallTimeout: its generation stops, its pages go back, the next request is served", async () => {
+  // Over a Unix socket, whose buffers fill with a small part of what this stream writes (loopback
+  // TCP's grow to megabytes, as much as the whole stream on some hosts): the stall reaches the server.
+  const sock = path.join(testTempDir("stall-"), "s.sock");
+  const app = createServer(ctx.model, { writeStallTimeout: 300 });
+  await app.listen({ path: sock });
+  const scrape = async () => (await unixRequest(sock, "GET", "/metrics")).text;
+  let opened: net.Socket | undefined;
+  try {
+    const before = await scrape();
+    const added = (text: string, name: string, labels = "") => metric(text, name, labels) - metric(before, name, labels);
+    // 64 completions of 100 tokens, each token with its 20 most likely: megabytes of events.
+    const body = JSON.stringify({ model: "m", prompt: "Once upon a time", n: 64, logprobs: 20, max_tokens: 100, ignore_eos: true, temperature: 0, stream: true });
+    const client = (opened = net.connect(sock));
+    client.on("error", () => undefined);  // the server drops the connection: whichever way it ends is fine
+    const closed = new Promise((resolve) => client.once("close", resolve));
+    client.write(`POST /v1/completions HTTP/1.1\r\nHost: lckv\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+    client.pause();  // and reads nothing
+    let after = await scrape();
+    for (let i = 0; i < 500 && added(after, "lckv_requests_total") === 0; i++) {
+      await new Promise((r) => setTimeout(r, 20));
+      after = await scrape();
+    }
+    // Counted as a client that went away, with its generation cut short and every sequence stopped.
+    expect(added(after, "lckv_requests_total", 'status="499"')).toBe(1);
+    expect(added(after, "lckv_requests_total")).toBe(1);
+    expect(added(after, "lckv_generated_tokens_total")).toBeLessThan(64 * 100);
+    expect(metric(after, "lckv_running_sequences")).toBe(0);
+    await expectIdle(ctx.model);
+    // The connection was dropped: reading what it had buffered, the client comes to its end, with no [DONE].
+    let received = "";
+    client.setEncoding("utf8");
+    client.on("data", (d: string) => (received += d));
+    client.resume();
+    await closed;
+    expect(received).toMatch(/^HTTP\/1\.1 200/);
+    expect(received).toMatch(/"logprobs":\{/);
+    expect(received).not.toMatch(/\[DONE\]/);
+    // The next request is served.
+    const next = await unixRequest(sock, "POST", "/v1/completions", { model: "m", prompt: "Once", max_tokens: 5, temperature: 0 });
+    expect(next.status).toBe(200);
+    expect(JSON.parse(next.text).choices[0].finish_reason).toBe("length");
+  } finally {
+    opened?.destroy();  // (close() would wait for it, had the server not dropped it)
+    await app.close();
+  }
 });
 
 const words = ["The sea", "A king", "Once", "In the morning", "Hello", "The letter said", "Rain", "She walked"];
@@ -311,6 +378,17 @@ test("lckv serve --max-batch caps the sequences of a step; a bad value is refuse
   const bad = spawnServe(["--max-batch", "0"]);
   expect(await bad.exited).toBe(1);
   expect(bad.stderr()).toMatch(/--max-batch must be a positive integer/);
+});
+
+test("lckv serve --write-stall-timeout: a bad value is refused by name before the model loads", async () => {
+  for (const [value, message] of [
+    ["0", /option '--write-stall-timeout': must be a positive integer, got 0/],
+    ["soon", /--write-stall-timeout must be an integer/],
+  ] as const) {
+    const bad = spawnServe(["--write-stall-timeout", value]);
+    expect(await bad.exited).toBe(1);
+    expect(bad.stderr()).toMatch(message);
+  }
 });
 
 test("fastify's inject() (how a server is tested without a port) is answered, and close() ends after it", async () => {
