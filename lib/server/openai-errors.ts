@@ -137,7 +137,7 @@ function validationError(errors: AjvError[]): HttpErrorResponse {
   if (e.keyword === "additionalProperties" && paramName(e.instancePath) === "logit_bias") {
     // logit_bias's keys are token ids, not names.
     const key = JSON.stringify(String(e.params.additionalProperty));
-    body = errorBody(`Invalid value for 'logit_bias': its keys must be token ids (strings of digits), got ${key}`, "invalid_request_error", "logit_bias", "invalid_value");
+    body = errorBody(`Invalid value for 'logit_bias': its keys must be token ids (strings of at most 10 digits), got ${key}`, "invalid_request_error", "logit_bias", "invalid_value");
   } else if (e.keyword === "additionalProperties") {
     const param = paramName(e.instancePath, String(e.params.additionalProperty));
     body = errorBody(`Unrecognized request argument supplied: ${param}`, "invalid_request_error", param, "unknown_parameter");
@@ -232,7 +232,8 @@ export function installErrorHandlers(app: FastifyInstance): void {
       const message = `Unsupported Content-Type '${type}': the body must be JSON, sent with 'Content-Type: application/json'`;
       return sendHttpError(reply, { status: 415, body: errorBody(message, "invalid_request_error", null, "unsupported_media_type"), headers: {} });
     }
-    const r = toHttpError(err, request.url.startsWith("/v1/chat/") ? "messages" : "prompt");
+    // The route matched, not the URL as sent (which may be percent-encoded or absolute).
+    const r = toHttpError(err, request.routeOptions.url === "/v1/chat/completions" ? "messages" : "prompt");
     if (r.status >= 500) request.log.error(err);
     return sendHttpError(reply, r);
   });

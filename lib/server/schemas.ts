@@ -32,10 +32,11 @@ const common = {
   },
   presence_penalty: nullable({ type: "number", minimum: -2, maximum: 2 }),
   frequency_penalty: nullable({ type: "number", minimum: -2, maximum: 2 }),
-  // Token ids (as JSON's string keys) to a bias added to their logits.
+  // Token ids (as JSON's string keys) to a bias added to their logits. At most 10 digits (an id
+  // is an int32): a longer key would reach lckv as a rounded number, and be named as that.
   logit_bias: nullable({
     type: "object",
-    patternProperties: { "^[0-9]+$": { type: "number", minimum: -100, maximum: 100 } },
+    patternProperties: { "^[0-9]{1,10}$": { type: "number", minimum: -100, maximum: 100 } },
     additionalProperties: false,
   }),
   // vLLM's and llama.cpp's sampling fields beyond OpenAI's, in the ranges of lckv's options

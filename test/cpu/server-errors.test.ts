@@ -161,7 +161,9 @@ test("400: the request checker's messages are English, not JSON schema's terms",
     ["/v1/chat/completions", chat({ response_format: { type: "json_object" } }), "response_format.type", 'must be "text"'],
     ["/v1/chat/completions", { messages: "hi" }, "messages", "must be an array"],
     ["/v1/chat/completions", chat({ stream_options: 1 }), "stream_options", "must be an object or null"],
-    ["/v1/chat/completions", chat({ logit_bias: { a: 1 } }), "logit_bias", 'its keys must be token ids (strings of digits), got "a"'],
+    ["/v1/chat/completions", chat({ logit_bias: { a: 1 } }), "logit_bias", 'its keys must be token ids (strings of at most 10 digits), got "a"'],
+    // Named as sent, not as the number it would round to (1e+23).
+    ["/v1/completions", { prompt: "x", logit_bias: { "99999999999999999999999": 1 } }, "logit_bias", 'its keys must be token ids (strings of at most 10 digits), got "99999999999999999999999"'],
   ];
   for (const [route, body, param, detail] of cases) {
     const r = await postJson(`${srv.url}${route}`, body);
