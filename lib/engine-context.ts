@@ -221,10 +221,26 @@ export class EngineContext {
   chatTokenIds(messages: ChatMessage[], what: string): number[] {
     if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json`, "LCKV_NO_TOKENIZER");
     // Rendering is on the event loop and grows with the messages (some 2 s for 280,000 empty
-    // ones, a body under the server's limit); a template gives each message at least one token,
-    // so more messages than the context holds tokens are refused unrendered.
-    if (Array.isArray(messages) && messages.length > this.maxContext) {
-      throw new ContextOverflowError(`${what} has ${messages.length} messages but the context holds ${this.maxContext} tokens (each message takes at least one)`, { count: messages.length, atLeast: true });
+    // ones, a body under the server's limit). A template renders messages in order, so the first
+    // 2 x maxContext render to a prefix of the whole: one far past the context refuses the whole
+    // unrendered. (A template with no markup around messages may leave that prefix short; the
+    // whole is then rendered and checked below.)
+    const headMessages = 2 * this.maxContext;
+    if (Array.isArray(messages) && messages.length > headMessages) {
+      let head: string | undefined;
+      try {
+        head = this.tokenizer.applyChatTemplate(messages.slice(0, headMessages), { addGenerationPrompt: false });
+      } catch {
+        head = undefined;  // a template that refuses a prefix (its last role, say) is left to the whole's check
+      }
+      if (head !== undefined) {
+        this.refuseTextFarPastContext(head, what, 0);
+        const inHead = this.tokenizer.encode(head, { addSpecialTokens: false }).length;
+        if (inHead > this.maxContext) {
+          const message = `${what} has more than ${this.maxContext} tokens (${inHead} in its first ${headMessages} of ${messages.length} messages), but the context holds ${this.maxContext}`;
+          throw new ContextOverflowError(message, { count: inHead, atLeast: true });
+        }
+      }
     }
     const text = this.tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true });
     this.refuseTextFarPastContext(text, what, 0);

@@ -154,7 +154,8 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
       // Decided by the route the request matched, not by its URL as sent: the router decodes
       // the path ("/%761/models" is /v1/models) and takes an absolute URL's, so a test of the
       // raw URL would let those through. A path that matches no route needs the key as well.
-      if (request.method === "OPTIONS" || PUBLIC_ROUTES.has(request.routeOptions.url ?? "")) return;
+      // Without CORS there is no preflight to pass, so an OPTIONS needs the key as any request does.
+      if ((origins.length > 0 && request.method === "OPTIONS") || PUBLIC_ROUTES.has(request.routeOptions.url ?? "")) return;
       const header = request.headers.authorization;
       if (ok(header)) return;
       const message = header ? "Incorrect API key provided." : "You didn't provide an API key: send it as 'Authorization: Bearer <key>'.";

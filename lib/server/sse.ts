@@ -18,13 +18,14 @@ export function writeRawHead(reply: FastifyReply, status: number, headers: Outgo
 }
 
 /**
- * How long a stream waits, by default, for a client that does not take what was written (the
- * socket's buffer full) before it drops the connection: 30 s. nginx's send_timeout and Apache's
- * Timeout are 60 s, but a proxy that waits holds only a buffer, while a paused stream holds its
- * sequences' K/V pages, which other requests queue for; so the bound is tighter. It is still far
- * past any client that reads: what must drain is one socket buffer's worth of events (tens of
- * KiB), which even a slow link takes in seconds. Node's http server and uvicorn (vLLM's) set no
- * bound on a write: a stalled reader there holds its request until the connection breaks.
+ * How long a stream waits, by default, for a client that takes nothing of what was written (the
+ * socket's buffer full) before it drops the connection: 30 s. nginx's send_timeout (60 s) is the
+ * same kind of bound: between two successful writes, not for the whole transfer. A proxy that
+ * waits holds only a buffer, while a paused stream holds its sequences' K/V pages, which other
+ * requests queue for; so the bound is tighter. A client that reads, however slowly, lets a write
+ * complete every few seconds (a write is at most about the stream's 16 KiB buffer) and is never
+ * dropped. Node's http server and uvicorn (vLLM's) set no bound on a write: a stalled reader there
+ * holds its request until the connection breaks.
  */
 export const DEFAULT_WRITE_STALL_TIMEOUT_MS = 30_000;
 
@@ -62,7 +63,6 @@ export class SseWriter {
     writeRawHead(this.reply, 200, {
       "content-type": "text/event-stream; charset=utf-8",
       "cache-control": "no-cache",
-      connection: "keep-alive",
       // Proxies (nginx) would otherwise buffer the stream.
       "x-accel-buffering": "no",
     });
@@ -88,23 +88,43 @@ export class SseWriter {
   }
 
   /**
-   * Resolves on `event` (the socket took what was written) or the response's close; if neither
-   * comes within the stall timeout, the response is destroyed (its close aborts the request).
+   * Bytes whose write to the socket completed (the kernel took them): what the socket was handed
+   * less what it still holds. Undefined before the response has a socket (a pipelined response
+   * waiting for the one ahead of it on its connection, which its client is not holding up).
+   */
+  private bytesTaken(): number | undefined {
+    const socket = this.res.socket;
+    return socket ? (socket.bytesWritten ?? 0) - socket.writableLength : undefined;
+  }
+
+  /**
+   * Resolves on `event` (the socket took what was written) or the response's close. If the client
+   * takes nothing for the stall timeout (no write completes), the response is destroyed: its
+   * close aborts the request. The check runs a few times a timeout, so a drop comes within a
+   * quarter of it past the deadline.
    */
   private flushed(event: "drain" | "finish"): Promise<void> {
     return new Promise<void>((resolve) => {
+      let taken = this.bytesTaken();
+      let progressAt = performance.now();
+      const check = () => {
+        const now = this.bytesTaken();
+        if (now === undefined || now !== taken) {
+          taken = now;
+          progressAt = performance.now();
+        } else if (performance.now() - progressAt >= this.stallTimeout) {
+          this.res.destroy();
+          done();
+        }
+      };
+      const timer = Number.isFinite(this.stallTimeout) ? setInterval(check, Math.max(1, Math.min(1000, this.stallTimeout / 4))) : undefined;
       const done = () => {
-        clearTimeout(timer);
+        clearInterval(timer);
         this.res.off(event, done);
         this.res.off("close", done);
         if (event === "drain") this.draining = undefined;
         resolve();
       };
-      const stalled = () => {
-        this.res.destroy();
-        done();
-      };
-      const timer = Number.isFinite(this.stallTimeout) ? setTimeout(stalled, this.stallTimeout) : undefined;
       this.res.on(event, done);
       this.res.on("close", done);
     });

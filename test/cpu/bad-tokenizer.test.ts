@@ -152,6 +152,24 @@ describe("a conversation far longer than the context", () => {
       await model.dispose();
     }
   });
+
+  test("more messages than the context holds tokens are served where they render to fewer (a template with no markup), refused where they render to more", async () => {
+    const model = await loadModel(modelWithTemplate("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"), { device: "cpu" });
+    try {
+      const ctx = model.maxContext;
+      const few = Array.from({ length: ctx + 44 }, (_, i) => ({ role: "user", content: i % 2 === 0 ? " th" : "e" }));
+      const ids = model.chatTokenIds(few);
+      expect(ids.length).toBeLessThan(ctx);
+      expect(ids).toEqual(model.tokenizer!.encode(`${few.map((m) => m.content).join("")}`, { addSpecialTokens: true }));
+      const many = Array.from({ length: 4 * ctx }, () => ({ role: "user", content: " the" }));
+      const e = thrown(() => model.chatTokenIds(many));
+      expect(e).toBeInstanceOf(ContextOverflowError);
+      expect(e.inputTokens.atLeast).toBe(true);
+      expect(e.inputTokens.count).toBeGreaterThan(ctx);
+    } finally {
+      await model.dispose();
+    }
+  });
 });
 
 describe("a model without a chat template", () => {

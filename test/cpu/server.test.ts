@@ -223,6 +223,75 @@ test("a client that stops reading a stream is dropped after writeStallTimeout: i
   }
 });
 
+/** Sends raw HTTP/1.1 on a Unix socket and reads all that comes back, `bytesPerTick` every 10 ms (all at once if Infinity). */
+async function rawExchange(sock: string, requests: string, bytesPerTick: number): Promise<string> {
+  const client = net.connect(sock);
+  try {
+    client.write(requests);
+    client.pause();
+    let received = "";
+    let ended = false;
+    client.on("end", () => (ended = true));
+    client.on("close", () => (ended = true));
+    while (!ended) {
+      await new Promise((r) => setTimeout(r, 10));
+      let chunk: Buffer | null;
+      while ((chunk = client.read(Math.min(bytesPerTick, client.readableLength || 1))) !== null) {
+        received += chunk.toString("latin1");
+        if (bytesPerTick !== Infinity) break;
+      }
+    }
+    let rest: Buffer | null;
+    while ((rest = client.read()) !== null) received += rest.toString("latin1");
+    return received;
+  } finally {
+    client.destroy();
+  }
+}
+
+const post = (body: object, close = false) =>
+  `POST /v1/completions HTTP/1.1\r\nHost: lckv\r\nContent-Type: application/json\r\n${close ? "Connection: close\r\n" : ""}Content-Length: ${Buffer.byteLength(JSON.stringify(body))}\r\n\r\n${JSON.stringify(body)}`;
+
+test("a client that reads slowly but steadily is not dropped: the deadline runs between two writes the socket completes", async () => {
+  const sock = path.join(testTempDir("slow-"), "s.sock");
+  // At 200 KiB/s a Unix socket's writer wakes about once a second (the kernel wakes it when half
+  // of its buffer has gone): well within this deadline, though the stream takes seconds in all.
+  const app = createServer(ctx.model, { writeStallTimeout: 3000 });
+  await app.listen({ path: sock });
+  try {
+    const body = { model: "m", prompt: "Once upon a time", n: 32, logprobs: 20, max_tokens: 50, ignore_eos: true, temperature: 0, stream: true };
+    const received = await rawExchange(sock, post(body, true), 2048);
+    expect(received.length).toBeGreaterThan(800_000);  // far more than the socket's buffers hold
+    expect(received).toMatch(/^HTTP\/1\.1 200/);
+    expect(received).toMatch(/data: \[DONE\]\n\n\r\n0\r\n\r\n$/);
+    await expectIdle(ctx.model);
+  } finally {
+    await app.close();
+  }
+});
+
+test("a stream pipelined behind another response on its connection waits its turn without being dropped as stalled", async () => {
+  const sock = path.join(testTempDir("pipe-"), "s.sock");
+  const app = createServer(ctx.model, { writeStallTimeout: 200 });
+  await app.listen({ path: sock });
+  try {
+    // The first (not streamed) takes far longer than the deadline; the stream behind it fills its
+    // buffer meanwhile, with no socket yet to write to. The client reads everything at once.
+    const first = { model: "m", prompt: "Once", n: 32, max_tokens: 120, ignore_eos: true, temperature: 0 };
+    const second = { model: "m", prompt: "Once upon a time", n: 16, logprobs: 20, max_tokens: 40, ignore_eos: true, temperature: 0, stream: true };
+    const received = await rawExchange(sock, post(first) + post(second, true), Infinity);
+    const responses = received.split(/(?=HTTP\/1\.1 )/);
+    expect(responses).toHaveLength(2);
+    expect(responses[0]).toMatch(/^HTTP\/1\.1 200/);
+    expect(JSON.parse(responses[0].slice(responses[0].indexOf("\r\n\r\n") + 4)).choices).toHaveLength(32);
+    expect(responses[1]).toMatch(/^HTTP\/1\.1 200/);
+    expect(responses[1]).toMatch(/data: \[DONE\]\n\n\r\n0\r\n\r\n$/);
+    await expectIdle(ctx.model);
+  } finally {
+    await app.close();
+  }
+});
+
 const words = ["The sea", "A king", "Once", "In the morning", "Hello", "The letter said", "Rain", "She walked"];
 
 test("64 concurrent streaming clients each get exactly what they get alone (greedy)", async () => {
