@@ -169,7 +169,7 @@ export class Sequence implements Disposable {
   /** @internal append(); keepReservation: the request goes on to generate (model.stream). */
   async appendTokens(input: string | readonly number[], options: PrefillOptions, keepReservation: boolean): Promise<{ passes: number }> {
     return this.exclusive(async () => {
-      const native = this.live();
+      this.live();
       const ids = this.engine.toTokenIds(input, "input", this.length);
       const prefill = resolvePrefill(this.engine, options);
       const run = [...this.pending, ...ids.slice(0, -1)];
@@ -177,7 +177,8 @@ export class Sequence implements Disposable {
         if (!(await this.ensureReserved(this.evaluated.length + run.length, { signal: prefill.signal }))) {
           throw new AbortError("the request was aborted while it waited for K/V pages");
         }
-        return await this.prefill(native, ids, run, prefill);
+        // The sequence, or its model, may have been disposed meanwhile: said as live() says it.
+        return await this.prefill(this.live(), ids, run, prefill);
       } finally {
         if (!keepReservation) this.releaseReservation();
       }
@@ -196,10 +197,12 @@ export class Sequence implements Disposable {
     // input, so it is not cut.
     const before = { evaluated: this.evaluated.length, pending: this.pending };
     const done = this.engine.working();
-    // An int4 sequence ending mid-page keeps that page's rows in bf16 until the page fills: a
-    // rewind to here after a later chunk filled it is exact only from this copy.
-    if (run.length > 0) native.checkpointResidual();
     try {
+      // An int4 sequence ending mid-page keeps that page's rows in bf16 until the page fills: a
+      // rewind to here after a later chunk filled it is exact only from this copy. Inside the
+      // try: a sequence disposed while it waited for its pages fails here, and must still stop
+      // counting as in flight.
+      if (run.length > 0) native.checkpointResidual();
       // Yield once so that prompts that arrive in the same turn of the event loop count each
       // other in flight before the first chunk picks its way.
       if (this.engine.mayBatchPrefill(prefill)) await new Promise((resolve) => setImmediate(resolve));

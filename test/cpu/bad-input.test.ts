@@ -617,6 +617,27 @@ describe("inputs and options", () => {
     await m2.dispose();
   });
 
+  test("a sequence disposed while its append() is in flight: DisposedError, and the call stops counting as in flight", async () => {
+    const m = await load(dir);
+    const inFlight = () => (m as unknown as { engine: { inFlight: number } }).engine.inFlight;
+    const seq = m.createSequence();
+    const appended = seq.append([5, 6, 7, 8]);
+    seq.dispose();
+    const e = await appended.catch((x) => x);
+    expect(e).toBeInstanceOf(DisposedError);
+    expect(e.message).toBe("the sequence has been disposed");
+    expect(inFlight()).toBe(0);
+    // A prompt alone afterwards is prefilled as one, by its own calls, not as rows of shared steps.
+    await m.createSequence().append([1, 2, 3, 4, 5, 6]);
+    expect(m.schedulerStats().promptTokens).toBe(0);
+    // The model disposed instead: said of the model, as before the call.
+    const other = m.createSequence();
+    const pending = other.append([5, 6, 7, 8]);
+    const disposed = m.dispose();
+    await expect(pending).rejects.toThrow(/^the model this sequence belongs to has been disposed$/);
+    await disposed;
+  });
+
   test("dispose while a generation is in flight ends it with a typed error, not a crash", async () => {
     const m = await load(dir);
     const p = m.generate([1, 2, 3], { maxNewTokens: 12 }).catch((x) => x);
