@@ -162,6 +162,14 @@ export class Admission {
     }
   }
 
+  /** Fails the waits of `seq` (it is being freed): they leave the queue now, not when they reach its head. */
+  rejectWaiting(seq: NativeSequence, e: unknown): void {
+    for (const w of this.waiters.filter((w) => w.seq === seq)) {
+      this.remove(w);
+      w.reject(e);
+    }
+  }
+
   /** Fails every waiting request (the model is going away). */
   rejectAll(e: unknown): void {
     for (const w of [...this.waiters]) {

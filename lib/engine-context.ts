@@ -318,6 +318,7 @@ export class EngineContext {
   /** Frees a live native sequence. */
   closeSequence(s: NativeSequence): void {
     this.live.delete(s);
+    this.admission.rejectWaiting(s, new DisposedError("the sequence"));
     s.dispose();
     if (this.native) this.admission.pump();  // its pages may let a waiting request in
   }

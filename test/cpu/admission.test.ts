@@ -3,7 +3,7 @@
  * a waiting request needs lets it in, a sequence that holds pages does not queue behind a request
  * waiting for them, and an abort ends a wait.
  */
-import { AbortError, KV_PAGE_TOKENS, loadModel, Model } from "../../lib";
+import { AbortError, DisposedError, KV_PAGE_TOKENS, loadModel, Model } from "../../lib";
 import { writeTinyModel } from "../helpers/tiny-model";
 
 process.env.LCKV_QUIET = "1";
@@ -94,5 +94,35 @@ test("an abort ends append() and forward() while they wait for pages (AbortError
   expect((await within(gen, 5000, "generate")).finishReason).toBe("abort");
   expect(m.cacheStats().queued).toBe(0);
   expect(s.length).toBe(0);
+  await m.dispose();
+});
+
+test("a sequence disposed while its append() waits for pages leaves the queue at once with DisposedError", async () => {
+  const m = await withPages(16, { prefixCache: 0, maxQueue: 2 });
+  const hog = m.createSequence();
+  await hog.append(prompt(200, 1)); // 13 of the 16 pages
+  const ahead = m.generate(prompt(100, 2), { maxNewTokens: 4 }); // waits
+  const seq = m.createSequence();
+  const order: string[] = [];
+  const appended = seq.append(prompt(60, 3)).catch((e) => (order.push("append failed"), e)); // waits behind it
+  await new Promise((r) => setImmediate(r));
+  expect(m.cacheStats().queued).toBe(2);
+  seq.dispose();
+  expect(m.cacheStats().queued).toBe(1);
+  // Its slot of the queue is free again (maxQueue 2).
+  const third = m.createSequence();
+  const thirdAppended = third.append(prompt(20, 4));
+  expect(m.cacheStats().queued).toBe(2);
+  setImmediate(() => {
+    order.push("pages freed");
+    hog.dispose();
+  });
+  const e = await appended;
+  expect(e).toBeInstanceOf(DisposedError);
+  expect(e.message).toBe("the sequence has been disposed");
+  expect((await within(ahead, 10000, "the request ahead")).tokens).toHaveLength(4);
+  await within(thirdAppended, 10000, "the append behind it");
+  expect(order).toEqual(["append failed", "pages freed"]);
+  expect(m.auditCache()).toBe("");
   await m.dispose();
 });
