@@ -63,6 +63,8 @@ export class Model implements AsyncDisposable {
   private readonly prefixCache: PrefixCache;
   /** @internal Reserves K/V pages for requests, queueing them while the pool is short. */
   readonly admission: Admission;
+  /** The first dispose()'s promise, which every call returns. */
+  private disposal: Promise<void> | undefined;
 
   /** @internal Use loadModel(). */
   constructor(
@@ -424,11 +426,17 @@ export class Model implements AsyncDisposable {
 
   /**
    * Frees the weights and every sequence. Running prefills are cancelled (they reject with
-   * DisposedError); the promise settles once they have stopped, at their next pass or token.
-   * Calls after this throw DisposedError.
+   * DisposedError); the promise settles once they have stopped, at their next pass or token (a
+   * later dispose() returns the same promise). Calls after this throw DisposedError.
    */
-  async dispose(): Promise<void> {
-    if (this.engine.disposed) return;
+  dispose(): Promise<void> {
+    // A later call settles with the first: only once the prefills it cancelled have stopped.
+    this.disposal ??= this.release();
+    return this.disposal;
+  }
+
+  /** dispose()'s work, done once. */
+  private async release(): Promise<void> {
     const stopped = this.engine.cancelAll();
     this.admission.rejectAll(new DisposedError("the model"));
     this.prefixCache.clear();

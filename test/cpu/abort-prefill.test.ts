@@ -99,3 +99,16 @@ test("dispose() cancels running prefills: they reject with DisposedError and dis
   }
   await expect(m.generate([1, 2, 3])).rejects.toThrow(DisposedError);
 });
+
+test("a second dispose() settles only once the prefills the first cancelled have stopped", async () => {
+  const m = await loadModel(undefined, { device: "cpu", threads: 1 });
+  const order: string[] = [];
+  const running = m.forward(prompt, slow).catch((e) => (order.push("forward stopped"), e));
+  await new Promise((r) => setTimeout(r, 50));
+  const first = m.dispose();
+  await m.dispose();
+  order.push("second dispose settled");
+  expect(await running).toBeInstanceOf(DisposedError);
+  await first;
+  expect(order).toEqual(["forward stopped", "second dispose settled"]);
+});
