@@ -100,17 +100,24 @@ export class ChatSession implements Disposable {
         keep = 0;
       }
     }
-    // The pages for the new part and the whole reply, before any work (as model.stream() does).
-    if (!(await this.seq.reserveRequest(ids.length, opts.maxNewTokens, opts.signal))) return progress.result("abort");
-    let passes: number;
     try {
-      ({ passes } = await this.seq.appendTokens(ids.slice(keep), opts, true));
+      // The pages for the new part and the whole reply, before any work (as model.stream() does).
+      if (!(await this.seq.reserveRequest(ids.length, opts.maxNewTokens, opts.signal))) return progress.result("abort");
+      let passes: number;
+      try {
+        ({ passes } = await this.seq.appendTokens(ids.slice(keep), opts, true));
+      } catch (e) {
+        this.seq.releaseRequest();
+        if (e instanceof AbortError) return progress.result("abort");  // nothing was added
+        throw e;
+      }
+      return yield* this.seq.run(options, ids.length, passes, progress);
     } catch (e) {
-      this.seq.releaseRequest();
-      if (e instanceof AbortError) return progress.result("abort");  // nothing was added
+      // Disposed mid-turn: said of what the caller holds, the session or its model, not of the
+      // sequence inside the session.
+      if (e instanceof DisposedError) throw new DisposedError(this.engine.disposed ? "the model this chat session belongs to" : "the chat session");
       throw e;
     }
-    return yield* this.seq.run(options, ids.length, passes, progress);
   }
 
   /** Frees the session's sequence. Later turns throw DisposedError. */

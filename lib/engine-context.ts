@@ -278,11 +278,13 @@ export class EngineContext {
 
   /**
    * Runs a native prefill call that `signal` or the model's dispose() cancels (the engine stops
-   * between passes and tokens). Cancelled by dispose(), it rejects with DisposedError.
+   * between passes and tokens). Cancelled by dispose(), or begun on a sequence dispose() freed,
+   * it rejects with DisposedError naming the model (the sequence may be the call's own, as
+   * forward()'s is, which the caller never had).
    */
   runCancellable<T>(signal: AbortSignal | undefined, call: (cancel?: Int32Array) => Promise<T>): Promise<T> {
     const p = withCancel([signal, this.disposing.signal], call).catch((e: unknown) => {
-      throw this.disposing.signal.aborted && e instanceof AbortError ? new DisposedError("the model") : e;
+      throw this.disposing.signal.aborted && (e instanceof AbortError || e instanceof DisposedError) ? new DisposedError("the model") : e;
     });
     this.inflight.add(p);
     const done = () => this.inflight.delete(p);

@@ -638,6 +638,15 @@ describe("inputs and options", () => {
     await disposed;
   });
 
+  test("a call the model's dispose() cuts short names the model, not a sequence the caller never had", async () => {
+    const m = await load(dir);
+    const pending = m.forward([1, 2, 3]);
+    const disposed = m.dispose();
+    await expect(pending).rejects.toThrow(DisposedError);
+    await expect(pending).rejects.toThrow(/^the model has been disposed$/);
+    await disposed;
+  });
+
   test("dispose while a generation is in flight ends it with a typed error, not a crash", async () => {
     const m = await load(dir);
     const p = m.generate([1, 2, 3], { maxNewTokens: 12 }).catch((x) => x);

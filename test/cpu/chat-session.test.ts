@@ -145,6 +145,24 @@ test("a session whose model was disposed says so, not that the session was", asy
   expect(e.message).toBe("the model this chat session belongs to has been disposed");
 });
 
+test("a turn cut short by disposing the session, or its model, names that, not the sequence inside", async () => {
+  const own = await loadModel(dir, { device: "cpu" });
+  const session = own.createChatSession({ system });
+  const mid = session.send("First", { maxNewTokens: 20, ignoreEos: true });
+  await mid.next();
+  session.dispose();
+  const e = await drain(mid).catch((x) => x);
+  expect(e).toBeInstanceOf(DisposedError);
+  expect(e.message).toBe("the chat session has been disposed");
+  const other = own.createChatSession({ system });
+  const cut = other.send("First", { maxNewTokens: 20, ignoreEos: true });
+  await cut.next();
+  await own.dispose();
+  const e2 = await drain(cut).catch((x) => x);
+  expect(e2).toBeInstanceOf(DisposedError);
+  expect(e2.message).toBe("the model this chat session belongs to has been disposed");
+});
+
 test("createChatSession checks its options", () => {
   expect(() => model.createChatSession({ system: 5 as unknown as string })).toThrow(InvalidOptionError);
   expect(() => model.createChatSession({ sytem: "x" } as never)).toThrow(InvalidOptionError);
