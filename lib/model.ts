@@ -334,41 +334,52 @@ export class Model implements AsyncDisposable {
    * and the sequence forked n times (the forks share its pages, copy-on-write); completion i
    * samples with seed + i when a seed is given. The prefill runs when the first stream is
    * iterated (or its result awaited); a stream neither iterated nor awaited holds its fork until
-   * return() is called on it.
+   * return() is called on it. A stream's return() ends its own wait for the prefill at once; the
+   * prefill (and its wait for pages) stops once every stream has been returned, as stream()'s
+   * does on its return(), and goes on while any stream has not.
    */
   streamMany(input: string | readonly number[], n: number, options?: GenerateOptions): GenerationStream[] {
     posInt("n", n, MAX_COMPLETIONS);
     const forks: (Sequence | null)[] = new Array(n).fill(null);
+    /** Streams that want no completion any more: returned, or ended. */
     const closed: boolean[] = new Array(n).fill(false);
+    /** Aborted once every stream is closed: the shared prefill is then for no one. */
+    const unwanted = new AbortController();
+    const close = (i: number) => {
+      closed[i] = true;
+      forks[i]?.dispose();  // a fork its stream never took
+      forks[i] = null;
+      if (closed.every(Boolean)) unwanted.abort();
+    };
     let shared: Promise<SharedPrefill> | undefined;
     const prefill = () => {
       if (!shared) {
-        shared = this.prefillForForks(input, options, forks, closed);
+        shared = this.prefillForForks(input, options, forks, closed, unwanted.signal);
         shared.catch(() => {});  // each stream that waits on it reports the error
       }
       return shared;
     };
     return forks.map((_, i) =>
       generationStream(
-        (progress) => this.forkedRequest(i, prefill, forks, options, progress),
-        () => {
-          closed[i] = true;
-          forks[i]?.dispose();  // a fork its stream never took
-          forks[i] = null;
+        (progress) => {
+          progress.stopSignal.addEventListener("abort", () => close(i), { once: true });
+          return this.forkedRequest(i, prefill, forks, options, progress, unwanted.signal);
         },
+        () => close(i),
       ),
     );
   }
 
-  /** streamMany()'s shared prefill: fills forks[i] for each stream not closed yet. */
+  /** streamMany()'s shared prefill: fills forks[i] for each stream not closed yet; `unwanted` stops it. */
   private async prefillForForks(
     input: string | readonly number[],
     options: GenerateOptions | undefined,
     forks: (Sequence | null)[],
     closed: boolean[],
+    unwanted: AbortSignal,
   ): Promise<SharedPrefill> {
     const prompt = this.toTokenIds(input);
-    const opts = this.engine.resolveGenerate(options, prompt.length);
+    const opts = this.engine.resolveGenerate(options, prompt.length, unwanted);
     this.engine.refuseFullContext(prompt.length, opts, "prompt");
     this.nativeModel();
     if (opts.maxNewTokens === 0) return { promptTokens: prompt.length, passes: 0, ended: "length" };
@@ -401,9 +412,15 @@ export class Model implements AsyncDisposable {
     forks: (Sequence | null)[],
     options: GenerateOptions | undefined,
     progress: GenerationProgress,
+    unwanted: AbortSignal,
   ): AsyncGenerator<StreamChunk, GenerateResult, undefined> {
-    const shared = await prefill();
-    progress.promptTokens = shared.promptTokens;
+    // Returned while the shared prefill (or its wait for pages) runs, the stream stops waiting
+    // for it at once; the last one returned has stopped the prefill (unwanted) and waits for it
+    // to end, as stream()'s return() waits for its own.
+    const stopped = new Promise<void>((resolve) => progress.stopSignal.addEventListener("abort", () => resolve(), { once: true }));
+    const shared = await Promise.race([prefill(), stopped.then(() => (unwanted.aborted ? prefill() : undefined))]);
+    if (shared) progress.promptTokens = shared.promptTokens;
+    if (!shared || progress.stopSignal.aborted) return progress.result("abort");
     if (shared.ended) return progress.result(shared.ended);
     const seq = forks[i];
     forks[i] = null;

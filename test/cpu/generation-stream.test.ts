@@ -258,6 +258,51 @@ describe("streamMany", () => {
     expect(model.auditCache()).toBe("");
   });
 
+  test("return() ends a stream's wait for the shared prefill at once, and the prefill's wait for pages once every stream is returned", async () => {
+    const dir = writeTinyModel({ seed: 5, vocab: 64, maxPositions: 128 });
+    const probe = await loadModel(dir, { device: "cpu", prefixCache: 0 });
+    const pageBytes = probe.cacheStats().pageBytes;
+    await probe.dispose();
+    const small = await loadModel(dir, { device: "cpu", prefixCache: 0, kvCacheMemory: 8 * pageBytes });
+    try {
+      const hog = small.createSequence();
+      await hog.append(Array.from({ length: 120 }, (_, i) => (i % 60) + 2)); // all 8 pages
+      const prefilled = small.cacheStats().prefilledTokens;
+      const [x, y, z] = small.streamMany(prompt, 3, { maxNewTokens: 4, ignoreEos: true });
+      const xNext = x.next(); // begins the shared prefill, which waits for pages
+      const yNext = y.next();
+      for (const p of [xNext, yNext]) p.catch(() => {}); // an assertion failing below leaves neither unhandled
+      await new Promise((r) => setImmediate(r));
+      expect(small.cacheStats().queued).toBe(1);
+      const order: string[] = [];
+      setImmediate(() => {
+        order.push("pages freed");
+        hog.dispose();
+      });
+      // y stops waiting; x and z (not iterated yet) still want the prefill, which waits on.
+      const yEnded = await y.return();
+      order.push("y returned");
+      expect(order).toEqual(["y returned"]); // before the pages came back
+      expect(yEnded.value).toMatchObject({ finishReason: "abort", tokens: [] });
+      expect((await yNext).done).toBe(true);
+      await z.return();
+      expect(small.cacheStats().queued).toBe(1);
+      // x, the last: the prefill's wait for pages ends too, and nothing is prefilled.
+      const xEnded = await x.return();
+      order.push("x returned");
+      expect(xEnded.value).toMatchObject({ finishReason: "abort", tokens: [] });
+      expect(await xNext).toEqual({ done: true, value: xEnded.value });
+      expect(small.cacheStats().queued).toBe(0);
+      expect(small.cacheStats().prefilledTokens).toBe(prefilled);
+      await new Promise((r) => setImmediate(r));
+      expect(order).toEqual(["y returned", "x returned", "pages freed"]);
+      expect(small.cacheStats().liveSequences).toBe(0);
+      expect(small.auditCache()).toBe("");
+    } finally {
+      await small.dispose();
+    }
+  });
+
   test("n and the options are checked; errors reach every stream", async () => {
     for (const n of [0, -1, 1.5, 129, NaN]) {
       const err = (() => {
