@@ -50,6 +50,14 @@ function kvBytesPerToken(native: NativeModel, dtype: KvCacheDtype): number {
   return native.kvPageBytes(dtype, KV_PAGE_TOKENS) / KV_PAGE_TOKENS;
 }
 
+/**
+ * An error of a request (stream(), streamMany()) as its caller sees it: the request's sequences
+ * are its own, so a DisposedError is the model's, not that of a sequence the caller never had.
+ */
+function saidOfTheModel(e: unknown): unknown {
+  return e instanceof DisposedError ? new DisposedError("the model") : e;
+}
+
 export class Model implements AsyncDisposable {
   /** Bytes one token of context costs in the cache (only the KV layers are cached). */
   readonly kvBytesPerToken: number;
@@ -274,6 +282,8 @@ export class Model implements AsyncDisposable {
       const result = yield* seq.run(options, prompt.length, passes, progress);
       finished = true;
       return result;
+    } catch (e) {
+      throw saidOfTheModel(e);
     } finally {
       if (finished && !this.disposed) {
         this.prefixCache.offer(seq);
@@ -399,6 +409,8 @@ export class Model implements AsyncDisposable {
         if (!closed[i]) forks[i] = seq.fork();
       });
       return { promptTokens: prompt.length, passes };
+    } catch (e) {
+      throw saidOfTheModel(e);
     } finally {
       // The forks hold the prompt's pages; its own reservation goes with it.
       seq.dispose();
@@ -432,6 +444,8 @@ export class Model implements AsyncDisposable {
       const result = yield* seq.run(opts, shared.promptTokens, shared.passes, progress);
       finished = true;
       return result;
+    } catch (e) {
+      throw saidOfTheModel(e);
     } finally {
       // The first completion is kept for prefix reuse, as stream() keeps its sequence.
       if (finished && i === 0 && !this.disposed) {
