@@ -17,6 +17,15 @@ beforeAll(async () => {
 });
 afterAll(() => model.dispose());
 
+/** A tiny model whose K/V pool holds `pages` pages, with no prefix cache. */
+async function modelWithPages(pages: number): Promise<Model> {
+  const dir = writeTinyModel({ seed: 5, vocab: 64, maxPositions: 128 });
+  const probe = await loadModel(dir, { device: "cpu", prefixCache: 0 });
+  const pageBytes = probe.cacheStats().pageBytes;
+  await probe.dispose();
+  return loadModel(dir, { device: "cpu", prefixCache: 0, kvCacheMemory: pages * pageBytes });
+}
+
 async function drain(s: GenerationStream): Promise<{ chunks: StreamChunk[]; result: GenerateResult }> {
   const chunks: StreamChunk[] = [];
   for await (const c of s) chunks.push(c);
@@ -136,11 +145,7 @@ describe("stream().result", () => {
   });
 
   test("return() ends a step in flight: a stream its awaited result runs, waiting for pages", async () => {
-    const dir = writeTinyModel({ seed: 5, vocab: 64, maxPositions: 128 });
-    const probe = await loadModel(dir, { device: "cpu", prefixCache: 0 });
-    const pageBytes = probe.cacheStats().pageBytes;
-    await probe.dispose();
-    const small = await loadModel(dir, { device: "cpu", prefixCache: 0, kvCacheMemory: 8 * pageBytes });
+    const small = await modelWithPages(8);
     try {
       // a reserves 7 of the 8 pages; b needs 4 and waits for them (no queue timeout).
       const a = small.stream(prompt, { maxNewTokens: 100, ignoreEos: true });
@@ -259,11 +264,7 @@ describe("streamMany", () => {
   });
 
   test("return() ends a stream's wait for the shared prefill at once, and the prefill's wait for pages once every stream is returned", async () => {
-    const dir = writeTinyModel({ seed: 5, vocab: 64, maxPositions: 128 });
-    const probe = await loadModel(dir, { device: "cpu", prefixCache: 0 });
-    const pageBytes = probe.cacheStats().pageBytes;
-    await probe.dispose();
-    const small = await loadModel(dir, { device: "cpu", prefixCache: 0, kvCacheMemory: 8 * pageBytes });
+    const small = await modelWithPages(8);
     try {
       const hog = small.createSequence();
       await hog.append(Array.from({ length: 120 }, (_, i) => (i % 60) + 2)); // all 8 pages
