@@ -263,6 +263,8 @@ test("a client that reads slowly but steadily is not dropped: the deadline runs 
     const received = await rawExchange(sock, post(body, true), 2048);
     expect(received.length).toBeGreaterThan(800_000);  // far more than the socket's buffers hold
     expect(received).toMatch(/^HTTP\/1\.1 200/);
+    // The request asked to close its connection after the response, and the stream says it will.
+    expect(received.slice(0, received.indexOf("\r\n\r\n"))).toMatch(/\r\nconnection: close(\r\n|$)/i);
     expect(received).toMatch(/data: \[DONE\]\n\n\r\n0\r\n\r\n$/);
     await expectIdle(ctx.model);
   } finally {
