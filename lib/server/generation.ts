@@ -5,7 +5,7 @@
  * awaited, so a stream waits for a slow client instead of running ahead of it.
  */
 import { randomUUID } from "node:crypto";
-import { AbortError, ContextOverflowError } from "../errors";
+import { AbortError, ContextOverflowError, InternalError } from "../errors";
 import type { GenerationStream } from "../generation-stream";
 import type { Model } from "../model";
 import type { GenerateOptions } from "../options";
@@ -158,7 +158,7 @@ export async function runStreams(streams: CompletionStream[], write: CompletionW
  * that did would be refused, not reported finished.
  */
 export function finishReason(r: GenerateResult): "stop" | "length" {
-  if (r.finishReason === "abort") throw new Error("an aborted completion has no finish reason");
+  if (r.finishReason === "abort") throw new InternalError("an aborted completion has no finish reason");
   return r.finishReason;
 }
 
