@@ -20,7 +20,7 @@ import { KV_CACHE_DTYPES, KvCacheDtype } from "./kv-cache-dtype";
 import { DType, DTYPES, loadModel, LoadOptions } from "./load-model";
 import { Model } from "./model";
 import { checkServerOptions, createServer } from "./server/server";
-import { condenseModel } from "./condense/condense";
+import { condenseModel, partialDirectory } from "./condense/condense";
 import { evaluatePerplexity } from "./eval";
 import type { GenerationStream } from "./generation-stream";
 import { GenerateOptions, resolveGenerateOptions } from "./options";
@@ -38,6 +38,12 @@ function intArg(name: string) {
 function posIntArg(name: string) {
   return (v: string) => {
     if (!/^\d+$/.test(v) || Number(v) < 1) throw new InvalidArgumentError(`${name} must be a positive integer`);
+    return Number(v);
+  };
+}
+function minIntArg(name: string, min: number) {
+  return (v: string) => {
+    if (!/^\d+$/.test(v) || Number(v) < min) throw new InvalidArgumentError(`${name} must be an integer >= ${min}`);
     return Number(v);
   };
 }
@@ -73,6 +79,49 @@ process.stdout.on("error", (e: NodeJS.ErrnoException) => {
   if (e.code !== "EPIPE") throw e;
   stdoutClosed = true;
 });
+// The same for stderr (`... 2>&1 | head`): what would have gone there is dropped.
+process.stderr.on("error", (e: NodeJS.ErrnoException) => {
+  if (e.code !== "EPIPE") throw e;
+});
+
+/**
+ * Ctrl-C while `undo` is registered runs it before the process exits 130, as it would have on
+ * the signal: a progress bar gives the terminal back its cursor and line wrap (it hid them), a
+ * run with files half written removes them. Returns what unregisters it; with nothing
+ * registered the signal has its default effect again (`serve` installs its own).
+ */
+const interruptUndos = new Set<() => void>();
+function onInterrupt() {
+  for (const undo of interruptUndos) undo();
+  process.exit(130);
+}
+function untilInterrupted(undo: () => void): () => void {
+  if (interruptUndos.size === 0) process.on("SIGINT", onInterrupt);
+  interruptUndos.add(undo);
+  return () => {
+    interruptUndos.delete(undo);
+    if (interruptUndos.size === 0) process.off("SIGINT", onInterrupt);
+  };
+}
+
+/** A progress bar on stderr (a terminal only), which Ctrl-C stops, so that the cursor comes back. */
+function progressBar(format: string): SingleBar | undefined {
+  if (!process.stderr.isTTY) return undefined;
+  const bar = new SingleBar({ format, stream: process.stderr, clearOnComplete: true, hideCursor: true });
+  const start = bar.start.bind(bar);
+  const stop = bar.stop.bind(bar);
+  let unregister: (() => void) | undefined;
+  bar.start = (...args: Parameters<SingleBar["start"]>) => {
+    unregister ??= untilInterrupted(stop);
+    start(...args);
+  };
+  bar.stop = () => {
+    stop();
+    unregister?.();
+    unregister = undefined;
+  };
+  return bar;
+}
 
 async function open(opts: {
   model?: string;
@@ -95,9 +144,9 @@ async function open(opts: {
   if (opts.maxQueue !== undefined) load.maxQueue = opts.maxQueue;
   if (opts.maxBatch !== undefined) load.maxBatch = opts.maxBatch;
   if (opts.revision !== undefined) load.revision = opts.revision;
-  if (process.stderr.isTTY) {
-    const bar = new SingleBar({ format: "loading {bar} {percentage}%", stream: process.stderr, clearOnComplete: true, hideCursor: true });
-    const download = new SingleBar({ format: "downloading {file} {bar} {percentage}% {bytes}", stream: process.stderr, clearOnComplete: true, hideCursor: true });
+  const bar = progressBar("loading {bar} {percentage}%");
+  const download = progressBar("downloading {file} {bar} {percentage}% {bytes}");
+  if (bar && download) {
     // Each bar is started at its first report, after loadModel has chosen the device: its one-line
     // notice (running on the CPU, and why) then prints above the bars instead of inside them.
     let started = false;
@@ -201,7 +250,11 @@ const modelOption = () =>
     "-m, --model <dir|id>",
     "a Hugging Face model directory, or a hub id org/name[@revision] downloaded into the Hugging Face cache " +
       "(HF_HUB_CACHE; HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE honoured) (default: the embedded model)",
-  );
+  ).argParser((v: string) => {
+    // An empty path would be read as the working directory.
+    if (v.trim() === "") throw new InvalidArgumentError("--model must not be empty");
+    return v;
+  });
 const revisionOption = () => new Option("--revision <rev>", "branch, tag or commit of a --model given by hub id (default: main)");
 const quietOption = () => new Option("-q, --quiet", "no stats line on stderr");
 // Sampling options generate and chat share.
@@ -411,11 +464,11 @@ program
     } catch (e) {
       throw new LckvError("LCKV_IO", `cannot read --calib ${o.calib}: ${(e as Error).message}`);
     }
-    const bar = process.stderr.isTTY
-      ? new SingleBar({ format: "{phase} {bar} {value}/{total}", stream: process.stderr, clearOnComplete: true, hideCursor: true })
-      : undefined;
+    const bar = progressBar("{phase} {bar} {value}/{total}");
     let phase = "";
     let report;
+    // Interrupted, the run leaves no half-written model behind.
+    const unregisterCleanup = untilInterrupted(() => fs.rmSync(partialDirectory(o.out), { recursive: true, force: true }));
     try {
       report = await condenseModel(model, {
         out: o.out,
@@ -437,6 +490,7 @@ program
       });
     } finally {
       bar?.stop();
+      unregisterCleanup();
     }
     if (o.json) process.stdout.write(JSON.stringify(report, null, 2) + "\n");
     else
@@ -453,7 +507,7 @@ program
   .addOption(modelOption())
   .addOption(revisionOption())
   .option("--window <n>", "tokens per window (default: the model's context)", posIntArg("--window"))
-  .option("--max-tokens <n>", "score only the first n tokens", posIntArg("--max-tokens"))
+  .option("--max-tokens <n>", "score only the first n tokens (at least 2: the first is only context)", minIntArg("--max-tokens", 2))
   .option("--json", "print JSON")
   .addOption(prefillOption())
   .addOption(prefillPassesOption())
@@ -474,9 +528,7 @@ program
     if (!model.tokenizer) throw new LckvError("LCKV_NO_TOKENIZER", `${model.directory} has no tokenizer.json`);
     let ids = model.tokenizer.encode(text, { addSpecialTokens: false });
     if (o.maxTokens !== undefined) ids = ids.slice(0, o.maxTokens);
-    const bar = process.stderr.isTTY
-      ? new SingleBar({ format: "scoring {bar} {value}/{total} windows, {eta_formatted} left", stream: process.stderr, clearOnComplete: true, hideCursor: true })
-      : undefined;
+    const bar = progressBar("scoring {bar} {value}/{total} windows, {eta_formatted} left");
     bar?.start(Math.ceil(ids.length / (o.window ?? model.maxContext)), 0);
     let r;
     try {

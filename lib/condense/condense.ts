@@ -61,13 +61,20 @@ export interface CondenseReport {
 /** The fitted maps, beside the condensed model (docs/condense.md): what the reference's unfolded computation reads. */
 export const MAPS_FILE = "condense-maps.safetensors";
 
+/**
+ * Where condenseModel writes `out` before renaming it into place, so that the directory appears
+ * whole or not at all; a process interrupted mid-run removes it (the command line does).
+ */
+export function partialDirectory(out: string): string {
+  return `${path.resolve(out)}.partial-${process.pid}`;
+}
+
 export async function condenseModel(dirOrId: string, o: CondenseOptions): Promise<CondenseReport> {
   const method = o.method ?? "linear";
   if (method !== "linear" && method !== "share") throw new InvalidOptionError("method", `must be "linear" or "share", got ${JSON.stringify(method)}`);
   if (typeof o.out !== "string" || o.out === "") throw new InvalidOptionError("out", "must be a directory path");
   const out = path.resolve(o.out);
-  // Written here, then renamed to `out`.
-  const tmp = `${out}.partial-${process.pid}`;
+  const tmp = partialDirectory(out);
   checkOutputPath(out, tmp);
   const dir = !fs.existsSync(dirOrId) && isHubModelId(dirOrId) ? await resolveModel(dirOrId) : path.resolve(dirOrId);
   const configFile = path.join(dir, "config.json");

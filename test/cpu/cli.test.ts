@@ -1,5 +1,5 @@
 /** The command line, as a user runs it (the compiled dist/cli.js, which `npm install` builds). */
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { testTempDir } from "../helpers/temp-dir";
@@ -116,7 +116,7 @@ test("bad arguments fail with a message that names them", () => {
   for (const v of ["-3", "0"]) {
     const r = run(["eval-ppl", "--text", path.join(root, "README.md"), "--max-tokens", v]);
     expect(r.code).not.toBe(0);
-    expect(r.err).toMatch(/--max-tokens must be a positive integer/);
+    expect(r.err).toMatch(/--max-tokens must be an integer >= 2/);
   }
   const missing = run(["info", "--model", "/nonexistent-model"]);
   expect(missing.code).toBe(1);
@@ -133,6 +133,47 @@ test("generate into a pipe that closes early (| head) stops quietly", () => {
   expect(r.stdout).toHaveLength(20);
   expect(r.stderr).toBe("");
   expect(r.status).toBe(0);
+});
+
+test("generate with stderr in a pipe that closes early (2>&1 | head) stops quietly too", () => {
+  // Without -q the stats line goes to stderr after the text: its write meets the closed pipe.
+  const r = spawnSync("bash", ["-c", `"${process.execPath}" "${cli}" generate "Once upon a time" -n 200 --temperature 0 --model "${fixture}" 2>&1 | head -c 20; exit \${PIPESTATUS[0]}`], {
+    cwd: root,
+    encoding: "utf8",
+    env: { ...process.env, LCKV_QUIET: "1" },
+  });
+  expect(r.stdout).toHaveLength(20);
+  expect(r.status).toBe(0);
+});
+
+test("eval-ppl --max-tokens below 2 and an empty --model are refused by name, before any output", () => {
+  const one = run(["eval-ppl", "--model", fixture, "--text", path.join(root, "README.md"), "--max-tokens", "1"]);
+  expect(one.code).toBe(1);
+  expect(one.err).toMatch(/option '--max-tokens <n>' argument '1' is invalid\. --max-tokens must be an integer >= 2/);
+  const empty = run(["info", "--model", ""]);
+  expect(empty.code).toBe(1);
+  expect(empty.err).toMatch(/--model must not be empty/);
+  expect(empty.err).not.toMatch(/running on the CPU|config\.json/);
+});
+
+test("condense interrupted (SIGINT) exits 130 and leaves no partial directory behind", async () => {
+  const parent = testTempDir("lckv-cli-condense-int-");
+  const out = path.join(parent, "m");
+  const calib = path.join(parent, "calib.txt");
+  fs.writeFileSync(calib, fs.readFileSync(path.join(root, "README.md"), "utf8").repeat(60));
+  // GPT-2's fixture with enough calibration text that its check (the held-back tenth, scored after
+  // the partial directory is written) takes seconds.
+  const gpt2 = path.join(root, "test", "fixtures", "gpt2");
+  const args = [cli, "condense", gpt2, "--out", out, "--calib", calib, "--ratio", "0.5", "--calib-tokens", "30000"];
+  const child = spawn(process.execPath, args, { cwd: root, env: { ...process.env, LCKV_QUIET: "1" }, stdio: "ignore" });
+  const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+  // Interrupted once its partial directory exists (the run has begun writing).
+  const partial = () => fs.readdirSync(parent).some((f) => f.startsWith("m.partial-"));
+  for (let i = 0; i < 6000 && !partial() && child.exitCode === null; i++) await new Promise((r) => setTimeout(r, 5));
+  expect(partial()).toBe(true);
+  child.kill("SIGINT");
+  expect(await exited).toBe(130);
+  expect(fs.readdirSync(parent).sort()).toEqual(["calib.txt"]);
 });
 
 test("--version prints the package's version", () => {
