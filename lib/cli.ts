@@ -318,7 +318,7 @@ addSamplingOptions(
   });
 
 // What a chat line can do besides talk, said where the chat starts and where a turn is refused.
-const CHAT_KEYS = "/reset clears the conversation; an empty line or Ctrl-D ends the chat";
+const CHAT_KEYS = "/reset clears the conversation; Ctrl-C stops a reply; an empty line, Ctrl-D or Ctrl-C at the prompt ends the chat";
 
 addSamplingOptions(
   program
@@ -342,6 +342,15 @@ addSamplingOptions(
     // a reply streams (a pasted or piped conversation loses none).
     const tty = !!process.stdin.isTTY;
     const rl = readline.createInterface({ input: process.stdin, terminal: tty, output: tty ? process.stdout : undefined });
+    // A terminal in raw mode sends Ctrl-C to readline, not as a signal: it stops the reply that
+    // streams (as llama.cpp's first Ctrl-C does), or at the prompt ends the chat, with 130.
+    let reply: AbortController | undefined;
+    rl.on("SIGINT", () => {
+      if (reply) return reply.abort();
+      process.stdout.write("\n");
+      process.exitCode = 130;
+      rl.close();
+    });
     try {
       if (tty) process.stdout.write(`(${CHAT_KEYS})\n> `);
       for await (const line of rl) {
@@ -358,13 +367,16 @@ addSamplingOptions(
         // A turn the context cannot hold is refused before it starts and leaves the conversation
         // as it was, so the chat goes on (a shorter message may still fit).
         let result: GenerateResult;
+        reply = new AbortController();
         try {
-          result = await streamTo(session.send(line, g));
+          result = await streamTo(session.send(line, { ...g, signal: reply.signal }));
         } catch (e) {
           if (!(e instanceof ContextOverflowError)) throw e;
           process.stderr.write(`lckv: ${e.message}; that message was not sent (${CHAT_KEYS})\n`);
           if (tty) process.stdout.write("> ");
           continue;
+        } finally {
+          reply = undefined;
         }
         process.stdout.write("\n");
         printStats(result, o.quiet, model.maxContext);
@@ -451,13 +463,14 @@ program
   .argument("<model>", "a Hugging Face model directory, or a hub id org/name[@revision]")
   .requiredOption("--out <dir>", "the directory to write (must not exist)")
   .requiredOption("--calib <file>", "UTF-8 calibration text (its last tenth is held back to check the result)")
-  .option("--kv-layers <n>", "layers that keep their K/V", posIntArg("--kv-layers"))
-  .option("--ratio <r>", "the fraction of the layers' K/V kept, in (0, 1)", numArg("--ratio"))
+  .option("--kv-layers <n>", "layers that keep their K/V (this or --ratio)", posIntArg("--kv-layers"))
+  .option("--ratio <r>", "the fraction of the layers' K/V kept, in (0, 1) (this or --kv-layers)", numArg("--ratio"))
   .addOption(new Option("--method <m>", "linear: fitted maps folded into W_q and W_o; share: read the K/V as they are").choices(["linear", "share"]).default("linear"))
   .option("--calib-tokens <n>", "calibration tokens read (default 16384)", posIntArg("--calib-tokens"))
   .option("--json", "print the report as JSON")
   .addOption(deviceOption())
   .action(async (model: string, o) => {
+    if ((o.kvLayers === undefined) === (o.ratio === undefined)) throw new InvalidOptionError("kvLayers", "give exactly one of --kv-layers and --ratio");
     let text: string;
     try {
       text = fs.readFileSync(o.calib, "utf8");

@@ -99,6 +99,12 @@ test("condense refuses a calibration file it cannot read, an unsupported model a
   const unsupported = run(["condense", qwen, "--out", out, "--calib", path.join(root, "README.md"), "--kv-layers", "1"]);
   expect(unsupported.code).not.toBe(0);
   expect(unsupported.err).toMatch(/architecture 'Qwen2ForCausalLM' is not supported/);
+  // Neither of --kv-layers and --ratio, or both: said in the command line's words.
+  for (const extra of [[], ["--kv-layers", "2", "--ratio", "0.5"]]) {
+    const r = run(["condense", fixture, "--out", out, "--calib", path.join(root, "README.md"), ...extra]);
+    expect(r.code).toBe(1);
+    expect(r.err).toMatch(/^lckv: option '--kv-layers': give exactly one of --kv-layers and --ratio$/m);
+  }
   const noOut = run(["condense", fixture, "--calib", path.join(root, "README.md")]);
   expect(noOut.err).toMatch(/--out <dir>/);
   expect(fs.existsSync(out)).toBe(false);
@@ -174,6 +180,18 @@ test("condense interrupted (SIGINT) exits 130 and leaves no partial directory be
   child.kill("SIGINT");
   expect(await exited).toBe(130);
   expect(fs.readdirSync(parent).sort()).toEqual(["calib.txt"]);
+});
+
+test("chat on a terminal: Ctrl-C at the prompt ends the chat with 130 (readline gets it as a key, not a signal)", async () => {
+  const chatModel = path.join(root, "test", "fixtures", "llama-mha-hd16");
+  const cmd = [process.execPath, cli, "chat", "-n", "3", "--model", chatModel].map((a) => `'${a}'`).join(" ");
+  const child = spawn("script", ["-qec", cmd, "/dev/null"], { cwd: root, env: { ...process.env, LCKV_QUIET: "1" } });
+  let out = "";
+  const prompted = new Promise<void>((resolve) => child.stdout.on("data", (d: Buffer) => (out += d.toString("utf8")).includes("> ") && resolve()));
+  const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+  await prompted;  // readline holds the terminal in raw mode from here
+  child.stdin.write("\x03");
+  expect(await exited).toBe(130);
 });
 
 test("--version prints the package's version", () => {
@@ -321,7 +339,7 @@ test("chat answers each line through the chat template, one stats line a turn", 
   const replies = reset.out.split("\n").filter((l) => l !== "");
   expect(replies).toHaveLength(2);
   expect(replies[1]).toBe(replies[0]);
-  expect(over.err).toMatch(/that message was not sent \(\/reset clears the conversation; an empty line or Ctrl-D ends the chat\)/);
+  expect(over.err).toMatch(/that message was not sent \(\/reset clears the conversation; Ctrl-C stops a reply; an empty line, Ctrl-D or Ctrl-C at the prompt ends the chat\)/);
   // A model without a chat template fails before reading anything.
   const none = run(["chat", "--model", fixture], "hi\n");
   expect(none.code).toBe(1);
