@@ -3,7 +3,7 @@
  * Every field is checked here, so a bad config fails with the file and field named.
  */
 import { ConfigError, UnsupportedArchitectureError } from "./errors";
-import { brief, INT32_MAX } from "./options";
+import { brief, F32_MAX, INT32_MAX } from "./options";
 import { buildPlan, KvPlan, MAX_LAYERS, parseLayerTypes } from "./plan";
 
 export type BlockStyle = "llama" | "gpt2";
@@ -89,12 +89,14 @@ class Fields {
     return v;
   }
   /** A finite number, >= `min` or > `above` when given (a 0 or negative eps, theta or factor turns the logits into NaN). */
-  num(k: string, def?: number, opts: { min?: number; above?: number } = {}): number {
+  num(k: string, def?: number, opts: { min?: number; above?: number; f32?: boolean } = {}): number {
     const v = this.o[k];
     if (v === undefined || v === null) return this.absent(k, def);
     if (typeof v !== "number" || !Number.isFinite(v)) throw this.error(k, `must be a finite number, got ${brief(v)}`);
     if (opts.min !== undefined && !(v >= opts.min)) throw this.error(k, `must be >= ${opts.min}, got ${v}`);
     if (opts.above !== undefined && !(v > opts.above)) throw this.error(k, `must be > ${opts.above}, got ${v}`);
+    // A value the engine takes as an f32 (a norm's epsilon) must fit one: past it, it is infinite.
+    if (opts.f32 && !Number.isFinite(Math.fround(v))) throw this.error(k, `must fit an f32 (at most ${F32_MAX}), got ${v}`);
     return v;
   }
   bool(k: string, def: boolean): boolean {
@@ -221,7 +223,7 @@ function parseLlama(f: Fields, modelType: string, architecture: string): ModelCo
     intermediateSize: f.int("intermediate_size"),
     vocabSize: f.int("vocab_size"),
     maxPositionEmbeddings: maxPos,
-    normEps: f.num("rms_norm_eps", 1e-6, { min: 0 }),
+    normEps: f.num("rms_norm_eps", 1e-6, { min: 0, f32: true }),
     tieWordEmbeddings: f.bool("tie_word_embeddings", false),
     attentionBias: f.bool("attention_bias", false),
     mlpBias: f.bool("mlp_bias", false),
@@ -248,6 +250,8 @@ function parseGpt2(f: Fields, architecture: string): ModelConfig {
     throw new ConfigError(f.file, "scale_attn_by_inverse_layer_idx", "is not supported (must be false)");
   }
   if (!f.bool("scale_attn_weights", true)) throw new ConfigError(f.file, "scale_attn_weights", "is not supported (must be true)");
+  // transformers ties GPT-2's LM head to wte only when this is true (its default).
+  if (!f.bool("tie_word_embeddings", true)) throw new ConfigError(f.file, "tie_word_embeddings", "is not supported for GPT-2 (must be true: the LM head is wte)");
   const spec = parseLayerTypes(f.o.layer_types, numLayers, f.file);
   const slidingWindow = spec.sliding.some((s) => s) ? f.int("sliding_window") : 0;
   const forceNodiag = f.bool("force_nodiag", false);
@@ -265,7 +269,8 @@ function parseGpt2(f: Fields, architecture: string): ModelConfig {
     intermediateSize: nInner,
     vocabSize: f.int("vocab_size"),
     maxPositionEmbeddings: f.int("n_positions", { def: 1024 }),
-    normEps: f.num("layer_norm_epsilon", 1e-5, { min: 0 }),
+    normEps: f.num("layer_norm_epsilon", 1e-5, { min: 0, f32: true }),
+    // The engine's GPT-2 reads its LM head from wte: an untied checkpoint is refused (above).
     tieWordEmbeddings: true,
     attentionBias: true,
     mlpBias: true,

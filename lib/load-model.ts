@@ -13,10 +13,11 @@ import { parseGenerationConfig } from "./generation-config";
 import { DEFAULT_KV_CACHE_DTYPE, isKvCacheDtype, KV_CACHE_DTYPES, KvCacheDtype } from "./kv-cache-dtype";
 import { checkDownloadOptions, isHubModelId, resolveModel } from "./hub";
 import { Model } from "./model";
+import { modelFileExists, readJson } from "./model-files";
 import { loadAddon, NativeModel, NativeModelDescription } from "./native";
 import { describe, INT32_MAX, nonNegInt, posInt } from "./options";
 import { readModelTensors } from "./safetensors";
-import { readJson, Tokenizer } from "./tokenizer";
+import { Tokenizer } from "./tokenizer";
 import { resolveWeights } from "./weights";
 
 export type Device = "auto" | "cuda" | "cpu";
@@ -193,11 +194,11 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   checkAbort();
 
   const configFile = path.join(modelDir, "config.json");
-  if (!fs.existsSync(configFile)) throw new ModelLoadError(`${modelDir}: missing config.json`, configFile);
+  if (!modelFileExists(configFile)) throw new ModelLoadError(`${modelDir}: missing config.json`, configFile);
   const config = parseConfig(readJson(configFile), configFile);
   const tokenizer = Tokenizer.fromDirectory(modelDir);
   const genFile = path.join(modelDir, "generation_config.json");
-  const generationConfig = fs.existsSync(genFile) ? parseGenerationConfig(readJson(genFile), genFile) : {};
+  const generationConfig = modelFileExists(genFile) ? parseGenerationConfig(readJson(genFile), genFile) : {};
   const tensors = readModelTensors(modelDir);
   const sources = resolveWeights(config, tensors, modelDir);
   noticeUnusedKvProjections(modelDir, tensors.keys(), new Set(sources.map((s) => s.sourceName)));

@@ -102,6 +102,8 @@ export const MAX_TOP_LOGPROBS = 20;
 export const INT32_MAX = 2 ** 31 - 1;
 /** The smallest normal f32. */
 export const F32_MIN_NORMAL = 2 ** -126;
+/** The largest finite f32. */
+export const F32_MAX = 3.4028234663852886e38;
 /** Passes of the iterative prefill a request may ask for (the reference trains with a handful). */
 export const MAX_PREFILL_PASSES = 1024;
 

@@ -6,6 +6,7 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { LckvError, ModelLoadError, SafetensorsError } from "./errors";
+import { modelFileExists } from "./model-files";
 
 export type SafetensorsDtype = "F64" | "F32" | "F16" | "BF16" | "I64" | "I32" | "I16" | "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" | "U16" | "U32" | "U64";
 
@@ -132,7 +133,7 @@ function isShardName(shard: unknown): shard is string {
 export function readModelTensors(dir: string): Map<string, TensorInfo> {
   const index = path.join(dir, "model.safetensors.index.json");
   const single = path.join(dir, "model.safetensors");
-  if (fs.existsSync(index)) {
+  if (modelFileExists(index)) {
     let text: string;
     try {
       text = fs.readFileSync(index, "utf8");
@@ -157,7 +158,7 @@ export function readModelTensors(dir: string): Map<string, TensorInfo> {
       }
       if (!shards.has(shard)) {
         const shardPath = path.join(dir, shard);
-        if (!fs.existsSync(shardPath)) throw new ModelLoadError(`${index}: shard '${shard}' (for '${name}') does not exist`, shardPath);
+        if (!modelFileExists(shardPath)) throw new ModelLoadError(`${index}: shard '${shard}' (for '${name}') does not exist`, shardPath);
         shards.set(shard, readSafetensorsHeader(shardPath));
       }
       const info = shards.get(shard)!.get(name);
@@ -166,6 +167,6 @@ export function readModelTensors(dir: string): Map<string, TensorInfo> {
     }
     return out;
   }
-  if (fs.existsSync(single)) return readSafetensorsHeader(single);
+  if (modelFileExists(single)) return readSafetensorsHeader(single);
   throw new ModelLoadError(`${dir}: no model.safetensors or model.safetensors.index.json`, dir);
 }

@@ -2,11 +2,11 @@
  * Tokenization through @huggingface/tokenizers, and chat templates through @huggingface/jinja.
  * This file only adapts them to lckv's API: it does not implement any tokenizer itself.
  */
-import * as fs from "node:fs";
 import * as path from "node:path";
 import { Template } from "@huggingface/jinja";
 import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers";
 import { ConfigError, InvalidInputError, ModelLoadError } from "./errors";
+import { modelFileExists, readJson } from "./model-files";
 import { brief, describe } from "./options";
 
 export interface ChatMessage {
@@ -76,10 +76,10 @@ export class Tokenizer {
   /** Loads tokenizer.json (+ tokenizer_config.json when present) from a model directory. */
   static fromDirectory(dir: string): Tokenizer | undefined {
     const tj = path.join(dir, "tokenizer.json");
-    if (!fs.existsSync(tj)) return undefined;
+    if (!modelFileExists(tj)) return undefined;
     const tc = path.join(dir, "tokenizer_config.json");
     const json = readJson(tj);
-    const config = fs.existsSync(tc) ? readJson(tc) : {};
+    const config = modelFileExists(tc) ? readJson(tc) : {};
     if (typeof config !== "object" || config === null || Array.isArray(config)) {
       throw new ConfigError(tc, "(root)", "must be a JSON object");
     }
@@ -207,20 +207,6 @@ function isTokenId(x: unknown): boolean {
   return typeof x === "number" && Number.isSafeInteger(x) && x >= 0;
 }
 
-
-export function readJson(file: string): unknown {
-  let text: string;
-  try {
-    text = fs.readFileSync(file, "utf8");
-  } catch (e) {
-    throw new ModelLoadError(`cannot read ${file}: ${(e as Error).message}`, file);
-  }
-  try {
-    return JSON.parse(text);
-  } catch (e) {
-    throw new ModelLoadError(`${file}: not valid JSON (${(e as Error).message})`, file);
-  }
-}
 
 /** GPT-2's byte-level alphabet: the character that stands for each byte, inverted. */
 const BYTE_OF_CHAR: Map<string, number> = (() => {

@@ -16,7 +16,7 @@ import { isHubModelId, resolveModel } from "../hub";
 import { loadModel } from "../load-model";
 import type { Model } from "../model";
 import { readModelTensors, type TensorInfo } from "../safetensors";
-import { readJson } from "../tokenizer";
+import { readJson } from "../model-files";
 import { accumulatePair, chooseReaders, emptyPairStats, fitPair, type Choice, type CondenseMethod, type MapStyle, type PairFit, type PairStats } from "./fit";
 import { foldOutput, foldOutputBias, foldQuery, type AttentionShape } from "./fold";
 import { f32Tensor, readF32, readRaw, transpose, writeSafetensors, type OutTensor } from "./tensors";

@@ -128,6 +128,8 @@ describe("config.json numbers that would give NaN", () => {
       /must be > 0/,
     ],
     ["rms_norm_eps negative", "rms_norm_eps", (c: any) => (c.rms_norm_eps = -1), /must be >= 0, got -1/],
+    // Infinite as the f32 the engine takes: every hidden state normed to 0, every logit the same.
+    ["rms_norm_eps past f32", "rms_norm_eps", (c: any) => (c.rms_norm_eps = 1e39), /must fit an f32 \(at most 3\.4028234663852886e\+38\), got 1e\+39/],
   ])("%s", async (_name, field, mutate, msg) => {
     const dir = writeTinyModel();
     editConfig(dir, mutate);
@@ -141,6 +143,11 @@ describe("config.json numbers that would give NaN", () => {
     await expectConfigError(dir, "layer_norm_epsilon", /must be >= 0/);
     fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify({ ...gpt2, layer_norm_epsilon: 1e-5, n_layer: 1e9 }));
     await expectConfigError(dir, "n_layer", /must be <= 4096/);
+    fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify({ ...gpt2, layer_norm_epsilon: 1e39 }));
+    await expectConfigError(dir, "layer_norm_epsilon", /must fit an f32/);
+    // transformers ties GPT-2's head to wte only when asked; lckv's GPT-2 reads it from wte alone.
+    fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify({ ...gpt2, layer_norm_epsilon: 1e-5, tie_word_embeddings: false }));
+    await expectConfigError(dir, "tie_word_embeddings", /is not supported for GPT-2 \(must be true: the LM head is wte\)/);
   });
 
   test("rms_norm_eps 0 and a valid llama3 scaling still load, with finite logits", async () => {
@@ -198,6 +205,27 @@ describe("weight files", () => {
     expect(e).toBeInstanceOf(SafetensorsError);
     expect(e.file).toBe(path.join(dir, "c.safetensors"));
     expect(e.message).toMatch(/c\.safetensors: is not a regular file/);
+  });
+
+  test("a model file that is a symbolic link leading nowhere is named, not taken for absent", async () => {
+    // A download that never finished leaves links to missing blobs; a loop is the other way to nowhere.
+    for (const file of ["tokenizer.json", "generation_config.json", "config.json", "model.safetensors"]) {
+      const dir = writeTinyModel();
+      const p = path.join(dir, file);
+      fs.rmSync(p, { force: true });
+      fs.symlinkSync(path.join(dir, "missing-blob"), p);
+      const e = await load(dir).catch((x) => x);
+      expect(e).toBeInstanceOf(ModelLoadError);
+      expect(e.file).toBe(p);
+      expect(e.message).toMatch(new RegExp(`^${p.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")} is a symbolic link that leads nowhere \\(ENOENT`));
+    }
+    const dir = writeTinyModel();
+    const p = path.join(dir, "tokenizer.json");
+    fs.rmSync(p, { force: true });
+    fs.symlinkSync(p, p);
+    const loop = await load(dir).catch((x) => x);
+    expect(loop).toBeInstanceOf(ModelLoadError);
+    expect(loop.message).toMatch(/tokenizer\.json is a symbolic link that leads nowhere \(ELOOP/);
   });
 
   test("model.safetensors.index.json is a directory", async () => {

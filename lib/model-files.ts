@@ -1,0 +1,44 @@
+/**
+ * Reading a model directory's small files: whether one is there, and its JSON, each failure a
+ * ModelLoadError naming the file.
+ */
+import * as fs from "node:fs";
+import { ModelLoadError } from "./errors";
+
+/**
+ * Whether a model directory's file is there. A symbolic link that leads nowhere (to a blob a
+ * download never finished, or in a loop) is an error naming it, not an absent file: taken for
+ * absent, the model would load without it (its tokenizer, its generation defaults) or be said to
+ * lack a file that is plainly listed.
+ */
+export function modelFileExists(file: string): boolean {
+  if (fs.existsSync(file)) return true;
+  let link: fs.Stats;
+  try {
+    link = fs.lstatSync(file);
+  } catch {
+    return false;
+  }
+  if (!link.isSymbolicLink()) return false;
+  let why = "it leads nowhere";
+  try {
+    fs.statSync(file);
+  } catch (e) {
+    why = (e as Error).message;
+  }
+  throw new ModelLoadError(`${file} is a symbolic link that leads nowhere (${why})`, file);
+}
+
+export function readJson(file: string): unknown {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, "utf8");
+  } catch (e) {
+    throw new ModelLoadError(`cannot read ${file}: ${(e as Error).message}`, file);
+  }
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    throw new ModelLoadError(`${file}: not valid JSON (${(e as Error).message})`, file);
+  }
+}
