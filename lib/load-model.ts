@@ -110,6 +110,24 @@ export interface LoadOptions {
   signal?: AbortSignal;
 }
 
+/**
+ * An end or start token the model has no row for is a ConfigError naming its file: an end token
+ * no step can sample would never end a reply, a start token would fail only at the first prompt.
+ */
+function refuseSpecialIdsPastVocabulary(config: ModelConfig, configFile: string, generation: Record<string, unknown>, genFile: string): void {
+  const listed = (v: unknown): number[] => (v === undefined || v === null ? [] : Array.isArray(v) ? v : [v]) as number[];
+  const fields: [string, string, number[]][] = [
+    [configFile, "eos_token_id", config.eosTokenIds],
+    [configFile, "bos_token_id", config.bosTokenId === null ? [] : [config.bosTokenId]],
+    [genFile, "eos_token_id", listed(generation.eos_token_id)],
+    [genFile, "bos_token_id", listed(generation.bos_token_id)],
+  ];
+  for (const [file, field, ids] of fields) {
+    const past = ids.find((id) => id >= config.vocabSize);
+    if (past !== undefined) throw new ConfigError(file, field, `holds ${past}, outside the vocabulary [0, ${config.vocabSize}) of config.json's vocab_size`);
+  }
+}
+
 /** The model shipped inside the package, used when loadModel() gets no directory. */
 export const DEFAULT_MODEL_DIR = path.join(__dirname, "..", "models", "default");
 
@@ -199,6 +217,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   const tokenizer = Tokenizer.fromDirectory(modelDir);
   const genFile = path.join(modelDir, "generation_config.json");
   const generationConfig = modelFileExists(genFile) ? parseGenerationConfig(readJson(genFile), genFile) : {};
+  refuseSpecialIdsPastVocabulary(config, configFile, generationConfig as Record<string, unknown>, genFile);
   const tensors = readModelTensors(modelDir);
   const sources = resolveWeights(config, tensors, modelDir);
   noticeUnusedKvProjections(modelDir, tensors.keys(), new Set(sources.map((s) => s.sourceName)));

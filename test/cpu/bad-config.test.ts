@@ -52,6 +52,25 @@ describe("config.json integers have upper bounds", () => {
     await expectConfigError(dir, field, msg);
   });
 
+  test("an end or start token past vocab_size, in config.json or generation_config.json, is refused by file and field", async () => {
+    for (const [file, field, value] of [
+      ["config.json", "eos_token_id", [2, 99999]],
+      ["config.json", "bos_token_id", 64],
+      ["generation_config.json", "eos_token_id", 99999],
+      ["generation_config.json", "bos_token_id", [64]],
+    ] as const) {
+      const dir = writeTinyModel({ vocab: 64 });
+      const p = path.join(dir, file);
+      const json = fs.existsSync(p) ? JSON.parse(fs.readFileSync(p, "utf8")) : {};
+      fs.writeFileSync(p, JSON.stringify({ ...json, [field]: value }));
+      const e = await load(dir).catch((x) => x);
+      expect(e).toBeInstanceOf(ConfigError);
+      expect(e.file).toBe(p);
+      expect(e.field).toBe(field);
+      expect(e.message).toMatch(/holds (99999|64), outside the vocabulary \[0, 64\) of config\.json's vocab_size/);
+    }
+  });
+
   test("eos_token_id past int32", async () => {
     const dir = writeTinyModel();
     editConfig(dir, (c) => (c.eos_token_id = [2, 2 ** 31]));
