@@ -8,6 +8,7 @@
 import { setMaxListeners } from "node:events";
 import { Admission, AdmissionOptions, KV_PAGE_TOKENS } from "./admission";
 import type { ModelConfig } from "./config";
+import { generationTokenIds } from "./generation-config";
 import type { KvCacheDtype } from "./kv-cache-dtype";
 import { AbortError, ContextOverflowError, DisposedError, fromNative, InvalidInputError, InvalidOptionError, TokenOutOfRangeError } from "./errors";
 import type { NativeModel, NativeSequence } from "./native";
@@ -161,8 +162,7 @@ export class EngineContext {
 
   /** Token ids that end generation: generation_config's eos_token_id, else config's, else the tokenizer's. */
   get eosTokenIds(): number[] {
-    const g = this.generationConfig.eos_token_id;
-    const fromGen = (Array.isArray(g) ? g : g === undefined || g === null ? [] : [g]).filter((x): x is number => Number.isInteger(x));
+    const fromGen = generationTokenIds(this.generationConfig, "eos_token_id");
     if (fromGen.length) return fromGen;
     if (this.config.eosTokenIds.length) return this.config.eosTokenIds;
     return this.tokenizer?.eosTokenId !== undefined ? [this.tokenizer.eosTokenId] : [];

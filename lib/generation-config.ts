@@ -6,6 +6,12 @@
 import { ConfigError } from "./errors";
 import { brief, F32_MIN_NORMAL, INT32_MAX } from "./options";
 
+/** A token-id field of a checked generation_config.json (one id or a list) as a list; absent or null is none. */
+export function generationTokenIds(g: Record<string, unknown>, key: "eos_token_id" | "bos_token_id"): number[] {
+  const v = g[key];
+  return v === undefined || v === null ? [] : ((Array.isArray(v) ? v : [v]) as number[]);
+}
+
 /** Validates a parsed generation_config.json (the caller passes {} when there is none) and returns it. */
 export function parseGenerationConfig(raw: unknown, file: string): Record<string, unknown> {
   if (typeof raw !== "object" || raw === null || Array.isArray(raw)) {

@@ -9,7 +9,7 @@ import * as path from "node:path";
 import { KV_PAGE_TOKENS } from "./admission";
 import { ModelConfig, parseConfig } from "./config";
 import { AbortError, ConfigError, DeviceUnavailableError, fromNative, InvalidOptionError, ModelLoadError } from "./errors";
-import { parseGenerationConfig } from "./generation-config";
+import { generationTokenIds, parseGenerationConfig } from "./generation-config";
 import { DEFAULT_KV_CACHE_DTYPE, isKvCacheDtype, KV_CACHE_DTYPES, KvCacheDtype } from "./kv-cache-dtype";
 import { checkDownloadOptions, isHubModelId, resolveModel } from "./hub";
 import { Model } from "./model";
@@ -115,12 +115,11 @@ export interface LoadOptions {
  * no step can sample would never end a reply, a start token would fail only at the first prompt.
  */
 function refuseSpecialIdsPastVocabulary(config: ModelConfig, configFile: string, generation: Record<string, unknown>, genFile: string): void {
-  const listed = (v: unknown): number[] => (v === undefined || v === null ? [] : Array.isArray(v) ? v : [v]) as number[];
   const fields: [string, string, number[]][] = [
     [configFile, "eos_token_id", config.eosTokenIds],
     [configFile, "bos_token_id", config.bosTokenId === null ? [] : [config.bosTokenId]],
-    [genFile, "eos_token_id", listed(generation.eos_token_id)],
-    [genFile, "bos_token_id", listed(generation.bos_token_id)],
+    [genFile, "eos_token_id", generationTokenIds(generation, "eos_token_id")],
+    [genFile, "bos_token_id", generationTokenIds(generation, "bos_token_id")],
   ];
   for (const [file, field, ids] of fields) {
     const past = ids.find((id) => id >= config.vocabSize);
@@ -217,7 +216,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
   const tokenizer = Tokenizer.fromDirectory(modelDir);
   const genFile = path.join(modelDir, "generation_config.json");
   const generationConfig = modelFileExists(genFile) ? parseGenerationConfig(readJson(genFile), genFile) : {};
-  refuseSpecialIdsPastVocabulary(config, configFile, generationConfig as Record<string, unknown>, genFile);
+  refuseSpecialIdsPastVocabulary(config, configFile, generationConfig, genFile);
   const tensors = readModelTensors(modelDir);
   const sources = resolveWeights(config, tensors, modelDir);
   noticeUnusedKvProjections(modelDir, tensors.keys(), new Set(sources.map((s) => s.sourceName)));

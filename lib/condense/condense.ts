@@ -209,7 +209,7 @@ function checkOutputPath(out: string, tmp: string): void {
 }
 
 function layersToKeep(c: ModelConfig, o: CondenseOptions): number {
-  if ((o.kvLayers === undefined) === (o.ratio === undefined)) throw new InvalidOptionError("kvLayers", "give exactly one of kvLayers and ratio (lckv condense: --kv-layers, --ratio)");
+  if ((o.kvLayers === undefined) === (o.ratio === undefined)) throw new InvalidOptionError("kvLayers", "give exactly one of kvLayers and ratio");
   if (o.kvLayers !== undefined) {
     if (!Number.isSafeInteger(o.kvLayers) || o.kvLayers < 1 || o.kvLayers >= c.numLayers)
       throw new InvalidOptionError("kvLayers", `must be an integer in [1, ${c.numLayers - 1}] (the model has ${c.numLayers} layers), got ${o.kvLayers}`);
