@@ -6,7 +6,8 @@ export const ERROR_CODES = [
   // A call or request the engine refuses: a malformed argument, a shape it does not run, a rewind into K/V a
   // window released.
   "LCKV_INVALID_ARGUMENT",
-  // A tensor that does not fit the model: its name, shape or dtype, or a NaN or infinite value in it.
+  // A tensor that does not fit the model: its name, shape or dtype, or a NaN or infinite value in it, or one
+  // that the weight dtype would round to infinity.
   "LCKV_WEIGHTS",
   // A file that cannot be opened or read.
   "LCKV_IO",

@@ -119,8 +119,11 @@ class CpuBackend : public Backend {
   Tensor upload(const float* host, int64_t rows, int64_t cols) override {
     return uploadWeight(host, DType::F32, rows, cols);
   }
+  DType keptWeightType(DType hostType) const override {
+    return weights_ != DType::F32 ? weights_ : keepCheckpointDtype_ ? hostType : DType::F32;
+  }
   Tensor uploadWeight(const void* host, DType hostType, int64_t rows, int64_t cols) override {
-    const DType keep = weights_ != DType::F32 ? weights_ : keepCheckpointDtype_ ? hostType : DType::F32;
+    const DType keep = keptWeightType(hostType);
     Tensor t = hostTensor(rows, cols, keep);
     const size_t n = (size_t)(rows * cols);
     if (keep == hostType) {

@@ -34,6 +34,7 @@ class CudaBackend : public Backend {
   Tensor alloc(int64_t rows, int64_t cols) override;
   DType linearInputType(int n) const override;
   Tensor upload(const float* host, int64_t rows, int64_t cols) override;
+  DType keptWeightType(DType) const override { return weights_; }
   void download(const Tensor& t, int64_t rowStart, int64_t rowCount, float* host) override;
   void writeRows(Tensor& t, int64_t rowStart, int64_t rowCount, const float* host) override;
   void poison(Tensor& t) override;

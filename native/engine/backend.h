@@ -130,6 +130,9 @@ class Backend : public StepExecution {
   // The default widens them to f32 for upload(); a backend that keeps a 16-bit weight as it is
   // overrides it, so that no f32 copy is made.
   virtual Tensor uploadWeight(const void* host, DType hostType, int64_t rows, int64_t cols);
+  // The dtype uploadWeight() keeps a weight of hostType in. A value finite in the checkpoint can
+  // round to infinity there (1e5 in f16), so the load checks every weight in this type.
+  virtual DType keptWeightType(DType hostType) const { (void)hostType; return DType::F32; }
   // Moves weights that are applied to the same input (a layer's Q, K and V) into one allocation,
   // back to back, each part becoming a view of it, so that linears() can run them as one matrix
   // product. Parts of different dtypes or widths stay as they are. The default keeps them apart.

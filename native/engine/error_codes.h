@@ -8,7 +8,8 @@ namespace lckv {
 // A call or request the engine refuses: a malformed argument, a shape it does not run, a rewind into K/V a
 // window released.
 inline const char* kErrInvalidArgument = "LCKV_INVALID_ARGUMENT";
-// A tensor that does not fit the model: its name, shape or dtype, or a NaN or infinite value in it.
+// A tensor that does not fit the model: its name, shape or dtype, or a NaN or infinite value in it, or one
+// that the weight dtype would round to infinity.
 inline const char* kErrWeights = "LCKV_WEIGHTS";
 // A file that cannot be opened or read.
 inline const char* kErrIo = "LCKV_IO";

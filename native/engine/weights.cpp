@@ -182,6 +182,21 @@ bool allFinite(const HostTensor& t) {
   return true;
 }
 
+bool staysFiniteIn(const HostTensor& t, DType kept) {
+  // Widening, or keeping the stored type, rounds nothing. bf16 holds every f16 value.
+  if (kept == DType::F32 || kept == t.dtype || (kept == DType::BF16 && t.dtype == DType::F16)) return true;
+  const size_t n = (size_t)(t.rows * t.cols);
+  const uint16_t expMask = kept == DType::BF16 ? 0x7f80 : 0x7c00;
+  const size_t esize = dtypeSize(t.dtype);
+  for (size_t i = 0; i < n; ++i) {
+    float f;
+    toF32(t.dtype, t.bytes.data() + i * esize, 1, &f);
+    const uint16_t h = kept == DType::BF16 ? f32ToBf16(f) : f32ToF16(f);
+    if ((h & expMask) == expMask) return false;
+  }
+  return true;
+}
+
 void toF32(DType from, const void* src, size_t n, float* dst) {
   if (from == DType::F32) {
     std::memcpy(dst, src, n * sizeof(float));

@@ -35,6 +35,9 @@ struct HostTensor {
 HostTensor readTensor(const TensorSource& src);
 // Whether every value is finite (neither NaN nor infinite).
 bool allFinite(const HostTensor& t);
+// Whether every finite value stays finite once rounded to `kept`, the dtype the backend keeps the
+// weight in (f16 holds nothing beyond 65504).
+bool staysFiniteIn(const HostTensor& t, DType kept);
 
 float bf16ToF32(uint16_t h);
 float f16ToF32(uint16_t h);

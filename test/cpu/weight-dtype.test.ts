@@ -5,7 +5,7 @@
  */
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { DType, loadModel } from "../../lib";
+import { DType, loadModel, ModelLoadError } from "../../lib";
 import { readSafetensorsHeader } from "../../lib/safetensors";
 import { RawTensor, safetensorsBytes, tinyLlamaTensors, writeTinyModel } from "../helpers/tiny-model";
 import { testTempDir } from "../helpers/temp-dir";
@@ -144,4 +144,38 @@ test.each([
   bytes.writeUInt16LE(bits, q.offset + 6);
   fs.writeFileSync(file, bytes);
   await expect(loadModel(dir, { device: "cpu" })).rejects.toThrow(/q_proj\.weight.*NaN or infinite/);
+});
+
+describe("a weight finite in the checkpoint but past what the weight dtype holds", () => {
+  /** The tiny model in f32 with one up_proj value set to `value`. */
+  function withValue(value: number): string {
+    const t = tinyLlamaTensors();
+    t.find((x) => x.name === "model.layers.1.mlp.up_proj.weight")!.data[5] = value;
+    return writeTinyModel({}, { tensors: t });
+  }
+
+  test("1e5 with dtype f16 is refused, naming the tensor, the largest f16 and the wider dtypes", async () => {
+    const e = await loadModel(withValue(1e5), { device: "cpu", dtype: "f16" }).catch((x: unknown) => x);
+    expect(e).toBeInstanceOf(ModelLoadError);
+    expect((e as Error).message).toMatch(/up_proj\.weight.*beyond the largest f16 number \(65504\).*dtype "f32" or "bf16"/);
+  });
+
+  test("65504, the largest f16, loads with dtype f16 and gives finite logits; 1e5 loads with bf16", async () => {
+    for (const [value, dtype] of [[65504, "f16"], [1e5, "bf16"]] as const) {
+      const model = await loadModel(withValue(value), { device: "cpu", dtype, kvCacheMemory: 1 << 22 });
+      try {
+        const logits = await model.logits([1, 2, 3]);
+        expect(logits.every(Number.isFinite)).toBe(true);
+      } finally {
+        await model.dispose();
+      }
+    }
+  });
+
+  test("3.4e38, past the largest bf16, is refused with dtype bf16 and loads in f32", async () => {
+    const dir = withValue(3.4e38);
+    await expect(loadModel(dir, { device: "cpu", dtype: "bf16" })).rejects.toThrow(/beyond the largest bf16 number.*dtype "f32"$/);
+    const model = await loadModel(dir, { device: "cpu", dtype: "f32", kvCacheMemory: 1 << 22 });
+    await model.dispose();
+  });
 });
