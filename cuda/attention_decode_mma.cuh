@@ -79,19 +79,6 @@ __host__ __device__ constexpr int mmaStages(KvType t, int d) {
   const int bytes = 2 * kMmaTileKeys * mmaRowBytes(t, d);
   return bytes >= 16384 ? 2 : 32768 / bytes > 8 ? 8 : 32768 / bytes;
 }
-// Blocks an SM is to hold, for the launch bound ptxas fits its registers to (0: no bound). On
-// sm_90, int8 and fp8 at head size 64 fit 5 blocks of 128 threads in their registers (96) and
-// their 4 stages of shared memory; with scores in log2 units ptxas would take 116 registers
-// unbound, 4 blocks. Earlier GPUs' shared memory holds 2 or 3 such blocks whatever the
-// registers, and a bound there only spills (fp8 on sm_80).
-__host__ __device__ constexpr int mmaMinBlocks(KvType t, int d) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return d == 64 && (t == KvType::INT8 || t == KvType::FP8) ? 5 : 0;
-#else
-  (void)t, (void)d;
-  return 0;
-#endif
-}
 // A stage: the K rows, the V rows, a scale word per key and, for a channel-key type (int4), each
 // warp's page's K scales (kMmaWarps x d f16).
 __host__ __device__ constexpr int mmaChannelScaleBytes(KvType t, int d) { return kvTypeChannelKeys(t) ? kMmaWarps * d * 2 : 0; }
@@ -484,7 +471,7 @@ __device__ __forceinline__ float mmaChannelScaleKeys(const uint8_t* channelScale
 // kernel does. A channel-key type (int4) takes its complete pages (DecodeKeys::CompletePages),
 // in chunks aligned to 16 keys.
 template <int kDim, KvType T>
-__global__ void __launch_bounds__(kMmaWarps * 32, mmaMinBlocks(T, kDim)) attentionDecodeMmaKernel(
+__global__ void __launch_bounds__(kMmaWarps * 32) attentionDecodeMmaKernel(
     const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int numHeads, int numKvHeads,
     int headDim, bool strict, int window, float scale, int headChunks, int headsPerBlock, DecodeSpan span,
     AttentionOut out, float* __restrict__ partial) {
@@ -496,8 +483,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32, mmaMinBlocks(T, kDim)) attenti
   constexpr int kStride = mmaRowStride(T, kDim), kStages = mmaStages(T, kDim);
   constexpr int kStage = (int)mmaStageBytes(T, kDim);
   constexpr int kSteps = kDim / 16, kBlocks = kDim / 8;
-  // The bound's blocks fit the SM's shared memory too (228 KB, 1 KB of it reserved per block).
-  static_assert(mmaMinBlocks(T, kDim) * (mmaDecodeSmemBytes(T, kDim) + 1024) <= 228 * 1024, "the launch bound's blocks must fit in shared memory");
   extern __shared__ float4 smem4[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(smem4);
 
