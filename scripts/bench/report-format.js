@@ -36,9 +36,15 @@ function loadResultSets(benchDir) {
     .sort((a, b) => rank(a) - rank(b) || a.localeCompare(b))
     .map((file) => {
       const r = JSON.parse(fs.readFileSync(path.join(benchDir, file), "utf8"));
-      const label = file === "results.json" ? "Default set" : r.part ? `Full protocol, part ${r.part}` : `Full protocol (${file})`;
+      const label = file === "results.json" ? "Default set" : r.part ? `Full protocol, part ${r.part}` : `Full protocol, experiments ${experimentsOf(r)}`;
       return { file, label, r };
     });
+}
+
+/** The experiments a custom full-protocol run chose (--only), from the keys its figures sit under. */
+function experimentsOf(r) {
+  const keys = Object.keys(r.experimentSeconds ?? {}).filter((k) => k !== "setup");
+  return keys.length ? keys.join(", ") : "custom";
 }
 
 /**

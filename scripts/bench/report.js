@@ -40,8 +40,16 @@ function header(sets, L) {
   }
   L.push("");
   L.push("**The default set** (`npm run bench`, about 6 to 7 minutes on an H100): the 1.1B shape; standard, LCKV w=2, CLA and sandwich; full generations at 512+1024, 2048+2048 and 5+8187 with a 512 MiB pool per model (two timed runs each); decode against batch, prefill, the attention kernels and node-llama-cpp. **The full protocol** runs in parts of under 10 minutes each on an H100 (`npm run bench -- --full --part <name>`; `--kv-dtypes <list>` runs each model at each K/V type, one part per type where the time asks for it); pools of 2 GiB at 1.1B and 8 GiB at 7B, one timed full generation per row:", "");
-  const have = new Set(sets.map((s) => s.r.part).filter(Boolean));
-  L.push(table(["part", "what", "estimated minutes (one K/V type)", "in this report"], Object.entries(PARTS).map(([k, p]) => [`\`${k}\``, p.what, `~${p.minutes}`, have.has(k) ? "yes" : "not yet"])), "");
+  // A part run with fewer shapes than its preset (--shapes) is in the report only for those.
+  const shapesRun = new Map();
+  for (const { r } of sets) if (r.part) shapesRun.set(r.part, new Set([...(shapesRun.get(r.part) ?? []), ...Object.keys(r.shapes ?? {})]));
+  const inReport = (k, p) => {
+    const ran = shapesRun.get(k);
+    if (!ran) return "not yet";
+    const missing = p.shapes.filter((x) => !ran.has(x));
+    return missing.length ? `${[...ran].join(", ")} only (${missing.join(", ")} not yet)` : "yes";
+  };
+  L.push(table(["part", "what", "estimated minutes (one K/V type)", "in this report"], Object.entries(PARTS).map(([k, p]) => [`\`${k}\``, p.what, `~${p.minutes}`, inReport(k, p)])), "");
 }
 
 // What stands between decode and the roofline, from experiments 2 and 5 and a kernel timeline
