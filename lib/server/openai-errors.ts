@@ -6,7 +6,7 @@
  * (400, invalid_json), fastify's own client errors keep their status (not their internal codes),
  * the rest is 500.
  */
-import type { FastifyError, FastifyInstance, FastifyReply } from "fastify";
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { AbortError, ContextOverflowError, DisposedError, InvalidInputError, InvalidOptionError, KvCacheFullError, LckvError } from "../errors";
 
 export interface OpenAIErrorBody {
@@ -224,6 +224,21 @@ export function sendHttpError(reply: FastifyReply, r: HttpErrorResponse): Fastif
   return reply.code(r.status).headers(r.headers).send(r.body);
 }
 
+/**
+ * fastify answers a body over the limit before reading it, with `Connection: close`: the socket
+ * then closes with the body's rest unread, the kernel resets it, and a client still sending (one
+ * that does not wait for `100 Continue`, as fetch and the openai client do not) sees EPIPE or
+ * ECONNRESET instead of the 413, or the 413 only by luck. A declared body of up to
+ * DRAIN_LIMIT_FACTOR times the limit keeps the connection instead: Node reads the rest and
+ * discards it (memory stays flat), and the client reads its 413. A larger or undeclared one still
+ * closes the connection, so that no client makes the server read without end.
+ */
+const DRAIN_LIMIT_FACTOR = 8;
+function drainRefusedBody(request: FastifyRequest, reply: FastifyReply, bodyLimit: number): void {
+  const declared = Number(request.headers["content-length"]);
+  if (Number.isFinite(declared) && declared <= DRAIN_LIMIT_FACTOR * bodyLimit) reply.removeHeader("connection");
+}
+
 /** Every error and every unknown route answers in OpenAI's shape. */
 export function installErrorHandlers(app: FastifyInstance): void {
   app.setErrorHandler((err, request, reply) => {
@@ -232,6 +247,7 @@ export function installErrorHandlers(app: FastifyInstance): void {
       const message = `Unsupported Content-Type '${type}': the body must be JSON, sent with 'Content-Type: application/json'`;
       return sendHttpError(reply, { status: 415, body: errorBody(message, "invalid_request_error", null, "unsupported_media_type"), headers: {} });
     }
+    if ((err as FastifyError).code === "FST_ERR_CTP_BODY_TOO_LARGE") drainRefusedBody(request, reply, app.initialConfig.bodyLimit ?? 0);
     // The route matched, not the URL as sent (which may be percent-encoded or absolute).
     const r = toHttpError(err, request.routeOptions.url === "/v1/chat/completions" ? "messages" : "prompt");
     if (r.status >= 500) request.log.error(err);

@@ -13,7 +13,7 @@ import * as path from "node:path";
 import OpenAI, { APIUserAbortError } from "openai";
 import { createServer } from "../../lib";
 import { rng } from "../helpers/tiny-model";
-import { expectIdle, metric, serverForFile, startServer } from "../helpers/openai-server";
+import { expectIdle, metric, postJson, serverForFile, startServer } from "../helpers/openai-server";
 import { testTempDir } from "../helpers/temp-dir";
 
 process.env.LCKV_QUIET = "1";
@@ -405,6 +405,26 @@ function spawnServe(args: string[]) {
   url.catch(() => undefined);  // a test that expects the exit reads `exited` instead
   return { child, url, exited, stderr: () => stderr };
 }
+
+test("lckv serve: a body over the limit gets its 413 while the client still sends it, and the connection goes on", async () => {
+  // fetch sends the whole body without waiting for 100 Continue. fastify answers at once, and
+  // closing the connection with most of the body unread reset it: about 1 request in 8 saw EPIPE
+  // instead of the 413. (In-process the race did not show: the server runs in another process.)
+  const { child, exited, ...served } = spawnServe([]);
+  try {
+    const url = `${await served.url}/v1/completions`;
+    const body = JSON.stringify({ model: "default", prompt: "x".repeat(9 << 20), max_tokens: 2 });
+    for (let i = 0; i < 30; i++) {
+      const r = await postJson(url, body);
+      expect(r.status).toBe(413);
+      expect(r.json.error.code).toBe("request_too_large");
+    }
+    expect((await postJson(url, { model: "default", prompt: "x", max_tokens: 2 })).status).toBe(200);
+  } finally {
+    child.kill("SIGTERM");
+    await exited;
+  }
+});
 
 test("lckv serve: SIGTERM finishes the request in flight, then the process exits 0", async () => {
   const { child, exited, stderr: output, ...served } = spawnServe([]);
