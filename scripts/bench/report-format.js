@@ -78,7 +78,21 @@ function measuredAt(r, key) {
  */
 function setHeading(set, key, { prefix = "", extra = "" } = {}) {
   const r = set.r;
-  return [`### ${prefix}${set.label} (\`${set.file}\`: ${r.date}, ${r.rates.card}${extra})`, "", ...measuredAt(r, key)];
+  return [`### ${prefix}${set.label} (\`${set.file}\`: ${r.date}, ${r.rates.card}${extra})`, "", ...measuredAt(r, key), ...firstStepIncluded(r, key)];
+}
+
+/** The experiments whose decode figures come from measure.js's stepMs. */
+const STEP_TIMED = new Set(["throughput", "decode", "kvTypes"]);
+
+/**
+ * A line under a section whose decode figures were measured before stepMs left each run's first
+ * step out: that step re-runs the last token after the rewind, and with an int4 cache rewound
+ * into a quantized page it first reads that page's rows back from their codes, host round trips
+ * per K/V layer and sequence that such a figure spreads over its steps.
+ */
+function firstStepIncluded(r, key) {
+  if (!STEP_TIMED.has(key) || !r[key] || r.firstStepLeftOut?.[key]) return [];
+  return ["Measured before decode timings left out each run's first step: these decode figures include it, and an int4 figure at a context that ends a page (a multiple of 16 tokens) with it the read of each sequence's last page back from its codes (docs/profiling.md, \"int4's first step after a rewind\").", ""];
 }
 
 module.exports = { fmt, pct, spread, ratio, table, bytes, gib, shapeName, loadResultSets, truncatedTokens, kvLabel, shapeOf, setHeading };

@@ -12,21 +12,10 @@
  * Every type runs whatever --kv-dtypes says (the experiment is about the types themselves).
  */
 const { loadAddon } = require("../../../dist/native");
-const { measure, log, sequencePages, poolBytesFor } = require("../measure");
+const { measure, log, sequencePages, poolBytesFor, stepMs } = require("../measure");
 
 const TYPES = ["f32", "bf16", "fp8", "int8", "int4"];
 const POOL_GIB = 2;
-
-// Decode steps of `seqs` (each holding its context), timed together; ms per step.
-async function stepMs(seqs, n) {
-  const t0 = process.hrtime.bigint();
-  await Promise.all(
-    seqs.map(async (s) => {
-      for await (const x of s.generate({ maxNewTokens: n, temperature: 0, ignoreEos: true })) void x;
-    }),
-  );
-  return Number(process.hrtime.bigint() - t0) / 1e6 / n;
-}
 
 async function decodeFigure(bench, shape, kvCacheDtype, rows, context, steps) {
   const probe = await bench.load(shape, "standard", kvCacheDtype, { kvCacheMemory: 1 << 24 });
