@@ -12,6 +12,11 @@ const { fmt, pct, spread, table, bytes, shapeName, loadResultSets, truncatedToke
 const { throughputSections, throughputHeadlines } = require("./report-throughput");
 const { hfPeersSection, llamaPeerSection } = require("./report-peers");
 
+// The shapes a results file ran; a file written before it recorded them ran the 1.1B shape only.
+function shapesOf(r) {
+  return r.shapes ?? { "1.1b": "TinyLlama-1.1B shape: 22 layers, hidden 2048, 32 heads, 4 K/V heads, MLP 5632, vocab 32000" };
+}
+
 /** How the figures were made: the invocations, the cards, the models, the parts of the full protocol. */
 function header(sets, L) {
   L.push("# Benchmarks", "");
@@ -25,7 +30,7 @@ function header(sets, L) {
   L.push(`- Each figure is the median of several runs after a warm-up; "spread" is (max - min) / median, and ⚠ marks a spread above 5%. **Throughput** always means full generations: generated tokens over wall time, prefill included; a figure from truncated generations says so and is not called throughput.`);
   const shapes = new Map(), models = new Map();
   for (const { r } of sets) {
-    for (const [k, w] of Object.entries(r.shapes ?? { "1.1b": "TinyLlama-1.1B shape: 22 layers, hidden 2048, 32 heads, 4 K/V heads, MLP 5632, vocab 32000" })) shapes.set(k, w);
+    for (const [k, w] of Object.entries(shapesOf(r))) shapes.set(k, w);
     for (const [k, m] of Object.entries(r.models ?? {})) if (!models.has(k)) models.set(k, m);
   }
   L.push(`- Shapes (random bf16 weights): ${[...shapes.values()].join("; ")}. K/V cache type: each row says which.`);
@@ -42,7 +47,7 @@ function header(sets, L) {
   L.push("**The default set** (`npm run bench`, about 6 to 7 minutes on an H100): the 1.1B shape; standard, LCKV w=2, CLA and sandwich; full generations at 512+1024, 2048+2048 and 5+8187 with a 512 MiB pool per model (two timed runs each); decode against batch, prefill, the attention kernels and node-llama-cpp. **The full protocol** runs in parts of under 10 minutes each on an H100 (`npm run bench -- --full --part <name>`; `--kv-dtypes <list>` runs each model at each K/V type, one part per type where the time asks for it); pools of 2 GiB at 1.1B and 8 GiB at 7B, one timed full generation per row:", "");
   // A part run with fewer shapes than its preset (--shapes) is in the report only for those.
   const shapesRun = new Map();
-  for (const { r } of sets) if (r.part) shapesRun.set(r.part, new Set([...(shapesRun.get(r.part) ?? []), ...Object.keys(r.shapes ?? {})]));
+  for (const { r } of sets) if (r.part) shapesRun.set(r.part, new Set([...(shapesRun.get(r.part) ?? []), ...Object.keys(shapesOf(r))]));
   const inReport = (k, p) => {
     const ran = shapesRun.get(k);
     if (!ran) return "not yet";
