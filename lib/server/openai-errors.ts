@@ -230,13 +230,36 @@ export function sendHttpError(reply: FastifyReply, r: HttpErrorResponse): Fastif
  * that does not wait for `100 Continue`, as fetch and the openai client do not) sees EPIPE or
  * ECONNRESET instead of the 413, or the 413 only by luck. A declared body of up to
  * DRAIN_LIMIT_FACTOR times the limit keeps the connection instead: Node reads the rest and
- * discards it (memory stays flat), and the client reads its 413. A larger or undeclared one still
- * closes the connection, so that no client makes the server read without end.
+ * discards it (memory stays flat), and the client reads its 413. A chunked body (no declared
+ * length) is drained as it comes, up to the same bound. A larger declared one closes the
+ * connection, as does a chunked one once past the bound, so that no client makes the server read
+ * without end.
  */
 const DRAIN_LIMIT_FACTOR = 8;
 function drainRefusedBody(request: FastifyRequest, reply: FastifyReply, bodyLimit: number): void {
+  const most = DRAIN_LIMIT_FACTOR * bodyLimit;
   const declared = Number(request.headers["content-length"]);
-  if (Number.isFinite(declared) && declared <= DRAIN_LIMIT_FACTOR * bodyLimit) reply.removeHeader("connection");
+  if (Number.isFinite(declared)) {
+    if (declared <= most) reply.removeHeader("connection");
+    return;
+  }
+  // A chunked body: fastify read it past the limit and stopped listening, and the stream flows on
+  // (what arrives is dropped). The rest is drained likewise, counted: past the same bound the
+  // connection goes.
+  const raw = request.raw;
+  if (raw.complete || !raw.socket) return;
+  reply.removeHeader("connection");
+  let read = bodyLimit;
+  const count = (chunk: Buffer) => {
+    read += chunk.length;
+    if (read > most) {
+      raw.off("data", count);
+      raw.socket?.destroy();
+    }
+  };
+  raw.on("data", count);
+  raw.once("end", () => raw.off("data", count));
+  raw.resume();
 }
 
 /** Every error and every unknown route answers in OpenAI's shape. */

@@ -406,6 +406,39 @@ function spawnServe(args: string[]) {
   return { child, url, exited, stderr: () => stderr };
 }
 
+test("a chunked body over the limit is drained: its 413 arrives and the connection serves the next request; past 8 times the limit it closes", async () => {
+  const srv = await startServer(ctx.model, { bodyLimit: 1 << 16 });
+  try {
+    const { port } = new URL(srv.url);
+    const good = JSON.stringify({ model: "m", prompt: "x", max_tokens: 1 });
+    const next = `POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${good.length}\r\n\r\n${good}`;
+    // The whole chunked body, then the next request on the same connection; the statuses it read.
+    const send = (bytes: number) =>
+      new Promise<{ statuses: string[]; error?: string }>((resolve) => {
+        const socket = net.connect(Number(port), "127.0.0.1");
+        let got = "";
+        let error: string | undefined;
+        const statuses = () => [...got.matchAll(/HTTP\/1\.1 (\d+)/g)].map((m) => m[1]);
+        socket.on("data", (d) => {
+          got += d.toString("latin1");
+          if (statuses().length === 2) socket.destroy();
+        });
+        socket.on("error", (e: NodeJS.ErrnoException) => (error = e.code));
+        socket.on("close", () => resolve({ statuses: statuses(), error }));
+        socket.write("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n");
+        socket.write(`${bytes.toString(16)}\r\n`);
+        socket.write(Buffer.alloc(bytes, "x"));
+        socket.write(`\r\n0\r\n\r\n${next}`);
+        setTimeout(() => socket.destroy(), 5000);
+      });
+    for (const times of [2, 7]) expect(await send(times << 16)).toEqual({ statuses: ["413", "200"], error: undefined });
+    expect((await send(9 << 16)).statuses).not.toContain("200");
+    expect((await postJson(`${srv.url}/v1/completions`, { model: "m", prompt: "x", max_tokens: 1 })).status).toBe(200);
+  } finally {
+    await srv.app.close();
+  }
+});
+
 test("lckv serve: a body over the limit gets its 413 while the client still sends it, and the connection goes on", async () => {
   // fetch sends the whole body without waiting for 100 Continue. fastify answers at once, and
   // closing the connection with most of the body unread reset it: about 1 request in 8 saw EPIPE
