@@ -36,8 +36,8 @@ export interface ServerOptions {
   modelId?: string;
   /**
    * Largest request body in bytes (default 8 MiB); a larger one is answered 413. The rest of a
-   * body declared up to 8 times this is read and dropped, so that a client still sending it gets
-   * the 413; beyond that the connection closes.
+   * body of up to 8 times this (declared, or chunked) is read and dropped, so that a client still
+   * sending it gets the 413; beyond that the connection closes.
    */
   bodyLimit?: number;
   /** fastify's logger: false (default), true, or its options. */

@@ -75,10 +75,10 @@ void Model::loadTensor(const TensorSource& src) {
       throw EngineError(kErrWeights, "tensor '" + src.sourceName + "' in " + src.file + " holds a NaN or infinite value");
     const DType kept = backend_->keptWeightType(host.dtype);
     if (!staysFiniteIn(host, kept))
-      throw EngineError(kErrWeights, "tensor '" + src.sourceName + "' in " + src.file + " holds a value beyond the largest " +
+      throw EngineError(kErrWeights, "tensor '" + src.sourceName + "' in " + src.file + " holds a value that rounds past the largest " +
                                          (kept == DType::F16 ? "f16 number (65504)" : "bf16 number (3.39e38)") +
-                                         ", which weights kept in " + (kept == DType::F16 ? "f16" : "bf16") +
-                                         " would make infinite: load it with dtype \"f32\"" + (kept == DType::F16 ? " or \"bf16\"" : ""));
+                                         " to infinity in weights kept in " + (kept == DType::F16 ? "f16" : "bf16") +
+                                         ": load it with dtype \"f32\"" + (kept == DType::F16 ? " or \"bf16\"" : ""));
     try {
       t = backend_->uploadWeight(host.bytes.data(), host.dtype, host.rows, host.cols);
     } catch (const std::bad_alloc&) {

@@ -63,6 +63,9 @@ function kvLabel(row) {
   return byBytes ? `${byBytes} (engine default)` : "f32 (engine default)";
 }
 
+/** A set's label inside a sentence: its first letter lowercased, the names in it (kvTypes) kept. */
+const inSentence = (label) => label.charAt(0).toLowerCase() + label.slice(1);
+
 /** A row's shape: results from before the 7B shape are all at the 1.1B one. */
 const shapeOf = (row) => row.shape ?? "1.1b";
 
@@ -95,4 +98,4 @@ function firstStepIncluded(r, key) {
   return ["Measured before decode timings left out each run's first step: these decode figures include it, and an int4 figure at a context that ends a page (a multiple of 16 tokens) with it the read of each sequence's last page back from its codes (docs/profiling.md, \"int4's first step after a rewind\").", ""];
 }
 
-module.exports = { fmt, pct, spread, ratio, table, bytes, gib, shapeName, loadResultSets, truncatedTokens, kvLabel, shapeOf, setHeading };
+module.exports = { inSentence, fmt, pct, spread, ratio, table, bytes, gib, shapeName, loadResultSets, truncatedTokens, kvLabel, shapeOf, setHeading };

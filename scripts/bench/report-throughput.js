@@ -4,7 +4,7 @@
  */
 const { decodeGainBound, bytesPerGeneratedToken, prefillTakeover, fullGenerationFloorMs } = require("./costs");
 const { SHAPES, TINY_SHAPES } = require("./models");
-const { fmt, pct, spread, ratio, table, bytes, gib, shapeName, truncatedTokens, kvLabel, shapeOf, setHeading } = require("./report-format");
+const { inSentence, fmt, pct, spread, ratio, table, bytes, gib, shapeName, truncatedTokens, kvLabel, shapeOf, setHeading } = require("./report-format");
 
 /** Every experiment-1 row of every results file, with the file it came from. */
 function throughputEntries(sets) {
@@ -206,7 +206,7 @@ function lossesSection(entries, L) {
     const f = figures(e, entries);
     if (!f.std || !f.full) continue;
     const sf = figures(standardFor(e, entries), entries);
-    const where = `**\`${x.model}\` at ${x.prompt}+${x.gen}** (${shapeName(shapeOf(x))}, ${kvLabel(x)} K/V, ${e.set.label.toLowerCase()}, batch ${x.batch} against ${f.std.batch})`;
+    const where = `**\`${x.model}\` at ${x.prompt}+${x.gen}** (${shapeName(shapeOf(x))}, ${kvLabel(x)} K/V, ${inSentence(e.set.label)}, batch ${x.batch} against ${f.std.batch})`;
     const floors = f.floorRatio !== undefined ? ` (the floors' ratio ${ratio(f.floorRatio)}; ${pct(f.ofFloor)} of its floor, the standard model ${pct(sf.ofFloor)})` : "";
     const figs = `end to end ${ratio(f.e2eRatio)}${floors}, decode ${ratio(f.decodeRatio)}${f.bound !== undefined ? ` against a bound of ${ratio(f.bound)}` : ""}`;
     const shortOfBound = f.bound !== undefined && f.decodeRatio !== undefined && f.decodeRatio < 0.7 * f.bound;
@@ -252,7 +252,7 @@ function throughputHeadlines(sets) {
       const n = truncatedTokens(set.r);
       const e2e = n === null ? `throughput (full generations, prefill included) ${range("e2eRatio")}` : `tokens/s over the first ${n} generated tokens ${range("e2eRatio")} (not throughput: truncated generations)`;
       const floors = fs.some((f) => f.floorRatio !== undefined) ? ` (${range("floorRatio")} at the end-to-end floors)` : "";
-      lines.push(`- \`${m}\` (${set.label.toLowerCase()}): ${range("batchRatio", 1)} larger batches than the standard cache in the same memory; ${e2e} the standard model's${floors}; decode ${range("decodeRatio")}${fs.some((f) => f.bound !== undefined) ? `, against a bound of ${range("bound")}` : ""}.`);
+      lines.push(`- \`${m}\` (${inSentence(set.label)}): ${range("batchRatio", 1)} larger batches than the standard cache in the same memory; ${e2e} the standard model's${floors}; decode ${range("decodeRatio")}${fs.some((f) => f.bound !== undefined) ? `, against a bound of ${range("bound")}` : ""}.`);
     }
   }
   return lines;

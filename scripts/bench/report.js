@@ -8,7 +8,7 @@ const fs = require("node:fs");
 const path = require("node:path");
 const { lineChart } = require("./svg-chart");
 const { PARTS } = require("./parts");
-const { fmt, pct, spread, table, bytes, shapeName, loadResultSets, truncatedTokens, kvLabel, shapeOf, setHeading } = require("./report-format");
+const { inSentence, fmt, pct, spread, table, bytes, shapeName, loadResultSets, truncatedTokens, kvLabel, shapeOf, setHeading } = require("./report-format");
 const { throughputSections, throughputHeadlines } = require("./report-throughput");
 const { hfPeersSection, llamaPeerSection } = require("./report-peers");
 
@@ -41,7 +41,7 @@ function header(sets, L) {
   }
   for (const { label, r } of sets) {
     const parts = Object.entries(r.experimentSeconds ?? {}).map(([k, s]) => `${k} ${fmt(s, 0)} s`).join(", ");
-    L.push(`- Run time, ${label.toLowerCase()}: ${fmt(r.seconds, 0)} s${parts ? ` (${parts})` : ""}.`);
+    L.push(`- Run time, ${inSentence(label)}: ${fmt(r.seconds, 0)} s${parts ? ` (${parts})` : ""}.`);
   }
   L.push("");
   L.push("**The default set** (`npm run bench`, about 6 to 7 minutes on an H100): the 1.1B shape; standard, LCKV w=2, CLA and sandwich; full generations at 512+1024, 2048+2048 and 5+8187 with a 512 MiB pool per model (two timed runs each); decode against batch, prefill, the attention kernels and node-llama-cpp. **The full protocol** runs in parts of under 10 minutes each on an H100 (`npm run bench -- --full --part <name>`; `--kv-dtypes <list>` runs each model at each K/V type, one part per type where the time asks for it); pools of 2 GiB at 1.1B and 8 GiB at 7B, one timed full generation per row:", "");
