@@ -64,7 +64,8 @@ export const ERROR_CODES = [
   "LCKV_EMPTY_SEQUENCE",
   // Text given to a model directory that has no tokenizer.json.
   "LCKV_NO_TOKENIZER",
-  // Chat messages given to a model whose tokenizer_config.json has no chat_template.
+  // Chat messages given to a model with no chat template (no chat_template in tokenizer_config.json, and no
+  // chat_template.jinja).
   "LCKV_NO_CHAT_TEMPLATE",
   // A request the K/V cache can never hold, even with the whole pool to itself.
   "LCKV_REQUEST_TOO_LARGE",

@@ -38,7 +38,7 @@ const HUB_ID = /^([A-Za-z0-9][\w.-]*\/[A-Za-z0-9][\w.-]*)(?:@(.+))?$/;
 const COMMIT = /^[0-9a-f]{40}$/;
 const DEFAULT_ENDPOINT = "https://huggingface.co";
 const REQUIRED_FILES = ["config.json", "tokenizer.json"];
-const OPTIONAL_FILES = ["generation_config.json", "tokenizer_config.json", "special_tokens_map.json"];
+const OPTIONAL_FILES = ["generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json"];
 const WEIGHTS = "model.safetensors";
 const WEIGHTS_INDEX = "model.safetensors.index.json";
 

@@ -2,6 +2,7 @@
  * Tokenization through @huggingface/tokenizers, and chat templates through @huggingface/jinja.
  * This file only adapts them to lckv's API: it does not implement any tokenizer itself.
  */
+import * as fs from "node:fs";
 import * as path from "node:path";
 import { Template } from "@huggingface/jinja";
 import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers";
@@ -28,6 +29,10 @@ export class Tokenizer {
   readonly chatTemplate?: string;
   /** tokenizer_config.json's path (where a chat template would be). */
   private readonly configFile: string;
+  /** The model directory (where chat_template.jinja would be). */
+  private readonly templateDir: string;
+  /** The file the chat template was read from. */
+  private readonly templateSource: string;
   private readonly hf: HfTokenizer;
   private readonly template?: Template;
   /**
@@ -39,17 +44,38 @@ export class Tokenizer {
   /** Special added tokens: their bytes are their text's, as decode() gives it (none). */
   private readonly specialIds: Set<number>;
 
-  private constructor(hf: HfTokenizer, config: Record<string, unknown>, file: string, json: Record<string, unknown> = {}) {
+  /**
+   * `templateFile`: a chat template read from a file of its own (chat_template.jinja, or
+   * chat_template.json's chat_template), which replaces or stands in for config's.
+   */
+  private constructor(
+    hf: HfTokenizer,
+    config: Record<string, unknown>,
+    file: string,
+    json: Record<string, unknown> = {},
+    templateFile?: { file: string; field: string; source: unknown; overrides: boolean },
+  ) {
     this.hf = hf;
     const decoders = decoderTypes(json.decoder);
     this.pieceBytes = { byteLevel: decoders.includes("ByteLevel"), byteFallback: decoders.includes("ByteFallback"), spaceMark: spaceMark(json.decoder) };
     this.specialIds = new Set([...hf.get_added_tokens_decoder()].filter(([, t]) => t.special).map(([id]) => id));
     this.configFile = file;
+    this.templateSource = file;
     this.bosToken = tokenText(config.bos_token);
     this.eosToken = tokenText(config.eos_token);
     this.bosTokenId = this.bosToken !== undefined ? this.tokenToId(this.bosToken) : undefined;
     this.eosTokenId = this.eosToken !== undefined ? this.tokenToId(this.eosToken) : undefined;
-    const ct = config.chat_template;
+    this.templateDir = path.dirname(file);
+    let ct = config.chat_template;
+    if (templateFile && (templateFile.overrides || ct === undefined || ct === null)) {
+      if (typeof templateFile.source !== "string") {
+        throw new ConfigError(templateFile.file, templateFile.field, `must be a string, got ${brief(templateFile.source)}`);
+      }
+      this.template = compileTemplate(templateFile.source, templateFile.file, templateFile.field);
+      this.chatTemplate = templateFile.source;
+      this.templateSource = templateFile.file;
+      ct = undefined;
+    }
     if (typeof ct === "string") {
       this.template = compileTemplate(ct, file, "chat_template");
       this.chatTemplate = ct;
@@ -89,7 +115,7 @@ export class Tokenizer {
     } catch (e) {
       throw new ModelLoadError(`${tj}: the tokenizer could not be built (${(e as Error).message})`, tj);
     }
-    return new Tokenizer(hf, config as Record<string, unknown>, tc, json as Record<string, unknown>);
+    return new Tokenizer(hf, config as Record<string, unknown>, tc, json as Record<string, unknown>, templateFile(dir));
   }
 
   /** Text -> token ids. Special tokens (e.g. BOS) are added as the tokenizer's post-processor says. */
@@ -153,7 +179,7 @@ export class Tokenizer {
     if (!this.chatTemplate) {
       // Said so that it holds wherever chat was asked for: the API, lckv chat, /v1/chat/completions.
       throw new InvalidInputError(
-        `this model has no chat template (no chat_template in ${this.configFile}): give it plain text instead ` +
+        `this model has no chat template (no chat_template in ${this.configFile}, and no chat_template.jinja in ${this.templateDir}): give it plain text instead ` +
           "(generate() or stream(), lckv generate, POST /v1/completions)",
         "LCKV_NO_CHAT_TEMPLATE",
       );
@@ -174,9 +200,36 @@ export class Tokenizer {
     } catch (e) {
       // The template parsed at load, so what fails now is these messages: a template's
       // raise_exception() (e.g. "roles must alternate") or an expression the messages break.
-      throw new InvalidInputError(`the chat template rejected the messages: ${(e as Error)?.message ?? String(e)}`);
+      throw new InvalidInputError(`the chat template rejected the messages: ${(e as Error)?.message ?? String(e)} (template in ${this.templateSource})`);
     }
   }
+}
+
+/**
+ * A chat template in a file of its own, as newer Hugging Face repos ship it: chat_template.jinja
+ * (transformers reads it in place of tokenizer_config.json's chat_template), else
+ * chat_template.json's chat_template (a processor's file; it serves only where
+ * tokenizer_config.json has none).
+ */
+function templateFile(dir: string): { file: string; field: string; source: unknown; overrides: boolean } | undefined {
+  const jinja = path.join(dir, "chat_template.jinja");
+  if (modelFileExists(jinja)) {
+    let source: string;
+    try {
+      source = fs.readFileSync(jinja, "utf8");
+    } catch (e) {
+      throw new ModelLoadError(`cannot read ${jinja}: ${(e as Error).message}`, jinja);
+    }
+    return { file: jinja, field: "(template)", source, overrides: true };
+  }
+  const json = path.join(dir, "chat_template.json");
+  if (modelFileExists(json)) {
+    const content = readJson(json);
+    if (typeof content !== "object" || content === null || Array.isArray(content)) throw new ConfigError(json, "(root)", "must be a JSON object");
+    const source = (content as Record<string, unknown>).chat_template;
+    if (source !== undefined && source !== null) return { file: json, field: "chat_template", source, overrides: false };
+  }
+  return undefined;
 }
 
 /** Names the first message that is not { role: string, content: string }, and what it holds instead. */

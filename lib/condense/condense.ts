@@ -266,7 +266,7 @@ function writeCondensed(src: string, dir: string, rawConfig: Record<string, unkn
   if (!window) delete cfg.sliding_window;
   fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify(cfg, null, 2) + "\n");
   for (const f of fs.readdirSync(src)) {
-    if (/^(tokenizer.*|special_tokens_map\.json|generation_config\.json|vocab\.json|merges\.txt)$/.test(f)) fs.copyFileSync(path.join(src, f), path.join(dir, f));
+    if (/^(tokenizer.*|special_tokens_map\.json|chat_template\.(jinja|json)|generation_config\.json|vocab\.json|merges\.txt)$/.test(f)) fs.copyFileSync(path.join(src, f), path.join(dir, f));
   }
   const tensors = [...readModelTensors(src).values()];
   const out = c.blockStyle === "gpt2" ? gpt2Tensors(tensors, shape, target, fitsOf) : llamaTensors(tensors, shape, target, fitsOf);

@@ -132,6 +132,65 @@ describe("chat_template in tokenizer_config.json", () => {
   });
 });
 
+describe("a chat template in a file of its own", () => {
+  /** A copy of the default model whose tokenizer_config.json has `config`'s fields, with these files beside it. */
+  function modelWithFiles(config: Record<string, unknown>, files: Record<string, string>): string {
+    const dir = modelWithTemplate(undefined);
+    fs.writeFileSync(path.join(dir, "tokenizer_config.json"), JSON.stringify({ ...baseTokenizerConfig, ...config }));
+    for (const [name, text] of Object.entries(files)) fs.writeFileSync(path.join(dir, name), text);
+    return dir;
+  }
+
+  test("chat_template.jinja (as newer Hugging Face repos ship it) is the template, over one in tokenizer_config.json", async () => {
+    const t = Tokenizer.fromDirectory(modelWithFiles({}, { "chat_template.jinja": CHAT }))!;
+    expect(t.chatTemplate).toBe(CHAT);
+    expect(t.applyChatTemplate(hello)).toBe("<|user|>Hello<|assistant|>");
+    // transformers lets the file replace the config's template.
+    const both = Tokenizer.fromDirectory(modelWithFiles({ chat_template: "old" }, { "chat_template.jinja": CHAT }))!;
+    expect(both.applyChatTemplate(hello)).toBe("<|user|>Hello<|assistant|>");
+    const model = await loadModel(modelWithFiles({}, { "chat_template.jinja": CHAT }), { device: "cpu" });
+    try {
+      const r = await model.chat(hello, { maxNewTokens: 2 });
+      expect(r.usage.promptTokens).toBe(model.tokenizer!.encodeChat(hello).length);
+    } finally {
+      await model.dispose();
+    }
+  });
+
+  test("chat_template.json's chat_template serves where neither tokenizer_config.json nor chat_template.jinja has one", () => {
+    const t = Tokenizer.fromDirectory(modelWithFiles({}, { "chat_template.json": JSON.stringify({ chat_template: CHAT }) }))!;
+    expect(t.applyChatTemplate(hello)).toBe("<|user|>Hello<|assistant|>");
+    const config = Tokenizer.fromDirectory(modelWithFiles({ chat_template: CHAT }, { "chat_template.json": JSON.stringify({ chat_template: "other" }) }))!;
+    expect(config.applyChatTemplate(hello)).toBe("<|user|>Hello<|assistant|>");
+  });
+
+  test("a template file that does not parse is a ConfigError naming it", () => {
+    const dir = modelWithFiles({}, { "chat_template.jinja": "{% for m in messages %}" });
+    const e = thrown(() => Tokenizer.fromDirectory(dir));
+    expect(e).toBeInstanceOf(ConfigError);
+    expect(e.file).toBe(path.join(dir, "chat_template.jinja"));
+    expect(e.message).toMatch(/the Jinja template does not parse/);
+    // One that raises while rendering names its file too, where the template came from.
+    const raising = modelWithFiles({ chat_template: CHAT }, { "chat_template.jinja": "{{ raise_exception('no system role') }}" });
+    const r = thrown(() => Tokenizer.fromDirectory(raising)!.applyChatTemplate(hello));
+    expect(r).toBeInstanceOf(InvalidInputError);
+    expect(r.message).toBe(`the chat template rejected the messages: no system role (template in ${path.join(raising, "chat_template.jinja")})`);
+    const json = modelWithFiles({}, { "chat_template.json": JSON.stringify({ chat_template: 5 }) });
+    const j = thrown(() => Tokenizer.fromDirectory(json));
+    expect(j).toBeInstanceOf(ConfigError);
+    expect(j.file).toBe(path.join(json, "chat_template.json"));
+    expect(j.field).toBe("chat_template");
+  });
+
+  test("a model with no template anywhere says where it looked", () => {
+    const dir = modelWithFiles({}, {});
+    const e = thrown(() => Tokenizer.fromDirectory(dir)!.applyChatTemplate(hello));
+    expect(e.code).toBe("LCKV_NO_CHAT_TEMPLATE");
+    expect(e.message).toContain(`no chat_template in ${path.join(dir, "tokenizer_config.json")}`);
+    expect(e.message).toContain("chat_template.jinja");
+  });
+});
+
 describe("a conversation far longer than the context", () => {
   test("is refused from its rendered text's first characters, by chat(), a chat session and the server's route", async () => {
     const model = await loadModel(modelWithTemplate(CHAT), { device: "cpu" });

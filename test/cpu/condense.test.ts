@@ -29,6 +29,9 @@ function applyA(x: Float64Array | number[], aRe: number[], aIm: number[], hd: nu
   return y;
 }
 
+/** A chat template as newer Hugging Face repos ship it, in chat_template.jinja. */
+const CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}";
+
 describe("the maps", () => {
   const hd = 8, half = 4, tokens = 200, r = rng(3);
   const aRe = Array.from({ length: half }, () => r() * 2 - 1), aIm = Array.from({ length: half }, () => r() * 2 - 1);
@@ -151,6 +154,7 @@ function mappedModel(): { dir: string; maps: { aRe: number[]; aIm: number[]; B: 
   }
   const dir = writeTinyModel(spec, { tensors: t });
   for (const f of ["tokenizer.json", "tokenizer_config.json"]) fs.copyFileSync(path.join(ROOT, "models", "default", f), path.join(dir, f));
+  fs.writeFileSync(path.join(dir, "chat_template.jinja"), CHAT_TEMPLATE);
   return { dir, maps };
 }
 
@@ -242,6 +246,8 @@ describe("lckv condense on a model with an exact linear relation between two lay
       const b = f.tensors["layers.1.v_map"].values.subarray(g * 64, (g + 1) * 64);
       want.B.forEach((x, e) => expect(b[e]).toBeCloseTo(x, 3));
     });
+    // The tokenizer's files come along, a chat template in a file of its own too.
+    expect(fs.readFileSync(path.join(out, "chat_template.jinja"), "utf8")).toBe(CHAT_TEMPLATE);
     // condense.json is the report, without the directory it was written to.
     const saved = JSON.parse(fs.readFileSync(path.join(out, "condense.json"), "utf8"));
     expect(saved.out).toBeUndefined();

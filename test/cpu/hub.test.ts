@@ -94,6 +94,22 @@ test("a download gives a loadable snapshot, in huggingface_hub's layout, of the 
   }
 });
 
+test("a chat template in a file of its own (chat_template.jinja) is downloaded with the tokenizer", async () => {
+  const src = testTempDir("hub-chat-");
+  for (const f of W2_FILES) fs.copyFileSync(path.join(W2, f), path.join(src, f));
+  const template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+  fs.writeFileSync(path.join(src, "chat_template.jinja"), template);
+  hub.addRepo("lckv-test/chat", src);
+  const dir = await resolveModel("lckv-test/chat");
+  expect(fs.readFileSync(path.join(dir, "chat_template.jinja"), "utf8")).toBe(template);
+  const model = await loadModel(dir, { device: "cpu" });
+  try {
+    expect(model.tokenizer!.applyChatTemplate([{ role: "user", content: "Hi" }])).toBe("<|user|>Hi<|assistant|>");
+  } finally {
+    await model.dispose();
+  }
+});
+
 test("a sharded model: the index and every shard it names", async () => {
   const dir = await resolveModel("lckv-test/sharded");
   expectSameFiles(dir, SHARDED, ["config.json", "tokenizer.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]);
