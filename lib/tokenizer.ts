@@ -115,7 +115,8 @@ export class Tokenizer {
     } catch (e) {
       throw new ModelLoadError(`${tj}: the tokenizer could not be built (${(e as Error).message})`, tj);
     }
-    return new Tokenizer(hf, config as Record<string, unknown>, tc, json as Record<string, unknown>, templateFile(dir));
+    const specials = specialTokensMap(dir);
+    return new Tokenizer(hf, { ...(config as Record<string, unknown>), ...specials }, tc, json as Record<string, unknown>, templateFile(dir));
   }
 
   /** Text -> token ids. Special tokens (e.g. BOS) are added as the tokenizer's post-processor says. */
@@ -230,6 +231,24 @@ function templateFile(dir: string): { file: string; field: string; source: unkno
     if (source !== undefined && source !== null) return { file: json, field: "chat_template", source, overrides: false };
   }
   return undefined;
+}
+
+/**
+ * bos_token and eos_token from special_tokens_map.json, where it has them: transformers lets its
+ * values replace tokenizer_config.json's, and older repos keep them there alone (a template's
+ * {{ bos_token }} rendered as nothing without them).
+ */
+function specialTokensMap(dir: string): Record<string, unknown> {
+  const file = path.join(dir, "special_tokens_map.json");
+  if (!modelFileExists(file)) return {};
+  const map = readJson(file);
+  if (typeof map !== "object" || map === null || Array.isArray(map)) throw new ConfigError(file, "(root)", "must be a JSON object");
+  const out: Record<string, unknown> = {};
+  for (const key of ["bos_token", "eos_token"]) {
+    const v = (map as Record<string, unknown>)[key];
+    if (tokenText(v) !== undefined) out[key] = v;
+  }
+  return out;
 }
 
 /** Names the first message that is not { role: string, content: string }, and what it holds instead. */

@@ -191,6 +191,20 @@ describe("a chat template in a file of its own", () => {
   });
 });
 
+describe("special tokens in special_tokens_map.json", () => {
+  test("bos_token and eos_token come from special_tokens_map.json where tokenizer_config.json lacks them, as transformers reads them", () => {
+    const dir = modelWithTemplate("{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}");
+    const config = { ...baseTokenizerConfig, chat_template: "{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}" };
+    delete config.bos_token;
+    delete config.eos_token;
+    fs.writeFileSync(path.join(dir, "tokenizer_config.json"), JSON.stringify(config));
+    fs.writeFileSync(path.join(dir, "special_tokens_map.json"), JSON.stringify({ bos_token: { content: "<|bos|>", lstrip: false }, eos_token: "<|eos|>" }));
+    const t = Tokenizer.fromDirectory(dir)!;
+    expect([t.bosToken, t.bosTokenId, t.eosToken, t.eosTokenId]).toEqual(["<|bos|>", 0, "<|eos|>", 1]);
+    expect(t.applyChatTemplate(hello)).toBe("<|bos|>Hello<|eos|>");
+  });
+});
+
 describe("a conversation far longer than the context", () => {
   test("is refused from its rendered text's first characters, by chat(), a chat session and the server's route", async () => {
     const model = await loadModel(modelWithTemplate(CHAT), { device: "cpu" });
