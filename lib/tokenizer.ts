@@ -33,6 +33,8 @@ export class Tokenizer {
   private readonly templateDir: string;
   /** The file the chat template was read from. */
   private readonly templateSource: string;
+  /** A list of named templates none of which is "default": their names. */
+  private readonly templateNames?: string[];
   private readonly hf: HfTokenizer;
   private readonly template?: Template;
   /**
@@ -90,6 +92,7 @@ export class Tokenizer {
         return { name: entry.name, source: entry.template, template: compileTemplate(entry.template, file, `chat_template[${i}].template`) };
       });
       const def = compiled.find((t) => t.name === "default");
+      if (!def && compiled.length > 0) this.templateNames = compiled.map((t) => t.name);
       if (def?.source) {
         this.chatTemplate = def.source;
         this.template = def.template;
@@ -179,8 +182,11 @@ export class Tokenizer {
   requireChatTemplate(): void {
     if (!this.chatTemplate) {
       // Said so that it holds wherever chat was asked for: the API, lckv chat, /v1/chat/completions.
+      const why = this.templateNames
+        ? `${this.configFile}'s chat_template lists templates named ${this.templateNames.map((n) => JSON.stringify(n)).join(", ")}, none of them "default"`
+        : `no chat_template in ${this.configFile}, and no chat_template.jinja in ${this.templateDir}`;
       throw new InvalidInputError(
-        `this model has no chat template (no chat_template in ${this.configFile}, and no chat_template.jinja in ${this.templateDir}): give it plain text instead ` +
+        `this model has no chat template (${why}): give it plain text instead ` +
           "(generate() or stream(), lckv generate, POST /v1/completions)",
         "LCKV_NO_CHAT_TEMPLATE",
       );

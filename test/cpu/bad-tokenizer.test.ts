@@ -76,6 +76,13 @@ describe("chat_template in tokenizer_config.json", () => {
     }
   });
 
+  test("a list without a template named default: chat is refused saying so, not that there is no chat_template", () => {
+    const dir = modelWithTemplate([{ name: "tool_use", template: CHAT }, { name: "rag", template: CHAT }]);
+    const e = thrown(() => Tokenizer.fromDirectory(dir)!.applyChatTemplate(hello));
+    expect(e.code).toBe("LCKV_NO_CHAT_TEMPLATE");
+    expect(e.message).toContain(`${path.join(dir, "tokenizer_config.json")}'s chat_template lists templates named "tool_use", "rag", none of them "default"`);
+  });
+
   test("every named template in a list is parsed at load, not only the default", () => {
     const e = thrown(() => Tokenizer.fromDirectory(modelWithTemplate([{ name: "default", template: CHAT }, { name: "rag", template: "{% if %}" }])));
     expect(e).toBeInstanceOf(ConfigError);
