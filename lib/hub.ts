@@ -11,13 +11,16 @@
  *   <cache>/models--org--name/.no_exist/<commit>/<f>   optional files the commit does not have
  * A revision whose snapshot holds every file is served from the cache without asking the hub.
  * A blob is written as <etag>.incomplete, continued from its size after an interruption, and
- * renamed to its final name only once its size is the size the hub reported.
+ * renamed to its final name only once its size is the size the hub reported. One call at a time
+ * writes a blob, in this process or another (a lock file under <cache>/.locks/, as huggingface_hub
+ * keeps its own); links and refs are written under names of their own and renamed into place.
  */
 import * as fs from "node:fs";
 import * as fsp from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
 import { Readable } from "node:stream";
+import { setTimeout as sleep } from "node:timers/promises";
 // Loaded on the first hub id only: a local directory never pays for requiring the library.
 import type { ListFileEntry } from "@huggingface/hub";
 type HubLibrary = typeof import("@huggingface/hub");
@@ -247,8 +250,9 @@ class Download {
     if (revision !== this.commit) {
       const ref = path.join(this.repoDir, "refs", revision);
       await fsp.mkdir(path.dirname(ref), { recursive: true });
-      await fsp.writeFile(`${ref}.tmp`, this.commit);
-      await fsp.rename(`${ref}.tmp`, ref);
+      const tmp = uniqueName(ref);
+      await fsp.writeFile(tmp, this.commit);
+      await fsp.rename(tmp, ref);
     }
     return path.join(this.repoDir, "snapshots", this.commit);
   }
@@ -265,23 +269,38 @@ class Download {
     if (!etag || !/^[\w-]+$/.test(etag)) throw new ModelHubError(id, `the hub listed ${file} without a usable id`, "LCKV_DOWNLOAD_FAILED", file);
     const blob = path.join(this.repoDir, "blobs", etag);
     const link = path.join(this.repoDir, "snapshots", this.commit, file);
-    const held = await sizeOf(blob);
-    if (held !== size) {
-      if (held !== undefined) await fsp.rm(blob, { force: true }); // not what the hub has: fetch again
-      await fsp.mkdir(path.dirname(blob), { recursive: true });
-      await this.downloadBlob(file, size, blob);
+    if ((await sizeOf(blob)) !== size) {
+      // Another call may be writing this blob: wait for it, then look again.
+      const lock = path.join(this.hub.cacheDir, ".locks", path.basename(this.repoDir), `${etag}.lckv.lock`);
+      const release = await lockFile(lock, this.options.signal).catch((e: unknown) => {
+        throw this.failure(e, file);
+      });
+      try {
+        const held = await sizeOf(blob);
+        if (held !== size) {
+          if (held !== undefined) await fsp.rm(blob, { force: true }); // not what the hub has: fetch again
+          await fsp.mkdir(path.dirname(blob), { recursive: true });
+          await this.downloadBlob(file, size, blob);
+        } else {
+          this.progress(size, file);
+        }
+      } finally {
+        await release();
+      }
     } else {
       this.progress(size, file);
     }
     await fsp.mkdir(path.dirname(link), { recursive: true });
-    await fsp.rm(link, { force: true });
+    // Made under a name of its own and renamed over the link: a call beside this one making the
+    // same link never finds it half made or gone.
+    const tmp = uniqueName(link);
     try {
-      await fsp.symlink(path.relative(path.dirname(link), blob), link);
+      await fsp.symlink(path.relative(path.dirname(link), blob), tmp);
     } catch {
       // No symlinks here (Windows without developer mode): a copy, as huggingface_hub falls back to.
-      await fsp.copyFile(blob, `${link}.tmp`);
-      await fsp.rename(`${link}.tmp`, link);
+      await fsp.copyFile(blob, tmp);
     }
+    await fsp.rename(tmp, link);
     return link;
   }
 
@@ -349,6 +368,80 @@ class Download {
     const resume = file ? "; what arrived is kept, and the next call resumes from it" : NOT_LOCAL;
     return new ModelHubError(id, `could not download ${file ?? "the file list"} of '${id}' from ${this.hub.endpoint}: ${why}${resume}`, "LCKV_DOWNLOAD_FAILED", file, e);
   }
+}
+
+/** A name beside `file` that no other call, in this process or another, writes. */
+function uniqueName(file: string): string {
+  return `${file}.${process.pid}-${Math.random().toString(36).slice(2)}.tmp`;
+}
+
+/** Lock files this process holds, removed if it exits holding them (Ctrl-C in the command line). */
+const heldLocks = new Set<string>();
+let exitHook = false;
+/** How often a held lock's mtime is renewed, and how old one from another host may grow before it is taken for abandoned. */
+const LOCK_RENEW_MS = 10_000;
+const LOCK_STALE_MS = 60_000;
+
+/**
+ * Takes `lock`, a file created exclusively and holding its owner's pid and host, waiting while
+ * another call holds it; returns what releases it. A lock whose owner is gone (a process of this
+ * host that no longer runs, or one of another host, on a shared cache, that stopped renewing it)
+ * is taken over.
+ */
+async function lockFile(lock: string, signal?: AbortSignal): Promise<() => Promise<void>> {
+  await fsp.mkdir(path.dirname(lock), { recursive: true });
+  const me = JSON.stringify({ pid: process.pid, host: os.hostname() });
+  for (;;) {
+    signal?.throwIfAborted();
+    try {
+      await fsp.writeFile(lock, me, { flag: "wx" });
+      break;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
+    }
+    if (await lockAbandoned(lock)) await fsp.rm(lock, { force: true });
+    else await sleep(50 + Math.random() * 100, undefined, { signal });
+  }
+  heldLocks.add(lock);
+  if (!exitHook) {
+    exitHook = true;
+    process.on("exit", () => {
+      for (const l of heldLocks) fs.rmSync(l, { force: true });
+    });
+  }
+  const renew = setInterval(() => {
+    const now = new Date();
+    fs.utimes(lock, now, now, () => {});
+  }, LOCK_RENEW_MS).unref();
+  return async () => {
+    clearInterval(renew);
+    heldLocks.delete(lock);
+    await fsp.rm(lock, { force: true });
+  };
+}
+
+async function lockAbandoned(lock: string): Promise<boolean> {
+  let text: string, mtime: number;
+  try {
+    [text, mtime] = await Promise.all([fsp.readFile(lock, "utf8"), fsp.stat(lock).then((s) => s.mtimeMs)]);
+  } catch {
+    return false; // released meanwhile: the next try takes it
+  }
+  let owner: { pid?: unknown; host?: unknown } = {};
+  try {
+    owner = JSON.parse(text);
+  } catch {
+    // being written, or not one of ours: only its age tells
+  }
+  if (typeof owner.pid === "number" && owner.host === os.hostname()) {
+    try {
+      process.kill(owner.pid, 0);
+      return false;
+    } catch (e) {
+      return (e as NodeJS.ErrnoException).code === "ESRCH";
+    }
+  }
+  return Date.now() - mtime > LOCK_STALE_MS;
 }
 
 /** A file's size: an LFS file's own size, not its pointer's. */

@@ -6,6 +6,7 @@
  */
 import { spawn } from "node:child_process";
 import * as fs from "node:fs";
+import * as os from "node:os";
 import * as path from "node:path";
 import { AbortError, InvalidOptionError, loadModel, ModelHubError } from "../../lib";
 import { resolveModel } from "../../lib/hub";
@@ -175,6 +176,47 @@ test("a dropped connection leaves a .incomplete file that the next call continue
   expect(hub.requests.filter((r) => r.url.endsWith("/config.json"))).toHaveLength(0);
   expectSameFiles(dir, W2, W2_FILES);
   expect(fs.readdirSync(blobs).filter((b) => b.endsWith(".incomplete"))).toEqual([]);
+});
+
+test("calls at once for the same model, in this process and in another, all get the whole files; the cache stays sound", async () => {
+  // Each used to append the same bytes to the one .incomplete file: the first to finish moved it
+  // into place while the others still wrote into it, and the cache kept a config.json of several
+  // copies end to end, served from then on without a request.
+  const child = (): Promise<string> =>
+    new Promise((resolve, reject) => {
+      const script = `require(${JSON.stringify(path.join(__dirname, "..", "..", "dist", "hub.js"))}).resolveModel("lckv-test/w2").then((d) => process.stdout.write(d), (e) => { process.stderr.write(e.message); process.exit(1); })`;
+      const p = spawn(process.execPath, ["-e", script], { env: process.env, stdio: ["ignore", "pipe", "pipe"] });
+      let out = "", err = "";
+      p.stdout.on("data", (d) => (out += d));
+      p.stderr.on("data", (d) => (err += d));
+      p.on("close", (code) => (code === 0 ? resolve(out) : reject(new Error(err))));
+    });
+  const dirs = await Promise.all([resolveModel("lckv-test/w2"), resolveModel("lckv-test/w2"), resolveModel("lckv-test/w2"), child(), child()]);
+  for (const dir of dirs) {
+    expect(dir).toBe(path.join(cache, "models--lckv-test--w2", "snapshots", w2Commit));
+    expectSameFiles(dir, W2, W2_FILES);
+  }
+  const repo = path.join(cache, "models--lckv-test--w2");
+  expect(fs.readdirSync(path.join(repo, "blobs")).filter((b) => !/^[0-9a-f]+$/.test(b))).toEqual([]);
+  expect(fs.readdirSync(path.join(repo, "snapshots", w2Commit)).sort()).toEqual([...W2_FILES].sort());
+  expect(fs.lstatSync(path.join(repo, "snapshots", w2Commit, "config.json")).isSymbolicLink()).toBe(true);
+  const model = await loadModel("lckv-test/w2", { device: "cpu" });
+  await model.dispose();
+});
+
+test("a blob's lock left by a process that is gone (killed mid-download) does not stop the next call", async () => {
+  const dead = spawn(process.execPath, ["-e", ""]);
+  await new Promise((resolve) => dead.on("close", resolve));
+  const size = fs.statSync(path.join(W2, "model.safetensors")).size;
+  hub.dropOnce = { file: "model.safetensors", after: 100_000 };
+  await rejection(resolveModel("lckv-test/w2"));
+  const blobs = path.join(cache, "models--lckv-test--w2", "blobs");
+  const etag = fs.readdirSync(blobs).find((b) => b.endsWith(".incomplete"))!.replace(/\.incomplete$/, "");
+  const locks = path.join(cache, ".locks", "models--lckv-test--w2");
+  fs.writeFileSync(path.join(locks, `${etag}.lckv.lock`), JSON.stringify({ pid: dead.pid, host: os.hostname() }));
+  const dir = await resolveModel("lckv-test/w2");
+  expect(fs.statSync(path.join(dir, "model.safetensors")).size).toBe(size);
+  expect(fs.readdirSync(locks)).toEqual([]);
 });
 
 test("a file whose size is not the size the hub reported is refused and not moved into place", async () => {
