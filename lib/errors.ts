@@ -60,14 +60,15 @@ export class UnsupportedArchitectureError extends ModelLoadError {
  *   no token was given), or the model lacks a file lckv needs,
  * - LCKV_MODEL_NOT_CACHED: HF_HUB_OFFLINE is set and the cache does not hold the model,
  * - LCKV_DOWNLOAD_SIZE_MISMATCH: a file's downloaded size is not the size the hub reported,
- * - LCKV_DOWNLOAD_FAILED: the hub could not be reached, or failed to serve a file.
+ * - LCKV_DOWNLOAD_FAILED: the hub could not be reached, or failed to serve a file,
+ * - LCKV_IO: the cache could not be written (a path in it is a file, not writable, or full).
  */
 export class ModelHubError extends ModelLoadError {
   readonly model: string;
   constructor(
     model: string,
     message: string,
-    code: "LCKV_MODEL_NOT_FOUND" | "LCKV_MODEL_NOT_CACHED" | "LCKV_DOWNLOAD_SIZE_MISMATCH" | "LCKV_DOWNLOAD_FAILED",
+    code: "LCKV_MODEL_NOT_FOUND" | "LCKV_MODEL_NOT_CACHED" | "LCKV_DOWNLOAD_SIZE_MISMATCH" | "LCKV_DOWNLOAD_FAILED" | "LCKV_IO",
     file?: string,
     cause?: unknown,
   ) {

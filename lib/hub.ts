@@ -70,8 +70,18 @@ function hubSettings(hf: HubLibrary): HubSettings {
       // no stored token: anonymous access
     }
   }
+  const endpoint = (env.HF_ENDPOINT || DEFAULT_ENDPOINT).replace(/\/+$/, "");
+  let protocol: string | undefined;
+  try {
+    protocol = new URL(endpoint).protocol;
+  } catch {
+    // not a URL: said below
+  }
+  if (protocol !== "http:" && protocol !== "https:") {
+    throw new InvalidOptionError("HF_ENDPOINT", `must be the hub's http(s) URL, such as ${DEFAULT_ENDPOINT}, got '${env.HF_ENDPOINT}'`);
+  }
   return {
-    endpoint: (env.HF_ENDPOINT || DEFAULT_ENDPOINT).replace(/\/+$/, ""),
+    endpoint,
     // getHFHubCachePath reads HF_HUB_CACHE, then HF_HOME, then XDG_CACHE_HOME: huggingface_hub's order.
     cacheDir: hf.getHFHubCachePath(),
     token,
@@ -212,6 +222,14 @@ class Download {
   }
 
   async run(): Promise<string> {
+    try {
+      return await this.fetchAll();
+    } catch (e) {
+      throw this.failure(e);
+    }
+  }
+
+  private async fetchAll(): Promise<string> {
     const { id, revision } = this;
     const entries = new Map<string, ListFileEntry>();
     try {
@@ -358,6 +376,12 @@ class Download {
     const { id, revision } = this;
     if (this.options.signal?.aborted) return new AbortError(`download of '${id}' aborted${file ? ` during ${file}` : ""}`);
     if (e instanceof LckvError) return e;
+    const errno = e as NodeJS.ErrnoException;
+    // (Not `instanceof Error`: node's own errors may come from another realm, as under jest.)
+    if (typeof errno?.syscall === "string" && typeof errno.path === "string") {
+      // The cache's file system, not the hub: no retry fetches past it.
+      return new ModelHubError(id, `cannot write the Hugging Face cache ${this.hub.cacheDir} (HF_HUB_CACHE, else HF_HOME/hub): ${errno.message}`, "LCKV_IO", file, e);
+    }
     if (e instanceof this.hf.HubApiError && [401, 403, 404].includes(e.statusCode)) {
       const what = file ? `${file} of '${id}'` : `model '${id}' (revision '${revision}')`;
       const hint = this.hub.token ? "" : "; if it is private or gated, set HF_TOKEN";

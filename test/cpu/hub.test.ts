@@ -219,6 +219,26 @@ test("a blob's lock left by a process that is gone (killed mid-download) does no
   expect(fs.readdirSync(locks)).toEqual([]);
 });
 
+test("a cache that cannot be written is a typed error naming it, not a file system error", async () => {
+  const file = path.join(path.dirname(cache), "not-a-directory");
+  fs.writeFileSync(file, "");
+  process.env.HF_HUB_CACHE = file;
+  const e = await rejection(resolveModel("lckv-test/w2"));
+  expect(e.code).toBe("LCKV_IO");
+  expect(e.message).toContain(file);
+  expect(e.message).toContain("HF_HUB_CACHE");
+});
+
+test("an HF_ENDPOINT that is not an http(s) URL is an InvalidOptionError naming it", async () => {
+  for (const value of ["not a url", "huggingface.co", "ftp://example.com"]) {
+    process.env.HF_ENDPOINT = value;
+    const e = await resolveModel("lckv-test/w2").then(() => undefined, (err: unknown) => err);
+    expect(e).toBeInstanceOf(InvalidOptionError);
+    expect((e as InvalidOptionError).option).toBe("HF_ENDPOINT");
+    expect((e as Error).message).toContain(value);
+  }
+});
+
 test("a file whose size is not the size the hub reported is refused and not moved into place", async () => {
   hub.lieSize = { file: "model.safetensors", extra: 7 };
   const e = await rejection(resolveModel("lckv-test/w2"));
