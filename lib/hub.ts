@@ -56,6 +56,20 @@ interface HubSettings {
   cacheDir: string;
   token?: string;
   offline: boolean;
+  /** Seconds to wait for a response's headers (HF_HUB_ETAG_TIMEOUT), and for the next bytes of its body (HF_HUB_DOWNLOAD_TIMEOUT). */
+  headerTimeout: number;
+  bodyTimeout: number;
+}
+
+/** huggingface_hub's default for both timeouts, in seconds. */
+const DEFAULT_TIMEOUT_S = 10;
+
+function timeoutSetting(name: string): number {
+  const v = process.env[name];
+  if (v === undefined || v.trim() === "") return DEFAULT_TIMEOUT_S;
+  const s = Number(v);
+  if (!Number.isFinite(s) || s <= 0) throw new InvalidOptionError(name, `must be a number of seconds above 0, got '${v}'`);
+  return s;
 }
 
 function hubSettings(hf: HubLibrary): HubSettings {
@@ -86,6 +100,8 @@ function hubSettings(hf: HubLibrary): HubSettings {
     cacheDir: hf.getHFHubCachePath(),
     token,
     offline: ["1", "ON", "YES", "TRUE"].includes((env.HF_HUB_OFFLINE ?? "").toUpperCase()),
+    headerTimeout: timeoutSetting("HF_HUB_ETAG_TIMEOUT"),
+    bodyTimeout: timeoutSetting("HF_HUB_DOWNLOAD_TIMEOUT"),
   };
 }
 
@@ -478,14 +494,47 @@ function fileSize(e: ListFileEntry): number {
  * for the hub's own origin only (never for the CDN or storage URLs the hub sends files from).
  * The token goes through here rather than the library's accessToken, which refuses tokens that
  * do not start with "hf_", as private hubs and mirrors may issue.
+ * A hub that stops answering fails the request, as in huggingface_hub: no headers within
+ * HF_HUB_ETAG_TIMEOUT seconds, or no bytes of the body within HF_HUB_DOWNLOAD_TIMEOUT seconds of
+ * the last (the bytes that came are kept, and the next call resumes from them).
  */
 function hubFetch(hub: HubSettings, signal?: AbortSignal): typeof fetch {
   const origin = new URL(hub.endpoint).origin;
-  return (input, init = {}) => {
+  return async (input, init = {}) => {
     const url = new URL(input instanceof Request ? input.url : String(input));
     const headers = new Headers(init.headers);
     if (hub.token && url.origin === origin && !headers.has("authorization")) headers.set("authorization", `Bearer ${hub.token}`);
-    const signals = [init.signal, signal].filter((s): s is AbortSignal => !!s);
-    return fetch(input, { ...init, headers, signal: signals.length > 1 ? AbortSignal.any(signals) : signals[0] });
+    const stalled = new AbortController();
+    const signals = [init.signal, signal, stalled.signal].filter((s): s is AbortSignal => !!s);
+    const stallAfter = (seconds: number, name: string, what: string) =>
+      setTimeout(() => stalled.abort(new Error(`the hub sent ${what} in ${seconds} s (${name})`)), seconds * 1000);
+    let timer = stallAfter(hub.headerTimeout, "HF_HUB_ETAG_TIMEOUT", "no answer");
+    let res: Response;
+    try {
+      res = await fetch(input, { ...init, headers, signal: AbortSignal.any(signals) });
+    } finally {
+      clearTimeout(timer);
+    }
+    if (!res.body) return res;
+    const reader = res.body.getReader();
+    const body = new ReadableStream<Uint8Array>({
+      async pull(controller) {
+        timer = stallAfter(hub.bodyTimeout, "HF_HUB_DOWNLOAD_TIMEOUT", "no more bytes");
+        try {
+          const { done, value } = await reader.read();
+          if (done) controller.close();
+          else controller.enqueue(value);
+        } finally {
+          clearTimeout(timer);
+        }
+      },
+      cancel(reason) {
+        return reader.cancel(reason);
+      },
+    });
+    const wrapped = new Response(body, { status: res.status, statusText: res.statusText, headers: res.headers });
+    // The library reads where a redirect led (the file's URL, for the resume's Range request).
+    Object.defineProperties(wrapped, { url: { value: res.url }, redirected: { value: res.redirected } });
+    return wrapped;
   };
 }

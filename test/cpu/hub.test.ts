@@ -6,6 +6,8 @@
  */
 import { spawn } from "node:child_process";
 import * as fs from "node:fs";
+import * as http from "node:http";
+import { AddressInfo } from "node:net";
 import * as os from "node:os";
 import * as path from "node:path";
 import { AbortError, InvalidOptionError, loadModel, ModelHubError } from "../../lib";
@@ -18,7 +20,7 @@ const FIXTURES = path.join(__dirname, "..", "fixtures");
 const W2 = path.join(FIXTURES, "lckv-w2");
 const SHARDED = path.join(FIXTURES, "llama-sharded-f16");
 const W2_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"];
-const ENV_KEYS = ["HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE", "HF_TOKEN", "HF_TOKEN_PATH", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "XDG_CACHE_HOME"];
+const ENV_KEYS = ["HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT", "HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE", "HF_TOKEN", "HF_TOKEN_PATH", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "XDG_CACHE_HOME"];
 
 let hub: FakeHub;
 let endpoint: string;
@@ -45,7 +47,7 @@ beforeEach(() => {
   process.env.HF_HUB_CACHE = cache;
   process.env.HF_ENDPOINT = endpoint;
   hub.requests.length = 0;
-  hub.dropOnce = hub.lieSize = hub.token = undefined;
+  hub.dropOnce = hub.stallOnce = hub.lieSize = hub.token = undefined;
 });
 afterEach(() => {
   for (const k of ENV_KEYS) {
@@ -237,6 +239,32 @@ test("an HF_ENDPOINT that is not an http(s) URL is an InvalidOptionError naming 
     expect((e as InvalidOptionError).option).toBe("HF_ENDPOINT");
     expect((e as Error).message).toContain(value);
   }
+});
+
+test("a hub that stops answering is a typed error after HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT, not a wait without end", async () => {
+  const silent = http.createServer(() => {});
+  await new Promise<void>((resolve) => silent.listen(0, "127.0.0.1", resolve));
+  try {
+    process.env.HF_ENDPOINT = `http://127.0.0.1:${(silent.address() as AddressInfo).port}`;
+    process.env.HF_HUB_ETAG_TIMEOUT = "0.3";
+    const started = Date.now();
+    const e = await rejection(resolveModel("lckv-test/w2"));
+    expect(e.code).toBe("LCKV_DOWNLOAD_FAILED");
+    expect(e.message).toContain("HF_HUB_ETAG_TIMEOUT");
+    expect(Date.now() - started).toBeLessThan(5000);
+  } finally {
+    silent.closeAllConnections();
+    await new Promise((resolve) => silent.close(resolve));
+  }
+  // A file that stops arriving partway: what came is kept, and the next call resumes from it.
+  process.env.HF_ENDPOINT = endpoint;
+  process.env.HF_HUB_DOWNLOAD_TIMEOUT = "0.3";
+  hub.stallOnce = { file: "model.safetensors", after: 100_000 };
+  const e = await rejection(resolveModel("lckv-test/w2"));
+  expect(e.code).toBe("LCKV_DOWNLOAD_FAILED");
+  expect(e.file).toBe("model.safetensors");
+  expect(e.message).toContain("HF_HUB_DOWNLOAD_TIMEOUT");
+  expectSameFiles(await resolveModel("lckv-test/w2"), W2, W2_FILES);
 });
 
 test("a file whose size is not the size the hub reported is refused and not moved into place", async () => {

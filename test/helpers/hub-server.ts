@@ -32,6 +32,8 @@ export class FakeHub {
   readonly requests: HubRequest[] = [];
   /** The next full GET of `file` sends `after` bytes, then the connection is dropped. */
   dropOnce?: { file: string; after: number };
+  /** The next full GET of `file` sends `after` bytes, then nothing more, the connection kept open. */
+  stallOnce?: { file: string; after: number };
   /** `file`'s size is reported `extra` bytes larger than it is, in the listing and the headers. */
   lieSize?: { file: string; extra: number };
   /** When set, every request must carry "Authorization: Bearer <token>" (else 401, as for a private repo). */
@@ -143,6 +145,11 @@ export class FakeHub {
   }
 
   private drop(name: string, body: Buffer, res: http.ServerResponse): boolean {
+    if (this.stallOnce?.file === name) {
+      res.write(body.subarray(0, this.stallOnce.after));
+      this.stallOnce = undefined;
+      return true;
+    }
     if (this.dropOnce?.file !== name) return false;
     const after = this.dropOnce.after;
     this.dropOnce = undefined;
