@@ -5,6 +5,15 @@
 import * as fs from "node:fs";
 import { ModelLoadError } from "./errors";
 
+/** A model file's text (UTF-8); a file that cannot be read is a ModelLoadError naming it. */
+export function readModelText(file: string): string {
+  try {
+    return fs.readFileSync(file, "utf8");
+  } catch (e) {
+    throw new ModelLoadError(`cannot read ${file}: ${(e as Error).message}`, file, "LCKV_MODEL_LOAD", { cause: e });
+  }
+}
+
 /**
  * Whether a model directory's file is there. A symbolic link that leads nowhere (to a blob a
  * download never finished, or in a loop) is an error naming it, not an absent file: taken for
@@ -30,12 +39,7 @@ export function modelFileExists(file: string): boolean {
 }
 
 export function readJson(file: string): unknown {
-  let text: string;
-  try {
-    text = fs.readFileSync(file, "utf8");
-  } catch (e) {
-    throw new ModelLoadError(`cannot read ${file}: ${(e as Error).message}`, file);
-  }
+  const text = readModelText(file);
   try {
     return JSON.parse(text);
   } catch (e) {

@@ -6,7 +6,7 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { LckvError, ModelLoadError, SafetensorsError } from "./errors";
-import { modelFileExists } from "./model-files";
+import { modelFileExists, readJson } from "./model-files";
 
 export type SafetensorsDtype = "F64" | "F32" | "F16" | "BF16" | "I64" | "I32" | "I16" | "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" | "U16" | "U32" | "U64";
 
@@ -134,18 +134,7 @@ export function readModelTensors(dir: string): Map<string, TensorInfo> {
   const index = path.join(dir, "model.safetensors.index.json");
   const single = path.join(dir, "model.safetensors");
   if (modelFileExists(index)) {
-    let text: string;
-    try {
-      text = fs.readFileSync(index, "utf8");
-    } catch (e) {
-      throw new ModelLoadError(`cannot read ${index}: ${(e as Error).message}`, index, "LCKV_MODEL_LOAD", { cause: e });
-    }
-    let parsed: unknown;
-    try {
-      parsed = JSON.parse(text);
-    } catch (e) {
-      throw new ModelLoadError(`${index}: not valid JSON (${(e as Error).message})`, index);
-    }
+    const parsed = readJson(index);
     const map = (parsed as { weight_map?: unknown })?.weight_map;
     if (typeof map !== "object" || map === null || Array.isArray(map)) {
       throw new ModelLoadError(`${index}: field 'weight_map' must be an object of tensor name -> shard file`, index);

@@ -2,12 +2,11 @@
  * Tokenization through @huggingface/tokenizers, and chat templates through @huggingface/jinja.
  * This file only adapts them to lckv's API: it does not implement any tokenizer itself.
  */
-import * as fs from "node:fs";
 import * as path from "node:path";
 import { Template } from "@huggingface/jinja";
 import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers";
 import { ConfigError, InvalidInputError, ModelLoadError } from "./errors";
-import { modelFileExists, readJson } from "./model-files";
+import { modelFileExists, readJson, readModelText } from "./model-files";
 import { brief, describe } from "./options";
 
 export interface ChatMessage {
@@ -221,13 +220,7 @@ export class Tokenizer {
 function templateFile(dir: string): { file: string; field: string; source: unknown; overrides: boolean } | undefined {
   const jinja = path.join(dir, "chat_template.jinja");
   if (modelFileExists(jinja)) {
-    let source: string;
-    try {
-      source = fs.readFileSync(jinja, "utf8");
-    } catch (e) {
-      throw new ModelLoadError(`cannot read ${jinja}: ${(e as Error).message}`, jinja);
-    }
-    return { file: jinja, field: "(template)", source, overrides: true };
+    return { file: jinja, field: "(template)", source: readModelText(jinja), overrides: true };
   }
   const json = path.join(dir, "chat_template.json");
   if (modelFileExists(json)) {
