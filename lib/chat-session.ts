@@ -24,8 +24,12 @@ export class ChatSession implements Disposable {
   private active = false;
   private seq: Sequence;
 
-  /** @internal Use model.createChatSession(). */
-  constructor(
+  /** @internal Use model.createChatSession() (the constructor is private, so the published types offer no `new ChatSession()`). */
+  static create(engine: EngineContext, seq: Sequence, system?: string): ChatSession {
+    return new ChatSession(engine, seq, system);
+  }
+
+  private constructor(
     private readonly engine: EngineContext,
     seq: Sequence,
     system?: string,
@@ -96,7 +100,7 @@ export class ChatSession implements Disposable {
       } catch {
         // A sliding window already released K/V the rewound sequence would need: start afresh.
         this.seq.dispose();
-        this.seq = new Sequence(this.engine, this.engine.openSequence());
+        this.seq = Sequence.create(this.engine, this.engine.openSequence());
         keep = 0;
       }
     }

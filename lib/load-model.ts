@@ -304,7 +304,7 @@ export async function loadModel(dir?: string, options: LoadOptions = {}): Promis
     if (callerError && e === callerError.error) throw e;
     throw fromNative(e);
   }
-  return new Model(modelDir, config, native, tokenizer, generationConfig, maxContext, kvCacheDtype, prefixCache, { maxQueue, queueTimeout }, maxBatch);
+  return Model.create(modelDir, config, native, tokenizer, generationConfig, maxContext, kvCacheDtype, prefixCache, { maxQueue, queueTimeout }, maxBatch);
 }
 
 const unusedKvNoticed = new Set<string>();

@@ -74,8 +74,26 @@ export class Model implements AsyncDisposable {
   /** The first dispose()'s promise, which every call returns. */
   private disposal: Promise<void> | undefined;
 
-  /** @internal Use loadModel(). */
-  constructor(
+  /**
+   * @internal Use loadModel(). The constructor is private so that the published types offer no
+   * `new Model()`, which would type-check and then fail on its missing engine.
+   */
+  static create(
+    directory: string,
+    config: ModelConfig,
+    native: NativeModel,
+    tokenizer: Tokenizer | undefined,
+    generationConfig: Record<string, unknown>,
+    maxContext: number,
+    kvCacheDtype: KvCacheDtype,
+    prefixCacheSize?: number,
+    admission?: AdmissionOptions,
+    maxBatch?: number,
+  ): Model {
+    return new Model(directory, config, native, tokenizer, generationConfig, maxContext, kvCacheDtype, prefixCacheSize, admission, maxBatch);
+  }
+
+  private constructor(
     readonly directory: string,
     readonly config: ModelConfig,
     native: NativeModel,
@@ -238,7 +256,7 @@ export class Model implements AsyncDisposable {
   /** @internal */
   adoptSequence(native: NativeSequence): Sequence {
     this.engine.adopt(native);
-    return new Sequence(this.engine, native);
+    return Sequence.create(this.engine, native);
   }
 
   /**
@@ -336,7 +354,7 @@ export class Model implements AsyncDisposable {
     }
     if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json`, "LCKV_NO_TOKENIZER");
     this.tokenizer.requireChatTemplate();  // now, not at the first send()
-    return new ChatSession(this.engine, this.createSequence(), options.system);
+    return ChatSession.create(this.engine, this.createSequence(), options.system);
   }
 
   /**

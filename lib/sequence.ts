@@ -36,8 +36,12 @@ export class Sequence implements Disposable {
   /** Tokens the current request's page reservation covers (0: none). */
   private reservedUpTo = 0;
 
-  /** @internal Use model.createSequence(). */
-  constructor(
+  /** @internal Use model.createSequence() (the constructor is private, so the published types offer no `new Sequence()`). */
+  static create(engine: EngineContext, native: NativeSequence): Sequence {
+    return new Sequence(engine, native);
+  }
+
+  private constructor(
     private readonly engine: EngineContext,
     native: NativeSequence,
   ) {
