@@ -9,7 +9,7 @@ import { ModelConfig } from "./config";
 import { EngineContext } from "./engine-context";
 import { AbortError, DisposedError, fromNative, InvalidInputError, InvalidOptionError } from "./errors";
 import { GenerationProgress, GenerationStream, generationStream } from "./generation-stream";
-import { NativeModel, NativePoolStats, NativeSequence } from "./native";
+import { KvPoolStats, NativeModel, NativeSequence } from "./native";
 import { describe, GenerateOptions, GenerationDefaults, posInt } from "./options";
 import { DecodeScheduler, DEFAULT_MAX_BATCH, SchedulerStats } from "./scheduler";
 import { isKvCacheDtype, KV_CACHE_DTYPES, KvCacheDtype } from "./kv-cache-dtype";
@@ -19,8 +19,8 @@ import { Sequence } from "./sequence";
 import { ChatMessage, Tokenizer } from "./tokenizer";
 import type { ForwardResult, GenerateResult, PrefillOptions, StreamChunk } from "./types";
 
-/** model.cacheStats(): the pool's pages (see NativePoolStats) and the model's own counts. */
-export interface CacheStats extends Omit<NativePoolStats, "sharedRefs"> {
+/** model.cacheStats(): the pool's pages (KvPoolStats) and the model's own counts. */
+export interface CacheStats extends KvPoolStats {
   /** pagesTotal * pageTokens: what the pool holds, whatever the number of sequences. */
   capacityTokens: number;
   kvBytesPerToken: number;

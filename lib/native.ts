@@ -91,7 +91,8 @@ export interface NativeSequence {
   readonly kvBytes: number;
 }
 
-export interface NativePoolStats {
+/** The K/V pool's pages, as model.cacheStats() reports them. */
+export interface KvPoolStats {
   /** Positions per page. */
   pageTokens: number;
   pageBytes: number;
@@ -103,10 +104,13 @@ export interface NativePoolStats {
   pagesCached: number;
   /** Pages promised to running requests and not yet written. */
   pagesReserved: number;
-  /** Page references beyond the first (pages shared by forks). */
-  sharedRefs: number;
   /** Pages each sequence's residual takes (the bf16 page being written of an int4 cache); 0 for other types. */
   residualPages: number;
+}
+
+export interface NativePoolStats extends KvPoolStats {
+  /** Page references beyond the first (pages shared by forks). */
+  sharedRefs: number;
 }
 
 export interface NativeModelDescription {

@@ -90,3 +90,40 @@ test("Model, Sequence and ChatSession offer no constructor: they come from loadM
     expect(found).toContainEqual(expect.stringContaining(`TS2673: Constructor of class '${name}' is private`));
   }
 });
+
+test("every named type the public API's signatures use is exported, so a consumer can name it", () => {
+  const indexProgram = ts.createProgram([path.join(dist, "index.d.ts")], { strict: true, module: ts.ModuleKind.Node16, moduleResolution: ts.ModuleResolutionKind.Node16 });
+  const tc = indexProgram.getTypeChecker();
+  const sf = indexProgram.getSourceFile(path.join(dist, "index.d.ts"))!;
+  const exportsOfIndex = tc.getExportsOfModule(tc.getSymbolAtLocation(sf)!);
+  const exported = new Set(exportsOfIndex.map((s) => s.name));
+  const unnamed = new Set<string>();
+  const seen = new Set<ts.Node>();
+  const isPrivate = (m: ts.Node) => ts.canHaveModifiers(m) && (ts.getModifiers(m) ?? []).some((x) => x.kind === ts.SyntaxKind.PrivateKeyword);
+  const ours = (d: ts.Declaration) => path.resolve(d.getSourceFile().fileName).startsWith(dist + path.sep);
+  const visitDeclaration = (d: ts.Node): void => {
+    if (seen.has(d)) return;
+    seen.add(d);
+    if (ts.isClassDeclaration(d) || ts.isInterfaceDeclaration(d)) {
+      for (const h of d.heritageClauses ?? []) visit(h);
+      for (const m of d.members) if (!isPrivate(m)) visit(m);
+    } else visit(d);
+  };
+  const visit = (node: ts.Node): void => {
+    if (ts.isTypeReferenceNode(node) || ts.isExpressionWithTypeArguments(node)) {
+      let s = tc.getSymbolAtLocation(ts.isTypeReferenceNode(node) ? node.typeName : node.expression);
+      if (s && s.flags & ts.SymbolFlags.Alias) s = tc.getAliasedSymbol(s);
+      for (const d of s?.declarations ?? []) {
+        if (!ours(d)) continue;
+        if (!exported.has(s!.name)) unnamed.add(`${s!.name} (${path.relative(dist, d.getSourceFile().fileName)})`);
+        visitDeclaration(d);
+      }
+    }
+    ts.forEachChild(node, visit);
+  };
+  for (const s0 of exportsOfIndex) {
+    const s = s0.flags & ts.SymbolFlags.Alias ? tc.getAliasedSymbol(s0) : s0;
+    for (const d of s.declarations ?? []) visitDeclaration(d);
+  }
+  expect([...unnamed]).toEqual([]);
+});
