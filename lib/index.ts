@@ -34,3 +34,5 @@ export { evaluatePerplexity } from "./eval";
 export type { PerplexityOptions, PerplexityResult } from "./eval";
 export type { ChatMessage } from "./tokenizer";
 export * from "./errors";
+export { ERROR_CODES } from "./error-codes";
+export type { ErrorCode } from "./error-codes";

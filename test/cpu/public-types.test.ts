@@ -59,7 +59,7 @@ afterAll(() => {
 
 test("a strict program that uses the API type-checks against the published declarations", () => {
   const program = check(`
-    import { loadModel, InvalidOptionError, type CacheStats, type StreamChunk, type GenerateResult } from "./lckv/dist/index.js";
+    import { loadModel, InvalidOptionError, LckvError, ERROR_CODES, type ErrorCode, type CacheStats, type StreamChunk, type GenerateResult } from "./lckv/dist/index.js";
     export async function main(): Promise<void> {
       await using model = await loadModel(undefined, { device: "cpu" });
       const r: GenerateResult = await model.generate("Once", { maxNewTokens: 4 });
@@ -70,6 +70,9 @@ test("a strict program that uses the API type-checks against the published decla
       const stats: CacheStats = model.cacheStats();
       void r; void seq; void chat; void stats.pagesFree; void (await stream.result).timings;
       try { await model.generate("x", { maxNewTokens: -1 }); } catch (e) { if (e instanceof InvalidOptionError) void e.option; }
+      // An error's code can be checked against the list of codes, a misspelt one caught by the compiler.
+      const full = "LCKV_QUEUE_FULL" satisfies ErrorCode;
+      try { await model.generate("x"); } catch (e) { if (e instanceof LckvError && e.code === full && ERROR_CODES.includes(e.code as ErrorCode)) return; }
     }
   `);
   expect(errors(program)).toEqual([]);
