@@ -13,7 +13,8 @@ import { serveCompletions, ServerContext } from "./request-handler";
 import { ChatCompletionBody, chatCompletionBody, ChatMessageBody } from "./schemas";
 
 /**
- * A message's text: its parts joined. An assistant's content may be null, as OpenAI allows (a
+ * A message's text: its text parts joined by newlines, as vLLM's and llama.cpp's servers join
+ * them (two parts are two pieces of text, not one cut in two). An assistant's content may be null, as OpenAI allows (a
  * client replays a turn that had no text, such as a tool call): it is empty text.
  */
 function messageText(m: ChatMessageBody, i: number): string {
@@ -22,7 +23,7 @@ function messageText(m: ChatMessageBody, i: number): string {
     const message = `Invalid value for 'messages[${i}].content': must be a string or an array (null only in an assistant's message)`;
     throw new HttpError({ status: 400, body: errorBody(message, "invalid_request_error", `messages[${i}].content`, "invalid_value"), headers: {} });
   }
-  return typeof m.content === "string" ? m.content : m.content.map((p) => p.text).join("");
+  return typeof m.content === "string" ? m.content : m.content.map((p) => p.text).join("\n");
 }
 
 /** The template's messages, "developer" (OpenAI's newer name) as "system". */

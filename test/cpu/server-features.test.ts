@@ -364,3 +364,15 @@ test("a list of prompts: a list mixing token ids with prompts, or more than 128 
   expect(over.message).toMatch(/\(4 in the prompt\[1\], \d+ in the completion\)/);
   await expectIdle(ctx.model);
 });
+
+test("a message's text parts are joined by newlines, as vLLM and llama.cpp join them: the same prompt and reply as that text", async () => {
+  const ask = (content: string | { type: "text"; text: string }[]) =>
+    ctx.client.chat.completions.create({ model: "m", messages: [{ role: "user", content }], max_tokens: 6, temperature: 0 });
+  const parts = await ask([{ type: "text", text: "Once upon" }, { type: "text", text: "a time" }]);
+  const joined = await ask("Once upon\na time");
+  const glued = await ask("Once upona time");
+  expect(parts.usage?.prompt_tokens).toBe(joined.usage?.prompt_tokens);
+  expect(parts.choices[0].message.content).toBe(joined.choices[0].message.content);
+  // Not merely any joining: glued together the prompt differs.
+  expect(glued.usage?.prompt_tokens).not.toBe(joined.usage?.prompt_tokens);
+});
