@@ -7,7 +7,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { DType, loadModel, ModelLoadError } from "../../lib";
 import { readSafetensorsHeader } from "../../lib/safetensors";
-import { RawTensor, safetensorsBytes, tinyLlamaTensors, writeTinyModel } from "../helpers/tiny-model";
+import { RawTensor, safetensorsBytes, tinyLlamaTensors, writeTinyModel, writeTinyModelWithValue } from "../helpers/tiny-model";
 import { testTempDir } from "../helpers/temp-dir";
 
 process.env.LCKV_QUIET = "1";
@@ -122,9 +122,7 @@ test("an f32 checkpoint stays in f32 by default", async () => {
 });
 
 test.each([NaN, Infinity, -Infinity])("a bf16 checkpoint holding %p is refused", async (bad) => {
-  const t = tinyLlamaTensors().map((x) => ({ ...x, dtype: "BF16" as const }));
-  t.find((x) => x.name === "model.layers.1.mlp.up_proj.weight")!.data[5] = bad;
-  const dir = writeTinyModel({}, { tensors: t });
+  const dir = writeTinyModelWithValue(bad, "BF16");
   await expect(loadModel(dir, { device: "cpu" })).rejects.toThrow(/up_proj\.weight.*NaN or infinite/);
 });
 
@@ -147,22 +145,15 @@ test.each([
 });
 
 describe("a weight finite in the checkpoint but past what the weight dtype holds", () => {
-  /** The tiny model in f32 with one up_proj value set to `value`. */
-  function withValue(value: number): string {
-    const t = tinyLlamaTensors();
-    t.find((x) => x.name === "model.layers.1.mlp.up_proj.weight")!.data[5] = value;
-    return writeTinyModel({}, { tensors: t });
-  }
-
   test("1e5 with dtype f16 is refused, naming the tensor, the largest f16 and the wider dtypes", async () => {
-    const e = await loadModel(withValue(1e5), { device: "cpu", dtype: "f16" }).catch((x: unknown) => x);
+    const e = await loadModel(writeTinyModelWithValue(1e5), { device: "cpu", dtype: "f16" }).catch((x: unknown) => x);
     expect(e).toBeInstanceOf(ModelLoadError);
     expect((e as Error).message).toMatch(/up_proj\.weight.*rounds past the largest f16 number \(65504\) to infinity.*dtype "f32" or "bf16"/);
   });
 
   test("65504, the largest f16, loads with dtype f16 and gives finite logits; 1e5 loads with bf16", async () => {
     for (const [value, dtype] of [[65504, "f16"], [1e5, "bf16"]] as const) {
-      const model = await loadModel(withValue(value), { device: "cpu", dtype, kvCacheMemory: 1 << 22 });
+      const model = await loadModel(writeTinyModelWithValue(value), { device: "cpu", dtype, kvCacheMemory: 1 << 22 });
       try {
         const logits = await model.logits([1, 2, 3]);
         expect(logits.every(Number.isFinite)).toBe(true);
@@ -173,7 +164,7 @@ describe("a weight finite in the checkpoint but past what the weight dtype holds
   });
 
   test("3.4e38, past the largest bf16, is refused with dtype bf16 and loads in f32", async () => {
-    const dir = withValue(3.4e38);
+    const dir = writeTinyModelWithValue(3.4e38);
     await expect(loadModel(dir, { device: "cpu", dtype: "bf16" })).rejects.toThrow(/rounds past the largest bf16 number.*dtype "f32"$/);
     const model = await loadModel(dir, { device: "cpu", dtype: "f32", kvCacheMemory: 1 << 22 });
     await model.dispose();

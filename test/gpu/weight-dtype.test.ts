@@ -6,25 +6,18 @@
  */
 import { loadModel, ModelLoadError } from "../../lib";
 import type { DType } from "../../lib";
-import { tinyLlamaTensors, writeTinyModel } from "../helpers/tiny-model";
+import { writeTinyModelWithValue } from "../helpers/tiny-model";
 import { describeIfGpu } from "../helpers/device";
 
 process.env.LCKV_QUIET = "1";
 const describeGpu = describeIfGpu("GPU weight dtype tests");
-
-/** The tiny model in f32 with one up_proj value set to `value`. */
-function withValue(value: number): string {
-  const t = tinyLlamaTensors();
-  t.find((x) => x.name === "model.layers.1.mlp.up_proj.weight")!.data[5] = value;
-  return writeTinyModel({}, { tensors: t });
-}
 
 describeGpu("cuda: a weight past what the weight dtype holds", () => {
   test.each([
     [1e5, "f16", /up_proj\.weight.*rounds past the largest f16 number \(65504\) to infinity.*dtype "f32" or "bf16"/],
     [3.4e38, "auto", /up_proj\.weight.*rounds past the largest bf16 number.*dtype "f32"$/],
   ] as const)("%p with dtype %p is refused at load", async (value, dtype, message) => {
-    const e = await loadModel(withValue(value), { device: "cuda", dtype }).catch((x: unknown) => x);
+    const e = await loadModel(writeTinyModelWithValue(value), { device: "cuda", dtype }).catch((x: unknown) => x);
     expect(e).toBeInstanceOf(ModelLoadError);
     expect((e as Error).message).toMatch(message);
   });
@@ -33,7 +26,7 @@ describeGpu("cuda: a weight past what the weight dtype holds", () => {
     [65504, "f16"],
     [1e5, "auto"],
   ] as [number, DType][])("%p with dtype %p loads and gives finite logits", async (value, dtype) => {
-    const model = await loadModel(withValue(value), { device: "cuda", dtype, kvCacheMemory: 1 << 22 });
+    const model = await loadModel(writeTinyModelWithValue(value), { device: "cuda", dtype, kvCacheMemory: 1 << 22 });
     try {
       const logits = await model.logits([1, 2, 3]);
       expect(logits.every(Number.isFinite)).toBe(true);

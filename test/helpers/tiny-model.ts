@@ -133,6 +133,16 @@ export function writeTinyModel(s: TinyLlamaSpec = {}, opts: { tensors?: RawTenso
 }
 
 /**
+ * The default tiny model with one value of layer 1's up_proj set to `value`, its tensors stored
+ * as `dtype` (f32 by default): a weight the load must refuse or take.
+ */
+export function writeTinyModelWithValue(value: number, dtype: RawTensor["dtype"] = "F32"): string {
+  const t = tinyLlamaTensors().map((x) => ({ ...x, dtype }));
+  t.find((x) => x.name === "model.layers.1.mlp.up_proj.weight")!.data[5] = value;
+  return writeTinyModel({}, { tensors: t });
+}
+
+/**
  * The default tiny model with its weights split over two shards (a.safetensors, b.safetensors)
  * and a model.safetensors.index.json mapping each tensor to its shard.
  */
