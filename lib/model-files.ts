@@ -3,7 +3,7 @@
  * ModelLoadError naming the file.
  */
 import * as fs from "node:fs";
-import { ModelLoadError } from "./errors";
+import { ConfigError, ModelLoadError } from "./errors";
 
 /** A model file's text (UTF-8); a file that cannot be read is a ModelLoadError naming it. */
 export function readModelText(file: string): string {
@@ -45,4 +45,11 @@ export function readJson(file: string): unknown {
   } catch (e) {
     throw new ModelLoadError(`${file}: not valid JSON (${(e as Error).message})`, file);
   }
+}
+
+/** A model file that must hold a JSON object (tokenizer_config.json and its kin), as that object. */
+export function readJsonObject(file: string): Record<string, unknown> {
+  const v = readJson(file);
+  if (typeof v !== "object" || v === null || Array.isArray(v)) throw new ConfigError(file, "(root)", "must be a JSON object");
+  return v as Record<string, unknown>;
 }

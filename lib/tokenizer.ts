@@ -6,7 +6,7 @@ import * as path from "node:path";
 import { Template } from "@huggingface/jinja";
 import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers";
 import { ConfigError, InvalidInputError, ModelLoadError } from "./errors";
-import { modelFileExists, readJson, readModelText } from "./model-files";
+import { modelFileExists, readJson, readJsonObject, readModelText } from "./model-files";
 import { brief, describe } from "./options";
 
 export interface ChatMessage {
@@ -107,18 +107,15 @@ export class Tokenizer {
     if (!modelFileExists(tj)) return undefined;
     const tc = path.join(dir, "tokenizer_config.json");
     const json = readJson(tj);
-    const config = modelFileExists(tc) ? readJson(tc) : {};
-    if (typeof config !== "object" || config === null || Array.isArray(config)) {
-      throw new ConfigError(tc, "(root)", "must be a JSON object");
-    }
+    const config = modelFileExists(tc) ? readJsonObject(tc) : {};
     let hf: HfTokenizer;
     try {
-      hf = new HfTokenizer(json as object, config as object);
+      hf = new HfTokenizer(json as object, config);
     } catch (e) {
       throw new ModelLoadError(`${tj}: the tokenizer could not be built (${(e as Error).message})`, tj);
     }
     const specials = specialTokensMap(dir);
-    return new Tokenizer(hf, { ...(config as Record<string, unknown>), ...specials }, tc, json as Record<string, unknown>, templateFile(dir));
+    return new Tokenizer(hf, { ...config, ...specials }, tc, json as Record<string, unknown>, templateFile(dir));
   }
 
   /** Text -> token ids. Special tokens (e.g. BOS) are added as the tokenizer's post-processor says. */
@@ -224,9 +221,7 @@ function templateFile(dir: string): { file: string; field: string; source: unkno
   }
   const json = path.join(dir, "chat_template.json");
   if (modelFileExists(json)) {
-    const content = readJson(json);
-    if (typeof content !== "object" || content === null || Array.isArray(content)) throw new ConfigError(json, "(root)", "must be a JSON object");
-    const source = (content as Record<string, unknown>).chat_template;
+    const source = readJsonObject(json).chat_template;
     if (source !== undefined && source !== null) return { file: json, field: "chat_template", source, overrides: false };
   }
   return undefined;
@@ -240,11 +235,10 @@ function templateFile(dir: string): { file: string; field: string; source: unkno
 function specialTokensMap(dir: string): Record<string, unknown> {
   const file = path.join(dir, "special_tokens_map.json");
   if (!modelFileExists(file)) return {};
-  const map = readJson(file);
-  if (typeof map !== "object" || map === null || Array.isArray(map)) throw new ConfigError(file, "(root)", "must be a JSON object");
+  const map = readJsonObject(file);
   const out: Record<string, unknown> = {};
   for (const key of ["bos_token", "eos_token"]) {
-    const v = (map as Record<string, unknown>)[key];
+    const v = map[key];
     if (tokenText(v) !== undefined) out[key] = v;
   }
   return out;
