@@ -74,11 +74,12 @@ void Model::loadTensor(const TensorSource& src) {
     if (!allFinite(host))
       throw EngineError(kErrWeights, "tensor '" + src.sourceName + "' in " + src.file + " holds a NaN or infinite value");
     const DType kept = backend_->keptWeightType(host.dtype);
-    if (!staysFiniteIn(host, kept))
+    if (!staysFiniteIn(host, kept)) {
+      const bool f16 = kept == DType::F16;
       throw EngineError(kErrWeights, "tensor '" + src.sourceName + "' in " + src.file + " holds a value that rounds past the largest " +
-                                         (kept == DType::F16 ? "f16 number (65504)" : "bf16 number (3.39e38)") +
-                                         " to infinity in weights kept in " + (kept == DType::F16 ? "f16" : "bf16") +
-                                         ": load it with dtype \"f32\"" + (kept == DType::F16 ? " or \"bf16\"" : ""));
+                                         (f16 ? "f16 number (65504)" : "bf16 number (3.39e38)") + " to infinity in weights kept in " +
+                                         (f16 ? "f16" : "bf16") + ": load it with dtype \"f32\"" + (f16 ? " or \"bf16\"" : ""));
+    }
     try {
       t = backend_->uploadWeight(host.bytes.data(), host.dtype, host.rows, host.cols);
     } catch (const std::bad_alloc&) {

@@ -161,6 +161,12 @@ HostTensor readTensor(const TensorSource& src) {
   return t;
 }
 
+// Whether a 16-bit value of type t (BF16 or F16) is NaN or infinite: an exponent of all ones.
+static bool nonFinite16(uint16_t h, DType t) {
+  const uint16_t expMask = t == DType::BF16 ? 0x7f80 : 0x7c00;
+  return (h & expMask) == expMask;
+}
+
 bool allFinite(const HostTensor& t) {
   // Non-finite means an exponent of all ones, in each format's own bits.
   const size_t n = (size_t)(t.rows * t.cols);
@@ -173,11 +179,10 @@ bool allFinite(const HostTensor& t) {
     }
     return true;
   }
-  const uint16_t expMask = t.dtype == DType::BF16 ? 0x7f80 : 0x7c00;
   for (size_t i = 0; i < n; ++i) {
     uint16_t h;
     std::memcpy(&h, p + 2 * i, 2);
-    if ((h & expMask) == expMask) return false;
+    if (nonFinite16(h, t.dtype)) return false;
   }
   return true;
 }
@@ -186,13 +191,11 @@ bool staysFiniteIn(const HostTensor& t, DType kept) {
   // Widening, or keeping the stored type, rounds nothing. bf16 holds every f16 value.
   if (kept == DType::F32 || kept == t.dtype || (kept == DType::BF16 && t.dtype == DType::F16)) return true;
   const size_t n = (size_t)(t.rows * t.cols);
-  const uint16_t expMask = kept == DType::BF16 ? 0x7f80 : 0x7c00;
   const size_t esize = dtypeSize(t.dtype);
   for (size_t i = 0; i < n; ++i) {
     float f;
     toF32(t.dtype, t.bytes.data() + i * esize, 1, &f);
-    const uint16_t h = kept == DType::BF16 ? f32ToBf16(f) : f32ToF16(f);
-    if ((h & expMask) == expMask) return false;
+    if (nonFinite16(kept == DType::BF16 ? f32ToBf16(f) : f32ToF16(f), kept)) return false;
   }
   return true;
 }
