@@ -2,9 +2,9 @@
 // package's own options (declaration, stripInternal) and a consumer's strict program is checked
 // against the emitted .d.ts files, without skipLibCheck.
 import * as fs from "node:fs";
-import * as os from "node:os";
 import * as path from "node:path";
 import * as ts from "typescript";
+import { testTempDir } from "../helpers/temp-dir";
 
 const ROOT = path.join(__dirname, "..", "..");
 let dir: string;
@@ -46,7 +46,7 @@ function errors(program: ts.Program): string[] {
 }
 
 beforeAll(() => {
-  dir = fs.mkdtempSync(path.join(os.tmpdir(), "lckv-public-types-"));
+  dir = testTempDir("lckv-public-types-");
   dist = path.join(dir, "lckv", "dist");
   // The declarations import fastify and the other dependencies: found through node_modules above them.
   fs.symlinkSync(path.join(ROOT, "node_modules"), path.join(dir, "node_modules"), "dir");
