@@ -1,8 +1,9 @@
 /**
  * `npm run bench -- --full --part <name>`: the paper's protocol, in parts of under 10 minutes on an
  * H100 each (the lent GPU machine's limit per command). Each part is a preset of --shapes,
- * --only and --models, and writes docs/bench/full-<part>[.<K/V types>].json; the report reads
- * every such file beside docs/bench/results.json (the default set). --kv-dtypes runs each model
+ * --only and --models, and writes docs/bench/full-<part>[-<shapes>][.<K/V types>].json (the shapes
+ * where --shapes narrows the preset); the report reads every such file beside
+ * docs/bench/results.json (the default set). --kv-dtypes runs each model
  * at each K/V type: a part's time grows with the number of types, so run one type per call where
  * the estimate says so. The estimates are for one K/V type of 2 or 4 bytes, from the H100 figures
  * of 2026-11/12; a 1-byte or 4-bit K/V type multiplies the batches, and LCKV's prefill (one
@@ -25,4 +26,16 @@ const PARTS = {
 /** The K/V pool of each model, in GiB, per shape: the default set's, and the full protocol's. */
 const POOL_GIB = { default: { "1.1b": 0.5, "7b": 4 }, full: { "1.1b": 2, "7b": 8 }, tiny: 1 / 64 };
 
-module.exports = { PARTS, POOL_GIB };
+/**
+ * The results file of a full-protocol run: full-<part>[.<K/V types>].json, or
+ * full-custom-<experiments>-<shapes>... for a run of --only without a part. A part run at fewer
+ * shapes than its preset (--shapes) writes full-<part>-<shapes>..., so that the part's other
+ * shapes, run in another call, keep their file beside it. `kvDtypes`: the --kv-dtypes list, or null.
+ */
+function resultsFileName({ part, only, shapes, kvDtypes }) {
+  const narrowed = part && PARTS[part].shapes.some((s) => !shapes.includes(s));
+  const name = part ? (narrowed ? `${part}-${shapes.join("+")}` : part) : `custom-${only.join("")}-${shapes.join("+")}`;
+  return `full-${name}${kvDtypes ? `.${kvDtypes.join("+")}` : ""}.json`;
+}
+
+module.exports = { PARTS, POOL_GIB, resultsFileName };

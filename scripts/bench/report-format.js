@@ -25,11 +25,11 @@ function loadResultSets(benchDir) {
   if (!fs.existsSync(benchDir)) return [];
   const files = fs.readdirSync(benchDir).filter((f) => f === "results.json" || /^full-.*\.json$/.test(f));
   const partOrder = Object.keys(PARTS);
-  // full-<part>[.<K/V types>].json: a part's name may itself hold dots (1.1b).
+  // full-<part>[-<shapes>][.<K/V types>].json: a part's name may itself hold dots (1.1b).
   const rank = (f) => {
     if (f === "results.json") return -1;
     const name = f.slice("full-".length, -".json".length);
-    const i = partOrder.findIndex((p) => name === p || name.startsWith(`${p}.`));
+    const i = partOrder.findIndex((p) => name === p || name.startsWith(`${p}.`) || name.startsWith(`${p}-`));
     return i < 0 ? partOrder.length : i;
   };
   return files

@@ -36,7 +36,7 @@
  *   kernels   experiments 2, 3, 5 and 8 at both shapes                     ~8 min
  *   peers     transformers, the PyTorch reference, node-llama-cpp at 1.1B  ~5 min
  *   llama-7b  node-llama-cpp and lckv at 7B                               ~4 min (GGUFs written once)
- * (estimates for one K/V type of 2 or 4 bytes). Each part writes docs/bench/full-<part>.json; the
+ * (estimates for one K/V type of 2 or 4 bytes). Each part writes docs/bench/full-<part>[-<shapes>][.<K/V types>].json; the
  * report (report.js) renders the default set and every part into docs/benchmarks.md.
  * node-llama-cpp is not a dependency: scripts/bench/llama-peer/prepare.sh installs and packs it
  * here, build-on-device.sh builds it on the GPU machine.
@@ -52,7 +52,7 @@ const { Command, Option } = require("commander");
 const { loadModel } = require("../../dist");
 const { renderReport } = require("./report");
 const { ModelStore, MODEL_NAMES, SHAPES } = require("./models");
-const { PARTS, POOL_GIB } = require("./parts");
+const { PARTS, POOL_GIB, resultsFileName } = require("./parts");
 const { now, log } = require("./measure");
 const { python } = require("./experiments/hf-peers");
 
@@ -145,11 +145,9 @@ const bench = {
   },
 };
 
-/** The results file of this invocation: the default set's, or the part's (one per K/V type list). */
+/** The results file of this invocation: the default set's, or the part's (parts.js, resultsFileName). */
 function resultsFile(benchDir) {
-  if (!opt.full) return path.join(benchDir, "results.json");
-  const name = opt.part ?? `custom-${[...only].join("")}-${shapes.join("+")}`;
-  return path.join(benchDir, `full-${name}${opt.kvDtypes ? `.${kvDtypes.join("+")}` : ""}.json`);
+  return path.join(benchDir, opt.full ? resultsFileName({ part: opt.part, only: [...only], shapes, kvDtypes: opt.kvDtypes ? kvDtypes : null }) : "results.json");
 }
 
 // A promise that never settles (a request waiting for K/V pages that nothing will free, say)
