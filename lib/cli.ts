@@ -591,6 +591,7 @@ program
   .option("--max-batch <n>", "sequences in one decode step at most (loadModel's maxBatch; default: its default for the device)", posIntArg("--max-batch"))
   .option("--queue-timeout <ms>", "ms a request may wait for K/V pages before it is answered 503 (default: no limit)", intArg("--queue-timeout"))
   .option("--write-stall-timeout <ms>", "ms a stream waits for a client that stopped reading before it drops it, freeing its K/V pages (default: 30000)", intArg("--write-stall-timeout"))
+  .option("--request-timeout <ms>", "ms a client has to send a whole request before it is answered 408 (default: 60000)", intArg("--request-timeout"))
   .option("--max-context <n>", "context length in tokens (default: the model's, or what the K/V pool holds)", intArg("--max-context"))
   .addOption(deviceOption())
   .addOption(dtypeOption())
@@ -604,6 +605,7 @@ program
       modelId: o.model !== undefined && !fs.existsSync(o.model) ? o.model : undefined,
       allowedOrigins: o.allowedOrigins === undefined ? undefined : (o.allowedOrigins as string).split(",").map((x) => x.trim()).filter((x) => x !== ""),
       writeStallTimeout: o.writeStallTimeout,
+      requestTimeout: o.requestTimeout,
     });
     await using model = await open(o);
     const app = createServer(model, options);

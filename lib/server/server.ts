@@ -54,9 +54,19 @@ export interface ServerOptions {
    * K/V pages, as for a client that went away (default 30000; Infinity: no limit; at most 2^31 - 1).
    */
   writeStallTimeout?: number;
+  /**
+   * Milliseconds a client has to send a whole request, headers and body, before it is answered
+   * 408 and its connection closed (default 60000; Infinity: no limit; at most 2^31 - 1). A client
+   * that sends a request a few bytes at a time would otherwise hold its connection for good:
+   * fastify turns off Node's own limit. The response is not bounded by it (a stream may run long).
+   */
+  requestTimeout?: number;
 }
 
-const SERVER_KEYS = new Set(["apiKey", "modelId", "bodyLimit", "logger", "allowedOrigins", "writeStallTimeout"]);
+/** ServerOptions.requestTimeout's default, in ms. */
+const DEFAULT_REQUEST_TIMEOUT_MS = 60_000;
+
+const SERVER_KEYS = new Set(["apiKey", "modelId", "bodyLimit", "logger", "allowedOrigins", "writeStallTimeout", "requestTimeout"]);
 
 /**
  * createServer's options, checked as loadModel checks its own: an unknown or mistyped option is
@@ -77,6 +87,7 @@ export function checkServerOptions(options: unknown): ServerOptions {
   if (o.allowedOrigins !== undefined) allowedOrigins(o.allowedOrigins);
   // setTimeout takes at most 2^31 - 1 ms (a larger delay fires at once): no limit is Infinity.
   if (o.writeStallTimeout !== undefined && o.writeStallTimeout !== Infinity) posInt("writeStallTimeout", o.writeStallTimeout, INT32_MAX);
+  if (o.requestTimeout !== undefined && o.requestTimeout !== Infinity) posInt("requestTimeout", o.requestTimeout, INT32_MAX);
   return o as ServerOptions;
 }
 
@@ -119,6 +130,7 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
   if (!(model instanceof Model)) throw new InvalidOptionError("model", `must be a Model from loadModel(), got ${describe(model)}`);
   if (model.disposed) throw new InvalidOptionError("model", "was disposed: load it again");
   checkServerOptions(options);
+  const requestTimeout = options.requestTimeout ?? DEFAULT_REQUEST_TIMEOUT_MS;
   const app = Fastify({
     logger: options.logger ?? false,
     bodyLimit: options.bodyLimit ?? 8 * 1024 * 1024,
@@ -127,6 +139,14 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
     ajv: { customOptions: { removeAdditional: false, coerceTypes: false, useDefaults: false, allErrors: false, allowUnionTypes: true } },
     // While closing, requests on open connections are answered 503 (others find no listener).
     return503OnClosing: true,
+    // Node checks its request and header deadlines every connectionsCheckingInterval ms (30000 by
+    // default): a tenth of the deadline cuts a request within 1.1 times it. Headers get the same
+    // deadline where it is shorter than Node's 60 s for them.
+    requestTimeout: requestTimeout === Infinity ? 0 : requestTimeout,
+    http:
+      requestTimeout === Infinity
+        ? {}
+        : { connectionsCheckingInterval: Math.max(10, Math.min(30_000, Math.floor(requestTimeout / 10))), headersTimeout: Math.min(60_000, requestTimeout) },
   });
   const ctx: ServerContext = {
     model,

@@ -6,6 +6,7 @@
  * fails, which ends its request's others with no finish reason (only the error is sent); 404 for
  * an unknown route. (Any model name is served: see server.test.ts.)
  */
+import * as net from "node:net";
 import * as path from "node:path";
 import OpenAI from "openai";
 import { createServer, InvalidOptionError, loadModel, Model, ServerOptions } from "../../lib";
@@ -340,7 +341,7 @@ test("createServer checks its options as loadModel does: each bad one is an Inva
     expect((error as InvalidOptionError).option).toBe(option);
     expect((error as InvalidOptionError).detail).toMatch(detail);
   };
-  refused({ port: 8080 }, "port", /is not a createServer option \(known: apiKey, modelId, bodyLimit, logger, allowedOrigins, writeStallTimeout\)/);
+  refused({ port: 8080 }, "port", /is not a createServer option \(known: apiKey, modelId, bodyLimit, logger, allowedOrigins, writeStallTimeout, requestTimeout\)/);
   refused({ apikey: "k" }, "apikey", /is not a createServer option/);
   // An empty key, or one no Authorization header can carry, would lock every request out.
   refused({ apiKey: "" }, "apiKey", /must be a non-empty string, got ""/);
@@ -358,6 +359,8 @@ test("createServer checks its options as loadModel does: each bad one is an Inva
   refused({ writeStallTimeout: 0 }, "writeStallTimeout", /must be a positive integer, got 0/);
   refused({ writeStallTimeout: "30s" }, "writeStallTimeout", /must be a positive integer/);
   refused({ writeStallTimeout: 2 ** 31 }, "writeStallTimeout", /must be at most 2147483647/);
+  refused({ requestTimeout: 0 }, "requestTimeout", /must be a positive integer, got 0/);
+  refused({ requestTimeout: 2 ** 31 }, "requestTimeout", /must be at most 2147483647/);
   // The model too: not one (a path, an options object, nothing) or one disposed.
   refused({}, "model", /must be a Model from loadModel\(\), got null/, null);
   refused({}, "model", /must be a Model from loadModel\(\), got object/, {});
@@ -365,7 +368,34 @@ test("createServer checks its options as loadModel does: each bad one is an Inva
   // Options left undefined are unset.
   createServer(model, { apiKey: undefined, modelId: undefined, bodyLimit: 1024, logger: false, writeStallTimeout: undefined });
   // No bound on a stalled stream is Infinity, as loadModel's queueTimeout has it.
-  createServer(model, { writeStallTimeout: Infinity });
+  createServer(model, { writeStallTimeout: Infinity, requestTimeout: Infinity });
+});
+
+test("408: a client that sends its request too slowly is answered and its connection closed; a quick one on the same server is served", async () => {
+  const slow = await startServer(model, { requestTimeout: 400 });
+  try {
+    const { hostname, port } = new URL(slow.url);
+    const started = Date.now();
+    const answer = await new Promise<{ text: string; closedAfterMs: number }>((resolve, reject) => {
+      const socket = net.connect(Number(port), hostname);
+      let text = "";
+      socket.setEncoding("utf8");
+      socket.on("data", (d: string) => (text += d));
+      socket.on("close", () => resolve({ text, closedAfterMs: Date.now() - started }));
+      socket.on("error", reject);
+      // Headers whole, then 5 of the 60 bytes the body declares, and nothing more.
+      socket.write(`POST /v1/completions HTTP/1.1\r\nHost: ${hostname}\r\nContent-Type: application/json\r\nContent-Length: 60\r\n\r\n{"mod`);
+    });
+    expect(answer.text).toMatch(/^HTTP\/1\.1 408 /);
+    // Within the deadline and one check of it (a tenth of it), with room for a slow machine.
+    expect(answer.closedAfterMs).toBeGreaterThanOrEqual(390);
+    expect(answer.closedAfterMs).toBeLessThan(5000);
+    // The deadline is for receiving a request, not for answering it.
+    const ok = await postJson(`${slow.url}/v1/completions`, { model: "m", prompt: "a", max_tokens: 2 });
+    expect(ok.status).toBe(200);
+  } finally {
+    await slow.app.close();
+  }
 });
 
 test("createServer refuses a disposed model by name, before it serves a request that could only fail", async () => {
