@@ -1,35 +1,77 @@
 /**
+ * What the server knows of each connection: the requests in flight on it and the last one routed.
+ *
  * Closing keep-alive connections when the server closes, so that close() ends once the requests
  * in flight have. Node's server.close() drops only the connections it counts as idle, and it
  * counts a connection that has not sent a request yet as active (clients open such spare
  * connections: fetch does, when a streamed request is aborted beside others); nothing would
  * close those. Here every connection with no request in flight is closed at close(), and each
  * other one once its response has been written.
+ *
+ * Answering a request that never arrived whole (requestTimeout, a malformed request line): Node
+ * then closes the connection, and the answer, in OpenAI's error shape, goes out only where it
+ * answers that request and cannot fall inside another response. The request is the last one
+ * routed on the connection if its body is still arriving, else one whose headers are: the
+ * answer goes out if the first has no other request in flight before it and no response yet (one
+ * answered before its body was read, a 413 say, gets no second answer), or if the second has no
+ * request in flight before it (a pipelined request's deadline can pass while a stream runs).
  */
+import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Socket } from "node:net";
 import type { FastifyInstance } from "fastify";
+import { errorBody } from "./openai-errors";
 
-export function closeConnectionsOnClose(app: FastifyInstance): void {
-  const inFlight = new Map<Socket, number>();
-  let closing = false;
-  app.server.on("connection", (socket: Socket) => {
-    inFlight.set(socket, 0);
-    socket.once("close", () => inFlight.delete(socket));
-  });
-  app.addHook("onRequest", async (request, reply) => {
-    const socket = request.raw.socket;
-    // A request with no connection of the server's (app.inject()'s stand-in socket) has nothing to close.
-    if (!inFlight.has(socket)) return;
-    inFlight.set(socket, inFlight.get(socket)! + 1);
-    reply.raw.once("close", () => {
-      const n = (inFlight.get(socket) ?? 1) - 1;
-      if (inFlight.has(socket)) inFlight.set(socket, n);
-      if (closing && n === 0) socket.end();
+interface ConnectionState {
+  inFlight: number;
+  last: { request: IncomingMessage; response: ServerResponse } | null;
+}
+
+export class ConnectionTracker {
+  private readonly connections = new Map<Socket, ConnectionState>();
+  private closing = false;
+
+  constructor(private readonly requestTimeout: number) {}
+
+  attach(app: FastifyInstance): void {
+    app.server.on("connection", (socket: Socket) => {
+      this.connections.set(socket, { inFlight: 0, last: null });
+      socket.once("close", () => this.connections.delete(socket));
     });
-  });
-  app.addHook("preClose", async () => {
-    closing = true;
-    // Nothing is being written on these: they can go at once.
-    for (const [socket, n] of inFlight) if (n === 0) socket.destroy();
-  });
+    app.addHook("onRequest", async (request, reply) => {
+      const socket = request.raw.socket;
+      const state = this.connections.get(socket);
+      // A request with no connection of the server's (app.inject()'s stand-in socket) has nothing to close.
+      if (!state) return;
+      state.inFlight += 1;
+      state.last = { request: request.raw, response: reply.raw };
+      reply.raw.once("close", () => {
+        state.inFlight -= 1;
+        if (this.closing && state.inFlight === 0) socket.end();
+      });
+    });
+    app.addHook("preClose", async () => {
+      this.closing = true;
+      // Nothing is being written on these: they can go at once.
+      for (const [socket, state] of this.connections) if (state.inFlight === 0) socket.destroy();
+    });
+  }
+
+  /** fastify's clientErrorHandler: Node's error for a request it could not read, on its connection. */
+  readonly clientError = (err: NodeJS.ErrnoException, socket: Socket): void => {
+    if (err.code === "ECONNRESET" || socket.destroyed) return;
+    const state = this.connections.get(socket);
+    const arriving = state?.last && !state.last.request.complete ? state.last : null;
+    const answers = !state || (arriving ? state.inFlight === 1 && !arriving.response.headersSent : state.inFlight === 0);
+    if (socket.writable && answers) {
+      const [status, reason, body] =
+        err.code === "ERR_HTTP_REQUEST_TIMEOUT"
+          ? [408, "Request Timeout", errorBody(`the request did not arrive whole within ${this.requestTimeout} ms (the server's requestTimeout)`, "invalid_request_error", null, "request_timeout")]
+          : err.code === "HPE_HEADER_OVERFLOW"
+            ? [431, "Request Header Fields Too Large", errorBody("the request's headers are too large", "invalid_request_error", null, "headers_too_large")]
+            : [400, "Bad Request", errorBody(`the request is not valid HTTP (${err.code ?? err.message})`, "invalid_request_error", null, "bad_request")];
+      const text = JSON.stringify(body);
+      socket.write(`HTTP/1.1 ${status} ${reason}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(text)}\r\nConnection: close\r\n\r\n${text}`);
+    }
+    socket.destroy(err);
+  };
 }

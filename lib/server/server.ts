@@ -14,7 +14,7 @@ import Fastify, { FastifyInstance } from "fastify";
 import { InvalidOptionError } from "../errors";
 import { Model } from "../model";
 import { describe, INT32_MAX, posInt } from "../options";
-import { closeConnectionsOnClose } from "./connections";
+import { ConnectionTracker } from "./connections";
 import { ServerMetrics } from "./metrics";
 import { errorBody, installErrorHandlers, invalidJsonBody, sendHttpError } from "./openai-errors";
 import type { ServerContext } from "./request-handler";
@@ -56,9 +56,10 @@ export interface ServerOptions {
   writeStallTimeout?: number;
   /**
    * Milliseconds a client has to send a whole request, headers and body, before it is answered
-   * 408 and its connection closed (default 60000; Infinity: no limit; at most 2^31 - 1). A client
-   * that sends a request a few bytes at a time would otherwise hold its connection for good:
-   * fastify turns off Node's own limit. The response is not bounded by it (a stream may run long).
+   * 408 (in OpenAI's error shape) and its connection closed (default 60000; at most 2^31 - 1;
+   * Infinity: no limit on the body, while Node's own 60 s for the headers stays). A client that
+   * sends a request a few bytes at a time would otherwise hold its connection for good: fastify
+   * turns off Node's own limit. The response is not bounded by it (a stream may run long).
    */
   requestTimeout?: number;
 }
@@ -131,6 +132,7 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
   if (model.disposed) throw new InvalidOptionError("model", "was disposed: load it again");
   checkServerOptions(options);
   const requestTimeout = options.requestTimeout ?? DEFAULT_REQUEST_TIMEOUT_MS;
+  const connections = new ConnectionTracker(requestTimeout);
   const app = Fastify({
     logger: options.logger ?? false,
     bodyLimit: options.bodyLimit ?? 8 * 1024 * 1024,
@@ -143,6 +145,8 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
     // default): a tenth of the deadline cuts a request within 1.1 times it. Headers get the same
     // deadline where it is shorter than Node's 60 s for them.
     requestTimeout: requestTimeout === Infinity ? 0 : requestTimeout,
+    // A request Node could not read is answered in OpenAI's shape, and never inside another response.
+    clientErrorHandler: connections.clientError,
     http:
       requestTimeout === Infinity
         ? {}
@@ -155,7 +159,7 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
     writeStallTimeout: options.writeStallTimeout ?? DEFAULT_WRITE_STALL_TIMEOUT_MS,
   };
   installErrorHandlers(app);
-  closeConnectionsOnClose(app);
+  connections.attach(app);
   // Bodies are JSON only. fastify would also take text/plain, as a string that then fails the
   // schema with "must be object"; without that parser such a body gets 415, naming its type.
   app.removeContentTypeParser("text/plain");

@@ -371,28 +371,63 @@ test("createServer checks its options as loadModel does: each bad one is an Inva
   createServer(model, { writeStallTimeout: Infinity, requestTimeout: Infinity });
 });
 
-test("408: a client that sends its request too slowly is answered and its connection closed; a quick one on the same server is served", async () => {
+/** Writes `chunks` on a new connection to `url` (each after the previous one's delay) and collects what comes back until the server closes it. */
+function rawExchange(url: string, chunks: [string, number][]): Promise<{ text: string; closedAfterMs: number }> {
+  const { hostname, port } = new URL(url);
+  const started = Date.now();
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(Number(port), hostname);
+    let text = "";
+    socket.setEncoding("utf8");
+    socket.on("data", (d: string) => (text += d));
+    socket.on("close", () => resolve({ text, closedAfterMs: Date.now() - started }));
+    socket.on("error", reject);
+    let at = 0;
+    for (const [chunk, delay] of chunks) setTimeout(() => socket.writable && socket.write(chunk), (at += delay));
+  });
+}
+
+const head = (target: string, length: number) => `POST ${target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: ${length}\r\n\r\n`;
+
+test("408: a client that sends its request too slowly is answered in OpenAI's shape and its connection closed; a quick one on the same server is served", async () => {
   const slow = await startServer(model, { requestTimeout: 400 });
   try {
-    const { hostname, port } = new URL(slow.url);
-    const started = Date.now();
-    const answer = await new Promise<{ text: string; closedAfterMs: number }>((resolve, reject) => {
-      const socket = net.connect(Number(port), hostname);
-      let text = "";
-      socket.setEncoding("utf8");
-      socket.on("data", (d: string) => (text += d));
-      socket.on("close", () => resolve({ text, closedAfterMs: Date.now() - started }));
-      socket.on("error", reject);
-      // Headers whole, then 5 of the 60 bytes the body declares, and nothing more.
-      socket.write(`POST /v1/completions HTTP/1.1\r\nHost: ${hostname}\r\nContent-Type: application/json\r\nContent-Length: 60\r\n\r\n{"mod`);
-    });
-    expect(answer.text).toMatch(/^HTTP\/1\.1 408 /);
+    // Headers whole, then 5 of the 60 bytes the body declares, and nothing more.
+    const answer = await rawExchange(slow.url, [[`${head("/v1/completions", 60)}{"mod`, 0]]);
+    expect(answer.text).toMatch(/^HTTP\/1\.1 408 Request Timeout\r\n/);
+    expect(answer.text).toMatch(/\r\nConnection: close\r\n/);
+    const body = JSON.parse(answer.text.slice(answer.text.indexOf("\r\n\r\n") + 4));
+    expect(body).toEqual({ error: { message: "the request did not arrive whole within 400 ms (the server's requestTimeout)", type: "invalid_request_error", param: null, code: "request_timeout" } });
     // Within the deadline and one check of it (a tenth of it), with room for a slow machine.
     expect(answer.closedAfterMs).toBeGreaterThanOrEqual(390);
     expect(answer.closedAfterMs).toBeLessThan(5000);
     // The deadline is for receiving a request, not for answering it.
     const ok = await postJson(`${slow.url}/v1/completions`, { model: "m", prompt: "a", max_tokens: 2 });
     expect(ok.status).toBe(200);
+  } finally {
+    await slow.app.close();
+  }
+});
+
+test("408 never lands inside another response: not after a 413 sent before the body, nor in a stream ahead of a pipelined request", async () => {
+  const slow = await startServer(model, { requestTimeout: 200, bodyLimit: 1024 });
+  try {
+    // A body past bodyLimit is answered 413 at once; the rest of it never comes. The request
+    // then times out, and its connection closes with the one answer it got.
+    const big = await rawExchange(slow.url, [[`${head("/v1/completions", 4096)}{"prompt": "`, 0]]);
+    expect(big.text).toMatch(/^HTTP\/1\.1 413 /);
+    expect(big.text).not.toMatch(/HTTP\/1\.1 408/);
+    // A stream, then the first bytes of a second request on its connection: that request's
+    // deadline passes while the stream runs. Node closes the connection then; the stream gets
+    // no status line written into it. (A stream that ended first may be followed by the 408.)
+    const stream = JSON.stringify({ model: "m", prompt: "a", max_tokens: 100, n: 64, stream: true, ignore_eos: true });
+    const piped = await rawExchange(slow.url, [[`${head("/v1/completions", Buffer.byteLength(stream))}${stream}POST /v1/comp`, 0]]);
+    expect(piped.text).toMatch(/^HTTP\/1\.1 200 /);
+    const done = piped.text.indexOf("data: [DONE]");
+    const timedOut = piped.text.indexOf("HTTP/1.1 408");
+    expect(timedOut === -1 || (done !== -1 && timedOut > done)).toBe(true);
+    // Not vacuous: the stream was still running when the connection closed.
+    expect(done).toBe(-1);
   } finally {
     await slow.app.close();
   }
