@@ -214,8 +214,13 @@ export function loadAddon(): NativeAddon {
     const gypBuild = require("node-gyp-build") as (dir: string) => NativeAddon;
     addon = gypBuild(path.join(__dirname, ".."));
   } catch (e) {
+    // The addon is built by lckv's install script, which an install can skip: npm with
+    // --ignore-scripts, and pnpm 10, which runs a dependency's build only once it is approved.
     throw new AddonLoadError(
-      `the lckv native addon could not be loaded (${(e as Error).message}); rebuild it with 'npm rebuild lckv' (needs cmake and a C++ compiler)`,
+      `the lckv native addon could not be loaded (${(e as Error).message.replace(/\s+/g, " ").trim()}). It is built when lckv is installed, unless the ` +
+        "install skipped install scripts (npm --ignore-scripts; pnpm 10 until 'pnpm approve-builds' allows lckv's). " +
+        "Build it with 'npm rebuild lckv --build-from-source' (needs CMake 3.18 or newer, a C++17 compiler, and for the " +
+        "GPU backend the CUDA toolkit with cuBLASLt)",
       e,
     );
   }

@@ -1,4 +1,5 @@
 /** Regressions for defects found in review: each once crashed, blocked or leaked. */
+import { spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { Worker } from "node:worker_threads";
@@ -75,4 +76,22 @@ test("a model loaded in a worker thread that exits leaves the main thread's mode
   expect(r.tokens).toHaveLength(3);
   s.dispose();
   await m.dispose();
+});
+
+test("an install without the addon (install scripts skipped) fails with an AddonLoadError that says why and how to build it", () => {
+  // The compiled package without build/ or prebuilds/: what --ignore-scripts, or pnpm 10 before
+  // 'pnpm approve-builds', leaves.
+  const root = path.join(__dirname, "..", "..");
+  const pkg = testTempDir("lckv-no-addon-");
+  fs.cpSync(path.join(root, "dist"), path.join(pkg, "dist"), { recursive: true });
+  fs.copyFileSync(path.join(root, "package.json"), path.join(pkg, "package.json"));
+  fs.symlinkSync(path.join(root, "node_modules"), path.join(pkg, "node_modules"), "dir");
+  const script = `require(${JSON.stringify(path.join(pkg, "dist"))}).loadModel(${JSON.stringify(path.join(__dirname, "..", "fixtures", "llama-mha-hd16"))}, { device: "cpu" }).catch((e) => { console.log(JSON.stringify({ name: e.name, code: e.code, message: e.message })); });`;
+  const r = spawnSync(process.execPath, ["-e", script], { encoding: "utf8" });
+  expect(r.status).toBe(0);
+  const e = JSON.parse(r.stdout.trim().split("\n").pop()!);
+  expect(e).toMatchObject({ name: "AddonLoadError", code: "LCKV_ADDON_LOAD" });
+  expect(e.message).toMatch(/^the lckv native addon could not be loaded \(.+\)\. It is built when lckv is installed/);
+  expect(e.message).toContain("npm --ignore-scripts; pnpm 10 until 'pnpm approve-builds' allows lckv's");
+  expect(e.message).toContain("Build it with 'npm rebuild lckv --build-from-source'");
 });
