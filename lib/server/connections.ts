@@ -56,6 +56,14 @@ export class ConnectionTracker {
     });
   }
 
+  // Above 60 s (or with none), Node's own 60 s for the headers may be the deadline that passed.
+  private timeoutMessage(): string {
+    const t = this.requestTimeout;
+    return t <= 60_000
+      ? `the request did not arrive whole within ${t} ms (the server's requestTimeout)`
+      : `the request did not arrive in time: the server waits 60000 ms for its headers and ${t === Infinity ? "without limit" : `${t} ms`} for the whole request`;
+  }
+
   /** fastify's clientErrorHandler: Node's error for a request it could not read, on its connection. */
   readonly clientError = (err: NodeJS.ErrnoException, socket: Socket): void => {
     if (err.code === "ECONNRESET" || socket.destroyed) return;
@@ -65,7 +73,7 @@ export class ConnectionTracker {
     if (socket.writable && answers) {
       const [status, reason, body] =
         err.code === "ERR_HTTP_REQUEST_TIMEOUT"
-          ? [408, "Request Timeout", errorBody(`the request did not arrive whole within ${this.requestTimeout} ms (the server's requestTimeout)`, "invalid_request_error", null, "request_timeout")]
+          ? [408, "Request Timeout", errorBody(this.timeoutMessage(), "invalid_request_error", null, "request_timeout")]
           : err.code === "HPE_HEADER_OVERFLOW"
             ? [431, "Request Header Fields Too Large", errorBody("the request's headers are too large", "invalid_request_error", null, "headers_too_large")]
             : [400, "Bad Request", errorBody(`the request is not valid HTTP (${err.code ?? err.message})`, "invalid_request_error", null, "bad_request")];
