@@ -30,7 +30,11 @@ export class ConnectionTracker {
   private readonly connections = new Map<Socket, ConnectionState>();
   private closing = false;
 
-  constructor(private readonly requestTimeout: number) {}
+  /** The server's deadlines, in ms: for a whole request (Infinity: none), and for its headers. */
+  constructor(
+    private readonly requestTimeout: number,
+    private readonly headersTimeout: number,
+  ) {}
 
   attach(app: FastifyInstance): void {
     app.server.on("connection", (socket: Socket) => {
@@ -56,12 +60,12 @@ export class ConnectionTracker {
     });
   }
 
-  // Above 60 s (or with none), Node's own 60 s for the headers may be the deadline that passed.
+  // Where the headers' deadline is the shorter one, either may have passed.
   private timeoutMessage(): string {
     const t = this.requestTimeout;
-    return t <= 60_000
+    return this.headersTimeout === t
       ? `the request did not arrive whole within ${t} ms (the server's requestTimeout)`
-      : `the request did not arrive in time: the server waits 60000 ms for its headers and ${t === Infinity ? "without limit" : `${t} ms`} for the whole request`;
+      : `the request did not arrive in time: the server waits ${this.headersTimeout} ms for its headers and ${t === Infinity ? "without limit" : `${t} ms`} for the whole request`;
   }
 
   /** fastify's clientErrorHandler: Node's error for a request it could not read, on its connection. */

@@ -66,6 +66,8 @@ export interface ServerOptions {
 
 /** ServerOptions.requestTimeout's default, in ms. */
 const DEFAULT_REQUEST_TIMEOUT_MS = 60_000;
+/** Node's own deadline for a request's headers (http.Server's headersTimeout), in ms. */
+const NODE_HEADERS_TIMEOUT_MS = 60_000;
 
 const SERVER_KEYS = new Set(["apiKey", "modelId", "bodyLimit", "logger", "allowedOrigins", "writeStallTimeout", "requestTimeout"]);
 
@@ -132,7 +134,8 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
   if (model.disposed) throw new InvalidOptionError("model", "was disposed: load it again");
   checkServerOptions(options);
   const requestTimeout = options.requestTimeout ?? DEFAULT_REQUEST_TIMEOUT_MS;
-  const connections = new ConnectionTracker(requestTimeout);
+  const headersTimeout = Math.min(NODE_HEADERS_TIMEOUT_MS, requestTimeout);
+  const connections = new ConnectionTracker(requestTimeout, headersTimeout);
   const app = Fastify({
     logger: options.logger ?? false,
     bodyLimit: options.bodyLimit ?? 8 * 1024 * 1024,
@@ -143,14 +146,11 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
     return503OnClosing: true,
     // Node checks its request and header deadlines every connectionsCheckingInterval ms (30000 by
     // default): a tenth of the deadline cuts a request within 1.1 times it. Headers get the same
-    // deadline where it is shorter than Node's 60 s for them.
+    // deadline where it is shorter than Node's 60 s for them. (With no deadline, Node's defaults.)
     requestTimeout: requestTimeout === Infinity ? 0 : requestTimeout,
     // A request Node could not read is answered in OpenAI's shape, and never inside another response.
     clientErrorHandler: connections.clientError,
-    http:
-      requestTimeout === Infinity
-        ? {}
-        : { connectionsCheckingInterval: Math.max(10, Math.min(30_000, Math.floor(requestTimeout / 10))), headersTimeout: Math.min(60_000, requestTimeout) },
+    http: { connectionsCheckingInterval: Math.max(10, Math.min(30_000, Math.floor(requestTimeout / 10))), headersTimeout },
   });
   const ctx: ServerContext = {
     model,
