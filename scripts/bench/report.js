@@ -8,13 +8,14 @@ const fs = require("node:fs");
 const path = require("node:path");
 const { lineChart } = require("./svg-chart");
 const { PARTS } = require("./parts");
+const { SHAPES } = require("./models");
 const { inSentence, fmt, pct, spread, table, bytes, shapeName, loadResultSets, truncatedTokens, kvLabel, shapeOf, setHeading } = require("./report-format");
 const { throughputSections, throughputHeadlines } = require("./report-throughput");
 const { hfPeersSection, llamaPeerSection } = require("./report-peers");
 
 // The shapes a results file ran; a file written before it recorded them ran the 1.1B shape only.
 function shapesOf(r) {
-  return r.shapes ?? { "1.1b": "TinyLlama-1.1B shape: 22 layers, hidden 2048, 32 heads, 4 K/V heads, MLP 5632, vocab 32000" };
+  return r.shapes ?? { "1.1b": SHAPES["1.1b"].what };
 }
 
 /** How the figures were made: the invocations, the cards, the models, the parts of the full protocol. */
