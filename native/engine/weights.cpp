@@ -2,6 +2,7 @@
 // conversions.
 #include "weights.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -190,14 +191,30 @@ bool allFinite(const HostTensor& t) {
 bool staysFiniteIn(const HostTensor& t, DType kept) {
   // Widening, or keeping the stored type, rounds nothing. bf16 holds every f16 value.
   if (kept == DType::F32 || kept == t.dtype || (kept == DType::BF16 && t.dtype == DType::F16)) return true;
+  // Left: f32 to bf16 or f16, and bf16 to f16. Rounding to nearest even sends a finite value to
+  // infinity exactly when its magnitude reaches the largest finite value plus half an ulp (a tie
+  // rounds up, the largest value's last bit being odd): for bf16 the f32 bits 0x7f7f0000 + 0x8000
+  // (3.3961e38), for f16 65504 + 16 = 65520 (0x477ff000). Finite f32 bits order as magnitudes, so
+  // one integer maximum replaces rounding every value (which cost about 1.5 to 2.5 ns a value).
+  const uint32_t firstInfinite = kept == DType::BF16 ? 0x7f7f8000u : 0x477ff000u;
   const size_t n = (size_t)(t.rows * t.cols);
-  const size_t esize = dtypeSize(t.dtype);
-  for (size_t i = 0; i < n; ++i) {
-    float f;
-    toF32(t.dtype, t.bytes.data() + i * esize, 1, &f);
-    if (nonFinite16(kept == DType::BF16 ? f32ToBf16(f) : f32ToF16(f), kept)) return false;
+  uint32_t maxMagnitude = 0;
+  if (t.dtype == DType::F32) {
+    const uint8_t* p = t.bytes.data();
+    for (size_t i = 0; i < n; ++i) {
+      uint32_t u;
+      std::memcpy(&u, p + 4 * i, 4);
+      maxMagnitude = std::max(maxMagnitude, u & 0x7fffffffu);
+    }
+  } else {  // bf16 to f16: a bf16 value's f32 bits are its own, shifted.
+    const uint8_t* p = t.bytes.data();
+    for (size_t i = 0; i < n; ++i) {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * i, 2);
+      maxMagnitude = std::max(maxMagnitude, (uint32_t)(h & 0x7fffu) << 16);
+    }
   }
-  return true;
+  return maxMagnitude < firstInfinite;
 }
 
 void toF32(DType from, const void* src, size_t n, float* dst) {

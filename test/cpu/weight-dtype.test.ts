@@ -163,6 +163,37 @@ describe("a weight finite in the checkpoint but past what the weight dtype holds
     }
   });
 
+  /** The f32 value with these bits. */
+  const f32Bits = (bits: number) => new Float32Array(new Uint32Array([bits]).buffer)[0];
+
+  // Round to nearest even reaches infinity at the largest finite value plus half an ulp, a tie that
+  // rounds up: f16 65504 + 16 = 65520 (f32 bits 0x477ff000), bf16 f32 bits 0x7f7f0000 + 0x8000.
+  // The value one f32 ulp below each edge rounds down to the largest finite value and loads.
+  test.each([
+    ["f32 one ulp below 65520 loads with dtype f16", f32Bits(0x477fefff), "F32", "f16", true],
+    ["f32 65520 is refused with dtype f16", 65520, "F32", "f16", false],
+    ["f32 -65520 is refused with dtype f16 (the magnitude counts)", -65520, "F32", "f16", false],
+    ["f32 one ulp below bf16's edge loads with dtype bf16", f32Bits(0x7f7f7fff), "F32", "bf16", true],
+    ["f32 at bf16's edge is refused with dtype bf16", f32Bits(0x7f7f8000), "F32", "bf16", false],
+    ["a bf16 checkpoint's 65280 loads with dtype f16", 65280, "BF16", "f16", true],
+    ["a bf16 checkpoint's 65536 is refused with dtype f16", 65536, "BF16", "f16", false],
+  ] as const)("at the rounding edge: %s", async (_name, value, stored, dtype, loads) => {
+    const load = loadModel(writeTinyModelWithValue(value, stored), { device: "cpu", dtype, kvCacheMemory: 1 << 22 });
+    if (!loads) {
+      await expect(load).rejects.toThrow(/up_proj\.weight.*rounds past the largest/);
+      return;
+    }
+    // Only the load is asserted (its weights kept in 2 bytes a value): a weight near 3.4e38
+    // overflows the forward pass's f32 products.
+    const model = await load;
+    const f32 = await loadModel(writeTinyModelWithValue(0), { device: "cpu", dtype: "f32", kvCacheMemory: 1 << 22 });
+    try {
+      expect(2 * model.nativeModel().weightBytes).toBe(f32.nativeModel().weightBytes);
+    } finally {
+      await Promise.all([model.dispose(), f32.dispose()]);
+    }
+  });
+
   test("3.4e38, past the largest bf16, is refused with dtype bf16 and loads in f32", async () => {
     const dir = writeTinyModelWithValue(3.4e38);
     await expect(loadModel(dir, { device: "cpu", dtype: "bf16" })).rejects.toThrow(/rounds past the largest bf16 number.*dtype "f32"$/);
