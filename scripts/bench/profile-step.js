@@ -8,8 +8,11 @@
  *   node scripts/bench/profile-step.js --layer-types 0_20_20_..._20_21 --batch 16
  *   node scripts/bench/profile-step.js --prefill 2048
  *
- * With --prefill it times prompts instead: that many tokens appended to a fresh sequence, 7 times
- * (the median and the fastest; each prompt goes in the engine's chunks, as a request's would).
+ * With --prefill it times prompts instead, as the bench's experiment 3 does (lonePrompts): that
+ * many tokens appended to fresh sequences back to back and ended by a host sync, since append()
+ * resolves when the work is queued, not done; 7 samples (the median and the fastest). Each prompt
+ * goes in the engine's chunks, as a request's would, in the model's default prefill mode or
+ * --prefill-mode's.
  *
  * Without --model it writes (once) a TinyLlama-1.1B-shaped model with random bf16 weights.
  */
@@ -17,7 +20,8 @@ const fs = require("node:fs");
 const path = require("node:path");
 const { Command } = require("commander");
 const { loadModel } = require("../../dist");
-const { randomPrefixes, stepMs, summary } = require("./measure");
+const { randomPrefixes, stepMs } = require("./measure");
+const { lonePrompts } = require("./experiments/prefill");
 const { profilingModelDir } = require("./models");
 
 const opt = new Command()
@@ -28,6 +32,7 @@ const opt = new Command()
   .option("--batch <n>", "sequences decoding together", "1")
   .option("--steps <n>", "timed decode steps (after 8 of warm-up)", "64")
   .option("--prefill <tokens>", "time prompts of this many tokens instead of decode steps")
+  .option("--prefill-mode <mode>", "with --prefill: an LCKV prompt's mode (append's prefill option; default: the model's)")
   .option("--device <d>", "cuda or cpu", "cuda")
   .option("--kv-dtype <type>", "the K/V cache's value type (loadModel's kvCacheDtype; default: the engine's)")
   .option("--no-run-ahead", "do not queue each step's successor before its tokens reach JavaScript (loadModel's runAhead)")
@@ -55,16 +60,9 @@ const dir = opt.model ?? profilingModelDir(opt.layerTypes);
   if (opt.prefill) {
     const n = +opt.prefill;
     const tokens = Array.from({ length: n }, (_, i) => (i * 7919 + 13) % V);
-    const ms = [];
-    for (let i = 0; i < 7; ++i) {
-      const s = model.createSequence();
-      const t0 = process.hrtime.bigint();
-      await s.append(tokens);
-      ms.push(Number(process.hrtime.bigint() - t0) / 1e6);
-      s.dispose();
-    }
-    const { median } = summary(ms);
-    console.log(`${path.basename(dir)} (${model.kvCacheDtype ?? "f32"} K/V): prefill of ${n} tokens: median ${median.toFixed(2)} ms, fastest ${Math.min(...ms).toFixed(2)} ms, ${((n * 1e3) / median).toFixed(0)} tokens/s`);
+    const { t, perSample } = await lonePrompts({ repeats: 7 }, model, tokens, opt.prefillMode);
+    const mode = opt.prefillMode ?? "default mode";
+    console.log(`${path.basename(dir)} (${model.kvCacheDtype ?? "f32"} K/V, ${mode}): prefill of ${n} tokens: median ${t.median.toFixed(2)} ms, fastest ${Math.min(...t.samples).toFixed(2)} ms, ${((n * 1e3) / t.median).toFixed(0)} tokens/s (${perSample} prompts a sample)`);
     await model.dispose();
     return;
   }
