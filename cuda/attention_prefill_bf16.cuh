@@ -18,6 +18,14 @@
 // times the V scale, inside the op checks' 1e-5, and the third part's mma per 16 keys is saved
 // (a 2048-token prompt: 16.3 -> 15.6 ms; docs/profiling.md).
 //
+// Where the output is written in bf16 (kOutBf16: it feeds the output projection's bf16 product,
+// CudaBackend::linearInputType), each output is rounded to 8 significant bits anyway, and the
+// queries and probabilities enter as one bf16 part each, as in FlashAttention: a score's error is
+// then about 2^-9 of the products it sums, of the order of that rounding (the op checks hold this
+// variant to the CPU within their bf16 tolerance). A third of the score products and half of the
+// value products, and a third of the queries' shared memory (at head size 64: about 165 registers a
+// thread to 132, 64 KB to 46 KB a block).
+//
 // The tile's keys and values are stored in shared memory as bf16, one row per key, rows an odd
 // number of 16-byte pieces apart so that ldmatrix's 8 rows hit distinct banks: a bf16 cache's
 // rows are copied as they are (cp.async), other types' codes are converted on the way in.
@@ -42,8 +50,9 @@ constexpr int kPrefillBf16Warps = 4;
 constexpr int kPrefillBf16Queries = 16 * kPrefillBf16Warps;
 constexpr int kPrefillKeyTile = 64;
 constexpr int kPrefillStages = 2;
-constexpr int kQueryParts = 3;        // hi + mid + lo
-constexpr int kProbabilityParts = 2;  // hi + lo (see the precision note above)
+// Parts of the queries (hi + mid + lo) and of the probabilities (hi + lo); one each for a bf16 output.
+__host__ __device__ constexpr int prefillQueryParts(bool outBf16) { return outBf16 ? 1 : 3; }
+__host__ __device__ constexpr int prefillProbabilityParts(bool outBf16) { return outBf16 ? 1 : 2; }
 
 // Bytes between shared-memory rows of kDim bf16 values: an odd number of 16-byte pieces.
 __host__ __device__ constexpr int prefillBf16Stride(int kDim) { return 16 * ((2 * kDim / 16) | 1); }
@@ -51,8 +60,8 @@ __host__ __device__ constexpr int prefillBf16Stride(int kDim) { return 16 * ((2 
 __host__ __device__ constexpr int prefillBf16StageBytes(int kDim) {
   return 2 * kPrefillKeyTile * prefillBf16Stride(kDim) + 4 * kPrefillKeyTile;
 }
-__host__ __device__ constexpr size_t prefillBf16SmemBytes(int kDim) {
-  return (size_t)kQueryParts * kPrefillBf16Queries * prefillBf16Stride(kDim) + (size_t)kPrefillStages * prefillBf16StageBytes(kDim);
+__host__ __device__ constexpr size_t prefillBf16SmemBytes(int kDim, bool outBf16) {
+  return (size_t)prefillQueryParts(outBf16) * kPrefillBf16Queries * prefillBf16Stride(kDim) + (size_t)kPrefillStages * prefillBf16StageBytes(kDim);
 }
 
 // Code c of type T as a bf16 (exact: see above); NaN codes of e4m3 stay NaN.
@@ -133,8 +142,9 @@ __device__ __forceinline__ void loadPrefillTile(uint8_t* stage, const uint8_t* k
   }
 }
 
-// kDim: the head size rounded up to 16, 32, 64 or 128 (zero-padded); T: the cache's type.
-template <int kDim, KvType T>
+// kDim: the head size rounded up to 16, 32, 64 or 128 (zero-padded); T: the cache's type;
+// kOutBf16: out.bf16, which sets the parts (see the precision note above).
+template <int kDim, KvType T, bool kOutBf16>
 __global__ void __launch_bounds__(kPrefillBf16Warps * 32) attentionPrefillBf16Kernel(
     const float* __restrict__ q, const int32_t* __restrict__ positions, PagedKv kv, int n, int numHeads, int numKvHeads,
     int headDim, bool strict, int window, float scale, bool vec16, AttentionOut out) {
@@ -142,6 +152,7 @@ __global__ void __launch_bounds__(kPrefillBf16Warps * 32) attentionPrefillBf16Ke
 #if __CUDA_ARCH__ >= 800
   waitForPrecedingKernels();
   constexpr bool kScaled = kvTypeScaled(T);
+  constexpr int kQueryParts = prefillQueryParts(kOutBf16), kProbabilityParts = prefillProbabilityParts(kOutBf16);
   constexpr int kStride = prefillBf16Stride(kDim), kStage = prefillBf16StageBytes(kDim);
   constexpr int kSteps = kDim / 16, kDimTiles = kDim / 8, kKeyTiles = kPrefillKeyTile / 8;
   extern __shared__ float4 smem4[];
@@ -173,8 +184,8 @@ __global__ void __launch_bounds__(kPrefillBf16Warps * 32) attentionPrefillBf16Ke
   if (numTiles > 0)
     loadPrefillTile<kDim, T>(stages, kBase, vBase, table, kv, pageMask, kvh, firstKey, rows.hi, headBytes, vec16);
   copyAsyncCommit();
-  // The queries times the softmax scale in log2 units (prefillQueryScale), as three bf16 parts
-  // (rows past n and columns past the head size zero), two columns per thread step.
+  // The queries times the softmax scale in log2 units (prefillQueryScale), as kQueryParts bf16
+  // parts (rows past n and columns past the head size zero), two columns per thread step.
   const float qScale = prefillQueryScale(scale);
   for (int e = threadIdx.x; e < kPrefillBf16Queries * kDim / 2; e += blockDim.x) {
     const int i = e / (kDim / 2), d = 2 * (e % (kDim / 2));
@@ -182,12 +193,16 @@ __global__ void __launch_bounds__(kPrefillBf16Warps * 32) attentionPrefillBf16Ke
     const bool row = r0 + i < n;
     const float x0 = row && d < headDim ? qr[d] * qScale : 0.0f;
     const float x1 = row && d + 1 < headDim ? qr[d + 1] * qScale : 0.0f;
-    uint32_t p0, p1, p2;
-    splitPair3<false>(x0, x1, p0, p1, p2);
     uint8_t* at = qs + i * kStride + 2 * d;
-    *reinterpret_cast<uint32_t*>(at) = p0;
-    *reinterpret_cast<uint32_t*>(at + kPrefillBf16Queries * kStride) = p1;
-    *reinterpret_cast<uint32_t*>(at + 2 * kPrefillBf16Queries * kStride) = p2;
+    if constexpr (kQueryParts == 1) {
+      *reinterpret_cast<uint32_t*>(at) = packPair<false>(x0, x1);
+    } else {
+      uint32_t p0, p1, p2;
+      splitPair3<false>(x0, x1, p0, p1, p2);
+      *reinterpret_cast<uint32_t*>(at) = p0;
+      *reinterpret_cast<uint32_t*>(at + kPrefillBf16Queries * kStride) = p1;
+      *reinterpret_cast<uint32_t*>(at + 2 * kPrefillBf16Queries * kStride) = p2;
+    }
   }
 
   // The online softmax of rows A and B, and the output tile in C fragments, 8 head dims each.
@@ -250,7 +265,7 @@ __global__ void __launch_bounds__(kPrefillBf16Warps * 32) attentionPrefillBf16Ke
 #pragma unroll
       for (int kg = 0; kg < kKeyTiles / 2; ++kg) {
         // The weights (probability x V scale) of keys 16 kg + 2t, +1 (score tile 2 kg) and
-        // 16 kg + 8 + 2t, +1 (tile 2 kg + 1), rows g and g + 8: P's A fragment, in two parts.
+        // 16 kg + 8 + 2t, +1 (tile 2 kg + 1), rows g and g + 8: P's A fragment, in kProbabilityParts.
         float w[2][4];
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
@@ -267,10 +282,13 @@ __global__ void __launch_bounds__(kPrefillBf16Warps * 32) attentionPrefillBf16Ke
           w[half][0] = p0 * v0, w[half][1] = p1 * v1, w[half][2] = p2 * v0, w[half][3] = p3 * v1;
         }
         uint32_t pa[kProbabilityParts][4];
-        splitPair<false>(w[0][0], w[0][1], pa[0][0], pa[1][0]);  // (g, keys 2t, 2t + 1)
-        splitPair<false>(w[0][2], w[0][3], pa[0][1], pa[1][1]);  // (g + 8, 2t, 2t + 1)
-        splitPair<false>(w[1][0], w[1][1], pa[0][2], pa[1][2]);  // (g, 8 + 2t, 9 + 2t)
-        splitPair<false>(w[1][2], w[1][3], pa[0][3], pa[1][3]);  // (g + 8, 8 + 2t, 9 + 2t)
+        // (g, keys 2t, 2t + 1) (g + 8, 2t, 2t + 1) (g, 8 + 2t, 9 + 2t) (g + 8, 8 + 2t, 9 + 2t)
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {
+          const float x = w[f >> 1][2 * (f & 1)], y = w[f >> 1][2 * (f & 1) + 1];
+          if constexpr (kProbabilityParts == 1) pa[0][f] = packPair<false>(x, y);
+          else splitPair<false>(x, y, pa[0][f], pa[1][f]);
+        }
 #pragma unroll
         for (int dp = 0; dp < kDimTiles / 2; ++dp) {
           // Matrices (keys 0-7, dims 16 dp ..) (keys 8-15, 16 dp ..) (keys 0-7, 16 dp + 8 ..)
