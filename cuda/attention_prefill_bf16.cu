@@ -8,7 +8,7 @@ template <int kDim, KvType T, bool kOutBf16>
 void launchPrefillBf16Parts(const float* q, int n, const int32_t* positions, const PagedKv& kv, int numHeads, int numKvHeads,
                             int headDim, bool strict, int window, float scale, AttentionOut out, cudaStream_t stream) {
   // Head size 64 keeps 64 KB of queries and tiles (46 KB with a bf16 output), 128 keeps 120 KB
-  // (84 KB): above the 48 KB a launch gets without asking, for most.
+  // (86 KB): the larger ones are above the 48 KB a launch gets without asking.
   constexpr size_t kSmem = prefillBf16SmemBytes(kDim, kOutBf16);
   static const cudaError_t raised = cudaFuncSetAttribute(attentionPrefillBf16Kernel<kDim, T, kOutBf16>,
                                                          cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSmem);

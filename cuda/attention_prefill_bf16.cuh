@@ -23,14 +23,14 @@
 // queries and probabilities enter as one bf16 part each, as in FlashAttention: a score's error is
 // then about 2^-9 of the products it sums, of the order of that rounding (the op checks hold this
 // variant to the CPU within their bf16 tolerance). A third of the score products and half of the
-// value products, and a third of the queries' shared memory (at head size 64: about 165 registers a
-// thread to 132, 64 KB to 46 KB a block).
+// value products, and a third of the queries' shared memory (at head size 64: 166 registers a
+// thread to 132 for fp8 and int8, 159 to 139 for bf16; 64 KB to 46 KB a block).
 //
 // The tile's keys and values are stored in shared memory as bf16, one row per key, rows an odd
 // number of 16-byte pieces apart so that ldmatrix's 8 rows hit distinct banks: a bf16 cache's
 // rows are copied as they are (cp.async), other types' codes are converted on the way in.
-// Keys load as B fragments with ldmatrix, values with ldmatrix.trans; the queries' three parts
-// sit in shared memory too and load as A fragments with ldmatrix; the probabilities' A
+// Keys load as B fragments with ldmatrix, values with ldmatrix.trans; the queries' parts sit
+// in shared memory too and load as A fragments with ldmatrix; the probabilities' A
 // fragments are the thread's own score registers (the C fragment of two 8-key score tiles is
 // the A fragment of a 16-key step).
 //
