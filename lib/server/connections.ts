@@ -14,7 +14,9 @@
  * routed on the connection if its body is still arriving, else one whose headers are: the
  * answer goes out if the first has no other request in flight before it and no response yet (one
  * answered before its body was read, a 413 say, gets no second answer), or if the second has no
- * request in flight before it (a pipelined request's deadline can pass while a stream runs).
+ * request in flight before it (a pipelined request's deadline can pass while a stream runs). It
+ * carries the CORS header the server's other answers would (@fastify/cors's: the allowed origin,
+ * or "*"), since a page whose browser finds none sees a network error instead of the 408.
  */
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Socket } from "node:net";
@@ -30,10 +32,15 @@ export class ConnectionTracker {
   private readonly connections = new Map<Socket, ConnectionState>();
   private closing = false;
 
-  /** The server's deadlines, in ms: for a whole request (Infinity: none), and for its headers. */
+  /**
+   * The server's deadlines, in ms: for a whole request (Infinity: none), and for its headers; and
+   * its CORS rule, the Access-Control-Allow-Origin a request from `origin` gets (null: none), so
+   * that a browser's page reads these answers as it reads the server's others.
+   */
   constructor(
     private readonly requestTimeout: number,
     private readonly headersTimeout: number,
+    private readonly allowOrigin: (origin: string | undefined) => string | null = () => null,
   ) {}
 
   attach(app: FastifyInstance): void {
@@ -82,7 +89,11 @@ export class ConnectionTracker {
             ? [431, "Request Header Fields Too Large", errorBody("the request's headers are too large", "invalid_request_error", null, "headers_too_large")]
             : [400, "Bad Request", errorBody(`the request is not valid HTTP (${err.code ?? err.message})`, "invalid_request_error", null, "bad_request")];
       const text = JSON.stringify(body);
-      socket.write(`HTTP/1.1 ${status} ${reason}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(text)}\r\nConnection: close\r\n\r\n${text}`);
+      // The request's Origin where its headers arrived (a request cut in its headers has none known).
+      const origin = arriving?.request.headers.origin;
+      const allowed = this.allowOrigin(origin);
+      const cors = allowed === null ? "" : `Access-Control-Allow-Origin: ${allowed}\r\n${allowed === "*" ? "" : "Vary: Origin\r\n"}`;
+      socket.write(`HTTP/1.1 ${status} ${reason}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(text)}\r\n${cors}Connection: close\r\n\r\n${text}`);
     }
     socket.destroy(err);
   };

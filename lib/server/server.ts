@@ -135,7 +135,12 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
   checkServerOptions(options);
   const requestTimeout = options.requestTimeout ?? DEFAULT_REQUEST_TIMEOUT_MS;
   const headersTimeout = Math.min(NODE_HEADERS_TIMEOUT_MS, requestTimeout);
-  const connections = new ConnectionTracker(requestTimeout, headersTimeout);
+  // CORS: the origins whose pages may read the answers (applied below through @fastify/cors, and
+  // by the connection tracker to the answers it writes itself).
+  const origins = options.allowedOrigins ?? ["*"];
+  const allowOrigin = (origin: string | undefined): string | null =>
+    origins.includes("*") ? "*" : origin !== undefined && origins.includes(origin) ? origin : null;
+  const connections = new ConnectionTracker(requestTimeout, headersTimeout, allowOrigin);
   const app = Fastify({
     logger: options.logger ?? false,
     bodyLimit: options.bodyLimit ?? 8 * 1024 * 1024,
@@ -174,7 +179,6 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
 
   // CORS: the answer to a browser's preflight (OPTIONS), and the headers that let a page of an
   // allowed origin read responses. A preflight carries no key, so the key check passes it.
-  const origins = options.allowedOrigins ?? ["*"];
   if (origins.length > 0) app.register(cors, { origin: origins.includes("*") ? "*" : origins, methods: ["GET", "POST"], exposedHeaders: ["Retry-After"] });
   if (options.apiKey !== undefined) {
     const ok = keyCheck(options.apiKey);

@@ -409,6 +409,36 @@ test("408: a client that sends its request too slowly is answered in OpenAI's sh
   }
 });
 
+test("408 carries the CORS header the server's other answers would, so that a browser's page can read it", async () => {
+  const headWithOrigin = (origin: string) =>
+    `POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nOrigin: ${origin}\r\nContent-Type: application/json\r\nContent-Length: 60\r\n\r\n{"mod`;
+  const headerLines = (text: string) => text.slice(0, text.indexOf("\r\n\r\n")).split("\r\n");
+  const listed = await startServer(model, { requestTimeout: 300, allowedOrigins: ["https://a.example"] });
+  const any = await startServer(model, { requestTimeout: 300 });
+  try {
+    // An allowed origin gets itself back, with Vary (the answer depends on it); another none.
+    const allowed = headerLines((await rawExchange(listed.url, [[headWithOrigin("https://a.example"), 0]])).text);
+    expect(allowed[0]).toBe("HTTP/1.1 408 Request Timeout");
+    expect(allowed).toContain("Access-Control-Allow-Origin: https://a.example");
+    expect(allowed).toContain("Vary: Origin");
+    const other = headerLines((await rawExchange(listed.url, [[headWithOrigin("https://b.example"), 0]])).text);
+    expect(other[0]).toBe("HTTP/1.1 408 Request Timeout");
+    expect(other.filter((l) => /^access-control-/i.test(l))).toEqual([]);
+    // The default, any origin: "*", also for a request cut in its headers (its Origin unknown).
+    const star = headerLines((await rawExchange(any.url, [[headWithOrigin("https://b.example"), 0]])).text);
+    expect(star).toContain("Access-Control-Allow-Origin: *");
+    expect(star).not.toContain("Vary: Origin");
+    const cut = headerLines((await rawExchange(any.url, [["POST /v1/completions HTTP/1.1\r\nHost: local", 0]])).text);
+    expect(cut[0]).toBe("HTTP/1.1 408 Request Timeout");
+    expect(cut).toContain("Access-Control-Allow-Origin: *");
+    // The same header as a served answer from the same origin.
+    const served = await fetch(`${listed.url}/v1/models`, { headers: { Origin: "https://a.example" } });
+    expect(served.headers.get("access-control-allow-origin")).toBe("https://a.example");
+  } finally {
+    await Promise.all([listed.app.close(), any.app.close()]);
+  }
+});
+
 test("408 never lands inside another response: not after a 413 sent before the body, nor in a stream ahead of a pipelined request", async () => {
   const slow = await startServer(model, { requestTimeout: 200, bodyLimit: 1024 });
   try {
