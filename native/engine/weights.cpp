@@ -195,7 +195,7 @@ bool staysFiniteIn(const HostTensor& t, DType kept) {
   // infinity exactly when its magnitude reaches the largest finite value plus half an ulp (a tie
   // rounds up, the largest value's last bit being odd): for bf16 the f32 bits 0x7f7f0000 + 0x8000
   // (3.3961e38), for f16 65504 + 16 = 65520 (0x477ff000). Finite f32 bits order as magnitudes, so
-  // one integer maximum replaces rounding every value (which cost about 1.5 to 2.5 ns a value).
+  // one integer maximum replaces rounding every value (about 1 to 2.5 ns a value).
   const uint32_t firstInfinite = kept == DType::BF16 ? 0x7f7f8000u : 0x477ff000u;
   const size_t n = (size_t)(t.rows * t.cols);
   uint32_t maxMagnitude = 0;
