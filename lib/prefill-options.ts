@@ -13,12 +13,20 @@ export interface PrefillDefaults {
 }
 
 /**
+ * The mark of K/V the iterative scheme computed: an approximation with no bound, yet kept for
+ * reuse, finite and above every fixed-point tolerance (those are below 1). So such K/V serves
+ * only requests that prefill iteratively themselves, whose result already depends on how their
+ * prompt is cut; Infinity marks K/V that serves none (a context shift, a lossy rewind).
+ */
+export const ITERATIVE_KV_TOLERANCE = Number.MAX_VALUE;
+
+/**
  * How far from the sequential computation a prefill mode's K/V may be: sequential is exact,
- * fixed-point within its tolerance, the iterative scheme unbounded. The prefix cache reads it
- * as what a request accepts, a sequence as what its prefills made.
+ * fixed-point within its tolerance, the iterative scheme ITERATIVE_KV_TOLERANCE. The prefix
+ * cache reads it as what a request accepts, a sequence as what its prefills made.
  */
 export function prefillKvTolerance(mode: string, tolerance: number): number {
-  return mode === "sequential" ? 0 : mode === "iterative" ? Infinity : tolerance;
+  return mode === "sequential" ? 0 : mode === "iterative" ? ITERATIVE_KV_TOLERANCE : tolerance;
 }
 
 const PREFILL_KEYS = new Set(["prefill", "prefillPasses", "prefillTolerance", "signal"]);

@@ -28,9 +28,9 @@ export class Sequence implements Disposable {
   /**
    * How far the cached K/V may be from the sequential computation's: 0 when it is that
    * computation (sequential prefill, decode, any prefill of a model without a cyclic group), the
-   * loosest fixed-point tolerance a prefill of several tokens ran with, Infinity once the
-   * iterative scheme or a context shift ran. The prefix cache reuses K/V only for a request that
-   * accepts at least this much.
+   * loosest fixed-point tolerance a prefill of several tokens ran with, ITERATIVE_KV_TOLERANCE
+   * once the iterative scheme ran, Infinity once a context shift or a lossy rewind did. The
+   * prefix cache reuses K/V only for a request that accepts at least this much.
    */
   private kvTol = 0;
   /** Tokens the current request's page reservation covers (0: none). */

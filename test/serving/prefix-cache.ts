@@ -73,13 +73,42 @@ export function prefixCacheTests(dev: TestDevice): void {
     });
   });
 
-  test("an LCKV prompt prefilled with the approximate iterative scheme is never reused", async () => {
-    const m = await loadModel(writeTinyModel({ layerTypes: "0_3_3_3", seed: 8, maxPositions: 128 }), { ...dev });
-    const p = Array.from({ length: 20 }, (_, i) => (i * 3 + 1) % 64);
-    await m.generate(p, { maxNewTokens: 2, prefill: "iterative" });
-    expect(m.cacheStats().prefixCache.sequences).toBe(0);
-    await m.generate([...p, 5], { maxNewTokens: 2 });
-    expect(m.cacheStats().prefixCache.hits).toBe(0);
+  test("an LCKV prompt prefilled with the approximate iterative scheme serves only requests that prefill iteratively too", async () => {
+    const dir = writeTinyModel({ layerTypes: "0_3_3_3", seed: 8, maxPositions: 128 });
+    const p = Array.from({ length: 40 }, (_, i) => (i * 3 + 1) % 64);
+    const greedy = { maxNewTokens: 4, temperature: 0, ignoreEos: true };
+    const iterative = { ...greedy, prefill: "iterative" as const };
+    const fresh = await loadModel(dir, { ...dev, prefixCache: 0 });
+    // Sequential and fixed-point requests do not take it: no hit, and the output of a model
+    // without a prefix cache. (Each on a cache holding the iterative request alone: a finished
+    // exact request would serve the next one.)
+    for (const opts of [{ ...greedy, prefill: "sequential" as const }, { ...greedy, prefill: "fixed-point" as const }]) {
+      const other = await loadModel(dir, { ...dev });
+      await other.generate(p, iterative);
+      expect(other.cacheStats().prefixCache.sequences).toBe(1);
+      const out = await other.generate([...p, 5], opts);
+      expect(other.cacheStats().prefixCache.hits).toBe(0);
+      expect(out.tokens).toEqual((await fresh.generate([...p, 5], opts)).tokens);
+      await other.dispose();
+    }
+    // An iterative request does: all 40 tokens are reused, none prefilled again.
+    const m = await loadModel(dir, { ...dev });
+    await m.generate(p, iterative);
+    const s0 = m.cacheStats().prefilledTokens;
+    const reused = await m.generate([...p, 7], iterative);
+    expect(m.cacheStats().prefixCache.hits).toBe(1);
+    expect(m.cacheStats().prefixCache.reusedTokens).toBe(p.length);
+    expect(m.cacheStats().prefilledTokens - s0).toBe(0);
+    // Its output is the one of that cut: the first request's iterative prefill of tokens 0-38,
+    // token 39 alone (there its first decode step), then 7 and the greedy steps.
+    const cut = fresh.createSequence();
+    await cut.append(p, { prefill: "iterative" });
+    await cut.append([7]);
+    const tokens: number[] = [];
+    for await (const x of cut.generate(greedy)) if (x.token !== null) tokens.push(x.token);
+    cut.dispose();
+    expect(reused.tokens).toEqual(tokens);
+    await fresh.dispose();
     await m.dispose();
   });
 
