@@ -283,7 +283,7 @@ export class Model implements AsyncDisposable {
     if (opts.signal?.aborted) return done("abort");
     // Reuse the longest prefix a finished request left in the cache; prefill only the rest.
     // A request accepts cached K/V as far from exact as its own prefill would make.
-    const hit = this.prefixCache.take(prompt, prefillKvTolerance(opts.prefill, opts.prefillTolerance));
+    const hit = this.prefixCache.take(prompt, prefillKvTolerance(opts.prefill, opts.prefillTolerance, opts.prefillPasses));
     const seq = hit ? hit.seq : this.createSequence();
     let finished = false;
     try {
@@ -412,7 +412,7 @@ export class Model implements AsyncDisposable {
     this.nativeModel();
     if (opts.maxNewTokens === 0) return { promptTokens: prompt.length, passes: 0, ended: "length" };
     if (opts.signal?.aborted) return { promptTokens: prompt.length, passes: 0, ended: "abort" };
-    const hit = this.prefixCache.take(prompt, prefillKvTolerance(opts.prefill, opts.prefillTolerance));
+    const hit = this.prefixCache.take(prompt, prefillKvTolerance(opts.prefill, opts.prefillTolerance, opts.prefillPasses));
     const seq = hit ? hit.seq : this.createSequence();
     try {
       if (!(await seq.reserveRequest(prompt.length, opts.maxNewTokens, opts.signal))) return { promptTokens: prompt.length, passes: 0, ended: "abort" };

@@ -13,20 +13,24 @@ export interface PrefillDefaults {
 }
 
 /**
- * The mark of K/V the iterative scheme computed: an approximation with no bound, yet kept for
- * reuse, finite and above every fixed-point tolerance (those are below 1). So such K/V serves
- * only requests that prefill iteratively themselves, whose result already depends on how their
- * prompt is cut; Infinity marks K/V that serves none (a context shift, a lossy rewind).
+ * The mark of K/V the iterative scheme computed in `passes` passes: an approximation with no
+ * bound, yet kept for reuse. 1 + 1/passes lies above every fixed-point tolerance (those are below
+ * 1) and falls as the passes rise, so such K/V serves only requests that prefill iteratively
+ * themselves (whose result already depends on how their prompt is cut) in at most as many
+ * passes: none gets K/V iterated less than it asked for. Infinity marks K/V that serves none (a
+ * context shift, a lossy rewind).
  */
-export const ITERATIVE_KV_TOLERANCE = Number.MAX_VALUE;
+export function iterativeKvTolerance(passes: number): number {
+  return 1 + 1 / passes;
+}
 
 /**
  * How far from the sequential computation a prefill mode's K/V may be: sequential is exact,
- * fixed-point within its tolerance, the iterative scheme ITERATIVE_KV_TOLERANCE. The prefix
- * cache reads it as what a request accepts, a sequence as what its prefills made.
+ * fixed-point within its tolerance, the iterative scheme iterativeKvTolerance(passes). The
+ * prefix cache reads it as what a request accepts, a sequence as what its prefills made.
  */
-export function prefillKvTolerance(mode: string, tolerance: number): number {
-  return mode === "sequential" ? 0 : mode === "iterative" ? ITERATIVE_KV_TOLERANCE : tolerance;
+export function prefillKvTolerance(mode: string, tolerance: number, passes: number): number {
+  return mode === "sequential" ? 0 : mode === "iterative" ? iterativeKvTolerance(passes) : tolerance;
 }
 
 const PREFILL_KEYS = new Set(["prefill", "prefillPasses", "prefillTolerance", "signal"]);

@@ -28,8 +28,9 @@ export class Sequence implements Disposable {
   /**
    * How far the cached K/V may be from the sequential computation's: 0 when it is that
    * computation (sequential prefill, decode, any prefill of a model without a cyclic group), the
-   * loosest fixed-point tolerance a prefill of several tokens ran with, ITERATIVE_KV_TOLERANCE
-   * once the iterative scheme ran, Infinity once a context shift or a lossy rewind did. The
+   * loosest fixed-point tolerance a prefill of several tokens ran with, iterativeKvTolerance of
+   * the fewest passes once the iterative scheme ran, Infinity once a context shift or a lossy
+   * rewind did. The
    * prefix cache reuses K/V only for a request that accepts at least this much.
    */
   private kvTol = 0;
@@ -76,9 +77,9 @@ export class Sequence implements Disposable {
   }
 
   /** @internal A prefill of `tokens` tokens ran in `mode`: how far its K/V may be from exact. */
-  private notePrefill(mode: string, tokens: number, tolerance: number): void {
+  private notePrefill(mode: string, tokens: number, tolerance: number, passes: number): void {
     if (tokens <= 1 || !this.engine.config.plan.cyclicGroup) return;  // one pass, exact
-    this.kvTol = Math.max(this.kvTol, prefillKvTolerance(mode, tolerance));
+    this.kvTol = Math.max(this.kvTol, prefillKvTolerance(mode, tolerance, passes));
   }
 
   /**
@@ -234,7 +235,7 @@ export class Sequence implements Disposable {
           passes = Math.max(passes, r.passes);
         }
         this.engine.countPrefilled(part.length);
-        this.notePrefill(mode, part.length, prefill.tolerance);
+        this.notePrefill(mode, part.length, prefill.tolerance, prefill.passes);
         this.evaluated.push(...part);
         this.pending = [];
       }
@@ -414,7 +415,7 @@ export class Sequence implements Disposable {
           }
           progress.prefillPasses = Math.max(progress.prefillPasses, r.passes);
           this.engine.countPrefilled(run.length);
-          this.notePrefill(opts.prefill, run.length, opts.prefillTolerance);
+          this.notePrefill(opts.prefill, run.length, opts.prefillTolerance, opts.prefillPasses);
           tok = r.token!;
           logprobs = r.logprobs;
         }

@@ -34,13 +34,14 @@ export class ConnectionTracker {
 
   /**
    * The server's deadlines, in ms: for a whole request (Infinity: none), and for its headers; and
-   * its CORS rule, the Access-Control-Allow-Origin a request from `origin` gets (null: none), so
-   * that a browser's page reads these answers as it reads the server's others.
+   * its CORS rule: the Access-Control-Allow-Origin a request from `origin` gets (null: none), and
+   * whether the answer names Origin in Vary (it depends on it), so that a browser's page reads
+   * these answers as it reads the server's others.
    */
   constructor(
     private readonly requestTimeout: number,
     private readonly headersTimeout: number,
-    private readonly allowOrigin: (origin: string | undefined) => string | null = () => null,
+    private readonly cors: (origin: string | undefined) => { allow: string | null; vary: boolean } = () => ({ allow: null, vary: false }),
   ) {}
 
   attach(app: FastifyInstance): void {
@@ -90,9 +91,8 @@ export class ConnectionTracker {
             : [400, "Bad Request", errorBody(`the request is not valid HTTP (${err.code ?? err.message})`, "invalid_request_error", null, "bad_request")];
       const text = JSON.stringify(body);
       // The request's Origin where its headers arrived (a request cut in its headers has none known).
-      const origin = arriving?.request.headers.origin;
-      const allowed = this.allowOrigin(origin);
-      const cors = allowed === null ? "" : `Access-Control-Allow-Origin: ${allowed}\r\n${allowed === "*" ? "" : "Vary: Origin\r\n"}`;
+      const { allow, vary } = this.cors(arriving?.request.headers.origin);
+      const cors = `${allow === null ? "" : `Access-Control-Allow-Origin: ${allow}\r\n`}${vary ? "Vary: Origin\r\n" : ""}`;
       socket.write(`HTTP/1.1 ${status} ${reason}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(text)}\r\n${cors}Connection: close\r\n\r\n${text}`);
     }
     socket.destroy(err);

@@ -138,9 +138,13 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
   // CORS: the origins whose pages may read the answers (applied below through @fastify/cors, and
   // by the connection tracker to the answers it writes itself).
   const origins = options.allowedOrigins ?? ["*"];
-  const allowOrigin = (origin: string | undefined): string | null =>
-    origins.includes("*") ? "*" : origin !== undefined && origins.includes(origin) ? origin : null;
-  const connections = new ConnectionTracker(requestTimeout, headersTimeout, allowOrigin);
+  // As @fastify/cors answers: "*" for any origin; with a list, the request's origin where listed,
+  // and Vary: Origin either way.
+  const corsFor = (origin: string | undefined) =>
+    origins.length === 0 || origins.includes("*")
+      ? { allow: origins.length === 0 ? null : "*", vary: false }
+      : { allow: origin !== undefined && origins.includes(origin) ? origin : null, vary: true };
+  const connections = new ConnectionTracker(requestTimeout, headersTimeout, corsFor);
   const app = Fastify({
     logger: options.logger ?? false,
     bodyLimit: options.bodyLimit ?? 8 * 1024 * 1024,

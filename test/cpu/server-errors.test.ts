@@ -424,6 +424,7 @@ test("408 carries the CORS header the server's other answers would, so that a br
     const other = headerLines((await rawExchange(listed.url, [[headWithOrigin("https://b.example"), 0]])).text);
     expect(other[0]).toBe("HTTP/1.1 408 Request Timeout");
     expect(other.filter((l) => /^access-control-/i.test(l))).toEqual([]);
+    expect(other).toContain("Vary: Origin");  // as @fastify/cors says for an origin it refuses
     // The default, any origin: "*", also for a request cut in its headers (its Origin unknown).
     const star = headerLines((await rawExchange(any.url, [[headWithOrigin("https://b.example"), 0]])).text);
     expect(star).toContain("Access-Control-Allow-Origin: *");
@@ -431,9 +432,12 @@ test("408 carries the CORS header the server's other answers would, so that a br
     const cut = headerLines((await rawExchange(any.url, [["POST /v1/completions HTTP/1.1\r\nHost: local", 0]])).text);
     expect(cut[0]).toBe("HTTP/1.1 408 Request Timeout");
     expect(cut).toContain("Access-Control-Allow-Origin: *");
-    // The same header as a served answer from the same origin.
+    // The same headers as a served answer from the same origin, and from another.
     const served = await fetch(`${listed.url}/v1/models`, { headers: { Origin: "https://a.example" } });
     expect(served.headers.get("access-control-allow-origin")).toBe("https://a.example");
+    const refused = await fetch(`${listed.url}/v1/models`, { headers: { Origin: "https://b.example" } });
+    expect(refused.headers.get("access-control-allow-origin")).toBeNull();
+    expect(refused.headers.get("vary")).toMatch(/Origin/);
   } finally {
     await Promise.all([listed.app.close(), any.app.close()]);
   }

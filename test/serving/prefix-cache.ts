@@ -112,6 +112,24 @@ export function prefixCacheTests(dev: TestDevice): void {
     await m.dispose();
   });
 
+  test("iterated K/V serves no request that asks for more passes than it ran", async () => {
+    const dir = writeTinyModel({ layerTypes: "0_3_3_3", seed: 8, maxPositions: 128 });
+    const p = Array.from({ length: 40 }, (_, i) => (i * 5 + 3) % 64);
+    const greedy = { maxNewTokens: 4, temperature: 0, ignoreEos: true, prefill: "iterative" as const };
+    const m = await loadModel(dir, { ...dev });
+    const fresh = await loadModel(dir, { ...dev, prefixCache: 0 });
+    await m.generate(p, { ...greedy, prefillPasses: 1 });
+    // Four passes asked for: the one-pass K/V is passed over, and the output is a fresh prefill's.
+    const four = await m.generate([...p, 7], { ...greedy, prefillPasses: 4 });
+    expect(m.cacheStats().prefixCache.hits).toBe(0);
+    expect(four.tokens).toEqual((await fresh.generate([...p, 7], { ...greedy, prefillPasses: 4 })).tokens);
+    // One pass asked for: either entry serves (the four-pass one is iterated more than asked).
+    await m.generate([...p, 9], { ...greedy, prefillPasses: 1 });
+    expect(m.cacheStats().prefixCache.hits).toBe(1);
+    await fresh.dispose();
+    await m.dispose();
+  });
+
   test("logits() takes its pages through admission: it evicts cached prefixes rather than failing", async () => {
     const dir = writeTinyModel({ seed: 8, vocab: 64, maxPositions: 256 });
     const probe = await loadModel(dir, { ...dev });
