@@ -4,9 +4,9 @@
  * fork to the shared prefix and prefills only the rest. A sequence is reused only by a request
  * that accepts how far its K/V may be from the sequential computation's (Sequence.kvTolerance):
  * an LCKV prompt prefilled with the approximate iterative scheme serves only requests that
- * prefill iteratively too, one prefilled to a loose fixed-point tolerance only requests at least
- * as loose, and a sequence whose K/V no longer follows from its tokens (a context shift, a
- * lossy rewind) none: it is not kept. A fork
+ * prefill iteratively too, in at most as many passes, one prefilled to a loose fixed-point
+ * tolerance only requests at least as loose, and a sequence whose K/V no longer follows from its
+ * tokens (a context shift, a lossy rewind) none: it is not kept. A fork
  * shares the cached pages (copy-on-write), so a hit costs no copy; the cached sequences' pages
  * count as "cached" in cacheStats() and are the first to go when the pool runs short (least
  * recently used first).

@@ -30,8 +30,7 @@ export class Sequence implements Disposable {
    * computation (sequential prefill, decode, any prefill of a model without a cyclic group), the
    * loosest fixed-point tolerance a prefill of several tokens ran with, iterativeKvTolerance of
    * the fewest passes once the iterative scheme ran, Infinity once a context shift or a lossy
-   * rewind did. The
-   * prefix cache reuses K/V only for a request that accepts at least this much.
+   * rewind did. The prefix cache reuses K/V only for a request that accepts at least this much.
    */
   private kvTol = 0;
   /** Tokens the current request's page reservation covers (0: none). */
