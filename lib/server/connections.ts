@@ -41,7 +41,7 @@ export class ConnectionTracker {
   constructor(
     private readonly requestTimeout: number,
     private readonly headersTimeout: number,
-    private readonly cors: (origin: string | undefined) => { allow: string | null; vary: boolean } = () => ({ allow: null, vary: false }),
+    private readonly cors: (origin: string | undefined) => { allow: string | null; vary: boolean },
   ) {}
 
   attach(app: FastifyInstance): void {

@@ -387,7 +387,8 @@ function rawExchange(url: string, chunks: [string, number][]): Promise<{ text: s
   });
 }
 
-const head = (target: string, length: number) => `POST ${target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: ${length}\r\n\r\n`;
+const head = (target: string, length: number, extraHeaders = "") =>
+  `POST ${target} HTTP/1.1\r\nHost: localhost\r\n${extraHeaders}Content-Type: application/json\r\nContent-Length: ${length}\r\n\r\n`;
 
 test("408: a client that sends its request too slowly is answered in OpenAI's shape and its connection closed; a quick one on the same server is served", async () => {
   const slow = await startServer(model, { requestTimeout: 400 });
@@ -410,8 +411,7 @@ test("408: a client that sends its request too slowly is answered in OpenAI's sh
 });
 
 test("408 carries the CORS header the server's other answers would, so that a browser's page can read it", async () => {
-  const headWithOrigin = (origin: string) =>
-    `POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nOrigin: ${origin}\r\nContent-Type: application/json\r\nContent-Length: 60\r\n\r\n{"mod`;
+  const headWithOrigin = (origin: string) => `${head("/v1/completions", 60, `Origin: ${origin}\r\n`)}{"mod`;
   const headerLines = (text: string) => text.slice(0, text.indexOf("\r\n\r\n")).split("\r\n");
   const listed = await startServer(model, { requestTimeout: 300, allowedOrigins: ["https://a.example"] });
   const any = await startServer(model, { requestTimeout: 300 });
