@@ -161,7 +161,8 @@ void checkRope(Runner& r, Backend& ref, Backend& test) {
 void checkFusedLinears(Runner& r, Backend& ref, Backend& test) {
   for (auto [n, I, O0, O1] : std::vector<std::tuple<int, int, int, int>>{
            {1, 2048, 2048, 256}, {5, 64, 96, 32}, {16, 512, 300, 8}, {40, 128, 64, 64}, {16, 2048, 512, 64}, {3, 4100, 70, 6},
-           {64, 2048, 2048, 256}}) {
+           {64, 2048, 2048, 256}, {24, 96, 70, 6}}) {
+    // ({24, 96, 70, 6}: above 16 rows, a SwiGLU width that is no multiple of 4, the GPU's one-column path.)
     auto x = r.linearInput(r.random((size_t)n * I), n, I);  // as a norm writes it
     auto wq = r.weight(r.random((size_t)O0 * I, 0.05f), O0, I);
     auto wk = r.weight(r.random((size_t)O1 * I, 0.05f), O1, I);
