@@ -125,19 +125,33 @@ struct SplitColumns {
   float* out[kGemvMaxTargets];
   int first[kGemvMaxTargets + 1];  // each target's first column, then the end
 };
+// Rows are the grid's y (no division per element to find its row); kVec columns a thread step,
+// as 16-byte loads and stores where the launcher found every target's columns and rows aligned
+// for them (so that kVec columns never straddle two targets).
+template <int kVec>
 __global__ void splitColumnsKernel(const float* __restrict__ src, int n, int cols, SplitColumns t, int count) {
   waitForPrecedingKernels();
-  const int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (e >= (int64_t)n * cols) return;
-  const int r = (int)(e / cols), c = (int)(e - (int64_t)r * cols);
-  // The target of column c, found with constant indices only (a dynamic index into a kernel
-  // parameter's array would copy it to local memory).
+  for (int r = blockIdx.y; r < n; r += gridDim.y) {
+    for (int c = kVec * (blockIdx.x * blockDim.x + threadIdx.x); c < cols; c += kVec * gridDim.x * blockDim.x) {
+      float v[kVec];
+      if constexpr (kVec == 4) {
+        const float4 a = *reinterpret_cast<const float4*>(src + (int64_t)r * cols + c);
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+      } else {
+        v[0] = src[(int64_t)r * cols + c];
+      }
+      // The target of column c, found with constant indices only (a dynamic index into a kernel
+      // parameter's array would copy it to local memory).
 #pragma unroll
-  for (int i = 0; i < kGemvMaxTargets; ++i)
-    if (i < count && c >= t.first[i] && c < t.first[i + 1]) {
-      const int w = t.first[i + 1] - t.first[i];
-      t.out[i][(int64_t)r * w + (c - t.first[i])] = src[e];
+      for (int i = 0; i < kGemvMaxTargets; ++i)
+        if (i < count && c >= t.first[i] && c < t.first[i + 1]) {
+          const int w = t.first[i + 1] - t.first[i];
+          float* o = t.out[i] + (int64_t)r * w + (c - t.first[i]);
+          if constexpr (kVec == 4) *reinterpret_cast<float4*>(o) = make_float4(v[0], v[1], v[2], v[3]);
+          else *o = v[0];
+        }
     }
+  }
 }
 
 }  // namespace
@@ -265,7 +279,12 @@ void launchSplitColumns(const float* src, int n, int cols, const SplitColumnsTar
   for (int i = count; i <= kGemvMaxTargets; ++i) t.first[i] = at;
   if (at != cols) throw std::invalid_argument("split_columns: the targets' columns do not add up to the source's");
   if (n <= 0) return;
-  launchKernel(splitColumnsKernel, blocksFor((int64_t)n * cols), kThreads, 0, stream, src, n, cols, t, count);
+  bool vec4 = (uintptr_t)src % 16 == 0 && cols % 4 == 0;
+  for (int i = 0; i < count; ++i) vec4 = vec4 && (uintptr_t)targets[i].out % 16 == 0 && targets[i].cols % 4 == 0;
+  const int kVec = vec4 ? 4 : 1;
+  const dim3 grid((unsigned)std::min<int64_t>((cols / kVec + kThreads - 1) / kThreads, 65535), (unsigned)std::min(n, 65535));
+  if (vec4) launchKernel(splitColumnsKernel<4>, grid, kThreads, 0, stream, src, n, cols, t, count);
+  else launchKernel(splitColumnsKernel<1>, grid, kThreads, 0, stream, src, n, cols, t, count);
   LCKV_LAUNCH_CHECK("split_columns");
 }
 
