@@ -198,16 +198,15 @@ bool staysFiniteIn(const HostTensor& t, DType kept) {
   // one integer maximum replaces rounding every value (about 1 to 2.5 ns a value).
   const uint32_t firstInfinite = kept == DType::BF16 ? 0x7f7f8000u : 0x477ff000u;
   const size_t n = (size_t)(t.rows * t.cols);
+  const uint8_t* p = t.bytes.data();
   uint32_t maxMagnitude = 0;
   if (t.dtype == DType::F32) {
-    const uint8_t* p = t.bytes.data();
     for (size_t i = 0; i < n; ++i) {
       uint32_t u;
       std::memcpy(&u, p + 4 * i, 4);
       maxMagnitude = std::max(maxMagnitude, u & 0x7fffffffu);
     }
   } else {  // bf16 to f16: a bf16 value's f32 bits are its own, shifted.
-    const uint8_t* p = t.bytes.data();
     for (size_t i = 0; i < n; ++i) {
       uint16_t h;
       std::memcpy(&h, p + 2 * i, 2);
