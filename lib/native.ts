@@ -197,7 +197,11 @@ export interface NativeAddon {
     iterations?: number;
     /** The cache's value type (default "f32"). */
     kvCacheDtype?: KvCacheDtype;
-  }): { ms: number; bytes: number };
+    /** Rows of each sequence at its last positions, causal (default 1, a decode step; more: a prompt's chunk). */
+    queries?: number;
+    /** The weights' type (default "f32"): with "bf16" a call of more than 16 rows writes a bf16 output, as the engine's does. */
+    dtype?: "f32" | "bf16";
+  }): { ms: number; bytes: number; flops: number };
   /**
    * Tests only: CPU backends of models loaded from then on queue their token choices as a GPU
    * does, so that decodeBatch's run-ahead page bookkeeping (early pages) runs on the CPU.

@@ -63,15 +63,22 @@ Napi::Value BenchAttention(const Napi::CallbackInfo& info) {
   shape.numKvHeads = getInt(o, "numKvHeads", false, 0);
   shape.headDim = getInt(o, "headDim", false, 0);
   shape.iterations = getInt(o, "iterations", false, 10);
+  shape.queries = getInt(o, "queries", false, 1);
+  if (o.Has("dtype") && !o.Get("dtype").IsUndefined()) {
+    const std::string dt = o.Get("dtype").IsString() ? std::string(o.Get("dtype").As<Napi::String>()) : "";
+    if (dt != "f32" && dt != "bf16") throwInvalid(env, "benchAttention: dtype must be \"f32\" or \"bf16\" (the weights' type, which sets the output's)");
+    shape.weights = dt == "bf16" ? DType::BF16 : DType::F32;
+  }
   if (o.Has("kvCacheDtype") && !o.Get("kvCacheDtype").IsUndefined() &&
       (!o.Get("kvCacheDtype").IsString() || !parseKvType(std::string(o.Get("kvCacheDtype").As<Napi::String>()).c_str(), shape.kvType)))
     throwInvalid(env, "benchAttention: kvCacheDtype must be one of \"f32\", \"bf16\", \"fp8\", \"int8\", \"int4\"");
   return runEngineCall(env, [&] {
-    std::unique_ptr<Backend> be = createNamedBackend(backend, (int)std::max(1u, std::thread::hardware_concurrency()), DType::F32);
+    std::unique_ptr<Backend> be = createNamedBackend(backend, (int)std::max(1u, std::thread::hardware_concurrency()), shape.weights);
     const AttentionBenchResult r = benchAttention(*be, shape);
     Napi::Object result = Napi::Object::New(env);
     result.Set("ms", r.ms);
     result.Set("bytes", r.bytes);
+    result.Set("flops", r.flops);
     return result;
   });
 }

@@ -29,6 +29,10 @@ AttentionBenchResult benchAttention(Backend& be, const AttentionBenchShape& s) {
   checkPositive(s.numKvHeads, "numKvHeads");
   checkPositive(s.headDim, "headDim");
   checkPositive(s.iterations, "iterations");
+  checkPositive(s.queries, "queries");
+  if (s.queries > s.context)
+    throw EngineError(kErrInvalidArgument, "benchAttention: 'queries' (" + std::to_string(s.queries) + ") must be at most 'context' (" +
+                                               std::to_string(s.context) + ")");
   if (s.numHeads % s.numKvHeads) throw EngineError(kErrInvalidArgument, "benchAttention: numHeads must be a multiple of numKvHeads");
 
   KvLayout layout;
@@ -82,28 +86,34 @@ AttentionBenchResult benchAttention(Backend& be, const AttentionBenchShape& s) {
   for (int64_t p = 0; p < pages; p += chunkPages) be.writeRows(pool, p, std::min(chunkPages, pages - p), chunk.data());
 
   // Page i of sequence s is page i * sequences + s: the sequences' pages interleave, as in a pool
-  // where a batch of sequences grew together.
-  std::vector<int32_t> tables((size_t)pagesPerSeq * s.sequences), rowSeq((size_t)s.sequences), positions((size_t)s.sequences, s.context - 1);
+  // where a batch of sequences grew together. Rows: each sequence's last `queries` positions.
+  const int64_t rows64 = (int64_t)s.sequences * s.queries;
+  if (rows64 > INT32_MAX) throw EngineError(kErrInvalidArgument, "benchAttention: too many query rows");
+  const int rows = (int)rows64;
+  std::vector<int32_t> tables((size_t)pagesPerSeq * s.sequences), rowSeq((size_t)rows), positions((size_t)rows);
   std::vector<int32_t> residuals((size_t)R * s.sequences), residualPage((size_t)s.sequences, (s.context - 1) / kPageTokens);
   for (int q = 0; q < s.sequences; ++q) {
-    rowSeq[(size_t)q] = q;
+    for (int i = 0; i < s.queries; ++i) {
+      rowSeq[(size_t)q * s.queries + i] = q;
+      positions[(size_t)q * s.queries + i] = s.context - s.queries + i;
+    }
     for (int i = 0; i < pagesPerSeq; ++i) tables[(size_t)q * pagesPerSeq + i] = (int32_t)((int64_t)i * s.sequences + q);
     for (int i = 0; i < R; ++i) residuals[(size_t)q * R + i] = (int32_t)((int64_t)(pagesPerSeq + i) * s.sequences + q);
   }
   KvView view{&pool, layout, tables.data(), pagesPerSeq, s.sequences, rowSeq.data(), residuals.data(), residualPage.data()};
 
   const int64_t qCols = (int64_t)s.numHeads * s.headDim;
-  std::vector<float> qHost((size_t)(s.sequences * qCols));
+  std::vector<float> qHost((size_t)(rows * qCols));
   for (float& x : qHost) x = normal(rng);
-  Tensor q = be.alloc(s.sequences, qCols), out = be.alloc(s.sequences, qCols);
-  be.writeRows(q, 0, s.sequences, qHost.data());
+  Tensor q = be.alloc(rows, qCols), out = be.allocLinearInput(rows, qCols);
+  be.writeRows(q, 0, rows, qHost.data());
   AttentionSpec spec{s.numHeads, s.numKvHeads, s.headDim, false, 0, 1.0f / std::sqrt((float)s.headDim)};
 
   std::vector<float> row((size_t)qCols);
-  be.attention(q, s.sequences, positions.data(), view, 0, spec, out);
+  be.attention(q, rows, positions.data(), view, 0, spec, out);
   be.download(out, 0, 1, row.data());
   const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < s.iterations; ++i) be.attention(q, s.sequences, positions.data(), view, 0, spec, out);
+  for (int i = 0; i < s.iterations; ++i) be.attention(q, rows, positions.data(), view, 0, spec, out);
   be.download(out, 0, 1, row.data());
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 
@@ -118,7 +128,12 @@ AttentionBenchResult benchAttention(Backend& be, const AttentionBenchShape& s) {
     keyBytes = 2.0 * layout.rowBytes() + 2.0 * s.numKvHeads + 2.0 * layout.kvDim / kPageTokens;
     if (s.context % kPageTokens) residualKeys = s.context % kPageTokens, quantizedKeys = s.context - residualKeys;
   }
-  r.bytes = (double)s.sequences * (quantizedKeys * keyBytes + residualKeys * 4.0 * layout.kvDim) + 4.0 * 2.0 * s.sequences * qCols;
+  // The queries in f32; the output in its own type.
+  r.bytes = (double)s.sequences * (quantizedKeys * keyBytes + residualKeys * 4.0 * layout.kvDim) +
+            (4.0 + (double)dtypeSize(out.dtype)) * (double)rows * qCols;
+  // Row i of a sequence's `queries` sees context - queries + i + 1 keys.
+  const double pairs = (double)s.sequences * s.queries * (2.0 * s.context - s.queries + 1) / 2.0;
+  r.flops = 4.0 * pairs * qCols;
   return r;
 }
 

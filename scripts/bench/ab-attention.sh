@@ -6,6 +6,10 @@
 #   scripts/bench/ab-attention.sh <base tree> <candidate tree> [rounds=3]
 #
 # Env: TYPES (default "fp8 int8 bf16"), SEQS (default "16 128"), CONTEXT (4096),
+#      QUERIES (default 1, a decode step; more: each sequence's last QUERIES positions, causal,
+#      a prompt's chunk, reported in TFLOP/s of its products instead of GB/s), DTYPE (the
+#      weights' type, "f32" or "bf16": with bf16 a call of more than 16 rows writes its output
+#      in bf16, as the engine's does),
 #      SHAPE "heads kvHeads headDim" (default TinyLlama's "32 4 64"), ITER (50 calls per sample,
 #      as experiment 7), SAMPLES (5 per round), COPY_GBPS (else measured with
 #      scripts/bench/device_rates.py, which needs torch), CHECK=0 to skip the result comparison,
@@ -19,41 +23,53 @@ set -euo pipefail
 base=$(cd "$1" && pwd); cand=$(cd "$2" && pwd); rounds=${3:-3}
 TYPES=${TYPES:-"fp8 int8 bf16"}; SEQS=${SEQS:-"16 128"}; CONTEXT=${CONTEXT:-4096}
 SHAPE=${SHAPE:-"32 4 64"}; ITER=${ITER:-50}; SAMPLES=${SAMPLES:-5}; BACKEND=${BACKEND:-cuda}
+QUERIES=${QUERIES:-1}; DTYPE=${DTYPE:-f32}
 for t in "$base" "$cand"; do
   [ -d "$t/dist" ] || { echo "no dist/ in $t (npx tsc -p tsconfig.json)"; exit 2; }
 done
-if [ -z "${COPY_GBPS:-}" ]; then
+if [ "$QUERIES" -gt 1 ]; then
+  COPY_GBPS=${COPY_GBPS:-0}  # a prompt's chunk is rated by its products, not its bytes
+elif [ -z "${COPY_GBPS:-}" ]; then
   COPY_GBPS=$(python3 "$base/scripts/bench/device_rates.py" | python3 -c 'import json,sys; print(json.load(sys.stdin)["copyGBps"])') \
     || { echo "set COPY_GBPS (device_rates.py needs torch)"; exit 2; }
 fi
-echo "copy bandwidth ${COPY_GBPS} GB/s; shape heads/kvHeads/headDim = ${SHAPE}; context ${CONTEXT}"
+echo "copy bandwidth ${COPY_GBPS} GB/s; shape heads/kvHeads/headDim = ${SHAPE}; context ${CONTEXT}; queries ${QUERIES}; weights ${DTYPE}"
 
-# One tree, one configuration: prints the median ms of SAMPLES samples and the bytes.
+# One tree, one configuration: prints the median ms of SAMPLES samples, then what a call does:
+# its bytes (a decode step) or its products (QUERIES > 1), and the samples' spread.
 run_one() {  # tree type seqs
   node -e '
-    const [tree, type, seqs, ctx, heads, kvHeads, hd, iters, samples, backend] = process.argv.slice(1);
+    const [tree, type, seqs, ctx, heads, kvHeads, hd, iters, samples, backend, queries, dtype] = process.argv.slice(1);
     const { loadAddon } = require(tree + "/dist/native");
     const addon = loadAddon();
     if (!addon.backends || !addon.backends[backend]) { console.error(tree + ": addon built without " + backend); process.exit(3); }
-    const args = { backend, sequences: +seqs, context: +ctx, numHeads: +heads, numKvHeads: +kvHeads, headDim: +hd, kvCacheDtype: type };
-    addon.benchAttention({ ...args, iterations: 3 });
-    const t = []; let bytes = 0;
-    for (let i = 0; i < +samples; i++) { const r = addon.benchAttention({ ...args, iterations: +iters }); t.push(r.ms); bytes = r.bytes; }
+    const args = { backend, sequences: +seqs, context: +ctx, numHeads: +heads, numKvHeads: +kvHeads, headDim: +hd, kvCacheDtype: type, queries: +queries, dtype };
+    const first = addon.benchAttention({ ...args, iterations: 3 });
+    if (+queries > 1 && !(first.flops > 0)) { console.error(tree + ": its benchAttention has no queries option"); process.exit(3); }
+    const t = []; let work = 0;
+    for (let i = 0; i < +samples; i++) { const r = addon.benchAttention({ ...args, iterations: +iters }); t.push(r.ms); work = +queries > 1 ? r.flops : r.bytes; }
     t.sort((a, b) => a - b);
-    console.log(t[Math.floor(t.length / 2)], bytes, (t[t.length - 1] - t[0]) / t[Math.floor(t.length / 2)]);
-  ' "$1" "$2" "$3" "$CONTEXT" $SHAPE "$ITER" "$SAMPLES" "$BACKEND"
+    console.log(t[Math.floor(t.length / 2)], work, (t[t.length - 1] - t[0]) / t[Math.floor(t.length / 2)]);
+  ' "$1" "$2" "$3" "$CONTEXT" $SHAPE "$ITER" "$SAMPLES" "$BACKEND" "$QUERIES" "$DTYPE"
+}
+# Work per second: GB/s of a decode step's bytes (and its share of the copy rate), or TFLOP/s.
+rate() {  # ms work
+  python3 -c "
+ms,w,q,cp=$1,$2,$QUERIES,$COPY_GBPS
+if q > 1: print(f'{w/(ms/1e3)/1e12:9.1f} TFLOP/s')
+else: g=w/(ms/1e3)/1e9; print(f'{g:9.0f} GB/s {100*g/cp:5.1f}% of copy')"
 }
 
 declare -A best
-printf '%-9s %-5s %5s %10s %9s %8s %7s\n' tree type seqs "us/call" "GB/s" "of copy" spread
+printf '%-9s %-5s %5s %10s %-26s %7s\n' tree type seqs "us/call" rate spread
 for ((r = 1; r <= rounds; r++)); do
   for type in $TYPES; do
     for seqs in $SEQS; do
       for label in base candidate; do
         tree=$([ "$label" = candidate ] && echo "$cand" || echo "$base")
         read -r ms bytes spread < <(run_one "$tree" "$type" "$seqs")
-        line=$(python3 -c "ms,b,c,sp=$ms,$bytes,$COPY_GBPS,$spread; g=b/(ms/1e3)/1e9; print(f'{ms*1e3:10.1f} {g:9.0f} {100*g/c:7.1f}% {100*sp:6.1f}%')")
-        printf '%-9s %-5s %5s %s\n' "$label" "$type" "$seqs" "$line"
+        printf '%-9s %-5s %5s %10.1f %-26s %6.1f%%\n' "$label" "$type" "$seqs" "$(python3 -c "print($ms*1e3)")" "$(rate "$ms" "$bytes")" \
+          "$(python3 -c "print(100*$spread)")"
         key="$label $type $seqs"
         prev=${best[$key]:-}
         if [ -z "$prev" ] || python3 -c "import sys; sys.exit(0 if $ms < $prev else 1)"; then best[$key]=$ms; fi
@@ -63,14 +79,12 @@ for ((r = 1; r <= rounds; r++)); do
 done
 echo
 echo "best of ${rounds} rounds (lowest median):"
-printf '%-5s %5s %12s %12s %9s %9s %8s\n' type seqs "base GB/s" "cand GB/s" "base %" "cand %" speedup
+printf '%-5s %5s %-26s %-26s %8s\n' type seqs base candidate speedup
 for type in $TYPES; do
   for seqs in $SEQS; do
-    read -r _ bytes _ < <(run_one "$base" "$type" "$seqs" 2>/dev/null || echo "0 0 0")
-    python3 -c "
-b,c,by,cp=${best[base $type $seqs]},${best[candidate $type $seqs]},$bytes,$COPY_GBPS
-gb=by/(b/1e3)/1e9; gc=by/(c/1e3)/1e9
-print(f'{\"$type\":5s} {$seqs:5d} {gb:12.0f} {gc:12.0f} {100*gb/cp:8.1f}% {100*gc/cp:8.1f}% {b/c:7.2f}x')"
+    read -r _ work _ < <(run_one "$base" "$type" "$seqs" 2>/dev/null || echo "0 0 0")
+    b=${best[base $type $seqs]}; c=${best[candidate $type $seqs]}
+    printf '%-5s %5s %-26s %-26s %7.2fx\n' "$type" "$seqs" "$(rate "$b" "$work")" "$(rate "$c" "$work")" "$(python3 -c "print($b/$c)")"
   done
 done
 

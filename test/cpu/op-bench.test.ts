@@ -13,7 +13,25 @@ test("benchAttention times the CPU attention and counts the K/V, query and outpu
   expect(r.ms).toBeGreaterThan(0);
 });
 
+test("benchAttention with queries times a prompt's causal chunk and counts its products", () => {
+  const shape = { sequences: 2, context: 50, queries: 20, numHeads: 4, numKvHeads: 2, headDim: 8 };
+  const r = addon.benchAttention({ backend: "cpu", ...shape, iterations: 1 });
+  // Row i of a sequence's 20 sees 31 + i keys: 31 + ... + 50 = 810 pairs, 4 x 8 products each per query head.
+  expect(r.flops).toBe(shape.sequences * 810 * 4 * shape.headDim * shape.numHeads);
+  // K/V of every key, the queries in f32 and the output (f32 on the CPU, whatever the weights).
+  const kvDim = shape.numKvHeads * shape.headDim;
+  expect(r.bytes).toBe(4 * (shape.sequences * shape.context * 2 * kvDim + 2 * shape.sequences * shape.queries * shape.numHeads * shape.headDim));
+  expect(r.ms).toBeGreaterThan(0);
+  // One query per sequence is the decode step: each sees the whole context.
+  const decode = addon.benchAttention({ backend: "cpu", ...shape, queries: 1, iterations: 1 });
+  expect(decode.flops).toBe(shape.sequences * shape.context * 4 * shape.headDim * shape.numHeads);
+  expect(addon.benchAttention({ backend: "cpu", ...shape, dtype: "bf16", iterations: 1 }).flops).toBe(r.flops);
+});
+
 test.each([
+  [{ queries: 0 }, /'queries' must be a positive integer/],
+  [{ queries: 17 }, /'queries' \(17\) must be at most 'context' \(16\)/],
+  [{ dtype: "f16" }, /dtype must be "f32" or "bf16"/],
   [{ sequences: 0 }, /'sequences' must be a positive integer/],
   [{ numKvHeads: 3 }, /numHeads must be a multiple of numKvHeads/],
   [{ iterations: -1 }, /'iterations' must be a positive integer/],
