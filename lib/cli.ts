@@ -24,6 +24,7 @@ import { condenseModel, partialDirectory } from "./condense/condense";
 import { evaluatePerplexity } from "./eval";
 import type { GenerationStream } from "./generation-stream";
 import { GenerateOptions, resolveGenerateOptions } from "./options";
+import { refuseUnusedPrefillOptions } from "./prefill-options";
 import type { GenerateResult, StreamChunk } from "./types";
 import * as fs from "node:fs";
 import * as path from "node:path";
@@ -192,6 +193,10 @@ function samplingOptions(o: Record<string, unknown>): GenerateOptions {
   };
   for (const k of Object.keys(g) as (keyof GenerateOptions)[]) if (g[k] === undefined) delete g[k];
   resolveGenerateOptions(g, { maxNewTokens: 1, temperature: 1, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1, prefill: "sequential", prefillPasses: 1 });
+  // A flag of another mode than the one given fails here too; without --prefill the model's
+  // default mode decides, once it is loaded.
+  const prefill = g.prefill;
+  if (prefill !== undefined) refuseUnusedPrefillOptions({ generationDefaults: () => ({ prefill, prefillPasses: 1 }) }, g);
   return g;
 }
 
@@ -328,6 +333,9 @@ addSamplingOptions(
     .addOption(revisionOption())
     .option("--system <text>", "a system message that opens the conversation"),
 )
+  .addOption(prefillOption())
+  .addOption(prefillPassesOption())
+  .addOption(prefillToleranceOption())
   .addOption(deviceOption())
   .addOption(dtypeOption())
   .addOption(kvDtypeOption())
@@ -593,6 +601,9 @@ program
   .option("--write-stall-timeout <ms>", "ms a stream waits for a client that stopped reading before it drops it, freeing its K/V pages (default: 30000)", intArg("--write-stall-timeout"))
   .option("--request-timeout <ms>", "ms a client has to send a whole request before it is answered 408 (default: 60000)", intArg("--request-timeout"))
   .option("--max-context <n>", "context length in tokens (default: the model's, or what the K/V pool holds)", intArg("--max-context"))
+  .addOption(prefillOption())
+  .addOption(prefillPassesOption())
+  .addOption(prefillToleranceOption())
   .addOption(deviceOption())
   .addOption(dtypeOption())
   .addOption(kvDtypeOption())
@@ -606,6 +617,9 @@ program
       allowedOrigins: o.allowedOrigins === undefined ? undefined : (o.allowedOrigins as string).split(",").map((x) => x.trim()).filter((x) => x !== ""),
       writeStallTimeout: o.writeStallTimeout,
       requestTimeout: o.requestTimeout,
+      prefill: o.prefill,
+      prefillPasses: o.prefillPasses,
+      prefillTolerance: o.prefillTolerance,
     });
     await using model = await open(o);
     const app = createServer(model, options);

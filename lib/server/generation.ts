@@ -16,9 +16,15 @@ import type { CommonBody } from "./schemas";
 
 type CompletionStream = GenerationStream;
 
-/** The options of a request's body, leaving out every field at its no-op value. */
-export function generateOptions(body: CommonBody, maxTokens: number | null | undefined, logprobs: number | undefined, signal: AbortSignal): GenerateOptions {
-  const o: GenerateOptions = { signal };
+/** The prefill options a server gives every request (ServerOptions.prefill, prefillPasses, prefillTolerance). */
+export type ServerPrefill = Pick<GenerateOptions, "prefill" | "prefillPasses" | "prefillTolerance">;
+
+/**
+ * The options of a request's body, leaving out every field at its no-op value, with the
+ * server's prefill options (ServerOptions.prefill), which no request field sets.
+ */
+export function generateOptions(body: CommonBody, maxTokens: number | null | undefined, logprobs: number | undefined, signal: AbortSignal, prefill: ServerPrefill): GenerateOptions {
+  const o: GenerateOptions = { ...prefill, signal };
   if (maxTokens !== null && maxTokens !== undefined) o.maxNewTokens = maxTokens;
   if (body.temperature !== null && body.temperature !== undefined) o.temperature = body.temperature;
   if (body.top_p !== null && body.top_p !== undefined) o.topP = body.top_p;

@@ -10,7 +10,7 @@ import { setMaxListeners } from "node:events";
 import type { GenerationStream } from "../generation-stream";
 import type { Model } from "../model";
 import type { GenerateResult, StreamChunk } from "../types";
-import { runStreams } from "./generation";
+import { runStreams, ServerPrefill } from "./generation";
 import type { ServerMetrics } from "./metrics";
 import { HttpErrorResponse, sendHttpError, toHttpError } from "./openai-errors";
 import { SseWriter, writeRawHead } from "./sse";
@@ -23,6 +23,8 @@ export interface ServerContext {
   modelId: string;
   /** ms a stream waits for a client that stopped reading before it drops it (ServerOptions.writeStallTimeout). */
   writeStallTimeout: number;
+  /** The prefill options every request gets (ServerOptions.prefill, prefillPasses, prefillTolerance). */
+  prefill: ServerPrefill;
 }
 
 type Event = Record<string, unknown>;

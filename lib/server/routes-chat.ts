@@ -75,7 +75,7 @@ export function registerChatRoutes(app: FastifyInstance, ctx: ServerContext): vo
       stream,
       start: (signal) => {
         const prompt = chatPrompt(ctx, body.messages);
-        const streams = openStreams(ctx.model, prompt, n, generateOptions(body, body.max_completion_tokens ?? body.max_tokens, logprobs, signal), "messages");
+        const streams = openStreams(ctx.model, prompt, n, generateOptions(body, body.max_completion_tokens ?? body.max_tokens, logprobs, signal, ctx.prefill), "messages");
         if (logprobs !== undefined) tokenLogprobs = Array.from({ length: n }, () => new ChatLogprobs(texts, prompt));
         return streams;
       },

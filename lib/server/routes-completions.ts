@@ -57,7 +57,7 @@ export function registerCompletionRoutes(app: FastifyInstance, ctx: ServerContex
       start: (signal) => {
         // Every prompt is checked before any completion is opened.
         const prompts = promptList(body.prompt, n).map(({ input, field }) => ({ ids: requestPromptIds(ctx.model, field, () => ctx.model.toTokenIds(input, field)), field }));
-        const options = generateOptions(body, body.max_tokens, logprobs, signal);
+        const options = generateOptions(body, body.max_tokens, logprobs, signal, ctx.prefill);
         const streams = prompts.flatMap(({ ids, field }) => openStreams(ctx.model, ids, n, options, field));
         text = Array(streams.length).fill("");
         if (logprobs !== undefined) builders = prompts.flatMap(({ ids }) => Array.from({ length: n }, () => new CompletionLogprobsBuilder(texts, ids)));

@@ -13,8 +13,10 @@ import cors from "@fastify/cors";
 import Fastify, { FastifyInstance } from "fastify";
 import { InvalidOptionError } from "../errors";
 import { Model } from "../model";
-import { describe, INT32_MAX, posInt } from "../options";
+import { describe, INT32_MAX, MAX_PREFILL_PASSES, posInt, PREFILL_MODES, PrefillMode, tolerance } from "../options";
+import { refuseUnusedPrefillOptions } from "../prefill-options";
 import { ConnectionTracker } from "./connections";
+import type { ServerPrefill } from "./generation";
 import { ServerMetrics } from "./metrics";
 import { errorBody, installErrorHandlers, invalidJsonBody, sendHttpError } from "./openai-errors";
 import type { ServerContext } from "./request-handler";
@@ -62,6 +64,17 @@ export interface ServerOptions {
    * turns off Node's own limit. The response is not bounded by it (a stream may run long).
    */
   requestTimeout?: number;
+  /**
+   * How every request's prompt is prefilled, as generate()'s `prefill` (OpenAI's API has no field
+   * for it). Default: the model's (Model.generationDefaults), which on a model with a cyclic group
+   * also lets the engine run prompts as batched token steps while other requests are in flight.
+   * A mode set here is every request's, as if each had asked for it.
+   */
+  prefill?: PrefillMode;
+  /** Passes of `prefill: "iterative"` (default: the model's m + b); only with that prefill. */
+  prefillPasses?: number;
+  /** The tolerance of `prefill: "fixed-point"` (default 1e-6); only with that prefill. */
+  prefillTolerance?: number;
 }
 
 /** ServerOptions.requestTimeout's default, in ms. */
@@ -69,7 +82,7 @@ const DEFAULT_REQUEST_TIMEOUT_MS = 60_000;
 /** Node's own deadline for a request's headers (http.Server's headersTimeout), in ms. */
 const NODE_HEADERS_TIMEOUT_MS = 60_000;
 
-const SERVER_KEYS = new Set(["apiKey", "modelId", "bodyLimit", "logger", "allowedOrigins", "writeStallTimeout", "requestTimeout"]);
+const SERVER_KEYS = new Set(["apiKey", "modelId", "bodyLimit", "logger", "allowedOrigins", "writeStallTimeout", "requestTimeout", "prefill", "prefillPasses", "prefillTolerance"]);
 
 /**
  * createServer's options, checked as loadModel checks its own: an unknown or mistyped option is
@@ -91,7 +104,25 @@ export function checkServerOptions(options: unknown): ServerOptions {
   // setTimeout takes at most 2^31 - 1 ms (a larger delay fires at once): no limit is Infinity.
   if (o.writeStallTimeout !== undefined && o.writeStallTimeout !== Infinity) posInt("writeStallTimeout", o.writeStallTimeout, INT32_MAX);
   if (o.requestTimeout !== undefined && o.requestTimeout !== Infinity) posInt("requestTimeout", o.requestTimeout, INT32_MAX);
+  if (o.prefill !== undefined && !PREFILL_MODES.includes(o.prefill as PrefillMode)) {
+    throw new InvalidOptionError("prefill", `must be one of ${PREFILL_MODES.map((m) => `"${m}"`).join(", ")}, got ${describe(o.prefill)}`);
+  }
+  if (o.prefillPasses !== undefined) posInt("prefillPasses", o.prefillPasses, MAX_PREFILL_PASSES);
+  if (o.prefillTolerance !== undefined) tolerance(o.prefillTolerance);
+  // With the mode given, an option of another mode is refused here; without it, createServer
+  // refuses one that the model's default mode would ignore.
+  const prefill = o.prefill as PrefillMode | undefined;
+  if (prefill !== undefined) refuseUnusedPrefillOptions({ generationDefaults: () => ({ prefill, prefillPasses: 1 }) }, o);
   return o as ServerOptions;
+}
+
+/** The prefill options every request gets (ServerOptions.prefill and its passes and tolerance), leaving out those not given. */
+function requestPrefill(options: ServerOptions): ServerPrefill {
+  const p: ServerPrefill = {};
+  if (options.prefill !== undefined) p.prefill = options.prefill;
+  if (options.prefillPasses !== undefined) p.prefillPasses = options.prefillPasses;
+  if (options.prefillTolerance !== undefined) p.prefillTolerance = options.prefillTolerance;
+  return p;
 }
 
 // Each entry is "*" or an origin as browsers send it: scheme, host and port, no path.
@@ -133,6 +164,8 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
   if (!(model instanceof Model)) throw new InvalidOptionError("model", `must be a Model from loadModel(), got ${describe(model)}`);
   if (model.disposed) throw new InvalidOptionError("model", "was disposed: load it again");
   checkServerOptions(options);
+  const prefill = requestPrefill(options);
+  refuseUnusedPrefillOptions(model, prefill);
   const requestTimeout = options.requestTimeout ?? DEFAULT_REQUEST_TIMEOUT_MS;
   const headersTimeout = Math.min(NODE_HEADERS_TIMEOUT_MS, requestTimeout);
   // CORS: the origins whose pages may read the answers (applied below through @fastify/cors, and
@@ -166,6 +199,7 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
     metrics: new ServerMetrics(model),
     modelId: options.modelId ?? path.basename(model.directory),
     writeStallTimeout: options.writeStallTimeout ?? DEFAULT_WRITE_STALL_TIMEOUT_MS,
+    prefill,
   };
   installErrorHandlers(app);
   connections.attach(app);

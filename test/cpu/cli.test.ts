@@ -357,6 +357,25 @@ test("serve refuses an empty --api-key, one no header can carry, or an origin th
   const origins = run(["serve", "--allowed-origins", "https://app.example,https://b.example/app", "--model", "/no/such/model"]);
   expect(origins.code).toBe(1);
   expect(origins.err).toMatch(/^lckv: option '--allowed-origins': must be a list of origins .*"https:\/\/b\.example\/app" is not one \(its origin is "https:\/\/b\.example"\)$/m);
+  // Every request's prefill: a flag of another mode than --prefill's is refused by name, before the model loads.
+  const passes = run(["serve", "--prefill", "sequential", "--prefill-passes", "2", "--model", "/no/such/model"]);
+  expect(passes.code).toBe(1);
+  expect(passes.err).toMatch(/^lckv: option '--prefill-passes': applies to prefill "iterative" only, and the prefill is sequential$/m);
+  const mode = run(["serve", "--prefill", "fast", "--model", "/no/such/model"]);
+  expect(mode.code).not.toBe(0);
+  expect(mode.err).toMatch(/option '--prefill <mode>' argument 'fast' is invalid/);
+});
+
+test("chat takes --prefill and its passes, and refuses a flag of another mode before it loads the model", () => {
+  const chatModel = path.join(root, "test", "fixtures", "llama-mha-hd16");
+  const plain = run(["chat", "--model", chatModel, "-n", "4", "-t", "0", "--device", "cpu"], "hello there\n");
+  // A standard model's prompt is exact in every mode: the same reply.
+  const iterative = run(["chat", "--model", chatModel, "-n", "4", "-t", "0", "--device", "cpu", "--prefill", "iterative", "--prefill-passes", "1"], "hello there\n");
+  expect(iterative.code).toBe(0);
+  expect(iterative.out).toBe(plain.out);
+  const wrong = run(["chat", "--model", "/no/such/model", "--prefill", "iterative", "--prefill-tolerance", "0.1"], "hi\n");
+  expect(wrong.code).toBe(1);
+  expect(wrong.err).toMatch(/^lckv: option '--prefill-tolerance': applies to prefill "fixed-point" only, and the prefill is iterative$/m);
 });
 
 test("--kv-cache-memory takes a size with a binary suffix, and sets the pool the context is cut to", () => {

@@ -341,7 +341,7 @@ test("createServer checks its options as loadModel does: each bad one is an Inva
     expect((error as InvalidOptionError).option).toBe(option);
     expect((error as InvalidOptionError).detail).toMatch(detail);
   };
-  refused({ port: 8080 }, "port", /is not a createServer option \(known: apiKey, modelId, bodyLimit, logger, allowedOrigins, writeStallTimeout, requestTimeout\)/);
+  refused({ port: 8080 }, "port", /is not a createServer option \(known: apiKey, modelId, bodyLimit, logger, allowedOrigins, writeStallTimeout, requestTimeout, prefill, prefillPasses, prefillTolerance\)/);
   refused({ apikey: "k" }, "apikey", /is not a createServer option/);
   // An empty key, or one no Authorization header can carry, would lock every request out.
   refused({ apiKey: "" }, "apiKey", /must be a non-empty string, got ""/);
@@ -361,6 +361,15 @@ test("createServer checks its options as loadModel does: each bad one is an Inva
   refused({ writeStallTimeout: 2 ** 31 }, "writeStallTimeout", /must be at most 2147483647/);
   refused({ requestTimeout: 0 }, "requestTimeout", /must be a positive integer, got 0/);
   refused({ requestTimeout: 2 ** 31 }, "requestTimeout", /must be at most 2147483647/);
+  // Every request's prefill: a mode, its passes or its tolerance, and none that the mode ignores
+  // (the mode given, or without one the model's default: sequential on the CPU).
+  refused({ prefill: "fast" }, "prefill", /must be one of "fixed-point", "sequential", "iterative", got "fast"/);
+  refused({ prefillPasses: 0 }, "prefillPasses", /must be a positive integer, got 0/);
+  refused({ prefill: "iterative", prefillPasses: 1025 }, "prefillPasses", /must be at most 1024/);
+  refused({ prefill: "fixed-point", prefillTolerance: 1 }, "prefillTolerance", /must be a number in \[0, 1\), got 1/);
+  refused({ prefill: "sequential", prefillPasses: 2 }, "prefillPasses", /applies to prefill "iterative" only, and the prefill is sequential/);
+  refused({ prefill: "iterative", prefillTolerance: 0.1 }, "prefillTolerance", /applies to prefill "fixed-point" only, and the prefill is iterative/);
+  refused({ prefillPasses: 2 }, "prefillPasses", /applies to prefill "iterative" only, and the prefill is sequential/);
   // The model too: not one (a path, an options object, nothing) or one disposed.
   refused({}, "model", /must be a Model from loadModel\(\), got null/, null);
   refused({}, "model", /must be a Model from loadModel\(\), got object/, {});

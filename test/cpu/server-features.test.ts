@@ -8,7 +8,7 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import OpenAI from "openai";
-import { DEFAULT_MODEL_DIR, GenerateOptions, loadModel } from "../../lib";
+import { DEFAULT_MODEL_DIR, GenerateOptions, loadModel, Model, ServerOptions } from "../../lib";
 import { expectIdle, serverForFile, startServer } from "../helpers/openai-server";
 import { testTempDir } from "../helpers/temp-dir";
 
@@ -375,4 +375,37 @@ test("a message's text parts are joined by newlines, as vLLM and llama.cpp join 
   expect(parts.choices[0].message.content).toBe(joined.choices[0].message.content);
   // Not merely any joining: glued together the prompt differs.
   expect(glued.usage?.prompt_tokens).not.toBe(joined.usage?.prompt_tokens);
+});
+
+describe("the server's prefill (ServerOptions.prefill, lckv serve --prefill): every request's prompt is prefilled in that mode", () => {
+  let lckv: Model;
+  beforeAll(async () => {
+    // No prefix cache: each request prefills its whole prompt in the server's mode.
+    lckv = await loadModel(path.join(__dirname, "..", "fixtures", "lckv-w2"), { device: "cpu", prefixCache: 0 });
+  });
+  afterAll(async () => {
+    await lckv?.dispose();
+  });
+
+  test("one iterative pass gives the library's logprobs for that mode, not the default's; the default server gives the default's", async () => {
+    const ids = Array.from({ length: 40 }, (_, i) => 3 + ((i * 7) % 50));
+    const base: GenerateOptions = { maxNewTokens: 3, temperature: 0, logprobs: 0 };
+    const logprobs = (r: { logprobs?: { logprob: number }[] }) => r.logprobs!.map((t) => t.logprob);
+    const onePass = logprobs(await lckv.generate(ids, { ...base, prefill: "iterative", prefillPasses: 1 }));
+    const byDefault = logprobs(await lckv.generate(ids, base));
+    // One pass leaves the prompt's K/V from above unconverged: the first token's logprob differs.
+    expect(Math.abs(onePass[0] - byDefault[0])).toBeGreaterThan(1e-4);
+    for (const [options, want] of [[{ prefill: "iterative", prefillPasses: 1 }, onePass], [{}, byDefault]] as [ServerOptions, number[]][]) {
+      const srv = await startServer(lckv, options);
+      try {
+        const r = await srv.client.completions.create({ model: "m", prompt: ids, max_tokens: base.maxNewTokens!, temperature: 0, logprobs: 0 });
+        const got = r.choices[0].logprobs!.token_logprobs!;
+        expect(got).toHaveLength(want.length);
+        got.forEach((lp, i) => expect(lp).toBeCloseTo(want[i], 5));
+      } finally {
+        await srv.app.close();
+      }
+    }
+    await expectIdle(lckv);
+  });
 });
