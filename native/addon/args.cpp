@@ -9,6 +9,14 @@
 
 namespace lckv::addon {
 
+bool parseWeightDtype(const std::string& name, DType& out) {
+  if (name == "f32") out = DType::F32;
+  else if (name == "f16") out = DType::F16;
+  else if (name == "bf16") out = DType::BF16;
+  else return false;
+  return true;
+}
+
 std::unique_ptr<Backend> createNamedBackend(const std::string& name, int threads, DType weights, int device,
                                             bool graphs) {
   if (name == "cpu") return createCpuBackend(threads, weights);

@@ -32,6 +32,9 @@ SamplingParams parseSampling(const Napi::Object& so);
 // {logprob, topTokens: Int32Array, topLogprobs: Float64Array} (lib/native.ts NativeTokenLogprobs).
 Napi::Object logprobsToJs(Napi::Env env, const TokenLogprobs& lp);
 
+// The weights' type as the options spell it: "f32", "f16" or "bf16" (false for any other name).
+bool parseWeightDtype(const std::string& name, DType& out);
+
 // The backend a JavaScript option names: "cpu" or "cuda" (typed errors for any other name and
 // for a build without CUDA). Throws EngineError, for the caller's runEngineCall.
 std::unique_ptr<Backend> createNamedBackend(const std::string& name, int threads, DType weights, int device = 0,

@@ -118,9 +118,9 @@ ModelWrap::ModelWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ModelWra
         // "checkpoint" (the CPU only): each weight stays in the dtype its checkpoint stores.
         const bool keepCheckpointDtype = dt == "checkpoint";
         if (keepCheckpointDtype && backend != "cpu") throw EngineError(kErrInvalidArgument, "dtype checkpoint is for the CPU backend only");
-        if (!keepCheckpointDtype && dt != "f32" && dt != "f16" && dt != "bf16")
+        DType w = DType::F32;
+        if (!keepCheckpointDtype && !parseWeightDtype(dt, w))
           throw EngineError(kErrInvalidArgument, "dtype must be f32, f16, bf16 or checkpoint");
-        const DType w = dt == "f16" ? DType::F16 : dt == "bf16" ? DType::BF16 : DType::F32;
         const bool graphs = !opts.Get("cudaGraphs").IsBoolean() || opts.Get("cudaGraphs").As<Napi::Boolean>().Value();
         be = keepCheckpointDtype ? createCpuBackend(threads, DType::F32, true)
                                  : createNamedBackend(backend, threads, w, getInt(opts, "deviceIndex", false, 0), graphs);

@@ -19,8 +19,9 @@ Napi::Value CheckBackendOps(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object o = info[0].IsObject() ? info[0].As<Napi::Object>() : Napi::Object::New(env);
   std::string backend = o.Get("backend").IsString() ? std::string(o.Get("backend").As<Napi::String>()) : "cuda";
-  std::string dt = o.Get("dtype").IsString() ? std::string(o.Get("dtype").As<Napi::String>()) : "bf16";
-  const DType w = dt == "f32" ? DType::F32 : dt == "f16" ? DType::F16 : DType::BF16;
+  DType w = DType::BF16;
+  if (!o.Get("dtype").IsUndefined() && (!o.Get("dtype").IsString() || !parseWeightDtype(o.Get("dtype").As<Napi::String>(), w)))
+    throwInvalid(env, "checkBackendOps: dtype must be \"f32\", \"f16\" or \"bf16\" (the weights' type)");
   const uint64_t seed = (uint64_t)getNum(o, "seed", 1);
   // ops: names (or first words) of the op families to check (op_check.h); absent: all of them.
   std::vector<std::string> ops;
@@ -64,11 +65,9 @@ Napi::Value BenchAttention(const Napi::CallbackInfo& info) {
   shape.headDim = getInt(o, "headDim", false, 0);
   shape.iterations = getInt(o, "iterations", false, 10);
   shape.queries = getInt(o, "queries", false, 1);
-  if (o.Has("dtype") && !o.Get("dtype").IsUndefined()) {
-    const std::string dt = o.Get("dtype").IsString() ? std::string(o.Get("dtype").As<Napi::String>()) : "";
-    if (dt != "f32" && dt != "bf16") throwInvalid(env, "benchAttention: dtype must be \"f32\" or \"bf16\" (the weights' type, which sets the output's)");
-    shape.weights = dt == "bf16" ? DType::BF16 : DType::F32;
-  }
+  if (!o.Get("dtype").IsUndefined() &&
+      (!o.Get("dtype").IsString() || !parseWeightDtype(o.Get("dtype").As<Napi::String>(), shape.weights) || shape.weights == DType::F16))
+    throwInvalid(env, "benchAttention: dtype must be \"f32\" or \"bf16\" (the weights' type, which sets the output's)");
   if (o.Has("kvCacheDtype") && !o.Get("kvCacheDtype").IsUndefined() &&
       (!o.Get("kvCacheDtype").IsString() || !parseKvType(std::string(o.Get("kvCacheDtype").As<Napi::String>()).c_str(), shape.kvType)))
     throwInvalid(env, "benchAttention: kvCacheDtype must be one of \"f32\", \"bf16\", \"fp8\", \"int8\", \"int4\"");

@@ -53,6 +53,9 @@ test.each([
   [{ ops: ["no_such_op"] }, /no op is named 'no_such_op'/],
   [{ ops: ["line"] }, /no op is named 'line'/],
   [{ ops: "rope" }, /'ops' must be an array of op names/],
+  // An unknown weights' type is refused, not taken for bf16.
+  [{ ops: ["rope"], dtype: "fp16" }, /checkBackendOps: dtype must be "f32", "f16" or "bf16"/],
+  [{ ops: ["rope"], dtype: 16 }, /checkBackendOps: dtype must be "f32", "f16" or "bf16"/],
 ])("checkBackendOps refuses %p with a typed error", (change, message) => {
   const opts = { backend: "cpu", dtype: "f32", seed: 1, ...change };
   expect(() => addon.checkBackendOps(opts as Parameters<typeof addon.checkBackendOps>[0])).toThrow(
