@@ -23,7 +23,7 @@ import { checkServerOptions, createServer } from "./server/server";
 import { condenseModel, partialDirectory } from "./condense/condense";
 import { evaluatePerplexity } from "./eval";
 import type { GenerationStream } from "./generation-stream";
-import { GenerateOptions, resolveGenerateOptions } from "./options";
+import { GenerateOptions, PREFILL_MODES, resolveGenerateOptions } from "./options";
 import { refuseUnusedPrefillOptions } from "./prefill-options";
 import type { GenerateResult, StreamChunk } from "./types";
 import * as fs from "node:fs";
@@ -262,9 +262,9 @@ const modelOption = () =>
   });
 const revisionOption = () => new Option("--revision <rev>", "branch, tag or commit of a --model given by hub id (default: main)");
 const quietOption = () => new Option("-q, --quiet", "no stats line on stderr");
-// Sampling options generate and chat share.
+// Sampling and prefill options generate and chat share.
 function addSamplingOptions(c: Command): Command {
-  return c
+  return addPrefillOptions(c)
     .option("-n, --max-new-tokens <n>", "tokens to generate", intArg("--max-new-tokens"))
     .option("-t, --temperature <t>", "sampling temperature (0 = greedy)", numArg("--temperature"))
     .option("--top-k <k>", "keep the k most likely tokens", intArg("--top-k"))
@@ -274,14 +274,19 @@ function addSamplingOptions(c: Command): Command {
     .option("-s, --seed <s>", "random seed for reproducible sampling", intArg("--seed"))
     .option("--max-context <n>", "context length in tokens", intArg("--max-context"));
 }
-const prefillOption = () => new Option("--prefill <mode>", "LCKV prompt prefill").choices(["fixed-point", "sequential", "iterative"]);
-const prefillPassesOption = () => new Option("--prefill-passes <n>", "passes for --prefill iterative").argParser(intArg("--prefill-passes"));
-const prefillToleranceOption = () =>
-  new Option("--prefill-tolerance <x>", "for --prefill fixed-point: stop when no K/V value read from above moved by more than x times the largest (default 1e-6)").argParser((v: string) => {
-    const x = numArg("--prefill-tolerance")(v);
-    if (x < 0 || x >= 1) throw new InvalidArgumentError(`--prefill-tolerance must be a number in [0, 1), got ${v}`);
-    return x;
-  });
+// The prefill options of every command that prefills a prompt (generate, chat, eval-ppl, serve).
+function addPrefillOptions(c: Command): Command {
+  return c
+    .addOption(new Option("--prefill <mode>", "LCKV prompt prefill (default: the device's, docs/usage.md)").choices([...PREFILL_MODES]))
+    .addOption(new Option("--prefill-passes <n>", "passes for --prefill iterative").argParser(intArg("--prefill-passes")))
+    .addOption(
+      new Option("--prefill-tolerance <x>", "for --prefill fixed-point: stop when no K/V value read from above moved by more than x times the largest (default 1e-6)").argParser((v: string) => {
+        const x = numArg("--prefill-tolerance")(v);
+        if (x < 0 || x >= 1) throw new InvalidArgumentError(`--prefill-tolerance must be a number in [0, 1), got ${v}`);
+        return x;
+      }),
+    );
+}
 
 addSamplingOptions(
   program
@@ -291,9 +296,6 @@ addSamplingOptions(
     .addOption(modelOption())
     .addOption(revisionOption()),
 )
-  .addOption(prefillOption())
-  .addOption(prefillPassesOption())
-  .addOption(prefillToleranceOption())
   .addOption(deviceOption())
   .addOption(dtypeOption())
   .addOption(kvDtypeOption())
@@ -333,9 +335,6 @@ addSamplingOptions(
     .addOption(revisionOption())
     .option("--system <text>", "a system message that opens the conversation"),
 )
-  .addOption(prefillOption())
-  .addOption(prefillPassesOption())
-  .addOption(prefillToleranceOption())
   .addOption(deviceOption())
   .addOption(dtypeOption())
   .addOption(kvDtypeOption())
@@ -521,18 +520,17 @@ program
       );
   });
 
-program
-  .command("eval-ppl")
-  .description("perplexity of a text file, in non-overlapping windows: window w scores tokens 1..n-1 of tokens [w*n, (w+1)*n) from their prefix in the window")
-  .requiredOption("--text <file>", "UTF-8 text to score")
-  .addOption(modelOption())
-  .addOption(revisionOption())
-  .option("--window <n>", "tokens per window (default: the model's context)", posIntArg("--window"))
-  .option("--max-tokens <n>", "score only the first n tokens (at least 2: the first is only context)", minIntArg("--max-tokens", 2))
-  .option("--json", "print JSON")
-  .addOption(prefillOption())
-  .addOption(prefillPassesOption())
-  .addOption(prefillToleranceOption())
+addPrefillOptions(
+  program
+    .command("eval-ppl")
+    .description("perplexity of a text file, in non-overlapping windows: window w scores tokens 1..n-1 of tokens [w*n, (w+1)*n) from their prefix in the window")
+    .requiredOption("--text <file>", "UTF-8 text to score")
+    .addOption(modelOption())
+    .addOption(revisionOption())
+    .option("--window <n>", "tokens per window (default: the model's context)", posIntArg("--window"))
+    .option("--max-tokens <n>", "score only the first n tokens (at least 2: the first is only context)", minIntArg("--max-tokens", 2))
+    .option("--json", "print JSON"),
+)
   .addOption(deviceOption())
   .addOption(dtypeOption())
   .addOption(kvDtypeOption())
@@ -586,24 +584,23 @@ program
     else process.stdout.write(`perplexity ${r.perplexity.toFixed(4)} over ${r.predictedTokens} predicted tokens in ${r.windows} window${r.windows === 1 ? "" : "s"} (${model.device}, ${model.kvCacheDtype} K/V cache)\n`);
   });
 
-program
-  .command("serve")
-  .description("serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)")
-  .addOption(modelOption())
-  .addOption(revisionOption())
-  .option("--host <host>", "address to listen on", "127.0.0.1")
-  .option("--port <port>", "port to listen on (0: any free port)", portArg("--port"), 8080)
-  .option("--api-key <key>", "require 'Authorization: Bearer <key>' on every request but /health and /metrics")
-  .option("--allowed-origins <origins>", "comma-separated origins whose pages a browser lets call the server (CORS; default: *, any; '': none)")
-  .option("--max-queue <n>", "requests that may wait for K/V pages at once; the next is answered 429", intArg("--max-queue"))
-  .option("--max-batch <n>", "sequences in one decode step at most (loadModel's maxBatch; default: its default for the device)", posIntArg("--max-batch"))
-  .option("--queue-timeout <ms>", "ms a request may wait for K/V pages before it is answered 503 (default: no limit)", intArg("--queue-timeout"))
-  .option("--write-stall-timeout <ms>", "ms a stream waits for a client that stopped reading before it drops it, freeing its K/V pages (default: 30000)", intArg("--write-stall-timeout"))
-  .option("--request-timeout <ms>", "ms a client has to send a whole request before it is answered 408 (default: 60000)", intArg("--request-timeout"))
-  .option("--max-context <n>", "context length in tokens (default: the model's, or what the K/V pool holds)", intArg("--max-context"))
-  .addOption(prefillOption())
-  .addOption(prefillPassesOption())
-  .addOption(prefillToleranceOption())
+addPrefillOptions(
+  program
+    .command("serve")
+    .description("serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)")
+    .addOption(modelOption())
+    .addOption(revisionOption())
+    .option("--host <host>", "address to listen on", "127.0.0.1")
+    .option("--port <port>", "port to listen on (0: any free port)", portArg("--port"), 8080)
+    .option("--api-key <key>", "require 'Authorization: Bearer <key>' on every request but /health and /metrics")
+    .option("--allowed-origins <origins>", "comma-separated origins whose pages a browser lets call the server (CORS; default: *, any; '': none)")
+    .option("--max-queue <n>", "requests that may wait for K/V pages at once; the next is answered 429", intArg("--max-queue"))
+    .option("--max-batch <n>", "sequences in one decode step at most (loadModel's maxBatch; default: its default for the device)", posIntArg("--max-batch"))
+    .option("--queue-timeout <ms>", "ms a request may wait for K/V pages before it is answered 503 (default: no limit)", intArg("--queue-timeout"))
+    .option("--write-stall-timeout <ms>", "ms a stream waits for a client that stopped reading before it drops it, freeing its K/V pages (default: 30000)", intArg("--write-stall-timeout"))
+    .option("--request-timeout <ms>", "ms a client has to send a whole request before it is answered 408 (default: 60000)", intArg("--request-timeout"))
+    .option("--max-context <n>", "context length in tokens (default: the model's, or what the K/V pool holds)", intArg("--max-context")),
+)
   .addOption(deviceOption())
   .addOption(dtypeOption())
   .addOption(kvDtypeOption())
