@@ -6,6 +6,12 @@
  * that is not enough the request waits in a FIFO queue until pages come back (a sequence is
  * disposed, truncated, or finishes its request). A request that could not fit even with the
  * whole pool to itself fails at once, as does one that finds the queue at its bound.
+ *
+ * A wait may end only by the caller's hand: when the pages are held by sequences that no
+ * request is prefilling or generating, only their dispose() or truncate() frees them. Such a
+ * wait says so once (a process warning), and while any request waits the queue keeps Node's
+ * event loop alive, so that a program that forgot a dispose() waits visibly instead of
+ * exiting with its request never settled and nothing said.
  */
 import { fromNative, KvCacheFullError } from "./errors";
 import { NativeModel, NativeSequence } from "./native";
@@ -41,6 +47,10 @@ interface Waiter {
 export class Admission {
   private waiters: Waiter[] = [];
   private pumping = false;
+  /** Keeps the event loop alive while requests wait (see the class's comment). */
+  private keepAlive?: NodeJS.Timeout;
+  private stallCheck?: NodeJS.Immediate;
+  private stallWarned = false;
   private geometry?: { pageTokens: number; pageBytes: number; pagesTotal: number; residualPages: number };
 
   constructor(
@@ -48,6 +58,8 @@ export class Admission {
     /** Drops the least recently used prefix-cache entry; false when there is none. */
     private readonly evictOne: () => boolean,
     private readonly options: AdmissionOptions,
+    /** Whether a request is prefilling or generating (EngineContext.working()): one that will give pages back when it ends. */
+    private readonly running: () => boolean,
   ) {}
 
   /** Requests waiting for pages now. */
@@ -125,6 +137,30 @@ export class Admission {
       // It goes first when it holds pages the others may be waiting for.
       if (first) this.waiters.unshift(waiter);
       else this.waiters.push(waiter);
+      this.keepAlive ??= setInterval(() => {}, 2 ** 31 - 1);
+      this.warnIfStalledSoon();
+    });
+  }
+
+  /**
+   * On the next turn of the event loop: if requests still wait while none is in flight, only
+   * the caller can free their pages; says so once, as a process warning (LCKV_KV_WAIT). Called
+   * when a request starts waiting and when the last request in flight ends.
+   */
+  warnIfStalledSoon(): void {
+    if (this.stallWarned || this.stallCheck || this.waiters.length === 0) return;
+    this.stallCheck = setImmediate(() => {
+      this.stallCheck = undefined;
+      this.pump();
+      if (this.stallWarned || this.waiters.length === 0 || this.running()) return;
+      this.stallWarned = true;
+      const stats = this.native().poolStats();
+      const timeout = Number.isFinite(this.options.queueTimeout) ? `, or for at most queueTimeout (${this.options.queueTimeout} ms)` : " (loadModel's queueTimeout bounds the wait)";
+      process.emitWarning(
+        `lckv: ${this.waiters.length === 1 ? "a request waits" : `${this.waiters.length} requests wait`} for K/V pages, and no request in flight will give any back: ` +
+          `sequences that are not running hold them (${stats.pagesUsed} of ${stats.pagesTotal} pages held). It waits until one of them is disposed or truncated${timeout}.`,
+        { code: "LCKV_KV_WAIT" },
+      );
     });
   }
 
@@ -182,6 +218,10 @@ export class Admission {
     const i = this.waiters.indexOf(w);
     if (i >= 0) this.waiters.splice(i, 1);
     w.cleanup();
+    if (this.waiters.length === 0 && this.keepAlive) {
+      clearInterval(this.keepAlive);
+      this.keepAlive = undefined;
+    }
   }
 
   private tryReserve(seq: NativeSequence, total: number, extraPages: () => number, decodeFrom: number | undefined): boolean {

@@ -134,7 +134,7 @@ export class EngineContext {
   private readonly inflight = new Set<Promise<unknown>>();
 
   constructor(init: EngineContextInit) {
-    this.admission = new Admission(() => this.nativeModel(), init.evictCached, init.admission);
+    this.admission = new Admission(() => this.nativeModel(), init.evictCached, init.admission, () => this.inFlight > 0);
     this.native = init.native;
     this.directory = init.directory;
     this.config = init.config;
@@ -397,6 +397,8 @@ export class EngineContext {
     return () => {
       if (!done) this.inFlight--;
       done = true;
+      // The last request in flight has ended: one still waiting now waits for the caller.
+      if (this.inFlight === 0 && !this.disposed) this.admission.warnIfStalledSoon();
     };
   }
 

@@ -1,8 +1,10 @@
 /**
  * The queue for K/V pages never strands a request: whatever frees or makes evictable the pages
  * a waiting request needs lets it in, a sequence that holds pages does not queue behind a request
- * waiting for them, and an abort ends a wait.
+ * waiting for them, and an abort ends a wait. A wait that only the caller can end says so.
  */
+import { spawnSync } from "node:child_process";
+import * as path from "node:path";
 import { AbortError, DisposedError, KV_PAGE_TOKENS, loadModel, Model } from "../../lib";
 import { writeTinyModel } from "../helpers/tiny-model";
 
@@ -125,4 +127,49 @@ test("a sequence disposed while its append() waits for pages leaves the queue at
   expect(order).toEqual(["append failed", "pages freed"]);
   expect(m.auditCache()).toBe("");
   await m.dispose();
+});
+
+/** Runs `body` (JavaScript, in an async function with loadModel, m: a model of 4 pages) in a node of its own, for at most ms. */
+function runAlone(body: string, ms: number) {
+  const script = `
+    const { loadModel, KV_PAGE_TOKENS } = require(${JSON.stringify(path.join(__dirname, "..", "..", "dist"))});
+    (async () => {
+      const probe = await loadModel(${JSON.stringify(dir)}, { device: "cpu" });
+      const pageBytes = probe.kvBytesPerToken * KV_PAGE_TOKENS;
+      await probe.dispose();
+      const m = await loadModel(${JSON.stringify(dir)}, { device: "cpu", kvCacheMemory: 4 * pageBytes, prefixCache: 0 });
+      ${body}
+    })();`;
+  return spawnSync(process.execPath, ["-e", script], { encoding: "utf8", timeout: ms, env: { ...process.env, LCKV_QUIET: "1" } });
+}
+
+test("a program whose request waits for pages it never frees stays alive and says why (once), instead of exiting with the request unsettled", () => {
+  const r = runAlone(
+    `const a = m.createSequence();
+      await a.append(Array(60).fill(7));
+      const b = m.createSequence();
+      await b.append(Array(20).fill(7));
+      const c = m.createSequence();
+      c.append(Array(20).fill(8)).then(() => console.log("c settled"));
+      console.log("b settled", await b.append(Array(20).fill(7)));`,
+    8000,
+  );
+  // Killed by the timeout: still waiting, the warning said once, though a second request came to wait.
+  expect(r.signal).toBe("SIGTERM");
+  expect(r.stdout).toBe("");
+  expect(r.stderr.match(/LCKV_KV_WAIT/g)).toHaveLength(1);
+  expect(r.stderr).toMatch(/\[LCKV_KV_WAIT\] Warning: lckv: (a request waits|2 requests wait) for K\/V pages, and no request in flight will give any back: sequences that are not running hold them \(4 of 4 pages held\)\. It waits until one of them is disposed or truncated \(loadModel's queueTimeout bounds the wait\)\./);
+});
+
+test("a request waiting behind a running one, or behind idle sequences that are then disposed, says nothing and is let in", () => {
+  const r = runAlone(
+    `const running = m.generate(Array(20).fill(3), { maxNewTokens: 40, ignoreEos: true }); // all 4 pages
+      const behind = m.generate(Array(10).fill(4), { maxNewTokens: 20, ignoreEos: true });
+      console.log((await running).tokens.length, (await behind).tokens.length);
+      await m.dispose();`,
+    60000,
+  );
+  expect(r.status).toBe(0);
+  expect(r.stdout).toBe("40 20\n");
+  expect(r.stderr).not.toMatch(/LCKV_KV_WAIT/);
 });
