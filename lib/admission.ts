@@ -164,6 +164,25 @@ export class Admission {
     });
   }
 
+  /**
+   * Refuses (LCKV_REQUEST_TOO_LARGE) forks of one prefill that could never run, given one of
+   * them: each fork writes into the prompt's last page, shared while its siblings hold it, so
+   * each copies that page and needs its own pages plus the original its siblings keep. Where
+   * the whole pool cannot hold that, each fork would wait for good for the page the others hold.
+   */
+  refuseForksThatCannotFit(fork: NativeSequence, total: number, decodeFrom: number): void {
+    const stats = (this.geometry ??= this.native().poolStats());
+    const held = Math.round(fork.kvBytes / stats.pageBytes);
+    const need = held + fork.pagesToReserve(total, 0, decodeFrom);
+    if (need > stats.pagesTotal) {
+      throw new KvCacheFullError(
+        `each of several completions of one prompt copies the prompt's last page, which the others share: each needs ${need} pages of ${stats.pageTokens} tokens for ${total} tokens, ` +
+          `but the whole K/V cache has ${stats.pagesTotal} (ask for one completion, fewer tokens, or raise loadModel's kvCacheMemory)`,
+        "LCKV_REQUEST_TOO_LARGE",
+      );
+    }
+  }
+
   /** Admits waiting requests, in order, while pages allow. Call whenever pages may have come back. */
   pump(): void {
     // Not re-entered: an eviction inside tryReserve disposes a sequence, whose close pumps.

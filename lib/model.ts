@@ -426,6 +426,18 @@ export class Model implements AsyncDisposable {
       forks.forEach((_, i) => {
         if (!closed[i]) forks[i] = seq.fork();
       });
+      const open = forks.filter((f): f is Sequence => f !== null);
+      if (open.length >= 2) {
+        try {
+          open[0].refuseForksThatCannotFit(prompt.length, opts.maxNewTokens);
+        } catch (e) {
+          forks.forEach((f, i) => {
+            f?.dispose();
+            forks[i] = null;
+          });
+          throw e;
+        }
+      }
       return { promptTokens: prompt.length, passes };
     } catch (e) {
       throw saidOfTheModel(e);

@@ -160,6 +160,11 @@ export class Sequence implements Disposable {
     return this.ensureReserved(Math.min(promptTokens + maxNewTokens, this.engine.maxContext), { signal, decodeFrom: promptTokens });
   }
 
+  /** @internal model.streamMany(): refuses forks of a prefill that could never run (Admission.refuseForksThatCannotFit). */
+  refuseForksThatCannotFit(promptTokens: number, maxNewTokens: number): void {
+    this.engine.admission.refuseForksThatCannotFit(this.live(), Math.min(promptTokens + maxNewTokens, this.engine.maxContext), promptTokens);
+  }
+
   /** @internal Drops a reservation reserveRequest() made, when the request does not go on. */
   releaseRequest(): void {
     this.releaseReservation();

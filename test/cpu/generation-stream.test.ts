@@ -263,6 +263,30 @@ describe("streamMany", () => {
     expect(model.auditCache()).toBe("");
   });
 
+  test("forks whose copies of the shared last page the pool cannot hold beside it are refused at once, not left waiting on each other", async () => {
+    const small = await modelWithPages(8); // 128 tokens, the model's context
+    try {
+      // 10 prompt tokens end mid-page: each fork copies that page while its sibling keeps it,
+      // so 123 tokens (8 pages) need 9 pages each.
+      const refused = await Promise.allSettled(small.streamMany(prompt, 2, { maxNewTokens: 113, ignoreEos: true }).map((s) => s.result));
+      for (const r of refused) {
+        expect(r.status).toBe("rejected");
+        const e = (r as PromiseRejectedResult).reason;
+        expect(e.code).toBe("LCKV_REQUEST_TOO_LARGE");
+        expect(e.message).toMatch(/each needs 9 pages of 16 tokens for 123 tokens, but the whole K\/V cache has 8/);
+      }
+      expect(small.cacheStats().queued).toBe(0);
+      expect(small.cacheStats().liveSequences).toBe(0);
+      expect(small.auditCache()).toBe("");
+      // One completion of it fits, and so do two that need 8 pages each: they run in turn.
+      expect((await small.generate(prompt, { maxNewTokens: 113, ignoreEos: true })).tokens).toHaveLength(113);
+      const fits = await Promise.all(small.streamMany(prompt, 2, { maxNewTokens: 102, ignoreEos: true }).map((s) => s.result));
+      expect(fits.map((r) => r.tokens.length)).toEqual([102, 102]);
+    } finally {
+      await small.dispose();
+    }
+  });
+
   test("return() ends a stream's wait for the shared prefill at once, and the prefill's wait for pages once every stream is returned", async () => {
     const small = await modelWithPages(8);
     try {
