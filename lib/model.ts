@@ -38,6 +38,15 @@ export { KV_PAGE_TOKENS };
 /** The most completions streamMany() makes of one prompt (OpenAI's limit for `n`). */
 export const MAX_COMPLETIONS = 128;
 
+/**
+ * Completion i's seed in streamMany(): seed + i, wrapped past Number.MAX_SAFE_INTEGER (the
+ * largest seed generate() takes) to 0, 1, ..., so that every seed a request may give works for
+ * each of its completions, each with a seed of its own.
+ */
+export function forkSeed(seed: number, i: number): number {
+  return seed > Number.MAX_SAFE_INTEGER - i ? seed - 2 ** 53 + i : seed + i;
+}
+
 /** streamMany()'s prefill, shared by its streams; `ended` when no generation is to run. */
 interface SharedPrefill {
   promptTokens: number;
@@ -360,7 +369,8 @@ export class Model implements AsyncDisposable {
   /**
    * n completions of one prompt from one prefill (OpenAI's `n`): the prompt is prefilled once
    * and the sequence forked n times (the forks share its pages, copy-on-write); completion i
-   * samples with seed + i when a seed is given. The prefill runs when the first stream is
+   * samples with seed + i when a seed is given (past 2^53 - 1, the largest seed, it wraps to 0 on:
+   * forkSeed). The prefill runs when the first stream is
    * iterated (or its result awaited); a stream neither iterated nor awaited holds its fork until
    * return() is called on it. A stream's return() ends its own wait for the prefill at once; the
    * prefill (and its wait for pages) stops once every stream has been returned, as stream()'s
@@ -470,7 +480,7 @@ export class Model implements AsyncDisposable {
     let finished = false;
     try {
       const seed = options?.seed;
-      const opts = typeof seed === "number" ? { ...options, seed: seed + i } : options;
+      const opts = typeof seed === "number" ? { ...options, seed: forkSeed(seed, i) } : options;
       const result = yield* seq.run(opts, shared.promptTokens, shared.passes, progress);
       finished = true;
       return result;

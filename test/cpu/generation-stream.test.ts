@@ -4,6 +4,7 @@
  * prefill).
  */
 import { GenerateResult, GenerationStream, InvalidOptionError, loadModel, Model, StreamChunk } from "../../lib";
+import { forkSeed } from "../../lib/model";
 import { writeTinyModel } from "../helpers/tiny-model";
 
 process.env.LCKV_QUIET = "1";
@@ -261,6 +262,17 @@ describe("streamMany", () => {
     expect((await c.result).tokens).toEqual([]);
     expect(model.cacheStats().liveSequences).toBe(live);
     expect(model.auditCache()).toBe("");
+  });
+
+  test("completion i samples with seed + i, wrapped past 2^53 - 1 to 0: the largest seed works for every completion", async () => {
+    const max = Number.MAX_SAFE_INTEGER;
+    expect([0, 1, 2].map((i) => forkSeed(max, i))).toEqual([max, 0, 1]);
+    expect([0, 1, 2].map((i) => forkSeed(max - 1, i))).toEqual([max - 1, max, 0]);
+    expect([0, 1].map((i) => forkSeed(-5, i))).toEqual([-5, -4]);
+    const sampled = { maxNewTokens: 8, temperature: 1.5, ignoreEos: true };
+    const results = await Promise.all(model.streamMany(prompt, 3, { ...sampled, seed: max }).map((s) => s.result));
+    const alone = await Promise.all([max, 0, 1].map((seed) => model.generate(prompt, { ...sampled, seed })));
+    expect(results.map((r) => r.tokens)).toEqual(alone.map((r) => r.tokens));
   });
 
   test("forks whose copies of the shared last page the pool cannot hold beside it are refused at once, not left waiting on each other", async () => {
