@@ -343,6 +343,9 @@ addSamplingOptions(
   .action(async (o) => {
     const g = samplingOptions(o);
     await using model = await open(o);
+    // Without --prefill, a flag of another mode than the model's default is refused now, not
+    // after the first message is typed.
+    refuseUnusedPrefillOptions(model, g);
     const newSession = () => model.createChatSession(o.system ? { system: o.system } : {});  // no template: fails here
     let session = newSession();
     // Lines are read through the interface's iterator, which holds the lines that arrive while

@@ -376,6 +376,13 @@ test("chat takes --prefill and its passes, and refuses a flag of another mode be
   const wrong = run(["chat", "--model", "/no/such/model", "--prefill", "iterative", "--prefill-tolerance", "0.1"], "hi\n");
   expect(wrong.code).toBe(1);
   expect(wrong.err).toMatch(/^lckv: option '--prefill-tolerance': applies to prefill "fixed-point" only, and the prefill is iterative$/m);
+  // Without --prefill, the model's default mode decides (sequential on the CPU): refused once it
+  // is loaded, before any line is read.
+  // (An empty stdin: no line is ever sent, so only that check can refuse it.)
+  const byDefault = run(["chat", "--model", chatModel, "--device", "cpu", "--prefill-passes", "3"], "");
+  expect(byDefault.code).toBe(1);
+  expect(byDefault.out).toBe("");
+  expect(byDefault.err).toMatch(/^lckv: option '--prefill-passes': applies to prefill "iterative" only, and the prefill is sequential$/m);
 });
 
 test("--kv-cache-memory takes a size with a binary suffix, and sets the pool the context is cut to", () => {
