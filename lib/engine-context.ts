@@ -128,6 +128,11 @@ export class EngineContext {
   private prefilled = 0;
   /** Requests prefilling or generating now (see working()). */
   private inFlight = 0;
+
+  /** Requests prefilling or generating now (working()): admitted, not waiting for pages. */
+  get running(): number {
+    return this.inFlight;
+  }
   /** Raised by the model's dispose(): running prefills stop at their next pass or token. */
   private readonly disposing = new AbortController();
   /** Native prefill calls in flight, which dispose() waits out after cancelling them. */

@@ -29,6 +29,8 @@ export interface CacheStats extends KvPoolStats {
   kvBytes: number;
   /** Requests waiting for pages. */
   queued: number;
+  /** Requests prefilling or generating now (a sequence's append() or generate(); streamMany()'s shared prefill counts once, then each completion). */
+  running: number;
   prefilledTokens: number;
   prefixCache: PrefixCacheStats;
 }
@@ -213,7 +215,7 @@ export class Model implements AsyncDisposable {
    * The K/V pool's accounting: page size, pages total / used / free / cached (held only by
    * finished requests kept for prefix reuse) / reserved (promised to running requests), the
    * capacity in tokens, bytes per token, live sequences and the bytes of the pages they hold,
-   * requests waiting for pages, prompt tokens prefilled, and prefix reuse.
+   * requests waiting for pages and those running, prompt tokens prefilled, and prefix reuse.
    */
   cacheStats(): CacheStats {
     // A disposed model has no pool: every count is zero.
@@ -236,6 +238,7 @@ export class Model implements AsyncDisposable {
       liveSequences: this.engine.live.size,
       kvBytes,
       queued: this.admission.queued,
+      running: this.engine.running,
       prefilledTokens: this.engine.prefilledTokens,
       prefixCache: this.prefixCache.stats(),
     };

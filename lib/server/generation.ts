@@ -120,7 +120,6 @@ export interface CompletionWriter {
  */
 export async function runStreams(streams: CompletionStream[], write: CompletionWriter, abort: () => void, metrics: ServerMetrics, arrivedAt: number): Promise<GenerateResult[]> {
   const one = async (it: CompletionStream, index: number): Promise<GenerateResult> => {
-    const ended = metrics.startGeneration();
     let last: number | undefined;
     let seen = 0;
     const token = () => {
@@ -146,8 +145,6 @@ export async function runStreams(streams: CompletionStream[], write: CompletionW
     } catch (e) {
       abort();
       throw e;
-    } finally {
-      ended();
     }
   };
   const settled = await Promise.allSettled(streams.map(one));

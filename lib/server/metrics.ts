@@ -8,8 +8,6 @@ import type { Model } from "../model";
 
 export class ServerMetrics {
   readonly registry = new Registry();
-  /** Generations (one per completion of a request) running now: the server's count. */
-  private running = 0;
   private readonly tokens: Counter;
   private readonly requests: Counter<"endpoint" | "status">;
   private readonly ttft: Histogram;
@@ -34,13 +32,13 @@ export class ServerMetrics {
         },
       });
     }
-    const self = this;
+    // As vLLM's num_requests_running beside num_requests_waiting: admitted, not waiting.
     new Gauge({
       name: "lckv_running_sequences",
-      help: "Completions being generated now",
+      help: "Sequences prefilling or generating now (not those waiting for K/V pages: lckv_queue_length)",
       registers,
       collect() {
-        this.set(self.running);
+        this.set(model.cacheStats().running);
       },
     });
     new Gauge({
@@ -66,16 +64,6 @@ export class ServerMetrics {
       buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
       registers,
     });
-  }
-
-  /** A completion started generating; the function it returns says it ended. */
-  startGeneration(): () => void {
-    this.running++;
-    let ended = false;
-    return () => {
-      if (!ended) this.running--;
-      ended = true;
-    };
   }
 
   /** A token of a completion: `sinceMs` is the time since the request came, or since its last token. */

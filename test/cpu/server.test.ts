@@ -11,7 +11,7 @@ import * as http from "node:http";
 import * as net from "node:net";
 import * as path from "node:path";
 import OpenAI, { APIUserAbortError } from "openai";
-import { createServer } from "../../lib";
+import { createServer, loadModel } from "../../lib";
 import { rng } from "../helpers/tiny-model";
 import { expectIdle, metric, postJson, serverForFile, startServer } from "../helpers/openai-server";
 import { testTempDir } from "../helpers/temp-dir";
@@ -536,4 +536,40 @@ test("fastify's inject() (how a server is tested without a port) is answered, an
   expect(err).toBe("");
   expect(code).toBe(0);
   expect(out.trim()).toBe('200 {"status":"ok"} closed');
+});
+
+test("lckv_running_sequences counts the sequences prefilling or generating, not the requests waiting for K/V pages (lckv_queue_length)", async () => {
+  const probe = await loadModel(fixture, { device: "cpu" });
+  const pageBytes = probe.cacheStats().pageBytes;
+  await probe.dispose();
+  const model = await loadModel(fixture, { device: "cpu", prefixCache: 0, kvCacheMemory: 8 * pageBytes });
+  const srv = await startServer(model);
+  try {
+    const scrape = async () => (await fetch(`${srv.url}/metrics`)).text();
+    const hog = model.createSequence();
+    await hog.append(Array.from({ length: 120 }, (_, i) => 3 + (i % 50))); // all 8 pages, and idle
+    const waiting = srv.client.completions.create({ model: "m", prompt: "Once upon", max_tokens: 4, n: 2 });
+    let text = await scrape();
+    for (let i = 0; i < 200 && metric(text, "lckv_queue_length") === 0; i++) text = (await new Promise((r) => setTimeout(r, 10)), await scrape());
+    expect(metric(text, "lckv_queue_length")).toBe(1);
+    expect(metric(text, "lckv_running_sequences")).toBe(0);
+    // A running request counts once it is admitted: its prefill, then each of its n completions.
+    const running = model.createSequence();
+    hog.dispose();
+    const r = await waiting;
+    expect(r.choices).toHaveLength(2);
+    await running.append([5, 6, 7]);
+    const gen = running.generate({ maxNewTokens: 30, ignoreEos: true });
+    let sawRunning = 0;
+    for await (const c of gen) {
+      void c;
+      sawRunning = Math.max(sawRunning, metric(await scrape(), "lckv_running_sequences"));
+    }
+    expect(sawRunning).toBe(1);
+    running.dispose();
+    expect(metric(await scrape(), "lckv_running_sequences")).toBe(0);
+  } finally {
+    await srv.app.close();
+    await model.dispose();
+  }
 });
