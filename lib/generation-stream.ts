@@ -15,7 +15,9 @@ export interface GenerationStream extends AsyncGenerator<StreamChunk, GenerateRe
    * the tokens and usage so far), or failed (rejects with the error the iteration threw).
    * Awaited (or given a then()) before the stream is iterated, it runs the stream itself: the
    * chunks are kept for a later iteration, which gets every one. Reading it to await later
-   * starts nothing. An unobserved rejection is not reported as unhandled.
+   * starts nothing. Once the stream is iterated (a next() call), the caller drives it and the
+   * result settles when that iteration ends: awaited by a caller who stops calling next()
+   * without return(), it waits for good. An unobserved rejection is not reported as unhandled.
    */
   readonly result: Promise<GenerateResult>;
   /**
