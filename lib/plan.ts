@@ -4,7 +4,7 @@
  * LCKV": a standard model is simply the plan where every layer reads its own K/V.
  */
 import { ConfigError, InvalidOptionError } from "./errors";
-import { brief } from "./options";
+import { brief, describe } from "./options";
 
 export interface KvPlan {
   /** target[i]: the layer whose K/V layer i's queries attend to. */
@@ -88,7 +88,24 @@ export function parseLayerTypes(raw: unknown, numLayers: number, file: string): 
   return { target: entries.map((e) => e.target), sliding: entries.map((e) => e.sliding) };
 }
 
+/**
+ * Refuses, by name, an argument of the exported plan functions that lacks the arrays they read
+ * (what parseLayerTypes or buildPlan returns): `arrays` must each be an array of the same length.
+ */
+function checkArrays(name: string, v: unknown, arrays: string[]): void {
+  const shape = `must be ${name === "plan" ? "a plan (buildPlan's result)" : "parseLayerTypes' result"}, with the arrays ${arrays.join(" and ")}`;
+  if (v === null || typeof v !== "object") throw new InvalidOptionError(name, `${shape}, got ${describe(v)}`);
+  const o = v as Record<string, unknown>;
+  for (const a of arrays) {
+    if (!Array.isArray(o[a]) || (o[a] as unknown[]).length !== (o[arrays[0]] as unknown[]).length) {
+      throw new InvalidOptionError(name, `${shape} of one length; its ${a} is ${Array.isArray(o[a]) ? `${(o[a] as unknown[]).length} long` : describe(o[a])}`);
+    }
+  }
+}
+
 export function buildPlan(spec: LayerTypesSpec, opts: { forceNodiag: boolean; slidingWindow: number }): KvPlan {
+  checkArrays("spec", spec, ["target", "sliding"]);
+  if (opts === null || typeof opts !== "object") throw new InvalidOptionError("opts", `must be { forceNodiag, slidingWindow }, got ${describe(opts)}`);
   const n = spec.target.length;
   // A sliding layer with no window would read as a full one (and lose its 's' in formatLayerTypes).
   if (spec.sliding.some((s) => s) && !(Number.isInteger(opts.slidingWindow) && opts.slidingWindow >= 1)) {
@@ -120,5 +137,6 @@ export function range(n: number): number[] {
 
 /** The underscore form of a plan's targets, with `s` on sliding layers. */
 export function formatLayerTypes(plan: KvPlan): string {
+  checkArrays("plan", plan, ["target", "window"]);
   return plan.target.map((t, i) => `${t}${plan.window[i] > 0 ? "s" : ""}`).join("_");
 }

@@ -1,5 +1,5 @@
 /** The KV plan built from layer_types: targets, diagonal rule, KV layers, cyclic group. */
-import { buildPlan, formatLayerTypes, parseLayerTypes } from "../../lib";
+import { buildPlan, formatLayerTypes, InvalidOptionError, parseLayerTypes } from "../../lib";
 
 const plan = (lt: unknown, n: number, forceNodiag = false, slidingWindow = 0) =>
   buildPlan(parseLayerTypes(lt, n, "config.json"), { forceNodiag, slidingWindow });
@@ -58,4 +58,24 @@ test("a sliding layer needs a window of at least one token", () => {
   }
   expect(() => plan("0s_1", 2, false, 0)).toThrow("option 'slidingWindow': must be an integer >= 1 when a layer slides, got 0");
   expect(plan("0_1", 2, false, 0).window).toEqual([0, 0]); // no sliding layer: the window is unused
+});
+
+test("the exported plan functions refuse an argument that is not what they take with a typed error naming it", () => {
+  const refused = (f: () => unknown, option: string, detail: RegExp) => {
+    let error: unknown;
+    try {
+      f();
+    } catch (e) {
+      error = e;
+    }
+    expect(error).toBeInstanceOf(InvalidOptionError);
+    expect((error as InvalidOptionError).option).toBe(option);
+    expect((error as InvalidOptionError).detail).toMatch(detail);
+  };
+  const spec = parseLayerTypes("0_2_2", 3, "config.json");
+  refused(() => buildPlan(null as never, { forceNodiag: false, slidingWindow: 0 }), "spec", /must be parseLayerTypes' result, with the arrays target and sliding, got null/);
+  refused(() => buildPlan({ target: [0, 1], sliding: [false] }, { forceNodiag: false, slidingWindow: 0 }), "spec", /its sliding is 1 long/);
+  refused(() => buildPlan(spec, undefined as never), "opts", /must be \{ forceNodiag, slidingWindow \}, got undefined/);
+  refused(() => formatLayerTypes({} as never), "plan", /must be a plan \(buildPlan's result\).*its target is undefined/);
+  expect(formatLayerTypes(buildPlan(spec, { forceNodiag: false, slidingWindow: 0 }))).toBe("0_2_2");
 });
