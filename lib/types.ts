@@ -39,6 +39,9 @@ export interface GenerateResult {
   /**
    * completionTokens: the tokens generated, an end-of-sequence token that ended the generation
    * included (as OpenAI and vLLM count it): `tokens.length`, plus 1 when one did.
+   * promptTokens: the request's prompt (model.generate(), stream(), chat(); a chat session's
+   * turn counts the conversation so far). A sequence's own generate() has no prompt of its own:
+   * what it continues was appended before, so it counts 0.
    */
   usage: { promptTokens: number; completionTokens: number };
   /** Passes the prefill ran over the cyclic layer group (1 when the model has none). */
