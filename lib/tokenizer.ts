@@ -14,6 +14,9 @@ export interface ChatMessage {
   content: string;
 }
 
+/** The special tokens transformers hands a chat template by name (its special_tokens_map). */
+const TEMPLATE_SPECIAL_TOKENS = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"] as const;
+
 function tokenText(v: unknown): string | undefined {
   if (typeof v === "string") return v;
   if (v && typeof v === "object" && typeof (v as { content?: unknown }).content === "string") return (v as { content: string }).content;
@@ -44,6 +47,8 @@ export class Tokenizer {
   private readonly pieceBytes: { byteLevel: boolean; byteFallback: boolean; spaceMark?: string };
   /** Special added tokens: their bytes are their text's, as decode() gives it (none). */
   private readonly specialIds: Set<number>;
+  /** The special tokens a chat template sees by name ("" for one the model has none of), as transformers gives them. */
+  private readonly templateSpecials: Record<string, string>;
 
   /**
    * `templateFile`: a chat template read from a file of its own (chat_template.jinja, or
@@ -64,6 +69,7 @@ export class Tokenizer {
     this.templateSource = file;
     this.bosToken = tokenText(config.bos_token);
     this.eosToken = tokenText(config.eos_token);
+    this.templateSpecials = Object.fromEntries(TEMPLATE_SPECIAL_TOKENS.map((k) => [k, tokenText(config[k]) ?? ""]));
     this.bosTokenId = this.bosToken !== undefined ? this.tokenToId(this.bosToken) : undefined;
     this.eosTokenId = this.eosToken !== undefined ? this.tokenToId(this.eosToken) : undefined;
     this.templateDir = path.dirname(file);
@@ -197,8 +203,7 @@ export class Tokenizer {
       return this.template!.render({
         messages,
         add_generation_prompt: options?.addGenerationPrompt ?? true,
-        bos_token: this.bosToken ?? "",
-        eos_token: this.eosToken ?? "",
+        ...this.templateSpecials,
       });
     } catch (e) {
       // The template parsed at load, so what fails now is these messages: a template's
@@ -228,8 +233,8 @@ function templateFile(dir: string): { file: string; field: string; source: unkno
 }
 
 /**
- * bos_token and eos_token from special_tokens_map.json, where it has them: transformers lets its
- * values replace tokenizer_config.json's, and older repos keep them there alone (a template's
+ * The special tokens of special_tokens_map.json, where it has them: transformers lets its values
+ * replace tokenizer_config.json's, and older repos keep them there alone (a template's
  * {{ bos_token }} rendered as nothing without them).
  */
 function specialTokensMap(dir: string): Record<string, unknown> {
@@ -237,7 +242,7 @@ function specialTokensMap(dir: string): Record<string, unknown> {
   if (!modelFileExists(file)) return {};
   const map = readJsonObject(file);
   const out: Record<string, unknown> = {};
-  for (const key of ["bos_token", "eos_token"]) {
+  for (const key of TEMPLATE_SPECIAL_TOKENS) {
     const v = map[key];
     if (tokenText(v) !== undefined) out[key] = v;
   }
