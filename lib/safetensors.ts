@@ -127,12 +127,14 @@ function isShardName(shard: unknown): shard is string {
 }
 
 /**
- * All tensors of a model directory: model.safetensors, or the shards listed by
- * model.safetensors.index.json.
+ * All tensors of a model directory: model.safetensors, or else the shards listed by
+ * model.safetensors.index.json. The single file comes first, as transformers (and the hub
+ * download, hub.ts) take it: a directory holding both has its merged file beside a stale index.
  */
 export function readModelTensors(dir: string): Map<string, TensorInfo> {
   const index = path.join(dir, "model.safetensors.index.json");
   const single = path.join(dir, "model.safetensors");
+  if (modelFileExists(single)) return readSafetensorsHeader(single);
   if (modelFileExists(index)) {
     const parsed = readJson(index);
     const map = (parsed as { weight_map?: unknown })?.weight_map;
@@ -156,6 +158,5 @@ export function readModelTensors(dir: string): Map<string, TensorInfo> {
     }
     return out;
   }
-  if (modelFileExists(single)) return readSafetensorsHeader(single);
   throw new ModelLoadError(`${dir}: no model.safetensors or model.safetensors.index.json`, dir);
 }

@@ -247,8 +247,21 @@ describe("weight files", () => {
     expect(loop.message).toMatch(/tokenizer\.json is a symbolic link that leads nowhere \(ELOOP/);
   });
 
+  test("model.safetensors comes before an index beside it, as transformers takes it: a stale index does not stop the load", async () => {
+    const dir = writeShardedTinyModel();
+    setShard(dir, "model.norm.weight", "gone.safetensors");
+    const stale = await load(dir).catch((x) => x);
+    expect(stale).toBeInstanceOf(ModelLoadError);
+    // The merged file beside it is what loads.
+    fs.copyFileSync(st(writeTinyModel()), st(dir));
+    const m = await load(dir);
+    expect((await m.generate([1, 2, 3], { maxNewTokens: 2, temperature: 0, ignoreEos: true })).tokens).toHaveLength(2);
+    await m.dispose();
+  });
+
   test("model.safetensors.index.json is a directory", async () => {
     const dir = writeTinyModel();
+    fs.rmSync(st(dir));
     fs.mkdirSync(path.join(dir, "model.safetensors.index.json"));
     const e = await load(dir).catch((x) => x);
     expect(e).toBeInstanceOf(ModelLoadError);
