@@ -176,6 +176,22 @@ async function open(opts: {
   return loadModel(opts.model, load);
 }
 
+// A text file a flag names, as UTF-8: bytes that are not (a binary file, another encoding) are
+// refused by name rather than scored or fitted as U+FFFD.
+function readTextFile(flag: string, file: string): string {
+  let bytes: Buffer;
+  try {
+    bytes = fs.readFileSync(file);
+  } catch (e) {
+    throw new LckvError("LCKV_IO", `cannot read ${flag} ${file}: ${(e as Error).message}`);
+  }
+  try {
+    return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+  } catch {
+    throw new InvalidInputError(`${flag} ${file} is not UTF-8 text`);
+  }
+}
+
 // The sampling options of generate and chat as the library takes them, checked before any output
 // or model load, so that a bad value fails first (resolveGenerateOptions names the option).
 function samplingOptions(o: Record<string, unknown>): GenerateOptions {
@@ -481,12 +497,7 @@ program
   .addOption(deviceOption())
   .action(async (model: string, o) => {
     if ((o.kvLayers === undefined) === (o.ratio === undefined)) throw new InvalidOptionError("kvLayers", "give exactly one of --kv-layers and --ratio");
-    let text: string;
-    try {
-      text = fs.readFileSync(o.calib, "utf8");
-    } catch (e) {
-      throw new LckvError("LCKV_IO", `cannot read --calib ${o.calib}: ${(e as Error).message}`);
-    }
+    const text = readTextFile("--calib", o.calib);
     const bar = progressBar("{phase} {bar} {value}/{total}");
     let phase = "";
     let report;
@@ -539,13 +550,8 @@ addPrefillOptions(
   .addOption(kvDtypeOption())
   .addOption(kvMemoryOption())
   .action(async (o) => {
-    let text: string;
-    try {
-      text = fs.readFileSync(o.text, "utf8");
-    } catch (e) {
-      throw new LckvError("LCKV_IO", `cannot read --text ${o.text}: ${(e as Error).message}`);
-    }
-    if (text.trim() === "") throw new InvalidInputError(`--text ${o.text} is empty: perplexity needs at least two tokens of text`);
+    const text = readTextFile("--text", o.text);
+    if (text === "") throw new InvalidInputError(`--text ${o.text} is empty: perplexity needs at least two tokens of text`);
     await using model = await open(o);
     if (!model.tokenizer) throw new LckvError("LCKV_NO_TOKENIZER", `${model.directory} has no tokenizer.json`);
     let ids = model.tokenizer.encode(text, { addSpecialTokens: false });

@@ -283,17 +283,30 @@ test("eval-ppl --prefill-tolerance reaches the fixed point's test: a looser one 
   expect(wrong.err).toMatch(/option '--prefill-passes': applies to prefill "iterative" only, and the prefill is sequential/);
 });
 
-test("eval-ppl on an empty file is a typed error with a non-zero exit", () => {
+test("eval-ppl on an empty file or one that is not UTF-8 is a typed error with a non-zero exit; whitespace is text, scored", () => {
   const dir = testTempDir("lckv-cli-");
   try {
-    for (const text of ["", "  \n"]) {
-      const f = path.join(dir, "empty.txt");
-      fs.writeFileSync(f, text);
-      const r = run(["eval-ppl", "--text", f, "--model", fixture]);
-      expect(r.code).toBe(1);
-      expect(r.out).toBe("");
-      expect(r.err).toMatch(/--text .*empty\.txt is empty: perplexity needs at least two tokens/);
-    }
+    const f = path.join(dir, "empty.txt");
+    fs.writeFileSync(f, "");
+    const empty = run(["eval-ppl", "--text", f, "--model", fixture]);
+    expect(empty.code).toBe(1);
+    expect(empty.out).toBe("");
+    expect(empty.err).toMatch(/--text .*empty\.txt is empty: perplexity needs at least two tokens/);
+    // Bytes that are no UTF-8 (a binary file) are refused, not scored as U+FFFD.
+    const bin = path.join(dir, "data.bin");
+    fs.writeFileSync(bin, Buffer.from([0x4f, 0x6e, 0xff, 0xfe, 0x80, 0x20, 0x61]));
+    const binary = run(["eval-ppl", "--text", bin, "--model", fixture]);
+    expect(binary.code).toBe(1);
+    expect(binary.err).toMatch(/^lckv: --text .*data\.bin is not UTF-8 text$/m);
+    const calib = run(["condense", fixture, "--out", path.join(dir, "out"), "--calib", bin, "--kv-layers", "2"]);
+    expect(calib.code).toBe(1);
+    expect(calib.err).toMatch(/^lckv: --calib .*data\.bin is not UTF-8 text$/m);
+    // Text of whitespace alone is text: its tokens are scored like any others.
+    const ws = path.join(dir, "ws.txt");
+    fs.writeFileSync(ws, "  \n\n   \n \t\n  \n");
+    const white = run(["eval-ppl", "--text", ws, "--model", fixture, "--json"]);
+    expect(white.code).toBe(0);
+    expect(JSON.parse(white.out).predictedTokens).toBeGreaterThan(0);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
