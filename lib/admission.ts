@@ -144,7 +144,7 @@ export class Admission {
 
   /**
    * On the next turn of the event loop: if requests still wait while none is in flight, only
-   * the caller can free their pages; says so once, as a process warning (LCKV_KV_WAIT). Called
+   * the caller can free their pages; says so once, as a process warning (LckvKvWaitWarning). Called
    * when a request starts waiting and when the last request in flight ends.
    */
   warnIfStalledSoon(): void {
@@ -159,7 +159,7 @@ export class Admission {
       process.emitWarning(
         `lckv: ${this.waiters.length === 1 ? "a request waits" : `${this.waiters.length} requests wait`} for K/V pages, and no request in flight will give any back: ` +
           `sequences that are not running hold them (${stats.pagesUsed} of ${stats.pagesTotal} pages held). It waits until one of them is disposed or truncated${timeout}.`,
-        { code: "LCKV_KV_WAIT" },
+        { type: "LckvKvWaitWarning" },
       );
     });
   }

@@ -157,8 +157,8 @@ test("a program whose request waits for pages it never frees stays alive and say
   // Killed by the timeout: still waiting, the warning said once, though a second request came to wait.
   expect(r.signal).toBe("SIGTERM");
   expect(r.stdout).toBe("");
-  expect(r.stderr.match(/LCKV_KV_WAIT/g)).toHaveLength(1);
-  expect(r.stderr).toMatch(/\[LCKV_KV_WAIT\] Warning: lckv: (a request waits|2 requests wait) for K\/V pages, and no request in flight will give any back: sequences that are not running hold them \(4 of 4 pages held\)\. It waits until one of them is disposed or truncated \(loadModel's queueTimeout bounds the wait\)\./);
+  expect(r.stderr.match(/LckvKvWaitWarning/g)).toHaveLength(1);
+  expect(r.stderr).toMatch(/LckvKvWaitWarning: lckv: (a request waits|2 requests wait) for K\/V pages, and no request in flight will give any back: sequences that are not running hold them \(4 of 4 pages held\)\. It waits until one of them is disposed or truncated \(loadModel's queueTimeout bounds the wait\)\./);
 });
 
 test("a request waiting behind a running one, or behind idle sequences that are then disposed, says nothing and is let in", () => {
@@ -171,5 +171,5 @@ test("a request waiting behind a running one, or behind idle sequences that are 
   );
   expect(r.status).toBe(0);
   expect(r.stdout).toBe("40 20\n");
-  expect(r.stderr).not.toMatch(/LCKV_KV_WAIT/);
+  expect(r.stderr).not.toMatch(/LckvKvWaitWarning/);
 });
