@@ -86,6 +86,11 @@ export async function condenseModel(dirOrId: string, o: CondenseOptions): Promis
   const style: MapStyle = config.blockStyle === "gpt2" ? "affine" : "rope";
   if (config.kvLayers.length !== config.numLayers)
     throw new ConfigError(configFile, "layer_types", "already condensed: condense takes a model whose every layer caches its own K/V");
+  // Under RoPE a key bias is rotated with its position, so no map of the rotated keys (nor any
+  // change of W_q) carries it, and the value maps have no offset to carry a value bias: the
+  // condensed model would silently lose them. GPT-2's biases are folded (affine maps).
+  if (style === "rope" && config.attentionBias)
+    throw new ConfigError(configFile, "attention_bias", "must be false for condense: a reader's maps cannot carry the K and V biases of a RoPE model");
   const keep = layersToKeep(config, o);
   const candidates = o.candidates ?? 8;
   if (!Number.isSafeInteger(candidates) || candidates < 1) throw new InvalidOptionError("candidates", `must be a positive integer, got ${candidates}`);
@@ -102,12 +107,16 @@ export async function condenseModel(dirOrId: string, o: CondenseOptions): Promis
   try {
     if (!source.tokenizer) throw new InvalidInputError(`${dir}: the model has no tokenizer to encode the calibration text with`);
     const ids = source.tokenizer.encode(o.calibrationText, { addSpecialTokens: false });
-    const window = Math.min(source.maxContext, 512);
+    // Windows of at most 512 tokens, and no longer than any layer's sliding window: the K/V is
+    // read back after each window's prefill, and a layer's window releases the pages below it.
+    const slides = source.config.plan.window.filter((w) => w > 0);
+    const window = Math.min(source.maxContext, 512, ...slides);
     const heldOut = ids.slice(Math.floor(ids.length * 0.9));
     const calib = ids.slice(0, Math.min(Math.floor(ids.length * 0.9), o.calibrationTokens ?? 16384));
-    if (calib.length < need || heldOut.length < 64)
+    if (calib.length < need || heldOut.length < HELD_OUT_MIN)
       throw new InvalidInputError(
-        `calibration text${o.calibrationFile ? ` ${o.calibrationFile}` : ""}: ${ids.length} tokens; condensing this model needs at least ${Math.ceil(need / 0.9)} (${why}, and a tenth held back to check the result)`,
+        `calibration text${o.calibrationFile ? ` ${o.calibrationFile}` : ""}: ${ids.length} tokens; condensing this model needs at least ${leastCalibrationTokens(need)} ` +
+          `(${why}, and a tenth, at least ${HELD_OUT_MIN}, held back to check the result)`,
         "LCKV_CALIBRATION_TOO_SHORT",
       );
 
@@ -224,6 +233,16 @@ function layersToKeep(c: ModelConfig, o: CondenseOptions): number {
 }
 
 /** Pair statistics keyed "j:i", one per K/V head, for each layer j and its `candidates` layers below. */
+/** Tokens the check holds back at least (the text's last tenth). */
+const HELD_OUT_MIN = 64;
+
+/** The fewest tokens of text whose first nine tenths hold `need` and whose last tenth HELD_OUT_MIN. */
+export function leastCalibrationTokens(need: number): number {
+  let n = need;
+  while (Math.floor(n * 0.9) < need || n - Math.floor(n * 0.9) < HELD_OUT_MIN) n++;
+  return n;
+}
+
 async function calibrate(model: Model, ids: number[], window: number, candidates: number, style: MapStyle, progress?: CondenseOptions["onProgress"]): Promise<Map<string, PairStats[]>> {
   const c = model.config;
   const stats = new Map<string, PairStats[]>();

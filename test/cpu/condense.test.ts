@@ -6,7 +6,7 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { loadModel, type Model } from "../../lib";
-import { condenseModel, MAPS_FILE } from "../../lib/condense/condense";
+import { condenseModel, leastCalibrationTokens, MAPS_FILE } from "../../lib/condense/condense";
 import { accumulatePair, chooseReaders, emptyPairStats, fitPair } from "../../lib/condense/fit";
 import { foldOutput, foldQuery } from "../../lib/condense/fold";
 import { ConfigError, InvalidInputError, InvalidOptionError, UnsupportedArchitectureError } from "../../lib/errors";
@@ -254,6 +254,30 @@ describe("lckv condense on a model with an exact linear relation between two lay
     expect(saved.layerTypes).toEqual([0, 0, 2]);
   });
 
+  test("a Mistral model whose sliding window is shorter than a calibration window condenses, and keeps its window", async () => {
+    const mistral = testTempDir("lckv-condense-mistral-");
+    for (const f of fs.readdirSync(src)) fs.copyFileSync(path.join(src, f), path.join(mistral, f));
+    const cfg = JSON.parse(fs.readFileSync(path.join(src, "config.json"), "utf8"));
+    fs.writeFileSync(path.join(mistral, "config.json"), JSON.stringify({ ...cfg, architectures: ["MistralForCausalLM"], model_type: "mistral", sliding_window: 64 }));
+    const out = outDir("mistral");
+    const report = await condenseModel(mistral, { out, calibrationText: calibration, kvLayers: 2, method: "linear", device: "cpu", calibrationTokens: 2048 });
+    expect(report.layerTypes).toEqual([0, 0, 2]);
+    const written = JSON.parse(fs.readFileSync(path.join(out, "config.json"), "utf8"));
+    expect(written.layer_types).toBe("0s_0s_2s");
+    expect(written.sliding_window).toBe(64);
+    await withCpuModel(out, async (m) => expect(m.config.plan.window).toEqual([64, 64, 64]));
+  });
+
+  test("the calibration text's least length: nine tenths for the fit, a tenth of at least 64 tokens for the check", () => {
+    for (const need of [512, 1024]) {
+      const n = leastCalibrationTokens(need);
+      const fits = (x: number) => Math.floor(x * 0.9) >= need && x - Math.floor(x * 0.9) >= 64;
+      expect(fits(n)).toBe(true);
+      expect(fits(n - 1)).toBe(false);
+    }
+    expect(leastCalibrationTokens(512)).toBe(631);
+  });
+
   test("share reads layer 0's K/V unmapped: the same pattern, further from the source", async () => {
     const out = outDir("share");
     const report = await condenseModel(src, { out, calibrationText: calibration, kvLayers: 2, method: "share", device: "cpu", calibrationTokens: 2048 });
@@ -282,6 +306,14 @@ describe("lckv condense on a model with an exact linear relation between two lay
     e = await run({}, unsupportedModel());
     expect(e).toBeInstanceOf(UnsupportedArchitectureError);
     expect(e.message).toMatch(/Qwen2ForCausalLM/);
+    // K/V biases under RoPE: no map can carry them, so such a model is refused, not condensed without them.
+    const biased = testTempDir("lckv-condense-bias-");
+    const llamaConfig = JSON.parse(fs.readFileSync(path.join(src, "config.json"), "utf8"));
+    fs.writeFileSync(path.join(biased, "config.json"), JSON.stringify({ ...llamaConfig, attention_bias: true }));
+    e = await run({}, biased);
+    expect(e).toBeInstanceOf(ConfigError);
+    expect(e.field).toBe("attention_bias");
+    expect(e.message).toMatch(/must be false for condense: a reader's maps cannot carry the K and V biases of a RoPE model/);
     e = await run({}, path.join(ROOT, "test", "fixtures", "lckv-w2"));
     expect(e).toBeInstanceOf(ConfigError);
     expect(e.message).toMatch(/layer_types.*already condensed/);
