@@ -223,7 +223,7 @@ export class EngineContext {
    * toTokenIds checks text (a rendered conversation far past the context is refused before it is
    * tokenized whole).
    */
-  chatTokenIds(messages: ChatMessage[], what: string): number[] {
+  chatTokenIds(messages: readonly ChatMessage[], what: string): number[] {
     if (!this.tokenizer) throw new InvalidInputError(`${this.directory} has no tokenizer.json`, "LCKV_NO_TOKENIZER");
     // Rendering is on the event loop and grows with the messages (some 2 s for 280,000 empty
     // ones, a body under the server's limit). A template renders messages in order, so the first

@@ -1,12 +1,13 @@
-import type { EngineErrorCode } from "./error-codes";
+import type { EngineErrorCode, ErrorCode } from "./error-codes";
 
 /**
  * Typed errors. Every error lckv throws is an LckvError with a stable `code`; the subclasses say
  * what kind of thing went wrong and carry the file, field or option it concerns.
  */
 export class LckvError extends Error {
-  readonly code: string;
-  constructor(code: string, message: string, options?: { cause?: unknown }) {
+  /** One of ERROR_CODES (lib/error-codes.json lists each with its meaning). */
+  readonly code: ErrorCode;
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
     super(message, options);
     this.name = new.target.name;
     this.code = code;
@@ -16,7 +17,7 @@ export class LckvError extends Error {
 /** A model directory, file or tensor is missing or malformed. */
 export class ModelLoadError extends LckvError {
   readonly file?: string;
-  constructor(message: string, file?: string, code = "LCKV_MODEL_LOAD", options?: { cause?: unknown }) {
+  constructor(message: string, file?: string, code: ErrorCode = "LCKV_MODEL_LOAD", options?: { cause?: unknown }) {
     super(code, message, options);
     this.file = file;
   }
@@ -91,7 +92,7 @@ export class InvalidOptionError extends LckvError {
 
 /** Input (text or token ids) that the model cannot take. */
 export class InvalidInputError extends LckvError {
-  constructor(message: string, code = "LCKV_INVALID_INPUT") {
+  constructor(message: string, code: ErrorCode = "LCKV_INVALID_INPUT") {
     super(code, message);
   }
 }
@@ -217,5 +218,6 @@ export function fromNative(e: unknown): LckvError {
   // An error without a code did not come from the engine's own checks: a fault in lckv.
   const code = err?.code ?? "LCKV_INTERNAL";
   if (Object.hasOwn(fromEngine, code)) return fromEngine[code as EngineErrorCode](msg, e);
-  return new LckvError(code, msg, { cause: e });
+  // A code the engine's table does not know (none should exist): a fault in lckv, said with it.
+  return new InternalError(`${msg} (code ${code})`, e);
 }

@@ -170,7 +170,7 @@ export class Model implements AsyncDisposable {
   }
 
   /** A chat's prompt ids (the messages through the chat template), checked as toTokenIds checks text. */
-  chatTokenIds(messages: ChatMessage[], what = "messages"): number[] {
+  chatTokenIds(messages: readonly ChatMessage[], what = "messages"): number[] {
     return this.engine.chatTokenIds(messages, what);
   }
 
@@ -334,18 +334,18 @@ export class Model implements AsyncDisposable {
   }
 
   /** Renders messages with the chat template, then generates the assistant's reply. */
-  async chat(messages: ChatMessage[], options?: GenerateOptions): Promise<GenerateResult> {
+  async chat(messages: readonly ChatMessage[], options?: GenerateOptions): Promise<GenerateResult> {
     return this.generate(this.chatTokenIds(messages, "prompt"), options);
   }
 
   /** model.chat(), streaming: the reply's chunks, and `result` as stream() has it. */
-  chatStream(messages: ChatMessage[], options?: GenerateOptions): GenerationStream {
+  chatStream(messages: readonly ChatMessage[], options?: GenerateOptions): GenerationStream {
     return generationStream((progress) => this.chatRequest(messages, options, progress));
   }
 
   /** chatStream()'s generator: like stream()'s, the template renders when it is first iterated. */
   private async *chatRequest(
-    messages: ChatMessage[],
+    messages: readonly ChatMessage[],
     options: GenerateOptions | undefined,
     progress: GenerationProgress,
   ): AsyncGenerator<StreamChunk, GenerateResult, undefined> {

@@ -52,7 +52,7 @@ export interface SamplingOptions {
 export interface GenerateOptions extends SamplingOptions {
   maxNewTokens?: number;
   /** Strings that end generation; the text returned stops before them. */
-  stop?: string | string[];
+  stop?: string | readonly string[];
   signal?: AbortSignal;
   /**
    * How an LCKV prompt is prefilled (default: "sequential" on the CPU, "fixed-point" on the GPU;

@@ -176,7 +176,7 @@ export class Tokenizer {
    * The token ids of a chat prompt: the messages through the chat template, ready for the
    * assistant's reply. The template holds any BOS itself, so no special tokens are added again.
    */
-  encodeChat(messages: ChatMessage[]): number[] {
+  encodeChat(messages: readonly ChatMessage[]): number[] {
     return this.encode(this.applyChatTemplate(messages, { addGenerationPrompt: true }), { addSpecialTokens: false });
   }
 
@@ -196,7 +196,7 @@ export class Tokenizer {
   }
 
   /** Renders messages with the tokenizer's chat template. */
-  applyChatTemplate(messages: ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): string {
+  applyChatTemplate(messages: readonly ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): string {
     this.requireChatTemplate();
     checkChatMessages(messages);
     try {

@@ -105,13 +105,17 @@ test.each([...ENGINE_ERROR_CODES])("fromNative gives %s its typed error", (code)
   expect(e.message).toContain(code === "LCKV_DISPOSED" ? "something about" : `something about ${code}`);
 });
 
-test("fromNative: an error without a code is internal; an unknown code stays an LckvError with its code", () => {
+test("fromNative: an error without a code, or with one not in the table, is internal (the code said in its message)", () => {
   const plain = new TypeError("not a number");
   const internal = fromNative(plain);
   expect(internal.name).toBe("InternalError");
   expect(internal.code).toBe("LCKV_INTERNAL");
   expect(internal.cause).toBe(plain);
-  const unknown = fromNative(Object.assign(new Error("x"), { code: "ENOENT" }));
-  expect(Object.getPrototypeOf(unknown)).toBe(LckvError.prototype);
-  expect(unknown.code).toBe("ENOENT");
+  const odd = Object.assign(new Error("x"), { code: "ENOENT" });
+  const unknown = fromNative(odd);
+  expect(unknown).toBeInstanceOf(LckvError);
+  expect(unknown.name).toBe("InternalError");
+  expect(unknown.code).toBe("LCKV_INTERNAL");
+  expect(unknown.message).toBe("x (code ENOENT)");
+  expect(unknown.cause).toBe(odd);
 });

@@ -72,10 +72,26 @@ test("a strict program that uses the API type-checks against the published decla
       try { await model.generate("x", { maxNewTokens: -1 }); } catch (e) { if (e instanceof InvalidOptionError) void e.option; }
       // An error's code can be checked against the list of codes, a misspelt one caught by the compiler.
       const full = "LCKV_QUEUE_FULL" satisfies ErrorCode;
-      try { await model.generate("x"); } catch (e) { if (e instanceof LckvError && e.code === full && ERROR_CODES.includes(e.code as ErrorCode)) return; }
+      try { await model.generate("x"); } catch (e) { if (e instanceof LckvError && e.code === full && ERROR_CODES.includes(e.code)) return; }
+      try { await model.generate("x"); } catch (e) { if (e instanceof LckvError) { const code: ErrorCode = e.code; void code; } }
+      // Arrays the library only reads may be readonly: a session's own messages, a const list of stops.
+      await model.chat(chat.messages, { stop: ["END", "."] as const });
+      await model.chat([{ role: "user", content: "hi" }] as const);
     }
   `);
   expect(errors(program)).toEqual([]);
+});
+
+test("an error's code is one of ERROR_CODES to the compiler: a misspelt code does not compile", () => {
+  const program = check(`
+    import { LckvError } from "./lckv/dist/index.js";
+    export function isFull(e: unknown): boolean {
+      return e instanceof LckvError && e.code === "LCKV_KV_CACHE_FULLL";
+    }
+  `);
+  const found = errors(program);
+  expect(found).toHaveLength(1);
+  expect(found[0]).toMatch(/TS2367: This comparison appears to be unintentional/);
 });
 
 test("Model, Sequence and ChatSession offer no constructor: they come from loadModel, createSequence and createChatSession", () => {
