@@ -178,39 +178,40 @@ const FASTIFY_CODES: Record<string, string> = {
   FST_ERR_CTP_INVALID_CONTENT_LENGTH: "invalid_content_length",
 };
 
-function lckvError(e: LckvError, promptParam: string): HttpErrorResponse {
+function lckvError(e: LckvError, promptParam: string, publicText: (message: string) => string): HttpErrorResponse {
+  const message = publicText(e.message);
   const retry = { "retry-after": String(RETRY_AFTER_SECONDS) };
   if (e instanceof KvCacheFullError) {
-    if (e.code === "LCKV_QUEUE_FULL") return { status: 429, body: errorBody(e.message, "rate_limit_error", null, e.code), headers: retry };
-    if (e.code === "LCKV_REQUEST_TOO_LARGE") return { status: 400, body: errorBody(e.message, "invalid_request_error", "max_tokens", e.code), headers: {} };
-    return { status: 503, body: errorBody(e.message, "server_error", null, e.code), headers: retry };
+    if (e.code === "LCKV_QUEUE_FULL") return { status: 429, body: errorBody(message, "rate_limit_error", null, e.code), headers: retry };
+    if (e.code === "LCKV_REQUEST_TOO_LARGE") return { status: 400, body: errorBody(message, "invalid_request_error", "max_tokens", e.code), headers: {} };
+    return { status: 503, body: errorBody(message, "server_error", null, e.code), headers: retry };
   }
   if (e instanceof ContextOverflowError) {
     // The code clients look for to shorten a conversation.
-    return { status: 400, body: errorBody(e.message, "invalid_request_error", promptParam, "context_length_exceeded"), headers: {} };
+    return { status: 400, body: errorBody(message, "invalid_request_error", promptParam, "context_length_exceeded"), headers: {} };
   }
   if (e instanceof InvalidOptionError) {
     const param = OPENAI_PARAM[e.option] ?? e.option;
-    const message = `'${param}': ${e.detail}`;
+    const message = publicText(`'${param}': ${e.detail}`);
     return { status: 400, body: errorBody(message, "invalid_request_error", param, e.code), headers: {} };
   }
-  if (e instanceof InvalidInputError) return { status: 400, body: errorBody(e.message, "invalid_request_error", promptParam, e.code), headers: {} };
+  if (e instanceof InvalidInputError) return { status: 400, body: errorBody(message, "invalid_request_error", promptParam, e.code), headers: {} };
   // The client went away (nginx's 499, "client closed request"): nothing reads this answer, and
   // the metrics count it as such.
-  if (e instanceof AbortError) return { status: 499, body: errorBody(e.message, "invalid_request_error", null, e.code), headers: {} };
+  if (e instanceof AbortError) return { status: 499, body: errorBody(message, "invalid_request_error", null, e.code), headers: {} };
   if (e instanceof DisposedError) return { status: 503, body: errorBody("the server is shutting down", "server_error", null, e.code), headers: retry };
-  return { status: 500, body: errorBody(e.message, "server_error", null, e.code), headers: {} };
+  return { status: 500, body: errorBody(message, "server_error", null, e.code), headers: {} };
 }
 
 /**
  * The response for any error a request met. `promptParam` names the field that held the input
  * ("messages" or "prompt"), for errors about the input itself.
  */
-export function toHttpError(err: unknown, promptParam: string | null = null): HttpErrorResponse {
+export function toHttpError(err: unknown, promptParam: string | null = null, publicText: (message: string) => string = (m) => m): HttpErrorResponse {
   const e = err as FastifyError & { validation?: AjvError[] };
   if (Array.isArray(e?.validation) && e.validation.length > 0) return validationError(e.validation);
   if (err instanceof HttpError) return err.response;
-  if (err instanceof LckvError) return lckvError(err, promptParam ?? "prompt");
+  if (err instanceof LckvError) return lckvError(err, promptParam ?? "prompt", publicText);
   const status = typeof e?.statusCode === "number" && e.statusCode >= 400 && e.statusCode < 600 ? e.statusCode : 500;
   // A client's mistake (malformed JSON, wrong content type, too large a body) says what it was;
   // a fault of the server does not send its internals.
@@ -262,8 +263,11 @@ function drainRefusedBody(request: FastifyRequest, reply: FastifyReply, bodyLimi
   raw.resume();
 }
 
-/** Every error and every unknown route answers in OpenAI's shape. */
-export function installErrorHandlers(app: FastifyInstance): void {
+/**
+ * Every error and every unknown route answers in OpenAI's shape. `publicText`: an lckv error's
+ * message as a client may read it (the server's files named by the model's id, not their paths).
+ */
+export function installErrorHandlers(app: FastifyInstance, publicText: (message: string) => string): void {
   app.setErrorHandler((err, request, reply) => {
     if ((err as FastifyError).code === "FST_ERR_CTP_INVALID_MEDIA_TYPE") {
       const type = request.headers["content-type"] ?? "none";
@@ -272,7 +276,7 @@ export function installErrorHandlers(app: FastifyInstance): void {
     }
     if ((err as FastifyError).code === "FST_ERR_CTP_BODY_TOO_LARGE") drainRefusedBody(request, reply, app.initialConfig.bodyLimit ?? 0);
     // The route matched, not the URL as sent (which may be percent-encoded or absolute).
-    const r = toHttpError(err, request.routeOptions.url === "/v1/chat/completions" ? "messages" : "prompt");
+    const r = toHttpError(err, request.routeOptions.url === "/v1/chat/completions" ? "messages" : "prompt", publicText);
     if (r.status >= 500) request.log.error(err);
     return sendHttpError(reply, r);
   });

@@ -25,6 +25,8 @@ export interface ServerContext {
   writeStallTimeout: number;
   /** The prefill options every request gets (ServerOptions.prefill, prefillPasses, prefillTolerance). */
   prefill: ServerPrefill;
+  /** An lckv error's message as a client may read it (toHttpError's publicText). */
+  publicText: (message: string) => string;
 }
 
 type Event = Record<string, unknown>;
@@ -97,7 +99,7 @@ export async function serveCompletions(ctx: ServerContext, request: FastifyReque
       await reply.send(plan.body(results));
     }
   } catch (e) {
-    const r = toHttpError(e, plan.promptParam);
+    const r = toHttpError(e, plan.promptParam, ctx.publicText);
     status = r.status;
     if (r.status >= 500) request.log.error(e);
     if (!sse) {

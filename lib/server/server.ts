@@ -194,14 +194,18 @@ export function createServer(model: Model, options: ServerOptions = {}): Fastify
     clientErrorHandler: connections.clientError,
     http: { connectionsCheckingInterval: Math.max(10, Math.min(30_000, Math.floor(requestTimeout / 10))), headersTimeout },
   });
+  const modelId = options.modelId ?? path.basename(model.directory);
+  // The model's files are named to clients by the model's id, not by where they lie on the server.
+  const publicText = (message: string) => message.split(model.directory).join(modelId);
   const ctx: ServerContext = {
     model,
     metrics: new ServerMetrics(model),
-    modelId: options.modelId ?? path.basename(model.directory),
+    modelId,
+    publicText,
     writeStallTimeout: options.writeStallTimeout ?? DEFAULT_WRITE_STALL_TIMEOUT_MS,
     prefill,
   };
-  installErrorHandlers(app);
+  installErrorHandlers(app, publicText);
   connections.attach(app);
   // Bodies are JSON only. fastify would also take text/plain, as a string that then fails the
   // schema with "must be object"; without that parser such a body gets 415, naming its type.

@@ -409,3 +409,12 @@ describe("the server's prefill (ServerOptions.prefill, lckv serve --prefill): ev
     await expectIdle(lckv);
   });
 });
+
+test("an error names the model's files by the model's id, not by their path on the server", async () => {
+  // The shipped model has no chat template: the refusal names where it looked.
+  const e = await english.client.chat.completions.create({ model: "m", messages: user("Hello"), max_tokens: 2 }).catch((x) => x);
+  expect(e.status).toBe(400);
+  expect(e.error.code).toBe("LCKV_NO_CHAT_TEMPLATE");
+  expect(e.error.message).not.toContain(DEFAULT_MODEL_DIR);
+  expect(e.error.message).toContain(`no chat_template in ${path.join(path.basename(DEFAULT_MODEL_DIR), "tokenizer_config.json")}`);
+});
