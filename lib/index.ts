@@ -33,6 +33,26 @@ export { Tokenizer } from "./tokenizer";
 export { evaluatePerplexity } from "./eval";
 export type { PerplexityOptions, PerplexityResult } from "./eval";
 export type { ChatMessage } from "./tokenizer";
-export * from "./errors";
+export {
+  LckvError,
+  ModelLoadError,
+  SafetensorsError,
+  ConfigError,
+  UnsupportedArchitectureError,
+  ModelHubError,
+  InvalidOptionError,
+  InvalidInputError,
+  TokenOutOfRangeError,
+  ContextOverflowError,
+  DisposedError,
+  DeviceUnavailableError,
+  OutOfMemoryError,
+  KvCacheFullError,
+  AbortError,
+  BusyError,
+  CudaError,
+  InternalError,
+  AddonLoadError,
+} from "./errors";
 export { ERROR_CODES } from "./error-codes";
 export type { ErrorCode } from "./error-codes";

@@ -119,3 +119,12 @@ test("fromNative: an error without a code, or with one not in the table, is inte
   expect(unknown.message).toBe("x (code ENOENT)");
   expect(unknown.cause).toBe(odd);
 });
+
+test("the package exports every error class, and not fromNative (the addon's errors' mapping, internal)", () => {
+  const errors = require("../../lib/errors") as Record<string, unknown>;
+  const lib = require("../../lib") as Record<string, unknown>;
+  const classes = Object.keys(errors).filter((k) => typeof errors[k] === "function" && (errors[k] as { prototype?: unknown }).prototype instanceof Error);
+  expect(classes.length).toBeGreaterThan(15);
+  for (const name of classes) expect(lib[name]).toBe(errors[name]);
+  expect(lib.fromNative).toBeUndefined();
+});
