@@ -153,8 +153,11 @@ export class Admission {
       this.stallCheck = undefined;
       this.pump();
       if (this.stallWarned || this.waiters.length === 0 || this.running()) return;
-      this.stallWarned = true;
+      // A request admitted just now (by this pump, say) holds its promise of pages before it
+      // counts as running (its working() comes on the next turn); it will give them back too.
       const stats = this.native().poolStats();
+      if (stats.pagesReserved > 0) return;
+      this.stallWarned = true;
       const timeout = Number.isFinite(this.options.queueTimeout) ? `, or for at most queueTimeout (${this.options.queueTimeout} ms)` : " (loadModel's queueTimeout bounds the wait)";
       process.emitWarning(
         `lckv: ${this.waiters.length === 1 ? "a request waits" : `${this.waiters.length} requests wait`} for K/V pages, and no request in flight will give any back: ` +

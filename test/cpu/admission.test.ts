@@ -173,3 +173,24 @@ test("a request waiting behind a running one, or behind idle sequences that are 
   expect(r.stdout).toBe("40 20\n");
   expect(r.stderr).not.toMatch(/LckvKvWaitWarning/);
 });
+
+test("two requests behind a generation whose sequence is disposed mid-step: the first is let in as the pages come back, and nothing is said of the second, which waits for it", () => {
+  const r = runAlone(
+    `const p = (n, s) => Array.from({ length: n }, (_, i) => ((i * 37 + s * 11) % 250) + 2);
+      const s = m.createSequence();
+      await s.append(p(20, 1));
+      const gen = (async () => { try { for await (const c of s.generate({ maxNewTokens: 40, ignoreEos: true })) void c; } catch (e) { return e.code; } })();
+      await new Promise((r) => setImmediate(r));
+      const b = m.generate(p(10, 2), { maxNewTokens: 20, ignoreEos: true }); // 2 pages
+      const c = m.generate(p(10, 3), { maxNewTokens: 30, ignoreEos: true }); // 3 pages, behind b
+      const poll = setInterval(() => { if (m.schedulerStats().steps >= 3) { clearInterval(poll); s.dispose(); } }, 0);
+      const code = await gen;
+      const r = await Promise.all([b, c]);
+      console.log(code, r.map((x) => x.tokens.length).join(" "));
+      await m.dispose();`,
+    60000,
+  );
+  expect(r.status).toBe(0);
+  expect(r.stdout).toBe("LCKV_DISPOSED 20 30\n");
+  expect(r.stderr).not.toMatch(/LckvKvWaitWarning/);
+});
