@@ -144,7 +144,8 @@ export class Admission {
 
   /**
    * On the next turn of the event loop: if requests still wait while none is in flight, only
-   * the caller can free their pages; says so once, as a process warning (LckvKvWaitWarning). Called
+   * the caller can free their pages; says so once until the queue empties, as a process warning
+   * (LckvKvWaitWarning). Called
    * when a request starts waiting and when the last request in flight ends.
    */
   warnIfStalledSoon(): void {
@@ -169,8 +170,9 @@ export class Admission {
 
   /**
    * Refuses (LCKV_REQUEST_TOO_LARGE) forks of one prefill that could never run, given one of
-   * them: each fork writes into the prompt's last page, shared while its siblings hold it, so
-   * each copies that page and needs its own pages plus the original its siblings keep. Where
+   * them: each fork's first write (the prompt's last token) lands in a page its siblings share
+   * unless it starts a page, so each copies that page and needs its own pages plus the original
+   * its siblings keep (docs/cache.md, admission item 8). Where
    * the whole pool cannot hold that, each fork would wait for good for the page the others hold.
    */
   refuseForksThatCannotFit(fork: NativeSequence, total: number, decodeFrom: number): void {
@@ -179,7 +181,7 @@ export class Admission {
     const need = held + fork.pagesToReserve(total, 0, decodeFrom);
     if (need > stats.pagesTotal) {
       throw new KvCacheFullError(
-        `each of several completions of one prompt copies the prompt's last page, which the others share: each needs ${need} pages of ${stats.pageTokens} tokens for ${total} tokens, ` +
+        `each of several completions of one prompt copies the page its first token is written into, which the others share: each needs ${need} pages of ${stats.pageTokens} tokens for ${total} tokens, ` +
           `but the whole K/V cache has ${stats.pagesTotal} (ask for one completion, fewer tokens, or raise loadModel's kvCacheMemory)`,
         "LCKV_REQUEST_TOO_LARGE",
       );
@@ -240,9 +242,10 @@ export class Admission {
     const i = this.waiters.indexOf(w);
     if (i >= 0) this.waiters.splice(i, 1);
     w.cleanup();
-    if (this.waiters.length === 0 && this.keepAlive) {
-      clearInterval(this.keepAlive);
+    if (this.waiters.length === 0) {
+      if (this.keepAlive) clearInterval(this.keepAlive);
       this.keepAlive = undefined;
+      this.stallWarned = false;  // the next wait that only the caller can end is said again
     }
   }
 

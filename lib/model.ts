@@ -238,7 +238,7 @@ export class Model implements AsyncDisposable {
       liveSequences: this.engine.live.size,
       kvBytes,
       queued: this.admission.queued,
-      running: this.engine.running,
+      running: this.engine.disposed ? 0 : this.engine.running,
       prefilledTokens: this.engine.prefilledTokens,
       prefixCache: this.prefixCache.stats(),
     };

@@ -47,7 +47,7 @@ export class Tokenizer {
   private readonly pieceBytes: { byteLevel: boolean; byteFallback: boolean; spaceMark?: string };
   /** Special added tokens: their bytes are their text's, as decode() gives it (none). */
   private readonly specialIds: Set<number>;
-  /** The special tokens a chat template sees by name ("" for one the model has none of), as transformers gives them. */
+  /** The special tokens a chat template sees by name (those the model sets), as transformers gives them. */
   private readonly templateSpecials: Record<string, string>;
 
   /**
@@ -69,7 +69,9 @@ export class Tokenizer {
     this.templateSource = file;
     this.bosToken = tokenText(config.bos_token);
     this.eosToken = tokenText(config.eos_token);
-    this.templateSpecials = Object.fromEntries(TEMPLATE_SPECIAL_TOKENS.map((k) => [k, tokenText(config[k]) ?? ""]));
+    // Only those the model sets, as transformers' special_tokens_map: `pad_token is defined` is
+    // false for a model without one (and an undefined token renders as nothing).
+    this.templateSpecials = Object.fromEntries(TEMPLATE_SPECIAL_TOKENS.flatMap((k) => (tokenText(config[k]) === undefined ? [] : [[k, tokenText(config[k])!]])));
     this.bosTokenId = this.bosToken !== undefined ? this.tokenToId(this.bosToken) : undefined;
     this.eosTokenId = this.eosToken !== undefined ? this.tokenToId(this.eosToken) : undefined;
     this.templateDir = path.dirname(file);

@@ -194,3 +194,36 @@ test("two requests behind a generation whose sequence is disposed mid-step: the 
   expect(r.stdout).toBe("LCKV_DISPOSED 20 30\n");
   expect(r.stderr).not.toMatch(/LckvKvWaitWarning/);
 });
+
+test("each wait that only the caller can end is said once: after the queue empties, the next such wait is said again", () => {
+  const r = runAlone(
+    `const a = m.createSequence();
+      await a.append(Array(60).fill(7)); // all 4 pages
+      const b = m.createSequence();
+      const first = b.append(Array(40).fill(8));
+      await new Promise((r) => setTimeout(r, 100));
+      a.dispose();
+      await first; // b now holds 3 pages, idle
+      const c = m.createSequence();
+      const second = c.append(Array(40).fill(9));
+      await new Promise((r) => setTimeout(r, 100));
+      b.dispose();
+      await second;
+      console.log("done", c.length);
+      await m.dispose();`,
+    60000,
+  );
+  expect(r.status).toBe(0);
+  expect(r.stdout).toBe("done 40\n");
+  expect(r.stderr.match(/LckvKvWaitWarning/g)).toHaveLength(2);
+});
+
+test("cacheStats().running counts requests prefilling or generating, and is 0 once the model is disposed", async () => {
+  const m = await withPages(8, { prefixCache: 0 });
+  const s = m.stream(prompt(10, 1), { maxNewTokens: 20, ignoreEos: true });
+  await s.next(); // paused after its first chunk: still generating
+  expect(m.cacheStats().running).toBe(1);
+  await m.dispose();
+  expect(m.cacheStats().running).toBe(0);
+  await s.return();
+});

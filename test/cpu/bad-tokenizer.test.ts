@@ -211,13 +211,14 @@ describe("special tokens in special_tokens_map.json", () => {
     expect(t.applyChatTemplate(hello)).toBe("<|bos|>Hello<|eos|>");
   });
 
-  test("a template sees every special token transformers hands it (pad_token, unk_token, ...), from either file; one the model lacks is empty", () => {
-    const template = "{{ bos_token }}|{{ pad_token }}|{{ unk_token }}|{{ sep_token }}|{{ cls_token }}|{{ mask_token }}|{% for m in messages %}{{ m.content }}{% endfor %}";
+  test("a template sees every special token transformers hands it (pad_token, unk_token, ...), from either file; one the model lacks is undefined", () => {
+    const template =
+      "{{ bos_token }}|{{ pad_token }}|{{ unk_token }}|{{ sep_token }}|{{ cls_token }}|{{ mask_token }}|{% if mask_token is defined %}M{% else %}no mask{% endif %}|{% for m in messages %}{{ m.content }}{% endfor %}";
     const dir = modelWithTemplate(template);
     fs.writeFileSync(path.join(dir, "tokenizer_config.json"), JSON.stringify({ ...baseTokenizerConfig, chat_template: template, pad_token: "<|pad|>" }));
     fs.writeFileSync(path.join(dir, "special_tokens_map.json"), JSON.stringify({ unk_token: { content: "<|unk|>" }, sep_token: "<|sep|>" }));
     const t = Tokenizer.fromDirectory(dir)!;
-    expect(t.applyChatTemplate(hello)).toBe(`${t.bosToken}|<|pad|>|<|unk|>|<|sep|>|||Hello`);
+    expect(t.applyChatTemplate(hello)).toBe(`${t.bosToken}|<|pad|>|<|unk|>|<|sep|>|||no mask|Hello`);
   });
 });
 

@@ -2,6 +2,7 @@
 import { spawn, spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as path from "node:path";
+import { loadModel } from "../../lib";
 import { testTempDir } from "../helpers/temp-dir";
 
 const root = path.join(__dirname, "..", "..");
@@ -379,13 +380,30 @@ test("serve refuses an empty --api-key, one no header can carry, or an origin th
   expect(mode.err).toMatch(/option '--prefill <mode>' argument 'fast' is invalid/);
 });
 
-test("chat takes --prefill and its passes, and refuses a flag of another mode before it loads the model", () => {
+test("chat takes --prefill and its passes, and refuses a flag of another mode before it loads the model", async () => {
   const chatModel = path.join(root, "test", "fixtures", "llama-mha-hd16");
-  const plain = run(["chat", "--model", chatModel, "-n", "4", "-t", "0", "--device", "cpu"], "hello there\n");
-  // A standard model's prompt is exact in every mode: the same reply.
-  const iterative = run(["chat", "--model", chatModel, "-n", "4", "-t", "0", "--device", "cpu", "--prefill", "iterative", "--prefill-passes", "1"], "hello there\n");
-  expect(iterative.code).toBe(0);
-  expect(iterative.out).toBe(plain.out);
+  // An LCKV model with a chat template: its reply depends on how the conversation is prefilled.
+  const lckvChat = testTempDir("lckv-cli-chat-");
+  for (const f of fs.readdirSync(fixture)) fs.copyFileSync(path.join(fixture, f), path.join(lckvChat, f));
+  fs.writeFileSync(path.join(lckvChat, "chat_template.jinja"), "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>");
+  const line = "hello there, how are you doing today my friend";
+  const reply = (extra: string[]) => run(["chat", "--model", lckvChat, "-n", "8", "-t", "0", "--device", "cpu", ...extra], `${line}\n`);
+  const plain = reply([]);
+  const onePass = reply(["--prefill", "iterative", "--prefill-passes", "1"]);
+  expect(onePass.code).toBe(0);
+  expect(onePass.out).not.toBe(plain.out);
+  // What the library's chat session gives with the same options, and by default.
+  const model = await loadModel(lckvChat, { device: "cpu" });
+  try {
+    const send = async (options: object) => {
+      using session = model.createChatSession();
+      return (await session.send(line, { maxNewTokens: 8, temperature: 0, ...options }).result).text;
+    };
+    expect(onePass.out).toBe(`${await send({ prefill: "iterative", prefillPasses: 1 })}\n`);
+    expect(plain.out).toBe(`${await send({})}\n`);
+  } finally {
+    await model.dispose();
+  }
   const wrong = run(["chat", "--model", "/no/such/model", "--prefill", "iterative", "--prefill-tolerance", "0.1"], "hi\n");
   expect(wrong.code).toBe(1);
   expect(wrong.err).toMatch(/^lckv: option '--prefill-tolerance': applies to prefill "fixed-point" only, and the prefill is iterative$/m);

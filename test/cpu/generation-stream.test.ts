@@ -278,8 +278,8 @@ describe("streamMany", () => {
   test("forks whose copies of the shared last page the pool cannot hold beside it are refused at once, not left waiting on each other", async () => {
     const small = await modelWithPages(8); // 128 tokens, the model's context
     try {
-      // 10 prompt tokens end mid-page: each fork copies that page while its sibling keeps it,
-      // so 123 tokens (8 pages) need 9 pages each.
+      // A 10-token prompt's last token goes at position 9, mid-page: each fork copies that page
+      // while its sibling keeps it, so 123 tokens (8 pages) need 9 pages each.
       const refused = await Promise.allSettled(small.streamMany(prompt, 2, { maxNewTokens: 113, ignoreEos: true }).map((s) => s.result));
       for (const r of refused) {
         expect(r.status).toBe("rejected");
@@ -294,6 +294,11 @@ describe("streamMany", () => {
       expect((await small.generate(prompt, { maxNewTokens: 113, ignoreEos: true })).tokens).toHaveLength(113);
       const fits = await Promise.all(small.streamMany(prompt, 2, { maxNewTokens: 102, ignoreEos: true }).map((s) => s.result));
       expect(fits.map((r) => r.tokens.length)).toEqual([102, 102]);
+      // A 17-token prompt's last token starts page 1: no fork copies a page, and the whole
+      // context (128 tokens, 8 pages) fits each completion in turn.
+      const onBoundary = Array.from({ length: 17 }, (_, i) => (i % 60) + 2);
+      const whole = await Promise.all(small.streamMany(onBoundary, 2, { maxNewTokens: 111, ignoreEos: true }).map((s) => s.result));
+      expect(whole.map((r) => r.tokens.length)).toEqual([111, 111]);
     } finally {
       await small.dispose();
     }
