@@ -83,8 +83,8 @@ export class Admission {
   async reserve(seq: NativeSequence, total: number, opts: ReserveOptions = {}): Promise<boolean> {
     const { signal, resumed = false, extraPages = () => 0, decodeFrom } = opts;
     // The pool's geometry never changes; its full stats scan every page, so read them once.
-    const stats = (this.geometry ??= this.native().poolStats());
-    const own = Math.round(seq.kvBytes / stats.pageBytes);
+    const stats = this.poolGeometry();
+    const own = this.pagesHeld(seq);
     // Pages it holds plus those it must take; a shared page it will copy counts in both, while
     // the sequence ends with one page per pageTokens tokens at most, and an int4 cache's
     // residual (and can wait for the rest).
@@ -176,9 +176,8 @@ export class Admission {
    * the whole pool cannot hold that, each fork would wait for good for the page the others hold.
    */
   refuseForksThatCannotFit(fork: NativeSequence, total: number, decodeFrom: number): void {
-    const stats = (this.geometry ??= this.native().poolStats());
-    const held = Math.round(fork.kvBytes / stats.pageBytes);
-    const need = held + fork.pagesToReserve(total, 0, decodeFrom);
+    const stats = this.poolGeometry();
+    const need = this.pagesHeld(fork) + fork.pagesToReserve(total, 0, decodeFrom);
     if (need > stats.pagesTotal) {
       throw new KvCacheFullError(
         `each of several completions of one prompt copies the page its first token is written into, which the others share: each needs ${need} pages of ${stats.pageTokens} tokens for ${total} tokens, ` +
@@ -186,6 +185,16 @@ export class Admission {
         "LCKV_REQUEST_TOO_LARGE",
       );
     }
+  }
+
+  /** The pool's geometry, which never changes: read once, since the full stats scan every page. */
+  private poolGeometry(): { pageTokens: number; pageBytes: number; pagesTotal: number; residualPages: number } {
+    return (this.geometry ??= this.native().poolStats());
+  }
+
+  /** Pages `seq` holds, shared ones included. */
+  private pagesHeld(seq: NativeSequence): number {
+    return Math.round(seq.kvBytes / this.poolGeometry().pageBytes);
   }
 
   /** Admits waiting requests, in order, while pages allow. Call whenever pages may have come back. */

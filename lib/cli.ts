@@ -211,8 +211,7 @@ function samplingOptions(o: Record<string, unknown>): GenerateOptions {
   resolveGenerateOptions(g, { maxNewTokens: 1, temperature: 1, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1, prefill: "sequential", prefillPasses: 1 });
   // A flag of another mode than the one given fails here too; without --prefill the model's
   // default mode decides, once it is loaded.
-  const prefill = g.prefill;
-  if (prefill !== undefined) refuseUnusedPrefillOptions({ generationDefaults: () => ({ prefill, prefillPasses: 1 }) }, g);
+  refuseUnusedPrefillOptions(null, g);
   return g;
 }
 

@@ -139,7 +139,7 @@ export class EngineContext {
   private readonly inflight = new Set<Promise<unknown>>();
 
   constructor(init: EngineContextInit) {
-    this.admission = new Admission(() => this.nativeModel(), init.evictCached, init.admission, () => this.inFlight > 0);
+    this.admission = new Admission(() => this.nativeModel(), init.evictCached, init.admission, () => this.running > 0);
     this.native = init.native;
     this.directory = init.directory;
     this.config = init.config;

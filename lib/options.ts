@@ -177,6 +177,12 @@ export interface ResolvedGenerateOptions extends NativeSamplingParams {
 
 export const DEFAULT_PREFILL_TOLERANCE = 1e-6;
 
+/** A prefill mode, one of PREFILL_MODES. */
+export function prefillMode(v: unknown): PrefillMode {
+  if (!PREFILL_MODES.includes(v as PrefillMode)) throw new InvalidOptionError("prefill", `must be one of ${PREFILL_MODES.map((m) => `"${m}"`).join(", ")}, got ${describe(v)}`);
+  return v as PrefillMode;
+}
+
 export function tolerance(v: unknown): number {
   if (typeof v !== "number" || !Number.isFinite(v) || v < 0 || v >= 1) {
     throw new InvalidOptionError("prefillTolerance", `must be a number in [0, 1), got ${describe(v)}`);
@@ -277,12 +283,7 @@ export function resolveGenerateOptions(opts: GenerateOptions | undefined, defaul
     if (!(o.signal instanceof AbortSignal)) throw new InvalidOptionError("signal", "must be an AbortSignal");
     r.signal = o.signal;
   }
-  if (o.prefill !== undefined) {
-    if (!PREFILL_MODES.includes(o.prefill as PrefillMode)) {
-      throw new InvalidOptionError("prefill", `must be one of ${PREFILL_MODES.map((m) => `"${m}"`).join(", ")}, got ${describe(o.prefill)}`);
-    }
-    r.prefill = o.prefill as PrefillMode;
-  }
+  if (o.prefill !== undefined) r.prefill = prefillMode(o.prefill);
   if (o.prefillPasses !== undefined) r.prefillPasses = posInt("prefillPasses", o.prefillPasses, MAX_PREFILL_PASSES);
   if (o.prefillTolerance !== undefined) r.prefillTolerance = tolerance(o.prefillTolerance);
   if (o.ignoreEos !== undefined) {

@@ -51,12 +51,14 @@ export function checkPrefillOptions(options: unknown, defaults: PrefillDefaults)
 /**
  * Refuses a prefill option that the mode in force would ignore: passes steer "iterative" only,
  * a tolerance "fixed-point" only (the mode is the caller's, or the model's default). `given`:
- * the caller's options, before any defaults fill them in.
+ * the caller's options, before any defaults fill them in. `defaults` null: no model yet (the
+ * command line's flags, createServer's options), so only a mode given there is in force.
  */
-export function refuseUnusedPrefillOptions(defaults: PrefillDefaults, given: { prefill?: PrefillMode; prefillPasses?: number; prefillTolerance?: number } | undefined): void {
+export function refuseUnusedPrefillOptions(defaults: PrefillDefaults | null, given: { prefill?: unknown; prefillPasses?: unknown; prefillTolerance?: unknown } | undefined): void {
   if (!given) return;
-  const mode = given.prefill ?? defaults.generationDefaults().prefill;
-  if (!PREFILL_MODES.includes(mode)) return;  // a mode that is none: resolvePrefill names it
+  const mode = (given.prefill ?? defaults?.generationDefaults().prefill) as PrefillMode | undefined;
+  // No mode in force yet (no model), or a mode that is none (resolvePrefill names it).
+  if (mode === undefined || !PREFILL_MODES.includes(mode)) return;
   if (given.prefillPasses !== undefined && mode !== "iterative") throw new InvalidOptionError("prefillPasses", `applies to prefill "iterative" only, and the prefill is ${mode}`);
   if (given.prefillTolerance !== undefined && mode !== "fixed-point") throw new InvalidOptionError("prefillTolerance", `applies to prefill "fixed-point" only, and the prefill is ${mode}`);
 }

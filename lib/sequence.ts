@@ -157,12 +157,17 @@ export class Sequence implements Disposable {
    * `promptTokens` and the generation decoded after it.
    */
   async reserveRequest(promptTokens: number, maxNewTokens: number, signal?: AbortSignal): Promise<boolean> {
-    return this.ensureReserved(Math.min(promptTokens + maxNewTokens, this.engine.maxContext), { signal, decodeFrom: promptTokens });
+    return this.ensureReserved(this.requestTokens(promptTokens, maxNewTokens), { signal, decodeFrom: promptTokens });
   }
 
   /** @internal model.streamMany(): refuses forks of a prefill that could never run (Admission.refuseForksThatCannotFit). */
   refuseForksThatCannotFit(promptTokens: number, maxNewTokens: number): void {
-    this.engine.admission.refuseForksThatCannotFit(this.live(), Math.min(promptTokens + maxNewTokens, this.engine.maxContext), promptTokens);
+    this.engine.admission.refuseForksThatCannotFit(this.live(), this.requestTokens(promptTokens, maxNewTokens), promptTokens);
+  }
+
+  /** The tokens a request of a prompt and its generation can hold: both, up to the context. */
+  private requestTokens(promptTokens: number, maxNewTokens: number): number {
+    return Math.min(promptTokens + maxNewTokens, this.engine.maxContext);
   }
 
   /** @internal Drops a reservation reserveRequest() made, when the request does not go on. */

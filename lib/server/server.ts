@@ -13,7 +13,7 @@ import cors from "@fastify/cors";
 import Fastify, { FastifyInstance } from "fastify";
 import { InvalidOptionError } from "../errors";
 import { Model } from "../model";
-import { describe, INT32_MAX, MAX_PREFILL_PASSES, posInt, PREFILL_MODES, PrefillMode, tolerance } from "../options";
+import { describe, INT32_MAX, MAX_PREFILL_PASSES, posInt, prefillMode, type PrefillMode, tolerance } from "../options";
 import { refuseUnusedPrefillOptions } from "../prefill-options";
 import { ConnectionTracker } from "./connections";
 import type { ServerPrefill } from "./generation";
@@ -104,15 +104,12 @@ export function checkServerOptions(options: unknown): ServerOptions {
   // setTimeout takes at most 2^31 - 1 ms (a larger delay fires at once): no limit is Infinity.
   if (o.writeStallTimeout !== undefined && o.writeStallTimeout !== Infinity) posInt("writeStallTimeout", o.writeStallTimeout, INT32_MAX);
   if (o.requestTimeout !== undefined && o.requestTimeout !== Infinity) posInt("requestTimeout", o.requestTimeout, INT32_MAX);
-  if (o.prefill !== undefined && !PREFILL_MODES.includes(o.prefill as PrefillMode)) {
-    throw new InvalidOptionError("prefill", `must be one of ${PREFILL_MODES.map((m) => `"${m}"`).join(", ")}, got ${describe(o.prefill)}`);
-  }
+  if (o.prefill !== undefined) prefillMode(o.prefill);
   if (o.prefillPasses !== undefined) posInt("prefillPasses", o.prefillPasses, MAX_PREFILL_PASSES);
   if (o.prefillTolerance !== undefined) tolerance(o.prefillTolerance);
   // With the mode given, an option of another mode is refused here; without it, createServer
   // refuses one that the model's default mode would ignore.
-  const prefill = o.prefill as PrefillMode | undefined;
-  if (prefill !== undefined) refuseUnusedPrefillOptions({ generationDefaults: () => ({ prefill, prefillPasses: 1 }) }, o);
+  refuseUnusedPrefillOptions(null, o);
   return o as ServerOptions;
 }
 

@@ -161,21 +161,26 @@ test("a program whose request waits for pages it never frees stays alive and say
   expect(r.stderr).toMatch(/LckvKvWaitWarning: lckv: (a request waits|2 requests wait) for K\/V pages, and no request in flight will give any back: sequences that are not running hold them \(4 of 4 pages held\)\. It waits until one of them is disposed or truncated \(loadModel's queueTimeout bounds the wait\)\./);
 });
 
-test("a request waiting behind a running one, or behind idle sequences that are then disposed, says nothing and is let in", () => {
-  const r = runAlone(
+/** runAlone(body) ends by itself, prints `stdout`, and says nothing of a wait. */
+function expectRunsQuietly(body: string, stdout: string): void {
+  const r = runAlone(body, 60000);
+  expect(r.status).toBe(0);
+  expect(r.stdout).toBe(stdout);
+  expect(r.stderr).not.toMatch(/LckvKvWaitWarning/);
+}
+
+test("a request waiting behind a running one says nothing and is let in", () => {
+  expectRunsQuietly(
     `const running = m.generate(Array(20).fill(3), { maxNewTokens: 40, ignoreEos: true }); // all 4 pages
       const behind = m.generate(Array(10).fill(4), { maxNewTokens: 20, ignoreEos: true });
       console.log((await running).tokens.length, (await behind).tokens.length);
       await m.dispose();`,
-    60000,
+    "40 20\n",
   );
-  expect(r.status).toBe(0);
-  expect(r.stdout).toBe("40 20\n");
-  expect(r.stderr).not.toMatch(/LckvKvWaitWarning/);
 });
 
 test("two requests behind a generation whose sequence is disposed mid-step: the first is let in as the pages come back, and nothing is said of the second, which waits for it", () => {
-  const r = runAlone(
+  expectRunsQuietly(
     `const p = (n, s) => Array.from({ length: n }, (_, i) => ((i * 37 + s * 11) % 250) + 2);
       const s = m.createSequence();
       await s.append(p(20, 1));
@@ -188,11 +193,8 @@ test("two requests behind a generation whose sequence is disposed mid-step: the 
       const r = await Promise.all([b, c]);
       console.log(code, r.map((x) => x.tokens.length).join(" "));
       await m.dispose();`,
-    60000,
+    "LCKV_DISPOSED 20 30\n",
   );
-  expect(r.status).toBe(0);
-  expect(r.stdout).toBe("LCKV_DISPOSED 20 30\n");
-  expect(r.stderr).not.toMatch(/LckvKvWaitWarning/);
 });
 
 test("each wait that only the caller can end is said once: after the queue empties, the next such wait is said again", () => {
