@@ -17,6 +17,12 @@ bool parseWeightDtype(const std::string& name, DType& out) {
   return true;
 }
 
+bool getWeightDtype(const Napi::Object& o, const char* key, DType& out) {
+  const Napi::Value v = o.Get(key);
+  if (v.IsUndefined()) return true;
+  return v.IsString() && parseWeightDtype(v.As<Napi::String>(), out);
+}
+
 std::unique_ptr<Backend> createNamedBackend(const std::string& name, int threads, DType weights, int device,
                                             bool graphs) {
   if (name == "cpu") return createCpuBackend(threads, weights);

@@ -34,6 +34,9 @@ Napi::Object logprobsToJs(Napi::Env env, const TokenLogprobs& lp);
 
 // The weights' type as the options spell it: "f32", "f16" or "bf16" (false for any other name).
 bool parseWeightDtype(const std::string& name, DType& out);
+// o[key] as a weights' type into out, which keeps its value when the key is absent; false when
+// it is present and not one.
+bool getWeightDtype(const Napi::Object& o, const char* key, DType& out);
 
 // The backend a JavaScript option names: "cpu" or "cuda" (typed errors for any other name and
 // for a build without CUDA). Throws EngineError, for the caller's runEngineCall.

@@ -20,7 +20,7 @@ Napi::Value CheckBackendOps(const Napi::CallbackInfo& info) {
   Napi::Object o = info[0].IsObject() ? info[0].As<Napi::Object>() : Napi::Object::New(env);
   std::string backend = o.Get("backend").IsString() ? std::string(o.Get("backend").As<Napi::String>()) : "cuda";
   DType w = DType::BF16;
-  if (!o.Get("dtype").IsUndefined() && (!o.Get("dtype").IsString() || !parseWeightDtype(o.Get("dtype").As<Napi::String>(), w)))
+  if (!getWeightDtype(o, "dtype", w))
     throwInvalid(env, "checkBackendOps: dtype must be \"f32\", \"f16\" or \"bf16\" (the weights' type)");
   const uint64_t seed = (uint64_t)getNum(o, "seed", 1);
   // ops: names (or first words) of the op families to check (op_check.h); absent: all of them.
@@ -65,8 +65,7 @@ Napi::Value BenchAttention(const Napi::CallbackInfo& info) {
   shape.headDim = getInt(o, "headDim", false, 0);
   shape.iterations = getInt(o, "iterations", false, 10);
   shape.queries = getInt(o, "queries", false, 1);
-  if (!o.Get("dtype").IsUndefined() &&
-      (!o.Get("dtype").IsString() || !parseWeightDtype(o.Get("dtype").As<Napi::String>(), shape.weights) || shape.weights == DType::F16))
+  if (!getWeightDtype(o, "dtype", shape.weights) || shape.weights == DType::F16)
     throwInvalid(env, "benchAttention: dtype must be \"f32\" or \"bf16\" (the weights' type, which sets the output's)");
   if (o.Has("kvCacheDtype") && !o.Get("kvCacheDtype").IsUndefined() &&
       (!o.Get("kvCacheDtype").IsString() || !parseKvType(std::string(o.Get("kvCacheDtype").As<Napi::String>()).c_str(), shape.kvType)))
